@@ -1,0 +1,291 @@
+"""Torch reference implementations of the hot ops.
+
+Every other backend (Triton, FlashInfer, Transformer Engine) is checked against these. They run on
+any device and are the implementations used on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm over the last dim, computed in fp32 and cast back to x's dtype.
+
+    With `residual`, first adds it (`x = x + residual`) and also returns the sum, which is the next
+    residual stream (the fused add-norm of Llama-style decoders). Returns (normed, new_residual).
+    """
+    if residual is not None:
+        x = x + residual
+        residual = x
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype), residual
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, [T, head_dim // 2] each, in fp32."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style (rotate-half) rotary embedding, as Hugging Face Llama/Qwen apply it.
+
+    q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim], cos/sin: [T, head_dim // 2] fp32.
+    Returns new tensors of q's and k's dtype.
+    """
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        c, s = cos[:, None, :], sin[:, None, :]
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: x is [..., 2 * d] laid out as [gate | up]; returns silu(gate) * up, [..., d]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def varlen_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | list[int],
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention over packed variable-length sequences, no padding.
+
+    q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] (GQA: num_heads a multiple of
+    num_kv_heads), cu_seqlens: [num_seqs + 1] cumulative lengths. Returns [T, num_heads, head_dim].
+    Each sequence attends only to itself: one SDPA call per sequence, so no work is spent on
+    padding or on cross-sequence masks.
+    """
+    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    gqa = q.shape[1] != k.shape[1]
+    out = torch.empty_like(q)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        # SDPA wants [heads, seq, dim]
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def apply_rotary_inplace(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half rotary applied in place to a flat token batch (the inference path).
+
+    q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim] (may be strided views, e.g. slices
+    of a fused qkv projection; last dim contiguous), positions: [T] int, cos_cache/sin_cache:
+    [max_positions, head_dim // 2] fp32. Returns (q, k), the same tensors, rotated.
+    """
+    cos, sin = cos_cache[positions], sin_cache[positions]
+    q_rot, k_rot = apply_rotary(q, k, cos, sin)
+    q.copy_(q_rot)
+    k.copy_(k_rot)
+    return q, k
+
+
+def _gather_paged_kv(
+    cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """[batch, num_tokens, num_kv_heads, head_dim] from [num_blocks, block_size, kv_heads, dim]."""
+    block_size = cache.shape[1]
+    num_blocks = -(-num_tokens // block_size)
+    blocks = block_tables[:, :num_blocks].long().clamp(min=0)  # unused entries may be -1
+    gathered = cache[blocks]  # [batch, num_blocks, block_size, kv_heads, dim]
+    return gathered.flatten(1, 2)[:, :num_tokens]
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One decode query per request attending over its paged KV cache.
+
+    q: [batch, num_heads, head_dim]; k_cache/v_cache: [num_blocks, block_size, num_kv_heads,
+    head_dim]; block_tables: [batch, max_blocks_per_seq] int32 (entries past a request's blocks may
+    hold anything, e.g. -1); context_lens: [batch] int32, cached tokens including the current one.
+    Query head h reads kv head h // (num_heads // num_kv_heads). A request with context_len 0 (a
+    padding slot) gets zeros. Returns [batch, num_heads, head_dim] in q's dtype; math in fp32.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_len = int(context_lens.max().item()) if batch else 0
+    if max_len == 0:
+        return torch.zeros_like(q)
+    k = _gather_paged_kv(k_cache, block_tables, max_len).float()  # [B, L, Hkv, D]
+    v = _gather_paged_kv(v_cache, block_tables, max_len).float()
+    qg = q.float().view(batch, num_kv_heads, group, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale  # [B, Hkv, G, L]
+    valid = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None].to(q.device)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows (len 0) -> zeros
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of new query tokens (prefill chunks) over the paged KV cache.
+
+    q: [T, num_heads, head_dim] packed by request (`cu_seqlens_q` [batch + 1]); the new tokens' k/v
+    are already in the cache, so request i's context_lens[i] includes its q tokens, which are the
+    last ones of its context: query j of a request with n queries sits at position
+    context_len - n + j and sees keys 0..that position. Returns [T, num_heads, head_dim].
+    """
+    num_heads = q.shape[1]
+    group = num_heads // k_cache.shape[2]
+    out = torch.zeros_like(q)
+    bounds = cu_seqlens_q.tolist()
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        n_q, ctx = end - start, int(context_lens[i])
+        if n_q == 0:
+            continue
+        k = _gather_paged_kv(k_cache, block_tables[i : i + 1], ctx)[0].float()  # [ctx, Hkv, D]
+        v = _gather_paged_kv(v_cache, block_tables[i : i + 1], ctx)[0].float()
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        q_pos = torch.arange(ctx - n_q, ctx, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [n_q, ctx]
+        o = F.scaled_dot_product_attention(
+            q[start:end].float().transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            attn_mask=mask, scale=scale,
+        )
+        out[start:end] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def reshape_and_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write new tokens' k/v ([T, num_kv_heads, head_dim]) into the paged caches, in place.
+
+    slot_mapping: [T] int, slot = block_id * block_size + offset; slot -1 means skip (padding).
+    The caches must be contiguous [num_blocks, block_size, num_kv_heads, head_dim].
+    """
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[valid].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[valid].to(v_cache.dtype)
+
+
+class MoePermutation(NamedTuple):
+    """Tokens reordered by expert (the dispatcher's local reorder).
+
+    hidden: [T * k, H] rows grouped by expert id ascending, token order kept within an expert;
+    tokens_per_expert: [num_experts] int64; slot_to_row: [T, k] int64, the inverse permutation:
+    the row of `hidden` holding token t's copy for its j-th chosen expert; row_to_token: [T * k]
+    int64, the source token of each row.
+    """
+
+    hidden: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    slot_to_row: torch.Tensor
+    row_to_token: torch.Tensor
+
+
+def sort_by_expert(
+    topk_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The index bookkeeping of `moe_permute`: (row_to_token, tokens_per_expert, slot_to_row).
+
+    Expert ids must lie in [0, num_experts). Shared by every backend so they agree on the order.
+    """
+    num_tokens, top_k = topk_ids.shape
+    flat = topk_ids.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices  # row -> flat slot
+    slot_to_row = torch.empty_like(order)
+    slot_to_row[order] = torch.arange(order.numel(), device=order.device)
+    tokens_per_expert = torch.bincount(flat, minlength=num_experts)
+    return order // top_k, tokens_per_expert, slot_to_row.view(num_tokens, top_k)
+
+
+def moe_permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> MoePermutation:
+    """Copy each token once per chosen expert and group the copies by expert id.
+
+    hidden: [T, H], topk_ids: [T, k] int. Differentiable in `hidden`.
+    """
+    row_to_token, tokens_per_expert, slot_to_row = sort_by_expert(topk_ids, num_experts)
+    return MoePermutation(hidden[row_to_token], tokens_per_expert, slot_to_row, row_to_token)
+
+
+def moe_unpermute(
+    expert_out: torch.Tensor, slot_to_row: torch.Tensor, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """Combine expert outputs back per token: out[t] = sum_j topk_weights[t, j] * expert_out[row].
+
+    expert_out: [T * k, H], slot_to_row: [T, k] (from `moe_permute`), topk_weights: [T, k].
+    Sums in fp32; returns [T, H] in expert_out's dtype. Differentiable in expert_out and weights.
+    """
+    rows = expert_out[slot_to_row].float()  # [T, k, H]
+    return (rows * topk_weights.float()[..., None]).sum(1).to(expert_out.dtype)
+
+
+def top_k_top_p_sampling(
+    probs: torch.Tensor,
+    top_k: torch.Tensor | int,
+    top_p: torch.Tensor | float,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample one token per row of `probs` [B, V] after top-k then top-p truncation.
+
+    top_k: [B] or scalar (<= 0 or >= V: no top-k); top_p: [B] or scalar in (0, 1] (1: no top-p).
+    The most likely token always survives. Returns [B] int64 token ids.
+    """
+    batch, vocab = probs.shape
+    top_k = torch.as_tensor(top_k, device=probs.device).expand(batch)
+    top_p = torch.as_tensor(top_p, device=probs.device, dtype=torch.float32).expand(batch)
+    sorted_probs, sorted_ids = probs.float().sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=probs.device)[None, :]
+    k_eff = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)[:, None]
+    keep = rank < k_eff
+    kept = sorted_probs * keep
+    mass_before = kept.cumsum(-1) - kept  # mass of strictly more likely kept tokens
+    keep &= mass_before < top_p[:, None] * kept.sum(-1, keepdim=True)
+    keep[:, 0] = True
+    choice = torch.multinomial(sorted_probs * keep, 1, generator=generator)  # [B, 1]
+    return sorted_ids.gather(1, choice).squeeze(1)

@@ -1,0 +1,301 @@
+"""The kernel registry: per op and device type, which implementation runs, and why.
+
+Every op has a torch reference plus optional fast implementations (Triton, FlashInfer, Transformer
+Engine). Resolution happens once per (op, device type) and is cached, so a model resolves its ops at
+build time and `forward` only calls plain functions. The rules, in order:
+
+1. an override (`set_backend_overrides` / `KernelConfig`) names the backend; if that backend cannot
+   run on the device, resolution fails with a ValueError naming op, backend, why, and what can run;
+2. on CPU (and any non-CUDA device) the torch reference;
+3. on CUDA the first available backend in the op's preference order (never an opt-in backend).
+
+Availability comes from `backends.backend_status`, looked up at resolve time, so tests monkeypatch
+the probes in `backends` and call `clear_cache()`. Implementations are imported lazily (by dotted
+path) only when chosen, so a missing optional library never breaks `import rl_engine.kernels`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rl_engine.kernels import backends
+
+logger = logging.getLogger(__name__)
+
+_REF = "rl_engine.kernels.reference"
+_TRITON = "rl_engine.kernels.triton"
+_FLASHINFER = "rl_engine.kernels.flashinfer_adapter"
+_TE = "rl_engine.kernels.te_adapter"
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op: dotted paths of its implementations per backend and its CUDA preference order.
+
+    `opt_in` backends are never chosen by default, only by an override (Transformer Engine linears
+    change parameter names and numerics, so the model author asks for them).
+    """
+
+    name: str
+    impls: Mapping[str, str]  # backend -> "module:attribute"
+    cuda_preference: tuple[str, ...]
+    opt_in: frozenset[str] = frozenset()
+    doc: str = ""
+
+
+def _spec(name: str, doc: str, *, triton: str | None = None, flashinfer: str | None = None,
+          transformer_engine: str | None = None, torch_impl: str | None = None,
+          cuda_preference: tuple[str, ...] = ("triton", "torch"),
+          opt_in: frozenset[str] = frozenset()) -> OpSpec:
+    impls = {"torch": torch_impl or f"{_REF}:{name}"}
+    for backend, path in (("triton", triton), ("flashinfer", flashinfer),
+                          ("transformer_engine", transformer_engine)):
+        if path is not None:
+            impls[backend] = path
+    preference = tuple(b for b in cuda_preference if b in impls)
+    return OpSpec(name=name, impls=impls, cuda_preference=preference, opt_in=opt_in, doc=doc)
+
+
+OPS: dict[str, OpSpec] = {s.name: s for s in (
+    _spec("rms_norm", "(x, weight, eps, residual=None) -> (normed, new_residual | None)",
+          triton=f"{_TRITON}.rms_norm:rms_norm"),
+    _spec("rotary_cos_sin", "(positions, inv_freq) -> (cos, sin) [T, head_dim//2] fp32"),
+    _spec("apply_rotary", "(q, k, cos, sin) -> (q_rot, k_rot), new tensors",
+          triton=f"{_TRITON}.rotary:apply_rotary"),
+    _spec("apply_rotary_inplace", "(q, k, positions, cos_cache, sin_cache) -> (q, k) rotated in place",
+          triton=f"{_TRITON}.rotary:apply_rotary_inplace"),
+    _spec("silu_and_mul", "(x [..., 2d] as [gate|up]) -> silu(gate) * up [..., d]",
+          triton=f"{_TRITON}.swiglu:silu_and_mul"),
+    _spec("varlen_causal_attention", "(q, k, v, cu_seqlens, scale) -> [T, heads, head_dim]"),
+    _spec("paged_decode_attention",
+          "(q, k_cache, v_cache, block_tables, context_lens, scale) -> [batch, heads, head_dim]",
+          triton=f"{_TRITON}.paged_attention:paged_decode_attention",
+          flashinfer=f"{_FLASHINFER}:paged_decode_attention",
+          cuda_preference=("flashinfer", "triton", "torch")),
+    _spec("paged_prefill_attention",
+          "(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale) -> [T, heads, head_dim]",
+          flashinfer=f"{_FLASHINFER}:paged_prefill_attention",
+          cuda_preference=("flashinfer", "torch")),
+    _spec("reshape_and_cache", "(k, v, k_cache, v_cache, slot_mapping) -> None, writes the caches",
+          triton=f"{_TRITON}.paged_attention:reshape_and_cache"),
+    _spec("logprob_entropy",
+          "(logits, targets, *, temperature, vocab_start=0, vocab_size=None, process_group=None)"
+          " -> (logprobs [T] fp32, entropy [T] fp32)",
+          triton=f"{_TRITON}.logprob:logprob_entropy"),
+    _spec("logprob_shard_stats",
+          "(logits, targets, *, temperature, vocab_start=0, vocab_size=None) -> ShardStats",
+          triton=f"{_TRITON}.logprob:logprob_shard_stats"),
+    _spec("moe_permute", "(hidden [T, H], topk_ids [T, k], num_experts) -> MoePermutation",
+          triton=f"{_TRITON}.moe_permute:moe_permute"),
+    _spec("moe_unpermute", "(expert_out [T*k, H], slot_to_row [T, k], topk_weights [T, k]) -> [T, H]",
+          triton=f"{_TRITON}.moe_permute:moe_unpermute"),
+    _spec("top_k_top_p_sampling",
+          "(probs [B, V], top_k [B] int, top_p [B] float, *, generator=None) -> token ids [B] int64",
+          flashinfer=f"{_FLASHINFER}:top_k_top_p_sampling",
+          cuda_preference=("flashinfer", "torch")),
+    _spec("linear", "module factory (in_features, out_features, *, bias, params_dtype, device, ...)",
+          torch_impl="rl_engine.kernels.modules:make_linear",
+          transformer_engine=f"{_TE}:make_te_linear",
+          cuda_preference=("transformer_engine", "torch"), opt_in=frozenset({"transformer_engine"})),
+    _spec("rms_norm_linear", "module factory (in_features, out_features, *, eps, bias, params_dtype, ...)",
+          torch_impl="rl_engine.kernels.modules:make_rms_norm_linear",
+          transformer_engine=f"{_TE}:make_te_rms_norm_linear",
+          cuda_preference=("transformer_engine", "torch"), opt_in=frozenset({"transformer_engine"})),
+)}
+
+
+@dataclass(kw_only=True)
+class KernelConfig:
+    """Kernel choices of a run: `overrides` maps op name -> backend ("*" applies to every op that
+    has that backend); `disabled_backends` are never picked by default (overrides still win)."""
+
+    overrides: dict[str, str] = field(default_factory=dict)
+    disabled_backends: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for backend in self.disabled_backends:
+            _check_backend_name(backend)
+        if "torch" in self.disabled_backends:
+            raise ValueError("disabled_backends cannot contain 'torch': it is every op's fallback")
+        for op, backend in self.overrides.items():
+            _check_backend_name(backend)
+            if op == "*":
+                continue
+            spec = _spec_or_raise(op)
+            if backend not in spec.impls:
+                raise ValueError(f"kernel override {op}={backend!r}: {op} has no {backend} implementation;"
+                                 f" it has: {', '.join(spec.impls)}")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The outcome of resolving one op on one device type."""
+
+    op: str
+    device_type: str
+    backend: str
+    reason: str
+    available: tuple[str, ...]
+    unavailable: Mapping[str, str]  # backend -> why not
+    fn: Callable[..., Any] = field(repr=False, compare=False)
+
+
+def _check_backend_name(backend: str) -> None:
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; known backends: {', '.join(backends.BACKENDS)}")
+
+
+def _spec_or_raise(op: str) -> OpSpec:
+    if op not in OPS:
+        near = difflib.get_close_matches(op, OPS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(f"unknown kernel op {op!r}{hint}; ops: {', '.join(OPS)}")
+    return OPS[op]
+
+
+def _load(path: str) -> Callable[..., Any]:
+    module_name, attribute = path.split(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def _device_type(device: torch.device | str) -> str:
+    return torch.device(device).type
+
+
+class KernelRegistry:
+    """Resolves ops to implementations per device type, caching each resolution."""
+
+    def __init__(self, config: KernelConfig | None = None) -> None:
+        self._config = config or KernelConfig()
+        self._cache: dict[tuple[str, str], Resolution] = {}
+
+    @property
+    def config(self) -> KernelConfig:
+        return self._config
+
+    def configure(self, config: KernelConfig) -> None:
+        """Replace the kernel config; later resolutions follow it (already-built models keep theirs)."""
+        self._config = config
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def resolve(self, op: str, device: torch.device | str) -> Callable[..., Any]:
+        """The implementation of `op` for tensors on `device`."""
+        return self.resolution(op, device).fn
+
+    def resolution(self, op: str, device: torch.device | str) -> Resolution:
+        """Like `resolve`, with the chosen backend, the reason and the alternatives."""
+        device_type = _device_type(device)
+        key = (op, device_type)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        result = self._resolve_uncached(_spec_or_raise(op), device_type)
+        logger.info("kernel %s on %s -> %s (%s)", op, device_type, result.backend, result.reason)
+        self._cache[key] = result
+        return result
+
+    def _resolve_uncached(self, spec: OpSpec, device_type: str) -> Resolution:
+        statuses = {b: backends.backend_status(b, device_type) for b in spec.impls}
+        available = tuple(b for b, s in statuses.items() if s.available)
+        unavailable = {b: s.reason for b, s in statuses.items() if not s.available}
+        overrides = self._config.overrides
+        override = overrides.get(spec.name)
+        source = f"override {spec.name}={override}"
+        if override is None and overrides.get("*") in spec.impls:
+            override = overrides["*"]
+            source = f"override *={override}"
+        if override is not None:
+            if override not in spec.impls:
+                raise ValueError(f"kernel override {spec.name}={override!r}: {spec.name} has no {override}"
+                                 f" implementation; it has: {', '.join(spec.impls)}")
+            if override not in available:
+                raise ValueError(
+                    f"kernel override {spec.name}={override!r} cannot run on {device_type}:"
+                    f" {unavailable[override]}; available for {spec.name} on {device_type}:"
+                    f" {', '.join(available)}")
+            backend, reason = override, source
+        elif device_type != "cuda":
+            backend, reason = "torch", f"torch reference is the default on {device_type}"
+        else:
+            backend, reason = self._default_cuda(spec, statuses)
+        return Resolution(op=spec.name, device_type=device_type, backend=backend, reason=reason,
+                          available=available, unavailable=unavailable, fn=_load(spec.impls[backend]))
+
+    def _default_cuda(self, spec: OpSpec, statuses: Mapping[str, backends.BackendStatus]) -> tuple[str, str]:
+        skipped: list[str] = []
+        for backend in spec.cuda_preference:
+            if backend in spec.opt_in:
+                skipped.append(f"{backend} is opt-in")
+            elif backend in self._config.disabled_backends:
+                skipped.append(f"{backend} disabled by config")
+            elif not statuses[backend].available:
+                skipped.append(f"{backend}: {statuses[backend].reason}")
+            else:
+                reason = f"first available in preference {'>'.join(spec.cuda_preference)}"
+                return backend, reason + (f" ({'; '.join(skipped)})" if skipped else "")
+        raise AssertionError(f"torch must always be available for {spec.name}")
+
+    def describe(self, device: torch.device | str | None = None) -> list[Resolution]:
+        """Resolutions of every op on `device` (default: cuda when present, else cpu)."""
+        if device is None:
+            device = "cuda" if backends.cuda_available() else "cpu"
+        return [self.resolution(op, device) for op in OPS]
+
+
+_default_registry = KernelRegistry()
+
+
+def default_registry() -> KernelRegistry:
+    """The process's registry, used by `rl_engine.kernels.<op>` and `resolve`."""
+    return _default_registry
+
+
+def resolve(op: str, device: torch.device | str) -> Callable[..., Any]:
+    """The implementation of `op` for tensors on `device` (resolved once, then cached)."""
+    return _default_registry.resolve(op, device)
+
+
+def set_backend_overrides(overrides: Mapping[str, str]) -> None:
+    """Force backends per op, e.g. `{"rms_norm": "triton"}`; replaces earlier overrides."""
+    config = _default_registry.config
+    _default_registry.configure(KernelConfig(overrides=dict(overrides),
+                                             disabled_backends=config.disabled_backends))
+
+
+def configure(config: KernelConfig) -> None:
+    """Apply a run's `KernelConfig` to the process registry."""
+    _default_registry.configure(config)
+
+
+def clear_cache() -> None:
+    """Forget cached resolutions (after the backend probes changed, e.g. in tests)."""
+    _default_registry.clear_cache()
+
+
+def describe(device: torch.device | str | None = None) -> list[Resolution]:
+    """Per op: chosen backend, reason, and available/unavailable backends."""
+    return _default_registry.describe(device)
+
+
+def format_backends_table(device: torch.device | str | None = None) -> str:
+    """The table `rl-engine env` prints: op, chosen backend, reason, other backends."""
+    rows = [("op", "backend", "reason", "available", "unavailable")]
+    for r in describe(device):
+        unavailable = "; ".join(f"{b}: {why}" for b, why in r.unavailable.items()) or "-"
+        rows.append((r.op, r.backend, r.reason, ",".join(r.available), unavailable))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    device_type = rows and describe(device)[0].device_type
+    lines = [f"kernel backends on {device_type}:"]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
+    return "\n".join(lines)

@@ -1,0 +1,270 @@
+"""Hugging Face checkpoints: import a model directory into `CausalLM`, export one transformers loads.
+
+One table, built from the model itself, maps every Hugging Face tensor name to a loader (which takes
+the full tensor and keeps this rank's slice) and an exporter. Fused projections (our qkv and gate/up)
+load from split tensors; split experts load into our stacked expert tensors, and the fused expert
+layout (`experts.gate_up_proj` / `experts.down_proj`) loads too. Every tensor the model needs must
+be found with the right shape, and every tensor in the checkpoint must be used: mismatches are
+errors that name the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rl_engine.policy.config import ModelConfig
+from rl_engine.policy.layers import ColumnParallelLinear, _copy_checked
+from rl_engine.policy.model import CausalLM
+from rl_engine.policy.parallel import SINGLE, ParallelGroups
+
+# Tensors some checkpoints carry that hold nothing we need (recomputed buffers).
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+@dataclass
+class WeightEntry:
+    load: Callable[[torch.Tensor], None]
+    export: Callable[[], torch.Tensor]
+
+
+def _col_part(layer: ColumnParallelLinear, part: int, kind: str, name: str) -> WeightEntry:
+    def load(t: torch.Tensor) -> None:
+        if kind == "weight":
+            layer.load_part(part, weight=t, name=name)
+        else:
+            start = sum(layer.local_sizes[:part])
+            _copy_checked(layer.bias[start:start + layer.local_sizes[part]], layer.shard_of(t, part), name)
+
+    def export() -> torch.Tensor:
+        return layer.full_part(part, layer.weight if kind == "weight" else layer.bias).detach()
+
+    return WeightEntry(load, export)
+
+
+def _param(p: torch.nn.Parameter, name: str) -> WeightEntry:
+    return WeightEntry(lambda t: _copy_checked(p, t, name), lambda: p.detach())
+
+
+def _expert_slice(p: torch.nn.Parameter, e: int, rows: slice | None, cols: slice | None, name: str,
+                  shard: Callable[[torch.Tensor], torch.Tensor]) -> WeightEntry:
+    def view() -> torch.Tensor:
+        v = p[e]
+        if rows is not None:
+            v = v[rows]
+        if cols is not None:
+            v = v[:, cols]
+        return v
+
+    return WeightEntry(lambda t: _copy_checked(view(), shard(t), name), lambda: view().detach())
+
+
+def weight_table(model: CausalLM) -> dict[str, WeightEntry]:
+    """Hugging Face tensor name -> how to load and export it, for the layers this rank holds."""
+    cfg = model.config
+    g = model.groups
+    table: dict[str, WeightEntry] = {}
+    if model.is_first_stage:
+        emb = model.embed_tokens
+        table["model.embed_tokens.weight"] = WeightEntry(
+            lambda t: emb.load_full(t, "model.embed_tokens.weight"), lambda: emb.local_real_rows().detach())
+    for layer in model.layers:
+        pre = f"model.layers.{layer.layer_idx}."
+        attn = layer.self_attn
+        table[pre + "input_layernorm.weight"] = _param(layer.input_layernorm.weight, pre + "input_layernorm.weight")
+        table[pre + "post_attention_layernorm.weight"] = _param(layer.post_attention_layernorm.weight,
+                                                                 pre + "post_attention_layernorm.weight")
+        for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            n = pre + f"self_attn.{proj}."
+            table[n + "weight"] = _col_part(attn.qkv_proj, part, "weight", n + "weight")
+            if cfg.qkv_bias:
+                table[n + "bias"] = _col_part(attn.qkv_proj, part, "bias", n + "bias")
+        table[pre + "self_attn.o_proj.weight"] = WeightEntry(
+            lambda t, a=attn, n=pre + "self_attn.o_proj.weight": a.o_proj.load_full(t, n), lambda a=attn: a.o_proj.weight.detach())
+        if attn.q_norm is not None:
+            table[pre + "self_attn.q_norm.weight"] = _param(attn.q_norm.weight, pre + "self_attn.q_norm.weight")
+            table[pre + "self_attn.k_norm.weight"] = _param(attn.k_norm.weight, pre + "self_attn.k_norm.weight")
+        if layer.is_moe:
+            table.update(_moe_entries(layer.mlp, pre, cfg, g))
+        else:
+            table.update(_mlp_entries(layer.mlp, pre + "mlp."))
+    if model.is_last_stage:
+        table["model.norm.weight"] = _param(model.norm.weight, "model.norm.weight")
+        if not cfg.tie_word_embeddings:
+            head = model.lm_head.shard
+            table["lm_head.weight"] = WeightEntry(lambda t: head.load_full(t, "lm_head.weight"),
+                                                  lambda: head.local_real_rows().detach())
+        elif not model.is_first_stage:
+            # Last stage of a pipeline with tied embeddings: its copy loads from the embedding.
+            emb = model.embed_tokens
+            table["model.embed_tokens.weight"] = WeightEntry(
+                lambda t: emb.load_full(t, "model.embed_tokens.weight"), lambda: emb.local_real_rows().detach())
+    return table
+
+
+def _mlp_entries(mlp, pre: str) -> dict[str, WeightEntry]:
+    return {
+        pre + "gate_proj.weight": _col_part(mlp.gate_up_proj, 0, "weight", pre + "gate_proj.weight"),
+        pre + "up_proj.weight": _col_part(mlp.gate_up_proj, 1, "weight", pre + "up_proj.weight"),
+        pre + "down_proj.weight": WeightEntry(lambda t: mlp.down_proj.load_full(t, pre + "down_proj.weight"),
+                                              lambda: mlp.down_proj.weight.detach()),
+    }
+
+
+def _moe_entries(moe, pre: str, cfg: ModelConfig, g: ParallelGroups) -> dict[str, WeightEntry]:
+    mixtral = cfg.model_type == "mixtral"
+    block = pre + ("block_sparse_moe." if mixtral else "mlp.")
+    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    il = moe.inter_local
+    rows_of = lambda t: t.chunk(g.tp_size, dim=0)[g.tp_rank]  # noqa: E731  (intermediate rows)
+    cols_of = lambda t: t.chunk(g.tp_size, dim=1)[g.tp_rank]  # noqa: E731
+    table = {block + "gate.weight": _param(moe.gate, block + "gate.weight")}
+    for e in range(cfg.num_experts):
+        ep = f"{block}experts.{e}."
+        table[ep + f"{names[0]}.weight"] = _expert_slice(moe.w13, e, slice(0, il), None, ep + f"{names[0]}.weight", rows_of)
+        table[ep + f"{names[1]}.weight"] = _expert_slice(moe.w13, e, slice(il, 2 * il), None, ep + f"{names[1]}.weight", rows_of)
+        table[ep + f"{names[2]}.weight"] = _expert_slice(moe.w2, e, None, None, ep + f"{names[2]}.weight", cols_of)
+    if moe.shared_expert is not None:
+        table.update(_mlp_entries(moe.shared_expert, block + "shared_expert."))
+        table[block + "shared_expert_gate.weight"] = _param(moe.shared_expert_gate, block + "shared_expert_gate.weight")
+    return table
+
+
+def _fused_expert_loaders(table: dict[str, WeightEntry], name: str, tensor: torch.Tensor) -> bool:
+    """The fused expert layout of transformers 5 (`...experts.gate_up_proj` [E, 2I, H] and
+    `...experts.down_proj` [E, H, I]): split it into per-expert tensors we know how to load."""
+    m = re.match(r"(.*\.experts)\.(gate_up_proj|down_proj)$", name)
+    if not m:
+        return False
+    base, kind = m.groups()
+    gate, up, down = ("w1", "w3", "w2") if f"{base}.0.w1.weight" in table else ("gate_proj", "up_proj", "down_proj")
+    for e in range(tensor.shape[0]):
+        if kind == "gate_up_proj":
+            g_, u_ = tensor[e].chunk(2, dim=0)
+            table[f"{base}.{e}.{gate}.weight"].load(g_)
+            table[f"{base}.{e}.{up}.weight"].load(u_)
+        else:
+            table[f"{base}.{e}.{down}.weight"].load(tensor[e])
+    return True
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, f) for f in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    if any(f.endswith(".bin") for f in os.listdir(path)):
+        raise ValueError(f"{path!r} holds only pickle .bin weights; convert them to safetensors first "
+                         "(transformers: model.save_pretrained(dir, safe_serialization=True))")
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+
+
+def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in _checkpoint_files(path):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_hf_weights(model: CausalLM, path: str) -> None:
+    table = weight_table(model)
+    pending = set(table)
+    # A layer outside this pipeline stage's range belongs to another stage.
+    lo, hi = model.layer_range
+    unexpected = []
+    for name, tensor in iter_checkpoint(path):
+        if name in table:
+            table[name].load(tensor)
+            pending.discard(name)
+        elif _fused_expert_loaders(table, name, tensor):
+            base = name.rsplit(".", 1)[0]
+            pending -= {n for n in pending if n.startswith(base + ".")}
+        elif IGNORED.match(name):
+            continue
+        else:
+            m = re.match(r"model\.layers\.(\d+)\.", name)
+            other_stage = m is not None and not lo <= int(m.group(1)) < hi
+            other_end = name in ("lm_head.weight", "model.norm.weight", "model.embed_tokens.weight")
+            if not (other_stage or other_end) and not (name == "lm_head.weight" and model.config.tie_word_embeddings):
+                unexpected.append(name)
+    if pending:
+        missing = sorted(pending)
+        raise ValueError(f"checkpoint {path!r} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}")
+    if unexpected:
+        raise ValueError(f"checkpoint {path!r} has {len(unexpected)} tensor(s) this model does not use, "
+                         f"e.g. {unexpected[:5]}: is model_type {model.config.model_type!r} right?")
+
+
+def from_pretrained(
+    path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    groups: ParallelGroups = SINGLE,
+    layer_range: tuple[int, int] | None = None,
+) -> CausalLM:
+    """Build the policy from a Hugging Face model directory (config.json + safetensors)."""
+    config = ModelConfig.from_pretrained(path)
+    model = CausalLM(config, groups=groups, dtype=dtype, device=device, layer_range=layer_range)
+    load_hf_weights(model, path)
+    return model
+
+
+def save_pretrained(model: CausalLM, path: str, *, max_shard_bytes: int = 4 << 30) -> None:
+    """Write config.json and safetensors (sharded with an index past `max_shard_bytes`) that
+    transformers loads. Needs the whole model on this rank (tp=1, one pipeline stage)."""
+    g = model.groups
+    if g.tp_size > 1 or not (model.is_first_stage and model.is_last_stage) or g.ep_size > 1:
+        raise ValueError("save_pretrained needs the whole model on one rank (tp=1, pp=1, ep=1); "
+                         "use the sharded checkpoint and `rl-engine convert` for parallel layouts")
+    os.makedirs(path, exist_ok=True)
+    tensors = {name: entry.export().contiguous().clone() for name, entry in weight_table(model).items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic_save(shards[0], os.path.join(path, "model.safetensors"), meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save(shard, os.path.join(path, fname), meta)
+            weight_map.update({n: fname for n in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _atomic_write_json(os.path.join(path, "model.safetensors.index.json"),
+                           {"metadata": {"total_size": total}, "weight_map": weight_map})
+    hf = model.config.to_hf_dict()
+    hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    hf.pop("dtype", None)
+    _atomic_write_json(os.path.join(path, "config.json"), hf)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], file: str, meta: dict[str, str]) -> None:
+    tmp = file + ".tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, file)
+
+
+def _atomic_write_json(file: str, obj) -> None:
+    tmp = file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, file)

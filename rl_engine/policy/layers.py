@@ -1,0 +1,208 @@
+"""Tensor-parallel building blocks: column/row-parallel linears, vocab-parallel embedding and head.
+
+Each layer owns its shard of the weight and knows its `ParallelGroups`; at tp=1 the collectives are
+identities and these are plain `nn.Linear` / `nn.Embedding` ops. Fused projections (qkv, gate/up)
+keep each rank's slice of every part side by side (`[q_r | k_r | v_r]`), so a rank's output splits
+into its own heads without communication. Every parameter has a `load_full(name_part, tensor)` path
+(through `weight_loader`) that takes the full Hugging Face tensor and keeps this rank's slice.
+
+With sequence parallelism the activations between blocks are split over tokens: column layers
+all-gather their input, row layers reduce-scatter their output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rl_engine import kernels
+from rl_engine.policy import comm
+from rl_engine.policy.parallel import ParallelGroups
+
+
+def _shard_rows(full: torch.Tensor, rank: int, size: int, name: str) -> torch.Tensor:
+    if full.shape[0] % size:
+        raise ValueError(f"{name}: dim 0 ({full.shape[0]}) is not divisible by the tensor-parallel size ({size})")
+    return full.chunk(size, dim=0)[rank]
+
+
+def _copy_checked(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    if tuple(param.shape) != tuple(value.shape):
+        raise ValueError(f"tensor {name!r}: expected shape {tuple(param.shape)}, got {tuple(value.shape)}")
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, *, eps: float, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        out, residual_out = kernels.rms_norm(x, self.weight, self.eps, residual)
+        return out if residual is None else (out, residual_out)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T (+ b) with W split over output features. Several logical outputs may be fused
+    (`output_sizes`, e.g. [q, k, v]); each is split over tp separately."""
+
+    def __init__(
+        self,
+        in_features: int,
+        output_sizes: list[int],
+        *,
+        groups: ParallelGroups,
+        bias: bool,
+        dtype: torch.dtype,
+        device=None,
+        replicas: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        tp = groups.tp_size
+        # replicas[i] > 1: part i has fewer rows than tp shards; each rank holds one full row block
+        # of size output_sizes[i] * replicas[i] / tp (used for KV heads when num_kv_heads < tp).
+        self.replicas = replicas or [1] * len(output_sizes)
+        for size, rep in zip(output_sizes, self.replicas):
+            if (size * rep) % tp:
+                raise ValueError(f"output size {size} is not divisible by tensor_parallel_size ({tp})")
+        self.groups = groups
+        self.output_sizes = list(output_sizes)
+        self.local_sizes = [s * r // tp for s, r in zip(output_sizes, self.replicas)]
+        self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(sum(self.local_sizes), dtype=dtype, device=device)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.groups
+        x = comm.gather_sequence(x, g.tp_group) if g.sequence_parallel else comm.copy_to_tp(x, g.tp_group)
+        return F.linear(x, self.weight, self.bias)
+
+    def shard_of(self, full: torch.Tensor, part: int) -> torch.Tensor:
+        """This rank's rows of logical part `part` from its full tensor (weight or bias)."""
+        g = self.groups
+        rep = self.replicas[part]
+        if rep == 1:
+            return _shard_rows(full, g.tp_rank, g.tp_size, f"part {part}")
+        # Replicated part: tp ranks share each row block, `rep` ranks per block.
+        blocks = g.tp_size // rep
+        return full.chunk(blocks, dim=0)[g.tp_rank // rep]
+
+    def load_part(self, part: int, *, weight: torch.Tensor, bias: torch.Tensor | None = None, name: str = "") -> None:
+        start = sum(self.local_sizes[:part])
+        end = start + self.local_sizes[part]
+        _copy_checked(self.weight[start:end], self.shard_of(weight, part), name or f"part {part}.weight")
+        if bias is not None:
+            if self.bias is None:
+                raise ValueError(f"{name}: checkpoint has a bias but the model was built without one")
+            _copy_checked(self.bias[start:end], self.shard_of(bias, part), f"{name}.bias")
+
+    def full_part(self, part: int, tensor: torch.Tensor) -> torch.Tensor:
+        """Inverse of load_part at tp=1: this rank's slice of part `part` from `tensor` (weight or
+        bias). Gathering over tp is the caller's business (checkpoint export)."""
+        start = sum(self.local_sizes[:part])
+        return tensor[start:start + self.local_sizes[part]]
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T (+ b) with W split over input features; partial outputs are summed over tp."""
+
+    def __init__(self, in_features: int, out_features: int, *, groups: ParallelGroups, bias: bool,
+                 dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        if in_features % groups.tp_size:
+            raise ValueError(f"in_features ({in_features}) is not divisible by tensor_parallel_size ({groups.tp_size})")
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // groups.tp_size, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.groups
+        y = F.linear(x, self.weight)
+        y = comm.reduce_scatter_sequence(y, g.tp_group) if g.sequence_parallel else comm.reduce_from_tp(y, g.tp_group)
+        return y if self.bias is None else y + self.bias
+
+    def load_full(self, weight: torch.Tensor, name: str = "") -> None:
+        g = self.groups
+        if weight.shape[1] % g.tp_size:
+            raise ValueError(f"{name}: dim 1 ({weight.shape[1]}) not divisible by tensor_parallel_size ({g.tp_size})")
+        _copy_checked(self.weight, weight.chunk(g.tp_size, dim=1)[g.tp_rank], name)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary split over tp. The vocabulary is padded up to a multiple of tp;
+    padded rows are never looked up and their logits are masked to -inf in the head."""
+
+    def __init__(self, vocab_size: int, dim: int, *, groups: ParallelGroups, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        self.groups = groups
+        self.vocab_size = vocab_size
+        self.rows_per_rank = math.ceil(vocab_size / groups.tp_size)
+        self.vocab_start = groups.tp_rank * self.rows_per_rank
+        self.vocab_end = min(vocab_size, self.vocab_start + self.rows_per_rank)  # real rows end
+        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, dim, dtype=dtype, device=device))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        g = self.groups
+        if g.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_end - self.vocab_start)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside[:, None], 0)
+        return comm.reduce_scatter_sequence(out, g.tp_group) if g.sequence_parallel else comm.reduce_from_tp(out, g.tp_group)
+
+    def load_full(self, weight: torch.Tensor, name: str = "") -> None:
+        if weight.shape[0] != self.vocab_size:
+            raise ValueError(f"tensor {name!r}: expected {self.vocab_size} rows (vocab_size), got {weight.shape[0]}")
+        real = weight[self.vocab_start:self.vocab_end]
+        with torch.no_grad():
+            self.weight.zero_()
+        _copy_checked(self.weight[: real.shape[0]], real, name)
+
+    def local_real_rows(self) -> torch.Tensor:
+        return self.weight[: self.vocab_end - self.vocab_start]
+
+
+class ParallelLMHead(nn.Module):
+    """Output projection with the vocabulary split over tp (its own weight or the embedding's)."""
+
+    def __init__(self, embedding_like: VocabParallelEmbedding) -> None:
+        super().__init__()
+        self.groups = embedding_like.groups
+        self.shard = embedding_like  # holds weight, vocab range and padding
+        self.vocab_size = embedding_like.vocab_size
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.shard.weight
+
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, rows_per_rank] logits of this rank's vocab shard, padded rows at -inf."""
+        g = self.groups
+        if g.sequence_parallel:
+            hidden = comm.gather_sequence(hidden, g.tp_group)
+        else:
+            hidden = comm.copy_to_tp(hidden, g.tp_group)
+        logits = F.linear(hidden, self.weight)
+        n_real = self.shard.vocab_end - self.shard.vocab_start
+        if n_real < logits.shape[-1]:
+            logits[..., n_real:] = float("-inf")
+        return logits
+
+    def full_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, vocab_size] logits, gathered over tp (for generation and tests, not for training)."""
+        logits = self.local_logits(hidden)
+        if self.groups.tp_size > 1:
+            logits = comm.gather_from_tp(logits, self.groups.tp_group)
+        return logits[..., : self.vocab_size]
+
+
+ActivationFn = Callable[[torch.Tensor], torch.Tensor]

@@ -1,0 +1,244 @@
+"""The decoder-only policy: one module for training and inference.
+
+Input is a flat token batch (`input_ids[T]`, `positions[T]`). Training passes `cu_seqlens` (packed
+variable-length sequences, no padding); the inference engine passes an `attn_context` that owns the
+paged KV cache. The model composes parallel layers and never imports a launcher, a config file or an
+environment variable; variants (qk-norm, biases, MoE or dense MLP) are chosen at construction.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+
+from rl_engine import kernels
+from rl_engine.policy import comm
+from rl_engine.policy.config import ModelConfig
+from rl_engine.policy.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from rl_engine.policy.logprobs import token_logprobs_and_entropy
+from rl_engine.policy.moe import MoEBlock, RoutingRecord, SwiGLUMLP
+from rl_engine.policy.parallel import SINGLE, ParallelGroups
+
+
+class AttentionContext(Protocol):
+    """What the inference engine hands the model instead of `cu_seqlens`.
+
+    `attend` receives this layer's post-rotary q [T, Hq_local, D], k and v [T, Hkv_local, D] for the
+    flat batch, stores k and v in its cache and returns the attention output [T, Hq_local, D]."""
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor: ...
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, groups: ParallelGroups, dtype, device=None) -> None:
+        super().__init__()
+        tp = groups.tp_size
+        if cfg.num_heads % tp:
+            raise ValueError(f"num_attention_heads ({cfg.num_heads}) must be divisible by tensor_parallel_size ({tp})")
+        kv_rep = 1
+        if cfg.num_kv_heads < tp:
+            if tp % cfg.num_kv_heads:
+                raise ValueError(f"tensor_parallel_size ({tp}) must be a multiple of num_key_value_heads "
+                                 f"({cfg.num_kv_heads}) when it is larger")
+            kv_rep = tp // cfg.num_kv_heads  # each KV head is replicated on kv_rep ranks
+        elif cfg.num_kv_heads % tp:
+            raise ValueError(f"num_key_value_heads ({cfg.num_kv_heads}) must be divisible by tensor_parallel_size ({tp})")
+        self.layer_idx = layer_idx
+        self.head_dim = cfg.head_dim
+        self.num_heads = cfg.num_heads // tp
+        self.num_kv_heads = cfg.num_kv_heads * kv_rep // tp
+        self.scale = cfg.head_dim ** -0.5
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], groups=groups,
+                                             bias=cfg.qkv_bias, dtype=dtype, device=device, replicas=[1, kv_rep, kv_rep])
+        self.o_proj = RowParallelLinear(q_size, cfg.hidden_size, groups=groups, bias=False, dtype=dtype, device=device)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.rms_norm_eps, dtype=dtype, device=device)
+            self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.rms_norm_eps, dtype=dtype, device=device)
+
+    def forward(self, x, cos, sin, cu_seqlens, attn_context: AttentionContext | None) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        T = qkv.shape[0]
+        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                             self.num_kv_heads * self.head_dim], dim=-1)
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = kernels.apply_rotary(q, k, cos, sin)
+        if attn_context is None:
+            o = kernels.varlen_causal_attention(q, k, v, cu_seqlens, self.scale)
+        else:
+            o = attn_context.attend(self.layer_idx, q, k, v, scale=self.scale)
+        return self.o_proj(o.reshape(T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, groups: ParallelGroups, dtype, device=None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.self_attn = Attention(cfg, layer_idx, groups=groups, dtype=dtype, device=device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.is_moe = layer_idx in cfg.moe_layers
+        if self.is_moe:
+            self.mlp = MoEBlock(cfg, layer_idx, groups=groups, dtype=dtype, device=device)
+        else:
+            self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, groups=groups, dtype=dtype, device=device)
+
+    def forward(self, x, residual, cos, sin, cu_seqlens, attn_context, routing):
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, cu_seqlens, attn_context)
+        h, residual = self.post_attention_layernorm(h, residual)
+        h = self.mlp(h, routing) if self.is_moe else self.mlp(h)
+        return h, residual
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM. `layer_range` selects the layers this (pipeline) stage holds; the first
+    stage owns the embedding, the last the final norm and LM head."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        groups: ParallelGroups = SINGLE,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        layer_range: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype {dtype} not supported; use torch.float32 or torch.bfloat16")
+        self.config = config
+        self.groups = groups
+        self.dtype = dtype
+        start, end = layer_range or (0, config.num_layers)
+        if not 0 <= start < end <= config.num_layers:
+            raise ValueError(f"layer_range {layer_range} must satisfy 0 <= start < end <= {config.num_layers}")
+        self.layer_range = (start, end)
+        self.is_first_stage = start == 0
+        self.is_last_stage = end == config.num_layers
+        self.embed_tokens = None
+        if self.is_first_stage or (self.is_last_stage and config.tie_word_embeddings):
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, groups=groups,
+                                                       dtype=dtype, device=device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, groups=groups, dtype=dtype, device=device) for i in range(start, end)
+        )
+        self.norm = self.lm_head = None
+        if self.is_last_stage:
+            self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, device=device)
+            head_weights = self.embed_tokens if config.tie_word_embeddings else VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, groups=groups, dtype=dtype, device=device)
+            self.lm_head = ParallelLMHead(head_weights)
+        self.register_buffer("inv_freq", config.inv_freq().to(device), persistent=False)
+
+    # ---- forward -------------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None,
+        *,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        attn_context: AttentionContext | None = None,
+        routing: RoutingRecord | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [T, H] (after the final norm on the last stage). A stage that is not
+        the first takes `inputs_embeds` (the previous stage's output) instead of `input_ids`."""
+        if positions.dim() != 1:
+            raise ValueError(f"positions must be 1-D [T] (a flat token batch), got shape {tuple(positions.shape)}")
+        if attn_context is None:
+            if cu_seqlens is None:
+                cu_seqlens = torch.tensor([0, positions.shape[0]], dtype=torch.int32)
+            self._check_packed(positions, cu_seqlens)
+        if self.is_first_stage:
+            if input_ids is None or input_ids.shape != positions.shape:
+                raise ValueError(f"input_ids must be [T] like positions {tuple(positions.shape)}, "
+                                 f"got {None if input_ids is None else tuple(input_ids.shape)}")
+            x = self.embed_tokens(input_ids)
+        else:
+            if inputs_embeds is None:
+                raise ValueError("a pipeline stage after the first needs inputs_embeds from the previous stage")
+            x = inputs_embeds
+        cos, sin = kernels.rotary_cos_sin(positions, self.inv_freq)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, cu_seqlens, attn_context, routing)
+        if not self.is_last_stage:
+            return x + residual
+        return self.norm(x, residual)[0]
+
+    def _check_packed(self, positions: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+        T = positions.shape[0]
+        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
+            raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at T={T}; got {cu_seqlens.tolist()}")
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        if longest > self.config.max_context_len:
+            raise ValueError(f"a sequence of {longest} tokens exceeds the model's context of "
+                             f"{self.config.max_context_len} tokens (max_position_embeddings / sliding_window)")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        attn_context: AttentionContext | None = None,
+        routing: RoutingRecord | None = None,
+    ) -> torch.Tensor:
+        """Full logits [T, vocab] (gathered over tp). Training uses `token_logprobs` instead."""
+        h = self.hidden_states(input_ids, positions=positions, cu_seqlens=cu_seqlens, attn_context=attn_context,
+                               routing=routing)
+        return self.compute_logits(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            raise ValueError("compute_logits is only available on the last pipeline stage")
+        return self.lm_head.full_logits(hidden)
+
+    def token_logprobs(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        chunk_tokens: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of `targets` and entropy ([T] fp32 each), vocab-parallel and chunked:
+        the `[T, vocab]` logits are never materialised."""
+        if self.lm_head is None:
+            raise ValueError("token_logprobs is only available on the last pipeline stage")
+        g = self.groups
+        hidden = comm.gather_sequence(hidden, g.tp_group) if g.sequence_parallel else comm.copy_to_tp(hidden, g.tp_group)
+        shard = self.lm_head.shard
+        return token_logprobs_and_entropy(
+            hidden, shard.weight, targets, temperature=temperature, vocab_start=shard.vocab_start,
+            vocab_real_rows=shard.vocab_end - shard.vocab_start, group=g.tp_group, chunk_tokens=chunk_tokens)
+
+    # ---- conveniences --------------------------------------------------------------------------
+    def kv_cache_spec(self) -> dict:
+        """What the inference engine needs to size its paged KV cache for this rank."""
+        attn = self.layers[0].self_attn
+        return {"num_layers": len(self.layers), "first_layer": self.layer_range[0],
+                "num_kv_heads": attn.num_kv_heads, "head_dim": attn.head_dim, "dtype": self.dtype}
+
+    def save_pretrained(self, path: str, *, max_shard_bytes: int = 4 << 30) -> None:
+        from rl_engine.policy.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)

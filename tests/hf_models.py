@@ -1,0 +1,67 @@
+"""Tiny random Hugging Face checkpoints written offline by transformers, for reference tests."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+
+FAMILY_OVERRIDES = {
+    "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64}),
+    "mistral": dict(sliding_window=None),
+    "qwen2": dict(tie_word_embeddings=True),
+    "qwen3": dict(),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+}
+FAMILIES = list(FAMILY_OVERRIDES)
+
+
+def make_hf_model(model_type: str, seed: int = 0, **overrides):
+    """A random transformers model with weights large enough that logits differ meaningfully."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {**TINY, **FAMILY_OVERRIDES[model_type], **overrides}
+    config = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.08)
+    return model
+
+
+def write_hf_checkpoint(directory: str, model_type: str, seed: int = 0, **overrides) -> str:
+    model = make_hf_model(model_type, seed=seed, **overrides)
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    return directory
+
+
+def hf_logits_per_sequence(hf_model, sequences: list[list[int]]) -> torch.Tensor:
+    """Reference logits for packed sequences: each sequence run alone (no padding), concatenated."""
+    outs = []
+    with torch.no_grad():
+        for seq in sequences:
+            ids = torch.tensor([seq])
+            outs.append(hf_model(input_ids=ids).logits[0])
+    return torch.cat(outs)
+
+
+def packed(sequences: list[list[int]]):
+    """input_ids, positions, cu_seqlens of a packed batch."""
+    input_ids = torch.tensor([t for s in sequences for t in s])
+    positions = torch.cat([torch.arange(len(s)) for s in sequences])
+    cu = torch.zeros(len(sequences) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor([len(s) for s in sequences]), 0)
+    return input_ids, positions, cu
