@@ -6,7 +6,7 @@ hidden states and the (vocab-parallel) LM-head weight in token chunks, inside on
 that saves only the hidden states and two floats per token: backward recomputes each chunk's
 logits, so no `[T, vocab]` tensor of the batch is ever held at once, neither in forward nor for
 backward. Under tensor parallelism each rank holds a vocab shard; the softmax needs one all-reduce of
-the max and one of the sums (exp-sum, target logit, p·z), and never gathers logits.
+the max and one of the sums (exp-sum, target logit, Σ exp(z - max)·(z - max)), and never gathers logits.
 
 Gradients (s = z / τ, p = softmax(s), H = -Σ p log p):
     d logprob / dz = (onehot(target) - p) / τ
@@ -48,10 +48,12 @@ class _FusedLogprobEntropy(torch.autograd.Function):
             z = _scaled_logits(hidden[s:e], weight, temperature, n_real)  # [c, V_local]
             m = z.max(dim=-1).values
             comm.all_reduce_no_grad(m, group, op=dist.ReduceOp.MAX)
-            ez = torch.exp(z - m[:, None])
+            zm = z - m[:, None]
+            ez = torch.exp(zm)
             sum_e = ez.sum(-1)
-            # Σ exp(z - m) * z, with padded columns (exp = 0, z = -inf) contributing 0.
-            sum_ez = torch.where(ez > 0, ez * z, torch.zeros_like(z)).sum(-1)
+            # Σ exp(z - m) (z - m), padded columns (exp = 0, z = -inf) contributing 0. Entropy is
+            # then log S - Σ e (z - m) / S: both terms stay small, unlike lse - E[z] for large logits.
+            sum_ez = torch.where(ez > 0, ez * zm, torch.zeros_like(z)).sum(-1)
             local_t = targets[s:e] - vocab_start
             in_shard = (local_t >= 0) & (local_t < n_real)
             zt = torch.where(
@@ -62,7 +64,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
             sum_e, sum_ez, zt = stats
             lse = m + sum_e.log()
             logprobs[s:e] = zt - lse
-            entropy[s:e] = lse - sum_ez / sum_e
+            entropy[s:e] = sum_e.log() - sum_ez / sum_e
             lse_all[s:e] = lse
         ctx.save_for_backward(hidden, weight, targets, lse_all, entropy)
         ctx.cfg = (temperature, vocab_start, n_real, chunk)

@@ -1,0 +1,45 @@
+"""The `rl-engine` command. Each subcommand lives in the package it belongs to; this file only
+wires them, importing each lazily so that `rl-engine env` starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, function adding its arguments, function running it, help)
+SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "env": ("rl_engine.env_report", "add_arguments", "main", "show torch, device, threads and active backends"),
+    "generate": ("rl_engine.inference.cli", "add_arguments", "main", "generate text with the inference engine"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rl-engine", description="RL post-training engine for LLMs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, add_args, _, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        try:
+            getattr(importlib.import_module(module), add_args)(p)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            p.set_defaults(_unavailable=f"'{name}' is not available in this build ({module} missing)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if getattr(args, "_unavailable", None):
+        print(args._unavailable, file=sys.stderr)
+        return 2
+    module, _, run, _ = SUBCOMMANDS[args.command]
+    return int(getattr(importlib.import_module(module), run)(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Built-in model presets (sizes as code, like gpt-fast's `ModelArgs.from_name`) and a character
+tokenizer, so the demo, tests and benchmarks run with nothing downloaded.
+
+`write_preset_checkpoint(name, path)` writes an ordinary Hugging Face directory (config.json,
+model.safetensors with a seeded random init, tokenizer.json, tokenizer_config.json with a chat
+template) that every loader in the project, and transformers, reads like any other model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+
+import torch
+
+from rl_engine.policy.config import ModelConfig
+
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>"]
+CHARS = list(string.digits + string.ascii_letters + string.punctuation + " \n")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<|eos|>"
+    "{% else %}{{ m['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# name -> HF-style config fields (Qwen2 shape). vocab_size is filled from the character vocabulary.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2),
+    "3m": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+               num_key_value_heads=2),
+}
+
+
+def char_vocab() -> dict[str, int]:
+    return {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
+
+
+def preset_hf_config(name: str, *, vocab_size: int | None = None, max_position_embeddings: int = 512) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    vocab = char_vocab()
+    return {
+        "model_type": "qwen2",
+        "architectures": ["Qwen2ForCausalLM"],
+        "vocab_size": vocab_size or len(vocab),
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "bos_token_id": vocab["<|bos|>"],
+        "eos_token_id": vocab["<|eos|>"],
+        "pad_token_id": vocab["<|pad|>"],
+        "torch_dtype": "float32",
+        **PRESETS[name],
+    }
+
+
+def preset_config(name: str, **kw) -> ModelConfig:
+    return ModelConfig.from_hf_dict(preset_hf_config(name, **kw))
+
+
+def write_char_tokenizer(path: str) -> None:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = char_vocab()
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.decoder = decoders.Fuse()
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
+                   "pad_token": "<|pad|>", "chat_template": CHAT_TEMPLATE, "model_max_length": 512}, f, indent=2)
+
+
+def write_preset_checkpoint(name: str, path: str, *, seed: int = 0, **kw) -> str:
+    """A randomly initialised preset as a Hugging Face directory at `path`; returns `path`."""
+    from rl_engine.policy.checkpoint import save_pretrained
+    from rl_engine.policy.model import CausalLM
+
+    config = preset_config(name, **kw)
+    torch.manual_seed(seed)
+    model = CausalLM(config)
+    save_pretrained(model, path)
+    write_char_tokenizer(path)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": config.eos_token_id, "bos_token_id": config.bos_token_id}, f)
+    return path
