@@ -81,16 +81,24 @@ def varlen_causal_attention(
     padding or on cross-sequence masks.
     """
     bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
-    gqa = q.shape[1] != k.shape[1]
-    out = torch.empty_like(q)
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        # Expanded KV heads keep SDPA on its fused CPU (flash) kernel; enable_gqa falls back to
+        # the unfused math path, about 2x slower forward+backward here.
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    # split (not slicing) so that backward concatenates the per-sequence gradients once instead of
+    # scattering each into a zero tensor of the whole batch.
+    outs = []
+    for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)):
+        if qs.shape[0] == 0:
             continue
-        # SDPA wants [heads, seq, dim]
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
-        out[start:end] = o.transpose(0, 1)
-    return out
+        # SDPA wants [batch, heads, seq, dim]; 4-D inputs select the fused kernel.
+        o = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
+                                           vs.transpose(0, 1)[None], is_causal=True, scale=scale)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs) if outs else torch.empty_like(q)
 
 
 def apply_rotary_inplace(

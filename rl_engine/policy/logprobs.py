@@ -20,45 +20,42 @@ import torch.distributed as dist
 
 from rl_engine.policy import comm
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk: 64 MiB
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # fp32 logits per chunk: 16 MiB, cache-friendly on CPU
 
 
 def _chunk_rows(vocab_local: int, chunk_tokens: int | None) -> int:
     return chunk_tokens or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab_local))
 
 
-def _scaled_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float, n_real: int) -> torch.Tensor:
+def _scaled_logits(h: torch.Tensor, weight: torch.Tensor, inv_temperature: float) -> torch.Tensor:
     z = (h @ weight.t()).float()
-    if temperature != 1.0:
-        z = z / temperature
-    if n_real < z.shape[-1]:
-        z[:, n_real:] = float("-inf")
-    return z
+    return z.mul_(inv_temperature) if inv_temperature != 1.0 else z
 
 
 class _FusedLogprobEntropy(torch.autograd.Function):
+    # `weight` holds only the real vocabulary rows of this rank's shard (padding sliced off by the
+    # caller), so there are no -inf columns to special-case.
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, vocab_start, n_real, group, chunk):
-        T = hidden.shape[0]
+    def forward(ctx, hidden, weight, targets, temperature, vocab_start, group, chunk):
+        T, V = hidden.shape[0], weight.shape[0]
+        inv_t = 1.0 / temperature
         logprobs = torch.empty(T, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(T, dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty(T, dtype=torch.float32, device=hidden.device)
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
-            z = _scaled_logits(hidden[s:e], weight, temperature, n_real)  # [c, V_local]
+            z = _scaled_logits(hidden[s:e], weight, inv_t)  # [c, V_local]
+            local_t = targets[s:e] - vocab_start
+            in_shard = (local_t >= 0) & (local_t < V)
+            zt = torch.where(in_shard, z.gather(1, local_t.clamp(0, V - 1)[:, None]).squeeze(1), 0.0)
             m = z.max(dim=-1).values
             comm.all_reduce_no_grad(m, group, op=dist.ReduceOp.MAX)
-            zm = z - m[:, None]
-            ez = torch.exp(zm)
+            z.sub_(m[:, None])  # z - m <= 0
+            ez = torch.exp(z)
             sum_e = ez.sum(-1)
-            # Σ exp(z - m) (z - m), padded columns (exp = 0, z = -inf) contributing 0. Entropy is
-            # then log S - Σ e (z - m) / S: both terms stay small, unlike lse - E[z] for large logits.
-            sum_ez = torch.where(ez > 0, ez * zm, torch.zeros_like(z)).sum(-1)
-            local_t = targets[s:e] - vocab_start
-            in_shard = (local_t >= 0) & (local_t < n_real)
-            zt = torch.where(
-                in_shard, z.gather(1, local_t.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1), torch.zeros_like(m)
-            )
+            # Entropy = log S - Σ e (z - m) / S: both terms stay small, unlike lse - E[z] when
+            # logits are large.
+            sum_ez = (ez.mul_(z)).sum(-1)
             stats = torch.stack([sum_e, sum_ez, zt])  # one all-reduce for the three sums
             comm.all_reduce_no_grad(stats, group)
             sum_e, sum_ez, zt = stats
@@ -67,14 +64,14 @@ class _FusedLogprobEntropy(torch.autograd.Function):
             entropy[s:e] = sum_e.log() - sum_ez / sum_e
             lse_all[s:e] = lse
         ctx.save_for_backward(hidden, weight, targets, lse_all, entropy)
-        ctx.cfg = (temperature, vocab_start, n_real, chunk)
+        ctx.cfg = (inv_t, vocab_start, chunk)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
         hidden, weight, targets, lse_all, entropy = ctx.saved_tensors
-        temperature, vocab_start, n_real, chunk = ctx.cfg
-        T = hidden.shape[0]
+        inv_t, vocab_start, chunk = ctx.cfg
+        T, V = hidden.shape[0], weight.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         grad_lp = torch.zeros(T, device=hidden.device) if grad_lp is None else grad_lp.float()
@@ -82,26 +79,22 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
             h = hidden[s:e]
-            z = _scaled_logits(h, weight, temperature, n_real)
-            logp = z - lse_all[s:e, None]
-            p = torch.exp(logp)
-            # Entropy term; padded columns have p = 0 and log p = -inf, their gradient is 0.
-            g = -grad_ent[s:e, None] * torch.where(p > 0, p * (logp + entropy[s:e, None]), torch.zeros_like(p))
-            g = g - grad_lp[s:e, None] * p
+            g = _scaled_logits(h, weight, inv_t).sub_(lse_all[s:e, None])  # log p
+            p = torch.exp(g)
+            # dz = -p * (g_lp + g_ent * (log p + H)) + onehot * g_lp, all times 1/τ; in place.
+            g.add_(entropy[s:e, None]).mul_(grad_ent[s:e, None]).add_(grad_lp[s:e, None]).mul_(p).neg_()
             local_t = targets[s:e] - vocab_start
-            in_shard = (local_t >= 0) & (local_t < n_real)
-            rows = torch.nonzero(in_shard).squeeze(1)
+            rows = torch.nonzero((local_t >= 0) & (local_t < V)).squeeze(1)
             g[rows, local_t[rows]] += grad_lp[s:e][rows]
-            if temperature != 1.0:
-                g = g / temperature
-            g = g.to(hidden.dtype) if hidden.dtype != torch.float32 else g
+            if inv_t != 1.0:
+                g.mul_(inv_t)
             if grad_hidden is not None:
-                grad_hidden[s:e] = g @ weight
+                grad_hidden[s:e] = g.to(hidden.dtype) @ weight
             if grad_weight is not None:
-                grad_weight += g.t().float() @ h.float()
+                grad_weight.addmm_(g.t(), h.float())
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def token_logprobs_and_entropy(
@@ -126,9 +119,10 @@ def token_logprobs_and_entropy(
         raise ValueError(f"temperature must be > 0 for log-probs (got {temperature})")
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"expected hidden [T, H] and targets [T]; got {tuple(hidden.shape)} and {tuple(targets.shape)}")
-    n_real = weight.shape[0] if vocab_real_rows is None else vocab_real_rows
+    if vocab_real_rows is not None and vocab_real_rows < weight.shape[0]:
+        weight = weight[:vocab_real_rows]  # a view: its gradient lands in the full parameter
     chunk = _chunk_rows(weight.shape[0], chunk_tokens)
-    return _FusedLogprobEntropy.apply(hidden, weight, targets, float(temperature), vocab_start, n_real, group, chunk)
+    return _FusedLogprobEntropy.apply(hidden, weight, targets, float(temperature), vocab_start, group, chunk)
 
 
 def reference_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
