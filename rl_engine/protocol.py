@@ -1,0 +1,325 @@
+"""The wire protocol between the coordinator, rollout workers and trainer.
+
+Messages are `msgspec` Structs in one tagged union (the tag is the class name, in field `type`),
+wrapped in an `Envelope` that carries `PROTOCOL_VERSION`. Tensors never go through msgpack: each
+tensor field is replaced on the wire by a `TensorHeader` (frame index, dtype name, shape) and its
+bytes travel as a separate ZMQ frame, sent zero copy from a contiguous CPU tensor and rebuilt with
+`torch.frombuffer` on the receiving side. No pickle anywhere.
+
+`decode` validates everything a peer controls (version, tag, field types, frame count, frame sizes,
+dtype names) and raises `ProtocolError` naming the problem; a receiver answers with `ErrorReply` and
+keeps serving. To extend the protocol, add a `Message` subclass and list it in `MESSAGE_TYPES`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any, Union
+
+import msgspec
+import torch
+import zmq
+
+PROTOCOL_VERSION = 1
+
+# Wire dtype names -> torch dtypes. Fixed table: a peer can never make us resolve an arbitrary name.
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+Buffer = Union[bytes, bytearray, memoryview, "zmq.Frame"]
+
+
+class ProtocolError(Exception):
+    """A message that cannot be decoded. `route` holds the ROUTER identity frames, if any."""
+
+    def __init__(self, message: str, *, route: Sequence[bytes] = ()) -> None:
+        super().__init__(message)
+        self.route = list(route)
+
+
+class TensorHeader(msgspec.Struct, array_like=True, frozen=True):
+    """Stands in for a tensor inside the msgpack frame: its bytes are in frames[frame]."""
+
+    frame: int
+    dtype: str
+    shape: list[int]
+
+
+class Envelope(msgspec.Struct, kw_only=True):
+    # `msg` stays raw until the version is checked, so a newer peer's unknown message types are
+    # reported as a version mismatch rather than as a confusing field error.
+    version: int
+    msg: msgspec.Raw
+
+
+class Message(msgspec.Struct, tag=True, tag_field="type", kw_only=True):
+    """Base of every message; the tag is the class name."""
+
+
+class Heartbeat(Message):
+    sender: str
+    time: float  # sender's time.time(), for liveness and clock-skew metrics
+
+
+class Hello(Message):
+    """First message of a worker to the coordinator (registration)."""
+
+    worker_id: str
+    role: str  # "rollout" | "trainer" | ...
+    capabilities: dict[str, str | int | float | bool] = {}
+
+
+class WireSamplingParams(msgspec.Struct, kw_only=True, frozen=True):
+    """Sampling parameters as sent to a rollout worker (the engine maps them to its own type)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k
+    max_tokens: int = 256
+    stop_token_ids: list[int] = []
+    seed: int | None = None
+    logprobs: bool = True  # behavior log-probs are needed by the loss
+
+
+class GenerateRequest(Message):
+    """Generate len(sample_ids) samples of one prompt."""
+
+    request_id: str
+    sample_ids: list[str]
+    prompt_token_ids: list[int]
+    sampling: WireSamplingParams
+    policy_version: int  # the oldest weights version the worker may use
+
+
+class SampleResult(msgspec.Struct, kw_only=True):
+    """One generated sample; every per-token tensor has one entry per generated token."""
+
+    sample_id: str
+    token_ids: torch.Tensor  # [n] int
+    behavior_logprobs: torch.Tensor  # [n] float32
+    policy_versions: torch.Tensor  # [n] int: weights version that sampled each token
+    kv_versions: torch.Tensor  # [n] int: oldest weights version in each token's KV
+    finish_reason: str  # "stop" | "length" | "abort"
+
+    def __post_init__(self) -> None:
+        # Runs on decode too: msgspec turns this ValueError into a validation error.
+        n = self.token_ids.numel()
+        for name in ("behavior_logprobs", "policy_versions", "kv_versions"):
+            got = getattr(self, name).numel()
+            if got != n:
+                raise ValueError(f"{name} has {got} entries but token_ids has {n}")
+
+
+class GenerateResult(Message):
+    request_id: str
+    samples: list[SampleResult]
+
+
+class WeightUpdateBegin(Message):
+    version: int
+    num_buckets: int
+
+
+class WeightUpdateBucket(Message):
+    version: int
+    bucket_index: int
+    checksum: str  # hex digest of the bucket's tensors, checked by the receiver
+    tensors: dict[str, torch.Tensor]
+
+
+class WeightUpdateCommit(Message):
+    version: int
+    num_buckets: int
+
+
+class Ack(Message):
+    ref: str  # what is acknowledged: a request id, "weights:v3", ...
+
+
+class ErrorReply(Message):
+    code: str  # one of the ERROR_* constants below, or a component's own code
+    message: str
+
+
+class Shutdown(Message):
+    reason: str = ""
+
+
+ERROR_PROTOCOL = "protocol_error"
+ERROR_UNEXPECTED = "unexpected_message"
+ERROR_INTERNAL = "internal_error"
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    Heartbeat,
+    Hello,
+    GenerateRequest,
+    GenerateResult,
+    WeightUpdateBegin,
+    WeightUpdateBucket,
+    WeightUpdateCommit,
+    Ack,
+    ErrorReply,
+    Shutdown,
+)
+AnyMessage = Union[MESSAGE_TYPES]  # type: ignore[valid-type]
+_TAGS = frozenset(t.__name__ for t in MESSAGE_TYPES)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Raw bytes of a tensor; zero copy when it is already a contiguous CPU tensor."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.contiguous()
+    # Viewed as bytes through numpy so bfloat16/float8 (no numpy dtype) work; the memoryview keeps
+    # the numpy array, hence the tensor's storage, alive until the frame is sent.
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def encode(msg: Message) -> list[bytes | memoryview]:
+    """Encode a message as frames: [msgpack envelope, tensor bytes...] (in header frame order)."""
+    if not isinstance(msg, MESSAGE_TYPES):
+        raise TypeError(f"cannot encode {type(msg).__name__}: not one of MESSAGE_TYPES")
+    frames: list[bytes | memoryview] = [b""]
+
+    def enc_hook(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            name = _DTYPE_NAMES.get(obj.dtype)
+            if name is None:
+                raise TypeError(f"tensor dtype {obj.dtype} is not sendable; use one of {sorted(DTYPES)}")
+            frames.append(_tensor_bytes(obj))
+            return TensorHeader(frame=len(frames) - 1, dtype=name, shape=list(obj.shape))
+        raise NotImplementedError(f"cannot encode objects of type {type(obj).__name__}")
+
+    body = msgspec.msgpack.Encoder(enc_hook=enc_hook).encode(msg)
+    frames[0] = msgspec.msgpack.encode(Envelope(version=PROTOCOL_VERSION, msg=msgspec.Raw(body)))
+    return frames
+
+
+def _rebuild_tensor(header: TensorHeader, frame: memoryview) -> torch.Tensor:
+    dtype = DTYPES.get(header.dtype)
+    if dtype is None:
+        raise ProtocolError(f"unknown dtype {header.dtype!r} in frame {header.frame}; known: {sorted(DTYPES)}")
+    if any(d < 0 for d in header.shape):
+        raise ProtocolError(f"negative dimension in shape {header.shape} of frame {header.frame}")
+    numel = math.prod(header.shape)
+    expected = numel * dtype.itemsize
+    if frame.nbytes != expected:
+        raise ProtocolError(
+            f"frame {header.frame} has {frame.nbytes} bytes but dtype {header.dtype} x shape "
+            f"{header.shape} needs {expected}"
+        )
+    if numel == 0:  # torch.frombuffer rejects empty buffers
+        return torch.empty(header.shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # Received frames are read-only; the tensor aliases them (zero copy). Clone before writing.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        flat = torch.frombuffer(frame, dtype=torch.uint8)
+    return flat.view(dtype).view(header.shape)
+
+
+def decode(frames: Sequence[Buffer]) -> Message:
+    """Rebuild a message from its frames; raise `ProtocolError` on anything malformed."""
+    if len(frames) == 0:
+        raise ProtocolError("empty multipart message: expected at least the msgpack frame")
+    views = [memoryview(f).cast("B") for f in frames]
+    try:
+        envelope = msgspec.msgpack.decode(views[0], type=Envelope)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"frame 0 is not a valid message envelope: {e}") from None
+    if envelope.version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {envelope.version} does not match ours ({PROTOCOL_VERSION}); "
+            "run the same rl_engine version on every actor"
+        )
+    used: set[int] = set()
+
+    def dec_hook(typ: type, obj: Any) -> Any:
+        if typ is not torch.Tensor:
+            raise NotImplementedError(f"cannot decode type {typ}")
+        try:
+            header = msgspec.convert(obj, TensorHeader)
+        except msgspec.ValidationError as e:
+            raise ProtocolError(f"expected a tensor header [frame, dtype, shape], got {obj!r}: {e}") from None
+        if not 1 <= header.frame < len(views):
+            raise ProtocolError(
+                f"tensor header points at frame {header.frame} but the message has frames 1..{len(views) - 1}"
+            )
+        if header.frame in used:
+            raise ProtocolError(f"frame {header.frame} is referenced by more than one tensor header")
+        used.add(header.frame)
+        return _rebuild_tensor(header, views[header.frame])
+
+    decoder = msgspec.msgpack.Decoder(AnyMessage, dec_hook=dec_hook)
+    try:
+        msg = decoder.decode(envelope.msg)
+    except msgspec.ValidationError as e:
+        tag = _peek_tag(envelope.msg)
+        if tag is not None and tag not in _TAGS:
+            raise ProtocolError(f"unknown message type {tag!r}; known: {sorted(_TAGS)}") from None
+        raise ProtocolError(f"invalid {tag or 'message'}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed message body: {e}") from None
+    if len(used) != len(views) - 1:
+        extra = sorted(set(range(1, len(views))) - used)
+        raise ProtocolError(f"frames {extra} are not referenced by any tensor header ({type(msg).__name__})")
+    return msg
+
+
+def _peek_tag(body: msgspec.Raw) -> str | None:
+    try:
+        obj = msgspec.msgpack.decode(body)
+    except msgspec.DecodeError:
+        return None
+    tag = obj.get("type") if isinstance(obj, dict) else None
+    return tag if isinstance(tag, str) else None
+
+
+def bind(socket: zmq.Socket, *, host: str = "127.0.0.1", port: int | None = None) -> str:
+    """Bind to loopback unless another host is configured; port None picks a free one.
+    Returns the address peers connect to."""
+    if port is None:
+        port = socket.bind_to_random_port(f"tcp://{host}")
+    else:
+        socket.bind(f"tcp://{host}:{port}")
+    return f"tcp://{host}:{port}"
+
+
+def send_msg(socket: zmq.Socket, msg: Message, *, route: Sequence[bytes] = ()) -> None:
+    """Send one message; `route` is the identity prefix when replying from a ROUTER socket."""
+    socket.send_multipart([*route, *encode(msg)], copy=False)
+
+
+def recv_msg(socket: zmq.Socket, *, num_route_frames: int = 0) -> tuple[list[bytes], Message]:
+    """Receive one message: (route frames, message). Use num_route_frames=1 on a ROUTER socket
+    talking to DEALER peers. Raises `ProtocolError` (carrying the route) on a malformed message."""
+    parts = socket.recv_multipart(copy=False)
+    route = [bytes(p.buffer) for p in parts[:num_route_frames]]
+    if len(parts) < num_route_frames:
+        raise ProtocolError(f"expected {num_route_frames} route frames, got {len(parts)} frames", route=route)
+    try:
+        return route, decode([p.buffer for p in parts[num_route_frames:]])
+    except ProtocolError as e:
+        e.route = route
+        raise
+
+
+def error_reply(error: Exception) -> ErrorReply:
+    """The reply a receiver sends for a message it could not decode or handle."""
+    code = ERROR_PROTOCOL if isinstance(error, ProtocolError) else ERROR_INTERNAL
+    return ErrorReply(code=code, message=str(error))

@@ -1,0 +1,213 @@
+"""Prompt datasets: JSONL (or Parquet) rows -> rendered prompts, taken in a resumable order.
+
+Rows are read and validated eagerly (prompt sets are small; errors surface at start-up, naming the
+file, line and key). The order of epoch e is a permutation seeded by (seed, e), so it depends on
+nothing but those two numbers; the cursor (epoch, position) is the whole sampling state, which
+makes `state_dict()` / `load_state_dict()` resume exactly. Every item taken carries a unique id
+(epoch, row index) for the "every prompt taken is trained, dropped or in flight" accounting.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ChatTemplate = Callable[..., str]  # apply_chat_template(messages, add_generation_prompt=True) -> str
+Messages = list[dict[str, str]]
+
+
+@dataclass(kw_only=True)
+class PromptDataConfig:
+    """path: .jsonl/.json (one object per line) or .parquet. prompt_key holds a string or a list of
+    chat messages; answer_key (None: no answer) is passed to rewards as a string; metadata_keys
+    are copied from each row and passed to rewards as keyword arguments."""
+
+    path: str
+    prompt_key: str = "prompt"
+    answer_key: str | None = "answer"
+    metadata_keys: tuple[str, ...] = ()
+    shuffle: bool = True
+    seed: int = 0
+    max_epochs: int | None = None  # None: cycle forever
+
+    def __post_init__(self) -> None:
+        if self.max_epochs is not None and self.max_epochs <= 0:
+            raise ValueError(f"max_epochs ({self.max_epochs}) must be > 0, or None to cycle forever")
+        self.metadata_keys = tuple(self.metadata_keys)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptItem:
+    epoch: int
+    index: int  # row index in the dataset
+    text: str  # the prompt as the model sees it (chat template applied)
+    messages: Messages | None  # the chat messages, when a chat template was applied
+    answer: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uid(self) -> str:
+        """Unique over a run: a row is taken once per epoch."""
+        return f"{self.epoch}:{self.index}"
+
+
+def read_records(path: str | Path) -> list[tuple[int, Any]]:
+    """-> [(line or row number, record)]. JSONL line numbers are 1-based; blank lines skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt dataset {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(
+                f"reading {path} needs pyarrow: `pip install pyarrow`, or convert the file to JSONL"
+            ) from None
+        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    if suffix not in (".jsonl", ".json"):
+        raise ValueError(f"prompt dataset {path}: unknown format {suffix!r}; use .jsonl, .json (JSON lines) or .parquet")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((line_number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg} at column {e.colno})") from None
+    return records
+
+
+def _as_messages(value: Any, where: str, key: str) -> Messages:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(
+        isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ValueError(
+        f"{where}: key {key!r} must be a string or a non-empty list of {{'role': str, 'content': str}} "
+        f"messages, got {type(value).__name__}"
+    )
+
+
+class PromptDataset:
+    """Rows rendered to prompts, taken in a deterministic per-(seed, epoch) order."""
+
+    def __init__(
+        self,
+        records: Sequence[tuple[int, Any]],
+        *,
+        config: PromptDataConfig,
+        apply_chat_template: ChatTemplate | None = None,
+    ) -> None:
+        """records: (line number, row) pairs as from `read_records`; config.path names the source
+        in errors. apply_chat_template: e.g. functools.partial(tokenizer.apply_chat_template,
+        tokenize=False); without one, string prompts are used as they are."""
+        self.config = config
+        self._rows = [
+            self._parse(index, line, row, apply_chat_template) for index, (line, row) in enumerate(records)
+        ]
+        if not self._rows:
+            raise ValueError(f"prompt dataset {config.path} has no rows")
+        self._epoch = 0
+        self._position = 0
+        self._order = self._epoch_order(0)
+
+    @classmethod
+    def from_config(cls, config: PromptDataConfig, *, apply_chat_template: ChatTemplate | None = None) -> PromptDataset:
+        return cls(read_records(config.path), config=config, apply_chat_template=apply_chat_template)
+
+    def _parse(self, index: int, line: int, row: Any, apply_chat_template: ChatTemplate | None) -> PromptItem:
+        cfg = self.config
+        where = f"{cfg.path}:{line}"
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for key in (cfg.prompt_key, cfg.answer_key, *cfg.metadata_keys):
+            if key is not None and key not in row:
+                raise ValueError(
+                    f"{where}: missing key {key!r} (row has {sorted(row)}); set prompt_key / answer_key / "
+                    "metadata_keys to the dataset's field names"
+                )
+        prompt = row[cfg.prompt_key]
+        messages: Messages | None = _as_messages(prompt, where, cfg.prompt_key)  # validates the type
+        if apply_chat_template is not None:
+            text = apply_chat_template(messages, add_generation_prompt=True)
+            if not isinstance(text, str):
+                raise TypeError(
+                    f"apply_chat_template returned {type(text).__name__}, expected str; with a Hugging Face "
+                    "tokenizer pass functools.partial(tokenizer.apply_chat_template, tokenize=False)"
+                )
+        elif isinstance(prompt, str):
+            text, messages = prompt, None
+        else:
+            raise ValueError(
+                f"{where}: key {cfg.prompt_key!r} is a list of chat messages but no apply_chat_template was "
+                "given; pass one (e.g. from the tokenizer) to render them"
+            )
+        answer = row[cfg.answer_key] if cfg.answer_key is not None else None
+        return PromptItem(
+            epoch=0,
+            index=index,
+            text=text,
+            messages=messages,
+            answer=None if answer is None else str(answer),
+            metadata={key: row[key] for key in cfg.metadata_keys},
+        )
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.config.shuffle:
+            return np.arange(len(self._rows))
+        # Seeded by the pair (seed, epoch) via SeedSequence: no collisions between seed+epoch sums.
+        return np.random.default_rng([self.config.seed, epoch]).permutation(len(self._rows))
+
+    @property
+    def exhausted(self) -> bool:
+        return self.config.max_epochs is not None and self._epoch >= self.config.max_epochs
+
+    def take(self, n: int) -> list[PromptItem]:
+        """The next n prompts, crossing epoch boundaries; fewer only when max_epochs is reached."""
+        if n < 0:
+            raise ValueError(f"take(n={n}): n must be >= 0")
+        items: list[PromptItem] = []
+        while len(items) < n and not self.exhausted:
+            row = self._rows[int(self._order[self._position])]
+            items.append(replace(row, epoch=self._epoch))
+            self._position += 1
+            if self._position == len(self._rows):
+                self._epoch, self._position = self._epoch + 1, 0
+                self._order = self._epoch_order(self._epoch)
+        return items
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "seed": self.config.seed,
+            "shuffle": self.config.shuffle,
+            "num_rows": len(self._rows),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume at a saved cursor. The seed, shuffle flag and row count must match the saved run,
+        else the resumed order would differ silently."""
+        for key, ours in (("seed", self.config.seed), ("shuffle", self.config.shuffle), ("num_rows", len(self._rows))):
+            if state[key] != ours:
+                raise ValueError(
+                    f"cannot resume prompt dataset {self.config.path}: saved {key}={state[key]!r} but this "
+                    f"run has {key}={ours!r}; resume with the same dataset file and data config"
+                )
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < len(self._rows):
+            raise ValueError(f"invalid saved cursor epoch={epoch} position={position} for {len(self._rows)} rows")
+        self._epoch, self._position = epoch, position
+        self._order = self._epoch_order(epoch)
