@@ -104,17 +104,21 @@ def backend_status(backend: str, device_type: str) -> BackendStatus:
 
 
 def _triton_status(device_type: str) -> BackendStatus:
-    importable = triton_importable()
-    if not importable.available:
-        return importable
+    # cheap tests first: on CPU without the interpreter, `import triton` is never paid for
     if device_type == "cpu":
-        if triton_interpreter_active():
-            return BackendStatus(True, "Triton interpreter (TRITON_INTERPRET=1) on CPU tensors")
-        return BackendStatus(False, "Triton needs a GPU; on CPU only under TRITON_INTERPRET=1")
+        if not triton_interpreter_active():
+            return BackendStatus(False, "Triton needs a GPU; on CPU only under TRITON_INTERPRET=1")
+        importable = triton_importable()
+        if not importable.available:
+            return importable
+        return BackendStatus(True, "Triton interpreter (TRITON_INTERPRET=1) on CPU tensors")
     if device_type != "cuda":
         return BackendStatus(False, f"Triton kernels are not built for {device_type}")
     if not cuda_available():
         return BackendStatus(False, "no CUDA device")
+    importable = triton_importable()
+    if not importable.available:
+        return importable
     if triton_interpreter_active():
         return BackendStatus(False, "Triton kernels were built for the interpreter (TRITON_INTERPRET=1)")
     if torch.version.hip is None:

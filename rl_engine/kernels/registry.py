@@ -33,6 +33,7 @@ _REF = "rl_engine.kernels.reference"
 _TRITON = "rl_engine.kernels.triton"
 _FLASHINFER = "rl_engine.kernels.flashinfer_adapter"
 _TE = "rl_engine.kernels.te_adapter"
+_LOGPROB = "rl_engine.kernels.logprob"
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,10 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
           "(q, k_cache, v_cache, block_tables, context_lens, scale) -> [batch, heads, head_dim]",
           triton=f"{_TRITON}.paged_attention:paged_decode_attention",
           flashinfer=f"{_FLASHINFER}:paged_decode_attention",
-          cuda_preference=("flashinfer", "triton", "torch")),
+          # Triton first: the engine captures this op in CUDA graphs, and only the Triton kernel is
+          # capture-safe in function form (FlashInfer's plans per call and syncs with the host;
+          # the engine uses it through FlashInferAttention, planning outside the graph).
+          cuda_preference=("triton", "flashinfer", "torch")),
     _spec("paged_prefill_attention",
           "(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale) -> [T, heads, head_dim]",
           flashinfer=f"{_FLASHINFER}:paged_prefill_attention",
@@ -88,10 +92,16 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     _spec("logprob_entropy",
           "(logits, targets, *, temperature, vocab_start=0, vocab_size=None, process_group=None)"
           " -> (logprobs [T] fp32, entropy [T] fp32)",
-          triton=f"{_TRITON}.logprob:logprob_entropy"),
+          torch_impl=f"{_LOGPROB}:logprob_entropy", triton=f"{_TRITON}.logprob:logprob_entropy"),
     _spec("logprob_shard_stats",
           "(logits, targets, *, temperature, vocab_start=0, vocab_size=None) -> ShardStats",
+          torch_impl=f"{_LOGPROB}:logprob_shard_stats",
           triton=f"{_TRITON}.logprob:logprob_shard_stats"),
+    _spec("logprob_entropy_grad",
+          "(logits, targets, grad_logprobs, grad_entropy, logsumexp, entropy, *, temperature,"
+          " vocab_start=0, vocab_size=None) -> grad_logits",
+          torch_impl=f"{_LOGPROB}:logprob_entropy_grad",
+          triton=f"{_TRITON}.logprob:logprob_entropy_grad"),
     _spec("moe_permute", "(hidden [T, H], topk_ids [T, k], num_experts) -> MoePermutation",
           triton=f"{_TRITON}.moe_permute:moe_permute"),
     _spec("moe_unpermute", "(expert_out [T*k, H], slot_to_row [T, k], topk_weights [T, k]) -> [T, H]",
@@ -166,7 +176,7 @@ def _load(path: str) -> Callable[..., Any]:
 
 
 def _device_type(device: torch.device | str) -> str:
-    return torch.device(device).type
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
 
 
 class KernelRegistry:
@@ -289,13 +299,13 @@ def describe(device: torch.device | str | None = None) -> list[Resolution]:
 
 def format_backends_table(device: torch.device | str | None = None) -> str:
     """The table `rl-engine env` prints: op, chosen backend, reason, other backends."""
+    resolutions = describe(device)
     rows = [("op", "backend", "reason", "available", "unavailable")]
-    for r in describe(device):
+    for r in resolutions:
         unavailable = "; ".join(f"{b}: {why}" for b, why in r.unavailable.items()) or "-"
         rows.append((r.op, r.backend, r.reason, ",".join(r.available), unavailable))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    device_type = rows and describe(device)[0].device_type
-    lines = [f"kernel backends on {device_type}:"]
+    lines = [f"kernel backends on {resolutions[0].device_type}:"]
     for row in rows:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
     return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""Per-token log-prob and entropy from (vocab-sharded) logits: the torch reference and the shared
+tensor-parallel plumbing that every backend reuses.
+
+Contract (ARCHITECTURE.md): with z = logits / temperature over the full vocabulary,
+    logprob = log_softmax(z)[target],   entropy = -sum p log p = logsumexp(z) - sum p z.
+Design: each vocab shard [vocab_start, vocab_start + V_local) reduces its logits to four numbers
+per token (`ShardStats`: local max, sum exp(z - max), sum exp(z - max) * z, and the target's z when
+the target is in this shard). `combine_shard_stats` merges shards with one MAX and one SUM
+all-reduce; logits are never gathered. Backward needs no communication: with the global
+logsumexp and entropy saved, each shard's gradient is local,
+    d logprob / d logits = (onehot - p) / temperature,   d H / d logits = -p (log p + H) / temperature.
+A backend supplies only the two heavy per-shard pieces (`stats_fn`, `grad_fn`); `logprob_entropy_with`
+wraps them in the autograd Function, so the torch and Triton versions share one code path.
+Columns with global id >= `vocab_size` (padding rows of the LM head) are excluded from the softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+# fp32 elements of one token chunk in the torch reference: bounds its temporaries to 64 MiB.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+class ShardStats(NamedTuple):
+    """Per-token softmax statistics of one vocab shard, all [T] fp32 (see module docstring)."""
+
+    max: torch.Tensor  # -inf when the shard has no valid column
+    sum_exp: torch.Tensor
+    sum_exp_z: torch.Tensor
+    target_logit: torch.Tensor  # 0 when the target is outside this shard
+
+
+StatsFn = Callable[..., ShardStats]
+GradFn = Callable[..., torch.Tensor]
+
+
+def num_valid_columns(num_local: int, vocab_start: int, vocab_size: int | None) -> int:
+    """How many of this shard's columns are real vocabulary (the rest are padding)."""
+    if vocab_size is None:
+        return num_local
+    return max(0, min(num_local, vocab_size - vocab_start))
+
+
+def _check(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
+    if logits.dim() != 2 or logits.shape[1] == 0 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be [T, V_local >= 1] and targets [T]; got {tuple(logits.shape)}"
+                         f" and {tuple(targets.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature ({temperature}) must be > 0")
+
+
+def _scaled_chunk(logits: torch.Tensor, temperature: float, n_valid: int) -> torch.Tensor:
+    z = logits.float() / temperature
+    if n_valid < z.shape[1]:
+        z[:, n_valid:] = float("-inf")
+    return z
+
+
+def _chunk_tokens(num_local: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // num_local)
+
+
+def logprob_shard_stats(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+) -> ShardStats:
+    """`ShardStats` of logits [T, V_local] for global target ids [T] (torch reference)."""
+    _check(logits, targets, temperature)
+    num_tokens, num_local = logits.shape
+    n_valid = num_valid_columns(num_local, vocab_start, vocab_size)
+    out = torch.empty(4, num_tokens, dtype=torch.float32, device=logits.device)
+    step = _chunk_tokens(num_local)
+    for s in range(0, num_tokens, step):
+        e = min(num_tokens, s + step)
+        z = _scaled_chunk(logits[s:e], temperature, n_valid)  # [c, V_local]
+        m = z.max(dim=-1).values
+        ez = torch.exp(z - m.clamp(min=torch.finfo(torch.float32).min)[:, None])  # -inf rows -> 0
+        local = targets[s:e].long() - vocab_start
+        in_shard = (local >= 0) & (local < n_valid)
+        picked = z.gather(1, local.clamp(0, num_local - 1)[:, None]).squeeze(1)
+        out[0, s:e] = m
+        out[1, s:e] = ez.sum(-1)
+        out[2, s:e] = torch.where(ez > 0, ez * z, 0.0).sum(-1)  # padded columns: 0 * -inf -> 0
+        out[3, s:e] = torch.where(in_shard, picked, 0.0)
+    return ShardStats(*out)
+
+
+def combine_shard_stats(
+    stats: ShardStats, process_group: dist.ProcessGroup | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge the shards' stats: (logsumexp, target_logit, mean_z), each [T] fp32.
+
+    With a process group of size > 1: one MAX all-reduce, then one SUM all-reduce of three stacked
+    vectors. Without one (or at size 1) this is local arithmetic only.
+    """
+    distributed = process_group is not None and dist.get_world_size(process_group) > 1
+    global_max = stats.max.clone()
+    if distributed:
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=process_group)
+    rescale = torch.where(torch.isneginf(stats.max), 0.0, torch.exp(stats.max - global_max))
+    sums = torch.stack([stats.sum_exp * rescale, stats.sum_exp_z * rescale, stats.target_logit])
+    if distributed:
+        dist.all_reduce(sums, group=process_group)
+    sum_exp, sum_exp_z, target_logit = sums
+    return global_max + sum_exp.log(), target_logit, sum_exp_z / sum_exp
+
+
+def combine_local_shards(shards: list[ShardStats]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`combine_shard_stats` over shards held in one process (tests, and callers that loop)."""
+    global_max = torch.stack([s.max for s in shards]).max(0).values
+    sum_exp = torch.zeros_like(global_max)
+    sum_exp_z = torch.zeros_like(global_max)
+    target_logit = torch.zeros_like(global_max)
+    for s in shards:
+        rescale = torch.where(torch.isneginf(s.max), 0.0, torch.exp(s.max - global_max))
+        sum_exp += s.sum_exp * rescale
+        sum_exp_z += s.sum_exp_z * rescale
+        target_logit += s.target_logit
+    return global_max + sum_exp.log(), target_logit, sum_exp_z / sum_exp
+
+
+def logprob_entropy_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    logsumexp: torch.Tensor,
+    entropy: torch.Tensor,
+    *,
+    temperature: float,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Gradient w.r.t. this shard's logits [T, V_local] (torch reference), in logits' dtype.
+
+    grad = (g_lp * (onehot - p) - g_H * p * (log p + H)) / temperature, with p, log p from the
+    global `logsumexp`; padded columns get 0.
+    """
+    num_tokens, num_local = logits.shape
+    n_valid = num_valid_columns(num_local, vocab_start, vocab_size)
+    grad = torch.empty_like(logits)
+    step = _chunk_tokens(num_local)
+    for s in range(0, num_tokens, step):
+        e = min(num_tokens, s + step)
+        log_p = _scaled_chunk(logits[s:e], temperature, n_valid) - logsumexp[s:e, None]
+        p = log_p.exp()
+        g_lp, g_h = grad_logprobs[s:e, None].float(), grad_entropy[s:e, None].float()
+        g = -p * (g_lp + g_h * torch.where(p > 0, log_p + entropy[s:e, None], 0.0))
+        local = targets[s:e].long() - vocab_start
+        in_shard = (local >= 0) & (local < n_valid)
+        rows = torch.nonzero(in_shard).squeeze(1)
+        g[rows, local[rows]] += g_lp[rows, 0]
+        grad[s:e] = (g / temperature).to(grad.dtype)
+    return grad
+
+
+class _LogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, vocab_start, vocab_size, process_group,
+                stats_fn, grad_fn):
+        stats = stats_fn(logits, targets, temperature=temperature, vocab_start=vocab_start,
+                         vocab_size=vocab_size)
+        logsumexp, target_logit, mean_z = combine_shard_stats(stats, process_group)
+        logprobs = target_logit - logsumexp
+        entropy = logsumexp - mean_z
+        ctx.save_for_backward(logits, targets, logsumexp, entropy)
+        ctx.options = (temperature, vocab_start, vocab_size, grad_fn)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits, targets, logsumexp, entropy = ctx.saved_tensors
+        temperature, vocab_start, vocab_size, grad_fn = ctx.options
+        zeros = torch.zeros_like(logsumexp)
+        grad = grad_fn(
+            logits, targets,
+            zeros if grad_logprobs is None else grad_logprobs,
+            zeros if grad_entropy is None else grad_entropy,
+            logsumexp, entropy,
+            temperature=temperature, vocab_start=vocab_start, vocab_size=vocab_size,
+        )
+        return grad, None, None, None, None, None, None, None
+
+
+def logprob_entropy_with(
+    stats_fn: StatsFn,
+    grad_fn: GradFn,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprob_entropy` with a backend's per-shard `stats_fn` and `grad_fn`."""
+    _check(logits, targets, temperature)
+    return _LogprobEntropy.apply(logits, targets, float(temperature), int(vocab_start), vocab_size,
+                                 process_group, stats_fn, grad_fn)
+
+
+def logprob_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (logprobs [T], entropy [T]) in fp32, differentiable w.r.t. `logits`.
+
+    logits: [T, V_local], this rank's vocab shard starting at global id `vocab_start`; targets:
+    [T] global token ids (a target outside [0, vocab_size) yields garbage: mask such tokens out);
+    vocab_size: the real vocabulary (columns at or past it are padding; None: all real);
+    process_group: the tensor-parallel group the vocab is sharded over (None: unsharded).
+    """
+    return logprob_entropy_with(logprob_shard_stats, logprob_entropy_grad, logits, targets,
+                                temperature=temperature, vocab_start=vocab_start,
+                                vocab_size=vocab_size, process_group=process_group)

@@ -1,0 +1,141 @@
+"""The kernel registry: CPU defaults, overrides and their errors, CUDA choices with the availability
+probes replaced, caching and logging, and the printable table."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import rl_engine.kernels as kernels
+from rl_engine.kernels import backends, reference, registry
+from rl_engine.kernels.backends import BackendStatus
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Pretend a CUDA device with every optional library importable (probes replaced)."""
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    monkeypatch.setattr(backends, "cuda_capability", lambda: (9, 0))
+    monkeypatch.setattr(backends, "triton_interpreter_active", lambda: False)
+    monkeypatch.setattr(backends, "triton_importable", lambda: BackendStatus(True, "fake triton"))
+    monkeypatch.setattr(backends, "flashinfer_importable", lambda: BackendStatus(True, "fake fi"))
+    monkeypatch.setattr(backends, "transformer_engine_importable",
+                        lambda: BackendStatus(True, "fake te"))
+    monkeypatch.setattr(torch.version, "hip", None)
+    registry.clear_cache()
+    yield
+    registry.clear_cache()
+
+
+def test_every_op_resolves_to_the_torch_reference_on_cpu():
+    for resolution in registry.describe("cpu"):
+        assert resolution.backend == "torch", resolution
+        assert resolution.reason == "torch reference is the default on cpu"
+    assert registry.resolve("rms_norm", "cpu") is reference.rms_norm
+    assert registry.resolve("paged_decode_attention", torch.device("cpu")) is reference.paged_decode_attention
+
+
+def test_cuda_preferences_with_probes_replaced(fake_cuda):
+    chosen = {r.op: r.backend for r in registry.describe("cuda")}
+    assert chosen["rms_norm"] == "triton"
+    assert chosen["logprob_entropy"] == "triton"
+    assert chosen["moe_permute"] == "triton"
+    assert chosen["paged_decode_attention"] == "triton"  # CUDA-graph safe in function form
+    assert chosen["paged_prefill_attention"] == "flashinfer"
+    assert chosen["top_k_top_p_sampling"] == "flashinfer"
+    assert chosen["varlen_causal_attention"] == "torch"  # no other implementation
+    assert chosen["linear"] == "torch"  # transformer_engine is opt-in
+    from rl_engine.kernels.triton.rms_norm import rms_norm
+
+    assert registry.resolve("rms_norm", "cuda:1") is rms_norm
+
+
+def test_cuda_falls_back_when_libraries_are_missing(fake_cuda, monkeypatch):
+    monkeypatch.setattr(backends, "flashinfer_importable",
+                        lambda: BackendStatus(False, "flashinfer not importable (ImportError)"))
+    resolution = registry.default_registry().resolution("paged_prefill_attention", "cuda")
+    assert resolution.backend == "torch"
+    assert "flashinfer not importable" in resolution.reason
+    assert resolution.unavailable == {"flashinfer": "flashinfer not importable (ImportError)"}
+    monkeypatch.setattr(backends, "cuda_capability", lambda: (6, 1))
+    registry.clear_cache()
+    resolution = registry.default_registry().resolution("paged_decode_attention", "cuda")
+    assert resolution.backend == "torch" and "6.1" in resolution.unavailable["triton"]
+
+
+def test_disabled_backend_and_wildcard_override(fake_cuda):
+    registry.configure(registry.KernelConfig(disabled_backends=("triton",)))
+    assert registry.default_registry().resolution("rms_norm", "cuda").backend == "torch"
+    registry.configure(registry.KernelConfig(overrides={"*": "torch"}))
+    assert {r.backend for r in registry.describe("cuda")} == {"torch"}
+    registry.configure(registry.KernelConfig(overrides={"linear": "transformer_engine"}))
+    assert registry.default_registry().resolution("linear", "cuda").backend == "transformer_engine"
+
+
+def test_override_to_an_unavailable_backend_names_op_backend_reason_and_alternatives(monkeypatch):
+    monkeypatch.setattr(backends, "triton_interpreter_active", lambda: False)
+    kernels.set_backend_overrides({"rms_norm": "triton"})
+    with pytest.raises(ValueError) as err:
+        registry.resolve("rms_norm", "cpu")
+    message = str(err.value)
+    assert "rms_norm" in message and "'triton'" in message
+    assert "TRITON_INTERPRET=1" in message  # why it is unavailable
+    assert "available for rms_norm on cpu: torch" in message
+    with pytest.raises(ValueError, match="flashinfer runs on CUDA only"):
+        registry.configure(registry.KernelConfig(overrides={"paged_decode_attention": "flashinfer"}))
+        registry.resolve("paged_decode_attention", "cpu")
+
+
+def test_override_validation_at_configuration_time():
+    with pytest.raises(ValueError, match="did you mean 'rms_norm'"):
+        kernels.set_backend_overrides({"rmsnorm": "triton"})
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        kernels.set_backend_overrides({"rms_norm": "cuda"})
+    with pytest.raises(ValueError, match="no flashinfer implementation"):
+        kernels.set_backend_overrides({"rms_norm": "flashinfer"})
+    with pytest.raises(ValueError, match="torch"):
+        registry.KernelConfig(disabled_backends=("torch",))
+
+
+def test_override_to_triton_on_cpu_dispatches_module_functions(triton_device):
+    if triton_device != "cpu":
+        pytest.skip("interpreter-only check")
+    from rl_engine.kernels.triton.rms_norm import rms_norm as triton_rms_norm
+
+    kernels.set_backend_overrides({"rms_norm": "triton"})
+    assert registry.resolve("rms_norm", "cpu") is triton_rms_norm
+    x, w = torch.randn(3, 8), torch.ones(8)
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6)[0], reference.rms_norm(x, w, 1e-6)[0])
+    assert registry.resolve("silu_and_mul", "cpu") is reference.silu_and_mul  # others untouched
+
+
+def test_resolution_is_cached_and_logged_once(caplog):
+    caplog.set_level(logging.INFO, logger="rl_engine.kernels.registry")
+    first = registry.resolve("silu_and_mul", "cpu")
+    for _ in range(3):
+        assert registry.resolve("silu_and_mul", torch.device("cpu")) is first
+    records = [r for r in caplog.records if "silu_and_mul" in r.getMessage()]
+    assert len(records) == 1
+    assert "torch" in records[0].getMessage() and "default on cpu" in records[0].getMessage()
+
+
+def test_backends_table_lists_every_op():
+    text = kernels.format_backends_table("cpu")
+    assert text.startswith("kernel backends on cpu:")
+    for op in registry.OPS:
+        assert f"\n{op} " in text
+
+
+def test_module_level_ops_keep_their_signatures():
+    """The names and call shapes the policy uses keep working through the registry."""
+    x, w = torch.randn(2, 8), torch.ones(8)
+    out, res = kernels.rms_norm(x, w, 1e-6, torch.zeros(2, 8))
+    torch.testing.assert_close(out, reference.rms_norm(x, w, 1e-6)[0])
+    assert kernels.silu_and_mul(torch.randn(3, 8)).shape == (3, 4)
+    cos, sin = kernels.rotary_cos_sin(torch.arange(4), torch.ones(4))
+    q, k = kernels.apply_rotary(torch.randn(4, 2, 8), torch.randn(4, 1, 8), cos, sin)
+    assert q.shape == (4, 2, 8) and k.shape == (4, 1, 8)
+    v = torch.randn(5, 1, 8)
+    assert kernels.varlen_causal_attention(torch.randn(5, 2, 8), v, v, [0, 2, 5], 0.3).shape == (5, 2, 8)
