@@ -2,13 +2,19 @@
 
 `load_config(RLConfig, "run.yaml", ["optim.lr=1e-6", "rollout.n=8"])` builds the dataclass tree, with
 values parsed as YAML scalars and checked against the field types. An unknown key is an error that
-names it and the nearest valid key; nothing is silently defaulted.
+names it and the nearest valid key, by full dotted path; nothing is silently defaulted.
+
+YAML scalars follow the YAML 1.2 core schema where PyYAML's YAML 1.1 rules surprise config users:
+`1e-6` is a float (1.1 reads it as a string), only `true`/`false` are booleans (`on`, `off`, `yes`,
+`no` stay strings, so they can be Literal values), `010` is ten (not octal 8) and `12:30` is a string
+(not base-60 750).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, TypeVar
@@ -17,20 +23,62 @@ import yaml
 
 T = TypeVar("T")
 
+_BOOL_TAG, _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core booleans and floats (see the module docstring)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL_TAG, _INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                   |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+_Loader.add_implicit_resolver(_INT_TAG, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"),
+                              list("-+0123456789"))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    prefixed = text.lstrip("+-")[:2].lower() in ("0x", "0o")
+    return int(text, 0) if prefixed else int(text, 10)
+
+
+_Loader.add_constructor(_INT_TAG, _construct_int)
+
+
+def yaml_load(text: Any) -> Any:
+    """Parse YAML text (or a stream) with the config rules above."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
 
 class ConfigError(ValueError):
     pass
 
 
-def _field_types(cls) -> dict[str, Any]:
+def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
+def _unknown(key: str, valid: list[str], prefix: str) -> ConfigError:
     near = difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
-    return ConfigError(f"unknown config key {where}{key!r}{hint}")
+    hint = f"; did you mean {prefix + near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"unknown config key {prefix + key!r}{hint}")
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -42,57 +90,97 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping for {tp.__name__}, got {value!r}")
         return from_dict(tp, value, prefix=path + ".")
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{path}: {value!r} does not match {tp}")
+        return _coerce_union(value, tp, path)
     if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{path}: {value!r} is not one of {list(typing.get_args(tp))}")
+        choices = typing.get_args(tp)
+        # Compare types too: True == 1, but `true` is not a valid value of Literal[0, 1].
+        if not any(value == c and type(value) is type(c) for c in choices):
+            raise ConfigError(f"{path}: {value!r} is not one of {list(choices)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)[:1] or (Any,)
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # fixed-length tuple[int, str]
+            if len(value) != len(args):
+                raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}: {value!r}")
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
         out = [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
         return out if origin is list else tuple(out)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, f"{path}.<key>"): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    if tp is Any or tp is object:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int and isinstance(value, bool):  # bool is an int subclass; a config int is not a bool
+        raise ConfigError(f"{path}: expected int, got {value!r} (bool)")
     if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+        hint = " (quote it to pass a string: key=\"'value'\")" if tp is str else ""
+        raise ConfigError(f"{path}: expected {tp.__name__}, got {value!r} ({type(value).__name__}){hint}")
     return value
 
 
+def _coerce_union(value: Any, tp: Any, path: str) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    options = [a for a in args if a is not type(None)]
+    # With one real option (Optional[X]) or a mapping for the one dataclass option, its own error
+    # (an unknown nested key, say) is the useful one: do not hide it behind "does not match".
+    dataclass_options = [a for a in options if dataclasses.is_dataclass(a)]
+    if len(options) == 1:
+        return _coerce(value, options[0], path)
+    if isinstance(value, dict) and len(dataclass_options) == 1:
+        return _coerce(value, dataclass_options[0], path)
+    if type(value) in options:  # exact match first: 3 stays an int in `float | int`
+        return value
+    errors = []
+    for option in options:
+        try:
+            return _coerce(value, option, path)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(f"{path}: {value!r} does not match {_type_name(tp)} ({'; '.join(errors)})")
+
+
 def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
+    """Build `cls` from a nested dict, checking keys and types; `prefix` is the dotted path of
+    `cls` inside the root config (for error messages)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, got {data!r}")
     types_ = _field_types(cls)
     for key in data:
         if key not in types_:
-            raise _unknown(key, list(types_), prefix)
+            raise _unknown(str(key), list(types_), prefix)
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required config key {prefix + missing[0]!r}"
+                          + (f" (also missing: {', '.join(prefix + m for m in missing[1:])})" if missing[1:] else ""))
     kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as e:  # a required field without a value
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+    except (TypeError, ValueError) as e:  # raised by the class's own validation (__post_init__)
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
 
 
 def to_dict(obj: Any) -> Any:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    """A dataclass tree as plain YAML/JSON data (dicts, lists, scalars) that `from_dict` accepts:
+    only init fields, tuples as lists."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -101,13 +189,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.subkey=value")
         key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if any(not p for p in parts):
+            raise ConfigError(f"override {item!r}: empty key component in {key!r}")
         node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parts[:-1]):
+            if node.get(p) is None:  # absent, or an Optional section that is None so far
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])!r} is not a section")
+        try:
+            node[parts[-1]] = yaml_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
     return data
 
 
@@ -117,7 +212,7 @@ def load_config(cls: type[T], path: str | None = None, overrides: list[str] | No
     data: dict[str, Any] = to_dict(base) if base is not None else {}
     if path:
         with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+            loaded = yaml_load(f) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
         _merge(data, loaded)
