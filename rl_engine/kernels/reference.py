@@ -77,8 +77,9 @@ def varlen_causal_attention(
 
     q: [T, num_heads, head_dim], k/v: [T, num_kv_heads, head_dim] (GQA: num_heads a multiple of
     num_kv_heads), cu_seqlens: [num_seqs + 1] cumulative lengths. Returns [T, num_heads, head_dim].
-    Each sequence attends only to itself: one SDPA call per sequence, so no work is spent on
-    padding or on cross-sequence masks.
+    Each sequence attends only to itself. Long sequences take one fused SDPA call each (no work on
+    padding or cross-sequence masks); a batch of many short ones (at most `_SHORT_SEQ` tokens, with
+    little padding) takes one masked batched call instead, since per-call overhead dominates there.
     """
     bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
     group = q.shape[1] // k.shape[1]
@@ -88,6 +89,9 @@ def varlen_causal_attention(
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    longest = max(lengths, default=0)
+    if len(lengths) > 1 and longest <= _SHORT_SEQ and len(lengths) * longest <= 2 * q.shape[0]:
+        return _padded_causal_attention(q, k, v, lengths, longest, scale)
     # split (not slicing) so that backward concatenates the per-sequence gradients once instead of
     # scattering each into a zero tensor of the whole batch.
     outs = []
@@ -99,6 +103,29 @@ def varlen_causal_attention(
                                            vs.transpose(0, 1)[None], is_causal=True, scale=scale)
         outs.append(o[0].transpose(0, 1))
     return torch.cat(outs) if outs else torch.empty_like(q)
+
+
+_SHORT_SEQ = 128
+
+
+def _padded_causal_attention(q, k, v, lengths: list[int], longest: int, scale: float) -> torch.Tensor:
+    """Short sequences padded to [B, L] and attended in one SDPA call with a causal + key-padding
+    mask. A padded query row still sees its sequence's real keys, so no row is fully masked."""
+    T = q.shape[0]
+    lens = torch.tensor(lengths, device=q.device)
+    batch_idx = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lens)  # [T]
+    starts = torch.cumsum(lens, 0) - lens
+    pos = torch.arange(T, device=q.device) - starts[batch_idx]  # [T]
+
+    def pad(x):  # [T, H, D] -> [B, H, L, D]
+        out = x.new_zeros(len(lengths), longest, *x.shape[1:])
+        out = out.index_put((batch_idx, pos), x)
+        return out.transpose(1, 2)
+
+    ar = torch.arange(longest, device=q.device)
+    mask = (ar[None, :] <= ar[:, None])[None] & (ar[None, None, :] < lens[:, None, None])  # [B, L, L]
+    o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask[:, None], scale=scale)
+    return o.transpose(1, 2)[batch_idx, pos]
 
 
 def apply_rotary_inplace(

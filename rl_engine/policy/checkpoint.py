@@ -126,11 +126,13 @@ def _moe_entries(moe, pre: str, cfg: ModelConfig, g: ParallelGroups) -> dict[str
     rows_of = lambda t: t.chunk(g.tp_size, dim=0)[g.tp_rank]  # noqa: E731  (intermediate rows)
     cols_of = lambda t: t.chunk(g.tp_size, dim=1)[g.tp_rank]  # noqa: E731
     table = {block + "gate.weight": _param(moe.gate, block + "gate.weight")}
-    for e in range(cfg.num_experts):
+    # Expert parallelism: this rank holds experts [expert_start, expert_start + num_local_experts).
+    for local in range(moe.num_local_experts):
+        e = moe.expert_start + local
         ep = f"{block}experts.{e}."
-        table[ep + f"{names[0]}.weight"] = _expert_slice(moe.w13, e, slice(0, il), None, ep + f"{names[0]}.weight", rows_of)
-        table[ep + f"{names[1]}.weight"] = _expert_slice(moe.w13, e, slice(il, 2 * il), None, ep + f"{names[1]}.weight", rows_of)
-        table[ep + f"{names[2]}.weight"] = _expert_slice(moe.w2, e, None, None, ep + f"{names[2]}.weight", cols_of)
+        table[ep + f"{names[0]}.weight"] = _expert_slice(moe.w13, local, slice(0, il), None, ep + f"{names[0]}.weight", rows_of)
+        table[ep + f"{names[1]}.weight"] = _expert_slice(moe.w13, local, slice(il, 2 * il), None, ep + f"{names[1]}.weight", rows_of)
+        table[ep + f"{names[2]}.weight"] = _expert_slice(moe.w2, local, None, None, ep + f"{names[2]}.weight", cols_of)
     if moe.shared_expert is not None:
         table.update(_mlp_entries(moe.shared_expert, block + "shared_expert."))
         table[block + "shared_expert_gate.weight"] = _param(moe.shared_expert_gate, block + "shared_expert_gate.weight")
@@ -144,8 +146,11 @@ def _fused_expert_loaders(table: dict[str, WeightEntry], name: str, tensor: torc
     if not m:
         return False
     base, kind = m.groups()
-    gate, up, down = ("w1", "w3", "w2") if f"{base}.0.w1.weight" in table else ("gate_proj", "up_proj", "down_proj")
+    mixtral = any(n.startswith(base + ".") and n.endswith(".w1.weight") for n in table)
+    gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
     for e in range(tensor.shape[0]):
+        if f"{base}.{e}.{down}.weight" not in table:
+            continue  # an expert of another expert-parallel rank
         if kind == "gate_up_proj":
             g_, u_ = tensor[e].chunk(2, dim=0)
             table[f"{base}.{e}.{gate}.weight"].load(g_)
@@ -195,6 +200,7 @@ def load_hf_weights(model: CausalLM, path: str) -> None:
         else:
             m = re.match(r"model\.layers\.(\d+)\.", name)
             other_stage = m is not None and not lo <= int(m.group(1)) < hi
+            other_stage = other_stage or (model.groups.ep_size > 1 and re.search(r"\.experts\.\d+\.", name))
             other_end = name in ("lm_head.weight", "model.norm.weight", "model.embed_tokens.weight")
             if not (other_stage or other_end) and not (name == "lm_head.weight" and model.config.tie_word_embeddings):
                 unexpected.append(name)

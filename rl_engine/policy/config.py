@@ -55,6 +55,10 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     moe_layers: list[int] = field(default_factory=list)
     router_aux_loss_coef: float = 0.0
+    # Training-only router knobs (not in HF configs): z-loss coefficient and the aux-loss-free
+    # balancing bias update rate (0 = no bias).
+    router_z_loss_coef: float = 0.0
+    router_bias_update_rate: float = 0.0
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     # The original config.json, kept so that export writes back what was read.

@@ -30,6 +30,12 @@ def _shard_rows(full: torch.Tensor, rank: int, size: int, name: str) -> torch.Te
     return full.chunk(size, dim=0)[rank]
 
 
+def mark_tp_partial_grad(param: torch.Tensor) -> None:
+    """This (tp-replicated) parameter gets a partial gradient on each tp rank (it sees only a part
+    of the tokens or heads): the trainer sums its gradient over the tp group."""
+    param.tp_partial_grad = True
+
+
 def _copy_checked(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
     if tuple(param.shape) != tuple(value.shape):
         raise ValueError(f"tensor {name!r}: expected shape {tuple(param.shape)}, got {tuple(value.shape)}")
@@ -77,6 +83,15 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(sum(self.local_sizes), dtype=dtype, device=device)) if bias else None
         nn.init.normal_(self.weight, std=0.02)
+        # Parameter tags read by the optimizer: sharded over tp; rows of replicated parts get
+        # gradients from different q heads on each replica, summed over the replicas.
+        replicated = [(sum(self.local_sizes[:i]), sum(self.local_sizes[:i + 1]), rep)
+                      for i, rep in enumerate(self.replicas) if rep > 1]
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.tensor_parallel = True
+                if replicated:
+                    p.tp_replicated_rows = replicated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.groups
@@ -121,6 +136,9 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features // groups.tp_size, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         nn.init.normal_(self.weight, std=0.02)
+        self.weight.tensor_parallel = True
+        if self.bias is not None and groups.sequence_parallel:
+            mark_tp_partial_grad(self.bias)  # added to this rank's token slice only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.groups
@@ -148,6 +166,10 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_end = min(vocab_size, self.vocab_start + self.rows_per_rank)  # real rows end
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, dim, dtype=dtype, device=device))
         nn.init.normal_(self.weight, std=0.02)
+        self.weight.tensor_parallel = True
+        if self.rows_per_rank > self.vocab_end - self.vocab_start:
+            with torch.no_grad():
+                self.weight[self.vocab_end - self.vocab_start:] = 0  # padding rows stay 0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         g = self.groups

@@ -22,6 +22,7 @@ from rl_engine.policy.layers import (
     RMSNorm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    mark_tp_partial_grad,
 )
 from rl_engine.policy.logprobs import token_logprobs_and_entropy
 from rl_engine.policy.moe import MoEBlock, RoutingRecord, SwiGLUMLP
@@ -64,6 +65,9 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.rms_norm_eps, dtype=dtype, device=device)
             self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.rms_norm_eps, dtype=dtype, device=device)
+            if tp > 1:  # shared by all heads, each rank sees only its heads
+                mark_tp_partial_grad(self.q_norm.weight)
+                mark_tp_partial_grad(self.k_norm.weight)
 
     def forward(self, x, cos, sin, cu_seqlens, attn_context: AttentionContext | None) -> torch.Tensor:
         qkv = self.qkv_proj(x)
@@ -95,6 +99,9 @@ class DecoderLayer(nn.Module):
             self.mlp = MoEBlock(cfg, layer_idx, groups=groups, dtype=dtype, device=device)
         else:
             self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, groups=groups, dtype=dtype, device=device)
+        if groups.sequence_parallel:  # norms of the token slice of this rank
+            mark_tp_partial_grad(self.input_layernorm.weight)
+            mark_tp_partial_grad(self.post_attention_layernorm.weight)
 
     def forward(self, x, residual, cos, sin, cu_seqlens, attn_context, routing):
         if residual is None:
@@ -143,6 +150,8 @@ class CausalLM(nn.Module):
         self.norm = self.lm_head = None
         if self.is_last_stage:
             self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, device=device)
+            if groups.sequence_parallel:
+                mark_tp_partial_grad(self.norm.weight)
             head_weights = self.embed_tokens if config.tie_word_embeddings else VocabParallelEmbedding(
                 config.vocab_size, config.hidden_size, groups=groups, dtype=dtype, device=device)
             self.lm_head = ParallelLMHead(head_weights)

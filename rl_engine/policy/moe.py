@@ -3,7 +3,7 @@
 The experts of a layer are two stacked parameters, `w13` [E_local, 2 * I, H] (gate and up fused) and
 `w2` [E_local, H, I], so that import, export and weight sync deal with two tensors per layer rather
 than 3·E. Token dispatch is a local sort by expert id here; expert parallelism swaps in a dispatcher
-that moves tokens between ranks with all_to_all and keeps this module's math.
+that moves tokens between ranks with all_to_all (`expert_parallel.py`) and keeps this math.
 
 Routing can be recorded and replayed (`RoutingRecord`): RL routing replay makes training use the
 experts the inference engine chose at rollout.
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rl_engine import kernels
-from rl_engine.policy import comm
+from rl_engine.policy import comm, expert_parallel
 from rl_engine.policy.config import ModelConfig
 from rl_engine.policy.layers import ColumnParallelLinear, RowParallelLinear
 from rl_engine.policy.parallel import ParallelGroups
@@ -50,8 +50,31 @@ class SwiGLUMLP(nn.Module):
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
 
 
+class _AttachAuxLoss(torch.autograd.Function):
+    """Forward identity on the block output; backward also feeds d(aux)/d(aux) = scale into the
+    router's aux loss (Megatron's MoEAuxLossAutoScaler), so the user's loss need not know of it."""
+
+    @staticmethod
+    def forward(ctx, out, aux, scale):
+        ctx.save_for_backward(aux)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (aux,) = ctx.saved_tensors
+        return g, torch.full_like(aux, ctx.scale), None
+
+
 class MoEBlock(nn.Module):
-    """Top-k routed experts (softmax gate, optional renormalisation of the top-k weights)."""
+    """Top-k routed experts (softmax gate, optional renormalisation of the top-k weights).
+
+    Training extras, all off at coefficient 0: the load-balancing aux loss (Switch / HF form,
+    `E * sum_e f_e P_e` per layer and micro-batch), the router z-loss (mean logsumexp^2), both
+    scaled by `aux_loss_scale` (the trainer sets 1 / global number of micro-batches), and the
+    aux-loss-free balancing bias (DeepSeek-V3): `expert_bias` is added to the scores for the top-k
+    choice only, and `update_expert_bias` moves it toward balanced loads after each step.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, *, groups: ParallelGroups, dtype, device=None) -> None:
         super().__init__()
@@ -60,17 +83,26 @@ class MoEBlock(nn.Module):
         self.num_experts = cfg.num_experts
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
-        tp = groups.tp_size
+        tp, ep = groups.tp_size, groups.ep_size
         inter = cfg.moe_intermediate_size
         if inter % tp:
             raise ValueError(f"moe_intermediate_size ({inter}) is not divisible by tensor_parallel_size ({tp})")
+        if cfg.num_experts % ep:
+            raise ValueError(f"num_experts ({cfg.num_experts}) is not divisible by expert_parallel_size ({ep})")
         self.inter_local = inter // tp
+        self.num_local_experts = cfg.num_experts // ep
+        self.expert_start = groups.ep_rank * self.num_local_experts
         # Router is replicated: every rank computes the same routing.
         self.gate = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, dtype=dtype, device=device))
-        self.w13 = nn.Parameter(torch.empty(cfg.num_experts, 2 * self.inter_local, cfg.hidden_size, dtype=dtype, device=device))
-        self.w2 = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, self.inter_local, dtype=dtype, device=device))
+        self.w13 = nn.Parameter(torch.empty(self.num_local_experts, 2 * self.inter_local, cfg.hidden_size,
+                                            dtype=dtype, device=device))
+        self.w2 = nn.Parameter(torch.empty(self.num_local_experts, cfg.hidden_size, self.inter_local,
+                                           dtype=dtype, device=device))
         for p in (self.gate, self.w13, self.w2):
             nn.init.normal_(p, std=0.02)
+        for p in (self.w13, self.w2):
+            p.tensor_parallel = True
+            p.is_expert = True  # data-parallel over the expert-data-parallel group
         # The router's gradient arrives through top-k weights whose upstream gradient is partial over
         # tp (each rank holds a slice of every expert): the trainer all-reduces it over tp.
         self.gate.tp_partial_grad = True
@@ -80,9 +112,21 @@ class MoEBlock(nn.Module):
                                            dtype=dtype, device=device)
             self.shared_expert_gate = nn.Parameter(torch.empty(1, cfg.hidden_size, dtype=dtype, device=device))
             nn.init.normal_(self.shared_expert_gate, std=0.02)
+            if groups.sequence_parallel:
+                self.shared_expert_gate.tp_partial_grad = True
+        self.aux_loss_coef = cfg.router_aux_loss_coef
+        self.z_loss_coef = cfg.router_z_loss_coef
+        self.bias_update_rate = cfg.router_bias_update_rate
+        self.aux_loss_scale = 1.0
+        if self.bias_update_rate > 0:
+            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, device=device))
+            self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts, device=device), persistent=False)
+        else:
+            self.expert_bias = self.tokens_per_expert = None
 
-    def route(self, x: torch.Tensor, routing: RoutingRecord | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(router_logits [T, E], topk_weights [T, k] in x.dtype, topk_ids [T, k])."""
+    def route(self, x: torch.Tensor, routing: RoutingRecord | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router_logits [T, E], probs [T, E] fp32, topk_weights [T, k] in x.dtype, topk_ids [T, k])."""
         router_logits = F.linear(x, self.gate)
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
         if routing is not None and routing.mode == "replay":
@@ -90,41 +134,77 @@ class MoEBlock(nn.Module):
             if topk_ids.shape != (x.shape[0], self.top_k):
                 raise ValueError(f"replayed routing of layer {self.layer_idx} has shape {tuple(topk_ids.shape)}, "
                                  f"expected {(x.shape[0], self.top_k)}")
-            topk_w = probs.gather(1, topk_ids)
         else:
-            topk_w, topk_ids = torch.topk(probs, self.top_k, dim=-1)
+            scores = probs.detach() if self.expert_bias is None else probs.detach() + self.expert_bias
+            topk_ids = torch.topk(scores, self.top_k, dim=-1).indices
             if routing is not None:
                 routing.topk_ids[self.layer_idx] = topk_ids.detach()
+        topk_w = probs.gather(1, topk_ids)
         if self.norm_topk_prob:
             topk_w = topk_w / topk_w.sum(-1, keepdim=True)
-        return router_logits, topk_w.to(x.dtype), topk_ids
+        return router_logits, probs, topk_w.to(x.dtype), topk_ids
+
+    def _run_local_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """rows [N, H] grouped by local expert (`counts[e]` rows each) -> expert outputs [N, H]."""
+        outs = []
+        for e, chunk in enumerate(rows.split(counts)):
+            if chunk.shape[0]:
+                outs.append(kernels.silu_and_mul(chunk @ self.w13[e].t()) @ self.w2[e].t())
+        return torch.cat(outs) if outs else rows[:0]
 
     def experts(self, x: torch.Tensor, topk_w: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Sum over chosen experts of weight * expert(x); partial over tp (caller reduces)."""
+        """Sum over chosen experts of weight * expert(x); partial over tp (caller reduces). Under
+        expert parallelism the rows travel to the rank owning their expert and back (dropless)."""
         T, k = topk_ids.shape
         flat_ids = topk_ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
+        order = torch.argsort(flat_ids, stable=True)  # rows sorted by expert
         token_of = order // k
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            idx = order[start:start + n]
-            tok = token_of[start:start + n]
-            h = kernels.silu_and_mul(x[tok] @ self.w13[e].t()) @ self.w2[e].t()
-            out = out.index_add(0, tok, h * topk_w.reshape(-1)[idx, None])
-            start += n
-        return out
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        rows = x[token_of]
+        g = self.groups
+        if g.ep_group is None:
+            y = self._run_local_experts(rows, counts.tolist())
+        else:
+            y = expert_parallel.dispatch_compute_combine(rows, counts, self._run_local_experts,
+                                                         num_local_experts=self.num_local_experts, group=g.ep_group)
+        w = topk_w.reshape(-1)[order]
+        return torch.zeros_like(x).index_add(0, token_of, y * w[:, None])
+
+    def _aux_loss(self, router_logits: torch.Tensor, probs: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor | None:
+        if not (torch.is_grad_enabled() and (self.aux_loss_coef or self.z_loss_coef)):
+            return None
+        aux = probs.new_zeros(())
+        if self.aux_loss_coef:
+            frac = torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts).float() / topk_ids.shape[0]
+            aux = aux + self.aux_loss_coef * self.num_experts * (frac * probs.mean(0)).sum()
+        if self.z_loss_coef:
+            aux = aux + self.z_loss_coef * torch.logsumexp(router_logits.float(), dim=-1).pow(2).mean()
+        return aux
 
     def forward(self, x_in: torch.Tensor, routing: RoutingRecord | None = None) -> torch.Tensor:
         g = self.groups
         x = comm.gather_sequence(x_in, g.tp_group) if g.sequence_parallel else comm.copy_to_tp(x_in, g.tp_group)
-        _, topk_w, topk_ids = self.route(x, routing)
+        router_logits, probs, topk_w, topk_ids = self.route(x, routing)
+        if self.tokens_per_expert is not None and torch.is_grad_enabled():
+            self.tokens_per_expert += torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts)
         out = self.experts(x, topk_w, topk_ids)
+        aux = self._aux_loss(router_logits, probs, topk_ids)
+        if aux is not None:
+            # Every tp rank computes the same aux loss and its gradients are summed over tp (gate
+            # grad all-reduce, copy_to_tp backward): each rank contributes 1/tp.
+            out = _AttachAuxLoss.apply(out, aux, self.aux_loss_scale / g.tp_size)
         out = comm.reduce_scatter_sequence(out, g.tp_group) if g.sequence_parallel else comm.reduce_from_tp(out, g.tp_group)
         if self.shared_expert is not None:
             # The shared expert does its own tp communication, so it takes the block's input as is.
             out = out + self.shared_expert(x_in) * torch.sigmoid(F.linear(x_in, self.shared_expert_gate))
         return out
+
+    @torch.no_grad()
+    def update_expert_bias(self, dp_group) -> None:
+        """Aux-loss-free balancing: bias += rate * sign(mean load - load), loads summed over the
+        step's micro-batches and data-parallel ranks (identical on every rank afterwards)."""
+        if self.expert_bias is None:
+            return
+        load = comm.all_reduce(self.tokens_per_expert, dp_group)
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        self.tokens_per_expert.zero_()

@@ -1,0 +1,254 @@
+"""Sharded training checkpoints: each rank writes its boxes of the global tensors; load reshards.
+
+A parameter shard is described as *boxes*: rectangular blocks of a global tensor, named as in the
+Hugging Face checkpoint where one exists (`model.layers.3.self_attn.k_proj.weight`) and by our
+stacked layout for experts (`model.layers.3.mlp.experts.gate_proj` [E, I, H]), each with its global
+shape and offset. The same boxes describe the parameter (fp32 master value) and its two AdamW
+moments. Every box is written once in the world: by one of the data-parallel ranks holding it
+(spread round-robin), by the first of the tp ranks holding a replicated tensor, never by the last
+stage's copy of a tied embedding. Loading into any layout reads, for each of its own boxes, the
+overlapping parts of the saved boxes (so tp, pp, ep and dp may all change).
+
+Layout of a checkpoint directory: `rank{r}.safetensors` (tensors `{key}/{kind}`, kind in param,
+exp_avg, exp_avg_sq; plus this rank's RNG state), `rank{r}.json` (global shape and offset of each
+tensor), and `metadata.json` (step, layout, model config, caller's extra state), written last. The
+directory is built as `{path}.partial` and renamed into place, so a checkpoint is there whole or
+not at all; each file is itself written to a temp name and renamed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rl_engine.policy.layers import ColumnParallelLinear
+from rl_engine.policy.model import CausalLM
+from rl_engine.policy.moe import MoEBlock
+from rl_engine.policy.optimizer import STATE_KINDS, DistributedOptimizer
+
+
+@dataclass
+class Box:
+    key: str
+    tensor: torch.Tensor  # the local parameter (or buffer) holding the box
+    index: tuple  # slices of `tensor` that form the box
+    global_shape: tuple[int, ...]
+    offset: tuple[int, ...]
+    replica_primary: bool  # this rank's copy is the one written among tp / tied replicas
+    is_expert: bool = False
+    is_buffer: bool = False
+
+
+def model_boxes(model: CausalLM) -> list[Box]:
+    """The boxes of one model chunk, in a fixed order."""
+    g, cfg = model.groups, model.config
+    boxes: list[Box] = []
+    tp0 = g.tp_rank == 0
+
+    def whole(key: str, t: torch.Tensor, *, buffer: bool = False) -> None:
+        boxes.append(Box(key, t, (), tuple(t.shape), (0,) * t.dim(), tp0, is_buffer=buffer))
+
+    def vocab(key: str, emb, primary: bool) -> None:
+        n = emb.vocab_end - emb.vocab_start
+        boxes.append(Box(key, emb.weight, (slice(0, n),), (emb.vocab_size, emb.weight.shape[1]),
+                         (emb.vocab_start, 0), primary))
+
+    def column(pre: str, lin: ColumnParallelLinear, names: list[str]) -> None:
+        for part, name in enumerate(names):
+            start, n, rep = sum(lin.local_sizes[:part]), lin.local_sizes[part], lin.replicas[part]
+            row0 = g.tp_rank // rep * n
+            for kind, t in (("weight", lin.weight), ("bias", lin.bias)):
+                if t is not None:
+                    boxes.append(Box(f"{pre}{name}.{kind}", t, (slice(start, start + n),),
+                                     (lin.output_sizes[part], *t.shape[1:]), (row0, *[0] * (t.dim() - 1)),
+                                     g.tp_rank % rep == 0))
+
+    def row(key: str, t: torch.Tensor) -> None:
+        cols = t.shape[1]
+        boxes.append(Box(key, t, (), (t.shape[0], cols * g.tp_size), (0, g.tp_rank * cols), True))
+
+    def mlp(pre: str, m) -> None:
+        column(pre, m.gate_up_proj, ["gate_proj", "up_proj"])
+        row(pre + "down_proj.weight", m.down_proj.weight)
+
+    if model.embed_tokens is not None:
+        vocab("model.embed_tokens.weight", model.embed_tokens, primary=model.is_first_stage)
+    for layer in model.layers:
+        pre = f"model.layers.{layer.layer_idx}."
+        whole(pre + "input_layernorm.weight", layer.input_layernorm.weight)
+        whole(pre + "post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
+        attn = layer.self_attn
+        column(pre + "self_attn.", attn.qkv_proj, ["q_proj", "k_proj", "v_proj"])
+        row(pre + "self_attn.o_proj.weight", attn.o_proj.weight)
+        if attn.q_norm is not None:
+            whole(pre + "self_attn.q_norm.weight", attn.q_norm.weight)
+            whole(pre + "self_attn.k_norm.weight", attn.k_norm.weight)
+        m = layer.mlp
+        if isinstance(m, MoEBlock):
+            whole(pre + "mlp.gate.weight", m.gate)
+            il, E = m.inter_local, cfg.num_experts
+            off = (m.expert_start, g.tp_rank * il, 0)
+            for name, rows in (("gate_proj", slice(0, il)), ("up_proj", slice(il, 2 * il))):
+                boxes.append(Box(pre + f"mlp.experts.{name}", m.w13, (slice(None), rows),
+                                 (E, il * g.tp_size, m.w13.shape[2]), off, True, is_expert=True))
+            boxes.append(Box(pre + "mlp.experts.down_proj", m.w2, (), (E, m.w2.shape[1], il * g.tp_size),
+                             (m.expert_start, 0, g.tp_rank * il), True, is_expert=True))
+            if m.shared_expert is not None:
+                mlp(pre + "mlp.shared_expert.", m.shared_expert)
+                whole(pre + "mlp.shared_expert_gate.weight", m.shared_expert_gate)
+            if m.expert_bias is not None:
+                whole(pre + "mlp.expert_bias", m.expert_bias, buffer=True)
+        else:
+            mlp(pre + "mlp.", m)
+    if model.is_last_stage:
+        whole("model.norm.weight", model.norm.weight)
+        if not cfg.tie_word_embeddings:
+            vocab("lm_head.weight", model.lm_head.shard, primary=True)
+    return boxes
+
+
+def _atomic_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _barrier(groups) -> None:
+    if groups.world_group is not None:
+        dist.barrier(group=groups.world_group)
+
+
+def save_checkpoint(path: str, chunks: list[CausalLM], optimizer: DistributedOptimizer, *, step: int,
+                    extra: dict | None = None) -> None:
+    """Collective over the world: write the full training state of every rank."""
+    g = chunks[0].groups
+    state = optimizer.gather_state()
+    tmp = path.rstrip("/") + ".partial"
+    if g.world_rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier(g)
+    tensors: dict[str, torch.Tensor] = {"rng/torch_cpu": torch.get_rng_state()}
+    meta: dict[str, dict] = {}
+    for i, box in enumerate(b for c in chunks for b in model_boxes(c)):
+        dp_size, dp_rank = (g.edp_size, g.edp_rank) if box.is_expert else (g.dp_size, g.dp_rank)
+        if not box.replica_primary or i % dp_size != dp_rank:
+            continue
+        kinds = ("param",) if box.is_buffer else STATE_KINDS
+        for kind in kinds:
+            source = box.tensor if box.is_buffer else state[kind][id(box.tensor)]
+            name = f"{box.key}/{kind}"
+            tensors[name] = source[box.index].contiguous().clone()
+            meta[name] = {"global_shape": list(box.global_shape), "offset": list(box.offset)}
+    r = g.world_rank
+    file = os.path.join(tmp, f"rank{r:05d}.safetensors")
+    save_file(tensors, file + ".tmp")
+    os.replace(file + ".tmp", file)
+    _atomic_json(os.path.join(tmp, f"rank{r:05d}.json"), meta)
+    _barrier(g)
+    if r == 0:
+        cfg = chunks[0].config
+        _atomic_json(os.path.join(tmp, "metadata.json"), {
+            "step": step, "world_size": g.world_size, "extra": extra or {}, "model_config": cfg.to_hf_dict(),
+            "layout": {"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size, "ep": g.ep_size,
+                       "virtual_stages": len(chunks), "sequence_parallel": g.sequence_parallel},
+        })
+        old = path.rstrip("/") + ".old"
+        if os.path.exists(path):  # keep the previous checkpoint until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier(g)
+
+
+class _SavedIndex:
+    """Where each saved box lives, read from the rank*.json files."""
+
+    def __init__(self, path: str) -> None:
+        if not os.path.isfile(os.path.join(path, "metadata.json")):
+            raise FileNotFoundError(f"{path!r} is not a complete sharded checkpoint (no metadata.json)")
+        with open(os.path.join(path, "metadata.json")) as f:
+            self.metadata = json.load(f)
+        self.entries: dict[str, list[tuple[str, list[int], list[int]]]] = {}
+        for meta_file in sorted(glob.glob(os.path.join(path, "rank*.json"))):
+            file = meta_file[:-5] + ".safetensors"
+            with open(meta_file) as f:
+                for name, m in json.load(f).items():
+                    self.entries.setdefault(name, []).append((file, m["global_shape"], m["offset"]))
+        self._handles: dict[str, object] = {}
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file]
+
+    def read_into(self, name: str, target: torch.Tensor, offset: tuple[int, ...], global_shape: tuple[int, ...]) -> None:
+        """Fill `target` (the box at `offset`) from every saved box overlapping it."""
+        if name not in self.entries:
+            raise ValueError(f"checkpoint lacks tensor {name!r}")
+        filled = 0
+        for file, gshape, goff in self.entries[name]:
+            if tuple(gshape) != tuple(global_shape):
+                raise ValueError(f"{name!r}: checkpoint global shape {tuple(gshape)} != model's {tuple(global_shape)}")
+            sl = self._handle(file).get_slice(name)
+            sshape = sl.get_shape()
+            lo = [max(a, b) for a, b in zip(offset, goff)]
+            hi = [min(a + n, b + m) for a, n, b, m in zip(offset, target.shape, goff, sshape)]
+            if any(h <= l_ for l_, h in zip(lo, hi)):
+                continue
+            src = sl[tuple(slice(l_ - b, h - b) for l_, h, b in zip(lo, hi, goff))]
+            dst = target[tuple(slice(l_ - a, h - a) for l_, h, a in zip(lo, hi, offset))]
+            dst.copy_(src.reshape(dst.shape))
+            filled += dst.numel()
+        if filled != target.numel():
+            raise ValueError(f"{name!r}: the checkpoint covers {filled} of the {target.numel()} elements this rank needs")
+
+
+def load_checkpoint(path: str, chunks: list[CausalLM], optimizer: DistributedOptimizer | None = None) -> dict:
+    """Load into this rank's chunks (and optimizer) whatever the saved layout; returns metadata.json.
+    Without an optimizer only the parameters are loaded (e.g. for evaluation or inference)."""
+    index = _SavedIndex(path)
+    g = chunks[0].groups
+    params = [p for c in chunks for p in c.parameters()]
+    state = {k: {id(p): torch.zeros(p.shape, dtype=torch.float32) for p in params} for k in STATE_KINDS}
+    for box in (b for c in chunks for b in model_boxes(c)):
+        if box.is_buffer:
+            with torch.no_grad():
+                index.read_into(f"{box.key}/param", box.tensor[box.index], box.offset, box.global_shape)
+            continue
+        for kind in STATE_KINDS if optimizer is not None else ("param",):
+            index.read_into(f"{box.key}/{kind}", state[kind][id(box.tensor)][box.index], box.offset, box.global_shape)
+    if optimizer is not None:
+        optimizer.load_state(state, index.metadata["step"])
+    else:
+        with torch.no_grad():
+            for p in params:
+                p.copy_(state["param"][id(p)].to(p.dtype))
+    rng_file = os.path.join(path, f"rank{g.world_rank:05d}.safetensors")
+    if index.metadata["world_size"] == g.world_size and os.path.isfile(rng_file):
+        with safe_open(rng_file, framework="pt") as f:
+            torch.set_rng_state(f.get_tensor("rng/torch_cpu"))
+    return index.metadata
+
+
+def read_full_tensors(path: str, kind: str = "param") -> dict[str, torch.Tensor]:
+    """Every global tensor of a checkpoint assembled in memory (conversion, tests)."""
+    index = _SavedIndex(path)
+    out = {}
+    for name, entries in index.entries.items():
+        key, k = name.rsplit("/", 1)
+        if k != kind:
+            continue
+        full = torch.zeros(entries[0][1], dtype=torch.float32)
+        index.read_into(name, full, (0,) * full.dim(), tuple(full.shape))
+        out[key] = full
+    return out
