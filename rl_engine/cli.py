@@ -10,6 +10,7 @@ import sys
 # subcommand -> (module, function adding its arguments, function running it, help)
 SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "env": ("rl_engine.env_report", "add_arguments", "main", "show torch, device, threads and active backends"),
+    "train": ("rl_engine.train_cli", "add_arguments", "main", "run RL (no arguments: the built-in CPU demo)"),
     "generate": ("rl_engine.inference.cli", "add_arguments", "main", "generate text with the inference engine"),
 }
 

@@ -128,11 +128,15 @@ def math_reward(response: str, answer: str | None, **metadata: Any) -> float:
 
 
 @register_reward("exact_match")
-def exact_match_reward(response: str, answer: str | None, **metadata: Any) -> float:
-    """1.0 when response and answer are equal up to case and whitespace."""
+def exact_match_reward(response: str, answer: str | None, *, ignore_case: bool = True, **metadata: Any) -> float:
+    """1.0 when response and answer are equal up to whitespace (and case, unless ignore_case=False:
+    RewardConfig(name="exact_match", kwargs={"ignore_case": False}))."""
     if answer is None:
         raise ValueError("the exact_match reward needs an answer; set the dataset's answer_key")
-    return 1.0 if " ".join(response.split()).lower() == " ".join(str(answer).split()).lower() else 0.0
+    a, b = " ".join(response.split()), " ".join(str(answer).split())
+    if ignore_case:
+        a, b = a.lower(), b.lower()
+    return 1.0 if a == b else 0.0
 
 
 @register_reward("format")

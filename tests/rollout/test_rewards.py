@@ -57,6 +57,8 @@ def test_builtin_registry_and_dotted_paths() -> None:
     assert {"math", "exact_match", "format"} <= set(registered_rewards())
     assert get_reward_fn("exact_match")("  Hello   World ", "hello world") == 1.0
     assert get_reward_fn("exact_match")("Hello", "hello world") == 0.0
+    assert get_reward_fn("exact_match")("ABC", "abc", ignore_case=False) == 0.0
+    assert get_reward_fn("exact_match")(" ABC", "ABC ", ignore_case=False) == 1.0
     fmt = get_reward_fn("format")
     assert fmt("<think>a\nb</think> <answer>4</answer>", None) == 1.0
     assert fmt("<answer>4</answer>", None) == 0.0
