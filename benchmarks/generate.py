@@ -1,0 +1,172 @@
+"""Output tokens/s of `LLM.generate` against transformers `generate`, measured in the same run.
+
+Same checkpoint, same prompts (mixed lengths), same number of new tokens per prompt (EOS ignored on
+both sides), fp32, at batch 1 and batch 64, greedy and sampled. Each configuration is timed
+`--repeats` times alternating engine and transformers, and the best time of each is kept (the machine
+is shared, so the best run is the least disturbed one). Also reports the achieved fraction of this
+machine's fp32 matmul peak (a large matmul timed in the same run): 2 * matmul params * tokens
+processed / time.
+
+    python benchmarks/generate.py                 # the ~3M Qwen2-shaped model
+    python benchmarks/generate.py --large         # also the ~50M model with a 32k vocabulary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+
+def write_checkpoint(path: str, *, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
+                     vocab: int, tie: bool, seed: int = 0) -> str:
+    from rl_engine.policy import CausalLM, ModelConfig
+
+    hf = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": vocab, "hidden_size": hidden,
+          "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+          "num_key_value_heads": kv_heads, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+          "rope_theta": 10000.0, "tie_word_embeddings": tie, "hidden_act": "silu", "torch_dtype": "float32",
+          "eos_token_id": 2, "bos_token_id": 1}
+    torch.manual_seed(seed)
+    model = CausalLM(ModelConfig.from_hf_dict(hf))
+    with torch.no_grad():  # weights large enough that the next token depends on the context
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.05)
+    model.save_pretrained(path)
+    return path
+
+
+def matmul_peak_gflops(seconds: float = 1.0) -> float:
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def make_prompts(num: int, vocab: int, *, min_len: int, max_len: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (num,), generator=g).tolist()
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def run_engine(llm, prompts, new_tokens: int, sampled: bool) -> float:
+    from rl_engine import SamplingParams
+
+    params = SamplingParams(temperature=1.0 if sampled else 0.0,
+                            max_tokens=new_tokens, ignore_eos=True, seed=None)
+    llm.reset_prefix_cache()  # every run starts cold, like transformers
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    dt = time.perf_counter() - t
+    assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
+    return dt
+
+
+def run_transformers(hf, prompts, new_tokens: int, sampled: bool) -> float:
+    """Batch 1: one generate per prompt. Batch > 1: one left-padded batch with an attention mask."""
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, do_sample=sampled)
+    if sampled:  # plain sampling from the full distribution, as RL rollouts do (no top-k / top-p)
+        kw.update(temperature=1.0, top_k=0, top_p=1.0)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=mask, **kw)
+    dt = time.perf_counter() - t
+    assert out.shape[1] == width + new_tokens
+    return dt
+
+
+def matmul_params(model) -> int:
+    """Weights multiplied per token: every matrix but the embedding lookup, the LM head (tied or not)
+    and, for MoE, the routed experts' share."""
+    cfg = model.config
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if p.dim() == 2 and not name.startswith(("embed_tokens", "lm_head")))
+    n += cfg.vocab_size * cfg.hidden_size
+    experts = sum(p.numel() for p in model.parameters() if p.dim() == 3)
+    return n + (experts * cfg.num_experts_per_tok // cfg.num_experts if cfg.num_experts else 0)
+
+
+def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, repeats: int, peak: float,
+                max_prompt: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from rl_engine import LLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    llm = LLM(path, max_num_seqs=max(batches))
+    model = llm.model
+    vocab = model.config.vocab_size
+    n_params = sum(p.numel() for p in model.parameters())
+    mm_params = matmul_params(model)
+    rows = []
+    for batch in batches:
+        # Batch 1 serves 4 prompts one after the other; larger batches submit all prompts at once.
+        prompts = make_prompts(4 if batch == 1 else batch, vocab, min_len=16, max_len=max_prompt, seed=batch)
+        groups = [[p] for p in prompts] if batch == 1 else [prompts]
+        run_engine(llm, prompts[:2], 4, True)  # warm up both (allocations, runners, lazy imports)
+        run_transformers(hf, prompts[:2], 4, True)
+        for sampled in (False, True):
+            engine_t, hf_t = float("inf"), float("inf")
+            for _ in range(repeats):
+                engine_t = min(engine_t, sum(run_engine(llm, g, new_tokens, sampled) for g in groups))
+                hf_t = min(hf_t, sum(run_transformers(hf, g, new_tokens, sampled) for g in groups))
+            tokens = len(prompts) * new_tokens
+            processed = tokens + sum(len(p) for p in prompts)
+            achieved = 2 * mm_params * processed / engine_t / 1e9
+            rows.append({
+                "batch": batch, "mode": "sampled" if sampled else "greedy", "prompts": len(prompts),
+                "new_tokens_per_prompt": new_tokens,
+                "engine_tokens_per_s": round(tokens / engine_t, 1),
+                "transformers_tokens_per_s": round(tokens / hf_t, 1),
+                "speedup": round(hf_t / engine_t, 2),
+                "engine_gflops": round(achieved, 2),
+                "fraction_of_matmul_peak": round(achieved / peak, 4),
+                "transformers_fraction_of_matmul_peak": round(achieved * engine_t / hf_t / peak, 4),
+            })
+            print(json.dumps({"model": name, **rows[-1]}), flush=True)
+    return {"model": name, "params": n_params, "matmul_params_per_token": mm_params, "vocab_size": vocab,
+            "hidden_size": model.config.hidden_size, "num_layers": model.config.num_layers, "results": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--large", action="store_true", help="also the ~50M-param model with a 32k vocabulary")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for both engines (and the peak)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batches", default="1,64")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    peak = matmul_peak_gflops()
+    report = {"torch_threads": args.threads, "matmul_peak_gflops_fp32": round(peak, 1), "models": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        small = write_checkpoint(os.path.join(tmp, "3m"), hidden=256, layers=4, heads=8, kv_heads=2,
+                                 intermediate=768, vocab=2048, tie=True)
+        report["models"].append(bench_model("qwen2-3m", small, batches=batches, new_tokens=args.new_tokens,
+                                            repeats=args.repeats, peak=peak, max_prompt=128))
+        if args.large:
+            large = write_checkpoint(os.path.join(tmp, "50m"), hidden=512, layers=10, heads=8, kv_heads=2,
+                                     intermediate=1792, vocab=32000, tie=True)
+            report["models"].append(bench_model("qwen2-50m-32k", large, batches=batches, new_tokens=args.new_tokens,
+                                                repeats=args.repeats, peak=peak, max_prompt=128))
+    report["peak_measured_again_gflops"] = round(matmul_peak_gflops(), 1)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

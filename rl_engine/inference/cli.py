@@ -1,0 +1,80 @@
+"""`rl-engine generate`: generate from a model directory on the command line.
+
+Prints each completion's text (or, with --json, one JSON object per prompt with token ids, log-probs,
+versions and finish reasons). Prompts are text (--prompt, repeatable), token ids (--prompt-ids
+"1,2,3") or a chat message rendered with the model's template (--chat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+    parser.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
+    parser.add_argument("--prompt-ids", action="append", default=[], help="a prompt as comma-separated token ids")
+    parser.add_argument("--chat", action="append", default=[], help="a user message, rendered with the chat template")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes for the KV pool")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from rl_engine.inference.llm import LLM
+    from rl_engine.inference.sampling_params import SamplingParams
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                min_p=args.min_p, max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+                                ignore_eos=args.ignore_eos)
+        prompts: list = list(args.prompt)
+        for ids in args.prompt_ids:
+            prompts.append([int(t) for t in ids.replace(" ", "").split(",") if t])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not prompts and not args.chat:
+        print("error: give at least one --prompt, --prompt-ids or --chat", file=sys.stderr)
+        return 2
+    llm = LLM(args.model, dtype=args.dtype, device=device, block_size=args.block_size,
+              kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+              enable_prefix_caching=not args.no_prefix_caching)
+    for message in args.chat:
+        if llm.tokenizer is None:
+            print("error: --chat needs a tokenizer.json in the model directory", file=sys.stderr)
+            return 2
+        prompts.append(llm.tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=True))
+    outputs = llm.generate(prompts, params)
+    failed = 0
+    for out in outputs:
+        if out.error:
+            failed += 1
+            print(f"error: request {out.request_id}: {out.error}", file=sys.stderr)
+            continue
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "prompt_token_ids": out.prompt_token_ids, "outputs": [
+                {"text": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
+                 "policy_versions": c.policy_versions, "finish_reason": c.finish_reason} for c in out.outputs]}))
+        else:
+            for c in out.outputs:
+                print(c.text if c.text is not None else " ".join(map(str, c.token_ids)))
+    return 1 if failed else 0

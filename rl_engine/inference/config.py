@@ -1,0 +1,40 @@
+"""The engine's settings: one typed dataclass, validated where it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    block_size: int = 16
+    # KV pool size: `num_kv_blocks` if given, else as many blocks as `kv_cache_memory` bytes hold
+    # (capped at what max_num_seqs sequences of max_model_len tokens could ever use).
+    kv_cache_memory: int = 1 << 30
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 256  # sequences in one batch
+    max_num_batched_tokens: int = 2048  # tokens in one step (prefill chunks + decodes)
+    max_model_len: int | None = None  # default: the model's context length
+    enable_prefix_caching: bool = True
+    graph_batch_sizes: list[int] | None = None  # decode buckets; default 1, 2, 4, 8, 16, ... max_num_seqs
+    enforce_eager: bool = False  # CUDA: never capture graphs
+    seed: int = 0  # the engine's generator, used by requests without a seed
+    record_routing: bool = False  # MoE: return the experts chosen for every processed token
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value) -> None:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        positive("block_size", self.block_size)
+        positive("kv_cache_memory", self.kv_cache_memory)
+        positive("max_num_seqs", self.max_num_seqs)
+        positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 2):
+            raise ValueError(f"num_kv_blocks must be an integer >= 2 (block 0 is the padding block), "
+                             f"got {self.num_kv_blocks!r}")
+        if self.max_model_len is not None:
+            positive("max_model_len", self.max_model_len)
+        if self.graph_batch_sizes is not None:
+            for b in self.graph_batch_sizes:
+                positive("graph_batch_sizes entry", b)

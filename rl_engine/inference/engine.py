@@ -1,0 +1,314 @@
+"""The engine: requests in, one scheduled step at a time, outputs out; the RL controls.
+
+`add_request` validates and queues; `step` schedules one flat batch, runs it, samples, applies stop
+conditions and returns the outputs that are ready (finished requests, and every step's state of
+streaming ones). The `n` samples of a prompt fork from the leader once its prompt KV exists, sharing
+its full prompt blocks (the block holding the last prompt token is recomputed by each sample, so no
+block is ever written by two sequences).
+
+RL controls, all between steps: `abort`; `interrupt` ends every unfinished request and returns its
+partial output (tokens, log-probs, per-token versions), which `add_request` accepts back as a prompt
+to continue with the current weights, its KV recomputed; `update_weights` applies a weight update,
+bumps `weights_version` (stamped on every token sampled afterwards) and resets the prefix cache;
+`reset_prefix_cache`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from rl_engine.inference.block_manager import BlockManager
+from rl_engine.inference.config import EngineConfig
+from rl_engine.inference.model_runner import ModelRunner
+from rl_engine.inference.sampler import Sampler, SampleRow, token_seed
+from rl_engine.inference.sampling_params import SamplingParams
+from rl_engine.inference.scheduler import Scheduler
+from rl_engine.inference.sequence import CompletionOutput, Request, RequestOutput, SeqStatus, Sequence
+
+if TYPE_CHECKING:
+    from rl_engine.policy import CausalLM
+    from rl_engine.policy.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, model: CausalLM, *, config: EngineConfig | None = None,
+                 tokenizer: Tokenizer | None = None) -> None:
+        config = config or EngineConfig()
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        mc = model.config
+        self.max_model_len = config.max_model_len or mc.max_context_len
+        if self.max_model_len > mc.max_context_len:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's context of "
+                             f"{mc.max_context_len} tokens")
+        if config.record_routing and not mc.is_moe:
+            raise ValueError("record_routing=True needs an MoE model; this one is dense")
+        prefix_caching = config.enable_prefix_caching
+        if config.record_routing and prefix_caching:
+            logger.warning("record_routing=True: prefix caching disabled (cached tokens would have no routing)")
+            prefix_caching = False
+        self.runner = ModelRunner(model, config=config, max_model_len=self.max_model_len)
+        self.block_manager = BlockManager(num_blocks=self.runner.num_blocks, block_size=config.block_size,
+                                          enable_prefix_caching=prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
+        self.sampler = Sampler(device=self.runner.device, seed=config.seed)
+        eos = tokenizer.eos_token_ids if tokenizer is not None and tokenizer.eos_token_ids else mc.eos_token_id
+        self.eos_token_ids = frozenset(eos)
+        # A sequence never grows past the context nor past the whole pool.
+        self.max_seq_len = min(self.max_model_len, self.block_manager.num_usable_blocks * config.block_size)
+        self.weights_version = 0
+        self.requests: dict[str, Request] = {}
+        self._ready: list[RequestOutput] = []  # finished outside a step (e.g. a fully finished resubmission)
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int] | RequestOutput,
+                    params: SamplingParams | None = None, *, stream: bool = False) -> None:
+        """Queue a prompt (text or token ids), or a partial `RequestOutput` to continue it.
+        Raises ValueError (and queues nothing) for a prompt that cannot be served."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in the engine")
+        if isinstance(prompt, RequestOutput):
+            request = self._resumed_request(request_id, prompt, params, stream)
+        else:
+            params = params or SamplingParams()
+            text, ids = self._prompt_ids(prompt)
+            self._check_request(ids, params)
+            request = Request(request_id, prompt=text, prompt_token_ids=ids, params=params, stream=stream)
+            for i in range(params.n):
+                request.seqs.append(Sequence(request, i, list(ids), num_prompt_tokens=len(ids),
+                                             rng_seed=params.seed))
+            self.scheduler.add(request.seqs[0])
+            request.pending_forks = request.seqs[1:]
+        if request.finished:
+            self._ready.append(self._output(request))
+        else:
+            self.requests[request_id] = request
+
+    def _prompt_ids(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; this engine has none (pass token ids)")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        vocab = self.model.config.vocab_size
+        if not all(isinstance(t, int) for t in ids):
+            raise ValueError("a prompt must be a string or a list of int token ids")
+        if ids and (min(ids) < 0 or max(ids) >= vocab):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab}), got min {min(ids)}, max {max(ids)}")
+        return None, ids
+
+    def _check_request(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty; it needs at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
+                             "no room to generate; shorten the prompt")
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the whole KV pool holds "
+                             f"{self.max_seq_len} ({self.block_manager.num_usable_blocks} blocks of "
+                             f"{self.config.block_size}); raise kv_cache_memory or shorten the prompt")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+
+    def _resumed_request(self, request_id: str, partial: RequestOutput, params: SamplingParams | None,
+                         stream: bool) -> Request:
+        params = params or partial.sampling_params or SamplingParams()
+        ids = list(partial.prompt_token_ids)
+        self._check_request(ids, params)
+        request = Request(request_id, prompt=partial.prompt, prompt_token_ids=ids, params=params, stream=stream)
+        for out in partial.outputs:
+            seq = Sequence(request, out.index, ids + list(out.token_ids), num_prompt_tokens=len(ids),
+                           rng_seed=params.seed)
+            seq.logprobs, seq.policy_versions = list(out.logprobs), list(out.policy_versions)
+            seq.kv_versions, seq.num_preemptions = list(out.kv_versions), out.num_preemptions
+            request.seqs.append(seq)
+            if out.finish_reason in ("stop", "length"):
+                seq.status, seq.finish_reason, seq.stop_reason = SeqStatus.FINISHED, out.finish_reason, out.stop_reason
+            elif self._length_reached(seq):
+                seq.status = SeqStatus.FINISHED
+            else:
+                self.scheduler.add(seq)
+        return request
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests or self._ready)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; returns its partial output (finish_reason "abort"), None if unknown."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
+        return self._output(request)
+
+    def interrupt(self) -> list[RequestOutput]:
+        """Stop every unfinished request and return the partial outputs (to resubmit after a weight
+        update: their tokens, log-probs and versions are kept, their KV recomputed)."""
+        return [self.abort(rid) for rid in list(self.requests)]
+
+    # ---- weights --------------------------------------------------------------------------------
+    def update_weights(self, apply: Callable[[torch.nn.Module], None] | None = None, *, version: int | None = None,
+                       recompute_kv: bool = False) -> int:
+        """Between steps: run `apply(model)` (e.g. copy new parameters in; skip it when the trainer
+        already updated the shared tensors), set the new weights version (default: current + 1; it must
+        increase) and reset the prefix cache. With `recompute_kv` running sequences drop their KV and
+        recompute it with the new weights, keeping their tokens. Returns the new version."""
+        new = self.weights_version + 1 if version is None else version
+        if new <= self.weights_version:
+            raise ValueError(f"weights version must increase: current {self.weights_version}, got {version}")
+        if apply is not None:
+            with torch.no_grad():
+                apply(self.model)
+        self.weights_version = new
+        self.reset_prefix_cache()
+        if recompute_kv:
+            sched = self.scheduler
+            for seq in list(sched.waiting):  # e.g. forked samples holding their leader's blocks
+                self.block_manager.free(seq)
+            for seq in reversed(sched.running):
+                self.block_manager.free(seq)
+                sched.add(seq, front=True)
+            sched.running.clear()
+        return new
+
+    def reset_prefix_cache(self) -> None:
+        self.block_manager.reset_prefix_cache()
+
+    # ---- stepping -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch. Returns finished requests and the current state of streaming ones that
+        advanced."""
+        ready, self._ready = self._ready, []
+        sched = self.scheduler.schedule()
+        if not sched.seqs:
+            if self.requests and not ready:
+                raise RuntimeError("internal error: requests are unfinished but none could be scheduled")
+            return ready
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        with torch.inference_mode():
+            logits, sample_seqs = self.runner.execute(sched, record_routing=self.config.record_routing)
+            version = self.weights_version
+            bm = self.block_manager
+            for seq, n in zip(sched.seqs, sched.num_new_tokens):
+                seq.num_computed_tokens += n
+                if seq.kv_version is None or version < seq.kv_version:
+                    seq.kv_version = version
+                if bm.enable_prefix_caching:
+                    bm.register_full_blocks(seq)
+            if sample_seqs:
+                rows = [SampleRow(s.request.params, None if s.rng_seed is None else
+                                  token_seed(s.rng_seed, s.index, s.num_tokens)) for s in sample_seqs]
+                tokens, logprobs = self.sampler(logits, rows)
+        self.num_steps += 1
+        touched: dict[str, Request] = {}
+        for seq, token, logprob in zip(sample_seqs, tokens, logprobs):
+            seq.token_ids.append(token)
+            seq.logprobs.append(logprob)
+            seq.policy_versions.append(version)
+            seq.kv_versions.append(seq.kv_version)
+            request = seq.request
+            if request.pending_forks and seq.index == 0:
+                self._fork(request, seq)
+            if self._check_stop(seq, token) or self._length_reached(seq):
+                self.scheduler.remove(seq)
+                seq.status = SeqStatus.FINISHED
+            touched[request.request_id] = request
+        self.num_generated_tokens += len(sample_seqs)
+        outputs = ready
+        for rid, request in touched.items():
+            if request.finished:
+                del self.requests[rid]
+                outputs.append(self._output(request))
+            elif request.stream:
+                outputs.append(self._output(request))
+        return outputs
+
+    def _fork(self, request: Request, leader: Sequence) -> None:
+        """The leader's prompt KV exists: the other samples take its full prompt blocks."""
+        shared = (leader.num_prompt_tokens - 1) // self.config.block_size
+        for child in request.pending_forks:
+            self.block_manager.share(child, leader, shared)
+            if leader.routing is not None:
+                limit = shared * self.config.block_size
+                child.routing = {s: t[:limit - s] for s, t in leader.routing.items() if s < limit}
+        for child in reversed(request.pending_forks):
+            self.scheduler.add(child, front=True)
+        request.pending_forks = []
+
+    def _check_stop(self, seq: Sequence, token: int) -> bool:
+        params = seq.request.params
+        if seq.num_output_tokens < params.min_tokens:
+            return False
+        if token in self.eos_token_ids and not params.ignore_eos:
+            seq.finish_reason = "stop"
+            return True
+        if token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+            return True
+        if params.stop:
+            return self._check_stop_strings(seq, params)
+        return False
+
+    def _check_stop_strings(self, seq: Sequence, params: SamplingParams) -> bool:
+        text = self.tokenizer.decode(seq.output_token_ids)
+        longest = max(len(s) for s in params.stop)
+        start = max(0, seq.text_offset - longest + 1)
+        seq.text_offset = len(text)
+        hits = [(text.find(s, start), s) for s in params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        seq.finish_reason, seq.stop_reason = "stop", s
+        seq.text_offset = i + len(s) if params.include_stop_str_in_output else i
+        return True
+
+    def _length_reached(self, seq: Sequence) -> bool:
+        max_tokens = seq.request.params.max_tokens
+        if (max_tokens is not None and seq.num_output_tokens >= max_tokens) or seq.num_tokens >= self.max_seq_len:
+            seq.finish_reason = "length"
+            return True
+        return False
+
+    def _output(self, request: Request) -> RequestOutput:
+        params = request.params
+        decode = self.tokenizer is not None and params.detokenize
+        outs = []
+        for seq in request.seqs:
+            text = None
+            if decode:
+                text = self.tokenizer.decode(seq.output_token_ids)
+                if isinstance(seq.stop_reason, str):
+                    text = text[:seq.text_offset]
+            routed = None
+            if seq.routing:
+                routed = torch.cat([seq.routing[k] for k in sorted(seq.routing)]).tolist()
+            outs.append(CompletionOutput(index=seq.index, token_ids=seq.output_token_ids, text=text,
+                                         logprobs=list(seq.logprobs), policy_versions=list(seq.policy_versions),
+                                         kv_versions=list(seq.kv_versions), finish_reason=seq.finish_reason,
+                                         stop_reason=seq.stop_reason, num_preemptions=seq.num_preemptions,
+                                         routed_experts=routed))
+        return RequestOutput(request_id=request.request_id, prompt=request.prompt,
+                             prompt_token_ids=list(request.prompt_token_ids), outputs=outs,
+                             finished=request.finished, sampling_params=params)
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {"steps": self.num_steps, "generated_tokens": self.num_generated_tokens,
+                "preemptions": self.scheduler.num_preemptions, "num_kv_blocks": bm.num_blocks,
+                "free_kv_blocks": bm.num_free_blocks, "prefix_cache_queries": bm.num_queries,
+                "prefix_cache_hits": bm.num_hits, "graph_runners": self.runner.graphs.num_runners,
+                "weights_version": self.weights_version}

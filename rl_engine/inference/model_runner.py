@@ -1,0 +1,186 @@
+"""Runs one scheduled step on the policy model: the paged KV pool, the flat batch, the graph cache.
+
+The model is the trainer's own `CausalLM` (same parameter tensors, never copied). Its KV pool is one
+[num_blocks, block_size, num_kv_heads, head_dim] tensor per layer for k and for v, zero-initialised so
+that stale or padding slots always hold finite values. A step whose sequences each compute one token
+goes through the graph cache (padded to a bucket); any step with a longer prefill chunk runs eagerly on
+the exact flat batch. Only rows that produce a token (a sequence's last uncomputed position) reach the
+LM head.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from rl_engine.inference.attention import PagedAttention, PrefillChunk
+from rl_engine.inference.config import EngineConfig
+from rl_engine.inference.graph_cache import CudaGraphRunner, DecodeRunner, GraphCache, StaticInputs, default_buckets
+from rl_engine.inference.sequence import SchedulerOutput, Sequence
+
+if TYPE_CHECKING:
+    from rl_engine.policy import CausalLM
+
+logger = logging.getLogger(__name__)
+
+
+def kv_block_bytes(spec: dict, block_size: int) -> int:
+    elem = torch.empty((), dtype=spec["dtype"]).element_size()
+    return 2 * spec["num_layers"] * block_size * spec["num_kv_heads"] * spec["head_dim"] * elem
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, *, config: EngineConfig, max_model_len: int) -> None:
+        if not (model.is_first_stage and model.is_last_stage):
+            raise ValueError("the inference engine needs every layer on this rank (one pipeline stage); "
+                             f"this model holds layers {model.layer_range}")
+        self.model = model
+        self.config = config
+        self.device = next(model.parameters()).device
+        spec = model.kv_cache_spec()
+        bs = self.block_size = config.block_size
+        self.max_blocks_per_seq = -(-max_model_len // bs)
+        block_bytes = kv_block_bytes(spec, bs)
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            num_blocks = min(config.kv_cache_memory // block_bytes, config.max_num_seqs * self.max_blocks_per_seq + 1)
+            if num_blocks < 2:
+                raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds {num_blocks} KV block(s); "
+                                 f"one block of {bs} tokens needs {block_bytes} bytes and at least 2 are needed")
+        self.num_blocks = num_blocks
+        shape = (num_blocks, bs, spec["num_kv_heads"], spec["head_dim"])
+        layers = range(spec["num_layers"])
+        with torch.inference_mode():
+            self.k_caches = [torch.zeros(shape, dtype=spec["dtype"], device=self.device) for _ in layers]
+            self.v_caches = [torch.zeros(shape, dtype=spec["dtype"], device=self.device) for _ in layers]
+        logger.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs, num_blocks * block_bytes / 2**20)
+
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager and not model.config.is_moe
+        decode_op = None
+        if use_graphs:
+            from rl_engine.kernels import registry
+
+            decode_op = registry.resolve("paged_decode_attention", self.device)
+        self.attn = PagedAttention(self.k_caches, self.v_caches, first_layer=model.layer_range[0], decode_op=decode_op)
+        buckets = config.graph_batch_sizes or default_buckets(config.max_num_seqs)
+        inputs = StaticInputs(max(buckets), max_blocks=self.max_blocks_per_seq, device=self.device)
+        graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
+
+        def make_runner(batch_size: int) -> DecodeRunner:
+            if not use_graphs:
+                return DecodeRunner(batch_size, inputs=inputs, model=model, attn=self.attn)
+            runner = CudaGraphRunner(batch_size, inputs=inputs, model=model, attn=self.attn)
+            runner.capture(pool=graph_pool)  # every bucket's graph shares one memory pool
+            return runner
+
+        self.graphs = GraphCache(buckets, make_runner)
+        if use_graphs:
+            with torch.inference_mode():
+                self.graphs.build_all()  # capture every bucket up front
+
+    def execute(self, sched: SchedulerOutput, *,
+                record_routing: bool = False) -> tuple[torch.Tensor | None, list[Sequence]]:
+        """Run one step. Returns logits [n, vocab] of the sequences that produce a token, and those
+        sequences in the same order."""
+        seqs, nd = sched.seqs, sched.num_single
+        routing = None
+        if record_routing:
+            from rl_engine.policy import RoutingRecord
+
+            routing = RoutingRecord(mode="record")
+        runner = self.graphs.lookup(nd) if nd == len(seqs) else None
+        if runner is not None:
+            hidden, sample_rows, sample_seqs = self._run_decode(runner, seqs, routing)
+        else:
+            hidden, sample_rows, sample_seqs = self._run_flat(sched, routing)
+        if routing is not None:
+            self._store_routing(sched, routing)
+        if not sample_seqs:
+            return None, []
+        n = len(sample_rows)
+        if n != hidden.shape[0]:  # rows are ascending: 0..n-1 is a slice, anything else an index
+            hidden = hidden[:n] if sample_rows[-1] == n - 1 else hidden[torch.tensor(sample_rows, device=hidden.device)]
+        return self.model.compute_logits(hidden), sample_seqs
+
+    def _run_decode(self, runner: DecodeRunner, seqs: list[Sequence], routing):
+        """Fill the runner's first rows with one token per sequence, pad the rest, run it."""
+        n, bs = len(seqs), self.block_size
+        computed = [s.num_computed_tokens for s in seqs]
+        runner.pad(n)
+        runner.np_input_ids[:n] = [s.token_ids[p] for s, p in zip(seqs, computed)]
+        runner.np_positions[:n] = computed
+        runner.np_slot_mapping[:n] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, computed)]
+        runner.np_context_lens[:n] = runner.np_positions[:n] + 1
+        tables = runner.np_block_tables
+        for i, s in enumerate(seqs):
+            tables[i, :len(s.block_table)] = s.block_table
+        first_block = None
+        if n == 1:  # a fresh pool hands out consecutive blocks: attention then reads a view
+            table = seqs[0].block_table
+            if table == list(range(table[0], table[0] + len(table))):
+                first_block = table[0]
+        hidden = runner.run(max_context_len=max(computed) + 1, routing=routing, first_block=first_block)
+        sample_rows = [i for i, (s, p) in enumerate(zip(seqs, computed)) if p + 1 == s.num_tokens]
+        return hidden, sample_rows, [seqs[i] for i in sample_rows]
+
+    def _run_flat(self, sched: SchedulerOutput, routing):
+        seqs, nd, bs = sched.seqs, sched.num_single, self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        block_tables = context_lens = None
+        max_ctx = 0
+        if nd:
+            singles = seqs[:nd]
+            computed = [s.num_computed_tokens for s in singles]
+            ids = [s.token_ids[p] for s, p in zip(singles, computed)]
+            positions = list(computed)
+            slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(singles, computed)]
+            width = max(len(s.block_table) for s in singles)
+            block_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in singles],
+                                        dtype=torch.int32, device=self.device)
+            context_lens = torch.tensor([p + 1 for p in computed], dtype=torch.int32, device=self.device)
+            max_ctx = max(computed) + 1
+            sample_rows = [i for i, (s, p) in enumerate(zip(singles, computed)) if p + 1 == s.num_tokens]
+        sample_seqs = [seqs[i] for i in sample_rows]
+        prefills: list[PrefillChunk] = []
+        row = nd
+        for seq, n in zip(seqs[nd:], sched.num_new_tokens[nd:]):
+            p, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            table = seq.block_table
+            ids.extend(seq.token_ids[p:end])
+            positions.extend(range(p, end))
+            slots.extend([table[q // bs] * bs + q % bs for q in range(p, end)])
+            block_ids = None
+            if p > 0:
+                block_ids = torch.tensor(table[:-(-end // bs)], dtype=torch.int64, device=self.device)
+            prefills.append(PrefillChunk(row, row + n, end, block_ids))
+            row += n
+            if end == seq.num_tokens:
+                sample_rows.append(row - 1)
+                sample_seqs.append(seq)
+        dev = self.device
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
+        self.attn.prepare(slot_mapping=slot_mapping, num_single=nd, block_tables=block_tables,
+                          context_lens=context_lens, max_context_len=max_ctx, prefills=prefills)
+        hidden = self.model.hidden_states(torch.tensor(ids, dtype=torch.int64, device=dev),
+                                          positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+                                          attn_context=self.attn, routing=routing)
+        return hidden, sample_rows, sample_seqs
+
+    def _store_routing(self, sched: SchedulerOutput, routing) -> None:
+        """Keep the experts chosen for each computed token ([n, num_moe_layers, k] per chunk)."""
+        if not routing.topk_ids:
+            return
+        chosen = torch.stack([routing.topk_ids[layer] for layer in sorted(routing.topk_ids)], dim=1).cpu()
+        row = 0
+        for seq, n in zip(sched.seqs, sched.num_new_tokens):
+            start = seq.num_computed_tokens
+            if start == 0 or seq.routing is None:
+                seq.routing = {}
+            seq.routing[start] = chosen[row:row + n].clone()
+            row += n

@@ -1,0 +1,121 @@
+"""Batched sampling and behavior log-probs.
+
+Sampling is by inverse CDF: one uniform number per row, a cumulative sum of the (truncated,
+temperature-scaled) unnormalised probabilities, a binary search. On CPU this is ~10x cheaper than
+drawing Gumbel/exponential noise for every vocabulary entry, and the only randomness is one float per
+row, computed in Python: for a seeded request from (seed, sample index, token position) through
+`token_seed`, so its tokens depend neither on the batch it shares nor on preemption, interruption or
+resumption; for an unseeded request from the engine's seeded `random.Random`.
+
+Log-probs follow the contract: `log_softmax(logits / T)` over the full vocabulary before truncation
+(T = 1 for greedy rows). Top-p avoids a full-vocabulary sort when the nucleus lies within the top
+few hundred tokens (the usual case for trained models), sorting everything only when it does not.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from rl_engine.inference.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def token_seed(seed: int, index: int, position: int) -> int:
+    """A 63-bit seed for one token of one sample (splitmix64 finaliser of a linear mix)."""
+    x = (seed * 0x9E3779B97F4A7C15 + index * 0xD1B54A32D192ED03 + position * 0xBF58476D1CE4E5B9) & _MASK64
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & _MASK64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & _MASK64
+    x ^= x >> 31
+    return x >> 1
+
+
+@dataclass
+class SampleRow:
+    """What the sampler needs about one row: its params and, if seeded, the token's seed."""
+
+    params: SamplingParams
+    seed: int | None  # token_seed(...) of this token, or None to draw from the engine's generator
+
+
+class Sampler:
+    def __init__(self, *, device: torch.device, seed: int) -> None:
+        self.device = device
+        self.rng = random.Random(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[float]]:
+        """logits [n, V] (any float dtype) -> (token ids, log-probs), one per row."""
+        logits = logits.float()
+        temps = [r.params.temperature for r in rows]
+        t0 = temps[0]
+        if all(t == t0 for t in temps):
+            scale = t0 if t0 > 0 else 1.0
+            z = logits / scale if scale != 1.0 else logits
+        else:
+            z = logits / torch.tensor([t if t > 0 else 1.0 for t in temps], device=logits.device)[:, None]
+        z_max, argmax = z.max(dim=-1, keepdim=True)  # greedy rows (T = 1 there) take argmax
+        if any(temps):
+            e = (z - z_max).exp_()  # unnormalised probabilities, in (0, 1]
+            lse = z_max + e.sum(dim=-1, keepdim=True).log_()
+            sampled = self._sample(e, z, rows)
+            tokens = sampled if all(temps) else torch.where(
+                torch.tensor([t == 0 for t in temps], device=z.device)[:, None], argmax, sampled)
+        else:
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            tokens = argmax
+        logprobs = z.gather(1, tokens) - lse
+        return tokens.view(-1).tolist(), logprobs.view(-1).tolist()
+
+    def _sample(self, e: torch.Tensor, z: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """Inverse-CDF draw from e (truncated in place), one uniform per row -> [n, 1] token ids."""
+        e = _truncate(e, z, [r.params for r in rows])
+        cdf = e.cumsum_(dim=-1)  # e is not needed afterwards
+        u = [r.seed / 2.0 ** 63 if r.seed is not None else self.rng.random() for r in rows]
+        target = torch.tensor(u, dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
+        # First index whose cumulative mass exceeds the target: never a zero-mass (truncated) entry.
+        return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
+
+
+def _truncate(e: torch.Tensor, z: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Top-k, then top-p, then min-p (the transformers order), zeroing entries of e [n, V] (the
+    unnormalised probabilities exp(z - max z)). Returns e, possibly a new tensor."""
+    n, vocab = e.shape
+    top_ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(top_ks):
+        k_max = max(top_ks)
+        kth = torch.topk(z, k_max, dim=-1).values.gather(
+            1, torch.tensor([(k or k_max) - 1 for k in top_ks], device=z.device)[:, None])
+        kth.masked_fill_(torch.tensor([k == 0 for k in top_ks], device=z.device)[:, None], float("-inf"))
+        e = e.masked_fill(z < kth, 0.0)
+    top_ps = [p.top_p for p in params]
+    if any(p < 1.0 for p in top_ps):
+        e = e.masked_fill(e < _nucleus_floor(e, top_ps), 0.0)
+    min_ps = [p.min_p for p in params]
+    if any(min_ps):
+        # p >= min_p * p_max  <=>  e >= min_p (e is 1 at the maximum)
+        e = e.masked_fill(e < torch.tensor(min_ps, device=e.device)[:, None], 0.0)
+    return e
+
+
+def _nucleus_floor(e: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
+    """Per row, the smallest unnormalised probability inside the nucleus ([n, 1]; 0 for top_p = 1):
+    tokens sorted by probability are kept while the mass strictly before them is < top_p."""
+    n, vocab = e.shape
+    p = torch.tensor(top_ps, device=e.device)[:, None]
+    total = e.sum(dim=-1, keepdim=True)
+    k = min(vocab, 256)
+    while True:
+        head = torch.topk(e, k, dim=-1).values  # descending
+        before = head.cumsum(dim=-1) - head  # unnormalised mass strictly before each entry
+        inside = before < p * total
+        # the head decides a row when its last entry is already outside the nucleus (or k = vocab)
+        if k == vocab or not bool(inside[:, -1][p[:, 0] < 1.0].any()):
+            last = inside.sum(dim=-1, keepdim=True).clamp_(min=1) - 1
+            floor = head.gather(1, last)
+            return floor.masked_fill_(p >= 1.0, 0.0)
+        k = min(vocab, k * 8)

@@ -1,0 +1,140 @@
+"""Requests, their sequences, and the outputs handed back to users.
+
+A `Request` holds the `n` samples (`Sequence`s) of one prompt. A sequence is one token list, prompt
+then output, plus how many of its tokens have KV in the cache (`num_computed_tokens`). The scheduler
+only ever asks "how many tokens are not computed yet": a fresh prompt, a chunk of a long prompt, a
+decode step, the recompute after preemption and the resumption of an interrupted partial rollout are
+the same thing to it. Per generated token a sequence keeps the behavior log-prob, the policy (weights)
+version that sampled it, and the oldest weights version among the KV it attended to.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from rl_engine.inference.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclass
+class CompletionOutput:
+    """One sample of a request. Lists are per generated token."""
+
+    index: int
+    token_ids: list[int]
+    text: str | None
+    logprobs: list[float]  # behavior log-probs under the log-prob contract
+    policy_versions: list[int]  # weights version that sampled each token
+    kv_versions: list[int]  # oldest weights version of the KV each token's sampling attended to
+    finish_reason: str | None  # "stop", "length", "abort", or None while running
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    num_preemptions: int = 0
+    routed_experts: list | None = None  # MoE routing replay: per processed token [num_moe_layers][k]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """The result of one request: `n` completions. A partial one (from `interrupt()`, finish_reason
+    "abort") can be passed back as a prompt to continue it, with the engine's current weights."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    sampling_params: SamplingParams | None = None
+    error: str | None = None  # set when the request was refused (e.g. a prompt too long)
+
+
+class Sequence:
+    """One sample: prompt + generated tokens and its place in the paged KV cache."""
+
+    _ids = itertools.count()
+
+    __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
+                 "block_table", "block_hashes", "num_hashed_blocks", "kv_epoch", "kv_version", "status",
+                 "logprobs", "policy_versions", "kv_versions", "finish_reason", "stop_reason", "rng_seed",
+                 "num_preemptions", "routing", "text_offset")
+
+    def __init__(self, request: "Request", index: int, token_ids: list[int], *, num_prompt_tokens: int,
+                 rng_seed: int) -> None:
+        self.seq_id = next(Sequence._ids)
+        self.request = request
+        self.index = index
+        self.token_ids = token_ids
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained content hash of each full block (prefix cache)
+        self.num_hashed_blocks = 0  # blocks of block_table registered in the prefix cache
+        self.kv_epoch = -1  # prefix-cache epoch in which this sequence's KV started being computed
+        self.kv_version: int | None = None  # oldest weights version in this sequence's cached KV
+        self.status = SeqStatus.WAITING
+        self.logprobs: list[float] = []
+        self.policy_versions: list[int] = []
+        self.kv_versions: list[int] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.rng_seed = rng_seed
+        self.num_preemptions = 0
+        self.routing: dict[int, object] | None = None  # start position -> routing tensor [n, L, k]
+        self.text_offset = 0  # characters of output text already checked for stop strings
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+
+class Request:
+    """A prompt and its `n` samples. Sample 0 (the leader) prefills the prompt; the others are
+    forked from it once its prompt KV exists, sharing its full prompt blocks (`pending_forks`)."""
+
+    __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "seqs", "pending_forks", "stream")
+
+    def __init__(self, request_id: str, *, prompt: str | None, prompt_token_ids: list[int],
+                 params: SamplingParams, stream: bool) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.seqs: list[Sequence] = []
+        self.pending_forks: list[Sequence] = []
+        self.stream = stream
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+@dataclass
+class SchedulerOutput:
+    """One step: the sequences to run and how many new tokens each computes. Sequences computing
+    exactly one token (decodes, and one-token prefill chunks) come first, then longer chunks."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    num_single: int = 0  # the first `num_single` entries compute one token each
+    preempted: list[Sequence] = field(default_factory=list)

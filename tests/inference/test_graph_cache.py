@@ -1,0 +1,63 @@
+"""The graph lookup cache: bucket choice, O(1) table, padding that only touches the dummy block."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import mixed_prompts
+from rl_engine import LLM, SamplingParams
+from rl_engine.inference.block_manager import DUMMY_BLOCK
+from rl_engine.inference.graph_cache import GraphCache, default_buckets
+
+
+def test_default_buckets():
+    assert default_buckets(1) == [1]
+    assert default_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert default_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+
+
+def test_lookup_pads_to_smallest_bucket_and_builds_each_runner_once():
+    built = []
+
+    def make(b):
+        built.append(b)
+        return object()
+
+    cache = GraphCache([8, 2, 4], make)
+    assert [cache.bucket_for(b) for b in range(1, 9)] == [2, 2, 4, 4, 8, 8, 8, 8]
+    assert cache.bucket_for(9) is None and cache.lookup(9) is None
+    r3 = cache.lookup(3)
+    assert cache.lookup(4) is r3 and cache.runner_of[3] is r3 and cache.runner_of[4] is r3
+    assert cache.lookup(1) is cache.lookup(2) is not r3
+    assert built == [4, 2] and cache.num_runners == 2
+
+
+def test_padded_rows_write_only_the_dummy_block(qwen2):
+    llm = LLM(qwen2[1], graph_batch_sizes=[8], block_size=4)
+    engine = llm.engine
+    prompts = mixed_prompts(3, seed=9, max_len=20)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    engine.step()  # prefill (eager, exact batch)
+    before = [k.clone() for k in engine.runner.k_caches]
+    engine.step()  # 3 decodes padded to the bucket of 8
+    positions = [(s, s.num_computed_tokens - 1) for s in engine.scheduler.running]
+    slots = {s.block_table[p // 4] * 4 + p % 4 for s, p in positions}
+    assert len(slots) == 3
+    assert engine.runner.graphs.num_runners == 1
+    for old, new in zip(before, engine.runner.k_caches):
+        changed = (old != new).flatten(2).any(-1).nonzero().tolist()  # [(block, offset)]
+        changed_slots = {b * 4 + o for b, o in changed}
+        assert changed_slots - slots <= {DUMMY_BLOCK * 4}
+        assert slots <= changed_slots
+
+
+def test_outputs_do_not_depend_on_bucket_padding(qwen2):
+    prompts = mixed_prompts(5, seed=10)
+    params = SamplingParams(temperature=0.8, max_tokens=10, seed=3, ignore_eos=True)
+    exact = LLM(qwen2[1], graph_batch_sizes=list(range(1, 9))).generate(prompts, params)
+    padded = LLM(qwen2[1], graph_batch_sizes=[16]).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in exact] == [o.outputs[0].token_ids for o in padded]
+    diff = max((torch.tensor(a.outputs[0].logprobs) - torch.tensor(b.outputs[0].logprobs)).abs().max().item()
+               for a, b in zip(exact, padded))
+    assert diff <= 1e-5

@@ -1,0 +1,89 @@
+"""The request surface: stop conditions, text, refused requests, sampling-parameter validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import mixed_prompts
+from rl_engine import LLM, SamplingParams
+from rl_engine.policy import from_pretrained
+
+
+def test_text_prompts_stop_strings_and_stop_tokens(char_model):
+    llm = LLM(char_model)
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    full = llm.generate("Hello there", greedy)[0].outputs[0]
+    assert full.text == llm.tokenizer.decode(full.token_ids) and len(full.token_ids) == 30
+    stop = full.text[10:13]
+    first = full.text.find(stop)
+    cut = llm.generate("Hello there", greedy.clone(stop=[stop, "never-seen"]))[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == full.text[:first]
+    assert full.token_ids[:len(cut.token_ids)] == cut.token_ids
+    kept = llm.generate("Hello there", greedy.clone(stop=stop, include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == full.text[:first + len(stop)]
+    token = full.token_ids[5]
+    by_id = llm.generate("Hello there", greedy.clone(stop_token_ids=[token]))[0].outputs[0]
+    assert by_id.token_ids == full.token_ids[:full.token_ids.index(token) + 1]
+    assert by_id.finish_reason == "stop" and by_id.stop_reason == token
+
+
+def test_eos_min_tokens_and_ignore_eos(qwen2):
+    model = from_pretrained(qwen2[1], dtype=torch.float32)
+    prompt = mixed_prompts(1, seed=20)[0]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    tokens = LLM(model).generate([prompt], greedy)[0].outputs[0].token_ids
+    model.config.eos_token_id = [tokens[2]]
+    llm = LLM(model)
+    first_eos = tokens.index(tokens[2])
+    out = llm.generate([prompt], greedy.clone(ignore_eos=False))[0].outputs[0]
+    assert out.token_ids == tokens[:first_eos + 1] and out.finish_reason == "stop" and out.stop_reason is None
+    out = llm.generate([prompt], greedy)[0].outputs[0]
+    assert out.token_ids == tokens and out.finish_reason == "length"
+    later = [i for i, t in enumerate(tokens) if t == tokens[2] and i >= 4]
+    out = llm.generate([prompt], greedy.clone(ignore_eos=False, min_tokens=5))[0].outputs[0]
+    assert len(out.token_ids) == (later[0] + 1 if later else 12)
+
+
+def test_refused_requests_fail_alone(qwen2):
+    llm = LLM(qwen2[1], max_model_len=64, num_kv_blocks=4, block_size=16)  # the pool holds 48 tokens
+    ok = mixed_prompts(3, seed=21, max_len=30)
+    prompts = [ok[0], list(range(64)), ok[1], [5] * 50, [], [1, 2, 500], ok[2]]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    errors = [o.error for o in outs]
+    assert errors[0] is None and errors[2] is None and errors[6] is None
+    assert "64 tokens but max_model_len is 64" in errors[1]
+    assert "50 tokens but the whole KV pool holds 48" in errors[3]
+    assert "empty" in errors[4]
+    assert "[0, 97)" in errors[5] and "max 500" in errors[5]
+    assert all(len(outs[i].outputs[0].token_ids) == 5 for i in (0, 2, 6))
+    assert all(outs[i].outputs[0].finish_reason == "abort" for i in (1, 3, 4, 5))
+    # Growing past the pool ends a request with "length" instead of stalling the engine.
+    out = llm.generate([ok[0]], SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))[0]
+    assert out.outputs[0].finish_reason == "length" and len(ok[0]) + len(out.outputs[0].token_ids) == 48
+    with pytest.raises(ValueError, match="text prompt needs a tokenizer"):
+        llm.engine.add_request("x", "hello")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), "temperature = -0.5 is invalid; allowed: >= 0"),
+    (dict(top_p=0.0), r"top_p = 0.0 is invalid; allowed: \(0, 1\]"),
+    (dict(top_p=1.5), "top_p = 1.5"),
+    (dict(top_k=-3), "top_k = -3 is invalid"),
+    (dict(min_p=2.0), r"min_p = 2.0 is invalid; allowed: \[0, 1\]"),
+    (dict(n=0), "n = 0 is invalid; allowed: an integer >= 1"),
+    (dict(max_tokens=0), "max_tokens = 0"),
+    (dict(min_tokens=5, max_tokens=3), r"min_tokens \(5\) must be <= max_tokens \(3\)"),
+    (dict(stop=[""]), "stop entry = ''"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids entry = -1"),
+])
+def test_invalid_sampling_params_name_value_and_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_stop_strings_need_a_tokenizer(qwen2):
+    llm = LLM(qwen2[1])
+    out = llm.generate([[1, 2, 3]], SamplingParams(stop=["x"]))[0]
+    assert "stop strings need a tokenizer" in out.error

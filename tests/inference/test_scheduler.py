@@ -1,0 +1,81 @@
+"""Continuous batching: token budget, chunked prefill, admission limits, preemption of the newest."""
+
+from __future__ import annotations
+
+from rl_engine.inference.block_manager import BlockManager
+from rl_engine.inference.scheduler import Scheduler
+from rl_engine.inference.sequence import SeqStatus
+
+from test_block_manager import make_seq
+
+
+def finish_step(sched_out) -> None:
+    """What the engine does after a forward: computed tokens advance; a finished prompt samples one."""
+    for seq, n in zip(sched_out.seqs, sched_out.num_new_tokens):
+        seq.num_computed_tokens += n
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.token_ids.append(0)
+
+
+def test_chunked_prefill_under_token_budget_with_decodes_first():
+    bm = BlockManager(num_blocks=100, block_size=4, enable_prefix_caching=False)
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=10)
+    short, long = make_seq([1, 2, 3]), make_seq(list(range(25)))
+    s.add(short)
+    s.add(long)
+    out = s.schedule()
+    assert out.seqs == [short, long] and out.num_new_tokens == [3, 7] and out.num_single == 0
+    finish_step(out)
+    out = s.schedule()  # short decodes (1 token, listed first), long continues with the rest of the budget
+    assert out.seqs == [short, long] and out.num_new_tokens == [1, 9] and out.num_single == 1
+    finish_step(out)
+    out = s.schedule()
+    assert out.num_new_tokens == [1, 9]
+    finish_step(out)
+    out = s.schedule()  # long's prompt is complete: both decode
+    assert out.num_new_tokens == [1, 1] and out.num_single == 2
+
+
+def test_max_num_seqs_limits_admission():
+    bm = BlockManager(num_blocks=100, block_size=4, enable_prefix_caching=False)
+    s = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=100)
+    seqs = [make_seq([i, i + 1]) for i in range(3)]
+    for q in seqs:
+        s.add(q)
+    out = s.schedule()
+    assert out.seqs == seqs[:2] and list(s.waiting) == seqs[2:]
+
+
+def test_preemption_takes_the_newest_and_requeues_it_first():
+    bm = BlockManager(num_blocks=6, block_size=2, enable_prefix_caching=False)  # 5 usable blocks
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    a, b, c = make_seq([1, 2, 3, 4]), make_seq([5, 6, 7, 8]), make_seq([9])
+    for q in (a, b, c):
+        s.add(q)
+    out = s.schedule()
+    assert out.seqs == [c, a, b] and out.num_single == 1  # c's one-token prefill counts as a single
+    finish_step(out)
+    assert bm.num_free_blocks == 0
+    # a and b each need a third block: c (the newest) is preempted for a, then b preempts itself.
+    out = s.schedule()
+    assert out.seqs == [a] and out.preempted == [c, b]
+    assert list(s.waiting) == [b, c] and s.running == [a]
+    assert c.status is SeqStatus.WAITING and c.num_computed_tokens == 0 and c.block_table == []
+    assert c.token_ids == [9, 0] and c.num_preemptions == 1  # its sampled token is kept
+    bm.check_invariants()
+    finish_step(out)
+    out = s.schedule()  # no admission while the pool is full
+    assert out.seqs == [a] and not out.preempted
+
+
+def test_sequence_preempts_itself_when_it_is_the_newest():
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False)  # 3 usable blocks
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    b, a = make_seq([1]), make_seq(list(range(2, 10)))
+    s.add(b)
+    s.add(a)
+    finish_step(s.schedule())
+    out = s.schedule()  # b still fits its block; a needs a third one and is the newest
+    assert out.seqs == [b] and out.preempted == [a]
+    assert a.status is SeqStatus.WAITING and a.token_ids[-1] == 0 and len(a.token_ids) == 9
+    bm.check_invariants()
