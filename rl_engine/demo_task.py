@@ -2,8 +2,10 @@
 
 `rl-engine train` with no arguments must show RL learning on 2 CPU cores in minutes, with nothing
 downloaded. Tasks: "upper" (`upper abcd` -> `ABCD`, the demo's default) and "reverse"
-(`reverse abcd` -> `dcba`). A tiny model learns "upper" quickly (a copy at a fixed offset plus a
-per-letter map); "reverse" needs many more steps. The reward is exact match.
+(`reverse abcd` -> `dcba`). Strings have a fixed length (5 by default), so that "upper" is a copy
+at a fixed offset plus a per-letter map, which a 2-layer model learns in a few hundred steps
+(variable lengths need an induction circuit, which forms late and abruptly); "reverse" needs many
+more steps. The reward is exact match, case-sensitive for these tasks.
 
 The supervised warm start imitates a *noisy demonstrator* that does the task only `p_correct` of
 the time and otherwise copies the string unchanged: the warm-started policy is right only some of
@@ -35,7 +37,7 @@ TASKS = {"upper": str.upper, "reverse": lambda s: s[::-1]}
 
 
 def write_task(directory: str, task: str, *, seed: int = 0, num_train: int = 4000, num_eval: int = 200,
-               num_sft: int = 2000, p_correct: float = 0.3, min_len: int = 3, max_len: int = 6) -> dict[str, str]:
+               num_sft: int = 2000, p_correct: float = 0.4, min_len: int = 5, max_len: int = 5) -> dict[str, str]:
     """Write train.jsonl (prompts + answers for RL), eval.jsonl (held out) and sft.jsonl (noisy
     demonstrations: prompt + response) to `directory`; returns their paths."""
     if task not in TASKS:

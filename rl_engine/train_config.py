@@ -37,7 +37,7 @@ class WarmupSection:
     """Optional supervised warm start on (prompt, response) JSONL before RL."""
 
     path: str | None = "builtin"  # "builtin": the builtin task's demonstrations; None: no warm start
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 64
     lr: float = 3e-3
 
@@ -57,7 +57,7 @@ class RolloutSection:
 
 @dataclass(kw_only=True)
 class OptimSection:
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -66,7 +66,7 @@ class OptimSection:
 
 @dataclass(kw_only=True)
 class TrainSection:
-    steps: int = 40
+    steps: int = 100
     micro_batch_tokens: int = 4096
     seed: int = 0
     eval_every: int = 0  # 0: evaluate before and after only

@@ -16,15 +16,15 @@ def small_config(tmp_path, *extra: str) -> RLConfig:
 
 def test_rl_raises_held_out_accuracy(tmp_path):
     """Reduced demo: a noisy warm start, then RL must raise greedy held-out accuracy."""
-    cfg = small_config(tmp_path, "warmup.steps=600", "train.steps=60", "train.threads=2")
+    cfg = small_config(tmp_path, "warmup.steps=350", "train.steps=30")
     trainer = GRPOTrainer(cfg)
     trainer.warm_start()
     before = trainer.evaluate()["eval/accuracy"]
     rewards = [trainer.step()["reward/mean"] for _ in range(cfg.train.steps)]
     after = trainer.evaluate()["eval/accuracy"]
     trainer.close()
-    assert sum(rewards[-15:]) / 15 > sum(rewards[:15]) / 15 + 0.05, rewards
-    assert after >= before + 0.10, (before, after)
+    assert sum(rewards[-10:]) / 10 > sum(rewards[:5]) / 5 + 0.1, rewards
+    assert after >= before + 0.30, (before, after)
 
 
 def test_behavior_and_training_logprobs_agree_in_the_loop(tmp_path):

@@ -1,0 +1,177 @@
+"""torch.distributed transport: trainer ranks and engine ranks in one sync group, bucket by bucket.
+
+The sync group is its own process group (`sync_group`: a TCP store and a gloo group, or NCCL on CUDA),
+so the trainer keeps its training world and the engines theirs. One update is three steps, all
+collective over the sync group:
+1. handshake (one all-reduce): every rank checks that the sources agree on the version, that everyone
+   planned the same layouts (plan fingerprint) and that the version is above every engine's; else every
+   rank raises the same error and nothing moves;
+2. buckets: destinations post a receive per bucket into persistent staging buffers; each source packs a
+   bucket into one flat buffer (a window of them in flight), appends its 16-byte checksum and sends it
+   point to point; the probe source also sends the probe;
+3. verdict (one all-reduce): each destination checks its buckets; the update is accepted only if every
+   destination accepted, and the sources learn which bucket failed.
+Main design choice: point-to-point messages between the shard owners (no broadcast of gathered
+tensors), sized by the plan's buckets, so memory stays one shard plus the window.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from rl_engine.weight_sync.buckets import Probe, Update, WeightSyncError, pack_into, segment_views
+from rl_engine.weight_sync.checksum import checksum
+
+if TYPE_CHECKING:
+    from rl_engine.weight_sync.endpoints import WeightPublisher, WeightReceiver
+
+_MIN = -(1 << 62)
+_DIGEST = 16
+_PROBE_TAG = 1 << 28
+_OTHER_FAILURE = 1 << 40
+
+
+def sync_group(address: str, *, rank: int, world_size: int, backend: str = "gloo",
+               timeout_s: float = 300.0) -> dist.ProcessGroup:
+    """A process group of its own for weight sync, independent of the default (training) group.
+    `address` is "host:port" of rank 0's TCP store. NCCL (backend="nccl") is unverified on CPU."""
+    host, port = address.rsplit(":", 1)
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=timeout)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(store, rank, world_size)
+    raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+
+
+def _all_reduce_max(group: dist.ProcessGroup, t: torch.Tensor) -> torch.Tensor:
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.MAX
+    group.allreduce([t], opts).wait()
+    return t
+
+
+class TorchDistTransport:
+    """Both ends. Source rank s is `src_ranks[s]` in `group`, destination d is `dst_ranks[d]`
+    (default: sources first, then destinations)."""
+
+    def __init__(self, group: dist.ProcessGroup, *, num_src: int, num_dst: int, src_ranks: list[int] | None = None,
+                 dst_ranks: list[int] | None = None, window: int = 2) -> None:
+        self.group = group
+        self.src_ranks = list(src_ranks) if src_ranks is not None else list(range(num_src))
+        self.dst_ranks = list(dst_ranks) if dst_ranks is not None else list(range(num_src, num_src + num_dst))
+        if len(self.src_ranks) != num_src or len(self.dst_ranks) != num_dst:
+            raise ValueError(f"src_ranks / dst_ranks must list {num_src} and {num_dst} group ranks")
+        self.window = max(1, window)
+        self._send_bufs: list[torch.Tensor] = []
+        self._staging: dict[int, torch.Tensor] = {}
+
+    # ---- handshake and verdict ---------------------------------------------------------------------
+    def _handshake(self, *, plan, version: int | None, engine_version: int | None, probe_len: int) -> tuple[int, int]:
+        t = torch.tensor([_MIN, _MIN, plan.fingerprint, -plan.fingerprint, _MIN, probe_len], dtype=torch.int64)
+        if version is not None:
+            t[0], t[1] = version, -version
+        if engine_version is not None:
+            t[4] = engine_version
+        _all_reduce_max(self.group, t)
+        version, lowest, fp_max, fp_min, engine_max, probe_len = t.tolist()
+        if fp_max != -fp_min:
+            raise WeightSyncError("weight sync peers planned different layouts (plan fingerprints differ): build "
+                                  "the plan with the same model config, layouts and bucket_bytes on every rank")
+        if version != -lowest:
+            raise WeightSyncError(f"training ranks publish different versions ({-lowest} .. {version})")
+        if version <= engine_max:
+            raise WeightSyncError(f"weights version must increase: an engine is at {engine_max}, the update is "
+                                  f"{version}; nothing was sent, the engines keep their weights")
+        return version, probe_len
+
+    def _verdict_all(self, plan, failing: int) -> int:
+        t = _all_reduce_max(self.group, torch.tensor([failing], dtype=torch.int64))
+        return int(t)
+
+    # ---- sender side --------------------------------------------------------------------------------
+    def send(self, publisher: "WeightPublisher", version: int, probe: Probe | None) -> None:
+        plan = publisher.plan
+        probe_len = probe.token_ids.numel() if probe is not None else 0
+        version, probe_len = self._handshake(plan=plan, version=version, engine_version=None, probe_len=probe_len)
+        need = max((b.nbytes for b in publisher.buckets), default=0) + _DIGEST
+        if not self._send_bufs or self._send_bufs[0].numel() < need:
+            self._send_bufs = [torch.empty(need, dtype=torch.uint8) for _ in range(self.window)]
+        works: deque = deque()
+        for i, b in enumerate(publisher.buckets):
+            if len(works) == self.window:
+                works.popleft().wait()
+            buf = self._send_bufs[i % self.window]
+            segs = pack_into(b, publisher.tensors, buf)
+            digest = bytes.fromhex(checksum(segs)) if publisher.verify else bytes(_DIGEST)
+            buf[b.nbytes:b.nbytes + _DIGEST] = torch.frombuffer(bytearray(digest), dtype=torch.uint8)
+            works.append(self.group.send([buf[:b.nbytes + _DIGEST]], self.dst_ranks[b.dst_rank], b.index))
+        if publisher.is_probe_source and probe_len:
+            if probe is None:
+                raise WeightSyncError("internal: probe length announced without a probe")
+            ids = probe.token_ids.to(torch.int64).contiguous()
+            meta = torch.cat([probe.logprobs.float(), torch.tensor([probe.temperature])]).contiguous()
+            for d in range(len(self.dst_ranks)):
+                works.append(self.group.send([ids], self.dst_ranks[d], _PROBE_TAG + 2 * d))
+                works.append(self.group.send([meta], self.dst_ranks[d], _PROBE_TAG + 2 * d + 1))
+        for w in works:
+            w.wait()
+        failing = self._verdict_all(plan, 0)
+        if failing:
+            raise WeightSyncError(f"weight update v{version} rejected by the engines ({_describe(plan, failing)}); "
+                                  "they keep their previous weights")
+
+    # ---- receiver side ------------------------------------------------------------------------------
+    def receive(self, receiver: "WeightReceiver") -> Update:
+        plan = receiver.plan
+        version, probe_len = self._handshake(plan=plan, version=None,
+                                             engine_version=receiver.engine.weights_version, probe_len=0)
+        works = []
+        for b in receiver.incoming:
+            buf = self._staging.get(b.index)
+            if buf is None or buf.numel() != b.nbytes + _DIGEST:
+                buf = self._staging[b.index] = torch.empty(b.nbytes + _DIGEST, dtype=torch.uint8)
+            works.append(self.group.recv([buf], self.src_ranks[b.src_rank], b.index))
+        probe_bufs = None
+        if probe_len:
+            from rl_engine.weight_sync.endpoints import probe_source_rank
+
+            src, d = self.src_ranks[probe_source_rank(plan)], receiver.dst_rank
+            probe_bufs = (torch.empty(probe_len, dtype=torch.int64), torch.empty(probe_len, dtype=torch.float32))
+            works.append(self.group.recv([probe_bufs[0]], src, _PROBE_TAG + 2 * d))
+            works.append(self.group.recv([probe_bufs[1]], src, _PROBE_TAG + 2 * d + 1))
+        for w in works:
+            w.wait()
+        update = Update(version=version)
+        for b in receiver.incoming:
+            buf = self._staging[b.index]
+            update.segments[b.index] = segment_views(b, buf)
+            digest = buf[b.nbytes:].numpy().tobytes()
+            update.checksums[b.index] = "" if digest == bytes(_DIGEST) else digest.hex()
+        if probe_bufs is not None:
+            ids, meta = probe_bufs
+            update.probe = Probe(token_ids=ids, logprobs=meta[:-1].clone(), temperature=float(meta[-1]))
+        return update
+
+    def verdict(self, receiver: "WeightReceiver", update: Update, problem: str | None) -> str | None:
+        mine = 0
+        if problem is not None:
+            mine = _OTHER_FAILURE if receiver.failed_bucket is None else receiver.failed_bucket + 1
+        failing = self._verdict_all(receiver.plan, mine)
+        if problem is None and failing:
+            return f"another destination rank rejected the update ({_describe(receiver.plan, failing)})"
+        return problem
+
+
+def _describe(plan, failing: int) -> str:
+    if failing >= _OTHER_FAILURE or failing > len(plan.buckets):
+        return "a destination failed its checks"
+    b = plan.buckets[failing - 1]
+    return (f"bucket {b.index}, source rank {b.src_rank} -> destination rank {b.dst_rank}, "
+            f"first tensor {b.transfers[0].key!r}")
