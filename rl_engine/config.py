@@ -159,6 +159,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
     for key in data:
         if key not in types_:
             raise _unknown(str(key), list(types_), prefix)
+    data = _with_section_defaults(cls, data)
     missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in data
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -169,6 +170,21 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:  # raised by the class's own validation (__post_init__)
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
+
+
+def _with_section_defaults(cls, data: dict[str, Any]) -> dict[str, Any]:
+    """A partially given section starts from the parent's default for it, not the section class's
+    own defaults: `reward.kwargs=...` must keep the `reward.name` that the parent's default_factory
+    chose."""
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        if f.name in out and isinstance(out[f.name], dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                merged = to_dict(default)
+                _merge(merged, out[f.name])
+                out[f.name] = merged
+    return out
 
 
 def to_dict(obj: Any) -> Any:

@@ -193,3 +193,13 @@ def test_yaml_top_level_must_be_a_mapping(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(RunConfig, str(path))
+
+
+def test_partial_section_keeps_the_parents_default_for_it():
+    from rl_engine.train_config import RLConfig
+
+    cfg = load_config(RLConfig, None, ["reward.timeout_s=3"])
+    default = RLConfig()
+    assert cfg.reward.timeout_s == 3.0
+    assert cfg.reward.name == default.reward.name == "exact_match"
+    assert cfg.reward.kwargs == default.reward.kwargs
