@@ -43,9 +43,11 @@ class Update:
 
     version: int
     segments: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    checksums: dict[int, str] = field(default_factory=dict)
+    checksums: dict[int, str] = field(default_factory=dict)  # as sent
+    received: dict[int, str] = field(default_factory=dict)  # computed on arrival (overlapping the transfer)
     probe: Probe | None = None
     zero_copy: bool = False
+    problem: str | None = None  # found by the transport (malformed or missing messages)
 
 
 def source_view(t: Transfer, tensors: dict[LocalName, torch.Tensor]) -> torch.Tensor:
@@ -76,8 +78,10 @@ def segment_views(bucket: Bucket, buf: torch.Tensor) -> list[torch.Tensor]:
     return [buf[o:o + t.nbytes].view(t.dst_dtype).view(t.shape) for t, o in zip(bucket.transfers, bucket.offsets)]
 
 
-def check_segments(bucket: Bucket, segs: list[torch.Tensor], sent_checksum: str | None) -> str | None:
-    """None if the received segments match the plan and the sender's checksum, else the problem."""
+def check_segments(bucket: Bucket, segs: list[torch.Tensor], sent_checksum: str | None,
+                   received_checksum: str | None = None) -> str | None:
+    """None if the received segments match the plan and the sender's checksum, else the problem.
+    `received_checksum`: the segments' checksum if the transport already computed it on arrival."""
     if len(segs) != len(bucket.transfers):
         return f"bucket {bucket.index} has {len(segs)} tensors, the plan has {len(bucket.transfers)}"
     for t, s in zip(bucket.transfers, segs):
@@ -85,7 +89,7 @@ def check_segments(bucket: Bucket, segs: list[torch.Tensor], sent_checksum: str 
             return (f"bucket {bucket.index}: {t.key!r} block arrived as {s.dtype} {tuple(s.shape)}, the plan says "
                     f"{t.dst_dtype} {t.shape}")
     if sent_checksum is not None:
-        got = checksum(segs)
+        got = received_checksum or checksum(segs)
         if got != sent_checksum:
             return (f"checksum mismatch in bucket {bucket.index} (source rank {bucket.src_rank} -> destination rank "
                     f"{bucket.dst_rank}, {bucket.nbytes} bytes, first tensor {bucket.transfers[0].key!r}): "

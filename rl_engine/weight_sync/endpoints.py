@@ -121,9 +121,11 @@ class WeightReceiver:
         update = self.transport.receive(self)
         received = time.perf_counter()
         problem = self._check(update)
+        checked = time.perf_counter()
         problem = self._agree(problem)
         problem = self.transport.verdict(self, update, problem)
-        self.last_stats = {"receive_s": received - start, "verify_s": time.perf_counter() - received,
+        self.last_stats = {"receive_s": received - start, "verify_s": checked - received,
+                           "verdict_s": time.perf_counter() - checked,
                            "bytes": sum(t.nbytes for b in self.incoming for t in b.transfers)}
         if problem is not None:
             logger.warning("weight update v%s rejected on destination rank %d: %s", update.version, self.dst_rank,
@@ -135,6 +137,8 @@ class WeightReceiver:
     def _check(self, update: Update) -> str | None:
         self.failed_bucket: int | None = None
         current = self.engine.weights_version
+        if update.problem is not None:
+            return update.problem
         if update.version <= current:
             return f"weights version must increase: the engine is at {current}, the update is {update.version}"
         if update.zero_copy:
@@ -148,7 +152,7 @@ class WeightReceiver:
             if self.verify and not sent:
                 return (f"bucket {b.index} came without a checksum (verify=False on the publisher?) while this "
                         "receiver verifies")
-            problem = check_segments(b, update.segments[b.index], sent)
+            problem = check_segments(b, update.segments[b.index], sent, update.received.get(b.index))
             if problem is not None:
                 self.failed_bucket = b.index
                 return problem

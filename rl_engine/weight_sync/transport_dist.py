@@ -146,14 +146,17 @@ class TorchDistTransport:
             probe_bufs = (torch.empty(probe_len, dtype=torch.int64), torch.empty(probe_len, dtype=torch.float32))
             works.append(self.group.recv([probe_bufs[0]], src, _PROBE_TAG + 2 * d))
             works.append(self.group.recv([probe_bufs[1]], src, _PROBE_TAG + 2 * d + 1))
-        for w in works:
-            w.wait()
         update = Update(version=version)
-        for b in receiver.incoming:
+        for b, w in zip(receiver.incoming, works):
+            w.wait()  # checksum each bucket as it lands, while the later ones are still on the wire
             buf = self._staging[b.index]
-            update.segments[b.index] = segment_views(b, buf)
+            update.segments[b.index] = segs = segment_views(b, buf)
             digest = buf[b.nbytes:].numpy().tobytes()
             update.checksums[b.index] = "" if digest == bytes(_DIGEST) else digest.hex()
+            if receiver.verify:
+                update.received[b.index] = checksum(segs)
+        for w in works[len(receiver.incoming):]:
+            w.wait()
         if probe_bufs is not None:
             ids, meta = probe_bufs
             update.probe = Probe(token_ids=ids, logprobs=meta[:-1].clone(), temperature=float(meta[-1]))

@@ -1,0 +1,249 @@
+"""Weight-sync throughput per transport against this machine's memcpy bandwidth, and seconds per sync
+against model size, all measured in the same run.
+
+    python benchmarks/weight_sync.py [--layers 1 4 8 --hidden 1024 --bucket-mb 32 --repeats 3]
+
+A training rank (tp 1, fp32) syncs into an engine (tp 1, fp32) through each transport: in-process zero
+copy (the engine runs on the trainer's tensors), in-process copy (the engine has its own tensors), and,
+between two processes, torch.distributed (gloo) and ZMQ (loopback TCP). One sync is everything from
+`publish` to the engine serving the new version: handshake, transfer, checksum on both ends, apply.
+Prints JSON: memcpy GB/s (a large `Tensor.copy_`), then per model size and transport the seconds per
+sync, GB/s (model bytes / seconds) and that as a fraction of memcpy; plus checksum GB/s alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import best_of, emit  # noqa: E402
+
+from rl_engine.inference import LLM  # noqa: E402
+from rl_engine.policy import CausalLM, ModelConfig  # noqa: E402
+from rl_engine.policy.launch import free_port  # noqa: E402
+from rl_engine.weight_sync import (  # noqa: E402
+    EngineLayout,
+    InProcessTransport,
+    TorchDistTransport,
+    TrainLayout,
+    WeightPublisher,
+    WeightReceiver,
+    ZmqReceiverTransport,
+    ZmqSenderTransport,
+    checksum,
+    plan_sync,
+    sync_group,
+)
+
+
+def model_config(layers: int, hidden: int) -> ModelConfig:
+    return ModelConfig(model_type="qwen2", vocab_size=8192, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                       num_layers=layers, num_heads=hidden // 64, num_kv_heads=max(1, hidden // 256), head_dim=64,
+                       tie_word_embeddings=False, max_position_embeddings=4096, max_context_len=4096)
+
+
+def engine(model: CausalLM) -> LLM:
+    return LLM(model, num_kv_blocks=4, max_num_seqs=1, max_model_len=64)
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return round(nbytes / seconds / 1e9, 3)
+
+
+def memcpy_seconds(nbytes: int) -> float:
+    """Best time of one `Tensor.copy_` of `nbytes` (fp32, far larger than the caches for real sizes)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    return best_of(lambda: dst.copy_(src), repeats=5)
+
+
+def in_process(cfg: ModelConfig, *, bucket_bytes: int, repeats: int) -> dict:
+    trainer = CausalLM(cfg)
+    out = {}
+    # Zero copy: the engine is built on the trainer's own model.
+    plan = plan_sync(cfg, src=TrainLayout(), dst=EngineLayout(), bucket_bytes=bucket_bytes, colocated={0: 0})
+    tx = InProcessTransport(zero_copy=True)
+    rec = WeightReceiver(engine(trainer), plan, transport=tx)
+    pub = WeightPublisher(trainer, plan, src_rank=0, transport=tx)
+    version = iter(range(1, 10 ** 6))
+
+    def zero_copy_sync() -> None:
+        pub.publish(next(version))
+        rec.sync()
+
+    out["inprocess_zero_copy"] = {"seconds": best_of(zero_copy_sync, repeats=max(repeats, 20))}
+    out["memcpy_inprocess"] = {"seconds": memcpy_seconds(plan.model_bytes())}
+    # Copies into the engine's own tensors, verified and not.
+    llm = engine(CausalLM(cfg))
+    for verify in (True, False):
+        plan = plan_sync(cfg, src=TrainLayout(), dst=EngineLayout(), bucket_bytes=bucket_bytes)
+        tx = InProcessTransport(zero_copy=False)
+        rec = WeightReceiver(llm, plan, transport=tx, verify=verify)
+        pub = WeightPublisher(trainer, plan, src_rank=0, transport=tx, verify=verify)
+
+        def copy_sync() -> None:
+            pub.publish(next(version))
+            rec.sync()
+
+        name = "inprocess_copy" + ("" if verify else "_unverified")
+        out[name] = {"seconds": best_of(copy_sync, repeats=repeats)}
+    return out
+
+
+def two_process_worker(rank: int, args: dict, result_file: str) -> None:
+    """Rank 0 trains (publishes), rank 1 serves (receives); every model size, both transports."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args['ctl_port']}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=600))
+    group = sync_group(f"127.0.0.1:{args['sync_port']}", rank=rank, world_size=2, timeout_s=600)
+    results: dict = {}
+    for layers in args["layers"]:
+        cfg = model_config(layers, args["hidden"])
+        model = CausalLM(cfg)
+        llm = engine(model) if rank == 1 else None
+        plan = plan_sync(cfg, src=TrainLayout(), dst=EngineLayout(), bucket_bytes=args["bucket_bytes"])
+        if rank == 1:
+            zrx = ZmqReceiverTransport(port=args["zmq_port"], timeout_s=600)
+            transports = {"torch_distributed_gloo": TorchDistTransport(group, num_src=1, num_dst=1), "zmq_tcp": zrx}
+            receivers = {k: WeightReceiver(llm, plan, transport=t) for k, t in transports.items()}
+        else:
+            ztx = ZmqSenderTransport({0: f"tcp://127.0.0.1:{args['zmq_port']}"}, timeout_s=600)
+            transports = {"torch_distributed_gloo": TorchDistTransport(group, num_src=1, num_dst=1), "zmq_tcp": ztx}
+            publishers = {k: WeightPublisher(model, plan, src_rank=0, transport=t) for k, t in transports.items()}
+        version = 0
+        sizes = results.setdefault(str(layers), {})
+        raw = _raw_transfers(rank, group, plan.model_bytes(), args)
+        if rank == 1:
+            sizes.update(raw)
+        for name in transports:
+            best = float("inf")
+            for _ in range(args["repeats"] + 1):  # the first one warms up (allocations, connections)
+                version += 1
+                dist.barrier()
+                t0 = time.perf_counter()
+                if rank == 1:
+                    receivers[name].sync()
+                else:
+                    publishers[name].publish(version)
+                best = min(best, time.perf_counter() - t0)
+            if rank == 1:
+                sizes[name] = {"seconds": best, "stages": receivers[name].last_stats}
+        if rank == 1:
+            zrx.close()
+        else:
+            ztx.close()
+        del model, llm
+    if rank == 1:
+        with open(result_file, "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _raw_transfers(rank: int, group, nbytes: int, args: dict) -> dict:
+    """The ceiling of each wire here: the same bytes sent as plain buckets with no plan, checksum or
+    apply (gloo send/recv; ZMQ PUSH/PULL multipart, zero-copy send)."""
+    import zmq
+
+    chunk = args["bucket_bytes"]
+    buf = torch.ones(nbytes, dtype=torch.uint8) if rank == 0 else torch.empty(nbytes, dtype=torch.uint8)
+    out = {}
+    best = float("inf")
+    for _ in range(args["repeats"] + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        works = [(group.send if rank == 0 else group.recv)([buf[o:o + chunk]], 1 - rank, 7)
+                 for o in range(0, nbytes, chunk)]
+        for w in works:
+            w.wait()
+        best = min(best, time.perf_counter() - t0)
+    out["raw_gloo_send_recv"] = {"seconds": best}
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.PULL if rank == 1 else zmq.PUSH)
+    address = f"tcp://127.0.0.1:{args['raw_zmq_port']}"
+    sock.bind(address) if rank == 1 else sock.connect(address)
+    best = float("inf")
+    for _ in range(args["repeats"] + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if rank == 0:
+            sock.send_multipart([memoryview(buf[o:o + chunk].numpy()) for o in range(0, nbytes, chunk)], copy=False)
+        else:
+            sock.recv_multipart(copy=False)
+        best = min(best, time.perf_counter() - t0)
+    dist.barrier()
+    sock.close(linger=0)
+    out["raw_zmq_push_pull"] = {"seconds": best}
+    if rank == 1:
+        out["memcpy"] = {"seconds": memcpy_seconds(nbytes)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--bucket-mb", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    bucket_bytes = args.bucket_mb << 20
+    sizes = {n: plan_sync(model_config(n, args.hidden), src=TrainLayout(), dst=EngineLayout()).model_bytes()
+             for n in args.layers}
+    memcpy = gbps(max(sizes.values()), memcpy_seconds(max(sizes.values())))
+    data = torch.ones(max(sizes.values()) // 4)
+    checksum_gbps = gbps(data.numel() * 4, best_of(lambda: checksum([data]), repeats=3))
+    per_size: dict = {}
+    for n in args.layers:
+        per_size[str(n)] = in_process(model_config(n, args.hidden), bucket_bytes=bucket_bytes, repeats=args.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = os.path.join(tmp, "two_process.json")
+        worker_args = {"layers": args.layers, "hidden": args.hidden, "bucket_bytes": bucket_bytes,
+                       "repeats": args.repeats, "ctl_port": free_port(), "sync_port": free_port(),
+                       "zmq_port": free_port(), "raw_zmq_port": free_port()}
+        mp.spawn(two_process_worker, args=(worker_args, result_file), nprocs=2, join=True)
+        with open(result_file) as f:
+            for n, res in json.load(f).items():
+                per_size[n].update(res)
+    table = []
+    for n in args.layers:
+        res = per_size[str(n)]
+        # Each transport against memcpy of the same bytes measured beside it (same process, same moment).
+        local_memcpy = {"inprocess": gbps(sizes[n], res.pop("memcpy_inprocess")["seconds"]),
+                        "two_process": gbps(sizes[n], res.pop("memcpy")["seconds"])}
+        for transport, r in res.items():
+            base = local_memcpy["inprocess" if transport.startswith("inprocess") else "two_process"]
+            row = {"layers": n, "model_bytes": sizes[n], "transport": transport, "seconds": round(r["seconds"], 6),
+                   "gb_per_s": gbps(sizes[n], r["seconds"]), "memcpy_gb_per_s_beside": base,
+                   "fraction_of_memcpy": round(gbps(sizes[n], r["seconds"]) / base, 3)}
+            if "stages" in r:
+                row["receiver_stages_s"] = {k: round(v, 4) for k, v in r["stages"].items() if k.endswith("_s")}
+            table.append(row)
+    same_host = [r for r in table if r["transport"] in ("inprocess_copy", "torch_distributed_gloo", "zmq_tcp")]
+    emit({
+        "benchmark": "weight_sync",
+        "threads": torch.get_num_threads(),
+        "bucket_bytes": bucket_bytes,
+        "memcpy_gb_per_s": memcpy,  # one large copy at the start; each row also has the one beside it
+        "checksum_gb_per_s": checksum_gbps,
+        "results": table,
+        "targets": {
+            "zero_copy_sync_under_1ms": all(r["seconds"] < 1e-3 for r in table if r["transport"] == "inprocess_zero_copy"),
+            "same_host_at_least_half_memcpy": {f"{r['transport']}@{r['layers']}": r["fraction_of_memcpy"] >= 0.5
+                                               for r in same_host},
+        },
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""ZMQ transport: buckets as multipart messages with raw tensor frames, for engines in other processes
+or on other hosts.
+
+Each destination rank binds a ROUTER (loopback unless told otherwise); each source rank connects one
+DEALER per destination it feeds, with identity `src<rank>`. One update from a source to a destination is
+`WeightUpdateBegin`, its buckets as `WeightUpdateBucket` (one frame per block, sent zero copy straight
+from the trainer's parameters when the block is contiguous and needs no cast, with the bucket's
+checksum), the probe (bucket index -1) from the probe source, then `WeightUpdateCommit` with the bucket
+count. The destination collects every expected source's messages, verifies, and answers each source
+with `Ack` or `ErrorReply`; `publish` returns (or raises) on those answers, so the trainer never changes
+a parameter that ZMQ might still be reading. Malformed messages are counted as problems, never crash
+the receiver, and reject the update.
+
+Main design choice: the rl_engine wire protocol (msgspec envelope + raw frames, no pickle) rather than a
+bespoke framing, so the same validation guards weights and rollouts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import zmq
+
+from rl_engine.protocol import (
+    Ack,
+    ErrorReply,
+    ProtocolError,
+    WeightUpdateBegin,
+    WeightUpdateBucket,
+    WeightUpdateCommit,
+    bind,
+    recv_msg,
+    send_msg,
+)
+from rl_engine.weight_sync.buckets import Probe, Update, WeightSyncError, segments_of
+from rl_engine.weight_sync.checksum import checksum
+
+if TYPE_CHECKING:
+    from rl_engine.weight_sync.endpoints import WeightPublisher, WeightReceiver
+
+PROBE_BUCKET = -1
+ERROR_REJECTED = "weights_rejected"
+
+
+def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.SNDHWM, 0)  # never drop or block on the message count: buckets are bounded by the plan
+    s.setsockopt(zmq.RCVHWM, 0)
+    s.setsockopt(zmq.LINGER, 0)
+    return s
+
+
+class ZmqReceiverTransport:
+    """Destination end: binds a ROUTER; give `address` to the sources."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, context: zmq.Context | None = None,
+                 timeout_s: float = 300.0) -> None:
+        self.context = context or zmq.Context.instance()
+        self.socket = _socket(self.context, zmq.ROUTER)
+        self.address = bind(self.socket, host=host, port=port)
+        self.timeout_s = timeout_s
+        self._routes: dict[int, bytes] = {}
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+    def receive(self, receiver: "WeightReceiver") -> Update:
+        from rl_engine.weight_sync.endpoints import probe_source_rank
+
+        expected = {b.index: b for b in receiver.incoming}
+        counts: dict[int, int] = {}
+        for b in receiver.incoming:
+            counts[b.src_rank] = counts.get(b.src_rank, 0) + 1
+        sources = set(counts) | {probe_source_rank(receiver.plan)}
+        update, versions, problems, committed = Update(version=-1), set(), [], set()
+        self._routes = {}
+        deadline = time.monotonic() + self.timeout_s
+        while committed != sources:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.socket.poll(int(remaining * 1000)):
+                raise WeightSyncError(f"timed out after {self.timeout_s:g}s waiting for source rank(s) "
+                                      f"{sorted(sources - committed)}; the engine keeps its weights")
+            try:
+                route, msg = recv_msg(self.socket, num_route_frames=1)
+            except ProtocolError as e:
+                problems.append(f"malformed message: {e}")
+                continue
+            src = _source_rank(route[0])
+            if src is None or src not in sources:
+                problems.append(f"message from unexpected peer {route[0]!r}")
+                continue
+            self._routes[src] = route[0]
+            if isinstance(msg, (WeightUpdateBegin, WeightUpdateBucket, WeightUpdateCommit)):
+                versions.add(msg.version)
+            if isinstance(msg, WeightUpdateBucket):
+                if msg.bucket_index == PROBE_BUCKET:
+                    problem = self._take_probe(update, msg)
+                    if problem:
+                        problems.append(problem)
+                elif msg.bucket_index not in expected or expected[msg.bucket_index].src_rank != src:
+                    problems.append(f"source rank {src} sent bucket {msg.bucket_index}, which the plan does not "
+                                    f"route from it to destination rank {receiver.dst_rank}")
+                else:
+                    segs = list(msg.tensors.values())
+                    update.segments[msg.bucket_index] = segs
+                    update.checksums[msg.bucket_index] = msg.checksum
+                    if receiver.verify and msg.checksum:  # on arrival: overlaps the rest of the transfer
+                        update.received[msg.bucket_index] = checksum(segs)
+            elif isinstance(msg, WeightUpdateCommit):
+                committed.add(src)
+                if msg.num_buckets != counts.get(src, 0):
+                    problems.append(f"source rank {src} committed {msg.num_buckets} buckets, the plan routes "
+                                    f"{counts.get(src, 0)} from it")
+            elif not isinstance(msg, WeightUpdateBegin):
+                problems.append(f"unexpected {type(msg).__name__} from source rank {src}")
+        if len(versions) > 1:
+            problems.append(f"sources sent different versions {sorted(versions)}")
+        update.version = max(versions) if versions else -1
+        update.problem = problems[0] if problems else None
+        return update
+
+    @staticmethod
+    def _take_probe(update: Update, msg: WeightUpdateBucket) -> str | None:
+        t = msg.tensors
+        if set(t) != {"token_ids", "logprobs", "temperature"}:
+            return f"malformed probe message with tensors {sorted(t)}"
+        if msg.checksum and checksum(list(t.values())) != msg.checksum:
+            return "checksum mismatch in the probe message"
+        try:
+            update.probe = Probe(token_ids=t["token_ids"].to(torch.int64), logprobs=t["logprobs"].float(),
+                                 temperature=float(t["temperature"][0]))
+        except (ValueError, IndexError) as e:
+            return f"malformed probe: {e}"
+        return None
+
+    def verdict(self, receiver: "WeightReceiver", update: Update, problem: str | None) -> str | None:
+        reply = (Ack(ref=f"weights:v{update.version}") if problem is None
+                 else ErrorReply(code=ERROR_REJECTED, message=f"destination rank {receiver.dst_rank}: {problem}"))
+        for route in self._routes.values():
+            send_msg(self.socket, reply, route=[route])
+        return problem
+
+
+def _source_rank(identity: bytes) -> int | None:
+    if identity.startswith(b"src") and identity[3:].isdigit():
+        return int(identity[3:])
+    return None
+
+
+class ZmqSenderTransport:
+    """Source end: `addresses[d]` is destination rank d's `ZmqReceiverTransport.address`."""
+
+    def __init__(self, addresses: dict[int, str] | list[str], *, context: zmq.Context | None = None,
+                 timeout_s: float = 300.0) -> None:
+        self.addresses = dict(enumerate(addresses)) if isinstance(addresses, list) else dict(addresses)
+        self.context = context or zmq.Context.instance()
+        self.timeout_s = timeout_s
+        self._sockets: dict[int, zmq.Socket] = {}
+
+    def close(self) -> None:
+        for s in self._sockets.values():
+            s.close(linger=0)
+        self._sockets.clear()
+
+    def _socket_to(self, d: int, src_rank: int) -> zmq.Socket:
+        if d not in self._sockets:
+            if d not in self.addresses:
+                raise ValueError(f"no address for destination rank {d}; known: {sorted(self.addresses)}")
+            s = _socket(self.context, zmq.DEALER)
+            s.setsockopt(zmq.IDENTITY, b"src%d" % src_rank)
+            s.connect(self.addresses[d])
+            self._sockets[d] = s
+        return self._sockets[d]
+
+    def send(self, publisher: "WeightPublisher", version: int, probe: Probe | None) -> None:
+        by_dst: dict[int, list] = {}
+        for b in publisher.buckets:
+            by_dst.setdefault(b.dst_rank, []).append(b)
+        dsts = sorted(set(by_dst) | (set(range(publisher.plan.dst.world_size)) if publisher.is_probe_source else set()))
+        socks = {d: self._socket_to(d, publisher.src_rank) for d in dsts}
+        for d in dsts:
+            send_msg(socks[d], WeightUpdateBegin(version=version, num_buckets=len(by_dst.get(d, []))))
+        for b in publisher.buckets:
+            segs = segments_of(b, publisher.tensors)  # zero-copy views when contiguous and same dtype
+            send_msg(socks[b.dst_rank], WeightUpdateBucket(
+                version=version, bucket_index=b.index, checksum=checksum(segs) if publisher.verify else "",
+                tensors={str(i): s for i, s in enumerate(segs)}))
+        if probe is not None:
+            tensors = {"token_ids": probe.token_ids.to(torch.int64).contiguous(),
+                       "logprobs": probe.logprobs.float().contiguous(),
+                       "temperature": torch.tensor([probe.temperature], dtype=torch.float32)}
+            for d in dsts:
+                send_msg(socks[d], WeightUpdateBucket(version=version, bucket_index=PROBE_BUCKET,
+                                                      checksum=checksum(list(tensors.values())), tensors=tensors))
+        for d in dsts:
+            send_msg(socks[d], WeightUpdateCommit(version=version, num_buckets=len(by_dst.get(d, []))))
+        errors = []
+        deadline = time.monotonic() + self.timeout_s
+        for d in dsts:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not socks[d].poll(int(remaining * 1000)):
+                raise WeightSyncError(f"no answer from destination rank {d} within {self.timeout_s:g}s")
+            _, reply = recv_msg(socks[d])
+            if isinstance(reply, ErrorReply):
+                errors.append(reply.message)
+            elif not (isinstance(reply, Ack) and reply.ref == f"weights:v{version}"):
+                errors.append(f"destination rank {d} answered {reply!r}")
+        if errors:
+            raise WeightSyncError(f"weight update v{version} rejected: {errors[0]}")
