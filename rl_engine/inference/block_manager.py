@@ -144,16 +144,41 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references. Tail blocks are released first, so they are evicted first."""
         for b in reversed(seq.block_table):
-            self.ref_counts[b] -= 1
-            if self.ref_counts[b] == 0:
-                if self.block_hash[b] is not None:
-                    self.evictable[b] = None
-                else:
-                    self.free_ids.append(b)
+            self._release(b)
         seq.block_table = []
         seq.num_hashed_blocks = 0
         seq.num_computed_tokens = 0
         seq.kv_version = None
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """KV rollback: keep the blocks holding `seq`'s first `num_tokens` tokens and release the rest
+        (a rollback that crosses a block boundary frees blocks). Released blocks keep their prefix-cache
+        entry if they have one: their KV still matches their hash. The kept last block will be written
+        again past `num_tokens`, so it must be private to `seq` (refcount 1, which the engine guarantees:
+        shared and cached blocks are full blocks below any rolled-back position); if it was published
+        in the prefix cache it is unpublished."""
+        bs = self.block_size
+        keep = -(-num_tokens // bs)
+        table = seq.block_table
+        for b in reversed(table[keep:]):
+            self._release(b)
+        del table[keep:]
+        full = num_tokens // bs
+        if keep > full:  # a partly kept block
+            b = table[-1]
+            assert self.ref_counts[b] == 1, f"rollback into block {b} shared by {self.ref_counts[b]} holders"
+            self._forget(b)
+        del seq.block_hashes[full:]
+        seq.num_hashed_blocks = min(seq.num_hashed_blocks, full)
+        seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
+
+    def _release(self, b: int) -> None:
+        self.ref_counts[b] -= 1
+        if self.ref_counts[b] == 0:
+            if self.block_hash[b] is not None:
+                self.evictable[b] = None
+            else:
+                self.free_ids.append(b)
 
     def _forget(self, b: int) -> None:
         h = self.block_hash[b]

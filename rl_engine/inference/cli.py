@@ -2,7 +2,9 @@
 
 Prints each completion's text (or, with --json, one JSON object per prompt with token ids, log-probs,
 versions and finish reasons). Prompts are text (--prompt, repeatable), token ids (--prompt-ids
-"1,2,3") or a chat message rendered with the model's template (--chat).
+"1,2,3") or a chat message rendered with the model's template (--chat). Speculative decoding:
+--speculative-method ngram|draft_model with --num-speculative-tokens (and --prompt-lookup-max/-min, or
+--draft-model PATH); its acceptance metrics go to stderr.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    spec = parser.add_argument_group("speculative decoding")
+    spec.add_argument("--speculative-method", choices=["ngram", "draft_model"], default=None)
+    spec.add_argument("--num-speculative-tokens", type=int, default=None, help="drafts per sequence per step")
+    spec.add_argument("--prompt-lookup-max", type=int, default=None, help="ngram: longest n-gram matched")
+    spec.add_argument("--prompt-lookup-min", type=int, default=None, help="ngram: shortest n-gram matched")
+    spec.add_argument("--draft-model", default=None, help="draft_model: the draft's model directory")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -49,15 +57,20 @@ def main(args: argparse.Namespace) -> int:
         prompts: list = list(args.prompt)
         for ids in args.prompt_ids:
             prompts.append([int(t) for t in ids.replace(" ", "").split(",") if t])
+        speculative_config = _speculative_config(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not prompts and not args.chat:
         print("error: give at least one --prompt, --prompt-ids or --chat", file=sys.stderr)
         return 2
-    llm = LLM(args.model, dtype=args.dtype, device=device, block_size=args.block_size,
-              kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
-              enable_prefix_caching=not args.no_prefix_caching)
+    try:
+        llm = LLM(args.model, dtype=args.dtype, device=device, block_size=args.block_size,
+                  kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+                  enable_prefix_caching=not args.no_prefix_caching, speculative_config=speculative_config)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for message in args.chat:
         if llm.tokenizer is None:
             print("error: --chat needs a tokenizer.json in the model directory", file=sys.stderr)
@@ -77,4 +90,30 @@ def main(args: argparse.Namespace) -> int:
         else:
             for c in out.outputs:
                 print(c.text if c.text is not None else " ".join(map(str, c.token_ids)))
+    if speculative_config is not None:
+        print(f"speculative: {json.dumps(llm.engine.stats()['speculative'])}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _speculative_config(args: argparse.Namespace) -> dict | None:
+    """The speculative_config dict from the flags; flags of speculative decoding without a method, or
+    of the other method, are errors (the config validates the values)."""
+    flags = {"num_speculative_tokens": args.num_speculative_tokens, "prompt_lookup_max": args.prompt_lookup_max,
+             "prompt_lookup_min": args.prompt_lookup_min, "model": args.draft_model}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if args.speculative_method is None:
+        if given:
+            names = ", ".join("--" + ("draft-model" if k == "model" else k.replace("_", "-")) for k in given)
+            raise ValueError(f"{names} need --speculative-method ngram|draft_model")
+        return None
+    if "num_speculative_tokens" not in given:
+        raise ValueError("--speculative-method needs --num-speculative-tokens (drafts per step, e.g. 3)")
+    if "model" in given and args.speculative_method != "draft_model":
+        raise ValueError("--draft-model is only for --speculative-method draft_model")
+    if args.speculative_method == "draft_model" and "model" not in given:
+        raise ValueError("--speculative-method draft_model needs --draft-model PATH")
+    from rl_engine.inference.speculative import SpeculativeConfig
+
+    config = {"method": args.speculative_method, **given}
+    SpeculativeConfig.from_dict(config)  # validate now, before loading the model
+    return config

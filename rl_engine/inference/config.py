@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from rl_engine.inference.speculative.config import SpeculativeConfig
 
 
 @dataclass(kw_only=True)
@@ -20,6 +23,8 @@ class EngineConfig:
     enforce_eager: bool = False  # CUDA: never capture graphs
     seed: int = 0  # the engine's generator, used by requests without a seed
     record_routing: bool = False  # MoE: return the experts chosen for every processed token
+    # vLLM-style dict or SpeculativeConfig: {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...}
+    speculative_config: SpeculativeConfig | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str, value) -> None:
@@ -35,6 +40,11 @@ class EngineConfig:
                              f"got {self.num_kv_blocks!r}")
         if self.max_model_len is not None:
             positive("max_model_len", self.max_model_len)
+        if self.speculative_config is not None:
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+            if self.record_routing:
+                raise ValueError("record_routing=True cannot be combined with speculative_config (the routing "
+                                 "of rejected draft positions would be recorded); turn one of them off")
         if self.graph_batch_sizes is not None:
             for b in self.graph_batch_sizes:
                 positive("graph_batch_sizes entry", b)

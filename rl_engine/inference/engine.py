@@ -11,6 +11,10 @@ partial output (tokens, log-probs, per-token versions), which `add_request` acce
 to continue with the current weights, its KV recomputed; `update_weights` applies a weight update,
 bumps `weights_version` (stamped on every token sampled afterwards) and resets the prefix cache;
 `reset_prefix_cache`.
+
+With `speculative_config`, each step first appends drafts to the running decodes, the target verifies
+them as multi-token chunks of the same batch, and a sequence may emit several tokens in one step
+(each one checked for stop conditions in order); see `speculative/`.
 """
 
 from __future__ import annotations
@@ -68,6 +72,11 @@ class LLMEngine:
         self._ready: list[RequestOutput] = []  # finished outside a step (e.g. a fully finished resubmission)
         self.num_steps = 0
         self.num_generated_tokens = 0
+        self.speculator = None
+        if config.speculative_config is not None:
+            from rl_engine.inference.speculative import Speculator
+
+            self.speculator = Speculator(config.speculative_config, engine=self)
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | RequestOutput,
@@ -191,13 +200,14 @@ class LLMEngine:
         """Run one batch. Returns finished requests and the current state of streaming ones that
         advanced."""
         ready, self._ready = self._ready, []
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if not sched.seqs:
             if self.requests and not ready:
                 raise RuntimeError("internal error: requests are unfinished but none could be scheduled")
             return ready
-        tokens: list[int] = []
-        logprobs: list[float] = []
+        emissions: list[tuple[list[int], list[float], int]] = []
         with torch.inference_mode():
             logits, sample_seqs = self.runner.execute(sched, record_routing=self.config.record_routing)
             version = self.weights_version
@@ -206,27 +216,32 @@ class LLMEngine:
                 seq.num_computed_tokens += n
                 if seq.kv_version is None or version < seq.kv_version:
                     seq.kv_version = version
-                if bm.enable_prefix_caching:
-                    bm.register_full_blocks(seq)
             if sample_seqs:
-                rows = [SampleRow(s.request.params, None if s.rng_seed is None else
-                                  token_seed(s.rng_seed, s.index, s.num_tokens)) for s in sample_seqs]
-                tokens, logprobs = self.sampler(logits, rows)
+                emissions = self._sample(logits, sample_seqs)  # speculative: also rolls back rejected drafts
+            if bm.enable_prefix_caching:
+                for seq in sched.seqs:
+                    bm.register_full_blocks(seq)
         self.num_steps += 1
         touched: dict[str, Request] = {}
-        for seq, token, logprob in zip(sample_seqs, tokens, logprobs):
-            seq.token_ids.append(token)
-            seq.logprobs.append(logprob)
-            seq.policy_versions.append(version)
-            seq.kv_versions.append(seq.kv_version)
+        for seq, (tokens, logprobs, in_place) in zip(sample_seqs, emissions):
+            if in_place:  # accepted drafts: re-appended one at a time below, with stop checks
+                del seq.token_ids[-in_place:]
             request = seq.request
-            if request.pending_forks and seq.index == 0:
-                self._fork(request, seq)
-            if self._check_stop(seq, token) or self._length_reached(seq):
-                self.scheduler.remove(seq)
-                seq.status = SeqStatus.FINISHED
+            for token, logprob in zip(tokens, logprobs):
+                seq.token_ids.append(token)
+                seq.logprobs.append(logprob)
+                seq.policy_versions.append(version)
+                seq.kv_versions.append(seq.kv_version)
+                self.num_generated_tokens += 1
+                if request.pending_forks and seq.index == 0:
+                    self._fork(request, seq)
+                if self._check_stop(seq, token) or self._length_reached(seq):
+                    self.scheduler.remove(seq)
+                    seq.status = SeqStatus.FINISHED
+                    break
             touched[request.request_id] = request
-        self.num_generated_tokens += len(sample_seqs)
+        if self.speculator is not None:
+            self.speculator.end_step()
         outputs = ready
         for rid, request in touched.items():
             if request.finished:
@@ -235,6 +250,16 @@ class LLMEngine:
             elif request.stream:
                 outputs.append(self._output(request))
         return outputs
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[list[int], list[float], int]]:
+        """Per sequence: (tokens to emit, their log-probs, how many of them are already at the end of
+        its token list). Plain decoding emits one token; speculative decoding 1 + accepted drafts."""
+        if self.speculator is not None:
+            return self.speculator.verify(logits, seqs, sampler=self.sampler, block_manager=self.block_manager)
+        rows = [SampleRow(s.request.params, None if s.rng_seed is None else
+                          token_seed(s.rng_seed, s.index, s.num_tokens)) for s in seqs]
+        tokens, logprobs = self.sampler(logits, rows)
+        return [([t], [lp], 0) for t, lp in zip(tokens, logprobs)]
 
     def _fork(self, request: Request, leader: Sequence) -> None:
         """The leader's prompt KV exists: the other samples take its full prompt blocks."""
@@ -307,8 +332,11 @@ class LLMEngine:
 
     def stats(self) -> dict:
         bm = self.block_manager
-        return {"steps": self.num_steps, "generated_tokens": self.num_generated_tokens,
-                "preemptions": self.scheduler.num_preemptions, "num_kv_blocks": bm.num_blocks,
-                "free_kv_blocks": bm.num_free_blocks, "prefix_cache_queries": bm.num_queries,
-                "prefix_cache_hits": bm.num_hits, "graph_runners": self.runner.graphs.num_runners,
-                "weights_version": self.weights_version}
+        stats = {"steps": self.num_steps, "generated_tokens": self.num_generated_tokens,
+                 "preemptions": self.scheduler.num_preemptions, "num_kv_blocks": bm.num_blocks,
+                 "free_kv_blocks": bm.num_free_blocks, "prefix_cache_queries": bm.num_queries,
+                 "prefix_cache_hits": bm.num_hits, "graph_runners": self.runner.graphs.num_runners,
+                 "weights_version": self.weights_version}
+        if self.speculator is not None:  # acceptance rate, mean accepted length, drafts per step, ...
+            stats["speculative"] = self.speculator.stats.as_dict(self.num_steps)
+        return stats

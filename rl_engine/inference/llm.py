@@ -3,6 +3,11 @@
 `LLM(model=...)` takes a Hugging Face model directory or the trainer's own `CausalLM`; in the second
 case the engine runs on the very same parameter tensors (never a copy), so a trainer step is visible
 to the next generation as soon as `update_weights()` is called to bump the version.
+
+`speculative_config` turns on speculative decoding, vLLM-style: {"method": "ngram",
+"num_speculative_tokens": k, "prompt_lookup_max": ..., "prompt_lookup_min": ...} or {"method":
+"draft_model", "model": PATH_OR_CAUSAL_LM, "num_speculative_tokens": k}. Outputs keep the target's
+distribution and log-probs; `llm.engine.stats()["speculative"]` reports acceptance.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from rl_engine.inference.config import EngineConfig
 from rl_engine.inference.engine import LLMEngine
 from rl_engine.inference.sampling_params import SamplingParams
 from rl_engine.inference.sequence import CompletionOutput, RequestOutput
+from rl_engine.inference.speculative import SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ class LLM:
         enforce_eager: bool = False,
         seed: int = 0,
         record_routing: bool = False,
+        speculative_config: "dict | SpeculativeConfig | None" = None,
     ) -> None:
         dtype = _dtype(dtype)
         if isinstance(model, (str, os.PathLike)):
@@ -68,7 +75,7 @@ class LLM:
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
                               graph_batch_sizes=graph_batch_sizes, enforce_eager=enforce_eager, seed=seed,
-                              record_routing=record_routing)
+                              record_routing=record_routing, speculative_config=speculative_config)
         self.engine = LLMEngine(model, config=config, tokenizer=tokenizer)
         self._ids = itertools.count()
 

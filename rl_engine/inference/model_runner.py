@@ -83,8 +83,8 @@ class ModelRunner:
 
     def execute(self, sched: SchedulerOutput, *,
                 record_routing: bool = False) -> tuple[torch.Tensor | None, list[Sequence]]:
-        """Run one step. Returns logits [n, vocab] of the sequences that produce a token, and those
-        sequences in the same order."""
+        """Run one step. Returns logits of the sequences that produce a token, and those sequences in
+        the same order: one row each, or 1 + num_draft_tokens consecutive rows for one verifying drafts."""
         seqs, nd = sched.seqs, sched.num_single
         routing = None
         if record_routing:
@@ -160,8 +160,8 @@ class ModelRunner:
                 block_ids = torch.tensor(table[:-(-end // bs)], dtype=torch.int64, device=self.device)
             prefills.append(PrefillChunk(row, row + n, end, block_ids))
             row += n
-            if end == seq.num_tokens:
-                sample_rows.append(row - 1)
+            if end == seq.num_tokens:  # a verify chunk's drafts need every row's logits (speculative)
+                sample_rows.extend(range(row - 1 - seq.num_draft_tokens, row))
                 sample_seqs.append(seq)
         dev = self.device
         slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)

@@ -75,10 +75,30 @@ class Sampler:
         """Inverse-CDF draw from e (truncated in place), one uniform per row -> [n, 1] token ids."""
         e = _truncate(e, z, [r.params for r in rows])
         cdf = e.cumsum_(dim=-1)  # e is not needed afterwards
-        u = [r.seed / 2.0 ** 63 if r.seed is not None else self.rng.random() for r in rows]
+        u = self.uniforms([r.seed for r in rows])
         target = torch.tensor(u, dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
         # First index whose cumulative mass exceeds the target: never a zero-mass (truncated) entry.
         return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
+
+    def uniforms(self, seeds: list[int | None]) -> list[float]:
+        """One uniform in [0, 1) per seed (a `token_seed`), or from the engine's generator for None."""
+        return [s / 2.0 ** 63 if s is not None else self.rng.random() for s in seeds]
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution the sampler draws from, normalised: softmax(logits / T) after top-k, top-p and
+    min-p ([n, V] fp32; every row needs T > 0). Speculative decoding's p (target) and q (draft)."""
+    z = logits.float() / torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
+    e = (z - z.max(dim=-1, keepdim=True).values).exp_()
+    e = _truncate(e, z, params)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def inverse_cdf(weights: torch.Tensor, uniforms: list[float]) -> torch.Tensor:
+    """Draw one index per row of non-negative `weights` [n, V] (any scale) -> [n] long."""
+    cdf = weights.cumsum(dim=-1)
+    target = torch.tensor(uniforms, dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1).view(-1)
 
 
 def _truncate(e: torch.Tensor, z: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -9,6 +9,11 @@ When the pool has no block for a running sequence, the newest running sequence i
 blocks are released (shared and cached blocks survive through their refcounts) and it goes back to
 the front of the queue with its generated tokens, log-probs and versions; when readmitted it
 recomputes the KV of prompt + output and carries on. Nothing is lost or sampled twice.
+
+Speculative decoding: a running sequence may end in draft tokens (a verify chunk of 1 + d tokens).
+Drafts are optional work: they shrink to the token budget and to the free blocks before anyone is
+preempted for them, and a sequence that is preempted or not scheduled loses them. After `schedule()`
+every sequence holds exactly the drafts it computes this step.
 """
 
 from __future__ import annotations
@@ -63,6 +68,12 @@ class Scheduler:
             seq = running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = bm.blocks_needed(seq, seq.num_computed_tokens + n)
+            if seq.num_draft_tokens:
+                if need > bm.num_free_blocks:  # drafts are optional: shrink them before preempting anyone
+                    room = (len(seq.block_table) + bm.num_free_blocks) * bm.block_size - seq.num_computed_tokens
+                    n = max(1, min(n, room))
+                    need = bm.blocks_needed(seq, seq.num_computed_tokens + n)
+                seq.truncate_drafts(n - 1)  # the budget or the pool may not cover them all
             while need > bm.num_free_blocks:
                 victim = running.pop()  # the newest; scheduled ones are all before index i
                 self._preempt(victim)
@@ -78,6 +89,9 @@ class Scheduler:
                     chunk_sizes.append(n)
                 budget -= n
                 i += 1
+
+        for seq in running[i:]:  # not scheduled this step: their drafts are stale next step
+            seq.truncate_drafts(0)
 
         # Admit waiting sequences (not in a step that had to preempt: the pool is full).
         while not preempted and self.waiting and budget > 0 and len(running) < self.max_num_seqs:
@@ -107,6 +121,7 @@ class Scheduler:
                                num_single=len(singles), preempted=preempted)
 
     def _preempt(self, seq: Sequence) -> None:
+        seq.truncate_drafts(0)
         self.block_manager.free(seq)
         seq.num_preemptions += 1
         self.add(seq, front=True)

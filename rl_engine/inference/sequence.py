@@ -6,6 +6,10 @@ only ever asks "how many tokens are not computed yet": a fresh prompt, a chunk o
 decode step, the recompute after preemption and the resumption of an interrupted partial rollout are
 the same thing to it. Per generated token a sequence keeps the behavior log-prob, the policy (weights)
 version that sampled it, and the oldest weights version among the KV it attended to.
+
+Speculative decoding appends draft tokens to `token_ids` for the span of one step (`num_draft_tokens`
+of them at the end, not yet verified), so the scheduler and model runner see a verify chunk as plain
+uncomputed tokens; outside `LLMEngine.step` no sequence holds drafts.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class Sequence:
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
                  "block_table", "block_hashes", "num_hashed_blocks", "kv_epoch", "kv_version", "status",
                  "logprobs", "policy_versions", "kv_versions", "finish_reason", "stop_reason", "rng_seed",
-                 "num_preemptions", "routing", "text_offset")
+                 "num_preemptions", "routing", "text_offset", "num_draft_tokens", "draft_probs")
 
     def __init__(self, request: "Request", index: int, token_ids: list[int], *, num_prompt_tokens: int,
                  rng_seed: int) -> None:
@@ -90,6 +94,8 @@ class Sequence:
         self.num_preemptions = 0
         self.routing: dict[int, object] | None = None  # start position -> routing tensor [n, L, k]
         self.text_offset = 0  # characters of output text already checked for stop strings
+        self.num_draft_tokens = 0  # unverified draft tokens at the end of token_ids (within a step)
+        self.draft_probs = None  # [num_draft_tokens, vocab] draft-model distribution q, None: point mass
 
     @property
     def num_tokens(self) -> int:
@@ -106,6 +112,15 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    def truncate_drafts(self, keep: int) -> None:
+        """Drop all but the first `keep` draft tokens (they were not scheduled)."""
+        drop = self.num_draft_tokens - keep
+        if drop > 0:
+            del self.token_ids[-drop:]
+            self.num_draft_tokens = keep
+            if self.draft_probs is not None:
+                self.draft_probs = self.draft_probs[:keep] if keep else None
 
 
 class Request:
