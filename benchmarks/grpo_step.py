@@ -80,18 +80,11 @@ def trl(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool) -> di
             self.marks.append(time.perf_counter())
 
     timer = Timer()
-    lengths = []
     trainer = GRPOTrainer(model=model, reward_funcs=exact_match, args=config, train_dataset=data,
                           processing_class=tokenizer, callbacks=[timer])
-    original_log = trainer.log
-
-    def log(logs, *a, **k):  # TRL logs the mean completion length of each step
-        if "completions/mean_length" in logs:
-            lengths.append(logs["completions/mean_length"])
-        return original_log(logs, *a, **k)
-
-    trainer.log = log
     trainer.train()
+    # TRL logs the mean completion length of every step (logging_steps=1).
+    lengths = [float(h["completions/mean_length"]) for h in trainer.state.log_history if "completions/mean_length" in h]
     spans = [e - b for b, e in zip(timer.marks[0::2], timer.marks[1::2])][1:]
     mean_len = sum(lengths[1:]) / max(1, len(lengths[1:])) if lengths else float("nan")
     return {"s_per_step": sum(spans) / len(spans), "completion_tokens_per_s": mean_len * args.prompts * args.n * len(spans) / sum(spans),

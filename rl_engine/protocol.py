@@ -9,6 +9,8 @@ bytes travel as a separate ZMQ frame, sent zero copy from a contiguous CPU tenso
 `decode` validates everything a peer controls (version, tag, field types, frame count, frame sizes,
 dtype names) and raises `ProtocolError` naming the problem; a receiver answers with `ErrorReply` and
 keeps serving. To extend the protocol, add a `Message` subclass and list it in `MESSAGE_TYPES`.
+
+Who sends what in the RL loop: `rl_engine/actors/__init__.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import msgspec
 import torch
 import zmq
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the RL loop's messages (GenerateBatch, TrainBatch, ...)
 
 # Wire dtype names -> torch dtypes. Fixed table: a peer can never make us resolve an arbitrary name.
 DTYPES: dict[str, torch.dtype] = {
@@ -94,6 +96,7 @@ class WireSamplingParams(msgspec.Struct, kw_only=True, frozen=True):
     stop_token_ids: list[int] = []
     seed: int | None = None
     logprobs: bool = True  # behavior log-probs are needed by the loss
+    ignore_eos: bool = False  # fixed-length completions (benchmarks)
 
 
 class GenerateRequest(Message):
@@ -115,6 +118,9 @@ class SampleResult(msgspec.Struct, kw_only=True):
     policy_versions: torch.Tensor  # [n] int: weights version that sampled each token
     kv_versions: torch.Tensor  # [n] int: oldest weights version in each token's KV
     finish_reason: str  # "stop" | "length" | "abort"
+    # MoE routing replay: [prompt + n - 1, moe layers, k] experts the engine chose for every token it
+    # processed (the last sampled token is never fed); None unless the worker records routing.
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # Runs on decode too: msgspec turns this ValueError into a validation error.
@@ -123,11 +129,95 @@ class SampleResult(msgspec.Struct, kw_only=True):
             got = getattr(self, name).numel()
             if got != n:
                 raise ValueError(f"{name} has {got} entries but token_ids has {n}")
+        if self.routed_experts is not None and self.routed_experts.dim() != 3:
+            raise ValueError(f"routed_experts must be [tokens, layers, k], got shape {list(self.routed_experts.shape)}")
 
 
 class GenerateResult(Message):
     request_id: str
     samples: list[SampleResult]
+    error: str | None = None  # the worker refused the request (e.g. prompt too long); samples is empty
+
+
+class GenerateBatch(Message):
+    """Colocated placement: the trainer group generates all of these (split over its data-parallel
+    engines), then answers one GenerateResult per request."""
+
+    requests: list[GenerateRequest]
+
+
+class TrainBatch(Message):
+    """One optimizer step's samples, flat: sample i owns prompt_lens[i] + response_lens[i] entries of
+    token_ids and response_lens[i] entries of each per-response-token tensor, in sample order. The
+    trainer packs them itself (every rank the same way). Advantages come from the coordinator."""
+
+    step: int
+    policy_version: int  # the weights version this update produces
+    prompt_lens: torch.Tensor  # [N] int64
+    response_lens: torch.Tensor  # [N] int64
+    token_ids: torch.Tensor  # [sum(prompt + response)] int64
+    behavior_logprobs: torch.Tensor  # [sum(response)] float32
+    policy_versions: torch.Tensor  # [sum(response)] int64: version that sampled each token
+    kv_versions: torch.Tensor  # [sum(response)] int64: oldest version in each token's KV
+    advantages: torch.Tensor  # [N] float32
+    routed_experts: torch.Tensor | None = None  # [sum(prompt + response - 1), moe layers, k]
+    weight_targets: dict[str, str] = {}  # disaggregated: rollout worker id -> its weights address
+
+    def __post_init__(self) -> None:
+        n = self.prompt_lens.numel()
+        if self.response_lens.numel() != n or self.advantages.numel() != n:
+            raise ValueError(f"prompt_lens ({n}), response_lens ({self.response_lens.numel()}) and advantages "
+                             f"({self.advantages.numel()}) must have one entry per sample")
+        total, responses = int(self.prompt_lens.sum()) + int(self.response_lens.sum()), int(self.response_lens.sum())
+        if self.token_ids.numel() != total:
+            raise ValueError(f"token_ids has {self.token_ids.numel()} entries; the lengths say {total}")
+        for name in ("behavior_logprobs", "policy_versions", "kv_versions"):
+            if getattr(self, name).numel() != responses:
+                raise ValueError(f"{name} has {getattr(self, name).numel()} entries; the lengths say {responses}")
+        if self.routed_experts is not None and self.routed_experts.shape[:1] != (total - n,):
+            raise ValueError(f"routed_experts covers {self.routed_experts.shape[0]} tokens; "
+                             f"the lengths say {total - n}")
+
+
+class TrainResult(Message):
+    """The trainer's answer to TrainBatch, sent once the update is in the trainer's weights (and, when
+    colocated, in its engines); disaggregated weights follow (WeightsPublished)."""
+
+    step: int
+    policy_version: int
+    metrics: dict[str, float]
+
+
+class UpdateWeights(Message):
+    """Coordinator -> rollout worker: receive weights `version` on your weights socket now (between
+    engine steps), then answer WeightsApplied."""
+
+    version: int
+
+
+class WeightsApplied(Message):
+    worker_id: str
+    version: int
+    ok: bool
+    error: str = ""
+    seconds: float = 0.0
+    probe_error: float | None = None  # max |engine - trainer| log-prob on the probe sequence
+
+
+class WeightsPublished(Message):
+    """Trainer -> coordinator: every rank has published `version` (failed: targets that refused or
+    did not answer)."""
+
+    version: int
+    failed: list[str] = []
+    seconds: float = 0.0
+
+
+class SaveCheckpoint(Message):
+    """Coordinator -> trainer: write a checkpoint to `path` (collective); answered by Ack(ref="checkpoint:<path>")."""
+
+    path: str
+    step: int
 
 
 class WeightUpdateBegin(Message):
@@ -169,6 +259,13 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Hello,
     GenerateRequest,
     GenerateResult,
+    GenerateBatch,
+    TrainBatch,
+    TrainResult,
+    UpdateWeights,
+    WeightsApplied,
+    WeightsPublished,
+    SaveCheckpoint,
     WeightUpdateBegin,
     WeightUpdateBucket,
     WeightUpdateCommit,

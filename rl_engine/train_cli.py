@@ -1,5 +1,10 @@
 """`rl-engine train [CONFIG] [key=value ...]`: run RL. With no arguments, the built-in demo: a tiny
-model on the built-in task, on CPU, printing held-out accuracy before and after RL."""
+model on the built-in task, on CPU, in this process, printing held-out accuracy before and after RL.
+
+`placement.mode` picks how: "single_process" runs `GRPOTrainer` here (the fast path); "colocated" and
+"disaggregated" start the coordinator, trainer ranks and rollout workers as processes on this machine
+(`rl_engine.actors.run`), show the coordinator's progress, and stop them all on exit, error or Ctrl-C.
+"""
 
 from __future__ import annotations
 
@@ -40,13 +45,30 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(config), sort_keys=False))
         return 0
-    summary = run(config)
+    if config.placement.uses_actors:
+        from rl_engine.actors.run import ActorsFailed
+
+        try:
+            summary = run(config)
+        except ActorsFailed as e:
+            print(e.result.summary(), file=sys.stderr)
+            return e.result.exit_code
+        except ValueError as e:  # the model does not fit the layout, ...: nothing was started
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+    else:
+        summary = run(config)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def run(config) -> dict:
-    """Warm start (if configured), evaluate, RL steps, evaluate; returns the summary."""
+    """Warm start (if configured), evaluate, RL steps, evaluate; returns the summary. With actors
+    (placement.mode colocated / disaggregated) the coordinator does the same in its own process."""
+    if config.placement.uses_actors:
+        from rl_engine.actors.run import run_actors
+
+        return run_actors(config)
     from rl_engine.metrics import MetricsLogger
     from rl_engine.trainer import GRPOTrainer
 

@@ -1,5 +1,9 @@
 """The RL run's config tree. `rl-engine train` with no arguments uses these defaults: the built-in
-demo (a tiny preset model on the built-in reverse task, on CPU)."""
+demo (a tiny preset model on the built-in upper task, on CPU, in one process).
+
+Each section validates its own fields; `RLConfig.__post_init__` checks the rules that tie sections
+together (placement against the trainer's parallel layout, options the loop cannot honour).
+"""
 
 from __future__ import annotations
 
@@ -50,9 +54,23 @@ class RolloutSection:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 12
-    dynamic_sampling: bool = False  # drop groups whose rewards are all equal
+    ignore_eos: bool = False  # fixed-length completions (benchmarks), as vLLM's ignore_eos
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal (actors: and refill them)
+    max_refill_rounds: int = 4  # dynamic sampling: extra generation rounds per step before training on fewer
+    routing_replay: bool = False  # MoE: the trainer reuses the experts the engine chose at rollout
     kv_cache_memory_mb: int = 256
     max_num_batched_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_step < 1 or self.n < 1:
+            raise ValueError(f"prompts_per_step ({self.prompts_per_step}) and n ({self.n}) must be >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature ({self.temperature}) must be > 0 for RL: training log-probs are taken "
+                             "at the sampling temperature")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be >= 1")
+        if self.max_refill_rounds < 0:
+            raise ValueError(f"max_refill_rounds ({self.max_refill_rounds}) must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -72,7 +90,67 @@ class TrainSection:
     eval_every: int = 0  # 0: evaluate before and after only
     output_dir: str = "runs/demo"
     device: str = "cpu"
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    threads: int = 0  # torch intra-op threads of the single process; 0 = torch's default
+    pack_sequences: bool = True  # false: one sample per micro-batch (same loss and gradient, slower)
+    # The trainer group's parallel layout (world = tp * pp * dp ranks; ep divides dp).
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp", "ep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} ({getattr(self, name)}) must be >= 1")
+        if self.dp % self.ep:
+            raise ValueError(f"train.ep ({self.ep}) must divide train.dp ({self.dp}): expert parallelism is carved "
+                             "out of data parallelism")
+        if self.micro_batch_tokens < 1:
+            raise ValueError(f"train.micro_batch_tokens ({self.micro_batch_tokens}) must be >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass(kw_only=True)
+class PlacementSection:
+    """Where the actors run. "single_process": the whole loop in this process (the demo's fast path,
+    no ZMQ). "colocated": a coordinator process and trainer ranks that host the inference engines
+    and alternate generation and training over the same weights. "disaggregated": a coordinator,
+    trainer ranks and `num_rollout_workers` rollout worker processes; weights are pushed through
+    weight_sync over ZMQ after every step."""
+
+    mode: Literal["single_process", "colocated", "disaggregated"] = "single_process"
+    num_rollout_workers: int = 1  # disaggregated only
+    host: str = "127.0.0.1"  # every socket binds here (loopback unless configured)
+    threads_per_process: int = 1  # torch intra-op threads of each actor process
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 30.0  # a silent rollout worker is declared dead and its prompts requeued
+    startup_timeout_s: float = 600.0  # every actor must register within this time
+    weight_sync_timeout_s: float = 300.0
+    weight_bucket_mb: int = 64
+    verify_probe: bool = True  # disaggregated: each engine checks its log-probs of a probe after a sync
+    dist_timeout_s: float = 7200.0  # torch.distributed collectives (trainer ranks idle during rollouts)
+    grace_period_s: float = 10.0  # on stop: SIGTERM, then SIGKILL after this
+
+    def __post_init__(self) -> None:
+        if self.num_rollout_workers < 1:
+            raise ValueError(f"placement.num_rollout_workers ({self.num_rollout_workers}) must be >= 1")
+        if self.threads_per_process < 1:
+            raise ValueError(f"placement.threads_per_process ({self.threads_per_process}) must be >= 1")
+        if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
+            raise ValueError(f"placement.heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed "
+                             f"heartbeat_interval_s ({self.heartbeat_interval_s}) > 0")
+        for name in ("startup_timeout_s", "weight_sync_timeout_s", "dist_timeout_s", "grace_period_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"placement.{name} ({getattr(self, name)}) must be > 0")
+        if self.weight_bucket_mb < 1:
+            raise ValueError(f"placement.weight_bucket_mb ({self.weight_bucket_mb}) must be >= 1")
+
+    @property
+    def uses_actors(self) -> bool:
+        return self.mode != "single_process"
 
 
 @dataclass(kw_only=True)
@@ -87,3 +165,20 @@ class RLConfig:
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    placement: PlacementSection = field(default_factory=PlacementSection)
+
+    def __post_init__(self) -> None:
+        p, t = self.placement, self.train
+        layout = f"tp={t.tp} pp={t.pp} dp={t.dp} ep={t.ep}"
+        if p.mode == "single_process" and t.world_size > 1:
+            raise ValueError(f"train {layout} needs several trainer ranks: set placement.mode to colocated or "
+                             "disaggregated (single_process runs one rank)")
+        if p.mode == "colocated" and (t.pp > 1 or t.ep > 1):
+            raise ValueError(f"placement.mode=colocated needs train.pp=1 and train.ep=1 (got {layout}): each rank's "
+                             "engine runs every layer and every expert; use placement.mode=disaggregated")
+        if p.uses_actors and self.train.device != "cpu":
+            raise ValueError(f"train.device={t.device!r}: the trainer ranks (ParallelTrainer on gloo) run on CPU in "
+                             "this build; use train.device=cpu or placement.mode=single_process")
+        if self.loss.kl_coef > 0:
+            raise ValueError(f"loss.kl_coef ({self.loss.kl_coef}) > 0 needs reference-policy log-probs, which the "
+                             "RL loop does not compute yet; set loss.kl_coef=0")

@@ -140,7 +140,8 @@ class HeartbeatMonitor:
         self._socket = (context or zmq.Context.instance()).socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self.address = P.bind(self._socket, host=host, port=port)
-        self._check_interval_ms = max(10, int(timeout_s * 1000 / 4))
+        # Bounded so that stop() (which waits for the current poll) returns promptly.
+        self._check_interval_ms = max(10, min(250, int(timeout_s * 1000 / 4)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat-monitor", daemon=True)
 

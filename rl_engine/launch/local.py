@@ -1,9 +1,9 @@
 """Run the actors of one training run as processes on this machine, and never leave one behind.
 
 `launch(specs, log_dir=...)` starts the coordinator, trainer ranks and rollout workers, waits, and
-stops them all when one fails, when the run ends, or on Ctrl-C / SIGTERM (the signal is forwarded,
-then SIGKILL after a grace period); it returns a `LaunchResult` naming the failed process, its exit
-code and the last lines of its log.
+stops them all when one fails (unless it is marked `required=False`), when the run ends, or on
+Ctrl-C / SIGTERM (the signal is forwarded, then SIGKILL after a grace period); it returns a
+`LaunchResult` naming the failed process, its exit code and the last lines of its log.
 
 Design choice: every child is a fresh interpreter started with `subprocess.Popen([python, -m,
 rl_engine.launch.child, MODULE, ...])`, not `multiprocessing` spawn. That gives one plain exit code
@@ -52,6 +52,9 @@ class ProcessSpec:
     env: Mapping[str, str] = field(default_factory=dict)  # applied last: wins over everything
     dist_rank: int | None = None  # torch.distributed rank: sets RANK, WORLD_SIZE, MASTER_ADDR/PORT
     ends_run: bool = False  # its exit with code 0 ends the run: the other processes are stopped
+    # False: its failure does not stop the run (noted on stderr), e.g. a rollout worker whose prompts
+    # the coordinator requeues on the others.
+    required: bool = True
     echo: bool = False  # also copy its output to the launcher's stdout (progress display)
 
 
@@ -233,7 +236,8 @@ class LocalLauncher:
         if self._status is None:
             if self._signal is not None:
                 self._begin_stop("interrupted", self._signal)
-            elif failed := next((c for c in self._children if c.popen.returncode not in (None, 0)), None):
+            elif failed := next((c for c in self._children if c.spec.required and c.popen.returncode not in (None, 0)),
+                                None):
                 self._failed = failed
                 self._begin_stop("failed", signal.SIGTERM)
             elif any(c.spec.ends_run and c.popen.returncode == 0 for c in self._children):
@@ -252,6 +256,14 @@ class LocalLauncher:
         return self._result()
 
     def _reap(self, child: _Child) -> None:
+        self._reap_one(child)
+        rc = child.popen.returncode
+        if rc not in (None, 0) and not child.spec.required and self._status is None:
+            how = f"exited with code {rc}" if rc > 0 else f"was killed by {_signal_name(-rc)}"
+            print(f"process '{child.spec.name}' (pid {child.popen.pid}) {how}; it is not required, the run goes on "
+                  f"(log {child.log_path})", file=sys.stderr, flush=True)
+
+    def _reap_one(self, child: _Child) -> None:
         pid = child.popen.pid
         if hasattr(os, "waitid"):
             # Detect the exit without reaping: while the leader is a zombie its pid (= the group id)

@@ -1,0 +1,293 @@
+"""The coordinator's message plumbing: its ROUTER socket, the actor table, registration, liveness,
+the pump that handles every incoming message, waits for answers, and the dispatch of generation
+requests with requeue on worker death. `Coordinator` (coordinator.py) adds the RL step on top.
+
+Requests are tracked by a `PromptLedger` per round of generation: a result is accepted only from the
+worker its current attempt was sent to, so an answer that arrives after its worker was declared dead
+(and the prompt requeued) is stale and dropped, and no prompt is trained twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+
+from rl_engine import protocol as P
+from rl_engine.actors.ledger import PromptLedger
+from rl_engine.actors.link import ERROR_STARTUP
+from rl_engine.launch.heartbeat import HeartbeatMonitor
+from rl_engine.train_config import RLConfig
+
+logger = logging.getLogger(__name__)
+ANSWERS = (P.TrainResult, P.WeightsPublished, P.WeightsApplied, P.Ack)
+
+
+@dataclass
+class Actor:
+    id: str
+    role: str  # "trainer" | "rollout"
+    capabilities: dict = field(default_factory=dict)
+    alive: bool = True
+
+
+@dataclass
+class _Round:
+    """One round of generation: the prompts (uid -> token ids), their ledger, the answers so far."""
+
+    ledger: PromptLedger
+    prompts: dict[str, list[int]]
+    sampling: P.WireSamplingParams
+    n: int
+    pending: deque[str] = field(default_factory=deque)
+    results: dict[str, P.GenerateResult] = field(default_factory=dict)
+
+
+def write_json_atomic(path: str, obj: object) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CoordinatorBase:
+    def __init__(self, cfg: RLConfig, *, port: int | None, heartbeat_port: int | None) -> None:
+        self.cfg = cfg
+        p = cfg.placement
+        self.disaggregated = p.mode == "disaggregated"
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 2000)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer raises instead of vanishing
+        self.address = P.bind(self.socket, host=p.host, port=port)
+        self._dead: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.monitor = HeartbeatMonitor(timeout_s=p.heartbeat_timeout_s, on_dead=self._dead.put, host=p.host,
+                                        port=heartbeat_port, context=self.context).start()
+        self.actors: dict[str, Actor] = {}
+        self.inbox: list[tuple[str, P.Message]] = []  # answers not yet taken by a wait
+        self._round: _Round | None = None
+        self.num_protocol_errors = 0
+        self.num_worker_deaths = 0
+
+    # ---- actors -----------------------------------------------------------------------------------
+    def expected_actors(self) -> list[str]:
+        n = self.cfg.placement.num_rollout_workers if self.disaggregated else 0
+        return ["trainer", *(f"rollout-{i}" for i in range(n))]
+
+    def live_workers(self) -> list[Actor]:
+        return [a for a in self.actors.values() if a.role == "rollout" and a.alive]
+
+    def wait_for_actors(self) -> None:
+        expected = self.expected_actors()
+        print(f"coordinator at {self.address}: waiting for {', '.join(expected)}", flush=True)
+        self.wait_until(lambda: all(name in self.actors for name in expected), f"registration of {expected}",
+                        timeout_s=self.cfg.placement.startup_timeout_s)
+        print(f"all {len(expected)} actors registered", flush=True)
+        self._write_actors()
+
+    def _write_actors(self) -> None:
+        write_json_atomic(os.path.join(self.cfg.train.output_dir, "actors.json"),
+              {"coordinator": self.address, "heartbeat": self.monitor.address, "coordinator_pid": os.getpid(),
+               "actors": {a.id: {"role": a.role, "alive": a.alive, **a.capabilities} for a in self.actors.values()}})
+
+    def retire(self, name: str, why: str) -> None:
+        """Stop using rollout worker `name`: requeue what it had in flight, tell it to stop."""
+        actor = self.actors.get(name)
+        if actor is None or not actor.alive:
+            return
+        actor.alive = False
+        self.monitor.forget(name)
+        self.num_worker_deaths += 1
+        requeued = []
+        if self._round is not None:
+            requeued = self._round.ledger.requeue_worker(name)
+            self._round.pending.extend(requeued)
+        logger.warning("rollout worker %s retired (%s); %d prompt(s) requeued", name, why, len(requeued))
+        print(f"rollout worker {name} lost ({why}): {len(requeued)} prompt(s) requeued, "
+              f"{len(self.live_workers())} worker(s) left", flush=True)
+        try:
+            self.send(name, P.Shutdown(reason=f"retired: {why}"))
+        except zmq.ZMQError:
+            pass
+        self._write_actors()
+        if not self.live_workers():
+            logs = os.path.join(self.cfg.train.output_dir, "logs")
+            raise RuntimeError(f"every rollout worker is gone (last: {name}, {why}); the run cannot continue. "
+                               f"Their logs: {logs}/rollout-*.log")
+
+    def _handle_dead(self) -> None:
+        while True:
+            try:
+                name = self._dead.get_nowait()
+            except queue.Empty:
+                return
+            actor = self.actors.get(name)
+            if actor is None or not actor.alive:
+                continue
+            if actor.role == "trainer":
+                raise RuntimeError(f"the trainer stopped sending heartbeats for "
+                                   f"{self.cfg.placement.heartbeat_timeout_s:g}s")
+            self.retire(name, f"no heartbeat for {self.cfg.placement.heartbeat_timeout_s:g}s")
+
+    # ---- messages ---------------------------------------------------------------------------------
+    def send(self, name: str, msg: P.Message) -> None:
+        P.send_msg(self.socket, msg, route=[name.encode()])
+
+    def _reply(self, route: list[bytes], msg: P.ErrorReply, what: str) -> None:
+        self.num_protocol_errors += 1
+        logger.warning("from %r: %s; answered with ErrorReply", route[0] if route else None, what)
+        if route:
+            try:
+                P.send_msg(self.socket, msg, route=route)
+            except zmq.ZMQError as e:
+                logger.warning("could not send the error reply: %s", e)
+
+    def pump(self, timeout_s: float) -> None:
+        """Handle every message that arrives within `timeout_s`, then the peers declared dead."""
+        if self.socket.poll(int(timeout_s * 1000)):
+            while self.socket.poll(0):
+                self._receive_one()
+        self._handle_dead()
+
+    def _receive_one(self) -> None:
+        try:
+            route, msg = P.recv_msg(self.socket, num_route_frames=1)
+        except P.ProtocolError as e:
+            self._reply(e.route, P.error_reply(e), f"malformed message: {e}")
+            return
+        sender = route[0].decode(errors="replace")
+        if isinstance(msg, P.ErrorReply):
+            if msg.code == ERROR_STARTUP and sender not in self.actors:
+                raise RuntimeError(f"actor {sender} failed to start: {msg.message} (see its log)")
+            logger.warning("%s reported an error (%s): %s", sender, msg.code, msg.message)
+            return
+        if isinstance(msg, P.Hello):
+            self._register(route, sender, msg)
+            return
+        actor = self.actors.get(sender)
+        if actor is None:
+            self._reply(route, P.ErrorReply(code=P.ERROR_UNEXPECTED, message="register with Hello first"),
+                        f"{type(msg).__name__} from unregistered {sender!r}")
+        elif not actor.alive:
+            logger.info("ignoring %s from retired %s", type(msg).__name__, sender)
+        elif isinstance(msg, P.GenerateResult):
+            self._on_result(sender, msg)
+        elif isinstance(msg, ANSWERS):
+            self.inbox.append((sender, msg))
+        else:
+            self._reply(route, P.ErrorReply(code=P.ERROR_UNEXPECTED,
+                                            message=f"the coordinator does not take {type(msg).__name__} messages"),
+                        f"unexpected {type(msg).__name__} from {sender}")
+
+    def _register(self, route: list[bytes], sender: str, hello: P.Hello) -> None:
+        problem = None
+        if hello.worker_id != sender:
+            problem = f"Hello.worker_id {hello.worker_id!r} differs from the socket identity {sender!r}"
+        elif sender in self.actors:
+            problem = f"{sender} is already registered"
+        elif sender not in self.expected_actors() or hello.role != ("trainer" if sender == "trainer" else "rollout"):
+            problem = f"unexpected actor {sender!r} with role {hello.role!r}; expected {self.expected_actors()}"
+        elif hello.role == "rollout" and not isinstance(hello.capabilities.get("weights_address"), str):
+            problem = "a rollout worker must announce its weights_address"
+        if problem is not None:
+            self._reply(route, P.ErrorReply(code=P.ERROR_UNEXPECTED, message=problem), problem)
+            return
+        self.actors[sender] = Actor(id=sender, role=hello.role, capabilities=dict(hello.capabilities))
+        self.monitor.watch(sender)
+        logger.info("registered %s (%s, pid %s)", sender, hello.role, hello.capabilities.get("pid"))
+
+    # ---- waits ------------------------------------------------------------------------------------
+    def wait_until(self, done: Callable[[], bool], what: str, *, timeout_s: float | None = None) -> None:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not done():
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}")
+            self.pump(0.05)
+
+    def take(self, match: Callable[[str, P.Message], bool], what: str,
+             until: Callable[[], bool] | None = None) -> tuple[str | None, P.Message | None]:
+        """Wait for an answer matching `match(sender, msg)` and remove it from the inbox; (None, None)
+        if `until()` turns true first."""
+        found: list[tuple[str, P.Message]] = []
+
+        def done() -> bool:
+            for i, (sender, msg) in enumerate(self.inbox):
+                if match(sender, msg):
+                    found.append(self.inbox.pop(i))
+                    return True
+            return until is not None and until()
+
+        self.wait_until(done, what)
+        return found[0] if found else (None, None)
+
+    # ---- generation -------------------------------------------------------------------------------
+    def generate(self, ledger: PromptLedger, prompts: dict[str, list[int]], sampling: P.WireSamplingParams, *,
+                 n: int) -> dict[str, P.GenerateResult]:
+        """Generate `n` samples of every prompt (uid -> token ids, each already taken in `ledger`) on
+        the engines; requests of a worker that dies are sent again to the others."""
+        rnd = self._round = _Round(ledger=ledger, prompts=prompts, sampling=sampling, n=n, pending=deque(prompts))
+        try:
+            while len(rnd.results) < len(prompts):
+                self._dispatch(rnd)
+                self.pump(0.05)
+        finally:
+            self._round = None
+        return rnd.results
+
+    def _request(self, rnd: _Round, uid: str, worker: str) -> P.GenerateRequest:
+        rid = rnd.ledger.dispatch(uid, worker)
+        return P.GenerateRequest(request_id=rid, sample_ids=[f"{rid}/{i}" for i in range(rnd.n)],
+                                 prompt_token_ids=rnd.prompts[uid], sampling=rnd.sampling,
+                                 policy_version=getattr(self, "version", 0))
+
+    def _dispatch(self, rnd: _Round) -> None:
+        if not rnd.pending:
+            return
+        if not self.disaggregated:  # colocated: the trainer group's engines take the whole round at once
+            requests = [self._request(rnd, uid, "trainer") for uid in rnd.pending]
+            rnd.pending.clear()
+            self.send("trainer", P.GenerateBatch(requests=requests))
+            return
+        load = {a.id: len(rnd.ledger.in_flight(a.id)) for a in self.live_workers()}
+        while rnd.pending:
+            worker = min(load, key=lambda w: (load[w], w))
+            request = self._request(rnd, rnd.pending.popleft(), worker)
+            load[worker] += 1
+            try:
+                self.send(worker, request)
+            except zmq.ZMQError as e:  # gone without a word: the heartbeat monitor will requeue it
+                logger.warning("could not send %s to %s: %s", request.request_id, worker, e)
+
+    def _on_result(self, sender: str, msg: P.GenerateResult) -> None:
+        rnd = self._round
+        uid = rnd.ledger.complete(msg.request_id, sender) if rnd is not None else None
+        if uid is None:
+            logger.info("stale result %s from %s dropped", msg.request_id, sender)
+            return
+        if msg.error is None and len(msg.samples) != rnd.n:
+            raise RuntimeError(f"{sender} answered {msg.request_id} with {len(msg.samples)} samples, expected {rnd.n}")
+        rnd.results[uid] = msg
+
+    # ---- the end ----------------------------------------------------------------------------------
+    def shutdown_actors(self, reason: str) -> None:
+        for actor in self.actors.values():
+            if actor.alive:
+                try:
+                    self.send(actor.id, P.Shutdown(reason=reason))
+                except zmq.ZMQError:
+                    pass
+
+    def close(self) -> None:
+        self.monitor.stop()
+        self.socket.close()
+        self.context.term()

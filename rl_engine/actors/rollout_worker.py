@@ -1,0 +1,152 @@
+"""A rollout worker (disaggregated placement): one inference engine in its own process, serving the
+coordinator's requests and taking weight updates between engine steps.
+
+    python -m rl_engine.actors.rollout_worker --config RUN.yaml --coordinator ADDR --heartbeat ADDR \
+        --worker-id rollout-0
+
+`GenerateRequest`s go into the engine as they arrive and are stepped together (continuous batching);
+each finished request is answered with a `GenerateResult` (tokens, behavior log-probs, per-token policy
+and KV versions, routed experts when recording). `UpdateWeights(v)` makes the worker receive version v
+through weight_sync (ZMQ from every trainer rank, checksummed per bucket, optionally probed), apply it
+between two engine steps and answer `WeightsApplied`. Malformed or unexpected messages get an
+`ErrorReply` and a log line.
+
+Main design choice: the worker decides nothing (which prompt, which version, when to update are the
+coordinator's), so its whole state is its engine and weights version, and a worker that dies loses
+nothing the coordinator cannot requeue. `--die-after-requests N` is fault injection for tests: the
+worker SIGKILLs itself on receiving its N-th request, with the earlier ones still in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import time
+
+import torch
+
+from rl_engine import protocol as P
+from rl_engine.actors.link import CoordinatorLink, report_startup_failure
+from rl_engine.actors.wire import engine_sampling, generate_result
+from rl_engine.config import load_config
+from rl_engine.inference import LLM
+from rl_engine.policy import from_pretrained
+from rl_engine.train_config import RLConfig
+from rl_engine.weight_sync import (EngineLayout, TrainLayout, WeightReceiver, WeightSyncError, ZmqReceiverTransport,
+                                   plan_sync)
+
+logger = logging.getLogger(__name__)
+COMMANDS = (P.GenerateRequest, P.UpdateWeights, P.Shutdown)
+
+
+class RolloutWorker:
+    def __init__(self, cfg: RLConfig, *, worker_id: str, coordinator: str, heartbeat: str,
+                 die_after_requests: int | None = None) -> None:
+        p, r, t = cfg.placement, cfg.rollout, cfg.train
+        self.worker_id, self.die_after_requests = worker_id, die_after_requests
+        dtype = getattr(torch, cfg.model.dtype)
+        model = from_pretrained(cfg.model.path, dtype=dtype)
+        self.llm = LLM(model, kv_cache_memory=r.kv_cache_memory_mb << 20,
+                       max_num_batched_tokens=r.max_num_batched_tokens, seed=t.seed, record_routing=r.routing_replay)
+        self.engine = self.llm.engine
+        # Every process computes the same plan: every trainer rank sends its own shards to this tp=1 engine.
+        plan = plan_sync(model.config, src=TrainLayout(tp=t.tp, pp=t.pp, dp=t.dp, ep=t.ep, dtype=dtype),
+                         dst=EngineLayout(tp=1, replicas=1, dtype=dtype), bucket_bytes=p.weight_bucket_mb << 20)
+        self.weights_rx = ZmqReceiverTransport(host=p.host, timeout_s=p.weight_sync_timeout_s)
+        self.receiver = WeightReceiver(self.engine, plan, dst_rank=0, transport=self.weights_rx)
+        self.link = CoordinatorLink(coordinator, actor_id=worker_id, role="rollout", heartbeat_address=heartbeat,
+                                    heartbeat_interval_s=p.heartbeat_interval_s,
+                                    capabilities={"weights_address": self.weights_rx.address,
+                                                  "weights_version": self.engine.weights_version})
+        self.requests: dict[str, P.GenerateRequest] = {}
+        self.num_received = 0
+
+    def serve(self) -> None:
+        while True:
+            busy = self.engine.has_unfinished_requests()
+            msg = self.link.receive(0 if busy else 100, expected=COMMANDS)
+            while msg is not None:  # take everything that is waiting before the next engine step
+                if isinstance(msg, P.Shutdown):
+                    logger.info("%s: shutdown (%s)", self.worker_id, msg.reason)
+                    return
+                self._handle(msg)
+                msg = self.link.receive(0, expected=COMMANDS)
+            if self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        request = self.requests.pop(out.request_id)
+                        self.link.send(generate_result(request, out))
+
+    def _handle(self, msg: P.Message) -> None:
+        if isinstance(msg, P.GenerateRequest):
+            self.num_received += 1
+            if self.die_after_requests is not None and self.num_received >= self.die_after_requests:
+                logger.warning("%s: fault injection: dying with %d request(s) in flight", self.worker_id,
+                               len(self.requests))
+                os.kill(os.getpid(), signal.SIGKILL)
+            self._add(msg)
+        elif isinstance(msg, P.UpdateWeights):
+            self.link.send(self._update_weights(msg.version))
+
+    def _add(self, request: P.GenerateRequest) -> None:
+        rid = request.request_id
+        try:
+            if rid in self.requests:
+                raise ValueError(f"request {rid!r} is already being generated here")
+            if not request.sample_ids:
+                raise ValueError("sample_ids is empty: nothing to generate")
+            params = engine_sampling(request.sampling, n=len(request.sample_ids))
+            self.engine.add_request(rid, list(request.prompt_token_ids), params)
+        except ValueError as e:
+            logger.warning("%s: request %s refused: %s", self.worker_id, rid, e)
+            self.link.send(P.GenerateResult(request_id=rid, samples=[], error=str(e)))
+            return
+        self.requests[rid] = request
+
+    def _update_weights(self, version: int) -> P.WeightsApplied:
+        t0 = time.perf_counter()
+        try:
+            applied = self.receiver.sync()
+        except (WeightSyncError, ValueError) as e:
+            logger.warning("%s: weights v%d not applied: %s", self.worker_id, version, e)
+            return P.WeightsApplied(worker_id=self.worker_id, version=version, ok=False, error=str(e),
+                                    seconds=time.perf_counter() - t0)
+        if applied != version:  # answered under the announced version, so the coordinator matches it
+            return P.WeightsApplied(worker_id=self.worker_id, version=version, ok=False,
+                                    error=f"received weights v{applied}, the coordinator announced v{version}",
+                                    seconds=time.perf_counter() - t0)
+        return P.WeightsApplied(worker_id=self.worker_id, version=version, ok=True, seconds=time.perf_counter() - t0,
+                                probe_error=self.receiver.last_probe_error)
+
+    def close(self) -> None:
+        self.link.close()
+        self.weights_rx.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rl_engine.actors.rollout_worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--coordinator", required=True)
+    parser.add_argument("--heartbeat", required=True)
+    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--die-after-requests", type=int, default=None, help="fault injection (tests)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.worker_id} %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(RLConfig, args.config)
+    torch.set_num_threads(cfg.placement.threads_per_process)
+    try:
+        worker = RolloutWorker(cfg, worker_id=args.worker_id, coordinator=args.coordinator, heartbeat=args.heartbeat,
+                               die_after_requests=args.die_after_requests)
+    except Exception as e:
+        report_startup_failure(args.coordinator, actor_id=args.worker_id, error=e)
+        raise
+    try:
+        worker.serve()
+    finally:
+        worker.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Start every actor of a run on this machine and wait: `run_actors(cfg)` is what `rl-engine train
+CONFIG` does when `placement.mode` is colocated or disaggregated.
+
+The run is resolved once, here, before anything starts: the builtin model and task are written into
+the run dir, the model is checked against the parallel layout, the optional supervised warm start runs
+with the single-process trainer (its weights become the actors' model), and the resolved config goes
+to `<output_dir>/actors/config.yaml`, which every actor loads, so all of them see the same paths.
+Processes: the coordinator (its exit ends the run; its output, the progress, is echoed), the
+`tp * pp * dp` trainer ranks (torch.distributed), and in disaggregated mode the rollout workers, whose
+death the launcher tolerates (`required=False`) because the coordinator requeues their prompts.
+`rl_engine.launch` stops them all on exit, on error and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from typing import IO
+
+import yaml
+
+from rl_engine.config import to_dict
+from rl_engine.launch import LaunchResult, ProcessSpec, free_port, launch
+from rl_engine.train_config import RLConfig
+
+
+class ActorsFailed(RuntimeError):
+    def __init__(self, result: LaunchResult) -> None:
+        super().__init__(result.summary())
+        self.result = result
+
+
+def prepare(cfg: RLConfig) -> tuple[RLConfig, str]:
+    """(the resolved config, the path of its YAML file for the actors)."""
+    from rl_engine.policy import ModelConfig
+    from rl_engine.policy.parallel import check_model_layout
+    from rl_engine.trainer import resolve_paths
+
+    out = cfg.train.output_dir
+    os.makedirs(out, exist_ok=True)
+    model_path, data_path, eval_path, warm_path = resolve_paths(cfg)
+    model_config = ModelConfig.from_pretrained(model_path)
+    t = cfg.train
+    check_model_layout(model_config, tp=t.tp, pp=t.pp, ep=t.ep)
+    if cfg.rollout.routing_replay and not model_config.is_moe:
+        raise ValueError(f"rollout.routing_replay=true needs an MoE model; {model_path} is dense")
+    if warm_path and cfg.warmup.steps > 0:
+        model_path = _warm_start(cfg, model_path)
+    resolved = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, path=os.path.abspath(model_path)),
+        data=dataclasses.replace(cfg.data, path=os.path.abspath(data_path),
+                                 eval_path=os.path.abspath(eval_path) if eval_path else None),
+        warmup=dataclasses.replace(cfg.warmup, path=None),
+        train=dataclasses.replace(cfg.train, output_dir=os.path.abspath(out)))
+    path = os.path.join(out, "actors", "config.yaml")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(resolved), f, sort_keys=False)
+    return resolved, path
+
+
+def _warm_start(cfg: RLConfig, model_path: str) -> str:
+    """The supervised warm start, in this process; returns the directory of the warm-started model."""
+    from rl_engine.trainer import GRPOTrainer
+
+    single = dataclasses.replace(cfg, placement=dataclasses.replace(cfg.placement, mode="single_process"),
+                                 train=dataclasses.replace(cfg.train, tp=1, pp=1, dp=1, ep=1))
+    trainer = GRPOTrainer(single)
+    try:
+        print(f"warm start: {cfg.warmup.steps} supervised steps on {trainer.warmup_path}", flush=True)
+        stats = trainer.warm_start()
+        print(f"warm start done, loss {stats['warmup/loss_last']:.3f}", flush=True)
+        target = os.path.join(cfg.train.output_dir, "warm_start_model")
+        trainer.model.save_pretrained(target)
+    finally:
+        trainer.close()
+    for name in os.listdir(model_path):  # tokenizer, chat template, generation config
+        src = os.path.join(model_path, name)
+        if os.path.isfile(src) and not os.path.exists(os.path.join(target, name)) and not name.endswith(
+                (".safetensors", ".bin", ".pt", ".index.json")):
+            shutil.copy(src, target)
+    return target
+
+
+def build_specs(cfg: RLConfig, config_path: str) -> list[ProcessSpec]:
+    """The processes of a run: coordinator, trainer ranks, rollout workers (disaggregated)."""
+    p = cfg.placement
+    port, heartbeat_port = free_port(p.host), free_port(p.host)
+    connect_host = "127.0.0.1" if p.host in ("0.0.0.0", "*") else p.host
+    coordinator, heartbeat = f"tcp://{connect_host}:{port}", f"tcp://{connect_host}:{heartbeat_port}"
+    threads = str(p.threads_per_process)
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    base = ["--config", config_path]
+    links = [*base, "--coordinator", coordinator, "--heartbeat", heartbeat]
+    specs = [ProcessSpec(name="coordinator", module="rl_engine.actors.coordinator", ends_run=True, echo=True, env=env,
+                         args=[*base, "--port", str(port), "--heartbeat-port", str(heartbeat_port)])]
+    specs += [ProcessSpec(name=f"trainer-{rank}", module="rl_engine.actors.trainer_group", args=links, env=env,
+                          dist_rank=rank) for rank in range(cfg.train.world_size)]
+    if p.mode == "disaggregated":
+        specs += [ProcessSpec(name=f"rollout-{i}", module="rl_engine.actors.rollout_worker", env=env, required=False,
+                              args=[*links, "--worker-id", f"rollout-{i}"]) for i in range(p.num_rollout_workers)]
+    return specs
+
+
+def run_actors(cfg: RLConfig, *, edit_specs: Callable[[list[ProcessSpec]], list[ProcessSpec]] | None = None,
+               echo_stream: IO[bytes] | None = None) -> dict:
+    """Resolve, launch, wait; returns the coordinator's summary. Raises `ActorsFailed` (with the
+    launcher's report: which process failed and its last log lines) unless the run completed.
+    `edit_specs` may change the process list before launch (fault injection in tests)."""
+    resolved, config_path = prepare(cfg)
+    specs = build_specs(resolved, config_path)
+    if edit_specs is not None:
+        specs = edit_specs(specs)
+    log_dir = os.path.join(resolved.train.output_dir, "logs")
+    print(f"launching {len(specs)} processes ({cfg.placement.mode}, trainer tp={cfg.train.tp} pp={cfg.train.pp} "
+          f"dp={cfg.train.dp}); logs in {log_dir}", flush=True)
+    result = launch(specs, log_dir=log_dir, grace_period_s=cfg.placement.grace_period_s, echo_stream=echo_stream)
+    if result.status != "completed":
+        raise ActorsFailed(result)
+    lost = [p.name for p in result.processes if p.returncode not in (0, None) and not p.stopped_by_launcher]
+    if lost:
+        print(f"processes lost during the run (their work was requeued): {', '.join(lost)}", file=sys.stderr)
+    with open(os.path.join(resolved.train.output_dir, "summary.json")) as f:
+        return json.load(f)

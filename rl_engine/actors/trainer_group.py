@@ -1,0 +1,268 @@
+"""The trainer group: torch.distributed ranks training the policy with `ParallelTrainer` (tp/pp/dp/ep
+from the config). Rank 0 talks to the coordinator; every command it takes is broadcast to the group
+(protocol-encoded, no pickle), so all ranks run the same sequence of collectives.
+
+    python -m rl_engine.actors.trainer_group --config RUN.yaml --coordinator ADDR --heartbeat ADDR
+    (one process per rank; RANK, WORLD_SIZE, MASTER_ADDR/PORT come from the launcher)
+
+Commands: `TrainBatch` (pack this dp rank's micro-batches, `train_step` with the shared `StepLoss`,
+publish the new weights), `GenerateBatch` (colocated), `SaveCheckpoint`, `Shutdown`.
+
+Colocated, the choice made here: every tp rank of a data-parallel group runs an engine over its own
+shards, in lockstep on the same requests and seeds (requests are split over the dp groups). The
+engines' tensor-parallel collectives then pair up as in training and nothing is gathered or copied;
+weight_sync's in-process transport checks every step that each engine still reads the trainer's
+storage (zero copy). Lockstep needs the engine to be deterministic across the tp ranks: it is (the
+scheduler decides from identical inputs, logits are all-gathered so every rank samples from identical
+bytes with the same per-request seeds), and every generation ends with a digest of the outputs
+all-gathered over the tp group, so a divergence stops the run instead of silently desynchronising
+the collectives. The alternative, gathering full weights onto tp rank 0 for a tp=1 engine, copies the
+model every step, holds a second copy and leaves the other tp ranks idle while it generates.
+
+Disaggregated: after a step every rank publishes its own shards to each live rollout worker (one
+plan for tp=1 engines, `WeightPublisher` over `ZmqSenderTransport`), with a log-prob probe when
+`placement.verify_probe`; failures are agreed over the world and reported in `WeightsPublished`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from rl_engine import protocol as P
+from rl_engine.actors.group_comm import broadcast_message, recv_messages, reduce_metrics_over, send_messages
+from rl_engine.actors.link import CoordinatorLink
+from rl_engine.actors.wire import engine_sampling, generate_result, samples_from_batch
+from rl_engine.config import load_config
+from rl_engine.losses import PolicyLoss, compute_loss_normalizer
+from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer
+from rl_engine.rl_step import StepLoss, build_micro_batches, micro_batch_count
+from rl_engine.train_config import RLConfig
+from rl_engine.weight_sync import (EngineLayout, InProcessTransport, TrainLayout, WeightPublisher, WeightReceiver,
+                                   WeightSyncError, ZmqSenderTransport, plan_sync, trainer_probe)
+
+logger = logging.getLogger(__name__)
+PROBE_TOKENS = 64
+
+
+class TrainerGroup:
+    def __init__(self, cfg: RLConfig, *, coordinator: str, heartbeat: str) -> None:
+        self.cfg = cfg
+        p, t, o = cfg.placement, cfg.train, cfg.optim
+        self.colocated = p.mode == "colocated"
+        self.groups = g = ParallelGroups.build(tp=t.tp, pp=t.pp, ep=t.ep, dp=t.dp)
+        self.dtype = getattr(torch, cfg.model.dtype)
+        self.trainer = ParallelTrainer.from_pretrained(
+            cfg.model.path, groups=g, dtype=self.dtype, seed=t.seed,
+            optim=OptimizerConfig(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                  clip_grad=o.grad_clip or None))
+        config = self.trainer.config
+        self.policy_loss = PolicyLoss(cfg.loss)
+        self.metric_keys = StepLoss.metric_keys(self.policy_loss)
+        self.moe_layers = sorted(config.moe_layers) if cfg.rollout.routing_replay else None
+        self.version = 0
+        src = TrainLayout.of(g, dtype=self.dtype)
+        bucket_bytes = p.weight_bucket_mb << 20
+        if self.colocated:
+            from rl_engine.inference import LLM
+
+            r = cfg.rollout
+            self.llm = LLM(self.trainer.chunks[0], kv_cache_memory=r.kv_cache_memory_mb << 20,
+                           max_num_batched_tokens=r.max_num_batched_tokens, seed=t.seed,
+                           record_routing=r.routing_replay)
+            # Engine rank = replica * tp + tp_rank = this training rank (pp = 1): each reads its own shards.
+            plan = plan_sync(config, src=src, dst=EngineLayout(tp=t.tp, replicas=t.dp, dtype=self.dtype),
+                             bucket_bytes=bucket_bytes, colocated={rank: rank for rank in range(g.world_size)})
+            inproc = InProcessTransport(zero_copy=True)
+            self.receiver = WeightReceiver(self.llm.engine, plan, dst_rank=g.world_rank, transport=inproc,
+                                           engine_group=g.tp_group)
+            self.publisher = WeightPublisher(self.trainer.chunks, plan, src_rank=g.world_rank, transport=inproc)
+        else:
+            self.worker_plan = plan_sync(config, src=src, dst=EngineLayout(tp=1, replicas=1, dtype=self.dtype),
+                                         bucket_bytes=bucket_bytes)
+            self.publishers: dict[str, WeightPublisher] = {}
+        pids = torch.tensor([os.getpid()], dtype=torch.int64)
+        if g.world_size > 1:
+            every = [torch.zeros_like(pids) for _ in range(g.world_size)]
+            dist.all_gather(every, pids)
+            pids = torch.cat(every)
+        self.link = None
+        if g.world_rank == 0:
+            self.link = CoordinatorLink(coordinator, actor_id="trainer", role="trainer", heartbeat_address=heartbeat,
+                                        heartbeat_interval_s=p.heartbeat_interval_s,
+                                        capabilities={"world_size": g.world_size, "placement": p.mode,
+                                                      "rank_pids": ",".join(str(x) for x in pids.tolist()),
+                                                      "engines": t.dp if self.colocated else 0})
+        self.commands = ((P.GenerateBatch,) if self.colocated else ()) + (P.TrainBatch, P.SaveCheckpoint, P.Shutdown)
+
+    # ---- the command loop -------------------------------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            msg = self._next_command()
+            if isinstance(msg, P.Shutdown):
+                logger.info("trainer rank %d: shutdown (%s)", self.groups.world_rank, msg.reason)
+                return
+            if isinstance(msg, P.TrainBatch):
+                self._train(msg)
+            elif isinstance(msg, P.GenerateBatch):
+                self._generate(msg)
+            elif isinstance(msg, P.SaveCheckpoint):
+                self.trainer.save_checkpoint(msg.path, extra={"policy_version": self.version, "step": msg.step})
+                self._send(P.Ack(ref=f"checkpoint:{msg.path}"))
+
+    def _next_command(self) -> P.Message:
+        msg = None
+        if self.link is not None:
+            while msg is None:
+                msg = self.link.receive(200, expected=self.commands)
+        return broadcast_message(msg, src=0)
+
+    def _send(self, msg: P.Message) -> None:
+        if self.link is not None:
+            self.link.send(msg)
+
+    # ---- training ---------------------------------------------------------------------------------
+    def _train(self, batch: P.TrainBatch) -> None:
+        cfg, g = self.cfg, self.groups
+        samples, advantages = samples_from_batch(batch)
+        normalizer = compute_loss_normalizer([s.response_len for s in samples],
+                                             token_sum_constant=cfg.rollout.max_new_tokens)
+        pack = cfg.train.pack_sequences
+        pad = None
+        if g.ep_size > 1:  # expert parallelism: every rank of an ep group runs the same number of passes
+            pad = micro_batch_count(samples, micro_batch_tokens=cfg.train.micro_batch_tokens, dp_size=g.dp_size,
+                                    pack=pack)
+        micro_batches = build_micro_batches(samples, advantages, micro_batch_tokens=cfg.train.micro_batch_tokens,
+                                            temperature=cfg.rollout.temperature, dp_size=g.dp_size,
+                                            dp_rank=g.dp_rank, pack=pack, moe_layers=self.moe_layers,
+                                            pad_to_count=pad)
+        loss = StepLoss(self.policy_loss, normalizer)
+        t0 = time.perf_counter()
+        stats = self.trainer.train_step(micro_batches, loss)
+        train_s = time.perf_counter() - t0
+        metrics = reduce_metrics_over(loss.metrics(), self.metric_keys,
+                                      contributes=g.is_last_stage and g.tp_rank == 0, group=g.world_group)
+        self.version = batch.policy_version
+        out = {f"train/{k}": v for k, v in metrics.items()}
+        out.update({"train/grad_norm": stats["grad_norm"], "train/micro_batches": stats["num_micro_batches"],
+                    "perf/train_s": train_s,
+                    "perf/train_tokens_per_s": sum(len(s.input_ids) for s in samples) / max(train_s, 1e-9)})
+        if self.colocated:
+            t1 = time.perf_counter()
+            self.publisher.publish(self.version)  # zero copy: checks the engine still reads our tensors
+            self.receiver.sync()
+            out["perf/weight_sync_s"] = time.perf_counter() - t1
+        self._send(P.TrainResult(step=batch.step, policy_version=self.version, metrics=out))
+        if not self.colocated:
+            tokens = samples[0].input_ids + samples[0].targets[-1:]
+            self._publish(dict(batch.weight_targets), torch.tensor(tokens[:PROBE_TOKENS]))
+
+    def _publish(self, targets: dict[str, str], probe_ids: torch.Tensor) -> None:
+        """Every rank sends its shards to every target worker; the failures are agreed over the world."""
+        t0 = time.perf_counter()
+        probe = None
+        if self.cfg.placement.verify_probe:
+            probe = trainer_probe(self.trainer, probe_ids, temperature=self.cfg.rollout.temperature)
+        names = sorted(targets)
+        failed = torch.zeros(len(names), dtype=torch.int64)
+        for i, name in enumerate(names):
+            publisher = self.publishers.get(name)
+            if publisher is None:
+                transport = ZmqSenderTransport({0: targets[name]}, timeout_s=self.cfg.placement.weight_sync_timeout_s)
+                publisher = self.publishers[name] = WeightPublisher(self.trainer.chunks, self.worker_plan,
+                                                                    src_rank=self.groups.world_rank,
+                                                                    transport=transport)
+            try:
+                publisher.publish(self.version, probe=probe)
+            except (WeightSyncError, ValueError) as e:
+                logger.warning("weights v%d to %s failed: %s", self.version, name, e)
+                failed[i] = 1
+        if dist.is_initialized() and self.groups.world_size > 1:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        for name, bad in zip(names, failed.tolist()):
+            if bad:  # that worker is gone or refused: forget it (a new publisher would start afresh)
+                self.publishers.pop(name).transport.close()
+        self._send(P.WeightsPublished(version=self.version, failed=[n for n, b in zip(names, failed.tolist()) if b],
+                                      seconds=time.perf_counter() - t0))
+
+    # ---- colocated generation ---------------------------------------------------------------------
+    def _generate(self, batch: P.GenerateBatch) -> None:
+        g = self.groups
+        mine = batch.requests[g.dp_rank::g.dp_size]
+        results, prompts, params, accepted = [], [], [], []
+        for req in mine:
+            try:
+                params.append(engine_sampling(req.sampling, n=len(req.sample_ids)))
+            except ValueError as e:
+                results.append(P.GenerateResult(request_id=req.request_id, samples=[], error=str(e)))
+                continue
+            prompts.append(list(req.prompt_token_ids))
+            accepted.append(req)
+        outs = self.llm.generate(prompts, params) if prompts else []
+        results += [generate_result(req, out) for req, out in zip(accepted, outs)]
+        self._check_lockstep(results)
+        if g.tp_rank != 0:
+            return
+        if g.dp_rank != 0:
+            send_messages(results, dst=0)
+            return
+        for d in range(1, g.dp_size):
+            results += recv_messages(src=d * g.tp_size)  # the leader of dp group d (pp = 1)
+        for result in results:
+            self._send(result)
+
+    def _check_lockstep(self, results: list[P.GenerateResult]) -> None:
+        """The tp ranks of one engine must have produced identical outputs (see the module docstring)."""
+        g = self.groups
+        if g.tp_size == 1:
+            return
+        h = hashlib.blake2b(digest_size=8)
+        for r in results:
+            h.update(r.request_id.encode())
+            for s in r.samples:
+                h.update(s.token_ids.numpy().tobytes())
+                h.update(s.behavior_logprobs.numpy().tobytes())
+        mine = torch.tensor([int.from_bytes(h.digest(), "little", signed=True)], dtype=torch.int64)
+        every = [torch.zeros_like(mine) for _ in range(g.tp_size)]
+        dist.all_gather(every, mine, group=g.tp_group)
+        if any(int(x) != int(mine) for x in every):
+            raise RuntimeError("the tensor-parallel ranks of a colocated engine generated different outputs; "
+                               "their engines are no longer in lockstep (nondeterministic kernels?)")
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+        for publisher in getattr(self, "publishers", {}).values():
+            publisher.transport.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rl_engine.actors.trainer_group")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--coordinator", required=True)
+    parser.add_argument("--heartbeat", required=True)
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s trainer{rank} %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(RLConfig, args.config)
+    torch.set_num_threads(cfg.placement.threads_per_process)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg.placement.dist_timeout_s))
+    group = None
+    try:
+        group = TrainerGroup(cfg, coordinator=args.coordinator, heartbeat=args.heartbeat)
+        group.serve()
+    finally:
+        if group is not None:
+            group.close()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

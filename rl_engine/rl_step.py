@@ -1,0 +1,292 @@
+"""The per-step pieces of the GRPO loop, shared by the single-process `GRPOTrainer` and the actors
+(coordinator and trainer group): prompts, sampling parameters, samples, rollout metrics, micro-batches
+and the loss over them. Both placements build each of these the same way, through these functions.
+
+Main design choice: the loss over micro-batches is one `StepLoss` object with the signature of
+`ParallelTrainer`'s loss function, `(logprobs, entropy, micro_batch) -> this micro-batch's share`,
+normalised by global counts fixed before the split. The single-process trainer drives it with
+`run_micro_batches(model, ...)` and plain AdamW; the trainer group with `ParallelTrainer.train_step`.
+So loss and gradients do not depend on micro-batching, packing or data parallelism in either.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rl_engine.inference import SamplingParams
+from rl_engine.losses import LossNormalizer, PolicyLoss, reduce_metrics, seq_ids_from_cu_seqlens
+from rl_engine.policy.moe import MoEBlock, RoutingRecord
+from rl_engine.policy.pipeline import MicroBatch
+from rl_engine.policy.tokenizer import Tokenizer
+from rl_engine.rollout.advantages import filter_uniform_groups
+from rl_engine.rollout.data import PromptDataConfig, PromptDataset, PromptItem
+from rl_engine.rollout.packing import build_packed_batch, plan_micro_batches
+from rl_engine.train_config import RLConfig
+
+
+@dataclass
+class Sample:
+    """One completion made ready for training. Per-token lists are aligned with the model input
+    (prompt + response without its last token): entry t is about predicting token t + 1."""
+
+    group: int
+    input_ids: list[int]
+    targets: list[int]
+    loss_mask: list[int]
+    behavior_logprobs: list[float]
+    policy_versions: list[int]  # -1 on prompt positions
+    reward: float
+    response_len: int
+    prompt_len: int
+    kv_versions: list[int] | None = None  # per response token
+    routed_experts: torch.Tensor | None = None  # [len(input_ids), moe layers, k] (routing replay)
+    uid: str = ""  # the prompt's dataset uid ("epoch:index")
+
+    @property
+    def response_ids(self) -> list[int]:
+        return self.targets[self.prompt_len - 1:]
+
+
+def make_sample(*, prompt_ids: Sequence[int], response_ids: Sequence[int], logprobs: Sequence[float],
+                policy_versions: Sequence[int], reward: float, group: int,
+                kv_versions: Sequence[int] | None = None, routed_experts: torch.Tensor | None = None,
+                uid: str = "") -> Sample:
+    tokens = list(prompt_ids) + list(response_ids)
+    p, r = len(prompt_ids), len(response_ids)
+    if r == 0:
+        raise ValueError(f"prompt {uid or group}: an empty completion cannot be trained on")
+    if routed_experts is not None and routed_experts.shape[0] != p + r - 1:
+        raise ValueError(f"routed_experts covers {routed_experts.shape[0]} tokens, the sample feeds {p + r - 1}")
+    return Sample(group=group, input_ids=tokens[:-1], targets=tokens[1:], loss_mask=[0] * (p - 1) + [1] * r,
+                  behavior_logprobs=[0.0] * (p - 1) + [float(x) for x in logprobs],
+                  policy_versions=[-1] * (p - 1) + [int(v) for v in policy_versions], reward=float(reward),
+                  response_len=r, prompt_len=p, kv_versions=None if kv_versions is None else list(kv_versions),
+                  routed_experts=routed_experts, uid=uid)
+
+
+# ---- prompts and sampling ------------------------------------------------------------------------
+class PromptSource:
+    """A run's tokenizer, chat template and prompt sets (train, held-out)."""
+
+    def __init__(self, cfg: RLConfig, *, model_path: str, data_path: str, eval_path: str | None,
+                 eos_token_ids: list[int] | None) -> None:
+        self.tokenizer = Tokenizer.from_pretrained(model_path, eos_token_ids=eos_token_ids or None)
+        self.template = None
+        if cfg.data.apply_chat_template and self.tokenizer.chat_template is not None:
+            self.template = functools.partial(self.tokenizer.apply_chat_template, add_generation_prompt=True)
+        d = cfg.data
+        self.dataset = PromptDataset.from_config(
+            PromptDataConfig(path=data_path, prompt_key=d.prompt_key, answer_key=d.answer_key, shuffle=d.shuffle,
+                             seed=cfg.train.seed), apply_chat_template=self.template)
+        self.eval_items: list[PromptItem] = []
+        if eval_path:
+            eval_cfg = PromptDataConfig(path=eval_path, prompt_key=d.prompt_key, answer_key=d.answer_key, shuffle=False)
+            self.eval_items = PromptDataset.from_config(eval_cfg, apply_chat_template=self.template).take(d.num_eval)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a rendered prompt (the chat template brings its own special tokens)."""
+        return self.tokenizer.encode(text, add_special_tokens=self.template is None)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self.tokenizer.eos_token_ids)
+
+
+def rollout_seed(cfg: RLConfig, step: int) -> int:
+    """The sampling seed of every request of step `step` (0-based): a requeued or replayed request
+    samples the same tokens, whichever engine and batch serve it."""
+    return cfg.train.seed * 1_000_003 + step
+
+
+def sampling_params(cfg: RLConfig, *, step: int, eos_token_ids: Sequence[int]) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          max_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos,
+                          stop_token_ids=[] if r.ignore_eos else list(eos_token_ids), seed=rollout_seed(cfg, step))
+
+
+def eval_sampling_params(cfg: RLConfig, *, eos_token_ids: Sequence[int]) -> SamplingParams:
+    """Greedy decoding for held-out accuracy."""
+    return SamplingParams(temperature=0.0, max_tokens=cfg.rollout.max_new_tokens, stop_token_ids=list(eos_token_ids))
+
+
+def rollout_metrics(samples: Sequence[Sample], *, num_reward_failed: int, rollout_s: float) -> dict[str, float]:
+    """Reward and length statistics of every sample generated in a step (kept or dropped)."""
+    if not samples:
+        return {"reward/failed": num_reward_failed, "perf/rollout_s": rollout_s}
+    num_tokens = sum(s.response_len for s in samples)
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if len(samples) > 1 else 0.0,
+        "reward/failed": num_reward_failed,
+        "response_length/mean": num_tokens / len(samples),
+        "response_length/max": max(s.response_len for s in samples),
+        "tokens/total": sum(len(s.input_ids) + 1 for s in samples),
+        "perf/rollout_tokens_per_s": num_tokens / rollout_s if rollout_s > 0 else math.nan,
+        "perf/rollout_s": rollout_s,
+    }
+
+
+def collect_groups(cfg: RLConfig, *, take: Callable[[int], list[PromptItem]],
+                   generate: Callable[[list[PromptItem]], tuple[list[tuple[PromptItem, list[Sample]]], int]],
+                   drop: Callable[[PromptItem, str], None] | None = None,
+                   ) -> tuple[list[list[Sample]], list[Sample], dict[str, int]]:
+    """One step's groups: `take(k)` prompts, `generate(items)` -> ([(item, its scored samples)], number
+    of failed rewards) for the items answered. Under dynamic sampling a group whose rewards are all
+    equal is dropped (`drop(item, "uniform_rewards")`) and refilled with new prompts, for at most
+    `max_refill_rounds` extra rounds. Returns (kept groups, every sample generated, counters)."""
+    r = cfg.rollout
+    kept: list[list[Sample]] = []
+    generated: list[Sample] = []
+    stats = {"reward_failed": 0, "dropped": 0, "rounds": 0}
+    while True:
+        items = take(r.prompts_per_step - len(kept))
+        if not items:
+            break
+        answered, num_failed = generate(items)
+        stats["reward_failed"] += num_failed
+        generated += [s for _, group in answered for s in group]
+        keep = [True] * len(answered)
+        if r.dynamic_sampling and answered:
+            rewards = torch.tensor([s.reward for _, group in answered for s in group])
+            ids = torch.tensor([g for g, (_, group) in enumerate(answered) for _ in group])
+            keep = [False] * len(answered)
+            for g, varied in zip(ids.tolist(), filter_uniform_groups(rewards, ids).keep.tolist()):
+                keep[g] = varied
+        for (item, group), ok in zip(answered, keep):
+            if ok:
+                kept.append(group)
+            else:
+                stats["dropped"] += 1
+                if drop is not None:
+                    drop(item, "uniform_rewards")
+        if not r.dynamic_sampling or len(kept) >= r.prompts_per_step or stats["rounds"] >= r.max_refill_rounds:
+            break
+        stats["rounds"] += 1
+    for g, group in enumerate(kept):  # group ids: positions in the kept batch
+        for s in group:
+            s.group = g
+    return kept, generated, stats
+
+
+# ---- micro-batches and the loss ------------------------------------------------------------------
+def build_micro_batches(samples: Sequence[Sample], advantages: torch.Tensor, *, micro_batch_tokens: int,
+                        temperature: float, dp_size: int = 1, dp_rank: int = 0, pack: bool = True,
+                        moe_layers: Sequence[int] | None = None, pad_to_count: int | None = None) -> list[MicroBatch]:
+    """Data-parallel rank `dp_rank`'s micro-batches of the whole step's `samples` (every rank computes
+    the same plan). `pack=False` puts each sample in its own micro-batch. `moe_layers` set: replay the
+    engine's routing (`Sample.routed_experts`). `pad_to_count`: append empty-loss micro-batches up to
+    that count (expert parallelism runs every rank of an ep group in lockstep)."""
+    plan = plan_micro_batches([len(s.input_ids) for s in samples], max_tokens_per_micro_batch=micro_batch_tokens,
+                              dp_size=dp_size)
+    groups = [mb for mb in plan.micro_batches[dp_rank] if mb]
+    if not pack:
+        groups = [[i] for mb in groups for i in mb]
+    out = [_micro_batch(samples, advantages, indices, temperature, moe_layers) for indices in groups]
+    while pad_to_count is not None and len(out) < pad_to_count:
+        out.append(_empty_micro_batch(temperature, moe_layers, samples))
+    return out
+
+
+def micro_batch_count(samples: Sequence[Sample], *, micro_batch_tokens: int, dp_size: int, pack: bool) -> int:
+    """The largest number of micro-batches any dp rank gets (to pad the others to)."""
+    plan = plan_micro_batches([len(s.input_ids) for s in samples], max_tokens_per_micro_batch=micro_batch_tokens,
+                              dp_size=dp_size)
+    return max(len(mb) if pack else sum(len(g) for g in mb) for mb in plan.micro_batches)
+
+
+def _micro_batch(samples: Sequence[Sample], advantages: torch.Tensor, indices: list[int], temperature: float,
+                 moe_layers: Sequence[int] | None) -> MicroBatch:
+    batch = build_packed_batch(
+        indices, token_ids=[s.input_ids for s in samples],
+        per_token={"targets": [s.targets for s in samples], "loss_mask": [s.loss_mask for s in samples],
+                   "behavior": [s.behavior_logprobs for s in samples]},
+        per_sample={"advantages": advantages})
+    v = batch.values
+    routing = None
+    if moe_layers is not None:
+        chosen = []
+        for i in indices:
+            if samples[i].routed_experts is None:
+                raise ValueError("routing replay is on but a sample came without routed_experts; the engine must "
+                                 "record routing (rollout.routing_replay=true on every rollout engine)")
+            chosen.append(samples[i].routed_experts)
+        experts = torch.cat(chosen).long()  # [T, moe layers, k]
+        routing = RoutingRecord(mode="replay", topk_ids={layer: experts[:, j].contiguous()
+                                                         for j, layer in enumerate(sorted(moe_layers))})
+    return MicroBatch(input_ids=batch.input_ids, positions=batch.positions, cu_seqlens=batch.cu_seqlens,
+                      targets=v["targets"].long(), temperature=temperature, routing=routing,
+                      loss_inputs={"advantages": v["advantages"].float(), "loss_mask": v["loss_mask"].bool(),
+                                   "behavior": v["behavior"].float()})
+
+
+def _empty_micro_batch(temperature: float, moe_layers: Sequence[int] | None, samples: Sequence[Sample]) -> MicroBatch:
+    """One masked-out token: zero loss and zero policy gradient, but it runs every collective."""
+    routing = None
+    if moe_layers is not None:
+        k = next(s.routed_experts.shape[-1] for s in samples if s.routed_experts is not None)
+        routing = RoutingRecord(mode="replay", topk_ids={layer: torch.arange(k)[None] for layer in moe_layers})
+    zero = torch.zeros(1, dtype=torch.int64)
+    return MicroBatch(input_ids=zero, positions=zero.clone(), cu_seqlens=torch.tensor([0, 1], dtype=torch.int32),
+                      targets=zero.clone(), temperature=temperature, routing=routing,
+                      loss_inputs={"advantages": torch.zeros(1), "loss_mask": torch.zeros(1, dtype=torch.bool),
+                                   "behavior": torch.zeros(1)})
+
+
+class StepLoss:
+    """The policy loss of one optimizer step as a `ParallelTrainer` loss function; it keeps each
+    micro-batch's (additive) metrics for `metrics()`."""
+
+    def __init__(self, policy_loss: PolicyLoss, normalizer: LossNormalizer) -> None:
+        self.policy_loss, self.normalizer = policy_loss, normalizer
+        self.per_micro_batch: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, logprobs: torch.Tensor, entropy: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+        li = mb.loss_inputs
+        out = self.policy_loss(logprobs=logprobs, advantages=li["advantages"], loss_mask=li["loss_mask"],
+                               seq_ids=seq_ids_from_cu_seqlens(mb.cu_seqlens), num_seqs=mb.cu_seqlens.numel() - 1,
+                               normalizer=self.normalizer, behavior_logprobs=li["behavior"], entropy=entropy)
+        self.per_micro_batch.append({**out.metrics, "loss": out.loss.detach()})
+        return out.loss
+
+    def metrics(self) -> dict[str, float]:
+        """This process's share: sums over its micro-batches (max for `*_max` keys)."""
+        return reduce_metrics(self.per_micro_batch)
+
+    @staticmethod
+    def metric_keys(policy_loss: PolicyLoss) -> list[str]:
+        """The metric names every call returns (to reduce them across ranks in a fixed order)."""
+        one = torch.zeros(1)
+        out = policy_loss(logprobs=one, advantages=one, loss_mask=one.bool(), seq_ids=one.long(), num_seqs=1,
+                          normalizer=LossNormalizer(num_tokens=1, num_sequences=1), behavior_logprobs=one,
+                          entropy=one)
+        return sorted([*out.metrics, "loss"])
+
+
+def run_micro_batches(model: torch.nn.Module, micro_batches: Sequence[MicroBatch], loss_fn: StepLoss) -> None:
+    """Forward and backward over each micro-batch on one model holding every layer (the single-process
+    counterpart of `ParallelTrainer.train_step`'s 1F1B run); gradients accumulate in `.grad`."""
+    moe = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    for m in moe:  # router aux losses: a 1 / (number of micro-batches) share each, as ParallelTrainer does
+        m.aux_loss_scale = 1.0 / max(1, len(micro_batches))
+    for mb in micro_batches:
+        h = model.hidden_states(mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens, routing=mb.routing)
+        lp, ent = model.token_logprobs(h, mb.targets, temperature=mb.temperature)
+        loss_fn(lp, ent, mb).backward()
+
+
+def update_expert_bias(model: torch.nn.Module) -> None:
+    """After an optimizer step: aux-loss-free router balancing (no-op for dense models)."""
+    for m in model.modules():
+        if isinstance(m, MoEBlock):
+            m.update_expert_bias(None)
