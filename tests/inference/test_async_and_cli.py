@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import mixed_prompts
+from inference_helpers import mixed_prompts
 from rl_engine import LLM, SamplingParams
 from rl_engine.inference import AsyncEngine
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import mixed_prompts
+from inference_helpers import mixed_prompts
 from rl_engine import LLM, SamplingParams
 from rl_engine.inference.block_manager import DUMMY_BLOCK
 from rl_engine.inference.graph_cache import GraphCache, default_buckets

@@ -10,7 +10,7 @@ from collections import deque
 import pytest
 import torch
 
-from conftest import NUM_NEW_TOKENS, PARITY_OVERRIDES, hf_greedy, mixed_prompts
+from inference_helpers import NUM_NEW_TOKENS, PARITY_OVERRIDES, hf_greedy, mixed_prompts
 from rl_engine import LLM, SamplingParams
 
 MODEL_TYPES = ["qwen2", "llama", "qwen3_moe"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import mixed_prompts
+from inference_helpers import mixed_prompts
 from rl_engine import LLM, SamplingParams
 from rl_engine.policy import from_pretrained
 from test_logprobs import trainer_logprobs

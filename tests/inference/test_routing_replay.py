@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import PARITY_OVERRIDES, mixed_prompts
+from inference_helpers import PARITY_OVERRIDES, mixed_prompts
 from rl_engine import LLM, SamplingParams
 from rl_engine.policy import RoutingRecord, from_pretrained
 

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from conftest import PARITY_OVERRIDES, mixed_prompts
+from inference_helpers import PARITY_OVERRIDES, mixed_prompts
 from rl_engine import LLM, SamplingParams
 from rl_engine.policy import from_pretrained
 from spec_helpers import truncated_draft

@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import PARITY_OVERRIDES, mixed_prompts
+from inference_helpers import PARITY_OVERRIDES, mixed_prompts
 from rl_engine import LLM, SamplingParams
 from rl_engine.inference.speculative import speculator as speculator_module
 from rl_engine.policy import from_pretrained

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 
-from conftest import mixed_prompts
+from inference_helpers import mixed_prompts
 from rl_engine import LLM, SamplingParams
 
 
