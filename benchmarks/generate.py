@@ -3,9 +3,9 @@
 Same checkpoint, same prompts (mixed lengths), same number of new tokens per prompt (EOS ignored on
 both sides), fp32, at batch 1 and batch 64, greedy and sampled. Each configuration is timed
 `--repeats` times alternating engine and transformers, and the best time of each is kept (the machine
-is shared, so the best run is the least disturbed one). Also reports the achieved fraction of this
-machine's fp32 matmul peak (a large matmul timed in the same run): 2 * matmul params * tokens
-processed / time.
+is shared, so the best run is the least disturbed one); at batch 1 each prompt is such a unit. Also
+reports the achieved fraction of this machine's fp32 matmul peak (a large matmul timed in the same
+run): 2 * matmul params * tokens processed / time.
 
     python benchmarks/generate.py                 # the ~3M Qwen2-shaped model
     python benchmarks/generate.py --large         # also the ~50M model with a 32k vocabulary
@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import interleaved_best  # noqa: E402
 
 
 def write_checkpoint(path: str, *, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
@@ -120,10 +124,16 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
         run_engine(llm, prompts[:2], 4, True)  # warm up both (allocations, runners, lazy imports)
         run_transformers(hf, prompts[:2], 4, True)
         for sampled in (False, True):
-            engine_t, hf_t = float("inf"), float("inf")
-            for _ in range(repeats):
-                engine_t = min(engine_t, sum(run_engine(llm, g, new_tokens, sampled) for g in groups))
-                hf_t = min(hf_t, sum(run_transformers(hf, g, new_tokens, sampled) for g in groups))
+            # Each group (one prompt at batch 1) is timed `repeats` times, alternating engine and
+            # transformers (common.interleaved_best), and its best times are summed: short timed units
+            # let a burst of load from elsewhere on a shared machine spoil one unit, not the total.
+            engine_t = hf_t = 0.0
+            for g in groups:
+                best = interleaved_best({"engine": lambda: run_engine(llm, g, new_tokens, sampled),
+                                         "transformers": lambda: run_transformers(hf, g, new_tokens, sampled)},
+                                        repeats=repeats, warmup=0)
+                engine_t += best["engine"]
+                hf_t += best["transformers"]
             tokens = len(prompts) * new_tokens
             processed = tokens + sum(len(p) for p in prompts)
             achieved = 2 * mm_params * processed / engine_t / 1e9
@@ -147,7 +157,7 @@ def main() -> None:
     ap.add_argument("--large", action="store_true", help="also the ~50M-param model with a 32k vocabulary")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both engines (and the peak)")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each engine per prompt group (best kept)")
     ap.add_argument("--batches", default="1,64")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

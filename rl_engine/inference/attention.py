@@ -3,25 +3,32 @@
 The batch is `num_single` one-token queries (decodes, one-token prefill chunks) followed by longer
 prefill chunks. Per layer, `attend` writes the new k/v into the paged cache at `slot_mapping`
 (block_id * block_size + offset; padding writes go to the dummy block 0), then:
-- one-token queries: every row's blocks are gathered into a padded [B, L, Hkv, D] tensor and one
-  SDPA call runs with a length mask (a lone row on consecutive blocks is read as a view, unmasked);
-  a GQA group of query heads is laid out as SDPA's query-length axis ([B, Hkv, G, D]), so KV heads
-  are never repeated. (A dense per-row copy of the decode batch's KV, saving the gather, was
-  measured no faster on CPU: the gather's output is cache-hot when SDPA reads it, and both variants
-  read every KV byte from memory once per layer.)
+- one-token queries: a lone row reads its context as a strided view of the cache when its blocks
+  are consecutive (else gathers them) and runs one unmasked SDPA call. More rows are cut into chunks
+  whose gathered K/V stay within `DECODE_CHUNK_BYTES`: each chunk gathers its rows' blocks into a
+  [rows, Hkv, L, D] view padded to its own longest context and runs one SDPA call with an additive
+  length mask; the runner orders rows by context length. When blocks are scattered and contexts
+  outgrow the L2 cache this measured up to ~2x faster on CPU than one batch-wide gather (a chunk's
+  K/V are still cached when SDPA reads them, and short rows are not padded to the batch's longest);
+  otherwise it is on par. A GQA group of query heads is laid out as SDPA's query-length axis ([B, Hkv, G, D]), so KV heads
+  are never repeated.
 - prefill chunks: one SDPA call per sequence, over the chunk's own k/v when it starts the sequence
   (plain causal), else over its gathered cached prefix with an offset causal mask.
-Index tensors and masks are built once per step (`prepare`), not per layer. On CUDA, decode calls the
-`paged_decode_attention` op from the kernel registry instead (unverified here: no GPU in CI).
+Index tensors, views and masks are built once per step (`prepare`), not per layer. On CUDA, decode
+calls the `paged_decode_attention` op from the kernel registry instead (unverified here: no GPU in CI).
+`decode_observer`, when set, sees every decode call's inputs and output (tests compare kernels on a
+real engine state with it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+DECODE_CHUNK_BYTES = 1 << 20  # gathered K + V per decode chunk: about half a core's L2
 
 
 @dataclass
@@ -47,15 +54,16 @@ class PagedAttention:
         self._k_flat = [k.view(-1, self.num_kv_heads, self.head_dim) for k in k_caches]
         self._v_flat = [v.view(-1, self.num_kv_heads, self.head_dim) for v in v_caches]
         self.decode_op = decode_op  # a registry kernel (CUDA); None: SDPA below
+        # decode_observer(layer_idx, q, k_cache, v_cache, block_tables, context_lens, scale, out)
+        self.decode_observer: Callable[..., None] | None = None
         self.slot_mapping: torch.Tensor | None = None
         self.num_single = 0
-        self.max_context_len = 0  # longest context among the one-token rows
-        self.decode_len = 0  # context length the one-token rows' keys are padded to
-        self.decode_mask: torch.Tensor | None = None  # [B, 1, 1, decode_len] bool; None for a lone row
-        self.decode_blocks: torch.Tensor | None = None  # [B * nb] block ids, row-major
-        self.decode_span: tuple[int, int] | None = None  # a lone row's consecutive blocks [start, end)
-        self.block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 (registry op)
-        self.context_lens: torch.Tensor | None = None  # [B] int32 (registry op)
+        self.block_tables: torch.Tensor | None = None  # [B, >= max blocks] int32 (registry op, observer)
+        self.context_lens: torch.Tensor | None = None  # [B] int32 (registry op, observer)
+        # SDPA decode, per chunk of rows: (rows, gathered block ids [rows * nb] or None for a view of
+        # consecutive blocks, as_strided (size, stride, storage offset) of K/V as [rows, Hkv, L, D],
+        # additive mask [rows, 1, 1, L] or None for a lone row at its exact length).
+        self.decode_chunks: list[tuple[slice, torch.Tensor | None, tuple, torch.Tensor | None]] = []
         self.prefills: list[PrefillChunk] = []
 
     def prepare(self, *, slot_mapping: torch.Tensor, num_single: int, block_tables: torch.Tensor | None,
@@ -69,20 +77,36 @@ class PagedAttention:
         self.prefills = prefills
         self.block_tables = block_tables
         self.context_lens = context_lens
-        self.max_context_len = max_context_len
+        self.decode_chunks = []
         if num_single and self.decode_op is None:
-            nb = -(-max_context_len // self.block_size)
-            self.decode_len = nb * self.block_size
-            self.decode_span = None
-            self.decode_mask = None
-            if num_single > 1:
-                self.decode_blocks = block_tables[:num_single, :nb].reshape(-1).long()
-                positions = torch.arange(self.decode_len, device=context_lens.device)
-                self.decode_mask = (positions[None, :] < context_lens[:num_single, None])[:, None, None, :]
-            elif first_block is not None:
-                self.decode_span = (first_block, first_block + nb)
+            self._prepare_decode(num_single, block_tables, context_lens, max_context_len, first_block)
+
+    def _prepare_decode(self, B: int, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                        max_context_len: int, first_block: int | None) -> None:
+        bs, Hkv, D = self.block_size, self.num_kv_heads, self.head_dim
+        token = Hkv * D  # elements per cached token
+        if B == 1:  # its exact context, unmasked
+            size, stride = (1, Hkv, max_context_len, D), (0, D, token, 1)
+            if first_block is not None:
+                self.decode_chunks = [(slice(0, 1), None, (size, stride, first_block * bs * token), None)]
             else:
-                self.decode_blocks = block_tables[0, :nb].long()
+                blocks = block_tables[0, :-(-max_context_len // bs)].long()
+                self.decode_chunks = [(slice(0, 1), blocks, (size, stride, 0), None)]
+            return
+        lens = context_lens[:B].tolist()
+        row_bytes = 2 * -(-max_context_len // bs) * bs * token * self.k_caches[0].element_size()
+        rows = max(1, min(B, DECODE_CHUNK_BYTES // row_bytes))
+        max_len = -(-max_context_len // bs) * bs
+        positions = torch.arange(max_len, device=context_lens.device)
+        mask = torch.zeros(B, max_len, dtype=self.k_caches[0].dtype, device=context_lens.device)
+        mask.masked_fill_(positions[None, :] >= context_lens[:B, None], float("-inf"))
+        tables = block_tables[:B].long()
+        for a in range(0, B, rows):
+            b = min(B, a + rows)
+            nb = -(-max(lens[a:b]) // bs)
+            L = nb * bs
+            view = ((b - a, Hkv, L, D), (L * token, D, token, 1), 0)
+            self.decode_chunks.append((slice(a, b), tables[a:b, :nb].reshape(-1), view, mask[a:b, None, None, :L]))
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                scale: float) -> torch.Tensor:
@@ -97,37 +121,52 @@ class PagedAttention:
         if nd:
             out[:nd] = self._decode(i, q[:nd], scale)
         kc, vc = self.k_caches[i], self.v_caches[i]
-        gqa = q.shape[1] != k.shape[1]
+        group = q.shape[1] // k.shape[1]
         for c in self.prefills:
-            qs = q[c.start:c.end].transpose(0, 1)  # [Hq, n, D]
-            if c.block_ids is None:
-                ks, vs = k[c.start:c.end].transpose(0, 1), v[c.start:c.end].transpose(0, 1)
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
-            else:
-                n, ctx = c.end - c.start, c.context_len
-                ks = kc[c.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:ctx].transpose(0, 1)
-                vs = vc[c.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:ctx].transpose(0, 1)
-                q_pos = torch.arange(ctx - n, ctx, device=q.device)
-                mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [n, ctx]
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
-            out[c.start:c.end] = o.transpose(0, 1)
+            # 4-D inputs with repeated KV heads keep SDPA on its fused kernel (3-D inputs or
+            # enable_gqa fall back to the unfused math path on CPU, about 2x slower here).
+            qs = q[c.start:c.end].transpose(0, 1)[None]  # [1, Hq, n, D]
+            if c.block_ids is None:  # the chunk starts its sequence: its own k/v, causal
+                ks, vs = k[c.start:c.end], v[c.start:c.end]
+                if group > 1:
+                    ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+                o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                                                   is_causal=True, scale=scale)
+                out[c.start:c.end] = o[0].transpose(0, 1)
+                continue
+            n, ctx = c.end - c.start, c.context_len
+            ks = kc[c.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:ctx]
+            vs = vc[c.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:ctx]
+            if group > 1:
+                ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+            q_pos = torch.arange(ctx - n, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [n, ctx]
+            o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                                               attn_mask=mask, scale=scale)
+            out[c.start:c.end] = o[0].transpose(0, 1)
         return out
 
     def _decode(self, i: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """One query token per sequence: q [B, Hq, D] -> [B, Hq, D]."""
         B, Hq, D = q.shape
         if self.decode_op is not None:
-            return self.decode_op(q, self.k_caches[i], self.v_caches[i], self.block_tables[:B],
-                                  self.context_lens[:B], scale)
-        Hkv, L = self.num_kv_heads, self.decode_len
-        if self.decode_span is not None:
-            start, end = self.decode_span
-            k, v = self.k_caches[i][start:end].view(B, L, Hkv, D), self.v_caches[i][start:end].view(B, L, Hkv, D)
-        else:  # index_select of flat block ids is ~1.7x faster than kc[blocks[B, nb]]
-            k = self.k_caches[i].index_select(0, self.decode_blocks).view(B, L, Hkv, D)
-            v = self.v_caches[i].index_select(0, self.decode_blocks).view(B, L, Hkv, D)
-        if self.decode_mask is None:  # a lone row: its exact context, no mask
-            k, v = k[:, :self.max_context_len], v[:, :self.max_context_len]
-        o = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, D), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=self.decode_mask, scale=scale)
-        return o.reshape(B, Hq, D)
+            out = self.decode_op(q, self.k_caches[i], self.v_caches[i], self.block_tables[:B],
+                                 self.context_lens[:B], scale)
+        else:
+            kc, vc = self.k_caches[i], self.v_caches[i]
+            qg = q.view(B, self.num_kv_heads, Hq // self.num_kv_heads, D)
+            whole = len(self.decode_chunks) == 1
+            outs = []
+            for rows, blocks, (size, stride, offset), mask in self.decode_chunks:
+                if blocks is None:
+                    k, v = kc.as_strided(size, stride, offset), vc.as_strided(size, stride, offset)
+                else:  # index_select of flat block ids is ~1.7x faster than kc[blocks[B, nb]]
+                    k = kc.index_select(0, blocks).as_strided(size, stride)
+                    v = vc.index_select(0, blocks).as_strided(size, stride)
+                outs.append(F.scaled_dot_product_attention(qg if whole else qg[rows], k, v, attn_mask=mask,
+                                                           scale=scale))
+            out = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(B, Hq, D)
+        if self.decode_observer is not None:
+            self.decode_observer(i + self.first_layer, q, self.k_caches[i], self.v_caches[i],
+                                 self.block_tables[:B], self.context_lens[:B], scale, out)
+        return out

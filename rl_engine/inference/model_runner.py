@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _num_computed(seq: Sequence) -> int:
+    return seq.num_computed_tokens
+
+
 def kv_block_bytes(spec: dict, block_size: int) -> int:
     elem = torch.empty((), dtype=spec["dtype"]).element_size()
     return 2 * spec["num_layers"] * block_size * spec["num_kv_heads"] * spec["head_dim"] * elem
@@ -108,6 +112,10 @@ class ModelRunner:
     def _run_decode(self, runner: DecodeRunner, seqs: list[Sequence], routing):
         """Fill the runner's first rows with one token per sequence, pad the rest, run it."""
         n, bs = len(seqs), self.block_size
+        if n > 2 and routing is None:
+            # Shortest context first: attention pads each chunk of rows to its longest context, so
+            # rows of similar length should share chunks. (Recorded routing is stored in step order.)
+            seqs = sorted(seqs, key=_num_computed)
         computed = [s.num_computed_tokens for s in seqs]
         runner.pad(n)
         runner.np_input_ids[:n] = [s.token_ids[p] for s, p in zip(seqs, computed)]

@@ -50,7 +50,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[float]]:
         """logits [n, V] (any float dtype) -> (token ids, log-probs), one per row."""
-        logits = logits.float()
+        logits = logits if logits.dtype == torch.float32 else logits.float()
         temps = [r.params.temperature for r in rows]
         t0 = temps[0]
         if all(t == t0 for t in temps):
@@ -65,9 +65,8 @@ class Sampler:
             sampled = self._sample(e, z, rows)
             tokens = sampled if all(temps) else torch.where(
                 torch.tensor([t == 0 for t in temps], device=z.device)[:, None], argmax, sampled)
-        else:
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
-            tokens = argmax
+        else:  # all greedy: log-prob of the argmax is -log(sum(exp(z - max z))), in four small ops
+            return argmax.view(-1).tolist(), (z - z_max).exp_().sum(dim=-1).log_().neg_().tolist()
         logprobs = z.gather(1, tokens) - lse
         return tokens.view(-1).tolist(), logprobs.view(-1).tolist()
 

@@ -6,6 +6,7 @@ any device and are the implementations used on CPU.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -27,9 +28,19 @@ def rms_norm(
         x = x + residual
         residual = x
     dtype = x.dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype), residual
+    h = x if dtype == torch.float32 else x.float()
+    # Hugging Face's h * rsqrt(mean(h^2) + eps) in four dispatches (mean and the scalar add would be
+    # four more): between decode matmuls these small ops run cache-cold, and their count is the cost.
+    sum_sq = (h * h).sum(-1, keepdim=True)
+    h = h * torch.add(_scalar(eps), sum_sq, alpha=1.0 / h.shape[-1]).rsqrt()
+    return weight * (h if dtype == torch.float32 else h.to(dtype)), residual
+
+
+@functools.lru_cache(maxsize=None)
+def _scalar(value: float) -> torch.Tensor:
+    """A 0-dim fp32 tensor (usable with tensors on any device), cached per value."""
+    with torch.inference_mode(False):  # a normal tensor even when first asked for under inference mode
+        return torch.tensor(value, dtype=torch.float32)
 
 
 def rotary_cos_sin(
@@ -62,8 +73,8 @@ def apply_rotary(
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU: x is [..., 2 * d] laid out as [gate | up]; returns silu(gate) * up, [..., d]."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
 
 
 def varlen_causal_attention(

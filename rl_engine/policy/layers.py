@@ -48,10 +48,70 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+        self.bind_kernels(self.weight.device)
+
+    def bind_kernels(self, device: torch.device) -> None:
+        """Resolve the kernel once (at build, and again when the model moves to another device)."""
+        self._rms_norm = kernels.resolve("rms_norm", device)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        out, residual_out = kernels.rms_norm(x, self.weight, self.eps, residual)
+        out, residual_out = self._rms_norm(x, self.weight, self.eps, residual)
         return out if residual is None else (out, residual_out)
+
+
+class RotaryEmbedding:
+    """Rotate-half rotary embedding (Hugging Face Llama/Qwen) for the flat token batch of a forward.
+
+    The rotation of every position below `max_positions` is computed once per device (by the
+    `rotary_cos_sin` op) into a [max_positions, 2, head_dim] fp32 table: cos at full width and sin
+    with the rotate-half sign folded in ([-sin | sin]). A forward gathers its tokens' rows once
+    (`tables`) and every layer reuses them (`rotate`). On the torch backend a layer rotates all of its
+    q and k heads in one pass over the fused projection's output, x * cos + roll(x, half) * sin:
+    four dispatches where rotating q and k apart takes two dozen, which matters at decode, where
+    such small ops dominate. Other backends get the registry's `apply_rotary` on half-width views.
+    """
+
+    def __init__(self, *, head_dim: int, max_positions: int, device: torch.device) -> None:
+        self.half = head_dim // 2
+        self.max_positions = max_positions
+        self._table: torch.Tensor | None = None
+        self.bind_kernels(device)
+
+    def bind_kernels(self, device: torch.device) -> None:
+        resolution = kernels.default_registry().resolution("apply_rotary", device)
+        self._fused = resolution.backend == "torch"
+        self._apply_rotary = resolution.fn
+        self._cos_sin = kernels.resolve("rotary_cos_sin", device)
+
+    def _rows(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        """[len(positions), 2, head_dim]: cos and signed sin at full width."""
+        cos, sin = self._cos_sin(positions, inv_freq)
+        return torch.stack((torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)), dim=1)
+
+    def tables(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token rotation tables for `rotate`: [T, 1, head_dim] cos and signed sin (torch), or
+        [T, head_dim // 2] cos and sin (other backends)."""
+        table = self._table
+        if table is None or table.device != positions.device:
+            table = self._table = self._rows(torch.arange(self.max_positions, device=positions.device), inv_freq)
+        try:
+            rows = table.index_select(0, positions)
+        except (IndexError, RuntimeError):  # a position past the table (CPU raises): compute its rows
+            rows = self._rows(positions, inv_freq)
+        if self._fused:
+            return rows[:, :1], rows[:, 1:]
+        return rows[:, 0, :self.half], rows[:, 1, self.half:]
+
+    def rotate(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [T, heads, head_dim] (a view into the fused projection is fine) -> rotated, new tensor."""
+        cos, sin = tables
+        if self._fused:
+            xf = x if x.dtype == torch.float32 else x.float()
+            # Plain mul and add round every element alike in any tensor shape (addcmul's fused
+            # multiply-add does not), so every tensor-parallel layout and the reference agree bitwise.
+            rotated = xf * cos + xf.roll(self.half, dims=-1) * sin
+            return rotated if x.dtype == torch.float32 else rotated.to(x.dtype)
+        return self._apply_rotary(x, x[:, :0], cos, sin)[0]
 
 
 class ColumnParallelLinear(nn.Module):
@@ -140,11 +200,20 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None and groups.sequence_parallel:
             mark_tp_partial_grad(self.bias)  # added to this rank's token slice only
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ b) summed over tp; with `residual` (the stream this layer's output joins),
+        residual + that. Inference on a single rank fuses the add into the matmul (one op less per
+        block at decode); with autograd on, the separate add keeps every tensor-parallel layout
+        rounding alike (the parallel tests compare them to 1e-5)."""
         g = self.groups
+        if (residual is not None and g.tp_group is None and self.bias is None and x.dim() == 2
+                and not torch.is_grad_enabled()):
+            return torch.addmm(residual, x, self.weight.t())
         y = F.linear(x, self.weight)
         y = comm.reduce_scatter_sequence(y, g.tp_group) if g.sequence_parallel else comm.reduce_from_tp(y, g.tp_group)
-        return y if self.bias is None else y + self.bias
+        if self.bias is not None:
+            y = y + self.bias
+        return y if residual is None else residual + y
 
     def load_full(self, weight: torch.Tensor, name: str = "") -> None:
         g = self.groups

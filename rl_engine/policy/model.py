@@ -20,6 +20,7 @@ from rl_engine.policy.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
     RMSNorm,
+    RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
     mark_tp_partial_grad,
@@ -57,6 +58,8 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_heads // tp
         self.num_kv_heads = cfg.num_kv_heads * kv_rep // tp
         self.scale = cfg.head_dim ** -0.5
+        self.q_width = self.num_heads * self.head_dim  # this rank's columns of qkv: [q | k | v]
+        self.qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [q_size, kv_size, kv_size], groups=groups,
                                              bias=cfg.qkv_bias, dtype=dtype, device=device, replicas=[1, kv_rep, kv_rep])
@@ -68,23 +71,28 @@ class Attention(nn.Module):
             if tp > 1:  # shared by all heads, each rank sees only its heads
                 mark_tp_partial_grad(self.q_norm.weight)
                 mark_tp_partial_grad(self.k_norm.weight)
+        self.bind_kernels(self.o_proj.weight.device)
 
-    def forward(self, x, cos, sin, cu_seqlens, attn_context: AttentionContext | None) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        T = qkv.shape[0]
-        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                             self.num_kv_heads * self.head_dim], dim=-1)
-        q = q.reshape(T, self.num_heads, self.head_dim)
-        k = k.reshape(T, self.num_kv_heads, self.head_dim)
-        v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = kernels.apply_rotary(q, k, cos, sin)
+    def bind_kernels(self, device: torch.device) -> None:
+        self._varlen_attention = kernels.resolve("varlen_causal_attention", device)
+
+    def forward(self, x, rotary: RotaryEmbedding, rope, cu_seqlens, attn_context: AttentionContext | None, *,
+                residual: torch.Tensor) -> torch.Tensor:
+        """residual + attention(x): the residual add rides on the output projection's matmul."""
+        qkv = self.qkv_proj(x)  # [T, q | k | v]
+        T, Hq, Hkv, D = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if self.q_norm is None:  # q and k heads side by side: one rotary pass over both
+            qk = rotary.rotate(qkv[:, :self.qk_width].view(T, Hq + Hkv, D), rope)
+            q, k = qk[:, :Hq], qk[:, Hq:]
+        else:
+            q = rotary.rotate(self.q_norm(qkv[:, :self.q_width].view(T, Hq, D)), rope)
+            k = rotary.rotate(self.k_norm(qkv[:, self.q_width:self.qk_width].view(T, Hkv, D)), rope)
+        v = qkv[:, self.qk_width:].view(T, Hkv, D)
         if attn_context is None:
-            o = kernels.varlen_causal_attention(q, k, v, cu_seqlens, self.scale)
+            o = self._varlen_attention(q, k, v, cu_seqlens, self.scale)
         else:
             o = attn_context.attend(self.layer_idx, q, k, v, scale=self.scale)
-        return self.o_proj(o.reshape(T, -1))
+        return self.o_proj(o.reshape(T, -1), residual)
 
 
 class DecoderLayer(nn.Module):
@@ -103,16 +111,12 @@ class DecoderLayer(nn.Module):
             mark_tp_partial_grad(self.input_layernorm.weight)
             mark_tp_partial_grad(self.post_attention_layernorm.weight)
 
-    def forward(self, x, residual, cos, sin, cu_seqlens, attn_context, routing):
-        if residual is None:
-            residual = x
-            h = self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos, sin, cu_seqlens, attn_context)
-        h, residual = self.post_attention_layernorm(h, residual)
-        h = self.mlp(h, routing) if self.is_moe else self.mlp(h)
-        return h, residual
+    def forward(self, x, rotary, rope, cu_seqlens, attn_context, routing):
+        """x: the residual stream [T, H] -> the stream after this layer (each block's output is
+        added to it inside the block's last matmul where possible)."""
+        x = self.self_attn(self.input_layernorm(x), rotary, rope, cu_seqlens, attn_context, residual=x)
+        h = self.post_attention_layernorm(x)
+        return x + self.mlp(h, routing) if self.is_moe else self.mlp(h, x)
 
 
 class CausalLM(nn.Module):
@@ -156,6 +160,18 @@ class CausalLM(nn.Module):
                 config.vocab_size, config.hidden_size, groups=groups, dtype=dtype, device=device)
             self.lm_head = ParallelLMHead(head_weights)
         self.register_buffer("inv_freq", config.inv_freq().to(device), persistent=False)
+        self.rotary = RotaryEmbedding(head_dim=config.head_dim, device=self.inv_freq.device,
+                                      max_positions=max(config.max_position_embeddings, config.max_context_len))
+
+    def _apply(self, fn, recurse=True):
+        """After `.to()` / `.cuda()`: kernels are chosen per device, so choose them again."""
+        super()._apply(fn, recurse)
+        device = self.inv_freq.device
+        self.rotary.bind_kernels(device)
+        for module in self.modules():
+            if module is not self and hasattr(module, "bind_kernels"):
+                module.bind_kernels(device)
+        return self
 
     # ---- forward -------------------------------------------------------------------------------
     def hidden_states(
@@ -185,13 +201,10 @@ class CausalLM(nn.Module):
             if inputs_embeds is None:
                 raise ValueError("a pipeline stage after the first needs inputs_embeds from the previous stage")
             x = inputs_embeds
-        cos, sin = kernels.rotary_cos_sin(positions, self.inv_freq)
-        residual = None
+        rope = self.rotary.tables(positions, self.inv_freq)
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, cu_seqlens, attn_context, routing)
-        if not self.is_last_stage:
-            return x + residual
-        return self.norm(x, residual)[0]
+            x = layer(x, self.rotary, rope, cu_seqlens, attn_context, routing)
+        return self.norm(x) if self.is_last_stage else x
 
     def _check_packed(self, positions: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
         T = positions.shape[0]

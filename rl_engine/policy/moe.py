@@ -45,9 +45,14 @@ class SwiGLUMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(hidden, [intermediate, intermediate], groups=groups, bias=False,
                                                  dtype=dtype, device=device)
         self.down_proj = RowParallelLinear(intermediate, hidden, groups=groups, bias=False, dtype=dtype, device=device)
+        self.bind_kernels(self.down_proj.weight.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+    def bind_kernels(self, device: torch.device) -> None:
+        self._silu_and_mul = kernels.resolve("silu_and_mul", device)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP's output, or residual + it when `residual` is given (fused into the last matmul)."""
+        return self.down_proj(self._silu_and_mul(self.gate_up_proj(x)), residual)
 
 
 class _AttachAuxLoss(torch.autograd.Function):
