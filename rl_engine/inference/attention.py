@@ -16,8 +16,8 @@ prefill chunks. Per layer, `attend` writes the new k/v into the paged cache at `
   (plain causal), else over its gathered cached prefix with an offset causal mask.
 Index tensors, views and masks are built once per step (`prepare`), not per layer. On CUDA, decode
 calls the `paged_decode_attention` op from the kernel registry instead (unverified here: no GPU in CI).
-`decode_observer`, when set, sees every decode call's inputs and output (tests compare kernels on a
-real engine state with it).
+`decode_observer`, when set, sees every eager decode call's inputs and output (a replayed CUDA graph
+runs no Python); tests compare the kernels against the engine on a real engine state with it.
 """
 
 from __future__ import annotations
