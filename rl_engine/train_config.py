@@ -60,6 +60,13 @@ class RolloutSection:
     routing_replay: bool = False  # MoE: the trainer reuses the experts the engine chose at rollout
     kv_cache_memory_mb: int = 256
     max_num_batched_tokens: int = 4096
+    # "sync": each step generates with the newest weights, then trains. "async" (actors only): rollout
+    # and training overlap; a weight update interrupts in-flight requests, which resume with the new
+    # weights (partial rollouts), their earlier tokens keeping their versions and log-probs.
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = 1  # async: a sample whose oldest token is more versions old than this is not trained
+    stale_policy: Literal["drop", "regenerate"] = "drop"  # async: what happens to such a sample's prompt
+    prompts_in_flight: int = 0  # async: prompts being generated or buffered at once; 0 = 2 * prompts_per_step
 
     def __post_init__(self) -> None:
         if self.prompts_per_step < 1 or self.n < 1:
@@ -71,6 +78,15 @@ class RolloutSection:
             raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be >= 1")
         if self.max_refill_rounds < 0:
             raise ValueError(f"max_refill_rounds ({self.max_refill_rounds}) must be >= 0")
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness ({self.max_staleness}) must be >= 0")
+        if self.prompts_in_flight and self.prompts_in_flight < self.prompts_per_step:
+            raise ValueError(f"rollout.prompts_in_flight ({self.prompts_in_flight}) must be 0 (auto) or at least "
+                             f"prompts_per_step ({self.prompts_per_step})")
+
+    @property
+    def async_prompts_in_flight(self) -> int:
+        return self.prompts_in_flight or 2 * self.prompts_per_step
 
 
 @dataclass(kw_only=True)
@@ -92,6 +108,13 @@ class TrainSection:
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads of the single process; 0 = torch's default
     pack_sequences: bool = True  # false: one sample per micro-batch (same loss and gradient, slower)
+    # Checkpoints under <output_dir>/checkpoints/step_<k>: every `checkpoint_every` steps (0: at the
+    # end only), the newest `keep_checkpoints` kept. `resume`: "auto" (the newest checkpoint of
+    # output_dir, or a fresh start when there is none), a checkpoint directory, or null.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    deterministic: bool = False  # torch.use_deterministic_algorithms; the metrics JSONL is seed-determined
     # The trainer group's parallel layout (world = tp * pp * dp ranks; ep divides dp).
     tp: int = 1
     pp: int = 1
@@ -107,6 +130,9 @@ class TrainSection:
                              "out of data parallelism")
         if self.micro_batch_tokens < 1:
             raise ValueError(f"train.micro_batch_tokens ({self.micro_batch_tokens}) must be >= 1")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError(f"train.checkpoint_every ({self.checkpoint_every}) must be >= 0 and "
+                             f"train.keep_checkpoints ({self.keep_checkpoints}) >= 1")
 
     @property
     def world_size(self) -> int:
@@ -179,6 +205,9 @@ class RLConfig:
         if p.uses_actors and self.train.device != "cpu":
             raise ValueError(f"train.device={t.device!r}: the trainer ranks (ParallelTrainer on gloo) run on CPU in "
                              "this build; use train.device=cpu or placement.mode=single_process")
+        if self.rollout.mode == "async" and not p.uses_actors:
+            raise ValueError("rollout.mode=async overlaps rollout and training in separate actors: set "
+                             "placement.mode to colocated or disaggregated (single_process runs sync only)")
         if self.loss.kl_coef > 0:
             raise ValueError(f"loss.kl_coef ({self.loss.kl_coef}) > 0 needs reference-policy log-probs, which the "
                              "RL loop does not compute yet; set loss.kl_coef=0")
