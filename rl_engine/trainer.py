@@ -8,16 +8,27 @@ counts fixed before the split → AdamW step → publish the new version to the 
 
 The per-step pieces (samples, sampling parameters, micro-batches, the loss) live in `rl_step` and are
 shared with the actors (`rl_engine/actors`), whose colocated run at tp = pp = dp = 1 reproduces this one.
+
+Checkpoints (`save_checkpoint` / `load_checkpoint`) hold everything the next step reads: weights, AdamW
+state, the dataset cursor, the policy version and step count, the torch RNG and the engine sampler's
+generator, and the run's pre-RL results, so a resumed sync run repeats the uninterrupted one bit for bit
+(rollouts are seeded per step by `rl_step.rollout_seed`; the engine keeps no KV across steps).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import os
+import shutil
 import time
+from typing import Any
 
 import torch
 
+from rl_engine import run_checkpoint
+from rl_engine.config import to_dict
 from rl_engine.inference import LLM
 from rl_engine.losses import PolicyLoss, compute_loss_normalizer
 from rl_engine.policy import from_pretrained
@@ -42,7 +53,18 @@ from rl_engine.train_config import RLConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GRPOTrainer", "Sample", "resolve_paths"]
+__all__ = ["GRPOTrainer", "ResumeError", "Sample", "check_resume_config", "resolve_paths"]
+
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete single-process checkpoint
+# Config keys a resumed run may change: run length and bookkeeping, not what a step computes. (A
+# different thread count may change the last bits of later steps' floats; it is allowed on purpose.)
+RESUMABLE_KEYS = ("train.steps", "train.resume", "train.output_dir", "train.checkpoint_every",
+                  "train.keep_checkpoints", "train.eval_every", "train.threads", "train.deterministic",
+                  "reward.num_workers")
+
+
+class ResumeError(ValueError):
+    """`train.resume` names no usable checkpoint, or one this config cannot continue."""
 
 
 def resolve_paths(cfg: RLConfig) -> tuple[str, str, str | None, str | None]:
@@ -68,6 +90,51 @@ def resolve_paths(cfg: RLConfig) -> tuple[str, str, str | None, str | None]:
     return model_path, data, eval_path, warm
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(checkpoint: str, cfg: RLConfig) -> dict[str, Any]:
+    """The checkpoint's saved state, after checking it was written by a single-process run of the same
+    config (up to `RESUMABLE_KEYS`) and lies within `train.steps`; a `ResumeError` names any mismatch."""
+    state_path = os.path.join(checkpoint, STATE_FILE)
+    if not os.path.isfile(state_path):
+        raise ResumeError(f"train.resume: {checkpoint} holds no {STATE_FILE}; it is not a complete "
+                          "single-process checkpoint (give <output_dir>/checkpoints/step_<k> or 'auto')")
+    with open(state_path) as f:
+        state = json.load(f)
+    if state["placement"] != "single_process":
+        raise ResumeError(f"train.resume: {checkpoint} was written by placement.mode={state['placement']}; "
+                          "resume it with that placement")
+    saved, ours = _flatten(state["config"]), _flatten(to_dict(cfg))
+    diffs = [f"{key}: checkpoint {saved.get(key, '<absent>')!r}, this run {ours.get(key, '<absent>')!r}"
+             for key in sorted(set(saved) | set(ours))
+             if key not in RESUMABLE_KEYS and not key.startswith("placement.") and saved.get(key) != ours.get(key)]
+    if diffs:
+        raise ResumeError(f"cannot resume from {checkpoint}: it was written with a different config ("
+                          + "; ".join(diffs) + "). Resume with the checkpoint's config, or start a new run")
+    if state["step"] > cfg.train.steps:
+        raise ResumeError(f"cannot resume from {checkpoint}: it is at step {state['step']}, past "
+                          f"train.steps={cfg.train.steps}")
+    return state
+
+
+def _torch_bytes(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _torch_load(path: str) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 class GRPOTrainer:
     """The whole loop in one process (placement "single_process"): the demo's fast path and the
     reference every distributed placement is tested against."""
@@ -79,6 +146,14 @@ class GRPOTrainer:
                            "`rl-engine train` to start the actors)", cfg.placement.mode)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        self._was_deterministic = torch.are_deterministic_algorithms_enabled()
+        if cfg.train.deterministic:
+            # On CPU a same-seed run is already bitwise repeatable at a fixed thread count; this also
+            # makes any op without a deterministic kernel raise. cuBLAS needs its workspace setting
+            # before its first call (the CUDA path is unverified here: no GPU where this was written).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         torch.manual_seed(cfg.train.seed)
         os.makedirs(cfg.train.output_dir, exist_ok=True)
         model_path, data_path, eval_path, self.warmup_path = resolve_paths(cfg)
@@ -100,6 +175,9 @@ class GRPOTrainer:
                                            weight_decay=o.weight_decay)
         self.policy_version = 0
         self.step_count = 0
+        # What the run measured before RL (warm-start losses, held-out accuracy); kept in checkpoints
+        # so a resumed run reports the same "before" without repeating the warm start.
+        self.before_rl: dict[str, float] = {}
 
     def encode_prompt(self, text: str) -> list[int]:
         return self.prompts.encode(text)
@@ -160,6 +238,10 @@ class GRPOTrainer:
         """The step's kept samples (dynamic sampling drops and refills uniform groups, as the actors'
         coordinator does) and the rollout metrics over every sample generated."""
         params = sampling_params(self.config, step=self.step_count, eos_token_ids=self.prompts.eos_token_ids)
+        # A step starts with no cached KV (an evaluation's, or a step's that trained on nothing), as it
+        # does in a run resumed here: a prefix-cache hit computes the same values in another batch
+        # shape, whose floats may differ in the last bits.
+        self.llm.reset_prefix_cache()
         gen_s = 0.0
 
         def generate(items: list) -> tuple[list, int]:
@@ -237,5 +319,56 @@ class GRPOTrainer:
         metrics["policy_version"] = self.policy_version
         return metrics
 
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> str:
+        """Write this process's state into `run_checkpoint.step_dir(output_dir, step)`, each file
+        atomically, then commit it as the one to resume from. Returns its directory."""
+        cfg = self.config
+        if step != self.step_count:
+            raise ValueError(f"save_checkpoint(step={step}) but the trainer has run {self.step_count} steps")
+        path = run_checkpoint.step_dir(cfg.train.output_dir, step)
+        if os.path.isdir(path):  # an uncommitted leftover of a killed run: never mix its files with ours
+            shutil.rmtree(path)
+        os.makedirs(path)
+        run_checkpoint.write_bytes_atomic(os.path.join(path, "model.pt"), _torch_bytes(self.model.state_dict()))
+        run_checkpoint.write_bytes_atomic(os.path.join(path, "optimizer.pt"),
+                                          _torch_bytes(self.optimizer.state_dict()))
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.device(cfg.train.device).type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state_all()
+        run_checkpoint.write_bytes_atomic(os.path.join(path, "rng.pt"), _torch_bytes(rng))
+        version, internal, gauss = self.llm.engine.sampler.rng.getstate()  # random.Random, for unseeded requests
+        run_checkpoint.write_json_atomic(os.path.join(path, STATE_FILE), {
+            "placement": "single_process", "step": step, "policy_version": self.policy_version,
+            "dataset": self.dataset.state_dict(), "before_rl": self.before_rl,
+            "sampler_rng": [version, list(internal), gauss], "config": to_dict(cfg),
+        })
+        return run_checkpoint.commit(cfg.train.output_dir, step, keep=cfg.train.keep_checkpoints)
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore the state `save_checkpoint` wrote (after `check_resume_config`); returns its step."""
+        state = check_resume_config(path, self.config)
+        try:
+            self.model.load_state_dict(_torch_load(os.path.join(path, "model.pt")))
+        except RuntimeError as e:  # missing / unexpected keys, shape mismatches
+            raise ResumeError(f"cannot resume from {path}: its weights do not fit this model: {e}") from None
+        self.optimizer.load_state_dict(_torch_load(os.path.join(path, "optimizer.pt")))
+        try:
+            self.dataset.load_state_dict(state["dataset"])
+        except ValueError as e:
+            raise ResumeError(f"cannot resume from {path}: {e}") from None
+        rng = _torch_load(os.path.join(path, "rng.pt"))
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng:
+            torch.cuda.set_rng_state_all(rng["torch_cuda"])
+        version, internal, gauss = state["sampler_rng"]
+        self.llm.engine.sampler.rng.setstate((version, tuple(internal), gauss))
+        self.step_count, self.policy_version = state["step"], state["policy_version"]
+        self.before_rl = state["before_rl"]
+        if self.policy_version > self.llm.weights_version:  # the engine tags new tokens with this version
+            self.llm.update_weights(version=self.policy_version)
+        return self.step_count
+
     def close(self) -> None:
         self.rewards.close()
+        torch.use_deterministic_algorithms(self._was_deterministic)
