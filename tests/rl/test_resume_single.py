@@ -68,7 +68,9 @@ def test_sigkill_at_random_point_then_resume_reproduces_the_run(tmp_path):
            f"train.output_dir={out}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
     rng = random.Random(8)
-    kill_after, delay = rng.randint(1, steps - 4), rng.uniform(0.0, 0.05)  # a commit, then part of a step
+    # After the commit of a random step, a random delay of up to about one step (0.1-0.2 s here): the
+    # kill lands in a rollout, a training step, after a metrics row or inside a checkpoint's writes.
+    kill_after, delay = rng.randint(1, steps - 6), rng.uniform(0.0, 0.2)
     pointer = out / "checkpoints" / "latest.json"
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
