@@ -6,6 +6,12 @@ load from split tensors; split experts load into our stacked expert tensors, and
 layout (`experts.gate_up_proj` / `experts.down_proj`) loads too. Every tensor the model needs must
 be found with the right shape, and every tensor in the checkpoint must be used: mismatches are
 errors that name the tensor.
+
+Aux-loss-free MoE balancing (DeepSeek-V3 style: the `expert_bias` buffers and `router_bias_update_rate`)
+has no place in the transformers configs and models we export (qwen2_moe, qwen3_moe, mixtral), so
+`save_pretrained` writes it to a side file, `rl_engine_extras.safetensors` (the buffers, plus our
+training-only router knobs in its metadata); transformers ignores the file, and `from_pretrained` /
+`load_hf_weights` read it back.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from rl_engine.policy.parallel import SINGLE, ParallelGroups
 
 # Tensors some checkpoints carry that hold nothing we need (recomputed buffers).
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+EXTRAS_FILE = "rl_engine_extras.safetensors"
+ROUTER_KNOBS = ("router_bias_update_rate", "router_z_loss_coef")  # ModelConfig fields transformers has no key for
 
 
 @dataclass
@@ -210,6 +218,47 @@ def load_hf_weights(model: CausalLM, path: str) -> None:
     if unexpected:
         raise ValueError(f"checkpoint {path!r} has {len(unexpected)} tensor(s) this model does not use, "
                          f"e.g. {unexpected[:5]}: is model_type {model.config.model_type!r} right?")
+    _load_extras(model, path)
+
+
+def _expert_biases(model: CausalLM) -> dict[str, torch.Tensor]:
+    """The aux-loss-free balancing buffers of this rank's MoE layers, by side-file name."""
+    return {f"model.layers.{layer.layer_idx}.mlp.expert_bias": layer.mlp.expert_bias for layer in model.layers
+            if layer.is_moe and getattr(layer.mlp, "expert_bias", None) is not None}
+
+
+def read_extras(path: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The router knobs and expert_bias tensors of `path`'s side file ({} and {} when it has none)."""
+    file = os.path.join(path, EXTRAS_FILE)
+    if not os.path.isfile(file):
+        return {}, {}
+    with safe_open(file, framework="pt") as f:
+        knobs = json.loads((f.metadata() or {}).get("rl_engine_config", "{}"))
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    unknown = sorted(set(knobs) - set(ROUTER_KNOBS))
+    if unknown:
+        raise ValueError(f"{file} sets unknown config key(s) {unknown}; known: {list(ROUTER_KNOBS)}")
+    return knobs, tensors
+
+
+def _load_extras(model: CausalLM, path: str) -> None:
+    knobs, tensors = read_extras(path)
+    mine = _expert_biases(model)
+    rate = knobs.get("router_bias_update_rate", 0.0)
+    if not mine:
+        if tensors and model.config.is_moe:
+            raise ValueError(f"{os.path.join(path, EXTRAS_FILE)} holds expert_bias buffers (aux-loss-free "
+                             f"balancing, router_bias_update_rate={rate}) but the model was built without "
+                             f"them: build it with router_bias_update_rate={rate} (from_pretrained does)")
+        return
+    for name, buf in mine.items():
+        if name not in tensors:
+            continue  # a checkpoint trained without the bias: it starts at zero
+        if tuple(tensors[name].shape) != tuple(buf.shape):
+            raise ValueError(f"{EXTRAS_FILE}: {name} has shape {tuple(tensors[name].shape)}, the model "
+                             f"expects {tuple(buf.shape)}")
+        with torch.no_grad():
+            buf.copy_(tensors[name])
 
 
 def from_pretrained(
@@ -220,8 +269,12 @@ def from_pretrained(
     groups: ParallelGroups = SINGLE,
     layer_range: tuple[int, int] | None = None,
 ) -> CausalLM:
-    """Build the policy from a Hugging Face model directory (config.json + safetensors)."""
+    """Build the policy from a Hugging Face model directory (config.json + safetensors, plus our
+    side file of router knobs and expert_bias buffers when `save_pretrained` wrote one)."""
     config = ModelConfig.from_pretrained(path)
+    knobs, _ = read_extras(path)
+    if knobs:
+        config = config.replace(**knobs)
     model = CausalLM(config, groups=groups, dtype=dtype, device=device, layer_range=layer_range)
     load_hf_weights(model, path)
     return model
@@ -257,6 +310,13 @@ def save_pretrained(model: CausalLM, path: str, *, max_shard_bytes: int = 4 << 3
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         _atomic_write_json(os.path.join(path, "model.safetensors.index.json"),
                            {"metadata": {"total_size": total}, "weight_map": weight_map})
+    extras = {name: t.detach().contiguous().clone() for name, t in _expert_biases(model).items()}
+    knobs = {k: getattr(model.config, k) for k in ROUTER_KNOBS if getattr(model.config, k)}
+    extras_file = os.path.join(path, EXTRAS_FILE)
+    if extras or knobs:
+        _atomic_save(extras, extras_file, {"format": "pt", "rl_engine_config": json.dumps(knobs)})
+    elif os.path.exists(extras_file):
+        os.remove(extras_file)  # left by an earlier export into this directory
     hf = model.config.to_hf_dict()
     hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     hf.pop("dtype", None)

@@ -23,14 +23,17 @@ The RL trainer's view, for one training rank and the engines it feeds::
 Transports: `InProcessTransport` (a colocated engine: zero copy when the engine was built on the
 trainer's own model with the same layout, `data_ptr` checked every sync; copies otherwise),
 `TorchDistTransport` over a `sync_group(...)` of trainer and engine ranks (gloo here, NCCL on CUDA),
-`ZmqSenderTransport` / `ZmqReceiverTransport` (multipart, raw frames). Verification is on by default: a
+`ZmqSenderTransport` / `ZmqReceiverTransport` (multipart, raw frames, any host),
+`SharedMemorySenderTransport` / `SharedMemoryReceiverTransport` (same host: sources write into the
+engine's double-buffered staging in /dev/shm, the engine swaps to it without a copy). Verification is on by default: a
 checksum per bucket on both ends (`checksum.py`); any mismatch, missing bucket, version that does not
 increase or layout that cannot be mapped raises `WeightSyncError` / `ValueError` and the engine keeps
 serving its previous version. Optional probe: `publish(v, probe=trainer_probe(trainer, ids))` makes
 each engine compare its log-probs of `ids` with the trainer's after the swap and roll back on mismatch.
 
 Modules: `layout` (per-parameter descriptors), `plan` (the reshard planner and buckets), `checksum`,
-`buckets` (segments, verification, apply), `endpoints` (publisher / receiver), `transport_*`.
+`buckets` (segments, verification, apply), `staging` (shared-memory regions), `endpoints` (publisher /
+receiver), `transport_*`.
 """
 
 from rl_engine.weight_sync.buckets import Probe, Update, WeightSyncError
@@ -46,10 +49,12 @@ from rl_engine.weight_sync.layout import EngineLayout, Piece, RankLayout, Tensor
 from rl_engine.weight_sync.plan import Bucket, SyncPlan, Transfer, plan_sync
 from rl_engine.weight_sync.transport_dist import TorchDistTransport, sync_group
 from rl_engine.weight_sync.transport_inprocess import InProcessTransport
+from rl_engine.weight_sync.transport_shm import SharedMemoryReceiverTransport, SharedMemorySenderTransport
 from rl_engine.weight_sync.transport_zmq import ZmqReceiverTransport, ZmqSenderTransport
 
 __all__ = [
-    "Bucket", "EngineLayout", "InProcessTransport", "Piece", "Probe", "RankLayout", "SyncPlan", "TensorLayout",
+    "Bucket", "EngineLayout", "InProcessTransport", "Piece", "Probe", "RankLayout", "SharedMemoryReceiverTransport",
+    "SharedMemorySenderTransport", "SyncPlan", "TensorLayout",
     "TorchDistTransport", "TrainLayout", "Transfer", "Update", "WeightPublisher", "WeightReceiver",
     "WeightSyncError", "ZmqReceiverTransport", "ZmqSenderTransport", "checksum", "model_layout", "plan_sync",
     "probe_logprobs", "probe_source_rank", "sync_group", "trainer_probe",

@@ -11,6 +11,7 @@ and the sender's checksum, and only then copies them into the engine's tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -48,6 +49,9 @@ class Update:
     probe: Probe | None = None
     zero_copy: bool = False
     problem: str | None = None  # found by the transport (malformed or missing messages)
+    # How the verified update goes into the engine, returning an undo: set by transports that stage it in
+    # memory the engine can serve from (no copy). None: copy the segments into the engine's tensors.
+    install: Callable[[], Callable[[], None]] | None = None
 
 
 def source_view(t: Transfer, tensors: dict[LocalName, torch.Tensor]) -> torch.Tensor:

@@ -171,20 +171,17 @@ class WeightReceiver:
     def apply(self, update: Update) -> int:
         """Between engine steps: swap the verified update in. Returns the engine's new weights version."""
         start = time.perf_counter()
-        backup: list[torch.Tensor] | None = [] if update.probe is not None else None
 
         def swap(model: torch.nn.Module) -> None:
             if update.zero_copy:
                 return
-            try:
-                for b in self.incoming:
-                    apply_segments(b, update.segments[b.index], self.tensors, backup)
-                if update.probe is not None:
+            undo = update.install() if update.install is not None else self._copy_in(update)
+            if update.probe is not None:
+                try:
                     self._run_probe(update.probe)
-            except BaseException:
-                if backup is not None:
-                    restore_segments(self.incoming, backup, self.tensors)
-                raise
+                except BaseException:
+                    undo()
+                    raise
 
         try:
             version = self.engine.update_weights(None if update.zero_copy else swap, version=update.version,
@@ -196,6 +193,19 @@ class WeightReceiver:
         self.last_stats["apply_s"] = time.perf_counter() - start
         update.segments.clear()  # drop references to staged buffers and frames
         return version
+
+    def _copy_in(self, update: Update):
+        """Copy the segments into the engine's tensors; returns the undo (the old blocks are kept only when
+        a probe may need them)."""
+        backup: list[torch.Tensor] | None = [] if update.probe is not None else None
+        try:
+            for b in self.incoming:
+                apply_segments(b, update.segments[b.index], self.tensors, backup)
+        except BaseException:
+            if backup is not None:
+                restore_segments(self.incoming, backup, self.tensors)
+            raise
+        return lambda: restore_segments(self.incoming, backup, self.tensors) if backup is not None else None
 
     def sync(self) -> int:
         """receive() then apply(): one whole update, blocking."""

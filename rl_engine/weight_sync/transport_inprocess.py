@@ -7,9 +7,14 @@ checks it block by block against the plan; later ones tensor by tensor, so a syn
 whatever the model size.
 
 Any other layout (another dtype, an engine copy that must stay fixed while training goes on, all source
-ranks in one process): the publisher hands over views of its tensors (no copy) with their checksums;
-the receiver checks them again just before copying them into the engine's buffers, which also catches a
-trainer step that modified the weights between publish and apply.
+ranks in one process), double-buffered (`staging=True`, the default): `publish` copies each block once,
+straight into the engine's staging copy (`staging.Staging`: a second copy of the engine's weights, the
+other being the engine's own), summing the source chunk by chunk while it is in cache; the receiver
+checksums the staged blocks, and `apply` repoints the engine's tensors at them (no second copy). The
+engine gets the weights as they were at `publish`, so the trainer may step right after it returns.
+`staging=False` keeps no second copy: the publisher hands over views of its tensors with their
+checksums, the receiver checks them again and copies them in at apply (a trainer step in between is
+caught as a checksum mismatch).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from rl_engine.weight_sync.buckets import Probe, Update, WeightSyncError, segments_of, source_view
-from rl_engine.weight_sync.checksum import checksum
+from rl_engine.weight_sync.checksum import checksum, copy_with_sums, digest
+from rl_engine.weight_sync.staging import Staging
 
 if TYPE_CHECKING:
     from rl_engine.weight_sync.endpoints import WeightPublisher, WeightReceiver
@@ -33,15 +39,18 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 class InProcessTransport:
     """One object per process, shared by its publisher(s) and receiver(s)."""
 
-    def __init__(self, *, zero_copy: bool | None = None) -> None:
-        """zero_copy: None picks it when the engine's tensors are the trainer's; True requires it."""
-        self.zero_copy = zero_copy
+    def __init__(self, *, zero_copy: bool | None = None, staging: bool = True) -> None:
+        """zero_copy: None picks it when the engine's tensors are the trainer's; True requires it.
+        staging: copies go through a second copy of the engine's weights (one copy per byte, then a swap)."""
+        self.zero_copy, self.use_staging = zero_copy, staging
         self.receivers: dict[int, WeightReceiver] = {}
         self._mailbox: dict[int, Update] = {}
         self._shared: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._staging: dict[int, Staging] = {}
 
     def register(self, receiver: "WeightReceiver") -> None:
         self.receivers[receiver.dst_rank] = receiver
+        self._staging.pop(receiver.dst_rank, None)
 
     # ---- sender side ------------------------------------------------------------------------------
     def send(self, publisher: "WeightPublisher", version: int, probe: Probe | None) -> None:
@@ -65,10 +74,36 @@ class InProcessTransport:
             if pairs is not None:
                 update.zero_copy = True
                 continue
+            if self.use_staging:
+                self._stage(publisher, update, d, by_dst.get(d, []))
+                continue
             for b in by_dst.get(d, []):
                 segs = segments_of(b, publisher.tensors)  # views of the trainer's tensors where possible
                 update.segments[b.index] = segs
                 update.checksums[b.index] = checksum(segs) if publisher.verify else ""
+
+    def _stage(self, publisher: "WeightPublisher", update: Update, d: int, buckets: list) -> None:
+        """Copy this source rank's blocks for destination d into d's staging region (one copy per byte)."""
+        receiver = self.receivers[d]
+        staging = self._staging.get(d)
+        if staging is None:
+            staging = self._staging[d] = Staging(receiver.tensors, receiver.plan.dst_layouts[d], dst_rank=d,
+                                                 shared=False)
+        region = staging.staging
+        views = staging.views[region]
+        with torch.no_grad():
+            for b in buckets:
+                segs = [views[t.dst_local][t.dst_index()] for t in b.transfers]
+                if publisher.verify:
+                    sums = [copy_with_sums(seg, source_view(t, publisher.tensors)) for t, seg in zip(b.transfers, segs)]
+                    update.checksums[b.index] = digest(sums)
+                else:
+                    for t, seg in zip(b.transfers, segs):
+                        seg.copy_(source_view(t, publisher.tensors))
+                    update.checksums[b.index] = ""
+                update.segments[b.index] = segs
+        if staging.swappable:
+            update.install = lambda: staging.install(region)
 
     def _zero_copy_pairs(self, publisher: "WeightPublisher", d: int, buckets: list):
         key = (publisher.src_rank, d)

@@ -36,11 +36,13 @@ from rl_engine.protocol import (
 )
 from rl_engine.weight_sync.buckets import Probe, Update, WeightSyncError, segments_of
 from rl_engine.weight_sync.checksum import checksum
+from rl_engine.weight_sync.plan import Bucket
 
 if TYPE_CHECKING:
     from rl_engine.weight_sync.endpoints import WeightPublisher, WeightReceiver
 
 PROBE_BUCKET = -1
+ABORTED = -1  # a commit's bucket count when the source gave up on the update (another destination refused it)
 ERROR_REJECTED = "weights_rejected"
 
 
@@ -62,6 +64,7 @@ class ZmqReceiverTransport:
         self.address = bind(self.socket, host=host, port=port)
         self.timeout_s = timeout_s
         self._routes: dict[int, bytes] = {}
+        self._refused: set[int] = set()  # sources answered at their begin message (update refused)
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -75,13 +78,13 @@ class ZmqReceiverTransport:
             counts[b.src_rank] = counts.get(b.src_rank, 0) + 1
         sources = set(counts) | {probe_source_rank(receiver.plan)}
         update, versions, problems, committed = Update(version=-1), set(), [], set()
-        self._routes = {}
+        self._routes, self._refused = {}, set()
         deadline = time.monotonic() + self.timeout_s
-        while committed != sources:
+        while committed | self._refused != sources:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self.socket.poll(int(remaining * 1000)):
                 raise WeightSyncError(f"timed out after {self.timeout_s:g}s waiting for source rank(s) "
-                                      f"{sorted(sources - committed)}; the engine keeps its weights")
+                                      f"{sorted(sources - committed - self._refused)}; the engine keeps its weights")
             try:
                 route, msg = recv_msg(self.socket, num_route_frames=1)
             except ProtocolError as e:
@@ -94,32 +97,48 @@ class ZmqReceiverTransport:
             self._routes[src] = route[0]
             if isinstance(msg, (WeightUpdateBegin, WeightUpdateBucket, WeightUpdateCommit)):
                 versions.add(msg.version)
+            problem = None
             if isinstance(msg, WeightUpdateBucket):
                 if msg.bucket_index == PROBE_BUCKET:
                     problem = self._take_probe(update, msg)
-                    if problem:
-                        problems.append(problem)
                 elif msg.bucket_index not in expected or expected[msg.bucket_index].src_rank != src:
-                    problems.append(f"source rank {src} sent bucket {msg.bucket_index}, which the plan does not "
-                                    f"route from it to destination rank {receiver.dst_rank}")
+                    problem = (f"source rank {src} sent bucket {msg.bucket_index}, which the plan does not route from "
+                               f"it to destination rank {receiver.dst_rank}")
                 else:
-                    segs = list(msg.tensors.values())
-                    update.segments[msg.bucket_index] = segs
-                    update.checksums[msg.bucket_index] = msg.checksum
-                    if receiver.verify and msg.checksum:  # on arrival: overlaps the rest of the transfer
-                        update.received[msg.bucket_index] = checksum(segs)
+                    problem = self._take_bucket(receiver, update, expected[msg.bucket_index], msg)
             elif isinstance(msg, WeightUpdateCommit):
                 committed.add(src)
-                if msg.num_buckets != counts.get(src, 0):
-                    problems.append(f"source rank {src} committed {msg.num_buckets} buckets, the plan routes "
-                                    f"{counts.get(src, 0)} from it")
-            elif not isinstance(msg, WeightUpdateBegin):
-                problems.append(f"unexpected {type(msg).__name__} from source rank {src}")
+                if msg.num_buckets == ABORTED:
+                    problem = f"source rank {src} aborted the update (another destination refused it)"
+                elif msg.num_buckets != counts.get(src, 0):
+                    problem = (f"source rank {src} committed {msg.num_buckets} buckets, the plan routes "
+                               f"{counts.get(src, 0)} from it")
+            elif isinstance(msg, WeightUpdateBegin):
+                problem = self._begin(receiver, src, msg)
+                if problem is not None:
+                    self._refused.add(src)  # already answered: it sends nothing more for this update
+            else:
+                problem = f"unexpected {type(msg).__name__} from source rank {src}"
+            if problem is not None:
+                problems.append(problem)
         if len(versions) > 1:
             problems.append(f"sources sent different versions {sorted(versions)}")
         update.version = max(versions) if versions else -1
         update.problem = problems[0] if problems else None
         return update
+
+    def _begin(self, receiver: "WeightReceiver", src: int, msg: WeightUpdateBegin) -> str | None:
+        """A source announces an update; the bytes follow in its bucket messages."""
+        return None
+
+    def _take_bucket(self, receiver: "WeightReceiver", update: Update, bucket: Bucket,
+                     msg: WeightUpdateBucket) -> str | None:
+        segs = list(msg.tensors.values())
+        update.segments[bucket.index] = segs
+        update.checksums[bucket.index] = msg.checksum
+        if receiver.verify and msg.checksum:  # on arrival: overlaps the rest of the transfer
+            update.received[bucket.index] = checksum(segs)
+        return None
 
     @staticmethod
     def _take_probe(update: Update, msg: WeightUpdateBucket) -> str | None:
@@ -138,8 +157,9 @@ class ZmqReceiverTransport:
     def verdict(self, receiver: "WeightReceiver", update: Update, problem: str | None) -> str | None:
         reply = (Ack(ref=f"weights:v{update.version}") if problem is None
                  else ErrorReply(code=ERROR_REJECTED, message=f"destination rank {receiver.dst_rank}: {problem}"))
-        for route in self._routes.values():
-            send_msg(self.socket, reply, route=[route])
+        for src, route in self._routes.items():
+            if src not in self._refused:
+                send_msg(self.socket, reply, route=[route])
         return problem
 
 
@@ -182,11 +202,9 @@ class ZmqSenderTransport:
         socks = {d: self._socket_to(d, publisher.src_rank) for d in dsts}
         for d in dsts:
             send_msg(socks[d], WeightUpdateBegin(version=version, num_buckets=len(by_dst.get(d, []))))
+        self._after_begin(publisher, version, socks)
         for b in publisher.buckets:
-            segs = segments_of(b, publisher.tensors)  # zero-copy views when contiguous and same dtype
-            send_msg(socks[b.dst_rank], WeightUpdateBucket(
-                version=version, bucket_index=b.index, checksum=checksum(segs) if publisher.verify else "",
-                tensors={str(i): s for i, s in enumerate(segs)}))
+            send_msg(socks[b.dst_rank], self._bucket_message(publisher, version, b))
         if probe is not None:
             tensors = {"token_ids": probe.token_ids.to(torch.int64).contiguous(),
                        "logprobs": probe.logprobs.float().contiguous(),
@@ -197,15 +215,30 @@ class ZmqSenderTransport:
         for d in dsts:
             send_msg(socks[d], WeightUpdateCommit(version=version, num_buckets=len(by_dst.get(d, []))))
         errors = []
-        deadline = time.monotonic() + self.timeout_s
-        for d in dsts:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not socks[d].poll(int(remaining * 1000)):
-                raise WeightSyncError(f"no answer from destination rank {d} within {self.timeout_s:g}s")
-            _, reply = recv_msg(socks[d])
+        for d, reply in self._replies(socks).items():
             if isinstance(reply, ErrorReply):
                 errors.append(reply.message)
             elif not (isinstance(reply, Ack) and reply.ref == f"weights:v{version}"):
                 errors.append(f"destination rank {d} answered {reply!r}")
         if errors:
             raise WeightSyncError(f"weight update v{version} rejected: {errors[0]}")
+
+    def _after_begin(self, publisher: "WeightPublisher", version: int, socks: dict[int, zmq.Socket]) -> None:
+        """Between the begin messages and the buckets (the ZMQ transport needs no answer)."""
+
+    def _bucket_message(self, publisher: "WeightPublisher", version: int, b: Bucket) -> WeightUpdateBucket:
+        segs = segments_of(b, publisher.tensors)  # zero-copy views when contiguous and same dtype
+        return WeightUpdateBucket(version=version, bucket_index=b.index,
+                                  checksum=checksum(segs) if publisher.verify else "",
+                                  tensors={str(i): s for i, s in enumerate(segs)})
+
+    def _replies(self, socks: dict[int, zmq.Socket]) -> dict:
+        """One answer from each destination (within the timeout)."""
+        out = {}
+        deadline = time.monotonic() + self.timeout_s
+        for d, sock in socks.items():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(int(remaining * 1000)):
+                raise WeightSyncError(f"no answer from destination rank {d} within {self.timeout_s:g}s")
+            out[d] = recv_msg(sock)[1]
+        return out

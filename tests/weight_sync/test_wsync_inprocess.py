@@ -112,9 +112,7 @@ def test_copy_mode_matches_a_fresh_engine_and_rejects_a_flipped_byte(path):
     publisher.publish(2)
     update = receiver.transport._mailbox[0]
     k = len(plan.buckets) // 2
-    seg = update.segments[k][0].clone()
-    seg.view(-1).view(torch.uint8)[5] ^= 0x10
-    update.segments[k][0] = seg
+    update.segments[k][0].view(-1).view(torch.uint8)[5] ^= 0x10  # in the staging copy
     with pytest.raises(WeightSyncError, match=f"checksum mismatch in bucket {k} .*keeps version 1|"
                                               f"keeps version 1: checksum mismatch in bucket {k} "):
         receiver.receive()
@@ -122,15 +120,34 @@ def test_copy_mode_matches_a_fresh_engine_and_rejects_a_flipped_byte(path):
     tokens, versions = greedy(llm)
     assert tokens == v1_tokens and versions == {1}
 
-    # The trainer changing its weights between publish and apply is caught the same way.
+    # The engine gets the weights as published: the trainer may step before the engine applies them.
     publisher.publish(3)
+    published = fresh_engine_on_copy(trainer_model).model
     train_a_little(trainer_model, seed=4)
-    with pytest.raises(WeightSyncError, match="checksum mismatch"):
-        receiver.receive()
+    receiver.sync()
+    assert_same_bytes(llm.model, published)
     publisher.publish(4)
     receiver.sync()
     assert_same_bytes(llm.model, trainer_model)
     assert greedy(llm)[1] == {4}
+
+
+def test_copy_mode_without_staging_catches_a_trainer_step_between_publish_and_apply(path):
+    trainer_model = from_pretrained(path)
+    llm = LLM(from_pretrained(path))
+    plan = plan_sync(UNTIED, src=TrainLayout(), dst=EngineLayout(), bucket_bytes=8192)
+    transport = InProcessTransport(staging=False)
+    receiver = WeightReceiver(llm, plan, transport=transport)
+    publisher = WeightPublisher(trainer_model, plan, src_rank=0, transport=transport)
+    ptrs = [p.data_ptr() for p in llm.model.parameters()]
+    publisher.publish(1)
+    train_a_little(trainer_model, seed=4)
+    with pytest.raises(WeightSyncError, match="checksum mismatch"):
+        receiver.receive()
+    publisher.publish(2)
+    receiver.sync()
+    assert_same_bytes(llm.model, trainer_model)
+    assert [p.data_ptr() for p in llm.model.parameters()] == ptrs  # copied into the engine's own tensors
 
 
 def test_probe_accepts_equal_logprobs_and_rolls_back_otherwise(path):

@@ -6,14 +6,10 @@ ranks, zero copy. References are the sharded checkpoints the trainers save right
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
-import torch.multiprocessing as mp
 
 from rl_engine.policy.launch import free_port
-from wsync_helpers import DENSE, MOE, write_weights
+from wsync_helpers import DENSE, MOE, spawn_for_facts, write_weights
 from wsync_workers import run
 
 
@@ -23,12 +19,7 @@ def facts(tmp_path_factory):
     paths = {"dense": write_weights(str(out / "dense"), DENSE, seed=0),
              "moe": write_weights(str(out / "moe"), MOE, seed=1)}
     ports = {"train": free_port(), "sync": free_port(), "zmq": free_port()}
-    mp.spawn(run, args=(str(out), paths, ports), nprocs=5, join=True)
-    merged: dict = {}
-    for r in range(5):
-        with open(os.path.join(out, f"facts{r}.json")) as f:
-            merged[r] = json.load(f)
-    return merged
+    return spawn_for_facts(run, nprocs=5, out_dir=str(out), paths=paths, ports=ports)
 
 
 def test_tp2_pp2_to_engine_tp1_over_torch_distributed(facts):

@@ -4,7 +4,12 @@ engine, and byte-level comparisons."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from rl_engine.policy import CausalLM, ModelConfig, ParallelGroups, load_hf_weights
 from rl_engine.policy.parallel import rank_coords
@@ -122,3 +127,22 @@ def micro_batches(config: ModelConfig, *, num: int = 2, seed: int = 1):
 
 def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb) -> torch.Tensor:
     return -(logprobs * mb.loss_inputs["advantages"]).sum() / 64.0
+
+
+def spawn_for_facts(run, *, nprocs: int, out_dir: str, paths: dict, ports: dict) -> dict[int, dict]:
+    """Run `run(rank, out_dir, paths, ports)` on `nprocs` processes; returns each rank's facts."""
+    mp.spawn(run, args=(out_dir, paths, ports), nprocs=nprocs, join=True)
+    merged: dict[int, dict] = {}
+    for r in range(nprocs):
+        with open(os.path.join(out_dir, f"facts{r}.json")) as f:
+            merged[r] = json.load(f)
+    return merged
+
+
+def finish_rank(out_dir: str, rank: int, facts: dict, *, in_train_world: bool) -> None:
+    """Write a rank's facts; training ranks then leave their process group together."""
+    with open(os.path.join(out_dir, f"facts{rank}.json"), "w") as f:
+        json.dump(facts, f)
+    if in_train_world:
+        dist.barrier()
+        dist.destroy_process_group()

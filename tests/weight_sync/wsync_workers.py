@@ -4,7 +4,6 @@ sharded checkpoint (the reference), publishes, and the engine records facts for 
 
 from __future__ import annotations
 
-import json
 import os
 from datetime import timedelta
 
@@ -12,8 +11,7 @@ import torch
 import torch.distributed as dist
 
 from rl_engine.inference import LLM, SamplingParams
-from rl_engine.policy import (CausalLM, OptimizerConfig, ParallelGroups, ParallelTrainer, from_pretrained,
-                              load_hf_weights)
+from rl_engine.policy import CausalLM, OptimizerConfig, ParallelGroups, ParallelTrainer, from_pretrained
 from rl_engine.policy.dist_checkpoint import load_checkpoint
 from rl_engine.weight_sync import (
     EngineLayout,
@@ -30,7 +28,7 @@ from rl_engine.weight_sync import (
     trainer_probe,
 )
 from rl_engine.weight_sync import transport_zmq
-from wsync_helpers import DENSE, MOE, loss_fn, micro_batches, state_bytes
+from wsync_helpers import DENSE, MOE, finish_rank, loss_fn, micro_batches, state_bytes
 
 TRAIN_WORLD = 4
 ENGINE = 4
@@ -97,11 +95,7 @@ def run(rank: int, out_dir: str, paths: dict, ports: dict) -> None:
         else:
             engine_side(group, facts, out_dir, paths, ports)
     finally:
-        with open(os.path.join(out_dir, f"facts{rank}.json"), "w") as f:
-            json.dump(facts, f)
-        if rank < TRAIN_WORLD:
-            dist.barrier()
-            dist.destroy_process_group()
+        finish_rank(out_dir, rank, facts, in_train_world=rank < TRAIN_WORLD)
 
 
 def _trainer(config, path, *, tp, pp=1, ep=1, dtype=torch.float32) -> ParallelTrainer:
@@ -246,11 +240,8 @@ def engine_side(group, facts: dict, out_dir: str, paths: dict, ports: dict) -> N
     facts["A/after_flip_zmq"] = {"version": llm.weights_version, "same_tokens": tokens == facts["A/zmq/tokens"],
                                  "versions": versions}
     # ---- B ----
-    # Built from the training config: the HF config does not carry router_bias_update_rate, so a model
-    # from the checkpoint directory would lack the expert_bias buffers (the planner refuses that).
-    moe = CausalLM(MOE)
-    load_hf_weights(moe, paths["moe"])
-    llm = LLM(moe)
+    # router_bias_update_rate and the expert_bias buffers come back from the export's side file.
+    llm = LLM(from_pretrained(paths["moe"]))
     receiver = WeightReceiver(llm, plans["B"], transport=dist_rx)
     receiver.sync()
     engine_checks(facts, "B", llm, MOE, os.path.join(out_dir, "B"), torch.float32)
