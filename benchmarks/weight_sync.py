@@ -4,11 +4,14 @@ against model size, all measured in the same run.
     python benchmarks/weight_sync.py [--layers 1 4 8 --hidden 1024 --bucket-mb 32 --repeats 3]
 
 A training rank (tp 1, fp32) syncs into an engine (tp 1, fp32) through each transport: in-process zero
-copy (the engine runs on the trainer's tensors), in-process copy (the engine has its own tensors), and,
-between two processes, torch.distributed (gloo) and ZMQ (loopback TCP). One sync is everything from
-`publish` to the engine serving the new version: handshake, transfer, checksum on both ends, apply.
-Prints JSON: memcpy GB/s (a large `Tensor.copy_`), then per model size and transport the seconds per
-sync, GB/s (model bytes / seconds) and that as a fraction of memcpy; plus checksum GB/s alone.
+copy (the engine runs on the trainer's tensors), in-process copy (the engine has its own tensors; staged:
+one copy into the engine's second buffer, then a swap; and without staging: checksum, check, copy in),
+and, between two processes, shared memory (/dev/shm staging, the same-host transport), torch.distributed
+(gloo) and ZMQ (both over loopback TCP, whose raw ceiling is measured beside them). One sync is
+everything from `publish` to the engine serving the new version: handshake, transfer, checksum on both
+ends, apply. Prints JSON: memcpy GB/s (a large `Tensor.copy_`), then per model size and transport the
+seconds per sync, GB/s (model bytes / seconds) and that as a fraction of memcpy measured beside it;
+plus checksum GB/s alone.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from rl_engine.policy.launch import free_port  # noqa: E402
 from rl_engine.weight_sync import (  # noqa: E402
     EngineLayout,
     InProcessTransport,
+    SharedMemoryReceiverTransport,
+    SharedMemorySenderTransport,
     TorchDistTransport,
     TrainLayout,
     WeightPublisher,
@@ -83,11 +88,12 @@ def in_process(cfg: ModelConfig, *, bucket_bytes: int, repeats: int) -> dict:
 
     out["inprocess_zero_copy"] = {"seconds": best_of(zero_copy_sync, repeats=max(repeats, 20))}
     out["memcpy_inprocess"] = {"seconds": memcpy_seconds(plan.model_bytes())}
-    # Copies into the engine's own tensors, verified and not.
+    # Copies into the engine's own tensors: staged (verified and not), and without staging.
     llm = engine(CausalLM(cfg))
-    for verify in (True, False):
+    for name, verify, staging in (("inprocess_copy", True, True), ("inprocess_copy_unverified", False, True),
+                                  ("inprocess_copy_no_staging", True, False)):
         plan = plan_sync(cfg, src=TrainLayout(), dst=EngineLayout(), bucket_bytes=bucket_bytes)
-        tx = InProcessTransport(zero_copy=False)
+        tx = InProcessTransport(zero_copy=False, staging=staging)
         rec = WeightReceiver(llm, plan, transport=tx, verify=verify)
         pub = WeightPublisher(trainer, plan, src_rank=0, transport=tx, verify=verify)
 
@@ -95,7 +101,6 @@ def in_process(cfg: ModelConfig, *, bucket_bytes: int, repeats: int) -> dict:
             pub.publish(next(version))
             rec.sync()
 
-        name = "inprocess_copy" + ("" if verify else "_unverified")
         out[name] = {"seconds": best_of(copy_sync, repeats=repeats)}
     return out
 
@@ -113,12 +118,15 @@ def two_process_worker(rank: int, args: dict, result_file: str) -> None:
         llm = engine(model) if rank == 1 else None
         plan = plan_sync(cfg, src=TrainLayout(), dst=EngineLayout(), bucket_bytes=args["bucket_bytes"])
         if rank == 1:
-            zrx = ZmqReceiverTransport(port=args["zmq_port"], timeout_s=600)
-            transports = {"torch_distributed_gloo": TorchDistTransport(group, num_src=1, num_dst=1), "zmq_tcp": zrx}
+            transports = {"shared_memory": SharedMemoryReceiverTransport(port=args["shm_port"], timeout_s=600),
+                          "torch_distributed_gloo": TorchDistTransport(group, num_src=1, num_dst=1),
+                          "zmq_tcp": ZmqReceiverTransport(port=args["zmq_port"], timeout_s=600)}
             receivers = {k: WeightReceiver(llm, plan, transport=t) for k, t in transports.items()}
         else:
-            ztx = ZmqSenderTransport({0: f"tcp://127.0.0.1:{args['zmq_port']}"}, timeout_s=600)
-            transports = {"torch_distributed_gloo": TorchDistTransport(group, num_src=1, num_dst=1), "zmq_tcp": ztx}
+            transports = {"shared_memory": SharedMemorySenderTransport({0: f"tcp://127.0.0.1:{args['shm_port']}"},
+                                                                       timeout_s=600),
+                          "torch_distributed_gloo": TorchDistTransport(group, num_src=1, num_dst=1),
+                          "zmq_tcp": ZmqSenderTransport({0: f"tcp://127.0.0.1:{args['zmq_port']}"}, timeout_s=600)}
             publishers = {k: WeightPublisher(model, plan, src_rank=0, transport=t) for k, t in transports.items()}
         version = 0
         sizes = results.setdefault(str(layers), {})
@@ -138,10 +146,9 @@ def two_process_worker(rank: int, args: dict, result_file: str) -> None:
                 best = min(best, time.perf_counter() - t0)
             if rank == 1:
                 sizes[name] = {"seconds": best, "stages": receivers[name].last_stats}
-        if rank == 1:
-            zrx.close()
-        else:
-            ztx.close()
+        for t in transports.values():
+            if hasattr(t, "close"):
+                t.close()
         del model, llm
     if rank == 1:
         with open(result_file, "w") as f:
@@ -210,7 +217,7 @@ def main() -> None:
         result_file = os.path.join(tmp, "two_process.json")
         worker_args = {"layers": args.layers, "hidden": args.hidden, "bucket_bytes": bucket_bytes,
                        "repeats": args.repeats, "ctl_port": free_port(), "sync_port": free_port(),
-                       "zmq_port": free_port(), "raw_zmq_port": free_port()}
+                       "zmq_port": free_port(), "raw_zmq_port": free_port(), "shm_port": free_port()}
         mp.spawn(two_process_worker, args=(worker_args, result_file), nprocs=2, join=True)
         with open(result_file) as f:
             for n, res in json.load(f).items():
@@ -229,7 +236,8 @@ def main() -> None:
             if "stages" in r:
                 row["receiver_stages_s"] = {k: round(v, 4) for k, v in r["stages"].items() if k.endswith("_s")}
             table.append(row)
-    same_host = [r for r in table if r["transport"] in ("inprocess_copy", "torch_distributed_gloo", "zmq_tcp")]
+    same_host = [r for r in table if r["transport"] in ("inprocess_copy", "shared_memory", "torch_distributed_gloo",
+                                                        "zmq_tcp")]
     emit({
         "benchmark": "weight_sync",
         "threads": torch.get_num_threads(),
@@ -242,6 +250,10 @@ def main() -> None:
             "same_host_at_least_half_memcpy": {f"{r['transport']}@{r['layers']}": r["fraction_of_memcpy"] >= 0.5
                                                for r in same_host},
         },
+        "note": ("torch_distributed_gloo and zmq_tcp cross loopback TCP, whose raw ceiling here (raw_gloo_send_recv, "
+                 "raw_zmq_push_pull rows: bytes only, no plan, checksum or apply) is itself near or below half of "
+                 "memcpy; they are the transports for other hosts. On one host use shared_memory (other "
+                 "processes) or inprocess_copy / inprocess_zero_copy (colocated)."),
     })
 
 
