@@ -73,8 +73,8 @@ def apply_rotary(
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU: x is [..., 2 * d] laid out as [gate | up]; returns silu(gate) * up, [..., d]."""
-    d = x.shape[-1] // 2
-    return F.silu(x[..., :d]) * x[..., d:]
+    gate, up = x.chunk(2, dim=-1)  # chunk, not slicing: backward concatenates, no zero-filled grads
+    return F.silu(gate) * up
 
 
 def varlen_causal_attention(

@@ -81,13 +81,17 @@ class Attention(nn.Module):
         """residual + attention(x): the residual add rides on the output projection's matmul."""
         qkv = self.qkv_proj(x)  # [T, q | k | v]
         T, Hq, Hkv, D = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        # `split`, not slicing: under autograd the parts' gradients are concatenated once, where
+        # each slice's backward would zero-fill a whole [T, qkv] tensor and copy its part in.
+        q_width, kv_width = self.q_width, self.qk_width - self.q_width
         if self.q_norm is None:  # q and k heads side by side: one rotary pass over both
-            qk = rotary.rotate(qkv[:, :self.qk_width].view(T, Hq + Hkv, D), rope)
-            q, k = qk[:, :Hq], qk[:, Hq:]
+            qk, v = qkv.split([self.qk_width, kv_width], dim=1)
+            q, k = rotary.rotate(qk.view(T, Hq + Hkv, D), rope).split([Hq, Hkv], dim=1)
         else:
-            q = rotary.rotate(self.q_norm(qkv[:, :self.q_width].view(T, Hq, D)), rope)
-            k = rotary.rotate(self.k_norm(qkv[:, self.q_width:self.qk_width].view(T, Hkv, D)), rope)
-        v = qkv[:, self.qk_width:].view(T, Hkv, D)
+            q, k, v = qkv.split([q_width, kv_width, kv_width], dim=1)
+            q = rotary.rotate(self.q_norm(q.view(T, Hq, D)), rope)
+            k = rotary.rotate(self.k_norm(k.view(T, Hkv, D)), rope)
+        v = v.view(T, Hkv, D)
         if attn_context is None:
             o = self._varlen_attention(q, k, v, cu_seqlens, self.scale)
         else:
