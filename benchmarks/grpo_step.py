@@ -7,7 +7,10 @@
 Two settings: fixed-length completions (EOS ignored, every completion `max_new_tokens` long) and
 EOS-varied lengths (a random-init model stops at EOS at random points, capped at `max_new_tokens`).
 Both sides start from the same random-init `tiny` preset checkpoint, use temperature 1, no KL term
-(so no reference model), one optimizer step per generation batch, fp32, CPU.
+(so no reference model), one optimizer step per generation batch, fp32 (TRL's bf16 autocast off),
+no activation checkpointing (TRL's default off), CPU. The two run interleaved: one step of ours after
+each TRL step. `speedup_tokens_per_s` also accounts for the two sides sampling different EOS-varied
+lengths (different random streams).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import emit  # noqa: E402
 
 
-def ours(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool) -> dict:
+def ours(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool):
+    """Our trainer and a function running one step of it -> (seconds, completion tokens)."""
     from rl_engine.config import load_config
     from rl_engine.train_config import RLConfig
     from rl_engine.trainer import GRPOTrainer
@@ -35,25 +39,26 @@ def ours(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool) -> d
         f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.ignore_eos={str(fixed).lower()}",
         "optim.lr=1e-6"])
     trainer = GRPOTrainer(cfg)
-    times, tokens = [], []
-    for i in range(args.steps + 1):  # the first step warms up and is not counted
+
+    def step() -> tuple[float, float]:
         t0 = time.perf_counter()
         m = trainer.step()
-        if i:
-            times.append(time.perf_counter() - t0)
-            tokens.append(m["response_length/mean"] * args.prompts * args.n)
-    trainer.close()
-    return {"s_per_step": sum(times) / len(times), "completion_tokens_per_s": sum(tokens) / sum(times),
-            "mean_completion_len": sum(tokens) / len(tokens) / (args.prompts * args.n)}
+        return time.perf_counter() - t0, m["response_length/mean"] * args.prompts * args.n
+
+    return trainer, step
 
 
-def trl(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool) -> dict:
+def interleaved(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool) -> tuple[dict, dict]:
+    """Run TRL's `GRPOTrainer` for steps + 1 steps and one step of ours after each of its steps, so a
+    burst of load from elsewhere on a shared machine hits both alike. The first step of each warms up
+    and is not counted. Returns (ours, TRL) figures."""
     import json
 
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    our_trainer, our_step = ours(model_dir, data_dir, os.path.join(out_dir, "ours"), args, fixed=fixed)
     rows = [json.loads(line) for line in open(f"{data_dir}/train.jsonl")]
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in rows])
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -64,31 +69,41 @@ def trl(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool) -> di
 
     gen_kwargs = {"min_new_tokens": args.max_new_tokens} if fixed else {}
     config = GRPOConfig(
-        output_dir=out_dir, use_cpu=True, per_device_train_batch_size=args.prompts * args.n,
+        output_dir=os.path.join(out_dir, "trl"), use_cpu=True, per_device_train_batch_size=args.prompts * args.n,
         num_generations=args.n, max_completion_length=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
         beta=0.0, learning_rate=1e-6, max_steps=args.steps + 1, logging_steps=1, save_strategy="no",
+        # TRL defaults to bf16 autocast and gradient checkpointing; ours runs fp32 without activation
+        # recompute, so both are turned off for the same work on both sides.
+        bf16=False, gradient_checkpointing=False,
         report_to="none", generation_kwargs=gen_kwargs, seed=0, dataloader_num_workers=0)
 
-    class Timer(TrainerCallback):
+    class Interleave(TrainerCallback):
         def __init__(self):
-            self.marks = []
+            self.trl_s, self.ours = [], []
 
         def on_step_begin(self, *a, **k):
-            self.marks.append(time.perf_counter())
+            self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            self.marks.append(time.perf_counter())
+            self.trl_s.append(time.perf_counter() - self.t0)
+            self.ours.append(our_step())
 
-    timer = Timer()
+    cb = Interleave()
     trainer = GRPOTrainer(model=model, reward_funcs=exact_match, args=config, train_dataset=data,
-                          processing_class=tokenizer, callbacks=[timer])
+                          processing_class=tokenizer, callbacks=[cb])
     trainer.train()
+    our_trainer.close()
     # TRL logs the mean completion length of every step (logging_steps=1).
     lengths = [float(h["completions/mean_length"]) for h in trainer.state.log_history if "completions/mean_length" in h]
-    spans = [e - b for b, e in zip(timer.marks[0::2], timer.marks[1::2])][1:]
-    mean_len = sum(lengths[1:]) / max(1, len(lengths[1:])) if lengths else float("nan")
-    return {"s_per_step": sum(spans) / len(spans), "completion_tokens_per_s": mean_len * args.prompts * args.n * len(spans) / sum(spans),
-            "mean_completion_len": mean_len}
+    trl_tokens = [n * args.prompts * args.n for n in lengths]
+    return (_figures([t for t, _ in cb.ours[1:]], [n for _, n in cb.ours[1:]], args),
+            _figures(cb.trl_s[1:], trl_tokens[1:], args))
+
+
+def _figures(times: list[float], tokens: list[float], args) -> dict:
+    return {"s_per_step": sum(times) / len(times), "s_per_step_min": min(times),
+            "completion_tokens_per_s": sum(tokens) / sum(times),
+            "mean_completion_len": sum(tokens) / len(tokens) / (args.prompts * args.n)}
 
 
 def main() -> None:
@@ -111,10 +126,11 @@ def main() -> None:
         write_task(data_dir, "upper", seed=0)
         for fixed in (True, False):
             mode = "fixed_length" if fixed else "eos_varied"
-            r_ours = ours(model_dir, data_dir, os.path.join(tmp, f"ours_{mode}"), args, fixed=fixed)
-            r_trl = trl(model_dir, data_dir, os.path.join(tmp, f"trl_{mode}"), args, fixed=fixed)
+            r_ours, r_trl = interleaved(model_dir, data_dir, os.path.join(tmp, mode), args, fixed=fixed)
             rows.append({"mode": mode, "rl_engine": r_ours, "trl": r_trl,
                          "speedup_s_per_step": round(r_trl["s_per_step"] / r_ours["s_per_step"], 2),
+                         "speedup_tokens_per_s": round(r_ours["completion_tokens_per_s"]
+                                                       / r_trl["completion_tokens_per_s"], 2),
                          "target": 2.0 if fixed else 3.0})
     emit({"benchmark": "grpo_step", "model": "preset tiny (random init)", "prompts_per_step": args.prompts,
           "group_size": args.n, "max_new_tokens": args.max_new_tokens, "threads": args.threads, "rows": rows})
