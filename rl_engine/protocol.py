@@ -24,7 +24,7 @@ import msgspec
 import torch
 import zmq
 
-PROTOCOL_VERSION = 2  # 2: the RL loop's messages (GenerateBatch, TrainBatch, ...)
+PROTOCOL_VERSION = 3  # 2: the RL loop's messages (GenerateBatch, TrainBatch, ...); 3: async (partial rollouts)
 
 # Wire dtype names -> torch dtypes. Fixed table: a peer can never make us resolve an arbitrary name.
 DTYPES: dict[str, torch.dtype] = {
@@ -99,16 +99,6 @@ class WireSamplingParams(msgspec.Struct, kw_only=True, frozen=True):
     ignore_eos: bool = False  # fixed-length completions (benchmarks)
 
 
-class GenerateRequest(Message):
-    """Generate len(sample_ids) samples of one prompt."""
-
-    request_id: str
-    sample_ids: list[str]
-    prompt_token_ids: list[int]
-    sampling: WireSamplingParams
-    policy_version: int  # the oldest weights version the worker may use
-
-
 class SampleResult(msgspec.Struct, kw_only=True):
     """One generated sample; every per-token tensor has one entry per generated token."""
 
@@ -133,10 +123,24 @@ class SampleResult(msgspec.Struct, kw_only=True):
             raise ValueError(f"routed_experts must be [tokens, layers, k], got shape {list(self.routed_experts.shape)}")
 
 
+class GenerateRequest(Message):
+    """Generate len(sample_ids) samples of one prompt."""
+
+    request_id: str
+    sample_ids: list[str]
+    prompt_token_ids: list[int]
+    sampling: WireSamplingParams
+    policy_version: int  # the oldest weights version the worker may use
+    # Async partial rollouts: the samples generated so far (one per sample id, in order), to continue
+    # with the worker's current weights; their KV is recomputed, their tokens keep their versions.
+    resume: list[SampleResult] | None = None
+
+
 class GenerateResult(Message):
     request_id: str
     samples: list[SampleResult]
     error: str | None = None  # the worker refused the request (e.g. prompt too long); samples is empty
+    interrupted: bool = False  # async: stopped by a weight update; samples with finish_reason "abort" go on later
 
 
 class GenerateBatch(Message):
@@ -144,6 +148,9 @@ class GenerateBatch(Message):
     engines), then answers one GenerateResult per request."""
 
     requests: list[GenerateRequest]
+    # Async: each data-parallel engine stops once ceil(min_finished / engines) of its requests are
+    # finished and answers the others as interrupted partial rollouts; 0: finish them all.
+    min_finished: int = 0
 
 
 class TrainBatch(Message):
@@ -193,6 +200,8 @@ class UpdateWeights(Message):
     engine steps), then answer WeightsApplied."""
 
     version: int
+    # Async: first stop every request in flight and answer each with an interrupted GenerateResult.
+    interrupt: bool = False
 
 
 class WeightsApplied(Message):
@@ -211,6 +220,16 @@ class WeightsPublished(Message):
     version: int
     failed: list[str] = []
     seconds: float = 0.0
+
+
+class LoadCheckpoint(Message):
+    """Coordinator -> trainer on resume: load the sharded checkpoint at `path` (it must hold weights
+    `policy_version`), put it in the colocated engines or publish it to `weight_targets`, then Ack
+    with ref "load:<path>"."""
+
+    path: str
+    policy_version: int
+    weight_targets: dict[str, str] = {}
 
 
 class SaveCheckpoint(Message):
@@ -266,6 +285,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     WeightsApplied,
     WeightsPublished,
     SaveCheckpoint,
+    LoadCheckpoint,
     WeightUpdateBegin,
     WeightUpdateBucket,
     WeightUpdateCommit,

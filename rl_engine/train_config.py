@@ -208,6 +208,9 @@ class RLConfig:
         if self.rollout.mode == "async" and not p.uses_actors:
             raise ValueError("rollout.mode=async overlaps rollout and training in separate actors: set "
                              "placement.mode to colocated or disaggregated (single_process runs sync only)")
+        if self.rollout.mode == "async" and self.rollout.routing_replay:
+            raise ValueError("rollout.routing_replay=true with rollout.mode=async is not supported: a partial rollout "
+                             "continued with new weights re-routes its earlier tokens; use rollout.mode=sync")
         if self.loss.kl_coef > 0:
             raise ValueError(f"loss.kl_coef ({self.loss.kl_coef}) > 0 needs reference-policy log-probs, which the "
                              "RL loop does not compute yet; set loss.kl_coef=0")

@@ -25,22 +25,28 @@ their messages were handled. The message plumbing lives in `CoordinatorBase` (`c
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
+import math
 import os
 import time
 
 import torch
+import zmq
 
 from rl_engine import protocol as P
-from rl_engine.actors.coordinator_io import CoordinatorBase, write_json_atomic
+from rl_engine import run_checkpoint
+from rl_engine.actors.coordinator_io import CoordinatorBase
 from rl_engine.actors.ledger import PromptLedger
+from rl_engine.actors.rollout_buffer import Prompt, RolloutBuffer, staleness
 from rl_engine.actors.wire import samples_of, train_batch, wire_sampling
 from rl_engine.config import load_config
 from rl_engine.metrics import MetricsLogger
 from rl_engine.policy import ModelConfig
 from rl_engine.rl_step import (PromptSource, Sample, collect_groups, eval_sampling_params, rollout_metrics,
-                               sampling_params)
-from rl_engine.rollout.advantages import compute_advantages
+                               rollout_seed, sampling_params)
+from rl_engine.rollout.advantages import compute_advantages, filter_uniform_groups
 from rl_engine.rollout.rewards import RewardComputer
 from rl_engine.train_config import RLConfig
 
@@ -56,38 +62,79 @@ class Coordinator(CoordinatorBase):
         self.rewards = RewardComputer(cfg.reward)
         self.ledger = PromptLedger()
         self.version = 0
+        self.start_step = 0  # steps already done (a resumed run)
+        self.eval_before: float | None = None
         self._stalled = False  # a step had no group to train on (dynamic sampling)
+        self.stream: RolloutBuffer | None = None
+        if cfg.rollout.mode == "async":
+            self.stream = RolloutBuffer()
+            self.on_stream_result = self._on_stream_result
+            self.on_requeue = self.stream.queue.extend
+            self.async_counts = {"interrupted": 0, "resumed": 0, "dropped_stale": 0, "regenerated": 0}
+        self.resume_from = run_checkpoint.resolve_resume(cfg.train.output_dir, cfg.train.resume)
+        if self.resume_from is not None:
+            try:
+                self._load_state(self.resume_from)
+            except Exception:
+                self.close()
+                raise
 
     # ---- the run ----------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, out = self.cfg, self.cfg.train.output_dir
         t_start = time.perf_counter()
         self.wait_for_actors()
-        before = self.evaluate().get("eval/accuracy")
-        if before is not None:
+        if self.resume_from is not None:
+            self._restore_trainer(self.resume_from)
+            print(f"resumed from {self.resume_from} at step {self.start_step} (weights v{self.version})", flush=True)
+        else:
+            self.eval_before = self.evaluate().get("eval/accuracy")
+        before = self.eval_before
+        if before is not None and self.resume_from is None:
             print(f"held-out accuracy before RL: {100 * before:.1f}%", flush=True)
         t_rl = time.perf_counter()
-        with MetricsLogger(os.path.join(out, "metrics.jsonl"), total_steps=cfg.train.steps) as metrics:
-            for step in range(cfg.train.steps):
-                row = self.step(step)
+        every = cfg.train.checkpoint_every
+        resume_step = self.start_step if self.resume_from is not None else None
+        with MetricsLogger(os.path.join(out, "metrics.jsonl"), total_steps=cfg.train.steps,
+                           resume_step=resume_step) as metrics, \
+                MetricsLogger(os.path.join(out, "prompts.jsonl"), resume_step=resume_step, show_progress=False,
+                              plot=False, tensorboard=False) as prompt_log:
+            for step in range(self.start_step, cfg.train.steps):
+                row = self.step_async(step) if self.stream is not None else self.step(step)
                 if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
                     row.update(self.evaluate())
                 metrics.log(step + 1, row)
+                prompt_log.log(step + 1, self._prompt_events())
+                if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
+                    self.save_checkpoint(step + 1)
         rl_seconds = time.perf_counter() - t_rl
         after = self.evaluate().get("eval/accuracy")
         checkpoint = self.save_checkpoint(cfg.train.steps)
-        summary = {"output_dir": out, "placement": cfg.placement.mode, "steps": cfg.train.steps,
-                   "policy_version": self.version, "rl_seconds": round(rl_seconds, 1),
+        summary = {"output_dir": out, "placement": cfg.placement.mode, "rollout_mode": cfg.rollout.mode,
+                   "steps": cfg.train.steps, "policy_version": self.version, "rl_seconds": round(rl_seconds, 1),
                    "total_seconds": round(time.perf_counter() - t_start, 1), "checkpoint": checkpoint,
-                   "prompts": self.ledger.counts(), "worker_deaths": self.num_worker_deaths,
+                   "resumed_from": self.resume_from, "prompts": self.ledger.counts(),
+                   "unfinished_prompts": self.ledger.unfinished(), "worker_deaths": self.num_worker_deaths,
                    "protocol_errors": self.num_protocol_errors}
+        if self.stream is not None:
+            summary["async"] = dict(self.async_counts)
         if before is not None and after is not None:
             print(f"held-out accuracy after RL:  {100 * after:.1f}% ({100 * (after - before):+.1f} points, "
                   f"RL phase {rl_seconds:.0f}s)", flush=True)
             summary.update({"eval_accuracy_before": before, "eval_accuracy_after": after})
-        write_json_atomic(os.path.join(out, "summary.json"), summary)
+        run_checkpoint.write_json_atomic(os.path.join(out, "summary.json"), summary)
         self.shutdown_actors("run finished")
         return summary
+
+    def _prompt_events(self) -> dict:
+        """This step's prompt outcomes (prompts.jsonl): which uids were trained, which dropped and why."""
+        row: dict = {"trained": []}
+        for uid, outcome in self.ledger.pop_events():
+            if outcome == "trained":
+                row["trained"].append(uid)
+            else:
+                row.setdefault(outcome.replace(":", "_"), []).append(uid)
+        return row
 
     # ---- one step ---------------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
@@ -148,6 +195,185 @@ class Coordinator(CoordinatorBase):
                                                 drop=lambda item, reason: self.ledger.drop(item.uid, reason))
         return kept, generated, {**stats, "refused": refused}
 
+    # ---- async mode -------------------------------------------------------------------------------
+    def step_async(self, step: int) -> dict[str, float]:
+        """One async step: keep `prompts_in_flight` prompts generating or buffered; train on the
+        oldest `prompts_per_step` finished groups whose oldest token is at most `max_staleness`
+        versions old; disaggregated, the engines go on generating while the trainer trains, and the
+        weight update interrupts them (partial rollouts, continued with the new weights)."""
+        r, stream = self.cfg.rollout, self.stream
+        counts_before = dict(self.async_counts)
+        t0 = time.perf_counter()
+        kept: list[tuple[str, P.GenerateResult, list[float]]] = []
+        while len(kept) < r.prompts_per_step:
+            if stream.buffer:
+                uid, result, rewards = stream.buffer.popleft()
+                if staleness(result, self.version) > r.max_staleness:
+                    self._stale(uid)
+                else:
+                    kept.append((uid, result, rewards))
+                continue
+            self._feed(step)
+            if not self.disaggregated:
+                self._colocated_round(min_finished=r.prompts_per_step - len(kept))
+            else:
+                self.pump(0.05)
+        samples = [s for g, (uid, result, rewards) in enumerate(kept)
+                   for s in samples_of(result, prompt_ids=stream.prompts[uid].prompt_ids, rewards=rewards,
+                                       group=g, uid=uid)]
+        metrics = rollout_metrics(samples, num_reward_failed=0, rollout_s=time.perf_counter() - t0)
+        metrics.update(self._staleness_metrics(samples))
+        metrics.update(self._train_async(step, kept, samples))
+        for uid, _, _ in kept:
+            stream.forget(uid)
+        metrics.update({f"async/{k}": v - counts_before[k] for k, v in self.async_counts.items()})
+        counts = self.ledger.counts()
+        self.ledger.check()
+        metrics.update({f"prompts/{k}": v for k, v in counts.items()})
+        metrics.update({"policy_version": self.version, "async/buffered_groups": len(stream.buffer),
+                        "async/partial_rollouts": len(stream.partials)})
+        if self.disaggregated:
+            metrics.update({"workers/alive": len(self.live_workers()), "workers/deaths": self.num_worker_deaths})
+        return metrics
+
+    def _train_async(self, step: int, kept: list, samples: list[Sample]) -> dict[str, float]:
+        advantages = compute_advantages(torch.tensor([s.reward for s in samples], dtype=torch.float32),
+                                        torch.tensor([s.group for s in samples]), config=self.cfg.advantage)
+        version = self.version + 1
+        targets = {a.id: str(a.capabilities["weights_address"]) for a in self.live_workers()}
+        self.send("trainer", train_batch(samples, advantages, step=step + 1, policy_version=version,
+                                         weight_targets=targets))
+        # Disaggregated, the engines keep generating (with the previous weights) while the trainer trains.
+        feed = (lambda: self._feed(step)) if self.disaggregated else None
+        _, result = self.take(lambda s, m: isinstance(m, P.TrainResult) and m.policy_version == version,
+                              "the trainer's TrainResult", between=feed)
+        metrics = dict(result.metrics)
+        if self.disaggregated:
+            metrics.update(self.update_workers(version, targets, interrupt=True))
+        self.version = version
+        self.ledger.trained([uid for uid, _, _ in kept])
+        return metrics
+
+    def _feed(self, step: int) -> None:
+        """Take new prompts up to `prompts_in_flight` and (disaggregated) send everything queued."""
+        r, stream = self.cfg.rollout, self.stream
+        c = self.ledger.counts()
+        active = c["queued"] + c["in_flight"] + c["generated"]
+        if active < r.async_prompts_in_flight:
+            seed = rollout_seed(self.cfg, step)
+            for item in self.prompts.dataset.take(r.async_prompts_in_flight - active):
+                self.ledger.take(item.uid)
+                stream.add(item.uid, Prompt(self.prompts.encode(item.text), item.answer, seed))
+        if self.disaggregated:
+            self._dispatch_stream()
+
+    def _stream_request(self, uid: str, worker: str) -> P.GenerateRequest | None:
+        """The request continuing `uid` (from its partial rollout, if any); None when that partial is
+        already too stale to be trained and has been dropped or restarted."""
+        stream, r = self.stream, self.cfg.rollout
+        partial = stream.partials.get(uid)
+        if partial is not None and staleness(partial, self.version) > r.max_staleness:
+            self._stale(uid, requeue=False)
+            partial = stream.partials.get(uid)
+            if uid not in stream.prompts:  # dropped
+                return None
+        prompt = stream.prompts[uid]
+        params = sampling_params(self.cfg, step=0, eos_token_ids=self.prompts.eos_token_ids)
+        rid = self.ledger.dispatch(uid, worker)
+        if partial is not None:
+            self.async_counts["resumed"] += 1
+        return P.GenerateRequest(request_id=rid, sample_ids=[f"{rid}/{i}" for i in range(self.cfg.rollout.n)],
+                                 prompt_token_ids=prompt.prompt_ids,
+                                 sampling=wire_sampling(dataclasses.replace(params, seed=prompt.seed)),
+                                 policy_version=self.version, resume=None if partial is None else partial.samples)
+
+    def _dispatch_stream(self) -> None:
+        stream = self.stream
+        load = {a.id: len(self.ledger.in_flight(a.id)) for a in self.live_workers()}
+        while stream.queue and load:
+            uid = stream.queue.popleft()
+            worker = min(load, key=lambda w: (load[w], w))
+            request = self._stream_request(uid, worker)
+            if request is None:
+                continue
+            load[worker] += 1
+            try:
+                self.send(worker, request)
+            except zmq.ZMQError as e:  # gone without a word: the heartbeat monitor will requeue it
+                logger.warning("could not send %s to %s: %s", request.request_id, worker, e)
+
+    def _colocated_round(self, *, min_finished: int) -> None:
+        """Colocated async: the trainer group's engines take every queued prompt, answer once
+        `min_finished` are done, and hand the rest back as partial rollouts."""
+        stream = self.stream
+        requests = []
+        while stream.queue:
+            request = self._stream_request(stream.queue.popleft(), "trainer")
+            if request is not None:
+                requests.append(request)
+        if not requests:
+            return
+        self.send("trainer", P.GenerateBatch(requests=requests, min_finished=min_finished))
+        self.wait_until(lambda: not self.ledger.in_flight("trainer"), "the trainer group's generation")
+
+    def _on_stream_result(self, sender: str, msg: P.GenerateResult) -> None:
+        stream = self.stream
+        uid = self.ledger.complete(msg.request_id, sender)
+        if uid is None:
+            logger.info("stale result %s from %s dropped", msg.request_id, sender)
+            return
+        if msg.error is not None:
+            logger.warning("prompt %s refused by the engine: %s", uid, msg.error)
+            self.ledger.drop(uid, "refused")
+            stream.forget(uid)
+            return
+        if len(msg.samples) != self.cfg.rollout.n:
+            raise RuntimeError(f"{sender} answered {msg.request_id} with {len(msg.samples)} samples, "
+                               f"expected {self.cfg.rollout.n}")
+        if msg.interrupted and any(s.finish_reason == "abort" for s in msg.samples):
+            self.ledger.requeue(uid)
+            stream.interrupted(uid, msg)
+            self.async_counts["interrupted"] += 1
+            return
+        texts = [self.prompts.decode(s.token_ids.tolist()) for s in msg.samples]
+        outcomes, _ = self.rewards.compute(texts, [stream.prompts[uid].answer] * len(texts))
+        rewards = [o.score for o in outcomes]
+        if self.cfg.rollout.dynamic_sampling and not bool(
+                filter_uniform_groups(torch.tensor(rewards), torch.zeros(len(rewards), dtype=torch.long)).keep[0]):
+            self.ledger.drop(uid, "uniform_rewards")
+            stream.forget(uid)
+            return
+        stream.partials.pop(uid, None)
+        stream.buffer.append((uid, msg, rewards))
+
+    def _stale(self, uid: str, *, requeue: bool = True) -> None:
+        """A sample older than `max_staleness`: dropped or generated afresh (`rollout.stale_policy`)."""
+        stream = self.stream
+        if self.cfg.rollout.stale_policy == "drop":
+            self.ledger.drop(uid, "stale")
+            stream.forget(uid)
+            self.async_counts["dropped_stale"] += 1
+            return
+        if self.ledger.state_of(uid) == "generated":
+            self.ledger.requeue(uid)
+        if requeue:
+            stream.regenerate(uid)
+        else:  # about to be sent: only its partial rollout goes
+            stream.partials.pop(uid, None)
+        self.async_counts["regenerated"] += 1
+
+    def _staleness_metrics(self, samples: list[Sample]) -> dict:
+        versions = torch.tensor([v for s in samples for v in s.policy_versions[s.prompt_len - 1:]], dtype=torch.int64)
+        if not versions.numel():
+            return {}
+        ages = self.version - versions
+        hist = {str(int(a)): int((ages == a).sum()) / ages.numel() for a in torch.unique(ages)}
+        mixed = sum(len(set(s.policy_versions[s.prompt_len - 1:])) > 1 for s in samples)
+        return {"rollout/max_staleness": int(ages.max()), "rollout/mean_staleness": float(ages.float().mean()),
+                "rollout/staleness_hist": hist,
+                "rollout/tokens_per_version": {str(int(v)): int((versions == v).sum()) for v in torch.unique(versions)},
+                "rollout/mixed_version_samples": mixed}
+
     def train(self, step: int, kept: list[list[Sample]]) -> dict[str, float]:
         samples = [s for grp in kept for s in grp]
         advantages = compute_advantages(torch.tensor([s.reward for s in samples], dtype=torch.float32),
@@ -167,12 +393,16 @@ class Coordinator(CoordinatorBase):
         self.ledger.trained([grp[0].uid for grp in kept])
         return metrics
 
-    def update_workers(self, version: int, targets: dict[str, str]) -> dict[str, float]:
+    def update_workers(self, version: int, targets: dict[str, str], *, interrupt: bool = False) -> dict[str, float]:
         """Tell each target to take `version` from the trainer; wait for both sides. A worker that
-        fails to take it is retired (it cannot serve the new policy)."""
+        fails to take it is retired (it cannot serve the new policy). `interrupt` (async): the
+        workers first hand back their partial rollouts, which arrive before their WeightsApplied."""
         for name in targets:
             if self.actors[name].alive:
-                self.send(name, P.UpdateWeights(version=version))
+                try:
+                    self.send(name, P.UpdateWeights(version=version, interrupt=interrupt))
+                except zmq.ZMQError as e:  # gone without a word: the heartbeat monitor will retire it
+                    logger.warning("could not send UpdateWeights v%d to %s: %s", version, name, e)
         _, published = self.take(lambda s, m: isinstance(m, P.WeightsPublished) and m.version == version,
                                  "the trainer's WeightsPublished")
         for name in published.failed:
@@ -217,14 +447,60 @@ class Coordinator(CoordinatorBase):
         return {"eval/accuracy": sum(o.score for o in outcomes) / len(outcomes)}
 
     def save_checkpoint(self, step: int) -> str:
-        """The trainer's sharded checkpoint plus this coordinator's state (dataset cursor, ledger)."""
-        path = os.path.join(self.cfg.train.output_dir, "checkpoint")
-        self.send("trainer", P.SaveCheckpoint(path=path, step=step))
-        self.take(lambda s, m: isinstance(m, P.Ack) and m.ref == f"checkpoint:{path}", "the trainer's checkpoint")
-        write_json_atomic(os.path.join(path, "coordinator_state.json"),
-                          {"step": step, "policy_version": self.version, "dataset": self.prompts.dataset.state_dict(),
-                           "ledger": self.ledger.state_dict()})
-        return path
+        """`checkpoints/step_<k>/`: the trainer's sharded checkpoint (model, optimizer, RNG), this
+        coordinator's state (dataset cursor, ledger, version) and, in async mode, the rollout buffer
+        with its partial rollouts; committed (`run_checkpoint.commit`) once every part is on disk."""
+        out = self.cfg.train.output_dir
+        path = run_checkpoint.step_dir(out, step)
+        trainer_path = os.path.join(path, "trainer")
+        self.send("trainer", P.SaveCheckpoint(path=trainer_path, step=step))
+        self.take(lambda s, m: isinstance(m, P.Ack) and m.ref == f"checkpoint:{trainer_path}",
+                  "the trainer's checkpoint")
+        if self.stream is not None:
+            run_checkpoint.write_bytes_atomic(os.path.join(path, "rollout_buffer.msgpack"), self.stream.to_bytes())
+        run_checkpoint.write_json_atomic(os.path.join(path, "coordinator_state.json"), {
+            "step": step, "policy_version": self.version, "rollout_mode": self.cfg.rollout.mode,
+            "dataset": self.prompts.dataset.state_dict(), "ledger": self.ledger.state_dict(),
+            "eval_before": self.eval_before, "async_counts": getattr(self, "async_counts", None)})
+        return run_checkpoint.commit(out, step, keep=self.cfg.train.keep_checkpoints)
+
+    def _load_state(self, path: str) -> None:
+        state_file = os.path.join(path, "coordinator_state.json")
+        if not os.path.isfile(state_file):
+            raise FileNotFoundError(f"{path} has no coordinator_state.json: not a checkpoint of an actors run")
+        with open(state_file) as f:
+            state = json.load(f)
+        if state["rollout_mode"] != self.cfg.rollout.mode:
+            raise ValueError(f"{path} was written by a rollout.mode={state['rollout_mode']} run; resume it with that "
+                             f"mode (got rollout.mode={self.cfg.rollout.mode})")
+        if state["step"] > self.cfg.train.steps:
+            raise ValueError(f"{path} is at step {state['step']}, past train.steps={self.cfg.train.steps}")
+        self.start_step, self.version = int(state["step"]), int(state["policy_version"])
+        self.prompts.dataset.load_state_dict(state["dataset"])
+        self.ledger.load_state_dict(state["ledger"])
+        self.eval_before = state["eval_before"]
+        if self.stream is not None:
+            with open(os.path.join(path, "rollout_buffer.msgpack"), "rb") as f:
+                self.stream = RolloutBuffer.from_bytes(f.read())
+            self.on_requeue = self.stream.queue.extend
+            self.async_counts = dict(state["async_counts"])
+        # The engines that had these are gone: send them again (continued from their partial rollout).
+        requeued = self.ledger.requeue_in_flight()
+        if self.stream is not None:
+            self.stream.queue.extend(u for u in requeued if u not in self.stream.queue)
+        elif requeued:
+            raise ValueError(f"{path}: a sync checkpoint with prompts in flight ({requeued[:3]}...)")
+
+    def _restore_trainer(self, path: str) -> None:
+        """Load the trainer's half of the checkpoint; put the weights into the rollout workers."""
+        trainer_path = os.path.join(path, "trainer")
+        targets = {a.id: str(a.capabilities["weights_address"]) for a in self.live_workers()}
+        publish = self.disaggregated and self.version > 0
+        self.send("trainer", P.LoadCheckpoint(path=trainer_path, policy_version=self.version,
+                                              weight_targets=targets if publish else {}))
+        self.take(lambda s, m: isinstance(m, P.Ack) and m.ref == f"load:{trainer_path}", "the trainer's resume")
+        if publish:
+            self.update_workers(self.version, targets)
 
     def close(self) -> None:
         self.rewards.close()

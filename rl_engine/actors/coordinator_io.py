@@ -9,7 +9,6 @@ worker its current attempt was sent to, so an answer that arrives after its work
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -22,6 +21,7 @@ import zmq
 
 from rl_engine import protocol as P
 from rl_engine.actors.ledger import PromptLedger
+from rl_engine.run_checkpoint import write_json_atomic
 from rl_engine.actors.link import ERROR_STARTUP
 from rl_engine.launch.heartbeat import HeartbeatMonitor
 from rl_engine.train_config import RLConfig
@@ -50,16 +50,6 @@ class _Round:
     results: dict[str, P.GenerateResult] = field(default_factory=dict)
 
 
-def write_json_atomic(path: str, obj: object) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class CoordinatorBase:
     def __init__(self, cfg: RLConfig, *, port: int | None, heartbeat_port: int | None) -> None:
         self.cfg = cfg
@@ -76,6 +66,9 @@ class CoordinatorBase:
         self.actors: dict[str, Actor] = {}
         self.inbox: list[tuple[str, P.Message]] = []  # answers not yet taken by a wait
         self._round: _Round | None = None
+        # Async mode: results of the main ledger's requests go here (the coordinator's handler).
+        self.on_stream_result: Callable[[str, P.GenerateResult], None] | None = None
+        self.on_requeue: Callable[[list[str]], None] | None = None
         self.num_protocol_errors = 0
         self.num_worker_deaths = 0
 
@@ -112,6 +105,10 @@ class CoordinatorBase:
         if self._round is not None:
             requeued = self._round.ledger.requeue_worker(name)
             self._round.pending.extend(requeued)
+        if self.on_requeue is not None and (self._round is None or self._round.ledger is not self.ledger):
+            stream = self.ledger.requeue_worker(name)  # async: the stream's prompts on that worker
+            self.on_requeue(stream)
+            requeued += stream
         logger.warning("rollout worker %s retired (%s); %d prompt(s) requeued", name, why, len(requeued))
         print(f"rollout worker {name} lost ({why}): {len(requeued)} prompt(s) requeued, "
               f"{len(self.live_workers())} worker(s) left", flush=True)
@@ -207,15 +204,20 @@ class CoordinatorBase:
         logger.info("registered %s (%s, pid %s)", sender, hello.role, hello.capabilities.get("pid"))
 
     # ---- waits ------------------------------------------------------------------------------------
-    def wait_until(self, done: Callable[[], bool], what: str, *, timeout_s: float | None = None) -> None:
+    def wait_until(self, done: Callable[[], bool], what: str, *, timeout_s: float | None = None,
+                   between: Callable[[], None] | None = None) -> None:
+        """Pump messages until `done()`; `between()` runs after each pump (async: keep engines fed)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not done():
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}")
             self.pump(0.05)
+            if between is not None:
+                between()
 
     def take(self, match: Callable[[str, P.Message], bool], what: str,
-             until: Callable[[], bool] | None = None) -> tuple[str | None, P.Message | None]:
+             until: Callable[[], bool] | None = None,
+             between: Callable[[], None] | None = None) -> tuple[str | None, P.Message | None]:
         """Wait for an answer matching `match(sender, msg)` and remove it from the inbox; (None, None)
         if `until()` turns true first."""
         found: list[tuple[str, P.Message]] = []
@@ -227,7 +229,7 @@ class CoordinatorBase:
                     return True
             return until is not None and until()
 
-        self.wait_until(done, what)
+        self.wait_until(done, what, between=between)
         return found[0] if found else (None, None)
 
     # ---- generation -------------------------------------------------------------------------------
@@ -271,6 +273,9 @@ class CoordinatorBase:
     def _on_result(self, sender: str, msg: P.GenerateResult) -> None:
         rnd = self._round
         uid = rnd.ledger.complete(msg.request_id, sender) if rnd is not None else None
+        if uid is None and self.on_stream_result is not None:
+            self.on_stream_result(sender, msg)
+            return
         if uid is None:
             logger.info("stale result %s from %s dropped", msg.request_id, sender)
             return

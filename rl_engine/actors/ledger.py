@@ -2,9 +2,11 @@
 
 A prompt is *queued* (taken, not yet sent), *in flight* on one worker (attempt k, request id
 `"<uid>#<k>"`), *generated* (its samples are back, waiting for rewards and the optimizer step), then
-*trained* or *dropped* by a stated rule ("uniform_rewards", "refused", ...). A worker that dies has
-its in-flight prompts put back in the queue (a new attempt; a late answer to the old one is stale and
-ignored, so no sample is trained twice). The invariant, checked by `check()`:
+*trained* or *dropped* by a stated rule ("uniform_rewards", "refused", "stale", ...). A worker that
+dies has its in-flight prompts put back in the queue (a new attempt; a late answer to the old one is
+stale and ignored, so no sample is trained twice). In async mode a generated prompt can go back to
+the queue too: an interrupted partial rollout to continue, or a stale sample to regenerate
+(`requeue`). The invariant, checked by `check()`:
 
     taken == queued + in_flight + generated + trained + sum(dropped)
 
@@ -42,6 +44,7 @@ class PromptLedger:
         self.num_trained = 0
         self.num_requeued = 0
         self.dropped: Counter[str] = Counter()
+        self.events: list[tuple[str, str]] = []  # (uid, "trained" | "dropped:<reason>") since pop_events()
 
     # ---- transitions -------------------------------------------------------------------------------
     def take(self, uid: str) -> None:
@@ -78,17 +81,38 @@ class PromptLedger:
         self.num_requeued += len(uids)
         return uids
 
+    def requeue(self, uid: str) -> None:
+        """generated -> queued (async: a partial rollout to continue, a stale sample to regenerate)."""
+        self._get(uid, "generated").state = "queued"
+
+    def requeue_in_flight(self) -> list[str]:
+        """Every prompt in flight goes back to the queue (on resume: the engines that had them are gone)."""
+        uids = self.in_flight()
+        for uid in uids:
+            e = self._entries[uid]
+            e.state, e.worker = "queued", None
+        return uids
+
     def trained(self, uids: list[str]) -> None:
         for uid in uids:
             self._get(uid, "generated")
         for uid in uids:
             del self._entries[uid]
+            self.events.append((uid, "trained"))
         self.num_trained += len(uids)
 
     def drop(self, uid: str, reason: str) -> None:
-        self._get(uid, "generated")
+        """generated (or queued: async, a stale partial rollout) -> dropped by `reason`."""
+        e = self._entries.get(uid)
+        if e is None or e.state not in ("generated", "queued"):
+            raise ValueError(f"prompt {uid} is {e.state if e else 'unknown'}, expected generated or queued")
         del self._entries[uid]
         self.dropped[reason] += 1
+        self.events.append((uid, f"dropped:{reason}"))
+
+    def pop_events(self) -> list[tuple[str, str]]:
+        events, self.events = self.events, []
+        return events
 
     # ---- views -------------------------------------------------------------------------------------
     def _get(self, uid: str, state: str) -> _Entry:
@@ -96,6 +120,14 @@ class PromptLedger:
         if e is None or e.state != state:
             raise ValueError(f"prompt {uid} is {e.state if e else 'unknown'}, expected {state}")
         return e
+
+    def state_of(self, uid: str) -> str | None:
+        e = self._entries.get(uid)
+        return None if e is None else e.state
+
+    def unfinished(self) -> dict[str, str]:
+        """uid -> state of every prompt taken and not yet trained or dropped."""
+        return {u: e.state for u, e in sorted(self._entries.items())}
 
     def in_flight(self, worker: str | None = None) -> list[str]:
         return sorted(u for u, e in self._entries.items()

@@ -6,9 +6,11 @@ coordinator's requests and taking weight updates between engine steps.
 
 `GenerateRequest`s go into the engine as they arrive and are stepped together (continuous batching);
 each finished request is answered with a `GenerateResult` (tokens, behavior log-probs, per-token policy
-and KV versions, routed experts when recording). `UpdateWeights(v)` makes the worker receive version v
-through weight_sync (ZMQ from every trainer rank, checksummed per bucket, optionally probed), apply it
-between two engine steps and answer `WeightsApplied`. Malformed or unexpected messages get an
+and KV versions, routed experts when recording). A request with `resume` continues a partial rollout.
+`UpdateWeights(v)` makes the worker receive version v through weight_sync (ZMQ from every trainer rank,
+checksummed per bucket, optionally probed), apply it between two engine steps and answer
+`WeightsApplied`; with `interrupt` (async mode) it first answers every request in flight with its
+partial rollout (`GenerateResult.interrupted`), which the coordinator sends out again to continue. Malformed or unexpected messages get an
 `ErrorReply` and a log line.
 
 Main design choice: the worker decides nothing (which prompt, which version, when to update are the
@@ -29,7 +31,7 @@ import torch
 
 from rl_engine import protocol as P
 from rl_engine.actors.link import CoordinatorLink, report_startup_failure
-from rl_engine.actors.wire import engine_sampling, generate_result
+from rl_engine.actors.wire import add_to_engine, generate_result
 from rl_engine.config import load_config
 from rl_engine.inference import LLM
 from rl_engine.policy import from_pretrained
@@ -88,6 +90,9 @@ class RolloutWorker:
                 os.kill(os.getpid(), signal.SIGKILL)
             self._add(msg)
         elif isinstance(msg, P.UpdateWeights):
+            if msg.interrupt:  # async: hand the partial rollouts back; they go on with the new weights
+                for out in self.engine.interrupt():
+                    self.link.send(generate_result(self.requests.pop(out.request_id), out, interrupted=True))
             self.link.send(self._update_weights(msg.version))
 
     def _add(self, request: P.GenerateRequest) -> None:
@@ -95,10 +100,7 @@ class RolloutWorker:
         try:
             if rid in self.requests:
                 raise ValueError(f"request {rid!r} is already being generated here")
-            if not request.sample_ids:
-                raise ValueError("sample_ids is empty: nothing to generate")
-            params = engine_sampling(request.sampling, n=len(request.sample_ids))
-            self.engine.add_request(rid, list(request.prompt_token_ids), params)
+            add_to_engine(self.engine, request)
         except ValueError as e:
             logger.warning("%s: request %s refused: %s", self.worker_id, rid, e)
             self.link.send(P.GenerateResult(request_id=rid, samples=[], error=str(e)))
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.worker_id} %(levelname)s %(name)s: %(message)s")
     cfg = load_config(RLConfig, args.config)
     torch.set_num_threads(cfg.placement.threads_per_process)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
     try:
         worker = RolloutWorker(cfg, worker_id=args.worker_id, coordinator=args.coordinator, heartbeat=args.heartbeat,
                                die_after_requests=args.die_after_requests)

@@ -38,6 +38,7 @@ def prepare(cfg: RLConfig) -> tuple[RLConfig, str]:
     """(the resolved config, the path of its YAML file for the actors)."""
     from rl_engine.policy import ModelConfig
     from rl_engine.policy.parallel import check_model_layout
+    from rl_engine.run_checkpoint import resolve_resume
     from rl_engine.trainer import resolve_paths
 
     out = cfg.train.output_dir
@@ -48,8 +49,11 @@ def prepare(cfg: RLConfig) -> tuple[RLConfig, str]:
     check_model_layout(model_config, tp=t.tp, pp=t.pp, ep=t.ep)
     if cfg.rollout.routing_replay and not model_config.is_moe:
         raise ValueError(f"rollout.routing_replay=true needs an MoE model; {model_path} is dense")
+    warm_dir = os.path.join(out, "warm_start_model")
     if warm_path and cfg.warmup.steps > 0:
-        model_path = _warm_start(cfg, model_path)
+        resuming = resolve_resume(out, cfg.train.resume) is not None
+        # A resumed run takes its weights from the checkpoint; the warm start already ran.
+        model_path = warm_dir if resuming and os.path.isdir(warm_dir) else _warm_start(cfg, model_path)
     resolved = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, path=os.path.abspath(model_path)),
         data=dataclasses.replace(cfg.data, path=os.path.abspath(data_path),
@@ -68,6 +72,7 @@ def _warm_start(cfg: RLConfig, model_path: str) -> str:
     from rl_engine.trainer import GRPOTrainer
 
     single = dataclasses.replace(cfg, placement=dataclasses.replace(cfg.placement, mode="single_process"),
+                                 rollout=dataclasses.replace(cfg.rollout, mode="sync"),
                                  train=dataclasses.replace(cfg.train, tp=1, pp=1, dp=1, ep=1))
     trainer = GRPOTrainer(single)
     try:

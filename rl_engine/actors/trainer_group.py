@@ -6,7 +6,9 @@ from the config). Rank 0 talks to the coordinator; every command it takes is bro
     (one process per rank; RANK, WORLD_SIZE, MASTER_ADDR/PORT come from the launcher)
 
 Commands: `TrainBatch` (pack this dp rank's micro-batches, `train_step` with the shared `StepLoss`,
-publish the new weights), `GenerateBatch` (colocated), `SaveCheckpoint`, `Shutdown`.
+publish the new weights), `GenerateBatch` (colocated; in async mode with `min_finished`, the rest
+answered as interrupted partial rollouts), `SaveCheckpoint`, `LoadCheckpoint` (resume: load, then
+put the weights in the engines or publish them), `Shutdown`.
 
 Colocated, the choice made here: every tp rank of a data-parallel group runs an engine over its own
 shards, in lockstep on the same requests and seeds (requests are split over the dp groups). The
@@ -39,7 +41,7 @@ import torch.distributed as dist
 from rl_engine import protocol as P
 from rl_engine.actors.group_comm import broadcast_message, recv_messages, reduce_metrics_over, send_messages
 from rl_engine.actors.link import CoordinatorLink
-from rl_engine.actors.wire import engine_sampling, generate_result, samples_from_batch
+from rl_engine.actors.wire import add_to_engine, engine_sampling, generate_result, samples_from_batch
 from rl_engine.config import load_config
 from rl_engine.losses import PolicyLoss, compute_loss_normalizer
 from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer
@@ -100,7 +102,8 @@ class TrainerGroup:
                                         capabilities={"world_size": g.world_size, "placement": p.mode,
                                                       "rank_pids": ",".join(str(x) for x in pids.tolist()),
                                                       "engines": t.dp if self.colocated else 0})
-        self.commands = ((P.GenerateBatch,) if self.colocated else ()) + (P.TrainBatch, P.SaveCheckpoint, P.Shutdown)
+        self.commands = ((P.GenerateBatch,) if self.colocated else ()) + (P.TrainBatch, P.SaveCheckpoint,
+                                                                          P.LoadCheckpoint, P.Shutdown)
 
     # ---- the command loop -------------------------------------------------------------------------
     def serve(self) -> None:
@@ -116,6 +119,22 @@ class TrainerGroup:
             elif isinstance(msg, P.SaveCheckpoint):
                 self.trainer.save_checkpoint(msg.path, extra={"policy_version": self.version, "step": msg.step})
                 self._send(P.Ack(ref=f"checkpoint:{msg.path}"))
+            elif isinstance(msg, P.LoadCheckpoint):
+                self._load(msg)
+
+    def _load(self, msg: P.LoadCheckpoint) -> None:
+        extra = self.trainer.load_checkpoint(msg.path).get("extra", {})
+        saved = int(extra.get("policy_version", -1))
+        if saved != msg.policy_version:
+            raise RuntimeError(f"checkpoint {msg.path} holds weights v{saved}, the coordinator's state says "
+                               f"v{msg.policy_version}: the two halves of the checkpoint disagree")
+        self.version = saved
+        if self.colocated:
+            self.publisher.publish(self.version)
+            self.receiver.sync()
+        self._send(P.Ack(ref=f"load:{msg.path}"))
+        if not self.colocated and msg.weight_targets:
+            self._publish(dict(msg.weight_targets), torch.arange(min(PROBE_TOKENS, self.trainer.config.vocab_size)))
 
     def _next_command(self) -> P.Message:
         msg = None
@@ -196,17 +215,20 @@ class TrainerGroup:
     def _generate(self, batch: P.GenerateBatch) -> None:
         g = self.groups
         mine = batch.requests[g.dp_rank::g.dp_size]
-        results, prompts, params, accepted = [], [], [], []
-        for req in mine:
-            try:
-                params.append(engine_sampling(req.sampling, n=len(req.sample_ids)))
-            except ValueError as e:
-                results.append(P.GenerateResult(request_id=req.request_id, samples=[], error=str(e)))
-                continue
-            prompts.append(list(req.prompt_token_ids))
-            accepted.append(req)
-        outs = self.llm.generate(prompts, params) if prompts else []
-        results += [generate_result(req, out) for req, out in zip(accepted, outs)]
+        if batch.min_finished or any(req.resume is not None for req in mine):
+            results = self._generate_partial(mine, -(-batch.min_finished // g.dp_size))
+        else:
+            results, prompts, params, accepted = [], [], [], []
+            for req in mine:
+                try:
+                    params.append(engine_sampling(req.sampling, n=len(req.sample_ids)))
+                except ValueError as e:
+                    results.append(P.GenerateResult(request_id=req.request_id, samples=[], error=str(e)))
+                    continue
+                prompts.append(list(req.prompt_token_ids))
+                accepted.append(req)
+            outs = self.llm.generate(prompts, params) if prompts else []
+            results += [generate_result(req, out) for req, out in zip(accepted, outs)]
         self._check_lockstep(results)
         if g.tp_rank != 0:
             return
@@ -217,6 +239,28 @@ class TrainerGroup:
             results += recv_messages(src=d * g.tp_size)  # the leader of dp group d (pp = 1)
         for result in results:
             self._send(result)
+
+    def _generate_partial(self, requests: list[P.GenerateRequest], min_finished: int) -> list[P.GenerateResult]:
+        """Async: step this engine until `min_finished` of `requests` are finished (0: all), then
+        interrupt the others (partial rollouts, continued after the next update)."""
+        engine = self.llm.engine
+        results, pending = [], {}
+        for req in requests:
+            try:
+                add_to_engine(engine, req)
+            except ValueError as e:
+                results.append(P.GenerateResult(request_id=req.request_id, samples=[], error=str(e)))
+                continue
+            pending[req.request_id] = req
+        target = min(min_finished or len(pending), len(pending))
+        done = 0
+        while engine.has_unfinished_requests() and done < target:
+            for out in engine.step():
+                if out.finished:
+                    results.append(generate_result(pending.pop(out.request_id), out))
+                    done += 1
+        results += [generate_result(pending.pop(out.request_id), out, interrupted=True) for out in engine.interrupt()]
+        return results
 
     def _check_lockstep(self, results: list[P.GenerateResult]) -> None:
         """The tp ranks of one engine must have produced identical outputs (see the module docstring)."""
@@ -253,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s trainer{rank} %(levelname)s %(name)s: %(message)s")
     cfg = load_config(RLConfig, args.config)
     torch.set_num_threads(cfg.placement.threads_per_process)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
     dist.init_process_group("gloo", timeout=timedelta(seconds=cfg.placement.dist_timeout_s))
     group = None
     try:

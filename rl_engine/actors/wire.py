@@ -10,6 +10,7 @@ import torch
 
 from rl_engine import protocol as P
 from rl_engine.inference import RequestOutput, SamplingParams
+from rl_engine.inference.sequence import CompletionOutput
 from rl_engine.rl_step import Sample, make_sample
 
 
@@ -26,7 +27,27 @@ def engine_sampling(wire: P.WireSamplingParams, *, n: int) -> SamplingParams:
                           ignore_eos=wire.ignore_eos, detokenize=False)
 
 
-def generate_result(request: P.GenerateRequest, out: RequestOutput) -> P.GenerateResult:
+def add_to_engine(engine, request: P.GenerateRequest) -> None:
+    """Queue `request` in an `LLMEngine`: a new prompt, or (`request.resume`) a partial rollout to
+    continue with the engine's current weights. Raises ValueError for a request it cannot serve."""
+    if not request.sample_ids:
+        raise ValueError("sample_ids is empty: nothing to generate")
+    params = engine_sampling(request.sampling, n=len(request.sample_ids))
+    prompt: list[int] | RequestOutput = list(request.prompt_token_ids)
+    if request.resume is not None:
+        if len(request.resume) != len(request.sample_ids):
+            raise ValueError(f"resume has {len(request.resume)} samples for {len(request.sample_ids)} sample ids")
+        outputs = [CompletionOutput(index=i, token_ids=s.token_ids.tolist(), text=None,
+                                    logprobs=s.behavior_logprobs.tolist(), policy_versions=s.policy_versions.tolist(),
+                                    kv_versions=s.kv_versions.tolist(),
+                                    finish_reason=s.finish_reason if s.finish_reason in ("stop", "length") else None)
+                   for i, s in enumerate(request.resume)]
+        prompt = RequestOutput(request_id=request.request_id, prompt=None, prompt_token_ids=prompt, outputs=outputs,
+                               finished=False, sampling_params=params)
+    engine.add_request(request.request_id, prompt, params)
+
+
+def generate_result(request: P.GenerateRequest, out: RequestOutput, *, interrupted: bool = False) -> P.GenerateResult:
     if out.error:
         return P.GenerateResult(request_id=request.request_id, samples=[], error=out.error)
     samples = []
@@ -42,7 +63,7 @@ def generate_result(request: P.GenerateRequest, out: RequestOutput) -> P.Generat
             policy_versions=torch.tensor(c.policy_versions, dtype=torch.int64),
             kv_versions=torch.tensor(c.kv_versions, dtype=torch.int64), finish_reason=c.finish_reason or "abort",
             routed_experts=routed))
-    return P.GenerateResult(request_id=request.request_id, samples=samples)
+    return P.GenerateResult(request_id=request.request_id, samples=samples, interrupted=interrupted)
 
 
 def samples_of(result: P.GenerateResult, *, prompt_ids: Sequence[int], rewards: Sequence[float], group: int,

@@ -13,7 +13,7 @@ Layout of a checkpoint directory: `rank{r}.safetensors` (tensors `{key}/{kind}`,
 exp_avg, exp_avg_sq; plus this rank's RNG state), `rank{r}.json` (global shape and offset of each
 tensor), and `metadata.json` (step, layout, model config, caller's extra state), written last. The
 directory is built as `{path}.partial` and renamed into place, so a checkpoint is there whole or
-not at all; each file is itself written to a temp name and renamed.
+not at all; each file is itself written to a temp name, fsynced and renamed.
 """
 
 from __future__ import annotations
@@ -115,9 +115,19 @@ def model_boxes(model: CausalLM) -> list[Box]:
     return boxes
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_json(path: str, obj) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
@@ -151,6 +161,7 @@ def save_checkpoint(path: str, chunks: list[CausalLM], optimizer: DistributedOpt
     r = g.world_rank
     file = os.path.join(tmp, f"rank{r:05d}.safetensors")
     save_file(tensors, file + ".tmp")
+    _fsync(file + ".tmp")
     os.replace(file + ".tmp", file)
     _atomic_json(os.path.join(tmp, f"rank{r:05d}.json"), meta)
     _barrier(g)
@@ -165,7 +176,9 @@ def save_checkpoint(path: str, chunks: list[CausalLM], optimizer: DistributedOpt
         if os.path.exists(path):  # keep the previous checkpoint until the new one is in place
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(os.path.dirname(os.path.abspath(path)))
         shutil.rmtree(old, ignore_errors=True)
     _barrier(g)
 

@@ -36,7 +36,9 @@ def run(tmp_path, monkeypatch, *overrides, edit_specs=None):
     summary = run_actors(toy_config(tmp_path, *overrides), edit_specs=edit_specs, echo_stream=io.BytesIO())
     c = summary["prompts"]
     assert c["taken"] == c["trained"] + c["dropped"] and c["in_flight"] == c["queued"] == 0, c
-    assert (tmp_path / "checkpoint" / "coordinator_state.json").exists()
+    final = tmp_path / "checkpoints" / f"step_{summary['steps']:06d}"
+    assert (final / "coordinator_state.json").exists() and (final / "trainer" / "metadata.json").exists()
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == summary["steps"]
     return summary, rows(tmp_path)
 
 

@@ -1,0 +1,93 @@
+"""The coordinator's rollout buffer in async mode: every prompt taken and not yet trained or
+dropped, with what is known of it.
+
+    queue     prompts to send to an engine: new ones, interrupted partial rollouts to continue (their
+              `GenerateResult` so far in `partials`), stale ones to regenerate from scratch
+    buffer    finished and scored groups waiting for an optimizer step, oldest first
+
+The prompt ledger (`ledger.py`) says which state each prompt is in; this object holds the data that
+goes with it: token ids, answer, the sampling seed fixed when the prompt was taken (a continued
+partial rollout keeps drawing from the same per-token seeds), partial rollouts and scored groups.
+It is written into checkpoints whole (`to_bytes`): tensors as raw protocol frames, no pickle.
+
+Staleness of a token is `trainer version - version that sampled it`; a group is only trained while
+its oldest token is at most `max_staleness` versions old (`staleness`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from rl_engine import protocol as P
+
+
+@dataclass
+class Prompt:
+    prompt_ids: list[int]
+    answer: Any
+    seed: int
+
+
+@dataclass
+class RolloutBuffer:
+    prompts: dict[str, Prompt] = field(default_factory=dict)
+    queue: deque[str] = field(default_factory=deque)
+    partials: dict[str, P.GenerateResult] = field(default_factory=dict)
+    buffer: deque[tuple[str, P.GenerateResult, list[float]]] = field(default_factory=deque)
+
+    def add(self, uid: str, prompt: Prompt) -> None:
+        self.prompts[uid] = prompt
+        self.queue.append(uid)
+
+    def forget(self, uid: str) -> None:
+        """The prompt is trained or dropped: nothing of it is kept."""
+        self.prompts.pop(uid, None)
+        self.partials.pop(uid, None)
+
+    def interrupted(self, uid: str, result: P.GenerateResult) -> None:
+        """A partial rollout came back: continue it first (it is the oldest work)."""
+        self.partials[uid] = result
+        self.queue.appendleft(uid)
+
+    def regenerate(self, uid: str) -> None:
+        self.partials.pop(uid, None)
+        self.queue.append(uid)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        def frames(result: P.GenerateResult) -> list[bytes]:
+            return [bytes(f) for f in P.encode(result)]
+
+        state = {
+            "prompts": {u: [p.prompt_ids, p.answer, p.seed] for u, p in self.prompts.items()},
+            "queue": list(self.queue),
+            "partials": {u: frames(r) for u, r in self.partials.items()},
+            "buffer": [[u, frames(r), rewards] for u, r, rewards in self.buffer],
+        }
+        return msgspec.msgpack.encode(state)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RolloutBuffer:
+        state = msgspec.msgpack.decode(data)
+
+        def result(frames: list[bytes]) -> P.GenerateResult:
+            msg = P.decode(frames)
+            if not isinstance(msg, P.GenerateResult):
+                raise ValueError(f"a rollout buffer entry decodes to {type(msg).__name__}, not GenerateResult")
+            return msg
+
+        out = cls(prompts={u: Prompt(list(ids), answer, int(seed)) for u, (ids, answer, seed) in state["prompts"].items()},
+                  queue=deque(state["queue"]))
+        out.partials = {u: result(f) for u, f in state["partials"].items()}
+        out.buffer = deque((u, result(f), [float(x) for x in rewards]) for u, f, rewards in state["buffer"])
+        return out
+
+
+def staleness(result: P.GenerateResult, version: int) -> int:
+    """How many versions older than `version` the oldest sampled token of `result` is (0 when none)."""
+    oldest = min((int(s.policy_versions.min()) for s in result.samples if s.policy_versions.numel()), default=version)
+    return version - oldest
