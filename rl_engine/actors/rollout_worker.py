@@ -36,8 +36,8 @@ from rl_engine.config import load_config
 from rl_engine.inference import LLM
 from rl_engine.policy import from_pretrained
 from rl_engine.train_config import RLConfig
-from rl_engine.weight_sync import (EngineLayout, TrainLayout, WeightReceiver, WeightSyncError, ZmqReceiverTransport,
-                                   plan_sync)
+from rl_engine.weight_sync import (EngineLayout, SharedMemoryReceiverTransport, TrainLayout, WeightReceiver,
+                                   WeightSyncError, ZmqReceiverTransport, plan_sync)
 
 logger = logging.getLogger(__name__)
 COMMANDS = (P.GenerateRequest, P.UpdateWeights, P.Shutdown)
@@ -56,7 +56,8 @@ class RolloutWorker:
         # Every process computes the same plan: every trainer rank sends its own shards to this tp=1 engine.
         plan = plan_sync(model.config, src=TrainLayout(tp=t.tp, pp=t.pp, dp=t.dp, ep=t.ep, dtype=dtype),
                          dst=EngineLayout(tp=1, replicas=1, dtype=dtype), bucket_bytes=p.weight_bucket_mb << 20)
-        self.weights_rx = ZmqReceiverTransport(host=p.host, timeout_s=p.weight_sync_timeout_s)
+        receiver_cls = SharedMemoryReceiverTransport if p.weight_transport == "shm" else ZmqReceiverTransport
+        self.weights_rx = receiver_cls(host=p.host, timeout_s=p.weight_sync_timeout_s)
         self.receiver = WeightReceiver(self.engine, plan, dst_rank=0, transport=self.weights_rx)
         self.link = CoordinatorLink(coordinator, actor_id=worker_id, role="rollout", heartbeat_address=heartbeat,
                                     heartbeat_interval_s=p.heartbeat_interval_s,

@@ -47,8 +47,9 @@ from rl_engine.losses import PolicyLoss, compute_loss_normalizer
 from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer
 from rl_engine.rl_step import StepLoss, build_micro_batches, micro_batch_count
 from rl_engine.train_config import RLConfig
-from rl_engine.weight_sync import (EngineLayout, InProcessTransport, TrainLayout, WeightPublisher, WeightReceiver,
-                                   WeightSyncError, ZmqSenderTransport, plan_sync, trainer_probe)
+from rl_engine.weight_sync import (EngineLayout, InProcessTransport, SharedMemorySenderTransport, TrainLayout,
+                                   WeightPublisher, WeightReceiver, WeightSyncError, ZmqSenderTransport, plan_sync,
+                                   trainer_probe)
 
 logger = logging.getLogger(__name__)
 PROBE_TOKENS = 64
@@ -194,7 +195,9 @@ class TrainerGroup:
         for i, name in enumerate(names):
             publisher = self.publishers.get(name)
             if publisher is None:
-                transport = ZmqSenderTransport({0: targets[name]}, timeout_s=self.cfg.placement.weight_sync_timeout_s)
+                sender_cls = SharedMemorySenderTransport if self.cfg.placement.weight_transport == "shm" else \
+                    ZmqSenderTransport
+                transport = sender_cls({0: targets[name]}, timeout_s=self.cfg.placement.weight_sync_timeout_s)
                 publisher = self.publishers[name] = WeightPublisher(self.trainer.chunks, self.worker_plan,
                                                                     src_rank=self.groups.world_rank,
                                                                     transport=transport)

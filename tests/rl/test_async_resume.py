@@ -108,11 +108,11 @@ def test_async_disaggregated_overlaps_and_survives_a_worker_death(tmp_path, monk
 def test_async_stale_samples_are_dropped_or_regenerated(tmp_path, monkeypatch):
     """max_staleness=0 in async mode: a sample with any token from an older version is never
     trained; with stale_policy=drop it is counted as dropped, with regenerate it is generated afresh."""
-    for policy in ("drop", "regenerate"):
+    for policy, transport in (("drop", "zmq"), ("regenerate", "shm")):
         out = tmp_path / policy
         summary = run(out, monkeypatch, "placement.mode=disaggregated", "rollout.mode=async",
                       "rollout.max_new_tokens=12", "rollout.max_staleness=0", f"rollout.stale_policy={policy}",
-                      "train.steps=4")
+                      "train.steps=4", f"placement.weight_transport={transport}")
         got = rows(out)
         assert all(r["rollout/max_staleness"] == 0 for r in got)
         assert_accounting(out, summary)
@@ -120,6 +120,10 @@ def test_async_stale_samples_are_dropped_or_regenerated(tmp_path, monkeypatch):
         assert stale > 0, summary["async"]
         if policy == "drop":
             assert summary["prompts"]["dropped_stale"] == stale
+        else:  # weights went through /dev/shm (probed every update) and the worker removed its regions
+            assert all(r["weight_sync/probe_error_max"] <= 1e-5 for r in got)
+            pid = json.loads((out / "actors.json").read_text())["actors"]["rollout-0"]["pid"]
+            assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"rl_wsync_{pid}_")]
 
 
 def test_two_sync_runs_with_the_same_seed_write_identical_metrics(tmp_path, monkeypatch):
@@ -182,6 +186,42 @@ def test_sigkill_then_resume_async_loses_and_duplicates_no_prompt(tmp_path, monk
     assert_accounting(tmp_path, summary)
     assert summary["prompts"]["trained"] == STEPS * 4
     assert [r["step"] for r in rows(tmp_path)] == list(range(1, STEPS + 1))
+
+
+def test_a_dead_trainer_rank_stops_the_run_with_a_checkpoint_to_resume_from(tmp_path, monkeypatch):
+    """tp2 colocated async: trainer rank 1 is SIGKILLed after the second checkpoint; the launcher
+    stops every process and exits non-zero (no orphans); the run resumes from its last committed
+    checkpoint and completes with every prompt accounted for."""
+    overrides = ["placement.mode=colocated", "train.tp=2", *ASYNC, f"train.steps={STEPS}", "train.checkpoint_every=1",
+                 "rollout.max_num_batched_tokens=32"]
+    os.makedirs(tmp_path, exist_ok=True)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(to_dict(toy_config(tmp_path, *overrides))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "train", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    latest = tmp_path / "checkpoints" / "latest.json"
+    try:
+        deadline = time.monotonic() + 300
+        while not (latest.exists() and json.loads(latest.read_text())["step"] >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "no second checkpoint"
+            time.sleep(0.02)
+        pids = json.loads((tmp_path / "actors.json").read_text())["actors"]["trainer"]["rank_pids"].split(",")
+        os.kill(int(pids[1]), signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0 and b"trainer-1" in err, err.decode()[-2000:]
+    for pid in json.loads((tmp_path / "actors.json").read_text())["actors"]["trainer"]["rank_pids"].split(","):
+        with pytest.raises(ProcessLookupError):  # no orphan left behind
+            os.kill(int(pid), 0)
+    killed_at = json.loads(latest.read_text())["step"]
+    assert 2 <= killed_at < STEPS
+    summary = run(tmp_path, monkeypatch, *overrides, "train.resume=auto")
+    assert summary["resumed_from"].endswith(f"step_{killed_at:06d}") and summary["policy_version"] == STEPS
+    assert_accounting(tmp_path, summary)
 
 
 def test_resume_refuses_a_checkpoint_of_the_other_mode(tmp_path, monkeypatch):
