@@ -219,8 +219,10 @@ class LLMEngine:
             if sample_seqs:
                 emissions = self._sample(logits, sample_seqs)  # speculative: also rolls back rejected drafts
             if bm.enable_prefix_caching:
+                bs = bm.block_size
                 for seq in sched.seqs:
-                    bm.register_full_blocks(seq)
+                    if seq.num_computed_tokens // bs > seq.num_hashed_blocks:  # a block filled up
+                        bm.register_full_blocks(seq)
         self.num_steps += 1
         touched: dict[str, Request] = {}
         for seq, (tokens, logprobs, in_place) in zip(sample_seqs, emissions):
