@@ -44,7 +44,9 @@ class ImportanceSamplingConfig:
     "sequence" (product of token ratios), "geometric" (geometric mean of token ratios).
     """
 
-    mode: str = "none"
+    # Default TIS: a no-op when behavior and training weights agree (sync, fp32: r = 1 within 1e-6),
+    # and what keeps async runs (stale tokens, r far from 1) from blowing up.
+    mode: str = "truncate"
     level: str = "token"
     truncate_cap: float = 2.0
     mask_low: float = 0.5

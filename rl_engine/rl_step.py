@@ -12,6 +12,7 @@ So loss and gradients do not depend on micro-batching, packing or data paralleli
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -102,9 +103,19 @@ class PromptSource:
 
 
 def rollout_seed(cfg: RLConfig, step: int) -> int:
-    """The sampling seed of every request of step `step` (0-based): a requeued or replayed request
-    samples the same tokens, whichever engine and batch serve it."""
+    """The sampling seed of step `step` (0-based), mixed with each prompt's uid by `prompt_seed`."""
     return cfg.train.seed * 1_000_003 + step
+
+
+def prompt_seed(step_seed: int | None, uid: str) -> int | None:
+    """The seed of one prompt's request: the step's seed mixed with a stable hash of the prompt uid
+    (not Python's salted `hash`). A requeued or replayed request samples the same tokens, whichever
+    engine and batch serve it, while different prompts draw independent streams (with one seed per
+    step, sample i of every prompt would reuse the same uniforms, correlating the whole batch)."""
+    if step_seed is None:
+        return None
+    h = int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=8).digest(), "little")
+    return (step_seed * 0x9E3779B97F4A7C15 + h) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def sampling_params(cfg: RLConfig, *, step: int, eos_token_ids: Sequence[int]) -> SamplingParams:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import dataclasses
 import logging
 import os
 import shutil
@@ -40,6 +41,7 @@ from rl_engine.rl_step import (
     collect_groups,
     eval_sampling_params,
     make_sample,
+    prompt_seed,
     rollout_metrics,
     run_micro_batches,
     sampling_params,
@@ -247,8 +249,9 @@ class GRPOTrainer:
         def generate(items: list) -> tuple[list, int]:
             nonlocal gen_s
             prompts = [self.prompts.encode(it.text) for it in items]
+            per_prompt = [dataclasses.replace(params, seed=prompt_seed(params.seed, it.uid)) for it in items]
             t0 = time.perf_counter()
-            outs = self.llm.generate(prompts, params)
+            outs = self.llm.generate(prompts, per_prompt)
             gen_s += time.perf_counter() - t0
             for item, out in zip(items, outs):
                 if out.error:

@@ -181,7 +181,8 @@ def test_ppo_clip_matches_loop_reference(agg: str, is_mode: str) -> None:
 def test_gspo_token_form_matches_sequence_level_reference() -> None:
     batch = make_batch(seed=2, dtype=torch.float64)
     batch.theta = batch.theta.double()
-    config = PolicyLossConfig(loss_type="gspo", clip_low=0.05, clip_high=0.08, agg="seq-mean-token-mean")
+    config = PolicyLossConfig(loss_type="gspo", clip_low=0.05, clip_high=0.08, agg="seq-mean-token-mean",
+                              importance_sampling=ImportanceSamplingConfig(mode="none"))  # the GSPO form alone
     normalizer = compute_loss_normalizer(batch.response_lengths())
     loss, grad, metrics = run_split(batch, _whole(batch), config, normalizer)
     ref_loss, ref_grad = reference_loss(batch, config)

@@ -45,7 +45,7 @@ from rl_engine.config import load_config
 from rl_engine.metrics import MetricsLogger
 from rl_engine.policy import ModelConfig
 from rl_engine.rl_step import (PromptSource, Sample, collect_groups, eval_sampling_params, rollout_metrics,
-                               rollout_seed, sampling_params)
+                               prompt_seed, rollout_seed, sampling_params)
 from rl_engine.rollout.advantages import compute_advantages, filter_uniform_groups
 from rl_engine.rollout.rewards import RewardComputer
 from rl_engine.train_config import RLConfig
@@ -145,7 +145,7 @@ class Coordinator(CoordinatorBase):
         metrics.update({"rollout/kept_groups": len(kept), "rollout/dropped_groups": stats["dropped"],
                         "rollout/refill_rounds": stats["rounds"], "rollout/refused": stats["refused"]})
         if kept:
-            metrics.update(self.train(step, kept))
+            metrics.update(self.train(step, [s for grp in kept for s in grp], [grp[0].uid for grp in kept]))
         else:  # said once; `rollout/kept_groups` = 0 in the metrics says it every time
             log = logger.info if self._stalled else logger.warning
             log("step %d: no group with varied rewards after %d refill round(s); no update", step + 1, stats["rounds"])
@@ -207,6 +207,7 @@ class Coordinator(CoordinatorBase):
         kept: list[tuple[str, P.GenerateResult, list[float]]] = []
         while len(kept) < r.prompts_per_step:
             if stream.buffer:
+                stream.oldest_first(self.version)
                 uid, result, rewards = stream.buffer.popleft()
                 if staleness(result, self.version) > r.max_staleness:
                     self._stale(uid)
@@ -222,8 +223,7 @@ class Coordinator(CoordinatorBase):
                    for s in samples_of(result, prompt_ids=stream.prompts[uid].prompt_ids, rewards=rewards,
                                        group=g, uid=uid)]
         metrics = rollout_metrics(samples, num_reward_failed=0, rollout_s=time.perf_counter() - t0)
-        metrics.update(self._staleness_metrics(samples))
-        metrics.update(self._train_async(step, kept, samples))
+        metrics.update(self.train(step, samples, [uid for uid, _, _ in kept]))
         for uid, _, _ in kept:
             stream.forget(uid)
         metrics.update({f"async/{k}": v - counts_before[k] for k, v in self.async_counts.items()})
@@ -236,24 +236,6 @@ class Coordinator(CoordinatorBase):
             metrics.update({"workers/alive": len(self.live_workers()), "workers/deaths": self.num_worker_deaths})
         return metrics
 
-    def _train_async(self, step: int, kept: list, samples: list[Sample]) -> dict[str, float]:
-        advantages = compute_advantages(torch.tensor([s.reward for s in samples], dtype=torch.float32),
-                                        torch.tensor([s.group for s in samples]), config=self.cfg.advantage)
-        version = self.version + 1
-        targets = {a.id: str(a.capabilities["weights_address"]) for a in self.live_workers()}
-        self.send("trainer", train_batch(samples, advantages, step=step + 1, policy_version=version,
-                                         weight_targets=targets))
-        # Disaggregated, the engines keep generating (with the previous weights) while the trainer trains.
-        feed = (lambda: self._feed(step)) if self.disaggregated else None
-        _, result = self.take(lambda s, m: isinstance(m, P.TrainResult) and m.policy_version == version,
-                              "the trainer's TrainResult", between=feed)
-        metrics = dict(result.metrics)
-        if self.disaggregated:
-            metrics.update(self.update_workers(version, targets, interrupt=True))
-        self.version = version
-        self.ledger.trained([uid for uid, _, _ in kept])
-        return metrics
-
     def _feed(self, step: int) -> None:
         """Take new prompts up to `prompts_in_flight` and (disaggregated) send everything queued."""
         r, stream = self.cfg.rollout, self.stream
@@ -263,7 +245,7 @@ class Coordinator(CoordinatorBase):
             seed = rollout_seed(self.cfg, step)
             for item in self.prompts.dataset.take(r.async_prompts_in_flight - active):
                 self.ledger.take(item.uid)
-                stream.add(item.uid, Prompt(self.prompts.encode(item.text), item.answer, seed))
+                stream.add(item.uid, Prompt(self.prompts.encode(item.text), item.answer, prompt_seed(seed, item.uid)))
         if self.disaggregated:
             self._dispatch_stream()
 
@@ -374,23 +356,25 @@ class Coordinator(CoordinatorBase):
                 "rollout/tokens_per_version": {str(int(v)): int((versions == v).sum()) for v in torch.unique(versions)},
                 "rollout/mixed_version_samples": mixed}
 
-    def train(self, step: int, kept: list[list[Sample]]) -> dict[str, float]:
-        samples = [s for grp in kept for s in grp]
+    def train(self, step: int, samples: list[Sample], uids: list[str]) -> dict[str, float]:
+        """One optimizer step on `samples` (the groups of prompts `uids`), then the weight update.
+        Async and disaggregated, the engines keep generating with the previous weights meanwhile and
+        the update interrupts them (partial rollouts)."""
         advantages = compute_advantages(torch.tensor([s.reward for s in samples], dtype=torch.float32),
                                         torch.tensor([s.group for s in samples]), config=self.cfg.advantage)
         version = self.version + 1
         targets = {a.id: str(a.capabilities["weights_address"]) for a in self.live_workers()}
         self.send("trainer", train_batch(samples, advantages, step=step + 1, policy_version=version,
                                          weight_targets=targets))
+        overlap = self.stream is not None and self.disaggregated
         _, result = self.take(lambda s, m: isinstance(m, P.TrainResult) and m.policy_version == version,
-                              "the trainer's TrainResult")
+                              "the trainer's TrainResult", between=(lambda: self._feed(step)) if overlap else None)
         metrics = dict(result.metrics)
         if self.disaggregated:
-            metrics.update(self.update_workers(version, targets))
-        oldest = min((v for s in samples for v in s.policy_versions[s.prompt_len - 1:]), default=self.version)
-        metrics["rollout/max_staleness"] = self.version - oldest  # 0 in synchronous mode
+            metrics.update(self.update_workers(version, targets, interrupt=overlap))
+        metrics.update(self._staleness_metrics(samples))  # all 0 in sync mode
         self.version = version
-        self.ledger.trained([grp[0].uid for grp in kept])
+        self.ledger.trained(uids)
         return metrics
 
     def update_workers(self, version: int, targets: dict[str, str], *, interrupt: bool = False) -> dict[str, float]:

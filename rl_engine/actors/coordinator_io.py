@@ -17,10 +17,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 
 from rl_engine import protocol as P
 from rl_engine.actors.ledger import PromptLedger
+from rl_engine.rl_step import prompt_seed
 from rl_engine.run_checkpoint import write_json_atomic
 from rl_engine.actors.link import ERROR_STARTUP
 from rl_engine.launch.heartbeat import HeartbeatMonitor
@@ -248,8 +250,9 @@ class CoordinatorBase:
 
     def _request(self, rnd: _Round, uid: str, worker: str) -> P.GenerateRequest:
         rid = rnd.ledger.dispatch(uid, worker)
+        sampling = msgspec.structs.replace(rnd.sampling, seed=prompt_seed(rnd.sampling.seed, uid))
         return P.GenerateRequest(request_id=rid, sample_ids=[f"{rid}/{i}" for i in range(rnd.n)],
-                                 prompt_token_ids=rnd.prompts[uid], sampling=rnd.sampling,
+                                 prompt_token_ids=rnd.prompts[uid], sampling=sampling,
                                  policy_version=getattr(self, "version", 0))
 
     def _dispatch(self, rnd: _Round) -> None:

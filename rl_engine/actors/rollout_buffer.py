@@ -53,6 +53,11 @@ class RolloutBuffer:
         self.partials[uid] = result
         self.queue.appendleft(uid)
 
+    def oldest_first(self, version: int) -> None:
+        """Order the finished groups by the age of their oldest token (oldest first, arrival order
+        among equals): the samples closest to the staleness bound are trained before they pass it."""
+        self.buffer = deque(sorted(self.buffer, key=lambda entry: -staleness(entry[1], version)))
+
     def regenerate(self, uid: str) -> None:
         self.partials.pop(uid, None)
         self.queue.append(uid)

@@ -244,10 +244,13 @@ class TrainerGroup:
             self._send(result)
 
     def _generate_partial(self, requests: list[P.GenerateRequest], min_finished: int) -> list[P.GenerateResult]:
-        """Async: step this engine until `min_finished` of `requests` are finished (0: all), then
-        interrupt the others (partial rollouts, continued after the next update)."""
+        """Async: step this engine until `min_finished` of `requests` are finished (0: all) and so is
+        every request continued from an earlier round, then interrupt the others (partial rollouts,
+        continued after the next update). A request is thus interrupted at most once: waiting only
+        for the first `min_finished` would favour short completions round after round and leave the
+        long ones to age past the staleness bound and be dropped, biasing what is trained."""
         engine = self.llm.engine
-        results, pending = [], {}
+        results, pending, resumed = [], {}, set()
         for req in requests:
             try:
                 add_to_engine(engine, req)
@@ -255,12 +258,15 @@ class TrainerGroup:
                 results.append(P.GenerateResult(request_id=req.request_id, samples=[], error=str(e)))
                 continue
             pending[req.request_id] = req
+            if req.resume is not None:
+                resumed.add(req.request_id)
         target = min(min_finished or len(pending), len(pending))
         done = 0
-        while engine.has_unfinished_requests() and done < target:
+        while engine.has_unfinished_requests() and (done < target or resumed):
             for out in engine.step():
                 if out.finished:
                     results.append(generate_result(pending.pop(out.request_id), out))
+                    resumed.discard(out.request_id)
                     done += 1
         results += [generate_result(pending.pop(out.request_id), out, interrupted=True) for out in engine.interrupt()]
         return results
