@@ -7,15 +7,21 @@
 Two settings: fixed-length completions (EOS ignored, every completion `max_new_tokens` long) and
 EOS-varied lengths (a random-init model stops at EOS at random points, capped at `max_new_tokens`).
 Both sides start from the same random-init `tiny` preset checkpoint, use temperature 1, no KL term
-(so no reference model), one optimizer step per generation batch, fp32 (TRL's bf16 autocast off),
-no activation checkpointing (TRL's default off), CPU. The two run interleaved: one step of ours after
-each TRL step. `speedup_tokens_per_s` also accounts for the two sides sampling different EOS-varied
+(so no reference model), one optimizer step per generation batch, fp32 and no activation
+recomputation on both sides (TRL's defaults, bf16 autocast and gradient checkpointing, are turned off:
+with them TRL is about 2x slower on CPU), CPU. The two run interleaved: one step of ours after each
+TRL step. `speedup_tokens_per_s` also accounts for the two sides sampling different EOS-varied
 lengths (different random streams).
+
+A last row (`grpo_async.py`, skipped with `--no-async`) compares rl_engine's async mode with its sync
+mode (disaggregated actors, EOS-varied lengths) in the same run: s/step, completion tokens/s and the
+staleness observed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -25,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import emit  # noqa: E402
+from grpo_async import add_arguments as add_async_arguments, async_rows  # noqa: E402
 
 
 def ours(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool):
@@ -91,7 +98,8 @@ def interleaved(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: boo
     cb = Interleave()
     trainer = GRPOTrainer(model=model, reward_funcs=exact_match, args=config, train_dataset=data,
                           processing_class=tokenizer, callbacks=[cb])
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # TRL prints its log dicts; stdout carries the JSON only
+        trainer.train()
     our_trainer.close()
     # TRL logs the mean completion length of every step (logging_steps=1).
     lengths = [float(h["completions/mean_length"]) for h in trainer.state.log_history if "completions/mean_length" in h]
@@ -113,6 +121,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-async", dest="async_rows", action="store_false",
+                    help="skip the async-vs-sync actors rows (grpo_async.py)")
+    add_async_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -132,6 +143,9 @@ def main() -> None:
                          "speedup_tokens_per_s": round(r_ours["completion_tokens_per_s"]
                                                        / r_trl["completion_tokens_per_s"], 2),
                          "target": 2.0 if fixed else 3.0})
+        if args.async_rows:  # rl_engine async vs sync (actors, disaggregated), same checkpoint and task
+            rows.append(async_rows(model_dir, data_dir, tmp, argparse.Namespace(**{**vars(args),
+                                                                                  "steps": args.async_steps})))
     emit({"benchmark": "grpo_step", "model": "preset tiny (random init)", "prompts_per_step": args.prompts,
           "group_size": args.n, "max_new_tokens": args.max_new_tokens, "threads": args.threads, "rows": rows})
 
