@@ -37,3 +37,16 @@ def test_silu_and_mul_block_boundary(triton_device, assert_close, monkeypatch):
     monkeypatch.setattr(swiglu, "_MAX_BLOCK", 16)
     x = torch.randn(3, 2 * 37, device=triton_device)
     assert_close(swiglu.silu_and_mul(x), reference.silu_and_mul(x), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_inference_path_is_bitwise_the_autograd_path(dtype):
+    """Without grad the reference multiplies in place (one allocation less): same bits, input intact."""
+    torch.manual_seed(0)
+    x = (2 * torch.randn(7, 2 * 33)).to(dtype)
+    before = x.clone()
+    with torch.inference_mode():
+        y = reference.silu_and_mul(x)
+    y_grad_path = reference.silu_and_mul(x.clone().requires_grad_())
+    assert torch.equal(y, y_grad_path.detach())
+    assert torch.equal(x, before)
