@@ -103,6 +103,33 @@ def matmul_params(model) -> int:
     return n + (experts * cfg.num_experts_per_tok // cfg.num_experts if cfg.num_experts else 0)
 
 
+def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_batched_tokens: int):
+    """A function running the engine's matmuls alone for generating from `prompts` at once: prefill
+    chunks of `max_batched_tokens` tokens, then `new_tokens - 1` decode steps of len(prompts) rows, the
+    LM head on one row per sequence per step, each weight times a random input of the step's shape.
+    Timed beside the engine it gives what a run would take if attention, norms, sampling and Python
+    were free (inputs and weights hot in cache): a bound on any achievable speedup."""
+    weights = [p.detach() for name, p in model.named_parameters()
+               if p.dim() == 2 and not name.startswith(("embed_tokens", "lm_head"))]
+    head = model.lm_head.weight.detach()
+    prompt_tokens = sum(len(p) for p in prompts)
+    chunks = [min(max_batched_tokens, prompt_tokens - a) for a in range(0, prompt_tokens, max_batched_tokens)]
+    batch = len(prompts)
+    inputs = {rows: {n: torch.randn(rows, n) for n in {w.shape[1] for w in weights + [head]}}
+              for rows in set(chunks) | {batch}}
+    linear = torch.nn.functional.linear
+
+    def run() -> None:
+        with torch.inference_mode():
+            for rows in chunks + [batch] * (new_tokens - 1):
+                x = inputs[rows]
+                for w in weights:
+                    linear(x[w.shape[1]], w)
+                linear(inputs[batch][head.shape[1]], head)
+
+    return run
+
+
 def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, repeats: int, peak: float,
                 max_prompt: int) -> dict:
     from transformers import AutoModelForCausalLM
@@ -127,13 +154,17 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
             # Each group (one prompt at batch 1) is timed `repeats` times, alternating engine and
             # transformers (common.interleaved_best), and its best times are summed: short timed units
             # let a burst of load from elsewhere on a shared machine spoil one unit, not the total.
-            engine_t = hf_t = 0.0
+            engine_t = hf_t = floor = 0.0
             for g in groups:
+                floor_step = matmul_floor_step(model, g, new_tokens=new_tokens,
+                                               max_batched_tokens=llm.engine.config.max_num_batched_tokens)
                 best = interleaved_best({"engine": lambda: run_engine(llm, g, new_tokens, sampled),
-                                         "transformers": lambda: run_transformers(hf, g, new_tokens, sampled)},
+                                         "transformers": lambda: run_transformers(hf, g, new_tokens, sampled),
+                                         "matmul_floor": floor_step},
                                         repeats=repeats, warmup=0)
                 engine_t += best["engine"]
                 hf_t += best["transformers"]
+                floor += best["matmul_floor"]
             tokens = len(prompts) * new_tokens
             processed = tokens + sum(len(p) for p in prompts)
             achieved = 2 * mm_params * processed / engine_t / 1e9
@@ -143,6 +174,9 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
                 "engine_tokens_per_s": round(tokens / engine_t, 1),
                 "transformers_tokens_per_s": round(tokens / hf_t, 1),
                 "speedup": round(hf_t / engine_t, 2),
+                # transformers time / the engine's matmul-only time: no engine can beat this here
+                "speedup_ceiling_matmul_only": round(hf_t / floor, 2),
+                "engine_time_in_matmul_floor": round(floor / engine_t, 3),
                 "engine_gflops": round(achieved, 2),
                 "fraction_of_matmul_peak": round(achieved / peak, 4),
                 "transformers_fraction_of_matmul_peak": round(achieved * engine_t / hf_t / peak, 4),
