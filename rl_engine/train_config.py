@@ -106,7 +106,10 @@ class TrainSection:
     eval_every: int = 0  # 0: evaluate before and after only
     output_dir: str = "runs/demo"
     device: str = "cpu"
-    threads: int = 0  # torch intra-op threads of the single process; 0 = torch's default
+    # torch intra-op threads of the single process; 0 = torch's default (one per core). 1 by default:
+    # the demo's tiny model gains nothing from more, and an OpenMP team whose other core is busy
+    # spins (measured: a 2-thread warm start 25x slower than 1 thread while another process ran).
+    threads: int = 1
     pack_sequences: bool = True  # false: one sample per micro-batch (same loss and gradient, slower)
     # Checkpoints under <output_dir>/checkpoints/step_<k>: every `checkpoint_every` steps (0: at the
     # end only), the newest `keep_checkpoints` kept. `resume`: "auto" (the newest checkpoint of
