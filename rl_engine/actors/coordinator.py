@@ -70,7 +70,8 @@ class Coordinator(CoordinatorBase):
             self.stream = RolloutBuffer()
             self.on_stream_result = self._on_stream_result
             self.on_requeue = self.stream.queue.extend
-            self.async_counts = {"interrupted": 0, "resumed": 0, "dropped_stale": 0, "regenerated": 0}
+            self.async_counts = {"interrupted": 0, "resumed": 0, "dropped_stale": 0, "regenerated": 0,
+                                 "reward_failed": 0}
         self.resume_from = run_checkpoint.resolve_resume(cfg.train.output_dir, cfg.train.resume)
         if self.resume_from is not None:
             try:
@@ -222,7 +223,8 @@ class Coordinator(CoordinatorBase):
         samples = [s for g, (uid, result, rewards) in enumerate(kept)
                    for s in samples_of(result, prompt_ids=stream.prompts[uid].prompt_ids, rewards=rewards,
                                        group=g, uid=uid)]
-        metrics = rollout_metrics(samples, num_reward_failed=0, rollout_s=time.perf_counter() - t0)
+        metrics = rollout_metrics(samples, rollout_s=time.perf_counter() - t0,
+                                  num_reward_failed=self.async_counts["reward_failed"] - counts_before["reward_failed"])
         metrics.update(self.train(step, samples, [uid for uid, _, _ in kept]))
         for uid, _, _ in kept:
             stream.forget(uid)
@@ -318,7 +320,8 @@ class Coordinator(CoordinatorBase):
             self.async_counts["interrupted"] += 1
             return
         texts = [self.prompts.decode(s.token_ids.tolist()) for s in msg.samples]
-        outcomes, _ = self.rewards.compute(texts, [stream.prompts[uid].answer] * len(texts))
+        outcomes, reward_stats = self.rewards.compute(texts, [stream.prompts[uid].answer] * len(texts))
+        self.async_counts["reward_failed"] += reward_stats.num_failed
         rewards = [o.score for o in outcomes]
         if self.cfg.rollout.dynamic_sampling and not bool(
                 filter_uniform_groups(torch.tensor(rewards), torch.zeros(len(rewards), dtype=torch.long)).keep[0]):
