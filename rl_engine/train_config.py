@@ -159,10 +159,11 @@ class PlacementSection:
     startup_timeout_s: float = 600.0  # every actor must register within this time
     weight_sync_timeout_s: float = 300.0
     weight_bucket_mb: int = 64
-    # Disaggregated weight updates: "zmq" (raw tensor frames over TCP; any host) or "shm" (same host:
-    # the trainer writes straight into double-buffered /dev/shm staging regions of each worker; needs
-    # two copies of the model's size free in /dev/shm per worker).
-    weight_transport: Literal["zmq", "shm"] = "zmq"
+    # Disaggregated weight updates: "shm" (same host: the trainer writes straight into double-buffered
+    # /dev/shm staging regions of each worker; two copies of the model per worker), "zmq" (raw tensor
+    # frames over TCP; any host), or "auto": shm when /dev/shm has room for the two copies (the local
+    # launcher puts every process on this host), else zmq.
+    weight_transport: Literal["auto", "zmq", "shm"] = "auto"
     verify_probe: bool = True  # disaggregated: each engine checks its log-probs of a probe after a sync
     dist_timeout_s: float = 7200.0  # torch.distributed collectives (trainer ranks idle during rollouts)
     grace_period_s: float = 10.0  # on stop: SIGTERM, then SIGKILL after this

@@ -7,11 +7,11 @@ coordinator's requests and taking weight updates between engine steps.
 `GenerateRequest`s go into the engine as they arrive and are stepped together (continuous batching);
 each finished request is answered with a `GenerateResult` (tokens, behavior log-probs, per-token policy
 and KV versions, routed experts when recording). A request with `resume` continues a partial rollout.
-`UpdateWeights(v)` makes the worker receive version v through weight_sync (ZMQ from every trainer rank,
-checksummed per bucket, optionally probed), apply it between two engine steps and answer
-`WeightsApplied`; with `interrupt` (async mode) it first answers every request in flight with its
-partial rollout (`GenerateResult.interrupted`), which the coordinator sends out again to continue. Malformed or unexpected messages get an
-`ErrorReply` and a log line.
+`UpdateWeights(v)` makes the worker receive version v through weight_sync from every trainer rank
+(shared memory or ZMQ, `placement.weight_transport`; checksummed per bucket, optionally probed), apply
+it between two engine steps and answer `WeightsApplied`; with `interrupt` (async mode) it first answers
+every request in flight with its partial rollout (`GenerateResult.interrupted`), which the coordinator
+sends out again to continue. Malformed or unexpected messages get an `ErrorReply` and a log line.
 
 Main design choice: the worker decides nothing (which prompt, which version, when to update are the
 coordinator's), so its whole state is its engine and weights version, and a worker that dies loses
@@ -43,6 +43,17 @@ logger = logging.getLogger(__name__)
 COMMANDS = (P.GenerateRequest, P.UpdateWeights, P.Shutdown)
 
 
+def shm_has_room(model: torch.nn.Module, directory: str = "/dev/shm") -> bool:
+    """Whether `directory` can hold the shared-memory transport's two staging copies of `model`
+    (with 10% to spare); False when there is no such directory."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return 2.2 * size < st.f_bavail * st.f_frsize
+
+
 class RolloutWorker:
     def __init__(self, cfg: RLConfig, *, worker_id: str, coordinator: str, heartbeat: str,
                  die_after_requests: int | None = None) -> None:
@@ -56,12 +67,16 @@ class RolloutWorker:
         # Every process computes the same plan: every trainer rank sends its own shards to this tp=1 engine.
         plan = plan_sync(model.config, src=TrainLayout(tp=t.tp, pp=t.pp, dp=t.dp, ep=t.ep, dtype=dtype),
                          dst=EngineLayout(tp=1, replicas=1, dtype=dtype), bucket_bytes=p.weight_bucket_mb << 20)
-        receiver_cls = SharedMemoryReceiverTransport if p.weight_transport == "shm" else ZmqReceiverTransport
+        kind = p.weight_transport
+        if kind == "auto":
+            kind = "shm" if shm_has_room(model) else "zmq"
+        receiver_cls = SharedMemoryReceiverTransport if kind == "shm" else ZmqReceiverTransport
         self.weights_rx = receiver_cls(host=p.host, timeout_s=p.weight_sync_timeout_s)
         self.receiver = WeightReceiver(self.engine, plan, dst_rank=0, transport=self.weights_rx)
+        address = ("shm+" if kind == "shm" else "") + self.weights_rx.address  # the trainer picks its sender by it
         self.link = CoordinatorLink(coordinator, actor_id=worker_id, role="rollout", heartbeat_address=heartbeat,
                                     heartbeat_interval_s=p.heartbeat_interval_s,
-                                    capabilities={"weights_address": self.weights_rx.address,
+                                    capabilities={"weights_address": address,
                                                   "weights_version": self.engine.weights_version})
         self.requests: dict[str, P.GenerateRequest] = {}
         self.num_received = 0

@@ -195,9 +195,11 @@ class TrainerGroup:
         for i, name in enumerate(names):
             publisher = self.publishers.get(name)
             if publisher is None:
-                sender_cls = SharedMemorySenderTransport if self.cfg.placement.weight_transport == "shm" else \
-                    ZmqSenderTransport
-                transport = sender_cls({0: targets[name]}, timeout_s=self.cfg.placement.weight_sync_timeout_s)
+                address = targets[name]  # "shm+tcp://..." from a worker staging in shared memory
+                shm = address.startswith("shm+")
+                sender_cls = SharedMemorySenderTransport if shm else ZmqSenderTransport
+                transport = sender_cls({0: address[4:] if shm else address},
+                                       timeout_s=self.cfg.placement.weight_sync_timeout_s)
                 publisher = self.publishers[name] = WeightPublisher(self.trainer.chunks, self.worker_plan,
                                                                     src_rank=self.groups.world_rank,
                                                                     transport=transport)
