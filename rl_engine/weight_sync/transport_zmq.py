@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from rl_engine.protocol import (
     Ack,
@@ -178,11 +179,17 @@ class ZmqSenderTransport:
         self.context = context or zmq.Context.instance()
         self.timeout_s = timeout_s
         self._sockets: dict[int, zmq.Socket] = {}
+        # Per destination, a monitor of its connection: a receiver whose process died is noticed when
+        # its TCP connection drops or is refused, not after `timeout_s` (a worker killed mid-update).
+        self._monitors: dict[int, zmq.Socket] = {}
 
     def close(self) -> None:
-        for s in self._sockets.values():
+        for d, s in self._sockets.items():
+            s.disable_monitor()
+            self._monitors[d].close(linger=0)
             s.close(linger=0)
         self._sockets.clear()
+        self._monitors.clear()
 
     def _socket_to(self, d: int, src_rank: int) -> zmq.Socket:
         if d not in self._sockets:
@@ -190,8 +197,12 @@ class ZmqSenderTransport:
                 raise ValueError(f"no address for destination rank {d}; known: {sorted(self.addresses)}")
             s = _socket(self.context, zmq.DEALER)
             s.setsockopt(zmq.IDENTITY, b"src%d" % src_rank)
+            self._monitors[d] = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
             s.connect(self.addresses[d])
             self._sockets[d] = s
+        else:  # a disconnection noticed before this update (and reconnected since) is no news now
+            while self._monitors[d].poll(0):
+                recv_monitor_message(self._monitors[d])
         return self._sockets[d]
 
     def send(self, publisher: "WeightPublisher", version: int, probe: Probe | None) -> None:
@@ -237,8 +248,22 @@ class ZmqSenderTransport:
         out = {}
         deadline = time.monotonic() + self.timeout_s
         for d, sock in socks.items():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(int(remaining * 1000)):
-                raise WeightSyncError(f"no answer from destination rank {d} within {self.timeout_s:g}s")
+            monitor = self._monitors[d]
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
+            while True:
+                remaining = deadline - time.monotonic()
+                ready = dict(poller.poll(int(remaining * 1000))) if remaining > 0 else {}
+                if sock in ready:
+                    break
+                if monitor in ready:
+                    event = recv_monitor_message(monitor)["event"]
+                    what = ("disconnected during the update" if event == zmq.EVENT_DISCONNECTED else
+                            "refuses connections (nothing listens there)")
+                    raise WeightSyncError(f"destination rank {d} ({self.addresses[d]}) {what}: its process is gone "
+                                          "or closed its socket")
+                if not ready:
+                    raise WeightSyncError(f"no answer from destination rank {d} within {self.timeout_s:g}s")
             out[d] = recv_msg(sock)[1]
         return out

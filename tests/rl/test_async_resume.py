@@ -110,10 +110,9 @@ def test_async_disaggregated_overlaps_and_survives_a_worker_death(tmp_path, monk
         return [s if s.name != "rollout-1" else
                 type(s)(**{**s.__dict__, "args": [*s.args, "--die-after-requests", "11"]}) for s in specs]
 
-    # The trainer may be sending it weights when it dies: that send fails after weight_sync_timeout_s.
+    # The trainer may be sending it weights when it dies: the send fails as its connection drops.
     summary = run(tmp_path, monkeypatch, "placement.mode=disaggregated", "placement.num_rollout_workers=2",
-                  "placement.heartbeat_timeout_s=3", "placement.weight_sync_timeout_s=10", *ASYNC, "train.steps=5",
-                  edit_specs=inject)
+                  "placement.heartbeat_timeout_s=3", *ASYNC, "train.steps=5", edit_specs=inject)
     got = rows(tmp_path)
     assert summary["worker_deaths"] == 1 and got[-1]["workers/alive"] == 1
     assert summary["prompts"]["requeued"] >= 1
