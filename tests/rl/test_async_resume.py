@@ -198,6 +198,16 @@ def test_sigkill_then_resume_sync_reproduces_the_uninterrupted_run(tmp_path, mon
 def test_sigkill_then_resume_async_loses_and_duplicates_no_prompt(tmp_path, monkeypatch):
     overrides = ["placement.mode=disaggregated", *ASYNC, f"train.steps={STEPS}", "train.checkpoint_every=1"]
     killed_at = _kill_at_random_point(tmp_path, overrides, seed=os.getpid() + 1)
+    from rl_engine.actors.rollout_buffer import RolloutBuffer
+
+    ckpt = tmp_path / "checkpoints" / f"step_{killed_at:06d}"
+    saved = RolloutBuffer.from_bytes((ckpt / "rollout_buffer.msgpack").read_bytes())
+    entries = json.loads((ckpt / "coordinator_state.json").read_text())["ledger"]["entries"]
+    # The buffer holds the data of exactly the prompts the ledger has unfinished; a partial rollout
+    # (interrupted by the last update) is queued to be continued.
+    assert set(saved.prompts) == set(entries)
+    assert all(uid in saved.queue and entries[uid][0] in ("queued", "in_flight") for uid in saved.partials)
+    assert {uid for uid, _, _ in saved.buffer} == {u for u, e in entries.items() if e[0] == "generated"}
     summary = run(tmp_path, monkeypatch, *overrides, "train.resume=auto")
     assert summary["resumed_from"].endswith(f"step_{killed_at:06d}")
     assert_accounting(tmp_path, summary)
