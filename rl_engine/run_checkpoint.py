@@ -60,6 +60,9 @@ def commit(output_dir: str, step: int, *, keep: int) -> str:
     fsync_dir(path)
     write_json_atomic(os.path.join(root, LATEST), {"step": step, "path": os.path.basename(path)})
     steps = sorted(int(name[5:]) for name in os.listdir(root) if name.startswith("step_") and name[5:].isdigit())
+    for name in os.listdir(root):  # a temp file of a run killed while it rewrote latest.json
+        if name.startswith(LATEST + ".tmp"):
+            os.remove(os.path.join(root, name))
     kept = set([s for s in steps if s <= step][-keep:])
     for old in steps:  # older ones beyond `keep`, and uncommitted newer ones left by a killed run
         if old not in kept:
