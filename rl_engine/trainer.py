@@ -17,9 +17,9 @@ generator, and the run's pre-RL results, so a resumed sync run repeats the unint
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
-import dataclasses
 import logging
 import os
 import shutil

@@ -39,9 +39,9 @@ from rl_engine import protocol as P
 from rl_engine import run_checkpoint
 from rl_engine.actors.coordinator_io import CoordinatorBase
 from rl_engine.actors.ledger import PromptLedger
+from rl_engine.actors.link import load_actor_config
 from rl_engine.actors.rollout_buffer import Prompt, RolloutBuffer, staleness
 from rl_engine.actors.wire import samples_of, train_batch, wire_sampling
-from rl_engine.config import load_config
 from rl_engine.metrics import MetricsLogger
 from rl_engine.policy import ModelConfig
 from rl_engine.rl_step import (PromptSource, Sample, collect_groups, eval_sampling_params, rollout_metrics,
@@ -69,7 +69,7 @@ class Coordinator(CoordinatorBase):
         if cfg.rollout.mode == "async":
             self.stream = RolloutBuffer()
             self.on_stream_result = self._on_stream_result
-            self.on_requeue = self.stream.queue.extend
+            self.on_requeue = lambda uids: self.stream.queue.extend(uids)  # the current buffer, also after a resume
             self.async_counts = {"interrupted": 0, "resumed": 0, "dropped_stale": 0, "regenerated": 0,
                                  "reward_failed": 0}
         self.resume_from = run_checkpoint.resolve_resume(cfg.train.output_dir, cfg.train.resume)
@@ -151,13 +151,18 @@ class Coordinator(CoordinatorBase):
             log = logger.info if self._stalled else logger.warning
             log("step %d: no group with varied rewards after %d refill round(s); no update", step + 1, stats["rounds"])
             self._stalled = True
+        metrics.update(self._accounting())
+        return metrics
+
+    def _accounting(self) -> dict[str, float]:
+        """Every step's closing metrics: the prompt ledger (checked), the version, the live workers."""
         counts = self.ledger.counts()
         self.ledger.check()
-        metrics.update({f"prompts/{k}": v for k, v in counts.items()})
-        metrics["policy_version"] = self.version
+        out = {f"prompts/{k}": v for k, v in counts.items()}
+        out["policy_version"] = self.version
         if self.disaggregated:
-            metrics.update({"workers/alive": len(self.live_workers()), "workers/deaths": self.num_worker_deaths})
-        return metrics
+            out.update({"workers/alive": len(self.live_workers()), "workers/deaths": self.num_worker_deaths})
+        return out
 
     def collect(self, step: int) -> tuple[list[list[Sample]], list[Sample], dict[str, int]]:
         """Generate and score until `prompts_per_step` groups are kept (`rl_step.collect_groups`:
@@ -208,8 +213,7 @@ class Coordinator(CoordinatorBase):
         kept: list[tuple[str, P.GenerateResult, list[float]]] = []
         while len(kept) < r.prompts_per_step:
             if stream.buffer:
-                stream.oldest_first(self.version)
-                uid, result, rewards = stream.buffer.popleft()
+                uid, result, rewards = stream.pop_oldest(self.version)
                 if staleness(result, self.version) > r.max_staleness:
                     self._stale(uid)
                 else:
@@ -229,13 +233,8 @@ class Coordinator(CoordinatorBase):
         for uid, _, _ in kept:
             stream.forget(uid)
         metrics.update({f"async/{k}": v - counts_before[k] for k, v in self.async_counts.items()})
-        counts = self.ledger.counts()
-        self.ledger.check()
-        metrics.update({f"prompts/{k}": v for k, v in counts.items()})
-        metrics.update({"policy_version": self.version, "async/buffered_groups": len(stream.buffer),
-                        "async/partial_rollouts": len(stream.partials)})
-        if self.disaggregated:
-            metrics.update({"workers/alive": len(self.live_workers()), "workers/deaths": self.num_worker_deaths})
+        metrics.update({"async/buffered_groups": len(stream.buffer), "async/partial_rollouts": len(stream.partials)})
+        metrics.update(self._accounting())
         return metrics
 
     def _feed(self, step: int) -> None:
@@ -258,9 +257,9 @@ class Coordinator(CoordinatorBase):
         partial = stream.partials.get(uid)
         if partial is not None and staleness(partial, self.version) > r.max_staleness:
             self._stale(uid, requeue=False)
-            partial = stream.partials.get(uid)
             if uid not in stream.prompts:  # dropped
                 return None
+            partial = None  # regenerated: from scratch
         prompt = stream.prompts[uid]
         params = sampling_params(self.cfg, step=0, eos_token_ids=self.prompts.eos_token_ids)
         rid = self.ledger.dispatch(uid, worker)
@@ -469,7 +468,6 @@ class Coordinator(CoordinatorBase):
         if self.stream is not None:
             with open(os.path.join(path, "rollout_buffer.msgpack"), "rb") as f:
                 self.stream = RolloutBuffer.from_bytes(f.read())
-            self.on_requeue = self.stream.queue.extend
             self.async_counts = dict(state["async_counts"])
         # The engines that had these are gone: send them again (continued from their partial rollout).
         requeued = self.ledger.requeue_in_flight()
@@ -501,8 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heartbeat-port", type=int, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(RLConfig, args.config)
-    torch.set_num_threads(cfg.placement.threads_per_process)
+    cfg = load_actor_config(args.config)
     coordinator = Coordinator(cfg, port=args.port, heartbeat_port=args.heartbeat_port)
     try:
         coordinator.run()

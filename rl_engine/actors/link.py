@@ -15,6 +15,8 @@ import os
 import zmq
 
 from rl_engine import protocol as P
+from rl_engine.config import load_config
+from rl_engine.train_config import RLConfig
 from rl_engine.launch.heartbeat import HeartbeatSender
 
 logger = logging.getLogger(__name__)
@@ -87,3 +89,15 @@ def report_startup_failure(address: str, *, actor_id: str, error: BaseException)
 
 
 ERROR_STARTUP = "startup_failed"
+
+
+def load_actor_config(path: str) -> RLConfig:
+    """An actor process's run config, with its torch settings applied: intra-op threads
+    (`placement.threads_per_process`) and `train.deterministic`."""
+    import torch
+
+    cfg = load_config(RLConfig, path)
+    torch.set_num_threads(cfg.placement.threads_per_process)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    return cfg

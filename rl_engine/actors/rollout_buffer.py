@@ -53,10 +53,13 @@ class RolloutBuffer:
         self.partials[uid] = result
         self.queue.appendleft(uid)
 
-    def oldest_first(self, version: int) -> None:
-        """Order the finished groups by the age of their oldest token (oldest first, arrival order
-        among equals): the samples closest to the staleness bound are trained before they pass it."""
-        self.buffer = deque(sorted(self.buffer, key=lambda entry: -staleness(entry[1], version)))
+    def pop_oldest(self, version: int) -> tuple[str, P.GenerateResult, list[float]]:
+        """Remove and return the finished group whose oldest token is oldest (the first to arrive among
+        equals): the samples closest to the staleness bound are trained before they pass it."""
+        i = max(range(len(self.buffer)), key=lambda j: (staleness(self.buffer[j][1], version), -j))
+        entry = self.buffer[i]
+        del self.buffer[i]
+        return entry
 
     def regenerate(self, uid: str) -> None:
         self.partials.pop(uid, None)

@@ -30,9 +30,8 @@ import time
 import torch
 
 from rl_engine import protocol as P
-from rl_engine.actors.link import CoordinatorLink, report_startup_failure
+from rl_engine.actors.link import CoordinatorLink, load_actor_config, report_startup_failure
 from rl_engine.actors.wire import add_to_engine, generate_result
-from rl_engine.config import load_config
 from rl_engine.inference import LLM
 from rl_engine.policy import from_pretrained
 from rl_engine.train_config import RLConfig
@@ -152,10 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--die-after-requests", type=int, default=None, help="fault injection (tests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.worker_id} %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(RLConfig, args.config)
-    torch.set_num_threads(cfg.placement.threads_per_process)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+    cfg = load_actor_config(args.config)
     try:
         worker = RolloutWorker(cfg, worker_id=args.worker_id, coordinator=args.coordinator, heartbeat=args.heartbeat,
                                die_after_requests=args.die_after_requests)

@@ -40,9 +40,8 @@ import torch.distributed as dist
 
 from rl_engine import protocol as P
 from rl_engine.actors.group_comm import broadcast_message, recv_messages, reduce_metrics_over, send_messages
-from rl_engine.actors.link import CoordinatorLink
+from rl_engine.actors.link import CoordinatorLink, load_actor_config
 from rl_engine.actors.wire import add_to_engine, engine_sampling, generate_result, samples_from_batch
-from rl_engine.config import load_config
 from rl_engine.losses import PolicyLoss, compute_loss_normalizer
 from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer
 from rl_engine.rl_step import StepLoss, build_micro_batches, micro_batch_count
@@ -306,10 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s trainer{rank} %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(RLConfig, args.config)
-    torch.set_num_threads(cfg.placement.threads_per_process)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+    cfg = load_actor_config(args.config)
     dist.init_process_group("gloo", timeout=timedelta(seconds=cfg.placement.dist_timeout_s))
     group = None
     try:
