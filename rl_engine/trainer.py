@@ -134,7 +134,12 @@ def _torch_bytes(obj: object) -> bytes:
 
 
 def _torch_load(path: str) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """One torch file of a checkpoint; a file that cannot be read is a `ResumeError` naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # of any type: a damaged file (when the manifest was bypassed) is refused whole
+        raise ResumeError(f"cannot resume: {path} cannot be read ({type(e).__name__}: {e}); resume from an "
+                          "earlier checkpoint") from None
 
 
 class GRPOTrainer:
@@ -349,7 +354,8 @@ class GRPOTrainer:
         return run_checkpoint.commit(cfg.train.output_dir, step, keep=cfg.train.keep_checkpoints)
 
     def load_checkpoint(self, path: str) -> int:
-        """Restore the state `save_checkpoint` wrote (after `check_resume_config`); returns its step."""
+        """Restore the state `save_checkpoint` wrote; returns its step. `path` is one that
+        `run_checkpoint.resolve_resume` returned: checked against its manifest, file by file."""
         state = check_resume_config(path, self.config)
         try:
             self.model.load_state_dict(_torch_load(os.path.join(path, "model.pt")))

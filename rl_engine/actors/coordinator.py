@@ -466,8 +466,9 @@ class Coordinator(CoordinatorBase):
         self.ledger.load_state_dict(state["ledger"])
         self.eval_before = state["eval_before"]
         if self.stream is not None:
-            with open(os.path.join(path, "rollout_buffer.msgpack"), "rb") as f:
-                self.stream = RolloutBuffer.from_bytes(f.read())
+            buffer_file = os.path.join(path, "rollout_buffer.msgpack")
+            with open(buffer_file, "rb") as f:
+                self.stream = RolloutBuffer.from_bytes(f.read(), source=buffer_file)
             self.async_counts = dict(state["async_counts"])
         # The engines that had these are gone: send them again (continued from their partial rollout).
         requeued = self.ledger.requeue_in_flight()
