@@ -1,5 +1,9 @@
 """The `rl-engine` command. Each subcommand lives in the package it belongs to; this file only
-wires them, importing each lazily so that `rl-engine env` starts fast."""
+wires them, importing each lazily so that `rl-engine env` starts fast.
+
+A user's mistake (a bad config value, an unreadable model directory, dataset or YAML file) raises
+`rl_engine.config.InputError`, caught here alone: one line on stderr naming the key or the file, exit
+code 2. Any other exception is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -38,8 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_unavailable", None):
         print(args._unavailable, file=sys.stderr)
         return 2
+    from rl_engine.config import InputError
+
     module, _, run, _ = SUBCOMMANDS[args.command]
-    return int(getattr(importlib.import_module(module), run)(args) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), run)(args) or 0)
+    except InputError as e:
+        print(f"{e.label}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

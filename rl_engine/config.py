@@ -2,7 +2,14 @@
 
 `load_config(RLConfig, "run.yaml", ["optim.lr=1e-6", "rollout.n=8"])` builds the dataclass tree, with
 values parsed as YAML scalars and checked against the field types. An unknown key is an error that
-names it and the nearest valid key, by full dotted path; nothing is silently defaulted.
+names it and the nearest valid key, by full dotted path; nothing is silently defaulted. Each config
+class checks its value ranges where it is built (`check_int` / `check_float` name the dotted key and
+the allowed range), so a bad value fails at load, before any work.
+
+A user's mistake (a config value, a YAML file, a model directory, a dataset row) raises `InputError`
+(`ConfigError` for the config itself) with a one-line message naming the key or the file; `rl-engine`
+prints it and exits with code 2. YAML and JSON inputs refuse duplicate keys, and YAML refuses anchors,
+aliases and merge keys (an alias "bomb" of a few hundred bytes expands to billions of nodes).
 
 YAML scalars follow the YAML 1.2 core schema where PyYAML's YAML 1.1 rules surprise config users:
 `1e-6` is a float (1.1 reads it as a string), only `true`/`false` are booleans (`on`, `off`, `yes`,
@@ -14,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import re
 import types
 import typing
@@ -26,8 +35,49 @@ T = TypeVar("T")
 _BOOL_TAG, _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
 
+MAX_YAML_DEPTH = 64  # nesting levels of a config file; deeper is refused (the composer recurses)
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core booleans and floats (see the module docstring)."""
+    """SafeLoader with YAML 1.2 core booleans and floats (see the module docstring) that refuses
+    anchors, aliases and merge keys, duplicate keys and nesting deeper than MAX_YAML_DEPTH."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "YAML anchors and aliases (&name, *name) are not supported in configs; write the "
+                "values out", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "YAML merge keys (<<) are not supported in configs", key_node.start_mark)
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = key in first_line
+                except TypeError:  # an unhashable key: SafeConstructor names it
+                    continue
+                if seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first_line[key]})", key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -58,12 +108,97 @@ _Loader.add_constructor(_INT_TAG, _construct_int)
 
 
 def yaml_load(text: Any) -> Any:
-    """Parse YAML text (or a stream) with the config rules above."""
+    """Parse YAML text (or a stream) with the config rules above; raises yaml.YAMLError."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
-class ConfigError(ValueError):
-    pass
+def yaml_error_line(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: `line L, column C: problem` (PyYAML's own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = "; ".join(filter(None, (getattr(e, "context", None), getattr(e, "problem", None))))
+    if mark is None or not problem:
+        return " ".join(str(e).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+class InputError(ValueError):
+    """A user's input cannot be used: a config value, a model directory, a dataset row, a checkpoint
+    file. The message fits on one line and names the config key or the file (`file:line` for a row);
+    the CLI prints it after `label` and exits with code 2. A ValueError, so callers of the Python API
+    that catch ValueError keep working."""
+
+    label = "error"
+
+
+class ConfigError(InputError):
+    """A config key or value is wrong; the message names the dotted key."""
+
+    label = "config error"
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """`json.loads` that refuses duplicate keys; any failure is an InputError naming `where` (a file,
+    or `file:line` for a JSON-lines row, where the column is the useful position)."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as e:
+        at = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno}, column {e.colno}"
+        raise InputError(f"{where}: invalid JSON ({e.msg} at {at})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where}: invalid UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except (ValueError, RecursionError) as e:  # a duplicate key, an integer past Python's digit limit, nesting
+        raise InputError(f"{where}: invalid JSON ({e})") from None
+
+
+def _bound(value: float, bound: float, *, lower: bool, open_: bool) -> bool:
+    if lower:
+        return value > bound if open_ else value >= bound
+    return value < bound if open_ else value <= bound
+
+
+def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    def num(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{num(lo)}, {num(hi)}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {num(lo)}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {num(hi)}"
+    return "finite"
+
+
+def check_int(key: str, value: int, *, lo: int | None = None, hi: int | None = None, note: str = "") -> None:
+    """ConfigError `key=value must be in [lo, hi]` (or `>= lo`), with `note` after a `;`."""
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{key}={value} must be {_range_text(lo, hi, False, False)}" + (f"; {note}" if note else ""))
+
+
+def check_float(key: str, value: float, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                hi_open: bool = False, finite: bool = True, note: str = "") -> None:
+    """ConfigError unless `value` lies in the range (finite unless `finite=False`; never NaN), e.g.
+    `rollout.top_p=1.5 must be in (0, 1]` or `optim.lr=nan must be finite and > 0`."""
+    ok = not math.isnan(value) and (not finite or math.isfinite(value))
+    ok = ok and (lo is None or _bound(value, lo, lower=True, open_=lo_open))
+    ok = ok and (hi is None or _bound(value, hi, lower=False, open_=hi_open))
+    if not ok:
+        rule = _range_text(lo, hi, lo_open, hi_open)
+        if finite and (lo is None or hi is None):  # a range with both ends already says "finite"
+            rule = "finite" + ("" if rule == "finite" else f" and {rule}")
+        raise ConfigError(f"{key}={value} must be {rule}" + (f"; {note}" if note else ""))
+
+
+_NON_FINITE = ("nan", "inf", "infinity")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -117,6 +252,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and value.strip().lower().lstrip("+-") in _NON_FINITE:
+        return float(value)  # `inf` / `nan` as users type them (YAML spells them .inf / .nan): ranges refuse them
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{path}: expected true/false, got {value!r}")
     if tp is int and isinstance(value, bool):  # bool is an int subclass; a config int is not a bool
@@ -168,8 +305,26 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
     kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
+    except ConfigError:  # from check_int / check_float: it names its full key already
+        raise
     except (TypeError, ValueError) as e:  # raised by the class's own validation (__post_init__)
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
+        raise ConfigError(_with_key(" ".join(str(e).split()), cls, prefix)) from e
+
+
+def _with_key(message: str, cls: type, prefix: str) -> str:
+    """A class's own validation message with the dotted path in front of the key it starts with:
+    `num_workers (-1) must be >= 0` from the `reward` section -> `reward.num_workers (-1) must be >= 0`;
+    `importance_sampling.mode=...` from `loss.importance_sampling` -> `loss.importance_sampling.mode=...`.
+    A message that starts with no key of the section gets the section's path as a prefix."""
+    parts = prefix.rstrip(".").split(".") if prefix else []
+    m = re.match(r"[A-Za-z_][A-Za-z0-9_.]*", message)
+    token = m.group(0).rstrip(".") if m else ""
+    head = token.split(".")[0]
+    if head in {f.name for f in dataclasses.fields(cls)}:
+        return prefix + message
+    if parts and head == parts[-1]:
+        return ".".join(parts[:-1] + [message]) if len(parts) > 1 else message
+    return f"{prefix.rstrip('.') or cls.__name__}: {message}"
 
 
 def _with_section_defaults(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -218,8 +373,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         try:
             node[parts[-1]] = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML: {e}") from None
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {yaml_error_line(e)}") from None
     return data
+
+
+def read_yaml_file(path: str) -> Any:
+    """A YAML config file's data; ConfigError naming the file (and `file:line:column` for bad YAML)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path!r} cannot be read: {e.strerror or e}") from None
+    try:
+        return yaml_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML config: {yaml_error_line(e)}") from None
 
 
 def load_config(cls: type[T], path: str | None = None, overrides: list[str] | None = None,
@@ -227,8 +397,8 @@ def load_config(cls: type[T], path: str | None = None, overrides: list[str] | No
     """Defaults of `cls` (or `base`), then the YAML file, then the overrides."""
     data: dict[str, Any] = to_dict(base) if base is not None else {}
     if path:
-        with open(path) as f:
-            loaded = yaml_load(f) or {}
+        loaded = read_yaml_file(path)
+        loaded = {} if loaded is None else loaded
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
         _merge(data, loaded)

@@ -4,6 +4,10 @@ model on the built-in task, on CPU, in this process, printing held-out accuracy 
 `placement.mode` picks how: "single_process" runs `GRPOTrainer` here (the fast path); "colocated" and
 "disaggregated" start the coordinator, trainer ranks and rollout workers as processes on this machine
 (`rl_engine.actors.run`), show the coordinator's progress, and stop them all on exit, error or Ctrl-C.
+
+Before any work (the warm start, a process launch) the config's values are checked as it loads, then
+its inputs by `check_inputs`: a mistake in either is an `InputError` that `rl-engine` prints as one
+line, exiting with code 2.
 """
 
 from __future__ import annotations
@@ -14,6 +18,11 @@ import logging
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rl_engine.policy import ModelConfig
+    from rl_engine.train_config import RLConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,24 +41,22 @@ def _split_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Raises `InputError` (ConfigError) for a user's mistake; `rl_engine.cli.main` prints it."""
     import yaml
 
-    from rl_engine.config import ConfigError, load_config, to_dict
+    from rl_engine.config import load_config, to_dict
     from rl_engine.train_config import RLConfig
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     path, overrides = _split_args(args)
-    try:
-        config = load_config(RLConfig, path, overrides)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    config = load_config(RLConfig, path, overrides)
     if args.print_config:
         print(yaml.safe_dump(to_dict(config), sort_keys=False))
         return 0
     if config.placement.uses_actors:
         from rl_engine.actors.run import ActorsFailed
 
+        check_inputs(config)
         try:
             summary = run(config)
         except ActorsFailed as e:
@@ -62,7 +69,9 @@ def main(args: argparse.Namespace) -> int:
         from rl_engine.trainer import ResumeError
 
         try:
-            summary = run(config)
+            checkpoint = resume_checkpoint(config)
+            check_inputs(config)
+            summary = run(config, checkpoint=checkpoint)
         except ResumeError as e:  # raised before any step runs
             print(f"config error: {e}", file=sys.stderr)
             return 2
@@ -70,31 +79,134 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(config) -> dict:
+def check_inputs(config: RLConfig) -> None:
+    """What the config alone cannot tell, checked before any work: the reward function, the model
+    directory (config.json, every weights file's header, the tokenizer), every row of the datasets, and
+    the lengths: the longest prompt against the model's context, `train.micro_batch_tokens` and the KV
+    pool. Builtin models and tasks are written into the run directory first, as the run does. Raises
+    `InputError` naming the file (`file:line` for a row) or `ConfigError` naming the key."""
+    from rl_engine.config import ConfigError, InputError
+    from rl_engine.rl_step import PromptSource
+    from rl_engine.rollout.data import read_records
+    from rl_engine.rollout.rewards import get_reward_fn
+    from rl_engine.trainer import resolve_paths
+
+    device = config.train.device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={device!r} but torch sees no CUDA device; use train.device=cpu")
+    try:
+        get_reward_fn(config.reward.name)
+    except ValueError as e:  # unknown name, module or attribute
+        raise ConfigError(f"reward.name={config.reward.name!r}: {e}") from None
+    model_path, data_path, eval_path, warm_path = resolve_paths(config)
+    model_config = _check_model_dir(model_path)
+    prompts = PromptSource(config, model_path=model_path, data_path=data_path, eval_path=eval_path,
+                           eos_token_ids=model_config.eos_token_id)  # reads and checks every row
+    if warm_path and config.warmup.steps > 0:
+        rows = read_records(warm_path)
+        if not rows:
+            raise InputError(f"warm-start dataset {warm_path} has no rows")
+        for line, row in rows:
+            if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("prompt", "response"))):
+                raise InputError(f"{warm_path}:{line}: a warm-start row needs string 'prompt' and 'response' keys")
+    lengths = [(len(prompts.encode(item.text)), prompts.dataset.where(item.index)) for item in prompts.dataset.rows]
+    eval_lengths = [(len(prompts.encode(item.text)), f"{eval_path} (held-out row {item.index + 1})")
+                    for item in prompts.eval_items]
+    for length, where in lengths + eval_lengths:
+        if length >= model_config.max_context_len:
+            raise InputError(f"{where}: the prompt has {length} tokens; the model's context holds "
+                             f"{model_config.max_context_len}, with room for at least one generated token")
+    _check_sample_length(config, model_config, *max(lengths))
+
+
+def _check_model_dir(path: str) -> ModelConfig:
+    from rl_engine.config import InputError
+    from rl_engine.policy import ModelConfig
+    from rl_engine.policy.checkpoint import check_hf_files
+    from rl_engine.policy.tokenizer import Tokenizer
+
+    model_config = ModelConfig.from_pretrained(path)
+    check_hf_files(path)
+    try:
+        Tokenizer.from_pretrained(path, eos_token_ids=model_config.eos_token_id or None)
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions for a bad file
+        raise InputError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
+    return model_config
+
+
+def _check_sample_length(config: RLConfig, model_config: ModelConfig, longest: int, where: str) -> None:
+    """The longest sample (the longest prompt, at `where`, plus rollout.max_new_tokens) must fit in a
+    micro-batch and in the KV pool of each engine."""
+    from rl_engine.config import ConfigError
+
+    r, t = config.rollout, config.train
+    sample = longest + r.max_new_tokens - 1  # a sample trains on its tokens but the last
+    if t.micro_batch_tokens < sample:
+        raise ConfigError(f"train.micro_batch_tokens={t.micro_batch_tokens} must be >= {sample}: the longest prompt "
+                          f"({longest} tokens, {where}) plus rollout.max_new_tokens ({r.max_new_tokens}), minus 1")
+    # Blocks of 16 tokens (the engine's default block size); block 0 is padding. A colocated engine
+    # holds its rank's share of the KV heads.
+    block = 16
+    kv_heads = model_config.num_kv_heads
+    if config.placement.mode == "colocated":
+        kv_heads = max(1, kv_heads // t.tp)
+    block_bytes = 2 * model_config.num_layers * block * kv_heads * model_config.head_dim * (
+        2 if config.model.dtype == "bfloat16" else 4)
+    holds = max(0, (r.kv_cache_memory_mb << 20) // block_bytes - 1) * block
+    needs = min(longest + r.max_new_tokens, model_config.max_context_len)
+    if holds < needs:
+        need_mb = -(-((-(-needs // block) + 1) * block_bytes) // (1 << 20))
+        raise ConfigError(f"rollout.kv_cache_memory_mb={r.kv_cache_memory_mb} holds {holds} tokens of this model's "
+                          f"KV cache; the longest prompt ({longest} tokens, {where}) plus rollout.max_new_tokens "
+                          f"({r.max_new_tokens}), within the model's context of {model_config.max_context_len}, "
+                          f"needs {needs}: give at least {need_mb}")
+
+
+def resume_checkpoint(config: RLConfig) -> str | None:
+    """The checkpoint a single-process run continues from (None: a fresh start), verified and checked
+    against the config before anything is built; a `ResumeError` otherwise."""
+    from rl_engine import run_checkpoint
+    from rl_engine.trainer import ResumeError, check_resume_config
+
+    try:
+        checkpoint = run_checkpoint.resolve_resume(config.train.output_dir, config.train.resume)
+    except (FileNotFoundError, ValueError) as e:
+        raise ResumeError(str(e)) from None
+    if checkpoint is not None:
+        check_resume_config(checkpoint, config)
+    return checkpoint
+
+
+_RESOLVE = object()  # run(): resolve train.resume itself
+
+
+def run(config: RLConfig, *, checkpoint: str | None | object = _RESOLVE) -> dict:
     """Warm start (if configured), evaluate, RL steps, evaluate; returns the summary. With actors
     (placement.mode colocated / disaggregated) the coordinator does the same in its own process.
 
     Single process: a checkpoint every `train.checkpoint_every` steps and after the last one. With
     `train.resume` it continues from a checkpoint instead of warm-starting and evaluating: weights,
     optimizer, data cursor and RNG come from it, and so does the "before" accuracy; metrics.jsonl
-    keeps its rows up to the checkpoint's step and goes on from there."""
+    keeps its rows up to the checkpoint's step and goes on from there. `checkpoint`: what
+    `resume_checkpoint(config)` returned, when the caller resolved it already."""
     if config.placement.uses_actors:
         from rl_engine.actors.run import run_actors
 
         return run_actors(config)
     from rl_engine import run_checkpoint
     from rl_engine.metrics import MetricsLogger
-    from rl_engine.trainer import GRPOTrainer, ResumeError, check_resume_config
+    from rl_engine.trainer import GRPOTrainer
 
     t_start = time.perf_counter()
     out, steps = config.train.output_dir, config.train.steps
-    try:
-        checkpoint = run_checkpoint.resolve_resume(out, config.train.resume)
-    except (FileNotFoundError, ValueError) as e:
-        raise ResumeError(str(e)) from None
-    if checkpoint is not None:
-        check_resume_config(checkpoint, config)  # before building anything
-    elif os.path.isfile(os.path.join(run_checkpoint.checkpoints_root(out), run_checkpoint.LATEST)):
+    if checkpoint is _RESOLVE:
+        checkpoint = resume_checkpoint(config)  # before building anything
+    if checkpoint is None and os.path.isfile(os.path.join(run_checkpoint.checkpoints_root(out), run_checkpoint.LATEST)):
         logger.warning("starting a new run in %s (train.resume=%s): its earlier checkpoints are replaced as "
                        "this run writes its own; pass train.resume=auto to continue them", out, config.train.resume)
     trainer = GRPOTrainer(config)

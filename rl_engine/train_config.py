@@ -1,26 +1,57 @@
 """The RL run's config tree. `rl-engine train` with no arguments uses these defaults: the built-in
 demo (a tiny preset model on the built-in upper task, on CPU, in one process).
 
-Each section validates its own fields; `RLConfig.__post_init__` checks the rules that tie sections
-together (placement against the trainer's parallel layout, options the loop cannot honour).
+Each section checks the range of every field where it is built (at config load, before any work),
+naming the dotted key: `rollout.top_p=1.5 must be in (0, 1]`. `RLConfig.__post_init__` checks the rules
+that tie sections together (placement against the trainer's parallel layout, options the loop cannot
+honour) and the values of the sections that live in other packages. What needs the model or the data
+(the longest prompt against `train.micro_batch_tokens`, the KV pool, the reward function) is checked
+by `rl-engine train` before it starts the run (`train_cli.check_inputs`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from rl_engine.config import ConfigError, check_float, check_int
+from rl_engine.demo_task import TASKS
 from rl_engine.losses import PolicyLossConfig
+from rl_engine.policy.presets import PRESETS
 from rl_engine.rollout.advantages import AdvantageConfig
 from rl_engine.rollout.rewards import RewardConfig
 
+MAX_SEED = 2**63 - 1  # what torch.manual_seed and numpy's SeedSequence both take
+MAX_SAMPLES_PER_PROMPT = 4096  # rollout.n: a GRPO group is 4-64 samples; more is a typo, not a group
+MAX_TEMPERATURE = 100.0  # rollout.temperature: past a few the policy samples noise; inf divides logits to 0
+MAX_BUILTIN_EVAL = 10_000  # held-out prompts a builtin task can draw (its strings are 5 of 10 letters)
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps|xpu(:\d+)?)$")
+
+
+def _check_text(key: str, value: str | None, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not value or not value.strip():
+        raise ConfigError(f"{key}={value!r} must be a non-empty string" + (" or null" if optional else ""))
+
+
+def _check_builtin(key: str, value: str, known: tuple[str, ...]) -> None:
+    if value.startswith("builtin:") and value.split(":", 1)[1] not in known:
+        raise ConfigError(f"{key}={value!r} names no builtin; known: "
+                          + ", ".join(f"builtin:{name}" for name in known))
 
 @dataclass(kw_only=True)
 class ModelSection:
     # A Hugging Face model directory, or "builtin:<preset>" (random init + character tokenizer).
     path: str = "builtin:tiny"
     dtype: Literal["float32", "bfloat16"] = "float32"
-    seed: int = 0
+    seed: int = 0  # the builtin preset's random init
+
+    def __post_init__(self) -> None:
+        _check_text("model.path", self.path)
+        _check_builtin("model.path", self.path, tuple(PRESETS))
+        check_int("model.seed", self.seed, lo=0, hi=MAX_SEED)
 
 
 @dataclass(kw_only=True)
@@ -33,7 +64,16 @@ class DataSection:
     answer_key: str = "answer"
     apply_chat_template: bool = True
     shuffle: bool = True
-    num_eval: int = 200
+    num_eval: int = 200  # held-out prompts evaluated (the first num_eval of eval_path)
+
+    def __post_init__(self) -> None:
+        _check_text("data.path", self.path)
+        _check_builtin("data.path", self.path, tuple(TASKS))
+        _check_text("data.eval_path", self.eval_path, optional=True)
+        _check_text("data.prompt_key", self.prompt_key)
+        _check_text("data.answer_key", self.answer_key)
+        check_int("data.num_eval", self.num_eval, lo=1,
+                  hi=MAX_BUILTIN_EVAL if self.path.startswith("builtin:") else None)
 
 
 @dataclass(kw_only=True)
@@ -41,18 +81,24 @@ class WarmupSection:
     """Optional supervised warm start on (prompt, response) JSONL before RL."""
 
     path: str | None = "builtin"  # "builtin": the builtin task's demonstrations; None: no warm start
-    steps: int = 600
+    steps: int = 600  # 0: no warm start
     batch_size: int = 64
     lr: float = 3e-3
+
+    def __post_init__(self) -> None:
+        _check_text("warmup.path", self.path, optional=True)
+        check_int("warmup.steps", self.steps, lo=0)
+        check_int("warmup.batch_size", self.batch_size, lo=1)
+        check_float("warmup.lr", self.lr, lo=0, lo_open=True)
 
 
 @dataclass(kw_only=True)
 class RolloutSection:
     prompts_per_step: int = 16
-    n: int = 8  # samples per prompt (the GRPO group)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    n: int = 8  # samples per prompt (the GRPO group), at most MAX_SAMPLES_PER_PROMPT
+    temperature: float = 1.0  # in (0, MAX_TEMPERATURE]; no greedy (0): log-probs are taken at this temperature
+    top_p: float = 1.0  # in (0, 1]; 1 = off
+    top_k: int = 0  # 0 or -1 = off
     max_new_tokens: int = 12
     ignore_eos: bool = False  # fixed-length completions (benchmarks), as vLLM's ignore_eos
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (actors: and refill them)
@@ -69,20 +115,24 @@ class RolloutSection:
     prompts_in_flight: int = 0  # async: prompts being generated or buffered at once; 0 = 2 * prompts_per_step
 
     def __post_init__(self) -> None:
-        if self.prompts_per_step < 1 or self.n < 1:
-            raise ValueError(f"prompts_per_step ({self.prompts_per_step}) and n ({self.n}) must be >= 1")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature ({self.temperature}) must be > 0 for RL: training log-probs are taken "
-                             "at the sampling temperature")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be >= 1")
-        if self.max_refill_rounds < 0:
-            raise ValueError(f"max_refill_rounds ({self.max_refill_rounds}) must be >= 0")
-        if self.max_staleness < 0:
-            raise ValueError(f"rollout.max_staleness ({self.max_staleness}) must be >= 0")
+        check_int("rollout.prompts_per_step", self.prompts_per_step, lo=1)
+        check_int("rollout.n", self.n, lo=1, hi=MAX_SAMPLES_PER_PROMPT)
+        if not 0 < self.temperature <= MAX_TEMPERATURE:  # also refuses NaN
+            raise ConfigError(f"rollout.temperature={self.temperature} must be > 0 and <= {MAX_TEMPERATURE:g}; "
+                              "0 (greedy) is not allowed for RL: training log-probs are taken at the sampling "
+                              "temperature")
+        check_float("rollout.top_p", self.top_p, lo=0, lo_open=True, hi=1)
+        if self.top_k < -1:
+            raise ConfigError(f"rollout.top_k={self.top_k} must be >= 1, or 0 / -1 (off)")
+        check_int("rollout.max_new_tokens", self.max_new_tokens, lo=1)
+        check_int("rollout.max_refill_rounds", self.max_refill_rounds, lo=0)
+        check_int("rollout.kv_cache_memory_mb", self.kv_cache_memory_mb, lo=1)
+        check_int("rollout.max_num_batched_tokens", self.max_num_batched_tokens, lo=1)
+        check_int("rollout.max_staleness", self.max_staleness, lo=0)
+        check_int("rollout.prompts_in_flight", self.prompts_in_flight, lo=0)
         if self.prompts_in_flight and self.prompts_in_flight < self.prompts_per_step:
-            raise ValueError(f"rollout.prompts_in_flight ({self.prompts_in_flight}) must be 0 (auto) or at least "
-                             f"prompts_per_step ({self.prompts_per_step})")
+            raise ConfigError(f"rollout.prompts_in_flight={self.prompts_in_flight} must be 0 (auto) or at least "
+                              f"rollout.prompts_per_step ({self.prompts_per_step})")
 
     @property
     def async_prompts_in_flight(self) -> int:
@@ -95,7 +145,15 @@ class OptimSection:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the global gradient norm's cap; .inf: no clipping
+
+    def __post_init__(self) -> None:
+        check_float("optim.lr", self.lr, lo=0, lo_open=True)
+        check_float("optim.weight_decay", self.weight_decay, lo=0)
+        for i, beta in enumerate(self.betas):
+            check_float(f"optim.betas[{i}]", beta, lo=0, hi=1, hi_open=True)
+        check_float("optim.eps", self.eps, lo=0, lo_open=True)
+        check_float("optim.grad_clip", self.grad_clip, lo=0, lo_open=True, finite=False)
 
 
 @dataclass(kw_only=True)
@@ -125,17 +183,22 @@ class TrainSection:
     ep: int = 1
 
     def __post_init__(self) -> None:
+        check_int("train.steps", self.steps, lo=1)
+        check_int("train.micro_batch_tokens", self.micro_batch_tokens, lo=1)
+        check_int("train.seed", self.seed, lo=0, hi=MAX_SEED)
+        check_int("train.eval_every", self.eval_every, lo=0)
+        _check_text("train.output_dir", self.output_dir)
+        if not _DEVICE.match(self.device):
+            raise ConfigError(f"train.device={self.device!r} must be cpu, cuda, cuda:<index>, mps or xpu")
+        check_int("train.threads", self.threads, lo=0, note="0 is torch's default (one per core)")
+        check_int("train.checkpoint_every", self.checkpoint_every, lo=0)
+        check_int("train.keep_checkpoints", self.keep_checkpoints, lo=1)
+        _check_text("train.resume", self.resume, optional=True)
         for name in ("tp", "pp", "dp", "ep"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} ({getattr(self, name)}) must be >= 1")
+            check_int(f"train.{name}", getattr(self, name), lo=1)
         if self.dp % self.ep:
-            raise ValueError(f"train.ep ({self.ep}) must divide train.dp ({self.dp}): expert parallelism is carved "
-                             "out of data parallelism")
-        if self.micro_batch_tokens < 1:
-            raise ValueError(f"train.micro_batch_tokens ({self.micro_batch_tokens}) must be >= 1")
-        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
-            raise ValueError(f"train.checkpoint_every ({self.checkpoint_every}) must be >= 0 and "
-                             f"train.keep_checkpoints ({self.keep_checkpoints}) >= 1")
+            raise ConfigError(f"train.ep={self.ep} must divide train.dp ({self.dp}): expert parallelism is carved "
+                              "out of data parallelism")
 
     @property
     def world_size(self) -> int:
@@ -169,18 +232,16 @@ class PlacementSection:
     grace_period_s: float = 10.0  # on stop: SIGTERM, then SIGKILL after this
 
     def __post_init__(self) -> None:
-        if self.num_rollout_workers < 1:
-            raise ValueError(f"placement.num_rollout_workers ({self.num_rollout_workers}) must be >= 1")
-        if self.threads_per_process < 1:
-            raise ValueError(f"placement.threads_per_process ({self.threads_per_process}) must be >= 1")
-        if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
-            raise ValueError(f"placement.heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed "
-                             f"heartbeat_interval_s ({self.heartbeat_interval_s}) > 0")
-        for name in ("startup_timeout_s", "weight_sync_timeout_s", "dist_timeout_s", "grace_period_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"placement.{name} ({getattr(self, name)}) must be > 0")
-        if self.weight_bucket_mb < 1:
-            raise ValueError(f"placement.weight_bucket_mb ({self.weight_bucket_mb}) must be >= 1")
+        check_int("placement.num_rollout_workers", self.num_rollout_workers, lo=1)
+        _check_text("placement.host", self.host)
+        check_int("placement.threads_per_process", self.threads_per_process, lo=1)
+        for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "startup_timeout_s", "weight_sync_timeout_s",
+                     "dist_timeout_s", "grace_period_s"):
+            check_float(f"placement.{name}", getattr(self, name), lo=0, lo_open=True)
+        if not self.heartbeat_interval_s < self.heartbeat_timeout_s:
+            raise ConfigError(f"placement.heartbeat_timeout_s={self.heartbeat_timeout_s} must exceed "
+                              f"heartbeat_interval_s ({self.heartbeat_interval_s})")
+        check_int("placement.weight_bucket_mb", self.weight_bucket_mb, lo=1)
 
     @property
     def uses_actors(self) -> bool:
@@ -202,23 +263,44 @@ class RLConfig:
     placement: PlacementSection = field(default_factory=PlacementSection)
 
     def __post_init__(self) -> None:
+        self._check_other_sections()
         p, t = self.placement, self.train
         layout = f"tp={t.tp} pp={t.pp} dp={t.dp} ep={t.ep}"
         if p.mode == "single_process" and t.world_size > 1:
-            raise ValueError(f"train {layout} needs several trainer ranks: set placement.mode to colocated or "
-                             "disaggregated (single_process runs one rank)")
+            raise ConfigError(f"train {layout} needs several trainer ranks: set placement.mode to colocated or "
+                              "disaggregated (single_process runs one rank)")
         if p.mode == "colocated" and (t.pp > 1 or t.ep > 1):
-            raise ValueError(f"placement.mode=colocated needs train.pp=1 and train.ep=1 (got {layout}): each rank's "
-                             "engine runs every layer and every expert; use placement.mode=disaggregated")
+            raise ConfigError(f"placement.mode=colocated needs train.pp=1 and train.ep=1 (got {layout}): each rank's "
+                              "engine runs every layer and every expert; use placement.mode=disaggregated")
         if p.uses_actors and self.train.device != "cpu":
-            raise ValueError(f"train.device={t.device!r}: the trainer ranks (ParallelTrainer on gloo) run on CPU in "
-                             "this build; use train.device=cpu or placement.mode=single_process")
+            raise ConfigError(f"train.device={t.device!r}: the trainer ranks (ParallelTrainer on gloo) run on CPU in "
+                              "this build; use train.device=cpu or placement.mode=single_process")
         if self.rollout.mode == "async" and not p.uses_actors:
-            raise ValueError("rollout.mode=async overlaps rollout and training in separate actors: set "
-                             "placement.mode to colocated or disaggregated (single_process runs sync only)")
+            raise ConfigError("rollout.mode=async overlaps rollout and training in separate actors: set "
+                              "placement.mode to colocated or disaggregated (single_process runs sync only)")
         if self.rollout.mode == "async" and self.rollout.routing_replay:
-            raise ValueError("rollout.routing_replay=true with rollout.mode=async is not supported: a partial rollout "
-                             "continued with new weights re-routes its earlier tokens; use rollout.mode=sync")
+            raise ConfigError("rollout.routing_replay=true with rollout.mode=async is not supported: a partial rollout "
+                              "continued with new weights re-routes its earlier tokens; use rollout.mode=sync")
         if self.loss.kl_coef > 0:
-            raise ValueError(f"loss.kl_coef ({self.loss.kl_coef}) > 0 needs reference-policy log-probs, which the "
-                             "RL loop does not compute yet; set loss.kl_coef=0")
+            raise ConfigError(f"loss.kl_coef ({self.loss.kl_coef}) > 0 needs reference-policy log-probs, which the "
+                              "RL loop does not compute yet; set loss.kl_coef=0")
+        if self.warmup.path == "builtin" and not self.data.path.startswith("builtin:"):
+            raise ConfigError(f"warmup.path='builtin' needs a builtin task in data.path (got {self.data.path!r}); "
+                              "give a JSONL path of (prompt, response) rows, or null")
+        r = self.rollout
+        # A sample trains on its prompt and response but the last token: at least 1 + max_new_tokens - 1.
+        # The check against the longest prompt needs the tokenizer (train_cli.check_inputs).
+        if t.micro_batch_tokens < r.max_new_tokens:
+            raise ConfigError(f"train.micro_batch_tokens={t.micro_batch_tokens} must be at least the longest prompt "
+                              f"plus rollout.max_new_tokens ({r.max_new_tokens}) minus 1: every sample must fit in "
+                              "one micro-batch")
+
+    def _check_other_sections(self) -> None:
+        """What the reward, advantage and loss configs (in their own packages) leave open: they refuse
+        NaN through their `> 0` checks but take infinities, which these values cannot be. (Caps such as
+        loss.clip_high or importance_sampling.truncate_cap may be .inf: no cap.)"""
+        _check_text("reward.name", self.reward.name)
+        check_float("reward.timeout_s", self.reward.timeout_s, lo=0, lo_open=True)
+        check_float("advantage.eps", self.advantage.eps, lo=0, lo_open=True)
+        check_float("loss.kl_coef", self.loss.kl_coef, lo=0)
+        check_float("loss.entropy_coef", self.loss.entropy_coef, lo=0)

@@ -203,3 +203,121 @@ def test_partial_section_keeps_the_parents_default_for_it():
     assert cfg.reward.timeout_s == 3.0
     assert cfg.reward.name == default.reward.name == "exact_match"
     assert cfg.reward.kwargs == default.reward.kwargs
+
+
+# ---- refused YAML, JSON and value ranges ------------------------------------------------------------
+ALIAS_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+def test_yaml_duplicate_keys_are_refused_with_key_and_line():
+    with pytest.raises(yaml.YAMLError) as info:
+        yaml_load("optim:\n  lr: 1\n  eps: 2\n  lr: 3\n")
+    assert "duplicate key 'lr' (first at line 2)" in str(info.value) and info.value.problem_mark.line == 3
+    with pytest.raises(yaml.YAMLError, match="duplicate key 'a'"):
+        yaml_load("{a: 1, b: 2, a: 3}")
+    assert yaml_load("a: {x: 1}\nb: {x: 2}\n") == {"a": {"x": 1}, "b": {"x": 2}}  # same key, other mappings
+    with pytest.raises(ConfigError, match=r"not valid YAML: line 1, column 8: duplicate key 'b'"):
+        apply_overrides({}, ["a={b: 1, b: 2}"])
+
+
+@pytest.mark.parametrize("text", ["a: &x 1\nb: *x\n", "a: &x [1]\n", "a: {<<: {b: 1}, c: 2}\n"])
+def test_yaml_anchors_aliases_and_merge_keys_are_refused(text):
+    with pytest.raises(yaml.YAMLError, match="anchors and aliases|merge keys"):
+        yaml_load(text)
+
+
+def test_yaml_alias_bomb_is_refused_at_its_first_anchor(tmp_path):
+    assert len(ALIAS_BOMB) < 600  # 9**9 "lol"s once expanded
+    with pytest.raises(yaml.YAMLError) as info:
+        yaml_load(ALIAS_BOMB)
+    assert info.value.problem_mark.line == 0  # stopped at the first anchor, before composing anything else
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    with pytest.raises(ConfigError, match=r"bomb.yaml: invalid YAML config: line 1, column 4: YAML anchors"):
+        load_config(RunConfig, str(path), ["model.path=/m"])
+
+
+def test_yaml_nesting_is_bounded():
+    expected: list = []
+    for _ in range(59):
+        expected = [expected]
+    assert yaml_load("a: " + "[" * 60 + "]" * 60) == {"a": expected}  # 61 levels with the mapping
+    with pytest.raises(yaml.YAMLError, match="nested deeper than 64 levels"):
+        yaml_load("a: " + "[" * 5000 + "]" * 5000)
+
+
+def test_yaml_file_errors_are_one_line_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file '.*nope.yaml' does not exist"):
+        load_config(RunConfig, str(tmp_path / "nope.yaml"))
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  path: /m\n dtype: [\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(RunConfig, str(path))
+    assert str(info.value).startswith(f"{path}: invalid YAML config: line 3, column 2: ") and "\n" not in str(info.value)
+
+
+def test_parse_json_refuses_duplicates_and_names_the_place():
+    from rl_engine.config import InputError, parse_json
+
+    assert parse_json('{"a": {"b": 1}, "c": [1, {"b": 2}]}', "x") == {"a": {"b": 1}, "c": [1, {"b": 2}]}
+    with pytest.raises(InputError, match=r"^f.json: invalid JSON \(duplicate key 'b'\)$"):
+        parse_json('{"a": {"b": 1, "b": 2}}', "f.json")
+    with pytest.raises(InputError, match=r"^d.jsonl:4: invalid JSON \(Expecting value at column 7\)$"):
+        parse_json('{"a": }', "d.jsonl:4")
+    with pytest.raises(InputError, match=r"f.json: invalid JSON \(.* at line 2, column 1\)"):
+        parse_json('{"a": 1,\n}', "f.json")
+    with pytest.raises(InputError, match=r"f.json: invalid UTF-8 \(byte 0xff at offset 7\)"):
+        parse_json(b'{"a": "\xff"}', "f.json")
+    with pytest.raises(InputError, match="f.json: invalid JSON"):
+        parse_json("[" * 100_000 + "]" * 100_000, "f.json")
+
+
+def test_range_checks_name_key_value_and_range():
+    from rl_engine.config import check_float, check_int
+
+    cases = [
+        (lambda: check_float("a.p", 1.5, lo=0, lo_open=True, hi=1), "a.p=1.5 must be in (0, 1]"),
+        (lambda: check_float("a.p", float("nan"), lo=0, hi=1), "a.p=nan must be in [0, 1]"),
+        (lambda: check_float("a.lr", float("inf"), lo=0, lo_open=True), "a.lr=inf must be finite and > 0"),
+        (lambda: check_float("a.x", float("-inf")), "a.x=-inf must be finite"),
+        (lambda: check_float("a.b", 1.0, lo=0, hi=1, hi_open=True, note="why"), "a.b=1.0 must be in [0, 1); why"),
+        (lambda: check_int("a.n", 0, lo=1), "a.n=0 must be >= 1"),
+        (lambda: check_int("a.n", 9, lo=1, hi=8), "a.n=9 must be in [1, 8]"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ConfigError) as info:
+            call()
+        assert str(info.value) == message
+    check_float("a.clip", float("inf"), lo=0, lo_open=True, finite=False)  # a cap may be .inf
+    check_int("a.n", 8, lo=1, hi=8)
+
+
+def test_non_finite_words_are_floats_for_float_fields():
+    assert _load(["optim.lr=inf"]).optim.lr == float("inf")
+    assert _load(["optim.lr=-Infinity"]).optim.lr == float("-inf")
+    with pytest.raises(ConfigError, match="name: expected str"):  # only float fields read them
+        _load(["name=1.5"])
+    assert _load(["name=nan"]).name == "nan"
+
+
+def test_class_messages_get_the_full_key():
+    from rl_engine.train_config import RLConfig
+
+    with pytest.raises(ConfigError, match=r"^reward\.num_workers \(-1\) must be >= 0"):
+        load_config(RLConfig, None, ["reward.num_workers=-1"])
+    with pytest.raises(ConfigError, match=r"^loss\.importance_sampling\.mode='x' is not valid"):
+        load_config(RLConfig, None, ["loss.importance_sampling.mode=x"])
+    with pytest.raises(ConfigError, match=r"^rollout\.top_p=1\.5 must be in \(0, 1\]$"):
+        load_config(RLConfig, None, ["rollout.top_p=1.5"])
+
+
+@pytest.mark.parametrize("override", [
+    "rollout.top_p=1", "rollout.top_k=-1", "rollout.top_k=50", "rollout.n=4096", "rollout.temperature=100",
+    "optim.betas=[0, 0.999]", "optim.grad_clip=.inf", "optim.weight_decay=0", "train.threads=0", "warmup.steps=0",
+    "warmup.path=null", "loss.clip_high=.inf", "train.seed=0",
+])
+def test_edge_values_in_range_are_accepted(override):
+    from rl_engine.train_config import RLConfig
+
+    load_config(RLConfig, None, [override])

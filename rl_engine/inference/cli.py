@@ -43,12 +43,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     spec.add_argument("--draft-model", default=None, help="draft_model: the draft's model directory")
 
 
+MAX_N = 4096  # --n: samples per prompt, as rollout.n
+MAX_TEMPERATURE = 100.0  # --temperature: finite; 0 is greedy
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """What SamplingParams and the engine leave open (they check the other flags themselves): an upper
+    bound on --n and a finite --temperature; an InputError for the CLI to print as one line."""
+    from rl_engine.config import ConfigError, InputError, check_float, check_int
+
+    try:
+        check_int("--n", args.n, lo=1, hi=MAX_N)
+        check_float("--temperature", args.temperature, lo=0, hi=MAX_TEMPERATURE, note="0 means greedy")
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+
+
+def _load_tokenizer(path: str):
+    """The model directory's tokenizer (None without a tokenizer.json); a file the tokenizers library
+    cannot parse is an InputError naming the directory."""
+    import os
+
+    from rl_engine.config import InputError
+    from rl_engine.policy import ModelConfig
+    from rl_engine.policy.tokenizer import Tokenizer
+
+    eos = ModelConfig.from_pretrained(path).eos_token_id  # InputError for a missing dir or bad config.json
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return None
+    try:
+        return Tokenizer.from_pretrained(path, eos_token_ids=eos or None)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions for a bad file
+        raise InputError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
+
+
 def main(args: argparse.Namespace) -> int:
+    """Raises InputError for a bad flag or model directory; `rl_engine.cli.main` prints it."""
     import torch
 
     from rl_engine.inference.llm import LLM
     from rl_engine.inference.sampling_params import SamplingParams
 
+    _check_flags(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -64,8 +100,9 @@ def main(args: argparse.Namespace) -> int:
     if not prompts and not args.chat:
         print("error: give at least one --prompt, --prompt-ids or --chat", file=sys.stderr)
         return 2
+    tokenizer = _load_tokenizer(args.model)
     try:
-        llm = LLM(args.model, dtype=args.dtype, device=device, block_size=args.block_size,
+        llm = LLM(args.model, tokenizer=tokenizer, dtype=args.dtype, device=device, block_size=args.block_size,
                   kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
                   enable_prefix_caching=not args.no_prefix_caching, speculative_config=speculative_config)
     except ValueError as e:

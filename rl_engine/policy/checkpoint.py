@@ -16,16 +16,18 @@ training-only router knobs in its metadata); transformers ignores the file, and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from rl_engine.config import InputError, parse_json
 from rl_engine.policy.config import ModelConfig
 from rl_engine.policy.layers import ColumnParallelLinear, _copy_checked
 from rl_engine.policy.model import CausalLM
@@ -169,25 +171,54 @@ def _fused_expert_loaders(table: dict[str, WeightEntry], name: str, tensor: torc
 
 
 def _checkpoint_files(path: str) -> list[str]:
+    """The weights files of a model directory; an `InputError` names a missing or unusable one."""
+    if not os.path.isdir(path):
+        raise InputError(f"model directory {path!r} does not exist")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, f) for f in files]
+        with open(index, "rb") as f:
+            weight_map = parse_json(f.read(), index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{index}: expected a 'weight_map' object of tensor name -> file name")
+        files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise InputError(f"{index} names {missing[0]}, which does not exist")
+        return files
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
         return [single]
     if any(f.endswith(".bin") for f in os.listdir(path)):
-        raise ValueError(f"{path!r} holds only pickle .bin weights; convert them to safetensors first "
+        raise InputError(f"{path!r} holds only pickle .bin weights; convert them to safetensors first "
                          "(transformers: model.save_pretrained(dir, safe_serialization=True))")
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+    raise InputError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: str) -> Iterator[Any]:
+    """safe_open, with a truncated or corrupt file (its header does not cover the file, a tensor
+    cannot be read) an `InputError` naming it."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def check_hf_files(path: str) -> None:
+    """Open the header of every weights file of a model directory (no tensor is read), so that a
+    missing, truncated or corrupt file is refused, by name, before any work starts."""
+    for file in _checkpoint_files(path):
+        with _open_safetensors(file) as f:
+            f.keys()
 
 
 def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     for file in _checkpoint_files(path):
-        with safe_open(file, framework="pt") as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_tensor(name)  # the consumer's own errors do not pass through this frame
 
 
 def load_hf_weights(model: CausalLM, path: str) -> None:
@@ -197,10 +228,15 @@ def load_hf_weights(model: CausalLM, path: str) -> None:
     lo, hi = model.layer_range
     unexpected = []
     for name, tensor in iter_checkpoint(path):
-        if name in table:
-            table[name].load(tensor)
-            pending.discard(name)
-        elif _fused_expert_loaders(table, name, tensor):
+        try:
+            if name in table:
+                table[name].load(tensor)
+                pending.discard(name)
+                continue
+            fused = _fused_expert_loaders(table, name, tensor)
+        except ValueError as e:  # a tensor of the wrong shape (the loaders name it)
+            raise InputError(f"checkpoint {path!r}: {e}") from None
+        if fused:
             base = name.rsplit(".", 1)[0]
             pending -= {n for n in pending if n.startswith(base + ".")}
         elif IGNORED.match(name):
@@ -214,9 +250,9 @@ def load_hf_weights(model: CausalLM, path: str) -> None:
                 unexpected.append(name)
     if pending:
         missing = sorted(pending)
-        raise ValueError(f"checkpoint {path!r} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}")
+        raise InputError(f"checkpoint {path!r} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}")
     if unexpected:
-        raise ValueError(f"checkpoint {path!r} has {len(unexpected)} tensor(s) this model does not use, "
+        raise InputError(f"checkpoint {path!r} has {len(unexpected)} tensor(s) this model does not use, "
                          f"e.g. {unexpected[:5]}: is model_type {model.config.model_type!r} right?")
     _load_extras(model, path)
 
@@ -232,12 +268,14 @@ def read_extras(path: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     file = os.path.join(path, EXTRAS_FILE)
     if not os.path.isfile(file):
         return {}, {}
-    with safe_open(file, framework="pt") as f:
-        knobs = json.loads((f.metadata() or {}).get("rl_engine_config", "{}"))
+    with _open_safetensors(file) as f:
+        knobs = parse_json((f.metadata() or {}).get("rl_engine_config", "{}"), f"{file} (metadata)")
         tensors = {name: f.get_tensor(name) for name in f.keys()}
+    if not isinstance(knobs, dict):
+        raise InputError(f"{file}: its rl_engine_config metadata must be a JSON object")
     unknown = sorted(set(knobs) - set(ROUTER_KNOBS))
     if unknown:
-        raise ValueError(f"{file} sets unknown config key(s) {unknown}; known: {list(ROUTER_KNOBS)}")
+        raise InputError(f"{file} sets unknown config key(s) {unknown}; known: {list(ROUTER_KNOBS)}")
     return knobs, tensors
 
 
@@ -247,7 +285,7 @@ def _load_extras(model: CausalLM, path: str) -> None:
     rate = knobs.get("router_bias_update_rate", 0.0)
     if not mine:
         if tensors and model.config.is_moe:
-            raise ValueError(f"{os.path.join(path, EXTRAS_FILE)} holds expert_bias buffers (aux-loss-free "
+            raise InputError(f"{os.path.join(path, EXTRAS_FILE)} holds expert_bias buffers (aux-loss-free "
                              f"balancing, router_bias_update_rate={rate}) but the model was built without "
                              f"them: build it with router_bias_update_rate={rate} (from_pretrained does)")
         return
@@ -255,7 +293,7 @@ def _load_extras(model: CausalLM, path: str) -> None:
         if name not in tensors:
             continue  # a checkpoint trained without the bias: it starts at zero
         if tuple(tensors[name].shape) != tuple(buf.shape):
-            raise ValueError(f"{EXTRAS_FILE}: {name} has shape {tuple(tensors[name].shape)}, the model "
+            raise InputError(f"{EXTRAS_FILE}: {name} has shape {tuple(tensors[name].shape)}, the model "
                              f"expects {tuple(buf.shape)}")
         with torch.no_grad():
             buf.copy_(tensors[name])

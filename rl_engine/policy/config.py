@@ -8,7 +8,6 @@ name, never ignored.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -178,11 +177,30 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
+        """The config.json of a model directory. A missing directory or file, or one we cannot use, is
+        an `InputError` naming it (the CLI prints it as one line)."""
+        from rl_engine.config import InputError, parse_json  # the project's error for a user's bad input
+
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise InputError(f"model directory {path!r} " + ("is not a directory" if os.path.exists(path)
+                                                             else "does not exist"))
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"no config.json in {path!r}: expected a Hugging Face model directory")
-        with open(cfg_path) as f:
-            return cls.from_hf_dict(json.load(f))
+            raise InputError(f"no config.json in {path!r}: expected a Hugging Face model directory")
+        try:
+            with open(cfg_path, "rb") as f:
+                hf = parse_json(f.read(), cfg_path)
+        except OSError as e:
+            raise InputError(f"{cfg_path}: cannot be read ({e.strerror or e})") from None
+        if not isinstance(hf, dict):
+            raise InputError(f"{cfg_path}: expected a JSON object, got {type(hf).__name__}")
+        try:
+            return cls.from_hf_dict(hf)
+        except KeyError as e:  # a field another one needs (e.g. rope scaling's "factor")
+            raise InputError(f"{cfg_path}: missing field {e.args[0]!r}") from None
+        except (ValueError, TypeError, ArithmeticError) as e:  # unsupported or ill-typed fields
+            raise InputError(f"{cfg_path}: {e}") from None
 
     def validate(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -1,7 +1,8 @@
 """Prompt datasets: JSONL (or Parquet) rows -> rendered prompts, taken in a resumable order.
 
 Rows are read and validated eagerly (prompt sets are small; errors surface at start-up, naming the
-file, line and key). The order of epoch e is a permutation seeded by (seed, e), so it depends on
+file, line and key, as `InputError`: invalid UTF-8 or JSON, a duplicate key, a missing or null prompt
+or answer). The order of epoch e is a permutation seeded by (seed, e), so it depends on
 nothing but those two numbers; the cursor (epoch, position) is the whole sampling state, which
 makes `state_dict()` / `load_state_dict()` resume exactly. Every item taken carries a unique id
 (epoch, row index) for the "every prompt taken is trained, dropped or in flight" accounting.
@@ -9,13 +10,14 @@ makes `state_dict()` / `load_state_dict()` resume exactly. Every item taken carr
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from rl_engine.config import InputError, parse_json
 
 ChatTemplate = Callable[..., str]  # apply_chat_template(messages, add_generation_prompt=True) -> str
 Messages = list[dict[str, str]]
@@ -57,31 +59,47 @@ class PromptItem:
 
 
 def read_records(path: str | Path) -> list[tuple[int, Any]]:
-    """-> [(line or row number, record)]. JSONL line numbers are 1-based; blank lines skipped."""
+    """-> [(line or row number, record)]. JSONL line numbers are 1-based; blank lines skipped. An
+    unreadable file or line is an `InputError` naming it (`file:line` for a line)."""
     path = Path(path)
+    if not path.exists():
+        raise InputError(f"dataset {str(path)!r} does not exist")
     if not path.is_file():
-        raise FileNotFoundError(f"prompt dataset {str(path)!r} does not exist")
+        raise InputError(f"dataset {str(path)!r} is not a file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError(
-                f"reading {path} needs pyarrow: `pip install pyarrow`, or convert the file to JSONL"
-            ) from None
-        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+        return _read_parquet(path)
     if suffix not in (".jsonl", ".json"):
-        raise ValueError(f"prompt dataset {path}: unknown format {suffix!r}; use .jsonl, .json (JSON lines) or .parquet")
+        raise InputError(f"dataset {path}: unknown format {suffix!r}; use .jsonl, .json (JSON lines) or .parquet")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((line_number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg} at column {e.colno})") from None
+    try:
+        with path.open("rb") as f:
+            for line_number, raw in enumerate(f, start=1):
+                try:  # a byte-order mark may start the file
+                    line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{path}:{line_number}: invalid UTF-8 (byte {raw[e.start]:#04x} at column "
+                                     f"{e.start + 1})") from None
+                if line.strip():
+                    records.append((line_number, parse_json(line, f"{path}:{line_number}")))
+    except OSError as e:
+        raise InputError(f"dataset {str(path)!r} cannot be read: {e.strerror or e}") from None
     return records
+
+
+def _read_parquet(path: Path) -> list[tuple[int, Any]]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(
+            f"reading {path} needs pyarrow: `pip install pyarrow`, or convert the file to JSONL"
+        ) from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise InputError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())})") from None
+    return list(enumerate(rows, start=1))
 
 
 def _as_messages(value: Any, where: str, key: str) -> Messages:
@@ -91,7 +109,7 @@ def _as_messages(value: Any, where: str, key: str) -> Messages:
         isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
     ):
         return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise ValueError(
+    raise InputError(
         f"{where}: key {key!r} must be a string or a non-empty list of {{'role': str, 'content': str}} "
         f"messages, got {type(value).__name__}"
     )
@@ -114,8 +132,9 @@ class PromptDataset:
         self._rows = [
             self._parse(index, line, row, apply_chat_template) for index, (line, row) in enumerate(records)
         ]
+        self._lines = [line for line, _ in records]
         if not self._rows:
-            raise ValueError(f"prompt dataset {config.path} has no rows")
+            raise InputError(f"dataset {config.path} has no rows")
         self._epoch = 0
         self._position = 0
         self._order = self._epoch_order(0)
@@ -128,13 +147,16 @@ class PromptDataset:
         cfg = self.config
         where = f"{cfg.path}:{line}"
         if not isinstance(row, Mapping):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
         for key in (cfg.prompt_key, cfg.answer_key, *cfg.metadata_keys):
             if key is not None and key not in row:
-                raise ValueError(
+                raise InputError(
                     f"{where}: missing key {key!r} (row has {sorted(row)}); set prompt_key / answer_key / "
                     "metadata_keys to the dataset's field names"
                 )
+        for key, what in ((cfg.prompt_key, "prompt"), (cfg.answer_key, "answer")):
+            if key is not None and row[key] is None:  # an answer of null fails every reward of the row
+                raise InputError(f"{where}: key {key!r} is null; every row needs its {what}")
         prompt = row[cfg.prompt_key]
         messages: Messages | None = _as_messages(prompt, where, cfg.prompt_key)  # validates the type
         if apply_chat_template is not None:
@@ -147,10 +169,12 @@ class PromptDataset:
         elif isinstance(prompt, str):
             text, messages = prompt, None
         else:
-            raise ValueError(
+            raise InputError(
                 f"{where}: key {cfg.prompt_key!r} is a list of chat messages but no apply_chat_template was "
                 "given; pass one (e.g. from the tokenizer) to render them"
             )
+        if not text:
+            raise InputError(f"{where}: key {cfg.prompt_key!r} is an empty prompt")
         answer = row[cfg.answer_key] if cfg.answer_key is not None else None
         return PromptItem(
             epoch=0,
@@ -163,6 +187,15 @@ class PromptDataset:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    @property
+    def rows(self) -> tuple[PromptItem, ...]:
+        """Every row as parsed (epoch 0), in file order."""
+        return tuple(self._rows)
+
+    def where(self, index: int) -> str:
+        """`file:line` of row `index` (the row number for Parquet), for messages."""
+        return f"{self.config.path}:{self._lines[index]}"
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if not self.config.shuffle:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from rl_engine.config import InputError
 from rl_engine.rollout.data import PromptDataConfig, PromptDataset, read_records
 
 
@@ -74,7 +75,7 @@ def test_template_must_return_text(tmp_path: Path) -> None:
 
 
 def test_file_format_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="missing.jsonl' does not exist"):
         read_records(tmp_path / "missing.jsonl")
     (tmp_path / "d.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="unknown format '.csv'"):
@@ -138,3 +139,46 @@ def test_max_epochs_ends_the_stream(tmp_path: Path) -> None:
     assert len(ds.take(5)) == 1 and ds.exhausted and ds.take(1) == []
     with pytest.raises(ValueError, match="max_epochs \\(0\\) must be > 0"):
         PromptDataConfig(path="x", max_epochs=0)
+
+
+@pytest.mark.parametrize(
+    "lines,needle",
+    [
+        ([b'{"prompt": "a", "answer": 1}', b'{"prompt": "b", "answer": null}'],
+         "p.jsonl:2: key 'answer' is null; every row needs its answer"),
+        ([b'{"prompt": null, "answer": 1}'], "p.jsonl:1: key 'prompt' is null; every row needs its prompt"),
+        ([b'{"prompt": "", "answer": 1}'], "p.jsonl:1: key 'prompt' is an empty prompt"),
+        ([b'{"prompt": "a", "answer": 1}', b"", b'{"prompt": "caf\xe9", "answer": 1}'],
+         "p.jsonl:3: invalid UTF-8 (byte 0xe9 at column 16)"),
+        ([b'{"prompt": "a", "prompt": "b", "answer": 1}'], "p.jsonl:1: invalid JSON (duplicate key 'prompt')"),
+        ([b'{"prompt": "a", "answer": {"x": 1, "x": 2}}'], "p.jsonl:1: invalid JSON (duplicate key 'x')"),
+    ],
+)
+def test_null_values_bad_bytes_and_duplicate_keys_name_file_and_line(tmp_path: Path, lines: list, needle: str) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(InputError) as info:
+        PromptDataset.from_config(PromptDataConfig(path=str(path)))
+    assert needle in str(info.value)
+
+
+def test_no_answer_key_allows_rows_without_answers(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "answer": None}])
+    (item,) = PromptDataset.from_config(PromptDataConfig(path=str(path), answer_key=None)).take(1)
+    assert item.answer is None
+
+
+def test_byte_order_mark_and_row_locations(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "answer": 1}\n\n{"prompt": "b", "answer": 2}\n')
+    ds = PromptDataset.from_config(PromptDataConfig(path=str(path), shuffle=False))
+    assert [row.text for row in ds.rows] == ["a", "b"]
+    assert [ds.where(row.index) for row in ds.rows] == [f"{path}:1", f"{path}:3"]
+
+
+def test_unreadable_paths_are_input_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="is not a file"):
+        read_records(tmp_path)
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(InputError, match="empty.jsonl has no rows"):
+        PromptDataset.from_config(PromptDataConfig(path=str(tmp_path / "empty.jsonl")))
