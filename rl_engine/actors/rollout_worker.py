@@ -142,6 +142,11 @@ class RolloutWorker:
         self.weights_rx.close()
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rl_engine.actors.rollout_worker")
     parser.add_argument("--config", required=True)
@@ -150,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--die-after-requests", type=int, default=None, help="fault injection (tests)")
     args = parser.parse_args(argv)
+    # The launcher stops workers with SIGTERM: exit through the `finally` below (and atexit), which unlink
+    # the shared-memory staging regions (two copies of the model) instead of leaving them in /dev/shm.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.worker_id} %(levelname)s %(name)s: %(message)s")
     cfg = load_actor_config(args.config)
     try:

@@ -8,7 +8,10 @@ to `<output_dir>/actors/config.yaml`, which every actor loads, so all of them se
 Processes: the coordinator (its exit ends the run; its output, the progress, is echoed), the
 `tp * pp * dp` trainer ranks (torch.distributed), and in disaggregated mode the rollout workers, whose
 death the launcher tolerates (`required=False`) because the coordinator requeues their prompts.
-`rl_engine.launch` stops them all on exit, on error and on Ctrl-C.
+`rl_engine.launch` stops them all on exit, on error and on Ctrl-C. Every process gets the run's id
+(RL_ENGINE_RUN_ID, in its environment), which names the run's shared-memory staging regions; once the
+processes have ended, whatever way, the run's regions still in /dev/shm (a killed worker's) are removed,
+and only those: another run on the machine has another id.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import yaml
 from rl_engine.config import to_dict
 from rl_engine.launch import LaunchResult, ProcessSpec, free_port, launch
 from rl_engine.train_config import RLConfig
+from rl_engine.weight_sync.staging import RUN_ID_ENV, new_run_id, sweep_run
 
 
 class ActorsFailed(RuntimeError):
@@ -91,14 +95,14 @@ def _warm_start(cfg: RLConfig, model_path: str) -> str:
     return target
 
 
-def build_specs(cfg: RLConfig, config_path: str) -> list[ProcessSpec]:
+def build_specs(cfg: RLConfig, config_path: str, *, run_id: str) -> list[ProcessSpec]:
     """The processes of a run: coordinator, trainer ranks, rollout workers (disaggregated)."""
     p = cfg.placement
     port, heartbeat_port = free_port(p.host), free_port(p.host)
     connect_host = "127.0.0.1" if p.host in ("0.0.0.0", "*") else p.host
     coordinator, heartbeat = f"tcp://{connect_host}:{port}", f"tcp://{connect_host}:{heartbeat_port}"
     threads = str(p.threads_per_process)
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, RUN_ID_ENV: run_id}
     base = ["--config", config_path]
     links = [*base, "--coordinator", coordinator, "--heartbeat", heartbeat]
     specs = [ProcessSpec(name="coordinator", module="rl_engine.actors.coordinator", ends_run=True, echo=True, env=env,
@@ -117,13 +121,19 @@ def run_actors(cfg: RLConfig, *, edit_specs: Callable[[list[ProcessSpec]], list[
     launcher's report: which process failed and its last log lines) unless the run completed.
     `edit_specs` may change the process list before launch (fault injection in tests)."""
     resolved, config_path = prepare(cfg)
-    specs = build_specs(resolved, config_path)
+    run_id = new_run_id()
+    specs = build_specs(resolved, config_path, run_id=run_id)
     if edit_specs is not None:
         specs = edit_specs(specs)
     log_dir = os.path.join(resolved.train.output_dir, "logs")
     print(f"launching {len(specs)} processes ({cfg.placement.mode}, trainer tp={cfg.train.tp} pp={cfg.train.pp} "
           f"dp={cfg.train.dp}); logs in {log_dir}", flush=True)
-    result = launch(specs, log_dir=log_dir, grace_period_s=cfg.placement.grace_period_s, echo_stream=echo_stream)
+    try:
+        result = launch(specs, log_dir=log_dir, grace_period_s=cfg.placement.grace_period_s, echo_stream=echo_stream)
+    finally:  # the children have ended (launch stops them on every way out): what they left is the run's
+        if removed := sweep_run(run_id):
+            print(f"removed {len(removed)} shared-memory region(s) the run's processes left behind: "
+                  f"{', '.join(removed)}", file=sys.stderr, flush=True)
     if result.status != "completed":
         raise ActorsFailed(result)
     lost = [p.name for p in result.processes if p.returncode not in (0, None) and not p.stopped_by_launcher]

@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import logging
 import os
+import signal
 import time
 from datetime import timedelta
 
@@ -297,12 +298,20 @@ class TrainerGroup:
             publisher.transport.close()
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rl_engine.actors.trainer_group")
     parser.add_argument("--config", required=True)
     parser.add_argument("--coordinator", required=True)
     parser.add_argument("--heartbeat", required=True)
     args = parser.parse_args(argv)
+    # The launcher stops the ranks with SIGTERM: exit through the `finally` below (sockets, mappings of
+    # the workers' staging regions, the process group) rather than die where the signal lands.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s trainer{rank} %(levelname)s %(name)s: %(message)s")
     cfg = load_actor_config(args.config)

@@ -5,7 +5,9 @@ mirror its tensors (`staging.Staging`): it serves from one, senders write the ne
 other. The control channel is the ZMQ protocol of `transport_zmq` (same messages, same ROUTER/DEALER
 sockets, same verdict), with one extra step: the destination answers each source's `WeightUpdateBegin`,
 refusing a version that does not increase before any byte moves, or naming the staging region to write
-(`Ack(ref="shm:v<version>:<plan fingerprint>:<path>")`). A source then copies each bucket's blocks from its
+(`Ack(ref="shm:v<version>:<plan fingerprint>:<path>")`). The source maps that path only if it is a region
+of this run in the staging directory, owned by this user and of the planned size (`staging.open_region`),
+and otherwise refuses the update before writing a byte. A source then copies each bucket's blocks from its
 parameters into the region at their place in the engine's tensors (one copy per byte, checksummed from
 the source chunk by chunk while the chunk is in cache) and sends a `WeightUpdateBucket` with the checksum
 and no tensors; the destination checksums the staged blocks as each bucket arrives, while the source
@@ -14,13 +16,13 @@ second copy); the region served until then becomes the next staging region. A re
 touches the region the engine serves from.
 
 Address: the engine side binds like `ZmqReceiverTransport` (loopback by default) and announces `address`;
-the trainer side is `SharedMemorySenderTransport({dst_rank: address})`. Both ends must share a host and
-its /dev/shm.
+the trainer side is `SharedMemorySenderTransport({dst_rank: address})`. Both ends must share a host, its
+/dev/shm and the run id (`run_id`, by default the launcher's RL_ENGINE_RUN_ID, see `staging`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -28,7 +30,8 @@ from rl_engine.protocol import Ack, ErrorReply, WeightUpdateBegin, WeightUpdateB
 from rl_engine.weight_sync.buckets import Update, WeightSyncError, source_view
 from rl_engine.weight_sync.checksum import checksum, copy_with_sums, digest
 from rl_engine.weight_sync.plan import Bucket
-from rl_engine.weight_sync.staging import DEFAULT_DIR, Staging, map_region, region_slots, region_views
+from rl_engine.weight_sync.staging import (DEFAULT_DIR, Staging, open_region, region_slots, region_views,
+                                           resolve_run_id)
 from rl_engine.weight_sync.transport_zmq import ABORTED, ZmqReceiverTransport, ZmqSenderTransport
 
 if TYPE_CHECKING:
@@ -39,11 +42,14 @@ ERROR_REFUSED = "weights_refused"
 
 class SharedMemoryReceiverTransport(ZmqReceiverTransport):
     """Engine end: binds a ROUTER for the control messages and owns the staging regions. One transport per
-    `WeightReceiver` (it allocates the regions when the receiver is built); `close()` unlinks them."""
+    `WeightReceiver` (it allocates the regions when the receiver is built); `close()` unlinks them. The
+    regions are run `run_id`'s in `directory`; `options` go to `ZmqReceiverTransport`."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, context: zmq.Context | None = None,
-                 timeout_s: float = 300.0, directory: str = DEFAULT_DIR) -> None:
-        super().__init__(host=host, port=port, context=context, timeout_s=timeout_s)
+                 timeout_s: float = 300.0, directory: str = DEFAULT_DIR, run_id: str | None = None,
+                 **options: Any) -> None:
+        self.run_id = resolve_run_id(run_id)
+        super().__init__(host=host, port=port, context=context, timeout_s=timeout_s, **options)
         self.directory = directory
         self.staging: Staging | None = None
         self._owner: "WeightReceiver | None" = None
@@ -52,7 +58,8 @@ class SharedMemoryReceiverTransport(ZmqReceiverTransport):
         if self.staging is not None:
             self.staging.close()
         self.staging = Staging(receiver.tensors, receiver.plan.dst_layouts[receiver.dst_rank],
-                               dst_rank=receiver.dst_rank, shared=True, directory=self.directory)
+                               dst_rank=receiver.dst_rank, shared=True, directory=self.directory,
+                               run_id=self.run_id)
         self._owner = receiver
 
     def close(self) -> None:
@@ -98,12 +105,17 @@ class SharedMemoryReceiverTransport(ZmqReceiverTransport):
 
 
 class SharedMemorySenderTransport(ZmqSenderTransport):
-    """Trainer end: `addresses[d]` is destination rank d's `SharedMemoryReceiverTransport.address`."""
+    """Trainer end: `addresses[d]` is destination rank d's `SharedMemoryReceiverTransport.address`; the
+    regions it writes must be run `run_id`'s in `directory` (the receivers' settings); `options` go to
+    `ZmqSenderTransport`."""
 
     def __init__(self, addresses: dict[int, str] | list[str], *, context: zmq.Context | None = None,
-                 timeout_s: float = 300.0) -> None:
-        super().__init__(addresses, context=context, timeout_s=timeout_s)
-        self._mapped: dict[str, dict] = {}  # region path -> views of the engine's tensors in it
+                 timeout_s: float = 300.0, directory: str = DEFAULT_DIR, run_id: str | None = None,
+                 **options: Any) -> None:
+        self.run_id = resolve_run_id(run_id)
+        self.directory = directory
+        super().__init__(addresses, context=context, timeout_s=timeout_s, **options)
+        self._mapped: dict[tuple[int, str], dict] = {}  # (dst rank, region path) -> views of its tensors
         self._target: dict[int, dict] = {}  # destination rank -> views of this update's staging region
 
     def close(self) -> None:
@@ -128,7 +140,10 @@ class SharedMemorySenderTransport(ZmqSenderTransport):
                                 f"{publisher.plan.fingerprint:x}): build the plan with the same model config, "
                                 "layouts and bucket_bytes on both sides")
                 continue
-            self._target[d] = self._open(parts[3], publisher, d)
+            try:
+                self._target[d] = self._open(parts[3], publisher, d)
+            except WeightSyncError as e:  # not a region of this run: nothing is written
+                refusals.append(f"destination rank {d}: {e}")
         if refusals:
             for d in accepted:  # they wait for buckets: end the update there too
                 send_msg(socks[d], WeightUpdateCommit(version=version, num_buckets=ABORTED))
@@ -136,12 +151,14 @@ class SharedMemorySenderTransport(ZmqSenderTransport):
             raise WeightSyncError(f"weight update v{version} refused before any bytes moved: {refusals[0]}")
 
     def _open(self, path: str, publisher: "WeightPublisher", d: int) -> dict:
-        if path not in self._mapped:
+        key = (d, path)  # checked for this destination rank (its number is in the name)
+        if key not in self._mapped:
             slots, nbytes = region_slots(publisher.plan.dst_layouts[d])
-            self._mapped[path] = region_views(map_region(path, nbytes, create=False), slots)
+            region = open_region(path, nbytes, run_id=self.run_id, dst_rank=d, directory=self.directory)
+            self._mapped[key] = region_views(region, slots)
             if len(self._mapped) > 2 * max(1, len(self.addresses)):  # regions of receivers since replaced
                 del self._mapped[next(iter(self._mapped))]
-        return self._mapped[path]
+        return self._mapped[key]
 
     def _bucket_message(self, publisher: "WeightPublisher", version: int, b: Bucket) -> WeightUpdateBucket:
         views = self._target[b.dst_rank]

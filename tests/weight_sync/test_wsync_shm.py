@@ -2,11 +2,13 @@
 this host. Dense tp2 -> engine tp1 (row-parallel blocks land strided in the engine's tensors) through both
 staging regions, a flipped byte in the staging memory, a probe, a version going backwards; MoE ep2 x dp2
 -> engine tp1. References are the sharded checkpoints the trainers save right before publishing. Then
-the pieces in one process: bad input, and no region left in /dev/shm."""
+the pieces in one process: bad input, no region left in /dev/shm, the sweeps of dead processes' and of a
+run's regions, and the sender's refusal of any path an engine names that is not a region of its run."""
 
 from __future__ import annotations
 
 import os
+import stat
 import threading
 
 import pytest
@@ -23,7 +25,7 @@ from rl_engine.weight_sync import (
     WeightSyncError,
     plan_sync,
 )
-from rl_engine.weight_sync.staging import PREFIX, Staging, sweep_stale
+from rl_engine.weight_sync.staging import PREFIX, Staging, open_region, region_slots, sweep_run, sweep_stale
 from wsync_helpers import (DENSE, MOE, UNTIED, FakeEngine, assert_same_bytes, engine_model, spawn_for_facts,
                            write_weights)
 from wsync_shm_workers import run
@@ -144,20 +146,136 @@ def test_one_transport_per_receiver_and_a_missing_directory_name_the_fix():
         Staging({}, plan.dst_layouts[0], dst_rank=0, shared=True, directory="/no/such/dir")
 
 
-def test_regions_of_a_dead_process_are_swept(tmp_path):
+def _dead_pid() -> int:
     dead = mp.get_context("spawn").Process(target=int)
     dead.start()
     dead.join()
-    stale = tmp_path / f"{PREFIX}{dead.pid}_abcd1234_d0_0"
-    stale.write_bytes(b"x" * 64)
-    mine = tmp_path / f"{PREFIX}{os.getpid()}_abcd1234_d0_0"
-    mine.write_bytes(b"x" * 64)
-    assert sweep_stale(str(tmp_path)) == [stale.name]
-    assert not stale.exists() and mine.exists()
+    return dead.pid
+
+
+def test_regions_of_a_dead_process_are_swept(tmp_path):
+    dead = _dead_pid()
+    stale = [tmp_path / f"{PREFIX}{dead}_abcd1234_d0_0",  # the names before run ids
+             tmp_path / f"{PREFIX}{dead}_rother_abcd1234_d0_1"]
+    others = tmp_path / f"{PREFIX}{dead}_rother_abcd1234_d0_0"  # dead too, but another user's
+    mine = tmp_path / f"{PREFIX}{os.getpid()}_rother_abcd1234_d0_0"
+    for f in [*stale, others, mine]:
+        f.write_bytes(b"x" * 64)
+    os.chown(others, 12345, 12345)
+    assert sorted(sweep_stale(str(tmp_path))) == sorted(f.name for f in stale)
+    assert not any(f.exists() for f in stale) and others.exists() and mine.exists()
+
+
+def test_sweep_run_removes_the_runs_regions_and_nothing_else(tmp_path):
+    pid = os.getpid()  # alive: the launcher sweeps after its children ended, whatever their pids
+    ours = [tmp_path / f"{PREFIX}{pid}_rab12_0123abcd_d0_0", tmp_path / f"{PREFIX}{_dead_pid()}_rab12_0123abcd_d1_1"]
+    kept = [tmp_path / f"{PREFIX}{pid}_rab123_0123abcd_d0_0",  # another run, same prefix
+            tmp_path / f"{PREFIX}{pid}_0123abcd_d0_0",  # no run id
+            tmp_path / f"{PREFIX}{pid}_rab12_0123abcd_d0_0.bak",  # not a region's name
+            tmp_path / "rab12"]
+    others = tmp_path / f"{PREFIX}{pid}_rab12_4567abcd_d0_0"  # this run's name, another user's file
+    for f in [*ours, *kept, others]:
+        f.write_bytes(b"x" * 64)
+    os.chown(others, 12345, 12345)
+    assert sorted(sweep_run("rab12", str(tmp_path))) == sorted(f.name for f in ours)
+    assert not any(f.exists() for f in ours) and all(f.exists() for f in kept) and others.exists()
+    with pytest.raises(ValueError, match="run_id='../x' must be"):
+        sweep_run("../x", str(tmp_path))
 
 
 def test_sender_on_another_host_gets_a_clear_error():
-    from rl_engine.weight_sync.staging import map_region
+    with pytest.raises(WeightSyncError, match="does not exist: the shared-memory transport needs the engine on "
+                                              "this host"):
+        open_region("/dev/shm/rl_wsync_0_local_00000000_d0_0", 64, run_id="local", dst_rank=0)
 
-    with pytest.raises(FileNotFoundError, match="needs the engine on this host"):
-        map_region("/dev/shm/rl_wsync_0_nothing_d0_0", 64, create=False)
+
+# ---- the sender writes only into regions of its own run ------------------------------------------------
+RUN = "rtest"
+VICTIM = 0xAB  # the bytes of every file an impersonating engine names: they must stay as they were
+
+
+def _victim(path, nbytes: int) -> str:
+    path.write_bytes(bytes([VICTIM]) * nbytes)
+    return str(path)
+
+
+def _region(shm, d: int = 0, run: str = RUN) -> "os.PathLike":
+    return shm / f"{PREFIX}{os.getpid()}_{run}_0123abcd_d{d}_0"
+
+
+# name -> (what the engine announces, built from (staging dir, another dir, region size); the refusal)
+REFUSED = {
+    "outside the directory": (lambda shm, out, n: _victim(out / _region(shm).name, n),
+                              "not a file directly in the staging directory"),
+    "dot-dot": (lambda shm, out, n: f"{shm}/../{out.name}/{os.path.basename(_victim(out / _region(shm).name, n))}",
+                "not a file directly in the staging directory"),
+    "another name": (lambda shm, out, n: _victim(shm / "model.bin", n), "not that of a staging region of this run"),
+    "another run": (lambda shm, out, n: _victim(_region(shm, run="rother"), n),
+                    "not that of a staging region of this run"),
+    "another rank": (lambda shm, out, n: _victim(_region(shm, d=1), n), "not that of a staging region of this run"),
+    "a symlink": (lambda shm, out, n: os.symlink(_victim(out / "victim", n), _region(shm)) or str(_region(shm)),
+                  "it is a symbolic link"),
+    "a hard link": (lambda shm, out, n: os.link(_victim(out / "victim", n), _region(shm)) or str(_region(shm)),
+                    "it has 2 hard links"),
+    "another owner": (lambda shm, out, n: os.chown(_victim(_region(shm), n), 12345, 12345) or str(_region(shm)),
+                      "it is owned by uid 12345, not by this process's user"),
+    "group-writable": (lambda shm, out, n: os.chmod(_victim(_region(shm), n), 0o620) or str(_region(shm)),
+                       "its mode 620 lets other users write to it"),
+    "wrong size": (lambda shm, out, n: _victim(_region(shm), n + 64), "the plan needs"),
+    "a fifo": (lambda shm, out, n: os.mkfifo(_region(shm), 0o600) or str(_region(shm)), "not a regular file"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_sender_refuses_a_path_that_is_not_a_region_of_its_run(case, tmp_path):
+    """An engine (or whoever answers on its port) names a path in its Ack: the trainer refuses it before
+    mapping anything, with an error naming the path and the reason, and writes nothing anywhere."""
+    shm, out = tmp_path / "shm", tmp_path / "elsewhere"
+    shm.mkdir()
+    out.mkdir()
+    path = write_weights(str(tmp_path / "m"), UNTIED, seed=2)
+    from rl_engine.policy import from_pretrained
+
+    trainer = from_pretrained(path)
+    plan = plan_sync(UNTIED, src=TrainLayout(), dst=EngineLayout(), bucket_bytes=4096)
+    _, nbytes = region_slots(plan.dst_layouts[0])
+    announced, why = REFUSED[case]
+    bad = announced(shm, out, nbytes)
+    victims = [f for d in (shm, out) for f in d.iterdir() if not f.is_symlink() and f.is_file()]
+    before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in victims}
+    engine = FakeEngine(engine_model(UNTIED, EngineLayout(), 0, None))
+    rx = SharedMemoryReceiverTransport(timeout_s=10, directory=str(shm), run_id=RUN)
+    receiver = WeightReceiver(engine, plan, transport=rx)
+    real = list(rx.staging.paths)
+    rx.staging.paths = [bad, bad]  # the impersonator's answer, through the receiver's own (signed) reply
+    tx = SharedMemorySenderTransport({0: rx.address}, timeout_s=10, directory=str(shm), run_id=RUN)
+    t, errors = _publish_in_thread(WeightPublisher(trainer, plan, src_rank=0, transport=tx), 1)
+    with pytest.raises(WeightSyncError, match="keeps version 0"):
+        receiver.sync()
+    t.join()
+    assert len(errors) == 1 and isinstance(errors[0], WeightSyncError), errors
+    message = str(errors[0])
+    assert "refused before any bytes moved" in message and f"refusing to write weights into {bad!r}" in message
+    assert why in message, message
+    for f, (data, mtime) in before.items():
+        assert f.read_bytes() == data and f.stat().st_mtime_ns == mtime, f"{f} was written"
+    assert engine.weights_version == 0 and not tx._mapped
+    rx.close()
+    tx.close()
+    assert not any(os.path.exists(p) for p in real)
+
+
+def test_sender_maps_a_region_of_its_run(tmp_path):
+    """The checks let the real thing through: a region `Staging` made for this run and rank (mode 0600)."""
+    plan = plan_sync(UNTIED, src=TrainLayout(), dst=EngineLayout())
+    rx = SharedMemoryReceiverTransport(timeout_s=10, directory=str(tmp_path), run_id=RUN)
+    WeightReceiver(FakeEngine(engine_model(UNTIED, EngineLayout(), 0, None)), plan, transport=rx)
+    staging = rx.staging
+    assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o600 for p in staging.paths)
+    region = open_region(staging.paths[1], staging.nbytes, run_id=RUN, dst_rank=0, directory=str(tmp_path))
+    region[:8] = 7
+    assert staging.regions[1][:8].tolist() == [7] * 8  # the same memory
+    with pytest.raises(WeightSyncError, match="not that of a staging region of this run"):
+        open_region(staging.paths[1], staging.nbytes, run_id="rother", dst_rank=0, directory=str(tmp_path))
+    rx.close()
+    assert not list(tmp_path.iterdir())
