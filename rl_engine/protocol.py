@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import msgspec
 import torch
 import zmq
 
-PROTOCOL_VERSION = 3  # 2: the RL loop's messages (GenerateBatch, TrainBatch, ...); 3: async (partial rollouts)
+PROTOCOL_VERSION = 4  # 2: the RL loop's messages (GenerateBatch, TrainBatch, ...); 3: async (partial rollouts);
+# 4: authenticated sockets (WeightsApplied.rejected_messages)
 
 # Wire dtype names -> torch dtypes. Fixed table: a peer can never make us resolve an arbitrary name.
 DTYPES: dict[str, torch.dtype] = {
@@ -43,6 +44,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
+if TYPE_CHECKING:
+    from rl_engine.auth import MessageSigner, RunAuth
+
 Buffer = Union[bytes, bytearray, memoryview, "zmq.Frame"]
 
 
@@ -52,6 +56,10 @@ class ProtocolError(Exception):
     def __init__(self, message: str, *, route: Sequence[bytes] = ()) -> None:
         super().__init__(message)
         self.route = list(route)
+
+
+class Unauthenticated(Exception):
+    """A message from a peer that did not prove it holds the run's secret: dropped unanswered, counted."""
 
 
 class TensorHeader(msgspec.Struct, array_like=True, frozen=True):
@@ -211,6 +219,7 @@ class WeightsApplied(Message):
     error: str = ""
     seconds: float = 0.0
     probe_error: float | None = None  # max |engine - trainer| log-prob on the probe sequence
+    rejected_messages: int = 0  # unauthenticated messages the worker has dropped so far
 
 
 class WeightsPublished(Message):
@@ -351,7 +360,18 @@ def _rebuild_tensor(header: TensorHeader, frame: memoryview) -> torch.Tensor:
 
 
 def decode(frames: Sequence[Buffer]) -> Message:
-    """Rebuild a message from its frames; raise `ProtocolError` on anything malformed."""
+    """Rebuild a message from its frames; raise `ProtocolError` on anything malformed, whatever
+    failed inside (a RecursionError from msgpack nested 1,000 deep included): a peer's bytes can never
+    raise anything else out of a receiver."""
+    try:
+        return _decode(frames)
+    except ProtocolError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure on peer-controlled bytes is the peer's error
+        raise ProtocolError(f"undecodable message ({type(e).__name__}: {e})") from None
+
+
+def _decode(frames: Sequence[Buffer]) -> Message:
     if len(frames) == 0:
         raise ProtocolError("empty multipart message: expected at least the msgpack frame")
     views = [memoryview(f).cast("B") for f in frames]
@@ -417,23 +437,49 @@ def bind(socket: zmq.Socket, *, host: str = "127.0.0.1", port: int | None = None
     return f"tcp://{host}:{port}"
 
 
-def send_msg(socket: zmq.Socket, msg: Message, *, route: Sequence[bytes] = ()) -> None:
-    """Send one message; `route` is the identity prefix when replying from a ROUTER socket."""
-    socket.send_multipart([*route, *encode(msg)], copy=False)
+def send_msg(socket: zmq.Socket, msg: Message, *, route: Sequence[bytes] = (),
+             signer: "MessageSigner | None" = None) -> None:
+    """Send one message; `route` is the identity prefix when replying from a ROUTER socket. With a
+    `signer`, an AES-GMAC tag frame bound to the sender's identity follows the message's frames."""
+    frames = encode(msg)
+    if signer is not None:
+        frames.append(signer.sign(frames, peer=_signed_peer(socket, route, sending=True)))
+    socket.send_multipart([*route, *frames], copy=False)
 
 
-def recv_msg(socket: zmq.Socket, *, num_route_frames: int = 0) -> tuple[list[bytes], Message]:
+def recv_msg(socket: zmq.Socket, *, num_route_frames: int = 0, auth: "RunAuth | None" = None,
+             signer: "MessageSigner | None" = None) -> tuple[list[bytes], Message]:
     """Receive one message: (route frames, message). Use num_route_frames=1 on a ROUTER socket
-    talking to DEALER peers. Raises `ProtocolError` (carrying the route) on a malformed message."""
+    talking to DEALER peers. Every check runs here, before decoding: with `auth` (a CURVE server
+    socket) the routing id must be the authenticated peer's name; with `signer` the message's tag must
+    verify. A message failing either raises `Unauthenticated` (counted by `auth`; never answer it);
+    a malformed one raises `ProtocolError` (carrying the route)."""
     parts = socket.recv_multipart(copy=False)
     route = [bytes(p.buffer) for p in parts[:num_route_frames]]
-    if len(parts) < num_route_frames:
-        raise ProtocolError(f"expected {num_route_frames} route frames, got {len(parts)} frames", route=route)
+    if len(parts) <= num_route_frames:
+        raise ProtocolError(f"expected {num_route_frames} route frames and a message, got {len(parts)} frames",
+                            route=route)
+    if auth is not None and route and auth.check_peer(parts[num_route_frames], route[0]) is None:
+        raise Unauthenticated(f"routing id {route[0]!r} is not the authenticated peer's name")
+    frames: list = [p.buffer for p in parts[num_route_frames:]]
+    if signer is not None:
+        verified = signer.verify(frames, peer=_signed_peer(socket, route, sending=False))
+        if verified is None:
+            raise Unauthenticated(f"message from {route[0] if route else 'the peer'!r} without a valid tag")
+        frames = verified
     try:
-        return route, decode([p.buffer for p in parts[num_route_frames:]])
+        return route, decode(frames)
     except ProtocolError as e:
         e.route = route
         raise
+
+
+def _signed_peer(socket: zmq.Socket, route: Sequence[bytes], *, sending: bool) -> bytes:
+    """What a tag is bound to: the DEALER's identity, and the direction (replies carry a '>' mark)."""
+    if route:  # a ROUTER: sending replies to route[0], receiving from route[0]
+        return b">" + route[0] if sending else route[0]
+    identity = socket.getsockopt(zmq.IDENTITY)
+    return identity if sending else b">" + identity
 
 
 def error_reply(error: Exception) -> ErrorReply:

@@ -42,6 +42,7 @@ from rl_engine.actors.ledger import PromptLedger
 from rl_engine.actors.link import load_actor_config
 from rl_engine.actors.rollout_buffer import Prompt, RolloutBuffer, staleness
 from rl_engine.actors.wire import samples_of, train_batch, wire_sampling
+from rl_engine.auth import RunAuth
 from rl_engine.metrics import MetricsLogger
 from rl_engine.policy import ModelConfig
 from rl_engine.rl_step import (PromptSource, Sample, collect_groups, eval_sampling_params, rollout_metrics,
@@ -54,8 +55,9 @@ logger = logging.getLogger(__name__)
 
 
 class Coordinator(CoordinatorBase):
-    def __init__(self, cfg: RLConfig, *, port: int | None = None, heartbeat_port: int | None = None) -> None:
-        super().__init__(cfg, port=port, heartbeat_port=heartbeat_port)
+    def __init__(self, cfg: RLConfig, *, auth: RunAuth, port: int | None = None,
+                 heartbeat_port: int | None = None) -> None:
+        super().__init__(cfg, auth=auth, port=port, heartbeat_port=heartbeat_port)
         model_config = ModelConfig.from_pretrained(cfg.model.path)
         self.prompts = PromptSource(cfg, model_path=cfg.model.path, data_path=cfg.data.path,
                                     eval_path=cfg.data.eval_path, eos_token_ids=model_config.eos_token_id)
@@ -116,7 +118,8 @@ class Coordinator(CoordinatorBase):
                    "total_seconds": round(time.perf_counter() - t_start, 1), "checkpoint": checkpoint,
                    "resumed_from": self.resume_from, "prompts": self.ledger.counts(),
                    "unfinished_prompts": self.ledger.unfinished(), "worker_deaths": self.num_worker_deaths,
-                   "protocol_errors": self.num_protocol_errors}
+                   "protocol_errors": self.num_protocol_errors,
+                   "rejected_messages": {"coordinator": self.auth.rejected, **self.worker_rejections}}
         if self.stream is not None:
             summary["async"] = dict(self.async_counts)
         if before is not None and after is not None:
@@ -405,6 +408,7 @@ class Coordinator(CoordinatorBase):
             if msg is None:
                 continue
             applied[name] = msg
+            self.worker_rejections[name] = msg.rejected_messages
             if not msg.ok:
                 self.retire(name, f"it refused weights v{version}: {msg.error}")
         probes = [m.probe_error for m in applied.values() if m.probe_error is not None]
@@ -500,8 +504,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heartbeat-port", type=int, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(name)s: %(message)s")
+    auth = RunAuth.from_env()
     cfg = load_actor_config(args.config)
-    coordinator = Coordinator(cfg, port=args.port, heartbeat_port=args.heartbeat_port)
+    coordinator = Coordinator(cfg, auth=auth, port=args.port, heartbeat_port=args.heartbeat_port)
     try:
         coordinator.run()
     finally:

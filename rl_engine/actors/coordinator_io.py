@@ -25,11 +25,25 @@ from rl_engine.actors.ledger import PromptLedger
 from rl_engine.rl_step import prompt_seed
 from rl_engine.run_checkpoint import write_json_atomic
 from rl_engine.actors.link import ERROR_STARTUP
+from rl_engine.auth import RunAuth
 from rl_engine.launch.heartbeat import HeartbeatMonitor
 from rl_engine.train_config import RLConfig
 
 logger = logging.getLogger(__name__)
 ANSWERS = (P.TrainResult, P.WeightsPublished, P.WeightsApplied, P.Ack)
+
+
+def max_message_bytes(cfg: RLConfig) -> int:
+    """The largest frame a legitimate actor sends the coordinator, with room to spare: a result's
+    per-token tensors (8 bytes a token, plus routed experts when recorded) for `n` samples of a prompt
+    as long as an engine step's token budget, for every prompt of a step when one GenerateBatch
+    carries them (colocated)."""
+    r = cfg.rollout
+    tokens = r.n * (r.max_num_batched_tokens + r.max_new_tokens)
+    if cfg.placement.mode != "disaggregated":
+        tokens *= 2 * r.prompts_per_step
+    per_token = 8 + (512 if r.routing_replay else 0)
+    return max(64 << 20, 2 * tokens * per_token)
 
 
 @dataclass
@@ -53,18 +67,23 @@ class _Round:
 
 
 class CoordinatorBase:
-    def __init__(self, cfg: RLConfig, *, port: int | None, heartbeat_port: int | None) -> None:
+    def __init__(self, cfg: RLConfig, *, auth: RunAuth, port: int | None, heartbeat_port: int | None) -> None:
         self.cfg = cfg
         p = cfg.placement
         self.disaggregated = p.mode == "disaggregated"
+        self.auth = auth
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 2000)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer raises instead of vanishing
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(cfg))  # a larger frame drops its sender
+        self.socket.setsockopt(zmq.RCVHWM, 1000)
+        auth.serve(self.socket, peers=self.expected_actors())
         self.address = P.bind(self.socket, host=p.host, port=port)
         self._dead: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.monitor = HeartbeatMonitor(timeout_s=p.heartbeat_timeout_s, on_dead=self._dead.put, host=p.host,
-                                        port=heartbeat_port, context=self.context).start()
+                                        port=heartbeat_port, context=self.context, auth=auth,
+                                        peers=self.expected_actors()).start()
         self.actors: dict[str, Actor] = {}
         self.inbox: list[tuple[str, P.Message]] = []  # answers not yet taken by a wait
         self._round: _Round | None = None
@@ -72,6 +91,7 @@ class CoordinatorBase:
         self.on_stream_result: Callable[[str, P.GenerateResult], None] | None = None
         self.on_requeue: Callable[[list[str]], None] | None = None
         self.num_protocol_errors = 0
+        self.worker_rejections: dict[str, int] = {}  # unauthenticated messages each worker dropped (its last report)
         self.num_worker_deaths = 0
 
     # ---- actors -----------------------------------------------------------------------------------
@@ -125,6 +145,9 @@ class CoordinatorBase:
                                f"Their logs: {logs}/rollout-*.log")
 
     def _handle_dead(self) -> None:
+        if self.monitor.error is not None:
+            raise RuntimeError(f"the heartbeat monitor failed, so dead workers could no longer be noticed: "
+                               f"{self.monitor.error}")
         while True:
             try:
                 name = self._dead.get_nowait()
@@ -160,7 +183,10 @@ class CoordinatorBase:
 
     def _receive_one(self) -> None:
         try:
-            route, msg = P.recv_msg(self.socket, num_route_frames=1)
+            route, msg = P.recv_msg(self.socket, num_route_frames=1, auth=self.auth)
+        except P.Unauthenticated as e:  # counted by self.auth; a stranger gets no answer
+            logger.warning("refused: %s", e)
+            return
         except P.ProtocolError as e:
             self._reply(e.route, P.error_reply(e), f"malformed message: {e}")
             return
@@ -297,5 +323,6 @@ class CoordinatorBase:
 
     def close(self) -> None:
         self.monitor.stop()
+        self.auth.close()
         self.socket.close()
         self.context.term()

@@ -15,6 +15,7 @@ import os
 import zmq
 
 from rl_engine import protocol as P
+from rl_engine.auth import RunAuth
 from rl_engine.config import load_config
 from rl_engine.train_config import RLConfig
 from rl_engine.launch.heartbeat import HeartbeatSender
@@ -23,19 +24,21 @@ logger = logging.getLogger(__name__)
 
 
 class CoordinatorLink:
-    def __init__(self, address: str, *, actor_id: str, role: str, heartbeat_address: str,
+    def __init__(self, address: str, *, auth: RunAuth, actor_id: str, role: str, heartbeat_address: str,
                  heartbeat_interval_s: float, capabilities: dict[str, str | int | float | bool] | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, max_message_bytes: int = 256 << 20) -> None:
         self.actor_id, self.role = actor_id, role
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, actor_id.encode())
         self.socket.setsockopt(zmq.LINGER, 2000)  # let the last answers out on close
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        auth.connect_as(self.socket, actor_id)  # CURVE: only the coordinator's key is accepted as the server
         self.socket.connect(address)
         self.num_errors = 0  # malformed or unexpected messages answered with ErrorReply
         self.send(P.Hello(worker_id=actor_id, role=role, capabilities={"pid": os.getpid(), **(capabilities or {})}))
         self.heartbeat = HeartbeatSender(heartbeat_address, sender_id=actor_id, interval_s=heartbeat_interval_s,
-                                         context=self.context).start()
+                                         context=self.context, auth=auth).start()
 
     def send(self, msg: P.Message) -> None:
         P.send_msg(self.socket, msg)
@@ -74,13 +77,14 @@ class CoordinatorLink:
         self.socket.close()
 
 
-def report_startup_failure(address: str, *, actor_id: str, error: BaseException) -> None:
+def report_startup_failure(address: str, *, auth: RunAuth, actor_id: str, error: BaseException) -> None:
     """An actor that cannot start tells the coordinator (ErrorReply code "startup_failed"), which then
     ends the run with the reason instead of waiting for a registration that will never come."""
     context = zmq.Context.instance()
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.IDENTITY, actor_id.encode())
     socket.setsockopt(zmq.LINGER, 2000)
+    auth.connect_as(socket, actor_id)
     try:
         socket.connect(address)
         P.send_msg(socket, P.ErrorReply(code=ERROR_STARTUP, message=f"{type(error).__name__}: {error}"))

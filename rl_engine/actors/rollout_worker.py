@@ -32,11 +32,12 @@ import torch
 from rl_engine import protocol as P
 from rl_engine.actors.link import CoordinatorLink, load_actor_config, report_startup_failure
 from rl_engine.actors.wire import add_to_engine, generate_result
+from rl_engine.auth import RunAuth
 from rl_engine.inference import LLM
 from rl_engine.policy import from_pretrained
 from rl_engine.train_config import RLConfig
 from rl_engine.weight_sync import (EngineLayout, SharedMemoryReceiverTransport, TrainLayout, WeightReceiver,
-                                   WeightSyncError, ZmqReceiverTransport, plan_sync)
+                                   WeightSyncError, ZmqReceiverTransport, plan_message_bytes, plan_sync)
 
 logger = logging.getLogger(__name__)
 COMMANDS = (P.GenerateRequest, P.UpdateWeights, P.Shutdown)
@@ -54,7 +55,7 @@ def shm_has_room(model: torch.nn.Module, directory: str = "/dev/shm") -> bool:
 
 
 class RolloutWorker:
-    def __init__(self, cfg: RLConfig, *, worker_id: str, coordinator: str, heartbeat: str,
+    def __init__(self, cfg: RLConfig, *, auth: RunAuth, worker_id: str, coordinator: str, heartbeat: str,
                  die_after_requests: int | None = None) -> None:
         p, r, t = cfg.placement, cfg.rollout, cfg.train
         self.worker_id, self.die_after_requests = worker_id, die_after_requests
@@ -70,10 +71,11 @@ class RolloutWorker:
         if kind == "auto":
             kind = "shm" if shm_has_room(model) else "zmq"
         receiver_cls = SharedMemoryReceiverTransport if kind == "shm" else ZmqReceiverTransport
-        self.weights_rx = receiver_cls(host=p.host, timeout_s=p.weight_sync_timeout_s)
+        self.weights_rx = receiver_cls(host=p.host, timeout_s=p.weight_sync_timeout_s, signer=auth.signer("weights"),
+                                       max_message_bytes=plan_message_bytes(plan, dst_rank=0))
         self.receiver = WeightReceiver(self.engine, plan, dst_rank=0, transport=self.weights_rx)
         address = ("shm+" if kind == "shm" else "") + self.weights_rx.address  # the trainer picks its sender by it
-        self.link = CoordinatorLink(coordinator, actor_id=worker_id, role="rollout", heartbeat_address=heartbeat,
+        self.link = CoordinatorLink(coordinator, auth=auth, actor_id=worker_id, role="rollout", heartbeat_address=heartbeat,
                                     heartbeat_interval_s=p.heartbeat_interval_s,
                                     capabilities={"weights_address": address,
                                                   "weights_version": self.engine.weights_version})
@@ -108,7 +110,9 @@ class RolloutWorker:
             if msg.interrupt:  # async: hand the partial rollouts back; they go on with the new weights
                 for out in self.engine.interrupt():
                     self.link.send(generate_result(self.requests.pop(out.request_id), out, interrupted=True))
-            self.link.send(self._update_weights(msg.version))
+            reply = self._update_weights(msg.version)
+            reply.rejected_messages = self.weights_rx.num_rejected
+            self.link.send(reply)
 
     def _add(self, request: P.GenerateRequest) -> None:
         rid = request.request_id
@@ -159,12 +163,13 @@ def main(argv: list[str] | None = None) -> None:
     # the shared-memory staging regions (two copies of the model) instead of leaving them in /dev/shm.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.worker_id} %(levelname)s %(name)s: %(message)s")
+    auth = RunAuth.from_env()
     cfg = load_actor_config(args.config)
     try:
-        worker = RolloutWorker(cfg, worker_id=args.worker_id, coordinator=args.coordinator, heartbeat=args.heartbeat,
+        worker = RolloutWorker(cfg, auth=auth, worker_id=args.worker_id, coordinator=args.coordinator, heartbeat=args.heartbeat,
                                die_after_requests=args.die_after_requests)
     except Exception as e:
-        report_startup_failure(args.coordinator, actor_id=args.worker_id, error=e)
+        report_startup_failure(args.coordinator, auth=auth, actor_id=args.worker_id, error=e)
         raise
     try:
         worker.serve()

@@ -26,6 +26,7 @@ from typing import IO
 
 import yaml
 
+from rl_engine.auth import RunAuth
 from rl_engine.config import to_dict
 from rl_engine.launch import LaunchResult, ProcessSpec, free_port, launch
 from rl_engine.train_config import RLConfig
@@ -129,7 +130,9 @@ def run_actors(cfg: RLConfig, *, edit_specs: Callable[[list[ProcessSpec]], list[
     print(f"launching {len(specs)} processes ({cfg.placement.mode}, trainer tp={cfg.train.tp} pp={cfg.train.pp} "
           f"dp={cfg.train.dp}); logs in {log_dir}", flush=True)
     try:
-        result = launch(specs, log_dir=log_dir, grace_period_s=cfg.placement.grace_period_s, echo_stream=echo_stream)
+        # The run's secret reaches the actors in their environment only (see rl_engine.auth).
+        result = launch(specs, log_dir=log_dir, grace_period_s=cfg.placement.grace_period_s, echo_stream=echo_stream,
+                        env=RunAuth.generate().child_env())
     finally:  # the children have ended (launch stops them on every way out): what they left is the run's
         if removed := sweep_run(run_id):
             print(f"removed {len(removed)} shared-memory region(s) the run's processes left behind: "

@@ -42,6 +42,8 @@ import torch.distributed as dist
 from rl_engine import protocol as P
 from rl_engine.actors.group_comm import broadcast_message, recv_messages, reduce_metrics_over, send_messages
 from rl_engine.actors.link import CoordinatorLink, load_actor_config
+from rl_engine.auth import RunAuth
+from rl_engine.launch.rendezvous import init_process_group_from_env
 from rl_engine.actors.wire import add_to_engine, engine_sampling, generate_result, samples_from_batch
 from rl_engine.losses import PolicyLoss, compute_loss_normalizer
 from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer
@@ -56,8 +58,9 @@ PROBE_TOKENS = 64
 
 
 class TrainerGroup:
-    def __init__(self, cfg: RLConfig, *, coordinator: str, heartbeat: str) -> None:
+    def __init__(self, cfg: RLConfig, *, auth: RunAuth, coordinator: str, heartbeat: str) -> None:
         self.cfg = cfg
+        self.weights_signer = auth.signer("weights")
         p, t, o = cfg.placement, cfg.train, cfg.optim
         self.colocated = p.mode == "colocated"
         self.groups = g = ParallelGroups.build(tp=t.tp, pp=t.pp, ep=t.ep, dp=t.dp)
@@ -98,7 +101,7 @@ class TrainerGroup:
             pids = torch.cat(every)
         self.link = None
         if g.world_rank == 0:
-            self.link = CoordinatorLink(coordinator, actor_id="trainer", role="trainer", heartbeat_address=heartbeat,
+            self.link = CoordinatorLink(coordinator, auth=auth, actor_id="trainer", role="trainer", heartbeat_address=heartbeat,
                                         heartbeat_interval_s=p.heartbeat_interval_s,
                                         capabilities={"world_size": g.world_size, "placement": p.mode,
                                                       "rank_pids": ",".join(str(x) for x in pids.tolist()),
@@ -198,7 +201,7 @@ class TrainerGroup:
                 address = targets[name]  # "shm+tcp://..." from a worker staging in shared memory
                 shm = address.startswith("shm+")
                 sender_cls = SharedMemorySenderTransport if shm else ZmqSenderTransport
-                transport = sender_cls({0: address[4:] if shm else address},
+                transport = sender_cls({0: address[4:] if shm else address}, signer=self.weights_signer,
                                        timeout_s=self.cfg.placement.weight_sync_timeout_s)
                 publisher = self.publishers[name] = WeightPublisher(self.trainer.chunks, self.worker_plan,
                                                                     src_rank=self.groups.world_rank,
@@ -314,11 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s trainer{rank} %(levelname)s %(name)s: %(message)s")
+    auth = RunAuth.from_env()
     cfg = load_actor_config(args.config)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=cfg.placement.dist_timeout_s))
+    init_process_group_from_env("gloo", timeout=timedelta(seconds=cfg.placement.dist_timeout_s))
     group = None
     try:
-        group = TrainerGroup(cfg, coordinator=args.coordinator, heartbeat=args.heartbeat)
+        group = TrainerGroup(cfg, auth=auth, coordinator=args.coordinator, heartbeat=args.heartbeat)
         group.serve()
     finally:
         if group is not None:

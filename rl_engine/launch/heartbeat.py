@@ -17,11 +17,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import zmq
 
 from rl_engine import protocol as P
+from rl_engine.auth import RunAuth
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +82,11 @@ class HeartbeatSender:
     """Sends `Heartbeat(sender=sender_id)` to `address` every `interval_s` from its own thread."""
 
     def __init__(self, address: str, *, sender_id: str, interval_s: float = 1.0,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, auth: RunAuth | None = None) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
         self.address, self.sender_id, self.interval_s = address, sender_id, interval_s
+        self._auth = auth
         self._context = context or zmq.Context.instance()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{sender_id}", daemon=True)
@@ -102,6 +104,9 @@ class HeartbeatSender:
     def _run(self) -> None:
         # The socket lives entirely in this thread (ZMQ sockets are not thread-safe).
         sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.sender_id.encode())  # the monitor knows us by it
+        if self._auth is not None:
+            self._auth.connect_as(sock, self.sender_id)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing while the monitor is unreachable...
         sock.setsockopt(zmq.SNDTIMEO, 0)  # ...and never block: a late heartbeat is a useless one
@@ -134,11 +139,18 @@ class HeartbeatMonitor:
     def __init__(self, *, timeout_s: float, on_dead: Callable[[str], None],
                  on_alive: Callable[[str], None] | None = None, host: str = "127.0.0.1",
                  port: int | None = None, context: zmq.Context | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, auth: RunAuth | None = None,
+                 peers: Sequence[str] = ()) -> None:
         self.tracker = PeerTracker(timeout_s=timeout_s, clock=clock)
         self._on_dead, self._on_alive = on_dead, on_alive
+        self._auth = auth
+        self.error: BaseException | None = None  # what stopped the monitor thread, if anything did
         self._socket = (context or zmq.Context.instance()).socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, 64 << 10)  # a heartbeat is a few dozen bytes
+        self._socket.setsockopt(zmq.RCVHWM, 1000)
+        if auth is not None:  # CURVE: only `peers` get in, and each is known by its key
+            auth.serve(self._socket, peers=peers)
         self.address = P.bind(self._socket, host=host, port=port)
         # Bounded so that stop() (which waits for the current poll) returns promptly.
         self._check_interval_ms = max(10, min(250, int(timeout_s * 1000 / 4)))
@@ -174,17 +186,26 @@ class HeartbeatMonitor:
         self.stop()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            if self._socket.poll(self._check_interval_ms):
-                self._receive()
-            for peer in self.tracker.expire():
-                logger.warning("peer %s missed heartbeats for %.1f s: declared dead", peer, self.tracker.timeout_s)
-                self._call(self._on_dead, peer)
+        # Whatever stops this thread is kept in `error` for the owner to raise (the coordinator does
+        # on its next pump): a monitor that died silently would never declare a dead worker.
+        try:
+            while not self._stop.is_set():
+                if self._socket.poll(self._check_interval_ms):
+                    self._receive()
+                for peer in self.tracker.expire():
+                    logger.warning("peer %s missed heartbeats for %.1f s: declared dead", peer, self.tracker.timeout_s)
+                    self._call(self._on_dead, peer)
+        except BaseException as e:
+            logger.exception("heartbeat monitor stopped")
+            self.error = e
 
     def _receive(self) -> None:
         route: list[bytes] = []
         try:
-            route, msg = P.recv_msg(self._socket, num_route_frames=1)
+            route, msg = P.recv_msg(self._socket, num_route_frames=1, auth=self._auth)
+        except P.Unauthenticated as e:
+            logger.warning("heartbeat monitor: refused: %s", e)
+            return
         except P.ProtocolError as e:
             logger.warning("heartbeat monitor: malformed message: %s", e)
             self._reply(e.route, P.error_reply(e))
@@ -194,8 +215,14 @@ class HeartbeatMonitor:
             self._reply(route, P.ErrorReply(code=P.ERROR_UNEXPECTED,
                                             message=f"the heartbeat socket takes Heartbeat, got {type(msg).__name__}"))
             return
-        if self.tracker.beat(msg.sender) and self._on_alive is not None:
-            self._call(self._on_alive, msg.sender)
+        peer = route[0].decode(errors="replace")  # the connection's identity, not a field of the message
+        if msg.sender != peer:
+            logger.warning("heartbeat monitor: %s sent a heartbeat in the name of %r", peer, msg.sender)
+            self._reply(route, P.ErrorReply(code=P.ERROR_UNEXPECTED,
+                                            message=f"heartbeat sender {msg.sender!r} is not your identity {peer!r}"))
+            return
+        if self.tracker.beat(peer) and self._on_alive is not None:
+            self._call(self._on_alive, peer)
 
     def _reply(self, route: list[bytes], msg: P.Message) -> None:
         if route:

@@ -105,6 +105,13 @@ class SyncPlan:
                                                  default=0)}
 
 
+def plan_message_bytes(plan: SyncPlan, *, dst_rank: int) -> int:
+    """The largest frame a legitimate source sends destination `dst_rank` (one transfer's segment, or
+    a probe or control frame), with 1 MiB to spare: the receiver's socket refuses larger ones."""
+    largest = max((t.nbytes for b in plan.buckets_to(dst_rank) for t in b.transfers), default=0)
+    return max(largest, 1 << 20) + (1 << 20)
+
+
 def plan_sync(config: ModelConfig, *, src: TrainLayout, dst: EngineLayout, bucket_bytes: int = 32 << 20,
               colocated: Mapping[int, int] | None = None) -> SyncPlan:
     """Plan a sync from every source rank to every destination rank. `colocated` maps a destination rank

@@ -84,10 +84,11 @@ class SharedMemoryReceiverTransport(ZmqReceiverTransport):
         if msg.version <= current:
             problem = f"weights version must increase: the engine is at {current}, the update is {msg.version}"
             send_msg(self.socket, ErrorReply(code=ERROR_REFUSED, message=f"destination rank {receiver.dst_rank}: "
-                                             f"{problem}"), route=route)
+                                             f"{problem}"), route=route, signer=self.signer)
             return problem
         path = self.staging.paths[self.staging.staging]
-        send_msg(self.socket, Ack(ref=f"shm:v{msg.version}:{receiver.plan.fingerprint:x}:{path}"), route=route)
+        send_msg(self.socket, Ack(ref=f"shm:v{msg.version}:{receiver.plan.fingerprint:x}:{path}"), route=route,
+                 signer=self.signer)
         return None
 
     def _take_bucket(self, receiver: "WeightReceiver", update: Update, bucket: Bucket,
@@ -146,7 +147,7 @@ class SharedMemorySenderTransport(ZmqSenderTransport):
                 refusals.append(f"destination rank {d}: {e}")
         if refusals:
             for d in accepted:  # they wait for buckets: end the update there too
-                send_msg(socks[d], WeightUpdateCommit(version=version, num_buckets=ABORTED))
+                self._send(socks[d], WeightUpdateCommit(version=version, num_buckets=ABORTED))
             self._replies({d: socks[d] for d in accepted})  # their rejections of the aborted update
             raise WeightSyncError(f"weight update v{version} refused before any bytes moved: {refusals[0]}")
 

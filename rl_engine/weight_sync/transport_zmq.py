@@ -17,6 +17,7 @@ bespoke framing, so the same validation guards weights and rollouts.
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ from rl_engine.protocol import (
     Ack,
     ErrorReply,
     ProtocolError,
+    Unauthenticated,
     WeightUpdateBegin,
     WeightUpdateBucket,
     WeightUpdateCommit,
@@ -40,6 +42,7 @@ from rl_engine.weight_sync.checksum import checksum
 from rl_engine.weight_sync.plan import Bucket
 
 if TYPE_CHECKING:
+    from rl_engine.auth import MessageSigner
     from rl_engine.weight_sync.endpoints import WeightPublisher, WeightReceiver
 
 PROBE_BUCKET = -1
@@ -50,20 +53,32 @@ ERROR_REJECTED = "weights_rejected"
 def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
     s = ctx.socket(kind)
     s.setsockopt(zmq.SNDHWM, 0)  # never drop or block on the message count: buckets are bounded by the plan
-    s.setsockopt(zmq.RCVHWM, 0)
     s.setsockopt(zmq.LINGER, 0)
     return s
 
 
 class ZmqReceiverTransport:
-    """Destination end: binds a ROUTER; give `address` to the sources."""
+    """Destination end: binds a ROUTER; give `address` to the sources.
+
+    With a `signer` (every actor run), each message must carry a valid tag from a holder of the run's
+    secret: anything else is dropped before decoding and counted in `num_rejected`, and never affects
+    the update under way. `max_message_bytes` bounds a frame (`plan_message_bytes`): a peer sending a
+    larger one is disconnected. A peer's queue holds at most `RCV_QUEUE` messages (TCP pushes back)."""
+
+    RCV_QUEUE = 64
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, context: zmq.Context | None = None,
-                 timeout_s: float = 300.0) -> None:
+                 timeout_s: float = 300.0, signer: MessageSigner | None = None,
+                 max_message_bytes: int | None = None) -> None:
         self.context = context or zmq.Context.instance()
         self.socket = _socket(self.context, zmq.ROUTER)
+        self.socket.setsockopt(zmq.RCVHWM, self.RCV_QUEUE)
+        if max_message_bytes is not None:
+            self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.address = bind(self.socket, host=host, port=port)
         self.timeout_s = timeout_s
+        self.signer = signer
+        self.num_rejected = 0
         self._routes: dict[int, bytes] = {}
         self._refused: set[int] = set()  # sources answered at their begin message (update refused)
 
@@ -87,7 +102,10 @@ class ZmqReceiverTransport:
                 raise WeightSyncError(f"timed out after {self.timeout_s:g}s waiting for source rank(s) "
                                       f"{sorted(sources - committed - self._refused)}; the engine keeps its weights")
             try:
-                route, msg = recv_msg(self.socket, num_route_frames=1)
+                route, msg = recv_msg(self.socket, num_route_frames=1, signer=self.signer)
+            except Unauthenticated:  # a stranger's message: it never touches the update
+                self.num_rejected += 1
+                continue
             except ProtocolError as e:
                 problems.append(f"malformed message: {e}")
                 continue
@@ -160,13 +178,15 @@ class ZmqReceiverTransport:
                  else ErrorReply(code=ERROR_REJECTED, message=f"destination rank {receiver.dst_rank}: {problem}"))
         for src, route in self._routes.items():
             if src not in self._refused:
-                send_msg(self.socket, reply, route=[route])
+                send_msg(self.socket, reply, route=[route], signer=self.signer)
         return problem
 
 
 def _source_rank(identity: bytes) -> int | None:
-    if identity.startswith(b"src") and identity[3:].isdigit():
-        return int(identity[3:])
+    """The rank in a source's identity `src<rank>-<random>`."""
+    head = identity.split(b"-", 1)[0]
+    if head.startswith(b"src") and head[3:].isdigit():
+        return int(head[3:])
     return None
 
 
@@ -174,10 +194,11 @@ class ZmqSenderTransport:
     """Source end: `addresses[d]` is destination rank d's `ZmqReceiverTransport.address`."""
 
     def __init__(self, addresses: dict[int, str] | list[str], *, context: zmq.Context | None = None,
-                 timeout_s: float = 300.0) -> None:
+                 timeout_s: float = 300.0, signer: MessageSigner | None = None) -> None:
         self.addresses = dict(enumerate(addresses)) if isinstance(addresses, list) else dict(addresses)
         self.context = context or zmq.Context.instance()
         self.timeout_s = timeout_s
+        self.signer = signer
         self._sockets: dict[int, zmq.Socket] = {}
         # Per destination, a monitor of its connection: a receiver whose process died is noticed when
         # its TCP connection drops or is refused, not after `timeout_s` (a worker killed mid-update).
@@ -196,7 +217,9 @@ class ZmqSenderTransport:
             if d not in self.addresses:
                 raise ValueError(f"no address for destination rank {d}; known: {sorted(self.addresses)}")
             s = _socket(self.context, zmq.DEALER)
-            s.setsockopt(zmq.IDENTITY, b"src%d" % src_rank)
+            # A random suffix: a ROUTER drops a second peer with an identity it already has, so a
+            # guessable one would let anyone who connects first shut the real source out.
+            s.setsockopt(zmq.IDENTITY, b"src%d-%s" % (src_rank, secrets.token_hex(8).encode()))
             self._monitors[d] = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
             s.connect(self.addresses[d])
             self._sockets[d] = s
@@ -212,19 +235,19 @@ class ZmqSenderTransport:
         dsts = sorted(set(by_dst) | (set(range(publisher.plan.dst.world_size)) if publisher.is_probe_source else set()))
         socks = {d: self._socket_to(d, publisher.src_rank) for d in dsts}
         for d in dsts:
-            send_msg(socks[d], WeightUpdateBegin(version=version, num_buckets=len(by_dst.get(d, []))))
+            self._send(socks[d], WeightUpdateBegin(version=version, num_buckets=len(by_dst.get(d, []))))
         self._after_begin(publisher, version, socks)
         for b in publisher.buckets:
-            send_msg(socks[b.dst_rank], self._bucket_message(publisher, version, b))
+            self._send(socks[b.dst_rank], self._bucket_message(publisher, version, b))
         if probe is not None:
             tensors = {"token_ids": probe.token_ids.to(torch.int64).contiguous(),
                        "logprobs": probe.logprobs.float().contiguous(),
                        "temperature": torch.tensor([probe.temperature], dtype=torch.float32)}
             for d in dsts:
-                send_msg(socks[d], WeightUpdateBucket(version=version, bucket_index=PROBE_BUCKET,
+                self._send(socks[d], WeightUpdateBucket(version=version, bucket_index=PROBE_BUCKET,
                                                       checksum=checksum(list(tensors.values())), tensors=tensors))
         for d in dsts:
-            send_msg(socks[d], WeightUpdateCommit(version=version, num_buckets=len(by_dst.get(d, []))))
+            self._send(socks[d], WeightUpdateCommit(version=version, num_buckets=len(by_dst.get(d, []))))
         errors = []
         for d, reply in self._replies(socks).items():
             if isinstance(reply, ErrorReply):
@@ -233,6 +256,9 @@ class ZmqSenderTransport:
                 errors.append(f"destination rank {d} answered {reply!r}")
         if errors:
             raise WeightSyncError(f"weight update v{version} rejected: {errors[0]}")
+
+    def _send(self, sock: zmq.Socket, msg) -> None:
+        send_msg(sock, msg, signer=self.signer)
 
     def _after_begin(self, publisher: "WeightPublisher", version: int, socks: dict[int, zmq.Socket]) -> None:
         """Between the begin messages and the buckets (the ZMQ transport needs no answer)."""
@@ -265,5 +291,8 @@ class ZmqSenderTransport:
                                           "or closed its socket")
                 if not ready:
                     raise WeightSyncError(f"no answer from destination rank {d} within {self.timeout_s:g}s")
-            out[d] = recv_msg(sock)[1]
+            try:
+                out[d] = recv_msg(sock, signer=self.signer)[1]
+            except (Unauthenticated, ProtocolError) as e:
+                raise WeightSyncError(f"destination rank {d} ({self.addresses[d]}) answered with a bad message: {e}")
         return out

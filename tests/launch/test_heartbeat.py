@@ -101,6 +101,7 @@ def test_bad_messages_get_error_replies_and_the_monitor_keeps_going():
         peer = ctx.socket(zmq.DEALER)
         peer.setsockopt(zmq.LINGER, 0)
         peer.setsockopt(zmq.RCVTIMEO, 10_000)
+        peer.setsockopt(zmq.IDENTITY, b"raw")
         peer.connect(monitor.address)
         try:
             peer.send_multipart([b"not msgpack"])
@@ -110,6 +111,10 @@ def test_bad_messages_get_error_replies_and_the_monitor_keeps_going():
             _, reply = P.recv_msg(peer)
             assert isinstance(reply, P.ErrorReply) and reply.code == P.ERROR_UNEXPECTED
             assert "Heartbeat" in reply.message
+            P.send_msg(peer, P.Heartbeat(sender="rollout-0", time=0.0))  # in another peer's name: refused
+            _, reply = P.recv_msg(peer)
+            assert isinstance(reply, P.ErrorReply) and "not your identity" in reply.message
+            assert monitor.alive() == []
             P.send_msg(peer, P.Heartbeat(sender="raw", time=0.0))
             assert dead.get(timeout=10) == "raw"  # the monitor survived all of the above
             assert calls == ["raw"]

@@ -62,7 +62,7 @@ def test_colocated_tp2_matches_single_process(reference, tmp_path, monkeypatch):
 
 
 def _poke_coordinator(run_dir, replies: list) -> None:
-    """Send the coordinator three bad messages mid-run and collect its answers."""
+    """Send the coordinator three bad messages mid-run, without the run's keys, and collect any answer."""
     deadline = time.monotonic() + 120
     while not (run_dir / "actors.json").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -76,15 +76,16 @@ def _poke_coordinator(run_dir, replies: list) -> None:
     sock.send_multipart([b"\xc1garbage"])
     sock.send_multipart([unknown])
     P.send_msg(sock, P.TrainResult(step=1, policy_version=1, metrics={}))  # valid, from an unregistered peer
-    for _ in range(3):
-        if sock.poll(60_000):
-            replies.append(P.recv_msg(sock)[1])
+    if sock.poll(5_000):
+        replies.append(sock.recv_multipart())
     sock.close()
 
 
 def test_disaggregated_pp2_matches_single_process_and_survives_bad_messages(reference, tmp_path, monkeypatch):
     """pp2 trainer -> one tp1 rollout worker through weight_sync over ZMQ (resharded, checksummed,
-    probed); meanwhile the coordinator gets garbage, answers ErrorReply and goes on."""
+    probed); meanwhile a client without the run's keys sends the coordinator garbage: it never gets
+    in (CURVE), is never answered, and is counted. (Garbage from authenticated peers:
+    test_actors_malformed; every attack: test_attacks.)"""
     replies: list = []
     poke = threading.Thread(target=_poke_coordinator, args=(tmp_path, replies), daemon=True)
     poke.start()
@@ -93,10 +94,8 @@ def test_disaggregated_pp2_matches_single_process_and_survives_bad_messages(refe
     assert_same_run(got, reference)
     assert_same_weights_served(got)
     assert all(row["weight_sync/probe_error_max"] <= 1e-5 and row["workers/alive"] == 1 for row in got)
-    assert [type(r) for r in replies] == [P.ErrorReply] * 3
-    assert [r.code for r in replies] == [P.ERROR_PROTOCOL, P.ERROR_PROTOCOL, P.ERROR_UNEXPECTED]
-    assert "unknown message type 'Teleport'" in replies[1].message
-    assert summary["protocol_errors"] == 3
+    assert replies == []
+    assert summary["protocol_errors"] == 0 and summary["rejected_messages"]["coordinator"] >= 1
 
 
 def test_colocated_dp2_moe_routing_replay_and_dynamic_sampling(moe_model, tmp_path, monkeypatch):

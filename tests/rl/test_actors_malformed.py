@@ -13,6 +13,7 @@ import zmq
 from rl_actor_helpers import toy_config
 from rl_engine import protocol as P
 from rl_engine.actors.run import prepare
+from rl_engine.auth import RunAuth
 from rl_engine.launch import LocalLauncher, ProcessSpec
 from rl_engine.launch.heartbeat import HeartbeatMonitor
 
@@ -21,9 +22,11 @@ UNKNOWN = msgspec.msgpack.encode({"version": P.PROTOCOL_VERSION,
 
 
 class FakeCoordinator:
-    def __init__(self) -> None:
+    def __init__(self, auth: RunAuth) -> None:
+        self.auth = auth
         self.socket = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        auth.serve(self.socket, peers=["rollout-0", "trainer"])
         self.address = P.bind(self.socket)
         self.inbox: dict[str, list[P.Message]] = defaultdict(list)
 
@@ -31,7 +34,7 @@ class FakeCoordinator:
         deadline = time.monotonic() + timeout_s
         while not self.inbox[actor]:
             assert self.socket.poll(max(1, int((deadline - time.monotonic()) * 1000))), f"nothing from {actor}"
-            route, msg = P.recv_msg(self.socket, num_route_frames=1)
+            route, msg = P.recv_msg(self.socket, num_route_frames=1, auth=self.auth)
             self.inbox[route[0].decode()].append(msg)
         return self.inbox[actor].pop(0)
 
@@ -44,13 +47,15 @@ class FakeCoordinator:
 
 def test_actors_answer_bad_messages_and_keep_serving(tmp_path):
     cfg, config_path = prepare(toy_config(tmp_path, "placement.mode=colocated"))
-    coordinator = FakeCoordinator()
-    heartbeats = HeartbeatMonitor(timeout_s=600, on_dead=lambda peer: None).start()
+    auth = RunAuth.generate()
+    coordinator = FakeCoordinator(auth)
+    heartbeats = HeartbeatMonitor(timeout_s=600, on_dead=lambda peer: None, auth=auth,
+                                  peers=["rollout-0", "trainer"]).start()
     links = ["--config", config_path, "--coordinator", coordinator.address, "--heartbeat", heartbeats.address]
     specs = [ProcessSpec(name="rollout-0", module="rl_engine.actors.rollout_worker",
                          args=[*links, "--worker-id", "rollout-0"]),
              ProcessSpec(name="trainer-0", module="rl_engine.actors.trainer_group", args=links, dist_rank=0)]
-    launcher = LocalLauncher(specs, log_dir=tmp_path / "logs", grace_period_s=3)
+    launcher = LocalLauncher(specs, log_dir=tmp_path / "logs", grace_period_s=3, env=auth.child_env())
     launcher.start()
     try:
         hello = {name: coordinator.next_from(name) for name in ("rollout-0", "trainer")}

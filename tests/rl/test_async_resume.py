@@ -254,12 +254,13 @@ def test_a_dead_trainer_rank_stops_the_run_with_a_checkpoint_to_resume_from(tmp_
 def test_resume_refuses_a_checkpoint_of_the_other_mode(tmp_path, monkeypatch):
     run(tmp_path, monkeypatch, "placement.mode=colocated", "train.steps=1")
     from rl_engine.actors.coordinator import Coordinator
+    from rl_engine.auth import RunAuth
 
     from rl_engine.actors.run import prepare
 
     cfg, _ = prepare(toy_config(tmp_path, "placement.mode=colocated", "rollout.mode=async", "train.resume=auto"))
     with pytest.raises(ValueError, match="rollout.mode=sync run"):
-        Coordinator(cfg)
+        Coordinator(cfg, auth=RunAuth.generate())
 
 
 def test_rollout_buffer_round_trips_partials_and_groups():
