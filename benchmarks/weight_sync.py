@@ -33,6 +33,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(__file__))
 from common import best_of, emit  # noqa: E402
 
+from rl_engine.auth import RunAuth  # noqa: E402
 from rl_engine.inference import LLM  # noqa: E402
 from rl_engine.policy import CausalLM, ModelConfig  # noqa: E402
 from rl_engine.policy.launch import free_port  # noqa: E402
@@ -128,16 +129,27 @@ def two_process_worker(rank: int, args: dict, result_file: str) -> None:
         model = CausalLM(cfg)
         llm = engine(model) if rank == 1 else None
         plan = plan_sync(cfg, src=TrainLayout(), dst=EngineLayout(), bucket_bytes=args["bucket_bytes"])
+        # "_signed": as in an actors run, every message carries the run's AES-GMAC tag (rl_engine.auth).
+        signer = RunAuth(bytes.fromhex(args["secret"])).signer("weights")
         if rank == 1:
             transports = {"shared_memory": SharedMemoryReceiverTransport(port=args["shm_port"], timeout_s=600),
+                          "shared_memory_signed": SharedMemoryReceiverTransport(port=args["shm_signed_port"],
+                                                                                timeout_s=600, signer=signer),
                           "torch_distributed_gloo": TorchDistTransport(group, num_src=1, num_dst=1),
-                          "zmq_tcp": ZmqReceiverTransport(port=args["zmq_port"], timeout_s=600)}
+                          "zmq_tcp": ZmqReceiverTransport(port=args["zmq_port"], timeout_s=600),
+                          "zmq_tcp_signed": ZmqReceiverTransport(port=args["zmq_signed_port"], timeout_s=600,
+                                                                 signer=signer)}
             receivers = {k: WeightReceiver(llm, plan, transport=t) for k, t in transports.items()}
         else:
-            transports = {"shared_memory": SharedMemorySenderTransport({0: f"tcp://127.0.0.1:{args['shm_port']}"},
-                                                                       timeout_s=600),
+            def at(port: str) -> dict[int, str]:
+                return {0: f"tcp://127.0.0.1:{args[port]}"}
+
+            transports = {"shared_memory": SharedMemorySenderTransport(at("shm_port"), timeout_s=600),
+                          "shared_memory_signed": SharedMemorySenderTransport(at("shm_signed_port"), timeout_s=600,
+                                                                              signer=signer),
                           "torch_distributed_gloo": TorchDistTransport(group, num_src=1, num_dst=1),
-                          "zmq_tcp": ZmqSenderTransport({0: f"tcp://127.0.0.1:{args['zmq_port']}"}, timeout_s=600)}
+                          "zmq_tcp": ZmqSenderTransport(at("zmq_port"), timeout_s=600),
+                          "zmq_tcp_signed": ZmqSenderTransport(at("zmq_signed_port"), timeout_s=600, signer=signer)}
             publishers = {k: WeightPublisher(model, plan, src_rank=0, transport=t) for k, t in transports.items()}
         version = 0
         sizes = results.setdefault(str(layers), {})
@@ -229,7 +241,9 @@ def main() -> None:
         result_file = os.path.join(tmp, "two_process.json")
         worker_args = {"layers": args.layers, "hidden": args.hidden, "bucket_bytes": bucket_bytes,
                        "repeats": args.repeats, "ctl_port": free_port(), "sync_port": free_port(),
-                       "zmq_port": free_port(), "raw_zmq_port": free_port(), "shm_port": free_port()}
+                       "zmq_port": free_port(), "raw_zmq_port": free_port(), "shm_port": free_port(),
+                       "zmq_signed_port": free_port(), "shm_signed_port": free_port(),
+                       "secret": os.urandom(32).hex()}
         mp.spawn(two_process_worker, args=(worker_args, result_file), nprocs=2, join=True)
         with open(result_file) as f:
             for n, res in json.load(f).items():
@@ -258,6 +272,12 @@ def main() -> None:
         "torch_copy_gb_per_s": torch_copy,
         "checksum_gb_per_s": checksum_gbps,
         "results": table,
+        # The cost of authentication: seconds per sync signed / unsigned, same model, same run (issue 13: <= 1.1).
+        "signed_over_unsigned_seconds": {
+            f"{r['transport'].removesuffix('_signed')}@{r['layers']}": round(
+                r["seconds"] / next(u["seconds"] for u in table if u["layers"] == r["layers"]
+                                    and u["transport"] == r["transport"].removesuffix("_signed")), 3)
+            for r in table if r["transport"].endswith("_signed")},
         "targets": {
             "zero_copy_sync_under_1ms": all(r["seconds"] < 1e-3 for r in table if r["transport"] == "inprocess_zero_copy"),
             "same_host_at_least_half_memcpy": {f"{r['transport']}@{r['layers']}": r["fraction_of_memcpy"] >= 0.5

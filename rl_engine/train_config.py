@@ -29,6 +29,9 @@ MAX_BUILTIN_EVAL = 10_000  # held-out prompts a builtin task can draw (its strin
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps|xpu(:\d+)?)$")
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "0:0:0:0:0:0:0:0", "")
+
+
 def _check_text(key: str, value: str | None, *, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -215,7 +218,9 @@ class PlacementSection:
 
     mode: Literal["single_process", "colocated", "disaggregated"] = "single_process"
     num_rollout_workers: int = 1  # disaggregated only
-    host: str = "127.0.0.1"  # every socket binds here (loopback unless configured)
+    # Every socket binds here: loopback unless configured. A wildcard (0.0.0.0, ::, *) is refused: bind the
+    # one address the other actors reach this host by. Every socket is authenticated (rl_engine.auth).
+    host: str = "127.0.0.1"
     threads_per_process: int = 1  # torch intra-op threads of each actor process
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 30.0  # a silent rollout worker is declared dead and its prompts requeued
@@ -234,6 +239,10 @@ class PlacementSection:
     def __post_init__(self) -> None:
         check_int("placement.num_rollout_workers", self.num_rollout_workers, lo=1)
         _check_text("placement.host", self.host)
+        if self.host.strip("[]") in WILDCARD_HOSTS:
+            raise ConfigError(f"placement.host={self.host} is a wildcard address: the run's sockets would listen on every "
+                              "interface; give the one address the actors reach this host by (127.0.0.1 on one "
+                              "machine)")
         check_int("placement.threads_per_process", self.threads_per_process, lo=1)
         for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "startup_timeout_s", "weight_sync_timeout_s",
                      "dist_timeout_s", "grace_period_s"):

@@ -87,6 +87,8 @@ CONFIG_VALUES = [
     ("data.num_eval=0", "config error: data.num_eval=0 must be in [1, 10000]"),
     ("placement.heartbeat_interval_s=-1", "config error: placement.heartbeat_interval_s=-1.0 must be finite and > 0"),
     ("placement.startup_timeout_s=inf", "config error: placement.startup_timeout_s=inf must be finite and > 0"),
+    ("placement.host=0.0.0.0", "config error: placement.host=0.0.0.0 is a wildcard address"),
+    ("placement.host='::'", "config error: placement.host=:: is a wildcard address"),
     ("reward.timeout_s=inf", "config error: reward.timeout_s=inf must be finite and > 0"),
     ("reward.num_workers=-1", "config error: reward.num_workers (-1) must be >= 0"),
     ("advantage.eps=0", "config error: advantage.eps (0.0) must be > 0"),

@@ -100,8 +100,7 @@ def build_specs(cfg: RLConfig, config_path: str, *, run_id: str) -> list[Process
     """The processes of a run: coordinator, trainer ranks, rollout workers (disaggregated)."""
     p = cfg.placement
     port, heartbeat_port = free_port(p.host), free_port(p.host)
-    connect_host = "127.0.0.1" if p.host in ("0.0.0.0", "*") else p.host
-    coordinator, heartbeat = f"tcp://{connect_host}:{port}", f"tcp://{connect_host}:{heartbeat_port}"
+    coordinator, heartbeat = f"tcp://{p.host}:{port}", f"tcp://{p.host}:{heartbeat_port}"
     threads = str(p.threads_per_process)
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, RUN_ID_ENV: run_id}
     base = ["--config", config_path]

@@ -46,6 +46,9 @@ class Update:
     segments: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     checksums: dict[int, str] = field(default_factory=dict)  # as sent
     received: dict[int, str] = field(default_factory=dict)  # computed on arrival (overlapping the transfer)
+    # Buckets whose bytes arrived inside a message with a verified AES-GMAC tag (ZMQ with the run's
+    # signer): that keyed check covers every byte, so the unkeyed checksum is not computed for them.
+    tagged: set[int] = field(default_factory=set)
     probe: Probe | None = None
     zero_copy: bool = False
     problem: str | None = None  # found by the transport (malformed or missing messages)

@@ -155,7 +155,9 @@ class ZmqReceiverTransport:
         segs = list(msg.tensors.values())
         update.segments[bucket.index] = segs
         update.checksums[bucket.index] = msg.checksum
-        if receiver.verify and msg.checksum:  # on arrival: overlaps the rest of the transfer
+        if self.signer is not None:  # recv_msg verified the tag over these very bytes
+            update.tagged.add(bucket.index)
+        elif receiver.verify and msg.checksum:  # on arrival: overlaps the rest of the transfer
             update.received[bucket.index] = checksum(segs)
         return None
 
@@ -265,8 +267,9 @@ class ZmqSenderTransport:
 
     def _bucket_message(self, publisher: "WeightPublisher", version: int, b: Bucket) -> WeightUpdateBucket:
         segs = segments_of(b, publisher.tensors)  # zero-copy views when contiguous and same dtype
+        keyed = self.signer is not None  # the message's tag is the bucket's (keyed) check
         return WeightUpdateBucket(version=version, bucket_index=b.index,
-                                  checksum=checksum(segs) if publisher.verify else "",
+                                  checksum=checksum(segs) if publisher.verify and not keyed else "",
                                   tensors={str(i): s for i, s in enumerate(segs)})
 
     def _replies(self, socks: dict[int, zmq.Socket]) -> dict:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import subprocess
 import threading
 import time
 
@@ -38,6 +40,7 @@ class Intruder:
         self.out = out
         self.stop = threading.Event()
         self.answers: list = []
+        self.listeners: set[tuple[str, int]] = set()  # (local address, pid) of every TCP listener seen
         self.rounds = 0
         self.ctx = zmq.Context()
         # Where the intruder would like the trainer to send weights (it never connects).
@@ -96,6 +99,7 @@ class Intruder:
                 h.send_multipart([DEEP])
                 socks += [c, t, h]
             self.rounds += 1
+            self.listeners |= tcp_listeners()
             deadline = time.monotonic() + 0.3
             while time.monotonic() < deadline:
                 for s in [*socks, self.trap]:
@@ -117,6 +121,22 @@ class Intruder:
         self.thread.join(timeout=60)
         self.trap.close()
         self.ctx.destroy(linger=0)
+
+
+def tcp_listeners() -> set[tuple[str, int]]:
+    """(local address:port, pid) of every listening TCP socket on this machine (`ss -ltnpH`)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return {(line.split()[3], int(pid)) for line in out.splitlines() for pid in re.findall(r"pid=(\d+)", line)}
+
+
+def run_pids(out) -> set[int]:
+    """Every process of the run, from its actors.json (coordinator, actors, each trainer rank)."""
+    table = json.loads((out / "actors.json").read_text())
+    pids = {table["coordinator_pid"]}
+    for actor in table["actors"].values():
+        pids.add(int(actor["pid"]))
+        pids |= {int(p) for p in str(actor.get("rank_pids", "")).split(",") if p}
+    return pids
 
 
 def assert_same_metrics(got: list[dict], reference: list[dict]) -> None:
@@ -153,3 +173,7 @@ def test_attacks_do_not_affect_the_run_and_are_counted(transport, tmp_path, monk
     rejected = attacked["rejected_messages"]
     assert rejected["coordinator"] > 0 and rejected["rollout-0"] > 0, rejected
     assert reference["rejected_messages"] == {"coordinator": 0, "rollout-0": 0}
+    # Every socket of the run (ZMQ, torch.distributed's store and gloo) listened on loopback only.
+    ours = {(address, pid) for address, pid in intruder.listeners if pid in run_pids(tmp_path / "attacked")}
+    assert len({pid for _, pid in ours}) == 3, ours  # coordinator, trainer, rollout worker: all seen
+    assert all(address.startswith("127.0.0.1:") for address, _ in ours), ours
