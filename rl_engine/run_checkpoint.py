@@ -24,12 +24,14 @@ import os
 import re
 import shutil
 
+from rl_engine.config import InputError
+
 LATEST = "latest.json"
 MANIFEST = "manifest.json"
 _STEP_NAME = re.compile(r"step_\d+")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be resumed: damaged, incomplete, or named from outside its run."""
 
 

@@ -62,19 +62,10 @@ def main(args: argparse.Namespace) -> int:
         except ActorsFailed as e:
             print(e.result.summary(), file=sys.stderr)
             return e.result.exit_code
-        except ValueError as e:  # the model does not fit the layout, ...: nothing was started
-            print(f"config error: {e}", file=sys.stderr)
-            return 2
-    else:
-        from rl_engine.trainer import ResumeError
-
-        try:
-            checkpoint = resume_checkpoint(config)
-            check_inputs(config)
-            summary = run(config, checkpoint=checkpoint)
-        except ResumeError as e:  # raised before any step runs
-            print(f"config error: {e}", file=sys.stderr)
-            return 2
+    else:  # a ResumeError (an InputError) is raised before any step runs
+        checkpoint = resume_checkpoint(config)
+        check_inputs(config)
+        summary = run(config, checkpoint=checkpoint)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from rl_engine import run_checkpoint
-from rl_engine.config import to_dict
+from rl_engine.config import ConfigError, to_dict
 from rl_engine.inference import LLM
 from rl_engine.losses import PolicyLoss, compute_loss_normalizer
 from rl_engine.policy import from_pretrained
@@ -65,7 +65,7 @@ RESUMABLE_KEYS = ("train.steps", "train.resume", "train.output_dir", "train.chec
                   "reward.num_workers")
 
 
-class ResumeError(ValueError):
+class ResumeError(ConfigError):
     """`train.resume` names no usable checkpoint, or one this config cannot continue."""
 
 

@@ -259,3 +259,16 @@ def test_console_entry_point_prints_one_line(argv, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "top_p=1.5 must be in (0, 1]" in proc.stderr or "'/no/such/model/dir' does not exist" in proc.stderr
+
+
+def test_actors_resume_from_a_bad_checkpoint_is_one_line_before_any_process(tmp_path, capsys, monkeypatch):
+    """The actors path verifies the checkpoint in `prepare`, before the launcher starts anything."""
+    import rl_engine.actors.run as actors_run
+
+    monkeypatch.setattr(actors_run, "launch", lambda *a, **k: pytest.fail("processes were launched"))
+    root = tmp_path / "checkpoints"
+    (root / "step_000002").mkdir(parents=True)
+    (root / "latest.json").write_text('{"path": "../../other_run/checkpoints/step_000002", "step": 2}')
+    line = one_error_line(["train", f"train.output_dir={tmp_path}", "placement.mode=colocated", "warmup.steps=0",
+                           "train.resume=auto"], capsys)
+    assert line.startswith("error: ") and "latest.json" in line and "not a step_<k> directory" in line, line

@@ -112,7 +112,10 @@ class Coordinator(CoordinatorBase):
                     self.save_checkpoint(step + 1)
         rl_seconds = time.perf_counter() - t_rl
         after = self.evaluate().get("eval/accuracy")
-        checkpoint = self.save_checkpoint(cfg.train.steps)
+        if self.resume_from is not None and self.start_step == cfg.train.steps:
+            checkpoint = self.resume_from  # nothing new since: never rewrite a committed checkpoint in place
+        else:
+            checkpoint = self.save_checkpoint(cfg.train.steps)
         summary = {"output_dir": out, "placement": cfg.placement.mode, "rollout_mode": cfg.rollout.mode,
                    "steps": cfg.train.steps, "policy_version": self.version, "rl_seconds": round(rl_seconds, 1),
                    "total_seconds": round(time.perf_counter() - t_start, 1), "checkpoint": checkpoint,

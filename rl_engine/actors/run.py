@@ -27,7 +27,7 @@ from typing import IO
 import yaml
 
 from rl_engine.auth import RunAuth
-from rl_engine.config import to_dict
+from rl_engine.config import ConfigError, to_dict
 from rl_engine.launch import LaunchResult, ProcessSpec, free_port, launch
 from rl_engine.train_config import RLConfig
 from rl_engine.weight_sync.staging import RUN_ID_ENV, new_run_id, sweep_run
@@ -51,12 +51,16 @@ def prepare(cfg: RLConfig) -> tuple[RLConfig, str]:
     model_path, data_path, eval_path, warm_path = resolve_paths(cfg)
     model_config = ModelConfig.from_pretrained(model_path)
     t = cfg.train
-    check_model_layout(model_config, tp=t.tp, pp=t.pp, ep=t.ep)
+    try:
+        check_model_layout(model_config, tp=t.tp, pp=t.pp, ep=t.ep)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.rollout.routing_replay and not model_config.is_moe:
-        raise ValueError(f"rollout.routing_replay=true needs an MoE model; {model_path} is dense")
+        raise ConfigError(f"rollout.routing_replay=true needs an MoE model; {model_path} is dense")
+    # A checkpoint to resume from is verified here, before anything starts (CheckpointError names the file).
+    resuming = resolve_resume(out, cfg.train.resume) is not None
     warm_dir = os.path.join(out, "warm_start_model")
     if warm_path and cfg.warmup.steps > 0:
-        resuming = resolve_resume(out, cfg.train.resume) is not None
         # A resumed run takes its weights from the checkpoint; the warm start already ran.
         model_path = warm_dir if resuming and os.path.isdir(warm_dir) else _warm_start(cfg, model_path)
     resolved = dataclasses.replace(
