@@ -2,10 +2,13 @@
 
 Every tensor is flat over the T tokens of a micro-batch (many packed sequences): `seq_ids[T]` says
 which local sequence a token belongs to and `loss_mask[T]` marks the response tokens the loss sees.
-Three log-probs meet here: `logprobs` (current policy, with grad), `old_logprobs` (the training
-engine's log-probs under the rollout weights: the PPO anchor), and `behavior_logprobs` (what the
-rollout engine reported). The PPO/GSPO ratio is logprobs/old; the importance weight that corrects
-the engine mismatch (and staleness) is old/behavior (TIS truncates it, MIS masks it).
+Three log-probs meet here: `logprobs` (current policy, with grad), `old_logprobs` (the proximal
+policy: the trainer's own log-probs computed once at the start of the step, before its first update;
+the PPO anchor), and `behavior_logprobs` (what the rollout engine reported, possibly stale). This is
+the decoupled objective: the PPO/GSPO ratio is logprobs/old; the importance weight that corrects the
+engine mismatch (and staleness) is old/behavior (TIS truncates it, MIS masks it). With one update per
+step the proximal policy is the current one, and `old_logprobs=None` (old = logprobs.detach()) is
+the same loss without a second forward pass.
 
 Main design choice, the normalisation contract: the caller fixes global normalisers for the whole
 optimizer-step batch before it is split (`compute_loss_normalizer`); each micro-batch returns its
@@ -23,7 +26,7 @@ import torch
 
 LOSS_TYPES = ("ppo_clip", "gspo")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 IS_MODES = ("none", "truncate", "mask")
 IS_LEVELS = ("token", "sequence", "geometric")
 # exp() of a log-ratio beyond this overflows fp32 gradients; reached only by diverging runs.
@@ -145,12 +148,15 @@ def _segment_sum(values: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> 
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator: str) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi. k1 = log(pi/ref) (unbiased,
-    can be negative); k3 = ref/pi - 1 - log(ref/pi) (unbiased, always >= 0, lower variance)."""
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's estimators). k1 =
+    log(pi/ref) (unbiased, can be negative); k2 = log(pi/ref)^2 / 2 (biased, >= 0, its gradient is
+    the reverse KL's); k3 = ref/pi - 1 - log(ref/pi) (unbiased, always >= 0, the low-variance one)."""
     _check_choice("kl_estimator", estimator, KL_ESTIMATORS)
     log_ratio = (logprobs - ref_logprobs).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
     if estimator == "k1":
         return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
     return torch.exp(-log_ratio) - 1 + log_ratio
 
 
@@ -248,7 +254,9 @@ class PolicyLoss:
         ref_logprobs: torch.Tensor | None = None,
         entropy: torch.Tensor | None = None,
     ) -> LossOutput:
-        """All tensors are [T]. old_logprobs None means on-policy (old = logprobs.detach()).
+        """All tensors are [T]. old_logprobs None means on-policy (old = logprobs.detach()); given,
+        they are the proximal policy's and add `proximal_clipfrac` (response tokens whose ratio to
+        the proximal policy lies outside the clip range) and `behavior_vs_proximal_kl`.
         behavior_logprobs None skips the importance correction and its metrics."""
         cfg = self.config
         mask = loss_mask.bool()
@@ -270,6 +278,9 @@ class PolicyLoss:
             dual = (advantages < 0) & (pg > pg_dual)
             pg = torch.where(dual, pg_dual, pg)
             metrics["pg_clipfrac_dual"] = (mask & dual).float().sum() / normalizer.num_tokens
+        if old_logprobs is not None:
+            outside = (ratio < 1 - cfg.clip_low) | (ratio > 1 + cfg.clip_high)
+            metrics["proximal_clipfrac"] = (mask & outside).float().sum().detach() / normalizer.num_tokens
 
         if behavior_logprobs is not None:
             weights, is_metrics = importance_weights(
@@ -283,6 +294,8 @@ class PolicyLoss:
             )
             pg = pg * weights
             metrics.update(is_metrics)
+            if old_logprobs is not None:
+                metrics["behavior_vs_proximal_kl"] = is_metrics["mismatch_k3"]
         per_token = pg
         metrics["pg_loss"] = self._aggregate(pg.detach(), mask, seq_ids, num_seqs, normalizer)
         # The regularisers act on the current policy and are not importance-weighted.

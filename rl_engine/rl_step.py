@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from rl_engine.inference import SamplingParams
-from rl_engine.losses import LossNormalizer, PolicyLoss, reduce_metrics, seq_ids_from_cu_seqlens
+from rl_engine.losses import LossNormalizer, PolicyLoss, compute_loss_normalizer, reduce_metrics, seq_ids_from_cu_seqlens
 from rl_engine.policy.moe import MoEBlock, RoutingRecord
 from rl_engine.policy.pipeline import MicroBatch
 from rl_engine.policy.tokenizer import Tokenizer
@@ -256,7 +256,9 @@ def _empty_micro_batch(temperature: float, moe_layers: Sequence[int] | None, sam
 
 class StepLoss:
     """The policy loss of one optimizer step as a `ParallelTrainer` loss function; it keeps each
-    micro-batch's (additive) metrics for `metrics()`."""
+    micro-batch's (additive) metrics for `metrics()`. A micro-batch's `loss_inputs` may carry
+    "proximal" (the proximal policy's log-probs, see `attach_logprobs`) and "ref" (a frozen
+    reference's); without "proximal" the loss is on-policy (one update per step)."""
 
     def __init__(self, policy_loss: PolicyLoss, normalizer: LossNormalizer) -> None:
         self.policy_loss, self.normalizer = policy_loss, normalizer
@@ -266,7 +268,8 @@ class StepLoss:
         li = mb.loss_inputs
         out = self.policy_loss(logprobs=logprobs, advantages=li["advantages"], loss_mask=li["loss_mask"],
                                seq_ids=seq_ids_from_cu_seqlens(mb.cu_seqlens), num_seqs=mb.cu_seqlens.numel() - 1,
-                               normalizer=self.normalizer, behavior_logprobs=li["behavior"], entropy=entropy)
+                               normalizer=self.normalizer, behavior_logprobs=li["behavior"], entropy=entropy,
+                               old_logprobs=li.get("proximal"), ref_logprobs=li.get("ref"))
         self.per_micro_batch.append({**out.metrics, "loss": out.loss.detach()})
         return out.loss
 
@@ -275,13 +278,70 @@ class StepLoss:
         return reduce_metrics(self.per_micro_batch)
 
     @staticmethod
-    def metric_keys(policy_loss: PolicyLoss) -> list[str]:
+    def metric_keys(policy_loss: PolicyLoss, *, proximal: bool = False, ref: bool = False) -> list[str]:
         """The metric names every call returns (to reduce them across ranks in a fixed order)."""
         one = torch.zeros(1)
         out = policy_loss(logprobs=one, advantages=one, loss_mask=one.bool(), seq_ids=one.long(), num_seqs=1,
                           normalizer=LossNormalizer(num_tokens=1, num_sequences=1), behavior_logprobs=one,
-                          entropy=one)
+                          entropy=one, old_logprobs=one if proximal else None, ref_logprobs=one if ref else None)
         return sorted([*out.metrics, "loss"])
+
+
+# ---- mini-batches: several updates per step (decoupled PPO) --------------------------------------
+def split_mini_batches(samples: Sequence[Sample], advantages: torch.Tensor, *,
+                       count: int) -> list[tuple[list[Sample], torch.Tensor]]:
+    """The step's samples in `count` contiguous mini-batches of near-equal sample counts (fewer when
+    there are fewer samples), each one optimizer update. Contiguous keeps a GRPO group together
+    (samples come ordered by group); the order is the same on every rank."""
+    count = max(1, min(count, len(samples)))
+    bounds = [len(samples) * i // count for i in range(count + 1)]
+    return [(list(samples[a:b]), advantages[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def mini_batch_normalizer(samples: Sequence[Sample], cfg: RLConfig) -> LossNormalizer:
+    """A mini-batch's global counts (over all its micro-batches and dp ranks), fixed before its split:
+    each update's loss is the mean over its own mini-batch, as one update of the whole batch was."""
+    return compute_loss_normalizer([s.response_len for s in samples], token_sum_constant=cfg.rollout.max_new_tokens)
+
+
+def attach_logprobs(micro_batches: Sequence[MicroBatch], logprobs: Sequence[torch.Tensor], *, key: str) -> None:
+    """Store per-micro-batch log-probs [T] (of a no-grad pass: the proximal policy, a frozen
+    reference) in `loss_inputs[key]`. `logprobs` is empty on ranks that compute no loss (pp stages
+    but the last): nothing is stored there."""
+    if not logprobs:
+        return
+    assert len(logprobs) == len(micro_batches), (len(logprobs), len(micro_batches))
+    for mb, lp in zip(micro_batches, logprobs):
+        mb.loss_inputs[key] = lp.detach().float()
+
+
+def aggregate_updates(per_update: Sequence[dict[str, float]], *, mini_batches: int) -> dict[str, float]:
+    """A step's metrics from its updates' metrics: the mean over updates, the max for `*_max` keys,
+    and counts (`response_tokens`, `micro_batches`) summed over one epoch's mini-batches. One update:
+    its metrics unchanged (so the default run writes exactly what it did before mini-batches)."""
+    if len(per_update) == 1:
+        return dict(per_update[0])
+    out: dict[str, float] = {}
+    for key in per_update[0]:
+        values = [float(m[key]) for m in per_update]
+        if key.endswith("_max"):
+            out[key] = max(values)
+        elif key.endswith(("response_tokens", "micro_batches")):
+            out[key] = sum(values) * mini_batches / len(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+@torch.no_grad()
+def forward_logprobs(model: torch.nn.Module, micro_batches: Sequence[MicroBatch]) -> list[torch.Tensor]:
+    """No-grad log-probs [T] of each micro-batch on one model holding every layer (the single-process
+    counterpart of `ParallelTrainer.forward_logprobs`)."""
+    out = []
+    for mb in micro_batches:
+        h = model.hidden_states(mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens, routing=mb.routing)
+        out.append(model.token_logprobs(h, mb.targets, temperature=mb.temperature)[0])
+    return out
 
 
 def run_micro_batches(model: torch.nn.Module, micro_batches: Sequence[MicroBatch], loss_fn: StepLoss) -> None:

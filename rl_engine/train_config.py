@@ -172,6 +172,12 @@ class TrainSection:
     # spins (measured: a 2-thread warm start 25x slower than 1 thread while another process ran).
     threads: int = 1
     pack_sequences: bool = True  # false: one sample per micro-batch (same loss and gradient, slower)
+    # Several optimizer updates per rollout batch (verl's ppo_mini_batch_size / ppo_epochs): the batch
+    # is split into `mini_batches_per_step` mini-batches, each one update, `epochs_per_step` times over.
+    # The loss clips against the proximal policy (the trainer's log-probs before the step's first
+    # update) and corrects behavior -> proximal by importance weights (decoupled PPO). 1, 1: one update.
+    mini_batches_per_step: int = 1
+    epochs_per_step: int = 1
     # Checkpoints under <output_dir>/checkpoints/step_<k>: every `checkpoint_every` steps (0: at the
     # end only), the newest `keep_checkpoints` kept. `resume`: "auto" (the newest checkpoint of
     # output_dir, or a fresh start when there is none), a checkpoint directory, or null.
@@ -196,6 +202,8 @@ class TrainSection:
         check_int("train.threads", self.threads, lo=0, note="0 is torch's default (one per core)")
         check_int("train.checkpoint_every", self.checkpoint_every, lo=0)
         check_int("train.keep_checkpoints", self.keep_checkpoints, lo=1)
+        check_int("train.mini_batches_per_step", self.mini_batches_per_step, lo=1)
+        check_int("train.epochs_per_step", self.epochs_per_step, lo=1)
         _check_text("train.resume", self.resume, optional=True)
         for name in ("tp", "pp", "dp", "ep"):
             check_int(f"train.{name}", getattr(self, name), lo=1)

@@ -31,20 +31,25 @@ import torch
 from rl_engine import run_checkpoint
 from rl_engine.config import ConfigError, to_dict
 from rl_engine.inference import LLM
-from rl_engine.losses import PolicyLoss, compute_loss_normalizer
+from rl_engine.losses import PolicyLoss
 from rl_engine.policy import from_pretrained
 from rl_engine.rl_step import (
     PromptSource,
     Sample,
     StepLoss,
+    aggregate_updates,
+    attach_logprobs,
     build_micro_batches,
     collect_groups,
     eval_sampling_params,
+    forward_logprobs,
     make_sample,
+    mini_batch_normalizer,
     prompt_seed,
     rollout_metrics,
     run_micro_batches,
     sampling_params,
+    split_mini_batches,
     update_expert_bias,
 )
 from rl_engine.rollout.advantages import compute_advantages
@@ -181,6 +186,7 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay)
         self.policy_version = 0
+        self.update_metrics: list[dict[str, float]] = []  # the last step's, one dict per optimizer update
         self.step_count = 0
         # What the run measured before RL (warm-start losses, held-out accuracy); kept in checkpoints
         # so a resumed run reports the same "before" without repeating the warm start.
@@ -283,6 +289,8 @@ class GRPOTrainer:
         return [s for group in kept for s in group], metrics
 
     def train_on(self, samples: list[Sample]) -> dict[str, float]:
+        """Train on one step's samples: `train.mini_batches_per_step` updates per epoch, for
+        `train.epochs_per_step` epochs; the proximal log-probs are computed once, before the first."""
         cfg = self.config
         metrics: dict[str, float] = {}
         if not samples:  # every group was dropped (dynamic sampling): no update this step
@@ -290,29 +298,35 @@ class GRPOTrainer:
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
         groups = torch.tensor([s.group for s in samples])
         advantages = compute_advantages(rewards, groups, config=cfg.advantage)
-        normalizer = compute_loss_normalizer([s.response_len for s in samples],
-                                             token_sum_constant=cfg.rollout.max_new_tokens)
-        micro_batches = build_micro_batches(samples, advantages, micro_batch_tokens=cfg.train.micro_batch_tokens,
-                                            temperature=cfg.rollout.temperature, pack=cfg.train.pack_sequences,
-                                            moe_layers=self.moe_layers)
+        mini = split_mini_batches(samples, advantages, count=cfg.train.mini_batches_per_step)
+        plans = [(build_micro_batches(s, a, micro_batch_tokens=cfg.train.micro_batch_tokens,
+                                      temperature=cfg.rollout.temperature, pack=cfg.train.pack_sequences,
+                                      moe_layers=self.moe_layers), mini_batch_normalizer(s, cfg)) for s, a in mini]
         t0 = time.perf_counter()
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = StepLoss(self.loss_fn, normalizer)
-        run_micro_batches(self.model, micro_batches, loss)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        update_expert_bias(self.model)
+        if len(plans) * cfg.train.epochs_per_step > 1:  # decoupled PPO: the proximal policy, once per step
+            for micro_batches, _ in plans:
+                attach_logprobs(micro_batches, forward_logprobs(self.model, micro_batches), key="proximal")
+        per_update = []
+        for _ in range(cfg.train.epochs_per_step):
+            for micro_batches, normalizer in plans:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = StepLoss(self.loss_fn, normalizer)
+                run_micro_batches(self.model, micro_batches, loss)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                update_expert_bias(self.model)
+                per_update.append({**loss.metrics(), "grad_norm": float(grad_norm),
+                                   "micro_batches": len(micro_batches)})
+        self.update_metrics = per_update  # each update's metrics (tests, debugging)
         train_s = time.perf_counter() - t0
         self.policy_version += 1
         t1 = time.perf_counter()
         # Colocated: the engine already reads these tensors; publishing is a version bump.
         self.llm.update_weights(version=self.policy_version)
-        metrics.update({f"train/{k}": v for k, v in loss.metrics().items()})
+        metrics.update({f"train/{k}": v for k, v in aggregate_updates(per_update, mini_batches=len(plans)).items()})
         metrics.update({
-            "train/grad_norm": float(grad_norm),
-            "train/micro_batches": len(micro_batches),
             "perf/train_tokens_per_s": sum(len(s.input_ids) for s in samples) / train_s,
             "perf/train_s": train_s,
             "perf/weight_sync_s": time.perf_counter() - t1,

@@ -348,7 +348,7 @@ def test_normalizer_and_helpers() -> None:
         (dict(dual_clip=0.5), "dual_clip (0.5) must be > 1"),
         (dict(loss_type="ppo"), "loss_type='ppo' is not valid; choose one of ['ppo_clip', 'gspo']"),
         (dict(agg="mean"), "agg='mean' is not valid"),
-        (dict(kl_estimator="k2"), "choose one of ['k1', 'k3']"),
+        (dict(kl_estimator="k4"), "choose one of ['k1', 'k2', 'k3']"),
     ],
 )
 def test_config_validation_names_value_and_fix(kwargs: dict, needle: str) -> None:
@@ -368,3 +368,49 @@ def test_is_config_validation_and_missing_inputs() -> None:
             logprobs=lp, advantages=torch.ones(2), loss_mask=torch.ones(2, dtype=torch.bool),
             seq_ids=torch.zeros(2, dtype=torch.int64), num_seqs=1, normalizer=LossNormalizer(num_tokens=2, num_sequences=1),
         )
+
+
+def test_each_kl_estimator_equals_its_formula() -> None:
+    g = torch.Generator().manual_seed(5)
+    logp, ref = -torch.rand(50, generator=g) * 4, -torch.rand(50, generator=g) * 4
+    d = logp - ref
+    expected = {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) - 1 + d}
+    for estimator, value in expected.items():
+        torch.testing.assert_close(kl_penalty(logp, ref, estimator=estimator), value, rtol=0, atol=0)
+    assert (kl_penalty(logp, ref, estimator="k2") >= 0).all()
+
+
+def test_proximal_metrics_and_decoupled_weights() -> None:
+    """Given a proximal policy: the ratio is current/proximal, the importance weight proximal/behavior,
+    and `proximal_clipfrac` counts tokens whose ratio left the clip range (whatever the advantage)."""
+    lp = torch.tensor([-1.0, -1.0, -1.0, -1.0], requires_grad=True)
+    proximal = torch.tensor([-1.0, -1.5, -0.5, -1.05])  # ratios 1, e^0.5, e^-0.5, e^0.05
+    behavior = torch.tensor([-1.0, -1.5, -0.4, -1.05])
+    mask = torch.tensor([True, True, True, False])
+    loss_fn = PolicyLoss(PolicyLossConfig(importance_sampling=ImportanceSamplingConfig(mode="none")))
+    out = loss_fn(logprobs=lp, advantages=torch.tensor([1.0, -1.0, 1.0, 1.0]), loss_mask=mask,
+                  seq_ids=torch.zeros(4, dtype=torch.long), num_seqs=1,
+                  normalizer=LossNormalizer(num_tokens=3, num_sequences=1), old_logprobs=proximal,
+                  behavior_logprobs=behavior)
+    assert float(out.metrics["proximal_clipfrac"]) == pytest.approx(2 / 3)
+    k3 = torch.exp(proximal - behavior) - 1 - (proximal - behavior)  # KL(behavior || proximal), k3 on behavior samples
+    assert float(out.metrics["behavior_vs_proximal_kl"]) == pytest.approx(float(k3[:3].sum() / 3))
+    on_policy = loss_fn(logprobs=lp, advantages=torch.ones(4), loss_mask=mask, seq_ids=torch.zeros(4, dtype=torch.long),
+                        num_seqs=1, normalizer=LossNormalizer(num_tokens=3, num_sequences=1))
+    assert "proximal_clipfrac" not in on_policy.metrics and "behavior_vs_proximal_kl" not in on_policy.metrics
+
+
+def test_mini_batch_split_and_update_aggregation() -> None:
+    from rl_engine.rl_step import aggregate_updates, make_sample, split_mini_batches
+
+    samples = [make_sample(prompt_ids=[1, 2], response_ids=[3] * (i + 1), logprobs=[-1.0] * (i + 1),
+                           policy_versions=[0] * (i + 1), reward=0.0, group=i // 2) for i in range(10)]
+    adv = torch.arange(10.0)
+    parts = split_mini_batches(samples, adv, count=4)
+    assert [len(s) for s, _ in parts] == [2, 3, 2, 3] and [s for p, _ in parts for s in p] == samples
+    assert torch.equal(torch.cat([a for _, a in parts]), adv)
+    assert len(split_mini_batches(samples[:2], adv[:2], count=4)) == 2  # never an empty mini-batch
+    one = {"loss": 0.25, "micro_batches": 3, "is_ratio_max": 1.5}
+    assert aggregate_updates([one], mini_batches=1) == one  # unchanged, ints stay ints
+    two = aggregate_updates([one, {"loss": 0.75, "micro_batches": 1, "is_ratio_max": 2.0,}], mini_batches=2)
+    assert two == {"loss": 0.5, "micro_batches": 4.0, "is_ratio_max": 2.0}

@@ -45,9 +45,10 @@ from rl_engine.actors.link import CoordinatorLink, load_actor_config
 from rl_engine.auth import RunAuth
 from rl_engine.launch.rendezvous import init_process_group_from_env
 from rl_engine.actors.wire import add_to_engine, engine_sampling, generate_result, samples_from_batch
-from rl_engine.losses import PolicyLoss, compute_loss_normalizer
+from rl_engine.losses import PolicyLoss
 from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer
-from rl_engine.rl_step import StepLoss, build_micro_batches, micro_batch_count
+from rl_engine.rl_step import (StepLoss, aggregate_updates, attach_logprobs, build_micro_batches, micro_batch_count,
+                               mini_batch_normalizer, split_mini_batches)
 from rl_engine.train_config import RLConfig
 from rl_engine.weight_sync import (EngineLayout, InProcessTransport, SharedMemorySenderTransport, TrainLayout,
                                    WeightPublisher, WeightReceiver, WeightSyncError, ZmqSenderTransport, plan_sync,
@@ -71,7 +72,6 @@ class TrainerGroup:
                                   clip_grad=o.grad_clip or None))
         config = self.trainer.config
         self.policy_loss = PolicyLoss(cfg.loss)
-        self.metric_keys = StepLoss.metric_keys(self.policy_loss)
         self.moe_layers = sorted(config.moe_layers) if cfg.rollout.routing_replay else None
         self.version = 0
         src = TrainLayout.of(g, dtype=self.dtype)
@@ -153,29 +153,44 @@ class TrainerGroup:
 
     # ---- training ---------------------------------------------------------------------------------
     def _train(self, batch: P.TrainBatch) -> None:
+        """`train.mini_batches_per_step` updates per epoch, `train.epochs_per_step` epochs (as
+        `GRPOTrainer.train_on`); the proximal log-probs are computed once, before the first update."""
         cfg, g = self.cfg, self.groups
         samples, advantages = samples_from_batch(batch)
-        normalizer = compute_loss_normalizer([s.response_len for s in samples],
-                                             token_sum_constant=cfg.rollout.max_new_tokens)
         pack = cfg.train.pack_sequences
-        pad = None
-        if g.ep_size > 1:  # expert parallelism: every rank of an ep group runs the same number of passes
-            pad = micro_batch_count(samples, micro_batch_tokens=cfg.train.micro_batch_tokens, dp_size=g.dp_size,
-                                    pack=pack)
-        micro_batches = build_micro_batches(samples, advantages, micro_batch_tokens=cfg.train.micro_batch_tokens,
-                                            temperature=cfg.rollout.temperature, dp_size=g.dp_size,
-                                            dp_rank=g.dp_rank, pack=pack, moe_layers=self.moe_layers,
-                                            pad_to_count=pad)
-        loss = StepLoss(self.policy_loss, normalizer)
+        plans = []
+        for mini_samples, mini_advantages in split_mini_batches(samples, advantages,
+                                                                count=cfg.train.mini_batches_per_step):
+            pad = None
+            if g.ep_size > 1:  # expert parallelism: every rank of an ep group runs the same number of passes
+                pad = micro_batch_count(mini_samples, micro_batch_tokens=cfg.train.micro_batch_tokens,
+                                        dp_size=g.dp_size, pack=pack)
+            micro_batches = build_micro_batches(mini_samples, mini_advantages,
+                                                micro_batch_tokens=cfg.train.micro_batch_tokens,
+                                                temperature=cfg.rollout.temperature, dp_size=g.dp_size,
+                                                dp_rank=g.dp_rank, pack=pack, moe_layers=self.moe_layers,
+                                                pad_to_count=pad)
+            plans.append((micro_batches, mini_batch_normalizer(mini_samples, cfg)))
         t0 = time.perf_counter()
-        stats = self.trainer.train_step(micro_batches, loss)
+        decoupled = len(plans) * cfg.train.epochs_per_step > 1
+        if decoupled:  # the proximal policy, once per step (log-probs on the last stage only)
+            for micro_batches, _ in plans:
+                attach_logprobs(micro_batches, [lp for lp, _ in self.trainer.forward_logprobs(micro_batches)],
+                                key="proximal")
+        keys = StepLoss.metric_keys(self.policy_loss, proximal=decoupled)
+        per_update = []
+        for _ in range(cfg.train.epochs_per_step):
+            for micro_batches, normalizer in plans:
+                loss = StepLoss(self.policy_loss, normalizer)
+                stats = self.trainer.train_step(micro_batches, loss)
+                metrics = reduce_metrics_over(loss.metrics(), keys, contributes=g.is_last_stage and g.tp_rank == 0,
+                                              group=g.world_group)
+                per_update.append({**metrics, "grad_norm": stats["grad_norm"],
+                                   "micro_batches": stats["num_micro_batches"]})
         train_s = time.perf_counter() - t0
-        metrics = reduce_metrics_over(loss.metrics(), self.metric_keys,
-                                      contributes=g.is_last_stage and g.tp_rank == 0, group=g.world_group)
         self.version = batch.policy_version
-        out = {f"train/{k}": v for k, v in metrics.items()}
-        out.update({"train/grad_norm": stats["grad_norm"], "train/micro_batches": stats["num_micro_batches"],
-                    "perf/train_s": train_s,
+        out = {f"train/{k}": v for k, v in aggregate_updates(per_update, mini_batches=len(plans)).items()}
+        out.update({"perf/train_s": train_s,
                     "perf/train_tokens_per_s": sum(len(s.input_ids) for s in samples) / max(train_s, 1e-9)})
         if self.colocated:
             t1 = time.perf_counter()

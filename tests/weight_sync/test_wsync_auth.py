@@ -29,9 +29,9 @@ DEEP = msgspec.msgpack.encode({"version": P.PROTOCOL_VERSION, "msg": msgspec.Raw
 
 def _forgeries(address: str, version: int, forger, ctx: zmq.Context, limit: int) -> int:
     """Send every kind of forged message; returns how many messages were sent (the oversized one is
-    dropped with its connection and never counted)."""
+    dropped with its connection and never counted). The socket lingers so that they all go out."""
     sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.LINGER, 5000)
     sock.setsockopt(zmq.IDENTITY, b"src0-forged")  # the real source's rank, another random suffix
     sock.connect(address)
     bucket = P.WeightUpdateBucket(version=version, bucket_index=0, checksum="",
@@ -72,18 +72,28 @@ def test_forged_weight_messages_are_dropped_counted_and_never_applied(kind, tmp_
         thread.join()
         assert errors == [] and engine.weights_version == 1
         assert_same_bytes(engine.model, trainer, what="after a signed update among forgeries")
+        # The forgeries travel on connections of their own: those that had not arrived when update 1
+        # completed are read (and refused) during the next ones.
+        version = 1
+        while rx.num_rejected == 0 and version < 5:
+            version += 1
+            thread = threading.Thread(target=lambda: errors.extend(_publish(publisher, version)))
+            thread.start()
+            receiver.sync()
+            thread.join()
+        assert errors == [] and engine.weights_version == version
         assert 0 < rx.num_rejected <= forged
         # An unsigned sender (a trainer of another run, or a stranger) gets nowhere: the update times out
         # on the receiver's side and the engine keeps version 1.
         stranger = WeightPublisher(trainer, plan, src_rank=0, transport=tx_cls({0: rx.address}, timeout_s=3))
-        thread = threading.Thread(target=lambda: _publish(stranger, 2))
+        thread = threading.Thread(target=lambda: _publish(stranger, version + 1))
         thread.start()
         rx.timeout_s = 3
         with pytest.raises(Exception, match="timed out|keeps"):
             receiver.sync()
         thread.join()
         stranger.transport.close()
-        assert engine.weights_version == 1
+        assert engine.weights_version == version
     finally:
         tx.close()
         rx.close()
