@@ -1,7 +1,8 @@
 """Output tokens/s of `LLM.generate` against transformers `generate`, measured in the same run.
 
 Same checkpoint, same prompts (mixed lengths), same number of new tokens per prompt (EOS ignored on
-both sides), fp32, at batch 1 and batch 64, greedy and sampled. Each configuration is timed
+both sides), fp32 on CPU (`--device cuda --dtype bfloat16` on a GPU), at batch 1 and batch 64, greedy
+and sampled. Each configuration is timed
 `--repeats` times alternating engine and transformers, and the best time of each is kept (the machine
 is shared, so the best run is the least disturbed one); at batch 1 each prompt is such a unit. Also
 reports the achieved fraction of this machine's fp32 matmul peak (a large matmul timed in the same
@@ -9,6 +10,7 @@ run): 2 * matmul params * tokens processed / time.
 
     python benchmarks/generate.py                 # the ~3M Qwen2-shaped model
     python benchmarks/generate.py --large         # also the ~50M model with a 32k vocabulary
+    python benchmarks/generate.py --device cuda --dtype bfloat16 --size 0.5b   # Qwen2-0.5B-shaped, random
 """
 
 from __future__ import annotations
@@ -23,20 +25,34 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_best  # noqa: E402
+from common import interleaved_best, unshadow_installed_packages  # noqa: E402
+
+unshadow_installed_packages()
+
+
+# Model shapes by --size: (hidden, layers, heads, kv_heads, intermediate, vocab, tied). "0.5b" is
+# Qwen2-0.5B's shape (~494M parameters), written with random weights (no download).
+SIZES = {"3m": (256, 4, 8, 2, 768, 2048, True), "0.5b": (896, 24, 14, 2, 4864, 151936, True)}
+
+
+def _sync(device: torch.device) -> None:
+    """Host clocks time device work only after the device has finished it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def write_checkpoint(path: str, *, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
-                     vocab: int, tie: bool, seed: int = 0) -> str:
+                     vocab: int, tie: bool, seed: int = 0, dtype: torch.dtype = torch.float32) -> str:
     from rl_engine.policy import CausalLM, ModelConfig
 
     hf = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": vocab, "hidden_size": hidden,
           "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
           "num_key_value_heads": kv_heads, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-          "rope_theta": 10000.0, "tie_word_embeddings": tie, "hidden_act": "silu", "torch_dtype": "float32",
+          "rope_theta": 10000.0, "tie_word_embeddings": tie, "hidden_act": "silu",
+          "torch_dtype": str(dtype).removeprefix("torch."),
           "eos_token_id": 2, "bos_token_id": 1}
     torch.manual_seed(seed)
-    model = CausalLM(ModelConfig.from_hf_dict(hf))
+    model = CausalLM(ModelConfig.from_hf_dict(hf), dtype=dtype)
     with torch.no_grad():  # weights large enough that the next token depends on the context
         for p in model.parameters():
             if p.dim() > 1:
@@ -45,14 +61,17 @@ def write_checkpoint(path: str, *, hidden: int, layers: int, heads: int, kv_head
     return path
 
 
-def matmul_peak_gflops(seconds: float = 1.0) -> float:
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(seconds: float = 1.0, *, device: torch.device = torch.device("cpu"),
+                       dtype: torch.dtype = torch.float32) -> float:
+    n = 8192 if device.type == "cuda" else 2048  # a GPU needs a large product to reach its peak
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
+    _sync(device)
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = time.perf_counter()
         a @ b
+        _sync(device)
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
     return best
 
@@ -82,11 +101,12 @@ def run_transformers(hf, prompts, new_tokens: int, sampled: bool) -> float:
     if sampled:  # plain sampling from the full distribution, as RL rollouts do (no top-k / top-p)
         kw.update(temperature=1.0, top_k=0, top_p=1.0)
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=hf.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
     t = time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(ids, attention_mask=mask, **kw)
+    _sync(hf.device)
     dt = time.perf_counter() - t
     assert out.shape[1] == width + new_tokens
     return dt
@@ -112,10 +132,12 @@ def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_b
     weights = [p.detach() for name, p in model.named_parameters()
                if p.dim() == 2 and not name.startswith(("embed_tokens", "lm_head"))]
     head = model.lm_head.weight.detach()
+    device, dtype = head.device, head.dtype
     prompt_tokens = sum(len(p) for p in prompts)
     chunks = [min(max_batched_tokens, prompt_tokens - a) for a in range(0, prompt_tokens, max_batched_tokens)]
     batch = len(prompts)
-    inputs = {rows: {n: torch.randn(rows, n) for n in {w.shape[1] for w in weights + [head]}}
+    widths = {w.shape[1] for w in weights + [head]}
+    inputs = {rows: {n: torch.randn(rows, n, device=device, dtype=dtype) for n in widths}
               for rows in set(chunks) | {batch}}
     linear = torch.nn.functional.linear
 
@@ -126,19 +148,21 @@ def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_b
                 for w in weights:
                     linear(x[w.shape[1]], w)
                 linear(inputs[batch][head.shape[1]], head)
+        _sync(device)
 
     return run
 
 
 def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, repeats: int, peak: float,
-                max_prompt: int) -> dict:
+                max_prompt: int, device: torch.device = torch.device("cpu"),
+                dtype: torch.dtype = torch.float32) -> dict:
     from transformers import AutoModelForCausalLM
 
     from rl_engine import LLM
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     hf.generation_config.eos_token_id = None
-    llm = LLM(path, max_num_seqs=max(batches))
+    llm = LLM(path, max_num_seqs=max(batches), dtype=dtype, device=device)
     model = llm.model
     vocab = model.config.vocab_size
     n_params = sum(p.numel() for p in model.parameters())
@@ -186,29 +210,41 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
             "hidden_size": model.config.hidden_size, "num_layers": model.config.num_layers, "results": rows}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large", action="store_true", help="also the ~50M-param model with a 32k vocabulary")
+    ap.add_argument("--size", choices=sorted(SIZES), default="3m", help="shape of the first model (default 3m)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]: both engines and the peak run there")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both engines (and the peak)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each engine per prompt group (best kept)")
     ap.add_argument("--batches", default="1,64")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
-    peak = matmul_peak_gflops()
-    report = {"torch_threads": args.threads, "matmul_peak_gflops_fp32": round(peak, 1), "models": []}
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
+    peak = matmul_peak_gflops(device=device, dtype=dtype)
+    report = {"torch_threads": args.threads, "device": str(device), "dtype": args.dtype,
+              f"matmul_peak_gflops_{'fp32' if dtype == torch.float32 else 'bf16'}": round(peak, 1), "models": []}
+    common = dict(batches=batches, new_tokens=args.new_tokens, repeats=args.repeats, peak=peak, max_prompt=128,
+                  device=device, dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        small = write_checkpoint(os.path.join(tmp, "3m"), hidden=256, layers=4, heads=8, kv_heads=2,
-                                 intermediate=768, vocab=2048, tie=True)
-        report["models"].append(bench_model("qwen2-3m", small, batches=batches, new_tokens=args.new_tokens,
-                                            repeats=args.repeats, peak=peak, max_prompt=128))
+        hidden, layers, heads, kv_heads, inter, vocab, tie = SIZES[args.size]
+        first = write_checkpoint(os.path.join(tmp, args.size), hidden=hidden, layers=layers, heads=heads,
+                                 kv_heads=kv_heads, intermediate=inter, vocab=vocab, tie=tie, dtype=dtype)
+        report["models"].append(bench_model(f"qwen2-{args.size}", first, **common))
         if args.large:
             large = write_checkpoint(os.path.join(tmp, "50m"), hidden=512, layers=10, heads=8, kv_heads=2,
-                                     intermediate=1792, vocab=32000, tie=True)
-            report["models"].append(bench_model("qwen2-50m-32k", large, batches=batches, new_tokens=args.new_tokens,
-                                                repeats=args.repeats, peak=peak, max_prompt=128))
-    report["peak_measured_again_gflops"] = round(matmul_peak_gflops(), 1)
+                                     intermediate=1792, vocab=32000, tie=True, dtype=dtype)
+            report["models"].append(bench_model("qwen2-50m-32k", large, **common))
+    report["peak_measured_again_gflops"] = round(matmul_peak_gflops(device=device, dtype=dtype), 1)
     print(json.dumps(report, indent=2))
 
 

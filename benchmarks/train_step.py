@@ -2,6 +2,7 @@
 transformers model on the same sequences padded, measured in the same run.
 
     python benchmarks/train_step.py [--hidden 256 --layers 4 --seqs 16 --min-len 16 --max-len 512]
+    python benchmarks/train_step.py --device cuda [--dtype bfloat16]
 
 Prints JSON: tokens/s of both (real tokens only), the ratio, and achieved FLOP/s as a fraction of
 this machine's fp32 matmul peak, also measured here.
@@ -17,7 +18,9 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, interleaved_best, matmul_peak_step  # noqa: E402
+from common import emit, interleaved_best, matmul_peak_step, sync, unshadow_installed_packages  # noqa: E402
+
+unshadow_installed_packages()
 
 
 def model_flops(cfg, lengths: list[int]) -> float:
@@ -30,7 +33,7 @@ def model_flops(cfg, lengths: list[int]) -> float:
     return 3 * (2 * per_token * tokens + 2 * attn)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -41,7 +44,16 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]: both models and the peak run there")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -52,18 +64,19 @@ def main() -> None:
                                   intermediate_size=args.hidden * 3, num_hidden_layers=args.layers,
                                   num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                                   max_position_embeddings=max(1024, args.max_len))
-    hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32, attn_implementation="sdpa")
+    hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa")
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours = from_pretrained(d)
+        ours = from_pretrained(d, dtype=dtype, device=device)
+    hf = hf.to(device)
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(args.min_len, args.max_len + 1, (args.seqs,), generator=gen).tolist()
-    seqs = [torch.randint(0, args.vocab, (n,), generator=gen) for n in lengths]
+    seqs = [torch.randint(0, args.vocab, (n,), generator=gen).to(device) for n in lengths]
 
     # Ours: one packed batch, no padding.
     input_ids = torch.cat(seqs)
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+    cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
     targets = torch.roll(input_ids, -1)
 
     def ours_step():
@@ -71,11 +84,12 @@ def main() -> None:
         h = ours.hidden_states(input_ids, positions=positions, cu_seqlens=cu)
         lp, _ = ours.token_logprobs(h, targets)
         lp.sum().backward()
+        sync(device)
 
     # transformers: the same sequences right-padded to the longest, with an attention mask.
     T = max(lengths)
-    padded = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    padded = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
     for i, s in enumerate(seqs):
         padded[i, : len(s)] = s
         mask[i, : len(s)] = 1
@@ -86,8 +100,10 @@ def main() -> None:
         logits = hf(input_ids=padded, attention_mask=mask).logits
         lp = torch.log_softmax(logits.float(), -1).gather(-1, padded_targets[..., None]).squeeze(-1)
         (lp * mask).sum().backward()
+        sync(device)
 
-    peak_fn, peak_flops = matmul_peak_step()
+    # A GPU needs a large product to reach its peak.
+    peak_fn, peak_flops = matmul_peak_step(8192 if device.type == "cuda" else 1536, dtype=dtype, device=device)
     times = interleaved_best({"ours": ours_step, "hf": hf_step, "peak": peak_fn}, repeats=args.repeats)
     t_ours, t_hf, peak = times["ours"], times["hf"], peak_flops / times["peak"]
     tokens = sum(lengths)
@@ -98,6 +114,7 @@ def main() -> None:
                   "vocab": args.vocab, "params_M": round(sum(p.numel() for p in ours.parameters()) / 1e6, 2)},
         "batch": {"seqs": args.seqs, "real_tokens": tokens, "padded_tokens": len(seqs) * T,
                   "min_len": min(lengths), "max_len": max(lengths)},
+        "device": str(device), "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "packed_tokens_per_s": round(tokens / t_ours, 1),
         "transformers_padded_tokens_per_s": round(tokens / t_hf, 1),

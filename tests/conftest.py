@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -12,3 +13,17 @@ _threads = os.environ.get("RL_ENGINE_TEST_THREADS", "1")
 if not _threads.isdigit() or int(_threads) < 1:
     raise ValueError(f"RL_ENGINE_TEST_THREADS must be a positive integer, got {_threads!r}")
 torch.set_num_threads(int(_threads))
+
+# RL_ENGINE_TEST_DEVICE=cuda re-runs the tests that take the `test_device` fixture (engine, graph
+# cache, log-prob contract, fused log-probs) on a GPU; scripts/gpu_check.sh does that (issue 23).
+_test_device = os.environ.get("RL_ENGINE_TEST_DEVICE", "cpu")
+if _test_device != "cpu" and not _test_device.startswith("cuda"):
+    raise ValueError(f"RL_ENGINE_TEST_DEVICE must be cpu, cuda or cuda:<index>, got {_test_device!r}")
+if _test_device.startswith("cuda") and not torch.cuda.is_available():
+    raise ValueError(f"RL_ENGINE_TEST_DEVICE={_test_device} but torch sees no CUDA device")
+
+
+@pytest.fixture(scope="session")
+def test_device() -> torch.device:
+    """The device of the tests that can run anywhere: cpu unless RL_ENGINE_TEST_DEVICE says otherwise."""
+    return torch.device(_test_device)

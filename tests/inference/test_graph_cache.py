@@ -32,8 +32,8 @@ def test_lookup_pads_to_smallest_bucket_and_builds_each_runner_once():
     assert built == [4, 2] and cache.num_runners == 2
 
 
-def test_padded_rows_write_only_the_dummy_block(qwen2):
-    llm = LLM(qwen2[1], graph_batch_sizes=[8], block_size=4)
+def test_padded_rows_write_only_the_dummy_block(qwen2, test_device):
+    llm = LLM(qwen2[1], graph_batch_sizes=[8], block_size=4, device=test_device)
     engine = llm.engine
     prompts = mixed_prompts(3, seed=9, max_len=20)
     for i, p in enumerate(prompts):
@@ -52,11 +52,11 @@ def test_padded_rows_write_only_the_dummy_block(qwen2):
         assert slots <= changed_slots
 
 
-def test_outputs_do_not_depend_on_bucket_padding(qwen2):
+def test_outputs_do_not_depend_on_bucket_padding(qwen2, test_device):
     prompts = mixed_prompts(5, seed=10)
     params = SamplingParams(temperature=0.8, max_tokens=10, seed=3, ignore_eos=True)
-    exact = LLM(qwen2[1], graph_batch_sizes=list(range(1, 9))).generate(prompts, params)
-    padded = LLM(qwen2[1], graph_batch_sizes=[16]).generate(prompts, params)
+    exact = LLM(qwen2[1], graph_batch_sizes=list(range(1, 9)), device=test_device).generate(prompts, params)
+    padded = LLM(qwen2[1], graph_batch_sizes=[16], device=test_device).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in exact] == [o.outputs[0].token_ids for o in padded]
     diff = max((torch.tensor(a.outputs[0].logprobs) - torch.tensor(b.outputs[0].logprobs)).abs().max().item()
                for a, b in zip(exact, padded))

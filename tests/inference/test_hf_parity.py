@@ -45,9 +45,9 @@ def token_ids(outputs) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_greedy_matches_transformers_default_settings(checkpoints, model_type):
+def test_greedy_matches_transformers_default_settings(checkpoints, model_type, test_device):
     path, prompts, expected = reference(checkpoints, model_type, "mixed")
-    llm = LLM(path)
+    llm = LLM(path, device=test_device)
     outputs = llm.generate(prompts, GREEDY)
     assert token_ids(outputs) == expected
     assert all(o.outputs[0].finish_reason == "length" for o in outputs)
@@ -55,10 +55,10 @@ def test_greedy_matches_transformers_default_settings(checkpoints, model_type):
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_greedy_matches_transformers_under_preemption(checkpoints, model_type):
+def test_greedy_matches_transformers_under_preemption(checkpoints, model_type, test_device):
     path, prompts, expected = reference(checkpoints, model_type, "mixed")
     # 79 usable blocks of 4 tokens: the longest request (59 + 24 tokens) fits alone, a few fit together.
-    llm = LLM(path, block_size=4, num_kv_blocks=80, max_num_batched_tokens=128)
+    llm = LLM(path, block_size=4, num_kv_blocks=80, max_num_batched_tokens=128, device=test_device)
     outputs = llm.generate(prompts, GREEDY)
     stats = llm.engine.stats()
     assert stats["preemptions"] > 0
@@ -71,9 +71,9 @@ def test_greedy_matches_transformers_under_preemption(checkpoints, model_type):
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_greedy_matches_transformers_with_prefix_cache_hits(checkpoints, model_type):
+def test_greedy_matches_transformers_with_prefix_cache_hits(checkpoints, model_type, test_device):
     path, prompts, expected = reference(checkpoints, model_type, "shared")
-    llm = LLM(path, block_size=8, enable_prefix_caching=True, max_num_batched_tokens=96)
+    llm = LLM(path, block_size=8, enable_prefix_caching=True, max_num_batched_tokens=96, device=test_device)
     first = llm.generate(prompts[::8], GREEDY)  # one prompt per prefix warms the cache
     rest = llm.generate(prompts, GREEDY)
     stats = llm.engine.stats()
@@ -84,10 +84,10 @@ def test_greedy_matches_transformers_with_prefix_cache_hits(checkpoints, model_t
 
 
 @pytest.mark.parametrize("shuffle_pool", [False, True])
-def test_single_requests_match_transformers(checkpoints, shuffle_pool):
+def test_single_requests_match_transformers(checkpoints, shuffle_pool, test_device):
     """Batch 1 reads a lone sequence's consecutive blocks as a view; a shuffled pool forces a gather."""
     path, prompts, expected = reference(checkpoints, "llama", "mixed")
-    llm = LLM(path, block_size=4)
+    llm = LLM(path, block_size=4, device=test_device)
     if shuffle_pool:
         free = list(llm.engine.block_manager.free_ids)
         random.Random(0).shuffle(free)

@@ -14,17 +14,18 @@ from rl_engine.policy import from_pretrained
 def trainer_logprobs(model, prompt: list[int], output: list[int], temperature: float) -> torch.Tensor:
     """What the trainer computes: packed forward (cu_seqlens), log-probs of the output tokens."""
     seq = prompt + output
+    device = next(model.parameters()).device
     with torch.no_grad():
-        hidden = model.hidden_states(torch.tensor(seq), positions=torch.arange(len(seq)),
-                                     cu_seqlens=torch.tensor([0, len(seq)], dtype=torch.int32))
+        hidden = model.hidden_states(torch.tensor(seq, device=device), positions=torch.arange(len(seq), device=device),
+                                     cu_seqlens=torch.tensor([0, len(seq)], dtype=torch.int32, device=device))
         rows = hidden[len(prompt) - 1:len(seq) - 1]
-        logprobs, _ = model.token_logprobs(rows, torch.tensor(output), temperature=temperature)
-    return logprobs
+        logprobs, _ = model.token_logprobs(rows, torch.tensor(output, device=device), temperature=temperature)
+    return logprobs.cpu()
 
 
 @pytest.fixture(scope="module")
-def policy(qwen2):
-    return from_pretrained(qwen2[1], dtype=torch.float32)
+def policy(qwen2, test_device):
+    return from_pretrained(qwen2[1], dtype=torch.float32, device=test_device)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])

@@ -45,6 +45,7 @@ def test_page_table_rejects_too_short_block_table():
                               torch.tensor([9], dtype=torch.int32), block_size=4)
 
 
+@pytest.mark.cuda
 @needs_flashinfer
 @pytest.mark.parametrize("group", [1, 4])
 def test_flashinfer_decode_matches_reference(group):
@@ -63,6 +64,7 @@ def test_flashinfer_decode_matches_reference(group):
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.cuda
 @needs_flashinfer
 def test_flashinfer_prefill_matches_reference():
     pytest.importorskip("flashinfer", reason="flashinfer is not installed")

@@ -34,6 +34,7 @@ def test_no_truncation_samples_the_distribution():
     torch.testing.assert_close(freq, probs[0], atol=0.04, rtol=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashInfer sampling needs CUDA")
 def test_flashinfer_sampling_support_matches_reference():
     pytest.importorskip("flashinfer", reason="flashinfer is not installed")

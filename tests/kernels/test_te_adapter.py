@@ -41,6 +41,7 @@ def test_torch_builds_resolved_on_cpu():
     assert isinstance(block, modules.RMSNormLinear)
 
 
+@pytest.mark.cuda
 @needs_te
 def test_te_linear_matches_torch():
     pytest.importorskip("transformer_engine.pytorch", reason="transformer_engine is not installed")
@@ -51,6 +52,7 @@ def test_te_linear_matches_torch():
     torch.testing.assert_close(layer(x), x @ layer.weight.t(), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.cuda
 @needs_te
 def test_te_rms_norm_linear_fp8_runs():
     pytest.importorskip("transformer_engine.pytorch", reason="transformer_engine is not installed")

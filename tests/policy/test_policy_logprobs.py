@@ -9,13 +9,13 @@ from rl_engine.policy.logprobs import reference_logprobs_and_entropy, token_logp
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("chunk", [1, 5, 64])
-def test_fused_logprobs_match_full_log_softmax(temperature, chunk):
+def test_fused_logprobs_match_full_log_softmax(temperature, chunk, test_device):
     torch.manual_seed(0)
     T, H, V = 23, 16, 50
-    hidden = torch.randn(T, H, dtype=torch.float64).float().requires_grad_()
-    weight = torch.randn(V, H).requires_grad_()
-    targets = torch.randint(0, V, (T,))
-    g_lp, g_ent = torch.randn(T), torch.randn(T)
+    hidden = torch.randn(T, H, dtype=torch.float64).float().to(test_device).requires_grad_()
+    weight = torch.randn(V, H).to(test_device).requires_grad_()
+    targets = torch.randint(0, V, (T,)).to(test_device)
+    g_lp, g_ent = torch.randn(T).to(test_device), torch.randn(T).to(test_device)
 
     lp, ent = token_logprobs_and_entropy(hidden, weight, targets, temperature=temperature, chunk_tokens=chunk)
     (lp * g_lp + ent * g_ent).sum().backward()
