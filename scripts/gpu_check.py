@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -188,9 +189,9 @@ def _dry_step(step: Step) -> dict:
     return {"status": "failed" if errors else "skipped", "error": "; ".join(errors) or None, "figures": figures}
 
 
-def _run_step(step: Step, *, budget_s: float, out_dir: str, log) -> dict:
+def _run_step(step: Step, *, budget_s: float, work_dir: str, log) -> dict:
     """The step in a child process of its own session (killed whole on timeout)."""
-    work = os.path.join(out_dir, "work", step.name)
+    work = os.path.join(work_dir, step.name)
     os.makedirs(work, exist_ok=True)
     result_file = os.path.join(work, "result.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--run-step", step.name, "--work", work]
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="on CPU: list steps, check wheels, imports and schema")
     ap.add_argument("--only", help=f"comma-separated steps of: {', '.join(STEP_NAMES)}")
     ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="all steps together (seconds)")
+    ap.add_argument("--work-dir", help="the steps' scratch files (checkpoints, junit XML); default: a new "
+                    "folder under the system temp dir, so that OUT_DIR holds only report.json and the log")
     ap.add_argument("--run-step", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -264,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = os.path.abspath(args.out_dir) if args.out_dir else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
+    work_dir = None
+    if not args.dry_run:
+        work_dir = os.path.abspath(args.work_dir) if args.work_dir else tempfile.mkdtemp(prefix="rl_engine_gpu_check_")
     started = time.monotonic()
     report = {"schema": SCHEMA, "dry_run": args.dry_run, "started_at": _now(), "seconds": 0.0,
               "budget_seconds": args.budget_s, "host": host_info(), "wheels": wheel_state(), "steps": [],
@@ -281,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             elif left < 5:
                 result = {"status": "skipped", "error": "the global budget is spent", "figures": {}}
             else:
-                result = _run_step(step, budget_s=min(step.budget_s, left), out_dir=out_dir, log=log)
+                result = _run_step(step, budget_s=min(step.budget_s, left), work_dir=work_dir, log=log)
             report["steps"].append({"name": step.name, "what": step.what, "budget_seconds": step.budget_s,
                                     "seconds": round(time.monotonic() - t0, 2), **result})
             line = f"{step.name:<22} {result['status']:<13} {report['steps'][-1]['seconds']:7.1f} s"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 23): every CUDA path of rl_engine on one CUDA GPU, in at most 8 minutes.
 #
-#   scripts/gpu_check.sh OUT_DIR [--only STEP,STEP] [--budget-s 470]   # on a GPU machine
+#   scripts/gpu_check.sh OUT_DIR [--only STEP,STEP] [--budget-s 470] [--work-dir DIR]   # on a GPU
 #   scripts/gpu_check.sh --dry-run [OUT_DIR]                          # on CPU (CI runs this)
 #
 # On the project's device machine (no network; its image has torch, Triton, transformers, pytest),
@@ -32,7 +32,9 @@
 #   bench_generate 90      benchmarks/generate.py --device cuda --dtype bfloat16 --size 0.5b
 #                          --batches 1,64 (Qwen2-0.5B-shaped random model written offline)
 #
-# Output: OUT_DIR/report.json, OUT_DIR/gpu_check.log (every step's output), OUT_DIR/work/<step>/.
+# Output: OUT_DIR/report.json and OUT_DIR/gpu_check.log (every step's output) only: two files, so
+# both come back from the device machine (at most 8 files return). Scratch files (checkpoints, JUnit
+# XML, each step's result.json) go to --work-dir DIR, by default a new folder under the temp dir.
 # Exit status: 0 when no step failed, 1 when one did, 2 on bad arguments or no CUDA device.
 #
 # report.json (schema "rl_engine.gpu_check/1", checked by gpu_check.validate_report before writing):

@@ -27,6 +27,7 @@ def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path_factory.mktemp("gpu_check_dry")
     proc = run_script("--dry-run", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(os.listdir(out)) == ["gpu_check.log", "report.json"]  # scratch files go elsewhere
     return proc, json.loads((out / "report.json").read_text())
 
 
@@ -111,10 +112,11 @@ def test_steps_run_in_child_processes_failures_and_timeouts_are_recorded(tmp_pat
     """The driver's own machinery on CPU: a missing library, a failing step, a step past its budget."""
     steps = {s.name: s for s in gpu_check.STEPS}
     with open(tmp_path / "log", "w") as log:
-        absent = gpu_check._run_step(steps["flashinfer"], budget_s=60, out_dir=str(tmp_path), log=log)
-        failed = gpu_check._run_step(steps["env"], budget_s=60, out_dir=str(tmp_path), log=log)
-        late = gpu_check._run_step(steps["env"], budget_s=0.05, out_dir=str(tmp_path), log=log)
+        absent = gpu_check._run_step(steps["flashinfer"], budget_s=60, work_dir=str(tmp_path), log=log)
+        failed = gpu_check._run_step(steps["env"], budget_s=60, work_dir=str(tmp_path), log=log)
+        late = gpu_check._run_step(steps["env"], budget_s=0.05, work_dir=str(tmp_path), log=log)
     assert absent["status"] == "not_installed" and absent["error"] and absent["figures"]["available"] is False
     assert failed["status"] == "failed" and "no CUDA device" in failed["error"]
     assert late["status"] == "failed" and "timed out" in late["error"]
     assert "===== env" in (tmp_path / "log").read_text()
+    assert json.loads((tmp_path / "flashinfer" / "result.json").read_text())["status"] == "not_installed"
