@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from rl_engine.config import ConfigError, check_float, check_int
 from rl_engine.demo_task import TASKS
@@ -225,6 +225,9 @@ class PlacementSection:
     weight_sync over ZMQ after every step."""
 
     mode: Literal["single_process", "colocated", "disaggregated"] = "single_process"
+    # Who starts the actors: "local" (processes on this machine) or "ray" (placed by a Ray placement group
+    # across the cluster's nodes; the `ray` section says which cluster and what each actor asks for).
+    launcher: Literal["local", "ray"] = "local"
     num_rollout_workers: int = 1  # disaggregated only
     # Every socket binds here: loopback unless configured. A wildcard (0.0.0.0, ::, *) is refused: bind the
     # one address the other actors reach this host by. Every socket is authenticated (rl_engine.auth).
@@ -265,6 +268,55 @@ class PlacementSection:
         return self.mode != "single_process"
 
 
+_HOST_PORT = re.compile(r"^[A-Za-z0-9_.:\[\]-]+:(\d+)$")
+
+
+def _check_resources(key: str, resources: dict[str, float]) -> None:
+    if not resources:
+        raise ConfigError(f"{key}={{}} must ask for at least one resource, e.g. {{CPU: 1}}")
+    for name, amount in resources.items():
+        if not name or not name.strip():
+            raise ConfigError(f"{key}: resource names must be non-empty strings, got {name!r}")
+        check_float(f"{key}.{name}", amount, lo=0)
+    if not any(amount > 0 for amount in resources.values()):
+        raise ConfigError(f"{key}={resources} asks for nothing: at least one amount must be > 0")
+
+
+@dataclass(kw_only=True)
+class RaySection:
+    """The Ray cluster of `placement.launcher=ray` (rl_engine.launch.ray_cluster). One placement group
+    per run, one bundle per actor process, each bundle asking for the resources below (CPU, GPU and
+    custom resources such as `node:<ip>` or a label given to `ray start --resources`)."""
+
+    # null: start a private local Ray instance for this run and stop it at the end; "auto": join the
+    # cluster this machine belongs to (`ray start` / `ray job submit`); or the head's "host:port".
+    address: str | None = None
+    namespace: str = "rl_engine"
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # passed to Ray as given (working_dir, pip, ...)
+    trainer_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})  # per trainer rank
+    rollout_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})  # per rollout worker
+    coordinator_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    # The placement group's strategy: PACK fills a node before the next one (trainer ranks of one TP group
+    # together), SPREAD puts bundles on distinct nodes when it can; STRICT_* fail rather than bend.
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Restarting a dead rollout worker is not implemented yet: only 0 (a dead worker's prompts are
+    # requeued on the others, as under the local launcher).
+    max_worker_restarts: int = 0
+
+    def __post_init__(self) -> None:
+        if self.address is not None and self.address != "auto":
+            match = _HOST_PORT.match(self.address)
+            if not match or not 1 <= int(match.group(1)) <= 65535:
+                raise ConfigError(f"ray.address={self.address!r} must be null (a private local Ray instance), "
+                                  "'auto' (the running cluster) or the head's host:port, e.g. 10.0.0.1:6379")
+        _check_text("ray.namespace", self.namespace)
+        for name in ("trainer_resources", "rollout_resources", "coordinator_resources"):
+            _check_resources(f"ray.{name}", getattr(self, name))
+        check_int("ray.max_worker_restarts", self.max_worker_restarts, lo=0, hi=0,
+                  note="restarting a dead rollout worker is not implemented yet; its prompts are requeued on "
+                       "the other workers")
+
+
 @dataclass(kw_only=True)
 class RLConfig:
     model: ModelSection = field(default_factory=ModelSection)
@@ -278,10 +330,14 @@ class RLConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     placement: PlacementSection = field(default_factory=PlacementSection)
+    ray: RaySection = field(default_factory=RaySection)
 
     def __post_init__(self) -> None:
         self._check_other_sections()
         p, t = self.placement, self.train
+        if p.launcher == "ray" and not p.uses_actors:
+            raise ConfigError("placement.launcher=ray places actor processes: set placement.mode to colocated or "
+                              "disaggregated (single_process runs in this process)")
         layout = f"tp={t.tp} pp={t.pp} dp={t.dp} ep={t.ep}"
         if p.mode == "single_process" and t.world_size > 1:
             raise ConfigError(f"train {layout} needs several trainer ranks: set placement.mode to colocated or "

@@ -100,11 +100,15 @@ def _warm_start(cfg: RLConfig, model_path: str) -> str:
     return target
 
 
-def build_specs(cfg: RLConfig, config_path: str, *, run_id: str) -> list[ProcessSpec]:
-    """The processes of a run: coordinator, trainer ranks, rollout workers (disaggregated)."""
+def build_specs(cfg: RLConfig, config_path: str, *, run_id: str, coordinator_host: str | None = None,
+                coordinator_ports: tuple[int, int] | None = None) -> list[ProcessSpec]:
+    """The processes of a run: coordinator, trainer ranks, rollout workers (disaggregated). The
+    coordinator listens on `placement.host` at two ports free here, unless a cluster launcher gives its
+    node's address and two ports free there (`coordinator_host`, `coordinator_ports`)."""
     p = cfg.placement
-    port, heartbeat_port = free_port(p.host), free_port(p.host)
-    coordinator, heartbeat = f"tcp://{p.host}:{port}", f"tcp://{p.host}:{heartbeat_port}"
+    host = coordinator_host or p.host
+    port, heartbeat_port = coordinator_ports or (free_port(host), free_port(host))
+    coordinator, heartbeat = f"tcp://{host}:{port}", f"tcp://{host}:{heartbeat_port}"
     threads = str(p.threads_per_process)
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, RUN_ID_ENV: run_id}
     base = ["--config", config_path]
@@ -126,16 +130,23 @@ def run_actors(cfg: RLConfig, *, edit_specs: Callable[[list[ProcessSpec]], list[
     `edit_specs` may change the process list before launch (fault injection in tests)."""
     resolved, config_path = prepare(cfg)
     run_id = new_run_id()
-    specs = build_specs(resolved, config_path, run_id=run_id)
-    if edit_specs is not None:
-        specs = edit_specs(specs)
     log_dir = os.path.join(resolved.train.output_dir, "logs")
-    print(f"launching {len(specs)} processes ({cfg.placement.mode}, trainer tp={cfg.train.tp} pp={cfg.train.pp} "
-          f"dp={cfg.train.dp}); logs in {log_dir}", flush=True)
     try:
-        # The run's secret reaches the actors in their environment only (see rl_engine.auth).
-        result = launch(specs, log_dir=log_dir, grace_period_s=cfg.placement.grace_period_s, echo_stream=echo_stream,
-                        env=RunAuth.generate().child_env())
+        if cfg.placement.launcher == "ray":
+            # Ray places the same processes on the cluster's nodes; imported here: only this launcher uses Ray.
+            from rl_engine.launch.ray_cluster import launch_on_ray
+
+            result = launch_on_ray(resolved, config_path, run_id=run_id, log_dir=log_dir, edit_specs=edit_specs,
+                                   echo_stream=echo_stream, secret_env=RunAuth.generate().child_env())
+        else:
+            specs = build_specs(resolved, config_path, run_id=run_id)
+            if edit_specs is not None:
+                specs = edit_specs(specs)
+            print(f"launching {len(specs)} processes ({cfg.placement.mode}, trainer tp={cfg.train.tp} pp={cfg.train.pp} "
+                  f"dp={cfg.train.dp}); logs in {log_dir}", flush=True)
+            # The run's secret reaches the actors in their environment only (see rl_engine.auth).
+            result = launch(specs, log_dir=log_dir, grace_period_s=cfg.placement.grace_period_s,
+                            echo_stream=echo_stream, env=RunAuth.generate().child_env())
     finally:  # the children have ended (launch stops them on every way out): what they left is the run's
         if removed := sweep_run(run_id):
             print(f"removed {len(removed)} shared-memory region(s) the run's processes left behind: "

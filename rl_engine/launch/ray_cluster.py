@@ -1,0 +1,392 @@
+"""Run the actors of one training run on a Ray cluster: `launch_on_ray(cfg, ...)`, the `ray` launcher.
+
+Ray does placement, lifecycle and failure detection; ZMQ and torch.distributed do the talking, exactly
+as under the local launcher. The processes are the ones `rl_engine.actors.run.build_specs` lists
+(coordinator, trainer ranks, rollout workers), each `python -m rl_engine.launch.child MODULE ARGS`,
+so after start-up a run under Ray and a run under the local launcher are one code path. No actor
+imports Ray: this module is the only one that does.
+
+Design: one placement group per run, one bundle per process (`ray.<role>_resources`, the group's
+strategy `ray.strategy`). Each process is hosted by a small Ray actor (`ProcessHost`) scheduled into its
+bundle: it reports its node's IP (as Ray sees it) and free ports there, starts the child on its node
+with the bundle's devices (Ray sets CUDA_VISIBLE_DEVICES in the host's environment, which the child
+inherits), writes the child's output to `<log_dir>/<name>.log`, reports its exit, forwards signals to
+its process group, and removes the run's shared-memory regions on its node at the end. The child's
+death signal is tied to its host's process, so a host that dies (`ray.kill`, a node lost, the driver
+gone: Ray kills the actors of a dead owner) takes its child with it.
+
+Rendezvous through the driver: the coordinator listens on its node's IP at two ports free there; the
+trainer ranks' MASTER_ADDR is rank 0's node IP and MASTER_PORT a port free there. Every process gets a
+config of its own only where it differs from the run's (`placement.host`: its node's IP, never a
+wildcard; `placement.weight_transport=auto` becomes `zmq` for a worker on a node without trainer ranks).
+The run's secret travels as an argument of `ProcessHost.start` (Ray's object transfer, never a command
+line, a file, or the actor's runtime_env, which Ray's state API shows) into the child's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import ray
+import yaml
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rl_engine.launch.local import (LAUNCHER_PID_ENV, LaunchResult, ProcessResult, ProcessSpec, free_port,
+                                    tail_lines)
+
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+_ECHO_CHUNK = 1 << 20
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot hold the run's placement group within `placement.startup_timeout_s`."""
+
+
+class ProcessHost:
+    """Hosts one process of the run on the node of its bundle (a Ray actor; see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._popen: subprocess.Popen | None = None
+        self._log_path: str | None = None
+        self._echo_offset = 0
+
+    def where(self) -> dict[str, Any]:
+        return {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+                "host_pid": os.getpid()}
+
+    def free_port(self, host: str) -> int:
+        return free_port(host)
+
+    def start(self, cmd: list[str], env: dict[str, str], secret_env: dict[str, str], log_path: str) -> int:
+        """Start the child; `secret_env` (the run's secret) goes into its environment only."""
+        child_env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+        child_env.update(env)
+        child_env.update(secret_env)
+        child_env[LAUNCHER_PID_ENV] = str(os.getpid())  # the child dies with this host process
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        self._log_path = log_path
+        with open(log_path, "wb") as log:
+            self._popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                           env=child_env, start_new_session=True)
+        return self._popen.pid
+
+    def poll(self, *, echo: bool = False) -> tuple[int | None, bytes]:
+        """(the child's exit code, None while it runs; its output since the last call when `echo`)."""
+        assert self._popen is not None
+        rc = self._reap()
+        out = b""
+        if echo and self._log_path is not None:
+            with open(self._log_path, "rb") as f:
+                f.seek(self._echo_offset)
+                out = f.read(_ECHO_CHUNK)
+            self._echo_offset += len(out)
+        return rc, out
+
+    def _reap(self) -> int | None:
+        popen = self._popen
+        if popen is None or popen.returncode is not None:
+            return None if popen is None else popen.returncode
+        # As the local launcher: see the exit without reaping, so the group id cannot be reused before
+        # whatever the child left in its group is killed.
+        if os.waitid(os.P_PID, popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            return None
+        _killpg(popen.pid, signal.SIGKILL)
+        return popen.poll()
+
+    def send_signal(self, sig: int) -> None:
+        if self._popen is not None and self._reap() is None:
+            _killpg(self._popen.pid, sig)
+
+    def sweep(self, run_id: str) -> list[str]:
+        """Remove the run's shared-memory regions left on this node (its processes have ended)."""
+        from rl_engine.weight_sync.staging import sweep_run
+
+        return sweep_run(run_id)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _role_resources(cfg, spec: ProcessSpec) -> dict[str, float]:
+    r = cfg.ray
+    if spec.dist_rank is not None:
+        return dict(r.trainer_resources)
+    return dict(r.coordinator_resources if spec.ends_run else r.rollout_resources)
+
+
+def _actor_options(resources: dict[str, float]) -> dict[str, Any]:
+    """Ray actor options that take the whole bundle."""
+    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
+    options: dict[str, Any] = {"num_cpus": resources.get("CPU", 0), "num_gpus": resources.get("GPU", 0)}
+    if "memory" in resources:
+        options["memory"] = resources["memory"]
+    if custom:
+        options["resources"] = custom
+    return options
+
+
+def placement_error(bundles: list[dict[str, float]], names: list[str], timeout_s: float) -> PlacementError:
+    """Which bundles no node can hold, what they asked for and what the cluster has."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    unfit = [i for i, b in enumerate(bundles)
+             if not any(all(node.get(k, 0) >= v for k, v in b.items()) for node in nodes)]
+    asked = "; ".join(f"bundle {i} ({names[i]}) asks {bundles[i]}" for i in (unfit or range(len(bundles))))
+    have = "; ".join(f"node {i}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(node.items())
+                                                if not k.startswith(("node:", "object_store_memory", "memory")))
+                     for i, node in enumerate(nodes))
+    why = "no node can hold it" if unfit else "the cluster cannot hold all bundles at once"
+    return PlacementError(f"ray placement group not ready within placement.startup_timeout_s={timeout_s:g}: {why}: "
+                          f"{asked}. The cluster has {len(nodes)} node(s): {have}; free now: "
+                          f"{ray.available_resources()}")
+
+
+def _actor_config(config_path: str, name: str, changes: dict[str, Any]) -> str:
+    """The run's config with this process's placement changes: the same path when there are none."""
+    with open(config_path) as f:
+        data = yaml.safe_load(f)
+    if all(data["placement"].get(k) == v for k, v in changes.items()):
+        return config_path
+    data["placement"].update(changes)
+    path = os.path.join(os.path.dirname(config_path), f"config.{name}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    return path
+
+
+def _with_config(spec: ProcessSpec, path: str) -> ProcessSpec:
+    args = list(spec.args)
+    args[args.index("--config") + 1] = path
+    return replace(spec, args=args)
+
+
+class RayLauncher:
+    """Places the run's processes (see the module docstring); `run()` returns a `LaunchResult`."""
+
+    def __init__(self, cfg, config_path: str, *, run_id: str, log_dir: str, secret_env: dict[str, str],
+                 edit_specs: Callable[[list[ProcessSpec]], list[ProcessSpec]] | None = None,
+                 echo_stream: IO[bytes] | None = None, poll_interval_s: float = 0.1) -> None:
+        self.cfg, self.config_path, self.run_id = cfg, config_path, run_id
+        self.log_dir = Path(log_dir)
+        self._secret_env = secret_env
+        self._edit_specs = edit_specs
+        self._echo_stream = echo_stream
+        self._poll_interval_s = poll_interval_s
+        self._signal: int | None = None
+        self._signal_count = 0
+        self._connected_here = False
+        self._stopping = False
+        self._pg = None
+        self.hosts: list[Any] = []
+        self.specs: list[ProcessSpec] = []
+        self.where: list[dict[str, Any]] = []
+        self.pids: list[int] = []
+        self.returncodes: list[int | None] = []
+        self.stopped: list[bool] = []
+
+    # -- start-up -----------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        r = self.cfg.ray
+        if ray.is_initialized():
+            return
+        ray.init(address=r.address, namespace=r.namespace, runtime_env=r.runtime_env or None, log_to_driver=False,
+                 include_dashboard=False if r.address is None else None)
+        self._connected_here = True
+
+    def _specs(self, **kwargs: Any) -> list[ProcessSpec]:
+        from rl_engine.actors.run import build_specs
+
+        specs = build_specs(self.cfg, self.config_path, run_id=self.run_id, **kwargs)
+        return self._edit_specs(specs) if self._edit_specs is not None else specs
+
+    def start(self) -> None:
+        p = self.cfg.placement
+        self._connect()
+        # First the process list (its roles size the bundles), then the addresses from where Ray put them.
+        specs = self._specs(coordinator_host=p.host, coordinator_ports=(0, 0))
+        bundles = [_role_resources(self.cfg, s) for s in specs]
+        names = [s.name for s in specs]
+        self._pg = placement_group(bundles, strategy=self.cfg.ray.strategy, name=f"rl_engine-{self.run_id}")
+        if not self._pg.wait(timeout_seconds=p.startup_timeout_s):
+            raise placement_error(bundles, names, p.startup_timeout_s)
+        host_cls = ray.remote(max_restarts=0)(ProcessHost)
+        for i, (spec, bundle) in enumerate(zip(specs, bundles)):
+            strategy = PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=i)
+            self.hosts.append(host_cls.options(name=f"rl_engine-{self.run_id}-{spec.name}", scheduling_strategy=strategy,
+                                               **_actor_options(bundle)).remote())
+        self.where = ray.get([h.where.remote() for h in self.hosts], timeout=p.startup_timeout_s)
+        coordinator = next(i for i, s in enumerate(specs) if s.ends_run)
+        rank0 = next((i for i, s in enumerate(specs) if s.dist_rank == 0), None)
+        coordinator_ip = self.where[coordinator]["node_ip"]
+        ports = ray.get([self.hosts[coordinator].free_port.remote(coordinator_ip) for _ in range(2)])
+        while ports[0] == ports[1]:
+            ports[1] = ray.get(self.hosts[coordinator].free_port.remote(coordinator_ip))
+        self.specs = self._specs(coordinator_host=coordinator_ip, coordinator_ports=tuple(ports))
+        assert [s.name for s in self.specs] == names
+        trainer_nodes = {self.where[i]["node_id"] for i, s in enumerate(self.specs) if s.dist_rank is not None}
+        master_ip = self.where[rank0]["node_ip"] if rank0 is not None else None
+        master_port = ray.get(self.hosts[rank0].free_port.remote(master_ip)) if rank0 is not None else None
+        world_size = sum(s.dist_rank is not None for s in self.specs)
+        starts = []
+        for spec, host, where in zip(self.specs, self.hosts, self.where):
+            changes: dict[str, Any] = {"host": where["node_ip"]}
+            if p.weight_transport == "auto" and spec.dist_rank is None and not spec.ends_run \
+                    and where["node_id"] not in trainer_nodes:
+                changes["weight_transport"] = "zmq"  # shared memory only between processes of one node
+            spec = _with_config(spec, _actor_config(self.config_path, spec.name, changes))
+            env = {"PYTHONUNBUFFERED": "1", "RL_ENGINE_PROCESS_NAME": spec.name}
+            if spec.dist_rank is not None:
+                # Each rank has its own bundle (and sees only its bundle's GPUs): local rank 0 of 1.
+                env.update(MASTER_ADDR=master_ip, MASTER_PORT=str(master_port), RANK=str(spec.dist_rank),
+                           LOCAL_RANK="0", WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE="1")
+            env.update(spec.env)
+            cmd = [sys.executable, "-m", "rl_engine.launch.child", spec.module, *spec.args]
+            starts.append(host.start.remote(cmd, env, self._secret_env, str(self.log_dir / f"{spec.name}.log")))
+        self.pids = ray.get(starts, timeout=p.startup_timeout_s)
+        self.returncodes = [None] * len(self.specs)
+        self.stopped = [False] * len(self.specs)
+        self._write_placement()
+
+    def _write_placement(self) -> None:
+        import json
+
+        placement = {s.name: {**w, "pid": pid, "bundle_index": i, "actor_name": f"rl_engine-{self.run_id}-{s.name}"}
+                     for i, (s, w, pid) in enumerate(zip(self.specs, self.where, self.pids))}
+        path = os.path.join(self.cfg.train.output_dir, "actors", "placement.json")
+        with open(path, "w") as f:
+            json.dump(placement, f, indent=1)
+        nodes = {w["node_id"]: w["node_ip"] for w in self.where}
+        print(f"launched {len(self.specs)} processes on Ray ({self.cfg.placement.mode}, {len(nodes)} node(s) at "
+              f"{', '.join(sorted(set(nodes.values())))}); logs in {self.log_dir}; placement in {path}", flush=True)
+
+    # -- watching -----------------------------------------------------------------------------------
+    def _poll(self) -> None:
+        live = [i for i, rc in enumerate(self.returncodes) if rc is None]
+        refs = [self.hosts[i].poll.remote(echo=self.specs[i].echo) for i in live]
+        for i, ref in zip(live, refs):
+            try:
+                rc, out = ray.get(ref)
+            except ray.exceptions.RayActorError:  # the host (and with it the child) is gone
+                rc, out = -signal.SIGKILL, b""
+            if out:
+                stream = self._echo_stream or sys.stdout.buffer
+                try:
+                    stream.write(out)
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            if rc is not None:
+                self.returncodes[i] = rc
+                if rc != 0 and not self.specs[i].required and not self._stopping:
+                    how = f"exited with code {rc}" if rc > 0 else f"was killed by signal {-rc}"
+                    print(f"process '{self.specs[i].name}' on {self.where[i]['node_ip']} {how}; it is not required, "
+                          f"the run goes on", file=sys.stderr, flush=True)
+
+    def _signal_all(self, sig: int) -> None:
+        for i, host in enumerate(self.hosts):
+            if self.returncodes and self.returncodes[i] is None:
+                host.send_signal.remote(sig)
+
+    def wait(self) -> LaunchResult:
+        status: Literal["completed", "failed", "interrupted"] | None = None
+        failed: int | None = None
+        deadline: float | None = None
+        while True:
+            self._poll()
+            running = [rc is None for rc in self.returncodes]
+            if status is None:
+                failed = next((i for i, (s, rc) in enumerate(zip(self.specs, self.returncodes))
+                               if s.required and rc not in (None, 0)), None)
+                if self._signal is not None:
+                    status = "interrupted"
+                elif failed is not None:
+                    status = "failed"
+                elif any(s.ends_run and rc == 0 for s, rc in zip(self.specs, self.returncodes)) or not any(running):
+                    status = "completed"
+                if status is not None:
+                    self._stopping = True
+                    self.stopped = list(running)
+                    deadline = time.monotonic() + self.cfg.placement.grace_period_s
+                    self._signal_all(self._signal or signal.SIGTERM)
+            elif any(running) and (self._signal_count > 1 or time.monotonic() >= deadline):
+                self._signal_all(signal.SIGKILL)
+            if status is not None and not any(running):
+                return self._result(status, failed)
+            time.sleep(self._poll_interval_s)
+
+    def _result(self, status: Literal["completed", "failed", "interrupted"], failed: int | None) -> LaunchResult:
+        processes = [ProcessResult(name=s.name, pid=pid, returncode=rc, log_path=self.log_dir / f"{s.name}.log",
+                                   stopped_by_launcher=stopped)
+                     for s, pid, rc, stopped in zip(self.specs, self.pids, self.returncodes, self.stopped)]
+        failed_result = processes[failed] if failed is not None else None
+        return LaunchResult(status=status, processes=processes, failed=failed_result,
+                            failed_log_tail=tail_lines(failed_result.log_path, 20) if failed_result else [],
+                            signal=self._signal if status == "interrupted" else None)
+
+    def request_stop(self, sig: int = signal.SIGTERM) -> None:
+        self._signal = sig
+        self._signal_count += 1
+
+    # -- the end ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop whatever still runs, remove the run's regions on every node, the actors and the group."""
+        try:
+            if self.hosts and any(rc is None for rc in self.returncodes):
+                self._signal_all(signal.SIGKILL)
+            swept = {}
+            for host, where in zip(self.hosts, self.where):
+                swept.setdefault(where["node_id"], host)
+            refs = [host.sweep.remote(self.run_id) for host in swept.values()]
+            for ref in refs:
+                try:
+                    if removed := ray.get(ref, timeout=30):
+                        print(f"removed {len(removed)} shared-memory region(s) the run's processes left behind: "
+                              f"{', '.join(removed)}", file=sys.stderr, flush=True)
+                except (ray.exceptions.RayError, TimeoutError):
+                    pass
+            for host in self.hosts:
+                ray.kill(host, no_restart=True)  # its child, if any still ran, dies with it
+            if self._pg is not None:
+                remove_placement_group(self._pg)
+        finally:
+            if self._connected_here:
+                ray.shutdown()  # a private instance (ray.address=null) stops with it
+
+    def run(self) -> LaunchResult:
+        """start(), then wait() with SIGINT/SIGTERM turned into a stop of the run (main thread only)."""
+        install = threading.current_thread() is threading.main_thread()
+        previous = {}
+        try:
+            self._connect()  # first: ray.init installs signal handlers of its own, which ours replace
+            if install:
+                previous = {s: signal.signal(s, lambda signum, frame: self.request_stop(signum))
+                            for s in (signal.SIGINT, signal.SIGTERM)}
+            self.start()
+            return self.wait()
+        finally:
+            try:
+                self.close()
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+
+def launch_on_ray(cfg, config_path: str, *, run_id: str, log_dir: str, secret_env: dict[str, str],
+                  edit_specs: Callable[[list[ProcessSpec]], list[ProcessSpec]] | None = None,
+                  echo_stream: IO[bytes] | None = None) -> LaunchResult:
+    """Place and start the run's processes on Ray, wait for the run to end, leave nothing behind."""
+    return RayLauncher(cfg, config_path, run_id=run_id, log_dir=log_dir, secret_env=secret_env, edit_specs=edit_specs,
+                       echo_stream=echo_stream).run()
