@@ -217,6 +217,19 @@ class TrainSection:
 
 
 @dataclass(kw_only=True)
+class RefSection:
+    """The frozen reference policy of `loss.kl_coef` (KL(policy || ref) per response token), held in
+    the trainer process(es), sharded like the trainer, scoring the trainer's own micro-batches."""
+
+    # A Hugging Face model directory with the policy's tokenizer; None: the initial policy (the
+    # weights RL starts from, after the warm start) when loss.kl_coef > 0, else no reference.
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_text("ref.path", self.path, optional=True)
+
+
+@dataclass(kw_only=True)
 class PlacementSection:
     """Where the actors run. "single_process": the whole loop in this process (the demo's fast path,
     no ZMQ). "colocated": a coordinator process and trainer ranks that host the inference engines
@@ -329,6 +342,7 @@ class RLConfig:
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    ref: RefSection = field(default_factory=RefSection)
     placement: PlacementSection = field(default_factory=PlacementSection)
     ray: RaySection = field(default_factory=RaySection)
 
@@ -354,9 +368,6 @@ class RLConfig:
         if self.rollout.mode == "async" and self.rollout.routing_replay:
             raise ConfigError("rollout.routing_replay=true with rollout.mode=async is not supported: a partial rollout "
                               "continued with new weights re-routes its earlier tokens; use rollout.mode=sync")
-        if self.loss.kl_coef > 0:
-            raise ConfigError(f"loss.kl_coef ({self.loss.kl_coef}) > 0 needs reference-policy log-probs, which the "
-                              "RL loop does not compute yet; set loss.kl_coef=0")
         if self.warmup.path == "builtin" and not self.data.path.startswith("builtin:"):
             raise ConfigError(f"warmup.path='builtin' needs a builtin task in data.path (got {self.data.path!r}); "
                               "give a JSONL path of (prompt, response) rows, or null")
@@ -367,6 +378,12 @@ class RLConfig:
             raise ConfigError(f"train.micro_batch_tokens={t.micro_batch_tokens} must be at least the longest prompt "
                               f"plus rollout.max_new_tokens ({r.max_new_tokens}) minus 1: every sample must fit in "
                               "one micro-batch")
+
+    @property
+    def uses_reference(self) -> bool:
+        """A reference policy is scored every step (and `train/kl_ref` logged): `ref.path` is given,
+        or `loss.kl_coef > 0` regularises toward the initial policy."""
+        return self.ref.path is not None or self.loss.kl_coef > 0
 
     def _check_other_sections(self) -> None:
         """What the reward, advantage and loss configs (in their own packages) leave open: they refuse

@@ -17,6 +17,7 @@ generator, and the run's pre-RL results, so a resumed sync run repeats the unint
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import json
@@ -30,6 +31,7 @@ import torch
 
 from rl_engine import run_checkpoint
 from rl_engine.config import ConfigError, to_dict
+from rl_engine.frozen_models import check_same_tokenizer, reference_path
 from rl_engine.inference import LLM
 from rl_engine.losses import PolicyLoss
 from rl_engine.policy import from_pretrained
@@ -171,6 +173,17 @@ class GRPOTrainer:
         model_path, data_path, eval_path, self.warmup_path = resolve_paths(cfg)
         dtype = getattr(torch, cfg.model.dtype)
         self.model = from_pretrained(model_path, dtype=dtype, device=cfg.train.device)
+        # The frozen reference policy (loss.kl_coef, train/kl_ref): `ref.path`'s weights, or a copy of
+        # the initial policy, refreshed after the warm start and kept in checkpoints.
+        self.ref_model = None
+        ref_path = reference_path(cfg, initial_policy_path=model_path)
+        if ref_path is not None and cfg.ref.path is None:
+            self.ref_model = copy.deepcopy(self.model)
+        elif ref_path is not None:
+            check_same_tokenizer(key="ref.path", path=ref_path, policy_path=model_path)
+            self.ref_model = from_pretrained(ref_path, dtype=dtype, device=cfg.train.device)
+        if self.ref_model is not None:
+            self.ref_model.requires_grad_(False)
         self.prompts = PromptSource(cfg, model_path=model_path, data_path=data_path, eval_path=eval_path,
                                     eos_token_ids=self.model.config.eos_token_id)
         self.tokenizer = self.prompts.tokenizer
@@ -231,6 +244,8 @@ class GRPOTrainer:
             opt.step()
             losses.append(loss.item())
         opt.zero_grad(set_to_none=True)  # leave no gradient behind for the RL optimizer
+        if self.ref_model is not None and self.config.ref.path is None:  # the initial policy is this one
+            self.ref_model.load_state_dict(self.model.state_dict())
         # The warm-started weights are the RL run's version 0; drop KV cached under the old ones.
         self.llm.reset_prefix_cache()
         return {"warmup/loss_first": losses[0], "warmup/loss_last": sum(losses[-10:]) / len(losses[-10:])}
@@ -304,6 +319,9 @@ class GRPOTrainer:
                                       moe_layers=self.moe_layers), mini_batch_normalizer(s, cfg)) for s, a in mini]
         t0 = time.perf_counter()
         self.model.train()
+        if self.ref_model is not None:  # the reference's log-probs, in the same micro-batches
+            for micro_batches, _ in plans:
+                attach_logprobs(micro_batches, forward_logprobs(self.ref_model, micro_batches), key="ref")
         if len(plans) * cfg.train.epochs_per_step > 1:  # decoupled PPO: the proximal policy, once per step
             for micro_batches, _ in plans:
                 attach_logprobs(micro_batches, forward_logprobs(self.model, micro_batches), key="proximal")
@@ -353,6 +371,9 @@ class GRPOTrainer:
             shutil.rmtree(path)
         os.makedirs(path)
         run_checkpoint.write_bytes_atomic(os.path.join(path, "model.pt"), _torch_bytes(self.model.state_dict()))
+        if self.ref_model is not None and cfg.ref.path is None:  # the initial policy, no longer on disk
+            run_checkpoint.write_bytes_atomic(os.path.join(path, "ref_model.pt"),
+                                              _torch_bytes(self.ref_model.state_dict()))
         run_checkpoint.write_bytes_atomic(os.path.join(path, "optimizer.pt"),
                                           _torch_bytes(self.optimizer.state_dict()))
         rng = {"torch_cpu": torch.get_rng_state()}
@@ -376,6 +397,8 @@ class GRPOTrainer:
         except RuntimeError as e:  # missing / unexpected keys, shape mismatches
             raise ResumeError(f"cannot resume from {path}: its weights do not fit this model: {e}") from None
         self.optimizer.load_state_dict(_torch_load(os.path.join(path, "optimizer.pt")))
+        if self.ref_model is not None and self.config.ref.path is None:
+            self.ref_model.load_state_dict(_torch_load(os.path.join(path, "ref_model.pt")))
         try:
             self.dataset.load_state_dict(state["dataset"])
         except ValueError as e:

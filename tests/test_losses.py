@@ -414,3 +414,29 @@ def test_mini_batch_split_and_update_aggregation() -> None:
     assert aggregate_updates([one], mini_batches=1) == one  # unchanged, ints stay ints
     two = aggregate_updates([one, {"loss": 0.75, "micro_batches": 1, "is_ratio_max": 2.0,}], mini_batches=2)
     assert two == {"loss": 0.5, "micro_batches": 4.0, "is_ratio_max": 2.0}
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_in_the_loss_matches_a_hand_computed_gradient(estimator: str) -> None:
+    """One micro-batch, fp32, token-mean, on-policy (ratio 1), no importance correction: the loss is
+    sum_t mask_t (-A_t + c * kl_t) / N and d loss / d logprob_t = mask_t (-A_t + c * dkl_t) / N, with
+    dkl = 1 (k1), log(pi/ref) (k2), 1 - ref/pi (k3)."""
+    g = torch.Generator().manual_seed(11)
+    lp0 = -torch.rand(9, generator=g) * 3
+    ref = -torch.rand(9, generator=g) * 3
+    adv = torch.randn(9, generator=g)
+    mask = torch.tensor([0, 1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)
+    c, n = 0.3, 11  # the normaliser counts tokens of other micro-batches too
+    lp = lp0.clone().requires_grad_(True)
+    loss_fn = PolicyLoss(PolicyLossConfig(kl_coef=c, kl_estimator=estimator,
+                                          importance_sampling=ImportanceSamplingConfig(mode="none")))
+    out = loss_fn(logprobs=lp, advantages=adv, loss_mask=mask, seq_ids=torch.tensor([0] * 4 + [1] * 5), num_seqs=2,
+                  normalizer=LossNormalizer(num_tokens=n, num_sequences=2), ref_logprobs=ref)
+    out.loss.backward()
+    d = lp0 - ref
+    kl = {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) - 1 + d}[estimator]
+    dkl = {"k1": torch.ones_like(d), "k2": d, "k3": 1 - torch.exp(-d)}[estimator]
+    m = mask.float()
+    assert abs(float(out.loss) - float((m * (-adv + c * kl)).sum() / n)) <= 1e-6
+    assert (lp.grad - m * (-adv + c * dkl) / n).abs().max() <= 1e-6
+    assert abs(float(out.metrics["kl_ref"]) - float((m * kl).sum() / n)) <= 1e-6

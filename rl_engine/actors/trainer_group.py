@@ -43,10 +43,12 @@ from rl_engine import protocol as P
 from rl_engine.actors.group_comm import broadcast_message, recv_messages, reduce_metrics_over, send_messages
 from rl_engine.actors.link import CoordinatorLink, load_actor_config
 from rl_engine.auth import RunAuth
+from rl_engine.frozen_models import reference_path
 from rl_engine.launch.rendezvous import init_process_group_from_env
 from rl_engine.actors.wire import add_to_engine, engine_sampling, generate_result, samples_from_batch
 from rl_engine.losses import PolicyLoss
 from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer
+from rl_engine.policy.frozen import FrozenPolicy
 from rl_engine.rl_step import (StepLoss, aggregate_updates, attach_logprobs, build_micro_batches, micro_batch_count,
                                mini_batch_normalizer, split_mini_batches)
 from rl_engine.train_config import RLConfig
@@ -71,6 +73,10 @@ class TrainerGroup:
             optim=OptimizerConfig(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                                   clip_grad=o.grad_clip or None))
         config = self.trainer.config
+        # The frozen reference, sharded like the trainer. Its default, the initial policy, is model.path:
+        # the launcher points that at the warm-started weights (train_cli checked ref.path's tokenizer).
+        ref_path = reference_path(cfg, initial_policy_path=cfg.model.path)
+        self.ref = None if ref_path is None else FrozenPolicy.from_pretrained(ref_path, groups=g, dtype=self.dtype)
         self.policy_loss = PolicyLoss(cfg.loss)
         self.moe_layers = sorted(config.moe_layers) if cfg.rollout.routing_replay else None
         self.version = 0
@@ -172,12 +178,15 @@ class TrainerGroup:
                                                 pad_to_count=pad)
             plans.append((micro_batches, mini_batch_normalizer(mini_samples, cfg)))
         t0 = time.perf_counter()
+        if self.ref is not None:  # the reference's log-probs, in the same micro-batches (on the last stage)
+            for micro_batches, _ in plans:
+                attach_logprobs(micro_batches, self.ref.forward_logprobs(micro_batches), key="ref")
         decoupled = len(plans) * cfg.train.epochs_per_step > 1
         if decoupled:  # the proximal policy, once per step (log-probs on the last stage only)
             for micro_batches, _ in plans:
                 attach_logprobs(micro_batches, [lp for lp, _ in self.trainer.forward_logprobs(micro_batches)],
                                 key="proximal")
-        keys = StepLoss.metric_keys(self.policy_loss, proximal=decoupled)
+        keys = StepLoss.metric_keys(self.policy_loss, proximal=decoupled, ref=self.ref is not None)
         per_update = []
         for _ in range(cfg.train.epochs_per_step):
             for micro_batches, normalizer in plans:

@@ -126,7 +126,7 @@ def test_micro_batches_cover_each_sample_once_per_layout():
     (["train.dp=2", "train.ep=3", "placement.mode=disaggregated"], "must divide train.dp"),
     (["placement.mode=teleport"], "is not one of"),
     (["placement.heartbeat_timeout_s=0.5"], "must exceed heartbeat_interval_s"),
-    (["loss.kl_coef=0.1"], "reference-policy"),
+    (["ref.path=''"], "ref.path='' must be a non-empty string"),
     (["rollout.temperature=0"], "must be > 0"),
     (["placement.num_rollout_worker=2"], "did you mean 'placement.num_rollout_workers'"),
 ])

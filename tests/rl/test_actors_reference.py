@@ -1,0 +1,38 @@
+"""The reference policy in the trainer group (`policy.frozen.FrozenPolicy`, sharded like the trainer,
+no optimizer state): with KL in the loss, tp2 and pp2 runs reproduce the single-process run step by
+step, `train/kl_ref` included."""
+
+import io
+
+import pytest
+from rl_actor_helpers import assert_same_run, child_pythonpath, rows, single_process_rows, toy_config
+
+from rl_engine.actors.run import run_actors
+
+KL = ["loss.kl_coef=0.1", "loss.kl_estimator=k3", "optim.lr=1e-2"]  # a larger lr: the KL moves within 3 steps
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return single_process_rows(tmp_path_factory.mktemp("single_kl"), *KL)
+
+
+def _run(tmp_path, monkeypatch, *overrides):
+    child_pythonpath(monkeypatch)
+    run_actors(toy_config(tmp_path, *KL, *overrides), echo_stream=io.BytesIO())
+    return rows(tmp_path)
+
+
+def _check(got, reference):
+    assert_same_run(got, reference)
+    assert abs(reference[0]["train/kl_ref"]) <= 1e-7 and reference[-1]["train/kl_ref"] > 1e-5
+    for a, b in zip(got, reference):
+        assert abs(a["train/kl_ref"] - b["train/kl_ref"]) <= 1e-6 + 1e-4 * abs(b["train/kl_ref"]), (a, b)
+
+
+def test_colocated_tp2_with_kl_matches_single_process(reference, tmp_path, monkeypatch):
+    _check(_run(tmp_path, monkeypatch, "placement.mode=colocated", "train.tp=2"), reference)
+
+
+def test_disaggregated_pp2_with_kl_matches_single_process(reference, tmp_path, monkeypatch):
+    _check(_run(tmp_path, monkeypatch, "placement.mode=disaggregated", "train.pp=2"), reference)
