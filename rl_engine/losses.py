@@ -82,6 +82,10 @@ class PolicyLossConfig:
     agg: str = "token-mean"
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    # KL to the reference as a reward penalty (verl's use_kl_in_reward; single_process only): each
+    # sample's reward loses kl_coef * its summed per-token KL(proximal || ref) before the advantages,
+    # and the loss has no KL term.
+    kl_in_reward: bool = False
     entropy_coef: float = 0.0
     importance_sampling: ImportanceSamplingConfig = field(default_factory=ImportanceSamplingConfig)
 
@@ -302,9 +306,9 @@ class PolicyLoss:
         if ref_logprobs is not None:
             kl = kl_penalty(logprobs, ref_logprobs.detach(), estimator=cfg.kl_estimator)
             metrics["kl_ref"] = torch.where(mask, kl.detach(), 0.0).sum() / normalizer.num_tokens
-            if cfg.kl_coef > 0:
+            if cfg.kl_coef > 0 and not cfg.kl_in_reward:
                 per_token = per_token + cfg.kl_coef * kl
-        elif cfg.kl_coef > 0:
+        elif cfg.kl_coef > 0 and not cfg.kl_in_reward:
             raise ValueError(f"kl_coef ({cfg.kl_coef}) > 0 needs ref_logprobs; pass them or set kl_coef=0")
         if entropy is not None:
             metrics["entropy"] = torch.where(mask, entropy.detach(), 0.0).sum() / normalizer.num_tokens

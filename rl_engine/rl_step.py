@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from rl_engine.inference import SamplingParams
-from rl_engine.losses import LossNormalizer, PolicyLoss, compute_loss_normalizer, reduce_metrics, seq_ids_from_cu_seqlens
+from rl_engine.losses import (LossNormalizer, PolicyLoss, compute_loss_normalizer, kl_penalty, reduce_metrics,
+                               seq_ids_from_cu_seqlens)
 from rl_engine.policy.moe import MoEBlock, RoutingRecord
 from rl_engine.policy.pipeline import MicroBatch
 from rl_engine.policy.tokenizer import Tokenizer
@@ -222,7 +223,7 @@ def _micro_batch(samples: Sequence[Sample], advantages: torch.Tensor, indices: l
         indices, token_ids=[s.input_ids for s in samples],
         per_token={"targets": [s.targets for s in samples], "loss_mask": [s.loss_mask for s in samples],
                    "behavior": [s.behavior_logprobs for s in samples]},
-        per_sample={"advantages": advantages})
+        per_sample={"advantages": advantages, "sample": torch.arange(len(samples))})
     v = batch.values
     routing = None
     if moe_layers is not None:
@@ -238,7 +239,7 @@ def _micro_batch(samples: Sequence[Sample], advantages: torch.Tensor, indices: l
     return MicroBatch(input_ids=batch.input_ids, positions=batch.positions, cu_seqlens=batch.cu_seqlens,
                       targets=v["targets"].long(), temperature=temperature, routing=routing,
                       loss_inputs={"advantages": v["advantages"].float(), "loss_mask": v["loss_mask"].bool(),
-                                   "behavior": v["behavior"].float()})
+                                   "behavior": v["behavior"].float(), "sample": v["sample"].long()})
 
 
 def _empty_micro_batch(temperature: float, moe_layers: Sequence[int] | None, samples: Sequence[Sample]) -> MicroBatch:
@@ -251,7 +252,7 @@ def _empty_micro_batch(temperature: float, moe_layers: Sequence[int] | None, sam
     return MicroBatch(input_ids=zero, positions=zero.clone(), cu_seqlens=torch.tensor([0, 1], dtype=torch.int32),
                       targets=zero.clone(), temperature=temperature, routing=routing,
                       loss_inputs={"advantages": torch.zeros(1), "loss_mask": torch.zeros(1, dtype=torch.bool),
-                                   "behavior": torch.zeros(1)})
+                                   "behavior": torch.zeros(1), "sample": torch.zeros(1, dtype=torch.int64)})
 
 
 class StepLoss:
@@ -331,6 +332,31 @@ def aggregate_updates(per_update: Sequence[dict[str, float]], *, mini_batches: i
         else:
             out[key] = sum(values) / len(values)
     return out
+
+
+def sequence_kl(plans: Sequence[Sequence[MicroBatch]], offsets: Sequence[int], num_samples: int, *,
+                estimator: str) -> torch.Tensor:
+    """[num_samples] fp64: each sample's summed per-token KL(proximal || ref) estimate, from the
+    micro-batches of `plans` (mini-batch k's samples start at `offsets[k]`) that carry "ref" log-probs
+    on this rank; zeros for the others (sum the vectors over ranks that score a loss). The trainer's
+    own log-probs, not the engine's: against a reference equal to the policy they give exactly 0,
+    where the engine's rounding noise would become whole advantages after the group's std division."""
+    out = torch.zeros(num_samples, dtype=torch.float64)
+    for micro_batches, offset in zip(plans, offsets):
+        for mb in micro_batches:
+            li = mb.loss_inputs
+            if "ref" in li:
+                kl = torch.where(li["loss_mask"], kl_penalty(li["proximal"], li["ref"], estimator=estimator), 0.0)
+                out.index_add_(0, li["sample"] + offset, kl.double())
+    return out
+
+
+def set_advantages(plans: Sequence[Sequence[MicroBatch]], offsets: Sequence[int], advantages: torch.Tensor) -> None:
+    """Replace the per-token advantages of every micro-batch by `advantages[sample]` (after a reward
+    penalty that needed the micro-batches' forward passes)."""
+    for micro_batches, offset in zip(plans, offsets):
+        for mb in micro_batches:
+            mb.loss_inputs["advantages"] = advantages[mb.loss_inputs["sample"] + offset].float()
 
 
 @torch.no_grad()

@@ -51,6 +51,8 @@ from rl_engine.rl_step import (
     rollout_metrics,
     run_micro_batches,
     sampling_params,
+    sequence_kl,
+    set_advantages,
     split_mini_batches,
     update_expert_bias,
 )
@@ -322,9 +324,17 @@ class GRPOTrainer:
         if self.ref_model is not None:  # the reference's log-probs, in the same micro-batches
             for micro_batches, _ in plans:
                 attach_logprobs(micro_batches, forward_logprobs(self.ref_model, micro_batches), key="ref")
-        if len(plans) * cfg.train.epochs_per_step > 1:  # decoupled PPO: the proximal policy, once per step
+        # Decoupled PPO (several updates) and the KL reward penalty need the proximal policy, once per step.
+        if len(plans) * cfg.train.epochs_per_step > 1 or cfg.loss.kl_in_reward:
             for micro_batches, _ in plans:
                 attach_logprobs(micro_batches, forward_logprobs(self.model, micro_batches), key="proximal")
+        if cfg.loss.kl_in_reward:  # rewards lose kl_coef * KL(proximal || ref); advantages again
+            offsets = torch.tensor([0] + [len(s) for s, _ in mini][:-1]).cumsum(0).tolist()
+            kl = sequence_kl([m for m, _ in plans], offsets, len(samples), estimator=cfg.loss.kl_estimator)
+            penalty = cfg.loss.kl_coef * kl.float()
+            advantages = compute_advantages(rewards - penalty, groups, config=cfg.advantage)
+            set_advantages([m for m, _ in plans], offsets, advantages)
+            metrics["train/kl_reward_penalty"] = float(penalty.mean())
         per_update = []
         for _ in range(cfg.train.epochs_per_step):
             for micro_batches, normalizer in plans:

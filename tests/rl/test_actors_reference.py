@@ -36,3 +36,11 @@ def test_colocated_tp2_with_kl_matches_single_process(reference, tmp_path, monke
 
 def test_disaggregated_pp2_with_kl_matches_single_process(reference, tmp_path, monkeypatch):
     _check(_run(tmp_path, monkeypatch, "placement.mode=disaggregated", "train.pp=2"), reference)
+
+
+
+def test_kl_in_reward_is_refused_for_the_actors():
+    from rl_engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="loss.kl_in_reward=true is not supported with placement.mode=colocated"):
+        toy_config("/tmp/unused", *KL, "loss.kl_in_reward=true", "placement.mode=colocated")

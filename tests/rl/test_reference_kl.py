@@ -95,3 +95,53 @@ def test_resume_keeps_the_initial_policy_as_reference(tmp_path, monkeypatch):
         return [{k: v for k, v in json.loads(r).items() if not k.startswith("perf/")} for r in rows]
 
     assert strip(part) == strip(whole)
+
+
+def test_kl_in_reward_penalises_rewards_not_the_loss(tmp_path):
+    """loss.kl_in_reward: each sample's reward loses kl_coef * its summed KL(proximal || ref) before the
+    group advantages; the loss has no KL term (loss = pg_loss) while train/kl_ref is still logged."""
+    trainer = GRPOTrainer(_config(tmp_path, "loss.kl_coef=0.1", "loss.kl_in_reward=true", "optim.lr=1e-2",
+                                  "train.steps=3"))
+    try:
+        trainer.warm_start()
+        rows = [trainer.step() for _ in range(3)]
+    finally:
+        trainer.close()
+    assert rows[0]["train/kl_reward_penalty"] == 0 and abs(rows[0]["train/kl_ref"]) <= 1e-7
+    assert all(row["train/kl_reward_penalty"] > 0 and row["train/kl_ref"] > 0 for row in rows[1:]), rows
+    assert all(row["train/loss"] == row["train/pg_loss"] for row in rows)
+    with pytest.raises(ConfigError, match="loss.kl_in_reward=true needs loss.kl_coef > 0"):
+        _config(tmp_path, "loss.kl_in_reward=true")
+
+
+def test_sequence_kl_and_new_advantages_follow_each_sample():
+    import torch
+
+    from rl_engine.losses import kl_penalty
+    from rl_engine.rl_step import (attach_logprobs, build_micro_batches, make_sample, sequence_kl, set_advantages,
+                                   split_mini_batches)
+
+    gen = torch.Generator().manual_seed(0)
+    samples = [make_sample(prompt_ids=[1, 2, 3], response_ids=[4] * (i + 2), reward=0.0, group=i // 2,
+                           logprobs=(-torch.rand(i + 2, generator=gen)).tolist(), policy_versions=[0] * (i + 2))
+               for i in range(6)]
+    mini = split_mini_batches(samples, torch.zeros(6), count=2)
+    plans = [build_micro_batches(s, a, micro_batch_tokens=12, temperature=1.0) for s, a in mini]
+    refs = {}
+    for micro_batches in plans:
+        for key in ("ref", "proximal"):
+            attach_logprobs(micro_batches, [-torch.rand(mb.num_tokens, generator=gen) for mb in micro_batches], key=key)
+    kl = sequence_kl(plans, [0, 3], 6, estimator="k3")
+    for k, micro_batches in enumerate(plans):
+        for mb in micro_batches:
+            li = mb.loss_inputs
+            for sample in li["sample"].unique().tolist():
+                at = (li["sample"] == sample) & li["loss_mask"]
+                kl_at = kl_penalty(li["proximal"][at], li["ref"][at], estimator="k3")
+                refs[3 * k + sample] = float(kl_at.double().sum())
+    assert sorted(refs) == list(range(6)) and all(refs[i] > 0 for i in refs)
+    torch.testing.assert_close(kl, torch.tensor([refs[i] for i in range(6)], dtype=torch.float64))
+    set_advantages(plans, [0, 3], torch.arange(6.0))
+    for k, micro_batches in enumerate(plans):
+        for mb in micro_batches:
+            assert torch.equal(mb.loss_inputs["advantages"], (mb.loss_inputs["sample"] + 3 * k).float())
