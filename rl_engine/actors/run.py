@@ -142,8 +142,8 @@ def run_actors(cfg: RLConfig, *, edit_specs: Callable[[list[ProcessSpec]], list[
             specs = build_specs(resolved, config_path, run_id=run_id)
             if edit_specs is not None:
                 specs = edit_specs(specs)
-            print(f"launching {len(specs)} processes ({cfg.placement.mode}, trainer tp={cfg.train.tp} pp={cfg.train.pp} "
-                  f"dp={cfg.train.dp}); logs in {log_dir}", flush=True)
+            print(f"launching {len(specs)} processes ({cfg.placement.mode}, trainer tp={cfg.train.tp} "
+                  f"pp={cfg.train.pp} dp={cfg.train.dp}); logs in {log_dir}", flush=True)
             # The run's secret reaches the actors in their environment only (see rl_engine.auth).
             result = launch(specs, log_dir=log_dir, grace_period_s=cfg.placement.grace_period_s,
                             echo_stream=echo_stream, env=RunAuth.generate().child_env())

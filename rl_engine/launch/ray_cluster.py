@@ -178,7 +178,7 @@ class RayLauncher:
 
     def __init__(self, cfg, config_path: str, *, run_id: str, log_dir: str, secret_env: dict[str, str],
                  edit_specs: Callable[[list[ProcessSpec]], list[ProcessSpec]] | None = None,
-                 echo_stream: IO[bytes] | None = None, poll_interval_s: float = 0.1) -> None:
+                 echo_stream: IO[bytes] | None = None, poll_interval_s: float = 0.5) -> None:
         self.cfg, self.config_path, self.run_id = cfg, config_path, run_id
         self.log_dir = Path(log_dir)
         self._secret_env = secret_env
@@ -225,8 +225,9 @@ class RayLauncher:
         host_cls = ray.remote(max_restarts=0)(ProcessHost)
         for i, (spec, bundle) in enumerate(zip(specs, bundles)):
             strategy = PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=i)
-            self.hosts.append(host_cls.options(name=f"rl_engine-{self.run_id}-{spec.name}", scheduling_strategy=strategy,
-                                               **_actor_options(bundle)).remote())
+            options = _actor_options(bundle)
+            self.hosts.append(host_cls.options(name=f"rl_engine-{self.run_id}-{spec.name}",
+                                               scheduling_strategy=strategy, **options).remote())
         self.where = ray.get([h.where.remote() for h in self.hosts], timeout=p.startup_timeout_s)
         coordinator = next(i for i, s in enumerate(specs) if s.ends_run)
         rank0 = next((i for i, s in enumerate(specs) if s.dist_rank == 0), None)

@@ -189,6 +189,51 @@ def sigterm_driver(out: str, ray_address: str) -> dict:
     return result
 
 
+RESUME = [*SYNC, "placement.mode=colocated", "train.steps=8", "train.checkpoint_every=1"]
+
+
+def sigkill_driver_then_resume(out: str, ray_address: str) -> dict:
+    """`rl-engine train` under Ray, SIGKILL of the driver after a committed checkpoint: Ray ends the
+    dead driver's actors and their children die with them; then `train.resume=auto` under Ray."""
+    from rl_actor_helpers import toy_config
+    import yaml
+
+    from rl_engine.config import to_dict
+
+    run_dir = os.path.join(out, "ray_resumed")
+    os.makedirs(run_dir)
+    config = os.path.join(run_dir, "run.yaml")
+    overrides = [*RESUME, *RAY, "ray.trainer_resources={CPU: 1}", f"ray.address={ray_address}"]
+    with open(config, "w") as f:
+        yaml.safe_dump(to_dict(toy_config(run_dir, *overrides)), f)
+    proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "train", config], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    latest = os.path.join(run_dir, "checkpoints", "latest.json")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.load(open(latest))["step"] >= 2:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.02)
+    result: dict = {"running_when_killed": proc.poll() is None}
+    proc.kill()
+    proc.wait()
+    result["killed_at_step"] = json.load(open(latest))["step"]
+    with open(os.path.join(run_dir, "actors", "placement.json")) as f:
+        placement = json.load(f)
+    pids = [p for info in placement.values() for p in (info["pid"], info["host_pid"])]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.2)
+    result["left_alive"] = [p for p in pids if alive(p)]
+    resumed = run_scenario("ray_resumed", out, [*overrides, "train.resume=auto"], ray_address=ray_address)
+    result.update({k: v for k, v in resumed.items() if k in ("summary", "error", "alive_hosts")})
+    result["left_alive"] += resumed.get("left_alive", [])
+    return result
+
+
 def main() -> None:
     out = sys.argv[1]
     from ray.cluster_utils import Cluster
@@ -212,6 +257,10 @@ def main() -> None:
                                          edit_specs=inject_worker_death if kill else None)
         if not only or "ray_sigterm" in only:
             results["ray_sigterm"] = sigterm_driver(out, cluster.address)
+        if not only or "ray_resumed" in only:
+            results["ray_resumed"] = sigkill_driver_then_resume(out, cluster.address)
+            results["local_uninterrupted"] = run_scenario("local_uninterrupted", out, RESUME,
+                                                          ray_address=cluster.address)
     finally:
         cluster.shutdown()
     time.sleep(1.0)

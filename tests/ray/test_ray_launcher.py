@@ -39,7 +39,8 @@ def results(tmp_path_factory):
     if (why := _netns_ok()) is not None:
         pytest.skip(f"Ray tests run in a loopback-only network namespace; {why}")
     out = tmp_path_factory.mktemp("ray")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(HERE, "..", "rl"), os.environ.get("PYTHONPATH", "")])}
+    rl_tests = os.path.join(HERE, "..", "rl")  # the test reward, imported by dotted path in every process
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([rl_tests, os.environ.get("PYTHONPATH", "")])}
     script = os.path.join(HERE, "ray_scenarios.py")
     proc = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$1" "$2"', sys.executable,
                            script, str(out)], env=env, capture_output=True, timeout=600)
@@ -94,7 +95,8 @@ def test_worker_on_each_node_one_dies_prompts_requeued_and_rogue_client_counted(
     one-worker run, each prompt once. A client without the run's key sent the coordinator a message
     mid-run: refused and counted."""
     r = _completed(results, "ray_disaggregated_2w")
-    assert r["ray_nodes"]["trainer-0"] == "n0" and {r["ray_nodes"]["rollout-0"], r["ray_nodes"]["rollout-1"]} == {"n1", "n2"}
+    nodes = r["ray_nodes"]
+    assert nodes["trainer-0"] == "n0" and {nodes["rollout-0"], nodes["rollout-1"]} == {"n1", "n2"}, nodes
     s = r["summary"]
     assert s["worker_deaths"] == 1 and s["prompts"]["requeued"] >= 1 and s["prompts"]["trained"] == 12, s
     assert s["rejected_messages"]["coordinator"] >= 1 and s["protocol_errors"] == 0, s
@@ -119,4 +121,19 @@ def test_placement_failure_names_the_bundle_and_what_the_cluster_has(results):
     r = results["ray_placement_error"]
     assert "PlacementError" in r["error"] and "placement.startup_timeout_s=3" in r["error"], r
     assert "bundle 1 (trainer-0) asks {'CPU': 1.0, 'GPU': 1.0}" in r["error"] and "no node can hold it" in r["error"]
-    assert "The cluster has 3 node(s)" in r["error"] and "GPU" not in r["error"].split("The cluster has")[1].split(";")[0]
+    nodes_part = r["error"].split("The cluster has")[1].split("; free now")[0]
+    assert "3 node(s)" in nodes_part and "GPU" not in nodes_part, nodes_part
+
+
+def test_sigkill_of_the_driver_then_resume_under_ray_matches_the_uninterrupted_run(results):
+    """SIGKILL of `rl-engine train` after a committed checkpoint: Ray ends the dead driver's host
+    actors and their processes die with them; `train.resume=auto` under Ray then writes the
+    metrics.jsonl of an uninterrupted run, byte for byte."""
+    r = results["ray_resumed"]
+    assert r["running_when_killed"] and 2 <= r["killed_at_step"] < 8, r
+    assert "error" not in r, r.get("error")
+    assert r["summary"]["resumed_from"].endswith(f"step_{r['killed_at_step']:06d}")
+    assert r["left_alive"] == [] and r["alive_hosts"] == [], r
+    out = results["out"]
+    got = open(os.path.join(out, "ray_resumed", "metrics.jsonl"), "rb").read()
+    assert got and got == open(os.path.join(out, "local_uninterrupted", "metrics.jsonl"), "rb").read()
