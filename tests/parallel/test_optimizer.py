@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from parallel_helpers import DENSE, OPTIM, loss_fn, micro_batches, write_weights
+from parallel_helpers import DENSE, EPS32, OPTIM, adam_sensitivity, loss_fn, micro_batches, write_weights
 from rl_engine.policy import CausalLM, from_pretrained
 from rl_engine.policy.dist_checkpoint import load_checkpoint
 from rl_engine.policy.optimizer import OptimizerConfig
@@ -62,9 +62,6 @@ def _merge(a: MicroBatch, b: MicroBatch) -> MicroBatch:
                       cu_seqlens=cu, targets=torch.cat([a.targets, b.targets]), loss_inputs=li)
 
 
-EPS32 = torch.finfo(torch.float32).eps
-
-
 def _record_grads(trainer: ParallelTrainer) -> list[dict[str, torch.Tensor]]:
     """A copy, per step, of the accumulated fp32 gradients the optimizer step sees (it zeroes them)."""
     seen = []
@@ -92,18 +89,6 @@ def _loss_terms_abs_sum(trainer: ParallelTrainer, mbs: list[MicroBatch]) -> floa
         terms = (lp * li["advantages"]).abs() + 0.01 * ent.abs() + 0.1 * lp.pow(2)
         total += float((terms * li["mask"]).sum() / li["normaliser"])
     return total
-
-
-def _adam_sensitivity(beta1: float, beta2: float, step: int) -> tuple[float, float]:
-    """(R, K) at `step`, with bc1 = 1 - beta1^step, bc2 = 1 - beta2^step and u = m_hat / (sqrt(v_hat) + eps)
-    the update divided by lr. R bounds |u| over every gradient history (Cauchy-Schwarz over m's and
-    v's weights; 1 at step 1, ~1.001 at step 3 for betas (0.9, 0.95)). K bounds the sensitivity to
-    the newest gradient g: |du/dg| <= K / (sqrt(v_hat) + eps), from m_hat (1 - beta1) / bc1 and from
-    v_hat R * sqrt((1 - beta2) / bc2) (|d sqrt(v_hat)/dg| <= that, as v_hat >= (1 - beta2) g^2 / bc2)."""
-    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
-    weights = sum((1 - beta1) ** 2 * beta1 ** (2 * k) / ((1 - beta2) * beta2 ** k) for k in range(step))
-    r = math.sqrt(weights * bc2) / bc1
-    return r, (1 - beta1) / bc1 + r * math.sqrt((1 - beta2) / bc2)
 
 
 def test_gradient_accumulation_does_not_depend_on_the_split(weights):
@@ -154,7 +139,7 @@ def test_gradient_accumulation_does_not_depend_on_the_split(weights):
         clip_a, clip_b = (min(1.0, OPTIM["clip_grad"] / (m["grad_norm"] + 1e-6)) for m in (la, lb))
         flat_bound = torch.cat([torch.full((g.numel(),), grad_bound[n]) for n, g in ga.items()])
         delta = clip_a * flat_bound + abs(clip_a - clip_b) * flat_b.abs()
-        r, k = _adam_sensitivity(beta1, beta2, step)
+        r, k = adam_sensitivity(beta1, beta2, step)
         sqrt_v_hat = (torch.minimum(buf_a.exp_avg_sq, buf_b.exp_avg_sq) / (1 - beta2 ** step)).sqrt()
         u_bound = torch.clamp(k * delta / (sqrt_v_hat + eps), max=2 * r)
         u_bound[flat_a.abs() <= flat_bound] = 2 * r
