@@ -202,8 +202,9 @@ class RayLauncher:
         r = self.cfg.ray
         if ray.is_initialized():
             return
-        ray.init(address=r.address, namespace=r.namespace, runtime_env=r.runtime_env or None, log_to_driver=False,
-                 include_dashboard=False if r.address is None else None)
+        # "local": a new instance even when RAY_ADDRESS or a running cluster would be found (what None does).
+        ray.init(address=r.address or "local", namespace=r.namespace, runtime_env=r.runtime_env or None,
+                 log_to_driver=False, include_dashboard=False if r.address is None else None)
         self._connected_here = True
 
     def _specs(self, **kwargs: Any) -> list[ProcessSpec]:

@@ -207,7 +207,7 @@ def sigkill_driver_then_resume(out: str, ray_address: str) -> dict:
     with open(config, "w") as f:
         yaml.safe_dump(to_dict(toy_config(run_dir, *overrides)), f)
     proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "train", config], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=open(os.path.join(out, "sigkill_driver.err"), "wb"))
     latest = os.path.join(run_dir, "checkpoints", "latest.json")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -231,6 +231,47 @@ def sigkill_driver_then_resume(out: str, ray_address: str) -> dict:
     resumed = run_scenario("ray_resumed", out, [*overrides, "train.resume=auto"], ray_address=ray_address)
     result.update({k: v for k, v in resumed.items() if k in ("summary", "error", "alive_hosts")})
     result["left_alive"] += resumed.get("left_alive", [])
+    return result
+
+
+def ray_server_pids() -> list[int]:
+    """Processes of any Ray instance on this machine (its GCS server and raylets)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv0 = f.read().split(b"\0")[0]
+            except OSError:
+                continue
+            if argv0.endswith((b"gcs_server", b"raylet")) and alive(int(entry)):
+                pids.append(int(entry))
+    return sorted(pids)
+
+
+def private_instance(out: str) -> dict:
+    """`ray.address=null`: the run starts a Ray instance of its own and stops it at the end."""
+    from rl_actor_helpers import toy_config
+
+    from rl_engine.actors.run import run_actors
+
+    before = ray_server_pids()
+    run_dir = os.path.join(out, "ray_private")
+    result: dict = {}
+    try:
+        result["summary"] = run_actors(toy_config(run_dir, *SYNC, "placement.mode=colocated", "train.steps=2",
+                                                  "placement.launcher=ray", "ray.address=null",
+                                                  "ray.trainer_resources={CPU: 0.5}",
+                                                  "ray.coordinator_resources={CPU: 0.5}"), echo_stream=io.BytesIO())
+    except Exception:
+        result["error"] = traceback.format_exc()
+    with open(os.path.join(run_dir, "actors", "placement.json")) as f:
+        placement = json.load(f)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and ray_server_pids() != before:
+        time.sleep(0.2)
+    result["ray_servers_left"] = sorted(set(ray_server_pids()) - set(before))
+    result["left_alive"] = [p for info in placement.values() for p in (info["pid"], info["host_pid"]) if alive(p)]
     return result
 
 
@@ -261,6 +302,8 @@ def main() -> None:
             results["ray_resumed"] = sigkill_driver_then_resume(out, cluster.address)
             results["local_uninterrupted"] = run_scenario("local_uninterrupted", out, RESUME,
                                                           ray_address=cluster.address)
+        if not only or "ray_private" in only:  # last: a private ray.init leaves settings in this process's environment
+            results["ray_private"] = private_instance(out)
     finally:
         cluster.shutdown()
     time.sleep(1.0)

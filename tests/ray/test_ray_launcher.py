@@ -137,3 +137,12 @@ def test_sigkill_of_the_driver_then_resume_under_ray_matches_the_uninterrupted_r
     out = results["out"]
     got = open(os.path.join(out, "ray_resumed", "metrics.jsonl"), "rb").read()
     assert got and got == open(os.path.join(out, "local_uninterrupted", "metrics.jsonl"), "rb").read()
+
+
+def test_private_instance_is_started_and_stopped(results):
+    """`ray.address=null` with a cluster already running: the run starts a Ray instance of its own
+    (not the running cluster), and once it ends no GCS server or raylet of it is left."""
+    r = results["ray_private"]
+    assert "error" not in r, r["error"]
+    assert r["summary"]["steps"] == 2
+    assert r["ray_servers_left"] == [] and r["left_alive"] == [], r
