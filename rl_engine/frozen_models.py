@@ -1,5 +1,5 @@
-"""Frozen second models of the RL loop: the reference policy of `loss.kl_coef` (and, later, a
-distillation teacher). One implementation of "a frozen model's log-probs on the sampled tokens":
+"""Frozen second models of the RL loop: the reference policy of `loss.kl_coef` and the teacher of
+on-policy distillation (`distill.teacher_path`). One implementation of "a frozen model's log-probs on the sampled tokens":
 it scores the trainer's own packed micro-batches at the start of a step, in the trainer process(es),
 and the log-probs travel in each micro-batch's `loss_inputs` to the loss.
 

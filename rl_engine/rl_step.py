@@ -271,7 +271,11 @@ class StepLoss:
                                seq_ids=seq_ids_from_cu_seqlens(mb.cu_seqlens), num_seqs=mb.cu_seqlens.numel() - 1,
                                normalizer=self.normalizer, behavior_logprobs=li["behavior"], entropy=entropy,
                                old_logprobs=li.get("proximal"), ref_logprobs=li.get("ref"))
-        self.per_micro_batch.append({**out.metrics, "loss": out.loss.detach()})
+        metrics = {**out.metrics, "loss": out.loss.detach()}
+        if "teacher" in li:  # reverse KL(student || teacher) per response token, on the student's samples
+            rkl = torch.where(li["loss_mask"], li["behavior"] - li["teacher"], 0.0)
+            metrics["distill_reverse_kl"] = rkl.sum() / self.normalizer.num_tokens
+        self.per_micro_batch.append(metrics)
         return out.loss
 
     def metrics(self) -> dict[str, float]:
@@ -279,13 +283,14 @@ class StepLoss:
         return reduce_metrics(self.per_micro_batch)
 
     @staticmethod
-    def metric_keys(policy_loss: PolicyLoss, *, proximal: bool = False, ref: bool = False) -> list[str]:
+    def metric_keys(policy_loss: PolicyLoss, *, proximal: bool = False, ref: bool = False,
+                    distill: bool = False) -> list[str]:
         """The metric names every call returns (to reduce them across ranks in a fixed order)."""
         one = torch.zeros(1)
         out = policy_loss(logprobs=one, advantages=one, loss_mask=one.bool(), seq_ids=one.long(), num_seqs=1,
                           normalizer=LossNormalizer(num_tokens=1, num_sequences=1), behavior_logprobs=one,
                           entropy=one, old_logprobs=one if proximal else None, ref_logprobs=one if ref else None)
-        return sorted([*out.metrics, "loss"])
+        return sorted([*out.metrics, "loss", *(["distill_reverse_kl"] if distill else [])])
 
 
 # ---- mini-batches: several updates per step (decoupled PPO) --------------------------------------
@@ -349,6 +354,19 @@ def sequence_kl(plans: Sequence[Sequence[MicroBatch]], offsets: Sequence[int], n
                 kl = torch.where(li["loss_mask"], kl_penalty(li["proximal"], li["ref"], estimator=estimator), 0.0)
                 out.index_add_(0, li["sample"] + offset, kl.double())
     return out
+
+
+def apply_distillation(plans: Sequence[Sequence[MicroBatch]], *, coef: float, with_reward: bool) -> None:
+    """On-policy distillation: each response token's advantage becomes -coef * (log pi_student -
+    log pi_teacher) (plus the task's advantage `with_reward`), the student's log-probs being the
+    behavior ones (the policy that sampled). Micro-batches without "teacher" log-probs (pipeline
+    stages that compute no loss) are left alone."""
+    for micro_batches in plans:
+        for mb in micro_batches:
+            li = mb.loss_inputs
+            if "teacher" in li:
+                signal = -coef * torch.where(li["loss_mask"], li["behavior"] - li["teacher"], 0.0)
+                li["advantages"] = signal + (li["advantages"] if with_reward else 0.0)
 
 
 def set_advantages(plans: Sequence[Sequence[MicroBatch]], offsets: Sequence[int], advantages: torch.Tensor) -> None:

@@ -99,6 +99,11 @@ def check_inputs(config: RLConfig) -> None:
 
         _check_model_dir(config.ref.path)
         check_same_tokenizer(key="ref.path", path=config.ref.path, policy_path=model_path)
+    if config.distill.teacher_path is not None:
+        from rl_engine.frozen_models import check_same_tokenizer
+
+        _check_model_dir(config.distill.teacher_path)
+        check_same_tokenizer(key="distill.teacher_path", path=config.distill.teacher_path, policy_path=model_path)
     prompts = PromptSource(config, model_path=model_path, data_path=data_path, eval_path=eval_path,
                            eos_token_ids=model_config.eos_token_id)  # reads and checks every row
     if warm_path and config.warmup.steps > 0:

@@ -230,6 +230,24 @@ class RefSection:
 
 
 @dataclass(kw_only=True)
+class DistillSection:
+    """On-policy distillation: the student (the policy) samples, a frozen teacher scores every sampled
+    token, and each response token's advantage gets -coef * (log pi_student - log pi_teacher), the
+    per-token reverse KL on the student's samples. The teacher is held and sharded like the reference
+    (any size or family, with the policy's tokenizer)."""
+
+    teacher_path: str | None = None  # a Hugging Face model directory; None: no distillation
+    coef: float = 1.0
+    # "reverse_kl": the teacher's signal alone (task rewards ignored); "reverse_kl+reward": added to
+    # the task's group advantages.
+    mode: Literal["reverse_kl", "reverse_kl+reward"] = "reverse_kl"
+
+    def __post_init__(self) -> None:
+        _check_text("distill.teacher_path", self.teacher_path, optional=True)
+        check_float("distill.coef", self.coef, lo=0, lo_open=True)
+
+
+@dataclass(kw_only=True)
 class PlacementSection:
     """Where the actors run. "single_process": the whole loop in this process (the demo's fast path,
     no ZMQ). "colocated": a coordinator process and trainer ranks that host the inference engines
@@ -343,6 +361,7 @@ class RLConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     ref: RefSection = field(default_factory=RefSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     placement: PlacementSection = field(default_factory=PlacementSection)
     ray: RaySection = field(default_factory=RaySection)
 

@@ -40,6 +40,7 @@ from rl_engine.rl_step import (
     Sample,
     StepLoss,
     aggregate_updates,
+    apply_distillation,
     attach_logprobs,
     build_micro_batches,
     collect_groups,
@@ -186,6 +187,11 @@ class GRPOTrainer:
             self.ref_model = from_pretrained(ref_path, dtype=dtype, device=cfg.train.device)
         if self.ref_model is not None:
             self.ref_model.requires_grad_(False)
+        self.teacher = None  # on-policy distillation's frozen teacher
+        if cfg.distill.teacher_path is not None:
+            check_same_tokenizer(key="distill.teacher_path", path=cfg.distill.teacher_path, policy_path=model_path)
+            self.teacher = from_pretrained(cfg.distill.teacher_path, dtype=dtype, device=cfg.train.device)
+            self.teacher.requires_grad_(False)
         self.prompts = PromptSource(cfg, model_path=model_path, data_path=data_path, eval_path=eval_path,
                                     eos_token_ids=self.model.config.eos_token_id)
         self.tokenizer = self.prompts.tokenizer
@@ -335,6 +341,11 @@ class GRPOTrainer:
             advantages = compute_advantages(rewards - penalty, groups, config=cfg.advantage)
             set_advantages([m for m, _ in plans], offsets, advantages)
             metrics["train/kl_reward_penalty"] = float(penalty.mean())
+        if self.teacher is not None:  # the teacher scores the sampled tokens, in the same micro-batches
+            for micro_batches, _ in plans:
+                attach_logprobs(micro_batches, forward_logprobs(self.teacher, micro_batches), key="teacher")
+            apply_distillation([m for m, _ in plans], coef=cfg.distill.coef,
+                               with_reward=cfg.distill.mode == "reverse_kl+reward")
         per_update = []
         for _ in range(cfg.train.epochs_per_step):
             for micro_batches, normalizer in plans:

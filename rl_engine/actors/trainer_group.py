@@ -49,8 +49,8 @@ from rl_engine.actors.wire import add_to_engine, engine_sampling, generate_resul
 from rl_engine.losses import PolicyLoss
 from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer
 from rl_engine.policy.frozen import FrozenPolicy
-from rl_engine.rl_step import (StepLoss, aggregate_updates, attach_logprobs, build_micro_batches, micro_batch_count,
-                               mini_batch_normalizer, split_mini_batches)
+from rl_engine.rl_step import (StepLoss, aggregate_updates, apply_distillation, attach_logprobs, build_micro_batches,
+                               micro_batch_count, mini_batch_normalizer, split_mini_batches)
 from rl_engine.train_config import RLConfig
 from rl_engine.weight_sync import (EngineLayout, InProcessTransport, SharedMemorySenderTransport, TrainLayout,
                                    WeightPublisher, WeightReceiver, WeightSyncError, ZmqSenderTransport, plan_sync,
@@ -77,6 +77,8 @@ class TrainerGroup:
         # the launcher points that at the warm-started weights (train_cli checked ref.path's tokenizer).
         ref_path = reference_path(cfg, initial_policy_path=cfg.model.path)
         self.ref = None if ref_path is None else FrozenPolicy.from_pretrained(ref_path, groups=g, dtype=self.dtype)
+        teacher = cfg.distill.teacher_path
+        self.teacher = None if teacher is None else FrozenPolicy.from_pretrained(teacher, groups=g, dtype=self.dtype)
         self.policy_loss = PolicyLoss(cfg.loss)
         self.moe_layers = sorted(config.moe_layers) if cfg.rollout.routing_replay else None
         self.version = 0
@@ -181,12 +183,18 @@ class TrainerGroup:
         if self.ref is not None:  # the reference's log-probs, in the same micro-batches (on the last stage)
             for micro_batches, _ in plans:
                 attach_logprobs(micro_batches, self.ref.forward_logprobs(micro_batches), key="ref")
+        if self.teacher is not None:  # as GRPOTrainer.train_on
+            for micro_batches, _ in plans:
+                attach_logprobs(micro_batches, self.teacher.forward_logprobs(micro_batches), key="teacher")
+            apply_distillation([m for m, _ in plans], coef=cfg.distill.coef,
+                               with_reward=cfg.distill.mode == "reverse_kl+reward")
         decoupled = len(plans) * cfg.train.epochs_per_step > 1
         if decoupled:  # the proximal policy, once per step (log-probs on the last stage only)
             for micro_batches, _ in plans:
                 attach_logprobs(micro_batches, [lp for lp, _ in self.trainer.forward_logprobs(micro_batches)],
                                 key="proximal")
-        keys = StepLoss.metric_keys(self.policy_loss, proximal=decoupled, ref=self.ref is not None)
+        keys = StepLoss.metric_keys(self.policy_loss, proximal=decoupled, ref=self.ref is not None,
+                                    distill=self.teacher is not None)
         per_update = []
         for _ in range(cfg.train.epochs_per_step):
             for micro_batches, normalizer in plans:
