@@ -67,18 +67,26 @@ class ProcessHost:
     def free_port(self, host: str) -> int:
         return free_port(host)
 
-    def start(self, cmd: list[str], env: dict[str, str], secret_env: dict[str, str], log_path: str) -> int:
-        """Start the child; `secret_env` (the run's secret) goes into its environment only."""
+    def start(self, cmd: list[str], env: dict[str, str], secret_env: dict[str, str], log_path: str, *,
+              niceness: int) -> tuple[int, int]:
+        """Start the child; `secret_env` (the run's secret) goes into its environment only. Returns the
+        child's pid and its niceness: Ray runs its workers at niceness 15 (`RAY_worker_niceness`), which
+        a child would inherit and lose every contended core to; this thread (the child's parent) takes
+        the driver's `niceness` first when it may (root, CAP_SYS_NICE or RLIMIT_NICE)."""
         child_env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
         child_env.update(env)
         child_env.update(secret_env)
         child_env[LAUNCHER_PID_ENV] = str(os.getpid())  # the child dies with this host process
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         self._log_path = log_path
+        try:  # PRIO_PROCESS 0 on Linux: the calling thread, which forks the child
+            os.setpriority(os.PRIO_PROCESS, 0, niceness)
+        except OSError:
+            pass
         with open(log_path, "wb") as log:
             self._popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                            env=child_env, start_new_session=True)
-        return self._popen.pid
+        return self._popen.pid, os.getpriority(os.PRIO_PROCESS, 0)
 
     def poll(self, *, echo: bool = False) -> tuple[int | None, bytes]:
         """(the child's exit code, None while it runs; its output since the last call when `echo`)."""
@@ -242,6 +250,7 @@ class RayLauncher:
         master_ip = self.where[rank0]["node_ip"] if rank0 is not None else None
         master_port = ray.get(self.hosts[rank0].free_port.remote(master_ip)) if rank0 is not None else None
         world_size = sum(s.dist_rank is not None for s in self.specs)
+        niceness = os.getpriority(os.PRIO_PROCESS, 0)
         starts = []
         for spec, host, where in zip(self.specs, self.hosts, self.where):
             changes: dict[str, Any] = {"host": where["node_ip"]}
@@ -256,8 +265,14 @@ class RayLauncher:
                            LOCAL_RANK="0", WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE="1")
             env.update(spec.env)
             cmd = [sys.executable, "-m", "rl_engine.launch.child", spec.module, *spec.args]
-            starts.append(host.start.remote(cmd, env, self._secret_env, str(self.log_dir / f"{spec.name}.log")))
-        self.pids = ray.get(starts, timeout=p.startup_timeout_s)
+            starts.append(host.start.remote(cmd, env, self._secret_env, str(self.log_dir / f"{spec.name}.log"),
+                                            niceness=niceness))
+        started = ray.get(starts, timeout=p.startup_timeout_s)
+        self.pids = [pid for pid, _ in started]
+        if lower := sorted({name for (_, nice), name in zip(started, names) if nice > niceness}):
+            print(f"warning: {', '.join(lower)} run at Ray's worker niceness ({max(n for _, n in started)}, not "
+                  f"{niceness}): they lose contended cores to other processes; start the Ray nodes with "
+                  "RAY_worker_niceness=0 in their environment", file=sys.stderr, flush=True)
         self.returncodes = [None] * len(self.specs)
         self.stopped = [False] * len(self.specs)
         self._write_placement()
