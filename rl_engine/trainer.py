@@ -112,6 +112,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+LAUNCH_KEYS = ("placement.", "ray.")  # where the processes run: a resume may change it
+
+
 def check_resume_config(checkpoint: str, cfg: RLConfig) -> dict[str, Any]:
     """The checkpoint's saved state, after checking it was written by a single-process run of the same
     config (up to `RESUMABLE_KEYS`) and lies within `train.steps`; a `ResumeError` names any mismatch."""
@@ -127,7 +130,7 @@ def check_resume_config(checkpoint: str, cfg: RLConfig) -> dict[str, Any]:
     saved, ours = _flatten(state["config"]), _flatten(to_dict(cfg))
     diffs = [f"{key}: checkpoint {saved.get(key, '<absent>')!r}, this run {ours.get(key, '<absent>')!r}"
              for key in sorted(set(saved) | set(ours))
-             if key not in RESUMABLE_KEYS and not key.startswith("placement.") and saved.get(key) != ours.get(key)]
+             if key not in RESUMABLE_KEYS and not key.startswith(LAUNCH_KEYS) and saved.get(key) != ours.get(key)]
     if diffs:
         raise ResumeError(f"cannot resume from {checkpoint}: it was written with a different config ("
                           + "; ".join(diffs) + "). Resume with the checkpoint's config, or start a new run")

@@ -52,6 +52,7 @@ class Intruder:
     def _dealer(self, address: str, identity: bytes, *, keys: RunAuth | None = None) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, 0)  # a refused handshake leaves no peer: a send would block for ever
         sock.setsockopt(zmq.IDENTITY, identity)
         if keys is not None:  # another run's keys: a well-formed CURVE client with the wrong secret
             keys.connect_as(sock, identity.decode())
@@ -73,31 +74,10 @@ class Intruder:
         forger = other.signer("weights")
         socks = []
         while not self.stop.is_set():
-            w = self._dealer(weights, b"src0-%d" % self.rounds)
-            forged = P.WeightUpdateBucket(version=self.rounds + 1, bucket_index=0, checksum="",
-                                          tensors={"0": torch.full((1024,), 1e30)})
-            w.send_multipart([b"\xc1garbage"])
-            w.send_multipart([DEEP])
-            P.send_msg(w, P.WeightUpdateBegin(version=self.rounds + 1, num_buckets=1))
-            P.send_msg(w, forged)
-            P.send_msg(w, forged, signer=forger)  # signed, with a key that is not the run's
-            P.send_msg(w, P.WeightUpdateCommit(version=self.rounds + 1, num_buckets=1), signer=forger)
-            w.send_multipart([b"\x00" * (80 << 20)])  # over the weights socket's frame limit
-            socks.append(w)
-            for keys in (None, other):
-                c = self._dealer(table["coordinator"], b"rollout-0", keys=keys)
-                P.send_msg(c, P.ErrorReply(code="startup_failed", message="forged: end the run"))
-                P.send_msg(c, P.Hello(worker_id="rollout-0", role="rollout",
-                                      capabilities={"weights_address": self.trap_address}))
-                P.send_msg(c, P.GenerateResult(request_id="0:0#1", samples=[]))
-                c.send_multipart([DEEP])
-                c.send_multipart([b"\x00" * (80 << 20)])
-                t = self._dealer(table["coordinator"], b"trainer", keys=keys)
-                P.send_msg(t, P.TrainResult(step=1, policy_version=1, metrics={"train/loss": 1e9}))
-                h = self._dealer(table["heartbeat"], b"rollout-0", keys=keys)
-                P.send_msg(h, P.Heartbeat(sender="rollout-0", time=time.time()))
-                h.send_multipart([DEEP])
-                socks += [c, t, h]
+            try:
+                self._round(table, weights, other, forger, socks)
+            except zmq.Again:  # a socket with no peer (refused): on to the next round
+                pass
             self.rounds += 1
             self.listeners |= tcp_listeners()
             deadline = time.monotonic() + 0.3
@@ -112,13 +92,40 @@ class Intruder:
         for s in socks:
             s.close()
 
+    def _round(self, table: dict, weights: str, other: RunAuth, forger, socks: list[zmq.Socket]) -> None:
+        """One of each attack; the sockets it opens go into `socks`."""
+        w = self._dealer(weights, b"src0-%d" % self.rounds)
+        socks.append(w)
+        forged = P.WeightUpdateBucket(version=self.rounds + 1, bucket_index=0, checksum="",
+                                      tensors={"0": torch.full((1024,), 1e30)})
+        w.send_multipart([b"\xc1garbage"])
+        w.send_multipart([DEEP])
+        P.send_msg(w, P.WeightUpdateBegin(version=self.rounds + 1, num_buckets=1))
+        P.send_msg(w, forged)
+        P.send_msg(w, forged, signer=forger)  # signed, with a key that is not the run's
+        P.send_msg(w, P.WeightUpdateCommit(version=self.rounds + 1, num_buckets=1), signer=forger)
+        w.send_multipart([b"\x00" * (8 << 20)])  # over the weights socket's frame limit (2 MiB for the toy model)
+        for keys in (None, other):
+            c = self._dealer(table["coordinator"], b"rollout-0", keys=keys)
+            t = self._dealer(table["coordinator"], b"trainer", keys=keys)
+            h = self._dealer(table["heartbeat"], b"rollout-0", keys=keys)
+            socks += [c, t, h]
+            P.send_msg(c, P.ErrorReply(code="startup_failed", message="forged: end the run"))
+            P.send_msg(c, P.Hello(worker_id="rollout-0", role="rollout",
+                                  capabilities={"weights_address": self.trap_address}))
+            P.send_msg(c, P.GenerateResult(request_id="0:0#1", samples=[]))
+            c.send_multipart([DEEP])
+            P.send_msg(t, P.TrainResult(step=1, policy_version=1, metrics={"train/loss": 1e9}))
+            P.send_msg(h, P.Heartbeat(sender="rollout-0", time=time.time()))
+            h.send_multipart([DEEP])
+
     def __enter__(self) -> Intruder:
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
-        self.thread.join(timeout=60)
+        self.thread.join()  # its sends never block (SNDTIMEO 0): it ends within a round
         self.trap.close()
         self.ctx.destroy(linger=0)
 
