@@ -195,7 +195,8 @@ def test_coordinator_router_survives_fuzz_from_authenticated_peers_and_refuses_s
 
 
 def test_oversized_frame_disconnects_its_sender_only(tmp_path):
-    from rl_engine.actors.coordinator_io import CoordinatorBase, max_message_bytes
+    from rl_engine.actors.coordinator_io import CoordinatorBase
+    from rl_engine.actors.link import max_message_bytes
     from rl_engine.config import load_config
     from rl_engine.train_config import RLConfig
 

@@ -24,26 +24,13 @@ from rl_engine import protocol as P
 from rl_engine.actors.ledger import PromptLedger
 from rl_engine.rl_step import prompt_seed
 from rl_engine.run_checkpoint import write_json_atomic
-from rl_engine.actors.link import ERROR_STARTUP
+from rl_engine.actors.link import ERROR_STARTUP, max_message_bytes
 from rl_engine.auth import RunAuth
 from rl_engine.launch.heartbeat import HeartbeatMonitor
 from rl_engine.train_config import RLConfig
 
 logger = logging.getLogger(__name__)
 ANSWERS = (P.TrainResult, P.WeightsPublished, P.WeightsApplied, P.Ack)
-
-
-def max_message_bytes(cfg: RLConfig) -> int:
-    """The largest frame a legitimate actor sends the coordinator, with room to spare: a result's
-    per-token tensors (8 bytes a token, plus routed experts when recorded) for `n` samples of a prompt
-    as long as an engine step's token budget, for every prompt of a step when one GenerateBatch
-    carries them (colocated)."""
-    r = cfg.rollout
-    tokens = r.n * (r.max_num_batched_tokens + r.max_new_tokens)
-    if cfg.placement.mode != "disaggregated":
-        tokens *= 2 * r.prompts_per_step
-    per_token = 8 + (512 if r.routing_replay else 0)
-    return max(64 << 20, 2 * tokens * per_token)
 
 
 @dataclass

@@ -26,13 +26,13 @@ logger = logging.getLogger(__name__)
 class CoordinatorLink:
     def __init__(self, address: str, *, auth: RunAuth, actor_id: str, role: str, heartbeat_address: str,
                  heartbeat_interval_s: float, capabilities: dict[str, str | int | float | bool] | None = None,
-                 context: zmq.Context | None = None, max_message_bytes: int = 256 << 20) -> None:
+                 context: zmq.Context | None = None, max_frame_bytes: int = 64 << 20) -> None:
         self.actor_id, self.role = actor_id, role
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, actor_id.encode())
         self.socket.setsockopt(zmq.LINGER, 2000)  # let the last answers out on close
-        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)  # `max_message_bytes(cfg)` in a run
         auth.connect_as(self.socket, actor_id)  # CURVE: only the coordinator's key is accepted as the server
         self.socket.connect(address)
         self.num_errors = 0  # malformed or unexpected messages answered with ErrorReply
@@ -93,6 +93,17 @@ def report_startup_failure(address: str, *, auth: RunAuth, actor_id: str, error:
 
 
 ERROR_STARTUP = "startup_failed"
+
+
+def max_message_bytes(cfg: RLConfig) -> int:
+    """The largest frame a legitimate peer sends on a control socket, with room to spare: a step's
+    per-token tensors (a TrainBatch or a colocated round's results: 8 bytes a token, plus routed
+    experts when recorded) for every sample of the prompts a step can hold, each as long as an engine
+    step's token budget. Sockets refuse larger frames (the sender is disconnected)."""
+    r = cfg.rollout
+    tokens = 2 * r.async_prompts_in_flight * r.n * (r.max_num_batched_tokens + r.max_new_tokens)
+    per_token = 8 + (512 if r.routing_replay else 0)
+    return max(64 << 20, tokens * per_token)
 
 
 def load_actor_config(path: str) -> RLConfig:

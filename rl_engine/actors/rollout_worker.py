@@ -30,7 +30,7 @@ import time
 import torch
 
 from rl_engine import protocol as P
-from rl_engine.actors.link import CoordinatorLink, load_actor_config, report_startup_failure
+from rl_engine.actors.link import CoordinatorLink, load_actor_config, max_message_bytes, report_startup_failure
 from rl_engine.actors.wire import add_to_engine, generate_result
 from rl_engine.auth import RunAuth
 from rl_engine.inference import LLM
@@ -75,8 +75,9 @@ class RolloutWorker:
                                        max_message_bytes=plan_message_bytes(plan, dst_rank=0))
         self.receiver = WeightReceiver(self.engine, plan, dst_rank=0, transport=self.weights_rx)
         address = ("shm+" if kind == "shm" else "") + self.weights_rx.address  # the trainer picks its sender by it
-        self.link = CoordinatorLink(coordinator, auth=auth, actor_id=worker_id, role="rollout", heartbeat_address=heartbeat,
-                                    heartbeat_interval_s=p.heartbeat_interval_s,
+        self.link = CoordinatorLink(coordinator, auth=auth, actor_id=worker_id, role="rollout",
+                                    heartbeat_address=heartbeat, heartbeat_interval_s=p.heartbeat_interval_s,
+                                    max_frame_bytes=max_message_bytes(cfg),
                                     capabilities={"weights_address": address,
                                                   "weights_version": self.engine.weights_version})
         self.requests: dict[str, P.GenerateRequest] = {}

@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from rl_engine import protocol as P
 from rl_engine.actors.group_comm import broadcast_message, recv_messages, reduce_metrics_over, send_messages
-from rl_engine.actors.link import CoordinatorLink, load_actor_config
+from rl_engine.actors.link import CoordinatorLink, load_actor_config, max_message_bytes
 from rl_engine.auth import RunAuth
 from rl_engine.frozen_models import reference_path
 from rl_engine.launch.rendezvous import init_process_group_from_env
@@ -109,8 +109,9 @@ class TrainerGroup:
             pids = torch.cat(every)
         self.link = None
         if g.world_rank == 0:
-            self.link = CoordinatorLink(coordinator, auth=auth, actor_id="trainer", role="trainer", heartbeat_address=heartbeat,
-                                        heartbeat_interval_s=p.heartbeat_interval_s,
+            self.link = CoordinatorLink(coordinator, auth=auth, actor_id="trainer", role="trainer",
+                                        heartbeat_address=heartbeat, heartbeat_interval_s=p.heartbeat_interval_s,
+                                        max_frame_bytes=max_message_bytes(cfg),
                                         capabilities={"world_size": g.world_size, "placement": p.mode,
                                                       "rank_pids": ",".join(str(x) for x in pids.tolist()),
                                                       "engines": t.dp if self.colocated else 0})
