@@ -19,9 +19,9 @@ Every key is derived from the secret, by name (`HMAC-SHA256(secret, label)`):
   decoded, so a forged bucket is never applied. The weights are readable on the wire (not secret),
   but not forgeable.
 
-Refusals are counted (`RunAuth.rejected`): ZAP denials (a client with a key of no expected name),
-handshake failures seen by the server sockets' monitors (no key, the wrong server key), routing ids
-that lie about the peer, and messages with a bad tag.
+Refusals are counted (`RunAuth.rejected`): failed handshakes, read from the server sockets' monitors
+(no key, the wrong server key, or a key of no expected name that ZAP denied; a refused client retries
+every 100 ms, and each try counts), routing ids that lie about the peer, and messages with a bad tag.
 """
 
 from __future__ import annotations
@@ -127,11 +127,8 @@ class RunAuth:
 
     def callback(self, domain: str, client_key: bytes) -> bool:
         """ZAP (runs on the authenticator's thread): is this the key of an expected peer?"""
-        with self._lock:
-            if client_key in self._names:
-                return True
-            self._rejected += 1
-            return False
+        with self._lock:  # a refusal is counted once, from the server socket's monitor (HANDSHAKE_FAILED_AUTH)
+            return client_key in self._names
 
     def peer_name(self, frame: zmq.Frame) -> str | None:
         """The authenticated name of the peer a received frame came from (None: not a CURVE peer)."""
