@@ -22,13 +22,21 @@ FAMILY_OVERRIDES = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
 }
 FAMILIES = list(FAMILY_OVERRIDES)
+# DeepSeek-V3 (MLA, sigmoid group-limited routing, shared experts), kept out of FAMILIES: its engine
+# path and tests are its own (tests/**/test_*dsv3*). Variants override this base.
+DSV3 = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+            q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
+            max_position_embeddings=512, num_nextn_predict_layers=0)
 
 
 def make_hf_model(model_type: str, seed: int = 0, **overrides):
     """A random transformers model with weights large enough that logits differ meaningfully."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kw = {**TINY, **FAMILY_OVERRIDES[model_type], **overrides}
+    base = {**TINY, **FAMILY_OVERRIDES[model_type]} if model_type != "deepseek_v3" else DSV3
+    kw = {**base, **overrides}
     config = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -38,6 +46,9 @@ def make_hf_model(model_type: str, seed: int = 0, **overrides):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0, 0.1)
             else:
                 p.normal_(0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's balancing bias, nonzero to matter
+                b.normal_(0, 0.1)
     return model
 
 

@@ -91,14 +91,17 @@ def weight_table(model: CausalLM) -> dict[str, WeightEntry]:
         table[pre + "input_layernorm.weight"] = _param(layer.input_layernorm.weight, pre + "input_layernorm.weight")
         table[pre + "post_attention_layernorm.weight"] = _param(layer.post_attention_layernorm.weight,
                                                                  pre + "post_attention_layernorm.weight")
-        for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-            n = pre + f"self_attn.{proj}."
-            table[n + "weight"] = _col_part(attn.qkv_proj, part, "weight", n + "weight")
-            if cfg.qkv_bias:
-                table[n + "bias"] = _col_part(attn.qkv_proj, part, "bias", n + "bias")
+        if cfg.is_mla:
+            table.update(_mla_entries(attn, pre + "self_attn."))
+        else:
+            for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                n = pre + f"self_attn.{proj}."
+                table[n + "weight"] = _col_part(attn.qkv_proj, part, "weight", n + "weight")
+                if cfg.qkv_bias:
+                    table[n + "bias"] = _col_part(attn.qkv_proj, part, "bias", n + "bias")
         table[pre + "self_attn.o_proj.weight"] = WeightEntry(
             lambda t, a=attn, n=pre + "self_attn.o_proj.weight": a.o_proj.load_full(t, n), lambda a=attn: a.o_proj.weight.detach())
-        if attn.q_norm is not None:
+        if getattr(attn, "q_norm", None) is not None:
             table[pre + "self_attn.q_norm.weight"] = _param(attn.q_norm.weight, pre + "self_attn.q_norm.weight")
             table[pre + "self_attn.k_norm.weight"] = _param(attn.k_norm.weight, pre + "self_attn.k_norm.weight")
         if layer.is_moe:
@@ -128,6 +131,24 @@ def _mlp_entries(mlp, pre: str) -> dict[str, WeightEntry]:
     }
 
 
+def _mla_entries(attn, pre: str) -> dict[str, WeightEntry]:
+    """Multi-head latent attention: replicated down-projections and norms, column-parallel up-projections."""
+    table = {}
+    for name in ("q_a_proj", "kv_a_proj_with_mqa"):
+        module = getattr(attn, name)
+        if module is not None:
+            table[f"{pre}{name}.weight"] = _param(module.weight, f"{pre}{name}.weight")
+    for name in ("q_a_layernorm", "kv_a_layernorm"):
+        module = getattr(attn, name)
+        if module is not None:
+            table[f"{pre}{name}.weight"] = _param(module.weight, f"{pre}{name}.weight")
+    for name in ("q_proj", "q_b_proj", "kv_b_proj"):
+        module = getattr(attn, name)
+        if module is not None:
+            table[f"{pre}{name}.weight"] = _col_part(module, 0, "weight", f"{pre}{name}.weight")
+    return table
+
+
 def _moe_entries(moe, pre: str, cfg: ModelConfig, g: ParallelGroups) -> dict[str, WeightEntry]:
     mixtral = cfg.model_type == "mixtral"
     block = pre + ("block_sparse_moe." if mixtral else "mlp.")
@@ -143,7 +164,11 @@ def _moe_entries(moe, pre: str, cfg: ModelConfig, g: ParallelGroups) -> dict[str
         table[ep + f"{names[0]}.weight"] = _expert_slice(moe.w13, local, slice(0, il), None, ep + f"{names[0]}.weight", rows_of)
         table[ep + f"{names[1]}.weight"] = _expert_slice(moe.w13, local, slice(il, 2 * il), None, ep + f"{names[1]}.weight", rows_of)
         table[ep + f"{names[2]}.weight"] = _expert_slice(moe.w2, local, None, None, ep + f"{names[2]}.weight", cols_of)
-    if moe.shared_expert is not None:
+    if cfg.model_type == "deepseek_v3":
+        table[block + "gate.e_score_correction_bias"] = _param(moe.expert_bias, block + "gate.e_score_correction_bias")
+        if moe.shared_expert is not None:
+            table.update(_mlp_entries(moe.shared_expert, block + "shared_experts."))
+    elif moe.shared_expert is not None:
         table.update(_mlp_entries(moe.shared_expert, block + "shared_expert."))
         table[block + "shared_expert_gate.weight"] = _param(moe.shared_expert_gate, block + "shared_expert_gate.weight")
     return table
@@ -259,6 +284,8 @@ def load_hf_weights(model: CausalLM, path: str) -> None:
 
 def _expert_biases(model: CausalLM) -> dict[str, torch.Tensor]:
     """The aux-loss-free balancing buffers of this rank's MoE layers, by side-file name."""
+    if model.config.model_type == "deepseek_v3":
+        return {}  # its e_score_correction_bias lives in the checkpoint proper
     return {f"model.layers.{layer.layer_idx}.mlp.expert_bias": layer.mlp.expert_bias for layer in model.layers
             if layer.is_moe and getattr(layer.mlp, "expert_bias", None) is not None}
 

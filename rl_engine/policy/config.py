@@ -22,6 +22,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2_moe": dict(moe=True, qkv_bias=True, qk_norm=False),
     "qwen3_moe": dict(moe=True, qkv_bias=None, qk_norm=True),
     "mixtral": dict(moe=True, qkv_bias=False, qk_norm=False),
+    "deepseek_v3": dict(moe=True, qkv_bias=False, qk_norm=False),
 }
 
 
@@ -54,6 +55,24 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     moe_layers: list[int] = field(default_factory=list)
     router_aux_loss_coef: float = 0.0
+    # DeepSeek-V3 routing: sigmoid scores, top-k within the `topk_group` best of `n_group` expert
+    # groups (each group scored by its two best experts), weights times `routed_scaling_factor`;
+    # the shared expert (`shared_expert_gated=False`) is added without a gate. The
+    # `e_score_correction_bias` is our `expert_bias` buffer, always present for this family.
+    scoring_func: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_expert_gated: bool = True
+    # Multi-head latent attention (DeepSeek-V2/V3), on when kv_lora_rank > 0. q_lora_rank 0: a plain
+    # q projection. head_dim is then the rotary part (qk_rope_head_dim), as in transformers.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+    # Multi-token-prediction layers the checkpoint carries (DeepSeek-V3's num_nextn_predict_layers).
+    num_mtp_layers: int = 0
     # Training-only router knobs (not in HF configs): z-loss coefficient and the aux-loss-free
     # balancing bias update rate (0 = no bias).
     router_z_loss_coef: float = 0.0
@@ -66,6 +85,31 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """YaRN's scale of the rotary cos/sin tables (transformers' `attention_scaling`); 1 otherwise."""
+        if self.rope_type != "yarn":
+            return 1.0
+        s = self.rope_scaling
+        if s.get("attention_factor") is not None:
+            return float(s["attention_factor"])
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            return _yarn_mscale(s["factor"], s["mscale"]) / _yarn_mscale(s["factor"], s["mscale_all_dim"])
+        return _yarn_mscale(s["factor"])
+
+    def attention_scale(self, qk_head_dim: int) -> float:
+        """The softmax scale: 1/sqrt(qk head dim), times YaRN's mscale(factor, mscale_all_dim)^2 for
+        MLA models (transformers' `yarn_apply_mscale`, DeepSeek's reference)."""
+        scale = qk_head_dim ** -0.5
+        if self.is_mla and self.rope_type == "yarn" and self.rope_scaling.get("mscale_all_dim"):
+            m = _yarn_mscale(self.rope_scaling["factor"], self.rope_scaling["mscale_all_dim"])
+            scale = scale * m * m
+        return scale
 
     def inv_freq(self) -> "torch.Tensor":  # noqa: F821
         import torch
@@ -84,7 +128,31 @@ class ModelConfig:
             inv = torch.where(is_medium, smoothed, scaled)
         elif self.rope_type == "linear":
             inv = inv / self.rope_scaling["factor"]
+        elif self.rope_type == "yarn":
+            return self._yarn_inv_freq()
         return inv.float()
+
+    def _yarn_inv_freq(self) -> "torch.Tensor":  # noqa: F821
+        """YaRN frequencies, computed in fp32 in the order transformers' `_compute_yarn_parameters` does."""
+        import torch
+
+        s, dim, base = self.rope_scaling, self.head_dim, self.rope_theta
+        factor, old_ctx = s["factor"], s["original_max_position_embeddings"]
+        beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(old_ctx / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+        extrapolation = 1 - ramp
+        return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
@@ -111,6 +179,8 @@ class ModelConfig:
         hidden = need("hidden_size")
         heads = need("num_attention_heads")
         head_dim = hf.get("head_dim") or hidden // heads
+        if model_type == "deepseek_v3":
+            head_dim = need("qk_rope_head_dim")  # the rotary part; the MLA dims are read below
         max_pos = hf.get("max_position_embeddings", 4096)
 
         # Sliding window: exact only if no sequence is longer than the window, so the window
@@ -121,6 +191,11 @@ class ModelConfig:
         max_context = min(max_pos, window) if window else max_pos
 
         rope, theta, scaling = _rope(hf)
+        if rope == "yarn" and model_type != "deepseek_v3":
+            raise ValueError(f"rope_type 'yarn' is supported for deepseek_v3 only (verified against transformers "
+                             f"there), not for model_type {model_type!r}")
+        if rope == "yarn" and scaling.get("factor") is None:  # DeepSeek: the ratio of the contexts
+            scaling["factor"] = max_pos / scaling["original_max_position_embeddings"]
 
         if fam["qkv_bias"] is None:
             qkv_bias = bool(hf.get("attention_bias", False))
@@ -153,11 +228,14 @@ class ModelConfig:
             hf_config=dict(hf),
         )
         if fam["moe"]:
-            n_exp = hf.get("num_experts") or hf.get("num_local_experts")
+            n_exp = hf.get("num_experts") or hf.get("num_local_experts") or hf.get("n_routed_experts")
             if not n_exp:
                 raise ValueError(f"MoE model_type {model_type!r} needs num_experts / num_local_experts")
             step = hf.get("decoder_sparse_step", 1) or 1
             dense = set(hf.get("mlp_only_layers") or [])
+            if model_type == "deepseek_v3":
+                dense = set(range(hf.get("first_k_dense_replace") or 0))
+                n_exp = hf.get("n_routed_experts") or n_exp
             kw.update(
                 num_experts=n_exp,
                 num_experts_per_tok=need("num_experts_per_tok"),
@@ -168,6 +246,8 @@ class ModelConfig:
                 moe_layers=[i for i in range(kw["num_layers"]) if i not in dense and (i + 1) % step == 0],
                 router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.0),
             )
+        if model_type == "deepseek_v3":
+            kw.update(_deepseek_v3_fields(hf, need))
         if hf.get("router_jitter_noise"):
             raise ValueError("router_jitter_noise is not supported (got "
                              f"{hf['router_jitter_noise']}); set it to 0.0")
@@ -211,6 +291,21 @@ class ModelConfig:
         if self.is_moe and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
                              f"[1, num_experts={self.num_experts}]")
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring_func {self.scoring_func!r} is not supported; use 'softmax' or 'sigmoid'")
+        if self.is_moe and (self.n_group < 1 or self.num_experts % self.n_group):
+            raise ValueError(f"n_group ({self.n_group}) must divide n_routed_experts ({self.num_experts})")
+        if self.is_moe and not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group ({self.topk_group}) must be in [1, n_group={self.n_group}]")
+        if self.is_moe and self.n_group > 1 and self.num_experts // self.n_group < 2:
+            raise ValueError(f"each of the n_group ({self.n_group}) expert groups needs >= 2 experts "
+                             f"(groups are scored by their two best); n_routed_experts is {self.num_experts}")
+        if self.is_moe and self.num_experts_per_tok > self.topk_group * (self.num_experts // self.n_group):
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts of the "
+                             f"topk_group ({self.topk_group}) groups a token may use")
+        if self.is_mla and not (self.qk_nope_head_dim > 0 and self.v_head_dim > 0):
+            raise ValueError("multi-head latent attention needs qk_nope_head_dim > 0 and v_head_dim > 0, got "
+                             f"{self.qk_nope_head_dim} and {self.v_head_dim}")
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json to write on export: what was read, or one built from our fields."""
@@ -261,7 +356,39 @@ ARCHITECTURES = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _deepseek_v3_fields(hf: dict[str, Any], need) -> dict[str, Any]:
+    """The MLA, routing and MTP fields of a `deepseek_v3` config.json."""
+    if hf.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise ValueError(f"topk_method {hf['topk_method']!r} is not supported; only 'noaux_tc' (DeepSeek-V3)")
+    if hf.get("scoring_func", "sigmoid") != "sigmoid":
+        raise ValueError(f"scoring_func {hf['scoring_func']!r} is not supported for deepseek_v3; only 'sigmoid'")
+    if hf.get("attention_bias"):
+        raise ValueError("attention_bias=true is not supported for deepseek_v3")
+    n_shared = hf.get("n_shared_experts") or 0
+    return dict(
+        num_kv_heads=need("num_attention_heads"),  # MLA has no KV heads; transformers' default (128) means nothing
+        kv_lora_rank=need("kv_lora_rank"),
+        q_lora_rank=hf.get("q_lora_rank") or 0,
+        qk_nope_head_dim=need("qk_nope_head_dim"),
+        v_head_dim=need("v_head_dim"),
+        rope_interleave=bool(hf.get("rope_interleave", True)),
+        scoring_func="sigmoid",
+        n_group=hf.get("n_group") or 1,
+        topk_group=hf.get("topk_group") or 1,
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        shared_expert_intermediate_size=n_shared * (hf.get("moe_intermediate_size") or 0),
+        shared_expert_gated=False,
+        num_mtp_layers=hf.get("num_nextn_predict_layers") or 0,
+    )
 
 
 def _rope(hf: dict[str, Any]) -> tuple[str, float, dict[str, float] | None]:
@@ -282,4 +409,10 @@ def _rope(hf: dict[str, Any]) -> tuple[str, float, dict[str, float] | None]:
         return "llama3", float(theta), {k: float(merged[k]) for k in keys}
     if rope_type == "linear":
         return "linear", float(theta), {"factor": float(merged["factor"])}
-    raise ValueError(f"rope_type {rope_type!r} is not supported; supported: default, linear, llama3")
+    if rope_type == "yarn":
+        if "original_max_position_embeddings" not in merged:
+            raise ValueError("rope_type 'yarn' needs 'original_max_position_embeddings' in the rope parameters")
+        keys = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                "attention_factor", "truncate")
+        return "yarn", float(theta), {k: merged[k] for k in keys if k in merged}
+    raise ValueError(f"rope_type {rope_type!r} is not supported; supported: default, linear, llama3, yarn")

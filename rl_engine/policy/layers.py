@@ -71,9 +71,11 @@ class RotaryEmbedding:
     such small ops dominate. Other backends get the registry's `apply_rotary` on half-width views.
     """
 
-    def __init__(self, *, head_dim: int, max_positions: int, device: torch.device) -> None:
+    def __init__(self, *, head_dim: int, max_positions: int, device: torch.device,
+                 attention_factor: float = 1.0) -> None:
         self.half = head_dim // 2
         self.max_positions = max_positions
+        self.attention_factor = attention_factor  # YaRN scales cos and sin (transformers' attention_scaling)
         self._table: torch.Tensor | None = None
         self.bind_kernels(device)
 
@@ -86,6 +88,8 @@ class RotaryEmbedding:
     def _rows(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
         """[len(positions), 2, head_dim]: cos and signed sin at full width."""
         cos, sin = self._cos_sin(positions, inv_freq)
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return torch.stack((torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)), dim=1)
 
     def tables(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ from rl_engine.policy.layers import (
     mark_tp_partial_grad,
 )
 from rl_engine.policy.logprobs import token_logprobs_and_entropy
+from rl_engine.policy.mla import MLAttention
 from rl_engine.policy.moe import MoEBlock, RoutingRecord, SwiGLUMLP
 from rl_engine.policy.parallel import SINGLE, ParallelGroups
 
@@ -104,7 +105,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, device=device)
-        self.self_attn = Attention(cfg, layer_idx, groups=groups, dtype=dtype, device=device)
+        attention = MLAttention if cfg.is_mla else Attention
+        self.self_attn = attention(cfg, layer_idx, groups=groups, dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, device=device)
         self.is_moe = layer_idx in cfg.moe_layers
         if self.is_moe:
@@ -165,7 +167,8 @@ class CausalLM(nn.Module):
             self.lm_head = ParallelLMHead(head_weights)
         self.register_buffer("inv_freq", config.inv_freq().to(device), persistent=False)
         self.rotary = RotaryEmbedding(head_dim=config.head_dim, device=self.inv_freq.device,
-                                      max_positions=max(config.max_position_embeddings, config.max_context_len))
+                                      max_positions=max(config.max_position_embeddings, config.max_context_len),
+                                      attention_factor=config.rope_attention_factor)
 
     def _apply(self, fn, recurse=True):
         """After `.to()` / `.cuda()`: kernels are chosen per device, so choose them again."""

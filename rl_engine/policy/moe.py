@@ -88,6 +88,9 @@ class MoEBlock(nn.Module):
         self.num_experts = cfg.num_experts
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
+        self.sigmoid_scores = cfg.scoring_func == "sigmoid"
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.routed_scaling_factor = cfg.routed_scaling_factor
         tp, ep = groups.tp_size, groups.ep_size
         inter = cfg.moe_intermediate_size
         if inter % tp:
@@ -112,28 +115,36 @@ class MoEBlock(nn.Module):
         # tp (each rank holds a slice of every expert): the trainer all-reduces it over tp.
         self.gate.tp_partial_grad = True
         self.shared_expert = None
+        self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = SwiGLUMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, groups=groups,
                                            dtype=dtype, device=device)
-            self.shared_expert_gate = nn.Parameter(torch.empty(1, cfg.hidden_size, dtype=dtype, device=device))
-            nn.init.normal_(self.shared_expert_gate, std=0.02)
-            if groups.sequence_parallel:
-                self.shared_expert_gate.tp_partial_grad = True
+            if cfg.shared_expert_gated:
+                self.shared_expert_gate = nn.Parameter(torch.empty(1, cfg.hidden_size, dtype=dtype, device=device))
+                nn.init.normal_(self.shared_expert_gate, std=0.02)
+                if groups.sequence_parallel:
+                    self.shared_expert_gate.tp_partial_grad = True
         self.aux_loss_coef = cfg.router_aux_loss_coef
         self.z_loss_coef = cfg.router_z_loss_coef
         self.bias_update_rate = cfg.router_bias_update_rate
         self.aux_loss_scale = 1.0
-        if self.bias_update_rate > 0:
-            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, device=device))
-            self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts, device=device), persistent=False)
-        else:
-            self.expert_bias = self.tokens_per_expert = None
+        # DeepSeek-V3's e_score_correction_bias is this buffer (fp32, as transformers keeps it).
+        has_bias = self.bias_update_rate > 0 or cfg.model_type == "deepseek_v3"
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, device=device) if has_bias else None)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts, device=device)
+                             if self.bias_update_rate > 0 else None, persistent=False)
 
     def route(self, x: torch.Tensor, routing: RoutingRecord | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(router_logits [T, E], probs [T, E] fp32, topk_weights [T, k] in x.dtype, topk_ids [T, k])."""
-        router_logits = F.linear(x, self.gate)
-        probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+        """(router_logits [T, E], probs [T, E] fp32, topk_weights [T, k] in x.dtype, topk_ids [T, k]).
+        Sigmoid scoring (DeepSeek-V3) computes the router in fp32 as transformers does; its `probs`
+        are the sigmoid scores (normalised over experts only for the aux loss)."""
+        if self.sigmoid_scores:
+            router_logits = F.linear(x.float(), self.gate.float())
+            probs = torch.sigmoid(router_logits)
+        else:
+            router_logits = F.linear(x, self.gate)
+            probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
         if routing is not None and routing.mode == "replay":
             topk_ids = routing.topk_ids[self.layer_idx]
             if topk_ids.shape != (x.shape[0], self.top_k):
@@ -141,13 +152,28 @@ class MoEBlock(nn.Module):
                                  f"expected {(x.shape[0], self.top_k)}")
         else:
             scores = probs.detach() if self.expert_bias is None else probs.detach() + self.expert_bias
+            if self.n_group > 1:
+                scores = self._limit_to_groups(scores)
             topk_ids = torch.topk(scores, self.top_k, dim=-1).indices
             if routing is not None:
                 routing.topk_ids[self.layer_idx] = topk_ids.detach()
         topk_w = probs.gather(1, topk_ids)
         if self.norm_topk_prob:
-            topk_w = topk_w / topk_w.sum(-1, keepdim=True)
+            denominator = topk_w.sum(-1, keepdim=True)
+            topk_w = topk_w / (denominator + 1e-20 if self.sigmoid_scores else denominator)
+        if self.routed_scaling_factor != 1.0:
+            topk_w = topk_w * self.routed_scaling_factor
         return router_logits, probs, topk_w.to(x.dtype), topk_ids
+
+    def _limit_to_groups(self, scores: torch.Tensor) -> torch.Tensor:
+        """Group-limited routing: scores [T, E] with every expert outside the `topk_group` best of
+        the `n_group` groups (a group scores the sum of its two best experts) set to -inf."""
+        T = scores.shape[0]
+        grouped = scores.view(T, self.n_group, self.num_experts // self.n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, n_group]
+        best = group_scores.topk(self.topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(T, self.num_experts)
 
     def _run_local_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """rows [N, H] grouped by local expert (`counts[e]` rows each) -> expert outputs [N, H]."""
@@ -181,6 +207,8 @@ class MoEBlock(nn.Module):
         aux = probs.new_zeros(())
         if self.aux_loss_coef:
             frac = torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts).float() / topk_ids.shape[0]
+            if self.sigmoid_scores:  # DeepSeek-V3's balance loss uses the scores normalised over experts
+                probs = probs / probs.sum(-1, keepdim=True)
             aux = aux + self.aux_loss_coef * self.num_experts * (frac * probs.mean(0)).sum()
         if self.z_loss_coef:
             aux = aux + self.z_loss_coef * torch.logsumexp(router_logits.float(), dim=-1).pow(2).mean()
@@ -201,14 +229,17 @@ class MoEBlock(nn.Module):
         out = comm.reduce_scatter_sequence(out, g.tp_group) if g.sequence_parallel else comm.reduce_from_tp(out, g.tp_group)
         if self.shared_expert is not None:
             # The shared expert does its own tp communication, so it takes the block's input as is.
-            out = out + self.shared_expert(x_in) * torch.sigmoid(F.linear(x_in, self.shared_expert_gate))
+            shared = self.shared_expert(x_in)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(F.linear(x_in, self.shared_expert_gate))
+            out = out + shared
         return out
 
     @torch.no_grad()
     def update_expert_bias(self, dp_group) -> None:
         """Aux-loss-free balancing: bias += rate * sign(mean load - load), loads summed over the
         step's micro-batches and data-parallel ranks (identical on every rank afterwards)."""
-        if self.expert_bias is None:
+        if self.tokens_per_expert is None:  # no bias, or a fixed one (DeepSeek-V3 at rate 0)
             return
         load = comm.all_reduce(self.tokens_per_expert, dp_group)
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
