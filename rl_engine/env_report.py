@@ -27,7 +27,8 @@ def report(device: str | None = None) -> str:
         f"distributed gloo={torch.distributed.is_gloo_available()} nccl={torch.distributed.is_nccl_available()}",
         "optional packages:",
     ]
-    for pkg in ("triton", "flashinfer", "transformer_engine", "ray", "pyarrow", "transformers", "tensorboard"):
+    for pkg in ("triton", "flashinfer", "transformer_engine", "ray", "pyarrow", "transformers", "tensorboard", "wandb",
+                "datasets", "matplotlib"):
         found = importlib.util.find_spec(pkg) is not None
         lines.append(f"  {pkg:<20} {'importable' if found else 'not installed'}")
     lines.append("kernel backends:")

@@ -1,11 +1,14 @@
-"""Per-step training metrics: a deterministic JSONL file, a progress line, curves, TensorBoard.
+"""Per-step training metrics: a deterministic JSONL file, a progress line, curves, TensorBoard, W&B.
 
 `MetricsLogger.log(step, metrics)` appends one JSON row per step. The main design choice is a split
 by determinism: the JSONL row holds only what the computation determines (sorted keys, compact
 separators, Python's shortest float repr, no timestamps), so two runs with the same seed write
 byte-identical files. Anything measured with a clock goes under a prefix listed in
 `exclude_from_jsonl` (default `time/` and `perf/`: tokens/s, step and weight-sync seconds) and lands in
-a sibling `<name>.wallclock.jsonl` instead, together with the logger's own step timings.
+a sibling `<name>.wallclock.jsonl` instead, together with the logger's own step timings. The numeric
+scalars of both rows go, under the same names, to the backends of `rl_engine.metrics_backends`
+(TensorBoard, Weights & Biases); at the end `metrics.png` is drawn from the two files
+(`rl_engine.metrics_plot`).
 
 Rows are written with one `os.write` on an `O_APPEND` descriptor (one complete line per call,
 nothing buffered in Python). A resumed run passes `resume_step`: rows after that step are removed
@@ -27,16 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
-from rl_engine import lineplot
+from rl_engine.metrics_backends import ScalarBackend, WandbConfig, open_backends
 
 logger = logging.getLogger(__name__)
-_warned: set[str] = set()  # warn-once keys for optional backends
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(message)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +67,19 @@ def to_json_value(value: Any, *, key: str = "") -> Any:
 def dumps_row(row: Mapping[str, Any]) -> str:
     """The canonical, byte-stable form of one row (no trailing newline)."""
     return json.dumps(row, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def wallclock_path_for(path: str | Path) -> Path:
+    """`metrics.wallclock.jsonl` for `metrics.jsonl`: where the clock-measured keys of a JSONL file go."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".jsonl") + ".wallclock.jsonl")
+
+
+def scalars(row: Mapping[str, Any]) -> dict[str, float]:
+    """The row's values that the scalar backends receive: numbers (not booleans, not nulls), without
+    `step` (the x axis) and `time/unix` (a timestamp)."""
+    return {k: v for k, v in row.items() if k not in ("step", "time/unix")
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -128,12 +137,14 @@ def _fmt_num(v: Any, fmt: str = ".3f") -> str:
 
 
 class MetricsLogger:
-    """One JSONL row per step, a progress line, curves at the end, TensorBoard when installed.
+    """One JSONL row per step, a progress line, the scalar backends, curves at the end.
 
     `path` is the JSONL file (e.g. `run/metrics.jsonl`); beside it go `metrics.wallclock.jsonl`,
-    `metrics.png` and `tensorboard/`. Keys starting with a prefix in `exclude_from_jsonl` are
-    wall-clock quantities: they go to the wallclock file, the console and TensorBoard, never to
-    the deterministic JSONL (pass `exclude_from_jsonl=()` to keep everything in one file).
+    `metrics.png` (`plot`), `tensorboard/` (`tensorboard`) and `wandb/` (`wandb`, a WandbConfig with
+    a project; `run_config` is the run's config recorded with it). Keys starting with a prefix in
+    `exclude_from_jsonl` are wall-clock quantities: they go to the wallclock file, the console and the
+    backends, never to the deterministic JSONL (pass `exclude_from_jsonl=()` to keep everything in
+    one file).
     `resume_step=k` continues a run whose step k is the last one kept; `None` starts afresh and
     overwrites existing files. The progress line is redrawn in place on a terminal and printed
     as one plain line per step otherwise.
@@ -142,14 +153,13 @@ class MetricsLogger:
     def __init__(self, path: str | Path, *, total_steps: int | None = None, resume_step: int | None = None,
                  exclude_from_jsonl: Sequence[str] = ("time/", "perf/"), keys: ProgressKeys = ProgressKeys(),
                  show_progress: bool = True, stream: TextIO | None = None, plot: bool = True,
-                 tensorboard: bool = True, fsync: bool = False) -> None:
+                 tensorboard: bool = True, wandb: WandbConfig | None = None,
+                 run_config: Mapping[str, Any] | None = None, fsync: bool = False) -> None:
         if total_steps is not None and total_steps < 0:
             raise ValueError(f"total_steps must be >= 0, got {total_steps}")
         self.path = Path(path)
-        stem = self.path.name[: -len(".jsonl")] if self.path.name.endswith(".jsonl") else self.path.name
-        self.wallclock_path = self.path.with_name(stem + ".wallclock.jsonl")
-        self.plot_path = self.path.with_name(stem + ".png") if plot else None
-        self.tensorboard_dir = self.path.with_name("tensorboard")
+        self.wallclock_path = wallclock_path_for(self.path)
+        self.plot_path = self.path.with_name(self.path.name.removesuffix(".jsonl") + ".png") if plot else None
         self.total_steps = total_steps
         self.exclude_from_jsonl = tuple(exclude_from_jsonl)
         self.keys = keys
@@ -174,7 +184,14 @@ class MetricsLogger:
                      for p in (self.path, self.wallclock_path)}
         self._step_seconds: deque[float] = deque(maxlen=20)  # recent steps, for the ETA
         self._last_time = time.monotonic()
-        self._tb = self._open_tensorboard(resume_step) if tensorboard else None
+        try:
+            self._backends: list[ScalarBackend] = open_backends(
+                tensorboard=tensorboard, wandb=wandb, jsonl_path=self.path, resume_step=resume_step,
+                run_config=run_config)
+        except BaseException:
+            for fd in self._fds.values():
+                os.close(fd)
+            raise
 
     # -- writing ---------------------------------------------------------------------------------
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -204,10 +221,10 @@ class MetricsLogger:
         self._append(self.wallclock_path, clock)
         self.history.append(row)
         self._last_step = step
-        if self._tb is not None:
-            for key, value in {**row, **clock}.items():
-                if key not in ("step", "time/unix") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, global_step=step)
+        if self._backends:
+            values = scalars({**row, **clock})
+            for backend in self._backends:
+                backend.log(step, values)
         if self._show_progress:
             self._print_progress(step, {**row, **clock})
         return row
@@ -256,7 +273,7 @@ class MetricsLogger:
 
     # -- end of run ------------------------------------------------------------------------------
     def close(self) -> None:
-        """Write the curves PNG, flush TensorBoard, close the files. Safe to call twice."""
+        """Close the files and the backends, then draw the curves PNG from the files. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
@@ -264,50 +281,12 @@ class MetricsLogger:
             os.close(fd)
         if self._tty_line_open:
             (self._stream or sys.stdout).write("\n")
-        if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
+        for backend in self._backends:
+            backend.close()
         if self.plot_path is not None and self.history:
-            self.write_plot(self.plot_path)
+            from rl_engine.metrics_plot import plot_run
 
-    def write_plot(self, path: str | Path, *, use_matplotlib: bool | None = None) -> None:
-        """Reward and response-length curves over all logged steps (resumed ones included).
-        `use_matplotlib=None` uses it when importable, else the built-in PNG writer."""
-        steps = [r["step"] for r in self.history]
-        series = [(key, [_as_float(r.get(key)) for r in self.history])
-                  for key in (self.keys.reward, self.keys.response_length)]
-        if use_matplotlib is not False:
-            try:
-                import matplotlib
-
-                matplotlib.use("Agg")
-                import matplotlib.pyplot as plt
-            except ImportError:
-                if use_matplotlib:
-                    raise
-            else:
-                fig, axes = plt.subplots(len(series), 1, figsize=(8, 3 * len(series)), sharex=True)
-                for ax, (key, values) in zip(axes, series):
-                    ax.plot(steps, values)
-                    ax.set_title(key)
-                    ax.grid(alpha=0.3)
-                axes[-1].set_xlabel("step")
-                fig.tight_layout()
-                fig.savefig(path, format="png", metadata={"Software": None})
-                plt.close(fig)
-                return
-        lineplot.write_panels_png(path, [lineplot.Panel(title=k, steps=steps, values=v) for k, v in series])
-
-    def _open_tensorboard(self, resume_step: int | None) -> Any:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            _warn_once("tensorboard", "tensorboard is not installed: skipping TensorBoard scalars "
-                                      "(pip install tensorboard to get them)")
-            return None
-        # purge_step drops events after the resumed step, like the JSONL truncation.
-        return SummaryWriter(str(self.tensorboard_dir),
-                             purge_step=None if resume_step is None else resume_step + 1)
+            plot_run(self.path, self.plot_path)
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -315,6 +294,3 @@ class MetricsLogger:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _as_float(v: Any) -> float:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan

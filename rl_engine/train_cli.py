@@ -200,6 +200,7 @@ def run(config: RLConfig, *, checkpoint: str | None | object = _RESOLVE) -> dict
 
         return run_actors(config)
     from rl_engine import run_checkpoint
+    from rl_engine.config import to_dict
     from rl_engine.metrics import MetricsLogger
     from rl_engine.trainer import GRPOTrainer
 
@@ -231,7 +232,9 @@ def run(config: RLConfig, *, checkpoint: str | None | object = _RESOLVE) -> dict
         saved = start if checkpoint is not None else None
         every = config.train.checkpoint_every
         with MetricsLogger(os.path.join(out, "metrics.jsonl"), total_steps=steps,
-                           resume_step=start if checkpoint is not None else None) as metrics:
+                           resume_step=start if checkpoint is not None else None, plot=config.metrics.plot,
+                           tensorboard=config.metrics.tensorboard, wandb=config.metrics.wandb,
+                           run_config=to_dict(config)) as metrics:
             for _ in range(start, steps):
                 row = trainer.step()
                 step = int(row.pop("step"))

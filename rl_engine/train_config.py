@@ -18,6 +18,7 @@ from typing import Any, Literal
 from rl_engine.config import ConfigError, check_float, check_int
 from rl_engine.demo_task import TASKS
 from rl_engine.losses import PolicyLossConfig
+from rl_engine.metrics_backends import MetricsConfig
 from rl_engine.policy.presets import PRESETS
 from rl_engine.rollout.advantages import AdvantageConfig
 from rl_engine.rollout.rewards import RewardConfig
@@ -364,6 +365,7 @@ class RLConfig:
     distill: DistillSection = field(default_factory=DistillSection)
     placement: PlacementSection = field(default_factory=PlacementSection)
     ray: RaySection = field(default_factory=RaySection)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # TensorBoard, W&B, metrics.png
 
     def __post_init__(self) -> None:
         self._check_other_sections()

@@ -112,7 +112,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-LAUNCH_KEYS = ("placement.", "ray.")  # where the processes run: a resume may change it
+# Where the processes run and where metrics go (TensorBoard, W&B, the plot): a resume may change them.
+LAUNCH_KEYS = ("placement.", "ray.", "metrics.")
 
 
 def check_resume_config(checkpoint: str, cfg: RLConfig) -> dict[str, Any]:

@@ -1,20 +1,14 @@
-"""MetricsLogger: byte-stable JSONL, wall-clock split, resume without duplicates, progress line,
-the PNG writer (parsed back here), TensorBoard forwarding and its warn-once fallback."""
+"""MetricsLogger: byte-stable JSONL, wall-clock split, resume without duplicates, progress line.
+The backends are tested in test_metrics_backends.py, the plot in test_metrics_plot.py."""
 
 import io
 import json
-import logging
 import math
-import struct
-import sys
-import types
-import zlib
 
 import numpy as np
 import pytest
 import torch
 
-from rl_engine import lineplot, metrics
 from rl_engine.metrics import MetricsLogger, read_jsonl
 
 
@@ -142,104 +136,3 @@ def test_progress_redraws_in_place_on_a_tty(tmp_path):
     assert "[##########----------]" in out.getvalue()  # 2/4 of a 20-wide bar
     log.close()
     assert out.getvalue().endswith("\n")
-
-
-def _parse_png(data: bytes) -> tuple[int, int, bytes]:
-    """(width, height, decompressed scanlines), checking signature, chunk CRCs and IHDR."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert zlib.crc32(kind + body) == crc, kind
-        chunks.append((kind, body))
-        pos += 12 + length
-    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    width, height, depth, color_type = struct.unpack(">IIBB", chunks[0][1][:10])
-    assert (depth, color_type) == (8, 2)
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    return width, height, raw
-
-
-def _pixel(raw: bytes, width: int, x: int, y: int) -> tuple:
-    i = y * (1 + 3 * width) + 1 + 3 * x
-    return tuple(raw[i : i + 3])
-
-
-def test_png_writer_draws_a_rising_curve():
-    panel = lineplot.Panel(title="reward/mean", steps=list(range(50)), values=[s * 0.02 for s in range(50)])
-    width, height, raw = _parse_png(lineplot.render_panels([panel], width=300, panel_height=200).to_png())
-    assert (width, height) == (300, 200)
-    assert len(raw) == height * (1 + 3 * width) and all(raw[y * (1 + 3 * width)] == 0 for y in range(height))
-
-    def curve_rows(x: int) -> list[int]:
-        return [y for y in range(height) if _pixel(raw, width, x, y) in (lineplot.RAW, lineplot.SMOOTH)]
-
-    left, right = curve_rows(75), curve_rows(275)
-    assert left and right
-    assert min(left) > max(right)  # y grows downward: the rising curve is higher on the right
-
-
-def test_png_writer_handles_gaps_flat_and_empty_series():
-    panels = [lineplot.Panel(title="flat", steps=[1, 2, 3], values=[1.0, math.nan, 1.0]),
-              lineplot.Panel(title="one", steps=[5], values=[2.0]), lineplot.Panel(title="empty")]
-    width, height, raw = _parse_png(lineplot.render_panels(panels, width=200, panel_height=100).to_png())
-    assert (width, height) == (200, 300)
-    with pytest.raises(ValueError, match="expected"):
-        lineplot.encode_png(b"\x00" * 5, 2, 2)
-
-
-def test_close_writes_curves_png(tmp_path):
-    with _quiet(tmp_path / "m.jsonl") as log:
-        for step in range(1, 21):
-            log.log(step, _step_metrics(step))
-    png = (tmp_path / "m.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
-    width, height = struct.unpack(">II", png[16:24])
-    assert width >= 100 and height >= 200  # two panels: reward and response length
-    # The built-in writer is deterministic: the same history renders to the same bytes.
-    log.write_plot(tmp_path / "a.png", use_matplotlib=False)
-    log.write_plot(tmp_path / "b.png", use_matplotlib=False)
-    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-    assert _parse_png((tmp_path / "a.png").read_bytes())[:2] == (720, 520)
-
-
-def test_tensorboard_missing_warns_once(tmp_path, monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
-    monkeypatch.setattr(metrics, "_warned", set())
-    with caplog.at_level(logging.WARNING, logger="rl_engine.metrics"):
-        for name in ("a", "b"):
-            with MetricsLogger(tmp_path / name / "m.jsonl", show_progress=False) as log:
-                log.log(1, {"x": 1})
-    assert sum("tensorboard is not installed" in r.getMessage() for r in caplog.records) == 1
-
-
-def test_tensorboard_receives_scalars(tmp_path, monkeypatch):
-    writers = []
-
-    class FakeWriter:
-        def __init__(self, log_dir, purge_step=None):
-            self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, [], False
-            writers.append(self)
-
-        def add_scalar(self, tag, value, global_step):
-            self.scalars.append((tag, value, global_step))
-
-        def flush(self):
-            pass
-
-        def close(self):
-            self.closed = True
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
-    with MetricsLogger(tmp_path / "m.jsonl", show_progress=False, plot=False) as log:
-        log.log(1, {"reward/mean": 0.5, "time/x": 2.0, "name": "s", "hist": [1, 2]})
-    with MetricsLogger(tmp_path / "m.jsonl", show_progress=False, plot=False, resume_step=1) as log:
-        log.log(2, {"reward/mean": 0.75})
-    first, resumed = writers
-    assert first.log_dir == str(tmp_path / "tensorboard") and first.purge_step is None and first.closed
-    tags = {t for t, _, _ in first.scalars}
-    assert ("reward/mean", 0.5, 1) in first.scalars and "time/x" in tags and "time/step_s" in tags
-    assert "name" not in tags and "hist" not in tags and "step" not in tags
-    assert resumed.purge_step == 2 and ("reward/mean", 0.75, 2) in resumed.scalars

@@ -43,6 +43,7 @@ from rl_engine.actors.link import load_actor_config
 from rl_engine.actors.rollout_buffer import Prompt, RolloutBuffer, staleness
 from rl_engine.actors.wire import samples_of, train_batch, wire_sampling
 from rl_engine.auth import RunAuth
+from rl_engine.config import to_dict
 from rl_engine.metrics import MetricsLogger
 from rl_engine.policy import ModelConfig
 from rl_engine.rl_step import (PromptSource, Sample, collect_groups, eval_sampling_params, rollout_metrics,
@@ -99,7 +100,8 @@ class Coordinator(CoordinatorBase):
         every = cfg.train.checkpoint_every
         resume_step = self.start_step if self.resume_from is not None else None
         with MetricsLogger(os.path.join(out, "metrics.jsonl"), total_steps=cfg.train.steps,
-                           resume_step=resume_step) as metrics, \
+                           resume_step=resume_step, plot=cfg.metrics.plot, tensorboard=cfg.metrics.tensorboard,
+                           wandb=cfg.metrics.wandb, run_config=to_dict(cfg)) as metrics, \
                 MetricsLogger(os.path.join(out, "prompts.jsonl"), resume_step=resume_step, show_progress=False,
                               plot=False, tensorboard=False) as prompt_log:
             for step in range(self.start_step, cfg.train.steps):
