@@ -342,6 +342,26 @@ class ModelConfig:
                      router_aux_loss_coef=self.router_aux_loss_coef)
             if self.shared_expert_intermediate_size:
                 d["shared_expert_intermediate_size"] = self.shared_expert_intermediate_size
+        if self.model_type == "deepseek_v3":
+            for key in ("num_experts", "num_local_experts", "shared_expert_intermediate_size", "head_dim"):
+                d.pop(key, None)
+            d.update(self._deepseek_v3_hf_fields())
+        return d
+
+    def _deepseek_v3_hf_fields(self) -> dict[str, Any]:
+        if self.shared_expert_intermediate_size % max(self.moe_intermediate_size, 1):
+            raise ValueError(f"deepseek_v3 export: shared_expert_intermediate_size ({self.shared_expert_intermediate_size})"
+                             f" must be n_shared_experts x moe_intermediate_size ({self.moe_intermediate_size})")
+        d = dict(n_routed_experts=self.num_experts, n_shared_experts=self.shared_expert_intermediate_size
+                 // self.moe_intermediate_size, routed_scaling_factor=self.routed_scaling_factor,
+                 n_group=self.n_group, topk_group=self.topk_group, kv_lora_rank=self.kv_lora_rank,
+                 q_lora_rank=self.q_lora_rank or None, qk_nope_head_dim=self.qk_nope_head_dim,
+                 qk_rope_head_dim=self.head_dim, v_head_dim=self.v_head_dim, rope_interleave=self.rope_interleave,
+                 first_k_dense_replace=min(self.moe_layers, default=self.num_layers),
+                 num_nextn_predict_layers=self.num_mtp_layers, topk_method="noaux_tc", scoring_func="sigmoid")
+        if self.moe_layers != list(range(d["first_k_dense_replace"], self.num_layers)):
+            raise ValueError(f"deepseek_v3 export: the MoE layers {self.moe_layers} must be the last ones "
+                             "(first_k_dense_replace)")
         return d
 
     def replace(self, **changes: Any) -> "ModelConfig":

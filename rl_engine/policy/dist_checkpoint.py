@@ -86,9 +86,17 @@ def model_boxes(model: CausalLM) -> list[Box]:
         whole(pre + "input_layernorm.weight", layer.input_layernorm.weight)
         whole(pre + "post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
         attn = layer.self_attn
-        column(pre + "self_attn.", attn.qkv_proj, ["q_proj", "k_proj", "v_proj"])
+        if cfg.is_mla:  # replicated down-projections and norms; up-projections split by heads
+            for name in ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm"):
+                if getattr(attn, name) is not None:
+                    whole(f"{pre}self_attn.{name}.weight", getattr(attn, name).weight)
+            for name in ("q_proj", "q_b_proj", "kv_b_proj"):
+                if getattr(attn, name) is not None:
+                    column(pre + "self_attn.", getattr(attn, name), [name])
+        else:
+            column(pre + "self_attn.", attn.qkv_proj, ["q_proj", "k_proj", "v_proj"])
         row(pre + "self_attn.o_proj.weight", attn.o_proj.weight)
-        if attn.q_norm is not None:
+        if getattr(attn, "q_norm", None) is not None:
             whole(pre + "self_attn.q_norm.weight", attn.q_norm.weight)
             whole(pre + "self_attn.k_norm.weight", attn.k_norm.weight)
         m = layer.mlp
@@ -101,11 +109,14 @@ def model_boxes(model: CausalLM) -> list[Box]:
                                  (E, il * g.tp_size, m.w13.shape[2]), off, True, is_expert=True))
             boxes.append(Box(pre + "mlp.experts.down_proj", m.w2, (), (E, m.w2.shape[1], il * g.tp_size),
                              (m.expert_start, 0, g.tp_rank * il), True, is_expert=True))
+            dsv3 = cfg.model_type == "deepseek_v3"
             if m.shared_expert is not None:
-                mlp(pre + "mlp.shared_expert.", m.shared_expert)
+                mlp(pre + ("mlp.shared_experts." if dsv3 else "mlp.shared_expert."), m.shared_expert)
+            if m.shared_expert_gate is not None:
                 whole(pre + "mlp.shared_expert_gate.weight", m.shared_expert_gate)
             if m.expert_bias is not None:
-                whole(pre + "mlp.expert_bias", m.expert_bias, buffer=True)
+                whole(pre + ("mlp.gate.e_score_correction_bias" if dsv3 else "mlp.expert_bias"), m.expert_bias,
+                      buffer=True)
         else:
             mlp(pre + "mlp.", m)
     if model.is_last_stage:

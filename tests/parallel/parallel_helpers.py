@@ -23,7 +23,16 @@ MOE = ModelConfig(model_type="qwen2_moe", vocab_size=61, hidden_size=32, interme
                   max_context_len=256, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                   shared_expert_intermediate_size=32, moe_layers=[0, 1], norm_topk_prob=False,
                   router_aux_loss_coef=0.01, router_z_loss_coef=0.001, router_bias_update_rate=0.01)
-MODELS = {"dense": DENSE, "moe": MOE}
+# DeepSeek-V3: MLA with q LoRA, one dense layer then two MoE layers with sigmoid group-limited
+# routing, ungated shared experts, the aux-loss-free bias (e_score_correction_bias) updated each step.
+DSV3 = ModelConfig(model_type="deepseek_v3", vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=3,
+                   num_heads=4, num_kv_heads=4, head_dim=4, kv_lora_rank=8, q_lora_rank=12, qk_nope_head_dim=6,
+                   v_head_dim=6, rope_interleave=True, max_position_embeddings=256, max_context_len=256,
+                   num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                   shared_expert_gated=False, moe_layers=[1, 2], scoring_func="sigmoid", n_group=2, topk_group=1,
+                   routed_scaling_factor=2.5, norm_topk_prob=True, router_aux_loss_coef=0.01,
+                   router_bias_update_rate=0.01)
+MODELS = {"dense": DENSE, "moe": MOE, "dsv3": DSV3}
 OPTIM = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip_grad=0.5, bucket_elements=3000)
 
 
