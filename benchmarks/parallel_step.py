@@ -24,7 +24,7 @@ import torch
 
 from rl_engine.policy import ModelConfig
 from rl_engine.policy.comm import COUNTER
-from rl_engine.policy.launch import spawn
+from rl_engine.launch.gloo import spawn
 from rl_engine.policy.moe import MoEBlock
 from rl_engine.policy.optimizer import OptimizerConfig
 from rl_engine.policy.parallel import SINGLE, ParallelGroups

@@ -36,7 +36,7 @@ from common import best_of, emit  # noqa: E402
 from rl_engine.auth import RunAuth  # noqa: E402
 from rl_engine.inference import LLM  # noqa: E402
 from rl_engine.policy import CausalLM, ModelConfig  # noqa: E402
-from rl_engine.policy.launch import free_port  # noqa: E402
+from rl_engine.launch import free_port  # noqa: E402
 from rl_engine.weight_sync import (  # noqa: E402
     EngineLayout,
     InProcessTransport,

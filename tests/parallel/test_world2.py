@@ -9,7 +9,7 @@ import pytest
 
 from parallel_helpers import assert_matches_single, build_trainer, loss_fn, my_micro_batches, run_layout, write_json, \
     write_weights
-from rl_engine.policy.launch import spawn
+from rl_engine.launch.gloo import spawn
 from rl_engine.policy.moe import RoutingRecord
 
 LAYOUTS = [

@@ -10,7 +10,7 @@ import torch
 
 from parallel_helpers import assert_matches_single, build_trainer, loss_fn, micro_batches, my_micro_batches, \
     run_layout, write_json, write_weights
-from rl_engine.policy.launch import spawn
+from rl_engine.launch.gloo import spawn
 
 LAYOUTS = [
     {"name": "tp2_pp2", "kind": "dense", "tp": 2, "pp": 2},

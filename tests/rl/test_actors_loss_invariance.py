@@ -11,7 +11,7 @@ import torch
 from rl_engine.losses import ImportanceSamplingConfig, PolicyLoss, PolicyLossConfig, compute_loss_normalizer
 from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer, from_pretrained
 from rl_engine.policy.frozen import FrozenPolicy
-from rl_engine.policy.launch import spawn
+from rl_engine.launch.gloo import spawn
 from rl_engine.policy.presets import write_preset_checkpoint
 from rl_engine.rl_step import (StepLoss, attach_logprobs, build_micro_batches, forward_logprobs, make_sample,
                                run_micro_batches)

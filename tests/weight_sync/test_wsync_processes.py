@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from rl_engine.policy.launch import free_port
+from rl_engine.launch import free_port
 from wsync_helpers import DENSE, MOE, spawn_for_facts, write_weights
 from wsync_workers import run
 

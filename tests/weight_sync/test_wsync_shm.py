@@ -14,7 +14,7 @@ import threading
 import pytest
 import torch.multiprocessing as mp
 
-from rl_engine.policy.launch import free_port
+from rl_engine.launch import free_port
 from rl_engine.weight_sync import (
     EngineLayout,
     SharedMemoryReceiverTransport,
