@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rl_engine.kernels import backends
+from rl_engine.kernels import backends, op_inputs
 
 _WORKSPACE_BYTES = 128 * 1024 * 1024
 _workspaces: dict[torch.device, torch.Tensor] = {}
@@ -39,19 +39,14 @@ def flashinfer_page_table(
 ) -> PageTable:
     """Convert our block tables ([batch, max_blocks] int32, entries past a request's pages ignored)
     and context lengths ([batch] int32) into FlashInfer's page table. Pure torch, any device."""
-    if block_tables.dim() != 2 or context_lens.shape != block_tables.shape[:1]:
-        raise ValueError(f"block_tables must be [batch, max_blocks] and context_lens [batch]; got"
-                         f" {tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
-    lens = context_lens.to(torch.int64)
-    num_pages = (lens + block_size - 1) // block_size  # [batch]
-    if block_tables.shape[0] and int(num_pages.max()) > block_tables.shape[1]:
-        raise ValueError(f"a context needs {int(num_pages.max())} blocks but block_tables has only"
-                         f" {block_tables.shape[1]} columns")
+    op_inputs.check_tables("flashinfer_page_table", block_tables, context_lens)
+    op_inputs.check_block_capacity(block_tables, context_lens, block_size)
+    num_pages = op_inputs.blocks_needed(context_lens, block_size)  # [batch] int64
     used = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] < num_pages[:, None]
     indices = block_tables[used].to(torch.int32)  # row-major: request by request, in page order
     indptr = torch.zeros(block_tables.shape[0] + 1, dtype=torch.int32, device=block_tables.device)
     indptr[1:] = num_pages.cumsum(0)
-    last_page_len = torch.where(num_pages > 0, lens - (num_pages - 1) * block_size, 0)
+    last_page_len = op_inputs.last_block_len(context_lens, block_size)
     return PageTable(indptr=indptr, indices=indices, last_page_len=last_page_len.to(torch.int32))
 
 
@@ -122,6 +117,7 @@ def paged_decode_attention(
     Not CUDA-graph capturable (host sync, per-call plan): inside graphs use `FlashInferAttention`
     with `plan_decode` outside the captured region, or the Triton kernel.
     """
+    op_inputs.check_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
     out = torch.zeros_like(q)
     live = context_lens > 0
     if not bool(live.any()):
@@ -142,6 +138,7 @@ def paged_prefill_attention(
     scale: float,
 ) -> torch.Tensor:
     """FlashInfer twin of `reference.paged_prefill_attention` (plans per call). UNVERIFIED ON CPU."""
+    op_inputs.check_paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
     attention = _one_shot(q, k_cache, scale)
     attention.plan_prefill(block_tables, cu_seqlens_q, context_lens, q_dtype=q.dtype,
                            kv_dtype=k_cache.dtype)
@@ -160,13 +157,11 @@ def top_k_top_p_sampling(
     Same distribution as the reference, not the same draws: the random streams differ.
     """
     flashinfer = backends.import_flashinfer()
-    vocab = probs.shape[-1]
-    top_k = torch.as_tensor(top_k, device=probs.device).expand(probs.shape[0])
-    top_k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k).to(torch.int32)
-    top_p = torch.as_tensor(top_p, device=probs.device, dtype=torch.float32).expand(probs.shape[0])
+    batch, vocab = probs.shape
+    top_k, top_p = op_inputs.sampling_limits(top_k, top_p, batch=batch, vocab=vocab, device=probs.device)
     kwargs: dict[str, Any] = {"filter_apply_order": "top_k_first"}
     if generator is not None:
         kwargs["generator"] = generator
     samples = flashinfer.sampling.top_k_top_p_sampling_from_probs(
-        probs.float().contiguous(), top_k.contiguous(), top_p.contiguous(), **kwargs)
+        probs.float().contiguous(), top_k.to(torch.int32).contiguous(), top_p.contiguous(), **kwargs)
     return samples.to(torch.int64)

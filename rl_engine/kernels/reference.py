@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from rl_engine.kernels import op_inputs
+
 
 def rms_norm(
     x: torch.Tensor,
@@ -167,8 +169,7 @@ def _gather_paged_kv(
     cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int
 ) -> torch.Tensor:
     """[batch, num_tokens, num_kv_heads, head_dim] from [num_blocks, block_size, kv_heads, dim]."""
-    block_size = cache.shape[1]
-    num_blocks = -(-num_tokens // block_size)
+    num_blocks = op_inputs.blocks_needed(num_tokens, cache.shape[1])
     blocks = block_tables[:, :num_blocks].long().clamp(min=0)  # unused entries may be -1
     gathered = cache[blocks]  # [batch, num_blocks, block_size, kv_heads, dim]
     return gathered.flatten(1, 2)[:, :num_tokens]
@@ -190,12 +191,12 @@ def paged_decode_attention(
     Query head h reads kv head h // (num_heads // num_kv_heads). A request with context_len 0 (a
     padding slot) gets zeros. Returns [batch, num_heads, head_dim] in q's dtype; math in fp32.
     """
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
+    batch, num_heads, num_kv_heads, head_dim, block_size, group = op_inputs.check_paged_decode(
+        q, k_cache, v_cache, block_tables, context_lens)
     max_len = int(context_lens.max().item()) if batch else 0
     if max_len == 0:
         return torch.zeros_like(q)
+    op_inputs.check_block_capacity(block_tables, context_lens, block_size)
     k = _gather_paged_kv(k_cache, block_tables, max_len).float()  # [B, L, Hkv, D]
     v = _gather_paged_kv(v_cache, block_tables, max_len).float()
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
@@ -223,8 +224,9 @@ def paged_prefill_attention(
     last ones of its context: query j of a request with n queries sits at position
     context_len - n + j and sees keys 0..that position. Returns [T, num_heads, head_dim].
     """
-    num_heads = q.shape[1]
-    group = num_heads // k_cache.shape[2]
+    dims = op_inputs.check_paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
+    op_inputs.check_block_capacity(block_tables, context_lens, dims.block_size)
+    group = dims.group
     out = torch.zeros_like(q)
     bounds = cu_seqlens_q.tolist()
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -256,6 +258,7 @@ def reshape_and_cache(
     slot_mapping: [T] int, slot = block_id * block_size + offset; slot -1 means skip (padding).
     The caches must be contiguous [num_blocks, block_size, num_kv_heads, head_dim].
     """
+    op_inputs.check_cache_write(k, v, k_cache, v_cache, slot_mapping)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[valid].to(k_cache.dtype)
@@ -327,12 +330,10 @@ def top_k_top_p_sampling(
     The most likely token always survives. Returns [B] int64 token ids.
     """
     batch, vocab = probs.shape
-    top_k = torch.as_tensor(top_k, device=probs.device).expand(batch)
-    top_p = torch.as_tensor(top_p, device=probs.device, dtype=torch.float32).expand(batch)
+    k_eff, top_p = op_inputs.sampling_limits(top_k, top_p, batch=batch, vocab=vocab, device=probs.device)
     sorted_probs, sorted_ids = probs.float().sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=probs.device)[None, :]
-    k_eff = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)[:, None]
-    keep = rank < k_eff
+    keep = rank < k_eff[:, None]
     kept = sorted_probs * keep
     mass_before = kept.cumsum(-1) - kept  # mass of strictly more likely kept tokens
     keep &= mass_before < top_p[:, None] * kept.sum(-1, keepdim=True)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rl_engine.kernels import reference
+from rl_engine.kernels import op_inputs, reference
 
 
 def make_paged_state(context_lens, *, block_size, num_kv_heads, head_dim, dtype, device,
@@ -43,8 +43,7 @@ def make_paged_state(context_lens, *, block_size, num_kv_heads, head_dim, dtype,
                 v[b * block_size:(b + 1) * block_size] = dense_v[0][b * block_size:(b + 1) * block_size]
             else:
                 block_tables[i, b] = order.pop()
-        slots = torch.tensor([int(block_tables[i, t // block_size]) * block_size + t % block_size
-                              for t in range(n)], dtype=torch.int64)
+        slots = op_inputs.token_slots(block_tables[i], n, block_size)
         reference.reshape_and_cache(k, v, k_cache, v_cache, slots)
         dense_k.append(k)
         dense_v.append(v)

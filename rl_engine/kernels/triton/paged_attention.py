@@ -10,6 +10,13 @@ block size (any block size works, 1 included): a token's cache row is found thro
 table, and an online softmax keeps one pass over K/V. Scores use broadcast-and-sum rather than
 `tl.dot`, which has 16-wide minimum tile shapes and would waste work on small GQA groups; long
 contexts on big batches would profit from a split-K (flash-decoding) variant, not written yet.
+The input checks and the paged index math live in `rl_engine.kernels.op_inputs`, shared with the
+torch reference and FlashInfer; the kernels repeat only the per-token slot arithmetic in-kernel
+(block_tables[t // block_size] * block_size + t % block_size, as `op_inputs.token_slots`).
+
+Verified on CPU only, under the Triton interpreter (tests/kernels, against the torch reference,
+fp32 and bf16). UNVERIFIED ON GPU in this repository: compiled-kernel numerics, CUDA-graph capture
+of the decode kernel, and its speed (scripts/gpu_check.sh runs these tests compiled on a GPU).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rl_engine.kernels import op_inputs
 from rl_engine.kernels.triton._launch import next_pow2
 
 _BLOCK_N = 16
@@ -65,17 +73,6 @@ def _paged_decode_kernel(Q, K_CACHE, V_CACHE, BLOCK_TABLES, CONTEXT_LENS, OUT, s
              out.to(OUT.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
 
-def _check_layout(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    if k_cache.shape != v_cache.shape or k_cache.dim() != 4:
-        raise ValueError(f"k_cache/v_cache must both be [num_blocks, block_size, num_kv_heads,"
-                         f" head_dim]; got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if q.shape[-1] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}: head_dim"
-                         " must match and num_heads must be a multiple of num_kv_heads")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("paged attention needs a unit stride in head_dim for q and the caches")
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -85,10 +82,9 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """Triton twin of `reference.paged_decode_attention` (forward only: decode needs no grad)."""
-    _check_layout(q, k_cache, v_cache)
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
+    batch, _, num_kv_heads, head_dim, block_size, group = op_inputs.check_paged_decode(
+        q, k_cache, v_cache, block_tables, context_lens)
+    op_inputs.check_unit_stride("paged_decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
     out = torch.empty_like(q)
     if batch == 0:
         return out
@@ -97,7 +93,7 @@ def paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), k_cache.shape[1], head_dim, group,
+        out.stride(0), out.stride(1), block_size, head_dim, group,
         BLOCK_G=next_pow2(group), BLOCK_N=_BLOCK_N, BLOCK_D=next_pow2(head_dim))
     return out
 
@@ -134,14 +130,11 @@ def reshape_and_cache(
 ) -> None:
     """Triton twin of `reference.reshape_and_cache`: k/v [T, num_kv_heads, head_dim] into the
     caches at slot_mapping [T] (block_id * block_size + offset; -1 skips)."""
+    op_inputs.check_cache_write(k, v, k_cache, v_cache, slot_mapping)
     num_tokens, num_kv_heads, head_dim = k.shape
-    if k_cache.shape[2:] != (num_kv_heads, head_dim) or v.shape != k.shape:
-        raise ValueError(f"reshape_and_cache: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit"
-                         f" the cache {tuple(k_cache.shape)}")
     if num_tokens == 0:
         return
-    if k.stride(-1) != 1 or v.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("reshape_and_cache needs a unit stride in head_dim")
+    op_inputs.check_unit_stride("reshape_and_cache", k=k, v=v, k_cache=k_cache, v_cache=v_cache)
     _reshape_and_cache_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
