@@ -82,7 +82,7 @@ class PolicyLossConfig:
     agg: str = "token-mean"
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
-    # KL to the reference as a reward penalty (verl's use_kl_in_reward; single_process only): each
+    # KL to the reference as a reward penalty (verl's use_kl_in_reward; every placement): each
     # sample's reward loses kl_coef * its summed per-token KL(proximal || ref) before the advantages,
     # and the loss has no KL term.
     kl_in_reward: bool = False

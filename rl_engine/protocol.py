@@ -24,8 +24,8 @@ import msgspec
 import torch
 import zmq
 
-PROTOCOL_VERSION = 4  # 2: the RL loop's messages (GenerateBatch, TrainBatch, ...); 3: async (partial rollouts);
-# 4: authenticated sockets (WeightsApplied.rejected_messages)
+PROTOCOL_VERSION = 5  # 2: the RL loop's messages (GenerateBatch, TrainBatch, ...); 3: async (partial rollouts);
+# 4: authenticated sockets (WeightsApplied.rejected_messages); 5: TrainBatch.rewards / groups
 
 # Wire dtype names -> torch dtypes. Fixed table: a peer can never make us resolve an arbitrary name.
 DTYPES: dict[str, torch.dtype] = {
@@ -177,6 +177,10 @@ class TrainBatch(Message):
     advantages: torch.Tensor  # [N] float32
     routed_experts: torch.Tensor | None = None  # [sum(prompt + response - 1), moe layers, k]
     weight_targets: dict[str, str] = {}  # disaggregated: rollout worker id -> its weights address
+    # [N] float32 and [N] int64: each sample's reward and group, for a trainer that recomputes the
+    # advantages (loss.kl_in_reward: the rewards lose the KL to the reference first)
+    rewards: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.prompt_lens.numel()
@@ -189,6 +193,10 @@ class TrainBatch(Message):
         for name in ("behavior_logprobs", "policy_versions", "kv_versions"):
             if getattr(self, name).numel() != responses:
                 raise ValueError(f"{name} has {getattr(self, name).numel()} entries; the lengths say {responses}")
+        for name in ("rewards", "groups"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (n,):
+                raise ValueError(f"{name} has shape {tuple(value.shape)}; one entry per sample is ({n},)")
         if self.routed_experts is not None and self.routed_experts.shape[:1] != (total - n,):
             raise ValueError(f"routed_experts covers {self.routed_experts.shape[0]} tokens; "
                              f"the lengths say {total - n}")

@@ -26,7 +26,7 @@ from rl_engine.losses import (LossNormalizer, PolicyLoss, compute_loss_normalize
 from rl_engine.policy.moe import MoEBlock, RoutingRecord
 from rl_engine.policy.pipeline import MicroBatch
 from rl_engine.policy.tokenizer import Tokenizer
-from rl_engine.rollout.advantages import filter_uniform_groups
+from rl_engine.rollout.advantages import compute_advantages, filter_uniform_groups
 from rl_engine.rollout.data import PromptDataConfig, PromptDataset, PromptItem
 from rl_engine.rollout.packing import build_packed_batch, plan_micro_batches
 from rl_engine.train_config import RLConfig
@@ -354,6 +354,23 @@ def sequence_kl(plans: Sequence[Sequence[MicroBatch]], offsets: Sequence[int], n
                 kl = torch.where(li["loss_mask"], kl_penalty(li["proximal"], li["ref"], estimator=estimator), 0.0)
                 out.index_add_(0, li["sample"] + offset, kl.double())
     return out
+
+
+def apply_kl_reward_penalty(plans: Sequence[Sequence[MicroBatch]], sizes: Sequence[int], rewards: torch.Tensor,
+                            groups: torch.Tensor, cfg: RLConfig, *,
+                            reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """`loss.kl_in_reward` (verl's use_kl_in_reward): each sample's reward loses kl_coef times its
+    summed KL(proximal || ref), the group advantages are computed again from the penalised rewards and
+    written into the micro-batches of `plans` (mini-batch k holds `sizes[k]` samples). `reduce` sums the
+    per-sample KL over the ranks that score a loss (the trainer group: each dp rank holds some samples'
+    tokens); the single process passes None. Returns the mean penalty (`train/kl_reward_penalty`)."""
+    offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+    kl = sequence_kl(plans, offsets, len(rewards), estimator=cfg.loss.kl_estimator)
+    if reduce is not None:
+        kl = reduce(kl)
+    penalty = cfg.loss.kl_coef * kl.float()
+    set_advantages(plans, offsets, compute_advantages(rewards.float() - penalty, groups, config=cfg.advantage))
+    return float(penalty.mean())
 
 
 def apply_distillation(plans: Sequence[Sequence[MicroBatch]], *, coef: float, with_reward: bool) -> None:

@@ -416,8 +416,4 @@ class RLConfig:
         check_float("loss.kl_coef", self.loss.kl_coef, lo=0)
         if self.loss.kl_in_reward and not self.loss.kl_coef > 0:
             raise ConfigError("loss.kl_in_reward=true needs loss.kl_coef > 0 (the penalty's weight, e.g. 0.05)")
-        if self.loss.kl_in_reward and self.placement.uses_actors:
-            raise ConfigError(f"loss.kl_in_reward=true is not supported with placement.mode={self.placement.mode} yet: "
-                              "the trainer group receives advantages, not the rewards to penalise; use "
-                              "placement.mode=single_process, or the KL in the loss (loss.kl_in_reward=false)")
         check_float("loss.entropy_coef", self.loss.entropy_coef, lo=0)

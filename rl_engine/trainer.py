@@ -39,6 +39,7 @@ from rl_engine.rl_step import (
     PromptSource,
     Sample,
     StepLoss,
+    apply_kl_reward_penalty,
     aggregate_updates,
     apply_distillation,
     attach_logprobs,
@@ -52,8 +53,6 @@ from rl_engine.rl_step import (
     rollout_metrics,
     run_micro_batches,
     sampling_params,
-    sequence_kl,
-    set_advantages,
     split_mini_batches,
     update_expert_bias,
 )
@@ -339,12 +338,8 @@ class GRPOTrainer:
             for micro_batches, _ in plans:
                 attach_logprobs(micro_batches, forward_logprobs(self.model, micro_batches), key="proximal")
         if cfg.loss.kl_in_reward:  # rewards lose kl_coef * KL(proximal || ref); advantages again
-            offsets = torch.tensor([0] + [len(s) for s, _ in mini][:-1]).cumsum(0).tolist()
-            kl = sequence_kl([m for m, _ in plans], offsets, len(samples), estimator=cfg.loss.kl_estimator)
-            penalty = cfg.loss.kl_coef * kl.float()
-            advantages = compute_advantages(rewards - penalty, groups, config=cfg.advantage)
-            set_advantages([m for m, _ in plans], offsets, advantages)
-            metrics["train/kl_reward_penalty"] = float(penalty.mean())
+            metrics["train/kl_reward_penalty"] = apply_kl_reward_penalty(
+                [m for m, _ in plans], [len(s) for s, _ in mini], rewards, groups, cfg)
         if self.teacher is not None:  # the teacher scores the sampled tokens, in the same micro-batches
             for micro_batches, _ in plans:
                 attach_logprobs(micro_batches, forward_logprobs(self.teacher, micro_batches), key="teacher")

@@ -45,7 +45,8 @@ def _all_messages() -> list[P.Message]:
                      token_ids=torch.arange(6), behavior_logprobs=-torch.rand(3),
                      policy_versions=torch.full((3,), 3), kv_versions=torch.full((3,), 3),
                      advantages=torch.tensor([0.5, -0.5]), routed_experts=torch.zeros(4, 2, 2, dtype=torch.int16),
-                     weight_targets={"rollout-0": "tcp://127.0.0.1:5555"}),
+                     weight_targets={"rollout-0": "tcp://127.0.0.1:5555"}, rewards=torch.tensor([1.0, 0.0]),
+                     groups=torch.tensor([0, 0])),
         P.TrainResult(step=3, policy_version=4, metrics={"train/loss": 0.25}),
         P.UpdateWeights(version=4),
         P.UpdateWeights(version=5, interrupt=True),
@@ -177,6 +178,16 @@ def test_per_token_length_mismatch_is_rejected_on_decode() -> None:
     frames[header[0]] = np.zeros(2, dtype=np.float32).tobytes()
     with pytest.raises(P.ProtocolError, match="behavior_logprobs has 2 entries but token_ids has 3"):
         P.decode([_envelope(body), *frames[1:]])
+
+
+def test_train_batch_rewards_need_one_entry_per_sample() -> None:
+    batch = dict(step=1, policy_version=1, prompt_lens=torch.tensor([2, 1]), response_lens=torch.tensor([1, 2]),
+                 token_ids=torch.arange(6), behavior_logprobs=-torch.rand(3), policy_versions=torch.zeros(3),
+                 kv_versions=torch.zeros(3), advantages=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"rewards has shape \(3,\); one entry per sample is \(2,\)"):
+        P.TrainBatch(**batch, rewards=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"groups has shape \(2, 1\)"):
+        P.TrainBatch(**batch, groups=torch.zeros(2, 1, dtype=torch.int64))
 
 
 def test_unsendable_dtype_names_the_fix() -> None:

@@ -50,8 +50,9 @@ from rl_engine.actors.wire import add_to_engine, engine_sampling, generate_resul
 from rl_engine.losses import PolicyLoss
 from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer
 from rl_engine.policy.frozen import FrozenPolicy
-from rl_engine.rl_step import (StepLoss, aggregate_updates, apply_distillation, attach_logprobs, build_micro_batches,
-                               micro_batch_count, mini_batch_normalizer, split_mini_batches)
+from rl_engine.rl_step import (StepLoss, aggregate_updates, apply_distillation, apply_kl_reward_penalty,
+                               attach_logprobs, build_micro_batches, micro_batch_count, mini_batch_normalizer,
+                               split_mini_batches)
 from rl_engine.train_config import RLConfig
 from rl_engine.weight_sync import (EngineLayout, InProcessTransport, SharedMemorySenderTransport, TrainLayout,
                                    WeightPublisher, WeightReceiver, WeightSyncError, ZmqSenderTransport, plan_sync,
@@ -168,9 +169,10 @@ class TrainerGroup:
         cfg, g = self.cfg, self.groups
         samples, advantages = samples_from_batch(batch)
         pack = cfg.train.pack_sequences
-        plans = []
+        plans, sizes = [], []
         for mini_samples, mini_advantages in split_mini_batches(samples, advantages,
                                                                 count=cfg.train.mini_batches_per_step):
+            sizes.append(len(mini_samples))
             pad = None
             if g.ep_size > 1:  # expert parallelism: every rank of an ep group runs the same number of passes
                 pad = micro_batch_count(mini_samples, micro_batch_tokens=cfg.train.micro_batch_tokens,
@@ -185,18 +187,32 @@ class TrainerGroup:
         if self.ref is not None:  # the reference's log-probs, in the same micro-batches (on the last stage)
             for micro_batches, _ in plans:
                 attach_logprobs(micro_batches, self.ref.forward_logprobs(micro_batches), key="ref")
+        decoupled = len(plans) * cfg.train.epochs_per_step > 1
+        if decoupled or cfg.loss.kl_in_reward:  # the proximal policy, once per step (last stage only)
+            for micro_batches, _ in plans:
+                attach_logprobs(micro_batches, [lp for lp, _ in self.trainer.forward_logprobs(micro_batches)],
+                                key="proximal")
+        penalty = None
+        if cfg.loss.kl_in_reward:  # as GRPOTrainer.train_on, each sample's KL summed over the ranks
+            if batch.rewards is None or batch.groups is None:
+                raise P.ProtocolError("loss.kl_in_reward needs the TrainBatch's rewards and groups; this one has none")
+            contributes = g.is_last_stage and g.tp_rank == 0
+
+            def over_ranks(kl: torch.Tensor) -> torch.Tensor:
+                kl = kl if contributes else torch.zeros_like(kl)
+                if dist.is_initialized() and dist.get_world_size(g.world_group) > 1:
+                    dist.all_reduce(kl, group=g.world_group)
+                return kl
+
+            penalty = apply_kl_reward_penalty([m for m, _ in plans], sizes, batch.rewards,
+                                              batch.groups, cfg, reduce=over_ranks)
         if self.teacher is not None:  # as GRPOTrainer.train_on
             for micro_batches, _ in plans:
                 attach_logprobs(micro_batches, self.teacher.forward_logprobs(micro_batches), key="teacher")
             apply_distillation([m for m, _ in plans], coef=cfg.distill.coef,
                                with_reward=cfg.distill.mode == "reverse_kl+reward")
-        decoupled = len(plans) * cfg.train.epochs_per_step > 1
-        if decoupled:  # the proximal policy, once per step (log-probs on the last stage only)
-            for micro_batches, _ in plans:
-                attach_logprobs(micro_batches, [lp for lp, _ in self.trainer.forward_logprobs(micro_batches)],
-                                key="proximal")
-        keys = StepLoss.metric_keys(self.policy_loss, proximal=decoupled, ref=self.ref is not None,
-                                    distill=self.teacher is not None)
+        keys = StepLoss.metric_keys(self.policy_loss, proximal=decoupled or cfg.loss.kl_in_reward,
+                                    ref=self.ref is not None, distill=self.teacher is not None)
         per_update = []
         for _ in range(cfg.train.epochs_per_step):
             for micro_batches, normalizer in plans:
@@ -209,6 +225,8 @@ class TrainerGroup:
         train_s = time.perf_counter() - t0
         self.version = batch.policy_version
         out = {f"train/{k}": v for k, v in aggregate_updates(per_update, mini_batches=len(plans)).items()}
+        if penalty is not None:
+            out["train/kl_reward_penalty"] = penalty
         out.update({"perf/train_s": train_s,
                     "perf/train_tokens_per_s": sum(len(s.input_ids) for s in samples) / max(train_s, 1e-9)})
         if self.colocated:

@@ -39,8 +39,23 @@ def test_disaggregated_pp2_with_kl_matches_single_process(reference, tmp_path, m
 
 
 
-def test_kl_in_reward_is_refused_for_the_actors():
-    from rl_engine.config import ConfigError
+@pytest.fixture(scope="module")
+def kl_in_reward_reference(tmp_path_factory):
+    return single_process_rows(tmp_path_factory.mktemp("single_kl_reward"), *KL, "loss.kl_in_reward=true")
 
-    with pytest.raises(ConfigError, match="loss.kl_in_reward=true is not supported with placement.mode=colocated"):
-        toy_config("/tmp/unused", *KL, "loss.kl_in_reward=true", "placement.mode=colocated")
+
+@pytest.mark.parametrize("layout", [("placement.mode=colocated", "train.tp=2"),
+                                    ("placement.mode=disaggregated", "train.dp=2")], ids=["colocated_tp2",
+                                                                                          "disaggregated_dp2"])
+def test_kl_in_reward_matches_single_process(kl_in_reward_reference, layout, tmp_path, monkeypatch):
+    """loss.kl_in_reward with the actors: the trainer group gets each sample's reward and group in the
+    TrainBatch, sums each sample's KL(proximal || ref) over the ranks holding its tokens (tp: one rank
+    counts; dp: each rank its own samples) and recomputes the advantages as the single process does."""
+    got = _run(tmp_path, monkeypatch, "loss.kl_in_reward=true", *layout)
+    reference = kl_in_reward_reference
+    assert_same_run(got, reference)
+    assert reference[0]["train/kl_reward_penalty"] <= 1e-7 and reference[-1]["train/kl_reward_penalty"] > 1e-6
+    for a, b in zip(got, reference):
+        assert "train/kl_ref" not in a or abs(a["train/kl_ref"] - b["train/kl_ref"]) <= 1e-6 + 1e-4 * abs(b["train/kl_ref"])
+        gap = abs(a["train/kl_reward_penalty"] - b["train/kl_reward_penalty"])
+        assert gap <= 1e-7 + 1e-4 * b["train/kl_reward_penalty"], (a, b)
