@@ -60,8 +60,9 @@ class ModelSection:
 
 @dataclass(kw_only=True)
 class DataSection:
-    # JSONL/Parquet prompts with an answer field, or "builtin:upper" / "builtin:reverse" (written
-    # into the run dir).
+    # Prompts with an answer field: JSONL, Parquet, a Hugging Face `datasets` directory (save_to_disk) or
+    # data files (.csv, .arrow, a pattern like dir/train-*.parquet; rollout/data.py), or "builtin:upper" /
+    # "builtin:reverse" (written into the run dir).
     path: str = "builtin:upper"
     eval_path: str | None = None  # held-out prompts for accuracy; builtin tasks bring their own
     prompt_key: str = "prompt"

@@ -1,4 +1,11 @@
-"""Prompt datasets: JSONL (or Parquet) rows -> rendered prompts, taken in a resumable order.
+"""Prompt datasets: rows of local files -> rendered prompts, taken in a resumable order.
+
+Sources (`read_records`): JSON lines (`.jsonl` / `.json`, read here so an error names `file:line`),
+Parquet (pyarrow), and through Hugging Face `datasets` (the `datasets` extra): a `save_to_disk`
+directory, a directory of data files such as a dataset repository's snapshot, a `.csv` / `.tsv` /
+`.arrow` file, or a file pattern (`dir/data/train-*.parquet`). Only local files are read: nothing is
+downloaded, and `datasets` caches into a temporary directory that is removed after reading. A source
+with several splits is refused with their names; point the path at one split.
 
 Rows are read and validated eagerly (prompt sets are small; errors surface at start-up, naming the
 file, line and key, as `InputError`: invalid UTF-8 or JSON, a duplicate key, a missing or null prompt
@@ -10,6 +17,10 @@ makes `state_dict()` / `load_state_dict()` resume exactly. Every item taken carr
 
 from __future__ import annotations
 
+import glob
+import json
+import re
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +36,8 @@ Messages = list[dict[str, str]]
 
 @dataclass(kw_only=True)
 class PromptDataConfig:
-    """path: .jsonl/.json (one object per line) or .parquet. prompt_key holds a string or a list of
+    """path: any source `read_records` reads (JSON lines, Parquet, `datasets` directories and files,
+    file patterns). prompt_key holds a string or a list of
     chat messages; answer_key (None: no answer) is passed to rewards as a string; metadata_keys
     are copied from each row and passed to rewards as keyword arguments."""
 
@@ -51,6 +63,7 @@ class PromptItem:
     messages: Messages | None  # the chat messages, when a chat template was applied
     answer: str | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    row: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)  # every field, as read
 
     @property
     def uid(self) -> str:
@@ -58,19 +71,34 @@ class PromptItem:
         return f"{self.epoch}:{self.index}"
 
 
+JSON_LINES_SUFFIXES = (".jsonl", ".json")
+# File kinds read through `datasets` (its packaged builders: local files only); Parquet too in a pattern.
+DATASETS_BUILDERS = {".csv": "csv", ".tsv": "csv", ".arrow": "arrow", ".parquet": "parquet", ".jsonl": "json",
+                     ".json": "json"}
+_PATTERN = re.compile(r"[*?\[]")
+
+
 def read_records(path: str | Path) -> list[tuple[int, Any]]:
-    """-> [(line or row number, record)]. JSONL line numbers are 1-based; blank lines skipped. An
-    unreadable file or line is an `InputError` naming it (`file:line` for a line)."""
+    """-> [(line or row number, record)]. JSONL line numbers are 1-based (blank lines skipped); other
+    sources number their rows from 1. An unreadable source or line is an `InputError` naming it
+    (`file:line` for a JSONL line)."""
+    if _PATTERN.search(str(path)):
+        return _read_pattern(str(path))
     path = Path(path)
     if not path.exists():
         raise InputError(f"dataset {str(path)!r} does not exist")
+    if path.is_dir():
+        return _read_directory(path)
     if not path.is_file():
         raise InputError(f"dataset {str(path)!r} is not a file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _read_parquet(path)
-    if suffix not in (".jsonl", ".json"):
-        raise InputError(f"dataset {path}: unknown format {suffix!r}; use .jsonl, .json (JSON lines) or .parquet")
+    if suffix in DATASETS_BUILDERS and suffix not in JSON_LINES_SUFFIXES:
+        return _read_through_datasets(str(path), builder=DATASETS_BUILDERS[suffix], data_files=[str(path)])
+    if suffix not in JSON_LINES_SUFFIXES:
+        raise InputError(f"dataset {path}: unknown format {suffix!r}; use .jsonl / .json (JSON lines), .parquet, "
+                         ".csv, .tsv, .arrow, a `datasets` directory (save_to_disk) or a file pattern")
     records = []
     try:
         with path.open("rb") as f:
@@ -88,17 +116,84 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
 
 
 def _read_parquet(path: Path) -> list[tuple[int, Any]]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError(
-            f"reading {path} needs pyarrow: `pip install pyarrow`, or convert the file to JSONL"
-        ) from None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         rows = pq.read_table(path).to_pylist()
     except (OSError, ValueError, pa.ArrowException) as e:
         raise InputError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())})") from None
+    return list(enumerate(rows, start=1))
+
+
+def _import_datasets(source: str) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(f"dataset {source}: reading it needs Hugging Face datasets: pip install "
+                         "'rl_engine[datasets]' (or convert it to JSONL or Parquet)") from None
+    return datasets
+
+
+def _one_split(source: str, splits: Mapping[str, Any], example: str) -> Any:
+    if len(splits) != 1:
+        raise InputError(f"dataset {source} holds the splits {sorted(splits)}: point the path at one split, "
+                         f"e.g. {example}")
+    return next(iter(splits.values()))
+
+
+def _read_directory(path: Path) -> list[tuple[int, Any]]:
+    """A `save_to_disk` directory (a Dataset, or a DatasetDict whose splits are its subdirectories), or
+    any directory of data files that `datasets` reads locally (split names from the file names)."""
+    if (path / "dataset_dict.json").is_file():  # a DatasetDict's save_to_disk: one subdirectory per split
+        try:
+            names = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            names = sorted(p.name for p in path.iterdir() if p.is_dir())
+        _one_split(str(path), dict.fromkeys(names), str(path / names[0]) if names else f"{path}/<split>")
+        path = path / names[0]
+    datasets = _import_datasets(str(path))
+    if (path / "state.json").is_file():  # a Dataset's save_to_disk
+        try:
+            dataset = datasets.load_from_disk(str(path), keep_in_memory=True)
+        except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+            raise InputError(f"dataset {path}: not a readable `datasets` directory ({' '.join(str(e).split())})") from None
+        return list(enumerate(dataset.to_list(), start=1))
+    return _read_through_datasets(str(path), builder=str(path), data_files=None)
+
+
+def _read_pattern(pattern: str) -> list[tuple[int, Any]]:
+    files = sorted(glob.glob(pattern, recursive=True))
+    if not files:
+        raise InputError(f"dataset pattern {pattern!r} matches no file")
+    kinds = {Path(f).suffix.lower() for f in files}
+    if len(kinds) != 1 or next(iter(kinds)) not in DATASETS_BUILDERS:
+        raise InputError(f"dataset pattern {pattern!r} matches files of kinds {sorted(kinds)}; it must match files "
+                         f"of one kind among {sorted(DATASETS_BUILDERS)}")
+    return _read_through_datasets(pattern, builder=DATASETS_BUILDERS[kinds.pop()], data_files=files)
+
+
+def _read_through_datasets(source: str, *, builder: str, data_files: list[str] | None) -> list[tuple[int, Any]]:
+    """`datasets.load_dataset` on local files: a packaged builder (csv, json, parquet, arrow) with
+    `data_files`, or a local directory (`builder` is its path). The Arrow cache goes to a temporary
+    directory, removed before returning; the progress bars stay off while reading."""
+    datasets = _import_datasets(source)
+    import pyarrow as pa
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        with tempfile.TemporaryDirectory(prefix="rl_engine_datasets_") as cache_dir:
+            kwargs: dict[str, Any] = {"delimiter": "\t"} if source.lower().endswith(".tsv") else {}
+            loaded = datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, keep_in_memory=True,
+                                           **kwargs)
+            dataset = _one_split(source, loaded, f"a pattern such as '{source}/data/train-*.parquet'")
+            rows = dataset.to_list()
+    except (OSError, ValueError, pa.ArrowException, datasets.exceptions.DatasetsError) as e:
+        raise InputError(f"dataset {source}: `datasets` cannot read it ({' '.join(str(e).split())[:500]})") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     return list(enumerate(rows, start=1))
 
 
@@ -183,6 +278,7 @@ class PromptDataset:
             messages=messages,
             answer=None if answer is None else str(answer),
             metadata={key: row[key] for key in cfg.metadata_keys},
+            row=dict(row),
         )
 
     def __len__(self) -> int:
@@ -194,7 +290,7 @@ class PromptDataset:
         return tuple(self._rows)
 
     def where(self, index: int) -> str:
-        """`file:line` of row `index` (the row number for Parquet), for messages."""
+        """`file:line` of row `index` (the row number for other sources than JSON lines), for messages."""
         return f"{self.config.path}:{self._lines[index]}"
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
