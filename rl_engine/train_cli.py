@@ -111,8 +111,11 @@ def check_inputs(config: RLConfig) -> None:
         if not rows:
             raise InputError(f"warm-start dataset {warm_path} has no rows")
         for line, row in rows:
-            if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("prompt", "response"))):
-                raise InputError(f"{warm_path}:{line}: a warm-start row needs string 'prompt' and 'response' keys")
+            ok = isinstance(row, dict) and isinstance(row.get("response"), str) and (
+                isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list))
+            if not ok:
+                raise InputError(f"{warm_path}:{line}: a warm-start row needs a string 'response' and a string "
+                                 "'prompt' or a list of chat 'messages'")
     lengths = [(len(prompts.encode(item.text)), prompts.dataset.where(item.index)) for item in prompts.dataset.rows]
     eval_lengths = [(len(prompts.encode(item.text)), f"{eval_path} (held-out row {item.index + 1})")
                     for item in prompts.eval_items]
@@ -153,11 +156,14 @@ def _check_sample_length(config: RLConfig, model_config: ModelConfig, longest: i
     # Blocks of 16 tokens (the engine's default block size); block 0 is padding. A colocated engine
     # holds its rank's share of the KV heads.
     block = 16
-    kv_heads = model_config.num_kv_heads
-    if config.placement.mode == "colocated":
-        kv_heads = max(1, kv_heads // t.tp)
-    block_bytes = 2 * model_config.num_layers * block * kv_heads * model_config.head_dim * (
-        2 if config.model.dtype == "bfloat16" else 4)
+    if model_config.is_mla:  # one latent row per token and layer, whole on every tp rank
+        values_per_token = model_config.num_layers * (model_config.kv_lora_rank + model_config.head_dim)
+    else:
+        kv_heads = model_config.num_kv_heads
+        if config.placement.mode == "colocated":
+            kv_heads = max(1, kv_heads // t.tp)
+        values_per_token = 2 * model_config.num_layers * kv_heads * model_config.head_dim
+    block_bytes = values_per_token * block * (2 if config.model.dtype == "bfloat16" else 4)
     holds = max(0, (r.kv_cache_memory_mb << 20) // block_bytes - 1) * block
     needs = min(longest + r.max_new_tokens, model_config.max_context_len)
     if holds < needs:

@@ -18,6 +18,7 @@ import torch
 from rl_engine.inference.attention import PagedAttention, PrefillChunk
 from rl_engine.inference.config import EngineConfig
 from rl_engine.inference.graph_cache import CudaGraphRunner, DecodeRunner, GraphCache, StaticInputs, default_buckets
+from rl_engine.inference.latent_attention import PagedLatentAttention
 from rl_engine.inference.sequence import SchedulerOutput, Sequence
 
 if TYPE_CHECKING:
@@ -31,8 +32,10 @@ def _num_computed(seq: Sequence) -> int:
 
 
 def kv_block_bytes(spec: dict, block_size: int) -> int:
+    """Bytes of one block over all layers: K and V, or one latent row per token for MLA."""
     elem = torch.empty((), dtype=spec["dtype"]).element_size()
-    return 2 * spec["num_layers"] * block_size * spec["num_kv_heads"] * spec["head_dim"] * elem
+    copies = 1 if spec["kv_lora_rank"] else 2
+    return copies * spec["num_layers"] * block_size * spec["num_kv_heads"] * spec["head_dim"] * elem
 
 
 class ModelRunner:
@@ -57,10 +60,14 @@ class ModelRunner:
         self.num_blocks = num_blocks
         shape = (num_blocks, bs, spec["num_kv_heads"], spec["head_dim"])
         layers = range(spec["num_layers"])
+        self.kv_bytes_per_token = block_bytes // bs
+        latent = spec["kv_lora_rank"] > 0
         with torch.inference_mode():
             self.k_caches = [torch.zeros(shape, dtype=spec["dtype"], device=self.device) for _ in layers]
-            self.v_caches = [torch.zeros(shape, dtype=spec["dtype"], device=self.device) for _ in layers]
-        logger.info("KV pool: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs, num_blocks * block_bytes / 2**20)
+            self.v_caches = [] if latent else [torch.zeros(shape, dtype=spec["dtype"], device=self.device)
+                                               for _ in layers]
+        logger.info("KV pool: %d blocks of %d tokens (%.1f MiB, %d bytes per token%s)", num_blocks, bs,
+                    num_blocks * block_bytes / 2**20, self.kv_bytes_per_token, ", latent (MLA)" if latent else "")
 
         use_graphs = self.device.type == "cuda" and not config.enforce_eager and not model.config.is_moe
         decode_op = None
@@ -68,7 +75,12 @@ class ModelRunner:
             from rl_engine.kernels import registry
 
             decode_op = registry.resolve("paged_decode_attention", self.device)
-        self.attn = PagedAttention(self.k_caches, self.v_caches, first_layer=model.layer_range[0], decode_op=decode_op)
+        if latent:
+            self.attn = PagedLatentAttention(self.k_caches, first_layer=model.layer_range[0],
+                                             kv_lora_rank=spec["kv_lora_rank"])
+        else:
+            self.attn = PagedAttention(self.k_caches, self.v_caches, first_layer=model.layer_range[0],
+                                       decode_op=decode_op)
         buckets = config.graph_batch_sizes or default_buckets(config.max_num_seqs)
         inputs = StaticInputs(max(buckets), max_blocks=self.max_blocks_per_seq, device=self.device)
         graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None

@@ -264,8 +264,11 @@ class CausalLM(nn.Module):
     def kv_cache_spec(self) -> dict:
         """What the inference engine needs to size its paged KV cache for this rank."""
         attn = self.layers[0].self_attn
-        return {"num_layers": len(self.layers), "first_layer": self.layer_range[0],
-                "num_kv_heads": attn.num_kv_heads, "head_dim": attn.head_dim, "dtype": self.dtype}
+        spec = {"num_layers": len(self.layers), "first_layer": self.layer_range[0], "dtype": self.dtype}
+        if self.config.is_mla:  # one latent "head" per token: [c | k_pe], no V
+            return {**spec, "num_kv_heads": 1, "head_dim": attn.kv_lora_rank + attn.rope_dim,
+                    "kv_lora_rank": attn.kv_lora_rank}
+        return {**spec, "num_kv_heads": attn.num_kv_heads, "head_dim": attn.head_dim, "kv_lora_rank": 0}
 
     def save_pretrained(self, path: str, *, max_shard_bytes: int = 4 << 30) -> None:
         from rl_engine.policy.checkpoint import save_pretrained
