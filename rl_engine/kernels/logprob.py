@@ -2,11 +2,17 @@
 tensor-parallel plumbing that every backend reuses.
 
 Contract (ARCHITECTURE.md): with z = logits / temperature over the full vocabulary,
-    logprob = log_softmax(z)[target],   entropy = -sum p log p = logsumexp(z) - sum p z.
+    logprob = log_softmax(z)[target],   entropy = -sum p log p = log S - sum e (z - m) / S,
+with m = max z, e = exp(z - m), S = sum e: the stable form (both terms stay small, unlike
+logsumexp(z) - E[z] when logits are large).
 Design: each vocab shard [vocab_start, vocab_start + V_local) reduces its logits to four numbers
-per token (`ShardStats`: local max, sum exp(z - max), sum exp(z - max) * z, and the target's z when
-the target is in this shard). `combine_shard_stats` merges shards with one MAX and one SUM
-all-reduce; logits are never gathered. Backward needs no communication: with the global
+per token (`ShardStats`: local max m_r, S_r = sum exp(z - m_r), A_r = sum exp(z - m_r) (z - m_r),
+and the target's z when the target is in this shard). `combine_shard_stats` merges shards with one
+MAX and one SUM all-reduce (with M the global max and c_r = exp(m_r - M): S = sum c_r S_r,
+A = sum c_r (A_r + (m_r - M) S_r)); logits are never gathered. This is the one implementation of
+these statistics: the policy's chunked training path (`policy/logprobs.py`) calls the registry's
+per-chunk `logprob_shard_stats` / `logprob_entropy_grad` and this merge, and the engine's sampler
+computes behavior log-probs with the same functions under `model.batch_invariant`. Backward needs no communication: with the global
 logsumexp and entropy saved, each shard's gradient is local,
     d logprob / d logits = (onehot - p) / temperature,   d H / d logits = -p (log p + H) / temperature.
 A backend supplies only the two heavy per-shard pieces (`stats_fn`, `grad_fn`); `logprob_entropy_with`
@@ -30,8 +36,8 @@ class ShardStats(NamedTuple):
     """Per-token softmax statistics of one vocab shard, all [T] fp32 (see module docstring)."""
 
     max: torch.Tensor  # -inf when the shard has no valid column
-    sum_exp: torch.Tensor
-    sum_exp_z: torch.Tensor
+    sum_exp: torch.Tensor  # sum exp(z - max)
+    sum_exp_shifted_z: torch.Tensor  # sum exp(z - max) * (z - max), <= 0
     target_logit: torch.Tensor  # 0 when the target is outside this shard
 
 
@@ -83,10 +89,11 @@ def logprob_shard_stats(
         e = min(num_tokens, s + step)
         z = _scaled_chunk(logits[s:e], temperature, n_valid)  # [c, V_local]
         m = z.max(dim=-1).values
-        ez = torch.exp(z - m.clamp(min=torch.finfo(torch.float32).min)[:, None])  # -inf rows -> 0
         local = targets[s:e].long() - vocab_start
         in_shard = (local >= 0) & (local < n_valid)
         picked = z.gather(1, local.clamp(0, num_local - 1)[:, None]).squeeze(1)
+        z -= m.clamp(min=torch.finfo(torch.float32).min)[:, None]  # z - m <= 0; -inf rows stay -inf
+        ez = torch.exp(z)
         out[0, s:e] = m
         out[1, s:e] = ez.sum(-1)
         out[2, s:e] = torch.where(ez > 0, ez * z, 0.0).sum(-1)  # padded columns: 0 * -inf -> 0
@@ -94,10 +101,23 @@ def logprob_shard_stats(
     return ShardStats(*out)
 
 
+def _rescaled(stats: ShardStats, global_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This shard's (S_r, A_r) re-expressed against the global max: (c S_r, c (A_r + (m_r - M) S_r))."""
+    empty = torch.isneginf(stats.max)  # no valid column: S_r = A_r = 0 (and m_r - M would be nan)
+    rescale = torch.where(empty, 0.0, torch.exp(stats.max - global_max))
+    shift = torch.where(empty, 0.0, stats.max - global_max)
+    return stats.sum_exp * rescale, (stats.sum_exp_shifted_z + shift * stats.sum_exp) * rescale
+
+
+def _finish(global_max, sum_exp, sum_exp_shifted_z, target_logit):
+    log_sum = sum_exp.log()
+    return global_max + log_sum, target_logit, log_sum - sum_exp_shifted_z / sum_exp
+
+
 def combine_shard_stats(
     stats: ShardStats, process_group: dist.ProcessGroup | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge the shards' stats: (logsumexp, target_logit, mean_z), each [T] fp32.
+    """Merge the shards' stats: (logsumexp, target_logit, entropy), each [T] fp32.
 
     With a process group of size > 1: one MAX all-reduce, then one SUM all-reduce of three stacked
     vectors. Without one (or at size 1) this is local arithmetic only.
@@ -106,26 +126,25 @@ def combine_shard_stats(
     global_max = stats.max.clone()
     if distributed:
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=process_group)
-    rescale = torch.where(torch.isneginf(stats.max), 0.0, torch.exp(stats.max - global_max))
-    sums = torch.stack([stats.sum_exp * rescale, stats.sum_exp_z * rescale, stats.target_logit])
+    sum_exp, sum_exp_shifted_z = _rescaled(stats, global_max)
+    sums = torch.stack([sum_exp, sum_exp_shifted_z, stats.target_logit])
     if distributed:
         dist.all_reduce(sums, group=process_group)
-    sum_exp, sum_exp_z, target_logit = sums
-    return global_max + sum_exp.log(), target_logit, sum_exp_z / sum_exp
+    return _finish(global_max, *sums)
 
 
 def combine_local_shards(shards: list[ShardStats]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`combine_shard_stats` over shards held in one process (tests, and callers that loop)."""
     global_max = torch.stack([s.max for s in shards]).max(0).values
     sum_exp = torch.zeros_like(global_max)
-    sum_exp_z = torch.zeros_like(global_max)
+    sum_exp_shifted_z = torch.zeros_like(global_max)
     target_logit = torch.zeros_like(global_max)
     for s in shards:
-        rescale = torch.where(torch.isneginf(s.max), 0.0, torch.exp(s.max - global_max))
-        sum_exp += s.sum_exp * rescale
-        sum_exp_z += s.sum_exp_z * rescale
+        s_r, a_r = _rescaled(s, global_max)
+        sum_exp += s_r
+        sum_exp_shifted_z += a_r
         target_logit += s.target_logit
-    return global_max + sum_exp.log(), target_logit, sum_exp_z / sum_exp
+    return _finish(global_max, sum_exp, sum_exp_shifted_z, target_logit)
 
 
 def logprob_entropy_grad(
@@ -169,9 +188,8 @@ class _LogprobEntropy(torch.autograd.Function):
                 stats_fn, grad_fn):
         stats = stats_fn(logits, targets, temperature=temperature, vocab_start=vocab_start,
                          vocab_size=vocab_size)
-        logsumexp, target_logit, mean_z = combine_shard_stats(stats, process_group)
+        logsumexp, target_logit, entropy = combine_shard_stats(stats, process_group)
         logprobs = target_logit - logsumexp
-        entropy = logsumexp - mean_z
         ctx.save_for_backward(logits, targets, logsumexp, entropy)
         ctx.options = (temperature, vocab_start, vocab_size, grad_fn)
         return logprobs, entropy

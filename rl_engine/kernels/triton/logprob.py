@@ -2,8 +2,8 @@
 
 The plumbing (stat merging across tensor-parallel shards, autograd) is `rl_engine.kernels.logprob`;
 this module supplies its two heavy pieces. Statistics: one program per token walks the shard's
-vocabulary in BLOCK_V chunks with a per-lane online softmax (lane-wise max, rescaled sums), reduced
-across lanes at the end, so the [T, V] logits are read once and nothing of size V is written.
+vocabulary in BLOCK_V chunks with a per-lane online softmax (lane-wise max, rescaled sums of
+exp(z - max) and of exp(z - max) (z - max), the stable entropy term), reduced across lanes at the end, so the [T, V] logits are read once and nothing of size V is written.
 Gradient: a 2-D grid (token, vocab chunk) writes (g_lp (onehot - p) - g_H p (log p + H)) / tau.
 """
 
@@ -26,8 +26,8 @@ def _stats_kernel(LOGITS, TARGETS, STATS, stride_l, num_tokens, n_valid, vocab_s
     row = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_V], tl.float32)
-    sz = tl.zeros([BLOCK_V], tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)  # sum exp(z - m) per lane
+    a = tl.zeros([BLOCK_V], tl.float32)  # sum exp(z - m) (z - m) per lane (the stable entropy term)
     for start in range(0, n_valid, BLOCK_V):
         cols = start + lanes
         mask = cols < n_valid
@@ -38,18 +38,21 @@ def _stats_kernel(LOGITS, TARGETS, STATS, stride_l, num_tokens, n_valid, vocab_s
         shift = tl.where(m_new > float("-inf"), m_new, 0.0)
         alpha = tl.exp(m - shift)
         e = tl.exp(z - shift)
+        # re-centre the lane's sum at the new max: sum e'(z - m_new) = alpha (A + (m - m_new) S)
+        a = alpha * (a + tl.where(s > 0, m - shift, 0.0) * s) + e * tl.where(e > 0, z - shift, 0.0)
         s = s * alpha + e
-        sz = sz * alpha + e * tl.where(mask, z, 0.0)  # masked lanes: e = 0, z = -inf
         m = m_new
     row_max = tl.max(m, axis=0)
-    rescale = tl.exp(m - tl.where(row_max > float("-inf"), row_max, 0.0))
+    row_shift = tl.where(row_max > float("-inf"), row_max, 0.0)
+    rescale = tl.exp(m - row_shift)
+    a = rescale * (a + tl.where(s > 0, m - row_shift, 0.0) * s)
     target = tl.load(TARGETS + row).to(tl.int64) - vocab_start
     in_shard = (target >= 0) & (target < n_valid)
     target_logit = tl.load(LOGITS + row * stride_l + tl.where(in_shard, target, 0))
     target_logit = tl.where(in_shard, target_logit.to(tl.float32) / temperature, 0.0)
     tl.store(STATS + row, row_max)
     tl.store(STATS + num_tokens + row, tl.sum(s * rescale, axis=0))
-    tl.store(STATS + 2 * num_tokens + row, tl.sum(sz * rescale, axis=0))
+    tl.store(STATS + 2 * num_tokens + row, tl.sum(a, axis=0))
     tl.store(STATS + 3 * num_tokens + row, target_logit)
 
 
