@@ -16,6 +16,9 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "env": ("rl_engine.env_report", "add_arguments", "main", "show torch, device, threads and active backends"),
     "train": ("rl_engine.train_cli", "add_arguments", "main", "run RL (no arguments: the built-in CPU demo)"),
     "generate": ("rl_engine.inference.cli", "add_arguments", "main", "generate text with the inference engine"),
+    "convert": ("rl_engine.convert", "add_arguments", "main",
+                "convert between Hugging Face directories, sharded checkpoints (any layout) and training checkpoints"),
+    "serve": ("rl_engine.serve.cli", "add_arguments", "main", "serve a model over an OpenAI-compatible HTTP API"),
 }
 
 

@@ -28,13 +28,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    add_engine_arguments(parser)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's flags (shared with `rl-engine serve`); `build_llm` reads them."""
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes for the KV pool")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     spec = parser.add_argument_group("speculative decoding")
     spec.add_argument("--speculative-method", choices=["ngram", "draft_model"], default=None)
     spec.add_argument("--num-speculative-tokens", type=int, default=None, help="drafts per sequence per step")
@@ -79,13 +84,9 @@ def _load_tokenizer(path: str):
 
 def main(args: argparse.Namespace) -> int:
     """Raises InputError for a bad flag or model directory; `rl_engine.cli.main` prints it."""
-    import torch
-
-    from rl_engine.inference.llm import LLM
     from rl_engine.inference.sampling_params import SamplingParams
 
     _check_flags(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         params = SamplingParams(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 min_p=args.min_p, max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
@@ -100,11 +101,8 @@ def main(args: argparse.Namespace) -> int:
     if not prompts and not args.chat:
         print("error: give at least one --prompt, --prompt-ids or --chat", file=sys.stderr)
         return 2
-    tokenizer = _load_tokenizer(args.model)
     try:
-        llm = LLM(args.model, tokenizer=tokenizer, dtype=args.dtype, device=device, block_size=args.block_size,
-                  kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
-                  enable_prefix_caching=not args.no_prefix_caching, speculative_config=speculative_config)
+        llm = build_llm(args, model=args.model, speculative_config=speculative_config)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -130,6 +128,18 @@ def main(args: argparse.Namespace) -> int:
     if speculative_config is not None:
         print(f"speculative: {json.dumps(llm.engine.stats()['speculative'])}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def build_llm(args: argparse.Namespace, *, model: str, speculative_config: dict | None):
+    """An `LLM` from the engine flags (`add_engine_arguments`); ValueError for a bad value."""
+    import torch
+
+    from rl_engine.inference.llm import LLM
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return LLM(model, tokenizer=_load_tokenizer(model), dtype=args.dtype, device=device, block_size=args.block_size,
+               kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+               enable_prefix_caching=not args.no_prefix_caching, speculative_config=speculative_config)
 
 
 def _speculative_config(args: argparse.Namespace) -> dict | None:

@@ -127,6 +127,12 @@ class LLMEngine:
                              f"{self.config.block_size}); raise kv_cache_memory or shorten the prompt")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        if params.logprobs and self.speculator is not None:
+            raise ValueError("top log-probs (SamplingParams.logprobs > 0) are not available with speculative "
+                             "decoding; ask for logprobs=0 (the sampled tokens' log-probs are always returned)")
+        if params.logprobs > self.model.config.vocab_size:
+            raise ValueError(f"SamplingParams.logprobs = {params.logprobs} exceeds the vocabulary "
+                             f"({self.model.config.vocab_size} tokens)")
 
     def _resumed_request(self, request_id: str, partial: RequestOutput, params: SamplingParams | None,
                          stream: bool) -> Request:
@@ -139,6 +145,7 @@ class LLMEngine:
                            rng_seed=params.seed)
             seq.logprobs, seq.policy_versions = list(out.logprobs), list(out.policy_versions)
             seq.kv_versions, seq.num_preemptions = list(out.kv_versions), out.num_preemptions
+            seq.top_logprobs = list(out.top_logprobs or [])
             request.seqs.append(seq)
             if out.finish_reason in ("stop", "length"):
                 seq.status, seq.finish_reason, seq.stop_reason = SeqStatus.FINISHED, out.finish_reason, out.stop_reason
@@ -216,8 +223,10 @@ class LLMEngine:
                 seq.num_computed_tokens += n
                 if seq.kv_version is None or version < seq.kv_version:
                     seq.kv_version = version
+            tops: dict[int, list] = {}
             if sample_seqs:
                 emissions = self._sample(logits, sample_seqs)  # speculative: also rolls back rejected drafts
+                tops = self._top_logprobs(logits, sample_seqs)
             if bm.enable_prefix_caching:
                 bs = bm.block_size
                 for seq in sched.seqs:
@@ -225,7 +234,7 @@ class LLMEngine:
                         bm.register_full_blocks(seq)
         self.num_steps += 1
         touched: dict[str, Request] = {}
-        for seq, (tokens, logprobs, in_place) in zip(sample_seqs, emissions):
+        for i, (seq, (tokens, logprobs, in_place)) in enumerate(zip(sample_seqs, emissions)):
             if in_place:  # accepted drafts: re-appended one at a time below, with stop checks
                 del seq.token_ids[-in_place:]
             request = seq.request
@@ -234,6 +243,8 @@ class LLMEngine:
                 seq.logprobs.append(logprob)
                 seq.policy_versions.append(version)
                 seq.kv_versions.append(seq.kv_version)
+                if i in tops:  # plain decoding only: one token per sequence and step
+                    seq.top_logprobs.append(tops[i])
                 self.num_generated_tokens += 1
                 if request.pending_forks and seq.index == 0:
                     self._fork(request, seq)
@@ -262,6 +273,19 @@ class LLMEngine:
                           token_seed(s.rng_seed, s.index, s.num_tokens)) for s in seqs]
         tokens, logprobs = self.sampler(logits, rows)
         return [([t], [lp], 0) for t, lp in zip(tokens, logprobs)]
+
+    def _top_logprobs(self, logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, list[tuple[int, float]]]:
+        """Row -> the params.logprobs most likely (token id, log-prob) pairs, for the rows that ask,
+        under the log-prob contract: log_softmax(logits / T) (T = 1 when greedy), before truncation."""
+        rows = [i for i, s in enumerate(seqs) if s.request.params.logprobs]
+        if not rows:
+            return {}
+        temps = torch.tensor([seqs[i].request.params.temperature or 1.0 for i in rows], device=logits.device)
+        logp = torch.log_softmax(logits[rows].float() / temps[:, None], dim=-1)
+        values, ids = logp.topk(max(seqs[i].request.params.logprobs for i in rows), dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+        return {i: list(zip(ids[r][:seqs[i].request.params.logprobs], values[r][:seqs[i].request.params.logprobs]))
+                for r, i in enumerate(rows)}
 
     def _fork(self, request: Request, leader: Sequence) -> None:
         """The leader's prompt KV exists: the other samples take its full prompt blocks."""
@@ -327,7 +351,8 @@ class LLMEngine:
                                          logprobs=list(seq.logprobs), policy_versions=list(seq.policy_versions),
                                          kv_versions=list(seq.kv_versions), finish_reason=seq.finish_reason,
                                          stop_reason=seq.stop_reason, num_preemptions=seq.num_preemptions,
-                                         routed_experts=routed))
+                                         routed_experts=routed,
+                                         top_logprobs=list(seq.top_logprobs) if params.logprobs else None))
         return RequestOutput(request_id=request.request_id, prompt=request.prompt,
                              prompt_token_ids=list(request.prompt_token_ids), outputs=outs,
                              finished=request.finished, sampling_params=params)

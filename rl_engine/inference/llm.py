@@ -115,10 +115,13 @@ class LLM:
             except ValueError as e:
                 logger.warning("request %s refused: %s", rid, e)
                 results[rid] = _refused(rid, prompt, params, str(e))
-        while engine.has_unfinished_requests():
+        # Until this call's requests are done: others sharing the engine (a server's) may still run.
+        waiting = set(order) - set(results)
+        while waiting:
             for out in engine.step():
-                if out.finished:
+                if out.finished and out.request_id in waiting:
                     results[out.request_id] = out
+                    waiting.discard(out.request_id)
         return [results[rid] for rid in order]
 
     def interrupt(self) -> list[RequestOutput]:

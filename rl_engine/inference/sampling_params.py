@@ -28,6 +28,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     seed: int | None = None  # per request: same seed -> same tokens, whatever else is in the batch
+    # Per generated token, also return the `logprobs` most likely tokens and their log-probs (under the
+    # contract's temperature, before truncation), as vLLM's `logprobs`. 0: only the sampled token's.
+    logprobs: int = 0
     detokenize: bool = True
 
     def __post_init__(self) -> None:
@@ -52,6 +55,8 @@ class SamplingParams:
         for s in self.stop:
             _check(isinstance(s, str) and s != "", "stop entry", s, "a non-empty string")
         _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an integer or None")
+        _check(isinstance(self.logprobs, int) and self.logprobs >= 0, "logprobs", self.logprobs,
+               "an integer >= 0 (top log-probs per token)")
         if self.top_k == -1:
             self.top_k = 0
 

@@ -41,6 +41,8 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_preemptions: int = 0
     routed_experts: list | None = None  # MoE routing replay: per processed token [num_moe_layers][k]
+    # SamplingParams.logprobs > 0: per generated token, the most likely (token id, log-prob) pairs
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -69,7 +71,7 @@ class Sequence:
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
                  "block_table", "block_hashes", "num_hashed_blocks", "kv_epoch", "kv_version", "status",
                  "logprobs", "policy_versions", "kv_versions", "finish_reason", "stop_reason", "rng_seed",
-                 "num_preemptions", "routing", "text_offset", "num_draft_tokens", "draft_probs")
+                 "num_preemptions", "routing", "text_offset", "num_draft_tokens", "draft_probs", "top_logprobs")
 
     def __init__(self, request: "Request", index: int, token_ids: list[int], *, num_prompt_tokens: int,
                  rng_seed: int) -> None:
@@ -96,6 +98,7 @@ class Sequence:
         self.text_offset = 0  # characters of output text already checked for stop strings
         self.num_draft_tokens = 0  # unverified draft tokens at the end of token_ids (within a step)
         self.draft_probs = None  # [num_draft_tokens, vocab] draft-model distribution q, None: point mass
+        self.top_logprobs: list[list[tuple[int, float]]] = []  # per generated token, if params.logprobs
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,54 @@
+"""`rl-engine serve MODEL_DIR`: the OpenAI-compatible server over `AsyncEngine`, in the foreground.
+
+Loopback (127.0.0.1:8000) by default. `--api-key` (or the RL_ENGINE_API_KEY environment variable, which
+keeps the key out of the process list) makes every endpoint but /health require
+`Authorization: Bearer KEY`; a non-loopback `--host` without a key logs a warning. The engine flags
+are `rl-engine generate`'s, speculative decoding included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rl_engine.inference.cli import add_engine_arguments
+
+    parser.add_argument("model", help="Hugging Face model directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' (default: $RL_ENGINE_API_KEY, else none)")
+    parser.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL_DIR)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_engine_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from rl_engine.config import ConfigError, InputError, check_int
+    from rl_engine.inference import AsyncEngine
+    from rl_engine.inference.cli import _speculative_config, build_llm
+    from rl_engine.serve.app import build_app
+    from rl_engine.serve.server import uvicorn_config, warn_if_exposed
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_int("--port", args.port, lo=0, hi=65535)
+        speculative = _speculative_config(args)
+    except (ConfigError, ValueError) as e:
+        raise InputError(str(e)) from None
+    api_key = args.api_key if args.api_key is not None else os.environ.get("RL_ENGINE_API_KEY") or None
+    warn_if_exposed(args.host, api_key)
+    try:
+        llm = build_llm(args, model=args.model, speculative_config=speculative)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    app = build_app(AsyncEngine.from_llm(llm), model_name=args.served_model_name or args.model, api_key=api_key,
+                    root=args.model)
+    logging.getLogger(__name__).info("serving %s on http://%s:%d/v1", args.model, args.host, args.port)
+    uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+    return 0

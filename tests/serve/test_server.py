@@ -1,0 +1,329 @@
+"""The OpenAI-compatible server through the official `openai` client, on a free loopback port over a tiny
+chat checkpoint: outputs against `LLM.generate` on the same weights (greedy token for token, seeded
+sampling), streaming against non-streaming, n > 1, log-probs, stop strings, 64 concurrent requests,
+tool calls, every error with its status, and a disconnect that frees the KV blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+
+from chat_models import write_chain_model
+from rl_engine.inference import LLM, SamplingParams
+from rl_engine.inference.chat import encode_chat
+from serve_helpers import API_KEY, MODEL_NAME, RunningServer
+
+MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
+
+
+@pytest.fixture(scope="module")
+def reference(chat_model_dir):
+    """An independent engine on the same checkpoint: the offline reference."""
+    return LLM(chat_model_dir, kv_cache_memory=16 << 20)
+
+
+def _ref_tokens(reference, prompt, **params):
+    out = reference.generate([prompt], SamplingParams(**params))[0]
+    return out
+
+
+def test_greedy_completion_equals_llm_generate(server, client, reference):
+    prompts = ["Hello there", "2+2=", "The quick brown fox"]
+    r = client.completions.create(model=MODEL_NAME, prompt=prompts, max_tokens=12, temperature=0,
+                                  extra_body={"return_token_ids": True})
+    assert r.system_fingerprint == "v0"
+    for i, p in enumerate(prompts):
+        ref = _ref_tokens(reference, p, temperature=0, max_tokens=12)
+        choice = r.choices[i]
+        assert choice.index == i
+        assert choice.token_ids == ref.outputs[0].token_ids  # vLLM's return_token_ids extension
+        assert choice.prompt_token_ids == ref.prompt_token_ids
+        assert choice.text == ref.outputs[0].text
+        assert choice.policy_versions == [0] * len(ref.outputs[0].token_ids)
+    assert r.usage.completion_tokens == sum(len(c.token_ids) for c in r.choices)
+
+
+def test_token_id_prompts_and_streaming_equal_whole(client, reference):
+    ids = [5, 17, 33, 40, 41, 9]
+    whole = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=10, temperature=0,
+                                      extra_body={"return_token_ids": True})
+    ref = _ref_tokens(reference, ids, temperature=0, max_tokens=10)
+    assert whole.choices[0].token_ids == ref.outputs[0].token_ids
+    via_ext = client.completions.create(model=MODEL_NAME, prompt="", max_tokens=10, temperature=0,
+                                        extra_body={"prompt_token_ids": ids, "prompt": None})
+    assert via_ext.choices[0].text == whole.choices[0].text
+    text, tokens, versions, finish = "", [], [], None
+    for chunk in client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=10, temperature=0, stream=True,
+                                           extra_body={"return_token_ids": True}):
+        c = chunk.choices[0]
+        text += c.text
+        tokens += c.token_ids
+        versions += c.policy_versions
+        finish = c.finish_reason or finish
+    assert (text, tokens, finish) == (whole.choices[0].text, ref.outputs[0].token_ids, "length")
+    assert versions == [0] * 10
+
+
+def test_chat_greedy_stream_and_not(server, client, reference):
+    prompt = encode_chat(reference.tokenizer, MESSAGES)
+    ref = _ref_tokens(reference, prompt, temperature=0, max_tokens=15)
+    r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_completion_tokens=15, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    assert r.prompt_token_ids == prompt
+    assert r.choices[0].token_ids == ref.outputs[0].token_ids
+    assert r.choices[0].message.content == ref.outputs[0].text
+    assert r.choices[0].message.role == "assistant"
+    streamed, roles = "", []
+    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=15, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    for chunk in chunks:
+        for c in chunk.choices:
+            streamed += c.delta.content or ""
+            roles.append(c.delta.role)
+    assert streamed == r.choices[0].message.content
+    assert roles[0] == "assistant"
+    assert chunks[-1].usage.completion_tokens == 15 and chunks[-1].usage.prompt_tokens == len(prompt)
+
+
+def test_n_seeds_and_logprobs(client, reference):
+    kw = dict(model=MODEL_NAME, prompt="Seeded", max_tokens=8, temperature=1.0, n=4, seed=1234, logprobs=3,
+              extra_body={"return_token_ids": True})
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert [c.token_ids for c in a.choices] == [c.token_ids for c in b.choices]  # reproducible
+    assert len({tuple(c.token_ids) for c in a.choices}) > 1  # n samples differ from each other
+    ref = _ref_tokens(reference, "Seeded", temperature=1.0, max_tokens=8, n=4, seed=1234)
+    assert [c.token_ids for c in a.choices] == [o.token_ids for o in ref.outputs]  # the engine's seeded draw
+    for c, o in zip(a.choices, ref.outputs):
+        assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(c.logprobs.token_logprobs, o.logprobs))
+        for k, top in enumerate(c.logprobs.top_logprobs):
+            assert len(top) <= 3 and list(top.values()) == sorted(top.values(), reverse=True)
+            # the top entry is at least as likely as the sampled token (whose log-prob is the contract's)
+            assert max(top.values()) >= c.logprobs.token_logprobs[k] - 1e-5
+        assert "".join(c.logprobs.tokens) == c.text
+    c = client.completions.create(model=MODEL_NAME, prompt="Seeded", max_tokens=8, temperature=1.0, n=4, seed=99)
+    assert [x.text for x in c.choices] != [x.text for x in a.choices]
+
+
+def test_chat_top_logprobs_match_greedy_token(client):
+    r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=5)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6
+    for entry in content:
+        assert len(entry.top_logprobs) == 5
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the sampled token is the most likely
+        assert math.isclose(entry.top_logprobs[0].logprob, entry.logprob, abs_tol=1e-5)
+        assert sum(math.exp(t.logprob) for t in entry.top_logprobs) <= 1 + 1e-5
+
+
+def test_stop_strings_and_stop_token_ids(client, reference):
+    full = client.completions.create(model=MODEL_NAME, prompt="Stop here", max_tokens=20, temperature=0,
+                                     extra_body={"return_token_ids": True}).choices[0]
+    stop = full.text[5:7]
+    cut = full.text.index(stop)
+    for stream in (False, True):
+        if stream:
+            text, finish, reason = "", None, None
+            for chunk in client.completions.create(model=MODEL_NAME, prompt="Stop here", max_tokens=20, temperature=0,
+                                                   stop=[stop], stream=True):
+                text += chunk.choices[0].text
+                finish = chunk.choices[0].finish_reason or finish
+                reason = getattr(chunk.choices[0], "stop_reason", None) or reason
+        else:
+            c = client.completions.create(model=MODEL_NAME, prompt="Stop here", max_tokens=20, temperature=0,
+                                          stop=stop).choices[0]
+            text, finish, reason = c.text, c.finish_reason, c.stop_reason
+        assert (text, finish, reason) == (full.text[:cut], "stop", stop)
+    stop_id = full.token_ids[3]
+    c = client.completions.create(model=MODEL_NAME, prompt="Stop here", max_tokens=20, temperature=0,
+                                  extra_body={"stop_token_ids": [stop_id], "return_token_ids": True}).choices[0]
+    first = full.token_ids.index(stop_id)
+    assert c.token_ids == full.token_ids[:first + 1] and c.finish_reason == "stop"
+
+
+def test_echo_and_sampling_knobs(client):
+    r = client.completions.create(model=MODEL_NAME, prompt="Echo me", max_tokens=4, temperature=0, echo=True,
+                                  logprobs=0)
+    assert r.choices[0].text.startswith("Echo me")
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[:7] == [None] * 7 and all(x is not None for x in lp.token_logprobs[7:])
+    r = client.completions.create(model=MODEL_NAME, prompt="knobs", max_tokens=6, temperature=0.7, top_p=0.9, seed=3,
+                                  extra_body={"top_k": 5, "min_p": 0.05, "ignore_eos": True, "min_tokens": 6})
+    assert len(r.choices[0].text) == 6 and r.choices[0].finish_reason == "length"
+
+
+def test_64_concurrent_requests(server, reference):
+    prompts = [f"Request number {i}:" for i in range(64)]
+    refs = reference.generate(prompts, SamplingParams(temperature=0, max_tokens=8))
+
+    async def run():
+        client = server.async_client()
+        async def one(i):
+            if i % 2:
+                r = await client.completions.create(model=MODEL_NAME, prompt=prompts[i], max_tokens=8, temperature=0,
+                                                    extra_body={"return_token_ids": True})
+                return r.choices[0].token_ids
+            tokens = []
+            stream = await client.completions.create(model=MODEL_NAME, prompt=prompts[i], max_tokens=8, temperature=0,
+                                                     stream=True, extra_body={"return_token_ids": True})
+            async for chunk in stream:
+                tokens += chunk.choices[0].token_ids
+            return tokens
+        try:
+            return await asyncio.gather(*(one(i) for i in range(64)))
+        finally:
+            await client.close()
+
+    got = asyncio.run(run())
+    assert got == [r.outputs[0].token_ids for r in refs]
+
+
+def _error(fn):
+    with pytest.raises(openai.APIStatusError) as e:
+        fn()
+    return e.value
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("temperature", -0.5, "[0, 100]"), ("top_p", 0.0, "(0, 1]"), ("n", 0, "[1, 128]"), ("n", 1000, "[1, 128]"),
+    ("max_tokens", 0, "[1, "), ("logprobs", 50, "[0, 20]"), ("min_p", 2.0, "[0, 1]"), ("top_k", -3, "-1 or 0"),
+    ("presence_penalty", 0.5, "not supported"), ("max_tokens", 100000, "must be <="),
+])
+def test_bad_parameters_are_400_naming_the_field(client, field, value, allowed):
+    kw = {"model": MODEL_NAME, "prompt": "x", "max_tokens": 4}
+    body = {field: value}
+    err = _error(lambda: client.completions.create(**kw, extra_body=body))
+    assert err.status_code == 400
+    assert err.body["param"] == field and field in err.body["message"] and allowed in err.body["message"]
+
+
+def test_error_cases_and_server_keeps_serving(server, client, reference):
+    long_prompt = [7] * 600  # > max_model_len (512)
+    err = _error(lambda: client.completions.create(model=MODEL_NAME, prompt=long_prompt, max_tokens=4))
+    assert err.status_code == 400 and "maximum context length is 512" in err.body["message"]
+    assert err.body["code"] == "context_length_exceeded"
+    err = _error(lambda: client.chat.completions.create(model=MODEL_NAME, messages=[
+        {"role": "user", "content": "a" * 600}], max_tokens=4))
+    assert err.status_code == 400 and err.body["param"] == "messages"
+    err = _error(lambda: client.completions.create(model="gpt-unknown", prompt="x", max_tokens=4))
+    assert err.status_code == 404 and err.body["param"] == "model" and MODEL_NAME in err.body["message"]
+    err = _error(lambda: server.client().with_options(api_key="wrong").models.list())
+    assert err.status_code == 401 and err.body["code"] == "invalid_api_key"
+    err = _error(lambda: client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "robot", "content": "x"}]))
+    assert err.status_code == 400 and "messages[0].role" in err.body["message"]
+    err = _error(lambda: client.completions.create(model=MODEL_NAME, prompt=[[1, 2, 10**6]], max_tokens=2))
+    assert err.status_code == 400 and "token ids in [0," in err.body["message"]
+    err = _error(lambda: client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tool_choice="required",
+                                                        tools=[{"type": "function", "function": {"name": "f"}}]))
+    assert err.status_code == 400 and err.body["param"] == "tool_choice"
+    base = server.base_url
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    for body in (b"{not json", b"[1, 2]", json.dumps({"prompt": "x", "temperature": "hot"}).encode(),
+                 json.dumps({"prompt": {"a": 1}}).encode(), json.dumps({"max_tokens": 3}).encode()):
+        r = httpx.post(f"{base}/completions", content=body, headers=headers)
+        assert r.status_code == 400, (body, r.text)
+        assert "error" in r.json() and r.json()["error"]["message"]
+    r = httpx.post(f"{base}/chat/completions", content=json.dumps({"model": MODEL_NAME}).encode(), headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert httpx.get(f"{base[:-3]}/health").status_code == 200  # no key needed
+    assert httpx.get(f"{base[:-3]}/metrics").status_code == 401
+    # still serving, and still right
+    r = client.completions.create(model=MODEL_NAME, prompt="still ok", max_tokens=5, temperature=0,
+                                  extra_body={"return_token_ids": True})
+    assert r.choices[0].token_ids == _ref_tokens(reference, "still ok", temperature=0, max_tokens=5).outputs[0].token_ids
+
+
+def test_metrics(server, client):
+    client.completions.create(model=MODEL_NAME, prompt="metrics", max_tokens=3, temperature=0)
+    text = httpx.get(server.base_url[:-3] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values['rl_engine_http_requests_total{endpoint="completions"}'] >= 1
+    assert values["rl_engine_generation_tokens_total"] >= 3
+    assert values["rl_engine_weights_version"] == 0
+    for name in ("rl_engine_num_requests_waiting", "rl_engine_kv_cache_usage_ratio", "rl_engine_prefix_cache_hit_rate",
+                 "rl_engine_prompt_tokens_total", "rl_engine_http_requests_in_flight"):
+        assert name in values
+    assert values["rl_engine_http_requests_in_flight"] == 0
+    assert 0 < values["rl_engine_prefix_cache_hit_rate"] <= 1  # repeated prompts hit the prefix cache
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_aborts_and_frees_kv(server, stream):
+    engine = server.engine
+    free = engine.block_manager.num_free_blocks
+    generated = engine.num_generated_tokens
+    body = json.dumps({"model": MODEL_NAME, "prompt": "a long one", "max_tokens": 490, "n": 4, "temperature": 0,
+                       "ignore_eos": True, "stream": stream}).encode()
+    host, port = "127.0.0.1", server.thread.port
+    sock = socket.create_connection((host, port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    deadline = time.time() + 20
+    while not engine.requests and time.time() < deadline:
+        time.sleep(0.005)
+    assert engine.requests  # generating
+    sock.close()  # the client goes away mid-generation
+    while (engine.requests or engine.block_manager.num_free_blocks != free) and time.time() < deadline:
+        time.sleep(0.02)
+    assert not engine.requests  # aborted
+    assert engine.block_manager.num_free_blocks == free  # its KV blocks are back
+    assert engine.num_generated_tokens - generated < 4 * 490  # stopped before its budget
+
+
+def test_tool_calls_parsed(tmp_path):
+    call = '{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}'
+    # A chain model: after the generation prompt's last token it writes the call and ends the turn.
+    chain = {"\n": "<tool_call>", "<tool_call>": "\t", "\t": call, call: "</tool_call>", "</tool_call>": "<|im_end|>"}
+    path = write_chain_model(str(tmp_path / "chain"), chain=chain, words=[call, "\t"])
+    s = RunningServer(path, api_key=None)
+    try:
+        client = s.client()
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+        r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=tools, temperature=0,
+                                           max_tokens=10)
+        choice = r.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content is None
+        (tc,) = choice.message.tool_calls
+        assert tc.type == "function" and tc.function.name == "get_weather" and tc.id.startswith("call_")
+        assert json.loads(tc.function.arguments) == {"city": "Paris", "days": 2}
+        # streamed: one tool-call delta, the same call
+        deltas, finish = [], None
+        for chunk in client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=tools, temperature=0,
+                                                    max_tokens=10, stream=True):
+            for c in chunk.choices:
+                deltas += c.delta.tool_calls or []
+                finish = c.finish_reason or finish
+        assert finish == "tool_calls" and len(deltas) == 1
+        assert deltas[0].function.name == "get_weather" and json.loads(deltas[0].function.arguments)["days"] == 2
+        # tool_choice none: the text comes back as content, unparsed
+        r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=tools, tool_choice="none",
+                                           temperature=0, max_tokens=10)
+        assert r.choices[0].message.tool_calls is None and "<tool_call>" in r.choices[0].message.content
+        # the conversation continues with the call and its result rendered by the template
+        follow = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [tc.model_dump()]},
+                             {"role": "tool", "tool_call_id": tc.id, "content": "18C"}]
+        r = client.chat.completions.create(model=MODEL_NAME, messages=follow, tools=tools, temperature=0, max_tokens=10,
+                                           extra_body={"return_token_ids": True})
+        assert "<tool_response>\n18C\n</tool_response>" in s.llm.tokenizer.decode(r.prompt_token_ids)
+    finally:
+        s.stop()
+
+
+def test_nonloopback_without_key_warns(caplog):
+    from rl_engine.serve.server import warn_if_exposed
+
+    assert warn_if_exposed("127.0.0.1", None) is None
+    assert warn_if_exposed("10.1.2.3", "key") is None
+    message = warn_if_exposed("10.1.2.3", None)
+    assert message and "without an API key" in message and "anyone who can reach this port" in message
