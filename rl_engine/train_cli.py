@@ -13,6 +13,7 @@ line, exiting with code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -208,6 +209,7 @@ def run(config: RLConfig, *, checkpoint: str | None | object = _RESOLVE) -> dict
     from rl_engine import run_checkpoint
     from rl_engine.config import to_dict
     from rl_engine.metrics import MetricsLogger
+    from rl_engine.serve.host import start_run_server
     from rl_engine.trainer import GRPOTrainer
 
     t_start = time.perf_counter()
@@ -218,6 +220,7 @@ def run(config: RLConfig, *, checkpoint: str | None | object = _RESOLVE) -> dict
         logger.warning("starting a new run in %s (train.resume=%s): its earlier checkpoints are replaced as "
                        "this run writes its own; pass train.resume=auto to continue them", out, config.train.resume)
     trainer = GRPOTrainer(config)
+    server = None
     try:
         if checkpoint is not None:
             start = trainer.load_checkpoint(checkpoint)
@@ -234,6 +237,10 @@ def run(config: RLConfig, *, checkpoint: str | None | object = _RESOLVE) -> dict
         before = trainer.before_rl.get("eval/accuracy_before")
         if before is not None:
             print(f"held-out accuracy before RL: {100 * before:.1f}%", flush=True)
+        # placement.serve_port: an OpenAI-compatible server on this engine. Every use of the engine and of
+        # the weights it reads (a step: rollouts, training, the version bump) holds its lock.
+        server = start_run_server(config, trainer.llm.engine, name="policy")
+        engine_lock = server.lock if server is not None else contextlib.nullcontext()
         t_rl = time.perf_counter()
         saved = start if checkpoint is not None else None
         every = config.train.checkpoint_every
@@ -242,14 +249,19 @@ def run(config: RLConfig, *, checkpoint: str | None | object = _RESOLVE) -> dict
                            tensorboard=config.metrics.tensorboard, wandb=config.metrics.wandb,
                            run_config=to_dict(config)) as metrics:
             for _ in range(start, steps):
-                row = trainer.step()
-                step = int(row.pop("step"))
-                if config.train.eval_every and step % config.train.eval_every == 0:
-                    row.update(trainer.evaluate())
+                with engine_lock:
+                    row = trainer.step()
+                    step = int(row.pop("step"))
+                    if config.train.eval_every and step % config.train.eval_every == 0:
+                        row.update(trainer.evaluate())
                 metrics.log(step, row)  # before the checkpoint: a resume drops rows after its step
                 if every and step % every == 0:
-                    trainer.save_checkpoint(step)
+                    with engine_lock:  # the engine's sampler state is saved
+                        trainer.save_checkpoint(step)
                     saved = step
+        if server is not None:
+            server.close()
+            server = None
         if saved != steps:  # the end of the run is always a checkpoint
             trainer.save_checkpoint(steps)
         rl_seconds = time.perf_counter() - t_rl
@@ -267,4 +279,6 @@ def run(config: RLConfig, *, checkpoint: str | None | object = _RESOLVE) -> dict
             summary.update({"eval_accuracy_before": before, "eval_accuracy_after": after})
         return summary
     finally:
+        if server is not None:
+            server.close()
         trainer.close()

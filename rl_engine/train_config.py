@@ -279,6 +279,15 @@ class PlacementSection:
     verify_probe: bool = True  # disaggregated: each engine checks its log-probs of a probe after a sync
     dist_timeout_s: float = 7200.0  # torch.distributed collectives (trainer ranks idle during rollouts)
     grace_period_s: float = 10.0  # on stop: SIGTERM, then SIGKILL after this
+    # An OpenAI-compatible server on the run's rollout engine(s), answering from the weights being trained
+    # (rl_engine/serve): single_process, the run's engine; colocated (tp=1), trainer rank 0's engine;
+    # disaggregated, rollout worker i on serve_port + i. null: no server; 0: a free port each. Each
+    # server's address goes to <output_dir>/serve/<name>.json. Loopback unless serve_host says otherwise;
+    # the API key comes from the RL_ENGINE_API_KEY environment variable (never from the config, which
+    # is logged), and a non-loopback host without one logs a warning.
+    serve_port: int | None = None
+    serve_host: str = "127.0.0.1"
+    serve_model_name: str = "policy"
 
     def __post_init__(self) -> None:
         check_int("placement.num_rollout_workers", self.num_rollout_workers, lo=1)
@@ -295,6 +304,10 @@ class PlacementSection:
             raise ConfigError(f"placement.heartbeat_timeout_s={self.heartbeat_timeout_s} must exceed "
                               f"heartbeat_interval_s ({self.heartbeat_interval_s})")
         check_int("placement.weight_bucket_mb", self.weight_bucket_mb, lo=1)
+        if self.serve_port is not None:
+            check_int("placement.serve_port", self.serve_port, lo=0, hi=65535, note="0 picks a free port")
+        _check_text("placement.serve_host", self.serve_host)
+        _check_text("placement.serve_model_name", self.serve_model_name)
 
     @property
     def uses_actors(self) -> bool:
@@ -378,6 +391,14 @@ class RLConfig:
         if p.mode == "single_process" and t.world_size > 1:
             raise ConfigError(f"train {layout} needs several trainer ranks: set placement.mode to colocated or "
                               "disaggregated (single_process runs one rank)")
+        if p.serve_port is not None and p.mode == "colocated" and t.tp > 1:
+            raise ConfigError(f"placement.serve_port with placement.mode=colocated needs train.tp=1 (got {layout}): "
+                              "served requests would have to enter the tp ranks' engines in lockstep; use "
+                              "placement.mode=disaggregated to serve from a tensor-parallel run")
+        if p.serve_port is not None and p.mode == "disaggregated" and p.serve_port \
+                and p.serve_port + p.num_rollout_workers - 1 > 65535:
+            raise ConfigError(f"placement.serve_port={p.serve_port}: rollout workers serve on serve_port + i, up to "
+                              f"{p.serve_port + p.num_rollout_workers - 1} > 65535; pick a lower port or 0")
         if p.mode == "colocated" and (t.pp > 1 or t.ep > 1):
             raise ConfigError(f"placement.mode=colocated needs train.pp=1 and train.ep=1 (got {layout}): each rank's "
                               "engine runs every layer and every expert; use placement.mode=disaggregated")

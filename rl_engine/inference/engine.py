@@ -72,6 +72,10 @@ class LLMEngine:
         self._ready: list[RequestOutput] = []  # finished outside a step (e.g. a fully finished resubmission)
         self.num_steps = 0
         self.num_generated_tokens = 0
+        # A second user of this engine on another thread (an RL run's HTTP server, serve.host.EngineHost):
+        # `admit()` at the start of every step adds its requests; `route(outputs)` takes its requests'
+        # outputs out of what step() and interrupt() return. The owner and the guest share one lock.
+        self.guest = None
         self.speculator = None
         if config.speculative_config is not None:
             from rl_engine.inference.speculative import Speculator
@@ -172,7 +176,8 @@ class LLMEngine:
     def interrupt(self) -> list[RequestOutput]:
         """Stop every unfinished request and return the partial outputs (to resubmit after a weight
         update: their tokens, log-probs and versions are kept, their KV recomputed)."""
-        return [self.abort(rid) for rid in list(self.requests)]
+        outputs = [self.abort(rid) for rid in list(self.requests)]
+        return outputs if self.guest is None else self.guest.route(outputs)
 
     # ---- weights --------------------------------------------------------------------------------
     def update_weights(self, apply: Callable[[torch.nn.Module], None] | None = None, *, version: int | None = None,
@@ -206,6 +211,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one batch. Returns finished requests and the current state of streaming ones that
         advanced."""
+        if self.guest is not None:
+            self.guest.admit()
         ready, self._ready = self._ready, []
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
@@ -213,7 +220,7 @@ class LLMEngine:
         if not sched.seqs:
             if self.requests and not ready:
                 raise RuntimeError("internal error: requests are unfinished but none could be scheduled")
-            return ready
+            return ready if self.guest is None else self.guest.route(ready)
         emissions: list[tuple[list[int], list[float], int]] = []
         with torch.inference_mode():
             logits, sample_seqs = self.runner.execute(sched, record_routing=self.config.record_routing)
@@ -262,7 +269,7 @@ class LLMEngine:
                 outputs.append(self._output(request))
             elif request.stream:
                 outputs.append(self._output(request))
-        return outputs
+        return outputs if self.guest is None else self.guest.route(outputs)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[list[int], list[float], int]]:
         """Per sequence: (tokens to emit, their log-probs, how many of them are already at the end of

@@ -1,0 +1,204 @@
+"""`EngineHost`: the HTTP server of an RL run, answering from the engine the run's rollouts use.
+
+The run's loop owns its engine and keeps stepping it as before (a trainer's `LLM.generate`, a rollout
+worker's loop). The host is the engine's guest (`LLMEngine.guest`): requests from the server's event
+loop wait in an inbox and join the continuous batch at the start of the next step, whoever runs it;
+their outputs are routed back to the server, the owner's returned to the owner as before. When the
+owner is not stepping (between rollouts) a stepper thread steps the engine for the guest's requests.
+One lock (`host.lock`) serialises every use of the engine: the owner holds it while it generates, and
+while it changes the weights, so a request that arrives during training or a weight update waits,
+and the first token sampled after the update carries the new version. A request of the guest that the
+owner interrupts (async mode's partial rollouts) is continued with the new weights, its earlier tokens
+keeping their versions. The host offers the `AsyncEngine` surface the app uses (`engine`, `generate`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import AsyncIterator
+
+from rl_engine.inference.sampling_params import SamplingParams
+from rl_engine.inference.sequence import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class EngineHost:
+    def __init__(self, engine) -> None:
+        if engine.guest is not None:
+            raise ValueError("this engine already has a guest")
+        self.engine = engine
+        self.lock = threading.RLock()  # every use of the engine, by the owner or the guest
+        self._mutex = threading.Lock()  # the inbox and the stream table (never held while stepping)
+        self._inbox: list[tuple[str, object, SamplingParams | None]] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._active: set[str] = set()  # guest requests in the engine (touched under `lock`)
+        self._stash: list[RequestOutput] = []  # the owner's outputs of steps the stepper ran
+        self._wake = threading.Event()
+        self._stop = False
+        engine.guest = self
+        self._thread = threading.Thread(target=self._step_loop, name="engine-host", daemon=True)
+        self._thread.start()
+
+    # ---- the server's side (its event loop) -------------------------------------------------------
+    async def generate(self, prompt, params: SamplingParams | None = None, *,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._mutex:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already being generated")
+            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+            self._inbox.append((request_id, prompt, params))
+        self._wake.set()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            with self._mutex:
+                if self._streams.pop(request_id, None) is not None:
+                    self._aborts.append(request_id)  # the consumer went away: stop generating for it
+            self._wake.set()
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(10)
+        with self.lock:
+            for rid in list(self._active):
+                self.engine.abort(rid)
+            self._active.clear()
+            self.engine.guest = None
+
+    # ---- the engine's side (under `lock`, on whichever thread steps) -------------------------------
+    def admit(self) -> None:
+        """Add the inbox's requests to the engine and drop those whose client went away."""
+        with self._mutex:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for rid, prompt, params in inbox:
+            try:
+                self.engine.add_request(rid, prompt, params, stream=True)
+            except ValueError as e:
+                self._deliver(rid, e)
+                continue
+            self._active.add(rid)
+        for rid in aborts:
+            if rid in self._active:
+                self._active.discard(rid)
+                self.engine.abort(rid)
+
+    def route(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Deliver the guest's outputs; return the owner's (with any the stepper's steps produced)."""
+        owner: list[RequestOutput] = []
+        resume: list[RequestOutput] = []
+        for out in outputs:
+            rid = out.request_id
+            if rid not in self._active:
+                owner.append(out)
+            elif out.finished and any(c.finish_reason == "abort" for c in out.outputs):
+                resume.append(out)  # interrupted by the owner (a weight update): continue it
+            else:
+                if out.finished:
+                    self._active.discard(rid)
+                self._deliver(rid, out)
+        for partial in resume:  # continued with the current weights at the next step
+            self.engine.add_request(partial.request_id, partial, partial.sampling_params, stream=True)
+        if threading.current_thread() is self._thread:
+            self._stash.extend(owner)
+            return []
+        stash, self._stash = self._stash, []
+        return stash + owner
+
+    def _deliver(self, rid: str, item) -> None:
+        with self._mutex:
+            stream = self._streams.get(rid)
+        if stream is not None:
+            loop, queue = stream
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the server's loop is closed
+                pass
+
+    def _has_guest_work(self) -> bool:
+        with self._mutex:
+            return bool(self._inbox or self._aborts or self._active)
+
+    def _step_loop(self) -> None:
+        """Step the engine for the guest's requests whenever the owner is not using it."""
+        while not self._stop:
+            self._wake.wait(0.05)
+            self._wake.clear()
+            while not self._stop and self._has_guest_work():
+                with self.lock:
+                    self.admit()
+                    if not self._active:
+                        break
+                    try:
+                        self.engine.step()
+                    except Exception:  # noqa: BLE001 - fail the guest's requests, keep the run alive
+                        logger.exception("engine step for served requests failed")
+                        for rid in list(self._active):
+                            self._active.discard(rid)
+                            self.engine.abort(rid)
+                            self._deliver(rid, RuntimeError("the engine failed on this request"))
+
+
+class RunServer:
+    """The server of an RL run on one engine: an `EngineHost` and the app on a thread. The owner wraps
+    every use of the engine (generation, training that changes the weights it reads, weight updates)
+    in `with server.lock:`. The address is logged and written to `address_file` (JSON: url, host,
+    port, model) so that a run started with port 0 can be found."""
+
+    def __init__(self, engine, *, host: str, port: int, model_name: str, api_key: str | None,
+                 address_file: str | None = None, where: str = "placement.serve_port") -> None:
+        from rl_engine.serve.app import build_app
+        from rl_engine.serve.server import ServerThread, warn_if_exposed
+
+        warn_if_exposed(host, api_key, where=where)
+        self.host = EngineHost(engine)
+        self.lock = self.host.lock
+        try:
+            self.thread = ServerThread(build_app(self.host, model_name=model_name, api_key=api_key),
+                                       host=host, port=port).start()
+        except BaseException:
+            self.host.close()
+            raise
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.thread.port}/v1"
+        logger.info("serving the run's policy as %r on %s", model_name, self.url)
+        if address_file is not None:
+            import json
+            import os
+
+            os.makedirs(os.path.dirname(address_file), exist_ok=True)
+            tmp = f"{address_file}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"url": self.url, "host": host, "port": self.thread.port, "model": model_name,
+                           "api_key_required": api_key is not None}, f)
+            os.replace(tmp, address_file)  # readers never see a partial file
+
+    def close(self) -> None:
+        self.thread.stop()
+        self.host.close()
+
+
+def start_run_server(cfg, engine, *, name: str, port_offset: int = 0) -> "RunServer | None":
+    """The run's server on `engine` when `placement.serve_port` is set (None otherwise). `name` names the
+    address file (<output_dir>/serve/<name>.json); rollout worker i serves on serve_port + i."""
+    import os
+
+    p = cfg.placement
+    if p.serve_port is None:
+        return None
+    port = p.serve_port + port_offset if p.serve_port else 0
+    api_key = os.environ.get("RL_ENGINE_API_KEY") or None
+    return RunServer(engine, host=p.serve_host, port=port, model_name=p.serve_model_name, api_key=api_key,
+                     address_file=os.path.join(cfg.train.output_dir, "serve", f"{name}.json"))
