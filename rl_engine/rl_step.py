@@ -417,6 +417,21 @@ def run_micro_batches(model: torch.nn.Module, micro_batches: Sequence[MicroBatch
         loss_fn(lp, ent, mb).backward()
 
 
+def beyond_target_kl(update: int, metrics: dict[str, float], target_kl: float | None) -> bool:
+    """`train.target_kl`: whether the step's update number `update` (from 0) is not applied, its own
+    forward pass having found the policy further than `target_kl` from the proximal policy (the mean
+    k3 `approx_kl` per response token of its mini-batch). The first update is always applied: its
+    policy is the proximal one."""
+    return target_kl is not None and update > 0 and float(metrics["approx_kl"]) > target_kl
+
+
+def discard_expert_loads(model: torch.nn.Module) -> None:
+    """A skipped update leaves the router's aux-loss-free bias as it was: forget its passes' loads."""
+    for m in model.modules():
+        if isinstance(m, MoEBlock) and m.tokens_per_expert is not None:
+            m.tokens_per_expert.zero_()
+
+
 def update_expert_bias(model: torch.nn.Module) -> None:
     """After an optimizer step: aux-loss-free router balancing (no-op for dense models)."""
     for m in model.modules():

@@ -180,6 +180,12 @@ class TrainSection:
     # update) and corrects behavior -> proximal by importance weights (decoupled PPO). 1, 1: one update.
     mini_batches_per_step: int = 1
     epochs_per_step: int = 1
+    # PPO's KL early stop (Spinning Up's / Stable-Baselines3's target_kl): a mini-batch update whose
+    # own forward pass finds the policy further than `target_kl` (mean k3 KL per response token) from
+    # the proximal policy is not applied, nor are the step's remaining updates. Adam normalises the
+    # step size, so clipping (which only removes tokens from the gradient) does not bound how far
+    # several updates on one batch move the policy; this does. null: every update is applied.
+    target_kl: float | None = None
     # Checkpoints under <output_dir>/checkpoints/step_<k>: every `checkpoint_every` steps (0: at the
     # end only), the newest `keep_checkpoints` kept. `resume`: "auto" (the newest checkpoint of
     # output_dir, or a fresh start when there is none), a checkpoint directory, or null.
@@ -206,6 +212,8 @@ class TrainSection:
         check_int("train.keep_checkpoints", self.keep_checkpoints, lo=1)
         check_int("train.mini_batches_per_step", self.mini_batches_per_step, lo=1)
         check_int("train.epochs_per_step", self.epochs_per_step, lo=1)
+        if self.target_kl is not None:
+            check_float("train.target_kl", self.target_kl, lo=0, lo_open=True)
         _check_text("train.resume", self.resume, optional=True)
         for name in ("tp", "pp", "dp", "ep"):
             check_int(f"train.{name}", getattr(self, name), lo=1)

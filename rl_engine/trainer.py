@@ -43,8 +43,10 @@ from rl_engine.rl_step import (
     aggregate_updates,
     apply_distillation,
     attach_logprobs,
+    beyond_target_kl,
     build_micro_batches,
     collect_groups,
+    discard_expert_loads,
     eval_sampling_params,
     forward_logprobs,
     make_sample,
@@ -346,17 +348,22 @@ class GRPOTrainer:
             apply_distillation([m for m, _ in plans], coef=cfg.distill.coef,
                                with_reward=cfg.distill.mode == "reverse_kl+reward")
         per_update = []
-        for _ in range(cfg.train.epochs_per_step):
-            for micro_batches, normalizer in plans:
+        updates = [plan for _ in range(cfg.train.epochs_per_step) for plan in plans]
+        for k, (micro_batches, normalizer) in enumerate(updates):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = StepLoss(self.loss_fn, normalizer)
+            run_micro_batches(self.model, micro_batches, loss)
+            if beyond_target_kl(k, loss.metrics(), cfg.train.target_kl):  # PPO's KL early stop
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = StepLoss(self.loss_fn, normalizer)
-                run_micro_batches(self.model, micro_batches, loss)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                update_expert_bias(self.model)
-                per_update.append({**loss.metrics(), "grad_norm": float(grad_norm),
-                                   "micro_batches": len(micro_batches)})
+                discard_expert_loads(self.model)
+                break
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            update_expert_bias(self.model)
+            per_update.append({**loss.metrics(), "grad_norm": float(grad_norm), "micro_batches": len(micro_batches)})
+        if cfg.train.target_kl is not None:
+            metrics["train/skipped_updates"] = float(len(updates) - len(per_update))
         self.update_metrics = per_update  # each update's metrics (tests, debugging)
         train_s = time.perf_counter() - t0
         self.policy_version += 1

@@ -51,8 +51,8 @@ from rl_engine.losses import PolicyLoss
 from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer
 from rl_engine.policy.frozen import FrozenPolicy
 from rl_engine.rl_step import (StepLoss, aggregate_updates, apply_distillation, apply_kl_reward_penalty,
-                               attach_logprobs, build_micro_batches, micro_batch_count, mini_batch_normalizer,
-                               split_mini_batches)
+                               attach_logprobs, beyond_target_kl, build_micro_batches, micro_batch_count,
+                               mini_batch_normalizer, split_mini_batches)
 from rl_engine.train_config import RLConfig
 from rl_engine.weight_sync import (EngineLayout, InProcessTransport, SharedMemorySenderTransport, TrainLayout,
                                    WeightPublisher, WeightReceiver, WeightSyncError, ZmqSenderTransport, plan_sync,
@@ -214,19 +214,27 @@ class TrainerGroup:
         keys = StepLoss.metric_keys(self.policy_loss, proximal=decoupled or cfg.loss.kl_in_reward,
                                     ref=self.ref is not None, distill=self.teacher is not None)
         per_update = []
-        for _ in range(cfg.train.epochs_per_step):
-            for micro_batches, normalizer in plans:
-                loss = StepLoss(self.policy_loss, normalizer)
-                stats = self.trainer.train_step(micro_batches, loss)
-                metrics = reduce_metrics_over(loss.metrics(), keys, contributes=g.is_last_stage and g.tp_rank == 0,
-                                              group=g.world_group)
-                per_update.append({**metrics, "grad_norm": stats["grad_norm"],
-                                   "micro_batches": stats["num_micro_batches"]})
+        updates = [plan for _ in range(cfg.train.epochs_per_step) for plan in plans]
+        for k, (micro_batches, normalizer) in enumerate(updates):
+            loss = StepLoss(self.policy_loss, normalizer)
+            reduced: dict[str, float] = {}
+
+            def apply() -> bool:  # PPO's KL early stop, decided on the metrics summed over the ranks
+                reduced.update(reduce_metrics_over(loss.metrics(), keys, contributes=g.is_last_stage and g.tp_rank == 0,
+                                                   group=g.world_group))
+                return not beyond_target_kl(k, reduced, cfg.train.target_kl)
+
+            stats = self.trainer.train_step(micro_batches, loss, apply=apply)
+            if not stats["applied"]:
+                break
+            per_update.append({**reduced, "grad_norm": stats["grad_norm"], "micro_batches": stats["num_micro_batches"]})
         train_s = time.perf_counter() - t0
         self.version = batch.policy_version
         out = {f"train/{k}": v for k, v in aggregate_updates(per_update, mini_batches=len(plans)).items()}
         if penalty is not None:
             out["train/kl_reward_penalty"] = penalty
+        if cfg.train.target_kl is not None:
+            out["train/skipped_updates"] = float(len(updates) - len(per_update))
         out.update({"perf/train_s": train_s,
                     "perf/train_tokens_per_s": sum(len(s.input_ids) for s in samples) / max(train_s, 1e-9)})
         if self.colocated:

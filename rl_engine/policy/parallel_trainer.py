@@ -26,6 +26,8 @@ micro-batches), and the aux-loss-free bias is updated after each optimizer step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rl_engine.policy import comm
@@ -100,9 +102,12 @@ class ParallelTrainer:
     def step(self) -> int:
         return self.optimizer.step_count
 
-    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn) -> dict[str, float]:
+    def train_step(self, micro_batches: list[MicroBatch], loss_fn: LossFn, *,
+                   apply: Callable[[], bool] | None = None) -> dict[str, float]:
         """Forward/backward over every micro-batch (1F1B across pipeline stages), grad sync,
-        clipping and one AdamW step. Collective over the world."""
+        clipping and one AdamW step. Collective over the world. `apply` (called on every rank after
+        the backward passes, may be collective) returning False discards the gradients instead: no
+        step, the router biases unchanged, `applied` False in the result."""
         g = self.groups
         self._check_expert_lockstep(micro_batches)
         counts = comm.all_reduce(torch.tensor([len(micro_batches), sum(mb.num_tokens for mb in micro_batches)],
@@ -112,13 +117,21 @@ class ParallelTrainer:
         for c in self.chunks:
             c.train()
         losses = self.runner.run(micro_batches, loss_fn)
-        self.optimizer.finish_grad_sync()
-        stats = self.optimizer.step()
-        for m in self.moe_blocks:
-            m.update_expert_bias(g.dp_group)
+        applied = apply is None or apply()
+        if applied:
+            self.optimizer.finish_grad_sync()
+            stats = self.optimizer.step()
+            for m in self.moe_blocks:
+                m.update_expert_bias(g.dp_group)
+        else:
+            self.optimizer.zero_grad()
+            stats = {"grad_norm": 0.0}
+            for m in self.moe_blocks:
+                if m.tokens_per_expert is not None:
+                    m.tokens_per_expert.zero_()
         loss = torch.tensor([float(sum(losses)) if losses and g.tp_rank == 0 else 0.0], dtype=torch.float64)
         loss = comm.all_reduce(comm.all_reduce(comm.all_reduce(loss, g.dp_group), g.pp_group), g.tp_group)
-        return {"loss": float(loss), "grad_norm": stats["grad_norm"], "step": self.step,
+        return {"loss": float(loss), "grad_norm": stats["grad_norm"], "step": self.step, "applied": applied,
                 "num_micro_batches": int(counts[0]), "num_tokens": int(counts[1])}
 
     def _check_expert_lockstep(self, micro_batches: list[MicroBatch]) -> None:

@@ -38,3 +38,13 @@ def test_colocated_dp2_mini_batches_match_single_process(reference, tmp_path, mo
 
 def test_disaggregated_pp2_mini_batches_match_single_process(reference, tmp_path, monkeypatch):
     _check(_run(tmp_path, monkeypatch, "placement.mode=disaggregated", "train.pp=2"), reference)
+
+
+def test_colocated_dp2_target_kl_matches_single_process(tmp_path, monkeypatch):
+    """train.target_kl in the trainer group: the stop is decided on the KL summed over the ranks, on
+    every rank alike (a tiny target stops every step after its first update: 3 of 4 skipped)."""
+    tiny = "train.target_kl=1e-12"
+    reference = single_process_rows(tmp_path / "single", *MINI, tiny)
+    got = _run(tmp_path / "actors", monkeypatch, "placement.mode=colocated", "train.dp=2", tiny)
+    assert_same_run(got, reference)
+    assert all(row["train/skipped_updates"] == 3 for row in got + reference)

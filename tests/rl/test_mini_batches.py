@@ -85,3 +85,46 @@ def test_mini_batch_keys_are_validated():
     for key in ("train.mini_batches_per_step", "train.epochs_per_step"):
         with pytest.raises(ConfigError, match=f"{key}=0 must be"):
             load_config(RLConfig, None, [f"{key}=0"])
+
+
+def test_target_kl_stops_the_step_before_the_update_that_would_pass_it(tmp_path):
+    """train.target_kl (PPO's KL early stop): update k's own forward pass measures the policy's k3 KL
+    to the proximal one on its mini-batch; past the target, that update and the step's remaining ones
+    are not applied (no optimizer step, weights as they were), and `train/skipped_updates` counts them."""
+    free = _trainer(tmp_path / "free", "train.mini_batches_per_step=4", "train.steps=1")
+    try:
+        free.train_on(free.rollout()[0])
+        kls = [u["approx_kl"] for u in free.update_metrics]
+    finally:
+        free.close()
+    assert len(kls) == 4 and kls[0] < 1e-6 and all(k > 0 for k in kls[1:]), kls
+    stop = next(k for k in range(2, 4) if kls[k] > kls[1])  # the first update past update 1's KL
+    target = (kls[1] + kls[stop]) / 2
+
+    trainer = _trainer(tmp_path / "early", "train.mini_batches_per_step=4", "train.steps=1",
+                       f"train.target_kl={target!r}")
+    steps, after_last_step = [], {}
+    step = trainer.optimizer.step
+
+    def counting_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        steps.append(1)
+        after_last_step.update({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+        return out
+
+    trainer.optimizer.step = counting_step
+    try:
+        metrics = trainer.train_on(trainer.rollout()[0])
+        assert len(steps) == stop and metrics["train/skipped_updates"] == 4 - stop
+        # the same updates as the free run up to the stop, bit for bit
+        assert [u["approx_kl"] for u in trainer.update_metrics] == kls[:stop]
+        for name, p in trainer.model.named_parameters():  # the skipped update changed nothing
+            assert torch.equal(p, after_last_step[name]), name
+            assert p.grad is None, name
+    finally:
+        trainer.close()
+
+
+def test_target_kl_is_validated():
+    with pytest.raises(ConfigError, match="train.target_kl=0.0 must be"):
+        load_config(RLConfig, None, ["train.target_kl=0.0"])
