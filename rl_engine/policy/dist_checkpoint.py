@@ -11,9 +11,14 @@ overlapping parts of the saved boxes (so tp, pp, ep and dp may all change).
 
 Layout of a checkpoint directory: `rank{r}.safetensors` (tensors `{key}/{kind}`, kind in param,
 exp_avg, exp_avg_sq; plus this rank's RNG state), `rank{r}.json` (global shape and offset of each
-tensor), and `metadata.json` (step, layout, model config, caller's extra state), written last. The
-directory is built as `{path}.partial` and renamed into place, so a checkpoint is there whole or
-not at all; each file is itself written to a temp name, fsynced and renamed.
+tensor), and `metadata.json` (step, layout, model config with the router knobs transformers has no
+key for, caller's extra state), written last. The directory is built as `{path}.partial` and renamed
+into place, so a checkpoint is there whole or not at all; each file is itself written to a temp name,
+fsynced and renamed.
+
+`write_checkpoint` writes, in one process, the checkpoint that a run of any layout would save, from
+tensors given by a callback (meta-device model chunks of each rank say which boxes it holds):
+`rl-engine convert` uses it to turn a Hugging Face directory or another checkpoint into any layout.
 """
 
 from __future__ import annotations
@@ -23,16 +28,21 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rl_engine.policy.checkpoint import ROUTER_KNOBS
+from rl_engine.policy.config import ModelConfig
 from rl_engine.policy.layers import ColumnParallelLinear
 from rl_engine.policy.model import CausalLM
 from rl_engine.policy.moe import MoEBlock
 from rl_engine.policy.optimizer import STATE_KINDS, DistributedOptimizer
+from rl_engine.policy.parallel import ParallelGroups, check_layout, check_model_layout, rank_coords
+from rl_engine.policy.pipeline import split_layers
 
 
 @dataclass
@@ -147,6 +157,52 @@ def _barrier(groups) -> None:
         dist.barrier(group=groups.world_group)
 
 
+def owned_boxes(chunks: list[CausalLM]) -> list[Box]:
+    """The boxes this rank writes: each box once in the world, by one of the data-parallel ranks
+    holding it (round-robin over the box order), by its primary tp / tied-embedding replica."""
+    g = chunks[0].groups
+    out = []
+    for i, box in enumerate(b for c in chunks for b in model_boxes(c)):
+        dp_size, dp_rank = (g.edp_size, g.edp_rank) if box.is_expert else (g.dp_size, g.dp_rank)
+        if box.replica_primary and i % dp_size == dp_rank:
+            out.append(box)
+    return out
+
+
+def box_kinds(box: Box) -> tuple[str, ...]:
+    return ("param",) if box.is_buffer else STATE_KINDS
+
+
+def _write_rank(directory: str, rank: int, tensors: dict[str, torch.Tensor], meta: dict[str, dict]) -> None:
+    file = os.path.join(directory, f"rank{rank:05d}.safetensors")
+    save_file(tensors, file + ".tmp")
+    _fsync(file + ".tmp")
+    os.replace(file + ".tmp", file)
+    _atomic_json(os.path.join(directory, f"rank{rank:05d}.json"), meta)
+
+
+def _metadata(config: ModelConfig, g: ParallelGroups, *, virtual_stages: int, step: int, extra: dict | None) -> dict:
+    return {
+        "step": step, "world_size": g.world_size, "extra": extra or {}, "model_config": config.to_hf_dict(),
+        "rl_engine_config": {k: getattr(config, k) for k in ROUTER_KNOBS if getattr(config, k)},
+        "layout": {"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size, "ep": g.ep_size,
+                   "virtual_stages": virtual_stages, "sequence_parallel": g.sequence_parallel},
+    }
+
+
+def _commit_dir(tmp: str, path: str, metadata: dict) -> None:
+    """metadata.json last, then the directory renamed into place (the previous one kept until then)."""
+    _atomic_json(os.path.join(tmp, "metadata.json"), metadata)
+    old = path.rstrip("/") + ".old"
+    if os.path.exists(path):  # keep the previous checkpoint until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(path: str, chunks: list[CausalLM], optimizer: DistributedOptimizer, *, step: int,
                     extra: dict | None = None) -> None:
     """Collective over the world: write the full training state of every rank."""
@@ -159,39 +215,65 @@ def save_checkpoint(path: str, chunks: list[CausalLM], optimizer: DistributedOpt
     _barrier(g)
     tensors: dict[str, torch.Tensor] = {"rng/torch_cpu": torch.get_rng_state()}
     meta: dict[str, dict] = {}
-    for i, box in enumerate(b for c in chunks for b in model_boxes(c)):
-        dp_size, dp_rank = (g.edp_size, g.edp_rank) if box.is_expert else (g.dp_size, g.dp_rank)
-        if not box.replica_primary or i % dp_size != dp_rank:
-            continue
-        kinds = ("param",) if box.is_buffer else STATE_KINDS
-        for kind in kinds:
+    for box in owned_boxes(chunks):
+        for kind in box_kinds(box):
             source = box.tensor if box.is_buffer else state[kind][id(box.tensor)]
             name = f"{box.key}/{kind}"
             tensors[name] = source[box.index].contiguous().clone()
             meta[name] = {"global_shape": list(box.global_shape), "offset": list(box.offset)}
-    r = g.world_rank
-    file = os.path.join(tmp, f"rank{r:05d}.safetensors")
-    save_file(tensors, file + ".tmp")
-    _fsync(file + ".tmp")
-    os.replace(file + ".tmp", file)
-    _atomic_json(os.path.join(tmp, f"rank{r:05d}.json"), meta)
+    _write_rank(tmp, g.world_rank, tensors, meta)
     _barrier(g)
-    if r == 0:
-        cfg = chunks[0].config
-        _atomic_json(os.path.join(tmp, "metadata.json"), {
-            "step": step, "world_size": g.world_size, "extra": extra or {}, "model_config": cfg.to_hf_dict(),
-            "layout": {"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size, "ep": g.ep_size,
-                       "virtual_stages": len(chunks), "sequence_parallel": g.sequence_parallel},
-        })
-        old = path.rstrip("/") + ".old"
-        if os.path.exists(path):  # keep the previous checkpoint until the new one is in place
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(os.path.dirname(os.path.abspath(path)))
-        shutil.rmtree(old, ignore_errors=True)
+    if g.world_rank == 0:
+        _commit_dir(tmp, path, _metadata(chunks[0].config, g, virtual_stages=len(chunks), step=step, extra=extra))
     _barrier(g)
+
+
+def layout_groups(rank: int, *, tp: int, pp: int, dp: int, ep: int) -> ParallelGroups:
+    """Rank `rank`'s view of a layout without process groups (enough to build its model chunks on the
+    meta device and list their boxes; no collective can run)."""
+    c = rank_coords(rank, tp=tp, pp=pp, ep=ep, dp=dp)
+    return ParallelGroups(tp_size=tp, tp_rank=c["tp"], pp_size=pp, pp_rank=c["pp"], dp_size=dp, dp_rank=c["dp"],
+                          ep_size=ep, ep_rank=c["ep"], edp_size=dp // ep, edp_rank=c["edp"], world_size=tp * pp * dp,
+                          world_rank=rank)
+
+
+# read(key, kind, offset, shape, global_shape) -> the fp32 block `shape` at `offset` of the global tensor `key`
+BoxReader = Callable[[str, str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], torch.Tensor]
+
+
+def write_checkpoint(path: str, config: ModelConfig, read: BoxReader, *, tp: int = 1, pp: int = 1, dp: int = 1,
+                     ep: int = 1, virtual_stages: int = 1, step: int = 0, extra: dict | None = None,
+                     rng_state: Callable[[int], torch.Tensor] | None = None) -> None:
+    """In this process, the sharded checkpoint a `tp x pp x dp` (`ep`) run of `config` would save, each
+    box's blocks (param, exp_avg, exp_avg_sq; param alone for buffers) from `read`. Layers are split
+    evenly over the pipeline stages (as ParallelTrainer does without `layers_per_stage`). `rng_state(rank)`
+    gives each rank's saved CPU RNG state (default: a generator seeded with 0)."""
+    check_layout(tp=tp, pp=pp, ep=ep, dp=dp, world_size=tp * pp * dp)
+    check_model_layout(config, tp=tp, pp=pp, ep=ep, virtual_stages=virtual_stages)
+    ranges = split_layers(config.num_layers, pp * virtual_stages)
+    tmp = path.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    g = None
+    for rank in range(tp * pp * dp):
+        g = layout_groups(rank, tp=tp, pp=pp, dp=dp, ep=ep)
+        chunks = [CausalLM(config, groups=g, device="meta", layer_range=ranges[c * pp + g.pp_rank])
+                  for c in range(virtual_stages)]
+        rng = rng_state(rank) if rng_state is not None else torch.Generator().manual_seed(0).get_state()
+        tensors: dict[str, torch.Tensor] = {"rng/torch_cpu": rng}
+        meta: dict[str, dict] = {}
+        for box in owned_boxes(chunks):
+            shape = tuple(box.tensor[box.index].shape)
+            for kind in box_kinds(box):
+                name = f"{box.key}/{kind}"
+                block = read(box.key, kind, box.offset, shape, box.global_shape)
+                if tuple(block.shape) != shape:
+                    raise ValueError(f"{name}: got a block of shape {tuple(block.shape)} at offset {box.offset}, "
+                                     f"rank {rank} holds {shape} of the global {box.global_shape}")
+                tensors[name] = block.to(torch.float32).contiguous()
+                meta[name] = {"global_shape": list(box.global_shape), "offset": list(box.offset)}
+        _write_rank(tmp, rank, tensors, meta)
+    _commit_dir(tmp, path, _metadata(config, g, virtual_stages=virtual_stages, step=step, extra=extra))
 
 
 class _SavedIndex:
@@ -262,6 +344,20 @@ def load_checkpoint(path: str, chunks: list[CausalLM], optimizer: DistributedOpt
         with safe_open(rng_file, framework="pt") as f:
             torch.set_rng_state(f.get_tensor("rng/torch_cpu"))
     return index.metadata
+
+
+def checkpoint_reader(path: str) -> BoxReader:
+    """A `BoxReader` of a saved checkpoint: each block assembled from the saved boxes overlapping it
+    (a tensor it lacks, or saved with another global shape, is a ValueError naming it)."""
+    index = _SavedIndex(path)
+
+    def read(key: str, kind: str, offset: tuple[int, ...], shape: tuple[int, ...],
+             global_shape: tuple[int, ...]) -> torch.Tensor:
+        block = torch.zeros(shape, dtype=torch.float32)
+        index.read_into(f"{key}/{kind}", block, offset, global_shape)
+        return block
+
+    return read
 
 
 def read_full_tensors(path: str, kind: str = "param") -> dict[str, torch.Tensor]:
