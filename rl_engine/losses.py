@@ -6,7 +6,9 @@ Three log-probs meet here: `logprobs` (current policy, with grad), `old_logprobs
 policy: the trainer's own log-probs computed once at the start of the step, before its first update;
 the PPO anchor), and `behavior_logprobs` (what the rollout engine reported, possibly stale). This is
 the decoupled objective: the PPO/GSPO ratio is logprobs/old; the importance weight that corrects the
-engine mismatch (and staleness) is old/behavior (TIS truncates it, MIS masks it). With one update per
+engine mismatch (and staleness) is old/behavior (TIS truncates it, MIS masks it), per token for
+PPO and per sequence for GSPO (the geometric mean of the token ratios, as GSPO defines its own ratio,
+so the product of the two is the geometric mean of current/behavior). With one update per
 step the proximal policy is the current one, and `old_logprobs=None` (old = logprobs.detach()) is
 the same loss without a second forward pass.
 
@@ -44,20 +46,25 @@ class ImportanceSamplingConfig:
 
     mode: "none" (weights 1; mismatch metrics still reported), "truncate" (TIS: w = min(r, cap)),
     "mask" (MIS: w = r inside [mask_low, mask_high], else 0). level: "token" (r per token),
-    "sequence" (product of token ratios), "geometric" (geometric mean of token ratios).
+    "sequence" (product of token ratios), "geometric" (geometric mean of token ratios), or None:
+    the loss's own level, "token" for ppo_clip and "geometric" for gspo (whose ratio is one per
+    sequence, so its correction is too: w_i = min(exp(mean_t log(old_t / behavior_t)), cap) on
+    every token of sequence i; a per-token weight would re-weight the tokens inside GSPO's sequence
+    gradient, which the paper's objective does not do).
     """
 
     # Default TIS: a no-op when behavior and training weights agree (sync, fp32: r = 1 within 1e-6),
     # and what keeps async runs (stale tokens, r far from 1) from blowing up.
     mode: str = "truncate"
-    level: str = "token"
+    level: str | None = None
     truncate_cap: float = 2.0
     mask_low: float = 0.5
     mask_high: float = 2.0
 
     def __post_init__(self) -> None:
         _check_choice("importance_sampling.mode", self.mode, IS_MODES)
-        _check_choice("importance_sampling.level", self.level, IS_LEVELS)
+        if self.level is not None:
+            _check_choice("importance_sampling.level", self.level, IS_LEVELS)
         if not self.truncate_cap > 0:
             raise ValueError(f"importance_sampling.truncate_cap ({self.truncate_cap}) must be > 0 (typical: 2.0)")
         if not 0 <= self.mask_low <= 1 <= self.mask_high:
@@ -101,6 +108,17 @@ class PolicyLossConfig:
             raise ValueError(f"dual_clip ({self.dual_clip}) must be > 1 (typical: 3.0), or None to disable")
         if self.kl_coef < 0 or self.entropy_coef < 0:
             raise ValueError(f"kl_coef ({self.kl_coef}) and entropy_coef ({self.entropy_coef}) must be >= 0")
+        if self.loss_type == "gspo" and self.importance_sampling.level == "token":
+            raise ValueError("importance_sampling.level='token' does not fit loss_type='gspo': GSPO's ratio is one"
+                             " per sequence, so is its importance weight; leave the level unset (the GSPO form,"
+                             " 'geometric': the geometric mean of the token ratios) or choose 'geometric' or"
+                             " 'sequence'")
+
+    @property
+    def is_level(self) -> str:
+        """The importance-sampling level in force: the configured one, else the loss's own."""
+        level = self.importance_sampling.level
+        return level if level is not None else ("geometric" if self.loss_type == "gspo" else "token")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,8 +191,10 @@ def importance_weights(
     num_seqs: int,
     config: ImportanceSamplingConfig,
     normalizer: LossNormalizer,
+    level: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token weights [T] (no grad) correcting behavior -> training, plus additive metrics.
+    `level` overrides `config.level` (`PolicyLoss` passes its loss's level); with neither, "token".
 
     Metrics: mismatch_k3 / mismatch_k1 estimate KL(behavior || training) per response token;
     is_ratio_mean / is_ratio_max / is_affected_frac are over units (tokens or sequences) of
@@ -188,12 +208,14 @@ def importance_weights(
         "mismatch_k3": (torch.exp(log_ratio) - 1 - log_ratio).sum() / normalizer.num_tokens,
         "mismatch_k1": (-log_ratio).sum() / normalizer.num_tokens,
     }
-    if config.level == "token":
+    level = level or config.level or "token"
+    _check_choice("importance_sampling.level", level, IS_LEVELS)
+    if level == "token":
         unit_log_ratio, valid, denominator = log_ratio, mask, normalizer.num_tokens
     else:
         seq_len = _segment_sum(mask.float(), seq_ids, num_seqs)  # [S]
         unit_log_ratio = _segment_sum(log_ratio, seq_ids, num_seqs)  # [S] log of the product
-        if config.level == "geometric":
+        if level == "geometric":
             unit_log_ratio = unit_log_ratio / seq_len.clamp(min=1)
         valid, denominator = seq_len > 0, normalizer.num_sequences
     ratio = torch.exp(unit_log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
@@ -207,7 +229,7 @@ def importance_weights(
     metrics["is_ratio_mean"] = torch.where(valid, ratio, 0.0).sum() / denominator
     metrics["is_ratio_max"] = torch.where(valid, ratio, 0.0).max() if ratio.numel() else ratio.new_zeros(())
     metrics["is_affected_frac"] = (affected & valid).float().sum() / denominator
-    if config.level != "token":
+    if level != "token":
         weights = weights[seq_ids]  # [S] -> [T]
     return weights.to(training_logprobs.dtype), metrics
 
@@ -295,6 +317,7 @@ class PolicyLoss:
                 num_seqs=num_seqs,
                 config=cfg.importance_sampling,
                 normalizer=normalizer,
+                level=cfg.is_level,
             )
             pg = pg * weights
             metrics.update(is_metrics)

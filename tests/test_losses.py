@@ -128,13 +128,15 @@ def reference_loss(batch: ToyBatch, config: PolicyLossConfig, *, token_sum_const
                     obj = torch.max(obj, config.dual_clip * A)
                 terms.append(-obj)
         for i, (lp, (g, _)) in enumerate(zip(lps, tokens)):
-            if is_cfg.mode == "truncate" and is_cfg.level == "token":
+            if is_cfg.mode == "truncate" and config.is_level == "token":
                 terms[i] = terms[i] * min(math.exp(float(batch.old[g] - batch.behavior[g])), is_cfg.truncate_cap)
-            elif is_cfg.mode == "mask" and is_cfg.level == "sequence":
+            elif is_cfg.mode == "truncate" and config.is_level == "geometric":  # GSPO's: one weight per sequence
+                terms[i] = terms[i] * min(math.exp(seq_log_is / len(tokens)), is_cfg.truncate_cap)
+            elif is_cfg.mode == "mask" and config.is_level == "sequence":
                 r = math.exp(seq_log_is)
                 terms[i] = terms[i] * (r if is_cfg.mask_low <= r <= is_cfg.mask_high else 0.0)
             else:
-                assert is_cfg.mode == "none", "reference covers token-TIS and sequence-MIS only"
+                assert is_cfg.mode == "none", "reference covers token/geometric TIS and sequence MIS only"
             q = batch.ref[g]
             terms[i] = terms[i] + config.kl_coef * (torch.exp(q - lp) - (q - lp) - 1)
             p = torch.softmax(theta[g], -1)
@@ -191,6 +193,66 @@ def test_gspo_token_form_matches_sequence_level_reference() -> None:
     assert 0 < reduce_metrics(metrics)["pg_clipfrac"] < 1
 
 
+def test_gspo_with_tis_matches_sequence_level_reference() -> None:
+    """GSPO with the default TIS (mode truncate, level unset): one weight per sequence, the truncated
+    geometric mean of its tokens' old/behavior ratios, against the per-sequence loop reference; the
+    batch has truncated and untruncated sequences, clipped and unclipped ratios."""
+    batch = make_batch(seed=2, dtype=torch.float64)
+    batch.theta = batch.theta.double()
+    config = PolicyLossConfig(loss_type="gspo", clip_low=0.05, clip_high=0.08, agg="seq-mean-token-mean",
+                              importance_sampling=ImportanceSamplingConfig(truncate_cap=1.1))
+    assert config.is_level == "geometric"
+    normalizer = compute_loss_normalizer(batch.response_lengths())
+    loss, grad, metrics = run_split(batch, _whole(batch), config, normalizer)
+    ref_loss, ref_grad = reference_loss(batch, config)
+    assert loss == pytest.approx(ref_loss, rel=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    m = reduce_metrics(metrics)
+    assert 0 < m["pg_clipfrac"] < 1 and 0 < m["is_affected_frac"] < 1
+    untruncated, _, _ = run_split(batch, _whole(batch), PolicyLossConfig(
+        loss_type="gspo", clip_low=0.05, clip_high=0.08, agg="seq-mean-token-mean",
+        importance_sampling=ImportanceSamplingConfig(mode="none")), normalizer)
+    assert abs(loss - untruncated) > 1e-3  # the correction is not a no-op on this batch
+
+
+def test_gspo_with_tis_by_hand() -> None:
+    """Two sequences, every number by hand. clip 0.2, cap 1.1, seq-mean-token-mean (2 sequences).
+    seq 0 (A = 1): log(pi/old) = [0.2, -0.1] -> s0 = e^0.05; log(old/behavior) = [0.3, 0.2] ->
+    geometric mean e^0.25 = 1.284 > cap -> w0 = 1.1 (truncated).
+    seq 1 (A = -0.5): log(pi/old) = [0.1, 0, -0.1] -> s1 = 1; log(old/behavior) = [-0.1, 0.1, -0.1]
+    -> w1 = e^(-0.1/3).
+    loss = (-(1) s0 w0 + 0.5 s1 w1) / 2; d loss / d logprob_t = -A_i w_i s_i / (|y_i| * 2) (GSPO-token:
+    each token carries s_i's value with the gradient of its own log-prob)."""
+    lp = torch.tensor([-1.0, -2.0, -0.5, -1.0, -1.5], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([-1.2, -1.9, -0.6, -1.0, -1.4], dtype=torch.float64)
+    behavior = torch.tensor([-1.5, -2.1, -0.5, -1.1, -1.3], dtype=torch.float64)
+    adv = torch.tensor([1.0, 1.0, -0.5, -0.5, -0.5], dtype=torch.float64)
+    config = PolicyLossConfig(loss_type="gspo", clip_low=0.2, clip_high=0.2, agg="seq-mean-token-mean",
+                              importance_sampling=ImportanceSamplingConfig(mode="truncate", truncate_cap=1.1))
+    out = PolicyLoss(config)(logprobs=lp, advantages=adv, loss_mask=torch.ones(5, dtype=torch.bool),
+                             seq_ids=torch.tensor([0, 0, 1, 1, 1]), num_seqs=2,
+                             normalizer=LossNormalizer(num_tokens=5, num_sequences=2), old_logprobs=old,
+                             behavior_logprobs=behavior)
+    out.loss.backward()
+    s0, w0, w1 = math.exp(0.05), 1.1, math.exp(-0.1 / 3)
+    assert float(out.loss.detach()) == pytest.approx((-s0 * w0 + 0.5 * w1) / 2, rel=1e-12)
+    expected_grad = [-w0 * s0 / 4] * 2 + [0.5 * w1 / 6] * 3
+    torch.testing.assert_close(lp.grad, torch.tensor(expected_grad, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert float(out.metrics["is_affected_frac"]) == pytest.approx(1 / 2)  # over sequences
+    assert float(out.metrics["is_ratio_mean"]) == pytest.approx((math.exp(0.25) + w1) / 2, rel=1e-12)
+    assert float(out.metrics["is_ratio_max"]) == pytest.approx(math.exp(0.25), rel=1e-12)
+    assert float(out.metrics["pg_clipfrac"]) == 0
+
+
+def test_gspo_refuses_a_token_level_importance_weight() -> None:
+    with pytest.raises(ValueError, match="importance_sampling.level='token' does not fit loss_type='gspo'"):
+        PolicyLossConfig(loss_type="gspo", importance_sampling=ImportanceSamplingConfig(level="token"))
+    for level, expected in ((None, "geometric"), ("sequence", "sequence"), ("geometric", "geometric")):
+        config = PolicyLossConfig(loss_type="gspo", importance_sampling=ImportanceSamplingConfig(level=level))
+        assert config.is_level == expected
+    assert PolicyLossConfig().is_level == "token"
+
+
 def test_sequence_mis_matches_reference_and_zeroes_masked_sequences() -> None:
     batch = make_batch(seed=3, dtype=torch.float64)
     batch.theta = batch.theta.double()
@@ -218,6 +280,8 @@ INVARIANCE_CONFIGS = {
         **PPO_FULL, agg="seq-mean-token-mean", importance_sampling=ImportanceSamplingConfig(mode="mask")
     ),
     "drgrpo-sum-norm": PolicyLossConfig(agg="seq-mean-token-sum-norm", kl_coef=0.05, kl_estimator="k1"),
+    "gspo-tis": PolicyLossConfig(loss_type="gspo", clip_low=0.05, clip_high=0.08, agg="seq-mean-token-mean",
+                                 importance_sampling=ImportanceSamplingConfig(truncate_cap=1.1)),
     "gspo-geometric-mis": PolicyLossConfig(
         loss_type="gspo", clip_low=0.05, clip_high=0.08, agg="seq-mean-token-mean",
         importance_sampling=ImportanceSamplingConfig(mode="mask", level="geometric", mask_low=0.8, mask_high=1.25),
