@@ -9,7 +9,9 @@ a "score" key; other keys are kept as extra info). Built-ins are registered by n
 `ProcessPoolExecutor`, because a per-item timeout needs to know when each item *started* and must
 be able to kill just the worker that hangs: that worker is terminated and replaced, the item
 scores `failure_score`, and the rest of the batch goes on. Every failure is logged and counted.
-This module imports no torch, so workers start fast.
+A worker's start-up (a fresh interpreter importing the reward's module: seconds for a module that
+imports torch or sympy) is not an item's time: a worker says when it is ready, only then gets items,
+and has its own bound, `startup_timeout_s`. This module imports no torch, so workers start fast.
 """
 
 from __future__ import annotations
@@ -112,11 +114,14 @@ def _call_reward(fn: RewardFn, response: str, answer: str | None, kwargs: Mappin
 @dataclass(kw_only=True)
 class RewardConfig:
     """name: registered reward or dotted path. num_workers=0 runs in-process (no timeout).
-    kwargs are passed to every call along with the item's metadata (e.g. format `pattern`)."""
+    kwargs are passed to every call along with the item's metadata (e.g. format `pattern`).
+    timeout_s bounds one call of the function; startup_timeout_s bounds a worker's start-up
+    (interpreter and imports), which never counts against an item."""
 
     name: str = "math"
     num_workers: int = 2
     timeout_s: float = 10.0
+    startup_timeout_s: float = 120.0
     failure_score: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -125,6 +130,9 @@ class RewardConfig:
             raise ValueError(f"num_workers ({self.num_workers}) must be >= 0 (0: evaluate in-process)")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s ({self.timeout_s}) must be > 0")
+        if not (math.isfinite(self.startup_timeout_s) and self.startup_timeout_s > 0):
+            raise ValueError(f"startup_timeout_s ({self.startup_timeout_s}) must be finite and > 0 (seconds a reward"
+                             " worker may take to start and import the reward's module)")
         if not math.isfinite(self.failure_score):
             raise ValueError(f"failure_score ({self.failure_score}) must be finite")
 
@@ -153,8 +161,13 @@ class RewardStats:
         return self.num_errors + self.num_timeouts
 
 
+_READY = "ready"
+
+
 def _worker_main(conn: Connection, fn: RewardFn, kwargs: dict[str, Any]) -> None:
-    """Worker loop: (index, response, answer, metadata) -> (index, score, extra, error)."""
+    """Worker loop: (index, response, answer, metadata) -> (index, score, extra, error), after one
+    `_READY`: `fn` arrived unpickled, so its module (and whatever that imports) is loaded."""
+    conn.send(_READY)
     while True:
         try:
             task = conn.recv()
@@ -182,6 +195,8 @@ class _Worker:
                 "module top level, or use num_workers=0"
             ) from e
         child_conn.close()
+        self.started = time.monotonic()
+        self.ready = False  # until the worker's _READY: its start-up is not an item's time
         self.task: tuple[int, float] | None = None  # (item index, start time) while busy
 
     def kill(self) -> None:
@@ -276,16 +291,20 @@ class RewardComputer:
         while len(self._workers) < self.config.num_workers:
             self._workers.append(self._spawn())
         pending = deque(tasks)
-        timeout = self.config.timeout_s
+        timeout, startup = self.config.timeout_s, self.config.startup_timeout_s
         while pending or any(w.task is not None for w in self._workers):
             for worker in self._workers:
-                if worker.task is None and pending:
+                if worker.ready and worker.task is None and pending:
                     task = pending.popleft()
                     worker.conn.send(task)
-                    worker.task = (task[0], time.monotonic())
+                    worker.task = (task[0], time.monotonic())  # the item's clock starts here
             busy = [w for w in self._workers if w.task is not None]
-            next_deadline = min(w.task[1] for w in busy) + timeout  # type: ignore[index]
-            ready = wait([w.conn for w in busy], timeout=max(0.0, next_deadline - time.monotonic()))
+            starting = [w for w in self._workers if not w.ready]
+            next_deadline = min([w.task[1] + timeout for w in busy]  # type: ignore[index]
+                                + [w.started + startup for w in starting])
+            ready = wait([w.conn for w in busy + starting], timeout=max(0.0, next_deadline - time.monotonic()))
+            for worker in starting:
+                self._check_started(worker, worker.conn in ready)
             for worker in busy:
                 assert worker.task is not None
                 index = worker.task[0]
@@ -305,6 +324,29 @@ class RewardComputer:
                 elif time.monotonic() - worker.task[1] >= timeout:
                     outcomes[index] = self._failure(index, f"timed out after {timeout}s", timed_out=True)
                     self._replace(worker, stats)
+
+    def _check_started(self, worker: _Worker, has_message: bool) -> None:
+        """Mark a starting worker ready on its _READY; a worker that dies or overruns
+        `startup_timeout_s` while starting cannot score anything: an error naming the reward."""
+        if has_message:
+            try:
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                worker.process.join(5)
+                worker.kill()
+                self._workers.remove(worker)
+                raise RuntimeError(
+                    f"reward worker for {self.config.name!r} exited with code {worker.process.exitcode} while"
+                    " starting (importing the reward's module in a fresh process): see its error above") from None
+            assert message == _READY, message
+            worker.ready = True
+        elif time.monotonic() - worker.started >= self.config.startup_timeout_s:
+            worker.kill()
+            self._workers.remove(worker)
+            raise RuntimeError(
+                f"reward worker for {self.config.name!r} did not start within reward.startup_timeout_s="
+                f"{self.config.startup_timeout_s:g}s (a fresh process importing the reward's module); raise"
+                " reward.startup_timeout_s or make the module's imports lighter")
 
     def _replace(self, worker: _Worker, stats: RewardStats) -> None:
         worker.kill()

@@ -1,6 +1,7 @@
 """Rewards: math answer checking on tricky cases, registry and dotted paths, the worker pool."""
 
 import logging
+import os
 
 import pytest
 
@@ -120,6 +121,41 @@ def test_pool_times_out_hung_reward_and_survives_errors_and_deaths() -> None:
         # The pool was rebuilt: the next batch runs normally on fresh workers.
         outcomes, stats = computer.compute(["ok", "ok", "ok"], ["a"] * 3)
         assert [o.score for o in outcomes] == [1.0, 1.0, 1.0] and stats.num_failed == 0
+
+
+@pytest.fixture
+def slow_import(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Reward workers (not this process) spend 3 s importing `slow_import_rewards`."""
+    monkeypatch.setenv("RL_ENGINE_TEST_REWARD_PARENT", str(os.getpid()))
+    monkeypatch.setenv("RL_ENGINE_TEST_REWARD_IMPORT_S", "3")
+    return monkeypatch
+
+
+def test_worker_start_up_does_not_count_against_the_reward_timeout(slow_import: pytest.MonkeyPatch) -> None:
+    """Each worker spends 3 s importing the reward's module, twice the 1.5 s item timeout: every item
+    still scores, the first ones on a fresh worker and the ones after a timeout on its replacement,
+    while a call that itself runs past the timeout still times out."""
+    config = RewardConfig(name="slow_import_rewards:score", num_workers=1, timeout_s=1.5, failure_score=-1.0)
+    with RewardComputer(config) as computer:
+        outcomes, stats = computer.compute(["import_seconds", "ab", "hang", "import_seconds", "abcd"], [None] * 5)
+        scores = [o.score for o in outcomes]
+        assert scores[0] >= 3.0 and scores[3] >= 3.0  # both workers' imports outlasted the timeout
+        assert scores[1:3] + scores[4:] == [2.0, -1.0, 4.0]
+        assert outcomes[2].timed_out and "timed out after 1.5s" in outcomes[2].error
+        assert (stats.num_timeouts, stats.num_errors, stats.num_worker_restarts) == (1, 0, 1)
+
+
+def test_worker_start_up_has_its_own_bound_and_errors(slow_import: pytest.MonkeyPatch) -> None:
+    slow = RewardConfig(name="slow_import_rewards:score", num_workers=1, timeout_s=10, startup_timeout_s=0.5)
+    with RewardComputer(slow) as computer:
+        with pytest.raises(RuntimeError, match=r"did not start within reward.startup_timeout_s=0.5s"):
+            computer.compute(["ab"], [None])
+    slow_import.setenv("RL_ENGINE_TEST_REWARD_IMPORT_FAIL", "1")
+    with RewardComputer(RewardConfig(name="slow_import_rewards:score", num_workers=1)) as computer:
+        with pytest.raises(RuntimeError, match=r"exited with code 1 while starting"):
+            computer.compute(["ab"], [None])
+    with pytest.raises(ValueError, match="startup_timeout_s \\(inf\\) must be finite and > 0"):
+        RewardConfig(startup_timeout_s=float("inf"))
 
 
 def test_pool_runs_builtin_math_reward() -> None:
