@@ -1,4 +1,5 @@
-"""Built-in verifiable tasks for the demo: rewrite a short string of letters.
+"""Built-in verifiable tasks for the demo: rewrite a short string of letters (and `calc`, the agentic
+multi-step arithmetic task with a calculator tool: rl_engine/demo_calc.py).
 
 `rl-engine train` with no arguments must show RL learning on 2 CPU cores in minutes, with nothing
 downloaded. Tasks: "upper" (`upper abcd` -> `ABCD`, the demo's default) and "reverse"
@@ -19,6 +20,8 @@ import json
 import os
 import random
 
+from rl_engine.demo_calc import calculator, write_calc_task
+
 ALPHABET = "abcdefghij"
 
 
@@ -33,7 +36,7 @@ def _strings(rng: random.Random, n: int, min_len: int, max_len: int, exclude: se
     return out
 
 
-TASKS = {"upper": str.upper, "reverse": lambda s: s[::-1]}
+TASKS = {"upper": str.upper, "reverse": lambda s: s[::-1], "calc": lambda expression: calculator(expression)}
 
 
 def write_task(directory: str, task: str, *, seed: int = 0, num_train: int = 4000, num_eval: int = 200,
@@ -42,6 +45,8 @@ def write_task(directory: str, task: str, *, seed: int = 0, num_train: int = 400
     demonstrations: prompt + response) to `directory`; returns their paths."""
     if task not in TASKS:
         raise ValueError(f"unknown builtin task {task!r}; available: {', '.join(TASKS)}")
+    if task == "calc":
+        return write_calc_task(directory, seed=seed, num_train=num_train, num_eval=num_eval, num_sft=num_sft)
     solve = TASKS[task]
     rng = random.Random(seed)
     evals = _strings(rng, num_eval, min_len, max_len, set())

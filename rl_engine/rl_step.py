@@ -49,27 +49,59 @@ class Sample:
     kv_versions: list[int] | None = None  # per response token
     routed_experts: torch.Tensor | None = None  # [len(input_ids), moe layers, k] (routing replay)
     uid: str = ""  # the prompt's dataset uid ("epoch:index")
+    num_turns: int = 1  # assistant turns (agentic sessions; 1 for a single-turn completion)
+    finish_reason: str = ""  # "stop", "length", or the limit that ended a session
 
     @property
     def response_ids(self) -> list[int]:
         return self.targets[self.prompt_len - 1:]
 
+    @property
+    def num_loss_tokens(self) -> int:
+        """Tokens the policy sampled (a multi-turn response also holds observation tokens)."""
+        return sum(self.loss_mask)
+
 
 def make_sample(*, prompt_ids: Sequence[int], response_ids: Sequence[int], logprobs: Sequence[float],
                 policy_versions: Sequence[int], reward: float, group: int,
                 kv_versions: Sequence[int] | None = None, routed_experts: torch.Tensor | None = None,
-                uid: str = "") -> Sample:
+                uid: str = "", response_mask: Sequence[int] | None = None, num_turns: int = 1,
+                finish_reason: str = "") -> Sample:
+    """`response_mask` (one entry per response token; None: all 1): 1 on the tokens the policy sampled,
+    0 on context inside the response (an agentic session's observations), whose log-prob and version
+    entries are placeholders (0.0, -1) that nothing reads."""
     tokens = list(prompt_ids) + list(response_ids)
     p, r = len(prompt_ids), len(response_ids)
-    if r == 0:
+    mask = [1] * r if response_mask is None else [int(bool(m)) for m in response_mask]
+    if len(mask) != r:
+        raise ValueError(f"response_mask has {len(mask)} entries for {r} response tokens")
+    if not any(mask):
         raise ValueError(f"prompt {uid or group}: an empty completion cannot be trained on")
     if routed_experts is not None and routed_experts.shape[0] != p + r - 1:
         raise ValueError(f"routed_experts covers {routed_experts.shape[0]} tokens, the sample feeds {p + r - 1}")
-    return Sample(group=group, input_ids=tokens[:-1], targets=tokens[1:], loss_mask=[0] * (p - 1) + [1] * r,
+    return Sample(group=group, input_ids=tokens[:-1], targets=tokens[1:], loss_mask=[0] * (p - 1) + mask,
                   behavior_logprobs=[0.0] * (p - 1) + [float(x) for x in logprobs],
                   policy_versions=[-1] * (p - 1) + [int(v) for v in policy_versions], reward=float(reward),
                   response_len=r, prompt_len=p, kv_versions=None if kv_versions is None else list(kv_versions),
-                  routed_experts=routed_experts, uid=uid)
+                  routed_experts=routed_experts, uid=uid, num_turns=num_turns, finish_reason=finish_reason)
+
+
+def sample_dump_row(sample: Sample, *, step: int) -> dict[str, Any]:
+    """`train.dump_samples`' JSON object of one trained sample; per-token lists aligned with token_ids
+    (entry t is about token t: 0 / 0.0 / -1 on context tokens)."""
+    return {"step": step, "uid": sample.uid, "token_ids": sample.input_ids + sample.targets[-1:],
+            "loss_mask": [0] + sample.loss_mask, "behavior_logprobs": [0.0] + sample.behavior_logprobs,
+            "policy_versions": [-1] + sample.policy_versions, "reward": sample.reward,
+            "num_turns": sample.num_turns, "finish_reason": sample.finish_reason}
+
+
+def dump_samples(path: str, samples: Sequence[Sample], *, step: int) -> None:
+    """Append the step's trained samples to `path` (JSON lines)."""
+    import json
+
+    with open(path, "a") as f:
+        for s in samples:
+            f.write(json.dumps(sample_dump_row(s, step=step)) + "\n")
 
 
 # ---- prompts and sampling ------------------------------------------------------------------------
@@ -307,7 +339,7 @@ def split_mini_batches(samples: Sequence[Sample], advantages: torch.Tensor, *,
 def mini_batch_normalizer(samples: Sequence[Sample], cfg: RLConfig) -> LossNormalizer:
     """A mini-batch's global counts (over all its micro-batches and dp ranks), fixed before its split:
     each update's loss is the mean over its own mini-batch, as one update of the whole batch was."""
-    return compute_loss_normalizer([s.response_len for s in samples], token_sum_constant=cfg.rollout.max_new_tokens)
+    return compute_loss_normalizer([s.num_loss_tokens for s in samples], token_sum_constant=cfg.rollout.max_new_tokens)
 
 
 def attach_logprobs(micro_batches: Sequence[MicroBatch], logprobs: Sequence[torch.Tensor], *, key: str) -> None:
