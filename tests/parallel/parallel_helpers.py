@@ -1,5 +1,8 @@
 """Shared pieces of the multi-process tests: tiny models written as HF checkpoints, deterministic
-packed micro-batches, a loss normalised by global counts, and the layout runner used in workers."""
+packed micro-batches, a loss normalised by global counts, the layout runner used in workers, and the
+parity harness: `run_parity` trains the single-process references and spawns the layouts,
+`check_layout` holds a layout to its reference (`assert_matches_single`), `routing_replay` checks
+record / replay of MoE routing, `rank_results` reads what each rank wrote."""
 
 from __future__ import annotations
 
@@ -9,7 +12,9 @@ import os
 
 import torch
 
+from rl_engine.launch.gloo import spawn
 from rl_engine.policy import CausalLM, ModelConfig, comm
+from rl_engine.policy.moe import RoutingRecord
 from rl_engine.policy.optimizer import OptimizerConfig
 from rl_engine.policy.parallel import ParallelGroups
 from rl_engine.policy.pipeline import MicroBatch
@@ -121,6 +126,61 @@ def run_layout(spec: dict, weights: str, out_dir: str, *, steps: int = 3) -> Par
     if trainer.groups.world_rank == 0:
         write_json(os.path.join(out_dir, spec["name"] + ".json"), losses)
     return trainer
+
+
+def run_layouts(layouts: list[dict], weights: dict[str, str], out_dir: str) -> dict[str, ParallelTrainer]:
+    """In a worker: `run_layout` for each spec (weights by its kind); the trainers by layout name."""
+    return {spec["name"]: run_layout(spec, weights[spec["kind"]], out_dir) for spec in layouts}
+
+
+def run_parity(out_dir: str, worker, *, world: int, kinds: tuple[str, ...] = ("dense", "moe")) -> str:
+    """The parity harness's driver: write one checkpoint per model kind, train the single-process
+    reference `single_<kind>` of each in this process, then run `worker(rank, world, weights,
+    out_dir)` in `world` gloo processes (weights: kind -> checkpoint directory). Returns out_dir."""
+    out_dir = str(out_dir)
+    weights = {kind: write_weights(os.path.join(out_dir, f"weights_{kind}"), kind) for kind in kinds}
+    for kind in kinds:
+        run_layout({"name": f"single_{kind}", "kind": kind}, weights[kind], out_dir)
+    spawn(worker, world, weights, out_dir)
+    return out_dir
+
+
+def layout_ids(layouts: list[dict]) -> list[str]:
+    return [spec["name"] for spec in layouts]
+
+
+def check_layout(out_dir: str, spec: dict) -> str:
+    """`assert_matches_single` of the layout `spec` against the single-process run of its kind."""
+    return assert_matches_single(out_dir, spec["name"], f"single_{spec['kind']}", kind=spec["kind"])
+
+
+def routing_replay(trainer: ParallelTrainer, mbs: list[MicroBatch], *, num_experts: int) -> dict[str, float]:
+    """Record the routing of `mbs`, replay it, then replay every choice moved to the next expert.
+    Returns {"same": max |replayed - recorded| log-prob (0 when replay works), "changed": the
+    smallest per-micro-batch max |moved - recorded| (> 0 when replay steers the experts)}. Leaves
+    `mbs` replaying the recorded routing."""
+    for mb in mbs:
+        mb.routing = RoutingRecord(mode="record")
+    recorded = trainer.forward_logprobs(mbs)
+    for mb in mbs:
+        mb.routing.mode = "replay"
+    replayed = trainer.forward_logprobs(mbs)
+    for mb in mbs:
+        mb.routing.topk_ids = {k: (v + 1) % num_experts for k, v in mb.routing.topk_ids.items()}
+    moved = trainer.forward_logprobs(mbs)
+    for mb in mbs:
+        mb.routing.topk_ids = {k: (v - 1) % num_experts for k, v in mb.routing.topk_ids.items()}
+    return {"same": max((a[0] - b[0]).abs().max().item() for a, b in zip(recorded, replayed)),
+            "changed": min((a[0] - b[0]).abs().max().item() for a, b in zip(recorded, moved))}
+
+
+def rank_results(out_dir: str, prefix: str, *, world: int) -> list[dict]:
+    """What each rank wrote with `write_json(out_dir/<prefix><rank>.json)`, by rank."""
+    results = []
+    for rank in range(world):
+        with open(os.path.join(out_dir, f"{prefix}{rank}.json")) as f:
+            results.append(json.load(f))
+    return results
 
 
 EPS32 = torch.finfo(torch.float32).eps

@@ -2,15 +2,13 @@
 a checkpoint saved at tp2 x pp2 loads at tp1 x pp1 and tp1 x pp2 with the same logits; a run
 resumed from a checkpoint continues with the losses of the uninterrupted run."""
 
-import json
 import os
 
 import pytest
 import torch
 
-from parallel_helpers import assert_matches_single, build_trainer, loss_fn, micro_batches, my_micro_batches, \
-    run_layout, write_json, write_weights
-from rl_engine.launch.gloo import spawn
+from parallel_helpers import build_trainer, check_layout, layout_ids, loss_fn, micro_batches, my_micro_batches, \
+    rank_results, run_layouts, run_parity, write_json
 
 LAYOUTS = [
     {"name": "tp2_pp2", "kind": "dense", "tp": 2, "pp": 2},
@@ -26,10 +24,7 @@ def _save_logits(trainer, out: str, name: str) -> None:
 
 
 def _worker(rank, world, weights, out):
-    for spec in LAYOUTS:
-        trainer = run_layout(spec, weights[spec["kind"]], out)
-        if spec["name"] == "tp2_pp2":
-            _save_logits(trainer, out, "tp2_pp2")
+    _save_logits(run_layouts(LAYOUTS, weights, out)["tp2_pp2"], out, "tp2_pp2")
     # Load the tp2 x pp2 checkpoint into other layouts (dp takes the remaining ranks).
     for spec in ({"name": "tp1_pp2", "kind": "dense", "pp": 2}, {"name": "tp1_pp1", "kind": "dense"}):
         trainer = build_trainer(spec, weights["dense"])
@@ -55,17 +50,12 @@ def _worker(rank, world, weights, out):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("world4"))
-    weights = {k: write_weights(os.path.join(out, f"weights_{k}"), k) for k in ("dense", "moe")}
-    for kind in ("dense", "moe"):
-        run_layout({"name": f"single_{kind}", "kind": kind}, weights[kind], out)
-    spawn(_worker, 4, weights, out)
-    return out
+    return run_parity(tmp_path_factory.mktemp("world4"), _worker, world=4)
 
 
-@pytest.mark.parametrize("spec", LAYOUTS, ids=[s["name"] for s in LAYOUTS])
+@pytest.mark.parametrize("spec", LAYOUTS, ids=layout_ids(LAYOUTS))
 def test_layout_matches_single_process(results, spec):
-    print(assert_matches_single(results, spec["name"], f"single_{spec['kind']}", kind=spec["kind"]))
+    print(check_layout(results, spec))
 
 
 def test_checkpoint_reshards_to_other_layouts(results):
@@ -78,9 +68,7 @@ def test_checkpoint_reshards_to_other_layouts(results):
 
 
 def test_resumed_run_continues_the_uninterrupted_losses(results):
-    for rank in range(4):
-        with open(os.path.join(results, f"resume{rank}.json")) as f:
-            r = json.load(f)
+    for r in rank_results(results, "resume", world=4):
         third = r["uninterrupted"][2]
         assert r["same_layout"]["loss"] == pytest.approx(third, abs=1e-6)
         assert r["tp1_pp2"]["loss"] == pytest.approx(third, abs=1e-5)
