@@ -234,6 +234,9 @@ class RefSection:
     # A Hugging Face model directory with the policy's tokenizer; None: the initial policy (the
     # weights RL starts from, after the warm start) when loss.kl_coef > 0, else no reference.
     path: str | None = None
+    # "cpu": the weights stay in host memory between uses, on the training device only while they
+    # score a step (rl_engine/policy/offload.py); "none": always on the device.
+    offload: Literal["none", "cpu"] = "none"
 
     def __post_init__(self) -> None:
         _check_text("ref.path", self.path, optional=True)
@@ -251,6 +254,7 @@ class DistillSection:
     # "reverse_kl": the teacher's signal alone (task rewards ignored); "reverse_kl+reward": added to
     # the task's group advantages.
     mode: Literal["reverse_kl", "reverse_kl+reward"] = "reverse_kl"
+    offload: Literal["none", "cpu"] = "none"  # the teacher's weights, as ref.offload
 
     def __post_init__(self) -> None:
         _check_text("distill.teacher_path", self.teacher_path, optional=True)

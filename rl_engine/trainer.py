@@ -35,6 +35,7 @@ from rl_engine.frozen_models import check_same_tokenizer, reference_path
 from rl_engine.inference import LLM
 from rl_engine.losses import PolicyLoss
 from rl_engine.policy import from_pretrained
+from rl_engine.policy.offload import HostOffload, in_use
 from rl_engine.rl_step import (
     PromptSource,
     Sample,
@@ -197,6 +198,10 @@ class GRPOTrainer:
             check_same_tokenizer(key="distill.teacher_path", path=cfg.distill.teacher_path, policy_path=model_path)
             self.teacher = from_pretrained(cfg.distill.teacher_path, dtype=dtype, device=cfg.train.device)
             self.teacher.requires_grad_(False)
+        # ref.offload / distill.offload: "cpu" keeps a frozen model's weights in host memory between uses
+        self.ref_offload, self.teacher_offload = (
+            HostOffload(m, device=cfg.train.device) if m is not None and mode == "cpu" else None
+            for m, mode in ((self.ref_model, cfg.ref.offload), (self.teacher, cfg.distill.offload)))
         self.prompts = PromptSource(cfg, model_path=model_path, data_path=data_path, eval_path=eval_path,
                                     eos_token_ids=self.model.config.eos_token_id)
         self.tokenizer = self.prompts.tokenizer
@@ -258,7 +263,8 @@ class GRPOTrainer:
             losses.append(loss.item())
         opt.zero_grad(set_to_none=True)  # leave no gradient behind for the RL optimizer
         if self.ref_model is not None and self.config.ref.path is None:  # the initial policy is this one
-            self.ref_model.load_state_dict(self.model.state_dict())
+            with in_use(self.ref_offload, write_back=True):
+                self.ref_model.load_state_dict(self.model.state_dict())
         # The warm-started weights are the RL run's version 0; drop KV cached under the old ones.
         self.llm.reset_prefix_cache()
         return {"warmup/loss_first": losses[0], "warmup/loss_last": sum(losses[-10:]) / len(losses[-10:])}
@@ -334,7 +340,8 @@ class GRPOTrainer:
         self.model.train()
         if self.ref_model is not None:  # the reference's log-probs, in the same micro-batches
             for micro_batches, _ in plans:
-                attach_logprobs(micro_batches, forward_logprobs(self.ref_model, micro_batches), key="ref")
+                with in_use(self.ref_offload):
+                    attach_logprobs(micro_batches, forward_logprobs(self.ref_model, micro_batches), key="ref")
         # Decoupled PPO (several updates) and the KL reward penalty need the proximal policy, once per step.
         if len(plans) * cfg.train.epochs_per_step > 1 or cfg.loss.kl_in_reward:
             for micro_batches, _ in plans:
@@ -344,7 +351,8 @@ class GRPOTrainer:
                 [m for m, _ in plans], [len(s) for s, _ in mini], rewards, groups, cfg)
         if self.teacher is not None:  # the teacher scores the sampled tokens, in the same micro-batches
             for micro_batches, _ in plans:
-                attach_logprobs(micro_batches, forward_logprobs(self.teacher, micro_batches), key="teacher")
+                with in_use(self.teacher_offload):
+                    attach_logprobs(micro_batches, forward_logprobs(self.teacher, micro_batches), key="teacher")
             apply_distillation([m for m, _ in plans], coef=cfg.distill.coef,
                                with_reward=cfg.distill.mode == "reverse_kl+reward")
         per_update = []
@@ -399,8 +407,9 @@ class GRPOTrainer:
         os.makedirs(path)
         run_checkpoint.write_bytes_atomic(os.path.join(path, "model.pt"), _torch_bytes(self.model.state_dict()))
         if self.ref_model is not None and cfg.ref.path is None:  # the initial policy, no longer on disk
-            run_checkpoint.write_bytes_atomic(os.path.join(path, "ref_model.pt"),
-                                              _torch_bytes(self.ref_model.state_dict()))
+            with in_use(self.ref_offload):
+                run_checkpoint.write_bytes_atomic(os.path.join(path, "ref_model.pt"),
+                                                  _torch_bytes(self.ref_model.state_dict()))
         run_checkpoint.write_bytes_atomic(os.path.join(path, "optimizer.pt"),
                                           _torch_bytes(self.optimizer.state_dict()))
         rng = {"torch_cpu": torch.get_rng_state()}
@@ -425,7 +434,8 @@ class GRPOTrainer:
             raise ResumeError(f"cannot resume from {path}: its weights do not fit this model: {e}") from None
         self.optimizer.load_state_dict(_torch_load(os.path.join(path, "optimizer.pt")))
         if self.ref_model is not None and self.config.ref.path is None:
-            self.ref_model.load_state_dict(_torch_load(os.path.join(path, "ref_model.pt")))
+            with in_use(self.ref_offload, write_back=True):
+                self.ref_model.load_state_dict(_torch_load(os.path.join(path, "ref_model.pt")))
         try:
             self.dataset.load_state_dict(state["dataset"])
         except ValueError as e:

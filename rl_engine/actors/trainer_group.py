@@ -78,9 +78,11 @@ class TrainerGroup:
         # The frozen reference, sharded like the trainer. Its default, the initial policy, is model.path:
         # the launcher points that at the warm-started weights (train_cli checked ref.path's tokenizer).
         ref_path = reference_path(cfg, initial_policy_path=cfg.model.path)
-        self.ref = None if ref_path is None else FrozenPolicy.from_pretrained(ref_path, groups=g, dtype=self.dtype)
+        self.ref = None if ref_path is None else FrozenPolicy.from_pretrained(
+            ref_path, groups=g, dtype=self.dtype, offload=cfg.ref.offload == "cpu")
         teacher = cfg.distill.teacher_path
-        self.teacher = None if teacher is None else FrozenPolicy.from_pretrained(teacher, groups=g, dtype=self.dtype)
+        self.teacher = None if teacher is None else FrozenPolicy.from_pretrained(
+            teacher, groups=g, dtype=self.dtype, offload=cfg.distill.offload == "cpu")
         self.policy_loss = PolicyLoss(cfg.loss)
         self.moe_layers = sorted(config.moe_layers) if cfg.rollout.routing_replay else None
         self.version = 0

@@ -15,6 +15,7 @@ from rl_engine.policy import comm
 from rl_engine.policy.checkpoint import load_hf_weights
 from rl_engine.policy.config import ModelConfig
 from rl_engine.policy.model import CausalLM
+from rl_engine.policy.offload import HostOffload, in_use
 from rl_engine.policy.parallel import ParallelGroups, check_model_layout
 from rl_engine.policy.pipeline import MicroBatch, PipelineRunner, split_layers
 
@@ -23,7 +24,9 @@ __all__ = ["FrozenPolicy"]
 
 class FrozenPolicy:
     def __init__(self, config: ModelConfig, *, path: str, groups: ParallelGroups, dtype: torch.dtype = torch.float32,
-                 virtual_stages: int = 1, layers_per_stage: list[int] | None = None) -> None:
+                 virtual_stages: int = 1, layers_per_stage: list[int] | None = None, offload: bool = False,
+                 device: str = "cpu") -> None:
+        """`offload`: weights in host memory between `forward_logprobs` calls (`ref.offload: cpu`)."""
         g = groups
         check_model_layout(config, tp=g.tp_size, pp=g.pp_size, ep=g.ep_size, virtual_stages=virtual_stages)
         self.config, self.groups = config, groups
@@ -39,6 +42,7 @@ class FrozenPolicy:
             for p in tied:
                 comm.broadcast(p.data, src=g.pp_ranks[0], group=g.embedding_group)
         self.runner = PipelineRunner(self.chunks, g)
+        self.offload = HostOffload(self.chunks, device=device) if offload else None
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "FrozenPolicy":
@@ -48,4 +52,5 @@ class FrozenPolicy:
     def forward_logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor]:
         """Log-probs [T] of each micro-batch's targets at its temperature, on the last pipeline stage
         ([] elsewhere). Collective over the pipeline (and tp / ep) groups, like the trainer's pass."""
-        return [lp for lp, _ in self.runner.run(micro_batches, None, forward_only=True)]
+        with in_use(self.offload):
+            return [lp for lp, _ in self.runner.run(micro_batches, None, forward_only=True)]

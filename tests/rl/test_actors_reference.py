@@ -30,8 +30,10 @@ def _check(got, reference):
         assert abs(a["train/kl_ref"] - b["train/kl_ref"]) <= 1e-6 + 1e-4 * abs(b["train/kl_ref"]), (a, b)
 
 
-def test_colocated_tp2_with_kl_matches_single_process(reference, tmp_path, monkeypatch):
-    _check(_run(tmp_path, monkeypatch, "placement.mode=colocated", "train.tp=2"), reference)
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_colocated_tp2_with_kl_matches_single_process(reference, tmp_path, monkeypatch, offload):
+    """ref.offload=cpu: the FrozenPolicy's shards in host memory between steps score the same."""
+    _check(_run(tmp_path, monkeypatch, "placement.mode=colocated", "train.tp=2", f"ref.offload={offload}"), reference)
 
 
 def test_disaggregated_pp2_with_kl_matches_single_process(reference, tmp_path, monkeypatch):

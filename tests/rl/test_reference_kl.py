@@ -67,9 +67,12 @@ def test_kl_estimator_is_validated():
         load_config(RLConfig, None, ["loss.kl_estimator=k5"])
 
 
-def test_resume_keeps_the_initial_policy_as_reference(tmp_path, monkeypatch):
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_resume_keeps_the_initial_policy_as_reference(tmp_path, monkeypatch, offload):
     """The default reference (the warm-started initial policy) lives in no file but the checkpoint;
-    a run stopped after step 2 and resumed repeats the uninterrupted run's metrics byte for byte."""
+    a run stopped after step 2 and resumed repeats the uninterrupted run's metrics byte for byte. With
+    `ref.offload=cpu` (the stopped and resumed run; the uninterrupted one resident) too: the reference
+    written after the warm start, saved, loaded and scoring from host memory is the same model."""
     import os
 
     from rl_engine.train_cli import run
@@ -83,9 +86,9 @@ def test_resume_keeps_the_initial_policy_as_reference(tmp_path, monkeypatch):
         return run(load_config(RLConfig, None, [*toy, f"train.output_dir={out}", *overrides]))
 
     toy_run(tmp_path / "whole", "train.steps=4")
-    toy_run(tmp_path / "part", "train.steps=2")
+    toy_run(tmp_path / "part", "train.steps=2", f"ref.offload={offload}")
     assert (tmp_path / "part" / "checkpoints" / "step_000002" / "ref_model.pt").exists()
-    summary = toy_run(tmp_path / "part", "train.steps=4", "train.resume=auto")
+    summary = toy_run(tmp_path / "part", "train.steps=4", "train.resume=auto", f"ref.offload={offload}")
     assert summary["resumed_from_step"] == 2
     whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
     part = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
