@@ -22,6 +22,7 @@ worker SIGKILLs itself on receiving its N-th request, with the earlier ones stil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -35,6 +36,8 @@ from rl_engine.actors.wire import add_to_engine, generate_result
 from rl_engine.auth import RunAuth
 from rl_engine.inference import LLM
 from rl_engine.policy import from_pretrained
+from rl_engine.policy.tokenizer import Tokenizer
+from rl_engine.serve.host import start_run_server
 from rl_engine.train_config import RLConfig
 from rl_engine.weight_sync import (EngineLayout, SharedMemoryReceiverTransport, TrainLayout, WeightReceiver,
                                    WeightSyncError, ZmqReceiverTransport, plan_message_bytes, plan_sync)
@@ -61,7 +64,10 @@ class RolloutWorker:
         self.worker_id, self.die_after_requests = worker_id, die_after_requests
         dtype = getattr(torch, cfg.model.dtype)
         model = from_pretrained(cfg.model.path, dtype=dtype)
-        self.llm = LLM(model, kv_cache_memory=r.kv_cache_memory_mb << 20,
+        tokenizer = None
+        if p.serve_port is not None:  # served text needs it; built as the single-process run's (same EOS ids)
+            tokenizer = Tokenizer.from_pretrained(cfg.model.path, eos_token_ids=model.config.eos_token_id or None)
+        self.llm = LLM(model, tokenizer=tokenizer, kv_cache_memory=r.kv_cache_memory_mb << 20,
                        max_num_batched_tokens=r.max_num_batched_tokens, seed=t.seed, record_routing=r.routing_replay)
         self.engine = self.llm.engine
         # Every process computes the same plan: every trainer rank sends its own shards to this tp=1 engine.
@@ -82,22 +88,28 @@ class RolloutWorker:
                                                   "weights_version": self.engine.weights_version})
         self.requests: dict[str, P.GenerateRequest] = {}
         self.num_received = 0
+        # placement.serve_port: worker i serves the OpenAI API on serve_port + i from this engine; the lock
+        # is held while this loop uses the engine (steps, requests, weight updates).
+        index = worker_id.rsplit("-", 1)[-1]
+        self.server = start_run_server(cfg, self.engine, name=worker_id, port_offset=int(index) if index.isdigit() else 0)
+        self.engine_lock = self.server.lock if self.server is not None else contextlib.nullcontext()
 
     def serve(self) -> None:
         while True:
             busy = self.engine.has_unfinished_requests()
             msg = self.link.receive(0 if busy else 100, expected=COMMANDS)
-            while msg is not None:  # take everything that is waiting before the next engine step
-                if isinstance(msg, P.Shutdown):
-                    logger.info("%s: shutdown (%s)", self.worker_id, msg.reason)
-                    return
-                self._handle(msg)
-                msg = self.link.receive(0, expected=COMMANDS)
-            if self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.finished:
-                        request = self.requests.pop(out.request_id)
-                        self.link.send(generate_result(request, out))
+            with self.engine_lock:
+                while msg is not None:  # take everything that is waiting before the next engine step
+                    if isinstance(msg, P.Shutdown):
+                        logger.info("%s: shutdown (%s)", self.worker_id, msg.reason)
+                        return
+                    self._handle(msg)
+                    msg = self.link.receive(0, expected=COMMANDS)
+                if self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.finished:
+                            request = self.requests.pop(out.request_id)
+                            self.link.send(generate_result(request, out))
 
     def _handle(self, msg: P.Message) -> None:
         if isinstance(msg, P.GenerateRequest):
@@ -143,6 +155,8 @@ class RolloutWorker:
                                 probe_error=self.receiver.last_probe_error)
 
     def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
         self.link.close()
         self.weights_rx.close()
 

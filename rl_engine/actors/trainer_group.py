@@ -29,6 +29,7 @@ plan for tp=1 engines, `WeightPublisher` over `ZmqSenderTransport`), with a log-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import os
@@ -53,6 +54,7 @@ from rl_engine.policy.frozen import FrozenPolicy
 from rl_engine.rl_step import (StepLoss, aggregate_updates, apply_distillation, apply_kl_reward_penalty,
                                attach_logprobs, beyond_target_kl, build_micro_batches, micro_batch_count,
                                mini_batch_normalizer, split_mini_batches)
+from rl_engine.serve.host import start_run_server
 from rl_engine.train_config import RLConfig
 from rl_engine.weight_sync import (EngineLayout, InProcessTransport, SharedMemorySenderTransport, TrainLayout,
                                    WeightPublisher, WeightReceiver, WeightSyncError, ZmqSenderTransport, plan_sync,
@@ -92,7 +94,12 @@ class TrainerGroup:
             from rl_engine.inference import LLM
 
             r = cfg.rollout
-            self.llm = LLM(self.trainer.chunks[0], kv_cache_memory=r.kv_cache_memory_mb << 20,
+            tokenizer = None
+            if p.serve_port is not None:  # served text needs it; built as the single-process run's (same EOS ids)
+                from rl_engine.policy.tokenizer import Tokenizer
+
+                tokenizer = Tokenizer.from_pretrained(cfg.model.path, eos_token_ids=config.eos_token_id or None)
+            self.llm = LLM(self.trainer.chunks[0], tokenizer=tokenizer, kv_cache_memory=r.kv_cache_memory_mb << 20,
                            max_num_batched_tokens=r.max_num_batched_tokens, seed=t.seed,
                            record_routing=r.routing_replay)
             # Engine rank = replica * tp + tp_rank = this training rank (pp = 1): each reads its own shards.
@@ -124,20 +131,33 @@ class TrainerGroup:
 
     # ---- the command loop -------------------------------------------------------------------------
     def serve(self) -> None:
-        while True:
-            msg = self._next_command()
-            if isinstance(msg, P.Shutdown):
-                logger.info("trainer rank %d: shutdown (%s)", self.groups.world_rank, msg.reason)
-                return
-            if isinstance(msg, P.TrainBatch):
-                self._train(msg)
-            elif isinstance(msg, P.GenerateBatch):
-                self._generate(msg)
-            elif isinstance(msg, P.SaveCheckpoint):
-                self.trainer.save_checkpoint(msg.path, extra={"policy_version": self.version, "step": msg.step})
-                self._send(P.Ack(ref=f"checkpoint:{msg.path}"))
-            elif isinstance(msg, P.LoadCheckpoint):
-                self._load(msg)
+        # placement.serve_port (colocated, tp = 1): rank 0's engine answers the OpenAI API; every command
+        # (generation, training that changes the weights it reads, weight updates) holds the engine's lock.
+        server = None
+        if self.colocated and self.groups.world_rank == 0:
+            server = start_run_server(self.cfg, self.llm.engine, name="trainer-0")
+        try:
+            while True:
+                msg = self._next_command()
+                if isinstance(msg, P.Shutdown):
+                    logger.info("trainer rank %d: shutdown (%s)", self.groups.world_rank, msg.reason)
+                    return
+                with server.lock if server is not None else contextlib.nullcontext():
+                    self._run_command(msg)
+        finally:
+            if server is not None:
+                server.close()
+
+    def _run_command(self, msg: P.Message) -> None:
+        if isinstance(msg, P.TrainBatch):
+            self._train(msg)
+        elif isinstance(msg, P.GenerateBatch):
+            self._generate(msg)
+        elif isinstance(msg, P.SaveCheckpoint):
+            self.trainer.save_checkpoint(msg.path, extra={"policy_version": self.version, "step": msg.step})
+            self._send(P.Ack(ref=f"checkpoint:{msg.path}"))
+        elif isinstance(msg, P.LoadCheckpoint):
+            self._load(msg)
 
     def _load(self, msg: P.LoadCheckpoint) -> None:
         extra = self.trainer.load_checkpoint(msg.path).get("extra", {})

@@ -4,7 +4,7 @@ The run's loop owns its engine and keeps stepping it as before (a trainer's `LLM
 worker's loop). The host is the engine's guest (`LLMEngine.guest`): requests from the server's event
 loop wait in an inbox and join the continuous batch at the start of the next step, whoever runs it;
 their outputs are routed back to the server, the owner's returned to the owner as before. When the
-owner is not stepping (between rollouts) a stepper thread steps the engine for the guest's requests.
+engine holds only the guest's requests (between rollouts) a stepper thread steps it for them.
 One lock (`host.lock`) serialises every use of the engine: the owner holds it while it generates, and
 while it changes the weights, so a request that arrives during training or a weight update waits,
 and the first token sampled after the update carries the new version. A request of the guest that the
@@ -36,7 +36,6 @@ class EngineHost:
         self._aborts: list[str] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._active: set[str] = set()  # guest requests in the engine (touched under `lock`)
-        self._stash: list[RequestOutput] = []  # the owner's outputs of steps the stepper ran
         self._wake = threading.Event()
         self._stop = False
         engine.guest = self
@@ -111,11 +110,8 @@ class EngineHost:
                 self._deliver(rid, out)
         for partial in resume:  # continued with the current weights at the next step
             self.engine.add_request(partial.request_id, partial, partial.sampling_params, stream=True)
-        if threading.current_thread() is self._thread:
-            self._stash.extend(owner)
-            return []
-        stash, self._stash = self._stash, []
-        return stash + owner
+        assert not owner or threading.current_thread() is not self._thread, "the stepper stepped the owner's work"
+        return owner
 
     def _deliver(self, rid: str, item) -> None:
         with self._mutex:
@@ -131,6 +127,12 @@ class EngineHost:
         with self._mutex:
             return bool(self._inbox or self._aborts or self._active)
 
+    def _guest_only(self) -> bool:
+        """Whether every request in the engine, and every output it holds back, is the guest's: the
+        stepper then steps, and no output of the owner can come back to it."""
+        engine = self.engine
+        return all(rid in self._active for rid in engine.requests) and not engine._ready  # noqa: SLF001
+
     def _step_loop(self) -> None:
         """Step the engine for the guest's requests whenever the owner is not using it."""
         while not self._stop:
@@ -139,8 +141,8 @@ class EngineHost:
             while not self._stop and self._has_guest_work():
                 with self.lock:
                     self.admit()
-                    if not self._active:
-                        break
+                    if not self._active or not self._guest_only():
+                        break  # the owner has work in the engine: it steps (and so serves the guest too)
                     try:
                         self.engine.step()
                     except Exception:  # noqa: BLE001 - fail the guest's requests, keep the run alive

@@ -37,8 +37,8 @@ def _wait_for(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _address(out_dir):
-    path = os.path.join(out_dir, "serve", "policy.json")
+def _address(out_dir, name):
+    path = os.path.join(out_dir, "serve", f"{name}.json")
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
@@ -57,19 +57,34 @@ def _greedy(client, model):
     raise AssertionError("no answer came from a single weights version in 20 tries")
 
 
-def test_serve_from_a_training_run(tmp_path):
+PLACEMENTS = {  # placement -> (overrides, the server checked, other servers of the run)
+    "single_process": ([], "policy", []),
+    "colocated": (["placement.mode=colocated", "placement.heartbeat_timeout_s=60"], "trainer-0", []),
+    "disaggregated": (["placement.mode=disaggregated", "placement.num_rollout_workers=2",
+                       "placement.heartbeat_timeout_s=60"], "rollout-1", ["rollout-0"]),
+}
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_serve_from_a_training_run(tmp_path, placement):
     import openai
 
+    overrides, name, others = PLACEMENTS[placement]
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([RL_TESTS, os.environ.get("PYTHONPATH", "")])}
     env.pop("RL_ENGINE_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "train", *RUN, f"train.output_dir={out}"],
+    proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "train", *RUN, *overrides,
+                             f"train.output_dir={out}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
-        addr = _wait_for(lambda: _address(out) or (proc.poll() is not None and {"exit": proc.returncode}), 120,
-                         "the run's server")
+        addr = _wait_for(lambda: _address(out, name) or (proc.poll() is not None and {"exit": proc.returncode}),
+                         180, "the run's server")
         assert "url" in addr, proc.stdout.read()
         assert addr["host"] == "127.0.0.1" and addr["model"] == "policy"  # loopback by default
+        for other in others:  # each rollout worker serves on its own port
+            other_addr = _wait_for(lambda: _address(out, other), 60, f"{other}'s server")
+            assert other_addr["port"] != addr["port"]
+            assert httpx.get(other_addr["url"] + "/models").json()["data"][0]["id"] == "policy"
         client = openai.OpenAI(base_url=addr["url"], api_key="none", max_retries=0, timeout=60)
         models = client.models.list().data
         assert [m.id for m in models] == ["policy"]
@@ -96,12 +111,18 @@ def test_serve_from_a_training_run(tmp_path):
             proc.kill()
             proc.wait()
 
+    from rl_engine.convert import detect_source, load_model
     from rl_engine.inference import LLM, SamplingParams
-    from rl_engine.policy import from_pretrained
 
-    def fresh(step_dir: str):
-        model = from_pretrained(str(out / "init_model"), dtype=torch.float32)
-        model.load_state_dict(torch.load(os.path.join(step_dir, "model.pt"), map_location="cpu", weights_only=True))
+    def fresh(step_dir: str | None):
+        """A new engine on a checkpoint's weights (None: the run's initial model, version 0)."""
+        source = detect_source(step_dir) if step_dir else None
+        if source is None:
+            from rl_engine.policy import from_pretrained
+
+            model = from_pretrained(str(out / "init_model"), dtype=torch.float32)
+        else:
+            model = load_model(source, torch.float32)[0]
         llm = LLM(model, kv_cache_memory=8 << 20)
         return llm.generate([PROMPT_IDS], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))[0]
 
@@ -111,11 +132,7 @@ def test_serve_from_a_training_run(tmp_path):
     assert max(abs(a - b) for a, b in zip(ref2.logprobs, second_lp)) < 1e-4
     # and the weights did move between the two answers: version v1's engine scores the v2 answer otherwise
     ref1 = step_dir(str(out), v1) if v1 > 0 else None
-    if ref1 is None or os.path.isfile(os.path.join(ref1, "model.pt")):
-        model = from_pretrained(str(out / "init_model"), dtype=torch.float32)
-        if ref1 is not None:
-            model.load_state_dict(torch.load(os.path.join(ref1, "model.pt"), map_location="cpu", weights_only=True))
-        old = LLM(model, kv_cache_memory=8 << 20).generate(
-            [PROMPT_IDS], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))[0].outputs[0]
+    if ref1 is None or os.path.isdir(ref1):
+        old = fresh(ref1).outputs[0]
         assert old.token_ids == first and max(abs(a - b) for a, b in zip(old.logprobs, first_lp)) < 1e-4
         assert max(abs(a - b) for a, b in zip(old.logprobs, ref2.logprobs)) > 1e-3 or old.token_ids != second
