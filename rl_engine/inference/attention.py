@@ -16,6 +16,10 @@ prefill chunks. Per layer, `attend` writes the new k/v into the paged cache at `
   (plain causal), else over its gathered cached prefix with an offset causal mask.
 Index tensors, views and masks are built once per step (`prepare`), not per layer. On CUDA, decode
 calls the `paged_decode_attention` op from the kernel registry instead (unverified here: no GPU in CI).
+Under `model.batch_invariant` (`invariant=True`) every query instead goes through
+`kernels.invariant.attention` over its keys gathered from the cache at positions 0, 1, ... (padded
+to whole key blocks): decodes as one call with one key sequence per row, prefill chunks as calls
+over their sequence's keys, the same reduction the trainer's packed forward runs.
 `decode_observer`, when set, sees every eager decode call's inputs and output (a replayed CUDA graph
 runs no Python); tests compare the kernels against the engine on a real engine state with it.
 """
@@ -27,6 +31,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from rl_engine.kernels import invariant
 
 DECODE_CHUNK_BYTES = 1 << 20  # gathered K + V per decode chunk: about half a core's L2
 
@@ -44,7 +50,7 @@ class PagedAttention:
     [num_blocks, block_size, num_kv_heads, head_dim]."""
 
     def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], *, first_layer: int,
-                 decode_op=None) -> None:
+                 decode_op=None, batch_invariant: bool = False) -> None:
         self.k_caches = k_caches
         self.v_caches = v_caches
         self.first_layer = first_layer
@@ -54,6 +60,11 @@ class PagedAttention:
         self._k_flat = [k.view(-1, self.num_kv_heads, self.head_dim) for k in k_caches]
         self._v_flat = [v.view(-1, self.num_kv_heads, self.head_dim) for v in v_caches]
         self.decode_op = decode_op  # a registry kernel (CUDA); None: SDPA below
+        self.batch_invariant = batch_invariant
+        # batch-invariant metadata: decode rows' cache slots [B, L] and positions [B]; per prefill
+        # chunk, its sequence's slots [context_len] (None when the chunk starts it) and positions
+        self.invariant_decode: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.invariant_prefills: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         # decode_observer(layer_idx, q, k_cache, v_cache, block_tables, context_lens, scale, out)
         self.decode_observer: Callable[..., None] | None = None
         self.slot_mapping: torch.Tensor | None = None
@@ -78,8 +89,24 @@ class PagedAttention:
         self.block_tables = block_tables
         self.context_lens = context_lens
         self.decode_chunks = []
-        if num_single and self.decode_op is None:
+        if self.batch_invariant:
+            self._prepare_invariant(num_single, block_tables, context_lens, max_context_len)
+        elif num_single and self.decode_op is None:
             self._prepare_decode(num_single, block_tables, context_lens, max_context_len, first_block)
+
+    def _prepare_invariant(self, B: int, block_tables: torch.Tensor | None, context_lens: torch.Tensor | None,
+                           max_context_len: int) -> None:
+        bs = self.block_size
+        self.invariant_decode = None
+        if B:
+            length = invariant.padded_length(max(max_context_len, int(context_lens[:B].max())))
+            slots = invariant.paged_slots(block_tables[:B], length, bs).reshape(-1)
+            self.invariant_decode = (slots, context_lens[:B].long() - 1)
+        self.invariant_prefills = []
+        for c in self.prefills:
+            pos = torch.arange(c.context_len - (c.end - c.start), c.context_len, device=self.slot_mapping.device)
+            slots = None if c.block_ids is None else invariant.paged_slots(c.block_ids[None], c.context_len, bs)[0]
+            self.invariant_prefills.append((slots, pos))
 
     def _prepare_decode(self, B: int, block_tables: torch.Tensor, context_lens: torch.Tensor,
                         max_context_len: int, first_block: int | None) -> None:
@@ -114,6 +141,8 @@ class PagedAttention:
         k_flat, v_flat = self._k_flat[i], self._v_flat[i]
         k_flat.index_copy_(0, self.slot_mapping, k)
         v_flat.index_copy_(0, self.slot_mapping, v)
+        if self.batch_invariant:
+            return self._attend_invariant(k_flat, v_flat, q, k, v, scale)
         nd = self.num_single
         if not self.prefills:
             return self._decode(i, q, scale)
@@ -144,6 +173,25 @@ class PagedAttention:
             o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
                                                attn_mask=mask, scale=scale)
             out[c.start:c.end] = o[0].transpose(0, 1)
+        return out
+
+    def _attend_invariant(self, k_flat: torch.Tensor, v_flat: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Every query through `invariant.attention` over its sequence's keys from position 0."""
+        out = torch.empty_like(q)
+        nd = self.num_single
+        if nd:
+            slots, pos = self.invariant_decode
+            length = slots.shape[0] // nd
+            kd = k_flat.index_select(0, slots).view(nd, length, *k_flat.shape[1:])
+            vd = v_flat.index_select(0, slots).view(nd, length, *v_flat.shape[1:])
+            out[:nd] = invariant.attention(q[:nd], kd, vd, pos, scale=scale)
+        for c, (slots, pos) in zip(self.prefills, self.invariant_prefills):
+            if slots is None:  # the chunk starts its sequence: its own k/v are positions 0..n-1
+                ks, vs = k[c.start:c.end], v[c.start:c.end]
+            else:
+                ks, vs = k_flat.index_select(0, slots), v_flat.index_select(0, slots)
+            out[c.start:c.end] = invariant.sequence_attention(q[c.start:c.end], ks, vs, pos, scale=scale)
         return out
 
     def _decode(self, i: int, q: torch.Tensor, scale: float) -> torch.Tensor:

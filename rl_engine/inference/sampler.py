@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rl_engine import kernels
 from rl_engine.inference.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -44,9 +45,13 @@ class SampleRow:
 
 
 class Sampler:
-    def __init__(self, *, device: torch.device, seed: int) -> None:
+    def __init__(self, *, device: torch.device, seed: int, batch_invariant: bool = False) -> None:
+        """`batch_invariant` (model.batch_invariant): behavior log-probs come from the registry's
+        `logprob_shard_stats` and `combine_shard_stats`, the functions the trainer's log-probs use
+        (`policy.logprobs.full_logits_logprobs_and_entropy`), so both round the same way."""
         self.device = device
         self.rng = random.Random(seed)
+        self.batch_invariant = batch_invariant
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[float]]:
         """logits [n, V] (any float dtype) -> (token ids, log-probs), one per row."""
@@ -65,8 +70,12 @@ class Sampler:
             sampled = self._sample(e, z, rows)
             tokens = sampled if all(temps) else torch.where(
                 torch.tensor([t == 0 for t in temps], device=z.device)[:, None], argmax, sampled)
-        else:  # all greedy: log-prob of the argmax is -log(sum(exp(z - max z))), in four small ops
+        elif not self.batch_invariant:  # all greedy: the argmax's log-prob is -log(sum(exp(z - max z)))
             return argmax.view(-1).tolist(), (z - z_max).exp_().sum(dim=-1).log_().neg_().tolist()
+        else:
+            tokens = argmax
+        if self.batch_invariant:
+            return tokens.view(-1).tolist(), shared_logprobs(z, tokens.view(-1)).tolist()
         logprobs = z.gather(1, tokens) - lse
         return tokens.view(-1).tolist(), logprobs.view(-1).tolist()
 
@@ -82,6 +91,14 @@ class Sampler:
     def uniforms(self, seeds: list[int | None]) -> list[float]:
         """One uniform in [0, 1) per seed (a `token_seed`), or from the engine's generator for None."""
         return [s / 2.0 ** 63 if s is not None else self.rng.random() for s in seeds]
+
+
+def shared_logprobs(z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax(z)[token] per row of z [n, V] (already divided by the temperature) through the
+    kernel registry's softmax statistics: bit for bit what the trainer computes from the same logits."""
+    stats = kernels.logprob_shard_stats(z, tokens, temperature=1.0)
+    lse, target_logit, _ = kernels.combine_shard_stats(stats)
+    return target_logit - lse
 
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

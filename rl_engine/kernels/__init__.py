@@ -24,6 +24,7 @@ from rl_engine.kernels.registry import (
     format_backends_table,
     resolve,
     set_backend_overrides,
+    set_batch_invariant,
 )
 
 
@@ -134,6 +135,6 @@ __all__ = [
     "combine_shard_stats", "configure", "default_registry", "describe", "format_backends_table",
     "logprob_entropy", "logprob_entropy_grad", "logprob_shard_stats", "moe_permute",
     "moe_unpermute", "paged_decode_attention", "paged_prefill_attention", "reshape_and_cache",
-    "resolve", "rms_norm", "rotary_cos_sin", "set_backend_overrides", "silu_and_mul",
+    "resolve", "rms_norm", "rotary_cos_sin", "set_backend_overrides", "set_batch_invariant", "silu_and_mul",
     "top_k_top_p_sampling", "varlen_causal_attention",
 ]

@@ -4,6 +4,9 @@ Every op has a torch reference plus optional fast implementations (Triton, Flash
 Engine). Resolution happens once per (op, device type) and is cached, so a model resolves its ops at
 build time and `forward` only calls plain functions. The rules, in order:
 
+0. under `KernelConfig.batch_invariant` (the run's `model.batch_invariant`) every op resolves to its
+   batch-invariant implementation (`OpSpec.invariant`, torch code on every device); an op without
+   one, or an override naming another backend, fails with a ValueError naming the op;
 1. an override (`set_backend_overrides` / `KernelConfig`) names the backend; if that backend cannot
    run on the device, resolution fails with a ValueError naming op, backend, why, and what can run;
 2. on CPU (and any non-CUDA device) the torch reference;
@@ -34,6 +37,7 @@ _TRITON = "rl_engine.kernels.triton"
 _FLASHINFER = "rl_engine.kernels.flashinfer_adapter"
 _TE = "rl_engine.kernels.te_adapter"
 _LOGPROB = "rl_engine.kernels.logprob"
+_INVARIANT = "rl_engine.kernels.invariant"
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,8 @@ class OpSpec:
     """One op: dotted paths of its implementations per backend and its CUDA preference order.
 
     `opt_in` backends are never chosen by default, only by an override (Transformer Engine linears
-    change parameter names and numerics, so the model author asks for them).
+    change parameter names and numerics, so the model author asks for them). `invariant`: the
+    implementation used under `batch_invariant` (None: the op is refused there).
     """
 
     name: str
@@ -49,19 +54,23 @@ class OpSpec:
     cuda_preference: tuple[str, ...]
     opt_in: frozenset[str] = frozenset()
     doc: str = ""
+    invariant: str | None = None
 
 
 def _spec(name: str, doc: str, *, triton: str | None = None, flashinfer: str | None = None,
           transformer_engine: str | None = None, torch_impl: str | None = None,
           cuda_preference: tuple[str, ...] = ("triton", "torch"),
-          opt_in: frozenset[str] = frozenset()) -> OpSpec:
+          opt_in: frozenset[str] = frozenset(), invariant: str | None = "torch") -> OpSpec:
+    """`invariant`: "torch" when the torch implementation already reduces per row in a fixed order
+    (or does not reduce), a dotted path for a dedicated one, None when there is none."""
     impls = {"torch": torch_impl or f"{_REF}:{name}"}
     for backend, path in (("triton", triton), ("flashinfer", flashinfer),
                           ("transformer_engine", transformer_engine)):
         if path is not None:
             impls[backend] = path
     preference = tuple(b for b in cuda_preference if b in impls)
-    return OpSpec(name=name, impls=impls, cuda_preference=preference, opt_in=opt_in, doc=doc)
+    return OpSpec(name=name, impls=impls, cuda_preference=preference, opt_in=opt_in, doc=doc,
+                  invariant=impls["torch"] if invariant == "torch" else invariant)
 
 
 OPS: dict[str, OpSpec] = {s.name: s for s in (
@@ -74,7 +83,8 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
           triton=f"{_TRITON}.rotary:apply_rotary_inplace"),
     _spec("silu_and_mul", "(x [..., 2d] as [gate|up]) -> silu(gate) * up [..., d]",
           triton=f"{_TRITON}.swiglu:silu_and_mul"),
-    _spec("varlen_causal_attention", "(q, k, v, cu_seqlens, scale) -> [T, heads, head_dim]"),
+    _spec("varlen_causal_attention", "(q, k, v, cu_seqlens, scale) -> [T, heads, head_dim]",
+          invariant=f"{_INVARIANT}:varlen_causal_attention"),
     _spec("paged_decode_attention",
           "(q, k_cache, v_cache, block_tables, context_lens, scale) -> [batch, heads, head_dim]",
           triton=f"{_TRITON}.paged_attention:paged_decode_attention",
@@ -82,11 +92,12 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
           # Triton first: the engine captures this op in CUDA graphs, and only the Triton kernel is
           # capture-safe in function form (FlashInfer's plans per call and syncs with the host;
           # the engine uses it through FlashInferAttention, planning outside the graph).
-          cuda_preference=("triton", "flashinfer", "torch")),
+          cuda_preference=("triton", "flashinfer", "torch"),
+          invariant=f"{_INVARIANT}:paged_decode_attention"),
     _spec("paged_prefill_attention",
           "(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale) -> [T, heads, head_dim]",
           flashinfer=f"{_FLASHINFER}:paged_prefill_attention",
-          cuda_preference=("flashinfer", "torch")),
+          cuda_preference=("flashinfer", "torch"), invariant=f"{_INVARIANT}:paged_prefill_attention"),
     _spec("reshape_and_cache", "(k, v, k_cache, v_cache, slot_mapping) -> None, writes the caches",
           triton=f"{_TRITON}.paged_attention:reshape_and_cache"),
     _spec("logprob_entropy",
@@ -109,7 +120,7 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     _spec("top_k_top_p_sampling",
           "(probs [B, V], top_k [B] int, top_p [B] float, *, generator=None) -> token ids [B] int64",
           flashinfer=f"{_FLASHINFER}:top_k_top_p_sampling",
-          cuda_preference=("flashinfer", "torch")),
+          cuda_preference=("flashinfer", "torch"), invariant=None),  # multinomial draws per batch
     _spec("linear", "module factory (in_features, out_features, *, bias, params_dtype, device, ...)",
           torch_impl="rl_engine.kernels.modules:make_linear",
           transformer_engine=f"{_TE}:make_te_linear",
@@ -128,6 +139,7 @@ class KernelConfig:
 
     overrides: dict[str, str] = field(default_factory=dict)
     disabled_backends: tuple[str, ...] = ()
+    batch_invariant: bool = False  # model.batch_invariant: every op's batch-invariant implementation
 
     def __post_init__(self) -> None:
         for backend in self.disabled_backends:
@@ -220,6 +232,9 @@ class KernelRegistry:
         unavailable = {b: s.reason for b, s in statuses.items() if not s.available}
         overrides = self._config.overrides
         override = overrides.get(spec.name)
+        if self._config.batch_invariant:
+            wildcard = overrides.get("*") if overrides.get("*") in spec.impls else None
+            return self._resolve_invariant(spec, device_type, override or wildcard, available, unavailable)
         source = f"override {spec.name}={override}"
         if override is None and overrides.get("*") in spec.impls:
             override = overrides["*"]
@@ -240,6 +255,19 @@ class KernelRegistry:
             backend, reason = self._default_cuda(spec, statuses)
         return Resolution(op=spec.name, device_type=device_type, backend=backend, reason=reason,
                           available=available, unavailable=unavailable, fn=_load(spec.impls[backend]))
+
+    def _resolve_invariant(self, spec: OpSpec, device_type: str, override: str | None,
+                           available: tuple[str, ...], unavailable: Mapping[str, str]) -> Resolution:
+        if spec.invariant is None:
+            raise ValueError(f"kernel op {spec.name} has no batch-invariant implementation; "
+                             "model.batch_invariant=true cannot use it (turn model.batch_invariant off)")
+        if override not in (None, "torch"):
+            raise ValueError(f"kernel override {spec.name}={override!r} has no batch-invariant implementation;"
+                             f" under model.batch_invariant=true {spec.name} runs its batch-invariant torch"
+                             " implementation: drop the override or turn model.batch_invariant off")
+        return Resolution(op=spec.name, device_type=device_type, backend="torch",
+                          reason="batch-invariant implementation (model.batch_invariant)",
+                          available=available, unavailable=unavailable, fn=_load(spec.invariant))
 
     def _default_cuda(self, spec: OpSpec, statuses: Mapping[str, backends.BackendStatus]) -> tuple[str, str]:
         skipped: list[str] = []
@@ -279,7 +307,19 @@ def set_backend_overrides(overrides: Mapping[str, str]) -> None:
     """Force backends per op, e.g. `{"rms_norm": "triton"}`; replaces earlier overrides."""
     config = _default_registry.config
     _default_registry.configure(KernelConfig(overrides=dict(overrides),
-                                             disabled_backends=config.disabled_backends))
+                                             disabled_backends=config.disabled_backends,
+                                             batch_invariant=config.batch_invariant))
+
+
+def set_batch_invariant(enabled: bool) -> bool:
+    """Turn the process registry's batch-invariant mode on or off (the run's `model.batch_invariant`,
+    applied before its models are built); overrides are kept. Returns the previous setting."""
+    config = _default_registry.config
+    if config.batch_invariant != enabled:
+        _default_registry.configure(KernelConfig(overrides=dict(config.overrides),
+                                                 disabled_backends=config.disabled_backends,
+                                                 batch_invariant=enabled))
+    return config.batch_invariant
 
 
 def configure(config: KernelConfig) -> None:

@@ -14,8 +14,11 @@ kernels and, under `model.batch_invariant`, the engine's behavior log-probs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from rl_engine import kernels
 from rl_engine.kernels.logprob import combine_shard_stats
@@ -104,6 +107,38 @@ def token_logprobs_and_entropy(
         weight = weight[:vocab_real_rows]  # a view: its gradient lands in the full parameter
     chunk = _chunk_rows(weight.shape[0], chunk_tokens)
     return _FusedLogprobEntropy.apply(hidden, weight, targets, float(temperature), vocab_start, group, chunk)
+
+
+def full_logits_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+    vocab_size: int,
+    chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `model.batch_invariant` path: per token chunk, the full-vocabulary logits exactly as the
+    engine's sampler receives them (`logits_fn`, the model's `compute_logits`: gathered over tp) and
+    the registry's `logprob_entropy` on them, which is the function the sampler's behavior log-probs
+    use, so both sides reduce the same numbers in the same order whatever the tp layout. Each chunk
+    is recomputed in backward (activation checkpointing), so no [T, vocab] tensor is kept."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probs (got {temperature})")
+    fn = kernels.resolve("logprob_entropy", hidden.device)
+
+    def chunk_fn(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return fn(logits_fn(h), t, temperature=temperature)
+
+    step = _chunk_rows(vocab_size, chunk_tokens)
+    pieces = []
+    for s in range(0, hidden.shape[0], step):
+        h, t = hidden[s:s + step], targets[s:s + step]
+        pieces.append(checkpoint(chunk_fn, h, t, use_reentrant=False) if torch.is_grad_enabled() and h.requires_grad
+                      else chunk_fn(h, t))
+    if len(pieces) == 1:
+        return pieces[0]
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
 
 
 def reference_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):

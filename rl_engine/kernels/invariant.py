@@ -1,0 +1,260 @@
+"""Batch-invariant ops: every reduction in the forward pass runs in an order that does not depend on
+how many tokens share the batch or where a token sits in it (`model.batch_invariant`).
+
+Why: a BLAS matmul picks its blocking by problem size (on CPU, MKL's sgemm gives a row a different
+result when it is alone, M <= 3, than inside a larger M), and the engine's attention (one-token
+decode, chunked prefill over a paged cache) splits the key reduction differently from the trainer's
+packed forward. Then the trainer's recomputed log-probs differ from the engine's behavior log-probs
+in the last bits, and RL is silently off-policy. The ops here fix the order:
+
+- `linear` (and the matmul family under `BatchInvariantMode`): the rows are cut into tiles of
+  exactly `ROW_TILE` rows (the last one zero-padded), one `mm` call per tile. Every call has the same
+  shape, so a row's K reduction is the same whatever M is; tested on MKL fp32 and oneDNN bf16 with
+  1 and 2 threads (`tests/kernels/test_invariant.py`).
+- `attention`: per query, scores against keys in blocks of `KEY_BLOCK` keys from position 0 (one
+  fixed-shape [G, D] x [D, KEY_BLOCK] matmul per query, kv head and block), the exact global max,
+  per-block exp-sums (a reduction over the last dim of fixed length) and per-block P @ V (fixed shape
+  [G, KEY_BLOCK] x [KEY_BLOCK, D]), then the blocks summed in order by `cumsum` (a sequential scan
+  on CPU, so fully masked trailing blocks add exact zeros). Prefill, chunked prefill over a paged
+  cache, paged decode and the trainer's packed sequences all call it, so a query's output depends
+  only on its own keys.
+- RMSNorm, softmax and the log-prob statistics reduce per row over a fixed length already
+  (`reference.rms_norm`, `logprob.logprob_shard_stats`); rotary, SwiGLU and embedding are elementwise.
+
+`BatchInvariantMode` is a TorchFunctionMode the model enters in its forward: it routes `F.linear`,
+`torch.matmul`/`@`, `mm`, `addmm` and `bmm` to the tiled versions and refuses ops that have no
+invariant version here (`F.scaled_dot_product_attention`, `einsum`, `baddbmm`, ...) with an error
+naming them, so a model path that would silently break invariance fails instead. Backward passes
+run in the autograd engine, outside the mode, with the ordinary kernels (only forward values must
+match). On CUDA these torch ops run but their bitwise invariance is unverified (no GPU here).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+ROW_TILE = 32  # rows per matmul call
+KEY_BLOCK = 32  # keys per attention block (split-KV at fixed positions: 0, 32, 64, ...)
+_QUERY_CHUNK = 128  # queries per attention call in prefill/training (bounds the key copies)
+
+
+class BatchInvariantError(ValueError):
+    """An op with no batch-invariant implementation ran under `model.batch_invariant`."""
+
+
+# ---- matmul ----------------------------------------------------------------------------------------
+
+
+def _mm_rows(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w_t [K, N] in fixed tiles of ROW_TILE rows -> [M, N]."""
+    m = x.shape[0]
+    if m == 0:
+        return x.new_empty(0, w_t.shape[1])
+    x = x.contiguous()  # one memory layout for every caller: mm's kernel choice may follow strides
+    pad = (-m) % ROW_TILE
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+    tiles = [torch.mm(t, w_t) for t in x.split(ROW_TILE)]
+    out = tiles[0] if len(tiles) == 1 else torch.cat(tiles)
+    return out[:m] if pad else out
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`torch.matmul` with a batch-invariant row reduction (a is [..., M, K] or [K]; b [K, N],
+    [K] or [..., K, N])."""
+    if a.dim() == 1 or b.dim() == 1:
+        a2 = a[None] if a.dim() == 1 else a
+        b2 = b[:, None] if b.dim() == 1 else b
+        out = matmul(a2, b2)
+        out = out.squeeze(-2) if a.dim() == 1 else out
+        return out.squeeze(-1) if b.dim() == 1 else out
+    if b.dim() == 2:
+        lead = a.shape[:-1]
+        return _mm_rows(a.reshape(-1, a.shape[-1]), b).reshape(*lead, b.shape[-1])
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+    b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    out = torch.stack([_mm_rows(x, y) for x, y in zip(a3, b3)]) if a3.shape[0] else a3.new_empty(
+        0, a.shape[-2], b.shape[-1])
+    return out.reshape(*batch, a.shape[-2], b.shape[-1])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` (x [..., K], weight [N, K], bias [N]) with a batch-invariant row reduction."""
+    y = matmul(x, weight.t())
+    return y if bias is None else y + bias
+
+
+def addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta=1, alpha=1,
+          out=None) -> torch.Tensor:
+    """input + mat1 @ mat2 as the unfused add (what a training forward computes)."""
+    if out is not None or beta != 1 or alpha != 1:
+        raise BatchInvariantError("addmm with out=, beta or alpha has no batch-invariant implementation")
+    return input + _mm_rows(mat1, mat2)
+
+
+def _refuse(name: str):
+    def refuse(*args, **kwargs):
+        raise BatchInvariantError(
+            f"{name} has no batch-invariant implementation: model.batch_invariant=true cannot run this "
+            "model path (use the registry's attention ops, or turn model.batch_invariant off)")
+    return refuse
+
+
+_ROUTED = {
+    F.linear: linear,
+    torch.matmul: matmul,
+    torch.Tensor.matmul: matmul,
+    torch.Tensor.__matmul__: matmul,
+    torch.mm: lambda a, b: _mm_rows(a, b),
+    torch.Tensor.mm: lambda a, b: _mm_rows(a, b),
+    torch.bmm: matmul,
+    torch.Tensor.bmm: matmul,
+    torch.addmm: addmm,
+    torch.Tensor.addmm: addmm,
+}
+_REFUSED = {f: _refuse(name) for f, name in (
+    (F.scaled_dot_product_attention, "torch.nn.functional.scaled_dot_product_attention"),
+    (torch.einsum, "torch.einsum"),
+    (torch.baddbmm, "torch.baddbmm"), (torch.Tensor.baddbmm, "Tensor.baddbmm"),
+    (torch.addbmm, "torch.addbmm"), (torch.Tensor.__rmatmul__, "Tensor.__rmatmul__"),
+    (torch.addmv, "torch.addmv"), (torch.mv, "torch.mv"), (torch.tensordot, "torch.tensordot"),
+    (F.multi_head_attention_forward, "torch.nn.functional.multi_head_attention_forward"),
+)}
+
+
+class BatchInvariantMode(TorchFunctionMode):
+    """Inside: matmuls take the tiled path, ops without an invariant version raise."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        impl = _ROUTED.get(func) or _REFUSED.get(func)
+        if impl is None:
+            return func(*args, **kwargs)
+        with torch._C.DisableTorchFunction():  # an outer (nested) mode must not tile the tiles again
+            return impl(*args, **kwargs)
+
+
+# ---- attention ---------------------------------------------------------------------------------------
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, *,
+              scale: float) -> torch.Tensor:
+    with torch._C.DisableTorchFunction():  # its fixed-shape batched matmuls, not the mode's tiles
+        return _attention(q, k, v, q_positions, scale=scale)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, *,
+               scale: float) -> torch.Tensor:
+    """Causal attention with a fixed reduction order per query.
+
+    q: [N, Hq, D] queries at absolute positions `q_positions` [N]; k: [Nk, L, Hkv, D] and v:
+    [Nk, L, Hkv, Dv] the keys/values at positions 0..L-1 (Nk = 1: shared by every query; Nk = N: one
+    key sequence per query), L a multiple of KEY_BLOCK. Query n sees keys 0..q_positions[n]; keys
+    past it may hold anything finite. Returns [N, Hq, Dv] in q's dtype (math in fp32).
+    """
+    n, hq, d = q.shape
+    nk, length, hkv, dv = v.shape
+    g, nb = hq // hkv, length // KEY_BLOCK
+    assert length % KEY_BLOCK == 0 and nk in (1, n), (tuple(k.shape), n)
+    if n == 0:
+        return q.new_empty(0, hq, dv)
+    qg = q.float().reshape(n, hkv, 1, g, d)
+    # [Nk, Hkv, nb, D, KB] and [Nk, Hkv, nb, KB, Dv], contiguous so every path hands matmul one layout
+    kb = k.float().reshape(nk, nb, KEY_BLOCK, hkv, d).permute(0, 3, 1, 4, 2).contiguous()
+    vb = v.float().reshape(nk, nb, KEY_BLOCK, hkv, dv).permute(0, 3, 1, 2, 4).contiguous()
+    if nk == 1 and n > 1:  # one [G, D] x [D, KB] product per (query, head, block), as for Nk = N
+        kb, vb = kb.expand(n, *kb.shape[1:]).contiguous(), vb.expand(n, *vb.shape[1:]).contiguous()
+    scores = torch.matmul(qg, kb) * scale  # [N, Hkv, nb, G, KB]
+    key_pos = torch.arange(length, device=q.device).view(1, 1, nb, 1, KEY_BLOCK)
+    visible = key_pos <= q_positions.view(n, 1, 1, 1, 1)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    top = scores.amax(dim=(2, 4), keepdim=True)  # exact in any order; key 0 is always visible
+    p = torch.exp(scores - top)
+    sums = p.sum(-1)  # [N, Hkv, nb, G]: fixed length KEY_BLOCK
+    outs = torch.matmul(p, vb)  # [N, Hkv, nb, G, Dv]
+    # blocks in order, by a sequential scan: masked trailing blocks add exact zeros
+    total = sums.cumsum(2)[:, :, -1]  # [N, Hkv, G]
+    out = outs.cumsum(2)[:, :, -1]  # [N, Hkv, G, Dv]
+    return (out / total[..., None]).reshape(n, hq, dv).to(q.dtype)
+
+
+def padded_length(length: int) -> int:
+    return -(-length // KEY_BLOCK) * KEY_BLOCK
+
+
+def _pad_keys(x: torch.Tensor, length: int) -> torch.Tensor:
+    """[L, H, D] -> [length, H, D], zero rows appended."""
+    if x.shape[0] == length:
+        return x
+    return torch.cat([x, x.new_zeros(length - x.shape[0], *x.shape[1:])])
+
+
+def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, *,
+                       scale: float) -> torch.Tensor:
+    """Queries of one sequence over its keys k, v [L, Hkv, D] (positions 0..L-1), in query chunks."""
+    length = padded_length(k.shape[0])
+    kp, vp = _pad_keys(k, length)[None], _pad_keys(v, length)[None]
+    outs = [attention(qc, kp, vp, pc, scale=scale)
+            for qc, pc in zip(q.split(_QUERY_CHUNK), q_positions.split(_QUERY_CHUNK))]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            cu_seqlens: torch.Tensor | list[int], scale: float) -> torch.Tensor:
+    """The registry op's batch-invariant implementation (training's packed sequences)."""
+    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            pos = torch.arange(end - start, device=q.device)
+            outs.append(sequence_attention(q[start:end], k[start:end], v[start:end], pos, scale=scale))
+    return torch.cat(outs) if outs else torch.empty_like(q)
+
+
+def paged_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """[B, length] flat cache slots of positions 0..length-1 of each row's block table. Positions past
+    a row's context (key-block padding) read whatever slot the table gives them (-1 entries: block 0,
+    past the table: its last column): finite values that attention masks."""
+    pos = torch.arange(length, device=block_tables.device)
+    blocks = block_tables.long()[:, :-(-length // block_size)].clamp(min=0)
+    index = (pos // block_size).clamp(max=blocks.shape[1] - 1)  # padding past the table: any block
+    return blocks[:, index] * block_size + pos % block_size
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """The registry op's batch-invariant implementation: one query per row at position
+    context_len - 1 over its paged keys. Rows with context_len 0 (padding) get zeros."""
+    batch = q.shape[0]
+    max_len = int(context_lens.max()) if batch else 0
+    if max_len == 0:
+        return torch.zeros_like(q)
+    length = padded_length(max_len)
+    slots = paged_slots(block_tables, length, k_cache.shape[1]).reshape(-1)
+    k = k_cache.flatten(0, 1).index_select(0, slots).view(batch, length, *k_cache.shape[2:])
+    v = v_cache.flatten(0, 1).index_select(0, slots).view(batch, length, *v_cache.shape[2:])
+    lens = context_lens.to(q.device).long()
+    out = attention(q, k, v, (lens - 1).clamp(min=0), scale=scale)
+    return out.masked_fill((lens == 0)[:, None, None], 0.0)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """The registry op's batch-invariant implementation: request i's queries are the last ones of its
+    context_lens[i] cached tokens."""
+    out = torch.zeros_like(q)
+    bounds = cu_seqlens_q.tolist()
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        n_q, ctx = end - start, int(context_lens[i])
+        if n_q == 0:
+            continue
+        slots = paged_slots(block_tables[i:i + 1], ctx, k_cache.shape[1])[0]
+        k = k_cache.flatten(0, 1).index_select(0, slots)
+        v = v_cache.flatten(0, 1).index_select(0, slots)
+        pos = torch.arange(ctx - n_q, ctx, device=q.device)
+        out[start:end] = sequence_attention(q[start:end], k, v, pos, scale=scale)
+    return out

@@ -1,0 +1,114 @@
+"""Batch-invariant ops (model.batch_invariant): a row's / a query's result is the same bits whatever
+else shares its call, they stay close to the ordinary ops, and the mode refuses what it cannot make
+invariant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rl_engine import kernels
+from rl_engine.kernels import invariant as inv
+from rl_engine.kernels import registry
+
+# (start, length) slices of a 100-row batch: alone, at odd offsets, across tile boundaries
+SLICES = [(0, 1), (5, 1), (3, 2), (3, 7), (10, 20), (31, 2), (1, 40), (7, 93)]
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def invariant_registry():
+    before = kernels.set_batch_invariant(True)
+    yield
+    kernels.set_batch_invariant(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,n", [(64, 192), (256, 97), (1024, 512)])
+def test_linear_rows_do_not_depend_on_the_batch(threads, dtype, k, n):
+    gen = torch.Generator().manual_seed(k + n)
+    x = torch.randn(100, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    full = inv.linear(x, w, b)
+    for start, length in SLICES:
+        assert torch.equal(inv.linear(x[start:start + length], w, b), full[start:start + length]), (start, length)
+    # The same product as F.linear up to rounding: fp32 accumulation (k eps32 sum |x||w|), then the
+    # product and the bias add each rounded to the dtype (eps_dtype (sum |x||w| + |result|)).
+    exact = x.double() @ w.double().t() + b.double()
+    magnitude = x.double().abs() @ w.double().abs().t()
+    bound = k * torch.finfo(torch.float32).eps * magnitude + torch.finfo(dtype).eps * (magnitude + exact.abs())
+    assert ((full.double() - exact).abs() <= bound + 1e-30).all()
+
+
+def _attention_inputs(dtype, length=150, hq=4, hkv=2, d=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(length, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_query_sees_the_same_reduction_in_every_path(threads, dtype):
+    q, k, v = _attention_inputs(dtype)
+    n = q.shape[0]
+    packed = inv.varlen_causal_attention(q, k, v, [0, n], 0.25)
+    # prefill of the whole sequence = packed training forward; a query alone over only its prefix
+    for p in (0, 5, 31, 32, 33, 100, n - 1):
+        alone = inv.sequence_attention(q[p:p + 1], k[:p + 1], v[:p + 1], torch.tensor([p]), scale=0.25)
+        assert torch.equal(alone[0], packed[p]), p
+    # a chunk of a chunked prefill over its cached prefix
+    chunk = inv.sequence_attention(q[40:91], k[:91], v[:91], torch.arange(40, 91), scale=0.25)
+    assert torch.equal(chunk, packed[40:91])
+    # paged decode: one key sequence per row, padded to the batch's longest
+    block_size, rows = 16, [3, 77, n - 1, 31]
+    blocks = -(-n // block_size)
+    k_cache = torch.zeros(1 + blocks, block_size, *k.shape[1:], dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    table = torch.randperm(blocks, generator=torch.Generator().manual_seed(1)) + 1  # scattered blocks
+    for pos in range(n):
+        k_cache[table[pos // block_size], pos % block_size] = k[pos]
+        v_cache[table[pos // block_size], pos % block_size] = v[pos]
+    tables = table[None].repeat(len(rows), 1).int()
+    decode = inv.paged_decode_attention(q[rows], k_cache, v_cache, tables, torch.tensor(rows) + 1, 0.25)
+    assert torch.equal(decode, packed[rows])
+    prefill = inv.paged_prefill_attention(q[60:90], k_cache, v_cache, tables[:1], torch.tensor([0, 30]),
+                                          torch.tensor([90]), 0.25)
+    assert torch.equal(prefill, packed[60:90])
+    # and it is causal attention: close to SDPA's (fp32 accumulation in both)
+    rep = q.shape[1] // k.shape[1]
+    sdpa = F.scaled_dot_product_attention(
+        q.float().transpose(0, 1)[None], k.float().repeat_interleave(rep, 1).transpose(0, 1)[None],
+        v.float().repeat_interleave(rep, 1).transpose(0, 1)[None], is_causal=True, scale=0.25)[0].transpose(0, 1)
+    tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps * sdpa.abs().max().item()
+    assert (packed.float() - sdpa).abs().max() <= tol
+
+
+def test_mode_tiles_matmuls_and_refuses_what_it_cannot_make_invariant():
+    x, w = torch.randn(5, 8), torch.randn(3, 8)
+    with inv.BatchInvariantMode():
+        assert torch.equal(F.linear(x, w), inv.linear(x, w))
+        assert torch.equal(x @ w.t(), inv.linear(x, w))
+        assert torch.equal(torch.addmm(torch.ones(3), x, w.t()), torch.ones(3) + inv.linear(x, w))
+        with pytest.raises(inv.BatchInvariantError, match="scaled_dot_product_attention"):
+            F.scaled_dot_product_attention(x[None, None], x[None, None], x[None, None])
+        with pytest.raises(inv.BatchInvariantError, match="einsum"):
+            torch.einsum("ij,kj->ik", x, w)
+
+
+def test_registry_resolves_invariant_implementations_and_refuses_the_rest(invariant_registry):
+    assert kernels.resolve("varlen_causal_attention", "cpu") is inv.varlen_causal_attention
+    assert kernels.resolve("paged_decode_attention", "cpu") is inv.paged_decode_attention
+    assert registry.default_registry().resolution("rms_norm", "cpu").reason.startswith("batch-invariant")
+    with pytest.raises(ValueError, match="top_k_top_p_sampling has no batch-invariant implementation"):
+        kernels.resolve("top_k_top_p_sampling", "cpu")
+    reg = registry.KernelRegistry(registry.KernelConfig(overrides={"rms_norm": "triton"}, batch_invariant=True))
+    with pytest.raises(ValueError, match="rms_norm='triton' has no batch-invariant implementation"):
+        reg.resolve("rms_norm", "cpu")
