@@ -25,9 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_best, unshadow_installed_packages  # noqa: E402
-
-unshadow_installed_packages()
+from bench_helpers import interleaved_best, parse_args  # noqa: E402
 
 
 # Model shapes by --size: (hidden, layers, heads, kv_heads, intermediate, vocab, tied). "0.5b" is
@@ -224,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    args = parse_args(build_parser(), smoke={"new_tokens": 4, "repeats": 1, "batches": "1,2"})
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit  # noqa: E402
+from bench_helpers import emit, parse_args  # noqa: E402
 
 
 def run_mode(model_dir: str, data_dir: str, out_dir: str, args, *, mode: str) -> dict:
@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     add_arguments(ap)
-    args = ap.parse_args()
+    args = parse_args(ap, smoke={"prompts": 2, "n": 2, "max_new_tokens": 4, "async_steps": 2, "repeats": 1})
     args.steps = args.async_steps
 
     from rl_engine.demo_task import write_task

@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit  # noqa: E402
+from bench_helpers import emit, parse_args, peer_missing  # noqa: E402
 from grpo_async import add_arguments as add_async_arguments, async_rows  # noqa: E402
 
 
@@ -108,6 +108,16 @@ def interleaved(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: boo
             _figures(cb.trl_s[1:], trl_tokens[1:], args))
 
 
+def ours_alone(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool) -> dict:
+    """Our figures without TRL (not installed): steps + 1 steps, the first one not counted."""
+    trainer, step = ours(model_dir, data_dir, out_dir, args, fixed=fixed)
+    try:
+        runs = [step() for _ in range(args.steps + 1)]
+    finally:
+        trainer.close()
+    return _figures([t for t, _ in runs[1:]], [n for _, n in runs[1:]], args)
+
+
 def _figures(times: list[float], tokens: list[float], args) -> dict:
     return {"s_per_step": sum(times) / len(times), "s_per_step_min": min(times),
             "completion_tokens_per_s": sum(tokens) / sum(times),
@@ -124,8 +134,10 @@ def main() -> None:
     ap.add_argument("--no-async", dest="async_rows", action="store_false",
                     help="skip the async-vs-sync actors rows (grpo_async.py)")
     add_async_arguments(ap)
-    args = ap.parse_args()
+    args = parse_args(ap, smoke={"steps": 1, "prompts": 2, "n": 2, "max_new_tokens": 4, "threads": 1,
+                                 "async_rows": False})
     torch.set_num_threads(args.threads)
+    trl_missing = peer_missing("trl", "trl")
 
     from rl_engine.demo_task import write_task
     from rl_engine.policy.presets import write_preset_checkpoint
@@ -137,6 +149,10 @@ def main() -> None:
         write_task(data_dir, "upper", seed=0)
         for fixed in (True, False):
             mode = "fixed_length" if fixed else "eos_varied"
+            if trl_missing:
+                rows.append({"mode": mode, "rl_engine": ours_alone(model_dir, data_dir, os.path.join(tmp, mode), args,
+                                                                   fixed=fixed), "trl": trl_missing})
+                continue
             r_ours, r_trl = interleaved(model_dir, data_dir, os.path.join(tmp, mode), args, fixed=fixed)
             rows.append({"mode": mode, "rl_engine": r_ours, "trl": r_trl,
                          "speedup_s_per_step": round(r_trl["s_per_step"] / r_ours["s_per_step"], 2),

@@ -30,7 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit  # noqa: E402
+from bench_helpers import emit, parse_args  # noqa: E402
 
 
 def one_run(out_dir: str, args, *, launcher: str) -> dict:
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--inside", action="store_true", help="already in a loopback-only network namespace")
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"steps": 2, "repeats": 1, "prompts": 2, "max_new_tokens": 4})
     if args.steps < 2 or args.repeats < 1:
         parser.error("--steps must be >= 2 (step 1 is start-up) and --repeats >= 1")
     if args.inside:

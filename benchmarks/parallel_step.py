@@ -31,6 +31,9 @@ from rl_engine.policy.parallel import SINGLE, ParallelGroups
 from rl_engine.policy.pipeline import MicroBatch
 from rl_engine.policy.parallel_trainer import ParallelTrainer
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_helpers import parse_args  # noqa: E402
+
 DENSE = ModelConfig(model_type="qwen3", vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=4,
                     num_heads=8, num_kv_heads=2, head_dim=16, tie_word_embeddings=True, qk_norm=True,
                     max_position_embeddings=1024, max_context_len=1024)
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, smoke={"steps": 1, "layouts": "tp2"})
     torch.set_num_threads(1)
     tokens = sum(mb.num_tokens for mb in make_batches(DENSE))
     baseline = {}

@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_best  # noqa: E402
+from bench_helpers import interleaved_best, parse_args  # noqa: E402
 
 
 def write_checkpoint(path: str, *, seed: int = 0) -> str:
@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batches", default="1,16")
-    args = ap.parse_args()
+    args = parse_args(ap, smoke={"new_tokens": 8, "repeats": 1, "batches": "1,2"})
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,9 +18,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, interleaved_best, matmul_peak_step, sync, unshadow_installed_packages  # noqa: E402
-
-unshadow_installed_packages()
+from bench_helpers import emit, interleaved_best, matmul_peak_step, parse_args, sync  # noqa: E402
 
 
 def model_flops(cfg, lengths: list[int]) -> float:
@@ -50,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
+    args = parse_args(build_parser(), smoke={"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "vocab": 128,
+                                             "seqs": 2, "min_len": 4, "max_len": 16, "repeats": 1})
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch sees no CUDA device")

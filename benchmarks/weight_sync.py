@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import best_of, emit  # noqa: E402
+from bench_helpers import best_of, emit, parse_args  # noqa: E402
 
 from rl_engine.auth import RunAuth  # noqa: E402
 from rl_engine.inference import LLM  # noqa: E402
@@ -225,7 +225,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--bucket-mb", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    args = parse_args(ap, smoke={"layers": [1], "hidden": 64, "bucket_mb": 1, "repeats": 1})
     torch.set_num_threads(1)
     bucket_bytes = args.bucket_mb << 20
     sizes = {n: plan_sync(model_config(n, args.hidden), src=TrainLayout(), dst=EngineLayout()).model_bytes()

@@ -5,7 +5,7 @@ reference (the baseline) and of the chosen implementation, and their ratio. On C
 resolves to the reference, so the ratio is 1 by construction; the numbers that matter come from a
 CUDA machine. Shapes are modest so a CPU run finishes in seconds:
 
-    python benchmarks/kernels.py [--device cuda] [--iters 20] [--ops rms_norm,silu_and_mul]
+    python benchmarks/kernel_ops.py [--device cuda] [--iters 20] [--ops rms_norm,silu_and_mul]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from bench_helpers import parse_args
 from rl_engine.kernels import logprob, reference, registry
 
 
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--ops", default=",".join(BENCHMARKED))
-    args = parser.parse_args()
+    args = parse_args(parser, smoke={"iters": 1})
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     results = {}
     with torch.no_grad():

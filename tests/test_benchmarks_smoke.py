@@ -1,0 +1,87 @@
+"""Every script in benchmarks/ runs once with `--smoke` (its smallest settings) and ends its stdout
+with one JSON object, so a broken benchmark is caught; no benchmark module is named like a package
+that is importable here (benchmarks/kernels.py once shadowed Hugging Face's `kernels`, which
+transformers imports). The conventions are in benchmarks/bench_helpers.py's docstring; new scripts
+are found by this test without a change to it."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+MODULES = sorted(p for p in BENCHMARKS.glob("*.py"))
+SCRIPTS = [p for p in MODULES if 'if __name__ == "__main__":' in p.read_text()]
+
+
+def last_json_object(stdout: str) -> dict:
+    """The JSON object that ends the output: from the last line starting with '{' to the end."""
+    lines = stdout.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("{")]
+    assert starts, f"no JSON object in the output:\n{stdout[-2000:]}"
+    return json.loads("\n".join(lines[starts[-1]:]))
+
+
+def _skips(value) -> list[str]:
+    """Every `{"skipped": why}` message in a result."""
+    if isinstance(value, dict):
+        return ([value["skipped"]] if "skipped" in value else []) + [m for v in value.values() for m in _skips(v)]
+    if isinstance(value, list):
+        return [m for v in value for m in _skips(v)]
+    return []
+
+
+def _netns_problem() -> str | None:
+    try:
+        probe = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as e:
+        return f"unshare/ip unavailable: {e}"
+    return None if probe.returncode == 0 else f"unshare -n failed: {probe.stderr.decode().strip()}"
+
+
+def test_the_scripts_are_found():
+    names = {p.stem for p in SCRIPTS}
+    assert {"generate", "train_step", "kernel_ops", "grpo_step", "weight_sync"} <= names
+    assert "bench_helpers" not in names  # a module, not a script
+
+
+def test_no_benchmark_module_shadows_an_importable_package(tmp_path):
+    """Python puts a script's folder first on sys.path: a benchmark named like an installed module
+    would replace it for every library that imports it. Checked in a fresh interpreter (-I, run from an
+    empty directory), which sees what a user's Python sees: site-packages and the installed rl_engine."""
+    probe = ("import importlib.util, json, sys; "
+             "print(json.dumps({n: importlib.util.find_spec(n).origin for n in sys.argv[1:] "
+             "if importlib.util.find_spec(n) is not None}))")
+    proc = subprocess.run([sys.executable, "-I", "-c", probe, *(m.stem for m in MODULES)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    shadowed = json.loads(proc.stdout)
+    assert not shadowed, f"benchmark scripts named like importable modules (rename them): {shadowed}"
+    if importlib.util.find_spec("kernels") is not None:  # the probe sees an installed package, e.g. the
+        # `kernels` that transformers 5.25 depends on (the name benchmarks/kernel_ops.py had)
+        proc = subprocess.run([sys.executable, "-I", "-c", probe, "kernels"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert "kernels" in json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_benchmark_runs_with_its_smallest_settings(script):
+    if script.stem == "launch_overhead" and (why := _netns_problem()) is not None:
+        pytest.skip(f"launch_overhead runs Ray in a loopback-only network namespace; {why}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), "--smoke"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"{script.name} --smoke exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    result = last_json_object(proc.stdout)
+    assert isinstance(result, dict) and result
+    for why in _skips(result):  # a peer comparison left out says how to get it
+        assert "pip install" in why, why
+    if script.stem == "grpo_step" and importlib.util.find_spec("trl") is None:
+        assert [row["trl"]["skipped"] for row in result["rows"]] == [
+            "trl is not installed: pip install trl to run this comparison"] * 2
+        assert all(row["rl_engine"]["s_per_step"] > 0 for row in result["rows"])
