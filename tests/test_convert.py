@@ -225,3 +225,23 @@ def test_errors_name_the_tensor_and_the_shapes(trained, tmp_path, capsys):
     assert "is none of: a Hugging Face directory" in capsys.readouterr().err
     assert cli.main(["convert", str(trained / "trained"), str(tmp_path / "y"), "--tp", "2"]) == 2
     assert "describe a sharded destination" in capsys.readouterr().err
+
+
+def test_interleaved_layout_and_tokenizer_flag(tmp_path):
+    """--virtual-stages (interleaved pipeline chunks) and --tokenizer (the files an export copies)."""
+    hf = write_hf_checkpoint(str(tmp_path / "hf"), "qwen3", seed=1, num_hidden_layers=4)
+    convert(hf, tmp_path / "pp2_v2", "--pp", 2, "--virtual-stages", 2)
+    meta = json.loads((tmp_path / "pp2_v2" / "metadata.json").read_text())
+    assert meta["layout"]["pp"] == 2 and meta["layout"]["virtual_stages"] == 2
+    rank0 = json.loads((tmp_path / "pp2_v2" / "rank00000.json").read_text())
+    # Rank 0 (stage 0) holds chunks 0 and 2 of the four: layers 0 and 2, not 1 and 3.
+    held = {int(k.split(".")[2]) for k in rank0 if k.startswith("model.layers.")}
+    assert held == {0, 2}
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer_config.json").write_text("{}")
+    (tok / "model.safetensors").write_bytes(b"not copied")  # weights are never copied from it
+    convert(tmp_path / "pp2_v2", tmp_path / "back", "--tokenizer", tok)
+    assert (tmp_path / "back" / "tokenizer_config.json").read_text() == "{}"
+    a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
