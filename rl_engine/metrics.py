@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class ProgressKeys:
-    """Which metric keys the progress line and the PNG show."""
+    """Which metric keys the progress line shows (metrics.png has its own panels: rl_engine.metrics_plot)."""
 
     reward: str = "reward/mean"
     response_length: str = "response_length/mean"
