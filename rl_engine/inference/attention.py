@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from rl_engine.kernels import invariant
 
 DECODE_CHUNK_BYTES = 1 << 20  # gathered K + V per decode chunk: about half a core's L2
+DECODE_GROUP = 16  # batch-invariant decode: rows per attention call
 
 
 @dataclass
@@ -61,9 +62,10 @@ class PagedAttention:
         self._v_flat = [v.view(-1, self.num_kv_heads, self.head_dim) for v in v_caches]
         self.decode_op = decode_op  # a registry kernel (CUDA); None: SDPA below
         self.batch_invariant = batch_invariant
-        # batch-invariant metadata: decode rows' cache slots [B, L] and positions [B]; per prefill
-        # chunk, its sequence's slots [context_len] (None when the chunk starts it) and positions
-        self.invariant_decode: tuple[torch.Tensor, torch.Tensor] | None = None
+        # batch-invariant metadata: per group of decode rows (first row, end row, cache slots [rows * L],
+        # positions [rows]); per prefill chunk, its sequence's slots [context_len] (None when the chunk
+        # starts it) and positions
+        self.invariant_decode: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
         self.invariant_prefills: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         # decode_observer(layer_idx, q, k_cache, v_cache, block_tables, context_lens, scale, out)
         self.decode_observer: Callable[..., None] | None = None
@@ -97,11 +99,15 @@ class PagedAttention:
     def _prepare_invariant(self, B: int, block_tables: torch.Tensor | None, context_lens: torch.Tensor | None,
                            max_context_len: int) -> None:
         bs = self.block_size
-        self.invariant_decode = None
-        if B:
-            length = invariant.padded_length(max(max_context_len, int(context_lens[:B].max())))
-            slots = invariant.paged_slots(block_tables[:B], length, bs).reshape(-1)
-            self.invariant_decode = (slots, context_lens[:B].long() - 1)
+        # decode rows in groups of DECODE_GROUP, each padded to its own longest context (the runner
+        # orders rows by context length); a query's result does not depend on its group
+        self.invariant_decode = []
+        lens = context_lens[:B].tolist() if B else []
+        for a in range(0, B, DECODE_GROUP):
+            b = min(B, a + DECODE_GROUP)
+            length = invariant.padded_length(max(lens[a:b]))
+            slots = invariant.paged_slots(block_tables[a:b], length, bs).reshape(-1)
+            self.invariant_decode.append((a, b, slots, context_lens[a:b].long() - 1))
         self.invariant_prefills = []
         for c in self.prefills:
             pos = torch.arange(c.context_len - (c.end - c.start), c.context_len, device=self.slot_mapping.device)
@@ -179,13 +185,10 @@ class PagedAttention:
                           v: torch.Tensor, scale: float) -> torch.Tensor:
         """Every query through `invariant.attention` over its sequence's keys from position 0."""
         out = torch.empty_like(q)
-        nd = self.num_single
-        if nd:
-            slots, pos = self.invariant_decode
-            length = slots.shape[0] // nd
-            kd = k_flat.index_select(0, slots).view(nd, length, *k_flat.shape[1:])
-            vd = v_flat.index_select(0, slots).view(nd, length, *v_flat.shape[1:])
-            out[:nd] = invariant.attention(q[:nd], kd, vd, pos, scale=scale)
+        for a, b, slots, pos in self.invariant_decode:
+            kd = k_flat.index_select(0, slots).view(b - a, -1, *k_flat.shape[1:])
+            vd = v_flat.index_select(0, slots).view(b - a, -1, *v_flat.shape[1:])
+            out[a:b] = invariant.attention(q[a:b], kd, vd, pos, scale=scale)
         for c, (slots, pos) in zip(self.prefills, self.invariant_prefills):
             if slots is None:  # the chunk starts its sequence: its own k/v are positions 0..n-1
                 ks, vs = k[c.start:c.end], v[c.start:c.end]
