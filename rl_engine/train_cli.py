@@ -268,6 +268,9 @@ def run(config: RLConfig, *, checkpoint: str | None | object = _RESOLVE) -> dict
         after = trainer.evaluate().get("eval/accuracy")
         final_dir = os.path.join(out, "final_model")
         trainer.model.save_pretrained(final_dir)
+        from rl_engine.convert import copy_model_assets
+
+        copy_model_assets(trainer.model_path, final_dir)  # a complete model directory: tokenizer, chat template
         warm = {k: v for k, v in trainer.before_rl.items() if k.startswith("warmup/")}
         summary = {"output_dir": out, "steps": steps, "rl_seconds": round(rl_seconds, 1),
                    "total_seconds": round(time.perf_counter() - t_start, 1), "final_model": final_dir, **warm}

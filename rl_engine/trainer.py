@@ -180,6 +180,7 @@ class GRPOTrainer:
         torch.manual_seed(cfg.train.seed)
         os.makedirs(cfg.train.output_dir, exist_ok=True)
         model_path, data_path, eval_path, self.warmup_path = resolve_paths(cfg)
+        self.model_path = model_path  # the model directory the run started from (tokenizer, chat template)
         dtype = getattr(torch, cfg.model.dtype)
         self.model = from_pretrained(model_path, dtype=dtype, device=cfg.train.device)
         # The frozen reference policy (loss.kl_coef, train/kl_ref): `ref.path`'s weights, or a copy of

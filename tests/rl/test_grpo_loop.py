@@ -71,3 +71,9 @@ def test_cli_demo_runs_end_to_end(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2]
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "final_model" / "config.json").exists()
+    # a complete model directory (a teacher, a reference, `rl-engine serve`): the run's tokenizer with it
+    from rl_engine.policy.tokenizer import Tokenizer
+
+    final = Tokenizer.from_pretrained(str(tmp_path / "final_model"))
+    init = Tokenizer.from_pretrained(str(tmp_path / "init_model"))
+    assert final.encode("Hello") == init.encode("Hello") and final.chat_template == init.chat_template
