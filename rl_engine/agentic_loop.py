@@ -84,7 +84,8 @@ class AgenticRollouts:
         """Counters since the last call (rollout/*), then reset."""
         out = self.stats.metrics(self.num_sessions)
         out["rollout/empty_sessions"] = self.num_empty
-        self.stats, self.num_sessions, self.num_empty = RolloutStats(), 0, 0
+        logged = {"mismatch_logged": self.stats.mismatch_logged, "fn_error_logged": self.stats.fn_error_logged}
+        self.stats, self.num_sessions, self.num_empty = RolloutStats(**logged), 0, 0  # one example per run
         return out
 
     def accuracy(self, items: Sequence[PromptItem], *, backend: TurnBackend, run) -> float:

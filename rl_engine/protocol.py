@@ -181,6 +181,9 @@ class TrainBatch(Message):
     # advantages (loss.kl_in_reward: the rewards lose the KL to the reference first)
     rewards: torch.Tensor | None = None
     groups: torch.Tensor | None = None
+    # [sum(response)] bool: which response tokens the policy sampled (agentic sessions interleave
+    # observations); None: all of them
+    loss_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.prompt_lens.numel()
@@ -190,8 +193,8 @@ class TrainBatch(Message):
         total, responses = int(self.prompt_lens.sum()) + int(self.response_lens.sum()), int(self.response_lens.sum())
         if self.token_ids.numel() != total:
             raise ValueError(f"token_ids has {self.token_ids.numel()} entries; the lengths say {total}")
-        for name in ("behavior_logprobs", "policy_versions", "kv_versions"):
-            if getattr(self, name).numel() != responses:
+        for name in ("behavior_logprobs", "policy_versions", "kv_versions", "loss_mask"):
+            if getattr(self, name) is not None and getattr(self, name).numel() != responses:
                 raise ValueError(f"{name} has {getattr(self, name).numel()} entries; the lengths say {responses}")
         for name in ("rewards", "groups"):
             value = getattr(self, name)

@@ -167,6 +167,8 @@ def _check_sample_length(config: RLConfig, model_config: ModelConfig, longest: i
     block_bytes = values_per_token * block * (2 if config.model.dtype == "bfloat16" else 4)
     holds = max(0, (r.kv_cache_memory_mb << 20) // block_bytes - 1) * block
     needs = min(longest + r.max_new_tokens, model_config.max_context_len)
+    if r.fn is not None:  # an agentic session grows to rollout.max_total_tokens
+        needs = min(max(needs, r.max_total_tokens), model_config.max_context_len)
     if holds < needs:
         need_mb = -(-((-(-needs // block) + 1) * block_bytes) // (1 << 20))
         raise ConfigError(f"rollout.kv_cache_memory_mb={r.kv_cache_memory_mb} holds {holds} tokens of this model's "

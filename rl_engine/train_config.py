@@ -118,9 +118,22 @@ class RolloutSection:
     max_staleness: int = 1  # async: a sample whose oldest token is more versions old than this is not trained
     stale_policy: Literal["drop", "regenerate"] = "drop"  # async: what happens to such a sample's prompt
     prompts_in_flight: int = 0  # async: prompts being generated or buffered at once; 0 = 2 * prompts_per_step
+    # Agentic multi-turn rollouts (rl_engine/rollout/agentic.py): "package.module:function", an
+    # `async def fn(session, item)` run once per sample; None: the built-in single-turn rollout.
+    # max_new_tokens is then the cap of each turn.
+    fn: str | None = None
+    max_turns: int = 8  # assistant turns per session
+    max_total_tokens: int = 1024  # prompt + every turn's observation and sampled tokens
+    tool_timeout_s: float = 10.0  # per tool call (session.call_tools)
 
     def __post_init__(self) -> None:
         check_int("rollout.prompts_per_step", self.prompts_per_step, lo=1)
+        _check_text("rollout.fn", self.fn, optional=True)
+        if self.fn is not None and ":" not in self.fn:
+            raise ConfigError(f"rollout.fn={self.fn!r} must be 'package.module:function' (an async def fn(session, item))")
+        check_int("rollout.max_turns", self.max_turns, lo=1)
+        check_int("rollout.max_total_tokens", self.max_total_tokens, lo=2)
+        check_float("rollout.tool_timeout_s", self.tool_timeout_s, lo=0, lo_open=True)
         check_int("rollout.n", self.n, lo=1, hi=MAX_SAMPLES_PER_PROMPT)
         if not 0 < self.temperature <= MAX_TEMPERATURE:  # also refuses NaN
             raise ConfigError(f"rollout.temperature={self.temperature} must be > 0 and <= {MAX_TEMPERATURE:g}; "
@@ -193,6 +206,9 @@ class TrainSection:
     keep_checkpoints: int = 2
     resume: str | None = None
     deterministic: bool = False  # torch.use_deterministic_algorithms; the metrics JSONL is seed-determined
+    # <output_dir>/samples.jsonl: one JSON object per trained sample (step, uid, token_ids, loss_mask,
+    # behavior_logprobs, policy_versions, reward, num_turns, finish_reason), per-token lists aligned with token_ids
+    dump_samples: bool = False
     # The trainer group's parallel layout (world = tp * pp * dp ranks; ep divides dp).
     tp: int = 1
     pp: int = 1
@@ -429,6 +445,13 @@ class RLConfig:
         r = self.rollout
         # A sample trains on its prompt and response but the last token: at least 1 + max_new_tokens - 1.
         # The check against the longest prompt needs the tokenizer (train_cli.check_inputs).
+        if r.fn is not None and t.micro_batch_tokens < r.max_total_tokens:
+            raise ConfigError(f"train.micro_batch_tokens={t.micro_batch_tokens} must be at least rollout.max_total_tokens "
+                              f"({r.max_total_tokens}) with rollout.fn: a whole session is one sample and must fit in "
+                              "one micro-batch")
+        if r.fn is not None and r.routing_replay:
+            raise ConfigError("rollout.routing_replay=true with rollout.fn is not supported: routing is recorded per "
+                              "engine request, a session spans several; use rollout.routing_replay=false")
         if t.micro_batch_tokens < r.max_new_tokens:
             raise ConfigError(f"train.micro_batch_tokens={t.micro_batch_tokens} must be at least the longest prompt "
                               f"plus rollout.max_new_tokens ({r.max_new_tokens}) minus 1: every sample must fit in "

@@ -17,6 +17,7 @@ generator, and the run's pre-RL results, so a resumed sync run repeats the unint
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import io
@@ -48,6 +49,7 @@ from rl_engine.rl_step import (
     build_micro_batches,
     collect_groups,
     discard_expert_loads,
+    dump_samples,
     eval_sampling_params,
     forward_logprobs,
     make_sample,
@@ -213,6 +215,11 @@ class GRPOTrainer:
                        record_routing=r.routing_replay)
         self.moe_layers = sorted(self.model.config.moe_layers) if r.routing_replay else None
         self.rewards = RewardComputer(cfg.reward)
+        self.agentic = None  # rollout.fn: multi-turn sessions instead of single-turn completions
+        if cfg.rollout.fn is not None:
+            from rl_engine.agentic_loop import AgenticRollouts
+
+            self.agentic = AgenticRollouts(cfg, self.prompts, self.rewards)
         self.loss_fn = PolicyLoss(cfg.loss)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
@@ -235,13 +242,18 @@ class GRPOTrainer:
             return {}
         rows = [row for _, row in read_records(self.warmup_path)]
         for i, row in enumerate(rows):
-            if "prompt" not in row or "response" not in row:
-                raise ValueError(f"{self.warmup_path}: row {i + 1} needs 'prompt' and 'response' keys")
+            if ("prompt" not in row and "messages" not in row) or "response" not in row:
+                raise ValueError(f"{self.warmup_path}: row {i + 1} needs 'prompt' (or 'messages') and 'response' keys")
         examples = []
         eos = self.prompts.eos_token_ids[:1]
         template = self.prompts.template
         for row in rows:
-            text = template([{"role": "user", "content": row["prompt"]}]) if template else row["prompt"]
+            if "messages" in row:  # a multi-turn demonstration: the conversation so far, then this turn
+                from rl_engine.inference.chat import render_chat
+
+                text = render_chat(self.tokenizer, row["messages"], add_generation_prompt=True)
+            else:
+                text = template([{"role": "user", "content": row["prompt"]}]) if template else row["prompt"]
             prompt = self.prompts.encode(text)
             response = self.tokenizer.encode(row["response"], add_special_tokens=False) + eos
             examples.append((prompt, response))
@@ -275,11 +287,20 @@ class GRPOTrainer:
         """Greedy accuracy (mean reward) on the held-out prompts."""
         if not self.eval_items:
             return {}
+        if self.agentic is not None:
+            return {"eval/accuracy": self.agentic.accuracy(self.eval_items, backend=self._turns(), run=asyncio.run)}
         params = eval_sampling_params(self.config, eos_token_ids=self.prompts.eos_token_ids)
         outs = self.llm.generate([self.prompts.encode(it.text) for it in self.eval_items], params)
         texts = [self.prompts.decode(o.outputs[0].token_ids) for o in outs]
         outcomes, _ = self.rewards.compute(texts, [it.answer for it in self.eval_items])
         return {"eval/accuracy": sum(o.score for o in outcomes) / len(outcomes)}
+
+    def _turns(self):
+        """Agentic sessions' turns on this process's engine (one `AsyncEngine` per event loop)."""
+        from rl_engine.inference.async_engine import AsyncEngine
+        from rl_engine.rollout.agentic import EngineTurns
+
+        return EngineTurns(AsyncEngine(self.llm.engine))
 
     # ---- one RL step ---------------------------------------------------------------------------
     def rollout(self) -> tuple[list[Sample], dict[str, float]]:
@@ -294,6 +315,12 @@ class GRPOTrainer:
 
         def generate(items: list) -> tuple[list, int]:
             nonlocal gen_s
+            if self.agentic is not None:
+                t0 = time.perf_counter()
+                records = asyncio.run(self.agentic.sessions(items, backend=self._turns(), n=self.config.rollout.n,
+                                                            step_seed=params.seed))
+                gen_s += time.perf_counter() - t0
+                return self.agentic.groups(items, records)
             prompts = [self.prompts.encode(it.text) for it in items]
             per_prompt = [dataclasses.replace(params, seed=prompt_seed(params.seed, it.uid)) for it in items]
             t0 = time.perf_counter()
@@ -313,7 +340,8 @@ class GRPOTrainer:
                     routed = None if c.routed_experts is None else torch.tensor(c.routed_experts)
                     samples.append(make_sample(prompt_ids=prompt, response_ids=c.token_ids, logprobs=c.logprobs,
                                                policy_versions=c.policy_versions, kv_versions=c.kv_versions,
-                                               reward=next(scores), group=g, uid=item.uid, routed_experts=routed))
+                                               reward=next(scores), group=g, uid=item.uid, routed_experts=routed,
+                                               finish_reason=c.finish_reason or ""))
                 answered.append((item, samples))
             return answered, reward_stats.num_failed
 
@@ -321,6 +349,8 @@ class GRPOTrainer:
         metrics = rollout_metrics(generated, num_reward_failed=stats["reward_failed"], rollout_s=gen_s)
         metrics.update({"rollout/kept_groups": len(kept), "rollout/dropped_groups": stats["dropped"],
                         "rollout/refill_rounds": stats["rounds"]})
+        if self.agentic is not None:
+            metrics.update(self.agentic.metrics())
         return [s for group in kept for s in group], metrics
 
     def train_on(self, samples: list[Sample]) -> dict[str, float]:
@@ -391,6 +421,8 @@ class GRPOTrainer:
         samples, metrics = self.rollout()
         metrics.update(self.train_on(samples))
         self.step_count += 1
+        if self.config.train.dump_samples:
+            dump_samples(os.path.join(self.config.train.output_dir, "samples.jsonl"), samples, step=self.step_count)
         metrics["step"] = self.step_count
         metrics["policy_version"] = self.policy_version
         return metrics

@@ -46,8 +46,8 @@ from rl_engine.auth import RunAuth
 from rl_engine.config import to_dict
 from rl_engine.metrics import MetricsLogger
 from rl_engine.policy import ModelConfig
-from rl_engine.rl_step import (PromptSource, Sample, collect_groups, eval_sampling_params, rollout_metrics,
-                               prompt_seed, rollout_seed, sampling_params)
+from rl_engine.rl_step import (PromptSource, Sample, collect_groups, dump_samples, eval_sampling_params,
+                               rollout_metrics, prompt_seed, rollout_seed, sampling_params)
 from rl_engine.rollout.advantages import compute_advantages, filter_uniform_groups
 from rl_engine.rollout.rewards import RewardComputer
 from rl_engine.train_config import RLConfig
@@ -63,19 +63,30 @@ class Coordinator(CoordinatorBase):
         self.prompts = PromptSource(cfg, model_path=cfg.model.path, data_path=cfg.data.path,
                                     eval_path=cfg.data.eval_path, eos_token_ids=model_config.eos_token_id)
         self.rewards = RewardComputer(cfg.reward)
+        self.agentic = None  # rollout.fn: multi-turn sessions, their turns on the engines (agentic_turns)
+        if cfg.rollout.fn is not None:
+            from rl_engine.agentic_loop import AgenticRollouts
+
+            self.agentic = AgenticRollouts(cfg, self.prompts, self.rewards)
+            self.max_model_len = model_config.max_context_len
         self.ledger = PromptLedger()
         self.version = 0
         self.start_step = 0  # steps already done (a resumed run)
         self.eval_before: float | None = None
         self._stalled = False  # a step had no group to train on (dynamic sampling)
         self.stream: RolloutBuffer | None = None
-        if cfg.rollout.mode == "async":
+        if cfg.rollout.mode == "async" and self.agentic is None:
             self.stream = RolloutBuffer()
             self.on_stream_result = self._on_stream_result
             self.on_requeue = lambda uids: self.stream.queue.extend(uids)  # the current buffer, also after a resume
             self.async_counts = {"interrupted": 0, "resumed": 0, "dropped_stale": 0, "regenerated": 0,
                                  "reward_failed": 0}
         self.resume_from = run_checkpoint.resolve_resume(cfg.train.output_dir, cfg.train.resume)
+        self.agentic_stream = None  # async agentic rollouts: sessions running across steps
+        if cfg.rollout.mode == "async" and self.agentic is not None:
+            from rl_engine.actors.agentic_stream import AgenticStream
+
+            self.agentic_stream = AgenticStream(self)
         if self.resume_from is not None:
             try:
                 self._load_state(self.resume_from)
@@ -105,7 +116,11 @@ class Coordinator(CoordinatorBase):
                 MetricsLogger(os.path.join(out, "prompts.jsonl"), resume_step=resume_step, show_progress=False,
                               plot=False, tensorboard=False) as prompt_log:
             for step in range(self.start_step, cfg.train.steps):
-                row = self.step_async(step) if self.stream is not None else self.step(step)
+                if self.agentic_stream is not None:
+                    row = self.agentic_stream.step(step)
+                    row.update(self._accounting())
+                else:
+                    row = self.step_async(step) if self.stream is not None else self.step(step)
                 if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
                     row.update(self.evaluate())
                 metrics.log(step + 1, row)
@@ -153,6 +168,8 @@ class Coordinator(CoordinatorBase):
                                   rollout_s=time.perf_counter() - t0)
         metrics.update({"rollout/kept_groups": len(kept), "rollout/dropped_groups": stats["dropped"],
                         "rollout/refill_rounds": stats["rounds"], "rollout/refused": stats["refused"]})
+        if self.agentic is not None:
+            metrics.update(self.agentic.metrics())
         if kept:
             metrics.update(self.train(step, [s for grp in kept for s in grp], [grp[0].uid for grp in kept]))
         else:  # said once; `rollout/kept_groups` = 0 in the metrics says it every time
@@ -187,6 +204,8 @@ class Coordinator(CoordinatorBase):
 
         def generate(items: list) -> tuple[list, int]:
             nonlocal refused
+            if self.agentic is not None:
+                return self._run_sessions(items, step_seed=sampling.seed)
             prompt_ids = {it.uid: self.prompts.encode(it.text) for it in items}
             results = self.generate(self.ledger, prompt_ids, sampling, n=r.n)
             answered = []
@@ -208,6 +227,22 @@ class Coordinator(CoordinatorBase):
         kept, generated, stats = collect_groups(self.cfg, take=take, generate=generate,
                                                 drop=lambda item, reason: self.ledger.drop(item.uid, reason))
         return kept, generated, {**stats, "refused": refused}
+
+    def _run_sessions(self, items: list, *, step_seed: int | None) -> tuple[list, int]:
+        """rollout.fn: `n` sessions per item, their turns on the engines; (item, samples) per item with a
+        trainable session (the others are dropped: "empty_sessions") and the number of reward failures."""
+        from rl_engine.actors.agentic_turns import CoordinatorTurns
+
+        for item in items:  # the sessions are one unit of work for the ledger
+            self.ledger.complete(self.ledger.dispatch(item.uid, "sessions"), "sessions")
+        turns = CoordinatorTurns(self, max_model_len=self.max_model_len)
+        records = turns.run(self.agentic.sessions(items, backend=turns, n=self.cfg.rollout.n, step_seed=step_seed))
+        answered, num_failed = self.agentic.groups(items, records)
+        done = {item.uid for item, _ in answered}
+        for item in items:
+            if item.uid not in done:
+                self.ledger.drop(item.uid, "empty_sessions")
+        return answered, num_failed
 
     # ---- async mode -------------------------------------------------------------------------------
     def step_async(self, step: int) -> dict[str, float]:
@@ -355,12 +390,13 @@ class Coordinator(CoordinatorBase):
         self.async_counts["regenerated"] += 1
 
     def _staleness_metrics(self, samples: list[Sample]) -> dict:
-        versions = torch.tensor([v for s in samples for v in s.policy_versions[s.prompt_len - 1:]], dtype=torch.int64)
+        sampled = [[v for v, m in zip(s.policy_versions, s.loss_mask) if m] for s in samples]  # not observations
+        versions = torch.tensor([v for vs in sampled for v in vs], dtype=torch.int64)
         if not versions.numel():
             return {}
         ages = self.version - versions
         hist = {str(int(a)): int((ages == a).sum()) / ages.numel() for a in torch.unique(ages)}
-        mixed = sum(len(set(s.policy_versions[s.prompt_len - 1:])) > 1 for s in samples)
+        mixed = sum(len(set(vs)) > 1 for vs in sampled)
         return {"rollout/max_staleness": int(ages.max()), "rollout/mean_staleness": float(ages.float().mean()),
                 "rollout/staleness_hist": hist,
                 "rollout/tokens_per_version": {str(int(v)): int((versions == v).sum()) for v in torch.unique(versions)},
@@ -376,15 +412,20 @@ class Coordinator(CoordinatorBase):
         targets = {a.id: str(a.capabilities["weights_address"]) for a in self.live_workers()}
         self.send("trainer", train_batch(samples, advantages, step=step + 1, policy_version=version,
                                          weight_targets=targets))
-        overlap = self.stream is not None and self.disaggregated
+        overlap = (self.stream is not None or self.agentic_stream is not None) and self.disaggregated
+        between = None
+        if overlap:  # the engines go on generating while the trainer trains
+            between = self.agentic_stream.between(step) if self.agentic_stream is not None else lambda: self._feed(step)
         _, result = self.take(lambda s, m: isinstance(m, P.TrainResult) and m.policy_version == version,
-                              "the trainer's TrainResult", between=(lambda: self._feed(step)) if overlap else None)
+                              "the trainer's TrainResult", between=between)
         metrics = dict(result.metrics)
         if self.disaggregated:
             metrics.update(self.update_workers(version, targets, interrupt=overlap))
         metrics.update(self._staleness_metrics(samples))  # all 0 in sync mode
         self.version = version
         self.ledger.trained(uids)
+        if self.cfg.train.dump_samples:
+            dump_samples(os.path.join(self.cfg.train.output_dir, "samples.jsonl"), samples, step=step + 1)
         return metrics
 
     def update_workers(self, version: int, targets: dict[str, str], *, interrupt: bool = False) -> dict[str, float]:
@@ -429,6 +470,11 @@ class Coordinator(CoordinatorBase):
         items = self.prompts.eval_items
         if not items:
             return {}
+        if self.agentic is not None:
+            from rl_engine.actors.agentic_turns import CoordinatorTurns
+
+            turns = CoordinatorTurns(self, max_model_len=self.max_model_len)
+            return {"eval/accuracy": self.agentic.accuracy(items, backend=turns, run=turns.run)}
         ledger = PromptLedger()
         prompts = {}
         for i, item in enumerate(items):
@@ -498,6 +544,8 @@ class Coordinator(CoordinatorBase):
             self.update_workers(self.version, targets)
 
     def close(self) -> None:
+        if getattr(self, "agentic_stream", None) is not None:
+            self.agentic_stream.close()
         self.rewards.close()
         super().close()
 

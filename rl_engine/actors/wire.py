@@ -70,7 +70,7 @@ def samples_of(result: P.GenerateResult, *, prompt_ids: Sequence[int], rewards: 
                uid: str) -> list[Sample]:
     return [make_sample(prompt_ids=prompt_ids, response_ids=s.token_ids.tolist(),
                         logprobs=s.behavior_logprobs.tolist(), policy_versions=s.policy_versions.tolist(),
-                        kv_versions=s.kv_versions.tolist(), reward=r, group=group, uid=uid,
+                        kv_versions=s.kv_versions.tolist(), reward=r, group=group, uid=uid, finish_reason=s.finish_reason,
                         routed_experts=None if s.routed_experts is None else s.routed_experts.clone())
             for s, r in zip(result.samples, rewards)]
 
@@ -94,7 +94,9 @@ def train_batch(samples: Sequence[Sample], advantages: torch.Tensor, *, step: in
         advantages=advantages.to(torch.float32).contiguous(), routed_experts=routed,
         weight_targets=dict(weight_targets or {}),
         rewards=torch.tensor([s.reward for s in samples], dtype=torch.float32),
-        groups=torch.tensor([s.group for s in samples], dtype=torch.int64))
+        groups=torch.tensor([s.group for s in samples], dtype=torch.int64),
+        loss_mask=None if all(s.num_loss_tokens == s.response_len for s in samples) else
+        flat([s.loss_mask[s.prompt_len - 1:] for s in samples], torch.bool))
 
 
 def samples_from_batch(batch: P.TrainBatch) -> tuple[list[Sample], torch.Tensor]:
@@ -105,6 +107,7 @@ def samples_from_batch(batch: P.TrainBatch) -> tuple[list[Sample], torch.Tensor]
     tokens = batch.token_ids.tolist()
     behavior, versions, kv = (batch.behavior_logprobs.tolist(), batch.policy_versions.tolist(),
                               batch.kv_versions.tolist())
+    mask = None if batch.loss_mask is None else batch.loss_mask.tolist()
     for i, (p, r) in enumerate(zip(batch.prompt_lens.tolist(), batch.response_lens.tolist())):
         experts = None
         if batch.routed_experts is not None:
@@ -113,6 +116,6 @@ def samples_from_batch(batch: P.TrainBatch) -> tuple[list[Sample], torch.Tensor]
         samples.append(make_sample(prompt_ids=tokens[tok:tok + p], response_ids=tokens[tok + p:tok + p + r],
                                    logprobs=behavior[resp:resp + r], policy_versions=versions[resp:resp + r],
                                    kv_versions=kv[resp:resp + r], reward=rewards[i], group=groups[i],
-                                   routed_experts=experts))
+                                   routed_experts=experts, response_mask=None if mask is None else mask[resp:resp + r]))
         tok, resp = tok + p + r, resp + r
     return samples, batch.advantages.float().clone()

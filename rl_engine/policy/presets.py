@@ -18,10 +18,16 @@ from rl_engine.policy.config import ModelConfig
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>"]
 CHARS = list(string.digits + string.ascii_letters + string.punctuation + " \n")
+# Tool calls are written in the Hermes format (rl_engine.inference.chat parses it back); a tool's
+# result is a user turn. The tools' schemas are not listed: the tiny models learn the format from data.
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<|eos|>"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}"
+    "{% for tc in m['tool_calls'] or [] %}<tool_call>\n"
+    "{{ {'name': tc['function']['name'], 'arguments': tc['function']['arguments']} | tojson }}\n</tool_call>"
+    "{% endfor %}<|eos|>"
+    "{% elif m['role'] == 'tool' %}<|user|>{{ m['content'] }}"
     "{% else %}{{ m['content'] }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
