@@ -14,6 +14,14 @@ if not _threads.isdigit() or int(_threads) < 1:
     raise ValueError(f"RL_ENGINE_TEST_THREADS must be a positive integer, got {_threads!r}")
 torch.set_num_threads(int(_threads))
 
+
+@pytest.fixture(autouse=True)
+def _suite_threads() -> None:
+    """Every test starts with the suite's thread count: a GRPOTrainer sets its process's to
+    train.threads (1 by default), which would otherwise hold for every later test of the session."""
+    torch.set_num_threads(int(_threads))
+
+
 # RL_ENGINE_TEST_DEVICE=cuda re-runs the tests that take the `test_device` fixture (engine, graph
 # cache, log-prob contract, fused log-probs) on a GPU; scripts/gpu_check.sh does that (issue 23).
 _test_device = os.environ.get("RL_ENGINE_TEST_DEVICE", "cpu")

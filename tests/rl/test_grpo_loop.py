@@ -11,7 +11,9 @@ from rl_engine.trainer import GRPOTrainer
 
 
 def small_config(tmp_path, *extra: str) -> RLConfig:
-    return load_config(RLConfig, None, [f"train.output_dir={tmp_path}", "data.num_eval=64", *extra])
+    # train.threads: the suite's thread count (RL_ENGINE_TEST_THREADS), which the trainer would reset to 1
+    return load_config(RLConfig, None, [f"train.output_dir={tmp_path}", "data.num_eval=64",
+                                        f"train.threads={torch.get_num_threads()}", *extra])
 
 
 def test_rl_raises_held_out_accuracy(tmp_path):
