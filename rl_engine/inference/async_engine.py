@@ -2,8 +2,9 @@
 
 All engine state is touched by one background task between steps; the step itself (the forward pass)
 runs in a worker thread so the event loop stays responsive. `generate()` is an async iterator that
-yields the request's cumulative `RequestOutput` after every step that advanced it, the last one
-finished. A refused request raises its ValueError from `generate()`; the others are unaffected.
+yields the request's cumulative `RequestOutput` after every step that advanced it (the newest of
+several, when its consumer fell behind), the last one finished. A refused request raises its
+ValueError from `generate()`; the others are unaffected.
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from typing import AsyncIterator
 from rl_engine.inference.engine import LLMEngine
 from rl_engine.inference.sampling_params import SamplingParams
 from rl_engine.inference.sequence import RequestOutput
+
+
+async def coalesced(queue: asyncio.Queue):
+    """The next item of a request's queue; when the consumer fell behind, the newest of the outputs
+    already queued (each is cumulative, so nothing is lost: a slow reader gets fewer, larger updates)."""
+    item = await queue.get()
+    while isinstance(item, RequestOutput) and not item.finished and not queue.empty():
+        item = queue.get_nowait()
+    return item
 
 
 class AsyncEngine:
@@ -43,7 +53,7 @@ class AsyncEngine:
         self._ensure_loop()
         try:
             while True:
-                item = await queue.get()
+                item = await coalesced(queue)
                 if isinstance(item, Exception):
                     raise item
                 yield item

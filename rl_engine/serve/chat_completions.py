@@ -7,12 +7,11 @@ does not have: they are refused (400) rather than silently treated as "auto"."""
 
 from __future__ import annotations
 
-import json
 from typing import Any, AsyncIterator
 
 from rl_engine.inference.chat import ToolCallStreamParser, parse_tool_calls, render_chat
-from rl_engine.serve.generation import (ChoiceCursor, TokenText, chat_logprobs, collect, fingerprint, merged, now,
-                                        request_id, start_streams, usage)
+from rl_engine.serve.generation import (DONE, ChoiceCursor, TokenText, chat_logprobs, collect, fingerprint, merged,
+                                        now, request_id, sse, start_streams, usage)
 from rl_engine.serve.protocol import (APIError, ChatCompletionRequest, check_top_logprobs, resolve_max_tokens,
                                       sampling_params, warn_unknown_fields)
 
@@ -104,7 +103,7 @@ async def create_chat_completion(backend, req: ChatCompletionRequest, *, http_re
 
 
 async def _stream(req: ChatCompletionRequest, streams, prompt: list[int], *, parse: bool, rid: str, model_name: str,
-                  token_text: TokenText, engine, stats) -> AsyncIterator[str]:
+                  token_text: TokenText, engine, stats) -> AsyncIterator[bytes]:
     created = now()
     cursors = [ChoiceCursor() for _ in range(req.n)]
     parsers = [ToolCallStreamParser() if parse else None for _ in range(req.n)]
@@ -113,11 +112,11 @@ async def _stream(req: ChatCompletionRequest, streams, prompt: list[int], *, par
     final = None
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
 
-    def chunk(choice: dict[str, Any], chunk_versions: list[int]) -> str:
+    def chunk(choice: dict[str, Any], chunk_versions: list[int]) -> bytes:
         body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                                 "system_fingerprint": fingerprint(chunk_versions, engine.weights_version),
                                 "choices": [choice]}
-        return f"data: {json.dumps(body)}\n\n"
+        return sse(body)
 
     try:
         async for _, out in merged(streams):
@@ -165,7 +164,7 @@ async def _stream(req: ChatCompletionRequest, streams, prompt: list[int], *, par
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                     "system_fingerprint": fingerprint(versions, engine.weights_version), "choices": [],
                     "usage": usage([final])}
-            yield f"data: {json.dumps(body)}\n\n"
-        yield "data: [DONE]\n\n"
+            yield sse(body)
+        yield DONE
     finally:
         stats.request_done(sum(c.tokens_sent for c in cursors))

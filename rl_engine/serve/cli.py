@@ -1,4 +1,5 @@
-"""`rl-engine serve MODEL_DIR`: the OpenAI-compatible server over `AsyncEngine`, in the foreground.
+"""`rl-engine serve MODEL_DIR`: the OpenAI-compatible server over the engine (`serve.host.EngineHost`),
+in the foreground.
 
 Loopback (127.0.0.1:8000) by default. `--api-key` (or the RL_ENGINE_API_KEY environment variable, which
 keeps the key out of the process list) makes every endpoint but /health require
@@ -30,9 +31,9 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from rl_engine.config import ConfigError, InputError, check_int
-    from rl_engine.inference import AsyncEngine
     from rl_engine.inference.cli import _speculative_config, build_llm
     from rl_engine.serve.app import build_app
+    from rl_engine.serve.host import EngineHost
     from rl_engine.serve.server import uvicorn_config, warn_if_exposed
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -47,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
         llm = build_llm(args, model=args.model, speculative_config=speculative)
     except ValueError as e:
         raise InputError(str(e)) from None
-    app = build_app(AsyncEngine.from_llm(llm), model_name=args.served_model_name or args.model, api_key=api_key,
+    app = build_app(EngineHost(llm.engine), model_name=args.served_model_name or args.model, api_key=api_key,
                     root=args.model)
     logging.getLogger(__name__).info("serving %s on http://%s:%d/v1", args.model, args.host, args.port)
     uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level)).run()

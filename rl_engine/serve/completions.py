@@ -6,11 +6,10 @@ text (its tokens' log-probs are null: the engine computes log-probs of generated
 
 from __future__ import annotations
 
-import json
 from typing import Any, AsyncIterator
 
-from rl_engine.serve.generation import (ChoiceCursor, TokenText, collect, completion_logprobs, fingerprint, merged,
-                                        now, request_id, start_streams, usage)
+from rl_engine.serve.generation import (DONE, ChoiceCursor, TokenText, collect, completion_logprobs, fingerprint,
+                                        merged, now, request_id, sse, start_streams, usage)
 from rl_engine.serve.protocol import (APIError, CompletionRequest, check_top_logprobs, resolve_max_tokens,
                                       sampling_params, warn_unknown_fields)
 
@@ -99,7 +98,7 @@ async def create_completion(backend, req: CompletionRequest, *, http_request, mo
 
 
 async def _stream(req: CompletionRequest, streams, prompts, texts, *, rid: str, model_name: str,
-                  token_text: TokenText, engine, stats) -> AsyncIterator[str]:
+                  token_text: TokenText, engine, stats) -> AsyncIterator[bytes]:
     created = now()
     cursors: dict[tuple[int, int], ChoiceCursor] = {}
     finals: list = [None] * len(prompts)
@@ -144,13 +143,13 @@ async def _stream(req: CompletionRequest, streams, prompts, texts, *, rid: str, 
                          "system_fingerprint": fingerprint(new_versions, engine.weights_version), "choices": [choice]}
                 if req.stream_options and req.stream_options.continuous_usage_stats:
                     chunk["usage"] = usage([out])
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield sse(chunk)
         if req.stream_options and req.stream_options.include_usage:
             chunk = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                      "system_fingerprint": fingerprint(versions, engine.weights_version), "choices": [],
                      "usage": usage(finals)}
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
+            yield sse(chunk)
+        yield DONE
     finally:
         stats.request_done(sum(c.tokens_sent for c in cursors.values()))
 

@@ -327,3 +327,22 @@ def test_nonloopback_without_key_warns(caplog):
     assert warn_if_exposed("10.1.2.3", "key") is None
     message = warn_if_exposed("10.1.2.3", None)
     assert message and "without an API key" in message and "anyone who can reach this port" in message
+
+
+def test_app_over_async_engine(chat_model_dir, reference):
+    """The same app over `AsyncEngine` (the library's asyncio engine) answers alike, streamed or not,
+    and a disconnect aborts there too."""
+    s = RunningServer(chat_model_dir, backend="async")
+    try:
+        client = s.client()
+        prompt = encode_chat(reference.tokenizer, MESSAGES)
+        ref = _ref_tokens(reference, prompt, temperature=0, max_tokens=12)
+        r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=12, temperature=0, n=2,
+                                           extra_body={"return_token_ids": True})
+        assert [c.token_ids for c in r.choices] == [ref.outputs[0].token_ids] * 2
+        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, max_tokens=12, temperature=0, stream=True) if c.choices)
+        assert text == ref.outputs[0].text
+        test_disconnect_aborts_and_frees_kv(s, True)
+    finally:
+        s.stop()

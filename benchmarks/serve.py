@@ -1,0 +1,170 @@
+"""The OpenAI-compatible server's overhead: output tokens/s of N concurrent streaming clients against
+`rl-engine serve`, as a ratio of offline `LLM.generate` on the same prompts in this process, measured
+in the same run; and the time to first token (TTFT) percentiles of the served requests.
+
+The server is a separate process (`python -m rl_engine.cli serve`, uvicorn, loopback), as it is
+deployed; the clients are asyncio tasks of this process reading the server-sent events with httpx
+(`/v1/completions`, `stream: true`, token-id prompts, `ignore_eos`, greedy). Both sides generate the
+same number of tokens per prompt with the same engine settings and torch thread count. Each client
+sends `--requests-per-client` requests one after the other; the offline baseline generates all the
+prompts in one `LLM.generate` call (the same concurrency when that is 1). Each side is timed
+`--repeats` times, alternating, and the best time of each is kept (the machine is shared).
+
+    python benchmarks/serve.py                      # 32 clients, the ~3M preset with its tokenizer
+    python benchmarks/serve.py --clients 1,8,32 --new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_helpers import emit, parse_args  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", default="32", help="comma-separated numbers of concurrent streaming clients")
+    p.add_argument("--requests-per-client", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--preset", default="3m", help="model preset (rl_engine.policy.presets), written offline")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the server and of the offline engine")
+    p.add_argument("--repeats", type=int, default=3)
+    return p
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, port: int, threads: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env.pop("RL_ENGINE_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "serve", model, "--port", str(port),
+                             "--served-model-name", "bench", "--log-level", "warning", "--kv-cache-memory",
+                             str(256 << 20)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import httpx
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start within 120 s")
+
+
+async def run_clients(url: str, prompts: list[list[int]], *, clients: int, new_tokens: int) -> dict:
+    """Every prompt through `clients` concurrent streaming clients: (wall s, tokens, TTFTs)."""
+    import httpx
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    ttfts: list[float] = []
+    tokens = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while not queue.empty():
+            prompt = queue.get_nowait()
+            body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+                    "ignore_eos": True, "return_token_ids": True}
+            t0 = time.perf_counter()
+            first = None
+            async with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    got = len(json.loads(line[6:])["choices"][0]["token_ids"])
+                    if got and first is None:
+                        first = time.perf_counter() - t0
+                    tokens += got
+            ttfts.append(first)
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"wall_s": wall, "tokens": tokens, "ttfts": ttfts}
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def main() -> None:
+    args = parse_args(build_parser(), smoke={"clients": "2", "new_tokens": 4, "repeats": 1, "preset": "tiny",
+                                             "prompt_tokens": 8})
+    from rl_engine.inference import LLM, SamplingParams
+    from rl_engine.policy.presets import write_preset_checkpoint
+
+    torch.set_num_threads(args.threads)
+    workdir = tempfile.mkdtemp(prefix="bench_serve_")
+    model = write_preset_checkpoint(args.preset, os.path.join(workdir, "model"), seed=0, max_position_embeddings=1024)
+    llm = LLM(model, kv_cache_memory=256 << 20)
+    vocab = llm.engine.model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    port = free_port()
+    server = start_server(model, port, args.threads)
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        for clients in [int(c) for c in args.clients.split(",")]:
+            n = clients * args.requests_per_client
+            prompts = [torch.randint(5, vocab, (args.prompt_tokens,), generator=gen).tolist() for _ in range(n)]
+            params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+            llm.generate(prompts[:2], params)  # warm both sides
+            asyncio.run(run_clients(url, prompts[:2], clients=2, new_tokens=args.new_tokens))
+            best_offline, best_served = float("inf"), None
+            for _ in range(args.repeats):
+                llm.reset_prefix_cache()
+                t0 = time.perf_counter()
+                outs = llm.generate(prompts, params)
+                best_offline = min(best_offline, time.perf_counter() - t0)
+                offline_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+                served = asyncio.run(run_clients(url, prompts, clients=clients, new_tokens=args.new_tokens))
+                if best_served is None or served["wall_s"] < best_served["wall_s"]:
+                    best_served = served
+            assert best_served["tokens"] == offline_tokens == n * args.new_tokens, (best_served["tokens"], offline_tokens)
+            offline_tps = offline_tokens / best_offline
+            served_tps = best_served["tokens"] / best_served["wall_s"]
+            ttfts = best_served["ttfts"]
+            row = {"clients": clients, "requests": n, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
+                   "offline_tokens_per_s": round(offline_tps, 1), "served_tokens_per_s": round(served_tps, 1),
+                   "served_over_offline": round(served_tps / offline_tps, 3),
+                   "ttft_ms": {f"p{q}": round(1000 * percentile(ttfts, q), 1) for q in (50, 90, 99)}}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    emit({"benchmark": "serve", "preset": args.preset, "threads": args.threads, "repeats": args.repeats,
+          "target": "served_over_offline >= 0.8 at 32 clients", "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
