@@ -104,6 +104,21 @@ def dump_samples(path: str, samples: Sequence[Sample], *, step: int) -> None:
             f.write(json.dumps(sample_dump_row(s, step=step)) + "\n")
 
 
+def truncate_dump(path: str, *, step: int) -> None:
+    """At the start of a run: keep the rows of `path` up to step `step` (a resumed run's checkpoint;
+    0 for a new run), as the metrics files are cut, so no sample appears twice."""
+    import json
+    import os
+
+    from rl_engine.run_checkpoint import write_bytes_atomic
+
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    write_bytes_atomic(path, b"".join(lines))
+
+
 # ---- prompts and sampling ------------------------------------------------------------------------
 class PromptSource:
     """A run's tokenizer, chat template and prompt sets (train, held-out)."""

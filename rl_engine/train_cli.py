@@ -236,6 +236,10 @@ def run(config: RLConfig, *, checkpoint: str | None | object = _RESOLVE) -> dict
                 print(f"warm start done in {time.perf_counter() - t0:.0f}s, "
                       f"loss {trainer.before_rl['warmup/loss_last']:.3f}", flush=True)
             trainer.before_rl.update({f"{k}_before": v for k, v in trainer.evaluate().items()})
+        if config.train.dump_samples:
+            from rl_engine.rl_step import truncate_dump
+
+            truncate_dump(os.path.join(out, "samples.jsonl"), step=start)
         before = trainer.before_rl.get("eval/accuracy_before")
         if before is not None:
             print(f"held-out accuracy before RL: {100 * before:.1f}%", flush=True)

@@ -8,9 +8,8 @@ Topology: the coordinator binds one ROUTER socket (on `placement.host`, loopback
 actor connects a DEALER whose identity is its id ("trainer", "rollout-0", ...) and registers with
 `Hello`. Heartbeats go to a `HeartbeatMonitor` socket served by its own thread, so a coordinator busy
 with rewards never misses them. A rollout worker declared dead is retired and its in-flight prompts
-are requeued on the others; a silent trainer ends the run. Under Ray with `ray.max_worker_restarts`, a
-worker whose process died is started again, gets the current weights in full and serves again
-(`admit_restarted`). A malformed or unexpected message gets an `ErrorReply` and a log line.
+are requeued on the others; a silent trainer ends the run. A malformed or unexpected message gets an
+`ErrorReply` and a log line.
 
 One (synchronous) step: take prompts -> `GenerateRequest`s (disaggregated: spread over the live
 workers by load; colocated: one `GenerateBatch` to the trainer group) -> rewards -> drop the groups
@@ -48,7 +47,7 @@ from rl_engine.config import to_dict
 from rl_engine.metrics import MetricsLogger
 from rl_engine.policy import ModelConfig
 from rl_engine.rl_step import (PromptSource, Sample, collect_groups, dump_samples, eval_sampling_params,
-                               rollout_metrics, prompt_seed, rollout_seed, sampling_params)
+                               rollout_metrics, prompt_seed, rollout_seed, sampling_params, truncate_dump)
 from rl_engine.rollout.advantages import compute_advantages, filter_uniform_groups
 from rl_engine.rollout.rewards import RewardComputer
 from rl_engine.train_config import RLConfig
@@ -111,13 +110,14 @@ class Coordinator(CoordinatorBase):
         t_rl = time.perf_counter()
         every = cfg.train.checkpoint_every
         resume_step = self.start_step if self.resume_from is not None else None
+        if cfg.train.dump_samples:
+            truncate_dump(os.path.join(out, "samples.jsonl"), step=self.start_step)
         with MetricsLogger(os.path.join(out, "metrics.jsonl"), total_steps=cfg.train.steps,
                            resume_step=resume_step, plot=cfg.metrics.plot, tensorboard=cfg.metrics.tensorboard,
                            wandb=cfg.metrics.wandb, run_config=to_dict(cfg)) as metrics, \
                 MetricsLogger(os.path.join(out, "prompts.jsonl"), resume_step=resume_step, show_progress=False,
                               plot=False, tensorboard=False) as prompt_log:
             for step in range(self.start_step, cfg.train.steps):
-                self.served.clear()
                 if self.agentic_stream is not None:
                     row = self.agentic_stream.step(step)
                     row.update(self._accounting())
@@ -140,7 +140,6 @@ class Coordinator(CoordinatorBase):
                    "total_seconds": round(time.perf_counter() - t_start, 1), "checkpoint": checkpoint,
                    "resumed_from": self.resume_from, "prompts": self.ledger.counts(),
                    "unfinished_prompts": self.ledger.unfinished(), "worker_deaths": self.num_worker_deaths,
-                   "worker_rejoins": self.num_worker_rejoins,
                    "protocol_errors": self.num_protocol_errors,
                    "rejected_messages": {"coordinator": self.auth.rejected, **self.worker_rejections}}
         if self.stream is not None:
@@ -189,10 +188,7 @@ class Coordinator(CoordinatorBase):
         out = {f"prompts/{k}": v for k, v in counts.items()}
         out["policy_version"] = self.version
         if self.disaggregated:
-            out.update({"workers/alive": len(self.live_workers()), "workers/deaths": self.num_worker_deaths,
-                        "workers/served": {name: self.served[name] for name in sorted(self.served)}})
-            if self.rejoin:
-                out["workers/rejoins"] = self.num_worker_rejoins
+            out.update({"workers/alive": len(self.live_workers()), "workers/deaths": self.num_worker_deaths})
         return out
 
     def collect(self, step: int) -> tuple[list[list[Sample]], list[Sample], dict[str, int]]:
@@ -268,8 +264,6 @@ class Coordinator(CoordinatorBase):
                 else:
                     kept.append((uid, result, rewards))
                 continue
-            if self.disaggregated:
-                self.admit_restarted()
             self._feed(step)
             if not self.disaggregated:
                 self._colocated_round(min_finished=r.prompts_per_step - len(kept))
@@ -380,7 +374,6 @@ class Coordinator(CoordinatorBase):
             return
         stream.partials.pop(uid, None)
         stream.buffer.append((uid, msg, rewards))
-        self.served[sender] += 1
 
     def _stale(self, uid: str, *, requeue: bool = True) -> None:
         """A sample older than `max_staleness`: dropped or generated afresh (`rollout.stale_policy`)."""
@@ -436,23 +429,6 @@ class Coordinator(CoordinatorBase):
         if self.cfg.train.dump_samples:
             dump_samples(os.path.join(self.cfg.train.output_dir, "samples.jsonl"), samples, step=step + 1)
         return metrics
-
-    def admit_restarted(self) -> None:
-        """Restarted workers that registered again: the trainer sends them the current weights in full
-        (a fresh engine holds the initial ones, which are version 0), then they take requests. Called
-        between rounds of requests, never inside `train`, so the trainer is idle and publishes at once."""
-        pending = {a.id: str(a.capabilities["weights_address"]) for a in self.pending_workers()}
-        if not pending:
-            return
-        if self.version > 0:
-            self.send("trainer", P.PublishWeights(version=self.version, weight_targets=pending))
-            self.update_workers(self.version, pending)
-        for name in pending:
-            actor = self.actors[name]
-            if actor.alive:
-                actor.ready = True
-                print(f"rollout worker {name} rejoined with weights v{self.version}", flush=True)
-        self._write_actors()
 
     def update_workers(self, version: int, targets: dict[str, str], *, interrupt: bool = False) -> dict[str, float]:
         """Tell each target to take `version` from the trainer; wait for both sides. A worker that
