@@ -77,6 +77,10 @@ class AsyncEngine:
         return await self._between_steps(lambda: self.engine.update_weights(apply, version=version,
                                                                             recompute_kv=recompute_kv))
 
+    async def run_exclusive(self, fn):
+        """Between steps: `fn()` with the engine to itself (e.g. a forward pass over its model)."""
+        return await self._between_steps(fn)
+
     async def _between_steps(self, fn):
         future = asyncio.get_running_loop().create_future()
         self._controls.append((fn, future))

@@ -2,14 +2,15 @@
 `n` choices per prompt out (choice index = prompt index * n + sample index), streamed as server-sent
 events or answered whole. Each choice carries `policy_versions` (the weights version that sampled each
 token); `return_token_ids` adds `prompt_token_ids` and `token_ids`; `echo` puts the prompt before the
-text (its tokens' log-probs are null: the engine computes log-probs of generated tokens only)."""
+text; with `logprobs` its tokens' log-probs come from one forward pass over the prompt (the first
+token's is null, as OpenAI's), which lm-eval's loglikelihood requests rely on."""
 
 from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
 from rl_engine.serve.generation import (DONE, ChoiceCursor, TokenText, collect, completion_logprobs, fingerprint,
-                                        merged, now, request_id, sse, start_streams, usage)
+                                        merged, now, prompt_logprobs, request_id, sse, start_streams, usage)
 from rl_engine.serve.protocol import (APIError, CompletionRequest, check_top_logprobs, resolve_max_tokens,
                                       sampling_params, warn_unknown_fields)
 
@@ -66,16 +67,18 @@ async def create_completion(backend, req: CompletionRequest, *, http_request, mo
     rid = request_id("cmpl")
     token_text = TokenText(tokenizer)
     if req.stream:
+        echoed = await _echo_logprobs(backend, req, prompts, params)
         streams = await start_streams(backend, prompts, params, rid)
         stats.request_started("completions", prompts)
         return _stream(req, streams, prompts, texts, rid=rid, model_name=model_name, token_text=token_text,
-                       engine=engine, stats=stats)
+                       engine=engine, stats=stats, echoed=echoed)
     stats.request_started("completions", prompts)
     finals: list = []
     try:
         finals = await collect(backend, prompts, params, rid, http_request)
     finally:
         stats.request_done(sum(len(c.token_ids) for o in finals if o is not None for c in o.outputs))
+    echoed = await _echo_logprobs(backend, req, prompts, params)
     choices, versions = [], []
     for p, out in enumerate(finals):
         for c in out.outputs:
@@ -87,7 +90,8 @@ async def create_completion(backend, req: CompletionRequest, *, http_request, mo
                                       "stop_reason": c.stop_reason, "policy_versions": c.policy_versions}
             if req.logprobs is not None:
                 choice["logprobs"] = completion_logprobs(c, range(len(c.token_ids)), token_text, text_offset=0,
-                                                         prompt_ids=prompts[p] if req.echo else None)
+                                                         prompt_ids=prompts[p] if req.echo else None,
+                                                         prompt_logprobs=echoed[p])
             if req.return_token_ids:
                 choice["prompt_token_ids"], choice["token_ids"] = prompts[p], c.token_ids
             choices.append(choice)
@@ -97,8 +101,18 @@ async def create_completion(backend, req: CompletionRequest, *, http_request, mo
             "usage": usage(finals)}
 
 
+async def _echo_logprobs(backend, req: CompletionRequest, prompts: list[list[int]], params) -> list:
+    """With echo and logprobs: each prompt's token log-probs (one forward pass over it, the engine held),
+    as lm-eval's loglikelihood requests need. Otherwise None per prompt."""
+    if not (req.echo and req.logprobs is not None):
+        return [None] * len(prompts)
+    model = backend.engine.model
+    return [await backend.run_exclusive(lambda p=p: prompt_logprobs(model, p, temperature=params.temperature,
+                                                                    k=req.logprobs)) for p in prompts]
+
+
 async def _stream(req: CompletionRequest, streams, prompts, texts, *, rid: str, model_name: str,
-                  token_text: TokenText, engine, stats) -> AsyncIterator[bytes]:
+                  token_text: TokenText, engine, stats, echoed: list) -> AsyncIterator[bytes]:
     created = now()
     cursors: dict[tuple[int, int], ChoiceCursor] = {}
     finals: list = [None] * len(prompts)
@@ -132,7 +146,8 @@ async def _stream(req: CompletionRequest, streams, prompts, texts, *, rid: str, 
                                           "policy_versions": new_versions}
                 if req.logprobs is not None:
                     choice["logprobs"] = completion_logprobs(c, positions, token_text, text_offset=offsets.get(key, 0),
-                                                             prompt_ids=prompts[p] if first and req.echo else None)
+                                                             prompt_ids=prompts[p] if first and req.echo else None,
+                                                             prompt_logprobs=echoed[p])
                     offsets[key] = offsets.get(key, 0) + sum(len(s) for s in choice["logprobs"]["tokens"])
                 if req.return_token_ids:
                     choice["token_ids"] = [c.token_ids[k] for k in positions]

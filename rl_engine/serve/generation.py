@@ -201,14 +201,19 @@ class TokenText:
 
 
 def completion_logprobs(out: CompletionOutput, positions: range, token_text: TokenText, *, text_offset: int,
-                        prompt_ids: list[int] | None = None) -> dict[str, Any]:
-    """The legacy completions `logprobs` object for generated tokens `positions` (after the echoed
-    prompt's tokens, whose log-probs are null: the engine computes none for prompt tokens)."""
+                        prompt_ids: list[int] | None = None, prompt_logprobs: "PromptLogprobs | None" = None
+                        ) -> dict[str, Any]:
+    """The legacy completions `logprobs` object for generated tokens `positions`, after the echoed
+    prompt's tokens (`prompt_ids`, with `prompt_logprobs`: the first token's is null, as OpenAI's)."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     offset = text_offset
-    for t in prompt_ids or []:
+    for j, t in enumerate(prompt_ids or []):
         s = token_text(t)
-        tokens.append(s), token_logprobs.append(None), tops.append(None), offsets.append(offset)
+        lp = top = None
+        if prompt_logprobs is not None and j > 0:
+            lp = prompt_logprobs.logprobs[j - 1]
+            top = {token_text(i): v for i, v in prompt_logprobs.top[j - 1]}
+        tokens.append(s), token_logprobs.append(lp), tops.append(top), offsets.append(offset)
         offset += len(s)
     for k in positions:
         t = out.token_ids[k]
@@ -230,6 +235,34 @@ def chat_logprobs(out: CompletionOutput, positions: range, token_text: TokenText
                 for i, lp in (out.top_logprobs[k] if out.top_logprobs is not None else [])]
         content.append({"token": s, "logprob": out.logprobs[k], "bytes": list(s.encode()), "top_logprobs": tops})
     return {"content": content}
+
+
+@dataclass
+class PromptLogprobs:
+    """Per prompt token after the first: its log-prob and the `k` most likely (id, log-prob) pairs."""
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+
+
+def prompt_logprobs(model, prompt: list[int], *, temperature: float, k: int) -> PromptLogprobs:
+    """The prompt tokens' log-probs under the log-prob contract (log_softmax(logits / T), T = 1 when
+    greedy), from one forward pass of the engine's model over the prompt (no KV cache involved). The
+    caller holds the engine (`run_exclusive`): the weights must not change meanwhile."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        ids = torch.tensor(prompt, device=device)
+        logits = model(ids, positions=torch.arange(len(prompt), device=device))[:-1].float()  # [T-1, V]
+        logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
+        token = logp.gather(1, ids[1:, None])[:, 0].tolist()
+        if k:
+            values, top_ids = logp.topk(k, dim=-1)
+            top = [list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())]
+        else:
+            top = [[] for _ in token]
+    return PromptLogprobs(logprobs=token, top=top)
 
 
 def usage(outputs: list[RequestOutput | None]) -> dict[str, int]:

@@ -74,6 +74,15 @@ class EngineHost:
                     self._aborts.append(request_id)  # the consumer went away: stop generating for it
             self._wake.set()
 
+    async def run_exclusive(self, fn):
+        """`fn()` on a worker thread with the engine to itself (its lock held: no step, no weight
+        update meanwhile)."""
+        def locked():
+            with self.lock:
+                return fn()
+
+        return await asyncio.to_thread(locked)
+
     def close(self) -> None:
         self._stop = True
         self._wake.set()

@@ -14,6 +14,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from chat_models import write_chain_model
 from rl_engine.inference import LLM, SamplingParams
@@ -149,12 +150,29 @@ def test_stop_strings_and_stop_token_ids(client, reference):
     assert c.token_ids == full.token_ids[:first + 1] and c.finish_reason == "stop"
 
 
-def test_echo_and_sampling_knobs(client):
-    r = client.completions.create(model=MODEL_NAME, prompt="Echo me", max_tokens=4, temperature=0, echo=True,
-                                  logprobs=0)
-    assert r.choices[0].text.startswith("Echo me")
+def test_echo_and_sampling_knobs(client, chat_model_dir, reference):
+    from transformers import AutoModelForCausalLM
+
+    prompt = "Echo me"
+    r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=2)
+    assert r.choices[0].text.startswith(prompt)
     lp = r.choices[0].logprobs
-    assert lp.token_logprobs[:7] == [None] * 7 and all(x is not None for x in lp.token_logprobs[7:])
+    ids = reference.tokenizer.encode(prompt)
+    n = len(ids)
+    assert "".join(lp.tokens[:n]) == prompt and lp.token_logprobs[0] is None
+    # the prompt tokens' log-probs against transformers on the same checkpoint (fp32)
+    hf = AutoModelForCausalLM.from_pretrained(chat_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    expected = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:n]), expected, atol=1e-4)
+    for j in range(1, n):
+        assert len(lp.top_logprobs[j]) == 2 and max(lp.top_logprobs[j].values()) == pytest.approx(
+            float(ref[j - 1].max()), abs=1e-4)
+    assert all(x is not None for x in lp.token_logprobs[n:]) and len(lp.token_logprobs) == n + 4
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=2, stream=True)]
+    assert streamed[0].token_logprobs[:n] == lp.token_logprobs[:n]
     r = client.completions.create(model=MODEL_NAME, prompt="knobs", max_tokens=6, temperature=0.7, top_p=0.9, seed=3,
                                   extra_body={"top_k": 5, "min_p": 0.05, "ignore_eos": True, "min_tokens": 6})
     assert len(r.choices[0].text) == 6 and r.choices[0].finish_reason == "length"
