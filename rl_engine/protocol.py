@@ -24,8 +24,9 @@ import msgspec
 import torch
 import zmq
 
-PROTOCOL_VERSION = 5  # 2: the RL loop's messages (GenerateBatch, TrainBatch, ...); 3: async (partial rollouts);
-# 4: authenticated sockets (WeightsApplied.rejected_messages); 5: TrainBatch.rewards / groups
+PROTOCOL_VERSION = 6  # 2: the RL loop's messages (GenerateBatch, TrainBatch, ...); 3: async (partial rollouts);
+# 4: authenticated sockets (WeightsApplied.rejected_messages); 5: TrainBatch.rewards / groups;
+# 6: worker restarts (WorkerExited from the launcher, PublishWeights to the trainer)
 
 # Wire dtype names -> torch dtypes. Fixed table: a peer can never make us resolve an arbitrary name.
 DTYPES: dict[str, torch.dtype] = {
@@ -252,6 +253,24 @@ class LoadCheckpoint(Message):
     weight_targets: dict[str, str] = {}
 
 
+class PublishWeights(Message):
+    """Coordinator -> trainer: send the current weights (`version`) in full to `weight_targets` (worker id
+    -> weights address: a restarted rollout worker rejoining), then answer WeightsPublished."""
+
+    version: int
+    weight_targets: dict[str, str]
+
+
+class WorkerExited(Message):
+    """Launcher -> coordinator: the process of rollout worker `worker` (pid `pid`) has ended (`reason`);
+    `restarting`: the launcher is starting it again, and it will register anew."""
+
+    worker: str
+    pid: int
+    reason: str
+    restarting: bool = False
+
+
 class SaveCheckpoint(Message):
     """Coordinator -> trainer: write a checkpoint to `path` (collective); answered by Ack(ref="checkpoint:<path>")."""
 
@@ -304,6 +323,8 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     UpdateWeights,
     WeightsApplied,
     WeightsPublished,
+    PublishWeights,
+    WorkerExited,
     SaveCheckpoint,
     LoadCheckpoint,
     WeightUpdateBegin,

@@ -373,8 +373,10 @@ class RaySection:
     # The placement group's strategy: PACK fills a node before the next one (trainer ranks of one TP group
     # together), SPREAD puts bundles on distinct nodes when it can; STRICT_* fail rather than bend.
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    # Restarting a dead rollout worker is not implemented yet: only 0 (a dead worker's prompts are
-    # requeued on the others, as under the local launcher).
+    # How many times a rollout worker whose process dies (SIGKILL, OOM, `ray.kill` of its host, its node
+    # lost) is started again in its bundle; the restarted worker receives the current weights and rejoins.
+    # Its prompts are requeued on the others either way (the coordinator hears of the death from Ray at
+    # once, and from the heartbeats). 0: never restarted, as under the local launcher.
     max_worker_restarts: int = 0
 
     def __post_init__(self) -> None:
@@ -386,9 +388,7 @@ class RaySection:
         _check_text("ray.namespace", self.namespace)
         for name in ("trainer_resources", "rollout_resources", "coordinator_resources"):
             _check_resources(f"ray.{name}", getattr(self, name))
-        check_int("ray.max_worker_restarts", self.max_worker_restarts, lo=0, hi=0,
-                  note="restarting a dead rollout worker is not implemented yet; its prompts are requeued on "
-                       "the other workers")
+        check_int("ray.max_worker_restarts", self.max_worker_restarts, lo=0, hi=1000)
 
 
 @dataclass(kw_only=True)
@@ -419,6 +419,10 @@ class RLConfig:
         if p.mode == "single_process" and t.world_size > 1:
             raise ConfigError(f"train {layout} needs several trainer ranks: set placement.mode to colocated or "
                               "disaggregated (single_process runs one rank)")
+        if self.ray.max_worker_restarts and (p.launcher != "ray" or p.mode != "disaggregated"):
+            raise ConfigError(f"ray.max_worker_restarts={self.ray.max_worker_restarts} restarts rollout worker "
+                              "processes: it needs placement.launcher=ray and placement.mode=disaggregated (got "
+                              f"{p.launcher}, {p.mode})")
         if p.serve_port is not None and p.mode == "colocated" and t.tp > 1:
             raise ConfigError(f"placement.serve_port with placement.mode=colocated needs train.tp=1 (got {layout}): "
                               "served requests would have to enter the tp ranks' engines in lockstep; use "

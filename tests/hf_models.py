@@ -52,6 +52,39 @@ def make_hf_model(model_type: str, seed: int = 0, **overrides):
     return model
 
 
+def write_dsv3_with_mtp(directory: str, seed: int = 0, **overrides):
+    """A DeepSeek-V3 checkpoint with one MTP layer as DeepSeek ships it (under the layer index after
+    the last decoder layer, with copies of the embedding and head); returns (transformers model,
+    transformers' MtpModel over it with the same MTP weights), the reference for MTP."""
+    from safetensors.torch import load_file, save_file
+    from transformers.modeling_layers import MtpModel
+
+    hf = make_hf_model("deepseek_v3", seed=seed, **{**overrides, "num_nextn_predict_layers": 1})
+    mtp = MtpModel(hf, 1).eval()
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in mtp.layers.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen) if "norm" in name
+                        else 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.08 * torch.randn(p.shape, generator=gen))
+        for name, b in mtp.layers.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+    hf.save_pretrained(directory)
+    file = os.path.join(directory, "model.safetensors")
+    tensors = load_file(file)
+    pre = f"model.layers.{hf.config.num_hidden_layers}."
+    for name, t in {**dict(mtp.layers.named_parameters()), **dict(mtp.layers.named_buffers())}.items():
+        name = name.removeprefix("0.").replace("mtp_block.", "").replace("post_norm", "shared_head.norm")
+        tensors[pre + name] = t.detach().clone().contiguous()
+    tensors[pre + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors[pre + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    save_file(tensors, file, metadata={"format": "pt"})
+    return hf, mtp
+
+
 def write_hf_checkpoint(directory: str, model_type: str, seed: int = 0, **overrides) -> str:
     model = make_hf_model(model_type, seed=seed, **overrides)
     os.makedirs(directory, exist_ok=True)

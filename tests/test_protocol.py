@@ -51,6 +51,8 @@ def _all_messages() -> list[P.Message]:
         P.UpdateWeights(version=4),
         P.UpdateWeights(version=5, interrupt=True),
         P.LoadCheckpoint(path="/tmp/ckpt/trainer", policy_version=3, weight_targets={"rollout-0": "tcp://127.0.0.1:1"}),
+        P.PublishWeights(version=4, weight_targets={"rollout-1": "shm+tcp://127.0.0.1:7"}),
+        P.WorkerExited(worker="rollout-1", pid=4242, reason="was killed by signal 9", restarting=True),
         P.WeightsApplied(worker_id="rollout-0", version=4, ok=True, seconds=0.1, probe_error=1e-7),
         P.WeightsPublished(version=4, failed=["rollout-1"], seconds=0.2),
         P.SaveCheckpoint(path="/tmp/ckpt", step=3),

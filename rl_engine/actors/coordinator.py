@@ -8,8 +8,9 @@ Topology: the coordinator binds one ROUTER socket (on `placement.host`, loopback
 actor connects a DEALER whose identity is its id ("trainer", "rollout-0", ...) and registers with
 `Hello`. Heartbeats go to a `HeartbeatMonitor` socket served by its own thread, so a coordinator busy
 with rewards never misses them. A rollout worker declared dead is retired and its in-flight prompts
-are requeued on the others; a silent trainer ends the run. A malformed or unexpected message gets an
-`ErrorReply` and a log line.
+are requeued on the others; a silent trainer ends the run. Under Ray with `ray.max_worker_restarts`, a
+worker whose process died is started again, gets the current weights in full and serves again
+(`admit_restarted`). A malformed or unexpected message gets an `ErrorReply` and a log line.
 
 One (synchronous) step: take prompts -> `GenerateRequest`s (disaggregated: spread over the live
 workers by load; colocated: one `GenerateBatch` to the trainer group) -> rewards -> drop the groups
@@ -118,6 +119,7 @@ class Coordinator(CoordinatorBase):
                 MetricsLogger(os.path.join(out, "prompts.jsonl"), resume_step=resume_step, show_progress=False,
                               plot=False, tensorboard=False) as prompt_log:
             for step in range(self.start_step, cfg.train.steps):
+                self.served.clear()
                 if self.agentic_stream is not None:
                     row = self.agentic_stream.step(step)
                     row.update(self._accounting())
@@ -140,6 +142,7 @@ class Coordinator(CoordinatorBase):
                    "total_seconds": round(time.perf_counter() - t_start, 1), "checkpoint": checkpoint,
                    "resumed_from": self.resume_from, "prompts": self.ledger.counts(),
                    "unfinished_prompts": self.ledger.unfinished(), "worker_deaths": self.num_worker_deaths,
+                   "worker_rejoins": self.num_worker_rejoins,
                    "protocol_errors": self.num_protocol_errors,
                    "rejected_messages": {"coordinator": self.auth.rejected, **self.worker_rejections}}
         if self.stream is not None:
@@ -188,7 +191,10 @@ class Coordinator(CoordinatorBase):
         out = {f"prompts/{k}": v for k, v in counts.items()}
         out["policy_version"] = self.version
         if self.disaggregated:
-            out.update({"workers/alive": len(self.live_workers()), "workers/deaths": self.num_worker_deaths})
+            out.update({"workers/alive": len(self.live_workers()), "workers/deaths": self.num_worker_deaths,
+                        "workers/served": {name: self.served[name] for name in sorted(self.served)}})
+            if self.rejoin:
+                out["workers/rejoins"] = self.num_worker_rejoins
         return out
 
     def collect(self, step: int) -> tuple[list[list[Sample]], list[Sample], dict[str, int]]:
@@ -264,6 +270,8 @@ class Coordinator(CoordinatorBase):
                 else:
                     kept.append((uid, result, rewards))
                 continue
+            if self.disaggregated:
+                self.admit_restarted()
             self._feed(step)
             if not self.disaggregated:
                 self._colocated_round(min_finished=r.prompts_per_step - len(kept))
@@ -374,6 +382,7 @@ class Coordinator(CoordinatorBase):
             return
         stream.partials.pop(uid, None)
         stream.buffer.append((uid, msg, rewards))
+        self.served[sender] += 1
 
     def _stale(self, uid: str, *, requeue: bool = True) -> None:
         """A sample older than `max_staleness`: dropped or generated afresh (`rollout.stale_policy`)."""
@@ -429,6 +438,23 @@ class Coordinator(CoordinatorBase):
         if self.cfg.train.dump_samples:
             dump_samples(os.path.join(self.cfg.train.output_dir, "samples.jsonl"), samples, step=step + 1)
         return metrics
+
+    def admit_restarted(self) -> None:
+        """Restarted workers that registered again: the trainer sends them the current weights in full
+        (a fresh engine holds the initial ones, which are version 0), then they take requests. Called
+        between rounds of requests, never inside `train`, so the trainer is idle and publishes at once."""
+        pending = {a.id: str(a.capabilities["weights_address"]) for a in self.pending_workers()}
+        if not pending:
+            return
+        if self.version > 0:
+            self.send("trainer", P.PublishWeights(version=self.version, weight_targets=pending))
+            self.update_workers(self.version, pending)
+        for name in pending:
+            actor = self.actors[name]
+            if actor.alive:
+                actor.ready = True
+                print(f"rollout worker {name} rejoined with weights v{self.version}", flush=True)
+        self._write_actors()
 
     def update_workers(self, version: int, targets: dict[str, str], *, interrupt: bool = False) -> dict[str, float]:
         """Tell each target to take `version` from the trainer; wait for both sides. A worker that

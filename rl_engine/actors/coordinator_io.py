@@ -5,6 +5,13 @@ requests with requeue on worker death. `Coordinator` (coordinator.py) adds the R
 Requests are tracked by a `PromptLedger` per round of generation: a result is accepted only from the
 worker its current attempt was sent to, so an answer that arrives after its worker was declared dead
 (and the prompt requeued) is stale and dropped, and no prompt is trained twice.
+
+A rollout worker is declared dead by the heartbeats, or at once by a cluster launcher that saw its
+process end (`WorkerExited`, from the peer named `launcher`: under Ray, the driver). With worker
+restarts on (`ray.max_worker_restarts`), the launcher starts it again under the same name; the new
+process registers again (`Hello`), is held back (`Actor.ready` False) until the coordinator has had the
+trainer send it the current weights in full (`Coordinator.admit_restarted`), then serves requests.
+Each process of a name is known by its pid, so a late notice about an earlier one changes nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import logging
 import os
 import queue
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +38,7 @@ from rl_engine.train_config import RLConfig
 
 logger = logging.getLogger(__name__)
 ANSWERS = (P.TrainResult, P.WeightsPublished, P.WeightsApplied, P.Ack)
+LAUNCHER = "launcher"  # the peer name of a cluster launcher (it sends WorkerExited)
 
 
 @dataclass
@@ -39,6 +47,9 @@ class Actor:
     role: str  # "trainer" | "rollout"
     capabilities: dict = field(default_factory=dict)
     alive: bool = True
+    # A restarted rollout worker gets requests only once it holds the current weights.
+    ready: bool = True
+    registered_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -65,10 +76,13 @@ class CoordinatorBase:
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished peer raises instead of vanishing
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes(cfg))  # a larger frame drops its sender
         self.socket.setsockopt(zmq.RCVHWM, 1000)
-        auth.serve(self.socket, peers=self.expected_actors())
+        # A cluster launcher reports the processes it saw end (the local launcher's children are heartbeats' only).
+        self.rejoin = p.launcher == "ray" and cfg.ray.max_worker_restarts > 0
+        auth.serve(self.socket, peers=[*self.expected_actors(), *([LAUNCHER] if p.launcher == "ray" else [])])
         self.address = P.bind(self.socket, host=p.host, port=port)
-        self._dead: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self.monitor = HeartbeatMonitor(timeout_s=p.heartbeat_timeout_s, on_dead=self._dead.put, host=p.host,
+        self._dead: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()  # (peer, when declared dead)
+        self.monitor = HeartbeatMonitor(timeout_s=p.heartbeat_timeout_s,
+                                        on_dead=lambda peer: self._dead.put((peer, time.monotonic())), host=p.host,
                                         port=heartbeat_port, context=self.context, auth=auth,
                                         peers=self.expected_actors()).start()
         self.actors: dict[str, Actor] = {}
@@ -80,6 +94,12 @@ class CoordinatorBase:
         self.num_protocol_errors = 0
         self.worker_rejections: dict[str, int] = {}  # unauthenticated messages each worker dropped (its last report)
         self.num_worker_deaths = 0
+        self.num_worker_rejoins = 0  # restarted rollout workers that registered again
+        self.restarting: set[str] = set()  # workers the launcher said it is starting again
+        # With restarts on: workers retired without the launcher's word (the trainer could not reach one,
+        # heartbeats), until it reports their process's end or this deadline (monotonic) passes.
+        self.awaiting: dict[str, float] = {}
+        self.served: Counter[str] = Counter()  # generation results accepted from each worker (per step)
 
     # ---- actors -----------------------------------------------------------------------------------
     def expected_actors(self) -> list[str]:
@@ -87,7 +107,16 @@ class CoordinatorBase:
         return ["trainer", *(f"rollout-{i}" for i in range(n))]
 
     def live_workers(self) -> list[Actor]:
-        return [a for a in self.actors.values() if a.role == "rollout" and a.alive]
+        """The rollout workers requests go to."""
+        return [a for a in self.actors.values() if a.role == "rollout" and a.alive and a.ready]
+
+    def pending_workers(self) -> list[Actor]:
+        """Restarted rollout workers that registered and wait for the current weights."""
+        return [a for a in self.actors.values() if a.role == "rollout" and a.alive and not a.ready]
+
+    def admit_restarted(self) -> None:
+        """Give the pending workers the current weights and make them live (`Coordinator`); called only
+        where the trainer is idle."""
 
     def wait_for_actors(self) -> None:
         expected = self.expected_actors()
@@ -102,14 +131,17 @@ class CoordinatorBase:
               {"coordinator": self.address, "heartbeat": self.monitor.address, "coordinator_pid": os.getpid(),
                "actors": {a.id: {"role": a.role, "alive": a.alive, **a.capabilities} for a in self.actors.values()}})
 
-    def retire(self, name: str, why: str) -> None:
-        """Stop using rollout worker `name`: requeue what it had in flight, tell it to stop."""
+    def retire(self, name: str, why: str, *, notify: bool = True) -> None:
+        """Stop using rollout worker `name`: requeue what it had in flight, tell it to stop (`notify`; not
+        when its process is known to have ended: a restarted one may hold the name already)."""
         actor = self.actors.get(name)
         if actor is None or not actor.alive:
             return
-        actor.alive = False
+        actor.alive = actor.ready = False
         self.monitor.forget(name)
         self.num_worker_deaths += 1
+        if self.rejoin and name not in self.restarting:  # the launcher may be about to restart it
+            self.awaiting[name] = time.monotonic() + max(10.0, self.cfg.placement.heartbeat_timeout_s)
         requeued = []
         if self._round is not None:
             requeued = self._round.ledger.requeue_worker(name)
@@ -119,29 +151,61 @@ class CoordinatorBase:
             self.on_requeue(stream)
             requeued += stream
         logger.warning("rollout worker %s retired (%s); %d prompt(s) requeued", name, why, len(requeued))
-        print(f"rollout worker {name} lost ({why}): {len(requeued)} prompt(s) requeued, "
+        back = " (restarting)" if name in self.restarting else ""
+        print(f"rollout worker {name} lost ({why}){back}: {len(requeued)} prompt(s) requeued, "
               f"{len(self.live_workers())} worker(s) left", flush=True)
-        try:
-            self.send(name, P.Shutdown(reason=f"retired: {why}"))
-        except zmq.ZMQError:
-            pass
+        if notify:
+            try:
+                self.send(name, P.Shutdown(reason=f"retired: {why}"))
+            except zmq.ZMQError:
+                pass
         self._write_actors()
-        if not self.live_workers():
+        self._check_workers_left(name, why)
+
+    def _check_workers_left(self, name: str, why: str) -> None:
+        """Raise when no rollout worker serves, waits for weights, or is being (or may be) restarted."""
+        if not self.live_workers() and not self.pending_workers() and not self.restarting and not self.awaiting:
             logs = os.path.join(self.cfg.train.output_dir, "logs")
             raise RuntimeError(f"every rollout worker is gone (last: {name}, {why}); the run cannot continue. "
                                f"Their logs: {logs}/rollout-*.log")
+
+    def _worker_exited(self, msg: P.WorkerExited) -> None:
+        """The launcher saw the process of a rollout worker end (and may be starting it again)."""
+        name = msg.worker
+        actor = self.actors.get(name)
+        self.awaiting.pop(name, None)
+        if actor is None or actor.role != "rollout":
+            if actor is None and name in self.expected_actors()[1:] and not msg.restarting:
+                raise RuntimeError(f"{name} ended before it registered ({msg.reason}); see its log")
+            logger.info("launcher: %s (pid %d) ended (%s)%s", name, msg.pid, msg.reason,
+                        ", restarting" if msg.restarting else "")
+            return
+        if msg.restarting:
+            self.restarting.add(name)
+        else:
+            self.restarting.discard(name)
+        if actor.alive and actor.capabilities.get("pid") == msg.pid:
+            self.retire(name, f"its process ended: {msg.reason}", notify=False)
+        else:  # an earlier process of that name, already retired (or replaced by its restart)
+            logger.info("launcher: %s (pid %d) ended (%s); already handled", name, msg.pid, msg.reason)
+            self._write_actors()
+            self._check_workers_left(name, msg.reason)
 
     def _handle_dead(self) -> None:
         if self.monitor.error is not None:
             raise RuntimeError(f"the heartbeat monitor failed, so dead workers could no longer be noticed: "
                                f"{self.monitor.error}")
+        now = time.monotonic()
+        for name in [n for n, deadline in self.awaiting.items() if deadline < now]:
+            del self.awaiting[name]  # the launcher did not report it ended: it is not coming back
+            self._check_workers_left(name, "retired, and not restarted")
         while True:
             try:
-                name = self._dead.get_nowait()
+                name, when = self._dead.get_nowait()
             except queue.Empty:
                 return
             actor = self.actors.get(name)
-            if actor is None or not actor.alive:
+            if actor is None or not actor.alive or when < actor.registered_at:  # not the process registered now
                 continue
             if actor.role == "trainer":
                 raise RuntimeError(f"the trainer stopped sending heartbeats for "
@@ -178,6 +242,14 @@ class CoordinatorBase:
             self._reply(e.route, P.error_reply(e), f"malformed message: {e}")
             return
         sender = route[0].decode(errors="replace")
+        if sender == LAUNCHER:  # authenticated: only the holder of the launcher's key has that routing id
+            if isinstance(msg, P.WorkerExited):
+                self._worker_exited(msg)
+            else:
+                self._reply(route, P.ErrorReply(code=P.ERROR_UNEXPECTED,
+                                                message=f"the launcher sends WorkerExited, not {type(msg).__name__}"),
+                            f"unexpected {type(msg).__name__} from the launcher")
+            return
         if isinstance(msg, P.ErrorReply):
             if msg.code == ERROR_STARTUP and sender not in self.actors:
                 raise RuntimeError(f"actor {sender} failed to start: {msg.message} (see its log)")
@@ -203,9 +275,13 @@ class CoordinatorBase:
 
     def _register(self, route: list[bytes], sender: str, hello: P.Hello) -> None:
         problem = None
+        previous = self.actors.get(sender)
+        # A restarted rollout worker registers again under its name, with a pid of its own.
+        rejoin = (self.rejoin and previous is not None and previous.role == "rollout" and hello.role == "rollout"
+                  and hello.capabilities.get("pid") != previous.capabilities.get("pid"))
         if hello.worker_id != sender:
             problem = f"Hello.worker_id {hello.worker_id!r} differs from the socket identity {sender!r}"
-        elif sender in self.actors:
+        elif previous is not None and not rejoin:
             problem = f"{sender} is already registered"
         elif sender not in self.expected_actors() or hello.role != ("trainer" if sender == "trainer" else "rollout"):
             problem = f"unexpected actor {sender!r} with role {hello.role!r}; expected {self.expected_actors()}"
@@ -214,9 +290,21 @@ class CoordinatorBase:
         if problem is not None:
             self._reply(route, P.ErrorReply(code=P.ERROR_UNEXPECTED, message=problem), problem)
             return
-        self.actors[sender] = Actor(id=sender, role=hello.role, capabilities=dict(hello.capabilities))
+        if rejoin:
+            self.restarting.add(sender)  # back already: retiring its earlier process must not end the run
+            if previous.alive:  # the launcher's notice of the earlier process has not arrived yet
+                self.retire(sender, "it registered again (restarted)", notify=False)
+            self.restarting.discard(sender)
+            self.awaiting.pop(sender, None)
+            self.num_worker_rejoins += 1
+            print(f"rollout worker {sender} registered again (pid {hello.capabilities.get('pid')}); it gets the "
+                  "current weights before requests", flush=True)
+        self.actors[sender] = Actor(id=sender, role=hello.role, capabilities=dict(hello.capabilities),
+                                    ready=not rejoin)
         self.monitor.watch(sender)
         logger.info("registered %s (%s, pid %s)", sender, hello.role, hello.capabilities.get("pid"))
+        if rejoin:
+            self._write_actors()
 
     # ---- waits ------------------------------------------------------------------------------------
     def wait_until(self, done: Callable[[], bool], what: str, *, timeout_s: float | None = None,
@@ -255,6 +343,8 @@ class CoordinatorBase:
         rnd = self._round = _Round(ledger=ledger, prompts=prompts, sampling=sampling, n=n, pending=deque(prompts))
         try:
             while len(rnd.results) < len(prompts):
+                if self.disaggregated:
+                    self.admit_restarted()
                 self._dispatch(rnd)
                 self.pump(0.05)
         finally:
@@ -277,7 +367,7 @@ class CoordinatorBase:
             self.send("trainer", P.GenerateBatch(requests=requests))
             return
         load = {a.id: len(rnd.ledger.in_flight(a.id)) for a in self.live_workers()}
-        while rnd.pending:
+        while rnd.pending and load:  # none live: they wait for a restarted worker
             worker = min(load, key=lambda w: (load[w], w))
             request = self._request(rnd, rnd.pending.popleft(), worker)
             load[worker] += 1
@@ -298,6 +388,7 @@ class CoordinatorBase:
         if msg.error is None and len(msg.samples) != rnd.n:
             raise RuntimeError(f"{sender} answered {msg.request_id} with {len(msg.samples)} samples, expected {rnd.n}")
         rnd.results[uid] = msg
+        self.served[sender] += 1
 
     # ---- the end ----------------------------------------------------------------------------------
     def shutdown_actors(self, reason: str) -> None:

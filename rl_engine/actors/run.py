@@ -80,7 +80,10 @@ def _warm_start(cfg: RLConfig, model_path: str) -> str:
     """The supervised warm start, in this process; returns the directory of the warm-started model."""
     from rl_engine.trainer import GRPOTrainer
 
-    single = dataclasses.replace(cfg, placement=dataclasses.replace(cfg.placement, mode="single_process"),
+    # Here, in this process: whatever the launcher (a Ray run's warm start runs on the driver too).
+    single = dataclasses.replace(cfg, placement=dataclasses.replace(cfg.placement, mode="single_process",
+                                                                    launcher="local"),
+                                 ray=dataclasses.replace(cfg.ray, max_worker_restarts=0),
                                  rollout=dataclasses.replace(cfg.rollout, mode="sync"),
                                  train=dataclasses.replace(cfg.train, tp=1, pp=1, dp=1, ep=1))
     trainer = GRPOTrainer(single)
@@ -137,7 +140,7 @@ def run_actors(cfg: RLConfig, *, edit_specs: Callable[[list[ProcessSpec]], list[
             from rl_engine.launch.ray_cluster import launch_on_ray
 
             result = launch_on_ray(resolved, config_path, run_id=run_id, log_dir=log_dir, edit_specs=edit_specs,
-                                   echo_stream=echo_stream, secret_env=RunAuth.generate().child_env())
+                                   echo_stream=echo_stream, auth=RunAuth.generate())
         else:
             specs = build_specs(resolved, config_path, run_id=run_id)
             if edit_specs is not None:

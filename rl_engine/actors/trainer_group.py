@@ -113,6 +113,7 @@ class TrainerGroup:
             self.worker_plan = plan_sync(config, src=src, dst=EngineLayout(tp=1, replicas=1, dtype=self.dtype),
                                          bucket_bytes=bucket_bytes)
             self.publishers: dict[str, WeightPublisher] = {}
+            self.publisher_addresses: dict[str, str] = {}  # the weights address each publisher sends to
         pids = torch.tensor([os.getpid()], dtype=torch.int64)
         if g.world_size > 1:
             every = [torch.zeros_like(pids) for _ in range(g.world_size)]
@@ -126,8 +127,8 @@ class TrainerGroup:
                                         capabilities={"world_size": g.world_size, "placement": p.mode,
                                                       "rank_pids": ",".join(str(x) for x in pids.tolist()),
                                                       "engines": t.dp if self.colocated else 0})
-        self.commands = ((P.GenerateBatch,) if self.colocated else ()) + (P.TrainBatch, P.SaveCheckpoint,
-                                                                          P.LoadCheckpoint, P.Shutdown)
+        self.commands = ((P.GenerateBatch,) if self.colocated else (P.PublishWeights,)) + (
+            P.TrainBatch, P.SaveCheckpoint, P.LoadCheckpoint, P.Shutdown)
 
     # ---- the command loop -------------------------------------------------------------------------
     def serve(self) -> None:
@@ -158,6 +159,11 @@ class TrainerGroup:
             self._send(P.Ack(ref=f"checkpoint:{msg.path}"))
         elif isinstance(msg, P.LoadCheckpoint):
             self._load(msg)
+        elif isinstance(msg, P.PublishWeights):  # a restarted rollout worker rejoins
+            if msg.version != self.version:
+                raise RuntimeError(f"asked to publish weights v{msg.version}, the trainer holds v{self.version}")
+            self._publish(dict(msg.weight_targets),
+                          torch.arange(min(PROBE_TOKENS, self.trainer.config.vocab_size)))
 
     def _load(self, msg: P.LoadCheckpoint) -> None:
         extra = self.trainer.load_checkpoint(msg.path).get("extra", {})
@@ -279,6 +285,9 @@ class TrainerGroup:
         failed = torch.zeros(len(names), dtype=torch.int64)
         for i, name in enumerate(names):
             publisher = self.publishers.get(name)
+            if publisher is not None and self.publisher_addresses.get(name) != targets[name]:  # a restarted worker
+                self.publishers.pop(name).transport.close()
+                publisher = None
             if publisher is None:
                 address = targets[name]  # "shm+tcp://..." from a worker staging in shared memory
                 shm = address.startswith("shm+")
@@ -288,6 +297,7 @@ class TrainerGroup:
                 publisher = self.publishers[name] = WeightPublisher(self.trainer.chunks, self.worker_plan,
                                                                     src_rank=self.groups.world_rank,
                                                                     transport=transport)
+                self.publisher_addresses[name] = targets[name]
             try:
                 publisher.publish(self.version, probe=probe)
             except (WeightSyncError, ValueError) as e:

@@ -10,8 +10,10 @@ prepared by one held inside over the same caches as a single "KV head" of that w
   latents themselves are the values, and W_uv maps each head's attended latent to its output. One
   SDPA call per chunk of rows, with the heads on the query-length axis over the one cached "head",
   values the first kv_lora_rank columns of the gathered keys: nothing per head is ever expanded.
-- Prefill chunks take the expanded form (kv_b applied to the chunk's latents, or to the gathered
-  cached prefix's), like training, since a long chunk amortises the expansion.
+- A prefill chunk that starts its sequence takes the expanded form (kv_b applied to its own latents),
+  like training. A chunk after a cached prefix (chunked prefill, a speculative verify chunk, a
+  prefix-cache hit) takes the absorbed form over the gathered cached rows with an offset causal
+  mask: expanding the whole prefix through kv_b for a few query tokens would cost far more.
 """
 
 from __future__ import annotations
@@ -20,6 +22,24 @@ import torch
 import torch.nn.functional as F
 
 from rl_engine.inference.attention import PagedAttention
+
+
+def absorbed_attention(attn, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+    """The last n = len(q_nope) tokens of a sequence against its cached rows [ctx, kv_lora_rank +
+    rope] (theirs included), causal, in the absorbed form: [n, H, nope], [n, H, rope] -> [n, H, v].
+    The n * H (token, head) query rows share the one latent "KV head" (SDPA's query-length axis)."""
+    n, H = q_nope.shape[:2]
+    ctx, width = cached.shape
+    w_uk, w_uv = attn.absorbed_weights()  # [H, nope, r], [H, v, r]
+    r = w_uk.shape[2]
+    q = torch.cat((torch.einsum("thn,hnr->thr", q_nope, w_uk), q_pe), dim=-1).view(1, 1, n * H, width)
+    mask = None
+    if n > 1:
+        positions = torch.arange(ctx, device=q.device)
+        mask = (positions[None, :] <= torch.arange(ctx - n, ctx, device=q.device)[:, None]).repeat_interleave(H, dim=0)
+    k = cached.view(1, 1, ctx, width)
+    o_lat = F.scaled_dot_product_attention(q, k, k[..., :r], attn_mask=mask, scale=attn.scale).view(n, H, r)
+    return torch.einsum("thr,hvr->thv", o_lat, w_uv)
 
 
 class PagedLatentAttention:
@@ -54,18 +74,12 @@ class PagedLatentAttention:
             rows = slice(c.start, c.end)
             if c.block_ids is None:  # the chunk starts its sequence: its own latents, causal
                 q, k, v = attn.expand(q_nope[rows], q_pe[rows], latent[rows], k_pe[rows])
-                mask, causal = None, True
+                o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                                   v.transpose(0, 1)[None], is_causal=True, scale=attn.scale)
+                out[rows] = o[0].transpose(0, 1)
             else:
-                n, ctx = c.end - c.start, c.context_len
-                cached = self.caches[i][c.block_ids].view(-1, self.width)[:ctx]
-                q, k, v = attn.expand(q_nope[rows], q_pe[rows], cached[:, :self.kv_lora_rank],
-                                      cached[:, self.kv_lora_rank:])
-                q_pos = torch.arange(ctx - n, ctx, device=q.device)
-                mask, causal = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None], False
-            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                               v.transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
-                                               scale=attn.scale)
-            out[rows] = o[0].transpose(0, 1)
+                cached = self.caches[i][c.block_ids].view(-1, self.width)[:c.context_len]
+                out[rows] = absorbed_attention(attn, q_nope[rows], q_pe[rows], cached)
         return out
 
     def _decode(self, i: int, attn, q_nope: torch.Tensor, q_pe: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,9 @@ class ModelRunner:
             return runner
 
         self.graphs = GraphCache(buckets, make_runner)
+        # hidden_sink(layout, hidden): sees every step's final hidden states [rows, H] with the layout
+        # [(seq, first position, rows)] in row order (the MTP drafter reads the target's states).
+        self.hidden_sink = None
         if use_graphs:
             with torch.inference_mode():
                 self.graphs.build_all()  # capture every bucket up front
@@ -109,9 +112,11 @@ class ModelRunner:
             routing = RoutingRecord(mode="record")
         runner = self.graphs.lookup(nd) if nd == len(seqs) else None
         if runner is not None:
-            hidden, sample_rows, sample_seqs = self._run_decode(runner, seqs, routing)
+            hidden, sample_rows, sample_seqs, layout = self._run_decode(runner, seqs, routing)
         else:
-            hidden, sample_rows, sample_seqs = self._run_flat(sched, routing)
+            hidden, sample_rows, sample_seqs, layout = self._run_flat(sched, routing)
+        if self.hidden_sink is not None:
+            self.hidden_sink(layout, hidden)
         if routing is not None:
             self._store_routing(sched, routing)
         if not sample_seqs:
@@ -144,7 +149,7 @@ class ModelRunner:
                 first_block = table[0]
         hidden = runner.run(max_context_len=max(computed) + 1, routing=routing, first_block=first_block)
         sample_rows = [i for i, (s, p) in enumerate(zip(seqs, computed)) if p + 1 == s.num_tokens]
-        return hidden, sample_rows, [seqs[i] for i in sample_rows]
+        return hidden, sample_rows, [seqs[i] for i in sample_rows], [(s, p, 1) for s, p in zip(seqs, computed)]
 
     def _run_flat(self, sched: SchedulerOutput, routing):
         seqs, nd, bs = sched.seqs, sched.num_single, self.block_size
@@ -190,7 +195,8 @@ class ModelRunner:
         hidden = self.model.hidden_states(torch.tensor(ids, dtype=torch.int64, device=dev),
                                           positions=torch.tensor(positions, dtype=torch.int64, device=dev),
                                           attn_context=self.attn, routing=routing)
-        return hidden, sample_rows, sample_seqs
+        layout = [(s, s.num_computed_tokens, n) for s, n in zip(seqs, sched.num_new_tokens)]
+        return hidden, sample_rows, sample_seqs, layout
 
     def _store_routing(self, sched: SchedulerOutput, routing) -> None:
         """Keep the experts chosen for each computed token ([n, num_moe_layers, k] per chunk)."""

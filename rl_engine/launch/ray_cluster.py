@@ -21,6 +21,18 @@ config of its own only where it differs from the run's (`placement.host`: its no
 wildcard; `placement.weight_transport=auto` becomes `zmq` for a worker on a node without trainer ranks).
 The run's secret travels as an argument of `ProcessHost.start` (Ray's object transfer, never a command
 line, a file, or the actor's runtime_env, which Ray's state API shows) into the child's environment.
+
+Failures: the driver polls every host (`placement.poll`, 0.5 s). A rollout worker whose process ended
+with an error, or whose host actor died (`ray.kill`, its node lost), is reported at once to the
+coordinator (`WorkerExited`, sent from a CURVE client named `launcher` that holds the run's key), which
+requeues its prompts without waiting for the heartbeats. With `ray.max_worker_restarts` > 0 it is then
+started again in its bundle (by its host, or by a new host when the old one is gone), registers anew,
+and the coordinator has it sent the current weights before it serves. Any other process that fails ends
+the run (a trainer rank: resume from the last committed checkpoint).
+
+Logs: each child writes `<output_dir>/logs/<name>.log` on its own node (a restart appends). The driver
+leaves a marker file in its log directory; a host that does not see it runs on a node that does not
+share the output directory, and at the end the driver copies that log back through Ray.
 """
 
 from __future__ import annotations
@@ -38,14 +50,19 @@ from typing import IO, Any, Literal
 
 import ray
 import yaml
+import zmq
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rl_engine import protocol as P
+from rl_engine.auth import RunAuth
 from rl_engine.launch.local import (LAUNCHER_PID_ENV, LaunchResult, ProcessResult, ProcessSpec, free_port,
                                     tail_lines)
 
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 _ECHO_CHUNK = 1 << 20
+_LOG_CHUNK = 16 << 20
+LAUNCHER_NAME = "launcher"  # the coordinator's peer name for the driver (rl_engine.actors.coordinator_io)
 
 
 class PlacementError(RuntimeError):
@@ -67,8 +84,24 @@ class ProcessHost:
     def free_port(self, host: str) -> int:
         return free_port(host)
 
+    def sees(self, path: str, content: str) -> bool:
+        """Whether this node sees the driver's file `path` holding `content` (a shared output dir)."""
+        try:
+            with open(path) as f:
+                return f.read() == content
+        except OSError:
+            return False
+
+    def read_log(self, offset: int) -> bytes:
+        """Up to 16 MiB of this host's log from `offset` (the driver collects a node-local log)."""
+        if self._log_path is None:
+            return b""
+        with open(self._log_path, "rb") as f:
+            f.seek(offset)
+            return f.read(_LOG_CHUNK)
+
     def start(self, cmd: list[str], env: dict[str, str], secret_env: dict[str, str], log_path: str, *,
-              niceness: int) -> tuple[int, int]:
+              niceness: int, append: bool = False) -> tuple[int, int]:
         """Start the child; `secret_env` (the run's secret) goes into its environment only. Returns the
         child's pid and its niceness: Ray runs its workers at niceness 15 (`RAY_worker_niceness`), which
         a child would inherit and lose every contended core to; this thread (the child's parent) takes
@@ -79,11 +112,16 @@ class ProcessHost:
         child_env[LAUNCHER_PID_ENV] = str(os.getpid())  # the child dies with this host process
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         self._log_path = log_path
+        if not append:
+            self._echo_offset = 0
         try:  # PRIO_PROCESS 0 on Linux: the calling thread, which forks the child
             os.setpriority(os.PRIO_PROCESS, 0, niceness)
         except OSError:
             pass
-        with open(log_path, "wb") as log:
+        with open(log_path, "ab" if append else "wb") as log:
+            if append:
+                log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} restarted on {ray.util.get_node_ip_address()} "
+                          "---\n".encode())
             self._popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                            env=child_env, start_new_session=True)
         return self._popen.pid, os.getpriority(os.PRIO_PROCESS, 0)
@@ -184,12 +222,15 @@ def _with_config(spec: ProcessSpec, path: str) -> ProcessSpec:
 class RayLauncher:
     """Places the run's processes (see the module docstring); `run()` returns a `LaunchResult`."""
 
-    def __init__(self, cfg, config_path: str, *, run_id: str, log_dir: str, secret_env: dict[str, str],
+    def __init__(self, cfg, config_path: str, *, run_id: str, log_dir: str, auth: RunAuth,
                  edit_specs: Callable[[list[ProcessSpec]], list[ProcessSpec]] | None = None,
                  echo_stream: IO[bytes] | None = None, poll_interval_s: float = 0.5) -> None:
         self.cfg, self.config_path, self.run_id = cfg, config_path, run_id
         self.log_dir = Path(log_dir)
-        self._secret_env = secret_env
+        self._auth = auth
+        self._secret_env = auth.child_env()
+        self._marker = self.log_dir / f".driver-{run_id}"  # a host that sees it shares the output dir
+        self._link: zmq.Socket | None = None  # to the coordinator, as `launcher`
         self._edit_specs = edit_specs
         self._echo_stream = echo_stream
         self._poll_interval_s = poll_interval_s
@@ -204,6 +245,12 @@ class RayLauncher:
         self.pids: list[int] = []
         self.returncodes: list[int | None] = []
         self.stopped: list[bool] = []
+        self.commands: list[tuple[list[str], dict[str, str]]] = []  # each process's command and environment
+        self.restarts: list[int] = []
+        self.previous_pids: list[list[int]] = []
+        self.actor_names: list[str] = []
+        self.shared_logs: list[bool] = []
+        self._niceness = 0
 
     # -- start-up -----------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -231,13 +278,13 @@ class RayLauncher:
         self._pg = placement_group(bundles, strategy=self.cfg.ray.strategy, name=f"rl_engine-{self.run_id}")
         if not self._pg.wait(timeout_seconds=p.startup_timeout_s):
             raise placement_error(bundles, names, p.startup_timeout_s)
-        host_cls = ray.remote(max_restarts=0)(ProcessHost)
-        for i, (spec, bundle) in enumerate(zip(specs, bundles)):
-            strategy = PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=i)
-            options = _actor_options(bundle)
-            self.hosts.append(host_cls.options(name=f"rl_engine-{self.run_id}-{spec.name}",
-                                               scheduling_strategy=strategy, **options).remote())
+        self._bundles = bundles
+        self.hosts = [self._new_host(i, spec.name) for i, spec in enumerate(specs)]
         self.where = ray.get([h.where.remote() for h in self.hosts], timeout=p.startup_timeout_s)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._marker.write_text(self.run_id)
+        self.shared_logs = ray.get([h.sees.remote(str(self._marker), self.run_id) for h in self.hosts],
+                                   timeout=p.startup_timeout_s)
         coordinator = next(i for i, s in enumerate(specs) if s.ends_run)
         rank0 = next((i for i, s in enumerate(specs) if s.dist_rank == 0), None)
         coordinator_ip = self.where[coordinator]["node_ip"]
@@ -250,7 +297,7 @@ class RayLauncher:
         master_ip = self.where[rank0]["node_ip"] if rank0 is not None else None
         master_port = ray.get(self.hosts[rank0].free_port.remote(master_ip)) if rank0 is not None else None
         world_size = sum(s.dist_rank is not None for s in self.specs)
-        niceness = os.getpriority(os.PRIO_PROCESS, 0)
+        niceness = self._niceness = os.getpriority(os.PRIO_PROCESS, 0)
         starts = []
         for spec, host, where in zip(self.specs, self.hosts, self.where):
             changes: dict[str, Any] = {"host": where["node_ip"]}
@@ -265,10 +312,20 @@ class RayLauncher:
                            LOCAL_RANK="0", WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE="1")
             env.update(spec.env)
             cmd = [sys.executable, "-m", "rl_engine.launch.child", spec.module, *spec.args]
+            self.commands.append((cmd, env))
             starts.append(host.start.remote(cmd, env, self._secret_env, str(self.log_dir / f"{spec.name}.log"),
                                             niceness=niceness))
+        # The coordinator hears from the driver when Ray sees a rollout worker die (see the module docstring).
+        self._link = zmq.Context.instance().socket(zmq.DEALER)
+        self._link.setsockopt(zmq.IDENTITY, LAUNCHER_NAME.encode())
+        self._link.setsockopt(zmq.LINGER, 0)
+        self._link.setsockopt(zmq.SNDTIMEO, 1000)
+        self._auth.connect_as(self._link, LAUNCHER_NAME)
+        self._link.connect(f"tcp://{coordinator_ip}:{ports[0]}")
         started = ray.get(starts, timeout=p.startup_timeout_s)
         self.pids = [pid for pid, _ in started]
+        self.restarts = [0] * len(self.specs)
+        self.previous_pids = [[] for _ in self.specs]
         if lower := sorted({name for (_, nice), name in zip(started, names) if nice > niceness}):
             print(f"warning: {', '.join(lower)} run at Ray's worker niceness ({max(n for _, n in started)}, not "
                   f"{niceness}): they lose contended cores to other processes; start the Ray nodes with "
@@ -277,20 +334,39 @@ class RayLauncher:
         self.stopped = [False] * len(self.specs)
         self._write_placement()
 
-    def _write_placement(self) -> None:
+    def _new_host(self, i: int, name: str) -> Any:
+        """A host actor for process `i` in its bundle (named after the process, and its restart if any)."""
+        strategy = PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=i)
+        suffix = f"-r{self.restarts[i]}" if self.restarts and self.restarts[i] else ""
+        actor_name = f"rl_engine-{self.run_id}-{name}{suffix}"
+        if i < len(self.actor_names):
+            self.actor_names[i] = actor_name
+        else:
+            self.actor_names.append(actor_name)
+        return ray.remote(max_restarts=0)(ProcessHost).options(
+            name=actor_name, scheduling_strategy=strategy, **_actor_options(self._bundles[i])).remote()
+
+    def _write_placement(self, *, announce: bool = True) -> None:
         import json
 
-        placement = {s.name: {**w, "pid": pid, "bundle_index": i, "actor_name": f"rl_engine-{self.run_id}-{s.name}"}
+        placement = {s.name: {**w, "pid": pid, "bundle_index": i, "actor_name": self.actor_names[i],
+                              "restarts": self.restarts[i], "previous_pids": self.previous_pids[i],
+                              "log_on_shared_dir": self.shared_logs[i]}
                      for i, (s, w, pid) in enumerate(zip(self.specs, self.where, self.pids))}
         path = os.path.join(self.cfg.train.output_dir, "actors", "placement.json")
-        with open(path, "w") as f:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
             json.dump(placement, f, indent=1)
+        os.replace(tmp, path)
+        if not announce:
+            return
         nodes = {w["node_id"]: w["node_ip"] for w in self.where}
         print(f"launched {len(self.specs)} processes on Ray ({self.cfg.placement.mode}, {len(nodes)} node(s) at "
               f"{', '.join(sorted(set(nodes.values())))}); logs in {self.log_dir}; placement in {path}", flush=True)
 
     # -- watching -----------------------------------------------------------------------------------
     def _poll(self) -> None:
+        restarts: list[tuple[int, int, str]] = []  # after every death is reported: a restart may wait for a host
         live = [i for i, rc in enumerate(self.returncodes) if rc is None]
         refs = [self.hosts[i].poll.remote(echo=self.specs[i].echo) for i in live]
         for i, ref in zip(live, refs):
@@ -305,12 +381,67 @@ class RayLauncher:
                     stream.flush()
                 except (OSError, ValueError):
                     pass
-            if rc is not None:
+            if rc is None:
+                continue
+            worker = not self.specs[i].required and not self._stopping and self._signal is None
+            if worker and rc == 0:  # the coordinator told it to stop (retired); it is not restarted
+                self._tell_coordinator(P.WorkerExited(worker=self.specs[i].name, pid=self.pids[i],
+                                                      reason="exited with code 0"), quiet=True)
+            elif worker:
+                how = f"exited with code {rc}" if rc > 0 else f"was killed by signal {-rc}"
+                restart = self.restarts[i] < self.cfg.ray.max_worker_restarts
+                self._tell_coordinator(P.WorkerExited(worker=self.specs[i].name, pid=self.pids[i], reason=how,
+                                                      restarting=restart))
+                if restart:
+                    print(f"process '{self.specs[i].name}' on {self.where[i]['node_ip']} {how}; restarting it "
+                          f"({self.restarts[i] + 1} of ray.max_worker_restarts={self.cfg.ray.max_worker_restarts})",
+                          file=sys.stderr, flush=True)
+                    restarts.append((i, rc, how))
+                    continue
+                print(f"process '{self.specs[i].name}' on {self.where[i]['node_ip']} {how}; it is not required, "
+                      f"the run goes on", file=sys.stderr, flush=True)
+            self.returncodes[i] = rc
+        for i, rc, how in restarts:
+            try:
+                self._restart(i)
+            except (ray.exceptions.RayError, TimeoutError) as e:  # e.g. its node is gone and its bundle with it
+                print(f"could not restart '{self.specs[i].name}': {type(e).__name__}: {e}; the run goes on without it",
+                      file=sys.stderr, flush=True)
+                self._tell_coordinator(P.WorkerExited(worker=self.specs[i].name, pid=self.pids[i],
+                                                      reason=f"{how}; its restart failed", restarting=False))
                 self.returncodes[i] = rc
-                if rc != 0 and not self.specs[i].required and not self._stopping:
-                    how = f"exited with code {rc}" if rc > 0 else f"was killed by signal {-rc}"
-                    print(f"process '{self.specs[i].name}' on {self.where[i]['node_ip']} {how}; it is not required, "
-                          f"the run goes on", file=sys.stderr, flush=True)
+
+    def _tell_coordinator(self, msg: P.Message, *, quiet: bool = False) -> None:
+        """Send `msg` to the coordinator (waiting at most 1 s while it is unreachable, e.g. as the run ends)."""
+        if self._link is None:
+            return
+        try:
+            P.send_msg(self._link, msg)
+        except zmq.ZMQError as e:  # the coordinator still learns a death from the heartbeats
+            if not quiet:
+                print(f"could not tell the coordinator {msg}: {e}", file=sys.stderr, flush=True)
+
+    def _restart(self, i: int) -> None:
+        """Start process `i` again in its bundle: by its host, or by a new one if Ray says it is gone."""
+        spec, p = self.specs[i], self.cfg.placement
+        self.previous_pids[i].append(self.pids[i])
+        self.restarts[i] += 1
+        try:
+            ray.get(self.hosts[i].where.remote(), timeout=p.startup_timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            try:
+                ray.kill(self.hosts[i], no_restart=True)
+            except Exception:  # already gone
+                pass
+            self.hosts[i] = self._new_host(i, spec.name)
+            self.where[i] = ray.get(self.hosts[i].where.remote(), timeout=p.startup_timeout_s)
+            self.shared_logs[i] = ray.get(self.hosts[i].sees.remote(str(self._marker), self.run_id))
+        cmd, env = self.commands[i]
+        pid, _ = ray.get(self.hosts[i].start.remote(cmd, env, self._secret_env, str(self.log_dir / f"{spec.name}.log"),
+                                                    niceness=self._niceness, append=True),
+                         timeout=p.startup_timeout_s)
+        self.pids[i] = pid
+        self._write_placement(announce=False)
 
     def _signal_all(self, sig: int) -> None:
         for i, host in enumerate(self.hosts):
@@ -358,11 +489,40 @@ class RayLauncher:
         self._signal_count += 1
 
     # -- the end ------------------------------------------------------------------------------------
+    def collect_logs(self) -> list[str]:
+        """Copy the logs of processes on nodes that do not share the output dir into the driver's log dir."""
+        collected = []
+        for i, (spec, host) in enumerate(zip(self.specs, self.hosts)):
+            if i >= len(self.shared_logs) or self.shared_logs[i]:
+                continue
+            path, offset = self.log_dir / f"{spec.name}.log", 0
+            try:
+                with open(path, "wb") as f:
+                    while chunk := ray.get(host.read_log.remote(offset), timeout=60):
+                        f.write(chunk)
+                        offset += len(chunk)
+                collected.append(spec.name)
+            except (ray.exceptions.RayError, OSError) as e:
+                print(f"could not collect the log of {spec.name} from {self.where[i]['node_ip']}: {e}",
+                      file=sys.stderr, flush=True)
+        if collected:
+            print(f"collected the logs of {', '.join(collected)} (their nodes do not share {self.log_dir}) into "
+                  f"{self.log_dir}", flush=True)
+        return collected
+
     def close(self) -> None:
         """Stop whatever still runs, remove the run's regions on every node, the actors and the group."""
         try:
+            if self._link is not None:
+                self._link.close()
+                self._link = None
             if self.hosts and any(rc is None for rc in self.returncodes):
                 self._signal_all(signal.SIGKILL)
+                deadline = time.monotonic() + 10  # their logs are complete once they have ended
+                while time.monotonic() < deadline and any(rc is None for rc in self.returncodes):
+                    self._poll()
+                    time.sleep(0.1)
+            self.collect_logs()
             swept = {}
             for host, where in zip(self.hosts, self.where):
                 swept.setdefault(where["node_id"], host)
@@ -378,6 +538,7 @@ class RayLauncher:
                 ray.kill(host, no_restart=True)  # its child, if any still ran, dies with it
             if self._pg is not None:
                 remove_placement_group(self._pg)
+            self._marker.unlink(missing_ok=True)
         finally:
             if self._connected_here:
                 ray.shutdown()  # a private instance (ray.address=null) stops with it
@@ -401,9 +562,9 @@ class RayLauncher:
                     signal.signal(s, handler)
 
 
-def launch_on_ray(cfg, config_path: str, *, run_id: str, log_dir: str, secret_env: dict[str, str],
+def launch_on_ray(cfg, config_path: str, *, run_id: str, log_dir: str, auth: RunAuth,
                   edit_specs: Callable[[list[ProcessSpec]], list[ProcessSpec]] | None = None,
                   echo_stream: IO[bytes] | None = None) -> LaunchResult:
     """Place and start the run's processes on Ray, wait for the run to end, leave nothing behind."""
-    return RayLauncher(cfg, config_path, run_id=run_id, log_dir=log_dir, secret_env=secret_env, edit_specs=edit_specs,
+    return RayLauncher(cfg, config_path, run_id=run_id, log_dir=log_dir, auth=auth, edit_specs=edit_specs,
                        echo_stream=echo_stream).run()

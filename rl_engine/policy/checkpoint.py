@@ -35,6 +35,7 @@ from rl_engine.policy.parallel import SINGLE, ParallelGroups
 
 # Tensors some checkpoints carry that hold nothing we need (recomputed buffers).
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+MTP_SHARED = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
 EXTRAS_FILE = "rl_engine_extras.safetensors"
 ROUTER_KNOBS = ("router_bias_update_rate", "router_z_loss_coef")  # ModelConfig fields transformers has no key for
 
@@ -86,28 +87,9 @@ def weight_table(model: CausalLM) -> dict[str, WeightEntry]:
         table["model.embed_tokens.weight"] = WeightEntry(
             lambda t: emb.load_full(t, "model.embed_tokens.weight"), lambda: emb.local_real_rows().detach())
     for layer in model.layers:
-        pre = f"model.layers.{layer.layer_idx}."
-        attn = layer.self_attn
-        table[pre + "input_layernorm.weight"] = _param(layer.input_layernorm.weight, pre + "input_layernorm.weight")
-        table[pre + "post_attention_layernorm.weight"] = _param(layer.post_attention_layernorm.weight,
-                                                                 pre + "post_attention_layernorm.weight")
-        if cfg.is_mla:
-            table.update(_mla_entries(attn, pre + "self_attn."))
-        else:
-            for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                n = pre + f"self_attn.{proj}."
-                table[n + "weight"] = _col_part(attn.qkv_proj, part, "weight", n + "weight")
-                if cfg.qkv_bias:
-                    table[n + "bias"] = _col_part(attn.qkv_proj, part, "bias", n + "bias")
-        table[pre + "self_attn.o_proj.weight"] = WeightEntry(
-            lambda t, a=attn, n=pre + "self_attn.o_proj.weight": a.o_proj.load_full(t, n), lambda a=attn: a.o_proj.weight.detach())
-        if getattr(attn, "q_norm", None) is not None:
-            table[pre + "self_attn.q_norm.weight"] = _param(attn.q_norm.weight, pre + "self_attn.q_norm.weight")
-            table[pre + "self_attn.k_norm.weight"] = _param(attn.k_norm.weight, pre + "self_attn.k_norm.weight")
-        if layer.is_moe:
-            table.update(_moe_entries(layer.mlp, pre, cfg, g))
-        else:
-            table.update(_mlp_entries(layer.mlp, pre + "mlp."))
+        table.update(_layer_entries(layer, f"model.layers.{layer.layer_idx}.", cfg, g))
+    for mtp in model.mtp_layers:
+        table.update(_mtp_entries(model, mtp, f"model.layers.{mtp.layer_idx}.", cfg, g))
     if model.is_last_stage:
         table["model.norm.weight"] = _param(model.norm.weight, "model.norm.weight")
         if not cfg.tie_word_embeddings:
@@ -129,6 +111,45 @@ def _mlp_entries(mlp, pre: str) -> dict[str, WeightEntry]:
         pre + "down_proj.weight": WeightEntry(lambda t: mlp.down_proj.load_full(t, pre + "down_proj.weight"),
                                               lambda: mlp.down_proj.weight.detach()),
     }
+
+
+def _layer_entries(layer, pre: str, cfg: ModelConfig, g: ParallelGroups) -> dict[str, WeightEntry]:
+    """One decoder layer's tensors under `pre` (a main layer's, or an MTP layer's block)."""
+    table: dict[str, WeightEntry] = {}
+    attn = layer.self_attn
+    table[pre + "input_layernorm.weight"] = _param(layer.input_layernorm.weight, pre + "input_layernorm.weight")
+    table[pre + "post_attention_layernorm.weight"] = _param(layer.post_attention_layernorm.weight,
+                                                             pre + "post_attention_layernorm.weight")
+    if cfg.is_mla:
+        table.update(_mla_entries(attn, pre + "self_attn."))
+    else:
+        for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            n = pre + f"self_attn.{proj}."
+            table[n + "weight"] = _col_part(attn.qkv_proj, part, "weight", n + "weight")
+            if cfg.qkv_bias:
+                table[n + "bias"] = _col_part(attn.qkv_proj, part, "bias", n + "bias")
+    table[pre + "self_attn.o_proj.weight"] = WeightEntry(
+        lambda t, a=attn, n=pre + "self_attn.o_proj.weight": a.o_proj.load_full(t, n), lambda a=attn: a.o_proj.weight.detach())
+    if getattr(attn, "q_norm", None) is not None:
+        table[pre + "self_attn.q_norm.weight"] = _param(attn.q_norm.weight, pre + "self_attn.q_norm.weight")
+        table[pre + "self_attn.k_norm.weight"] = _param(attn.k_norm.weight, pre + "self_attn.k_norm.weight")
+    if layer.is_moe:
+        table.update(_moe_entries(layer.mlp, pre, cfg, g))
+    else:
+        table.update(_mlp_entries(layer.mlp, pre + "mlp."))
+    return table
+
+
+def _mtp_entries(model: CausalLM, mtp, pre: str, cfg: ModelConfig, g: ParallelGroups) -> dict[str, WeightEntry]:
+    """A DeepSeek MTP layer: its norms, eh_proj, shared_head.norm and decoder block. The checkpoint's
+    copies of the embedding and LM head under the same prefix are not loaded (the model's own are
+    used, as transformers' MtpModel does: `MTP_SHARED`); `save_pretrained` writes them as copies
+    (DeepSeek's layout, which other loaders expect)."""
+    table = _layer_entries(mtp.block, pre, cfg, g)
+    for name, module in (("enorm", mtp.enorm), ("hnorm", mtp.hnorm), ("eh_proj", mtp.eh_proj),
+                         ("shared_head.norm", mtp.post_norm)):
+        table[f"{pre}{name}.weight"] = _param(module.weight, f"{pre}{name}.weight")
+    return table
 
 
 def _mla_entries(attn, pre: str) -> dict[str, WeightEntry]:
@@ -231,6 +252,15 @@ def _open_safetensors(file: str) -> Iterator[Any]:
         raise InputError(f"{file}: not a readable safetensors file ({e})") from None
 
 
+def checkpoint_tensor_names(path: str) -> list[str]:
+    """The tensor names of a model directory's weights files (headers only)."""
+    names: list[str] = []
+    for file in _checkpoint_files(path):
+        with _open_safetensors(file) as f:
+            names.extend(f.keys())
+    return names
+
+
 def check_hf_files(path: str) -> None:
     """Open the header of every weights file of a model directory (no tensor is read), so that a
     missing, truncated or corrupt file is refused, by name, before any work starts."""
@@ -264,7 +294,7 @@ def load_hf_weights(model: CausalLM, path: str) -> None:
         if fused:
             base = name.rsplit(".", 1)[0]
             pending -= {n for n in pending if n.startswith(base + ".")}
-        elif IGNORED.match(name):
+        elif IGNORED.match(name) or MTP_SHARED.match(name):
             continue
         else:
             m = re.match(r"model\.layers\.(\d+)\.", name)
@@ -354,6 +384,10 @@ def save_pretrained(model: CausalLM, path: str, *, max_shard_bytes: int = 4 << 3
                          "use the sharded checkpoint and `rl-engine convert` for parallel layouts")
     os.makedirs(path, exist_ok=True)
     tensors = {name: entry.export().contiguous().clone() for name, entry in weight_table(model).items()}
+    for mtp in model.mtp_layers:  # DeepSeek's MTP layers carry copies of the shared embedding and head
+        tensors[f"model.layers.{mtp.layer_idx}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+        tensors[f"model.layers.{mtp.layer_idx}.shared_head.head.weight"] = tensors[
+            "model.embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"].clone()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():

@@ -276,11 +276,24 @@ class ModelConfig:
         if not isinstance(hf, dict):
             raise InputError(f"{cfg_path}: expected a JSON object, got {type(hf).__name__}")
         try:
-            return cls.from_hf_dict(hf)
+            config = cls.from_hf_dict(hf)
         except KeyError as e:  # a field another one needs (e.g. rope scaling's "factor")
             raise InputError(f"{cfg_path}: missing field {e.args[0]!r}") from None
         except (ValueError, TypeError, ArithmeticError) as e:  # unsupported or ill-typed fields
             raise InputError(f"{cfg_path}: {e}") from None
+        if config.num_mtp_layers:
+            # transformers writes num_nextn_predict_layers=1 for every deepseek_v3 it saves, MTP weights
+            # or not: the layers exist only if the checkpoint holds them.
+            from rl_engine.policy.checkpoint import checkpoint_tensor_names
+
+            first = f"model.layers.{config.num_layers}."
+            try:
+                names = checkpoint_tensor_names(path)
+            except InputError:  # no weights files: loading them will say so
+                return config
+            if not any(name.startswith(first) for name in names):
+                config = config.replace(num_mtp_layers=0)
+        return config
 
     def validate(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -89,10 +89,7 @@ def model_boxes(model: CausalLM) -> list[Box]:
         column(pre, m.gate_up_proj, ["gate_proj", "up_proj"])
         row(pre + "down_proj.weight", m.down_proj.weight)
 
-    if model.embed_tokens is not None:
-        vocab("model.embed_tokens.weight", model.embed_tokens, primary=model.is_first_stage)
-    for layer in model.layers:
-        pre = f"model.layers.{layer.layer_idx}."
+    def decoder_layer(layer, pre: str) -> None:
         whole(pre + "input_layernorm.weight", layer.input_layernorm.weight)
         whole(pre + "post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
         attn = layer.self_attn
@@ -129,6 +126,17 @@ def model_boxes(model: CausalLM) -> list[Box]:
                       buffer=True)
         else:
             mlp(pre + "mlp.", m)
+
+    if model.embed_tokens is not None:
+        vocab("model.embed_tokens.weight", model.embed_tokens, primary=model.is_first_stage)
+    for layer in model.layers:
+        decoder_layer(layer, f"model.layers.{layer.layer_idx}.")
+    for mtp in model.mtp_layers:  # DeepSeek's MTP layers, under the index after the last layer
+        pre = f"model.layers.{mtp.layer_idx}."
+        decoder_layer(mtp.block, pre)
+        for name, module in (("enorm", mtp.enorm), ("hnorm", mtp.hnorm), ("eh_proj", mtp.eh_proj),
+                             ("shared_head.norm", mtp.post_norm)):
+            whole(f"{pre}{name}.weight", module.weight)
     if model.is_last_stage:
         whole("model.norm.weight", model.norm.weight)
         if not cfg.tie_word_embeddings:

@@ -27,6 +27,7 @@ from rl_engine.policy.layers import (
 )
 from rl_engine.policy.logprobs import token_logprobs_and_entropy
 from rl_engine.policy.mla import MLAttention
+from rl_engine.policy.mtp import MTPLayer
 from rl_engine.policy.moe import MoEBlock, RoutingRecord, SwiGLUMLP
 from rl_engine.policy.parallel import SINGLE, ParallelGroups
 
@@ -165,6 +166,10 @@ class CausalLM(nn.Module):
             head_weights = self.embed_tokens if config.tie_word_embeddings else VocabParallelEmbedding(
                 config.vocab_size, config.hidden_size, groups=groups, dtype=dtype, device=device)
             self.lm_head = ParallelLMHead(head_weights)
+        # DeepSeek-V3's multi-token-prediction layers ride on the last stage with the LM head they share.
+        self.mtp_layers = nn.ModuleList(
+            MTPLayer(config, k, groups=groups, dtype=dtype, device=device) for k in range(config.num_mtp_layers)
+        ) if self.is_last_stage else nn.ModuleList()
         self.register_buffer("inv_freq", config.inv_freq().to(device), persistent=False)
         self.rotary = RotaryEmbedding(head_dim=config.head_dim, device=self.inv_freq.device,
                                       max_positions=max(config.max_position_embeddings, config.max_context_len),
@@ -235,6 +240,21 @@ class CausalLM(nn.Module):
         h = self.hidden_states(input_ids, positions=positions, cu_seqlens=cu_seqlens, attn_context=attn_context,
                                routing=routing)
         return self.compute_logits(h)
+
+    def mtp_hidden_states(self, input_ids: torch.Tensor, prev_hidden: torch.Tensor, *, positions: torch.Tensor,
+                          depth: int = 0, cu_seqlens: torch.Tensor | None = None,
+                          attn_context=None) -> torch.Tensor:
+        """MTP layer `depth` on rows i: input_ids [T] the tokens i+1, prev_hidden [T, H] the final
+        hidden states at positions i (this model's, or the previous depth's output), positions [T]
+        = i+1. Returns its normed hidden states [T, H] for `compute_logits` (tokens i+2)."""
+        if depth >= len(self.mtp_layers) or self.embed_tokens is None:
+            raise ValueError(f"MTP depth {depth} needs an MTP layer and the embedding on this rank; the model has "
+                             f"{len(self.mtp_layers)} MTP layer(s) (num_nextn_predict_layers)")
+        if attn_context is None and cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, positions.shape[0]], dtype=torch.int32)
+        rope = self.rotary.tables(positions, self.inv_freq)
+        return self.mtp_layers[depth](self.embed_tokens(input_ids), prev_hidden, self.rotary, rope, cu_seqlens,
+                                      attn_context)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:

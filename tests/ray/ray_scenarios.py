@@ -36,34 +36,36 @@ def listeners() -> list[str]:
     return sorted({line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()})
 
 
-def poke_coordinator(run_dir: str, done: threading.Event) -> None:
-    """A rogue client with no key sends the coordinator a message mid-run (refused and counted)."""
-    import zmq
-
-    from rl_engine import protocol as P
-
-    path = os.path.join(run_dir, "actors.json")
-    while not os.path.exists(path) and not done.is_set():
-        time.sleep(0.05)
-    if done.is_set():
-        return
-    time.sleep(0.2)
-    address = json.load(open(path))["coordinator"]
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, b"rollout-0")
-    sock.connect(address)
-    P.send_msg(sock, P.TrainResult(step=1, policy_version=1, metrics={}))
-    time.sleep(1.0)
-    sock.close()
+def placement_of(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "actors", "placement.json")) as f:
+        return json.load(f)
 
 
-def run_scenario(name: str, out: str, overrides: list[str], *, ray_address: str, poke: bool = False,
-                 edit_specs=None) -> dict:
+def metric_rows(run_dir: str) -> int:
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return sum(1 for line in f if line.endswith("\n"))
+    except FileNotFoundError:
+        return 0
+
+
+def run_pids(placement: dict) -> list[int]:
+    """Every process the launcher started for the run (restarted ones included) and their hosts."""
+    return [p for info in placement.values() for p in (info["pid"], info["host_pid"], *info.get("previous_pids", []))]
+
+
+def run_scenario(name: str, out: str, overrides: list[str], *, ray_address: str, attack: bool = False,
+                 edit_specs=None, fault=None) -> dict:
+    """One run through `run_actors` (this process is the driver). `attack`: tests/rl/test_attacks.py's
+    Intruder (clients with no key and with another run's key) attacks the coordinator, its heartbeat
+    socket and rollout-0's weights socket throughout. `fault(run_dir, done, result)` runs in a thread."""
+    from pathlib import Path
+
     from rl_actor_helpers import toy_config
 
     import ray
     from rl_engine.actors.run import run_actors
+    from test_attacks import Intruder
 
     run_dir = os.path.join(out, name)
     result: dict = {"name": name}
@@ -76,20 +78,26 @@ def run_scenario(name: str, out: str, overrides: list[str], *, ray_address: str,
             time.sleep(0.5)
 
     threads = [threading.Thread(target=watch, daemon=True)]
-    if poke:
-        threads.append(threading.Thread(target=poke_coordinator, args=(run_dir, done), daemon=True))
+    if fault is not None:
+        threads.append(threading.Thread(target=fault, args=(run_dir, done, result), daemon=True))
     for t in threads:
         t.start()
+    intruder = Intruder(Path(run_dir)) if attack else None
     t0 = time.monotonic()
     try:
+        if intruder is not None:
+            intruder.__enter__()
         result["summary"] = run_actors(toy_config(run_dir, *overrides), echo_stream=io.BytesIO(),
                                        edit_specs=edit_specs)
     except Exception:
         result["error"] = traceback.format_exc()
     finally:
         done.set()
+        if intruder is not None:
+            intruder.__exit__(None, None, None)
+            result["intruder"] = {"rounds": intruder.rounds, "answers": len(intruder.answers)}
         for t in threads:
-            t.join(timeout=10)
+            t.join(timeout=30)
     result["seconds"] = time.monotonic() - t0
     result["listen_addresses"] = sorted(seen)
     placement_path = os.path.join(run_dir, "actors", "placement.json")
@@ -112,20 +120,22 @@ def run_scenario(name: str, out: str, overrides: list[str], *, ray_address: str,
         result["ray_nodes"] = {proc: labels[actors[info["actor_name"]]["node_id"]] for proc, info in placement.items()}
         result["alive_hosts"] = [name for name, a in actors.items() if a["state"] == "ALIVE"]
         time.sleep(0.5)
-        result["left_alive"] = [p for info in placement.values() for p in (info["pid"], info["host_pid"]) if alive(p)]
+        result["left_alive"] = [p for p in run_pids(placement) if alive(p)]
     return result
 
 
 # (name, overrides, on Ray, inject a worker death): the same toy runs under Ray and under the local launcher.
 SYNC = ["train.deterministic=true", "rollout.mode=sync"]
 DISAGG = [*SYNC, "placement.mode=disaggregated"]
-COLOCATED_TP2 = [*SYNC, "placement.mode=colocated", "train.tp=2"]
+# Checkpoints every step: the trainer-death scenario resumes from one and is compared with these runs.
+COLOCATED_TP2 = [*SYNC, "placement.mode=colocated", "train.tp=2", "train.steps=5", "train.checkpoint_every=1"]
 RAY = ["placement.launcher=ray", "ray.coordinator_resources={CPU: 0.5}"]
 ON_N0 = "ray.trainer_resources={CPU: 0.5, n0: 1}"  # with the coordinator: node n0 is full
 SCENARIOS = [
     # a rollout worker on each of n1 and n2; rollout-1 dies mid-run (its prompts requeued on rollout-0)
     ("ray_disaggregated_2w", [*DISAGG, *RAY, ON_N0, "ray.rollout_resources={CPU: 1}",
-                              "placement.num_rollout_workers=2", "placement.heartbeat_timeout_s=3"], True, True),
+                              "placement.num_rollout_workers=2"], True, True),
+    # attacked throughout by clients without the run's key and with another run's key
     ("ray_disaggregated", [*DISAGG, *RAY, ON_N0, "ray.rollout_resources={CPU: 1, n1: 1}"], True, False),
     ("local_disaggregated", DISAGG, False, False),
     ("ray_colocated_tp2", [*COLOCATED_TP2, *RAY, "ray.trainer_resources={CPU: 1}"], True, False),
@@ -138,24 +148,91 @@ SCENARIOS = [
 DIE_AFTER = 8 // 2 + 4 // 2 + 1
 
 
+def _wait(done: threading.Event, condition, timeout_s: float = 300) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not done.is_set() and time.monotonic() < deadline:
+        try:
+            if condition():
+                return True
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def served_since(run_dir: str, name: str, steps_done: int) -> bool:
+    """Whether worker `name` answered requests of a step that began after `steps_done` steps were logged
+    (the step in progress then, `steps_done + 1`, left out)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.endswith("\n")]
+    return any(row["workers/served"].get(name, 0) > 0 for row in rows[steps_done + 1:])
+
+
+def kill_the_worker_twice(run_dir: str, done: threading.Event, result: dict) -> None:
+    """The run's one rollout worker: its process SIGKILLed once a step is logged; once its restart has
+    served a later step, its host actor `ray.kill`ed (the process dies with it). With no worker left, the
+    run waits for each restart, so each restarted process serves the steps after its death."""
+    import ray
+
+    faults = result.setdefault("faults", [])
+    if not _wait(done, lambda: metric_rows(run_dir) >= 1):
+        return
+    pid = placement_of(run_dir)["rollout-0"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    faults.append({"how": "SIGKILL", "pid": pid, "steps_done": metric_rows(run_dir)})
+    if not _wait(done, lambda: served_since(run_dir, "rollout-0", faults[0]["steps_done"])):
+        return
+    info = placement_of(run_dir)["rollout-0"]
+    ray.kill(ray.get_actor(info["actor_name"], namespace="rl_engine"), no_restart=True)
+    faults.append({"how": "ray.kill", "pid": info["pid"], "steps_done": metric_rows(run_dir)})
+
+
+def kill_trainer_rank(run_dir: str, done: threading.Event, result: dict) -> None:
+    """SIGKILL of trainer rank 1's process once the second checkpoint is committed."""
+    latest = os.path.join(run_dir, "checkpoints", "latest.json")
+    if _wait(done, lambda: json.load(open(latest))["step"] >= 2):
+        pid = placement_of(run_dir)["trainer-1"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        result["killed_pid"] = pid
+
+
+def trainer_death_then_resume(out: str, ray_address: str) -> dict:
+    """Colocated tp2 with its ranks on two nodes: rank 1 dies after a committed checkpoint; the run stops
+    (nothing left); `train.resume=auto` under Ray then completes it."""
+    run_dir = os.path.join(out, "ray_trainer_death")
+    overrides = [*COLOCATED_TP2, *RAY, "ray.trainer_resources={CPU: 1}", f"ray.address={ray_address}"]
+    died = run_scenario("ray_trainer_death", out, overrides, ray_address=ray_address, fault=kill_trainer_rank)
+    died["killed_at_step"] = json.load(open(os.path.join(run_dir, "checkpoints", "latest.json")))["step"]
+    resumed = run_scenario("ray_trainer_death", out, [*overrides, "train.resume=auto"], ray_address=ray_address)
+    return {"died": died, "resumed": resumed}
+
+
 def inject_worker_death(specs):
     return [s if s.name != "rollout-1" else
             replace(s, args=[*s.args, "--die-after-requests", str(DIE_AFTER)]) for s in specs]
 
 
 def sigterm_driver(out: str, ray_address: str) -> dict:
-    """`rl-engine train` under Ray, SIGTERM to the driver mid-run: nothing of the run may be left."""
+    """`rl-engine train` under Ray, SIGTERM to the driver mid-run: nothing of the run may be left.
+
+    The driver runs in a mount namespace of its own where another directory is bind-mounted at
+    `<output_dir>/logs`: it does not share the nodes' log directory (as a driver on a machine without
+    the cluster's filesystem). Each process writes its log on its node; the driver collects them."""
     from rl_actor_helpers import toy_config
     import yaml
 
     from rl_engine.config import to_dict
 
     run_dir = os.path.join(out, "ray_sigterm")
-    os.makedirs(run_dir)
+    node_logs, driver_logs = os.path.join(run_dir, "logs"), os.path.join(out, "ray_sigterm_driver_logs")
+    os.makedirs(node_logs)
+    os.makedirs(driver_logs)
     config = os.path.join(run_dir, "run.yaml")
     with open(config, "w") as f:
         yaml.safe_dump(to_dict(toy_config(run_dir, *DISAGG, *RAY, "train.steps=500", f"ray.address={ray_address}")), f)
-    proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "train", config], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$1" && exec "$2" -m rl_engine.cli train "$3"',
+                             driver_logs, node_logs, sys.executable, config],
+                            stdout=open(os.path.join(out, "sigterm_driver.out"), "wb"),
                             stderr=open(os.path.join(out, "sigterm_driver.err"), "wb"))
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.monotonic() + 120
@@ -173,10 +250,17 @@ def sigterm_driver(out: str, ray_address: str) -> dict:
         rc = None
     result = {"running_when_signalled": running_when_signalled, "returncode": rc,
               "stop_seconds": time.monotonic() - t0}
-    with open(os.path.join(run_dir, "actors", "placement.json")) as f:
-        placement = json.load(f)
+    placement = placement_of(run_dir)
     time.sleep(0.5)
-    result["left_alive"] = [p for info in placement.values() for p in (info["pid"], info["host_pid"]) if alive(p)]
+    result["left_alive"] = [p for p in run_pids(placement) if alive(p)]
+
+    def read(directory: str) -> dict[str, str]:
+        return {n: open(os.path.join(directory, n), "rb").read().decode(errors="replace")
+                for n in sorted(os.listdir(directory)) if not n.startswith(".")}
+
+    result["logs"] = {"shared": {name: info["log_on_shared_dir"] for name, info in placement.items()},
+                      "node": read(node_logs), "driver": read(driver_logs),
+                      "driver_stdout": open(os.path.join(out, "sigterm_driver.out")).read()[-3000:]}
     import ray
     import ray._private.state
 
@@ -190,6 +274,9 @@ def sigterm_driver(out: str, ray_address: str) -> dict:
 
 
 RESUME = [*SYNC, "placement.mode=colocated", "train.steps=8", "train.checkpoint_every=1"]
+# One rollout worker (on n1) that may be restarted twice: SIGKILLed, later its host ray.kill'ed.
+RESTARTS = [*DISAGG, *RAY, ON_N0, "ray.rollout_resources={CPU: 1, n1: 1}", "ray.max_worker_restarts=2",
+            "train.steps=8"]
 
 
 def sigkill_driver_then_resume(out: str, ray_address: str) -> dict:
@@ -220,14 +307,14 @@ def sigkill_driver_then_resume(out: str, ray_address: str) -> dict:
     result: dict = {"running_when_killed": proc.poll() is None}
     proc.kill()
     proc.wait()
-    result["killed_at_step"] = json.load(open(latest))["step"]
-    with open(os.path.join(run_dir, "actors", "placement.json")) as f:
-        placement = json.load(f)
-    pids = [p for info in placement.values() for p in (info["pid"], info["host_pid"])]
+    pids = run_pids(placement_of(run_dir))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.2)
     result["left_alive"] = [p for p in pids if alive(p)]
+    # Read once every process is gone: Ray ends a dead driver's actors a moment later, so the coordinator
+    # may commit one more checkpoint after the driver's death.
+    result["killed_at_step"] = json.load(open(latest))["step"]
     resumed = run_scenario("ray_resumed", out, [*overrides, "train.resume=auto"], ray_address=ray_address)
     result.update({k: v for k, v in resumed.items() if k in ("summary", "error", "alive_hosts")})
     result["left_alive"] += resumed.get("left_alive", [])
@@ -249,6 +336,101 @@ def ray_server_pids() -> list[int]:
     return sorted(pids)
 
 
+def ray_process_pids() -> set[int]:
+    """Every process of any Ray instance on this machine: GCS, raylets, dashboard and agents, workers."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            text = b" ".join(argv)
+            if (argv[0].endswith((b"gcs_server", b"raylet")) or argv[0].startswith(b"ray::")
+                    or b"/ray/dashboard/" in text or b"/ray/_private/" in text or b"/ray/autoscaler/" in text
+                    or b"bin/ray start" in text) and alive(int(entry)):
+                pids.add(int(entry))
+    return pids
+
+
+def job_submit(out: str) -> dict:
+    """As a user does: `ray start --head` (with the dashboard, whose job server takes jobs), then from a
+    folder holding the config `ray job submit --working-dir . -- rl-engine train run.yaml
+    placement.launcher=ray ray.address=auto`: examples/disaggregated.yaml (the demo task with a rollout
+    worker process) at reduced sizes. Then the head is stopped and nothing of it may be left."""
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    from rl_engine.launch.local import free_port
+
+    before = ray_process_pids()
+    bin_dir = os.path.dirname(sys.executable)
+    # `ray start --head` turns Ray's token authentication on: the head, the job's driver (started by the head)
+    # and `ray job submit` share this token (a user exports it on every node and where they submit from).
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex()}
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = free_port(), free_port()
+    workdir, run_dir = os.path.join(out, "job_workdir"), os.path.join(out, "ray_job")
+    os.makedirs(workdir)
+    shutil.copy(os.path.join(HERE, "..", "..", "examples", "disaggregated.yaml"), os.path.join(workdir, "run.yaml"))
+    head_log = open(os.path.join(out, "ray_head.log"), "wb")
+    head = subprocess.Popen([os.path.join(bin_dir, "ray"), "start", "--head", f"--port={port}",
+                             "--node-ip-address=127.0.0.1", "--num-cpus=3", "--include-dashboard=true",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+                             "--block"], env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
+    result: dict = {}
+    t0 = time.monotonic()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and head.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=5).read()
+                break
+            except urllib.error.HTTPError:  # it answers (401 without the token): up
+                break
+            except OSError:
+                time.sleep(0.5)
+        result["head_ready_seconds"] = time.monotonic() - t0
+        submit = subprocess.run(
+            [os.path.join(bin_dir, "ray"), "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
+             "--working-dir", ".", "--", "rl-engine", "train", "run.yaml", "placement.launcher=ray",
+             "ray.address=auto", f"train.output_dir={run_dir}", "warmup.steps=20", "train.steps=2", "train.dp=1",
+             "placement.num_rollout_workers=1", "data.num_eval=8", "rollout.prompts_per_step=4", "rollout.n=4",
+             "rollout.dynamic_sampling=false", "placement.grace_period_s=3"],
+            cwd=workdir, env=env, capture_output=True, timeout=420)
+        result.update(returncode=submit.returncode, output=submit.stdout.decode(errors="replace")[-4000:],
+                      stderr=submit.stderr.decode(errors="replace")[-2000:], seconds=time.monotonic() - t0)
+        try:
+            with open(os.path.join(run_dir, "summary.json")) as f:
+                result["summary"] = json.load(f)
+            result["left_alive"] = [p for p in run_pids(placement_of(run_dir)) if alive(p)]
+        except FileNotFoundError as e:
+            result["missing"] = str(e)
+    finally:
+        _killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            _killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        head_log.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and ray_process_pids() - before:
+        time.sleep(0.5)
+    result["ray_processes_left"] = sorted(ray_process_pids() - before)
+    return result
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def private_instance(out: str) -> dict:
     """`ray.address=null`: the run starts a Ray instance of its own and stops it at the end."""
     from rl_actor_helpers import toy_config
@@ -265,13 +447,12 @@ def private_instance(out: str) -> dict:
                                                   "ray.coordinator_resources={CPU: 0.5}"), echo_stream=io.BytesIO())
     except Exception:
         result["error"] = traceback.format_exc()
-    with open(os.path.join(run_dir, "actors", "placement.json")) as f:
-        placement = json.load(f)
+    placement = placement_of(run_dir)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and ray_server_pids() != before:
         time.sleep(0.2)
     result["ray_servers_left"] = sorted(set(ray_server_pids()) - set(before))
-    result["left_alive"] = [p for info in placement.values() for p in (info["pid"], info["host_pid"]) if alive(p)]
+    result["left_alive"] = [p for p in run_pids(placement) if alive(p)]
     return result
 
 
@@ -294,8 +475,14 @@ def main() -> None:
             if only and name not in only:
                 continue
             address = [f"ray.address={cluster.address}"] if on_ray else []
-            results[name] = run_scenario(name, out, [*overrides, *address], ray_address=cluster.address, poke=on_ray,
+            results[name] = run_scenario(name, out, [*overrides, *address], ray_address=cluster.address,
+                                         attack=name == "ray_disaggregated",
                                          edit_specs=inject_worker_death if kill else None)
+        if not only or "ray_restarts" in only:
+            results["ray_restarts"] = run_scenario("ray_restarts", out, [*RESTARTS, f"ray.address={cluster.address}"],
+                                                   ray_address=cluster.address, fault=kill_the_worker_twice)
+        if not only or "ray_trainer_death" in only:
+            results["ray_trainer_death"] = trainer_death_then_resume(out, cluster.address)
         if not only or "ray_sigterm" in only:
             results["ray_sigterm"] = sigterm_driver(out, cluster.address)
         if not only or "ray_resumed" in only:
@@ -308,6 +495,8 @@ def main() -> None:
         cluster.shutdown()
     time.sleep(1.0)
     results["ray_processes_left"] = [p for p in ray_pids if alive(p)]
+    if not only or "ray_job" in only:  # its own head, once the cluster is gone
+        results["ray_job"] = job_submit(out)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
 

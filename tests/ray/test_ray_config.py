@@ -12,6 +12,14 @@ def test_defaults_keep_the_local_launcher():
     assert cfg.ray.address is None and cfg.ray.trainer_resources == {"CPU": 1.0} and cfg.ray.max_worker_restarts == 0
 
 
+def test_worker_restarts_with_ray_and_rollout_workers():
+    cfg = load_config(RLConfig, None, ["placement.mode=disaggregated", "placement.launcher=ray",
+                                       "ray.max_worker_restarts=3"])
+    assert cfg.ray.max_worker_restarts == 3
+    with pytest.raises(ConfigError, match="got ray, colocated"):
+        load_config(RLConfig, None, ["placement.mode=colocated", "placement.launcher=ray", "ray.max_worker_restarts=1"])
+
+
 def test_ray_section_values():
     cfg = load_config(RLConfig, None, ["placement.mode=disaggregated", "placement.launcher=ray", "ray.address=auto",
                                        "ray.rollout_resources={CPU: 2, GPU: 1, gpu_node: 0.5}", "ray.strategy=SPREAD",
@@ -30,7 +38,9 @@ def test_ray_section_values():
     ("ray.trainer_resources={CPU: -1}", "ray.trainer_resources.CPU=-1.0 must be finite and >= 0"),
     ("ray.coordinator_resources={CPU: 0}", "ray.coordinator_resources={'CPU': 0.0} asks for nothing"),
     ("ray.rollout_resources={CPU: .nan}", "ray.rollout_resources.CPU=nan"),
-    ("ray.max_worker_restarts=2", "ray.max_worker_restarts=2 must be in [0, 0]"),
+    ("ray.max_worker_restarts=-1", "ray.max_worker_restarts=-1 must be in [0, 1000]"),
+    ("ray.max_worker_restarts=2", "ray.max_worker_restarts=2 restarts rollout worker processes: it needs "
+                                  "placement.launcher=ray and placement.mode=disaggregated (got local, single_process)"),
     ("ray.strategy=ANYWHERE", "ray.strategy"),
     ("ray.namespace=' '", "ray.namespace"),
     ("ray.adress=auto", "unknown config key 'ray.adress'"),

@@ -2,6 +2,7 @@
 
     {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
     {"method": "draft_model", "model": PATH_OR_CAUSAL_LM, "num_speculative_tokens": k}
+    {"method": "mtp", "num_speculative_tokens": k}  (DeepSeek-V3's own multi-token-prediction layers)
 
 Optional for both: "disable_by_batch_size": no drafting while that many sequences are running.
 Unknown keys are errors naming the nearest valid key; keys of the other method are errors too. The
@@ -15,7 +16,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-METHODS = ("ngram", "draft_model")
+METHODS = ("ngram", "draft_model", "mtp")
 _NGRAM_ONLY = ("prompt_lookup_max", "prompt_lookup_min")
 _DRAFT_ONLY = ("model",)
 
@@ -42,7 +43,12 @@ class SpeculativeConfig:
         b = self.disable_by_batch_size
         if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
             raise ValueError(f"speculative_config disable_by_batch_size must be an integer >= 1 or None, got {b!r}")
-        if self.method == "ngram":
+        if self.method == "mtp":
+            for name in (*_NGRAM_ONLY, *_DRAFT_ONLY):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"speculative_config {name!r} is not for method 'mtp': the target's own MTP "
+                                     "layers draft")
+        elif self.method == "ngram":
             if self.model is not None:
                 raise ValueError("speculative_config 'model' is only for method 'draft_model'; "
                                  "the ngram method drafts from the prompt and output itself")

@@ -67,6 +67,11 @@ class Speculator:
 
             self.proposer = NgramProposer(prompt_lookup_min=config.prompt_lookup_min,
                                           prompt_lookup_max=config.prompt_lookup_max)
+        elif config.method == "mtp":
+            from rl_engine.inference.speculative.mtp import MTPProposer
+
+            self.proposer = MTPProposer(engine.model, runner=engine.runner, sampler=engine.sampler,
+                                        max_model_len=engine.max_model_len)
         else:
             from rl_engine.inference.speculative.draft_model import DraftModelProposer, load_draft_model
 
