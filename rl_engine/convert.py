@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,9 @@ def main(args: argparse.Namespace) -> int:
         if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
             raise InputError(f"--tokenizer {args.tokenizer!r} is not a directory")
         to_hf(source, args.dst, dtype=args.dtype, assets=assets)
+        if assets is None:
+            print(f"note: {args.dst} has no tokenizer ({source.described} names no model directory); copy one in, "
+                  "or convert again with --tokenizer DIR", file=sys.stderr)
     else:
         if args.dtype is not None or args.tokenizer is not None:
             raise InputError("--dtype and --tokenizer apply to --to hf; a sharded checkpoint holds fp32 masters")

@@ -101,7 +101,7 @@ def test_tp2_pp2_checkpoint_to_hf_gives_the_ranks_logits_in_transformers(trained
     assert not torch.equal(ranks["before"][0], ours)  # the step moved the weights the export carries
 
 
-def test_offline_sharded_checkpoint_loads_into_the_ranks(trained):
+def test_offline_sharded_checkpoint_loads_into_the_ranks(trained, capsys):
     ranks = torch.load(trained / "ranks.pt")
     direct, loaded = ranks["before"]
     assert torch.equal(direct, loaded)  # same layout, same weights: same bits
@@ -109,6 +109,8 @@ def test_offline_sharded_checkpoint_loads_into_the_ranks(trained):
     assert ranks["grad_norms"][0] == ranks["grad_norms"][1]
     # HF -> tp2 x pp2 -> HF is bit-exact, tokenizer-free as the source (no tokenizer in this directory).
     convert(trained / "offline", trained / "roundtrip", "--dtype", "float32")
+    assert not (trained / "roundtrip" / "tokenizer_config.json").exists()  # none known: a note says so
+    assert "has no tokenizer" in capsys.readouterr().err
     a, b = load_file(trained / "hf" / "model.safetensors"), load_file(trained / "roundtrip" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
