@@ -24,9 +24,9 @@ import msgspec
 import torch
 import zmq
 
-PROTOCOL_VERSION = 6  # 2: the RL loop's messages (GenerateBatch, TrainBatch, ...); 3: async (partial rollouts);
+PROTOCOL_VERSION = 7  # 2: the RL loop's messages (GenerateBatch, TrainBatch, ...); 3: async (partial rollouts);
 # 4: authenticated sockets (WeightsApplied.rejected_messages); 5: TrainBatch.rewards / groups;
-# 6: worker restarts (WorkerExited from the launcher, PublishWeights to the trainer)
+# 6: worker restarts (WorkerExited from the launcher, PublishWeights to the trainer); 7: TrainBatch.loss_mask
 
 # Wire dtype names -> torch dtypes. Fixed table: a peer can never make us resolve an arbitrary name.
 DTYPES: dict[str, torch.dtype] = {
