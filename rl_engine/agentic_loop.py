@@ -42,7 +42,8 @@ class AgenticRollouts:
 
     def sessions(self, items: Sequence[PromptItem], *, backend: TurnBackend, n: int, step_seed: int | None,
                  greedy: bool = False):
-        """The coroutine running `n` sessions per item -> [item][sample] records."""
+        """The coroutine running `n` sessions per item -> [item][sample] records (greedy: held-out
+        sessions, named apart from the training ones that may run on the same engines)."""
         eos = self.prompts.eos_token_ids
 
         def limits_of(item: PromptItem, i: int):
@@ -50,7 +51,7 @@ class AgenticRollouts:
                                       seed=prompt_seed(step_seed, f"{item.uid}/{i}"))
 
         return run_groups(self.fn, items, n=n, backend=backend, deltas=self.deltas, limits_of=limits_of,
-                          stats=self.stats)
+                          stats=self.stats, prefix="eval:" if greedy else "")
 
     def score(self, items: Sequence[PromptItem], records: list[list[SessionRecord]]) -> tuple[list[list[float]], int]:
         """Every record's reward ([item][sample]) and the number of reward-function failures."""

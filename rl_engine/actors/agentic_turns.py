@@ -95,6 +95,7 @@ class CoordinatorTurns:
                 continue
             if msg.error is not None:
                 del self._futures[key]
+                rnd.ledger.trained([key])  # done with: the key may come again (a regenerated prompt's session)
                 future.set_exception(ValueError(f"turn {key} refused by the engine: {msg.error}"))
                 continue
             sample = msg.samples[0]
@@ -105,6 +106,7 @@ class CoordinatorTurns:
                 rnd.pending.append(key)
                 continue
             del self._futures[key]
+            rnd.ledger.trained([key])
             future.set_result(TurnOutput(token_ids=sample.token_ids.tolist(),
                                          logprobs=sample.behavior_logprobs.tolist(),
                                          policy_versions=sample.policy_versions.tolist(),

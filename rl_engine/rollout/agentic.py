@@ -508,14 +508,16 @@ def item_fields(item) -> dict[str, Any]:
 
 
 async def run_groups(fn: RolloutFn, items: Sequence[Any], *, n: int, backend: TurnBackend, deltas: TemplateDeltas,
-                     limits_of: Callable[[Any, int], SessionLimits], stats: RolloutStats) -> list[list[SessionRecord]]:
+                     limits_of: Callable[[Any, int], SessionLimits], stats: RolloutStats,
+                     prefix: str = "") -> list[list[SessionRecord]]:
     """Run `n` concurrent sessions per item (all of them at once: their turns interleave in the
-    engine's batch); [item][sample] records."""
+    engine's batch); [item][sample] records. Session i of an item is `<prefix><uid>/<i>` (its turns'
+    request ids extend it: sessions that may share an engine need distinct prefixes)."""
     tasks = []
     for item in items:
         fields = item_fields(item)
         for i in range(n):
-            session = Session(deltas=deltas, backend=backend, limits=limits_of(item, i), uid=f"{item.uid}/{i}",
+            session = Session(deltas=deltas, backend=backend, limits=limits_of(item, i), uid=f"{prefix}{item.uid}/{i}",
                               stats=stats)
             tasks.append(run_session(fn, session, fields))
     records = await asyncio.gather(*tasks)

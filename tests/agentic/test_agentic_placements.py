@@ -124,3 +124,17 @@ def test_async_sessions_continue_across_weight_updates(placement, tmp_path):
     assert sum(row["rollout/mixed_version_samples"] for row in rows) == sum(len(vs) > 1 for vs in versions)
     if placement == "disaggregated":  # 12 sessions keep the worker busy: an update finds turns in flight
         assert sum(row["async/interrupted_turns"] for row in rows) > 0
+
+
+def test_async_stale_sessions_are_regenerated(tmp_path):
+    """max_staleness=0 with stale_policy=regenerate: every trained sample was sampled by the weights of
+    its step only; finished groups that an update made stale run their sessions again (same uids)."""
+    summary = run_actors(config(tmp_path, "placement.mode=disaggregated", "rollout.mode=async", "train.steps=3",
+                                "rollout.prompts_in_flight=6", "rollout.max_staleness=0",
+                                "rollout.stale_policy=regenerate"), echo_stream=io.BytesIO())
+    assert summary["prompts"]["trained"] == 3 * 3
+    samples = dumped(tmp_path)
+    check_samples(samples)
+    for s in samples:
+        assert {v for v, m in zip(s["policy_versions"], s["loss_mask"]) if m} == {s["step"] - 1}
+    assert sum(row["async/regenerated"] for row in metrics(tmp_path)) > 0
