@@ -41,9 +41,16 @@ def test_dsv3_logits_match_transformers_and_roundtrip(tmp_path, variant):
     model.save_pretrained(str(tmp_path / "ours"))
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"), dtype=torch.float32).eval()
     again = hf_logits_per_sequence(reloaded, seqs)
-    # Equal tensors; the reloaded model's experts are fused from per-expert tensors, so its matmuls
-    # may block differently (measured up to 5e-7).
-    assert (again - ref).abs().max().item() <= 1e-6
+    # Equal tensors in another model object, whose matmuls may block differently (fused experts):
+    # measured 0 to 5e-7 with AVX-512 kernels, 1.2e-6 (no_q_lora) with ATEN_CPU_CAPABILITY=default.
+    # Each logit ends a chain of D = 6 * layers + 1 fp32 reductions of length <= K, each within K u
+    # relatively whatever its order (Higham's gamma_K): |diff| <= 2 D K u max|logit|, as in
+    # tests/test_convert.py (here ~6e-4, against logits of size ~2.7).
+    cfg = model.config
+    depth = 6 * cfg.num_layers + 1
+    length = max(cfg.hidden_size, cfg.intermediate_size, max(lengths))
+    bound = 2 * depth * length * 2.0 ** -24 * ref.abs().max().item()
+    assert (again - ref).abs().max().item() <= bound
 
 
 def test_dsv3_routing_uses_the_bias_and_groups(tmp_path):
