@@ -38,3 +38,21 @@ class MTPLayer(nn.Module):
         """embeds [T, H] of tokens i+1, prev_hidden [T, H] of positions i, rope of positions i+1 -> [T, H]."""
         x = self.eh_proj(torch.cat((self.enorm(embeds), self.hnorm(prev_hidden)), dim=-1))
         return self.post_norm(self.block(x, rotary, rope, cu_seqlens, attn_context, routing))
+
+
+def mtp_loss(model, hidden: torch.Tensor, input_ids: torch.Tensor, *, positions: torch.Tensor,
+             cu_seqlens: torch.Tensor, depth: int = 0) -> torch.Tensor:
+    """DeepSeek-V3 / Megatron's MTP loss (depth 1) over a packed batch: the mean cross-entropy of
+    token i+2 from MTP row i = (token i+1, the model's final hidden state at i), for every i with a
+    token i+2 in its sequence. `hidden` [T, H] is `model.hidden_states(...)` of the same batch (detach
+    it to train the MTP layer alone). Vocab-parallel, like the policy's own log-probs."""
+    bounds = cu_seqlens.tolist()
+    rows = [torch.arange(s, e - 2, device=hidden.device) for s, e in zip(bounds[:-1], bounds[1:]) if e - s >= 3]
+    if not rows:
+        return hidden.new_zeros(())
+    lengths = torch.tensor([0] + [len(r) for r in rows])
+    idx = torch.cat(rows)
+    y = model.mtp_hidden_states(input_ids[idx + 1], hidden[idx], positions=positions[idx] + 1, depth=depth,
+                                cu_seqlens=torch.cumsum(lengths, 0).to(torch.int32))
+    logprobs, _ = model.token_logprobs(y, input_ids[idx + 2])
+    return -logprobs.mean()
