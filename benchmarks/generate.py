@@ -205,7 +205,45 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
             })
             print(json.dumps({"model": name, **rows[-1]}), flush=True)
     return {"model": name, "params": n_params, "matmul_params_per_token": mm_params, "vocab_size": vocab,
-            "hidden_size": model.config.hidden_size, "num_layers": model.config.num_layers, "results": rows}
+            "hidden_size": model.config.hidden_size, "num_layers": model.config.num_layers, "results": rows,
+            "batch_invariant": bench_batch_invariant(name, path, llm, batches=batches, new_tokens=new_tokens,
+                                                     repeats=repeats, max_prompt=max_prompt, device=device,
+                                                     dtype=dtype)}
+
+
+def bench_batch_invariant(name: str, path: str, llm, *, batches: list[int], new_tokens: int, repeats: int,
+                          max_prompt: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """The same generation with the model built under `model.batch_invariant` against the default
+    engine `llm`, interleaved in this run: the switch's cost (mostly decode steps: new_tokens each)."""
+    from rl_engine import LLM, kernels
+
+    kernels.set_batch_invariant(True)
+    try:
+        invariant = LLM(path, max_num_seqs=max(batches), dtype=dtype, device=device)
+    finally:
+        kernels.set_batch_invariant(False)
+    rows = []
+    for batch in batches:
+        prompts = make_prompts(4 if batch == 1 else batch, llm.model.config.vocab_size, min_len=16,
+                               max_len=max_prompt, seed=batch)
+        groups = [[p] for p in prompts] if batch == 1 else [prompts]
+        run_engine(invariant, prompts[:2], 4, True)  # warm up
+        for sampled in (False, True):
+            default_t = invariant_t = 0.0
+            for g in groups:
+                best = interleaved_best({"default": lambda: run_engine(llm, g, new_tokens, sampled),
+                                         "invariant": lambda: run_engine(invariant, g, new_tokens, sampled)},
+                                        repeats=repeats, warmup=0)
+                default_t += best["default"]
+                invariant_t += best["invariant"]
+            tokens = len(prompts) * new_tokens
+            rows.append({"batch": batch, "mode": "sampled" if sampled else "greedy",
+                         "default_tokens_per_s": round(tokens / default_t, 1),
+                         "batch_invariant_tokens_per_s": round(tokens / invariant_t, 1),
+                         "batch_invariant_time_over_default": round(invariant_t / default_t, 2),
+                         "target_time_over_default": 1.5})
+            print(json.dumps({"model": name, "batch_invariant": rows[-1]}), flush=True)
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:

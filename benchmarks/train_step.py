@@ -5,7 +5,8 @@ transformers model on the same sequences padded, measured in the same run.
     python benchmarks/train_step.py --device cuda [--dtype bfloat16]
 
 Prints JSON: tokens/s of both (real tokens only), the ratio, and achieved FLOP/s as a fraction of
-this machine's fp32 matmul peak, also measured here.
+this machine's fp32 matmul peak, also measured here; and the same step of our model built under
+`model.batch_invariant` (batch-invariant ops), as a time ratio to the default.
 """
 
 from __future__ import annotations
@@ -64,9 +65,14 @@ def main() -> None:
                                   num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                                   max_position_embeddings=max(1024, args.max_len))
     hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa")
+    from rl_engine import kernels
+
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = from_pretrained(d, dtype=dtype, device=device)
+        kernels.set_batch_invariant(True)  # model.batch_invariant: the same weights, invariant ops
+        ours_invariant = from_pretrained(d, dtype=dtype, device=device)
+        kernels.set_batch_invariant(False)
     hf = hf.to(device)
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(args.min_len, args.max_len + 1, (args.seqs,), generator=gen).tolist()
@@ -78,12 +84,15 @@ def main() -> None:
     cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
     targets = torch.roll(input_ids, -1)
 
-    def ours_step():
-        ours.zero_grad(set_to_none=True)
-        h = ours.hidden_states(input_ids, positions=positions, cu_seqlens=cu)
-        lp, _ = ours.token_logprobs(h, targets)
+    def step(model) -> None:
+        model.zero_grad(set_to_none=True)
+        h = model.hidden_states(input_ids, positions=positions, cu_seqlens=cu)
+        lp, _ = model.token_logprobs(h, targets)
         lp.sum().backward()
         sync(device)
+
+    def ours_step():
+        step(ours)
 
     # transformers: the same sequences right-padded to the longest, with an attention mask.
     T = max(lengths)
@@ -103,7 +112,8 @@ def main() -> None:
 
     # A GPU needs a large product to reach its peak.
     peak_fn, peak_flops = matmul_peak_step(8192 if device.type == "cuda" else 1536, dtype=dtype, device=device)
-    times = interleaved_best({"ours": ours_step, "hf": hf_step, "peak": peak_fn}, repeats=args.repeats)
+    times = interleaved_best({"ours": ours_step, "hf": hf_step, "peak": peak_fn,
+                              "ours_batch_invariant": lambda: step(ours_invariant)}, repeats=args.repeats)
     t_ours, t_hf, peak = times["ours"], times["hf"], peak_flops / times["peak"]
     tokens = sum(lengths)
     flops = model_flops(ours.config, lengths)
@@ -122,6 +132,9 @@ def main() -> None:
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "achieved_gflops": round(flops / t_ours / 1e9, 1),
         "fraction_of_matmul_peak": round(flops / t_ours / peak, 3),
+        # model.batch_invariant on the same batch: its cost as a time ratio (> 1: slower)
+        "batch_invariant_tokens_per_s": round(tokens / times["ours_batch_invariant"], 1),
+        "batch_invariant_time_over_default": round(times["ours_batch_invariant"] / t_ours, 2),
     })
 
 

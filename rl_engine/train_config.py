@@ -51,6 +51,10 @@ class ModelSection:
     path: str = "builtin:tiny"
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0  # the builtin preset's random init
+    # Every forward op (matmul, attention, norms, log-softmax) reduces in an order independent of the
+    # batch: the trainer's recomputed log-probs equal the engine's behavior log-probs bit for bit
+    # (rl_engine/kernels/invariant.py). Engine and trainer must share the tensor-parallel layout.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         _check_text("model.path", self.path)
@@ -434,6 +438,11 @@ class RLConfig:
         if p.mode == "colocated" and (t.pp > 1 or t.ep > 1):
             raise ConfigError(f"placement.mode=colocated needs train.pp=1 and train.ep=1 (got {layout}): each rank's "
                               "engine runs every layer and every expert; use placement.mode=disaggregated")
+        if self.model.batch_invariant and p.mode == "disaggregated" and t.tp > 1:
+            raise ConfigError(f"model.batch_invariant=true with placement.mode=disaggregated needs train.tp=1 (got "
+                              f"{layout}): the rollout workers' tp=1 engines sum each matmul over the whole "
+                              "hidden size where tp ranks sum shards, so their log-probs cannot match bit for bit; "
+                              "use placement.mode=colocated (engines on the trainer's shards) or train.tp=1")
         if p.uses_actors and self.train.device != "cpu":
             raise ConfigError(f"train.device={t.device!r}: the trainer ranks (ParallelTrainer on gloo) run on CPU in "
                               "this build; use train.device=cpu or placement.mode=single_process")

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from rl_engine import run_checkpoint
+from rl_engine import kernels, run_checkpoint
 from rl_engine.config import ConfigError, to_dict
 from rl_engine.frozen_models import check_same_tokenizer, reference_path
 from rl_engine.inference import LLM
@@ -172,6 +172,8 @@ class GRPOTrainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()
+        # model.batch_invariant: the kernel registry's mode, set before any model is built (undone by close)
+        self._was_batch_invariant = kernels.set_batch_invariant(cfg.model.batch_invariant)
         if cfg.train.deterministic:
             # On CPU a same-seed run is already bitwise repeatable at a fixed thread count; this also
             # makes any op without a deterministic kernel raise. cuBLAS needs its workspace setting
@@ -488,3 +490,4 @@ class GRPOTrainer:
     def close(self) -> None:
         self.rewards.close()
         torch.use_deterministic_algorithms(self._was_deterministic)
+        kernels.set_batch_invariant(self._was_batch_invariant)

@@ -108,11 +108,15 @@ def max_message_bytes(cfg: RLConfig) -> int:
 
 def load_actor_config(path: str) -> RLConfig:
     """An actor process's run config, with its torch settings applied: intra-op threads
-    (`placement.threads_per_process`) and `train.deterministic`."""
+    (`placement.threads_per_process`), `model.batch_invariant` (the kernel registry) and
+    `train.deterministic`."""
     import torch
+
+    from rl_engine import kernels
 
     cfg = load_config(RLConfig, path)
     torch.set_num_threads(cfg.placement.threads_per_process)
+    kernels.set_batch_invariant(cfg.model.batch_invariant)  # before any model is built
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     return cfg

@@ -62,7 +62,7 @@ class LLMEngine:
                                           enable_prefix_caching=prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
-        self.sampler = Sampler(device=self.runner.device, seed=config.seed)
+        self.sampler = Sampler(device=self.runner.device, seed=config.seed, batch_invariant=model.batch_invariant)
         eos = tokenizer.eos_token_ids if tokenizer is not None and tokenizer.eos_token_ids else mc.eos_token_id
         self.eos_token_ids = frozenset(eos)
         # A sequence never grows past the context nor past the whole pool.

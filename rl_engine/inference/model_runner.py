@@ -69,18 +69,23 @@ class ModelRunner:
         logger.info("KV pool: %d blocks of %d tokens (%.1f MiB, %d bytes per token%s)", num_blocks, bs,
                     num_blocks * block_bytes / 2**20, self.kv_bytes_per_token, ", latent (MLA)" if latent else "")
 
-        use_graphs = self.device.type == "cuda" and not config.enforce_eager and not model.config.is_moe
+        # Under model.batch_invariant decode runs eagerly (the invariant attention gathers per step).
+        use_graphs = (self.device.type == "cuda" and not config.enforce_eager and not model.config.is_moe
+                      and not model.batch_invariant)
         decode_op = None
         if use_graphs:
             from rl_engine.kernels import registry
 
             decode_op = registry.resolve("paged_decode_attention", self.device)
+        if latent and model.batch_invariant:
+            raise ValueError("model.batch_invariant=true: the latent (MLA, deepseek_v3) paged attention has no "
+                             "batch-invariant implementation; turn model.batch_invariant off for this model")
         if latent:
             self.attn = PagedLatentAttention(self.k_caches, first_layer=model.layer_range[0],
                                              kv_lora_rank=spec["kv_lora_rank"])
         else:
             self.attn = PagedAttention(self.k_caches, self.v_caches, first_layer=model.layer_range[0],
-                                       decode_op=decode_op)
+                                       decode_op=decode_op, batch_invariant=model.batch_invariant)
         buckets = config.graph_batch_sizes or default_buckets(config.max_num_seqs)
         inputs = StaticInputs(max(buckets), max_blocks=self.max_blocks_per_seq, device=self.device)
         graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None

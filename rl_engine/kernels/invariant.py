@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from rl_engine.kernels import op_inputs
+
 ROW_TILE = 32  # rows per matmul call
 KEY_BLOCK = 32  # keys per attention block (split-KV at fixed positions: 0, 32, 64, ...)
 _QUERY_CHUNK = 128  # queries per attention call in prefill/training (bounds the key copies)
@@ -228,6 +230,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """The registry op's batch-invariant implementation: one query per row at position
     context_len - 1 over its paged keys. Rows with context_len 0 (padding) get zeros."""
+    dims = op_inputs.check_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
+    op_inputs.check_block_capacity(block_tables, context_lens, dims.block_size)
     batch = q.shape[0]
     max_len = int(context_lens.max()) if batch else 0
     if max_len == 0:
@@ -246,6 +250,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """The registry op's batch-invariant implementation: request i's queries are the last ones of its
     context_lens[i] cached tokens."""
+    dims = op_inputs.check_paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
+    op_inputs.check_block_capacity(block_tables, context_lens, dims.block_size)
     out = torch.zeros_like(q)
     bounds = cu_seqlens_q.tolist()
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):

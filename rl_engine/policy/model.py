@@ -8,12 +8,14 @@ environment variable; variants (qk-norm, biases, MoE or dense MLP) are chosen at
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
 import torch.nn as nn
 
 from rl_engine import kernels
+from rl_engine.kernels.invariant import BatchInvariantMode
 from rl_engine.policy import comm
 from rl_engine.policy.config import ModelConfig
 from rl_engine.policy.layers import (
@@ -25,7 +27,7 @@ from rl_engine.policy.layers import (
     VocabParallelEmbedding,
     mark_tp_partial_grad,
 )
-from rl_engine.policy.logprobs import token_logprobs_and_entropy
+from rl_engine.policy.logprobs import full_logits_logprobs_and_entropy, token_logprobs_and_entropy
 from rl_engine.policy.mla import MLAttention
 from rl_engine.policy.mtp import MTPLayer
 from rl_engine.policy.moe import MoEBlock, RoutingRecord, SwiGLUMLP
@@ -145,6 +147,9 @@ class CausalLM(nn.Module):
         self.config = config
         self.groups = groups
         self.dtype = dtype
+        # model.batch_invariant: read once, at build, from the kernel registry's config (which also
+        # gives every op its batch-invariant implementation); forwards then run in BatchInvariantMode.
+        self.batch_invariant = kernels.default_registry().config.batch_invariant
         start, end = layer_range or (0, config.num_layers)
         if not 0 <= start < end <= config.num_layers:
             raise ValueError(f"layer_range {layer_range} must satisfy 0 <= start < end <= {config.num_layers}")
@@ -213,10 +218,15 @@ class CausalLM(nn.Module):
             if inputs_embeds is None:
                 raise ValueError("a pipeline stage after the first needs inputs_embeds from the previous stage")
             x = inputs_embeds
-        rope = self.rotary.tables(positions, self.inv_freq)
-        for layer in self.layers:
-            x = layer(x, self.rotary, rope, cu_seqlens, attn_context, routing)
-        return self.norm(x) if self.is_last_stage else x
+        with self._ops_mode():
+            rope = self.rotary.tables(positions, self.inv_freq)
+            for layer in self.layers:
+                x = layer(x, self.rotary, rope, cu_seqlens, attn_context, routing)
+            return self.norm(x) if self.is_last_stage else x
+
+    def _ops_mode(self) -> contextlib.AbstractContextManager:
+        """BatchInvariantMode under model.batch_invariant (tiled matmuls, non-invariant ops refused)."""
+        return BatchInvariantMode() if self.batch_invariant else contextlib.nullcontext()
 
     def _check_packed(self, positions: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
         T = positions.shape[0]
@@ -259,7 +269,8 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             raise ValueError("compute_logits is only available on the last pipeline stage")
-        return self.lm_head.full_logits(hidden)
+        with self._ops_mode():
+            return self.lm_head.full_logits(hidden)
 
     def token_logprobs(
         self,
@@ -274,11 +285,18 @@ class CausalLM(nn.Module):
         if self.lm_head is None:
             raise ValueError("token_logprobs is only available on the last pipeline stage")
         g = self.groups
+        if self.batch_invariant and g.tp_size > 1:
+            # The engine samples from logits gathered over tp: the same logits and log-softmax, per chunk.
+            return full_logits_logprobs_and_entropy(hidden, self.compute_logits, targets, temperature=temperature,
+                                                    vocab_size=self.config.vocab_size, chunk_tokens=chunk_tokens)
         hidden = comm.gather_sequence(hidden, g.tp_group) if g.sequence_parallel else comm.copy_to_tp(hidden, g.tp_group)
         shard = self.lm_head.shard
-        return token_logprobs_and_entropy(
-            hidden, shard.weight, targets, temperature=temperature, vocab_start=shard.vocab_start,
-            vocab_real_rows=shard.vocab_end - shard.vocab_start, group=g.tp_group, chunk_tokens=chunk_tokens)
+        # Under batch_invariant (tp = 1 here) the chunk logits are the engine's (tiled matmul) and the
+        # statistics the sampler's (the registry's logprob_shard_stats on fp32 logits / temperature).
+        with self._ops_mode():
+            return token_logprobs_and_entropy(
+                hidden, shard.weight, targets, temperature=temperature, vocab_start=shard.vocab_start,
+                vocab_real_rows=shard.vocab_end - shard.vocab_start, group=g.tp_group, chunk_tokens=chunk_tokens)
 
     # ---- conveniences --------------------------------------------------------------------------
     def kv_cache_spec(self) -> dict:
