@@ -15,7 +15,8 @@ checkpoint a `--tp x --pp x --dp` (`--ep`, `--virtual-stages`) run would save, o
 every rank's files (`dist_checkpoint.write_checkpoint`): parameters as fp32 masters, the AdamW moments
 when SRC has them (a sharded or single-process checkpoint; zeros from an hf SRC, as a fresh
 optimizer), its step. A sharded SRC is resharded box by box without assembling the model; the others
-go through the whole model in memory once. A GGUF import (issue 21) would be one more source kind.
+go through the whole model in memory once. `--from-gguf FILE DST` writes the Hugging Face directory of
+a llama.cpp GGUF file, de-quantized, with its tokenizer and chat template (`policy/gguf_import.py`).
 
 Every mismatch is an `InputError` naming the tensor and both shapes; DST must not exist yet (the
 output is built beside it and renamed into place).
@@ -51,7 +52,10 @@ class Source:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="a Hugging Face model directory, a sharded checkpoint, a training checkpoint "
                                "(<output_dir>/checkpoints/step_<k>) or a run's output directory (its newest checkpoint)")
-    p.add_argument("dst", help="the directory to write (must not exist)")
+    p.add_argument("dst", nargs="?", help="the directory to write (must not exist)")
+    p.add_argument("--from-gguf", metavar="FILE", default=None,
+                   help="convert a GGUF file instead: `convert --from-gguf FILE DST` writes DST as a Hugging Face "
+                        "directory (--dtype float32, the default, or bfloat16)")
     p.add_argument("--to", choices=("hf", "sharded"), default=None,
                    help="hf: a Hugging Face directory; sharded: our checkpoint in --tp/--pp/--dp/--ep "
                         "(default: sharded for an hf source, hf otherwise)")
@@ -66,6 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.from_gguf is not None:
+        return _from_gguf(args)
+    if args.dst is None:
+        raise InputError("convert needs SRC and DST (or --from-gguf FILE DST)")
     source = detect_source(args.src)
     to = args.to or ("sharded" if source.kind == "hf" else "hf")
     if os.path.exists(args.dst):
@@ -87,6 +95,22 @@ def main(args: argparse.Namespace) -> int:
         to_sharded(source, args.dst, tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep,
                    virtual_stages=args.virtual_stages)
     print(f"wrote {args.dst} ({to}) from {source.described}")
+    return 0
+
+
+def _from_gguf(args: argparse.Namespace) -> int:
+    from rl_engine.policy.gguf_import import convert_gguf
+
+    dst = args.src  # `--from-gguf FILE DST`: the one positional is the destination
+    if args.dst is not None or args.to not in (None, "hf") or args.tokenizer is not None:
+        raise InputError("convert --from-gguf FILE DST takes one destination and writes a Hugging Face directory; "
+                         "leave out SRC, --to and --tokenizer (convert DST to a sharded checkpoint afterwards)")
+    if (args.tp, args.pp, args.dp, args.ep, args.virtual_stages) != (1, 1, 1, 1, 1):
+        raise InputError("--tp/--pp/--dp/--ep/--virtual-stages describe a sharded destination, not --from-gguf")
+    if args.dtype not in (None, "float32", "bfloat16"):
+        raise InputError(f"--from-gguf: --dtype {args.dtype} is not offered; use float32 or bfloat16")
+    convert_gguf(args.from_gguf, dst, dtype=DTYPES[args.dtype or "float32"])
+    print(f"wrote {dst} (hf) from GGUF file {args.from_gguf}")
     return 0
 
 

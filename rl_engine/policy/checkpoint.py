@@ -276,13 +276,15 @@ def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)  # the consumer's own errors do not pass through this frame
 
 
-def load_hf_weights(model: CausalLM, path: str) -> None:
+def load_hf_weights(model: CausalLM, path: str, *,
+                    tensors: Iterator[tuple[str, torch.Tensor]] | None = None) -> None:
+    """Load a model directory's weights, or `tensors` ((HF name, tensor) pairs read from `path`)."""
     table = weight_table(model)
     pending = set(table)
     # A layer outside this pipeline stage's range belongs to another stage.
     lo, hi = model.layer_range
     unexpected = []
-    for name, tensor in iter_checkpoint(path):
+    for name, tensor in iter_checkpoint(path) if tensors is None else tensors:
         try:
             if name in table:
                 table[name].load(tensor)
@@ -309,7 +311,8 @@ def load_hf_weights(model: CausalLM, path: str) -> None:
     if unexpected:
         raise InputError(f"checkpoint {path!r} has {len(unexpected)} tensor(s) this model does not use, "
                          f"e.g. {unexpected[:5]}: is model_type {model.config.model_type!r} right?")
-    _load_extras(model, path)
+    if tensors is None:
+        _load_extras(model, path)
 
 
 def _expert_biases(model: CausalLM) -> dict[str, torch.Tensor]:
@@ -365,7 +368,19 @@ def from_pretrained(
     layer_range: tuple[int, int] | None = None,
 ) -> CausalLM:
     """Build the policy from a Hugging Face model directory (config.json + safetensors, plus our
-    side file of router knobs and expert_bias buffers when `save_pretrained` wrote one)."""
+    side file of router knobs and expert_bias buffers when `save_pretrained` wrote one), or from a
+    `.gguf` file (de-quantized by `gguf_import`; its tokenizer needs `convert_gguf`)."""
+    if os.fspath(path).endswith(".gguf"):
+        from rl_engine.policy.gguf_import import read_gguf
+
+        hf, tensors = read_gguf(os.fspath(path), dtype=torch.float32)
+        try:
+            config = ModelConfig.from_hf_dict(hf)
+        except ValueError as e:
+            raise InputError(f"{path}: {e}") from None
+        model = CausalLM(config, groups=groups, dtype=dtype, device=device, layer_range=layer_range)
+        load_hf_weights(model, os.fspath(path), tensors=tensors)
+        return model
     config = ModelConfig.from_pretrained(path)
     knobs, _ = read_extras(path)
     if knobs:
