@@ -1,6 +1,8 @@
 """The OpenAI-compatible server's overhead: output tokens/s of N concurrent streaming clients against
 `rl-engine serve`, as a ratio of offline `LLM.generate` on the same prompts in this process, measured
-in the same run; and the time to first token (TTFT) percentiles of the served requests.
+in the same run; and the time to first token (TTFT) percentiles of the served requests. Also the CPU
+time per token of the offline engine over the server process's, steadier than wall time on a shared
+machine (it leaves out the clients, which run in this process).
 
 The server is a separate process (`python -m rl_engine.cli serve`, uvicorn, loopback), as it is
 deployed; the clients are asyncio tasks of this process reading the server-sent events with httpx
@@ -107,6 +109,13 @@ async def run_clients(url: str, prompts: list[list[int]], *, clients: int, new_t
     return {"wall_s": wall, "tokens": tokens, "ttfts": ttfts}
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
@@ -137,13 +146,17 @@ def main() -> None:
             llm.generate(prompts[:2], params)  # warm both sides
             asyncio.run(run_clients(url, prompts[:2], clients=2, new_tokens=args.new_tokens))
             best_offline, best_served = float("inf"), None
+            offline_cpu, served_cpu = float("inf"), float("inf")
             for _ in range(args.repeats):
                 llm.reset_prefix_cache()
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 outs = llm.generate(prompts, params)
                 best_offline = min(best_offline, time.perf_counter() - t0)
+                offline_cpu = min(offline_cpu, time.process_time() - c0)
                 offline_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+                c0 = cpu_seconds(server.pid)
                 served = asyncio.run(run_clients(url, prompts, clients=clients, new_tokens=args.new_tokens))
+                served_cpu = min(served_cpu, cpu_seconds(server.pid) - c0)
                 if best_served is None or served["wall_s"] < best_served["wall_s"]:
                     best_served = served
             assert best_served["tokens"] == offline_tokens == n * args.new_tokens, (best_served["tokens"], offline_tokens)
@@ -153,6 +166,8 @@ def main() -> None:
             row = {"clients": clients, "requests": n, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
                    "offline_tokens_per_s": round(offline_tps, 1), "served_tokens_per_s": round(served_tps, 1),
                    "served_over_offline": round(served_tps / offline_tps, 3),
+                   # CPU seconds per token, offline over the server process's (busy-machine-proof)
+                   "cpu_offline_over_served": round(offline_cpu / served_cpu, 3),
                    "ttft_ms": {f"p{q}": round(1000 * percentile(ttfts, q), 1) for q in (50, 90, 99)}}
             print(json.dumps(row), flush=True)
             rows.append(row)

@@ -112,9 +112,10 @@ class EngineHost:
                 self.engine.abort(rid)
 
     def route(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        """Deliver the guest's outputs; return the owner's (with any the stepper's steps produced)."""
+        """Deliver the guest's outputs; return the owner's."""
         owner: list[RequestOutput] = []
         resume: list[RequestOutput] = []
+        deliveries: list[tuple[str, object]] = []
         for out in outputs:
             rid = out.request_id
             if rid not in self._active:
@@ -124,19 +125,28 @@ class EngineHost:
             else:
                 if out.finished:
                     self._active.discard(rid)
-                self._deliver(rid, out)
+                deliveries.append((rid, out))
+        self._deliver_all(deliveries)
         for partial in resume:  # continued with the current weights at the next step
             self.engine.add_request(partial.request_id, partial, partial.sampling_params, stream=True)
         assert not owner or threading.current_thread() is not self._thread, "the stepper stepped the owner's work"
         return owner
 
     def _deliver(self, rid: str, item) -> None:
+        self._deliver_all([(rid, item)])
+
+    def _deliver_all(self, items: list[tuple[str, object]]) -> None:
+        """Hand items to their streams: one wake-up of each event loop per call (a step's outputs
+        together), not one per stream."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._mutex:
-            stream = self._streams.get(rid)
-        if stream is not None:
-            loop, queue = stream
+            for rid, item in items:
+                stream = self._streams.get(rid)
+                if stream is not None:
+                    by_loop.setdefault(stream[0], []).append((stream[1], item))
+        for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # the server's loop is closed
                 pass
 
@@ -168,6 +178,11 @@ class EngineHost:
                             self._active.discard(rid)
                             self.engine.abort(rid)
                             self._deliver(rid, RuntimeError("the engine failed on this request"))
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
 
 
 class RunServer:

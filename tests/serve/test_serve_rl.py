@@ -136,3 +136,18 @@ def test_serve_from_a_training_run(tmp_path, placement):
         old = fresh(ref1).outputs[0]
         assert old.token_ids == first and max(abs(a - b) for a, b in zip(old.logprobs, first_lp)) < 1e-4
         assert max(abs(a - b) for a, b in zip(old.logprobs, ref2.logprobs)) > 1e-3 or old.token_ids != second
+
+
+def test_serve_config_errors():
+    from rl_engine.config import ConfigError, load_config
+    from rl_engine.train_config import RLConfig
+
+    with pytest.raises(ConfigError, match=r"placement.serve_port=70000 must be in \[0, 65535\]"):
+        load_config(RLConfig, None, ["placement.serve_port=70000"])
+    with pytest.raises(ConfigError, match="needs train.tp=1"):
+        load_config(RLConfig, None, ["placement.serve_port=0", "placement.mode=colocated", "train.tp=2"])
+    with pytest.raises(ConfigError, match="up to 65536"):
+        load_config(RLConfig, None, ["placement.serve_port=65535", "placement.mode=disaggregated",
+                                     "placement.num_rollout_workers=2"])
+    cfg = load_config(RLConfig, None, [])
+    assert cfg.placement.serve_port is None and cfg.placement.serve_host == "127.0.0.1"  # off, loopback
