@@ -114,6 +114,8 @@ def test_worker_on_each_node_one_dies_prompts_requeued(results):
     s = r["summary"]
     assert s["worker_deaths"] == 1 and s["prompts"]["requeued"] >= 1 and s["prompts"]["trained"] == 12, s
     assert s["worker_rejoins"] == 0 and s["protocol_errors"] == 0, s
+    fates = _fates(os.path.join(results["out"], "ray_disaggregated_2w"))  # uid by uid: each prompt once
+    assert len(fates) == s["prompts"]["taken"] and set(fates.values()) == {1} and s["unfinished_prompts"] == {}
     log = open(os.path.join(results["out"], "ray_disaggregated_2w", "logs", "coordinator.log")).read()
     assert "rollout worker rollout-1 lost (its process ended: was killed by signal 9)" in log
     out = results["out"]
