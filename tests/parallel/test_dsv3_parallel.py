@@ -8,10 +8,9 @@ import os
 import pytest
 import torch
 
-from parallel_helpers import assert_matches_single, build_trainer, loss_fn, my_micro_batches, run_layout, write_json, \
-    write_weights
+from parallel_helpers import DSV3, assert_matches_single, build_trainer, my_micro_batches, routing_replay, run_layout, \
+    write_json, write_weights
 from rl_engine.launch.gloo import spawn
-from rl_engine.policy.moe import RoutingRecord
 
 WORLD2 = [
     {"name": "dsv3_tp2", "kind": "dsv3", "tp": 2},
@@ -24,19 +23,8 @@ WORLD4 = [{"name": "dsv3_tp2_ep2", "kind": "dsv3", "tp": 2, "ep": 2}]
 def _replay_check(weights: str, out: str) -> None:
     """ep2: replayed routing reproduces the recorded log-probs; other experts change them."""
     trainer = build_trainer({"kind": "dsv3", "ep": 2}, weights)
-    mbs = my_micro_batches(trainer, "dsv3")
-    for mb in mbs:
-        mb.routing = RoutingRecord(mode="record")
-    recorded = trainer.forward_logprobs(mbs)
-    for mb in mbs:
-        mb.routing.mode = "replay"
-    replayed = trainer.forward_logprobs(mbs)
-    for mb in mbs:
-        mb.routing = RoutingRecord(mode="replay", topk_ids={k: (v + 1) % 4 for k, v in mb.routing.topk_ids.items()})
-    moved = trainer.forward_logprobs(mbs)
-    same = max((a[0] - b[0]).abs().max().item() for a, b in zip(recorded, replayed))
-    changed = min((a[0] - b[0]).abs().max().item() for a, b in zip(recorded, moved))
-    write_json(os.path.join(out, f"dsv3_replay{trainer.groups.world_rank}.json"), {"same": same, "changed": changed})
+    replay = routing_replay(trainer, my_micro_batches(trainer, "dsv3"), num_experts=DSV3.num_experts)
+    write_json(os.path.join(out, f"dsv3_replay{trainer.groups.world_rank}.json"), replay)
 
 
 def _worker2(rank, world, weights, out):
