@@ -18,13 +18,19 @@ from rl_engine.inference.sampling_params import SamplingParams
 from rl_engine.inference.sequence import RequestOutput
 
 
-async def coalesced(queue: asyncio.Queue):
-    """The next item of a request's queue; when the consumer fell behind, the newest of the outputs
-    already queued (each is cumulative, so nothing is lost: a slow reader gets fewer, larger updates)."""
-    item = await queue.get()
-    while isinstance(item, RequestOutput) and not item.finished and not queue.empty():
-        item = queue.get_nowait()
-    return item
+async def outputs_of(queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    """A request's outputs from its queue until the finished one (an Exception put there is raised).
+    When the consumer fell behind, only the newest of the outputs already queued is yielded: each is
+    cumulative, so nothing is lost, and a slow reader gets fewer, larger updates."""
+    while True:
+        item = await queue.get()
+        while isinstance(item, RequestOutput) and not item.finished and not queue.empty():
+            item = queue.get_nowait()
+        if isinstance(item, Exception):
+            raise item
+        yield item
+        if item.finished:
+            return
 
 
 class AsyncEngine:
@@ -52,13 +58,8 @@ class AsyncEngine:
         self._pending.append((rid, prompt, params))
         self._ensure_loop()
         try:
-            while True:
-                item = await coalesced(queue)
-                if isinstance(item, Exception):
-                    raise item
+            async for item in outputs_of(queue):
                 yield item
-                if item.finished:
-                    return
         finally:
             if self._queues.pop(rid, None) is not None and rid in self.engine.requests:
                 self._aborts.append(rid)  # the consumer went away: stop generating for it

@@ -26,7 +26,7 @@ import logging
 import threading
 from typing import AsyncIterator
 
-from rl_engine.inference.async_engine import coalesced
+from rl_engine.inference.async_engine import outputs_of
 from rl_engine.inference.sampling_params import SamplingParams
 from rl_engine.inference.sequence import RequestOutput
 
@@ -61,13 +61,8 @@ class EngineHost:
             self._inbox.append((request_id, prompt, params))
         self._wake.set()
         try:
-            while True:
-                item = await coalesced(queue)
-                if isinstance(item, Exception):
-                    raise item
+            async for item in outputs_of(queue):
                 yield item
-                if item.finished:
-                    return
         finally:
             with self._mutex:
                 if self._streams.pop(request_id, None) is not None:

@@ -87,19 +87,13 @@ def _hf_config(vocab: dict[str, int], **overrides):
 
 
 def write_chat_model(path: str, *, seed: int = 0, max_position_embeddings: int = 1024) -> str:
-    """A random tiny Qwen2 with the chat tokenizer; returns `path`."""
-    from transformers import AutoModelForCausalLM
+    """A random tiny Qwen2 (tests/hf_models' init) with the chat tokenizer; returns `path`."""
+    from hf_models import make_hf_model
 
     vocab = write_chat_tokenizer(path)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_hf_config(vocab, max_position_embeddings=max_position_embeddings),
-                                             dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0, 0.1)
-            else:
-                p.normal_(0, 0.08)
+    model = make_hf_model("qwen2", seed=seed, vocab_size=len(vocab), max_position_embeddings=max_position_embeddings,
+                          eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"],
+                          tie_word_embeddings=False)
     model.save_pretrained(path)
     return path
 
