@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,8 @@ def _wandb_records(run_file: Path) -> list:
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         if kind == 0:
             pos += left
             continue
@@ -76,11 +79,18 @@ def _wandb_records(run_file: Path) -> list:
 
 
 def _wandb_history(run_dir: Path) -> tuple[dict[int, dict[str, float]], dict]:
-    """(step -> logged scalars, the run's config) from the newest offline run under run_dir/wandb."""
+    """(step -> logged scalars, the run's config) from the newest offline run under run_dir/wandb.
+    `run.finish()` can return before W&B's service process has flushed the file: wait for the run's
+    exit record (its last), up to a minute."""
     (run_file,) = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))[-1:]
+    deadline = time.monotonic() + 60
+    records = _wandb_records(run_file)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = _wandb_records(run_file)
     history: dict[int, dict[str, float]] = {}
     config: dict = {}
-    for record in _wandb_records(run_file):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
