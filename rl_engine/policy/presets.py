@@ -42,11 +42,13 @@ PRESETS: dict[str, dict] = {
     "3m": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                num_key_value_heads=2),
     # DeepSeek-V3 shape: MLA with q LoRA, one dense layer then MoE layers with sigmoid group-limited
-    # routing (8 experts in 2 groups, top-2 within the best group), a shared expert.
+    # routing (8 experts in 2 groups, top-2 within the best group), a shared expert. routed_scaling_factor
+    # is 1, not DeepSeek-V3's 2.5: at this size 2.5 left the demo's warm start at 2% held-out accuracy
+    # (41% with 1) and RL then barely moved it.
     "tiny_dsv3": dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], tie_word_embeddings=False,
                       hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                       first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-                      moe_intermediate_size=64, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                      moe_intermediate_size=64, n_group=2, topk_group=1, routed_scaling_factor=1.0,
                       norm_topk_prob=True, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
                       qk_rope_head_dim=8, v_head_dim=16, num_nextn_predict_layers=0),
 }
