@@ -206,14 +206,24 @@ def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_posi
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             cu_seqlens: torch.Tensor | list[int], scale: float) -> torch.Tensor:
-    """The registry op's batch-invariant implementation (training's packed sequences)."""
-    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    """The registry op's batch-invariant implementation (training's packed sequences): chunks of
+    queries across sequences, each query with its own sequence's keys gathered from position 0 (keys
+    past a query's position belong to anything and are masked), so many short sequences take one call."""
+    bounds = cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else torch.tensor(cu_seqlens)
+    bounds = bounds.to(device=q.device, dtype=torch.int64)
+    total = q.shape[0]
+    if total == 0:
+        return torch.empty_like(q)
+    lengths = bounds[1:] - bounds[:-1]
+    starts = torch.repeat_interleave(bounds[:-1], lengths)  # [T]: each token's sequence start
+    positions = torch.arange(total, device=q.device) - starts
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end > start:
-            pos = torch.arange(end - start, device=q.device)
-            outs.append(sequence_attention(q[start:end], k[start:end], v[start:end], pos, scale=scale))
-    return torch.cat(outs) if outs else torch.empty_like(q)
+    for a in range(0, total, _QUERY_CHUNK):
+        b = min(total, a + _QUERY_CHUNK)
+        length = padded_length(int(positions[a:b].max()) + 1)
+        index = (starts[a:b, None] + torch.arange(length, device=q.device)).clamp(max=total - 1)  # [n, L]
+        outs.append(attention(q[a:b], k[index], v[index], positions[a:b], scale=scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def paged_slots(block_tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
