@@ -162,9 +162,11 @@ def resolve_max_tokens(requested: int | None, *, param: str, prompt_len: int, ma
     return requested
 
 
-def check_top_logprobs(value: int | None, param: str) -> int:
+def check_top_logprobs(value: int | None, param: str, *, speculative: bool) -> int:
     if value is None:
         return 0
     _range(isinstance(value, int) and 0 <= value <= MAX_TOP_LOGPROBS, param, value,
            f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+    _range(not (value and speculative), param, value,
+           "0 on this server: top log-probs are not available with speculative decoding")
     return value

@@ -364,3 +364,19 @@ def test_app_over_async_engine(chat_model_dir, reference):
         test_disconnect_aborts_and_frees_kv(s, True)
     finally:
         s.stop()
+
+
+def test_speculative_server(chat_model_dir, reference):
+    """With n-gram speculative decoding the greedy answer is unchanged; top log-probs are refused by name."""
+    s = RunningServer(chat_model_dir, api_key=None,
+                      speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3})
+    try:
+        client = s.client()
+        r = client.completions.create(model=MODEL_NAME, prompt="abcabcabc", max_tokens=10, temperature=0, logprobs=0,
+                                      extra_body={"return_token_ids": True})
+        ref = _ref_tokens(reference, "abcabcabc", temperature=0, max_tokens=10)
+        assert r.choices[0].token_ids == ref.outputs[0].token_ids
+        err = _error(lambda: client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=2, logprobs=2))
+        assert err.status_code == 400 and err.body["param"] == "logprobs" and "speculative" in err.body["message"]
+    finally:
+        s.stop()
