@@ -22,13 +22,14 @@ wildcard; `placement.weight_transport=auto` becomes `zmq` for a worker on a node
 The run's secret travels as an argument of `ProcessHost.start` (Ray's object transfer, never a command
 line, a file, or the actor's runtime_env, which Ray's state API shows) into the child's environment.
 
-Failures: the driver polls every host (`placement.poll`, 0.5 s). A rollout worker whose process ended
+Failures: the driver polls every host every 0.5 s. A rollout worker whose process ended
 with an error, or whose host actor died (`ray.kill`, its node lost), is reported at once to the
 coordinator (`WorkerExited`, sent from a CURVE client named `launcher` that holds the run's key), which
 requeues its prompts without waiting for the heartbeats. With `ray.max_worker_restarts` > 0 it is then
 started again in its bundle (by its host, or by a new host when the old one is gone), registers anew,
-and the coordinator has it sent the current weights before it serves. Any other process that fails ends
-the run (a trainer rank: resume from the last committed checkpoint).
+and the coordinator has it sent the current weights before it serves. A worker that exits 0 (the
+coordinator retired it) is reported too, and never restarted. Any other process that fails ends the run
+(a trainer rank: resume from the last committed checkpoint).
 
 Logs: each child writes `<output_dir>/logs/<name>.log` on its own node (a restart appends). The driver
 leaves a marker file in its log directory; a host that does not see it runs on a node that does not
