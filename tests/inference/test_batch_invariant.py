@@ -75,15 +75,17 @@ def test_trainer_logprobs_equal_behavior_logprobs_bitwise(checkpoints, invariant
 def test_prompt_alone_equals_prompt_in_a_batch_of_64(checkpoints, invariant_registry, dtype):
     _, path = checkpoints.get("qwen3_moe")
     model = from_pretrained(path, dtype=dtype)
-    prompt = _prompts(1, seed=7)[0]
+    prompts = _prompts(64, seed=7)  # one shared 20-token prefix
+    prompt = prompts[30]
     params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=20, seed=123, ignore_eos=True)
     alone = LLM(model, block_size=16, seed=0).generate([prompt], [params])[0].outputs[0]
-    others = _prompts(63, seed=8)
-    batch = others[:30] + [prompt] + others[30:]
-    other_params = [SamplingParams(temperature=0.8, max_tokens=20, seed=1000 + i, ignore_eos=True)
-                    for i in range(63)]
-    # a small token budget: the prompt's prefill is chunked and shares steps with other decodes
-    llm = LLM(model, block_size=16, max_num_batched_tokens=64, seed=0)
-    inside = llm.generate(batch, other_params[:30] + [params] + other_params[30:])[30].outputs[0]
+    batch_params = [SamplingParams(temperature=0.8, max_tokens=20, seed=1000 + i, ignore_eos=True) for i in range(64)]
+    batch_params[30] = params
+    # a small token budget (prefills in chunks beside other decodes), a pool of 40 blocks of 16 for
+    # 64 sequences of up to 79 tokens (preemption), and the shared prefix (prefix-cache hits)
+    llm = LLM(model, block_size=16, num_kv_blocks=40, max_num_batched_tokens=64, seed=0)
+    inside = llm.generate(prompts, batch_params)[30].outputs[0]
+    stats = llm.engine.stats()
+    assert stats["preemptions"] > 0 and stats["prefix_cache_hits"] > 0
     assert inside.token_ids == alone.token_ids
     assert torch.equal(torch.tensor(inside.logprobs), torch.tensor(alone.logprobs))
