@@ -10,6 +10,7 @@ run): 2 * matmul params * tokens processed / time.
 
     python benchmarks/generate.py                 # the ~3M Qwen2-shaped model
     python benchmarks/generate.py --large         # also the ~50M model with a 32k vocabulary
+    python benchmarks/generate.py --model builtin:smollm2-135m-instruct --batches 1,32   # the real model
     python benchmarks/generate.py --device cuda --dtype bfloat16 --size 0.5b   # Qwen2-0.5B-shaped, random
 """
 
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each engine per prompt group (best kept)")
     ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--model", default=None,
+                    help="benchmark this model instead of the synthetic ones: a model directory, a .gguf file or "
+                         "builtin:smollm2-135m-instruct (the `real` extra; e.g. --batches 1,32)")
     return ap
 
 
@@ -272,6 +276,14 @@ def main() -> None:
     common = dict(batches=batches, new_tokens=args.new_tokens, repeats=args.repeats, peak=peak, max_prompt=128,
                   device=device, dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.model is not None:
+            from rl_engine.builtin_models import resolve_model_path
+
+            path = resolve_model_path(args.model, output_dir=tmp, seed=0)  # a GGUF is converted once, cached
+            report["models"].append(bench_model(args.model, path, **common))
+            report["peak_measured_again_gflops"] = round(matmul_peak_gflops(device=device, dtype=dtype), 1)
+            print(json.dumps(report, indent=2))
+            return
         hidden, layers, heads, kv_heads, inter, vocab, tie = SIZES[args.size]
         first = write_checkpoint(os.path.join(tmp, args.size), hidden=hidden, layers=layers, heads=heads,
                                  kv_heads=kv_heads, intermediate=inter, vocab=vocab, tie=tie, dtype=dtype)

@@ -1,5 +1,6 @@
 """Built-in verifiable tasks for the demo: rewrite a short string of letters (and `calc`, the agentic
-multi-step arithmetic task with a calculator tool: rl_engine/demo_calc.py).
+multi-step arithmetic task with a calculator tool: rl_engine/demo_calc.py; `arith`, arithmetic word
+problems for a real pretrained chat model: rl_engine/demo_arith.py).
 
 `rl-engine train` with no arguments must show RL learning on 2 CPU cores in minutes, with nothing
 downloaded. Tasks: "upper" (`upper abcd` -> `ABCD`, the demo's default) and "reverse"
@@ -20,6 +21,7 @@ import json
 import os
 import random
 
+from rl_engine.demo_arith import write_arith_task
 from rl_engine.demo_calc import calculator, write_calc_task
 
 ALPHABET = "abcdefghij"
@@ -36,7 +38,8 @@ def _strings(rng: random.Random, n: int, min_len: int, max_len: int, exclude: se
     return out
 
 
-TASKS = {"upper": str.upper, "reverse": lambda s: s[::-1], "calc": lambda expression: calculator(expression)}
+TASKS = {"upper": str.upper, "reverse": lambda s: s[::-1], "calc": lambda expression: calculator(expression),
+         "arith": None}  # arith's answers come with its generated problems
 
 
 def write_task(directory: str, task: str, *, seed: int = 0, num_train: int = 4000, num_eval: int = 200,
@@ -47,6 +50,8 @@ def write_task(directory: str, task: str, *, seed: int = 0, num_train: int = 400
         raise ValueError(f"unknown builtin task {task!r}; available: {', '.join(TASKS)}")
     if task == "calc":
         return write_calc_task(directory, seed=seed, num_train=num_train, num_eval=num_eval, num_sft=num_sft)
+    if task == "arith":
+        return write_arith_task(directory, seed=seed, num_train=num_train, num_eval=num_eval, num_sft=num_sft)
     solve = TASKS[task]
     rng = random.Random(seed)
     evals = _strings(rng, num_eval, min_len, max_len, set())

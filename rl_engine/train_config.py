@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from rl_engine.builtin_models import REAL_MODELS
 from rl_engine.config import ConfigError, check_float, check_int
 from rl_engine.demo_task import TASKS
 from rl_engine.losses import PolicyLossConfig
@@ -47,7 +48,9 @@ def _check_builtin(key: str, value: str, known: tuple[str, ...]) -> None:
 
 @dataclass(kw_only=True)
 class ModelSection:
-    # A Hugging Face model directory, or "builtin:<preset>" (random init + character tokenizer).
+    # A Hugging Face model directory, a .gguf file (converted once into ~/.cache/rl_engine), "builtin:<preset>"
+    # (random init + character tokenizer) or a real pretrained builtin ("builtin:smollm2-135m-instruct", the
+    # `real` extra; rl_engine/builtin_models.py).
     path: str = "builtin:tiny"
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0  # the builtin preset's random init
@@ -58,7 +61,7 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         _check_text("model.path", self.path)
-        _check_builtin("model.path", self.path, tuple(PRESETS))
+        _check_builtin("model.path", self.path, tuple(PRESETS) + tuple(REAL_MODELS))
         check_int("model.seed", self.seed, lo=0, hi=MAX_SEED)
 
 
@@ -66,7 +69,7 @@ class ModelSection:
 class DataSection:
     # Prompts with an answer field: JSONL, Parquet, a Hugging Face `datasets` directory (save_to_disk) or
     # data files (.csv, .arrow, a pattern like dir/train-*.parquet; rollout/data.py), or "builtin:upper" /
-    # "builtin:reverse" (written into the run dir).
+    # "builtin:reverse" / "builtin:arith" (written into the run dir).
     path: str = "builtin:upper"
     eval_path: str | None = None  # held-out prompts for accuracy; builtin tasks bring their own
     prompt_key: str = "prompt"

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from rl_engine import kernels, run_checkpoint
+from rl_engine.builtin_models import resolve_model_path
 from rl_engine.config import ConfigError, to_dict
 from rl_engine.frozen_models import check_same_tokenizer, reference_path
 from rl_engine.inference import LLM
@@ -86,13 +87,8 @@ class ResumeError(ConfigError):
 def resolve_paths(cfg: RLConfig) -> tuple[str, str, str | None, str | None]:
     """(model dir, train prompts, eval prompts, warm-start data), writing builtins into the run dir."""
     out = cfg.train.output_dir
-    model_path = cfg.model.path
-    if model_path.startswith("builtin:"):
-        from rl_engine.policy.presets import write_preset_checkpoint
-
-        model_path = os.path.join(out, "init_model")
-        if not os.path.isfile(os.path.join(model_path, "config.json")):
-            write_preset_checkpoint(cfg.model.path.split(":", 1)[1], model_path, seed=cfg.model.seed)
+    # a preset is written to <out>/init_model; a real builtin or a .gguf file is converted once into the cache
+    model_path = resolve_model_path(cfg.model.path, output_dir=out, seed=cfg.model.seed)
     data, eval_path, warm = cfg.data.path, cfg.data.eval_path, cfg.warmup.path
     if data.startswith("builtin:"):
         from rl_engine.demo_task import write_task

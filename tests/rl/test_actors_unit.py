@@ -140,6 +140,8 @@ def test_example_configs_load(path):
     cfg = load_config(RLConfig, path)
     if os.path.basename(path) == "agentic_calc.yaml":  # the agentic demo runs in one process by default
         assert cfg.placement.mode == "single_process" and cfg.rollout.fn is not None
+    elif os.path.basename(path) == "smollm2_arith.yaml":  # the 2-core real-model recipe: one process
+        assert cfg.placement.mode == "single_process" and cfg.model.path == "builtin:smollm2-135m-instruct"
     else:
         assert cfg.placement.mode in ("colocated", "disaggregated")
-    assert len(EXAMPLES) == 4
+    assert len(EXAMPLES) == 6
