@@ -158,7 +158,9 @@ def _step_source(step_dir: str, *, described: str) -> Source:
 
 def _config_model_path(config_file: str, run_dir: str) -> str | None:
     """model.path of a run's config (trainer_state.json's `config`, or actors/config.yaml); a builtin
-    preset was written to <run>/init_model. None when the file or directory is gone."""
+    preset was written to <run>/init_model, a real builtin or .gguf file converted into the cache
+    (builtin_models). None when the file or directory is gone."""
+    from rl_engine.builtin_models import REAL_MODELS, resolve_model_path
     from rl_engine.config import read_yaml_file
 
     if not os.path.isfile(config_file):
@@ -169,8 +171,10 @@ def _config_model_path(config_file: str, run_dir: str) -> str | None:
     else:
         config = read_yaml_file(config_file)
     path = (config.get("model") or {}).get("path")
-    if isinstance(path, str) and path.startswith("builtin:"):
+    if isinstance(path, str) and path.startswith("builtin:") and path.split(":", 1)[1] not in REAL_MODELS:
         path = os.path.join(run_dir, "init_model")
+    elif isinstance(path, str) and (path.startswith("builtin:") or path.endswith(".gguf")):
+        path = resolve_model_path(path, output_dir=run_dir, seed=0)  # a GGUF model: its converted cache directory
     return path if isinstance(path, str) and os.path.isfile(os.path.join(path, "config.json")) else None
 
 
