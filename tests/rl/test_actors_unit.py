@@ -142,6 +142,9 @@ def test_example_configs_load(path):
         assert cfg.placement.mode == "single_process" and cfg.rollout.fn is not None
     elif os.path.basename(path) == "smollm2_arith.yaml":  # the 2-core real-model recipe: one process
         assert cfg.placement.mode == "single_process" and cfg.model.path == "builtin:smollm2-135m-instruct"
+    elif os.path.basename(path) == "tiny_dsv3.yaml":  # the DeepSeek-V3-style demo: one process, routing replay
+        assert cfg.placement.mode == "single_process" and cfg.model.path == "builtin:tiny_dsv3"
+        assert cfg.rollout.routing_replay
     else:
         assert cfg.placement.mode in ("colocated", "disaggregated")
     assert len(EXAMPLES) == 6
