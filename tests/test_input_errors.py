@@ -199,7 +199,8 @@ def test_missing_dataset_and_bad_warm_start_rows(model_dir, tmp_path, capsys, no
     assert line == f"error: dataset {str(tmp_path / 'nope.jsonl')!r} does not exist"
     sft = write_rows(tmp_path / "sft.jsonl", [{"prompt": "a", "response": "A"}, {"prompt": "b"}])
     line = one_error_line([*base, f"data.path={data}", f"warmup.path={sft}", "warmup.steps=5"], capsys)
-    assert line == f"error: {sft}:2: a warm-start row needs string 'prompt' and 'response' keys"
+    assert line == (f"error: {sft}:2: a warm-start row needs a string 'response' and a string 'prompt' or a list "
+                    "of chat 'messages'")
     line = one_error_line([*base, f"data.path={data}", "warmup.path=builtin"], capsys)
     assert line.startswith("config error: warmup.path='builtin' needs a builtin task in data.path")
 

@@ -198,7 +198,9 @@ def test_a_dead_worker_is_restarted_gets_the_weights_and_serves_again(results):
     for fault in faults:  # the restarted process served a step that began after the death
         assert any(row["workers/served"].get("rollout-0", 0) > 0 for row in got[fault["steps_done"] + 1:]), fault
     assert got[-1]["workers/rejoins"] == 2 and got[-1]["workers/alive"] == 1
-    assert all(row["weight_sync/probe_error_max"] <= 1e-5 for row in got)
+    # a step whose update found the worker dead (killed before it applied them) has no probe to report
+    probes = [row["weight_sync/probe_error_max"] for row in got if "weight_sync/probe_error_max" in row]
+    assert len(probes) >= len(got) - len(faults) and all(p <= 1e-5 for p in probes), (probes, got)
     log = open(os.path.join(out, "logs", "coordinator.log")).read()
     assert log.count("rollout worker rollout-0 lost (its process ended: was killed by signal 9) (restarting)") == 2
     assert "no heartbeat" not in log and log.count("rollout worker rollout-0 rejoined with weights v") == 2
