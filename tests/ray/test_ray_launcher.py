@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -202,7 +203,14 @@ def test_a_dead_worker_is_restarted_gets_the_weights_and_serves_again(results):
     probes = [row["weight_sync/probe_error_max"] for row in got if "weight_sync/probe_error_max" in row]
     assert len(probes) >= len(got) - len(faults) and all(p <= 1e-5 for p in probes), (probes, got)
     log = open(os.path.join(out, "logs", "coordinator.log")).read()
-    assert log.count("rollout worker rollout-0 lost (its process ended: was killed by signal 9) (restarting)") == 2
+    # each death is learnt first from the launcher (the process ended) or, when the host died as a weight
+    # update began, from the trainer's failed send; either way it is retired once, and the later report of the
+    # other is "already handled"
+    losses = re.findall(r"rollout worker rollout-0 lost \((.*?)\)( \(restarting\))?: ", log)
+    assert len(losses) == 2, losses
+    for why, _ in losses:
+        assert why == "its process ended: was killed by signal 9" or \
+            re.fullmatch(r"the trainer could not send it weights v\d+", why), losses
     assert "no heartbeat" not in log and log.count("rollout worker rollout-0 rejoined with weights v") == 2
     assert open(os.path.join(out, "logs", "rollout-0.log")).read().count("restarted on 127.0.0.1") == 2
     placement = json.load(open(os.path.join(out, "actors", "placement.json")))["rollout-0"]
