@@ -74,9 +74,15 @@ def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group) -> None:
     _REDUCE_SCATTER(out, x, group=group)
 
 
-def isend(x: torch.Tensor, dst: int, *, tag: int):
-    COUNTER.add("send", x)
-    return dist.isend(x, dst=dst, tag=tag)
+def isend(x: torch.Tensor, dst: int, *, tag: int, group=None, kind: str = "send"):
+    """Asynchronous send to global rank `dst` (within `group` when given: its own tag space)."""
+    COUNTER.add(kind, x)
+    return dist.isend(x, dst=dst, tag=tag, group=group)
+
+
+def irecv(x: torch.Tensor, src: int, *, tag: int, group=None):
+    """Asynchronous receive from global rank `src` into x."""
+    return dist.irecv(x, src=src, tag=tag, group=group)
 
 
 def recv(x: torch.Tensor, src: int, *, tag: int) -> torch.Tensor:

@@ -171,7 +171,7 @@ def owned_boxes(chunks: list[CausalLM]) -> list[Box]:
     g = chunks[0].groups
     out = []
     for i, box in enumerate(b for c in chunks for b in model_boxes(c)):
-        dp_size, dp_rank = (g.edp_size, g.edp_rank) if box.is_expert else (g.dp_size, g.dp_rank)
+        dp_size, dp_rank = (g.edp_size, g.edp_rank) if box.is_expert else (g.dp_cp_size, g.dp_cp_rank)
         if box.replica_primary and i % dp_size == dp_rank:
             out.append(box)
     return out
@@ -193,7 +193,7 @@ def _metadata(config: ModelConfig, g: ParallelGroups, *, virtual_stages: int, st
     return {
         "step": step, "world_size": g.world_size, "extra": extra or {}, "model_config": config.to_hf_dict(),
         "rl_engine_config": {k: getattr(config, k) for k in ROUTER_KNOBS if getattr(config, k)},
-        "layout": {"tp": g.tp_size, "pp": g.pp_size, "dp": g.dp_size, "ep": g.ep_size,
+        "layout": {"tp": g.tp_size, "cp": g.cp_size, "pp": g.pp_size, "dp": g.dp_size, "ep": g.ep_size,
                    "virtual_stages": virtual_stages, "sequence_parallel": g.sequence_parallel},
     }
 

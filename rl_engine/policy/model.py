@@ -208,7 +208,7 @@ class CausalLM(nn.Module):
         if attn_context is None:
             if cu_seqlens is None:
                 cu_seqlens = torch.tensor([0, positions.shape[0]], dtype=torch.int32)
-            self._check_packed(positions, cu_seqlens)
+            self.check_packed(positions, cu_seqlens)
         if self.is_first_stage:
             if input_ids is None or input_ids.shape != positions.shape:
                 raise ValueError(f"input_ids must be [T] like positions {tuple(positions.shape)}, "
@@ -228,7 +228,8 @@ class CausalLM(nn.Module):
         """BatchInvariantMode under model.batch_invariant (tiled matmuls, non-invariant ops refused)."""
         return BatchInvariantMode() if self.batch_invariant else contextlib.nullcontext()
 
-    def _check_packed(self, positions: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    def check_packed(self, positions: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+        """cu_seqlens covers the T tokens and no sequence exceeds the model's context."""
         T = positions.shape[0]
         if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
             raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at T={T}; got {cu_seqlens.tolist()}")

@@ -205,13 +205,22 @@ class MoEBlock(nn.Module):
         if not (torch.is_grad_enabled() and (self.aux_loss_coef or self.z_loss_coef)):
             return None
         aux = probs.new_zeros(())
+        # Means over the micro-batch's tokens. Under context parallelism this rank holds a part of them:
+        # the expert counts and the token count are summed over the cp group (no gradient), and each
+        # rank's loss is its tokens' share of the sums, so the cp ranks' gradients add up to the whole.
+        counts = torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts).float()
+        num_tokens = float(topk_ids.shape[0])
+        cp_group = self.groups.cp_group
+        if cp_group is not None:
+            totals = comm.all_reduce(torch.cat([counts, counts.new_tensor([num_tokens])]), cp_group)
+            counts, num_tokens = totals[:-1], float(totals[-1])
         if self.aux_loss_coef:
-            frac = torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts).float() / topk_ids.shape[0]
+            frac = counts / num_tokens
             if self.sigmoid_scores:  # DeepSeek-V3's balance loss uses the scores normalised over experts
                 probs = probs / probs.sum(-1, keepdim=True)
-            aux = aux + self.aux_loss_coef * self.num_experts * (frac * probs.mean(0)).sum()
+            aux = aux + self.aux_loss_coef * self.num_experts * (frac * probs.sum(0) / num_tokens).sum()
         if self.z_loss_coef:
-            aux = aux + self.z_loss_coef * torch.logsumexp(router_logits.float(), dim=-1).pow(2).mean()
+            aux = aux + self.z_loss_coef * torch.logsumexp(router_logits.float(), dim=-1).pow(2).sum() / num_tokens
         return aux
 
     def forward(self, x_in: torch.Tensor, routing: RoutingRecord | None = None) -> torch.Tensor:

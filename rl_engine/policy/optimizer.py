@@ -1,6 +1,6 @@
 """Distributed optimizer (ZeRO-1): contiguous grad buffers in buckets, AdamW on fp32 master shards.
 
-Parameters live as views of one flat buffer per kind (dense params: data-parallel over the dp group;
+Parameters live as views of one flat buffer per kind (dense params: data-parallel over the dp x cp group;
 expert params: over the expert-data-parallel group), and every parameter gets a `main_grad`, a view
 of a flat fp32 gradient buffer of the same layout, into which a post-accumulate hook adds each
 micro-batch's gradient (so bf16 parameters accumulate in fp32). The buffer is cut into buckets, each
@@ -147,7 +147,7 @@ class DistributedOptimizer:
         dense = [p for p in params if not getattr(p, "is_expert", False)]
         expert = [p for p in params if getattr(p, "is_expert", False)]
         self.buffers = [_Buffer(ps, grp, tp=groups.tp_size, bucket_elements=config.bucket_elements)
-                        for ps, grp in ((dense, groups.dp_group), (expert, groups.edp_group)) if ps]
+                        for ps, grp in ((dense, groups.dp_cp_group), (expert, groups.edp_group)) if ps]
         self.params = [p for b in self.buffers for p in b.params]
 
     def zero_grad(self) -> None:

@@ -1,7 +1,7 @@
 """The trainer-facing API of the parallel policy: one object per rank that builds its model chunks,
 owns the distributed optimizer and runs a training step over micro-batches.
 
-    groups = ParallelGroups.build(tp=2, pp=2, ep=1, sequence_parallel=True)   # collective
+    groups = ParallelGroups.build(tp=2, cp=1, pp=2, ep=1, sequence_parallel=True)   # collective
     trainer = ParallelTrainer.from_pretrained(hf_dir, groups=groups,
                                               optim=OptimizerConfig(lr=1e-6, weight_decay=0.01),
                                               virtual_stages=1, dtype=torch.bfloat16)
@@ -20,6 +20,9 @@ owns the distributed optimizer and runs a training step over micro-batches.
 
 `forward_logprobs(micro_batches)` recomputes log-probs without gradients (on the last stage).
 Layers are split evenly over pp * virtual_stages stages unless `layers_per_stage` says otherwise.
+Under context parallelism (groups.cp_size > 1) the ranks of a cp group take the same micro-batches
+and split each one's tokens (`cp_comm`: "ring" or "allgather" attention; `cp_min_tokens` > 0:
+dynamic CP, shorter sequences kept whole on one rank; see context_parallel.py).
 MoE routers add their aux / z losses to the gradient by themselves (scaled by 1 / global number of
 micro-batches), and the aux-loss-free bias is updated after each optimizer step.
 """
@@ -33,6 +36,7 @@ import torch
 from rl_engine.policy import comm
 from rl_engine.policy.checkpoint import load_hf_weights
 from rl_engine.policy.config import ModelConfig
+from rl_engine.policy.context_parallel import check_cp_options
 from rl_engine.policy.dist_checkpoint import load_checkpoint, save_checkpoint
 from rl_engine.policy.model import CausalLM
 from rl_engine.policy.moe import MoEBlock
@@ -55,9 +59,12 @@ class ParallelTrainer:
         layers_per_stage: list[int] | None = None,
         hf_path: str | None = None,
         seed: int = 0,
+        cp_comm: str = "ring",
+        cp_min_tokens: int = 0,
     ) -> None:
         g = groups
         check_model_layout(config, tp=g.tp_size, pp=g.pp_size, ep=g.ep_size, virtual_stages=virtual_stages)
+        check_cp_options(config, cp=g.cp_size, cp_comm=cp_comm, cp_min_tokens=cp_min_tokens)
         if virtual_stages > 1 and g.pp_size == 1:
             raise ValueError(f"virtual_stages ({virtual_stages}) > 1 needs pp > 1")
         self.config, self.groups = config, groups
@@ -74,7 +81,7 @@ class ParallelTrainer:
         self._tie_embeddings()
         params = [p for c in self.chunks for p in c.parameters()]
         self.optimizer = DistributedOptimizer(params, g, optim)
-        self.runner = PipelineRunner(self.chunks, g)
+        self.runner = PipelineRunner(self.chunks, g, cp_comm=cp_comm, cp_min_tokens=cp_min_tokens)
         self.moe_blocks = [m for c in self.chunks for m in c.modules() if isinstance(m, MoEBlock)]
 
     @classmethod
@@ -122,15 +129,18 @@ class ParallelTrainer:
             self.optimizer.finish_grad_sync()
             stats = self.optimizer.step()
             for m in self.moe_blocks:
-                m.update_expert_bias(g.dp_group)
+                m.update_expert_bias(g.dp_cp_group)
         else:
             self.optimizer.zero_grad()
             stats = {"grad_norm": 0.0}
             for m in self.moe_blocks:
                 if m.tokens_per_expert is not None:
                     m.tokens_per_expert.zero_()
-        loss = torch.tensor([float(sum(losses)) if losses and g.tp_rank == 0 else 0.0], dtype=torch.float64)
-        loss = comm.all_reduce(comm.all_reduce(comm.all_reduce(loss, g.dp_group), g.pp_group), g.tp_group)
+        # every cp rank computed the whole micro-batches' loss (from gathered log-probs): count one
+        loss = torch.tensor([float(sum(losses)) if losses and g.tp_rank == 0 and g.cp_rank == 0 else 0.0],
+                            dtype=torch.float64)
+        for group in (g.dp_group, g.pp_group, g.tp_group, g.cp_group):
+            loss = comm.all_reduce(loss, group)
         return {"loss": float(loss), "grad_norm": stats["grad_norm"], "step": self.step, "applied": applied,
                 "num_micro_batches": int(counts[0]), "num_tokens": int(counts[1])}
 

@@ -8,7 +8,9 @@ have a different token count each. Tags name (micro-batch, virtual stage, kind),
 match the wrong receive. With virtual stages, rank r holds model chunks for virtual stages r,
 r + pp, r + 2pp, ... (Megatron's interleaving); virtual stage 0 embeds, the last one computes
 log-probs and the loss. Every rank of a pipeline receives the same micro-batches (positions and
-cu_seqlens are needed at every stage; targets and loss inputs at the last).
+cu_seqlens are needed at every stage; targets and loss inputs at the last). Under context
+parallelism the ranks of a cp group receive the same micro-batches too; each runs its `CPShard` of
+every micro-batch through the stages, and the loss function sees the gathered log-probs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Callable
 import torch
 
 from rl_engine.policy import comm
+from rl_engine.policy.context_parallel import CPShard
 from rl_engine.policy.moe import RoutingRecord
 from rl_engine.policy.parallel import ParallelGroups
 
@@ -126,9 +129,10 @@ def simulate(schedules: list[list[Action]], pp: int) -> bool:
 class PipelineRunner:
     """Runs one rank's schedule over its model chunks (one chunk per virtual stage it holds)."""
 
-    def __init__(self, chunks: list, groups: ParallelGroups) -> None:
+    def __init__(self, chunks: list, groups: ParallelGroups, *, cp_comm: str = "ring", cp_min_tokens: int = 0) -> None:
         self.chunks = chunks
         self.groups = groups
+        self.cp_comm, self.cp_min_tokens = cp_comm, cp_min_tokens
         self.virtual = len(chunks)
         self.num_stages = groups.pp_size * self.virtual
 
@@ -169,6 +173,7 @@ class PipelineRunner:
         saved: dict[tuple[int, int], tuple] = {}
         results: dict[int, object] = {}
         pending: list = []
+        shards: dict[int, CPShard] = {}  # cp > 1: this rank's part of each micro-batch
         dtype = self.chunks[0].dtype
         for kind, c, m in acts:
             s = self._stage(c)
@@ -177,14 +182,28 @@ class PipelineRunner:
                 x_in = None
                 if s > 0:
                     x_in = self._recv_activation(s, m, dtype).requires_grad_(not forward_only)
+                shard = self._shard(shards, m, mb, model) if g.cp_size > 1 else None
                 with torch.set_grad_enabled(not forward_only):
-                    out = model.hidden_states(mb.input_ids if s == 0 else None, positions=mb.positions,
-                                              cu_seqlens=mb.cu_seqlens, routing=mb.routing, inputs_embeds=x_in)
+                    if shard is None:
+                        out = model.hidden_states(mb.input_ids if s == 0 else None, positions=mb.positions,
+                                                  cu_seqlens=mb.cu_seqlens, routing=mb.routing, inputs_embeds=x_in)
+                    else:
+                        out = model.hidden_states(shard.input_ids if s == 0 else None, positions=shard.positions,
+                                                  attn_context=shard.attention, routing=mb.routing,
+                                                  inputs_embeds=x_in)
                     if s == self.num_stages - 1:
                         if forward_only:
-                            results[m] = (last_stage_fn or _logprobs)(model, out, mb)
+                            if shard is None:
+                                results[m] = (last_stage_fn or _logprobs)(model, out, mb)
+                            else:  # computed on this rank's tokens, gathered to the micro-batch's order
+                                local = (last_stage_fn or _logprobs)(model, out, shard.local_micro_batch(mb))
+                                results[m] = tuple(map(shard.gather, local)) if isinstance(local, tuple) \
+                                    else shard.gather(local)
                             continue
-                        lp, ent = model.token_logprobs(out, mb.targets, temperature=mb.temperature)
+                        targets = mb.targets if shard is None else shard.targets
+                        lp, ent = model.token_logprobs(out, targets, temperature=mb.temperature)
+                        if shard is not None:  # the loss sees the whole micro-batch (context_parallel.py)
+                            lp, ent = shard.gather(lp), shard.gather(ent)
                         out = loss_fn(lp, ent, mb)
                         results[m] = out.detach()
                     else:
@@ -203,6 +222,13 @@ class PipelineRunner:
         for work, _ in pending:
             work.wait()
         return [results[m] for m in range(M)] if results else []
+
+    def _shard(self, shards: dict, m: int, mb: MicroBatch, model) -> CPShard:
+        if m not in shards:
+            model.check_packed(mb.positions, mb.cu_seqlens)
+            shards[m] = CPShard(mb.input_ids, mb.positions, mb.cu_seqlens, mb.targets, self.groups,
+                                comm_mode=self.cp_comm, min_tokens=self.cp_min_tokens)
+        return shards[m]
 
 
 def _logprobs(model, hidden: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:

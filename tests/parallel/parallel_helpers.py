@@ -83,10 +83,11 @@ def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: MicroBatch) -> to
 
 
 def build_trainer(spec: dict, weights: str) -> ParallelTrainer:
-    groups = ParallelGroups.build(tp=spec.get("tp", 1), pp=spec.get("pp", 1), ep=spec.get("ep", 1),
-                                  sequence_parallel=spec.get("sp", False))
+    groups = ParallelGroups.build(tp=spec.get("tp", 1), cp=spec.get("cp", 1), pp=spec.get("pp", 1),
+                                  ep=spec.get("ep", 1), sequence_parallel=spec.get("sp", False))
     return ParallelTrainer(MODELS[spec["kind"]], groups=groups, optim=OptimizerConfig(**OPTIM), hf_path=weights,
-                           virtual_stages=spec.get("v", 1))
+                           virtual_stages=spec.get("v", 1), cp_comm=spec.get("cp_comm", "ring"),
+                           cp_min_tokens=spec.get("cp_min_tokens", 0))
 
 
 def my_micro_batches(trainer: ParallelTrainer, kind: str) -> list[MicroBatch]:
@@ -104,8 +105,10 @@ def _loss_at(trainer: ParallelTrainer, mbs: list[MicroBatch]) -> float:
     """The global loss at the current parameters, without a step (summed as `train_step` does)."""
     g = trainer.groups
     local = sum(float(loss_fn(lp, ent, mb)) for (lp, ent), mb in zip(trainer.forward_logprobs(mbs), mbs))
-    loss = torch.tensor([local if g.tp_rank == 0 else 0.0], dtype=torch.float64)
-    return float(comm.all_reduce(comm.all_reduce(comm.all_reduce(loss, g.dp_group), g.pp_group), g.tp_group))
+    loss = torch.tensor([local if g.tp_rank == 0 and g.cp_rank == 0 else 0.0], dtype=torch.float64)
+    for group in (g.dp_group, g.pp_group, g.tp_group, g.cp_group):  # cp ranks see the same whole micro-batches
+        loss = comm.all_reduce(loss, group)
+    return float(loss)
 
 
 def run_layout(spec: dict, weights: str, out_dir: str, *, steps: int = 3) -> ParallelTrainer:

@@ -15,7 +15,7 @@ def test_megatron_rank_order_tp_fastest():
     assert groups["ep"] == [(0, 2), (1, 3), (4, 6), (5, 7)]  # ep carved out of dp
     assert sorted(groups["edp"]) == [(r,) for r in range(8)]  # edp = dp / ep = 1
     assert groups["embedding"] == [(0, 4), (1, 5), (2, 6), (3, 7)]
-    assert rank_coords(5, tp=2, pp=2, ep=2, dp=2) == {"tp": 1, "dp": 0, "pp": 1, "ep": 0, "edp": 0}
+    assert rank_coords(5, tp=2, pp=2, ep=2, dp=2) == {"tp": 1, "cp": 0, "dp": 0, "pp": 1, "ep": 0, "edp": 0}
     # Every kind of group partitions the world.
     for kind in ("tp", "dp", "pp", "ep", "edp"):
         assert sorted(r for g in groups[kind] for r in g) == list(range(8))
