@@ -37,7 +37,10 @@ DSV3 = ModelConfig(model_type="deepseek_v3", vocab_size=61, hidden_size=32, inte
                    shared_expert_gated=False, moe_layers=[1, 2], scoring_func="sigmoid", n_group=2, topk_group=1,
                    routed_scaling_factor=2.5, norm_topk_prob=True, router_aux_loss_coef=0.01,
                    router_bias_update_rate=0.01)
-MODELS = {"dense": DENSE, "moe": MOE, "dsv3": DSV3}
+# "mixed": the dense model on packed batches of odd lengths, length 1 and sequences longer than
+# 2 * cp chunks (context-parallel tests; `micro_batches` takes its lengths from MIXED_LENGTHS).
+MODELS = {"dense": DENSE, "moe": MOE, "dsv3": DSV3, "mixed": DENSE}
+MIXED_LENGTHS = [[1, 7, 30], [13, 1, 2, 5], [33], [3, 1, 9, 1]]
 OPTIM = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip_grad=0.5, bucket_elements=3000)
 
 
@@ -58,9 +61,11 @@ def micro_batches(kind: str, *, num: int = 4, seed: int = 1, even: bool = True) 
     cfg = MODELS[kind]
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(num):
+    for i in range(num):
         lengths = torch.randint(3, 14, (int(torch.randint(1, 4, (1,), generator=gen)),), generator=gen).tolist()
-        if even and sum(lengths) % 2:
+        if kind == "mixed":
+            lengths = list(MIXED_LENGTHS[i % len(MIXED_LENGTHS)])
+        elif even and sum(lengths) % 2:
             lengths[-1] += 1
         ids = torch.randint(0, cfg.vocab_size, (sum(lengths) + 1,), generator=gen)
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
