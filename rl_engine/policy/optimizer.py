@@ -143,6 +143,7 @@ class DistributedOptimizer:
 
     def __init__(self, params: list[torch.nn.Parameter], groups: ParallelGroups, config: OptimizerConfig) -> None:
         self.groups, self.config = groups, config
+        self.lr = config.lr  # the next step's lr: an lr schedule sets it before each step (not checkpointed)
         self.step_count = 0
         dense = [p for p in params if not getattr(p, "is_expert", False)]
         expert = [p for p in params if getattr(p, "is_expert", False)]
@@ -184,11 +185,11 @@ class DistributedOptimizer:
         for b in self.buffers:
             grad = b.grad_shard if clip == 1.0 else b.grad_shard * clip
             # The same operations as torch.optim.AdamW (single-tensor path).
-            b.master.mul_(1 - cfg.lr * cfg.weight_decay)
+            b.master.mul_(1 - self.lr * cfg.weight_decay)
             b.exp_avg.lerp_(grad, 1 - beta1)
             b.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (b.exp_avg_sq.sqrt() / bc2_sqrt).add_(cfg.eps)
-            b.master.addcdiv_(b.exp_avg, denom, value=-cfg.lr / bc1)
+            b.master.addcdiv_(b.exp_avg, denom, value=-self.lr / bc1)
             b.all_gather_params()
         self.zero_grad()
         return {"grad_norm": grad_norm}
