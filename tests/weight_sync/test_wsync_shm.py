@@ -26,7 +26,7 @@ from rl_engine.weight_sync import (
     plan_sync,
 )
 from rl_engine.weight_sync.staging import PREFIX, Staging, open_region, region_slots, sweep_run, sweep_stale
-from wsync_helpers import (DENSE, MOE, UNTIED, FakeEngine, assert_same_bytes, engine_model, spawn_for_facts,
+from wsync_helpers import (DENSE, MOE, UNTIED, WAIT_S, FakeEngine, assert_same_bytes, engine_model, spawn_for_facts,
                            write_weights)
 from wsync_shm_workers import run
 
@@ -89,7 +89,7 @@ def test_no_region_left_in_dev_shm(facts):
 # ---- one process: the sender in a thread ---------------------------------------------------------------
 def _pair(config, plan, *, engine_rank: int = 0):
     engine = FakeEngine(engine_model(config, EngineLayout(), engine_rank, None))
-    rx = SharedMemoryReceiverTransport(timeout_s=10)
+    rx = SharedMemoryReceiverTransport(timeout_s=WAIT_S)
     return engine, rx, WeightReceiver(engine, plan, transport=rx)
 
 
@@ -115,7 +115,7 @@ def test_plans_that_differ_are_refused_with_the_fix(tmp_path):
     engine_plan = plan_sync(UNTIED, src=TrainLayout(), dst=EngineLayout(), bucket_bytes=4096)
     engine, rx, receiver = _pair(UNTIED, engine_plan)
     trainer_plan = plan_sync(UNTIED, src=TrainLayout(), dst=EngineLayout(), bucket_bytes=8192)
-    tx = SharedMemorySenderTransport({0: rx.address}, timeout_s=10)
+    tx = SharedMemorySenderTransport({0: rx.address}, timeout_s=WAIT_S)
     t, errors = _publish_in_thread(WeightPublisher(trainer, trainer_plan, src_rank=0, transport=tx), 1)
     with pytest.raises(WeightSyncError, match="keeps version 0"):
         receiver.sync()
@@ -244,11 +244,11 @@ def test_sender_refuses_a_path_that_is_not_a_region_of_its_run(case, tmp_path):
     victims = [f for d in (shm, out) for f in d.iterdir() if not f.is_symlink() and f.is_file()]
     before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in victims}
     engine = FakeEngine(engine_model(UNTIED, EngineLayout(), 0, None))
-    rx = SharedMemoryReceiverTransport(timeout_s=10, directory=str(shm), run_id=RUN)
+    rx = SharedMemoryReceiverTransport(timeout_s=WAIT_S, directory=str(shm), run_id=RUN)
     receiver = WeightReceiver(engine, plan, transport=rx)
     real = list(rx.staging.paths)
     rx.staging.paths = [bad, bad]  # the impersonator's answer, through the receiver's own (signed) reply
-    tx = SharedMemorySenderTransport({0: rx.address}, timeout_s=10, directory=str(shm), run_id=RUN)
+    tx = SharedMemorySenderTransport({0: rx.address}, timeout_s=WAIT_S, directory=str(shm), run_id=RUN)
     t, errors = _publish_in_thread(WeightPublisher(trainer, plan, src_rank=0, transport=tx), 1)
     with pytest.raises(WeightSyncError, match="keeps version 0"):
         receiver.sync()
@@ -268,7 +268,7 @@ def test_sender_refuses_a_path_that_is_not_a_region_of_its_run(case, tmp_path):
 def test_sender_maps_a_region_of_its_run(tmp_path):
     """The checks let the real thing through: a region `Staging` made for this run and rank (mode 0600)."""
     plan = plan_sync(UNTIED, src=TrainLayout(), dst=EngineLayout())
-    rx = SharedMemoryReceiverTransport(timeout_s=10, directory=str(tmp_path), run_id=RUN)
+    rx = SharedMemoryReceiverTransport(timeout_s=WAIT_S, directory=str(tmp_path), run_id=RUN)
     WeightReceiver(FakeEngine(engine_model(UNTIED, EngineLayout(), 0, None)), plan, transport=rx)
     staging = rx.staging
     assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o600 for p in staging.paths)

@@ -31,6 +31,12 @@ MOE = ModelConfig(model_type="qwen2_moe", vocab_size=61, hidden_size=32, interme
                   router_bias_update_rate=0.01)
 MODELS = {"dense": DENSE, "untied": UNTIED, "moe": MOE}
 
+# How long one side of a multi-process test waits for the other: a guard against a hang, not a measurement.
+# Under heavy load on 2 cores a rank may take minutes to train a step and save while its peer waits; at 120 s
+# a receiver timed out of one update and then read that update's late messages as part of the next
+# ("sources sent different versions [1, 2, 3, 4]").
+WAIT_S = 600
+
 
 def write_weights(directory: str, config: ModelConfig, seed: int = 0) -> str:
     torch.manual_seed(seed)

@@ -23,7 +23,7 @@ from rl_engine.weight_sync import (
     plan_sync,
     trainer_probe,
 )
-from wsync_helpers import DENSE, MOE, finish_rank
+from wsync_helpers import DENSE, MOE, WAIT_S, finish_rank
 from wsync_workers import PROBE_IDS, _step_and_save, _trainer, _victim, engine_checks, greedy
 
 TRAIN_WORLD = 2
@@ -40,7 +40,7 @@ def run(rank: int, out_dir: str, paths: dict, ports: dict) -> None:
     facts: dict = {"pid": os.getpid()}
     if rank < TRAIN_WORLD:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports['train']}", rank=rank,
-                                world_size=TRAIN_WORLD, timeout=timedelta(seconds=120))
+                                world_size=TRAIN_WORLD, timeout=timedelta(seconds=WAIT_S))
     try:
         if rank < TRAIN_WORLD:
             trainer_side(rank, facts, out_dir, paths, ports)
@@ -63,7 +63,7 @@ def trainer_side(rank: int, facts: dict, out_dir: str, paths: dict, ports: dict)
     # ---- dense tp2 -> engine tp1 ----------------------------------------------------------------------
     plan = plans["dense"]
     trainer = _trainer(DENSE, paths["dense"], tp=2)
-    tx = SharedMemorySenderTransport({0: f"tcp://127.0.0.1:{ports['shm']}"}, timeout_s=120)
+    tx = SharedMemorySenderTransport({0: f"tcp://127.0.0.1:{ports['shm']}"}, timeout_s=WAIT_S)
     pub = WeightPublisher(trainer.chunks, plan, src_rank=rank, transport=tx)
     _step_and_save(trainer, DENSE, os.path.join(out_dir, "S1"), seed=1)
     _publish(pub, facts, "v1", 1)
@@ -97,7 +97,7 @@ def trainer_side(rank: int, facts: dict, out_dir: str, paths: dict, ports: dict)
     # ---- MoE ep2 (x dp2) -> engine tp1 -------------------------------------------------------------------
     trainer = _trainer(MOE, paths["moe"], tp=1, ep=2)
     _step_and_save(trainer, MOE, os.path.join(out_dir, "M"), seed=3)
-    tx = SharedMemorySenderTransport({0: f"tcp://127.0.0.1:{ports['shm_moe']}"}, timeout_s=120)
+    tx = SharedMemorySenderTransport({0: f"tcp://127.0.0.1:{ports['shm_moe']}"}, timeout_s=WAIT_S)
     _publish(WeightPublisher(trainer.chunks, plans["moe"], src_rank=rank, transport=tx), facts, "moe", 1)
     tx.close()
 
@@ -113,7 +113,7 @@ def _sync(receiver: WeightReceiver, facts: dict, key: str) -> None:
 def engine_side(facts: dict, out_dir: str, paths: dict, ports: dict) -> None:
     plans = _plans()
     llm = LLM(from_pretrained(paths["dense"]))
-    rx = SharedMemoryReceiverTransport(port=ports["shm"], timeout_s=120)
+    rx = SharedMemoryReceiverTransport(port=ports["shm"], timeout_s=WAIT_S)
     receiver = WeightReceiver(llm, plans["dense"], transport=rx)
     facts["regions"] = [os.path.basename(p) for p in rx.staging.paths]
     facts["initial_tokens"] = greedy(llm)[0]
@@ -141,7 +141,7 @@ def engine_side(facts: dict, out_dir: str, paths: dict, ports: dict) -> None:
     facts["after_close_same_tokens"] = greedy(llm)[0] == facts["S4/tokens"]  # the mapping outlives the file
     # ---- MoE ----
     llm = LLM(from_pretrained(paths["moe"]))  # router_bias_update_rate and expert_bias from the side file
-    rx = SharedMemoryReceiverTransport(port=ports["shm_moe"], timeout_s=120)
+    rx = SharedMemoryReceiverTransport(port=ports["shm_moe"], timeout_s=WAIT_S)
     _sync(WeightReceiver(llm, plans["moe"], transport=rx), facts, "moe")
     engine_checks(facts, "M", llm, MOE, os.path.join(out_dir, "M"), torch.float32)
     rx.close()

@@ -28,7 +28,7 @@ from rl_engine.weight_sync import (
     trainer_probe,
 )
 from rl_engine.weight_sync import transport_zmq
-from wsync_helpers import DENSE, MOE, finish_rank, loss_fn, micro_batches, state_bytes
+from wsync_helpers import DENSE, MOE, WAIT_S, finish_rank, loss_fn, micro_batches, state_bytes
 
 TRAIN_WORLD = 4
 ENGINE = 4
@@ -83,11 +83,11 @@ def engine_checks(facts: dict, name: str, llm: LLM, config, ckpt: str, dtype) ->
 
 def run(rank: int, out_dir: str, paths: dict, ports: dict) -> None:
     torch.set_num_threads(1)
-    timeout = timedelta(seconds=120)
+    timeout = timedelta(seconds=WAIT_S)
     if rank < TRAIN_WORLD:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports['train']}", rank=rank,
                                world_size=TRAIN_WORLD, timeout=timeout)
-    group = sync_group(f"127.0.0.1:{ports['sync']}", rank=rank, world_size=TRAIN_WORLD + 1, timeout_s=120)
+    group = sync_group(f"127.0.0.1:{ports['sync']}", rank=rank, world_size=TRAIN_WORLD + 1, timeout_s=WAIT_S)
     facts: dict = {}
     try:
         if rank < TRAIN_WORLD:
@@ -128,7 +128,7 @@ def _victim(plan) -> int:
 
 def trainer_side(rank: int, group, facts: dict, out_dir: str, paths: dict, ports: dict) -> None:
     plans = _plans()
-    zmq_tx = ZmqSenderTransport({0: f"tcp://127.0.0.1:{ports['zmq']}"}, timeout_s=120)
+    zmq_tx = ZmqSenderTransport({0: f"tcp://127.0.0.1:{ports['zmq']}"}, timeout_s=WAIT_S)
     # ---- A: dense tp2 x pp2, fp32 -> engine tp1, over torch.distributed then over ZMQ -----------------
     plan = plans["A"]
     trainer = _trainer(DENSE, paths["dense"], tp=2, pp=2)
@@ -210,7 +210,7 @@ def trainer_side(rank: int, group, facts: dict, out_dir: str, paths: dict, ports
 
 def engine_side(group, facts: dict, out_dir: str, paths: dict, ports: dict) -> None:
     plans = _plans()
-    zmq_rx = ZmqReceiverTransport(port=ports["zmq"], timeout_s=120)
+    zmq_rx = ZmqReceiverTransport(port=ports["zmq"], timeout_s=WAIT_S)
     dist_rx = TorchDistTransport(group, num_src=4, num_dst=1)
     # ---- A ----
     llm = LLM(from_pretrained(paths["dense"]))
