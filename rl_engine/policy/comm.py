@@ -62,15 +62,15 @@ def all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return x
 
 
-def all_gather_into(out: torch.Tensor, x: torch.Tensor, group) -> None:
+def all_gather_into(out: torch.Tensor, x: torch.Tensor, group, *, kind: str = "all_gather") -> None:
     """out [world * n] <- concatenation of every rank's x [n] (flat)."""
-    COUNTER.add("all_gather", x, group, "all_gather")
+    COUNTER.add(kind, x, group, "all_gather")
     _ALL_GATHER(out, x, group=group)
 
 
-def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group) -> None:
+def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group, *, kind: str = "reduce_scatter") -> None:
     """out [n] <- this rank's slice of the sum over ranks of x [world * n]."""
-    COUNTER.add("reduce_scatter", x, group, "reduce_scatter")
+    COUNTER.add(kind, x, group, "reduce_scatter")
     _REDUCE_SCATTER(out, x, group=group)
 
 

@@ -289,7 +289,7 @@ class _RingAttention(torch.autograd.Function):
         if gathered and ring:
             all_dkv[rank, :plan.ring_rows[rank]] += local_dkv[:plan.ring_rows[rank]]
             mine = torch.empty((width, *kv.shape[1:]), dtype=torch.float32, device=q.device)
-            comm.reduce_scatter_into(mine.view(-1), all_dkv.view(-1), exchange.group)
+            comm.reduce_scatter_into(mine.view(-1), all_dkv.view(-1), exchange.group, kind="cp_reduce_scatter")
             local_dkv[:plan.ring_rows[rank]] = mine[:plan.ring_rows[rank]]
         dk, dv = local_dkv.split(hkv, dim=1)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
@@ -303,7 +303,7 @@ def _gather_ring_kv(kv: torch.Tensor, plan: CPPlan, rank: int, exchange: _Exchan
     mine = kv.new_zeros((width, *kv.shape[1:]))
     mine[:plan.ring_rows[rank]] = kv[:plan.ring_rows[rank]]
     out = kv.new_empty((plan.cp * width, *kv.shape[1:]))
-    comm.all_gather_into(out.view(-1), mine.view(-1), exchange.group)
+    comm.all_gather_into(out.view(-1), mine.view(-1), exchange.group, kind="cp_all_gather")
     return [out[r * width:r * width + plan.ring_rows[r]] for r in range(plan.cp)]
 
 
