@@ -120,6 +120,11 @@ class SampleResult(msgspec.Struct, kw_only=True):
     # MoE routing replay: [prompt + n - 1, moe layers, k] experts the engine chose for every token it
     # processed (the last sampled token is never fed); None unless the worker records routing.
     routed_experts: torch.Tensor | None = None
+    # Speculative decoding: drafts the target verified for this sample, how many it accepted, verify steps
+    # (an interrupted partial rollout carries them, and its continuation adds to them)
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verifies: int = 0
 
     def __post_init__(self) -> None:
         # Runs on decode too: msgspec turns this ValueError into a validation error.
@@ -128,6 +133,9 @@ class SampleResult(msgspec.Struct, kw_only=True):
             got = getattr(self, name).numel()
             if got != n:
                 raise ValueError(f"{name} has {got} entries but token_ids has {n}")
+        if not 0 <= self.spec_accepted_tokens <= self.spec_draft_tokens or self.spec_verifies < 0:
+            raise ValueError(f"speculative counts must satisfy 0 <= accepted ({self.spec_accepted_tokens}) <= drafts "
+                             f"({self.spec_draft_tokens}) and verifies ({self.spec_verifies}) >= 0")
         if self.routed_experts is not None and self.routed_experts.dim() != 3:
             raise ValueError(f"routed_experts must be [tokens, layers, k], got shape {list(self.routed_experts.shape)}")
 

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from rl_engine.inference import SamplingParams
+from rl_engine.inference.speculative import SpeculativeConfig
 from rl_engine.losses import (LossNormalizer, PolicyLoss, compute_loss_normalizer, kl_penalty, reduce_metrics,
                                seq_ids_from_cu_seqlens)
-from rl_engine.policy.lr_schedule import KLAdaptiveScale, LRSchedule, StepLR
 from rl_engine.policy.moe import MoEBlock, RoutingRecord
 from rl_engine.policy.pipeline import MicroBatch
 from rl_engine.policy.tokenizer import Tokenizer
@@ -52,6 +52,8 @@ class Sample:
     uid: str = ""  # the prompt's dataset uid ("epoch:index")
     num_turns: int = 1  # assistant turns (agentic sessions; 1 for a single-turn completion)
     finish_reason: str = ""  # "stop", "length", or the limit that ended a session
+    # Speculative decoding (rollout.speculative): (drafts the target verified, drafts accepted, verify steps)
+    spec_counts: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def response_ids(self) -> list[int]:
@@ -67,7 +69,7 @@ def make_sample(*, prompt_ids: Sequence[int], response_ids: Sequence[int], logpr
                 policy_versions: Sequence[int], reward: float, group: int,
                 kv_versions: Sequence[int] | None = None, routed_experts: torch.Tensor | None = None,
                 uid: str = "", response_mask: Sequence[int] | None = None, num_turns: int = 1,
-                finish_reason: str = "") -> Sample:
+                finish_reason: str = "", spec_counts: tuple[int, int, int] = (0, 0, 0)) -> Sample:
     """`response_mask` (one entry per response token; None: all 1): 1 on the tokens the policy sampled,
     0 on context inside the response (an agentic session's observations), whose log-prob and version
     entries are placeholders (0.0, -1) that nothing reads."""
@@ -84,7 +86,8 @@ def make_sample(*, prompt_ids: Sequence[int], response_ids: Sequence[int], logpr
                   behavior_logprobs=[0.0] * (p - 1) + [float(x) for x in logprobs],
                   policy_versions=[-1] * (p - 1) + [int(v) for v in policy_versions], reward=float(reward),
                   response_len=r, prompt_len=p, kv_versions=None if kv_versions is None else list(kv_versions),
-                  routed_experts=routed_experts, uid=uid, num_turns=num_turns, finish_reason=finish_reason)
+                  routed_experts=routed_experts, uid=uid, num_turns=num_turns, finish_reason=finish_reason,
+                  spec_counts=tuple(spec_counts))
 
 
 def sample_dump_row(sample: Sample, *, step: int) -> dict[str, Any]:
@@ -179,13 +182,33 @@ def eval_sampling_params(cfg: RLConfig, *, eos_token_ids: Sequence[int]) -> Samp
     return SamplingParams(temperature=0.0, max_tokens=cfg.rollout.max_new_tokens, stop_token_ids=list(eos_token_ids))
 
 
-def rollout_metrics(samples: Sequence[Sample], *, num_reward_failed: int, rollout_s: float) -> dict[str, float]:
-    """Reward and length statistics of every sample generated in a step (kept or dropped)."""
+def speculative_metrics(samples: Sequence[Sample], speculative: SpeculativeConfig) -> dict[str, float]:
+    """`rollout.speculative`'s acceptance over the step's samples (their own counts, so requests of a
+    run's HTTP server and other steps' tokens never mix in; a partial rollout's pieces add up):
+    acceptance rate = accepted / drafted (drafts the target verified), mean accepted length = tokens a
+    verify step emits (accepted drafts + the target's own token), as vLLM defines both. `spec_draft_fixed`
+    is 1 for a separate draft model, which keeps its weights while the policy trains (its acceptance
+    falls as the policy moves away from it), 0 for drafts that share the policy's weights (MTP) or
+    have none (n-gram)."""
+    drafts = sum(s.spec_counts[0] for s in samples)
+    accepted = sum(s.spec_counts[1] for s in samples)
+    verifies = sum(s.spec_counts[2] for s in samples)
+    return {"rollout/spec_draft_tokens": drafts, "rollout/spec_accepted_tokens": accepted,
+            "rollout/spec_acceptance_rate": accepted / drafts if drafts else 0.0,
+            "rollout/spec_mean_accepted_length": 1.0 + accepted / verifies if verifies else 1.0,
+            "rollout/spec_draft_fixed": float(speculative.method == "draft_model")}
+
+
+def rollout_metrics(samples: Sequence[Sample], *, num_reward_failed: int, rollout_s: float,
+                    speculative: SpeculativeConfig | None = None) -> dict[str, float]:
+    """Reward and length statistics of every sample generated in a step (kept or dropped), and the
+    speculative-decoding acceptance when `speculative` is given."""
+    spec = {} if speculative is None else speculative_metrics(samples, speculative)
     if not samples:
-        return {"reward/failed": num_reward_failed, "perf/rollout_s": rollout_s}
+        return {"reward/failed": num_reward_failed, "perf/rollout_s": rollout_s, **spec}
     num_tokens = sum(s.response_len for s in samples)
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
-    return {
+    return {**spec,
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()) if len(samples) > 1 else 0.0,
         "reward/failed": num_reward_failed,
@@ -463,15 +486,6 @@ def run_micro_batches(model: torch.nn.Module, micro_batches: Sequence[MicroBatch
         h = model.hidden_states(mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens, routing=mb.routing)
         lp, ent = model.token_logprobs(h, mb.targets, temperature=mb.temperature)
         loss_fn(lp, ent, mb).backward()
-
-
-def step_lr(cfg: RLConfig) -> StepLR:
-    """The run's lr per RL step: `optim.lr_scheduler` with its warmup, times the KL-adaptive scale."""
-    o = cfg.optim
-    adaptive = None if o.kl_adaptive_target is None else KLAdaptiveScale(
-        target=o.kl_adaptive_target, factor=o.kl_adaptive_factor, min_ratio=o.kl_adaptive_min_ratio)
-    return StepLR(LRSchedule(lr=o.lr, scheduler=o.lr_scheduler, warmup_steps=o.warmup_steps,
-                             total_steps=cfg.train.steps, min_lr_ratio=o.min_lr_ratio), adaptive)
 
 
 def beyond_target_kl(update: int, metrics: dict[str, float], target_kl: float | None) -> bool:

@@ -105,6 +105,7 @@ def check_inputs(config: RLConfig) -> None:
 
         _check_model_dir(config.distill.teacher_path)
         check_same_tokenizer(key="distill.teacher_path", path=config.distill.teacher_path, policy_path=model_path)
+    _check_speculative(config, model_config, policy_path=model_path)
     prompts = PromptSource(config, model_path=model_path, data_path=data_path, eval_path=eval_path,
                            eos_token_ids=model_config.eos_token_id)  # reads and checks every row
     if warm_path and config.warmup.steps > 0:
@@ -125,6 +126,26 @@ def check_inputs(config: RLConfig) -> None:
             raise InputError(f"{where}: the prompt has {length} tokens; the model's context holds "
                              f"{model_config.max_context_len}, with room for at least one generated token")
     _check_sample_length(config, model_config, *max(lengths))
+
+
+def _check_speculative(config: RLConfig, model_config: ModelConfig, *, policy_path: str) -> None:
+    """rollout.speculative against the models: a draft model's directory and tokenizer, MTP layers."""
+    from rl_engine.config import ConfigError
+    from rl_engine.frozen_models import check_same_tokenizer
+
+    spec = config.rollout.speculative
+    if spec is None:
+        return
+    if spec.method == "draft_model":
+        _check_model_dir(spec.model)
+        check_same_tokenizer(key="rollout.speculative.model", path=spec.model, policy_path=policy_path)
+        logger.warning("rollout.speculative: the draft model %s keeps its weights while the policy trains; its "
+                       "acceptance (rollout/spec_acceptance_rate) falls as the policy moves away from it", spec.model)
+    elif spec.method == "mtp" and not (model_config.is_mla and model_config.num_mtp_layers):
+        raise ConfigError(f"rollout.speculative.method=mtp needs a deepseek_v3 policy with MTP layers "
+                          f"(num_nextn_predict_layers > 0 and their weights); {policy_path} has "
+                          f"{model_config.model_type!r} with {model_config.num_mtp_layers} MTP layers. Use method "
+                          "ngram or draft_model")
 
 
 def _check_model_dir(path: str) -> ModelConfig:

@@ -170,7 +170,7 @@ class Coordinator(CoordinatorBase):
         t0 = time.perf_counter()
         kept, generated, stats = self.collect(step)
         metrics = rollout_metrics(generated, num_reward_failed=stats["reward_failed"],
-                                  rollout_s=time.perf_counter() - t0)
+                                  rollout_s=time.perf_counter() - t0, speculative=self.cfg.rollout.counted_speculative)
         metrics.update({"rollout/kept_groups": len(kept), "rollout/dropped_groups": stats["dropped"],
                         "rollout/refill_rounds": stats["rounds"], "rollout/refused": stats["refused"]})
         if self.agentic is not None:
@@ -281,7 +281,8 @@ class Coordinator(CoordinatorBase):
                    for s in samples_of(result, prompt_ids=stream.prompts[uid].prompt_ids, rewards=rewards,
                                        group=g, uid=uid)]
         metrics = rollout_metrics(samples, rollout_s=time.perf_counter() - t0,
-                                  num_reward_failed=self.async_counts["reward_failed"] - counts_before["reward_failed"])
+                                  num_reward_failed=self.async_counts["reward_failed"] - counts_before["reward_failed"],
+                                  speculative=self.cfg.rollout.counted_speculative)
         metrics.update(self.train(step, samples, [uid for uid, _, _ in kept]))
         for uid, _, _ in kept:
             stream.forget(uid)

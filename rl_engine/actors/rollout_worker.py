@@ -68,7 +68,8 @@ class RolloutWorker:
         if p.serve_port is not None:  # served text needs it; built as the single-process run's (same EOS ids)
             tokenizer = Tokenizer.from_pretrained(cfg.model.path, eos_token_ids=model.config.eos_token_id or None)
         self.llm = LLM(model, tokenizer=tokenizer, kv_cache_memory=r.kv_cache_memory_mb << 20,
-                       max_num_batched_tokens=r.max_num_batched_tokens, seed=t.seed, record_routing=r.routing_replay)
+                       max_num_batched_tokens=r.max_num_batched_tokens, seed=t.seed, record_routing=r.routing_replay,
+                       speculative_config=r.speculative)
         self.engine = self.llm.engine
         # Every process computes the same plan: every trainer rank sends its own shards to this tp=1 engine.
         plan = plan_sync(model.config, src=TrainLayout(tp=t.tp, pp=t.pp, dp=t.dp, ep=t.ep, dtype=dtype),

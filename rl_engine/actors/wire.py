@@ -40,7 +40,9 @@ def add_to_engine(engine, request: P.GenerateRequest) -> None:
         outputs = [CompletionOutput(index=i, token_ids=s.token_ids.tolist(), text=None,
                                     logprobs=s.behavior_logprobs.tolist(), policy_versions=s.policy_versions.tolist(),
                                     kv_versions=s.kv_versions.tolist(),
-                                    finish_reason=s.finish_reason if s.finish_reason in ("stop", "length") else None)
+                                    finish_reason=s.finish_reason if s.finish_reason in ("stop", "length") else None,
+                                    spec_draft_tokens=s.spec_draft_tokens, spec_accepted_tokens=s.spec_accepted_tokens,
+                                    spec_verifies=s.spec_verifies)
                    for i, s in enumerate(request.resume)]
         prompt = RequestOutput(request_id=request.request_id, prompt=None, prompt_token_ids=prompt, outputs=outputs,
                                finished=False, sampling_params=params)
@@ -62,7 +64,8 @@ def generate_result(request: P.GenerateRequest, out: RequestOutput, *, interrupt
             behavior_logprobs=torch.tensor(c.logprobs, dtype=torch.float32),
             policy_versions=torch.tensor(c.policy_versions, dtype=torch.int64),
             kv_versions=torch.tensor(c.kv_versions, dtype=torch.int64), finish_reason=c.finish_reason or "abort",
-            routed_experts=routed))
+            routed_experts=routed, spec_draft_tokens=c.spec_draft_tokens, spec_accepted_tokens=c.spec_accepted_tokens,
+            spec_verifies=c.spec_verifies))
     return P.GenerateResult(request_id=request.request_id, samples=samples, interrupted=interrupted)
 
 
@@ -71,7 +74,8 @@ def samples_of(result: P.GenerateResult, *, prompt_ids: Sequence[int], rewards: 
     return [make_sample(prompt_ids=prompt_ids, response_ids=s.token_ids.tolist(),
                         logprobs=s.behavior_logprobs.tolist(), policy_versions=s.policy_versions.tolist(),
                         kv_versions=s.kv_versions.tolist(), reward=r, group=group, uid=uid, finish_reason=s.finish_reason,
-                        routed_experts=None if s.routed_experts is None else s.routed_experts.clone())
+                        routed_experts=None if s.routed_experts is None else s.routed_experts.clone(),
+                        spec_counts=(s.spec_draft_tokens, s.spec_accepted_tokens, s.spec_verifies))
             for s, r in zip(result.samples, rewards)]
 
 

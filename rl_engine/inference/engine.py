@@ -150,6 +150,8 @@ class LLMEngine:
             seq.logprobs, seq.policy_versions = list(out.logprobs), list(out.policy_versions)
             seq.kv_versions, seq.num_preemptions = list(out.kv_versions), out.num_preemptions
             seq.top_logprobs = list(out.top_logprobs or [])
+            seq.spec_draft_tokens, seq.spec_accepted_tokens = out.spec_draft_tokens, out.spec_accepted_tokens
+            seq.spec_verifies = out.spec_verifies
             request.seqs.append(seq)
             if out.finish_reason in ("stop", "length"):
                 seq.status, seq.finish_reason, seq.stop_reason = SeqStatus.FINISHED, out.finish_reason, out.stop_reason
@@ -194,6 +196,8 @@ class LLMEngine:
                 apply(self.model)
         self.weights_version = new
         self.reset_prefix_cache()
+        if self.speculator is not None:  # a draft sharing the weights drops what it computed with the old ones
+            self.speculator.weights_updated()
         if recompute_kv:
             sched = self.scheduler
             for seq in list(sched.waiting):  # e.g. forked samples holding their leader's blocks
@@ -359,7 +363,10 @@ class LLMEngine:
                                          kv_versions=list(seq.kv_versions), finish_reason=seq.finish_reason,
                                          stop_reason=seq.stop_reason, num_preemptions=seq.num_preemptions,
                                          routed_experts=routed,
-                                         top_logprobs=list(seq.top_logprobs) if params.logprobs else None))
+                                         top_logprobs=list(seq.top_logprobs) if params.logprobs else None,
+                                         spec_draft_tokens=seq.spec_draft_tokens,
+                                         spec_accepted_tokens=seq.spec_accepted_tokens,
+                                         spec_verifies=seq.spec_verifies))
         return RequestOutput(request_id=request.request_id, prompt=request.prompt,
                              prompt_token_ids=list(request.prompt_token_ids), outputs=outs,
                              finished=request.finished, sampling_params=params)

@@ -43,6 +43,11 @@ class CompletionOutput:
     routed_experts: list | None = None  # MoE routing replay: per processed token [num_moe_layers][k]
     # SamplingParams.logprobs > 0: per generated token, the most likely (token id, log-prob) pairs
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # Speculative decoding, this sample's share: drafts the target verified, how many it accepted, and
+    # verify steps (a resumed partial rollout continues the counts it was handed)
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verifies: int = 0
 
     @property
     def finished(self) -> bool:
@@ -71,7 +76,8 @@ class Sequence:
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
                  "block_table", "block_hashes", "num_hashed_blocks", "kv_epoch", "kv_version", "status",
                  "logprobs", "policy_versions", "kv_versions", "finish_reason", "stop_reason", "rng_seed",
-                 "num_preemptions", "routing", "text_offset", "num_draft_tokens", "draft_probs", "top_logprobs")
+                 "num_preemptions", "routing", "text_offset", "num_draft_tokens", "draft_probs", "top_logprobs",
+                 "spec_draft_tokens", "spec_accepted_tokens", "spec_verifies")
 
     def __init__(self, request: "Request", index: int, token_ids: list[int], *, num_prompt_tokens: int,
                  rng_seed: int) -> None:
@@ -99,6 +105,8 @@ class Sequence:
         self.num_draft_tokens = 0  # unverified draft tokens at the end of token_ids (within a step)
         self.draft_probs = None  # [num_draft_tokens, vocab] draft-model distribution q, None: point mass
         self.top_logprobs: list[list[tuple[int, float]]] = []  # per generated token, if params.logprobs
+        # speculative decoding: drafts verified, drafts accepted, verify steps (CompletionOutput's)
+        self.spec_draft_tokens = self.spec_accepted_tokens = self.spec_verifies = 0
 
     @property
     def num_tokens(self) -> int:

@@ -33,6 +33,12 @@ from rl_engine.inference.sequence import SchedulerOutput, Sequence, SeqStatus
 from rl_engine.inference.speculative.rejection import DRAFT, purpose_seed
 
 
+def shares_weights(draft: torch.nn.Module, target: torch.nn.Module) -> bool:
+    """Whether the draft holds any of the target's parameter tensors (a self-draft)."""
+    target_ptrs = {p.data_ptr() for p in target.parameters()}
+    return any(p.data_ptr() in target_ptrs for p in draft.parameters())
+
+
 def load_draft_model(model, *, target) -> "torch.nn.Module":
     """The draft CausalLM: loaded from a directory with the target's dtype and device, or the given
     module checked against the target (same vocabulary, device and a single pipeline stage)."""
@@ -75,6 +81,17 @@ class DraftModelProposer:
         self.max_num_batched_tokens = target_config.max_num_batched_tokens
         self.sampler = sampler
         self.shadows: dict[int, _Shadow] = {}
+        # A draft holding any of the target's tensors (a self-draft) changes with every weight update;
+        # a separate draft model is fixed.
+        self.shares_target_weights = False
+
+    def weights_updated(self) -> None:
+        """The target's weights changed: a draft sharing them drops its KV (every shadow recomputes from
+        its sequence's tokens at the next proposal); a fixed draft's KV stays valid."""
+        if self.shares_target_weights:
+            for shadow in self.shadows.values():
+                self.block_manager.free(shadow.seq)
+            self.shadows.clear()
 
     def propose(self, seqs: list[Sequence], max_drafts: list[int]) -> None:
         """Append up to max_drafts[i] drafts to seqs[i].token_ids; sampled requests get draft_probs."""

@@ -183,6 +183,12 @@ class MTPProposer:
                     target.draft_probs = []
                 target.draft_probs.append(probs[row_of[i]])
 
+    def weights_updated(self) -> None:
+        """The MTP layers, embedding and head are the target's own tensors, updated in place; the kept
+        target hidden states and MTP latent rows were computed with the old weights: drop them (each
+        sequence recomputes them once, as after a prefix-cache hit)."""
+        self.states.clear()
+
     def release_stale(self) -> None:
         """Drop the state of sequences that are no longer running (finished, aborted, preempted)."""
         for seq_id in [i for i, s in self.states.items() if s.target.status is not SeqStatus.RUNNING]:

@@ -73,12 +73,15 @@ class Speculator:
             self.proposer = MTPProposer(engine.model, runner=engine.runner, sampler=engine.sampler,
                                         max_model_len=engine.max_model_len)
         else:
-            from rl_engine.inference.speculative.draft_model import DraftModelProposer, load_draft_model
+            from rl_engine.inference.speculative.draft_model import (DraftModelProposer, load_draft_model,
+                                                                     shares_weights)
 
+            draft = load_draft_model(config.model, target=engine.model)
             self.proposer = DraftModelProposer(
-                load_draft_model(config.model, target=engine.model), target_config=engine.config,
+                draft, target_config=engine.config,
                 num_target_blocks=engine.block_manager.num_blocks, max_model_len=engine.max_model_len,
                 num_speculative_tokens=self.k, sampler=engine.sampler)
+            self.proposer.shares_target_weights = shares_weights(draft, engine.model)
 
     # ---- before scheduling ----------------------------------------------------------------------
     def propose(self, running: list[Sequence]) -> None:
@@ -107,6 +110,15 @@ class Speculator:
         release = getattr(self.proposer, "release_stale", None)
         if release is not None:
             release()
+
+    def weights_updated(self) -> None:
+        """The target's weights changed (`LLMEngine.update_weights`). A proposer that shares them (MTP,
+        a draft model holding the target's tensors) forgets what it computed with the old ones, so no
+        draft is ever made from stale weights; a separate draft model stays as it is (its weights are
+        fixed). The n-gram proposer keeps nothing."""
+        forget = getattr(self.proposer, "weights_updated", None)
+        if forget is not None:
+            forget()
 
     # ---- after the target's forward -------------------------------------------------------------
     def verify(self, logits: torch.Tensor, seqs: list[Sequence], *, sampler: Sampler,
@@ -200,6 +212,9 @@ class Speculator:
             seq.num_computed_tokens = first + a
             bm.truncate(seq, first + a + 1)
             verified = True
+            seq.spec_draft_tokens += d
+            seq.spec_accepted_tokens += a
+            seq.spec_verifies += 1
             stats.num_verifies += 1
             stats.num_draft_tokens += d
             stats.num_accepted_tokens += a
