@@ -24,6 +24,7 @@ from rl_engine.inference import SamplingParams
 from rl_engine.inference.speculative import SpeculativeConfig
 from rl_engine.losses import (LossNormalizer, PolicyLoss, compute_loss_normalizer, kl_penalty, reduce_metrics,
                                seq_ids_from_cu_seqlens)
+from rl_engine.policy.lr_schedule import KLAdaptiveScale, LRSchedule, StepLR
 from rl_engine.policy.moe import MoEBlock, RoutingRecord
 from rl_engine.policy.pipeline import MicroBatch
 from rl_engine.policy.tokenizer import Tokenizer
@@ -486,6 +487,15 @@ def run_micro_batches(model: torch.nn.Module, micro_batches: Sequence[MicroBatch
         h = model.hidden_states(mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens, routing=mb.routing)
         lp, ent = model.token_logprobs(h, mb.targets, temperature=mb.temperature)
         loss_fn(lp, ent, mb).backward()
+
+
+def step_lr(cfg: RLConfig) -> StepLR:
+    """The run's lr per RL step: `optim.lr_scheduler` with its warmup, times the KL-adaptive scale."""
+    o = cfg.optim
+    adaptive = None if o.kl_adaptive_target is None else KLAdaptiveScale(
+        target=o.kl_adaptive_target, factor=o.kl_adaptive_factor, min_ratio=o.kl_adaptive_min_ratio)
+    return StepLR(LRSchedule(lr=o.lr, scheduler=o.lr_scheduler, warmup_steps=o.warmup_steps,
+                             total_steps=cfg.train.steps, min_lr_ratio=o.min_lr_ratio), adaptive)
 
 
 def beyond_target_kl(update: int, metrics: dict[str, float], target_kl: float | None) -> bool:

@@ -21,6 +21,7 @@ from rl_engine.demo_task import TASKS
 from rl_engine.inference.speculative import SpeculativeConfig
 from rl_engine.losses import PolicyLossConfig
 from rl_engine.metrics_backends import MetricsConfig
+from rl_engine.policy.lr_schedule import SCHEDULERS as LR_SCHEDULERS
 from rl_engine.policy.presets import PRESETS
 from rl_engine.rollout.advantages import AdvantageConfig
 from rl_engine.rollout.rewards import RewardConfig
@@ -186,9 +187,31 @@ class OptimSection:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0  # the global gradient norm's cap; .inf: no clipping
+    # The lr of each RL step (rl_engine/policy/lr_schedule.py; every update of a step uses it): a linear
+    # warmup over `warmup_steps` steps, then `lr_scheduler` constant, linear or cosine down to
+    # `min_lr_ratio` * lr at train.steps (verl's lr_warmup_steps / lr_scheduler_type / min_lr_ratio).
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    # KL-adaptive lr (rl_games' "adaptive" schedule): null (off), or the KL per step it steers toward:
+    # after a step whose last update's forward pass found the policy further than 2x this from the
+    # proximal one (approx_kl, mean k3 per response token) the lr's scale is divided by
+    # `kl_adaptive_factor` (down to `kl_adaptive_min_ratio`), below half of it multiplied (up to 1: the
+    # scheduled lr is the ceiling). Needs several updates per step (train.mini_batches_per_step).
+    kl_adaptive_target: float | None = None
+    kl_adaptive_factor: float = 1.5
+    kl_adaptive_min_ratio: float = 0.01
 
     def __post_init__(self) -> None:
         check_float("optim.lr", self.lr, lo=0, lo_open=True)
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(f"optim.lr_scheduler={self.lr_scheduler!r} must be one of {', '.join(LR_SCHEDULERS)}")
+        check_int("optim.warmup_steps", self.warmup_steps, lo=0)
+        check_float("optim.min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
+        if self.kl_adaptive_target is not None:
+            check_float("optim.kl_adaptive_target", self.kl_adaptive_target, lo=0, lo_open=True)
+        check_float("optim.kl_adaptive_factor", self.kl_adaptive_factor, lo=1, lo_open=True)
+        check_float("optim.kl_adaptive_min_ratio", self.kl_adaptive_min_ratio, lo=0, hi=1, lo_open=True)
         check_float("optim.weight_decay", self.weight_decay, lo=0)
         for i, beta in enumerate(self.betas):
             check_float(f"optim.betas[{i}]", beta, lo=0, hi=1, hi_open=True)
@@ -470,6 +493,10 @@ class RLConfig:
         if self.rollout.mode == "async" and self.rollout.routing_replay:
             raise ConfigError("rollout.routing_replay=true with rollout.mode=async is not supported: a partial rollout "
                               "continued with new weights re-routes its earlier tokens; use rollout.mode=sync")
+        if self.optim.kl_adaptive_target is not None and t.mini_batches_per_step * t.epochs_per_step == 1:
+            raise ConfigError("optim.kl_adaptive_target adapts the lr to the KL that a step's updates move the policy, "
+                              "measured from its second update on: set train.mini_batches_per_step (or "
+                              "train.epochs_per_step) above 1, or optim.kl_adaptive_target=null")
         spec = self.rollout.speculative
         if spec is not None and self.rollout.routing_replay:
             raise ConfigError("rollout.speculative with rollout.routing_replay=true is not supported: the engine would "

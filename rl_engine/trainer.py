@@ -58,6 +58,7 @@ from rl_engine.rl_step import (
     prompt_seed,
     rollout_metrics,
     run_micro_batches,
+    step_lr,
     sampling_params,
     split_mini_batches,
     update_expert_bias,
@@ -222,6 +223,7 @@ class GRPOTrainer:
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay)
+        self.lr = step_lr(cfg)  # optim.lr_scheduler / warmup / KL-adaptive scale, per RL step
         self.policy_version = 0
         self.update_metrics: list[dict[str, float]] = []  # the last step's, one dict per optimizer update
         self.step_count = 0
@@ -388,11 +390,17 @@ class GRPOTrainer:
             apply_distillation([m for m, _ in plans], coef=cfg.distill.coef,
                                with_reward=cfg.distill.mode == "reverse_kl+reward")
         per_update = []
+        lr = self.lr.lr(self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        last_kl = None  # approx_kl of the step's last forward pass after an update (KL-adaptive lr)
         updates = [plan for _ in range(cfg.train.epochs_per_step) for plan in plans]
         for k, (micro_batches, normalizer) in enumerate(updates):
             self.optimizer.zero_grad(set_to_none=True)
             loss = StepLoss(self.loss_fn, normalizer)
             run_micro_batches(self.model, micro_batches, loss)
+            if k > 0:
+                last_kl = float(loss.metrics()["approx_kl"])
             if beyond_target_kl(k, loss.metrics(), cfg.train.target_kl):  # PPO's KL early stop
                 self.optimizer.zero_grad(set_to_none=True)
                 discard_expert_loads(self.model)
@@ -404,6 +412,9 @@ class GRPOTrainer:
             per_update.append({**loss.metrics(), "grad_norm": float(grad_norm), "micro_batches": len(micro_batches)})
         if cfg.train.target_kl is not None:
             metrics["train/skipped_updates"] = float(len(updates) - len(per_update))
+        if self.lr.varies:  # (logged only then: a run without a schedule keeps its metrics as they were)
+            metrics["train/lr"] = lr
+        self.lr.observe(last_kl)
         self.update_metrics = per_update  # each update's metrics (tests, debugging)
         train_s = time.perf_counter() - t0
         self.policy_version += 1
@@ -453,7 +464,7 @@ class GRPOTrainer:
         version, internal, gauss = self.llm.engine.sampler.rng.getstate()  # random.Random, for unseeded requests
         run_checkpoint.write_json_atomic(os.path.join(path, STATE_FILE), {
             "placement": "single_process", "step": step, "policy_version": self.policy_version,
-            "dataset": self.dataset.state_dict(), "before_rl": self.before_rl,
+            "dataset": self.dataset.state_dict(), "before_rl": self.before_rl, "lr": self.lr.state_dict(),
             "sampler_rng": [version, list(internal), gauss], "config": to_dict(cfg),
         })
         return run_checkpoint.commit(cfg.train.output_dir, step, keep=cfg.train.keep_checkpoints)
@@ -482,6 +493,7 @@ class GRPOTrainer:
         self.llm.engine.sampler.rng.setstate((version, tuple(internal), gauss))
         self.step_count, self.policy_version = state["step"], state["policy_version"]
         self.before_rl = state["before_rl"]
+        self.lr.load_state_dict(state["lr"] if "lr" in state else {})  # absent: a checkpoint from before schedules
         if self.policy_version > self.llm.weights_version:  # the engine tags new tokens with this version
             self.llm.update_weights(version=self.policy_version)
         return self.step_count

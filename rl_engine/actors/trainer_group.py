@@ -53,7 +53,7 @@ from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer
 from rl_engine.policy.frozen import FrozenPolicy
 from rl_engine.rl_step import (StepLoss, aggregate_updates, apply_distillation, apply_kl_reward_penalty,
                                attach_logprobs, beyond_target_kl, build_micro_batches, micro_batch_count,
-                               mini_batch_normalizer, split_mini_batches)
+                               mini_batch_normalizer, split_mini_batches, step_lr)
 from rl_engine.serve.host import start_run_server
 from rl_engine.train_config import RLConfig
 from rl_engine.weight_sync import (EngineLayout, InProcessTransport, SharedMemorySenderTransport, TrainLayout,
@@ -86,6 +86,7 @@ class TrainerGroup:
         self.teacher = None if teacher is None else FrozenPolicy.from_pretrained(
             teacher, groups=g, dtype=self.dtype, offload=cfg.distill.offload == "cpu")
         self.policy_loss = PolicyLoss(cfg.loss)
+        self.lr = step_lr(cfg)  # optim.lr_scheduler / warmup / KL-adaptive scale, per RL step (as GRPOTrainer)
         self.moe_layers = sorted(config.moe_layers) if cfg.rollout.routing_replay else None
         self.version = 0
         src = TrainLayout.of(g, dtype=self.dtype)
@@ -155,7 +156,8 @@ class TrainerGroup:
         elif isinstance(msg, P.GenerateBatch):
             self._generate(msg)
         elif isinstance(msg, P.SaveCheckpoint):
-            self.trainer.save_checkpoint(msg.path, extra={"policy_version": self.version, "step": msg.step})
+            self.trainer.save_checkpoint(msg.path, extra={"policy_version": self.version, "step": msg.step,
+                                                          "lr": self.lr.state_dict()})
             self._send(P.Ack(ref=f"checkpoint:{msg.path}"))
         elif isinstance(msg, P.LoadCheckpoint):
             self._load(msg)
@@ -172,6 +174,7 @@ class TrainerGroup:
             raise RuntimeError(f"checkpoint {msg.path} holds weights v{saved}, the coordinator's state says "
                                f"v{msg.policy_version}: the two halves of the checkpoint disagree")
         self.version = saved
+        self.lr.load_state_dict(extra["lr"] if "lr" in extra else {})  # absent: a checkpoint from before schedules
         if self.colocated:
             self.publisher.publish(self.version)
             self.receiver.sync()
@@ -242,6 +245,10 @@ class TrainerGroup:
         keys = StepLoss.metric_keys(self.policy_loss, proximal=decoupled or cfg.loss.kl_in_reward,
                                     ref=self.ref is not None, distill=self.teacher is not None)
         per_update = []
+        # The lr of this step (batch.step counts from 1); every rank computes the same, the KL it adapts
+        # to being reduced over the world.
+        lr = self.trainer.optimizer.lr = self.lr.lr(batch.step - 1)
+        last_kl = None
         updates = [plan for _ in range(cfg.train.epochs_per_step) for plan in plans]
         for k, (micro_batches, normalizer) in enumerate(updates):
             loss = StepLoss(self.policy_loss, normalizer)
@@ -253,6 +260,8 @@ class TrainerGroup:
                 return not beyond_target_kl(k, reduced, cfg.train.target_kl)
 
             stats = self.trainer.train_step(micro_batches, loss, apply=apply)
+            if k > 0:
+                last_kl = float(reduced["approx_kl"])
             if not stats["applied"]:
                 break
             per_update.append({**reduced, "grad_norm": stats["grad_norm"], "micro_batches": stats["num_micro_batches"]})
@@ -263,6 +272,9 @@ class TrainerGroup:
             out["train/kl_reward_penalty"] = penalty
         if cfg.train.target_kl is not None:
             out["train/skipped_updates"] = float(len(updates) - len(per_update))
+        if self.lr.varies:
+            out["train/lr"] = lr
+        self.lr.observe(last_kl)
         out.update({"perf/train_s": train_s,
                     "perf/train_tokens_per_s": sum(len(s.input_ids) for s in samples) / max(train_s, 1e-9)})
         if self.colocated:
