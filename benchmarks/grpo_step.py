@@ -13,6 +13,12 @@ with them TRL is about 2x slower on CPU), CPU. The two run interleaved: one step
 TRL step. `speedup_tokens_per_s` also accounts for the two sides sampling different EOS-varied
 lengths (different random streams).
 
+A `shared_prefix` row (skipped with `--no-shared-prefix`) runs rl_engine alone on long shared prompts
+(`--prefix-prompt-len` 256 prompt tokens, `--prefix-new-tokens` 64 completion tokens, EOS ignored,
+`--n` samples per prompt) with `train.shared_prefix` true against false, interleaved step by step in
+the same run: the training time per step (`perf/train_s`: forward, backward and optimizer step; the
+rollout is the same on both sides, the engine already shares a prompt's KV) and the whole step.
+
 A last row (`grpo_async.py`, skipped with `--no-async`) compares rl_engine's async mode with its sync
 mode (disaggregated actors, EOS-varied lengths) in the same run: s/step, completion tokens/s and the
 staleness observed.
@@ -118,6 +124,57 @@ def ours_alone(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool
     return _figures([t for t, _ in runs[1:]], [n for _, n in runs[1:]], args)
 
 
+def shared_prefix_row(model_dir: str, tmp: str, args) -> dict:
+    """`train.shared_prefix` true vs false on long shared prompts, steps interleaved (the first of each
+    not counted)."""
+    import json
+    import random
+
+    from rl_engine.config import load_config
+    from rl_engine.train_config import RLConfig
+    from rl_engine.trainer import GRPOTrainer
+
+    data = os.path.join(tmp, "long_prompts.jsonl")
+    rng = random.Random(0)
+    with open(data, "w") as f:  # the character tokenizer: one token per character (no chat template)
+        for _ in range(max(8, args.prompts)):
+            text = "".join(rng.choice("abcdefghij ") for _ in range(args.prefix_prompt_len))
+            f.write(json.dumps({"prompt": text, "answer": text[:8].upper()}) + "\n")
+    trainers = {}
+    for shared in (True, False):
+        cfg = load_config(RLConfig, None, [
+            f"model.path={model_dir}", f"data.path={data}", "data.eval_path=null", "data.apply_chat_template=false",
+            "warmup.path=null", f"train.output_dir={os.path.join(tmp, f'shared_{shared}')}",
+            f"rollout.prompts_per_step={args.prompts}", f"rollout.n={args.n}",
+            f"rollout.max_new_tokens={args.prefix_new_tokens}", "rollout.ignore_eos=true", "optim.lr=1e-6",
+            f"train.shared_prefix={str(shared).lower()}"])
+        trainers[shared] = GRPOTrainer(cfg)
+    runs: dict[bool, list[dict]] = {True: [], False: []}
+    try:
+        for _ in range(args.steps + 1):
+            for shared, trainer in trainers.items():
+                t0 = time.perf_counter()
+                m = trainer.step()
+                runs[shared].append({**m, "step_s": time.perf_counter() - t0})
+    finally:
+        for trainer in trainers.values():
+            trainer.close()
+    out = {}
+    for shared, rows in runs.items():
+        rows = rows[1:]
+        samples = args.prompts * args.n
+        out["shared" if shared else "unshared"] = {
+            "train_s": sum(r["perf/train_s"] for r in rows) / len(rows),
+            "s_per_step": sum(r["step_s"] for r in rows) / len(rows),
+            "micro_batches": rows[-1]["train/micro_batches"],
+            "mean_prompt_len": rows[-1]["tokens/total"] / samples - rows[-1]["response_length/mean"]}
+    s, u = out["shared"], out["unshared"]
+    return {"mode": "shared_prefix", "rl_engine": out, "prompt_tokens": args.prefix_prompt_len,
+            "completion_tokens": args.prefix_new_tokens,
+            "speedup_train_s": round(u["train_s"] / s["train_s"], 2),
+            "speedup_s_per_step": round(u["s_per_step"] / s["s_per_step"], 2)}
+
+
 def _figures(times: list[float], tokens: list[float], args) -> dict:
     return {"s_per_step": sum(times) / len(times), "s_per_step_min": min(times),
             "completion_tokens_per_s": sum(tokens) / sum(times),
@@ -133,9 +190,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-async", dest="async_rows", action="store_false",
                     help="skip the async-vs-sync actors rows (grpo_async.py)")
+    ap.add_argument("--no-shared-prefix", dest="shared_prefix_row", action="store_false",
+                    help="skip the shared-prefix row (train.shared_prefix true vs false on long prompts)")
+    ap.add_argument("--prefix-prompt-len", type=int, default=256)
+    ap.add_argument("--prefix-new-tokens", type=int, default=64)
+    ap.add_argument("--only-shared-prefix", action="store_true", help="run the shared-prefix row alone")
     add_async_arguments(ap)
     args = parse_args(ap, smoke={"steps": 1, "prompts": 2, "n": 2, "max_new_tokens": 4, "threads": 1,
-                                 "async_rows": False})
+                                 "async_rows": False, "prefix_prompt_len": 24, "prefix_new_tokens": 4})
     torch.set_num_threads(args.threads)
     trl_missing = peer_missing("trl", "trl")
 
@@ -147,7 +209,7 @@ def main() -> None:
         model_dir = write_preset_checkpoint("tiny", os.path.join(tmp, "model"), seed=0)
         data_dir = os.path.join(tmp, "data")
         write_task(data_dir, "upper", seed=0)
-        for fixed in (True, False):
+        for fixed in (() if args.only_shared_prefix else (True, False)):
             mode = "fixed_length" if fixed else "eos_varied"
             if trl_missing:
                 rows.append({"mode": mode, "rl_engine": ours_alone(model_dir, data_dir, os.path.join(tmp, mode), args,
@@ -159,7 +221,9 @@ def main() -> None:
                          "speedup_tokens_per_s": round(r_ours["completion_tokens_per_s"]
                                                        / r_trl["completion_tokens_per_s"], 2),
                          "target": 2.0 if fixed else 3.0})
-        if args.async_rows:  # rl_engine async vs sync (actors, disaggregated), same checkpoint and task
+        if args.shared_prefix_row:
+            rows.append(shared_prefix_row(model_dir, tmp, args))
+        if args.async_rows and not args.only_shared_prefix:  # rl_engine async vs sync (actors, disaggregated), same checkpoint and task
             rows.append(async_rows(model_dir, data_dir, tmp, argparse.Namespace(**{**vars(args),
                                                                                   "steps": args.async_steps})))
     emit({"benchmark": "grpo_step", "model": "preset tiny (random init)", "prompts_per_step": args.prompts,

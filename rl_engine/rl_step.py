@@ -31,6 +31,7 @@ from rl_engine.policy.tokenizer import Tokenizer
 from rl_engine.rollout.advantages import compute_advantages, filter_uniform_groups
 from rl_engine.rollout.data import PromptDataConfig, PromptDataset, PromptItem
 from rl_engine.rollout.packing import build_packed_batch, plan_micro_batches
+from rl_engine.rollout.shared_prefix import PrefixUnit, build_shared_prefix_batch, find_units, plan_units
 from rl_engine.train_config import RLConfig
 
 
@@ -266,24 +267,40 @@ def collect_groups(cfg: RLConfig, *, take: Callable[[int], list[PromptItem]],
 # ---- micro-batches and the loss ------------------------------------------------------------------
 def build_micro_batches(samples: Sequence[Sample], advantages: torch.Tensor, *, micro_batch_tokens: int,
                         temperature: float, dp_size: int = 1, dp_rank: int = 0, pack: bool = True,
-                        moe_layers: Sequence[int] | None = None, pad_to_count: int | None = None) -> list[MicroBatch]:
+                        moe_layers: Sequence[int] | None = None, pad_to_count: int | None = None,
+                        shared_prefix_min_group: int | None = None) -> list[MicroBatch]:
     """Data-parallel rank `dp_rank`'s micro-batches of the whole step's `samples` (every rank computes
     the same plan). `pack=False` puts each sample in its own micro-batch. `moe_layers` set: replay the
     engine's routing (`Sample.routed_experts`). `pad_to_count`: append empty-loss micro-batches up to
-    that count (expert parallelism runs every rank of an ep group in lockstep)."""
-    plan = plan_micro_batches([len(s.input_ids) for s in samples], max_tokens_per_micro_batch=micro_batch_tokens,
-                              dp_size=dp_size)
-    groups = [mb for mb in plan.micro_batches[dp_rank] if mb]
-    if not pack:
-        groups = [[i] for mb in groups for i in mb]
-    out = [_micro_batch(samples, advantages, indices, temperature, moe_layers) for indices in groups]
+    that count (expert parallelism runs every rank of an ep group in lockstep). `shared_prefix_min_group`
+    set (`shared_prefix_min_group(cfg)`): the samples of a group sharing their prompt, when at least that
+    many, are packed as one shared-prefix unit, the prompt computed once (rollout/shared_prefix.py);
+    with `pack=False` each unit is its own micro-batch."""
+    if shared_prefix_min_group is not None:
+        units, per_rank = _shared_prefix_plan(samples, micro_batch_tokens, dp_size, shared_prefix_min_group)
+        chosen = [mb for mb in per_rank[dp_rank] if mb]
+        if not pack:
+            chosen = [[u] for mb in chosen for u in mb]
+        out = [_shared_prefix_micro_batch(samples, advantages, [units[u] for u in mb], temperature, moe_layers)
+               for mb in chosen]
+    else:
+        plan = plan_micro_batches([len(s.input_ids) for s in samples], max_tokens_per_micro_batch=micro_batch_tokens,
+                                  dp_size=dp_size)
+        groups = [mb for mb in plan.micro_batches[dp_rank] if mb]
+        if not pack:
+            groups = [[i] for mb in groups for i in mb]
+        out = [_micro_batch(samples, advantages, indices, temperature, moe_layers) for indices in groups]
     while pad_to_count is not None and len(out) < pad_to_count:
         out.append(_empty_micro_batch(temperature, moe_layers, samples))
     return out
 
 
-def micro_batch_count(samples: Sequence[Sample], *, micro_batch_tokens: int, dp_size: int, pack: bool) -> int:
+def micro_batch_count(samples: Sequence[Sample], *, micro_batch_tokens: int, dp_size: int, pack: bool,
+                      shared_prefix_min_group: int | None = None) -> int:
     """The largest number of micro-batches any dp rank gets (to pad the others to)."""
+    if shared_prefix_min_group is not None:
+        _, per_rank = _shared_prefix_plan(samples, micro_batch_tokens, dp_size, shared_prefix_min_group)
+        return max(len(mb) if pack else sum(len(g) for g in mb) for mb in per_rank)
     plan = plan_micro_batches([len(s.input_ids) for s in samples], max_tokens_per_micro_batch=micro_batch_tokens,
                               dp_size=dp_size)
     return max(len(mb) if pack else sum(len(g) for g in mb) for mb in plan.micro_batches)
@@ -297,19 +314,61 @@ def _micro_batch(samples: Sequence[Sample], advantages: torch.Tensor, indices: l
                    "behavior": [s.behavior_logprobs for s in samples]},
         per_sample={"advantages": advantages, "sample": torch.arange(len(samples))})
     v = batch.values
-    routing = None
-    if moe_layers is not None:
-        chosen = []
-        for i in indices:
-            if samples[i].routed_experts is None:
-                raise ValueError("routing replay is on but a sample came without routed_experts; the engine must "
-                                 "record routing (rollout.routing_replay=true on every rollout engine)")
-            chosen.append(samples[i].routed_experts)
-        experts = torch.cat(chosen).long()  # [T, moe layers, k]
-        routing = RoutingRecord(mode="replay", topk_ids={layer: experts[:, j].contiguous()
-                                                         for j, layer in enumerate(sorted(moe_layers))})
+    routing = _replay_routing(samples, [(i, 0, len(samples[i].input_ids)) for i in indices], moe_layers)
     return MicroBatch(input_ids=batch.input_ids, positions=batch.positions, cu_seqlens=batch.cu_seqlens,
                       targets=v["targets"].long(), temperature=temperature, routing=routing,
+                      loss_inputs={"advantages": v["advantages"].float(), "loss_mask": v["loss_mask"].bool(),
+                                   "behavior": v["behavior"].float(), "sample": v["sample"].long()})
+
+
+def _replay_routing(samples: Sequence[Sample], pieces: Sequence[tuple[int, int, int]],
+                    moe_layers: Sequence[int] | None) -> RoutingRecord | None:
+    """The engine's routing of the micro-batch's rows: `pieces` lists (sample, start, end) in row order."""
+    if moe_layers is None:
+        return None
+    chosen = []
+    for i, start, end in pieces:
+        if samples[i].routed_experts is None:
+            raise ValueError("routing replay is on but a sample came without routed_experts; the engine must "
+                             "record routing (rollout.routing_replay=true on every rollout engine)")
+        chosen.append(samples[i].routed_experts[start:end])
+    experts = torch.cat(chosen).long()  # [T, moe layers, k]
+    return RoutingRecord(mode="replay", topk_ids={layer: experts[:, j].contiguous()
+                                                  for j, layer in enumerate(sorted(moe_layers))})
+
+
+def shared_prefix_min_group(cfg: RLConfig) -> int | None:
+    """`train.shared_prefix` for `build_micro_batches`: true shares every group's prompt (a lone sample
+    too), auto the prompts of groups of at least 2 samples that share it (rollout.n > 1; the unshared
+    layout under model.batch_invariant, whose kernels have no shared-prefix form), false none."""
+    mode = cfg.train.shared_prefix
+    if mode is True:
+        return 1
+    if mode == "auto" and cfg.rollout.n > 1 and not cfg.model.batch_invariant:
+        return 2
+    return None
+
+
+def _shared_prefix_plan(samples: Sequence[Sample], micro_batch_tokens: int, dp_size: int,
+                        min_group: int) -> tuple[list[PrefixUnit], list[list[list[int]]]]:
+    units = find_units([s.input_ids for s in samples], [s.prompt_len for s in samples], [s.group for s in samples],
+                       min_group=min_group, budget=micro_batch_tokens, dp_size=dp_size)
+    return units, plan_units(units, max_tokens_per_micro_batch=micro_batch_tokens, dp_size=dp_size)
+
+
+def _shared_prefix_micro_batch(samples: Sequence[Sample], advantages: torch.Tensor, units: Sequence[PrefixUnit],
+                               temperature: float, moe_layers: Sequence[int] | None) -> MicroBatch:
+    """A micro-batch of shared-prefix units. Under routing replay a shared prompt replays its unit's
+    first sample's routing (the engine routes a prompt's tokens alike for every sample of its group)."""
+    batch = build_shared_prefix_batch(
+        units, token_ids=[s.input_ids for s in samples],
+        per_token={"targets": [s.targets for s in samples], "loss_mask": [s.loss_mask for s in samples],
+                   "behavior": [s.behavior_logprobs for s in samples]},
+        per_sample={"advantages": advantages, "sample": torch.arange(len(samples))})
+    v = batch.values
+    return MicroBatch(input_ids=batch.input_ids, positions=batch.positions, cu_seqlens=batch.cu_seqlens,
+                      targets=v["targets"].long(), temperature=temperature,
+                      routing=_replay_routing(samples, batch.segments, moe_layers), attention=batch.attention,
                       loss_inputs={"advantages": v["advantages"].float(), "loss_mask": v["loss_mask"].bool(),
                                    "behavior": v["behavior"].float(), "sample": v["sample"].long()})
 
@@ -472,7 +531,8 @@ def forward_logprobs(model: torch.nn.Module, micro_batches: Sequence[MicroBatch]
     counterpart of `ParallelTrainer.forward_logprobs`)."""
     out = []
     for mb in micro_batches:
-        h = model.hidden_states(mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens, routing=mb.routing)
+        h = model.hidden_states(mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens, routing=mb.routing,
+                                attn_context=mb.attention)
         out.append(model.token_logprobs(h, mb.targets, temperature=mb.temperature)[0])
     return out
 
@@ -484,7 +544,8 @@ def run_micro_batches(model: torch.nn.Module, micro_batches: Sequence[MicroBatch
     for m in moe:  # router aux losses: a 1 / (number of micro-batches) share each, as ParallelTrainer does
         m.aux_loss_scale = 1.0 / max(1, len(micro_batches))
     for mb in micro_batches:
-        h = model.hidden_states(mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens, routing=mb.routing)
+        h = model.hidden_states(mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens, routing=mb.routing,
+                                attn_context=mb.attention)
         lp, ent = model.token_logprobs(h, mb.targets, temperature=mb.temperature)
         loss_fn(lp, ent, mb).backward()
 

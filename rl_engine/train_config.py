@@ -232,6 +232,12 @@ class TrainSection:
     # spins (measured: a 2-thread warm start 25x slower than 1 thread while another process ran).
     threads: int = 1
     pack_sequences: bool = True  # false: one sample per micro-batch (same loss and gradient, slower)
+    # Shared-prefix training (Prefix Grouper): the samples of a group that share their prompt are packed
+    # with the prompt once, its hidden states and K/V computed once per group, each completion attending
+    # to them (same log-probs, loss and gradients as unshared, up to rounding; token budgets count the
+    # prompt once; a group stays in one micro-batch when it fits). auto: groups of at least 2 samples
+    # (rollout.n > 1), off under model.batch_invariant; true: every group; false: each sample whole.
+    shared_prefix: bool | Literal["auto"] = "auto"
     # Several optimizer updates per rollout batch (verl's ppo_mini_batch_size / ppo_epochs): the batch
     # is split into `mini_batches_per_step` mini-batches, each one update, `epochs_per_step` times over.
     # The loss clips against the proximal policy (the trainer's log-probs before the step's first
@@ -273,6 +279,8 @@ class TrainSection:
         check_int("train.keep_checkpoints", self.keep_checkpoints, lo=1)
         check_int("train.mini_batches_per_step", self.mini_batches_per_step, lo=1)
         check_int("train.epochs_per_step", self.epochs_per_step, lo=1)
+        if self.shared_prefix not in (True, False, "auto"):
+            raise ConfigError(f"train.shared_prefix={self.shared_prefix!r} must be true, false or auto")
         if self.target_kl is not None:
             check_float("train.target_kl", self.target_kl, lo=0, lo_open=True)
         _check_text("train.resume", self.resume, optional=True)
@@ -504,6 +512,9 @@ class RLConfig:
         if spec is not None and spec.method == "draft_model" and not isinstance(spec.model, str):
             raise ConfigError(f"rollout.speculative.model={spec.model!r} must be the draft model's directory (a Hugging "
                               "Face checkpoint sharing the policy's tokenizer)")
+        if self.train.shared_prefix is True and self.model.batch_invariant:
+            raise ConfigError("train.shared_prefix=true with model.batch_invariant=true is not supported: the batch-"
+                              "invariant kernels have no shared-prefix attention; set train.shared_prefix=auto or false")
         if self.warmup.path == "builtin" and not self.data.path.startswith("builtin:"):
             raise ConfigError(f"warmup.path='builtin' needs a builtin task in data.path (got {self.data.path!r}); "
                               "give a JSONL path of (prompt, response) rows, or null")

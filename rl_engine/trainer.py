@@ -58,6 +58,7 @@ from rl_engine.rl_step import (
     prompt_seed,
     rollout_metrics,
     run_micro_batches,
+    shared_prefix_min_group,
     step_lr,
     sampling_params,
     split_mini_batches,
@@ -369,7 +370,8 @@ class GRPOTrainer:
         mini = split_mini_batches(samples, advantages, count=cfg.train.mini_batches_per_step)
         plans = [(build_micro_batches(s, a, micro_batch_tokens=cfg.train.micro_batch_tokens,
                                       temperature=cfg.rollout.temperature, pack=cfg.train.pack_sequences,
-                                      moe_layers=self.moe_layers), mini_batch_normalizer(s, cfg)) for s, a in mini]
+                                      moe_layers=self.moe_layers, shared_prefix_min_group=shared_prefix_min_group(cfg)),
+                  mini_batch_normalizer(s, cfg)) for s, a in mini]
         t0 = time.perf_counter()
         self.model.train()
         if self.ref_model is not None:  # the reference's log-probs, in the same micro-batches

@@ -102,6 +102,12 @@ def test_benchmark_runs_with_its_smallest_settings(script, smoke_runs):
     for why in _skips(result):  # a peer comparison left out says how to get it
         assert "pip install" in why, why
     if script.stem == "grpo_step" and importlib.util.find_spec("trl") is None:
-        assert [row["trl"]["skipped"] for row in result["rows"]] == [
+        vs_trl = [row for row in result["rows"] if row["mode"] != "shared_prefix"]
+        assert [row["trl"]["skipped"] for row in vs_trl] == [
             "trl is not installed: pip install trl to run this comparison"] * 2
-        assert all(row["rl_engine"]["s_per_step"] > 0 for row in result["rows"])
+        assert all(row["rl_engine"]["s_per_step"] > 0 for row in vs_trl)
+    if script.stem == "grpo_step":  # train.shared_prefix true vs false on the same long prompts
+        (shared,) = [row for row in result["rows"] if row["mode"] == "shared_prefix"]
+        on, off = shared["rl_engine"]["shared"], shared["rl_engine"]["unshared"]
+        assert on["mean_prompt_len"] == off["mean_prompt_len"] >= shared["prompt_tokens"]
+        assert on["train_s"] > 0 and off["train_s"] > 0 and shared["speedup_train_s"] > 0

@@ -53,6 +53,7 @@ from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer
 from rl_engine.policy.frozen import FrozenPolicy
 from rl_engine.rl_step import (StepLoss, aggregate_updates, apply_distillation, apply_kl_reward_penalty,
                                attach_logprobs, beyond_target_kl, build_micro_batches, micro_batch_count,
+                               shared_prefix_min_group,
                                mini_batch_normalizer, split_mini_batches, step_lr)
 from rl_engine.serve.host import start_run_server
 from rl_engine.train_config import RLConfig
@@ -200,6 +201,7 @@ class TrainerGroup:
         cfg, g = self.cfg, self.groups
         samples, advantages = samples_from_batch(batch)
         pack = cfg.train.pack_sequences
+        share = shared_prefix_min_group(cfg)
         plans, sizes = [], []
         for mini_samples, mini_advantages in split_mini_batches(samples, advantages,
                                                                 count=cfg.train.mini_batches_per_step):
@@ -207,12 +209,12 @@ class TrainerGroup:
             pad = None
             if g.ep_size > 1:  # expert parallelism: every rank of an ep group runs the same number of passes
                 pad = micro_batch_count(mini_samples, micro_batch_tokens=cfg.train.micro_batch_tokens,
-                                        dp_size=g.dp_size, pack=pack)
+                                        dp_size=g.dp_size, pack=pack, shared_prefix_min_group=share)
             micro_batches = build_micro_batches(mini_samples, mini_advantages,
                                                 micro_batch_tokens=cfg.train.micro_batch_tokens,
                                                 temperature=cfg.rollout.temperature, dp_size=g.dp_size,
                                                 dp_rank=g.dp_rank, pack=pack, moe_layers=self.moe_layers,
-                                                pad_to_count=pad)
+                                                pad_to_count=pad, shared_prefix_min_group=share)
             plans.append((micro_batches, mini_batch_normalizer(mini_samples, cfg)))
         t0 = time.perf_counter()
         if self.ref is not None:  # the reference's log-probs, in the same micro-batches (on the last stage)

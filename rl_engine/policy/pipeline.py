@@ -16,7 +16,7 @@ every micro-batch through the stages, and the loss function sees the gathered lo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -30,7 +30,8 @@ from rl_engine.policy.parallel import ParallelGroups
 class MicroBatch:
     """Packed variable-length sequences: `input_ids`, `positions`, `targets` [T] and `cu_seqlens`
     [S + 1]; `loss_inputs` holds whatever the loss function reads (advantages, masks, behavior
-    log-probs...), aligned with the tokens."""
+    log-probs...), aligned with the tokens. `attention` (an `AttentionContext` such as
+    `SharedPrefixAttention`) replaces cu_seqlens in every attention layer when set."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
@@ -39,6 +40,7 @@ class MicroBatch:
     loss_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     temperature: float = 1.0
     routing: RoutingRecord | None = None
+    attention: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -186,7 +188,8 @@ class PipelineRunner:
                 with torch.set_grad_enabled(not forward_only):
                     if shard is None:
                         out = model.hidden_states(mb.input_ids if s == 0 else None, positions=mb.positions,
-                                                  cu_seqlens=mb.cu_seqlens, routing=mb.routing, inputs_embeds=x_in)
+                                                  cu_seqlens=mb.cu_seqlens, routing=mb.routing, inputs_embeds=x_in,
+                                                  attn_context=mb.attention)
                     else:
                         out = model.hidden_states(shard.input_ids if s == 0 else None, positions=shard.positions,
                                                   attn_context=shard.attention, routing=mb.routing,

@@ -1,0 +1,154 @@
+"""Shared-prefix attention for the training forward (Prefix Grouper, arXiv 2506.05433).
+
+The `n` completions of a GRPO group share their prompt. A shared-prefix micro-batch holds the
+prompt once, as its own segment, and each completion as a segment that attends to the prompt's
+keys and values in full and to its own tokens causally. Every layer then computes the prompt's
+hidden states, K and V once per group instead of once per completion; autograd sums the prompt
+K/V gradients of the n completions, which is the unshared gradient. Forward outputs and
+gradients equal the unshared computation up to rounding (tests/policy/test_shared_prefix*.py).
+
+`SharedPrefixAttention` is the model's attention context (`AttentionContext` in model.py): it is
+handed to `CausalLM.hidden_states(attn_context=...)` in place of `cu_seqlens`, gets each layer's
+post-rotary q, k, v of the flat batch and returns the attention output. Layout contract (made by
+`rl_engine.rollout.shared_prefix`): the segments without a prefix (shared prompts, unshared
+samples) come first, then the completions; a completion's positions continue from its prompt.
+
+Attention: the self segments go through the registry's `varlen_causal_attention` (the unshared
+path's kernel); each completion's queries attend to [its prompt's keys | its own keys] under a mask
+(prompt: all, own: causal), all completions in one padded SDPA call while that stays small and
+dense, else one call per completion. That costs n * C * (P + C) score entries against the unshared
+n * (P + C)^2 / 2. The torch path runs on every device; no fused CUDA kernel with per-segment key
+ranges is wired (not run on a GPU here).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rl_engine import kernels
+
+
+# The padded path's [B, Lc, Lp + Lc] score entries at most (its boolean mask is materialised), and at
+# most this multiple of the entries the completions really need: past either, one SDPA call per completion.
+_PADDED_MAX_ENTRIES = 1 << 24
+_PADDED_MAX_WASTE = 2
+
+
+class SharedPrefixAttention:
+    """Attention over packed segments where segment s attends fully to segment `prefix_of[s]`
+    (-1: none) and causally to itself.
+
+    cu_seqlens: [S + 1] int32 segment bounds over the T tokens; prefix_of: [S] int64. Segments with
+    a prefix must all come after the segments without one, and a prefix must itself have none.
+    `padded`: force the completions' path (None: chosen by size, see `attend`)."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, prefix_of: torch.Tensor, *, padded: bool | None = None) -> None:
+        bounds = [int(b) for b in cu_seqlens.tolist()]
+        prefix = [int(p) for p in prefix_of.tolist()]
+        S = len(bounds) - 1
+        if cu_seqlens.dim() != 1 or S < 1 or bounds[0] != 0 or any(b > e for b, e in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must be 1-D, non-decreasing and start at 0; got {bounds}")
+        if len(prefix) != S:
+            raise ValueError(f"prefix_of has {len(prefix)} entries for {S} segments")
+        num_self = next((s for s, p in enumerate(prefix) if p >= 0), S)
+        for s, p in enumerate(prefix):
+            if s < num_self:
+                continue
+            if p < 0:
+                raise ValueError(f"segment {s} has no prefix but comes after a completion segment; the segments "
+                                 "without a prefix must come first")
+            if p >= num_self:
+                raise ValueError(f"segment {s} names segment {p} as its prefix, which is not a prefix-free segment")
+            if bounds[s + 1] == bounds[s]:
+                raise ValueError(f"completion segment {s} is empty")
+        self.num_tokens = bounds[-1]
+        self.self_tokens = bounds[num_self]  # tokens [0, self_tokens): prefix-free segments
+        self._self_bounds = torch.tensor(bounds[:num_self + 1], dtype=torch.int32)
+        self._self_lengths = [e - b for b, e in zip(bounds[:num_self], bounds[1:num_self + 1])]
+        comp = list(range(num_self, S))
+        self.num_completions = len(comp)
+        self._comp_lengths = [bounds[s + 1] - bounds[s] for s in comp]
+        self._comp_prefix = [prefix[s] for s in comp]  # index of each completion's prefix segment
+        self._index: dict[str, torch.Tensor] = {}
+        if not comp:
+            self.padded = False
+            return
+        comp_lens = torch.tensor(self._comp_lengths)
+        pre_starts = torch.tensor([bounds[prefix[s]] for s in comp])
+        pre_lens = torch.tensor([self._self_lengths[prefix[s]] for s in comp])
+        B, Lc, Lp = len(comp), int(comp_lens.max()), int(pre_lens.max())
+        entries = B * Lc * (Lp + Lc)
+        needed = int((comp_lens * (pre_lens + comp_lens)).sum())
+        self.padded = entries <= min(_PADDED_MAX_ENTRIES, _PADDED_MAX_WASTE * needed) if padded is None else padded
+        if not self.padded:
+            return
+        # Scatter index of the completion tokens into [B, Lc]: (row, position within the completion).
+        row = torch.repeat_interleave(torch.arange(B), comp_lens)
+        col = torch.arange(int(comp_lens.sum())) - (torch.cumsum(comp_lens, 0) - comp_lens)[row]
+        # Gather index of each completion's prompt keys, [B, Lp] (past a prompt's end: its first token, masked).
+        ar_p, ar_c = torch.arange(Lp), torch.arange(Lc)
+        prefix_index = pre_starts[:, None] + torch.where(ar_p[None] < pre_lens[:, None], ar_p[None], 0)
+        see_prefix = (ar_p[None, None, :] < pre_lens[:, None, None]).expand(B, Lc, Lp)
+        see_self = (ar_c[None, :] <= ar_c[:, None])[None].expand(B, Lc, Lc)
+        mask = torch.cat((see_prefix, see_self), dim=-1)[:, None]  # [B, 1, Lc, Lp + Lc]
+        self._index = {"row": row, "col": col, "prefix": prefix_index, "mask": mask}
+        self._shape = (B, Lc)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
+        """q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] (post-rotary) -> [T, Hq, Dv]."""
+        if q.shape[0] != self.num_tokens:
+            raise ValueError(f"the shared-prefix layout covers {self.num_tokens} tokens, the forward has {q.shape[0]}")
+        varlen = kernels.resolve("varlen_causal_attention", q.device)
+        if self.num_completions == 0:
+            return varlen(q, k, v, self._self_bounds, scale)
+        group = q.shape[1] // k.shape[1]
+        if group > 1:  # as the varlen reference: expanded KV heads keep SDPA on its fused kernel
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        n_self = self.self_tokens
+        q_self, q_comp = q.split([n_self, q.shape[0] - n_self])
+        k_self, k_comp = k.split([n_self, k.shape[0] - n_self])
+        v_self, v_comp = v.split([n_self, v.shape[0] - n_self])
+        out_self = varlen(q_self, k_self, v_self, self._self_bounds, scale)
+        attend_completions = self._padded if self.padded else self._per_completion
+        return torch.cat((out_self, attend_completions(q_comp, k_self, k_comp, v_self, v_comp, scale)))
+
+    def _padded(self, q_comp, k_self, k_comp, v_self, v_comp, scale: float) -> torch.Tensor:
+        """Every completion in one SDPA call: padded queries [B, H, Lc, D] against [its prompt's keys
+        (gathered, [B, Lp]) | its own keys (padded, [B, Lc])] under the mask (prompt: all, own: causal)."""
+        if self._index["mask"].device != q_comp.device:  # built on the host with the micro-batch
+            self._index = {name: x.to(q_comp.device) for name, x in self._index.items()}
+        row, col, B, Lc = self._index["row"], self._index["col"], *self._shape
+
+        def pad(x: torch.Tensor) -> torch.Tensor:  # [Tc, H, D] -> [B, H, Lc, D]
+            return x.new_zeros(B, Lc, *x.shape[1:]).index_put((row, col), x).transpose(1, 2)
+
+        def with_prefix(x_self: torch.Tensor, x_comp: torch.Tensor) -> torch.Tensor:  # [B, H, Lp + Lc, D]
+            return torch.cat((x_self[self._index["prefix"]].transpose(1, 2), pad(x_comp)), dim=2)
+
+        o = F.scaled_dot_product_attention(pad(q_comp), with_prefix(k_self, k_comp), with_prefix(v_self, v_comp),
+                                           attn_mask=self._index["mask"], scale=scale)
+        return o.transpose(1, 2)[row, col]  # [Tc, H, Dv]
+
+    def _per_completion(self, q_comp, k_self, k_comp, v_self, v_comp, scale: float) -> torch.Tensor:
+        """One SDPA call per completion (long or very uneven ones): its C queries against [its prompt's
+        P keys | its own C keys] under a [C, P + C] mask, no padding. `split` (not slicing) so that
+        backward concatenates the pieces' gradients once; a prompt's pieces serve all its completions."""
+        k_pre, v_pre = k_self.split(self._self_lengths), v_self.split(self._self_lengths)
+        outs = []
+        for qc, kc, vc, p in zip(q_comp.split(self._comp_lengths), k_comp.split(self._comp_lengths),
+                                 v_comp.split(self._comp_lengths), self._comp_prefix):
+            C, P = qc.shape[0], k_pre[p].shape[0]
+            ar = torch.arange(C, device=qc.device)
+            mask = torch.cat((torch.ones(C, P, dtype=torch.bool, device=qc.device), ar[None] <= ar[:, None]), dim=1)
+            o = F.scaled_dot_product_attention(qc.transpose(0, 1)[None], torch.cat((k_pre[p], kc)).transpose(0, 1)[None],
+                                               torch.cat((v_pre[p], vc)).transpose(0, 1)[None], attn_mask=mask,
+                                               scale=scale)
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    def attend_latent(self, layer_idx: int, attn, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
+        """Multi-head latent attention (mla.py): its expanded q, k, v through `attend`."""
+        q, k, v = attn.expand(q_nope, q_pe, latent, k_pe)
+        return self.attend(layer_idx, q, k, v, scale=attn.scale)
