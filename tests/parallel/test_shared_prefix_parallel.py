@@ -1,7 +1,9 @@
-"""Shared-prefix training under tensor + sequence, pipeline and data parallelism:
-in each layout (two gloo processes, `ParallelTrainer`, fp32) the shared-prefix micro-batches give the
-unshared ones' loss, gradients and log-probs (<= 1e-5), and the loss equals the single process's."""
+"""Shared-prefix training under tensor + sequence, pipeline, data and expert parallelism: in each
+layout (two gloo processes, `ParallelTrainer`, fp32) the shared-prefix micro-batches give the
+unshared ones' loss, gradients and log-probs (<= 1e-5), and the loss equals the single process's.
+The MoE model has no router aux / z loss here: those count a shared prompt's tokens once."""
 
+import dataclasses
 import json
 import os
 
@@ -14,9 +16,12 @@ from rl_engine.policy import comm
 from rl_engine.policy.optimizer import OptimizerConfig
 from rl_engine.policy.parallel import ParallelGroups
 from rl_engine.policy.parallel_trainer import ParallelTrainer
-from rl_engine.rl_step import StepLoss, build_micro_batches, make_sample
+from rl_engine.rl_step import StepLoss, build_micro_batches, make_sample, micro_batch_count
 
-LAYOUTS = {"tp2_sp": {"tp": 2, "sp": True}, "pp2": {"pp": 2}, "dp2": {}}
+LAYOUTS = {"tp2_sp": {"tp": 2, "sp": True}, "pp2": {"pp": 2}, "dp2": {}, "ep2": {"ep": 2, "kind": "moe"}}
+# Router losses count tokens (a shared prompt's once); without them MoE gradients are per token.
+CONFIGS = {"dense": MODELS["dense"],
+           "moe": dataclasses.replace(MODELS["moe"], router_aux_loss_coef=0.0, router_z_loss_coef=0.0)}
 LOSS = PolicyLossConfig(agg="seq-mean-token-mean", clip_high=0.28, entropy_coef=0.01)
 TOL = 1e-5
 
@@ -44,8 +49,11 @@ def samples():
 def run(trainer: ParallelTrainer, *, shared: bool) -> tuple[float, dict, dict]:
     g = trainer.groups
     data, advantages = samples()
+    share = 2 if shared else None
+    pad = micro_batch_count(data, micro_batch_tokens=100_000, dp_size=g.dp_size, pack=True,
+                            shared_prefix_min_group=share) if g.ep_size > 1 else None  # ep ranks in lockstep
     mbs = build_micro_batches(data, advantages, micro_batch_tokens=100_000, temperature=0.9, dp_size=g.dp_size,
-                              dp_rank=g.dp_rank, shared_prefix_min_group=2 if shared else None)
+                              dp_rank=g.dp_rank, shared_prefix_min_group=share, pad_to_count=pad)
     assert all((mb.attention is not None) == shared for mb in mbs)
     assert all(mb.num_tokens % 2 == 0 for mb in mbs)
     normalizer = compute_loss_normalizer([s.response_len for s in data], token_sum_constant=12)
@@ -63,18 +71,24 @@ def run(trainer: ParallelTrainer, *, shared: bool) -> tuple[float, dict, dict]:
     grads = {}
     for c in trainer.chunks:
         for n, p in c.named_parameters():
-            grads[n] = comm.all_reduce(p.main_grad.clone(), g.dp_group)  # the batch's = sum of the dp shares
+            # the batch's = sum of the dp shares (an expert's: over the ranks holding it)
+            grads[n] = comm.all_reduce(p.main_grad.clone(), g.edp_group if getattr(p, "is_expert", False)
+                                       else g.dp_group)
             if getattr(p, "tp_partial_grad", False):  # a share of the tokens (sp) or heads: sum over tp
                 grads[n] = comm.all_reduce(grads[n], g.tp_group)
     trainer.optimizer.zero_grad()
     return float(loss), grads, logprobs
 
 
-def _worker(rank: int, world: int, weights: str, out: str) -> None:
+def _trainer(kind: str, weights: dict[str, str], **layout) -> ParallelTrainer:
+    return ParallelTrainer(CONFIGS[kind], groups=ParallelGroups.build(**layout), optim=OptimizerConfig(**OPTIM),
+                           hf_path=weights[kind])
+
+
+def _worker(rank: int, world: int, weights: dict[str, str], out: str) -> None:
     for name, spec in LAYOUTS.items():
-        groups = ParallelGroups.build(tp=spec.get("tp", 1), pp=spec.get("pp", 1),
-                                      sequence_parallel=spec.get("sp", False))
-        trainer = ParallelTrainer(MODELS["dense"], groups=groups, optim=OptimizerConfig(**OPTIM), hf_path=weights)
+        trainer = _trainer(spec.get("kind", "dense"), weights, tp=spec.get("tp", 1), pp=spec.get("pp", 1),
+                           ep=spec.get("ep", 1), sequence_parallel=spec.get("sp", False))
         loss_s, grads_s, lp_s = run(trainer, shared=True)
         loss_u, grads_u, lp_u = run(trainer, shared=False)
         scale = max(t.abs().max().item() for t in grads_u.values())
@@ -85,13 +99,12 @@ def _worker(rank: int, world: int, weights: str, out: str) -> None:
 
 
 def test_shared_prefix_matches_unshared_in_every_layout(tmp_path):
-    weights = write_weights(str(tmp_path / "dense"), "dense")
-    single = ParallelTrainer(MODELS["dense"], groups=ParallelGroups.build(), optim=OptimizerConfig(**OPTIM),
-                             hf_path=weights)
-    reference, _, lp_single = run(single, shared=False)
-    assert abs(reference) > 1e-3 and len(lp_single) > 0
+    weights = {kind: write_weights(str(tmp_path / kind), kind) for kind in CONFIGS}
+    single = {kind: run(_trainer(kind, weights), shared=False) for kind in CONFIGS}
+    assert all(abs(loss) > 1e-3 and len(lp) > 0 for loss, _, lp in single.values())
     spawn(_worker, 2, weights, str(tmp_path))
-    for name in LAYOUTS:
+    for name, spec in LAYOUTS.items():
+        reference, _, lp_single = single[spec.get("kind", "dense")]
         ranks = [json.load(open(tmp_path / f"{name}_{rank}.json")) for rank in range(2)]
         for rank, r in enumerate(ranks):
             print(name, rank, {k: v for k, v in r.items() if not k.startswith("logprobs")})
