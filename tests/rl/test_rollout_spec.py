@@ -195,22 +195,23 @@ def test_colocated_ngram_run_matches_the_single_process_one(tmp_path, monkeypatc
         assert {k: a[k] for k in SPEC_KEYS} == {k: b[k] for k in SPEC_KEYS}
 
 
-def test_disaggregated_async_ngram_run_with_a_server(tmp_path, monkeypatch):
-    """Rollout workers build their engines from the run's config: async mode with partial rollouts
-    (interrupted requests continue with their counts) and the OpenAI server on the same engine; every
-    step reports acceptance over its own samples."""
+@pytest.mark.parametrize("placement, server", [("disaggregated", "rollout-0"), ("colocated", "trainer-0")])
+def test_async_ngram_run_with_a_server(tmp_path, monkeypatch, placement, server):
+    """Rollout workers and colocated trainer ranks build their engines from the run's config: async
+    mode with partial rollouts (interrupted requests continue with their counts) and the OpenAI server
+    on the same engine; every step reports acceptance over its own samples."""
     from rl_engine.actors.run import run_actors
 
     child_pythonpath(monkeypatch)
     out = tmp_path / "run"
-    summary = run_actors(toy_config(out, *NGRAM, "train.steps=2", "placement.mode=disaggregated",
+    summary = run_actors(toy_config(out, *NGRAM, "train.steps=2", f"placement.mode={placement}",
                                     "rollout.mode=async", "placement.serve_port=0"), echo_stream=io.BytesIO())
     got = rows(out)
     assert len(got) == 2 and summary["steps"] == 2
     for row in got:
         assert_spec_metrics(row, fixed=False)
         assert row["rollout/spec_draft_tokens"] > 0
-    assert (out / "serve" / "rollout-0.json").exists()
+    assert (out / "serve" / f"{server}.json").exists()
 
 
 # ---- the draft after a weight update -------------------------------------------------------------
