@@ -13,9 +13,11 @@ from rl_engine.policy import shared_prefix as shared_prefix_attention
 from rl_engine.policy.model import CausalLM
 from rl_engine.policy.presets import preset_config
 from rl_engine.policy.shared_prefix import SharedPrefixAttention
-from rl_engine.rl_step import StepLoss, build_micro_batches, forward_logprobs, make_sample, run_micro_batches
+from rl_engine.rl_step import (StepLoss, attach_logprobs, build_micro_batches, forward_logprobs, make_sample,
+                               run_micro_batches)
 from rl_engine.rollout.shared_prefix import find_units
 from rl_engine.train_config import RLConfig, TrainSection
+from test_losses import INVARIANCE_CONFIGS
 
 LOSS = PolicyLossConfig(agg="seq-mean-token-mean", clip_high=0.28, entropy_coef=0.01,
                         importance_sampling=ImportanceSamplingConfig(mode="truncate", truncate_cap=1.5))
@@ -91,6 +93,41 @@ def test_shared_prefix_equals_unshared(preset, group_sizes):
         assert all(mb.attention is not None for mb in shared[3])
         print(f"{preset} {group_sizes} budget {budget} pack {pack}: {len(shared[3])} micro-batches")
         assert_same(shared, unshared, samples)
+
+
+@pytest.mark.parametrize("name", list(INVARIANCE_CONFIGS))
+def test_every_loss_of_the_invariance_tests_is_unchanged(name):
+    """The loss configurations `tests/test_losses.py` holds invariant to splits (PPO / GSPO, token and
+    sequence aggregations, TIS / MIS, KL to a reference): with shared prefixes on, split over
+    micro-batches, the unshared whole batch's loss and gradients; the reference's log-probs are
+    computed on the same shared-prefix micro-batches (`forward_logprobs`, as the trainer does)."""
+    config = INVARIANCE_CONFIGS[name]
+    torch.manual_seed(0)
+    model, ref = CausalLM(preset_config("tiny")), CausalLM(preset_config("tiny"))
+    samples, advantages = grpo_batch(model.config.vocab_size, [8, 1, 3], max_prompt=20, max_response=12)
+    # Behavior log-probs near the policy's (every ratio kind then has sequences inside its bounds).
+    whole = build_micro_batches(samples, advantages, micro_batch_tokens=100_000, temperature=0.9)
+    policy = per_token(samples, whole, forward_logprobs(model, whole))
+    gen = torch.Generator().manual_seed(1)
+    for i, s in enumerate(samples):
+        s.behavior_logprobs = [policy[(i, t)] + 0.1 * float(torch.randn(1, generator=gen)) if m else 0.0
+                               for t, m in enumerate(s.loss_mask)]
+    normalizer = compute_loss_normalizer([s.response_len for s in samples], token_sum_constant=12)
+    results = []
+    for share, budget in [(None, 100_000), (1, 120)]:
+        model.zero_grad(set_to_none=True)
+        mbs = build_micro_batches(samples, advantages, micro_batch_tokens=budget, temperature=0.9,
+                                  shared_prefix_min_group=share)
+        if config.kl_coef > 0:
+            attach_logprobs(mbs, forward_logprobs(ref, mbs), key="ref")
+        loss = StepLoss(PolicyLoss(config), normalizer)
+        run_micro_batches(model, mbs, loss)
+        results.append((loss.metrics()["loss"], {n: p.grad.clone() for n, p in model.named_parameters()}, len(mbs)))
+    (loss_u, grads_u, _), (loss_s, grads_s, count) = results
+    scale = max(g.abs().max().item() for g in grads_u.values())
+    assert count > 1 and abs(loss_u) > 1e-4 and scale > 0
+    assert abs(loss_s - loss_u) <= TOL * abs(loss_u)
+    assert max((grads_s[n] - grads_u[n]).abs().max().item() for n in grads_u) <= TOL * scale
 
 
 def test_long_completions_take_one_call_each_and_still_match(monkeypatch):
