@@ -260,11 +260,18 @@ class TrainSection:
     # <output_dir>/samples.jsonl: one JSON object per trained sample (step, uid, token_ids, loss_mask,
     # behavior_logprobs, policy_versions, reward, num_turns, finish_reason), per-token lists aligned with token_ids
     dump_samples: bool = False
-    # The trainer group's parallel layout (world = tp * pp * dp ranks; ep divides dp).
+    # The trainer group's parallel layout (world = tp * cp * pp * dp ranks; ep divides dp * cp).
     tp: int = 1
     pp: int = 1
     dp: int = 1
     ep: int = 1
+    # Context parallelism: each micro-batch's tokens split over `cp` ranks (weights replicated over them),
+    # attention by a ring of K/V sends or an all-gather (`cp_comm`); `micro_batch_tokens` is then the budget
+    # per cp rank (a micro-batch packs up to cp x micro_batch_tokens). Dynamic CP: sequences shorter than
+    # `cp_min_tokens` are not split but kept whole on one cp rank (0: every sequence through the ring).
+    cp: int = 1
+    cp_comm: Literal["ring", "allgather"] = "ring"
+    cp_min_tokens: int = 0
 
     def __post_init__(self) -> None:
         check_int("train.steps", self.steps, lo=1)
@@ -284,15 +291,19 @@ class TrainSection:
         if self.target_kl is not None:
             check_float("train.target_kl", self.target_kl, lo=0, lo_open=True)
         _check_text("train.resume", self.resume, optional=True)
-        for name in ("tp", "pp", "dp", "ep"):
+        for name in ("tp", "pp", "dp", "ep", "cp"):
             check_int(f"train.{name}", getattr(self, name), lo=1)
-        if self.dp % self.ep:
-            raise ConfigError(f"train.ep={self.ep} must divide train.dp ({self.dp}): expert parallelism is carved "
-                              "out of data parallelism")
+        check_int("train.cp_min_tokens", self.cp_min_tokens, lo=0, note="0 sends every sequence through the ring")
+        if self.cp_comm not in ("ring", "allgather"):
+            raise ConfigError(f"train.cp_comm={self.cp_comm!r} must be ring or allgather")
+        if (self.dp * self.cp) % self.ep:
+            raise ConfigError(f"train.ep={self.ep} must divide train.dp x train.cp ({self.dp} x {self.cp} = "
+                              f"{self.dp * self.cp}): expert parallelism is carved out of data and context "
+                              "parallelism")
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.cp * self.pp * self.dp
 
 
 @dataclass(kw_only=True)
@@ -468,7 +479,10 @@ class RLConfig:
         if p.launcher == "ray" and not p.uses_actors:
             raise ConfigError("placement.launcher=ray places actor processes: set placement.mode to colocated or "
                               "disaggregated (single_process runs in this process)")
-        layout = f"tp={t.tp} pp={t.pp} dp={t.dp} ep={t.ep}"
+        layout = f"tp={t.tp} pp={t.pp} dp={t.dp} ep={t.ep}" + (f" cp={t.cp}" if t.cp > 1 else "")
+        if t.cp > 1 and t.shared_prefix is True:
+            raise ConfigError(f"train.shared_prefix=true has no context-parallel form (train.cp={t.cp}): set "
+                              "train.shared_prefix to auto (off under cp) or false, or train.cp=1")
         if p.mode == "single_process" and t.world_size > 1:
             raise ConfigError(f"train {layout} needs several trainer ranks: set placement.mode to colocated or "
                               "disaggregated (single_process runs one rank)")

@@ -85,7 +85,7 @@ def _warm_start(cfg: RLConfig, model_path: str) -> str:
                                                                     launcher="local"),
                                  ray=dataclasses.replace(cfg.ray, max_worker_restarts=0),
                                  rollout=dataclasses.replace(cfg.rollout, mode="sync"),
-                                 train=dataclasses.replace(cfg.train, tp=1, pp=1, dp=1, ep=1))
+                                 train=dataclasses.replace(cfg.train, tp=1, pp=1, dp=1, ep=1, cp=1))
     trainer = GRPOTrainer(single)
     try:
         print(f"warm start: {cfg.warmup.steps} supervised steps on {trainer.warmup_path}", flush=True)
@@ -146,7 +146,8 @@ def run_actors(cfg: RLConfig, *, edit_specs: Callable[[list[ProcessSpec]], list[
             if edit_specs is not None:
                 specs = edit_specs(specs)
             print(f"launching {len(specs)} processes ({cfg.placement.mode}, trainer tp={cfg.train.tp} "
-                  f"pp={cfg.train.pp} dp={cfg.train.dp}); logs in {log_dir}", flush=True)
+                  f"pp={cfg.train.pp} dp={cfg.train.dp}{f' cp={cfg.train.cp}' if cfg.train.cp > 1 else ''}); "
+                  f"logs in {log_dir}", flush=True)
             # The run's secret reaches the actors in their environment only (see rl_engine.auth).
             result = launch(specs, log_dir=log_dir, grace_period_s=cfg.placement.grace_period_s,
                             echo_stream=echo_stream, env=RunAuth.generate().child_env())

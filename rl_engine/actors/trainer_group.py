@@ -71,12 +71,13 @@ class TrainerGroup:
         self.weights_signer = auth.signer("weights")
         p, t, o = cfg.placement, cfg.train, cfg.optim
         self.colocated = p.mode == "colocated"
-        self.groups = g = ParallelGroups.build(tp=t.tp, pp=t.pp, ep=t.ep, dp=t.dp)
+        self.groups = g = ParallelGroups.build(tp=t.tp, cp=t.cp, pp=t.pp, ep=t.ep, dp=t.dp)
         self.dtype = getattr(torch, cfg.model.dtype)
         self.trainer = ParallelTrainer.from_pretrained(
             cfg.model.path, groups=g, dtype=self.dtype, seed=t.seed,
             optim=OptimizerConfig(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                                  clip_grad=o.grad_clip or None))
+                                  clip_grad=o.grad_clip or None),
+            cp_comm=t.cp_comm, cp_min_tokens=t.cp_min_tokens)
         config = self.trainer.config
         # The frozen reference, sharded like the trainer. Its default, the initial policy, is model.path:
         # the launcher points that at the warm-started weights (train_cli checked ref.path's tokenizer).
@@ -105,7 +106,8 @@ class TrainerGroup:
                            max_num_batched_tokens=r.max_num_batched_tokens, seed=t.seed,
                            record_routing=r.routing_replay, speculative_config=r.speculative)
             # Engine rank = replica * tp + tp_rank = this training rank (pp = 1): each reads its own shards.
-            plan = plan_sync(config, src=src, dst=EngineLayout(tp=t.tp, replicas=t.dp, dtype=self.dtype),
+            # Under context parallelism every cp rank holds a whole replica: dp x cp engines, none using cp.
+            plan = plan_sync(config, src=src, dst=EngineLayout(tp=t.tp, replicas=t.dp * t.cp, dtype=self.dtype),
                              bucket_bytes=bucket_bytes, colocated={rank: rank for rank in range(g.world_size)})
             inproc = InProcessTransport(zero_copy=True)
             self.receiver = WeightReceiver(self.llm.engine, plan, dst_rank=g.world_rank, transport=inproc,
@@ -202,16 +204,19 @@ class TrainerGroup:
         samples, advantages = samples_from_batch(batch)
         pack = cfg.train.pack_sequences
         share = shared_prefix_min_group(cfg)
+        if g.cp_size > 1:  # shared-prefix micro-batches have no context-parallel form: samples whole
+            share = None
         plans, sizes = [], []
         for mini_samples, mini_advantages in split_mini_batches(samples, advantages,
                                                                 count=cfg.train.mini_batches_per_step):
             sizes.append(len(mini_samples))
             pad = None
             if g.ep_size > 1:  # expert parallelism: every rank of an ep group runs the same number of passes
-                pad = micro_batch_count(mini_samples, micro_batch_tokens=cfg.train.micro_batch_tokens,
+                pad = micro_batch_count(mini_samples, micro_batch_tokens=cfg.train.micro_batch_tokens * g.cp_size,
                                         dp_size=g.dp_size, pack=pack, shared_prefix_min_group=share)
+            # train.micro_batch_tokens is the budget per cp rank: a micro-batch's tokens are split over cp
             micro_batches = build_micro_batches(mini_samples, mini_advantages,
-                                                micro_batch_tokens=cfg.train.micro_batch_tokens,
+                                                micro_batch_tokens=cfg.train.micro_batch_tokens * g.cp_size,
                                                 temperature=cfg.rollout.temperature, dp_size=g.dp_size,
                                                 dp_rank=g.dp_rank, pack=pack, moe_layers=self.moe_layers,
                                                 pad_to_count=pad, shared_prefix_min_group=share)
@@ -229,7 +234,8 @@ class TrainerGroup:
         if cfg.loss.kl_in_reward:  # as GRPOTrainer.train_on, each sample's KL summed over the ranks
             if batch.rewards is None or batch.groups is None:
                 raise P.ProtocolError("loss.kl_in_reward needs the TrainBatch's rewards and groups; this one has none")
-            contributes = g.is_last_stage and g.tp_rank == 0
+            # every cp rank scores whole micro-batches (gathered log-probs): cp rank 0 counts them
+            contributes = g.is_last_stage and g.tp_rank == 0 and g.cp_rank == 0
 
             def over_ranks(kl: torch.Tensor) -> torch.Tensor:
                 kl = kl if contributes else torch.zeros_like(kl)
@@ -257,8 +263,8 @@ class TrainerGroup:
             reduced: dict[str, float] = {}
 
             def apply() -> bool:  # PPO's KL early stop, decided on the metrics summed over the ranks
-                reduced.update(reduce_metrics_over(loss.metrics(), keys, contributes=g.is_last_stage and g.tp_rank == 0,
-                                                   group=g.world_group))
+                reduced.update(reduce_metrics_over(loss.metrics(), keys, group=g.world_group,
+                                                   contributes=g.is_last_stage and g.tp_rank == 0 and g.cp_rank == 0))
                 return not beyond_target_kl(k, reduced, cfg.train.target_kl)
 
             stats = self.trainer.train_step(micro_batches, loss, apply=apply)
@@ -328,9 +334,9 @@ class TrainerGroup:
     # ---- colocated generation ---------------------------------------------------------------------
     def _generate(self, batch: P.GenerateBatch) -> None:
         g = self.groups
-        mine = batch.requests[g.dp_rank::g.dp_size]
+        mine = batch.requests[g.dp_cp_rank::g.dp_cp_size]  # every cp rank is an engine replica too
         if batch.min_finished or any(req.resume is not None for req in mine):
-            results = self._generate_partial(mine, -(-batch.min_finished // g.dp_size))
+            results = self._generate_partial(mine, -(-batch.min_finished // g.dp_cp_size))
         else:
             results, prompts, params, accepted = [], [], [], []
             for req in mine:
@@ -346,10 +352,10 @@ class TrainerGroup:
         self._check_lockstep(results)
         if g.tp_rank != 0:
             return
-        if g.dp_rank != 0:
+        if g.dp_cp_rank != 0:
             send_messages(results, dst=0)
             return
-        for d in range(1, g.dp_size):
+        for d in range(1, g.dp_cp_size):
             results += recv_messages(src=d * g.tp_size)  # the leader of dp group d (pp = 1)
         for result in results:
             self._send(result)

@@ -228,6 +228,9 @@ class PipelineRunner:
 
     def _shard(self, shards: dict, m: int, mb: MicroBatch, model) -> CPShard:
         if m not in shards:
+            if mb.attention is not None:
+                raise ValueError("a micro-batch with its own attention context (shared-prefix training) cannot "
+                                 f"run under context parallelism (cp={self.groups.cp_size}); use cp=1")
             model.check_packed(mb.positions, mb.cu_seqlens)
             shards[m] = CPShard(mb.input_ids, mb.positions, mb.cu_seqlens, mb.targets, self.groups,
                                 comm_mode=self.cp_comm, min_tokens=self.cp_min_tokens)

@@ -248,6 +248,6 @@ def trainer_probe(trainer: "ParallelTrainer", token_ids: torch.Tensor, *, temper
                     targets=ids[1:], temperature=temperature)
     out = trainer.forward_logprobs([mb])
     g = trainer.groups
-    if g.is_last_stage and g.tp_rank == 0 and g.dp_rank == 0:
+    if g.is_last_stage and g.tp_rank == 0 and g.dp_rank == 0 and g.cp_rank == 0:
         return Probe(token_ids=ids, logprobs=out[0][0].float(), temperature=temperature)
     return None

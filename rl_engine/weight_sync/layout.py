@@ -113,7 +113,9 @@ def model_layout(chunks: list[CausalLM], *, rank: int = 0, coords: dict[str, int
 
 @dataclass(frozen=True, kw_only=True)
 class TrainLayout:
-    """The source: a Megatron-ordered training world (`rank = tp_rank + tp * (dp_rank + dp * pp_rank)`)."""
+    """The source: a Megatron-ordered training world (`rank = tp_rank + tp * (dp_rank + dp * pp_rank)`).
+    A context-parallel world is the same with dp = dp x cp (`rank = tp_rank + tp * (cp_rank + cp * (dp_rank
+    + dp * pp_rank))`): its cp ranks hold whole replicas, so `of` counts them as data-parallel ones."""
 
     tp: int = 1
     pp: int = 1
@@ -130,7 +132,7 @@ class TrainLayout:
     @classmethod
     def of(cls, groups: ParallelGroups, *, dtype: torch.dtype, virtual_stages: int = 1,
            layers_per_stage: tuple[int, ...] | None = None) -> "TrainLayout":
-        return cls(tp=groups.tp_size, pp=groups.pp_size, dp=groups.dp_size, ep=groups.ep_size, dtype=dtype,
+        return cls(tp=groups.tp_size, pp=groups.pp_size, dp=groups.dp_cp_size, ep=groups.ep_size, dtype=dtype,
                    virtual_stages=virtual_stages, layers_per_stage=layers_per_stage)
 
     def rank_layout(self, config: ModelConfig, rank: int) -> RankLayout:

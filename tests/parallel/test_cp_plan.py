@@ -135,3 +135,24 @@ def test_bad_cp_options_name_the_values():
         check_cp_options(DENSE, cp=2, cp_comm="ring", cp_min_tokens=-1)
     with pytest.raises(ValueError, match=r"cp \(2\) > 1 does not support multi-head latent attention"):
         check_cp_options(DSV3, cp=2, cp_comm="ring", cp_min_tokens=0)
+
+
+def test_cp_config_keys_and_their_errors():
+    from rl_engine.config import ConfigError, load_config
+    from rl_engine.train_config import RLConfig
+
+    cfg = load_config(RLConfig, None, ["placement.mode=colocated", "train.cp=2", "train.dp=2",
+                                       "train.cp_comm=allgather", "train.cp_min_tokens=64"])
+    assert (cfg.train.world_size, cfg.train.cp_comm, cfg.train.cp_min_tokens) == (4, "allgather", 64)
+    for overrides, message in [
+        (["train.cp=0"], r"train.cp=0 must be >= 1"),
+        (["train.cp_min_tokens=-1"], r"train.cp_min_tokens=-1 must be >= 0"),
+        (["train.cp_comm=a2a"], r"train.cp_comm"),
+        (["placement.mode=colocated", "train.cp=2", "train.ep=4"],
+         r"train.ep=4 must divide train.dp x train.cp \(1 x 2 = 2\)"),
+        (["train.cp=2"], r"train tp=1 pp=1 dp=1 ep=1 cp=2 needs several trainer ranks"),
+        (["placement.mode=colocated", "train.cp=2", "train.shared_prefix=true"],
+         r"train.shared_prefix=true has no context-parallel form \(train.cp=2\)"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(RLConfig, None, overrides)
