@@ -106,6 +106,11 @@ def test_benchmark_runs_with_its_smallest_settings(script, smoke_runs):
         assert [row["trl"]["skipped"] for row in vs_trl] == [
             "trl is not installed: pip install trl to run this comparison"] * 2
         assert all(row["rl_engine"]["s_per_step"] > 0 for row in vs_trl)
+    if script.stem == "context_parallel":  # the cp attention traffic is the split's analytic volume
+        for comm in ("ring", "allgather"):
+            row = result[f"cp2_{comm}"]
+            assert row["attention_bytes_measured"] == row["attention_bytes_analytic"] > 0
+            assert row["memory_vs_cp1"] < 1
     if script.stem == "grpo_step":  # train.shared_prefix true vs false on the same long prompts
         (shared,) = [row for row in result["rows"] if row["mode"] == "shared_prefix"]
         on, off = shared["rl_engine"]["shared"], shared["rl_engine"]["unshared"]
