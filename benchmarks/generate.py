@@ -6,12 +6,21 @@ and sampled. Each configuration is timed
 `--repeats` times alternating engine and transformers, and the best time of each is kept (the machine
 is shared, so the best run is the least disturbed one); at batch 1 each prompt is such a unit. Also
 reports the achieved fraction of this machine's fp32 matmul peak (a large matmul timed in the same
-run): 2 * matmul params * tokens processed / time.
+run): 2 * matmul params * tokens processed / time, and of its memory bandwidth (a large copy timed in
+the same run): the weights read once per step plus the KV cache read by decode attention, per second.
+
+On CPU the engine also runs with the opt-in C++ CPU kernels (`rl_engine/kernels/cpu`: paged decode
+attention, RMSNorm, SwiGLU; override `*=cpu`) beside the default (torch references), interleaved
+with transformers, so their ratios come from one run. `--under-load` adds rows at `--load-threads 2` with a busy process (normal priority) on the machine:
+the engine with a fixed thread count and OpenMP's default (spinning) wait policy, with
+OMP_WAIT_POLICY=PASSIVE, and with `cpu_threads="auto"` (threads follow the free cores), each in a
+fresh process (the wait policy is read when torch loads), beside the same runs on a quiet machine.
 
     python benchmarks/generate.py                 # the ~3M Qwen2-shaped model
     python benchmarks/generate.py --large         # also the ~50M model with a 32k vocabulary
     python benchmarks/generate.py --model builtin:smollm2-135m-instruct --batches 1,32   # the real model
     python benchmarks/generate.py --device cuda --dtype bfloat16 --size 0.5b   # Qwen2-0.5B-shaped, random
+    python benchmarks/generate.py --under-load   # also decode at 2 threads with a core taken by another process
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +83,31 @@ def matmul_peak_gflops(seconds: float = 1.0, *, device: torch.device = torch.dev
         _sync(device)
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def memory_bandwidth_gbs(seconds: float = 0.5, *, device: torch.device = torch.device("cpu")) -> float:
+    """Best copy bandwidth (read + write bytes per second, GB/s) of a 256 MiB tensor: the machine's
+    memory roofline, measured in the same run as the matmul peak."""
+    a = torch.empty(1 << 26, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    _sync(device)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        b.copy_(a)
+        _sync(device)
+        best = max(best, 2 * a.numel() * a.element_size() / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def decode_bytes(prompts: list[list[int]], new_tokens: int, *, weight_bytes: int, kv_bytes_per_token: int,
+                 batch_at_once: bool) -> int:
+    """Bytes a generation must move at least: every weight once per step (steps: new_tokens per group
+    of prompts run together) plus each decode step's KV cache read."""
+    groups = 1 if batch_at_once else len(prompts)
+    kv = sum(new_tokens * len(p) + new_tokens * (new_tokens - 1) // 2 for p in prompts) * kv_bytes_per_token
+    return groups * new_tokens * weight_bytes + kv
 
 
 def make_prompts(num: int, vocab: int, *, min_len: int, max_len: int, seed: int) -> list[list[int]]:
@@ -154,15 +189,30 @@ def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_b
 
 def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, repeats: int, peak: float,
                 max_prompt: int, device: torch.device = torch.device("cpu"),
-                dtype: torch.dtype = torch.float32) -> dict:
+                dtype: torch.dtype = torch.float32, bandwidth: float = 0.0) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from rl_engine import LLM
+    from rl_engine import LLM, kernels
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     hf.generation_config.eos_token_id = None
+    t = time.perf_counter()
     llm = LLM(path, max_num_seqs=max(batches), dtype=dtype, device=device)
+    start_s = time.perf_counter() - t
+    cpp_engine, cpp = None, []
+    if device.type == "cpu":  # the same engine with the opt-in C++ CPU kernels (resolved at model build)
+        from rl_engine.kernels import cpu as cpu_kernels
+
+        if cpu_kernels.extension_status()[0]:
+            kernels.configure(kernels.KernelConfig(overrides={"*": "cpu"}))
+            try:
+                cpp = sorted(r.op for r in kernels.describe(device) if r.backend == "cpu")
+                cpp_engine = LLM(path, max_num_seqs=max(batches), dtype=dtype, device=device)
+            finally:
+                kernels.configure(kernels.KernelConfig())
     model = llm.model
+    weight_bytes = matmul_params(model) * model.lm_head.weight.element_size()
+    kv_bytes_per_token = llm.engine.runner.kv_bytes_per_token
     vocab = model.config.vocab_size
     n_params = sum(p.numel() for p in model.parameters())
     mm_params = matmul_params(model)
@@ -173,40 +223,53 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
         groups = [[p] for p in prompts] if batch == 1 else [prompts]
         run_engine(llm, prompts[:2], 4, True)  # warm up both (allocations, runners, lazy imports)
         run_transformers(hf, prompts[:2], 4, True)
+        if cpp_engine is not None:
+            run_engine(cpp_engine, prompts[:2], 4, True)
         for sampled in (False, True):
             # Each group (one prompt at batch 1) is timed `repeats` times, alternating engine and
             # transformers (common.interleaved_best), and its best times are summed: short timed units
             # let a burst of load from elsewhere on a shared machine spoil one unit, not the total.
-            engine_t = hf_t = floor = 0.0
+            engine_t = hf_t = floor = cpp_t = 0.0
             for g in groups:
                 floor_step = matmul_floor_step(model, g, new_tokens=new_tokens,
                                                max_batched_tokens=llm.engine.config.max_num_batched_tokens)
-                best = interleaved_best({"engine": lambda: run_engine(llm, g, new_tokens, sampled),
-                                         "transformers": lambda: run_transformers(hf, g, new_tokens, sampled),
-                                         "matmul_floor": floor_step},
-                                        repeats=repeats, warmup=0)
+                fns = {"engine": lambda: run_engine(llm, g, new_tokens, sampled),
+                       "transformers": lambda: run_transformers(hf, g, new_tokens, sampled),
+                       "matmul_floor": floor_step}
+                if cpp_engine is not None:
+                    fns["cpp_kernels"] = lambda: run_engine(cpp_engine, g, new_tokens, sampled)
+                best = interleaved_best(fns, repeats=repeats, warmup=0)
                 engine_t += best["engine"]
                 hf_t += best["transformers"]
                 floor += best["matmul_floor"]
+                cpp_t += best.get("cpp_kernels", 0.0)
             tokens = len(prompts) * new_tokens
             processed = tokens + sum(len(p) for p in prompts)
             achieved = 2 * mm_params * processed / engine_t / 1e9
+            moved = decode_bytes(prompts, new_tokens, weight_bytes=weight_bytes,
+                                 kv_bytes_per_token=kv_bytes_per_token, batch_at_once=batch > 1)
             rows.append({
                 "batch": batch, "mode": "sampled" if sampled else "greedy", "prompts": len(prompts),
                 "new_tokens_per_prompt": new_tokens,
                 "engine_tokens_per_s": round(tokens / engine_t, 1),
                 "transformers_tokens_per_s": round(tokens / hf_t, 1),
                 "speedup": round(hf_t / engine_t, 2),
+                # the engine with the opt-in C++ CPU kernels, in the same run
+                **({"engine_cpp_kernels_tokens_per_s": round(tokens / cpp_t, 1),
+                    "cpp_kernels_speedup": round(hf_t / cpp_t, 2),
+                    "cpp_kernels_over_torch_ops": round(engine_t / cpp_t, 2)} if cpp_engine is not None else {}),
                 # transformers time / the engine's matmul-only time: no engine can beat this here
                 "speedup_ceiling_matmul_only": round(hf_t / floor, 2),
                 "engine_time_in_matmul_floor": round(floor / engine_t, 3),
                 "engine_gflops": round(achieved, 2),
                 "fraction_of_matmul_peak": round(achieved / peak, 4),
                 "transformers_fraction_of_matmul_peak": round(achieved * engine_t / hf_t / peak, 4),
+                "fraction_of_memory_bandwidth": round(moved / engine_t / 1e9 / bandwidth, 4) if bandwidth else None,
             })
             print(json.dumps({"model": name, **rows[-1]}), flush=True)
     return {"model": name, "params": n_params, "matmul_params_per_token": mm_params, "vocab_size": vocab,
-            "hidden_size": model.config.hidden_size, "num_layers": model.config.num_layers, "results": rows,
+            "hidden_size": model.config.hidden_size, "num_layers": model.config.num_layers,
+            "engine_start_s": round(start_s, 2), "cpp_kernels": cpp, "results": rows,
             "batch_invariant": bench_batch_invariant(name, path, llm, batches=batches, new_tokens=new_tokens,
                                                      repeats=repeats, max_prompt=max_prompt, device=device,
                                                      dtype=dtype)}
@@ -247,6 +310,56 @@ def bench_batch_invariant(name: str, path: str, llm, *, batches: list[int], new_
     return rows
 
 
+_CHILD = """
+import json, sys, time, torch
+torch.set_num_threads({threads})
+sys.path.insert(0, {bench_dir!r})
+from generate import make_prompts, run_engine
+from rl_engine import LLM
+from rl_engine.kernels.cpu import threads
+llm = LLM({path!r}, max_num_seqs={batch}, cpu_threads={mode!r})
+prompts = make_prompts({batch}, llm.model.config.vocab_size, min_len=16, max_len=128, seed={batch})
+run_engine(llm, prompts[:2], 4, True)
+dt = run_engine(llm, prompts, {new_tokens}, False)
+print(json.dumps({{"tokens_per_s": round({batch} * {new_tokens} / dt, 1), "threads_at_end": torch.get_num_threads(),
+                  "wait_policy": threads.wait_policy()}}))
+"""
+
+
+def bench_under_load(path: str, *, threads: int, batch: int, new_tokens: int, timeout: float) -> list[dict]:
+    """Decode tokens/s in fresh processes, quiet and beside one busy process at normal priority, for
+    each wait policy x thread policy (see the module doc). A run past `timeout` s reports a bound."""
+    configs = [("default (spin)", "fixed"), ("PASSIVE", "fixed"), ("default (spin)", "auto"), ("PASSIVE", "auto")]
+    rows = []
+    for loaded in (False, True):
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if loaded else None
+        try:
+            for policy, mode in configs:
+                env = dict(os.environ)
+                env.pop("OMP_WAIT_POLICY", None)
+                if policy == "PASSIVE":
+                    env["OMP_WAIT_POLICY"] = "PASSIVE"
+                code = _CHILD.format(threads=threads, bench_dir=os.path.dirname(os.path.abspath(__file__)), path=path,
+                                     batch=batch, mode=mode, new_tokens=new_tokens)
+                row = {"busy_processes": int(loaded), "torch_threads": threads, "omp_wait_policy": policy,
+                       "cpu_threads": mode, "batch": batch, "new_tokens_per_prompt": new_tokens}
+                try:
+                    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                         timeout=timeout, check=True)
+                    row.update(json.loads(out.stdout.strip().splitlines()[-1]))
+                except subprocess.TimeoutExpired:
+                    row["tokens_per_s_below"] = round(batch * new_tokens / timeout, 1)
+                except subprocess.CalledProcessError as exc:
+                    row["error"] = exc.stderr.strip().splitlines()[-1] if exc.stderr.strip() else str(exc)
+                rows.append(row)
+                print(json.dumps({"under_load": row}), flush=True)
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--large", action="store_true", help="also the ~50M-param model with a 32k vocabulary")
@@ -257,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each engine per prompt group (best kept)")
     ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--under-load", action="store_true",
+                    help="also decode at --load-threads beside a busy process: wait and thread policies")
+    ap.add_argument("--load-threads", type=int, default=2, help="torch threads of the --under-load runs (>= 2)")
+    ap.add_argument("--load-batch", type=int, default=64, help="batch of the --under-load runs")
+    ap.add_argument("--load-new-tokens", type=int, default=32, help="new tokens per prompt in --under-load runs")
+    ap.add_argument("--load-timeout", type=float, default=120.0, help="seconds before an --under-load run is cut")
     ap.add_argument("--model", default=None,
                     help="benchmark this model instead of the synthetic ones: a model directory, a .gguf file or "
                          "builtin:smollm2-135m-instruct (the `real` extra; e.g. --batches 1,32)")
@@ -264,17 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = parse_args(build_parser(), smoke={"new_tokens": 4, "repeats": 1, "batches": "1,2"})
+    args = parse_args(build_parser(), smoke={"new_tokens": 4, "repeats": 1, "batches": "1,2", "load_batch": 2,
+                                             "load_new_tokens": 2, "under_load": True})
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
     peak = matmul_peak_gflops(device=device, dtype=dtype)
+    bandwidth = memory_bandwidth_gbs(device=device)
     report = {"torch_threads": args.threads, "device": str(device), "dtype": args.dtype,
-              f"matmul_peak_gflops_{'fp32' if dtype == torch.float32 else 'bf16'}": round(peak, 1), "models": []}
+              f"matmul_peak_gflops_{'fp32' if dtype == torch.float32 else 'bf16'}": round(peak, 1),
+              "memory_bandwidth_gbs": round(bandwidth, 1), "models": []}
     common = dict(batches=batches, new_tokens=args.new_tokens, repeats=args.repeats, peak=peak, max_prompt=128,
-                  device=device, dtype=dtype)
+                  device=device, dtype=dtype, bandwidth=bandwidth)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is not None:
             from rl_engine.builtin_models import resolve_model_path
@@ -288,6 +410,12 @@ def main() -> None:
         first = write_checkpoint(os.path.join(tmp, args.size), hidden=hidden, layers=layers, heads=heads,
                                  kv_heads=kv_heads, intermediate=inter, vocab=vocab, tie=tie, dtype=dtype)
         report["models"].append(bench_model(f"qwen2-{args.size}", first, **common))
+        if args.under_load:
+            if device.type != "cpu" or args.load_threads < 2:
+                report["under_load"] = {"skipped": "--under-load measures CPU decode at --load-threads 2 or more"}
+            else:
+                report["under_load"] = bench_under_load(first, threads=args.load_threads, batch=args.load_batch,
+                                                        new_tokens=args.load_new_tokens, timeout=args.load_timeout)
         if args.large:
             large = write_checkpoint(os.path.join(tmp, "50m"), hidden=512, layers=10, heads=8, kv_heads=2,
                                      intermediate=1792, vocab=32000, tie=True, dtype=dtype)

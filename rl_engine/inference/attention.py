@@ -15,7 +15,9 @@ prefill chunks. Per layer, `attend` writes the new k/v into the paged cache at `
 - prefill chunks: one SDPA call per sequence, over the chunk's own k/v when it starts the sequence
   (plain causal), else over its gathered cached prefix with an offset causal mask.
 Index tensors, views and masks are built once per step (`prepare`), not per layer. On CUDA, decode
-calls the `paged_decode_attention` op from the kernel registry instead (unverified here: no GPU in CI).
+calls the `paged_decode_attention` op from the kernel registry instead (unverified here: no GPU in CI);
+on CPU too when the registry resolves it to the C++ kernel (`kernels/cpu`, which reads K/V in place
+in their blocks: `cpu_decode=True`, it is also given the step's longest context).
 Under `model.batch_invariant` (`invariant=True`) every query instead goes through
 `kernels.invariant.attention` over its keys gathered from the cache at positions 0, 1, ... (padded
 to whole key blocks): decodes as one call with one key sequence per row, prefill chunks as calls
@@ -51,7 +53,7 @@ class PagedAttention:
     [num_blocks, block_size, num_kv_heads, head_dim]."""
 
     def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], *, first_layer: int,
-                 decode_op=None, batch_invariant: bool = False) -> None:
+                 decode_op=None, batch_invariant: bool = False, cpu_decode: bool = False) -> None:
         self.k_caches = k_caches
         self.v_caches = v_caches
         self.first_layer = first_layer
@@ -60,7 +62,9 @@ class PagedAttention:
         self.head_dim = k_caches[0].shape[3]
         self._k_flat = [k.view(-1, self.num_kv_heads, self.head_dim) for k in k_caches]
         self._v_flat = [v.view(-1, self.num_kv_heads, self.head_dim) for v in v_caches]
-        self.decode_op = decode_op  # a registry kernel (CUDA); None: SDPA below
+        self.decode_op = decode_op  # a registry kernel (CUDA, or the C++ CPU one); None: SDPA below
+        self.cpu_decode = cpu_decode  # decode_op is kernels.cpu.ops.paged_decode_attention
+        self.max_context_len = 0
         self.batch_invariant = batch_invariant
         # batch-invariant metadata: per group of decode rows (first row, end row, cache slots [rows * L],
         # positions [rows]); per prefill chunk, its sequence's slots [context_len] (None when the chunk
@@ -90,6 +94,7 @@ class PagedAttention:
         self.prefills = prefills
         self.block_tables = block_tables
         self.context_lens = context_lens
+        self.max_context_len = max_context_len
         self.decode_chunks = []
         if self.batch_invariant:
             self._prepare_invariant(num_single, block_tables, context_lens, max_context_len)
@@ -200,7 +205,10 @@ class PagedAttention:
     def _decode(self, i: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         """One query token per sequence: q [B, Hq, D] -> [B, Hq, D]."""
         B, Hq, D = q.shape
-        if self.decode_op is not None:
+        if self.cpu_decode:
+            out = self.decode_op(q, self.k_caches[i], self.v_caches[i], self.block_tables[:B],
+                                 self.context_lens[:B], scale, self.max_context_len)
+        elif self.decode_op is not None:
             out = self.decode_op(q, self.k_caches[i], self.v_caches[i], self.block_tables[:B],
                                  self.context_lens[:B], scale)
         else:

@@ -25,6 +25,10 @@ class EngineConfig:
     record_routing: bool = False  # MoE: return the experts chosen for every processed token
     # vLLM-style dict or SpeculativeConfig: {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...}
     speculative_config: SpeculativeConfig | dict[str, Any] | None = None
+    # CPU: "auto" lowers torch's thread count to the cores other processes leave free (re-measured every
+    # 0.5 s, never above the count when the engine was built; kernels/cpu/threads.py); "fixed" never
+    # changes it. A busy core makes every OpenMP barrier wait for a descheduled thread.
+    cpu_threads: str = "auto"
 
     def __post_init__(self) -> None:
         def positive(name: str, value) -> None:
@@ -45,6 +49,8 @@ class EngineConfig:
             if self.record_routing:
                 raise ValueError("record_routing=True cannot be combined with speculative_config (the routing "
                                  "of rejected draft positions would be recorded); turn one of them off")
+        if self.cpu_threads not in ("auto", "fixed"):
+            raise ValueError(f"cpu_threads must be 'auto' or 'fixed', got {self.cpu_threads!r}")
         if self.graph_batch_sizes is not None:
             for b in self.graph_batch_sizes:
                 positive("graph_batch_sizes entry", b)

@@ -50,6 +50,7 @@ class LLM:
         seed: int = 0,
         record_routing: bool = False,
         speculative_config: "dict | SpeculativeConfig | None" = None,
+        cpu_threads: str = "auto",
     ) -> None:
         dtype = _dtype(dtype)
         if isinstance(model, (str, os.PathLike)):
@@ -75,7 +76,8 @@ class LLM:
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
                               graph_batch_sizes=graph_batch_sizes, enforce_eager=enforce_eager, seed=seed,
-                              record_routing=record_routing, speculative_config=speculative_config)
+                              record_routing=record_routing, speculative_config=speculative_config,
+                              cpu_threads=cpu_threads)
         self.engine = LLMEngine(model, config=config, tokenizer=tokenizer)
         self._ids = itertools.count()
 

@@ -73,10 +73,14 @@ class ModelRunner:
         use_graphs = (self.device.type == "cuda" and not config.enforce_eager and not model.config.is_moe
                       and not model.batch_invariant)
         decode_op = None
-        if use_graphs:
+        cpu_decode = False
+        if use_graphs or (self.device.type == "cpu" and not model.batch_invariant):
             from rl_engine.kernels import registry
 
-            decode_op = registry.resolve("paged_decode_attention", self.device)
+            resolution = registry.default_registry().resolution("paged_decode_attention", self.device)
+            cpu_decode = resolution.backend == "cpu"  # the C++ kernel; else SDPA (CPU) or the op (CUDA)
+            if use_graphs or cpu_decode:
+                decode_op = resolution.fn
         if latent and model.batch_invariant:
             raise ValueError("model.batch_invariant=true: the latent (MLA, deepseek_v3) paged attention has no "
                              "batch-invariant implementation; turn model.batch_invariant off for this model")
@@ -85,7 +89,8 @@ class ModelRunner:
                                              kv_lora_rank=spec["kv_lora_rank"])
         else:
             self.attn = PagedAttention(self.k_caches, self.v_caches, first_layer=model.layer_range[0],
-                                       decode_op=decode_op, batch_invariant=model.batch_invariant)
+                                       decode_op=decode_op, batch_invariant=model.batch_invariant,
+                                       cpu_decode=cpu_decode)
         buckets = config.graph_batch_sizes or default_buckets(config.max_num_seqs)
         inputs = StaticInputs(max(buckets), max_blocks=self.max_blocks_per_seq, device=self.device)
         graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
@@ -98,6 +103,11 @@ class ModelRunner:
             return runner
 
         self.graphs = GraphCache(buckets, make_runner)
+        self.threads = None  # CPU: torch's thread count follows the free cores (EngineConfig.cpu_threads)
+        if self.device.type == "cpu" and config.cpu_threads == "auto":
+            from rl_engine.kernels.cpu.threads import FreeCoreThreads
+
+            self.threads = FreeCoreThreads()
         # hidden_sink(layout, hidden): sees every step's final hidden states [rows, H] with the layout
         # [(seq, first position, rows)] in row order (the MTP drafter reads the target's states).
         self.hidden_sink = None
@@ -110,6 +120,8 @@ class ModelRunner:
         """Run one step. Returns logits of the sequences that produce a token, and those sequences in
         the same order: one row each, or 1 + num_draft_tokens consecutive rows for one verifying drafts."""
         seqs, nd = sched.seqs, sched.num_single
+        if self.threads is not None:
+            self.threads.poll()
         routing = None
         if record_routing:
             from rl_engine.policy import RoutingRecord

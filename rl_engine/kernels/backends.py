@@ -1,5 +1,5 @@
-"""Backend detection: the one place that asks whether CUDA, Triton, FlashInfer or Transformer Engine
-can be used, and the one place that imports the optional GPU libraries.
+"""Backend detection: the one place that asks whether CUDA, Triton, FlashInfer, Transformer Engine or
+our C++ CPU kernels can be used, and the one place that imports the optional GPU libraries.
 
 Every probe is a small module-level function returning a `BackendStatus` (available + a reason a
 person can read). The registry calls them through this module's namespace at resolve time, so tests
@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-BACKENDS: tuple[str, ...] = ("torch", "triton", "flashinfer", "transformer_engine")
+BACKENDS: tuple[str, ...] = ("torch", "cpu", "triton", "flashinfer", "transformer_engine")
 
 
 @dataclass(frozen=True)
@@ -86,12 +86,24 @@ def transformer_engine_importable() -> BackendStatus:
 # --- per-device status (what the registry asks) --------------------------------------------------
 
 
+def cpu_kernels_status() -> BackendStatus:
+    """Our C++ CPU kernels (`rl_engine.kernels.cpu`): builds them on the first call (then cached)."""
+    from rl_engine.kernels import cpu
+
+    available, reason = cpu.extension_status()
+    return BackendStatus(available, reason)
+
+
 def backend_status(backend: str, device_type: str) -> BackendStatus:
     """Can `backend` run ops on tensors of `device_type` ("cpu", "cuda", ...)?"""
     if backend == "torch":
         return BackendStatus(True, "torch reference runs on every device")
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; known backends: {', '.join(BACKENDS)}")
+    if backend == "cpu":
+        if device_type != "cpu":
+            return BackendStatus(False, f"the C++ CPU kernels run on CPU tensors only, not on {device_type}")
+        return cpu_kernels_status()
     if backend == "triton":
         return _triton_status(device_type)
     if device_type != "cuda":

@@ -9,7 +9,11 @@ build time and `forward` only calls plain functions. The rules, in order:
    one, or an override naming another backend, fails with a ValueError naming the op;
 1. an override (`set_backend_overrides` / `KernelConfig`) names the backend; if that backend cannot
    run on the device, resolution fails with a ValueError naming op, backend, why, and what can run;
-2. on CPU (and any non-CUDA device) the torch reference;
+2. on CPU the torch reference, or under `RL_ENGINE_CPU_KERNELS=1` the C++ kernel (`cpu` backend,
+   `rl_engine.kernels.cpu`, opt-in: not faster end to end yet) when the op has one, it is not
+   disabled (`disabled_backends`) and it built, else the torch reference with the reason the C++
+   kernel was not taken (the C++ kernels are built only when asked for); on any other non-CUDA
+   device the torch reference;
 3. on CUDA the first available backend in the op's preference order (never an opt-in backend).
 
 Availability comes from `backends.backend_status`, looked up at resolve time, so tests monkeypatch
@@ -29,6 +33,7 @@ from typing import Any
 import torch
 
 from rl_engine.kernels import backends
+from rl_engine.kernels import cpu as cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,7 @@ _FLASHINFER = "rl_engine.kernels.flashinfer_adapter"
 _TE = "rl_engine.kernels.te_adapter"
 _LOGPROB = "rl_engine.kernels.logprob"
 _INVARIANT = "rl_engine.kernels.invariant"
+_CPU = "rl_engine.kernels.cpu.ops"
 
 
 @dataclass(frozen=True)
@@ -58,13 +64,13 @@ class OpSpec:
 
 
 def _spec(name: str, doc: str, *, triton: str | None = None, flashinfer: str | None = None,
-          transformer_engine: str | None = None, torch_impl: str | None = None,
+          transformer_engine: str | None = None, torch_impl: str | None = None, cpu: str | None = None,
           cuda_preference: tuple[str, ...] = ("triton", "torch"),
           opt_in: frozenset[str] = frozenset(), invariant: str | None = "torch") -> OpSpec:
     """`invariant`: "torch" when the torch implementation already reduces per row in a fixed order
     (or does not reduce), a dotted path for a dedicated one, None when there is none."""
     impls = {"torch": torch_impl or f"{_REF}:{name}"}
-    for backend, path in (("triton", triton), ("flashinfer", flashinfer),
+    for backend, path in (("cpu", cpu), ("triton", triton), ("flashinfer", flashinfer),
                           ("transformer_engine", transformer_engine)):
         if path is not None:
             impls[backend] = path
@@ -75,20 +81,20 @@ def _spec(name: str, doc: str, *, triton: str | None = None, flashinfer: str | N
 
 OPS: dict[str, OpSpec] = {s.name: s for s in (
     _spec("rms_norm", "(x, weight, eps, residual=None) -> (normed, new_residual | None)",
-          triton=f"{_TRITON}.rms_norm:rms_norm"),
+          triton=f"{_TRITON}.rms_norm:rms_norm", cpu=f"{_CPU}:rms_norm"),
     _spec("rotary_cos_sin", "(positions, inv_freq) -> (cos, sin) [T, head_dim//2] fp32"),
     _spec("apply_rotary", "(q, k, cos, sin) -> (q_rot, k_rot), new tensors",
           triton=f"{_TRITON}.rotary:apply_rotary"),
     _spec("apply_rotary_inplace", "(q, k, positions, cos_cache, sin_cache) -> (q, k) rotated in place",
           triton=f"{_TRITON}.rotary:apply_rotary_inplace"),
     _spec("silu_and_mul", "(x [..., 2d] as [gate|up]) -> silu(gate) * up [..., d]",
-          triton=f"{_TRITON}.swiglu:silu_and_mul"),
+          triton=f"{_TRITON}.swiglu:silu_and_mul", cpu=f"{_CPU}:silu_and_mul"),
     _spec("varlen_causal_attention", "(q, k, v, cu_seqlens, scale) -> [T, heads, head_dim]",
           invariant=f"{_INVARIANT}:varlen_causal_attention"),
     _spec("paged_decode_attention",
           "(q, k_cache, v_cache, block_tables, context_lens, scale) -> [batch, heads, head_dim]",
           triton=f"{_TRITON}.paged_attention:paged_decode_attention",
-          flashinfer=f"{_FLASHINFER}:paged_decode_attention",
+          flashinfer=f"{_FLASHINFER}:paged_decode_attention", cpu=f"{_CPU}:paged_decode_attention",
           # Triton first: the engine captures this op in CUDA graphs, and only the Triton kernel is
           # capture-safe in function form (FlashInfer's plans per call and syncs with the host;
           # the engine uses it through FlashInferAttention, planning outside the graph).
@@ -227,11 +233,16 @@ class KernelRegistry:
         return result
 
     def _resolve_uncached(self, spec: OpSpec, device_type: str) -> Resolution:
-        statuses = {b: backends.backend_status(b, device_type) for b in spec.impls}
-        available = tuple(b for b, s in statuses.items() if s.available)
-        unavailable = {b: s.reason for b, s in statuses.items() if not s.available}
         overrides = self._config.overrides
         override = overrides.get(spec.name)
+        # the C++ CPU kernels compile on first use: probe them only when they could be chosen
+        want_cpu = device_type == "cpu" and not self._config.batch_invariant and (
+            cpu_kernels.default_on() or "cpu" in (override, overrides.get("*")))
+        statuses = {b: backends.backend_status(b, device_type) if b != "cpu" or want_cpu else
+                    backends.BackendStatus(False, f"C++ CPU kernels are opt-in ({cpu_kernels.ENV_SWITCH}=1 or an "
+                                                  f"override {spec.name}=cpu)") for b in spec.impls}
+        available = tuple(b for b, s in statuses.items() if s.available)
+        unavailable = {b: s.reason for b, s in statuses.items() if not s.available}
         if self._config.batch_invariant:
             wildcard = overrides.get("*") if overrides.get("*") in spec.impls else None
             return self._resolve_invariant(spec, device_type, override or wildcard, available, unavailable)
@@ -249,6 +260,8 @@ class KernelRegistry:
                     f" {unavailable[override]}; available for {spec.name} on {device_type}:"
                     f" {', '.join(available)}")
             backend, reason = override, source
+        elif device_type == "cpu":
+            backend, reason = self._default_cpu(spec, statuses)
         elif device_type != "cuda":
             backend, reason = "torch", f"torch reference is the default on {device_type}"
         else:
@@ -268,6 +281,17 @@ class KernelRegistry:
         return Resolution(op=spec.name, device_type=device_type, backend="torch",
                           reason="batch-invariant implementation (model.batch_invariant)",
                           available=available, unavailable=unavailable, fn=_load(spec.invariant))
+
+    def _default_cpu(self, spec: OpSpec, statuses: Mapping[str, backends.BackendStatus]) -> tuple[str, str]:
+        if "cpu" not in spec.impls:
+            return "torch", "torch reference is the default on cpu (no C++ kernel for this op)"
+        if not cpu_kernels.default_on():
+            return "torch", f"torch reference is the default on cpu (C++ kernel opt-in: {cpu_kernels.ENV_SWITCH}=1)"
+        if "cpu" in self._config.disabled_backends:
+            return "torch", "torch reference: the C++ CPU kernels are disabled by config"
+        if not statuses["cpu"].available:
+            return "torch", f"torch reference: C++ CPU kernels unavailable ({statuses['cpu'].reason})"
+        return "cpu", f"C++ CPU kernel ({cpu_kernels.ENV_SWITCH}=1)"
 
     def _default_cuda(self, spec: OpSpec, statuses: Mapping[str, backends.BackendStatus]) -> tuple[str, str]:
         skipped: list[str] = []

@@ -1,0 +1,103 @@
+"""C++ CPU kernels (the registry's "cpu" backend), built on first use with torch.utils.cpp_extension.
+
+`csrc/cpu_ops.cpp` is compiled once per machine into the torch extensions cache
+(`$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`) with `-O3 -march=native`; the
+extension's name carries a hash of the source, the flags and this CPU's instruction-set flags, so a
+changed source or another CPU gets its own build and a warm cache loads in well under a second.
+Threads come from ATen's intra-op pool (`at::parallel_for`: torch's own OpenMP runtime and
+`torch.get_num_threads()`), so these kernels add no second OpenMP runtime.
+
+They are opt-in: measured in `benchmarks/generate.py` on the ~3.5M model they are not faster than
+the torch references end to end yet (0.90-1.01x; decode attention at batch 64 is bound by reading
+the KV cache, which both read once), so the registry takes them on CPU only under
+`RL_ENGINE_CPU_KERNELS=1` (then as the default, falling back to torch with the reason logged) or an
+override `OP=cpu` (`*=cpu`: every op that has one). `RL_ENGINE_CPU_KERNELS=0` never builds them.
+
+`extension_status()` says whether the kernels can run and why not: no C++ compiler on PATH, the
+build failed (its first error lines), or `RL_ENGINE_CPU_KERNELS=0`. Wrappers of each op: `ops.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+# -fopenmp-simd: the `omp simd` loop hints without an OpenMP runtime; -fno-trapping-math and
+# -fno-math-errno let loops with floor / float->int (fast_exp) vectorise; no -ffast-math (it would
+# drop inf/NaN semantics and reassociate where the kernels mirror the references' rounding).
+CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math")
+ENV_SWITCH = "RL_ENGINE_CPU_KERNELS"  # "1": the default on CPU; "0": never built; unset: only by override
+
+
+def default_on() -> bool:
+    """True when `RL_ENGINE_CPU_KERNELS=1`: the registry's CPU default where an op has a C++ kernel."""
+    return os.environ.get(ENV_SWITCH) == "1"
+
+# seconds the last build (or cache load) took, for the benchmark's report
+load_seconds: float | None = None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def extension_name() -> str:
+    digest = hashlib.sha256()
+    digest.update(SOURCE.read_bytes())
+    digest.update(" ".join(CFLAGS).encode())
+    digest.update(_cpu_flags().encode())
+    return f"rl_engine_cpu_ops_{digest.hexdigest()[:12]}"
+
+
+@functools.cache
+def _load() -> tuple[ModuleType | None, str]:
+    global load_seconds
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None, f"disabled by {ENV_SWITCH}=0"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return None, f"no C++ compiler ({compiler!r} not on PATH; set CXX or install g++)"
+    start = time.perf_counter()
+    try:
+        from torch.utils import cpp_extension
+
+        module = cpp_extension.load(name=extension_name(), sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+                                    verbose=False)
+    except Exception as exc:  # a failed build falls back to torch, with the compiler's first lines
+        message = " ".join(str(exc).split())[:400]
+        logger.warning("rl_engine C++ CPU kernels unavailable, using torch references: %s", message)
+        return None, f"build failed ({type(exc).__name__}: {message})"
+    load_seconds = time.perf_counter() - start
+    logger.info("rl_engine C++ CPU kernels ready in %.1f s (%s)", load_seconds, extension_name())
+    return module, f"C++ CPU kernels ({' '.join(CFLAGS)}), built in the torch extensions cache"
+
+
+def extension_status() -> tuple[bool, str]:
+    """(usable, reason). Builds the extension on the first call (cached on disk afterwards)."""
+    module, reason = _load()
+    return module is not None, reason
+
+
+def extension() -> ModuleType:
+    """The compiled module; RuntimeError with the reason when it cannot be built."""
+    module, reason = _load()
+    if module is None:
+        raise RuntimeError(f"rl_engine C++ CPU kernels are unavailable: {reason}")
+    return module

@@ -1,0 +1,119 @@
+"""Thread count and OpenMP wait policy for a shared, loaded CPU machine.
+
+torch 2.13's CPU build runs its intra-op pool on GNU OpenMP (the `libgomp.so.1` bundled in
+`torch/lib`; `torch.__config__.parallel_info()` says "ATen parallel backend: OpenMP"), and MKL's
+threads use the same runtime. Two things make decode collapse when another process keeps a core
+busy (measured: 29-540 tok/s at 2 threads where a quiet machine gives ~4.9k):
+
+- every parallel region ends in a barrier that waits for all of its threads; a thread whose core is
+  taken runs only when the scheduler preempts the other process, so each region can cost a
+  scheduler time slice. Fewer threads than the free cores avoids that: `FreeCoreThreads`.
+- libgomp's idle threads spin (OMP_WAIT_POLICY unset: about 300k spins, ~0.1-1 ms, after every
+  region) and take CPU from the process that owns the core, which then holds it longer.
+  `OMP_WAIT_POLICY=PASSIVE` makes them sleep at once. libgomp reads it once, when it is loaded
+  (the first `import torch`), so it must be in the environment before that: `passive_wait_env()`
+  gives the environment for a child process, and `wait_policy()` reports what the running process
+  got. (`KMP_BLOCKTIME` is Intel's OpenMP runtime's knob; libgomp ignores it.)
+
+`FreeCoreThreads` measures, every `interval` seconds, how many of this process's allowed cores
+other processes kept busy (from /proc/stat, minus this process's own CPU time; niced processes do
+not count against a process at normal priority, since the scheduler gives them ~1.5% of a core
+beside it) and sets `torch.set_num_threads` to the free cores, between 1 and the count at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def wait_policy() -> str:
+    """The OpenMP wait policy this process's runtime was loaded with ("PASSIVE", "ACTIVE" or
+    "default (spin, then sleep)"): libgomp took it from the environment when torch was imported."""
+    value = os.environ.get("OMP_WAIT_POLICY")
+    if value is None or "torch" not in sys.modules:
+        return "default (spin, then sleep)" if value is None else value.upper() + " (torch not loaded yet)"
+    return value.upper()
+
+
+def passive_wait_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """An environment for a child process whose OpenMP threads sleep as soon as they are idle."""
+    env = dict(os.environ if base is None else base)
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
+
+
+def _read_proc_stat() -> tuple[int, int] | None:
+    """(busy ticks at normal priority, busy ticks of niced processes) over all cores."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return user + system + irq + softirq + steal, nice
+
+
+class FreeCoreThreads:
+    """Keeps torch's thread count at the cores other processes leave free (see the module doc)."""
+
+    def __init__(self, *, max_threads: int | None = None, interval: float = 0.5) -> None:
+        self.max_threads = max_threads or torch.get_num_threads()
+        self.interval = interval
+        try:
+            self.cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            self.cpus = os.cpu_count() or 1
+        self._ticks_per_s = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.enabled = self.max_threads > 1 and _read_proc_stat() is not None
+        self._last: tuple[float, int, int, float] | None = self._sample() if self.enabled else None
+        self._next = time.monotonic() + min(interval, 0.1)  # a first measurement soon after start
+        self.threads = self.max_threads
+        self.changes = 0
+
+    def _sample(self) -> tuple[float, int, int, float]:
+        busy, niced = _read_proc_stat()
+        t = os.times()
+        return time.monotonic(), busy, niced, t.user + t.system
+
+    def poll(self) -> int:
+        """Cheap when called often (a clock read); re-measures every `interval` seconds."""
+        if not self.enabled:
+            return self.threads
+        now = time.monotonic()
+        if now < self._next:
+            return self.threads
+        self._next = now + self.interval
+        sample = self._sample()
+        last, self._last = self._last, sample
+        if last is None:
+            return self.threads
+        elapsed = sample[0] - last[0]
+        if elapsed <= 0:
+            return self.threads
+        busy = (sample[1] - last[1]) / self._ticks_per_s
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:  # we are niced too: niced work competes with us
+            busy += (sample[2] - last[2]) / self._ticks_per_s
+        others = max(0.0, busy - (sample[3] - last[3])) / elapsed  # cores busy with other processes
+        free = self.cpus - others
+        threads = max(1, min(self.max_threads, int(free + 0.5)))
+        if threads != self.threads:
+            logger.info("CPU threads %d -> %d (other processes kept %.1f of %d cores busy)", self.threads, threads,
+                        others, self.cpus)
+            torch.set_num_threads(threads)
+            self.threads = threads
+            self.changes += 1
+        return threads
+
+    def restore(self) -> None:
+        if self.threads != self.max_threads:
+            torch.set_num_threads(self.max_threads)
+            self.threads = self.max_threads

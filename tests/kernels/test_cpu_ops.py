@@ -1,0 +1,209 @@
+"""The C++ CPU kernels (`rl_engine.kernels.cpu`, the registry's "cpu" backend) against their torch
+references, and how the registry chooses them or falls back.
+
+Tolerances are the kernel tests' (conftest.TOLERANCES): fp32 1e-5, the same values as the reference
+up to fp32 summation order (online softmax rescales by exp(m_old - m_new) per cache block, rounded
+once per block: a few ulps relative on outputs of magnitude <= 4 here); bf16 2e-2: the kernels round
+intermediates to bf16 where the reference does, so a result differs by at most one or two bf16 ulps
+(2^-8 relative each) when its fp32 value lands on the other side of a rounding boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from rl_engine.kernels import backends, cpu, reference, registry
+from rl_engine.kernels.backends import BackendStatus
+from tests.kernels.test_paged_attention import make_paged_state
+
+AVAILABLE, REASON = cpu.extension_status()
+needs_cpu_kernels = pytest.mark.skipif(not AVAILABLE, reason=f"C++ CPU kernels unavailable: {REASON}")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+DECODE_CASES = [  # (context_lens, block_size, num_kv_heads, group, head_dim)
+    ([5, 17, 1, 0, 33], 16, 2, 1, 12),  # padding request (0), lengths across block boundaries
+    ([20, 20, 1, 3], 1, 1, 4, 32),  # one-token blocks, shared prefix blocks
+    ([1], 16, 2, 4, 64),  # a lone one-token context
+    ([40, 33, 0, 16, 15], 4, 2, 7, 20),  # odd GQA group, exact block multiples and one short
+    ([257, 130], 16, 3, 2, 128),  # long contexts: many online-softmax rescales
+]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("context_lens", "block_size", "num_kv_heads", "group", "head_dim"), DECODE_CASES)
+def test_paged_decode_matches_reference(assert_close, dtype, context_lens, block_size, num_kv_heads, group,
+                                        head_dim):
+    from rl_engine.kernels.cpu.ops import paged_decode_attention
+
+    scale = head_dim ** -0.5
+    _, _, k_cache, v_cache, tables, lens = make_paged_state(
+        context_lens, block_size=block_size, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
+        device="cpu")
+    # q as a strided view (a slice of a fused q|k projection), like the engine passes it
+    qk = torch.randn(len(context_lens), num_kv_heads * group + num_kv_heads, head_dim).to(dtype)
+    q = qk[:, :num_kv_heads * group]
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    expected = reference.paged_decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens,
+                                                scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out, expected, dtype)
+    assert torch.all(out[lens == 0] == 0)
+    # the engine passes the longest context it already knows: same result
+    known = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, max(context_lens))
+    assert torch.equal(known, out)
+
+
+@needs_cpu_kernels
+def test_paged_decode_rejects_a_block_outside_the_cache():
+    from rl_engine.kernels.cpu.ops import paged_decode_attention
+
+    cache = torch.zeros(3, 4, 1, 8)
+    tables = torch.tensor([[0, 7]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="outside the cache's 3 blocks"):
+        paged_decode_attention(torch.zeros(1, 2, 8), cache, cache, tables, torch.tensor([6], dtype=torch.int32),
+                               1.0)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("shape", [(1, 8), (5, 37), (2, 3, 20), (64, 256)])
+def test_rms_norm_matches_reference(assert_close, dtype, with_residual, shape):
+    from rl_engine.kernels.cpu.ops import rms_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype)
+    weight = (1 + 0.1 * torch.randn(shape[-1])).to(dtype)
+    residual = torch.randn(shape).to(dtype) if with_residual else None
+    with torch.inference_mode():
+        y, res = rms_norm(x, weight, 1e-6, residual)
+        y_ref, res_ref = reference.rms_norm(x, weight, 1e-6, residual)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, y_ref, dtype)
+    if with_residual:
+        assert torch.equal(res, res_ref)  # one rounded add, as the reference does it
+    else:
+        assert res is None
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 16), (7, 2 * 37), (2, 3, 2 * 768)])
+def test_silu_and_mul_matches_reference(assert_close, dtype, shape):
+    from rl_engine.kernels.cpu.ops import silu_and_mul
+
+    torch.manual_seed(1)
+    x = (3 * torch.randn(shape)).to(dtype)
+    with torch.no_grad():
+        out = silu_and_mul(x)
+        expected = reference.silu_and_mul(x)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert_close(out, expected, dtype)
+
+
+@needs_cpu_kernels
+def test_ops_that_autograd_records_run_the_reference():
+    """The trainer's forward needs gradients: the C++ kernels have none, so the reference runs."""
+    from rl_engine.kernels.cpu.ops import rms_norm, silu_and_mul
+
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.ones(16, requires_grad=True)
+    y, _ = rms_norm(x, w, 1e-6)
+    y.sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    reference.rms_norm(x_ref, w.detach(), 1e-6)[0].sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    g = torch.randn(3, 8, requires_grad=True)
+    silu_and_mul(g).sum().backward()
+    assert g.grad is not None and g.grad.abs().sum() > 0
+
+
+@needs_cpu_kernels
+def test_registry_picks_the_cpu_kernels_when_asked_and_logs_why(caplog, monkeypatch):
+    from rl_engine.kernels.cpu import ops
+
+    monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
+    assert registry.default_registry().resolution("rms_norm", "cpu").backend == "torch"  # opt-in
+    registry.configure(registry.KernelConfig(overrides={"*": "cpu"}))
+    assert registry.resolve("silu_and_mul", "cpu") is ops.silu_and_mul
+    assert registry.resolve("varlen_causal_attention", "cpu") is reference.varlen_causal_attention  # none
+    registry.configure(registry.KernelConfig())
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
+    caplog.set_level(logging.INFO, logger="rl_engine.kernels.registry")
+    for op in ("rms_norm", "silu_and_mul", "paged_decode_attention"):
+        resolution = registry.default_registry().resolution(op, "cpu")
+        assert resolution.backend == "cpu" and resolution.fn is getattr(ops, op)
+        assert "C++ CPU kernel" in resolution.reason
+    assert registry.resolve("varlen_causal_attention", "cpu") is reference.varlen_causal_attention
+    assert any("rms_norm on cpu -> cpu" in r.getMessage() for r in caplog.records)
+    registry.configure(registry.KernelConfig(disabled_backends=("cpu",)))
+    resolution = registry.default_registry().resolution("rms_norm", "cpu")
+    assert resolution.backend == "torch" and "disabled by config" in resolution.reason
+
+
+def test_registry_falls_back_to_torch_with_the_reason(monkeypatch):
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
+    monkeypatch.setattr(backends, "cpu_kernels_status",
+                        lambda: BackendStatus(False, "no C++ compiler ('c++' not on PATH; set CXX or install g++)"))
+    registry.clear_cache()
+    resolution = registry.default_registry().resolution("paged_decode_attention", "cpu")
+    assert resolution.backend == "torch" and resolution.fn is reference.paged_decode_attention
+    assert "C++ CPU kernels unavailable (no C++ compiler" in resolution.reason
+    with pytest.raises(ValueError, match="cannot run on cpu: no C\\+\\+ compiler"):
+        registry.configure(registry.KernelConfig(overrides={"rms_norm": "cpu"}))
+        registry.resolve("rms_norm", "cpu")
+
+
+def test_batch_invariant_mode_keeps_its_own_kernels(monkeypatch):
+    monkeypatch.setenv(cpu.ENV_SWITCH, "1")
+    registry.configure(registry.KernelConfig(batch_invariant=True))
+    resolution = registry.default_registry().resolution("paged_decode_attention", "cpu")
+    assert resolution.backend == "torch" and "batch-invariant" in resolution.reason
+    assert resolution.fn.__module__ == "rl_engine.kernels.invariant"
+
+
+def test_loader_reports_a_missing_compiler_and_the_switch(monkeypatch):
+    """The build is skipped, with a reason a person can act on (the cached loader is bypassed)."""
+    monkeypatch.setenv("CXX", "no-such-compiler-rl-engine")
+    module, reason = cpu._load.__wrapped__()
+    assert module is None and "'no-such-compiler-rl-engine' not on PATH" in reason
+    monkeypatch.setenv(cpu.ENV_SWITCH, "0")
+    module, reason = cpu._load.__wrapped__()
+    assert module is None and reason == f"disabled by {cpu.ENV_SWITCH}=0"
+
+
+def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu, "SOURCE", broken)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    module, reason = cpu._load.__wrapped__()
+    assert module is None and reason.startswith("build failed (")
+
+
+@needs_cpu_kernels
+def test_engine_with_the_cpp_kernels_generates_what_the_default_engine_does():
+    """Greedy tokens equal and sampled-token log-probs within fp32 reordering, through the engine's
+    decode (C++ paged attention over shuffled, shared and preempted blocks) and the model's norms."""
+    from rl_engine import LLM, SamplingParams
+    from tests.kernels.test_paged_decode_engine_state import NUM_KV_BLOCKS, tiny_gqa_model
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 64, (n,), generator=gen).tolist() for n in (3, 9, 17, 5)]
+    prompts.append(prompts[1][:8] + [7])  # shares a block with prompt 1 (prefix caching)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0)
+    results = {}
+    for name, overrides in (("default", {}), ("cpp", {"*": "cpu"})):
+        registry.configure(registry.KernelConfig(overrides=overrides))
+        llm = LLM(tiny_gqa_model(), block_size=4, num_kv_blocks=NUM_KV_BLOCKS, max_num_seqs=4)
+        assert llm.engine.runner.attn.cpu_decode == (name == "cpp")
+        results[name] = llm.generate(prompts, params)
+    for ours, ref in zip(results["cpp"], results["default"]):
+        assert ours.outputs[0].token_ids == ref.outputs[0].token_ids
+        torch.testing.assert_close(torch.tensor(ours.outputs[0].logprobs), torch.tensor(ref.outputs[0].logprobs),
+                                   atol=1e-5, rtol=0)
