@@ -119,10 +119,11 @@ def test_ngram_run_samples_what_the_plain_run_samples(tmp_path):
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-6
         assert not any(k.startswith("rollout/spec_") for k in b)
     assert [s["token_ids"] for s in spec_samples] == [s["token_ids"] for s in plain_samples]
-    # Behavior log-probs: the contract's fp32 bound (1e-5 at T = 1) scaled by 1 / T, since the logits'
-    # last-bit differences between a verify chunk and a one-token decode are divided by the temperature.
+    # Behavior log-probs of two engine paths (verify chunk, one-token decode), each within the contract's
+    # fp32 bound of the trainer's (1e-5 at T = 1, scaled by 1 / T: the logits' float differences are
+    # divided by the temperature), so within twice that of each other.
     for s, p in zip(spec_samples, plain_samples):
-        assert max(abs(x - y) for x, y in zip(s["behavior_logprobs"], p["behavior_logprobs"])) <= 1e-5 / TEMPERATURE
+        assert max(abs(x - y) for x, y in zip(s["behavior_logprobs"], p["behavior_logprobs"])) <= 2e-5 / TEMPERATURE
 
 
 def test_batch_invariant_ngram_run_is_bitwise_on_policy(tmp_path):
