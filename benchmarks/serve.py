@@ -2,7 +2,10 @@
 `rl-engine serve`, as a ratio of offline `LLM.generate` on the same prompts in this process, measured
 in the same run; and the time to first token (TTFT) percentiles of the served requests. Also the CPU
 time per token of the offline engine over the server process's, steadier than wall time on a shared
-machine (it leaves out the clients, which run in this process).
+machine (it leaves out the clients, which run in this process). The clients' own CPU time is reported
+beside it (`client_cpu_s`): on a 2-core machine the clients and the server share the cores, which the
+served wall time pays for and the offline run does not (vLLM's benchmark_serving has the same split, a
+client process counting the server's output tokens over wall time, on machines with cores to spare).
 
 The server is a separate process (`python -m rl_engine.cli serve`, uvicorn, loopback), as it is
 deployed; the clients are asyncio tasks of this process reading the server-sent events with httpx
@@ -146,7 +149,7 @@ def main() -> None:
             llm.generate(prompts[:2], params)  # warm both sides
             asyncio.run(run_clients(url, prompts[:2], clients=2, new_tokens=args.new_tokens))
             best_offline, best_served = float("inf"), None
-            offline_cpu, served_cpu = float("inf"), float("inf")
+            offline_cpu, served_cpu, client_cpu = float("inf"), float("inf"), float("inf")
             for _ in range(args.repeats):
                 llm.reset_prefix_cache()
                 c0, t0 = time.process_time(), time.perf_counter()
@@ -154,9 +157,10 @@ def main() -> None:
                 best_offline = min(best_offline, time.perf_counter() - t0)
                 offline_cpu = min(offline_cpu, time.process_time() - c0)
                 offline_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-                c0 = cpu_seconds(server.pid)
+                c0, k0 = cpu_seconds(server.pid), time.process_time()
                 served = asyncio.run(run_clients(url, prompts, clients=clients, new_tokens=args.new_tokens))
                 served_cpu = min(served_cpu, cpu_seconds(server.pid) - c0)
+                client_cpu = min(client_cpu, time.process_time() - k0)
                 if best_served is None or served["wall_s"] < best_served["wall_s"]:
                     best_served = served
             assert best_served["tokens"] == offline_tokens == n * args.new_tokens, (best_served["tokens"], offline_tokens)
@@ -168,6 +172,9 @@ def main() -> None:
                    "served_over_offline": round(served_tps / offline_tps, 3),
                    # CPU seconds per token, offline over the server process's (busy-machine-proof)
                    "cpu_offline_over_served": round(offline_cpu / served_cpu, 3),
+                   # least CPU seconds of one run: offline, the server process, the clients (this process)
+                   "offline_cpu_s": round(offline_cpu, 3), "server_cpu_s": round(served_cpu, 3),
+                   "client_cpu_s": round(client_cpu, 3),
                    "ttft_ms": {f"p{q}": round(1000 * percentile(ttfts, q), 1) for q in (50, 90, 99)}}
             print(json.dumps(row), flush=True)
             rows.append(row)
