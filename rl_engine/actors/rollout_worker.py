@@ -72,7 +72,8 @@ class RolloutWorker:
                        speculative_config=r.speculative)
         self.engine = self.llm.engine
         # Every process computes the same plan: every trainer rank sends its own shards to this tp=1 engine.
-        plan = plan_sync(model.config, src=TrainLayout(tp=t.tp, pp=t.pp, dp=t.dp, ep=t.ep, dtype=dtype),
+        # A context-parallel trainer is dp x cp replicas (TrainLayout.of), as the trainer group plans it.
+        plan = plan_sync(model.config, src=TrainLayout(tp=t.tp, pp=t.pp, dp=t.dp * t.cp, ep=t.ep, dtype=dtype),
                          dst=EngineLayout(tp=1, replicas=1, dtype=dtype), bucket_bytes=p.weight_bucket_mb << 20)
         kind = p.weight_transport
         if kind == "auto":
