@@ -8,7 +8,7 @@ Threads come from ATen's intra-op pool (`at::parallel_for`: torch's own OpenMP r
 `torch.get_num_threads()`), so these kernels add no second OpenMP runtime.
 
 They are opt-in: measured in `benchmarks/generate.py` on the ~3.5M model they are not faster than
-the torch references end to end yet (0.90-1.01x; decode attention at batch 64 is bound by reading
+the torch references end to end yet (0.85-1.08x over two runs; decode attention at batch 64 is bound by reading
 the KV cache, which both read once), so the registry takes them on CPU only under
 `RL_ENGINE_CPU_KERNELS=1` (then as the default, falling back to torch with the reason logged) or an
 override `OP=cpu` (`*=cpu`: every op that has one). `RL_ENGINE_CPU_KERNELS=0` never builds them.
