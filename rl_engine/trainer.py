@@ -210,9 +210,12 @@ class GRPOTrainer:
         self.tokenizer = self.prompts.tokenizer
         self.dataset, self.eval_items = self.prompts.dataset, self.prompts.eval_items
         r = cfg.rollout
+        # cpu_threads fixed: the engine shares this process with training, and a thread count that followed
+        # the machine's load would be left to training too, making a run's numbers depend on the load
         self.llm = LLM(model=self.model, tokenizer=self.tokenizer, kv_cache_memory=r.kv_cache_memory_mb << 20,
                        max_num_batched_tokens=r.max_num_batched_tokens, seed=cfg.train.seed,
-                       record_routing=r.routing_replay, speculative_config=r.speculative)
+                       record_routing=r.routing_replay, speculative_config=r.speculative,
+                       cpu_threads="fixed")
         self.moe_layers = sorted(self.model.config.moe_layers) if r.routing_replay else None
         self.rewards = RewardComputer(cfg.reward)
         self.agentic = None  # rollout.fn: multi-turn sessions instead of single-turn completions

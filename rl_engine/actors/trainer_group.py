@@ -102,9 +102,12 @@ class TrainerGroup:
                 from rl_engine.policy.tokenizer import Tokenizer
 
                 tokenizer = Tokenizer.from_pretrained(cfg.model.path, eos_token_ids=config.eos_token_id or None)
+            # cpu_threads fixed: the engine shares this process with training, and a thread count that followed
+            # the machine's load would be left to training too, making a run's numbers depend on the load
             self.llm = LLM(self.trainer.chunks[0], tokenizer=tokenizer, kv_cache_memory=r.kv_cache_memory_mb << 20,
                            max_num_batched_tokens=r.max_num_batched_tokens, seed=t.seed,
-                           record_routing=r.routing_replay, speculative_config=r.speculative)
+                           record_routing=r.routing_replay, speculative_config=r.speculative,
+                           cpu_threads="fixed")
             # Engine rank = replica * tp + tp_rank = this training rank (pp = 1): each reads its own shards.
             # Under context parallelism every cp rank holds a whole replica: dp x cp engines, none using cp.
             plan = plan_sync(config, src=src, dst=EngineLayout(tp=t.tp, replicas=t.dp * t.cp, dtype=self.dtype),
