@@ -127,7 +127,8 @@ def test_reshard_keeps_params_moments_step_and_rng(trained):
     assert read_full_tensors(str(trained / "trained"), "exp_avg")["model.norm.weight"].abs().sum() > 0
     meta = json.loads((trained / "tp1_pp2_dp2" / "metadata.json").read_text())
     assert meta["step"] == 1 and meta["extra"] == {"policy_version": 1} and meta["world_size"] == 4
-    assert meta["layout"] == {"tp": 1, "pp": 2, "dp": 2, "ep": 1, "virtual_stages": 1, "sequence_parallel": False}
+    assert meta["layout"] == {"tp": 1, "cp": 1, "pp": 2, "dp": 2, "ep": 1, "virtual_stages": 1,
+                              "sequence_parallel": False}
     for rank in range(4):  # the same world size: each rank's RNG stream is carried over
         a = load_file(trained / "trained" / f"rank{rank:05d}.safetensors")["rng/torch_cpu"]
         b = load_file(trained / "tp1_pp2_dp2" / f"rank{rank:05d}.safetensors")["rng/torch_cpu"]
