@@ -24,9 +24,10 @@ import msgspec
 import torch
 import zmq
 
-PROTOCOL_VERSION = 7  # 2: the RL loop's messages (GenerateBatch, TrainBatch, ...); 3: async (partial rollouts);
+PROTOCOL_VERSION = 8  # 2: the RL loop's messages (GenerateBatch, TrainBatch, ...); 3: async (partial rollouts);
 # 4: authenticated sockets (WeightsApplied.rejected_messages); 5: TrainBatch.rewards / groups;
-# 6: worker restarts (WorkerExited from the launcher, PublishWeights to the trainer); 7: TrainBatch.loss_mask
+# 6: worker restarts (WorkerExited from the launcher, PublishWeights to the trainer); 7: TrainBatch.loss_mask;
+# 8: ErrorReply.ref (a weight update's rejection names its version)
 
 # Wire dtype names -> torch dtypes. Fixed table: a peer can never make us resolve an arbitrary name.
 DTYPES: dict[str, torch.dtype] = {
@@ -310,6 +311,7 @@ class Ack(Message):
 class ErrorReply(Message):
     code: str  # one of the ERROR_* constants below, or a component's own code
     message: str
+    ref: str = ""  # what is refused, as in `Ack.ref` ("weights:v3"): lets a peer tell a late answer from this one's
 
 
 class Shutdown(Message):

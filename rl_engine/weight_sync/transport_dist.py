@@ -7,8 +7,9 @@ collective over the sync group:
    planned the same layouts (plan fingerprint) and that the version is above every engine's; else every
    rank raises the same error and nothing moves;
 2. buckets: destinations post a receive per bucket into persistent staging buffers; each source packs a
-   bucket into one flat buffer (a window of them in flight), appends its 16-byte checksum and sends it
-   point to point; the probe source also sends the probe;
+   bucket into one flat buffer (a window of them in flight), appends its 16-byte checksum and the
+   update's version (a bucket of another update is refused, naming both) and sends it point to point;
+   the probe source also sends the probe;
 3. verdict (one all-reduce): each destination checks its buckets; the update is accepted only if every
    destination accepted, and the sources learn which bucket failed.
 Main design choice: point-to-point messages between the shard owners (no broadcast of gathered
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 _MIN = -(1 << 62)
 _DIGEST = 16
+_TRAILER = _DIGEST + 8  # after a bucket's bytes: its checksum, then its update's version (int64)
 _PROBE_TAG = 1 << 28
 _OTHER_FAILURE = 1 << 40
 
@@ -100,7 +102,7 @@ class TorchDistTransport:
         plan = publisher.plan
         probe_len = probe.token_ids.numel() if probe is not None else 0
         version, probe_len = self._handshake(plan=plan, version=version, engine_version=None, probe_len=probe_len)
-        need = max((b.nbytes for b in publisher.buckets), default=0) + _DIGEST
+        need = max((b.nbytes for b in publisher.buckets), default=0) + _TRAILER
         if not self._send_bufs or self._send_bufs[0].numel() < need:
             self._send_bufs = [torch.empty(need, dtype=torch.uint8) for _ in range(self.window)]
         works: deque = deque()
@@ -110,8 +112,9 @@ class TorchDistTransport:
             buf = self._send_bufs[i % self.window]
             segs = pack_into(b, publisher.tensors, buf)
             digest = bytes.fromhex(checksum(segs)) if publisher.verify else bytes(_DIGEST)
-            buf[b.nbytes:b.nbytes + _DIGEST] = torch.frombuffer(bytearray(digest), dtype=torch.uint8)
-            works.append(self.group.send([buf[:b.nbytes + _DIGEST]], self.dst_ranks[b.dst_rank], b.index))
+            trailer = digest + version.to_bytes(8, "little", signed=True)
+            buf[b.nbytes:b.nbytes + _TRAILER] = torch.frombuffer(bytearray(trailer), dtype=torch.uint8)
+            works.append(self.group.send([buf[:b.nbytes + _TRAILER]], self.dst_ranks[b.dst_rank], b.index))
         if publisher.is_probe_source and probe_len:
             if probe is None:
                 raise WeightSyncError("internal: probe length announced without a probe")
@@ -135,8 +138,8 @@ class TorchDistTransport:
         works = []
         for b in receiver.incoming:
             buf = self._staging.get(b.index)
-            if buf is None or buf.numel() != b.nbytes + _DIGEST:
-                buf = self._staging[b.index] = torch.empty(b.nbytes + _DIGEST, dtype=torch.uint8)
+            if buf is None or buf.numel() != b.nbytes + _TRAILER:
+                buf = self._staging[b.index] = torch.empty(b.nbytes + _TRAILER, dtype=torch.uint8)
             works.append(self.group.recv([buf], self.src_ranks[b.src_rank], b.index))
         probe_bufs = None
         if probe_len:
@@ -151,8 +154,12 @@ class TorchDistTransport:
             w.wait()  # checksum each bucket as it lands, while the later ones are still on the wire
             buf = self._staging[b.index]
             update.segments[b.index] = segs = segment_views(b, buf)
-            digest = buf[b.nbytes:].numpy().tobytes()
+            trailer = buf[b.nbytes:].numpy().tobytes()
+            digest, sent_version = trailer[:_DIGEST], int.from_bytes(trailer[_DIGEST:], "little", signed=True)
             update.checksums[b.index] = "" if digest == bytes(_DIGEST) else digest.hex()
+            if sent_version != version and update.problem is None:  # a late send of an update abandoned
+                update.problem = (f"bucket {b.index} from source rank {b.src_rank} belongs to v{sent_version}, "
+                                  f"the update under way is v{version}")
             if receiver.verify:
                 update.received[b.index] = checksum(segs)
         for w in works[len(receiver.incoming):]:

@@ -84,7 +84,8 @@ class SharedMemoryReceiverTransport(ZmqReceiverTransport):
         if msg.version <= current:
             problem = f"weights version must increase: the engine is at {current}, the update is {msg.version}"
             send_msg(self.socket, ErrorReply(code=ERROR_REFUSED, message=f"destination rank {receiver.dst_rank}: "
-                                             f"{problem}"), route=route, signer=self.signer)
+                                             f"{problem}", ref=f"weights:v{msg.version}"), route=route,
+                     signer=self.signer)
             return problem
         path = self.staging.paths[self.staging.staging]
         send_msg(self.socket, Ack(ref=f"shm:v{msg.version}:{receiver.plan.fingerprint:x}:{path}"), route=route,
@@ -126,7 +127,7 @@ class SharedMemorySenderTransport(ZmqSenderTransport):
 
     def _after_begin(self, publisher: "WeightPublisher", version: int, socks: dict[int, zmq.Socket]) -> None:
         refusals, accepted = [], []
-        for d, reply in self._replies(socks).items():
+        for d, reply in self._replies(socks, version).items():
             if isinstance(reply, ErrorReply):
                 refusals.append(reply.message)
                 continue
@@ -148,7 +149,7 @@ class SharedMemorySenderTransport(ZmqSenderTransport):
         if refusals:
             for d in accepted:  # they wait for buckets: end the update there too
                 self._send(socks[d], WeightUpdateCommit(version=version, num_buckets=ABORTED))
-            self._replies({d: socks[d] for d in accepted})  # their rejections of the aborted update
+            self._replies({d: socks[d] for d in accepted}, version)  # their rejections of the aborted update
             raise WeightSyncError(f"weight update v{version} refused before any bytes moved: {refusals[0]}")
 
     def _open(self, path: str, publisher: "WeightPublisher", d: int) -> dict:

@@ -11,12 +11,20 @@ with `Ack` or `ErrorReply`; `publish` returns (or raises) on those answers, so t
 a parameter that ZMQ might still be reading. Malformed messages are counted as problems, never crash
 the receiver, and reject the update.
 
+Every message carries its update's version, and every answer names it (`Ack.ref` / `ErrorReply.ref`
+"weights:v<n>"). A destination that times out of an update (a source late, the engine starved) remembers
+its version: that update's late messages are dropped and counted (`num_stale`), never read as part of the
+next update, and each of its sources is told once that it was abandoned; a source skips an answer about
+an update it gave up on. Sources that really announce different versions are refused, each named.
+
 Main design choice: the rl_engine wire protocol (msgspec envelope + raw frames, no pickle) rather than a
 bespoke framing, so the same validation guards weights and rollouts.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import secrets
 import time
 from typing import TYPE_CHECKING
@@ -45,9 +53,13 @@ if TYPE_CHECKING:
     from rl_engine.auth import MessageSigner
     from rl_engine.weight_sync.endpoints import WeightPublisher, WeightReceiver
 
+logger = logging.getLogger(__name__)
+
 PROBE_BUCKET = -1
 ABORTED = -1  # a commit's bucket count when the source gave up on the update (another destination refused it)
 ERROR_REJECTED = "weights_rejected"
+ERROR_ABANDONED = "weights_abandoned"  # the destination timed out of the update and drops its late messages
+UPDATE_MESSAGES = (WeightUpdateBegin, WeightUpdateBucket, WeightUpdateCommit)
 
 
 def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
@@ -66,6 +78,7 @@ class ZmqReceiverTransport:
     larger one is disconnected. A peer's queue holds at most `RCV_QUEUE` messages (TCP pushes back)."""
 
     RCV_QUEUE = 64
+    MAX_ABANDONED = 64  # abandoned versions remembered (versions increase: an old one never comes back)
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None, context: zmq.Context | None = None,
                  timeout_s: float = 300.0, signer: MessageSigner | None = None,
@@ -79,8 +92,12 @@ class ZmqReceiverTransport:
         self.timeout_s = timeout_s
         self.signer = signer
         self.num_rejected = 0
+        self.num_stale = 0  # messages of abandoned updates, dropped
+        self._abandoned: dict[int, None] = {}  # versions this destination timed out of (oldest first)
+        self._told: dict[tuple[int, int], None] = {}  # (source, abandoned version) already answered
         self._routes: dict[int, bytes] = {}
         self._refused: set[int] = set()  # sources answered at their begin message (update refused)
+        self._begun: dict[int, int] = {}  # source rank -> the version it began, in the update under way
 
     def close(self) -> None:
         self.socket.close(linger=0)
@@ -93,14 +110,14 @@ class ZmqReceiverTransport:
         for b in receiver.incoming:
             counts[b.src_rank] = counts.get(b.src_rank, 0) + 1
         sources = set(counts) | {probe_source_rank(receiver.plan)}
-        update, versions, problems, committed = Update(version=-1), set(), [], set()
-        self._routes, self._refused = {}, set()
+        update, problems, committed = Update(version=-1), [], set()
+        begun: dict[int, int] = {}  # source rank -> the version its WeightUpdateBegin announced
+        self._routes, self._refused, self._begun = {}, set(), begun
         deadline = time.monotonic() + self.timeout_s
         while committed | self._refused != sources:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self.socket.poll(int(remaining * 1000)):
-                raise WeightSyncError(f"timed out after {self.timeout_s:g}s waiting for source rank(s) "
-                                      f"{sorted(sources - committed - self._refused)}; the engine keeps its weights")
+                raise WeightSyncError(self._abandon(receiver, begun, committed, sources))
             try:
                 route, msg = recv_msg(self.socket, num_route_frames=1, signer=self.signer)
             except Unauthenticated:  # a stranger's message: it never touches the update
@@ -113,11 +130,17 @@ class ZmqReceiverTransport:
             if src is None or src not in sources:
                 problems.append(f"message from unexpected peer {route[0]!r}")
                 continue
+            if isinstance(msg, UPDATE_MESSAGES) and msg.version in self._abandoned:
+                self._discard_stale(receiver, src, route[0], msg)
+                continue
             self._routes[src] = route[0]
-            if isinstance(msg, (WeightUpdateBegin, WeightUpdateBucket, WeightUpdateCommit)):
-                versions.add(msg.version)
             problem = None
-            if isinstance(msg, WeightUpdateBucket):
+            if isinstance(msg, (WeightUpdateBucket, WeightUpdateCommit)) and begun.get(src) != msg.version:
+                problem = (f"source rank {src} sent a {type(msg).__name__} of v{msg.version} "
+                           + (f"within its update v{begun[src]}" if src in begun else "before beginning an update"))
+                if isinstance(msg, WeightUpdateCommit):
+                    committed.add(src)
+            elif isinstance(msg, WeightUpdateBucket):
                 if msg.bucket_index == PROBE_BUCKET:
                     problem = self._take_probe(update, msg)
                 elif msg.bucket_index not in expected or expected[msg.bucket_index].src_rank != src:
@@ -133,18 +156,60 @@ class ZmqReceiverTransport:
                     problem = (f"source rank {src} committed {msg.num_buckets} buckets, the plan routes "
                                f"{counts.get(src, 0)} from it")
             elif isinstance(msg, WeightUpdateBegin):
-                problem = self._begin(receiver, src, msg)
-                if problem is not None:
+                if src in begun:
+                    problem = f"source rank {src} began v{msg.version} within its update v{begun[src]}"
+                begun[src] = msg.version
+                refused = self._begin(receiver, src, msg)
+                if refused is not None:
                     self._refused.add(src)  # already answered: it sends nothing more for this update
+                problem = problem or refused
             else:
                 problem = f"unexpected {type(msg).__name__} from source rank {src}"
             if problem is not None:
                 problems.append(problem)
-        if len(versions) > 1:
-            problems.append(f"sources sent different versions {sorted(versions)}")
-        update.version = max(versions) if versions else -1
+        if len(set(begun.values())) > 1:  # a real mismatch: no source's version belongs to an abandoned update
+            problems.insert(0, "sources sent different versions: " + ", ".join(
+                f"source rank {s} v{v}" for s, v in sorted(begun.items())))
+        update.version = max(begun.values(), default=-1)
         update.problem = problems[0] if problems else None
         return update
+
+    def _abandon(self, receiver: "WeightReceiver", begun: dict[int, int], committed: set[int],
+                 sources: set[int]) -> str:
+        """Give up on the update under way: its version joins `_abandoned` (its late messages are dropped,
+        never read as part of the next update) and the sources that already committed hear it now (the
+        others at their commit, in `_discard_stale`). Returns the error."""
+        waiting = sorted(sources - committed - self._refused)
+        what = f"update v{max(begun.values())}" if begun else "the update (no source had begun)"
+        message = (f"destination rank {receiver.dst_rank} abandoned {what}: timed out after {self.timeout_s:g}s "
+                   f"waiting for source rank(s) {waiting}; the engine keeps its weights")
+        for version in set(begun.values()):
+            self._abandoned[version] = None
+        while len(self._abandoned) > self.MAX_ABANDONED:
+            del self._abandoned[next(iter(self._abandoned))]
+        for src in sorted(committed - self._refused):
+            if src not in begun:
+                continue
+            send_msg(self.socket, ErrorReply(code=ERROR_ABANDONED, message=message, ref=f"weights:v{begun[src]}"),
+                     route=[self._routes[src]], signer=self.signer)
+        if begun:
+            logger.warning("%s", message)
+        return message
+
+    def _discard_stale(self, receiver: "WeightReceiver", src: int, route: bytes, msg) -> None:
+        """A message of an update this destination abandoned: counted and dropped. The source hears it once,
+        at its begin (it may be waiting for that answer) or else at its commit."""
+        self.num_stale += 1
+        key = (src, msg.version)
+        if isinstance(msg, WeightUpdateBegin) or (isinstance(msg, WeightUpdateCommit) and key not in self._told):
+            self._told[key] = None
+            while len(self._told) > self.MAX_ABANDONED:
+                del self._told[next(iter(self._told))]
+            message = (f"destination rank {receiver.dst_rank} abandoned update v{msg.version} earlier (it timed out "
+                       f"waiting for its sources); its late messages are dropped: publish a newer version")
+            logger.warning("source rank %d: %s (%d stale message(s) dropped so far)", src, message, self.num_stale)
+            send_msg(self.socket, ErrorReply(code=ERROR_ABANDONED, message=message, ref=f"weights:v{msg.version}"),
+                     route=[route], signer=self.signer)
 
     def _begin(self, receiver: "WeightReceiver", src: int, msg: WeightUpdateBegin) -> str | None:
         """A source announces an update; the bytes follow in its bucket messages."""
@@ -176,12 +241,23 @@ class ZmqReceiverTransport:
         return None
 
     def verdict(self, receiver: "WeightReceiver", update: Update, problem: str | None) -> str | None:
-        reply = (Ack(ref=f"weights:v{update.version}") if problem is None
-                 else ErrorReply(code=ERROR_REJECTED, message=f"destination rank {receiver.dst_rank}: {problem}"))
         for src, route in self._routes.items():
-            if src not in self._refused:
-                send_msg(self.socket, reply, route=[route], signer=self.signer)
+            if src in self._refused:
+                continue
+            ref = f"weights:v{self._begun.get(src, update.version)}"  # each source's own update, even in a mismatch
+            reply = (Ack(ref=ref) if problem is None else
+                     ErrorReply(code=ERROR_REJECTED, message=f"destination rank {receiver.dst_rank}: {problem}", ref=ref))
+            send_msg(self.socket, reply, route=[route], signer=self.signer)
         return problem
+
+
+_REF_VERSION = re.compile(r"(?:weights|shm):v(-?[0-9]+)(?::|$)")
+
+
+def _reply_version(reply) -> int | None:
+    """The update version an answer is about (`Ack.ref` / `ErrorReply.ref`: "weights:v3", "shm:v3:..."), if it says."""
+    m = _REF_VERSION.match(getattr(reply, "ref", ""))
+    return int(m.group(1)) if m else None
 
 
 def _source_rank(identity: bytes) -> int | None:
@@ -201,6 +277,7 @@ class ZmqSenderTransport:
         self.context = context or zmq.Context.instance()
         self.timeout_s = timeout_s
         self.signer = signer
+        self.num_stale = 0  # late answers about earlier updates, skipped
         self._sockets: dict[int, zmq.Socket] = {}
         # Per destination, a monitor of its connection: a receiver whose process died is noticed when
         # its TCP connection drops or is refused, not after `timeout_s` (a worker killed mid-update).
@@ -251,7 +328,7 @@ class ZmqSenderTransport:
         for d in dsts:
             self._send(socks[d], WeightUpdateCommit(version=version, num_buckets=len(by_dst.get(d, []))))
         errors = []
-        for d, reply in self._replies(socks).items():
+        for d, reply in self._replies(socks, version).items():
             if isinstance(reply, ErrorReply):
                 errors.append(reply.message)
             elif not (isinstance(reply, Ack) and reply.ref == f"weights:v{version}"):
@@ -272,8 +349,9 @@ class ZmqSenderTransport:
                                   checksum=checksum(segs) if publisher.verify and not keyed else "",
                                   tensors={str(i): s for i, s in enumerate(segs)})
 
-    def _replies(self, socks: dict[int, zmq.Socket]) -> dict:
-        """One answer from each destination (within the timeout)."""
+    def _replies(self, socks: dict[int, zmq.Socket], version: int) -> dict:
+        """One answer about update `version` from each destination (within the timeout). A late answer about
+        an earlier update (one this source timed out of) is counted in `num_stale` and skipped."""
         out = {}
         deadline = time.monotonic() + self.timeout_s
         for d, sock in socks.items():
@@ -284,18 +362,25 @@ class ZmqSenderTransport:
             while True:
                 remaining = deadline - time.monotonic()
                 ready = dict(poller.poll(int(remaining * 1000))) if remaining > 0 else {}
-                if sock in ready:
-                    break
-                if monitor in ready:
+                if monitor in ready and sock not in ready:  # an answer already here counts, whatever followed
                     event = recv_monitor_message(monitor)["event"]
                     what = ("disconnected during the update" if event == zmq.EVENT_DISCONNECTED else
                             "refuses connections (nothing listens there)")
                     raise WeightSyncError(f"destination rank {d} ({self.addresses[d]}) {what}: its process is gone "
                                           "or closed its socket")
-                if not ready:
-                    raise WeightSyncError(f"no answer from destination rank {d} within {self.timeout_s:g}s")
-            try:
-                out[d] = recv_msg(sock, signer=self.signer)[1]
-            except (Unauthenticated, ProtocolError) as e:
-                raise WeightSyncError(f"destination rank {d} ({self.addresses[d]}) answered with a bad message: {e}")
+                if sock not in ready:
+                    raise WeightSyncError(f"no answer about v{version} from destination rank {d} within "
+                                          f"{self.timeout_s:g}s")
+                try:
+                    reply = recv_msg(sock, signer=self.signer)[1]
+                except (Unauthenticated, ProtocolError) as e:
+                    raise WeightSyncError(f"destination rank {d} ({self.addresses[d]}) answered with a bad message: "
+                                          f"{e}")
+                answered = _reply_version(reply)
+                if answered is None or answered == version:
+                    out[d] = reply
+                    break
+                self.num_stale += 1
+                logger.warning("destination rank %d answered about v%d during v%d (a late answer to an update this "
+                               "source gave up on): skipped", d, answered, version)
         return out

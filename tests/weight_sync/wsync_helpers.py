@@ -33,8 +33,8 @@ MODELS = {"dense": DENSE, "untied": UNTIED, "moe": MOE}
 
 # How long one side of a multi-process test waits for the other: a guard against a hang, not a measurement.
 # Under heavy load on 2 cores a rank may take minutes to train a step and save while its peer waits; at 120 s
-# a receiver timed out of one update and then read that update's late messages as part of the next
-# ("sources sent different versions [1, 2, 3, 4]").
+# a receiver timed out of one update, which failed these tests' later expectations (the receiver now drops
+# an abandoned update's late messages: test_wsync_abandoned.py).
 WAIT_S = 600
 
 

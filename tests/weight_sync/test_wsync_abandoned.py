@@ -1,0 +1,111 @@
+"""A receiver that times out of one update (starved under load, a source late) and then takes the next:
+the late messages of the abandoned update are dropped and counted, never read as part of the next one
+("sources sent different versions [1, 2]"), and each source hears once that its update was abandoned.
+Two source processes (tp2) -> one engine rank in this process, over ZMQ and over shared memory. Then a
+real mismatch (the sources publish different versions) is refused with both versions named."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+import torch
+
+from rl_engine.policy import load_hf_weights
+from rl_engine.weight_sync import (
+    EngineLayout,
+    SharedMemoryReceiverTransport,
+    SharedMemorySenderTransport,
+    TrainLayout,
+    WeightPublisher,
+    WeightReceiver,
+    WeightSyncError,
+    ZmqReceiverTransport,
+    ZmqSenderTransport,
+    plan_sync,
+)
+from wsync_helpers import UNTIED, WAIT_S, FakeEngine, assert_same_bytes, engine_model, source_chunks, write_weights
+
+SRC = TrainLayout(tp=2, dtype=torch.float32)
+DST = EngineLayout(tp=1, dtype=torch.float32)
+TRANSPORTS = {"zmq": (ZmqSenderTransport, ZmqReceiverTransport),
+              "shm": (SharedMemorySenderTransport, SharedMemoryReceiverTransport)}
+
+
+def _plan():
+    return plan_sync(UNTIED, src=SRC, dst=DST, bucket_bytes=4 << 10)  # several buckets per source
+
+
+def _publish(publisher: WeightPublisher, version: int) -> str | None:
+    try:
+        publisher.publish(version)
+    except WeightSyncError as e:
+        return str(e)
+    return None
+
+
+def source(rank: int, kind: str, address: str, paths: dict, abandoned, results) -> None:
+    """Source rank `rank`: v1 from checkpoint "a" (rank 1 only once the receiver abandoned it), v2 from
+    "b", then rank r publishes v3 + r (a real mismatch)."""
+    torch.set_num_threads(1)
+    chunks = source_chunks(UNTIED, SRC, rank, paths["a"])
+    transport = TRANSPORTS[kind][0]({0: address}, timeout_s=WAIT_S)
+    publisher = WeightPublisher(chunks, _plan(), src_rank=rank, transport=transport)
+    out = {}
+    if rank == 1:
+        assert abandoned.wait(WAIT_S), "the receiver never gave up on v1"
+    out["v1"] = _publish(publisher, 1)
+    for chunk in chunks:
+        load_hf_weights(chunk, paths["b"])
+    out["v2"] = _publish(publisher, 2)
+    out["mismatch"] = _publish(publisher, 3 + rank)
+    out["stale_replies"] = transport.num_stale
+    transport.close()
+    results.put((rank, out))
+
+
+@pytest.mark.parametrize("kind", sorted(TRANSPORTS))
+def test_receiver_that_abandoned_an_update_takes_the_next(tmp_path, kind):
+    paths = {"a": write_weights(str(tmp_path / "a"), UNTIED, seed=1),
+             "b": write_weights(str(tmp_path / "b"), UNTIED, seed=2)}
+    engine = FakeEngine(engine_model(UNTIED, DST, 0, None))
+    rx = TRANSPORTS[kind][1](timeout_s=WAIT_S)
+    receiver = WeightReceiver(engine, _plan(), dst_rank=0, transport=rx)
+    ctx = multiprocessing.get_context("spawn")
+    abandoned, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=source, args=(r, kind, rx.address, paths, abandoned, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        # Update 1: source 0 has begun it; source 1 holds back until the receiver has given up.
+        assert rx.socket.poll(WAIT_S * 1000), "source 0 never began v1"
+        rx.timeout_s = 1.0  # source 1 sends nothing before `abandoned`: this receive must time out
+        with pytest.raises(WeightSyncError, match=r"abandoned update v1: timed out .* source rank\(s\) \[.*1\]"):
+            receiver.receive()
+        abandoned.set()
+        rx.timeout_s = WAIT_S
+        # Update 2 arrives behind source 1's late v1 (and maybe the end of source 0's): those are dropped.
+        assert receiver.sync() == 2
+        assert_same_bytes(engine.model, engine_model(UNTIED, DST, 0, paths["b"]), what="after v2")
+        # Source 1's late v1: over ZMQ its begin, buckets and commit; over shared memory its begin only
+        # (refused at once, it writes nothing into the staging region the engine reads v2 from).
+        assert rx.num_stale >= (1 if kind == "shm" else 3)
+        # A real mismatch: source 0 publishes v3 while source 1 publishes v4.
+        with pytest.raises(WeightSyncError, match="sources sent different versions: source rank 0 v3, source rank 1 v4"):
+            receiver.receive()
+        assert engine.weights_version == 2
+        out = dict(results.get(timeout=WAIT_S) for _ in procs)
+        for p in procs:
+            p.join(WAIT_S)
+    finally:
+        for p in procs:
+            if p.is_alive():  # the test failed above: its sources may wait for answers that never come
+                p.terminate()
+                p.join()
+        rx.close()
+    assert [p.exitcode for p in procs] == [0, 0]
+    for r in range(2):  # each source hears once, under its own update: no answer is read as another's
+        assert "abandoned update v1" in out[r]["v1"], out[r]["v1"]
+        assert out[r]["v2"] is None
+        assert "source rank 0 v3, source rank 1 v4" in out[r]["mismatch"], out[r]["mismatch"]
+        assert out[r]["stale_replies"] == 0
