@@ -281,7 +281,7 @@ def build_micro_batches(samples: Sequence[Sample], advantages: torch.Tensor, *, 
         chosen = [mb for mb in per_rank[dp_rank] if mb]
         if not pack:
             chosen = [[u] for mb in chosen for u in mb]
-        out = [_shared_prefix_micro_batch(samples, advantages, [units[u] for u in mb], temperature, moe_layers)
+        out = [_micro_batch(samples, advantages, temperature, moe_layers, units=[units[u] for u in mb])
                for mb in chosen]
     else:
         plan = plan_micro_batches([len(s.input_ids) for s in samples], max_tokens_per_micro_batch=micro_batch_tokens,
@@ -289,7 +289,7 @@ def build_micro_batches(samples: Sequence[Sample], advantages: torch.Tensor, *, 
         groups = [mb for mb in plan.micro_batches[dp_rank] if mb]
         if not pack:
             groups = [[i] for mb in groups for i in mb]
-        out = [_micro_batch(samples, advantages, indices, temperature, moe_layers) for indices in groups]
+        out = [_micro_batch(samples, advantages, temperature, moe_layers, indices=indices) for indices in groups]
     while pad_to_count is not None and len(out) < pad_to_count:
         out.append(_empty_micro_batch(temperature, moe_layers, samples))
     return out
@@ -306,17 +306,26 @@ def micro_batch_count(samples: Sequence[Sample], *, micro_batch_tokens: int, dp_
     return max(len(mb) if pack else sum(len(g) for g in mb) for mb in plan.micro_batches)
 
 
-def _micro_batch(samples: Sequence[Sample], advantages: torch.Tensor, indices: list[int], temperature: float,
-                 moe_layers: Sequence[int] | None) -> MicroBatch:
-    batch = build_packed_batch(
-        indices, token_ids=[s.input_ids for s in samples],
-        per_token={"targets": [s.targets for s in samples], "loss_mask": [s.loss_mask for s in samples],
-                   "behavior": [s.behavior_logprobs for s in samples]},
-        per_sample={"advantages": advantages, "sample": torch.arange(len(samples))})
+def _micro_batch(samples: Sequence[Sample], advantages: torch.Tensor, temperature: float,
+                 moe_layers: Sequence[int] | None, *, indices: list[int] | None = None,
+                 units: Sequence[PrefixUnit] | None = None) -> MicroBatch:
+    """A packed micro-batch of whole samples (`indices`) or of shared-prefix units (`units`). Under routing
+    replay a shared prompt replays its unit's first sample's routing (the engine routes a prompt's tokens
+    alike for every sample of its group)."""
+    fields = dict(token_ids=[s.input_ids for s in samples],
+                  per_token={"targets": [s.targets for s in samples], "loss_mask": [s.loss_mask for s in samples],
+                             "behavior": [s.behavior_logprobs for s in samples]},
+                  per_sample={"advantages": advantages, "sample": torch.arange(len(samples))})
+    if units is None:
+        batch = build_packed_batch(indices, **fields)
+        rows, attention = [(i, 0, len(samples[i].input_ids)) for i in indices], None
+    else:
+        batch = build_shared_prefix_batch(units, **fields)
+        rows, attention = batch.segments, batch.attention
     v = batch.values
-    routing = _replay_routing(samples, [(i, 0, len(samples[i].input_ids)) for i in indices], moe_layers)
     return MicroBatch(input_ids=batch.input_ids, positions=batch.positions, cu_seqlens=batch.cu_seqlens,
-                      targets=v["targets"].long(), temperature=temperature, routing=routing,
+                      targets=v["targets"].long(), temperature=temperature,
+                      routing=_replay_routing(samples, rows, moe_layers), attention=attention,
                       loss_inputs={"advantages": v["advantages"].float(), "loss_mask": v["loss_mask"].bool(),
                                    "behavior": v["behavior"].float(), "sample": v["sample"].long()})
 
@@ -354,23 +363,6 @@ def _shared_prefix_plan(samples: Sequence[Sample], micro_batch_tokens: int, dp_s
     units = find_units([s.input_ids for s in samples], [s.prompt_len for s in samples], [s.group for s in samples],
                        min_group=min_group, budget=micro_batch_tokens, dp_size=dp_size)
     return units, plan_units(units, max_tokens_per_micro_batch=micro_batch_tokens, dp_size=dp_size)
-
-
-def _shared_prefix_micro_batch(samples: Sequence[Sample], advantages: torch.Tensor, units: Sequence[PrefixUnit],
-                               temperature: float, moe_layers: Sequence[int] | None) -> MicroBatch:
-    """A micro-batch of shared-prefix units. Under routing replay a shared prompt replays its unit's
-    first sample's routing (the engine routes a prompt's tokens alike for every sample of its group)."""
-    batch = build_shared_prefix_batch(
-        units, token_ids=[s.input_ids for s in samples],
-        per_token={"targets": [s.targets for s in samples], "loss_mask": [s.loss_mask for s in samples],
-                   "behavior": [s.behavior_logprobs for s in samples]},
-        per_sample={"advantages": advantages, "sample": torch.arange(len(samples))})
-    v = batch.values
-    return MicroBatch(input_ids=batch.input_ids, positions=batch.positions, cu_seqlens=batch.cu_seqlens,
-                      targets=v["targets"].long(), temperature=temperature,
-                      routing=_replay_routing(samples, batch.segments, moe_layers), attention=batch.attention,
-                      loss_inputs={"advantages": v["advantages"].float(), "loss_mask": v["loss_mask"].bool(),
-                                   "behavior": v["behavior"].float(), "sample": v["sample"].long()})
 
 
 def _empty_micro_batch(temperature: float, moe_layers: Sequence[int] | None, samples: Sequence[Sample]) -> MicroBatch:
