@@ -23,21 +23,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_command(chat_model_dir):
+# How long the server may take to answer /health: a guard against a hang, not a measurement. Starting it
+# imports torch and builds the engine: this whole test took 20 s under nice at load ~10 on the 2-core CI
+# machine; the full suite's load reaches 15-20 and stalls single processes for tens of seconds, so 60 s
+# left a margin of 3x and flaked. A server that exits, or never answers, fails with its own output.
+STARTUP_S = 300
+
+
+def _wait_until_healthy(proc: subprocess.Popen, port: int, log_path) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited ({proc.returncode}) before answering /health; its output:\n"
+                        f"{log_path.read_text()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"the server did not answer /health within {STARTUP_S}s; its output:\n{log_path.read_text()}")
+
+
+def test_serve_command(chat_model_dir, tmp_path):
     port = _free_port()
     env = {**os.environ, "RL_ENGINE_API_KEY": "k-123"}  # the key out of the process list
-    proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "serve", chat_model_dir, "--port", str(port),
-                             "--served-model-name", "m", "--max-model-len", "256", "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = tmp_path / "server.log"  # a file, not a pipe nobody reads: a full pipe would stall the server
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "serve", chat_model_dir, "--port", str(port),
+                                 "--served-model-name", "m", "--max-model-len", "256", "--log-level", "warning"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        _wait_until_healthy(proc, port, log_path)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k-123", max_retries=0)
         (model,) = client.models.list().data
         assert model.id == "m" and model.max_model_len == 256
