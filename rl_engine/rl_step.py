@@ -546,7 +546,8 @@ def step_lr(cfg: RLConfig) -> StepLR:
     """The run's lr per RL step: `optim.lr_scheduler` with its warmup, times the KL-adaptive scale."""
     o = cfg.optim
     adaptive = None if o.kl_adaptive_target is None else KLAdaptiveScale(
-        target=o.kl_adaptive_target, factor=o.kl_adaptive_factor, min_ratio=o.kl_adaptive_min_ratio)
+        target=o.kl_adaptive_target, factor=o.kl_adaptive_factor, min_ratio=o.kl_adaptive_min_ratio,
+        up_factor=o.kl_adaptive_up_factor)
     return StepLR(LRSchedule(lr=o.lr, scheduler=o.lr_scheduler, warmup_steps=o.warmup_steps,
                              total_steps=cfg.train.steps, min_lr_ratio=o.min_lr_ratio), adaptive)
 

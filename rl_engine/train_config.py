@@ -198,8 +198,11 @@ class OptimSection:
     # proximal one (approx_kl, mean k3 per response token) the lr's scale is divided by
     # `kl_adaptive_factor` (down to `kl_adaptive_min_ratio`), below half of it multiplied (up to 1: the
     # scheduled lr is the ceiling). Needs several updates per step (train.mini_batches_per_step).
+    # `kl_adaptive_up_factor`: the multiplier on the way up, >= 1 (null: kl_adaptive_factor, rl_games'
+    # symmetric rule; 1: the scale never rises again).
     kl_adaptive_target: float | None = None
     kl_adaptive_factor: float = 1.5
+    kl_adaptive_up_factor: float | None = None
     kl_adaptive_min_ratio: float = 0.01
 
     def __post_init__(self) -> None:
@@ -211,6 +214,8 @@ class OptimSection:
         if self.kl_adaptive_target is not None:
             check_float("optim.kl_adaptive_target", self.kl_adaptive_target, lo=0, lo_open=True)
         check_float("optim.kl_adaptive_factor", self.kl_adaptive_factor, lo=1, lo_open=True)
+        if self.kl_adaptive_up_factor is not None:
+            check_float("optim.kl_adaptive_up_factor", self.kl_adaptive_up_factor, lo=1)
         check_float("optim.kl_adaptive_min_ratio", self.kl_adaptive_min_ratio, lo=0, hi=1, lo_open=True)
         check_float("optim.weight_decay", self.weight_decay, lo=0)
         for i, beta in enumerate(self.betas):

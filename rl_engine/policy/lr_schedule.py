@@ -9,10 +9,12 @@ The lr of step s (0-based; every optimizer update of that step uses it) is
   resumed run needs nothing saved for it.
 - `KLAdaptiveScale`: rl_games' "adaptive" schedule. After each step, the KL of the policy to the
   step's proximal policy measured at the step's last forward pass (`approx_kl`, mean k3 per response
-  token) moves a factor in (min_ratio, 1]: divided by `factor` above 2 * target, multiplied (up to 1)
-  below target / 2. The configured lr is thus the ceiling, never exceeded. Adam normalises each update
-  to about lr per parameter whatever the loss, so this is what bounds how far a step's updates move
-  the policy. Its one float of state travels in checkpoints.
+  token) moves a factor in (min_ratio, 1]: divided by `factor` above 2 * target, multiplied by
+  `up_factor` (up to 1; rl_games: `factor` both ways) below target / 2. The configured lr is thus the
+  ceiling, never exceeded. A slower way up than down keeps the scale from climbing back to 1 over a
+  few quiet steps (little to learn, so little KL at any lr) before the next step with a strong signal.
+  Adam normalises each update to about lr per parameter whatever the loss, so this is what bounds how
+  far a step's updates move the policy. Its one float of state travels in checkpoints.
 """
 
 from __future__ import annotations
@@ -53,10 +55,13 @@ class LRSchedule:
 class KLAdaptiveScale:
     """The KL-adaptive factor on the scheduled lr (see the module docstring)."""
 
-    def __init__(self, *, target: float, factor: float = 1.5, min_ratio: float = 0.01) -> None:
-        if target <= 0 or factor <= 1 or not 0 < min_ratio <= 1:
-            raise ValueError(f"bad KL-adaptive lr: target={target}, factor={factor}, min_ratio={min_ratio}")
-        self.target, self.factor, self.min_ratio = target, factor, min_ratio
+    def __init__(self, *, target: float, factor: float = 1.5, min_ratio: float = 0.01,
+                 up_factor: float | None = None) -> None:
+        up_factor = factor if up_factor is None else up_factor
+        if target <= 0 or factor <= 1 or up_factor < 1 or not 0 < min_ratio <= 1:
+            raise ValueError(f"bad KL-adaptive lr: target={target}, factor={factor}, up_factor={up_factor}, "
+                             f"min_ratio={min_ratio}")
+        self.target, self.factor, self.up_factor, self.min_ratio = target, factor, up_factor, min_ratio
         self.scale = 1.0
 
     def update(self, kl: float) -> float:
@@ -64,7 +69,7 @@ class KLAdaptiveScale:
         if kl > 2 * self.target:
             self.scale = max(self.scale / self.factor, self.min_ratio)
         elif kl < self.target / 2:
-            self.scale = min(self.scale * self.factor, 1.0)
+            self.scale = min(self.scale * self.up_factor, 1.0)
         return self.scale
 
 

@@ -81,6 +81,23 @@ def test_kl_adaptive_scale_follows_rl_games_rule():
     assert not StepLR(LRSchedule(lr=LR, scheduler="cosine", total_steps=10, min_lr_ratio=1.0)).varies
 
 
+def test_kl_adaptive_scale_rises_by_its_own_up_factor():
+    """`up_factor` below `factor`: down by 1.5 as before, up by 1.1 only (1: never up again)."""
+    scale = KLAdaptiveScale(target=0.01, factor=1.5, up_factor=1.1, min_ratio=0.01)
+    seen = [scale.update(kl) for kl in (0.05, 0.05, 0.001, 0.001, 0.01, 0.0, 0.05)]
+    down2 = 1 / 1.5 ** 2
+    expected = [1 / 1.5, down2, down2 * 1.1, down2 * 1.1 ** 2, down2 * 1.1 ** 2, down2 * 1.1 ** 3,
+                down2 * 1.1 ** 3 / 1.5]
+    assert seen == pytest.approx(expected, rel=1e-15)
+    for _ in range(40):  # still capped at 1
+        scale.update(0.0)
+    assert scale.scale == 1.0
+    never_up = KLAdaptiveScale(target=0.01, up_factor=1.0)
+    assert [never_up.update(kl) for kl in (0.05, 0.0, 0.0)] == pytest.approx([1 / 1.5] * 3, rel=1e-15)
+    with pytest.raises(ValueError, match="up_factor=0.9"):
+        KLAdaptiveScale(target=0.01, up_factor=0.9)
+
+
 @pytest.mark.parametrize("bad", [dict(scheduler="cosin"), dict(warmup_steps=-1), dict(min_lr_ratio=1.5)])
 def test_bad_schedules_are_refused(bad):
     with pytest.raises(ValueError, match="lr"):
