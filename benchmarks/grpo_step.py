@@ -11,7 +11,10 @@ Both sides start from the same random-init `tiny` preset checkpoint, use tempera
 recomputation on both sides (TRL's defaults, bf16 autocast and gradient checkpointing, are turned off:
 with them TRL is about 2x slower on CPU), CPU. The two run interleaved: one step of ours after each
 TRL step. `speedup_tokens_per_s` also accounts for the two sides sampling different EOS-varied
-lengths (different random streams).
+lengths (different random streams). Both sides run at `--threads` torch threads (ours through
+`train.threads`, which the engine in the same process shares; each row reports the threads seen),
+and each side's step is split into its rollout (generation, rewards) and the rest (training pass,
+optimizer step, weight publication).
 
 A `shared_prefix` row (skipped with `--no-shared-prefix`) runs rl_engine alone on long shared prompts
 (`--prefix-prompt-len` 256 prompt tokens, `--prefix-new-tokens` 64 completion tokens, EOS ignored,
@@ -50,13 +53,27 @@ def ours(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool):
         f"model.path={model_dir}", f"data.path={data_dir}/train.jsonl", "data.eval_path=null", "warmup.path=null",
         f"train.output_dir={out_dir}", f"rollout.prompts_per_step={args.prompts}", f"rollout.n={args.n}",
         f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.ignore_eos={str(fixed).lower()}",
-        "optim.lr=1e-6"])
+        "optim.lr=1e-6", f"train.threads={args.threads}"])
     trainer = GRPOTrainer(cfg)
 
-    def step() -> tuple[float, float]:
+    rollout = trainer.rollout
+    rollout_s = [0.0]
+
+    def timed_rollout():  # generation, rewards and samples, as TRL's rollout below
+        t0 = time.perf_counter()
+        try:
+            return rollout()
+        finally:
+            rollout_s[0] = time.perf_counter() - t0
+
+    trainer.rollout = timed_rollout
+
+    def step() -> tuple[float, float, dict]:
         t0 = time.perf_counter()
         m = trainer.step()
-        return time.perf_counter() - t0, m["response_length/mean"] * args.prompts * args.n
+        step_s = time.perf_counter() - t0
+        phases = {"rollout_s": rollout_s[0], "train_s": step_s - rollout_s[0], "threads": torch.get_num_threads()}
+        return step_s, m["response_length/mean"] * args.prompts * args.n, phases
 
     return trainer, step
 
@@ -92,26 +109,46 @@ def interleaved(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: boo
 
     class Interleave(TrainerCallback):
         def __init__(self):
-            self.trl_s, self.ours = [], []
+            self.trl_s, self.trl_phases, self.ours = [], [], []
+            self.rollout_s = 0.0
 
         def on_step_begin(self, *a, **k):
+            self.rollout_s = 0.0
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            self.trl_s.append(time.perf_counter() - self.t0)
+            step_s = time.perf_counter() - self.t0
+            self.trl_s.append(step_s)
+            self.trl_phases.append({"rollout_s": self.rollout_s, "train_s": step_s - self.rollout_s,
+                                    "threads": torch.get_num_threads()})
             self.ours.append(our_step())
 
     cb = Interleave()
+    torch.set_num_threads(args.threads)  # (ours set it too, at train.threads, when it was built)
     trainer = GRPOTrainer(model=model, reward_funcs=exact_match, args=config, train_dataset=data,
                           processing_class=tokenizer, callbacks=[cb])
+    # TRL's rollout (generation, rewards, advantages; no old log-prob pass at one update per generation
+    # batch) is its `_generate_and_score_completions`; the rest of its step is the training pass and
+    # the optimizer step
+    generate_and_score = trainer._generate_and_score_completions
+
+    def timed_rollout(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return generate_and_score(*a, **k)
+        finally:
+            cb.rollout_s += time.perf_counter() - t0
+
+    trainer._generate_and_score_completions = timed_rollout
     with contextlib.redirect_stdout(sys.stderr):  # TRL prints its log dicts; stdout carries the JSON only
         trainer.train()
     our_trainer.close()
     # TRL logs the mean completion length of every step (logging_steps=1).
     lengths = [float(h["completions/mean_length"]) for h in trainer.state.log_history if "completions/mean_length" in h]
     trl_tokens = [n * args.prompts * args.n for n in lengths]
-    return (_figures([t for t, _ in cb.ours[1:]], [n for _, n in cb.ours[1:]], args),
-            _figures(cb.trl_s[1:], trl_tokens[1:], args))
+    ours_times, ours_tokens, ours_phases = zip(*cb.ours[1:])
+    return (_figures(list(ours_times), list(ours_tokens), args, list(ours_phases)),
+            _figures(cb.trl_s[1:], trl_tokens[1:], args, cb.trl_phases[1:]))
 
 
 def ours_alone(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool) -> dict:
@@ -121,7 +158,8 @@ def ours_alone(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool
         runs = [step() for _ in range(args.steps + 1)]
     finally:
         trainer.close()
-    return _figures([t for t, _ in runs[1:]], [n for _, n in runs[1:]], args)
+    times, tokens, phases = zip(*runs[1:])
+    return _figures(list(times), list(tokens), args, list(phases))
 
 
 def shared_prefix_row(model_dir: str, tmp: str, args) -> dict:
@@ -147,7 +185,7 @@ def shared_prefix_row(model_dir: str, tmp: str, args) -> dict:
             "warmup.path=null", f"train.output_dir={os.path.join(tmp, f'shared_{shared}')}",
             f"rollout.prompts_per_step={args.prompts}", f"rollout.n={args.n}",
             f"rollout.max_new_tokens={args.prefix_new_tokens}", "rollout.ignore_eos=true", "optim.lr=1e-6",
-            f"train.shared_prefix={str(shared).lower()}"])
+            f"train.shared_prefix={str(shared).lower()}", f"train.threads={args.threads}"])
         trainers[shared] = GRPOTrainer(cfg)
     runs: dict[bool, list[dict]] = {True: [], False: []}
     try:
@@ -175,8 +213,14 @@ def shared_prefix_row(model_dir: str, tmp: str, args) -> dict:
             "speedup_s_per_step": round(u["s_per_step"] / s["s_per_step"], 2)}
 
 
-def _figures(times: list[float], tokens: list[float], args) -> dict:
+def _figures(times: list[float], tokens: list[float], args, phases: list[dict]) -> dict:
+    """Means over the counted steps; `rollout_s` / `train_s`: each step's rollout (generation and
+    rewards) and the rest (the training pass, optimizer step, weight publication); `threads`: torch's
+    intra-op threads seen during the steps."""
     return {"s_per_step": sum(times) / len(times), "s_per_step_min": min(times),
+            "rollout_s": sum(p["rollout_s"] for p in phases) / len(phases),
+            "train_s": sum(p["train_s"] for p in phases) / len(phases),
+            "threads": sorted({p["threads"] for p in phases}),
             "completion_tokens_per_s": sum(tokens) / sum(times),
             "mean_completion_len": sum(tokens) / len(tokens) / (args.prompts * args.n)}
 
