@@ -1,10 +1,15 @@
 """Shared pieces of the actor tests: a toy run config, a tiny MoE checkpoint with the character
-tokenizer, the single-process reference run, and metric rows."""
+tokenizer, the single-process reference run, a run under the local launcher, metric rows, and a crash
+between writing a checkpoint and committing it."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+
+import pytest
 
 from rl_engine.config import load_config
 from rl_engine.train_config import RLConfig
@@ -55,6 +60,39 @@ def single_process_rows(output_dir, *overrides: str) -> list[dict]:
         return [trainer.step() for _ in range(trainer.config.train.steps)]
     finally:
         trainer.close()
+
+
+def actor_rows(output_dir, monkeypatch, *overrides: str) -> list[dict]:
+    """The toy run under the local launcher (coordinator, trainer ranks, workers as processes)."""
+    from rl_engine.actors.run import run_actors
+
+    child_pythonpath(monkeypatch)
+    run_actors(toy_config(output_dir, *overrides), echo_stream=io.BytesIO())
+    return rows(output_dir)
+
+
+class Crash(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def crash_before_commit(monkeypatch, step: int):
+    """The run inside dies (raises `Crash`) right after writing checkpoint `step`, before committing it."""
+    from rl_engine import run_checkpoint
+
+    commit = run_checkpoint.commit
+
+    def crash(output_dir, at, *, keep):
+        if at == step:
+            raise Crash
+        return commit(output_dir, at, keep=keep)
+
+    monkeypatch.setattr(run_checkpoint, "commit", crash)
+    try:
+        with pytest.raises(Crash):
+            yield
+    finally:
+        monkeypatch.setattr(run_checkpoint, "commit", commit)
 
 
 def assert_same_run(got: list[dict], reference: list[dict], *, loss_atol: float = 1e-6) -> None:

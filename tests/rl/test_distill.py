@@ -2,16 +2,14 @@
 sampled tokens in the same micro-batches, and each token's advantage is -coef * (log pi_student -
 log pi_teacher); `train/distill_reverse_kl` is that reverse KL per response token."""
 
-import io
 import json
 import os
 import shutil
 
 import pytest
 import torch
-from rl_actor_helpers import assert_same_run, child_pythonpath, rows, single_process_rows, toy_config
+from rl_actor_helpers import actor_rows, assert_same_run, single_process_rows, toy_config
 
-from rl_engine.actors.run import run_actors
 from rl_engine.config import ConfigError
 from rl_engine.rl_step import apply_distillation, attach_logprobs, build_micro_batches, make_sample
 from rl_engine.trainer import GRPOTrainer
@@ -86,10 +84,7 @@ def test_a_teacher_with_another_tokenizer_is_refused(teacher, tmp_path):
 def test_colocated_tp2_distillation_matches_single_process(teacher, tmp_path, monkeypatch):
     overrides = [f"distill.teacher_path={teacher}", "distill.mode=reverse_kl+reward"]
     reference = single_process_rows(tmp_path / "single", *overrides)
-    child_pythonpath(monkeypatch)
-    run_actors(toy_config(tmp_path / "run", *overrides, "placement.mode=colocated", "train.tp=2"),
-               echo_stream=io.BytesIO())
-    got = rows(tmp_path / "run")
+    got = actor_rows(tmp_path / "run", monkeypatch, *overrides, "placement.mode=colocated", "train.tp=2")
     assert_same_run(got, reference)
     for a, b in zip(got, reference):
         assert b["train/distill_reverse_kl"] > 0.1

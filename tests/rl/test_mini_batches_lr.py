@@ -3,14 +3,9 @@ KL-adaptive scale (`optim.kl_adaptive_target`) set the lr of every update of a s
 it, a resumed single-process run continues it exactly, and the trainer group (ZeRO-1 optimizer, dp2)
 follows the single process step by step."""
 
-import json
-import os
-
 import pytest
-from rl_actor_helpers import assert_same_run, child_pythonpath, single_process_rows, toy_config
+from rl_actor_helpers import actor_rows, assert_same_run, crash_before_commit, rows, single_process_rows
 
-from rl_engine import run_checkpoint
-from rl_engine.actors.run import run_actors
 from rl_engine.config import ConfigError, load_config
 from rl_engine.policy.lr_schedule import LRSchedule
 from rl_engine.train_cli import run
@@ -26,34 +21,15 @@ SCHEDULE = ["optim.lr_scheduler=cosine", "optim.warmup_steps=2", "optim.min_lr_r
             "optim.kl_adaptive_target=1e-9"]
 
 
-def _rows(output_dir) -> list[dict]:
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-class Crash(Exception):
-    pass
-
-
 def test_schedule_and_kl_scale_set_the_lr_and_resume_exactly(tmp_path, monkeypatch):
     overrides = [*TOY, *SCHEDULE, "train.steps=5", "train.checkpoint_every=2"]
     run(load_config(RLConfig, None, [*overrides, f"train.output_dir={tmp_path / 'ref'}"]))
-    rows = _rows(tmp_path / "ref")
     schedule = LRSchedule(lr=2e-3, scheduler="cosine", warmup_steps=2, total_steps=5, min_lr_ratio=0.1)
-    assert [r["train/lr"] for r in rows] == pytest.approx([schedule(s) / 1.5 ** s for s in range(5)], rel=1e-12)
+    assert [r["train/lr"] for r in rows(tmp_path / "ref")] == pytest.approx([schedule(s) / 1.5 ** s for s in range(5)], rel=1e-12)
 
     out = tmp_path / "run"
-    commit = run_checkpoint.commit
-
-    def crash_before_step_4_commits(output_dir, step, *, keep):
-        if step == 4:
-            raise Crash
-        return commit(output_dir, step, keep=keep)
-
-    monkeypatch.setattr(run_checkpoint, "commit", crash_before_step_4_commits)
-    with pytest.raises(Crash):
+    with crash_before_commit(monkeypatch, step=4):
         run(load_config(RLConfig, None, [*overrides, f"train.output_dir={out}"]))
-    monkeypatch.setattr(run_checkpoint, "commit", commit)
     summary = run(load_config(RLConfig, None, [*overrides, f"train.output_dir={out}", "train.resume=auto"]))
     assert summary["resumed_from_step"] == 2
     # Byte for byte: the lr of steps 3-5 (schedule and KL scale) and everything it moves.
@@ -70,15 +46,10 @@ def test_kl_adaptive_lr_needs_several_updates_per_step():
 def test_colocated_dp2_schedule_matches_single_process(tmp_path, monkeypatch):
     """The trainer group sets the same lr on its ZeRO-1 optimizer (dp2: each rank its shard), the KL
     it adapts to summed over the ranks: losses, gradient norms and lrs equal the single process's."""
-    import io
-
     mini = ["train.mini_batches_per_step=2", "optim.lr_scheduler=linear", "optim.warmup_steps=1",
             "optim.kl_adaptive_target=1e-9"]
     reference = single_process_rows(tmp_path / "single", *mini)
-    child_pythonpath(monkeypatch)
-    run_actors(toy_config(tmp_path / "actors", *mini, "placement.mode=colocated", "train.dp=2"),
-               echo_stream=io.BytesIO())
-    got = _rows(tmp_path / "actors")
+    got = actor_rows(tmp_path / "actors", monkeypatch, *mini, "placement.mode=colocated", "train.dp=2")
     assert_same_run(got, reference)
     schedule = LRSchedule(lr=2e-3, scheduler="linear", warmup_steps=1, total_steps=3)
     assert [r["train/lr"] for r in got] == pytest.approx([schedule(s) / 1.5 ** s for s in range(3)], rel=1e-12)

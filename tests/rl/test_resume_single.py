@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from rl_actor_helpers import crash_before_commit
 from safetensors.torch import load_file
 
 from rl_engine import run_checkpoint
@@ -106,25 +107,12 @@ def test_sigkill_at_random_point_then_resume_reproduces_the_run(tmp_path):
     assert names == ["latest.json", f"step_{steps - 1:06d}", f"step_{steps:06d}"]  # keep_checkpoints=2
 
 
-class Crash(Exception):
-    pass
-
-
 def test_checkpoint_written_but_not_committed_is_ignored(tmp_path, monkeypatch):
     overrides = ["train.steps=5", "train.checkpoint_every=2"]
     toy_run(tmp_path / "ref", *overrides)
     out = tmp_path / "run"
-    commit = run_checkpoint.commit
-
-    def crash_before_step_4_commits(output_dir, step, *, keep):
-        if step == 4:
-            raise Crash
-        return commit(output_dir, step, keep=keep)
-
-    monkeypatch.setattr(run_checkpoint, "commit", crash_before_step_4_commits)
-    with pytest.raises(Crash):
+    with crash_before_commit(monkeypatch, step=4):
         toy_run(out, *overrides)
-    monkeypatch.setattr(run_checkpoint, "commit", commit)
     stale = out / "checkpoints" / "step_000004"
     assert sorted(os.listdir(stale)) == ["model.pt", "optimizer.pt", "rng.pt", "trainer_state.json"]
     assert run_checkpoint.latest(str(out)) == run_checkpoint.step_dir(str(out), 2)

@@ -182,14 +182,10 @@ def test_mtp_self_draft_in_a_training_run(tmp_path):
 def test_colocated_ngram_run_matches_the_single_process_one(tmp_path, monkeypatch):
     """Colocated engines read the trainer's tensors; their drafts, acceptance and samples are the
     single-process run's, step by step."""
-    from rl_actor_helpers import assert_same_run
-    from rl_engine.actors.run import run_actors
+    from rl_actor_helpers import actor_rows, assert_same_run
 
     reference, _ = train(tmp_path / "single", *NGRAM, "train.steps=2")
-    child_pythonpath(monkeypatch)
-    run_actors(toy_config(tmp_path / "colocated", *NGRAM, "train.steps=2", "placement.mode=colocated"),
-               echo_stream=io.BytesIO())
-    got = rows(tmp_path / "colocated")
+    got = actor_rows(tmp_path / "colocated", monkeypatch, *NGRAM, "train.steps=2", "placement.mode=colocated")
     assert_same_run(got, reference)
     for a, b in zip(got, reference):
         assert_contract(a)
