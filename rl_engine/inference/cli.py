@@ -40,6 +40,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="bytes for the KV pool")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="CPU: compile each decode batch-size bucket's step (torch.compile, static shapes) on "
+                             "its first use")
     spec = parser.add_argument_group("speculative decoding")
     spec.add_argument("--speculative-method", choices=["ngram", "draft_model"], default=None)
     spec.add_argument("--num-speculative-tokens", type=int, default=None, help="drafts per sequence per step")
@@ -139,7 +142,8 @@ def build_llm(args: argparse.Namespace, *, model: str, speculative_config: dict 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return LLM(model, tokenizer=_load_tokenizer(model), dtype=args.dtype, device=device, block_size=args.block_size,
                kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
-               enable_prefix_caching=not args.no_prefix_caching, speculative_config=speculative_config)
+               enable_prefix_caching=not args.no_prefix_caching, compile_decode=args.compile_decode,
+               speculative_config=speculative_config)
 
 
 def _speculative_config(args: argparse.Namespace) -> dict | None:

@@ -21,6 +21,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     graph_batch_sizes: list[int] | None = None  # decode buckets; default 1, 2, 4, 8, 16, ... max_num_seqs
     enforce_eager: bool = False  # CUDA: never capture graphs
+    # CPU: compile each decode bucket's step with torch.compile (static shapes, inductor C++), lazily on the
+    # bucket's first use (seconds to a minute each; inductor caches on disk). Not with model.batch_invariant,
+    # MoE or latent attention. False: the eager runner.
+    compile_decode: bool = False
     seed: int = 0  # the engine's generator, used by requests without a seed
     record_routing: bool = False  # MoE: return the experts chosen for every processed token
     # vLLM-style dict or SpeculativeConfig: {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...}
@@ -49,6 +53,8 @@ class EngineConfig:
             if self.record_routing:
                 raise ValueError("record_routing=True cannot be combined with speculative_config (the routing "
                                  "of rejected draft positions would be recorded); turn one of them off")
+        if not isinstance(self.compile_decode, bool):
+            raise ValueError(f"compile_decode must be true or false, got {self.compile_decode!r}")
         if self.cpu_threads not in ("auto", "fixed"):
             raise ValueError(f"cpu_threads must be 'auto' or 'fixed', got {self.cpu_threads!r}")
         if self.graph_batch_sizes is not None:

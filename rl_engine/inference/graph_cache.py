@@ -7,7 +7,8 @@ dummy block 0 and attend to that one slot, so they never touch a real sequence's
 
 A runner owns static input buffers of its bucket size. The host side of each buffer is a numpy view, so
 the engine fills rows with plain slice assignments, no torch op per step. On CPU the runner is eager
-(the same table, buckets and padding, so those are tested here). On CUDA, `CudaGraphRunner` captures
+(the same table, buckets and padding, so those are tested here), or with `compile_decode` a bucket's
+step compiled by torch.compile with static shapes (`compiled_decode.py`). On CUDA, `CudaGraphRunner` captures
 `hidden_states` on the static device buffers once per bucket and replays it; decode attention then uses
 the registry's paged-decode kernel over full-width block tables. The CUDA path is unverified: there is
 no GPU where this was written, and MoE models (whose expert dispatch syncs with the host) stay eager.
@@ -76,14 +77,16 @@ class DecodeRunner:
             self.np_context_lens[n:] = 1
             self.np_block_tables[n:, 0] = DUMMY_BLOCK
 
-    def run(self, *, max_context_len: int, routing=None, first_block: int | None = None) -> torch.Tensor:
-        """Forward the bucket's rows (filled and padded by the caller) -> hidden [bucket, H].
+    def run(self, *, max_context_len: int, routing=None,
+            first_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward the bucket's rows (filled and padded by the caller) -> (hidden [bucket, H], logits
+        [bucket, V] when the runner computes them, else None: the caller does, for the rows it needs).
         `first_block`: a bucket of one whose blocks are first_block, first_block + 1, ..."""
         self.attn.prepare(slot_mapping=self.slot_mapping, num_single=self.batch_size, block_tables=self.block_tables,
                           context_lens=self.context_lens, max_context_len=max_context_len, prefills=[],
                           first_block=first_block)
         return self.model.hidden_states(self.input_ids, positions=self.positions, attn_context=self.attn,
-                                         routing=routing)
+                                         routing=routing), None
 
 
 class CudaGraphRunner(DecodeRunner):
@@ -119,12 +122,13 @@ class CudaGraphRunner(DecodeRunner):
         for name, host in self._host.items():
             self._device[name].copy_(host, non_blocking=True)
 
-    def run(self, *, max_context_len: int, routing=None, first_block: int | None = None) -> torch.Tensor:
+    def run(self, *, max_context_len: int, routing=None,
+            first_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if routing is not None:
             raise ValueError("routing capture is not supported inside CUDA graphs; use enforce_eager=True")
         self._copy_inputs()
         self.graph.replay()
-        return self.output
+        return self.output, None
 
 
 class GraphCache:
@@ -175,3 +179,8 @@ class GraphCache:
     @property
     def num_runners(self) -> int:
         return len(self._runners)
+
+    @property
+    def runners(self) -> dict[int, DecodeRunner]:
+        """bucket -> its runner, for the buckets built so far."""
+        return dict(self._runners)

@@ -47,6 +47,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         graph_batch_sizes: list[int] | None = None,
         enforce_eager: bool = False,
+        compile_decode: bool = False,
         seed: int = 0,
         record_routing: bool = False,
         speculative_config: "dict | SpeculativeConfig | None" = None,
@@ -75,7 +76,8 @@ class LLM:
         config = EngineConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
-                              graph_batch_sizes=graph_batch_sizes, enforce_eager=enforce_eager, seed=seed,
+                              graph_batch_sizes=graph_batch_sizes, enforce_eager=enforce_eager,
+                              compile_decode=compile_decode, seed=seed,
                               record_routing=record_routing, speculative_config=speculative_config,
                               cpu_threads=cpu_threads)
         self.engine = LLMEngine(model, config=config, tokenizer=tokenizer)

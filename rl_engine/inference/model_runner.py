@@ -3,8 +3,9 @@
 The model is the trainer's own `CausalLM` (same parameter tensors, never copied). Its KV pool is one
 [num_blocks, block_size, num_kv_heads, head_dim] tensor per layer for k and for v, zero-initialised so
 that stale or padding slots always hold finite values. A step whose sequences each compute one token
-goes through the graph cache (padded to a bucket); any step with a longer prefill chunk runs eagerly on
-the exact flat batch. Only rows that produce a token (a sequence's last uncomputed position) reach the
+goes through the graph cache (padded to a bucket; on CPU with `compile_decode`, each bucket's step
+compiled once: `compiled_decode.py`); any step with a longer prefill chunk runs eagerly on the exact
+flat batch. Only rows that produce a token (a sequence's last uncomputed position) reach the
 LM head.
 """
 
@@ -29,6 +30,14 @@ logger = logging.getLogger(__name__)
 
 def _num_computed(seq: Sequence) -> int:
     return seq.num_computed_tokens
+
+
+def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t's rows `rows` (ascending): all of t, a leading slice, or an index."""
+    n = len(rows)
+    if n == t.shape[0]:
+        return t
+    return t[:n] if rows[-1] == n - 1 else t[torch.tensor(rows, device=t.device)]
 
 
 def kv_block_bytes(spec: dict, block_size: int) -> int:
@@ -95,9 +104,19 @@ class ModelRunner:
         inputs = StaticInputs(max(buckets), max_blocks=self.max_blocks_per_seq, device=self.device)
         graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
+        runner_class = DecodeRunner
+        if config.compile_decode and self.device.type == "cpu":
+            from rl_engine.inference.compiled_decode import CompiledDecodeRunner, check_compilable
+
+            check_compilable(model, latent=latent)
+            runner_class = CompiledDecodeRunner
+        elif config.compile_decode:
+            logger.warning("compile_decode=True is ignored on %s (CUDA captures a graph per bucket instead)",
+                           self.device)
+
         def make_runner(batch_size: int) -> DecodeRunner:
             if not use_graphs:
-                return DecodeRunner(batch_size, inputs=inputs, model=model, attn=self.attn)
+                return runner_class(batch_size, inputs=inputs, model=model, attn=self.attn)
             runner = CudaGraphRunner(batch_size, inputs=inputs, model=model, attn=self.attn)
             runner.capture(pool=graph_pool)  # every bucket's graph shares one memory pool
             return runner
@@ -128,8 +147,9 @@ class ModelRunner:
 
             routing = RoutingRecord(mode="record")
         runner = self.graphs.lookup(nd) if nd == len(seqs) else None
+        logits = None  # a compiled decode step computes every row's logits in its graph
         if runner is not None:
-            hidden, sample_rows, sample_seqs, layout = self._run_decode(runner, seqs, routing)
+            hidden, logits, sample_rows, sample_seqs, layout = self._run_decode(runner, seqs, routing)
         else:
             hidden, sample_rows, sample_seqs, layout = self._run_flat(sched, routing)
         if self.hidden_sink is not None:
@@ -138,10 +158,14 @@ class ModelRunner:
             self._store_routing(sched, routing)
         if not sample_seqs:
             return None, []
-        n = len(sample_rows)
-        if n != hidden.shape[0]:  # rows are ascending: 0..n-1 is a slice, anything else an index
-            hidden = hidden[:n] if sample_rows[-1] == n - 1 else hidden[torch.tensor(sample_rows, device=hidden.device)]
-        return self.model.compute_logits(hidden), sample_seqs
+        if logits is not None:
+            return _rows(logits, sample_rows), sample_seqs
+        return self.model.compute_logits(_rows(hidden, sample_rows)), sample_seqs
+
+    def compile_seconds(self) -> dict[int, float]:
+        """compile_decode: bucket -> seconds its first step took (compilation included)."""
+        return {b: r.compile_seconds for b, r in sorted(self.graphs.runners.items())
+                if getattr(r, "compile_seconds", None) is not None}
 
     def _run_decode(self, runner: DecodeRunner, seqs: list[Sequence], routing):
         """Fill the runner's first rows with one token per sequence, pad the rest, run it."""
@@ -164,9 +188,10 @@ class ModelRunner:
             table = seqs[0].block_table
             if table == list(range(table[0], table[0] + len(table))):
                 first_block = table[0]
-        hidden = runner.run(max_context_len=max(computed) + 1, routing=routing, first_block=first_block)
+        hidden, logits = runner.run(max_context_len=max(computed) + 1, routing=routing, first_block=first_block)
         sample_rows = [i for i, (s, p) in enumerate(zip(seqs, computed)) if p + 1 == s.num_tokens]
-        return hidden, sample_rows, [seqs[i] for i in sample_rows], [(s, p, 1) for s, p in zip(seqs, computed)]
+        return (hidden, logits, sample_rows, [seqs[i] for i in sample_rows],
+                [(s, p, 1) for s, p in zip(seqs, computed)])
 
     def _run_flat(self, sched: SchedulerOutput, routing):
         seqs, nd, bs = sched.seqs, sched.num_single, self.block_size

@@ -1,0 +1,116 @@
+"""Compiled decode steps on CPU: one `torch.compile`d callable per graph-cache bucket, the CPU
+counterpart of capturing a CUDA graph per bucket (`EngineConfig.compile_decode`).
+
+A bucket's step (the model's `hidden_states` over the bucket's padded rows, then `compute_logits`)
+is compiled with static shapes (`dynamic=False`, `fullgraph=True`: a graph break is an error, not a
+silent split; inductor's C++ backend) on the bucket's first use, and reused afterwards. What changes
+from step to step stays out of the graph: each layer's paged attention (the KV write, context lengths,
+block tables, how rows are chunked) is one opaque custom op, `rl_engine::paged_attend`, which runs the
+engine's eager `PagedAttention.attend` on the attention object the runner prepared for the step (vLLM
+keeps attention out of its compiled graphs the same way, as a custom op reading a forward context).
+So the graph's inputs are the bucket's `input_ids` and `positions` and the model's parameters, which
+are read in place on every call: weights updated in place (a trainer step, weight sync) are seen.
+The sampler stays eager (it draws one Python float per row).
+
+Each bucket's step is a function with its own code object, because dynamo keeps compiled code per code
+object: one cache entry per bucket, one set of guards checked per call, and no recompile limit shared
+between buckets. Inductor caches its compiled kernels on disk, so a later process compiles the same
+bucket faster. Compiled kernels round differently from eager ones (fused reductions and multiply-adds),
+within the log-prob contract but not bit for bit, so `model.batch_invariant` refuses this mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+import warnings
+import weakref
+
+import torch
+
+from rl_engine.inference.attention import PagedAttention
+from rl_engine.inference.graph_cache import DecodeRunner, StaticInputs
+
+logger = logging.getLogger(__name__)
+
+# kernels.reference.rms_norm takes eps as a 0-dim tensor from an lru_cache (fewer eager dispatches);
+# dynamo traces the cached function instead, which yields the same constant: its warning says nothing here.
+warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function "
+                        r"at 'reference.py")
+
+# The PagedAttention objects that compiled graphs call back into, by the int handle baked into the
+# graph (a custom op cannot take a Python object). Weak, so an engine that goes away takes its entry.
+_ATTENTION: weakref.WeakValueDictionary[int, PagedAttention] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("rl_engine::paged_attend", mutates_args=())
+def paged_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, layer_idx: int,
+                 scale: float) -> torch.Tensor:
+    """`PagedAttention.attend` of the engine registered under `handle`: writes k, v [B, Hkv, D] into
+    its paged cache and returns the attention output [B, Hq, D]. The cache is not a graph input (the
+    graph never reads it), so it is not declared as mutated."""
+    return _ATTENTION[handle].attend(layer_idx, q, k, v, scale=scale)
+
+
+@paged_attend.register_fake
+def _paged_attend_fake(q, k, v, handle, layer_idx, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+class _AttendOp:
+    """The `attn_context` a compiled step hands the model: `attend` becomes the custom op."""
+
+    def __init__(self, attn: PagedAttention) -> None:
+        self.handle = id(attn)
+        _ATTENTION[self.handle] = attn
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+               scale: float) -> torch.Tensor:
+        return paged_attend(q, k, v, self.handle, layer_idx, scale)
+
+
+def _step(model, attn_context, input_ids: torch.Tensor, positions: torch.Tensor):
+    hidden = model.hidden_states(input_ids, positions=positions, attn_context=attn_context)
+    return hidden, model.compute_logits(hidden)
+
+
+def check_compilable(model, *, latent: bool) -> None:
+    """ValueError, naming the fix, for a model whose decode step cannot be compiled per bucket."""
+    if model.batch_invariant:
+        raise ValueError("compile_decode=True cannot be combined with model.batch_invariant: compiled kernels "
+                         "fuse reductions and change the bits the mode guarantees; turn one of them off")
+    if model.config.is_moe:
+        raise ValueError("compile_decode=True: MoE models decode eagerly (expert dispatch syncs with the host "
+                         "every layer); turn compile_decode off for this model")
+    if latent:
+        raise ValueError("compile_decode=True: latent (MLA) attention has no compiled decode step; turn "
+                         "compile_decode off for this model")
+
+
+class CompiledDecodeRunner(DecodeRunner):
+    """A bucket whose step is compiled on its first run (static shapes) and replayed after."""
+
+    def __init__(self, batch_size: int, *, inputs: StaticInputs, model, attn: PagedAttention) -> None:
+        super().__init__(batch_size, inputs=inputs, model=model, attn=attn)
+        self._attend = _AttendOp(attn)
+        self._compiled = None
+        self.compile_seconds: float | None = None  # the first run's time, compilation included
+
+    def run(self, *, max_context_len: int, routing=None, first_block: int | None = None):
+        if routing is not None:
+            raise ValueError("routing capture is not supported in a compiled decode step; set compile_decode=False")
+        self.attn.prepare(slot_mapping=self.slot_mapping, num_single=self.batch_size, block_tables=self.block_tables,
+                          context_lens=self.context_lens, max_context_len=max_context_len, prefills=[],
+                          first_block=first_block)
+        if self._compiled is not None:
+            return self._compiled(self.model, self._attend, self.input_ids, self.positions)
+        # A copy of `_step` with a code object of its own: dynamo's cache of this bucket alone.
+        fn = types.FunctionType(_step.__code__.replace(), _step.__globals__, f"decode_step_{self.batch_size}")
+        compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+        start = time.perf_counter()
+        out = compiled(self.model, self._attend, self.input_ids, self.positions)
+        self.compile_seconds = time.perf_counter() - start
+        self._compiled = compiled
+        logger.info("compiled the decode step of bucket %d in %.1f s", self.batch_size, self.compile_seconds)
+        return out

@@ -1,0 +1,83 @@
+"""compile_decode: a bucket's decode step compiled with static shapes gives the eager runner's tokens
+and log-probs within the log-prob contract (fp32, 1e-5), reads the trainer's weights in place, and is
+refused where it cannot keep a promise (model.batch_invariant's bits, MoE).
+
+One bucket (4) and one compiled engine for the module: the compile (seconds of CPU) is the cost here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inference_helpers import mixed_prompts
+from rl_engine import LLM, SamplingParams, kernels
+from rl_engine.policy import from_pretrained
+from test_logprobs import trainer_logprobs
+
+pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="needs torch.compile")
+
+
+@pytest.fixture(scope="module")
+def engines(qwen2):
+    """(the trainer's model, an eager engine and a compiled engine over its tensors)."""
+    policy = from_pretrained(qwen2[1], dtype=torch.float32)
+    kw = dict(graph_batch_sizes=[4], block_size=8, cpu_threads="fixed")
+    return policy, LLM(policy, **kw), LLM(policy, compile_decode=True, **kw)
+
+
+def _compare(policy, eager, compiled, prompts, params) -> None:
+    ref, out = eager.generate(prompts, params), compiled.generate(prompts, params)
+    worst_eager = worst_trainer = 0.0
+    for prompt, a, b in zip(prompts, ref, out):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        got = torch.tensor(b.outputs[0].logprobs)
+        worst_eager = max(worst_eager, (got - torch.tensor(a.outputs[0].logprobs)).abs().max().item())
+        expected = trainer_logprobs(policy, prompt, b.outputs[0].token_ids, params.temperature or 1.0)
+        worst_trainer = max(worst_trainer, (got - expected).abs().max().item())
+    # both engines are within the contract's 1e-5 of the trainer; measured ~1e-6 apart
+    assert worst_trainer <= 1e-5 and worst_eager <= 1e-5
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_compiled_step_matches_eager_and_trainer(engines, temperature):
+    policy, eager, compiled = engines
+    prompts = mixed_prompts(3, seed=5, max_len=20)  # 3 rows padded to the bucket of 4
+    params = SamplingParams(temperature=temperature, max_tokens=12, seed=7, ignore_eos=True)
+    _compare(policy, eager, compiled, prompts, params)
+    runner = compiled.engine.runner
+    assert list(runner.compile_seconds()) == [4] and compiled.engine.stats()["decode_compile_s"][4] > 0
+    assert eager.engine.runner.compile_seconds() == {} and "decode_compile_s" not in eager.engine.stats()
+
+
+def test_compiled_step_reads_weights_updated_in_place(engines):
+    """A trainer step changes the parameter tensors in place: the compiled graph must read them."""
+    policy, eager, compiled = engines
+    weight = policy.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        weight.mul_(4.0)  # a power of two: undone exactly below
+    try:
+        _compare(policy, eager, compiled, mixed_prompts(2, seed=6, max_len=20),
+                 SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    finally:
+        with torch.no_grad():
+            weight.div_(4.0)
+
+
+def test_compile_refused_with_batch_invariant_and_moe(qwen2, checkpoints):
+    before = kernels.set_batch_invariant(True)
+    try:
+        with pytest.raises(ValueError, match="batch_invariant"):
+            LLM(qwen2[1], compile_decode=True)
+    finally:
+        kernels.set_batch_invariant(before)
+    with pytest.raises(ValueError, match="MoE"):
+        LLM(checkpoints.get("qwen3_moe")[1], compile_decode=True)
+
+
+def test_cli_flag_reaches_the_engine(qwen2):
+    from rl_engine.cli import build_parser
+    from rl_engine.inference.cli import build_llm
+
+    for flags, expected in (([], False), (["--compile-decode"], True)):
+        args = build_parser().parse_args(["generate", "--model", qwen2[1], "--prompt-ids", "1,2", *flags])
+        assert build_llm(args, model=args.model, speculative_config=None).engine.config.compile_decode is expected
