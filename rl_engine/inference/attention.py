@@ -71,6 +71,9 @@ class PagedAttention:
         # starts it) and positions
         self.invariant_decode: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
         self.invariant_prefills: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+        # batch-invariant: which branches of `attend` this step takes (decodes, prefill chunks that start
+        # their sequence, chunks over a cached prefix); the model checks each combination once
+        self.path: tuple[bool, bool, bool] | None = None
         # decode_observer(layer_idx, q, k_cache, v_cache, block_tables, context_lens, scale, out)
         self.decode_observer: Callable[..., None] | None = None
         self.slot_mapping: torch.Tensor | None = None
@@ -118,6 +121,8 @@ class PagedAttention:
             pos = torch.arange(c.context_len - (c.end - c.start), c.context_len, device=self.slot_mapping.device)
             slots = None if c.block_ids is None else invariant.paged_slots(c.block_ids[None], c.context_len, bs)[0]
             self.invariant_prefills.append((slots, pos))
+        self.path = (B > 0, any(c.block_ids is None for c in self.prefills),
+                     any(c.block_ids is not None for c in self.prefills))
 
     def _prepare_decode(self, B: int, block_tables: torch.Tensor, context_lens: torch.Tensor,
                         max_context_len: int, first_block: int | None) -> None:

@@ -7,10 +7,14 @@ decode, chunked prefill over a paged cache) splits the key reduction differently
 packed forward. Then the trainer's recomputed log-probs differ from the engine's behavior log-probs
 in the last bits, and RL is silently off-policy. The ops here fix the order:
 
-- `linear` (and the matmul family under `BatchInvariantMode`): the rows are cut into tiles of
-  exactly `ROW_TILE` rows (the last one zero-padded), one `mm` call per tile. Every call has the same
-  shape, so a row's K reduction is the same whatever M is; tested on MKL fp32 and oneDNN bf16 with
-  1 and 2 threads (`tests/kernels/test_invariant.py`).
+- `linear` (the registry's `dense` op under the switch, bound by the layers at build): the rows are
+  cut into tiles of `ROW_TILE` rows and a last tile zero-padded to a multiple of `MIN_TILE`, one `mm`
+  call per tile. Every call has one of ROW_TILE / MIN_TILE shapes (4, 8, ..., 128 rows), and a row's K
+  reduction is the same in each of them at every position: tested on MKL fp32 and oneDNN bf16 with
+  1 and 2 threads (`tests/kernels/test_invariant.py`). Calls of fewer than 4 rows are what breaks it
+  (MKL fp32 gives such rows other bits, and so does oneDNN bf16 a lone row at K = 4864), and with
+  2 threads MKL fp32 also gives rows of 5-7 and 9-11 row calls other bits. A lone decode row pays a
+  4-row product; tiles of 128 rows cost within ~5% of one F.linear at M = 512-2048.
 - `attention`: per query, scores against keys in blocks of `KEY_BLOCK` keys from position 0 (one
   fixed-shape [G, D] x [D, KEY_BLOCK] matmul per query, kv head and block), the exact global max,
   per-block exp-sums (a reduction over the last dim of fixed length) and per-block P @ V (fixed shape
@@ -21,12 +25,15 @@ in the last bits, and RL is silently off-policy. The ops here fix the order:
 - RMSNorm, softmax and the log-prob statistics reduce per row over a fixed length already
   (`reference.rms_norm`, `logprob.logprob_shard_stats`); rotary, SwiGLU and embedding are elementwise.
 
-`BatchInvariantMode` is a TorchFunctionMode the model enters in its forward: it routes `F.linear`,
-`torch.matmul`/`@`, `mm`, `addmm` and `bmm` to the tiled versions and refuses ops that have no
-invariant version here (`F.scaled_dot_product_attention`, `einsum`, `baddbmm`, ...) with an error
-naming them, so a model path that would silently break invariance fails instead. Backward passes
-run in the autograd engine, outside the mode, with the ordinary kernels (only forward values must
-match). On CUDA these torch ops run but their bitwise invariance is unverified (no GPU here).
+The layers call these through the kernel registry, resolved once at build, so the hot path runs no
+per-op hook. `BatchInvariantMode` (a TorchFunctionMode) is the guard: the model runs the first forward
+of each kind (training, engine step of each attention path, logits, log-probs; `CausalLM`) inside it,
+and it refuses every matmul-family op and attention that reaches it with an error naming the op: the
+ops here run theirs with torch functions disabled, so what the mode sees is model code that did not
+go through an invariant implementation (`F.linear` of an `nn.Linear`, `F.scaled_dot_product_attention`,
+`einsum`, ...) and would silently break invariance. Backward passes run in the autograd engine with
+the ordinary kernels (only forward values must match). On CUDA these torch ops run but their bitwise
+invariance is unverified (no GPU here).
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from torch.overrides import TorchFunctionMode
 
 from rl_engine.kernels import op_inputs
 
-ROW_TILE = 32  # rows per matmul call
+ROW_TILE = 128  # rows per matmul call at most
+MIN_TILE = 4  # every call's row count is a multiple of this (MKL fp32 treats M <= 3 apart)
 KEY_BLOCK = 32  # keys per attention block (split-KV at fixed positions: 0, 32, 64, ...)
 _QUERY_CHUNK = 128  # queries per attention call in prefill/training (bounds the key copies)
 
@@ -50,93 +58,64 @@ class BatchInvariantError(ValueError):
 
 
 def _mm_rows(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w_t [K, N] in fixed tiles of ROW_TILE rows -> [M, N]."""
+    """x [M, K] @ w_t [K, N] -> [M, N]: one mm per tile of ROW_TILE rows, the last tile zero-padded to
+    a multiple of MIN_TILE rows."""
     m = x.shape[0]
     if m == 0:
         return x.new_empty(0, w_t.shape[1])
     x = x.contiguous()  # one memory layout for every caller: mm's kernel choice may follow strides
-    pad = (-m) % ROW_TILE
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-    tiles = [torch.mm(t, w_t) for t in x.split(ROW_TILE)]
-    out = tiles[0] if len(tiles) == 1 else torch.cat(tiles)
-    return out[:m] if pad else out
-
-
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`torch.matmul` with a batch-invariant row reduction (a is [..., M, K] or [K]; b [K, N],
-    [K] or [..., K, N])."""
-    if a.dim() == 1 or b.dim() == 1:
-        a2 = a[None] if a.dim() == 1 else a
-        b2 = b[:, None] if b.dim() == 1 else b
-        out = matmul(a2, b2)
-        out = out.squeeze(-2) if a.dim() == 1 else out
-        return out.squeeze(-1) if b.dim() == 1 else out
-    if b.dim() == 2:
-        lead = a.shape[:-1]
-        return _mm_rows(a.reshape(-1, a.shape[-1]), b).reshape(*lead, b.shape[-1])
-    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
-    b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-    out = torch.stack([_mm_rows(x, y) for x, y in zip(a3, b3)]) if a3.shape[0] else a3.new_empty(
-        0, a.shape[-2], b.shape[-1])
-    return out.reshape(*batch, a.shape[-2], b.shape[-1])
+    if m <= ROW_TILE:
+        pad = -m % MIN_TILE
+        return torch.mm(F.pad(x, (0, 0, 0, pad)), w_t)[:m] if pad else torch.mm(x, w_t)
+    if torch.is_grad_enabled() and (x.requires_grad or w_t.requires_grad):  # autograd: no out=
+        return torch.cat([_mm_rows(t, w_t) for t in x.split(ROW_TILE)])
+    out = x.new_empty(m + -m % MIN_TILE, w_t.shape[1])  # each tile's product written in place
+    for a in range(0, m, ROW_TILE):
+        tile = x[a:a + ROW_TILE]
+        if tile.shape[0] % MIN_TILE:
+            tile = F.pad(tile, (0, 0, 0, -tile.shape[0] % MIN_TILE))
+        torch.mm(tile, w_t, out=out[a:a + tile.shape[0]])
+    return out[:m]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` (x [..., K], weight [N, K], bias [N]) with a batch-invariant row reduction."""
-    y = matmul(x, weight.t())
-    return y if bias is None else y + bias
+    with torch._C.DisableTorchFunction():  # trusted: BatchInvariantMode must not see its mm calls
+        y = _mm_rows(x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
 
 
-def addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta=1, alpha=1,
-          out=None) -> torch.Tensor:
-    """input + mat1 @ mat2 as the unfused add (what a training forward computes)."""
-    if out is not None or beta != 1 or alpha != 1:
-        raise BatchInvariantError("addmm with out=, beta or alpha has no batch-invariant implementation")
-    return input + _mm_rows(mat1, mat2)
-
-
-def _refuse(name: str):
-    def refuse(*args, **kwargs):
-        raise BatchInvariantError(
-            f"{name} has no batch-invariant implementation: model.batch_invariant=true cannot run this "
-            "model path (use the registry's attention ops, or turn model.batch_invariant off)")
-    return refuse
-
-
-_ROUTED = {
-    F.linear: linear,
-    torch.matmul: matmul,
-    torch.Tensor.matmul: matmul,
-    torch.Tensor.__matmul__: matmul,
-    torch.mm: lambda a, b: _mm_rows(a, b),
-    torch.Tensor.mm: lambda a, b: _mm_rows(a, b),
-    torch.bmm: matmul,
-    torch.Tensor.bmm: matmul,
-    torch.addmm: addmm,
-    torch.Tensor.addmm: addmm,
-}
-_REFUSED = {f: _refuse(name) for f, name in (
-    (F.scaled_dot_product_attention, "torch.nn.functional.scaled_dot_product_attention"),
-    (torch.einsum, "torch.einsum"),
-    (torch.baddbmm, "torch.baddbmm"), (torch.Tensor.baddbmm, "Tensor.baddbmm"),
-    (torch.addbmm, "torch.addbmm"), (torch.Tensor.__rmatmul__, "Tensor.__rmatmul__"),
-    (torch.addmv, "torch.addmv"), (torch.mv, "torch.mv"), (torch.tensordot, "torch.tensordot"),
-    (F.multi_head_attention_forward, "torch.nn.functional.multi_head_attention_forward"),
+_MATMULS = {f: name for f, name in (
+    (F.linear, "torch.nn.functional.linear (an nn.Linear?)"), (F.bilinear, "torch.nn.functional.bilinear"),
+    (torch.matmul, "torch.matmul"), (torch.Tensor.matmul, "Tensor.matmul"), (torch.Tensor.__matmul__, "@"),
+    (torch.Tensor.__rmatmul__, "@"), (torch.mm, "torch.mm"), (torch.Tensor.mm, "Tensor.mm"),
+    (torch.bmm, "torch.bmm"), (torch.Tensor.bmm, "Tensor.bmm"), (torch.addmm, "torch.addmm"),
+    (torch.Tensor.addmm, "Tensor.addmm"), (torch.Tensor.addmm_, "Tensor.addmm_"), (torch.baddbmm, "torch.baddbmm"),
+    (torch.Tensor.baddbmm, "Tensor.baddbmm"), (torch.addbmm, "torch.addbmm"), (torch.addmv, "torch.addmv"),
+    (torch.mv, "torch.mv"), (torch.Tensor.mv, "Tensor.mv"), (torch.einsum, "torch.einsum"),
+    (torch.tensordot, "torch.tensordot"), (torch.inner, "torch.inner"), (torch.linalg.multi_dot, "multi_dot"),
 )}
+_ATTENTION = {
+    F.scaled_dot_product_attention: "torch.nn.functional.scaled_dot_product_attention",
+    F.multi_head_attention_forward: "torch.nn.functional.multi_head_attention_forward",
+}
 
 
 class BatchInvariantMode(TorchFunctionMode):
-    """Inside: matmuls take the tiled path, ops without an invariant version raise."""
+    """Inside: any matmul-family or attention op that is not inside one of this module's invariant
+    implementations raises `BatchInvariantError` naming it; other ops run unchanged."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        impl = _ROUTED.get(func) or _REFUSED.get(func)
-        if impl is None:
-            return func(*args, **kwargs)
-        with torch._C.DisableTorchFunction():  # an outer (nested) mode must not tile the tiles again
-            return impl(*args, **kwargs)
+        if func in _MATMULS:
+            raise BatchInvariantError(
+                f"{_MATMULS[func]} ran outside the batch-invariant matmul: model.batch_invariant=true needs every "
+                "product of the forward to go through the kernel registry's `dense` op, resolved at build "
+                "(kernels.resolve('dense', device)); change this layer, or turn model.batch_invariant off")
+        if func in _ATTENTION:
+            raise BatchInvariantError(
+                f"{_ATTENTION[func]} has no batch-invariant implementation: model.batch_invariant=true cannot run "
+                "this model path (use the registry's attention ops, or turn model.batch_invariant off)")
+        return func(*args, **(kwargs or {}))
 
 
 # ---- attention ---------------------------------------------------------------------------------------
@@ -144,7 +123,7 @@ class BatchInvariantMode(TorchFunctionMode):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, *,
               scale: float) -> torch.Tensor:
-    with torch._C.DisableTorchFunction():  # its fixed-shape batched matmuls, not the mode's tiles
+    with torch._C.DisableTorchFunction():  # trusted: fixed-shape matmuls (BatchInvariantMode must not see them)
         return _attention(q, k, v, q_positions, scale=scale)
 
 

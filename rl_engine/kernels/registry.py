@@ -127,6 +127,9 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
           "(probs [B, V], top_k [B] int, top_p [B] float, *, generator=None) -> token ids [B] int64",
           flashinfer=f"{_FLASHINFER}:top_k_top_p_sampling",
           cuda_preference=("flashinfer", "torch"), invariant=None),  # multinomial draws per batch
+    _spec("dense", "(x [..., K], weight [N, K], bias=None) -> x weight^T + bias: F.linear as a function, "
+          "bound by the policy's layers at build (the `linear` op is a module factory)",
+          torch_impl="torch.nn.functional:linear", invariant=f"{_INVARIANT}:linear"),
     _spec("linear", "module factory (in_features, out_features, *, bias, params_dtype, device, ...)",
           torch_impl="rl_engine.kernels.modules:make_linear",
           transformer_engine=f"{_TE}:make_te_linear",

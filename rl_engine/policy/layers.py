@@ -1,7 +1,9 @@
 """Tensor-parallel building blocks: column/row-parallel linears, vocab-parallel embedding and head.
 
 Each layer owns its shard of the weight and knows its `ParallelGroups`; at tp=1 the collectives are
-identities and these are plain `nn.Linear` / `nn.Embedding` ops. Fused projections (qkv, gate/up)
+identities and these are plain linear / embedding ops. Every product goes through the kernel
+registry's `dense` op, resolved at build (`bind_kernels`): `F.linear`, or under `model.batch_invariant`
+the batch-invariant tiled matmul (`kernels/invariant.py`). Fused projections (qkv, gate/up)
 keep each rank's slice of every part side by side (`[q_r | k_r | v_r]`), so a rank's output splits
 into its own heads without communication. Every parameter has a `load_full(name_part, tensor)` path
 (through `weight_loader`) that takes the full Hugging Face tensor and keeps this rank's slice.
@@ -156,11 +158,15 @@ class ColumnParallelLinear(nn.Module):
                 p.tensor_parallel = True
                 if replicated:
                     p.tp_replicated_rows = replicated
+        self.bind_kernels(self.weight.device)
+
+    def bind_kernels(self, device: torch.device) -> None:
+        self._dense = kernels.resolve("dense", device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.groups
         x = comm.gather_sequence(x, g.tp_group) if g.sequence_parallel else comm.copy_to_tp(x, g.tp_group)
-        return F.linear(x, self.weight, self.bias)
+        return self._dense(x, self.weight, self.bias)
 
     def shard_of(self, full: torch.Tensor, part: int) -> torch.Tensor:
         """This rank's rows of logical part `part` from its full tensor (weight or bias)."""
@@ -203,6 +209,12 @@ class RowParallelLinear(nn.Module):
         self.weight.tensor_parallel = True
         if self.bias is not None and groups.sequence_parallel:
             mark_tp_partial_grad(self.bias)  # added to this rank's token slice only
+        self.bind_kernels(self.weight.device)
+
+    def bind_kernels(self, device: torch.device) -> None:
+        self._dense = kernels.resolve("dense", device)
+        # F.linear's addmm can take the residual add into the matmul; the batch-invariant one adds apart
+        self._fuse_residual = self._dense is F.linear
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ b) summed over tp; with `residual` (the stream this layer's output joins),
@@ -210,10 +222,10 @@ class RowParallelLinear(nn.Module):
         block at decode); with autograd on, the separate add keeps every tensor-parallel layout
         rounding alike (the parallel tests compare them to 1e-5)."""
         g = self.groups
-        if (residual is not None and g.tp_group is None and self.bias is None and x.dim() == 2
-                and not torch.is_grad_enabled()):
+        if (residual is not None and self._fuse_residual and g.tp_group is None and self.bias is None
+                and x.dim() == 2 and not torch.is_grad_enabled()):
             return torch.addmm(residual, x, self.weight.t())
-        y = F.linear(x, self.weight)
+        y = self._dense(x, self.weight)
         y = comm.reduce_scatter_sequence(y, g.tp_group) if g.sequence_parallel else comm.reduce_from_tp(y, g.tp_group)
         if self.bias is not None:
             y = y + self.bias
@@ -224,6 +236,22 @@ class RowParallelLinear(nn.Module):
         if weight.shape[1] % g.tp_size:
             raise ValueError(f"{name}: dim 1 ({weight.shape[1]}) not divisible by tensor_parallel_size ({g.tp_size})")
         _copy_checked(self.weight, weight.chunk(g.tp_size, dim=1)[g.tp_rank], name)
+
+
+class ReplicatedLinear(nn.Module):
+    """y = x W^T with the whole weight on every rank (MLA's latent projections, MTP's eh_proj)."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        nn.init.normal_(self.weight, std=0.02)
+        self.bind_kernels(self.weight.device)
+
+    def bind_kernels(self, device: torch.device) -> None:
+        self._dense = kernels.resolve("dense", device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._dense(x, self.weight)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -274,6 +302,10 @@ class ParallelLMHead(nn.Module):
         self.groups = embedding_like.groups
         self.shard = embedding_like  # holds weight, vocab range and padding
         self.vocab_size = embedding_like.vocab_size
+        self.bind_kernels(embedding_like.weight.device)
+
+    def bind_kernels(self, device: torch.device) -> None:
+        self.dense = kernels.resolve("dense", device)  # also the trainer's chunk logits (policy.logprobs)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -286,7 +318,7 @@ class ParallelLMHead(nn.Module):
             hidden = comm.gather_sequence(hidden, g.tp_group)
         else:
             hidden = comm.copy_to_tp(hidden, g.tp_group)
-        logits = F.linear(hidden, self.weight)
+        logits = self.dense(hidden, self.weight)
         n_real = self.shard.vocab_end - self.shard.vocab_start
         if n_real < logits.shape[-1]:
             logits[..., n_real:] = float("-inf")

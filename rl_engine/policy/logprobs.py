@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from rl_engine import kernels
@@ -30,16 +31,16 @@ def _chunk_rows(vocab_local: int, chunk_tokens: int | None) -> int:
     return chunk_tokens or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab_local))
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, dense: Callable = F.linear) -> torch.Tensor:
     """[c, V_local] fp32 logits of one chunk (rounded to the model dtype first, as the engine's are)."""
-    return (h @ weight.t()).float()
+    return dense(h, weight).float()
 
 
 class _FusedLogprobEntropy(torch.autograd.Function):
     # `weight` holds only the real vocabulary rows of this rank's shard (padding sliced off by the
     # caller), so there are no padded columns to exclude.
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, vocab_start, group, chunk):
+    def forward(ctx, hidden, weight, targets, temperature, vocab_start, group, chunk, dense):
         T = hidden.shape[0]
         stats_fn = kernels.resolve("logprob_shard_stats", hidden.device)
         logprobs = torch.empty(T, dtype=torch.float32, device=hidden.device)
@@ -47,7 +48,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         lse_all = torch.empty(T, dtype=torch.float32, device=hidden.device)
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
-            stats = stats_fn(_chunk_logits(hidden[s:e], weight), targets[s:e], temperature=temperature,
+            stats = stats_fn(_chunk_logits(hidden[s:e], weight, dense), targets[s:e], temperature=temperature,
                              vocab_start=vocab_start)
             lse, target_logit, entropy[s:e] = combine_shard_stats(stats, group)
             logprobs[s:e] = target_logit - lse
@@ -78,7 +79,7 @@ class _FusedLogprobEntropy(torch.autograd.Function):
                 grad_weight.addmm_(g.t(), h.float())
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def token_logprobs_and_entropy(
@@ -91,6 +92,7 @@ def token_logprobs_and_entropy(
     vocab_real_rows: int | None = None,
     group: dist.ProcessGroup | None = None,
     chunk_tokens: int | None = None,
+    dense: Callable[..., torch.Tensor] = F.linear,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of `targets` and entropy per token, fp32, [T] each.
 
@@ -98,6 +100,8 @@ def token_logprobs_and_entropy(
     `comm.copy_to_tp` / `gather_sequence` by the caller so that its gradient is reduced);
     weight: [V_local, H] this rank's vocab shard of the LM head, rows `vocab_start` onward, of which
     the first `vocab_real_rows` are real vocabulary (the rest is padding). targets: [T] global ids.
+    dense: the forward's chunk-logits product (the LM head's bound `dense` op: under
+    `model.batch_invariant` the engine's tiled matmul); backward recomputes the logits with F.linear.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs (got {temperature})")
@@ -106,7 +110,7 @@ def token_logprobs_and_entropy(
     if vocab_real_rows is not None and vocab_real_rows < weight.shape[0]:
         weight = weight[:vocab_real_rows]  # a view: its gradient lands in the full parameter
     chunk = _chunk_rows(weight.shape[0], chunk_tokens)
-    return _FusedLogprobEntropy.apply(hidden, weight, targets, float(temperature), vocab_start, group, chunk)
+    return _FusedLogprobEntropy.apply(hidden, weight, targets, float(temperature), vocab_start, group, chunk, dense)
 
 
 def full_logits_logprobs_and_entropy(

@@ -29,16 +29,16 @@ import torch.nn.functional as F
 from rl_engine import kernels
 from rl_engine.policy import comm
 from rl_engine.policy.config import ModelConfig
-from rl_engine.policy.layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
+from rl_engine.policy.layers import (
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+)
 from rl_engine.policy.parallel import ParallelGroups
 
 LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps
-
-
-def _replicated_linear(in_features: int, out_features: int, *, dtype, device) -> nn.Linear:
-    lin = nn.Linear(in_features, out_features, bias=False, dtype=dtype, device=device)
-    nn.init.normal_(lin.weight, std=0.02)
-    return lin
 
 
 class MLAttention(nn.Module):
@@ -61,12 +61,12 @@ class MLAttention(nn.Module):
         kw = dict(dtype=dtype, device=device)
         self.q_proj = self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
         if cfg.q_lora_rank:
-            self.q_a_proj = _replicated_linear(cfg.hidden_size, cfg.q_lora_rank, **kw)
+            self.q_a_proj = ReplicatedLinear(cfg.hidden_size, cfg.q_lora_rank, **kw)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=LATENT_NORM_EPS, **kw)
             self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, [H * self.qk_dim], groups=groups, bias=False, **kw)
         else:
             self.q_proj = ColumnParallelLinear(cfg.hidden_size, [H * self.qk_dim], groups=groups, bias=False, **kw)
-        self.kv_a_proj_with_mqa = _replicated_linear(cfg.hidden_size, self.kv_lora_rank + self.rope_dim, **kw)
+        self.kv_a_proj_with_mqa = ReplicatedLinear(cfg.hidden_size, self.kv_lora_rank + self.rope_dim, **kw)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=LATENT_NORM_EPS, **kw)
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, [H * (self.nope_dim + self.v_dim)], groups=groups,
                                               bias=False, **kw)

@@ -147,9 +147,12 @@ class CausalLM(nn.Module):
         self.config = config
         self.groups = groups
         self.dtype = dtype
-        # model.batch_invariant: read once, at build, from the kernel registry's config (which also
-        # gives every op its batch-invariant implementation); forwards then run in BatchInvariantMode.
+        # model.batch_invariant: read once, at build, from the kernel registry's config, which also gives
+        # every layer its ops' batch-invariant implementations (bound in their bind_kernels). The first
+        # forward of each kind runs in BatchInvariantMode, which refuses any product or attention that
+        # did not go through them; later ones run with no mode (`_invariance_check`).
         self.batch_invariant = kernels.default_registry().config.batch_invariant
+        self._checked_kinds: set[tuple] = set()
         start, end = layer_range or (0, config.num_layers)
         if not 0 <= start < end <= config.num_layers:
             raise ValueError(f"layer_range {layer_range} must satisfy 0 <= start < end <= {config.num_layers}")
@@ -218,15 +221,29 @@ class CausalLM(nn.Module):
             if inputs_embeds is None:
                 raise ValueError("a pipeline stage after the first needs inputs_embeds from the previous stage")
             x = inputs_embeds
-        with self._ops_mode():
+        with self._invariance_check("hidden_states", attn_context, routing):
             rope = self.rotary.tables(positions, self.inv_freq)
             for layer in self.layers:
                 x = layer(x, self.rotary, rope, cu_seqlens, attn_context, routing)
             return self.norm(x) if self.is_last_stage else x
 
-    def _ops_mode(self) -> contextlib.AbstractContextManager:
-        """BatchInvariantMode under model.batch_invariant (tiled matmuls, non-invariant ops refused)."""
-        return BatchInvariantMode() if self.batch_invariant else contextlib.nullcontext()
+    def _invariance_check(self, entry: str, attn_context=None, routing: RoutingRecord | None = None
+                          ) -> contextlib.AbstractContextManager:
+        """Under model.batch_invariant, BatchInvariantMode for the first call of each kind of forward: the
+        entry point, autograd on or off, packed or the engine's attention context and which of its paths
+        the step takes (`attn_context.path`), routing record/replay. The model's branches follow exactly
+        these, so each op the model can run under the switch is checked once; the hot path runs no mode."""
+        if not self.batch_invariant:
+            return contextlib.nullcontext()
+        kind = (entry, torch.is_grad_enabled(), type(attn_context).__name__, getattr(attn_context, "path", None),
+                routing.mode if routing is not None else None)
+        return contextlib.nullcontext() if kind in self._checked_kinds else self._first_of_kind(kind)
+
+    @contextlib.contextmanager
+    def _first_of_kind(self, kind: tuple):
+        with BatchInvariantMode():
+            yield
+        self._checked_kinds.add(kind)  # only once it ran through: a refused kind is refused on every call
 
     def check_packed(self, positions: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
         """cu_seqlens covers the T tokens and no sequence exceeds the model's context."""
@@ -270,7 +287,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
             raise ValueError("compute_logits is only available on the last pipeline stage")
-        with self._ops_mode():
+        with self._invariance_check("compute_logits"):
             return self.lm_head.full_logits(hidden)
 
     def token_logprobs(
@@ -294,10 +311,11 @@ class CausalLM(nn.Module):
         shard = self.lm_head.shard
         # Under batch_invariant (tp = 1 here) the chunk logits are the engine's (tiled matmul) and the
         # statistics the sampler's (the registry's logprob_shard_stats on fp32 logits / temperature).
-        with self._ops_mode():
+        with self._invariance_check("token_logprobs"):
             return token_logprobs_and_entropy(
                 hidden, shard.weight, targets, temperature=temperature, vocab_start=shard.vocab_start,
-                vocab_real_rows=shard.vocab_end - shard.vocab_start, group=g.tp_group, chunk_tokens=chunk_tokens)
+                vocab_real_rows=shard.vocab_end - shard.vocab_start, group=g.tp_group, chunk_tokens=chunk_tokens,
+                dense=self.lm_head.dense)
 
     # ---- conveniences --------------------------------------------------------------------------
     def kv_cache_spec(self) -> dict:

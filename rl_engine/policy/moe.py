@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from rl_engine import kernels
 from rl_engine.policy import comm, expert_parallel
@@ -133,6 +132,10 @@ class MoEBlock(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, device=device) if has_bias else None)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts, device=device)
                              if self.bias_update_rate > 0 else None, persistent=False)
+        self.bind_kernels(self.gate.device)
+
+    def bind_kernels(self, device: torch.device) -> None:
+        self._dense = kernels.resolve("dense", device)  # router, experts and shared-expert gate
 
     def route(self, x: torch.Tensor, routing: RoutingRecord | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -140,10 +143,10 @@ class MoEBlock(nn.Module):
         Sigmoid scoring (DeepSeek-V3) computes the router in fp32 as transformers does; its `probs`
         are the sigmoid scores (normalised over experts only for the aux loss)."""
         if self.sigmoid_scores:
-            router_logits = F.linear(x.float(), self.gate.float())
+            router_logits = self._dense(x.float(), self.gate.float())
             probs = torch.sigmoid(router_logits)
         else:
-            router_logits = F.linear(x, self.gate)
+            router_logits = self._dense(x, self.gate)
             probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
         if routing is not None and routing.mode == "replay":
             topk_ids = routing.topk_ids[self.layer_idx]
@@ -180,7 +183,7 @@ class MoEBlock(nn.Module):
         outs = []
         for e, chunk in enumerate(rows.split(counts)):
             if chunk.shape[0]:
-                outs.append(kernels.silu_and_mul(chunk @ self.w13[e].t()) @ self.w2[e].t())
+                outs.append(self._dense(kernels.silu_and_mul(self._dense(chunk, self.w13[e])), self.w2[e]))
         return torch.cat(outs) if outs else rows[:0]
 
     def experts(self, x: torch.Tensor, topk_w: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -240,7 +243,7 @@ class MoEBlock(nn.Module):
             # The shared expert does its own tp communication, so it takes the block's input as is.
             shared = self.shared_expert(x_in)
             if self.shared_expert_gate is not None:
-                shared = shared * torch.sigmoid(F.linear(x_in, self.shared_expert_gate))
+                shared = shared * torch.sigmoid(self._dense(x_in, self.shared_expert_gate))
             out = out + shared
         return out
 

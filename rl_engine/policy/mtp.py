@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from rl_engine.policy.config import ModelConfig
-from rl_engine.policy.layers import RMSNorm
+from rl_engine.policy.layers import ReplicatedLinear, RMSNorm
 from rl_engine.policy.parallel import ParallelGroups
 
 
@@ -27,8 +27,7 @@ class MTPLayer(nn.Module):
         kw = dict(dtype=dtype, device=device)
         self.enorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.hnorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False, **kw)
-        nn.init.normal_(self.eh_proj.weight, std=0.02)
+        self.eh_proj = ReplicatedLinear(2 * cfg.hidden_size, cfg.hidden_size, **kw)
         block_cfg = cfg.replace(moe_layers=[*cfg.moe_layers, self.layer_idx]) if cfg.is_moe else cfg
         self.block = DecoderLayer(block_cfg, self.layer_idx, groups=groups, **kw)
         self.post_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
