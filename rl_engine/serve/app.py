@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from rl_engine.serve.chat_completions import create_chat_completion
 from rl_engine.serve.completions import create_completion
-from rl_engine.serve.generation import ClientGone
-from rl_engine.serve.metrics import CONTENT_TYPE, ServerStats
+from rl_engine.serve.engine_process import EngineClient, EngineProcessError
+from rl_engine.serve.generation import ClientGone, on_engine
+from rl_engine.serve.metrics import CONTENT_TYPE, ServerStats, engine_gauges
 from rl_engine.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def build_app(backend, *, model_name: str, api_key: str | None = None, root: str | None = None) -> FastAPI:
     app = FastAPI(title="rl_engine OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None)
-    stats = ServerStats(backend.engine)
+    stats = ServerStats()
     app.state.backend, app.state.stats, app.state.model_name = backend, stats, model_name
     created = int(time.time())
 
@@ -56,6 +57,11 @@ def build_app(backend, *, model_name: str, api_key: str | None = None, root: str
     async def _client_gone(request: Request, e: ClientGone) -> Response:
         return Response(status_code=499)  # nobody reads it: the client closed the connection
 
+    @app.exception_handler(EngineProcessError)
+    async def _engine_gone(request: Request, e: EngineProcessError) -> JSONResponse:
+        return error_response(APIError(f"the engine is not running ({e}); restart the server", status=503,
+                                       type="service_unavailable"))
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
         logger.exception("internal error answering %s", request.url.path)
@@ -80,7 +86,8 @@ def build_app(backend, *, model_name: str, api_key: str | None = None, root: str
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        alive = backend.alive if isinstance(backend, EngineClient) else True
+        return Response(status_code=200 if alive else 503)  # 503: the engine process exited
 
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict:
@@ -91,7 +98,8 @@ def build_app(backend, *, model_name: str, api_key: str | None = None, root: str
 
     @app.get("/metrics", dependencies=guarded)
     async def metrics() -> Response:
-        return Response(stats.render(), media_type=CONTENT_TYPE)
+        gauges = await on_engine(backend, engine_gauges, exclusive=False)
+        return Response(stats.render(gauges), media_type=CONTENT_TYPE)
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest, request: Request):

@@ -1,5 +1,5 @@
-"""`rl-engine serve MODEL_DIR`: the OpenAI-compatible server over the engine (`serve.host.EngineHost`),
-in the foreground.
+"""`rl-engine serve MODEL_DIR`: the OpenAI-compatible server in the foreground, over the engine in a
+process of its own (`serve.engine_process.EngineClient`).
 
 Loopback (127.0.0.1:8000) by default. `--api-key` (or the RL_ENGINE_API_KEY environment variable, which
 keeps the key out of the process list) makes every endpoint but /health require
@@ -28,12 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import functools
+
     import uvicorn
 
     from rl_engine.config import ConfigError, InputError, check_int
     from rl_engine.inference.cli import _speculative_config, build_llm
     from rl_engine.serve.app import build_app
-    from rl_engine.serve.host import EngineHost
+    from rl_engine.serve.engine_process import EngineClient, EngineProcessError
     from rl_engine.serve.server import uvicorn_config, warn_if_exposed
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -44,12 +46,17 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(str(e)) from None
     api_key = args.api_key if args.api_key is not None else os.environ.get("RL_ENGINE_API_KEY") or None
     warn_if_exposed(args.host, api_key)
-    try:
-        llm = build_llm(args, model=args.model, speculative_config=speculative)
-    except ValueError as e:
+    from rl_engine.policy import ModelConfig
+
+    ModelConfig.from_pretrained(args.model)  # a missing or bad model directory fails here, before the engine process
+    try:  # the engine in a process of its own (engine_process.py: no GIL shared with the HTTP side)
+        backend = EngineClient(functools.partial(build_llm, args, model=args.model, speculative_config=speculative))
+    except (ValueError, EngineProcessError) as e:
         raise InputError(str(e)) from None
-    app = build_app(EngineHost(llm.engine), model_name=args.served_model_name or args.model, api_key=api_key,
-                    root=args.model)
-    logging.getLogger(__name__).info("serving %s on http://%s:%d/v1", args.model, args.host, args.port)
-    uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+    try:
+        app = build_app(backend, model_name=args.served_model_name or args.model, api_key=api_key, root=args.model)
+        logging.getLogger(__name__).info("serving %s on http://%s:%d/v1", args.model, args.host, args.port)
+        uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+    finally:
+        backend.close()
     return 0

@@ -7,10 +7,11 @@ token's is null, as OpenAI's), which lm-eval's loglikelihood requests rely on.""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, AsyncIterator
 
 from rl_engine.serve.generation import (DONE, ChoiceCursor, TokenText, collect, completion_logprobs, fingerprint,
-                                        merged, now, prompt_logprobs, request_id, sse, start_streams, usage)
+                                        merged, now, on_engine, prompt_logprobs, request_id, sse, start_streams, usage)
 from rl_engine.serve.protocol import (APIError, CompletionRequest, check_top_logprobs, resolve_max_tokens,
                                       sampling_params, warn_unknown_fields)
 
@@ -106,9 +107,8 @@ async def _echo_logprobs(backend, req: CompletionRequest, prompts: list[list[int
     as lm-eval's loglikelihood requests need. Otherwise None per prompt."""
     if not (req.echo and req.logprobs is not None):
         return [None] * len(prompts)
-    model = backend.engine.model
-    return [await backend.run_exclusive(lambda p=p: prompt_logprobs(model, p, temperature=params.temperature,
-                                                                    k=req.logprobs)) for p in prompts]
+    return [await on_engine(backend, partial(prompt_logprobs, prompt=p, temperature=params.temperature, k=req.logprobs))
+            for p in prompts]
 
 
 async def _stream(req: CompletionRequest, streams, prompts, texts, *, rid: str, model_name: str,

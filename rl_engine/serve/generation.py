@@ -30,6 +30,19 @@ def request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}-{next(_counter)}"
 
 
+async def on_engine(backend, fn, *, exclusive: bool = True):
+    """`fn(engine)` for the handlers: in the engine's process when it has its own (`EngineClient.call`,
+    `fn` picklable); else, with `exclusive`, between steps (`run_exclusive`), or at once (a read of
+    counters, which must not wait for an RL run that holds the engine while it trains)."""
+    from rl_engine.serve.engine_process import EngineClient
+
+    if isinstance(backend, EngineClient):
+        return await backend.call(fn, exclusive=exclusive)
+    if exclusive:
+        return await backend.run_exclusive(lambda: fn(backend.engine))
+    return fn(backend.engine)
+
+
 class ClientGone(Exception):
     """The client disconnected before its answer was ready; its requests were aborted."""
 
@@ -245,12 +258,13 @@ class PromptLogprobs:
     top: list[list[tuple[int, float]]]
 
 
-def prompt_logprobs(model, prompt: list[int], *, temperature: float, k: int) -> PromptLogprobs:
+def prompt_logprobs(engine, prompt: list[int], *, temperature: float, k: int) -> PromptLogprobs:
     """The prompt tokens' log-probs under the log-prob contract (log_softmax(logits / T), T = 1 when
     greedy), from one forward pass of the engine's model over the prompt (no KV cache involved). The
-    caller holds the engine (`run_exclusive`): the weights must not change meanwhile."""
+    caller holds the engine (`on_engine`): the weights must not change meanwhile."""
     import torch
 
+    model = engine.model
     device = next(model.parameters()).device
     with torch.inference_mode():
         ids = torch.tensor(prompt, device=device)

@@ -14,8 +14,10 @@ requests' outputs out of what the owner gets. When the engine holds only served 
 rollouts) the stepper steps it. One lock (`host.lock`) serialises every use of the engine: the owner
 holds it while it generates and while it changes the weights, so a request that arrives during
 training or a weight update waits, and the first token sampled after the update carries the new
-version. A served request that the owner interrupts (async mode's partial rollouts) is continued with
-the new weights, its earlier tokens keeping their versions. The host offers the surface the app uses
+version; the lock is owner-first (`OwnerFirstLock`): an owner asking for it gets it after the step in
+progress, whatever the served requests still have to generate. A served request that the owner
+interrupts (async mode's partial rollouts) is continued with the new weights, its earlier tokens
+keeping their versions. The host offers the surface the app uses
 (`engine`, `generate`), as `AsyncEngine` does.
 """
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from rl_engine.inference.async_engine import outputs_of
 from rl_engine.inference.sampling_params import SamplingParams
@@ -33,17 +35,63 @@ from rl_engine.inference.sequence import RequestOutput
 logger = logging.getLogger(__name__)
 
 
+class OwnerFirstLock:
+    """A reentrant lock that the stepper takes only while nobody else waits for it (`acquire_if_unwanted`):
+    an owner (a run's generation, training, weight update) that asks for the engine gets it at the end
+    of the step in progress, rather than racing the stepper for it at every step (threading's locks are
+    not fair: a stepper that releases and re-takes the lock at once could keep it until the served
+    requests finish)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting = 0  # threads in acquire() (the owner's side)
+
+    def acquire(self) -> bool:
+        with self._cond:
+            self._waiting += 1
+        try:
+            return self._lock.acquire()
+        finally:
+            with self._cond:
+                self._waiting -= 1
+                if not self._waiting:
+                    self._cond.notify_all()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> "OwnerFirstLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire_if_unwanted(self, timeout: float) -> bool:
+        """The stepper's acquire: once no one waits in `acquire()` (False if that took over `timeout` s)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._waiting, timeout):
+                return False
+        return self._lock.acquire()
+
+
 class EngineHost:
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, *, deliver: Callable[[list[tuple[str, object]]], None] | None = None) -> None:
+        """`deliver`: where a step's outputs go, as one list of (request id, `RequestOutput` or the
+        Exception that failed it), on the stepping thread; by default the `generate()` streams of the
+        server's event loop. The engine process (`engine_process.py`) writes them to its pipe instead,
+        with requests coming in through `submit()` and `cancel()`."""
         if engine.guest is not None:
             raise ValueError("this engine already has a guest")
         self.engine = engine
-        self.lock = threading.RLock()  # every use of the engine, by the owner or the guest
+        self.lock = OwnerFirstLock()  # every use of the engine, by the owner or the guest
         self._mutex = threading.Lock()  # the inbox and the stream table (never held while stepping)
         self._inbox: list[tuple[str, object, SamplingParams | None]] = []
         self._aborts: list[str] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._active: set[str] = set()  # guest requests in the engine (touched under `lock`)
+        self._deliver_to = deliver
         self._wake = threading.Event()
         self._stop = False
         engine.guest = self
@@ -68,6 +116,18 @@ class EngineHost:
                 if self._streams.pop(request_id, None) is not None:
                     self._aborts.append(request_id)  # the consumer went away: stop generating for it
             self._wake.set()
+
+    def submit(self, request_id: str, prompt, params: SamplingParams | None) -> None:
+        """Add a request at the next step, its outputs going to `deliver` (the engine process's side)."""
+        with self._mutex:
+            self._inbox.append((request_id, prompt, params))
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        """Abort a request at the next step (nothing if it already finished)."""
+        with self._mutex:
+            self._aborts.append(request_id)
+        self._wake.set()
 
     async def run_exclusive(self, fn):
         """`fn()` on a worker thread with the engine to itself (its lock held: no step, no weight
@@ -132,7 +192,10 @@ class EngineHost:
 
     def _deliver_all(self, items: list[tuple[str, object]]) -> None:
         """Hand items to their streams: one wake-up of each event loop per call (a step's outputs
-        together), not one per stream."""
+        together), not one per stream; or to `deliver` when given."""
+        if self._deliver_to is not None:
+            self._deliver_to(items)
+            return
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._mutex:
             for rid, item in items:
@@ -161,7 +224,9 @@ class EngineHost:
             self._wake.wait(0.05)
             self._wake.clear()
             while not self._stop and self._has_guest_work():
-                with self.lock:
+                if not self.lock.acquire_if_unwanted(0.05):
+                    continue  # the owner holds or wants the engine (it serves the guest too while it steps)
+                try:
                     self.admit()
                     if not self._active or not self._guest_only():
                         break  # the owner has work in the engine: it steps (and so serves the guest too)
@@ -173,6 +238,8 @@ class EngineHost:
                             self._active.discard(rid)
                             self.engine.abort(rid)
                             self._deliver(rid, RuntimeError("the engine failed on this request"))
+                finally:
+                    self.lock.release()
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:

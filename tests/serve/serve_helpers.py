@@ -1,5 +1,6 @@
-"""The server of the tests: the app on a free loopback port (a thread of this process) over an engine,
-with the official `openai` client bound to it."""
+"""The server of the tests: the app on a free loopback port (a thread of this process) over an engine (in
+a process of its own, as `rl-engine serve` runs it, unless told otherwise), with the official `openai`
+client bound to it."""
 
 from __future__ import annotations
 
@@ -8,20 +9,38 @@ MODEL_NAME = "tiny-chat"
 
 
 class RunningServer:
-    def __init__(self, model_dir: str, *, api_key: str | None = API_KEY, backend: str = "host", **llm_kwargs) -> None:
-        """backend "host": `EngineHost`, as `rl-engine serve` runs it; "async": `AsyncEngine`."""
+    def __init__(self, model_dir: str, *, api_key: str | None = API_KEY, backend: str = "process",
+                 **llm_kwargs) -> None:
+        """backend "process": the engine in a process of its own (`EngineClient`), as `rl-engine serve`
+        runs it; "host": `EngineHost` in this process, as an RL run serves; "async": `AsyncEngine`."""
+        from functools import partial
+
         from rl_engine.inference import LLM, AsyncEngine
         from rl_engine.serve import build_app
+        from rl_engine.serve.engine_process import EngineClient
         from rl_engine.serve.host import EngineHost
         from rl_engine.serve.server import ServerThread
 
-        self.llm = LLM(model_dir, **{"kv_cache_memory": 16 << 20, **llm_kwargs})
-        self.engine = self.llm.engine
-        self.backend = EngineHost(self.engine) if backend == "host" else AsyncEngine.from_llm(self.llm)
+        llm_kwargs = {"kv_cache_memory": 16 << 20, **llm_kwargs}
+        if backend == "process":
+            self.backend = EngineClient(partial(LLM, model_dir, **llm_kwargs))
+        else:
+            llm = LLM(model_dir, **llm_kwargs)
+            self.backend = EngineHost(llm.engine) if backend == "host" else AsyncEngine.from_llm(llm)
+        self.tokenizer = self.backend.engine.tokenizer
         self.app = build_app(self.backend, model_name=MODEL_NAME, api_key=api_key)
         self.thread = ServerThread(self.app, host="127.0.0.1", port=0).start()
         self.base_url = f"http://127.0.0.1:{self.thread.port}/v1"
         self.api_key = api_key
+
+    def metrics(self) -> dict[str, float]:
+        """GET /metrics as {sample name with labels: value}."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        text = httpx.get(self.base_url[:-3] + "/metrics", headers=headers).text
+        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
 
     def client(self, **kw):
         import openai

@@ -75,11 +75,16 @@ def test_served_requests_share_the_owners_batches(llm, chat_model_dir):
 def test_interrupted_request_continues_with_new_weights(llm, chat_model_dir):
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     host, loop = EngineHost(llm.engine), Loop()
-    progress = threading.Event()
     try:
-        future = loop.submit(_collect(host, "interrupt me", params, "r0", progress))
-        progress.wait(30)
-        with host.lock:  # the owner: a weight update that interrupts what is in flight (async mode)
+        with host.lock:  # the owner: it steps the served request a few times, then a weight update interrupts it
+            future = loop.submit(_collect(host, "interrupt me", params, "r0"))
+            for _ in range(1000):
+                with host._mutex:
+                    if host._inbox:
+                        break
+                threading.Event().wait(0.01)
+            for _ in range(5):  # (the stepper cannot step meanwhile: the owner holds the lock)
+                assert llm.engine.step() == []  # the served request's outputs went to its host
             partial = llm.engine.interrupt()
             assert partial == []  # the served request's partial output went back to its host, not to the owner
             done = len(llm.engine.requests["r0"].seqs[0].token_ids) - len(llm.engine.requests["r0"].prompt_token_ids)
@@ -96,7 +101,7 @@ def test_interrupted_request_continues_with_new_weights(llm, chat_model_dir):
         loop.close()
     final = outs[-1].outputs[0]
     assert final.finish_reason == "length" and len(final.token_ids) == 40
-    assert 0 < done < 40
+    assert done == 5
     assert final.policy_versions == [0] * done + [7] * (40 - done)  # each token stamped with its weights
     # the continuation is what the new weights say after the old tokens (KV recomputed with them)
     prompt = outs[-1].prompt_token_ids + final.token_ids[:done]
@@ -141,3 +146,23 @@ def test_weights_version_of_a_request_arriving_during_an_update(llm):
         host.close()
         loop.close()
     assert out.outputs[0].token_ids and out.outputs[0].policy_versions == [3] * len(out.outputs[0].token_ids)
+
+
+def test_owner_gets_the_engine_while_served_requests_run(llm):
+    """The lock is owner-first: an owner (a weight update) asking for the engine while the stepper serves a
+    long request gets it after the step in progress, not once the request is done."""
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    host, loop = EngineHost(llm.engine), Loop()
+    progress = threading.Event()
+    try:
+        future = loop.submit(_collect(host, "a long one", params, "r0", progress))
+        assert progress.wait(30)  # the stepper is stepping it
+        for _ in range(20):
+            with host.lock:
+                request = llm.engine.requests["r0"]  # still running
+                assert len(request.seqs[0].token_ids) < len(request.prompt_token_ids) + 400
+        outs = future.result(120)
+    finally:
+        host.close()
+        loop.close()
+    assert len(outs[-1].outputs[0].token_ids) == 400

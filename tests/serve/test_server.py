@@ -276,9 +276,13 @@ def test_metrics(server, client):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_disconnect_aborts_and_frees_kv(server, stream):
-    engine = server.engine
-    free = engine.block_manager.num_free_blocks
-    generated = engine.num_generated_tokens
+    """Read through /metrics: the engine may be in another process."""
+    def in_engine(m):
+        return m["rl_engine_num_requests_waiting"] + m["rl_engine_num_requests_running"]
+
+    before = server.metrics()
+    free, generated = before["rl_engine_kv_cache_blocks_free"], before["rl_engine_engine_generated_tokens_total"]
+    assert in_engine(before) == 0
     body = json.dumps({"model": MODEL_NAME, "prompt": "a long one", "max_tokens": 490, "n": 4, "temperature": 0,
                        "ignore_eos": True, "stream": stream}).encode()
     host, port = "127.0.0.1", server.thread.port
@@ -286,15 +290,18 @@ def test_disconnect_aborts_and_frees_kv(server, stream):
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     deadline = time.time() + 20
-    while not engine.requests and time.time() < deadline:
+    while in_engine(server.metrics()) == 0 and time.time() < deadline:
         time.sleep(0.005)
-    assert engine.requests  # generating
+    assert in_engine(server.metrics()) > 0  # generating
     sock.close()  # the client goes away mid-generation
-    while (engine.requests or engine.block_manager.num_free_blocks != free) and time.time() < deadline:
+    while time.time() < deadline:
+        after = server.metrics()
+        if in_engine(after) == 0 and after["rl_engine_kv_cache_blocks_free"] == free:
+            break
         time.sleep(0.02)
-    assert not engine.requests  # aborted
-    assert engine.block_manager.num_free_blocks == free  # its KV blocks are back
-    assert engine.num_generated_tokens - generated < 4 * 490  # stopped before its budget
+    assert in_engine(after) == 0  # aborted
+    assert after["rl_engine_kv_cache_blocks_free"] == free  # its KV blocks are back
+    assert after["rl_engine_engine_generated_tokens_total"] - generated < 4 * 490  # stopped before its budget
 
 
 def test_tool_calls_parsed(tmp_path):
@@ -302,7 +309,7 @@ def test_tool_calls_parsed(tmp_path):
     # A chain model: after the generation prompt's last token it writes the call and ends the turn.
     chain = {"\n": "<tool_call>", "<tool_call>": "\t", "\t": call, call: "</tool_call>", "</tool_call>": "<|im_end|>"}
     path = write_chain_model(str(tmp_path / "chain"), chain=chain, words=[call, "\t"])
-    s = RunningServer(path, api_key=None)
+    s = RunningServer(path, api_key=None, backend="host")
     try:
         client = s.client()
         tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -333,7 +340,7 @@ def test_tool_calls_parsed(tmp_path):
                              {"role": "tool", "tool_call_id": tc.id, "content": "18C"}]
         r = client.chat.completions.create(model=MODEL_NAME, messages=follow, tools=tools, temperature=0, max_tokens=10,
                                            extra_body={"return_token_ids": True})
-        assert "<tool_response>\n18C\n</tool_response>" in s.llm.tokenizer.decode(r.prompt_token_ids)
+        assert "<tool_response>\n18C\n</tool_response>" in s.tokenizer.decode(r.prompt_token_ids)
     finally:
         s.stop()
 
@@ -347,10 +354,11 @@ def test_nonloopback_without_key_warns(caplog):
     assert message and "without an API key" in message and "anyone who can reach this port" in message
 
 
-def test_app_over_async_engine(chat_model_dir, reference):
-    """The same app over `AsyncEngine` (the library's asyncio engine) answers alike, streamed or not,
-    and a disconnect aborts there too."""
-    s = RunningServer(chat_model_dir, backend="async")
+@pytest.mark.parametrize("backend", ["host", "async"])
+def test_app_over_engine_in_process(chat_model_dir, reference, backend):
+    """The same app over an engine in this process, `EngineHost` (as an RL run serves) or `AsyncEngine` (the
+    library's asyncio engine), answers alike, streamed or not, and a disconnect aborts there too."""
+    s = RunningServer(chat_model_dir, backend=backend)
     try:
         client = s.client()
         prompt = encode_chat(reference.tokenizer, MESSAGES)
@@ -378,5 +386,13 @@ def test_speculative_server(chat_model_dir, reference):
         assert r.choices[0].token_ids == ref.outputs[0].token_ids
         err = _error(lambda: client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=2, logprobs=2))
         assert err.status_code == 400 and err.body["param"] == "logprobs" and "speculative" in err.body["message"]
+        # the engine process dies: requests fail (503, never a hang) and /health says so
+        assert httpx.get(s.base_url[:-3] + "/health").status_code == 200
+        s.backend._proc.kill()
+        s.backend._proc.join(20)
+        for stream in (False, True):
+            err = _error(lambda: client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=2, stream=stream))
+            assert err.status_code == 503 and "engine is not running" in err.body["message"]
+        assert httpx.get(s.base_url[:-3] + "/health").status_code == 503
     finally:
         s.stop()
