@@ -21,6 +21,12 @@ fresh process (the wait policy is read when torch loads), beside the same runs o
     python benchmarks/generate.py --model builtin:smollm2-135m-instruct --batches 1,32   # the real model
     python benchmarks/generate.py --device cuda --dtype bfloat16 --size 0.5b   # Qwen2-0.5B-shaped, random
     python benchmarks/generate.py --under-load   # also decode at 2 threads with a core taken by another process
+    python benchmarks/generate.py --vs-vllm VENV/bin/python --vs-vllm-only   # against vLLM's CPU backend
+
+On CPU the engine also runs with `compile_decode` (each decode bucket's step compiled by torch.compile;
+its compile time per bucket is reported, the compiling runs untimed) beside the eager one. `--vs-vllm
+PYTHON` compares greedy decode with vLLM's CPU backend on the ~3.4M and ~40M models in fp32 and bf16, at
+2 threads, each run a fresh process (benchmarks/vs_vllm.py).
 """
 
 from __future__ import annotations
@@ -189,7 +195,7 @@ def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_b
 
 def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, repeats: int, peak: float,
                 max_prompt: int, device: torch.device = torch.device("cpu"),
-                dtype: torch.dtype = torch.float32, bandwidth: float = 0.0) -> dict:
+                dtype: torch.dtype = torch.float32, bandwidth: float = 0.0, skip: frozenset = frozenset()) -> dict:
     from transformers import AutoModelForCausalLM
 
     from rl_engine import LLM, kernels
@@ -200,7 +206,7 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
     llm = LLM(path, max_num_seqs=max(batches), dtype=dtype, device=device)
     start_s = time.perf_counter() - t
     cpp_engine, cpp = None, []
-    if device.type == "cpu":  # the same engine with the opt-in C++ CPU kernels (resolved at model build)
+    if device.type == "cpu" and "cpp_kernels" not in skip:  # the opt-in C++ CPU kernels (resolved at model build)
         from rl_engine.kernels import cpu as cpu_kernels
 
         if cpu_kernels.extension_status()[0]:
@@ -210,6 +216,10 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
                 cpp_engine = LLM(path, max_num_seqs=max(batches), dtype=dtype, device=device)
             finally:
                 kernels.configure(kernels.KernelConfig())
+    # the same engine with each decode bucket's step compiled (EngineConfig.compile_decode)
+    compiled_engine = None
+    if device.type == "cpu" and "compiled" not in skip:
+        compiled_engine = LLM(path, max_num_seqs=max(batches), dtype=dtype, device=device, compile_decode=True)
     model = llm.model
     weight_bytes = matmul_params(model) * model.lm_head.weight.element_size()
     kv_bytes_per_token = llm.engine.runner.kv_bytes_per_token
@@ -225,11 +235,14 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
         run_transformers(hf, prompts[:2], 4, True)
         if cpp_engine is not None:
             run_engine(cpp_engine, prompts[:2], 4, True)
+        if compiled_engine is not None:  # every bucket the timed runs meet is compiled here, untimed
+            for g in groups:
+                run_engine(compiled_engine, g, new_tokens, False)
         for sampled in (False, True):
             # Each group (one prompt at batch 1) is timed `repeats` times, alternating engine and
             # transformers (common.interleaved_best), and its best times are summed: short timed units
             # let a burst of load from elsewhere on a shared machine spoil one unit, not the total.
-            engine_t = hf_t = floor = cpp_t = 0.0
+            engine_t = hf_t = floor = cpp_t = compiled_t = 0.0
             for g in groups:
                 floor_step = matmul_floor_step(model, g, new_tokens=new_tokens,
                                                max_batched_tokens=llm.engine.config.max_num_batched_tokens)
@@ -238,11 +251,14 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
                        "matmul_floor": floor_step}
                 if cpp_engine is not None:
                     fns["cpp_kernels"] = lambda: run_engine(cpp_engine, g, new_tokens, sampled)
+                if compiled_engine is not None:
+                    fns["compiled"] = lambda: run_engine(compiled_engine, g, new_tokens, sampled)
                 best = interleaved_best(fns, repeats=repeats, warmup=0)
                 engine_t += best["engine"]
                 hf_t += best["transformers"]
                 floor += best["matmul_floor"]
                 cpp_t += best.get("cpp_kernels", 0.0)
+                compiled_t += best.get("compiled", 0.0)
             tokens = len(prompts) * new_tokens
             processed = tokens + sum(len(p) for p in prompts)
             achieved = 2 * mm_params * processed / engine_t / 1e9
@@ -258,6 +274,10 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
                 **({"engine_cpp_kernels_tokens_per_s": round(tokens / cpp_t, 1),
                     "cpp_kernels_speedup": round(hf_t / cpp_t, 2),
                     "cpp_kernels_over_torch_ops": round(engine_t / cpp_t, 2)} if cpp_engine is not None else {}),
+                # the engine with compiled decode steps (compile_decode), in the same run
+                **({"engine_compiled_tokens_per_s": round(tokens / compiled_t, 1),
+                    "compiled_speedup": round(hf_t / compiled_t, 2),
+                    "compiled_over_eager": round(engine_t / compiled_t, 2)} if compiled_engine is not None else {}),
                 # transformers time / the engine's matmul-only time: no engine can beat this here
                 "speedup_ceiling_matmul_only": round(hf_t / floor, 2),
                 "engine_time_in_matmul_floor": round(floor / engine_t, 3),
@@ -269,10 +289,13 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
             print(json.dumps({"model": name, **rows[-1]}), flush=True)
     return {"model": name, "params": n_params, "matmul_params_per_token": mm_params, "vocab_size": vocab,
             "hidden_size": model.config.hidden_size, "num_layers": model.config.num_layers,
-            "engine_start_s": round(start_s, 2), "cpp_kernels": cpp, "results": rows,
-            "batch_invariant": bench_batch_invariant(name, path, llm, batches=batches, new_tokens=new_tokens,
-                                                     repeats=repeats, max_prompt=max_prompt, device=device,
-                                                     dtype=dtype)}
+            "engine_start_s": round(start_s, 2), "cpp_kernels": cpp,
+            # bucket -> seconds of its first step (compilation included), in this process
+            "decode_compile_s": compiled_engine.engine.stats()["decode_compile_s"] if compiled_engine else None,
+            "results": rows,
+            "batch_invariant": None if "batch_invariant" in skip else bench_batch_invariant(
+                name, path, llm, batches=batches, new_tokens=new_tokens, repeats=repeats, max_prompt=max_prompt,
+                device=device, dtype=dtype)}
 
 
 def bench_batch_invariant(name: str, path: str, llm, *, batches: list[int], new_tokens: int, repeats: int,
@@ -376,6 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--load-batch", type=int, default=64, help="batch of the --under-load runs")
     ap.add_argument("--load-new-tokens", type=int, default=32, help="new tokens per prompt in --under-load runs")
     ap.add_argument("--load-timeout", type=float, default=120.0, help="seconds before an --under-load run is cut")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: cpp_kernels, compiled, "
+                    "batch_invariant (shorter runs)")
+    ap.add_argument("--vs-vllm", default=None, metavar="PYTHON",
+                    help="also compare greedy decode with vLLM's CPU backend, run by this interpreter (its own venv; "
+                         "benchmarks/vs_vllm.py); the row is skipped with a message when it is absent")
+    ap.add_argument("--vs-vllm-only", action="store_true", help="only the --vs-vllm comparison")
+    ap.add_argument("--vllm-models", default="3m,40m", help="models of the vLLM comparison: 3m, 40m")
+    ap.add_argument("--vllm-dtypes", default="float32,bfloat16")
+    ap.add_argument("--vllm-threads", type=int, default=2, help="threads of both engines in the vLLM comparison")
+    ap.add_argument("--vllm-batch1-prompts", type=int, default=8,
+                    help="prompts served one at a time in the vLLM comparison's batch-1 runs")
+    ap.add_argument("--vllm-repeats", type=int, default=1, help="fresh processes per engine (best kept)")
+    ap.add_argument("--vllm-eager", action="store_true", help="our engine without compile_decode in that comparison")
     ap.add_argument("--model", default=None,
                     help="benchmark this model instead of the synthetic ones: a model directory, a .gguf file or "
                          "builtin:smollm2-135m-instruct (the `real` extra; e.g. --batches 1,32)")
@@ -384,9 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parse_args(build_parser(), smoke={"new_tokens": 4, "repeats": 1, "batches": "1,2", "load_batch": 2,
-                                             "load_new_tokens": 2, "under_load": True})
+                                             "load_new_tokens": 2, "under_load": True,
+                                             "vs_vllm": "vllm-venv-absent/bin/python"})
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
+    skip = frozenset(p for p in args.skip.split(",") if p)
+    if skip - {"cpp_kernels", "compiled", "batch_invariant"}:
+        raise SystemExit(f"--skip {args.skip}: the parts are cpp_kernels, compiled, batch_invariant")
+    if args.vs_vllm_only:
+        if args.vs_vllm is None:
+            raise SystemExit("--vs-vllm-only needs --vs-vllm PYTHON")
+        print(json.dumps({"vs_vllm": vs_vllm_report(args, batches)}, indent=2))
+        return
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
@@ -396,7 +441,7 @@ def main() -> None:
               f"matmul_peak_gflops_{'fp32' if dtype == torch.float32 else 'bf16'}": round(peak, 1),
               "memory_bandwidth_gbs": round(bandwidth, 1), "models": []}
     common = dict(batches=batches, new_tokens=args.new_tokens, repeats=args.repeats, peak=peak, max_prompt=128,
-                  device=device, dtype=dtype, bandwidth=bandwidth)
+                  device=device, dtype=dtype, bandwidth=bandwidth, skip=skip)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is not None:
             from rl_engine.builtin_models import resolve_model_path
@@ -421,7 +466,18 @@ def main() -> None:
                                      intermediate=1792, vocab=32000, tie=True, dtype=dtype)
             report["models"].append(bench_model("qwen2-50m-32k", large, **common))
     report["peak_measured_again_gflops"] = round(matmul_peak_gflops(device=device, dtype=dtype), 1)
+    if args.vs_vllm is not None:
+        report["vs_vllm"] = vs_vllm_report(args, batches)
     print(json.dumps(report, indent=2))
+
+
+def vs_vllm_report(args: argparse.Namespace, batches: list[int]) -> dict:
+    import vs_vllm
+
+    return vs_vllm.compare(args.vs_vllm, write_checkpoint=write_checkpoint, make_prompts=make_prompts,
+                           models=args.vllm_models.split(","), dtypes=args.vllm_dtypes.split(","), batches=batches,
+                           new_tokens=args.new_tokens, batch1_prompts=args.vllm_batch1_prompts,
+                           threads=args.vllm_threads, repeats=args.vllm_repeats, compile_decode=not args.vllm_eager)
 
 
 if __name__ == "__main__":
