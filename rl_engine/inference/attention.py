@@ -66,10 +66,10 @@ class PagedAttention:
         self.cpu_decode = cpu_decode  # decode_op is kernels.cpu.ops.paged_decode_attention
         self.max_context_len = 0
         self.batch_invariant = batch_invariant
-        # batch-invariant metadata: per group of decode rows (first row, end row, cache slots [rows * L],
-        # positions [rows]); per prefill chunk, its sequence's slots [context_len] (None when the chunk
-        # starts it) and positions
-        self.invariant_decode: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+        # batch-invariant metadata: per group of decode rows (first row, end row, cache blocks [rows * nb],
+        # key length L, positions [rows]); per prefill chunk, its sequence's slots [context_len] (None when
+        # the chunk starts it) and positions
+        self.invariant_decode: list[tuple[int, int, torch.Tensor, int, torch.Tensor]] = []
         self.invariant_prefills: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         # batch-invariant: which branches of `attend` this step takes (decodes, prefill chunks that start
         # their sequence, chunks over a cached prefix); the model checks each combination once
@@ -108,14 +108,18 @@ class PagedAttention:
                            max_context_len: int) -> None:
         bs = self.block_size
         # decode rows in groups of DECODE_GROUP, each padded to its own longest context (the runner
-        # orders rows by context length); a query's result does not depend on its group
+        # orders rows by context length); a query's result does not depend on its group. Keys are
+        # gathered by whole cache blocks (a copy of 4 KiB rows, ~1.7x faster than by slot here); key
+        # positions past a row's context read whatever block the table gives them (a -1 entry: block 0;
+        # past the table: its last column), finite values that attention masks.
         self.invariant_decode = []
         lens = context_lens[:B].tolist() if B else []
         for a in range(0, B, DECODE_GROUP):
             b = min(B, a + DECODE_GROUP)
             length = invariant.padded_length(max(lens[a:b]))
-            slots = invariant.paged_slots(block_tables[a:b], length, bs).reshape(-1)
-            self.invariant_decode.append((a, b, slots, context_lens[a:b].long() - 1))
+            columns = torch.arange(-(-length // bs), device=block_tables.device).clamp(max=block_tables.shape[1] - 1)
+            blocks = block_tables[a:b][:, columns].long().clamp(min=0).reshape(-1)
+            self.invariant_decode.append((a, b, blocks, length, context_lens[a:b].long() - 1))
         self.invariant_prefills = []
         for c in self.prefills:
             pos = torch.arange(c.context_len - (c.end - c.start), c.context_len, device=self.slot_mapping.device)
@@ -158,7 +162,7 @@ class PagedAttention:
         k_flat.index_copy_(0, self.slot_mapping, k)
         v_flat.index_copy_(0, self.slot_mapping, v)
         if self.batch_invariant:
-            return self._attend_invariant(k_flat, v_flat, q, k, v, scale)
+            return self._attend_invariant(i, q, k, v, scale)
         nd = self.num_single
         if not self.prefills:
             return self._decode(i, q, scale)
@@ -191,13 +195,17 @@ class PagedAttention:
             out[c.start:c.end] = o[0].transpose(0, 1)
         return out
 
-    def _attend_invariant(self, k_flat: torch.Tensor, v_flat: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                          v: torch.Tensor, scale: float) -> torch.Tensor:
+    def _attend_invariant(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          scale: float) -> torch.Tensor:
         """Every query through `invariant.attention` over its sequence's keys from position 0."""
         out = torch.empty_like(q)
-        for a, b, slots, pos in self.invariant_decode:
-            kd = k_flat.index_select(0, slots).view(b - a, -1, *k_flat.shape[1:])
-            vd = v_flat.index_select(0, slots).view(b - a, -1, *v_flat.shape[1:])
+        k_flat, v_flat = self._k_flat[i], self._v_flat[i]
+        kc, vc = self.k_caches[i], self.v_caches[i]
+        kc, vc = kc.view(kc.shape[0], -1), vc.view(vc.shape[0], -1)  # one row per cache block
+        token = (self.num_kv_heads, self.head_dim)
+        for a, b, blocks, length, pos in self.invariant_decode:
+            kd = kc.index_select(0, blocks).view(b - a, -1, *token)[:, :length]
+            vd = vc.index_select(0, blocks).view(b - a, -1, *token)[:, :length]
             out[a:b] = invariant.attention(q[a:b], kd, vd, pos, scale=scale)
         for c, (slots, pos) in zip(self.prefills, self.invariant_prefills):
             if slots is None:  # the chunk starts its sequence: its own k/v are positions 0..n-1
