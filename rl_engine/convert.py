@@ -243,19 +243,29 @@ def _load_state_dict_checked(model, state: dict, *, where: str) -> None:
 
 
 def _adamw_moments(model, file: str) -> tuple[dict[int, dict[str, torch.Tensor]] | None, int]:
-    """torch.optim.AdamW's moments by parameter (its state is indexed in model.parameters() order)."""
+    """torch.optim.AdamW's moments by parameter (its state is indexed in model.parameters() order), and a
+    bf16 run's fp32 master weights as "param" (`MasterWeightsAdamW`: one per parameter, in that order)."""
     if not os.path.isfile(file):
         return None, 0
-    state = _torch_load(file)["state"]
+    saved = _torch_load(file)
+    state, masters = saved["state"], saved.get("master_weights")
+    params = list(model.parameters())
+    if masters is not None and len(masters) != len(params):
+        raise InputError(f"{file}: {len(masters)} master weights for a model of {len(params)} parameters")
     moments, step = {}, 0
-    for index, p in enumerate(model.parameters()):
+    for index, p in enumerate(params):
+        if masters is not None:
+            if tuple(masters[index].shape) != tuple(p.shape):
+                raise InputError(f"{file}: master weight {index} has shape {tuple(masters[index].shape)}, the "
+                                 f"parameter {tuple(p.shape)}")
+            moments.setdefault(id(p), {})["param"] = masters[index]
         if index in state:
             s = state[index]
             for kind in ("exp_avg", "exp_avg_sq"):
                 if tuple(s[kind].shape) != tuple(p.shape):
                     raise InputError(f"{file}: the {kind} of parameter {index} has shape {tuple(s[kind].shape)}, "
                                      f"the parameter {tuple(p.shape)}")
-            moments[id(p)] = {"exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]}
+            moments.setdefault(id(p), {}).update(exp_avg=s["exp_avg"], exp_avg_sq=s["exp_avg_sq"])
             step = int(s["step"])
     return moments, step
 
@@ -316,7 +326,7 @@ def to_sharded(source: Source, dst: str, *, tp: int, pp: int, dp: int, ep: int, 
         full: dict[tuple[str, str], torch.Tensor] = {}
         for box in model_boxes(model):  # world size 1: each box is its whole global tensor
             full[(box.key, "param")] = box.tensor[box.index].detach()
-            for kind in ("exp_avg", "exp_avg_sq"):
+            for kind in ("param", "exp_avg", "exp_avg_sq"):  # param: a bf16 run's fp32 masters
                 moment = (moments or {}).get(id(box.tensor), {}).get(kind)
                 if moment is not None:
                     full[(box.key, kind)] = moment[box.index]

@@ -38,6 +38,7 @@ from rl_engine.inference import LLM
 from rl_engine.losses import PolicyLoss
 from rl_engine.policy import from_pretrained
 from rl_engine.policy.offload import HostOffload, in_use
+from rl_engine.policy.optimizer import MasterWeightsAdamW
 from rl_engine.rl_step import (
     PromptSource,
     Sample,
@@ -225,8 +226,9 @@ class GRPOTrainer:
             self.agentic = AgenticRollouts(cfg, self.prompts, self.rewards)
         self.loss_fn = PolicyLoss(cfg.loss)
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                           weight_decay=o.weight_decay)
+        # fp32 master weights and AdamW state under a bf16 model (as the ZeRO-1 optimizer of the actors' trainer)
+        self.optimizer = MasterWeightsAdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                            weight_decay=o.weight_decay)
         self.lr = step_lr(cfg)  # optim.lr_scheduler / warmup / KL-adaptive scale, per RL step
         self.policy_version = 0
         self.update_metrics: list[dict[str, float]] = []  # the last step's, one dict per optimizer update
@@ -261,7 +263,7 @@ class GRPOTrainer:
             prompt = self.prompts.encode(text)
             response = self.tokenizer.encode(row["response"], add_special_tokens=False) + eos
             examples.append((prompt, response))
-        opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
+        opt = MasterWeightsAdamW(self.model.parameters(), lr=cfg.lr)
         gen = torch.Generator().manual_seed(self.config.train.seed)
         losses = []
         for step in range(cfg.steps):
@@ -279,6 +281,7 @@ class GRPOTrainer:
             opt.step()
             losses.append(loss.item())
         opt.zero_grad(set_to_none=True)  # leave no gradient behind for the RL optimizer
+        self.optimizer.reload_model_params()  # the warm-started weights are its masters now
         if self.ref_model is not None and self.config.ref.path is None:  # the initial policy is this one
             with in_use(self.ref_offload, write_back=True):
                 self.ref_model.load_state_dict(self.model.state_dict())
@@ -410,7 +413,7 @@ class GRPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 discard_expert_loads(self.model)
                 break
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            grad_norm = self.optimizer.clip_grad_norm_(cfg.optim.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             update_expert_bias(self.model)

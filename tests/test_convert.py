@@ -186,6 +186,26 @@ def test_single_process_run_exports_its_checkpoint_with_the_tokenizer(tmp_path):
     assert torch.equal(moments["model.norm.weight"], state[norm_index]["exp_avg"])
 
 
+def test_bf16_single_process_checkpoint_converts_with_its_fp32_masters(tmp_path):
+    """A bf16 run keeps fp32 master weights in optimizer.pt (`MasterWeightsAdamW`): a sharded layout
+    takes them as its parameters, not the bf16 weights of model.pt."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "train.steps=1", "warmup.steps=0", "data.num_eval=2", "rollout.prompts_per_step=2",
+                     "rollout.n=2", "model.dtype=bfloat16", "optim.weight_decay=0.1",  # moves every master
+                     "metrics.tensorboard=false", "metrics.plot=false", f"train.output_dir={out}"]) == 0
+    step_dir = run_checkpoint.latest(str(out))
+    convert(step_dir, tmp_path / "tp1", "--to", "sharded")
+    names = [n for n, _ in CausalLM(ModelConfig.from_pretrained(str(out / "init_model"))).named_parameters()]
+    masters = torch.load(os.path.join(step_dir, "optimizer.pt"))["master_weights"]
+    weights = torch.load(os.path.join(step_dir, "model.pt"))
+    params = read_full_tensors(str(tmp_path / "tp1"), "param")
+    name = "layers.0.input_layernorm.weight"  # the same name in our model and the HF layout
+    master = masters[names.index(name)]
+    assert master.dtype == torch.float32 and torch.equal(weights[name], master.to(torch.bfloat16))
+    assert not torch.equal(master, weights[name].float())  # the masters hold more than bf16 does
+    assert torch.equal(params["model." + name], master)
+
+
 def test_actors_run_checkpoint_exports_with_the_run_models_tokenizer(trained, tmp_path, capsys):
     """An actors run's step_<k> holds the trainer's sharded checkpoint in trainer/; the run's
     actors/config.yaml names the model directory whose tokenizer goes along."""

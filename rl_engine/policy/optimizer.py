@@ -21,6 +21,7 @@ the world.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -245,3 +246,82 @@ def _sum_kv_replicas(params: list[torch.nn.Parameter], g: ParallelGroups) -> Non
         first = g.tp_rank // rep * rep
         v.copy_(gathered[first:first + rep, o:o + n].sum(0).view(v.shape))
         o += n
+
+
+class MasterWeightsAdamW:
+    """`torch.optim.AdamW` for the single-process trainer, stepping fp32 master weights when the model's
+    are not fp32 (Megatron's mixed precision; `DistributedOptimizer` does the same on its shards).
+
+    In bf16 an AdamW update smaller than half a unit in the last place of its weight (about lr when the
+    weight is near 1: 2^-8 = 0.0039) rounds away, so small learning rates leave the weights unchanged.
+    Here each non-fp32 parameter has an fp32 master; `step()` moves the parameters' gradients into the
+    masters (as fp32; they accumulated over the micro-batches in the parameters' dtype), runs
+    `torch.optim.AdamW` (its fp32 state) on the masters and copies them back, rounded, into the
+    parameters: the weights are exactly fp32 AdamW's rounded to bf16. fp32 parameters are their own
+    masters, so an fp32 model runs plain `torch.optim.AdamW` (same state dict as before). Anything that
+    writes the parameters from outside (a warm start with another optimizer) must call
+    `reload_model_params()`; the masters are in `state_dict()` so a resumed run continues exactly."""
+
+    def __init__(self, params, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2) -> None:  # torch.optim.AdamW's defaults
+        self.params = list(params)
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_(p.requires_grad)
+                        for p in self.params]
+        self._pairs = [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
+        self.inner = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    def _move_grads(self) -> None:
+        for p, m in self._pairs:
+            if p.grad is not None:
+                g = p.grad.float()
+                m.grad = g if m.grad is None else m.grad.add_(g)
+                p.grad = None
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` over the (fp32) gradients the next `step()` uses."""
+        self._move_grads()
+        return torch.nn.utils.clip_grad_norm_(self.masters, max_norm)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._move_grads()
+        self.inner.step()
+        for p, m in self._pairs:
+            p.copy_(m)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+        for p, _ in self._pairs:
+            p.grad = None
+
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """The parameters were written from outside: take them as the masters."""
+        for p, m in self._pairs:
+            m.copy_(p)
+
+    def state_dict(self) -> dict:
+        state = self.inner.state_dict()
+        if self._pairs:
+            state["master_weights"] = [m.detach().clone() for _, m in self._pairs]
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        masters = state.pop("master_weights", None)
+        if not self._pairs and masters is not None:
+            raise ValueError("the optimizer state holds fp32 master weights of a bf16 run: resume it with "
+                             "model.dtype=bfloat16")
+        self.inner.load_state_dict(state)
+        if self._pairs and masters is None:  # a bf16 run's state from before they were kept
+            warnings.warn("the optimizer state has no fp32 master weights: they restart from the bf16 weights, "
+                          "so this resumed run is not bit-exact")
+            self.reload_model_params()
+        for (p, m), saved in zip(self._pairs, masters or []):
+            m.copy_(saved)
+            p.copy_(m)

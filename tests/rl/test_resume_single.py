@@ -107,8 +107,9 @@ def test_sigkill_at_random_point_then_resume_reproduces_the_run(tmp_path):
     assert names == ["latest.json", f"step_{steps - 1:06d}", f"step_{steps:06d}"]  # keep_checkpoints=2
 
 
-def test_checkpoint_written_but_not_committed_is_ignored(tmp_path, monkeypatch):
-    overrides = ["train.steps=5", "train.checkpoint_every=2"]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: the fp32 master weights are checkpointed
+def test_checkpoint_written_but_not_committed_is_ignored(tmp_path, monkeypatch, dtype):
+    overrides = ["train.steps=5", "train.checkpoint_every=2", f"model.dtype={dtype}"]
     toy_run(tmp_path / "ref", *overrides)
     out = tmp_path / "run"
     with crash_before_commit(monkeypatch, step=4):
