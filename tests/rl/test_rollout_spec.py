@@ -119,11 +119,18 @@ def test_ngram_run_samples_what_the_plain_run_samples(tmp_path):
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-6
         assert not any(k.startswith("rollout/spec_") for k in b)
     assert [s["token_ids"] for s in spec_samples] == [s["token_ids"] for s in plain_samples]
-    # Behavior log-probs of two engine paths (verify chunk, one-token decode), each within the contract's
-    # fp32 bound of the trainer's (1e-5 at T = 1, scaled by 1 / T: the logits' float differences are
-    # divided by the temperature), so within twice that of each other.
-    for s, p in zip(spec_samples, plain_samples):
-        assert max(abs(x - y) for x, y in zip(s["behavior_logprobs"], p["behavior_logprobs"])) <= 2e-5 / TEMPERATURE
+    # Behavior log-probs of the two engine paths (verify chunk, one-token decode) with the same weights:
+    # step 1 only. They differ in the last float bits (9.5e-7 seen), which the loss's importance weights
+    # carry into the gradient; AdamW's first update is ~lr * sign(grad), so elements whose gradient is
+    # near 0 move by up to 2 lr differently (after step 1, 14% of the weights differed, by up to 3.1e-5),
+    # and step 2 samples from two slightly different policies (5.1e-5 seen). Every step of both runs is
+    # within the contract against its own trainer (`assert_contract` above).
+    # Bound: the contract's fp32 1e-5 at T = 1, scaled by 1 / T (float differences in the logits are
+    # divided by the temperature).
+    first = [(s, p) for s, p in zip(spec_samples, plain_samples) if s["step"] == 1]
+    assert first
+    for s, p in first:
+        assert max(abs(x - y) for x, y in zip(s["behavior_logprobs"], p["behavior_logprobs"])) <= 1e-5 / TEMPERATURE
 
 
 def test_batch_invariant_ngram_run_is_bitwise_on_policy(tmp_path):
