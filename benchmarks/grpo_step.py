@@ -6,7 +6,8 @@
 
 Two settings: fixed-length completions (EOS ignored, every completion `max_new_tokens` long) and
 EOS-varied lengths (a random-init model stops at EOS at random points, capped at `max_new_tokens`).
-Both sides start from the same random-init `tiny` preset checkpoint, use temperature 1, no KL term
+Both sides start from the same random-init preset checkpoint (`--preset`, `tiny` by default: hidden 64,
+2 layers, a 101-token character vocabulary; `3m`: hidden 256, 4 layers), use temperature 1, no KL term
 (so no reference model), one optimizer step per generation batch, fp32 and no activation
 recomputation on both sides (TRL's defaults, bf16 autocast and gradient checkpointing, are turned off:
 with them TRL is about 2x slower on CPU), CPU. The two run interleaved: one step of ours after each
@@ -232,6 +233,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--preset", default="tiny", help="the random-init model preset both sides train (tiny, small, 3m)")
     ap.add_argument("--no-async", dest="async_rows", action="store_false",
                     help="skip the async-vs-sync actors rows (grpo_async.py)")
     ap.add_argument("--no-shared-prefix", dest="shared_prefix_row", action="store_false",
@@ -250,7 +252,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_preset_checkpoint("tiny", os.path.join(tmp, "model"), seed=0)
+        model_dir = write_preset_checkpoint(args.preset, os.path.join(tmp, "model"), seed=0)
         data_dir = os.path.join(tmp, "data")
         write_task(data_dir, "upper", seed=0)
         for fixed in (() if args.only_shared_prefix else (True, False)):
@@ -270,7 +272,7 @@ def main() -> None:
         if args.async_rows and not args.only_shared_prefix:  # rl_engine async vs sync (actors, disaggregated), same checkpoint and task
             rows.append(async_rows(model_dir, data_dir, tmp, argparse.Namespace(**{**vars(args),
                                                                                   "steps": args.async_steps})))
-    emit({"benchmark": "grpo_step", "model": "preset tiny (random init)", "prompts_per_step": args.prompts,
+    emit({"benchmark": "grpo_step", "model": f"preset {args.preset} (random init)", "prompts_per_step": args.prompts,
           "group_size": args.n, "max_new_tokens": args.max_new_tokens, "threads": args.threads, "rows": rows})
 
 
