@@ -17,6 +17,22 @@ lengths (different random streams). Both sides run at `--threads` torch threads 
 and each side's step is split into its rollout (generation, rewards) and the rest (training pass,
 optimizer step, weight publication).
 
+What each side does per step (`--prompts` P prompts x `--n` samples, 16 x 8 = 128 by default):
+- TRL: `GRPOConfig(num_generations=n, per_device_train_batch_size=P*n, max_completion_length=M,
+  temperature=1, top_k=0, top_p=1, beta=0, bf16=False, gradient_checkpointing=False)`, everything else
+  TRL's default: loss_type "dapo" (token-level, normalised over the batch's tokens), epsilon 0.2,
+  num_iterations 1 and steps_per_generation 1 (so no old log-prob forward: on-policy), scale_rewards
+  "group", max_grad_norm 1, fused torch AdamW; generation by transformers' `generate` on the left-padded
+  batch (no vLLM, no paged/continuous batching), then one padded forward + backward of all P*n samples.
+- rl_engine (`GRPOTrainer`, single process): the engine generates from the policy's own tensors (paged
+  KV, finished sequences leave the batch, behavior log-probs recorded), group advantages, shared-prefix
+  packing (`train.shared_prefix` auto) into micro-batches of `train.micro_batch_tokens` 4096, loss
+  ppo_clip token-mean, clip 0.2, TIS on the engine's behavior log-probs (no old log-prob forward at one
+  update per step), grad clip 1, torch AdamW, the new version published in place (no copy).
+Both score exact match on the `upper` task; the random-init model never answers right, so every reward
+and advantage is 0 on both sides, and both still run the whole training pass (neither skips
+zero-advantage samples), as they would on a batch that teaches something.
+
 A `shared_prefix` row (skipped with `--no-shared-prefix`) runs rl_engine alone on long shared prompts
 (`--prefix-prompt-len` 256 prompt tokens, `--prefix-new-tokens` 64 completion tokens, EOS ignored,
 `--n` samples per prompt) with `train.shared_prefix` true against false, interleaved step by step in
