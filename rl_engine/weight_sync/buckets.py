@@ -52,6 +52,7 @@ class Update:
     probe: Probe | None = None
     zero_copy: bool = False
     problem: str | None = None  # found by the transport (malformed or missing messages)
+    problem_bucket: int | None = None  # the bucket `problem` is about, when it is about one
     # How the verified update goes into the engine, returning an undo: set by transports that stage it in
     # memory the engine can serve from (no copy). None: copy the segments into the engine's tensors.
     install: Callable[[], Callable[[], None]] | None = None

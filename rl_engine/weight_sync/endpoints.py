@@ -138,6 +138,7 @@ class WeightReceiver:
         self.failed_bucket: int | None = None
         current = self.engine.weights_version
         if update.problem is not None:
+            self.failed_bucket = update.problem_bucket
             return update.problem
         if update.version <= current:
             return f"weights version must increase: the engine is at {current}, the update is {update.version}"

@@ -160,6 +160,7 @@ class TorchDistTransport:
             if sent_version != version and update.problem is None:  # a late send of an update abandoned
                 update.problem = (f"bucket {b.index} from source rank {b.src_rank} belongs to v{sent_version}, "
                                   f"the update under way is v{version}")
+                update.problem_bucket = b.index
             if receiver.verify:
                 update.received[b.index] = checksum(segs)
         for w in works[len(receiver.incoming):]:

@@ -2,7 +2,9 @@
 the late messages of the abandoned update are dropped and counted, never read as part of the next one
 ("sources sent different versions [1, 2]"), and each source hears once that its update was abandoned.
 Two source processes (tp2) -> one engine rank in this process, over ZMQ and over shared memory. Then a
-real mismatch (the sources publish different versions) is refused with both versions named."""
+real mismatch (the sources publish different versions) is refused with both versions named. Over gloo
+(`TorchDistTransport`) every bucket carries its update's version: a bucket of another update is refused
+naming both, and the next update goes through."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import multiprocessing
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+
+from rl_engine.launch import free_port
 
 from rl_engine.policy import load_hf_weights
 from rl_engine.weight_sync import (
@@ -22,7 +27,9 @@ from rl_engine.weight_sync import (
     WeightSyncError,
     ZmqReceiverTransport,
     ZmqSenderTransport,
+    TorchDistTransport,
     plan_sync,
+    sync_group,
 )
 from wsync_helpers import UNTIED, WAIT_S, FakeEngine, assert_same_bytes, engine_model, source_chunks, write_weights
 
@@ -109,3 +116,54 @@ def test_receiver_that_abandoned_an_update_takes_the_next(tmp_path, kind):
         assert out[r]["v2"] is None
         assert "source rank 0 v3, source rank 1 v4" in out[r]["mismatch"], out[r]["mismatch"]
         assert out[r]["stale_replies"] == 0
+
+
+class LateBucket:
+    """A sync group whose send of bucket 0 carries version `version - 1` in its trailer: a late message of
+    the update before, as a source that timed out of it would leave behind."""
+
+    def __init__(self, group) -> None:
+        self.group, self.armed = group, True
+
+    def send(self, tensors, dst, tag):
+        if tag == 0 and self.armed:
+            t = tensors[0].clone()
+            version = int.from_bytes(t[-8:].numpy().tobytes(), "little", signed=True)
+            t[-8:] = torch.frombuffer(bytearray((version - 1).to_bytes(8, "little", signed=True)), dtype=torch.uint8)
+            tensors, self.armed = [t], False
+        return self.group.send(tensors, dst, tag)
+
+    def __getattr__(self, name):
+        return getattr(self.group, name)
+
+
+def _gloo_rank(rank: int, port: int, path: str, results) -> None:
+    torch.set_num_threads(1)
+    group = sync_group(f"127.0.0.1:{port}", rank=rank, world_size=2, timeout_s=WAIT_S)
+    plan = plan_sync(UNTIED, src=TrainLayout(tp=1, dtype=torch.float32), dst=DST, bucket_bytes=4 << 10)
+    out = {}
+    if rank == 0:
+        chunks = source_chunks(UNTIED, TrainLayout(tp=1, dtype=torch.float32), 0, path)
+        publisher = WeightPublisher(chunks, plan, src_rank=0,
+                                    transport=TorchDistTransport(LateBucket(group), num_src=1, num_dst=1))
+        out["v2"], out["v3"] = _publish(publisher, 2), _publish(publisher, 3)
+    else:
+        engine = FakeEngine(engine_model(UNTIED, DST, 0, None))
+        receiver = WeightReceiver(engine, plan, dst_rank=0, transport=TorchDistTransport(group, num_src=1, num_dst=1))
+        try:
+            receiver.sync()
+        except WeightSyncError as e:
+            out["v2"] = str(e)
+        out["v3"] = receiver.sync()
+        assert_same_bytes(engine.model, engine_model(UNTIED, DST, 0, path), what="after v3")
+    results.put((rank, out))
+
+
+def test_gloo_bucket_of_another_update_is_refused_naming_both(tmp_path):
+    path = write_weights(str(tmp_path / "a"), UNTIED, seed=1)
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_gloo_rank, args=(free_port(), path, results), nprocs=2, join=True)
+    out = dict(results.get() for _ in range(2))
+    assert "bucket 0 from source rank 0 belongs to v1, the update under way is v2" in out[1]["v2"], out[1]["v2"]
+    assert "rejected by the engines (bucket 0" in out[0]["v2"], out[0]["v2"]
+    assert out[0]["v3"] is None and out[1]["v3"] == 3
