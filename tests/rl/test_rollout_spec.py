@@ -121,10 +121,11 @@ def test_ngram_run_samples_what_the_plain_run_samples(tmp_path):
     assert [s["token_ids"] for s in spec_samples] == [s["token_ids"] for s in plain_samples]
     # Behavior log-probs of the two engine paths (verify chunk, one-token decode) with the same weights:
     # step 1 only. They differ in the last float bits (9.5e-7 seen), which the loss's importance weights
-    # carry into the gradient; AdamW's first update is ~lr * sign(grad), so elements whose gradient is
-    # near 0 move by up to 2 lr differently (after step 1, 14% of the weights differed, by up to 3.1e-5),
-    # and step 2 samples from two slightly different policies (5.1e-5 seen). Every step of both runs is
-    # within the contract against its own trainer (`assert_contract` above).
+    # carry into the gradient; AdamW's first update is lr * g / (|g| + eps), which turns a tiny relative
+    # difference in a gradient element of about eps (1e-8) into a visible one (after step 1, 14% of the
+    # weights differed, by up to 3.1e-5 at lr 2e-3), so step 2 samples from two slightly different
+    # policies (5.1e-5 seen). Every step of both runs is within the contract against its own trainer
+    # (`assert_contract` above).
     # Bound: the contract's fp32 1e-5 at T = 1, scaled by 1 / T (float differences in the logits are
     # divided by the temperature).
     first = [(s, p) for s, p in zip(spec_samples, plain_samples) if s["step"] == 1]
