@@ -22,6 +22,7 @@ import itertools
 import logging
 import multiprocessing
 import threading
+from collections import deque
 from types import SimpleNamespace
 from typing import Any, AsyncIterator, Callable
 
@@ -46,7 +47,7 @@ class _DeltaSink:
         self.send = send
         self.engine = engine
         self.sent: dict[str, list[list]] = {}  # request id -> per sample [tokens sent, text sent]
-        self.dropped: list[str] = []  # cancelled by the server: forget them after the next delivery
+        self.dropped: deque[str] = deque()  # cancelled by the server (its reader thread appends): forget them
 
     def __call__(self, items: list[tuple[str, object]]) -> None:
         outs, errors = [], []
@@ -58,9 +59,8 @@ class _DeltaSink:
                 outs.append(self._delta(rid, item))
         if outs or errors:
             self.send(("out", self.engine.weights_version, outs, errors))
-        dropped, self.dropped = self.dropped, []
-        for rid in dropped:  # after the items: a step that was running when the cancel came has delivered
-            self.sent.pop(rid, None)
+        while self.dropped:  # after the items: a step that was running when the cancel came has delivered
+            self.sent.pop(self.dropped.popleft(), None)
 
     def _delta(self, rid: str, out: RequestOutput) -> tuple:
         state = self.sent.get(rid)
