@@ -213,7 +213,9 @@ def main() -> None:
                    "offline_tokens_per_s": round(offline_tps, 1), "served_tokens_per_s": round(served_tps, 1),
                    "served_over_offline": round(served_tps / offline_tps, 3),
                    # CPU seconds per token, offline over the server process's (busy-machine-proof)
-                   "cpu_offline_over_served": round(offline_cpu / served_cpu, 3),
+                   # (null in a run too short for the CPU clock's tick: --smoke under ATEN_CPU_CAPABILITY=default
+                   # measured 0 s)
+                   "cpu_offline_over_served": round(offline_cpu / served_cpu, 3) if served_cpu > 0 else None,
                    # least CPU seconds of one run: offline, the server (its HTTP process and its engine
                    # process together, and the HTTP process alone), the clients (this process)
                    "offline_cpu_s": round(offline_cpu, 3), "server_cpu_s": round(served_cpu, 3),
