@@ -184,13 +184,19 @@ class CausalLM(nn.Module):
                                       attention_factor=config.rope_attention_factor)
 
     def _apply(self, fn, recurse=True):
-        """After `.to()` / `.cuda()`: kernels are chosen per device, so choose them again."""
+        """After `.to()` / `.cuda()` / `.float()`: kernels are chosen per device, so choose them again,
+        under this model's own `batch_invariant` (the process registry's setting may have changed since
+        the build: a model built invariant keeps its invariant ops)."""
         super()._apply(fn, recurse)
         device = self.inv_freq.device
-        self.rotary.bind_kernels(device)
-        for module in self.modules():
-            if module is not self and hasattr(module, "bind_kernels"):
-                module.bind_kernels(device)
+        previous = kernels.set_batch_invariant(self.batch_invariant)
+        try:
+            self.rotary.bind_kernels(device)
+            for module in self.modules():
+                if module is not self and hasattr(module, "bind_kernels"):
+                    module.bind_kernels(device)
+        finally:
+            kernels.set_batch_invariant(previous)
         return self
 
     # ---- forward -------------------------------------------------------------------------------

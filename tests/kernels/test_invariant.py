@@ -147,6 +147,27 @@ def test_model_binds_the_invariant_ops_and_checks_only_its_first_forward_of_each
     assert seen == [True, False, True]
 
 
+def test_a_model_rebinds_under_its_own_mode_when_moved():
+    """`.to()` / `.float()` choose each layer's kernels again: a model keeps the mode it was built with
+    even when the process registry's has changed since (tests and benchmarks build both kinds)."""
+    before = kernels.set_batch_invariant(True)
+    try:
+        invariant_model = _tiny_model()
+    finally:
+        kernels.set_batch_invariant(before)
+    default_model = _tiny_model()
+    kernels.set_batch_invariant(False)
+    invariant_model.float()
+    assert invariant_model.layers[0].mlp.down_proj._dense is inv.linear and invariant_model.lm_head.dense is inv.linear
+    before = kernels.set_batch_invariant(True)
+    try:
+        default_model.float()
+    finally:
+        kernels.set_batch_invariant(before)
+    assert default_model.layers[0].mlp.down_proj._dense is not inv.linear and not default_model.batch_invariant
+    assert not kernels.default_registry().config.batch_invariant  # the process's setting is left as it was
+
+
 @pytest.mark.parametrize("unbound,name", [("linear", "torch.nn.functional.linear"),
                                           ("attention", "scaled_dot_product_attention")])
 def test_model_refuses_a_layer_that_bypasses_the_invariant_ops(invariant_registry, unbound, name):
