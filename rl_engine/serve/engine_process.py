@@ -8,8 +8,8 @@ requests; each step's outputs cross a `multiprocessing` pipe as one message of d
 (new token ids, log-probs, versions, the new tail of the text), which this side turns back into
 the cumulative `RequestOutput`s the handlers read, in one wake-up of the event loop. Requests,
 aborts (a client that went away) and calls on the engine (`call`: the echoed prompt's log-probs,
-the /metrics gauges) go the other way. The child reads its pipe on a thread of its own, so a
-message in either direction never waits for the other side's reader.
+the /metrics gauges) go the other way. The child's main thread only reads its pipe (calls run on a
+thread of their own, steps on the host's), so a message in either direction never waits for a step.
 
 `engine` is a read-only view of what the handlers need (tokenizer, limits, weights version); an RL
 run's server stays in the run's process (`host.RunServer`), where the engine belongs to the run.
@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any, AsyncIterator, Callable
 
@@ -110,6 +111,22 @@ def _engine_main(conn, build_llm: Callable[[], Any], log_level: int) -> None:
     send(("ready", {"tokenizer": engine.tokenizer, "max_model_len": engine.max_model_len,
                     "vocab_size": engine.model.config.vocab_size, "speculative": engine.speculator is not None,
                     "weights_version": engine.weights_version}))
+
+    def run_call(call_id: int, fn: Callable[[Any], Any], exclusive: bool) -> None:
+        try:
+            if exclusive:
+                with host.lock:
+                    result = ("ok", fn(engine))
+            else:
+                result = ("ok", fn(engine))
+        except Exception as e:  # noqa: BLE001 - handed to the caller
+            result = ("error", type(e).__name__, str(e))
+        send(("ret", call_id, result))
+
+    # Calls run on a thread of their own: an exclusive one waits for the engine's lock (a step in
+    # progress), and this loop must keep reading meanwhile, or the server's writes to a full pipe
+    # would block its event loop (and, with the stepper blocked writing to the server, deadlock).
+    calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-calls")
     while True:
         try:
             message = conn.recv()
@@ -122,18 +139,10 @@ def _engine_main(conn, build_llm: Callable[[], Any], log_level: int) -> None:
             host.cancel(message[1])
             sink.dropped.append(message[1])
         elif kind == "call":
-            _, call_id, fn, exclusive = message
-            try:
-                if exclusive:
-                    with host.lock:
-                        result = ("ok", fn(engine))
-                else:
-                    result = ("ok", fn(engine))
-            except Exception as e:  # noqa: BLE001 - handed to the caller
-                result = ("error", type(e).__name__, str(e))
-            send(("ret", call_id, result))
+            calls.submit(run_call, *message[1:])
         elif kind == "stop":
             break
+    calls.shutdown(wait=True)
     host.close()
 
 
