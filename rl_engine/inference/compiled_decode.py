@@ -29,6 +29,9 @@ within the log-prob contract but not bit for bit, so `model.batch_invariant` ref
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import logging
 import time
 import types
@@ -94,6 +97,11 @@ def check_compilable(model, *, latent: bool) -> None:
     if latent:
         raise ValueError("compile_decode=True: latent (MLA) attention has no compiled decode step; turn "
                          "compile_decode off for this model")
+    cxx = os.environ.get("CXX", "g++")  # what inductor's CPU backend compiles with (torch._inductor.cpp_builder)
+    if shutil.which(cxx) is None:
+        raise ValueError(f"compile_decode=True needs a C++ compiler for inductor's CPU backend and {cxx!r} "
+                         "(the CXX environment variable, else g++) is not found: install g++ or set CXX, or turn "
+                         "compile_decode off")
 
 
 class CompiledDecodeRunner(DecodeRunner):

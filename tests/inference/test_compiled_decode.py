@@ -19,7 +19,7 @@ from test_logprobs import trainer_logprobs
 
 # inductor's CPU backend compiles C++ (CXX, else g++)
 _CXX = shutil.which(os.environ.get("CXX", "g++"))
-pytestmark = pytest.mark.skipif(_CXX is None, reason="torch.compile's CPU backend needs a C++ compiler (g++ or CXX)")
+needs_cxx = pytest.mark.skipif(_CXX is None, reason="torch.compile's CPU backend needs a C++ compiler (g++ or CXX)")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,7 @@ def _compare(policy, eager, compiled, prompts, params) -> None:
     assert worst_trainer <= 1e-5 and worst_eager <= 1e-5
 
 
+@needs_cxx
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_compiled_step_matches_eager_and_trainer(engines, temperature):
     policy, eager, compiled = engines
@@ -54,6 +55,7 @@ def test_compiled_step_matches_eager_and_trainer(engines, temperature):
     assert eager.engine.runner.compile_seconds() == {} and "decode_compile_s" not in eager.engine.stats()
 
 
+@needs_cxx
 def test_compiled_step_reads_weights_updated_in_place(engines):
     """A trainer step changes the parameter tensors in place: the compiled graph must read them."""
     policy, eager, compiled = engines
@@ -79,6 +81,13 @@ def test_compile_refused_with_batch_invariant_and_moe(qwen2, checkpoints):
         LLM(checkpoints.get("qwen3_moe")[1], compile_decode=True)
 
 
+def test_compile_refused_without_a_compiler(qwen2, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    with pytest.raises(ValueError, match="no-such-c\\+\\+-compiler.*install g\\+\\+ or set CXX"):
+        LLM(qwen2[1], compile_decode=True)
+
+
+@needs_cxx  # the flag builds a compiled engine
 def test_cli_flag_reaches_the_engine(qwen2):
     from rl_engine.cli import build_parser
     from rl_engine.inference.cli import build_llm
