@@ -157,7 +157,10 @@ class EngineHost:
         for rid, prompt, params in inbox:
             try:
                 self.engine.add_request(rid, prompt, params, stream=True)
-            except ValueError as e:
+            except Exception as e:  # noqa: BLE001 - fails this request only: the stepper (or the RL run
+                # whose step admits it) goes on
+                if not isinstance(e, ValueError):  # bad input is a ValueError; anything else is a bug to see
+                    logger.exception("adding served request %s failed", rid)
                 self._deliver(rid, e)
                 continue
             self._active.add(rid)

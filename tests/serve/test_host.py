@@ -166,3 +166,26 @@ def test_owner_gets_the_engine_while_served_requests_run(llm):
         host.close()
         loop.close()
     assert len(outs[-1].outputs[0].token_ids) == 400
+
+
+def test_a_request_the_engine_cannot_add_fails_alone(llm, monkeypatch):
+    """An error adding one served request (any exception, not only bad input) goes to that request's
+    stream; the stepper lives on and serves the next one."""
+    add_request = llm.engine.add_request
+
+    def failing(rid, *args, **kwargs):
+        if rid == "bad":
+            raise RuntimeError("cannot add this one")
+        return add_request(rid, *args, **kwargs)
+
+    monkeypatch.setattr(llm.engine, "add_request", failing)
+    params = SamplingParams(temperature=0, max_tokens=4)
+    host, loop = EngineHost(llm.engine), Loop()
+    try:
+        with pytest.raises(RuntimeError, match="cannot add this one"):
+            loop.submit(_collect(host, "bad one", params, "bad")).result(30)
+        out = loop.submit(_collect(host, "good one", params, "good")).result(30)[-1]
+    finally:
+        host.close()
+        loop.close()
+    assert out.finished and len(out.outputs[0].token_ids) == 4
