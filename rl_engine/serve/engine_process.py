@@ -11,6 +11,11 @@ aborts (a client that went away) and calls on the engine (`call`: the echoed pro
 the /metrics gauges) go the other way. The child's main thread only reads its pipe (calls run on a
 thread of their own, steps on the host's), so a message in either direction never waits for a step.
 
+The pipe is an anonymous socket pair that only the server and the child it spawned hold (nothing
+binds or listens), and its messages are pickled: the tokenizer at start-up and the functions of `call`
+cross it. That is outside ARCHITECTURE.md's wire rule (msgspec, no pickle on any socket), which is
+written for the actors' addressable sockets; moving this pipe to msgspec frames too is an open item.
+
 `engine` is a read-only view of what the handlers need (tokenizer, limits, weights version); an RL
 run's server stays in the run's process (`host.RunServer`), where the engine belongs to the run.
 """
