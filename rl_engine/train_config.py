@@ -524,6 +524,10 @@ class RLConfig:
             raise ConfigError("optim.kl_adaptive_target adapts the lr to the KL that a step's updates move the policy, "
                               "measured from its second update on: set train.mini_batches_per_step (or "
                               "train.epochs_per_step) above 1, or optim.kl_adaptive_target=null")
+        if self.optim.kl_adaptive_up_factor is not None and self.optim.kl_adaptive_target is None:
+            raise ConfigError(f"optim.kl_adaptive_up_factor={self.optim.kl_adaptive_up_factor} sets how the KL-adaptive lr "
+                              "scale rises, and that scale is off (optim.kl_adaptive_target=null): set "
+                              "optim.kl_adaptive_target or drop optim.kl_adaptive_up_factor")
         spec = self.rollout.speculative
         if spec is not None and self.rollout.routing_replay:
             raise ConfigError("rollout.speculative with rollout.routing_replay=true is not supported: the engine would "

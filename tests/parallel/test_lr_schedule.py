@@ -98,6 +98,17 @@ def test_kl_adaptive_scale_rises_by_its_own_up_factor():
         KLAdaptiveScale(target=0.01, up_factor=0.9)
 
 
+def test_an_up_factor_without_the_adaptive_scale_is_refused():
+    from rl_engine.config import ConfigError, load_config
+    from rl_engine.train_config import RLConfig
+
+    with pytest.raises(ConfigError, match=r"kl_adaptive_up_factor=1.05 .*\(optim.kl_adaptive_target=null\)"):
+        load_config(RLConfig, None, ["optim.kl_adaptive_up_factor=1.05"])
+    cfg = load_config(RLConfig, None, ["optim.kl_adaptive_up_factor=1.05", "optim.kl_adaptive_target=0.01",
+                                       "train.mini_batches_per_step=4"])
+    assert cfg.optim.kl_adaptive_up_factor == 1.05
+
+
 @pytest.mark.parametrize("bad", [dict(scheduler="cosin"), dict(warmup_steps=-1), dict(min_lr_ratio=1.5)])
 def test_bad_schedules_are_refused(bad):
     with pytest.raises(ValueError, match="lr"):
