@@ -529,9 +529,11 @@ def forward_logprobs(model: torch.nn.Module, micro_batches: Sequence[MicroBatch]
     return out
 
 
-def run_micro_batches(model: torch.nn.Module, micro_batches: Sequence[MicroBatch], loss_fn: StepLoss) -> None:
+def run_micro_batches(model: torch.nn.Module, micro_batches: Sequence[MicroBatch], loss_fn: StepLoss,
+                      after_backward: Callable[[], None] | None = None) -> None:
     """Forward and backward over each micro-batch on one model holding every layer (the single-process
-    counterpart of `ParallelTrainer.train_step`'s 1F1B run); gradients accumulate in `.grad`."""
+    counterpart of `ParallelTrainer.train_step`'s 1F1B run); gradients accumulate in `.grad`, and
+    `after_backward()` runs after each micro-batch's backward (the optimizer's fp32 accumulation)."""
     moe = [m for m in model.modules() if isinstance(m, MoEBlock)]
     for m in moe:  # router aux losses: a 1 / (number of micro-batches) share each, as ParallelTrainer does
         m.aux_loss_scale = 1.0 / max(1, len(micro_batches))
@@ -540,6 +542,8 @@ def run_micro_batches(model: torch.nn.Module, micro_batches: Sequence[MicroBatch
                                 attn_context=mb.attention)
         lp, ent = model.token_logprobs(h, mb.targets, temperature=mb.temperature)
         loss_fn(lp, ent, mb).backward()
+        if after_backward is not None:
+            after_backward()
 
 
 def step_lr(cfg: RLConfig) -> StepLR:

@@ -406,7 +406,7 @@ class GRPOTrainer:
         for k, (micro_batches, normalizer) in enumerate(updates):
             self.optimizer.zero_grad(set_to_none=True)
             loss = StepLoss(self.loss_fn, normalizer)
-            run_micro_batches(self.model, micro_batches, loss)
+            run_micro_batches(self.model, micro_batches, loss, after_backward=self.optimizer.accumulate_grads)
             if k > 0:
                 last_kl = float(loss.metrics()["approx_kl"])
             if beyond_target_kl(k, loss.metrics(), cfg.train.target_kl):  # PPO's KL early stop

@@ -254,8 +254,9 @@ class MasterWeightsAdamW:
 
     In bf16 an AdamW update smaller than half a unit in the last place of its weight (about lr when the
     weight is near 1: 2^-8 = 0.0039) rounds away, so small learning rates leave the weights unchanged.
-    Here each non-fp32 parameter has an fp32 master; `step()` moves the parameters' gradients into the
-    masters (as fp32; they accumulated over the micro-batches in the parameters' dtype), runs
+    Here each non-fp32 parameter has an fp32 master; `accumulate_grads()` after each micro-batch's backward
+    moves the parameters' gradients into the masters' fp32 gradients (so micro-batches add up in fp32;
+    whatever is left is moved by `clip_grad_norm_` / `step()`), `step()` runs
     `torch.optim.AdamW` (its fp32 state) on the masters and copies them back, rounded, into the
     parameters: the weights are exactly fp32 AdamW's rounded to bf16. fp32 parameters are their own
     masters, so an fp32 model runs plain `torch.optim.AdamW` (same state dict as before). Anything that
@@ -274,7 +275,10 @@ class MasterWeightsAdamW:
     def param_groups(self) -> list[dict]:
         return self.inner.param_groups
 
-    def _move_grads(self) -> None:
+    def accumulate_grads(self) -> None:
+        """Move the parameters' gradients into the masters' fp32 ones. Called after each micro-batch's
+        backward, the micro-batches' gradients add up in fp32 (as `DistributedOptimizer` adds them into its
+        fp32 buffer), not in the parameters' dtype; `clip_grad_norm_` and `step` call it too."""
         for p, m in self._pairs:
             if p.grad is not None:
                 g = p.grad.float()
@@ -283,12 +287,12 @@ class MasterWeightsAdamW:
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """`torch.nn.utils.clip_grad_norm_` over the (fp32) gradients the next `step()` uses."""
-        self._move_grads()
+        self.accumulate_grads()
         return torch.nn.utils.clip_grad_norm_(self.masters, max_norm)
 
     @torch.no_grad()
     def step(self) -> None:
-        self._move_grads()
+        self.accumulate_grads()
         self.inner.step()
         for p, m in self._pairs:
             p.copy_(m)

@@ -83,3 +83,21 @@ def test_fp32_parameters_are_their_own_masters():
     param = torch.nn.Parameter(torch.linspace(-1, 1, 8))
     opt = MasterWeightsAdamW([param], lr=LR)
     assert opt.masters[0] is param and "master_weights" not in opt.state_dict()
+
+
+def test_micro_batch_gradients_add_up_in_fp32():
+    """1 + 8 micro-batches of 2^-9: in bf16 each small one rounds away against the 1 (the ulp at 1 is
+    2^-7), so the sum would stay 1.0; moved into the master after each backward they add up exactly."""
+    micro = [1.0] + [2.0 ** -9] * 8
+    summed = {}
+    for accumulate in (False, True):
+        p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+        opt = MasterWeightsAdamW([p], lr=LR)
+        for g in micro:
+            (p * torch.tensor(g, dtype=torch.bfloat16)).sum().backward()
+            if accumulate:
+                opt.accumulate_grads()
+        opt.clip_grad_norm_(1e9)  # moves what is left, as step() would
+        summed[accumulate] = opt.masters[0].grad
+    assert torch.equal(summed[False], torch.ones(4))  # summed in bf16 by autograd: the small ones lost
+    assert torch.equal(summed[True], torch.full((4,), 1.0 + 8 * 2.0 ** -9))
