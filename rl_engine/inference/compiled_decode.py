@@ -86,6 +86,12 @@ def _step(model, attn_context, input_ids: torch.Tensor, positions: torch.Tensor)
     return hidden, model.compute_logits(hidden)
 
 
+def cpp_compiler() -> str | None:
+    """The path of the C++ compiler inductor's CPU backend calls (CXX, else g++; torch._inductor.cpp_builder),
+    or None when it is not found."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
 def check_compilable(model, *, latent: bool) -> None:
     """ValueError, naming the fix, for a model whose decode step cannot be compiled per bucket."""
     if model.batch_invariant:
@@ -97,8 +103,8 @@ def check_compilable(model, *, latent: bool) -> None:
     if latent:
         raise ValueError("compile_decode=True: latent (MLA) attention has no compiled decode step; turn "
                          "compile_decode off for this model")
-    cxx = os.environ.get("CXX", "g++")  # what inductor's CPU backend compiles with (torch._inductor.cpp_builder)
-    if shutil.which(cxx) is None:
+    if cpp_compiler() is None:
+        cxx = os.environ.get("CXX", "g++")
         raise ValueError(f"compile_decode=True needs a C++ compiler for inductor's CPU backend and {cxx!r} "
                          "(the CXX environment variable, else g++) is not found: install g++ or set CXX, or turn "
                          "compile_decode off")

@@ -6,20 +6,16 @@ One bucket (4) and one compiled engine for the module: the compile (seconds of C
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 
 from inference_helpers import mixed_prompts
 from rl_engine import LLM, SamplingParams, kernels
+from rl_engine.inference.compiled_decode import cpp_compiler
 from rl_engine.policy import from_pretrained
 from test_logprobs import trainer_logprobs
 
-# inductor's CPU backend compiles C++ (CXX, else g++)
-_CXX = shutil.which(os.environ.get("CXX", "g++"))
-needs_cxx = pytest.mark.skipif(_CXX is None, reason="torch.compile's CPU backend needs a C++ compiler (g++ or CXX)")
+needs_cxx = pytest.mark.skipif(cpp_compiler() is None, reason="torch.compile's CPU backend needs a C++ compiler (g++ or CXX)")
 
 
 @pytest.fixture(scope="module")
