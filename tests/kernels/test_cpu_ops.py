@@ -170,19 +170,18 @@ def test_batch_invariant_mode_keeps_its_own_kernels(monkeypatch):
 def test_loader_reports_a_missing_compiler_and_the_switch(monkeypatch):
     """The build is skipped, with a reason a person can act on (the cached loader is bypassed)."""
     monkeypatch.setenv("CXX", "no-such-compiler-rl-engine")
-    module, reason = cpu._load.__wrapped__()
+    module, reason = cpu.load_source.__wrapped__(cpu.SOURCE)
     assert module is None and "'no-such-compiler-rl-engine' not on PATH" in reason
     monkeypatch.setenv(cpu.ENV_SWITCH, "0")
-    module, reason = cpu._load.__wrapped__()
+    module, reason = cpu.load_source.__wrapped__(cpu.SOURCE)
     assert module is None and reason == f"disabled by {cpu.ENV_SWITCH}=0"
 
 
 def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path):
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu, "SOURCE", broken)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    module, reason = cpu._load.__wrapped__()
+    module, reason = cpu.load_source.__wrapped__(broken)
     assert module is None and reason.startswith("build failed (")
 
 

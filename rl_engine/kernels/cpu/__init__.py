@@ -58,16 +58,22 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def extension_name() -> str:
+def extension_name(source: Path = SOURCE) -> str:
+    """The torch-extensions-cache name of `source`'s build: its stem and a hash of the source, the
+    flags and this CPU's flags."""
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
+    digest.update(source.read_bytes())
     digest.update(" ".join(CFLAGS).encode())
     digest.update(_cpu_flags().encode())
-    return f"rl_engine_cpu_ops_{digest.hexdigest()[:12]}"
+    return f"rl_engine_{source.stem}_{digest.hexdigest()[:12]}"
 
 
 @functools.cache
-def _load() -> tuple[ModuleType | None, str]:
+def load_source(source: Path) -> tuple[ModuleType | None, str]:
+    """Build (or load from the cache) the C++ extension of one source file under `csrc/`:
+    (module, reason), or (None, why not). Every C++ kernel file of the project goes through here, so
+    they share the compiler check, the flags, the cache naming and the `RL_ENGINE_CPU_KERNELS=0` off
+    switch (which never builds any)."""
     global load_seconds
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None, f"disabled by {ENV_SWITCH}=0"
@@ -78,15 +84,21 @@ def _load() -> tuple[ModuleType | None, str]:
     try:
         from torch.utils import cpp_extension
 
-        module = cpp_extension.load(name=extension_name(), sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+        module = cpp_extension.load(name=extension_name(source), sources=[str(source)], extra_cflags=list(CFLAGS),
                                     verbose=False)
     except Exception as exc:  # a failed build falls back to torch, with the compiler's first lines
         message = " ".join(str(exc).split())[:400]
-        logger.warning("rl_engine C++ CPU kernels unavailable, using torch references: %s", message)
+        logger.warning("rl_engine C++ CPU kernels (%s) unavailable, using torch: %s", source.name, message)
         return None, f"build failed ({type(exc).__name__}: {message})"
-    load_seconds = time.perf_counter() - start
-    logger.info("rl_engine C++ CPU kernels ready in %.1f s (%s)", load_seconds, extension_name())
+    seconds = time.perf_counter() - start
+    if source == SOURCE:
+        load_seconds = seconds
+    logger.info("rl_engine C++ CPU kernels ready in %.1f s (%s)", seconds, extension_name(source))
     return module, f"C++ CPU kernels ({' '.join(CFLAGS)}), built in the torch extensions cache"
+
+
+def _load() -> tuple[ModuleType | None, str]:
+    return load_source(SOURCE)
 
 
 def extension_status() -> tuple[bool, str]:
