@@ -47,7 +47,7 @@ from rl_engine.weight_sync.endpoints import (
 )
 from rl_engine.weight_sync.layout import EngineLayout, Piece, RankLayout, TensorLayout, TrainLayout, model_layout
 from rl_engine.weight_sync.plan import Bucket, SyncPlan, Transfer, plan_message_bytes, plan_sync
-from rl_engine.weight_sync.transport_dist import TorchDistTransport, sync_group
+from rl_engine.weight_sync.transport_dist import SyncGroup, TorchDistTransport, sync_group
 from rl_engine.weight_sync.transport_inprocess import InProcessTransport
 from rl_engine.weight_sync.transport_shm import SharedMemoryReceiverTransport, SharedMemorySenderTransport
 from rl_engine.weight_sync.transport_zmq import ZmqReceiverTransport, ZmqSenderTransport
@@ -55,7 +55,7 @@ from rl_engine.weight_sync.transport_zmq import ZmqReceiverTransport, ZmqSenderT
 __all__ = [
     "Bucket", "EngineLayout", "InProcessTransport", "Piece", "Probe", "RankLayout", "SharedMemoryReceiverTransport",
     "SharedMemorySenderTransport", "SyncPlan", "TensorLayout",
-    "TorchDistTransport", "TrainLayout", "Transfer", "Update", "WeightPublisher", "WeightReceiver",
+    "SyncGroup", "TorchDistTransport", "TrainLayout", "Transfer", "Update", "WeightPublisher", "WeightReceiver",
     "WeightSyncError", "ZmqReceiverTransport", "ZmqSenderTransport", "checksum", "model_layout", "plan_message_bytes",
     "plan_sync",
     "probe_logprobs", "probe_source_rank", "sync_group", "trainer_probe",

@@ -12,6 +12,10 @@ collective over the sync group:
    the probe source also sends the probe;
 3. verdict (one all-reduce): each destination checks its buckets; the update is accepted only if every
    destination accepted, and the sources learn which bucket failed.
+A failed operation (a destination that timed out of a late source, a peer gone) breaks the whole gloo group:
+gloo closes all its connections, so an abandoned update's late buckets never arrive, and every later
+operation on that group fails. Each rank turns the failure into `WeightSyncError` and renews the group
+(`SyncGroup`: a fresh one on the same store, under the next generation's prefix) for the next update.
 Main design choice: point-to-point messages between the shard owners (no broadcast of gathered
 tensors), sized by the plan's buckets, so memory stays one shard plus the window.
 """
@@ -39,17 +43,62 @@ _OTHER_FAILURE = 1 << 40
 
 
 def sync_group(address: str, *, rank: int, world_size: int, backend: str = "gloo",
-               timeout_s: float = 300.0) -> dist.ProcessGroup:
-    """A process group of its own for weight sync, independent of the default (training) group.
-    `address` is "host:port" of rank 0's TCP store. NCCL (backend="nccl") is unverified on CPU."""
+               timeout_s: float = 300.0) -> "SyncGroup":
+    """A process group of its own for weight sync, independent of the default (training) group, renewed after
+    a failed update (`SyncGroup`). `address` is "host:port" of rank 0's TCP store. NCCL (backend="nccl") is
+    unverified on CPU."""
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     host, port = address.rsplit(":", 1)
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=timeout)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
-    if backend == "nccl":
-        return dist.ProcessGroupNCCL(store, rank, world_size)
-    raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    return SyncGroup(store, rank=rank, world_size=world_size, backend=backend, timeout=timeout)
+
+
+class SyncGroup:
+    """The sync group's process group, renewable. gloo closes every connection of a group as soon as one of
+    its operations times out (a receiver that gave up on a late source, a source whose destination is gone):
+    the peers' operations then fail with "Connection closed by peer", the late buckets never arrive, and that
+    group never works again. So after a failed update every rank `renew`s (the transport does it): the next
+    update runs on a fresh group, generation g on the store's prefix "wsync/g". The first rank to renew
+    moves the store's shared generation on; the others of the same failure find it moved and join it."""
+
+    _KEY = "wsync/generation"
+
+    def __init__(self, store: dist.Store, *, rank: int, world_size: int, backend: str, timeout: timedelta) -> None:
+        self.store, self.rank, self.world_size, self.backend, self.timeout = store, rank, world_size, backend, timeout
+        self.generation = int(store.compare_set(self._KEY, "", "0"))
+        self._group: dist.ProcessGroup | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        # Building the group is a rendezvous of all ranks on this generation's prefix (up to `timeout`).
+        prefixed = dist.PrefixStore(f"wsync/{self.generation}", self.store)
+        if self.backend == "gloo":
+            self._group = dist.ProcessGroupGloo(prefixed, self.rank, self.world_size, self.timeout)
+        else:
+            self._group = dist.ProcessGroupNCCL(prefixed, self.rank, self.world_size)
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        if self._group is None:
+            self._connect()
+        return self._group
+
+    def renew(self) -> None:
+        """Drop the current group (after a failure, its rendezvous's included: a generation is never tried
+        twice, whose keys may name a listener that is gone); the next operation builds the next generation's."""
+        self._group = None
+        self.generation = int(self.store.compare_set(self._KEY, str(self.generation), str(self.generation + 1)))
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int):
+        return self.group.send(tensors, dst, tag)
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int):
+        return self.group.recv(tensors, src, tag)
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: dist.AllreduceOptions):
+        return self.group.allreduce(tensors, opts)
 
 
 def _all_reduce_max(group: dist.ProcessGroup, t: torch.Tensor) -> torch.Tensor:
@@ -61,11 +110,14 @@ def _all_reduce_max(group: dist.ProcessGroup, t: torch.Tensor) -> torch.Tensor:
 
 class TorchDistTransport:
     """Both ends. Source rank s is `src_ranks[s]` in `group`, destination d is `dst_ranks[d]`
-    (default: sources first, then destinations)."""
+    (default: sources first, then destinations). `timeout_s` bounds a destination's wait for each bucket
+    (default: the group's timeout); a destination that gives up abandons the update and, as after any failure
+    of the group, the next update runs on a renewed group (`SyncGroup`)."""
 
-    def __init__(self, group: dist.ProcessGroup, *, num_src: int, num_dst: int, src_ranks: list[int] | None = None,
-                 dst_ranks: list[int] | None = None, window: int = 2) -> None:
-        self.group = group
+    def __init__(self, group: "SyncGroup | dist.ProcessGroup", *, num_src: int, num_dst: int,
+                 src_ranks: list[int] | None = None, dst_ranks: list[int] | None = None, window: int = 2,
+                 timeout_s: float | None = None) -> None:
+        self.group, self.timeout_s = group, timeout_s
         self.src_ranks = list(src_ranks) if src_ranks is not None else list(range(num_src))
         self.dst_ranks = list(dst_ranks) if dst_ranks is not None else list(range(num_src, num_src + num_dst))
         if len(self.src_ranks) != num_src or len(self.dst_ranks) != num_dst:
@@ -97,8 +149,28 @@ class TorchDistTransport:
         t = _all_reduce_max(self.group, torch.tensor([failing], dtype=torch.int64))
         return int(t)
 
+    def _group_failed(self, what: str, error: RuntimeError) -> WeightSyncError:
+        """An operation of the sync group failed (timed out, or its peer's connection closed): gloo has closed
+        the group's connections, so the group is renewed for the next update (see `SyncGroup`)."""
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        renew = getattr(self.group, "renew", None)
+        if renew is None:
+            return WeightSyncError(f"{what}: the sync group failed ({cause}); a gloo group never works again after "
+                                   "a failure: build it with sync_group(...), which renews itself")
+        renew()
+        return WeightSyncError(f"{what}: the sync group failed ({cause}); the next update runs on a new sync group")
+
     # ---- sender side --------------------------------------------------------------------------------
     def send(self, publisher: "WeightPublisher", version: int, probe: Probe | None) -> None:
+        try:
+            self._send(publisher, version, probe)
+        except WeightSyncError:
+            raise
+        except RuntimeError as e:
+            raise self._group_failed(f"weight update v{version} abandoned by source rank {publisher.src_rank}",
+                                     e) from e
+
+    def _send(self, publisher: "WeightPublisher", version: int, probe: Probe | None) -> None:
         plan = publisher.plan
         probe_len = probe.token_ids.numel() if probe is not None else 0
         version, probe_len = self._handshake(plan=plan, version=version, engine_version=None, probe_len=probe_len)
@@ -132,6 +204,15 @@ class TorchDistTransport:
 
     # ---- receiver side ------------------------------------------------------------------------------
     def receive(self, receiver: "WeightReceiver") -> Update:
+        try:
+            return self._receive(receiver)
+        except WeightSyncError:
+            raise
+        except RuntimeError as e:
+            raise self._group_failed(f"destination rank {receiver.dst_rank} abandoned the weight update "
+                                     f"(engine at version {receiver.engine.weights_version})", e) from e
+
+    def _receive(self, receiver: "WeightReceiver") -> Update:
         plan = receiver.plan
         version, probe_len = self._handshake(plan=plan, version=None,
                                              engine_version=receiver.engine.weights_version, probe_len=0)
@@ -150,8 +231,9 @@ class TorchDistTransport:
             works.append(self.group.recv([probe_bufs[0]], src, _PROBE_TAG + 2 * d))
             works.append(self.group.recv([probe_bufs[1]], src, _PROBE_TAG + 2 * d + 1))
         update = Update(version=version)
+        wait = (lambda w: w.wait()) if self.timeout_s is None else (lambda w: w.wait(timedelta(seconds=self.timeout_s)))
         for b, w in zip(receiver.incoming, works):
-            w.wait()  # checksum each bucket as it lands, while the later ones are still on the wire
+            wait(w)  # checksum each bucket as it lands, while the later ones are still on the wire
             buf = self._staging[b.index]
             update.segments[b.index] = segs = segment_views(b, buf)
             trailer = buf[b.nbytes:].numpy().tobytes()
@@ -164,7 +246,7 @@ class TorchDistTransport:
             if receiver.verify:
                 update.received[b.index] = checksum(segs)
         for w in works[len(receiver.incoming):]:
-            w.wait()
+            wait(w)
         if probe_bufs is not None:
             ids, meta = probe_bufs
             update.probe = Probe(token_ids=ids, logprobs=meta[:-1].clone(), temperature=float(meta[-1]))
@@ -174,7 +256,11 @@ class TorchDistTransport:
         mine = 0
         if problem is not None:
             mine = _OTHER_FAILURE if receiver.failed_bucket is None else receiver.failed_bucket + 1
-        failing = self._verdict_all(receiver.plan, mine)
+        try:
+            failing = self._verdict_all(receiver.plan, mine)
+        except RuntimeError as e:
+            raise self._group_failed(f"destination rank {receiver.dst_rank} abandoned weight update "
+                                     f"v{update.version}", e) from e
         if problem is None and failing:
             return f"another destination rank rejected the update ({_describe(receiver.plan, failing)})"
         return problem

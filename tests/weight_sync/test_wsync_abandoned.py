@@ -3,8 +3,9 @@ the late messages of the abandoned update are dropped and counted, never read as
 ("sources sent different versions [1, 2]"), and each source hears once that its update was abandoned.
 Two source processes (tp2) -> one engine rank in this process, over ZMQ and over shared memory. Then a
 real mismatch (the sources publish different versions) is refused with both versions named. Over gloo
-(`TorchDistTransport`) every bucket carries its update's version: a bucket of another update is refused
-naming both, and the next update goes through."""
+(`TorchDistTransport`): a receiver that times out of an update while its source still sends it (gloo then
+closes the group's connections) takes the next update on a renewed group; and every bucket carries its
+update's version: a bucket of another update is refused naming both, and the next update goes through."""
 
 from __future__ import annotations
 
@@ -167,3 +168,60 @@ def test_gloo_bucket_of_another_update_is_refused_naming_both(tmp_path):
     assert "bucket 0 from source rank 0 belongs to v1, the update under way is v2" in out[1]["v2"], out[1]["v2"]
     assert "rejected by the engines (bucket 0" in out[0]["v2"], out[0]["v2"]
     assert out[0]["v3"] is None and out[1]["v3"] == 3
+
+
+class SlowSource:
+    """A sync group whose first bucket send waits until the receiver has given up: a trainer late with its
+    buckets. The buckets then really go out, after the receiver's timeout."""
+
+    def __init__(self, group, gave_up) -> None:
+        self.group, self.gave_up, self.waited = group, gave_up, False
+
+    def send(self, tensors, dst, tag):
+        if not self.waited:
+            assert self.gave_up.wait(WAIT_S), "the receiver never gave up on v1"
+            self.waited = True
+        return self.group.send(tensors, dst, tag)
+
+    def __getattr__(self, name):
+        return getattr(self.group, name)
+
+
+def _gloo_late_rank(rank: int, port: int, path: str, gave_up, results) -> None:
+    torch.set_num_threads(1)
+    group = sync_group(f"127.0.0.1:{port}", rank=rank, world_size=2, timeout_s=WAIT_S)
+    plan = plan_sync(UNTIED, src=TrainLayout(tp=1, dtype=torch.float32), dst=DST, bucket_bytes=4 << 10)
+    out = {}
+    if rank == 0:
+        chunks = source_chunks(UNTIED, TrainLayout(tp=1, dtype=torch.float32), 0, path)
+        publisher = WeightPublisher(chunks, plan, src_rank=0,
+                                    transport=TorchDistTransport(SlowSource(group, gave_up), num_src=1, num_dst=1))
+        out["v1"], out["v2"] = _publish(publisher, 1), _publish(publisher, 2)
+    else:
+        engine = FakeEngine(engine_model(UNTIED, DST, 0, None))
+        transport = TorchDistTransport(group, num_src=1, num_dst=1, timeout_s=1.0)
+        receiver = WeightReceiver(engine, plan, dst_rank=0, transport=transport)
+        try:
+            receiver.sync()
+        except WeightSyncError as e:
+            out["v1"] = str(e)
+        gave_up.set()
+        transport.timeout_s = None
+        out["v2"] = receiver.sync()
+        assert_same_bytes(engine.model, engine_model(UNTIED, DST, 0, path), what="after v2")
+    out["generation"] = group.generation
+    results.put((rank, out))
+
+
+def test_gloo_receiver_that_timed_out_takes_the_next_update_on_a_renewed_group(tmp_path):
+    """Source 0 has begun v1 (handshake) but sends its buckets only after the receiver timed out of them."""
+    path = write_weights(str(tmp_path / "a"), UNTIED, seed=1)
+    ctx = mp.get_context("spawn")
+    gave_up, results = ctx.Event(), ctx.SimpleQueue()
+    mp.spawn(_gloo_late_rank, args=(free_port(), path, gave_up, results), nprocs=2, join=True)
+    out = dict(results.get() for _ in range(2))
+    assert "destination rank 0 abandoned the weight update (engine at version 0): the sync group failed " \
+           "(" in out[1]["v1"] and "Timed out" in out[1]["v1"], out[1]["v1"]
+    assert "weight update v1 abandoned by source rank 0: the sync group failed" in out[0]["v1"], out[0]["v1"]
+    assert out[0]["v2"] is None and out[1]["v2"] == 2
+    assert out[0]["generation"] == out[1]["generation"] == 1
