@@ -1,7 +1,10 @@
 """Spawn a small gloo process group on this machine (tests and benchmarks on CPU).
 
-`spawn(fn, world_size, *args)` starts `world_size` processes that each join a process group on a
-free loopback port, run `fn(rank, world_size, *args)` and tear the group down. Failures in any rank
+`spawn(fn, world_size, *args)` starts `world_size` processes that each join a process group, run
+`fn(rank, world_size, *args)` and tear the group down. The group's TCP store is served by the caller on a
+port the kernel picks at bind (port 0) and held for the whole run, so no other process on a shared machine
+can take it between the pick and the ranks' start (as it could when a free port was picked, closed, then
+bound by rank 0). Failures in any rank
 propagate to the caller with its traceback. This is the helper the multi-process tests and
 `benchmarks/parallel_step.py` share; runs of the engine go through `rl_engine.launch.launch`.
 
@@ -19,13 +22,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rl_engine.launch.local import free_port
+
+
+def _timeout() -> timedelta:
+    return timedelta(seconds=int(os.environ.get("RL_ENGINE_DIST_TIMEOUT", "300")))
 
 
 def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple) -> None:
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=int(os.environ.get("RL_ENGINE_DIST_TIMEOUT", "300"))))
+    store = dist.TCPStore("127.0.0.1", port, world_size, False, timeout=_timeout())  # a client of the caller's
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=_timeout())
     try:
         fn(rank, world_size, *args)
         dist.barrier()
@@ -39,4 +45,8 @@ def spawn(fn: Callable, world_size: int, *args, threads: int | None = None) -> N
     threads = torch.get_num_threads() if threads is None else threads
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    mp.spawn(_worker, args=(world_size, free_port(), threads, fn, args), nprocs=world_size, join=True)
+    store = dist.TCPStore("127.0.0.1", 0, world_size, True, timeout=_timeout(), wait_for_workers=False)
+    try:
+        mp.spawn(_worker, args=(world_size, store.port, threads, fn, args), nprocs=world_size, join=True)
+    finally:
+        del store  # stops serving

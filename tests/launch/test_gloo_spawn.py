@@ -1,16 +1,19 @@
 """rl_engine.launch.gloo.spawn, the helper of the multi-process tests: the ranks join one gloo group,
-run with the caller's intra-op thread count (or `threads=`), and a failing rank fails the call."""
+run with the caller's intra-op thread count (or `threads=`), a failing rank fails the call, and a port taken
+by another process on the machine cannot fail the call (the caller holds its store's port from the bind)."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rl_engine.launch import gloo
 from rl_engine.launch.gloo import spawn
 
 
@@ -47,3 +50,14 @@ def test_a_failing_rank_fails_the_call_with_its_error():
         spawn(_fail, 2)
     with pytest.raises(ValueError, match="threads must be >= 1"):
         spawn(_fail, 2, threads=0)
+
+
+def test_a_port_taken_by_another_process_between_pick_and_bind_does_not_fail_the_call(tmp_path, monkeypatch):
+    """The race of a shared machine, made certain: the port a free-port pick would hand the ranks is taken
+    before they bind it (spawn used to pick one with `free_port`, then rank 0 bound it: EADDRINUSE)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(gloo, "free_port", lambda host="127.0.0.1": taken.getsockname()[1], raising=False)
+        spawn(_report, 2, str(tmp_path), threads=1)
+    assert [r["rank_sum"] for r in _read(str(tmp_path), 2)] == [1.0, 1.0]
