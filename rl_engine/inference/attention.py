@@ -18,10 +18,13 @@ Index tensors, views and masks are built once per step (`prepare`), not per laye
 calls the `paged_decode_attention` op from the kernel registry instead (unverified here: no GPU in CI);
 on CPU too when the registry resolves it to the C++ kernel (`kernels/cpu`, which reads K/V in place
 in their blocks: `cpu_decode=True`, it is also given the step's longest context).
-Under `model.batch_invariant` (`invariant=True`) every query instead goes through
-`kernels.invariant.attention` over its keys gathered from the cache at positions 0, 1, ... (padded
-to whole key blocks): decodes as one call with one key sequence per row, prefill chunks as calls
-over their sequence's keys, the same reduction the trainer's packed forward runs.
+Under `model.batch_invariant` (`batch_invariant=True`) every query instead goes through the batch-invariant
+attention, the same per-query reduction the trainer's packed forward runs: with its C++ kernel (CPU,
+`invariant.native_attention`) one `invariant.paged_attention` call per layer for the whole step, each
+query reading its keys in place in the cache through its row of a step-wide block table (built once per
+step in `prepare`); with the torch implementation `kernels.invariant.attention` over keys gathered from
+the cache at positions 0, 1, ... (padded to whole key blocks): decodes as one call per group of rows,
+prefill chunks as calls over their sequence's keys.
 `decode_observer`, when set, sees every eager decode call's inputs and output (a replayed CUDA graph
 runs no Python); tests compare the kernels against the engine on a real engine state with it.
 """
@@ -66,6 +69,10 @@ class PagedAttention:
         self.cpu_decode = cpu_decode  # decode_op is kernels.cpu.ops.paged_decode_attention
         self.max_context_len = 0
         self.batch_invariant = batch_invariant
+        # batch-invariant with the C++ kernel: one call per layer for every query of the step, each with
+        # its row of a step-wide block table (int32 [rows, max_blocks]) and its position (int32 [T])
+        self.native_invariant = batch_invariant and invariant.native_attention(k_caches[0].device)
+        self.invariant_call: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # batch-invariant metadata: per group of decode rows (first row, end row, cache blocks [rows * nb],
         # key length L, positions [rows]); per prefill chunk, its sequence's slots [context_len] (None when
         # the chunk starts it) and positions
@@ -106,6 +113,11 @@ class PagedAttention:
 
     def _prepare_invariant(self, B: int, block_tables: torch.Tensor | None, context_lens: torch.Tensor | None,
                            max_context_len: int) -> None:
+        self.path = (B > 0, any(c.block_ids is None for c in self.prefills),
+                     any(c.block_ids is not None for c in self.prefills))
+        if self.native_invariant:
+            self._prepare_native(B, block_tables, context_lens)
+            return
         bs = self.block_size
         # decode rows in groups of DECODE_GROUP, each padded to its own longest context (the runner
         # orders rows by context length); a query's result does not depend on its group. Keys are
@@ -125,8 +137,33 @@ class PagedAttention:
             pos = torch.arange(c.context_len - (c.end - c.start), c.context_len, device=self.slot_mapping.device)
             slots = None if c.block_ids is None else invariant.paged_slots(c.block_ids[None], c.context_len, bs)[0]
             self.invariant_prefills.append((slots, pos))
-        self.path = (B > 0, any(c.block_ids is None for c in self.prefills),
-                     any(c.block_ids is not None for c in self.prefills))
+
+    def _prepare_native(self, B: int, block_tables: torch.Tensor | None, context_lens: torch.Tensor | None) -> None:
+        """The step's table rows and positions for `invariant.paged_attention`: decode row b reads its own
+        table row at position context_len - 1 (a padding row, context 0, gets zeros); a prefill chunk's
+        queries read one row of its sequence's blocks (a chunk that starts its sequence: the blocks its k/v
+        were just written to, from `slot_mapping`), at the chunk's positions."""
+        dev, bs = self.slot_mapping.device, self.block_size
+        rows, positions, chunk_blocks = [], [], []
+        if B:
+            rows.append(torch.arange(B, dtype=torch.int32, device=dev))
+            positions.append(context_lens[:B].to(torch.int32) - 1)
+        for i, c in enumerate(self.prefills):
+            n = c.end - c.start
+            chunk_blocks.append(self.slot_mapping[c.start:c.end:bs] // bs if c.block_ids is None else c.block_ids)
+            rows.append(torch.full((n,), B + i, dtype=torch.int32, device=dev))
+            positions.append(torch.arange(c.context_len - n, c.context_len, dtype=torch.int32, device=dev))
+        if not chunk_blocks:
+            table = block_tables[:B].to(torch.int32)
+        else:
+            width = max([len(b) for b in chunk_blocks] + ([block_tables.shape[1]] if B else []))
+            table = torch.full((B + len(chunk_blocks), width), -1, dtype=torch.int32, device=dev)
+            if B:
+                table[:B, :block_tables.shape[1]] = block_tables[:B]
+            for i, blocks in enumerate(chunk_blocks):
+                table[B + i, :len(blocks)] = blocks
+        self.invariant_call = (table, rows[0] if len(rows) == 1 else torch.cat(rows),
+                               positions[0] if len(positions) == 1 else torch.cat(positions))
 
     def _prepare_decode(self, B: int, block_tables: torch.Tensor, context_lens: torch.Tensor,
                         max_context_len: int, first_block: int | None) -> None:
@@ -198,6 +235,10 @@ class PagedAttention:
     def _attend_invariant(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           scale: float) -> torch.Tensor:
         """Every query through `invariant.attention` over its sequence's keys from position 0."""
+        if self.native_invariant:
+            table, rows, positions = self.invariant_call
+            return invariant.paged_attention(q, self.k_caches[i], self.v_caches[i], table, rows, positions,
+                                             scale=scale)
         out = torch.empty_like(q)
         k_flat, v_flat = self._k_flat[i], self._v_flat[i]
         kc, vc = self.k_caches[i], self.v_caches[i]

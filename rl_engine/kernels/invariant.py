@@ -38,16 +38,25 @@ invariance is unverified (no GPU here).
 
 from __future__ import annotations
 
+import functools
+import logging
+from pathlib import Path
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from rl_engine.kernels import cpu as cpu_kernels
 from rl_engine.kernels import op_inputs
+
+logger = logging.getLogger(__name__)
 
 ROW_TILE = 128  # rows per matmul call at most
 MIN_TILE = 4  # every call's row count is a multiple of this (MKL fp32 treats M <= 3 apart)
 KEY_BLOCK = 32  # keys per attention block (split-KV at fixed positions: 0, 32, 64, ...)
 _QUERY_CHUNK = 128  # queries per attention call in prefill/training (bounds the key copies)
+_ATTENTION_SOURCE = Path(cpu_kernels.__file__).parent / "csrc" / "invariant_attention.cpp"
 
 
 class BatchInvariantError(ValueError):
@@ -119,6 +128,98 @@ class BatchInvariantMode(TorchFunctionMode):
 
 
 # ---- attention ---------------------------------------------------------------------------------------
+# The C++ kernel (`csrc/invariant_attention.cpp`) on CPU when it builds, else the torch implementation
+# below; the choice is made once per process (`attention_kernel`), so a process's engine and trainer
+# run the same one. The two give different bits (each is invariant on its own).
+
+
+@functools.cache
+def attention_kernel() -> ModuleType | None:
+    """The C++ batch-invariant attention (built once per machine into the torch extensions cache), or
+    None when it cannot be built (no compiler, a failed build, `RL_ENGINE_CPU_KERNELS=0`): then the torch
+    implementation runs everywhere, and the reason is logged once."""
+    module, reason = cpu_kernels.load_source(_ATTENTION_SOURCE)
+    if module is None:
+        logger.warning("batch-invariant attention: C++ kernel unavailable (%s); using the torch implementation",
+                       reason)
+    else:
+        logger.info("batch-invariant attention: C++ kernel (%s lanes)", module.isa)
+    return module
+
+
+def native_attention(device: torch.device | str) -> bool:
+    """True when batch-invariant attention on `device` runs the C++ kernel (CPU, and it built)."""
+    return torch.device(device).type == "cpu" and attention_kernel() is not None
+
+
+def _int32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(dtype=torch.int32).contiguous()
+
+
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """[T, H, D] with each token's H * D elements contiguous (any token stride: views of a fused qkv)."""
+    return x if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] else x.contiguous()
+
+
+class _ContiguousAttention(torch.autograd.Function):
+    """Forward: the C++ kernel (bits); backward: plain fp32 causal attention under autograd
+    (`_math_attention`): only the forward values must be invariant."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_starts, positions, scale):
+        ctx.save_for_backward(q, k, v, key_starts, positions)
+        ctx.scale = scale
+        return attention_kernel().contiguous(q, k, v, key_starts, positions, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, key_starts, positions = ctx.saved_tensors
+        with torch.enable_grad(), torch._C.DisableTorchFunction():
+            inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = _math_attention(*inputs, key_starts, positions, ctx.scale)
+            grads = torch.autograd.grad(out, inputs, grad)
+        return (*grads, None, None, None)
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_starts: torch.Tensor,
+                    positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain causal attention in fp32 (differentiable): query n over k/v rows key_starts[n] + 0..positions[n],
+    one product per run of consecutive queries with the same start (a sequence of a packed batch)."""
+    cuts = (torch.nonzero(key_starts[1:] != key_starts[:-1]).view(-1) + 1).tolist()
+    outs = []
+    hkv = k.shape[1]
+    for a, b in zip([0, *cuts], [*cuts, q.shape[0]]):
+        start, pos = int(key_starts[a]), positions[a:b].long()
+        length = int(pos.max()) + 1
+        qs = q[a:b].float().view(b - a, hkv, -1, q.shape[2]).transpose(0, 1)  # [Hkv, n, G, D]
+        ks, vs = k[start:start + length].float().transpose(0, 1), v[start:start + length].float().transpose(0, 1)
+        scores = torch.einsum("hngd,hld->hngl", qs, ks) * scale
+        visible = torch.arange(length, device=q.device) <= pos[:, None, None]  # [n, 1, L]
+        p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        outs.append(torch.einsum("hngl,hld->nhgd", p, vs).reshape(b - a, q.shape[1], -1))
+    return torch.cat(outs).to(q.dtype)
+
+
+def contiguous_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_starts: torch.Tensor,
+                         positions: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """C++ kernel (`native_attention`): query n of q [N, Hq, D] over rows key_starts[n] + 0..positions[n]
+    of k [Tk, Hkv, D], v [Tk, Hkv, Dv] -> [N, Hq, Dv] in q's dtype; differentiable (backward in torch)."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k, v, key_starts, positions = _token_rows(k), _token_rows(v), _int32(key_starts), _int32(positions)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        with torch._C.DisableTorchFunction():
+            return _ContiguousAttention.apply(q, k, v, key_starts, positions, scale)
+    return attention_kernel().contiguous(q, k, v, key_starts, positions, scale)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    table_rows: torch.Tensor, positions: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """C++ kernel (`native_attention`): query n of q [N, Hq, D] over positions 0..positions[n] of the
+    paged cache through block_tables[table_rows[n]] (int32 [rows, max_blocks]); positions[n] < 0: zeros.
+    A table entry within a query's context outside the cache is refused. No backward (the engine's)."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    return attention_kernel().paged(q, k_cache, v_cache, _int32(block_tables), _int32(table_rows),
+                                    _int32(positions), scale)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, *,
@@ -176,6 +277,8 @@ def _pad_keys(x: torch.Tensor, length: int) -> torch.Tensor:
 def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor, *,
                        scale: float) -> torch.Tensor:
     """Queries of one sequence over its keys k, v [L, Hkv, D] (positions 0..L-1), in query chunks."""
+    if native_attention(q.device):
+        return contiguous_attention(q, k, v, torch.zeros_like(q_positions), q_positions, scale=scale)
     length = padded_length(k.shape[0])
     kp, vp = _pad_keys(k, length)[None], _pad_keys(v, length)[None]
     outs = [attention(qc, kp, vp, pc, scale=scale)
@@ -196,6 +299,8 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lengths = bounds[1:] - bounds[:-1]
     starts = torch.repeat_interleave(bounds[:-1], lengths)  # [T]: each token's sequence start
     positions = torch.arange(total, device=q.device) - starts
+    if native_attention(q.device):
+        return contiguous_attention(q, k, v, starts, positions, scale=scale)
     outs = []
     for a in range(0, total, _QUERY_CHUNK):
         b = min(total, a + _QUERY_CHUNK)
@@ -222,6 +327,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     dims = op_inputs.check_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
     op_inputs.check_block_capacity(block_tables, context_lens, dims.block_size)
     batch = q.shape[0]
+    if native_attention(q.device):
+        rows = torch.arange(batch, dtype=torch.int32, device=q.device)
+        return paged_attention(q, k_cache, v_cache, block_tables, rows, context_lens.long() - 1, scale=scale)
     max_len = int(context_lens.max()) if batch else 0
     if max_len == 0:
         return torch.zeros_like(q)
@@ -241,6 +349,14 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     context_lens[i] cached tokens."""
     dims = op_inputs.check_paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
     op_inputs.check_block_capacity(block_tables, context_lens, dims.block_size)
+    if native_attention(q.device):  # request i's queries: rows of its table, positions ctx - n_q .. ctx - 1
+        n_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(len(n_q), device=q.device), n_q)
+        first = torch.repeat_interleave(context_lens.long() - n_q - cu_seqlens_q[:-1].long(), n_q)
+        positions = torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)  # rows past the last: zeros
+        positions[:len(rows)] = first + torch.arange(len(rows), device=q.device)
+        rows = torch.cat([rows, rows.new_zeros(q.shape[0] - len(rows))])
+        return paged_attention(q, k_cache, v_cache, block_tables, rows, positions, scale=scale)
     out = torch.zeros_like(q)
     bounds = cu_seqlens_q.tolist()
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
