@@ -27,7 +27,7 @@ import torch
 from rl_engine.inference.block_manager import BlockManager
 from rl_engine.inference.config import EngineConfig
 from rl_engine.inference.model_runner import ModelRunner
-from rl_engine.inference.sampler import Sampler, SampleRow, token_seed
+from rl_engine.inference.sampler import Sampler, token_seed, token_uniforms
 from rl_engine.inference.sampling_params import SamplingParams
 from rl_engine.inference.scheduler import Scheduler
 from rl_engine.inference.sequence import CompletionOutput, Request, RequestOutput, SeqStatus, Sequence
@@ -232,11 +232,16 @@ class LLMEngine:
             bm = self.block_manager
             for seq, n in zip(sched.seqs, sched.num_new_tokens):
                 seq.num_computed_tokens += n
-                if seq.kv_version is None or version < seq.kv_version:
+                kv_version = seq.kv_version
+                if kv_version is None or version < kv_version:
                     seq.kv_version = version
             tops: dict[int, list] = {}
             if sample_seqs:
-                emissions = self._sample(logits, sample_seqs)  # speculative: also rolls back rejected drafts
+                if self.speculator is not None:  # also rolls back rejected drafts
+                    emissions = self.speculator.verify(logits, sample_seqs, sampler=self.sampler,
+                                                       block_manager=bm)
+                else:
+                    tokens, logprobs = self._sample(logits, sample_seqs)
                 tops = self._top_logprobs(logits, sample_seqs)
             if bm.enable_prefix_caching:
                 bs = bm.block_size
@@ -245,6 +250,8 @@ class LLMEngine:
                         bm.register_full_blocks(seq)
         self.num_steps += 1
         touched: dict[str, Request] = {}
+        if sample_seqs and self.speculator is None:
+            self._emit_plain(sample_seqs, tokens, logprobs, tops, version, touched)
         for i, (seq, (tokens, logprobs, in_place)) in enumerate(zip(sample_seqs, emissions)):
             if in_place:  # accepted drafts: re-appended one at a time below, with stop checks
                 del seq.token_ids[-in_place:]
@@ -254,8 +261,6 @@ class LLMEngine:
                 seq.logprobs.append(logprob)
                 seq.policy_versions.append(version)
                 seq.kv_versions.append(seq.kv_version)
-                if i in tops:  # plain decoding only: one token per sequence and step
-                    seq.top_logprobs.append(tops[i])
                 self.num_generated_tokens += 1
                 if request.pending_forks and seq.index == 0:
                     self._fork(request, seq)
@@ -275,15 +280,57 @@ class LLMEngine:
                 outputs.append(self._output(request))
         return outputs if self.guest is None else self.guest.route(outputs)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[list[int], list[float], int]]:
-        """Per sequence: (tokens to emit, their log-probs, how many of them are already at the end of
-        its token list). Plain decoding emits one token; speculative decoding 1 + accepted drafts."""
-        if self.speculator is not None:
-            return self.speculator.verify(logits, seqs, sampler=self.sampler, block_manager=self.block_manager)
-        rows = [SampleRow(s.request.params, None if s.rng_seed is None else
-                          token_seed(s.rng_seed, s.index, s.num_tokens)) for s in seqs]
-        tokens, logprobs = self.sampler(logits, rows)
-        return [([t], [lp], 0) for t, lp in zip(tokens, logprobs)]
+    def _emit_plain(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float],
+                    tops: dict[int, list], version: int, touched: dict[str, Request]) -> None:
+        """Plain decoding: one token per sequence, appended with its log-prob and versions, then the
+        stop checks. A token that can stop nothing (no stop token, no stop string, below the length
+        cap) skips `_check_stop` / `_length_reached`: at batch 128 this loop runs every step."""
+        for i, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs)):
+            request = seq.request
+            token_ids = seq.token_ids
+            token_ids.append(token)
+            seq.logprobs.append(logprob)
+            seq.policy_versions.append(version)
+            seq.kv_versions.append(seq.kv_version)
+            if tops:
+                seq.top_logprobs.append(tops[i])
+            if request.pending_forks and seq.index == 0:
+                self._fork(request, seq)
+            stop_tokens, checks_text, max_len = request.stop_rule or self._stop_rule(request)
+            if (token in stop_tokens or checks_text or len(token_ids) >= max_len) and (
+                    self._check_stop(seq, token) or self._length_reached(seq)):
+                self.scheduler.remove(seq)
+                seq.status = SeqStatus.FINISHED
+            touched[request.request_id] = request
+        self.num_generated_tokens += len(seqs)
+
+    def _stop_rule(self, request: Request) -> tuple[frozenset[int], bool, int]:
+        """(tokens that may stop a sample, whether stop strings are checked, the token count at which
+        `_length_reached` may hold): a superset of what `_check_stop` and `_length_reached` stop on,
+        so a token outside it needs neither. Cached on the request (its params do not change)."""
+        params = request.params
+        stop_tokens = frozenset(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_tokens |= self.eos_token_ids
+        max_len = self.max_seq_len
+        if params.max_tokens is not None:
+            max_len = min(max_len, len(request.prompt_token_ids) + params.max_tokens)
+        request.stop_rule = (stop_tokens, bool(params.stop), max_len)
+        return request.stop_rule
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
+        """Plain decoding: one token and its log-prob per sequence. A seeded sequence's uniform comes from
+        `token_uniforms(seed, sample index, position)`, computed for the whole batch at once."""
+        params = [s.request.params for s in seqs]
+        seeds = [s.rng_seed for s in seqs]
+        if None in seeds:
+            def draw() -> list[float]:
+                return self.sampler.uniforms([None if s.rng_seed is None else token_seed(s.rng_seed, s.index, s.num_tokens)
+                                              for s in seqs])
+        else:
+            def draw():
+                return token_uniforms(seeds, [s.index for s in seqs], [len(s.token_ids) for s in seqs])
+        return self.sampler.sample(logits, params, draw)
 
     def _top_logprobs(self, logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, list[tuple[int, float]]]:
         """Row -> the params.logprobs most likely (token id, log-prob) pairs, for the rows that ask,

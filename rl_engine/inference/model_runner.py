@@ -11,9 +11,12 @@ LM head.
 
 from __future__ import annotations
 
+import itertools
 import logging
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from rl_engine.inference.attention import PagedAttention, PrefillChunk
@@ -28,8 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _num_computed(seq: Sequence) -> int:
-    return seq.num_computed_tokens
+_num_computed = attrgetter("num_computed_tokens")
 
 
 def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -173,25 +175,29 @@ class ModelRunner:
         if n > 2 and routing is None:
             # Shortest context first: attention pads each chunk of rows to its longest context, so
             # rows of similar length should share chunks. (Recorded routing is stored in step order.)
-            seqs = sorted(seqs, key=_num_computed)
+            seqs = sorted(seqs, key=_num_computed)  # (stable: the order persists between steps)
         computed = [s.num_computed_tokens for s in seqs]
         runner.pad(n)
         runner.np_input_ids[:n] = [s.token_ids[p] for s, p in zip(seqs, computed)]
         runner.np_positions[:n] = computed
         runner.np_slot_mapping[:n] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, computed)]
         runner.np_context_lens[:n] = runner.np_positions[:n] + 1
-        tables = runner.np_block_tables
-        for i, s in enumerate(seqs):
-            tables[i, :len(s.block_table)] = s.block_table
+        # Block tables: one scatter of every row's blocks (a per-row slice assignment costs ~1 us a row)
+        tables = [s.block_table for s in seqs]
+        widths = np.fromiter(map(len, tables), dtype=np.int64, count=n)
+        flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(widths.sum()))
+        rows = np.repeat(np.arange(n), widths)
+        runner.np_block_tables[rows, np.arange(len(flat)) - np.repeat(np.cumsum(widths) - widths, widths)] = flat
         first_block = None
         if n == 1:  # a fresh pool hands out consecutive blocks: attention then reads a view
             table = seqs[0].block_table
             if table == list(range(table[0], table[0] + len(table))):
                 first_block = table[0]
         hidden, logits = runner.run(max_context_len=max(computed) + 1, routing=routing, first_block=first_block)
-        sample_rows = [i for i, (s, p) in enumerate(zip(seqs, computed)) if p + 1 == s.num_tokens]
-        return (hidden, logits, sample_rows, [seqs[i] for i in sample_rows],
-                [(s, p, 1) for s, p in zip(seqs, computed)])
+        sample_rows = [i for i, (s, p) in enumerate(zip(seqs, computed)) if p + 1 == len(s.token_ids)]
+        sample_seqs = seqs if len(sample_rows) == n else [seqs[i] for i in sample_rows]
+        layout = None if self.hidden_sink is None else [(s, p, 1) for s, p in zip(seqs, computed)]
+        return hidden, logits, sample_rows, sample_seqs, layout
 
     def _run_flat(self, sched: SchedulerOutput, routing):
         seqs, nd, bs = sched.seqs, sched.num_single, self.block_size

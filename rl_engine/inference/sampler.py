@@ -15,8 +15,10 @@ few hundred tokens (the usual case for trained models), sorting everything only 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rl_engine import kernels
@@ -34,6 +36,24 @@ def token_seed(seed: int, index: int, position: int) -> int:
     x = (x * 0x94D049BB133111EB) & _MASK64
     x ^= x >> 31
     return x >> 1
+
+
+_U64 = [np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xD1B54A32D192ED03, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)]
+
+
+def token_uniforms(seeds: Sequence[int], indices: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+    """`token_seed(seed, index, position) / 2**63` for a batch of rows at once (numpy uint64 arithmetic
+    wraps mod 2**64 as the masked Python does; the float conversion rounds the same 63-bit integer)."""
+    c1, c2, c3, c4 = _U64
+    x = np.array([s & _MASK64 for s in seeds], dtype=np.uint64) * c1
+    x += np.array(indices, dtype=np.uint64) * c2
+    x += np.array(positions, dtype=np.uint64) * c3
+    x ^= x >> np.uint64(30)
+    x *= c3
+    x ^= x >> np.uint64(27)
+    x *= c4
+    x ^= x >> np.uint64(31)
+    return (x >> np.uint64(1)).astype(np.float64) / 2.0 ** 63
 
 
 @dataclass
@@ -55,38 +75,54 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[float]]:
         """logits [n, V] (any float dtype) -> (token ids, log-probs), one per row."""
+        return self.sample(logits, [r.params for r in rows], lambda: self.uniforms([r.seed for r in rows]))
+
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
+               draw: Callable[[], Sequence[float]]) -> tuple[list[int], list[float]]:
+        """logits [n, V] -> (token ids, log-probs), one per row of `params`. `draw()` gives the rows'
+        uniforms in [0, 1); it is called once, and only when some row samples (not all greedy)."""
         logits = logits if logits.dtype == torch.float32 else logits.float()
-        temps = [r.params.temperature for r in rows]
-        t0 = temps[0]
-        if all(t == t0 for t in temps):
-            scale = t0 if t0 > 0 else 1.0
+        p0 = params[0]
+        key0 = (p0.temperature, p0.top_k, p0.top_p, p0.min_p)
+        # One setting for the whole batch (the RL case: a step's requests differ only in their seeds):
+        # scalar temperature and truncation, no per-row lists.
+        uniform = all(p is p0 or (p.temperature, p.top_k, p.top_p, p.min_p) == key0 for p in params)
+        temps = None if uniform else [p.temperature for p in params]
+        if uniform:
+            t0 = p0.temperature
+            z = logits / t0 if t0 > 0 and t0 != 1.0 else logits
+            sampling, all_sampling = t0 > 0, t0 > 0
+        elif all(t == temps[0] for t in temps):
+            scale = temps[0] if temps[0] > 0 else 1.0
             z = logits / scale if scale != 1.0 else logits
+            sampling, all_sampling = temps[0] > 0, temps[0] > 0
         else:
             z = logits / torch.tensor([t if t > 0 else 1.0 for t in temps], device=logits.device)[:, None]
-        z_max, argmax = z.max(dim=-1, keepdim=True)  # greedy rows (T = 1 there) take argmax
-        if any(temps):
+            sampling, all_sampling = any(temps), all(temps)
+        if sampling:
+            z_max = z.amax(dim=-1, keepdim=True)
             e = (z - z_max).exp_()  # unnormalised probabilities, in (0, 1]
             lse = z_max + e.sum(dim=-1, keepdim=True).log_()
-            sampled = self._sample(e, z, rows)
-            tokens = sampled if all(temps) else torch.where(
-                torch.tensor([t == 0 for t in temps], device=z.device)[:, None], argmax, sampled)
+            if not uniform:
+                e = _truncate(e, z, params)
+            elif 0 < p0.top_k < e.shape[1] or p0.top_p < 1.0 or p0.min_p:
+                e = _truncate(e, z, [p0] * len(params))
+            cdf = e.cumsum_(dim=-1)  # e is not needed afterwards
+            target = torch.as_tensor(draw(), dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
+            # First index whose cumulative mass exceeds the target: never a zero-mass (truncated) entry.
+            tokens = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
+            if not all_sampling:  # greedy rows (T = 1 there) take argmax
+                greedy = torch.tensor([t == 0 for t in temps], device=z.device)[:, None]
+                tokens = torch.where(greedy, z.max(dim=-1, keepdim=True)[1], tokens)
         elif not self.batch_invariant:  # all greedy: the argmax's log-prob is -log(sum(exp(z - max z)))
+            z_max, argmax = z.max(dim=-1, keepdim=True)
             return argmax.view(-1).tolist(), (z - z_max).exp_().sum(dim=-1).log_().neg_().tolist()
         else:
-            tokens = argmax
+            tokens = z.max(dim=-1, keepdim=True)[1]
         if self.batch_invariant:
             return tokens.view(-1).tolist(), shared_logprobs(z, tokens.view(-1)).tolist()
         logprobs = z.gather(1, tokens) - lse
         return tokens.view(-1).tolist(), logprobs.view(-1).tolist()
-
-    def _sample(self, e: torch.Tensor, z: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-        """Inverse-CDF draw from e (truncated in place), one uniform per row -> [n, 1] token ids."""
-        e = _truncate(e, z, [r.params for r in rows])
-        cdf = e.cumsum_(dim=-1)  # e is not needed afterwards
-        u = self.uniforms([r.seed for r in rows])
-        target = torch.tensor(u, dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
-        # First index whose cumulative mass exceeds the target: never a zero-mass (truncated) entry.
-        return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
 
     def uniforms(self, seeds: list[int | None]) -> list[float]:
         """One uniform in [0, 1) per seed (a `token_seed`), or from the engine's generator for None."""

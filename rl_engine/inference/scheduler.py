@@ -63,25 +63,31 @@ class Scheduler:
         preempted: list[Sequence] = []
         running = self.running
 
+        bs = bm.block_size
+        free = bm.num_free_blocks  # kept up to date below (allocate takes, a preemption gives back)
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            need = bm.blocks_needed(seq, seq.num_computed_tokens + n)
+            computed = seq.num_computed_tokens
+            n = min(len(seq.token_ids) - computed, budget)
+            need = -(-(computed + n) // bs) - len(seq.block_table)  # bm.blocks_needed, inlined (every step)
             if seq.num_draft_tokens:
-                if need > bm.num_free_blocks:  # drafts are optional: shrink them before preempting anyone
-                    room = (len(seq.block_table) + bm.num_free_blocks) * bm.block_size - seq.num_computed_tokens
+                if need > free:  # drafts are optional: shrink them before preempting anyone
+                    room = (len(seq.block_table) + free) * bs - computed
                     n = max(1, min(n, room))
-                    need = bm.blocks_needed(seq, seq.num_computed_tokens + n)
+                    need = bm.blocks_needed(seq, computed + n)
                 seq.truncate_drafts(n - 1)  # the budget or the pool may not cover them all
-            while need > bm.num_free_blocks:
+            while need > free:
                 victim = running.pop()  # the newest; scheduled ones are all before index i
                 self._preempt(victim)
                 preempted.append(victim)
+                free = bm.num_free_blocks
                 if victim is seq:
                     break
             else:
-                bm.allocate(seq, need)
+                if need > 0:
+                    bm.allocate(seq, need)
+                    free -= need
                 if n == 1:
                     singles.append(seq)
                 else:

@@ -138,7 +138,7 @@ class Request:
     """A prompt and its `n` samples. Sample 0 (the leader) prefills the prompt; the others are
     forked from it once its prompt KV exists, sharing its full prompt blocks (`pending_forks`)."""
 
-    __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "seqs", "pending_forks", "stream")
+    __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "seqs", "pending_forks", "stream", "stop_rule")
 
     def __init__(self, request_id: str, *, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, stream: bool) -> None:
@@ -149,6 +149,7 @@ class Request:
         self.seqs: list[Sequence] = []
         self.pending_forks: list[Sequence] = []
         self.stream = stream
+        self.stop_rule: tuple | None = None  # the engine's stop-check shortcut (LLMEngine._stop_rule)
 
     @property
     def finished(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rl_engine.inference.sampler import Sampler, SampleRow, token_seed
+from rl_engine.inference.sampler import Sampler, SampleRow, token_seed, token_uniforms
 from rl_engine.inference.sampling_params import SamplingParams
 
 
@@ -92,3 +92,28 @@ def test_token_seed_is_a_fixed_function():
     assert token_seed(0, 0, 0) == 0
     assert token_seed(1, 0, 0) != token_seed(0, 1, 0) != token_seed(0, 0, 1)
     assert 0 <= token_seed(2**40, 3, 10**6) < 2**63
+
+
+def test_token_uniforms_equal_token_seed_bit_for_bit():
+    # the engine's batched uniforms (numpy uint64) against the Python definition, over seeds that wrap
+    seeds = [0, 1, 7, 2**40 + 3, 2**64 + 5, -3, 123456789123456789, 2**63 - 1]
+    indices = [0, 3, 15, 1, 2, 0, 7, 255]
+    positions = [0, 17, 4095, 10**6, 33, 1, 2**20, 9]
+    expected = [token_seed(s, i, p) / 2.0 ** 63 for s, i, p in zip(seeds, indices, positions)]
+    assert token_uniforms(seeds, indices, positions).tolist() == expected
+
+
+def test_a_batch_of_one_setting_samples_each_row_as_alone():
+    # distinct SamplingParams with the same settings (an RL step's requests differ only in their seed) take
+    # the sampler's one-setting path; truncation and draws must match each row sampled on its own
+    torch.manual_seed(1)
+    logits = torch.randn(6, 64) * 3
+    params = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, seed=i) for i in range(6)]
+    seeds = [token_seed(i, 0, 5) for i in range(6)]
+    tokens, logprobs = sample(logits, params, seeds=seeds)
+    for r in range(6):
+        alone, alone_lp = sample(logits[r:r + 1], [params[r]], seeds=[seeds[r]])
+        assert tokens[r] == alone[0] and logprobs[r] == alone_lp[0]
+    mixed = params[:5] + [params[5].clone(temperature=0.5)]  # one row differs: the per-row path
+    tokens2, logprobs2 = sample(logits, mixed, seeds=seeds)
+    assert tokens2[:5] == tokens[:5] and logprobs2[:5] == logprobs[:5]
