@@ -235,6 +235,8 @@ class TrainSection:
     # torch intra-op threads of the single process; 0 = torch's default (one per core). 1 by default:
     # the demo's tiny model gains nothing from more, and an OpenMP team whose other core is busy
     # spins (measured: a 2-thread warm start 25x slower than 1 thread while another process ran).
+    # torch's thread count is process-wide: the trainer sets it when built and puts the earlier one back
+    # at close(); meanwhile anything else in the process (a served engine, a benchmark's peer) runs with it.
     threads: int = 1
     pack_sequences: bool = True  # false: one sample per micro-batch (same loss and gradient, slower)
     # Shared-prefix training (Prefix Grouper): the samples of a group that share their prompt are packed

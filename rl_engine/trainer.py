@@ -150,6 +150,17 @@ def _torch_bytes(obj: object) -> bytes:
     return buf.getvalue()
 
 
+def _load_optimizer(optimizer: MasterWeightsAdamW, checkpoint: str) -> None:
+    """The checkpoint's optimizer.pt into `optimizer`; a state of another model (torch's and
+    `MasterWeightsAdamW`'s ValueErrors: parameter counts, master weights) is a `ResumeError` naming it."""
+    path = os.path.join(checkpoint, "optimizer.pt")
+    try:
+        optimizer.load_state_dict(_torch_load(path))
+    except ValueError as e:
+        raise ResumeError(f"cannot resume from {checkpoint}: {path} does not fit this model's optimizer: "
+                          f"{e}") from None
+
+
 def _torch_load(path: str) -> Any:
     """One torch file of a checkpoint; a file that cannot be read is a `ResumeError` naming it."""
     try:
@@ -161,13 +172,19 @@ def _torch_load(path: str) -> Any:
 
 class GRPOTrainer:
     """The whole loop in one process (placement "single_process"): the demo's fast path and the
-    reference every distributed placement is tested against."""
+    reference every distributed placement is tested against.
+
+    Process-wide settings, held from construction to `close()`, which puts back what it found: torch's
+    intra-op thread count (`train.threads`; torch has one pool per process, so whatever else runs in this
+    process meanwhile, the colocated engine on purpose, a served engine, a benchmark's peer, runs with it
+    too), deterministic algorithms, and the kernel registry's batch-invariant mode."""
 
     def __init__(self, config: RLConfig) -> None:
         self.config = cfg = config
         if cfg.placement.mode != "single_process":
             logger.warning("GRPOTrainer runs in this process; placement.mode=%s is ignored (run it with "
                            "`rl-engine train` to start the actors)", cfg.placement.mode)
+        self._was_threads = torch.get_num_threads()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -485,7 +502,7 @@ class GRPOTrainer:
             self.model.load_state_dict(_torch_load(os.path.join(path, "model.pt")))
         except RuntimeError as e:  # missing / unexpected keys, shape mismatches
             raise ResumeError(f"cannot resume from {path}: its weights do not fit this model: {e}") from None
-        self.optimizer.load_state_dict(_torch_load(os.path.join(path, "optimizer.pt")))
+        _load_optimizer(self.optimizer, path)
         if self.ref_model is not None and self.config.ref.path is None:
             with in_use(self.ref_offload, write_back=True):
                 self.ref_model.load_state_dict(_torch_load(os.path.join(path, "ref_model.pt")))
@@ -510,3 +527,4 @@ class GRPOTrainer:
         self.rewards.close()
         torch.use_deterministic_algorithms(self._was_deterministic)
         kernels.set_batch_invariant(self._was_batch_invariant)
+        torch.set_num_threads(self._was_threads)

@@ -309,23 +309,34 @@ class MasterWeightsAdamW:
             m.copy_(p)
 
     def state_dict(self) -> dict:
+        """torch.optim's state dict plus "master_weights": like its moments, the live tensors, not copies (a
+        clone was a second fp32 copy of the model at each checkpoint): serialize it before the next step."""
         state = self.inner.state_dict()
         if self._pairs:
-            state["master_weights"] = [m.detach().clone() for _, m in self._pairs]
+            state["master_weights"] = [m.detach() for _, m in self._pairs]
         return state
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
+        """Checked whole before anything is loaded: a state of another model is a ValueError naming what differs."""
         state = dict(state)
         masters = state.pop("master_weights", None)
         if not self._pairs and masters is not None:
             raise ValueError("the optimizer state holds fp32 master weights of a bf16 run: resume it with "
                              "model.dtype=bfloat16")
+        if masters is not None:
+            if len(masters) != len(self._pairs):
+                raise ValueError(f"the optimizer state holds {len(masters)} fp32 master weights, this model has "
+                                 f"{len(self._pairs)} non-fp32 parameters: it was saved from another model")
+            for i, ((_, m), saved) in enumerate(zip(self._pairs, masters)):
+                if saved.shape != m.shape:
+                    raise ValueError(f"master weight {i} of the optimizer state has shape {tuple(saved.shape)}, "
+                                     f"this model's parameter {tuple(m.shape)}: it was saved from another model")
         self.inner.load_state_dict(state)
         if self._pairs and masters is None:  # a bf16 run's state from before they were kept
             warnings.warn("the optimizer state has no fp32 master weights: they restart from the bf16 weights, "
                           "so this resumed run is not bit-exact")
             self.reload_model_params()
-        for (p, m), saved in zip(self._pairs, masters or []):
+        for (p, m), saved in zip(self._pairs, masters or []):  # counts checked above
             m.copy_(saved)
             p.copy_(m)

@@ -1,13 +1,16 @@
 """`MasterWeightsAdamW`, the single-process trainer's optimizer: a bf16 model keeps fp32 master weights
 and AdamW state, so updates below bf16's resolution accumulate instead of rounding away; the weights are
 fp32 `torch.optim.AdamW`'s rounded to bf16, and its state dict resumes exactly. An fp32 model is plain
-`torch.optim.AdamW`."""
+`torch.optim.AdamW`. Its state dict holds the live masters (no second fp32 copy per checkpoint), and a
+state of another model is refused, on resume as a `ResumeError`."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rl_engine.policy.optimizer import MasterWeightsAdamW
+from rl_engine.trainer import ResumeError, _load_optimizer
 
 LR, WD, STEPS = 1e-4, 0.01, 100
 
@@ -101,3 +104,39 @@ def test_micro_batch_gradients_add_up_in_fp32():
         summed[accumulate] = opt.masters[0].grad
     assert torch.equal(summed[False], torch.ones(4))  # summed in bf16 by autograd: the small ones lost
     assert torch.equal(summed[True], torch.full((4,), 1.0 + 8 * 2.0 ** -9))
+
+
+def test_state_dict_holds_the_masters_without_copying_them():
+    param = _start().requires_grad_()
+    opt = MasterWeightsAdamW([param], lr=LR)
+    saved = opt.state_dict()["master_weights"]
+    assert len(saved) == 1 and saved[0].data_ptr() == opt.masters[0].data_ptr()  # no second fp32 copy
+    assert saved[0].dtype == torch.float32 and not saved[0].requires_grad
+
+
+def _bf16_params(n: int) -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(_start()) for _ in range(n)]
+
+
+def test_state_of_another_model_is_refused_before_anything_is_loaded(tmp_path):
+    two = MasterWeightsAdamW(_bf16_params(2), lr=LR)
+    one_param = _bf16_params(1)
+    one = MasterWeightsAdamW(one_param, lr=LR)
+    before = one.masters[0].clone()
+    with pytest.raises(ValueError, match="holds 2 fp32 master weights, this model has 1 non-fp32 parameters"):
+        one.load_state_dict(two.state_dict())  # zip() over the masters used to load the first and drop the rest
+    state = two.state_dict()
+    state["master_weights"] = state["master_weights"][:1]  # the counts agree with `one`, torch's groups do not
+    with pytest.raises(ValueError):
+        one.load_state_dict(state)
+    assert torch.equal(one.masters[0], before)
+
+    # On resume both are a ResumeError naming the checkpoint and the counts.
+    torch.save(two.state_dict(), tmp_path / "optimizer.pt")
+    with pytest.raises(ResumeError, match=r"cannot resume from .*optimizer\.pt does not fit this model's optimizer: "
+                                          r"the optimizer state holds 2 fp32 master weights, this model has 1"):
+        _load_optimizer(one, str(tmp_path))
+    torch.save(state, tmp_path / "optimizer.pt")
+    with pytest.raises(ResumeError, match="does not fit this model's optimizer: loaded state dict contains a "
+                                          "parameter group that doesn't match the size of optimizer's group"):
+        _load_optimizer(one, str(tmp_path))

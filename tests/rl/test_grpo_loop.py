@@ -16,6 +16,19 @@ def small_config(tmp_path, *extra: str) -> RLConfig:
                                         f"train.threads={torch.get_num_threads()}", *extra])
 
 
+def test_train_threads_hold_while_the_trainer_lives_and_close_puts_the_callers_back(tmp_path):
+    """torch's thread count is process-wide: a trainer used to leave `train.threads` to everything run in
+    the process after it (a benchmark's peer, the warm start's driver)."""
+    callers = torch.get_num_threads()
+    threads = 2 if callers == 1 else 1
+    trainer = GRPOTrainer(small_config(tmp_path, "warmup.steps=0", f"train.threads={threads}"))
+    try:
+        assert torch.get_num_threads() == threads
+    finally:
+        trainer.close()
+    assert torch.get_num_threads() == callers
+
+
 def test_rl_raises_held_out_accuracy(tmp_path):
     """Reduced demo: a noisy warm start, then RL must raise greedy held-out accuracy."""
     cfg = small_config(tmp_path, "warmup.steps=350", "train.steps=30")
