@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import itertools
 import logging
 import time
 import types
@@ -110,6 +111,11 @@ def check_compilable(model, *, latent: bool) -> None:
                          "compile_decode off")
 
 
+def _layouts(model) -> dict[str, tuple]:
+    return {name: (tuple(t.shape), t.stride(), t.dtype)
+            for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
+
+
 class CompiledDecodeRunner(DecodeRunner):
     """A bucket whose step is compiled on its first run (static shapes) and replayed after."""
 
@@ -117,6 +123,7 @@ class CompiledDecodeRunner(DecodeRunner):
         super().__init__(batch_size, inputs=inputs, model=model, attn=attn)
         self._attend = _AttendOp(attn)
         self._compiled = None
+        self._layouts: dict[str, tuple] = {}  # each parameter's and buffer's (shape, strides, dtype) at compile
         self.compile_seconds: float | None = None  # the first run's time, compilation included
 
     def run(self, *, max_context_len: int, routing=None, first_block: int | None = None):
@@ -127,14 +134,35 @@ class CompiledDecodeRunner(DecodeRunner):
                           first_block=first_block)
         if self._compiled is not None:
             # The one cache entry of this bucket's code object runs without its guards (see the module doc).
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return self._compiled(self.model, self._attend, self.input_ids, self.positions)
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self._compiled(self.model, self._attend, self.input_ids, self.positions)
+            except RuntimeError as e:  # inductor's own message blames "an incorrect fake kernel"
+                problem = self._replaced_tensor()
+                if problem is None:
+                    raise
+                raise ValueError(problem) from e
         # A copy of `_step` with a code object of its own: dynamo's cache of this bucket alone.
         fn = types.FunctionType(_step.__code__.replace(), _step.__globals__, f"decode_step_{self.batch_size}")
         compiled = torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
         start = time.perf_counter()
         out = compiled(self.model, self._attend, self.input_ids, self.positions)
         self.compile_seconds = time.perf_counter() - start
-        self._compiled = compiled
+        self._compiled, self._layouts = compiled, _layouts(self.model)
         logger.info("compiled the decode step of bucket %d in %.1f s", self.batch_size, self.compile_seconds)
         return out
+
+    def _replaced_tensor(self) -> str | None:
+        """After a compiled step failed: the parameter or buffer whose tensor was replaced by one of another
+        shape, strides or dtype since the compile (the graph reads them in place, laid out as it was built
+        for; its guards, which would catch this, are skipped), as an error naming the fix; else None."""
+        now = _layouts(self.model)
+        for name, built in self._layouts.items():
+            if now.get(name, built) != built:
+                (shape, strides, dtype), (shape1, strides1, dtype1) = built, now[name]
+                return (f"the compiled decode step of bucket {self.batch_size} reads {name!r} as shape {shape}, "
+                        f"strides {strides}, {dtype}, but it is now shape {shape1}, strides {strides1}, {dtype1}: "
+                        "the tensor was replaced (`.data =`, a new Parameter, load_state_dict(assign=True)) instead "
+                        "of updated in place. Update weights in place, `with torch.no_grad(): param.copy_(new)`, "
+                        "which keeps the parameter's strides, or build a new engine")
+        return None

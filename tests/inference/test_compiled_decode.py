@@ -91,3 +91,23 @@ def test_cli_flag_reaches_the_engine(qwen2):
     for flags, expected in (([], False), (["--compile-decode"], True)):
         args = build_parser().parse_args(["generate", "--model", qwen2[1], "--prompt-ids", "1,2", *flags])
         assert build_llm(args, model=args.model, speculative_config=None).engine.config.compile_decode is expected
+
+
+
+@needs_cxx
+def test_a_parameter_replaced_by_other_strides_is_named_with_the_fix(engines):
+    """The graph reads parameters as laid out at compile time (its guards are skipped): a tensor of other
+    strides put in a parameter's place failed inside inductor with "an incorrect fake kernel for a custom
+    op". Last in this module: the failed step may leave the shared engine's requests behind."""
+    policy, eager, compiled = engines
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    compiled.generate(mixed_prompts(2, seed=6, max_len=20), params)  # bucket 4 compiled
+    weight = policy.layers[0].mlp.down_proj.weight
+    old = weight.data
+    weight.data = old.t().contiguous().t()  # same values and shape, column-major
+    try:
+        with pytest.raises(ValueError, match=r"bucket 4 reads 'layers\.0\.mlp\.down_proj\.weight' as shape "
+                                             r"\(64, 96\), strides \(96, 1\).*strides \(1, 64\).*param\.copy_\(new\)"):
+            compiled.generate(mixed_prompts(2, seed=6, max_len=20), params)
+    finally:
+        weight.data = old
