@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rl_engine import kernels
+from rl_engine.kernels.logprob import logprobs_only
 from rl_engine.inference.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -66,9 +66,9 @@ class SampleRow:
 
 class Sampler:
     def __init__(self, *, device: torch.device, seed: int, batch_invariant: bool = False) -> None:
-        """`batch_invariant` (model.batch_invariant): behavior log-probs come from the registry's
-        `logprob_shard_stats` and `combine_shard_stats`, the functions the trainer's log-probs use
-        (`policy.logprobs.full_logits_logprobs_and_entropy`), so both round the same way."""
+        """`batch_invariant` (model.batch_invariant): behavior log-probs come from `logprobs_only`, the
+        log-prob-only form of the statistics the trainer's log-probs use (`kernels.logprob`), so both
+        round the same way."""
         self.device = device
         self.rng = random.Random(seed)
         self.batch_invariant = batch_invariant
@@ -130,11 +130,10 @@ class Sampler:
 
 
 def shared_logprobs(z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log_softmax(z)[token] per row of z [n, V] (already divided by the temperature) through the
-    kernel registry's softmax statistics: bit for bit what the trainer computes from the same logits."""
-    stats = kernels.logprob_shard_stats(z, tokens, temperature=1.0)
-    lse, target_logit, _ = kernels.combine_shard_stats(stats)
-    return target_logit - lse
+    """log_softmax(z)[token] per row of z [n, V] (already divided by the temperature) by the log-prob-only
+    form of the softmax statistics (`kernels.logprob.logprobs_only`): bit for bit what the trainer computes
+    from the same logits, without its entropy."""
+    return logprobs_only(z, tokens)
 
 
 def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -12,7 +12,8 @@ MAX and one SUM all-reduce (with M the global max and c_r = exp(m_r - M): S = su
 A = sum c_r (A_r + (m_r - M) S_r)); logits are never gathered. This is the one implementation of
 these statistics: the policy's chunked training path (`policy/logprobs.py`) calls the registry's
 per-chunk `logprob_shard_stats` / `logprob_entropy_grad` and this merge, and the engine's sampler
-computes behavior log-probs with the same functions under `model.batch_invariant`. Backward needs no communication: with the global
+computes behavior log-probs under `model.batch_invariant` with `logprobs_only`, their log-prob-only form
+(the same bits, without the entropy). Backward needs no communication: with the global
 logsumexp and entropy saved, each shard's gradient is local,
     d logprob / d logits = (onehot - p) / temperature,   d H / d logits = -p (log p + H) / temperature.
 A backend supplies only the two heavy per-shard pieces (`stats_fn`, `grad_fn`); `logprob_entropy_with`
@@ -99,6 +100,18 @@ def logprob_shard_stats(
         out[2, s:e] = torch.where(ez > 0, ez * z, 0.0).sum(-1)  # padded columns: 0 * -inf -> 0
         out[3, s:e] = torch.where(in_shard, picked, 0.0)
     return ShardStats(*out)
+
+
+def logprobs_only(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(z)[target] per row of z [n, V] fp32, logits already divided by the temperature, every
+    column real: the log-prob of `logprob_entropy(logits, targets, temperature=T)` with z = logits.float() / T,
+    bit for bit, without the entropy's passes and the shard merge (the sampler's behavior log-probs under
+    `model.batch_invariant`). The same ops as `logprob_shard_stats` (m = max z, S = sum exp(z - m)) and
+    `combine_shard_stats` at one shard (which scales S by exp(m - m) = 1 and adds m + log S): its bits equal
+    theirs as long as both stay so (tests/kernels/test_logprob.py)."""
+    m = z.max(dim=-1).values
+    sum_exp = torch.exp(z - m[:, None]).sum(-1)
+    return z.gather(1, targets.long()[:, None]).squeeze(1) - (m + sum_exp.log())
 
 
 def _rescaled(stats: ShardStats, global_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

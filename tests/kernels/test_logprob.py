@@ -53,6 +53,20 @@ def test_reference_matches_log_softmax(temperature, vocab_size):
         assert torch.all(grad[:, vocab_size:] == 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_only_equals_the_statistics_log_prob_bitwise(dtype, temperature):
+    """The sampler's behavior log-probs under model.batch_invariant (`logprobs_only` of z = logits / T)
+    are the trainer's (`logprob_entropy` at temperature T) bit for bit, for any number of rows."""
+    logits, targets, _, _ = _inputs(37, 300, dtype=dtype, seed=3)
+    want, _ = ref.logprob_entropy(logits, targets, temperature=temperature)
+    for rows in (slice(0, 37), slice(5, 6), slice(10, 17)):
+        z = logits[rows].float() / temperature
+        assert torch.equal(ref.logprobs_only(z, targets[rows]), want[rows]), rows
+    lp_ref, _ = plain_logprob_entropy(logits, targets, temperature)
+    torch.testing.assert_close(want, lp_ref, atol=1e-5, rtol=1e-5)
+
+
 def _shard_bounds(vocab, cuts):
     edges = [0, *cuts, vocab]
     return list(zip(edges[:-1], edges[1:]))
