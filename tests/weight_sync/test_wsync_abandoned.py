@@ -138,15 +138,23 @@ class LateBucket:
         return getattr(self.group, name)
 
 
-def _gloo_rank(rank: int, port: int, path: str, results) -> None:
+def _gloo_pair(rank: int, port: int):
+    """Rank 0 (the source) and rank 1 (the engine) of a gloo sync group, and their plan."""
     torch.set_num_threads(1)
     group = sync_group(f"127.0.0.1:{port}", rank=rank, world_size=2, timeout_s=WAIT_S)
-    plan = plan_sync(UNTIED, src=TrainLayout(tp=1, dtype=torch.float32), dst=DST, bucket_bytes=4 << 10)
+    return group, plan_sync(UNTIED, src=TrainLayout(tp=1, dtype=torch.float32), dst=DST, bucket_bytes=4 << 10)
+
+
+def _gloo_publisher(group, plan, path: str) -> WeightPublisher:
+    chunks = source_chunks(UNTIED, TrainLayout(tp=1, dtype=torch.float32), 0, path)
+    return WeightPublisher(chunks, plan, src_rank=0, transport=TorchDistTransport(group, num_src=1, num_dst=1))
+
+
+def _gloo_rank(rank: int, port: int, path: str, results) -> None:
+    group, plan = _gloo_pair(rank, port)
     out = {}
     if rank == 0:
-        chunks = source_chunks(UNTIED, TrainLayout(tp=1, dtype=torch.float32), 0, path)
-        publisher = WeightPublisher(chunks, plan, src_rank=0,
-                                    transport=TorchDistTransport(LateBucket(group), num_src=1, num_dst=1))
+        publisher = _gloo_publisher(LateBucket(group), plan, path)
         out["v2"], out["v3"] = _publish(publisher, 2), _publish(publisher, 3)
     else:
         engine = FakeEngine(engine_model(UNTIED, DST, 0, None))
@@ -188,14 +196,10 @@ class SlowSource:
 
 
 def _gloo_late_rank(rank: int, port: int, path: str, gave_up, results) -> None:
-    torch.set_num_threads(1)
-    group = sync_group(f"127.0.0.1:{port}", rank=rank, world_size=2, timeout_s=WAIT_S)
-    plan = plan_sync(UNTIED, src=TrainLayout(tp=1, dtype=torch.float32), dst=DST, bucket_bytes=4 << 10)
+    group, plan = _gloo_pair(rank, port)
     out = {}
     if rank == 0:
-        chunks = source_chunks(UNTIED, TrainLayout(tp=1, dtype=torch.float32), 0, path)
-        publisher = WeightPublisher(chunks, plan, src_rank=0,
-                                    transport=TorchDistTransport(SlowSource(group, gave_up), num_src=1, num_dst=1))
+        publisher = _gloo_publisher(SlowSource(group, gave_up), plan, path)
         out["v1"], out["v2"] = _publish(publisher, 1), _publish(publisher, 2)
     else:
         engine = FakeEngine(engine_model(UNTIED, DST, 0, None))
