@@ -33,6 +33,10 @@ class EngineConfig:
     # 0.5 s, never above the count when the engine was built; kernels/cpu/threads.py); "fixed" never
     # changes it. A busy core makes every OpenMP barrier wait for a descheduled thread.
     cpu_threads: str = "auto"
+    # CPU: the engine's steps read a oneDNN-prepacked copy of each matmul weight (made at its first use,
+    # redone when the weight changes; kernels/cpu/packed_linear.py), ~2x faster matmuls here, one more copy
+    # of the matmul weights in memory. Not with model.batch_invariant. False: F.linear on the parameters.
+    cpu_prepack_weights: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str, value) -> None:
@@ -55,6 +59,8 @@ class EngineConfig:
                                  "of rejected draft positions would be recorded); turn one of them off")
         if not isinstance(self.compile_decode, bool):
             raise ValueError(f"compile_decode must be true or false, got {self.compile_decode!r}")
+        if not isinstance(self.cpu_prepack_weights, bool):
+            raise ValueError(f"cpu_prepack_weights must be true or false, got {self.cpu_prepack_weights!r}")
         if self.cpu_threads not in ("auto", "fixed"):
             raise ValueError(f"cpu_threads must be 'auto' or 'fixed', got {self.cpu_threads!r}")
         if self.graph_batch_sizes is not None:

@@ -195,6 +195,7 @@ class LLMEngine:
             with torch.no_grad():
                 apply(self.model)
         self.weights_version = new
+        self.runner.weights_updated()
         self.reset_prefix_cache()
         if self.speculator is not None:  # a draft sharing the weights drops what it computed with the old ones
             self.speculator.weights_updated()

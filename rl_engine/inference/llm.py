@@ -52,6 +52,7 @@ class LLM:
         record_routing: bool = False,
         speculative_config: "dict | SpeculativeConfig | None" = None,
         cpu_threads: str = "auto",
+        cpu_prepack_weights: bool = True,
     ) -> None:
         dtype = _dtype(dtype)
         if isinstance(model, (str, os.PathLike)):
@@ -79,7 +80,7 @@ class LLM:
                               graph_batch_sizes=graph_batch_sizes, enforce_eager=enforce_eager,
                               compile_decode=compile_decode, seed=seed,
                               record_routing=record_routing, speculative_config=speculative_config,
-                              cpu_threads=cpu_threads)
+                              cpu_threads=cpu_threads, cpu_prepack_weights=cpu_prepack_weights)
         self.engine = LLMEngine(model, config=config, tokenizer=tokenizer)
         self._ids = itertools.count()
 

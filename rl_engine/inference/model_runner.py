@@ -124,6 +124,14 @@ class ModelRunner:
             return runner
 
         self.graphs = GraphCache(buckets, make_runner)
+        # CPU: linears read oneDNN-prepacked weights (packed at first use, repacked when they change)
+        self.packed_weights: list[torch.Tensor] = []
+        if self.device.type == "cpu" and config.cpu_prepack_weights and not model.batch_invariant:
+            from rl_engine.kernels.cpu import packed_linear
+
+            weights = [p for p in model.parameters() if p.dim() == 2]
+            if packed_linear.register(weights, batch_size=config.max_num_seqs):
+                self.packed_weights = weights
         self.threads = None  # CPU: torch's thread count follows the free cores (EngineConfig.cpu_threads)
         if self.device.type == "cpu" and config.cpu_threads == "auto":
             from rl_engine.kernels.cpu.threads import FreeCoreThreads
@@ -163,6 +171,13 @@ class ModelRunner:
         if logits is not None:
             return _rows(logits, sample_rows), sample_seqs
         return self.model.compute_logits(_rows(hidden, sample_rows)), sample_seqs
+
+    def weights_updated(self) -> None:
+        """The model's weights changed (possibly bypassing their version counters): repack at next use."""
+        if self.packed_weights:
+            from rl_engine.kernels.cpu import packed_linear
+
+            packed_linear.invalidate(self.packed_weights)
 
     def compile_seconds(self) -> dict[int, float]:
         """compile_decode: bucket -> seconds its first step took (compilation included)."""

@@ -2,7 +2,8 @@
 
 Each layer owns its shard of the weight and knows its `ParallelGroups`; at tp=1 the collectives are
 identities and these are plain linear / embedding ops. Every product goes through the kernel
-registry's `dense` op, resolved at build (`bind_kernels`): `F.linear`, or under `model.batch_invariant`
+registry's `dense` op, resolved at build (`bind_kernels`): `F.linear` (in an engine's CPU steps, on a
+oneDNN-prepacked copy of the weight: `kernels/cpu/packed_linear.py`), or under `model.batch_invariant`
 the batch-invariant tiled matmul (`kernels/invariant.py`). Fused projections (qkv, gate/up)
 keep each rank's slice of every part side by side (`[q_r | k_r | v_r]`), so a rank's output splits
 into its own heads without communication. Every parameter has a `load_full(name_part, tensor)` path
@@ -213,8 +214,9 @@ class RowParallelLinear(nn.Module):
 
     def bind_kernels(self, device: torch.device) -> None:
         self._dense = kernels.resolve("dense", device)
-        # F.linear's addmm can take the residual add into the matmul; the batch-invariant one adds apart
-        self._fuse_residual = self._dense is F.linear
+        # the default dense takes the residual add into its matmul (addmm, or oneDNN's fused add); the
+        # batch-invariant one adds apart
+        self._fuse_residual = getattr(self._dense, "fuses_residual", False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ b) summed over tp; with `residual` (the stream this layer's output joins),
@@ -224,7 +226,7 @@ class RowParallelLinear(nn.Module):
         g = self.groups
         if (residual is not None and self._fuse_residual and g.tp_group is None and self.bias is None
                 and x.dim() == 2 and not torch.is_grad_enabled()):
-            return torch.addmm(residual, x, self.weight.t())
+            return self._dense(x, self.weight, residual=residual)
         y = self._dense(x, self.weight)
         y = comm.reduce_scatter_sequence(y, g.tp_group) if g.sequence_parallel else comm.reduce_from_tp(y, g.tp_group)
         if self.bias is not None:

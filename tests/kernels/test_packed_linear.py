@@ -1,0 +1,96 @@
+"""kernels/cpu/packed_linear: the registry's `dense` op reads a oneDNN-prepacked copy of a registered
+weight under inference mode only, equals F.linear up to fp32 accumulation order, and never serves a
+stale copy: in-place writes (version counter), repointed storage and `invalidate` all repack."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rl_engine import kernels
+from rl_engine.kernels.cpu import packed_linear
+
+pytestmark = pytest.mark.skipif(not packed_linear.available()[0], reason=packed_linear.available()[1])
+
+
+def _inputs(dtype, rows=5, k=96, n=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    w = torch.nn.Parameter(torch.randn(n, k, generator=gen).to(dtype))
+    b = torch.randn(n, generator=gen).to(dtype)
+    r = torch.randn(rows, n, generator=gen).to(dtype)
+    return x, w, b, r
+
+
+def _bound(x, w, extra, dtype):
+    """fp32 accumulation in any order (k eps32 sum |x||w|), then one rounding of the result and of each
+    added term to the dtype."""
+    magnitude = x.double().abs() @ w.double().abs().t()
+    eps = torch.finfo(dtype).eps
+    return x.shape[1] * torch.finfo(torch.float32).eps * magnitude + eps * (magnitude + extra.abs()) * 2
+
+
+def _packed(w) -> bool:
+    entry = getattr(w, "_rl_packed", None)
+    return entry is not None and entry.packed is not None
+
+
+def test_dense_is_the_packed_linear_and_rowparallel_fuses_its_residual():
+    assert kernels.resolve("dense", "cpu") is packed_linear.linear
+    assert packed_linear.linear.fuses_residual
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_packed_product_equals_f_linear_up_to_rounding(dtype, rows):
+    x, w, b, r = _inputs(dtype, rows=rows)
+    assert packed_linear.register([w], batch_size=16) == 1
+    with torch.inference_mode():
+        y, y_res = packed_linear.linear(x, w, b), packed_linear.linear(x, w, residual=r)
+    assert _packed(w)
+    exact = x.double() @ w.double().t()
+    assert ((y.double() - (exact + b.double())).abs() <= _bound(x, w, exact + b.double(), dtype)).all()
+    assert ((y_res.double() - (exact + r.double())).abs() <= _bound(x, w, exact + r.double(), dtype)).all()
+    x3 = x.view(1, rows, -1)  # [..., K] inputs keep their leading dims
+    with torch.inference_mode():
+        assert torch.equal(packed_linear.linear(x3, w, b), y.view(1, rows, -1))
+
+
+def test_only_inference_mode_reads_a_packed_copy():
+    x, w, b, _ = _inputs(torch.float32)
+    packed_linear.register([w], batch_size=8)
+    with torch.no_grad():  # the trainer's no-grad passes (proximal / reference log-probs)
+        assert torch.equal(packed_linear.linear(x, w, b), F.linear(x, w, b))
+    y = packed_linear.linear(x, w, b)  # autograd: F.linear, gradients flow
+    y.sum().backward()
+    assert w.grad is not None and not _packed(w)
+    unregistered = torch.nn.Parameter(w.detach().clone())
+    with torch.inference_mode():
+        assert torch.equal(packed_linear.linear(x, unregistered, b), F.linear(x, unregistered, b))
+
+
+def test_changed_weights_are_repacked():
+    x, w, _, _ = _inputs(torch.float32)
+    packed_linear.register([w], batch_size=8)
+
+    def check():
+        with torch.inference_mode():
+            y = packed_linear.linear(x, w)
+        exact = x.double() @ w.detach().double().t()
+        assert ((y.double() - exact).abs() <= _bound(x, w.detach(), exact, torch.float32)).all()
+
+    check()
+    with torch.no_grad():  # an optimizer step: the version counter moves
+        w.mul_(-2.0)
+    check()
+    with torch.no_grad():
+        w[:3].copy_(torch.zeros(3, w.shape[1]))  # through a view: the same counter
+    check()
+    w.data = torch.randn_like(w)  # repointed storage
+    check()
+    w.data.copy_(torch.randn_like(w))  # bypasses the counter: the engine's update_weights invalidates
+    packed_linear.invalidate([w])
+    check()
+    packed_linear.unregister([w])
+    assert getattr(w, "_rl_packed", None) is None
