@@ -321,37 +321,61 @@ def sigkill_driver_then_resume(out: str, ray_address: str) -> dict:
     return result
 
 
-def ray_server_pids() -> list[int]:
-    """Processes of any Ray instance on this machine (its GCS server and raylets)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    argv0 = f.read().split(b"\0")[0]
-            except OSError:
-                continue
-            if argv0.endswith((b"gcs_server", b"raylet")) and alive(int(entry)):
-                pids.append(int(entry))
-    return sorted(pids)
+def ray_temp_dir() -> str:
+    """A fresh temp dir for one Ray instance of ours (`RAY_TMPDIR`: its session, logs and sockets go under
+    it); short, as the sockets' paths under it must fit a Unix socket's 107 bytes."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="rlray", dir="/tmp")
 
 
-def ray_process_pids() -> set[int]:
-    """Every process of any Ray instance on this machine: GCS, raylets, dashboard and agents, workers."""
+def ray_pids_of(temp_dir: str) -> set[int]:
+    """The processes of the Ray instance whose temp dir is `temp_dir`, and only those: the ones naming it on
+    their command line (GCS, raylet, dashboard, `ray start`) or holding a file under it (every Ray process
+    writes its logs there, the workers and agents too, whose command line Ray renames to ray::...). Another
+    Ray instance on the machine (another suite's, run beside this one) is not counted; this process is not."""
+    mark, me = os.path.realpath(temp_dir), os.getpid()
     pids = set()
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                ours = mark.encode() in f.read()
+            fds = os.listdir(f"/proc/{entry}/fd") if not ours else []
+        except OSError:  # gone, or not ours to read
+            continue
+        for fd in fds:
             try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
+                if os.readlink(f"/proc/{entry}/fd/{fd}").startswith(mark + os.sep):
+                    ours = True
+                    break
             except OSError:
                 continue
-            text = b" ".join(argv)
-            if (argv[0].endswith((b"gcs_server", b"raylet")) or argv[0].startswith(b"ray::")
-                    or b"/ray/dashboard/" in text or b"/ray/_private/" in text or b"/ray/autoscaler/" in text
-                    or b"bin/ray start" in text) and alive(int(entry)):
-                pids.add(int(entry))
+        if ours and alive(int(entry)):
+            pids.add(int(entry))
     return pids
+
+
+def instance_gone(temp_dir: str) -> dict:
+    """Once a Ray instance of ours was stopped: which of its processes are left after up to 120 s
+    ("ray_processes_left"), and the sessions that ran under its temp dir ("ray_sessions": one, or the
+    instance was not where the count looks). The dir is removed when nothing is left (kept, with its logs,
+    otherwise). Ray's daemons and workers exit within seconds on a quiet machine; under load it takes longer
+    (a CI run beside two niced suites still had 16 exiting at 30 s): the point is that none is left, so wait
+    generously."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and ray_pids_of(temp_dir):
+        time.sleep(0.5)
+    root = os.path.join(temp_dir, "ray")
+    found = {"ray_processes_left": sorted(ray_pids_of(temp_dir)),
+             "ray_sessions": sorted(d for d in os.listdir(root) if d.startswith("session_2"))
+             if os.path.isdir(root) else []}
+    if not found["ray_processes_left"]:
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    return found
 
 
 def job_submit(out: str) -> dict:
@@ -365,12 +389,12 @@ def job_submit(out: str) -> dict:
 
     from rl_engine.launch.local import free_port
 
-    before = ray_process_pids()
+    temp_dir = ray_temp_dir()
     bin_dir = os.path.dirname(sys.executable)
     # `ray start --head` turns Ray's token authentication on: the head, the job's driver (started by the head)
     # and `ray job submit` share this token (a user exports it on every node and where they submit from).
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex()}
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex(), "RAY_TMPDIR": temp_dir}
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
     workdir, run_dir = os.path.join(out, "job_workdir"), os.path.join(out, "ray_job")
@@ -417,13 +441,7 @@ def job_submit(out: str) -> dict:
             _killpg(head.pid, signal.SIGKILL)
             head.wait()
         head_log.close()
-    # Ray's daemons and workers exit within seconds of the head's SIGTERM on a quiet machine; under load
-    # it takes longer (a CI run beside two niced suites still had 16 exiting at 30 s): the point is that
-    # none is left, so wait generously.
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and ray_process_pids() - before:
-        time.sleep(0.5)
-    result["ray_processes_left"] = sorted(ray_process_pids() - before)
+    result.update(instance_gone(temp_dir))
     return result
 
 
@@ -440,9 +458,9 @@ def private_instance(out: str) -> dict:
 
     from rl_engine.actors.run import run_actors
 
-    before = ray_server_pids()
     run_dir = os.path.join(out, "ray_private")
     result: dict = {}
+    os.environ["RAY_TMPDIR"] = temp_dir = ray_temp_dir()  # where the run's ray.init puts its instance
     try:
         result["summary"] = run_actors(toy_config(run_dir, *SYNC, "placement.mode=colocated", "train.steps=2",
                                                   "placement.launcher=ray", "ray.address=null",
@@ -450,11 +468,10 @@ def private_instance(out: str) -> dict:
                                                   "ray.coordinator_resources={CPU: 0.5}"), echo_stream=io.BytesIO())
     except Exception:
         result["error"] = traceback.format_exc()
+    finally:
+        del os.environ["RAY_TMPDIR"]
     placement = placement_of(run_dir)
-    deadline = time.monotonic() + 120  # as job_submit's wait: none left, however loaded the machine
-    while time.monotonic() < deadline and ray_server_pids() != before:
-        time.sleep(0.2)
-    result["ray_servers_left"] = sorted(set(ray_server_pids()) - set(before))
+    result.update(instance_gone(temp_dir))
     result["left_alive"] = [p for p in run_pids(placement) if alive(p)]
     return result
 

@@ -1,6 +1,12 @@
-"""Pure pieces of the Ray launcher, without a cluster: actor options from a bundle, per-process configs."""
+"""Pure pieces of the Ray launcher, without a cluster: actor options from a bundle, per-process configs; and
+how tests/ray counts the processes its Ray instances leave behind."""
+
+import os
+import shutil
+import subprocess
 
 import yaml
+from ray_scenarios import ray_pids_of, ray_temp_dir
 
 from rl_engine.launch.ray_cluster import _actor_config, _actor_options
 
@@ -20,3 +26,24 @@ def test_a_process_gets_its_own_config_only_where_placement_differs(tmp_path):
     assert path == str(tmp_path / "config.rollout-1.yaml")
     assert yaml.safe_load(open(path)) == {"placement": {"host": "10.0.0.7", "weight_transport": "zmq"},
                                           "train": {"tp": 1}}
+
+
+def test_leftover_processes_are_counted_by_our_instance_only(tmp_path):
+    """tests/ray counts what is left of its Ray instances by their temp dirs, so two suites with Ray tests
+    at once do not fail each other: a process named like a raylet that holds a log of another instance's
+    dir is not ours; one holding a file under our dir is, whatever its name (Ray renames workers ray::...).
+    Counting every Ray-looking process on the machine, as before, counted the other suite's raylet."""
+    ours, theirs = ray_temp_dir(), ray_temp_dir()
+    raylet = tmp_path / "raylet"
+    raylet.symlink_to(shutil.which("sleep"))
+    with open(os.path.join(ours, "worker.out"), "w") as mine, open(os.path.join(theirs, "raylet.out"), "w") as other:
+        procs = [subprocess.Popen(["sleep", "60"], stdout=mine), subprocess.Popen([str(raylet), "60"], stdout=other)]
+    try:
+        assert ray_pids_of(ours) == {procs[0].pid} and ray_pids_of(theirs) == {procs[1].pid}
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for d in (ours, theirs):
+            shutil.rmtree(d)
+    assert ray_pids_of(ours) == set()
