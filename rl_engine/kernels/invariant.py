@@ -7,14 +7,20 @@ decode, chunked prefill over a paged cache) splits the key reduction differently
 packed forward. Then the trainer's recomputed log-probs differ from the engine's behavior log-probs
 in the last bits, and RL is silently off-policy. The ops here fix the order:
 
-- `linear` (the registry's `dense` op under the switch, bound by the layers at build): the rows are
-  cut into tiles of `ROW_TILE` rows and a last tile zero-padded to a multiple of `MIN_TILE`, one `mm`
-  call per tile. Every call has one of ROW_TILE / MIN_TILE shapes (4, 8, ..., 128 rows), and a row's K
-  reduction is the same in each of them at every position: tested on MKL fp32 and oneDNN bf16 with
-  1 and 2 threads (`tests/kernels/test_invariant.py`). Calls of fewer than 4 rows are what breaks it
-  (MKL fp32 gives such rows other bits, and so does oneDNN bf16 a lone row at K = 4864), and with
-  2 threads MKL fp32 also gives rows of 5-7 and 9-11 row calls other bits. A lone decode row pays a
-  4-row product; tiles of 128 rows cost within ~5% of one F.linear at M = 512-2048.
+- `linear` (the registry's `dense` op under the switch, bound by the layers at build): on CPU the C++
+  kernel `csrc/invariant_linear.cpp` (fp32 / bf16 / fp16): each output element reduces over K in one
+  order that depends on K alone (16 fp32 lanes, lane j adding k = j, j + 16, ... by fma, then a fixed
+  pairwise tree over the lanes, then the bias), whatever M, the row's position, the tiling, the thread
+  count or the instruction set (AVX-512, AVX2 and scalar fma give the same bits, so every x86-64
+  machine does). A lone decode row costs a gemv's work, not a padded 4-row product. Its backward uses
+  ordinary matmuls (F.linear's). When the kernel cannot be built (no compiler, `RL_ENGINE_CPU_KERNELS=0`,
+  a failed build) and on other devices or dtypes, `_mm_rows` runs instead, chosen once per process
+  (`linear_kernel`): the rows are cut into tiles of `ROW_TILE` rows and a last tile zero-padded to a
+  multiple of `MIN_TILE`, one `mm` call per tile. Every call has one of ROW_TILE / MIN_TILE shapes (4,
+  8, ..., 128 rows), and a row's K reduction is the same in each of them at every position: tested on
+  MKL fp32 and oneDNN bf16 with 1 and 2 threads (`tests/kernels/test_invariant.py`). Calls of fewer
+  than 4 rows are what breaks it (MKL fp32 gives such rows other bits, and so does oneDNN bf16 a lone
+  row at K = 4864), and with 2 threads MKL fp32 also gives rows of 5-7 and 9-11 row calls other bits.
 - `attention`: per query, scores against keys in blocks of `KEY_BLOCK` keys from position 0 (one
   fixed-shape [G, D] x [D, KEY_BLOCK] matmul per query, kv head and block), the exact global max,
   per-block exp-sums (a reduction over the last dim of fixed length) and per-block P @ V (fixed shape
@@ -87,10 +93,60 @@ def _mm_rows(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     return out[:m]
 
 
+# The C++ kernel (`csrc/invariant_linear.cpp`) on CPU for fp32 / bf16 / fp16 when it builds, else the
+# MKL tiles above; the choice is made once per process (`linear_kernel`), so a process's engine and
+# trainer run the same one. The two give different bits (each is invariant on its own).
+_LINEAR_SOURCE = Path(cpu_kernels.__file__).parent / "csrc" / "invariant_linear.cpp"
+_LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def linear_kernel() -> ModuleType | None:
+    """The C++ batch-invariant linear (built once per machine into the torch extensions cache), or None
+    when it cannot be built (no compiler, a failed build, `RL_ENGINE_CPU_KERNELS=0`): then the MKL tiles
+    run everywhere, and the reason is logged once."""
+    module, reason = cpu_kernels.load_source(_LINEAR_SOURCE)
+    if module is None:
+        logger.warning("batch-invariant linear: C++ kernel unavailable (%s); using MKL tiles of 4-128 rows", reason)
+    else:
+        logger.info("batch-invariant linear: C++ kernel (%s lanes)", module.isas()[0])
+    return module
+
+
+class _NativeLinear(torch.autograd.Function):
+    """The C++ forward; backward by the same matmuls as F.linear's autograd (only forward values must
+    match between engine and trainer)."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias):  # x2 [M, K] contiguous
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        return linear_kernel().linear(x2, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight = ctx.saved_tensors
+        with torch._C.DisableTorchFunction():  # BatchInvariantMode guards forwards only
+            grad = grad.contiguous()
+            grad_x = grad.mm(weight) if ctx.needs_input_grad[0] else None
+            grad_w = grad.t().mm(x2) if ctx.needs_input_grad[1] else None  # as mm's for a transposed mat2
+            grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` (x [..., K], weight [N, K], bias [N]) with a batch-invariant row reduction."""
-    with torch._C.DisableTorchFunction():  # trusted: BatchInvariantMode must not see its mm calls
-        y = _mm_rows(x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], weight.shape[0])
+    with torch._C.DisableTorchFunction():  # trusted: BatchInvariantMode must not see its products
+        out_shape = (*x.shape[:-1], weight.shape[0])
+        x2 = x.reshape(-1, x.shape[-1])
+        if (x.device.type == "cpu" and x.dtype in _LINEAR_DTYPES and weight.dtype == x.dtype
+                and (bias is None or bias.dtype == x.dtype) and linear_kernel() is not None):
+            x2, weight = x2.contiguous(), weight.contiguous()
+            bias = None if bias is None else bias.contiguous()
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+                return _NativeLinear.apply(x2, weight, bias).view(out_shape)
+            return linear_kernel().linear(x2, weight, bias).view(out_shape)
+        y = _mm_rows(x2, weight.t()).view(out_shape)
         return y if bias is None else y + bias
 
 
