@@ -112,6 +112,10 @@ def _sync(receiver: WeightReceiver, facts: dict, key: str) -> None:
 
 def engine_side(facts: dict, out_dir: str, paths: dict, ports: dict) -> None:
     plans = _plans()
+    # Bound now: the sources publish the MoE update as soon as their dense part is done, and a source finds
+    # nothing listening an error (a gone destination), so it must not come before this rank's dense checks
+    # end (it did, while this rank built its first C++ kernels).
+    rx_moe = SharedMemoryReceiverTransport(port=ports["shm_moe"], timeout_s=WAIT_S)
     llm = LLM(from_pretrained(paths["dense"]))
     rx = SharedMemoryReceiverTransport(port=ports["shm"], timeout_s=WAIT_S)
     receiver = WeightReceiver(llm, plans["dense"], transport=rx)
@@ -141,7 +145,6 @@ def engine_side(facts: dict, out_dir: str, paths: dict, ports: dict) -> None:
     facts["after_close_same_tokens"] = greedy(llm)[0] == facts["S4/tokens"]  # the mapping outlives the file
     # ---- MoE ----
     llm = LLM(from_pretrained(paths["moe"]))  # router_bias_update_rate and expert_bias from the side file
-    rx = SharedMemoryReceiverTransport(port=ports["shm_moe"], timeout_s=WAIT_S)
-    _sync(WeightReceiver(llm, plans["moe"], transport=rx), facts, "moe")
+    _sync(WeightReceiver(llm, plans["moe"], transport=rx_moe), facts, "moe")
     engine_checks(facts, "M", llm, MOE, os.path.join(out_dir, "M"), torch.float32)
-    rx.close()
+    rx_moe.close()
