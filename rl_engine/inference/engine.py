@@ -19,6 +19,7 @@ them as multi-token chunks of the same batch, and a sequence may emit several to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Callable
 
@@ -30,7 +31,9 @@ from rl_engine.inference.model_runner import ModelRunner
 from rl_engine.inference.sampler import Sampler, token_seed, token_uniforms
 from rl_engine.inference.sampling_params import SamplingParams
 from rl_engine.inference.scheduler import Scheduler
-from rl_engine.inference.sequence import CompletionOutput, Request, RequestOutput, SeqStatus, Sequence
+from rl_engine.inference.sequence import (CompletionOutput, Request, RequestOutput, SchedulerOutput, SeqStatus,
+                                          Sequence)
+from rl_engine.kernels.cpu.threads import single_thread_below
 
 if TYPE_CHECKING:
     from rl_engine.policy import CausalLM
@@ -63,6 +66,13 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.sampler = Sampler(device=self.runner.device, seed=config.seed, batch_invariant=model.batch_invariant)
+        # CPU: a small model's small steps run on one thread (kernels/cpu/threads.py: single_thread_below).
+        # Not under batch_invariant, whose engine and trainer must round alike.
+        self._flops_per_token = self._model_bytes = None
+        if self.runner.device.type == "cpu" and not model.batch_invariant:
+            params = list(model.parameters())
+            self._flops_per_token = 2 * sum(p.numel() for p in params)
+            self._model_bytes = sum(p.numel() * p.element_size() for p in params)
         eos = tokenizer.eos_token_ids if tokenizer is not None and tokenizer.eos_token_ids else mc.eos_token_id
         self.eos_token_ids = frozenset(eos)
         # A sequence never grows past the context nor past the whole pool.
@@ -227,7 +237,7 @@ class LLMEngine:
                 raise RuntimeError("internal error: requests are unfinished but none could be scheduled")
             return ready if self.guest is None else self.guest.route(ready)
         emissions: list[tuple[list[int], list[float], int]] = []
-        with torch.inference_mode():
+        with self._step_threads(sched), torch.inference_mode():
             logits, sample_seqs = self.runner.execute(sched, record_routing=self.config.record_routing)
             version = self.weights_version
             bm = self.block_manager
@@ -280,6 +290,14 @@ class LLMEngine:
             elif request.stream:
                 outputs.append(self._output(request))
         return outputs if self.guest is None else self.guest.route(outputs)
+
+    def _step_threads(self, sched: SchedulerOutput) -> contextlib.AbstractContextManager:
+        """The step's thread count: one thread for a small model's small step, else as set."""
+        if self._flops_per_token is None:
+            return contextlib.nullcontext()
+        if self.runner.threads is not None:  # (cpu_threads="auto") settle its count first: that is restored
+            self.runner.threads.poll()
+        return single_thread_below(self._flops_per_token * sum(sched.num_new_tokens), model_bytes=self._model_bytes)
 
     def _emit_plain(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float],
                     tops: dict[int, list], version: int, touched: dict[str, Request]) -> None:

@@ -81,3 +81,19 @@ def test_passive_wait_env_stops_the_spinning_of_torchs_openmp_runtime():
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     assert _gomp_spin_count(threads.passive_wait_env(base)) == "0"
     assert int(_gomp_spin_count(base)) > 0  # the default spins before sleeping
+
+
+def test_a_small_models_small_step_runs_on_one_thread_and_the_count_comes_back(restore_threads):
+    torch.set_num_threads(2)
+    small = dict(model_bytes=threads.SMALL_MODEL_BYTES // 2)
+    with threads.single_thread_below(threads.SMALL_STEP_FLOPS / 2, **small) as switched:
+        assert switched and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError):  # restored on an error too
+        with threads.single_thread_below(1.0, **small):
+            raise RuntimeError("step failed")
+    assert torch.get_num_threads() == 2
+    # a big step, or a model past the size bound (its batch-1 step is memory-bound), keeps its threads
+    for flops, model_bytes in ((threads.SMALL_STEP_FLOPS, small["model_bytes"]), (1.0, threads.SMALL_MODEL_BYTES)):
+        with threads.single_thread_below(flops, model_bytes=model_bytes) as switched:
+            assert not switched and torch.get_num_threads() == 2
