@@ -105,3 +105,18 @@ def test_without_the_extension_linear_falls_back_to_the_mkl_tiles(monkeypatch, c
             "batch-invariant linear: C++ kernel unavailable (disabled for this test); using MKL tiles of 4-128 rows") == 1
     finally:
         inv.linear_kernel.cache_clear()  # the next caller loads the real extension again
+
+
+def test_bf16_denormals_follow_vdpbf16ps_on_every_isa():
+    """bf16 runs vdpbf16ps's order and its fixed denormal rule (inputs and each step's result flushed
+    to zero); the AVX2 and scalar emulations of it must give the instruction's bits on denormal inputs
+    and on products and partial sums that fall below fp32's normal range."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 70, generator=gen) * 2.0 ** -60
+    w = torch.randn(9, 70, generator=gen) * 2.0 ** -66
+    x[:, ::3] = torch.randn(7, 24, generator=gen) * 2.0 ** -128  # bf16 denormals
+    x, w = x.to(torch.bfloat16), w.to(torch.bfloat16)
+    assert (x.float().abs() < torch.finfo(torch.float32).tiny).any()
+    want = kernel.linear(x, w, None, kernel.isas()[0])
+    for isa in kernel.isas():
+        assert torch.equal(kernel.linear(x, w, None, isa), want), isa

@@ -1,17 +1,23 @@
 // Batch-invariant linear y = x W^T (+ bias) for x [M, K], W [N, K] (nn.Linear's layout, read in place),
 // built by rl_engine/kernels/cpu/__init__.py (load_source) for rl_engine/kernels/invariant.py.
 //
-// Every output element reduces over K in one order that depends only on K: 16 fp32 lanes, lane j
-// accumulating k = j, j + 16, j + 32, ... in increasing k with a fused multiply-add (the last partial
-// group of 16 read as zeros past K), then the fixed pairwise tree over the lanes
+// Every output element reduces over K in one order that depends only on K and the dtype: 16 fp32
+// lanes, then the fixed pairwise tree over the lanes
 //   s8[i] = a[i] + a[i + 8], s4[i] = s8[i] + s8[i + 4], s2[i] = s4[i] + s4[i + 2], s = s2[0] + s2[1],
-// then the bias added in fp32 and the result rounded once to the output dtype. bf16 / fp16 inputs are
-// widened to fp32 exactly. Nothing else enters an element's arithmetic: the register tiles (rows x
-// output features, one 16-lane accumulator per element), the thread split (at::parallel_for over row
-// chunks and feature blocks) and the instruction set only change which elements are computed together.
-// The three back ends (AVX-512, AVX2 with two 8-lane halves, scalar std::fma) run the same operations
-// on the same lanes, so they give the same bits (the tests compare them), and so does every x86-64
-// machine with IEEE fp32 (no -ffast-math; denormals as the FPU's default, no flush-to-zero).
+// then the bias added in fp32 and the result rounded once to the output dtype.
+// - fp32 / fp16 (widened exactly): lane j accumulates k = j, j + 16, j + 32, ... in increasing k with
+//   a fused multiply-add; the last partial group of 16 reads zeros past K.
+// - bf16: the order of AVX512_BF16's vdpbf16ps, which runs at twice the fp32 fma rate: lane j takes
+//   k = 32 g + 2 j + 1 then 32 g + 2 j for g = 0, 1, ... (zeros past K), each step an fp32 fma with
+//   bf16/fp32 denormal inputs read as zero and a denormal result flushed to zero (the instruction's
+//   fixed DAZ/FTZ, whatever MXCSR says). Machines without AVX512_BF16 emulate exactly that (tested
+//   against the instruction on 3.2M lanes with denormal cases).
+// Nothing else enters an element's arithmetic: the register tiles (rows x output features, one
+// 16-lane accumulator per element), the thread split (at::parallel_for over row chunks and feature
+// blocks) and the instruction set only change which elements are computed together. The back ends
+// (AVX-512, AVX2 with two 8-lane halves, scalar std::fma) run the same operations on the same lanes,
+// so they give the same bits (the tests compare them), and so does every x86-64 machine (IEEE fp32,
+// no -ffast-math, no flush-to-zero in MXCSR: torch's default).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -42,7 +48,15 @@ inline float tree16(const float* a) {
   return s2[0] + s2[1];
 }
 
+// vdpbf16ps's denormal rule on one fp32 value: a denormal becomes a zero of its sign
+inline float flush_denormal(float v) {
+  uint32_t u = __builtin_bit_cast(uint32_t, v);
+  if ((u & 0x7f800000u) == 0) u &= 0x80000000u;
+  return __builtin_bit_cast(float, u);
+}
+
 // ---- back ends: a 16-lane fp32 vector V with load / fma / reduce -------------------------------
+// and, for bf16, P: 32 bf16 as 16 lanes of (odd, even) pairs with dot2 (vdpbf16ps's step)
 
 struct Scalar {
   static constexpr const char* name = "scalar";
@@ -56,6 +70,23 @@ struct Scalar {
     for (int i = 0; i < kLanes; ++i) acc.v[i] = std::fma(a.v[i], b.v[i], acc.v[i]);
   }
   static inline void keep_in_register(V&) {}
+  static constexpr bool kHasPairs = true;
+  struct P { V odd, even; };  // bf16 pairs widened, denormals read as zero
+  static inline P load_pairs(const c10::BFloat16* p) {
+    P r;
+    for (int i = 0; i < kLanes; ++i) {
+      r.odd.v[i] = flush_denormal(widen(p[2 * i + 1]));
+      r.even.v[i] = flush_denormal(widen(p[2 * i]));
+    }
+    return r;
+  }
+  static inline void keep_in_register(P&) {}
+  static inline void dot2(const P& a, const P& b, V& acc) {
+    for (int i = 0; i < kLanes; ++i) {
+      const float t = flush_denormal(std::fma(a.odd.v[i], b.odd.v[i], acc.v[i]));
+      acc.v[i] = flush_denormal(std::fma(a.even.v[i], b.even.v[i], t));
+    }
+  }
   // sums of N accumulators, each by the lane tree
   template <int N>
   static inline void reduce(const V (&acc)[N], float* out) {
@@ -71,11 +102,29 @@ struct Avx2 {
   static constexpr int cols(int rows) { return rows >= 2 ? 2 : 4; }
   static inline V zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
   static inline V load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-  static inline __m256 bf16x8(const void* p) {
-    const __m256i i = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(i, 16));
+  static inline __m256 flush(__m256 v) {  // denormal lanes -> zeros of their sign
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i tiny = _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7f800000)), _mm256_setzero_si256());
+    return _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_andnot_si256(_mm256_set1_epi32(0x80000000), tiny), u));
   }
-  static inline V load(const c10::BFloat16* p) { return {bf16x8(p), bf16x8(p + 8)}; }
+  static constexpr bool kHasPairs = true;
+  struct P { V odd, even; };
+  static inline void pairs8(const c10::BFloat16* p, __m256& odd, __m256& even) {
+    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));  // 8 x (even | odd << 16)
+    odd = flush(_mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32(0xffff0000))));
+    even = flush(_mm256_castsi256_ps(_mm256_slli_epi32(u, 16)));
+  }
+  static inline P load_pairs(const c10::BFloat16* p) {
+    P r;
+    pairs8(p, r.odd.lo, r.even.lo);
+    pairs8(p + 16, r.odd.hi, r.even.hi);
+    return r;
+  }
+  static inline void keep_in_register(P& p) { keep_in_register(p.odd); keep_in_register(p.even); }
+  static inline void dot2(const P& a, const P& b, V& acc) {
+    acc.lo = flush(_mm256_fmadd_ps(a.even.lo, b.even.lo, flush(_mm256_fmadd_ps(a.odd.lo, b.odd.lo, acc.lo))));
+    acc.hi = flush(_mm256_fmadd_ps(a.even.hi, b.even.hi, flush(_mm256_fmadd_ps(a.odd.hi, b.odd.hi, acc.hi))));
+  }
   static inline V load(const c10::Half* p) {
     return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
             _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
@@ -106,15 +155,48 @@ struct Avx512 {
   static constexpr int cols(int rows) { return rows >= 4 ? 4 : rows == 3 ? 5 : rows == 2 ? 8 : 16; }
   static inline V zero() { return _mm512_setzero_ps(); }
   static inline V load(const float* p) { return _mm512_loadu_ps(p); }
-  static inline V load(const c10::BFloat16* p) {
-    const __m512i i = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(i, 16));
+#if defined(__AVX512BF16__)
+  static constexpr bool kHasPairs = true;
+  using P = __m512bh;  // 32 bf16 as they lie in memory
+  static inline P load_pairs(const c10::BFloat16* p) {
+    return (__m512bh)_mm512_loadu_si512(p);
   }
+  static inline void keep_in_register(P& p) { asm("" : "+v"(p)); }
+  static inline void dot2(const P& a, const P& b, V& acc) { acc = _mm512_dpbf16_ps(acc, a, b); }
+#else
+  static constexpr bool kHasPairs = false;  // bf16 runs on Avx2 (see linear())
+#endif
   static inline V load(const c10::Half* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static inline void fma(const V& a, const V& b, V& acc) { acc = _mm512_fmadd_ps(a, b, acc); }
   static inline void keep_in_register(V& v) { asm("" : "+v"(v)); }
+  // 16 sums of 16 / C rows x C features (row-major) + bias[0..C), rounded to T (round to nearest
+  // even, NaN to 0x7fc0 in bf16: c10::BFloat16's rounding), stored to y rows ldy apart
+  template <typename T, int C>
+  static inline void store_rows(const float* sums, const T* bias, T* y, int64_t ldy) {
+    V s = _mm512_load_ps(sums);
+    if (bias != nullptr) {
+      alignas(64) float b[C];
+      for (int c = 0; c < C; ++c) b[c] = widen(bias[c]);
+      if constexpr (C == 4) s = _mm512_add_ps(s, _mm512_broadcast_f32x4(_mm_load_ps(b)));
+      if constexpr (C == 8) s = _mm512_add_ps(s, _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_load_pd(reinterpret_cast<const double*>(b)))));
+      if constexpr (C == 16) s = _mm512_add_ps(s, _mm512_load_ps(b));
+    }
+    if constexpr (std::is_same_v<T, float>) {
+      alignas(64) float out[16];
+      _mm512_store_ps(out, s);
+      for (int r = 0; r < 16 / C; ++r) std::memcpy(y + r * ldy, out + r * C, C * sizeof(float));
+    } else {
+      const __m512i u = _mm512_castps_si512(s);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+      h = _mm512_mask_mov_epi32(h, _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+      alignas(32) uint16_t out[16];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(h));
+      for (int r = 0; r < 16 / C; ++r) std::memcpy(y + r * ldy, out + r * C, C * sizeof(uint16_t));
+    }
+  }
   // Sixteen accumulators at once by the lane tree, level by level across accumulators with
   // shuffles (45 instructions for 16 sums instead of ~8 each); fewer than 16 are padded with zero
   // vectors. always_inline with the array by reference: the accumulators never leave registers
@@ -149,41 +231,62 @@ struct Avx512 {
 
 // ---- one register tile: R rows x C features, full K -------------------------------------------
 
+template <typename T>
+constexpr bool kPairs = std::is_same_v<T, c10::BFloat16>;  // bf16: vdpbf16ps's order (see the header)
+
 // noinline: inlined into the driver, GCC kept the accumulators in memory (a store per fma)
 template <class I, typename T, int R>
 __attribute__((noinline)) void tile(const T* const* xr, const T* const* wr, int64_t K, float* sums) {
   constexpr int C = I::cols(R);
+  constexpr int G = kPairs<T> ? 2 * kLanes : kLanes;  // k per step
   typename I::V acc[R * C];
 #pragma GCC unroll 16
   for (int i = 0; i < R * C; ++i) acc[i] = I::zero();
-  // one group of 16 k: xs[r] + k, ws[c] + k
+  // one group of G k: xs[r] + k, ws[c] + k. keep_in_register: else GCC folds the loads into the
+  // fmas (R + R * C loads per step instead of R + C)
   auto step = [&](const T* const* xs, const T* const* ws, int64_t k) __attribute__((always_inline)) {
-    typename I::V xv[R];
+    if constexpr (kPairs<T>) {
+      typename I::P xv[R];
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      xv[r] = I::load(xs[r] + k);
-      I::keep_in_register(xv[r]);
-    }
+      for (int r = 0; r < R; ++r) {
+        xv[r] = I::load_pairs(xs[r] + k);
+        I::keep_in_register(xv[r]);
+      }
 #pragma GCC unroll 16
-    for (int c = 0; c < C; ++c) {
-      typename I::V wv = I::load(ws[c] + k);
-      I::keep_in_register(wv);  // else GCC folds loads into the fmas: R + R * C loads, not R + C
+      for (int c = 0; c < C; ++c) {
+        typename I::P wv = I::load_pairs(ws[c] + k);
+        I::keep_in_register(wv);
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) I::fma(xv[r], wv, acc[r * C + c]);
+        for (int r = 0; r < R; ++r) I::dot2(xv[r], wv, acc[r * C + c]);
+      }
+    } else {
+      typename I::V xv[R];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        xv[r] = I::load(xs[r] + k);
+        I::keep_in_register(xv[r]);
+      }
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) {
+        typename I::V wv = I::load(ws[c] + k);
+        I::keep_in_register(wv);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) I::fma(xv[r], wv, acc[r * C + c]);
+      }
     }
   };
-  const int64_t full = K / kLanes * kLanes;
-  for (int64_t k = 0; k < full; k += kLanes) step(xr, wr, k);
+  const int64_t full = K / G * G;
+  for (int64_t k = 0; k < full; k += G) step(xr, wr, k);
   if (full < K) {  // the last partial group: zeros past K (fma(0, 0, a) on those lanes)
-    T xt[R][kLanes], wt[C][kLanes];
+    T xt[R][G], wt[C][G];
     const T* xp[R];
     const T* wp[C];
     for (int r = 0; r < R; ++r) {
-      for (int i = 0; i < kLanes; ++i) xt[r][i] = full + i < K ? xr[r][full + i] : T(0.f);
+      for (int i = 0; i < G; ++i) xt[r][i] = full + i < K ? xr[r][full + i] : T(0.f);
       xp[r] = xt[r];
     }
     for (int c = 0; c < C; ++c) {
-      for (int i = 0; i < kLanes; ++i) wt[c][i] = full + i < K ? wr[c][full + i] : T(0.f);
+      for (int i = 0; i < G; ++i) wt[c][i] = full + i < K ? wr[c][full + i] : T(0.f);
       wp[c] = wt[c];
     }
     step(xp, wp, 0);
@@ -203,6 +306,14 @@ inline void tile_store(const T* x, const T* w, const T* bias, T* y, int64_t m0, 
   for (int c = 0; c < C; ++c) wr[c] = w + (n0 + std::min<int64_t>(c, valid - 1)) * K;  // past n_end: discarded
   alignas(64) float sums[16];
   tile<I, T, R>(xr, wr, K, sums);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<I, Avx512> && R * C == 16 && !std::is_same_v<T, c10::Half>) {
+    if (valid == C) {  // a whole tile: the epilogue in vector registers
+      Avx512::store_rows<T, C>(sums, bias == nullptr ? nullptr : bias + n0, y + m0 * N + n0, N);
+      return;
+    }
+  }
+#endif
   for (int r = 0; r < R; ++r) {
     T* yr = y + (m0 + r) * N + n0;
     for (int64_t c = 0; c < valid; ++c) {
@@ -259,6 +370,8 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& w, const c10::opt
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "invariant_linear", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "invariant_linear: float64 is not supported (fp32, bf16, fp16)");
+    } else if constexpr (kPairs<scalar_t> && !I::kHasPairs) {
+      TORCH_CHECK(false, "invariant_linear: bf16 needs AVX512_BF16 or the avx2 back end here");
     } else {
       linear_kernel<I, scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                  bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
@@ -294,6 +407,9 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
                 bias->scalar_type() == x.scalar_type(), "invariant_linear: bias must be [N], contiguous, x's dtype");
   const std::string chosen = isa.empty() ? isas().front() : isa;
 #if defined(__AVX512F__)
+#if !defined(__AVX512BF16__)  // no vdpbf16ps: bf16 takes the AVX2 emulation of its order
+  if (chosen == Avx512::name && x.scalar_type() == at::kBFloat16) return run<Avx2>(x, w, bias);
+#endif
   if (chosen == Avx512::name) return run<Avx512>(x, w, bias);
 #endif
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
