@@ -138,16 +138,16 @@ class LateBucket:
         return getattr(self.group, name)
 
 
-def _gloo_pair(rank: int, port: int):
-    """Rank 0 (the source) and rank 1 (the engine) of a gloo sync group, and their plan."""
+def _gloo_pair(rank: int, port: int, tp: int = 1):
+    """Ranks 0..tp-1 (the sources) and rank tp (the engine) of a gloo sync group, and their plan."""
     torch.set_num_threads(1)
-    group = sync_group(f"127.0.0.1:{port}", rank=rank, world_size=2, timeout_s=WAIT_S)
-    return group, plan_sync(UNTIED, src=TrainLayout(tp=1, dtype=torch.float32), dst=DST, bucket_bytes=4 << 10)
+    group = sync_group(f"127.0.0.1:{port}", rank=rank, world_size=tp + 1, timeout_s=WAIT_S)
+    return group, plan_sync(UNTIED, src=TrainLayout(tp=tp, dtype=torch.float32), dst=DST, bucket_bytes=4 << 10)
 
 
-def _gloo_publisher(group, plan, path: str) -> WeightPublisher:
-    chunks = source_chunks(UNTIED, TrainLayout(tp=1, dtype=torch.float32), 0, path)
-    return WeightPublisher(chunks, plan, src_rank=0, transport=TorchDistTransport(group, num_src=1, num_dst=1))
+def _gloo_publisher(group, plan, path: str, rank: int = 0, tp: int = 1) -> WeightPublisher:
+    chunks = source_chunks(UNTIED, TrainLayout(tp=tp, dtype=torch.float32), rank, path)
+    return WeightPublisher(chunks, plan, src_rank=rank, transport=TorchDistTransport(group, num_src=tp, num_dst=1))
 
 
 def _gloo_rank(rank: int, port: int, path: str, results) -> None:
@@ -195,15 +195,15 @@ class SlowSource:
         return getattr(self.group, name)
 
 
-def _gloo_late_rank(rank: int, port: int, path: str, gave_up, results) -> None:
-    group, plan = _gloo_pair(rank, port)
+def _gloo_late_rank(rank: int, tp: int, port: int, path: str, gave_up, results) -> None:
+    group, plan = _gloo_pair(rank, port, tp)
     out = {}
-    if rank == 0:
-        publisher = _gloo_publisher(SlowSource(group, gave_up), plan, path)
+    if rank < tp:  # the last source is the late one; with tp 2, source 0's buckets arrive in time
+        publisher = _gloo_publisher(SlowSource(group, gave_up) if rank == tp - 1 else group, plan, path, rank, tp)
         out["v1"], out["v2"] = _publish(publisher, 1), _publish(publisher, 2)
     else:
         engine = FakeEngine(engine_model(UNTIED, DST, 0, None))
-        transport = TorchDistTransport(group, num_src=1, num_dst=1, timeout_s=1.0)
+        transport = TorchDistTransport(group, num_src=tp, num_dst=1, timeout_s=1.0)
         receiver = WeightReceiver(engine, plan, dst_rank=0, transport=transport)
         try:
             receiver.sync()
@@ -217,15 +217,19 @@ def _gloo_late_rank(rank: int, port: int, path: str, gave_up, results) -> None:
     results.put((rank, out))
 
 
-def test_gloo_receiver_that_timed_out_takes_the_next_update_on_a_renewed_group(tmp_path):
-    """Source 0 has begun v1 (handshake) but sends its buckets only after the receiver timed out of them."""
+@pytest.mark.parametrize("tp", [1, 2])
+def test_gloo_receiver_that_timed_out_takes_the_next_update_on_a_renewed_group(tmp_path, tp):
+    """The last source has begun v1 (handshake) but sends its buckets only after the receiver timed out of
+    them; every rank's v1 fails (gloo closed the group), and v2 goes through on the renewed group."""
     path = write_weights(str(tmp_path / "a"), UNTIED, seed=1)
     ctx = mp.get_context("spawn")
     gave_up, results = ctx.Event(), ctx.SimpleQueue()
-    mp.spawn(_gloo_late_rank, args=(free_port(), path, gave_up, results), nprocs=2, join=True)
-    out = dict(results.get() for _ in range(2))
+    mp.spawn(_gloo_late_rank, args=(tp, free_port(), path, gave_up, results), nprocs=tp + 1, join=True)
+    out = dict(results.get() for _ in range(tp + 1))
     assert "destination rank 0 abandoned the weight update (engine at version 0): the sync group failed " \
-           "(" in out[1]["v1"] and "Timed out" in out[1]["v1"], out[1]["v1"]
-    assert "weight update v1 abandoned by source rank 0: the sync group failed" in out[0]["v1"], out[0]["v1"]
-    assert out[0]["v2"] is None and out[1]["v2"] == 2
-    assert out[0]["generation"] == out[1]["generation"] == 1
+           "(" in out[tp]["v1"] and "Timed out" in out[tp]["v1"], out[tp]["v1"]
+    for r in range(tp):
+        assert f"weight update v1 abandoned by source rank {r}: the sync group failed" in out[r]["v1"], out[r]["v1"]
+        assert out[r]["v2"] is None
+    assert out[tp]["v2"] == 2
+    assert [out[r]["generation"] for r in range(tp + 1)] == [1] * (tp + 1)
