@@ -94,3 +94,22 @@ def test_changed_weights_are_repacked():
     check()
     packed_linear.unregister([w])
     assert getattr(w, "_rl_packed", None) is None
+
+
+def test_traced_step_calls_the_packed_op():
+    """compile_decode traces the model without autograd: a registered weight becomes the opaque
+    `rl_engine::packed_linear` op, which packs and reads the copy at run time (backend="eager" runs
+    dynamo's graph as traced, without inductor's compile)."""
+    x, w, b, r = _inputs(torch.float32)
+    packed_linear.register([w], batch_size=8)
+
+    def step(x, r):
+        return packed_linear.linear(x, w, b), packed_linear.linear(x, w, residual=r)
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        y, y_res = compiled(x, r)
+    assert _packed(w)  # only the op's run could have packed it
+    exact = x.double() @ w.detach().double().t()
+    assert ((y.double() - exact - b.double()).abs() <= _bound(x, w.detach(), exact + b.double(), torch.float32)).all()
+    assert ((y_res.double() - exact - r.double()).abs() <= _bound(x, w.detach(), exact + r.double(), torch.float32)).all()

@@ -9,8 +9,9 @@ decode step (8 layers' qkv, o, gate/up, down, and the 32k-vocab head) at 64 rows
 F.linear, 38.5 ms packed; at 1 row 8.0 and 3.5 ms; bf16 18.5 / 13.7 ms at 64 rows, 4.3 / 1.3 ms at 1.
 
 A packed copy is made only for weights an inference engine registered (`register`), and only read
-under `torch.inference_mode` (the engine's steps), so training, its no-grad passes and compiled
-graphs (`torch.compile` traces plain F.linear) never see one. `linear` checks on every call that the
+under `torch.inference_mode` (the engine's steps; in its compiled steps, `compile_decode`, through the
+custom op `rl_engine::packed_linear`, which finds the copy at run time), so training and its no-grad
+passes never see one. `linear` checks on every call that the
 weight is the one packed: same storage (`data_ptr`) and same version counter (every in-place write
 through the parameter or a view of it: optimizer steps, `copy_` under no_grad, weight loading).
 Writes that bypass the counter (through `.data`, or a staging region the parameter was repointed
@@ -104,22 +105,57 @@ def packed_bytes(weights) -> int:
     return total
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x weight^T (+ bias) (+ residual), x [..., K], weight [N, K]: F.linear's contract. A registered
-    weight under inference mode on CPU reads its packed copy (the residual add fused into the call)."""
-    entry = None if torch.compiler.is_compiling() else getattr(weight, _ATTR, None)
-    if (entry is not None and torch.is_inference_mode_enabled() and x.dtype == weight.dtype and x.device.type == "cpu"
-            and (residual is None or (residual.dtype == x.dtype and bias is None))):
-        packed = entry.current(weight)
-        if residual is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, None, "add")
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def _onednn(packed: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
+            residual: torch.Tensor | None) -> torch.Tensor:
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, None, "add")
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           residual: torch.Tensor | None) -> torch.Tensor:
     if residual is None:
         return F.linear(x, weight, bias)
     if bias is None and x.dim() == 2:
         return torch.addmm(residual, x, weight.t())
     return residual + F.linear(x, weight, bias)
+
+
+def _packable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              residual: torch.Tensor | None) -> bool:
+    return (x.dtype == weight.dtype and x.device.type == "cpu"
+            and (residual is None or (residual.dtype == x.dtype and bias is None)))
+
+
+@torch.library.custom_op("rl_engine::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  residual: torch.Tensor | None) -> torch.Tensor:
+    """`linear` of a registered weight as one opaque op of a compiled graph (compile_decode): the graph
+    passes the parameter itself and the op reads its packed copy (repacked when stale) at run time."""
+    entry = getattr(weight, _ATTR, None)
+    if entry is None or not _packable(x, weight, bias, residual):
+        return _plain(x, weight, bias, residual)
+    return _onednn(entry.current(weight), x, bias, residual)
+
+
+@packed_linear.register_fake
+def _packed_linear_fake(x, weight, bias, residual):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x weight^T (+ bias) (+ residual), x [..., K], weight [N, K]: F.linear's contract. A registered
+    weight under inference mode on CPU reads its packed copy (the residual add fused into the call);
+    traced by torch.compile without autograd, it becomes the `rl_engine::packed_linear` op."""
+    entry = getattr(weight, _ATTR, None)
+    if entry is not None and _packable(x, weight, bias, residual):
+        if torch.compiler.is_compiling():  # (dynamo cannot trace is_inference_mode_enabled)
+            if not torch.is_grad_enabled():
+                return packed_linear(x, weight, bias, residual)
+        elif torch.is_inference_mode_enabled():
+            return _onednn(entry.current(weight), x, bias, residual)
+    return _plain(x, weight, bias, residual)
 
 
 linear.fuses_residual = True  # RowParallelLinear passes its residual in (one op less per block)
