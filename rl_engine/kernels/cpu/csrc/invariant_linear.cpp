@@ -234,6 +234,18 @@ struct Avx512 {
 template <typename T>
 constexpr bool kPairs = std::is_same_v<T, c10::BFloat16>;  // bf16: vdpbf16ps's order (see the header)
 
+// one step's operands: 16 k as V (fma), or for bf16 32 k as P (pairs, dot2)
+template <class I, typename T>
+inline auto load_step(const T* p) {
+  if constexpr (kPairs<T>) return I::load_pairs(p);
+  else return I::load(p);
+}
+template <class I, class Operand>
+inline void multiply_add(const Operand& a, const Operand& b, typename I::V& acc) {
+  if constexpr (std::is_same_v<Operand, typename I::V>) I::fma(a, b, acc);
+  else I::dot2(a, b, acc);
+}
+
 // noinline: inlined into the driver, GCC kept the accumulators in memory (a store per fma)
 template <class I, typename T, int R>
 __attribute__((noinline)) void tile(const T* const* xr, const T* const* wr, int64_t K, float* sums) {
@@ -245,34 +257,19 @@ __attribute__((noinline)) void tile(const T* const* xr, const T* const* wr, int6
   // one group of G k: xs[r] + k, ws[c] + k. keep_in_register: else GCC folds the loads into the
   // fmas (R + R * C loads per step instead of R + C)
   auto step = [&](const T* const* xs, const T* const* ws, int64_t k) __attribute__((always_inline)) {
-    if constexpr (kPairs<T>) {
-      typename I::P xv[R];
+    using Operand = decltype(load_step<I>(xs[0]));
+    Operand xv[R];
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        xv[r] = I::load_pairs(xs[r] + k);
-        I::keep_in_register(xv[r]);
-      }
+    for (int r = 0; r < R; ++r) {
+      xv[r] = load_step<I>(xs[r] + k);
+      I::keep_in_register(xv[r]);
+    }
 #pragma GCC unroll 16
-      for (int c = 0; c < C; ++c) {
-        typename I::P wv = I::load_pairs(ws[c] + k);
-        I::keep_in_register(wv);
+    for (int c = 0; c < C; ++c) {
+      Operand wv = load_step<I>(ws[c] + k);
+      I::keep_in_register(wv);
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) I::dot2(xv[r], wv, acc[r * C + c]);
-      }
-    } else {
-      typename I::V xv[R];
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        xv[r] = I::load(xs[r] + k);
-        I::keep_in_register(xv[r]);
-      }
-#pragma GCC unroll 16
-      for (int c = 0; c < C; ++c) {
-        typename I::V wv = I::load(ws[c] + k);
-        I::keep_in_register(wv);
-#pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) I::fma(xv[r], wv, acc[r * C + c]);
-      }
+      for (int r = 0; r < R; ++r) multiply_add<I>(xv[r], wv, acc[r * C + c]);
     }
   };
   const int64_t full = K / G * G;
