@@ -7,6 +7,7 @@ attention's, and the torch implementation everywhere when the kernel cannot be b
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -199,3 +200,28 @@ def test_falls_back_to_torch_when_the_kernel_cannot_be_built(monkeypatch, caplog
         monkeypatch.undo()
         inv.attention_kernel.cache_clear()
     assert inv.native_attention("cpu")  # the next tests get the kernel again
+
+
+@pytest.mark.skipif(os.environ.get("RL_ENGINE_TEST_ISA_BUILDS") != "1",
+                    reason="builds the kernel twice more (~1 min each); RL_ENGINE_TEST_ISA_BUILDS=1 runs it")
+def test_the_bits_are_the_same_with_avx2_and_scalar_lanes():
+    """The 16 lanes written for AVX-512, AVX2 (two 8-lane registers) and plain C++ (std::fma) give the
+    same bits: the source built with each forced."""
+    from torch.utils import cpp_extension
+
+    source = inv._ATTENTION_SOURCE
+    builds = {"native": inv.attention_kernel()}
+    for variant, flags in (("avx2", ["-DRL_INVARIANT_AVX2"]), ("scalar", ["-DRL_INVARIANT_SCALAR"])):
+        builds[variant] = cpp_extension.load(name=f"{cpu_kernels.extension_name(source)}_{variant}",
+                                             sources=[str(source)], extra_cflags=[*cpu_kernels.CFLAGS, *flags])
+    if builds["native"].isa == "avx2":  # this CPU has no AVX-512: the native build is the AVX2 one
+        assert builds["avx2"].isa == "avx2"
+    assert builds["scalar"].isa == "scalar"
+    for dtype in (torch.float32, torch.bfloat16):
+        for hq, hkv, d in ((6, 2, 24), (4, 4, 64), (2, 1, 8)):
+            q, k, v = _sequence(dtype, hq=hq, hkv=hkv, d=d)
+            args = (q, k, v, torch.zeros(q.shape[0], dtype=torch.int32), torch.arange(q.shape[0], dtype=torch.int32),
+                    SCALE)
+            want = builds["native"].contiguous(*args)
+            for variant in ("avx2", "scalar"):
+                assert torch.equal(builds[variant].contiguous(*args), want), (variant, dtype, d)
