@@ -311,7 +311,7 @@ class LLMEngine:
             seq.logprobs.append(logprob)
             seq.policy_versions.append(version)
             seq.kv_versions.append(seq.kv_version)
-            if tops:
+            if tops and i in tops:  # (only the rows whose request asked)
                 seq.top_logprobs.append(tops[i])
             if request.pending_forks and seq.index == 0:
                 self._fork(request, seq)
@@ -344,8 +344,8 @@ class LLMEngine:
         seeds = [s.rng_seed for s in seqs]
         if None in seeds:
             def draw() -> list[float]:
-                return self.sampler.uniforms([None if s.rng_seed is None else token_seed(s.rng_seed, s.index, s.num_tokens)
-                                              for s in seqs])
+                return self.sampler.uniforms([None if s.rng_seed is None else
+                                              token_seed(s.rng_seed, s.index, s.num_tokens) for s in seqs])
         else:
             def draw():
                 return token_uniforms(seeds, [s.index for s in seqs], [len(s.token_ids) for s in seqs])

@@ -14,12 +14,27 @@ and any per-token / per-sample values gathered to [T].
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 TokenList = Sequence[int] | torch.Tensor
+
+
+def concat_values(pieces: Sequence[TokenList]) -> torch.Tensor:
+    """The pieces (Python lists of numbers, or tensors) as one flat tensor, with torch.as_tensor's dtypes
+    (int64 for ints, torch's default float dtype for floats). Lists go through one numpy conversion for
+    them all, ~6x faster than a torch.as_tensor per list (a step packs ~1k of them)."""
+    if pieces and all(isinstance(p, list) for p in pieces):
+        values = np.asarray(list(itertools.chain.from_iterable(pieces)))
+        if values.dtype.kind == "f":
+            return torch.from_numpy(values).to(torch.get_default_dtype())
+        if values.dtype.kind in "ib":  # (ints past int64 make an object array: the general path below)
+            return torch.from_numpy(values.astype(np.int64, copy=False) if values.dtype.kind == "i" else values)
+    return torch.cat([torch.as_tensor(p).reshape(-1) for p in pieces])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,16 +152,13 @@ def build_packed_batch(
     positions = torch.arange(int(lengths.sum())) - starts
     values: dict[str, torch.Tensor] = {}
     for name, per_sample_lists in (per_token or {}).items():
-        parts = []
-        for local, i in enumerate(indices):
-            part = torch.as_tensor(per_sample_lists[i]).reshape(-1)
-            if part.numel() != lengths[local]:
-                raise ValueError(
-                    f"per_token[{name!r}] of sample {i} has {part.numel()} values but the sample has "
-                    f"{int(lengths[local])} tokens"
-                )
-            parts.append(part)
-        values[name] = torch.cat(parts) if parts else torch.empty(0)
+        parts = [per_sample_lists[i] for i in indices]
+        for local, (i, part) in enumerate(zip(indices, parts)):
+            n = len(part) if isinstance(part, list) else torch.as_tensor(part).numel()
+            if n != seqs[local].numel():
+                raise ValueError(f"per_token[{name!r}] of sample {i} has {n} values but the sample has "
+                                 f"{seqs[local].numel()} tokens")
+        values[name] = concat_values(parts) if parts else torch.empty(0)
     for name, sample_values in (per_sample or {}).items():
         chosen = torch.as_tensor(sample_values)[torch.tensor(indices, dtype=torch.int64)]
         values[name] = torch.repeat_interleave(chosen, lengths)

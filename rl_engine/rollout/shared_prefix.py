@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from rl_engine.policy.shared_prefix import SharedPrefixAttention
-from rl_engine.rollout.packing import TokenList, plan_micro_batches
+from rl_engine.rollout.packing import TokenList, concat_values, plan_micro_batches
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,8 @@ def build_shared_prefix_batch(units: Sequence[PrefixUnit], *, token_ids: Sequenc
     cu_seqlens[1:] = torch.cumsum(lengths, 0)
 
     def gather(lists: Sequence[TokenList]) -> torch.Tensor:
-        return torch.cat([torch.as_tensor(lists[i]).reshape(-1)[a:b] for i, a, b in segments])
+        return concat_values([lists[i][a:b] if isinstance(lists[i], list)
+                              else torch.as_tensor(lists[i]).reshape(-1)[a:b] for i, a, b in segments])
 
     for name, lists in per_token.items():
         for i, _, _ in segments:
@@ -143,6 +144,7 @@ def build_shared_prefix_batch(units: Sequence[PrefixUnit], *, token_ids: Sequenc
     owner = torch.tensor([i for i, _, _ in segments], dtype=torch.int64)
     for name, sample_values in per_sample.items():
         values[name] = torch.repeat_interleave(torch.as_tensor(sample_values)[owner], lengths)
-    positions = torch.cat([torch.arange(a, b) for _, a, b in segments])
+    starts = torch.tensor([a for _, a, _ in segments], dtype=torch.int64)  # each segment's first position
+    positions = torch.arange(int(cu_seqlens[-1])) + torch.repeat_interleave(starts - cu_seqlens[:-1].long(), lengths)
     return SharedPrefixBatch(input_ids=gather(token_ids).long(), positions=positions, cu_seqlens=cu_seqlens,
                              segments=segments, attention=SharedPrefixAttention(cu_seqlens, prefix_of), values=values)

@@ -92,3 +92,16 @@ def test_unseeded_requests_reproduce_with_the_engine_seed(policy):
     ids = lambda outs: [o.outputs[0].token_ids for o in outs]  # noqa: E731
     assert ids(a) == ids(b)
     assert ids(a) != ids(c)
+
+
+def test_top_logprobs_for_the_requests_that_ask_in_a_mixed_batch(policy):
+    # one step samples rows that asked for top log-probs beside rows that did not
+    prompts = mixed_prompts(3, seed=11)
+    asks = SamplingParams(temperature=1.0, max_tokens=5, seed=1, logprobs=3, ignore_eos=True)
+    plain = SamplingParams(temperature=1.0, max_tokens=5, seed=2, ignore_eos=True)
+    outs = LLM(policy).generate(prompts, [plain, asks, plain])
+    assert outs[0].outputs[0].top_logprobs is None and outs[2].outputs[0].top_logprobs is None
+    out = outs[1].outputs[0]
+    assert len(out.top_logprobs) == len(out.token_ids) == 5 and all(len(top) == 3 for top in out.top_logprobs)
+    # each token's own log-prob is among or below its top 3
+    assert all(lp <= top[0][1] + 1e-6 for lp, top in zip(out.logprobs, out.top_logprobs))

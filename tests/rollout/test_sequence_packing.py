@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from rl_engine.rollout.packing import build_packed_batch, plan_micro_batches
+from rl_engine.rollout.packing import build_packed_batch, concat_values, plan_micro_batches
 
 
 def _check_plan(lengths: list[int], budget: int, dp_size: int) -> None:
@@ -91,3 +91,22 @@ def test_build_packed_batch_empty_and_mismatch() -> None:
     assert empty.num_tokens == 0 and empty.cu_seqlens.tolist() == [0] and empty.values["a"].numel() == 0
     with pytest.raises(ValueError, match="per_token\\['logprobs'\\] of sample 1 has 1 values but the sample has 2 tokens"):
         build_packed_batch([0, 1], token_ids=[[1], [2, 3]], per_token={"logprobs": [[0.0], [0.0]]})
+
+
+@pytest.mark.parametrize("pieces", [
+    [[1, 2, 3], [4], [5, 6]],  # ints: int64
+    [[0.0, -1.25], [3.4028235e38 * 2, 1e-46, 0.1]],  # floats: float32 rounding, overflow and underflow as torch's
+    [[True, False], [True]],  # bools
+    [[2**70], [1]],  # past int64: numpy gives up, torch.as_tensor decides
+    [torch.tensor([1, 2]), [3]],  # a tensor among the pieces
+])
+def test_concat_values_is_torch_cat_of_as_tensor(pieces) -> None:
+    # the packing's one-conversion path gives exactly the per-piece torch.as_tensor result, dtype included
+    try:
+        expected = torch.cat([torch.as_tensor(p).reshape(-1) for p in pieces])
+    except (RuntimeError, OverflowError, ValueError) as e:
+        with pytest.raises(type(e)):
+            concat_values(pieces)
+        return
+    got = concat_values(pieces)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
