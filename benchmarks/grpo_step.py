@@ -13,7 +13,8 @@ recomputation on both sides (TRL's defaults, bf16 autocast and gradient checkpoi
 with them TRL is about 2x slower on CPU), CPU. The two run interleaved: one step of ours after each
 TRL step. `speedup_tokens_per_s` also accounts for the two sides sampling different EOS-varied
 lengths (different random streams). Both sides run at `--threads` torch threads (ours through
-`train.threads`, which the engine in the same process shares; each row reports the threads seen),
+`train.threads`, which the engine in the same process shares, running a small model's small steps on one of
+them: `kernels/cpu/threads.single_thread_below`; each row reports the threads seen after the steps),
 and each side's step is split into its rollout (generation, rewards) and the rest (training pass,
 optimizer step, weight publication).
 
