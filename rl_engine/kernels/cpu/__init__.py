@@ -13,6 +13,11 @@ the KV cache, which both read once), so the registry takes them on CPU only unde
 `RL_ENGINE_CPU_KERNELS=1` (then as the default, falling back to torch with the reason logged) or an
 override `OP=cpu` (`*=cpu`: every op that has one). `RL_ENGINE_CPU_KERNELS=0` never builds them.
 
+The batch-invariant kernels (`csrc/invariant_linear.cpp`, `csrc/invariant_attention.cpp`) are built
+by the same `load_source` but are not opt-in: `kernels/invariant.py` loads each on its first use under
+`model.batch_invariant` and otherwise runs its torch fallback, logging why once per process;
+`RL_ENGINE_CPU_KERNELS=0` switches them off too.
+
 `extension_status()` says whether the kernels can run and why not: no C++ compiler on PATH, the
 build failed (its first error lines), or `RL_ENGINE_CPU_KERNELS=0`. Wrappers of each op: `ops.py`.
 """
