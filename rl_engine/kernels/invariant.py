@@ -249,20 +249,22 @@ class _ContiguousAttention(torch.autograd.Function):
 
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_starts: torch.Tensor,
                     positions: torch.Tensor, scale: float) -> torch.Tensor:
-    """Plain causal attention in fp32 (differentiable): query n over k/v rows key_starts[n] + 0..positions[n],
-    one product per run of consecutive queries with the same start (a sequence of a packed batch)."""
+    """Plain causal attention in fp32 (differentiable, SDPA): query n over k/v rows key_starts[n] +
+    0..positions[n], one call per run of consecutive queries with the same start (a sequence of a packed
+    batch; causal when its positions are 0, 1, ..., else with a boolean mask)."""
     cuts = (torch.nonzero(key_starts[1:] != key_starts[:-1]).view(-1) + 1).tolist()
     outs = []
-    hkv = k.shape[1]
+    group = q.shape[1] // k.shape[1]
     for a, b in zip([0, *cuts], [*cuts, q.shape[0]]):
         start, pos = int(key_starts[a]), positions[a:b].long()
         length = int(pos.max()) + 1
-        qs = q[a:b].float().view(b - a, hkv, -1, q.shape[2]).transpose(0, 1)  # [Hkv, n, G, D]
-        ks, vs = k[start:start + length].float().transpose(0, 1), v[start:start + length].float().transpose(0, 1)
-        scores = torch.einsum("hngd,hld->hngl", qs, ks) * scale
-        visible = torch.arange(length, device=q.device) <= pos[:, None, None]  # [n, 1, L]
-        p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-        outs.append(torch.einsum("hngl,hld->nhgd", p, vs).reshape(b - a, q.shape[1], -1))
+        causal = length == b - a and int(pos[0]) == 0 and bool((pos[1:] > pos[:-1]).all())
+        # 4-D inputs with repeated kv heads keep SDPA on its fused kernel (see inference/attention.py)
+        ks, vs = (t[start:start + length].float().repeat_interleave(group, 1).transpose(0, 1)[None] for t in (k, v))
+        mask = None if causal else torch.arange(length, device=q.device) <= pos[:, None]  # [n, L]
+        o = F.scaled_dot_product_attention(q[a:b].float().transpose(0, 1)[None], ks, vs, attn_mask=mask,
+                                           is_causal=causal, scale=scale)
+        outs.append(o[0].transpose(0, 1))
     return torch.cat(outs).to(q.dtype)
 
 
