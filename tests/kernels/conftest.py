@@ -81,3 +81,12 @@ def _fresh_registry() -> Iterator[None]:
     registry.configure(registry.KernelConfig())
     yield
     registry.configure(registry.KernelConfig())
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request) -> Iterator[int]:
+    """Runs a test with 1 and with 2 torch threads (batch-invariance must not depend on the split)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

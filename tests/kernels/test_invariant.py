@@ -22,14 +22,6 @@ SLICES = [(0, 1), (5, 1), (3, 2), (3, 7), (10, 20), (31, 2), (1, 40), (7, 93), (
     (m % 13, m) for m in range(1, inv.ROW_TILE + 1, 3)] + [(0, ROWS)]
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def invariant_registry():
     before = kernels.set_batch_invariant(True)

@@ -21,14 +21,6 @@ SCALE = 0.37
 BLOCK = 16
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def _sequence(dtype, length=150, hq=6, hkv=2, d=24, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = (2 * torch.randn(length, hq, d, generator=gen)).to(dtype)
@@ -203,7 +195,7 @@ def test_falls_back_to_torch_when_the_kernel_cannot_be_built(monkeypatch, caplog
 
 
 @pytest.mark.skipif(os.environ.get("RL_ENGINE_TEST_ISA_BUILDS") != "1",
-                    reason="builds the kernel twice more (~1 min each); RL_ENGINE_TEST_ISA_BUILDS=1 runs it")
+                    reason="builds the kernel twice more (1-2 min each); RL_ENGINE_TEST_ISA_BUILDS=1 runs it")
 def test_the_bits_are_the_same_with_avx2_and_scalar_lanes():
     """The 16 lanes written for AVX-512, AVX2 (two 8-lane registers) and plain C++ (std::fma) give the
     same bits: the source built with each forced."""
