@@ -36,6 +36,8 @@ class EngineConfig:
     # CPU: the engine's steps read a oneDNN-prepacked copy of each matmul weight (made at its first use,
     # redone when the weight changes; kernels/cpu/packed_linear.py), ~2x faster matmuls here, one more copy
     # of the matmul weights in memory. Not with model.batch_invariant. False: F.linear on the parameters.
+    # Engines serving an RL run (trainer, rollout workers) set False: oneDNN's fp32 rounding order took the
+    # ~40M model's behavior log-probs 1.2e-5..2.1e-5 from the trainer's recompute (contract: 1e-5).
     cpu_prepack_weights: bool = True
 
     def __post_init__(self) -> None:

@@ -11,8 +11,10 @@ LM head.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import weakref
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
@@ -124,14 +126,18 @@ class ModelRunner:
             return runner
 
         self.graphs = GraphCache(buckets, make_runner)
-        # CPU: linears read oneDNN-prepacked weights (packed at first use, repacked when they change)
+        # CPU: linears read oneDNN-prepacked weights in this runner's steps (packed at first use, repacked
+        # when they change, dropped when the last runner that registered them is collected)
         self.packed_weights: list[torch.Tensor] = []
+        self._reading_packed = contextlib.nullcontext
         if self.device.type == "cpu" and config.cpu_prepack_weights and not model.batch_invariant:
             from rl_engine.kernels.cpu import packed_linear
 
-            weights = [p for p in model.parameters() if p.dim() == 2]
-            if packed_linear.register(weights, batch_size=config.max_num_seqs):
-                self.packed_weights = weights
+            self.packed_weights = packed_linear.register([p for p in model.parameters() if p.dim() == 2],
+                                                         batch_size=config.max_num_seqs)
+            if self.packed_weights:
+                self._reading_packed = packed_linear.reading
+                weakref.finalize(self, packed_linear.release, self.packed_weights)
         self.threads = None  # CPU: torch's thread count follows the free cores (EngineConfig.cpu_threads)
         if self.device.type == "cpu" and config.cpu_threads == "auto":
             from rl_engine.kernels.cpu.threads import FreeCoreThreads
@@ -148,6 +154,11 @@ class ModelRunner:
                 record_routing: bool = False) -> tuple[torch.Tensor | None, list[Sequence]]:
         """Run one step. Returns logits of the sequences that produce a token, and those sequences in
         the same order: one row each, or 1 + num_draft_tokens consecutive rows for one verifying drafts."""
+        with self._reading_packed():
+            return self._execute(sched, record_routing=record_routing)
+
+    def _execute(self, sched: SchedulerOutput, *,
+                 record_routing: bool) -> tuple[torch.Tensor | None, list[Sequence]]:
         seqs, nd = sched.seqs, sched.num_single
         if self.threads is not None:
             self.threads.poll()

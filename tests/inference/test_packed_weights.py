@@ -1,9 +1,12 @@
-"""cpu_prepack_weights: the engine's CPU steps read oneDNN-prepacked weights within the log-prob contract
-(fp32, 1e-5 of the trainer's recompute, which reads the parameters), and a weight update that bypasses
-the parameters' version counters (a write through `.data`, as staging regions do) is seen after
-`update_weights`."""
+"""cpu_prepack_weights: the engine's CPU steps read oneDNN-prepacked weights (within the log-prob contract
+on this tiny model; the ~40M model measured 1.2e-5..2.1e-5, which is why RL engines keep it off), a
+weight update that bypasses the parameters' version counters (a write through `.data`, as staging
+regions do) is seen after `update_weights`, an engine with the switch off never reads another engine's
+copies, and the copies go with the last engine that made them."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
@@ -49,3 +52,11 @@ def test_packed_engine_keeps_the_logprob_contract_and_sees_data_writes(qwen2):
     assert _worst_gap(policy, prompts, after, 1.0) <= 1e-5
     with torch.no_grad():
         weight.copy_(saved)
+
+    unpacked = LLM(policy, block_size=8, cpu_threads="fixed", cpu_prepack_weights=False)  # same parameters
+    packed_linear.invalidate([weight])
+    unpacked.generate(prompts, greedy)
+    assert weight._rl_packed.packed is None  # its steps read the parameters, so nothing was repacked
+    del llm
+    gc.collect()
+    assert not hasattr(weight, "_rl_packed")

@@ -1,6 +1,7 @@
 """kernels/cpu/packed_linear: the registry's `dense` op reads a oneDNN-prepacked copy of a registered
-weight under inference mode only, equals F.linear up to fp32 accumulation order, and never serves a
-stale copy: in-place writes (version counter), repointed storage and `invalidate` all repack."""
+weight only inside `reading()` under inference mode (an engine's step), equals F.linear up to fp32
+accumulation order, never serves a stale copy (in-place writes, repointed storage and `invalidate` all
+repack), and drops the copy when the last engine that registered it releases it."""
 
 from __future__ import annotations
 
@@ -45,29 +46,46 @@ def test_dense_is_the_packed_linear_and_rowparallel_fuses_its_residual():
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_packed_product_equals_f_linear_up_to_rounding(dtype, rows):
     x, w, b, r = _inputs(dtype, rows=rows)
-    assert packed_linear.register([w], batch_size=16) == 1
-    with torch.inference_mode():
+    assert packed_linear.register([w], batch_size=16) == [w]
+    with torch.inference_mode(), packed_linear.reading():
         y, y_res = packed_linear.linear(x, w, b), packed_linear.linear(x, w, residual=r)
     assert _packed(w)
     exact = x.double() @ w.double().t()
     assert ((y.double() - (exact + b.double())).abs() <= _bound(x, w, exact + b.double(), dtype)).all()
     assert ((y_res.double() - (exact + r.double())).abs() <= _bound(x, w, exact + r.double(), dtype)).all()
     x3 = x.view(1, rows, -1)  # [..., K] inputs keep their leading dims
-    with torch.inference_mode():
+    with torch.inference_mode(), packed_linear.reading():
         assert torch.equal(packed_linear.linear(x3, w, b), y.view(1, rows, -1))
 
 
-def test_only_inference_mode_reads_a_packed_copy():
+def test_only_an_engine_step_reads_a_packed_copy():
     x, w, b, _ = _inputs(torch.float32)
     packed_linear.register([w], batch_size=8)
     with torch.no_grad():  # the trainer's no-grad passes (proximal / reference log-probs)
+        assert torch.equal(packed_linear.linear(x, w, b), F.linear(x, w, b))
+    with torch.inference_mode():  # an engine that does not pack (cpu_prepack_weights=False)
         assert torch.equal(packed_linear.linear(x, w, b), F.linear(x, w, b))
     y = packed_linear.linear(x, w, b)  # autograd: F.linear, gradients flow
     y.sum().backward()
     assert w.grad is not None and not _packed(w)
     unregistered = torch.nn.Parameter(w.detach().clone())
-    with torch.inference_mode():
+    with torch.inference_mode(), packed_linear.reading():
         assert torch.equal(packed_linear.linear(x, unregistered, b), F.linear(x, unregistered, b))
+
+
+def test_the_last_release_drops_the_copy_and_bf16_needs_onednn_support(monkeypatch):
+    x, w, _, _ = _inputs(torch.float32)
+    packed_linear.register([w], batch_size=8)
+    packed_linear.register([w], batch_size=8)  # a second engine over the same model
+    with torch.inference_mode(), packed_linear.reading():
+        packed_linear.linear(x, w)
+    packed_linear.release([w])
+    assert _packed(w)
+    packed_linear.release([w])
+    assert getattr(w, "_rl_packed", None) is None
+    monkeypatch.setattr(packed_linear, "_dtypes", lambda: (torch.float32,))  # a CPU without oneDNN bf16
+    _, w16, _, _ = _inputs(torch.bfloat16)
+    assert packed_linear.register([w16, w], batch_size=8) == [w]
 
 
 def test_changed_weights_are_repacked():
@@ -75,7 +93,7 @@ def test_changed_weights_are_repacked():
     packed_linear.register([w], batch_size=8)
 
     def check():
-        with torch.inference_mode():
+        with torch.inference_mode(), packed_linear.reading():
             y = packed_linear.linear(x, w)
         exact = x.double() @ w.detach().double().t()
         assert ((y.double() - exact).abs() <= _bound(x, w.detach(), exact, torch.float32)).all()
@@ -92,7 +110,7 @@ def test_changed_weights_are_repacked():
     w.data.copy_(torch.randn_like(w))  # bypasses the counter: the engine's update_weights invalidates
     packed_linear.invalidate([w])
     check()
-    packed_linear.unregister([w])
+    packed_linear.release([w])
     assert getattr(w, "_rl_packed", None) is None
 
 
@@ -108,6 +126,9 @@ def test_traced_step_calls_the_packed_op():
 
     compiled = torch.compile(step, backend="eager", fullgraph=True, dynamic=False)
     with torch.no_grad():
+        compiled(x, r)
+    assert not _packed(w)  # outside an engine's step the op reads the parameter
+    with torch.no_grad(), packed_linear.reading():
         y, y_res = compiled(x, r)
     assert _packed(w)  # only the op's run could have packed it
     exact = x.double() @ w.detach().double().t()

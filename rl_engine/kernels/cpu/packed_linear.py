@@ -8,21 +8,28 @@ every call. vLLM's CPU backend packs each linear's weight once into oneDNN's blo
 decode step (8 layers' qkv, o, gate/up, down, and the 32k-vocab head) at 64 rows: fp32 79 ms with
 F.linear, 38.5 ms packed; at 1 row 8.0 and 3.5 ms; bf16 18.5 / 13.7 ms at 64 rows, 4.3 / 1.3 ms at 1.
 
-A packed copy is made only for weights an inference engine registered (`register`), and only read
-under `torch.inference_mode` (the engine's steps; in its compiled steps, `compile_decode`, through the
-custom op `rl_engine::packed_linear`, which finds the copy at run time), so training and its no-grad
-passes never see one. `linear` checks on every call that the
-weight is the one packed: same storage (`data_ptr`) and same version counter (every in-place write
-through the parameter or a view of it: optimizer steps, `copy_` under no_grad, weight loading).
-Writes that bypass the counter (through `.data`, or a staging region the parameter was repointed
-at) must be followed by `invalidate` (the engine's `update_weights` does). The copy is stored on the
-parameter (attribute `_rl_packed`), so it lives and dies with it; `unregister` drops it. Memory: one
-more copy of every registered weight.
+A packed copy is read only inside the steps of an engine that packs (`reading()`, the engine's model
+runner around each step: a thread-local switch, so training, its no-grad passes and an engine over the
+same model with `cpu_prepack_weights=False` read the parameters), and only for weights registered by
+such an engine (`register`, counted per engine: the copy is dropped when the last engine that
+registered it `release`s it, which the model runner does when it is garbage-collected). In compiled
+steps (`compile_decode`) the linear is the custom op `rl_engine::packed_linear`, which checks the same
+switch at run time. `linear` checks on every call that the weight is the one packed: same storage
+(`data_ptr`) and version counter (every in-place write through the parameter or a view of it: optimizer
+steps, `copy_` under no_grad, weight loading). Writes that bypass the counter (through `.data`, or a
+staging region the parameter was repointed at) must be followed by `invalidate` (the engine's
+`update_weights` does). bf16 weights are packed only where oneDNN's bf16 linear runs
+(`torch.ops.mkldnn._is_mkldnn_bf16_supported()`: AVX-512 BW/VL/DQ or AVX-NE-CONVERT). Memory: one more
+copy of every registered weight. Rounding: oneDNN's fp32 products reduce in another order than MKL's
+(the ~40M model's behavior log-probs measured 1.2e-5..2.1e-5 from the trainer's F.linear recompute,
+2.9e-6..7.6e-6 unpacked), so engines that serve an RL run keep it off (the log-prob contract's 1e-5).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +38,27 @@ logger = logging.getLogger(__name__)
 
 _ATTR = "_rl_packed"
 DTYPES = (torch.float32, torch.bfloat16)
+_state = threading.local()  # .reading: inside a step of an engine that packs
+
+
+@contextlib.contextmanager
+def reading():
+    """Linears of registered weights read their packed copies in this block (this thread only)."""
+    previous = getattr(_state, "reading", False)
+    _state.reading = True
+    try:
+        yield
+    finally:
+        _state.reading = previous
+
+
+def _reading() -> bool:
+    return getattr(_state, "reading", False)
+
+
+def _dtypes() -> tuple[torch.dtype, ...]:
+    bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return DTYPES if bf16 is not None and bf16() else (torch.float32,)
 
 
 def available() -> tuple[bool, str]:
@@ -45,9 +73,10 @@ def available() -> tuple[bool, str]:
 class _Packed:
     """A weight's packed copy and the (storage, version) it was made from; `stale` forces a repack."""
 
-    __slots__ = ("batch_size", "data_ptr", "version", "packed", "stale")
+    __slots__ = ("batch_size", "data_ptr", "version", "packed", "stale", "owners")
 
     def __init__(self, batch_size: int) -> None:
+        self.owners = 0  # engines that registered the weight
         self.batch_size = batch_size
         self.data_ptr = -1
         self.version = -1
@@ -63,20 +92,38 @@ class _Packed:
         return self.packed
 
 
-def register(weights, *, batch_size: int) -> int:
-    """Mark 2-D CPU fp32/bf16 weights for packing (packed lazily, at their first inference call).
-    `batch_size`: the rows oneDNN's layout is tuned for (any row count works). Returns how many."""
+def register(weights, *, batch_size: int) -> list[torch.Tensor]:
+    """Mark 2-D CPU fp32/bf16 weights for packing (packed lazily, at their first read in `reading()`).
+    `batch_size`: the rows oneDNN's layout is tuned for (any row count works). Returns the weights
+    registered; hand them to `release` when the engine goes."""
     ok, reason = available()
     if not ok:
         logger.info("linears read their weights unpacked: %s", reason)
-        return 0
-    count = 0
+        return []
+    dtypes = _dtypes()
+    if torch.bfloat16 not in dtypes and any(w.dtype == torch.bfloat16 for w in weights):
+        logger.info("bf16 linears read their weights unpacked: oneDNN's bf16 linear needs AVX-512 BW/VL/DQ or "
+                    "AVX-NE-CONVERT (torch.ops.mkldnn._is_mkldnn_bf16_supported() is False)")
+    registered = []
     for w in weights:
-        if w.dim() == 2 and w.device.type == "cpu" and w.dtype in DTYPES:
-            if getattr(w, _ATTR, None) is None:
-                setattr(w, _ATTR, _Packed(batch_size))
-            count += 1
-    return count
+        if w.dim() == 2 and w.device.type == "cpu" and w.dtype in dtypes:
+            entry = getattr(w, _ATTR, None)
+            if entry is None:
+                entry = _Packed(batch_size)
+                setattr(w, _ATTR, entry)
+            entry.owners += 1
+            registered.append(w)
+    return registered
+
+
+def release(weights) -> None:
+    """An engine that registered these weights goes: the last one drops each packed copy."""
+    for w in weights:
+        entry = getattr(w, _ATTR, None)
+        if entry is not None:
+            entry.owners -= 1
+            if entry.owners <= 0:
+                delattr(w, _ATTR)
 
 
 def invalidate(weights) -> None:
@@ -86,23 +133,6 @@ def invalidate(weights) -> None:
         if entry is not None:
             entry.stale = True
             entry.packed = None
-
-
-def unregister(weights) -> None:
-    """Drop the packed copies (memory) and read these weights directly again."""
-    for w in weights:
-        if getattr(w, _ATTR, None) is not None:
-            delattr(w, _ATTR)
-
-
-def packed_bytes(weights) -> int:
-    """Bytes held by the packed copies made so far."""
-    total = 0
-    for w in weights:
-        entry = getattr(w, _ATTR, None)
-        if entry is not None and entry.packed is not None:
-            total += w.numel() * w.element_size()
-    return total
 
 
 def _onednn(packed: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
@@ -133,7 +163,7 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """`linear` of a registered weight as one opaque op of a compiled graph (compile_decode): the graph
     passes the parameter itself and the op reads its packed copy (repacked when stale) at run time."""
     entry = getattr(weight, _ATTR, None)
-    if entry is None or not _packable(x, weight, bias, residual):
+    if entry is None or not _reading() or not _packable(x, weight, bias, residual):
         return _plain(x, weight, bias, residual)
     return _onednn(entry.current(weight), x, bias, residual)
 
@@ -146,14 +176,15 @@ def _packed_linear_fake(x, weight, bias, residual):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """x weight^T (+ bias) (+ residual), x [..., K], weight [N, K]: F.linear's contract. A registered
-    weight under inference mode on CPU reads its packed copy (the residual add fused into the call);
-    traced by torch.compile without autograd, it becomes the `rl_engine::packed_linear` op."""
+    weight inside `reading()` under inference mode reads its packed copy (the residual add fused into the
+    call); traced by torch.compile without autograd (the engine's compiled steps), it becomes the
+    `rl_engine::packed_linear` op, which checks `reading()` when it runs."""
     entry = getattr(weight, _ATTR, None)
     if entry is not None and _packable(x, weight, bias, residual):
-        if torch.compiler.is_compiling():  # (dynamo cannot trace is_inference_mode_enabled)
+        if torch.compiler.is_compiling():  # (dynamo traces neither is_inference_mode_enabled nor the switch)
             if not torch.is_grad_enabled():
                 return packed_linear(x, weight, bias, residual)
-        elif torch.is_inference_mode_enabled():
+        elif _reading() and torch.is_inference_mode_enabled():
             return _onednn(entry.current(weight), x, bias, residual)
     return _plain(x, weight, bias, residual)
 
