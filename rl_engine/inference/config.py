@@ -30,8 +30,10 @@ class EngineConfig:
     # vLLM-style dict or SpeculativeConfig: {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...}
     speculative_config: SpeculativeConfig | dict[str, Any] | None = None
     # CPU: "auto" lowers torch's thread count to the cores other processes leave free (re-measured every
-    # 0.5 s, never above the count when the engine was built; kernels/cpu/threads.py); "fixed" never
-    # changes it. A busy core makes every OpenMP barrier wait for a descheduled thread.
+    # 0.5 s, never above the count when the engine was built; kernels/cpu/threads.py); "fixed" keeps it.
+    # A busy core makes every OpenMP barrier wait for a descheduled thread. Either way a small model's
+    # small step runs on one thread, the count restored after it (threads.single_thread_below: a rule of
+    # sizes, not of the machine's load, so a run stays repeatable).
     cpu_threads: str = "auto"
     # CPU: the engine's steps read a oneDNN-prepacked copy of each matmul weight (made at its first use,
     # redone when the weight changes; kernels/cpu/packed_linear.py), ~2x faster matmuls here, one more copy

@@ -25,10 +25,12 @@ TokenList = Sequence[int] | torch.Tensor
 
 
 def concat_values(pieces: Sequence[TokenList]) -> torch.Tensor:
-    """The pieces (Python lists of numbers, or tensors) as one flat tensor, with torch.as_tensor's dtypes
-    (int64 for ints, torch's default float dtype for floats). Lists go through one numpy conversion for
-    them all, ~6x faster than a torch.as_tensor per list (a step packs ~1k of them)."""
-    if pieces and all(isinstance(p, list) for p in pieces):
+    """`torch.cat([torch.as_tensor(p).reshape(-1) for p in pieces])` for pieces that are Python lists of
+    numbers or tensors. Non-empty lists go through one numpy conversion for them all (int64 for ints,
+    torch's default float dtype for floats, as torch.as_tensor), ~6x faster than a torch.as_tensor per
+    list (a step packs ~1k of them); anything else (an empty list, whose float32 torch.cat would promote
+    the others to, a tensor, ints past int64) takes torch's way."""
+    if pieces and all(isinstance(p, list) and p for p in pieces):
         values = np.asarray(list(itertools.chain.from_iterable(pieces)))
         if values.dtype.kind == "f":
             return torch.from_numpy(values).to(torch.get_default_dtype())

@@ -99,6 +99,8 @@ def test_build_packed_batch_empty_and_mismatch() -> None:
     [[True, False], [True]],  # bools
     [[2**70], [1]],  # past int64: numpy gives up, torch.as_tensor decides
     [torch.tensor([1, 2]), [3]],  # a tensor among the pieces
+    [[], [1, 2]],  # an empty list: torch.cat promotes the ints to its float32
+    [[], []],
 ])
 def test_concat_values_is_torch_cat_of_as_tensor(pieces) -> None:
     # the packing's one-conversion path gives exactly the per-piece torch.as_tensor result, dtype included
