@@ -36,10 +36,14 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
-# -fopenmp-simd: the `omp simd` loop hints without an OpenMP runtime; -fno-trapping-math and
+# -fopenmp: at::parallel_for is a header template that runs its whole range on the calling thread
+# unless the including file is compiled with OpenMP (ATen/ParallelOpenMP.h defines the parallel form
+# under _OPENMP only); built with it, the kernels split their ranges over torch's intra-op threads,
+# and the OpenMP symbols resolve to torch's own libgomp (nothing is added at link: no second runtime).
+# It also enables the `omp simd` loop hints. -fno-trapping-math and
 # -fno-math-errno let loops with floor / float->int (fast_exp) vectorise; no -ffast-math (it would
 # drop inf/NaN semantics and reassociate where the kernels mirror the references' rounding).
-CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math")
 ENV_SWITCH = "RL_ENGINE_CPU_KERNELS"  # "1": the default on CPU; "0": never built; unset: only by override
 
 
