@@ -144,6 +144,9 @@ class PagedAttention:
         queries read one row of its sequence's blocks (a chunk that starts its sequence: the blocks its k/v
         were just written to, from `slot_mapping`), at the chunk's positions."""
         dev, bs = self.slot_mapping.device, self.block_size
+        if not B and not self.prefills:  # an empty step
+            self.invariant_call = None
+            return
         rows, positions, chunk_blocks = [], [], []
         if B:
             rows.append(torch.arange(B, dtype=torch.int32, device=dev))
@@ -236,6 +239,8 @@ class PagedAttention:
                           scale: float) -> torch.Tensor:
         """Every query through `invariant.attention` over its sequence's keys from position 0."""
         if self.native_invariant:
+            if self.invariant_call is None:
+                return torch.empty_like(q)
             table, rows, positions = self.invariant_call
             return invariant.paged_attention(q, self.k_caches[i], self.v_caches[i], table, rows, positions,
                                              scale=scale)
