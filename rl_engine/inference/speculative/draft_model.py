@@ -75,7 +75,12 @@ class DraftModelProposer:
                               max_num_batched_tokens=target_config.max_num_batched_tokens,
                               max_model_len=self.max_len, enable_prefix_caching=False,
                               graph_batch_sizes=target_config.graph_batch_sizes,
-                              enforce_eager=target_config.enforce_eager)
+                              enforce_eager=target_config.enforce_eager,
+                              # the target's CPU settings: an engine that keeps prepacked linears off (the RL
+                              # log-prob contract) or its thread count fixed (sharing a trainer's process)
+                              # must not get them back through its draft's runner
+                              cpu_threads=target_config.cpu_threads,
+                              cpu_prepack_weights=target_config.cpu_prepack_weights)
         self.runner = ModelRunner(model, config=config, max_model_len=self.max_len)
         self.block_manager = BlockManager(num_blocks=num_blocks, block_size=bs, enable_prefix_caching=False)
         self.max_num_batched_tokens = target_config.max_num_batched_tokens
@@ -89,6 +94,7 @@ class DraftModelProposer:
         """The target's weights changed: a draft sharing them drops its KV (every shadow recomputes from
         its sequence's tokens at the next proposal); a fixed draft's KV stays valid."""
         if self.shares_target_weights:
+            self.runner.weights_updated()  # its packed copies of them (a write through .data bumps no version)
             for shadow in self.shadows.values():
                 self.block_manager.free(shadow.seq)
             self.shadows.clear()
