@@ -195,7 +195,51 @@ struct RowReader {
 // Scratch of one thread: q' of the group, its scores / weights, its accumulators.
 struct Scratch {
   std::vector<float> q, s, acc, sums;
+  std::vector<const void*> rows;  // the value rows of a query, by position
 };
+
+// P.V with all G x VC accumulators in registers (G and VC known at compile time): each accumulator is
+// the same fma chain over t = 0..L-1 as in the generic loop below, but the G * VC chains interleave
+// instead of each update going through memory (a store-to-load round trip per fma).
+template <typename T, int G, int VC>
+void weighted_values(const float* s, int64_t Lp, const void* const* rows, int64_t L, float* acc, int64_t Vp) {
+  V16 a[G * VC];
+  for (int k = 0; k < G * VC; ++k) a[k] = V16::zero();
+  for (int64_t t = 0; t < L; ++t) {
+    const T* vr = static_cast<const T*>(rows[t]);
+    V16 v[VC];
+    for (int c = 0; c < VC; ++c) v[c] = load16(vr + c * LANES);
+    for (int g = 0; g < G; ++g) {
+      const V16 p = V16::set1(s[g * Lp + t]);
+      for (int c = 0; c < VC; ++c) a[g * VC + c] = fma(p, v[c], a[g * VC + c]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < VC; ++c) a[g * VC + c].store(acc + g * Vp + c * LANES);
+}
+
+// The (G, VC) pairs with a register version (at most 16 accumulators); nullptr: the generic loop.
+template <typename T>
+using WeightedValues = void (*)(const float*, int64_t, const void* const*, int64_t, float*, int64_t);
+template <typename T>
+WeightedValues<T> weighted_values_for(int64_t G, int64_t VC) {
+  switch (G * 16 + VC) {
+    case 1 * 16 + 1: return weighted_values<T, 1, 1>;
+    case 1 * 16 + 2: return weighted_values<T, 1, 2>;
+    case 1 * 16 + 4: return weighted_values<T, 1, 4>;
+    case 1 * 16 + 8: return weighted_values<T, 1, 8>;
+    case 2 * 16 + 1: return weighted_values<T, 2, 1>;
+    case 2 * 16 + 2: return weighted_values<T, 2, 2>;
+    case 2 * 16 + 4: return weighted_values<T, 2, 4>;
+    case 2 * 16 + 8: return weighted_values<T, 2, 8>;
+    case 4 * 16 + 1: return weighted_values<T, 4, 1>;
+    case 4 * 16 + 2: return weighted_values<T, 4, 2>;
+    case 4 * 16 + 4: return weighted_values<T, 4, 4>;
+    case 8 * 16 + 1: return weighted_values<T, 8, 1>;
+    case 8 * 16 + 2: return weighted_values<T, 8, 2>;
+    default: return nullptr;
+  }
+}
 
 // The one routine (see the header). q: the group's G query rows, q_head_stride apart; key_row(t) and
 // value_row(t): this kv head's row of key position t (nullptr: outside the cache, reported by the
@@ -240,7 +284,13 @@ bool attend_query(const T* q, int64_t q_head_stride, int64_t G, int64_t D, int64
   // P.V in increasing key order
   sc.acc.assign(G * Vp, 0.f);
   float* acc = sc.acc.data();
-  for (int64_t t = 0; t < L; ++t) {
+  const WeightedValues<T> in_registers = vrd.pad.empty() ? weighted_values_for<T>(G, VC) : nullptr;
+  if (in_registers != nullptr) {  // value rows read in place (no tail)
+    sc.rows.resize(L);
+    for (int64_t t = 0; t < L; ++t)
+      if ((sc.rows[t] = value_row(t)) == nullptr) return false;
+    in_registers(s, Lp, sc.rows.data(), L, acc, Vp);
+  } else for (int64_t t = 0; t < L; ++t) {
     const T* vr = value_row(t);
     if (vr == nullptr) return false;
     vr = vrd(vr);
