@@ -30,8 +30,9 @@ in the last bits, and RL is silently off-policy. The ops here fix the order:
   P.V over keys in increasing order), so its bits depend only on its q and its keys, on AVX-512, AVX2 and
   scalar fma alike. The engine makes one call per layer per step (`paged_attention`); the trainer's
   packed sequences (`varlen_causal_attention`) run it in an autograd Function whose backward recomputes
-  plain fp32 attention. A one-token decode over ~100 keys costs 8.5 us per layer at batch 1 (SDPA: 8.2;
-  the torch implementation below: 101) and 294 us at batch 64 (SDPA: 215), niced, 1 thread. Without it
+  fp32 attention with SDPA. A one-token decode call over 100 keys of the 3M model's layer costs 7.4 us
+  at batch 1 and 249 us at batch 64 in fp32 (SDPA over the gathered blocks 32.8 and 244 us; the torch
+  implementation below 108 and 5,473 us; `benchmarks/invariant_attention.py`, 1 thread). Without it
   (no compiler, `RL_ENGINE_CPU_KERNELS=0`, a failed build; and on other devices) the torch
   implementation `attention` runs everywhere: per query, scores against keys in blocks of `KEY_BLOCK`
   keys from position 0 (one fixed-shape [G, D] x [D, KEY_BLOCK] matmul per query, kv head and block),
