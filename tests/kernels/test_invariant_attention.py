@@ -82,7 +82,7 @@ def test_within_the_analysed_bound_of_float64_attention(threads, dtype, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hq,hkv,d", [(6, 2, 24), (4, 4, 32), (8, 1, 16)])
+@pytest.mark.parametrize("hq,hkv,d", [(6, 2, 24), (4, 4, 32), (8, 1, 16), (2, 2, 320), (4, 2, 256)])
 def test_a_query_gets_the_same_bits_in_every_path(threads, dtype, hq, hkv, d):
     q, k, v = _sequence(dtype, hq=hq, hkv=hkv, d=d)
     n = q.shape[0]

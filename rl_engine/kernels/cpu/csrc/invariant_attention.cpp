@@ -223,6 +223,7 @@ template <typename T>
 using WeightedValues = void (*)(const float*, int64_t, const void* const*, int64_t, float*, int64_t);
 template <typename T>
 WeightedValues<T> weighted_values_for(int64_t G, int64_t VC) {
+  if (G > 8 || VC > 8) return nullptr;  // G * 16 + VC names a pair only for VC < 16
   switch (G * 16 + VC) {
     case 1 * 16 + 1: return weighted_values<T, 1, 1>;
     case 1 * 16 + 2: return weighted_values<T, 1, 2>;
