@@ -7,7 +7,6 @@ attention's, and the torch implementation everywhere when the kernel cannot be b
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
@@ -194,11 +193,10 @@ def test_falls_back_to_torch_when_the_kernel_cannot_be_built(monkeypatch, caplog
     assert inv.native_attention("cpu")  # the next tests get the kernel again
 
 
-@pytest.mark.skipif(os.environ.get("RL_ENGINE_TEST_ISA_BUILDS") != "1",
-                    reason="builds the kernel twice more (1-2 min each); RL_ENGINE_TEST_ISA_BUILDS=1 runs it")
 def test_the_bits_are_the_same_with_avx2_and_scalar_lanes():
     """The 16 lanes written for AVX-512, AVX2 (two 8-lane registers) and plain C++ (std::fma) give the
-    same bits: the source built with each forced."""
+    same bits: the source built with each forced (two more builds, 1-2 min each the first time; cached
+    in the torch extensions directory afterwards)."""
     from torch.utils import cpp_extension
 
     source = inv._ATTENTION_SOURCE
