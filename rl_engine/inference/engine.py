@@ -263,7 +263,7 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         if sample_seqs and self.speculator is None:
             self._emit_plain(sample_seqs, tokens, logprobs, tops, version, touched)
-        for i, (seq, (tokens, logprobs, in_place)) in enumerate(zip(sample_seqs, emissions)):
+        for seq, (tokens, logprobs, in_place) in zip(sample_seqs, emissions):
             if in_place:  # accepted drafts: re-appended one at a time below, with stop checks
                 del seq.token_ids[-in_place:]
             request = seq.request
@@ -275,9 +275,7 @@ class LLMEngine:
                 self.num_generated_tokens += 1
                 if request.pending_forks and seq.index == 0:
                     self._fork(request, seq)
-                if self._check_stop(seq, token) or self._length_reached(seq):
-                    self.scheduler.remove(seq)
-                    seq.status = SeqStatus.FINISHED
+                if self._stops(seq, token):
                     break
             touched[request.request_id] = request
         if self.speculator is not None:
@@ -302,8 +300,7 @@ class LLMEngine:
     def _emit_plain(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float],
                     tops: dict[int, list], version: int, touched: dict[str, Request]) -> None:
         """Plain decoding: one token per sequence, appended with its log-prob and versions, then the
-        stop checks. A token that can stop nothing (no stop token, no stop string, below the length
-        cap) skips `_check_stop` / `_length_reached`: at batch 128 this loop runs every step."""
+        stop checks (`_stops`)."""
         for i, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs)):
             request = seq.request
             token_ids = seq.token_ids
@@ -315,13 +312,22 @@ class LLMEngine:
                 seq.top_logprobs.append(tops[i])
             if request.pending_forks and seq.index == 0:
                 self._fork(request, seq)
-            stop_tokens, checks_text, max_len = request.stop_rule or self._stop_rule(request)
-            if (token in stop_tokens or checks_text or len(token_ids) >= max_len) and (
-                    self._check_stop(seq, token) or self._length_reached(seq)):
-                self.scheduler.remove(seq)
-                seq.status = SeqStatus.FINISHED
+            self._stops(seq, token)
             touched[request.request_id] = request
         self.num_generated_tokens += len(seqs)
+
+    def _stops(self, seq: Sequence, token: int) -> bool:
+        """After `token` was appended to `seq`: finish it if it stops there (stop token or string, length).
+        A token that can stop nothing (no stop token, no stop string, below the length cap) skips
+        `_check_stop` / `_length_reached`: this runs for every emitted token."""
+        request = seq.request
+        stop_tokens, checks_text, max_len = request.stop_rule or self._stop_rule(request)
+        if (token in stop_tokens or checks_text or len(seq.token_ids) >= max_len) and (
+                self._check_stop(seq, token) or self._length_reached(seq)):
+            self.scheduler.remove(seq)
+            seq.status = SeqStatus.FINISHED
+            return True
+        return False
 
     def _stop_rule(self, request: Request) -> tuple[frozenset[int], bool, int]:
         """(tokens that may stop a sample, whether stop strings are checked, the token count at which
