@@ -52,6 +52,31 @@ def test_compiled_step_matches_eager_and_trainer(engines, temperature):
 
 
 @needs_cxx
+def test_compiled_step_with_every_cpp_kernel_matches_eager_and_trainer(engines, qwen2):
+    """compile_decode over a model built with every C++ CPU kernel (RL_ENGINE_CPU_KERNELS=1's choice: RMSNorm
+    and SwiGLU traced as custom ops inside the graph, paged decode attention reading K/V in place): dynamo failed
+    in the extension's loader before they were custom ops. Same tokens as the eager torch engine, log-probs
+    within the contract of it and of the trainer (the torch model)."""
+    from rl_engine.kernels import cpu, registry
+
+    if not cpu.extension_status()[0]:
+        pytest.skip(f"C++ CPU kernels unavailable: {cpu.extension_status()[1]}")
+    policy, eager, _ = engines
+    previous = registry.default_registry().config
+    registry.configure(registry.KernelConfig(overrides={"*": "cpu"}))
+    try:
+        cpp_policy = from_pretrained(qwen2[1], dtype=torch.float32)
+        compiled = LLM(cpp_policy, compile_decode=True, graph_batch_sizes=[4], block_size=8, cpu_threads="fixed")
+    finally:
+        registry.configure(previous)
+    assert compiled.engine.runner.attn.cpu_decode
+    assert cpp_policy.layers[0].input_layernorm._rms_norm.__module__ == "rl_engine.kernels.cpu.ops"
+    _compare(policy, eager, compiled, mixed_prompts(3, seed=8, max_len=20),
+             SamplingParams(temperature=1.0, max_tokens=12, seed=3, ignore_eos=True))
+    assert list(compiled.engine.runner.compile_seconds()) == [4]
+
+
+@needs_cxx
 def test_compiled_step_reads_weights_updated_in_place(engines):
     """A trainer step changes the parameter tensors in place: the compiled graph must read them."""
     policy, eager, compiled = engines

@@ -5,6 +5,13 @@ that autograd must record (grad mode on and an input that requires grad: the tra
 runs the torch reference instead, as does any input the kernels do not take (a dtype other than
 fp32/bf16/fp16, mixed dtypes, a non-CPU tensor). Results equal the reference's up to fp32 summation
 order (tests/kernels/test_cpu_ops.py).
+
+Each kernel is also a torch.library custom op (`rl_engine::cpu_rms_norm`, `cpu_silu_and_mul`,
+`cpu_paged_decode_attention`) with a fake implementation (output shapes only), so torch.compile
+(the engine's `compile_decode`) keeps it as one opaque node of its graph: dynamo cannot trace the
+pybind module or the cpp_extension loader behind `extension()` ("marked as skipped"), and the op's
+body, which loads the extension, runs only when the compiled graph runs. Eager calls skip the custom
+op's dispatch (a few microseconds a call, paid per layer) and call the extension directly.
 """
 
 from __future__ import annotations
@@ -21,19 +28,60 @@ def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+@torch.library.custom_op("rl_engine::cpu_rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ RMSNorm of contiguous inputs: (normed, x + residual); the second is empty without a residual
+    (a custom op returns a fixed number of tensors)."""
+    outs = extension().rms_norm(x, weight, eps, residual)
+    return outs[0], (outs[1] if residual is not None else x.new_empty(0))
+
+
+@_rms_norm_op.register_fake
+def _rms_norm_fake(x, weight, eps, residual):
+    return torch.empty_like(x), (torch.empty_like(x) if residual is not None else x.new_empty(0))
+
+
+@torch.library.custom_op("rl_engine::cpu_silu_and_mul", mutates_args=())
+def _silu_and_mul_op(x: torch.Tensor) -> torch.Tensor:
+    return extension().silu_and_mul(x)
+
+
+@_silu_and_mul_op.register_fake
+def _silu_and_mul_fake(x):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.custom_op("rl_engine::cpu_paged_decode_attention", mutates_args=())
+def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float, max_context_len: int) -> torch.Tensor:
+    return extension().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                              max_context_len)
+
+
+@_paged_decode_op.register_fake
+def _paged_decode_fake(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len):
+    return q.new_empty(q.shape)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     if (_needs_autograd(x, weight, residual) or x.dtype not in _DTYPES or weight.dtype != x.dtype
             or x.device.type != "cpu" or (residual is not None and residual.dtype != x.dtype)):
         return reference.rms_norm(x, weight, eps, residual)
-    outs = extension().rms_norm(x.contiguous(), weight.contiguous(), eps,
-                                None if residual is None else residual.contiguous())
+    args = (x.contiguous(), weight.contiguous(), eps, None if residual is None else residual.contiguous())
+    if torch.compiler.is_compiling():
+        out, new_residual = _rms_norm_op(*args)
+        return out, (new_residual if residual is not None else None)
+    outs = extension().rms_norm(*args)
     return outs[0], (outs[1] if residual is not None else None)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if _needs_autograd(x) or x.dtype not in _DTYPES or x.device.type != "cpu":
         return reference.silu_and_mul(x)
+    if torch.compiler.is_compiling():
+        return _silu_and_mul_op(x.contiguous())
     return extension().silu_and_mul(x.contiguous())
 
 
@@ -41,17 +89,23 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            max_context_len: int | None = None) -> torch.Tensor:
     """The reference's contract; `max_context_len` (the longest of `context_lens`, when the caller
-    knows it) saves reading it back from the tensor."""
+    knows it) saves reading it back from the tensor (under torch.compile it must be given: a traced
+    graph cannot read a tensor's value)."""
     op_inputs.check_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
     if (_needs_autograd(q) or q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype
             or q.device.type != "cpu"):
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     if max_context_len is None:
+        if torch.compiler.is_compiling():
+            raise ValueError("paged_decode_attention under torch.compile needs max_context_len (the longest of "
+                             "context_lens, known to the caller): a traced graph cannot read it from the tensor")
         max_context_len = int(context_lens.max()) if context_lens.numel() else 0
         if max_context_len:
             op_inputs.check_block_capacity(block_tables, context_lens, k_cache.shape[1])
     if q.stride(-1) != 1:
         q = q.contiguous()
-    return extension().paged_decode_attention(
-        q, k_cache.contiguous(), v_cache.contiguous(), block_tables.to(torch.int32),
-        context_lens.to(torch.int32).contiguous(), scale, max_context_len)
+    args = (q, k_cache.contiguous(), v_cache.contiguous(), block_tables.to(torch.int32),
+            context_lens.to(torch.int32).contiguous(), scale, max_context_len)
+    if torch.compiler.is_compiling():
+        return _paged_decode_op(*args)
+    return extension().paged_decode_attention(*args)
