@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
+import threading
 
 import pytest
 
@@ -179,23 +179,33 @@ def test_limits_end_the_session_with_their_finish_reason(qwen_tok):
 
 
 def test_a_tool_that_raises_or_hangs_becomes_a_tool_message(qwen_tok):
-    s = session(qwen_tok, ScriptedBackend(qwen_tok, [TOOL_CALL + "\n" + TOOL_CALL]), tool_timeout_s=0.2)
-    calls = iter([ZeroDivisionError("division by zero"), "hang"])
+    """Two sessions, so that neither outcome depends on the machine's load: the raising tool has a
+    generous timeout (a sync tool runs in a thread, which a loaded machine may start late), the
+    hanging one blocks until its call has timed out (it then returns, so asyncio.run can join it)."""
+    released = threading.Event()
 
-    def calculator(expression):
-        what = next(calls)
-        if what == "hang":
-            time.sleep(1.0)
-        raise what
+    def raising(expression):
+        raise ZeroDivisionError("division by zero")
 
-    async def agent():
+    def hanging(expression):
+        assert released.wait(60), "the hanging tool was never released"
+        return "too late"
+
+    async def agent(s, calculator):
         reply = await s.chat([{"role": "user", "content": "?"}], tools=CALCULATOR)
-        return await s.call_tools(reply, {"calculator": calculator})
+        try:
+            return await s.call_tools(reply, {"calculator": calculator})
+        finally:
+            released.set()
 
-    out = asyncio.run(agent())
+    raised = session(qwen_tok, ScriptedBackend(qwen_tok, [TOOL_CALL]), tool_timeout_s=60.0)
+    hung = session(qwen_tok, ScriptedBackend(qwen_tok, [TOOL_CALL]), tool_timeout_s=0.2)
+    timed_out = asyncio.run(agent(hung, hanging))  # first, while `released` is clear
+    out = asyncio.run(agent(raised, raising)) + timed_out
     assert out[0]["content"] == "error: ZeroDivisionError: division by zero"
     assert out[1]["content"] == "error: tool 'calculator' timed out after 0.2s"
-    assert s.stats.tool_errors == 2 and s.messages[-2:] == out
+    assert raised.stats.tool_errors == hung.stats.tool_errors == 1
+    assert raised.messages[-1:] == out[:1] and hung.messages[-1:] == out[1:]
 
 
 def test_a_failing_rollout_function_ends_its_session_with_error(qwen_tok):
