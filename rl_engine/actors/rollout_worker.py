@@ -15,8 +15,12 @@ sends out again to continue. Malformed or unexpected messages get an `ErrorReply
 
 Main design choice: the worker decides nothing (which prompt, which version, when to update are the
 coordinator's), so its whole state is its engine and weights version, and a worker that dies loses
-nothing the coordinator cannot requeue. `--die-after-requests N` is fault injection for tests: the
-worker SIGKILLs itself on receiving its N-th request, with the earlier ones still in flight.
+nothing the coordinator cannot requeue. Fault injection for tests: `--die-after-requests N` makes the
+worker SIGKILL itself on receiving its N-th request, with the earlier ones still in flight;
+`--hold-a-request-until-update` (async mode) takes, at each weights version, the first sampled request
+that has a generated token out of the engine and keeps it until the next `UpdateWeights`, which answers
+it as interrupted: every update then finds a partial rollout, whatever the relative speed of this worker
+and the trainer (without it, a worker that finishes everything before the update interrupts nothing).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from rl_engine import protocol as P
 from rl_engine.actors.link import CoordinatorLink, load_actor_config, max_message_bytes, report_startup_failure
 from rl_engine.actors.wire import add_to_engine, generate_result
 from rl_engine.auth import RunAuth
-from rl_engine.inference import LLM
+from rl_engine.inference import LLM, RequestOutput
 from rl_engine.policy import from_pretrained
 from rl_engine.policy.tokenizer import Tokenizer
 from rl_engine.serve.host import start_run_server
@@ -59,9 +63,15 @@ def shm_has_room(model: torch.nn.Module, directory: str = "/dev/shm") -> bool:
 
 class RolloutWorker:
     def __init__(self, cfg: RLConfig, *, auth: RunAuth, worker_id: str, coordinator: str, heartbeat: str,
-                 die_after_requests: int | None = None) -> None:
+                 die_after_requests: int | None = None, hold_a_request_until_update: bool = False) -> None:
         p, r, t = cfg.placement, cfg.rollout, cfg.train
         self.worker_id, self.die_after_requests = worker_id, die_after_requests
+        if hold_a_request_until_update and r.mode != "async":
+            raise ValueError("--hold-a-request-until-update needs rollout.mode=async (a sync round waits for every "
+                             f"request, so a held one would never be answered); got rollout.mode={r.mode}")
+        self.hold_a_request_until_update = hold_a_request_until_update
+        self.held: RequestOutput | None = None  # the partial rollout held until the next update
+        self.held_at_version: int | None = None  # the weights version at which one was last held
         dtype = getattr(torch, cfg.model.dtype)
         model = from_pretrained(cfg.model.path, dtype=dtype)
         tokenizer = None
@@ -112,6 +122,23 @@ class RolloutWorker:
                         if out.finished:
                             request = self.requests.pop(out.request_id)
                             self.link.send(generate_result(request, out))
+                    if self.hold_a_request_until_update:
+                        self._hold_a_request()
+
+    def _hold_a_request(self) -> None:
+        """Fault injection (tests): once per weights version, take out of the engine the first fresh
+        (not a continued partial rollout, so no request is held twice) sampled (temperature > 0: never a
+        greedy evaluation, which waits for all its answers) request whose first sample has a token;
+        `_handle` answers it at the next UpdateWeights."""
+        if self.held is not None or self.held_at_version == self.engine.weights_version:
+            return
+        for rid, request in self.requests.items():
+            running = self.engine.requests.get(rid)
+            if (request.resume is None and request.sampling.temperature > 0 and running is not None
+                    and running.seqs[0].output_token_ids):
+                self.held, self.held_at_version = self.engine.abort(rid), self.engine.weights_version
+                logger.info("%s: fault injection: %s held until the next weight update", self.worker_id, rid)
+                return
 
     def _handle(self, msg: P.Message) -> None:
         if isinstance(msg, P.GenerateRequest):
@@ -122,8 +149,12 @@ class RolloutWorker:
                 os.kill(os.getpid(), signal.SIGKILL)
             self._add(msg)
         elif isinstance(msg, P.UpdateWeights):
+            held, self.held = self.held, None
+            if held is not None and not msg.interrupt:  # it goes on in the engine, as the others do
+                self.engine.add_request(held.request_id, held)
+                held = None
             if msg.interrupt:  # async: hand the partial rollouts back; they go on with the new weights
-                for out in self.engine.interrupt():
+                for out in ([held] if held is not None else []) + self.engine.interrupt():
                     self.link.send(generate_result(self.requests.pop(out.request_id), out, interrupted=True))
             reply = self._update_weights(msg.version)
             reply.rejected_messages = self.weights_rx.num_rejected
@@ -175,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heartbeat", required=True)
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--die-after-requests", type=int, default=None, help="fault injection (tests)")
+    parser.add_argument("--hold-a-request-until-update", action="store_true", help="fault injection (tests)")
     args = parser.parse_args(argv)
     # The launcher stops workers with SIGTERM: exit through the `finally` below (and atexit), which unlink
     # the shared-memory staging regions (two copies of the model) instead of leaving them in /dev/shm.
@@ -184,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_actor_config(args.config)
     try:
         worker = RolloutWorker(cfg, auth=auth, worker_id=args.worker_id, coordinator=args.coordinator, heartbeat=args.heartbeat,
-                               die_after_requests=args.die_after_requests)
+                               die_after_requests=args.die_after_requests,
+                               hold_a_request_until_update=args.hold_a_request_until_update)
     except Exception as e:
         report_startup_failure(args.coordinator, auth=auth, actor_id=args.worker_id, error=e)
         raise

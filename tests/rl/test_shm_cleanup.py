@@ -84,9 +84,14 @@ def pids(names: set[str]) -> set[int]:
 
 def test_a_worker_sigkilled_mid_run_leaves_no_region(tmp_path, monkeypatch, capsys):
     """rollout-1 SIGKILLs itself with requests in flight: it cannot unlink its regions; the run goes on
-    with rollout-0 and, once every process has ended, the launcher removes the dead worker's regions."""
+    with rollout-0 and, once every process has ended, the launcher removes the dead worker's regions.
+    It dies on its 8th request, the last of step 1's 4 (after 4 eval prompts): both batches go out at
+    once to idle workers and are split 4 and 4 in every run, while how many later requests it gets
+    depends on the workers' relative speed (with 11, a slow rollout-1 could see the run end alive).
+    Step 1's weight update waits for its answer until it is declared dead, so the death is always seen;
+    its regions exist from its start (the receiver allocates them when it is built)."""
     def inject(specs):
-        return [dataclasses.replace(s, args=[*s.args, "--die-after-requests", "11"]) if s.name == "rollout-1" else s
+        return [dataclasses.replace(s, args=[*s.args, "--die-after-requests", "8"]) if s.name == "rollout-1" else s
                 for s in specs]
 
     watch, summary = run_watched(tmp_path, monkeypatch, "placement.num_rollout_workers=2",
