@@ -184,19 +184,44 @@ class GRPOTrainer:
         if cfg.placement.mode != "single_process":
             logger.warning("GRPOTrainer runs in this process; placement.mode=%s is ignored (run it with "
                            "`rl-engine train` to start the actors)", cfg.placement.mode)
+        self._hold_process_settings(cfg)
+        try:
+            self._build(cfg)
+        except BaseException:  # a failing config leaves the process as it found it
+            if getattr(self, "rewards", None) is not None:
+                self.rewards.close()
+            self._restore_process_settings()
+            raise
+
+    def _hold_process_settings(self, cfg: RLConfig) -> None:
+        """Set the process-wide settings the trainer holds until `close()` (the class docstring)."""
         self._was_threads = torch.get_num_threads()
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
         self._was_deterministic = torch.are_deterministic_algorithms_enabled()
+        self._was_cudnn_benchmark = torch.backends.cudnn.benchmark
+        self._set_cublas_workspace = False
         # model.batch_invariant: the kernel registry's mode, set before any model is built (undone by close)
         self._was_batch_invariant = kernels.set_batch_invariant(cfg.model.batch_invariant)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         if cfg.train.deterministic:
             # On CPU a same-seed run is already bitwise repeatable at a fixed thread count; this also
             # makes any op without a deterministic kernel raise. cuBLAS needs its workspace setting
             # before its first call (the CUDA path is unverified here: no GPU where this was written).
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+                os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+                self._set_cublas_workspace = True
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
+
+    def _restore_process_settings(self) -> None:
+        torch.use_deterministic_algorithms(self._was_deterministic)
+        torch.backends.cudnn.benchmark = self._was_cudnn_benchmark
+        if self._set_cublas_workspace:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        kernels.set_batch_invariant(self._was_batch_invariant)
+        torch.set_num_threads(self._was_threads)
+
+    def _build(self, cfg: RLConfig) -> None:
         torch.manual_seed(cfg.train.seed)
         os.makedirs(cfg.train.output_dir, exist_ok=True)
         model_path, data_path, eval_path, self.warmup_path = resolve_paths(cfg)
@@ -233,7 +258,8 @@ class GRPOTrainer:
         self.llm = LLM(model=self.model, tokenizer=self.tokenizer, kv_cache_memory=r.kv_cache_memory_mb << 20,
                        max_num_batched_tokens=r.max_num_batched_tokens, seed=cfg.train.seed,
                        record_routing=r.routing_replay, speculative_config=r.speculative,
-                       cpu_threads="fixed", cpu_prepack_weights=False)  # the fp32 log-prob contract (config.py)
+                       cpu_threads="fixed", cpu_prepack_weights=False,  # the fp32 log-prob contract (config.py)
+                       cpu_decode_kernel=False)  # metrics as the reference runs' (config.py)
         self.moe_layers = sorted(self.model.config.moe_layers) if r.routing_replay else None
         self.rewards = RewardComputer(cfg.reward)
         self.agentic = None  # rollout.fn: multi-turn sessions instead of single-turn completions
@@ -525,6 +551,4 @@ class GRPOTrainer:
 
     def close(self) -> None:
         self.rewards.close()
-        torch.use_deterministic_algorithms(self._was_deterministic)
-        kernels.set_batch_invariant(self._was_batch_invariant)
-        torch.set_num_threads(self._was_threads)
+        self._restore_process_settings()

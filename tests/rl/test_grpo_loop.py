@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from rl_engine import kernels
 from rl_engine.config import ConfigError, load_config
 from rl_engine.train_config import RLConfig
 from rl_engine.trainer import GRPOTrainer
@@ -27,6 +28,28 @@ def test_train_threads_hold_while_the_trainer_lives_and_close_puts_the_callers_b
     finally:
         trainer.close()
     assert torch.get_num_threads() == callers
+
+
+def test_a_trainer_that_fails_late_in_init_leaves_the_process_settings_as_they_were(tmp_path):
+    """`rollout.fn` is imported after the model, engine and rewards are built: the failure must undo the
+    thread count, deterministic algorithms and batch-invariant mode the trainer set first."""
+    callers = torch.get_num_threads()
+    threads = 2 if callers == 1 else 1
+    was_invariant = kernels.set_batch_invariant(False)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        cfg = small_config(tmp_path, "warmup.steps=0", f"train.threads={threads}", "train.deterministic=true",
+                           "model.batch_invariant=true", "rollout.fn=no_such_module_here:rollout")
+        with pytest.raises(ConfigError, match="rollout.fn='no_such_module_here:rollout': cannot import"):
+            GRPOTrainer(cfg)
+        assert torch.get_num_threads() == callers
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert kernels.default_registry().config.batch_invariant is False  # the mode it found
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        kernels.set_batch_invariant(was_invariant)
+        torch.set_num_threads(callers)
 
 
 def test_rl_raises_held_out_accuracy(tmp_path):
