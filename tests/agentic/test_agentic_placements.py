@@ -103,14 +103,33 @@ def test_actor_placements_reproduce_the_single_process_sessions(reference, place
         assert row["train/mismatch_k3"] <= 1e-6 and abs(row["train/is_ratio_max"] - 1) <= 1e-5
 
 
+def sampled_turns(sample: dict) -> list[list[int]]:
+    """The policy versions of each turn's sampled tokens (turns are the runs of loss-masked tokens:
+    observations sit between them)."""
+    turns, run = [], []
+    for v, m in zip(sample["policy_versions"], sample["loss_mask"]):
+        if m:
+            run.append(v)
+        elif run:
+            turns.append(run)
+            run = []
+    return turns + ([run] if run else [])
+
+
 @pytest.mark.parametrize("placement", ["disaggregated", "colocated"])
 def test_async_sessions_continue_across_weight_updates(placement, tmp_path):
     """rollout.mode=async: sessions run across steps; a weight update reaches them between turns (and,
     disaggregated, inside a turn: the turn is interrupted and continued with the new weights). Their
-    samples then hold tokens of two versions, each sampled token with its own version and log-prob."""
+    samples then hold tokens of two versions, each sampled token with its own version and log-prob.
+    The sessions of two prompts wait after their first turn for an update (`two_turns_across_an_update`),
+    so mixed-version samples exist whatever the speed of the engines relative to the trainer; whether an
+    update also finds a turn in flight depends on that speed, so interrupted turns are checked against
+    the turns whose tokens carry two versions (each must be one), and the interruption itself by
+    test_an_interrupted_turn_is_sent_again_with_its_partial_output."""
     summary = run_actors(config(tmp_path, f"placement.mode={placement}", "rollout.mode=async", "train.steps=4",
-                                "rollout.prompts_in_flight=6", "rollout.max_staleness=2",
-                                "rollout.max_new_tokens=12"), echo_stream=io.BytesIO())
+                                "rollout.prompts_in_flight=6", "rollout.max_staleness=3",
+                                "rollout.max_new_tokens=12", "rollout.fn=agentic_fns:two_turns_across_an_update"),
+                         echo_stream=io.BytesIO())
     c = summary["prompts"]
     assert c["trained"] == 4 * 3 and c["taken"] == c["trained"] + c["dropped"] + c["in_flight"] + c["queued"] + \
         c["generated"], c
@@ -118,12 +137,18 @@ def test_async_sessions_continue_across_weight_updates(placement, tmp_path):
     check_samples(samples)
     assert len(samples) == 4 * 3 * 2
     versions = [{v for v, m in zip(s["policy_versions"], s["loss_mask"]) if m} for s in samples]
-    assert all(max(vs) <= s["step"] - 1 and s["step"] - 1 - min(vs) <= 2 for vs, s in zip(versions, samples))
-    assert any(len(vs) > 1 for vs in versions), versions  # a session that went on with newer weights
+    assert all(max(vs) <= s["step"] - 1 and s["step"] - 1 - min(vs) <= 3 for vs, s in zip(versions, samples))
+    mixed = [s for s, vs in zip(samples, versions) if len(vs) > 1]
+    assert len(mixed) >= 4, versions  # at least the two waiting prompts' 2 x 2 sessions
+    for s in mixed:  # a later turn never samples with older weights than an earlier one
+        turns = sampled_turns(s)
+        assert all(max(a) <= min(b) for a, b in zip(turns, turns[1:])), s["policy_versions"]
     rows = metrics(tmp_path)
-    assert sum(row["rollout/mixed_version_samples"] for row in rows) == sum(len(vs) > 1 for vs in versions)
-    if placement == "disaggregated":  # 12 sessions keep the worker busy: an update finds turns in flight
-        assert sum(row["async/interrupted_turns"] for row in rows) > 0
+    assert sum(row["rollout/mixed_version_samples"] for row in rows) == len(mixed)
+    split_turns = sum(len(set(t)) > 1 for s in samples for t in sampled_turns(s))
+    assert sum(row["async/interrupted_turns"] for row in rows) >= split_turns
+    if placement == "colocated":  # the trainer group finishes a batch of turns before it trains
+        assert split_turns == 0 and sum(row["async/interrupted_turns"] for row in rows) == 0
 
 
 def test_async_stale_sessions_are_regenerated(tmp_path):
@@ -138,3 +163,60 @@ def test_async_stale_sessions_are_regenerated(tmp_path):
     for s in samples:
         assert {v for v, m in zip(s["policy_versions"], s["loss_mask"]) if m} == {s["step"] - 1}
     assert sum(row["async/regenerated"] for row in metrics(tmp_path)) > 0
+
+
+def test_an_interrupted_turn_is_sent_again_with_its_partial_output():
+    """A weight update that finds a turn in flight (disaggregated async): the worker answers with the
+    partial output (finish_reason "abort", interrupted); the turn goes out again with it as `resume`
+    and the new version, the session keeps waiting, a late answer to the first attempt is dropped, and
+    the continuation's answer (earlier tokens with their version) resolves the turn."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import torch
+
+    from rl_engine import protocol as P
+    from rl_engine.actors.agentic_turns import CoordinatorTurns
+    from rl_engine.inference.sampling_params import SamplingParams
+
+    sent = []
+    coordinator = SimpleNamespace(version=0, disaggregated=True, pump=lambda timeout: None,
+                                  live_workers=lambda: [SimpleNamespace(id="rollout-0")],
+                                  send=lambda name, msg: sent.append((name, msg)))
+    turns = CoordinatorTurns(coordinator, max_model_len=64)
+
+    def answer(request, tokens, versions, finish, interrupted=False):  # as the coordinator's pump delivers it
+        sample = P.SampleResult(sample_id=request.sample_ids[0], token_ids=torch.tensor(tokens),
+                                behavior_logprobs=-torch.ones(len(tokens)), policy_versions=torch.tensor(versions),
+                                kv_versions=torch.tensor(versions), finish_reason=finish)
+        key = turns.round.ledger.complete(request.request_id, "rollout-0")
+        if key is not None:
+            turns.round.results[key] = P.GenerateResult(request_id=request.request_id, samples=[sample],
+                                                        interrupted=interrupted)
+
+    loop = asyncio.new_event_loop()
+    try:
+        turn = loop.create_task(turns.generate([1, 2, 3], SamplingParams(max_tokens=4, seed=0), key="s/t0"))
+        loop.run_until_complete(asyncio.sleep(0))
+        turns.poll()
+        [(worker, first)] = sent
+        assert worker == "rollout-0" and first.prompt_token_ids == [1, 2, 3] and first.policy_version == 0
+        assert first.resume is None
+        answer(first, [7, 8], [0, 0], "abort", interrupted=True)
+        coordinator.version = 1
+        turns.poll()  # takes the answer and queues the turn again
+        turns.poll()  # sends it
+        loop.run_until_complete(asyncio.sleep(0))
+        assert turns.num_interrupted == 1 and not turn.done() and len(sent) == 2
+        again = sent[1][1]
+        assert again.request_id != first.request_id and again.policy_version == 1
+        assert again.resume[0].token_ids.tolist() == [7, 8] and again.resume[0].policy_versions.tolist() == [0, 0]
+        answer(first, [7, 8, 9, 10], [0, 0, 0, 0], "length")  # the retired attempt: dropped
+        assert not turns.round.results
+        answer(again, [7, 8, 9, 10], [0, 0, 1, 1], "length")
+        turns.poll()
+        out = loop.run_until_complete(turn)
+        assert out.token_ids == [7, 8, 9, 10] and out.policy_versions == [0, 0, 1, 1] and out.finish_reason == "length"
+        assert turns.num_interrupted == 1 and len(sent) == 2
+    finally:
+        loop.close()
