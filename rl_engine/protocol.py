@@ -469,10 +469,20 @@ def _peek_tag(body: msgspec.Raw) -> str | None:
     return tag if isinstance(tag, str) else None
 
 
-def bind(socket: zmq.Socket, *, host: str = "127.0.0.1", port: int | None = None) -> str:
-    """Bind to loopback unless another host is configured; port None picks a free one.
+def bind(socket: zmq.Socket, *, host: str = "127.0.0.1", port: int | None = None,
+         listen_fd: int | None = None) -> str:
+    """Bind to loopback unless another host is configured; port None picks a free one. `listen_fd`: a
+    socket the launcher bound to `port` and passed down (rl_engine.launch.ports), served instead of
+    binding anew (ZMQ_USE_FD), so the port was never free for another process to take.
     Returns the address peers connect to."""
-    if port is None:
+    if listen_fd is not None:
+        from rl_engine.launch.ports import adopt
+
+        if port is None:
+            raise ValueError(f"listen_fd ({listen_fd}) needs the port it is bound to")
+        socket.setsockopt(zmq.USE_FD, adopt(listen_fd, port=port, what=f"the listening socket for {host}:{port}"))
+        socket.bind(f"tcp://{host}:{port}")
+    elif port is None:
         port = socket.bind_to_random_port(f"tcp://{host}")
     else:
         socket.bind(f"tcp://{host}:{port}")

@@ -2,7 +2,8 @@
 hands prompts to the engines, computes rewards and advantages (dynamic sampling with refill), sends
 each step's batch to the trainer group, orders the weight updates, and logs metrics and progress.
 
-    python -m rl_engine.actors.coordinator --config RUN.yaml --port P --heartbeat-port Q
+    python -m rl_engine.actors.coordinator --config RUN.yaml --port P --heartbeat-port Q [--listen-fd F
+        --heartbeat-listen-fd G]  (sockets the launcher bound to P and Q)
 
 Topology: the coordinator binds one ROUTER socket (on `placement.host`, loopback by default); every
 actor connects a DEALER whose identity is its id ("trainer", "rollout-0", ...) and registers with
@@ -58,8 +59,10 @@ logger = logging.getLogger(__name__)
 
 class Coordinator(CoordinatorBase):
     def __init__(self, cfg: RLConfig, *, auth: RunAuth, port: int | None = None,
-                 heartbeat_port: int | None = None) -> None:
-        super().__init__(cfg, auth=auth, port=port, heartbeat_port=heartbeat_port)
+                 heartbeat_port: int | None = None, listen_fd: int | None = None,
+                 heartbeat_listen_fd: int | None = None) -> None:
+        super().__init__(cfg, auth=auth, port=port, heartbeat_port=heartbeat_port, listen_fd=listen_fd,
+                         heartbeat_listen_fd=heartbeat_listen_fd)
         model_config = ModelConfig.from_pretrained(cfg.model.path)
         self.prompts = PromptSource(cfg, model_path=cfg.model.path, data_path=cfg.data.path,
                                     eval_path=cfg.data.eval_path, eos_token_ids=model_config.eos_token_id)
@@ -584,11 +587,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--heartbeat-port", type=int, required=True)
+    # Listening sockets the launcher bound to those ports and passed down (rl_engine.launch.ports).
+    parser.add_argument("--listen-fd", type=int)
+    parser.add_argument("--heartbeat-listen-fd", type=int)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(levelname)s %(name)s: %(message)s")
     auth = RunAuth.from_env()
     cfg = load_actor_config(args.config)
-    coordinator = Coordinator(cfg, auth=auth, port=args.port, heartbeat_port=args.heartbeat_port)
+    coordinator = Coordinator(cfg, auth=auth, port=args.port, heartbeat_port=args.heartbeat_port,
+                              listen_fd=args.listen_fd, heartbeat_listen_fd=args.heartbeat_listen_fd)
     try:
         coordinator.run()
     finally:

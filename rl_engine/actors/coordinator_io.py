@@ -65,7 +65,8 @@ class _Round:
 
 
 class CoordinatorBase:
-    def __init__(self, cfg: RLConfig, *, auth: RunAuth, port: int | None, heartbeat_port: int | None) -> None:
+    def __init__(self, cfg: RLConfig, *, auth: RunAuth, port: int | None, heartbeat_port: int | None,
+                 listen_fd: int | None = None, heartbeat_listen_fd: int | None = None) -> None:
         self.cfg = cfg
         p = cfg.placement
         self.disaggregated = p.mode == "disaggregated"
@@ -79,11 +80,12 @@ class CoordinatorBase:
         # A cluster launcher reports the processes it saw end (the local launcher's children are heartbeats' only).
         self.rejoin = p.launcher == "ray" and cfg.ray.max_worker_restarts > 0
         auth.serve(self.socket, peers=[*self.expected_actors(), *([LAUNCHER] if p.launcher == "ray" else [])])
-        self.address = P.bind(self.socket, host=p.host, port=port)
+        self.address = P.bind(self.socket, host=p.host, port=port, listen_fd=listen_fd)
         self._dead: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()  # (peer, when declared dead)
         self.monitor = HeartbeatMonitor(timeout_s=p.heartbeat_timeout_s,
                                         on_dead=lambda peer: self._dead.put((peer, time.monotonic())), host=p.host,
-                                        port=heartbeat_port, context=self.context, auth=auth,
+                                        port=heartbeat_port, listen_fd=heartbeat_listen_fd, context=self.context,
+                                        auth=auth,
                                         peers=self.expected_actors()).start()
         self.actors: dict[str, Actor] = {}
         self.inbox: list[tuple[str, P.Message]] = []  # answers not yet taken by a wait

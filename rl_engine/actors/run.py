@@ -28,7 +28,8 @@ import yaml
 
 from rl_engine.auth import RunAuth
 from rl_engine.config import ConfigError, to_dict
-from rl_engine.launch import LaunchResult, ProcessSpec, free_port, launch
+from rl_engine.launch import LaunchResult, ProcessSpec, launch
+from rl_engine.launch.ports import listen, port_of
 from rl_engine.train_config import RLConfig
 from rl_engine.weight_sync.staging import RUN_ID_ENV, new_run_id, sweep_run
 
@@ -104,22 +105,32 @@ def _warm_start(cfg: RLConfig, model_path: str) -> str:
 
 
 def build_specs(cfg: RLConfig, config_path: str, *, run_id: str, coordinator_host: str | None = None,
-                coordinator_ports: tuple[int, int] | None = None) -> list[ProcessSpec]:
+                coordinator_ports: tuple[int, int] | None = None,
+                coordinator_listen_fds: tuple[int, int] | None = None) -> list[ProcessSpec]:
     """The processes of a run: coordinator, trainer ranks, rollout workers (disaggregated). The
-    coordinator listens on `placement.host` at two ports free here, unless a cluster launcher gives its
-    node's address and two ports free there (`coordinator_host`, `coordinator_ports`)."""
+    coordinator listens on `coordinator_host` (default `placement.host`) at `coordinator_ports`, served
+    from `coordinator_listen_fds` when given: sockets the launching process bound to those ports and
+    hands down (rl_engine.launch.ports), so no other process can take a port between its choice and
+    the coordinator's start. Without ports, two sockets are bound here on `placement.host`."""
     p = cfg.placement
     host = coordinator_host or p.host
-    port, heartbeat_port = coordinator_ports or (free_port(host), free_port(host))
+    if coordinator_ports is None:
+        listeners = [listen(host), listen(host)]
+        coordinator_ports = (port_of(listeners[0]), port_of(listeners[1]))
+        coordinator_listen_fds = (listeners[0].detach(), listeners[1].detach())  # the launcher closes them
+    port, heartbeat_port = coordinator_ports
+    fd_args = [] if coordinator_listen_fds is None else [
+        "--listen-fd", str(coordinator_listen_fds[0]), "--heartbeat-listen-fd", str(coordinator_listen_fds[1])]
     coordinator, heartbeat = f"tcp://{host}:{port}", f"tcp://{host}:{heartbeat_port}"
     threads = str(p.threads_per_process)
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, RUN_ID_ENV: run_id}
     base = ["--config", config_path]
     links = [*base, "--coordinator", coordinator, "--heartbeat", heartbeat]
     specs = [ProcessSpec(name="coordinator", module="rl_engine.actors.coordinator", ends_run=True, echo=True, env=env,
-                         args=[*base, "--port", str(port), "--heartbeat-port", str(heartbeat_port)])]
+                         args=[*base, "--port", str(port), "--heartbeat-port", str(heartbeat_port), *fd_args],
+                         pass_fds=coordinator_listen_fds or ())]
     specs += [ProcessSpec(name=f"trainer-{rank}", module="rl_engine.actors.trainer_group", args=links, env=env,
-                          dist_rank=rank) for rank in range(cfg.train.world_size)]
+                          dist_rank=rank, master_socket=rank == 0) for rank in range(cfg.train.world_size)]
     if p.mode == "disaggregated":
         specs += [ProcessSpec(name=f"rollout-{i}", module="rl_engine.actors.rollout_worker", env=env, required=False,
                               args=[*links, "--worker-id", f"rollout-{i}"]) for i in range(p.num_rollout_workers)]

@@ -140,7 +140,7 @@ class HeartbeatMonitor:
                  on_alive: Callable[[str], None] | None = None, host: str = "127.0.0.1",
                  port: int | None = None, context: zmq.Context | None = None,
                  clock: Callable[[], float] = time.monotonic, auth: RunAuth | None = None,
-                 peers: Sequence[str] = ()) -> None:
+                 peers: Sequence[str] = (), listen_fd: int | None = None) -> None:
         self.tracker = PeerTracker(timeout_s=timeout_s, clock=clock)
         self._on_dead, self._on_alive = on_dead, on_alive
         self._auth = auth
@@ -151,7 +151,7 @@ class HeartbeatMonitor:
         self._socket.setsockopt(zmq.RCVHWM, 1000)
         if auth is not None:  # CURVE: only `peers` get in, and each is known by its key
             auth.serve(self._socket, peers=peers)
-        self.address = P.bind(self._socket, host=host, port=port)
+        self.address = P.bind(self._socket, host=host, port=port, listen_fd=listen_fd)
         # Bounded so that stop() (which waits for the current poll) returns promptly.
         self._check_interval_ms = max(10, min(250, int(timeout_s * 1000 / 4)))
         self._stop = threading.Event()

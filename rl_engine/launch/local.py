@@ -29,14 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal, Mapping, Sequence
 
+from rl_engine.launch.ports import MASTER_LISTEN_FD_ENV, listen, port_of
+
 # Read by rl_engine.launch.child (which must not be imported here: it runs as `-m` __main__).
 LAUNCHER_PID_ENV = "RL_ENGINE_LAUNCHER_PID"
-_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", MASTER_LISTEN_FD_ENV)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now (another process may still take it before it is bound)."""
+    """A TCP port free right now (another process may still take it before it is bound: for a port a
+    process of ours serves, bind first with `rl_engine.launch.ports.listen` and pass the socket)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -56,6 +59,13 @@ class ProcessSpec:
     # the coordinator requeues on the others.
     required: bool = True
     echo: bool = False  # also copy its output to the launcher's stdout (progress display)
+    # Listening sockets (fds of the launching process) the child inherits under the same numbers and serves
+    # (see rl_engine.launch.ports); the launcher closes its copies once the child is started.
+    pass_fds: Sequence[int] = ()
+    # Rank 0 only: serve the ranks' store from the socket the launcher bound to MASTER_PORT (inherited, its
+    # fd in RL_ENGINE_MASTER_LISTEN_FD; rl_engine.launch.rendezvous adopts it). False: the launcher lets
+    # the port go just before the start and rank 0 binds it itself (a child on init_method="env://").
+    master_socket: bool = False
 
 
 @dataclass(kw_only=True)
@@ -149,13 +159,18 @@ class LocalLauncher:
         ranks = sorted(s.dist_rank for s in specs if s.dist_rank is not None)
         if ranks != list(range(len(ranks))):
             raise ValueError(f"dist_rank values must be 0..{len(ranks) - 1} once each, got {ranks}")
+        if bad := [s.name for s in specs if s.master_socket and s.dist_rank != 0]:
+            raise ValueError(f"master_socket=True is for the process with dist_rank 0, not {bad}")
         if grace_period_s < 0:
             raise ValueError(f"grace_period_s must be >= 0, got {grace_period_s}")
         self.specs = list(specs)
         self.log_dir = Path(log_dir)
         self.grace_period_s = grace_period_s
         self.world_size = len(ranks)
-        self.master_port = master_port if master_port is not None else (free_port() if ranks else None)
+        # Bound here, before the port is published to the ranks, and handed to rank 0 (rendezvous.py).
+        self._master_listener = listen("127.0.0.1", master_port or 0) if ranks else None
+        self.master_port = port_of(self._master_listener) if self._master_listener is not None else None
+        self._hand_master = any(s.master_socket for s in specs)
         self._env = dict(env or {})
         self._python = python
         self._num_tail_lines = num_tail_lines
@@ -178,6 +193,8 @@ class LocalLauncher:
             env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.master_port), RANK=str(spec.dist_rank),
                        LOCAL_RANK=str(spec.dist_rank), WORLD_SIZE=str(self.world_size),
                        LOCAL_WORLD_SIZE=str(self.world_size))
+            if spec.master_socket and self._master_listener is not None:
+                env[MASTER_LISTEN_FD_ENV] = str(self._master_listener.fileno())
         env.update(spec.env)
         return env
 
@@ -185,6 +202,10 @@ class LocalLauncher:
         if self._children:
             raise RuntimeError("LocalLauncher.start() was already called")
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if not self._hand_master and self._master_listener is not None:
+            # Rank 0 binds the port itself: the pick-then-bind window the socket hand-off closes stays open.
+            self._master_listener.close()
+            self._master_listener = None
         try:
             for spec in self.specs:
                 self._children.append(self._start_one(spec))
@@ -192,13 +213,30 @@ class LocalLauncher:
             self._kill_all(signal.SIGKILL)
             self._wait_all()
             raise
+        finally:  # the children hold the listening sockets now (or the run did not start)
+            self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        if self._master_listener is not None:
+            self._master_listener.close()
+            self._master_listener = None
+        for spec in self.specs:
+            for fd in spec.pass_fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def _start_one(self, spec: ProcessSpec) -> _Child:
         log_path = self.log_dir / f"{spec.name}.log"
         cmd = [self._python, "-m", "rl_engine.launch.child", spec.module, *spec.args]
+        pass_fds = [*spec.pass_fds]
+        if spec.master_socket and self._master_listener is not None:
+            pass_fds.append(self._master_listener.fileno())
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if spec.echo else log,
-                                     stderr=subprocess.STDOUT, env=self.child_env(spec), start_new_session=True)
+                                     stderr=subprocess.STDOUT, env=self.child_env(spec), start_new_session=True,
+                                     pass_fds=pass_fds)
         tee = None
         if spec.echo:
             tee = threading.Thread(target=self._tee, args=(popen.stdout, log_path), daemon=True,

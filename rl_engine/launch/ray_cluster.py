@@ -15,8 +15,10 @@ its process group, and removes the run's shared-memory regions on its node at th
 death signal is tied to its host's process, so a host that dies (`ray.kill`, a node lost, the driver
 gone: Ray kills the actors of a dead owner) takes its child with it.
 
-Rendezvous through the driver: the coordinator listens on its node's IP at two ports free there; the
-trainer ranks' MASTER_ADDR is rank 0's node IP and MASTER_PORT a port free there. Every process gets a
+Rendezvous through the driver: the coordinator listens on its node's IP at two ports, the trainer ranks'
+MASTER_ADDR is rank 0's node IP and MASTER_PORT a port there; each is bound (port 0) by the host of the
+process that serves it before the driver publishes it, and passed to that process as an inherited socket
+(`rl_engine.launch.ports`), so no other process on the node can take it in between. Every process gets a
 config of its own only where it differs from the run's (`placement.host`: its node's IP, never a
 wildcard; `placement.weight_transport=auto` becomes `zmq` for a worker on a node without trainer ranks).
 The run's secret travels as an argument of `ProcessHost.start` (Ray's object transfer, never a command
@@ -57,10 +59,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rl_engine import protocol as P
 from rl_engine.auth import RunAuth
-from rl_engine.launch.local import (LAUNCHER_PID_ENV, LaunchResult, ProcessResult, ProcessSpec, free_port,
-                                    tail_lines)
+from rl_engine.launch.local import LAUNCHER_PID_ENV, LaunchResult, ProcessResult, ProcessSpec, tail_lines
+from rl_engine.launch.ports import MASTER_LISTEN_FD_ENV, listen, port_of
 
-_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", MASTER_LISTEN_FD_ENV)
 _ECHO_CHUNK = 1 << 20
 _LOG_CHUNK = 16 << 20
 LAUNCHER_NAME = "launcher"  # the coordinator's peer name for the driver (rl_engine.actors.coordinator_io)
@@ -77,13 +79,18 @@ class ProcessHost:
         self._popen: subprocess.Popen | None = None
         self._log_path: str | None = None
         self._echo_offset = 0
+        self._listeners: dict[int, Any] = {}  # fd -> listening socket, held until the child inherits it
 
     def where(self) -> dict[str, Any]:
         return {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
                 "host_pid": os.getpid()}
 
-    def free_port(self, host: str) -> int:
-        return free_port(host)
+    def listen(self, host: str) -> tuple[int, int]:
+        """Bind and listen on a port of `host` the kernel picks, held here until `start` hands it to the
+        child (rl_engine.launch.ports): (port, fd in this process)."""
+        listener = listen(host)
+        self._listeners[listener.fileno()] = listener
+        return port_of(listener), listener.fileno()
 
     def sees(self, path: str, content: str) -> bool:
         """Whether this node sees the driver's file `path` holding `content` (a shared output dir)."""
@@ -102,11 +109,13 @@ class ProcessHost:
             return f.read(_LOG_CHUNK)
 
     def start(self, cmd: list[str], env: dict[str, str], secret_env: dict[str, str], log_path: str, *,
-              niceness: int, append: bool = False) -> tuple[int, int]:
+              niceness: int, append: bool = False, pass_fds: tuple[int, ...] = ()) -> tuple[int, int]:
         """Start the child; `secret_env` (the run's secret) goes into its environment only. Returns the
         child's pid and its niceness: Ray runs its workers at niceness 15 (`RAY_worker_niceness`), which
         a child would inherit and lose every contended core to; this thread (the child's parent) takes
-        the driver's `niceness` first when it may (root, CAP_SYS_NICE or RLIMIT_NICE)."""
+        the driver's `niceness` first when it may (root, CAP_SYS_NICE or RLIMIT_NICE). `pass_fds`:
+        sockets from `listen` the child serves; this process closes its copies once the child has them,
+        and lets the others go before the start (a child that binds its port itself)."""
         child_env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
         child_env.update(env)
         child_env.update(secret_env)
@@ -119,12 +128,19 @@ class ProcessHost:
             os.setpriority(os.PRIO_PROCESS, 0, niceness)
         except OSError:
             pass
+        for fd in [fd for fd in self._listeners if fd not in pass_fds]:
+            self._listeners.pop(fd).close()
         with open(log_path, "ab" if append else "wb") as log:
             if append:
                 log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} restarted on {ray.util.get_node_ip_address()} "
                           "---\n".encode())
-            self._popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                           env=child_env, start_new_session=True)
+            try:
+                self._popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                               env=child_env, start_new_session=True, pass_fds=pass_fds)
+            finally:
+                for fd in pass_fds:
+                    if (listener := self._listeners.pop(fd, None)) is not None:
+                        listener.close()
         return self._popen.pid, os.getpriority(os.PRIO_PROCESS, 0)
 
     def poll(self, *, echo: bool = False) -> tuple[int | None, bytes]:
@@ -289,14 +305,17 @@ class RayLauncher:
         coordinator = next(i for i, s in enumerate(specs) if s.ends_run)
         rank0 = next((i for i, s in enumerate(specs) if s.dist_rank == 0), None)
         coordinator_ip = self.where[coordinator]["node_ip"]
-        ports = ray.get([self.hosts[coordinator].free_port.remote(coordinator_ip) for _ in range(2)])
-        while ports[0] == ports[1]:
-            ports[1] = ray.get(self.hosts[coordinator].free_port.remote(coordinator_ip))
-        self.specs = self._specs(coordinator_host=coordinator_ip, coordinator_ports=tuple(ports))
+        # Ports are bound where they are served before anyone learns them; each host hands its sockets down.
+        (port, fd), (heartbeat_port, heartbeat_fd) = ray.get(
+            [self.hosts[coordinator].listen.remote(coordinator_ip) for _ in range(2)])
+        ports = (port, heartbeat_port)
+        self.specs = self._specs(coordinator_host=coordinator_ip, coordinator_ports=ports,
+                                 coordinator_listen_fds=(fd, heartbeat_fd))
         assert [s.name for s in self.specs] == names
         trainer_nodes = {self.where[i]["node_id"] for i, s in enumerate(self.specs) if s.dist_rank is not None}
         master_ip = self.where[rank0]["node_ip"] if rank0 is not None else None
-        master_port = ray.get(self.hosts[rank0].free_port.remote(master_ip)) if rank0 is not None else None
+        master_port, master_fd = ray.get(self.hosts[rank0].listen.remote(master_ip)) if rank0 is not None \
+            else (None, None)
         world_size = sum(s.dist_rank is not None for s in self.specs)
         niceness = self._niceness = os.getpriority(os.PRIO_PROCESS, 0)
         starts = []
@@ -311,11 +330,14 @@ class RayLauncher:
                 # Each rank has its own bundle (and sees only its bundle's GPUs): local rank 0 of 1.
                 env.update(MASTER_ADDR=master_ip, MASTER_PORT=str(master_port), RANK=str(spec.dist_rank),
                            LOCAL_RANK="0", WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE="1")
+                if spec.master_socket:
+                    env[MASTER_LISTEN_FD_ENV] = str(master_fd)
             env.update(spec.env)
+            pass_fds = (*spec.pass_fds, *([master_fd] if spec.master_socket else []))
             cmd = [sys.executable, "-m", "rl_engine.launch.child", spec.module, *spec.args]
             self.commands.append((cmd, env))
             starts.append(host.start.remote(cmd, env, self._secret_env, str(self.log_dir / f"{spec.name}.log"),
-                                            niceness=niceness))
+                                            niceness=niceness, pass_fds=pass_fds))
         # The coordinator hears from the driver when Ray sees a rollout worker die (see the module docstring).
         self._link = zmq.Context.instance().socket(zmq.DEALER)
         self._link.setsockopt(zmq.IDENTITY, LAUNCHER_NAME.encode())

@@ -60,11 +60,18 @@ def main() -> None:
         ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG
         info["pdeathsig"] = sig.value
         write_atomic(args[0], json.dumps(info))
-    elif mode == "dist":  # OUT: a real gloo all-reduce through the launcher's environment
+    elif mode in ("dist", "dist_socket"):  # OUT: a real gloo all-reduce through the launcher's environment
+        from datetime import timedelta
+
         import torch
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method="env://")
+        from rl_engine.launch.rendezvous import init_process_group_from_env
+
+        if mode == "dist":  # rank 0 binds MASTER_PORT itself
+            dist.init_process_group("gloo", init_method="env://")
+        else:  # rank 0 serves the socket the launcher bound (master_socket=True)
+            init_process_group_from_env("gloo", timeout=timedelta(seconds=120))
         t = torch.tensor([dist.get_rank() + 1.0])
         dist.all_reduce(t)
         write_atomic(args[0], json.dumps({"rank": dist.get_rank(), "sum": t.item()}))

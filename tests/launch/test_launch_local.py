@@ -1,10 +1,12 @@
 """Local launcher with real processes: failure propagation, signal forwarding, no orphans (also
 when the launcher is SIGKILLed), torch.distributed environment, logs and the summary."""
 
+import errno
 import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -124,6 +126,32 @@ def test_gloo_all_reduce_through_the_launcher_env(tmp_path):
                     log_dir=tmp_path)
     assert result.status == "completed", result.summary()
     assert [json.loads(p.read_text()) for p in outs] == [{"rank": 0, "sum": 3.0}, {"rank": 1, "sum": 3.0}]
+
+
+def test_master_port_is_held_from_its_choice_until_rank0_serves_it(tmp_path):
+    """The launcher binds MASTER_PORT before it publishes it and hands the socket to rank 0: another process
+    cannot take the port in between (with a free port picked and closed, the stranger's bind succeeds and
+    rank 0 then fails with EADDRINUSE)."""
+    outs = [tmp_path / f"{i}.json" for i in range(2)]
+    launcher = LocalLauncher([spec(f"trainer{i}", "dist_socket", str(outs[i]), dist_rank=i, master_socket=i == 0)
+                              for i in range(2)], log_dir=tmp_path)
+    with socket.socket() as stranger, pytest.raises(OSError) as taken:
+        stranger.bind(("127.0.0.1", launcher.master_port))
+    assert taken.value.errno == errno.EADDRINUSE
+    result = launcher.run()
+    assert result.status == "completed", result.summary()
+    assert [json.loads(p.read_text()) for p in outs] == [{"rank": 0, "sum": 3.0}, {"rank": 1, "sum": 3.0}]
+
+
+def test_master_port_given_in_use_is_refused_at_once(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        with pytest.raises(OSError, match=rf"cannot listen on 127.0.0.1:{holder.getsockname()[1]}.*in use"):
+            LocalLauncher([spec("rank0", "ok", dist_rank=0)], log_dir=tmp_path, master_port=holder.getsockname()[1])
+    with pytest.raises(ValueError, match="master_socket=True is for the process with dist_rank 0"):
+        LocalLauncher([spec("rank1", "ok", dist_rank=1, master_socket=True), spec("rank0", "ok", dist_rank=0)],
+                      log_dir=tmp_path)
 
 
 def test_invalid_specs():
