@@ -31,8 +31,9 @@ from rl_engine import protocol as P
 from rl_engine.actors.ledger import PromptLedger
 from rl_engine.rl_step import prompt_seed
 from rl_engine.run_checkpoint import write_json_atomic
-from rl_engine.actors.link import ERROR_STARTUP, max_message_bytes
+from rl_engine.actors.link import ERROR_STARTUP, KERNELS_KEY, max_message_bytes
 from rl_engine.auth import RunAuth
+from rl_engine.kernels.invariant import check_same_kernels
 from rl_engine.launch.heartbeat import HeartbeatMonitor
 from rl_engine.train_config import RLConfig
 
@@ -305,8 +306,17 @@ class CoordinatorBase:
                                     ready=not rejoin)
         self.monitor.watch(sender)
         logger.info("registered %s (%s, pid %s)", sender, hello.role, hello.capabilities.get("pid"))
+        if self.cfg.model.batch_invariant:
+            self.check_kernels()
         if rejoin:
             self._write_actors()
+
+    def check_kernels(self) -> None:
+        """Under model.batch_invariant: every registered actor's kernel choice is the same (else
+        `KernelMismatch`, which ends the run; the actors' `Hello` carries it, link.kernel_capabilities)."""
+        check_same_kernels({a.id: (str(a.capabilities.get(KERNELS_KEY, "not reported")),
+                                   str(a.capabilities.get(f"{KERNELS_KEY}_reason", "")))
+                            for a in self.actors.values() if a.alive})
 
     # ---- waits ------------------------------------------------------------------------------------
     def wait_until(self, done: Callable[[], bool], what: str, *, timeout_s: float | None = None,

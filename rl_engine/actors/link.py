@@ -36,7 +36,8 @@ class CoordinatorLink:
         auth.connect_as(self.socket, actor_id)  # CURVE: only the coordinator's key is accepted as the server
         self.socket.connect(address)
         self.num_errors = 0  # malformed or unexpected messages answered with ErrorReply
-        self.send(P.Hello(worker_id=actor_id, role=role, capabilities={"pid": os.getpid(), **(capabilities or {})}))
+        self.send(P.Hello(worker_id=actor_id, role=role,
+                          capabilities={"pid": os.getpid(), **kernel_capabilities(), **(capabilities or {})}))
         self.heartbeat = HeartbeatSender(heartbeat_address, sender_id=actor_id, interval_s=heartbeat_interval_s,
                                          context=self.context, auth=auth).start()
 
@@ -75,6 +76,21 @@ class CoordinatorLink:
     def close(self) -> None:
         self.heartbeat.stop()
         self.socket.close()
+
+
+KERNELS_KEY = "batch_invariant_kernels"  # Hello capability: `kernel_choice()`'s identity (and _reason: why)
+
+
+def kernel_capabilities() -> dict[str, str]:
+    """Under `model.batch_invariant` (the registry's mode, which `load_actor_config` sets): this process's
+    batch-invariant kernel choice, for the coordinator to compare across the run's processes."""
+    from rl_engine import kernels
+    from rl_engine.kernels.invariant import kernel_choice
+
+    if not kernels.default_registry().config.batch_invariant:
+        return {}
+    identity, reason = kernel_choice()
+    return {KERNELS_KEY: identity, f"{KERNELS_KEY}_reason": reason}
 
 
 def report_startup_failure(address: str, *, auth: RunAuth, actor_id: str, error: BaseException) -> None:

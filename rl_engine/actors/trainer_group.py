@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -121,6 +122,8 @@ class TrainerGroup:
                                          bucket_bytes=bucket_bytes)
             self.publishers: dict[str, WeightPublisher] = {}
             self.publisher_addresses: dict[str, str] = {}  # the weights address each publisher sends to
+        if cfg.model.batch_invariant and g.world_size > 1:
+            agree_on_kernels(g.world_size)  # the colocated engines run in these processes: same choice
         pids = torch.tensor([os.getpid()], dtype=torch.int64)
         if g.world_size > 1:
             every = [torch.zeros_like(pids) for _ in range(g.world_size)]
@@ -419,6 +422,20 @@ class TrainerGroup:
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
     raise SystemExit(128 + signum)
+
+
+def agree_on_kernels(world_size: int) -> None:
+    """Every rank's batch-invariant kernel choice, gathered over the default group; `KernelMismatch` on
+    every rank unless they agree (a rank that could not build the C++ kernels would compute other bits)."""
+    from rl_engine.kernels.invariant import check_same_kernels, kernel_choice
+
+    size = 2048  # bytes of one rank's JSON choice, zero-padded (a fixed shape for all_gather)
+    identity, reason = kernel_choice()
+    mine = json.dumps([identity, reason[:size // 2]]).encode()
+    every = [torch.zeros(size, dtype=torch.uint8) for _ in range(world_size)]
+    dist.all_gather(every, torch.frombuffer(bytearray(mine.ljust(size, b"\0")), dtype=torch.uint8))
+    check_same_kernels({f"trainer rank {rank}": tuple(json.loads(bytes(t.tolist()).rstrip(b"\0")))
+                        for rank, t in enumerate(every)})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -56,6 +56,7 @@ invariance is unverified (no GPU here).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from pathlib import Path
 from types import ModuleType
@@ -212,6 +213,48 @@ def attention_kernel() -> ModuleType | None:
     else:
         logger.info("batch-invariant attention: C++ kernel (%s lanes)", module.isa)
     return module
+
+
+def kernel_choice() -> tuple[str, str]:
+    """(identity, reason) of the batch-invariant kernels this process runs on CPU. Every process of a run
+    must make the same choice (the C++ kernels and the fallbacks give different bits), so the actors
+    compare `identity` at registration. It names the choice and, for the C++ kernels, a digest of their
+    sources and the flags that shape their arithmetic, never the instruction set (AVX-512, AVX2 and
+    scalar builds give the same bits): two machines with the same identity compute the same bits. The
+    fallbacks carry torch's version (their matmuls are its MKL's). `reason`: why each was chosen."""
+    flags = " ".join(f for f in cpu_kernels.CFLAGS if not f.startswith("-march"))
+    parts, reasons = [], []
+    for name, source, kernel, fallback in (("linear", _LINEAR_SOURCE, linear_kernel, "MKL tiles"),
+                                           ("attention", _ATTENTION_SOURCE, attention_kernel, "torch")):
+        if kernel() is not None:
+            digest = hashlib.sha256(source.read_bytes() + flags.encode()).hexdigest()[:12]
+            parts.append(f"{name}=C++ {digest}")
+            reasons.append(f"{name}: C++ kernel built")
+        else:
+            parts.append(f"{name}={fallback} (torch {torch.__version__})")
+            reasons.append(f"{name}: {cpu_kernels.load_source(source)[1]}")
+    return ", ".join(parts), "; ".join(reasons)
+
+
+class KernelMismatch(RuntimeError):
+    """Processes of one run chose different batch-invariant kernels."""
+
+
+def check_same_kernels(choices: dict[str, tuple[str, str]]) -> None:
+    """Raise `KernelMismatch` unless every process (name -> `kernel_choice()`) made the same choice; the
+    error names each group of processes, its choice and why, and the fix."""
+    groups: dict[str, list[str]] = {}
+    for name, (identity, _) in choices.items():
+        groups.setdefault(identity, []).append(name)
+    if len(groups) <= 1:
+        return
+    lines = [f"  {', '.join(names)}: {identity} ({choices[names[0]][1]})" for identity, names in groups.items()]
+    raise KernelMismatch(
+        "model.batch_invariant=true, but the processes of this run chose different batch-invariant kernels, "
+        "which give different bits (the trainer's log-probs would silently differ from the behavior "
+        "log-probs):\n" + "\n".join(lines) + "\nMake every process choose the same: install a C++ compiler "
+        f"(g++, or set CXX) where it is missing, or set {cpu_kernels.ENV_SWITCH}=0 for every process of the run "
+        "(the torch fallbacks everywhere).")
 
 
 def native_attention(device: torch.device | str) -> bool:

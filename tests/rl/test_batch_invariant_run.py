@@ -3,6 +3,8 @@ engine's behavior log-probs on every step, so the logged mismatch is exactly zer
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from rl_actor_helpers import toy_config
@@ -55,3 +57,53 @@ def test_disaggregated_tensor_parallel_run_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="model.batch_invariant=true with placement.mode=disaggregated needs train.tp=1"):
         toy_config(tmp_path, "model.batch_invariant=true", "placement.mode=disaggregated", "train.tp=2")
     toy_config(tmp_path, "model.batch_invariant=true", "placement.mode=colocated", "train.tp=2")  # accepted
+
+
+def _with_env(name: str, **env: str):
+    """edit_specs: process `name` runs with `env` added (one process's forced fallback)."""
+    def edit(specs):
+        return [s if s.name != name else dataclasses.replace(s, env={**s.env, **env}) for s in specs]
+    return edit
+
+
+@pytest.mark.parametrize("placement, odd_one", [
+    (["placement.mode=disaggregated"], "rollout-0"),  # a rollout worker against the trainer (coordinator)
+    (["placement.mode=colocated", "train.tp=2"], "trainer-1"),  # a trainer rank (its colocated engine) against rank 0
+])
+def test_a_process_with_other_batch_invariant_kernels_is_refused(tmp_path, monkeypatch, placement, odd_one):
+    """One process of the run falls back to the torch kernels (as it would without a compiler) while the
+    others build the C++ ones: the run must stop before any step, naming both choices and the fix, instead
+    of training on behavior log-probs that differ from the trainer's in the last bits."""
+    import io
+
+    from rl_actor_helpers import child_pythonpath, rows
+    from rl_engine.actors.run import ActorsFailed, run_actors
+    from rl_engine.kernels.invariant import kernel_choice
+
+    if kernel_choice()[0].startswith("linear=MKL"):
+        pytest.skip(f"the C++ invariant kernels do not build here ({kernel_choice()[1]}): every process falls back")
+    child_pythonpath(monkeypatch)
+    monkeypatch.delenv("RL_ENGINE_CPU_KERNELS", raising=False)
+    with pytest.raises(ActorsFailed) as failed:
+        run_actors(toy_config(tmp_path, *placement, "model.batch_invariant=true", "train.steps=1"),
+                   edit_specs=_with_env(odd_one, RL_ENGINE_CPU_KERNELS="0"), echo_stream=io.BytesIO())
+    report = failed.value.result.summary()
+    assert "chose different batch-invariant kernels" in report, report
+    assert "linear=MKL tiles" in report and "disabled by RL_ENGINE_CPU_KERNELS=0" in report
+    assert "linear=C++ " in report and "install a C++ compiler" in report
+    assert ("rollout-0: linear=MKL" in report) if odd_one == "rollout-0" else ("trainer rank 1: linear=MKL" in report)
+    assert not (tmp_path / "metrics.jsonl").exists() or rows(tmp_path) == []
+
+
+def test_kernel_mismatch_names_every_choice_and_the_fix():
+    from rl_engine.kernels.invariant import KernelMismatch, check_same_kernels
+
+    same = ("linear=C++ abc, attention=C++ def", "built")
+    check_same_kernels({"trainer": same, "rollout-0": same, "rollout-1": same})
+    with pytest.raises(KernelMismatch) as e:
+        check_same_kernels({"trainer": same, "rollout-0": same,
+                            "rollout-1": ("linear=MKL tiles (torch 2), attention=torch (torch 2)", "no C++ compiler")})
+    message = str(e.value)
+    assert "  trainer, rollout-0: linear=C++ abc, attention=C++ def (built)" in message
+    assert "  rollout-1: linear=MKL tiles (torch 2), attention=torch (torch 2) (no C++ compiler)" in message
+    assert "install a C++ compiler" in message and "RL_ENGINE_CPU_KERNELS=0 for every process" in message
