@@ -17,7 +17,8 @@ prefill chunks. Per layer, `attend` writes the new k/v into the paged cache at `
 Index tensors, views and masks are built once per step (`prepare`), not per layer. On CUDA, decode
 calls the `paged_decode_attention` op from the kernel registry instead (unverified here: no GPU in CI);
 on CPU too when the registry resolves it to the C++ kernel (`kernels/cpu`, which reads K/V in place
-in their blocks: `cpu_decode=True`, it is also given the step's longest context).
+in their blocks: `cpu_decode=True`, it is also given the step's longest context): the CPU default where
+the kernel builds, so the SDPA path above runs where it does not (no compiler, `RL_ENGINE_CPU_KERNELS=0`).
 Under `model.batch_invariant` (`batch_invariant=True`) every query instead goes through the batch-invariant
 attention, the same per-query reduction the trainer's packed forward runs: with its C++ kernel (CPU,
 `invariant.native_attention`) one `invariant.paged_attention` call per layer for the whole step, each

@@ -41,6 +41,12 @@ class EngineConfig:
     # Engines serving an RL run (trainer, rollout workers) set False: oneDNN's fp32 rounding order took the
     # ~40M model's behavior log-probs 1.2e-5..2.1e-5 from the trainer's recompute (contract: 1e-5).
     cpu_prepack_weights: bool = True
+    # CPU: decode attention by the C++ kernel that reads K/V in place in their blocks (kernels/cpu, the
+    # registry's CPU default where it builds; else the torch path, the reason logged). False: the torch path
+    # (gather + SDPA) unless the C++ kernel is asked for explicitly (RL_ENGINE_CPU_KERNELS=1, an override).
+    # Engines serving an RL run set False: both are within the log-prob contract, but a run's metrics stay
+    # bit for bit those of the recorded reference runs (tests/rl/default_step_metrics_reference.json).
+    cpu_decode_kernel: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str, value) -> None:
@@ -65,6 +71,8 @@ class EngineConfig:
             raise ValueError(f"compile_decode must be true or false, got {self.compile_decode!r}")
         if not isinstance(self.cpu_prepack_weights, bool):
             raise ValueError(f"cpu_prepack_weights must be true or false, got {self.cpu_prepack_weights!r}")
+        if not isinstance(self.cpu_decode_kernel, bool):
+            raise ValueError(f"cpu_decode_kernel must be true or false, got {self.cpu_decode_kernel!r}")
         if self.cpu_threads not in ("auto", "fixed"):
             raise ValueError(f"cpu_threads must be 'auto' or 'fixed', got {self.cpu_threads!r}")
         if self.graph_batch_sizes is not None:

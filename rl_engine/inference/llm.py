@@ -53,6 +53,7 @@ class LLM:
         speculative_config: "dict | SpeculativeConfig | None" = None,
         cpu_threads: str = "auto",
         cpu_prepack_weights: bool = True,
+        cpu_decode_kernel: bool = True,
     ) -> None:
         dtype = _dtype(dtype)
         if isinstance(model, (str, os.PathLike)):
@@ -80,7 +81,8 @@ class LLM:
                               graph_batch_sizes=graph_batch_sizes, enforce_eager=enforce_eager,
                               compile_decode=compile_decode, seed=seed,
                               record_routing=record_routing, speculative_config=speculative_config,
-                              cpu_threads=cpu_threads, cpu_prepack_weights=cpu_prepack_weights)
+                              cpu_threads=cpu_threads, cpu_prepack_weights=cpu_prepack_weights,
+                              cpu_decode_kernel=cpu_decode_kernel)
         self.engine = LLMEngine(model, config=config, tokenizer=tokenizer)
         self._ids = itertools.count()
 

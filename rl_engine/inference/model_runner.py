@@ -91,7 +91,11 @@ class ModelRunner:
             from rl_engine.kernels import registry
 
             resolution = registry.default_registry().resolution("paged_decode_attention", self.device)
-            cpu_decode = resolution.backend == "cpu"  # the C++ kernel; else SDPA (CPU) or the op (CUDA)
+            # the C++ kernel; else SDPA (CPU) or the op (CUDA)
+            cpu_decode = resolution.backend == "cpu" and (
+                config.cpu_decode_kernel or registry.cpu_kernel_requested("paged_decode_attention"))
+            if resolution.backend == "cpu" and not cpu_decode:
+                logger.info("paged decode attention: the torch path (cpu_decode_kernel=False)")
             if use_graphs or cpu_decode:
                 decode_op = resolution.fn
         if latent and model.batch_invariant:

@@ -9,11 +9,13 @@ build time and `forward` only calls plain functions. The rules, in order:
    one, or an override naming another backend, fails with a ValueError naming the op;
 1. an override (`set_backend_overrides` / `KernelConfig`) names the backend; if that backend cannot
    run on the device, resolution fails with a ValueError naming op, backend, why, and what can run;
-2. on CPU the torch reference, or under `RL_ENGINE_CPU_KERNELS=1` the C++ kernel (`cpu` backend,
-   `rl_engine.kernels.cpu`, opt-in: not faster end to end yet) when the op has one, it is not
-   disabled (`disabled_backends`) and it built, else the torch reference with the reason the C++
-   kernel was not taken (the C++ kernels are built only when asked for); on any other non-CUDA
-   device the torch reference;
+2. on CPU the C++ kernel (`cpu` backend, `rl_engine.kernels.cpu`) of an op whose spec makes it the
+   CPU default (`cpu_default`: paged_decode_attention, which reads K/V in place in their blocks where
+   the torch reference gathers them), or of every op that has one under `RL_ENGINE_CPU_KERNELS=1`
+   (rms_norm and silu_and_mul are opt-in: not faster end to end), when it is not disabled
+   (`disabled_backends`, `RL_ENGINE_CPU_KERNELS=0`) and it built; else the torch reference with the
+   reason the C++ kernel was not taken (no compiler, a failed build; the C++ kernels are built only
+   when they could be chosen); on any other non-CUDA device the torch reference;
 3. on CUDA the first available backend in the op's preference order (never an opt-in backend).
 
 Availability comes from `backends.backend_status`, looked up at resolve time, so tests monkeypatch
@@ -61,12 +63,13 @@ class OpSpec:
     opt_in: frozenset[str] = frozenset()
     doc: str = ""
     invariant: str | None = None
+    cpu_default: bool = False  # its C++ CPU kernel is the CPU default where it builds
 
 
 def _spec(name: str, doc: str, *, triton: str | None = None, flashinfer: str | None = None,
           transformer_engine: str | None = None, torch_impl: str | None = None, cpu: str | None = None,
           cuda_preference: tuple[str, ...] = ("triton", "torch"),
-          opt_in: frozenset[str] = frozenset(), invariant: str | None = "torch") -> OpSpec:
+          opt_in: frozenset[str] = frozenset(), invariant: str | None = "torch", cpu_default: bool = False) -> OpSpec:
     """`invariant`: "torch" when the torch implementation already reduces per row in a fixed order
     (or does not reduce), a dotted path for a dedicated one, None when there is none."""
     impls = {"torch": torch_impl or f"{_REF}:{name}"}
@@ -76,7 +79,7 @@ def _spec(name: str, doc: str, *, triton: str | None = None, flashinfer: str | N
             impls[backend] = path
     preference = tuple(b for b in cuda_preference if b in impls)
     return OpSpec(name=name, impls=impls, cuda_preference=preference, opt_in=opt_in, doc=doc,
-                  invariant=impls["torch"] if invariant == "torch" else invariant)
+                  invariant=impls["torch"] if invariant == "torch" else invariant, cpu_default=cpu_default)
 
 
 OPS: dict[str, OpSpec] = {s.name: s for s in (
@@ -99,7 +102,9 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
           # capture-safe in function form (FlashInfer's plans per call and syncs with the host;
           # the engine uses it through FlashInferAttention, planning outside the graph).
           cuda_preference=("triton", "flashinfer", "torch"),
-          invariant=f"{_INVARIANT}:paged_decode_attention"),
+          invariant=f"{_INVARIANT}:paged_decode_attention",
+          # the C++ kernel reads K/V in place; the torch path gathers every row's blocks each step
+          cpu_default=True),
     _spec("paged_prefill_attention",
           "(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale) -> [T, heads, head_dim]",
           flashinfer=f"{_FLASHINFER}:paged_prefill_attention",
@@ -241,7 +246,7 @@ class KernelRegistry:
         override = overrides.get(spec.name)
         # the C++ CPU kernels compile on first use: probe them only when they could be chosen
         want_cpu = device_type == "cpu" and not self._config.batch_invariant and (
-            cpu_kernels.default_on() or "cpu" in (override, overrides.get("*")))
+            cpu_kernels.default_on() or spec.cpu_default or "cpu" in (override, overrides.get("*")))
         statuses = {b: backends.backend_status(b, device_type) if b != "cpu" or want_cpu else
                     backends.BackendStatus(False, f"C++ CPU kernels are opt-in ({cpu_kernels.ENV_SWITCH}=1 or an "
                                                   f"override {spec.name}=cpu)") for b in spec.impls}
@@ -289,13 +294,15 @@ class KernelRegistry:
     def _default_cpu(self, spec: OpSpec, statuses: Mapping[str, backends.BackendStatus]) -> tuple[str, str]:
         if "cpu" not in spec.impls:
             return "torch", "torch reference is the default on cpu (no C++ kernel for this op)"
-        if not cpu_kernels.default_on():
+        if not (cpu_kernels.default_on() or spec.cpu_default):
             return "torch", f"torch reference is the default on cpu (C++ kernel opt-in: {cpu_kernels.ENV_SWITCH}=1)"
         if "cpu" in self._config.disabled_backends:
             return "torch", "torch reference: the C++ CPU kernels are disabled by config"
         if not statuses["cpu"].available:
             return "torch", f"torch reference: C++ CPU kernels unavailable ({statuses['cpu'].reason})"
-        return "cpu", f"C++ CPU kernel ({cpu_kernels.ENV_SWITCH}=1)"
+        if cpu_kernels.default_on():
+            return "cpu", f"C++ CPU kernel ({cpu_kernels.ENV_SWITCH}=1)"
+        return "cpu", f"C++ CPU kernel, the CPU default for this op ({cpu_kernels.ENV_SWITCH}=0 turns it off)"
 
     def _default_cuda(self, spec: OpSpec, statuses: Mapping[str, backends.BackendStatus]) -> tuple[str, str]:
         skipped: list[str] = []
@@ -329,6 +336,13 @@ def default_registry() -> KernelRegistry:
 def resolve(op: str, device: torch.device | str) -> Callable[..., Any]:
     """The implementation of `op` for tensors on `device` (resolved once, then cached)."""
     return _default_registry.resolve(op, device)
+
+
+def cpu_kernel_requested(op: str) -> bool:
+    """True when the C++ CPU kernel of `op` is asked for explicitly (`RL_ENGINE_CPU_KERNELS=1`, an override
+    `op=cpu` or `*=cpu`), not only taken as the op's CPU default."""
+    overrides = _default_registry.config.overrides
+    return cpu_kernels.default_on() or "cpu" in (overrides.get(op), overrides.get("*"))
 
 
 def set_backend_overrides(overrides: Mapping[str, str]) -> None:

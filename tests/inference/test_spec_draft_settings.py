@@ -26,11 +26,13 @@ def _self_draft(path: str, **settings) -> tuple[torch.nn.Module, LLM]:
 
 @pytest.mark.parametrize("prepack,threads", [(False, "fixed"), (True, "auto")])
 def test_the_draft_runner_takes_the_targets_cpu_settings(char_model, prepack, threads):
-    _, llm = _self_draft(char_model, cpu_prepack_weights=prepack, cpu_threads=threads)
+    _, llm = _self_draft(char_model, cpu_prepack_weights=prepack, cpu_threads=threads, cpu_decode_kernel=prepack)
     target_runner, draft_runner = llm.engine.runner, llm.engine.speculator.proposer.runner
     assert bool(draft_runner.packed_weights) == bool(target_runner.packed_weights) == (
         prepack and packed_linear.available()[0])
     assert (draft_runner.threads is None) == (target_runner.threads is None) == (threads == "fixed")
+    assert draft_runner.config.cpu_decode_kernel is target_runner.config.cpu_decode_kernel is prepack
+    assert draft_runner.attn.cpu_decode == target_runner.attn.cpu_decode
 
 
 def _scramble(model: torch.nn.Module) -> None:

@@ -214,6 +214,24 @@ def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path
 
 
 @needs_cpu_kernels
+def test_engines_decode_with_the_cpp_kernel_by_default_and_rl_engines_with_torch(monkeypatch):
+    """The C++ paged decode attention is the CPU default; an engine built with cpu_decode_kernel=False (those
+    serving an RL run) keeps the torch path unless the kernel is asked for explicitly."""
+    from rl_engine import LLM
+    from tests.kernels.test_paged_decode_engine_state import tiny_gqa_model
+
+    monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
+    model = tiny_gqa_model()
+    assert LLM(model, max_num_seqs=2).engine.runner.attn.cpu_decode
+    assert not LLM(model, max_num_seqs=2, cpu_decode_kernel=False).engine.runner.attn.cpu_decode
+    for request in ({"overrides": {"paged_decode_attention": "cpu"}}, {"env": "1"}):
+        registry.configure(registry.KernelConfig(overrides=request.get("overrides", {})))
+        if "env" in request:
+            monkeypatch.setenv(cpu.ENV_SWITCH, request["env"])
+        assert LLM(model, max_num_seqs=2, cpu_decode_kernel=False).engine.runner.attn.cpu_decode, request
+
+
+@needs_cpu_kernels
 def test_engine_with_the_cpp_kernels_generates_what_the_torch_engine_does():
     """Greedy tokens equal and sampled-token log-probs within fp32 reordering, through the engine's
     decode (C++ paged attention over shuffled, shared and preempted blocks) and the model's norms."""

@@ -29,13 +29,38 @@ def fake_cuda(monkeypatch):
     registry.clear_cache()
 
 
-def test_every_op_resolves_to_the_torch_reference_on_cpu(monkeypatch):
-    monkeypatch.delenv("RL_ENGINE_CPU_KERNELS", raising=False)  # the C++ kernels are opt-in
+def test_every_op_but_paged_decode_resolves_to_the_torch_reference_on_cpu(monkeypatch):
+    """The C++ kernels are opt-in except paged decode attention's, the CPU default where it builds."""
+    monkeypatch.delenv("RL_ENGINE_CPU_KERNELS", raising=False)
     for resolution in registry.describe("cpu"):
+        if resolution.op == "paged_decode_attention":
+            continue
         assert resolution.backend == "torch", resolution
         assert resolution.reason.startswith("torch reference is the default on cpu (")
     assert registry.resolve("rms_norm", "cpu") is reference.rms_norm
-    assert registry.resolve("paged_decode_attention", torch.device("cpu")) is reference.paged_decode_attention
+    from rl_engine.kernels import cpu
+
+    built, why = cpu.extension_status()
+    resolution = registry.default_registry().resolution("paged_decode_attention", torch.device("cpu"))
+    if built:
+        from rl_engine.kernels.cpu import ops
+
+        assert resolution.backend == "cpu" and resolution.fn is ops.paged_decode_attention
+        assert "the CPU default for this op (RL_ENGINE_CPU_KERNELS=0 turns it off)" in resolution.reason
+    else:
+        assert resolution.fn is reference.paged_decode_attention and why in resolution.reason
+
+
+def test_paged_decode_falls_back_to_torch_with_the_reason(monkeypatch):
+    """No compiler (or the switch at 0): the torch reference, the loader's reason in the resolution."""
+    monkeypatch.delenv("RL_ENGINE_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(backends, "cpu_kernels_status",
+                        lambda: BackendStatus(False, "no C++ compiler ('c++' not on PATH; set CXX or install g++)"))
+    registry.clear_cache()
+    resolution = registry.default_registry().resolution("paged_decode_attention", "cpu")
+    assert resolution.backend == "torch" and resolution.fn is reference.paged_decode_attention
+    assert resolution.reason == ("torch reference: C++ CPU kernels unavailable (no C++ compiler ('c++' not on "
+                                 "PATH; set CXX or install g++))")
 
 
 def test_cuda_preferences_with_probes_replaced(fake_cuda):

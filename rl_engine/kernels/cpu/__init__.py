@@ -7,11 +7,13 @@ changed source or another CPU gets its own build and a warm cache loads in well 
 Threads come from ATen's intra-op pool (`at::parallel_for`: torch's own OpenMP runtime and
 `torch.get_num_threads()`), so these kernels add no second OpenMP runtime.
 
-They are opt-in: measured in `benchmarks/generate.py` on the ~3.5M model they are not faster than
-the torch references end to end yet (0.85-1.08x over two runs; decode attention at batch 64 is bound by reading
-the KV cache, which both read once), so the registry takes them on CPU only under
-`RL_ENGINE_CPU_KERNELS=1` (then as the default, falling back to torch with the reason logged) or an
-override `OP=cpu` (`*=cpu`: every op that has one). `RL_ENGINE_CPU_KERNELS=0` never builds them.
+The paged decode attention, which reads K/V in place in their cache blocks where the torch path
+gathers every row's blocks each step, is the registry's CPU default where it builds (falling back to
+the torch path with the reason logged: no compiler, a failed build). RMSNorm and SwiGLU are opt-in (not
+faster end to end than the torch references on the ~3.5M model: 0.85-1.08x over two runs): the registry
+takes them on CPU under `RL_ENGINE_CPU_KERNELS=1` or an override `OP=cpu` (`*=cpu`: every op that has
+one). `RL_ENGINE_CPU_KERNELS=0` never builds any. Each is also a torch.library custom op (`ops.py`), so
+the engine's compiled decode steps (`compile_decode`) call them as opaque graph nodes.
 
 The batch-invariant kernels (`csrc/invariant_linear.cpp`, `csrc/invariant_attention.cpp`) are built
 by the same `load_source` but are not opt-in: `kernels/invariant.py` loads each on its first use under
