@@ -2,7 +2,7 @@
 `GRPOTrainer` on the same tiny checkpoint, task, group size, batch and lengths, in the same run.
 
     pip install trl   # only for this benchmark
-    python benchmarks/grpo_step.py [--steps 3 --prompts 16 --n 8 --max-new-tokens 64]
+    python benchmarks/grpo_step.py [--steps 5 --prompts 16 --n 8 --max-new-tokens 64]
 
 Two settings: fixed-length completions (EOS ignored, every completion `max_new_tokens` long) and
 EOS-varied lengths (a random-init model stops at EOS at random points, capped at `max_new_tokens`).
@@ -12,7 +12,8 @@ Both sides start from the same random-init preset checkpoint (`--preset`, `tiny`
 recomputation on both sides (TRL's defaults, bf16 autocast and gradient checkpointing, are turned off:
 with them TRL is about 2x slower on CPU), CPU. The two run interleaved: one step of ours after each
 TRL step. `speedup_tokens_per_s` also accounts for the two sides sampling different EOS-varied
-lengths (different random streams). Both sides run at `--threads` torch threads (ours through
+lengths (different random streams). Figures are medians over the counted steps (`s_per_step_mean`
+beside them). Both sides run at `--threads` torch threads (ours through
 `train.threads`, which the engine in the same process shares, running a small model's small steps on one of
 them: `kernels/cpu/threads.single_thread_below`; each row reports the threads seen after the steps),
 and each side's step is split into its rollout (generation, rewards) and the rest (training pass,
@@ -50,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -219,9 +221,9 @@ def shared_prefix_row(model_dir: str, tmp: str, args) -> dict:
     for shared, rows in runs.items():
         rows = rows[1:]
         samples = args.prompts * args.n
-        out["shared" if shared else "unshared"] = {
-            "train_s": sum(r["perf/train_s"] for r in rows) / len(rows),
-            "s_per_step": sum(r["step_s"] for r in rows) / len(rows),
+        out["shared" if shared else "unshared"] = {  # medians over the counted steps
+            "train_s": statistics.median(r["perf/train_s"] for r in rows),
+            "s_per_step": statistics.median(r["step_s"] for r in rows),
             "micro_batches": rows[-1]["train/micro_batches"],
             "mean_prompt_len": rows[-1]["tokens/total"] / samples - rows[-1]["response_length/mean"]}
     s, u = out["shared"], out["unshared"]
@@ -232,20 +234,22 @@ def shared_prefix_row(model_dir: str, tmp: str, args) -> dict:
 
 
 def _figures(times: list[float], tokens: list[float], args, phases: list[dict]) -> dict:
-    """Means over the counted steps; `rollout_s` / `train_s`: each step's rollout (generation and
-    rewards) and the rest (the training pass, optimizer step, weight publication); `threads`: torch's
-    intra-op threads seen during the steps."""
-    return {"s_per_step": sum(times) / len(times), "s_per_step_min": min(times),
-            "rollout_s": sum(p["rollout_s"] for p in phases) / len(phases),
-            "train_s": sum(p["train_s"] for p in phases) / len(phases),
+    """Medians over the counted steps (a burst of load from elsewhere on a shared machine moves a mean
+    by one step's spike; the means are kept beside them); `rollout_s` / `train_s`: each step's rollout
+    (generation and rewards) and the rest (the training pass, optimizer step, weight publication);
+    `threads`: torch's intra-op threads seen during the steps."""
+    return {"s_per_step": statistics.median(times), "s_per_step_mean": sum(times) / len(times),
+            "s_per_step_min": min(times),
+            "rollout_s": statistics.median(p["rollout_s"] for p in phases),
+            "train_s": statistics.median(p["train_s"] for p in phases),
             "threads": sorted({p["threads"] for p in phases}),
-            "completion_tokens_per_s": sum(tokens) / sum(times),
+            "completion_tokens_per_s": statistics.median(n / t for n, t in zip(tokens, times)),
             "mean_completion_len": sum(tokens) / len(tokens) / (args.prompts * args.n)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)

@@ -17,7 +17,13 @@ Attention: the self segments go through the registry's `varlen_causal_attention`
 path's kernel); each completion's queries attend to [its prompt's keys | its own keys] under a mask
 (prompt: all, own: causal), all completions in one padded SDPA call while that stays small and
 dense, else one call per completion. That costs n * C * (P + C) score entries against the unshared
-n * (P + C)^2 / 2. The torch path runs on every device; no fused CUDA kernel with per-segment key
+n * (P + C)^2 / 2. In the padded call a GQA group's query heads lie along the query axis
+([B, Hkv, G * Lc, D] against [B, Hkv, Lp + Lc, D]), so K/V heads are not repeated (nor their gradients
+summed back): one such SDPA call alone, 128 completions of 64 tokens after 13-token prompts, 4 query / 2
+KV heads of 16 dims, 2 threads, forward + backward 22.2 -> 19.2 ms (outputs bit-equal). When every
+completion of the micro-batch has the same length (fixed-length rollouts), padding them is a view. With
+both, grpo_step.py's fixed-length training pass (tiny preset, 16 x 8 samples) went 0.142 -> 0.138 s (median
+of 13, old and new interleaved in one process, through the team's measuring lock); EOS-varied unchanged. The torch path runs on every device; no fused CUDA kernel with per-segment key
 ranges is wired (not run on a GPU here).
 """
 
@@ -83,6 +89,8 @@ class SharedPrefixAttention:
         self.padded = entries <= min(_PADDED_MAX_ENTRIES, _PADDED_MAX_WASTE * needed) if padded is None else padded
         if not self.padded:
             return
+        # Completions of one length fill [B, Lc] exactly, in order: padding them is a view.
+        self._equal = all(n == Lc for n in self._comp_lengths)
         # Scatter index of the completion tokens into [B, Lc]: (row, position within the completion).
         row = torch.repeat_interleave(torch.arange(B), comp_lens)
         col = torch.arange(int(comp_lens.sum())) - (torch.cumsum(comp_lens, 0) - comp_lens)[row]
@@ -94,6 +102,7 @@ class SharedPrefixAttention:
         mask = torch.cat((see_prefix, see_self), dim=-1)[:, None]  # [B, 1, Lc, Lp + Lc]
         self._index = {"row": row, "col": col, "prefix": prefix_index, "mask": mask}
         self._shape = (B, Lc)
+        self._group_masks: dict[int, torch.Tensor] = {}  # GQA group size -> mask [B, 1, G * Lc, Lp + Lc]
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
         """q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] (post-rotary) -> [T, Hq, Dv]."""
@@ -103,33 +112,44 @@ class SharedPrefixAttention:
         if self.num_completions == 0:
             return varlen(q, k, v, self._self_bounds, scale)
         group = q.shape[1] // k.shape[1]
-        if group > 1:  # as the varlen reference: expanded KV heads keep SDPA on its fused kernel
+        if group > 1 and not self.padded:  # as the varlen reference: expanded KV heads keep SDPA on its fused kernel
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
         n_self = self.self_tokens
         q_self, q_comp = q.split([n_self, q.shape[0] - n_self])
         k_self, k_comp = k.split([n_self, k.shape[0] - n_self])
         v_self, v_comp = v.split([n_self, v.shape[0] - n_self])
-        out_self = varlen(q_self, k_self, v_self, self._self_bounds, scale)
+        out_self = varlen(q_self, k_self, v_self, self._self_bounds, scale)  # (GQA-aware: its contract)
         attend_completions = self._padded if self.padded else self._per_completion
         return torch.cat((out_self, attend_completions(q_comp, k_self, k_comp, v_self, v_comp, scale)))
 
     def _padded(self, q_comp, k_self, k_comp, v_self, v_comp, scale: float) -> torch.Tensor:
-        """Every completion in one SDPA call: padded queries [B, H, Lc, D] against [its prompt's keys
-        (gathered, [B, Lp]) | its own keys (padded, [B, Lc])] under the mask (prompt: all, own: causal)."""
+        """Every completion in one SDPA call: padded queries against [its prompt's keys (gathered, [B, Lp]) |
+        its own keys (padded, [B, Lc])] under the mask (prompt: all, own: causal). With G query heads per KV
+        head, query head h * G + g of completion position t is row g * Lc + t of KV head h's query axis."""
         if self._index["mask"].device != q_comp.device:  # built on the host with the micro-batch
             self._index = {name: x.to(q_comp.device) for name, x in self._index.items()}
+            self._group_masks = {}
         row, col, B, Lc = self._index["row"], self._index["col"], *self._shape
+        Hq, Hkv = q_comp.shape[1], k_comp.shape[1]
+        G = Hq // Hkv
+        mask = self._group_masks.get(G)
+        if mask is None:
+            mask = self._group_masks[G] = self._index["mask"].repeat(1, 1, G, 1)
 
-        def pad(x: torch.Tensor) -> torch.Tensor:  # [Tc, H, D] -> [B, H, Lc, D]
-            return x.new_zeros(B, Lc, *x.shape[1:]).index_put((row, col), x).transpose(1, 2)
+        def pad(x: torch.Tensor) -> torch.Tensor:  # [Tc, H, D] -> [B, Lc, H, D]
+            if self._equal:
+                return x.view(B, Lc, *x.shape[1:])
+            return x.new_zeros(B, Lc, *x.shape[1:]).index_put((row, col), x)
 
-        def with_prefix(x_self: torch.Tensor, x_comp: torch.Tensor) -> torch.Tensor:  # [B, H, Lp + Lc, D]
-            return torch.cat((x_self[self._index["prefix"]].transpose(1, 2), pad(x_comp)), dim=2)
+        def with_prefix(x_self: torch.Tensor, x_comp: torch.Tensor) -> torch.Tensor:  # [B, Hkv, Lp + Lc, D]
+            return torch.cat((x_self[self._index["prefix"]].transpose(1, 2), pad(x_comp).transpose(1, 2)), dim=2)
 
-        o = F.scaled_dot_product_attention(pad(q_comp), with_prefix(k_self, k_comp), with_prefix(v_self, v_comp),
-                                           attn_mask=self._index["mask"], scale=scale)
-        return o.transpose(1, 2)[row, col]  # [Tc, H, Dv]
+        q_rows = pad(q_comp).unflatten(2, (Hkv, G)).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Lc, -1)
+        o = F.scaled_dot_product_attention(q_rows, with_prefix(k_self, k_comp), with_prefix(v_self, v_comp),
+                                           attn_mask=mask, scale=scale)
+        o = o.unflatten(2, (G, Lc)).permute(0, 3, 1, 2, 4).reshape(B, Lc, Hq, -1)  # [B, Lc, Hq, Dv]
+        return o.reshape(B * Lc, Hq, -1) if self._equal else o[row, col]  # [Tc, Hq, Dv]
 
     def _per_completion(self, q_comp, k_self, k_comp, v_self, v_comp, scale: float) -> torch.Tensor:
         """One SDPA call per completion (long or very uneven ones): its C queries against [its prompt's

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from rl_engine.policy.shared_prefix import SharedPrefixAttention
@@ -141,10 +142,13 @@ def build_shared_prefix_batch(units: Sequence[PrefixUnit], *, token_ids: Sequenc
                 raise ValueError(f"per_token[{name!r}] of sample {i} has {len(lists[i])} values but the sample "
                                  f"has {len(token_ids[i])} tokens")
     values = {name: gather(lists) for name, lists in per_token.items()}
-    owner = torch.tensor([i for i, _, _ in segments], dtype=torch.int64)
+    # Broadcasts to rows in numpy: torch.repeat_interleave starts its thread pool for these few-kB outputs.
+    owner = np.array([i for i, _, _ in segments], dtype=np.int64)
+    repeats = lengths.numpy()
     for name, sample_values in per_sample.items():
-        values[name] = torch.repeat_interleave(torch.as_tensor(sample_values)[owner], lengths)
-    starts = torch.tensor([a for _, a, _ in segments], dtype=torch.int64)  # each segment's first position
-    positions = torch.arange(int(cu_seqlens[-1])) + torch.repeat_interleave(starts - cu_seqlens[:-1].long(), lengths)
+        values[name] = torch.from_numpy(np.repeat(torch.as_tensor(sample_values).detach().numpy()[owner], repeats))
+    starts = np.array([a for _, a, _ in segments], dtype=np.int64)  # each segment's first position
+    row_starts = cu_seqlens[:-1].numpy().astype(np.int64)
+    positions = torch.from_numpy(np.arange(int(cu_seqlens[-1]), dtype=np.int64) + np.repeat(starts - row_starts, repeats))
     return SharedPrefixBatch(input_ids=gather(token_ids).long(), positions=positions, cu_seqlens=cu_seqlens,
                              segments=segments, attention=SharedPrefixAttention(cu_seqlens, prefix_of), values=values)

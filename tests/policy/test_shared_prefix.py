@@ -181,14 +181,18 @@ def test_groups_whose_prompts_differ_are_not_shared():
                                                                len(u.samples) == 1] == [0]
 
 
+@pytest.mark.parametrize("completion_lengths", [[2, 6, 1], [3, 3, 3]], ids=["uneven", "equal"])
+@pytest.mark.parametrize("heads", [(4, 2), (6, 2), (2, 2)], ids=["gqa2", "gqa3", "mha"])
 @pytest.mark.parametrize("padded", [True, False], ids=["padded", "per_completion"])
-def test_attention_matches_an_explicit_mask(padded):
+def test_attention_matches_an_explicit_mask(padded, heads, completion_lengths):
     """Segments: a prompt (5), an unshared sequence (4), a prompt (3); completions 2+6 of the first, 1 of
-    the third. Reference: one SDPA over all T tokens with the mask the layout means."""
+    the third (or 3 tokens each: the padded call's equal-length view); query / KV heads 4 / 2, 6 / 2
+    (GQA groups along the padded call's query axis) and 2 / 2. Reference: one SDPA over all T tokens
+    with the mask the layout means."""
     torch.manual_seed(0)
-    lengths, prefix_of = [5, 4, 3, 2, 6, 1], [-1, -1, -1, 0, 0, 2]
+    lengths, prefix_of = [5, 4, 3, *completion_lengths], [-1, -1, -1, 0, 0, 2]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    T, Hq, Hkv, D = int(cu[-1]), 4, 2, 8
+    T, (Hq, Hkv), D = int(cu[-1]), heads, 8
     q, k, v = (torch.randn(T, h, D, dtype=torch.float64, requires_grad=True) for h in (Hq, Hkv, Hkv))
     layout = SharedPrefixAttention(cu, torch.tensor(prefix_of), padded=padded)
     assert layout.padded == padded
@@ -197,8 +201,9 @@ def test_attention_matches_an_explicit_mask(padded):
     idx = torch.arange(T)
     pre = torch.tensor(prefix_of)[seg]
     mask = ((seg[:, None] == seg[None]) & (idx[None] <= idx[:, None])) | (pre[:, None] == seg[None])
-    ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
-                                         v.repeat_interleave(2, 1).transpose(0, 1), attn_mask=mask, scale=0.3)
+    group = Hq // Hkv
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(group, 1).transpose(0, 1),
+                                         v.repeat_interleave(group, 1).transpose(0, 1), attn_mask=mask, scale=0.3)
     ref = ref.transpose(0, 1)
     assert (out - ref).abs().max() < 1e-12
     g = torch.randn_like(out)
