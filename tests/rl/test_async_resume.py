@@ -337,3 +337,18 @@ def test_ledger_async_transitions_keep_the_invariant():
     with pytest.raises(ValueError, match="expected generated"):
         ledger.trained(["b"])
     assert ledger.pop_events() == [("a", "dropped:stale")] and ledger.pop_events() == []
+
+
+def test_holding_a_request_needs_async_mode(tmp_path):
+    """A sync round waits for every request: a held one would never be answered, so it is refused."""
+    from rl_engine.actors.rollout_worker import RolloutWorker
+    from rl_engine.auth import RunAuth
+
+    auth = RunAuth.generate()
+    try:
+        with pytest.raises(ValueError, match="--hold-a-request-until-update needs rollout.mode=async .* "
+                                             "got rollout.mode=sync"):
+            RolloutWorker(toy_config(tmp_path), auth=auth, worker_id="rollout-0", coordinator="tcp://127.0.0.1:1",
+                          heartbeat="tcp://127.0.0.1:2", hold_a_request_until_update=True)
+    finally:
+        auth.close()
