@@ -28,9 +28,21 @@ def _timeout() -> timedelta:
     return timedelta(seconds=int(os.environ.get("RL_ENGINE_DIST_TIMEOUT", "300")))
 
 
+def serve_store(world_size: int) -> dist.TCPStore:
+    """A TCP store served by this process on a loopback port the kernel picks (`.port`), for `world_size`
+    ranks that join it with `join_store`; it serves until it is deleted. Processes that need a store (or a
+    rendezvous of their own) take its port from here instead of a free port that rank 0 would bind later."""
+    return dist.TCPStore("127.0.0.1", 0, world_size, True, timeout=_timeout(), wait_for_workers=False)
+
+
+def join_store(port: int, world_size: int) -> dist.TCPStore:
+    """A client of the store `serve_store` serves on `port`."""
+    return dist.TCPStore("127.0.0.1", port, world_size, False, timeout=_timeout())
+
+
 def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple) -> None:
     torch.set_num_threads(threads)
-    store = dist.TCPStore("127.0.0.1", port, world_size, False, timeout=_timeout())  # a client of the caller's
+    store = join_store(port, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=_timeout())
     try:
         fn(rank, world_size, *args)
@@ -45,7 +57,7 @@ def spawn(fn: Callable, world_size: int, *args, threads: int | None = None) -> N
     threads = torch.get_num_threads() if threads is None else threads
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    store = dist.TCPStore("127.0.0.1", 0, world_size, True, timeout=_timeout(), wait_for_workers=False)
+    store = serve_store(world_size)
     try:
         mp.spawn(_worker, args=(world_size, store.port, threads, fn, args), nprocs=world_size, join=True)
     finally:

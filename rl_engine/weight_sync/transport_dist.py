@@ -42,16 +42,20 @@ _PROBE_TAG = 1 << 28
 _OTHER_FAILURE = 1 << 40
 
 
-def sync_group(address: str, *, rank: int, world_size: int, backend: str = "gloo",
+def sync_group(address: "str | dist.Store", *, rank: int, world_size: int, backend: str = "gloo",
                timeout_s: float = 300.0) -> "SyncGroup":
     """A process group of its own for weight sync, independent of the default (training) group, renewed after
-    a failed update (`SyncGroup`). `address` is "host:port" of rank 0's TCP store. NCCL (backend="nccl") is
-    unverified on CPU."""
+    a failed update (`SyncGroup`). `address` is "host:port" of the TCP store rank 0 serves, or a store every
+    rank reaches already (one served by a process that bound its port before publishing it, e.g.
+    `rl_engine.launch.gloo.serve_store`). NCCL (backend="nccl") is unverified on CPU."""
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    host, port = address.rsplit(":", 1)
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=timeout)
+    if isinstance(address, dist.Store):
+        store = address
+    else:
+        host, port = address.rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=timeout)
     return SyncGroup(store, rank=rank, world_size=world_size, backend=backend, timeout=timeout)
 
 

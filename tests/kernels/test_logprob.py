@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rl_engine.kernels import logprob as ref
+from rl_engine.launch.gloo import join_store, serve_store
 
 
 def plain_logprob_entropy(logits, targets, temperature, vocab_size=None):
@@ -147,8 +148,7 @@ def _tp_worker(rank: int, world_size: int, port: int, backends: list[str], queue
         from rl_engine.kernels.triton.logprob import logprob_entropy
 
         functions["triton"] = logprob_entropy
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group("gloo", store=join_store(port, world_size), rank=rank, world_size=world_size)
     try:
         logits, targets, g_lp, g_h = _inputs(4, 30, vocab_size=27)
         start, end = [(0, 15), (15, 30)][rank]
@@ -165,18 +165,14 @@ def _tp_worker(rank: int, world_size: int, port: int, backends: list[str], queue
 def test_tensor_parallel_two_ranks():
     """The process-group path: two gloo ranks, one vocab half each, match the unsharded answer
     (torch reference, and the Triton kernels when the interpreter runs)."""
-    import socket
-
     from rl_engine.kernels import backends as kernel_backends
 
     # the children build their own interpreted kernels; run them when this process could too
     interpreted = kernel_backends.backend_status("triton", "cpu").available
     backends = ["torch"] + (["triton"] if interpreted else [])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    store = serve_store(2)  # bound before the ranks start (a free port picked here could be taken meanwhile)
     queue = mp.get_context("spawn").Queue()
-    mp.start_processes(_tp_worker, args=(2, port, backends, queue), nprocs=2, start_method="spawn")
+    mp.start_processes(_tp_worker, args=(2, store.port, backends, queue), nprocs=2, start_method="spawn")
     results = {}
     for _ in range(2 * len(backends)):
         backend, rank, *arrays = queue.get(timeout=60)

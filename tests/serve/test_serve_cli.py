@@ -30,15 +30,23 @@ def _free_port() -> int:
 STARTUP_S = 300
 
 
-def _wait_until_healthy(proc: subprocess.Popen, port: int, log_path) -> None:
+# The server binds the port itself (uvicorn), after a start of tens of seconds in which another process on
+# the shared machine may take the free port picked for it: such a start is retried on another port.
+PORT_TRIES = 3
+
+
+def _wait_until_healthy(proc: subprocess.Popen, port: int, log_path) -> bool:
+    """True once the server answers /health; False when it exited because its port was taken meanwhile."""
     deadline = time.monotonic() + STARTUP_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if "address already in use" in log_path.read_text().lower():
+                return False
             pytest.fail(f"the server exited ({proc.returncode}) before answering /health; its output:\n"
                         f"{log_path.read_text()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return
+                return True
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
@@ -46,15 +54,20 @@ def _wait_until_healthy(proc: subprocess.Popen, port: int, log_path) -> None:
 
 
 def test_serve_command(chat_model_dir, tmp_path):
-    port = _free_port()
     env = {**os.environ, "RL_ENGINE_API_KEY": "k-123"}  # the key out of the process list
     log_path = tmp_path / "server.log"  # a file, not a pipe nobody reads: a full pipe would stall the server
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "serve", chat_model_dir, "--port", str(port),
-                                 "--served-model-name", "m", "--max-model-len", "256", "--log-level", "warning"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    for attempt in range(1, PORT_TRIES + 1):
+        port = _free_port()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "serve", chat_model_dir, "--port",
+                                     str(port), "--served-model-name", "m", "--max-model-len", "256", "--log-level",
+                                     "warning"], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        if _wait_until_healthy(proc, port, log_path):
+            break
+        if attempt == PORT_TRIES:
+            pytest.fail(f"the server's port was taken by another process on each of {PORT_TRIES} tries; last "
+                        f"output:\n{log_path.read_text()}")
     try:
-        _wait_until_healthy(proc, port, log_path)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k-123", max_retries=0)
         (model,) = client.models.list().data
         assert model.id == "m" and model.max_model_len == 256

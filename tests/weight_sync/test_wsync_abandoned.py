@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from rl_engine.launch import free_port
+from rl_engine.launch.gloo import join_store, serve_store
 
 from rl_engine.policy import load_hf_weights
 from rl_engine.weight_sync import (
@@ -139,9 +139,10 @@ class LateBucket:
 
 
 def _gloo_pair(rank: int, port: int, tp: int = 1):
-    """Ranks 0..tp-1 (the sources) and rank tp (the engine) of a gloo sync group, and their plan."""
+    """Ranks 0..tp-1 (the sources) and rank tp (the engine) of a gloo sync group on the store the test serves
+    on `port` (bound before the ranks start, `serve_store`), and their plan."""
     torch.set_num_threads(1)
-    group = sync_group(f"127.0.0.1:{port}", rank=rank, world_size=tp + 1, timeout_s=WAIT_S)
+    group = sync_group(join_store(port, tp + 1), rank=rank, world_size=tp + 1, timeout_s=WAIT_S)
     return group, plan_sync(UNTIED, src=TrainLayout(tp=tp, dtype=torch.float32), dst=DST, bucket_bytes=4 << 10)
 
 
@@ -171,7 +172,8 @@ def _gloo_rank(rank: int, port: int, path: str, results) -> None:
 def test_gloo_bucket_of_another_update_is_refused_naming_both(tmp_path):
     path = write_weights(str(tmp_path / "a"), UNTIED, seed=1)
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_gloo_rank, args=(free_port(), path, results), nprocs=2, join=True)
+    store = serve_store(2)
+    mp.spawn(_gloo_rank, args=(store.port, path, results), nprocs=2, join=True)
     out = dict(results.get() for _ in range(2))
     assert "bucket 0 from source rank 0 belongs to v1, the update under way is v2" in out[1]["v2"], out[1]["v2"]
     assert "rejected by the engines (bucket 0" in out[0]["v2"], out[0]["v2"]
@@ -217,14 +219,18 @@ def _gloo_late_rank(rank: int, tp: int, port: int, path: str, gave_up, results) 
     results.put((rank, out))
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 2, 4])
 def test_gloo_receiver_that_timed_out_takes_the_next_update_on_a_renewed_group(tmp_path, tp):
     """The last source has begun v1 (handshake) but sends its buckets only after the receiver timed out of
-    them; every rank's v1 fails (gloo closed the group), and v2 goes through on the renewed group."""
+    them; every rank's v1 fails (gloo closed the group), and v2 goes through on the renewed group. tp 4: a
+    group of 5 ranks, where a rank waiting on a peer other than the receiver would fail only at the group's
+    full timeout and cost one more failed update (not the case: each source is a direct peer of the
+    receiver; all 5 ranks failed within ~2 s and took v2, at load ~10)."""
     path = write_weights(str(tmp_path / "a"), UNTIED, seed=1)
     ctx = mp.get_context("spawn")
     gave_up, results = ctx.Event(), ctx.SimpleQueue()
-    mp.spawn(_gloo_late_rank, args=(tp, free_port(), path, gave_up, results), nprocs=tp + 1, join=True)
+    store = serve_store(tp + 1)
+    mp.spawn(_gloo_late_rank, args=(tp, store.port, path, gave_up, results), nprocs=tp + 1, join=True)
     out = dict(results.get() for _ in range(tp + 1))
     assert "destination rank 0 abandoned the weight update (engine at version 0): the sync group failed " \
            "(" in out[tp]["v1"] and "Timed out" in out[tp]["v1"], out[tp]["v1"]

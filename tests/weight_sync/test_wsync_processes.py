@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-from rl_engine.launch import free_port
 from wsync_helpers import DENSE, MOE, spawn_for_facts, write_weights
 from wsync_workers import run
 
@@ -18,8 +17,7 @@ def facts(tmp_path_factory):
     out = tmp_path_factory.mktemp("wsync_procs")
     paths = {"dense": write_weights(str(out / "dense"), DENSE, seed=0),
              "moe": write_weights(str(out / "moe"), MOE, seed=1)}
-    ports = {"train": free_port(), "sync": free_port(), "zmq": free_port()}
-    return spawn_for_facts(run, nprocs=5, out_dir=str(out), paths=paths, ports=ports)
+    return spawn_for_facts(run, nprocs=5, out_dir=str(out), paths=paths)
 
 
 def test_tp2_pp2_to_engine_tp1_over_torch_distributed(facts):

@@ -14,7 +14,6 @@ import threading
 import pytest
 import torch.multiprocessing as mp
 
-from rl_engine.launch import free_port
 from rl_engine.weight_sync import (
     EngineLayout,
     SharedMemoryReceiverTransport,
@@ -40,8 +39,7 @@ def facts(tmp_path_factory):
     out = tmp_path_factory.mktemp("wsync_shm")
     paths = {"dense": write_weights(str(out / "dense"), DENSE, seed=0),
              "moe": write_weights(str(out / "moe"), MOE, seed=1)}
-    ports = {"train": free_port(), "shm": free_port(), "shm_moe": free_port()}
-    return spawn_for_facts(run, nprocs=3, out_dir=str(out), paths=paths, ports=ports)
+    return spawn_for_facts(run, nprocs=3, out_dir=str(out), paths=paths)
 
 
 def test_tp2_to_engine_tp1_is_byte_identical_and_served_from_shared_memory(facts):

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rl_engine.launch.gloo import serve_store
 from rl_engine.policy import CausalLM, ModelConfig, ParallelGroups, load_hf_weights
 from rl_engine.policy.parallel import rank_coords
 from rl_engine.policy.pipeline import split_layers
@@ -131,13 +132,29 @@ def micro_batches(config: ModelConfig, *, num: int = 2, seed: int = 1):
     return out
 
 
+def publish(store, key: str, address: str) -> None:
+    store.set(f"address/{key}", address)
+
+
+def lookup(store, key: str) -> str:
+    """The address `publish`ed under `key` (waits for it up to the store's timeout)."""
+    return store.get(f"address/{key}").decode()
+
+
 def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb) -> torch.Tensor:
     return -(logprobs * mb.loss_inputs["advantages"]).sum() / 64.0
 
 
-def spawn_for_facts(run, *, nprocs: int, out_dir: str, paths: dict, ports: dict) -> dict[int, dict]:
-    """Run `run(rank, out_dir, paths, ports)` on `nprocs` processes; returns each rank's facts."""
-    mp.spawn(run, args=(out_dir, paths, ports), nprocs=nprocs, join=True)
+def spawn_for_facts(run, *, nprocs: int, out_dir: str, paths: dict) -> dict[int, dict]:
+    """Run `run(rank, out_dir, paths, store_port)` on `nprocs` processes; returns each rank's facts. The ranks
+    meet at a TCP store this process serves on a port bound before they start (`rl_engine.launch.gloo.
+    serve_store`): their process groups rendezvous under a prefix of it and each receiver publishes there the
+    address it bound (`publish` / `lookup`), so no port is picked free and bound later by another process."""
+    store = serve_store(nprocs)
+    try:
+        mp.spawn(run, args=(out_dir, paths, store.port), nprocs=nprocs, join=True)
+    finally:
+        del store
     merged: dict[int, dict] = {}
     for r in range(nprocs):
         with open(os.path.join(out_dir, f"facts{r}.json")) as f:

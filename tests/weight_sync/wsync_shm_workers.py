@@ -23,7 +23,8 @@ from rl_engine.weight_sync import (
     plan_sync,
     trainer_probe,
 )
-from wsync_helpers import DENSE, MOE, WAIT_S, finish_rank
+from rl_engine.launch.gloo import join_store
+from wsync_helpers import DENSE, MOE, WAIT_S, finish_rank, lookup, publish
 from wsync_workers import PROBE_IDS, _step_and_save, _trainer, _victim, engine_checks, greedy
 
 TRAIN_WORLD = 2
@@ -35,17 +36,18 @@ def _plans():
             "moe": plan_sync(MOE, src=TrainLayout(ep=2, dp=2), dst=EngineLayout(), bucket_bytes=8 << 10)}
 
 
-def run(rank: int, out_dir: str, paths: dict, ports: dict) -> None:
+def run(rank: int, out_dir: str, paths: dict, store_port: int) -> None:
     torch.set_num_threads(1)
     facts: dict = {"pid": os.getpid()}
+    store = join_store(store_port, TRAIN_WORLD + 1)
     if rank < TRAIN_WORLD:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports['train']}", rank=rank,
+        dist.init_process_group("gloo", store=dist.PrefixStore("train", store), rank=rank,
                                 world_size=TRAIN_WORLD, timeout=timedelta(seconds=WAIT_S))
     try:
         if rank < TRAIN_WORLD:
-            trainer_side(rank, facts, out_dir, paths, ports)
+            trainer_side(rank, facts, out_dir, paths, store)
         else:
-            engine_side(facts, out_dir, paths, ports)
+            engine_side(facts, out_dir, paths, store)
     finally:
         finish_rank(out_dir, rank, facts, in_train_world=rank < TRAIN_WORLD)
 
@@ -58,12 +60,12 @@ def _publish(pub: WeightPublisher, facts: dict, key: str, version: int, **kw) ->
         facts[key] = str(e)
 
 
-def trainer_side(rank: int, facts: dict, out_dir: str, paths: dict, ports: dict) -> None:
+def trainer_side(rank: int, facts: dict, out_dir: str, paths: dict, store) -> None:
     plans = _plans()
     # ---- dense tp2 -> engine tp1 ----------------------------------------------------------------------
     plan = plans["dense"]
     trainer = _trainer(DENSE, paths["dense"], tp=2)
-    tx = SharedMemorySenderTransport({0: f"tcp://127.0.0.1:{ports['shm']}"}, timeout_s=WAIT_S)
+    tx = SharedMemorySenderTransport({0: lookup(store, "shm")}, timeout_s=WAIT_S)
     pub = WeightPublisher(trainer.chunks, plan, src_rank=rank, transport=tx)
     _step_and_save(trainer, DENSE, os.path.join(out_dir, "S1"), seed=1)
     _publish(pub, facts, "v1", 1)
@@ -97,7 +99,7 @@ def trainer_side(rank: int, facts: dict, out_dir: str, paths: dict, ports: dict)
     # ---- MoE ep2 (x dp2) -> engine tp1 -------------------------------------------------------------------
     trainer = _trainer(MOE, paths["moe"], tp=1, ep=2)
     _step_and_save(trainer, MOE, os.path.join(out_dir, "M"), seed=3)
-    tx = SharedMemorySenderTransport({0: f"tcp://127.0.0.1:{ports['shm_moe']}"}, timeout_s=WAIT_S)
+    tx = SharedMemorySenderTransport({0: lookup(store, "shm_moe")}, timeout_s=WAIT_S)
     _publish(WeightPublisher(trainer.chunks, plans["moe"], src_rank=rank, transport=tx), facts, "moe", 1)
     tx.close()
 
@@ -110,14 +112,16 @@ def _sync(receiver: WeightReceiver, facts: dict, key: str) -> None:
         facts[key] = str(e)
 
 
-def engine_side(facts: dict, out_dir: str, paths: dict, ports: dict) -> None:
+def engine_side(facts: dict, out_dir: str, paths: dict, store) -> None:
     plans = _plans()
     # Bound now: the sources publish the MoE update as soon as their dense part is done, and a source finds
     # nothing listening an error (a gone destination), so it must not come before this rank's dense checks
     # end (it did, while this rank built its first C++ kernels).
-    rx_moe = SharedMemoryReceiverTransport(port=ports["shm_moe"], timeout_s=WAIT_S)
+    rx_moe = SharedMemoryReceiverTransport(timeout_s=WAIT_S)
+    publish(store, "shm_moe", rx_moe.address)
     llm = LLM(from_pretrained(paths["dense"]))
-    rx = SharedMemoryReceiverTransport(port=ports["shm"], timeout_s=WAIT_S)
+    rx = SharedMemoryReceiverTransport(timeout_s=WAIT_S)
+    publish(store, "shm", rx.address)
     receiver = WeightReceiver(llm, plans["dense"], transport=rx)
     facts["regions"] = [os.path.basename(p) for p in rx.staging.paths]
     facts["initial_tokens"] = greedy(llm)[0]

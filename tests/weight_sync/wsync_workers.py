@@ -28,7 +28,8 @@ from rl_engine.weight_sync import (
     trainer_probe,
 )
 from rl_engine.weight_sync import transport_zmq
-from wsync_helpers import DENSE, MOE, WAIT_S, finish_rank, loss_fn, micro_batches, state_bytes
+from rl_engine.launch.gloo import join_store
+from wsync_helpers import DENSE, MOE, WAIT_S, finish_rank, lookup, loss_fn, micro_batches, publish, state_bytes
 
 TRAIN_WORLD = 4
 ENGINE = 4
@@ -81,19 +82,20 @@ def engine_checks(facts: dict, name: str, llm: LLM, config, ckpt: str, dtype) ->
     facts[f"{name}/tokens"] = tokens
 
 
-def run(rank: int, out_dir: str, paths: dict, ports: dict) -> None:
+def run(rank: int, out_dir: str, paths: dict, store_port: int) -> None:
     torch.set_num_threads(1)
     timeout = timedelta(seconds=WAIT_S)
+    store = join_store(store_port, TRAIN_WORLD + 1)
     if rank < TRAIN_WORLD:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports['train']}", rank=rank,
-                               world_size=TRAIN_WORLD, timeout=timeout)
-    group = sync_group(f"127.0.0.1:{ports['sync']}", rank=rank, world_size=TRAIN_WORLD + 1, timeout_s=WAIT_S)
+        dist.init_process_group("gloo", store=dist.PrefixStore("train", store), rank=rank,
+                                world_size=TRAIN_WORLD, timeout=timeout)
+    group = sync_group(dist.PrefixStore("sync", store), rank=rank, world_size=TRAIN_WORLD + 1, timeout_s=WAIT_S)
     facts: dict = {}
     try:
         if rank < TRAIN_WORLD:
-            trainer_side(rank, group, facts, out_dir, paths, ports)
+            trainer_side(rank, group, facts, out_dir, paths, store)
         else:
-            engine_side(group, facts, out_dir, paths, ports)
+            engine_side(group, facts, out_dir, paths, store)
     finally:
         finish_rank(out_dir, rank, facts, in_train_world=rank < TRAIN_WORLD)
 
@@ -126,9 +128,9 @@ def _victim(plan) -> int:
     return mine[len(mine) // 2].index
 
 
-def trainer_side(rank: int, group, facts: dict, out_dir: str, paths: dict, ports: dict) -> None:
+def trainer_side(rank: int, group, facts: dict, out_dir: str, paths: dict, store) -> None:
     plans = _plans()
-    zmq_tx = ZmqSenderTransport({0: f"tcp://127.0.0.1:{ports['zmq']}"}, timeout_s=WAIT_S)
+    zmq_tx = ZmqSenderTransport({0: lookup(store, "zmq")}, timeout_s=WAIT_S)
     # ---- A: dense tp2 x pp2, fp32 -> engine tp1, over torch.distributed then over ZMQ -----------------
     plan = plans["A"]
     trainer = _trainer(DENSE, paths["dense"], tp=2, pp=2)
@@ -208,9 +210,10 @@ def trainer_side(rank: int, group, facts: dict, out_dir: str, paths: dict, ports
     facts["D/versions"] = versions
 
 
-def engine_side(group, facts: dict, out_dir: str, paths: dict, ports: dict) -> None:
+def engine_side(group, facts: dict, out_dir: str, paths: dict, store) -> None:
     plans = _plans()
-    zmq_rx = ZmqReceiverTransport(port=ports["zmq"], timeout_s=WAIT_S)
+    zmq_rx = ZmqReceiverTransport(timeout_s=WAIT_S)  # a port bound now, published to the sources
+    publish(store, "zmq", zmq_rx.address)
     dist_rx = TorchDistTransport(group, num_src=4, num_dst=1)
     # ---- A ----
     llm = LLM(from_pretrained(paths["dense"]))
