@@ -7,6 +7,7 @@ trainer's recomputation (IS ratio 1, k3 mismatch ~0), loss mask on sampled token
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -103,6 +104,14 @@ def test_actor_placements_reproduce_the_single_process_sessions(reference, place
         assert row["train/mismatch_k3"] <= 1e-6 and abs(row["train/is_ratio_max"] - 1) <= 1e-5
 
 
+def hold_a_turn(specs):
+    """edit_specs: each rollout worker holds one sampled turn per weights version until the next
+    update (fault injection), so every update interrupts a turn in flight; otherwise whether one is
+    in flight depends on how fast the worker generates compared with how fast the trainer trains."""
+    return [dataclasses.replace(s, args=[*s.args, "--hold-a-request-until-update"]) if s.name.startswith("rollout-")
+            else s for s in specs]
+
+
 def sampled_turns(sample: dict) -> list[list[int]]:
     """The policy versions of each turn's sampled tokens (turns are the runs of loss-masked tokens:
     observations sit between them)."""
@@ -121,15 +130,14 @@ def test_async_sessions_continue_across_weight_updates(placement, tmp_path):
     """rollout.mode=async: sessions run across steps; a weight update reaches them between turns (and,
     disaggregated, inside a turn: the turn is interrupted and continued with the new weights). Their
     samples then hold tokens of two versions, each sampled token with its own version and log-prob.
-    The sessions of two prompts wait after their first turn for an update (`two_turns_across_an_update`),
-    so mixed-version samples exist whatever the speed of the engines relative to the trainer; whether an
-    update also finds a turn in flight depends on that speed, so interrupted turns are checked against
-    the turns whose tokens carry two versions (each must be one), and the interruption itself by
-    test_an_interrupted_turn_is_sent_again_with_its_partial_output."""
+    The sessions of two prompts wait after their first turn for an update (`two_turns_across_an_update`)
+    and, disaggregated, the worker holds a turn per version until the update (`hold_a_turn`), so both
+    happen whatever the speed of the engines relative to the trainer. (2 waiting prompts + 1 held turn
+    leave 3 of the 6 prompts in flight free to finish step 1.)"""
     summary = run_actors(config(tmp_path, f"placement.mode={placement}", "rollout.mode=async", "train.steps=4",
                                 "rollout.prompts_in_flight=6", "rollout.max_staleness=3",
                                 "rollout.max_new_tokens=12", "rollout.fn=agentic_fns:two_turns_across_an_update"),
-                         echo_stream=io.BytesIO())
+                         edit_specs=hold_a_turn if placement == "disaggregated" else None, echo_stream=io.BytesIO())
     c = summary["prompts"]
     assert c["trained"] == 4 * 3 and c["taken"] == c["trained"] + c["dropped"] + c["in_flight"] + c["queued"] + \
         c["generated"], c
@@ -145,18 +153,22 @@ def test_async_sessions_continue_across_weight_updates(placement, tmp_path):
         assert all(max(a) <= min(b) for a, b in zip(turns, turns[1:])), s["policy_versions"]
     rows = metrics(tmp_path)
     assert sum(row["rollout/mixed_version_samples"] for row in rows) == len(mixed)
-    split_turns = sum(len(set(t)) > 1 for s in samples for t in sampled_turns(s))
-    assert sum(row["async/interrupted_turns"] for row in rows) >= split_turns
-    if placement == "colocated":  # the trainer group finishes a batch of turns before it trains
-        assert split_turns == 0 and sum(row["async/interrupted_turns"] for row in rows) == 0
+    split_turns = sum(len(set(t)) > 1 for s in samples for t in sampled_turns(s))  # each an interrupted one
+    interrupted = sum(row["async/interrupted_turns"] for row in rows)
+    assert interrupted >= split_turns
+    if placement == "disaggregated":  # every update interrupts the held turn (3 updates reach the worker)
+        assert interrupted >= 3
+    else:  # the trainer group finishes a batch of turns before it trains
+        assert split_turns == 0 and interrupted == 0
 
 
 def test_async_stale_sessions_are_regenerated(tmp_path):
     """max_staleness=0 with stale_policy=regenerate: every trained sample was sampled by the weights of
-    its step only; finished groups that an update made stale run their sessions again (same uids)."""
+    its step only; finished groups that an update made stale run their sessions again (same uids).
+    The turn the worker holds over each update (`hold_a_turn`) makes its group stale in every run."""
     summary = run_actors(config(tmp_path, "placement.mode=disaggregated", "rollout.mode=async", "train.steps=3",
                                 "rollout.prompts_in_flight=6", "rollout.max_staleness=0",
-                                "rollout.stale_policy=regenerate"), echo_stream=io.BytesIO())
+                                "rollout.stale_policy=regenerate"), edit_specs=hold_a_turn, echo_stream=io.BytesIO())
     assert summary["prompts"]["trained"] == 3 * 3
     samples = dumped(tmp_path)
     check_samples(samples)
