@@ -30,6 +30,7 @@ DECODE_CASES = [  # (context_lens, block_size, num_kv_heads, group, head_dim)
     ([1], 16, 2, 4, 64),  # a lone one-token context
     ([40, 33, 0, 16, 15], 4, 2, 7, 20),  # odd GQA group, exact block multiples and one short
     ([257, 130], 16, 3, 2, 128),  # long contexts: many online-softmax rescales
+    ([80, 9, 31], 16, 2, 2, 16),  # head dim 16 (the GRPO benchmark's tiny model)
 ]
 
 

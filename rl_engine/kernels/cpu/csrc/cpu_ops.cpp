@@ -178,6 +178,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
           static_cast<float>(scale), max_len, k_cache.size(0), bad_block);
     };
     switch (D) {
+      case 16: run(std::integral_constant<int, 16>{}); break;
       case 32: run(std::integral_constant<int, 32>{}); break;
       case 64: run(std::integral_constant<int, 64>{}); break;
       case 128: run(std::integral_constant<int, 128>{}); break;
