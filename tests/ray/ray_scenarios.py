@@ -31,6 +31,33 @@ def alive(pid: int) -> bool:
         return False
 
 
+def left_alive(pids: list[int], *, timeout_s: float = 60.0) -> list[int]:
+    """Those of `pids` still alive after up to `timeout_s` (checked every 0.2 s, returning as soon as all
+    are gone): the launcher's `ray.kill` of a host actor returns at once and Ray ends the process a moment
+    later, a moment that a loaded machine stretches, so a check at one instant (or after a fixed 0.5 s)
+    could see a process that is on its way out. A process left behind stays alive: it is still caught."""
+    deadline = time.monotonic() + timeout_s
+    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def host_actors_once_dead(*, timeout_s: float = 60.0) -> tuple[dict[str, dict], list[str]]:
+    """Ray's table of the run's host actors (name -> node id, state; dead ones are still listed) and the
+    names of those not DEAD, once all are DEAD or after up to `timeout_s` (needs `ray.init`): the GCS
+    marks an actor dead a moment after `ray.kill` returns, as for its process in `left_alive`."""
+    import ray._private.state
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        actors = {a["Name"]: {"node_id": a["Address"]["NodeID"], "state": a["State"]}
+                  for a in ray._private.state.actors().values() if a["ActorClassName"] == "ProcessHost"}
+        not_dead = [name for name, a in actors.items() if a["state"] != "DEAD"]
+        if not not_dead or time.monotonic() > deadline:
+            return actors, not_dead
+        time.sleep(0.2)
+
+
 def listeners() -> list[str]:
     out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
     return sorted({line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()})
@@ -113,14 +140,11 @@ def run_scenario(name: str, out: str, overrides: list[str], *, ray_address: str,
         try:
             labels = {n["NodeID"]: next(k for k in n["Resources"] if k.startswith("n") and k[1:].isdigit())
                       for n in ray.nodes()}
-            actors = {a["Name"]: {"node_id": a["Address"]["NodeID"], "state": a["State"]}
-                      for a in ray._private.state.actors().values() if a["ActorClassName"] == "ProcessHost"}
+            actors, result["alive_hosts"] = host_actors_once_dead()
         finally:
             ray.shutdown()
         result["ray_nodes"] = {proc: labels[actors[info["actor_name"]]["node_id"]] for proc, info in placement.items()}
-        result["alive_hosts"] = [name for name, a in actors.items() if a["state"] == "ALIVE"]
-        time.sleep(0.5)
-        result["left_alive"] = [p for p in run_pids(placement) if alive(p)]
+        result["left_alive"] = left_alive(run_pids(placement))
     return result
 
 
@@ -251,8 +275,7 @@ def sigterm_driver(out: str, ray_address: str) -> dict:
     result = {"running_when_signalled": running_when_signalled, "returncode": rc,
               "stop_seconds": time.monotonic() - t0}
     placement = placement_of(run_dir)
-    time.sleep(0.5)
-    result["left_alive"] = [p for p in run_pids(placement) if alive(p)]
+    result["left_alive"] = left_alive(run_pids(placement))
 
     def read(directory: str) -> dict[str, str]:
         return {n: open(os.path.join(directory, n), "rb").read().decode(errors="replace")
@@ -266,8 +289,7 @@ def sigterm_driver(out: str, ray_address: str) -> dict:
 
     ray.init(address=ray_address, log_to_driver=False)
     try:
-        result["alive_hosts"] = [a["Name"] for a in ray._private.state.actors().values()
-                                 if a["ActorClassName"] == "ProcessHost" and a["State"] != "DEAD"]
+        result["alive_hosts"] = host_actors_once_dead()[1]
     finally:
         ray.shutdown()
     return result
@@ -307,11 +329,7 @@ def sigkill_driver_then_resume(out: str, ray_address: str) -> dict:
     result: dict = {"running_when_killed": proc.poll() is None}
     proc.kill()
     proc.wait()
-    pids = run_pids(placement_of(run_dir))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.2)
-    result["left_alive"] = [p for p in pids if alive(p)]
+    result["left_alive"] = left_alive(run_pids(placement_of(run_dir)))
     # Read once every process is gone: Ray ends a dead driver's actors a moment later, so the coordinator
     # may commit one more checkpoint after the driver's death.
     result["killed_at_step"] = json.load(open(latest))["step"]
@@ -430,7 +448,7 @@ def job_submit(out: str) -> dict:
         try:
             with open(os.path.join(run_dir, "summary.json")) as f:
                 result["summary"] = json.load(f)
-            result["left_alive"] = [p for p in run_pids(placement_of(run_dir)) if alive(p)]
+            result["left_alive"] = left_alive(run_pids(placement_of(run_dir)))
         except FileNotFoundError as e:
             result["missing"] = str(e)
     finally:
@@ -472,7 +490,7 @@ def private_instance(out: str) -> dict:
         del os.environ["RAY_TMPDIR"]
     placement = placement_of(run_dir)
     result.update(instance_gone(temp_dir))
-    result["left_alive"] = [p for p in run_pids(placement) if alive(p)]
+    result["left_alive"] = left_alive(run_pids(placement))
     return result
 
 
