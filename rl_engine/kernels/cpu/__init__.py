@@ -2,8 +2,9 @@
 
 `csrc/cpu_ops.cpp` is compiled once per machine into the torch extensions cache
 (`$TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`) with `-O3 -march=native`; the
-extension's name carries a hash of the source, the flags and this CPU's instruction-set flags, so a
-changed source or another CPU gets its own build and a warm cache loads in well under a second.
+extension's name carries a hash of the source, the flags, this CPU's instruction-set flags and the
+source's path, so a changed source, another CPU or another checkout gets its own build and a warm cache
+loads in well under a second.
 Threads come from ATen's intra-op pool (`at::parallel_for`: torch's own OpenMP runtime and
 `torch.get_num_threads()`), so these kernels add no second OpenMP runtime.
 
@@ -71,9 +72,12 @@ def _cpu_flags() -> str:
 
 def extension_name(source: Path = SOURCE) -> str:
     """The torch-extensions-cache name of `source`'s build: its stem and a hash of the source, the
-    flags and this CPU's flags."""
+    flags, this CPU's flags and the source's path. The path: torch's build directory keeps one ninja
+    file per name, which names the source by path, so two checkouts of the same source (a worktree, a
+    fresh clone beside the working tree) sharing a name rebuilt it (~30 s) whenever the other had loaded it."""
     digest = hashlib.sha256()
     digest.update(source.read_bytes())
+    digest.update(str(source.resolve()).encode())
     digest.update(" ".join(CFLAGS).encode())
     digest.update(_cpu_flags().encode())
     return f"rl_engine_{source.stem}_{digest.hexdigest()[:12]}"
