@@ -90,14 +90,15 @@ class ModelRunner:
         if use_graphs or (self.device.type == "cpu" and not model.batch_invariant):
             from rl_engine.kernels import registry
 
-            resolution = registry.default_registry().resolution("paged_decode_attention", self.device)
-            # the C++ kernel; else SDPA (CPU) or the op (CUDA)
-            cpu_decode = resolution.backend == "cpu" and (
-                config.cpu_decode_kernel or registry.cpu_kernel_requested("paged_decode_attention"))
-            if resolution.backend == "cpu" and not cpu_decode:
+            # An engine that would not take the C++ kernel (cpu_decode_kernel=False and not asked for) does not
+            # resolve the op: resolving it on CPU loads the extension, built first on a cold cache (~30-60 s).
+            if use_graphs or config.cpu_decode_kernel or registry.cpu_kernel_requested("paged_decode_attention"):
+                resolution = registry.default_registry().resolution("paged_decode_attention", self.device)
+                cpu_decode = resolution.backend == "cpu"  # the C++ kernel; else SDPA (CPU) or the op (CUDA)
+                if use_graphs or cpu_decode:
+                    decode_op = resolution.fn
+            else:
                 logger.info("paged decode attention: the torch path (cpu_decode_kernel=False)")
-            if use_graphs or cpu_decode:
-                decode_op = resolution.fn
         if latent and model.batch_invariant:
             raise ValueError("model.batch_invariant=true: the latent (MLA, deepseek_v3) paged attention has no "
                              "batch-invariant implementation; turn model.batch_invariant off for this model")

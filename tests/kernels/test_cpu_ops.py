@@ -232,6 +232,27 @@ def test_engines_decode_with_the_cpp_kernel_by_default_and_rl_engines_with_torch
         assert LLM(model, max_num_seqs=2, cpu_decode_kernel=False).engine.runner.attn.cpu_decode, request
 
 
+def test_an_rl_engine_does_not_probe_the_cpp_decode_kernel(monkeypatch):
+    """An engine built with cpu_decode_kernel=False (and the kernel not asked for) never resolves the C++
+    paged decode attention: probing its backend loads the extension, which a cold cache builds first
+    (~30-60 s in every process of an RL run, for a kernel none of them uses)."""
+    from rl_engine import LLM
+    from tests.kernels.test_paged_decode_engine_state import tiny_gqa_model
+
+    monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
+    probed = []
+    real_status = backends.backend_status
+
+    def status(backend, device_type):
+        probed.append((backend, device_type))
+        return real_status(backend, device_type)
+
+    monkeypatch.setattr(backends, "backend_status", status)
+    llm = LLM(tiny_gqa_model(), max_num_seqs=2, cpu_decode_kernel=False)
+    assert not llm.engine.runner.attn.cpu_decode
+    assert ("cpu", "cpu") not in probed, probed
+
+
 @needs_cpu_kernels
 def test_engine_with_the_cpp_kernels_generates_what_the_torch_engine_does():
     """Greedy tokens equal and sampled-token log-probs within fp32 reordering, through the engine's
