@@ -65,7 +65,10 @@ class LLMEngine:
                                           enable_prefix_caching=prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
-        self.sampler = Sampler(device=self.runner.device, seed=config.seed, batch_invariant=model.batch_invariant)
+        # compile_decode on CPU (never with batch_invariant: the runner refuses the pair): greedy steps' argmax
+        # and log-prob in one compiled pass over the logits
+        self.sampler = Sampler(device=self.runner.device, seed=config.seed, batch_invariant=model.batch_invariant,
+                               compile_greedy=config.compile_decode and self.runner.device.type == "cpu")
         # CPU: a small model's small steps run on one thread (kernels/cpu/threads.py: single_thread_below).
         # Not under batch_invariant, whose engine and trainer must round alike.
         self._flops_per_token = self._model_bytes = None

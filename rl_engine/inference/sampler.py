@@ -65,13 +65,22 @@ class SampleRow:
 
 
 class Sampler:
-    def __init__(self, *, device: torch.device, seed: int, batch_invariant: bool = False) -> None:
+    def __init__(self, *, device: torch.device, seed: int, batch_invariant: bool = False,
+                 compile_greedy: bool = False) -> None:
         """`batch_invariant` (model.batch_invariant): behavior log-probs come from `logprobs_only`, the
         log-prob-only form of the statistics the trainer's log-probs use (`kernels.logprob`), so both
-        round the same way."""
+        round the same way. `compile_greedy` (the engine's compile_decode on CPU; not with batch_invariant):
+        an all-greedy batch's tokens and log-probs come from `greedy_logprobs` compiled by torch.compile
+        (on first use; shapes dynamic, so one compile serves every batch of more than one row)."""
+        if compile_greedy and batch_invariant:
+            raise ValueError("compile_greedy=True cannot be combined with batch_invariant: the compiled reduction "
+                             "rounds apart from the trainer's log-probs; turn one of them off")
         self.device = device
         self.rng = random.Random(seed)
         self.batch_invariant = batch_invariant
+        self._greedy = greedy_logprobs
+        if compile_greedy:
+            self._greedy = torch.compile(greedy_logprobs, dynamic=True, fullgraph=True)
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[float]]:
         """logits [n, V] (any float dtype) -> (token ids, log-probs), one per row."""
@@ -81,13 +90,16 @@ class Sampler:
                draw: Callable[[], Sequence[float]]) -> tuple[list[int], list[float]]:
         """logits [n, V] -> (token ids, log-probs), one per row of `params`. `draw()` gives the rows'
         uniforms in [0, 1); it is called once, and only when some row samples (not all greedy)."""
-        logits = logits if logits.dtype == torch.float32 else logits.float()
         p0 = params[0]
         key0 = (p0.temperature, p0.top_k, p0.top_p, p0.min_p)
         # One setting for the whole batch (the RL case: a step's requests differ only in their seeds):
         # scalar temperature and truncation, no per-row lists.
         uniform = all(p is p0 or (p.temperature, p.top_k, p.top_p, p.min_p) == key0 for p in params)
         temps = None if uniform else [p.temperature for p in params]
+        if not self.batch_invariant and (p0.temperature == 0 if uniform else not any(temps)):
+            tokens, logprobs = self._greedy(logits)  # all greedy (the logits as they come: bf16 converts inside)
+            return tokens.tolist(), logprobs.tolist()
+        logits = logits if logits.dtype == torch.float32 else logits.float()
         if uniform:
             t0 = p0.temperature
             z = logits / t0 if t0 > 0 and t0 != 1.0 else logits
@@ -114,10 +126,7 @@ class Sampler:
             if not all_sampling:  # greedy rows (T = 1 there) take argmax
                 greedy = torch.tensor([t == 0 for t in temps], device=z.device)[:, None]
                 tokens = torch.where(greedy, z.max(dim=-1, keepdim=True)[1], tokens)
-        elif not self.batch_invariant:  # all greedy: the argmax's log-prob is -log(sum(exp(z - max z)))
-            z_max, argmax = z.max(dim=-1, keepdim=True)
-            return argmax.view(-1).tolist(), (z - z_max).exp_().sum(dim=-1).log_().neg_().tolist()
-        else:
+        else:  # all greedy under batch_invariant
             tokens = z.max(dim=-1, keepdim=True)[1]
         if self.batch_invariant:
             return tokens.view(-1).tolist(), shared_logprobs(z, tokens.view(-1)).tolist()
@@ -127,6 +136,17 @@ class Sampler:
     def uniforms(self, seeds: list[int | None]) -> list[float]:
         """One uniform in [0, 1) per seed (a `token_seed`), or from the engine's generator for None."""
         return [s / 2.0 ** 63 if s is not None else self.rng.random() for s in seeds]
+
+
+def greedy_logprobs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [n, V] (any float dtype) -> (argmax [n] long, its log-prob [n] fp32 at T = 1). The argmax's
+    log-prob is -log(sum(exp(z - max z))): the log-softmax's statistics without its output. Compiled
+    (`Sampler(compile_greedy=True)`), the bf16 -> fp32 conversion, max/argmax and the sum of exponentials
+    become one row-wise kernel reading the logits once, where eagerly they are five passes over [n, V]
+    fp32 temporaries (at 64 rows of a 32k vocabulary, 8 MiB each)."""
+    z = logits.float()
+    z_max, argmax = z.max(dim=-1, keepdim=True)
+    return argmax.view(-1), (z - z_max).exp_().sum(dim=-1).log_().neg_()
 
 
 def shared_logprobs(z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

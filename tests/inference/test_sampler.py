@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rl_engine.inference.sampler import Sampler, SampleRow, token_seed, token_uniforms
@@ -117,3 +118,37 @@ def test_a_batch_of_one_setting_samples_each_row_as_alone():
     mixed = params[:5] + [params[5].clone(temperature=0.5)]  # one row differs: the per-row path
     tokens2, logprobs2 = sample(logits, mixed, seeds=seeds)
     assert tokens2[:5] == tokens[:5] and logprobs2[:5] == logprobs[:5]
+
+
+def test_compiled_greedy_equals_eager_argmax_and_logprobs():
+    """Sampler(compile_greedy=True) (compile_decode's sampler): the compiled one-pass argmax and log-prob
+    against the eager path, fp32 and bf16 logits, one row and several (one compile each), ties at the
+    maximum included (the first index wins, as torch.max)."""
+    from rl_engine.inference.compiled_decode import cpp_compiler
+
+    if cpp_compiler() is None:
+        pytest.skip("inductor's CPU backend needs a C++ compiler")
+    eager = Sampler(device=torch.device("cpu"), seed=0)
+    compiled = Sampler(device=torch.device("cpu"), seed=0, compile_greedy=True)
+    g = torch.Generator().manual_seed(0)
+    greedy = SamplingParams(temperature=0.0)
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            for rows in (1, 5):
+                logits = (torch.randn(rows, 3000, generator=g) * 3).to(dtype)
+                logits[:, [40, 9]] = logits.max() + 1  # a tie at every row's maximum
+                if rows > 1:
+                    logits[-1] = logits[-1].roll(7)  # one row's maximum elsewhere (9 + 7)
+                params = [greedy] * rows
+                tokens, logprobs = compiled.sample(logits, params, draw=list)
+                tokens0, logprobs0 = eager.sample(logits, params, draw=list)
+                assert tokens == tokens0 and tokens[0] == 9 and tokens[-1] == (16 if rows > 1 else 9)
+                expected = torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+                # fp32 sums of 3000 exponentials in another order: a few ulps of log(S) apart (|log S| < 10)
+                assert torch.allclose(torch.tensor(logprobs, dtype=torch.float64), expected, rtol=0, atol=1e-6)
+                assert torch.allclose(torch.tensor(logprobs), torch.tensor(logprobs0), rtol=0, atol=1e-6)
+
+
+def test_compiled_greedy_refused_with_batch_invariant():
+    with pytest.raises(ValueError, match="compile_greedy=True cannot be combined with batch_invariant"):
+        Sampler(device=torch.device("cpu"), seed=0, batch_invariant=True, compile_greedy=True)
