@@ -28,7 +28,7 @@ import yaml
 
 from rl_engine.auth import RunAuth
 from rl_engine.config import ConfigError, to_dict
-from rl_engine.launch import LaunchResult, ProcessSpec, launch
+from rl_engine.launch import LaunchResult, LocalLauncher, ProcessSpec
 from rl_engine.launch.ports import listen, port_of
 from rl_engine.train_config import RLConfig
 from rl_engine.weight_sync.staging import RUN_ID_ENV, new_run_id, sweep_run
@@ -137,6 +137,11 @@ def build_specs(cfg: RLConfig, config_path: str, *, run_id: str, coordinator_hos
     return specs
 
 
+def _close_fds(fds: set[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 def run_actors(cfg: RLConfig, *, edit_specs: Callable[[list[ProcessSpec]], list[ProcessSpec]] | None = None,
                echo_stream: IO[bytes] | None = None) -> dict:
     """Resolve, launch, wait; returns the coordinator's summary. Raises `ActorsFailed` (with the
@@ -154,14 +159,21 @@ def run_actors(cfg: RLConfig, *, edit_specs: Callable[[list[ProcessSpec]], list[
                                    echo_stream=echo_stream, auth=RunAuth.generate())
         else:
             specs = build_specs(resolved, config_path, run_id=run_id)
-            if edit_specs is not None:
-                specs = edit_specs(specs)
+            held = {fd for s in specs for fd in s.pass_fds}  # the coordinator's listening sockets, bound here
+            try:
+                if edit_specs is not None:
+                    specs = edit_specs(specs)
+                # The run's secret reaches the actors in their environment only (see rl_engine.auth).
+                launcher = LocalLauncher(specs, log_dir=log_dir, grace_period_s=cfg.placement.grace_period_s,
+                                         echo_stream=echo_stream, env=RunAuth.generate().child_env())
+            except BaseException:
+                _close_fds(held)
+                raise
+            _close_fds(held - {fd for s in specs for fd in s.pass_fds})  # the launcher closes the others
             print(f"launching {len(specs)} processes ({cfg.placement.mode}, trainer tp={cfg.train.tp} "
                   f"pp={cfg.train.pp} dp={cfg.train.dp}{f' cp={cfg.train.cp}' if cfg.train.cp > 1 else ''}); "
                   f"logs in {log_dir}", flush=True)
-            # The run's secret reaches the actors in their environment only (see rl_engine.auth).
-            result = launch(specs, log_dir=log_dir, grace_period_s=cfg.placement.grace_period_s,
-                            echo_stream=echo_stream, env=RunAuth.generate().child_env())
+            result = launcher.run()
     finally:  # the children have ended (launch stops them on every way out): what they left is the run's
         if removed := sweep_run(run_id):
             print(f"removed {len(removed)} shared-memory region(s) the run's processes left behind: "

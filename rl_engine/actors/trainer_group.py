@@ -432,7 +432,10 @@ def agree_on_kernels(world_size: int) -> None:
 
     size = 2048  # bytes of one rank's JSON choice, zero-padded (a fixed shape for all_gather)
     identity, reason = kernel_choice()
-    mine = json.dumps([identity, reason[:size // 2]]).encode()
+    mine = json.dumps([identity, reason]).encode()
+    while len(mine) > size:  # a long reason is cut (by bytes: a non-ASCII character takes up to 6 escaped)
+        reason = reason[:len(reason) // 2]
+        mine = json.dumps([identity, reason]).encode()
     every = [torch.zeros(size, dtype=torch.uint8) for _ in range(world_size)]
     dist.all_gather(every, torch.frombuffer(bytearray(mine.ljust(size, b"\0")), dtype=torch.uint8))
     check_same_kernels({f"trainer rank {rank}": tuple(json.loads(bytes(t.tolist()).rstrip(b"\0")))

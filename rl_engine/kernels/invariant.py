@@ -220,8 +220,11 @@ def kernel_choice() -> tuple[str, str]:
     must make the same choice (the C++ kernels and the fallbacks give different bits), so the actors
     compare `identity` at registration. It names the choice and, for the C++ kernels, a digest of their
     sources and the flags that shape their arithmetic, never the instruction set (AVX-512, AVX2 and
-    scalar builds give the same bits): two machines with the same identity compute the same bits. The
-    fallbacks carry torch's version (their matmuls are its MKL's). `reason`: why each was chosen."""
+    scalar builds give the same bits); the fallbacks by torch's version (their matmuls are its MKL's).
+    It also names torch's version and CPU capability, which the torch ops around the kernels follow
+    (softmax and log_softmax vectorised for AVX2 and for AVX-512 give different bits; RMSNorm, the
+    log-prob statistics, the MoE router): processes on AVX2 and AVX-512 nodes differ unless they set one
+    `ATEN_CPU_CAPABILITY`. `reason`: why each kernel was chosen."""
     flags = " ".join(f for f in cpu_kernels.CFLAGS if not f.startswith("-march"))
     parts, reasons = [], []
     for name, source, kernel, fallback in (("linear", _LINEAR_SOURCE, linear_kernel, "MKL tiles"),
@@ -233,6 +236,7 @@ def kernel_choice() -> tuple[str, str]:
         else:
             parts.append(f"{name}={fallback} (torch {torch.__version__})")
             reasons.append(f"{name}: {cpu_kernels.load_source(source)[1]}")
+    parts.append(f"torch {torch.__version__} on {torch.backends.cpu.get_cpu_capability()}")
     return ", ".join(parts), "; ".join(reasons)
 
 
@@ -254,7 +258,8 @@ def check_same_kernels(choices: dict[str, tuple[str, str]]) -> None:
         "which give different bits (the trainer's log-probs would silently differ from the behavior "
         "log-probs):\n" + "\n".join(lines) + "\nMake every process choose the same: install a C++ compiler "
         f"(g++, or set CXX) where it is missing, or set {cpu_kernels.ENV_SWITCH}=0 for every process of the run "
-        "(the torch fallbacks everywhere).")
+        "(the torch fallbacks everywhere); where torch's version or CPU capability differs, the same torch "
+        "everywhere and ATEN_CPU_CAPABILITY set alike (e.g. avx2) for every process.")
 
 
 def native_attention(device: torch.device | str) -> bool:

@@ -201,12 +201,12 @@ class LocalLauncher:
     def start(self) -> None:
         if self._children:
             raise RuntimeError("LocalLauncher.start() was already called")
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         if not self._hand_master and self._master_listener is not None:
             # Rank 0 binds the port itself: the pick-then-bind window the socket hand-off closes stays open.
             self._master_listener.close()
             self._master_listener = None
         try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
             for spec in self.specs:
                 self._children.append(self._start_one(spec))
         except BaseException:

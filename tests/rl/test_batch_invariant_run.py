@@ -96,7 +96,9 @@ def test_a_process_with_other_batch_invariant_kernels_is_refused(tmp_path, monke
 
 
 def test_kernel_mismatch_names_every_choice_and_the_fix():
-    from rl_engine.kernels.invariant import KernelMismatch, check_same_kernels
+    import torch
+
+    from rl_engine.kernels.invariant import KernelMismatch, check_same_kernels, kernel_choice
 
     same = ("linear=C++ abc, attention=C++ def", "built")
     check_same_kernels({"trainer": same, "rollout-0": same, "rollout-1": same})
@@ -107,3 +109,6 @@ def test_kernel_mismatch_names_every_choice_and_the_fix():
     assert "  trainer, rollout-0: linear=C++ abc, attention=C++ def (built)" in message
     assert "  rollout-1: linear=MKL tiles (torch 2), attention=torch (torch 2) (no C++ compiler)" in message
     assert "install a C++ compiler" in message and "RL_ENGINE_CPU_KERNELS=0 for every process" in message
+    assert "ATEN_CPU_CAPABILITY" in message
+    # torch's vectorised ops around the kernels follow its CPU capability: part of what must match
+    assert kernel_choice()[0].endswith(f"torch {torch.__version__} on {torch.backends.cpu.get_cpu_capability()}")
