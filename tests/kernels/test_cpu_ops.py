@@ -214,6 +214,32 @@ def test_a_failed_build_falls_back_with_the_compiler_error(monkeypatch, tmp_path
     assert module is None and reason.startswith("build failed (")
 
 
+def test_a_build_lock_left_by_a_dead_builder_does_not_hang_the_next_load(tmp_path):
+    """torch's build lock (a `lock` file in the extension's build directory) left by a builder that died
+    mid-build is removed by the next load_source, which holds an flock no dead process can hold, and the
+    build runs: here a broken source, so it fails at once. Before, every later load waited for the file
+    forever; the child's timeout turns such a regression into a failure instead of a hung suite."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: load_source never reaches a build")
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    env = {k: v for k, v in os.environ.items() if k != cpu.ENV_SWITCH}
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "ext")
+    code = ("import sys; from pathlib import Path; from torch.utils import cpp_extension; from rl_engine.kernels import cpu; "
+            "src = Path(sys.argv[1]); d = cpp_extension._get_build_directory(cpu.extension_name(src), verbose=False); "
+            "open(d + '/lock', 'w').close(); print(cpu.load_source(src)[1])")
+    out = subprocess.run([sys.executable, "-c", code, str(broken)], env=env, capture_output=True, text=True,
+                         timeout=240, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith("build failed ("), out.stdout
+
+
 @needs_cpu_kernels
 def test_engines_decode_with_the_cpp_kernel_by_default_and_rl_engines_with_torch(monkeypatch):
     """The C++ paged decode attention is the CPU default; an engine built with cpu_decode_kernel=False (those

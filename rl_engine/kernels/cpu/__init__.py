@@ -27,6 +27,8 @@ build failed (its first error lines), or `RL_ENGINE_CPU_KERNELS=0`. Wrappers of 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -83,6 +85,26 @@ def extension_name(source: Path = SOURCE) -> str:
     return f"rl_engine_{source.stem}_{digest.hexdigest()[:12]}"
 
 
+@contextlib.contextmanager
+def _build_lock(name: str):
+    """Held around torch's build (or load) of extension `name`; yields its build directory. torch's own
+    build lock is a file (`lock` in that directory) that a builder killed mid-build (a process its launcher
+    stopped, a timeout) leaves behind, and every later load of the extension then waits for it forever
+    (seen: a run's processes hung at start-up for 10+ minutes). This lock is an flock, which the kernel
+    releases when its holder dies, and every build of this project's extensions holds it: a `lock` file
+    found while holding it is such a leftover and is removed."""
+    from torch.utils import cpp_extension
+
+    directory = cpp_extension._get_build_directory(name, verbose=False)
+    with open(os.path.join(directory, "rl_engine_build.flock"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released at close, or when this process dies
+        stale = os.path.join(directory, "lock")
+        if os.path.exists(stale):
+            logger.warning("removing %s, left by a build of %s that did not finish (its process died)", stale, name)
+            os.remove(stale)
+        yield directory
+
+
 @functools.cache
 def load_source(source: Path) -> tuple[ModuleType | None, str]:
     """Build (or load from the cache) the C++ extension of one source file under `csrc/`:
@@ -99,8 +121,10 @@ def load_source(source: Path) -> tuple[ModuleType | None, str]:
     try:
         from torch.utils import cpp_extension
 
-        module = cpp_extension.load(name=extension_name(source), sources=[str(source)], extra_cflags=list(CFLAGS),
-                                    verbose=False)
+        name = extension_name(source)
+        with _build_lock(name) as directory:
+            module = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=list(CFLAGS),
+                                        build_directory=directory, verbose=False)
     except Exception as exc:  # a failed build falls back to torch, with the compiler's first lines
         message = " ".join(str(exc).split())[:400]
         logger.warning("rl_engine C++ CPU kernels (%s) unavailable, using torch: %s", source.name, message)
