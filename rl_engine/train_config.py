@@ -120,6 +120,10 @@ class RolloutSection:
     routing_replay: bool = False  # MoE: the trainer reuses the experts the engine chose at rollout
     kv_cache_memory_mb: int = 256
     max_num_batched_tokens: int = 4096
+    # CPU: decode attention by the C++ kernel that reads K/V in place in their cache blocks, where a compiler
+    # builds it (the torch gather + SDPA path otherwise, the reason logged); false: always the torch path.
+    # Both are within the log-prob contract; batch-invariant mode has its own attention either way.
+    cpu_decode_kernel: bool = True
     # "sync": each step generates with the newest weights, then trains. "async" (actors only): rollout
     # and training overlap; a weight update interrupts in-flight requests, which resume with the new
     # weights (partial rollouts), their earlier tokens keeping their versions and log-probs.

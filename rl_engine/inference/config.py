@@ -44,8 +44,8 @@ class EngineConfig:
     # CPU: decode attention by the C++ kernel that reads K/V in place in their blocks (kernels/cpu, the
     # registry's CPU default where it builds; else the torch path, the reason logged). False: the torch path
     # (gather + SDPA) unless the C++ kernel is asked for explicitly (RL_ENGINE_CPU_KERNELS=1, an override).
-    # Engines serving an RL run set False: both are within the log-prob contract, but a run's metrics stay
-    # bit for bit those of the recorded reference runs (tests/rl/default_step_metrics_reference.json).
+    # Engines serving an RL run take `rollout.cpu_decode_kernel` (default True): both paths are within the
+    # log-prob contract.
     cpu_decode_kernel: bool = True
 
     def __post_init__(self) -> None:
