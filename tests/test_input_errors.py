@@ -266,7 +266,7 @@ def test_actors_resume_from_a_bad_checkpoint_is_one_line_before_any_process(tmp_
     """The actors path verifies the checkpoint in `prepare`, before the launcher starts anything."""
     import rl_engine.actors.run as actors_run
 
-    monkeypatch.setattr(actors_run, "launch", lambda *a, **k: pytest.fail("processes were launched"))
+    monkeypatch.setattr(actors_run, "LocalLauncher", lambda *a, **k: pytest.fail("processes were launched"))
     root = tmp_path / "checkpoints"
     (root / "step_000002").mkdir(parents=True)
     (root / "latest.json").write_text('{"path": "../../other_run/checkpoints/step_000002", "step": 2}')
