@@ -241,12 +241,18 @@ class KernelRegistry:
         self._cache[key] = result
         return result
 
+    def cpu_kernel_requested(self, op: str) -> bool:
+        """True when the C++ CPU kernel of `op` is asked for explicitly (`RL_ENGINE_CPU_KERNELS=1`, an
+        override `op=cpu` or `*=cpu`), not only taken as the op's CPU default."""
+        overrides = self._config.overrides
+        return cpu_kernels.default_on() or "cpu" in (overrides.get(op), overrides.get("*"))
+
     def _resolve_uncached(self, spec: OpSpec, device_type: str) -> Resolution:
         overrides = self._config.overrides
         override = overrides.get(spec.name)
         # the C++ CPU kernels compile on first use: probe them only when they could be chosen
         want_cpu = device_type == "cpu" and not self._config.batch_invariant and (
-            cpu_kernels.default_on() or spec.cpu_default or "cpu" in (override, overrides.get("*")))
+            spec.cpu_default or self.cpu_kernel_requested(spec.name))
         statuses = {b: backends.backend_status(b, device_type) if b != "cpu" or want_cpu else
                     backends.BackendStatus(False, f"C++ CPU kernels are opt-in ({cpu_kernels.ENV_SWITCH}=1 or an "
                                                   f"override {spec.name}=cpu)") for b in spec.impls}
@@ -339,10 +345,8 @@ def resolve(op: str, device: torch.device | str) -> Callable[..., Any]:
 
 
 def cpu_kernel_requested(op: str) -> bool:
-    """True when the C++ CPU kernel of `op` is asked for explicitly (`RL_ENGINE_CPU_KERNELS=1`, an override
-    `op=cpu` or `*=cpu`), not only taken as the op's CPU default."""
-    overrides = _default_registry.config.overrides
-    return cpu_kernels.default_on() or "cpu" in (overrides.get(op), overrides.get("*"))
+    """`KernelRegistry.cpu_kernel_requested` of the process's registry."""
+    return _default_registry.cpu_kernel_requested(op)
 
 
 def set_backend_overrides(overrides: Mapping[str, str]) -> None:
