@@ -54,6 +54,11 @@ class PeerTracker:
             self._dead.discard(peer)
             return fresh
 
+    def last_heard(self, peer: str) -> float | None:
+        """The clock's time of `peer`'s last heartbeat (or of `watch`), None for a peer not tracked."""
+        with self._lock:
+            return self._last_seen.get(peer)
+
     def forget(self, peer: str) -> None:
         """Stop tracking `peer` (it left cleanly)."""
         with self._lock:

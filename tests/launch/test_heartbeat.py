@@ -58,25 +58,49 @@ def _next(events: queue.Queue, timeout_s: float = 10.0) -> tuple[str, str]:
     return events.get(timeout=timeout_s)
 
 
+def _wait_for(condition, what: str, timeout_s: float = 60.0) -> None:
+    """Liveness only: a condition the threads make true whatever their speed."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.01)
+
+
 def test_sender_alive_then_dead_after_it_stops():
-    monitor, events = _events({"timeout_s": 3.0})
+    """A live sender thread keeps its peer alive on a real monitor thread; once it stops, the peer
+    is declared dead; a new sender brings it back. The monitor runs on a clock the test moves, 1 s
+    (a third of the timeout) at a time and only once a heartbeat has been received at the current
+    time: a live sender is then never more than 1 s silent on the monitor's clock however long the
+    machine stalls either thread (on the wall clock a 3 s stall under load declared it dead), and a
+    beat that did not refresh the peer fails the test instead of passing on a fast machine."""
+    clock = FakeClock()
+    monitor, events = _events({"timeout_s": 3.0, "clock": clock})
     assert monitor.address.startswith("tcp://127.0.0.1:")
     with monitor:
         sender = HeartbeatSender(monitor.address, sender_id="w0", interval_s=0.2).start()
         try:
-            assert _next(events) == ("alive", "w0")
-            deadline = time.monotonic() + 10
-            while sender.num_sent < 5 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert sender.num_sent >= 5 and monitor.alive() == ["w0"] and events.empty()
+            assert _next(events, 60.0) == ("alive", "w0")
+            for _ in range(6):  # 6 s on the monitor's clock: twice the timeout, heard throughout
+                clock.now += 1.0
+                _wait_for(lambda: monitor.tracker.last_heard("w0") == clock.now, "a heartbeat after the clock moved")
+            assert monitor.alive() == ["w0"] and events.empty()
         finally:
             sender.stop()
-        assert _next(events) == ("dead", "w0")
+        # Past the timeout on the clock; again if a beat sent just before the stop lands after a move.
+        event = None
+        for _ in range(60):
+            clock.now += 3.5
+            try:
+                event = events.get(timeout=1.0)
+                break
+            except queue.Empty:
+                pass
+        assert event == ("dead", "w0")
         assert monitor.dead() == ["w0"] and monitor.alive() == []
         # It comes back: alive again.
         sender = HeartbeatSender(monitor.address, sender_id="w0", interval_s=0.2).start()
         try:
-            assert _next(events) == ("alive", "w0")
+            assert _next(events, 60.0) == ("alive", "w0")
         finally:
             sender.stop()
 
