@@ -13,7 +13,8 @@ prefill chunks. Per layer, `attend` writes the new k/v into the paged cache at `
   otherwise it is on par. A GQA group of query heads is laid out as SDPA's query-length axis ([B, Hkv, G, D]), so KV heads
   are never repeated.
 - prefill chunks: one SDPA call per sequence, over the chunk's own k/v when it starts the sequence
-  (plain causal), else over its gathered cached prefix with an offset causal mask.
+  (plain causal; consecutive such chunks of one length, e.g. a rollout's samples of equal-length
+  prompts, batched into one call), else over its gathered cached prefix with an offset causal mask.
 Index tensors, views and masks are built once per step (`prepare`), not per layer. On CUDA, decode
 calls the `paged_decode_attention` op from the kernel registry instead (unverified here: no GPU in CI);
 on CPU too when the registry resolves it to the C++ kernel (`kernels/cpu`, which reads K/V in place
@@ -50,6 +51,43 @@ class PrefillChunk:
     end: int
     context_len: int  # tokens with KV after this step (cached prefix + this chunk)
     block_ids: torch.Tensor | None  # [num_blocks] long, None when the chunk starts the sequence
+
+
+@dataclass
+class PrefillRun:
+    """`count` consecutive prefill chunks that each start their sequence, all of one length, rows
+    [start, end): attended in one batched SDPA call instead of one call per chunk."""
+    start: int
+    end: int
+    count: int
+
+
+def _plan_prefills(prefills: list[PrefillChunk]) -> list[PrefillChunk | PrefillRun]:
+    """The step's prefill chunks with each run of consecutive equal-length chunks that start their
+    sequence merged into a `PrefillRun` (a rollout's n samples of a prompt, prompts of one length).
+    An RL rollout's first step prefills every sample's prompt (128 sequences of 13 tokens in
+    grpo_step.py); one call per sequence costs ~5x the batched call there (1 thread, per layer), and the
+    flash kernel computes each (sequence, head) alike in both, so outputs are bit-equal."""
+    plan: list[PrefillChunk | PrefillRun] = []
+    run: list[PrefillChunk] = []
+
+    def flush() -> None:
+        if len(run) > 1:
+            plan.append(PrefillRun(start=run[0].start, end=run[-1].end, count=len(run)))
+        else:
+            plan.extend(run)
+        run.clear()
+
+    for c in prefills:
+        if c.block_ids is not None:
+            flush()
+            plan.append(c)
+            continue
+        if run and (c.start != run[-1].end or c.end - c.start != run[0].end - run[0].start):
+            flush()
+        run.append(c)
+    flush()
+    return plan
 
 
 class PagedAttention:
@@ -93,6 +131,7 @@ class PagedAttention:
         # additive mask [rows, 1, 1, L] or None for a lone row at its exact length).
         self.decode_chunks: list[tuple[slice, torch.Tensor | None, tuple, torch.Tensor | None]] = []
         self.prefills: list[PrefillChunk] = []
+        self.prefill_plan: list[PrefillChunk | PrefillRun] = []  # the prefills, equal fresh runs merged
 
     def prepare(self, *, slot_mapping: torch.Tensor, num_single: int, block_tables: torch.Tensor | None,
                 context_lens: torch.Tensor | None, max_context_len: int, prefills: list[PrefillChunk],
@@ -107,6 +146,7 @@ class PagedAttention:
         self.context_lens = context_lens
         self.max_context_len = max_context_len
         self.decode_chunks = []
+        self.prefill_plan = [] if self.batch_invariant else _plan_prefills(prefills)
         if self.batch_invariant:
             self._prepare_invariant(num_single, block_tables, context_lens, max_context_len)
         elif num_single and self.decode_op is None:
@@ -212,9 +252,17 @@ class PagedAttention:
             out[:nd] = self._decode(i, q[:nd], scale)
         kc, vc = self.k_caches[i], self.v_caches[i]
         group = q.shape[1] // k.shape[1]
-        for c in self.prefills:
+        for c in self.prefill_plan:
             # 4-D inputs with repeated KV heads keep SDPA on its fused kernel (3-D inputs or
             # enable_gqa fall back to the unfused math path on CPU, about 2x slower here).
+            if isinstance(c, PrefillRun):  # m fresh sequences of n tokens each: one batched causal call
+                qs, ks, vs = q[c.start:c.end], k[c.start:c.end], v[c.start:c.end]
+                if group > 1:
+                    ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+                o = F.scaled_dot_product_attention(*(x.unflatten(0, (c.count, -1)).transpose(1, 2) for x in (qs, ks, vs)),
+                                                   is_causal=True, scale=scale)  # [m, Hq, n, D]
+                out[c.start:c.end] = o.transpose(1, 2).flatten(0, 1)
+                continue
             qs = q[c.start:c.end].transpose(0, 1)[None]  # [1, Hq, n, D]
             if c.block_ids is None:  # the chunk starts its sequence: its own k/v, causal
                 ks, vs = k[c.start:c.end], v[c.start:c.end]
