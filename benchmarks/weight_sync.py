@@ -36,7 +36,7 @@ from bench_helpers import best_of, emit, parse_args  # noqa: E402
 from rl_engine.auth import RunAuth  # noqa: E402
 from rl_engine.inference import LLM  # noqa: E402
 from rl_engine.policy import CausalLM, ModelConfig  # noqa: E402
-from rl_engine.launch import free_port  # noqa: E402
+from rl_engine.launch.gloo import join_store, serve_store  # noqa: E402
 from rl_engine.weight_sync import (  # noqa: E402
     EngineLayout,
     InProcessTransport,
@@ -118,11 +118,15 @@ def in_process(cfg: ModelConfig, *, bucket_bytes: int, repeats: int) -> dict:
 
 
 def two_process_worker(rank: int, args: dict, result_file: str) -> None:
-    """Rank 0 trains (publishes), rank 1 serves (receives); every model size, both transports."""
+    """Rank 0 trains (publishes), rank 1 serves (receives); every model size, both transports. The ranks meet
+    at the TCP store the parent serves on a port it bound first (`store_port`): both process groups rendezvous
+    under prefixes of it, and rank 1's receivers bind ports of their own and publish their addresses there
+    (a port picked free and bound later by a rank could be taken by another process in between)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args['ctl_port']}", rank=rank, world_size=2,
+    store = join_store(args["store_port"], 2)
+    dist.init_process_group("gloo", store=dist.PrefixStore("ctl", store), rank=rank, world_size=2,
                             timeout=timedelta(seconds=600))
-    group = sync_group(f"127.0.0.1:{args['sync_port']}", rank=rank, world_size=2, timeout_s=600)
+    group = sync_group(dist.PrefixStore("sync", store), rank=rank, world_size=2, timeout_s=600)
     results: dict = {}
     for layers in args["layers"]:
         cfg = model_config(layers, args["hidden"])
@@ -132,28 +136,29 @@ def two_process_worker(rank: int, args: dict, result_file: str) -> None:
         # "_signed": as in an actors run, every message carries the run's AES-GMAC tag (rl_engine.auth).
         signer = RunAuth(bytes.fromhex(args["secret"])).signer("weights")
         if rank == 1:
-            transports = {"shared_memory": SharedMemoryReceiverTransport(port=args["shm_port"], timeout_s=600),
-                          "shared_memory_signed": SharedMemoryReceiverTransport(port=args["shm_signed_port"],
-                                                                                timeout_s=600, signer=signer),
+            transports = {"shared_memory": SharedMemoryReceiverTransport(timeout_s=600),
+                          "shared_memory_signed": SharedMemoryReceiverTransport(timeout_s=600, signer=signer),
                           "torch_distributed_gloo": TorchDistTransport(group, num_src=1, num_dst=1),
-                          "zmq_tcp": ZmqReceiverTransport(port=args["zmq_port"], timeout_s=600),
-                          "zmq_tcp_signed": ZmqReceiverTransport(port=args["zmq_signed_port"], timeout_s=600,
-                                                                 signer=signer)}
+                          "zmq_tcp": ZmqReceiverTransport(timeout_s=600),
+                          "zmq_tcp_signed": ZmqReceiverTransport(timeout_s=600, signer=signer)}
+            for name, t in transports.items():
+                if hasattr(t, "address"):
+                    store.set(f"address/{layers}/{name}", t.address)
             receivers = {k: WeightReceiver(llm, plan, transport=t) for k, t in transports.items()}
         else:
-            def at(port: str) -> dict[int, str]:
-                return {0: f"tcp://127.0.0.1:{args[port]}"}
+            def at(name: str) -> dict[int, str]:  # waits for rank 1 to publish it (up to the store's timeout)
+                return {0: store.get(f"address/{layers}/{name}").decode()}
 
-            transports = {"shared_memory": SharedMemorySenderTransport(at("shm_port"), timeout_s=600),
-                          "shared_memory_signed": SharedMemorySenderTransport(at("shm_signed_port"), timeout_s=600,
+            transports = {"shared_memory": SharedMemorySenderTransport(at("shared_memory"), timeout_s=600),
+                          "shared_memory_signed": SharedMemorySenderTransport(at("shared_memory_signed"), timeout_s=600,
                                                                               signer=signer),
                           "torch_distributed_gloo": TorchDistTransport(group, num_src=1, num_dst=1),
-                          "zmq_tcp": ZmqSenderTransport(at("zmq_port"), timeout_s=600),
-                          "zmq_tcp_signed": ZmqSenderTransport(at("zmq_signed_port"), timeout_s=600, signer=signer)}
+                          "zmq_tcp": ZmqSenderTransport(at("zmq_tcp"), timeout_s=600),
+                          "zmq_tcp_signed": ZmqSenderTransport(at("zmq_tcp_signed"), timeout_s=600, signer=signer)}
             publishers = {k: WeightPublisher(model, plan, src_rank=0, transport=t) for k, t in transports.items()}
         version = 0
         sizes = results.setdefault(str(layers), {})
-        raw = _raw_transfers(rank, group, plan.model_bytes(), args)
+        raw = _raw_transfers(rank, group, plan.model_bytes(), args, store=store, key=f"address/{layers}/raw_zmq")
         if rank == 1:
             sizes.update(raw)
         for name in transports:
@@ -180,7 +185,7 @@ def two_process_worker(rank: int, args: dict, result_file: str) -> None:
     dist.destroy_process_group()
 
 
-def _raw_transfers(rank: int, group, nbytes: int, args: dict) -> dict:
+def _raw_transfers(rank: int, group, nbytes: int, args: dict, *, store, key: str) -> dict:
     """The ceiling of each wire here: the same bytes sent as plain buckets with no plan, checksum or
     apply (gloo send/recv; ZMQ PUSH/PULL multipart, zero-copy send)."""
     import zmq
@@ -200,8 +205,11 @@ def _raw_transfers(rank: int, group, nbytes: int, args: dict) -> dict:
     out["raw_gloo_send_recv"] = {"seconds": best}
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.PULL if rank == 1 else zmq.PUSH)
-    address = f"tcp://127.0.0.1:{args['raw_zmq_port']}"
-    sock.bind(address) if rank == 1 else sock.connect(address)
+    if rank == 1:  # bound to a port the kernel picks, published under `key` for rank 0
+        sock.bind("tcp://127.0.0.1:*")
+        store.set(key, sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+    else:
+        sock.connect(store.get(key).decode())
     best = float("inf")
     for _ in range(args["repeats"] + 1):
         dist.barrier()
@@ -237,13 +245,11 @@ def main() -> None:
     per_size: dict = {}
     for n in args.layers:
         per_size[str(n)] = in_process(model_config(n, args.hidden), bucket_bytes=bucket_bytes, repeats=args.repeats)
+    store = serve_store(2)  # the two ranks' meeting point, on a port bound here before they start
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "two_process.json")
         worker_args = {"layers": args.layers, "hidden": args.hidden, "bucket_bytes": bucket_bytes,
-                       "repeats": args.repeats, "ctl_port": free_port(), "sync_port": free_port(),
-                       "zmq_port": free_port(), "raw_zmq_port": free_port(), "shm_port": free_port(),
-                       "zmq_signed_port": free_port(), "shm_signed_port": free_port(),
-                       "secret": os.urandom(32).hex()}
+                       "repeats": args.repeats, "store_port": store.port, "secret": os.urandom(32).hex()}
         mp.spawn(two_process_worker, args=(worker_args, result_file), nprocs=2, join=True)
         with open(result_file) as f:
             for n, res in json.load(f).items():
