@@ -28,7 +28,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import tempfile
@@ -52,31 +52,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, port: int, threads: int) -> subprocess.Popen:
+def start_server(model: str, threads: int, log_path: str) -> tuple[subprocess.Popen, int]:
+    """`rl-engine serve --port 0` (the server binds a port the kernel picks and prints it: no port picked
+    here that another process could take before the server binds it); returns it with its port once it
+    answers /health. Its output goes to `log_path` (a file: a pipe nobody reads would stall it)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.pop("RL_ENGINE_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "serve", model, "--port", str(port),
-                             "--served-model-name", "bench", "--log-level", "warning", "--kv-cache-memory",
-                             str(256 << 20)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "serve", model, "--port", "0",
+                                 "--served-model-name", "bench", "--log-level", "warning", "--kv-cache-memory",
+                                 str(256 << 20)], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     import httpx
 
+    def output() -> str:
+        with open(log_path, errors="replace") as f:
+            return f.read()
+
+    port = None
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read()}")
+            raise RuntimeError(f"the server exited: {output()}")
+        if port is None and (found := re.search(r"serving \S+ on http://127\.0\.0\.1:(\d+)/v1", output())):
+            port = int(found.group(1))
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
+            if port is not None and httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc, port
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("the server did not start within 120 s")
+    raise RuntimeError(f"the server did not start within 120 s: {output()}")
 
 
 async def _stream_one(host: str, port: int, body: bytes) -> tuple[int, float | None]:
@@ -176,8 +182,7 @@ def main() -> None:
     llm = LLM(model, kv_cache_memory=256 << 20)
     vocab = llm.engine.model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    port = free_port()
-    server = start_server(model, port, args.threads)
+    server, port = start_server(model, args.threads, os.path.join(workdir, "server.log"))
     engine_pids = child_pids(server.pid)  # the engine process (rl-engine serve runs the engine in its own)
     url = f"http://127.0.0.1:{port}"
     rows = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,12 +18,6 @@ import pytest
 from rl_engine.cli import main
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # How long the server may take to answer /health: a guard against a hang, not a measurement. Starting it
 # imports torch and builds the engine: this whole test took 20 s under nice at load ~10 on the 2-core CI
 # machine; the full suite's load reaches 15-20 and stalls single processes for tens of seconds, so 60 s
@@ -30,25 +25,24 @@ def _free_port() -> int:
 STARTUP_S = 300
 
 
-# The server binds the port itself (uvicorn), after a start of tens of seconds in which another process on
-# the shared machine may take the free port picked for it: such a start is retried on another port.
-PORT_TRIES = 3
-
-
-def _wait_until_healthy(proc: subprocess.Popen, port: int, log_path) -> bool:
-    """True once the server answers /health; False when it exited because its port was taken meanwhile."""
+def _wait_until_healthy(proc: subprocess.Popen, log_path) -> int:
+    """The port the server bound (`--port 0`: the kernel picked it, the server printed it), once it answers
+    /health there. The port was the server's from its bind on, so the answer is this server's."""
     deadline = time.monotonic() + STARTUP_S
+    port = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            if "address already in use" in log_path.read_text().lower():
-                return False
             pytest.fail(f"the server exited ({proc.returncode}) before answering /health; its output:\n"
                         f"{log_path.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
+        if port is None:
+            found = re.search(r"serving \S+ on http://127\.0\.0\.1:(\d+)/v1", log_path.read_text())
+            port = int(found.group(1)) if found else None
+        if port is not None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    return port
+            except httpx.HTTPError:
+                pass
         time.sleep(0.2)
     pytest.fail(f"the server did not answer /health within {STARTUP_S}s; its output:\n{log_path.read_text()}")
 
@@ -56,18 +50,12 @@ def _wait_until_healthy(proc: subprocess.Popen, port: int, log_path) -> bool:
 def test_serve_command(chat_model_dir, tmp_path):
     env = {**os.environ, "RL_ENGINE_API_KEY": "k-123"}  # the key out of the process list
     log_path = tmp_path / "server.log"  # a file, not a pipe nobody reads: a full pipe would stall the server
-    for attempt in range(1, PORT_TRIES + 1):
-        port = _free_port()
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "serve", chat_model_dir, "--port",
-                                     str(port), "--served-model-name", "m", "--max-model-len", "256", "--log-level",
-                                     "warning"], env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-        if _wait_until_healthy(proc, port, log_path):
-            break
-        if attempt == PORT_TRIES:
-            pytest.fail(f"the server's port was taken by another process on each of {PORT_TRIES} tries; last "
-                        f"output:\n{log_path.read_text()}")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "serve", chat_model_dir, "--port", "0",
+                                 "--served-model-name", "m", "--max-model-len", "256", "--log-level", "warning"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
+        port = _wait_until_healthy(proc, log_path)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k-123", max_retries=0)
         (model,) = client.models.list().data
         assert model.id == "m" and model.max_model_len == 256
@@ -78,6 +66,14 @@ def test_serve_command(chat_model_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_a_taken_port_is_a_one_line_error(chat_model_dir, capsys):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", chat_model_dir, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on --host 127.0.0.1 --port {port}" in err and "--port (0 picks a free one" in err, err
 
 
 def test_bad_flags_are_one_line_errors(chat_model_dir, capsys):
