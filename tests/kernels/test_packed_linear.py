@@ -49,13 +49,37 @@ def test_packed_product_equals_f_linear_up_to_rounding(dtype, rows):
     assert packed_linear.register([w], batch_size=16) == [w]
     with torch.inference_mode(), packed_linear.reading():
         y, y_res = packed_linear.linear(x, w, b), packed_linear.linear(x, w, residual=r)
-    assert _packed(w)
+    assert _packed(w) == (rows > 1 or packed_linear._gemv is None)  # one row: the C++ gemv, no copy
     exact = x.double() @ w.double().t()
     assert ((y.double() - (exact + b.double())).abs() <= _bound(x, w, exact + b.double(), dtype)).all()
     assert ((y_res.double() - (exact + r.double())).abs() <= _bound(x, w, exact + r.double(), dtype)).all()
     x3 = x.view(1, rows, -1)  # [..., K] inputs keep their leading dims
     with torch.inference_mode(), packed_linear.reading():
         assert torch.equal(packed_linear.linear(x3, w, b), y.view(1, rows, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,n", [(96, 40), (100, 41), (7, 3), (512, 1)])
+def test_one_row_cpp_gemv_equals_f_linear_up_to_rounding(dtype, k, n):
+    """The one-row C++ kernel (vector tails of K and of the 4-row groups included) in an engine's step,
+    eager and as the traced op; outside `reading()` the op is F.linear itself (same bits)."""
+    x, w, b, r = _inputs(dtype, rows=1, k=k, n=n, seed=k + n)
+    packed_linear.register([w], batch_size=1)
+    if packed_linear._gemv is None:
+        pytest.skip(f"no C++ kernels: {packed_linear._gemv_reason}")
+    exact = x.double() @ w.detach().double().t()
+    op = torch.ops.rl_engine.cpu_gemv
+    with torch.inference_mode(), packed_linear.reading():
+        outs = {"eager": packed_linear.linear(x, w, b), "eager_res": packed_linear.linear(x, w, residual=r),
+                "op": op(x, w, b, None), "op_res": op(x, w, None, r), "op_both": op(x, w, b, r)}
+    assert not _packed(w)
+    for name, extra in [("eager", b), ("eager_res", r), ("op", b), ("op_res", r), ("op_both", b + r)]:
+        want = exact + extra.double()
+        assert ((outs[name].double() - want).abs() <= _bound(x, w.detach(), want, dtype) * 2).all(), name
+    with torch.inference_mode():  # not an engine's step (an engine that does not pack): F.linear's bits
+        assert torch.equal(op(x, w, b, None), F.linear(x, w, b))
+        assert torch.equal(op(x, w, None, r), torch.addmm(r, x, w.t()))
+    packed_linear.release([w])
 
 
 def test_only_an_engine_step_reads_a_packed_copy():
@@ -134,3 +158,29 @@ def test_traced_step_calls_the_packed_op():
     exact = x.double() @ w.detach().double().t()
     assert ((y.double() - exact - b.double()).abs() <= _bound(x, w.detach(), exact + b.double(), torch.float32)).all()
     assert ((y_res.double() - exact - r.double()).abs() <= _bound(x, w.detach(), exact + r.double(), torch.float32)).all()
+
+
+def test_traced_one_row_step_calls_the_cpp_gemv():
+    """A bucket of one row (static shapes) traces to `rl_engine::cpu_gemv`, which reads the parameter: a
+    weight changed in place is seen at the next call, and no packed copy is made."""
+    x, w, b, r = _inputs(torch.float32, rows=1)
+    packed_linear.register([w], batch_size=1)
+    if packed_linear._gemv is None:
+        pytest.skip(f"no C++ kernels: {packed_linear._gemv_reason}")
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    compiled = torch.compile(lambda x, r: packed_linear.linear(x, w, b, residual=None) + packed_linear.linear(
+        x, w, residual=r), backend=backend, fullgraph=True, dynamic=False)
+    with torch.no_grad(), packed_linear.reading():
+        y = compiled(x, r)
+        w.mul_(0.5)
+        y_half = compiled(x, r)
+    assert seen.count("rl_engine.cpu_gemv") == 2 and not _packed(w)
+    exact = x.double() @ w.detach().double().t()
+    want = 2 * exact + b.double() + r.double()
+    assert ((y_half.double() - want).abs() <= 2 * _bound(x, w.detach(), want, torch.float32)).all()
+    assert not torch.allclose(y, y_half)

@@ -23,6 +23,15 @@ staging region the parameter was repointed at) must be followed by `invalidate` 
 copy of every registered weight. Rounding: oneDNN's fp32 products reduce in another order than MKL's
 (the ~40M model's behavior log-probs measured 1.2e-5..2.1e-5 from the trainer's F.linear recompute,
 2.9e-6..7.6e-6 unpacked), so engines that serve an RL run keep it off (the log-prob contract's 1e-5).
+
+One-row products (a batch-1 decode step) skip oneDNN: its prepacked linear costs a ~15-20 us floor per
+call at 2 threads whatever the weight's size, and a Python custom op ~10 us more, where the C++ kernel
+`rl_engine::cpu_gemv` (`csrc/cpu_ops.cpp`, loaded at the first `register`) reads the plain weight once:
+through the measuring lock at 2 threads, the ~3.4M model's five weights 175 -> 59 us fp32, 152 -> 41 us
+bf16; the ~40M model's 2,632 -> 2,324 and 558 -> 483 us (the 32k-vocab head, memory-bound, about level).
+It runs under the same `reading()` switch (a C++ thread-local the switch sets) and has the same
+fp32-accumulation contract; without the C++ extension (no compiler, `RL_ENGINE_CPU_KERNELS=0`, a failed
+build) one-row products stay on oneDNN.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ logger = logging.getLogger(__name__)
 _ATTR = "_rl_packed"
 DTYPES = (torch.float32, torch.bfloat16)
 _state = threading.local()  # .reading: inside a step of an engine that packs
+_gemv = None  # the C++ extension once its one-row linear is loaded (`_load_gemv`); None: oneDNN for one row
+_gemv_reason: str | None = None  # why it is not, once tried
 
 
 @contextlib.contextmanager
@@ -46,10 +57,39 @@ def reading():
     """Linears of registered weights read their packed copies in this block (this thread only)."""
     previous = getattr(_state, "reading", False)
     _state.reading = True
+    gemv = _gemv
+    gemv_previous = gemv.set_reading(True) if gemv is not None else False
     try:
         yield
     finally:
         _state.reading = previous
+        if gemv is not None:
+            gemv.set_reading(gemv_previous)
+
+
+def _load_gemv() -> None:
+    """Load the C++ one-row linear (`rl_engine::cpu_gemv`) once, with its fake for torch.compile; log why not."""
+    global _gemv, _gemv_reason
+    if _gemv is not None or _gemv_reason is not None:
+        return
+    from rl_engine.kernels import cpu
+
+    module, reason = cpu.load_source(cpu.SOURCE)
+    if module is None:
+        _gemv_reason = reason
+        logger.info("one-row linears read oneDNN's packed copies: the C++ kernel is unavailable (%s)", reason)
+        return
+    torch.library.register_fake("rl_engine::cpu_gemv")(_gemv_fake)
+    _gemv = module
+    logger.info("one-row linears: the C++ kernel rl_engine::cpu_gemv (csrc/cpu_ops.cpp)")
+
+
+def _gemv_fake(x, weight, bias, residual):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _one_row(x: torch.Tensor) -> bool:
+    return _gemv is not None and x.dim() >= 1 and x.numel() == x.shape[-1]
 
 
 def _reading() -> bool:
@@ -104,6 +144,7 @@ def register(weights, *, batch_size: int) -> list[torch.Tensor]:
     if torch.bfloat16 not in dtypes and any(w.dtype == torch.bfloat16 for w in weights):
         logger.info("bf16 linears read their weights unpacked: oneDNN's bf16 linear needs AVX-512 BW/VL/DQ or "
                     "AVX-NE-CONVERT (torch.ops.mkldnn._is_mkldnn_bf16_supported() is False)")
+    _load_gemv()
     registered = []
     for w in weights:
         if w.dim() == 2 and w.device.type == "cpu" and w.dtype in dtypes:
@@ -177,14 +218,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """x weight^T (+ bias) (+ residual), x [..., K], weight [N, K]: F.linear's contract. A registered
     weight inside `reading()` under inference mode reads its packed copy (the residual add fused into the
-    call); traced by torch.compile without autograd (the engine's compiled steps), it becomes the
-    `rl_engine::packed_linear` op, which checks `reading()` when it runs."""
+    call), or for one row reads the weight itself through the C++ `gemv` when it is loaded; traced by
+    torch.compile without autograd (the engine's compiled steps), it becomes the `rl_engine::packed_linear`
+    op (one row: `rl_engine::cpu_gemv`), which checks `reading()` when it runs."""
     entry = getattr(weight, _ATTR, None)
     if entry is not None and _packable(x, weight, bias, residual):
         if torch.compiler.is_compiling():  # (dynamo traces neither is_inference_mode_enabled nor the switch)
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled():  # (shapes are static: a bucket of one row takes the C++ kernel)
+                if _one_row(x):
+                    return torch.ops.rl_engine.cpu_gemv(x, weight, bias, residual)
                 return packed_linear(x, weight, bias, residual)
         elif _reading() and torch.is_inference_mode_enabled():
+            if _one_row(x):
+                return _gemv.gemv(x, weight, bias, residual)
             return _onednn(entry.current(weight), x, bias, residual)
     return _plain(x, weight, bias, residual)
 

@@ -6,6 +6,11 @@
 // are plain C++ over contiguous rows that the compiler vectorises (-O3 -march=native, omp simd).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -282,9 +287,131 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
   return out;
 }
 
+
+// ---- one-row linear (a batch-1 decode step's matmuls) --------------------------------------------
+// y = x W^T (+ bias) (+ residual) for x [1, K], W [N, K] read in place (no packed copy): each of the
+// step's small weights is read once, where oneDNN's prepacked linear costs a ~15 us floor per call at
+// 2 threads and F.linear re-blocks. fp32 products and sums (bf16: exact bf16 products, fp32 sums,
+// avx512_bf16's dot where the CPU has it), rounded once to the dtype, like the reference's addmm.
+// Rows are split over threads in chunks of ~64 KiB of weight.
+thread_local bool g_reading_plain_gemv = false;  // set by packed_linear.reading() (see ops.gemv)
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const void*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+template <typename T>
+void gemv_rows(const float* xf, const T* xt, const T* w, int64_t n0, int64_t n1, int64_t K, float* acc_out) {
+  int64_t n = n0;
+#if defined(__AVX512F__)
+  constexpr int R = 4;
+  for (; n + R <= n1; n += R) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      int64_t k = 0;
+      for (; k + 32 <= K; k += 32) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(xt + k));
+        for (int r = 0; r < R; ++r)
+          acc[r] = _mm512_dpbf16_ps(acc[r], xv,
+                                    (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(w + (n + r) * K + k)));
+      }
+      for (; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+        const __m512 xv = load16(xf + k, m);
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(xv, load16(w + (n + r) * K + k, m), acc[r]);
+      }
+    } else
+#endif
+    {
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+        const __m512 xv = load16(xf + k, m);
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(xv, load16(w + (n + r) * K + k, m), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) acc_out[n - n0 + r] = _mm512_reduce_add_ps(acc[r]);
+  }
+#endif
+  (void)xt;
+  for (; n < n1; ++n) {
+    const T* wr = w + n * K;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < K; ++k) s += xf[k] * to_f(wr[k]);
+    acc_out[n - n0] = s;
+  }
+}
+
+template <typename T>
+void gemv_kernel(const T* x, const T* w, const T* bias, const T* res, T* out, int64_t N, int64_t K) {
+  std::vector<float> xbuf(K);
+  const float* xf = as_float_row(x, xbuf.data(), K);
+  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / (K * int64_t(sizeof(T))));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(end - begin);
+    gemv_rows<T>(xf, x, w, begin, end, K, acc.data());
+    for (int64_t n = begin; n < end; ++n) {
+      float v = acc[n - begin];
+      if (bias != nullptr) v += to_f(bias[n]);
+      if (res != nullptr) v += to_f(res[n]);
+      out[n] = from_f<T>(v);
+    }
+  });
+}
+
+// The op `rl_engine::cpu_gemv` (registered below): a batch-1 compiled step's linear of a weight the
+// engine registered for packing. Outside packed_linear.reading() (an engine that does not pack, the
+// trainer) it runs the reference (F.linear, addmm with a residual), like the packed op.
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                   const c10::optional<torch::Tensor>& residual) {
+  const int64_t K = weight.size(1), N = weight.size(0);
+  const bool fast = g_reading_plain_gemv && x.dim() >= 1 && x.numel() == K && x.size(-1) == K &&
+                    x.is_contiguous() && weight.is_contiguous() && x.scalar_type() == weight.scalar_type() &&
+                    (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                    (!bias.has_value() || (bias->is_contiguous() && bias->scalar_type() == x.scalar_type())) &&
+                    (!residual.has_value() || (residual->is_contiguous() && residual->numel() == N &&
+                                               residual->scalar_type() == x.scalar_type()));
+  if (!fast) {
+    if (!residual.has_value()) return at::linear(x, weight, bias);
+    if (!bias.has_value() && x.dim() == 2) return at::addmm(*residual, x, weight.t());
+    return *residual + at::linear(x, weight, bias);
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  auto out = torch::empty(sizes, x.options());
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    gemv_kernel<T>(x.data_ptr<T>(), weight.data_ptr<T>(), bias.has_value() ? bias->data_ptr<T>() : nullptr,
+                   residual.has_value() ? residual->data_ptr<T>() : nullptr, out.data_ptr<T>(), N, K);
+  };
+  if (x.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
+  else run(static_cast<at::BFloat16*>(nullptr));
+  return out;
+}
+
+bool set_reading(bool on) {
+  const bool previous = g_reading_plain_gemv;
+  g_reading_plain_gemv = on;
+  return previous;
+}
+
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(rl_engine, m) {
+  m.def("cpu_gemv(Tensor x, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rl_engine, CPU, m) { m.impl("cpu_gemv", &gemv); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv);
+  m.def("set_reading", &set_reading);
   m.def("paged_decode_attention", &paged_decode_attention);
   m.def("rms_norm", &rms_norm);
   m.def("silu_and_mul", &silu_and_mul);
