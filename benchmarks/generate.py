@@ -32,6 +32,7 @@ PYTHON` compares greedy decode with vLLM's CPU backend on the ~3.4M and ~40M mod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -163,12 +164,16 @@ def matmul_params(model) -> int:
     return n + (experts * cfg.num_experts_per_tok // cfg.num_experts if cfg.num_experts else 0)
 
 
-def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_batched_tokens: int):
+def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_batched_tokens: int,
+                      packed: bool = False):
     """A function running the engine's matmuls alone for generating from `prompts` at once: prefill
     chunks of `max_batched_tokens` tokens, then `new_tokens - 1` decode steps of len(prompts) rows, the
     LM head on one row per sequence per step, each weight times a random input of the step's shape.
-    Timed beside the engine it gives what a run would take if attention, norms, sampling and Python
-    were free (inputs and weights hot in cache): a bound on any achievable speedup."""
+    `packed`: through the linear the engine's steps call (`kernels.cpu.packed_linear.linear` inside
+    `reading()`), so the weights an engine registered are read as its oneDNN-prepacked copies; else
+    `F.linear` on the parameters. Timed beside the engine it gives what a run would take if attention,
+    norms, sampling and Python were free (inputs and weights hot in cache): a bound on any achievable
+    speedup with these matmuls."""
     weights = [p.detach() for name, p in model.named_parameters()
                if p.dim() == 2 and not name.startswith(("embed_tokens", "lm_head"))]
     head = model.lm_head.weight.detach()
@@ -179,10 +184,18 @@ def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_b
     widths = {w.shape[1] for w in weights + [head]}
     inputs = {rows: {n: torch.randn(rows, n, device=device, dtype=dtype) for n in widths}
               for rows in set(chunks) | {batch}}
-    linear = torch.nn.functional.linear
+    if packed:
+        from rl_engine.kernels.cpu import packed_linear
+
+        # the parameters themselves: the packed copies hang on them (detach() would lose them)
+        weights = [p for name, p in model.named_parameters()
+                   if p.dim() == 2 and not name.startswith(("embed_tokens", "lm_head"))]
+        head, linear, reading = model.lm_head.weight, packed_linear.linear, packed_linear.reading
+    else:
+        linear, reading = torch.nn.functional.linear, contextlib.nullcontext
 
     def run() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), reading():
             for rows in chunks + [batch] * (new_tokens - 1):
                 x = inputs[rows]
                 for w in weights:
@@ -221,6 +234,8 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
     if device.type == "cpu" and "compiled" not in skip:
         compiled_engine = LLM(path, max_num_seqs=max(batches), dtype=dtype, device=device, compile_decode=True)
     model = llm.model
+    # the matmul floor times the linears the engine's steps run: its prepacked copies where it packs
+    packed = bool(llm.engine.runner.packed_weights)
     weight_bytes = matmul_params(model) * model.lm_head.weight.element_size()
     kv_bytes_per_token = llm.engine.runner.kv_bytes_per_token
     vocab = model.config.vocab_size
@@ -244,7 +259,7 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
             # let a burst of load from elsewhere on a shared machine spoil one unit, not the total.
             engine_t = hf_t = floor = cpp_t = compiled_t = 0.0
             for g in groups:
-                floor_step = matmul_floor_step(model, g, new_tokens=new_tokens,
+                floor_step = matmul_floor_step(model, g, new_tokens=new_tokens, packed=packed,
                                                max_batched_tokens=llm.engine.config.max_num_batched_tokens)
                 fns = {"engine": lambda: run_engine(llm, g, new_tokens, sampled),
                        "transformers": lambda: run_transformers(hf, g, new_tokens, sampled),
@@ -290,6 +305,7 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
     return {"model": name, "params": n_params, "matmul_params_per_token": mm_params, "vocab_size": vocab,
             "hidden_size": model.config.hidden_size, "num_layers": model.config.num_layers,
             "engine_start_s": round(start_s, 2), "cpp_kernels": cpp,
+            "matmul_floor_linears": "oneDNN prepacked (the engine's)" if packed else "F.linear",
             # bucket -> seconds of its first step (compilation included), in this process
             "decode_compile_s": compiled_engine.engine.stats()["decode_compile_s"] if compiled_engine else None,
             "results": rows,
