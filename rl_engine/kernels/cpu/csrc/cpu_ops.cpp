@@ -70,6 +70,36 @@ inline const float* as_float_row(const T* src, float* buf, int64_t n) {
 template <>
 inline const float* as_float_row<float>(const float* src, float*, int64_t) { return src; }
 
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const void*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// r[i] = the sum of v[i]'s 16 lanes: a transpose-and-add tree (15 shuffle pairs for 16 sums, where 16
+// horizontal reductions take ~4 each).
+inline __m512 sum16(const __m512* v) {
+  __m512 u[8], w[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of a = v[2i], b = v[2i+1]
+    u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per lane: the lane sums of v[4i .. 4i+3]
+    w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#endif
+
 // ---- paged decode attention -----------------------------------------------------------------
 // One task per request (per (request, kv head) when there are fewer requests than threads): for
 // each cache block, the scores of every query head against its kv head's rows (the G query heads of
@@ -161,6 +191,115 @@ void paged_decode_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
   });
 }
 
+#if defined(__AVX512F__)
+// The same task split, block walk and online softmax as paged_decode_kernel, with the head dim DC a
+// multiple of 16 held in registers: scores for 16 tokens of a block at a time, each query head's q
+// against each K row as DC/16 fused multiply-adds, the 16 partial vectors summed by sum16 into one
+// vector of scores; P.V with each query head's accumulator in registers across the block's rows.
+// K/V rows are read in place (bf16 widened to fp32 as loaded), once per query head of the GQA group
+// (from L1 after the first). Measured against paged_decode_kernel (2 threads, through the lock, 64 rows
+// of 8/2 heads, 80-140 keys in 16-token blocks): head dim 32 255 -> 149 us fp32, 307 -> 211 bf16; head
+// dim 64 353 -> 236 and 467 -> 297.
+template <typename T, int DC>
+void paged_decode_avx512(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const T* vc,
+                         const int32_t* tables, int64_t table_stride, const int32_t* lens, T* out,
+                         int64_t B, int64_t Hq, int64_t Hkv, int64_t bs, float scale, int64_t max_len,
+                         int64_t num_blocks, std::atomic<bool>& bad_block) {
+  static_assert(DC % 16 == 0, "head dim in vectors of 16");
+  constexpr int V = DC / 16;
+  const int64_t G = Hq / Hkv;
+  const int64_t tok = Hkv * DC;
+  const int64_t split = B < at::get_num_threads() ? Hkv : 1;
+  const int64_t heads_per_task = Hkv / split;
+  const int64_t work = std::max<int64_t>(1, max_len * DC * G * heads_per_task);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / work);
+  const int64_t s_stride = (bs + 15) / 16 * 16;  // scores per query head, whole vectors
+  at::parallel_for(0, B * split, grain, [&](int64_t begin, int64_t end) {
+    const int64_t HG = heads_per_task * G;
+    std::vector<float> qf(HG * DC), acc(HG * DC), s(HG * s_stride), m(HG), l(HG);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / split, h0 = (task % split) * heads_per_task;
+      T* o = out + (b * Hq + h0 * G) * DC;
+      const int64_t L = lens[b];
+      if (L <= 0) {
+        std::fill(o, o + HG * DC, from_f<T>(0.f));
+        continue;
+      }
+      for (int64_t j = 0; j < HG; ++j) {
+        const T* qr = q + b * q_s0 + (h0 * G + j) * q_s1;
+        for (int64_t d = 0; d < DC; ++d) qf[j * DC + d] = to_f(qr[d]) * scale;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      const int32_t* table = tables + b * table_stride;
+      for (int64_t start = 0; start < L; start += bs) {
+        const int64_t n = std::min(bs, L - start);
+        const int64_t block = table[start / bs];
+        if (block < 0 || block >= num_blocks) {
+          bad_block = true;
+          break;
+        }
+        for (int64_t hh = 0; hh < heads_per_task; ++hh) {
+          const T* kb = kc + block * bs * tok + (h0 + hh) * DC;
+          const T* vb = vc + block * bs * tok + (h0 + hh) * DC;
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t j = hh * G + g;
+            __m512 qv[V];
+            for (int c = 0; c < V; ++c) qv[c] = _mm512_loadu_ps(qf.data() + j * DC + 16 * c);
+            float* sj = s.data() + j * s_stride;
+            for (int64_t t0 = 0; t0 < n; t0 += 16) {
+              const int64_t nt = std::min<int64_t>(16, n - t0);
+              __m512 part[16];
+#pragma GCC unroll 16
+              for (int t = 0; t < 16; ++t) {
+                part[t] = _mm512_setzero_ps();
+                if (t < nt) {
+                  const T* kr = kb + (t0 + t) * tok;
+                  for (int c = 0; c < V; ++c) part[t] = _mm512_fmadd_ps(qv[c], load16(kr + 16 * c), part[t]);
+                }
+              }
+              _mm512_storeu_ps(sj + t0, sum16(part));
+            }
+            // online softmax over this block's n scores
+            const __mmask16 tail = n % 16 ? __mmask16((1u << (n % 16)) - 1) : __mmask16(0xFFFF);
+            float block_max = -std::numeric_limits<float>::infinity();
+            for (int64_t t0 = 0; t0 < n; t0 += 16) {
+              const __mmask16 mk = n - t0 >= 16 ? __mmask16(0xFFFF) : tail;
+              block_max = std::max(block_max, _mm512_mask_reduce_max_ps(mk, _mm512_loadu_ps(sj + t0)));
+            }
+            const float m_new = std::max(m[j], block_max);
+            const float corr = fast_exp(m[j] - m_new);
+            float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t t = 0; t < n; ++t) {
+              sj[t] = fast_exp(sj[t] - m_new);
+              sum += sj[t];
+            }
+            l[j] = l[j] * corr + sum;
+            m[j] = m_new;
+            float* aj = acc.data() + j * DC;
+            const __m512 cv = _mm512_set1_ps(corr);
+            __m512 av[V];
+            for (int c = 0; c < V; ++c) av[c] = _mm512_mul_ps(_mm512_loadu_ps(aj + 16 * c), cv);
+            for (int64_t t = 0; t < n; ++t) {
+              const __m512 p = _mm512_set1_ps(sj[t]);
+              const T* vr = vb + t * tok;
+              for (int c = 0; c < V; ++c) av[c] = _mm512_fmadd_ps(p, load16(vr + 16 * c), av[c]);
+            }
+            for (int c = 0; c < V; ++c) _mm512_storeu_ps(aj + 16 * c, av[c]);
+          }
+        }
+      }
+      for (int64_t j = 0; j < HG; ++j) {
+        const float inv = 1.f / l[j];
+        for (int64_t d = 0; d < DC; ++d) o[j * DC + d] = from_f<T>(acc[j * DC + d] * inv);
+      }
+    }
+  });
+}
+#endif
+
 torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
                                      const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                                      const torch::Tensor& context_lens, double scale, int64_t max_len) {
@@ -176,6 +315,17 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
   std::atomic<bool> bad_block{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     auto run = [&](auto dc) {
+#if defined(__AVX512F__)
+      if constexpr (decltype(dc)::value > 0 &&
+                    (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)) {
+        paged_decode_avx512<scalar_t, decltype(dc)::value>(
+            q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), k_cache.data_ptr<scalar_t>(),
+            v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(), block_tables.stride(0),
+            context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, Hq, Hkv, bs,
+            static_cast<float>(scale), max_len, k_cache.size(0), bad_block);
+        return;
+      }
+#endif
       paged_decode_kernel<scalar_t, decltype(dc)::value>(
           q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), k_cache.data_ptr<scalar_t>(),
           v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(), block_tables.stride(0),
@@ -296,13 +446,6 @@ torch::Tensor silu_and_mul(const torch::Tensor& x) {
 // Rows are split over threads in chunks of ~64 KiB of weight.
 thread_local bool g_reading_plain_gemv = false;  // set by packed_linear.reading() (see ops.gemv)
 
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const void*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-#endif
 
 template <typename T>
 void gemv_rows(const float* xf, const T* xt, const T* w, int64_t n0, int64_t n1, int64_t K, float* acc_out) {
