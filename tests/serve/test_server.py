@@ -276,32 +276,61 @@ def test_metrics(server, client):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_disconnect_aborts_and_frees_kv(server, stream):
-    """Read through /metrics: the engine may be in another process."""
+    """Read through /metrics: the engine may be in another process. The test generates the request's
+    first tokens itself while the server's stepper is held (fault injection, serve_helpers: an owner
+    request in the engine, or a gate on an `AsyncEngine`'s steps) and lets the engine step again only once
+    the disconnect was seen: the disconnect always comes mid-generation, and no more than one step can
+    follow it, whatever the machine's speed (with the stepper free, a stalled test process could see the
+    whole budget generated before its disconnect was noticed)."""
+    from functools import partial
+
+    from serve_helpers import StepGate, hold_engine, release_engine, step_engine
+
     def in_engine(m):
         return m["rl_engine_num_requests_waiting"] + m["rl_engine_num_requests_running"]
+
+    def wait_for(condition, what):  # liveness only: each condition is bound to come
+        deadline = time.monotonic() + 120
+        while not condition(server.metrics()):
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+        return server.metrics()
 
     before = server.metrics()
     free, generated = before["rl_engine_kv_cache_blocks_free"], before["rl_engine_engine_generated_tokens_total"]
     assert in_engine(before) == 0
+    gate = StepGate(server.backend.engine) if server.kind == "async" else None
+    held = 1 if gate is None else 0  # the owner's hold request, counted in the engine
+    if gate is None:
+        server.call(hold_engine)
     body = json.dumps({"model": MODEL_NAME, "prompt": "a long one", "max_tokens": 490, "n": 4, "temperature": 0,
                        "ignore_eos": True, "stream": stream}).encode()
     host, port = "127.0.0.1", server.thread.port
+    steps = 3
     sock = socket.create_connection((host, port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-    deadline = time.time() + 20
-    while in_engine(server.metrics()) == 0 and time.time() < deadline:
-        time.sleep(0.005)
-    assert in_engine(server.metrics()) > 0  # generating
-    sock.close()  # the client goes away mid-generation
-    while time.time() < deadline:
-        after = server.metrics()
-        if in_engine(after) == 0 and after["rl_engine_kv_cache_blocks_free"] == free:
-            break
-        time.sleep(0.02)
-    assert in_engine(after) == 0  # aborted
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_for(lambda m: in_engine(m) == held + 1, "the request admitted")
+        tokens = gate.step(steps) if gate is not None else server.call(partial(step_engine, steps=steps))
+        assert 0 < tokens < 4 * 490  # generating
+    finally:
+        sock.close()  # the client goes away mid-generation
+    if gate is None:  # the stepper aborts it without stepping
+        mid = wait_for(lambda m: in_engine(m) == held, "the request aborted")
+        server.call(release_engine)
+    else:  # the abort is asked for; the engine's loop applies it after the step it is waiting to take
+        deadline = time.monotonic() + 120
+        while not server.backend._aborts:  # noqa: SLF001
+            assert time.monotonic() < deadline, "the disconnect was not seen"
+            time.sleep(0.02)
+        gate.release()
+        mid = wait_for(lambda m: in_engine(m) == 0, "the request aborted")
+    after = wait_for(lambda m: in_engine(m) == 0 and m["rl_engine_kv_cache_blocks_free"] == free, "KV blocks back")
     assert after["rl_engine_kv_cache_blocks_free"] == free  # its KV blocks are back
-    assert after["rl_engine_engine_generated_tokens_total"] - generated < 4 * 490  # stopped before its budget
+    # Only the test's steps and at most one after the disconnect: a token each for 4 samples and the hold.
+    assert mid["rl_engine_engine_generated_tokens_total"] - generated <= (steps + 1) * (4 + held)
+    assert after["rl_engine_engine_generated_tokens_total"] == mid["rl_engine_engine_generated_tokens_total"]
 
 
 def test_tool_calls_parsed(tmp_path):
