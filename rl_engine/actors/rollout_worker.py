@@ -20,7 +20,10 @@ worker SIGKILL itself on receiving its N-th request, with the earlier ones still
 `--hold-a-request-until-update` (async mode) takes, at each weights version, the first sampled request
 that has a generated token out of the engine and keeps it until the next `UpdateWeights`, which answers
 it as interrupted: every update then finds a partial rollout, whatever the relative speed of this worker
-and the trainer (without it, a worker that finishes everything before the update interrupts nothing).
+and the trainer (without it, a worker that finishes everything before the update interrupts nothing);
+`--step-once-file-exists PATH` keeps every request waiting in the engine (heartbeats and messages go
+on) until the file PATH exists, so a test can keep the run going until it has done what it must do
+during the run, whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -63,13 +66,15 @@ def shm_has_room(model: torch.nn.Module, directory: str = "/dev/shm") -> bool:
 
 class RolloutWorker:
     def __init__(self, cfg: RLConfig, *, auth: RunAuth, worker_id: str, coordinator: str, heartbeat: str,
-                 die_after_requests: int | None = None, hold_a_request_until_update: bool = False) -> None:
+                 die_after_requests: int | None = None, hold_a_request_until_update: bool = False,
+                 step_once_file_exists: str | None = None) -> None:
         p, r, t = cfg.placement, cfg.rollout, cfg.train
         self.worker_id, self.die_after_requests = worker_id, die_after_requests
         if hold_a_request_until_update and r.mode != "async":
             raise ValueError("--hold-a-request-until-update needs rollout.mode=async (a sync round waits for every "
                              f"request, so a held one would never be answered); got rollout.mode={r.mode}")
         self.hold_a_request_until_update = hold_a_request_until_update
+        self.step_once_file_exists = step_once_file_exists  # fault injection: None once the file is there
         self.held: RequestOutput | None = None  # the partial rollout held until the next update
         self.held_at_version: int | None = None  # the weights version at which one was last held
         dtype = getattr(torch, cfg.model.dtype)
@@ -109,7 +114,7 @@ class RolloutWorker:
 
     def serve(self) -> None:
         while True:
-            busy = self.engine.has_unfinished_requests()
+            busy = self.engine.has_unfinished_requests() and self._may_step()
             msg = self.link.receive(0 if busy else 100, expected=COMMANDS)
             with self.engine_lock:
                 while msg is not None:  # take everything that is waiting before the next engine step
@@ -118,13 +123,20 @@ class RolloutWorker:
                         return
                     self._handle(msg)
                     msg = self.link.receive(0, expected=COMMANDS)
-                if self.engine.has_unfinished_requests():
+                if self.engine.has_unfinished_requests() and self._may_step():
                     for out in self.engine.step():
                         if out.finished:
                             request = self.requests.pop(out.request_id)
                             self.link.send(generate_result(request, out))
                     if self.hold_a_request_until_update:
                         self._hold_a_request()
+
+    def _may_step(self) -> bool:
+        """False while `--step-once-file-exists`'s file is missing (fault injection, tests)."""
+        if self.step_once_file_exists is not None and os.path.exists(self.step_once_file_exists):
+            logger.info("%s: fault injection: %s exists, stepping", self.worker_id, self.step_once_file_exists)
+            self.step_once_file_exists = None
+        return self.step_once_file_exists is None
 
     def _hold_a_request(self) -> None:
         """Fault injection (tests): once per weights version, take out of the engine the first fresh
@@ -208,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--die-after-requests", type=int, default=None, help="fault injection (tests)")
     parser.add_argument("--hold-a-request-until-update", action="store_true", help="fault injection (tests)")
+    parser.add_argument("--step-once-file-exists", metavar="PATH", default=None, help="fault injection (tests)")
     args = parser.parse_args(argv)
     # The launcher stops workers with SIGTERM: exit through the `finally` below (and atexit), which unlink
     # the shared-memory staging regions (two copies of the model) instead of leaving them in /dev/shm.
@@ -218,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         worker = RolloutWorker(cfg, auth=auth, worker_id=args.worker_id, coordinator=args.coordinator, heartbeat=args.heartbeat,
                                die_after_requests=args.die_after_requests,
-                               hold_a_request_until_update=args.hold_a_request_until_update)
+                               hold_a_request_until_update=args.hold_a_request_until_update,
+                               step_once_file_exists=args.step_once_file_exists)
     except Exception as e:
         report_startup_failure(args.coordinator, auth=auth, actor_id=args.worker_id, error=e)
         raise

@@ -92,7 +92,7 @@ def run_scenario(name: str, out: str, overrides: list[str], *, ray_address: str,
 
     import ray
     from rl_engine.actors.run import run_actors
-    from test_attacks import Intruder
+    from test_attacks import Intruder, gated
 
     run_dir = os.path.join(out, name)
     result: dict = {"name": name}
@@ -109,7 +109,12 @@ def run_scenario(name: str, out: str, overrides: list[str], *, ray_address: str,
         threads.append(threading.Thread(target=fault, args=(run_dir, done, result), daemon=True))
     for t in threads:
         t.start()
-    intruder = Intruder(Path(run_dir)) if attack else None
+    intruder = None
+    if attack:  # rollout-0 generates nothing before the intruder's first rounds: they reach a live run
+        gate = os.path.join(out, f"{name}.intruder_started")
+        intruder = Intruder(Path(run_dir), gate=gate)
+        edit_specs = (lambda specs, inner=edit_specs, gate_specs=gated(gate):
+                      gate_specs(inner(specs) if inner is not None else specs))
     t0 = time.monotonic()
     try:
         if intruder is not None:
@@ -401,11 +406,10 @@ def job_submit(out: str) -> dict:
     folder holding the config `ray job submit --working-dir . -- rl-engine train run.yaml
     placement.launcher=ray ray.address=auto`: examples/disaggregated.yaml (the demo task with a rollout
     worker process) at reduced sizes. Then the head is stopped and nothing of it may be left."""
+    import re
     import shutil
     import urllib.error
     import urllib.request
-
-    from rl_engine.launch.local import free_port
 
     temp_dir = ray_temp_dir()
     bin_dir = os.path.dirname(sys.executable)
@@ -414,30 +418,42 @@ def job_submit(out: str) -> dict:
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex(), "RAY_TMPDIR": temp_dir}
     env.pop("RAY_ADDRESS", None)
-    port, dashboard = free_port(), free_port()
     workdir, run_dir = os.path.join(out, "job_workdir"), os.path.join(out, "ray_job")
     os.makedirs(workdir)
     shutil.copy(os.path.join(HERE, "..", "..", "examples", "disaggregated.yaml"), os.path.join(workdir, "run.yaml"))
     head_log = open(os.path.join(out, "ray_head.log"), "wb")
-    head = subprocess.Popen([os.path.join(bin_dir, "ray"), "start", "--head", f"--port={port}",
+    # Port 0 for the GCS and the dashboard: each binds a free port itself (no port picked here and bound later,
+    # which another process can take in between); the dashboard's is read back from what `ray start` prints.
+    head = subprocess.Popen([os.path.join(bin_dir, "ray"), "start", "--head", "--port=0",
                              "--node-ip-address=127.0.0.1", "--num-cpus=3", "--include-dashboard=true",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+                             "--dashboard-host=127.0.0.1", "--dashboard-port=0", "--disable-usage-stats",
                              "--block"], env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
     result: dict = {}
     t0 = time.monotonic()
     try:
         deadline = time.monotonic() + 120
+        dashboard = None  # http://127.0.0.1:PORT, once `ray start` has printed it
         while time.monotonic() < deadline and head.poll() is None:
+            if dashboard is None:
+                found = re.search(r"RAY_API_SERVER_ADDRESS='(http://[^']+)'",
+                                  open(os.path.join(out, "ray_head.log"), errors="replace").read())
+                if found is None:
+                    time.sleep(0.5)
+                    continue
+                dashboard = result["dashboard"] = found.group(1)
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=5).read()
+                urllib.request.urlopen(f"{dashboard}/api/version", timeout=5).read()
                 break
             except urllib.error.HTTPError:  # it answers (401 without the token): up
                 break
             except OSError:
                 time.sleep(0.5)
+        if dashboard is None:
+            raise RuntimeError("`ray start --head` printed no dashboard address (RAY_API_SERVER_ADDRESS=...) "
+                               f"within 120 s; see {head_log.name}")
         result["head_ready_seconds"] = time.monotonic() - t0
         submit = subprocess.run(
-            [os.path.join(bin_dir, "ray"), "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
+            [os.path.join(bin_dir, "ray"), "job", "submit", f"--address={dashboard}",
              "--working-dir", ".", "--", "rl-engine", "train", "run.yaml", "placement.launcher=ray",
              "ray.address=auto", f"train.output_dir={run_dir}", "warmup.steps=20", "train.steps=2", "train.dp=1",
              "placement.num_rollout_workers=1", "data.num_eval=8", "rollout.prompts_per_step=4", "rollout.n=4",

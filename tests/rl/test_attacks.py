@@ -12,6 +12,7 @@ be counted, and nothing the intruder sent may be answered or acted on.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -34,10 +35,16 @@ RUN = ["placement.mode=disaggregated", "train.deterministic=true", "train.steps=
 
 
 class Intruder:
-    """Attacks the run in `out` from a thread until `stop` is set; records anything it gets back."""
+    """Attacks the run in `out` from a thread until `stop` is set; records anything it gets back.
+    Once it has done `GATE_ROUNDS` rounds (or its thread ends) it creates the file `gate`: a run whose
+    rollout worker has `--step-once-file-exists gate` (`gated`) generates nothing before, so every
+    attack of those rounds reaches a run in progress, however slow this thread is against the run."""
 
-    def __init__(self, out) -> None:
+    GATE_ROUNDS = 2
+
+    def __init__(self, out, *, gate=None) -> None:
         self.out = out
+        self.gate = gate
         self.stop = threading.Event()
         self.answers: list = []
         self.listeners: set[tuple[str, int]] = set()  # (local address, pid) of every TCP listener seen
@@ -60,6 +67,16 @@ class Intruder:
         return sock
 
     def _run(self) -> None:
+        try:
+            self._attack()
+        finally:
+            self._open_gate()
+
+    def _open_gate(self) -> None:
+        if self.gate is not None:
+            open(self.gate, "a").close()
+
+    def _attack(self) -> None:
         actors = self.out / "actors.json"
         while not self.stop.is_set():
             try:
@@ -80,6 +97,8 @@ class Intruder:
                 pass
             self.rounds += 1
             self.listeners |= tcp_listeners()
+            if self.rounds >= self.GATE_ROUNDS:
+                self._open_gate()
             deadline = time.monotonic() + 0.3
             while time.monotonic() < deadline:
                 for s in [*socks, self.trap]:
@@ -130,6 +149,14 @@ class Intruder:
         self.ctx.destroy(linger=0)
 
 
+def gated(gate):
+    """edit_specs: rollout-0 generates nothing until the file `gate` exists (an `Intruder`'s)."""
+    def edit(specs):
+        return [dataclasses.replace(s, args=[*s.args, "--step-once-file-exists", str(gate)])
+                if s.name == "rollout-0" else s for s in specs]
+    return edit
+
+
 def tcp_listeners() -> set[tuple[str, int]]:
     """(local address:port, pid) of every listening TCP socket on this machine (`ss -ltnpH`)."""
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
@@ -160,18 +187,20 @@ def assert_same_metrics(got: list[dict], reference: list[dict]) -> None:
                 assert a[key] == b[key], (step, key, a[key], b[key])
 
 
-def _run(out, monkeypatch, *overrides) -> dict:
+def _run(out, monkeypatch, *overrides, edit_specs=None) -> dict:
     child_pythonpath(monkeypatch)
-    return run_actors(toy_config(out, *RUN, *overrides), echo_stream=io.BytesIO())
+    return run_actors(toy_config(out, *RUN, *overrides), echo_stream=io.BytesIO(), edit_specs=edit_specs)
 
 
 @pytest.mark.parametrize("transport", ["zmq", "shm"])
 def test_attacks_do_not_affect_the_run_and_are_counted(transport, tmp_path, monkeypatch):
     overrides = [f"placement.weight_transport={transport}"]
     reference = _run(tmp_path / "reference", monkeypatch, *overrides)
-    with Intruder(tmp_path / "attacked") as intruder:
-        attacked = _run(tmp_path / "attacked", monkeypatch, *overrides)
-    assert intruder.rounds >= 2, "the run ended before the intruder got going"
+    gate = tmp_path / "intruder_started"
+    with Intruder(tmp_path / "attacked", gate=gate) as intruder:
+        # The worker generates nothing before the intruder's first 2 rounds: they reach a live run.
+        attacked = _run(tmp_path / "attacked", monkeypatch, *overrides, edit_specs=gated(gate))
+    assert intruder.rounds >= Intruder.GATE_ROUNDS, "the run ended before the intruder got going"
     assert (tmp_path / "attacked" / "prompts.jsonl").read_bytes() == (tmp_path / "reference" / "prompts.jsonl").read_bytes()
     assert_same_metrics(rows(tmp_path / "attacked"), rows(tmp_path / "reference"))
     assert attacked["prompts"] == reference["prompts"] and attacked["worker_deaths"] == 0
