@@ -74,7 +74,7 @@ class StepGate:
         with self._cond:
             self.open = True
             self._cond.notify_all()
-        del self.engine.step  # the class's method again
+        self.engine.__dict__.pop("step", None)  # the class's method again (idempotent: also from a finally)
 
 
 class RunningServer:

@@ -301,36 +301,72 @@ def test_disconnect_aborts_and_frees_kv(server, stream):
     assert in_engine(before) == 0
     gate = StepGate(server.backend.engine) if server.kind == "async" else None
     held = 1 if gate is None else 0  # the owner's hold request, counted in the engine
-    if gate is None:
-        server.call(hold_engine)
-    body = json.dumps({"model": MODEL_NAME, "prompt": "a long one", "max_tokens": 490, "n": 4, "temperature": 0,
-                       "ignore_eos": True, "stream": stream}).encode()
-    host, port = "127.0.0.1", server.thread.port
-    steps = 3
-    sock = socket.create_connection((host, port))
-    try:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        wait_for(lambda m: in_engine(m) == held + 1, "the request admitted")
-        tokens = gate.step(steps) if gate is not None else server.call(partial(step_engine, steps=steps))
-        assert 0 < tokens < 4 * 490  # generating
-    finally:
-        sock.close()  # the client goes away mid-generation
-    if gate is None:  # the stepper aborts it without stepping
-        mid = wait_for(lambda m: in_engine(m) == held, "the request aborted")
-        server.call(release_engine)
-    else:  # the abort is asked for; the engine's loop applies it after the step it is waiting to take
-        deadline = time.monotonic() + 120
-        while not server.backend._aborts:  # noqa: SLF001
-            assert time.monotonic() < deadline, "the disconnect was not seen"
-            time.sleep(0.02)
-        gate.release()
-        mid = wait_for(lambda m: in_engine(m) == 0, "the request aborted")
-    after = wait_for(lambda m: in_engine(m) == 0 and m["rl_engine_kv_cache_blocks_free"] == free, "KV blocks back")
-    assert after["rl_engine_kv_cache_blocks_free"] == free  # its KV blocks are back
-    # Only the test's steps and at most one after the disconnect: a token each for 4 samples and the hold.
-    assert mid["rl_engine_engine_generated_tokens_total"] - generated <= (steps + 1) * (4 + held)
-    assert after["rl_engine_engine_generated_tokens_total"] == mid["rl_engine_engine_generated_tokens_total"]
+    try:  # a failure below must not leave the engine held (see the finally)
+        if gate is None:
+            server.call(hold_engine)
+        body = json.dumps({"model": MODEL_NAME, "prompt": "a long one", "max_tokens": 490, "n": 4, "temperature": 0,
+                           "ignore_eos": True, "stream": stream}).encode()
+        host, port = "127.0.0.1", server.thread.port
+        steps = 3
+        sock = socket.create_connection((host, port))
+        try:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_for(lambda m: in_engine(m) == held + 1, "the request admitted")
+            tokens = gate.step(steps) if gate is not None else server.call(partial(step_engine, steps=steps))
+            assert 0 < tokens < 4 * 490  # generating
+        finally:
+            sock.close()  # the client goes away mid-generation
+        if gate is None:  # the stepper aborts it without stepping
+            mid = wait_for(lambda m: in_engine(m) == held, "the request aborted")
+            server.call(release_engine)
+        else:  # the abort is asked for; the engine's loop applies it after the step it is waiting to take
+            deadline = time.monotonic() + 120
+            while not server.backend._aborts:  # noqa: SLF001
+                assert time.monotonic() < deadline, "the disconnect was not seen"
+                time.sleep(0.02)
+            gate.release()
+            mid = wait_for(lambda m: in_engine(m) == 0, "the request aborted")
+        after = wait_for(lambda m: in_engine(m) == 0 and m["rl_engine_kv_cache_blocks_free"] == free, "KV blocks back")
+        assert after["rl_engine_kv_cache_blocks_free"] == free  # its KV blocks are back
+        # Only the test's steps and at most one after the disconnect: a token each for 4 samples and the hold.
+        assert mid["rl_engine_engine_generated_tokens_total"] - generated <= (steps + 1) * (4 + held)
+        assert after["rl_engine_engine_generated_tokens_total"] == mid["rl_engine_engine_generated_tokens_total"]
+    finally:  # idempotent: a gate still held would keep its waiting step thread (asyncio's default executor,
+        # joined at exit) and so the test process alive forever; a hold left in the module's server would
+        # fail the next parametrization on it instead of on its own
+        if gate is not None:
+            gate.release()
+        else:
+            server.call(release_engine)  # a no-op once released above (abort of an unknown id)
+
+
+def test_step_gate_release_frees_a_waiting_step():
+    """The disconnect test releases its gate in a `finally`: `release` lets a step waiting for a permit run
+    (left waiting, asyncio's executor thread would keep the test process from exiting), may be repeated,
+    and puts the engine's own `step` back."""
+    import threading
+
+    from serve_helpers import StepGate
+
+    class Engine:
+        requests: dict = {}
+
+        def step(self):
+            return ["stepped"]
+
+    engine = Engine()
+    gate = StepGate(engine)
+    results = []
+    waiting = threading.Thread(target=lambda: results.append(engine.step()), daemon=True)
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive() and results == []  # no permit: it cannot have stepped
+    gate.release()
+    waiting.join(60)  # liveness bound
+    assert not waiting.is_alive() and results == [["stepped"]]
+    gate.release()  # again, as the finally does after the test's own release
+    assert "step" not in vars(engine) and engine.step() == ["stepped"]
 
 
 def test_tool_calls_parsed(tmp_path):
