@@ -15,6 +15,7 @@ process during the start).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import socket
@@ -83,5 +84,8 @@ def _listen(host: str, port: int) -> socket.socket:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as e:
-        raise InputError(f"cannot listen on --host {host} --port {port}: {e.strerror or e}; choose another "
-                         "--port (0 picks a free one and prints it)") from None
+        if e.errno in (errno.EADDRINUSE, errno.EACCES):  # the port is taken, or privileged
+            fix = "choose another --port (0 picks a free one and prints it)"
+        else:  # a name that does not resolve (gaierror), an address not of this machine (EADDRNOTAVAIL)
+            fix = "--host must be a name or address of this machine (127.0.0.1: loopback; 0.0.0.0: every interface)"
+        raise InputError(f"cannot listen on --host {host} --port {port}: {e.strerror or e}; {fix}") from None

@@ -76,6 +76,14 @@ def test_a_taken_port_is_a_one_line_error(chat_model_dir, capsys):
     assert f"cannot listen on --host 127.0.0.1 --port {port}" in err and "--port (0 picks a free one" in err, err
 
 
+def test_an_address_not_of_this_machine_names_the_host(chat_model_dir, capsys):
+    """Not the port's fault: the fix named is --host's (192.0.2.1 is TEST-NET-1, documentation only)."""
+    assert main(["serve", chat_model_dir, "--host", "192.0.2.1", "--port", "0", "--api-key", "k"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on --host 192.0.2.1 --port 0" in err and "--host must be a name or address" in err, err
+    assert "choose another --port" not in err, err
+
+
 def test_bad_flags_are_one_line_errors(chat_model_dir, capsys):
     assert main(["serve", chat_model_dir, "--port", "70000"]) == 2
     assert "--port=70000 must be in [0, 65535]" in capsys.readouterr().err
