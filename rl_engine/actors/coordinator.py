@@ -134,6 +134,7 @@ class Coordinator(CoordinatorBase):
                 prompt_log.log(step + 1, self._prompt_events())
                 if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
                     self.save_checkpoint(step + 1)
+                    _hold_after_checkpoint(step + 1)
         rl_seconds = time.perf_counter() - t_rl
         after = self.evaluate().get("eval/accuracy")
         if self.resume_from is not None and self.start_step == cfg.train.steps:
@@ -580,6 +581,22 @@ class Coordinator(CoordinatorBase):
             self.agentic_stream.close()
         self.rewards.close()
         super().close()
+
+
+HOLD_AFTER_CHECKPOINT_ENV = "RL_ENGINE_TEST_HOLD_AFTER_CHECKPOINT"
+
+
+def _hold_after_checkpoint(step: int) -> None:
+    """Fault injection (tests): with RL_ENGINE_TEST_HOLD_AFTER_CHECKPOINT=k in its environment (under Ray:
+    `ray.runtime_env={env_vars: {...}}`), the coordinator stops for good once checkpoint k is committed,
+    until its process is ended: a test that kills the run after checkpoint k then finds exactly k
+    committed, however long the kill and the processes' end take (a resumed run never commits k again)."""
+    if os.environ.get(HOLD_AFTER_CHECKPOINT_ENV) != str(step):
+        return
+    logger.warning("fault injection: %s=%d: holding after the checkpoint until this process is ended",
+                   HOLD_AFTER_CHECKPOINT_ENV, step)
+    while True:
+        time.sleep(1)
 
 
 def main(argv: list[str] | None = None) -> None:

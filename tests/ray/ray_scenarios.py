@@ -318,8 +318,12 @@ def sigkill_driver_then_resume(out: str, ray_address: str) -> dict:
     os.makedirs(run_dir)
     config = os.path.join(run_dir, "run.yaml")
     overrides = [*RESUME, *RAY, "ray.trainer_resources={CPU: 1}", f"ray.address={ray_address}"]
+    # Fault injection: the coordinator stops for good once checkpoint 2 is committed (the run's processes
+    # get it through Ray's runtime_env), so the kill finds exactly 2 committed, however long the kill and
+    # Ray's ending of the dead driver's actors take (they used to commit more meanwhile, up to all 8).
+    held = [*overrides, "ray.runtime_env={env_vars: {RL_ENGINE_TEST_HOLD_AFTER_CHECKPOINT: '2'}}"]
     with open(config, "w") as f:
-        yaml.safe_dump(to_dict(toy_config(run_dir, *overrides)), f)
+        yaml.safe_dump(to_dict(toy_config(run_dir, *held)), f)
     proc = subprocess.Popen([sys.executable, "-m", "rl_engine.cli", "train", config], stdout=subprocess.DEVNULL,
                             stderr=open(os.path.join(out, "sigkill_driver.err"), "wb"))
     latest = os.path.join(run_dir, "checkpoints", "latest.json")
@@ -335,8 +339,7 @@ def sigkill_driver_then_resume(out: str, ray_address: str) -> dict:
     proc.kill()
     proc.wait()
     result["left_alive"] = left_alive(run_pids(placement_of(run_dir)))
-    # Read once every process is gone: Ray ends a dead driver's actors a moment later, so the coordinator
-    # may commit one more checkpoint after the driver's death.
+    # Read once every process is gone (Ray ends a dead driver's actors a moment later): still 2, as held.
     result["killed_at_step"] = json.load(open(latest))["step"]
     resumed = run_scenario("ray_resumed", out, [*overrides, "train.resume=auto"], ray_address=ray_address)
     result.update({k: v for k, v in resumed.items() if k in ("summary", "error", "alive_hosts")})

@@ -149,7 +149,8 @@ def test_sigkill_of_the_driver_then_resume_under_ray_matches_the_uninterrupted_r
     actors and their processes die with them; `train.resume=auto` under Ray then writes the
     metrics.jsonl of an uninterrupted run, byte for byte."""
     r = results["ray_resumed"]
-    assert r["running_when_killed"] and 2 <= r["killed_at_step"] < 8, r
+    # The coordinator holds after checkpoint 2 (fault injection): the run is always mid-way when killed.
+    assert r["running_when_killed"] and r["killed_at_step"] == 2, r
     assert "error" not in r, r.get("error")
     assert r["summary"]["resumed_from"].endswith(f"step_{r['killed_at_step']:06d}")
     assert r["left_alive"] == [] and r["alive_hosts"] == [], r
