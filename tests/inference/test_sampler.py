@@ -130,6 +130,7 @@ def test_compiled_greedy_equals_eager_argmax_and_logprobs():
         pytest.skip("inductor's CPU backend needs a C++ compiler")
     eager = Sampler(device=torch.device("cpu"), seed=0)
     compiled = Sampler(device=torch.device("cpu"), seed=0, compile_greedy=True)
+    compiled.compiled_greedy_min_logits = 0  # the compiled pass at every size here
     g = torch.Generator().manual_seed(0)
     greedy = SamplingParams(temperature=0.0)
     with torch.inference_mode():
@@ -152,3 +153,32 @@ def test_compiled_greedy_equals_eager_argmax_and_logprobs():
 def test_compiled_greedy_refused_with_batch_invariant():
     with pytest.raises(ValueError, match="compile_greedy=True cannot be combined with batch_invariant"):
         Sampler(device=torch.device("cpu"), seed=0, batch_invariant=True, compile_greedy=True)
+
+
+def test_compiled_greedy_leaves_small_batches_eager():
+    """Under compile_greedy, fewer logits than compiled_greedy_min_logits take the eager pass (same bits as
+    the eager sampler), and at least that many the compiled one."""
+    from rl_engine.inference.compiled_decode import cpp_compiler
+    from rl_engine.inference.sampler import COMPILED_GREEDY_MIN_LOGITS
+
+    if cpp_compiler() is None:
+        pytest.skip("inductor's CPU backend needs a C++ compiler")
+    eager = Sampler(device=torch.device("cpu"), seed=0)
+    compiled = Sampler(device=torch.device("cpu"), seed=0, compile_greedy=True)
+    assert compiled.compiled_greedy_min_logits == COMPILED_GREEDY_MIN_LOGITS
+    compiled.compiled_greedy_min_logits = 4 * 3000
+    greedy = SamplingParams(temperature=0.0)
+    g = torch.Generator().manual_seed(1)
+    calls = []
+    inner = compiled._compiled_greedy
+    compiled._compiled_greedy = lambda logits: calls.append(logits.shape) or inner(logits)
+    with torch.inference_mode():
+        small = torch.randn(3, 3000, generator=g) * 3
+        assert compiled.sample(small, [greedy] * 3, draw=list) == eager.sample(small, [greedy] * 3, draw=list)
+        assert calls == []
+        large = torch.randn(4, 3000, generator=g) * 3
+        tokens, logprobs = compiled.sample(large, [greedy] * 4, draw=list)
+        assert calls == [(4, 3000)]
+        tokens0, logprobs0 = eager.sample(large, [greedy] * 4, draw=list)
+        assert tokens == tokens0
+        assert torch.allclose(torch.tensor(logprobs), torch.tensor(logprobs0), rtol=0, atol=1e-6)
