@@ -7,11 +7,14 @@ and sampled. Each configuration is timed
 is shared, so the best run is the least disturbed one); at batch 1 each prompt is such a unit. Also
 reports the achieved fraction of this machine's fp32 matmul peak (a large matmul timed in the same
 run): 2 * matmul params * tokens processed / time, and of its memory bandwidth (a large copy timed in
-the same run): the weights read once per step plus the KV cache read by decode attention, per second.
+the same run): the weights read once per step plus the KV cache read by decode attention, per second;
+and the matmul-only ceiling: the engine's own linears (`kernels.cpu.packed_linear.linear` where it
+packs: oneDNN-prepacked weights, one-row products through the C++ `cpu_gemv`) timed alone on inputs of
+each step's shape, against transformers' time.
 
-On CPU the engine also runs with the opt-in C++ CPU kernels (`rl_engine/kernels/cpu`: paged decode
-attention, RMSNorm, SwiGLU; override `*=cpu`) beside the default (torch references), interleaved
-with transformers, so their ratios come from one run. `--under-load` adds rows at `--load-threads 2` with a busy process (normal priority) on the machine:
+On CPU the engine also runs with every C++ CPU kernel (`rl_engine/kernels/cpu`; override `*=cpu`:
+RMSNorm and SwiGLU too, where the default engine takes only the paged decode attention and the one-row
+products), interleaved with transformers, so their ratios come from one run. `--under-load` adds rows at `--load-threads 2` with a busy process (normal priority) on the machine:
 the engine with a fixed thread count and OpenMP's default (spinning) wait policy, with
 OMP_WAIT_POLICY=PASSIVE, and with `cpu_threads="auto"` (threads follow the free cores), each in a
 fresh process (the wait policy is read when torch loads), beside the same runs on a quiet machine.
@@ -170,8 +173,9 @@ def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_b
     chunks of `max_batched_tokens` tokens, then `new_tokens - 1` decode steps of len(prompts) rows, the
     LM head on one row per sequence per step, each weight times a random input of the step's shape.
     `packed`: through the linear the engine's steps call (`kernels.cpu.packed_linear.linear` inside
-    `reading()`), so the weights an engine registered are read as its oneDNN-prepacked copies; else
-    `F.linear` on the parameters. Timed beside the engine it gives what a run would take if attention,
+    `reading()`), so the weights an engine registered are read as it reads them (its oneDNN-prepacked
+    copies; a one-row product through the C++ `cpu_gemv` where the extension is built); else `F.linear`
+    on the parameters. Timed beside the engine it gives what a run would take if attention,
     norms, sampling and Python were free (inputs and weights hot in cache): a bound on any achievable
     speedup with these matmuls."""
     weights = [p.detach() for name, p in model.named_parameters()
@@ -234,7 +238,7 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
     if device.type == "cpu" and "compiled" not in skip:
         compiled_engine = LLM(path, max_num_seqs=max(batches), dtype=dtype, device=device, compile_decode=True)
     model = llm.model
-    # the matmul floor times the linears the engine's steps run: its prepacked copies where it packs
+    # the matmul floor times the linears the engine's steps run (packed_linear.linear where it packs)
     packed = bool(llm.engine.runner.packed_weights)
     weight_bytes = matmul_params(model) * model.lm_head.weight.element_size()
     kv_bytes_per_token = llm.engine.runner.kv_bytes_per_token
@@ -305,7 +309,8 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
     return {"model": name, "params": n_params, "matmul_params_per_token": mm_params, "vocab_size": vocab,
             "hidden_size": model.config.hidden_size, "num_layers": model.config.num_layers,
             "engine_start_s": round(start_s, 2), "cpp_kernels": cpp,
-            "matmul_floor_linears": "oneDNN prepacked (the engine's)" if packed else "F.linear",
+            "matmul_floor_linears": ("the engine's packed_linear.linear (oneDNN prepacked; one row: C++ cpu_gemv "
+                                     "where built)") if packed else "F.linear",
             # bucket -> seconds of its first step (compilation included), in this process
             "decode_compile_s": compiled_engine.engine.stats()["decode_compile_s"] if compiled_engine else None,
             "results": rows,
