@@ -13,10 +13,13 @@ gathers every row's blocks each step, is the registry's CPU default where it bui
 the torch path with the reason logged: no compiler, a failed build). RMSNorm and SwiGLU are opt-in (not
 faster end to end than the torch references on the ~3.5M model: 0.85-1.08x over two runs): the registry
 takes them on CPU under `RL_ENGINE_CPU_KERNELS=1` or an override `OP=cpu` (`*=cpu`: every op that has
-one). `RL_ENGINE_CPU_KERNELS=0` never builds any. Each is also a torch.library custom op (`ops.py`), so
-the engine's compiled decode steps (`compile_decode`) call them as opaque graph nodes. The same source
-defines `rl_engine::cpu_gemv` in C++ (TORCH_LIBRARY), the one-row linear that `packed_linear.py` takes for
-batch-1 steps of an engine that packs its weights (inductor's C++ wrapper calls it without Python).
+one). `RL_ENGINE_CPU_KERNELS=0` never builds any. The switch is read once per process, at the first use
+of a kernel (the loader and the registry's resolutions are cached): set it before the process starts
+(tests that flip it call `registry.clear_cache()` and the loaders' `cache_clear()`). Each is also a
+torch.library custom op (`ops.py`), so the engine's compiled decode steps (`compile_decode`) call them as
+opaque graph nodes. The same source defines `rl_engine::cpu_gemv` in C++ (TORCH_LIBRARY), the one-row
+linear that `packed_linear.py` takes for batch-1 steps of an engine that packs its weights (inductor's C++
+wrapper calls it without Python).
 
 The batch-invariant kernels (`csrc/invariant_linear.cpp`, `csrc/invariant_attention.cpp`) are built
 by the same `load_source` but are not opt-in: `kernels/invariant.py` loads each on its first use under
