@@ -108,6 +108,34 @@ inline __m512 sum16(const __m512* v) {
 // DC > 0: the head dim as a compile-time constant (the common ones), so that the per-row dot
 // products and updates compile to straight vector code instead of loops with runtime trip counts
 // (measured ~1.5x on head_dim 32); DC = 0 handles any other head dim.
+// Shared by both decode kernels: a task's query heads h_first .. h_first + HG - 1 of request b, scaled, in fp32
+// (false, with zeros written: a padding request, like the reference), its softmax state reset; and its output.
+template <typename T>
+inline bool begin_task(const T* q, int64_t q_s0, int64_t q_s1, int64_t b, int64_t h_first, int64_t HG, int64_t D,
+                       float scale, int64_t L, T* o, float* qf, std::vector<float>& acc, std::vector<float>& m,
+                       std::vector<float>& l) {
+  if (L <= 0) {
+    std::fill(o, o + HG * D, from_f<T>(0.f));
+    return false;
+  }
+  for (int64_t j = 0; j < HG; ++j) {
+    const T* qr = q + b * q_s0 + (h_first + j) * q_s1;
+    for (int64_t d = 0; d < D; ++d) qf[j * D + d] = to_f(qr[d]) * scale;
+  }
+  std::fill(acc.begin(), acc.end(), 0.f);
+  std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+  std::fill(l.begin(), l.end(), 0.f);
+  return true;
+}
+
+template <typename T>
+inline void end_task(const std::vector<float>& acc, const std::vector<float>& l, T* o, int64_t HG, int64_t D) {
+  for (int64_t j = 0; j < HG; ++j) {
+    const float inv = 1.f / l[j];
+    for (int64_t d = 0; d < D; ++d) o[j * D + d] = from_f<T>(acc[j * D + d] * inv);
+  }
+}
+
 template <typename T, int DC>
 void paged_decode_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const T* vc,
                          const int32_t* tables, int64_t table_stride, const int32_t* lens, T* out,
@@ -127,17 +155,7 @@ void paged_decode_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
       const int64_t b = task / split, h0 = (task % split) * heads_per_task;
       T* o = out + (b * Hq + h0 * G) * D;
       const int64_t L = lens[b];
-      if (L <= 0) {  // a padding request: zeros, like the reference
-        std::fill(o, o + HG * D, from_f<T>(0.f));
-        continue;
-      }
-      for (int64_t j = 0; j < HG; ++j) {
-        const T* qr = q + b * q_s0 + (h0 * G + j) * q_s1;
-        for (int64_t d = 0; d < D; ++d) qf[j * D + d] = to_f(qr[d]) * scale;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.f);
+      if (!begin_task(q, q_s0, q_s1, b, h0 * G, HG, D, scale, L, o, qf.data(), acc, m, l)) continue;
       const int32_t* table = tables + b * table_stride;
       for (int64_t start = 0; start < L; start += bs) {
         const int64_t n = std::min(bs, L - start);
@@ -183,10 +201,7 @@ void paged_decode_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
             }
         }
       }
-      for (int64_t j = 0; j < HG; ++j) {
-        const float inv = 1.f / l[j];
-        for (int64_t d = 0; d < D; ++d) o[j * D + d] = from_f<T>(acc[j * D + d] * inv);
-      }
+      end_task(acc, l, o, HG, D);
     }
   });
 }
@@ -224,17 +239,7 @@ void paged_decode_avx512(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
       const int64_t b = task / split, h0 = (task % split) * heads_per_task;
       T* o = out + (b * Hq + h0 * G) * DC;
       const int64_t L = lens[b];
-      if (L <= 0) {
-        std::fill(o, o + HG * DC, from_f<T>(0.f));
-        continue;
-      }
-      for (int64_t j = 0; j < HG; ++j) {
-        const T* qr = q + b * q_s0 + (h0 * G + j) * q_s1;
-        for (int64_t d = 0; d < DC; ++d) qf[j * DC + d] = to_f(qr[d]) * scale;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.f);
+      if (!begin_task(q, q_s0, q_s1, b, h0 * G, HG, int64_t(DC), scale, L, o, qf.data(), acc, m, l)) continue;
       const int32_t* table = tables + b * table_stride;
       for (int64_t start = 0; start < L; start += bs) {
         const int64_t n = std::min(bs, L - start);
@@ -313,10 +318,7 @@ void paged_decode_avx512(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
           }
         }
       }
-      for (int64_t j = 0; j < HG; ++j) {
-        const float inv = 1.f / l[j];
-        for (int64_t d = 0; d < DC; ++d) o[j * DC + d] = from_f<T>(acc[j * DC + d] * inv);
-      }
+      end_task(acc, l, o, HG, int64_t(DC));
     }
   });
 }
