@@ -136,6 +136,23 @@ inline void end_task(const std::vector<float>& acc, const std::vector<float>& l,
   }
 }
 
+// One block of the online softmax: scores sj[0 .. n) become exp(s - m_new) in place, the running max m and sum l
+// move to the block's; returns the factor the accumulator is rescaled by (~0 on the first block, where m = -inf
+// and acc and l are 0).
+inline float softmax_block(float* sj, int64_t n, float block_max, float& m, float& l) {
+  const float m_new = std::max(m, block_max);
+  const float corr = fast_exp(m - m_new);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < n; ++t) {
+    sj[t] = fast_exp(sj[t] - m_new);
+    sum += sj[t];
+  }
+  l = l * corr + sum;
+  m = m_new;
+  return corr;
+}
+
 template <typename T, int DC>
 void paged_decode_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const T* vc,
                          const int32_t* tables, int64_t table_stride, const int32_t* lens, T* out,
@@ -178,16 +195,7 @@ void paged_decode_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
           float* sj = s.data() + j * bs;
           float block_max = sj[0];
           for (int64_t t = 1; t < n; ++t) block_max = std::max(block_max, sj[t]);
-          const float m_new = std::max(m[j], block_max);
-          const float corr = fast_exp(m[j] - m_new);  // ~0 on the first block (m = -inf), acc and l are 0
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t t = 0; t < n; ++t) {
-            sj[t] = fast_exp(sj[t] - m_new);
-            sum += sj[t];
-          }
-          l[j] = l[j] * corr + sum;
-          m[j] = m_new;
+          const float corr = softmax_block(sj, n, block_max, m[j], l[j]);
           float* aj = acc.data() + j * D;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) aj[d] *= corr;
@@ -295,16 +303,7 @@ void paged_decode_avx512(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
               const __mmask16 mk = n - t0 >= 16 ? __mmask16(0xFFFF) : tail;
               block_max = std::max(block_max, _mm512_mask_reduce_max_ps(mk, _mm512_loadu_ps(sj + t0)));
             }
-            const float m_new = std::max(m[j], block_max);
-            const float corr = fast_exp(m[j] - m_new);
-            float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < n; ++t) {
-              sj[t] = fast_exp(sj[t] - m_new);
-              sum += sj[t];
-            }
-            l[j] = l[j] * corr + sum;
-            m[j] = m_new;
+            const float corr = softmax_block(sj, n, block_max, m[j], l[j]);
             float* aj = acc.data() + j * DC;
             const __m512 cv = _mm512_set1_ps(corr);
             __m512 av[V];
