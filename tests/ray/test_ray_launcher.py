@@ -257,6 +257,7 @@ def test_ray_job_submit_runs_the_demo_against_a_local_head(results):
     run.yaml placement.launcher=ray ray.address=auto`: examples/disaggregated.yaml at reduced sizes runs
     to completion; the head stopped, no process of it or of the run is left."""
     r = results["ray_job"]
+    assert "error" not in r, r["error"]
     assert r["returncode"] == 0, (r["output"], r["stderr"])
     assert "succeeded" in r["output"], r["output"]
     s = r["summary"]
