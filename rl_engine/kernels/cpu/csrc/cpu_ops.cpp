@@ -8,7 +8,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
+// RL_AVX512: the vector paths use AVX-512 F with the BW and VL extensions (masked 16-bit loads);
+// a CPU with AVX-512 F alone (Knights Landing) builds the portable paths.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define RL_AVX512 1
 #include <immintrin.h>
 #endif
 
@@ -70,7 +73,7 @@ inline const float* as_float_row(const T* src, float* buf, int64_t n) {
 template <>
 inline const float* as_float_row<float>(const float* src, float*, int64_t) { return src; }
 
-#if defined(__AVX512F__)
+#if defined(RL_AVX512)
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
   const __m256i h = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const void*>(p));
@@ -214,7 +217,7 @@ void paged_decode_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
   });
 }
 
-#if defined(__AVX512F__)
+#if defined(RL_AVX512)
 // The same task split, block walk and online softmax as paged_decode_kernel, with the head dim DC a
 // multiple of 16 held in registers: scores for 16 tokens of a block at a time, each query head's q
 // against each K row as DC/16 fused multiply-adds, the 16 partial vectors summed by sum16 into one
@@ -338,7 +341,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
   std::atomic<bool> bad_block{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     auto run = [&](auto dc) {
-#if defined(__AVX512F__)
+#if defined(RL_AVX512)
       if constexpr (decltype(dc)::value > 0 &&
                     (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)) {
         paged_decode_avx512<scalar_t, decltype(dc)::value>(
@@ -473,7 +476,7 @@ thread_local bool g_reading_plain_gemv = false;  // set by packed_linear.reading
 template <typename T>
 void gemv_rows(const float* xf, const T* xt, const T* w, int64_t n0, int64_t n1, int64_t K, float* acc_out) {
   int64_t n = n0;
-#if defined(__AVX512F__)
+#if defined(RL_AVX512)
   constexpr int R = 4;
   for (; n + R <= n1; n += R) {
     __m512 acc[R];
