@@ -90,6 +90,17 @@ def _plan_prefills(prefills: list[PrefillChunk]) -> list[PrefillChunk | PrefillR
     return plan
 
 
+def _fresh_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, count: int, group: int,
+                  scale: float) -> torch.Tensor:
+    """Rows of `count` fresh sequences of one length, back to back (q [count * n, Hq, D], k/v [count * n,
+    Hkv, D]): causal attention of each over its own k/v in one SDPA call -> [count * n, Hq, D]."""
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    o = F.scaled_dot_product_attention(*(x.unflatten(0, (count, -1)).transpose(1, 2) for x in (q, k, v)),
+                                       is_causal=True, scale=scale)  # [count, Hq, n, D]
+    return o.transpose(1, 2).flatten(0, 1)
+
+
 class PagedAttention:
     """Implements the model's `AttentionContext` over per-layer caches
     [num_blocks, block_size, num_kv_heads, head_dim]."""
@@ -255,23 +266,12 @@ class PagedAttention:
         for c in self.prefill_plan:
             # 4-D inputs with repeated KV heads keep SDPA on its fused kernel (3-D inputs or
             # enable_gqa fall back to the unfused math path on CPU, about 2x slower here).
-            if isinstance(c, PrefillRun):  # m fresh sequences of n tokens each: one batched causal call
-                qs, ks, vs = q[c.start:c.end], k[c.start:c.end], v[c.start:c.end]
-                if group > 1:
-                    ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
-                o = F.scaled_dot_product_attention(*(x.unflatten(0, (c.count, -1)).transpose(1, 2) for x in (qs, ks, vs)),
-                                                   is_causal=True, scale=scale)  # [m, Hq, n, D]
-                out[c.start:c.end] = o.transpose(1, 2).flatten(0, 1)
+            if isinstance(c, PrefillRun) or c.block_ids is None:  # fresh sequences: their own k/v, causal
+                count = c.count if isinstance(c, PrefillRun) else 1
+                out[c.start:c.end] = _fresh_causal(q[c.start:c.end], k[c.start:c.end], v[c.start:c.end],
+                                                   count=count, group=group, scale=scale)
                 continue
             qs = q[c.start:c.end].transpose(0, 1)[None]  # [1, Hq, n, D]
-            if c.block_ids is None:  # the chunk starts its sequence: its own k/v, causal
-                ks, vs = k[c.start:c.end], v[c.start:c.end]
-                if group > 1:
-                    ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
-                o = F.scaled_dot_product_attention(qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
-                                                   is_causal=True, scale=scale)
-                out[c.start:c.end] = o[0].transpose(0, 1)
-                continue
             n, ctx = c.end - c.start, c.context_len
             ks = kc[c.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:ctx]
             vs = vc[c.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:ctx]
