@@ -178,9 +178,10 @@ def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_b
     on the parameters. Timed beside the engine it gives what a run would take if attention,
     norms, sampling and Python were free (inputs and weights hot in cache): a bound on any achievable
     speedup with these matmuls."""
-    weights = [p.detach() for name, p in model.named_parameters()
+    # the parameters themselves (run() reads them under inference mode): the packed copies hang on them
+    weights = [p for name, p in model.named_parameters()
                if p.dim() == 2 and not name.startswith(("embed_tokens", "lm_head"))]
-    head = model.lm_head.weight.detach()
+    head = model.lm_head.weight
     device, dtype = head.device, head.dtype
     prompt_tokens = sum(len(p) for p in prompts)
     chunks = [min(max_batched_tokens, prompt_tokens - a) for a in range(0, prompt_tokens, max_batched_tokens)]
@@ -191,10 +192,7 @@ def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_b
     if packed:
         from rl_engine.kernels.cpu import packed_linear
 
-        # the parameters themselves: the packed copies hang on them (detach() would lose them)
-        weights = [p for name, p in model.named_parameters()
-                   if p.dim() == 2 and not name.startswith(("embed_tokens", "lm_head"))]
-        head, linear, reading = model.lm_head.weight, packed_linear.linear, packed_linear.reading
+        linear, reading = packed_linear.linear, packed_linear.reading
     else:
         linear, reading = torch.nn.functional.linear, contextlib.nullcontext
 
