@@ -174,12 +174,13 @@ def prompt_seed(step_seed: int | None, uid: str) -> int | None:
 
 def sampling_params(cfg: RLConfig, *, step: int, eos_token_ids: Sequence[int]) -> SamplingParams:
     """A step's rollout sampling. No detokenization in the engine: the loop decodes the token ids itself
-    (`PromptSource.decode`), as the actors' wire params already ask."""
+    (`PromptSource.decode`), as the actors' wire params already ask. Behaviour log-probs on (logprobs=0:
+    the sampled tokens'), as the loss needs."""
     r = cfg.rollout
     return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                           max_tokens=r.max_new_tokens, ignore_eos=r.ignore_eos,
                           stop_token_ids=[] if r.ignore_eos else list(eos_token_ids), seed=rollout_seed(cfg, step),
-                          detokenize=False)
+                          detokenize=False, logprobs=0)
 
 
 def eval_sampling_params(cfg: RLConfig, *, eos_token_ids: Sequence[int]) -> SamplingParams:

@@ -21,10 +21,14 @@ def wire_sampling(params: SamplingParams) -> P.WireSamplingParams:
 
 
 def engine_sampling(wire: P.WireSamplingParams, *, n: int) -> SamplingParams:
-    """Raises ValueError (from SamplingParams) on values a peer should not have sent."""
+    """Raises ValueError (from SamplingParams) on values a peer should not have sent. A rollout always
+    returns behaviour log-probs (logprobs=0: the sampled tokens'), which the loss needs."""
+    if not wire.logprobs:
+        raise ValueError("WireSamplingParams.logprobs = False: a rollout always returns behaviour log-probs "
+                         "(the loss needs them); send logprobs=True")
     return SamplingParams(n=n, temperature=wire.temperature, top_p=wire.top_p, top_k=max(wire.top_k, 0),
                           max_tokens=wire.max_tokens, stop_token_ids=list(wire.stop_token_ids), seed=wire.seed,
-                          ignore_eos=wire.ignore_eos, detokenize=False)
+                          ignore_eos=wire.ignore_eos, detokenize=False, logprobs=0)
 
 
 def add_to_engine(engine, request: P.GenerateRequest) -> None:

@@ -147,7 +147,7 @@ class LLMEngine:
         if params.logprobs and self.speculator is not None:
             raise ValueError("top log-probs (SamplingParams.logprobs > 0) are not available with speculative "
                              "decoding; ask for logprobs=0 (the sampled tokens' log-probs are always returned)")
-        if params.logprobs > self.model.config.vocab_size:
+        if (params.logprobs or 0) > self.model.config.vocab_size:
             raise ValueError(f"SamplingParams.logprobs = {params.logprobs} exceeds the vocabulary "
                              f"({self.model.config.vocab_size} tokens)")
 
@@ -160,7 +160,10 @@ class LLMEngine:
         for out in partial.outputs:
             seq = Sequence(request, out.index, ids + list(out.token_ids), num_prompt_tokens=len(ids),
                            rng_seed=params.seed)
-            seq.logprobs, seq.policy_versions = list(out.logprobs), list(out.policy_versions)
+            if out.logprobs is None and params.logprobs is not None and out.token_ids:
+                raise ValueError(f"request {request_id!r}: the partial has no log-probs (it asked for none, "
+                                 "logprobs=None); resume it with SamplingParams(logprobs=None) too")
+            seq.logprobs, seq.policy_versions = list(out.logprobs or []), list(out.policy_versions)
             seq.kv_versions, seq.num_preemptions = list(out.kv_versions), out.num_preemptions
             seq.top_logprobs = list(out.top_logprobs or [])
             seq.spec_draft_tokens, seq.spec_accepted_tokens = out.spec_draft_tokens, out.spec_accepted_tokens
@@ -300,15 +303,16 @@ class LLMEngine:
             self.runner.threads.poll()
         return single_thread_below(self._flops_per_token * sum(sched.num_new_tokens), model_bytes=self._model_bytes)
 
-    def _emit_plain(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float],
+    def _emit_plain(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float] | None,
                     tops: dict[int, list], version: int, touched: dict[str, Request]) -> None:
         """Plain decoding: one token per sequence, appended with its log-prob and versions, then the
         stop checks (`_stops`)."""
-        for i, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs)):
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
             request = seq.request
             token_ids = seq.token_ids
             token_ids.append(token)
-            seq.logprobs.append(logprob)
+            if logprobs is not None:  # (None: no row's request asked for any)
+                seq.logprobs.append(logprobs[i])
             seq.policy_versions.append(version)
             seq.kv_versions.append(seq.kv_version)
             if tops and i in tops:  # (only the rows whose request asked)
@@ -347,7 +351,8 @@ class LLMEngine:
         return request.stop_rule
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-        """Plain decoding: one token and its log-prob per sequence. A seeded sequence's uniform comes from
+        """Plain decoding: one token and its log-prob per sequence (log-probs None when no sequence's request
+        asks for any: `SamplingParams(logprobs=None)`). A seeded sequence's uniform comes from
         `token_uniforms(seed, sample index, position)`, computed for the whole batch at once."""
         params = [s.request.params for s in seqs]
         seeds = [s.rng_seed for s in seqs]
@@ -358,7 +363,7 @@ class LLMEngine:
         else:
             def draw():
                 return token_uniforms(seeds, [s.index for s in seqs], [len(s.token_ids) for s in seqs])
-        return self.sampler.sample(logits, params, draw)
+        return self.sampler.sample(logits, params, draw, logprobs=any(p.logprobs is not None for p in params))
 
     def _top_logprobs(self, logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, list[tuple[int, float]]]:
         """Row -> the params.logprobs most likely (token id, log-prob) pairs, for the rows that ask,
@@ -434,7 +439,8 @@ class LLMEngine:
             if seq.routing:
                 routed = torch.cat([seq.routing[k] for k in sorted(seq.routing)]).tolist()
             outs.append(CompletionOutput(index=seq.index, token_ids=seq.output_token_ids, text=text,
-                                         logprobs=list(seq.logprobs), policy_versions=list(seq.policy_versions),
+                                         logprobs=None if params.logprobs is None else list(seq.logprobs),
+                                         policy_versions=list(seq.policy_versions),
                                          kv_versions=list(seq.kv_versions), finish_reason=seq.finish_reason,
                                          stop_reason=seq.stop_reason, num_preemptions=seq.num_preemptions,
                                          routed_experts=routed,

@@ -94,10 +94,12 @@ class Sampler:
         """logits [n, V] (any float dtype) -> (token ids, log-probs), one per row."""
         return self.sample(logits, [r.params for r in rows], lambda: self.uniforms([r.seed for r in rows]))
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               draw: Callable[[], Sequence[float]]) -> tuple[list[int], list[float]]:
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], draw: Callable[[], Sequence[float]], *,
+               logprobs: bool = True) -> tuple[list[int], list[float] | None]:
         """logits [n, V] -> (token ids, log-probs), one per row of `params`. `draw()` gives the rows'
-        uniforms in [0, 1); it is called once, and only when some row samples (not all greedy)."""
+        uniforms in [0, 1); it is called once, and only when some row samples (not all greedy).
+        `logprobs=False` (no row asks for any): the log-prob pass is skipped and None comes back in their
+        place; the tokens are the same (greedy: one argmax; sampled: the draw never needed the log-sum-exp)."""
         p0 = params[0]
         key0 = (p0.temperature, p0.top_k, p0.top_p, p0.min_p)
         # One setting for the whole batch (the RL case: a step's requests differ only in their seeds):
@@ -106,6 +108,8 @@ class Sampler:
         temps = None if uniform else [p.temperature for p in params]
         if not self.batch_invariant and (p0.temperature == 0 if uniform else not any(temps)):
             # all greedy (the logits as they come: bf16 converts inside)
+            if not logprobs:  # the first maximum, as greedy_logprobs' max (bf16 -> fp32 is exact)
+                return logits.argmax(dim=-1).tolist(), None
             compiled = self._compiled_greedy is not None and logits.numel() >= self.compiled_greedy_min_logits
             tokens, logprobs = (self._compiled_greedy if compiled else greedy_logprobs)(logits)
             return tokens.tolist(), logprobs.tolist()
@@ -124,7 +128,8 @@ class Sampler:
         if sampling:
             z_max = z.amax(dim=-1, keepdim=True)
             e = (z - z_max).exp_()  # unnormalised probabilities, in (0, 1]
-            lse = z_max + e.sum(dim=-1, keepdim=True).log_()
+            if logprobs:
+                lse = z_max + e.sum(dim=-1, keepdim=True).log_()
             if not uniform:
                 e = _truncate(e, z, params)
             elif 0 < p0.top_k < e.shape[1] or p0.top_p < 1.0 or p0.min_p:
@@ -138,10 +143,11 @@ class Sampler:
                 tokens = torch.where(greedy, z.max(dim=-1, keepdim=True)[1], tokens)
         else:  # all greedy under batch_invariant
             tokens = z.max(dim=-1, keepdim=True)[1]
+        if not logprobs:
+            return tokens.view(-1).tolist(), None
         if self.batch_invariant:
             return tokens.view(-1).tolist(), shared_logprobs(z, tokens.view(-1)).tolist()
-        logprobs = z.gather(1, tokens) - lse
-        return tokens.view(-1).tolist(), logprobs.view(-1).tolist()
+        return tokens.view(-1).tolist(), (z.gather(1, tokens) - lse).view(-1).tolist()
 
     def uniforms(self, seeds: list[int | None]) -> list[float]:
         """One uniform in [0, 1) per seed (a `token_seed`), or from the engine's generator for None."""

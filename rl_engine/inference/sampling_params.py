@@ -1,9 +1,11 @@
 """How to sample one request: vLLM's `SamplingParams` surface, validated when built.
 
 Every invalid value is refused with the value and its allowed range, so a bad parameter fails at
-`SamplingParams(...)` rather than deep inside a batched step. Log-probs are always returned under
-the log-prob contract (ARCHITECTURE.md): `log_softmax(logits / temperature)` over the full vocabulary,
-before top-k / top-p / min-p truncation; at temperature 0 (greedy) the temperature-1 log-probs.
+`SamplingParams(...)` rather than deep inside a batched step. Log-probs are returned under the
+log-prob contract (ARCHITECTURE.md): `log_softmax(logits / temperature)` over the full vocabulary,
+before top-k / top-p / min-p truncation; at temperature 0 (greedy) the temperature-1 log-probs. They are
+on by default (`logprobs=0`: the sampled tokens'), which every RL rollout path keeps; `logprobs=None`
+(vLLM's default) asks for none, and the sampler then skips the log-prob pass.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class SamplingParams:
     seed: int | None = None  # per request: same seed -> same tokens, whatever else is in the batch
     # Per generated token, also return the `logprobs` most likely tokens and their log-probs (under the
     # contract's temperature, before truncation), as vLLM's `logprobs`. 0: only the sampled token's.
-    logprobs: int = 0
+    # None: no log-probs at all (CompletionOutput.logprobs is None; the sampler computes none).
+    logprobs: int | None = 0
     detokenize: bool = True
 
     def __post_init__(self) -> None:
@@ -55,8 +58,8 @@ class SamplingParams:
         for s in self.stop:
             _check(isinstance(s, str) and s != "", "stop entry", s, "a non-empty string")
         _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an integer or None")
-        _check(isinstance(self.logprobs, int) and self.logprobs >= 0, "logprobs", self.logprobs,
-               "an integer >= 0 (top log-probs per token)")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0), "logprobs",
+               self.logprobs, "None (no log-probs) or an integer >= 0 (top log-probs per token besides the sampled one's)")
         if self.top_k == -1:
             self.top_k = 0
 

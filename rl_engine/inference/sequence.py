@@ -34,7 +34,7 @@ class CompletionOutput:
     index: int
     token_ids: list[int]
     text: str | None
-    logprobs: list[float]  # behavior log-probs under the log-prob contract
+    logprobs: list[float] | None  # behavior log-probs under the log-prob contract; None if asked for none
     policy_versions: list[int]  # weights version that sampled each token
     kv_versions: list[int]  # oldest weights version of the KV each token's sampling attended to
     finish_reason: str | None  # "stop", "length", "abort", or None while running

@@ -360,7 +360,8 @@ class Session:
                              "max_tokens, max_completion_tokens, top_p, top_k, stop_token_ids, temperature")
         return SamplingParams(temperature=lim.temperature, top_p=lim.top_p if top_p is None else float(top_p),
                               top_k=lim.top_k if top_k is None else int(top_k), max_tokens=max_tokens,
-                              stop_token_ids=lim.stop_token_ids + stop_ids, seed=lim.seed, detokenize=False)
+                              stop_token_ids=lim.stop_token_ids + stop_ids, seed=lim.seed, detokenize=False,
+                              logprobs=0)  # the turn's behaviour log-probs (the loss needs them)
 
     def _extend_prompt(self) -> None:
         """Append the tokens of the messages added since the last turn (the first turn: the prompt)."""

@@ -107,3 +107,48 @@ def test_top_logprobs_for_the_requests_that_ask_in_a_mixed_batch(policy):
     # entries, computed by two formulas that the log-prob contract holds to 1e-5 of each other in fp32
     for lp, top in zip(out.logprobs, out.top_logprobs):
         assert [v for _, v in top] == sorted((v for _, v in top), reverse=True) and lp <= top[0][1] + 1e-5
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_request_that_asks_for_no_logprobs_gets_none_and_the_same_tokens(policy, temperature):
+    """SamplingParams(logprobs=None) (vLLM's default) skips the log-prob pass: no log-probs come back, and
+    the tokens are those of the same request with log-probs, alone or beside requests that keep them."""
+    prompts = mixed_prompts(6, seed=6)
+    kept = [SamplingParams(temperature=temperature, max_tokens=12, n=2, seed=20 + i, ignore_eos=True)
+            for i in range(len(prompts))]
+    none = [p.clone(logprobs=None) for p in kept]
+    mixed = [none[i] if i % 2 else kept[i] for i in range(len(prompts))]
+    with_logprobs = LLM(policy, block_size=8).generate(prompts, kept)
+    all_none = LLM(policy, block_size=8).generate(prompts, none)
+    half = LLM(policy, block_size=8).generate(prompts, mixed)
+    for i, prompt in enumerate(prompts):
+        for ref, got_none, got_half in zip(with_logprobs[i].outputs, all_none[i].outputs, half[i].outputs):
+            assert len(ref.token_ids) == 12 and ref.token_ids == got_none.token_ids == got_half.token_ids
+            assert got_none.logprobs is None and got_none.policy_versions == ref.policy_versions
+            if i % 2:
+                assert got_half.logprobs is None
+            else:  # the rows that keep them, in a batch beside rows that opted out
+                expected = trainer_logprobs(policy, prompt, got_half.token_ids, temperature or 1.0)
+                assert (torch.tensor(got_half.logprobs) - expected).abs().max().item() <= 1e-5
+
+
+def test_rollout_sampling_params_always_carry_behaviour_logprobs(policy):
+    """The RL contract: the trainer's rollout params and the actors' wire params map to requests that return
+    behaviour log-probs (within the fp32 1e-5 contract); a wire request asking for none is refused."""
+    from rl_engine import protocol as P
+    from rl_engine.actors.wire import engine_sampling, wire_sampling
+    from rl_engine.rl_step import sampling_params
+    from rl_engine.train_config import RLConfig
+
+    cfg = RLConfig()
+    local = sampling_params(cfg, step=0, eos_token_ids=[0]).clone(n=2, max_tokens=10, ignore_eos=True, seed=3)
+    remote = engine_sampling(wire_sampling(local), n=2)
+    prompt = mixed_prompts(1, seed=9)[0]
+    for params in (local, remote):
+        assert params.logprobs == 0
+        for completion in LLM(policy).generate([prompt], params)[0].outputs:
+            assert len(completion.logprobs) == len(completion.token_ids) == 10
+            expected = trainer_logprobs(policy, prompt, completion.token_ids, params.temperature or 1.0)
+            assert (torch.tensor(completion.logprobs) - expected).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="logprobs = False"):
+        engine_sampling(P.WireSamplingParams(logprobs=False), n=1)

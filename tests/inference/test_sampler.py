@@ -182,3 +182,18 @@ def test_compiled_greedy_leaves_small_batches_eager():
         tokens0, logprobs0 = eager.sample(large, [greedy] * 4, draw=list)
         assert tokens == tokens0
         assert torch.allclose(torch.tensor(logprobs), torch.tensor(logprobs0), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_p=0.9),
+                                    [SamplingParams(temperature=0.0), SamplingParams(temperature=1.3, top_k=5)] * 3])
+def test_no_logprobs_same_tokens(dtype, params):
+    """sample(..., logprobs=False) returns None for the log-probs and the tokens of the full pass."""
+    logits = torch.randn(6, 300).to(dtype)
+    logits[0, :2] = logits[0].max()  # a tie: the first maximum, as with log-probs
+    rows = params if isinstance(params, list) else [params] * 6
+    uniforms = [0.1, 0.5, 0.9, 0.3, 0.7, 0.05]
+    sampler = Sampler(device=torch.device("cpu"), seed=0)
+    full = sampler.sample(logits, rows, lambda: uniforms)
+    tokens, logprobs = sampler.sample(logits, rows, lambda: uniforms, logprobs=False)
+    assert logprobs is None and len(full[1]) == 6 and tokens == full[0]
