@@ -10,7 +10,10 @@ run): 2 * matmul params * tokens processed / time, and of its memory bandwidth (
 the same run): the weights read once per step plus the KV cache read by decode attention, per second;
 and the matmul-only ceiling: the engine's own linears (`kernels.cpu.packed_linear.linear` where it
 packs: oneDNN-prepacked weights, one-row products through the C++ `cpu_gemv`) timed alone on inputs of
-each step's shape, against transformers' time.
+each step's shape, against transformers' time. The engine asks for no log-probs
+(`SamplingParams(logprobs=None)`), as transformers' `generate` and vLLM compute none; the same engine
+returning behaviour log-probs, as RL rollouts do, is timed beside it (`engine_with_logprobs_*`; `--skip
+with_logprobs` leaves it out).
 
 On CPU the engine also runs with every C++ CPU kernel (`rl_engine/kernels/cpu`; override `*=cpu`:
 RMSNorm and SwiGLU too, where the default engine takes only the paged decode attention and the one-row
@@ -126,11 +129,14 @@ def make_prompts(num: int, vocab: int, *, min_len: int, max_len: int, seed: int)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def run_engine(llm, prompts, new_tokens: int, sampled: bool) -> float:
+def run_engine(llm, prompts, new_tokens: int, sampled: bool, *, logprobs: bool = False) -> float:
+    """Seconds to generate `new_tokens` per prompt. `logprobs=False`: SamplingParams(logprobs=None), no
+    log-prob pass, as transformers' `generate` (no output_scores) and vLLM (logprobs=None) compute none;
+    True: the behaviour log-probs every RL rollout keeps."""
     from rl_engine import SamplingParams
 
-    params = SamplingParams(temperature=1.0 if sampled else 0.0,
-                            max_tokens=new_tokens, ignore_eos=True, seed=None)
+    params = SamplingParams(temperature=1.0 if sampled else 0.0, max_tokens=new_tokens, ignore_eos=True, seed=None,
+                            logprobs=0 if logprobs else None)
     llm.reset_prefix_cache()  # every run starts cold, like transformers
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -259,7 +265,7 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
             # Each group (one prompt at batch 1) is timed `repeats` times, alternating engine and
             # transformers (common.interleaved_best), and its best times are summed: short timed units
             # let a burst of load from elsewhere on a shared machine spoil one unit, not the total.
-            engine_t = hf_t = floor = cpp_t = compiled_t = 0.0
+            engine_t = hf_t = floor = cpp_t = compiled_t = logprobs_t = 0.0
             for g in groups:
                 floor_step = matmul_floor_step(model, g, new_tokens=new_tokens, packed=packed,
                                                max_batched_tokens=llm.engine.config.max_num_batched_tokens)
@@ -270,12 +276,15 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
                     fns["cpp_kernels"] = lambda: run_engine(cpp_engine, g, new_tokens, sampled)
                 if compiled_engine is not None:
                     fns["compiled"] = lambda: run_engine(compiled_engine, g, new_tokens, sampled)
+                if "with_logprobs" not in skip:  # the RL rollouts' configuration: behaviour log-probs on
+                    fns["with_logprobs"] = lambda: run_engine(llm, g, new_tokens, sampled, logprobs=True)
                 best = interleaved_best(fns, repeats=repeats, warmup=0)
                 engine_t += best["engine"]
                 hf_t += best["transformers"]
                 floor += best["matmul_floor"]
                 cpp_t += best.get("cpp_kernels", 0.0)
                 compiled_t += best.get("compiled", 0.0)
+                logprobs_t += best.get("with_logprobs", 0.0)
             tokens = len(prompts) * new_tokens
             processed = tokens + sum(len(p) for p in prompts)
             achieved = 2 * mm_params * processed / engine_t / 1e9
@@ -287,6 +296,11 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
                 "engine_tokens_per_s": round(tokens / engine_t, 1),
                 "transformers_tokens_per_s": round(tokens / hf_t, 1),
                 "speedup": round(hf_t / engine_t, 2),
+                "engine_logprobs": "none (SamplingParams(logprobs=None)); transformers computes none either",
+                # the same engine returning behaviour log-probs (what RL rollouts run), in the same run
+                **({"engine_with_logprobs_tokens_per_s": round(tokens / logprobs_t, 1),
+                    "with_logprobs_speedup": round(hf_t / logprobs_t, 2),
+                    "logprobs_time_over_none": round(logprobs_t / engine_t, 3)} if logprobs_t else {}),
                 # the engine with the opt-in C++ CPU kernels, in the same run
                 **({"engine_cpp_kernels_tokens_per_s": round(tokens / cpp_t, 1),
                     "cpp_kernels_speedup": round(hf_t / cpp_t, 2),
@@ -337,8 +351,10 @@ def bench_batch_invariant(name: str, path: str, llm, *, batches: list[int], new_
         for sampled in (False, True):
             default_t = invariant_t = 0.0
             for g in groups:
-                best = interleaved_best({"default": lambda: run_engine(llm, g, new_tokens, sampled),
-                                         "invariant": lambda: run_engine(invariant, g, new_tokens, sampled)},
+                # with log-probs: batch invariance is about them matching the trainer's
+                best = interleaved_best({"default": lambda: run_engine(llm, g, new_tokens, sampled, logprobs=True),
+                                         "invariant": lambda: run_engine(invariant, g, new_tokens, sampled,
+                                                                         logprobs=True)},
                                         repeats=repeats, warmup=0)
                 default_t += best["default"]
                 invariant_t += best["invariant"]
@@ -419,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--load-new-tokens", type=int, default=32, help="new tokens per prompt in --under-load runs")
     ap.add_argument("--load-timeout", type=float, default=120.0, help="seconds before an --under-load run is cut")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: cpp_kernels, compiled, "
-                    "batch_invariant (shorter runs)")
+                    "batch_invariant, with_logprobs (shorter runs)")
     ap.add_argument("--vs-vllm", default=None, metavar="PYTHON",
                     help="also compare greedy decode with vLLM's CPU backend, run by this interpreter (its own venv; "
                          "benchmarks/vs_vllm.py); the row is skipped with a message when it is absent")
@@ -431,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompts served one at a time in the vLLM comparison's batch-1 runs")
     ap.add_argument("--vllm-repeats", type=int, default=1, help="fresh processes per engine (best kept)")
     ap.add_argument("--vllm-eager", action="store_true", help="our engine without compile_decode in that comparison")
+    ap.add_argument("--vllm-logprobs", action="store_true",
+                    help="our engine returns behaviour log-probs in that comparison (vLLM still computes none)")
     ap.add_argument("--model", default=None,
                     help="benchmark this model instead of the synthetic ones: a model directory, a .gguf file or "
                          "builtin:smollm2-135m-instruct (the `real` extra; e.g. --batches 1,32)")
@@ -444,8 +462,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     skip = frozenset(p for p in args.skip.split(",") if p)
-    if skip - {"cpp_kernels", "compiled", "batch_invariant"}:
-        raise SystemExit(f"--skip {args.skip}: the parts are cpp_kernels, compiled, batch_invariant")
+    if skip - {"cpp_kernels", "compiled", "batch_invariant", "with_logprobs"}:
+        raise SystemExit(f"--skip {args.skip}: the parts are cpp_kernels, compiled, batch_invariant, with_logprobs")
     if args.vs_vllm_only:
         if args.vs_vllm is None:
             raise SystemExit("--vs-vllm-only needs --vs-vllm PYTHON")
@@ -496,7 +514,8 @@ def vs_vllm_report(args: argparse.Namespace, batches: list[int]) -> dict:
     return vs_vllm.compare(args.vs_vllm, write_checkpoint=write_checkpoint, make_prompts=make_prompts,
                            models=args.vllm_models.split(","), dtypes=args.vllm_dtypes.split(","), batches=batches,
                            new_tokens=args.new_tokens, batch1_prompts=args.vllm_batch1_prompts,
-                           threads=args.vllm_threads, repeats=args.vllm_repeats, compile_decode=not args.vllm_eager)
+                           threads=args.vllm_threads, repeats=args.vllm_repeats, compile_decode=not args.vllm_eager,
+                           logprobs=args.vllm_logprobs)
 
 
 if __name__ == "__main__":

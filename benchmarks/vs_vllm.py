@@ -9,6 +9,8 @@ over the first cores), token-id prompts (vLLM with skip_tokenizer_init), EOS ign
 its engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so neither engine has a second busy
 process on the shared cores. Batch 1 serves prompts one after another; batch B submits B at once.
 Greedy tokens are compared per prompt (fp32 engines agree up to near-ties; bf16 ones round apart).
+Neither computes log-probs: vLLM's SamplingParams default (logprobs=None), ours asked the same way
+(`SamplingParams(logprobs=None)`); `logprobs=True` makes ours return behaviour log-probs (RL rollouts' setting).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ _OURS = _CHILD_MAIN.format(setup="""import torch
     engine = LLM(spec["path"], dtype=spec["dtype"], max_num_seqs=max(spec["batches"]), cpu_threads="fixed",
                  compile_decode=spec["compile_decode"])
     start_s = time.perf_counter() - t0
-    params = SamplingParams(temperature=0.0, max_tokens=spec["new_tokens"], ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=spec["new_tokens"], ignore_eos=True,
+                            logprobs=0 if spec["logprobs"] else None)
     def generate(engine, group, batch):
         engine.reset_prefix_cache()
         if batch == 1:
@@ -113,7 +116,7 @@ def _agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
 
 def compare(python: str, *, write_checkpoint, make_prompts, models: list[str], dtypes: list[str], batches: list[int],
             new_tokens: int, batch1_prompts: int, threads: int, repeats: int, compile_decode: bool,
-            timeout: float = 1800.0) -> dict:
+            logprobs: bool = False, timeout: float = 1800.0) -> dict:
     """The comparison rows (or {"skipped": why} when `python` is not an interpreter). Each (model, dtype)
     is `repeats` rounds of [our process, vLLM's process] (the order alternating per round); the best
     tokens/s of each engine per batch is kept."""
@@ -140,6 +143,7 @@ def compare(python: str, *, write_checkpoint, make_prompts, models: list[str], d
                                         dtype=getattr(torch, dtype))
                 spec = {"path": path, "dtype": dtype, "threads": threads, "batches": batches, "prompts": prompts,
                         "batch1_prompts": batch1_prompts, "new_tokens": new_tokens, "compile_decode": compile_decode,
+                        "logprobs": logprobs,
                         "max_model_len": 128 + new_tokens + 16}
                 runs = {"rl_engine": [], "vllm": []}
                 for r in range(repeats):
@@ -147,6 +151,7 @@ def compare(python: str, *, write_checkpoint, make_prompts, models: list[str], d
                     for engine, interpreter, code in (order if r % 2 == 0 else order[::-1]):
                         runs[engine].append(_child(interpreter, code, spec, env=env, timeout=timeout, tmp=tmp))
                 rows.append(_row(name, dtype, batches, runs, compile_decode=compile_decode))
+                rows[-1]["rl_engine_logprobs"] = "behaviour log-probs" if logprobs else "none (as vLLM's default)"
                 print(json.dumps({"vs_vllm": rows[-1]}), flush=True)
     return {"threads": threads, "new_tokens_per_prompt": new_tokens, "repeats": repeats, "rows": rows}
 
