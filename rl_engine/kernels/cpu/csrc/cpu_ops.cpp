@@ -218,24 +218,145 @@ void paged_decode_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
 }
 
 #if defined(RL_AVX512)
-// The same task split, block walk and online softmax as paged_decode_kernel, with the head dim DC a
-// multiple of 16 held in registers: scores for 16 tokens of a block at a time, each query head's q
-// against each K row as DC/16 fused multiply-adds, the 16 partial vectors summed by sum16 into one
-// vector of scores; P.V with each query head's accumulator in registers across the block's rows.
-// K/V rows are read in place (bf16 widened to fp32 as loaded), once per query head of the GQA group
-// (from L1 after the first). Measured against paged_decode_kernel (2 threads, through the lock, 64 rows
-// of 8/2 heads, 80-140 keys in 16-token blocks): head dim 32 255 -> 149 us fp32, 307 -> 211 bf16; head
-// dim 64 353 -> 236 and 467 -> 297. Over a KV pool far larger than L3 (the engine's: 8 layers of 64 rows of
-// 80-200 keys in blocks scattered in ~256 MB), prefetching each next block took a call (2 threads,
-// through the lock, two alternating rounds) from 628-671 to 428-593 us at head dim 32 fp32, 484-540 to
-// 404-452 bf16, and at head dim 64 from 885-932 to 722-789 fp32, 865-975 to 683-736 bf16.
+// The AVX-512 decode kernel: the same task split, block walk and online softmax as paged_decode_kernel,
+// with the head dim DC a multiple of 16 held in registers, and the query heads of a GQA group taken
+// GC = 4, 2 or 1 at a time ("a pass"): each K row of a block is loaded once per pass and scored against
+// all GC heads, and each V row (bf16 widened to fp32) once per pass and accumulated into all GC heads'
+// outputs. Scores: 16 / GC tokens x GC heads of partial dot products, summed by one sum16 into a vector
+// of 16 scores (token-major), permuted head-major and stored per head. Measured against one head at a time
+// (the kernel before, K/V rows re-read from L1 per head; 2 threads, through the lock at load ~10, 40M shapes:
+// 64 rows, 8 query / 2 kv heads of dim 64, 80-192 keys in 16-token blocks, 8 layers' 128 MB pools, tables
+// filled like the block manager's): fp32 679 -> 640 us a call (memory-bound: ~14 GB/s), bf16 541 -> 452 us
+// widening K, 396 us with avx512_bf16's dot; over randomly scattered blocks fp32 773 -> 770, bf16 664 -> 567.
+
+// bf16 scores by avx512_bf16's dot (where the CPU has it): exact products of the stored q and K, fp32 sums, the
+// scale applied to the sum (the reference's order); it saves widening each K row to fp32.
+template <typename T, int DC>
+constexpr bool kDotBf16 =
+#if defined(__AVX512BF16__)
+    std::is_same_v<T, at::BFloat16> && DC % 32 == 0;
+#else
+    false;
+#endif
+
+// part[g] = 16 partial sums of the dot product of query head g (of GC) with one K row kr: qf scaled fp32 heads
+// [GC][DC], or (kDotBf16) qb the stored heads, q_s1 apart.
+template <typename T, int DC, int GC>
+inline void row_dots(const float* qf, const T* qb, int64_t q_s1, const T* kr, __m512* part) {
+#if defined(__AVX512BF16__)
+  if constexpr (kDotBf16<T, DC>) {
+    __m512bh kv[DC / 32];
+    for (int c = 0; c < DC / 32; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(kr + 32 * c));
+    for (int g = 0; g < GC; ++g) {
+      __m512 a = _mm512_setzero_ps();
+      for (int c = 0; c < DC / 32; ++c)
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(qb + g * q_s1 + 32 * c)),
+                             kv[c]);
+      part[g] = a;
+    }
+    return;
+  }
+#endif
+  constexpr int V = DC / 16;
+  __m512 kv[V];
+  for (int c = 0; c < V; ++c) kv[c] = load16(kr + 16 * c);
+  for (int g = 0; g < GC; ++g) {
+    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qf + g * DC), kv[0]);
+    for (int c = 1; c < V; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * DC + 16 * c), kv[c], a);
+    part[g] = a;
+  }
+}
+
+template <typename T, int DC, int GC>
+inline void group_scores(const float* qf, const T* qb, int64_t q_s1, float scale, const T* kb, int64_t tok, int64_t n,
+                         float* s, int64_t s_stride) {
+  constexpr int TT = 16 / GC;
+  int32_t ix[16];  // lane g * TT + tt of the stored vector <- lane tt * GC + g of sum16's
+  for (int i = 0; i < 16; ++i) ix[i] = (i % TT) * GC + i / TT;
+  const __m512i perm = _mm512_loadu_si512(ix);
+  for (int64_t t0 = 0; t0 < n; t0 += TT) {
+    __m512 part[16];
+#pragma GCC unroll 16
+    for (int tt = 0; tt < TT; ++tt) {
+      if (t0 + tt < n) {
+        row_dots<T, DC, GC>(qf, qb, q_s1, kb + (t0 + tt) * tok, part + tt * GC);
+      } else {
+        for (int g = 0; g < GC; ++g) part[tt * GC + g] = _mm512_setzero_ps();
+      }
+    }
+    __m512 r = GC > 1 ? _mm512_permutexvar_ps(perm, sum16(part)) : sum16(part);
+    if constexpr (kDotBf16<T, DC>) r = _mm512_mul_ps(r, _mm512_set1_ps(scale));
+    if constexpr (GC == 1) {
+      _mm512_storeu_ps(s + t0, r);
+    } else if constexpr (GC == 2) {
+      _mm256_storeu_ps(s + t0, _mm512_castps512_ps256(r));
+      _mm256_storeu_ps(s + s_stride + t0, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1)));
+    } else {
+      static_assert(GC == 4, "passes of 1, 2 or 4 query heads");
+      _mm_storeu_ps(s + t0, _mm512_extractf32x4_ps(r, 0));
+      _mm_storeu_ps(s + s_stride + t0, _mm512_extractf32x4_ps(r, 1));
+      _mm_storeu_ps(s + 2 * s_stride + t0, _mm512_extractf32x4_ps(r, 2));
+      _mm_storeu_ps(s + 3 * s_stride + t0, _mm512_extractf32x4_ps(r, 3));
+    }
+  }
+}
+
+// acc[g] = acc[g] * corr[g] + sum_t p[g][t] V[t] for the pass's GC heads (p = s[g * s_stride + t]): each V row
+// loaded once for all of them, the accumulators in registers (at most 16 vectors: the head dim in chunks of CC).
+template <typename T, int DC, int GC>
+inline void group_values(const float* s, int64_t s_stride, const T* vb, int64_t tok, int64_t n, const float* corr,
+                         float* acc) {
+  constexpr int V = DC / 16;
+  constexpr int CC = V < 16 / GC ? V : 16 / GC;
+  for (int c0 = 0; c0 < V; c0 += CC) {
+    __m512 av[GC][CC];
+    for (int g = 0; g < GC; ++g) {
+      const __m512 cv = _mm512_set1_ps(corr[g]);
+      for (int c = 0; c < CC; ++c) av[g][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + g * DC + 16 * (c0 + c)), cv);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const T* vr = vb + t * tok + 16 * c0;
+      __m512 vv[CC];
+      for (int c = 0; c < CC; ++c) vv[c] = load16(vr + 16 * c);
+      for (int g = 0; g < GC; ++g) {
+        const __m512 p = _mm512_set1_ps(s[g * s_stride + t]);
+        for (int c = 0; c < CC; ++c) av[g][c] = _mm512_fmadd_ps(p, vv[c], av[g][c]);
+      }
+    }
+    for (int g = 0; g < GC; ++g)
+      for (int c = 0; c < CC; ++c) _mm512_storeu_ps(acc + g * DC + 16 * (c0 + c), av[g][c]);
+  }
+}
+
+// One pass over a block for GC query heads j0 .. j0 + GC - 1 of the task (of one kv head, rows kb / vb).
+template <typename T, int DC, int GC>
+inline void group_block(const float* qf, const T* qb, int64_t q_s1, float scale, const T* kb, const T* vb, int64_t tok,
+                        int64_t n, int64_t j0, float* s, int64_t s_stride, float* m, float* l, float* acc) {
+  group_scores<T, DC, GC>(qf + j0 * DC, qb + j0 * q_s1, q_s1, scale, kb, tok, n, s, s_stride);
+  const __mmask16 tail = n % 16 ? __mmask16((1u << (n % 16)) - 1) : __mmask16(0xFFFF);
+  float corr[GC];
+  for (int g = 0; g < GC; ++g) {  // online softmax over this block's n scores of each head
+    float* sj = s + g * s_stride;
+    float block_max = -std::numeric_limits<float>::infinity();
+    for (int64_t t0 = 0; t0 < n; t0 += 16) {
+      const __mmask16 mk = n - t0 >= 16 ? __mmask16(0xFFFF) : tail;
+      block_max = std::max(block_max, _mm512_mask_reduce_max_ps(mk, _mm512_loadu_ps(sj + t0)));
+    }
+    corr[g] = softmax_block(sj, n, block_max, m[j0 + g], l[j0 + g]);
+  }
+  group_values<T, DC, GC>(s, s_stride, vb, tok, n, corr, acc + j0 * DC);
+}
+
+// Over a KV pool far larger than L3 (the engine's: 8 layers of 64 rows of 80-200 keys in blocks scattered
+// in ~256 MB), prefetching each next block took a call (2 threads, through the lock, two alternating
+// rounds) from 628-671 to 428-593 us at head dim 32 fp32, 484-540 to 404-452 bf16, and at head dim 64 from
+// 885-932 to 722-789 fp32, 865-975 to 683-736 bf16 (before the GQA passes).
 template <typename T, int DC>
 void paged_decode_avx512(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const T* vc,
                          const int32_t* tables, int64_t table_stride, const int32_t* lens, T* out,
                          int64_t B, int64_t Hq, int64_t Hkv, int64_t bs, float scale, int64_t max_len,
                          int64_t num_blocks, std::atomic<bool>& bad_block) {
   static_assert(DC % 16 == 0, "head dim in vectors of 16");
-  constexpr int V = DC / 16;
   const int64_t G = Hq / Hkv;
   const int64_t tok = Hkv * DC;
   const int64_t split = B < at::get_num_threads() ? Hkv : 1;
@@ -245,12 +366,13 @@ void paged_decode_avx512(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
   const int64_t s_stride = (bs + 15) / 16 * 16;  // scores per query head, whole vectors
   at::parallel_for(0, B * split, grain, [&](int64_t begin, int64_t end) {
     const int64_t HG = heads_per_task * G;
-    std::vector<float> qf(HG * DC), acc(HG * DC), s(HG * s_stride), m(HG), l(HG);
+    std::vector<float> qf(HG * DC), acc(HG * DC), s(4 * s_stride), m(HG), l(HG);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / split, h0 = (task % split) * heads_per_task;
       T* o = out + (b * Hq + h0 * G) * DC;
       const int64_t L = lens[b];
       if (!begin_task(q, q_s0, q_s1, b, h0 * G, HG, int64_t(DC), scale, L, o, qf.data(), acc, m, l)) continue;
+      const T* qb = q + b * q_s0 + h0 * G * q_s1;  // the task's query heads as stored
       const int32_t* table = tables + b * table_stride;
       for (int64_t start = 0; start < L; start += bs) {
         const int64_t n = std::min(bs, L - start);
@@ -281,43 +403,19 @@ void paged_decode_avx512(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
         for (int64_t hh = 0; hh < heads_per_task; ++hh) {
           const T* kb = kc + block * bs * tok + (h0 + hh) * DC;
           const T* vb = vc + block * bs * tok + (h0 + hh) * DC;
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t j = hh * G + g;
-            __m512 qv[V];
-            for (int c = 0; c < V; ++c) qv[c] = _mm512_loadu_ps(qf.data() + j * DC + 16 * c);
-            float* sj = s.data() + j * s_stride;
-            for (int64_t t0 = 0; t0 < n; t0 += 16) {
-              const int64_t nt = std::min<int64_t>(16, n - t0);
-              __m512 part[16];
-#pragma GCC unroll 16
-              for (int t = 0; t < 16; ++t) {
-                part[t] = _mm512_setzero_ps();
-                if (t < nt) {
-                  const T* kr = kb + (t0 + t) * tok;
-                  for (int c = 0; c < V; ++c) part[t] = _mm512_fmadd_ps(qv[c], load16(kr + 16 * c), part[t]);
-                }
-              }
-              _mm512_storeu_ps(sj + t0, sum16(part));
-            }
-            // online softmax over this block's n scores
-            const __mmask16 tail = n % 16 ? __mmask16((1u << (n % 16)) - 1) : __mmask16(0xFFFF);
-            float block_max = -std::numeric_limits<float>::infinity();
-            for (int64_t t0 = 0; t0 < n; t0 += 16) {
-              const __mmask16 mk = n - t0 >= 16 ? __mmask16(0xFFFF) : tail;
-              block_max = std::max(block_max, _mm512_mask_reduce_max_ps(mk, _mm512_loadu_ps(sj + t0)));
-            }
-            const float corr = softmax_block(sj, n, block_max, m[j], l[j]);
-            float* aj = acc.data() + j * DC;
-            const __m512 cv = _mm512_set1_ps(corr);
-            __m512 av[V];
-            for (int c = 0; c < V; ++c) av[c] = _mm512_mul_ps(_mm512_loadu_ps(aj + 16 * c), cv);
-            for (int64_t t = 0; t < n; ++t) {
-              const __m512 p = _mm512_set1_ps(sj[t]);
-              const T* vr = vb + t * tok;
-              for (int c = 0; c < V; ++c) av[c] = _mm512_fmadd_ps(p, load16(vr + 16 * c), av[c]);
-            }
-            for (int c = 0; c < V; ++c) _mm512_storeu_ps(aj + 16 * c, av[c]);
+          int64_t j = hh * G;
+          const int64_t j_end = j + G;
+          for (; j + 4 <= j_end; j += 4)
+            group_block<T, DC, 4>(qf.data(), qb, q_s1, scale, kb, vb, tok, n, j, s.data(), s_stride, m.data(), l.data(),
+                                  acc.data());
+          if (j + 2 <= j_end) {
+            group_block<T, DC, 2>(qf.data(), qb, q_s1, scale, kb, vb, tok, n, j, s.data(), s_stride, m.data(), l.data(),
+                                  acc.data());
+            j += 2;
           }
+          if (j < j_end)
+            group_block<T, DC, 1>(qf.data(), qb, q_s1, scale, kb, vb, tok, n, j, s.data(), s_stride, m.data(), l.data(),
+                                  acc.data());
         }
       }
       end_task(acc, l, o, HG, int64_t(DC));
