@@ -1,8 +1,13 @@
-"""Compiled decode steps on CPU: one `torch.compile`d callable per graph-cache bucket, the CPU
-counterpart of capturing a CUDA graph per bucket (`EngineConfig.compile_decode`).
+"""Compiled decode steps on CPU, the counterpart of capturing a CUDA graph per bucket
+(`EngineConfig.compile_decode`): one `torch.compile`d step for every graph-cache bucket of two rows or
+more, its batch dimension dynamic (a symbol in the graph, `mark_dynamic`), and a static one for the bucket
+of one row (dynamo specialises a size of 1, and generate.py's batch-1 decode is where static shapes pay).
+Each bucket used to compile its own static step on first use: a batch that shrinks as rows stop at EOS
+(an RL rollout) walks down through up to one bucket per multiple of 8 and compiled each (seconds apiece,
+168 s over the first EOS-varied rollout of the `tiny` preset at a load of ~10); now it compiles once.
 
-A bucket's step (the model's `hidden_states` over the bucket's padded rows, then `compute_logits`)
-is compiled with static shapes (`dynamic=False`, `fullgraph=True`: a graph break is an error, not a
+The step (the model's `hidden_states` over the bucket's padded rows, then `compute_logits`)
+is compiled with `fullgraph=True` (a graph break is an error, not a
 silent split; inductor's C++ backend, with its C++ wrapper: the ~40 kernel launches of a step are not
 Python calls) on the bucket's first use, and reused afterwards. What changes
 from step to step stays out of the graph: each layer's paged attention (the KV write, context lengths,
@@ -13,16 +18,17 @@ So the graph's inputs are the bucket's `input_ids` and `positions` and the model
 are read in place on every call: weights updated in place (a trainer step, weight sync) are seen.
 The sampler stays eager (it draws one Python float per row).
 
-Each bucket's step is a function with its own code object, because dynamo keeps compiled code per code
-object: one cache entry per bucket and no recompile limit shared between buckets. Its guards (the input
+Each step (the dynamic one, the batch-1 one) is a function with its own code object, because dynamo keeps
+compiled code per code object: one cache entry per step and no recompile limit shared between them. Its guards (the input
 shapes, every module and parameter the trace touched, ~230 checks, some in Python) cost more than the
 graph saves at decode sizes (measured: a batch-1 step of the ~3.4M model 2.6 ms with them, 1.7 ms eager,
 1.3 ms without), so after the bucket's first call they are skipped (`set_stance(skip_guard_eval_unsafe)`).
-That is sound here because nothing they check can change while the engine lives: the bucket's inputs
-are its own static buffers, parameters change in place only (re-read at every call), the engine always
+That is sound here because nothing they check can change while the engine lives: a bucket's inputs
+are its own static buffers (of the size the dynamic step takes as a symbol), parameters change in place only (re-read at every call), the engine always
 steps under inference mode, and the model's structure and kernels are fixed at build. The C++ wrapper
 costs ~2-3 s more compilation per bucket and took a batch-1 step of the ~3.5M model from 1.47 ms to
-1.07 ms (eager 1.54 ms; batch 64 unchanged, 12.8-12.9 ms against eager 13.5; one run through the lock). Inductor caches its compiled kernels on disk, so a later process compiles the same
+1.07 ms (eager 1.54 ms; batch 64 unchanged, 12.8-12.9 ms against eager 13.5; one run through the lock, with static
+steps per bucket: the dynamic step's batch-64 time was not re-measured). Inductor caches its compiled kernels on disk, so a later process compiles the same
 bucket faster. Compiled kernels round differently from eager ones (fused reductions and multiply-adds),
 within the log-prob contract but not bit for bit, so `model.batch_invariant` refuses this mode.
 """
@@ -116,15 +122,35 @@ def _layouts(model) -> dict[str, tuple]:
             for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
 
 
+class _CompiledStep:
+    """A compiled decode step and the parameter layouts it was built for."""
+
+    def __init__(self) -> None:
+        self.compiled = None
+        self.layouts: dict[str, tuple] = {}  # each parameter's and buffer's (shape, strides, dtype) at compile
+
+
+# The dynamic-batch step of each engine (keyed by its attention object, which every bucket's runner shares).
+_SHARED_STEPS: weakref.WeakKeyDictionary[PagedAttention, _CompiledStep] = weakref.WeakKeyDictionary()
+
+
+def _shared_step(attn: PagedAttention) -> _CompiledStep:
+    step = _SHARED_STEPS.get(attn)
+    if step is None:
+        step = _SHARED_STEPS[attn] = _CompiledStep()
+    return step
+
+
 class CompiledDecodeRunner(DecodeRunner):
     """A bucket whose step is compiled on its first run (static shapes) and replayed after."""
 
     def __init__(self, batch_size: int, *, inputs: StaticInputs, model, attn: PagedAttention) -> None:
         super().__init__(batch_size, inputs=inputs, model=model, attn=attn)
         self._attend = _AttendOp(attn)
-        self._compiled = None
-        self._layouts: dict[str, tuple] = {}  # each parameter's and buffer's (shape, strides, dtype) at compile
-        self.compile_seconds: float | None = None  # the first run's time, compilation included
+        # Buckets of two rows or more share one step compiled with a dynamic batch dimension (see the module
+        # doc); a bucket of one has its own static step.
+        self._shared = _shared_step(attn) if batch_size >= 2 else _CompiledStep()
+        self.compile_seconds: float | None = None  # the compiling run's time, on the bucket that compiled
 
     def run(self, *, max_context_len: int, routing=None, first_block: int | None = None):
         if routing is not None:
@@ -132,24 +158,31 @@ class CompiledDecodeRunner(DecodeRunner):
         self.attn.prepare(slot_mapping=self.slot_mapping, num_single=self.batch_size, block_tables=self.block_tables,
                           context_lens=self.context_lens, max_context_len=max_context_len, prefills=[],
                           first_block=first_block)
-        if self._compiled is not None:
-            # The one cache entry of this bucket's code object runs without its guards (see the module doc).
+        step = self._shared
+        if step.compiled is not None:
+            # The one cache entry of this step's code object runs without its guards (see the module doc).
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return self._compiled(self.model, self._attend, self.input_ids, self.positions)
+                    return step.compiled(self.model, self._attend, self.input_ids, self.positions)
             except RuntimeError as e:  # inductor's own message blames "an incorrect fake kernel"
                 problem = self._replaced_tensor()
                 if problem is None:
                     raise
                 raise ValueError(problem) from e
-        # A copy of `_step` with a code object of its own: dynamo's cache of this bucket alone.
-        fn = types.FunctionType(_step.__code__.replace(), _step.__globals__, f"decode_step_{self.batch_size}")
+        # A copy of `_step` with a code object of its own: dynamo's cache of this step alone.
+        dynamic = self.batch_size >= 2
+        name = "decode_step_dynamic" if dynamic else f"decode_step_{self.batch_size}"
+        fn = types.FunctionType(_step.__code__.replace(), _step.__globals__, name)
+        if dynamic:  # one graph for every bucket of two rows or more: the batch size is a symbol
+            torch._dynamo.mark_dynamic(self.input_ids, 0)
+            torch._dynamo.mark_dynamic(self.positions, 0)
         compiled = torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
         start = time.perf_counter()
         out = compiled(self.model, self._attend, self.input_ids, self.positions)
         self.compile_seconds = time.perf_counter() - start
-        self._compiled, self._layouts = compiled, _layouts(self.model)
-        logger.info("compiled the decode step of bucket %d in %.1f s", self.batch_size, self.compile_seconds)
+        step.compiled, step.layouts = compiled, _layouts(self.model)
+        logger.info("compiled the decode step of bucket %d (%s) in %.1f s", self.batch_size,
+                    "every bucket of 2+ rows" if dynamic else "static", self.compile_seconds)
         return out
 
     def _replaced_tensor(self) -> str | None:
@@ -157,7 +190,7 @@ class CompiledDecodeRunner(DecodeRunner):
         shape, strides or dtype since the compile (the graph reads them in place, laid out as it was built
         for; its guards, which would catch this, are skipped), as an error naming the fix; else None."""
         now = _layouts(self.model)
-        for name, built in self._layouts.items():
+        for name, built in self._shared.layouts.items():
             if now.get(name, built) != built:
                 (shape, strides, dtype), (shape1, strides1, dtype1) = built, now[name]
                 return (f"the compiled decode step of bucket {self.batch_size} reads {name!r} as shape {shape}, "

@@ -22,7 +22,7 @@ needs_cxx = pytest.mark.skipif(cpp_compiler() is None, reason="torch.compile's C
 def engines(qwen2):
     """(the trainer's model, an eager engine and a compiled engine over its tensors)."""
     policy = from_pretrained(qwen2[1], dtype=torch.float32)
-    kw = dict(graph_batch_sizes=[4], block_size=8, cpu_threads="fixed")
+    kw = dict(graph_batch_sizes=[2, 4], block_size=8, cpu_threads="fixed")
     return policy, LLM(policy, **kw), LLM(policy, compile_decode=True, **kw)
 
 
@@ -49,6 +49,26 @@ def test_compiled_step_matches_eager_and_trainer(engines, temperature):
     runner = compiled.engine.runner
     assert list(runner.compile_seconds()) == [4] and compiled.engine.stats()["decode_compile_s"][4] > 0
     assert eager.engine.runner.compile_seconds() == {} and "decode_compile_s" not in eager.engine.stats()
+
+
+@needs_cxx
+def test_a_shrinking_batch_compiles_one_step_for_every_bucket(engines):
+    """Rows that stop at different lengths (EOS-varied RL rollouts) take the batch down through the buckets:
+    every bucket of two rows or more runs the one step compiled with a dynamic batch size (compiling each
+    bucket cost seconds per bucket), within the contract of the eager engine and the trainer."""
+    policy, eager, compiled = engines
+    prompts = mixed_prompts(3, seed=9, max_len=20)
+    params = [SamplingParams(temperature=1.0, max_tokens=m, seed=11 + m, ignore_eos=True) for m in (12, 7, 3)]
+    ref, out = eager.generate(prompts, params), compiled.generate(prompts, params)
+    for prompt, p, a, b in zip(prompts, params, ref, out):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        got = torch.tensor(b.outputs[0].logprobs)
+        assert (got - torch.tensor(a.outputs[0].logprobs)).abs().max().item() <= 1e-5
+        expected = trainer_logprobs(policy, prompt, b.outputs[0].token_ids, p.temperature)
+        assert (got - expected).abs().max().item() <= 1e-5
+    runner = compiled.engine.runner
+    assert sorted(runner.graphs.runners) == [2, 4]  # both buckets ran (3 rows, then 2, then 1 padded to 2)
+    assert list(runner.compile_seconds()) == [4]  # one compile, on the first bucket used
 
 
 @needs_cxx
@@ -126,12 +146,12 @@ def test_a_parameter_replaced_by_other_strides_is_named_with_the_fix(engines):
     op". Last in this module: the failed step may leave the shared engine's requests behind."""
     policy, eager, compiled = engines
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    compiled.generate(mixed_prompts(2, seed=6, max_len=20), params)  # bucket 4 compiled
+    compiled.generate(mixed_prompts(2, seed=6, max_len=20), params)  # bucket 2 (the step of 2+ rows)
     weight = policy.layers[0].mlp.down_proj.weight
     old = weight.data
     weight.data = old.t().contiguous().t()  # same values and shape, column-major
     try:
-        with pytest.raises(ValueError, match=r"bucket 4 reads 'layers\.0\.mlp\.down_proj\.weight' as shape "
+        with pytest.raises(ValueError, match=r"bucket 2 reads 'layers\.0\.mlp\.down_proj\.weight' as shape "
                                              r"\(64, 96\), strides \(96, 1\).*strides \(1, 64\).*param\.copy_\(new\)"):
             compiled.generate(mixed_prompts(2, seed=6, max_len=20), params)
     finally:
