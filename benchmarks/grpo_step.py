@@ -30,7 +30,9 @@ What each side does per step (`--prompts` P prompts x `--n` samples, 16 x 8 = 12
   KV, finished sequences leave the batch, behavior log-probs recorded), group advantages, shared-prefix
   packing (`train.shared_prefix` auto) into micro-batches of `train.micro_batch_tokens` 4096, loss
   ppo_clip token-mean, clip 0.2, TIS on the engine's behavior log-probs (no old log-prob forward at one
-  update per step), grad clip 1, torch AdamW, the new version published in place (no copy).
+  update per step), grad clip 1, torch AdamW, the new version published in place (no copy). The engine's decode
+  steps are compiled (`rollout.compile_decode`; `--no-compile-decode`: eager): the compile falls in the
+  uncounted first step and the row reports it (`decode_compile_s`, bucket -> seconds).
 Both score exact match on the `upper` task; the random-init model never answers right, so every reward
 and advantage is 0 on both sides, and both still run the whole training pass (neither skips
 zero-advantage samples), as they would on a batch that teaches something.
@@ -73,7 +75,7 @@ def ours(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool):
         f"model.path={model_dir}", f"data.path={data_dir}/train.jsonl", "data.eval_path=null", "warmup.path=null",
         f"train.output_dir={out_dir}", f"rollout.prompts_per_step={args.prompts}", f"rollout.n={args.n}",
         f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.ignore_eos={str(fixed).lower()}",
-        "optim.lr=1e-6", f"train.threads={args.threads}"])
+        "optim.lr=1e-6", f"train.threads={args.threads}", f"rollout.compile_decode={str(args.compile_decode).lower()}"])
     trainer = GRPOTrainer(cfg)
 
     rollout = trainer.rollout
@@ -162,13 +164,21 @@ def interleaved(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: boo
     trainer._generate_and_score_completions = timed_rollout
     with contextlib.redirect_stdout(sys.stderr):  # TRL prints its log dicts; stdout carries the JSON only
         trainer.train()
+    compile_s = _compile_seconds(our_trainer)
     our_trainer.close()
     # TRL logs the mean completion length of every step (logging_steps=1).
     lengths = [float(h["completions/mean_length"]) for h in trainer.state.log_history if "completions/mean_length" in h]
     trl_tokens = [n * args.prompts * args.n for n in lengths]
     ours_times, ours_tokens, ours_phases = zip(*cb.ours[1:])
-    return (_figures(list(ours_times), list(ours_tokens), args, list(ours_phases)),
+    return ({**_figures(list(ours_times), list(ours_tokens), args, list(ours_phases)), **compile_s},
             _figures(cb.trl_s[1:], trl_tokens[1:], args, cb.trl_phases[1:]))
+
+
+def _compile_seconds(trainer) -> dict:
+    """`--compile-decode`: the seconds each compiled decode step took to compile (bucket -> s; in the
+    uncounted first step), as `decode_compile_s`."""
+    compiled = trainer.llm.engine.runner.compile_seconds()
+    return {"decode_compile_s": {b: round(s, 1) for b, s in compiled.items()}} if compiled else {}
 
 
 def ours_alone(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool) -> dict:
@@ -176,10 +186,11 @@ def ours_alone(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool
     trainer, step = ours(model_dir, data_dir, out_dir, args, fixed=fixed)
     try:
         runs = [step() for _ in range(args.steps + 1)]
+        compile_s = _compile_seconds(trainer)
     finally:
         trainer.close()
     times, tokens, phases = zip(*runs[1:])
-    return _figures(list(times), list(tokens), args, list(phases))
+    return {**_figures(list(times), list(tokens), args, list(phases)), **compile_s}
 
 
 def shared_prefix_row(model_dir: str, tmp: str, args) -> dict:
@@ -254,6 +265,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-compile-decode", dest="compile_decode", action="store_false",
+                    help="our rollout engine decodes eagerly (default: rollout.compile_decode, each decode step "
+                         "compiled by torch.compile; the compile falls in the uncounted first step and is reported)")
     ap.add_argument("--preset", default="tiny", help="the random-init model preset both sides train (tiny, small, 3m)")
     ap.add_argument("--no-async", dest="async_rows", action="store_false",
                     help="skip the async-vs-sync actors rows (grpo_async.py)")
@@ -264,6 +278,7 @@ def main() -> None:
     ap.add_argument("--only-shared-prefix", action="store_true", help="run the shared-prefix row alone")
     add_async_arguments(ap)
     args = parse_args(ap, smoke={"steps": 1, "prompts": 2, "n": 2, "max_new_tokens": 4, "threads": 1,
+                                 "compile_decode": False,
                                  "async_rows": False, "prefix_prompt_len": 24, "prefix_new_tokens": 4})
     torch.set_num_threads(args.threads)
     trl_missing = peer_missing("trl", "trl")

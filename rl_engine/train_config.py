@@ -124,6 +124,10 @@ class RolloutSection:
     # builds it (the torch gather + SDPA path otherwise, the reason logged); false: always the torch path.
     # Both are within the log-prob contract; batch-invariant mode has its own attention either way.
     cpu_decode_kernel: bool = True
+    # CPU: each decode bucket's step compiled by torch.compile (the engine's compile_decode: buckets of 2+ rows
+    # share one step with a dynamic batch size, so an EOS-varied rollout compiles once), within the log-prob
+    # contract but not bit for bit; the first rollout pays the compile (engine stats' decode_compile_s).
+    compile_decode: bool = False
     # "sync": each step generates with the newest weights, then trains. "async" (actors only): rollout
     # and training overlap; a weight update interrupts in-flight requests, which resume with the new
     # weights (partial rollouts), their earlier tokens keeping their versions and log-probs.

@@ -259,7 +259,7 @@ class GRPOTrainer:
                        max_num_batched_tokens=r.max_num_batched_tokens, seed=cfg.train.seed,
                        record_routing=r.routing_replay, speculative_config=r.speculative,
                        cpu_threads="fixed", cpu_prepack_weights=False,  # the fp32 log-prob contract (config.py)
-                       cpu_decode_kernel=r.cpu_decode_kernel)
+                       cpu_decode_kernel=r.cpu_decode_kernel, compile_decode=r.compile_decode)
         self.moe_layers = sorted(self.model.config.moe_layers) if r.routing_replay else None
         self.rewards = RewardComputer(cfg.reward)
         self.agentic = None  # rollout.fn: multi-turn sessions instead of single-turn completions

@@ -109,7 +109,7 @@ class TrainerGroup:
                            max_num_batched_tokens=r.max_num_batched_tokens, seed=t.seed,
                            record_routing=r.routing_replay, speculative_config=r.speculative,
                            cpu_threads="fixed", cpu_prepack_weights=False,  # the fp32 log-prob contract (config.py)
-                           cpu_decode_kernel=r.cpu_decode_kernel)
+                           cpu_decode_kernel=r.cpu_decode_kernel, compile_decode=r.compile_decode)
             # Engine rank = replica * tp + tp_rank = this training rank (pp = 1): each reads its own shards.
             # Under context parallelism every cp rank holds a whole replica: dp x cp engines, none using cp.
             plan = plan_sync(config, src=src, dst=EngineLayout(tp=t.tp, replicas=t.dp * t.cp, dtype=self.dtype),

@@ -7,6 +7,7 @@ import torch
 
 from rl_engine import kernels
 from rl_engine.config import ConfigError, load_config
+from rl_engine.inference.compiled_decode import cpp_compiler
 from rl_engine.train_config import RLConfig
 from rl_engine.trainer import GRPOTrainer
 
@@ -65,12 +66,18 @@ def test_rl_raises_held_out_accuracy(tmp_path):
     assert after >= before + 0.30, (before, after)
 
 
-def test_behavior_and_training_logprobs_agree_in_the_loop(tmp_path):
-    """Same weights for rollout and training: importance weights are 1 and the mismatch is ~0."""
+@pytest.mark.parametrize("compile_decode", [False, pytest.param(True, marks=pytest.mark.skipif(
+    cpp_compiler() is None, reason="rollout.compile_decode needs a C++ compiler (g++ or CXX)"))])
+def test_behavior_and_training_logprobs_agree_in_the_loop(tmp_path, compile_decode):
+    """Same weights for rollout and training: importance weights are 1 and the mismatch is ~0, also with
+    the rollout's decode steps compiled (rollout.compile_decode: one step for every bucket of 2+ rows as
+    the EOS-varied batch shrinks)."""
     cfg = small_config(tmp_path, "warmup.steps=0", "train.steps=1", "rollout.temperature=0.8",
-                       "loss.importance_sampling.mode=truncate")
+                       "loss.importance_sampling.mode=truncate", f"rollout.compile_decode={str(compile_decode).lower()}")
     trainer = GRPOTrainer(cfg)
     samples, _ = trainer.rollout()
+    compiled = trainer.llm.engine.runner.compile_seconds()
+    assert bool(compiled) is compile_decode and len(compiled) <= 2  # the dynamic step, and bucket 1's static one
     # Recompute the training log-probs for every sample and compare token by token.
     worst = 0.0
     for s in samples:
