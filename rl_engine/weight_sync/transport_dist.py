@@ -15,7 +15,9 @@ collective over the sync group:
 A failed operation (a destination that timed out of a late source, a peer gone) breaks the whole gloo group:
 gloo closes all its connections, so an abandoned update's late buckets never arrive, and every later
 operation on that group fails. Each rank turns the failure into `WeightSyncError` and renews the group
-(`SyncGroup`: a fresh one on the same store, under the next generation's prefix) for the next update.
+(`SyncGroup`: the failed group is destroyed, and the next update runs on a fresh one on the same store, under
+the next generation's prefix). A group is destroyed (its gloo worker threads joined) while the interpreter is
+alive: at renewal, at `SyncGroup.close()`, or at exit.
 Main design choice: point-to-point messages between the shard owners (no broadcast of gathered
 tensors), sized by the plan's buckets, so memory stays one shard plus the window.
 """
@@ -23,6 +25,9 @@ tensors), sized by the plan's buckets, so memory stays one shard plus the window
 from __future__ import annotations
 
 import logging
+import sys
+import traceback
+import weakref
 from collections import deque
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -42,7 +47,6 @@ _MIN = -(1 << 62)
 _DIGEST = 16
 _TRAILER = _DIGEST + 8  # after a bucket's bytes: its checksum, then its update's version (int64)
 _PROBE_TAG = 1 << 28
-_CLOSE_TAG = (1 << 30) - 1  # a receive that nothing sends (SyncGroup._close_connections)
 _OTHER_FAILURE = 1 << 40
 
 
@@ -63,62 +67,83 @@ def sync_group(address: "str | dist.Store", *, rank: int, world_size: int, backe
     return SyncGroup(store, rank=rank, world_size=world_size, backend=backend, timeout=timeout)
 
 
+class _GroupSlot:
+    """The one reference to a sync group's process group, apart from the `SyncGroup` that uses it, so that
+    `destroy` really destroys it (`SyncGroup` finalizes through it: it must not refer back to the SyncGroup)."""
+
+    def __init__(self) -> None:
+        self.group: dist.ProcessGroup | None = None
+
+    def destroy(self) -> None:
+        """Drop the process group, which destroys it now if nothing else holds it. ProcessGroupGloo's destructor
+        (it runs with the GIL released) waits for its queued collectives and joins its worker threads; so
+        afterwards no gloo thread holds a collective's tensors. One that did at interpreter exit released them
+        after Py_FinalizeEx had begun: a tensor with a Python object takes the GIL to release it, which a
+        finalizing interpreter refuses by ending the thread, inside a noexcept destructor: SIGABRT ("terminate
+        called without an active exception"). Its gloo context (the connections) closes with it once no work
+        object holds it either, so that a peer blocked on this rank fails at once."""
+        group, self.group = self.group, None
+        if group is None:
+            return
+        others = sys.getrefcount(group) - 2  # less this frame's reference and getrefcount's argument
+        if others:
+            logger.warning("%d other reference(s) hold the sync group's process group being destroyed: its worker "
+                           "threads and connections stay until they are dropped", others)
+        del group
+
+
 class SyncGroup:
     """The sync group's process group, renewable. gloo closes every connection of a group as soon as one of
     its operations times out (a receiver that gave up on a late source, a source whose destination is gone):
     the peers' operations then fail with "Connection closed by peer", the late buckets never arrive, and that
-    group never works again. So after a failed update every rank `renew`s (the transport does it): the next
-    update runs on a fresh group, generation g on the store's prefix "wsync/g". The first rank to renew
-    moves the store's shared generation on; the others of the same failure find it moved and join it."""
+    group never works again. So after a failed update every rank `renew`s (the transport does it): the failed
+    group is destroyed and the next update runs on a fresh group, generation g on the store's prefix "wsync/g".
+    The first rank to renew moves the store's shared generation on; the others of the same failure find it moved
+    and join it. `close()` destroys the group; one never closed is destroyed at interpreter exit, before
+    finalization (`weakref.finalize` runs at `atexit`), so that no gloo worker thread outlives the interpreter
+    (a collective still running then delays the exit until it ends: at most the group's timeout; the transport
+    waits for each of its collectives, so none is left running)."""
 
     _KEY = "wsync/generation"
 
     def __init__(self, store: dist.Store, *, rank: int, world_size: int, backend: str, timeout: timedelta) -> None:
         self.store, self.rank, self.world_size, self.backend, self.timeout = store, rank, world_size, backend, timeout
         self.generation = int(store.compare_set(self._KEY, "", "0"))
-        self._group: dist.ProcessGroup | None = None
+        self._slot = _GroupSlot()
+        self._finalizer = weakref.finalize(self, self._slot.destroy)
         self._connect()
 
     def _connect(self) -> None:
+        if not self._finalizer.alive:
+            raise ValueError("this SyncGroup was closed: build a new one with sync_group(...)")
         # Building the group is a rendezvous of all ranks on this generation's prefix (up to `timeout`).
         prefixed = dist.PrefixStore(f"wsync/{self.generation}", self.store)
         if self.backend == "gloo":
-            self._group = dist.ProcessGroupGloo(prefixed, self.rank, self.world_size, self.timeout)
+            self._slot.group = dist.ProcessGroupGloo(prefixed, self.rank, self.world_size, self.timeout)
         else:
-            self._group = dist.ProcessGroupNCCL(prefixed, self.rank, self.world_size)
+            self._slot.group = dist.ProcessGroupNCCL(prefixed, self.rank, self.world_size)
 
     @property
     def group(self) -> dist.ProcessGroup:
-        if self._group is None:
+        if self._slot.group is None:
             self._connect()
-        return self._group
+        return self._slot.group
 
-    def renew(self) -> None:
-        """Drop the current group (after a failure, its rendezvous's included: a generation is never tried
+    def renew(self, failure: BaseException | None = None) -> None:
+        """Destroy the current group (after a failure, its rendezvous's included: a generation is never tried
         twice, whose keys may name a listener that is gone); the next operation builds the next generation's.
-        The old group's connections are closed first (`_close_connections`), so that a peer blocked on this
-        rank fails at once and renews too."""
-        old, self._group = self._group, None
-        if old is not None and self.backend == "gloo":
-            self._close_connections(old)
+        `failure`: the error of the failed operation, whose traceback's frames hold that operation's work objects
+        and tensors; their locals are cleared first (the traceback itself is kept, for the caller's report), so
+        that destroying the group also closes its connections and a peer blocked on this rank fails at once and
+        renews too."""
+        if failure is not None:
+            _release_frames(failure)
+        self._slot.destroy()
         self.generation = int(self.store.compare_set(self._KEY, str(self.generation), str(self.generation + 1)))
 
-    def _close_connections(self, group: dist.ProcessGroup) -> None:
-        """Close every connection of a failed gloo group now. A peer waiting on this rank, not on the rank
-        that failed (a group of 4+ ranks: a source in the verdict's all-reduce behind another source), sees
-        nothing of the failure while this rank's connections stay open, and would fail only at the group's
-        full timeout, which made the next update fail as well. Dropping the group closed them only once
-        nothing held it any more (a caller keeping the error keeps the failed operation's work objects
-        through its traceback), and gloo's abort() and shutdown() leave them open; what closes them is an
-        operation of this rank timing out ("Application timeout caused pair closure"): a receive that
-        nobody answers, given 10 ms, from a peer whose connection is still up (a closed one fails at once)."""
-        for peer in (r for r in range(self.world_size) if r != self.rank):
-            try:
-                group.recv([torch.zeros(1)], peer, _CLOSE_TAG).wait(timedelta(milliseconds=10))
-            except RuntimeError as e:
-                if "Timed out" in str(e):
-                    return
-                logger.debug("sync group close: %s", str(e).splitlines()[0] if str(e) else e)
+    def close(self) -> None:
+        """Destroy the group now (idempotent); the SyncGroup is unusable afterwards."""
+        self._finalizer()
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int):
         return self.group.send(tensors, dst, tag)
@@ -128,6 +153,17 @@ class SyncGroup:
 
     def allreduce(self, tensors: list[torch.Tensor], opts: dist.AllreduceOptions):
         return self.group.allreduce(tensors, opts)
+
+
+def _release_frames(error: BaseException) -> None:
+    """Clear the locals of the finished frames in `error`'s traceback and its causes' (`traceback.clear_frames`
+    skips the frames still running): the work objects, buffers and groups they hold are released now, not when
+    the caller drops the error."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 def _all_reduce_max(group: dist.ProcessGroup, t: torch.Tensor) -> torch.Tensor:
@@ -186,7 +222,7 @@ class TorchDistTransport:
         if renew is None:
             return WeightSyncError(f"{what}: the sync group failed ({cause}); a gloo group never works again after "
                                    "a failure: build it with sync_group(...), which renews itself")
-        renew()
+        renew(error)
         return WeightSyncError(f"{what}: the sync group failed ({cause}); the next update runs on a new sync group")
 
     # ---- sender side --------------------------------------------------------------------------------

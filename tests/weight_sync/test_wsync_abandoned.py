@@ -5,11 +5,17 @@ Two source processes (tp2) -> one engine rank in this process, over ZMQ and over
 real mismatch (the sources publish different versions) is refused with both versions named. Over gloo
 (`TorchDistTransport`): a receiver that times out of an update while its source still sends it (gloo then
 closes the group's connections) takes the next update on a renewed group; and every bucket carries its
-update's version: a bucket of another update is refused naming both, and the next update goes through."""
+update's version: a bucket of another update is refused naming both, and the next update goes through. Every
+gloo rank must exit with code 0 within its group's timeout: a gloo worker thread still holding a collective's
+tensors when the interpreter finalizes aborts the process (SIGABRT), which a renewal made likely."""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -197,9 +203,31 @@ class SlowSource:
         return getattr(self.group, name)
 
 
-# The late test's group timeout: what a rank that missed the failure would wait out (then fail "Timed out"),
-# well above the ~2 s the ranks take to fail (at load ~10), below WAIT_S so that such a regression fails soon.
-LATE_GROUP_TIMEOUT_S = 120
+# The gloo tests' group timeout, and the bound on each such test's ranks (`_spawn_within`): a rank that waits out
+# an operation's full timeout (a source that missed the failure, an exit that waits for a failed group's
+# collective) is still running at that bound, and a healthy run waits out no timeout at all (9-21 s a case
+# at load 8 on 2 cores, up to 45 s at load 14 beside two busy loops at nice 0). Below WAIT_S, so that such a
+# regression fails soon.
+LATE_GROUP_TIMEOUT_S = 300
+
+
+def _spawn_within(fn, args: tuple, nprocs: int, within_s: float) -> list[int]:
+    """Run `nprocs` ranks of `fn` (torch.multiprocessing.spawn) and wait for them up to `within_s` seconds from
+    the start; return their exit codes. A rank that raised fails the test with its traceback, one that died of a
+    signal with its name; ranks still running at the bound are killed and fail the test."""
+    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + within_s
+    try:
+        while not context.join(timeout=max(0.0, deadline - time.monotonic())) and time.monotonic() < deadline:
+            pass
+    finally:
+        late = [r for r, p in enumerate(context.processes) if p.is_alive()]
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert not late, f"rank(s) {late} still running {within_s:.0f} s after the start (the group's timeout)"
+    return [p.exitcode for p in context.processes]
 
 
 def _gloo_late_rank(rank: int, tp: int, port: int, path: str, gave_up, results) -> None:
@@ -236,14 +264,17 @@ def test_gloo_receiver_that_timed_out_takes_the_next_update_on_a_renewed_group(t
     """The last source has begun v1 (handshake) but sends its buckets only after the receiver timed out of
     them; every rank's v1 fails (gloo closed the group), and v2 goes through on the renewed group. tp 4 (5
     ranks): sources 0 and 1 wait in the verdict's all-reduce on sources 2 and 3, not on the receiver; they
-    learn of the failure only when those close their connections (SyncGroup._close_connections), not when
-    the failed group is merely dropped: with the errors kept alive they waited out the group's timeout and
-    failed "Timed out" (which made the next update fail too, when it came before that timeout)."""
+    learn of the failure only when those close their connections, which they do by destroying the failed
+    group with every work object of the failed operation released (`SyncGroup.renew`), the errors kept alive
+    here notwithstanding: else they would wait out the group's timeout and fail "Timed out" (and the next update
+    with them, when it came before that timeout). Every rank exits with code 0 before that timeout."""
     path = write_weights(str(tmp_path / "a"), UNTIED, seed=1)
     ctx = mp.get_context("spawn")
     gave_up, results = ctx.Event(), ctx.SimpleQueue()
     store = serve_store(tp + 1)
-    mp.spawn(_gloo_late_rank, args=(tp, store.port, path, gave_up, results), nprocs=tp + 1, join=True)
+    exit_codes = _spawn_within(_gloo_late_rank, (tp, store.port, path, gave_up, results), tp + 1,
+                               LATE_GROUP_TIMEOUT_S)
+    assert exit_codes == [0] * (tp + 1), exit_codes
     out = dict(results.get() for _ in range(tp + 1))
     assert "destination rank 0 abandoned the weight update (engine at version 0): the sync group failed " \
            "(" in out[tp]["v1"] and "Timed out" in out[tp]["v1"], out[tp]["v1"]
@@ -253,3 +284,24 @@ def test_gloo_receiver_that_timed_out_takes_the_next_update_on_a_renewed_group(t
         assert out[r]["v2"] is None
     assert out[tp]["v2"] == 2
     assert [out[r]["generation"] for r in range(tp + 1)] == [1] * (tp + 1)
+
+
+def test_gloo_ranks_exit_cleanly_while_gloo_still_holds_a_collective():
+    """Two ranks (`wsync_exit_rank.py`, processes of their own) leave while gloo's worker thread still holds a
+    collective of their sync group, its release of the tensors delayed into the interpreter's finalization (as a
+    starved worker thread delays it, for a moment after any collective): both exit with code 0, their groups
+    destroyed at exit before finalization. Before that, rank 0 aborted there (SIGABRT) in every run."""
+    store = serve_store(2)
+    script = os.path.join(os.path.dirname(__file__), "wsync_exit_rank.py")
+    procs = [subprocess.Popen([sys.executable, script, str(r), str(store.port), str(LATE_GROUP_TIMEOUT_S)],
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    deadline, errors = time.monotonic() + LATE_GROUP_TIMEOUT_S, []
+    try:
+        for p in procs:
+            errors.append(p.communicate(timeout=max(0.0, deadline - time.monotonic()))[1])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
