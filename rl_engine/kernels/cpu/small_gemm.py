@@ -5,15 +5,21 @@ The weight is packed once into panels of `panel` output columns, each [K][panel]
 AVX-512 micro-kernel keeps a `row_block` x `panel` tile of fp32 accumulators in registers (broadcast x,
 FMA over the panel's k-th row). Every output accumulates its K products in order (k = 0..K-1, one fp32 FMA
 each), then adds the bias and the residual: the result of a row does not depend on the other rows, the row
-block or the thread count (batch-invariant by construction). bf16: exact products of the widened operands,
-the same fp32 sums, one rounding. Threads (torch's intra-op pool) split the panels.
+block or the thread count (batch-invariant by construction). bf16 panels hold k in pairs for avx512_bf16's
+dot product (twice the fp32 FMA's work an instruction): each pair's two exact products join the fp32 sum one
+after the other, then one rounding to bf16 (without avx512_bf16: the widened products in order). Threads
+(torch's intra-op pool) split the panels.
 
-Measured through the team's lock (2-core AMD EPYC, Zen 4 AVX-512, 64 rows, one decode step's linears,
-load 5.6-6.6; /tmp-script figures quoted in the README): fp32 1 thread 1.14-1.15x oneDNN-prepacked on the
-~3.5M model, 1.03-1.10x on the ~40M and ~50M (this kernel ~104-106 GFLOP/s a core, near the FMA peak;
-oneDNN ~90-97); 2 threads 1.17-1.23x and 1.02-1.10x. bf16: 0.48-0.57x (oneDNN's avx512_bf16 dot products
-do twice the work per instruction; this kernel widens to fp32). Not wired into the engine: under the
-1.2x the switch asked for.
+`python benchmarks/small_gemm.py --threads T [--dtype bfloat16]` through the team's lock (2-core AMD EPYC,
+Zen 4 AVX-512, 64 rows, one decode step's linears, load 3.6-4.3), best panel x row block against
+oneDNN-prepacked (the engine's): fp32 1 thread 1.12x on the ~3.5M, ~40M and ~50M models (~105-109 GFLOP/s a
+core, near the FMA peak; oneDNN ~95-98), 2 threads 1.13-1.20x; bf16 1 thread 1.01-1.06x, 2 threads
+0.99-1.07x. Not wired into the engine: under the 1.2x that switching was to need.
+
+Log-prob contract (the reason RL engines keep prepacked linears off): on the ~40M model (3 x 64 tokens,
+sampled targets, every linear swapped, niced), log-probs moved from F.linear's by up to 1.62e-5 with this
+kernel and 1.34e-5 with oneDNN's: a sequential sum is no closer to MKL's blocked order than oneDNN's is.
+Only the same kernel on both sides (this one's rows do not depend on the batch) would meet the 1e-5.
 """
 
 from __future__ import annotations

@@ -8,8 +8,11 @@
 // keeps an MR x width tile of fp32 accumulators in zmm registers (MR rows, width/16 vectors each), and for
 // each k broadcasts x[m, k] and FMAs it into the panel's k-th row: every output is one lane accumulating
 // its K products in order k = 0, 1, ..., K-1 (a sequential fp32 sum, independent of M, of the row block and
-// of the thread count), then + bias, then + residual, rounded once to the dtype. bf16: exact bf16 products
-// (operands widened to fp32), the same fp32 sums. Threads (at::parallel_for, torch's intra-op pool) split
+// of the thread count), then + bias, then + residual, rounded once to the dtype. bf16 panels store k in
+// pairs ([K/2][width][2], K padded to even with zeros) for avx512_bf16's dot product (VDPBF16PS: 32
+// multiply-adds an instruction, twice the fp32 FMA's): each output adds the exact products of k = 2i+1 and
+// then k = 2i to its fp32 sum (denormal inputs read as zero), i = 0, 1, ...; without avx512_bf16 the
+// portable loop sums the widened products in order. Threads (at::parallel_for, torch's intra-op pool) split
 // the panels; each runs every row block of its panels (a panel stays in L2 while the row blocks read it).
 //
 // AVX-512 (F + BW + VL, as cpu_ops.cpp's RL_AVX512) has the micro-kernel; other CPUs run a portable loop
@@ -41,6 +44,17 @@ inline int64_t panel_width(int64_t N, int64_t panel, int64_t p) {
   return std::min(panel, (N - p * panel + kLanes - 1) / kLanes * kLanes);
 }
 
+// K as stored: bf16 panels hold k in pairs
+template <typename T>
+inline int64_t stored_k(int64_t K) { return std::is_same_v<T, float> ? K : (K + 1) / 2 * 2; }
+
+// element (k, j) of a panel of `width` columns
+template <typename T>
+inline int64_t packed_index(int64_t k, int64_t j, int64_t width) {
+  if constexpr (std::is_same_v<T, float>) return k * width + j;
+  else return (k / 2) * 2 * width + 2 * j + (k & 1);
+}
+
 inline int64_t packed_numel(int64_t N, int64_t K, int64_t panel) {
   const int64_t full = N / panel, rest = N - full * panel;
   return (full * panel + (rest + kLanes - 1) / kLanes * kLanes) * K;
@@ -52,10 +66,11 @@ void pack_kernel(const T* w, T* out, int64_t N, int64_t K, int64_t panel) {
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t width = panel_width(N, panel, p), n0 = p * panel;
-      T* dst = out + n0 * K;
+      const int64_t Ks = stored_k<T>(K);
+      T* dst = out + n0 * Ks;
       for (int64_t j = 0; j < width; ++j) {
         const int64_t n = n0 + j;
-        for (int64_t k = 0; k < K; ++k) dst[k * width + j] = n < N ? w[n * K + k] : T(0);
+        for (int64_t k = 0; k < Ks; ++k) dst[packed_index<T>(k, j, width)] = n < N && k < K ? w[n * K + k] : T(0);
       }
     }
   });
@@ -78,50 +93,10 @@ inline void store_row(const float* acc, T* out, const T* bias, const T* res, int
 }
 
 #if defined(RL_AVX512)
-inline __m512 load_panel(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load_panel(const at::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load_masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load_masked(const at::BFloat16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const void*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// x [MR rows of K fp32, row stride K] times one panel ([K][NV*16]) into out[MR][ncols] (row stride ldo).
-// The K loop: NV panel loads, MR broadcasts, MR*NV FMAs per k; the panel row prefetch_rows ahead is
-// prefetched to L1, and one cache line a k of `next` to L2: the caller points it at the row block's share
-// of the thread's next panel (a weight larger than L3, the 32k-vocab head, streams from memory while the
-// current panel is computed) or, when there is none, at the current panel.
+// An MR x NV*16 tile of fp32 sums (+ bias) (+ residual) into out (row stride ldo), its first ncols columns.
 template <int MR, int NV, typename T>
-void micro_kernel(const float* __restrict x, int64_t K, const T* __restrict b, T* __restrict out, int64_t ldo,
-                  int64_t ncols, const T* __restrict bias, const T* __restrict res, const char* next) {
-  constexpr int64_t width = NV * kLanes;
-  constexpr int64_t prefetch_rows = 8;
-  constexpr int lines_per_row = static_cast<int>((width * sizeof(T) + 63) / 64);
-  __m512 acc[MR][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-#pragma GCC unroll 2
-  for (int64_t k = 0; k < K; ++k) {
-    const T* bk = b + k * width;
-#pragma GCC unroll 4
-    for (int l = 0; l < lines_per_row; ++l)
-      _mm_prefetch(reinterpret_cast<const char*>(bk + prefetch_rows * width) + 64 * l, _MM_HINT_T0);
-    _mm_prefetch(next + 64 * k, _MM_HINT_T1);
-    __m512 bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = load_panel(bk + v * kLanes);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const __m512 xv = _mm512_set1_ps(x[r * K + k]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(xv, bv[v], acc[r][v]);
-    }
-  }
+inline void store_tile(__m512 (&acc)[MR][NV], T* __restrict out, int64_t ldo, int64_t ncols,
+                       const T* __restrict bias, const T* __restrict res) {
   if constexpr (std::is_same_v<T, float>) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
@@ -138,7 +113,7 @@ void micro_kernel(const float* __restrict x, int64_t K, const T* __restrict b, T
       }
     }
   } else {
-    alignas(64) float tile[width];
+    alignas(64) float tile[NV * kLanes];
     for (int r = 0; r < MR; ++r) {
       for (int v = 0; v < NV; ++v) _mm512_store_ps(tile + v * kLanes, acc[r][v]);
       store_row<T>(tile, out + r * ldo, bias, res == nullptr ? nullptr : res + r * ldo, ncols);
@@ -146,12 +121,99 @@ void micro_kernel(const float* __restrict x, int64_t K, const T* __restrict b, T
   }
 }
 
+// x [MR rows of K fp32, row stride K] times one panel ([K][NV*16]) into out[MR][ncols] (row stride ldo).
+// The K loop: NV panel loads, MR broadcasts, MR*NV FMAs per k; the panel row prefetch_rows ahead is
+// prefetched to L1, and one cache line a k of `next` to L2: the caller points it at the row block's share
+// of the thread's next panel (a weight larger than L3, the 32k-vocab head, streams from memory while the
+// current panel is computed) or, when there is none, at the current panel.
+constexpr int64_t kPrefetchRows = 8;
+
+template <int MR, int NV>
+void micro_kernel(const float* __restrict x, int64_t K, const float* __restrict b, float* __restrict out,
+                  int64_t ldo, int64_t ncols, const float* __restrict bias, const float* __restrict res,
+                  const char* next) {
+  constexpr int64_t width = NV * kLanes;
+  constexpr int lines_per_row = NV;  // 64 bytes a vector
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = b + k * width;
+#pragma GCC unroll 4
+    for (int l = 0; l < lines_per_row; ++l)
+      _mm_prefetch(reinterpret_cast<const char*>(bk + kPrefetchRows * width) + 64 * l, _MM_HINT_T0);
+    _mm_prefetch(next + 64 * k, _MM_HINT_T1);
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bk + v * kLanes);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * K + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(xv, bv[v], acc[r][v]);
+    }
+  }
+  store_tile<MR, NV, float>(acc, out, ldo, ncols, bias, res);
+}
+
+#if defined(__AVX512BF16__)
+// bf16: x as k pairs ([MR][Kh] 32-bit words, row stride Kh), the panel as [Kh][width][2]; per k pair NV panel
+// loads (32 bf16 each: 16 columns x 2 k), MR pair broadcasts, MR*NV dot products.
+template <int MR, int NV>
+void dot_kernel(const uint32_t* __restrict x, int64_t Kh, const at::BFloat16* __restrict b,
+                at::BFloat16* __restrict out, int64_t ldo, int64_t ncols, const at::BFloat16* __restrict bias,
+                const at::BFloat16* __restrict res, const char* next) {
+  constexpr int64_t pair_row = 2 * NV * kLanes;  // bf16 elements a k pair
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t kh = 0; kh < Kh; ++kh) {
+    const at::BFloat16* bk = b + kh * pair_row;
+#pragma GCC unroll 4
+    for (int l = 0; l < NV; ++l)
+      _mm_prefetch(reinterpret_cast<const char*>(bk + kPrefetchRows * pair_row) + 64 * l, _MM_HINT_T0);
+    _mm_prefetch(next + 64 * kh, _MM_HINT_T1);
+    __m512bh bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      bv[v] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(bk + v * 2 * kLanes));
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[r * Kh + kh]));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xv, bv[v]);
+    }
+  }
+  store_tile<MR, NV, at::BFloat16>(acc, out, ldo, ncols, bias, res);
+}
+#define RL_BF16_DOT 1
+#endif
+
+// x: fp32 rows (stride K) for fp32, k-pair rows (stride Ks / 2) for bf16; Ks: K as stored
 template <typename T>
-using Kernel = void (*)(const float*, int64_t, const T*, T*, int64_t, int64_t, const T*, const T*, const char*);
+using Kernel = void (*)(const void*, int64_t, const T*, T*, int64_t, int64_t, const T*, const T*, const char*);
+
+template <int MR, int NV, typename T>
+void tile_kernel(const void* x, int64_t Ks, const T* b, T* out, int64_t ldo, int64_t ncols, const T* bias,
+                 const T* res, const char* next) {
+  if constexpr (std::is_same_v<T, float>) {
+    micro_kernel<MR, NV>(static_cast<const float*>(x), Ks, b, out, ldo, ncols, bias, res, next);
+  } else {
+#if defined(RL_BF16_DOT)
+    dot_kernel<MR, NV>(static_cast<const uint32_t*>(x), Ks / 2, b, out, ldo, ncols, bias, res, next);
+#endif
+  }
+}
 
 template <typename T, int MR, int... NVs>
 constexpr std::array<Kernel<T>, kMaxVectors> row_of(std::integer_sequence<int, NVs...>) {
-  return {(MR * (NVs + 1) <= kMaxAccumulators ? &micro_kernel<MR, NVs + 1, T> : nullptr)...};
+  return {(MR * (NVs + 1) <= kMaxAccumulators ? &tile_kernel<MR, NVs + 1, T> : nullptr)...};
 }
 
 template <typename T, int... MRs>
@@ -174,38 +236,52 @@ void portable_tile(const float* x, int64_t K, const T* b, int64_t width, T* out,
     const float* xr = x + r * K;
     for (int64_t k = 0; k < K; ++k) {
       const float xv = xr[k];
-      const T* bk = b + k * width;
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) acc[j] += xv * to_f(bk[j]);
+      for (int64_t j = 0; j < width; ++j) acc[j] += xv * to_f(b[packed_index<T>(k, j, width)]);
     }
     store_row<T>(acc, out + r * ldo, bias, res == nullptr ? nullptr : res + r * ldo, ncols);
   }
 }
 
 template <typename T>
-void gemm_kernel(const float* x, const T* packed, const T* bias, const T* res, T* out, int64_t M, int64_t N,
-                 int64_t K, int64_t panel, int64_t row_block, int64_t min_macs_per_thread) {
+void gemm_kernel(const float* x, const uint32_t* x_pairs, const T* packed, const T* bias, const T* res, T* out,
+                 int64_t M, int64_t N, int64_t K, int64_t panel, int64_t row_block, int64_t min_macs_per_thread) {
+  const int64_t Ks = stored_k<T>(K);
+#if defined(RL_AVX512)
+  // the vector kernels: fp32 always, bf16 with avx512_bf16 (else the portable loop)
+#if defined(RL_BF16_DOT)
+  constexpr bool vector = true;
+#else
+  constexpr bool vector = std::is_same_v<T, float>;
+#endif
+  const void* xv = std::is_same_v<T, float> ? static_cast<const void*>(x) : static_cast<const void*>(x_pairs);
+  const int64_t x_stride = std::is_same_v<T, float> ? K : Ks / 2, iters = x_stride;  // (K loop trips)
+#endif
   const int64_t panels = (N + panel - 1) / panel;
   const int64_t grain = std::max<int64_t>(1, min_macs_per_thread / std::max<int64_t>(1, M * K * panel));
   at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n0 = p * panel, width = panel_width(N, panel, p), ncols = std::min(width, N - n0);
-      const T* b = packed + n0 * K;
+      const T* b = packed + n0 * Ks;
       const T* bias_p = bias == nullptr ? nullptr : bias + n0;
       // the next panel of this thread, as K-line shares for the row blocks (64-byte lines)
-      const char* next = reinterpret_cast<const char*>(b + width * K);
-      const int64_t next_bytes = p + 1 < end ? panel_width(N, panel, p + 1) * K * int64_t(sizeof(T)) : 0;
+      const char* next = reinterpret_cast<const char*>(b + width * Ks);
+      const int64_t next_bytes = p + 1 < end ? panel_width(N, panel, p + 1) * Ks * int64_t(sizeof(T)) : 0;
       for (int64_t m0 = 0, block = 0; m0 < M; m0 += row_block, ++block) {
         const int64_t rows = std::min(row_block, M - m0);
         const T* res_p = res == nullptr ? nullptr : res + m0 * N + n0;
 #if defined(RL_AVX512)
-        const char* share = (block + 1) * K * 64 <= next_bytes ? next + block * K * 64
-                                                                : reinterpret_cast<const char*>(b);
-        kernels<T>[rows - 1][width / kLanes - 1](x + m0 * K, K, b, out + m0 * N + n0, N, ncols, bias_p, res_p,
-                                                 share);
-#else
-        portable_tile<T>(x + m0 * K, K, b, width, out + m0 * N + n0, N, ncols, bias_p, res_p, rows);
+        if constexpr (vector) {
+          const char* share = (block + 1) * iters * 64 <= next_bytes ? next + block * iters * 64
+                                                                     : reinterpret_cast<const char*>(b);
+          const void* x_block = std::is_same_v<T, float>
+                                    ? static_cast<const void*>(static_cast<const float*>(xv) + m0 * x_stride)
+                                    : static_cast<const void*>(static_cast<const uint32_t*>(xv) + m0 * x_stride);
+          kernels<T>[rows - 1][width / kLanes - 1](x_block, Ks, b, out + m0 * N + n0, N, ncols, bias_p, res_p, share);
+          continue;
+        }
 #endif
+        portable_tile<T>(x + m0 * K, K, b, width, out + m0 * N + n0, N, ncols, bias_p, res_p, rows);
       }
     }
   });
@@ -230,7 +306,8 @@ torch::Tensor pack(const torch::Tensor& weight, int64_t panel) {
               "weight must be float32 or bfloat16, got ", weight.scalar_type());
   const auto w = weight.contiguous();
   const int64_t N = w.size(0), K = w.size(1);
-  auto out = torch::empty({packed_numel(N, K, panel)}, w.options());
+  const int64_t Ks = w.scalar_type() == at::kFloat ? stored_k<float>(K) : stored_k<at::BFloat16>(K);
+  auto out = torch::empty({packed_numel(N, Ks, panel)}, w.options());
   if (w.scalar_type() == at::kFloat) {
     pack_kernel<float>(w.data_ptr<float>(), out.data_ptr<float>(), N, K, panel);
   } else {
@@ -249,9 +326,10 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
               "x must be a CPU tensor of the packed weight's dtype (", packed.scalar_type(), "), got ",
               x.scalar_type(), " on ", x.device());
   const int64_t K = x.size(-1);
-  TORCH_CHECK(packed.dim() == 1 && packed.is_contiguous() && packed.numel() == packed_numel(N, K, panel),
+  const int64_t Ks = x.scalar_type() == at::kFloat ? stored_k<float>(K) : stored_k<at::BFloat16>(K);
+  TORCH_CHECK(packed.dim() == 1 && packed.is_contiguous() && packed.numel() == packed_numel(N, Ks, panel),
               "packed weight has ", packed.numel(), " elements; a [", N, ", ", K, "] weight packed in panels of ",
-              panel, " has ", packed_numel(N, K, panel), " (pack it with this x's width K and this panel)");
+              panel, " has ", packed_numel(N, Ks, panel), " (pack it with this x's width K and this panel)");
   const auto xc = x.contiguous();
   const int64_t M = xc.numel() / std::max<int64_t>(K, 1);
   auto sizes = x.sizes().vec();
@@ -270,14 +348,16 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
   }
   if (M == 0 || N == 0) return out;
   if (xc.scalar_type() == at::kFloat) {
-    gemm_kernel<float>(xc.data_ptr<float>(), packed.data_ptr<float>(),
+    gemm_kernel<float>(xc.data_ptr<float>(), nullptr, packed.data_ptr<float>(),
                        bias_c.defined() ? bias_c.data_ptr<float>() : nullptr,
                        res_c.defined() ? res_c.data_ptr<float>() : nullptr, out.data_ptr<float>(), M, N, K, panel,
                        row_block, min_macs_per_thread);
   } else {
-    const auto xf = xc.to(at::kFloat);  // [M, K] widened once: the kernel broadcasts fp32 x
+    const auto xf = xc.view({M, K}).to(at::kFloat);  // [M, K] widened: the portable loop's x
+    auto x_pairs = torch::zeros({M, Ks}, xc.options());  // [M, Ks] bf16, k pairs as 32-bit words: the dot's x
+    x_pairs.narrow(1, 0, K).copy_(xc.view({M, K}));
     using B = at::BFloat16;
-    gemm_kernel<B>(xf.data_ptr<float>(), packed.data_ptr<B>(), bias_c.defined() ? bias_c.data_ptr<B>() : nullptr,
+    gemm_kernel<B>(xf.data_ptr<float>(), reinterpret_cast<const uint32_t*>(x_pairs.data_ptr<B>()), packed.data_ptr<B>(), bias_c.defined() ? bias_c.data_ptr<B>() : nullptr,
                    res_c.defined() ? res_c.data_ptr<B>() : nullptr, out.data_ptr<B>(), M, N, K, panel, row_block,
                    min_macs_per_thread);
   }
