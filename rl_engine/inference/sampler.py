@@ -108,8 +108,9 @@ class Sampler:
         temps = None if uniform else [p.temperature for p in params]
         if not self.batch_invariant and (p0.temperature == 0 if uniform else not any(temps)):
             # all greedy (the logits as they come: bf16 converts inside)
-            if not logprobs:  # the first maximum, as greedy_logprobs' max (bf16 -> fp32 is exact)
-                return logits.argmax(dim=-1).tolist(), None
+            if not logprobs:  # the first maximum, as greedy_logprobs' max (bf16 -> fp32 is exact). max(dim), not
+                # argmax: on CPU a bf16 argmax over [64, 32k] took ~4x as long (1 thread, niced: 38 against 9 ms)
+                return logits.max(dim=-1)[1].tolist(), None
             compiled = self._compiled_greedy is not None and logits.numel() >= self.compiled_greedy_min_logits
             tokens, logprobs = (self._compiled_greedy if compiled else greedy_logprobs)(logits)
             return tokens.tolist(), logprobs.tolist()
