@@ -58,8 +58,12 @@ class SamplingParams:
         for s in self.stop:
             _check(isinstance(s, str) and s != "", "stop entry", s, "a non-empty string")
         _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "an integer or None")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0), "logprobs",
-               self.logprobs, "None (no log-probs) or an integer >= 0 (top log-probs per token besides the sampled one's)")
+        # A bool is refused although it is an int (as the wire's `logprobs: bool` invites): False would still return
+        # the sampled tokens' log-probs (False == 0; None is the opt-out), True would add a top-1 list per token
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                         and self.logprobs >= 0), "logprobs", self.logprobs,
+               "None (no log-probs) or an integer >= 0 (top log-probs per token besides the sampled one's; "
+               "0: the sampled tokens' only), not a bool")
         if self.top_k == -1:
             self.top_k = 0
 

@@ -77,6 +77,10 @@ def test_refused_requests_fail_alone(qwen2):
     (dict(min_tokens=5, max_tokens=3), r"min_tokens \(5\) must be <= max_tokens \(3\)"),
     (dict(stop=[""]), "stop entry = ''"),
     (dict(stop_token_ids=[-1]), "stop_token_ids entry = -1"),
+    (dict(logprobs=-1), "logprobs = -1 is invalid"),
+    # a bool would pass as an int: False (read as "off") returned log-probs, True asked for top-1 lists
+    (dict(logprobs=False), r"logprobs = False is invalid; allowed: None \(no log-probs\).*not a bool"),
+    (dict(logprobs=True), "logprobs = True is invalid"),
 ])
 def test_invalid_sampling_params_name_value_and_range(kwargs, message):
     with pytest.raises(ValueError, match=message):
