@@ -121,31 +121,42 @@ inline void store_tile(__m512 (&acc)[MR][NV], T* __restrict out, int64_t ldo, in
   }
 }
 
+constexpr int64_t kPrefetchRows = 8;
+
+template <int MR, int NV>
+inline void zero_tile(__m512 (&acc)[MR][NV]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+}
+
+// Both kernels read NV 64-byte lines of the panel a k step: the row kPrefetchRows steps ahead goes to L1, and
+// line `step` of `next` to L2.
+template <int NV>
+inline void prefetch_step(const void* row, const char* next, int64_t step) {
+  const char* ahead = static_cast<const char*>(row) + kPrefetchRows * NV * 64;
+#pragma GCC unroll 4
+  for (int l = 0; l < NV; ++l) _mm_prefetch(ahead + 64 * l, _MM_HINT_T0);
+  _mm_prefetch(next + 64 * step, _MM_HINT_T1);
+}
+
 // x [MR rows of K fp32, row stride K] times one panel ([K][NV*16]) into out[MR][ncols] (row stride ldo).
-// The K loop: NV panel loads, MR broadcasts, MR*NV FMAs per k; the panel row prefetch_rows ahead is
+// The K loop: NV panel loads, MR broadcasts, MR*NV FMAs per k; the panel row kPrefetchRows ahead is
 // prefetched to L1, and one cache line a k of `next` to L2: the caller points it at the row block's share
 // of the thread's next panel (a weight larger than L3, the 32k-vocab head, streams from memory while the
 // current panel is computed) or, when there is none, at the current panel.
-constexpr int64_t kPrefetchRows = 8;
-
 template <int MR, int NV>
 void micro_kernel(const float* __restrict x, int64_t K, const float* __restrict b, float* __restrict out,
                   int64_t ldo, int64_t ncols, const float* __restrict bias, const float* __restrict res,
                   const char* next) {
   constexpr int64_t width = NV * kLanes;
-  constexpr int lines_per_row = NV;  // 64 bytes a vector
   __m512 acc[MR][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  zero_tile<MR, NV>(acc);
 #pragma GCC unroll 2
   for (int64_t k = 0; k < K; ++k) {
     const float* bk = b + k * width;
-#pragma GCC unroll 4
-    for (int l = 0; l < lines_per_row; ++l)
-      _mm_prefetch(reinterpret_cast<const char*>(bk + kPrefetchRows * width) + 64 * l, _MM_HINT_T0);
-    _mm_prefetch(next + 64 * k, _MM_HINT_T1);
+    prefetch_step<NV>(bk, next, k);
     __m512 bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bk + v * kLanes);
@@ -168,17 +179,11 @@ void dot_kernel(const uint32_t* __restrict x, int64_t Kh, const at::BFloat16* __
                 const at::BFloat16* __restrict res, const char* next) {
   constexpr int64_t pair_row = 2 * NV * kLanes;  // bf16 elements a k pair
   __m512 acc[MR][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  zero_tile<MR, NV>(acc);
 #pragma GCC unroll 2
   for (int64_t kh = 0; kh < Kh; ++kh) {
     const at::BFloat16* bk = b + kh * pair_row;
-#pragma GCC unroll 4
-    for (int l = 0; l < NV; ++l)
-      _mm_prefetch(reinterpret_cast<const char*>(bk + kPrefetchRows * pair_row) + 64 * l, _MM_HINT_T0);
-    _mm_prefetch(next + 64 * kh, _MM_HINT_T1);
+    prefetch_step<NV>(bk, next, kh);
     __m512bh bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v)
