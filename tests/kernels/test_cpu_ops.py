@@ -33,6 +33,8 @@ DECODE_CASES = [  # (context_lens, block_size, num_kv_heads, group, head_dim)
     ([80, 9, 31], 16, 2, 2, 16),  # head dim 16 (the GRPO benchmark's tiny model)
     ([70, 31, 64, 16], 32, 2, 4, 32),  # blocks of two 16-token score tiles, the ~3.4M model's heads
     ([23, 8, 9], 8, 1, 3, 64),  # blocks shorter than a score tile
+    ([19, 40, 0], 16, 2, 7, 64),  # AVX-512 passes of 4, 2 and 1 query heads of a group
+    ([33, 5], 5, 1, 6, 32),  # passes of 4 and 2, blocks of an odd size
 ]
 
 

@@ -308,6 +308,7 @@ inline void group_values(const float* s, int64_t s_stride, const T* vb, int64_t 
                          float* acc) {
   constexpr int V = DC / 16;
   constexpr int CC = V < 16 / GC ? V : 16 / GC;
+  static_assert(V % CC == 0, "the head dim in whole chunks of CC vectors");
   for (int c0 = 0; c0 < V; c0 += CC) {
     __m512 av[GC][CC];
     for (int g = 0; g < GC; ++g) {
