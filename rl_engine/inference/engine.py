@@ -350,7 +350,7 @@ class LLMEngine:
         request.stop_rule = (stop_tokens, bool(params.stop), max_len)
         return request.stop_rule
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
         """Plain decoding: one token and its log-prob per sequence (log-probs None when no sequence's request
         asks for any: `SamplingParams(logprobs=None)`). A seeded sequence's uniform comes from
         `token_uniforms(seed, sample index, position)`, computed for the whole batch at once."""

@@ -1,8 +1,9 @@
-"""compile_decode: a bucket's decode step compiled with static shapes gives the eager runner's tokens
-and log-probs within the log-prob contract (fp32, 1e-5), reads the trainer's weights in place, and is
-refused where it cannot keep a promise (model.batch_invariant's bits, MoE).
+"""compile_decode: the compiled decode step (one with a dynamic batch size for every bucket of two rows or
+more, a static one for a bucket of one) gives the eager runner's tokens and log-probs within the log-prob
+contract (fp32, 1e-5), reads the trainer's weights in place, and is refused where it cannot keep a promise
+(model.batch_invariant's bits, MoE).
 
-One bucket (4) and one compiled engine for the module: the compile (seconds of CPU) is the cost here."""
+Buckets 2 and 4 and one compiled engine for the module: the compile (seconds of CPU) is the cost here."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from inference_helpers import mixed_prompts
 from rl_engine import LLM, SamplingParams, kernels
+from rl_engine.inference import compiled_decode
 from rl_engine.inference.compiled_decode import cpp_compiler
 from rl_engine.policy import from_pretrained
 from test_logprobs import trainer_logprobs
@@ -52,14 +54,37 @@ def test_compiled_step_matches_eager_and_trainer(engines, temperature):
 
 
 @needs_cxx
-def test_a_shrinking_batch_compiles_one_step_for_every_bucket(engines):
+def test_a_shrinking_batch_compiles_one_step_for_every_bucket(engines, monkeypatch):
     """Rows that stop at different lengths (EOS-varied RL rollouts) take the batch down through the buckets:
     every bucket of two rows or more runs the one step compiled with a dynamic batch size (compiling each
     bucket cost seconds per bucket), within the contract of the eager engine and the trainer."""
     policy, eager, compiled = engines
     prompts = mixed_prompts(3, seed=9, max_len=20)
     params = [SamplingParams(temperature=1.0, max_tokens=m, seed=11 + m, ignore_eos=True) for m in (12, 7, 3)]
-    ref, out = eager.generate(prompts, params), compiled.generate(prompts, params)
+    rows = []  # the batch of each layer-0 attention call made from the compiled graph
+    registry = compiled_decode._ATTENTION
+
+    class Recording:
+        def __setitem__(self, handle, attn):  # a bucket's runner built during the run registers its attention
+            registry[handle] = attn
+
+        def __getitem__(self, handle):
+            attn = registry[handle]
+
+            class Attend:
+                def attend(self, layer_idx, q, k, v, *, scale):
+                    if layer_idx == 0:
+                        rows.append(q.shape[0])
+                    return attn.attend(layer_idx, q, k, v, scale=scale)
+            return Attend()
+
+    ref = eager.generate(prompts, params)
+    monkeypatch.setattr(compiled_decode, "_ATTENTION", Recording())
+    out = compiled.generate(prompts, params)
+    monkeypatch.undo()
+    # the one compiled graph ran at both bucket sizes: its batch is a symbol, not baked in (a static graph
+    # for 4 rows would also give these tokens, the rows being independent, and is what this rules out)
+    assert {2, 4} <= set(rows), rows
     for prompt, p, a, b in zip(prompts, params, ref, out):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         got = torch.tensor(b.outputs[0].logprobs)

@@ -89,5 +89,7 @@ def test_bad_inputs_name_the_value():
         small_gemm.pack(w, panel=24)
     with pytest.raises(ValueError, match=r"2-D"):
         small_gemm.pack(w[0])
+    with pytest.raises(ValueError, match=r"no input features \(shape \(40, 0\)\)"):
+        small_gemm.pack(w[:, :0])  # K = 0: the kernel would return uninitialised rows, not the bias
     with pytest.raises(RuntimeError, match="dtype"):
         small_gemm.linear(x.double(), packed)

@@ -69,6 +69,9 @@ def pack(weight: torch.Tensor, *, panel: int = PANEL) -> PackedWeight:
     """Pack a 2-D CPU fp32/bf16 weight [N, K] (once; repack after the weight changes)."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if weight.shape[1] == 0:
+        raise ValueError(f"weight has no input features (shape {tuple(weight.shape)}); the product is the bias "
+                         f"alone: use F.linear for in_features 0")
     if panel not in (16, 32, 48, 64):
         raise ValueError(f"panel ({panel}) must be 16, 32, 48 or 64 columns")
     data = _module().pack(weight.detach(), panel)
