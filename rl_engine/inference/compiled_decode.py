@@ -142,7 +142,8 @@ def _shared_step(attn: PagedAttention) -> _CompiledStep:
 
 
 class CompiledDecodeRunner(DecodeRunner):
-    """A bucket whose step is compiled on its first run (static shapes) and replayed after."""
+    """A bucket whose step is compiled on its first run and replayed after: the one dynamic-batch step its
+    engine's buckets of two rows or more share, or its own static step for one row."""
 
     def __init__(self, batch_size: int, *, inputs: StaticInputs, model, attn: PagedAttention) -> None:
         super().__init__(batch_size, inputs=inputs, model=model, attn=attn)

@@ -141,19 +141,16 @@ def load_source(source: Path) -> tuple[ModuleType | None, str]:
     return module, f"C++ CPU kernels ({' '.join(CFLAGS)}), built in the torch extensions cache"
 
 
-def _load() -> tuple[ModuleType | None, str]:
-    return load_source(SOURCE)
-
-
-def extension_status() -> tuple[bool, str]:
-    """(usable, reason). Builds the extension on the first call (cached on disk afterwards)."""
-    module, reason = _load()
+def extension_status(source: Path = SOURCE) -> tuple[bool, str]:
+    """(usable, reason) of the extension of `source` (default: the kernels of `cpu_ops.cpp`). Builds it on
+    the first call (cached on disk afterwards)."""
+    module, reason = load_source(source)
     return module is not None, reason
 
 
-def extension() -> ModuleType:
-    """The compiled module; RuntimeError with the reason when it cannot be built."""
-    module, reason = _load()
+def extension(source: Path = SOURCE) -> ModuleType:
+    """The compiled module of `source`; RuntimeError with the reason when it cannot be built."""
+    module, reason = load_source(source)
     if module is None:
-        raise RuntimeError(f"rl_engine C++ CPU kernels are unavailable: {reason}")
+        raise RuntimeError(f"rl_engine C++ CPU kernels ({source.name}) are unavailable: {reason}")
     return module

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import torch
+
+from rl_engine.kernels import cpu
 
 SOURCE = Path(__file__).parent / "csrc" / "small_gemm.cpp"
 PANEL = 32  # output columns a panel (16, 32, 48 or 64)
@@ -36,23 +37,9 @@ ROW_BLOCK = 8  # rows of a register tile (row_block * panel / 16 accumulators, a
 MIN_MACS_PER_THREAD = 1 << 17  # smaller products stay on fewer threads (a parallel region costs ~us)
 
 
-def _load() -> tuple[ModuleType | None, str]:
-    from rl_engine.kernels import cpu
-
-    return cpu.load_source(SOURCE)  # (cached per process)
-
-
 def available() -> tuple[bool, str]:
     """(usable, reason): the extension builds (a C++ compiler, `RL_ENGINE_CPU_KERNELS` not 0)."""
-    module, reason = _load()
-    return module is not None, reason
-
-
-def _module() -> ModuleType:
-    module, reason = _load()
-    if module is None:
-        raise RuntimeError(f"the small-GEMM C++ kernel is unavailable: {reason}")
-    return module
+    return cpu.extension_status(SOURCE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +61,7 @@ def pack(weight: torch.Tensor, *, panel: int = PANEL) -> PackedWeight:
                          f"alone: use F.linear for in_features 0")
     if panel not in (16, 32, 48, 64):
         raise ValueError(f"panel ({panel}) must be 16, 32, 48 or 64 columns")
-    data = _module().pack(weight.detach(), panel)
+    data = cpu.extension(SOURCE).pack(weight.detach(), panel)
     return PackedWeight(data=data, out_features=weight.shape[0], in_features=weight.shape[1], panel=panel)
 
 
@@ -89,5 +76,5 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
     if row_block * weight.panel // 16 > 28 or not 1 <= row_block <= 12:
         raise ValueError(f"row_block ({row_block}) must be in 1..12 with row_block * panel / 16 <= 28 "
                          f"(panel {weight.panel}): the accumulators must fit in the 32 vector registers")
-    return _module().linear(x, weight.data, weight.out_features, weight.panel, row_block, bias, residual,
-                            min_macs_per_thread)
+    return cpu.extension(SOURCE).linear(x, weight.data, weight.out_features, weight.panel, row_block, bias,
+                                        residual, min_macs_per_thread)
