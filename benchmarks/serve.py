@@ -11,7 +11,8 @@ client process counting the server's output tokens over wall time, on machines w
 The server is started as it is deployed (`python -m rl_engine.cli serve`, uvicorn, loopback: an HTTP
 process and the engine in a child process of its own); the clients are asyncio tasks of this process
 reading the server-sent events with httpx (`/v1/completions`, `stream: true`, token-id prompts,
-`ignore_eos`, greedy). Both sides generate the same number of tokens per prompt with the same engine
+`ignore_eos`, greedy, no log-probs asked: the server runs them with `logprobs=None`, and so does the
+offline side). Both sides generate the same number of tokens per prompt with the same engine
 settings and torch thread count (`--threads`; the engine's `cpu_threads="auto"` only lowers it when
 other processes take cores, on both sides alike). Each client sends `--requests-per-client` requests
 one after the other; the offline baseline generates all the prompts in one `LLM.generate` call (the
@@ -190,7 +191,7 @@ def main() -> None:
         for clients in [int(c) for c in args.clients.split(",")]:
             n = clients * args.requests_per_client
             prompts = [torch.randint(5, vocab, (args.prompt_tokens,), generator=gen).tolist() for _ in range(n)]
-            params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+            params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True, logprobs=None)
             llm.generate(prompts[:2], params)  # warm both sides
             run_event_loop(run_clients(url, prompts[:2], clients=2, new_tokens=args.new_tokens))
             best_offline, best_served = float("inf"), None

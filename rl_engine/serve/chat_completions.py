@@ -61,8 +61,9 @@ async def create_chat_completion(backend, req: ChatCompletionRequest, *, http_re
         requested, param = req.max_tokens, "max_tokens"
     max_tokens = resolve_max_tokens(requested, param=param, prompt_len=len(prompt), max_model_len=engine.max_model_len,
                                     default=None, prompt_param="messages")
-    top = check_top_logprobs(req.top_logprobs, "top_logprobs", speculative=engine.speculator is not None)
-    params = sampling_params(req, max_tokens=max_tokens, vocab_size=engine.model.config.vocab_size, top_logprobs=top)
+    logprobs = check_top_logprobs(req.top_logprobs, "top_logprobs", speculative=engine.speculator is not None) \
+        if req.logprobs else None
+    params = sampling_params(req, max_tokens=max_tokens, vocab_size=engine.model.config.vocab_size, logprobs=logprobs)
     rid = request_id("chatcmpl")
     token_text = TokenText(tokenizer)
     if req.stream:

@@ -61,8 +61,9 @@ async def create_completion(backend, req: CompletionRequest, *, http_request, mo
                                         prompt_param=param) for p in prompts)
     if req.max_tokens is None and len(prompts) > 1:  # the default budget fits every prompt
         max_tokens = min(max_tokens, DEFAULT_MAX_TOKENS)
-    top = check_top_logprobs(req.logprobs, "logprobs", speculative=engine.speculator is not None)
-    params = sampling_params(req, max_tokens=max_tokens, vocab_size=vocab, top_logprobs=top)
+    logprobs = None if req.logprobs is None else check_top_logprobs(req.logprobs, "logprobs",
+                                                                    speculative=engine.speculator is not None)
+    params = sampling_params(req, max_tokens=max_tokens, vocab_size=vocab, logprobs=logprobs)
     if req.stop and tokenizer is None:
         raise APIError("stop strings need a tokenizer; this model has none (use stop_token_ids)", param="stop")
     rid = request_id("cmpl")

@@ -85,7 +85,8 @@ class _DeltaSink:
             if not text.startswith(seen[1]):
                 keep = next((i for i, (a, b) in enumerate(zip(seen[1], text)) if a != b), min(keep, len(text)))
             tops = None if c.top_logprobs is None else c.top_logprobs[start:]
-            samples.append((c.index, start, c.token_ids[start:], c.logprobs[start:], c.policy_versions[start:],
+            logprobs = None if c.logprobs is None else c.logprobs[start:]  # None: the request asked for none
+            samples.append((c.index, start, c.token_ids[start:], logprobs, c.policy_versions[start:],
                             c.kv_versions[start:], tops, None if c.text is None else keep, text[keep:],
                             c.finish_reason, c.stop_reason, c.num_preemptions))
             seen[0], seen[1] = len(c.token_ids), text
@@ -178,7 +179,7 @@ class _Stream:
             text = None if keep is None else (c.text or "")[:keep] + tail
             self.samples[index] = CompletionOutput(
                 index=index, token_ids=c.token_ids + tokens, text=text,
-                logprobs=c.logprobs + logprobs, policy_versions=c.policy_versions + versions,
+                logprobs=None if logprobs is None else (c.logprobs or []) + logprobs, policy_versions=c.policy_versions + versions,
                 kv_versions=c.kv_versions + kv_versions, finish_reason=finish_reason, stop_reason=stop_reason,
                 num_preemptions=preemptions,
                 top_logprobs=None if tops is None else (c.top_logprobs or []) + tops)

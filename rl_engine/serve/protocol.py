@@ -4,7 +4,9 @@ Pydantic parses the JSON (a wrong type is a 400 naming the field); `check_*` the
 outside their range with the field and the allowed range, and turn a request into `SamplingParams`.
 Parameters the engine cannot honour (`logit_bias`, penalties, `suffix`, a non-text `response_format`)
 are refused by name rather than ignored; fields this server does not know are ignored with a warning,
-as vLLM does.
+as vLLM does. A request that asks for no log-probs (completions without `logprobs`, chat without
+`logprobs: true`) runs with `SamplingParams(logprobs=None)`: the engine computes none. A client that
+records behaviour log-probs (an RL rollout through this API) asks for them: completions `logprobs: 0`.
 """
 
 from __future__ import annotations
@@ -110,9 +112,10 @@ def _finite(x: float) -> bool:
     return not (math.isnan(x) or math.isinf(x))
 
 
-def sampling_params(req: _Request, *, max_tokens: int | None, vocab_size: int, top_logprobs: int = 0) -> SamplingParams:
+def sampling_params(req: _Request, *, max_tokens: int | None, vocab_size: int, logprobs: int | None) -> SamplingParams:
     """The request's SamplingParams; APIError (400) naming the field and its range otherwise.
-    `max_tokens` is the request's limit already resolved against the context (None: until full)."""
+    `max_tokens` is the request's limit already resolved against the context (None: until full);
+    `logprobs` is the engine's (None: the request asked for none, and the engine computes none)."""
     _range(isinstance(req.n, int) and 1 <= req.n <= MAX_N, "n", req.n, f"an integer in [1, {MAX_N}]")
     temperature = 1.0 if req.temperature is None else req.temperature
     _range(_finite(temperature) and 0 <= temperature <= MAX_TEMPERATURE, "temperature", temperature,
@@ -140,7 +143,7 @@ def sampling_params(req: _Request, *, max_tokens: int | None, vocab_size: int, t
     return SamplingParams(n=req.n, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                           max_tokens=max_tokens, min_tokens=req.min_tokens, stop=stop, stop_token_ids=stop_ids,
                           ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output,
-                          logprobs=top_logprobs)
+                          logprobs=logprobs)
 
 
 def resolve_max_tokens(requested: int | None, *, param: str, prompt_len: int, max_model_len: int,

@@ -38,6 +38,29 @@ def release_engine(engine) -> None:
     engine.abort(HOLD_ID)
 
 
+def spy_logprobs(engine) -> None:
+    """Record what the server asks of the engine: each added request's `SamplingParams.logprobs` (by request
+    id) and, per sampler call, whether it computed log-probs. `read_logprobs_spy` returns them and removes
+    the spy."""
+    add_request, sample = engine.add_request, engine.sampler.sample
+    engine.logprobs_spy = {"requests": {}, "sampler_calls": []}
+
+    def spied_add_request(request_id, prompt, params=None, **kw):
+        engine.logprobs_spy["requests"][request_id] = "default" if params is None else params.logprobs
+        return add_request(request_id, prompt, params, **kw)
+
+    def spied_sample(logits, params, draw, *, logprobs=True):
+        engine.logprobs_spy["sampler_calls"].append(logprobs)
+        return sample(logits, params, draw, logprobs=logprobs)
+
+    engine.add_request, engine.sampler.sample = spied_add_request, spied_sample
+
+
+def read_logprobs_spy(engine) -> dict:
+    del engine.add_request, engine.sampler.sample  # the class's methods again
+    return engine.__dict__.pop("logprobs_spy")
+
+
 class StepGate:
     """The same control over `AsyncEngine` (no owner/guest: its loop steps whatever is in the engine), in
     this process: its engine's `step` waits for a permit while the gate is held."""

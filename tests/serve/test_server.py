@@ -19,7 +19,7 @@ import torch
 from chat_models import write_chain_model
 from rl_engine.inference import LLM, SamplingParams
 from rl_engine.inference.chat import encode_chat
-from serve_helpers import API_KEY, MODEL_NAME, RunningServer
+from serve_helpers import API_KEY, MODEL_NAME, RunningServer, read_logprobs_spy, spy_logprobs
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
 
@@ -123,6 +123,59 @@ def test_chat_top_logprobs_match_greedy_token(client):
         assert entry.top_logprobs[0].token == entry.token  # greedy: the sampled token is the most likely
         assert math.isclose(entry.top_logprobs[0].logprob, entry.logprob, abs_tol=1e-5)
         assert sum(math.exp(t.logprob) for t in entry.top_logprobs) <= 1 + 1e-5
+
+
+def test_logprobs_computed_only_when_asked(server, client, reference):
+    """A request that asks for no log-probs (completions without `logprobs`, chat without `logprobs: true`)
+    reaches the engine with SamplingParams(logprobs=None), so its sampler skips the log-prob pass; one that
+    asks (completions `logprobs: N`, chat `logprobs: true` with or without `top_logprobs`) reaches it with
+    N >= 0 and gets the sampled tokens' log-probs of `LLM.generate`, streamed or not."""
+    prompt = "Hello there"
+    ref = _ref_tokens(reference, prompt, temperature=0, max_tokens=8).outputs[0]
+    chat_ref = _ref_tokens(reference, encode_chat(reference.tokenizer, MESSAGES), temperature=0, max_tokens=6).outputs[0]
+    greedy = dict(model=MODEL_NAME, temperature=0)
+    server.call(spy_logprobs)
+    try:
+        whole = client.completions.create(prompt=prompt, max_tokens=8, **greedy)
+        streamed = [c for c in client.completions.create(prompt=prompt, max_tokens=8, stream=True, **greedy)
+                    if c.choices]
+        chat = client.chat.completions.create(messages=MESSAGES, max_tokens=6, logprobs=False, **greedy)
+        chat_streamed = [c for c in client.chat.completions.create(messages=MESSAGES, max_tokens=6, stream=True,
+                                                                   **greedy) if c.choices]
+    finally:
+        spy = server.call(read_logprobs_spy)
+    assert whole.choices[0].text == ref.text and whole.choices[0].logprobs is None
+    assert "".join(c.choices[0].text for c in streamed) == ref.text
+    assert all(c.choices[0].logprobs is None for c in streamed)
+    assert chat.choices[0].message.content == chat_ref.text and chat.choices[0].logprobs is None
+    assert "".join(c.choices[0].delta.content or "" for c in chat_streamed) == chat_ref.text
+    assert all(c.choices[0].logprobs is None for c in chat_streamed)
+    assert list(spy["requests"].values()) == [None] * 4
+    assert spy["sampler_calls"] and not any(spy["sampler_calls"])  # no step computed log-probs
+
+    server.call(spy_logprobs)
+    try:
+        sampled_only = client.completions.create(prompt=prompt, max_tokens=8, logprobs=0, **greedy)
+        top2 = [c for c in client.completions.create(prompt=prompt, max_tokens=8, logprobs=2, stream=True, **greedy)
+                if c.choices]
+        chat = client.chat.completions.create(messages=MESSAGES, max_tokens=6, logprobs=True, **greedy)
+        chat_top3 = [c for c in client.chat.completions.create(messages=MESSAGES, max_tokens=6, logprobs=True,
+                                                               top_logprobs=3, stream=True, **greedy) if c.choices]
+    finally:
+        spy = server.call(read_logprobs_spy)
+    assert list(spy["requests"].values()) == [0, 2, 0, 3]
+    assert spy["sampler_calls"] and all(spy["sampler_calls"])
+
+    def close(values: list[float], expected: list[float]) -> bool:
+        return len(values) == len(expected) and all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(values, expected))
+
+    assert close(sampled_only.choices[0].logprobs.token_logprobs, ref.logprobs)
+    assert close([x for c in top2 for x in c.choices[0].logprobs.token_logprobs], ref.logprobs)
+    assert all(len(top) == 2 for c in top2 for top in c.choices[0].logprobs.top_logprobs)
+    assert close([e.logprob for e in chat.choices[0].logprobs.content], chat_ref.logprobs)
+    assert all(e.top_logprobs == [] for e in chat.choices[0].logprobs.content)
+    content = [e for c in chat_top3 if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert close([e.logprob for e in content], chat_ref.logprobs) and all(len(e.top_logprobs) == 3 for e in content)
 
 
 def test_stop_strings_and_stop_token_ids(client, reference):
@@ -431,6 +484,10 @@ def test_app_over_engine_in_process(chat_model_dir, reference, backend):
         r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=12, temperature=0, n=2,
                                            extra_body={"return_token_ids": True})
         assert [c.token_ids for c in r.choices] == [ref.outputs[0].token_ids] * 2
+        assert all(c.logprobs is None for c in r.choices)  # not asked for
+        lp = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0, logprobs=0)
+        assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(lp.choices[0].logprobs.token_logprobs,
+                                                                     ref.outputs[0].logprobs, strict=True))
         text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
             model=MODEL_NAME, messages=MESSAGES, max_tokens=12, temperature=0, stream=True) if c.choices)
         assert text == ref.outputs[0].text
