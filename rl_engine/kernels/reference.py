@@ -317,6 +317,11 @@ def moe_unpermute(
     return (rows * topk_weights.float()[..., None]).sum(1).to(expert_out.dtype)
 
 
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [n, V] -> [n] int64: each row's first maximum (a NaN counts as the maximum), torch.max's index."""
+    return logits.max(dim=-1)[1]
+
+
 def top_k_top_p_sampling(
     probs: torch.Tensor,
     top_k: torch.Tensor | int,

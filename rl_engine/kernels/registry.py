@@ -11,7 +11,8 @@ build time and `forward` only calls plain functions. The rules, in order:
    run on the device, resolution fails with a ValueError naming op, backend, why, and what can run;
 2. on CPU the C++ kernel (`cpu` backend, `rl_engine.kernels.cpu`) of an op whose spec makes it the
    CPU default (`cpu_default`: paged_decode_attention, which reads K/V in place in their blocks where
-   the torch reference gathers them), or of every op that has one under `RL_ENGINE_CPU_KERNELS=1`
+   the torch reference gathers them, and greedy_argmax, ~12x torch's max over [64, 32k] logits), or of
+   every op that has one under `RL_ENGINE_CPU_KERNELS=1`
    (rms_norm and silu_and_mul are opt-in: not faster end to end), when it is not disabled
    (`disabled_backends`, `RL_ENGINE_CPU_KERNELS=0`) and it built; else the torch reference with the
    reason the C++ kernel was not taken (no compiler, a failed build; the C++ kernels are built only
@@ -124,6 +125,10 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
           " vocab_start=0, vocab_size=None) -> grad_logits",
           torch_impl=f"{_LOGPROB}:logprob_entropy_grad",
           triton=f"{_TRITON}.logprob:logprob_entropy_grad"),
+    _spec("greedy_argmax", "(logits [n, V]) -> [n] int64: each row's first maximum, torch.max(dim=-1)'s index",
+          cpu=f"{_CPU}:greedy_argmax",
+          # torch's CPU max over [64, 32k] logits takes ~0.85 ms, the C++ pass ~0.07 ms: a greedy step's pick
+          cpu_default=True),
     _spec("moe_permute", "(hidden [T, H], topk_ids [T, k], num_experts) -> MoePermutation",
           triton=f"{_TRITON}.moe_permute:moe_permute"),
     _spec("moe_unpermute", "(expert_out [T*k, H], slot_to_row [T, k], topk_weights [T, k]) -> [T, H]",

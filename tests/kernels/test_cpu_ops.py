@@ -156,6 +156,43 @@ def test_kernels_trace_as_custom_ops_under_torch_compile():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _argmax_cases(vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows that test the tie and NaN rules: random, all equal, two NaNs, all -inf, a tie at the top in the
+    middle and at the end, +inf near the end, a tie between a row's main loop and its tail."""
+    x = torch.randn(8, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
+    if vocab >= 4:
+        x[1] = 0.5
+        x[2, 3], x[2, vocab - 1] = float("nan"), float("nan")
+        x[3] = float("-inf")
+        x[4, vocab // 2], x[4, vocab - 1] = 100.0, 100.0
+        x[5, vocab - 2] = float("inf")
+        x[6, vocab // 3], x[6, vocab - vocab % 64 - 1], x[6, vocab - 1] = 7.0, 9.0, 9.0
+    return x
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 5, 16, 63, 64, 65, 100, 2048, 32000, 32001])
+def test_greedy_argmax_equals_torch_max_index(dtype, vocab):
+    """Exactly torch.max(dim=-1)'s index: the first maximum, a NaN counting as the maximum (the AVX-512 pass
+    takes rows of 64+ logits, in lane sets and a tail; shorter rows take the portable pass)."""
+    from rl_engine.kernels.cpu.ops import greedy_argmax
+
+    x = _argmax_cases(vocab, dtype)
+    got = greedy_argmax(x)
+    assert got.dtype == torch.int64 and torch.equal(got, reference.greedy_argmax(x))
+    wide = torch.cat([x, x], dim=1)[:, :vocab]  # rows vocab * 2 apart: read in place
+    assert not wide.is_contiguous() and torch.equal(greedy_argmax(wide), reference.greedy_argmax(x))
+
+
+def test_greedy_argmax_other_inputs_give_the_reference_result():
+    from rl_engine.kernels.cpu.ops import greedy_argmax
+
+    x = torch.randn(3, 40)
+    for other in (x.half(), x[0], x.t()):  # fp16, one row (1-D), a transposed view
+        assert torch.equal(greedy_argmax(other), reference.greedy_argmax(other))
+
+
 @needs_cpu_kernels
 def test_registry_picks_the_cpu_kernels_when_asked_and_logs_why(caplog, monkeypatch):
     from rl_engine.kernels.cpu import ops
@@ -168,7 +205,7 @@ def test_registry_picks_the_cpu_kernels_when_asked_and_logs_why(caplog, monkeypa
     registry.configure(registry.KernelConfig())
     monkeypatch.setenv(cpu.ENV_SWITCH, "1")
     caplog.set_level(logging.INFO, logger="rl_engine.kernels.registry")
-    for op in ("rms_norm", "silu_and_mul", "paged_decode_attention"):
+    for op in ("rms_norm", "silu_and_mul", "paged_decode_attention", "greedy_argmax"):
         resolution = registry.default_registry().resolution(op, "cpu")
         assert resolution.backend == "cpu" and resolution.fn is getattr(ops, op)
         assert "C++ CPU kernel" in resolution.reason

@@ -29,11 +29,16 @@ def fake_cuda(monkeypatch):
     registry.clear_cache()
 
 
-def test_every_op_but_paged_decode_resolves_to_the_torch_reference_on_cpu(monkeypatch):
-    """The C++ kernels are opt-in except paged decode attention's, the CPU default where it builds."""
+CPU_DEFAULT_OPS = ("paged_decode_attention", "greedy_argmax")
+
+
+def test_every_op_but_the_cpu_defaults_resolves_to_the_torch_reference_on_cpu(monkeypatch):
+    """The C++ kernels are opt-in except paged decode attention's and the greedy pick's, the CPU defaults
+    where they build."""
     monkeypatch.delenv("RL_ENGINE_CPU_KERNELS", raising=False)
+    assert tuple(op for op, spec in registry.OPS.items() if spec.cpu_default) == CPU_DEFAULT_OPS
     for resolution in registry.describe("cpu"):
-        if resolution.op == "paged_decode_attention":
+        if resolution.op in CPU_DEFAULT_OPS:
             continue
         assert resolution.backend == "torch", resolution
         assert resolution.reason.startswith("torch reference is the default on cpu (")
@@ -41,14 +46,15 @@ def test_every_op_but_paged_decode_resolves_to_the_torch_reference_on_cpu(monkey
     from rl_engine.kernels import cpu
 
     built, why = cpu.extension_status()
-    resolution = registry.default_registry().resolution("paged_decode_attention", torch.device("cpu"))
-    if built:
-        from rl_engine.kernels.cpu import ops
+    for op in CPU_DEFAULT_OPS:
+        resolution = registry.default_registry().resolution(op, torch.device("cpu"))
+        if built:
+            from rl_engine.kernels.cpu import ops
 
-        assert resolution.backend == "cpu" and resolution.fn is ops.paged_decode_attention
-        assert "the CPU default for this op (RL_ENGINE_CPU_KERNELS=0 turns it off)" in resolution.reason
-    else:
-        assert resolution.fn is reference.paged_decode_attention and why in resolution.reason
+            assert resolution.backend == "cpu" and resolution.fn is getattr(ops, op)
+            assert "the CPU default for this op (RL_ENGINE_CPU_KERNELS=0 turns it off)" in resolution.reason
+        else:
+            assert resolution.fn is getattr(reference, op) and why in resolution.reason
 
 
 def test_paged_decode_falls_back_to_torch_with_the_reason(monkeypatch):

@@ -10,7 +10,8 @@ Threads come from ATen's intra-op pool (`at::parallel_for`: torch's own OpenMP r
 
 The paged decode attention, which reads K/V in place in their cache blocks where the torch path
 gathers every row's blocks each step, is the registry's CPU default where it builds (falling back to
-the torch path with the reason logged: no compiler, a failed build). RMSNorm and SwiGLU are opt-in (not
+the torch path with the reason logged: no compiler, a failed build), and so is the greedy pick of a batch
+without log-probs (`greedy_argmax`: each row's first maximum, as torch.max). RMSNorm and SwiGLU are opt-in (not
 faster end to end than the torch references on the ~3.5M model: 0.85-1.08x over two runs): the registry
 takes them on CPU under `RL_ENGINE_CPU_KERNELS=1` or an override `OP=cpu` (`*=cpu`: every op that has
 one). `RL_ENGINE_CPU_KERNELS=0` never builds any. The switch is read once per process, at the first use

@@ -109,3 +109,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if torch.compiler.is_compiling():
         return _paged_decode_op(*args)
     return extension().paged_decode_attention(*args)
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The reference's contract (each row's first maximum, ties and NaN as `torch.max`); fp32 and bf16 rows
+    by the C++ kernel (~60-75 us for [64, 32k] at 2 threads against torch's ~0.85 ms), anything else by the
+    reference."""
+    if (logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16) or logits.device.type != "cpu"
+            or logits.shape[1] == 0 or torch.compiler.is_compiling()):
+        return reference.greedy_argmax(logits)
+    return extension().argmax_rows(logits if logits.stride(1) == 1 else logits.contiguous())
