@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rl_engine.kernels import cpu
 from rl_engine.kernels.cpu import small_gemm
 
 pytestmark = pytest.mark.skipif(not small_gemm.available()[0], reason=small_gemm.available()[1])
@@ -78,6 +79,32 @@ def test_leading_dims_are_kept():
     assert torch.equal(y.view(6, 40), small_gemm.linear(x, packed, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_input_features_gives_the_bias_and_residual(dtype):
+    """K = 0 (x [..., 0], W [N, 0]): no products, so every output is 0 (+ bias) (+ residual), one fp32 sum
+    rounded once, as F.linear / addmm give, through the Python wrapper and the extension called directly
+    (which returned uninitialised rows before)."""
+    gen = torch.Generator().manual_seed(2)
+    n = 40
+    x, w = torch.empty(2, 3, 0, dtype=dtype), torch.empty(n, 0, dtype=dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    r = torch.randn(2, 3, n, generator=gen).to(dtype)
+    ext = cpu.extension(small_gemm.SOURCE)
+    raw = ext.pack(w, 32)
+    assert raw.numel() == 0
+    zeros = torch.zeros(2, 3, n, dtype=dtype)
+    for bias, residual, want in [(None, None, zeros), (b, None, F.linear(x, w, b)),
+                                 (None, r, r), (b, r, (b.float() + r.float()).to(dtype))]:
+        direct = ext.linear(x, raw, n, 32, 8, bias, residual, 1)
+        wrapped = small_gemm.linear(x, small_gemm.pack(w), bias, residual=residual)
+        assert direct.shape == wrapped.shape == (2, 3, n) and direct.dtype == dtype
+        assert torch.equal(direct, want) and torch.equal(wrapped, want)
+    # fp32: addmm's own result (0 + bias + residual, each add exact or one rounding) bit for bit
+    if dtype == torch.float32:
+        assert torch.equal(small_gemm.linear(x, small_gemm.pack(w), b, residual=r),
+                           torch.addmm(r.view(6, n) + b, x.view(6, 0), w.t()).view(2, 3, n))
+
+
 def test_bad_inputs_name_the_value():
     x, w, _, _ = _inputs(torch.float32, 4, 40, 24)
     packed = small_gemm.pack(w)
@@ -89,7 +116,5 @@ def test_bad_inputs_name_the_value():
         small_gemm.pack(w, panel=24)
     with pytest.raises(ValueError, match=r"2-D"):
         small_gemm.pack(w[0])
-    with pytest.raises(ValueError, match=r"no input features \(shape \(40, 0\)\)"):
-        small_gemm.pack(w[:, :0])  # K = 0: the kernel would return uninitialised rows, not the bias
     with pytest.raises(RuntimeError, match="dtype"):
         small_gemm.linear(x.double(), packed)

@@ -56,9 +56,6 @@ def pack(weight: torch.Tensor, *, panel: int = PANEL) -> PackedWeight:
     """Pack a 2-D CPU fp32/bf16 weight [N, K] (once; repack after the weight changes)."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-    if weight.shape[1] == 0:
-        raise ValueError(f"weight has no input features (shape {tuple(weight.shape)}); the product is the bias "
-                         f"alone: use F.linear for in_features 0")
     if panel not in (16, 32, 48, 64):
         raise ValueError(f"panel ({panel}) must be 16, 32, 48 or 64 columns")
     data = cpu.extension(SOURCE).pack(weight.detach(), panel)
@@ -69,7 +66,8 @@ def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = No
            residual: torch.Tensor | None = None, row_block: int = ROW_BLOCK,
            min_macs_per_thread: int = MIN_MACS_PER_THREAD) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias [N]) (+ residual [..., N]) -> [..., N], W the packed weight (F.linear's
-    contract up to fp32 summation order; `addmm(residual, x, W^T)` with a residual)."""
+    contract up to fp32 summation order; `addmm(residual, x, W^T)` with a residual; in_features 0: the bias
+    and the residual alone)."""
     if x.shape[-1] != weight.in_features:
         raise ValueError(f"x's last dim ({x.shape[-1]}) must equal the packed weight's in_features "
                          f"({weight.in_features})")

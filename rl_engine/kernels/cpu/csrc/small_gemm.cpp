@@ -336,10 +336,10 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
               "packed weight has ", packed.numel(), " elements; a [", N, ", ", K, "] weight packed in panels of ",
               panel, " has ", packed_numel(N, Ks, panel), " (pack it with this x's width K and this panel)");
   const auto xc = x.contiguous();
-  const int64_t M = xc.numel() / std::max<int64_t>(K, 1);
+  int64_t M = 1;  // rows: x's leading dims (not numel / K, which is 0 when K is)
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
   auto sizes = x.sizes().vec();
   sizes.back() = N;
-  auto out = torch::empty(sizes, x.options());
   torch::Tensor bias_c, res_c;
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == N && bias->scalar_type() == x.scalar_type(), "bias must have ", N,
@@ -351,6 +351,15 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
                 "residual must have the output's ", M * N, " elements and dtype ", x.scalar_type());
     res_c = residual->contiguous();
   }
+  if (K == 0) {
+    // No products: each output is 0 (+ bias) (+ residual), summed in fp32 and rounded once to x's dtype,
+    // as the kernels' epilogue does (the kernels would leave the rows unwritten).
+    auto acc = torch::zeros({M, N}, x.options().dtype(at::kFloat));
+    if (bias_c.defined()) acc.add_(bias_c.view({N}).to(at::kFloat));
+    if (res_c.defined()) acc.add_(res_c.view({M, N}).to(at::kFloat));
+    return acc.to(x.scalar_type()).view(sizes);
+  }
+  auto out = torch::empty(sizes, x.options());
   if (M == 0 || N == 0) return out;
   if (xc.scalar_type() == at::kFloat) {
     gemm_kernel<float>(xc.data_ptr<float>(), nullptr, packed.data_ptr<float>(),
