@@ -38,13 +38,10 @@ DECODE_CASES = [  # (context_lens, block_size, num_kv_heads, group, head_dim)
 ]
 
 
-@needs_cpu_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("context_lens", "block_size", "num_kv_heads", "group", "head_dim"), DECODE_CASES)
-def test_paged_decode_matches_reference(assert_close, dtype, context_lens, block_size, num_kv_heads, group,
-                                        head_dim):
-    from rl_engine.kernels.cpu.ops import paged_decode_attention
-
+def decode_case(context_lens: list[int], *, block_size: int, num_kv_heads: int, group: int, head_dim: int,
+                dtype: torch.dtype) -> tuple[tuple, torch.Tensor]:
+    """One DECODE_CASES row: the decode attention's arguments (q, k_cache, v_cache, block_tables, context_lens,
+    scale) and the fp32 reference output."""
     scale = head_dim ** -0.5
     _, _, k_cache, v_cache, tables, lens = make_paged_state(
         context_lens, block_size=block_size, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
@@ -52,9 +49,22 @@ def test_paged_decode_matches_reference(assert_close, dtype, context_lens, block
     # q as a strided view (a slice of a fused q|k projection), like the engine passes it
     qk = torch.randn(len(context_lens), num_kv_heads * group + num_kv_heads, head_dim).to(dtype)
     q = qk[:, :num_kv_heads * group]
-    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
     expected = reference.paged_decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens,
                                                 scale)
+    return (q, k_cache, v_cache, tables, lens, scale), expected
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("context_lens", "block_size", "num_kv_heads", "group", "head_dim"), DECODE_CASES)
+def test_paged_decode_matches_reference(assert_close, dtype, context_lens, block_size, num_kv_heads, group,
+                                        head_dim):
+    from rl_engine.kernels.cpu.ops import paged_decode_attention
+
+    args, expected = decode_case(context_lens, block_size=block_size, num_kv_heads=num_kv_heads, group=group,
+                                 head_dim=head_dim, dtype=dtype)
+    q, k_cache, v_cache, tables, lens, scale = args
+    out = paged_decode_attention(*args)
     assert out.dtype == dtype and out.shape == q.shape
     assert_close(out, expected, dtype)
     assert torch.all(out[lens == 0] == 0)

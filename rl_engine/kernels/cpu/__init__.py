@@ -11,7 +11,10 @@ Threads come from ATen's intra-op pool (`at::parallel_for`: torch's own OpenMP r
 The paged decode attention, which reads K/V in place in their cache blocks where the torch path
 gathers every row's blocks each step, is the registry's CPU default where it builds (falling back to
 the torch path with the reason logged: no compiler, a failed build), and so is the greedy pick of a batch
-without log-probs (`greedy_argmax`: each row's first maximum, as torch.max). RMSNorm and SwiGLU are opt-in (not
+without log-probs (`greedy_argmax`: each row's first maximum, as torch.max). The attention's vector path is
+AVX-512 or AVX2, chosen at compile time from this CPU's flags; `isa_variant` builds the same source with
+AVX-512 switched off, or with the portable loops only, beside the engine's build (the tests of the AVX2
+path on an AVX-512 CPU, benchmarks/decode_isa.py). RMSNorm and SwiGLU are opt-in (not
 faster end to end than the torch references on the ~3.5M model: 0.85-1.08x over two runs): the registry
 takes them on CPU under `RL_ENGINE_CPU_KERNELS=1` or an override `OP=cpu` (`*=cpu`: every op that has
 one). `RL_ENGINE_CPU_KERNELS=0` never builds any. The switch is read once per process, at the first use
@@ -78,7 +81,7 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def extension_name(source: Path = SOURCE) -> str:
+def extension_name(source: Path = SOURCE, *, extra_cflags: tuple[str, ...] = ()) -> str:
     """The torch-extensions-cache name of `source`'s build: its stem and a hash of the source, the
     flags, this CPU's flags and the source's path. The path: torch's build directory keeps one ninja
     file per name, which names the source by path, so two checkouts of the same source (a worktree, a
@@ -86,7 +89,7 @@ def extension_name(source: Path = SOURCE) -> str:
     digest = hashlib.sha256()
     digest.update(source.read_bytes())
     digest.update(str(source.resolve()).encode())
-    digest.update(" ".join(CFLAGS).encode())
+    digest.update(" ".join(CFLAGS + extra_cflags).encode())
     digest.update(_cpu_flags().encode())
     return f"rl_engine_{source.stem}_{digest.hexdigest()[:12]}"
 
@@ -112,11 +115,12 @@ def _build_lock(name: str):
 
 
 @functools.cache
-def load_source(source: Path) -> tuple[ModuleType | None, str]:
+def load_source(source: Path, *, extra_cflags: tuple[str, ...] = ()) -> tuple[ModuleType | None, str]:
     """Build (or load from the cache) the C++ extension of one source file under `csrc/`:
     (module, reason), or (None, why not). Every C++ kernel file of the project goes through here, so
     they share the compiler check, the flags, the cache naming and the `RL_ENGINE_CPU_KERNELS=0` off
-    switch (which never builds any)."""
+    switch (which never builds any). `extra_cflags` (after CFLAGS) make another build of the same source
+    under its own name (`ISA_VARIANTS`)."""
     global load_seconds
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None, f"disabled by {ENV_SWITCH}=0"
@@ -127,19 +131,19 @@ def load_source(source: Path) -> tuple[ModuleType | None, str]:
     try:
         from torch.utils import cpp_extension
 
-        name = extension_name(source)
+        name = extension_name(source, extra_cflags=extra_cflags)
         with _build_lock(name) as directory:
-            module = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=list(CFLAGS),
+            module = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=list(CFLAGS + extra_cflags),
                                         build_directory=directory, verbose=False)
     except Exception as exc:  # a failed build falls back to torch, with the compiler's first lines
         message = " ".join(str(exc).split())[:400]
         logger.warning("rl_engine C++ CPU kernels (%s) unavailable, using torch: %s", source.name, message)
         return None, f"build failed ({type(exc).__name__}: {message})"
     seconds = time.perf_counter() - start
-    if source == SOURCE:
+    if source == SOURCE and not extra_cflags:
         load_seconds = seconds
-    logger.info("rl_engine C++ CPU kernels ready in %.1f s (%s)", seconds, extension_name(source))
-    return module, f"C++ CPU kernels ({' '.join(CFLAGS)}), built in the torch extensions cache"
+    logger.info("rl_engine C++ CPU kernels ready in %.1f s (%s)", seconds, name)
+    return module, f"C++ CPU kernels ({' '.join(CFLAGS + extra_cflags)}), built in the torch extensions cache"
 
 
 def extension_status(source: Path = SOURCE) -> tuple[bool, str]:
@@ -154,4 +158,30 @@ def extension(source: Path = SOURCE) -> ModuleType:
     module, reason = load_source(source)
     if module is None:
         raise RuntimeError(f"rl_engine C++ CPU kernels ({source.name}) are unavailable: {reason}")
+    return module
+
+
+# Builds of cpu_ops.cpp beside the engine's, for the tests and benchmarks/decode_isa.py: its AVX2 path on a CPU
+# that has AVX-512 (GCC and clang's -mno-avx512f also switch off every AVX-512 extension, bf16 included), and
+# its portable C++ loops (what a CPU with neither runs). Neither registers the rl_engine torch ops, which the
+# engine's build (`extension()`) defines: torch refuses a second definition in one process.
+ISA_VARIANTS = {
+    "avx2": ("-mno-avx512f", "-DRL_ENGINE_NO_TORCH_LIBRARY"),
+    "portable": ("-DRL_ENGINE_PORTABLE", "-DRL_ENGINE_NO_TORCH_LIBRARY"),
+}
+
+
+def cpu_has_avx2() -> bool:
+    """Whether this CPU runs the AVX2 path (AVX2, FMA and F16C), so that the "avx2" variant can be built and run."""
+    return {"avx2", "fma", "f16c"} <= set(_cpu_flags().split())
+
+
+def isa_variant(isa: str) -> ModuleType:
+    """The `ISA_VARIANTS[isa]` build of cpu_ops.cpp (its `isa()` says which vector path it compiled);
+    RuntimeError with the reason when it cannot be built."""
+    if isa not in ISA_VARIANTS:
+        raise ValueError(f"unknown ISA variant {isa!r}; choose one of {sorted(ISA_VARIANTS)}")
+    module, reason = load_source(SOURCE, extra_cflags=ISA_VARIANTS[isa])
+    if module is None:
+        raise RuntimeError(f"rl_engine C++ CPU kernels ({SOURCE.name}, {isa} build) are unavailable: {reason}")
     return module

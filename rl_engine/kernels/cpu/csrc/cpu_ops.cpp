@@ -3,15 +3,23 @@
 // same arguments, fp32 math, and the same intermediate roundings to the storage dtype, so results
 // differ from the reference only by fp32 summation order. Threads come from ATen's intra-op pool
 // (at::parallel_for: torch's own OpenMP runtime and thread count, no second runtime); inner loops
-// are plain C++ over contiguous rows that the compiler vectorises (-O3 -march=native, omp simd).
+// are plain C++ over contiguous rows that the compiler vectorises (-O3 -march=native, omp simd), except
+// the paged decode attention's (AVX-512 or AVX2 intrinsics), the one-row linear's and the greedy pick's (AVX-512).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-// RL_AVX512: the vector paths use AVX-512 F with the BW and VL extensions (masked 16-bit loads);
-// a CPU with AVX-512 F alone (Knights Landing) builds the portable paths.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// The vector paths' instruction set, chosen at compile time from the flags (-march=native): RL_AVX512 where the
+// CPU has AVX-512 F with the BW and VL extensions (masked 16-bit loads), else RL_AVX2 where it has AVX2, FMA and
+// F16C (the decode attention's vector path; the one-row linear and the greedy pick keep their portable loops
+// there). A CPU with AVX-512 F alone (Knights Landing) takes the AVX2 path. -DRL_ENGINE_PORTABLE builds the
+// portable C++ loops only (the benchmark's baseline: what a CPU with neither gets); isa() says which one a build has.
+#if !defined(RL_ENGINE_PORTABLE) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define RL_AVX512 1
+#elif !defined(RL_ENGINE_PORTABLE) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define RL_AVX2 1
+#endif
+#if defined(RL_AVX512) || defined(RL_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -20,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -217,17 +226,19 @@ void paged_decode_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
   });
 }
 
+// The vector decode kernel (paged_decode_vec, AVX-512 or AVX2): the same task split, block walk and online softmax
+// as paged_decode_kernel, with the head dim DC a multiple of the vector width W (16 floats, AVX2's 8) held in
+// registers, and the query heads of a GQA group taken GC = 4, 2 or 1 at a time ("a pass"): each K row of a block is
+// loaded once per pass and scored against all GC heads, and each V row (bf16 widened to fp32) once per pass and
+// accumulated into all GC heads' outputs. Scores: W / GC tokens x GC heads of partial dot products, summed by one
+// transpose-and-add (sum16, sum8) into a vector of W scores (token-major), permuted head-major and stored per head.
+// Each ISA defines group_scores, group_values and block_max; group_block and the driver are shared.
 #if defined(RL_AVX512)
-// The AVX-512 decode kernel: the same task split, block walk and online softmax as paged_decode_kernel,
-// with the head dim DC a multiple of 16 held in registers, and the query heads of a GQA group taken
-// GC = 4, 2 or 1 at a time ("a pass"): each K row of a block is loaded once per pass and scored against
-// all GC heads, and each V row (bf16 widened to fp32) once per pass and accumulated into all GC heads'
-// outputs. Scores: 16 / GC tokens x GC heads of partial dot products, summed by one sum16 into a vector
-// of 16 scores (token-major), permuted head-major and stored per head. Measured against one head at a time
-// (the kernel before, K/V rows re-read from L1 per head; 2 threads, through the lock at load ~10, 40M shapes:
-// 64 rows, 8 query / 2 kv heads of dim 64, 80-192 keys in 16-token blocks, 8 layers' 128 MB pools, tables
-// filled like the block manager's): fp32 679 -> 640 us a call (memory-bound: ~14 GB/s), bf16 541 -> 452 us
-// widening K, 396 us with avx512_bf16's dot; over randomly scattered blocks fp32 773 -> 770, bf16 664 -> 567.
+// AVX-512, measured against one head at a time (the kernel before, K/V rows re-read from L1 per head; 2 threads,
+// through the lock at load ~10, 40M shapes: 64 rows, 8 query / 2 kv heads of dim 64, 80-192 keys in 16-token
+// blocks, 8 layers' 128 MB pools, tables filled like the block manager's): fp32 679 -> 640 us a call
+// (memory-bound: ~14 GB/s), bf16 541 -> 452 us widening K, 396 us with avx512_bf16's dot; over randomly
+// scattered blocks fp32 773 -> 770, bf16 664 -> 567.
 
 // bf16 scores by avx512_bf16's dot (where the CPU has it): exact products of the stored q and K, fp32 sums, the
 // scale applied to the sum (the reference's order); it saves widening each K row to fp32.
@@ -329,21 +340,157 @@ inline void group_values(const float* s, int64_t s_stride, const T* vb, int64_t 
   }
 }
 
+// The largest of one head's n scores sj[0 .. n).
+inline float block_max(const float* sj, int64_t n) {
+  const __mmask16 tail = n % 16 ? __mmask16((1u << (n % 16)) - 1) : __mmask16(0xFFFF);
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    const __mmask16 mk = n - t0 >= 16 ? __mmask16(0xFFFF) : tail;
+    mx = std::max(mx, _mm512_mask_reduce_max_ps(mk, _mm512_loadu_ps(sj + t0)));
+  }
+  return mx;
+}
+
+// The dtypes of the vector kernel (others take paged_decode_kernel).
+template <typename T>
+constexpr bool kVecDtype = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
+constexpr int kLanes = 16;
+constexpr _mm_hint kPrefetchHint = _MM_HINT_T0;  // the next block, into L1
+
+#elif defined(RL_AVX2)
+// AVX2 + FMA (+ F16C for fp16 rows): 8-float vectors in 16 registers. Scores from fp32 dots of the scaled query
+// (the portable kernel's order) with each K row widened to fp32 (bf16 by a shift, fp16 by vcvtph2ps).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// r[i] = the sum of v[i]'s 8 lanes (sum16's tree at half the width).
+inline __m256 sum8(const __m256* v) {
+  __m256 u[4];
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of a = v[2i], b = v[2i+1]
+    u[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  __m256 w[2];
+  for (int i = 0; i < 2; ++i)  // per 128-bit lane: the lane sums of v[4i .. 4i+3]
+    w[i] = _mm256_add_ps(_mm256_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm256_add_ps(_mm256_permute2f128_ps(w[0], w[1], 0x20), _mm256_permute2f128_ps(w[0], w[1], 0x31));
+}
+
+// part[tt * GC + g] = 8 partial sums of the dot product of the scaled query head g (of GC, qf [GC][DC]) with K row
+// tt of a tile of TT = 8 / GC rows from kr (tok apart), nt of them present (Full: all; the others' sums stay 0).
+// Chunk by chunk over the head dim, each query chunk loaded once for the tile's rows and each K chunk once for the
+// GC heads: GC + TT loads per 8 FMAs (GC=4 at head dim 64: the query alone fills 32 registers, AVX2 has 16).
+template <typename T, int DC, int GC, bool Full>
+inline void tile_dots(const float* qf, const T* kr, int64_t tok, int64_t nt, __m256* part) {
+  constexpr int TT = 8 / GC;
+  for (int i = 0; i < 8; ++i) part[i] = _mm256_setzero_ps();
+  for (int c = 0; c < DC / 8; ++c) {
+    __m256 qv[GC];
+    for (int g = 0; g < GC; ++g) qv[g] = _mm256_loadu_ps(qf + g * DC + 8 * c);
+    for (int tt = 0; tt < TT; ++tt) {
+      if (Full || tt < nt) {
+        const __m256 kv = load8(kr + tt * tok + 8 * c);
+        for (int g = 0; g < GC; ++g) part[tt * GC + g] = _mm256_fmadd_ps(qv[g], kv, part[tt * GC + g]);
+      }
+    }
+  }
+}
+
+// s[g * s_stride + t] = the scores of the pass's GC heads against the block's n K rows (kb, tok apart); qb, q_s1
+// and scale are AVX-512's (its bf16 dot), unused here.
+template <typename T, int DC, int GC>
+inline void group_scores(const float* qf, const T*, int64_t, float, const T* kb, int64_t tok, int64_t n, float* s,
+                         int64_t s_stride) {
+  constexpr int TT = 8 / GC;
+  int32_t ix[8];  // lane g * TT + tt of the stored vector <- lane tt * GC + g of sum8's
+  for (int i = 0; i < 8; ++i) ix[i] = (i % TT) * GC + i / TT;
+  const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ix));
+  for (int64_t t0 = 0; t0 < n; t0 += TT) {
+    __m256 part[8];
+    if (n - t0 >= TT) {
+      tile_dots<T, DC, GC, true>(qf, kb + t0 * tok, tok, TT, part);
+    } else {
+      tile_dots<T, DC, GC, false>(qf, kb + t0 * tok, tok, n - t0, part);
+    }
+    const __m256 r = GC > 1 ? _mm256_permutevar8x32_ps(sum8(part), perm) : sum8(part);
+    if constexpr (GC == 1) {
+      _mm256_storeu_ps(s + t0, r);
+    } else if constexpr (GC == 2) {
+      _mm_storeu_ps(s + t0, _mm256_castps256_ps128(r));
+      _mm_storeu_ps(s + s_stride + t0, _mm256_extractf128_ps(r, 1));
+    } else {
+      static_assert(GC == 4, "passes of 1, 2 or 4 query heads");
+      const __m128 lo = _mm256_castps256_ps128(r), hi = _mm256_extractf128_ps(r, 1);
+      _mm_storel_pi(reinterpret_cast<__m64*>(s + t0), lo);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(s + s_stride + t0), lo);
+      _mm_storel_pi(reinterpret_cast<__m64*>(s + 2 * s_stride + t0), hi);
+      _mm_storeh_pi(reinterpret_cast<__m64*>(s + 3 * s_stride + t0), hi);
+    }
+  }
+}
+
+// acc[g] = acc[g] * corr[g] + sum_t p[g][t] V[t] for the pass's GC heads (p = s[g * s_stride + t]): each V row
+// loaded once for all of them, the accumulators in registers (8 of the 16: the head dim in chunks of CC vectors).
+template <typename T, int DC, int GC>
+inline void group_values(const float* s, int64_t s_stride, const T* vb, int64_t tok, int64_t n, const float* corr,
+                         float* acc) {
+  constexpr int V = DC / 8;
+  constexpr int CC = V < 8 / GC ? V : 8 / GC;
+  static_assert(V % CC == 0, "the head dim in whole chunks of CC vectors");
+  for (int c0 = 0; c0 < V; c0 += CC) {
+    __m256 av[GC][CC];
+    for (int g = 0; g < GC; ++g) {
+      const __m256 cv = _mm256_set1_ps(corr[g]);
+      for (int c = 0; c < CC; ++c) av[g][c] = _mm256_mul_ps(_mm256_loadu_ps(acc + g * DC + 8 * (c0 + c)), cv);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      const T* vr = vb + t * tok + 8 * c0;
+      __m256 p[GC];
+      for (int g = 0; g < GC; ++g) p[g] = _mm256_set1_ps(s[g * s_stride + t]);
+      for (int c = 0; c < CC; ++c) {
+        const __m256 vv = load8(vr + 8 * c);
+        for (int g = 0; g < GC; ++g) av[g][c] = _mm256_fmadd_ps(p[g], vv, av[g][c]);
+      }
+    }
+    for (int g = 0; g < GC; ++g)
+      for (int c = 0; c < CC; ++c) _mm256_storeu_ps(acc + g * DC + 8 * (c0 + c), av[g][c]);
+  }
+}
+
+// The largest of one head's n scores sj[0 .. n).
+inline float block_max(const float* sj, int64_t n) {
+  __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(sj + t));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  float mx = std::max(_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_shuffle_ps(h, h, 1)));
+  for (; t < n; ++t) mx = std::max(mx, sj[t]);
+  return mx;
+}
+
+template <typename T>
+constexpr bool kVecDtype = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+constexpr int kLanes = 8;
+// The next block is prefetched into L2, not L1 (AVX-512's T0): 1 thread, the 40m shapes of
+// benchmarks/decode_isa.py (64 rows, 8 layers' pools), through the lock at load ~3, one run: fp32 1659 -> 1419 us
+// a layer call, bf16 1108 -> 762; 3m fp32 762 -> 581.
+constexpr _mm_hint kPrefetchHint = _MM_HINT_T1;
+#endif
+
+#if defined(RL_AVX512) || defined(RL_AVX2)
 // One pass over a block for GC query heads j0 .. j0 + GC - 1 of the task (of one kv head, rows kb / vb).
 template <typename T, int DC, int GC>
 inline void group_block(const float* qf, const T* qb, int64_t q_s1, float scale, const T* kb, const T* vb, int64_t tok,
                         int64_t n, int64_t j0, float* s, int64_t s_stride, float* m, float* l, float* acc) {
   group_scores<T, DC, GC>(qf + j0 * DC, qb + j0 * q_s1, q_s1, scale, kb, tok, n, s, s_stride);
-  const __mmask16 tail = n % 16 ? __mmask16((1u << (n % 16)) - 1) : __mmask16(0xFFFF);
   float corr[GC];
   for (int g = 0; g < GC; ++g) {  // online softmax over this block's n scores of each head
     float* sj = s + g * s_stride;
-    float block_max = -std::numeric_limits<float>::infinity();
-    for (int64_t t0 = 0; t0 < n; t0 += 16) {
-      const __mmask16 mk = n - t0 >= 16 ? __mmask16(0xFFFF) : tail;
-      block_max = std::max(block_max, _mm512_mask_reduce_max_ps(mk, _mm512_loadu_ps(sj + t0)));
-    }
-    corr[g] = softmax_block(sj, n, block_max, m[j0 + g], l[j0 + g]);
+    corr[g] = softmax_block(sj, n, block_max(sj, n), m[j0 + g], l[j0 + g]);
   }
   group_values<T, DC, GC>(s, s_stride, vb, tok, n, corr, acc + j0 * DC);
 }
@@ -353,11 +500,11 @@ inline void group_block(const float* qf, const T* qb, int64_t q_s1, float scale,
 // rounds) from 628-671 to 428-593 us at head dim 32 fp32, 484-540 to 404-452 bf16, and at head dim 64 from
 // 885-932 to 722-789 fp32, 865-975 to 683-736 bf16 (before the GQA passes).
 template <typename T, int DC>
-void paged_decode_avx512(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const T* vc,
-                         const int32_t* tables, int64_t table_stride, const int32_t* lens, T* out,
-                         int64_t B, int64_t Hq, int64_t Hkv, int64_t bs, float scale, int64_t max_len,
-                         int64_t num_blocks, std::atomic<bool>& bad_block) {
-  static_assert(DC % 16 == 0, "head dim in vectors of 16");
+void paged_decode_vec(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const T* vc,
+                      const int32_t* tables, int64_t table_stride, const int32_t* lens, T* out,
+                      int64_t B, int64_t Hq, int64_t Hkv, int64_t bs, float scale, int64_t max_len,
+                      int64_t num_blocks, std::atomic<bool>& bad_block) {
+  static_assert(DC % kLanes == 0, "head dim in whole vectors");
   const int64_t G = Hq / Hkv;
   const int64_t tok = Hkv * DC;
   const int64_t split = B < at::get_num_threads() ? Hkv : 1;
@@ -396,8 +543,8 @@ void paged_decode_avx512(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
             const char* kn = reinterpret_cast<const char*>(kc + next * bs * tok);
             const char* vn = reinterpret_cast<const char*>(vc + next * bs * tok);
             for (int64_t off = 0; off < bs * tok * int64_t(sizeof(T)); off += 64) {
-              _mm_prefetch(kn + off, _MM_HINT_T0);
-              _mm_prefetch(vn + off, _MM_HINT_T0);
+              _mm_prefetch(kn + off, kPrefetchHint);
+              _mm_prefetch(vn + off, kPrefetchHint);
             }
           }
         }
@@ -440,10 +587,9 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
   std::atomic<bool> bad_block{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     auto run = [&](auto dc) {
-#if defined(RL_AVX512)
-      if constexpr (decltype(dc)::value > 0 &&
-                    (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>)) {
-        paged_decode_avx512<scalar_t, decltype(dc)::value>(
+#if defined(RL_AVX512) || defined(RL_AVX2)
+      if constexpr (decltype(dc)::value > 0 && kVecDtype<scalar_t>) {
+        paged_decode_vec<scalar_t, decltype(dc)::value>(
             q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), k_cache.data_ptr<scalar_t>(),
             v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(), block_tables.stride(0),
             context_lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, Hq, Hkv, bs,
@@ -468,6 +614,18 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
   TORCH_CHECK(!bad_block, "paged_decode_attention: a block table entry within a context is outside the cache's ",
               k_cache.size(0), " blocks");
   return out;
+}
+
+// The instruction set of this build's vector decode attention: "avx512", "avx2" or "portable" (the tests check
+// that a build made with AVX-512 switched off runs the AVX2 path).
+std::string isa() {
+#if defined(RL_AVX512)
+  return "avx512";
+#elif defined(RL_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
 }
 
 // ---- RMSNorm (optionally after the residual add) ---------------------------------------------
@@ -769,16 +927,21 @@ bool set_reading(bool on) {
 
 }  // namespace
 
+// -DRL_ENGINE_NO_TORCH_LIBRARY: a second build of this file loaded beside the engine's (another ISA's, for the tests
+// and benchmarks/decode_isa.py) leaves the rl_engine ops to the first, as torch refuses a second definition.
+#if !defined(RL_ENGINE_NO_TORCH_LIBRARY)
 TORCH_LIBRARY_FRAGMENT(rl_engine, m) {
   m.def("cpu_gemv(Tensor x, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rl_engine, CPU, m) { m.impl("cpu_gemv", &gemv); }
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv);
   m.def("set_reading", &set_reading);
   m.def("paged_decode_attention", &paged_decode_attention);
+  m.def("isa", &isa, "the instruction set of the decode attention's vector path: avx512, avx2 or portable");
   m.def("rms_norm", &rms_norm);
   m.def("silu_and_mul", &silu_and_mul);
   m.def("argmax_rows", &argmax_rows);
