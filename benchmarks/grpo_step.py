@@ -32,7 +32,12 @@ What each side does per step (`--prompts` P prompts x `--n` samples, 16 x 8 = 12
   ppo_clip token-mean, clip 0.2, TIS on the engine's behavior log-probs (no old log-prob forward at one
   update per step), grad clip 1, torch AdamW, the new version published in place (no copy). The engine's decode
   steps are compiled (`rollout.compile_decode`; `--no-compile-decode`: eager): the compile falls in the
-  uncounted first step and the row reports it (`decode_compile_s`, bucket -> seconds).
+  uncounted first step and the row reports it (`decode_compile_s`, bucket -> seconds). `--compile-train`
+  compiles the training forward's decoder layers too (`train.compile`, off by default here: the training
+  pass alone ~5-8% faster in an in-process A/B, not seen above the run-to-run spread of whole steps), the
+  compile in the same first step (`train_compile_s`: that step's training part less the counted steps'
+  median). TRL could compile as well (transformers' `TrainingArguments.torch_compile`, compiling its whole
+  model, which its `generate` also runs); it stays at TRL's default (off) here, not measured.
 Both score exact match on the `upper` task; the random-init model never answers right, so every reward
 and advantage is 0 on both sides, and both still run the whole training pass (neither skips
 zero-advantage samples), as they would on a batch that teaches something.
@@ -75,7 +80,8 @@ def ours(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool):
         f"model.path={model_dir}", f"data.path={data_dir}/train.jsonl", "data.eval_path=null", "warmup.path=null",
         f"train.output_dir={out_dir}", f"rollout.prompts_per_step={args.prompts}", f"rollout.n={args.n}",
         f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.ignore_eos={str(fixed).lower()}",
-        "optim.lr=1e-6", f"train.threads={args.threads}", f"rollout.compile_decode={str(args.compile_decode).lower()}"])
+        "optim.lr=1e-6", f"train.threads={args.threads}", f"rollout.compile_decode={str(args.compile_decode).lower()}",
+        f"train.compile={str(args.compile_train).lower()}"])
     trainer = GRPOTrainer(cfg)
 
     rollout = trainer.rollout
@@ -164,7 +170,7 @@ def interleaved(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: boo
     trainer._generate_and_score_completions = timed_rollout
     with contextlib.redirect_stdout(sys.stderr):  # TRL prints its log dicts; stdout carries the JSON only
         trainer.train()
-    compile_s = _compile_seconds(our_trainer)
+    compile_s = _compile_seconds(our_trainer, [phases for _, _, phases in cb.ours], args)
     our_trainer.close()
     # TRL logs the mean completion length of every step (logging_steps=1).
     lengths = [float(h["completions/mean_length"]) for h in trainer.state.log_history if "completions/mean_length" in h]
@@ -174,11 +180,17 @@ def interleaved(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: boo
             _figures(cb.trl_s[1:], trl_tokens[1:], args, cb.trl_phases[1:]))
 
 
-def _compile_seconds(trainer) -> dict:
-    """`--compile-decode`: the seconds each compiled decode step took to compile (bucket -> s; in the
-    uncounted first step), as `decode_compile_s`."""
+def _compile_seconds(trainer, phases: list[dict], args) -> dict:
+    """The compiles of the uncounted first step: each compiled decode step's seconds (bucket -> s) as
+    `decode_compile_s`, and with train.compile the first step's training part less the counted steps'
+    median as `train_compile_s`."""
+    out = {}
     compiled = trainer.llm.engine.runner.compile_seconds()
-    return {"decode_compile_s": {b: round(s, 1) for b, s in compiled.items()}} if compiled else {}
+    if compiled:
+        out["decode_compile_s"] = {b: round(s, 1) for b, s in compiled.items()}
+    if args.compile_train:
+        out["train_compile_s"] = round(phases[0]["train_s"] - statistics.median(p["train_s"] for p in phases[1:]), 1)
+    return out
 
 
 def ours_alone(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool) -> dict:
@@ -186,7 +198,7 @@ def ours_alone(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: bool
     trainer, step = ours(model_dir, data_dir, out_dir, args, fixed=fixed)
     try:
         runs = [step() for _ in range(args.steps + 1)]
-        compile_s = _compile_seconds(trainer)
+        compile_s = _compile_seconds(trainer, [phases for _, _, phases in runs], args)
     finally:
         trainer.close()
     times, tokens, phases = zip(*runs[1:])
@@ -268,6 +280,9 @@ def main() -> None:
     ap.add_argument("--no-compile-decode", dest="compile_decode", action="store_false",
                     help="our rollout engine decodes eagerly (default: rollout.compile_decode, each decode step "
                          "compiled by torch.compile; the compile falls in the uncounted first step and is reported)")
+    ap.add_argument("--compile-train", action="store_true",
+                    help="our training forward's decoder layers compiled (train.compile: each layer's attention-free "
+                         "halves; the compile falls in the uncounted first step and is reported); default eager")
     ap.add_argument("--preset", default="tiny", help="the random-init model preset both sides train (tiny, small, 3m)")
     ap.add_argument("--no-async", dest="async_rows", action="store_false",
                     help="skip the async-vs-sync actors rows (grpo_async.py)")

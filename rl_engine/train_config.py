@@ -253,6 +253,11 @@ class TrainSection:
     # prompt once; a group stays in one micro-batch when it fits). auto: groups of at least 2 samples
     # (rollout.n > 1), off under model.batch_invariant; true: every group; false: each sample whole.
     shared_prefix: bool | Literal["auto"] = "auto"
+    # The training forward's decoder layers compiled by torch.compile (policy/compile.py: each layer's two
+    # attention-free halves, dynamic token count; the attention stays eager): inductor fuses the norms,
+    # rotary, SwiGLU and residual adds, forward and backward. The first step pays the compile (seconds).
+    # Single-process runs of dense attention models; log-probs within the fp32 contract of the eager ones.
+    compile: bool = False
     # Several optimizer updates per rollout batch (verl's ppo_mini_batch_size / ppo_epochs): the batch
     # is split into `mini_batches_per_step` mini-batches, each one update, `epochs_per_step` times over.
     # The loss clips against the proximal policy (the trainer's log-probs before the step's first
@@ -545,6 +550,12 @@ class RLConfig:
         if spec is not None and spec.method == "draft_model" and not isinstance(spec.model, str):
             raise ConfigError(f"rollout.speculative.model={spec.model!r} must be the draft model's directory (a Hugging "
                               "Face checkpoint sharing the policy's tokenizer)")
+        if t.compile and p.mode != "single_process":
+            raise ConfigError(f"train.compile=true compiles the single-process trainer's layers (placement.mode="
+                              f"{p.mode}): set placement.mode=single_process or train.compile=false")
+        if t.compile and self.model.batch_invariant:
+            raise ConfigError("train.compile=true with model.batch_invariant=true is not supported: the batch-invariant "
+                              "ops are checked outside compiled graphs; set train.compile=false")
         if self.train.shared_prefix is True and self.model.batch_invariant:
             raise ConfigError("train.shared_prefix=true with model.batch_invariant=true is not supported: the batch-"
                               "invariant kernels have no shared-prefix attention; set train.shared_prefix=auto or false")

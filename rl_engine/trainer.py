@@ -37,6 +37,7 @@ from rl_engine.frozen_models import check_same_tokenizer, reference_path
 from rl_engine.inference import LLM
 from rl_engine.losses import PolicyLoss
 from rl_engine.policy import from_pretrained
+from rl_engine.policy.compile import apply_compile
 from rl_engine.policy.offload import HostOffload, in_use
 from rl_engine.policy.optimizer import MasterWeightsAdamW
 from rl_engine.rl_step import (
@@ -77,10 +78,10 @@ __all__ = ["GRPOTrainer", "ResumeError", "Sample", "check_resume_config", "resol
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete single-process checkpoint
 # Config keys a resumed run may change: run length and bookkeeping, not what a step computes. (A
-# different thread count may change the last bits of later steps' floats; it is allowed on purpose.)
+# different thread count or train.compile may change the last bits of later steps' floats; allowed on purpose.)
 RESUMABLE_KEYS = ("train.steps", "train.resume", "train.output_dir", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.eval_every", "train.threads", "train.deterministic",
-                  "reward.num_workers")
+                  "train.compile", "reward.num_workers")
 
 
 class ResumeError(ConfigError):
@@ -239,6 +240,8 @@ class GRPOTrainer:
             self.ref_model = from_pretrained(ref_path, dtype=dtype, device=cfg.train.device)
         if self.ref_model is not None:
             self.ref_model.requires_grad_(False)
+        if cfg.train.compile:  # (after the reference's copy: a frozen model runs no compiled forward)
+            apply_compile(self.model)
         self.teacher = None  # on-policy distillation's frozen teacher
         if cfg.distill.teacher_path is not None:
             check_same_tokenizer(key="distill.teacher_path", path=cfg.distill.teacher_path, policy_path=model_path)

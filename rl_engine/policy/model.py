@@ -9,6 +9,7 @@ environment variable; variants (qk-norm, biases, MoE or dense MLP) are chosen at
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -83,6 +84,11 @@ class Attention(nn.Module):
     def forward(self, x, rotary: RotaryEmbedding, rope, cu_seqlens, attn_context: AttentionContext | None, *,
                 residual: torch.Tensor) -> torch.Tensor:
         """residual + attention(x): the residual add rides on the output projection's matmul."""
+        o = self.attend(*self.project(x, rotary, rope), cu_seqlens=cu_seqlens, attn_context=attn_context)
+        return self.o_proj(o.reshape(x.shape[0], -1), residual)
+
+    def project(self, x: torch.Tensor, rotary: RotaryEmbedding, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q [T, Hq_local, D], k and v [T, Hkv_local, D]) of this rank's heads, q and k rotated."""
         qkv = self.qkv_proj(x)  # [T, q | k | v]
         T, Hq, Hkv, D = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         # `split`, not slicing: under autograd the parts' gradients are concatenated once, where
@@ -95,12 +101,14 @@ class Attention(nn.Module):
             q, k, v = qkv.split([q_width, kv_width, kv_width], dim=1)
             q = rotary.rotate(self.q_norm(q.view(T, Hq, D)), rope)
             k = rotary.rotate(self.k_norm(k.view(T, Hkv, D)), rope)
-        v = v.view(T, Hkv, D)
+        return q, k, v.view(T, Hkv, D)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens,
+               attn_context: AttentionContext | None) -> torch.Tensor:
+        """The attention output [T, Hq_local, D]: packed causal over `cu_seqlens`, or the context's."""
         if attn_context is None:
-            o = self._varlen_attention(q, k, v, cu_seqlens, self.scale)
-        else:
-            o = attn_context.attend(self.layer_idx, q, k, v, scale=self.scale)
-        return self.o_proj(o.reshape(T, -1), residual)
+            return self._varlen_attention(q, k, v, cu_seqlens, self.scale)
+        return attn_context.attend(self.layer_idx, q, k, v, scale=self.scale)
 
 
 class DecoderLayer(nn.Module):
@@ -119,10 +127,16 @@ class DecoderLayer(nn.Module):
         if groups.sequence_parallel:  # norms of the token slice of this rank
             mark_tp_partial_grad(self.input_layernorm.weight)
             mark_tp_partial_grad(self.post_attention_layernorm.weight)
+        self.compiled_forward: Callable | None = None  # set by policy.compile.apply_compile (train.compile)
 
     def forward(self, x, rotary, rope, cu_seqlens, attn_context, routing):
         """x: the residual stream [T, H] -> the stream after this layer (each block's output is
         added to it inside the block's last matmul where possible)."""
+        # train.compile (policy/compile.py): the forwards that autograd records, the training pass, run
+        # this layer's compiled halves. The same layers serve the inference engine (no grad), whose
+        # steps stay its own (eager, or compile_decode's whole-step graphs); so do no-grad log-prob passes.
+        if self.compiled_forward is not None and torch.is_grad_enabled():
+            return self.compiled_forward(self, x, rotary, rope, cu_seqlens, attn_context)
         x = self.self_attn(self.input_layernorm(x), rotary, rope, cu_seqlens, attn_context, residual=x)
         h = self.post_attention_layernorm(x)
         return x + self.mlp(h, routing) if self.is_moe else self.mlp(h, x)

@@ -66,18 +66,24 @@ def test_rl_raises_held_out_accuracy(tmp_path):
     assert after >= before + 0.30, (before, after)
 
 
-@pytest.mark.parametrize("compile_decode", [False, pytest.param(True, marks=pytest.mark.skipif(
-    cpp_compiler() is None, reason="rollout.compile_decode needs a C++ compiler (g++ or CXX)"))])
-def test_behavior_and_training_logprobs_agree_in_the_loop(tmp_path, compile_decode):
+_NEEDS_CXX = pytest.mark.skipif(cpp_compiler() is None, reason="torch.compile on CPU needs a C++ compiler (g++ or CXX)")
+
+
+@pytest.mark.parametrize("compile_decode, compile_train", [(False, False), pytest.param(True, False, marks=_NEEDS_CXX),
+                                                           pytest.param(False, True, marks=_NEEDS_CXX)])
+def test_behavior_and_training_logprobs_agree_in_the_loop(tmp_path, compile_decode, compile_train):
     """Same weights for rollout and training: importance weights are 1 and the mismatch is ~0, also with
     the rollout's decode steps compiled (rollout.compile_decode: one step for every bucket of 2+ rows as
-    the EOS-varied batch shrinks)."""
+    the EOS-varied batch shrinks) or the training forward's layers compiled (train.compile: the
+    recomputation below and the training pass record autograd, so both run the compiled layers)."""
     cfg = small_config(tmp_path, "warmup.steps=0", "train.steps=1", "rollout.temperature=0.8",
-                       "loss.importance_sampling.mode=truncate", f"rollout.compile_decode={str(compile_decode).lower()}")
+                       "loss.importance_sampling.mode=truncate", f"rollout.compile_decode={str(compile_decode).lower()}",
+                       f"train.compile={str(compile_train).lower()}")
     trainer = GRPOTrainer(cfg)
     samples, _ = trainer.rollout()
     compiled = trainer.llm.engine.runner.compile_seconds()
     assert bool(compiled) is compile_decode and len(compiled) <= 2  # the dynamic step, and bucket 1's static one
+    assert all((layer.compiled_forward is not None) is compile_train for layer in trainer.model.layers)
     # Recompute the training log-probs for every sample and compare token by token.
     worst = 0.0
     for s in samples:
