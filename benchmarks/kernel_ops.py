@@ -1,9 +1,10 @@
 """Kernel benchmark: each op's resolved backend against its torch reference, measured in the same run.
 
 Prints one JSON object: per op, the backend the registry picked, median milliseconds of the
-reference (the baseline) and of the chosen implementation, and their ratio. On CPU every op
-resolves to the reference, so the ratio is 1 by construction; the numbers that matter come from a
-CUDA machine. Shapes are modest so a CPU run finishes in seconds:
+reference (the baseline) and of the chosen implementation, and their ratio. On CPU the C++ kernels
+that are the registry's CPU defaults (paged_decode_attention, greedy_argmax) are measured against
+their references; every other op resolves to its reference (ratio 1 by construction) unless
+`RL_ENGINE_CPU_KERNELS=1`. Shapes are modest so a CPU run finishes in seconds:
 
     python benchmarks/kernel_ops.py [--device cuda] [--iters 20] [--ops rms_norm,silu_and_mul]
 """
@@ -44,13 +45,15 @@ def _inputs(op: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple, d
         tables = torch.randperm(batch * blocks_per_seq, device=device).view(batch, -1).int()
         lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
         return (rand(batch, heads, dim), k_cache, rand(*k_cache.shape), tables, lens, dim ** -0.5), {}
+    if op == "greedy_argmax":  # a batch-64 greedy pick over a 32k vocabulary
+        return (rand(64, 32000),), {}
     if op == "moe_permute":
         return (rand(t, hidden), torch.randint(0, 8, (t, 2), device=device), 8), {}
     raise ValueError(f"no benchmark inputs for op {op!r}")
 
 
 BENCHMARKED = ("rms_norm", "silu_and_mul", "apply_rotary", "logprob_entropy",
-               "paged_decode_attention", "moe_permute")
+               "paged_decode_attention", "greedy_argmax", "moe_permute")
 _REFERENCES: dict[str, Callable] = {"logprob_entropy": logprob.logprob_entropy}
 
 
