@@ -20,6 +20,9 @@ calls the `paged_decode_attention` op from the kernel registry instead (unverifi
 on CPU too when the registry resolves it to the C++ kernel (`kernels/cpu`, which reads K/V in place
 in their blocks: `cpu_decode=True`, it is also given the step's longest context): the CPU default where
 the kernel builds, so the SDPA path above runs where it does not (no compiler, `RL_ENGINE_CPU_KERNELS=0`).
+Built with the registry's `rotary_kv_write` (the C++ kernel on CPU, its default there), the context rotates q and
+k itself (`fuses_rotary`): the model hands `attend_rotary` q and k before rotary, and one pass rotates q and
+writes the rotated k and v into their slots in place of the model's rotary and `attend`'s two index_copy_.
 Under `model.batch_invariant` (`batch_invariant=True`) every query instead goes through the batch-invariant
 attention, the same per-query reduction the trainer's packed forward runs: with its C++ kernel (CPU,
 `invariant.native_attention`) one `invariant.paged_attention` call per layer for the whole step, each
@@ -106,7 +109,8 @@ class PagedAttention:
     [num_blocks, block_size, num_kv_heads, head_dim]."""
 
     def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], *, first_layer: int,
-                 decode_op=None, batch_invariant: bool = False, cpu_decode: bool = False) -> None:
+                 decode_op=None, batch_invariant: bool = False, cpu_decode: bool = False,
+                 rotary_kv_write=None) -> None:
         self.k_caches = k_caches
         self.v_caches = v_caches
         self.first_layer = first_layer
@@ -119,6 +123,12 @@ class PagedAttention:
         self.cpu_decode = cpu_decode  # decode_op is kernels.cpu.ops.paged_decode_attention
         self.max_context_len = 0
         self.batch_invariant = batch_invariant
+        if rotary_kv_write is not None and batch_invariant:
+            raise ValueError("the fused rotary + KV write has no batch-invariant form: build the attention without"
+                             " rotary_kv_write under model.batch_invariant")
+        # the registry's `rotary_kv_write` (the C++ kernel): the model hands `attend_rotary` q and k before rotary
+        self.rotary_kv_write = rotary_kv_write
+        self.fuses_rotary = rotary_kv_write is not None
         # batch-invariant with the C++ kernel: one call per layer for every query of the step, each with
         # its row of a step-wide block table (int32 [rows, max_blocks]) and its position (int32 [T])
         self.native_invariant = batch_invariant and invariant.native_attention(k_caches[0].device)
@@ -255,6 +265,22 @@ class PagedAttention:
         v_flat.index_copy_(0, self.slot_mapping, v)
         if self.batch_invariant:
             return self._attend_invariant(i, q, k, v, scale)
+        return self._attend_stored(i, q, k, v, scale)
+
+    def attend_rotary(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, *, scale: float) -> torch.Tensor:
+        """`attend` of q and k before rotary (cos / sin [T, D // 2]): the fused op rotates them and writes the
+        rotated k and v into the cache in one pass; the rotated k is materialised only for a step with prefill
+        chunks (their fresh sequences attend over their own k)."""
+        i = layer_idx - self.first_layer
+        q, k = self.rotary_kv_write(q, k, v, cos, sin, self.slot_mapping, self.k_caches[i], self.v_caches[i],
+                                    return_k=bool(self.prefills))
+        return self._attend_stored(i, q, k, v, scale)
+
+    def _attend_stored(self, i: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+        """Attention of the step's queries once their k and v are in layer i's cache (k may be None in a step
+        without prefill chunks)."""
         nd = self.num_single
         if not self.prefills:
             return self._decode(i, q, scale)
@@ -262,7 +288,7 @@ class PagedAttention:
         if nd:
             out[:nd] = self._decode(i, q[:nd], scale)
         kc, vc = self.k_caches[i], self.v_caches[i]
-        group = q.shape[1] // k.shape[1]
+        group = q.shape[1] // v.shape[1]
         for c in self.prefill_plan:
             # 4-D inputs with repeated KV heads keep SDPA on its fused kernel (3-D inputs or
             # enable_gqa fall back to the unfused math path on CPU, about 2x slower here).

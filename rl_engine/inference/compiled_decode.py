@@ -13,7 +13,8 @@ Python calls) on the bucket's first use, and reused afterwards. What changes
 from step to step stays out of the graph: each layer's paged attention (the KV write, context lengths,
 block tables, how rows are chunked) is one opaque custom op, `rl_engine::paged_attend`, which runs the
 engine's eager `PagedAttention.attend` on the attention object the runner prepared for the step (vLLM
-keeps attention out of its compiled graphs the same way, as a custom op reading a forward context).
+keeps attention out of its compiled graphs the same way, as a custom op reading a forward context); an engine
+with the fused rotary + KV write runs `rl_engine::paged_attend_rotary` instead, the rotary inside the op too.
 So the graph's inputs are the bucket's `input_ids` and `positions` and the model's parameters, which
 are read in place on every call: weights updated in place (a trainer step, weight sync) are seen.
 The sampler stays eager (it draws one Python float per row).
@@ -76,12 +77,31 @@ def _paged_attend_fake(q, k, v, handle, layer_idx, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("rl_engine::paged_attend_rotary", mutates_args=())
+def paged_attend_rotary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        handle: int, layer_idx: int, scale: float) -> torch.Tensor:
+    """`PagedAttention.attend_rotary` of the engine registered under `handle`: q and k before rotary, rotated
+    as k and v are written into its cache (the cache, again, is not a graph input)."""
+    return _ATTENTION[handle].attend_rotary(layer_idx, q, k, v, cos, sin, scale=scale)
+
+
+@paged_attend_rotary.register_fake
+def _paged_attend_rotary_fake(q, k, v, cos, sin, handle, layer_idx, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 class _AttendOp:
-    """The `attn_context` a compiled step hands the model: `attend` becomes the custom op."""
+    """The `attn_context` a compiled step hands the model: `attend` (or `attend_rotary`, for an engine whose
+    attention rotates q and k itself) becomes the custom op."""
 
     def __init__(self, attn: PagedAttention) -> None:
         self.handle = id(attn)
+        self.fuses_rotary = attn.fuses_rotary
         _ATTENTION[self.handle] = attn
+
+    def attend_rotary(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, *, scale: float) -> torch.Tensor:
+        return paged_attend_rotary(q, k, v, cos, sin, self.handle, layer_idx, scale)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                scale: float) -> torch.Tensor:

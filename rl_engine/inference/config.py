@@ -41,9 +41,10 @@ class EngineConfig:
     # Engines serving an RL run (trainer, rollout workers) set False: oneDNN's fp32 rounding order took the
     # ~40M model's behavior log-probs 1.2e-5..2.1e-5 from the trainer's recompute (contract: 1e-5).
     cpu_prepack_weights: bool = True
-    # CPU: decode attention by the C++ kernel that reads K/V in place in their blocks (kernels/cpu, the
-    # registry's CPU default where it builds; else the torch path, the reason logged). False: the torch path
-    # (gather + SDPA) unless the C++ kernel is asked for explicitly (RL_ENGINE_CPU_KERNELS=1, an override).
+    # CPU: decode attention by the C++ kernel that reads K/V in place in their blocks, and rotary fused with the
+    # KV cache write by another (kernels/cpu, the registry's CPU defaults where they build; else the torch paths,
+    # the reason logged). False: the torch paths (gather + SDPA; the model's rotary and index_copy_) unless a
+    # C++ kernel is asked for explicitly (RL_ENGINE_CPU_KERNELS=1, an override).
     # Engines serving an RL run take `rollout.cpu_decode_kernel` (default True): both paths are within the
     # log-prob contract.
     cpu_decode_kernel: bool = True

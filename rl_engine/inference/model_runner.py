@@ -99,6 +99,15 @@ class ModelRunner:
                     decode_op = resolution.fn
             else:
                 logger.info("paged decode attention: the torch path (cpu_decode_kernel=False)")
+        rotary_kv_write = None  # the C++ rotary + KV cache write, where the registry picks it (its reason logged)
+        if self.device.type == "cpu" and not model.batch_invariant and not latent:
+            from rl_engine.kernels import registry
+
+            # like the decode kernel: an engine with cpu_decode_kernel=False resolves it only when asked for
+            if config.cpu_decode_kernel or registry.cpu_kernel_requested("rotary_kv_write"):
+                resolution = registry.default_registry().resolution("rotary_kv_write", self.device)
+                if resolution.backend == "cpu":
+                    rotary_kv_write = resolution.fn
         if latent and model.batch_invariant:
             raise ValueError("model.batch_invariant=true: the latent (MLA, deepseek_v3) paged attention has no "
                              "batch-invariant implementation; turn model.batch_invariant off for this model")
@@ -108,7 +117,7 @@ class ModelRunner:
         else:
             self.attn = PagedAttention(self.k_caches, self.v_caches, first_layer=model.layer_range[0],
                                        decode_op=decode_op, batch_invariant=model.batch_invariant,
-                                       cpu_decode=cpu_decode)
+                                       cpu_decode=cpu_decode, rotary_kv_write=rotary_kv_write)
         buckets = config.graph_batch_sizes or default_buckets(config.max_num_seqs)
         inputs = StaticInputs(max(buckets), max_blocks=self.max_blocks_per_seq, device=self.device)
         graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None

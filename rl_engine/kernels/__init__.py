@@ -85,6 +85,14 @@ def reshape_and_cache(
     resolve("reshape_and_cache", k.device)(k, v, k_cache, v_cache, slot_mapping)
 
 
+def rotary_kv_write(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, return_k: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return resolve("rotary_kv_write", q.device)(q, k, v, cos, sin, slot_mapping, k_cache, v_cache,
+                                                return_k=return_k)
+
+
 def logprob_entropy(
     logits: torch.Tensor, targets: torch.Tensor, *, temperature: float, vocab_start: int = 0,
     vocab_size: int | None = None, process_group: dist.ProcessGroup | None = None,
@@ -135,6 +143,6 @@ __all__ = [
     "combine_shard_stats", "configure", "default_registry", "describe", "format_backends_table",
     "logprob_entropy", "logprob_entropy_grad", "logprob_shard_stats", "moe_permute",
     "moe_unpermute", "paged_decode_attention", "paged_prefill_attention", "reshape_and_cache",
-    "resolve", "rms_norm", "rotary_cos_sin", "set_backend_overrides", "set_batch_invariant", "silu_and_mul",
-    "top_k_top_p_sampling", "varlen_causal_attention",
+    "resolve", "rms_norm", "rotary_cos_sin", "rotary_kv_write", "set_backend_overrides", "set_batch_invariant",
+    "silu_and_mul", "top_k_top_p_sampling", "varlen_causal_attention",
 ]

@@ -98,6 +98,29 @@ def check_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v
                          f" {_shape(slot_mapping)}")
 
 
+def check_rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Check a `rotary_kv_write` call: q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim] of the caches,
+    cos/sin fp32 [T, rotary_dim // 2] with rotary_dim <= head_dim, slot_mapping [T] int, one dtype for q, k, v
+    and the caches. Raises ValueError naming the mismatch."""
+    op = "rotary_kv_write"
+    check_cache_write(k, v, k_cache, v_cache, slot_mapping)
+    if q.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"{op}: q {_shape(q)} must be [tokens={k.shape[0]}, num_heads, head_dim={k.shape[2]}]"
+                         f" like k {_shape(k)}")
+    if cos.dim() != 2 or sin.shape != cos.shape or cos.shape[0] != q.shape[0] or not 0 < 2 * cos.shape[1] <= q.shape[2]:
+        raise ValueError(f"{op}: cos {_shape(cos)} / sin {_shape(sin)} must both be [tokens={q.shape[0]},"
+                         f" rotary_dim // 2] with 0 < rotary_dim <= head_dim={q.shape[2]}")
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        raise ValueError(f"{op}: cos / sin must be float32 (the rotary tables); got {cos.dtype} and {sin.dtype}")
+    if slot_mapping.dtype.is_floating_point:
+        raise ValueError(f"{op}: slot_mapping must be an integer tensor; got {slot_mapping.dtype}")
+    dtypes = {t.dtype for t in (q, k, v, k_cache, v_cache)}
+    if len(dtypes) > 1:
+        raise ValueError(f"{op}: q, k, v and the caches must share a dtype; got q {q.dtype}, k {k.dtype},"
+                         f" v {v.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
+
+
 def check_unit_stride(op: str, **tensors: torch.Tensor) -> None:
     """Kernels that address rows by strides need the last dimension contiguous."""
     bad = [name for name, t in tensors.items() if t.stride(-1) != 1]

@@ -265,6 +265,34 @@ def reshape_and_cache(
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[valid].to(v_cache.dtype)
 
 
+def rotary_kv_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    return_k: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotary embedding of a step's new tokens fused with their paged KV cache write (the inference path).
+
+    q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim] (strided views are fine), cos/sin fp32
+    [T, rotary_dim // 2]: rotate-half (`apply_rotary`) over the first rotary_dim dims of each head, the rest
+    passed through (partial rotary). Writes the rotated k and v into the caches at `slot_mapping`
+    (`reshape_and_cache`: slot -1 skips). Returns (rotated q, rotated k when `return_k` else None), new tensors.
+    """
+    op_inputs.check_rotary_kv_write(q, k, v, cos, sin, slot_mapping, k_cache, v_cache)
+    rotary_dim = 2 * cos.shape[1]
+    q_rot, k_rot = apply_rotary(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
+    if rotary_dim < q.shape[-1]:
+        q_rot, k_rot = torch.cat((q_rot, q[..., rotary_dim:]), -1), torch.cat((k_rot, k[..., rotary_dim:]), -1)
+    reshape_and_cache(k_rot, v, k_cache, v_cache, slot_mapping)
+    return q_rot, (k_rot if return_k else None)
+
+
 class MoePermutation(NamedTuple):
     """Tokens reordered by expert (the dispatcher's local reorder).
 

@@ -95,9 +95,11 @@ class RotaryEmbedding:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return torch.stack((torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)), dim=1)
 
-    def tables(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, positions: torch.Tensor, inv_freq: torch.Tensor, *,
+               half_width: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token rotation tables for `rotate`: [T, 1, head_dim] cos and signed sin (torch), or
-        [T, head_dim // 2] cos and sin (other backends)."""
+        [T, head_dim // 2] cos and sin (other backends, and `half_width`: what an attention context that
+        rotates q and k itself takes, views of the same rows)."""
         table = self._table
         if table is None or table.device != positions.device:
             table = self._table = self._rows(torch.arange(self.max_positions, device=positions.device), inv_freq)
@@ -105,7 +107,7 @@ class RotaryEmbedding:
             rows = table.index_select(0, positions)
         except (IndexError, RuntimeError):  # a position past the table (CPU raises): compute its rows
             rows = self._rows(positions, inv_freq)
-        if self._fused:
+        if self._fused and not half_width:
             return rows[:, :1], rows[:, 1:]
         return rows[:, 0, :self.half], rows[:, 1, self.half:]
 

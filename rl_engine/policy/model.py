@@ -39,7 +39,10 @@ class AttentionContext(Protocol):
     """What the inference engine hands the model instead of `cu_seqlens`.
 
     `attend` receives this layer's post-rotary q [T, Hq_local, D], k and v [T, Hkv_local, D] for the
-    flat batch, stores k and v in its cache and returns the attention output [T, Hq_local, D]."""
+    flat batch, stores k and v in its cache and returns the attention output [T, Hq_local, D].
+    A context whose `fuses_rotary` is true (an attribute fixed when it is built; a context without it does
+    not) is handed q and k before rotary instead, with half-width cos / sin tables [T, D // 2], through
+    `attend_rotary`: it rotates them itself as it stores k (the engine's fused C++ op on CPU)."""
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor: ...
 
@@ -94,6 +97,13 @@ class Attention(nn.Module):
         # `split`, not slicing: under autograd the parts' gradients are concatenated once, where
         # each slice's backward would zero-fill a whole [T, qkv] tensor and copy its part in.
         q_width, kv_width = self.q_width, self.qk_width - self.q_width
+        if getattr(attn_context, "fuses_rotary", False):  # the context rotates q and k as it stores k
+            q, k, v = qkv.split([q_width, kv_width, kv_width], dim=1)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q.view(T, Hq, D)), self.k_norm(k.view(T, Hkv, D))
+            o = attn_context.attend_rotary(self.layer_idx, q.view(T, Hq, D), k.view(T, Hkv, D), v.view(T, Hkv, D),
+                                           *rope, scale=self.scale)
+            return self.o_proj(o.reshape(T, -1), residual)
         if self.q_norm is None:  # q and k heads side by side: one rotary pass over both
             qk, v = qkv.split([self.qk_width, kv_width], dim=1)
             q, k = rotary.rotate(qk.view(T, Hq + Hkv, D), rope).split([Hq, Hkv], dim=1)
@@ -242,10 +252,14 @@ class CausalLM(nn.Module):
                 raise ValueError("a pipeline stage after the first needs inputs_embeds from the previous stage")
             x = inputs_embeds
         with self._invariance_check("hidden_states", attn_context, routing):
-            rope = self.rotary.tables(positions, self.inv_freq)
+            rope = self._rope(positions, attn_context)
             for layer in self.layers:
                 x = layer(x, self.rotary, rope, cu_seqlens, attn_context, routing)
             return self.norm(x) if self.is_last_stage else x
+
+    def _rope(self, positions: torch.Tensor, attn_context) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward's rotary tables: half-width for a context that rotates q and k itself (`fuses_rotary`)."""
+        return self.rotary.tables(positions, self.inv_freq, half_width=getattr(attn_context, "fuses_rotary", False))
 
     def _invariance_check(self, entry: str, attn_context=None, routing: RoutingRecord | None = None
                           ) -> contextlib.AbstractContextManager:
@@ -300,7 +314,7 @@ class CausalLM(nn.Module):
                              f"{len(self.mtp_layers)} MTP layer(s) (num_nextn_predict_layers)")
         if attn_context is None and cu_seqlens is None:
             cu_seqlens = torch.tensor([0, positions.shape[0]], dtype=torch.int32)
-        rope = self.rotary.tables(positions, self.inv_freq)
+        rope = self._rope(positions, attn_context)
         return self.mtp_layers[depth](self.embed_tokens(input_ids), prev_hidden, self.rotary, rope, cu_seqlens,
                                       attn_context)
 

@@ -76,6 +76,11 @@ def test_a_shrinking_batch_compiles_one_step_for_every_bucket(engines, monkeypat
                     if layer_idx == 0:
                         rows.append(q.shape[0])
                     return attn.attend(layer_idx, q, k, v, scale=scale)
+
+                def attend_rotary(self, layer_idx, q, k, v, cos, sin, *, scale):  # the fused rotary + KV write
+                    if layer_idx == 0:
+                        rows.append(q.shape[0])
+                    return attn.attend_rotary(layer_idx, q, k, v, cos, sin, scale=scale)
             return Attend()
 
     ref = eager.generate(prompts, params)

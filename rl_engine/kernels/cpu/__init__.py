@@ -9,9 +9,11 @@ Threads come from ATen's intra-op pool (`at::parallel_for`: torch's own OpenMP r
 `torch.get_num_threads()`), so these kernels add no second OpenMP runtime.
 
 The paged decode attention, which reads K/V in place in their cache blocks where the torch path
-gathers every row's blocks each step, is the registry's CPU default where it builds (falling back to
-the torch path with the reason logged: no compiler, a failed build), and so is the greedy pick of a batch
-without log-probs (`greedy_argmax`: each row's first maximum, as torch.max). The attention's vector path is
+gathers every row's blocks each step, the rotary embedding fused with the paged KV cache write
+(`rotary_kv_write`: q and k rotated and k and v stored in one pass, where the engine's torch path rotates into
+a new tensor and index_copy_s from it) and the greedy pick of a batch without log-probs (`greedy_argmax`:
+each row's first maximum, as torch.max) are the registry's CPU defaults where they build (falling back to
+the torch path with the reason logged: no compiler, a failed build). The attention's vector path is
 AVX-512 or AVX2, chosen at compile time from this CPU's flags; `isa_variant` builds the same source with
 AVX-512 switched off, or with the portable loops only, beside the engine's build (the tests of the AVX2
 path on an AVX-512 CPU, benchmarks/decode_isa.py). RMSNorm and SwiGLU are opt-in (not

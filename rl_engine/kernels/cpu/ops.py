@@ -7,7 +7,8 @@ fp32/bf16/fp16, mixed dtypes, a non-CPU tensor). Results equal the reference's u
 order (tests/kernels/test_cpu_ops.py).
 
 Each kernel is also a torch.library custom op (`rl_engine::cpu_rms_norm`, `cpu_silu_and_mul`,
-`cpu_paged_decode_attention`) with a fake implementation (output shapes only), so torch.compile
+`cpu_paged_decode_attention`, `cpu_rotary_kv_write`, which declares the caches it writes as mutated) with a
+fake implementation (output shapes only), so torch.compile
 (the engine's `compile_decode`) keeps it as one opaque node of its graph: dynamo cannot trace the
 pybind module or the cpp_extension loader behind `extension()` ("marked as skipped"), and the op's
 body, which loads the extension, runs only when the compiled graph runs. Eager calls skip the custom
@@ -62,6 +63,20 @@ def _paged_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 @_paged_decode_op.register_fake
 def _paged_decode_fake(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len):
     return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("rl_engine::cpu_rotary_kv_write", mutates_args=("k_cache", "v_cache"))
+def _rotary_kv_write_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        return_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ rotary + KV cache write: (rotated q, rotated k or an empty tensor without `return_k`)."""
+    q_rot, k_rot = extension().rotary_kv_write(q, k, v, cos, sin, slot_mapping, k_cache, v_cache, return_k)
+    return q_rot, (k_rot if return_k else q.new_empty(0))
+
+
+@_rotary_kv_write_op.register_fake
+def _rotary_kv_write_fake(q, k, v, cos, sin, slot_mapping, k_cache, v_cache, return_k):
+    return q.new_empty(q.shape), (k.new_empty(k.shape) if return_k else k.new_empty(0))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -119,3 +134,23 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
             or logits.shape[1] == 0 or torch.compiler.is_compiling()):
         return reference.greedy_argmax(logits)
     return extension().argmax_rows(logits if logits.stride(1) == 1 else logits.contiguous())
+
+
+def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                    return_k: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference's contract, in one pass over q, k and v read in place (strided views with a contiguous
+    head dim: the fused qkv projection's parts); the same bits as the reference in every dtype (no fused
+    multiply-adds; tests/kernels/test_rotary_kv_write.py). The kernel checks its arguments itself: the Python
+    checks (~7 us, as much as the kernel at decode sizes) run only when it refuses one, to name the problem."""
+    if _needs_autograd(q, k, v) or q.dtype not in _DTYPES or q.device.type != "cpu":
+        return reference.rotary_kv_write(q, k, v, cos, sin, slot_mapping, k_cache, v_cache, return_k=return_k)
+    if torch.compiler.is_compiling():
+        op_inputs.check_rotary_kv_write(q, k, v, cos, sin, slot_mapping, k_cache, v_cache)  # at trace time
+        q_rot, k_rot = _rotary_kv_write_op(q, k, v, cos, sin, slot_mapping, k_cache, v_cache, return_k)
+        return q_rot, (k_rot if return_k else None)
+    try:
+        return extension().rotary_kv_write(q, k, v, cos, sin, slot_mapping, k_cache, v_cache, return_k)
+    except RuntimeError as error:  # the kernel's TORCH_CHECK refused an argument
+        op_inputs.check_rotary_kv_write(q, k, v, cos, sin, slot_mapping, k_cache, v_cache)
+        raise ValueError(f"{error}".split("\n")[0]) from error

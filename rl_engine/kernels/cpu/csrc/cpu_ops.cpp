@@ -819,6 +819,117 @@ torch::Tensor argmax_rows(const torch::Tensor& logits) {
 }
 
 
+// ---- rotary embedding fused with the paged KV cache write -----------------------------------
+// The new tokens of a step (decodes, prefill chunks): q and k rotated neox-style (rotate-half over the first
+// 2 * R2 dims of each head by per-token cos / sin [T, R2]; dims past 2 * R2 pass through: partial rotary), q's
+// into a new [T, Hq, D] tensor, k's straight into its cache slot (and into a new [T, Hkv, D] tensor when asked:
+// a prefill's fresh sequences attend over their own k), v copied into its slot; slot -1 skips the cache write.
+// One pass over q, k and v read in place (strided views of the fused qkv projection), where the torch path
+// rotates into a [T, Hq + Hkv, D] tensor and index_copy_s k and v from it. Models whose checkpoints store
+// interleaved rotary pairs (DeepSeek, GGUF) are de-interleaved at load, so neox is every rotation the engine
+// applies; scaled variants (llama3, linear, YaRN) differ only in the cos / sin tables.
+// Rounding: fp32 products x1 * cos and x2 * sin, each rounded, then their difference (sum), then the storage
+// dtype: the torch path's operations. This section is compiled without fused multiply-adds (the file's
+// -ffp-contract=fast would contract them), so the results equal the torch path's bit for bit in every dtype.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <typename T>
+inline void rotate_row(const T* __restrict x, T* __restrict out, const float* __restrict c, const float* __restrict s,
+                       int64_t r2, int64_t D) {
+#pragma omp simd
+  for (int64_t i = 0; i < r2; ++i) {
+    const float x1 = to_f(x[i]), x2 = to_f(x[i + r2]);
+    out[i] = from_f<T>(x1 * c[i] - x2 * s[i]);
+    out[i + r2] = from_f<T>(x2 * c[i] + x1 * s[i]);
+  }
+  for (int64_t i = 2 * r2; i < D; ++i) out[i] = x[i];
+}
+
+template <typename T>
+void rotary_kv_write_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* k, int64_t k_s0, int64_t k_s1,
+                            const T* v, int64_t v_s0, int64_t v_s1, const float* cos, int64_t cos_s0,
+                            const float* sin, int64_t sin_s0, const int64_t* slots, T* kc, T* vc, T* q_out,
+                            T* k_out, int64_t n_tokens, int64_t Hq, int64_t Hkv, int64_t D, int64_t r2,
+                            int64_t num_slots, std::atomic<bool>& bad_slot) {
+  const int64_t tok = Hkv * D;  // elements per cached token
+  // one thread below ~64K elements (a decode step's few hundred rows): a parallel region costs more there
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, (Hq + 2 * Hkv) * D));
+  at::parallel_for(0, n_tokens, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cos + t * cos_s0;
+      const float* s = sin + t * sin_s0;
+      for (int64_t h = 0; h < Hq; ++h) rotate_row(q + t * q_s0 + h * q_s1, q_out + (t * Hq + h) * D, c, s, r2, D);
+      const int64_t slot = slots[t];
+      if (slot >= num_slots) {  // reported after the loop; never written outside the cache
+        bad_slot = true;
+        continue;
+      }
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const T* kr = k + t * k_s0 + h * k_s1;
+        T* ko = k_out != nullptr ? k_out + (t * Hkv + h) * D : nullptr;
+        if (slot >= 0) {
+          T* kd = kc + slot * tok + h * D;
+          rotate_row(kr, kd, c, s, r2, D);
+          if (ko != nullptr) std::copy(kd, kd + D, ko);
+          const T* vr = v + t * v_s0 + h * v_s1;
+          std::copy(vr, vr + D, vc + slot * tok + h * D);
+        } else if (ko != nullptr) {
+          rotate_row(kr, ko, c, s, r2, D);
+        }
+      }
+    }
+  });
+}
+#pragma GCC pop_options
+
+// (rotated q, rotated k or None without return_k). Every argument is checked here (the Python wrapper calls it
+// unchecked and names the problem when it refuses one); q, k, v, cos and sin may be strided views of rows
+// with a contiguous last dim, slot_mapping int64 or int32.
+std::tuple<torch::Tensor, torch::Tensor> rotary_kv_write(const torch::Tensor& q, const torch::Tensor& k,
+                                                         const torch::Tensor& v, const torch::Tensor& cos,
+                                                         const torch::Tensor& sin, const torch::Tensor& slot_mapping,
+                                                         const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                                         bool return_k) {
+  for (const torch::Tensor* t : {&q, &k, &v, &cos, &sin, &slot_mapping, &k_cache, &v_cache})
+    TORCH_CHECK(t->device().is_cpu(), "rotary_kv_write: every tensor must be on the CPU");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(2) == k.size(2), "rotary_kv_write: q must be [tokens, heads, head_dim], k and v [tokens, ",
+              "kv_heads, head_dim]");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
+              "rotary_kv_write: q, k and v need a contiguous last dim");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
+                  v_cache.sizes() == k_cache.sizes() && k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
+              "rotary_kv_write: k_cache / v_cache must be contiguous [num_blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
+                  k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "rotary_kv_write: q, k, v and the caches must share a dtype");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.dim() == 2 &&
+                  sin.sizes() == cos.sizes() && cos.size(0) == q.size(0) && cos.stride(1) == 1 && sin.stride(1) == 1 &&
+                  cos.size(1) > 0 && 2 * cos.size(1) <= q.size(2),
+              "rotary_kv_write: cos / sin must be fp32 [tokens, rotary_dim / 2] rows, 0 < rotary_dim <= head_dim");
+  TORCH_CHECK((slot_mapping.scalar_type() == at::kLong || slot_mapping.scalar_type() == at::kInt) &&
+                  slot_mapping.dim() == 1 && slot_mapping.size(0) == q.size(0),
+              "rotary_kv_write: slot_mapping must be int64 or int32 [tokens]");
+  const auto slots = slot_mapping.scalar_type() == at::kLong ? slot_mapping.contiguous()
+                                                             : slot_mapping.to(at::kLong).contiguous();
+  const int64_t T = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2);
+  auto q_out = torch::empty({T, Hq, D}, q.options());
+  torch::Tensor k_out;  // undefined (None in Python) unless return_k
+  if (return_k) k_out = torch::empty({T, Hkv, D}, q.options());
+  std::atomic<bool> bad_slot{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_kv_write", [&] {
+    rotary_kv_write_kernel<scalar_t>(
+        q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), k.data_ptr<scalar_t>(), k.stride(0), k.stride(1),
+        v.data_ptr<scalar_t>(), v.stride(0), v.stride(1), cos.data_ptr<float>(), cos.stride(0), sin.data_ptr<float>(),
+        sin.stride(0), slots.data_ptr<int64_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+        q_out.data_ptr<scalar_t>(), return_k ? k_out.data_ptr<scalar_t>() : nullptr, T, Hq, Hkv, D, cos.size(1),
+        k_cache.size(0) * k_cache.size(1), bad_slot);
+  });
+  TORCH_CHECK(!bad_slot, "rotary_kv_write: a slot in slot_mapping is outside the cache's ",
+              k_cache.size(0) * k_cache.size(1), " slots (the other tokens were written)");
+  return {q_out, k_out};
+}
+
 // ---- one-row linear (a batch-1 decode step's matmuls) --------------------------------------------
 // y = x W^T (+ bias) (+ residual) for x [1, K], W [N, K] read in place (no packed copy): each of the
 // step's small weights is read once, where oneDNN's prepacked linear costs a ~15 us floor per call at
@@ -945,4 +1056,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
   m.def("silu_and_mul", &silu_and_mul);
   m.def("argmax_rows", &argmax_rows);
+  m.def("rotary_kv_write", &rotary_kv_write);
 }
