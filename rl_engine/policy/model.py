@@ -87,8 +87,23 @@ class Attention(nn.Module):
     def forward(self, x, rotary: RotaryEmbedding, rope, cu_seqlens, attn_context: AttentionContext | None, *,
                 residual: torch.Tensor) -> torch.Tensor:
         """residual + attention(x): the residual add rides on the output projection's matmul."""
-        o = self.attend(*self.project(x, rotary, rope), cu_seqlens=cu_seqlens, attn_context=attn_context)
+        if getattr(attn_context, "fuses_rotary", False):  # the context rotates q and k as it stores k
+            o = self._attend_rotary(x, rope, attn_context)
+        else:
+            o = self.attend(*self.project(x, rotary, rope), cu_seqlens=cu_seqlens, attn_context=attn_context)
         return self.o_proj(o.reshape(x.shape[0], -1), residual)
+
+    def _attend_rotary(self, x: torch.Tensor, rope, attn_context: AttentionContext) -> torch.Tensor:
+        """The attention output [T, Hq_local, D] of a context that rotates q and k itself (`fuses_rotary`: the
+        engine's fused C++ op): it is handed q and k before rotary and the half-width cos / sin tables."""
+        qkv = self.qkv_proj(x)  # [T, q | k | v]
+        T, Hq, Hkv, D = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        kv_width = self.qk_width - self.q_width
+        q, k, v = qkv.split([self.q_width, kv_width, kv_width], dim=1)
+        q, k = q.view(T, Hq, D), k.view(T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return attn_context.attend_rotary(self.layer_idx, q, k, v.view(T, Hkv, D), *rope, scale=self.scale)
 
     def project(self, x: torch.Tensor, rotary: RotaryEmbedding, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q [T, Hq_local, D], k and v [T, Hkv_local, D]) of this rank's heads, q and k rotated."""
@@ -97,13 +112,6 @@ class Attention(nn.Module):
         # `split`, not slicing: under autograd the parts' gradients are concatenated once, where
         # each slice's backward would zero-fill a whole [T, qkv] tensor and copy its part in.
         q_width, kv_width = self.q_width, self.qk_width - self.q_width
-        if getattr(attn_context, "fuses_rotary", False):  # the context rotates q and k as it stores k
-            q, k, v = qkv.split([q_width, kv_width, kv_width], dim=1)
-            if self.q_norm is not None:
-                q, k = self.q_norm(q.view(T, Hq, D)), self.k_norm(k.view(T, Hkv, D))
-            o = attn_context.attend_rotary(self.layer_idx, q.view(T, Hq, D), k.view(T, Hkv, D), v.view(T, Hkv, D),
-                                           *rope, scale=self.scale)
-            return self.o_proj(o.reshape(T, -1), residual)
         if self.q_norm is None:  # q and k heads side by side: one rotary pass over both
             qk, v = qkv.split([self.qk_width, kv_width], dim=1)
             q, k = rotary.rotate(qk.view(T, Hq + Hkv, D), rope).split([Hq, Hkv], dim=1)
