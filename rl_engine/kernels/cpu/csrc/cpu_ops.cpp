@@ -355,7 +355,6 @@ inline float block_max(const float* sj, int64_t n) {
 template <typename T>
 constexpr bool kVecDtype = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
 constexpr int kLanes = 16;
-constexpr _mm_hint kPrefetchHint = _MM_HINT_T0;  // the next block, into L1
 
 #elif defined(RL_AVX2)
 // AVX2 + FMA (+ F16C for fp16 rows): 8-float vectors in 16 registers. Scores from fp32 dots of the scaled query
@@ -475,10 +474,6 @@ inline float block_max(const float* sj, int64_t n) {
 template <typename T>
 constexpr bool kVecDtype = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
 constexpr int kLanes = 8;
-// The next block is prefetched into L2, not L1 (AVX-512's T0): 1 thread, the 40m shapes of
-// benchmarks/decode_isa.py (64 rows, 8 layers' pools), through the lock at load ~3, one run: fp32 1659 -> 1419 us
-// a layer call, bf16 1108 -> 762; 3m fp32 762 -> 581.
-constexpr _mm_hint kPrefetchHint = _MM_HINT_T1;
 #endif
 
 #if defined(RL_AVX512) || defined(RL_AVX2)
@@ -498,7 +493,11 @@ inline void group_block(const float* qf, const T* qb, int64_t q_s1, float scale,
 // Over a KV pool far larger than L3 (the engine's: 8 layers of 64 rows of 80-200 keys in blocks scattered
 // in ~256 MB), prefetching each next block took a call (2 threads, through the lock, two alternating
 // rounds) from 628-671 to 428-593 us at head dim 32 fp32, 484-540 to 404-452 bf16, and at head dim 64 from
-// 885-932 to 722-789 fp32, 865-975 to 683-736 bf16 (before the GQA passes).
+// 885-932 to 722-789 fp32, 865-975 to 683-736 bf16 (before the GQA passes). Into L2 (T1), not L1 (T0):
+// benchmarks/decode_isa.py's 64-row cells, copies A/B in one run through the lock at load ~5, AVX-512 at 2
+// threads: 40m fp32 706 -> 602 us a layer call, bf16 445 -> 348, 3m fp32 273 -> 234, bf16 155 -> 144; at 1
+// thread 40m 1458 -> 1231 and 889 -> 631, 3m 863 -> 699 and 352 -> 302; AVX2 at 1 thread 40m fp32 1659 -> 1419,
+// bf16 1108 -> 762, 3m fp32 762 -> 581.
 template <typename T, int DC>
 void paged_decode_vec(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const T* vc,
                       const int32_t* tables, int64_t table_stride, const int32_t* lens, T* out,
@@ -543,8 +542,8 @@ void paged_decode_vec(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const
             const char* kn = reinterpret_cast<const char*>(kc + next * bs * tok);
             const char* vn = reinterpret_cast<const char*>(vc + next * bs * tok);
             for (int64_t off = 0; off < bs * tok * int64_t(sizeof(T)); off += 64) {
-              _mm_prefetch(kn + off, kPrefetchHint);
-              _mm_prefetch(vn + off, kPrefetchHint);
+              _mm_prefetch(kn + off, _MM_HINT_T1);
+              _mm_prefetch(vn + off, _MM_HINT_T1);
             }
           }
         }
