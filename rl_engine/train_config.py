@@ -120,8 +120,9 @@ class RolloutSection:
     routing_replay: bool = False  # MoE: the trainer reuses the experts the engine chose at rollout
     kv_cache_memory_mb: int = 256
     max_num_batched_tokens: int = 4096
-    # CPU: decode attention by the C++ kernel that reads K/V in place in their cache blocks, where a compiler
-    # builds it (the torch gather + SDPA path otherwise, the reason logged); false: always the torch path.
+    # CPU: decode attention by the C++ kernel that reads K/V in place in their cache blocks, and rotary fused
+    # with the KV cache write by another (bit-equal to the torch path with g++), where a compiler builds them
+    # (the torch paths otherwise, the reason logged); false: always the torch paths.
     # Both are within the log-prob contract; batch-invariant mode has its own attention either way.
     cpu_decode_kernel: bool = True
     # CPU: each decode bucket's step compiled by torch.compile (the engine's compile_decode: buckets of 2+ rows
