@@ -121,6 +121,16 @@ def check_rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
                          f" v {v.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
 
 
+def check_slots_in_cache(op: str, slot_mapping: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """Every slot of `slot_mapping` is inside the cache or negative (no write); reads the slots (not when traced)."""
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    bad = slot_mapping[slot_mapping >= num_slots]
+    if bad.numel():
+        raise ValueError(f"{op}: slot_mapping holds slot {int(bad[0])}, outside the cache's {num_slots} slots"
+                         f" ({k_cache.shape[0]} blocks x block_size {k_cache.shape[1]}); a slot is block * block_size"
+                         " + offset, a negative slot (-1) skips the token's write")
+
+
 def check_unit_stride(op: str, **tensors: torch.Tensor) -> None:
     """Kernels that address rows by strides need the last dimension contiguous."""
     bad = [name for name, t in tensors.items() if t.stride(-1) != 1]

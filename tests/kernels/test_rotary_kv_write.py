@@ -160,7 +160,8 @@ def test_rotary_kv_write_refuses_bad_input_with_a_clear_error():
         (dict(cos=torch.zeros(4, 9), sin=torch.zeros(4, 9)), "0 < rotary_dim <= head_dim=16"),
         (dict(slot_mapping=slots.float()), "slot_mapping must be an integer tensor"),
         (dict(k_cache=caches[0].bfloat16(), v_cache=caches[1].bfloat16()), "must share a dtype"),
-        (dict(slot_mapping=torch.tensor([0, 1, 2, 8])), "outside the cache's 8 slots"),
+        (dict(slot_mapping=torch.tensor([0, 1, 2, 8])),
+         r"slot_mapping holds slot 8, outside the cache's 8 slots \(2 blocks x block_size 4\)"),
         (dict(k_cache=torch.zeros(4, 2, 2, 16).transpose(0, 1)), "must be contiguous"),
     ]
     for changes, message in cases:

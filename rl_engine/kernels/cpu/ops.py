@@ -153,4 +153,5 @@ def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         return extension().rotary_kv_write(q, k, v, cos, sin, slot_mapping, k_cache, v_cache, return_k)
     except RuntimeError as error:  # the kernel's TORCH_CHECK refused an argument
         op_inputs.check_rotary_kv_write(q, k, v, cos, sin, slot_mapping, k_cache, v_cache)
+        op_inputs.check_slots_in_cache("rotary_kv_write", slot_mapping, k_cache)
         raise ValueError(f"{error}".split("\n")[0]) from error
