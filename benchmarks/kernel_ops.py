@@ -2,7 +2,7 @@
 
 Prints one JSON object: per op, the backend the registry picked, median milliseconds of the
 reference (the baseline) and of the chosen implementation, and their ratio. On CPU the C++ kernels
-that are the registry's CPU defaults (paged_decode_attention, greedy_argmax) are measured against
+that are the registry's CPU defaults (paged_decode_attention, rotary_kv_write, greedy_argmax) are measured against
 their references; every other op resolves to its reference (ratio 1 by construction) unless
 `RL_ENGINE_CPU_KERNELS=1`. Shapes are modest so a CPU run finishes in seconds:
 
@@ -45,6 +45,13 @@ def _inputs(op: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple, d
         tables = torch.randperm(batch * blocks_per_seq, device=device).view(batch, -1).int()
         lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
         return (rand(batch, heads, dim), k_cache, rand(*k_cache.shape), tables, lens, dim ** -0.5), {}
+    if op == "rotary_kv_write":  # a prefill chunk's q|k|v views, rotated and written into 16-token blocks
+        qkv = rand(t, (heads + 2 * kv_heads) * dim)
+        q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
+        cos, sin = reference.rotary_cos_sin(torch.arange(t, device=device), torch.rand(dim // 2, device=device))
+        caches = [rand(2 * t // 16, 16, kv_heads, dim) for _ in range(2)]
+        return (q.view(t, heads, dim), k.view(t, kv_heads, dim), v.view(t, kv_heads, dim), cos, sin,
+                torch.arange(t, device=device), *caches), {}
     if op == "greedy_argmax":  # a batch-64 greedy pick over a 32k vocabulary
         return (rand(64, 32000),), {}
     if op == "moe_permute":
@@ -53,7 +60,7 @@ def _inputs(op: str, device: torch.device, dtype: torch.dtype) -> tuple[tuple, d
 
 
 BENCHMARKED = ("rms_norm", "silu_and_mul", "apply_rotary", "logprob_entropy",
-               "paged_decode_attention", "greedy_argmax", "moe_permute")
+               "paged_decode_attention", "rotary_kv_write", "greedy_argmax", "moe_permute")
 _REFERENCES: dict[str, Callable] = {"logprob_entropy": logprob.logprob_entropy}
 
 
