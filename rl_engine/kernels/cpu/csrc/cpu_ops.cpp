@@ -226,13 +226,14 @@ void paged_decode_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
   });
 }
 
-// The vector decode kernel (paged_decode_vec, AVX-512 or AVX2): the same task split, block walk and online softmax
-// as paged_decode_kernel, with the head dim DC a multiple of the vector width W (16 floats, AVX2's 8) held in
-// registers, and the query heads of a GQA group taken GC = 4, 2 or 1 at a time ("a pass"): each K row of a block is
-// loaded once per pass and scored against all GC heads, and each V row (bf16 widened to fp32) once per pass and
-// accumulated into all GC heads' outputs. Scores: W / GC tokens x GC heads of partial dot products, summed by one
-// transpose-and-add (sum16, sum8) into a vector of W scores (token-major), permuted head-major and stored per head.
-// Each ISA defines group_scores, group_values and block_max; group_block and the driver are shared.
+// The vector decode kernel (paged_decode_vec, AVX-512 or AVX2): the same task split and online softmax as
+// paged_decode_kernel (updated per chunk of blocks, below, not per block), with the head dim DC a multiple of the
+// vector width W (16 floats, AVX2's 8) held in registers, and the query heads of a GQA group taken GC = 4, 2 or 1 at
+// a time ("a pass"): each K row of a block is loaded once per pass and scored against all GC heads, and each V row
+// (bf16 widened to fp32) once per pass and accumulated into all GC heads' outputs. Scores: W / GC tokens x GC heads
+// of partial dot products, summed by one transpose-and-add (sum16, sum8) into a vector of W scores (token-major),
+// permuted head-major and stored per head.
+// Each ISA defines group_scores, group_values and block_max; group_chunk and the driver are shared.
 // A task walks its sequence in chunks of up to kChunkTokens keys: consecutive cache blocks (each one contiguous run of
 // K and of V) scored one after another, then one online-softmax update and one accumulator pass for the whole chunk.
 // Against one update per 16-token block (AVX-512, 40m shapes: 64 rows, 8 / 2 heads of 64, contexts 80-191, 8 layers'
