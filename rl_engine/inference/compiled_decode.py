@@ -24,7 +24,10 @@ compiled code per code object: one cache entry per step and no recompile limit s
 shapes, every module and parameter the trace touched, ~230 checks, some in Python) cost more than the
 graph saves at decode sizes (measured: a batch-1 step of the ~3.4M model 2.6 ms with them, 1.7 ms eager,
 1.3 ms without), so after the bucket's first call they are skipped (`set_stance(skip_guard_eval_unsafe)`).
-That is sound here because nothing they check can change while the engine lives: a bucket's inputs
+One global they check does change while the engine lives: torch's thread count (a small step runs on one
+thread, `threads.single_thread_below`; `cpu_threads="auto"` follows the free cores), and a graph compiled at
+one count is refused at another. So each step is kept per thread count, compiled on its first call at that
+count (at most once per count the engine uses). The rest of what the guards check cannot change: a bucket's inputs
 are its own static buffers (of the size the dynamic step takes as a symbol), parameters change in place only (re-read at every call), the engine always
 steps under inference mode, and the model's structure and kernels are fixed at build. The C++ wrapper
 costs ~2-3 s more compilation per bucket and took a batch-1 step of the ~3.5M model from 1.47 ms to
@@ -150,15 +153,16 @@ class _CompiledStep:
         self.layouts: dict[str, tuple] = {}  # each parameter's and buffer's (shape, strides, dtype) at compile
 
 
-# The dynamic-batch step of each engine (keyed by its attention object, which every bucket's runner shares).
-_SHARED_STEPS: weakref.WeakKeyDictionary[PagedAttention, _CompiledStep] = weakref.WeakKeyDictionary()
+# The dynamic-batch steps of each engine, one per torch thread count (keyed by its attention object, which every
+# bucket's runner shares).
+_SHARED_STEPS: weakref.WeakKeyDictionary[PagedAttention, dict[int, _CompiledStep]] = weakref.WeakKeyDictionary()
 
 
-def _shared_step(attn: PagedAttention) -> _CompiledStep:
-    step = _SHARED_STEPS.get(attn)
-    if step is None:
-        step = _SHARED_STEPS[attn] = _CompiledStep()
-    return step
+def _shared_steps(attn: PagedAttention) -> dict[int, _CompiledStep]:
+    steps = _SHARED_STEPS.get(attn)
+    if steps is None:
+        steps = _SHARED_STEPS[attn] = {}
+    return steps
 
 
 class CompiledDecodeRunner(DecodeRunner):
@@ -169,8 +173,8 @@ class CompiledDecodeRunner(DecodeRunner):
         super().__init__(batch_size, inputs=inputs, model=model, attn=attn)
         self._attend = _AttendOp(attn)
         # Buckets of two rows or more share one step compiled with a dynamic batch dimension (see the module
-        # doc); a bucket of one has its own static step.
-        self._shared = _shared_step(attn) if batch_size >= 2 else _CompiledStep()
+        # doc); a bucket of one has its own static step. Either is kept per torch thread count.
+        self._steps: dict[int, _CompiledStep] = _shared_steps(attn) if batch_size >= 2 else {}
         self.compile_seconds: float | None = None  # the compiling run's time, on the bucket that compiled
 
     def run(self, *, max_context_len: int, routing=None, first_block: int | None = None):
@@ -179,20 +183,21 @@ class CompiledDecodeRunner(DecodeRunner):
         self.attn.prepare(slot_mapping=self.slot_mapping, num_single=self.batch_size, block_tables=self.block_tables,
                           context_lens=self.context_lens, max_context_len=max_context_len, prefills=[],
                           first_block=first_block)
-        step = self._shared
+        threads = torch.get_num_threads()
+        step = self._steps.setdefault(threads, _CompiledStep())
         if step.compiled is not None:
             # The one cache entry of this step's code object runs without its guards (see the module doc).
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return step.compiled(self.model, self._attend, self.input_ids, self.positions)
             except RuntimeError as e:  # inductor's own message blames "an incorrect fake kernel"
-                problem = self._replaced_tensor()
+                problem = self._replaced_tensor(step)
                 if problem is None:
                     raise
                 raise ValueError(problem) from e
         # A copy of `_step` with a code object of its own: dynamo's cache of this step alone.
         dynamic = self.batch_size >= 2
-        name = "decode_step_dynamic" if dynamic else f"decode_step_{self.batch_size}"
+        name = (f"decode_step_dynamic_t{threads}" if dynamic else f"decode_step_{self.batch_size}_t{threads}")
         fn = types.FunctionType(_step.__code__.replace(), _step.__globals__, name)
         if dynamic:  # one graph for every bucket of two rows or more: the batch size is a symbol
             torch._dynamo.mark_dynamic(self.input_ids, 0)
@@ -202,16 +207,16 @@ class CompiledDecodeRunner(DecodeRunner):
         out = compiled(self.model, self._attend, self.input_ids, self.positions)
         self.compile_seconds = time.perf_counter() - start
         step.compiled, step.layouts = compiled, _layouts(self.model)
-        logger.info("compiled the decode step of bucket %d (%s) in %.1f s", self.batch_size,
-                    "every bucket of 2+ rows" if dynamic else "static", self.compile_seconds)
+        logger.info("compiled the decode step of bucket %d (%s, %d threads) in %.1f s", self.batch_size,
+                    "every bucket of 2+ rows" if dynamic else "static", threads, self.compile_seconds)
         return out
 
-    def _replaced_tensor(self) -> str | None:
+    def _replaced_tensor(self, step: _CompiledStep) -> str | None:
         """After a compiled step failed: the parameter or buffer whose tensor was replaced by one of another
         shape, strides or dtype since the compile (the graph reads them in place, laid out as it was built
         for; its guards, which would catch this, are skipped), as an error naming the fix; else None."""
         now = _layouts(self.model)
-        for name, built in self._shared.layouts.items():
+        for name, built in step.layouts.items():
             if now.get(name, built) != built:
                 (shape, strides, dtype), (shape1, strides1, dtype1) = built, now[name]
                 return (f"the compiled decode step of bucket {self.batch_size} reads {name!r} as shape {shape}, "

@@ -7,6 +7,8 @@ Buckets 2 and 4 and one compiled engine for the module: the compile (seconds of 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -99,6 +101,28 @@ def test_a_shrinking_batch_compiles_one_step_for_every_bucket(engines, monkeypat
     runner = compiled.engine.runner
     assert sorted(runner.graphs.runners) == [2, 4]  # both buckets ran (3 rows, then 2, then 1 padded to 2)
     assert list(runner.compile_seconds()) == [4]  # one compile, on the first bucket used
+
+
+@needs_cxx
+def test_a_step_at_another_thread_count_compiles_its_own_graph(engines, monkeypatch):
+    """torch's thread count changes while an engine lives (a small step runs on one thread; cpu_threads="auto"
+    follows the free cores) and dynamo refuses a graph compiled at another count: with its guards skipped
+    that was a RuntimeError ("Recompilation triggered") mid-generate. Each count gets its own compiled step."""
+    policy, eager, compiled = engines
+    # this model's steps would all run on one thread (single_thread_below); here they run at the count set
+    monkeypatch.setattr(compiled.engine, "_step_threads", lambda sched: contextlib.nullcontext())
+    prompts = mixed_prompts(3, seed=13, max_len=20)
+    params = SamplingParams(temperature=1.0, max_tokens=6, seed=3, ignore_eos=True)
+    _compare(policy, eager, compiled, prompts, params)  # compiled at this count (or earlier in the module)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2 if before == 1 else 1)
+    try:
+        _compare(policy, eager, compiled, prompts, params)
+        _compare(policy, eager, compiled, prompts, params)  # the second count's step replayed, guards skipped
+    finally:
+        torch.set_num_threads(before)
+    steps = compiled_decode._SHARED_STEPS[compiled.engine.runner.attn]
+    assert sorted(steps) == sorted({before, 2 if before == 1 else 1}), steps
 
 
 @needs_cxx
