@@ -57,7 +57,7 @@ def _attention_inputs(layer: DecoderLayer, x: torch.Tensor, rotary, rope):
 
 
 def _output_and_mlp(layer: DecoderLayer, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    x = layer.self_attn.o_proj(o.reshape(x.shape[0], -1), x)
+    x = layer.self_attn.o_proj(o.reshape(o.shape[0], -1), x)
     return layer.mlp(layer.post_attention_layernorm(x), x)
 
 

@@ -107,7 +107,7 @@ class MLAttention(nn.Module):
             o = self._varlen_attention(*self.expand(q_nope, q_pe, latent, k_pe), cu_seqlens, self.scale)
         else:
             o = attn_context.attend_latent(self.layer_idx, self, q_nope, q_pe, latent, k_pe)
-        return self.o_proj(o.reshape(x.shape[0], -1), residual)
+        return self.o_proj(o.reshape(o.shape[0], -1), residual)
 
     def expand(self, q_nope, q_pe, latent, k_pe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The expanded form: q and k [T, H, nope + rope], v [T, H, v_head_dim] (k_pe shared by the heads)."""

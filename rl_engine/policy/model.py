@@ -91,7 +91,9 @@ class Attention(nn.Module):
             o = self._attend_rotary(x, rope, attn_context)
         else:
             o = self.attend(*self.project(x, rotary, rope), cu_seqlens=cu_seqlens, attn_context=attn_context)
-        return self.o_proj(o.reshape(x.shape[0], -1), residual)
+        # o's rows are all the tokens: under sequence parallelism x holds this rank's slice of them (the qkv
+        # projection gathered the rest), so o, not x, gives the count
+        return self.o_proj(o.reshape(o.shape[0], -1), residual)
 
     def _attend_rotary(self, x: torch.Tensor, rope, attn_context: AttentionContext) -> torch.Tensor:
         """The attention output [T, Hq_local, D] of a context that rotates q and k itself (`fuses_rotary`: the
