@@ -175,7 +175,9 @@ class CompiledDecodeRunner(DecodeRunner):
         # Buckets of two rows or more share one step compiled with a dynamic batch dimension (see the module
         # doc); a bucket of one has its own static step. Either is kept per torch thread count.
         self._steps: dict[int, _CompiledStep] = _shared_steps(attn) if batch_size >= 2 else {}
-        self.compile_seconds: float | None = None  # the compiling run's time, on the bucket that compiled
+        # Seconds of the compiling runs this bucket made (one per thread count it compiled at), summed;
+        # None until its first compile. A step shared by several buckets counts on the one that compiled it.
+        self.compile_seconds: float | None = None
 
     def run(self, *, max_context_len: int, routing=None, first_block: int | None = None):
         if routing is not None:
@@ -205,10 +207,11 @@ class CompiledDecodeRunner(DecodeRunner):
         compiled = torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
         start = time.perf_counter()
         out = compiled(self.model, self._attend, self.input_ids, self.positions)
-        self.compile_seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.compile_seconds = (self.compile_seconds or 0.0) + seconds
         step.compiled, step.layouts = compiled, _layouts(self.model)
         logger.info("compiled the decode step of bucket %d (%s, %d threads) in %.1f s", self.batch_size,
-                    "every bucket of 2+ rows" if dynamic else "static", threads, self.compile_seconds)
+                    "every bucket of 2+ rows" if dynamic else "static", threads, seconds)
         return out
 
     def _replaced_tensor(self, step: _CompiledStep) -> str | None:

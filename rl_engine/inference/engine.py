@@ -461,6 +461,6 @@ class LLMEngine:
                  "weights_version": self.weights_version}
         if self.speculator is not None:  # acceptance rate, mean accepted length, drafts per step, ...
             stats["speculative"] = self.speculator.stats.as_dict(self.num_steps)
-        if self.config.compile_decode:  # bucket -> seconds of its first (compiling) step
+        if self.config.compile_decode:  # bucket -> seconds of its compiling steps, summed
             stats["decode_compile_s"] = self.runner.compile_seconds()
         return stats

@@ -205,7 +205,8 @@ class ModelRunner:
             packed_linear.invalidate(self.packed_weights)
 
     def compile_seconds(self) -> dict[int, float]:
-        """compile_decode: bucket -> seconds its first step took (compilation included)."""
+        """compile_decode: bucket -> seconds its compiling steps took (compilation included), summed over the
+        torch thread counts it compiled at (a step is compiled once per count, `compiled_decode`)."""
         return {b: r.compile_seconds for b, r in sorted(self.graphs.runners.items())
                 if getattr(r, "compile_seconds", None) is not None}
 

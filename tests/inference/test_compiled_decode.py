@@ -8,6 +8,7 @@ Buckets 2 and 4 and one compiled engine for the module: the compile (seconds of 
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import pytest
 import torch
@@ -104,11 +105,14 @@ def test_a_shrinking_batch_compiles_one_step_for_every_bucket(engines, monkeypat
 
 
 @needs_cxx
-def test_a_step_at_another_thread_count_compiles_its_own_graph(engines, monkeypatch):
+def test_a_step_at_another_thread_count_compiles_its_own_graph(engines, monkeypatch, caplog):
     """torch's thread count changes while an engine lives (a small step runs on one thread; cpu_threads="auto"
     follows the free cores) and dynamo refuses a graph compiled at another count: with its guards skipped
-    that was a RuntimeError ("Recompilation triggered") mid-generate. Each count gets its own compiled step."""
+    that was a RuntimeError ("Recompilation triggered") mid-generate. Each count gets its own compiled step,
+    and the engine's compile seconds add up every compile (a bucket kept only its last one)."""
     policy, eager, compiled = engines
+    caplog.set_level(logging.INFO, logger=compiled_decode.__name__)
+    seconds_before = compiled.engine.runner.compile_seconds()  # compiles earlier in the module
     # this model's steps would all run on one thread (single_thread_below); here they run at the count set
     monkeypatch.setattr(compiled.engine, "_step_threads", lambda sched: contextlib.nullcontext())
     prompts = mixed_prompts(3, seed=13, max_len=20)
@@ -123,6 +127,13 @@ def test_a_step_at_another_thread_count_compiles_its_own_graph(engines, monkeypa
         torch.set_num_threads(before)
     steps = compiled_decode._SHARED_STEPS[compiled.engine.runner.attn]
     assert sorted(steps) == sorted({before, 2 if before == 1 else 1}), steps
+    # each compile's own seconds, from its log record's arguments (bucket, kind, threads, seconds)
+    logged = [r.args for r in caplog.records if r.msg.startswith("compiled the decode step")]
+    assert any(threads != before for _, _, threads, _ in logged)  # the other count's compile is among them
+    expected = dict(seconds_before)
+    for bucket, _, _, seconds in logged:
+        expected[bucket] = expected.get(bucket, 0.0) + seconds
+    assert compiled.engine.runner.compile_seconds() == pytest.approx(expected, rel=1e-12)
 
 
 @needs_cxx
