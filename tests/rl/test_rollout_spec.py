@@ -32,10 +32,26 @@ SPEC_KEYS = ("rollout/spec_acceptance_rate", "rollout/spec_mean_accepted_length"
 
 
 def train(out, *overrides) -> tuple[list[dict], list[dict]]:
-    """A single-process run: its step metrics and its samples.jsonl rows."""
+    """A single-process run: its step metrics and its samples.jsonl rows. Each step's row also gets
+    `engine_spec_counts`: (drafts, accepted, verify steps) summed over every completion the engine
+    returned during that step (kept or dropped groups alike), the counts its spec metrics must be."""
     trainer = GRPOTrainer(toy_config(out, "train.dump_samples=true", *overrides))
+    counts: list[int] = []
+    generate = trainer.llm.generate
+
+    def counting_generate(*args, **kwargs):
+        outs = generate(*args, **kwargs)
+        for c in (c for o in outs for c in o.outputs):
+            counts[:] = [counts[0] + c.spec_draft_tokens, counts[1] + c.spec_accepted_tokens,
+                         counts[2] + c.spec_verifies]
+        return outs
+
+    trainer.llm.generate = counting_generate
+    metrics = []
     try:
-        metrics = [trainer.step() for _ in range(trainer.config.train.steps)]
+        for _ in range(trainer.config.train.steps):
+            counts[:] = [0, 0, 0]
+            metrics.append({**trainer.step(), "engine_spec_counts": tuple(counts)})
     finally:
         trainer.close()
     with open(out / "samples.jsonl") as f:
@@ -43,13 +59,20 @@ def train(out, *overrides) -> tuple[list[dict], list[dict]]:
 
 
 def assert_spec_metrics(row: dict, *, fixed: bool) -> None:
+    """A step's acceptance metrics, consistent with each other; with `engine_spec_counts` (single
+    process), they are that step's own counts (not the run's so far)."""
     for key in SPEC_KEYS:
         assert key in row, (key, row)
-    assert 0.0 <= row["rollout/spec_acceptance_rate"] <= 1.0
-    assert 0 <= row["rollout/spec_accepted_tokens"] <= row["rollout/spec_draft_tokens"]
+    drafts, accepted = row["rollout/spec_draft_tokens"], row["rollout/spec_accepted_tokens"]
+    assert 0 <= accepted <= drafts
+    assert row["rollout/spec_acceptance_rate"] == (accepted / drafts if drafts else 0.0)
     k = 3
     assert 1.0 <= row["rollout/spec_mean_accepted_length"] <= 1 + k
     assert row["rollout/spec_draft_fixed"] == float(fixed)
+    if "engine_spec_counts" in row:
+        engine_drafts, engine_accepted, verifies = row["engine_spec_counts"]
+        assert (drafts, accepted) == (engine_drafts, engine_accepted), row
+        assert row["rollout/spec_mean_accepted_length"] == pytest.approx(1 + accepted / verifies, rel=1e-12)
 
 
 def assert_contract(row: dict) -> None:
@@ -111,9 +134,9 @@ def test_speculative_configs_checked_against_the_run(tmp_path):
 def test_ngram_run_samples_what_the_plain_run_samples(tmp_path):
     plain, plain_samples = train(tmp_path / "plain", *NGRAM[:2], "train.steps=2")
     spec, spec_samples = train(tmp_path / "spec", *NGRAM, "train.steps=2")
-    assert sum(r["rollout/spec_accepted_tokens"] for r in spec) > 0  # drafts were accepted, not only proposed
     for a, b in zip(spec, plain):
         assert_spec_metrics(a, fixed=False)
+        assert a["rollout/spec_accepted_tokens"] > 0  # drafts were accepted in every step, not only proposed
         assert_contract(a)
         assert (a["reward/mean"], a["tokens/total"]) == (b["reward/mean"], b["tokens/total"])
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-6
@@ -141,8 +164,9 @@ def test_batch_invariant_ngram_run_is_bitwise_on_policy(tmp_path):
     invariant = ["model.batch_invariant=true", "train.steps=2"]
     plain, plain_samples = train(tmp_path / "plain", *NGRAM[:2], *invariant)
     spec, spec_samples = train(tmp_path / "spec", *NGRAM, *invariant)
-    assert sum(r["rollout/spec_accepted_tokens"] for r in spec) > 0
     for a, b in zip(spec, plain):
+        assert_spec_metrics(a, fixed=False)
+        assert a["rollout/spec_accepted_tokens"] > 0
         assert a["train/is_ratio_max"] == 1.0 and a["train/mismatch_k3"] == 0.0, a
         assert a["train/loss"] == b["train/loss"]
     assert [(s["token_ids"], s["behavior_logprobs"]) for s in spec_samples] == \
@@ -193,6 +217,8 @@ def test_colocated_ngram_run_matches_the_single_process_one(tmp_path, monkeypatc
     from rl_actor_helpers import actor_rows, assert_same_run
 
     reference, _ = train(tmp_path / "single", *NGRAM, "train.steps=2")
+    for row in reference:
+        assert_spec_metrics(row, fixed=False)
     got = actor_rows(tmp_path / "colocated", monkeypatch, *NGRAM, "train.steps=2", "placement.mode=colocated")
     assert_same_run(got, reference)
     for a, b in zip(got, reference):
