@@ -159,6 +159,14 @@ class GenerateResult(Message):
     samples: list[SampleResult]
     error: str | None = None  # the worker refused the request (e.g. prompt too long); samples is empty
     interrupted: bool = False  # async: stopped by a weight update; samples with finish_reason "abort" go on later
+    # rollout.compile_decode: seconds the sender's engine spent compiling decode steps since its previous
+    # result (the coordinator's `rollout/decode_compile_s`). Defaulted, so frames without it (an older
+    # checkpoint's rollout buffer) still decode.
+    decode_compile_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.decode_compile_s) and self.decode_compile_s >= 0):
+            raise ValueError(f"decode_compile_s must be a finite number >= 0, got {self.decode_compile_s}")
 
 
 class GenerateBatch(Message):

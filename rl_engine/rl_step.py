@@ -205,6 +205,20 @@ def speculative_metrics(samples: Sequence[Sample], speculative: SpeculativeConfi
             "rollout/spec_draft_fixed": float(speculative.method == "draft_model")}
 
 
+class DecodeCompileSeconds:
+    """rollout.compile_decode: the seconds an engine spent compiling its decode steps (compile seconds of
+    every bucket, summed), handed out once: `take()` gives those since the previous `take()`. Each
+    placement reports them as `rollout/decode_compile_s` in the step row written after them."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.taken = engine, 0.0
+
+    def take(self) -> float:
+        total = sum(self.engine.runner.compile_seconds().values())
+        new, self.taken = total - self.taken, total
+        return new
+
+
 def rollout_metrics(samples: Sequence[Sample], *, num_reward_failed: int, rollout_s: float,
                     speculative: SpeculativeConfig | None = None) -> dict[str, float]:
     """Reward and length statistics of every sample generated in a step (kept or dropped), and the

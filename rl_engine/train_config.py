@@ -127,7 +127,8 @@ class RolloutSection:
     cpu_decode_kernel: bool = True
     # CPU: each decode bucket's step compiled by torch.compile (the engine's compile_decode: buckets of 2+ rows
     # share one step with a dynamic batch size, so an EOS-varied rollout compiles once), within the log-prob
-    # contract but not bit for bit; the first rollout pays the compile (engine stats' decode_compile_s).
+    # contract but not bit for bit; the first rollout pays the compile (engine stats' decode_compile_s; in every
+    # placement the step rows' rollout/decode_compile_s: the engines' compile seconds since the previous row).
     compile_decode: bool = False
     # "sync": each step generates with the newest weights, then trains. "async" (actors only): rollout
     # and training overlap; a weight update interrupts in-flight requests, which resume with the new

@@ -41,6 +41,7 @@ from rl_engine.policy.compile import apply_compile
 from rl_engine.policy.offload import HostOffload, in_use
 from rl_engine.policy.optimizer import MasterWeightsAdamW
 from rl_engine.rl_step import (
+    DecodeCompileSeconds,
     PromptSource,
     Sample,
     StepLoss,
@@ -263,6 +264,7 @@ class GRPOTrainer:
                        record_routing=r.routing_replay, speculative_config=r.speculative,
                        cpu_threads="fixed", cpu_prepack_weights=False,  # the fp32 log-prob contract (config.py)
                        cpu_decode_kernel=r.cpu_decode_kernel, compile_decode=r.compile_decode)
+        self.decode_compile = DecodeCompileSeconds(self.llm.engine) if r.compile_decode else None
         self.moe_layers = sorted(self.model.config.moe_layers) if r.routing_replay else None
         self.rewards = RewardComputer(cfg.reward)
         self.agentic = None  # rollout.fn: multi-turn sessions instead of single-turn completions
@@ -407,6 +409,8 @@ class GRPOTrainer:
                         "rollout/refill_rounds": stats["rounds"]})
         if self.agentic is not None:
             metrics.update(self.agentic.metrics())
+        if self.decode_compile is not None:  # this step's compiles (and an evaluation's before it)
+            metrics["rollout/decode_compile_s"] = self.decode_compile.take()
         return [s for group in kept for s in group], metrics
 
     def train_on(self, samples: list[Sample]) -> dict[str, float]:

@@ -37,7 +37,7 @@ def _all_messages() -> list[P.Message]:
         P.GenerateResult(request_id="r1", samples=[_sample(5, "r1/0"), _sample(0, "r1/1")]),
         P.GenerateRequest(request_id="r1#2", sample_ids=["r1#2/0"], prompt_token_ids=[1, 2],
                           sampling=P.WireSamplingParams(seed=3), policy_version=5, resume=[_sample(3, "r1#2/0")]),
-        P.GenerateResult(request_id="r3", samples=[_sample(2, "r3/0")], interrupted=True),
+        P.GenerateResult(request_id="r3", samples=[_sample(2, "r3/0")], interrupted=True, decode_compile_s=12.5),
         P.GenerateBatch(requests=[P.GenerateRequest(request_id="r2", sample_ids=["r2/0"], prompt_token_ids=[4],
                                                     sampling=P.WireSamplingParams(ignore_eos=True), policy_version=0)],
                         min_finished=1),
@@ -148,6 +148,8 @@ GOOD_F32x2 = np.zeros(2, dtype=np.float32).tobytes()
         ([_envelope({"type": "Teleport", "where": "mars"})], "unknown message type 'Teleport'"),
         ([_envelope({"type": "Ack"})], "missing required field `ref`"),
         ([_envelope({"type": "Heartbeat", "sender": "a", "time": "noon"})], "Expected `float`"),
+        ([_envelope({"type": "GenerateResult", "request_id": "r", "samples": [], "decode_compile_s": -1.0})],
+         "decode_compile_s must be a finite number >= 0, got -1.0"),
         ([_envelope(_bucket_body([1, "float32", [2]]))], "frames 1..0"),  # missing frame
         ([_envelope(_bucket_body([1, "float32", [2]])), GOOD_F32x2, GOOD_F32x2], "frames [2] are not referenced"),
         ([_envelope(_bucket_body([1, "float32", [3]])), GOOD_F32x2], "has 8 bytes but dtype float32 x shape [3] needs 12"),
@@ -162,6 +164,12 @@ def test_malformed_messages_raise_protocol_error(frames: list[bytes], needle: st
     with pytest.raises(P.ProtocolError) as info:
         P.decode(frames)
     assert needle in str(info.value)
+
+
+def test_generate_result_without_compile_seconds_decodes() -> None:
+    """A GenerateResult frame from before `decode_compile_s` (a checkpoint's rollout buffer) decodes, as 0."""
+    msg = P.decode([_envelope({"type": "GenerateResult", "request_id": "r", "samples": []})])
+    assert msg == P.GenerateResult(request_id="r", samples=[]) and msg.decode_compile_s == 0.0
 
 
 def test_duplicate_frame_reference() -> None:

@@ -189,11 +189,14 @@ class Coordinator(CoordinatorBase):
         return metrics
 
     def _accounting(self) -> dict[str, float]:
-        """Every step's closing metrics: the prompt ledger (checked), the version, the live workers."""
+        """Every step's closing metrics: the prompt ledger (checked), the version, the live workers, and
+        (compile_decode) the engines' decode-step compile seconds reported since the previous row."""
         counts = self.ledger.counts()
         self.ledger.check()
         out = {f"prompts/{k}": v for k, v in counts.items()}
         out["policy_version"] = self.version
+        if self.cfg.rollout.compile_decode:  # the engines' compile seconds reported with this step's results
+            out["rollout/decode_compile_s"], self.decode_compile_s = self.decode_compile_s, 0.0
         if self.disaggregated:
             out.update({"workers/alive": len(self.live_workers()), "workers/deaths": self.num_worker_deaths,
                         "workers/served": {name: self.served[name] for name in sorted(self.served)}})

@@ -103,6 +103,7 @@ class CoordinatorBase:
         # heartbeats), until it reports their process's end or this deadline (monotonic) passes.
         self.awaiting: dict[str, float] = {}
         self.served: Counter[str] = Counter()  # generation results accepted from each worker (per step)
+        self.decode_compile_s = 0.0  # the engines' decode-step compiles reported since the last step row
 
     # ---- actors -----------------------------------------------------------------------------------
     def expected_actors(self) -> list[str]:
@@ -268,6 +269,7 @@ class CoordinatorBase:
         elif not actor.alive:
             logger.info("ignoring %s from retired %s", type(msg).__name__, sender)
         elif isinstance(msg, P.GenerateResult):
+            self.decode_compile_s += msg.decode_compile_s
             self._on_result(sender, msg)
         elif isinstance(msg, ANSWERS):
             self.inbox.append((sender, msg))

@@ -43,6 +43,7 @@ from rl_engine.actors.wire import add_to_engine, generate_result
 from rl_engine.auth import RunAuth
 from rl_engine.inference import LLM, RequestOutput
 from rl_engine.policy import from_pretrained
+from rl_engine.rl_step import DecodeCompileSeconds
 from rl_engine.policy.tokenizer import Tokenizer
 from rl_engine.serve.host import start_run_server
 from rl_engine.train_config import RLConfig
@@ -87,6 +88,7 @@ class RolloutWorker:
                        speculative_config=r.speculative, cpu_prepack_weights=False,  # the fp32 log-prob contract
                        cpu_decode_kernel=r.cpu_decode_kernel, compile_decode=r.compile_decode)
         self.engine = self.llm.engine
+        self.decode_compile = DecodeCompileSeconds(self.engine)  # reported on the results (compile_decode)
         # Every process computes the same plan: every trainer rank sends its own shards to this tp=1 engine.
         # A context-parallel trainer is dp x cp replicas (TrainLayout.of), as the trainer group plans it.
         plan = plan_sync(model.config, src=TrainLayout(tp=t.tp, pp=t.pp, dp=t.dp * t.cp, ep=t.ep, dtype=dtype),
@@ -127,7 +129,7 @@ class RolloutWorker:
                     for out in self.engine.step():
                         if out.finished:
                             request = self.requests.pop(out.request_id)
-                            self.link.send(generate_result(request, out))
+                            self._send_result(generate_result(request, out))
                     if self.hold_a_request_until_update:
                         self._hold_a_request()
 
@@ -168,7 +170,7 @@ class RolloutWorker:
                 held = None
             if msg.interrupt:  # async: hand the partial rollouts back; they go on with the new weights
                 for out in ([held] if held is not None else []) + self.engine.interrupt():
-                    self.link.send(generate_result(self.requests.pop(out.request_id), out, interrupted=True))
+                    self._send_result(generate_result(self.requests.pop(out.request_id), out, interrupted=True))
             reply = self._update_weights(msg.version)
             reply.rejected_messages = self.weights_rx.num_rejected
             self.link.send(reply)
@@ -181,9 +183,14 @@ class RolloutWorker:
             add_to_engine(self.engine, request)
         except ValueError as e:
             logger.warning("%s: request %s refused: %s", self.worker_id, rid, e)
-            self.link.send(P.GenerateResult(request_id=rid, samples=[], error=str(e)))
+            self._send_result(P.GenerateResult(request_id=rid, samples=[], error=str(e)))
             return
         self.requests[rid] = request
+
+    def _send_result(self, result: P.GenerateResult) -> None:
+        """Send `result` with the seconds the engine spent compiling decode steps since the previous one."""
+        result.decode_compile_s = self.decode_compile.take()
+        self.link.send(result)
 
     def _update_weights(self, version: int) -> P.WeightsApplied:
         t0 = time.perf_counter()

@@ -52,7 +52,7 @@ from rl_engine.actors.wire import add_to_engine, engine_sampling, generate_resul
 from rl_engine.losses import PolicyLoss
 from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer
 from rl_engine.policy.frozen import FrozenPolicy
-from rl_engine.rl_step import (StepLoss, aggregate_updates, apply_distillation, apply_kl_reward_penalty,
+from rl_engine.rl_step import (DecodeCompileSeconds, StepLoss, aggregate_updates, apply_distillation, apply_kl_reward_penalty,
                                attach_logprobs, beyond_target_kl, build_micro_batches, micro_batch_count,
                                shared_prefix_min_group,
                                mini_batch_normalizer, split_mini_batches, step_lr)
@@ -110,6 +110,7 @@ class TrainerGroup:
                            record_routing=r.routing_replay, speculative_config=r.speculative,
                            cpu_threads="fixed", cpu_prepack_weights=False,  # the fp32 log-prob contract (config.py)
                            cpu_decode_kernel=r.cpu_decode_kernel, compile_decode=r.compile_decode)
+            self.decode_compile = DecodeCompileSeconds(self.llm.engine)  # reported on the results (compile_decode)
             # Engine rank = replica * tp + tp_rank = this training rank (pp = 1): each reads its own shards.
             # Under context parallelism every cp rank holds a whole replica: dp x cp engines, none using cp.
             plan = plan_sync(config, src=src, dst=EngineLayout(tp=t.tp, replicas=t.dp * t.cp, dtype=self.dtype),
@@ -359,6 +360,9 @@ class TrainerGroup:
         self._check_lockstep(results)
         if g.tp_rank != 0:
             return
+        if results:  # this engine's compile seconds ride on its first result (after the lockstep check: the
+            # tp ranks' clocks differ); with no result they wait for the next round's
+            results[0].decode_compile_s = self.decode_compile.take()
         if g.dp_cp_rank != 0:
             send_messages(results, dst=0)
             return

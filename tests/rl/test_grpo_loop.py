@@ -80,9 +80,11 @@ def test_behavior_and_training_logprobs_agree_in_the_loop(tmp_path, compile_deco
                        "loss.importance_sampling.mode=truncate", f"rollout.compile_decode={str(compile_decode).lower()}",
                        f"train.compile={str(compile_train).lower()}")
     trainer = GRPOTrainer(cfg)
-    samples, _ = trainer.rollout()
+    samples, rollout_metrics = trainer.rollout()
     compiled = trainer.llm.engine.runner.compile_seconds()
     assert bool(compiled) is compile_decode and len(compiled) <= 2  # the dynamic step, and bucket 1's static one
+    # the step's metrics carry the compile seconds (the first rollout paid every compile so far)
+    assert rollout_metrics.get("rollout/decode_compile_s") == (sum(compiled.values()) if compile_decode else None)
     assert all((layer.compiled_forward is not None) is compile_train for layer in trainer.model.layers)
     # Recompute the training log-probs for every sample and compare token by token.
     worst = 0.0
