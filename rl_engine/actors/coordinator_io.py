@@ -304,9 +304,12 @@ class CoordinatorBase:
             self.num_worker_rejoins += 1
             print(f"rollout worker {sender} registered again (pid {hello.capabilities.get('pid')}); it gets the "
                   "current weights before requests", flush=True)
+        # Watch first, then take the registration time: a death the monitor thread declares before the
+        # watch (the silence of an earlier process of this name) is then older than registered_at and
+        # ignored (`_handle_dead`); in the other order one declared between the two retired the new process.
+        self.monitor.watch(sender)
         self.actors[sender] = Actor(id=sender, role=hello.role, capabilities=dict(hello.capabilities),
                                     ready=not rejoin)
-        self.monitor.watch(sender)
         logger.info("registered %s (%s, pid %s)", sender, hello.role, hello.capabilities.get("pid"))
         if self.cfg.model.batch_invariant:
             self.check_kernels()

@@ -1,8 +1,10 @@
 """The actors' pure pieces, no processes: prompt accounting, messages inside the trainer group, the
-sample <-> TrainBatch conversion, micro-batch building, and the placement rules of the config."""
+sample <-> TrainBatch conversion, micro-batch building, the placement rules of the config, and the
+coordinator's registration against deaths its heartbeat monitor declares."""
 
 import glob
 import os
+import time
 
 import pytest
 import torch
@@ -148,3 +150,37 @@ def test_example_configs_load(path):
     else:
         assert cfg.placement.mode in ("colocated", "disaggregated")
     assert len(EXAMPLES) == 6
+
+
+def test_a_death_declared_as_a_worker_registers_is_of_its_earlier_silence(tmp_path):
+    """The heartbeat monitor's thread may declare a peer dead (the silence of an earlier process of that
+    name, e.g. before a restart) while the coordinator registers it: the coordinator watches the peer,
+    then records the registration, so such a death is older than the registration and ignored. The
+    death is put on the coordinator's queue at the last moment before the watch resets the peer's
+    clock; in the old order (registration time taken first) it retired the new process."""
+    from rl_engine.actors.coordinator_io import CoordinatorBase
+    from rl_engine.auth import RunAuth
+
+    cfg = load_config(RLConfig, None, [f"train.output_dir={tmp_path}", "placement.mode=disaggregated",
+                                       "placement.num_rollout_workers=2"])
+    coordinator = CoordinatorBase(cfg, auth=RunAuth.generate(), port=None, heartbeat_port=None)
+    try:
+        watch = coordinator.monitor.watch
+
+        def watch_after_a_death(peer: str) -> None:
+            coordinator._dead.put((peer, time.monotonic()))  # what the monitor thread's on_dead does
+            watch(peer)
+
+        coordinator.monitor.watch = watch_after_a_death
+        for name in ("rollout-0", "rollout-1"):
+            coordinator._register([name.encode()], name, P.Hello(worker_id=name, role="rollout",
+                                                                 capabilities={"weights_address": "tcp://x:1"}))
+        coordinator._handle_dead()
+        assert [a.id for a in coordinator.live_workers()] == ["rollout-0", "rollout-1"]
+        assert coordinator.num_worker_deaths == 0
+        # a death declared after the registration is the registered process's: it is retired
+        coordinator._dead.put(("rollout-1", time.monotonic()))
+        coordinator._handle_dead()
+        assert [a.id for a in coordinator.live_workers()] == ["rollout-0"] and coordinator.num_worker_deaths == 1
+    finally:
+        coordinator.close()
