@@ -43,8 +43,8 @@ from rl_engine.actors.wire import add_to_engine, generate_result
 from rl_engine.auth import RunAuth
 from rl_engine.inference import LLM, RequestOutput
 from rl_engine.policy import from_pretrained
-from rl_engine.rl_step import DecodeCompileSeconds
 from rl_engine.policy.tokenizer import Tokenizer
+from rl_engine.rl_step import DecodeCompileSeconds
 from rl_engine.serve.host import start_run_server
 from rl_engine.train_config import RLConfig
 from rl_engine.weight_sync import (EngineLayout, SharedMemoryReceiverTransport, TrainLayout, WeightReceiver,

@@ -52,10 +52,10 @@ from rl_engine.actors.wire import add_to_engine, engine_sampling, generate_resul
 from rl_engine.losses import PolicyLoss
 from rl_engine.policy import OptimizerConfig, ParallelGroups, ParallelTrainer
 from rl_engine.policy.frozen import FrozenPolicy
-from rl_engine.rl_step import (DecodeCompileSeconds, StepLoss, aggregate_updates, apply_distillation, apply_kl_reward_penalty,
-                               attach_logprobs, beyond_target_kl, build_micro_batches, micro_batch_count,
-                               shared_prefix_min_group,
-                               mini_batch_normalizer, split_mini_batches, step_lr)
+from rl_engine.rl_step import (DecodeCompileSeconds, StepLoss, aggregate_updates, apply_distillation,
+                               apply_kl_reward_penalty, attach_logprobs, beyond_target_kl, build_micro_batches,
+                               micro_batch_count, mini_batch_normalizer, shared_prefix_min_group,
+                               split_mini_batches, step_lr)
 from rl_engine.serve.host import start_run_server
 from rl_engine.train_config import RLConfig
 from rl_engine.weight_sync import (EngineLayout, InProcessTransport, SharedMemorySenderTransport, TrainLayout,
