@@ -12,7 +12,10 @@ prefill chunks. Per layer, `attend` writes the new k/v into the paged cache at `
   K/V are still cached when SDPA reads them, and short rows are not padded to the batch's longest);
   otherwise it is on par. A GQA group of query heads is laid out as SDPA's query-length axis ([B, Hkv, G, D]), so KV heads
   are never repeated.
-- prefill chunks: one SDPA call per sequence, over the chunk's own k/v when it starts the sequence
+- prefill chunks: with the registry's `paged_prefill_attention` resolved to its C++ kernel (`prefill_op`,
+  the CPU default where it builds) one call per layer for every chunk of the step, each query reading
+  its keys in place in the cache (the step's table, query lengths and contexts built once in
+  `prepare`). Else one SDPA call per sequence, over the chunk's own k/v when it starts the sequence
   (plain causal; consecutive such chunks of one length, e.g. a rollout's samples of equal-length
   prompts, batched into one call), else over its gathered cached prefix with an offset causal mask.
 Index tensors, views and masks are built once per step (`prepare`), not per layer. On CUDA, decode
@@ -110,7 +113,7 @@ class PagedAttention:
 
     def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], *, first_layer: int,
                  decode_op=None, batch_invariant: bool = False, cpu_decode: bool = False,
-                 rotary_kv_write=None) -> None:
+                 rotary_kv_write=None, prefill_op=None) -> None:
         self.k_caches = k_caches
         self.v_caches = v_caches
         self.first_layer = first_layer
@@ -129,6 +132,14 @@ class PagedAttention:
         # the registry's `rotary_kv_write` (the C++ kernel): the model hands `attend_rotary` q and k before rotary
         self.rotary_kv_write = rotary_kv_write
         self.fuses_rotary = rotary_kv_write is not None
+        if prefill_op is not None and batch_invariant:
+            raise ValueError("prefill_op has no batch-invariant form: build the attention without prefill_op under "
+                             "model.batch_invariant")
+        # the registry's `paged_prefill_attention` (the C++ kernel): one call per layer for the step's prefill
+        # chunks with (block tables int32 [chunks, max_blocks], cu_seqlens_q int32 [chunks + 1], context_lens
+        # int32 [chunks]) built in `prepare`; None: SDPA per sequence
+        self.prefill_op = prefill_op
+        self.prefill_call: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # batch-invariant with the C++ kernel: one call per layer for every query of the step, each with
         # its row of a step-wide block table (int32 [rows, max_blocks]) and its position (int32 [T])
         self.native_invariant = batch_invariant and invariant.native_attention(k_caches[0].device)
@@ -167,11 +178,25 @@ class PagedAttention:
         self.context_lens = context_lens
         self.max_context_len = max_context_len
         self.decode_chunks = []
-        self.prefill_plan = [] if self.batch_invariant else _plan_prefills(prefills)
+        self.prefill_plan = [] if self.batch_invariant or self.prefill_op else _plan_prefills(prefills)
+        self.prefill_call = self._prefill_call(prefills) if self.prefill_op and prefills else None
         if self.batch_invariant:
             self._prepare_invariant(num_single, block_tables, context_lens, max_context_len)
         elif num_single and self.decode_op is None:
             self._prepare_decode(num_single, block_tables, context_lens, max_context_len, first_block)
+
+    def _prefill_call(self, prefills: list[PrefillChunk]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`prefill_op`'s metadata: chunk i's row of the table holds its sequence's blocks (a chunk that starts
+        its sequence: the blocks its k/v were just written to, every block_size-th slot of `slot_mapping`)."""
+        dev, bs = self.slot_mapping.device, self.block_size
+        blocks = [self.slot_mapping[c.start:c.end:bs] // bs if c.block_ids is None else c.block_ids for c in prefills]
+        table = torch.zeros((len(prefills), max(len(b) for b in blocks)), dtype=torch.int32, device=dev)
+        for i, b in enumerate(blocks):
+            table[i, :len(b)] = b
+        first = prefills[0].start
+        cu_seqlens = torch.tensor([0] + [c.end - first for c in prefills], dtype=torch.int32, device=dev)
+        context_lens = torch.tensor([c.context_len for c in prefills], dtype=torch.int32, device=dev)
+        return table, cu_seqlens, context_lens
 
     def _prepare_invariant(self, B: int, block_tables: torch.Tensor | None, context_lens: torch.Tensor | None,
                            max_context_len: int) -> None:
@@ -271,23 +296,26 @@ class PagedAttention:
                       sin: torch.Tensor, *, scale: float) -> torch.Tensor:
         """`attend` of q and k before rotary (cos / sin [T, D // 2]): the fused op rotates them and writes the
         rotated k and v into the cache in one pass; the rotated k is materialised only for a step with prefill
-        chunks (their fresh sequences attend over their own k)."""
+        chunks that SDPA attends (their fresh sequences attend over their own k; `prefill_op` reads the cache)."""
         i = layer_idx - self.first_layer
         q, k = self.rotary_kv_write(q, k, v, cos, sin, self.slot_mapping, self.k_caches[i], self.v_caches[i],
-                                    return_k=bool(self.prefills))
+                                    return_k=bool(self.prefills) and self.prefill_op is None)
         return self._attend_stored(i, q, k, v, scale)
 
     def _attend_stored(self, i: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor,
                        scale: float) -> torch.Tensor:
         """Attention of the step's queries once their k and v are in layer i's cache (k may be None in a step
-        without prefill chunks)."""
+        without prefill chunks or with `prefill_op`)."""
         nd = self.num_single
         if not self.prefills:
             return self._decode(i, q, scale)
+        kc, vc = self.k_caches[i], self.v_caches[i]
+        if self.prefill_call is not None:  # every chunk in one call, its keys read in the cache
+            prefill = self.prefill_op(q[nd:], kc, vc, *self.prefill_call, scale)
+            return torch.cat([self._decode(i, q[:nd], scale), prefill]) if nd else prefill
         out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(i, q[:nd], scale)
-        kc, vc = self.k_caches[i], self.v_caches[i]
         group = q.shape[1] // v.shape[1]
         for c in self.prefill_plan:
             # 4-D inputs with repeated KV heads keep SDPA on its fused kernel (3-D inputs or

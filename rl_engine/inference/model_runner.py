@@ -108,6 +108,14 @@ class ModelRunner:
                 resolution = registry.default_registry().resolution("rotary_kv_write", self.device)
                 if resolution.backend == "cpu":
                     rotary_kv_write = resolution.fn
+        prefill_op = None  # the C++ prefill attention (every chunk of a step in one call), gated likewise
+        if self.device.type == "cpu" and not model.batch_invariant and not latent:
+            from rl_engine.kernels import registry
+
+            if config.cpu_decode_kernel or registry.cpu_kernel_requested("paged_prefill_attention"):
+                resolution = registry.default_registry().resolution("paged_prefill_attention", self.device)
+                if resolution.backend == "cpu":
+                    prefill_op = resolution.fn
         if latent and model.batch_invariant:
             raise ValueError("model.batch_invariant=true: the latent (MLA, deepseek_v3) paged attention has no "
                              "batch-invariant implementation; turn model.batch_invariant off for this model")
@@ -117,7 +125,8 @@ class ModelRunner:
         else:
             self.attn = PagedAttention(self.k_caches, self.v_caches, first_layer=model.layer_range[0],
                                        decode_op=decode_op, batch_invariant=model.batch_invariant,
-                                       cpu_decode=cpu_decode, rotary_kv_write=rotary_kv_write)
+                                       cpu_decode=cpu_decode, rotary_kv_write=rotary_kv_write,
+                                       prefill_op=prefill_op)
         buckets = config.graph_batch_sizes or default_buckets(config.max_num_seqs)
         inputs = StaticInputs(max(buckets), max_blocks=self.max_blocks_per_seq, device=self.device)
         graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None

@@ -459,6 +459,23 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out.masked_fill((lens == 0)[:, None, None], 0.0)
 
 
+def prefill_query_rows(cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, *,
+                       num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`paged_attention`'s (table_rows, positions) for a `paged_prefill_attention` call: request i's
+    queries read row i of its block table at positions context_lens[i] - n_q .. context_lens[i] - 1;
+    the rows past cu_seqlens_q[-1] (up to `num_queries`) get position -1 (zeros). Both int32 [num_queries]."""
+    n_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    dev = cu_seqlens_q.device
+    rows = torch.repeat_interleave(torch.arange(len(n_q), dtype=torch.int32, device=dev), n_q)
+    first = torch.repeat_interleave((context_lens.long() - n_q - cu_seqlens_q[:-1].long()).to(torch.int32), n_q)
+    total = len(rows)
+    if total == num_queries:
+        return rows, first + torch.arange(total, dtype=torch.int32, device=dev)
+    positions = torch.full((num_queries,), -1, dtype=torch.int32, device=dev)
+    positions[:total] = first + torch.arange(total, dtype=torch.int32, device=dev)
+    return torch.cat([rows, rows.new_zeros(num_queries - total)]), positions
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             context_lens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -466,13 +483,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     context_lens[i] cached tokens."""
     dims = op_inputs.check_paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
     op_inputs.check_block_capacity(block_tables, context_lens, dims.block_size)
-    if native_attention(q.device):  # request i's queries: rows of its table, positions ctx - n_q .. ctx - 1
-        n_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-        rows = torch.repeat_interleave(torch.arange(len(n_q), device=q.device), n_q)
-        first = torch.repeat_interleave(context_lens.long() - n_q - cu_seqlens_q[:-1].long(), n_q)
-        positions = torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)  # rows past the last: zeros
-        positions[:len(rows)] = first + torch.arange(len(rows), device=q.device)
-        rows = torch.cat([rows, rows.new_zeros(q.shape[0] - len(rows))])
+    if native_attention(q.device):
+        rows, positions = prefill_query_rows(cu_seqlens_q, context_lens, num_queries=q.shape[0])
         return paged_attention(q, k_cache, v_cache, block_tables, rows, positions, scale=scale)
     out = torch.zeros_like(q)
     bounds = cu_seqlens_q.tolist()

@@ -84,6 +84,51 @@ def test_paged_decode_rejects_a_block_outside_the_cache():
                                1.0)
 
 
+PREFILL_CASES = [  # (context_lens, query_lens, block_size, num_kv_heads, group, head_dim)
+    ([9, 5, 16], [9, 2, 1], 4, 2, 2, 8),  # a fresh prompt, a continued chunk, one query over a cached prefix
+    ([70, 31, 64, 16, 128], [70, 31, 64, 16, 128], 16, 2, 4, 32),  # fresh prompts, the ~3.5M model's heads
+    ([100, 40, 3, 57], [36, 40, 3, 9], 16, 2, 4, 64),  # the ~40M model's heads, chunks over shared blocks
+    ([3, 0, 21], [3, 0, 5], 4, 1, 3, 12),  # a request without queries, a head dim that is no multiple of 16
+]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("context_lens", "query_lens", "block_size", "num_kv_heads", "group", "head_dim"),
+                         PREFILL_CASES)
+def test_paged_prefill_matches_reference(assert_close, dtype, context_lens, query_lens, block_size, num_kv_heads,
+                                         group, head_dim):
+    """Every request's chunk in one call: the queries are the last query_lens[i] of context_lens[i] cached tokens
+    (shuffled blocks, requests 0 and 1 sharing prefix blocks); q rows past the last request's get zeros."""
+    from rl_engine.kernels.cpu.ops import paged_prefill_attention
+
+    scale = head_dim ** -0.5
+    _, _, k_cache, v_cache, tables, lens = make_paged_state(
+        context_lens, block_size=block_size, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
+        device="cpu")
+    cu = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32)
+    # q as a strided view of a fused projection, with two padding rows past the last request's queries
+    qk = torch.randn(sum(query_lens) + 2, num_kv_heads * (group + 1), head_dim).to(dtype)
+    q = qk[:, :num_kv_heads * group]
+    out = paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale)
+    expected = reference.paged_prefill_attention(q.float(), k_cache.float(), v_cache.float(), tables, cu, lens,
+                                                 scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out, expected, dtype)
+    assert torch.all(out[-2:] == 0)
+
+
+@needs_cpu_kernels
+def test_paged_prefill_rejects_a_block_outside_the_cache():
+    from rl_engine.kernels.cpu.ops import paged_prefill_attention
+
+    cache = torch.zeros(4, 4, 1, 8)
+    tables = torch.tensor([[1, 9]], dtype=torch.int32)  # block 9 of a 4-block cache
+    with pytest.raises(ValueError, match="paged_prefill_attention: .*outside"):
+        paged_prefill_attention(torch.zeros(6, 2, 8), cache, cache, tables, torch.tensor([0, 6], dtype=torch.int32),
+                                torch.tensor([6], dtype=torch.int32), 0.5)
+
+
 @needs_cpu_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -331,9 +376,12 @@ def test_an_rl_engine_does_not_probe_the_cpp_decode_kernel(monkeypatch):
 
 
 @needs_cpu_kernels
-def test_engine_with_the_cpp_kernels_generates_what_the_torch_engine_does():
+@pytest.mark.parametrize("max_num_batched_tokens", [2048, 7])
+def test_engine_with_the_cpp_kernels_generates_what_the_torch_engine_does(max_num_batched_tokens):
     """Greedy tokens equal and sampled-token log-probs within fp32 reordering, through the engine's
-    decode (C++ paged attention over shuffled, shared and preempted blocks) and the model's norms."""
+    decode (C++ paged attention over shuffled, shared and preempted blocks), its prefill (every chunk of a
+    step in one C++ call: whole prompts, or chunks of at most 7 tokens over their cached prefix) and the
+    model's norms."""
     from rl_engine import LLM, SamplingParams
     from tests.kernels.test_paged_decode_engine_state import NUM_KV_BLOCKS, tiny_gqa_model
 
@@ -344,8 +392,10 @@ def test_engine_with_the_cpp_kernels_generates_what_the_torch_engine_does():
     results = {}
     for name, overrides in (("torch", {"*": "torch"}), ("cpp", {"*": "cpu"})):
         registry.configure(registry.KernelConfig(overrides=overrides))
-        llm = LLM(tiny_gqa_model(), block_size=4, num_kv_blocks=NUM_KV_BLOCKS, max_num_seqs=4)
+        llm = LLM(tiny_gqa_model(), block_size=4, num_kv_blocks=NUM_KV_BLOCKS, max_num_seqs=4,
+                  max_num_batched_tokens=max_num_batched_tokens)
         assert llm.engine.runner.attn.cpu_decode == (name == "cpp")
+        assert (llm.engine.runner.attn.prefill_op is not None) == (name == "cpp")
         results[name] = llm.generate(prompts, params)
     for ours, ref in zip(results["cpp"], results["torch"]):
         assert ours.outputs[0].token_ids == ref.outputs[0].token_ids

@@ -29,12 +29,12 @@ def fake_cuda(monkeypatch):
     registry.clear_cache()
 
 
-CPU_DEFAULT_OPS = ("paged_decode_attention", "rotary_kv_write", "greedy_argmax")
+CPU_DEFAULT_OPS = ("paged_decode_attention", "paged_prefill_attention", "rotary_kv_write", "greedy_argmax")
 
 
 def test_every_op_but_the_cpu_defaults_resolves_to_the_torch_reference_on_cpu(monkeypatch):
-    """The C++ kernels are opt-in except paged decode attention's, the fused rotary + KV write's and the greedy
-    pick's, the CPU defaults where they build."""
+    """The C++ kernels are opt-in except paged decode and prefill attention's, the fused rotary + KV write's and
+    the greedy pick's, the CPU defaults where they build."""
     monkeypatch.delenv("RL_ENGINE_CPU_KERNELS", raising=False)
     assert tuple(op for op, spec in registry.OPS.items() if spec.cpu_default) == CPU_DEFAULT_OPS
     for resolution in registry.describe("cpu"):
@@ -90,7 +90,7 @@ def test_cuda_falls_back_when_libraries_are_missing(fake_cuda, monkeypatch):
     resolution = registry.default_registry().resolution("paged_prefill_attention", "cuda")
     assert resolution.backend == "torch"
     assert "flashinfer not importable" in resolution.reason
-    assert resolution.unavailable == {"flashinfer": "flashinfer not importable (ImportError)"}
+    assert resolution.unavailable["flashinfer"] == "flashinfer not importable (ImportError)"
     monkeypatch.setattr(backends, "cuda_capability", lambda: (6, 1))
     registry.clear_cache()
     resolution = registry.default_registry().resolution("paged_decode_attention", "cuda")
