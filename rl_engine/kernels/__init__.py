@@ -62,6 +62,13 @@ def varlen_causal_attention(
     return resolve("varlen_causal_attention", q.device)(q, k, v, cu_seqlens, scale)
 
 
+def shared_prefix_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, prefix_of: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    return resolve("shared_prefix_attention", q.device)(q, k, v, cu_seqlens, prefix_of, scale)
+
+
 def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float,
@@ -144,5 +151,5 @@ __all__ = [
     "logprob_entropy", "logprob_entropy_grad", "logprob_shard_stats", "moe_permute",
     "moe_unpermute", "paged_decode_attention", "paged_prefill_attention", "reshape_and_cache",
     "resolve", "rms_norm", "rotary_cos_sin", "rotary_kv_write", "set_backend_overrides", "set_batch_invariant",
-    "silu_and_mul", "top_k_top_p_sampling", "varlen_causal_attention",
+    "shared_prefix_attention", "silu_and_mul", "top_k_top_p_sampling", "varlen_causal_attention",
 ]

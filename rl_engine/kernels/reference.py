@@ -145,6 +145,40 @@ def _padded_causal_attention(q, k, v, lengths: list[int], longest: int, scale: f
     return o.transpose(1, 2)[batch_idx, pos]
 
 
+def shared_prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    prefix_of: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Packed attention where segment s attends causally to itself and, when prefix_of[s] >= 0, in full to
+    segment prefix_of[s]'s keys (a GRPO group's completions to their shared prompt; that segment has no prefix).
+
+    q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim], v: [T, num_kv_heads, v_head_dim] (GQA),
+    cu_seqlens: [S + 1], prefix_of: [S] int (-1: none). Returns [T, num_heads, v_head_dim]. One masked SDPA
+    call per segment: the oracle of the C++ kernel (policy/shared_prefix.py batches the same layout faster)."""
+    bounds = cu_seqlens.tolist()
+    prefix = prefix_of.tolist()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    outs = []
+    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if end == start:
+            continue
+        keys = slice(start, end)
+        pre = (bounds[prefix[s]], bounds[prefix[s] + 1]) if prefix[s] >= 0 else (start, start)
+        ks, vs = torch.cat((k[pre[0]:pre[1]], k[keys])), torch.cat((v[pre[0]:pre[1]], v[keys]))
+        C, P = end - start, pre[1] - pre[0]
+        ar = torch.arange(C, device=q.device)
+        mask = torch.cat((torch.ones(C, P, dtype=torch.bool, device=q.device), ar[None] <= ar[:, None]), dim=1)
+        o = F.scaled_dot_product_attention(q[keys].transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                           attn_mask=mask, scale=scale)
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs) if outs else q.new_empty(*q.shape[:2], v.shape[2])
+
+
 def apply_rotary_inplace(
     q: torch.Tensor,
     k: torch.Tensor,

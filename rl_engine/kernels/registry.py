@@ -10,7 +10,9 @@ build time and `forward` only calls plain functions. The rules, in order:
 1. an override (`set_backend_overrides` / `KernelConfig`) names the backend; if that backend cannot
    run on the device, resolution fails with a ValueError naming op, backend, why, and what can run;
 2. on CPU the C++ kernel (`cpu` backend, `rl_engine.kernels.cpu`) of an op whose spec makes it the
-   CPU default (`cpu_default`: paged_decode_attention, which reads K/V in place in their blocks where
+   CPU default (`cpu_default`: varlen_causal_attention and shared_prefix_attention, the training forward's packed
+   attention in place and in one call, forward and backward, where the torch path pads and masks or calls SDPA
+   once per sequence; paged_decode_attention, which reads K/V in place in their blocks where
    the torch reference gathers them; rotary_kv_write, one pass where the engine's torch path takes seven
    ops; and greedy_argmax, ~12x torch's max over [64, 32k] logits), or of every op that has one under
    `RL_ENGINE_CPU_KERNELS=1`
@@ -48,6 +50,7 @@ _TE = "rl_engine.kernels.te_adapter"
 _LOGPROB = "rl_engine.kernels.logprob"
 _INVARIANT = "rl_engine.kernels.invariant"
 _CPU = "rl_engine.kernels.cpu.ops"
+_CPU_VARLEN = "rl_engine.kernels.cpu.varlen_attention"
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,13 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     _spec("silu_and_mul", "(x [..., 2d] as [gate|up]) -> silu(gate) * up [..., d]",
           triton=f"{_TRITON}.swiglu:silu_and_mul", cpu=f"{_CPU}:silu_and_mul"),
     _spec("varlen_causal_attention", "(q, k, v, cu_seqlens, scale) -> [T, heads, head_dim]",
-          invariant=f"{_INVARIANT}:varlen_causal_attention"),
+          invariant=f"{_INVARIANT}:varlen_causal_attention", cpu=f"{_CPU_VARLEN}:varlen_causal_attention",
+          # the training forward's packed short sequences, in place (fp32): no padding, masks or per-sequence calls
+          cpu_default=True),
+    _spec("shared_prefix_attention", "(q, k, v, cu_seqlens, prefix_of, scale) -> [T, heads, v_head_dim]: segment s "
+          "causal over itself and, when prefix_of[s] >= 0, in full over that segment's keys",
+          cpu=f"{_CPU_VARLEN}:shared_prefix_attention", invariant=None,  # the invariant kernels have no such form
+          cpu_default=True),
     _spec("paged_decode_attention",
           "(q, k_cache, v_cache, block_tables, context_lens, scale) -> [batch, heads, head_dim]",
           triton=f"{_TRITON}.paged_attention:paged_decode_attention",

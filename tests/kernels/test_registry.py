@@ -29,12 +29,13 @@ def fake_cuda(monkeypatch):
     registry.clear_cache()
 
 
-CPU_DEFAULT_OPS = ("paged_decode_attention", "paged_prefill_attention", "rotary_kv_write", "greedy_argmax")
+CPU_DEFAULT_OPS = ("varlen_causal_attention", "shared_prefix_attention", "paged_decode_attention",
+                   "paged_prefill_attention", "rotary_kv_write", "greedy_argmax")
 
 
 def test_every_op_but_the_cpu_defaults_resolves_to_the_torch_reference_on_cpu(monkeypatch):
-    """The C++ kernels are opt-in except paged decode and prefill attention's, the fused rotary + KV write's and
-    the greedy pick's, the CPU defaults where they build."""
+    """The C++ kernels are opt-in except the packed training attention's (plain and shared-prefix), paged decode
+    and prefill attention's, the fused rotary + KV write's and the greedy pick's, the CPU defaults where they build."""
     monkeypatch.delenv("RL_ENGINE_CPU_KERNELS", raising=False)
     assert tuple(op for op, spec in registry.OPS.items() if spec.cpu_default) == CPU_DEFAULT_OPS
     for resolution in registry.describe("cpu"):
@@ -49,9 +50,7 @@ def test_every_op_but_the_cpu_defaults_resolves_to_the_torch_reference_on_cpu(mo
     for op in CPU_DEFAULT_OPS:
         resolution = registry.default_registry().resolution(op, torch.device("cpu"))
         if built:
-            from rl_engine.kernels.cpu import ops
-
-            assert resolution.backend == "cpu" and resolution.fn is getattr(ops, op)
+            assert resolution.backend == "cpu" and resolution.fn is registry._load(registry.OPS[op].impls["cpu"])
             assert "the CPU default for this op (RL_ENGINE_CPU_KERNELS=0 turns it off)" in resolution.reason
         else:
             assert resolution.fn is getattr(reference, op) and why in resolution.reason

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from rl_engine import kernels
 from rl_engine.config import ConfigError, load_config
 from rl_engine.train_config import RLConfig
 from rl_engine.trainer import GRPOTrainer
@@ -16,7 +17,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The reference was written by the loop before mini-batches existed (commit 2eb7ff9), at 1 thread, once
 # for each CPU capability the suite runs under (ATEN_CPU_CAPABILITY: each picks other reduction orders),
 # with the torch decode attention of that time (rollout.cpu_decode_kernel=false here: the C++ kernel, the
-# default since, reduces in another order within the log-prob contract and moves the metrics by ~1e-8).
+# default since, reduces in another order within the log-prob contract and moves the metrics by ~1e-8) and
+# the torch training attention (overridden here: the C++ packed attention, the CPU default since, sums in
+# another order too).
 REFERENCE = os.path.join(HERE, "default_step_metrics_reference.json")
 
 
@@ -43,12 +46,17 @@ def test_one_mini_batch_one_epoch_reproduces_the_one_update_loop(tmp_path):
     if capability not in references:
         pytest.skip(f"no reference written with {capability} kernels (other reduction orders), only with "
                     f"{sorted(references)}: write one with commit 2eb7ff9's loop")
-    trainer = _trainer(tmp_path, "train.mini_batches_per_step=1", "train.epochs_per_step=1",
-                       "rollout.cpu_decode_kernel=false")
+    previous = kernels.default_registry().config
+    kernels.set_backend_overrides({"varlen_causal_attention": "torch", "shared_prefix_attention": "torch"})
     try:
-        rows = _rows(trainer)
+        trainer = _trainer(tmp_path, "train.mini_batches_per_step=1", "train.epochs_per_step=1",
+                           "rollout.cpu_decode_kernel=false")
+        try:
+            rows = _rows(trainer)
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        kernels.configure(previous)
     assert any(row["train/loss"] != 0 for row in rows)  # a run that trains, not an all-zero-reward one
     # Byte for byte: the same keys in the same order with the same values, as JSON writes them.
     assert json.dumps(rows) == json.dumps(references[capability])

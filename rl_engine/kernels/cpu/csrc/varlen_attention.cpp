@@ -1,0 +1,453 @@
+// Packed causal attention over variable-length segments, forward and backward, fp32, for the training
+// forward on CPU (rl_engine/kernels/cpu/varlen_attention.py), built by rl_engine.kernels.cpu.load_source.
+//
+// Layout: q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] (strided rows, the head dim contiguous: the views of
+// the fused qkv projection), segments by cu_seqlens [S + 1]. Segment s attends causally to itself and, when
+// prefix_of[s] >= 0, fully to segment prefix_of[s]'s keys first (the shared-prefix layout: a GRPO group's
+// completions attend to their prompt's K/V). Query head h reads KV head h / (Hq / Hkv).
+//
+// The segments are short (a prompt, a completion: tens to hundreds of tokens), so one segment's keys for one
+// KV head are a tile that fits in L1/L2, and the work is a few small matrix products per (segment, head):
+// too small for a BLAS call each (its overhead) and, batched by torch as one padded masked SDPA, spent on
+// padding, masks and glue. Here every product is C += A B on small local buffers with the query rows of a
+// block (BQ = 32) as the vector dimension: scores are kept transposed, st[key][row], so the softmax's
+// reductions over keys are elementwise vector max / add, and every product is `mm_acc` (4 rows of A by 32
+// columns of B in 8 vector accumulators). The forward is flash-attention style (online softmax over key
+// chunks of BK = 64, so any length works) and saves the log-sum-exp of each (row, head); the backward
+// recomputes p = exp(s - lse) and takes dS = p * (dP - rowsum(dO * O)).
+//
+// Threads (ATen's intra-op pool): the forward splits (segment, KV head) items, the backward (prefix group,
+// KV head) items, where a prefix group is a segment and the segments naming it as their prefix: the prefix
+// keys' gradients sum over the whole group, so one item owns every row it writes (no atomics, no reduction
+// pass). Items are split over threads by their estimated cost.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BQ = 32;  // query rows of a block: the vector dimension of the transposed scores
+constexpr int64_t BK = 64;  // keys of a chunk
+constexpr int64_t VL = 16;  // floats of one v16
+
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) {
+  v16 x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+inline void store16(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
+inline v16 splat(float a) { return v16{} + a; }
+
+inline int64_t round16(int64_t n) { return (n + VL - 1) / VL * VL; }
+
+// exp by range reduction and Cephes' polynomial (within ~2 ulp); vectorises (no libm call). Callers mask
+// their -inf entries themselves (this clamps to [-87.3, 88]).
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.3f), 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+// C[M][N] += A[M][K] B[K][N]; N a multiple of 16, B and C rows contiguous (ldb, ldc), A rows at lda (a
+// local buffer or a strided tensor row). 4 rows of A by 32 columns of B a step, the K products of each
+// entry in increasing k.
+void mm_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t K,
+            int64_t N) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) {
+    const float* a0 = A + m * lda;
+    const float* a1 = a0 + lda;
+    const float* a2 = a1 + lda;
+    const float* a3 = a2 + lda;
+    float* c0 = C + m * ldc;
+    int64_t n = 0;
+    for (; n + 2 * VL <= N; n += 2 * VL) {
+      v16 x00 = load16(c0 + n), x01 = load16(c0 + n + VL);
+      v16 x10 = load16(c0 + ldc + n), x11 = load16(c0 + ldc + n + VL);
+      v16 x20 = load16(c0 + 2 * ldc + n), x21 = load16(c0 + 2 * ldc + n + VL);
+      v16 x30 = load16(c0 + 3 * ldc + n), x31 = load16(c0 + 3 * ldc + n + VL);
+      for (int64_t k = 0; k < K; ++k) {
+        const v16 b0 = load16(B + k * ldb + n), b1 = load16(B + k * ldb + n + VL);
+        const v16 s0 = splat(a0[k]), s1 = splat(a1[k]), s2 = splat(a2[k]), s3 = splat(a3[k]);
+        x00 += s0 * b0; x01 += s0 * b1;
+        x10 += s1 * b0; x11 += s1 * b1;
+        x20 += s2 * b0; x21 += s2 * b1;
+        x30 += s3 * b0; x31 += s3 * b1;
+      }
+      store16(c0 + n, x00); store16(c0 + n + VL, x01);
+      store16(c0 + ldc + n, x10); store16(c0 + ldc + n + VL, x11);
+      store16(c0 + 2 * ldc + n, x20); store16(c0 + 2 * ldc + n + VL, x21);
+      store16(c0 + 3 * ldc + n, x30); store16(c0 + 3 * ldc + n + VL, x31);
+    }
+    for (; n < N; n += VL) {
+      v16 x0 = load16(c0 + n), x1 = load16(c0 + ldc + n), x2 = load16(c0 + 2 * ldc + n), x3 = load16(c0 + 3 * ldc + n);
+      for (int64_t k = 0; k < K; ++k) {
+        const v16 b = load16(B + k * ldb + n);
+        x0 += splat(a0[k]) * b; x1 += splat(a1[k]) * b; x2 += splat(a2[k]) * b; x3 += splat(a3[k]) * b;
+      }
+      store16(c0 + n, x0); store16(c0 + ldc + n, x1); store16(c0 + 2 * ldc + n, x2); store16(c0 + 3 * ldc + n, x3);
+    }
+  }
+  for (; m < M; ++m) {
+    const float* a = A + m * lda;
+    float* c = C + m * ldc;
+    for (int64_t n = 0; n < N; n += VL) {
+      v16 x = load16(c + n);
+      for (int64_t k = 0; k < K; ++k) x += splat(a[k]) * load16(B + k * ldb + n);
+      store16(c + n, x);
+    }
+  }
+}
+
+struct Tensor3 {  // a strided [T, H, D] fp32 view with a contiguous last dim
+  float* data;
+  int64_t row, head;
+  float* at(int64_t t, int64_t h) const { return data + t * row + h * head; }
+};
+
+Tensor3 view3(const torch::Tensor& x) {
+  return {x.data_ptr<float>(), x.stride(0), x.stride(1)};
+}
+
+struct Layout {
+  std::vector<int64_t> bounds;  // [S + 1]
+  std::vector<int64_t> prefix;  // [S], -1: none
+};
+
+Layout read_layout(const torch::Tensor& cu_seqlens, const torch::Tensor& prefix_of, int64_t T) {
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, "cu_seqlens must be 1-D [S + 1]");
+  const torch::Tensor cu = cu_seqlens.to(torch::kInt64).contiguous();
+  Layout lay;
+  lay.bounds.assign(cu.data_ptr<int64_t>(), cu.data_ptr<int64_t>() + cu.numel());
+  const int64_t S = cu.numel() - 1;
+  TORCH_CHECK(lay.bounds[0] == 0 && lay.bounds[S] == T, "cu_seqlens must start at 0 and end at T = ", T);
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(lay.bounds[s] <= lay.bounds[s + 1], "cu_seqlens must not decrease");
+  lay.prefix.assign(S, -1);
+  if (prefix_of.numel()) {
+    TORCH_CHECK(prefix_of.numel() == S, "prefix_of must have one entry per segment (", S, ")");
+    const torch::Tensor p = prefix_of.to(torch::kInt64).contiguous();
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t r = p.data_ptr<int64_t>()[s];
+      TORCH_CHECK(r < S && r != s && (r < 0 || (p.data_ptr<int64_t>()[r] < 0)),
+                  "prefix_of[", s, "] = ", r, " must be -1 or another segment without a prefix");
+      lay.prefix[s] = r;
+    }
+  }
+  return lay;
+}
+
+// Items split over the pool's threads by cost: thread t takes the items whose cost prefix falls in its share.
+template <typename F>
+void run_items(const std::vector<double>& cost, const F& work) {
+  const int64_t n = static_cast<int64_t>(cost.size());
+  if (n == 0) return;
+  std::vector<double> before(n + 1, 0.0);
+  for (int64_t i = 0; i < n; ++i) before[i + 1] = before[i] + cost[i];
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const double lo = before[n] * t / threads, hi = before[n] * (t + 1) / threads;
+      for (int64_t i = 0; i < n; ++i) {
+        const double mid = 0.5 * (before[i] + before[i + 1]);
+        if (mid >= lo && (mid < hi || t == threads - 1)) work(i);
+      }
+    }
+  });
+}
+
+// One segment's keys for one KV head: the prefix's P rows first (seen by every query), then the segment's
+// own C rows (causal).
+struct Keys {
+  int64_t pre_start, P, own_start, C;
+  int64_t n() const { return P + C; }
+  int64_t row(int64_t j) const { return j < P ? pre_start + j : own_start + j - P; }
+};
+
+Keys keys_of(const Layout& lay, int64_t s) {
+  const int64_t p = lay.prefix[s];
+  const int64_t own = lay.bounds[s], C = lay.bounds[s + 1] - own;
+  if (p < 0) return {0, 0, own, C};
+  return {lay.bounds[p], lay.bounds[p + 1] - lay.bounds[p], own, C};
+}
+
+// Scores of a block, transposed: st[j][r] = (q_r * scale) . k_j for the chunk's keys (rows of K read in
+// place) against qt [D][BQ]; entries that a row does not see (or padding rows r >= rows) become -inf.
+void block_scores(const Keys& keys, const Tensor3& k, int64_t h, int64_t D, const float* qt, int64_t i0,
+                  int64_t rows, int64_t j0, int64_t bk, float* st) {
+  std::fill(st, st + bk * BQ, 0.f);
+  // contiguous runs of key rows (the prefix part, then the own part) go through mm_acc with A = K in place
+  int64_t j = j0;
+  while (j < j0 + bk) {
+    const int64_t run_end = j < keys.P ? std::min(j0 + bk, keys.P) : j0 + bk;
+    mm_acc(k.at(keys.row(j), h), k.row, qt, BQ, st + (j - j0) * BQ, BQ, run_end - j, D, BQ);
+    j = run_end;
+  }
+  // row r sees key j when j < P or j - P <= i0 + r: the rows before max(0, j - P - i0) do not
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t jj = 0; jj < bk; ++jj) {
+    float* row = st + jj * BQ;
+    const int64_t hidden = std::min<int64_t>(rows, std::max<int64_t>(0, j0 + jj - keys.P - i0));
+    std::fill(row, row + hidden, ninf);
+    std::fill(row + rows, row + BQ, ninf);
+  }
+}
+
+// Keys [0, end) that the block's rows i0 .. i0 + rows - 1 see.
+inline int64_t keys_seen(const Keys& keys, int64_t i0, int64_t rows) { return keys.P + std::min(keys.C, i0 + rows); }
+
+void forward_item(const Layout& lay, int64_t s, int64_t h, const Tensor3& q, const Tensor3& k, const Tensor3& v,
+                  const Tensor3& o, float* lse, int64_t Hq, int64_t G, int64_t D, int64_t Dv, float scale) {
+  const Keys keys = keys_of(lay, s);
+  if (keys.C == 0) return;
+  const int64_t N = keys.n(), Np = round16(N);
+  std::vector<float> vt(Dv * Np, 0.f);  // V^T [Dv][Np]
+  for (int64_t j = 0; j < N; ++j) {
+    const float* src = v.at(keys.row(j), h);
+    for (int64_t d = 0; d < Dv; ++d) vt[d * Np + j] = src[d];
+  }
+  std::vector<float> qt(D * BQ), st(BK * BQ), ot(Dv * BQ);
+  float m[BQ], l[BQ], corr[BQ];
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t hq = h * G + g;
+    for (int64_t i0 = 0; i0 < keys.C; i0 += BQ) {
+      const int64_t rows = std::min(BQ, keys.C - i0);
+      std::fill(qt.begin(), qt.end(), 0.f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* src = q.at(keys.own_start + i0 + r, hq);
+        for (int64_t d = 0; d < D; ++d) qt[d * BQ + r] = src[d] * scale;
+      }
+      std::fill(ot.begin(), ot.end(), 0.f);
+      std::fill(m, m + BQ, ninf);
+      std::fill(l, l + BQ, 0.f);
+      const int64_t end = keys_seen(keys, i0, rows);
+      for (int64_t j0 = 0; j0 < end; j0 += BK) {
+        const int64_t bk = std::min(BK, end - j0);
+        block_scores(keys, k, h, D, qt.data(), i0, rows, j0, bk, st.data());
+        float mnew[BQ];
+        std::copy(m, m + BQ, mnew);
+        for (int64_t jj = 0; jj < bk; ++jj)
+#pragma omp simd
+          for (int64_t r = 0; r < BQ; ++r) mnew[r] = std::max(mnew[r], st[jj * BQ + r]);
+        float base[BQ];
+        for (int64_t r = 0; r < BQ; ++r) {  // rows that saw nothing yet keep m = -inf: exp(-inf - 0) = 0
+          base[r] = mnew[r] == ninf ? 0.f : mnew[r];
+          corr[r] = m[r] == ninf ? 0.f : fast_exp(m[r] - base[r]);
+        }
+        float sum[BQ] = {};
+        for (int64_t jj = 0; jj < bk; ++jj) {
+          float* row = st.data() + jj * BQ;
+#pragma omp simd
+          for (int64_t r = 0; r < BQ; ++r) {
+            const float p = row[r] == ninf ? 0.f : fast_exp(row[r] - base[r]);
+            row[r] = p;
+            sum[r] += p;
+          }
+        }
+        for (int64_t r = 0; r < BQ; ++r) {
+          l[r] = l[r] * corr[r] + sum[r];
+          m[r] = mnew[r];
+        }
+        for (int64_t d = 0; d < Dv; ++d)
+#pragma omp simd
+          for (int64_t r = 0; r < BQ; ++r) ot[d * BQ + r] *= corr[r];
+        mm_acc(vt.data() + j0, Np, st.data(), BQ, ot.data(), BQ, Dv, bk, BQ);  // O^T += V^T P^T
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = keys.own_start + i0 + r;
+        float* dst = o.at(t, hq);
+        const float inv = 1.f / l[r];
+        for (int64_t d = 0; d < Dv; ++d) dst[d] = ot[d * BQ + r] * inv;
+        lse[t * Hq + hq] = m[r] + std::log(l[r]);
+      }
+    }
+  }
+}
+
+// The backward of one segment s for one KV head: adds its queries' dQ (written once: each query row and head
+// belongs to one segment) and its keys' dK, dV (the prefix's rows are shared by the group, which this item
+// owns) into the fp32 outputs.
+void backward_segment(const Layout& lay, int64_t s, int64_t h, const Tensor3& q, const Tensor3& k,
+                      const Tensor3& v, const Tensor3& o, const Tensor3& dout, const float* lse, const Tensor3& dq,
+                      const Tensor3& dk, const Tensor3& dv, int64_t Hq, int64_t G, int64_t D, int64_t Dv,
+                      float scale) {
+  const Keys keys = keys_of(lay, s);
+  if (keys.C == 0) return;
+  const int64_t N = keys.n(), Np = round16(N), Dp = round16(D), Dvp = round16(Dv);
+  std::vector<float> kt(D * Np, 0.f);  // K^T [D][Np]
+  for (int64_t j = 0; j < N; ++j) {
+    const float* src = k.at(keys.row(j), h);
+    for (int64_t d = 0; d < D; ++d) kt[d * Np + j] = src[d];
+  }
+  std::vector<float> dkl(Np * Dp, 0.f), dvl(Np * Dvp, 0.f);  // this segment's key gradients [N][D], [N][Dv]
+  std::vector<float> qt(D * BQ), qs(BQ * Dp), dot_(Dv * BQ), dor(BQ * Dvp), st(BK * BQ), dpt(BK * BQ),
+      dqt(D * BQ);
+  float lse_r[BQ], delta[BQ];
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t hq = h * G + g;
+    for (int64_t i0 = 0; i0 < keys.C; i0 += BQ) {
+      const int64_t rows = std::min(BQ, keys.C - i0);
+      std::fill(qt.begin(), qt.end(), 0.f);
+      std::fill(qs.begin(), qs.end(), 0.f);
+      std::fill(dot_.begin(), dot_.end(), 0.f);
+      std::fill(dor.begin(), dor.end(), 0.f);
+      std::fill(dqt.begin(), dqt.end(), 0.f);
+      std::fill(lse_r, lse_r + BQ, 0.f);
+      std::fill(delta, delta + BQ, 0.f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = keys.own_start + i0 + r;
+        const float* qsrc = q.at(t, hq);
+        const float* gsrc = dout.at(t, hq);
+        const float* osrc = o.at(t, hq);
+        float dsum = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          const float x = qsrc[d] * scale;
+          qt[d * BQ + r] = x;
+          qs[r * Dp + d] = x;
+        }
+        for (int64_t d = 0; d < Dv; ++d) {
+          dot_[d * BQ + r] = gsrc[d];
+          dor[r * Dvp + d] = gsrc[d];
+          dsum += gsrc[d] * osrc[d];
+        }
+        delta[r] = dsum;
+        lse_r[r] = lse[t * Hq + hq];
+      }
+      const int64_t end = keys_seen(keys, i0, rows);
+      for (int64_t j0 = 0; j0 < end; j0 += BK) {
+        const int64_t bk = std::min(BK, end - j0);
+        block_scores(keys, k, h, D, qt.data(), i0, rows, j0, bk, st.data());
+        // dP^T = V dO^T (V rows in place, runs as in block_scores)
+        std::fill(dpt.begin(), dpt.begin() + bk * BQ, 0.f);
+        for (int64_t j = j0; j < j0 + bk;) {
+          const int64_t run_end = j < keys.P ? std::min(j0 + bk, keys.P) : j0 + bk;
+          mm_acc(v.at(keys.row(j), h), v.row, dot_.data(), BQ, dpt.data() + (j - j0) * BQ, BQ, run_end - j, Dv, BQ);
+          j = run_end;
+        }
+        const float ninf = -std::numeric_limits<float>::infinity();
+        for (int64_t jj = 0; jj < bk; ++jj) {
+          float* prow = st.data() + jj * BQ;
+          float* drow = dpt.data() + jj * BQ;
+#pragma omp simd
+          for (int64_t r = 0; r < BQ; ++r) {
+            const float p = prow[r] == ninf ? 0.f : fast_exp(prow[r] - lse_r[r]);
+            prow[r] = p;                       // P^T
+            drow[r] = p * (drow[r] - delta[r]);  // dS^T (unscaled)
+          }
+        }
+        mm_acc(st.data(), BQ, dor.data(), Dvp, dvl.data() + j0 * Dvp, Dvp, bk, rows, Dvp);  // dV += P^T dO
+        mm_acc(dpt.data(), BQ, qs.data(), Dp, dkl.data() + j0 * Dp, Dp, bk, rows, Dp);     // dK += dS^T (q scale)
+        mm_acc(kt.data() + j0, Np, dpt.data(), BQ, dqt.data(), BQ, D, bk, BQ);             // dQ^T += K^T dS^T
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* dst = dq.at(keys.own_start + i0 + r, hq);
+        for (int64_t d = 0; d < D; ++d) dst[d] = dqt[d * BQ + r] * scale;
+      }
+    }
+  }
+  for (int64_t j = 0; j < N; ++j) {
+    float* kd = dk.at(keys.row(j), h);
+    float* vd = dv.at(keys.row(j), h);
+    for (int64_t d = 0; d < D; ++d) kd[d] += dkl[j * Dp + d];
+    for (int64_t d = 0; d < Dv; ++d) vd[d] += dvl[j * Dvp + d];
+  }
+}
+
+void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  for (const torch::Tensor* x : {&q, &k, &v}) {
+    TORCH_CHECK(x->dim() == 3 && x->scalar_type() == torch::kFloat32 && x->device().is_cpu() && x->stride(2) == 1,
+                "q, k, v must be 3-D fp32 CPU tensors [T, heads, head_dim] with a contiguous head dim");
+  }
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "q, k, v must have the same token count");
+  TORCH_CHECK(k.size(1) == v.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "query heads (", q.size(1), ") must be a multiple of the KV heads (", k.size(1), ")");
+  TORCH_CHECK(k.size(2) == q.size(2), "q and k head dims differ");
+}
+
+double segment_cost(const Layout& lay, int64_t s) {
+  const Keys keys = keys_of(lay, s);
+  return static_cast<double>(keys.C) * (keys.P + 0.5 * keys.C + BQ) + 1.0;
+}
+
+// (o [T, Hq, Dv], lse [T, Hq]) of the packed attention.
+std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                   const torch::Tensor& cu_seqlens, const torch::Tensor& prefix_of, double scale) {
+  check_inputs(q, k, v);
+  const int64_t T = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2), Dv = v.size(2), G = Hq / Hkv;
+  const Layout lay = read_layout(cu_seqlens, prefix_of, T);
+  const int64_t S = static_cast<int64_t>(lay.prefix.size());
+  torch::Tensor o = torch::empty({T, Hq, Dv}, q.options());
+  torch::Tensor lse = torch::empty({T, Hq}, q.options());
+  const Tensor3 tq = view3(q), tk = view3(k), tv = view3(v), to = view3(o);
+  float* lse_p = lse.data_ptr<float>();
+  std::vector<double> cost(S * Hkv);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t h = 0; h < Hkv; ++h) cost[s * Hkv + h] = segment_cost(lay, s);
+  run_items(cost, [&](int64_t item) {
+    forward_item(lay, item / Hkv, item % Hkv, tq, tk, tv, to, lse_p, Hq, G, D, Dv, static_cast<float>(scale));
+  });
+  return {o, lse};
+}
+
+// (dq, dk, dv) of the packed attention, from its saved inputs, output and log-sum-exp.
+std::vector<torch::Tensor> backward(const torch::Tensor& dout, const torch::Tensor& q, const torch::Tensor& k,
+                                    const torch::Tensor& v, const torch::Tensor& o, const torch::Tensor& lse,
+                                    const torch::Tensor& cu_seqlens, const torch::Tensor& prefix_of, double scale) {
+  check_inputs(q, k, v);
+  TORCH_CHECK(dout.sizes() == o.sizes() && dout.stride(2) == 1 && o.stride(2) == 1 &&
+                  dout.scalar_type() == torch::kFloat32 && lse.is_contiguous(),
+              "dout must be fp32 like the output, with a contiguous head dim");
+  const int64_t T = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2), Dv = v.size(2), G = Hq / Hkv;
+  const Layout lay = read_layout(cu_seqlens, prefix_of, T);
+  const int64_t S = static_cast<int64_t>(lay.prefix.size());
+  torch::Tensor dq = torch::empty({T, Hq, D}, q.options());
+  torch::Tensor dk = torch::zeros({T, Hkv, D}, q.options());
+  torch::Tensor dv = torch::zeros({T, Hkv, Dv}, q.options());
+  const Tensor3 tq = view3(q), tk = view3(k), tv = view3(v), to = view3(o), tdo = view3(dout), tdq = view3(dq),
+                tdk = view3(dk), tdv = view3(dv);
+  // prefix groups: each root segment (no prefix) with the segments that name it
+  std::vector<std::vector<int64_t>> members(S);
+  for (int64_t s = 0; s < S; ++s) members[lay.prefix[s] < 0 ? s : lay.prefix[s]].push_back(s);
+  std::vector<int64_t> roots;
+  std::vector<double> cost;
+  for (int64_t r = 0; r < S; ++r) {
+    if (lay.prefix[r] >= 0) continue;
+    double c = 0.0;
+    for (int64_t s : members[r]) c += segment_cost(lay, s);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      roots.push_back(r);
+      cost.push_back(c);
+    }
+  }
+  const float* lse_p = lse.data_ptr<float>();
+  run_items(cost, [&](int64_t item) {
+    const int64_t r = roots[item], h = item % Hkv;
+    for (int64_t s : members[r])
+      backward_segment(lay, s, h, tq, tk, tv, to, tdo, lse_p, tdq, tdk, tdv, Hq, G, D, Dv, static_cast<float>(scale));
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "(o, lse) of packed causal attention over segments with optional prefixes");
+  m.def("backward", &backward, "(dq, dk, dv) of packed causal attention over segments with optional prefixes");
+}
