@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from rl_engine.kernels import cpu, reference
 
@@ -49,6 +50,7 @@ class _PackedAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable  # the C++ gradients carry no graph: a double backward is refused, not silently wrong
     def backward(ctx, grad_out):
         q, k, v, o, lse, cu_seqlens, prefix_of = ctx.saved_tensors
         if grad_out.stride(-1) != 1:
