@@ -23,6 +23,8 @@ calls the `paged_decode_attention` op from the kernel registry instead (unverifi
 on CPU too when the registry resolves it to the C++ kernel (`kernels/cpu`, which reads K/V in place
 in their blocks: `cpu_decode=True`, it is also given the step's longest context): the CPU default where
 the kernel builds, so the SDPA path above runs where it does not (no compiler, `RL_ENGINE_CPU_KERNELS=0`).
+There each layer calls the kernel directly (`ops.paged_decode_step`) on the step's int32 tables, made once in
+`prepare`: the checked wrapper's Python cost ~9 us a call, paid by 8 layers a step.
 Built with the registry's `rotary_kv_write` (the C++ kernel on CPU, its default there), the context rotates q and
 k itself (`fuses_rotary`): the model hands `attend_rotary` q and k before rotary, and one pass rotates q and
 writes the rotated k and v into their slots in place of the model's rotary and `attend`'s two index_copy_.
@@ -46,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from rl_engine.kernels import invariant
+from rl_engine.kernels.cpu import ops as cpu_ops
 
 DECODE_CHUNK_BYTES = 1 << 20  # gathered K + V per decode chunk: about half a core's L2
 DECODE_GROUP = 16  # batch-invariant decode: rows per attention call
@@ -123,7 +126,7 @@ class PagedAttention:
         self._k_flat = [k.view(-1, self.num_kv_heads, self.head_dim) for k in k_caches]
         self._v_flat = [v.view(-1, self.num_kv_heads, self.head_dim) for v in v_caches]
         self.decode_op = decode_op  # a registry kernel (CUDA, or the C++ CPU one); None: SDPA below
-        self.cpu_decode = cpu_decode  # decode_op is kernels.cpu.ops.paged_decode_attention
+        self.cpu_decode = cpu_decode  # decode_op is kernels.cpu.ops.paged_decode_attention: ops.paged_decode_step
         self.max_context_len = 0
         self.batch_invariant = batch_invariant
         if rotary_kv_write is not None and batch_invariant:
@@ -158,6 +161,9 @@ class PagedAttention:
         self.num_single = 0
         self.block_tables: torch.Tensor | None = None  # [B, >= max blocks] int32 (registry op, observer)
         self.context_lens: torch.Tensor | None = None  # [B] int32 (registry op, observer)
+        # the C++ decode kernel's (block tables [num_single, >= nb], context lens [num_single]), int32, made once
+        # per step in `prepare` and shared by every layer's call (`ops.paged_decode_step`)
+        self.decode_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         # SDPA decode, per chunk of rows: (rows, gathered block ids [rows * nb] or None for a view of
         # consecutive blocks, as_strided (size, stride, storage offset) of K/V as [rows, Hkv, L, D],
         # additive mask [rows, 1, 1, L] or None for a lone row at its exact length).
@@ -178,10 +184,13 @@ class PagedAttention:
         self.context_lens = context_lens
         self.max_context_len = max_context_len
         self.decode_chunks = []
+        self.decode_tables = None
         self.prefill_plan = [] if self.batch_invariant or self.prefill_op else _plan_prefills(prefills)
         self.prefill_call = self._prefill_call(prefills) if self.prefill_op and prefills else None
         if self.batch_invariant:
             self._prepare_invariant(num_single, block_tables, context_lens, max_context_len)
+        elif num_single and self.cpu_decode:
+            self.decode_tables = cpu_ops.decode_tables(block_tables[:num_single], context_lens[:num_single])
         elif num_single and self.decode_op is None:
             self._prepare_decode(num_single, block_tables, context_lens, max_context_len, first_block)
 
@@ -368,8 +377,8 @@ class PagedAttention:
         """One query token per sequence: q [B, Hq, D] -> [B, Hq, D]."""
         B, Hq, D = q.shape
         if self.cpu_decode:
-            out = self.decode_op(q, self.k_caches[i], self.v_caches[i], self.block_tables[:B],
-                                 self.context_lens[:B], scale, self.max_context_len)
+            out = cpu_ops.paged_decode_step(q, self.k_caches[i], self.v_caches[i], *self.decode_tables, scale,
+                                            self.max_context_len)
         elif self.decode_op is not None:
             out = self.decode_op(q, self.k_caches[i], self.v_caches[i], self.block_tables[:B],
                                  self.context_lens[:B], scale)

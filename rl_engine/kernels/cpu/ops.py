@@ -126,6 +126,32 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return extension().paged_decode_attention(*args)
 
 
+def decode_tables(block_tables: torch.Tensor, context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's block tables [B, >= blocks] and context lengths [B] as the C++ kernel reads them (int32,
+    table rows and lengths contiguous), checked once: every layer's `paged_decode_step` call shares them."""
+    op_inputs.check_tables("paged_decode_attention", block_tables, context_lens)
+    tables = block_tables.to(torch.int32)
+    return (tables if tables.stride(-1) == 1 else tables.contiguous()), context_lens.to(torch.int32).contiguous()
+
+
+def paged_decode_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      context_lens: torch.Tensor, scale: float, max_context_len: int) -> torch.Tensor:
+    """`paged_decode_attention` of the engine's decode step, one call per layer on tables from `decode_tables`: the
+    C++ kernel is called directly (~1.5 us a call where the checked wrapper costs ~9: 8 layers a step). The shapes
+    the kernel does not check are compared here; anything else it refuses (dtype, layout, a block outside the
+    cache) goes through the checked wrapper, which adapts it (a strided q, mixed dtypes: the reference) or names it in
+    its error. Inference only (no autograd)."""
+    if (q.dim() != 3 or q.dtype not in _DTYPES or context_lens.shape[0] != q.shape[0]
+            or block_tables.shape[0] != q.shape[0] or k_cache.dim() != 4 or k_cache.shape[3] != q.shape[2]
+            or q.shape[1] % k_cache.shape[2] or v_cache.shape != k_cache.shape):
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)
+    try:
+        return extension().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                                  max_context_len)
+    except RuntimeError:  # the kernel's TORCH_CHECK refused an argument: the wrapper adapts it or names it
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)
+
+
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """The reference's contract (each row's first maximum, ties and NaN as `torch.max`); fp32 and bf16 rows
     by the C++ kernel (~60-75 us for [64, 32k] at 2 threads against torch's ~0.85 ms), anything else by the
