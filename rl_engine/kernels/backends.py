@@ -86,16 +86,18 @@ def transformer_engine_importable() -> BackendStatus:
 # --- per-device status (what the registry asks) --------------------------------------------------
 
 
-def cpu_kernels_status() -> BackendStatus:
-    """Our C++ CPU kernels (`rl_engine.kernels.cpu`): builds them on the first call (then cached)."""
+def cpu_kernels_status(source: str = "cpu_ops.cpp") -> BackendStatus:
+    """Our C++ CPU kernels of one source under `rl_engine/kernels/cpu/csrc/` (the op's `OpSpec.cpu_source`):
+    builds that source on the first call (then cached), and no other."""
     from rl_engine.kernels import cpu
 
-    available, reason = cpu.extension_status()
+    available, reason = cpu.extension_status(cpu.SOURCE.parent / source)
     return BackendStatus(available, reason)
 
 
-def backend_status(backend: str, device_type: str) -> BackendStatus:
-    """Can `backend` run ops on tensors of `device_type` ("cpu", "cuda", ...)?"""
+def backend_status(backend: str, device_type: str, *, cpu_source: str = "cpu_ops.cpp") -> BackendStatus:
+    """Can `backend` run ops on tensors of `device_type` ("cpu", "cuda", ...)? `cpu_source`: the C++ file
+    the op's `cpu` implementation is built from."""
     if backend == "torch":
         return BackendStatus(True, "torch reference runs on every device")
     if backend not in BACKENDS:
@@ -103,7 +105,7 @@ def backend_status(backend: str, device_type: str) -> BackendStatus:
     if backend == "cpu":
         if device_type != "cpu":
             return BackendStatus(False, f"the C++ CPU kernels run on CPU tensors only, not on {device_type}")
-        return cpu_kernels_status()
+        return cpu_kernels_status(cpu_source)
     if backend == "triton":
         return _triton_status(device_type)
     if device_type != "cuda":

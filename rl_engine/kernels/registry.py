@@ -69,12 +69,14 @@ class OpSpec:
     doc: str = ""
     invariant: str | None = None
     cpu_default: bool = False  # its C++ CPU kernel is the CPU default where it builds
+    cpu_source: str = "cpu_ops.cpp"  # the file under kernels/cpu/csrc/ its C++ kernel is built from
 
 
 def _spec(name: str, doc: str, *, triton: str | None = None, flashinfer: str | None = None,
           transformer_engine: str | None = None, torch_impl: str | None = None, cpu: str | None = None,
           cuda_preference: tuple[str, ...] = ("triton", "torch"),
-          opt_in: frozenset[str] = frozenset(), invariant: str | None = "torch", cpu_default: bool = False) -> OpSpec:
+          opt_in: frozenset[str] = frozenset(), invariant: str | None = "torch", cpu_default: bool = False,
+          cpu_source: str = "cpu_ops.cpp") -> OpSpec:
     """`invariant`: "torch" when the torch implementation already reduces per row in a fixed order
     (or does not reduce), a dotted path for a dedicated one, None when there is none."""
     impls = {"torch": torch_impl or f"{_REF}:{name}"}
@@ -84,7 +86,8 @@ def _spec(name: str, doc: str, *, triton: str | None = None, flashinfer: str | N
             impls[backend] = path
     preference = tuple(b for b in cuda_preference if b in impls)
     return OpSpec(name=name, impls=impls, cuda_preference=preference, opt_in=opt_in, doc=doc,
-                  invariant=impls["torch"] if invariant == "torch" else invariant, cpu_default=cpu_default)
+                  invariant=impls["torch"] if invariant == "torch" else invariant, cpu_default=cpu_default,
+                  cpu_source=cpu_source)
 
 
 OPS: dict[str, OpSpec] = {s.name: s for s in (
@@ -100,11 +103,11 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     _spec("varlen_causal_attention", "(q, k, v, cu_seqlens, scale) -> [T, heads, head_dim]",
           invariant=f"{_INVARIANT}:varlen_causal_attention", cpu=f"{_CPU_VARLEN}:varlen_causal_attention",
           # the training forward's packed short sequences, in place (fp32): no padding, masks or per-sequence calls
-          cpu_default=True),
+          cpu_default=True, cpu_source="varlen_attention.cpp"),
     _spec("shared_prefix_attention", "(q, k, v, cu_seqlens, prefix_of, scale) -> [T, heads, v_head_dim]: segment s "
           "causal over itself and, when prefix_of[s] >= 0, in full over that segment's keys",
           cpu=f"{_CPU_VARLEN}:shared_prefix_attention", invariant=None,  # the invariant kernels have no such form
-          cpu_default=True),
+          cpu_default=True, cpu_source="varlen_attention.cpp"),
     _spec("paged_decode_attention",
           "(q, k_cache, v_cache, block_tables, context_lens, scale) -> [batch, heads, head_dim]",
           triton=f"{_TRITON}.paged_attention:paged_decode_attention",
@@ -276,8 +279,8 @@ class KernelRegistry:
         # the C++ CPU kernels compile on first use: probe them only when they could be chosen
         want_cpu = device_type == "cpu" and not self._config.batch_invariant and (
             spec.cpu_default or self.cpu_kernel_requested(spec.name))
-        statuses = {b: backends.backend_status(b, device_type) if b != "cpu" or want_cpu else
-                    backends.BackendStatus(False, f"C++ CPU kernels are opt-in ({cpu_kernels.ENV_SWITCH}=1 or an "
+        statuses = {b: backends.backend_status(b, device_type, cpu_source=spec.cpu_source)
+                    if b != "cpu" or want_cpu else backends.BackendStatus(False, f"C++ CPU kernels are opt-in ({cpu_kernels.ENV_SWITCH}=1 or an "
                                                   f"override {spec.name}=cpu)") for b in spec.impls}
         available = tuple(b for b, s in statuses.items() if s.available)
         unavailable = {b: s.reason for b, s in statuses.items() if not s.available}

@@ -256,7 +256,7 @@ def test_registry_picks_the_cpu_kernels_when_asked_and_logs_why(caplog, monkeypa
     assert registry.default_registry().resolution("rms_norm", "cpu").backend == "torch"  # opt-in
     registry.configure(registry.KernelConfig(overrides={"*": "cpu"}))
     assert registry.resolve("silu_and_mul", "cpu") is ops.silu_and_mul
-    assert registry.resolve("varlen_causal_attention", "cpu") is reference.varlen_causal_attention  # none
+    assert registry.resolve("apply_rotary", "cpu") is reference.apply_rotary  # it has no C++ kernel
     registry.configure(registry.KernelConfig())
     monkeypatch.setenv(cpu.ENV_SWITCH, "1")
     caplog.set_level(logging.INFO, logger="rl_engine.kernels.registry")
@@ -264,7 +264,7 @@ def test_registry_picks_the_cpu_kernels_when_asked_and_logs_why(caplog, monkeypa
         resolution = registry.default_registry().resolution(op, "cpu")
         assert resolution.backend == "cpu" and resolution.fn is getattr(ops, op)
         assert "C++ CPU kernel" in resolution.reason
-    assert registry.resolve("varlen_causal_attention", "cpu") is reference.varlen_causal_attention
+    assert registry.resolve("apply_rotary", "cpu") is reference.apply_rotary
     assert any("rms_norm on cpu -> cpu" in r.getMessage() for r in caplog.records)
     registry.configure(registry.KernelConfig(disabled_backends=("cpu",)))
     resolution = registry.default_registry().resolution("rms_norm", "cpu")
@@ -274,7 +274,7 @@ def test_registry_picks_the_cpu_kernels_when_asked_and_logs_why(caplog, monkeypa
 def test_registry_falls_back_to_torch_with_the_reason(monkeypatch):
     monkeypatch.setenv(cpu.ENV_SWITCH, "1")
     monkeypatch.setattr(backends, "cpu_kernels_status",
-                        lambda: BackendStatus(False, "no C++ compiler ('c++' not on PATH; set CXX or install g++)"))
+                        lambda *_: BackendStatus(False, "no C++ compiler ('c++' not on PATH; set CXX or install g++)"))
     registry.clear_cache()
     resolution = registry.default_registry().resolution("paged_decode_attention", "cpu")
     assert resolution.backend == "torch" and resolution.fn is reference.paged_decode_attention
@@ -355,24 +355,26 @@ def test_engines_decode_with_the_cpp_kernel_by_default_and_rl_engines_with_torch
 
 
 def test_an_rl_engine_does_not_probe_the_cpp_decode_kernel(monkeypatch):
-    """An engine built with cpu_decode_kernel=False (and the kernel not asked for) never resolves the C++
-    paged decode attention: probing its backend loads the extension, which a cold cache builds first
-    (~30-60 s in every process of an RL run, for a kernel none of them uses)."""
+    """An engine built with cpu_decode_kernel=False (and the kernel not asked for) never loads cpu_ops.cpp,
+    the C++ paged decode attention's extension: loading it builds it first on a cold cache (~30-60 s in
+    every process of an RL run, for a kernel none of them uses). The model's packed training attention
+    (varlen_attention.cpp, a CPU default) is probed from its own source, which the trainer runs."""
     from rl_engine import LLM
     from tests.kernels.test_paged_decode_engine_state import tiny_gqa_model
 
     monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
-    probed = []
-    real_status = backends.backend_status
+    registry.clear_cache()
+    loaded = []
+    real_load = cpu.load_source
 
-    def status(backend, device_type):
-        probed.append((backend, device_type))
-        return real_status(backend, device_type)
+    def load(source, **kwargs):
+        loaded.append(source.name)
+        return real_load(source, **kwargs)
 
-    monkeypatch.setattr(backends, "backend_status", status)
+    monkeypatch.setattr(cpu, "load_source", load)
     llm = LLM(tiny_gqa_model(), max_num_seqs=2, cpu_decode_kernel=False)
     assert not llm.engine.runner.attn.cpu_decode
-    assert ("cpu", "cpu") not in probed, probed
+    assert cpu.SOURCE.name not in loaded, loaded
 
 
 @needs_cpu_kernels

@@ -60,7 +60,7 @@ def test_paged_decode_falls_back_to_torch_with_the_reason(monkeypatch):
     """No compiler (or the switch at 0): the torch reference, the loader's reason in the resolution."""
     monkeypatch.delenv("RL_ENGINE_CPU_KERNELS", raising=False)
     monkeypatch.setattr(backends, "cpu_kernels_status",
-                        lambda: BackendStatus(False, "no C++ compiler ('c++' not on PATH; set CXX or install g++)"))
+                        lambda *_: BackendStatus(False, "no C++ compiler ('c++' not on PATH; set CXX or install g++)"))
     registry.clear_cache()
     resolution = registry.default_registry().resolution("paged_decode_attention", "cpu")
     assert resolution.backend == "torch" and resolution.fn is reference.paged_decode_attention

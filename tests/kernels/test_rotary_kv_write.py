@@ -202,7 +202,7 @@ def test_registry_and_engine_take_the_kernel_where_it_builds_and_log_why_not(cap
     assert LLM(tiny_gqa_model(), max_num_seqs=2).engine.runner.attn.fuses_rotary
     # an engine serving an RL run (cpu_decode_kernel=False) keeps the torch path, as for decode attention
     assert not LLM(tiny_gqa_model(), max_num_seqs=2, cpu_decode_kernel=False).engine.runner.attn.fuses_rotary
-    monkeypatch.setattr(backends, "cpu_kernels_status", lambda: BackendStatus(False, "no C++ compiler ('c++' not on "
+    monkeypatch.setattr(backends, "cpu_kernels_status", lambda *_: BackendStatus(False, "no C++ compiler ('c++' not on "
                                                                                      "PATH; set CXX or install g++)"))
     registry.clear_cache()
     caplog.set_level(logging.INFO, logger="rl_engine.kernels.registry")
