@@ -86,19 +86,20 @@ def logprob_shard_stats(
     n_valid = num_valid_columns(num_local, vocab_start, vocab_size)
     out = torch.empty(4, num_tokens, dtype=torch.float32, device=logits.device)
     step = _chunk_tokens(num_local)
+    padded = n_valid < num_local
     for s in range(0, num_tokens, step):
         e = min(num_tokens, s + step)
         z = _scaled_chunk(logits[s:e], temperature, n_valid)  # [c, V_local]
-        m = z.max(dim=-1).values
+        m = torch.amax(z, dim=-1, out=out[0, s:e])  # (amax: the max without argmax's index pass)
         local = targets[s:e].long() - vocab_start
         in_shard = (local >= 0) & (local < n_valid)
-        picked = z.gather(1, local.clamp(0, num_local - 1)[:, None]).squeeze(1)
+        out[3, s:e] = torch.where(in_shard, z.gather(1, local.clamp(0, num_local - 1)[:, None]).squeeze(1), 0.0)
         z -= m.clamp(min=torch.finfo(torch.float32).min)[:, None]  # z - m <= 0; -inf rows stay -inf
         ez = torch.exp(z)
-        out[0, s:e] = m
-        out[1, s:e] = ez.sum(-1)
-        out[2, s:e] = torch.where(ez > 0, ez * z, 0.0).sum(-1)  # padded columns: 0 * -inf -> 0
-        out[3, s:e] = torch.where(in_shard, picked, 0.0)
+        torch.sum(ez, -1, out=out[1, s:e])
+        # ez * z in place of z (not needed after): only padded columns (0 * -inf) need the where
+        ez_z = torch.where(ez > 0, ez * z, 0.0) if padded else z.mul_(ez)
+        torch.sum(ez_z, -1, out=out[2, s:e])
     return ShardStats(*out)
 
 
@@ -183,15 +184,20 @@ def logprob_entropy_grad(
     step = _chunk_tokens(num_local)
     for s in range(0, num_tokens, step):
         e = min(num_tokens, s + step)
-        log_p = _scaled_chunk(logits[s:e], temperature, n_valid) - logsumexp[s:e, None]
+        log_p = _scaled_chunk(logits[s:e], temperature, n_valid).sub_(logsumexp[s:e, None])
         p = log_p.exp()
         g_lp, g_h = grad_logprobs[s:e, None].float(), grad_entropy[s:e, None].float()
-        g = -p * (g_lp + g_h * torch.where(p > 0, log_p + entropy[s:e, None], 0.0))
+        # -p * (g_lp + g_h * (log p + H)), in place on log_p's buffer (the same ops in the same order as
+        # the expression; -(p * x) and (-p) * x round alike); padded columns (p = 0, log p = -inf) get 0
+        g = log_p.add_(entropy[s:e, None])
+        if n_valid < num_local:
+            g.masked_fill_(p == 0, 0.0)
+        g = g.mul_(g_h).add_(g_lp).mul_(p).neg_()
         local = targets[s:e].long() - vocab_start
         in_shard = (local >= 0) & (local < n_valid)
         rows = torch.nonzero(in_shard).squeeze(1)
         g[rows, local[rows]] += g_lp[rows, 0]
-        grad[s:e] = (g / temperature).to(grad.dtype)
+        grad[s:e] = (g if temperature == 1.0 else g.div_(temperature)).to(grad.dtype)
     return grad
 
 
