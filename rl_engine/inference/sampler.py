@@ -90,6 +90,7 @@ class Sampler:
             self._compiled_greedy = torch.compile(greedy_logprobs, dynamic=True, fullgraph=True)
         self.compiled_greedy_min_logits = COMPILED_GREEDY_MIN_LOGITS
         self._argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._sample: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     def _greedy_argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """The registry's `greedy_argmax` for this device (on CPU the C++ pass: torch's max over [64, 32k] took
@@ -100,6 +101,16 @@ class Sampler:
 
             self._argmax = registry.resolve("greedy_argmax", self.device)
         return self._argmax(logits)
+
+    def _inverse_cdf(self, z: torch.Tensor, uniforms: torch.Tensor, *,
+                     logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The registry's `inverse_cdf_sample` for this device, resolved at the first batch that samples
+        untruncated rows (as `_greedy_argmax`: an engine that never does, loads no C++ extension for it)."""
+        if self._sample is None:
+            from rl_engine.kernels import registry
+
+            self._sample = registry.resolve("inverse_cdf_sample", self.device)
+        return self._sample(z, uniforms, logprobs=logprobs)
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[float]]:
         """logits [n, V] (any float dtype) -> (token ids, log-probs), one per row."""
@@ -128,6 +139,11 @@ class Sampler:
         if uniform:
             t0 = p0.temperature
             z = logits / t0 if t0 > 0 and t0 != 1.0 else logits
+            if t0 > 0 and not self.batch_invariant and not _truncates(p0, vocab=z.shape[1]):
+                # every row samples from its whole distribution (the RL rollout's case): the registry's
+                # inverse_cdf_sample, on CPU one C++ pass per row
+                tokens, lps = self._inverse_cdf(z, torch.as_tensor(draw(), dtype=torch.float64), logprobs=logprobs)
+                return tokens.tolist(), None if lps is None else lps.tolist()
             sampling, all_sampling = t0 > 0, t0 > 0
         elif all(t == temps[0] for t in temps):
             scale = temps[0] if temps[0] > 0 else 1.0
@@ -143,7 +159,7 @@ class Sampler:
                 lse = z_max + e.sum(dim=-1, keepdim=True).log_()
             if not uniform:
                 e = _truncate(e, z, params)
-            elif 0 < p0.top_k < e.shape[1] or p0.top_p < 1.0 or p0.min_p:
+            elif _truncates(p0, vocab=e.shape[1]):
                 e = _truncate(e, z, [p0] * len(params))
             cdf = e.cumsum_(dim=-1)  # e is not needed afterwards
             target = torch.as_tensor(draw(), dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
@@ -197,6 +213,11 @@ def inverse_cdf(weights: torch.Tensor, uniforms: list[float]) -> torch.Tensor:
     cdf = weights.cumsum(dim=-1)
     target = torch.tensor(uniforms, dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1).view(-1)
+
+
+def _truncates(params: SamplingParams, *, vocab: int) -> bool:
+    """Whether top-k, top-p or min-p of `params` can remove tokens from a vocabulary of `vocab`."""
+    return 0 < params.top_k < vocab or params.top_p < 1.0 or bool(params.min_p)
 
 
 def _truncate(e: torch.Tensor, z: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -14,7 +14,8 @@ build time and `forward` only calls plain functions. The rules, in order:
    attention in place and in one call, forward and backward, where the torch path pads and masks or calls SDPA
    once per sequence; paged_decode_attention, which reads K/V in place in their blocks where
    the torch reference gathers them; rotary_kv_write, one pass where the engine's torch path takes seven
-   ops; and greedy_argmax, ~12x torch's max over [64, 32k] logits), or of every op that has one under
+   ops; greedy_argmax, ~12x torch's max over [64, 32k] logits; and inverse_cdf_sample, a sampled decode step's
+   pick in one pass where the torch reference takes a dozen small ops), or of every op that has one under
    `RL_ENGINE_CPU_KERNELS=1`
    (rms_norm and silu_and_mul are opt-in: not faster end to end), when it is not disabled
    (`disabled_backends`, `RL_ENGINE_CPU_KERNELS=0`) and it built; else the torch reference with the
@@ -149,6 +150,12 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     _spec("greedy_argmax", "(logits [n, V]) -> [n] int64: each row's first maximum, torch.max(dim=-1)'s index",
           cpu=f"{_CPU}:greedy_argmax",
           # torch's CPU max over [64, 32k] logits takes ~0.85 ms, the C++ pass ~0.07 ms: a greedy step's pick
+          cpu_default=True),
+    _spec("inverse_cdf_sample",
+          "(z [n, V] fp32, uniforms [n], *, logprobs=True) -> (tokens [n] int64, log-probs [n] | None): inverse-CDF "
+          "draws of untruncated rows",
+          cpu=f"{_CPU}:inverse_cdf_sample",
+          # a sampled decode step's pick: a dozen small torch ops (~80-130 us at [128, 101]) against one C++ pass
           cpu_default=True),
     _spec("moe_permute", "(hidden [T, H], topk_ids [T, k], num_experts) -> MoePermutation",
           triton=f"{_TRITON}.moe_permute:moe_permute"),

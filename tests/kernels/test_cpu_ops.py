@@ -249,6 +249,49 @@ def test_greedy_argmax_other_inputs_give_the_reference_result():
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("rows,vocab,scale", [(128, 101, 3.0), (64, 2048, 5.0), (4, 32000, 8.0), (3, 1, 1.0),
+                                              (9, 7, 0.01)])
+def test_inverse_cdf_sample_matches_the_reference(rows, vocab, scale):
+    """The reference's draws: a token may differ only where the draw lies within the kernel's exp rounding
+    (fast_exp, a few ulp; the cumulative mass rounded to fp32 either way) of a boundary between two tokens, so
+    each differing token's cumulative mass under the reference is within 1e-5 (relative) of the draw's target;
+    log-probs within 1e-5 (values up to ~100 here, fp32: ~1e-5 is a few ulp). -inf logits are never drawn."""
+    from rl_engine.kernels.cpu.ops import inverse_cdf_sample
+
+    torch.manual_seed(rows * vocab)
+    z = torch.randn(rows, vocab) * scale
+    if vocab > 1:
+        z[:, 0] = float("-inf")  # a padded vocabulary row: zero mass
+    u = torch.rand(rows, dtype=torch.float64)
+    u[0] = 0.0
+    want, want_lp = reference.inverse_cdf_sample(z, u)
+    got, got_lp = inverse_cdf_sample(z, u)
+    assert got.dtype == torch.int64 and got.shape == (rows,) and got_lp.dtype == torch.float32
+    assert vocab == 1 or (got > 0).all()
+    cdf = (z - z.amax(-1, keepdim=True)).exp().cumsum(-1)
+    target = u.float() * cdf[:, -1]
+    for r in torch.nonzero(got != want).view(-1).tolist():
+        lo = min(int(got[r]), int(want[r]))
+        assert abs(float(cdf[r, lo]) - float(target[r])) <= 1e-5 * float(cdf[r, -1]), (r, got[r], want[r])
+    same = got == want
+    assert same.float().mean() > 0.9
+    assert (got_lp[same] - want_lp[same]).abs().max() <= 1e-5
+    tokens, no_lp = inverse_cdf_sample(z, u, logprobs=False)
+    assert torch.equal(tokens, got) and no_lp is None
+    wide = torch.cat([z, z], dim=1)[:, :vocab]  # rows read in place
+    assert torch.equal(inverse_cdf_sample(wide, u)[0], got)
+
+
+def test_inverse_cdf_sample_other_inputs_give_the_reference_result():
+    from rl_engine.kernels.cpu.ops import inverse_cdf_sample
+
+    z, u = torch.randn(3, 40), torch.rand(3, dtype=torch.float64)
+    for other in (z.double(), z.bfloat16()):  # fp32 only: any other dtype takes the reference
+        for a, b in zip(inverse_cdf_sample(other, u), reference.inverse_cdf_sample(other, u)):
+            assert torch.equal(a, b)
+
+
+@needs_cpu_kernels
 def test_registry_picks_the_cpu_kernels_when_asked_and_logs_why(caplog, monkeypatch):
     from rl_engine.kernels.cpu import ops
 

@@ -858,6 +858,56 @@ torch::Tensor argmax_rows(const torch::Tensor& logits) {
 }
 
 
+// ---- inverse-CDF sampling of a batch of rows, with the sampled tokens' log-probs -----------------------
+// The sampler's common case (inference/sampler.py: every row sampling at one temperature, no truncation),
+// the torch reference `inverse_cdf_sample` in one pass per row: z [n, V] fp32 (the logits already divided by
+// the temperature), m = max z, e = exp(z - m), the cumulative sum of e accumulated in double and rounded to
+// fp32 per entry (as torch.cumsum on CPU), the token = the number of entries <= u * total (u rounded to fp32,
+// the product in fp32; searchsorted(right=True), clamped to V - 1), and its log-prob z[token] - (m + log total).
+// exp is fast_exp (a few ulp from torch's; -inf logits get exactly 0), so a token differs from the reference's only where the draw falls
+// within that rounding of a boundary between two tokens, and a log-prob by ~1e-7.
+std::vector<torch::Tensor> sample_rows(const torch::Tensor& z, const torch::Tensor& uniforms, bool with_logprobs) {
+  TORCH_CHECK(z.dim() == 2 && z.stride(1) == 1 && z.scalar_type() == at::kFloat,
+              "z must be float32 [rows, vocab] with a contiguous last dim");
+  TORCH_CHECK(z.size(1) > 0, "z needs at least one column");
+  TORCH_CHECK(uniforms.dim() == 1 && uniforms.size(0) == z.size(0) && uniforms.scalar_type() == at::kDouble &&
+                  uniforms.is_contiguous(),
+              "uniforms must be float64 [rows], one per row of z");
+  const int64_t n = z.size(0), V = z.size(1), row_stride = z.stride(0);
+  auto tokens = torch::empty({n}, z.options().dtype(at::kLong));
+  auto logprobs = torch::empty({with_logprobs ? n : 0}, z.options());
+  const float* x = z.data_ptr<float>();
+  const double* u = uniforms.data_ptr<double>();
+  int64_t* tok = tokens.data_ptr<int64_t>();
+  float* lp = logprobs.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / V);  // ~64k logits a task
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> cdf(V);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = x + r * row_stride;
+      float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+      for (int64_t i = 0; i < V; ++i) m = row[i] > m ? row[i] : m;
+      float* c = cdf.data();
+#pragma omp simd
+      for (int64_t i = 0; i < V; ++i) {  // a -inf logit (a padded vocabulary row) keeps zero mass
+        const float e = fast_exp(row[i] - m);
+        c[i] = row[i] == -std::numeric_limits<float>::infinity() ? 0.f : e;
+      }
+      double total = 0.0;
+      for (int64_t i = 0; i < V; ++i) {
+        total += c[i];
+        c[i] = static_cast<float>(total);
+      }
+      const float target = static_cast<float>(u[r]) * c[V - 1];
+      const int64_t t = std::upper_bound(c, c + V, target) - c;
+      tok[r] = std::min<int64_t>(t, V - 1);
+      if (with_logprobs) lp[r] = row[tok[r]] - (m + std::log(c[V - 1]));
+    }
+  });
+  return {tokens, logprobs};
+}
+
 // ---- rotary embedding fused with the paged KV cache write -----------------------------------
 // The new tokens of a step (decodes, prefill chunks): q and k rotated neox-style (rotate-half over the first
 // 2 * R2 dims of each head by per-token cos / sin [T, R2]; dims past 2 * R2 pass through: partial rotary), q's
@@ -1095,5 +1145,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
   m.def("silu_and_mul", &silu_and_mul);
   m.def("argmax_rows", &argmax_rows);
+  m.def("sample_rows", &sample_rows);
   m.def("rotary_kv_write", &rotary_kv_write);
 }
