@@ -5,7 +5,8 @@ Tolerances are the kernel tests' (conftest.TOLERANCES): fp32 1e-5, the same valu
 up to fp32 summation order (online softmax rescales by exp(m_old - m_new) per cache block, rounded
 once per block: a few ulps relative on outputs of magnitude <= 4 here); bf16 2e-2: the kernels round
 intermediates to bf16 where the reference does, so a result differs by at most one or two bf16 ulps
-(2^-8 relative each) when its fp32 value lands on the other side of a rounding boundary.
+(2^-8 relative each) when its fp32 value lands on the other side of a rounding boundary; fp16 decode:
+DECODE_TOLERANCES (below).
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ import torch
 
 from rl_engine.kernels import backends, cpu, reference, registry
 from rl_engine.kernels.backends import BackendStatus
+from tests.kernels.conftest import TOLERANCES
 from tests.kernels.test_paged_attention import make_paged_state
 
 AVAILABLE, REASON = cpu.extension_status()
 needs_cpu_kernels = pytest.mark.skipif(not AVAILABLE, reason=f"C++ CPU kernels unavailable: {REASON}")
 
 DTYPES = [torch.float32, torch.bfloat16]
+# fp16 decode (both vector paths widen fp16 rows by vcvtph2ps): fp32 math rounded once to fp16, at most half an fp16
+# ulp (2^-11 relative, 4.9e-4) off the fp32 reference, plus fp32 summation order (~1e-6 absolute on outputs of
+# magnitude <= 4): rtol 1e-3, atol 1e-5
+DECODE_TOLERANCES = {**TOLERANCES, torch.float16: {"atol": 1e-5, "rtol": 1e-3}}
 
 DECODE_CASES = [  # (context_lens, block_size, num_kv_heads, group, head_dim)
     ([5, 17, 1, 0, 33], 16, 2, 1, 12),  # padding request (0), lengths across block boundaries
@@ -55,10 +61,9 @@ def decode_case(context_lens: list[int], *, block_size: int, num_kv_heads: int, 
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
 @pytest.mark.parametrize(("context_lens", "block_size", "num_kv_heads", "group", "head_dim"), DECODE_CASES)
-def test_paged_decode_matches_reference(assert_close, dtype, context_lens, block_size, num_kv_heads, group,
-                                        head_dim):
+def test_paged_decode_matches_reference(dtype, context_lens, block_size, num_kv_heads, group, head_dim):
     from rl_engine.kernels.cpu.ops import paged_decode_attention
 
     args, expected = decode_case(context_lens, block_size=block_size, num_kv_heads=num_kv_heads, group=group,
@@ -66,7 +71,7 @@ def test_paged_decode_matches_reference(assert_close, dtype, context_lens, block
     q, k_cache, v_cache, tables, lens, scale = args
     out = paged_decode_attention(*args)
     assert out.dtype == dtype and out.shape == q.shape
-    assert_close(out, expected, dtype)
+    torch.testing.assert_close(out.float(), expected, **DECODE_TOLERANCES[dtype])
     assert torch.all(out[lens == 0] == 0)
     # the engine passes the longest context it already knows: same result
     known = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, max(context_lens))
@@ -211,7 +216,7 @@ def test_kernels_trace_as_custom_ops_under_torch_compile():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def _argmax_cases(vocab: int, dtype: torch.dtype) -> torch.Tensor:
+def argmax_cases(vocab: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows that test the tie and NaN rules: random, all equal, two NaNs, all -inf, a tie at the top in the
     middle and at the end, +inf near the end, a tie between a row's main loop and its tail."""
     x = torch.randn(8, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
@@ -233,11 +238,39 @@ def test_greedy_argmax_equals_torch_max_index(dtype, vocab):
     takes rows of 64+ logits, in lane sets and a tail; shorter rows take the portable pass)."""
     from rl_engine.kernels.cpu.ops import greedy_argmax
 
-    x = _argmax_cases(vocab, dtype)
+    x = argmax_cases(vocab, dtype)
     got = greedy_argmax(x)
     assert got.dtype == torch.int64 and torch.equal(got, reference.greedy_argmax(x))
     wide = torch.cat([x, x], dim=1)[:, :vocab]  # rows vocab * 2 apart: read in place
     assert not wide.is_contiguous() and torch.equal(greedy_argmax(wide), reference.greedy_argmax(x))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+def test_greedy_argmax_refuses_rows_past_int32_lane_indices(isa):
+    """2^31 columns (a stride-0 view: nothing allocated) are refused by name before anything is read; the wrapper
+    sends rows wider than ARGMAX_MAX_COLUMNS to the reference without calling the kernel."""
+    if isa == "avx2" and not cpu.cpu_has_avx2():
+        pytest.skip("this CPU lacks AVX2, FMA or F16C")
+    module = cpu.extension() if isa == "native" else cpu.isa_variant(isa)
+    wide = torch.zeros(1, 1).expand(2, 2**31)
+    with pytest.raises(RuntimeError, match=r"shape \[2, 2147483648\] need 1 \.\. 2\^31 - 1 columns"):
+        module.argmax_rows(wide)
+    widest = torch.zeros(1, 1).expand(2, 2**31 - 1)  # accepted by the shape check, refused for its stride 0
+    with pytest.raises(RuntimeError, match="contiguous last dim"):
+        module.argmax_rows(widest)
+
+
+def test_greedy_argmax_sends_rows_past_its_limit_to_the_reference(monkeypatch):
+    from rl_engine.kernels.cpu import ops
+
+    def no_kernel():
+        raise AssertionError("the C++ kernel was called")
+
+    monkeypatch.setattr(ops, "ARGMAX_MAX_COLUMNS", 39)
+    monkeypatch.setattr(ops, "extension", no_kernel)
+    x = argmax_cases(40, torch.float32)
+    assert torch.equal(ops.greedy_argmax(x), reference.greedy_argmax(x))
 
 
 def test_greedy_argmax_other_inputs_give_the_reference_result():

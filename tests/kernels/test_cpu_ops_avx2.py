@@ -1,13 +1,12 @@
-"""The AVX2 path of the C++ paged decode attention (`csrc/cpu_ops.cpp`), on any CPU that has AVX2: the engine's
-build takes the AVX-512 path where the CPU has AVX-512, so the AVX2 path is tested through a second build of the
-same source with AVX-512 switched off (`cpu.isa_variant("avx2")`, ~35 s of compiler time once, then cached),
-which must report that it compiled the AVX2 path. Cases and reference are test_cpu_ops.py's (GQA groups of 1-7,
-head dims 12-128, contexts across block boundaries and ending in partial blocks, padding requests, shared blocks).
+"""The AVX2 paths of the C++ kernels (`csrc/cpu_ops.cpp`: paged decode attention, one-row linear, greedy pick), on
+any CPU that has AVX2: the engine's build takes the AVX-512 paths where the CPU has AVX-512, so the AVX2 paths are
+tested through a second build of the same source with AVX-512 switched off (`cpu.isa_variant("avx2")`, ~35 s of
+compiler time once, then cached), which must report that it compiled the AVX2 paths. Decode cases and reference are
+test_cpu_ops.py's (GQA groups of 1-7, head dims 12-128, contexts across block boundaries and ending in partial
+blocks, padding requests, shared blocks); the one-row linear's bound is test_packed_linear.py's; the greedy pick
+must give torch.max's index exactly.
 
-Tolerances: fp32 and bf16 as in test_cpu_ops.py. fp16 (the AVX2 path widens fp16 rows by F16C; the AVX-512 build
-sends fp16 to the portable kernel): fp32 math rounded once to fp16, at most half an fp16 ulp (2^-11 relative,
-4.9e-4) off the fp32 reference, plus fp32 summation order (~1e-6 absolute on outputs of magnitude <= 4):
-rtol 1e-3, atol 1e-5.
+Tolerances: as in test_cpu_ops.py (fp16 there too: both vector paths widen fp16 rows by vcvtph2ps).
 """
 
 from __future__ import annotations
@@ -17,11 +16,10 @@ from types import ModuleType
 import pytest
 import torch
 
-from rl_engine.kernels import cpu
-from tests.kernels.conftest import TOLERANCES as KERNEL_TOLERANCES
-from tests.kernels.test_cpu_ops import AVAILABLE, DECODE_CASES, REASON, decode_case
-
-TOLERANCES = {**KERNEL_TOLERANCES, torch.float16: {"atol": 1e-5, "rtol": 1e-3}}
+from rl_engine.kernels import cpu, reference
+from tests.kernels.test_cpu_ops import (AVAILABLE, DECODE_CASES, DECODE_TOLERANCES, REASON, argmax_cases,
+                                        decode_case)
+from tests.kernels.test_packed_linear import _bound, _inputs
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +41,7 @@ def test_avx2_paged_decode_matches_reference(avx2_build, dtype, context_lens, bl
                                  head_dim=head_dim, dtype=dtype)
     out = avx2_build.paged_decode_attention(*args, max(context_lens))
     assert out.dtype == dtype and out.shape == args[0].shape
-    torch.testing.assert_close(out.float(), expected, **TOLERANCES[dtype])
+    torch.testing.assert_close(out.float(), expected, **DECODE_TOLERANCES[dtype])
     assert torch.all(out[args[4] == 0] == 0)  # padding requests
 
 
@@ -58,3 +56,36 @@ def test_avx2_build_checks_block_tables_like_the_engines(avx2_build):
 def test_unknown_isa_variant_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown ISA variant 'sse'; choose one of \['avx2', 'portable'\]"):
         cpu.isa_variant("sse")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,n", [(96, 40), (100, 41), (7, 3), (512, 1), (24, 9)])
+def test_avx2_one_row_linear_matches_the_exact_product(avx2_build, dtype, k, n):
+    """AVX2 gemv (a weight row at a time in 4 sums of 8 lanes: K in steps of 32, then of 8, then the last K % 8
+    through a zero-padded load) within fp32 accumulation of the exact product, with bias, residual, both and
+    neither; outside the engine's reading switch the op is F.linear itself."""
+    x, w, b, r = _inputs(dtype, rows=1, k=k, n=n, seed=k + n)
+    w = w.detach()
+    exact = x.double() @ w.double().t()
+    previous = avx2_build.set_reading(True)
+    try:
+        outs = {"bias": avx2_build.gemv(x, w, b, None), "res": avx2_build.gemv(x, w, None, r),
+                "both": avx2_build.gemv(x, w, b, r), "none": avx2_build.gemv(x, w, None, None)}
+    finally:
+        avx2_build.set_reading(previous)
+    for name, extra in [("bias", b), ("res", r), ("both", b + r), ("none", torch.zeros_like(b))]:
+        want = exact + extra.double()
+        assert outs[name].dtype == dtype and outs[name].shape == (1, n), name
+        assert ((outs[name].double() - want).abs() <= _bound(x, w, want, dtype) * 2).all(), name
+    assert torch.equal(avx2_build.gemv(x, w, b, None), torch.nn.functional.linear(x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 5, 31, 32, 33, 40, 63, 64, 65, 100, 2048, 32000, 32001])
+def test_avx2_greedy_pick_equals_torch_max_index(avx2_build, dtype, vocab):
+    """Exactly torch.max(dim=-1)'s index (the first maximum, a NaN counting as the maximum): rows of 32+ logits take
+    the AVX2 pass (4 lane sets of 8, whole vectors of the tail, the last < 8 one by one), shorter ones the portable
+    pass."""
+    x = argmax_cases(vocab, dtype)
+    got = avx2_build.argmax_rows(x)
+    assert got.dtype == torch.int64 and torch.equal(got, reference.greedy_argmax(x))

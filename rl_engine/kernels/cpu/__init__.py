@@ -13,10 +13,11 @@ gathers every row's blocks each step, the rotary embedding fused with the paged 
 (`rotary_kv_write`: q and k rotated and k and v stored in one pass, where the engine's torch path rotates into
 a new tensor and index_copy_s from it) and the greedy pick of a batch without log-probs (`greedy_argmax`:
 each row's first maximum, as torch.max) are the registry's CPU defaults where they build (falling back to
-the torch path with the reason logged: no compiler, a failed build). The attention's vector path is
-AVX-512 or AVX2, chosen at compile time from this CPU's flags; `isa_variant` builds the same source with
-AVX-512 switched off, or with the portable loops only, beside the engine's build (the tests of the AVX2
-path on an AVX-512 CPU, benchmarks/decode_isa.py). RMSNorm and SwiGLU are opt-in (not
+the torch path with the reason logged: no compiler, a failed build). The vector paths of the attention,
+the one-row linear and the greedy pick are AVX-512 or AVX2 (one body over per-ISA vector traits), chosen at
+compile time from this CPU's flags; `isa_variant` builds the same source with AVX-512 switched off, or with
+the portable loops only, beside the engine's build (the tests of the AVX2 paths on an AVX-512 CPU,
+benchmarks/decode_isa.py). RMSNorm and SwiGLU are opt-in (not
 faster end to end than the torch references on the ~3.5M model: 0.85-1.08x over two runs): the registry
 takes them on CPU under `RL_ENGINE_CPU_KERNELS=1` or an override `OP=cpu` (`*=cpu`: every op that has
 one). `RL_ENGINE_CPU_KERNELS=0` never builds any. The switch is read once per process, at the first use
@@ -163,7 +164,7 @@ def extension(source: Path = SOURCE) -> ModuleType:
     return module
 
 
-# Builds of cpu_ops.cpp beside the engine's, for the tests and benchmarks/decode_isa.py: its AVX2 path on a CPU
+# Builds of cpu_ops.cpp beside the engine's, for the tests and benchmarks/decode_isa.py: its AVX2 paths on a CPU
 # that has AVX-512 (GCC and clang's -mno-avx512f also switch off every AVX-512 extension, bf16 included), and
 # its portable C++ loops (what a CPU with neither runs). Neither registers the rl_engine torch ops, which the
 # engine's build (`extension()`) defines: torch refuses a second definition in one process.
@@ -174,7 +175,7 @@ ISA_VARIANTS = {
 
 
 def cpu_has_avx2() -> bool:
-    """Whether this CPU runs the AVX2 path (AVX2, FMA and F16C), so that the "avx2" variant can be built and run."""
+    """Whether this CPU runs the AVX2 paths (AVX2, FMA and F16C), so that the "avx2" variant can be built and run."""
     return {"avx2", "fma", "f16c"} <= set(_cpu_flags().split())
 
 

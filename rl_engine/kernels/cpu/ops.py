@@ -152,12 +152,16 @@ def paged_decode_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)
 
 
+# the C++ greedy pick's widest row: its vector paths keep int32 lane indices
+ARGMAX_MAX_COLUMNS = 2**31 - 1
+
+
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """The reference's contract (each row's first maximum, ties and NaN as `torch.max`); fp32 and bf16 rows
-    by the C++ kernel (~60-75 us for [64, 32k] at 2 threads against torch's ~0.85 ms), anything else by the
-    reference."""
+    of 1 .. ARGMAX_MAX_COLUMNS logits by the C++ kernel (~60-75 us for [64, 32k] at 2 threads against torch's
+    ~0.85 ms), anything else by the reference."""
     if (logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16) or logits.device.type != "cpu"
-            or logits.shape[1] == 0 or torch.compiler.is_compiling()):
+            or not 0 < logits.shape[1] <= ARGMAX_MAX_COLUMNS or torch.compiler.is_compiling()):
         return reference.greedy_argmax(logits)
     return extension().argmax_rows(logits if logits.stride(1) == 1 else logits.contiguous())
 
