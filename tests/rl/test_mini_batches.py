@@ -19,7 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # with the torch decode attention of that time (rollout.cpu_decode_kernel=false here: the C++ kernel, the
 # default since, reduces in another order within the log-prob contract and moves the metrics by ~1e-8) and
 # the torch training attention (overridden here: the C++ packed attention, the CPU default since, sums in
-# another order too).
+# another order too) and the torch sampler (overridden: the C++ inverse_cdf_sample, the CPU default since f97d179,
+# takes exp by fast_exp, which moves the behavior log-probs, and so the IS-ratio metrics, by ~1e-8).
 REFERENCE = os.path.join(HERE, "default_step_metrics_reference.json")
 
 
@@ -47,7 +48,8 @@ def test_one_mini_batch_one_epoch_reproduces_the_one_update_loop(tmp_path):
         pytest.skip(f"no reference written with {capability} kernels (other reduction orders), only with "
                     f"{sorted(references)}: write one with commit 2eb7ff9's loop")
     previous = kernels.default_registry().config
-    kernels.set_backend_overrides({"varlen_causal_attention": "torch", "shared_prefix_attention": "torch"})
+    kernels.set_backend_overrides({"varlen_causal_attention": "torch", "shared_prefix_attention": "torch",
+                                   "inverse_cdf_sample": "torch"})
     try:
         trainer = _trainer(tmp_path, "train.mini_batches_per_step=1", "train.epochs_per_step=1",
                            "rollout.cpu_decode_kernel=false")
