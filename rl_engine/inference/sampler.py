@@ -152,6 +152,11 @@ class Sampler:
         else:
             z = logits / torch.tensor([t if t > 0 else 1.0 for t in temps], device=logits.device)[:, None]
             sampling, all_sampling = any(temps), all(temps)
+        u = draw() if sampling else None
+        # a row sampling from its whole distribution takes the kernel whatever else is in the batch (the
+        # same seed gives the same token: the kernel's and the torch draw can part within a few ulp)
+        plain = [] if uniform or not sampling or self.batch_invariant else [
+            i for i, p in enumerate(params) if p.temperature > 0 and not _truncates(p, vocab=z.shape[1])]
         if sampling:
             z_max = z.amax(dim=-1, keepdim=True)
             e = (z - z_max).exp_()  # unnormalised probabilities, in (0, 1]
@@ -162,7 +167,7 @@ class Sampler:
             elif _truncates(p0, vocab=e.shape[1]):
                 e = _truncate(e, z, [p0] * len(params))
             cdf = e.cumsum_(dim=-1)  # e is not needed afterwards
-            target = torch.as_tensor(draw(), dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
+            target = torch.as_tensor(u, dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
             # First index whose cumulative mass exceeds the target: never a zero-mass (truncated) entry.
             tokens = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
             if not all_sampling:  # greedy rows (T = 1 there) take argmax
@@ -170,11 +175,17 @@ class Sampler:
                 tokens = torch.where(greedy, z.max(dim=-1, keepdim=True)[1], tokens)
         else:  # all greedy under batch_invariant
             tokens = z.max(dim=-1, keepdim=True)[1]
-        if not logprobs:
-            return tokens.view(-1).tolist(), None
         if self.batch_invariant:
-            return tokens.view(-1).tolist(), shared_logprobs(z, tokens.view(-1)).tolist()
-        return tokens.view(-1).tolist(), (z.gather(1, tokens) - lse).view(-1).tolist()
+            return tokens.view(-1).tolist(), shared_logprobs(z, tokens.view(-1)).tolist() if logprobs else None
+        lps = (z.gather(1, tokens) - lse).view(-1) if logprobs else None
+        tokens = tokens.view(-1)
+        if plain:
+            idx = torch.tensor(plain, device=z.device)
+            tokens[idx], plain_lps = self._inverse_cdf(
+                z[idx], torch.tensor([u[i] for i in plain], dtype=torch.float64), logprobs=logprobs)
+            if lps is not None:
+                lps[idx] = plain_lps
+        return tokens.tolist(), None if lps is None else lps.tolist()
 
     def uniforms(self, seeds: list[int | None]) -> list[float]:
         """One uniform in [0, 1) per seed (a `token_seed`), or from the engine's generator for None."""

@@ -197,3 +197,32 @@ def test_no_logprobs_same_tokens(dtype, params):
     full = sampler.sample(logits, rows, lambda: uniforms)
     tokens, logprobs = sampler.sample(logits, rows, lambda: uniforms, logprobs=False)
     assert logprobs is None and len(full[1]) == 6 and tokens == full[0]
+
+
+def test_an_untruncated_row_draws_through_the_same_op_whatever_its_neighbours():
+    """The one-setting path samples untruncated rows through the registry's inverse_cdf_sample (on CPU a C++
+    pass whose draw can part from the torch path's within a few ulp of a token boundary): a seeded row must
+    take that op in a mixed batch too (beside a greedy and a top-k row), so its token never depends on what
+    else is in the batch. A spy op that marks its rows (token V-1, log-prob 0) shows which path each took."""
+    torch.manual_seed(2)
+    logits = torch.randn(3, 16)
+    calls = []
+
+    def spy(z, uniforms, *, logprobs):
+        calls.append(z.shape[0])
+        return torch.full((z.shape[0],), z.shape[1] - 1), torch.zeros(z.shape[0]) if logprobs else None
+
+    plain = SamplingParams(temperature=0.8)
+    for params, plain_rows in (([plain] * 3, [0, 1, 2]),
+                               ([plain, SamplingParams(temperature=0.0), plain.clone(top_k=4)], [0])):
+        sampler = Sampler(device=torch.device("cpu"), seed=0)
+        sampler._sample = spy
+        tokens, logprobs = sampler(logits, [SampleRow(p, token_seed(9, 0, i)) for i, p in enumerate(params)])
+        assert calls.pop() == len(plain_rows)
+        for r in range(3):
+            assert (tokens[r] == 15 and logprobs[r] == 0.0) == (r in plain_rows), (params, r, tokens, logprobs)
+    # and the real op gives the row the same token and log-prob alone, in one setting and beside others
+    seed = token_seed(9, 0, 0)
+    alone = sample(logits[:1], plain, seeds=[seed])
+    mixed = sample(logits, [plain, SamplingParams(temperature=0.0), plain.clone(top_k=4)], seeds=[seed, None, 5])
+    assert (mixed[0][0], mixed[1][0]) == (alone[0][0], alone[1][0])
