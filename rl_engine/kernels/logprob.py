@@ -86,7 +86,6 @@ def logprob_shard_stats(
     n_valid = num_valid_columns(num_local, vocab_start, vocab_size)
     out = torch.empty(4, num_tokens, dtype=torch.float32, device=logits.device)
     step = _chunk_tokens(num_local)
-    padded = n_valid < num_local
     for s in range(0, num_tokens, step):
         e = min(num_tokens, s + step)
         z = _scaled_chunk(logits[s:e], temperature, n_valid)  # [c, V_local]
@@ -97,9 +96,9 @@ def logprob_shard_stats(
         z -= m.clamp(min=torch.finfo(torch.float32).min)[:, None]  # z - m <= 0; -inf rows stay -inf
         ez = torch.exp(z)
         torch.sum(ez, -1, out=out[1, s:e])
-        # ez * z in place of z (not needed after): only padded columns (0 * -inf) need the where
-        ez_z = torch.where(ez > 0, ez * z, 0.0) if padded else z.mul_(ez)
-        torch.sum(ez_z, -1, out=out[2, s:e])
+        # ez * z in place of z (not needed after); z's -inf entries (padded columns, or a logit masked to
+        # -inf) first become the lowest finite float, so their 0 * z is 0, not 0 * -inf = nan
+        torch.sum(z.clamp_(min=torch.finfo(torch.float32).min).mul_(ez), -1, out=out[2, s:e])
     return ShardStats(*out)
 
 
@@ -188,10 +187,9 @@ def logprob_entropy_grad(
         p = log_p.exp()
         g_lp, g_h = grad_logprobs[s:e, None].float(), grad_entropy[s:e, None].float()
         # -p * (g_lp + g_h * (log p + H)), in place on log_p's buffer (the same ops in the same order as
-        # the expression; -(p * x) and (-p) * x round alike); padded columns (p = 0, log p = -inf) get 0
-        g = log_p.add_(entropy[s:e, None])
-        if n_valid < num_local:
-            g.masked_fill_(p == 0, 0.0)
+        # the expression; -(p * x) and (-p) * x round alike); where p = 0 (padded columns, -inf logits, or
+        # an underflow) log p + H is taken as 0, so g is 0 there and not 0 * -inf = nan
+        g = log_p.add_(entropy[s:e, None]).masked_fill_(p == 0, 0.0)
         g = g.mul_(g_h).add_(g_lp).mul_(p).neg_()
         local = targets[s:e].long() - vocab_start
         in_shard = (local >= 0) & (local < n_valid)

@@ -186,3 +186,26 @@ def test_tensor_parallel_two_ranks():
             torch.testing.assert_close(results[backend, rank][1], h_ref, atol=1e-5, rtol=1e-5)
         grad = torch.cat([results[backend, 0][2], results[backend, 1][2]], dim=1)
         torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_logit_at_minus_infinity_is_a_token_of_probability_zero(temperature):
+    """A logit masked to -inf (a banned token) leaves the log-probs, the entropy and the gradients of the
+    other tokens what they are without that column, and gets a zero gradient: 0 * log 0 is 0, not nan."""
+    logits, targets, g_lp, g_h = _inputs(6, 50, seed=4)
+    banned = [3, 17, 49]
+    kept = [c for c in range(50) if c not in banned]
+    targets = torch.tensor(kept)[torch.randint(0, len(kept), (6,), generator=torch.Generator().manual_seed(5))]
+    masked = logits.clone()
+    masked[:, banned] = float("-inf")
+    masked[0, :] = float("-inf")
+    masked[0, targets[0]] = 1.0  # a row with one finite logit: probability 1, entropy 0
+    lp, h, grad = run_with_grads(ref.logprob_entropy, masked, targets, g_lp, g_h, temperature=temperature)
+    remap = torch.full((50,), -1, dtype=torch.long)
+    remap[kept] = torch.arange(len(kept))
+    plain = lambda x, t, **kw: plain_logprob_entropy(x, remap[t], temperature)  # noqa: E731
+    lp_ref, h_ref, grad_ref = run_with_grads(plain, masked[1:, kept], targets[1:], g_lp[1:], g_h[1:])
+    torch.testing.assert_close(lp[1:], lp_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h[1:], h_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad[1:, kept], grad_ref, atol=1e-5, rtol=1e-5)
+    assert torch.all(grad[:, banned] == 0) and lp[0] == 0 and h[0] == 0 and torch.all(grad[0] == 0)
