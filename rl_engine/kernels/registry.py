@@ -13,7 +13,8 @@ build time and `forward` only calls plain functions. The rules, in order:
    CPU default (`cpu_default`: varlen_causal_attention and shared_prefix_attention, the training forward's packed
    attention in place and in one call, forward and backward, where the torch path pads and masks or calls SDPA
    once per sequence; paged_decode_attention, which reads K/V in place in their blocks where
-   the torch reference gathers them; rotary_kv_write, one pass where the engine's torch path takes seven
+   the torch reference gathers them; paged_prefill_attention, every prefill chunk of an engine step in one
+   call reading K/V in place, where the torch path calls SDPA per sequence; rotary_kv_write, one pass where the engine's torch path takes seven
    ops; greedy_argmax, ~12x torch's max over [64, 32k] logits; and inverse_cdf_sample, a sampled decode step's
    pick in one pass where the torch reference takes a dozen small ops), or of every op that has one under
    `RL_ENGINE_CPU_KERNELS=1`
