@@ -479,3 +479,14 @@ def test_engine_with_the_cpp_kernels_generates_what_the_torch_engine_does(max_nu
         assert ours.outputs[0].token_ids == ref.outputs[0].token_ids
         torch.testing.assert_close(torch.tensor(ours.outputs[0].logprobs), torch.tensor(ref.outputs[0].logprobs),
                                    atol=1e-5, rtol=0)
+
+
+def test_the_cache_name_covers_the_shared_headers(tmp_path):
+    """A source's build is named by a hash that includes csrc/'s headers (fast_exp.h): an edited header
+    must rebuild every source that includes it, not load the stale build of the unchanged .cpp."""
+    source, header = tmp_path / "kernel.cpp", tmp_path / "shared.h"
+    source.write_text('#include "shared.h"\n')
+    header.write_text("// one\n")
+    before = cpu.extension_name(source)
+    header.write_text("// two\n")
+    assert cpu.extension_name(source) != before

@@ -85,12 +85,14 @@ def _cpu_flags() -> str:
 
 
 def extension_name(source: Path = SOURCE, *, extra_cflags: tuple[str, ...] = ()) -> str:
-    """The torch-extensions-cache name of `source`'s build: its stem and a hash of the source, the
-    flags, this CPU's flags and the source's path. The path: torch's build directory keeps one ninja
+    """The torch-extensions-cache name of `source`'s build: its stem and a hash of the source, csrc/'s
+    headers, the flags, this CPU's flags and the source's path. The path: torch's build directory keeps one ninja
     file per name, which names the source by path, so two checkouts of the same source (a worktree, a
     fresh clone beside the working tree) sharing a name rebuilt it (~30 s) whenever the other had loaded it."""
     digest = hashlib.sha256()
     digest.update(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):  # the sources' shared headers (fast_exp.h)
+        digest.update(header.read_bytes())
     digest.update(str(source.resolve()).encode())
     digest.update(" ".join(CFLAGS + extra_cflags).encode())
     digest.update(_cpu_flags().encode())

@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "fast_exp.h"
+
 // The vector paths' instruction set, chosen at compile time from the flags (-march=native): RL_AVX512 where the
 // CPU has AVX-512 F with the BW and VL extensions (masked 16-bit loads), else RL_AVX2 where it has AVX2, FMA and
 // F16C. A CPU with AVX-512 F alone (Knights Landing) takes the AVX2 path. -DRL_ENGINE_PORTABLE builds the
@@ -41,24 +43,7 @@ inline float to_f(T x) { return static_cast<float>(x); }
 template <typename T>
 inline T from_f(float x) { return static_cast<T>(x); }
 
-// exp for fp32 that the compiler vectorises (libm's expf is a call per element): Cephes' expf, a
-// degree-6 polynomial on x - n ln2 with n = round(x / ln2), scaled by 2^n through the exponent bits;
-// within 2 ulps of expf on [-87.3, 88] (inputs are clamped there: exp(-inf) gives ~1e-38, not 0,
-// which every use below multiplies by zero or adds to a sum of at least 1).
-inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.3f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
-}
+using rl_engine_cpu::fast_exp;  // fast_exp.h: Cephes' expf, vectorisable (clamps to [-87.3, 88])
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float s = 0.f;

@@ -23,6 +23,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "fast_exp.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -48,22 +50,8 @@ inline v16 splat(float a) { return v16{} + a; }
 
 inline int64_t round16(int64_t n) { return (n + VL - 1) / VL * VL; }
 
-// exp by range reduction and Cephes' polynomial (within ~2 ulp); vectorises (no libm call). Callers mask
-// their -inf entries themselves (this clamps to [-87.3, 88]).
-inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.3f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
-}
+// fast_exp.h's exp (~2 ulp, vectorises); callers mask their -inf entries themselves (it clamps to [-87.3, 88]).
+using rl_engine_cpu::fast_exp;
 
 // C[M][N] += A[M][K] B[K][N]; N a multiple of 16, B and C rows contiguous (ldb, ldc), A rows at lda (a
 // local buffer or a strided tensor row). 4 rows of A by 32 columns of B a step, the K products of each
