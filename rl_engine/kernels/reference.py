@@ -73,6 +73,17 @@ def apply_rotary(
     return rotate(q), rotate(k)
 
 
+def rotary_full(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary on full-width tables: x [T, heads, head_dim] (a view into the fused projection is
+    fine), cos [T, 1, head_dim] and sin [T, 1, head_dim] with the rotate-half sign folded in ([-sin | sin]):
+    x * cos + roll(x, head_dim // 2) * sin, a new tensor of x's dtype (computed in fp32)."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    # Plain mul and add round every element alike in any tensor shape (addcmul's fused multiply-add does
+    # not), so every tensor-parallel layout and the reference agree bitwise.
+    rotated = xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin
+    return rotated if x.dtype == torch.float32 else rotated.to(x.dtype)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """SwiGLU: x is [..., 2 * d] laid out as [gate | up]; returns silu(gate) * up, [..., d]."""
     gate, up = x.chunk(2, dim=-1)  # chunk, not slicing: backward concatenates, no zero-filled grads

@@ -14,7 +14,9 @@ build time and `forward` only calls plain functions. The rules, in order:
    attention in place and in one call, forward and backward, where the torch path pads and masks or calls SDPA
    once per sequence; paged_decode_attention, which reads K/V in place in their blocks where
    the torch reference gathers them; paged_prefill_attention, every prefill chunk of an engine step in one
-   call reading K/V in place, where the torch path calls SDPA per sequence; rotary_kv_write, one pass where the engine's torch path takes seven
+   call reading K/V in place, where the torch path calls SDPA per sequence; rms_norm_train, silu_and_mul_train and
+   rotary_full, the training forward's RMSNorm, SwiGLU and rotary in one C++ pass each way where torch takes
+   several elementwise ops; rotary_kv_write, one pass where the engine's torch path takes seven
    ops; greedy_argmax, ~12x torch's max over [64, 32k] logits; and inverse_cdf_sample, a sampled decode step's
    pick in one pass where the torch reference takes a dozen small ops), or of every op that has one under
    `RL_ENGINE_CPU_KERNELS=1`
@@ -53,6 +55,7 @@ _LOGPROB = "rl_engine.kernels.logprob"
 _INVARIANT = "rl_engine.kernels.invariant"
 _CPU = "rl_engine.kernels.cpu.ops"
 _CPU_VARLEN = "rl_engine.kernels.cpu.varlen_attention"
+_CPU_TRAIN = "rl_engine.kernels.cpu.train_elementwise"
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,10 @@ def _spec(name: str, doc: str, *, triton: str | None = None, flashinfer: str | N
 OPS: dict[str, OpSpec] = {s.name: s for s in (
     _spec("rms_norm", "(x, weight, eps, residual=None) -> (normed, new_residual | None)",
           triton=f"{_TRITON}.rms_norm:rms_norm", cpu=f"{_CPU}:rms_norm"),
+    _spec("rms_norm_train", "rms_norm's contract, differentiable: the policy's norms when autograd records the forward",
+          triton=f"{_TRITON}.rms_norm:rms_norm", torch_impl=f"{_REF}:rms_norm", cpu=f"{_CPU_TRAIN}:rms_norm",
+          # fp32 forward + backward in one C++ pass each, where torch takes ~6 elementwise ops each way
+          cpu_default=True, cpu_source="train_elementwise.cpp"),
     _spec("rotary_cos_sin", "(positions, inv_freq) -> (cos, sin) [T, head_dim//2] fp32"),
     _spec("apply_rotary", "(q, k, cos, sin) -> (q_rot, k_rot), new tensors",
           triton=f"{_TRITON}.rotary:apply_rotary"),
@@ -102,6 +109,12 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
           triton=f"{_TRITON}.rotary:apply_rotary_inplace"),
     _spec("silu_and_mul", "(x [..., 2d] as [gate|up]) -> silu(gate) * up [..., d]",
           triton=f"{_TRITON}.swiglu:silu_and_mul", cpu=f"{_CPU}:silu_and_mul"),
+    _spec("silu_and_mul_train", "silu_and_mul's contract, differentiable: the policy's SwiGLU when autograd records "
+          "the forward", triton=f"{_TRITON}.swiglu:silu_and_mul", torch_impl=f"{_REF}:silu_and_mul",
+          cpu=f"{_CPU_TRAIN}:silu_and_mul", cpu_default=True, cpu_source="train_elementwise.cpp"),
+    _spec("rotary_full", "(x [T, heads, head_dim], cos [T, 1, head_dim], sin [T, 1, head_dim] as [-sin | sin]) -> "
+          "x * cos + roll(x, head_dim // 2) * sin: the policy's rotary on the torch path, differentiable",
+          cpu=f"{_CPU_TRAIN}:rotary_full", cpu_default=True, cpu_source="train_elementwise.cpp"),
     _spec("varlen_causal_attention", "(q, k, v, cu_seqlens, scale) -> [T, heads, head_dim]",
           invariant=f"{_INVARIANT}:varlen_causal_attention", cpu=f"{_CPU_VARLEN}:varlen_causal_attention",
           # the training forward's packed short sequences, in place (fp32): no padding, masks or per-sequence calls

@@ -54,11 +54,15 @@ class RMSNorm(nn.Module):
         self.bind_kernels(self.weight.device)
 
     def bind_kernels(self, device: torch.device) -> None:
-        """Resolve the kernel once (at build, and again when the model moves to another device)."""
+        """Resolve the kernels once (at build, and again when the model moves to another device): `rms_norm`
+        for forwards without autograd (the engine's), `rms_norm_train` for those autograd records (on CPU the
+        fused C++ forward and backward)."""
         self._rms_norm = kernels.resolve("rms_norm", device)
+        self._rms_norm_train = kernels.resolve("rms_norm_train", device)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        out, residual_out = self._rms_norm(x, self.weight, self.eps, residual)
+        rms_norm = self._rms_norm_train if torch.is_grad_enabled() else self._rms_norm
+        out, residual_out = rms_norm(x, self.weight, self.eps, residual)
         return out if residual is None else (out, residual_out)
 
 
@@ -69,9 +73,10 @@ class RotaryEmbedding:
     `rotary_cos_sin` op) into a [max_positions, 2, head_dim] fp32 table: cos at full width and sin
     with the rotate-half sign folded in ([-sin | sin]). A forward gathers its tokens' rows once
     (`tables`) and every layer reuses them (`rotate`). On the torch backend a layer rotates all of its
-    q and k heads in one pass over the fused projection's output, x * cos + roll(x, half) * sin:
-    four dispatches where rotating q and k apart takes two dozen, which matters at decode, where
-    such small ops dominate. Other backends get the registry's `apply_rotary` on half-width views.
+    q and k heads in one pass over the fused projection's output, x * cos + roll(x, half) * sin (the
+    registry's `rotary_full`: four torch dispatches where rotating q and k apart takes two dozen, which
+    matters at decode, where such small ops dominate; one C++ pass each way on CPU in fp32). Other
+    backends get the registry's `apply_rotary` on half-width views.
     """
 
     def __init__(self, *, head_dim: int, max_positions: int, device: torch.device,
@@ -86,6 +91,7 @@ class RotaryEmbedding:
         resolution = kernels.default_registry().resolution("apply_rotary", device)
         self._fused = resolution.backend == "torch"
         self._apply_rotary = resolution.fn
+        self._rotary_full = kernels.resolve("rotary_full", device)
         self._cos_sin = kernels.resolve("rotary_cos_sin", device)
 
     def _rows(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -115,11 +121,7 @@ class RotaryEmbedding:
         """x [T, heads, head_dim] (a view into the fused projection is fine) -> rotated, new tensor."""
         cos, sin = tables
         if self._fused:
-            xf = x if x.dtype == torch.float32 else x.float()
-            # Plain mul and add round every element alike in any tensor shape (addcmul's fused
-            # multiply-add does not), so every tensor-parallel layout and the reference agree bitwise.
-            rotated = xf * cos + xf.roll(self.half, dims=-1) * sin
-            return rotated if x.dtype == torch.float32 else rotated.to(x.dtype)
+            return self._rotary_full(x, cos, sin)
         return self._apply_rotary(x, x[:, :0], cos, sin)[0]
 
 

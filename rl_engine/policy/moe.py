@@ -48,10 +48,12 @@ class SwiGLUMLP(nn.Module):
 
     def bind_kernels(self, device: torch.device) -> None:
         self._silu_and_mul = kernels.resolve("silu_and_mul", device)
+        self._silu_and_mul_train = kernels.resolve("silu_and_mul_train", device)  # when autograd records
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The MLP's output, or residual + it when `residual` is given (fused into the last matmul)."""
-        return self.down_proj(self._silu_and_mul(self.gate_up_proj(x)), residual)
+        silu_and_mul = self._silu_and_mul_train if torch.is_grad_enabled() else self._silu_and_mul
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)), residual)
 
 
 class _AttachAuxLoss(torch.autograd.Function):

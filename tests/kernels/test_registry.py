@@ -29,14 +29,14 @@ def fake_cuda(monkeypatch):
     registry.clear_cache()
 
 
-CPU_DEFAULT_OPS = ("varlen_causal_attention", "shared_prefix_attention", "paged_decode_attention",
+CPU_DEFAULT_OPS = ("rms_norm_train", "silu_and_mul_train", "rotary_full", "varlen_causal_attention", "shared_prefix_attention", "paged_decode_attention",
                    "paged_prefill_attention", "rotary_kv_write", "greedy_argmax", "inverse_cdf_sample")
 
 
 def test_every_op_but_the_cpu_defaults_resolves_to_the_torch_reference_on_cpu(monkeypatch):
-    """The C++ kernels are opt-in except the packed training attention's (plain and shared-prefix), paged decode
-    and prefill attention's, the fused rotary + KV write's, the greedy pick's and the inverse-CDF draw's, the CPU
-    defaults where they build."""
+    """The C++ kernels are opt-in except the training forward's RMSNorm, SwiGLU and rotary, the packed training
+    attention's (plain and shared-prefix), paged decode and prefill attention's, the fused rotary + KV write's, the
+    greedy pick's and the inverse-CDF draw's, the CPU defaults where they build."""
     monkeypatch.delenv("RL_ENGINE_CPU_KERNELS", raising=False)
     assert tuple(op for op, spec in registry.OPS.items() if spec.cpu_default) == CPU_DEFAULT_OPS
     for resolution in registry.describe("cpu"):
@@ -54,7 +54,7 @@ def test_every_op_but_the_cpu_defaults_resolves_to_the_torch_reference_on_cpu(mo
             assert resolution.backend == "cpu" and resolution.fn is registry._load(registry.OPS[op].impls["cpu"])
             assert "the CPU default for this op (RL_ENGINE_CPU_KERNELS=0 turns it off)" in resolution.reason
         else:
-            assert resolution.fn is getattr(reference, op) and why in resolution.reason
+            assert resolution.fn is registry._load(registry.OPS[op].impls["torch"]) and why in resolution.reason
 
 
 def test_paged_decode_falls_back_to_torch_with_the_reason(monkeypatch):

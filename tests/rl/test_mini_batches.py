@@ -20,7 +20,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # default since, reduces in another order within the log-prob contract and moves the metrics by ~1e-8) and
 # the torch training attention (overridden here: the C++ packed attention, the CPU default since, sums in
 # another order too) and the torch sampler (overridden: the C++ inverse_cdf_sample, the CPU default since f97d179,
-# takes exp by fast_exp, which moves the behavior log-probs, and so the IS-ratio metrics, by ~1e-8).
+# takes exp by fast_exp, which moves the behavior log-probs, and so the IS-ratio metrics, by ~1e-8) and the torch
+# training RMSNorm and SwiGLU (overridden: the C++ rms_norm_train / silu_and_mul_train, CPU defaults since, sum
+# in another order and take fast_exp; rotary_full, bit-equal, is pinned with them).
 REFERENCE = os.path.join(HERE, "default_step_metrics_reference.json")
 
 
@@ -49,7 +51,8 @@ def test_one_mini_batch_one_epoch_reproduces_the_one_update_loop(tmp_path):
                     f"{sorted(references)}: write one with commit 2eb7ff9's loop")
     previous = kernels.default_registry().config
     kernels.set_backend_overrides({"varlen_causal_attention": "torch", "shared_prefix_attention": "torch",
-                                   "inverse_cdf_sample": "torch"})
+                                   "inverse_cdf_sample": "torch", "rms_norm_train": "torch",
+                                   "silu_and_mul_train": "torch", "rotary_full": "torch"})
     try:
         trainer = _trainer(tmp_path, "train.mini_batches_per_step=1", "train.epochs_per_step=1",
                            "rollout.cpu_decode_kernel=false")

@@ -1,0 +1,151 @@
+"""The training forward's RMSNorm, SwiGLU and rotary on CPU (`csrc/train_elementwise.cpp`): forward and backward.
+
+The registry's "cpu" implementations of `rms_norm_train`, `silu_and_mul_train` (the policy's norms and MLP when
+autograd records the forward) and `rotary_full` (the policy's rotate-half rotary on full-width tables). In torch
+each is a handful of elementwise ops forward and as many backward, each a pass over the activations with its own
+dispatch and allocation; at a small model's widths those passes are the cost. Here each direction is one C++ pass
+over rows, wrapped in an autograd Function (`once_differentiable`: a double backward is refused, not silently
+wrong).
+
+fp32 CPU tensors only: other dtypes, other devices and traced calls (torch.compile) run the torch reference, as
+does every call when the extension cannot be built (no compiler, a failed build, `RL_ENGINE_CPU_KERNELS=0`; the
+reason is logged once). `rms_norm_train` and `silu_and_mul_train` also run the reference when nothing needs a
+gradient (the no-grad forwards take the `rms_norm` / `silu_and_mul` ops). Numerics (tests/kernels/
+test_cpu_train_elementwise.py): RMSNorm within a few ulp of the reference (another summation order), SwiGLU
+within fast_exp's ~2 ulp, rotary bit-equal forward and backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from rl_engine.kernels import cpu, reference
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "train_elementwise.cpp"
+
+
+@functools.cache
+def kernel() -> ModuleType | None:
+    """The built extension, or None (its reason logged once) when it cannot be built."""
+    module, reason = cpu.load_source(SOURCE)
+    if module is None:
+        logger.warning("training RMSNorm / SwiGLU / rotary: C++ kernels unavailable (%s); using the torch reference",
+                       reason)
+    return module
+
+
+def _takes(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels run these inputs (else the torch reference)."""
+    return (all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors)
+            and not torch.compiler.is_compiling() and kernel() is not None)
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last dim] with the last dim contiguous (a view where the strides allow)."""
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, residual):
+        shape = x.shape
+        out, total, rstd = kernel().rms_norm_forward(_rows(x), weight.contiguous(), eps,
+                                                     None if residual is None else _rows(residual))
+        h = total if residual is not None else _rows(x)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.has_residual = residual is not None
+        if residual is None:
+            return out.view(shape), None
+        return out.view(shape), total.view(shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_sum):
+        h, weight, rstd = ctx.saved_tensors
+        grad_sum_rows = None if grad_sum is None or not ctx.has_residual else _rows(grad_sum)
+        dh, dw = kernel().rms_norm_backward(_rows(grad_out), h, weight.contiguous(), rstd, grad_sum_rows)
+        dh = dh.view(grad_out.shape)
+        return dh, dw.view(weight.shape), None, (dh if ctx.has_residual else None)
+
+
+class _SiluAndMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x2 = _rows(x)
+        ctx.save_for_backward(x2)
+        ctx.shape = x.shape
+        return kernel().silu_and_mul_forward(x2).view(*x.shape[:-1], x.shape[-1] // 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (x2,) = ctx.saved_tensors
+        return kernel().silu_and_mul_backward(_rows(grad_out), x2).view(ctx.shape)
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return kernel().rotary(x, cos, sin, False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        cos, sin = ctx.saved_tensors
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        return kernel().rotary(grad_out, cos, sin, True), None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`reference.rms_norm`'s contract, differentiable in x, weight and residual."""
+    if not (_needs_grad(x, weight, residual) and _takes(x, weight, residual)):
+        return reference.rms_norm(x, weight, eps, residual)
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rms_norm: weight must be [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"rms_norm: residual shape {tuple(residual.shape)} must equal x's {tuple(x.shape)}")
+    return _RMSNorm.apply(x, weight, float(eps), residual)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """`reference.silu_and_mul`'s contract, differentiable."""
+    if not (_needs_grad(x) and _takes(x)):
+        return reference.silu_and_mul(x)
+    if x.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul: the last dim ({x.shape[-1]}) must be even ([gate | up])")
+    return _SiluAndMul.apply(x)
+
+
+def rotary_full(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`reference.rotary_full`'s contract, differentiable in x (bit-equal to the reference, forward and backward)."""
+    if not (_takes(x, cos, sin) and x.dim() == 3 and cos.dim() == 3 and cos.shape[1] == 1 and sin.shape == cos.shape):
+        return reference.rotary_full(x, cos, sin)
+    T, _, D = x.shape
+    if cos.shape != (T, 1, D):
+        raise ValueError(f"rotary_full: cos and sin must be [{T}, 1, {D}] (x's tokens and head_dim), "
+                         f"got {tuple(cos.shape)}")
+    if D % 2:
+        raise ValueError(f"rotary_full: head_dim ({D}) must be even")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    cos, sin = cos[:, 0], sin[:, 0]
+    cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
+    if _needs_grad(x):
+        return _Rotary.apply(x, cos, sin)
+    return kernel().rotary(x, cos, sin, False)

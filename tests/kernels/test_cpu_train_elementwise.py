@@ -1,0 +1,209 @@
+"""The training forward's C++ RMSNorm, SwiGLU and rotary (kernels/cpu/train_elementwise.py): outputs and gradients
+against the torch reference in float64, with error bounds from the fp32 arithmetic of each formula; strided and
+odd shapes; the reference where the kernels do not apply; bad inputs refused by name."""
+
+import pytest
+import torch
+
+from rl_engine import kernels
+from rl_engine.kernels import reference, registry
+from rl_engine.kernels.cpu import train_elementwise as te
+
+EPS = torch.finfo(torch.float32).eps
+
+pytestmark = pytest.mark.skipif(te.kernel() is None, reason="the C++ kernels do not build here")
+
+
+def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().double().requires_grad_()
+
+
+def _within(err: torch.Tensor, bound: torch.Tensor, what: str) -> None:
+    if err.numel() == 0:
+        return
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{what}: error exceeds its bound by {worst:.3g} (max error {err.max().item():.3g})"
+
+
+def _strided(rows: int, width: int, *, pad: int) -> torch.Tensor:
+    """[rows, width] fp32, a column slice of a wider tensor when pad > 0 (row stride width + pad)."""
+    return torch.randn(rows, width + pad)[:, pad:] if pad else torch.randn(rows, width)
+
+
+@pytest.mark.parametrize("rows,width,pad", [(37, 64, 0), (5, 37, 3), (1, 1, 0), (0, 16, 0), (300, 130, 7)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_the_float64_reference(rows, width, pad, with_residual):
+    torch.manual_seed(rows + width)
+    x = _strided(rows, width, pad=pad).requires_grad_()
+    w = (1 + 0.3 * torch.randn(width)).requires_grad_()
+    r = _strided(rows, width, pad=pad).requires_grad_() if with_residual else None
+    out, total = te.rms_norm(x, w, 1e-6, r)
+    g_out = torch.randn(rows, width)
+    g_total = torch.randn(rows, width) if with_residual else None
+    loss = (out * g_out).sum() + ((total * g_total).sum() if with_residual else 0)
+    loss.backward()
+
+    x64, w64, r64 = _f64(x), _f64(w), _f64(r)
+    out64, total64 = reference.rms_norm(x64, w64, 1e-6, r64)
+    loss64 = (out64 * g_out.double()).sum() + ((total64 * g_total.double()).sum() if with_residual else 0)
+    loss64.backward()
+
+    # fp32: h = x + r (1 rounding), the row's sum of squares (width roundings at most), rstd (a few), the
+    # products (2): every result within (width + 8) eps of its terms' magnitudes, relative.
+    n = width
+    h = (x64 + r64 if with_residual else x64).detach()
+    rstd = (h.pow(2).mean(-1, keepdim=True) + 1e-6).rsqrt()
+    xhat, gw = h * rstd, g_out.double() * w64.detach()
+    k = (n + 8) * EPS
+    _within((out.double() - out64).abs(), k * (w64.detach() * xhat).abs() + 1e-30, "out")
+    if with_residual:
+        assert torch.equal(total, (x + r).detach())  # one fp32 add, as torch's
+    # dx = rstd (g w - xhat mean(g w xhat)) (+ g_total): bounded by the magnitudes of its terms
+    dx_terms = rstd * (gw.abs() + xhat.abs() * (gw * xhat).abs().mean(-1, keepdim=True))
+    dx_bound = k * dx_terms + (EPS * g_total.double().abs() if with_residual else 0) + 1e-30
+    _within((x.grad.double() - x64.grad).abs(), dx_bound, "dx")
+    if with_residual:
+        _within((r.grad.double() - r64.grad).abs(), dx_bound, "d residual")
+    # dw = sum over rows of g xhat: the rows' sum adds up to `rows` roundings
+    dw_bound = (rows + n + 8) * EPS * (g_out.double() * xhat).abs().sum(0) + 1e-30
+    _within((w.grad.double() - w64.grad).abs(), dw_bound, "dw")
+
+
+@pytest.mark.parametrize("rows,d,pad", [(33, 48, 0), (7, 23, 5), (1, 1, 0), (0, 8, 0), (500, 192, 0)])
+def test_silu_and_mul_matches_the_float64_reference(rows, d, pad):
+    torch.manual_seed(rows + d)
+    x = (4 * _strided(rows, 2 * d, pad=pad)).requires_grad_()  # gates to |a| ~ 12: sigmoid's saturated ends too
+    out = te.silu_and_mul(x)
+    g = torch.randn(rows, d)
+    (out * g).sum().backward()
+    x64 = _f64(x)
+    out64 = reference.silu_and_mul(x64)
+    (out64 * g.double()).sum().backward()
+
+    a, b = x64.detach()[:, :d], x64.detach()[:, d:]
+    sig = torch.sigmoid(a)
+    # fast_exp within 2 ulp, then 1 + e, a / that, times up: 8 eps of |out|; the gradients ~16 eps of their terms
+    _within((out.double() - out64).abs(), 8 * EPS * out64.abs() + 1e-30, "out")
+    gd = g.double().abs()
+    da_bound = 16 * EPS * gd * b.abs() * (1 + a.abs()) + 1e-30
+    db_bound = 8 * EPS * gd * (a * sig).abs() + 1e-30
+    _within((x.grad.double() - x64.grad)[:, :d].abs(), da_bound, "d gate")
+    _within((x.grad.double() - x64.grad)[:, d:].abs(), db_bound, "d up")
+
+
+def _tables(tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-width tables as RotaryEmbedding.tables makes them: views [T, 1, D] of one [T, 2, D] table."""
+    angles = torch.rand(tokens, head_dim // 2) * 6
+    cos, sin = angles.cos(), angles.sin()
+    table = torch.stack((torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)), dim=1)
+    return table[:, :1], table[:, 1:]
+
+
+@pytest.mark.parametrize("tokens,heads,head_dim,extra", [(29, 6, 16, 32), (3, 1, 2, 0), (17, 5, 6, 11), (0, 2, 8, 0)])
+def test_rotary_full_is_bit_equal_to_the_reference_forward_and_backward(tokens, heads, head_dim, extra):
+    torch.manual_seed(tokens + heads)
+    fused = torch.randn(tokens, heads * head_dim + extra, requires_grad=True)  # a view into a wider projection
+    cos, sin = _tables(tokens, head_dim)
+    out = te.rotary_full(fused[:, :heads * head_dim].view(tokens, heads, head_dim), cos, sin)
+    g = torch.randn(tokens, heads, head_dim)
+    (out * g).sum().backward()
+    fused_ref = fused.detach().clone().requires_grad_()
+    out_ref = reference.rotary_full(fused_ref[:, :heads * head_dim].view(tokens, heads, head_dim), cos, sin)
+    (out_ref * g).sum().backward()
+    assert torch.equal(out, out_ref)
+    assert torch.equal(fused.grad, fused_ref.grad)
+    with torch.no_grad():  # the no-grad call (the C++ forward alone) too
+        assert torch.equal(te.rotary_full(fused[:, :heads * head_dim].view(tokens, heads, head_dim), cos, sin),
+                           out_ref)
+    # and the rotation itself, against float64
+    x64 = fused.detach().double()[:, :heads * head_dim].view(tokens, heads, head_dim)
+    ref64 = x64 * cos.double() + x64.roll(head_dim // 2, -1) * sin.double()
+    _within((out.double() - ref64).abs(), 2 * EPS * (x64.abs() * cos.double().abs()
+                                                    + x64.roll(head_dim // 2, -1).abs() * sin.double().abs()), "rot")
+
+
+def test_rms_norm_of_strided_heads_and_its_gradient():
+    """qk-norm's input: [T, heads, D] views of the fused projection (not contiguous across heads)."""
+    torch.manual_seed(0)
+    qkv = torch.randn(11, 3 * 4 * 8, requires_grad=True)
+    w = torch.rand(8, requires_grad=True)
+    out, none = te.rms_norm(qkv[:, 32:64].view(11, 4, 8), w, 1e-6)
+    assert none is None and out.shape == (11, 4, 8)
+    out.square().sum().backward()
+    qkv_ref, w_ref = qkv.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    reference.rms_norm(qkv_ref[:, 32:64].view(11, 4, 8), w_ref, 1e-6)[0].square().sum().backward()
+    torch.testing.assert_close(qkv.grad, qkv_ref.grad, rtol=0, atol=40 * EPS * qkv_ref.grad.abs().max().item())
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=0, atol=100 * EPS * w_ref.grad.abs().max().item())
+
+
+def test_the_reference_runs_where_the_kernels_do_not_apply(monkeypatch):
+    x, w = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True), torch.ones(8, dtype=torch.bfloat16)
+    assert torch.equal(te.rms_norm(x, w, 1e-6)[0], reference.rms_norm(x, w, 1e-6)[0])  # bf16
+    x32 = torch.randn(4, 8)  # no gradient asked for: the plain (inference) reference
+    assert torch.equal(te.rms_norm(x32, torch.ones(8), 1e-6)[0], reference.rms_norm(x32, torch.ones(8), 1e-6)[0])
+    assert torch.equal(te.silu_and_mul(x32), reference.silu_and_mul(x32))
+    monkeypatch.setattr(te, "kernel", lambda: None)  # no extension (no compiler, a failed build)
+    xg = x32.clone().requires_grad_()
+    out = te.silu_and_mul(xg)
+    assert out.grad_fn is not None and "SiluAndMul" not in type(out.grad_fn).__name__
+    assert torch.equal(out, reference.silu_and_mul(x32))
+
+
+def test_a_double_backward_is_refused():
+    x = torch.randn(4, 8, requires_grad=True)
+    grad_out = torch.randn(4, 4, requires_grad=True)
+    (g,) = torch.autograd.grad(te.silu_and_mul(x), x, grad_outputs=grad_out, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
+def test_bad_inputs_are_refused_by_name():
+    x = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(ValueError, match=r"weight must be \[8\]"):
+        te.rms_norm(x, torch.ones(6), 1e-6)
+    with pytest.raises(ValueError, match="residual shape"):
+        te.rms_norm(x, torch.ones(8), 1e-6, torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"last dim \(7\) must be even"):
+        te.silu_and_mul(torch.randn(4, 7, requires_grad=True))
+    cos, sin = _tables(4, 8)
+    with pytest.raises(ValueError, match=r"cos and sin must be \[3, 1, 8\]"):
+        te.rotary_full(torch.randn(3, 2, 8), cos, sin)
+    with pytest.raises(RuntimeError, match="x must be a CPU fp32 tensor"):  # the C++ checks name theirs too
+        te.kernel().silu_and_mul_forward(torch.randn(4, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="grad shape"):
+        te.kernel().silu_and_mul_backward(torch.randn(3, 4), torch.randn(4, 8))
+
+
+def test_the_policy_trains_through_the_kernels_as_through_torch():
+    """The tiny preset's packed training forward and backward: the C++ kernels (the CPU defaults) against the
+    torch reference ops (overridden), same weights and tokens."""
+    from rl_engine.policy.model import CausalLM
+    from rl_engine.policy.presets import preset_config
+
+    for op in ("rms_norm_train", "silu_and_mul_train", "rotary_full"):
+        assert registry.default_registry().resolution(op, "cpu").backend == "cpu"
+    torch.manual_seed(0)
+    cfg = preset_config("tiny")
+    fused = CausalLM(cfg)
+    previous = kernels.default_registry().config
+    kernels.set_backend_overrides({"rms_norm_train": "torch", "silu_and_mul_train": "torch", "rotary_full": "torch"})
+    try:
+        plain = CausalLM(cfg)
+    finally:
+        kernels.configure(previous)
+    plain.load_state_dict(fused.state_dict())
+    lens = [9, 30, 1, 17]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lens])
+    ids = torch.randint(0, cfg.vocab_size, positions.shape)
+    targets = torch.randint(0, cfg.vocab_size, positions.shape)
+    results = []
+    for model in (fused, plain):
+        lp, _ = model.token_logprobs(model.hidden_states(ids, positions=positions, cu_seqlens=cu), targets)
+        lp.sum().backward()
+        results.append((lp.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (lp_f, grads_f), (lp_p, grads_p) = results
+    # a few ulp per norm / SwiGLU, carried through two layers and the head: well inside 1e-5 of log-probs ~ -4.6
+    torch.testing.assert_close(lp_f, lp_p, rtol=0, atol=1e-5)
+    for name, grad in grads_p.items():
+        torch.testing.assert_close(grads_f[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(), msg=name)
