@@ -31,7 +31,9 @@ wrapper calls it without Python).
 The batch-invariant kernels (`csrc/invariant_linear.cpp`, `csrc/invariant_attention.cpp`) are built
 by the same `load_source` but are not opt-in: `kernels/invariant.py` loads each on its first use under
 `model.batch_invariant` and otherwise runs its torch fallback, logging why once per process;
-`RL_ENGINE_CPU_KERNELS=0` switches them off too.
+`RL_ENGINE_CPU_KERNELS=0` switches them off too. So is the engine's tiled prefill attention
+(`csrc/prefill_attention.cpp`, `prefill_attention.py`), which `ops.paged_prefill_attention` loads on its
+first call.
 
 `extension_status()` says whether the kernels can run and why not: no C++ compiler on PATH, the
 build failed (its first error lines), or `RL_ENGINE_CPU_KERNELS=0`. Wrappers of each op: `ops.py`.
