@@ -140,7 +140,7 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
           cuda_preference=("flashinfer", "torch"), invariant=f"{_INVARIANT}:paged_prefill_attention",
           # one call per layer for every prefill chunk of a step, keys read in place; the engine's torch path
           # runs one SDPA call per sequence (~2x the time at generate.py's batch-64 prompts)
-          cpu_default=True),
+          cpu_default=True, cpu_source="prefill_attention.cpp"),
     _spec("reshape_and_cache", "(k, v, k_cache, v_cache, slot_mapping) -> None, writes the caches",
           triton=f"{_TRITON}.paged_attention:reshape_and_cache"),
     _spec("rotary_kv_write", "(q, k, v, cos, sin, slot_mapping, k_cache, v_cache, *, return_k=False) -> (q_rot, "

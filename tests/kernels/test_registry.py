@@ -69,6 +69,25 @@ def test_paged_decode_falls_back_to_torch_with_the_reason(monkeypatch):
                                  "PATH; set CXX or install g++))")
 
 
+def test_each_cpu_default_is_probed_from_the_source_its_kernel_is_built_from(monkeypatch):
+    """A source that does not build takes its own ops to the torch reference and no other: the prefill attention
+    (csrc/prefill_attention.cpp since 373b864) is not probed from cpu_ops.cpp, which would report "cpu" for it
+    when only its own file fails, and keep it on torch when only cpu_ops.cpp does."""
+    monkeypatch.delenv("RL_ENGINE_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(backends, "cpu_kernels_status",
+                        lambda source="cpu_ops.cpp": BackendStatus(source != "prefill_attention.cpp", source))
+    registry.clear_cache()
+    resolution = registry.default_registry().resolution("paged_prefill_attention", "cpu")
+    assert resolution.backend == "torch" and resolution.fn is reference.paged_prefill_attention
+    assert "prefill_attention.cpp" in resolution.reason
+    assert registry.default_registry().resolution("paged_decode_attention", "cpu").backend == "cpu"
+    monkeypatch.setattr(backends, "cpu_kernels_status",
+                        lambda source="cpu_ops.cpp": BackendStatus(source != "cpu_ops.cpp", source))
+    registry.clear_cache()
+    assert registry.default_registry().resolution("paged_prefill_attention", "cpu").backend == "cpu"
+    assert registry.default_registry().resolution("paged_decode_attention", "cpu").backend == "torch"
+
+
 def test_cuda_preferences_with_probes_replaced(fake_cuda):
     chosen = {r.op: r.backend for r in registry.describe("cuda")}
     assert chosen["rms_norm"] == "triton"
