@@ -162,7 +162,8 @@ class BlockManager:
         table = seq.block_table
         for b in reversed(table[keep:]):
             self._release(b)
-        del table[keep:]
+        if keep < len(table):  # a new list: a table changes in place only by appending (the model runner relies on it)
+            seq.block_table = table = table[:keep]
         full = num_tokens // bs
         if keep > full:  # a partly kept block
             b = table[-1]

@@ -20,6 +20,7 @@ them as multi-token chunks of the same batch, and a sequence may emit several to
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from typing import TYPE_CHECKING, Callable
 
@@ -28,7 +29,7 @@ import torch
 from rl_engine.inference.block_manager import BlockManager
 from rl_engine.inference.config import EngineConfig
 from rl_engine.inference.model_runner import ModelRunner
-from rl_engine.inference.sampler import Sampler, token_seed, token_uniforms
+from rl_engine.inference.sampler import Sampler, same_setting, token_seed, token_uniform_base, token_uniforms_at
 from rl_engine.inference.sampling_params import SamplingParams
 from rl_engine.inference.scheduler import Scheduler
 from rl_engine.inference.sequence import (CompletionOutput, Request, RequestOutput, SchedulerOutput, SeqStatus,
@@ -40,6 +41,23 @@ if TYPE_CHECKING:
     from rl_engine.policy.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+class _Batch:
+    """What sampling reads of a step's sampled sequences that does not change while they stay the same (in
+    the same order, as from one decode step to the next): their params, whether those share one setting,
+    whether any asks for log-probs or top log-probs, and the seeded uniforms' per-row part."""
+
+    __slots__ = ("seqs", "params", "uniform", "logprobs", "top_rows", "seed_base")
+
+    def __init__(self, seqs: list[Sequence]) -> None:
+        self.seqs = seqs
+        self.params = params = [s.request.params for s in seqs]
+        self.uniform = same_setting(params)
+        self.logprobs = any(p.logprobs is not None for p in params)
+        self.top_rows = any(p.logprobs for p in params)
+        seeds = [s.rng_seed for s in seqs]
+        self.seed_base = None if None in seeds else token_uniform_base(seeds, [s.index for s in seqs])
 
 
 class LLMEngine:
@@ -83,6 +101,7 @@ class LLMEngine:
         self.weights_version = 0
         self.requests: dict[str, Request] = {}
         self._ready: list[RequestOutput] = []  # finished outside a step (e.g. a fully finished resubmission)
+        self._batch: _Batch | None = None  # the last step's sampled sequences and what sampling reads of them
         self.num_steps = 0
         self.num_generated_tokens = 0
         # A second user of this engine on another thread (an RL run's HTTP server, serve.host.EngineHost):
@@ -247,28 +266,39 @@ class LLMEngine:
             logits, sample_seqs = self.runner.execute(sched, record_routing=self.config.record_routing)
             version = self.weights_version
             bm = self.block_manager
-            for seq, n in zip(sched.seqs, sched.num_new_tokens):
-                seq.num_computed_tokens += n
-                kv_version = seq.kv_version
-                if kv_version is None or version < kv_version:
-                    seq.kv_version = version
+            # Plain decoding where every scheduled sequence computes one token and samples it (the steady state):
+            # its KV bookkeeping is done per sequence in `_emit_decode`'s one pass, after sampling
+            decode = self.speculator is None and len(sample_seqs) == len(sched.seqs) == sched.num_single
+            if not decode:
+                for seq, n in zip(sched.seqs, sched.num_new_tokens):
+                    seq.num_computed_tokens += n
+                    kv_version = seq.kv_version
+                    if kv_version is None or version < kv_version:
+                        seq.kv_version = version
             tops: dict[int, list] = {}
             if sample_seqs:
+                batch = self._batch if self._batch is not None and self._batch.seqs == sample_seqs else None
+                if batch is None:
+                    batch = self._batch = _Batch(sample_seqs)
                 if self.speculator is not None:  # also rolls back rejected drafts
                     emissions = self.speculator.verify(logits, sample_seqs, sampler=self.sampler,
                                                        block_manager=bm)
                 else:
-                    tokens, logprobs = self._sample(logits, sample_seqs)
-                tops = self._top_logprobs(logits, sample_seqs)
-            if bm.enable_prefix_caching:
+                    tokens, logprobs = self._sample(logits, batch)
+                if batch.top_rows:
+                    tops = self._top_logprobs(logits, sample_seqs)
+            if bm.enable_prefix_caching and not decode:
                 bs = bm.block_size
                 for seq in sched.seqs:
                     if seq.num_computed_tokens // bs > seq.num_hashed_blocks:  # a block filled up
                         bm.register_full_blocks(seq)
         self.num_steps += 1
         touched: dict[str, Request] = {}
-        if sample_seqs and self.speculator is None:
-            self._emit_plain(sample_seqs, tokens, logprobs, tops, version, touched)
+        stopped: set[str] = set()  # requests with a sample that finished this step
+        if decode:
+            self._emit_decode(sample_seqs, tokens, logprobs, tops, version, touched, stopped)
+        elif sample_seqs and self.speculator is None:
+            self._emit_plain(sample_seqs, tokens, logprobs, tops, version, touched, stopped)
         for seq, (tokens, logprobs, in_place) in zip(sample_seqs, emissions):
             if in_place:  # accepted drafts: re-appended one at a time below, with stop checks
                 del seq.token_ids[-in_place:]
@@ -282,13 +312,15 @@ class LLMEngine:
                 if request.pending_forks and seq.index == 0:
                     self._fork(request, seq)
                 if self._stops(seq, token):
+                    stopped.add(request.request_id)
                     break
             touched[request.request_id] = request
         if self.speculator is not None:
             self.speculator.end_step()
         outputs = ready
+        # (a request finishes only in a step where one of its samples stops)
         for rid, request in touched.items():
-            if request.finished:
+            if rid in stopped and request.finished:
                 del self.requests[rid]
                 outputs.append(self._output(request))
             elif request.stream:
@@ -304,7 +336,7 @@ class LLMEngine:
         return single_thread_below(self._flops_per_token * sum(sched.num_new_tokens), model_bytes=self._model_bytes)
 
     def _emit_plain(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float] | None,
-                    tops: dict[int, list], version: int, touched: dict[str, Request]) -> None:
+                    tops: dict[int, list], version: int, touched: dict[str, Request], stopped: set[str]) -> None:
         """Plain decoding: one token per sequence, appended with its log-prob and versions, then the
         stop checks (`_stops`)."""
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
@@ -319,8 +351,47 @@ class LLMEngine:
                 seq.top_logprobs.append(tops[i])
             if request.pending_forks and seq.index == 0:
                 self._fork(request, seq)
-            self._stops(seq, token)
+            if self._stops(seq, token):
+                stopped.add(request.request_id)
             touched[request.request_id] = request
+        self.num_generated_tokens += len(seqs)
+
+    def _emit_decode(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float] | None,
+                     tops: dict[int, list], version: int, touched: dict[str, Request], stopped: set[str]) -> None:
+        """`_emit_plain` of a step in which every scheduled sequence computed one token and sampled it, with the
+        step's KV bookkeeping in the same pass over the sequences: the computed token, the oldest weights version
+        of the KV, the prefix cache's newly full block (registered before a stop frees the sequence's blocks), and
+        `_stops`' test inlined (the full check only for a token that can stop something)."""
+        bm = self.block_manager
+        bs = bm.block_size if bm.enable_prefix_caching else 0
+        remove = self.scheduler.remove
+        finished = SeqStatus.FINISHED
+        for i, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs or itertools.repeat(None))):
+            computed = seq.num_computed_tokens = seq.num_computed_tokens + 1
+            kv_version = seq.kv_version
+            if kv_version is None or version < kv_version:
+                seq.kv_version = kv_version = version
+            if bs and computed // bs > seq.num_hashed_blocks:  # a block filled up
+                bm.register_full_blocks(seq)
+            request = seq.request
+            token_ids = seq.token_ids
+            token_ids.append(token)
+            if logprobs is not None:  # (None: no row's request asked for any)
+                seq.logprobs.append(logprob)
+            seq.policy_versions.append(version)
+            seq.kv_versions.append(kv_version)
+            if tops and i in tops:  # (only the rows whose request asked)
+                seq.top_logprobs.append(tops[i])
+            if request.pending_forks and seq.index == 0:
+                self._fork(request, seq)
+            rid = request.request_id
+            touched[rid] = request
+            stop_tokens, checks_text, max_len = request.stop_rule or self._stop_rule(request)
+            if (token in stop_tokens or checks_text or len(token_ids) >= max_len) and (
+                    self._check_stop(seq, token) or self._length_reached(seq)):
+                remove(seq)
+                seq.status = finished
+                stopped.add(rid)
         self.num_generated_tokens += len(seqs)
 
     def _stops(self, seq: Sequence, token: int) -> bool:
@@ -350,27 +421,24 @@ class LLMEngine:
         request.stop_rule = (stop_tokens, bool(params.stop), max_len)
         return request.stop_rule
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
+    def _sample(self, logits: torch.Tensor, batch: _Batch) -> tuple[list[int], list[float] | None]:
         """Plain decoding: one token and its log-prob per sequence (log-probs None when no sequence's request
         asks for any: `SamplingParams(logprobs=None)`). A seeded sequence's uniform comes from
         `token_uniforms(seed, sample index, position)`, computed for the whole batch at once."""
-        params = [s.request.params for s in seqs]
-        seeds = [s.rng_seed for s in seqs]
-        if None in seeds:
+        seqs = batch.seqs
+        if batch.seed_base is None:
             def draw() -> list[float]:
                 return self.sampler.uniforms([None if s.rng_seed is None else
                                               token_seed(s.rng_seed, s.index, s.num_tokens) for s in seqs])
         else:
             def draw():
-                return token_uniforms(seeds, [s.index for s in seqs], [len(s.token_ids) for s in seqs])
-        return self.sampler.sample(logits, params, draw, logprobs=any(p.logprobs is not None for p in params))
+                return token_uniforms_at(batch.seed_base, [len(s.token_ids) for s in seqs])
+        return self.sampler.sample(logits, batch.params, draw, logprobs=batch.logprobs, uniform=batch.uniform)
 
     def _top_logprobs(self, logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, list[tuple[int, float]]]:
         """Row -> the params.logprobs most likely (token id, log-prob) pairs, for the rows that ask,
         under the log-prob contract: log_softmax(logits / T) (T = 1 when greedy), before truncation."""
         rows = [i for i, s in enumerate(seqs) if s.request.params.logprobs]
-        if not rows:
-            return {}
         temps = torch.tensor([seqs[i].request.params.temperature or 1.0 for i in rows], device=logits.device)
         logp = torch.log_softmax(logits[rows].float() / temps[:, None], dim=-1)
         values, ids = logp.topk(max(seqs[i].request.params.logprobs for i in rows), dim=-1)

@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 import weakref
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 
 _num_computed = attrgetter("num_computed_tokens")
+_token_ids = attrgetter("token_ids")
+_block_table = attrgetter("block_table")
+_last = itemgetter(-1)
 
 
 def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -129,6 +132,11 @@ class ModelRunner:
                                        prefill_op=prefill_op)
         buckets = config.graph_batch_sizes or default_buckets(config.max_num_seqs)
         inputs = StaticInputs(max(buckets), max_blocks=self.max_blocks_per_seq, device=self.device)
+        # What the static block tables' rows hold (`_write_block_tables`): each row's block-table list (its id, 0
+        # for none) and how many of its blocks were written; the lists themselves are kept so the ids stay theirs.
+        self._table_ids = np.zeros(max(buckets), dtype=np.int64)
+        self._table_widths = np.zeros(max(buckets), dtype=np.int64)
+        self._table_lists: list[list[int]] = []
         graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
         runner_class = DecodeRunner
@@ -226,28 +234,60 @@ class ModelRunner:
             # Shortest context first: attention pads each chunk of rows to its longest context, so
             # rows of similar length should share chunks. (Recorded routing is stored in step order.)
             seqs = sorted(seqs, key=_num_computed)  # (stable: the order persists between steps)
-        computed = [s.num_computed_tokens for s in seqs]
+        computed = list(map(_num_computed, seqs))
+        token_lists = list(map(_token_ids, seqs))
+        tables = list(map(_block_table, seqs))
+        # Each row's token is its sequence's first uncomputed one, at most its last (len >= computed + 1): when the
+        # lengths add up to computed + 1 each, every row's token is the last and every row samples.
+        all_sample = sum(map(len, token_lists)) == sum(computed) + n
         runner.pad(n)
-        runner.np_input_ids[:n] = [s.token_ids[p] for s, p in zip(seqs, computed)]
-        runner.np_positions[:n] = computed
-        runner.np_slot_mapping[:n] = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, computed)]
-        runner.np_context_lens[:n] = runner.np_positions[:n] + 1
-        # Block tables: one scatter of every row's blocks (a per-row slice assignment costs ~1 us a row)
-        tables = [s.block_table for s in seqs]
-        widths = np.fromiter(map(len, tables), dtype=np.int64, count=n)
-        flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(widths.sum()))
-        rows = np.repeat(np.arange(n), widths)
-        runner.np_block_tables[rows, np.arange(len(flat)) - np.repeat(np.cumsum(widths) - widths, widths)] = flat
+        runner.np_input_ids[:n] = (list(map(_last, token_lists)) if all_sample else
+                                   [t[p] for t, p in zip(token_lists, computed)])
+        positions = runner.np_positions[:n]
+        positions[:] = computed
+        runner.np_context_lens[:n] = positions + 1
+        self._write_block_tables(runner.np_block_tables, tables)
+        # each row's slot: its position's block (from the table just written) * block_size + the offset in it
+        blocks = runner.np_block_tables[np.arange(n), positions // bs].astype(np.int64)
+        runner.np_slot_mapping[:n] = blocks * bs + positions % bs
         first_block = None
         if n == 1:  # a fresh pool hands out consecutive blocks: attention then reads a view
             table = seqs[0].block_table
             if table == list(range(table[0], table[0] + len(table))):
                 first_block = table[0]
         hidden, logits = runner.run(max_context_len=max(computed) + 1, routing=routing, first_block=first_block)
-        sample_rows = [i for i, (s, p) in enumerate(zip(seqs, computed)) if p + 1 == len(s.token_ids)]
-        sample_seqs = seqs if len(sample_rows) == n else [seqs[i] for i in sample_rows]
+        if all_sample:
+            sample_rows, sample_seqs = list(range(n)), seqs
+        else:
+            sample_rows = [i for i, (t, p) in enumerate(zip(token_lists, computed)) if p + 1 == len(t)]
+            sample_seqs = [seqs[i] for i in sample_rows]
         layout = None if self.hidden_sink is None else [(s, p, 1) for s, p in zip(seqs, computed)]
         return hidden, logits, sample_rows, sample_seqs, layout
+
+    def _write_block_tables(self, np_tables: np.ndarray, tables: list[list[int]]) -> None:
+        """Rows 0..n-1 of the static block tables (shared by every bucket) <- `tables`, writing only what changed
+        since the last decode step: a row that holds the same block-table list as then (the list object, kept alive
+        in `_table_lists` so that its id is not reused) needs only the blocks appended to it since. Block tables
+        change in place only by appending (`BlockManager.allocate`); every other change gives the sequence a new
+        list. Rows past n were overwritten by `pad`, so they are forgotten."""
+        n = len(tables)
+        ids = np.fromiter(map(id, tables), dtype=np.int64, count=n)
+        widths = np.fromiter(map(len, tables), dtype=np.int64, count=n)
+        same = ids == self._table_ids[:n]
+        grown = np.flatnonzero(same & (widths != self._table_widths[:n]))
+        for r in grown.tolist():  # (a few rows a step: one new block each, every block_size steps)
+            start = int(self._table_widths[r])
+            np_tables[r, start:widths[r]] = tables[r][start:]
+        new = np.flatnonzero(~same)
+        if len(new):  # one scatter of these rows' blocks (a per-row slice assignment costs ~1 us a row)
+            new_tables = [tables[r] for r in new.tolist()] if len(new) < n else tables
+            w = widths[new]
+            flat = np.fromiter(itertools.chain.from_iterable(new_tables), dtype=np.int32, count=int(w.sum()))
+            np_tables[np.repeat(new, w), np.arange(len(flat)) - np.repeat(np.cumsum(w) - w, w)] = flat
+        self._table_ids[:n] = ids
+        self._table_ids[n:] = 0
+        self._table_widths[:n] = widths
+        self._table_lists = tables
 
     def _run_flat(self, sched: SchedulerOutput, routing):
         seqs, nd, bs = sched.seqs, sched.num_single, self.block_size

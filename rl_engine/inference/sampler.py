@@ -50,16 +50,37 @@ _U64 = [np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xD1B54A32D192ED03, 0xBF58476
 def token_uniforms(seeds: Sequence[int], indices: Sequence[int], positions: Sequence[int]) -> np.ndarray:
     """`token_seed(seed, index, position) / 2**63` for a batch of rows at once (numpy uint64 arithmetic
     wraps mod 2**64 as the masked Python does; the float conversion rounds the same 63-bit integer)."""
-    c1, c2, c3, c4 = _U64
+    return token_uniforms_at(token_uniform_base(seeds, indices), positions)
+
+
+def token_uniform_base(seeds: Sequence[int], indices: Sequence[int]) -> np.ndarray:
+    """The part of `token_uniforms`' linear mix that does not depend on the position (a sample's rows keep it
+    from one token to the next): seed * c1 + index * c2 mod 2**64."""
+    c1, c2, _, _ = _U64
     x = np.array([s & _MASK64 for s in seeds], dtype=np.uint64) * c1
     x += np.array(indices, dtype=np.uint64) * c2
-    x += np.array(positions, dtype=np.uint64) * c3
+    return x
+
+
+def token_uniforms_at(base: np.ndarray, positions: Sequence[int]) -> np.ndarray:
+    """`token_uniforms` of the rows whose `token_uniform_base` is `base`, at `positions` (the sum mod 2**64 is
+    the same whichever term is added first, so the uniforms are bit for bit token_seed's)."""
+    _, _, c3, c4 = _U64
+    x = base + np.array(positions, dtype=np.uint64) * c3
     x ^= x >> np.uint64(30)
     x *= c3
     x ^= x >> np.uint64(27)
     x *= c4
     x ^= x >> np.uint64(31)
     return (x >> np.uint64(1)).astype(np.float64) / 2.0 ** 63
+
+
+def same_setting(params: Sequence[SamplingParams]) -> bool:
+    """Whether every row of `params` samples alike (temperature, top-k, top-p, min-p): `Sampler.sample`
+    then treats the batch as one setting."""
+    p0 = params[0]
+    key0 = (p0.temperature, p0.top_k, p0.top_p, p0.min_p)
+    return all(p is p0 or (p.temperature, p.top_k, p.top_p, p.min_p) == key0 for p in params)
 
 
 @dataclass
@@ -117,16 +138,17 @@ class Sampler:
         return self.sample(logits, [r.params for r in rows], lambda: self.uniforms([r.seed for r in rows]))
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], draw: Callable[[], Sequence[float]], *,
-               logprobs: bool = True) -> tuple[list[int], list[float] | None]:
+               logprobs: bool = True, uniform: bool | None = None) -> tuple[list[int], list[float] | None]:
         """logits [n, V] -> (token ids, log-probs), one per row of `params`. `draw()` gives the rows'
         uniforms in [0, 1); it is called once, and only when some row samples (not all greedy).
         `logprobs=False` (no row asks for any): the log-prob pass is skipped and None comes back in their
-        place; the tokens are the same (greedy: one argmax; sampled: the draw never needed the log-sum-exp)."""
+        place; the tokens are the same (greedy: one argmax; sampled: the draw never needed the log-sum-exp).
+        `uniform`: `same_setting(params)` when the caller knows it (None: computed here)."""
         p0 = params[0]
-        key0 = (p0.temperature, p0.top_k, p0.top_p, p0.min_p)
         # One setting for the whole batch (the RL case: a step's requests differ only in their seeds):
         # scalar temperature and truncation, no per-row lists.
-        uniform = all(p is p0 or (p.temperature, p.top_k, p.top_p, p.min_p) == key0 for p in params)
+        if uniform is None:
+            uniform = same_setting(params)
         temps = None if uniform else [p.temperature for p in params]
         if not self.batch_invariant and (p0.temperature == 0 if uniform else not any(temps)):
             # all greedy (the logits as they come: bf16 converts inside)

@@ -87,7 +87,7 @@ class Sequence:
         self.token_ids = token_ids
         self.num_prompt_tokens = num_prompt_tokens
         self.num_computed_tokens = 0
-        self.block_table: list[int] = []
+        self.block_table: list[int] = []  # changed in place only by appending; any other change is a new list
         self.block_hashes: list[bytes] = []  # chained content hash of each full block (prefix cache)
         self.num_hashed_blocks = 0  # blocks of block_table registered in the prefix cache
         self.kv_epoch = -1  # prefix-cache epoch in which this sequence's KV started being computed

@@ -124,3 +124,21 @@ def test_reset_prefix_cache_forgets_hashes_and_stops_stale_registration():
 def test_pool_needs_two_blocks(num_blocks):
     with pytest.raises(ValueError, match="at least 2 blocks"):
         BlockManager(num_blocks=num_blocks, block_size=4, enable_prefix_caching=False)
+
+
+def test_a_block_table_changes_in_place_only_by_appending():
+    """The model runner rewrites a decode row's block table only where the list it wrote is the sequence's list
+    still (`ModelRunner._write_block_tables`): allocation appends to it, a rollback or a free gives a new one."""
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    seq = make_seq(list(range(10)))
+    run_prefill(bm, seq)
+    table = seq.block_table
+    bm.allocate(seq, 1)
+    assert seq.block_table is table and len(table) == 4
+    bm.truncate(seq, 16)  # nothing released: the same list
+    assert seq.block_table is table
+    bm.truncate(seq, 5)
+    assert seq.block_table is not table and len(seq.block_table) == 2 and table[:2] == seq.block_table
+    table = seq.block_table
+    bm.free(seq)
+    assert seq.block_table is not table and seq.block_table == []

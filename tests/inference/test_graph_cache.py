@@ -61,3 +61,36 @@ def test_outputs_do_not_depend_on_bucket_padding(qwen2, test_device):
     diff = max((torch.tensor(a.outputs[0].logprobs) - torch.tensor(b.outputs[0].logprobs)).abs().max().item()
                for a, b in zip(exact, padded))
     assert diff <= 1e-5
+
+
+def test_decode_block_tables_rewrite_only_what_changed_and_match_the_sequences():
+    """`_write_block_tables` across decode steps: appended blocks, new lists (a rollback's, a readmitted
+    sequence's), rows reordered and a batch that shrinks then grows (rows past it were padded) leave every row
+    equal to its sequence's blocks."""
+    import types
+
+    import numpy as np
+
+    from rl_engine.inference.model_runner import ModelRunner
+
+    state = types.SimpleNamespace(_table_ids=np.zeros(8, dtype=np.int64), _table_widths=np.zeros(8, dtype=np.int64),
+                                  _table_lists=[])
+    np_tables = np.full((8, 6), -7, dtype=np.int32)
+    a, b, c = [1, 2], [3], [4, 5, 6]
+
+    def write(tables):
+        ModelRunner._write_block_tables(state, np_tables, tables)
+        for row, t in enumerate(tables):
+            assert np_tables[row, :len(t)].tolist() == t, (row, t)
+
+    write([a, b, c])
+    a.append(7)
+    write([a, b, c])
+    b = [3, 9]  # a new list with another block (a rollback, a preempted sequence readmitted)
+    write([a, b, c])
+    write([c, a, b])  # reordered
+    np_tables[1:, 0] = 0  # pad(1): rows past the batch become padding
+    write([c])
+    c.append(10)
+    write([c, a, b])  # the rows they held before the padding: written again
+    assert state._table_ids[3:].tolist() == [0] * 5

@@ -49,9 +49,9 @@ def spy_logprobs(engine) -> None:
         engine.logprobs_spy["requests"][request_id] = "default" if params is None else params.logprobs
         return add_request(request_id, prompt, params, **kw)
 
-    def spied_sample(logits, params, draw, *, logprobs=True):
+    def spied_sample(logits, params, draw, *, logprobs=True, **kw):
         engine.logprobs_spy["sampler_calls"].append(logprobs)
-        return sample(logits, params, draw, logprobs=logprobs)
+        return sample(logits, params, draw, logprobs=logprobs, **kw)
 
     engine.add_request, engine.sampler.sample = spied_add_request, spied_sample
 
