@@ -127,6 +127,34 @@ def test_paged_prefill_matches_reference(assert_close, dtype, context_lens, quer
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_prefill_gives_a_query_the_same_bits_however_its_prompt_is_chunked(dtype):
+    """A query's output depends on its position and its keys only, not on the chunk it comes in, the other
+    chunks of the call or where the chunk starts: the engine's chunked prefill, prefix-cache hits and preemption
+    recompute then give one prompt the same bits (key blocks are taken from key 0, rows are not mixed). A
+    300-token prompt (past two 128-key blocks) whole, against the same queries in chunks of 37 / 150 / 113
+    (three calls over the cache, each chunk's context its end), and beside another request in one call."""
+    from rl_engine.kernels.cpu.ops import paged_prefill_attention
+
+    _, _, k_cache, v_cache, tables, lens = make_paged_state([300, 90], block_size=16, num_kv_heads=2, head_dim=64,
+                                                            dtype=dtype, device="cpu", shared_prefix_blocks=0)
+    q = torch.randn(300 + 90, 8, 64).to(dtype)
+    scale = 0.125
+
+    def call(chunks):  # [(request, first query position, count)] -> the output rows
+        rows = torch.cat([q[(0 if r == 0 else 300) + a:(0 if r == 0 else 300) + a + n] for r, a, n in chunks])
+        cu = torch.tensor([0] + [n for _, _, n in chunks]).cumsum(0).to(torch.int32)
+        ctx = torch.tensor([a + n for _, a, n in chunks], dtype=torch.int32)
+        return paged_prefill_attention(rows, k_cache, v_cache, tables[[r for r, _, _ in chunks]], cu, ctx, scale)
+
+    whole = call([(0, 0, 300)])
+    pieces = torch.cat([call([(0, 0, 37)]), call([(0, 37, 150)]), call([(0, 187, 113)])])
+    assert torch.equal(pieces, whole)
+    beside = call([(1, 0, 90), (0, 0, 300)])[90:]
+    assert torch.equal(beside, whole)
+
+
+@needs_cpu_kernels
 def test_paged_prefill_rejects_a_block_outside_the_cache():
     from rl_engine.kernels.cpu.ops import paged_prefill_attention
 
