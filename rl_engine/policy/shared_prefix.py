@@ -81,21 +81,34 @@ class SharedPrefixAttention:
         self.num_completions = len(comp)
         self._comp_lengths = [bounds[s + 1] - bounds[s] for s in comp]
         self._comp_prefix = [prefix[s] for s in comp]  # index of each completion's prefix segment
-        self._index: dict[str, torch.Tensor] = {}
+        self._index: dict[str, torch.Tensor] = {}  # the padded path's, built at its first call (`_padded_index`)
+        self._group_masks: dict[int, torch.Tensor] = {}  # GQA group size -> mask [B, 1, G * Lc, Lp + Lc]
         if not comp:
             self.padded = False
             return
-        comp_lens = torch.tensor(self._comp_lengths)
-        pre_starts = torch.tensor([bounds[prefix[s]] for s in comp])
-        pre_lens = torch.tensor([self._self_lengths[prefix[s]] for s in comp])
-        B, Lc, Lp = len(comp), int(comp_lens.max()), int(pre_lens.max())
+        pre_lens = [self._self_lengths[p] for p in self._comp_prefix]
+        B, Lc, Lp = len(comp), max(self._comp_lengths), max(pre_lens)
         entries = B * Lc * (Lp + Lc)
-        needed = int((comp_lens * (pre_lens + comp_lens)).sum())
+        needed = sum(c * (p + c) for c, p in zip(self._comp_lengths, pre_lens))
         self.padded = entries <= min(_PADDED_MAX_ENTRIES, _PADDED_MAX_WASTE * needed) if padded is None else padded
-        if not self.padded:
-            return
+        self._shape = (B, Lc)
         # Completions of one length fill [B, Lc] exactly, in order: padding them is a view.
         self._equal = all(n == Lc for n in self._comp_lengths)
+
+    def _padded_index(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The padded path's indices and mask, built at its first call (the fused C++ kernel, the CPU
+        default, takes the layout as it is and needs none of them)."""
+        if not self._index or self._index["mask"].device != device:
+            self._group_masks = {}
+            self._index = {name: x.to(device) for name, x in self._build_padded_index().items()}
+        return self._index
+
+    def _build_padded_index(self) -> dict[str, torch.Tensor]:
+        (B, Lc), starts = self._shape, self._self_bounds.tolist()
+        comp_lens = torch.tensor(self._comp_lengths)
+        pre_starts = torch.tensor([starts[p] for p in self._comp_prefix])
+        pre_lens = torch.tensor([self._self_lengths[p] for p in self._comp_prefix])
+        Lp = int(pre_lens.max())
         # Scatter index of the completion tokens into [B, Lc]: (row, position within the completion).
         row = torch.repeat_interleave(torch.arange(B), comp_lens)
         col = torch.arange(int(comp_lens.sum())) - (torch.cumsum(comp_lens, 0) - comp_lens)[row]
@@ -105,9 +118,7 @@ class SharedPrefixAttention:
         see_prefix = (ar_p[None, None, :] < pre_lens[:, None, None]).expand(B, Lc, Lp)
         see_self = (ar_c[None, :] <= ar_c[:, None])[None].expand(B, Lc, Lc)
         mask = torch.cat((see_prefix, see_self), dim=-1)[:, None]  # [B, 1, Lc, Lp + Lc]
-        self._index = {"row": row, "col": col, "prefix": prefix_index, "mask": mask}
-        self._shape = (B, Lc)
-        self._group_masks: dict[int, torch.Tensor] = {}  # GQA group size -> mask [B, 1, G * Lc, Lp + Lc]
+        return {"row": row, "col": col, "prefix": prefix_index, "mask": mask}
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
         """q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] (post-rotary) -> [T, Hq, Dv]."""
@@ -135,15 +146,13 @@ class SharedPrefixAttention:
         """Every completion in one SDPA call: padded queries against [its prompt's keys (gathered, [B, Lp]) |
         its own keys (padded, [B, Lc])] under the mask (prompt: all, own: causal). With G query heads per KV
         head, query head h * G + g of completion position t is row g * Lc + t of KV head h's query axis."""
-        if self._index["mask"].device != q_comp.device:  # built on the host with the micro-batch
-            self._index = {name: x.to(q_comp.device) for name, x in self._index.items()}
-            self._group_masks = {}
-        row, col, B, Lc = self._index["row"], self._index["col"], *self._shape
+        index = self._padded_index(q_comp.device)
+        row, col, B, Lc = index["row"], index["col"], *self._shape
         Hq, Hkv = q_comp.shape[1], k_comp.shape[1]
         G = Hq // Hkv
         mask = self._group_masks.get(G)
         if mask is None:
-            mask = self._group_masks[G] = self._index["mask"].repeat(1, 1, G, 1)
+            mask = self._group_masks[G] = index["mask"].repeat(1, 1, G, 1)
 
         def pad(x: torch.Tensor) -> torch.Tensor:  # [Tc, H, D] -> [B, Lc, H, D]
             if self._equal:
@@ -151,7 +160,7 @@ class SharedPrefixAttention:
             return x.new_zeros(B, Lc, *x.shape[1:]).index_put((row, col), x)
 
         def with_prefix(x_self: torch.Tensor, x_comp: torch.Tensor) -> torch.Tensor:  # [B, Hkv, Lp + Lc, D]
-            return torch.cat((x_self[self._index["prefix"]].transpose(1, 2), pad(x_comp).transpose(1, 2)), dim=2)
+            return torch.cat((x_self[index["prefix"]].transpose(1, 2), pad(x_comp).transpose(1, 2)), dim=2)
 
         q_rows = pad(q_comp).unflatten(2, (Hkv, G)).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * Lc, -1)
         o = F.scaled_dot_product_attention(q_rows, with_prefix(k_self, k_comp), with_prefix(v_self, v_comp),
