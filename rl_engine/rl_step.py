@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from rl_engine.inference import SamplingParams
 from rl_engine.inference.speculative import SpeculativeConfig
@@ -535,30 +536,55 @@ def set_advantages(plans: Sequence[Sequence[MicroBatch]], offsets: Sequence[int]
             mb.loss_inputs["advantages"] = advantages[mb.loss_inputs["sample"] + offset].float()
 
 
+def scored_rows(mb: MicroBatch) -> torch.Tensor | slice | None:
+    """The rows of `mb` whose log-probs a loss reads (loss_mask; the proximal, reference and teacher
+    log-probs are read on them too): None when that is every row (or none: an empty micro-batch), a
+    slice when they are one run (a shared-prefix micro-batch: its prompts first, then the completions;
+    a slice selects by views), else their indices."""
+    mask = mb.loss_inputs["loss_mask"]
+    if bool(mask.all()) or not bool(mask.any()):
+        return None
+    index = mask.nonzero().squeeze(1)
+    start, end = int(index[0]), int(index[-1]) + 1
+    return slice(start, end) if end - start == index.numel() else index
+
+
+def _logprobs(model: torch.nn.Module, mb: MicroBatch, *, skip_unscored: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, entropy) [T] of `mb`; `skip_unscored`: the rows no loss reads go only as far as the
+    attention of later rows needs them (`CausalLM.hidden_states(rows=...)`), their entries are 0."""
+    rows = scored_rows(mb) if skip_unscored else None
+    h = model.hidden_states(mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens, routing=mb.routing,
+                            attn_context=mb.attention, rows=rows)
+    targets = mb.targets if rows is None else mb.targets[rows]
+    lp, ent = model.token_logprobs(h, targets, temperature=mb.temperature)
+    if rows is None:
+        return lp, ent
+    T = mb.targets.shape[0]
+    if isinstance(rows, slice):
+        return F.pad(lp, (rows.start, T - rows.stop)), F.pad(ent, (rows.start, T - rows.stop))
+    return lp.new_zeros(T).index_copy(0, rows, lp), ent.new_zeros(T).index_copy(0, rows, ent)
+
+
 @torch.no_grad()
-def forward_logprobs(model: torch.nn.Module, micro_batches: Sequence[MicroBatch]) -> list[torch.Tensor]:
+def forward_logprobs(model: torch.nn.Module, micro_batches: Sequence[MicroBatch], *,
+                     skip_unscored: bool = False) -> list[torch.Tensor]:
     """No-grad log-probs [T] of each micro-batch on one model holding every layer (the single-process
-    counterpart of `ParallelTrainer.forward_logprobs`)."""
-    out = []
-    for mb in micro_batches:
-        h = model.hidden_states(mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens, routing=mb.routing,
-                                attn_context=mb.attention)
-        out.append(model.token_logprobs(h, mb.targets, temperature=mb.temperature)[0])
-    return out
+    counterpart of `ParallelTrainer.forward_logprobs`); `skip_unscored`: as in `run_micro_batches`."""
+    return [_logprobs(model, mb, skip_unscored=skip_unscored)[0] for mb in micro_batches]
 
 
 def run_micro_batches(model: torch.nn.Module, micro_batches: Sequence[MicroBatch], loss_fn: StepLoss,
-                      after_backward: Callable[[], None] | None = None) -> None:
+                      after_backward: Callable[[], None] | None = None, *, skip_unscored: bool = False) -> None:
     """Forward and backward over each micro-batch on one model holding every layer (the single-process
     counterpart of `ParallelTrainer.train_step`'s 1F1B run); gradients accumulate in `.grad`, and
-    `after_backward()` runs after each micro-batch's backward (the optimizer's fp32 accumulation)."""
+    `after_backward()` runs after each micro-batch's backward (the optimizer's fp32 accumulation).
+    `skip_unscored` (`train.skip_unscored_rows`): the rows outside every loss term (loss_mask 0: the
+    prompt) skip the last layer's attention output and MLP, the final norm and the LM head."""
     moe = [m for m in model.modules() if isinstance(m, MoEBlock)]
     for m in moe:  # router aux losses: a 1 / (number of micro-batches) share each, as ParallelTrainer does
         m.aux_loss_scale = 1.0 / max(1, len(micro_batches))
     for mb in micro_batches:
-        h = model.hidden_states(mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens, routing=mb.routing,
-                                attn_context=mb.attention)
-        lp, ent = model.token_logprobs(h, mb.targets, temperature=mb.temperature)
+        lp, ent = _logprobs(model, mb, skip_unscored=skip_unscored)
         loss_fn(lp, ent, mb).backward()
         if after_backward is not None:
             after_backward()

@@ -249,6 +249,12 @@ class TrainSection:
     # at close(); meanwhile anything else in the process (a served engine, a benchmark's peer) runs with it.
     threads: int = 1
     pack_sequences: bool = True  # false: one sample per micro-batch (same loss and gradient, slower)
+    # The rows no loss term reads (loss_mask 0: the prompt, a multi-turn response's observations) feed only
+    # the attention of later rows: the single-process trainer skips their last-layer attention output
+    # projection and MLP, the final norm and the LM head (the scored rows' log-probs bit for bit the same; the
+    # weight gradients up to fp32 rounding, their sums leaving out the zero rows). The actors' trainer group
+    # computes every row. false: every row through the whole model.
+    skip_unscored_rows: bool = True
     # Shared-prefix training (Prefix Grouper): the samples of a group that share their prompt are packed
     # with the prompt once, its hidden states and K/V computed once per group, each completion attending
     # to them (same log-probs, loss and gradients as unshared, up to rounding; token budgets count the

@@ -429,22 +429,26 @@ class GRPOTrainer:
                                       moe_layers=self.moe_layers, shared_prefix_min_group=shared_prefix_min_group(cfg)),
                   mini_batch_normalizer(s, cfg)) for s, a in mini]
         t0 = time.perf_counter()
+        skip = cfg.train.skip_unscored_rows
         self.model.train()
         if self.ref_model is not None:  # the reference's log-probs, in the same micro-batches
             for micro_batches, _ in plans:
                 with in_use(self.ref_offload):
-                    attach_logprobs(micro_batches, forward_logprobs(self.ref_model, micro_batches), key="ref")
+                    attach_logprobs(micro_batches, forward_logprobs(self.ref_model, micro_batches, skip_unscored=skip),
+                                    key="ref")
         # Decoupled PPO (several updates) and the KL reward penalty need the proximal policy, once per step.
         if len(plans) * cfg.train.epochs_per_step > 1 or cfg.loss.kl_in_reward:
             for micro_batches, _ in plans:
-                attach_logprobs(micro_batches, forward_logprobs(self.model, micro_batches), key="proximal")
+                attach_logprobs(micro_batches, forward_logprobs(self.model, micro_batches, skip_unscored=skip),
+                                key="proximal")
         if cfg.loss.kl_in_reward:  # rewards lose kl_coef * KL(proximal || ref); advantages again
             metrics["train/kl_reward_penalty"] = apply_kl_reward_penalty(
                 [m for m, _ in plans], [len(s) for s, _ in mini], rewards, groups, cfg)
         if self.teacher is not None:  # the teacher scores the sampled tokens, in the same micro-batches
             for micro_batches, _ in plans:
                 with in_use(self.teacher_offload):
-                    attach_logprobs(micro_batches, forward_logprobs(self.teacher, micro_batches), key="teacher")
+                    attach_logprobs(micro_batches, forward_logprobs(self.teacher, micro_batches, skip_unscored=skip),
+                                    key="teacher")
             apply_distillation([m for m, _ in plans], coef=cfg.distill.coef,
                                with_reward=cfg.distill.mode == "reverse_kl+reward")
         per_update = []
@@ -456,7 +460,8 @@ class GRPOTrainer:
         for k, (micro_batches, normalizer) in enumerate(updates):
             self.optimizer.zero_grad(set_to_none=True)
             loss = StepLoss(self.loss_fn, normalizer)
-            run_micro_batches(self.model, micro_batches, loss, after_backward=self.optimizer.accumulate_grads)
+            run_micro_batches(self.model, micro_batches, loss, after_backward=self.optimizer.accumulate_grads,
+                              skip_unscored=skip)
             if k > 0:
                 last_kl = float(loss.metrics()["approx_kl"])
             if beyond_target_kl(k, loss.metrics(), cfg.train.target_kl):  # PPO's KL early stop

@@ -22,6 +22,7 @@ import functools
 
 import torch
 
+from rl_engine.policy.layers import select_rows
 from rl_engine.policy.model import Attention, CausalLM, DecoderLayer
 
 
@@ -42,12 +43,15 @@ def apply_compile(model: CausalLM) -> None:
 
 
 def compiled_layer_forward(layer: DecoderLayer, x: torch.Tensor, rotary, rope, cu_seqlens,
-                           attn_context) -> torch.Tensor:
+                           attn_context, *, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
     """`DecoderLayer.forward` of a dense layer with its two attention-free halves compiled."""
     for t in (x, *rope):
         torch._dynamo.maybe_mark_dynamic(t, 0)  # [T, ...]: one graph for every micro-batch size
     q, k, v = _compiled(_attention_inputs)(layer, x, rotary, rope)
     o = layer.self_attn.attend(q, k, v, cu_seqlens=cu_seqlens, attn_context=attn_context)
+    if rows is not None:  # (DecoderLayer.forward's `rows`)
+        o, x = select_rows(o, rows), select_rows(x, rows)
+        torch._dynamo.maybe_mark_dynamic(x, 0)
     torch._dynamo.maybe_mark_dynamic(o, 0)
     return _compiled(_output_and_mlp)(layer, o, x)
 

@@ -339,3 +339,9 @@ class ParallelLMHead(nn.Module):
 
 
 ActivationFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def select_rows(x: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+    """x's rows `rows` (indices, or a slice: a view); `index_select`, whose backward adds into the rows,
+    not advanced indexing, whose backward is a slower accumulating `index_put`."""
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)

@@ -35,6 +35,7 @@ from rl_engine.policy.layers import (
     RMSNorm,
     RotaryEmbedding,
     RowParallelLinear,
+    select_rows,
 )
 from rl_engine.policy.parallel import ParallelGroups
 
@@ -100,14 +101,17 @@ class MLAttention(nn.Module):
         return q_nope, q_pe, latent, k_pe[:, 0]
 
     def forward(self, x, rotary: RotaryEmbedding, rope, cu_seqlens, attn_context, *,
-                residual: torch.Tensor) -> torch.Tensor:
-        """residual + attention(x)."""
+                residual: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """residual + attention(x); `rows` set: those rows of it only (`Attention.forward`)."""
         q_nope, q_pe, latent, k_pe = self.project(x, rotary, rope)
         if attn_context is None:
             o = self._varlen_attention(*self.expand(q_nope, q_pe, latent, k_pe), cu_seqlens, self.scale)
         else:
             o = attn_context.attend_latent(self.layer_idx, self, q_nope, q_pe, latent, k_pe)
-        return self.o_proj(o.reshape(o.shape[0], -1), residual)
+        o = o.reshape(o.shape[0], -1)
+        if rows is not None:
+            o, residual = select_rows(o, rows), select_rows(residual, rows)
+        return self.o_proj(o, residual)
 
     def expand(self, q_nope, q_pe, latent, k_pe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The expanded form: q and k [T, H, nope + rope], v [T, H, v_head_dim] (k_pe shared by the heads)."""

@@ -27,6 +27,7 @@ from rl_engine.policy.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     mark_tp_partial_grad,
+    select_rows,
 )
 from rl_engine.policy.logprobs import full_logits_logprobs_and_entropy, token_logprobs_and_entropy
 from rl_engine.policy.mla import MLAttention
@@ -85,15 +86,19 @@ class Attention(nn.Module):
         self._varlen_attention = kernels.resolve("varlen_causal_attention", device)
 
     def forward(self, x, rotary: RotaryEmbedding, rope, cu_seqlens, attn_context: AttentionContext | None, *,
-                residual: torch.Tensor) -> torch.Tensor:
-        """residual + attention(x): the residual add rides on the output projection's matmul."""
+                residual: torch.Tensor, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """residual + attention(x): the residual add rides on the output projection's matmul. `rows` set:
+        those rows of it only (every row's K/V still joins the attention)."""
         if getattr(attn_context, "fuses_rotary", False):  # the context rotates q and k as it stores k
             o = self._attend_rotary(x, rope, attn_context)
         else:
             o = self.attend(*self.project(x, rotary, rope), cu_seqlens=cu_seqlens, attn_context=attn_context)
         # o's rows are all the tokens: under sequence parallelism x holds this rank's slice of them (the qkv
         # projection gathered the rest), so o, not x, gives the count
-        return self.o_proj(o.reshape(o.shape[0], -1), residual)
+        o = o.reshape(o.shape[0], -1)
+        if rows is not None:
+            o, residual = select_rows(o, rows), select_rows(residual, rows)
+        return self.o_proj(o, residual)
 
     def _attend_rotary(self, x: torch.Tensor, rope, attn_context: AttentionContext) -> torch.Tensor:
         """The attention output [T, Hq_local, D] of a context that rotates q and k itself (`fuses_rotary`: the
@@ -149,15 +154,19 @@ class DecoderLayer(nn.Module):
             mark_tp_partial_grad(self.post_attention_layernorm.weight)
         self.compiled_forward: Callable | None = None  # set by policy.compile.apply_compile (train.compile)
 
-    def forward(self, x, rotary, rope, cu_seqlens, attn_context, routing):
+    def forward(self, x, rotary, rope, cu_seqlens, attn_context, routing, rows: torch.Tensor | slice | None = None):
         """x: the residual stream [T, H] -> the stream after this layer (each block's output is
-        added to it inside the block's last matmul where possible)."""
+        added to it inside the block's last matmul where possible). `rows` (indices or a slice) set: the
+        stream's rows `rows` only, [R, H]; every row's K/V still joins the attention, but the other
+        rows' attention output projection and MLP are not computed."""
+        if rows is not None and self.is_moe:  # the router's loads and aux loss count every row
+            return select_rows(self.forward(x, rotary, rope, cu_seqlens, attn_context, routing), rows)
         # train.compile (policy/compile.py): the forwards that autograd records, the training pass, run
         # this layer's compiled halves. The same layers serve the inference engine (no grad), whose
         # steps stay its own (eager, or compile_decode's whole-step graphs); so do no-grad log-prob passes.
         if self.compiled_forward is not None and torch.is_grad_enabled():
-            return self.compiled_forward(self, x, rotary, rope, cu_seqlens, attn_context)
-        x = self.self_attn(self.input_layernorm(x), rotary, rope, cu_seqlens, attn_context, residual=x)
+            return self.compiled_forward(self, x, rotary, rope, cu_seqlens, attn_context, rows=rows)
+        x = self.self_attn(self.input_layernorm(x), rotary, rope, cu_seqlens, attn_context, residual=x, rows=rows)
         h = self.post_attention_layernorm(x)
         return x + self.mlp(h, routing) if self.is_moe else self.mlp(h, x)
 
@@ -243,11 +252,19 @@ class CausalLM(nn.Module):
         attn_context: AttentionContext | None = None,
         routing: RoutingRecord | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        rows: torch.Tensor | slice | None = None,
     ) -> torch.Tensor:
         """Final hidden states [T, H] (after the final norm on the last stage). A stage that is not
-        the first takes `inputs_embeds` (the previous stage's output) instead of `input_ids`."""
+        the first takes `inputs_embeds` (the previous stage's output) instead of `input_ids`.
+        `rows` ([R] int64 token indices or a slice, last stage only): the final hidden states of those
+        rows only, [R, H], the same values as `hidden_states(...)[rows]`; the other rows (a loss's
+        unscored prompt tokens) feed every layer's attention, but the last layer skips their attention
+        output projection and MLP and the final norm skips them."""
         if positions.dim() != 1:
             raise ValueError(f"positions must be 1-D [T] (a flat token batch), got shape {tuple(positions.shape)}")
+        if rows is not None and (not self.is_last_stage or self.groups.sequence_parallel):
+            raise ValueError("hidden_states(rows=...) needs the last stage and every token on this rank (no "
+                             "sequence parallelism): pass rows=None and select the rows afterwards")
         if attn_context is None:
             if cu_seqlens is None:
                 cu_seqlens = torch.tensor([0, positions.shape[0]], dtype=torch.int32)
@@ -263,8 +280,9 @@ class CausalLM(nn.Module):
             x = inputs_embeds
         with self._invariance_check("hidden_states", attn_context, routing):
             rope = self._rope(positions, attn_context)
-            for layer in self.layers:
-                x = layer(x, self.rotary, rope, cu_seqlens, attn_context, routing)
+            last = len(self.layers) - 1
+            for i, layer in enumerate(self.layers):
+                x = layer(x, self.rotary, rope, cu_seqlens, attn_context, routing, rows=rows if i == last else None)
             return self.norm(x) if self.is_last_stage else x
 
     def _rope(self, positions: torch.Tensor, attn_context) -> tuple[torch.Tensor, torch.Tensor]:

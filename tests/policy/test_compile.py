@@ -1,6 +1,7 @@
 """train.compile (policy/compile.py): the training forward with each decoder layer's attention-free halves
 compiled gives the eager layers' log-probs (fp32 contract, <= 1e-5), loss and gradients, packed plainly
-or with shared prefixes, with one graph for every micro-batch size; no-grad forwards (the engine, the
+or with shared prefixes, every row or the scored rows alone after the last attention
+(train.skip_unscored_rows), with one graph for every micro-batch size; no-grad forwards (the engine, the
 proximal log-probs) stay eager, bit for bit; the layouts it cannot compile are refused by name."""
 
 import copy
@@ -36,7 +37,7 @@ def random_model(preset: str = "tiny") -> CausalLM:
     return model
 
 
-def train_pass(model, micro_batches, samples):
+def train_pass(model, micro_batches, samples, *, skip_unscored: bool = False):
     """Log-probs of the forward that autograd records, the loss and the gradients of one pass."""
     model.zero_grad(set_to_none=True)
     normalizer = compute_loss_normalizer([s.response_len for s in samples], token_sum_constant=30)
@@ -47,13 +48,14 @@ def train_pass(model, micro_batches, samples):
         recorded.append(lp.detach().clone())
         return loss(lp, ent, mb)
 
-    run_micro_batches(model, micro_batches, recording)
+    run_micro_batches(model, micro_batches, recording, skip_unscored=skip_unscored)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return torch.cat(recorded), loss.metrics()["loss"], grads
 
 
+@pytest.mark.parametrize("skip_unscored", [False, True], ids=["every_row", "skip_unscored_rows"])
 @pytest.mark.parametrize("shared_prefix", [False, True])
-def test_compiled_layers_match_eager(shared_prefix):
+def test_compiled_layers_match_eager(shared_prefix, skip_unscored):
     eager = random_model()
     compiled = copy.deepcopy(eager)
     apply_compile(compiled)
@@ -64,8 +66,8 @@ def test_compiled_layers_match_eager(shared_prefix):
     assert len({mb.input_ids.shape[0] for mb in micro_batches}) >= 2
     if shared_prefix:
         assert any(mb.attention is not None for mb in micro_batches)
-    lp_e, loss_e, grads_e = train_pass(eager, micro_batches, samples)
-    lp_c, loss_c, grads_c = train_pass(compiled, micro_batches, samples)
+    lp_e, loss_e, grads_e = train_pass(eager, micro_batches, samples, skip_unscored=skip_unscored)
+    lp_c, loss_c, grads_c = train_pass(compiled, micro_batches, samples, skip_unscored=skip_unscored)
     scale = max(g.abs().max().item() for g in grads_e.values())
     lp_diff = (lp_c - lp_e).abs().max().item()
     grad_diff = max((grads_c[n] - grads_e[n]).abs().max().item() for n in grads_e) / scale
