@@ -251,9 +251,10 @@ class TrainSection:
     pack_sequences: bool = True  # false: one sample per micro-batch (same loss and gradient, slower)
     # The rows no loss term reads (loss_mask 0: the prompt, a multi-turn response's observations) feed only
     # the attention of later rows: the single-process trainer skips their last-layer attention output
-    # projection and MLP, the final norm and the LM head (the scored rows' log-probs bit for bit the same; the
-    # weight gradients up to fp32 rounding, their sums leaving out the zero rows). The actors' trainer group
-    # computes every row. false: every row through the whole model.
+    # projection and MLP, the final norm and the LM head (the scored rows' log-probs the same up to fp32
+    # rounding: the last layer's matmuls and the LM head run over fewer rows, and BLAS may then sum a row in
+    # another order, e.g. at 1-3 rows; the weight gradients too, their sums leaving out the zero rows). The
+    # actors' trainer group computes every row. false: every row through the whole model.
     skip_unscored_rows: bool = True
     # Shared-prefix training (Prefix Grouper): the samples of a group that share their prompt are packed
     # with the prompt once, its hidden states and K/V computed once per group, each completion attending

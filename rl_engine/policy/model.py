@@ -257,7 +257,8 @@ class CausalLM(nn.Module):
         """Final hidden states [T, H] (after the final norm on the last stage). A stage that is not
         the first takes `inputs_embeds` (the previous stage's output) instead of `input_ids`.
         `rows` ([R] int64 token indices or a slice, last stage only): the final hidden states of those
-        rows only, [R, H], the same values as `hidden_states(...)[rows]`; the other rows (a loss's
+        rows only, [R, H], `hidden_states(...)[rows]` up to fp32 rounding (the last layer's matmuls over
+        R rows, which BLAS may sum in another order than over T); the other rows (a loss's
         unscored prompt tokens) feed every layer's attention, but the last layer skips their attention
         output projection and MLP and the final norm skips them."""
         if positions.dim() != 1:
