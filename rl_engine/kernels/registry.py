@@ -16,7 +16,8 @@ build time and `forward` only calls plain functions. The rules, in order:
    the torch reference gathers them; paged_prefill_attention, every prefill chunk of an engine step in one
    call reading K/V in place, where the torch path calls SDPA per sequence; rms_norm_train, silu_and_mul_train and
    rotary_full, the training forward's RMSNorm, SwiGLU and rotary in one C++ pass each way where torch takes
-   several elementwise ops; rotary_kv_write, one pass where the engine's torch path takes seven
+   several elementwise ops; logprob_shard_stats and logprob_entropy_grad, the policy's log-prob statistics and
+   their logits gradient in one pass each; rotary_kv_write, one pass where the engine's torch path takes seven
    ops; greedy_argmax, ~12x torch's max over [64, 32k] logits; and inverse_cdf_sample, a sampled decode step's
    pick in one pass where the torch reference takes a dozen small ops), or of every op that has one under
    `RL_ENGINE_CPU_KERNELS=1`
@@ -155,12 +156,15 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     _spec("logprob_shard_stats",
           "(logits, targets, *, temperature, vocab_start=0, vocab_size=None) -> ShardStats",
           torch_impl=f"{_LOGPROB}:logprob_shard_stats",
-          triton=f"{_TRITON}.logprob:logprob_shard_stats"),
+          triton=f"{_TRITON}.logprob:logprob_shard_stats", cpu=f"{_CPU_TRAIN}:logprob_shard_stats",
+          # one pass over each row where torch takes ~8 ops (the policy's log-probs, training and no-grad passes)
+          cpu_default=True, cpu_source="train_elementwise.cpp"),
     _spec("logprob_entropy_grad",
           "(logits, targets, grad_logprobs, grad_entropy, logsumexp, entropy, *, temperature,"
           " vocab_start=0, vocab_size=None) -> grad_logits",
           torch_impl=f"{_LOGPROB}:logprob_entropy_grad",
-          triton=f"{_TRITON}.logprob:logprob_entropy_grad"),
+          triton=f"{_TRITON}.logprob:logprob_entropy_grad", cpu=f"{_CPU_TRAIN}:logprob_entropy_grad",
+          cpu_default=True, cpu_source="train_elementwise.cpp"),
     _spec("greedy_argmax", "(logits [n, V]) -> [n] int64: each row's first maximum, torch.max(dim=-1)'s index",
           cpu=f"{_CPU}:greedy_argmax",
           # torch's CPU max over [64, 32k] logits takes ~0.85 ms, the C++ pass ~0.07 ms: a greedy step's pick

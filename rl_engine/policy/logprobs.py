@@ -6,7 +6,7 @@ hidden states and the (vocab-parallel) LM-head weight in token chunks, inside on
 that saves only the hidden states and two floats per token: backward recomputes each chunk's
 logits, so no `[T, vocab]` tensor of the batch is ever held at once, neither in forward nor for
 backward. The softmax statistics of a chunk and its logits gradient are the kernel registry's
-`logprob_shard_stats` / `logprob_entropy_grad` (Triton on CUDA, the torch reference on CPU), merged
+`logprob_shard_stats` / `logprob_entropy_grad` (Triton on CUDA, C++ on CPU in fp32), merged
 over the tensor-parallel vocab shards by `kernels.logprob.combine_shard_stats` (one MAX and one SUM
 all-reduce; logits are never gathered): one implementation of the statistics for training, the
 kernels and, under `model.batch_invariant`, the engine's behavior log-probs.

@@ -207,3 +207,53 @@ def test_the_policy_trains_through_the_kernels_as_through_torch():
     torch.testing.assert_close(lp_f, lp_p, rtol=0, atol=1e-5)
     for name, grad in grads_p.items():
         torch.testing.assert_close(grads_f[name], grad, rtol=1e-4, atol=1e-4 * grad.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("temperature,vocab_start,vocab_size,pad", [(1.0, 0, None, 0), (0.7, 0, None, 5),
+                                                                    (1.0, 40, 90, 0), (1.3, 101, 120, 3),
+                                                                    (1.0, 120, 101, 0)])
+def test_logprob_stats_and_grad_match_the_reference(temperature, vocab_start, vocab_size, pad):
+    """One vocab shard of 101 columns starting at `vocab_start` (columns at or past `vocab_size` are padding, the
+    last case all of them), targets inside and outside the shard, a -inf logit, strided rows."""
+    from rl_engine.kernels import logprob
+
+    torch.manual_seed(vocab_start + pad)
+    rows, width = 67, 101
+    logits = 3 * _strided(rows, width, pad=pad)
+    logits[5, 7] = float("-inf")
+    targets = torch.randint(0, 240, (rows,))
+    kw = dict(temperature=temperature, vocab_start=vocab_start, vocab_size=vocab_size)
+    got, want = te.logprob_shard_stats(logits, targets, **kw), logprob.logprob_shard_stats(logits, targets, **kw)
+    assert torch.equal(got.max, want.max) and torch.equal(got.target_logit, want.target_logit)  # no rounding
+    # S and A: up to `width` terms, each from fast_exp (2 ulp) of an exactly shifted z: (width + 4) eps of the
+    # sums of magnitudes (A's terms are all <= 0, so that is |A|)
+    k = (width + 4) * EPS
+    _within((got.sum_exp - want.sum_exp).abs(), k * want.sum_exp.abs() + 1e-30, "S")
+    _within((got.sum_exp_shifted_z - want.sum_exp_shifted_z).abs(), k * want.sum_exp_shifted_z.abs() + 1e-30, "A")
+
+    lse, _, entropy = logprob.combine_shard_stats(want, None)
+    lse, entropy = torch.where(torch.isinf(lse), 0.0, lse), torch.where(torch.isnan(entropy), 0.0, entropy)
+    g_lp, g_h = torch.randn(rows), torch.randn(rows)
+    got = te.logprob_entropy_grad(logits, targets, g_lp, g_h, lse, entropy, **kw)
+    want = logprob.logprob_entropy_grad(logits, targets, g_lp, g_h, lse, entropy, **kw)
+    # -p (g_lp + g_H (log p + H)): p within 2 ulp (fast_exp), a few roundings; p below exp's fp32 range is 0 here
+    # (1e-38 at most in the reference)
+    z = (logits / temperature).double()
+    log_p = z - lse.double()[:, None]
+    p = log_p.exp()
+    g_lp_abs, g_h_abs, h_abs = (t.double().abs()[:, None] for t in (g_lp, g_h, entropy))
+    terms = p * (g_lp_abs + g_h_abs * (log_p.abs() + h_abs))
+    terms = torch.where(torch.isfinite(terms), terms, 0.0)
+    bound = 8 * EPS * (terms + g_lp.double().abs()[:, None] / temperature) + 1e-37
+    _within((got.double() - want.double()).abs(), bound, "grad")
+    n_valid = logprob.num_valid_columns(width, vocab_start, vocab_size)
+    assert not got[:, n_valid:].any() and got[5, 7] == 0  # padding and the -inf logit get no gradient
+
+
+def test_the_policy_log_probs_take_the_cpp_statistics():
+    for op in ("logprob_shard_stats", "logprob_entropy_grad"):
+        assert registry.default_registry().resolution(op, "cpu").backend == "cpu"
+    with pytest.raises(ValueError, match="temperature"):
+        te.logprob_shard_stats(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), temperature=0.0)
+    with pytest.raises(ValueError, match="targets"):
+        te.logprob_shard_stats(torch.randn(3, 5), torch.zeros(4, dtype=torch.long), temperature=1.0)

@@ -1,7 +1,9 @@
 """The training forward's RMSNorm, SwiGLU and rotary on CPU (`csrc/train_elementwise.cpp`): forward and backward.
 
 The registry's "cpu" implementations of `rms_norm_train`, `silu_and_mul_train` (the policy's norms and MLP when
-autograd records the forward) and `rotary_full` (the policy's rotate-half rotary on full-width tables). In torch
+autograd records the forward), `rotary_full` (the policy's rotate-half rotary on full-width tables) and
+`logprob_shard_stats` / `logprob_entropy_grad` (the per-chunk softmax statistics and logits gradient of the
+policy's log-probs and entropy, `kernels/logprob.py`'s contract; exp is fast_exp's, within ~2 ulp). In torch
 each is a handful of elementwise ops forward and as many backward, each a pass over the activations with its own
 dispatch and allocation; at a small model's widths those passes are the cost. Here each direction is one C++ pass
 over rows, wrapped in an autograd Function (`once_differentiable`: a double backward is refused, not silently
@@ -25,7 +27,7 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
-from rl_engine.kernels import cpu, reference
+from rl_engine.kernels import cpu, logprob, reference
 
 logger = logging.getLogger(__name__)
 
@@ -149,3 +151,34 @@ def rotary_full(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     if _needs_grad(x):
         return _Rotary.apply(x, cos, sin)
     return kernel().rotary(x, cos, sin, False)
+
+
+def _stats_args(logits: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_start: int,
+                vocab_size: int | None) -> tuple:
+    logprob._check(logits, targets, temperature)
+    n_valid = logprob.num_valid_columns(logits.shape[1], vocab_start, vocab_size)
+    return _rows(logits), targets.to(torch.int64).contiguous(), float(temperature), int(vocab_start), n_valid
+
+
+def logprob_shard_stats(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float, vocab_start: int = 0,
+                        vocab_size: int | None = None) -> logprob.ShardStats:
+    """`kernels.logprob.logprob_shard_stats`'s contract (not differentiable: the autograd Functions of
+    `kernels.logprob` and `policy.logprobs` call it in their forward) in one pass over each row."""
+    if not _takes(logits) or _needs_grad(logits):
+        return logprob.logprob_shard_stats(logits, targets, temperature=temperature, vocab_start=vocab_start,
+                                           vocab_size=vocab_size)
+    return logprob.ShardStats(*kernel().logprob_stats(*_stats_args(logits, targets, temperature, vocab_start,
+                                                                   vocab_size)))
+
+
+def logprob_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, grad_logprobs: torch.Tensor,
+                         grad_entropy: torch.Tensor, logsumexp: torch.Tensor, entropy: torch.Tensor, *,
+                         temperature: float, vocab_start: int = 0, vocab_size: int | None = None) -> torch.Tensor:
+    """`kernels.logprob.logprob_entropy_grad`'s contract in one pass over each row."""
+    if not _takes(logits, grad_logprobs, grad_entropy, logsumexp, entropy):
+        return logprob.logprob_entropy_grad(logits, targets, grad_logprobs, grad_entropy, logsumexp, entropy,
+                                            temperature=temperature, vocab_start=vocab_start, vocab_size=vocab_size)
+    rows, targets, temperature, vocab_start, n_valid = _stats_args(logits, targets, temperature, vocab_start,
+                                                                   vocab_size)
+    per_token = (t.detach().float().contiguous() for t in (grad_logprobs, grad_entropy, logsumexp, entropy))
+    return kernel().logprob_grad(rows, targets, *per_token, temperature, vocab_start, n_valid)

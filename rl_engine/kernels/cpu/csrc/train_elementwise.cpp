@@ -1,7 +1,8 @@
 // The training forward's elementwise ops, forward and backward, fp32, one pass each over rows (threads over
-// rows with ATen's intra-op pool): RMSNorm (with the optional residual add), SwiGLU (silu(gate) * up) and the
-// full-width rotate-half rotary. Built by rl_engine.kernels.cpu.load_source; the autograd Functions over them
-// are in rl_engine/kernels/cpu/train_elementwise.py.
+// rows with ATen's intra-op pool): RMSNorm (with the optional residual add), SwiGLU (silu(gate) * up), the
+// full-width rotate-half rotary, and the log-prob / entropy statistics of vocab-shard logits with their logits
+// gradient. Built by rl_engine.kernels.cpu.load_source; the autograd Functions over them are in
+// rl_engine/kernels/cpu/train_elementwise.py.
 //
 // In torch each of these is a handful of elementwise ops forward and as many backward, each a pass over
 // [T, width] with its own dispatch and allocation (at a small model's widths, 64 to 384 floats a row, the
@@ -10,7 +11,7 @@
 // Numerics: RMSNorm sums a row's squares in one fp32 accumulator per vector lane (torch's order differs: within
 // a few ulp); SwiGLU's exp is fast_exp.h's (~2 ulp); the rotary forward and backward are bit-equal to torch's
 // x * cos + roll(x, D / 2) * sin and its backward (a product, a product, a sum, each rounded: no fused
-// multiply-add there, see `rotary_row`).
+// multiply-add there, see `rotary_row`); the log-prob statistics' exp is fast_exp's too.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -18,6 +19,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -251,6 +253,90 @@ torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const tor
   return out;
 }
 
+// ---- log-prob and entropy statistics of vocab-shard logits ----------------------------------------------------
+// kernels/logprob.py's contract: z = logits / temperature over this shard's first n_valid columns (the rest padding),
+// m = max z, e = exp(z - m), S = sum e, A = sum e (z - m), the target's z (0 outside the shard); the backward's
+// d/d logits = (g_lp (onehot - p) - g_H p (log p + H)) / temperature with p = exp(z - lse). A -inf logit (and a
+// padded column) has e = p = 0; so does a p below fast_exp's range (log p < -87.3, where exp is ~1e-38 or less).
+
+inline float exp_or_zero(float d) { return d < -87.3f ? 0.0f : fast_exp(d); }
+
+// stats [4, R]: max, S, A, target z
+torch::Tensor logprob_stats(const torch::Tensor& logits, const torch::Tensor& targets, double temperature,
+                            int64_t vocab_start, int64_t n_valid) {
+  check_rows(logits, "logits", 2);
+  const int64_t R = logits.size(0), V = logits.size(1), sl = logits.stride(0);
+  TORCH_CHECK(targets.scalar_type() == torch::kInt64 && targets.is_contiguous() && targets.numel() == R,
+              "targets must be a contiguous int64 [", R, "], got ", targets.scalar_type(), " ", targets.sizes());
+  TORCH_CHECK(n_valid >= 0 && n_valid <= V, "n_valid (", n_valid, ") must be in [0, ", V, "]");
+  auto stats = torch::empty({4, R}, logits.options());
+  const float* lp = logits.data_ptr<float>();
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  float* st = stats.data_ptr<float>();
+  const float temp = static_cast<float>(temperature), lowest = std::numeric_limits<float>::lowest();
+  at::parallel_for(0, R, grain_rows(4 * V), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = lp + r * sl;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < n_valid; ++i) m = std::max(m, x[i] / temp);
+      const float mc = std::max(m, lowest);
+      float S = 0.f, A = 0.f;
+#pragma omp simd reduction(+ : S, A)
+      for (int64_t i = 0; i < n_valid; ++i) {
+        const float d = x[i] / temp - mc;
+        const float e = exp_or_zero(d);
+        S += e;
+        A += std::max(d, lowest) * e;
+      }
+      const int64_t local = tp[r] - vocab_start;
+      st[r] = m;
+      st[R + r] = S;
+      st[2 * R + r] = A;
+      st[3 * R + r] = (local >= 0 && local < n_valid) ? x[local] / temp : 0.0f;
+    }
+  });
+  return stats;
+}
+
+// d loss / d logits [R, V]
+torch::Tensor logprob_grad(const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& grad_lp,
+                           const torch::Tensor& grad_ent, const torch::Tensor& lse, const torch::Tensor& entropy,
+                           double temperature, int64_t vocab_start, int64_t n_valid) {
+  check_rows(logits, "logits", 2);
+  const int64_t R = logits.size(0), V = logits.size(1), sl = logits.stride(0);
+  TORCH_CHECK(targets.scalar_type() == torch::kInt64 && targets.is_contiguous() && targets.numel() == R,
+              "targets must be a contiguous int64 [", R, "]");
+  for (const auto* t : {&grad_lp, &grad_ent, &lse, &entropy})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() == R,
+                "grad_logprobs, grad_entropy, logsumexp and entropy must be contiguous fp32 [", R, "]");
+  TORCH_CHECK(n_valid >= 0 && n_valid <= V, "n_valid (", n_valid, ") must be in [0, ", V, "]");
+  auto grad = torch::empty({R, V}, logits.options());
+  const float* lp = logits.data_ptr<float>();
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  const float *glp = grad_lp.data_ptr<float>(), *gh = grad_ent.data_ptr<float>();
+  const float *lsep = lse.data_ptr<float>(), *hp = entropy.data_ptr<float>();
+  float* gp = grad.data_ptr<float>();
+  const float temp = static_cast<float>(temperature);
+  at::parallel_for(0, R, grain_rows(4 * V), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* __restrict x = lp + r * sl;
+      float* __restrict g = gp + r * V;
+      const float a = glp[r], b = gh[r], l = lsep[r], H = hp[r];
+      for (int64_t i = 0; i < n_valid; ++i) {
+        const float logp = x[i] / temp - l;
+        const float p = exp_or_zero(logp);
+        g[i] = p == 0.0f ? 0.0f : -(((logp + H) * b + a) * p);
+      }
+      for (int64_t i = n_valid; i < V; ++i) g[i] = 0.0f;
+      const int64_t local = tp[r] - vocab_start;
+      if (local >= 0 && local < n_valid) g[local] += a;
+      if (temp != 1.0f)
+        for (int64_t i = 0; i < V; ++i) g[i] /= temp;
+    }
+  });
+  return grad;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -259,4 +345,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul_forward", &silu_and_mul_forward, "silu(gate) * up of x = [gate | up]");
   m.def("silu_and_mul_backward", &silu_and_mul_backward, "d x of silu(gate) * up");
   m.def("rotary", &rotary, "x * cos + roll(x, D / 2) * sin (transpose: its backward)");
+  m.def("logprob_stats", &logprob_stats, "[4, R]: max, sum exp, sum exp * shifted z, target z of a vocab shard");
+  m.def("logprob_grad", &logprob_grad, "d (log-prob, entropy) loss / d logits of a vocab shard");
 }
