@@ -13,7 +13,7 @@ post-rotary q, k, v of the flat batch and returns the attention output. Layout c
 `rl_engine.rollout.shared_prefix`): the segments without a prefix (shared prompts, unshared
 samples) come first, then the completions; a completion's positions continue from its prompt.
 
-Attention: on CPU in fp32, where the C++ kernels build, the registry's `shared_prefix_attention` (the C++
+Attention: on CPU in fp32 and bf16, where the C++ kernels build, the registry's `shared_prefix_attention` (the C++
 packed attention, kernels/cpu/varlen_attention.py) takes the whole layout in one call, forward and backward,
 the packed rows in place (grpo_step's training pass, tiny preset, 16 x 8 x 64, in-process A/B at 2 threads:
 0.159 -> 0.116 s). Elsewhere (other dtypes, other devices, no compiler) the torch path below: the self
@@ -125,7 +125,7 @@ class SharedPrefixAttention:
         if q.shape[0] != self.num_tokens:
             raise ValueError(f"the shared-prefix layout covers {self.num_tokens} tokens, the forward has {q.shape[0]}")
         fused = kernels.default_registry().resolution("shared_prefix_attention", q.device)
-        if fused.backend == "cpu" and q.dtype == torch.float32:  # the C++ kernel: the whole layout in one call
+        if fused.backend == "cpu" and q.dtype in (torch.float32, torch.bfloat16):  # the C++ kernel: one call
             return fused.fn(q, k, v, self._cu_seqlens, self._prefix_of, scale)
         varlen = kernels.resolve("varlen_causal_attention", q.device)
         if self.num_completions == 0:

@@ -8,9 +8,12 @@ sequence; this kernel takes the packed rows in place and computes each (segment,
 over torch's intra-op threads (see the C++ file for the algorithm). An autograd Function wraps it: the forward
 saves the log-sum-exp of each (row, head), the backward recomputes the probabilities from it.
 
-fp32 only: other dtypes, non-CPU tensors and traced calls (torch.compile) run the torch reference, as does every
-call when the extension cannot be built (no compiler, a failed build, `RL_ENGINE_CPU_KERNELS=0`; the reason is
-logged once). Results equal torch's SDPA up to fp32 summation order and the kernel's exp (within ~2 ulp):
+fp32 and bf16 (q, k and v of one dtype): every product and sum in fp32, the output and the gradients rounded once
+to the inputs' dtype (the backward's rowsum(dO * O) reads the output as stored: bf16 for bf16 inputs, as
+FlashAttention's does). Other dtypes, non-CPU tensors and traced calls (torch.compile) run the torch reference,
+as does every call when the extension cannot be built (no compiler, a failed build, `RL_ENGINE_CPU_KERNELS=0`; the
+reason is logged once). fp32 results equal torch's SDPA up to fp32 summation order and the kernel's exp (within
+~2 ulp); bf16 results are within the bound of those roundings of the float64 attention of the same bf16 inputs:
 tests/kernels/test_cpu_varlen_attention.py.
 """
 
@@ -30,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "varlen_attention.cpp"
 _NO_PREFIX = torch.empty(0, dtype=torch.int64)
+_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.cache
@@ -61,7 +65,8 @@ class _PackedAttention(torch.autograd.Function):
 
 def _takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel runs these inputs (else the torch reference)."""
-    return (all(x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 3 for x in (q, k, v))
+    return (q.dtype in _DTYPES
+            and all(x.dtype == q.dtype and x.device.type == "cpu" and x.dim() == 3 for x in (q, k, v))
             and not torch.compiler.is_compiling() and kernel() is not None)
 
 

@@ -1,5 +1,7 @@
-// Packed causal attention over variable-length segments, forward and backward, fp32, for the training
-// forward on CPU (rl_engine/kernels/cpu/varlen_attention.py), built by rl_engine.kernels.cpu.load_source.
+// Packed causal attention over variable-length segments, forward and backward, for the training forward on CPU
+// (rl_engine/kernels/cpu/varlen_attention.py), built by rl_engine.kernels.cpu.load_source. Inputs fp32 or bf16
+// (q, k, v, and in the backward the output and its gradient, all of one dtype); every product and sum in fp32,
+// the outputs (o, dq, dk, dv) rounded once to the inputs' dtype; the log-sum-exp is fp32.
 //
 // Layout: q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] (strided rows, the head dim contiguous: the views of
 // the fused qkv projection), segments by cu_seqlens [S + 1]. Segment s attends causally to itself and, when
@@ -14,7 +16,9 @@
 // reductions over keys are elementwise vector max / add, and every product is `mm_acc` (4 rows of A by 32
 // columns of B in 8 vector accumulators). The forward is flash-attention style (online softmax over key
 // chunks of BK = 64, so any length works) and saves the log-sum-exp of each (row, head); the backward
-// recomputes p = exp(s - lse) and takes dS = p * (dP - rowsum(dO * O)).
+// recomputes p = exp(s - lse) and takes dS = p * (dP - rowsum(dO * O)) (O as stored: bf16 inputs give a bf16 O,
+// as in FlashAttention's backward). bf16 rows are widened to fp32 as they are read: an item's K and V rows into
+// fp32 copies once (read in place when fp32), the query, output and gradient rows with the other per-row copies.
 //
 // Threads (ATen's intra-op pool): the forward splits (segment, KV head) items, the backward (prefix group,
 // KV head) items, where a prefix group is a segment and the segments naming it as their prefix: the prefix
@@ -30,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -104,15 +109,20 @@ void mm_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, 
   }
 }
 
-struct Tensor3 {  // a strided [T, H, D] fp32 view with a contiguous last dim
-  float* data;
+template <typename T>
+struct Tensor3 {  // a strided [T, H, D] view (fp32 or bf16) with a contiguous last dim
+  T* data;
   int64_t row, head;
-  float* at(int64_t t, int64_t h) const { return data + t * row + h * head; }
+  T* at(int64_t t, int64_t h) const { return data + t * row + h * head; }
 };
 
-Tensor3 view3(const torch::Tensor& x) {
-  return {x.data_ptr<float>(), x.stride(0), x.stride(1)};
+template <typename T>
+Tensor3<T> view3(const torch::Tensor& x) {
+  return {x.data_ptr<T>(), x.stride(0), x.stride(1)};
 }
+
+inline float to_f(float x) { return x; }
+inline float to_f(at::BFloat16 x) { return static_cast<float>(x); }
 
 struct Layout {
   std::vector<int64_t> bounds;  // [S + 1]
@@ -175,18 +185,46 @@ Keys keys_of(const Layout& lay, int64_t s) {
   return {lay.bounds[p], lay.bounds[p + 1] - lay.bounds[p], own, C};
 }
 
-// Scores of a block, transposed: st[j][r] = (q_r * scale) . k_j for the chunk's keys (rows of K read in
-// place) against qt [D][BQ]; entries that a row does not see (or padding rows r >= rows) become -inf.
-void block_scores(const Keys& keys, const Tensor3& k, int64_t h, int64_t D, const float* qt, int64_t i0,
-                  int64_t rows, int64_t j0, int64_t bk, float* st) {
-  std::fill(st, st + bk * BQ, 0.f);
-  // contiguous runs of key rows (the prefix part, then the own part) go through mm_acc with A = K in place
-  int64_t j = j0;
-  while (j < j0 + bk) {
-    const int64_t run_end = j < keys.P ? std::min(j0 + bk, keys.P) : j0 + bk;
-    mm_acc(k.at(keys.row(j), h), k.row, qt, BQ, st + (j - j0) * BQ, BQ, run_end - j, D, BQ);
+// An item's key (or value) rows of one KV head in fp32, in Keys' order: the prefix's P rows, then the own rows,
+// each part rows at a stride (the tensor's rows in place, or a widened copy's).
+struct Rows {
+  const float* pre;
+  const float* own;
+  int64_t pre_stride, own_stride, P;
+  const float* at(int64_t j) const { return j < P ? pre + j * pre_stride : own + (j - P) * own_stride; }
+  int64_t stride(int64_t j) const { return j < P ? pre_stride : own_stride; }
+};
+
+// fp32 rows are read in place; bf16 rows are widened into `copy` ([N][width]) once per item.
+Rows rows_of(const Keys& keys, const Tensor3<float>& x, int64_t h, int64_t, std::vector<float>&) {
+  return {x.at(keys.pre_start, h), x.at(keys.own_start, h), x.row, x.row, keys.P};
+}
+
+Rows rows_of(const Keys& keys, const Tensor3<at::BFloat16>& x, int64_t h, int64_t width, std::vector<float>& copy) {
+  copy.resize(keys.n() * width);
+  for (int64_t j = 0; j < keys.n(); ++j) {
+    const at::BFloat16* src = x.at(keys.row(j), h);
+    for (int64_t d = 0; d < width; ++d) copy[j * width + d] = static_cast<float>(src[d]);
+  }
+  return {copy.data(), copy.data() + keys.P * width, width, width, keys.P};
+}
+
+// C[j - j0][:] += rows[j] B for the chunk's rows j0 .. j0 + bk - 1: mm_acc over each run of rows at one stride
+// (the prefix part, then the own part), A = the rows as they lie.
+void rows_mm_acc(const Rows& rows, int64_t j0, int64_t bk, const float* B, int64_t K, float* C) {
+  for (int64_t j = j0; j < j0 + bk;) {
+    const int64_t run_end = j < rows.P ? std::min(j0 + bk, rows.P) : j0 + bk;
+    mm_acc(rows.at(j), rows.stride(j), B, BQ, C + (j - j0) * BQ, BQ, run_end - j, K, BQ);
     j = run_end;
   }
+}
+
+// Scores of a block, transposed: st[j][r] = (q_r * scale) . k_j for the chunk's keys against qt [D][BQ];
+// entries that a row does not see (or padding rows r >= rows) become -inf.
+void block_scores(const Keys& keys, const Rows& k, int64_t D, const float* qt, int64_t i0, int64_t rows, int64_t j0,
+                  int64_t bk, float* st) {
+  std::fill(st, st + bk * BQ, 0.f);
+  rows_mm_acc(k, j0, bk, qt, D, st);
   // row r sees key j when j < P or j - P <= i0 + r: the rows before max(0, j - P - i0) do not
   const float ninf = -std::numeric_limits<float>::infinity();
   for (int64_t jj = 0; jj < bk; ++jj) {
@@ -200,15 +238,19 @@ void block_scores(const Keys& keys, const Tensor3& k, int64_t h, int64_t D, cons
 // Keys [0, end) that the block's rows i0 .. i0 + rows - 1 see.
 inline int64_t keys_seen(const Keys& keys, int64_t i0, int64_t rows) { return keys.P + std::min(keys.C, i0 + rows); }
 
-void forward_item(const Layout& lay, int64_t s, int64_t h, const Tensor3& q, const Tensor3& k, const Tensor3& v,
-                  const Tensor3& o, float* lse, int64_t Hq, int64_t G, int64_t D, int64_t Dv, float scale) {
+template <typename T>
+void forward_item(const Layout& lay, int64_t s, int64_t h, const Tensor3<T>& q, const Tensor3<T>& k,
+                  const Tensor3<T>& v, const Tensor3<T>& o, float* lse, int64_t Hq, int64_t G, int64_t D, int64_t Dv,
+                  float scale) {
   const Keys keys = keys_of(lay, s);
   if (keys.C == 0) return;
   const int64_t N = keys.n(), Np = round16(N);
+  std::vector<float> k_copy;
+  const Rows kr = rows_of(keys, k, h, D, k_copy);
   std::vector<float> vt(Dv * Np, 0.f);  // V^T [Dv][Np]
   for (int64_t j = 0; j < N; ++j) {
-    const float* src = v.at(keys.row(j), h);
-    for (int64_t d = 0; d < Dv; ++d) vt[d * Np + j] = src[d];
+    const T* src = v.at(keys.row(j), h);
+    for (int64_t d = 0; d < Dv; ++d) vt[d * Np + j] = to_f(src[d]);
   }
   std::vector<float> qt(D * BQ), st(BK * BQ), ot(Dv * BQ);
   float m[BQ], l[BQ], corr[BQ];
@@ -219,8 +261,8 @@ void forward_item(const Layout& lay, int64_t s, int64_t h, const Tensor3& q, con
       const int64_t rows = std::min(BQ, keys.C - i0);
       std::fill(qt.begin(), qt.end(), 0.f);
       for (int64_t r = 0; r < rows; ++r) {
-        const float* src = q.at(keys.own_start + i0 + r, hq);
-        for (int64_t d = 0; d < D; ++d) qt[d * BQ + r] = src[d] * scale;
+        const T* src = q.at(keys.own_start + i0 + r, hq);
+        for (int64_t d = 0; d < D; ++d) qt[d * BQ + r] = to_f(src[d]) * scale;
       }
       std::fill(ot.begin(), ot.end(), 0.f);
       std::fill(m, m + BQ, ninf);
@@ -228,7 +270,7 @@ void forward_item(const Layout& lay, int64_t s, int64_t h, const Tensor3& q, con
       const int64_t end = keys_seen(keys, i0, rows);
       for (int64_t j0 = 0; j0 < end; j0 += BK) {
         const int64_t bk = std::min(BK, end - j0);
-        block_scores(keys, k, h, D, qt.data(), i0, rows, j0, bk, st.data());
+        block_scores(keys, kr, D, qt.data(), i0, rows, j0, bk, st.data());
         float mnew[BQ];
         std::copy(m, m + BQ, mnew);
         for (int64_t jj = 0; jj < bk; ++jj)
@@ -260,28 +302,31 @@ void forward_item(const Layout& lay, int64_t s, int64_t h, const Tensor3& q, con
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t t = keys.own_start + i0 + r;
-        float* dst = o.at(t, hq);
+        T* dst = o.at(t, hq);
         const float inv = 1.f / l[r];
-        for (int64_t d = 0; d < Dv; ++d) dst[d] = ot[d * BQ + r] * inv;
+        for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<T>(ot[d * BQ + r] * inv);
         lse[t * Hq + hq] = m[r] + std::log(l[r]);
       }
     }
   }
 }
 
-// The backward of one segment s for one KV head: adds its queries' dQ (written once: each query row and head
-// belongs to one segment) and its keys' dK, dV (the prefix's rows are shared by the group, which this item
-// owns) into the fp32 outputs.
-void backward_segment(const Layout& lay, int64_t s, int64_t h, const Tensor3& q, const Tensor3& k,
-                      const Tensor3& v, const Tensor3& o, const Tensor3& dout, const float* lse, const Tensor3& dq,
-                      const Tensor3& dk, const Tensor3& dv, int64_t Hq, int64_t G, int64_t D, int64_t Dv,
-                      float scale) {
+// The backward of one segment s for one KV head: writes its queries' dQ (once: each query row and head belongs to
+// one segment) and adds its keys' dK, dV (the prefix's rows are shared by the group, which this item owns) into the
+// fp32 key gradients.
+template <typename T>
+void backward_segment(const Layout& lay, int64_t s, int64_t h, const Tensor3<T>& q, const Tensor3<T>& k,
+                      const Tensor3<T>& v, const Tensor3<T>& o, const Tensor3<T>& dout, const float* lse,
+                      const Tensor3<T>& dq, const Tensor3<float>& dk, const Tensor3<float>& dv, int64_t Hq, int64_t G,
+                      int64_t D, int64_t Dv, float scale) {
   const Keys keys = keys_of(lay, s);
   if (keys.C == 0) return;
   const int64_t N = keys.n(), Np = round16(N), Dp = round16(D), Dvp = round16(Dv);
+  std::vector<float> k_copy, v_copy;
+  const Rows kr = rows_of(keys, k, h, D, k_copy), vr = rows_of(keys, v, h, Dv, v_copy);
   std::vector<float> kt(D * Np, 0.f);  // K^T [D][Np]
   for (int64_t j = 0; j < N; ++j) {
-    const float* src = k.at(keys.row(j), h);
+    const float* src = kr.at(j);
     for (int64_t d = 0; d < D; ++d) kt[d * Np + j] = src[d];
   }
   std::vector<float> dkl(Np * Dp, 0.f), dvl(Np * Dvp, 0.f);  // this segment's key gradients [N][D], [N][Dv]
@@ -301,19 +346,20 @@ void backward_segment(const Layout& lay, int64_t s, int64_t h, const Tensor3& q,
       std::fill(delta, delta + BQ, 0.f);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t t = keys.own_start + i0 + r;
-        const float* qsrc = q.at(t, hq);
-        const float* gsrc = dout.at(t, hq);
-        const float* osrc = o.at(t, hq);
+        const T* qsrc = q.at(t, hq);
+        const T* gsrc = dout.at(t, hq);
+        const T* osrc = o.at(t, hq);
         float dsum = 0.f;
         for (int64_t d = 0; d < D; ++d) {
-          const float x = qsrc[d] * scale;
+          const float x = to_f(qsrc[d]) * scale;
           qt[d * BQ + r] = x;
           qs[r * Dp + d] = x;
         }
         for (int64_t d = 0; d < Dv; ++d) {
-          dot_[d * BQ + r] = gsrc[d];
-          dor[r * Dvp + d] = gsrc[d];
-          dsum += gsrc[d] * osrc[d];
+          const float g = to_f(gsrc[d]);
+          dot_[d * BQ + r] = g;
+          dor[r * Dvp + d] = g;
+          dsum += g * to_f(osrc[d]);
         }
         delta[r] = dsum;
         lse_r[r] = lse[t * Hq + hq];
@@ -321,14 +367,9 @@ void backward_segment(const Layout& lay, int64_t s, int64_t h, const Tensor3& q,
       const int64_t end = keys_seen(keys, i0, rows);
       for (int64_t j0 = 0; j0 < end; j0 += BK) {
         const int64_t bk = std::min(BK, end - j0);
-        block_scores(keys, k, h, D, qt.data(), i0, rows, j0, bk, st.data());
-        // dP^T = V dO^T (V rows in place, runs as in block_scores)
+        block_scores(keys, kr, D, qt.data(), i0, rows, j0, bk, st.data());
         std::fill(dpt.begin(), dpt.begin() + bk * BQ, 0.f);
-        for (int64_t j = j0; j < j0 + bk;) {
-          const int64_t run_end = j < keys.P ? std::min(j0 + bk, keys.P) : j0 + bk;
-          mm_acc(v.at(keys.row(j), h), v.row, dot_.data(), BQ, dpt.data() + (j - j0) * BQ, BQ, run_end - j, Dv, BQ);
-          j = run_end;
-        }
+        rows_mm_acc(vr, j0, bk, dot_.data(), Dv, dpt.data());  // dP^T = V dO^T
         const float ninf = -std::numeric_limits<float>::infinity();
         for (int64_t jj = 0; jj < bk; ++jj) {
           float* prow = st.data() + jj * BQ;
@@ -345,8 +386,8 @@ void backward_segment(const Layout& lay, int64_t s, int64_t h, const Tensor3& q,
         mm_acc(kt.data() + j0, Np, dpt.data(), BQ, dqt.data(), BQ, D, bk, BQ);             // dQ^T += K^T dS^T
       }
       for (int64_t r = 0; r < rows; ++r) {
-        float* dst = dq.at(keys.own_start + i0 + r, hq);
-        for (int64_t d = 0; d < D; ++d) dst[d] = dqt[d * BQ + r] * scale;
+        T* dst = dq.at(keys.own_start + i0 + r, hq);
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(dqt[d * BQ + r] * scale);
       }
     }
   }
@@ -359,9 +400,11 @@ void backward_segment(const Layout& lay, int64_t s, int64_t h, const Tensor3& q,
 }
 
 void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16,
+              "q, k, v must be fp32 or bf16, not ", q.scalar_type());
   for (const torch::Tensor* x : {&q, &k, &v}) {
-    TORCH_CHECK(x->dim() == 3 && x->scalar_type() == torch::kFloat32 && x->device().is_cpu() && x->stride(2) == 1,
-                "q, k, v must be 3-D fp32 CPU tensors [T, heads, head_dim] with a contiguous head dim");
+    TORCH_CHECK(x->dim() == 3 && x->scalar_type() == q.scalar_type() && x->device().is_cpu() && x->stride(2) == 1,
+                "q, k, v must be 3-D CPU tensors [T, heads, head_dim] of one dtype with a contiguous head dim");
   }
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "q, k, v must have the same token count");
   TORCH_CHECK(k.size(1) == v.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
@@ -382,15 +425,20 @@ std::vector<torch::Tensor> forward(const torch::Tensor& q, const torch::Tensor& 
   const Layout lay = read_layout(cu_seqlens, prefix_of, T);
   const int64_t S = static_cast<int64_t>(lay.prefix.size());
   torch::Tensor o = torch::empty({T, Hq, Dv}, q.options());
-  torch::Tensor lse = torch::empty({T, Hq}, q.options());
-  const Tensor3 tq = view3(q), tk = view3(k), tv = view3(v), to = view3(o);
+  torch::Tensor lse = torch::empty({T, Hq}, q.options().dtype(torch::kFloat32));
   float* lse_p = lse.data_ptr<float>();
   std::vector<double> cost(S * Hkv);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t h = 0; h < Hkv; ++h) cost[s * Hkv + h] = segment_cost(lay, s);
-  run_items(cost, [&](int64_t item) {
-    forward_item(lay, item / Hkv, item % Hkv, tq, tk, tv, to, lse_p, Hq, G, D, Dv, static_cast<float>(scale));
-  });
+  auto run = [&](auto* tag) {
+    using E = std::remove_pointer_t<decltype(tag)>;
+    const Tensor3<E> tq = view3<E>(q), tk = view3<E>(k), tv = view3<E>(v), to = view3<E>(o);
+    run_items(cost, [&](int64_t item) {
+      forward_item<E>(lay, item / Hkv, item % Hkv, tq, tk, tv, to, lse_p, Hq, G, D, Dv, static_cast<float>(scale));
+    });
+  };
+  if (q.scalar_type() == torch::kBFloat16) run(static_cast<at::BFloat16*>(nullptr));
+  else run(static_cast<float*>(nullptr));
   return {o, lse};
 }
 
@@ -400,16 +448,18 @@ std::vector<torch::Tensor> backward(const torch::Tensor& dout, const torch::Tens
                                     const torch::Tensor& cu_seqlens, const torch::Tensor& prefix_of, double scale) {
   check_inputs(q, k, v);
   TORCH_CHECK(dout.sizes() == o.sizes() && dout.stride(2) == 1 && o.stride(2) == 1 &&
-                  dout.scalar_type() == torch::kFloat32 && lse.is_contiguous(),
-              "dout must be fp32 like the output, with a contiguous head dim");
+                  dout.scalar_type() == q.scalar_type() && o.scalar_type() == q.scalar_type() &&
+                  lse.scalar_type() == torch::kFloat32 && lse.is_contiguous(),
+              "dout and o must have the inputs' dtype and the output's shape, with a contiguous head dim, and lse "
+              "must be the forward's contiguous fp32 log-sum-exp");
   const int64_t T = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2), Dv = v.size(2), G = Hq / Hkv;
   const Layout lay = read_layout(cu_seqlens, prefix_of, T);
   const int64_t S = static_cast<int64_t>(lay.prefix.size());
   torch::Tensor dq = torch::empty({T, Hq, D}, q.options());
-  torch::Tensor dk = torch::zeros({T, Hkv, D}, q.options());
-  torch::Tensor dv = torch::zeros({T, Hkv, Dv}, q.options());
-  const Tensor3 tq = view3(q), tk = view3(k), tv = view3(v), to = view3(o), tdo = view3(dout), tdq = view3(dq),
-                tdk = view3(dk), tdv = view3(dv);
+  // the key gradients sum a prefix's rows over its group in fp32, rounded to the inputs' dtype at the end
+  torch::Tensor dk = torch::zeros({T, Hkv, D}, q.options().dtype(torch::kFloat32));
+  torch::Tensor dv = torch::zeros({T, Hkv, Dv}, q.options().dtype(torch::kFloat32));
+  const Tensor3<float> tdk = view3<float>(dk), tdv = view3<float>(dv);
   // prefix groups: each root segment (no prefix) with the segments that name it
   std::vector<std::vector<int64_t>> members(S);
   for (int64_t s = 0; s < S; ++s) members[lay.prefix[s] < 0 ? s : lay.prefix[s]].push_back(s);
@@ -425,11 +475,22 @@ std::vector<torch::Tensor> backward(const torch::Tensor& dout, const torch::Tens
     }
   }
   const float* lse_p = lse.data_ptr<float>();
-  run_items(cost, [&](int64_t item) {
-    const int64_t r = roots[item], h = item % Hkv;
-    for (int64_t s : members[r])
-      backward_segment(lay, s, h, tq, tk, tv, to, tdo, lse_p, tdq, tdk, tdv, Hq, G, D, Dv, static_cast<float>(scale));
-  });
+  auto run = [&](auto* tag) {
+    using E = std::remove_pointer_t<decltype(tag)>;
+    const Tensor3<E> tq = view3<E>(q), tk = view3<E>(k), tv = view3<E>(v), to = view3<E>(o), tdo = view3<E>(dout),
+                     tdq = view3<E>(dq);
+    run_items(cost, [&](int64_t item) {
+      const int64_t r = roots[item], h = item % Hkv;
+      for (int64_t s : members[r])
+        backward_segment<E>(lay, s, h, tq, tk, tv, to, tdo, lse_p, tdq, tdk, tdv, Hq, G, D, Dv,
+                            static_cast<float>(scale));
+    });
+  };
+  if (q.scalar_type() == torch::kBFloat16) {
+    run(static_cast<at::BFloat16*>(nullptr));
+    return {dq, dk.to(torch::kBFloat16), dv.to(torch::kBFloat16)};
+  }
+  run(static_cast<float*>(nullptr));
   return {dq, dk, dv};
 }
 
