@@ -59,11 +59,12 @@ def test_unknown_isa_variant_names_the_choices():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k,n", [(96, 40), (100, 41), (7, 3), (512, 1), (24, 9)])
+@pytest.mark.parametrize("k,n", [(96, 40), (100, 41), (7, 3), (512, 1), (24, 9), (112, 43)])
 def test_avx2_one_row_linear_matches_the_exact_product(avx2_build, dtype, k, n):
-    """AVX2 gemv (a weight row at a time in 4 sums of 8 lanes: K in steps of 32, then of 8, then the last K % 8
-    through a zero-padded load) within fp32 accumulation of the exact product, with bias, residual, both and
-    neither; outside the engine's reading switch the op is F.linear itself."""
+    """AVX2 gemv (4 weight rows side by side, far apart, in 2 sums of 8 lanes each: K in steps of 16, then of 8,
+    then the last K % 8 through a zero-padded load; the last N % 4 rows one at a time) within fp32 accumulation of
+    the exact product, with bias, residual, both and neither; outside the engine's reading switch the op is
+    F.linear itself."""
     x, w, b, r = _inputs(dtype, rows=1, k=k, n=n, seed=k + n)
     w = w.detach()
     exact = x.double() @ w.double().t()

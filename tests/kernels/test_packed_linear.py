@@ -59,9 +59,10 @@ def test_packed_product_equals_f_linear_up_to_rounding(dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k,n", [(96, 40), (100, 41), (7, 3), (512, 1)])
+@pytest.mark.parametrize("k,n", [(96, 40), (100, 41), (7, 3), (512, 1), (112, 43)])
 def test_one_row_cpp_gemv_equals_f_linear_up_to_rounding(dtype, k, n):
-    """The one-row C++ kernel (vector tails of K and of the 4-row groups included) in an engine's step,
+    """The one-row C++ kernel (vector tails of K, avx512_bf16's 32-element steps then a 16-lane step (112), and
+    the rows after the 4 streams included) in an engine's step,
     eager and as the traced op; outside `reading()` the op is F.linear itself (same bits)."""
     x, w, b, r = _inputs(dtype, rows=1, k=k, n=n, seed=k + n)
     packed_linear.register([w], batch_size=1)

@@ -1082,31 +1082,66 @@ std::tuple<torch::Tensor, torch::Tensor> rotary_kv_write(const torch::Tensor& q,
 thread_local bool g_reading_plain_gemv = false;  // set by packed_linear.reading() (see ops.gemv)
 
 
+#if defined(RL_AVX512) || defined(RL_AVX2)
+// The dot products of x with R weight rows read side by side, U sums each (one x load serves the R rows):
+// out[r * out_stride] = x . wr[r].
+template <int R, int U, typename T>
+inline void row_dots(const float* xf, const T* xt, const T* const* wr, int64_t K, float* out, int64_t out_stride) {
+  using Dot = DotOf<T, 32>;
+  using V = typename Isa::V;
+  constexpr int W = Isa::W;
+  const typename Dot::Q* xq;
+  if constexpr (Dot::kStoredQuery) xq = xt;
+  else xq = xf;
+  V acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = Isa::zero();
+  int64_t k = 0;
+  for (; k + U * Dot::kStep <= K; k += U * Dot::kStep)
+    for (int u = 0; u < U; ++u) {
+      const typename Dot::QV xv = Dot::load_q(xq + k + u * Dot::kStep);
+      for (int r = 0; r < R; ++r) acc[r][u] = Dot::madd(acc[r][u], xv, Dot::load_k(wr[r] + k + u * Dot::kStep));
+    }
+  for (; k + Dot::kStep <= K; k += Dot::kStep) {
+    const typename Dot::QV xv = Dot::load_q(xq + k);
+    for (int r = 0; r < R; ++r) acc[r][0] = Dot::madd(acc[r][0], xv, Dot::load_k(wr[r] + k));
+  }
+  for (; k + W <= K; k += W) {  // Bf16Dot's tail
+    const V xv = Isa::load(xf + k);
+    for (int r = 0; r < R; ++r) acc[r][U - 1] = Isa::fma(xv, Isa::load(wr[r] + k), acc[r][U - 1]);
+  }
+  if (k < K) {
+    const V xv = Isa::load_part(xf + k, K - k);
+    for (int r = 0; r < R; ++r) acc[r][0] = Isa::fma(xv, Isa::load_part(wr[r] + k, K - k), acc[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int u = 1; u < U; ++u) acc[r][0] = Isa::add(acc[r][0], acc[r][u]);
+    out[r * out_stride] = Isa::reduce_add(acc[r][0]);
+  }
+}
+#endif
+
 template <typename T>
 void gemv_rows(const float* xf, const T* xt, const T* w, int64_t n0, int64_t n1, int64_t K, float* acc_out) {
   int64_t n = n0;
 #if defined(RL_AVX512) || defined(RL_AVX2)
-  // One weight row at a time in U independent sums: the weight is read as one sequential stream (rows are
-  // contiguous), which the hardware prefetcher follows; 4 rows at a time (4 streams, each new every 4 rows) took
-  // 1.8x as long over the ~40M model's 175 MB of fp32 weights (plain C++ over the batch-1 step's shapes, 1 thread,
-  // through the lock at load 4.6: AVX-512 12.1 -> 6.7 ms a step, AVX2 11.6 -> 6.3 ms; ~3.4M model 213 -> 208 us).
-  using Dot = DotOf<T, 32>;
-  constexpr int W = Isa::W, U = 4;
-  const typename Dot::Q* xq;
-  if constexpr (Dot::kStoredQuery) xq = xt;
-  else xq = xf;
-  for (; n < n1; ++n) {
-    const T* wr = w + n * K;
-    typename Isa::V acc[U];
-    for (int u = 0; u < U; ++u) acc[u] = Isa::zero();
-    int64_t k = 0;
-    for (; k + U * Dot::kStep <= K; k += U * Dot::kStep)
-      for (int u = 0; u < U; ++u)
-        acc[u] = Dot::madd(acc[u], Dot::load_q(xq + k + u * Dot::kStep), Dot::load_k(wr + k + u * Dot::kStep));
-    for (; k + Dot::kStep <= K; k += Dot::kStep) acc[0] = Dot::madd(acc[0], Dot::load_q(xq + k), Dot::load_k(wr + k));
-    for (; k + W <= K; k += W) acc[1] = Isa::fma(Isa::load(xf + k), Isa::load(wr + k), acc[1]);  // Bf16Dot's tail
-    if (k < K) acc[2] = Isa::fma(Isa::load_part(xf + k, K - k), Isa::load_part(wr + k, K - k), acc[2]);
-    acc_out[n - n0] = Isa::reduce_add(Isa::add(Isa::add(acc[0], acc[1]), Isa::add(acc[2], acc[3])));
+  // The rows in R = 4 streams far apart: stream r reads rows n0 + r S .. n0 + (r + 1) S - 1 (S = (n1 - n0) / R)
+  // in order, each a sequential run of the weight (rows are contiguous) that the hardware prefetcher follows, the
+  // four side by side (one x load serves them). One stream (a row at a time in 4 sums) took 1.18-1.21x as long a
+  // batch-1 step of the ~40M model's 175 MB of fp32 weights (DRAM-bound) on AVX2 and 1.24-1.25x on AVX-512, bf16
+  // 1.29-1.31x / 1.24-1.40x (1 thread, through the lock, load 7-9, builds alternated in one process). Neighbouring
+  // rows side by side (2 or 4 streams inside one 4 KiB page) took 2x as long (the prefetcher then sees no
+  // sequential stream); software prefetches ahead of one stream 0.7-1.0x.
+  constexpr int R = 4, U = 2;
+  const int64_t S = (n1 - n0) / R;
+  for (int64_t i = 0; i < S; ++i) {
+    const T* wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = w + (n0 + i + r * S) * K;
+    row_dots<R, U>(xf, xt, wr, K, acc_out + i, S);
+  }
+  for (n = n0 + R * S; n < n1; ++n) {
+    const T* wr[1] = {w + n * K};
+    row_dots<1, U>(xf, xt, wr, K, acc_out + (n - n0), 0);
   }
 #endif
   (void)xt;
