@@ -25,6 +25,7 @@ from rl_engine.inference import SamplingParams
 from rl_engine.inference.speculative import SpeculativeConfig
 from rl_engine.losses import (LossNormalizer, PolicyLoss, compute_loss_normalizer, kl_penalty, reduce_metrics,
                                seq_ids_from_cu_seqlens)
+from rl_engine.policy.layers import trainer_pass
 from rl_engine.policy.lr_schedule import KLAdaptiveScale, LRSchedule, StepLR
 from rl_engine.policy.moe import MoEBlock, RoutingRecord
 from rl_engine.policy.pipeline import MicroBatch
@@ -553,10 +554,11 @@ def _logprobs(model: torch.nn.Module, mb: MicroBatch, *, skip_unscored: bool) ->
     """(log-probs, entropy) [T] of `mb`; `skip_unscored`: the rows no loss reads go only as far as the
     attention of later rows needs them (`CausalLM.hidden_states(rows=...)`), their entries are 0."""
     rows = scored_rows(mb) if skip_unscored else None
-    h = model.hidden_states(mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens, routing=mb.routing,
-                            attn_context=mb.attention, rows=rows)
-    targets = mb.targets if rows is None else mb.targets[rows]
-    lp, ent = model.token_logprobs(h, targets, temperature=mb.temperature)
+    with trainer_pass():  # the no-grad passes take the recorded pass's kernels (bit for bit the same log-probs)
+        h = model.hidden_states(mb.input_ids, positions=mb.positions, cu_seqlens=mb.cu_seqlens, routing=mb.routing,
+                                attn_context=mb.attention, rows=rows)
+        targets = mb.targets if rows is None else mb.targets[rows]
+        lp, ent = model.token_logprobs(h, targets, temperature=mb.temperature)
     if rows is None:
         return lp, ent
     T = mb.targets.shape[0]

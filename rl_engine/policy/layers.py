@@ -15,8 +15,10 @@ all-gather their input, row layers reduce-scatter their output.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -46,6 +48,28 @@ def _copy_checked(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
         param.copy_(value.to(param.dtype))
 
 
+_TRAINER_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar("trainer_pass", default=False)
+
+
+@contextlib.contextmanager
+def trainer_pass() -> Iterator[None]:
+    """A forward of the trainer's (its recorded pass, and the no-grad passes of proximal, reference and teacher
+    log-probs): the layers take the kernels the recorded pass takes, so a no-grad pass over the weights being
+    updated gives the first update's log-probs bit for bit (its importance ratio exactly 1). Per thread: an
+    engine stepping in another thread keeps its own kernels."""
+    token = _TRAINER_PASS.set(True)
+    try:
+        yield
+    finally:
+        _TRAINER_PASS.reset(token)
+
+
+def training_kernels() -> bool:
+    """Whether this forward takes the training kernels: autograd records it, or it runs in `trainer_pass`
+    (a traced no-grad forward is the engine's compiled step: dynamo cannot read a ContextVar)."""
+    return torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _TRAINER_PASS.get())
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, *, eps: float, dtype: torch.dtype, device=None) -> None:
         super().__init__()
@@ -55,13 +79,13 @@ class RMSNorm(nn.Module):
 
     def bind_kernels(self, device: torch.device) -> None:
         """Resolve the kernels once (at build, and again when the model moves to another device): `rms_norm`
-        for forwards without autograd (the engine's), `rms_norm_train` for those autograd records (on CPU the
-        fused C++ forward and backward)."""
+        for the engine's forwards, `rms_norm_train` for the trainer's (`training_kernels`; on CPU the fused C++
+        forward and backward)."""
         self._rms_norm = kernels.resolve("rms_norm", device)
         self._rms_norm_train = kernels.resolve("rms_norm_train", device)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        rms_norm = self._rms_norm_train if torch.is_grad_enabled() else self._rms_norm
+        rms_norm = self._rms_norm_train if training_kernels() else self._rms_norm
         out, residual_out = rms_norm(x, self.weight, self.eps, residual)
         return out if residual is None else (out, residual_out)
 
@@ -229,7 +253,7 @@ class RowParallelLinear(nn.Module):
         rounding alike (the parallel tests compare them to 1e-5)."""
         g = self.groups
         if (residual is not None and self._fuse_residual and g.tp_group is None and self.bias is None
-                and x.dim() == 2 and not torch.is_grad_enabled()):
+                and x.dim() == 2 and not training_kernels()):
             return self._dense(x, self.weight, residual=residual)
         y = self._dense(x, self.weight)
         y = comm.reduce_scatter_sequence(y, g.tp_group) if g.sequence_parallel else comm.reduce_from_tp(y, g.tp_group)

@@ -19,7 +19,7 @@ import torch.nn as nn
 from rl_engine import kernels
 from rl_engine.policy import comm, expert_parallel
 from rl_engine.policy.config import ModelConfig
-from rl_engine.policy.layers import ColumnParallelLinear, RowParallelLinear
+from rl_engine.policy.layers import ColumnParallelLinear, RowParallelLinear, training_kernels
 from rl_engine.policy.parallel import ParallelGroups
 
 
@@ -48,11 +48,11 @@ class SwiGLUMLP(nn.Module):
 
     def bind_kernels(self, device: torch.device) -> None:
         self._silu_and_mul = kernels.resolve("silu_and_mul", device)
-        self._silu_and_mul_train = kernels.resolve("silu_and_mul_train", device)  # when autograd records
+        self._silu_and_mul_train = kernels.resolve("silu_and_mul_train", device)  # the trainer's forwards
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The MLP's output, or residual + it when `residual` is given (fused into the last matmul)."""
-        silu_and_mul = self._silu_and_mul_train if torch.is_grad_enabled() else self._silu_and_mul
+        silu_and_mul = self._silu_and_mul_train if training_kernels() else self._silu_and_mul
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)), residual)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from rl_engine.policy import comm
 from rl_engine.policy.context_parallel import CPShard
+from rl_engine.policy.layers import trainer_pass
 from rl_engine.policy.moe import RoutingRecord
 from rl_engine.policy.parallel import ParallelGroups
 
@@ -185,7 +186,7 @@ class PipelineRunner:
                 if s > 0:
                     x_in = self._recv_activation(s, m, dtype).requires_grad_(not forward_only)
                 shard = self._shard(shards, m, mb, model) if g.cp_size > 1 else None
-                with torch.set_grad_enabled(not forward_only):
+                with torch.set_grad_enabled(not forward_only), trainer_pass():
                     if shard is None:
                         out = model.hidden_states(mb.input_ids if s == 0 else None, positions=mb.positions,
                                                   cu_seqlens=mb.cu_seqlens, routing=mb.routing, inputs_embeds=x_in,

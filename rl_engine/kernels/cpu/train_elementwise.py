@@ -11,8 +11,9 @@ wrong).
 
 fp32 CPU tensors only: other dtypes, other devices and traced calls (torch.compile) run the torch reference, as
 does every call when the extension cannot be built (no compiler, a failed build, `RL_ENGINE_CPU_KERNELS=0`; the
-reason is logged once). `rms_norm_train` and `silu_and_mul_train` also run the reference when nothing needs a
-gradient (the no-grad forwards take the `rms_norm` / `silu_and_mul` ops). Numerics (tests/kernels/
+reason is logged once). The trainer's no-grad passes (proximal, reference, teacher log-probs) run these kernels
+too (`policy.layers.trainer_pass`), so they give its recorded pass's values bit for bit; the engine's forwards take
+the `rms_norm` / `silu_and_mul` ops. Numerics (tests/kernels/
 test_cpu_train_elementwise.py): RMSNorm within a few ulp of the reference (another summation order), SwiGLU
 within fast_exp's ~2 ulp, rotary bit-equal forward and backward.
 """
@@ -117,7 +118,7 @@ class _Rotary(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`reference.rms_norm`'s contract, differentiable in x, weight and residual."""
-    if not (_needs_grad(x, weight, residual) and _takes(x, weight, residual)):
+    if not _takes(x, weight, residual):
         return reference.rms_norm(x, weight, eps, residual)
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: weight must be [{x.shape[-1]}] (x's last dim), got {tuple(weight.shape)}")
@@ -128,7 +129,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """`reference.silu_and_mul`'s contract, differentiable."""
-    if not (_needs_grad(x) and _takes(x)):
+    if not _takes(x):
         return reference.silu_and_mul(x)
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul: the last dim ({x.shape[-1]}) must be even ([gate | up])")
