@@ -51,6 +51,7 @@ import shutil
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,18 @@ def _build_lock(name: str):
             logger.warning("removing %s, left by a build of %s that did not finish (its process died)", stale, name)
             os.remove(stale)
         yield directory
+
+
+def source_kernel(source: Path, what: str) -> Callable[[], ModuleType | None]:
+    """The cached loader of one source's extension for the ops of one wrapper module (`what` names them in the
+    log): the module, or None with the reason logged once, its callers then taking the torch reference."""
+    @functools.cache
+    def kernel() -> ModuleType | None:
+        module, reason = load_source(source)
+        if module is None:
+            logger.warning("%s: C++ kernel unavailable (%s); using the torch reference", what, reason)
+        return module
+    return kernel
 
 
 @functools.cache

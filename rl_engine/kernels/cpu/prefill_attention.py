@@ -9,23 +9,12 @@ kernel (`csrc/invariant_attention.cpp`, which sums every score across vector lan
 
 from __future__ import annotations
 
-import functools
-import logging
 from pathlib import Path
-from types import ModuleType
 
 from rl_engine.kernels import cpu
 
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "prefill_attention.cpp"
 
 
-@functools.cache
-def kernel() -> ModuleType | None:
-    """The built extension, or None (its reason logged once) when it cannot be built."""
-    module, reason = cpu.load_source(SOURCE)
-    if module is None:
-        logger.warning("paged prefill attention: the tiled C++ kernel is unavailable (%s); using the torch reference",
-                       reason)
-    return module
+kernel = cpu.source_kernel(SOURCE, "paged prefill attention (tiled)")

@@ -20,29 +20,18 @@ within fast_exp's ~2 ulp, rotary bit-equal forward and backward.
 
 from __future__ import annotations
 
-import functools
-import logging
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from rl_engine.kernels import cpu, logprob, reference
 
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "train_elementwise.cpp"
 
 
-@functools.cache
-def kernel() -> ModuleType | None:
-    """The built extension, or None (its reason logged once) when it cannot be built."""
-    module, reason = cpu.load_source(SOURCE)
-    if module is None:
-        logger.warning("training RMSNorm / SwiGLU / rotary: C++ kernels unavailable (%s); using the torch reference",
-                       reason)
-    return module
+kernel = cpu.source_kernel(SOURCE, "training RMSNorm / SwiGLU / rotary / log-prob stats")
 
 
 def _takes(*tensors: torch.Tensor | None) -> bool:

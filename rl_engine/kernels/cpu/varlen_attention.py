@@ -19,30 +19,20 @@ tests/kernels/test_cpu_varlen_attention.py.
 
 from __future__ import annotations
 
-import functools
-import logging
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from rl_engine.kernels import cpu, reference
 
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "varlen_attention.cpp"
 _NO_PREFIX = torch.empty(0, dtype=torch.int64)
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
-@functools.cache
-def kernel() -> ModuleType | None:
-    """The built extension, or None (its reason logged once) when it cannot be built."""
-    module, reason = cpu.load_source(SOURCE)
-    if module is None:
-        logger.warning("packed training attention: C++ kernel unavailable (%s); using the torch reference", reason)
-    return module
+kernel = cpu.source_kernel(SOURCE, "packed training attention")
 
 
 class _PackedAttention(torch.autograd.Function):
