@@ -153,8 +153,7 @@ class ModelRunner:
             if not use_graphs:
                 return runner_class(batch_size, inputs=inputs, model=model, attn=self.attn)
             runner = CudaGraphRunner(batch_size, inputs=inputs, model=model, attn=self.attn)
-            runner.capture(pool=graph_pool)  # every bucket's graph shares one memory pool
-            return runner
+            return self._captured(runner, pool=graph_pool)  # every bucket's graph shares one memory pool
 
         self.graphs = GraphCache(buckets, make_runner)
         # CPU: linears read oneDNN-prepacked weights in this runner's steps (packed at first use, repacked
@@ -263,6 +262,14 @@ class ModelRunner:
             sample_seqs = [seqs[i] for i in sample_rows]
         layout = None if self.hidden_sink is None else [(s, p, 1) for s, p in zip(seqs, computed)]
         return hidden, logits, sample_rows, sample_seqs, layout
+
+    def _captured(self, runner: CudaGraphRunner, *, pool) -> CudaGraphRunner:
+        """Capture a bucket's graph. Its `pad(0)` makes the bucket's rows of the shared static block tables padding,
+        so what `_write_block_tables` recorded about the rows is forgotten and the next step writes them whole (a
+        bucket captured lazily, after decode steps ran, would otherwise leave their first blocks stale)."""
+        runner.capture(pool=pool)
+        self._table_ids[:] = 0
+        return runner
 
     def _write_block_tables(self, np_tables: np.ndarray, tables: list[list[int]]) -> None:
         """Rows 0..n-1 of the static block tables (shared by every bucket) <- `tables`, writing only what changed

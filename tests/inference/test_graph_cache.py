@@ -94,3 +94,28 @@ def test_decode_block_tables_rewrite_only_what_changed_and_match_the_sequences()
     c.append(10)
     write([c, a, b])  # the rows they held before the padding: written again
     assert state._table_ids[3:].tolist() == [0] * 5
+
+
+def test_capturing_a_bucket_after_decode_steps_rewrites_the_block_tables_it_padded():
+    """A CUDA bucket's capture pads all its rows (`pad(0)`) in the static block tables every bucket shares; a bucket
+    captured after decode steps ran must not leave the rows' recorded tables standing, or the next step would skip
+    rewriting their first blocks. The capture is faked on CPU by that `pad(0)`."""
+    import types
+
+    import numpy as np
+
+    from rl_engine.inference.graph_cache import DecodeRunner, StaticInputs
+    from rl_engine.inference.model_runner import ModelRunner
+
+    inputs = StaticInputs(8, max_blocks=4, device=torch.device("cpu"))
+    runner = DecodeRunner(4, inputs=inputs, model=None, attn=types.SimpleNamespace(block_size=16))
+    runner.capture = lambda pool=None: runner.pad(0)
+    state = types.SimpleNamespace(_table_ids=np.zeros(8, dtype=np.int64), _table_widths=np.zeros(8, dtype=np.int64),
+                                  _table_lists=[])
+    tables = [[1, 2], [3], [4, 5, 6]]
+    ModelRunner._write_block_tables(state, runner.np_block_tables, tables)
+    assert ModelRunner._captured(state, runner, pool=None) is runner
+    assert runner.np_block_tables[:3, 0].tolist() == [DUMMY_BLOCK] * 3  # the capture's padding
+    ModelRunner._write_block_tables(state, runner.np_block_tables, tables)
+    for row, t in enumerate(tables):
+        assert runner.np_block_tables[row, :len(t)].tolist() == t, (row, t)
