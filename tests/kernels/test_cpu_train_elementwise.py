@@ -136,6 +136,37 @@ def test_rms_norm_of_strided_heads_and_its_gradient():
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=0, atol=100 * EPS * w_ref.grad.abs().max().item())
 
 
+def test_a_last_dim_of_one_element_runs_at_any_stride():
+    """`_rows` passes a width-1 last dim as a view whatever its stride (it is never stepped along); the C++ checks
+    take it too and give what the contiguous copy gives: RMSNorm of [rows, 1] with a residual, SwiGLU's [rows, 1]
+    output gradient, the log-prob statistics of a one-column shard."""
+    torch.manual_seed(0)
+    x_base, r_base = torch.randn(2, 7, requires_grad=True), torch.randn(3, 7, requires_grad=True)
+    x, r = x_base.t()[:, :1], r_base.t()[:, 1:2]  # [7, 1], strides (1, 7)
+    assert x.stride(-1) != 1 and r.stride(-1) != 1
+    xc, rc = (t.detach().contiguous().requires_grad_() for t in (x, r))
+    w = torch.rand(1)
+    g = torch.randn(1, 7)
+    outs = []
+    for a, b in ((x, r), (xc, rc)):
+        out, total = te.rms_norm(a, w, 1e-6, b)
+        (out.t() * g).sum().backward()  # the output gradient reaches the kernel as a [7, 1] view, strides (1, 7)
+        outs.append((out, total))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert torch.equal(x_base.grad[0], xc.grad[:, 0]) and torch.equal(r_base.grad[1], rc.grad[:, 0])
+
+    gate_up = torch.randn(7, 2, requires_grad=True)
+    (te.silu_and_mul(gate_up).t() * g).sum().backward()
+    ref = gate_up.detach().clone().requires_grad_()
+    (te.silu_and_mul(ref) * g.t().contiguous()).sum().backward()
+    assert torch.equal(gate_up.grad, ref.grad)
+
+    logits, targets = x.detach(), torch.zeros(7, dtype=torch.long)
+    got = te.logprob_shard_stats(logits, targets, temperature=1.0)
+    want = te.logprob_shard_stats(logits.contiguous(), targets, temperature=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_the_reference_runs_where_the_kernels_do_not_apply(monkeypatch):
     x, w = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True), torch.ones(8, dtype=torch.bfloat16)
     assert torch.equal(te.rms_norm(x, w, 1e-6)[0], reference.rms_norm(x, w, 1e-6)[0])  # bf16
