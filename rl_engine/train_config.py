@@ -248,6 +248,12 @@ class TrainSection:
     # torch's thread count is process-wide: the trainer sets it when built and puts the earlier one back
     # at close(); meanwhile anything else in the process (a served engine, a benchmark's peer) runs with it.
     threads: int = 1
+    # glibc's malloc keeps the memory a micro-batch frees for the next one (kernels/cpu/host_memory.py: mmap
+    # threshold 32 MiB, no heap trim) instead of handing it back to the OS, which the next micro-batch then
+    # page-faults back in (tiny preset: 3-10k faults, ~9 ms of a ~100 ms training pass). Process-wide and for the
+    # process's life (glibc cannot go back to its dynamic threshold); the single process, or each actor process.
+    # Ignored where malloc is not glibc's. false: glibc's defaults.
+    keep_freed_memory: bool = True
     pack_sequences: bool = True  # false: one sample per micro-batch (same loss and gradient, slower)
     # The rows no loss term reads (loss_mask 0: the prompt, a multi-turn response's observations) feed only
     # the attention of later rows: the single-process trainer skips their last-layer attention output

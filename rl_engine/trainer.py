@@ -35,6 +35,7 @@ from rl_engine.builtin_models import resolve_model_path
 from rl_engine.config import ConfigError, to_dict
 from rl_engine.frozen_models import check_same_tokenizer, reference_path
 from rl_engine.inference import LLM
+from rl_engine.kernels.cpu import host_memory
 from rl_engine.losses import PolicyLoss
 from rl_engine.policy import from_pretrained
 from rl_engine.policy.compile import apply_compile
@@ -82,7 +83,7 @@ STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete
 # different thread count or train.compile may change the last bits of later steps' floats; allowed on purpose.)
 RESUMABLE_KEYS = ("train.steps", "train.resume", "train.output_dir", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.eval_every", "train.threads", "train.deterministic",
-                  "train.compile", "reward.num_workers")
+                  "train.compile", "train.keep_freed_memory", "reward.num_workers")
 
 
 class ResumeError(ConfigError):
@@ -179,7 +180,9 @@ class GRPOTrainer:
     Process-wide settings, held from construction to `close()`, which puts back what it found: torch's
     intra-op thread count (`train.threads`; torch has one pool per process, so whatever else runs in this
     process meanwhile, the colocated engine on purpose, a served engine, a benchmark's peer, runs with it
-    too), deterministic algorithms, and the kernel registry's batch-invariant mode."""
+    too), deterministic algorithms, and the kernel registry's batch-invariant mode. One more is set and not put
+    back: `train.keep_freed_memory` (glibc's malloc keeps freed memory for reuse; close() gives the free pages
+    back to the OS)."""
 
     def __init__(self, config: RLConfig) -> None:
         self.config = cfg = config
@@ -205,6 +208,8 @@ class GRPOTrainer:
         self._was_batch_invariant = kernels.set_batch_invariant(cfg.model.batch_invariant)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if cfg.train.keep_freed_memory:  # (for the process's life: glibc has no way back; close() trims)
+            host_memory.keep_freed_memory()
         if cfg.train.deterministic:
             # On CPU a same-seed run is already bitwise repeatable at a fixed thread count; this also
             # makes any op without a deterministic kernel raise. cuBLAS needs its workspace setting
@@ -222,6 +227,7 @@ class GRPOTrainer:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         kernels.set_batch_invariant(self._was_batch_invariant)
         torch.set_num_threads(self._was_threads)
+        host_memory.release_freed_memory()
 
     def _build(self, cfg: RLConfig) -> None:
         torch.manual_seed(cfg.train.seed)

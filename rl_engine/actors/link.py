@@ -124,14 +124,17 @@ def max_message_bytes(cfg: RLConfig) -> int:
 
 def load_actor_config(path: str) -> RLConfig:
     """An actor process's run config, with its torch settings applied: intra-op threads
-    (`placement.threads_per_process`), `model.batch_invariant` (the kernel registry) and
-    `train.deterministic`."""
+    (`placement.threads_per_process`), `train.keep_freed_memory` (malloc), `model.batch_invariant` (the
+    kernel registry) and `train.deterministic`."""
     import torch
 
     from rl_engine import kernels
+    from rl_engine.kernels.cpu import host_memory
 
     cfg = load_config(RLConfig, path)
     torch.set_num_threads(cfg.placement.threads_per_process)
+    if cfg.train.keep_freed_memory:
+        host_memory.keep_freed_memory()
     kernels.set_batch_invariant(cfg.model.batch_invariant)  # before any model is built
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
