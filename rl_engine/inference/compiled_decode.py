@@ -23,13 +23,18 @@ Each step (the dynamic one, the batch-1 one) is a function with its own code obj
 compiled code per code object: one cache entry per step and no recompile limit shared between them. Its guards (the input
 shapes, every module and parameter the trace touched, ~230 checks, some in Python) cost more than the
 graph saves at decode sizes (measured: a batch-1 step of the ~3.4M model 2.6 ms with them, 1.7 ms eager,
-1.3 ms without), so after the bucket's first call they are skipped (`set_stance(skip_guard_eval_unsafe)`).
+1.3 ms without), so after the step's first call they are not evaluated: the code dynamo made of the step (which
+reads the graph's inputs, parameters included, afresh and calls the compiled graph) is called as a plain
+function, outside dynamo's frame evaluation (`_compiled_code`; going through dynamo with its guards skipped,
+`set_stance(skip_guard_eval_unsafe)`, cost ~75 us more a call: the `tiny` preset's 128-row step).
 One global they check does change while the engine lives: torch's thread count (a small step runs on one
-thread, `threads.single_thread_below`; `cpu_threads="auto"` follows the free cores), and a graph compiled at
-one count is refused at another. So each step is kept per thread count, compiled on its first call at that
+thread, `threads.single_thread_below`; `cpu_threads="auto"` follows the free cores), which inductor builds its
+kernels' parallel loops for. So each step is kept per thread count, compiled on its first call at that
 count (at most once per count the engine uses). The rest of what the guards check cannot change: a bucket's inputs
-are its own static buffers (of the size the dynamic step takes as a symbol), parameters change in place only (re-read at every call), the engine always
-steps under inference mode, and the model's structure and kernels are fixed at build. The C++ wrapper
+are its own static buffers (of the size the dynamic step takes as a symbol), parameters are re-read at every call
+(updated in place, or replaced by a tensor of the same layout; one of another shape or strides fails inductor's
+input checks and is named, `_replaced_tensor`), the
+engine always steps under inference mode, and the model's structure and kernels are fixed at build. The C++ wrapper
 costs ~2-3 s more compilation per bucket and took a batch-1 step of the ~3.5M model from 1.47 ms to
 1.07 ms (eager 1.54 ms; batch 64 unchanged, 12.8-12.9 ms against eager 13.5; one run through the lock, with static
 steps per bucket: the dynamic step's batch-64 time was not re-measured). Inductor caches its compiled kernels on disk, so a later process compiles the same
@@ -153,6 +158,20 @@ def _layouts(model) -> dict[str, tuple]:
             for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
 
 
+def _compiled_code(fn: types.FunctionType) -> types.FunctionType:
+    """`fn`'s compiled frame as a plain function: the bytecode dynamo made of it, which reads the graph's inputs
+    (each parameter through its module's `_parameters`, the rotary table, the batch size of `input_ids`) afresh on
+    every call and calls the compiled graph with them. Called directly, it runs without dynamo's frame
+    evaluation, whose cache lookup and stance cost ~75 us a call even with the guards skipped
+    (`set_stance(skip_guard_eval_unsafe=True)`, what this replaced). Dynamo keeps the same arguments in the
+    code it makes as in the original (the contract vLLM's compiled-code dispatch relies on too), and `fn`
+    has no closure: its globals are where dynamo installed the compiled graph."""
+    entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(fn.__code__)
+    # fullgraph=True and one compile per code object: exactly one entry, holding the whole step
+    assert len(entries) == 1, f"{fn.__name__}: {len(entries)} compiled entries, expected 1"
+    return types.FunctionType(entries[0].code, fn.__globals__, fn.__name__)
+
+
 class _CompiledStep:
     """A compiled decode step and the parameter layouts it was built for."""
 
@@ -196,10 +215,9 @@ class CompiledDecodeRunner(DecodeRunner):
         threads = torch.get_num_threads()
         step = self._steps.setdefault(threads, _CompiledStep())
         if step.compiled is not None:
-            # The one cache entry of this step's code object runs without its guards (see the module doc).
+            # dynamo's compiled code of this step, called as a plain function: no guards (see the module doc)
             try:
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return step.compiled(self.model, self._attend, self.input_ids, self.positions)
+                return step.compiled(self.model, self._attend, self.input_ids, self.positions)
             except RuntimeError as e:  # inductor's own message blames "an incorrect fake kernel"
                 problem = self._replaced_tensor(step)
                 if problem is None:
@@ -217,7 +235,7 @@ class CompiledDecodeRunner(DecodeRunner):
         out = compiled(self.model, self._attend, self.input_ids, self.positions)
         seconds = time.perf_counter() - start
         self.compile_seconds = (self.compile_seconds or 0.0) + seconds
-        step.compiled, step.layouts = compiled, _layouts(self.model)
+        step.compiled, step.layouts = _compiled_code(fn), _layouts(self.model)
         logger.info("compiled the decode step of bucket %d (%s, %d threads) in %.1f s", self.batch_size,
                     "every bucket of 2+ rows" if dynamic else "static", threads, seconds)
         return out

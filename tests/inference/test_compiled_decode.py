@@ -176,6 +176,31 @@ def test_compiled_step_reads_weights_updated_in_place(engines):
             weight.div_(4.0)
 
 
+@needs_cxx
+def test_compiled_step_reads_a_parameter_replaced_after_compile(engines):
+    """The compiled step is called without dynamo (its compiled code as a plain function), which must not hold
+    the tensors it saw at compile time: a parameter replaced by a new one of the same layout (a new
+    nn.Parameter, load_state_dict(assign=True)) after the step compiled is the one it reads, as eager does."""
+    policy, eager, compiled = engines
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = mixed_prompts(2, seed=21, max_len=20)
+    before = compiled.generate(prompts, params)  # compiled (or compiled earlier in the module) and replayed
+    mlp = policy.layers[0].mlp
+    old = mlp.down_proj.weight
+    mlp.down_proj.weight = torch.nn.Parameter(old.detach() * 4.0)
+    try:
+        for llm in (eager, compiled):  # the prompts' cached KV was computed with the old weight
+            llm.reset_prefix_cache()
+        _compare(policy, eager, compiled, prompts, params)
+        after = compiled.generate(prompts, params)
+    finally:
+        mlp.down_proj.weight = old
+        for llm in (eager, compiled):
+            llm.reset_prefix_cache()
+    # the new weight changed the tokens: a step still reading the old tensor would have given `before`'s
+    assert [o.outputs[0].token_ids for o in after] != [o.outputs[0].token_ids for o in before]
+
+
 def test_compile_refused_with_batch_invariant_and_moe(qwen2, checkpoints):
     before = kernels.set_batch_invariant(True)
     try:
