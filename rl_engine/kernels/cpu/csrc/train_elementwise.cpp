@@ -262,6 +262,8 @@ torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const tor
 
 inline float exp_or_zero(float d) { return d < -87.3f ? 0.0f : fast_exp(d); }
 
+constexpr int64_t kStatsBlock = 256;  // logprob_stats' columns per block (two [256] fp32 buffers a thread)
+
 // stats [4, R]: max, S, A, target z
 torch::Tensor logprob_stats(const torch::Tensor& logits, const torch::Tensor& targets, double temperature,
                             int64_t vocab_start, int64_t n_valid) {
@@ -276,18 +278,30 @@ torch::Tensor logprob_stats(const torch::Tensor& logits, const torch::Tensor& ta
   float* st = stats.data_ptr<float>();
   const float temp = static_cast<float>(temperature), lowest = std::numeric_limits<float>::lowest();
   at::parallel_for(0, R, grain_rows(4 * V), [&](int64_t begin, int64_t end) {
+    // e and (z - m) e of a block of columns first, in a loop the compiler vectorises with fast_exp inlined, then
+    // their sums: the exp inside the `omp simd` reduction loop ran ~4x slower (1054 -> 283 us at [3584, 101])
+    alignas(64) float eb[kStatsBlock], ab[kStatsBlock];
     for (int64_t r = begin; r < end; ++r) {
       const float* x = lp + r * sl;
       float m = -std::numeric_limits<float>::infinity();
       for (int64_t i = 0; i < n_valid; ++i) m = std::max(m, x[i] / temp);
       const float mc = std::max(m, lowest);
       float S = 0.f, A = 0.f;
+      for (int64_t i0 = 0; i0 < n_valid; i0 += kStatsBlock) {
+        const int64_t n = std::min(kStatsBlock, n_valid - i0);
+        const float* __restrict xi = x + i0;
+        float* __restrict e = eb;
+        float* __restrict a = ab;
+        for (int64_t i = 0; i < n; ++i) {
+          const float d = xi[i] / temp - mc;
+          e[i] = exp_or_zero(d);
+          a[i] = std::max(d, lowest) * e[i];
+        }
 #pragma omp simd reduction(+ : S, A)
-      for (int64_t i = 0; i < n_valid; ++i) {
-        const float d = x[i] / temp - mc;
-        const float e = exp_or_zero(d);
-        S += e;
-        A += std::max(d, lowest) * e;
+        for (int64_t i = 0; i < n; ++i) {
+          S += e[i];
+          A += a[i];
+        }
       }
       const int64_t local = tp[r] - vocab_start;
       st[r] = m;
