@@ -158,15 +158,21 @@ def _layouts(model) -> dict[str, tuple]:
             for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
 
 
-def _compiled_code(fn: types.FunctionType) -> types.FunctionType:
+def _compiled_code(fn: types.FunctionType, compiled) -> types.FunctionType:
     """`fn`'s compiled frame as a plain function: the bytecode dynamo made of it, which reads the graph's inputs
     (each parameter through its module's `_parameters`, the rotary table, the batch size of `input_ids`) afresh on
     every call and calls the compiled graph with them. Called directly, it runs without dynamo's frame
     evaluation, whose cache lookup and stance cost ~75 us a call even with the guards skipped
     (`set_stance(skip_guard_eval_unsafe=True)`, what this replaced). Dynamo keeps the same arguments in the
     code it makes as in the original (the contract vLLM's compiled-code dispatch relies on too), and `fn`
-    has no closure: its globals are where dynamo installed the compiled graph."""
+    has no closure: its globals are where dynamo installed the compiled graph. With dynamo switched off
+    (TORCHDYNAMO_DISABLE=1) `torch.compile` gave `fn` itself and ran it eagerly (`compiled`), leaving no entry:
+    that is what the step keeps calling, with a warning."""
     entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(fn.__code__)
+    if not entries:
+        logger.warning("compile_decode: dynamo is disabled (TORCHDYNAMO_DISABLE=1), so %s runs eagerly; unset it "
+                       "to compile the decode step", fn.__name__)
+        return compiled
     # fullgraph=True and one compile per code object: exactly one entry, holding the whole step
     assert len(entries) == 1, f"{fn.__name__}: {len(entries)} compiled entries, expected 1"
     return types.FunctionType(entries[0].code, fn.__globals__, fn.__name__)
@@ -235,7 +241,7 @@ class CompiledDecodeRunner(DecodeRunner):
         out = compiled(self.model, self._attend, self.input_ids, self.positions)
         seconds = time.perf_counter() - start
         self.compile_seconds = (self.compile_seconds or 0.0) + seconds
-        step.compiled, step.layouts = _compiled_code(fn), _layouts(self.model)
+        step.compiled, step.layouts = _compiled_code(fn, compiled), _layouts(self.model)
         logger.info("compiled the decode step of bucket %d (%s, %d threads) in %.1f s", self.batch_size,
                     "every bucket of 2+ rows" if dynamic else "static", threads, seconds)
         return out

@@ -201,6 +201,20 @@ def test_compiled_step_reads_a_parameter_replaced_after_compile(engines):
     assert [o.outputs[0].token_ids for o in after] != [o.outputs[0].token_ids for o in before]
 
 
+@needs_cxx  # compile_decode's check, though nothing compiles
+def test_compile_decode_with_dynamo_disabled_runs_eagerly_and_warns(engines, qwen2, monkeypatch, caplog):
+    """TORCHDYNAMO_DISABLE=1 (a debugging switch) makes torch.compile run the step eagerly and compile nothing:
+    the engine decodes as the eager one does and says so, where calling dynamo's compiled code failed on its
+    missing cache entry."""
+    policy, eager, _ = engines
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    caplog.set_level(logging.WARNING, logger=compiled_decode.__name__)
+    llm = LLM(policy, compile_decode=True, graph_batch_sizes=[2], block_size=8, cpu_threads="fixed")
+    _compare(policy, eager, llm, mixed_prompts(2, seed=17, max_len=20),
+             SamplingParams(temperature=1.0, max_tokens=6, seed=5, ignore_eos=True))
+    assert any("dynamo is disabled (TORCHDYNAMO_DISABLE=1)" in r.getMessage() for r in caplog.records)
+
+
 def test_compile_refused_with_batch_invariant_and_moe(qwen2, checkpoints):
     before = kernels.set_batch_invariant(True)
     try:
