@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include "fast_exp.h"
+#include "vec16.h"
 
 #include <algorithm>
 #include <atomic>
@@ -42,15 +43,11 @@ inline float widen1(c10::BFloat16 x) {
 }
 inline float widen1(c10::Half x) { return static_cast<float>(x); }
 
-// 16 fp32 lanes (GCC / Clang vector extension: one AVX-512 register, two AVX2 ones, or scalar code)
-typedef float v16 __attribute__((vector_size(64)));
-inline v16 load(const float* p) {
-  v16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline v16 splat(float x) { return v16{} + x; }
+using rl_engine_cpu::load16;
+using rl_engine_cpu::splat;
+using rl_engine_cpu::store16;
+using rl_engine_cpu::v16;
+
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 // horizontal max and sum by halving trees
@@ -70,10 +67,10 @@ inline float hsum(v16 v) {
 }
 inline v16 vexp(v16 x) {
   float a[16];
-  store(a, x);
+  store16(a, x);
 #pragma omp simd
   for (int i = 0; i < 16; ++i) a[i] = fast_exp(a[i]);
-  return load(a);
+  return load16(a);
 }
 
 // One task: rows j * G + g (query j of the tile, head g of kv head h's group). Keys go by blocks of KB = 128
@@ -146,16 +143,16 @@ void attend_tile(const T* q, int64_t qs0, int64_t qs1, const T* kc, const T* vc,
         const float* kd = kt + tile * Dp * KT;
         v16 s0{}, s1{}, s2{}, s3{};
         for (int64_t d = 0; d < Dp; ++d) {
-          const v16 k = load(kd + d * KT);
+          const v16 k = load16(kd + d * KT);
           s0 += q0[d] * k;
           s1 += q1[d] * k;
           s2 += q2[d] * k;
           s3 += q3[d] * k;
         }
-        store(sb + tile * KT, s0);
-        store(sb + KB + tile * KT, s1);
-        store(sb + 2 * KB + tile * KT, s2);
-        store(sb + 3 * KB + tile * KT, s3);
+        store16(sb + tile * KT, s0);
+        store16(sb + KB + tile * KT, s1);
+        store16(sb + 2 * KB + tile * KT, s2);
+        store16(sb + 3 * KB + tile * KT, s3);
       }
       for (int64_t i = 0; i < nr; ++i) {
         const int64_t row = r + i;
@@ -164,10 +161,10 @@ void attend_tile(const T* q, int64_t qs0, int64_t qs1, const T* kc, const T* vc,
         float* sr = sb + i * KB;
         const int64_t nv = (visible + KT - 1) / KT;
         const v16 tail = splat(static_cast<float>(visible - (nv - 1) * KT));
-        store(sr + (nv - 1) * KT, lane < tail ? load(sr + (nv - 1) * KT) : neg_inf);
-        v16 vmax = load(sr);
+        store16(sr + (nv - 1) * KT, lane < tail ? load16(sr + (nv - 1) * KT) : neg_inf);
+        v16 vmax = load16(sr);
         for (int64_t u = 1; u < nv; ++u) {
-          const v16 x = load(sr + u * KT);
+          const v16 x = load16(sr + u * KT);
           vmax = vmax > x ? vmax : x;
         }
         const float mx = std::max(m[row], hmax(vmax));
@@ -178,8 +175,8 @@ void attend_tile(const T* q, int64_t qs0, int64_t qs1, const T* kc, const T* vc,
           float* su = sr + u * KT;
 #pragma omp simd
           for (int t = 0; t < KT; ++t) su[t] = fast_exp(su[t] - mx);
-          if (u == nv - 1) store(su, lane < tail ? load(su) : v16{});
-          vsum += load(su);
+          if (u == nv - 1) store16(su, lane < tail ? load16(su) : v16{});
+          vsum += load16(su);
         }
         l[row] = l[row] * alpha + hsum(vsum);
         float* ar = acc + row * Vp;
@@ -187,20 +184,20 @@ void attend_tile(const T* q, int64_t qs0, int64_t qs1, const T* kc, const T* vc,
           const int64_t nc = std::min<int64_t>(4, (Vp - c) / 16);
           v16 a0{}, a1{}, a2{}, a3{};
           if (nc == 4) {
-            a0 = load(ar + c) * alpha, a1 = load(ar + c + 16) * alpha, a2 = load(ar + c + 32) * alpha,
-            a3 = load(ar + c + 48) * alpha;
+            a0 = load16(ar + c) * alpha, a1 = load16(ar + c + 16) * alpha, a2 = load16(ar + c + 32) * alpha,
+            a3 = load16(ar + c + 48) * alpha;
             for (int64_t t = 0; t < visible; ++t) {
               const float* vr = vt + t * Vp + c;
               const float pt = sr[t];
-              a0 += pt * load(vr), a1 += pt * load(vr + 16), a2 += pt * load(vr + 32), a3 += pt * load(vr + 48);
+              a0 += pt * load16(vr), a1 += pt * load16(vr + 16), a2 += pt * load16(vr + 32), a3 += pt * load16(vr + 48);
             }
-            store(ar + c, a0), store(ar + c + 16, a1), store(ar + c + 32, a2), store(ar + c + 48, a3);
+            store16(ar + c, a0), store16(ar + c + 16, a1), store16(ar + c + 32, a2), store16(ar + c + 48, a3);
             continue;
           }
           for (int64_t u = 0; u < nc; ++u) {
-            v16 a = load(ar + c + 16 * u) * alpha;
-            for (int64_t t = 0; t < visible; ++t) a += sr[t] * load(vt + t * Vp + c + 16 * u);
-            store(ar + c + 16 * u, a);
+            v16 a = load16(ar + c + 16 * u) * alpha;
+            for (int64_t t = 0; t < visible; ++t) a += sr[t] * load16(vt + t * Vp + c + 16 * u);
+            store16(ar + c + 16 * u, a);
           }
         }
       }

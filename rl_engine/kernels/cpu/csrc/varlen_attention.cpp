@@ -28,11 +28,11 @@
 #include <ATen/Parallel.h>
 
 #include "fast_exp.h"
+#include "vec16.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -43,15 +43,10 @@ constexpr int64_t BQ = 32;  // query rows of a block: the vector dimension of th
 constexpr int64_t BK = 64;  // keys of a chunk
 constexpr int64_t VL = 16;  // floats of one v16
 
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 load16(const float* p) {
-  v16 x;
-  std::memcpy(&x, p, sizeof x);
-  return x;
-}
-inline void store16(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
-inline v16 splat(float a) { return v16{} + a; }
+using rl_engine_cpu::load16;
+using rl_engine_cpu::splat;
+using rl_engine_cpu::store16;
+using rl_engine_cpu::v16;
 
 inline int64_t round16(int64_t n) { return (n + VL - 1) / VL * VL; }
 
