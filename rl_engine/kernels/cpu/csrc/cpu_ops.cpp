@@ -1084,9 +1084,10 @@ thread_local bool g_reading_plain_gemv = false;  // set by packed_linear.reading
 
 #if defined(RL_AVX512) || defined(RL_AVX2)
 // The dot products of x with R weight rows read side by side, U sums each (one x load serves the R rows):
-// out[r * out_stride] = x . wr[r].
+// out[r * out_stride] = x . wr[r]. always_inline into gemv_rows (see there).
 template <int R, int U, typename T>
-inline void row_dots(const float* xf, const T* xt, const T* const* wr, int64_t K, float* out, int64_t out_stride) {
+__attribute__((always_inline)) inline void row_dots(const float* xf, const T* xt, const T* const* wr, int64_t K,
+                                                    float* out, int64_t out_stride) {
   using Dot = DotOf<T, 32>;
   using V = typename Isa::V;
   constexpr int W = Isa::W;
@@ -1121,8 +1122,14 @@ inline void row_dots(const float* xf, const T* xt, const T* const* wr, int64_t K
 }
 #endif
 
+// noinline, with row_dots inlined into it: GCC otherwise inlined gemv_rows into the parallel region and left
+// row_dots<4, 2> a function of its own (AVX-512 build) whose 8 accumulators went through the stack around its tails,
+// every 4 rows: the ~3.4M model's batch-1 linears (K = 256 / 768) took 1.06-1.20x as long (the loss 0f0b8ee's A/B
+// showed at that size); the AVX2 build already had this shape. Reading only large weights in 4 streams (a thread's
+// share >= 1 MiB, the one-stream loop below it) gained nothing over 4 streams everywhere once this was fixed.
 template <typename T>
-void gemv_rows(const float* xf, const T* xt, const T* w, int64_t n0, int64_t n1, int64_t K, float* acc_out) {
+__attribute__((noinline)) void gemv_rows(const float* xf, const T* xt, const T* w, int64_t n0, int64_t n1, int64_t K,
+                                         float* acc_out) {
   int64_t n = n0;
 #if defined(RL_AVX512) || defined(RL_AVX2)
   // The rows in R = 4 streams far apart: stream r reads rows n0 + r S .. n0 + (r + 1) S - 1 (S = (n1 - n0) / R)
