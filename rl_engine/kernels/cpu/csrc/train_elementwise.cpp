@@ -198,7 +198,8 @@ torch::Tensor silu_and_mul_backward(const torch::Tensor& grad, const torch::Tens
 // One token's heads: out[h][i] = x[h][i] * c[i] + x[h][(i + D/2) % D] * s[i] (forward, `transpose` false), or
 // out[h][j] = x[h][j] * c[j] + x[h][(j + D/2) % D] * s[(j + D/2) % D] (the backward, x the output's gradient).
 // Each product and the sum rounded apart, as torch's mul, mul, add: no fused multiply-add under this file's
-// -ffp-contract=fast (optimize attribute), so the results equal torch's bit for bit.
+// -ffp-contract=fast (optimize attribute), so the results equal torch's bit for bit. Under g++: clang ignores the
+// optimize attribute (see cpu_ops.cpp's rotary_kv_write for what a clang build would give).
 __attribute__((optimize("fp-contract=off"))) void rotary_row(const float* x, int64_t head_stride, int64_t heads,
                                                               int64_t D, const float* c, const float* s, float* out,
                                                               bool transpose) {
