@@ -38,6 +38,9 @@ What each side does per step (`--prompts` P prompts x `--n` samples, 16 x 8 = 12
   compile in the same first step (`train_compile_s`: that step's training part less the counted steps'
   median). TRL could compile as well (transformers' `TrainingArguments.torch_compile`, compiling its whole
   model, which its `generate` also runs); it stays at TRL's default (off) here, not measured.
+Both run in one process, so TRL's side also runs with what our trainer sets process-wide when it is built
+(`train.keep_freed_memory`: glibc's malloc keeps freed memory instead of page-faulting it back in; its training
+pass gains from it too, so the ratio is lower than against TRL in a process of its own).
 Both score exact match on the `upper` task; the random-init model never answers right, so every reward
 and advantage is 0 on both sides, and both still run the whole training pass (neither skips
 zero-advantage samples), as they would on a batch that teaches something.

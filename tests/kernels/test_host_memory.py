@@ -10,8 +10,9 @@ import pytest
 from rl_engine.kernels.cpu import host_memory
 
 # Each round allocates four 6 MiB tensors, touches them and frees them (a micro-batch's activations). Under
-# glibc's defaults the freed 24 MiB heap top exceeds the trim threshold (2 x the largest block freed, 12 MiB)
-# and goes back to the OS, so every round faults ~6k pages in again.
+# glibc's defaults the freed 24 MiB heap top can exceed the trim threshold (2 x the largest block freed, 12 MiB)
+# and go back to the OS, each round then faulting ~6k pages in again (whether it does depends on the heap's
+# layout: some runs settle to no faults, so the default's count is printed, not asserted).
 _ROUNDS = """
 import resource, sys, torch
 from rl_engine.kernels.cpu import host_memory
@@ -23,7 +24,8 @@ def one_round():
     for b in blocks:
         b.fill_(1.0)
     del blocks
-one_round(); one_round()
+for _ in range(8):  # the heap settles into a layout that fits the rounds in 3-4 rounds
+    one_round()
 before = faults()
 for _ in range(8):
     one_round()
