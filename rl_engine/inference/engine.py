@@ -360,12 +360,11 @@ class LLMEngine:
                      tops: dict[int, list], version: int, touched: dict[str, Request], stopped: set[str]) -> None:
         """`_emit_plain` of a step in which every scheduled sequence computed one token and sampled it, with the
         step's KV bookkeeping in the same pass over the sequences: the computed token, the oldest weights version
-        of the KV, the prefix cache's newly full block (registered before a stop frees the sequence's blocks), and
-        `_stops`' test inlined (the full check only for a token that can stop something)."""
+        of the KV, the prefix cache's newly full block (registered before a stop frees the sequence's blocks), then
+        `_stops`."""
         bm = self.block_manager
         bs = bm.block_size if bm.enable_prefix_caching else 0
-        remove = self.scheduler.remove
-        finished = SeqStatus.FINISHED
+        stops = self._stops
         for i, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs or itertools.repeat(None))):
             computed = seq.num_computed_tokens = seq.num_computed_tokens + 1
             kv_version = seq.kv_version
@@ -384,20 +383,15 @@ class LLMEngine:
                 seq.top_logprobs.append(tops[i])
             if request.pending_forks and seq.index == 0:
                 self._fork(request, seq)
-            rid = request.request_id
-            touched[rid] = request
-            stop_tokens, checks_text, max_len = request.stop_rule or self._stop_rule(request)
-            if (token in stop_tokens or checks_text or len(token_ids) >= max_len) and (
-                    self._check_stop(seq, token) or self._length_reached(seq)):
-                remove(seq)
-                seq.status = finished
-                stopped.add(rid)
+            if stops(seq, token):
+                stopped.add(request.request_id)
+            touched[request.request_id] = request
         self.num_generated_tokens += len(seqs)
 
     def _stops(self, seq: Sequence, token: int) -> bool:
-        """After `token` was appended to `seq`: finish it if it stops there (stop token or string, length).
-        A token that can stop nothing (no stop token, no stop string, below the length cap) skips
-        `_check_stop` / `_length_reached`: this runs for every emitted token."""
+        """After `token` was appended to `seq`: finish it if it stops there (stop token or string, length). The one
+        place that decides it, for every emitted token (plain, decode and speculative steps). A token that can stop
+        nothing (no stop token, no stop string, below the length cap) skips `_check_stop` / `_length_reached`."""
         request = seq.request
         stop_tokens, checks_text, max_len = request.stop_rule or self._stop_rule(request)
         if (token in stop_tokens or checks_text or len(seq.token_ids) >= max_len) and (
