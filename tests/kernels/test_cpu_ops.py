@@ -37,6 +37,10 @@ DECODE_CASES = [  # (context_lens, block_size, num_kv_heads, group, head_dim)
     ([40, 33, 0, 16, 15], 4, 2, 7, 20),  # odd GQA group, exact block multiples and one short
     ([257, 130], 16, 3, 2, 128),  # long contexts: many online-softmax rescales
     ([80, 9, 31], 16, 2, 2, 16),  # head dim 16 (the GRPO benchmark's tiny model)
+    # the tiny model's heads at every context length 1..33: each remainder of a chunk's scores past whole vectors
+    # (the vector softmax's last vector, its lanes past the context left out of the sum; the running max's last,
+    # overlapping vector)
+    (list(range(1, 34)), 16, 2, 2, 16),
     ([70, 31, 64, 16], 32, 2, 4, 32),  # blocks of two 16-token score tiles, the ~3.4M model's heads
     ([23, 8, 9], 8, 1, 3, 64),  # blocks shorter than a score tile
     ([19, 40, 0], 16, 2, 7, 64),  # AVX-512 passes of 4, 2 and 1 query heads of a group
