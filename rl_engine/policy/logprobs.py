@@ -5,11 +5,13 @@ vocabulary, and the entropy of that same distribution. This module computes both
 hidden states and the (vocab-parallel) LM-head weight in token chunks, inside one autograd Function
 that saves only the hidden states and two floats per token: backward recomputes each chunk's
 logits, so no `[T, vocab]` tensor of the batch is ever held at once, neither in forward nor for
-backward. The softmax statistics of a chunk and its logits gradient are the kernel registry's
-`logprob_shard_stats` / `logprob_entropy_grad` (Triton on CUDA, C++ on CPU in fp32), merged
-over the tensor-parallel vocab shards by `kernels.logprob.combine_shard_stats` (one MAX and one SUM
-all-reduce; logits are never gathered): one implementation of the statistics for training, the
-kernels and, under `model.batch_invariant`, the engine's behavior log-probs.
+backward (only a call whose logits are small anyway, at most `KEEP_LOGITS_ELEMENTS` in one chunk: a
+small vocabulary, keeps them for backward instead of running its LM-head product twice). The softmax
+statistics of a chunk and its logits gradient are the kernel registry's `logprob_shard_stats` /
+`logprob_entropy_grad` (Triton on CUDA, C++ on CPU in fp32), merged over the tensor-parallel vocab
+shards by `kernels.logprob.combine_shard_stats` (one MAX and one SUM all-reduce; logits are never
+gathered): one implementation of the statistics for training, the kernels and, under
+`model.batch_invariant`, the engine's behavior log-probs.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from rl_engine import kernels
 from rl_engine.kernels.logprob import combine_shard_stats
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # fp32 logits per chunk: 16 MiB, cache-friendly on CPU
+# A call's logits up to this many (4 MiB fp32) are kept for backward, not recomputed (tiny preset: [3584, 101] a
+# micro-batch; the recompute was ~0.4 ms of its LM head matmul)
+KEEP_LOGITS_ELEMENTS = 1 << 20
 
 
 def _chunk_rows(vocab_local: int, chunk_tokens: int | None) -> int:
@@ -46,20 +51,23 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         logprobs = torch.empty(T, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(T, dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty(T, dtype=torch.float32, device=hidden.device)
+        kept = None  # the logits of a call whose logits are small: backward reads them instead of recomputing
+        keep = any(ctx.needs_input_grad[:2]) and T <= chunk and T * weight.shape[0] <= KEEP_LOGITS_ELEMENTS
         for s in range(0, T, chunk):
             e = min(T, s + chunk)
-            stats = stats_fn(_chunk_logits(hidden[s:e], weight, dense), targets[s:e], temperature=temperature,
-                             vocab_start=vocab_start)
+            logits = _chunk_logits(hidden[s:e], weight, dense)
+            stats = stats_fn(logits, targets[s:e], temperature=temperature, vocab_start=vocab_start)
             lse, target_logit, entropy[s:e] = combine_shard_stats(stats, group)
             logprobs[s:e] = target_logit - lse
             lse_all[s:e] = lse
-        ctx.save_for_backward(hidden, weight, targets, lse_all, entropy)
+            kept = logits if keep else None
+        ctx.save_for_backward(hidden, weight, targets, lse_all, entropy, kept)
         ctx.cfg = (temperature, vocab_start, chunk)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
-        hidden, weight, targets, lse_all, entropy = ctx.saved_tensors
+        hidden, weight, targets, lse_all, entropy, kept = ctx.saved_tensors
         temperature, vocab_start, chunk = ctx.cfg
         grad_fn = kernels.resolve("logprob_entropy_grad", hidden.device)
         T = hidden.shape[0]
@@ -71,7 +79,8 @@ class _FusedLogprobEntropy(torch.autograd.Function):
             e = min(T, s + chunk)
             h = hidden[s:e]
             # d(loss)/d(logits) of the chunk, fp32 (the logits are passed in fp32)
-            g = grad_fn(_chunk_logits(h, weight), targets[s:e], grad_lp[s:e], grad_ent[s:e], lse_all[s:e],
+            logits = kept if kept is not None else _chunk_logits(h, weight)
+            g = grad_fn(logits, targets[s:e], grad_lp[s:e], grad_ent[s:e], lse_all[s:e],
                         entropy[s:e], temperature=temperature, vocab_start=vocab_start)
             if grad_hidden is not None:
                 grad_hidden[s:e] = g.to(hidden.dtype) @ weight

@@ -32,6 +32,31 @@ def test_fused_logprobs_match_full_log_softmax(temperature, chunk, test_device):
     assert (grads[1] - w64.grad).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_kept_logits_give_the_recomputed_gradients(temperature, monkeypatch):
+    # A call with few logits keeps its forward's for backward (KEEP_LOGITS_ELEMENTS); the gradients are the ones
+    # the recomputing backward gives, bit for bit (the same product of the same inputs).
+    from rl_engine.policy import logprobs
+
+    torch.manual_seed(2)
+    T, H, V = 37, 16, 101
+    hidden, weight = torch.randn(T, H), torch.randn(V, H)
+    targets = torch.randint(0, V, (T,))
+    g_lp, g_ent = torch.randn(T), torch.randn(T)
+
+    def grads() -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        lp, ent = token_logprobs_and_entropy(h, w, targets, temperature=temperature)
+        (lp * g_lp + ent * g_ent).sum().backward()
+        return h.grad, w.grad
+
+    assert T * V <= logprobs.KEEP_LOGITS_ELEMENTS
+    kept = grads()
+    monkeypatch.setattr(logprobs, "KEEP_LOGITS_ELEMENTS", 0)  # every call recomputes its logits
+    recomputed = grads()
+    assert torch.equal(kept[0], recomputed[0]) and torch.equal(kept[1], recomputed[1])
+
+
 def test_padded_vocab_rows_are_excluded():
     # A vocab shard with padding rows (tp padding) must behave as if they did not exist.
     torch.manual_seed(1)
