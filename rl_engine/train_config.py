@@ -250,7 +250,8 @@ class TrainSection:
     threads: int = 1
     # glibc's malloc keeps the memory a micro-batch frees for the next one (kernels/cpu/host_memory.py: mmap
     # threshold 32 MiB, no heap trim) instead of handing it back to the OS, which the next micro-batch then
-    # page-faults back in (tiny preset: 3-10k faults, ~9 ms of a ~100 ms training pass). Process-wide and for the
+    # page-faults back in (tiny preset: 3-10k faults, ~9 ms of a ~100 ms training pass); the process keeps its heap's
+    # peak extent, fragmentation included (more resident memory than glibc's trimming). Process-wide and for the
     # process's life (glibc cannot go back to its dynamic threshold); the single process, or every actor process
     # (rollout workers and coordinator too, not only the trainer ranks).
     # Ignored where malloc is not glibc's. false: glibc's defaults.

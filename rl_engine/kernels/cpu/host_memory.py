@@ -7,8 +7,10 @@ activations and gradients, several MiB each, every micro-batch; the next micro-b
 pages, each a page fault the kernel answers with a zeroed 4 KiB page (~1-2 us a page measured here). On
 grpo_step's tiny preset that was 3-10k faults per training pass, ~9 ms of ~100 ms (the SwiGLU backward's and
 the qkv projection's fresh outputs the visible part of it). `keep_freed_memory` sets the mmap threshold to
-glibc's ceiling and turns trimming off: the process keeps its peak heap, which every micro-batch reaches again
-anyway, and no longer faults it back in. Blocks above 32 MiB are still mmapped and unmapped each time.
+glibc's ceiling and turns trimming off: the process no longer faults its heap back in, and keeps the heap's
+peak extent, fragmentation included (a synthetic 4 x 6 MiB pattern retained 2-2.5x its live blocks; grpo_step's
+tiny preset: peak RSS 539-542 MiB with and without, RSS after 5 steps within ~20 MiB, /tmp/tstep/rss.py). Blocks
+above 32 MiB are still mmapped and unmapped each time.
 
 mallopt's parameters are process-wide (every arena, every thread) and cannot be put back to glibc's dynamic
 threshold once set, so the setting stays for the process's life; `release_freed_memory` gives the free pages
