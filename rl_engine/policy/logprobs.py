@@ -110,7 +110,9 @@ def token_logprobs_and_entropy(
     weight: [V_local, H] this rank's vocab shard of the LM head, rows `vocab_start` onward, of which
     the first `vocab_real_rows` are real vocabulary (the rest is padding). targets: [T] global ids.
     dense: the forward's chunk-logits product (the LM head's bound `dense` op: under
-    `model.batch_invariant` the engine's tiled matmul); backward recomputes the logits with F.linear.
+    `model.batch_invariant` the engine's tiled matmul); backward recomputes the logits with F.linear, or, when
+    the call's logits were kept (`KEEP_LOGITS_ELEMENTS`), reads the forward's (`dense`'s): the same bits where
+    `dense` is F.linear (the CPU trainer's), not under another `dense`.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs (got {temperature})")

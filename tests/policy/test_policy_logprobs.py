@@ -35,7 +35,8 @@ def test_fused_logprobs_match_full_log_softmax(temperature, chunk, test_device):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_kept_logits_give_the_recomputed_gradients(temperature, monkeypatch):
     # A call with few logits keeps its forward's for backward (KEEP_LOGITS_ELEMENTS); the gradients are the ones
-    # the recomputing backward gives, bit for bit (the same product of the same inputs).
+    # the recomputing backward gives, bit for bit (the same product of the same inputs: with the default dense,
+    # F.linear, as in the CPU trainer; another dense, e.g. model.batch_invariant's, changes the forward's bits).
     from rl_engine.policy import logprobs
 
     torch.manual_seed(2)
