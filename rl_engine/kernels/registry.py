@@ -10,7 +10,9 @@ build time and `forward` only calls plain functions. The rules, in order:
 1. an override (`set_backend_overrides` / `KernelConfig`) names the backend; if that backend cannot
    run on the device, resolution fails with a ValueError naming op, backend, why, and what can run;
 2. on CPU the C++ kernel (`cpu` backend, `rl_engine.kernels.cpu`) of an op whose spec makes it the
-   CPU default (`cpu_default`: varlen_causal_attention and shared_prefix_attention, the training forward's packed
+   CPU default (`cpu_default`: rms_norm and silu_and_mul, the engine's eager RMSNorm and SwiGLU in one C++ pass
+   a row (fp32 through the training kernels' forwards, bf16 RMSNorm through its own; bf16 SwiGLU stays torch's);
+   varlen_causal_attention and shared_prefix_attention, the training forward's packed
    attention in place and in one call, forward and backward, where the torch path pads and masks or calls SDPA
    once per sequence; paged_decode_attention, which reads K/V in place in their blocks where
    the torch reference gathers them; paged_prefill_attention, every prefill chunk of an engine step in one
@@ -20,8 +22,7 @@ build time and `forward` only calls plain functions. The rules, in order:
    their logits gradient in one pass each; rotary_kv_write, one pass where the engine's torch path takes seven
    ops; greedy_argmax, ~12x torch's max over [64, 32k] logits; and inverse_cdf_sample, a sampled decode step's
    pick in one pass where the torch reference takes a dozen small ops), or of every op that has one under
-   `RL_ENGINE_CPU_KERNELS=1`
-   (rms_norm and silu_and_mul are opt-in: not faster end to end), when it is not disabled
+   `RL_ENGINE_CPU_KERNELS=1`, when it is not disabled
    (`disabled_backends`, `RL_ENGINE_CPU_KERNELS=0`) and it built; else the torch reference with the
    reason the C++ kernel was not taken (no compiler, a failed build; the C++ kernels are built only
    when they could be chosen); on any other non-CUDA device the torch reference;
@@ -57,6 +58,7 @@ _INVARIANT = "rl_engine.kernels.invariant"
 _CPU = "rl_engine.kernels.cpu.ops"
 _CPU_VARLEN = "rl_engine.kernels.cpu.varlen_attention"
 _CPU_TRAIN = "rl_engine.kernels.cpu.train_elementwise"
+_CPU_ENGINE = "rl_engine.kernels.cpu.engine_elementwise"
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,9 @@ def _spec(name: str, doc: str, *, triton: str | None = None, flashinfer: str | N
 
 OPS: dict[str, OpSpec] = {s.name: s for s in (
     _spec("rms_norm", "(x, weight, eps, residual=None) -> (normed, new_residual | None)",
-          triton=f"{_TRITON}.rms_norm:rms_norm", cpu=f"{_CPU}:rms_norm"),
+          triton=f"{_TRITON}.rms_norm:rms_norm", cpu=f"{_CPU_ENGINE}:rms_norm",
+          # the engine's eager steps: one C++ pass a row (fp32: the training kernel's forward; bf16 its own)
+          cpu_default=True, cpu_source="train_elementwise.cpp"),
     _spec("rms_norm_train", "rms_norm's contract, differentiable: the policy's norms when autograd records the forward",
           triton=f"{_TRITON}.rms_norm:rms_norm", torch_impl=f"{_REF}:rms_norm", cpu=f"{_CPU_TRAIN}:rms_norm",
           # fp32 forward + backward in one C++ pass each, where torch takes ~6 elementwise ops each way
@@ -109,7 +113,9 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
     _spec("apply_rotary_inplace", "(q, k, positions, cos_cache, sin_cache) -> (q, k) rotated in place",
           triton=f"{_TRITON}.rotary:apply_rotary_inplace"),
     _spec("silu_and_mul", "(x [..., 2d] as [gate|up]) -> silu(gate) * up [..., d]",
-          triton=f"{_TRITON}.swiglu:silu_and_mul", cpu=f"{_CPU}:silu_and_mul"),
+          triton=f"{_TRITON}.swiglu:silu_and_mul", cpu=f"{_CPU_ENGINE}:silu_and_mul",
+          # fp32: the training kernel's forward in one pass (bf16 keeps torch's, faster there)
+          cpu_default=True, cpu_source="train_elementwise.cpp"),
     _spec("silu_and_mul_train", "silu_and_mul's contract, differentiable: the policy's SwiGLU when autograd records "
           "the forward", triton=f"{_TRITON}.swiglu:silu_and_mul", torch_impl=f"{_REF}:silu_and_mul",
           cpu=f"{_CPU_TRAIN}:silu_and_mul", cpu_default=True, cpu_source="train_elementwise.cpp"),

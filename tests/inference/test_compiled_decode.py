@@ -138,9 +138,10 @@ def test_a_step_at_another_thread_count_compiles_its_own_graph(engines, monkeypa
 
 @needs_cxx
 def test_compiled_step_with_every_cpp_kernel_matches_eager_and_trainer(engines, qwen2):
-    """compile_decode over a model built with every C++ CPU kernel (RL_ENGINE_CPU_KERNELS=1's choice: RMSNorm
-    and SwiGLU traced as custom ops inside the graph, paged decode attention reading K/V in place): dynamo failed
-    in the extension's loader before they were custom ops. Same tokens as the eager torch engine, log-probs
+    """compile_decode over a model built with every C++ CPU kernel (RL_ENGINE_CPU_KERNELS=1's choice: the engine's
+    RMSNorm and SwiGLU wrappers, which trace as the torch reference for inductor to fuse, paged decode attention
+    reading K/V in place as a custom op inside the graph): dynamo failed in the extension's loader before the
+    kernels were custom ops. Same tokens as the eager torch engine, log-probs
     within the contract of it and of the trainer (the torch model)."""
     from rl_engine.kernels import cpu, registry
 
@@ -155,7 +156,7 @@ def test_compiled_step_with_every_cpp_kernel_matches_eager_and_trainer(engines, 
     finally:
         registry.configure(previous)
     assert compiled.engine.runner.attn.cpu_decode
-    assert cpp_policy.layers[0].input_layernorm._rms_norm.__module__ == "rl_engine.kernels.cpu.ops"
+    assert cpp_policy.layers[0].input_layernorm._rms_norm.__module__ == "rl_engine.kernels.cpu.engine_elementwise"
     _compare(policy, eager, compiled, mixed_prompts(3, seed=8, max_len=20),
              SamplingParams(temperature=1.0, max_tokens=12, seed=3, ignore_eos=True))
     assert list(compiled.engine.runner.compile_seconds()) == [4]

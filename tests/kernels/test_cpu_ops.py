@@ -364,19 +364,19 @@ def test_registry_picks_the_cpu_kernels_when_asked_and_logs_why(caplog, monkeypa
     from rl_engine.kernels.cpu import ops
 
     monkeypatch.delenv(cpu.ENV_SWITCH, raising=False)
-    assert registry.default_registry().resolution("rms_norm", "cpu").backend == "torch"  # opt-in
+    assert registry.default_registry().resolution("apply_rotary", "cpu").backend == "torch"  # no C++ kernel
     registry.configure(registry.KernelConfig(overrides={"*": "cpu"}))
-    assert registry.resolve("silu_and_mul", "cpu") is ops.silu_and_mul
+    assert registry.resolve("paged_decode_attention", "cpu") is ops.paged_decode_attention
     assert registry.resolve("apply_rotary", "cpu") is reference.apply_rotary  # it has no C++ kernel
     registry.configure(registry.KernelConfig())
     monkeypatch.setenv(cpu.ENV_SWITCH, "1")
     caplog.set_level(logging.INFO, logger="rl_engine.kernels.registry")
-    for op in ("rms_norm", "silu_and_mul", "paged_decode_attention", "greedy_argmax"):
+    for op in ("paged_decode_attention", "greedy_argmax"):
         resolution = registry.default_registry().resolution(op, "cpu")
         assert resolution.backend == "cpu" and resolution.fn is getattr(ops, op)
         assert "C++ CPU kernel" in resolution.reason
     assert registry.resolve("apply_rotary", "cpu") is reference.apply_rotary
-    assert any("rms_norm on cpu -> cpu" in r.getMessage() for r in caplog.records)
+    assert any("greedy_argmax on cpu -> cpu" in r.getMessage() for r in caplog.records)
     registry.configure(registry.KernelConfig(disabled_backends=("cpu",)))
     resolution = registry.default_registry().resolution("rms_norm", "cpu")
     assert resolution.backend == "torch" and "disabled by config" in resolution.reason

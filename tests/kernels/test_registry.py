@@ -29,13 +29,14 @@ def fake_cuda(monkeypatch):
     registry.clear_cache()
 
 
-CPU_DEFAULT_OPS = ("rms_norm_train", "silu_and_mul_train", "rotary_full", "varlen_causal_attention",
-                   "shared_prefix_attention", "paged_decode_attention", "paged_prefill_attention", "rotary_kv_write",
+CPU_DEFAULT_OPS = ("rms_norm", "rms_norm_train", "silu_and_mul", "silu_and_mul_train", "rotary_full",
+                   "varlen_causal_attention", "shared_prefix_attention", "paged_decode_attention", "paged_prefill_attention", "rotary_kv_write",
                    "logprob_shard_stats", "logprob_entropy_grad", "greedy_argmax", "inverse_cdf_sample")
 
 
 def test_every_op_but_the_cpu_defaults_resolves_to_the_torch_reference_on_cpu(monkeypatch):
-    """The C++ kernels are opt-in except the training forward's RMSNorm, SwiGLU, rotary and log-prob statistics,
+    """The C++ kernels are opt-in except the engine's and the training forward's RMSNorm and SwiGLU, the training
+    forward's rotary and log-prob statistics,
     the packed training attention's (plain and shared-prefix), paged decode and prefill attention's, the fused
     rotary + KV write's, the greedy pick's and the inverse-CDF draw's, the CPU defaults where they build."""
     monkeypatch.delenv("RL_ENGINE_CPU_KERNELS", raising=False)
@@ -45,7 +46,7 @@ def test_every_op_but_the_cpu_defaults_resolves_to_the_torch_reference_on_cpu(mo
             continue
         assert resolution.backend == "torch", resolution
         assert resolution.reason.startswith("torch reference is the default on cpu (")
-    assert registry.resolve("rms_norm", "cpu") is reference.rms_norm
+    assert registry.resolve("apply_rotary", "cpu") is reference.apply_rotary
     from rl_engine.kernels import cpu
 
     built, why = cpu.extension_status()
@@ -165,12 +166,12 @@ def test_override_to_triton_on_cpu_dispatches_module_functions(triton_device):
 
 def test_resolution_is_cached_and_logged_once(caplog):
     caplog.set_level(logging.INFO, logger="rl_engine.kernels.registry")
-    first = registry.resolve("silu_and_mul", "cpu")
+    first = registry.resolve("rotary_cos_sin", "cpu")
     for _ in range(3):
-        assert registry.resolve("silu_and_mul", torch.device("cpu")) is first
-    records = [r for r in caplog.records if "silu_and_mul" in r.getMessage()]
+        assert registry.resolve("rotary_cos_sin", torch.device("cpu")) is first
+    records = [r for r in caplog.records if "rotary_cos_sin" in r.getMessage()]
     assert len(records) == 1
-    resolution = registry.default_registry().resolution("silu_and_mul", "cpu")
+    resolution = registry.default_registry().resolution("rotary_cos_sin", "cpu")
     assert f"-> {resolution.backend} ({resolution.reason})" in records[0].getMessage()
     assert "default on cpu" in records[0].getMessage()
 

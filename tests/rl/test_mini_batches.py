@@ -21,8 +21,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # the torch training attention (overridden here: the C++ packed attention, the CPU default since, sums in
 # another order too) and the torch sampler (overridden: the C++ inverse_cdf_sample, the CPU default since f97d179,
 # takes exp by fast_exp, which moves the behavior log-probs, and so the IS-ratio metrics, by ~1e-8) and the torch
-# training RMSNorm and SwiGLU (overridden: the C++ rms_norm_train / silu_and_mul_train, CPU defaults since, sum
-# in another order and take fast_exp; rotary_full, bit-equal, is pinned with them; so are the C++ log-prob
+# training RMSNorm and SwiGLU and the engine's (overridden: the C++ rms_norm_train / silu_and_mul_train and
+# rms_norm / silu_and_mul, CPU defaults since, sum in another order and take fast_exp; rotary_full, bit-equal, is
+# pinned with them; so are the C++ log-prob
 # statistics and their gradient, which take fast_exp), and every row through the whole model
 # (train.skip_unscored_rows=false: the weight gradients' sums without the prompt rows' zeros round otherwise,
 # ~1e-7, and so do the later steps' metrics).
@@ -55,7 +56,8 @@ def test_one_mini_batch_one_epoch_reproduces_the_one_update_loop(tmp_path):
     previous = kernels.default_registry().config
     kernels.set_backend_overrides({"varlen_causal_attention": "torch", "shared_prefix_attention": "torch",
                                    "inverse_cdf_sample": "torch", "rms_norm_train": "torch",
-                                   "silu_and_mul_train": "torch", "rotary_full": "torch",
+                                   "silu_and_mul_train": "torch", "rms_norm": "torch", "silu_and_mul": "torch",
+                                   "rotary_full": "torch",
                                    "logprob_shard_stats": "torch", "logprob_entropy_grad": "torch"})
     try:
         trainer = _trainer(tmp_path, "train.mini_batches_per_step=1", "train.epochs_per_step=1",
