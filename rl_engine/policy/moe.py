@@ -138,6 +138,9 @@ class MoEBlock(nn.Module):
 
     def bind_kernels(self, device: torch.device) -> None:
         self._dense = kernels.resolve("dense", device)  # router, experts and shared-expert gate
+        # the experts' SwiGLU: the engine's, or the trainer's (`training_kernels`), as SwiGLUMLP picks
+        self._silu_and_mul = kernels.resolve("silu_and_mul", device)
+        self._silu_and_mul_train = kernels.resolve("silu_and_mul_train", device)
 
     def route(self, x: torch.Tensor, routing: RoutingRecord | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -183,9 +186,10 @@ class MoEBlock(nn.Module):
     def _run_local_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """rows [N, H] grouped by local expert (`counts[e]` rows each) -> expert outputs [N, H]."""
         outs = []
+        silu_and_mul = self._silu_and_mul_train if training_kernels() else self._silu_and_mul
         for e, chunk in enumerate(rows.split(counts)):
             if chunk.shape[0]:
-                outs.append(self._dense(kernels.silu_and_mul(self._dense(chunk, self.w13[e])), self.w2[e]))
+                outs.append(self._dense(silu_and_mul(self._dense(chunk, self.w13[e])), self.w2[e]))
         return torch.cat(outs) if outs else rows[:0]
 
     def experts(self, x: torch.Tensor, topk_w: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
