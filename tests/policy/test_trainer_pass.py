@@ -1,7 +1,8 @@
 """The trainer's no-grad passes (proximal, reference and teacher log-probs) take the kernels its recorded
 pass takes (`layers.trainer_pass`), so over the same weights they give the recorded pass's log-probs bit
 for bit: the first update's importance ratio is exactly 1. On CPU the recorded pass's RMSNorm and SwiGLU
-are the fused C++ kernels, which round apart from the torch ops the engine's no-grad forward takes."""
+are the fused C++ kernels (autograd Functions); the engine's ops (`rms_norm`, `silu_and_mul`) take the torch
+reference whenever autograd records, and so would round the recorded pass apart from a no-grad one."""
 
 import threading
 
