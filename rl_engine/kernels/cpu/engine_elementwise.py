@@ -6,7 +6,7 @@ fp32 takes the training kernels' forwards (`csrc/train_elementwise.cpp`, what th
 the engine's norms and SwiGLU round as the trainer's do; bf16 RMSNorm takes `csrc/bf16_rms_norm.cpp`. Each is one
 pass over a row where torch takes ~6-7 elementwise passes (RMSNorm) or two (SwiGLU) with their dispatches and
 allocations. Per call at generate.py's shapes (1 thread, interleaved, /tmp/pfel_micro2.py): RMSNorm with residual
-fp32 ~2-5x faster at 1-256 rows, ~1.5x at 1,500; bf16 1.4-7x; SwiGLU fp32 level at 64-256 rows, 1.1-1.4x at 1,500,
+fp32 ~2-5x faster at 1-256 rows, ~1.5x at 1,500; bf16 1.2-7x; SwiGLU fp32 level at 64-256 rows, 1.1-1.4x at 1,500,
 ~3-4x at 1 row. bf16 SwiGLU stays torch's (a one-pass C++ SwiGLU measured 0.46-0.71x of torch's silu then mul_).
 
 Everything else runs the torch reference: other dtypes, inputs that need a gradient, traced calls (the compiled
