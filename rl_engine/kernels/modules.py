@@ -14,7 +14,12 @@ from rl_engine.kernels import registry
 
 
 class RMSNormLinear(nn.Module):
-    """linear(rms_norm(x)): `norm_weight` [in_features], `linear.weight` [out, in]."""
+    """linear(rms_norm(x)): `norm_weight` [in_features], `linear.weight` [out, in].
+
+    Its norm is the registry's `rms_norm` in every pass, not `policy.layers.training_kernels`-aware: on CPU a pass
+    autograd records takes the torch reference and a no-grad pass the C++ kernel, so a trainer built on it would
+    not get `layers.trainer_pass`'s bit-equality between its recorded and no-grad passes (nothing in the policy
+    builds it today; pick like `layers.RMSNorm` before one does)."""
 
     def __init__(self, in_features: int, out_features: int, *, eps: float, bias: bool,
                  params_dtype: torch.dtype | None, device: torch.device | str | None) -> None:
