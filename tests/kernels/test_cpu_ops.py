@@ -170,85 +170,24 @@ def test_paged_prefill_rejects_a_block_outside_the_cache():
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("shape", [(1, 8), (5, 37), (2, 3, 20), (64, 256)])
-def test_rms_norm_matches_reference(assert_close, dtype, with_residual, shape):
-    from rl_engine.kernels.cpu.ops import rms_norm
-
-    torch.manual_seed(0)
-    x = torch.randn(shape).to(dtype)
-    weight = (1 + 0.1 * torch.randn(shape[-1])).to(dtype)
-    residual = torch.randn(shape).to(dtype) if with_residual else None
-    with torch.inference_mode():
-        y, res = rms_norm(x, weight, 1e-6, residual)
-        y_ref, res_ref = reference.rms_norm(x, weight, 1e-6, residual)
-    assert y.dtype == dtype and y.shape == x.shape
-    assert_close(y, y_ref, dtype)
-    if with_residual:
-        assert torch.equal(res, res_ref)  # one rounded add, as the reference does it
-    else:
-        assert res is None
-
-
-@needs_cpu_kernels
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 16), (7, 2 * 37), (2, 3, 2 * 768)])
-def test_silu_and_mul_matches_reference(assert_close, dtype, shape):
-    from rl_engine.kernels.cpu.ops import silu_and_mul
-
-    torch.manual_seed(1)
-    x = (3 * torch.randn(shape)).to(dtype)
-    with torch.no_grad():
-        out = silu_and_mul(x)
-        expected = reference.silu_and_mul(x)
-    assert out.dtype == dtype and out.shape == expected.shape
-    assert_close(out, expected, dtype)
-
-
-@needs_cpu_kernels
-def test_ops_that_autograd_records_run_the_reference():
-    """The trainer's forward needs gradients: the C++ kernels have none, so the reference runs."""
-    from rl_engine.kernels.cpu.ops import rms_norm, silu_and_mul
-
-    x = torch.randn(4, 16, requires_grad=True)
-    w = torch.ones(16, requires_grad=True)
-    y, _ = rms_norm(x, w, 1e-6)
-    y.sum().backward()
-    x_ref = x.detach().clone().requires_grad_()
-    reference.rms_norm(x_ref, w.detach(), 1e-6)[0].sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad)
-    g = torch.randn(3, 8, requires_grad=True)
-    silu_and_mul(g).sum().backward()
-    assert g.grad is not None and g.grad.abs().sum() > 0
-
-
-@needs_cpu_kernels
 def test_kernels_trace_as_custom_ops_under_torch_compile():
-    """fullgraph torch.compile through every wrapper: dynamo failed in the cpp_extension loader ("marked as
-    skipped") before the kernels were custom ops; the traced ops run the same kernels, so the results equal
-    the eager calls'."""
+    """fullgraph torch.compile through the wrapper: dynamo failed in the cpp_extension loader ("marked as
+    skipped") before the kernels were custom ops; the traced op runs the same kernel, so the result equals
+    the eager call's."""
     from rl_engine.kernels.cpu import ops
 
     torch.manual_seed(2)
     _, _, k_cache, v_cache, tables, lens = make_paged_state([5, 17, 1], block_size=4, num_kv_heads=2,
                                                             head_dim=32, dtype=torch.float32, device="cpu")
     q = torch.randn(3, 4, 32)
-    x, res, w, gate_up = torch.randn(3, 64), torch.randn(3, 64), torch.rand(64) + 0.5, torch.randn(3, 2 * 48)
 
-    def step(q, x, res, gate_up):
-        normed, new_res = ops.rms_norm(x, w, 1e-6, res)
-        plain, none = ops.rms_norm(x, w, 1e-6)
-        attn = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125, 17)
-        return normed, new_res, plain, none, attn, ops.silu_and_mul(gate_up)
+    def step(q):
+        return ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125, 17)
 
     with torch.inference_mode():
-        expected = step(q, x, res, gate_up)
-        got = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)(q, x, res, gate_up)
-    assert got[3] is None and expected[3] is None
-    for a, b in zip(got, expected):
-        if b is not None:
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        expected = step(q)
+        got = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)(q)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def argmax_cases(vocab: int, dtype: torch.dtype) -> torch.Tensor:

@@ -6,10 +6,9 @@ runs the torch reference instead, as does any input the kernels do not take (a d
 fp32/bf16/fp16, mixed dtypes, a non-CPU tensor). Results equal the reference's up to fp32 summation
 order (tests/kernels/test_cpu_ops.py).
 
-Each kernel is also a torch.library custom op (`rl_engine::cpu_rms_norm`, `cpu_silu_and_mul`,
-`cpu_paged_decode_attention`, `cpu_rotary_kv_write`, which declares the caches it writes as mutated) with a
-fake implementation (output shapes only), so torch.compile
-(the engine's `compile_decode`) keeps it as one opaque node of its graph: dynamo cannot trace the
+Each kernel is also a torch.library custom op (`rl_engine::cpu_paged_decode_attention`,
+`cpu_rotary_kv_write`, which declares the caches it writes as mutated) with a fake implementation (output
+shapes only), so torch.compile (the engine's `compile_decode`) keeps it as one opaque node of its graph: dynamo cannot trace the
 pybind module or the cpp_extension loader behind `extension()` ("marked as skipped"), and the op's
 body, which loads the extension, runs only when the compiled graph runs. Eager calls skip the custom
 op's dispatch (a few microseconds a call, paid per layer) and call the extension directly.
@@ -27,30 +26,6 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-@torch.library.custom_op("rl_engine::cpu_rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The C++ RMSNorm of contiguous inputs: (normed, x + residual); the second is empty without a residual
-    (a custom op returns a fixed number of tensors)."""
-    outs = extension().rms_norm(x, weight, eps, residual)
-    return outs[0], (outs[1] if residual is not None else x.new_empty(0))
-
-
-@_rms_norm_op.register_fake
-def _rms_norm_fake(x, weight, eps, residual):
-    return torch.empty_like(x), (torch.empty_like(x) if residual is not None else x.new_empty(0))
-
-
-@torch.library.custom_op("rl_engine::cpu_silu_and_mul", mutates_args=())
-def _silu_and_mul_op(x: torch.Tensor) -> torch.Tensor:
-    return extension().silu_and_mul(x)
-
-
-@_silu_and_mul_op.register_fake
-def _silu_and_mul_fake(x):
-    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
 @torch.library.custom_op("rl_engine::cpu_paged_decode_attention", mutates_args=())
@@ -77,27 +52,6 @@ def _rotary_kv_write_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
 @_rotary_kv_write_op.register_fake
 def _rotary_kv_write_fake(q, k, v, cos, sin, slot_mapping, k_cache, v_cache, return_k):
     return q.new_empty(q.shape), (k.new_empty(k.shape) if return_k else k.new_empty(0))
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if (_needs_autograd(x, weight, residual) or x.dtype not in _DTYPES or weight.dtype != x.dtype
-            or x.device.type != "cpu" or (residual is not None and residual.dtype != x.dtype)):
-        return reference.rms_norm(x, weight, eps, residual)
-    args = (x.contiguous(), weight.contiguous(), eps, None if residual is None else residual.contiguous())
-    if torch.compiler.is_compiling():
-        out, new_residual = _rms_norm_op(*args)
-        return out, (new_residual if residual is not None else None)
-    outs = extension().rms_norm(*args)
-    return outs[0], (outs[1] if residual is not None else None)
-
-
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    if _needs_autograd(x) or x.dtype not in _DTYPES or x.device.type != "cpu":
-        return reference.silu_and_mul(x)
-    if torch.compiler.is_compiling():
-        return _silu_and_mul_op(x.contiguous())
-    return extension().silu_and_mul(x.contiguous())
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

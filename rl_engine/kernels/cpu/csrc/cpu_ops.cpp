@@ -745,99 +745,6 @@ std::string isa() {
 #endif
 }
 
-// ---- RMSNorm (optionally after the residual add) ---------------------------------------------
-// Reference: x = x + residual (rounded to the dtype); h = x * rsqrt(eps + sum(x^2) / H) in fp32,
-// rounded to the dtype; out = weight * h in the dtype.
-template <typename T>
-void rms_norm_kernel(const T* x, const T* res, const T* w, T* out, T* res_out, int64_t rows, int64_t H,
-                     float eps) {
-  const float inv_h = static_cast<float>(1.0 / static_cast<double>(H));
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(H);
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = x + r * H;
-      float* h = buf.data();
-      if (res != nullptr) {
-        const T* rr = res + r * H;
-        T* ro = res_out + r * H;
-        for (int64_t i = 0; i < H; ++i) {
-          const T v = from_f<T>(to_f(xr[i]) + to_f(rr[i]));
-          ro[i] = v;
-          h[i] = to_f(v);
-        }
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < H; ++i) h[i] = to_f(xr[i]);
-      }
-      const float inv = 1.f / std::sqrt(eps + dot(h, h, H) * inv_h);
-      T* o = out + r * H;
-#pragma omp simd
-      for (int64_t i = 0; i < H; ++i) o[i] = from_f<T>(to_f(w[i]) * to_f(from_f<T>(h[i] * inv)));
-    }
-  });
-}
-
-std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
-                                    const c10::optional<torch::Tensor>& residual) {
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "rms_norm: x and weight must be contiguous");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "rms_norm: weight must have x's dtype");
-  const int64_t H = x.size(-1);
-  TORCH_CHECK(weight.numel() == H, "rms_norm: weight must be [hidden]");
-  const int64_t rows = H ? x.numel() / H : 0;
-  auto out = torch::empty_like(x);
-  torch::Tensor res_out;
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes() &&
-                residual->scalar_type() == x.scalar_type(), "rms_norm: residual must be contiguous like x");
-    res_out = torch::empty_like(x);
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
-    rms_norm_kernel<scalar_t>(x.data_ptr<scalar_t>(),
-                              residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr,
-                              weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                              residual.has_value() ? res_out.data_ptr<scalar_t>() : nullptr, rows, H,
-                              static_cast<float>(eps));
-  });
-  if (residual.has_value()) return {out, res_out};
-  return {out};
-}
-
-// ---- SwiGLU: x [..., 2d] as [gate | up] -> silu(gate) * up, silu rounded to the dtype first ----
-template <typename T>
-void silu_and_mul_kernel(const T* x, T* out, int64_t rows, int64_t d) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* gate = x + r * 2 * d;
-      const T* up = gate + d;
-      T* o = out + r * d;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) {
-        const float g = to_f(gate[i]);
-        const float silu = to_f(from_f<T>(g / (1.f + fast_exp(-g))));
-        o[i] = from_f<T>(silu * to_f(up[i]));
-      }
-    }
-  });
-}
-
-torch::Tensor silu_and_mul(const torch::Tensor& x) {
-  TORCH_CHECK(x.is_contiguous(), "silu_and_mul: x must be contiguous");
-  const int64_t two_d = x.size(-1);
-  TORCH_CHECK(two_d % 2 == 0, "silu_and_mul: last dim must be even ([gate | up])");
-  const int64_t d = two_d / 2;
-  auto sizes = x.sizes().vec();
-  sizes.back() = d;
-  auto out = torch::empty(sizes, x.options());
-  const int64_t rows = d ? out.numel() / d : 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul", [&] {
-    silu_and_mul_kernel<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, d);
-  });
-  return out;
-}
-
-
 // ---- greedy pick -----------------------------------------------------------------------------
 // Per row of logits [n, V]: the index of its first maximum, what torch.max(dim=-1) returns (a NaN counts as
 // the maximum: the first NaN's index). torch's CPU max over [64, 32k] took ~0.85 ms at 2 threads, fp32 and
@@ -1263,8 +1170,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_reading", &set_reading);
   m.def("paged_decode_attention", &paged_decode_attention);
   m.def("isa", &isa, "the instruction set of the vector paths: avx512, avx2 or portable");
-  m.def("rms_norm", &rms_norm);
-  m.def("silu_and_mul", &silu_and_mul);
   m.def("argmax_rows", &argmax_rows);
   m.def("sample_rows", &sample_rows);
   m.def("rotary_kv_write", &rotary_kv_write);
