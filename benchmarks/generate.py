@@ -15,9 +15,9 @@ each step's shape, against transformers' time. The engine asks for no log-probs
 returning behaviour log-probs, as RL rollouts do, is timed beside it (`engine_with_logprobs_*`; `--skip
 with_logprobs` leaves it out).
 
-On CPU the engine also runs with every C++ CPU kernel (`rl_engine/kernels/cpu`; override `*=cpu`:
-RMSNorm and SwiGLU too, where the default engine takes only the paged decode attention and the one-row
-products), interleaved with transformers, so their ratios come from one run. `--under-load` adds rows at `--load-threads 2` with a busy process (normal priority) on the machine:
+On CPU the engine also runs with every C++ CPU kernel (`rl_engine/kernels/cpu`; override `*=cpu`; since
+d1cb556 every op with a C++ kernel is a CPU default, so this engine runs the default engine's kernels: a check),
+interleaved with transformers, so their ratios come from one run. `--under-load` adds rows at `--load-threads 2` with a busy process (normal priority) on the machine:
 the engine with a fixed thread count and OpenMP's default (spinning) wait policy, with
 OMP_WAIT_POLICY=PASSIVE, and with `cpu_threads="auto"` (threads follow the free cores), each in a
 fresh process (the wait policy is read when torch loads), beside the same runs on a quiet machine.
@@ -227,7 +227,7 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
     llm = LLM(path, max_num_seqs=max(batches), dtype=dtype, device=device)
     start_s = time.perf_counter() - t
     cpp_engine, cpp = None, []
-    if device.type == "cpu" and "cpp_kernels" not in skip:  # the opt-in C++ CPU kernels (resolved at model build)
+    if device.type == "cpu" and "cpp_kernels" not in skip:  # every C++ CPU kernel (resolved at model build)
         from rl_engine.kernels import cpu as cpu_kernels
 
         if cpu_kernels.extension_status()[0]:
@@ -301,7 +301,7 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
                 **({"engine_with_logprobs_tokens_per_s": round(tokens / logprobs_t, 1),
                     "with_logprobs_speedup": round(hf_t / logprobs_t, 2),
                     "logprobs_time_over_none": round(logprobs_t / engine_t, 3)} if logprobs_t else {}),
-                # the engine with the opt-in C++ CPU kernels, in the same run
+                # the engine with every C++ CPU kernel (`*=cpu`), in the same run
                 **({"engine_cpp_kernels_tokens_per_s": round(tokens / cpp_t, 1),
                     "cpp_kernels_speedup": round(hf_t / cpp_t, 2),
                     "cpp_kernels_over_torch_ops": round(engine_t / cpp_t, 2)} if cpp_engine is not None else {}),

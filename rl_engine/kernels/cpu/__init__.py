@@ -17,15 +17,14 @@ the torch path with the reason logged: no compiler, a failed build). The vector 
 the one-row linear and the greedy pick are AVX-512 or AVX2 (one body over per-ISA vector traits), chosen at
 compile time from this CPU's flags; `isa_variant` builds the same source with AVX-512 switched off, or with
 the portable loops only, beside the engine's build (the tests of the AVX2 paths on an AVX-512 CPU,
-benchmarks/decode_isa.py). Its RMSNorm and SwiGLU (`ops.rms_norm`, `ops.silu_and_mul`) are no longer the
-registry's: its `rms_norm` / `silu_and_mul` on CPU are `engine_elementwise.py`'s (the training kernels' forwards in
-fp32, `csrc/bf16_rms_norm.cpp` in bf16), CPU defaults. Ops whose C++ kernel is not a CPU default are taken under
-`RL_ENGINE_CPU_KERNELS=1` or an override `OP=cpu` (`*=cpu`: every op that has one).
-`RL_ENGINE_CPU_KERNELS=0` never builds any. The switch is read once per process, at the first use
+benchmarks/decode_isa.py). The registry's `rms_norm` / `silu_and_mul` on CPU are `engine_elementwise.py`'s (the
+training kernels' forwards in fp32, `csrc/bf16_rms_norm.cpp` in bf16), CPU defaults too; since then every op with a
+C++ kernel is a CPU default, so `RL_ENGINE_CPU_KERNELS=1` or an override `OP=cpu` (`*=cpu`: every op that has one)
+chooses nothing more. `RL_ENGINE_CPU_KERNELS=0` never builds any. The switch is read once per process, at the first use
 of a kernel (the loader and the registry's resolutions are cached): set it before the process starts
-(tests that flip it call `registry.clear_cache()` and the loaders' `cache_clear()`). Each is also a
-torch.library custom op (`ops.py`), so the engine's compiled decode steps (`compile_decode`) call them as
-opaque graph nodes. The same source defines `rl_engine::cpu_gemv` in C++ (TORCH_LIBRARY), the one-row
+(tests that flip it call `registry.clear_cache()` and the loaders' `cache_clear()`). The decode attention and the
+rotary + KV cache write are also torch.library custom ops (`ops.py`), so the engine's compiled decode steps
+(`compile_decode`) call them as opaque graph nodes. The same source defines `rl_engine::cpu_gemv` in C++ (TORCH_LIBRARY), the one-row
 linear that `packed_linear.py` takes for batch-1 steps of an engine that packs its weights (inductor's C++
 wrapper calls it without Python).
 
