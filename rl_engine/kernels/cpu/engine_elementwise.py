@@ -35,7 +35,7 @@ bf16_kernel = cpu.source_kernel(SOURCE, "the engine's bf16 RMSNorm")
 def _plain(*tensors: torch.Tensor | None) -> bool:
     """CPU tensors no gradient flows through, outside a trace."""
     return (all(t is None or t.device.type == "cpu" for t in tensors)
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+            and not train_elementwise._needs_grad(*tensors)
             and not torch.compiler.is_compiling())
 
 
