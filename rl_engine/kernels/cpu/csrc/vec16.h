@@ -16,6 +16,7 @@ inline v16 load16(const float* p) {
   return v;
 }
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline v16 splat(float x) { return v16{} + x; }
+// every lane x: one broadcast (`v16{} + x` costs a scalar add first: 0 + x is not x for x = -0)
+inline v16 splat(float x) { return v16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 }  // namespace rl_engine_cpu
