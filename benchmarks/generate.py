@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -177,7 +178,9 @@ def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_b
                       packed: bool = False):
     """A function running the engine's matmuls alone for generating from `prompts` at once: prefill
     chunks of `max_batched_tokens` tokens, then `new_tokens - 1` decode steps of len(prompts) rows, the
-    LM head on one row per sequence per step, each weight times a random input of the step's shape.
+    LM head on each sampled row (one per sequence per step), each weight times a random input of the step's
+    shape. As in the engine's prefill steps, the last layer's weights after its qkv projection (its attention
+    output projection and a dense MLP) take only the rows a chunk samples: one per prompt that ends in it.
     `packed`: through the linear the engine's steps call (`kernels.cpu.packed_linear.linear` inside
     `reading()`), so the weights an engine registered are read as it reads them (its oneDNN-prepacked
     copies; a one-row product through the C++ `cpu_gemv` where the extension is built); else `F.linear`
@@ -187,14 +190,21 @@ def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_b
     # the parameters themselves (run() reads them under inference mode): the packed copies hang on them
     weights = [p for name, p in model.named_parameters()
                if p.dim() == 2 and not name.startswith(("embed_tokens", "lm_head"))]
+    last = model.layers[-1]
+    tail = {id(last.self_attn.o_proj.weight)} if hasattr(last.self_attn, "o_proj") else set()
+    if not last.is_moe:
+        tail |= {id(p) for p in last.mlp.parameters() if p.dim() == 2}
     head = model.lm_head.weight
     device, dtype = head.device, head.dtype
     prompt_tokens = sum(len(p) for p in prompts)
-    chunks = [min(max_batched_tokens, prompt_tokens - a) for a in range(0, prompt_tokens, max_batched_tokens)]
+    starts = range(0, prompt_tokens, max_batched_tokens)
+    chunks = [min(max_batched_tokens, prompt_tokens - a) for a in starts]
+    ends = list(itertools.accumulate(len(p) for p in prompts))  # the prompts' ends in the token stream
+    sampled = [sum(a < e <= a + n for e in ends) for a, n in zip(starts, chunks)]
     batch = len(prompts)
     widths = {w.shape[1] for w in weights + [head]}
     inputs = {rows: {n: torch.randn(rows, n, device=device, dtype=dtype) for n in widths}
-              for rows in set(chunks) | {batch}}
+              for rows in (set(chunks) | set(sampled) | {batch}) - {0}}
     if packed:
         from rl_engine.kernels.cpu import packed_linear
 
@@ -204,11 +214,13 @@ def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_b
 
     def run() -> None:
         with torch.inference_mode(), reading():
-            for rows in chunks + [batch] * (new_tokens - 1):
-                x = inputs[rows]
+            for rows, tail_rows in list(zip(chunks, sampled)) + [(batch, batch)] * (new_tokens - 1):
                 for w in weights:
-                    linear(x[w.shape[1]], w)
-                linear(inputs[batch][head.shape[1]], head)
+                    n = tail_rows if id(w) in tail else rows
+                    if n:
+                        linear(inputs[n][w.shape[1]], w)
+                if tail_rows:  # the LM head: the sampled rows
+                    linear(inputs[tail_rows][head.shape[1]], head)
         _sync(device)
 
     return run

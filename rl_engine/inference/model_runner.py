@@ -6,7 +6,7 @@ that stale or padding slots always hold finite values. A step whose sequences ea
 goes through the graph cache (padded to a bucket; on CPU with `compile_decode`, each bucket's step
 compiled once: `compiled_decode.py`); any step with a longer prefill chunk runs eagerly on the exact
 flat batch. Only rows that produce a token (a sequence's last uncomputed position) reach the
-LM head.
+LM head, and in an eager step the last layer's attention output projection, MLP and the final norm.
 """
 
 from __future__ import annotations
@@ -176,6 +176,9 @@ class ModelRunner:
         # hidden_sink(layout, hidden): sees every step's final hidden states [rows, H] with the layout
         # [(seq, first position, rows)] in row order (the MTP drafter reads the target's states).
         self.hidden_sink = None
+        # `_run_flat` asks the model for the sampled rows' final hidden states only (not under sequence
+        # parallelism, where a rank holds a slice of the rows)
+        self._select_rows = not model.groups.sequence_parallel
         if use_graphs:
             with torch.inference_mode():
                 self.graphs.build_all()  # capture every bucket up front
@@ -211,6 +214,8 @@ class ModelRunner:
             return None, []
         if logits is not None:
             return _rows(logits, sample_rows), sample_seqs
+        if sample_rows is None:  # (_run_flat computed the sampled rows' hidden states only)
+            return self.model.compute_logits(hidden), sample_seqs
         return self.model.compute_logits(_rows(hidden, sample_rows)), sample_seqs
 
     def weights_updated(self) -> None:
@@ -337,11 +342,18 @@ class ModelRunner:
         slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
         self.attn.prepare(slot_mapping=slot_mapping, num_single=nd, block_tables=block_tables,
                           context_lens=context_lens, max_context_len=max_ctx, prefills=prefills)
+        # Only the sampled rows' final hidden states are read (unless a hidden sink reads every row's): the last
+        # layer computes its attention output projection and MLP, and the final norm, for those rows only
+        # (`hidden_states(rows=...)`; every row's K/V is still written). A prefill step's chunks sample one row
+        # each (or none), so that is most of a layer's matmuls skipped.
+        rows = None
+        if self.hidden_sink is None and self._select_rows and len(sample_rows) < len(ids):
+            rows = torch.tensor(sample_rows, dtype=torch.int64, device=dev)
         hidden = self.model.hidden_states(torch.tensor(ids, dtype=torch.int64, device=dev),
                                           positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-                                          attn_context=self.attn, routing=routing)
+                                          attn_context=self.attn, routing=routing, rows=rows)
         layout = [(s, s.num_computed_tokens, n) for s, n in zip(seqs, sched.num_new_tokens)]
-        return hidden, sample_rows, sample_seqs, layout
+        return hidden, None if rows is not None else sample_rows, sample_seqs, layout
 
     def _store_routing(self, sched: SchedulerOutput, routing) -> None:
         """Keep the experts chosen for each computed token ([n, num_moe_layers, k] per chunk)."""
