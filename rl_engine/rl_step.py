@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from rl_engine.inference import SamplingParams
 from rl_engine.inference.speculative import SpeculativeConfig
+from rl_engine.kernels.grad_mode import trainer_pass
 from rl_engine.losses import (LossNormalizer, PolicyLoss, compute_loss_normalizer, kl_penalty, reduce_metrics,
                                seq_ids_from_cu_seqlens)
-from rl_engine.policy.layers import trainer_pass
 from rl_engine.policy.lr_schedule import KLAdaptiveScale, LRSchedule, StepLR
 from rl_engine.policy.moe import MoEBlock, RoutingRecord
 from rl_engine.policy.pipeline import MicroBatch

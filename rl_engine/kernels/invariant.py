@@ -67,6 +67,7 @@ from torch.overrides import TorchFunctionMode
 
 from rl_engine.kernels import cpu as cpu_kernels
 from rl_engine.kernels import op_inputs
+from rl_engine.kernels.grad_mode import records_autograd
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def _mm_rows(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     if m <= ROW_TILE:
         pad = -m % MIN_TILE
         return torch.mm(F.pad(x, (0, 0, 0, pad)), w_t)[:m] if pad else torch.mm(x, w_t)
-    if torch.is_grad_enabled() and (x.requires_grad or w_t.requires_grad):  # autograd: no out=
+    if records_autograd(x, w_t):  # autograd: no out=
         return torch.cat([_mm_rows(t, w_t) for t in x.split(ROW_TILE)])
     out = x.new_empty(m + -m % MIN_TILE, w_t.shape[1])  # each tile's product written in place
     for a in range(0, m, ROW_TILE):
@@ -155,7 +156,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 and (bias is None or bias.dtype == x.dtype) and linear_kernel() is not None):
             x2, weight = x2.contiguous(), weight.contiguous()
             bias = None if bias is None else bias.contiguous()
-            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            if records_autograd(x, weight, bias):
                 return _NativeLinear.apply(x2, weight, bias).view(out_shape)
             return linear_kernel().linear(x2, weight, bias).view(out_shape)
         y = _mm_rows(x2, weight.t()).view(out_shape)
@@ -225,7 +226,7 @@ def kernel_choice() -> tuple[str, str]:
     (softmax and log_softmax vectorised for AVX2 and for AVX-512 give different bits; RMSNorm, the
     log-prob statistics, the MoE router): processes on AVX2 and AVX-512 nodes differ unless they set one
     `ATEN_CPU_CAPABILITY`. `reason`: why each kernel was chosen."""
-    flags = " ".join(f for f in cpu_kernels.CFLAGS if not f.startswith("-march"))
+    flags = " ".join(f for f in cpu_kernels.build_flags() if not f.startswith("-march"))
     parts, reasons = [], []
     for name, source, kernel, fallback in (("linear", _LINEAR_SOURCE, linear_kernel, "MKL tiles"),
                                            ("attention", _ATTENTION_SOURCE, attention_kernel, "torch")):
@@ -323,7 +324,7 @@ def contiguous_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     of k [Tk, Hkv, D], v [Tk, Hkv, Dv] -> [N, Hq, Dv] in q's dtype; differentiable (backward in torch)."""
     q = q if q.stride(-1) == 1 else q.contiguous()
     k, v, key_starts, positions = _token_rows(k), _token_rows(v), _int32(key_starts), _int32(positions)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if records_autograd(q, k, v):
         with torch._C.DisableTorchFunction():
             return _ContiguousAttention.apply(q, k, v, key_starts, positions, scale)
     return attention_kernel().contiguous(q, k, v, key_starts, positions, scale)

@@ -11,15 +11,15 @@ import torch
 from torch import nn
 
 from rl_engine.kernels import registry
+from rl_engine.kernels.grad_mode import training_kernels
 
 
 class RMSNormLinear(nn.Module):
     """linear(rms_norm(x)): `norm_weight` [in_features], `linear.weight` [out, in].
 
-    Its norm is the registry's `rms_norm` in every pass, not `policy.layers.training_kernels`-aware: on CPU a pass
-    autograd records takes the torch reference and a no-grad pass the C++ kernel, so a trainer built on it would
-    not get `layers.trainer_pass`'s bit-equality between its recorded and no-grad passes (nothing in the policy
-    builds it today; pick like `layers.RMSNorm` before one does)."""
+    Its norm picks as `policy.layers.RMSNorm` does: `rms_norm_train` in the trainer's passes
+    (`grad_mode.training_kernels`), `rms_norm` in the engine's, so a trainer's recorded and no-grad passes run one
+    kernel (`grad_mode.trainer_pass`'s bit-equality)."""
 
     def __init__(self, in_features: int, out_features: int, *, eps: float, bias: bool,
                  params_dtype: torch.dtype | None, device: torch.device | str | None) -> None:
@@ -29,13 +29,15 @@ class RMSNormLinear(nn.Module):
         self.linear = nn.Linear(in_features, out_features, bias=bias, dtype=params_dtype, device=device)
         # chosen once at build time, for the device the parameters live on
         self._rms_norm = registry.resolve("rms_norm", self.norm_weight.device)
+        self._rms_norm_train = registry.resolve("rms_norm_train", self.norm_weight.device)
 
     @property
     def weight(self) -> nn.Parameter:
         return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed, _ = self._rms_norm(x, self.norm_weight, self.eps)
+        rms_norm = self._rms_norm_train if training_kernels() else self._rms_norm
+        normed, _ = rms_norm(x, self.norm_weight, self.eps)
         return self.linear(normed)
 
 

@@ -78,13 +78,16 @@ class OpSpec:
     invariant: str | None = None
     cpu_default: bool = False  # its C++ CPU kernel is the CPU default where it builds
     cpu_source: str = "cpu_ops.cpp"  # the file under kernels/cpu/csrc/ its C++ kernel is built from
+    # (dtype, file): inputs of that dtype run another source's kernel, built as its own extension; where it does
+    # not build, those inputs take the torch reference inside the "cpu" implementation, and the reason says so
+    cpu_dtype_sources: tuple[tuple[str, str], ...] = ()
 
 
 def _spec(name: str, doc: str, *, triton: str | None = None, flashinfer: str | None = None,
           transformer_engine: str | None = None, torch_impl: str | None = None, cpu: str | None = None,
           cuda_preference: tuple[str, ...] = ("triton", "torch"),
           opt_in: frozenset[str] = frozenset(), invariant: str | None = "torch", cpu_default: bool = False,
-          cpu_source: str = "cpu_ops.cpp") -> OpSpec:
+          cpu_source: str = "cpu_ops.cpp", cpu_dtype_sources: tuple[tuple[str, str], ...] = ()) -> OpSpec:
     """`invariant`: "torch" when the torch implementation already reduces per row in a fixed order
     (or does not reduce), a dotted path for a dedicated one, None when there is none."""
     impls = {"torch": torch_impl or f"{_REF}:{name}"}
@@ -95,14 +98,14 @@ def _spec(name: str, doc: str, *, triton: str | None = None, flashinfer: str | N
     preference = tuple(b for b in cuda_preference if b in impls)
     return OpSpec(name=name, impls=impls, cuda_preference=preference, opt_in=opt_in, doc=doc,
                   invariant=impls["torch"] if invariant == "torch" else invariant, cpu_default=cpu_default,
-                  cpu_source=cpu_source)
+                  cpu_source=cpu_source, cpu_dtype_sources=cpu_dtype_sources)
 
 
 OPS: dict[str, OpSpec] = {s.name: s for s in (
     _spec("rms_norm", "(x, weight, eps, residual=None) -> (normed, new_residual | None)",
           triton=f"{_TRITON}.rms_norm:rms_norm", cpu=f"{_CPU_ENGINE}:rms_norm",
           # the engine's eager steps: one C++ pass a row (fp32: the training kernel's forward; bf16 its own)
-          cpu_default=True, cpu_source="train_elementwise.cpp"),
+          cpu_default=True, cpu_source="train_elementwise.cpp", cpu_dtype_sources=(("bf16", "bf16_rms_norm.cpp"),)),
     _spec("rms_norm_train", "rms_norm's contract, differentiable: the policy's norms when autograd records the forward",
           triton=f"{_TRITON}.rms_norm:rms_norm", torch_impl=f"{_REF}:rms_norm", cpu=f"{_CPU_TRAIN}:rms_norm",
           # fp32 forward + backward in one C++ pass each, where torch takes ~6 elementwise ops each way
@@ -254,6 +257,17 @@ def _spec_or_raise(op: str) -> OpSpec:
     return OPS[op]
 
 
+def _dtype_sources_note(spec: OpSpec) -> str:
+    """What the "cpu" implementation of `spec` runs for the dtypes another source serves (`cpu_dtype_sources`):
+    that source's kernel, or the torch reference with the reason it did not build."""
+    notes = []
+    for dtype, source in spec.cpu_dtype_sources:
+        status = backends.cpu_kernels_status(source)
+        notes.append(f"{dtype}: C++ ({source})" if status.available
+                     else f"{dtype}: torch reference ({source} unavailable: {status.reason})")
+    return "".join(f"; {note}" for note in notes)
+
+
 def _load(path: str) -> Callable[..., Any]:
     module_name, attribute = path.split(":")
     return getattr(importlib.import_module(module_name), attribute)
@@ -338,6 +352,8 @@ class KernelRegistry:
             backend, reason = "torch", f"torch reference is the default on {device_type}"
         else:
             backend, reason = self._default_cuda(spec, statuses)
+        if backend == "cpu":
+            reason += _dtype_sources_note(spec)
         return Resolution(op=spec.name, device_type=device_type, backend=backend, reason=reason,
                           available=available, unavailable=unavailable, fn=_load(spec.impls[backend]))
 

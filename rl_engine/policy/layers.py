@@ -15,16 +15,15 @@ all-gather their input, row layers reduce-scatter their output.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from rl_engine import kernels
+from rl_engine.kernels.grad_mode import training_kernels
 from rl_engine.policy import comm
 from rl_engine.policy.parallel import ParallelGroups
 
@@ -46,28 +45,6 @@ def _copy_checked(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
         raise ValueError(f"tensor {name!r}: expected shape {tuple(param.shape)}, got {tuple(value.shape)}")
     with torch.no_grad():
         param.copy_(value.to(param.dtype))
-
-
-_TRAINER_PASS: contextvars.ContextVar[bool] = contextvars.ContextVar("trainer_pass", default=False)
-
-
-@contextlib.contextmanager
-def trainer_pass() -> Iterator[None]:
-    """A forward of the trainer's (its recorded pass, and the no-grad passes of proximal, reference and teacher
-    log-probs): the layers take the kernels the recorded pass takes, so a no-grad pass over the weights being
-    updated gives the first update's log-probs bit for bit (its importance ratio exactly 1). Per thread: an
-    engine stepping in another thread keeps its own kernels."""
-    token = _TRAINER_PASS.set(True)
-    try:
-        yield
-    finally:
-        _TRAINER_PASS.reset(token)
-
-
-def training_kernels() -> bool:
-    """Whether this forward takes the training kernels: autograd records it, or it runs in `trainer_pass`
-    (a traced no-grad forward is the engine's compiled step: dynamo cannot read a ContextVar)."""
-    return torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _TRAINER_PASS.get())
 
 
 class RMSNorm(nn.Module):

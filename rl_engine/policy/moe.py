@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 
 from rl_engine import kernels
+from rl_engine.kernels.grad_mode import training_kernels
 from rl_engine.policy import comm, expert_parallel
 from rl_engine.policy.config import ModelConfig
-from rl_engine.policy.layers import ColumnParallelLinear, RowParallelLinear, training_kernels
+from rl_engine.policy.layers import ColumnParallelLinear, RowParallelLinear
 from rl_engine.policy.parallel import ParallelGroups
 
 

@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import torch
 
+from rl_engine.kernels.grad_mode import trainer_pass
 from rl_engine.policy import comm
 from rl_engine.policy.context_parallel import CPShard
-from rl_engine.policy.layers import trainer_pass
 from rl_engine.policy.moe import RoutingRecord
 from rl_engine.policy.parallel import ParallelGroups
 

@@ -30,8 +30,8 @@ needs_bf16 = pytest.mark.skipif(ee.bf16_kernel() is None, reason="the bf16 RMSNo
 
 def _strided(shape: tuple[int, ...], *, pad: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A tensor of `shape`, a slice of a wider last dim when pad > 0."""
-    wide = torch.randn(*shape[:-1], shape[-1] + pad) * 3
-    return wide[..., pad:].to(dtype)
+    wide = (torch.randn(*shape[:-1], shape[-1] + pad) * 3).to(dtype)
+    return wide[..., pad:]  # (a slice's .to(dtype) would be a contiguous copy)
 
 
 @needs_fp32
@@ -71,13 +71,16 @@ def test_fp32_silu_and_mul_gives_the_training_kernels_bits_within_the_reference_
 
 
 @needs_bf16
-@pytest.mark.parametrize("shape", [(256, 512), (3, 100, 200), (300, 40), (1, 256)])
+@pytest.mark.parametrize("shape,pad", [((256, 512), 0), ((3, 100, 200), 0), ((300, 40), 0), ((1, 256), 0),
+                                       ((300, 37), 5), ((2, 9, 64), 64)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_bf16_rms_norm_matches_the_reference(shape, with_residual):
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(shape, generator=g) * 3).bfloat16()
-    w = torch.randn(shape[-1], generator=g).bfloat16()
-    res = torch.randn(shape, generator=g).bfloat16() if with_residual else None
+def test_bf16_rms_norm_matches_the_reference(shape, pad, with_residual):
+    """pad > 0: x and the residual are slices of a wider last dim (rows at a stride the kernel reads in place)."""
+    torch.manual_seed(shape[-1] + pad)
+    x = _strided(shape, pad=pad, dtype=torch.bfloat16)
+    w = torch.randn(shape[-1]).bfloat16()
+    res = _strided(shape, pad=pad, dtype=torch.bfloat16) if with_residual else None
+    assert x.is_contiguous() == (pad == 0)
     with torch.inference_mode():
         out, new_res = ee.rms_norm(x, w, 1e-6, res)
     ref, ref_res = reference.rms_norm(x, w, 1e-6, res)

@@ -464,3 +464,26 @@ def test_the_cache_name_covers_the_shared_headers(tmp_path):
     before = cpu.extension_name(source)
     header.write_text("// two\n")
     assert cpu.extension_name(source) != before
+
+
+def test_a_clang_build_contracts_only_within_expressions_so_the_rotary_pragma_holds(monkeypatch):
+    """The rotary sections (rotary_kv_write, rotary_full) are bit-equal to torch only without fused multiply-adds:
+    g++ takes GCC's optimize pragma there under -ffp-contract=fast; clang ignores it, and its `#pragma clang fp
+    contract(off)` too under fast (a clang-14 build under fast: 4 of 22 rotary cases not bit-equal), so a clang
+    build gets -ffp-contract=on, which honours that pragma (the same cases all bit-equal). The build's cache name
+    follows the flags: a clang build never loads a g++ build of the same source, nor the other way."""
+    monkeypatch.setattr(cpu, "_is_clang", lambda compiler: False)
+    assert cpu.build_flags() == cpu.CFLAGS and "-ffp-contract=fast" in cpu.CFLAGS
+    gcc_name = cpu.extension_name(cpu.SOURCE)
+    monkeypatch.setattr(cpu, "_is_clang", lambda compiler: True)
+    assert cpu.build_flags() == tuple("-ffp-contract=on" if f == "-ffp-contract=fast" else f for f in cpu.CFLAGS)
+    assert cpu.extension_name(cpu.SOURCE) != gcc_name
+
+
+@pytest.mark.parametrize("compiler", ["g++", "clang++", "clang++-14"])
+def test_the_compiler_probe_tells_clang_from_gcc(compiler):
+    import shutil
+
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} is not installed")
+    assert cpu._is_clang(compiler) == compiler.startswith("clang")

@@ -137,7 +137,7 @@ def test_rms_norm_of_strided_heads_and_its_gradient():
 
 
 def test_a_last_dim_of_one_element_runs_at_any_stride():
-    """`_rows` passes a width-1 last dim as a view whatever its stride (it is never stepped along); the C++ checks
+    """`as_rows` passes a width-1 last dim as a view whatever its stride (it is never stepped along); the C++ checks
     take it too and give what the contiguous copy gives: RMSNorm of [rows, 1] with a residual, SwiGLU's [rows, 1]
     output gradient, the log-prob statistics of a one-column shard."""
     torch.manual_seed(0)

@@ -90,6 +90,24 @@ def test_each_cpu_default_is_probed_from_the_source_its_kernel_is_built_from(mon
     assert registry.default_registry().resolution("paged_decode_attention", "cpu").backend == "torch"
 
 
+def test_rms_norm_reason_names_the_bf16_source_and_why_it_did_not_build(monkeypatch):
+    """The CPU `rms_norm` runs fp32 through train_elementwise.cpp and bf16 through bf16_rms_norm.cpp (its own
+    extension): one failed build must not take the other's inputs with it, and the resolution says which inputs
+    take the torch reference and why (the op still resolves to "cpu": its fp32 kernel built)."""
+    monkeypatch.delenv("RL_ENGINE_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(backends, "cpu_kernels_status", lambda source="cpu_ops.cpp": BackendStatus(
+        source != "bf16_rms_norm.cpp", f"build failed (CalledProcessError: {source})"))
+    registry.clear_cache()
+    resolution = registry.default_registry().resolution("rms_norm", "cpu")
+    assert resolution.backend == "cpu"
+    assert resolution.reason.endswith("; bf16: torch reference (bf16_rms_norm.cpp unavailable: build failed "
+                                      "(CalledProcessError: bf16_rms_norm.cpp))")
+    assert "bf16" not in registry.default_registry().resolution("rms_norm_train", "cpu").reason
+    monkeypatch.setattr(backends, "cpu_kernels_status", lambda source="cpu_ops.cpp": BackendStatus(True, source))
+    registry.clear_cache()
+    assert registry.default_registry().resolution("rms_norm", "cpu").reason.endswith("; bf16: C++ (bf16_rms_norm.cpp)")
+
+
 def test_cuda_preferences_with_probes_replaced(fake_cuda):
     chosen = {r.op: r.backend for r in registry.describe("cuda")}
     assert chosen["rms_norm"] == "triton"

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from parallel_helpers import DENSE, EPS32, OPTIM, adam_sensitivity, loss_fn, micro_batches, write_weights
+from rl_engine.kernels.grad_mode import trainer_pass
 from rl_engine.policy import CausalLM, from_pretrained
 from rl_engine.policy.dist_checkpoint import load_checkpoint
-from rl_engine.policy.layers import trainer_pass
 from rl_engine.policy.optimizer import OptimizerConfig
 from rl_engine.policy.parallel import SINGLE
 from rl_engine.policy.pipeline import MicroBatch

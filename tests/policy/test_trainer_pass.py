@@ -1,5 +1,5 @@
 """The trainer's no-grad passes (proximal, reference and teacher log-probs) take the kernels its recorded
-pass takes (`layers.trainer_pass`), so over the same weights they give the recorded pass's log-probs bit
+pass takes (`kernels.grad_mode.trainer_pass`), so over the same weights they give the recorded pass's log-probs bit
 for bit: the first update's importance ratio is exactly 1. On CPU the recorded pass's RMSNorm and SwiGLU
 are the fused C++ kernels (autograd Functions); the engine's ops (`rms_norm`, `silu_and_mul`) take the torch
 reference whenever autograd records, and so would round the recorded pass apart from a no-grad one."""
@@ -9,8 +9,10 @@ import threading
 import pytest
 import torch
 
+from rl_engine import kernels
+from rl_engine.kernels.grad_mode import trainer_pass, training_kernels
 from rl_engine.losses import PolicyLoss, compute_loss_normalizer
-from rl_engine.policy.layers import RMSNorm, training_kernels, trainer_pass
+from rl_engine.policy.layers import RMSNorm
 from rl_engine.policy.model import CausalLM
 from rl_engine.policy.moe import SwiGLUMLP
 from rl_engine.policy.optimizer import OptimizerConfig
@@ -113,3 +115,19 @@ def test_parallel_trainer_no_grad_logprobs_equal_its_recorded_pass_bit_for_bit()
     assert len(recorded.logprobs) == len(proximal) > 1
     for a, b in zip(proximal, recorded.logprobs):
         assert torch.equal(a, b)
+
+
+def test_rms_norm_linear_takes_the_recorded_pass_kernel_in_a_trainer_pass():
+    """The `rms_norm_linear` op's torch build (`kernels.modules.RMSNormLinear`) picks its norm as `RMSNorm` does: a
+    no-grad pass inside `trainer_pass` gives the recorded pass's output bit for bit (on CPU the C++ training RMSNorm
+    both times; the engine's `rms_norm` takes the torch reference when autograd records, and its C++ kernel rounds
+    apart from that reference by a few ulp)."""
+    torch.manual_seed(0)
+    block = kernels.resolve("rms_norm_linear", "cpu")(96, 16, eps=1e-6)
+    with torch.no_grad():
+        block.norm_weight.uniform_(0.5, 1.5)
+    x = torch.randn(300, 96)
+    recorded = block(x)
+    assert recorded.requires_grad
+    with torch.no_grad(), trainer_pass():
+        assert torch.equal(block(x), recorded)

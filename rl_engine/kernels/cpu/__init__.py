@@ -48,6 +48,7 @@ import hashlib
 import logging
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from types import ModuleType
@@ -64,6 +65,11 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
 # -fno-math-errno let loops with floor / float->int (fast_exp) vectorise; no -ffast-math (it would
 # drop inf/NaN semantics and reassociate where the kernels mirror the references' rounding).
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math")
+# clang's -ffp-contract=fast fuses a product into a sum across statements and ignores `#pragma clang fp
+# contract(off)`, which the rotary sections set (their products rounded apart: bit-equal to torch) where g++ takes
+# GCC's optimize pragma; under on (clang's default: within an expression) clang honours it. (fast-honor-pragmas,
+# fast but for the pragma, is not a driver option of clang 14.)
+CLANG_CONTRACT = "-ffp-contract=on"
 ENV_SWITCH = "RL_ENGINE_CPU_KERNELS"  # "1": the default on CPU; "0": never built; unset: only by override
 
 
@@ -87,6 +93,29 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def compiler() -> str:
+    """The C++ compiler torch's extension builds run: `$CXX`, else `c++`."""
+    return os.environ.get("CXX", "c++")
+
+
+@functools.cache
+def _is_clang(compiler: str) -> bool:
+    """Whether `compiler`'s preprocessor defines __clang__ (clang, Apple clang, or a `c++` that is clang)."""
+    try:
+        probe = subprocess.run([compiler, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True,
+                               timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False  # no such compiler: load_source says so
+    return "__clang__" in probe.stdout
+
+
+def build_flags() -> tuple[str, ...]:
+    """CFLAGS as this process's compiler takes them: under clang, `CLANG_CONTRACT` for -ffp-contract=fast."""
+    if not _is_clang(compiler()):
+        return CFLAGS
+    return tuple(CLANG_CONTRACT if flag == "-ffp-contract=fast" else flag for flag in CFLAGS)
+
+
 def extension_name(source: Path = SOURCE, *, extra_cflags: tuple[str, ...] = ()) -> str:
     """The torch-extensions-cache name of `source`'s build: its stem and a hash of the source, csrc/'s
     headers, the flags, this CPU's flags and the source's path. The path: torch's build directory keeps one ninja
@@ -97,7 +126,7 @@ def extension_name(source: Path = SOURCE, *, extra_cflags: tuple[str, ...] = ())
     for header in sorted(source.parent.glob("*.h")):  # the sources' shared headers (fast_exp.h)
         digest.update(header.read_bytes())
     digest.update(str(source.resolve()).encode())
-    digest.update(" ".join(CFLAGS + extra_cflags).encode())
+    digest.update(" ".join(build_flags() + extra_cflags).encode())
     digest.update(_cpu_flags().encode())
     return f"rl_engine_{source.stem}_{digest.hexdigest()[:12]}"
 
@@ -144,16 +173,16 @@ def load_source(source: Path, *, extra_cflags: tuple[str, ...] = ()) -> tuple[Mo
     global load_seconds
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None, f"disabled by {ENV_SWITCH}=0"
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return None, f"no C++ compiler ({compiler!r} not on PATH; set CXX or install g++)"
+    if shutil.which(compiler()) is None:
+        return None, f"no C++ compiler ({compiler()!r} not on PATH; set CXX or install g++)"
+    flags = build_flags() + extra_cflags
     start = time.perf_counter()
     try:
         from torch.utils import cpp_extension
 
         name = extension_name(source, extra_cflags=extra_cflags)
         with _build_lock(name) as directory:
-            module = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=list(CFLAGS + extra_cflags),
+            module = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=list(flags),
                                         build_directory=directory, verbose=False)
     except Exception as exc:  # a failed build falls back to torch, with the compiler's first lines
         message = " ".join(str(exc).split())[:400]
@@ -163,7 +192,7 @@ def load_source(source: Path, *, extra_cflags: tuple[str, ...] = ()) -> tuple[Mo
     if source == SOURCE and not extra_cflags:
         load_seconds = seconds
     logger.info("rl_engine C++ CPU kernels ready in %.1f s (%s)", seconds, name)
-    return module, f"C++ CPU kernels ({' '.join(CFLAGS + extra_cflags)}), built in the torch extensions cache"
+    return module, f"C++ CPU kernels ({' '.join(flags)}), built in the torch extensions cache"
 
 
 def extension_status(source: Path = SOURCE) -> tuple[bool, str]:

@@ -1,6 +1,6 @@
 """The inference engine's RMSNorm and SwiGLU on CPU: the registry's "cpu" `rms_norm` and `silu_and_mul`, the CPU
 defaults (the forwards autograd does not record: the engine's eager steps, prefill and decode, and no-grad passes
-outside `policy.layers.trainer_pass`).
+outside `kernels.grad_mode.trainer_pass`).
 
 fp32 takes the training kernels' forwards (`csrc/train_elementwise.cpp`, what the trainer's recorded pass runs), so
 the engine's norms and SwiGLU round as the trainer's do; bf16 RMSNorm takes `csrc/bf16_rms_norm.cpp`. Each is one
@@ -26,6 +26,8 @@ import torch
 
 from rl_engine.kernels import cpu, reference
 from rl_engine.kernels.cpu import train_elementwise
+from rl_engine.kernels.cpu.train_elementwise import as_rows  # the [rows, last dim] view of both sources' kernels
+from rl_engine.kernels.grad_mode import records_autograd
 
 SOURCE = Path(__file__).parent / "csrc" / "bf16_rms_norm.cpp"
 
@@ -35,7 +37,7 @@ bf16_kernel = cpu.source_kernel(SOURCE, "the engine's bf16 RMSNorm")
 def _plain(*tensors: torch.Tensor | None) -> bool:
     """CPU tensors no gradient flows through, outside a trace."""
     return (all(t is None or t.device.type == "cpu" for t in tensors)
-            and not train_elementwise._needs_grad(*tensors)
+            and not records_autograd(*tensors)
             and not torch.compiler.is_compiling())
 
 
@@ -51,15 +53,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         kernel = bf16_kernel()
         if kernel is None:
             return reference.rms_norm(x, weight, eps, residual)
-        out, new_residual = kernel.rms_norm(x.contiguous(), weight.contiguous(), float(eps),
-                                            None if residual is None else residual.contiguous())
-        return out, (new_residual if residual is not None else None)
+        out, total = kernel.rms_norm(as_rows(x), weight.contiguous(), float(eps),
+                                     None if residual is None else as_rows(residual))
+        return out.view(x.shape), (None if residual is None else total.view(x.shape))
     kernel = train_elementwise.kernel()
     if kernel is None:
         return reference.rms_norm(x, weight, eps, residual)
-    rows = train_elementwise._rows  # the training wrappers' [rows, last dim] view: the same kernel call as theirs
-    out, total, _ = kernel.rms_norm_forward(rows(x), weight.contiguous(), float(eps),
-                                            None if residual is None else rows(residual))
+    out, total, _ = kernel.rms_norm_forward(as_rows(x), weight.contiguous(), float(eps),
+                                            None if residual is None else as_rows(residual))
     return out.view(x.shape), (None if residual is None else total.view(x.shape))
 
 
@@ -70,4 +71,4 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     kernel = train_elementwise.kernel()
     if kernel is None:
         return reference.silu_and_mul(x)
-    return kernel.silu_and_mul_forward(train_elementwise._rows(x)).view(*x.shape[:-1], x.shape[-1] // 2)
+    return kernel.silu_and_mul_forward(as_rows(x)).view(*x.shape[:-1], x.shape[-1] // 2)

@@ -12,10 +12,10 @@ wrong).
 fp32 CPU tensors only: other dtypes, other devices and traced calls (torch.compile) run the torch reference, as
 does every call when the extension cannot be built (no compiler, a failed build, `RL_ENGINE_CPU_KERNELS=0`; the
 reason is logged once). The trainer's no-grad passes (proximal, reference, teacher log-probs) run these kernels
-too (`policy.layers.trainer_pass`), so they give its recorded pass's values bit for bit; the engine's forwards take
-the `rms_norm` / `silu_and_mul` ops. Numerics (tests/kernels/
-test_cpu_train_elementwise.py): RMSNorm within a few ulp of the reference (another summation order), SwiGLU
-within fast_exp's ~2 ulp, rotary bit-equal forward and backward.
+too (`kernels.grad_mode.trainer_pass`), so they give its recorded pass's values bit for bit; the engine's forwards
+take the `rms_norm` / `silu_and_mul` ops. Numerics (tests/kernels/test_cpu_train_elementwise.py): RMSNorm within
+a few ulp of the reference (another summation order), SwiGLU within fast_exp's ~2 ulp, rotary bit-equal forward and
+backward.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from rl_engine.kernels import cpu, logprob, reference
+from rl_engine.kernels.grad_mode import records_autograd
 
 
 SOURCE = Path(__file__).parent / "csrc" / "train_elementwise.cpp"
@@ -40,12 +41,9 @@ def _takes(*tensors: torch.Tensor | None) -> bool:
             and not torch.compiler.is_compiling() and kernel() is not None)
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as [rows, last dim] with the last dim contiguous (a view where the strides allow)."""
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last dim] with the last dim contiguous (a view where the strides allow): the row layout the
+    kernels take (any row stride; `engine_elementwise` passes its fp32 inputs the same way)."""
     if x.dim() != 2:
         x = x.reshape(-1, x.shape[-1])
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
@@ -55,9 +53,9 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, residual):
         shape = x.shape
-        out, total, rstd = kernel().rms_norm_forward(_rows(x), weight.contiguous(), eps,
-                                                     None if residual is None else _rows(residual))
-        h = total if residual is not None else _rows(x)
+        out, total, rstd = kernel().rms_norm_forward(as_rows(x), weight.contiguous(), eps,
+                                                     None if residual is None else as_rows(residual))
+        h = total if residual is not None else as_rows(x)
         ctx.save_for_backward(h, weight, rstd)
         ctx.has_residual = residual is not None
         if residual is None:
@@ -68,8 +66,8 @@ class _RMSNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, grad_sum):
         h, weight, rstd = ctx.saved_tensors
-        grad_sum_rows = None if grad_sum is None or not ctx.has_residual else _rows(grad_sum)
-        dh, dw = kernel().rms_norm_backward(_rows(grad_out), h, weight.contiguous(), rstd, grad_sum_rows)
+        grad_sum_rows = None if grad_sum is None or not ctx.has_residual else as_rows(grad_sum)
+        dh, dw = kernel().rms_norm_backward(as_rows(grad_out), h, weight.contiguous(), rstd, grad_sum_rows)
         dh = dh.view(grad_out.shape)
         return dh, dw.view(weight.shape), None, (dh if ctx.has_residual else None)
 
@@ -77,7 +75,7 @@ class _RMSNorm(torch.autograd.Function):
 class _SiluAndMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        x2 = _rows(x)
+        x2 = as_rows(x)
         ctx.save_for_backward(x2)
         ctx.shape = x.shape
         return kernel().silu_and_mul_forward(x2).view(*x.shape[:-1], x.shape[-1] // 2)
@@ -86,7 +84,7 @@ class _SiluAndMul(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         (x2,) = ctx.saved_tensors
-        return kernel().silu_and_mul_backward(_rows(grad_out), x2).view(ctx.shape)
+        return kernel().silu_and_mul_backward(as_rows(grad_out), x2).view(ctx.shape)
 
 
 class _Rotary(torch.autograd.Function):
@@ -138,7 +136,7 @@ def rotary_full(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     x = x if x.stride(-1) == 1 else x.contiguous()
     cos, sin = cos[:, 0], sin[:, 0]
     cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
-    if _needs_grad(x):
+    if records_autograd(x):
         return _Rotary.apply(x, cos, sin)
     return kernel().rotary(x, cos, sin, False)
 
@@ -147,14 +145,14 @@ def _stats_args(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
                 vocab_size: int | None) -> tuple:
     logprob._check(logits, targets, temperature)
     n_valid = logprob.num_valid_columns(logits.shape[1], vocab_start, vocab_size)
-    return _rows(logits), targets.to(torch.int64).contiguous(), float(temperature), int(vocab_start), n_valid
+    return as_rows(logits), targets.to(torch.int64).contiguous(), float(temperature), int(vocab_start), n_valid
 
 
 def logprob_shard_stats(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float, vocab_start: int = 0,
                         vocab_size: int | None = None) -> logprob.ShardStats:
     """`kernels.logprob.logprob_shard_stats`'s contract (not differentiable: the autograd Functions of
     `kernels.logprob` and `policy.logprobs` call it in their forward) in one pass over each row."""
-    if not _takes(logits) or _needs_grad(logits):
+    if not _takes(logits) or records_autograd(logits):
         return logprob.logprob_shard_stats(logits, targets, temperature=temperature, vocab_start=vocab_start,
                                            vocab_size=vocab_size)
     return logprob.ShardStats(*kernel().logprob_stats(*_stats_args(logits, targets, temperature, vocab_start,

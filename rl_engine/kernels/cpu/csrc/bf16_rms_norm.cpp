@@ -1,6 +1,8 @@
 // The inference engine's bf16 RMSNorm without autograd (rl_engine/kernels/cpu/engine_elementwise.py calls it for
 // bf16 inputs): the optional residual add and the norm in one pass over each row, threads over rows (ATen's
-// intra-op pool). Built by rl_engine.kernels.cpu.load_source.
+// intra-op pool). Rows as train_elementwise.cpp's (rows.h: [rows, H], the last dim contiguous, any row stride).
+// Built by rl_engine.kernels.cpu.load_source, its own extension: a failed build of this file leaves the fp32
+// kernels of train_elementwise.cpp running.
 //
 // In torch the reference takes ~7 passes over [rows, H] (add, upcast, square, sum, scale, downcast, weight); here
 // a row stays in cache. bf16 is widened and rounded (to nearest even, NaN kept) with integer lane operations the
@@ -12,6 +14,8 @@
 // sum is in per-lane fp32 accumulators (torch's order differs: within a few fp32 ulp before the rounding to bf16).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "rows.h"
 
 #include <algorithm>
 #include <cmath>
@@ -44,17 +48,14 @@ inline void round_through(float* x, c10::BFloat16* tmp, int64_t n) {
   widen(tmp, x, n);
 }
 
-int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
-
-void check_rows(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides());
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16, name, ": dtype ", t.scalar_type(), " is not bf16");
-}
+using rl_engine_cpu::check_rows;
+using rl_engine_cpu::grain_rows;
 
 using T = c10::BFloat16;
 
-void rms_norm_rows(const T* x, const T* res, const T* w, T* out, T* res_out, int64_t rows, int64_t H, float eps) {
+// rows of x and res at row strides sx and sr; out and res_out contiguous [rows, H]
+void rms_norm_rows(const T* x, int64_t sx, const T* res, int64_t sr, const T* w, T* out, T* res_out, int64_t rows,
+                   int64_t H, float eps) {
   const float inv_h = static_cast<float>(1.0 / static_cast<double>(H));
   at::parallel_for(0, rows, grain_rows(H), [&](int64_t begin, int64_t end) {
     std::vector<float> hb(H), wb(H), tb(H);
@@ -63,9 +64,9 @@ void rms_norm_rows(const T* x, const T* res, const T* w, T* out, T* res_out, int
     float* h = hb.data();
     float* t = tb.data();
     for (int64_t r = begin; r < end; ++r) {
-      widen(x + r * H, h, H);
+      widen(x + r * sx, h, H);
       if (res != nullptr) {  // x + residual, rounded to T: the next residual stream
-        widen(res + r * H, t, H);
+        widen(res + r * sr, t, H);
 #pragma omp simd
         for (int64_t i = 0; i < H; ++i) h[i] += t[i];
         narrow(h, res_out + r * H, H);
@@ -85,26 +86,23 @@ void rms_norm_rows(const T* x, const T* res, const T* w, T* out, T* res_out, int
   });
 }
 
-// (out, new residual or an empty tensor) of the reference's rms_norm over x's last dim
+// (out [R, H], new residual [R, H] or an empty tensor) of the reference's rms_norm over the rows of x [R, H]
 std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
                                     const c10::optional<torch::Tensor>& residual) {
-  check_rows(x, "x");
-  check_rows(weight, "weight");
-  const int64_t H = x.dim() ? x.size(-1) : 1;
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.numel() == H, "weight must be [", H, "] of x's dtype ",
-              x.scalar_type(), ", got ", weight.sizes(), " ", weight.scalar_type());
+  check_rows(x, "x", 2, at::kBFloat16);
+  check_rows(weight, "weight", 1, at::kBFloat16);
+  const int64_t R = x.size(0), H = x.size(1);
+  TORCH_CHECK(weight.size(0) == H, "weight has ", weight.size(0), " entries, x rows have ", H);
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res) {
-    check_rows(*residual, "residual");
-    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
-                "residual must be like x ", x.sizes(), " ", x.scalar_type(), ", got ", residual->sizes(), " ",
-                residual->scalar_type());
+    check_rows(*residual, "residual", 2, at::kBFloat16);
+    TORCH_CHECK(residual->sizes() == x.sizes(), "residual shape ", residual->sizes(), " != x shape ", x.sizes());
   }
-  auto out = torch::empty_like(x);
-  auto res_out = has_res ? torch::empty_like(x) : torch::empty({0}, x.options());
-  const int64_t rows = H ? x.numel() / H : 0;
-  rms_norm_rows(x.data_ptr<T>(), has_res ? residual->data_ptr<T>() : nullptr, weight.data_ptr<T>(), out.data_ptr<T>(),
-                has_res ? res_out.data_ptr<T>() : nullptr, rows, H, static_cast<float>(eps));
+  auto out = torch::empty({R, H}, x.options());
+  auto res_out = has_res ? torch::empty({R, H}, x.options()) : torch::empty({0}, x.options());
+  rms_norm_rows(x.data_ptr<T>(), x.stride(0), has_res ? residual->data_ptr<T>() : nullptr,
+                has_res ? residual->stride(0) : 0, weight.data_ptr<T>(), out.data_ptr<T>(),
+                has_res ? res_out.data_ptr<T>() : nullptr, R, H, static_cast<float>(eps));
   return {out, res_out};
 }
 

@@ -906,18 +906,18 @@ std::vector<torch::Tensor> sample_rows(const torch::Tensor& z, const torch::Tens
 // applies; scaled variants (llama3, linear, YaRN) differ only in the cos / sin tables.
 // Rounding: fp32 products x1 * cos and x2 * sin, each rounded, then their difference (sum), then the storage
 // dtype: the torch path's operations. This section is compiled without fused multiply-adds (the file's
-// -ffp-contract=fast would contract them), so the results equal the torch path's bit for bit in every dtype.
-// That holds under g++ (`c++` on this machine; tests/kernels/test_rotary_kv_write.py checks the bits): clang
-// ignores GCC's optimize pragma, and its -ffp-contract=fast fuses across statements disregarding its own
-// `#pragma clang fp contract(off)` (only -ffp-contract=fast-honor-pragmas honours it), so a clang build (CXX=clang++)
-// may fuse a product into the difference: that product then unrounded, the result off by up to about an ulp of the
-// larger product (more than an ulp of the result where the two cancel), not equal to the torch path's. Not built with
-// clang here (none installed).
+// -ffp-contract=fast would contract them), so the results equal the torch path's bit for bit in every dtype
+// (tests/kernels/test_rotary_kv_write.py checks the bits): under g++ by GCC's optimize pragma; under clang, which
+// ignores it, by `#pragma clang fp contract(off)` in rotate_row, which clang honours because kernels/cpu/__init__.py
+// builds with -ffp-contract=on there (under fast it fuses across statements regardless).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 template <typename T>
 inline void rotate_row(const T* __restrict x, T* __restrict out, const float* __restrict c, const float* __restrict s,
                        int64_t r2, int64_t D) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
 #pragma omp simd
   for (int64_t i = 0; i < r2; ++i) {
     const float x1 = to_f(x[i]), x2 = to_f(x[i + r2]);

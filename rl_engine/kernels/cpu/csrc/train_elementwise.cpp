@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include "fast_exp.h"
+#include "rows.h"
 
 #include <cmath>
 #include <cstdint>
@@ -26,17 +27,8 @@ namespace {
 
 using rl_engine_cpu::fast_exp;
 
-// rows a thread takes at least: ~16k floats of work, so a small batch (a decode-sized call) runs on one thread
-int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
-
-void check_rows(const torch::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32, name, " must be a CPU fp32 tensor, got ",
-              t.scalar_type(), " on ", t.device());
-  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dims, got shape ", t.sizes());
-  // (a last dim of one element is never stepped along: any stride, as train_elementwise._rows passes it)
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, ": the last dim must be contiguous, got strides ",
-              t.strides());
-}
+using rl_engine_cpu::check_rows;  // fp32 rows (rows.h)
+using rl_engine_cpu::grain_rows;
 
 // ---- RMSNorm -------------------------------------------------------------------------------------------------
 
@@ -198,11 +190,14 @@ torch::Tensor silu_and_mul_backward(const torch::Tensor& grad, const torch::Tens
 // One token's heads: out[h][i] = x[h][i] * c[i] + x[h][(i + D/2) % D] * s[i] (forward, `transpose` false), or
 // out[h][j] = x[h][j] * c[j] + x[h][(j + D/2) % D] * s[(j + D/2) % D] (the backward, x the output's gradient).
 // Each product and the sum rounded apart, as torch's mul, mul, add: no fused multiply-add under this file's
-// -ffp-contract=fast (optimize attribute), so the results equal torch's bit for bit. Under g++: clang ignores the
-// optimize attribute (see cpu_ops.cpp's rotary_kv_write for what a clang build would give).
+// -ffp-contract=fast (GCC's optimize attribute; under clang, which ignores it, the clang pragma below, honoured under
+// the -ffp-contract=on that kernels/cpu/__init__.py gives clang), so the results equal torch's bit for bit.
 __attribute__((optimize("fp-contract=off"))) void rotary_row(const float* x, int64_t head_stride, int64_t heads,
                                                               int64_t D, const float* c, const float* s, float* out,
                                                               bool transpose) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
   const int64_t half = D / 2;
   for (int64_t h = 0; h < heads; ++h) {
     const float* xh = x + h * head_stride;
