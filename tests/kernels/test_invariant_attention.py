@@ -203,7 +203,7 @@ def test_the_bits_are_the_same_with_avx2_and_scalar_lanes():
     builds = {"native": inv.attention_kernel()}
     for variant, flags in (("avx2", ["-DRL_INVARIANT_AVX2"]), ("scalar", ["-DRL_INVARIANT_SCALAR"])):
         builds[variant] = cpp_extension.load(name=f"{cpu_kernels.extension_name(source)}_{variant}",
-                                             sources=[str(source)], extra_cflags=[*cpu_kernels.CFLAGS, *flags])
+                                             sources=[str(source)], extra_cflags=[*cpu_kernels.build_flags(), *flags])
     if builds["native"].isa == "avx2":  # this CPU has no AVX-512: the native build is the AVX2 one
         assert builds["avx2"].isa == "avx2"
     assert builds["scalar"].isa == "scalar"
