@@ -12,13 +12,14 @@
 // KV head are a tile that fits in L1/L2, and the work is a few small matrix products per (segment, head):
 // too small for a BLAS call each (its overhead) and, batched by torch as one padded masked SDPA, spent on
 // padding, masks and glue. Here every product is C += A B on small local buffers with the query rows of a
-// block (BQ = 32) as the vector dimension: scores are kept transposed, st[key][row], so the softmax's
-// reductions over keys are elementwise vector max / add, and every product is `mm_acc` (4 rows of A by 32
-// columns of B in 8 vector accumulators). The forward is flash-attention style (online softmax over key
-// chunks of BK = 64, so any length works) and saves the log-sum-exp of each (row, head); the backward
-// recomputes p = exp(s - lse) and takes dS = p * (dP - rowsum(dO * O)) (O as stored: bf16 inputs give a bf16 O,
-// as in FlashAttention's backward). bf16 rows are widened to fp32 as they are read: an item's K and V rows into
-// fp32 copies once (read in place when fp32), the query, output and gradient rows with the other per-row copies.
+// block (BQ = 32, or 16 for a block of at most 16 rows: a short segment's, a segment's last) as the vector
+// dimension: scores are kept transposed, st[key][row], so the softmax's reductions over keys are elementwise
+// vector max / add, and every product is `mm_acc` (4 rows of A by 32 columns of B in 8 vector accumulators).
+// The forward is flash-attention style (online softmax over key chunks of BK = 64, so any length works) and
+// saves the log-sum-exp of each (row, head); the backward recomputes p = exp(s - lse) and takes
+// dS = p * (dP - rowsum(dO * O)) (O as stored: bf16 inputs give a bf16 O, as in FlashAttention's backward).
+// bf16 rows are widened to fp32 as they are read: an item's K and V rows into fp32 copies once (read in place
+// when fp32), the query, output and gradient rows with the other per-row copies.
 //
 // Threads (ATen's intra-op pool): the forward splits (segment, KV head) items, the backward (prefix group,
 // KV head) items, where a prefix group is a segment and the segments naming it as their prefix: the prefix
@@ -49,6 +50,11 @@ using rl_engine_cpu::store16;
 using rl_engine_cpu::v16;
 
 inline int64_t round16(int64_t n) { return (n + VL - 1) / VL * VL; }
+
+// The vector lanes of a block of `rows` query rows: BQ, or one vector (VL) for a block of at most VL rows (a short
+// segment, a segment's last rows), whose products then cost half. Each entry's sums run in the same order either
+// way: the results do not depend on it.
+inline int64_t lanes(int64_t rows) { return rows <= VL ? VL : BQ; }
 
 // fast_exp.h's exp (~2 ulp, vectorises); callers mask their -inf entries themselves (it clamps to [-87.3, 88]).
 using rl_engine_cpu::fast_exp;
@@ -206,27 +212,27 @@ Rows rows_of(const Keys& keys, const Tensor3<at::BFloat16>& x, int64_t h, int64_
 
 // C[j - j0][:] += rows[j] B for the chunk's rows j0 .. j0 + bk - 1: mm_acc over each run of rows at one stride
 // (the prefix part, then the own part), A = the rows as they lie.
-void rows_mm_acc(const Rows& rows, int64_t j0, int64_t bk, const float* B, int64_t K, float* C) {
+void rows_mm_acc(const Rows& rows, int64_t j0, int64_t bk, const float* B, int64_t K, float* C, int64_t bq) {
   for (int64_t j = j0; j < j0 + bk;) {
     const int64_t run_end = j < rows.P ? std::min(j0 + bk, rows.P) : j0 + bk;
-    mm_acc(rows.at(j), rows.stride(j), B, BQ, C + (j - j0) * BQ, BQ, run_end - j, K, BQ);
+    mm_acc(rows.at(j), rows.stride(j), B, bq, C + (j - j0) * bq, bq, run_end - j, K, bq);
     j = run_end;
   }
 }
 
-// Scores of a block, transposed: st[j][r] = (q_r * scale) . k_j for the chunk's keys against qt [D][BQ];
-// entries that a row does not see (or padding rows r >= rows) become -inf.
+// Scores of a block, transposed: st[j][r] = (q_r * scale) . k_j for the chunk's keys against qt [D][bq] (bq lanes,
+// `lanes`); entries that a row does not see (or padding rows r >= rows) become -inf.
 void block_scores(const Keys& keys, const Rows& k, int64_t D, const float* qt, int64_t i0, int64_t rows, int64_t j0,
-                  int64_t bk, float* st) {
-  std::fill(st, st + bk * BQ, 0.f);
-  rows_mm_acc(k, j0, bk, qt, D, st);
+                  int64_t bk, float* st, int64_t bq) {
+  std::fill(st, st + bk * bq, 0.f);
+  rows_mm_acc(k, j0, bk, qt, D, st, bq);
   // row r sees key j when j < P or j - P <= i0 + r: the rows before max(0, j - P - i0) do not
   const float ninf = -std::numeric_limits<float>::infinity();
   for (int64_t jj = 0; jj < bk; ++jj) {
-    float* row = st + jj * BQ;
+    float* row = st + jj * bq;
     const int64_t hidden = std::min<int64_t>(rows, std::max<int64_t>(0, j0 + jj - keys.P - i0));
     std::fill(row, row + hidden, ninf);
-    std::fill(row + rows, row + BQ, ninf);
+    std::fill(row + rows, row + bq, ninf);
   }
 }
 
@@ -254,54 +260,59 @@ void forward_item(const Layout& lay, int64_t s, int64_t h, const Tensor3<T>& q, 
     const int64_t hq = h * G + g;
     for (int64_t i0 = 0; i0 < keys.C; i0 += BQ) {
       const int64_t rows = std::min(BQ, keys.C - i0);
-      std::fill(qt.begin(), qt.end(), 0.f);
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* src = q.at(keys.own_start + i0 + r, hq);
-        for (int64_t d = 0; d < D; ++d) qt[d * BQ + r] = to_f(src[d]) * scale;
-      }
-      std::fill(ot.begin(), ot.end(), 0.f);
-      std::fill(m, m + BQ, ninf);
-      std::fill(l, l + BQ, 0.f);
-      const int64_t end = keys_seen(keys, i0, rows);
-      for (int64_t j0 = 0; j0 < end; j0 += BK) {
-        const int64_t bk = std::min(BK, end - j0);
-        block_scores(keys, kr, D, qt.data(), i0, rows, j0, bk, st.data());
-        float mnew[BQ];
-        std::copy(m, m + BQ, mnew);
-        for (int64_t jj = 0; jj < bk; ++jj)
-#pragma omp simd
-          for (int64_t r = 0; r < BQ; ++r) mnew[r] = std::max(mnew[r], st[jj * BQ + r]);
-        float base[BQ];
-        for (int64_t r = 0; r < BQ; ++r) {  // rows that saw nothing yet keep m = -inf: exp(-inf - 0) = 0
-          base[r] = mnew[r] == ninf ? 0.f : mnew[r];
-          corr[r] = m[r] == ninf ? 0.f : fast_exp(m[r] - base[r]);
+      auto block = [&](auto width) {  // bq lanes, a compile-time constant (`lanes`)
+        constexpr int64_t bq = decltype(width)::value;
+        std::fill(qt.begin(), qt.end(), 0.f);
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* src = q.at(keys.own_start + i0 + r, hq);
+          for (int64_t d = 0; d < D; ++d) qt[d * bq + r] = to_f(src[d]) * scale;
         }
-        float sum[BQ] = {};
-        for (int64_t jj = 0; jj < bk; ++jj) {
-          float* row = st.data() + jj * BQ;
+        std::fill(ot.begin(), ot.end(), 0.f);
+        std::fill(m, m + bq, ninf);
+        std::fill(l, l + bq, 0.f);
+        const int64_t end = keys_seen(keys, i0, rows);
+        for (int64_t j0 = 0; j0 < end; j0 += BK) {
+          const int64_t bk = std::min(BK, end - j0);
+          block_scores(keys, kr, D, qt.data(), i0, rows, j0, bk, st.data(), bq);
+          float mnew[BQ];
+          std::copy(m, m + bq, mnew);
+          for (int64_t jj = 0; jj < bk; ++jj)
 #pragma omp simd
-          for (int64_t r = 0; r < BQ; ++r) {
-            const float p = row[r] == ninf ? 0.f : fast_exp(row[r] - base[r]);
-            row[r] = p;
-            sum[r] += p;
+            for (int64_t r = 0; r < bq; ++r) mnew[r] = std::max(mnew[r], st[jj * bq + r]);
+          float base[BQ];
+          for (int64_t r = 0; r < bq; ++r) {  // rows that saw nothing yet keep m = -inf: exp(-inf - 0) = 0
+            base[r] = mnew[r] == ninf ? 0.f : mnew[r];
+            corr[r] = m[r] == ninf ? 0.f : fast_exp(m[r] - base[r]);
           }
-        }
-        for (int64_t r = 0; r < BQ; ++r) {
-          l[r] = l[r] * corr[r] + sum[r];
-          m[r] = mnew[r];
-        }
-        for (int64_t d = 0; d < Dv; ++d)
+          float sum[BQ] = {};
+          for (int64_t jj = 0; jj < bk; ++jj) {
+            float* row = st.data() + jj * bq;
 #pragma omp simd
-          for (int64_t r = 0; r < BQ; ++r) ot[d * BQ + r] *= corr[r];
-        mm_acc(vt.data() + j0, Np, st.data(), BQ, ot.data(), BQ, Dv, bk, BQ);  // O^T += V^T P^T
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t t = keys.own_start + i0 + r;
-        T* dst = o.at(t, hq);
-        const float inv = 1.f / l[r];
-        for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<T>(ot[d * BQ + r] * inv);
-        lse[t * Hq + hq] = m[r] + std::log(l[r]);
-      }
+            for (int64_t r = 0; r < bq; ++r) {
+              const float p = row[r] == ninf ? 0.f : fast_exp(row[r] - base[r]);
+              row[r] = p;
+              sum[r] += p;
+            }
+          }
+          for (int64_t r = 0; r < bq; ++r) {
+            l[r] = l[r] * corr[r] + sum[r];
+            m[r] = mnew[r];
+          }
+          for (int64_t d = 0; d < Dv; ++d)
+#pragma omp simd
+            for (int64_t r = 0; r < bq; ++r) ot[d * bq + r] *= corr[r];
+          mm_acc(vt.data() + j0, Np, st.data(), bq, ot.data(), bq, Dv, bk, bq);  // O^T += V^T P^T
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t t = keys.own_start + i0 + r;
+          T* dst = o.at(t, hq);
+          const float inv = 1.f / l[r];
+          for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<T>(ot[d * bq + r] * inv);
+          lse[t * Hq + hq] = m[r] + std::log(l[r]);
+        }
+      };
+      if (lanes(rows) == VL) block(std::integral_constant<int64_t, VL>{});
+      else block(std::integral_constant<int64_t, BQ>{});
     }
   }
 }
@@ -332,58 +343,63 @@ void backward_segment(const Layout& lay, int64_t s, int64_t h, const Tensor3<T>&
     const int64_t hq = h * G + g;
     for (int64_t i0 = 0; i0 < keys.C; i0 += BQ) {
       const int64_t rows = std::min(BQ, keys.C - i0);
-      std::fill(qt.begin(), qt.end(), 0.f);
-      std::fill(qs.begin(), qs.end(), 0.f);
-      std::fill(dot_.begin(), dot_.end(), 0.f);
-      std::fill(dor.begin(), dor.end(), 0.f);
-      std::fill(dqt.begin(), dqt.end(), 0.f);
-      std::fill(lse_r, lse_r + BQ, 0.f);
-      std::fill(delta, delta + BQ, 0.f);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t t = keys.own_start + i0 + r;
-        const T* qsrc = q.at(t, hq);
-        const T* gsrc = dout.at(t, hq);
-        const T* osrc = o.at(t, hq);
-        float dsum = 0.f;
-        for (int64_t d = 0; d < D; ++d) {
-          const float x = to_f(qsrc[d]) * scale;
-          qt[d * BQ + r] = x;
-          qs[r * Dp + d] = x;
-        }
-        for (int64_t d = 0; d < Dv; ++d) {
-          const float g = to_f(gsrc[d]);
-          dot_[d * BQ + r] = g;
-          dor[r * Dvp + d] = g;
-          dsum += g * to_f(osrc[d]);
-        }
-        delta[r] = dsum;
-        lse_r[r] = lse[t * Hq + hq];
-      }
-      const int64_t end = keys_seen(keys, i0, rows);
-      for (int64_t j0 = 0; j0 < end; j0 += BK) {
-        const int64_t bk = std::min(BK, end - j0);
-        block_scores(keys, kr, D, qt.data(), i0, rows, j0, bk, st.data());
-        std::fill(dpt.begin(), dpt.begin() + bk * BQ, 0.f);
-        rows_mm_acc(vr, j0, bk, dot_.data(), Dv, dpt.data());  // dP^T = V dO^T
-        const float ninf = -std::numeric_limits<float>::infinity();
-        for (int64_t jj = 0; jj < bk; ++jj) {
-          float* prow = st.data() + jj * BQ;
-          float* drow = dpt.data() + jj * BQ;
-#pragma omp simd
-          for (int64_t r = 0; r < BQ; ++r) {
-            const float p = prow[r] == ninf ? 0.f : fast_exp(prow[r] - lse_r[r]);
-            prow[r] = p;                       // P^T
-            drow[r] = p * (drow[r] - delta[r]);  // dS^T (unscaled)
+      auto block = [&](auto width) {  // bq lanes, a compile-time constant (`lanes`)
+        constexpr int64_t bq = decltype(width)::value;
+        std::fill(qt.begin(), qt.end(), 0.f);
+        std::fill(qs.begin(), qs.end(), 0.f);
+        std::fill(dot_.begin(), dot_.end(), 0.f);
+        std::fill(dor.begin(), dor.end(), 0.f);
+        std::fill(dqt.begin(), dqt.end(), 0.f);
+        std::fill(lse_r, lse_r + bq, 0.f);
+        std::fill(delta, delta + bq, 0.f);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t t = keys.own_start + i0 + r;
+          const T* qsrc = q.at(t, hq);
+          const T* gsrc = dout.at(t, hq);
+          const T* osrc = o.at(t, hq);
+          float dsum = 0.f;
+          for (int64_t d = 0; d < D; ++d) {
+            const float x = to_f(qsrc[d]) * scale;
+            qt[d * bq + r] = x;
+            qs[r * Dp + d] = x;
           }
+          for (int64_t d = 0; d < Dv; ++d) {
+            const float g = to_f(gsrc[d]);
+            dot_[d * bq + r] = g;
+            dor[r * Dvp + d] = g;
+            dsum += g * to_f(osrc[d]);
+          }
+          delta[r] = dsum;
+          lse_r[r] = lse[t * Hq + hq];
         }
-        mm_acc(st.data(), BQ, dor.data(), Dvp, dvl.data() + j0 * Dvp, Dvp, bk, rows, Dvp);  // dV += P^T dO
-        mm_acc(dpt.data(), BQ, qs.data(), Dp, dkl.data() + j0 * Dp, Dp, bk, rows, Dp);     // dK += dS^T (q scale)
-        mm_acc(kt.data() + j0, Np, dpt.data(), BQ, dqt.data(), BQ, D, bk, BQ);             // dQ^T += K^T dS^T
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        T* dst = dq.at(keys.own_start + i0 + r, hq);
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(dqt[d * BQ + r] * scale);
-      }
+        const int64_t end = keys_seen(keys, i0, rows);
+        for (int64_t j0 = 0; j0 < end; j0 += BK) {
+          const int64_t bk = std::min(BK, end - j0);
+          block_scores(keys, kr, D, qt.data(), i0, rows, j0, bk, st.data(), bq);
+          std::fill(dpt.begin(), dpt.begin() + bk * bq, 0.f);
+          rows_mm_acc(vr, j0, bk, dot_.data(), Dv, dpt.data(), bq);  // dP^T = V dO^T
+          const float ninf = -std::numeric_limits<float>::infinity();
+          for (int64_t jj = 0; jj < bk; ++jj) {
+            float* prow = st.data() + jj * bq;
+            float* drow = dpt.data() + jj * bq;
+#pragma omp simd
+            for (int64_t r = 0; r < bq; ++r) {
+              const float p = prow[r] == ninf ? 0.f : fast_exp(prow[r] - lse_r[r]);
+              prow[r] = p;                       // P^T
+              drow[r] = p * (drow[r] - delta[r]);  // dS^T (unscaled)
+            }
+          }
+          mm_acc(st.data(), bq, dor.data(), Dvp, dvl.data() + j0 * Dvp, Dvp, bk, rows, Dvp);  // dV += P^T dO
+          mm_acc(dpt.data(), bq, qs.data(), Dp, dkl.data() + j0 * Dp, Dp, bk, rows, Dp);     // dK += dS^T (q scale)
+          mm_acc(kt.data() + j0, Np, dpt.data(), bq, dqt.data(), bq, D, bk, bq);             // dQ^T += K^T dS^T
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          T* dst = dq.at(keys.own_start + i0 + r, hq);
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(dqt[d * bq + r] * scale);
+        }
+      };
+      if (lanes(rows) == VL) block(std::integral_constant<int64_t, VL>{});
+      else block(std::integral_constant<int64_t, BQ>{});
     }
   }
   for (int64_t j = 0; j < N; ++j) {
