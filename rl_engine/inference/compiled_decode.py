@@ -26,14 +26,17 @@ graph saves at decode sizes (measured: a batch-1 step of the ~3.4M model 2.6 ms 
 1.3 ms without), so after the step's first call they are not evaluated: the code dynamo made of the step (which
 reads the graph's inputs, parameters included, afresh and calls the compiled graph) is called as a plain
 function, outside dynamo's frame evaluation (`_compiled_code`; going through dynamo with its guards skipped,
-`set_stance(skip_guard_eval_unsafe)`, cost ~75 us more a call: the `tiny` preset's 128-row step).
+`set_stance(skip_guard_eval_unsafe)`, cost ~75 us more a call: the `tiny` preset's 128-row step), and its graph's
+C++ entry point is called without AOTAutograd's and inductor's Python wrappers where they do nothing for it
+(`compiled_call`: ~25 us less).
 One global they check does change while the engine lives: torch's thread count (a small step runs on one
 thread, `threads.single_thread_below`; `cpu_threads="auto"` follows the free cores), which inductor builds its
 kernels' parallel loops for. So each step is kept per thread count, compiled on its first call at that
 count (at most once per count the engine uses). The rest of what the guards check cannot change: a bucket's inputs
 are its own static buffers (of the size the dynamic step takes as a symbol), parameters are re-read at every call
 (updated in place, or replaced by a tensor of the same layout; one of another shape or strides fails inductor's
-input checks and is named, `_replaced_tensor`), the
+input checks, one of another dtype or device the direct call's (`compiled_call`), and each is named,
+`_replaced_tensor`), the
 engine always steps under inference mode, and the model's structure and kernels are fixed at build. The C++ wrapper
 costs ~2-3 s more compilation per bucket and took a batch-1 step of the ~3.5M model from 1.47 ms to
 1.07 ms (eager 1.54 ms; batch 64 unchanged, 12.8-12.9 ms against eager 13.5; one run through the lock, with static
@@ -57,6 +60,7 @@ import weakref
 import torch
 
 from rl_engine.inference.attention import PagedAttention
+from rl_engine.inference.compiled_call import direct_code
 from rl_engine.inference.graph_cache import DecodeRunner, StaticInputs
 
 logger = logging.getLogger(__name__)
@@ -154,28 +158,26 @@ def check_compilable(model, *, latent: bool) -> None:
 
 
 def _layouts(model) -> dict[str, tuple]:
-    return {name: (tuple(t.shape), t.stride(), t.dtype)
+    return {name: (tuple(t.shape), t.stride(), t.dtype, t.device)
             for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
 
 
-def _compiled_code(fn: types.FunctionType, compiled) -> types.FunctionType:
-    """`fn`'s compiled frame as a plain function: the bytecode dynamo made of it, which reads the graph's inputs
-    (each parameter through its module's `_parameters`, the rotary table, the batch size of `input_ids`) afresh on
-    every call and calls the compiled graph with them. Called directly, it runs without dynamo's frame
-    evaluation, whose cache lookup and stance cost ~75 us a call even with the guards skipped
-    (`set_stance(skip_guard_eval_unsafe=True)`, what this replaced). Dynamo keeps the same arguments in the
-    code it makes as in the original (the contract vLLM's compiled-code dispatch relies on too), and `fn`
-    has no closure: its globals are where dynamo installed the compiled graph. With dynamo switched off
-    (TORCHDYNAMO_DISABLE=1) `torch.compile` gave `fn` itself and ran it eagerly (`compiled`), leaving no entry:
-    that is what the step keeps calling, with a warning."""
-    entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(fn.__code__)
-    if not entries:
+def _compiled_code(fn: types.FunctionType, compiled, args: tuple) -> types.FunctionType:
+    """`fn`'s compiled code as a plain function (`compiled_call.direct_code`): it reads the graph's inputs (each
+    parameter through its module's `_parameters`, the rotary table, the batch size of `input_ids`) afresh on every
+    call and calls the compiled graph with them, without dynamo's frame evaluation (whose cache lookup and stance cost
+    ~75 us a call even with the guards skipped, `set_stance(skip_guard_eval_unsafe=True)`, what this replaced) and,
+    where they only pass inputs and outputs on, without AOTAutograd's and inductor's Python wrappers (~25 us more).
+    Dynamo keeps the same arguments in the code it makes as in the original (the contract vLLM's compiled-code
+    dispatch relies on too), and `fn` has no closure. With dynamo switched off (TORCHDYNAMO_DISABLE=1)
+    `torch.compile` gave `fn` itself and ran it eagerly (`compiled`), leaving no entry: that is what the step keeps
+    calling, with a warning."""
+    direct = direct_code(fn, args)
+    if direct is None:
         logger.warning("compile_decode: dynamo is disabled (TORCHDYNAMO_DISABLE=1), so %s runs eagerly; unset it "
                        "to compile the decode step", fn.__name__)
         return compiled
-    # fullgraph=True and one compile per code object: exactly one entry, holding the whole step
-    assert len(entries) == 1, f"{fn.__name__}: {len(entries)} compiled entries, expected 1"
-    return types.FunctionType(entries[0].code, fn.__globals__, fn.__name__)
+    return direct
 
 
 class _CompiledStep:
@@ -183,7 +185,7 @@ class _CompiledStep:
 
     def __init__(self) -> None:
         self.compiled = None
-        self.layouts: dict[str, tuple] = {}  # each parameter's and buffer's (shape, strides, dtype) at compile
+        self.layouts: dict[str, tuple] = {}  # each parameter's and buffer's (shape, strides, dtype, device) at compile
 
 
 # The dynamic-batch steps of each engine, one per torch thread count (keyed by its attention object, which every
@@ -238,24 +240,26 @@ class CompiledDecodeRunner(DecodeRunner):
             torch._dynamo.mark_dynamic(self.positions, 0)
         compiled = torch.compile(fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
         start = time.perf_counter()
-        out = compiled(self.model, self._attend, self.input_ids, self.positions)
+        args = (self.model, self._attend, self.input_ids, self.positions)
+        out = compiled(*args)
         seconds = time.perf_counter() - start
         self.compile_seconds = (self.compile_seconds or 0.0) + seconds
-        step.compiled, step.layouts = _compiled_code(fn, compiled), _layouts(self.model)
+        step.compiled, step.layouts = _compiled_code(fn, compiled, args), _layouts(self.model)
         logger.info("compiled the decode step of bucket %d (%s, %d threads) in %.1f s", self.batch_size,
                     "every bucket of 2+ rows" if dynamic else "static", threads, seconds)
         return out
 
     def _replaced_tensor(self, step: _CompiledStep) -> str | None:
         """After a compiled step failed: the parameter or buffer whose tensor was replaced by one of another
-        shape, strides or dtype since the compile (the graph reads them in place, laid out as it was built
+        shape, strides, dtype or device since the compile (the graph reads them in place, laid out as it was built
         for; its guards, which would catch this, are skipped), as an error naming the fix; else None."""
         now = _layouts(self.model)
         for name, built in step.layouts.items():
             if now.get(name, built) != built:
-                (shape, strides, dtype), (shape1, strides1, dtype1) = built, now[name]
+                (shape, strides, dtype, device), (shape1, strides1, dtype1, device1) = built, now[name]
                 return (f"the compiled decode step of bucket {self.batch_size} reads {name!r} as shape {shape}, "
-                        f"strides {strides}, {dtype}, but it is now shape {shape1}, strides {strides1}, {dtype1}: "
+                        f"strides {strides}, {dtype} on {device}, but it is now shape {shape1}, strides {strides1}, "
+                        f"{dtype1} on {device1}: "
                         "the tensor was replaced (`.data =`, a new Parameter, load_state_dict(assign=True)) instead "
                         "of updated in place. Update weights in place, `with torch.no_grad(): param.copy_(new)`, "
                         "which keeps the parameter's strides, or build a new engine")

@@ -245,6 +245,44 @@ def test_cli_flag_reaches_the_engine(qwen2):
 
 
 @needs_cxx
+def test_a_parameter_replaced_by_another_dtype_is_named_with_the_fix(engines):
+    """A tensor of the same shape and strides but another dtype put in a parameter's place passes inductor's input
+    checks (sizes and strides only): its C++ code would read the bf16 storage as fp32 (half of it past the end). The
+    compiled step checks its inputs' dtypes and names the parameter. The prompt's prefill runs (eagerly) before the
+    swap, so the first step after it is a compiled decode step."""
+    policy, eager, compiled = engines
+    engine = compiled.engine
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    for i, prompt in enumerate(mixed_prompts(2, seed=6, max_len=20)):
+        engine.add_request(f"dtype-{i}", prompt, params)
+    weight = policy.layers[0].mlp.down_proj.weight
+    old = weight.data
+    try:
+        engine.step()  # the prefill
+        weight.data = old.to(torch.bfloat16)  # same values (rounded), shape and strides
+        with pytest.raises(ValueError, match=r"bucket 2 reads 'layers\.0\.mlp\.down_proj\.weight' as shape "
+                                             r"\(64, 96\), strides \(96, 1\), torch\.float32 on cpu, but it is now .*"
+                                             r"torch\.bfloat16.*param\.copy_\(new\)"):
+            engine.step()
+    finally:
+        weight.data = old
+        engine.interrupt()
+    assert not engine.has_unfinished_requests()
+
+
+@needs_cxx
+def test_the_compiled_step_calls_inductors_entry_point(engines):
+    """The compiled step's graph is called at its C++ entry point, AOTAutograd's and inductor's Python wrappers
+    skipped (`compiled_call`): a torch whose wrappers do more for this graph would fall back to calling through them
+    (slower, not wrong), and this says so."""
+    _, _, compiled = engines
+    compiled.generate(mixed_prompts(2, seed=6, max_len=20), SamplingParams(temperature=0.0, max_tokens=3))
+    for step in compiled_decode._SHARED_STEPS[compiled.engine.runner.attn].values():
+        graph = next(n for n in step.compiled.__code__.co_names if n.startswith("__compiled_fn"))
+        assert step.compiled.__globals__[graph].__qualname__ == "_entry_call.<locals>.call"
+
+
+@needs_cxx
 def test_a_parameter_replaced_by_other_strides_is_named_with_the_fix(engines):
     """The graph reads parameters as laid out at compile time (its guards are skipped): a tensor of other
     strides put in a parameter's place failed inside inductor with "an incorrect fake kernel for a custom
