@@ -122,8 +122,9 @@ def test_a_batch_of_one_setting_samples_each_row_as_alone():
 
 def test_compiled_greedy_equals_eager_argmax_and_logprobs():
     """Sampler(compile_greedy=True) (compile_decode's sampler): the compiled one-pass argmax and log-prob
-    against the eager path, fp32 and bf16 logits, one row and several (one compile each), ties at the
-    maximum included (the first index wins, as torch.max)."""
+    against the eager path, fp32 and bf16 logits, one row and several (one compile each, called without dynamo's
+    guards), ties at the maximum included (the first index wins, as torch.max); strided logits through the guarded
+    compile."""
     from rl_engine.inference.compiled_decode import cpp_compiler
 
     if cpp_compiler() is None:
@@ -148,6 +149,12 @@ def test_compiled_greedy_equals_eager_argmax_and_logprobs():
                 # fp32 sums of 3000 exponentials in another order: a few ulps of log(S) apart (|log S| < 10)
                 assert torch.allclose(torch.tensor(logprobs, dtype=torch.float64), expected, rtol=0, atol=1e-6)
                 assert torch.allclose(torch.tensor(logprobs), torch.tensor(logprobs0), rtol=0, atol=1e-6)
+        # each (dtype, one row or more) compiled once and called directly; strided logits take the guarded compile
+        assert sorted(map(str, compiled._compiled_greedy._direct)) == sorted(
+            map(str, [(d, one) for d in (torch.float32, torch.bfloat16) for one in (True, False)]))
+        strided = (torch.randn(5, 6000, generator=g) * 3)[:, ::2]
+        assert compiled.sample(strided, [greedy] * 5, draw=list)[0] == eager.sample(strided, [greedy] * 5, draw=list)[0]
+        assert len(compiled._compiled_greedy._direct) == 4
 
 
 def test_compiled_greedy_refused_with_batch_invariant():
