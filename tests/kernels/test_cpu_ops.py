@@ -45,6 +45,11 @@ DECODE_CASES = [  # (context_lens, block_size, num_kv_heads, group, head_dim)
     ([23, 8, 9], 8, 1, 3, 64),  # blocks shorter than a score tile
     ([19, 40, 0], 16, 2, 7, 64),  # AVX-512 passes of 4, 2 and 1 query heads of a group
     ([33, 5], 5, 1, 6, 32),  # passes of 4 and 2, blocks of an odd size
+    # AVX-512's pair scores (head dim 16, pairs of query heads; every tail length 1..33 in the row above): 16-token
+    # tiles two to a block, and blocks of an odd size (the rows past a block's end left out)
+    ([70, 31, 64, 16, 0], 32, 2, 2, 16),
+    ([45, 7, 32, 19, 16], 5, 2, 2, 16),
+    ([19, 40, 0, 33, 1, 17], 16, 2, 6, 16),  # a pair pass after a 4-head pass (query heads 4-5 of each group)
 ]
 
 

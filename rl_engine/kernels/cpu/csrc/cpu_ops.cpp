@@ -533,6 +533,79 @@ inline void group_values(const float* s, int64_t s_stride, const Chunk<T>& ch, i
   }
 }
 
+#if defined(RL_AVX512)
+// Pair scores (AVX-512, head dim 16, query heads two at a time: the RL rollout's tiny model, 4 query / 2 kv heads of
+// 16), without sum_lanes' transpose-and-add trees: lane 4m + j of one vector holds dims 4m .. 4m + 3 of slot j (token
+// j / 2 of two, query head j % 2), from 4 FMAs on the two K rows blended (two blends) and permuted within 128-bit
+// lanes (three vpermilps) so that each lane meets its own token's four dims once, against four query coefficient
+// vectors made once a chunk. Eight such vectors (16 tokens) then take two shuffle-and-add levels over their 128-bit
+// lanes and two two-source permutes to head-major rows: 38 shuffles and 6 adds a 16 tokens x 2 heads where
+// sum_lanes' trees took 62 and 30. One call at grpo_step's captured rollout shapes (128 rows, contexts 29 / 45 / 61,
+// 1 thread, A/B in one process through the lock at load ~5): 48.6 / 63.9 / 79.3 -> 45.1 / 59.3 / 74.0 us; inside
+// the engine's rollout (the tiny model, 128 sequences, 64 new tokens, 1 thread, every call timed, two runs of 12
+// alternated), where K and V come from L3, 0.96-0.98 of the decode attention's time a run (medians). The same
+// layout for GQA 4 (one token's vector: 4 heads x 4 dim groups, 4 FMAs a 16-dim chunk) took the ~3.4M model's
+// calls to 0.94-0.98 in one process but to 1.12-1.15x inside the engine's generate: not used.
+struct PairQuery {
+  __m512 a[4];  // a[e][4m + j] = q[j % 2][4m + (j ^ e)]
+};
+inline PairQuery pair_query(const float* q0, const float* q1) {
+  const __m512 x = _mm512_loadu_ps(q0), y = _mm512_loadu_ps(q1);
+  PairQuery p;
+  p.a[0] = _mm512_mask_blend_ps(0xAAAA, x, y);
+  p.a[1] = _mm512_mask_blend_ps(0xAAAA, _mm512_permute_ps(x, 0xB1), _mm512_permute_ps(y, 0xB1));
+  p.a[2] = _mm512_mask_blend_ps(0xAAAA, _mm512_permute_ps(x, 0x4E), _mm512_permute_ps(y, 0x4E));
+  p.a[3] = _mm512_mask_blend_ps(0xAAAA, _mm512_permute_ps(x, 0x1B), _mm512_permute_ps(y, 0x1B));
+  return p;
+}
+// lane 4m + j: the dot product over dims 4m .. 4m + 3 of query head j % 2 with row k0 (j < 2) or k1 (j >= 2)
+inline __m512 pair_dots(const PairQuery& p, __m512 k0, __m512 k1) {
+  const __m512 x = _mm512_mask_blend_ps(0xCCCC, k0, k1), y = _mm512_mask_blend_ps(0xCCCC, k1, k0);
+  __m512 r = _mm512_mul_ps(p.a[0], x);
+  r = _mm512_fmadd_ps(p.a[1], _mm512_permute_ps(x, 0xB1), r);
+  r = _mm512_fmadd_ps(p.a[2], _mm512_permute_ps(y, 0x4E), r);
+  return _mm512_fmadd_ps(p.a[3], _mm512_permute_ps(y, 0x1B), r);
+}
+// the 128-bit lane sums of a and b: [a0 + a2, a1 + a3, b0 + b2, b1 + b3], then of those [a, b, c, d] whole
+inline __m512 lane_pairs(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                       _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+inline __m512 lane_sums(__m512 ab, __m512 cd) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+// s[g * s_stride + t] for g < 2, t < n: the scores of the pair against the block's n K rows (kb, tok apart), 16 at a
+// time (rows past n as zeros; up to 15 scores past n written, as group_scores')
+template <typename T>
+inline void pair_scores(const PairQuery& p, const T* kb, int64_t tok, int64_t n, float* s, int64_t s_stride) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    const int64_t nt = n - t0;
+    const T* kr = kb + t0 * tok;
+    __m512 r[8];
+    if (nt >= 16) {
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) r[i] = pair_dots(p, Isa::load(kr + 2 * i * tok), Isa::load(kr + (2 * i + 1) * tok));
+    } else {
+      for (int i = 0; i < 8; ++i) {
+        const __m512 k0 = 2 * i < nt ? Isa::load(kr + 2 * i * tok) : _mm512_setzero_ps();
+        const __m512 k1 = 2 * i + 1 < nt ? Isa::load(kr + (2 * i + 1) * tok) : _mm512_setzero_ps();
+        r[i] = pair_dots(p, k0, k1);
+      }
+    }
+    const __m512 f0 = lane_sums(lane_pairs(r[0], r[1]), lane_pairs(r[2], r[3]));  // lane 2t + g, tokens 0 .. 7
+    const __m512 f1 = lane_sums(lane_pairs(r[4], r[5]), lane_pairs(r[6], r[7]));  // tokens 8 .. 15
+    _mm512_storeu_ps(s + t0, _mm512_permutex2var_ps(f0, even, f1));
+    _mm512_storeu_ps(s + s_stride + t0, _mm512_permutex2var_ps(f0, odd, f1));
+  }
+}
+// Scores by pair_scores: head dim 16, a pair of heads, K widened to fp32 (FmaDot)
+template <typename T, int DC, int GC>
+constexpr bool kPairScores = DC == 16 && GC == 2 && !DotOf<T, DC>::kStoredQuery;
+#endif
+
 // softmax_block of the vector kernel: the same exp of each score, in whole vectors of W scores (the last one's lanes
 // past n computed on what the buffer holds there, written back and left out of the sum: sj has room for them).
 // Where the scalar form ran n % W scores one at a time (the compiler's loop tail, ~25 instructions each): at the
@@ -579,8 +652,16 @@ constexpr bool kVecDtype = std::is_same_v<T, float> || std::is_same_v<T, at::BFl
 template <typename T, int DC, int GC>
 inline void group_chunk(const float* qf, const T* qb, int64_t q_s1, float scale, const Chunk<T>& ch, int64_t tok,
                         int64_t j0, float* s, int64_t s_stride, float* m, float* l, float* acc) {
-  for (int64_t i = 0, t = 0; i < ch.count; t += ch.n[i], ++i)
-    group_scores<T, DC, GC>(qf + j0 * DC, qb + j0 * q_s1, q_s1, scale, ch.k[i], tok, ch.n[i], s + t, s_stride);
+#if defined(RL_AVX512)
+  if constexpr (kPairScores<T, DC, GC>) {
+    const PairQuery p = pair_query(qf + j0 * DC, qf + (j0 + 1) * DC);
+    for (int64_t i = 0, t = 0; i < ch.count; t += ch.n[i], ++i) pair_scores(p, ch.k[i], tok, ch.n[i], s + t, s_stride);
+  } else
+#endif
+  {
+    for (int64_t i = 0, t = 0; i < ch.count; t += ch.n[i], ++i)
+      group_scores<T, DC, GC>(qf + j0 * DC, qb + j0 * q_s1, q_s1, scale, ch.k[i], tok, ch.n[i], s + t, s_stride);
+  }
   const int64_t n = ch.tokens;
   float corr[GC];
   for (int g = 0; g < GC; ++g) {  // online softmax over this chunk's n scores of each head
