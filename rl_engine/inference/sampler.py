@@ -215,26 +215,30 @@ class Sampler:
 
 
 class _CompiledGreedy:
-    """`greedy_logprobs` compiled (shapes dynamic, inductor's C++ wrapper) once per kind of logits a graph serves: the
-    dtype, and one row or more (dynamo specialises a size of 1), of contiguous 2-D CPU logits. Each is called as its
-    compiled code (`compiled_call.direct_code`: ~25-30 us a call less than through dynamo's guards, which these keys
-    stand for; [64, 32000] 2.61 -> 2.44 ms, [8, 2048] 57 -> 25 us). Other logits take one torch.compile of it as is,
-    guards evaluated."""
+    """`greedy_logprobs` compiled (shapes dynamic, inductor's C++ wrapper) once per kind of logits a graph serves, of
+    contiguous 2-D CPU logits: the dtype, one row or more (dynamo specialises a size of 1), the vocabulary size (the
+    graph's guards bound it: inductor sums up to 4096 terms plainly and more through a cascade, whose rounding the
+    log-prob contract needs at a 152k vocabulary) and torch's thread count (its parallel loops are built for it; the
+    engine runs small steps on one thread). The vocabulary is fixed per engine, so that is one compile per dtype, row
+    kind and thread count. Each is called as its compiled code (`compiled_call.direct_code`: ~25-30 us a call less
+    than through dynamo's guards, which these keys stand for; [64, 32000] 2.61 -> 2.44 ms, [8, 2048] 57 -> 25 us).
+    Other logits take one torch.compile of it as is, guards evaluated."""
 
     def __init__(self) -> None:
-        self._direct: dict[tuple[torch.dtype, bool], Callable] = {}
+        self._direct: dict[tuple[torch.dtype, bool, int, int], Callable] = {}
         self._guarded = torch.compile(greedy_logprobs, dynamic=True, fullgraph=True)
 
     def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if logits.dim() != 2 or not logits.is_cpu or not logits.is_contiguous() or logits.shape[1] < 2:
             return self._guarded(logits)
-        key = (logits.dtype, logits.shape[0] == 1)
+        key = (logits.dtype, logits.shape[0] == 1, logits.shape[1], torch.get_num_threads())
         direct = self._direct.get(key)
         if direct is not None:
             return direct(logits)
         # a copy of greedy_logprobs with a code object of its own: dynamo's cache of this key alone
         fn = types.FunctionType(greedy_logprobs.__code__.replace(), greedy_logprobs.__globals__,
-                                f"greedy_logprobs_{str(logits.dtype).split('.')[-1]}_{'one' if key[1] else 'rows'}")
+                                f"greedy_logprobs_{str(logits.dtype).split('.')[-1]}_{'one' if key[1] else 'rows'}"
+                                f"_v{key[2]}_t{key[3]}")
         compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
         out = compiled(logits)
         self._direct[key] = direct_code(fn, (logits,)) or compiled  # (None: dynamo is disabled, ran it eagerly)

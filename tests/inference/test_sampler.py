@@ -149,12 +149,21 @@ def test_compiled_greedy_equals_eager_argmax_and_logprobs():
                 # fp32 sums of 3000 exponentials in another order: a few ulps of log(S) apart (|log S| < 10)
                 assert torch.allclose(torch.tensor(logprobs, dtype=torch.float64), expected, rtol=0, atol=1e-6)
                 assert torch.allclose(torch.tensor(logprobs), torch.tensor(logprobs0), rtol=0, atol=1e-6)
-        # each (dtype, one row or more) compiled once and called directly; strided logits take the guarded compile
+        # each (dtype, one row or more, vocabulary, threads) compiled once and called directly; strided logits take
+        # the guarded compile
+        threads = torch.get_num_threads()
         assert sorted(map(str, compiled._compiled_greedy._direct)) == sorted(
-            map(str, [(d, one) for d in (torch.float32, torch.bfloat16) for one in (True, False)]))
+            map(str, [(d, one, 3000, threads) for d in (torch.float32, torch.bfloat16) for one in (True, False)]))
         strided = (torch.randn(5, 6000, generator=g) * 3)[:, ::2]
         assert compiled.sample(strided, [greedy] * 5, draw=list)[0] == eager.sample(strided, [greedy] * 5, draw=list)[0]
         assert len(compiled._compiled_greedy._direct) == 4
+        # a vocabulary past 4096 (inductor's graph for <= 4096 sums plainly: its guard bounds the size) gets a graph
+        # of its own, within the contract of the float64 log-softmax (fp32 sums of 152k terms: ~1e-6 apart)
+        wide = torch.randn(2, 152_064, generator=g) * 3
+        tokens, logprobs = compiled.sample(wide, [greedy] * 2, draw=list)
+        assert (torch.float32, False, 152_064, threads) in compiled._compiled_greedy._direct
+        expected = torch.log_softmax(wide.double(), -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(logprobs, dtype=torch.float64), expected, rtol=0, atol=1e-5)
 
 
 def test_compiled_greedy_refused_with_batch_invariant():
