@@ -154,9 +154,8 @@ def test_forked_samples_copy_the_leaders_partial_block(policy, keep):
     """A prompt of 37 tokens in blocks of 8: 4 full blocks shared, and the leader's 5th block holds prompt tokens
     32..35 (its last token, 36, each sample computes itself for its own logits). Each other sample gets a copy of
     that block, so its first step is a decode row (one token), where it prefilled tokens 32..36; a hidden-state sink
-    (which must see every computed token) or fork_copy_partial_block=False keeps the prefill. Either way: the
-    trainer's log-probs within the contract (fp32, 1e-5), the blocks private past the shared ones, the pool's
-    invariants."""
+    (which must see every computed token) or fork_copy_partial_block=False keeps the prefill. Either way: the trainer's log-probs within the
+    contract (fp32, 1e-5), the blocks private past the shared ones, the pool's invariants."""
     llm = LLM(policy, block_size=8, enable_prefix_caching=False, fork_copy_partial_block=keep != "switch")
     engine = llm.engine
     if keep == "sink":
