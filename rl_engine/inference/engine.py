@@ -448,7 +448,7 @@ class LLMEngine:
         prefill). Not with a draft model (its own KV cache) or a hidden-state sink (it sees computed tokens)."""
         bm, children = self.block_manager, request.pending_forks
         shared, partial = divmod(leader.num_prompt_tokens - 1, self.config.block_size)
-        copy = (partial > 0 and self.config.fork_copy_partial_block and self.speculator is None and self.runner.hidden_sink is None
+        copy = (partial > 0 and self.speculator is None and self.runner.hidden_sink is None
                 and bm.num_free_blocks >= len(children))
         for child in children:
             bm.share(child, leader, shared)
