@@ -441,25 +441,13 @@ class LLMEngine:
                 for r, i in enumerate(rows)}
 
     def _fork(self, request: Request, leader: Sequence) -> None:
-        """The leader's prompt KV exists: the other samples take its full prompt blocks and, when the pool has a
-        block for each, a copy of the block holding the rest of its prompt but the last token. Each sample then
-        computes only that token (for its own logits), a decode row, where it computed the whole partial block's
-        tokens in a prefill (the grpo rollout's second step: ~1,000 tokens for 112 samples, 2x the prompts' own
-        prefill). Not with a draft model (its own KV cache) or a hidden-state sink (it sees computed tokens)."""
-        bm, children = self.block_manager, request.pending_forks
-        shared, partial = divmod(leader.num_prompt_tokens - 1, self.config.block_size)
-        copy = (partial > 0 and self.speculator is None and self.runner.hidden_sink is None
-                and bm.num_free_blocks >= len(children))
-        for child in children:
-            bm.share(child, leader, shared)
-            if copy:
-                bm.allocate(child, 1)
-                child.num_computed_tokens += partial
+        """The leader's prompt KV exists: the other samples take its full prompt blocks."""
+        shared = (leader.num_prompt_tokens - 1) // self.config.block_size
+        for child in request.pending_forks:
+            self.block_manager.share(child, leader, shared)
             if leader.routing is not None:
-                limit = child.num_computed_tokens
+                limit = shared * self.config.block_size
                 child.routing = {s: t[:limit - s] for s, t in leader.routing.items() if s < limit}
-        if copy:
-            self.runner.copy_kv_block(leader.block_table[shared], [child.block_table[shared] for child in children])
         for child in reversed(request.pending_forks):
             self.scheduler.add(child, front=True)
         request.pending_forks = []

@@ -225,14 +225,6 @@ class ModelRunner:
 
             packed_linear.invalidate(self.packed_weights)
 
-    def copy_kv_block(self, src: int, dst: list[int]) -> None:
-        """Every layer's KV cache: blocks `dst` <- block `src` (forked samples' copies of their leader's block)."""
-        index = torch.tensor(dst, device=self.device)
-        with torch.inference_mode():
-            for cache in itertools.chain(self.k_caches, self.v_caches):
-                # (a copy of the block first: torch refuses a source that is a view of the written tensor)
-                cache.index_copy_(0, index, cache[src].clone().expand(len(dst), *cache.shape[1:]))
-
     def compile_seconds(self) -> dict[int, float]:
         """compile_decode: bucket -> seconds its compiling steps took (compilation included), summed over the
         torch thread counts it compiled at (a step is compiled once per count, `compiled_decode`)."""

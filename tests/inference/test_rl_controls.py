@@ -147,35 +147,3 @@ def test_resubmitting_finished_completions_returns_them_unchanged(qwen2):
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in done.outputs]
     assert [c.finish_reason for c in again.outputs] == ["length", "length"]
     assert not llm.engine.has_unfinished_requests()
-
-
-@pytest.mark.parametrize("sink", [False, True])
-def test_forked_samples_copy_the_leaders_partial_block(policy, sink):
-    """A prompt of 37 tokens in blocks of 8: 4 full blocks shared, and the leader's 5th block holds prompt tokens
-    32..35 (its last token, 36, each sample computes itself for its own logits). Each other sample gets a copy of
-    that block, so its first step is a decode row (one token), where it prefilled tokens 32..36; a hidden-state sink
-    (which must see every computed token) keeps the prefill. Either way: the trainer's log-probs within the
-    contract (fp32, 1e-5), the blocks private past the shared ones, the pool's invariants."""
-    llm = LLM(policy, block_size=8, enable_prefix_caching=False)
-    engine = llm.engine
-    if sink:
-        engine.runner.hidden_sink = lambda layout, hidden: None
-    prompt = (mixed_prompts(1, seed=16, max_len=60)[0] * 2)[:37]
-    engine.add_request("g", prompt, SamplingParams(n=4, max_tokens=6, seed=1, ignore_eos=True))
-    engine.step()  # the leader prefills and samples; its siblings fork
-    children = engine.requests["g"].seqs[1:]
-    assert [c.num_computed_tokens for c in children] == ([32] * 3 if sink else [36] * 3)
-    tokens_before = engine.num_generated_tokens
-    engine.step()  # every sample computes one token (copied block) or the children prefill 5 tokens
-    assert engine.num_generated_tokens - tokens_before == 4
-    tables = [s.block_table for s in engine.requests["g"].seqs]
-    assert all(t[:4] == tables[0][:4] for t in tables)
-    assert len({t[4] for t in tables}) == 4  # the block with the last prompt token is private
-    out = []
-    while engine.has_unfinished_requests():
-        out += engine.step()
-    engine.block_manager.check_invariants()
-    for c in out[0].outputs:
-        assert len(c.token_ids) == 6
-        expected = trainer_logprobs(policy, prompt, c.token_ids, 1.0)
-        assert (torch.tensor(c.logprobs) - expected).abs().max().item() <= 1e-5
