@@ -78,8 +78,9 @@ class OpSpec:
     invariant: str | None = None
     cpu_default: bool = False  # its C++ CPU kernel is the CPU default where it builds
     cpu_source: str = "cpu_ops.cpp"  # the file under kernels/cpu/csrc/ its C++ kernel is built from
-    # (dtype, file): inputs of that dtype run another source's kernel, built as its own extension; where it does
-    # not build, those inputs take the torch reference inside the "cpu" implementation, and the reason says so
+    # (dtype, file): inputs of that dtype run another source's kernel, built as its own extension at the first call
+    # of that dtype; where it does not build, those inputs take the torch reference inside the "cpu" implementation
+    # and the reason is logged then (the resolution's reason says so, without building it)
     cpu_dtype_sources: tuple[tuple[str, str], ...] = ()
 
 
@@ -258,14 +259,11 @@ def _spec_or_raise(op: str) -> OpSpec:
 
 
 def _dtype_sources_note(spec: OpSpec) -> str:
-    """What the "cpu" implementation of `spec` runs for the dtypes another source serves (`cpu_dtype_sources`):
-    that source's kernel, or the torch reference with the reason it did not build."""
-    notes = []
-    for dtype, source in spec.cpu_dtype_sources:
-        status = backends.cpu_kernels_status(source)
-        notes.append(f"{dtype}: C++ ({source})" if status.available
-                     else f"{dtype}: torch reference ({source} unavailable: {status.reason})")
-    return "".join(f"; {note}" for note in notes)
+    """What the "cpu" implementation of `spec` runs for the dtypes another source serves (`cpu_dtype_sources`): that
+    source's kernel, built at the first call of that dtype (not here: an fp32-only process never builds it, ~49 s
+    uncached under load), or the torch reference where it does not build, the reason logged then."""
+    return "".join(f"; {dtype}: C++ ({source}, built at the first {dtype} call; where it does not build, the torch "
+                   "reference, the reason logged)" for dtype, source in spec.cpu_dtype_sources)
 
 
 def _load(path: str) -> Callable[..., Any]:

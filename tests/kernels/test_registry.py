@@ -90,22 +90,49 @@ def test_each_cpu_default_is_probed_from_the_source_its_kernel_is_built_from(mon
     assert registry.default_registry().resolution("paged_decode_attention", "cpu").backend == "torch"
 
 
-def test_rms_norm_reason_names_the_bf16_source_and_why_it_did_not_build(monkeypatch):
+def test_rms_norm_resolves_without_building_its_bf16_source_which_the_first_bf16_call_builds(monkeypatch, caplog):
     """The CPU `rms_norm` runs fp32 through train_elementwise.cpp and bf16 through bf16_rms_norm.cpp (its own
-    extension): one failed build must not take the other's inputs with it, and the resolution says which inputs
-    take the torch reference and why (the op still resolves to "cpu": its fp32 kernel built)."""
+    extension). Resolving it probes the fp32 source only (an fp32-only process never builds the bf16 one: ~49 s
+    uncached under load), and its reason says when the bf16 source is built and what runs where it does not; the
+    first bf16 call builds it, and where that fails takes the torch reference, logging why. One failed build does
+    not take the other's inputs with it."""
+    from rl_engine.kernels import cpu
+    from rl_engine.kernels.cpu import engine_elementwise
+
     monkeypatch.delenv("RL_ENGINE_CPU_KERNELS", raising=False)
-    monkeypatch.setattr(backends, "cpu_kernels_status", lambda source="cpu_ops.cpp": BackendStatus(
-        source != "bf16_rms_norm.cpp", f"build failed (CalledProcessError: {source})"))
+    probed = []
+    monkeypatch.setattr(backends, "cpu_kernels_status",
+                        lambda source="cpu_ops.cpp": probed.append(source) or BackendStatus(True, source))
     registry.clear_cache()
     resolution = registry.default_registry().resolution("rms_norm", "cpu")
-    assert resolution.backend == "cpu"
-    assert resolution.reason.endswith("; bf16: torch reference (bf16_rms_norm.cpp unavailable: build failed "
-                                      "(CalledProcessError: bf16_rms_norm.cpp))")
+    assert resolution.backend == "cpu" and resolution.fn is engine_elementwise.rms_norm
+    assert probed == ["train_elementwise.cpp"]
+    assert resolution.reason.endswith("; bf16: C++ (bf16_rms_norm.cpp, built at the first bf16 call; where it does "
+                                      "not build, the torch reference, the reason logged)")
     assert "bf16" not in registry.default_registry().resolution("rms_norm_train", "cpu").reason
-    monkeypatch.setattr(backends, "cpu_kernels_status", lambda source="cpu_ops.cpp": BackendStatus(True, source))
-    registry.clear_cache()
-    assert registry.default_registry().resolution("rms_norm", "cpu").reason.endswith("; bf16: C++ (bf16_rms_norm.cpp)")
+    built, real_load = [], cpu.load_source
+
+    def load(source, **kwargs):
+        built.append(source.name)
+        if source.name != "bf16_rms_norm.cpp":
+            return real_load(source, **kwargs)
+        return None, f"build failed (CalledProcessError: {source.name})"
+
+    monkeypatch.setattr(cpu, "load_source", load)
+    engine_elementwise.bf16_kernel.cache_clear()
+    caplog.set_level(logging.WARNING, logger=cpu.__name__)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, weight = torch.randn(3, 32, generator=g), torch.randn(32, generator=g)
+        resolution.fn(x, weight, 1e-6)
+        assert "bf16_rms_norm.cpp" not in built  # fp32 never loads the bf16 source
+        out, _ = resolution.fn(x.bfloat16(), weight.bfloat16(), 1e-6)
+        assert built.count("bf16_rms_norm.cpp") == 1
+        assert torch.equal(out, reference.rms_norm(x.bfloat16(), weight.bfloat16(), 1e-6)[0])
+        assert any("C++ kernel unavailable (build failed (CalledProcessError: bf16_rms_norm.cpp))" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        engine_elementwise.bf16_kernel.cache_clear()  # the real build again for later tests
 
 
 def test_cuda_preferences_with_probes_replaced(fake_cuda):
