@@ -163,8 +163,9 @@ def direct_code(fn: types.FunctionType, args: tuple) -> types.FunctionType | Non
     """`fn`'s compiled code (after `torch.compile(fn, fullgraph=True)` ran once, with `args`) as a plain function
     taking `fn`'s arguments, its graph called through `_entry_call` where `_cpp_entry` finds the C++ entry point, else
     as dynamo calls it; an input of another dtype than at this call, or moved to or from the CPU, raises a
-    RuntimeError. None when dynamo compiled
-    nothing (TORCHDYNAMO_DISABLE=1: torch.compile ran `fn` eagerly)."""
+    RuntimeError. Dynamo keeps `fn`'s arguments in the code it makes (the contract vLLM's compiled-code dispatch relies
+    on too); `fn` must have no closure. None when dynamo compiled nothing (TORCHDYNAMO_DISABLE=1: torch.compile ran
+    `fn` eagerly): `direct_or_compiled`."""
     entries = torch._dynamo.eval_frame._debug_get_cache_entry_list(fn.__code__)
     if not entries:
         return None
@@ -191,4 +192,16 @@ def direct_code(fn: types.FunctionType, args: tuple) -> types.FunctionType | Non
     else:
         logger.info("%s: its compiled graph is called through AOTAutograd's runtime wrapper", fn.__name__)
         scope[graphs[0]] = _wrapped_call(compiled_graph, inputs)
+    return direct
+
+
+def direct_or_compiled(fn: types.FunctionType, compiled: Callable, args: tuple, *, what: str) -> Callable:
+    """`direct_code(fn, args)`, or, when dynamo compiled nothing (TORCHDYNAMO_DISABLE=1: `torch.compile` gave `fn`
+    itself and ran it eagerly), `compiled` (`torch.compile(fn, ...)`, which keeps running it eagerly), with a warning
+    naming `what` was to be compiled and the switch."""
+    direct = direct_code(fn, args)
+    if direct is None:
+        logger.warning("%s: dynamo is disabled (TORCHDYNAMO_DISABLE=1), so %s runs eagerly; unset it to compile it",
+                       what, fn.__name__)
+        return compiled
     return direct

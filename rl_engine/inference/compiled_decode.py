@@ -25,9 +25,9 @@ shapes, every module and parameter the trace touched, ~230 checks, some in Pytho
 graph saves at decode sizes (measured: a batch-1 step of the ~3.4M model 2.6 ms with them, 1.7 ms eager,
 1.3 ms without), so after the step's first call they are not evaluated: the code dynamo made of the step (which
 reads the graph's inputs, parameters included, afresh and calls the compiled graph) is called as a plain
-function, outside dynamo's frame evaluation (`_compiled_code`; going through dynamo with its guards skipped,
-`set_stance(skip_guard_eval_unsafe)`, cost ~75 us more a call: the `tiny` preset's 128-row step), and its graph's
-C++ entry point is called without AOTAutograd's and inductor's Python wrappers where they do nothing for it
+function, outside dynamo's frame evaluation (`compiled_call.direct_or_compiled`; going through dynamo with its guards
+skipped, `set_stance(skip_guard_eval_unsafe)`, cost ~75 us more a call: the `tiny` preset's 128-row step), and its
+graph's C++ entry point is called without AOTAutograd's and inductor's Python wrappers where they do nothing for it
 (`compiled_call`: ~25 us less).
 One global they check does change while the engine lives: torch's thread count (a small step runs on one
 thread, `threads.single_thread_below`; `cpu_threads="auto"` follows the free cores), which inductor builds its
@@ -60,7 +60,7 @@ import weakref
 import torch
 
 from rl_engine.inference.attention import PagedAttention
-from rl_engine.inference.compiled_call import direct_code
+from rl_engine.inference.compiled_call import direct_or_compiled
 from rl_engine.inference.graph_cache import DecodeRunner, StaticInputs
 
 logger = logging.getLogger(__name__)
@@ -162,24 +162,6 @@ def _layouts(model) -> dict[str, tuple]:
             for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
 
 
-def _compiled_code(fn: types.FunctionType, compiled, args: tuple) -> types.FunctionType:
-    """`fn`'s compiled code as a plain function (`compiled_call.direct_code`): it reads the graph's inputs (each
-    parameter through its module's `_parameters`, the rotary table, the batch size of `input_ids`) afresh on every
-    call and calls the compiled graph with them, without dynamo's frame evaluation (whose cache lookup and stance cost
-    ~75 us a call even with the guards skipped, `set_stance(skip_guard_eval_unsafe=True)`, what this replaced) and,
-    where they only pass inputs and outputs on, without AOTAutograd's and inductor's Python wrappers (~25 us more).
-    Dynamo keeps the same arguments in the code it makes as in the original (the contract vLLM's compiled-code
-    dispatch relies on too), and `fn` has no closure. With dynamo switched off (TORCHDYNAMO_DISABLE=1)
-    `torch.compile` gave `fn` itself and ran it eagerly (`compiled`), leaving no entry: that is what the step keeps
-    calling, with a warning."""
-    direct = direct_code(fn, args)
-    if direct is None:
-        logger.warning("compile_decode: dynamo is disabled (TORCHDYNAMO_DISABLE=1), so %s runs eagerly; unset it "
-                       "to compile the decode step", fn.__name__)
-        return compiled
-    return direct
-
-
 class _CompiledStep:
     """A compiled decode step and the parameter layouts it was built for."""
 
@@ -244,7 +226,8 @@ class CompiledDecodeRunner(DecodeRunner):
         out = compiled(*args)
         seconds = time.perf_counter() - start
         self.compile_seconds = (self.compile_seconds or 0.0) + seconds
-        step.compiled, step.layouts = _compiled_code(fn, compiled, args), _layouts(self.model)
+        step.compiled = direct_or_compiled(fn, compiled, args, what="compile_decode")
+        step.layouts = _layouts(self.model)
         logger.info("compiled the decode step of bucket %d (%s, %d threads) in %.1f s", self.batch_size,
                     "every bucket of 2+ rows" if dynamic else "static", threads, seconds)
         return out

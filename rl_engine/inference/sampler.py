@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rl_engine.inference.compiled_call import direct_code
+from rl_engine.inference.compiled_call import direct_or_compiled
 from rl_engine.inference.sampling_params import SamplingParams
 from rl_engine.kernels.logprob import logprobs_only
 
@@ -243,7 +243,7 @@ class _CompiledGreedy:
                                 f"_v{key[2]}_t{key[3]}")
         compiled = torch.compile(fn, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
         out = compiled(logits)
-        self._direct[key] = direct_code(fn, (logits,)) or compiled  # (None: dynamo is disabled, ran it eagerly)
+        self._direct[key] = direct_or_compiled(fn, compiled, (logits,), what="compile_greedy")
         return out
 
 

@@ -1,18 +1,21 @@
 """compiled_call.direct_code: a torch.compile'd function's compiled code run as a plain function gives what the
 compiled function gives, reads its parameters afresh (updated in place or replaced), refuses an input of another
 dtype or device than the compile's, and calls inductor's C++ entry point only where AOTAutograd's and inductor's
-wrappers pass inputs and outputs on unchanged (an output aliasing an input is rebuilt by AOTAutograd's wrapper: kept).
+wrappers pass inputs and outputs on unchanged (an output aliasing an input is rebuilt by AOTAutograd's wrapper: kept);
+with dynamo disabled, direct_or_compiled keeps the compiled function (run eagerly) and says so.
 
 Small graphs, one compile each (seconds of CPU)."""
 
 from __future__ import annotations
 
+import logging
 import types
 
 import pytest
 import torch
 
-from rl_engine.inference.compiled_call import direct_code
+from rl_engine.inference import compiled_call
+from rl_engine.inference.compiled_call import direct_code, direct_or_compiled
 from rl_engine.inference.compiled_decode import cpp_compiler
 
 needs_cxx = pytest.mark.skipif(cpp_compiler() is None, reason="torch.compile's CPU backend needs a C++ compiler (g++ or CXX)")
@@ -78,3 +81,20 @@ def test_an_output_aliasing_an_input_keeps_aotautograds_wrapper():
         torch.testing.assert_close(projected, x @ mod.weight.t())
         x[0, 0] = 42.0
         assert flat[0].item() == 42.0  # a view of x, as eager gives
+
+
+def test_with_dynamo_disabled_direct_or_compiled_keeps_the_compiled_function_and_warns(monkeypatch, caplog):
+    """TORCHDYNAMO_DISABLE=1: torch.compile runs the function eagerly and leaves no compiled code; the compiled
+    function is what its callers (compile_decode's steps, compile_greedy's pass) keep calling, with a warning naming
+    the caller and the switch."""
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    caplog.set_level(logging.WARNING, logger=compiled_call.__name__)
+    mod, x = _Scale(), torch.randn(3, 8, generator=torch.Generator().manual_seed(3))
+    fn = types.FunctionType(_project.__code__.replace(), _project.__globals__, "project_disabled")
+    compiled = torch.compile(fn, fullgraph=True)
+    with torch.inference_mode():
+        assert torch.equal(compiled(mod, x), _project(mod, x))  # eager: the same bits
+        assert direct_code(fn, (mod, x)) is None
+        assert direct_or_compiled(fn, compiled, (mod, x), what="a caller") is compiled
+    assert [r.getMessage() for r in caplog.records] == [
+        "a caller: dynamo is disabled (TORCHDYNAMO_DISABLE=1), so project_disabled runs eagerly; unset it to compile it"]

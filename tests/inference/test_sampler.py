@@ -167,6 +167,29 @@ def test_compiled_greedy_equals_eager_argmax_and_logprobs():
         assert torch.allclose(torch.tensor(logprobs, dtype=torch.float64), expected, rtol=0, atol=1e-5)
 
 
+def test_compiled_greedy_with_dynamo_disabled_runs_eagerly_and_warns(monkeypatch, caplog):
+    """TORCHDYNAMO_DISABLE=1: the compiled greedy pass runs greedy_logprobs eagerly (the eager sampler's bits) and says
+    so once per compile key (`compiled_call.direct_or_compiled`, as compile_decode's steps), where it fell back
+    silently before."""
+    import logging
+
+    from rl_engine.inference import compiled_call
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    caplog.set_level(logging.WARNING, logger=compiled_call.__name__)
+    eager = Sampler(device=torch.device("cpu"), seed=0)
+    compiled = Sampler(device=torch.device("cpu"), seed=0, compile_greedy=True)
+    compiled.compiled_greedy_min_logits = 0
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(4)) * 3
+    greedy = [SamplingParams(temperature=0.0)] * 3
+    with torch.inference_mode():
+        for _ in range(2):
+            assert compiled.sample(logits, greedy, draw=list) == eager.sample(logits, greedy, draw=list)
+    assert [r.getMessage() for r in caplog.records] == [
+        "compile_greedy: dynamo is disabled (TORCHDYNAMO_DISABLE=1), so greedy_logprobs_float32_rows_v500_t"
+        f"{torch.get_num_threads()} runs eagerly; unset it to compile it"]
+
+
 def test_compiled_greedy_refused_with_batch_invariant():
     with pytest.raises(ValueError, match="compile_greedy=True cannot be combined with batch_invariant"):
         Sampler(device=torch.device("cpu"), seed=0, batch_invariant=True, compile_greedy=True)
