@@ -131,7 +131,6 @@ def test_compiled_greedy_equals_eager_argmax_and_logprobs():
         pytest.skip("inductor's CPU backend needs a C++ compiler")
     eager = Sampler(device=torch.device("cpu"), seed=0)
     compiled = Sampler(device=torch.device("cpu"), seed=0, compile_greedy=True)
-    compiled.compiled_greedy_min_logits = 0  # the compiled pass at every size here
     g = torch.Generator().manual_seed(0)
     greedy = SamplingParams(temperature=0.0)
     with torch.inference_mode():
@@ -159,12 +158,14 @@ def test_compiled_greedy_equals_eager_argmax_and_logprobs():
         assert len(compiled._compiled_greedy._direct) == 4
         # a vocabulary past 4096 (inductor's graph for <= 4096 sums plainly: its guard bounds the size) gets a graph
         # of its own, within the contract of the float64 log-softmax (its fp32 sums of 152k terms: up to ~7e-6 apart,
-        # 64 rows measured; eager greedy_logprobs 2.2e-7)
+        # 64 rows measured; one row 1.4-2.6e-6; eager greedy_logprobs 2.2e-7)
         wide = torch.randn(2, 152_064, generator=g) * 3
-        tokens, logprobs = compiled.sample(wide, [greedy] * 2, draw=list)
-        assert (torch.float32, False, 152_064, threads) in compiled._compiled_greedy._direct
-        expected = torch.log_softmax(wide.double(), -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
-        assert torch.allclose(torch.tensor(logprobs, dtype=torch.float64), expected, rtol=0, atol=1e-5)
+        for rows in (wide, wide[:1]):  # the graph of one row too (every size takes the compiled pass)
+            tokens, logprobs = compiled.sample(rows, [greedy] * len(rows), draw=list)
+            expected = torch.log_softmax(rows.double(), -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(logprobs, dtype=torch.float64), expected, rtol=0, atol=1e-5)
+        keys = set(compiled._compiled_greedy._direct)
+        assert {(torch.float32, one, 152_064, threads) for one in (True, False)} <= keys
 
 
 def test_compiled_greedy_with_dynamo_disabled_runs_eagerly_and_warns(monkeypatch, caplog):
@@ -179,7 +180,6 @@ def test_compiled_greedy_with_dynamo_disabled_runs_eagerly_and_warns(monkeypatch
     caplog.set_level(logging.WARNING, logger=compiled_call.__name__)
     eager = Sampler(device=torch.device("cpu"), seed=0)
     compiled = Sampler(device=torch.device("cpu"), seed=0, compile_greedy=True)
-    compiled.compiled_greedy_min_logits = 0
     logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(4)) * 3
     greedy = [SamplingParams(temperature=0.0)] * 3
     with torch.inference_mode():
@@ -195,33 +195,31 @@ def test_compiled_greedy_refused_with_batch_invariant():
         Sampler(device=torch.device("cpu"), seed=0, batch_invariant=True, compile_greedy=True)
 
 
-def test_compiled_greedy_leaves_small_batches_eager():
-    """Under compile_greedy, fewer logits than compiled_greedy_min_logits take the eager pass (same bits as
-    the eager sampler), and at least that many the compiled one."""
+def test_compiled_greedy_takes_every_all_greedy_batch_with_log_probs():
+    """Under compile_greedy every all-greedy batch that asks for log-probs takes the compiled pass, one row of a
+    small vocabulary included (called as its compiled code it is faster than the eager pass at every size measured),
+    with the eager sampler's tokens and its log-probs within a few ulps."""
     from rl_engine.inference.compiled_decode import cpp_compiler
-    from rl_engine.inference.sampler import COMPILED_GREEDY_MIN_LOGITS
 
     if cpp_compiler() is None:
         pytest.skip("inductor's CPU backend needs a C++ compiler")
     eager = Sampler(device=torch.device("cpu"), seed=0)
     compiled = Sampler(device=torch.device("cpu"), seed=0, compile_greedy=True)
-    assert compiled.compiled_greedy_min_logits == COMPILED_GREEDY_MIN_LOGITS
-    compiled.compiled_greedy_min_logits = 4 * 3000
     greedy = SamplingParams(temperature=0.0)
     g = torch.Generator().manual_seed(1)
     calls = []
     inner = compiled._compiled_greedy
-    compiled._compiled_greedy = lambda logits: calls.append(logits.shape) or inner(logits)
+    compiled._compiled_greedy = lambda logits: calls.append(tuple(logits.shape)) or inner(logits)
     with torch.inference_mode():
-        small = torch.randn(3, 3000, generator=g) * 3
-        assert compiled.sample(small, [greedy] * 3, draw=list) == eager.sample(small, [greedy] * 3, draw=list)
-        assert calls == []
-        large = torch.randn(4, 3000, generator=g) * 3
-        tokens, logprobs = compiled.sample(large, [greedy] * 4, draw=list)
-        assert calls == [(4, 3000)]
-        tokens0, logprobs0 = eager.sample(large, [greedy] * 4, draw=list)
-        assert tokens == tokens0
-        assert torch.allclose(torch.tensor(logprobs), torch.tensor(logprobs0), rtol=0, atol=1e-6)
+        for rows in (1, 3):
+            logits = torch.randn(rows, 64, generator=g) * 3
+            tokens, logprobs = compiled.sample(logits, [greedy] * rows, draw=list)
+            tokens0, logprobs0 = eager.sample(logits, [greedy] * rows, draw=list)
+            assert tokens == tokens0
+            assert torch.allclose(torch.tensor(logprobs), torch.tensor(logprobs0), rtol=0, atol=1e-6)
+        # no log-probs asked: the greedy argmax alone, compiled pass or not
+        assert compiled.sample(logits, [greedy] * 3, draw=list, logprobs=False)[0] == tokens0
+    assert calls == [(1, 64), (3, 64)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
