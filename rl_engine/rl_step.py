@@ -335,7 +335,8 @@ def _micro_batch(samples: Sequence[Sample], advantages: torch.Tensor, temperatur
     fields = dict(token_ids=[s.input_ids for s in samples],
                   per_token={"targets": [s.targets for s in samples], "loss_mask": [s.loss_mask for s in samples],
                              "behavior": [s.behavior_logprobs for s in samples]},
-                  per_sample={"advantages": advantages, "sample": torch.arange(len(samples))})
+                  per_sample={"advantages": advantages, "sample": torch.arange(len(samples))},
+                  dtypes={"targets": torch.int64, "loss_mask": torch.bool, "behavior": torch.float32})
     if units is None:
         batch = build_packed_batch(indices, **fields)
         rows, attention = [(i, 0, len(samples[i].input_ids)) for i in indices], None

@@ -17,7 +17,7 @@ there are fewer units than data-parallel ranks (every rank gets work, as with un
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +49,7 @@ def find_units(token_ids: Sequence[TokenList], prompt_lens: Sequence[int], group
         if lengths[i] > budget:  # as plan_micro_batches says it, naming the sample rather than its unit
             raise ValueError(f"sample {i} has {lengths[i]} tokens, more than max_tokens_per_micro_batch ({budget}); "
                              f"raise the budget to at least {lengths[i]} or cap the prompt + response length")
-        prefix = tuple(int(x) for x in tokens[:p - 1])
+        prefix = tuple(tokens[:p - 1]) if isinstance(tokens, list) else tuple(int(x) for x in tokens[:p - 1])
         buckets.setdefault((int(g), p, prefix), []).append(i)
     units: list[PrefixUnit] = []
     for (_, p, _), members in buckets.items():
@@ -111,11 +111,12 @@ class SharedPrefixBatch:
 
 
 def build_shared_prefix_batch(units: Sequence[PrefixUnit], *, token_ids: Sequence[TokenList],
-                              per_token: dict[str, Sequence[TokenList]],
-                              per_sample: dict[str, torch.Tensor]) -> SharedPrefixBatch:
+                              per_token: dict[str, Sequence[TokenList]], per_sample: dict[str, torch.Tensor],
+                              dtypes: Mapping[str, torch.dtype] | None = None) -> SharedPrefixBatch:
     """Flatten `units`: first every prefix-free segment (shared prompts, unshared samples), then the
     completions of the shared units. per_token[name][i] is aligned with token_ids[i]; per_sample[name][i]
-    is broadcast to the sample's rows (a shared segment takes its unit's first sample's values)."""
+    is broadcast to the sample's rows (a shared segment takes its unit's first sample's values).
+    `dtypes[name]`: per_token[name]'s values in that dtype (`concat_values`)."""
     self_segments: list[tuple[int, int, int]] = []
     completions: list[tuple[int, int, int, int]] = []  # (sample, start, end, index of its prefix segment)
     for u in units:
@@ -132,16 +133,17 @@ def build_shared_prefix_batch(units: Sequence[PrefixUnit], *, token_ids: Sequenc
     cu_seqlens = torch.zeros(len(segments) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(lengths, 0)
 
-    def gather(lists: Sequence[TokenList]) -> torch.Tensor:
+    def gather(lists: Sequence[TokenList], dtype: torch.dtype | None) -> torch.Tensor:
         return concat_values([lists[i][a:b] if isinstance(lists[i], list)
-                              else torch.as_tensor(lists[i]).reshape(-1)[a:b] for i, a, b in segments])
+                              else torch.as_tensor(lists[i]).reshape(-1)[a:b] for i, a, b in segments], dtype=dtype)
 
+    samples = list(dict.fromkeys(i for i, _, _ in segments))  # (a unit's first sample has two segments)
     for name, lists in per_token.items():
-        for i, _, _ in segments:
+        for i in samples:
             if len(lists[i]) != len(token_ids[i]):
                 raise ValueError(f"per_token[{name!r}] of sample {i} has {len(lists[i])} values but the sample "
                                  f"has {len(token_ids[i])} tokens")
-    values = {name: gather(lists) for name, lists in per_token.items()}
+    values = {name: gather(lists, (dtypes or {}).get(name)) for name, lists in per_token.items()}
     # Broadcasts to rows in numpy: torch.repeat_interleave starts its thread pool for these few-kB outputs.
     owner = np.array([i for i, _, _ in segments], dtype=np.int64)
     repeats = lengths.numpy()
@@ -150,5 +152,5 @@ def build_shared_prefix_batch(units: Sequence[PrefixUnit], *, token_ids: Sequenc
     starts = np.array([a for _, a, _ in segments], dtype=np.int64)  # each segment's first position
     row_starts = cu_seqlens[:-1].numpy().astype(np.int64)
     positions = torch.from_numpy(np.arange(int(cu_seqlens[-1]), dtype=np.int64) + np.repeat(starts - row_starts, repeats))
-    return SharedPrefixBatch(input_ids=gather(token_ids).long(), positions=positions, cu_seqlens=cu_seqlens,
+    return SharedPrefixBatch(input_ids=gather(token_ids, torch.int64), positions=positions, cu_seqlens=cu_seqlens,
                              segments=segments, attention=SharedPrefixAttention(cu_seqlens, prefix_of), values=values)

@@ -112,3 +112,19 @@ def test_concat_values_is_torch_cat_of_as_tensor(pieces) -> None:
         return
     got = concat_values(pieces)
     assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(("pieces", "dtype"), [
+    ([[1, 2, -3], [2**62], [0]], torch.int64),
+    ([[0, 1, 2], [-1, 0]], torch.bool),  # nonzero
+    ([[True, False], [True]], torch.int64),
+    ([[0.0, -1.25], [3.4028235e38 * 2, 1e-46, 0.1, 1 / 3]], torch.float32),  # one rounding, overflow to inf
+    ([[1, 2], [3]], torch.float32),
+    ([torch.tensor([1, 2]), [3]], torch.bool),  # torch's way, then .to
+    ([[], [1, 2]], torch.int64),
+])
+def test_concat_values_with_a_dtype_is_the_inferred_result_converted(pieces, dtype) -> None:
+    # the straight conversion (numpy's fromiter) gives the values of the inferred result's .to(dtype)
+    expected = torch.cat([torch.as_tensor(p).reshape(-1) for p in pieces]).to(dtype)
+    got = concat_values(pieces, dtype=dtype)
+    assert got.dtype == dtype and torch.equal(got, expected)
