@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rl_engine import kernels
+from rl_engine.kernels.cpu import train_elementwise
 from rl_engine.kernels.grad_mode import training_kernels
 from rl_engine.policy import comm
 from rl_engine.policy.parallel import ParallelGroups
@@ -124,6 +125,18 @@ class RotaryEmbedding:
         if self._fused:
             return self._rotary_full(x, cos, sin)
         return self._apply_rotary(x, x[:, :0], cos, sin)[0]
+
+    def rotate_qkv(self, qkv: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], *, q_heads: int,
+                   kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, k, v) [T, heads, head_dim] of the fused projection's output qkv [T, (q_heads + 2 kv_heads) head_dim]:
+        q and k rotated in one `rotate`, v a view. With the CPU kernel (`train_elementwise.rotary_qkv`) the training
+        forward's backward writes qkv's gradient in one buffer instead of concatenating its parts twice."""
+        if self._fused and self._rotary_full is train_elementwise.rotary_full:
+            return train_elementwise.rotary_qkv(qkv, *tables, q_heads=q_heads, kv_heads=kv_heads)
+        T, D = qkv.shape[0], qkv.shape[1] // (q_heads + 2 * kv_heads)
+        qk, v = qkv.split([(q_heads + kv_heads) * D, kv_heads * D], dim=1)
+        q, k = self.rotate(qk.view(T, q_heads + kv_heads, D), tables).split([q_heads, kv_heads], dim=1)
+        return q, k, v.view(T, kv_heads, D)
 
 
 class ColumnParallelLinear(nn.Module):

@@ -116,16 +116,14 @@ class Attention(nn.Module):
         """(q [T, Hq_local, D], k and v [T, Hkv_local, D]) of this rank's heads, q and k rotated."""
         qkv = self.qkv_proj(x)  # [T, q | k | v]
         T, Hq, Hkv, D = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if self.q_norm is None:  # q and k heads side by side: one rotary pass over both
+            return rotary.rotate_qkv(qkv, rope, q_heads=Hq, kv_heads=Hkv)
         # `split`, not slicing: under autograd the parts' gradients are concatenated once, where
         # each slice's backward would zero-fill a whole [T, qkv] tensor and copy its part in.
-        q_width, kv_width = self.q_width, self.qk_width - self.q_width
-        if self.q_norm is None:  # q and k heads side by side: one rotary pass over both
-            qk, v = qkv.split([self.qk_width, kv_width], dim=1)
-            q, k = rotary.rotate(qk.view(T, Hq + Hkv, D), rope).split([Hq, Hkv], dim=1)
-        else:
-            q, k, v = qkv.split([q_width, kv_width, kv_width], dim=1)
-            q = rotary.rotate(self.q_norm(q.view(T, Hq, D)), rope)
-            k = rotary.rotate(self.k_norm(k.view(T, Hkv, D)), rope)
+        kv_width = self.qk_width - self.q_width
+        q, k, v = qkv.split([self.q_width, kv_width, kv_width], dim=1)
+        q = rotary.rotate(self.q_norm(q.view(T, Hq, D)), rope)
+        k = rotary.rotate(self.k_norm(k.view(T, Hkv, D)), rope)
         return q, k, v.view(T, Hkv, D)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens,

@@ -122,6 +122,42 @@ def test_rotary_full_is_bit_equal_to_the_reference_forward_and_backward(tokens, 
                                                     + x64.roll(head_dim // 2, -1).abs() * sin.double().abs()), "rot")
 
 
+@pytest.mark.parametrize("tokens,q_heads,kv_heads,head_dim,pad", [(29, 4, 2, 16, 0), (17, 3, 1, 6, 5), (1, 1, 1, 2, 0),
+                                                                   (0, 2, 1, 8, 0)])
+@pytest.mark.parametrize("used", ["qkv", "qk", "v"])
+def test_rotary_qkv_is_bit_equal_to_split_rotate_split(tokens, q_heads, kv_heads, head_dim, pad, used):
+    # rotary_qkv's Function (the backward writing d qkv in place) against the path it replaces, with the torch
+    # reference's rotary: split, rotary_full of q and k together, split; values and the gradient of qkv (a part unused
+    # gets a zero gradient); pad: qkv a column slice of a wider tensor (row stride past its width)
+    torch.manual_seed(tokens + q_heads)
+    width = (q_heads + 2 * kv_heads) * head_dim
+    base = torch.randn(tokens, width + pad, requires_grad=True)
+    cos, sin = _tables(tokens, head_dim)
+    grads = [torch.randn(tokens, h, head_dim) for h in (q_heads, kv_heads, kv_heads)]
+    outs, dqkv = [], []
+    for fused in (True, False):
+        x = base.detach().clone().requires_grad_()
+        qkv = x[:, pad:] * 1.0  # a non-leaf, as the projection's output
+        if fused:
+            parts = te.rotary_qkv(qkv, cos, sin, q_heads=q_heads, kv_heads=kv_heads)
+            assert parts[0].grad_fn is not None and type(parts[0].grad_fn).__name__ == "_RotaryQKVBackward"
+        else:
+            qk, v = qkv.split([(q_heads + kv_heads) * head_dim, kv_heads * head_dim], dim=1)
+            rotated = reference.rotary_full(qk.view(tokens, q_heads + kv_heads, head_dim), cos, sin)
+            q, k = rotated.split([q_heads, kv_heads], 1)
+            parts = (q, k, v.view(tokens, kv_heads, head_dim))
+        chosen = {"qkv": (0, 1, 2), "qk": (0, 1), "v": (2,)}[used]
+        sum((parts[i] * grads[i]).sum() for i in chosen).backward()
+        outs.append(parts)
+        dqkv.append(x.grad)
+    for got, want in zip(*outs):
+        assert torch.equal(got, want)
+    assert torch.equal(dqkv[0], dqkv[1])
+    with torch.no_grad():  # no autograd: the split path's values
+        for got, want in zip(te.rotary_qkv(base[:, pad:], cos, sin, q_heads=q_heads, kv_heads=kv_heads), outs[1]):
+            assert torch.equal(got, want)
+
+
 def test_rms_norm_of_strided_heads_and_its_gradient():
     """qk-norm's input: [T, heads, D] views of the fused projection (not contiguous across heads)."""
     torch.manual_seed(0)

@@ -102,6 +102,54 @@ class _Rotary(torch.autograd.Function):
         return kernel().rotary(grad_out, cos, sin, True), None, None
 
 
+class _RotaryQKV(torch.autograd.Function):
+    """q and k rotated out of the fused projection's output qkv [T, (Hq + 2 Hkv) D], and v as a view of it. The
+    backward writes d qkv's three parts in place (rotary's backward of d q and of d k, then d v), where split,
+    rotary and split concatenate the parts twice (two copies of the gradient a layer)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, q_heads, kv_heads):
+        T, D = qkv.shape[0], cos.shape[-1]
+        qk_width = (q_heads + kv_heads) * D
+        rotated = kernel().rotary(qkv[:, :qk_width].view(T, q_heads + kv_heads, D), cos, sin, False)
+        ctx.save_for_backward(cos, sin)
+        ctx.heads = (q_heads, kv_heads)
+        q, k = rotated.split([q_heads, kv_heads], dim=1)
+        return q, k, qkv[:, qk_width:].view(T, kv_heads, D)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        (q_heads, kv_heads), T, D = ctx.heads, cos.shape[0], cos.shape[1]
+        dqkv = torch.empty(T, (q_heads + 2 * kv_heads) * D, dtype=cos.dtype)
+        parts = dqkv.view(T, q_heads + 2 * kv_heads, D).split([q_heads, kv_heads, kv_heads], dim=1)
+        for grad, part, rotate in zip((dq, dk, dv), parts, (True, True, False)):
+            if grad is None:
+                part.zero_()
+            elif rotate:
+                kernel().rotary_into(grad if grad.stride(-1) == 1 else grad.contiguous(), cos, sin, True, part)
+            else:
+                part.copy_(grad)
+        return dqkv, None, None, None, None
+
+
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, q_heads: int,
+               kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) of the fused projection's output qkv [T, (q_heads + 2 kv_heads) head_dim]: q and k rotated as
+    `rotary_full` rotates them ([T, 1, head_dim] cos and sin), v a view; the same values and gradients as splitting
+    qkv, `rotary_full` of q and k together and splitting them (what it runs where the kernel does not apply), the
+    backward writing qkv's gradient in one buffer."""
+    T, D = qkv.shape[0], cos.shape[-1]
+    qk, v = qkv.split([(q_heads + kv_heads) * D, kv_heads * D], dim=1)
+    if not (_takes(qkv, cos, sin) and records_autograd(qkv) and qkv.dim() == 2 and qkv.stride(-1) == 1
+            and cos.shape == (T, 1, D) and sin.shape == cos.shape and D % 2 == 0):
+        q, k = rotary_full(qk.view(T, q_heads + kv_heads, D), cos, sin).split([q_heads, kv_heads], dim=1)
+        return q, k, v.view(T, kv_heads, D)
+    cos, sin = (t[:, 0] if t[:, 0].stride(-1) == 1 else t[:, 0].contiguous() for t in (cos, sin))
+    return _RotaryQKV.apply(qkv, cos, sin, q_heads, kv_heads)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`reference.rms_norm`'s contract, differentiable in x, weight and residual."""

@@ -228,8 +228,10 @@ __attribute__((optimize("fp-contract=off"))) void rotary_row(const float* x, int
   }
 }
 
-// [R, H, D] contiguous from x [R, H, D] (rows and heads strided) and the full-width tables cos, sin [R, D].
-torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, bool transpose) {
+// out [R, H, D] (rows at any stride, heads contiguous) from x [R, H, D] (rows and heads strided) and the full-width
+// tables cos, sin [R, D]: rotary_qkv's backward writes d q and d k into their columns of d qkv this way.
+void rotary_into(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, bool transpose,
+                 const torch::Tensor& out) {
   check_rows(x, "x", 3);
   check_rows(cos, "cos", 2);
   check_rows(sin, "sin", 2);
@@ -237,16 +239,24 @@ torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const tor
   TORCH_CHECK(D % 2 == 0, "head_dim (", D, ") must be even");
   TORCH_CHECK(cos.size(0) == R && cos.size(1) == D && sin.sizes() == cos.sizes(), "cos and sin must be [", R,
               ", ", D, "], got ", cos.sizes(), " and ", sin.sizes());
-  auto out = torch::empty({R, H, D}, x.options());
+  check_rows(out, "out", 3);
+  TORCH_CHECK(out.sizes() == x.sizes() && (H <= 1 || out.stride(1) == D), "out must be ", x.sizes(),
+              " with contiguous heads, got ", out.sizes(), " at strides ", out.strides());
   const float* xp = x.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t sxr = x.stride(0), sxh = x.stride(1), sc = cos.stride(0), ss = sin.stride(0);
+  const int64_t sxr = x.stride(0), sxh = x.stride(1), sc = cos.stride(0), ss = sin.stride(0), so = out.stride(0);
   at::parallel_for(0, R, grain_rows(H * D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
-      rotary_row(xp + r * sxr, sxh, H, D, cp + r * sc, sp + r * ss, op + r * H * D, transpose);
+      rotary_row(xp + r * sxr, sxh, H, D, cp + r * sc, sp + r * ss, op + r * so, transpose);
   });
+}
+
+// [R, H, D] contiguous from x [R, H, D] (rows and heads strided) and the full-width tables cos, sin [R, D].
+torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, bool transpose) {
+  torch::Tensor out = torch::empty(x.sizes(), x.options());
+  rotary_into(x, cos, sin, transpose, out);
   return out;
 }
 
@@ -356,6 +366,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul_forward", &silu_and_mul_forward, "silu(gate) * up of x = [gate | up]");
   m.def("silu_and_mul_backward", &silu_and_mul_backward, "d x of silu(gate) * up");
   m.def("rotary", &rotary, "x * cos + roll(x, D / 2) * sin (transpose: its backward)");
+  m.def("rotary_into", &rotary_into, "rotary written into out (rows at any stride, heads contiguous)");
   m.def("logprob_stats", &logprob_stats, "[4, R]: max, sum exp, sum exp * shifted z, target z of a vocab shard");
   m.def("logprob_grad", &logprob_grad, "d (log-prob, entropy) loss / d logits of a vocab shard");
 }
