@@ -125,6 +125,11 @@ class RolloutSection:
     # (the torch paths otherwise, the reason logged); false: always the torch paths.
     # Both are within the log-prob contract; batch-invariant mode has its own attention either way.
     cpu_decode_kernel: bool = True
+    # n > 1: each sample forked from a prompt's first, admitted while that one still holds its prompt's KV, copies
+    # its partial last prompt block and computes one token instead of prefilling that block's tokens (the
+    # engine's fork_copy_partial_block); within the log-prob contract, not bit for bit with the prefill. false:
+    # the samples prefill it.
+    fork_copy_partial_block: bool = True
     # CPU: each decode bucket's step compiled by torch.compile (the engine's compile_decode: buckets of 2+ rows
     # share one step with a dynamic batch size, so an EOS-varied rollout compiles once), within the log-prob
     # contract but not bit for bit; the first rollout pays the compile (engine stats' decode_compile_s; in every

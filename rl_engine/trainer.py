@@ -269,7 +269,8 @@ class GRPOTrainer:
                        max_num_batched_tokens=r.max_num_batched_tokens, seed=cfg.train.seed,
                        record_routing=r.routing_replay, speculative_config=r.speculative,
                        cpu_threads="fixed", cpu_prepack_weights=False,  # the fp32 log-prob contract (config.py)
-                       cpu_decode_kernel=r.cpu_decode_kernel, compile_decode=r.compile_decode)
+                       cpu_decode_kernel=r.cpu_decode_kernel, compile_decode=r.compile_decode,
+                       fork_copy_partial_block=r.fork_copy_partial_block)
         self.decode_compile = DecodeCompileSeconds(self.llm.engine) if r.compile_decode else None
         self.moe_layers = sorted(self.model.config.moe_layers) if r.routing_replay else None
         self.rewards = RewardComputer(cfg.reward)

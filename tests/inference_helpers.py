@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from rl_engine.policy import CausalLM, ModelConfig
+
 NUM_NEW_TOKENS = 24
 # Qwen2 with tied embeddings and random weights repeats one token forever; untied it varies, which
 # makes token-for-token equality a stronger check.
@@ -27,3 +29,19 @@ def hf_greedy(hf_model, prompts: list[list[int]], max_new_tokens: int) -> list[l
         out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=0)
     return out[:, width:].tolist()
+
+
+def tiny_gqa_model() -> CausalLM:
+    """A 2-layer GQA qwen2 (hidden 32, 8 query heads over 2 KV heads, vocab 64), seeded, with weights large enough
+    that attention is far from uniform (tests/kernels/test_paged_decode_engine_state's engine state)."""
+    hf = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+          "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+          "tie_word_embeddings": True, "torch_dtype": "float32", "eos_token_id": 2}
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.from_hf_dict(hf))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model

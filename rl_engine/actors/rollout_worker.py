@@ -86,7 +86,8 @@ class RolloutWorker:
         self.llm = LLM(model, tokenizer=tokenizer, kv_cache_memory=r.kv_cache_memory_mb << 20,
                        max_num_batched_tokens=r.max_num_batched_tokens, seed=t.seed, record_routing=r.routing_replay,
                        speculative_config=r.speculative, cpu_prepack_weights=False,  # the fp32 log-prob contract
-                       cpu_decode_kernel=r.cpu_decode_kernel, compile_decode=r.compile_decode)
+                       cpu_decode_kernel=r.cpu_decode_kernel, compile_decode=r.compile_decode,
+                       fork_copy_partial_block=r.fork_copy_partial_block)
         self.engine = self.llm.engine
         self.decode_compile = DecodeCompileSeconds(self.engine)  # reported on the results (compile_decode)
         # Every process computes the same plan: every trainer rank sends its own shards to this tp=1 engine.

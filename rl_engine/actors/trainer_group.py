@@ -109,7 +109,8 @@ class TrainerGroup:
                            max_num_batched_tokens=r.max_num_batched_tokens, seed=t.seed,
                            record_routing=r.routing_replay, speculative_config=r.speculative,
                            cpu_threads="fixed", cpu_prepack_weights=False,  # the fp32 log-prob contract (config.py)
-                           cpu_decode_kernel=r.cpu_decode_kernel, compile_decode=r.compile_decode)
+                           cpu_decode_kernel=r.cpu_decode_kernel, compile_decode=r.compile_decode,
+                           fork_copy_partial_block=r.fork_copy_partial_block)
             self.decode_compile = DecodeCompileSeconds(self.llm.engine)  # reported on the results (compile_decode)
             # Engine rank = replica * tp + tp_rank = this training rank (pp = 1): each reads its own shards.
             # Under context parallelism every cp rank holds a whole replica: dp x cp engines, none using cp.

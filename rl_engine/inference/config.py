@@ -48,6 +48,14 @@ class EngineConfig:
     # Engines serving an RL run take `rollout.cpu_decode_kernel` (default True): both paths are within the
     # log-prob contract.
     cpu_decode_kernel: bool = True
+    # n > 1: the samples forked from a request's leader share its full prompt blocks and each, when the scheduler
+    # admits it while the leader still holds that KV, takes a copy of the block holding the rest of its prompt but
+    # the last token (its block taken at admission, as the prefill's would be), so each computes only that token
+    # (a decode row) instead of prefilling the partial block's tokens; within the log-prob contract, not bit for
+    # bit with the prefill. Not with a draft model or a hidden-state sink. False: the partial block's tokens are
+    # prefilled.
+    # Engines serving an RL run take `rollout.fork_copy_partial_block` (default True).
+    fork_copy_partial_block: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str, value) -> None:
@@ -74,6 +82,8 @@ class EngineConfig:
             raise ValueError(f"cpu_prepack_weights must be true or false, got {self.cpu_prepack_weights!r}")
         if not isinstance(self.cpu_decode_kernel, bool):
             raise ValueError(f"cpu_decode_kernel must be true or false, got {self.cpu_decode_kernel!r}")
+        if not isinstance(self.fork_copy_partial_block, bool):
+            raise ValueError(f"fork_copy_partial_block must be true or false, got {self.fork_copy_partial_block!r}")
         if self.cpu_threads not in ("auto", "fixed"):
             raise ValueError(f"cpu_threads must be 'auto' or 'fixed', got {self.cpu_threads!r}")
         if self.graph_batch_sizes is not None:

@@ -263,6 +263,8 @@ class LLMEngine:
             return ready if self.guest is None else self.guest.route(ready)
         emissions: list[tuple[list[int], list[float], int]] = []
         with self._step_threads(sched), torch.inference_mode():
+            if sched.block_copies:  # forked samples admitted with a copy of their leader's partial block
+                self.runner.copy_kv_blocks(sched.block_copies)
             logits, sample_seqs = self.runner.execute(sched, record_routing=self.config.record_routing)
             version = self.weights_version
             bm = self.block_manager
@@ -441,10 +443,20 @@ class LLMEngine:
                 for r, i in enumerate(rows)}
 
     def _fork(self, request: Request, leader: Sequence) -> None:
-        """The leader's prompt KV exists: the other samples take its full prompt blocks."""
-        shared = (leader.num_prompt_tokens - 1) // self.config.block_size
+        """The leader's prompt KV exists: the other samples take its full prompt blocks. Where the rest of the
+        prompt but its last token lies in a partial block, each sample also keeps its leader (`fork_leader`): when
+        the scheduler admits it, it takes a copy of that block if the leader still holds its KV, and computes only
+        its last prompt token (for its own logits), a decode row, where it computed the partial block's tokens in
+        a prefill (the grpo rollout's second step: ~1,000 tokens for 112 samples, 2x the prompts' own prefill).
+        The copy's block is taken at admission, like the prefill's, so a waiting sample holds no more blocks than
+        without it. Not with a draft model (its own KV cache) or a hidden-state sink (it sees computed tokens)."""
+        shared, partial = divmod(leader.num_prompt_tokens - 1, self.config.block_size)
+        copy = (partial > 0 and self.config.fork_copy_partial_block and self.speculator is None
+                and self.runner.hidden_sink is None)
         for child in request.pending_forks:
             self.block_manager.share(child, leader, shared)
+            if copy:
+                child.fork_leader = leader
             if leader.routing is not None:
                 limit = shared * self.config.block_size
                 child.routing = {s: t[:limit - s] for s, t in leader.routing.items() if s < limit}

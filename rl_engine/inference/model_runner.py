@@ -225,6 +225,15 @@ class ModelRunner:
 
             packed_linear.invalidate(self.packed_weights)
 
+    def copy_kv_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Every layer's KV cache: block dst <- block src for each (src, dst) of `pairs` (forked samples' copies of
+        their leader's partial prompt block); every dst differs from every src."""
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        with torch.inference_mode():
+            for cache in itertools.chain(self.k_caches, self.v_caches):
+                cache.index_copy_(0, dst, cache.index_select(0, src))
+
     def compile_seconds(self) -> dict[int, float]:
         """compile_decode: bucket -> seconds its compiling steps took (compilation included), summed over the
         torch thread counts it compiled at (a step is compiled once per count, `compiled_decode`)."""

@@ -10,6 +10,13 @@ blocks are released (shared and cached blocks survive through their refcounts) a
 the front of the queue with its generated tokens, log-probs and versions; when readmitted it
 recomputes the KV of prompt + output and carries on. Nothing is lost or sampled twice.
 
+Forked samples (`n` > 1) wait with the full prompt blocks they share with their leader, and may copy its
+partial prompt block when admitted (EngineConfig.fork_copy_partial_block: the copy's block is taken at
+admission, like the prefill's). Blocks held by waiting sequences are released, newest first, before the
+newest running sequence would preempt itself for lack of blocks, and when nothing runs and the first waiting
+sequence's blocks cannot be had: a sequence left alone always has the whole pool (the engine's max_seq_len),
+so they never leave the engine with nothing to schedule, nor one sequence preempting itself forever.
+
 Speculative decoding: a running sequence may end in draft tokens (a verify chunk of 1 + d tokens).
 Drafts are optional work: they shrink to the token budget and to the free blocks before anyone is
 preempted for them, and a sequence that is preempted or not scheduled loses them. After `schedule()`
@@ -78,6 +85,9 @@ class Scheduler:
                     need = bm.blocks_needed(seq, computed + n)
                 seq.truncate_drafts(n - 1)  # the budget or the pool may not cover them all
             while need > free:
+                if running[-1] is seq and self._release_waiting_blocks():
+                    free = bm.num_free_blocks  # (rather than preempt itself: nothing else would free those)
+                    continue
                 victim = running.pop()  # the newest; scheduled ones are all before index i
                 self._preempt(victim)
                 preempted.append(victim)
@@ -99,20 +109,31 @@ class Scheduler:
         for seq in running[i:]:  # not scheduled this step: their drafts are stale next step
             seq.truncate_drafts(0)
 
-        # Admit waiting sequences (not in a step that had to preempt: the pool is full).
-        while not preempted and self.waiting and budget > 0 and len(running) < self.max_num_seqs:
+        # Admit waiting sequences (not in a step that had to preempt while others still run: the pool is full).
+        copies: list[tuple[int, int]] = []
+        while (not preempted or not running) and self.waiting and budget > 0 and len(running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = bm.match_prefix(seq) if seq.num_computed_tokens == 0 else []
-            start = seq.num_computed_tokens + len(cached) * bm.block_size
+            source = None if seq.fork_leader is None else self._fork_copy_source(seq)
+            if source is not None:  # the partial block's KV is copied: only the last prompt token is computed
+                cached, start = [], seq.num_prompt_tokens - 1
+            else:
+                cached = bm.match_prefix(seq) if seq.num_computed_tokens == 0 else []
+                start = seq.num_computed_tokens + len(cached) * bm.block_size
             n = min(seq.num_tokens - start, budget)
             need = bm.blocks_needed(seq, start + n) - len(cached)
             if not bm.can_allocate(need, cached):
-                break
+                if running or not self._release_waiting_blocks():
+                    break  # (what runs frees blocks as it finishes or is preempted)
+                continue  # the first waiting sequence's admission again, with more blocks free
             self.waiting.popleft()
-            if seq.num_computed_tokens == 0:
+            if seq.num_computed_tokens == 0 and source is None:
                 seq.kv_epoch = bm.epoch
             bm.acquire_cached(seq, cached) if cached else None
             bm.allocate(seq, need)
+            if source is not None:
+                copies.append((source, seq.block_table[-1]))
+                self._take_fork_copy(seq)
+            seq.fork_leader = None  # (a later admission, after a preemption, recomputes)
             seq.status = SeqStatus.RUNNING
             running.append(seq)
             if n == 1:
@@ -124,7 +145,44 @@ class Scheduler:
 
         self.num_preemptions += len(preempted)
         return SchedulerOutput(seqs=singles + chunks, num_new_tokens=[1] * len(singles) + chunk_sizes,
-                               num_single=len(singles), preempted=preempted)
+                               num_single=len(singles), preempted=preempted, block_copies=copies)
+
+    def _release_waiting_blocks(self) -> bool:
+        """The newest running sequence lacks blocks, or nothing runs and the first waiting sequence's blocks cannot
+        be had: the newest waiting sequence holding blocks (a forked sample holding the full prompt blocks it
+        shares with its leader) releases them, to recompute that KV (or find it in the prefix cache) when
+        admitted. False: no waiting sequence holds any."""
+        for seq in reversed(self.waiting):
+            if seq.block_table:
+                self.block_manager.free(seq)
+                return True
+        return False
+
+    def _fork_copy_source(self, seq: Sequence) -> int | None:
+        """A forked sample's first admission: its leader's block holding the rest of their prompt but its last
+        token, when that block's KV can be copied: the leader runs with those tokens computed, in the sample's
+        prefix-cache epoch (the same weights), and the sample still holds the full prompt blocks it shares (none
+        was freed since the fork). None: the sample computes those tokens itself. The copy's block is allocated
+        like the prefill's (one block either way), so it never makes an admission harder."""
+        leader = seq.fork_leader
+        k = len(seq.block_table)
+        if (leader.status is SeqStatus.RUNNING and leader.kv_epoch == seq.kv_epoch
+                and leader.num_computed_tokens >= seq.num_prompt_tokens - 1 and len(leader.block_table) > k
+                and seq.num_computed_tokens == k * self.block_manager.block_size
+                and (seq.num_prompt_tokens - 1) // self.block_manager.block_size == k):
+            return leader.block_table[k]
+        return None
+
+    @staticmethod
+    def _take_fork_copy(seq: Sequence) -> None:
+        """A forked sample admitted with a copy of its leader's partial block: it has the KV of its prompt but the
+        last token, computed by its leader (the oldest weights version among it, the recorded MoE routing)."""
+        leader = seq.fork_leader
+        seq.num_computed_tokens = limit = seq.num_prompt_tokens - 1
+        if leader.kv_version is not None:
+            seq.kv_version = leader.kv_version if seq.kv_version is None else min(seq.kv_version, leader.kv_version)
+        if leader.routing is not None:
+            seq.routing = {s: t[:limit - s] for s, t in leader.routing.items() if s < limit}
 
     def _preempt(self, seq: Sequence) -> None:
         seq.truncate_drafts(0)

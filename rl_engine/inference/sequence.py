@@ -77,7 +77,7 @@ class Sequence:
                  "block_table", "block_hashes", "num_hashed_blocks", "kv_epoch", "kv_version", "status",
                  "logprobs", "policy_versions", "kv_versions", "finish_reason", "stop_reason", "rng_seed",
                  "num_preemptions", "routing", "text_offset", "num_draft_tokens", "draft_probs", "top_logprobs",
-                 "spec_draft_tokens", "spec_accepted_tokens", "spec_verifies")
+                 "spec_draft_tokens", "spec_accepted_tokens", "spec_verifies", "fork_leader")
 
     def __init__(self, request: "Request", index: int, token_ids: list[int], *, num_prompt_tokens: int,
                  rng_seed: int) -> None:
@@ -107,6 +107,9 @@ class Sequence:
         self.top_logprobs: list[list[tuple[int, float]]] = []  # per generated token, if params.logprobs
         # speculative decoding: drafts verified, drafts accepted, verify steps (CompletionOutput's)
         self.spec_draft_tokens = self.spec_accepted_tokens = self.spec_verifies = 0
+        # a forked sample waiting for its first admission: the leader whose partial prompt block it may copy then
+        # (EngineConfig.fork_copy_partial_block, `Scheduler._fork_copy_source`); None otherwise
+        self.fork_leader: Sequence | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -165,3 +168,6 @@ class SchedulerOutput:
     num_new_tokens: list[int] = field(default_factory=list)
     num_single: int = 0  # the first `num_single` entries compute one token each
     preempted: list[Sequence] = field(default_factory=list)
+    # (src, dst) KV blocks to copy before the step runs: forked samples admitted with a copy of their leader's
+    # partial prompt block (dst, the sample's own) that they compute past
+    block_copies: list[tuple[int, int]] = field(default_factory=list)

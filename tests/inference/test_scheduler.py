@@ -79,3 +79,64 @@ def test_sequence_preempts_itself_when_it_is_the_newest():
     assert out.seqs == [b] and out.preempted == [a]
     assert a.status is SeqStatus.WAITING and a.token_ids[-1] == 0 and len(a.token_ids) == 9
     bm.check_invariants()
+
+
+def forked_child(s: Scheduler, leader, shared: int):
+    """What LLMEngine._fork does for one sample: the leader's first `shared` blocks, queued first, its leader kept
+    for the partial block's copy."""
+    child = make_seq(leader.token_ids[:leader.num_prompt_tokens])
+    s.block_manager.share(child, leader, shared)
+    child.fork_leader = leader
+    s.add(child, front=True)
+    return child
+
+
+def test_forked_sample_copies_its_leaders_partial_block_when_admitted_while_the_leader_runs():
+    bm = BlockManager(num_blocks=10, block_size=2, enable_prefix_caching=False)
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    leader = make_seq([1, 2, 3, 4, 5, 6])  # blocks [1 2] [3 4] [5 6]: tokens 0..4 are the child's to copy
+    s.add(leader)
+    finish_step(s.schedule())
+    child = forked_child(s, leader, 2)
+    assert child.num_computed_tokens == 4 and len(child.block_table) == 2 and bm.num_free_blocks == 9 - 3
+    out = s.schedule()
+    assert out.seqs == [leader, child] and out.num_new_tokens == [1, 1]  # the child computes token 5 only
+    assert out.block_copies == [(leader.block_table[2], child.block_table[2])] and child.num_computed_tokens == 5
+    assert child.block_table[:2] == leader.block_table[:2] and child.block_table[2] != leader.block_table[2]
+    assert child.fork_leader is None
+    bm.check_invariants()
+
+
+def test_forked_sample_recomputes_when_its_leader_finished_before_it_was_admitted():
+    bm = BlockManager(num_blocks=10, block_size=2, enable_prefix_caching=False)
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    leader = make_seq([1, 2, 3, 4, 5, 6])
+    s.add(leader)
+    finish_step(s.schedule())
+    child = forked_child(s, leader, 2)
+    s.remove(leader)  # it stopped: its partial block is released (and may be reused)
+    leader.status = SeqStatus.FINISHED
+    out = s.schedule()
+    assert out.seqs == [child] and out.num_new_tokens == [2] and out.block_copies == []  # tokens 4 and 5
+    bm.check_invariants()
+
+
+def test_waiting_samples_release_their_blocks_when_nothing_runs_and_the_first_cannot_be_admitted():
+    """A forked sample waits with the blocks it shares; its leader finished, so it alone holds them. The first
+    waiting sequence needs more blocks than are free and nothing runs (nothing would ever free a block): the
+    sample releases its blocks (it will recompute them) and the first is admitted."""
+    bm = BlockManager(num_blocks=5, block_size=2, enable_prefix_caching=False)  # 4 usable blocks
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    leader = make_seq([1, 2, 3, 4, 5])
+    s.add(leader)
+    finish_step(s.schedule())
+    child = forked_child(s, leader, 2)
+    s.remove(leader)
+    leader.status = SeqStatus.FINISHED
+    first = make_seq(list(range(10, 17)))  # 7 tokens: 4 blocks
+    s.add(first, front=True)
+    assert bm.num_free_blocks == 2
+    out = s.schedule()
+    assert out.seqs == [first] and out.num_new_tokens == [7]
+    assert list(s.waiting) == [child] and child.block_table == [] and child.num_computed_tokens == 0
+    bm.check_invariants()

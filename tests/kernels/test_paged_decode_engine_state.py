@@ -13,26 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from inference_helpers import tiny_gqa_model
 from rl_engine import LLM, SamplingParams
 from rl_engine.kernels import reference
-from rl_engine.policy import CausalLM, ModelConfig
 
 BLOCK_SIZE = 4
 NUM_KV_BLOCKS = 24  # 23 usable blocks; the requests below need ~50 at their longest
-
-
-def tiny_gqa_model() -> CausalLM:
-    hf = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-          "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
-          "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-          "tie_word_embeddings": True, "torch_dtype": "float32", "eos_token_id": 2}
-    torch.manual_seed(0)
-    model = CausalLM(ModelConfig.from_hf_dict(hf))
-    with torch.no_grad():  # large enough weights that attention is far from uniform
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return model
 
 
 def max_sharing(tables: torch.Tensor, lens: torch.Tensor) -> int:

@@ -24,7 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # training RMSNorm and SwiGLU and the engine's (overridden: the C++ rms_norm_train / silu_and_mul_train and
 # rms_norm / silu_and_mul, CPU defaults since, sum in another order and take fast_exp; rotary_full, bit-equal, is
 # pinned with them; so are the C++ log-prob
-# statistics and their gradient, which take fast_exp), and every row through the whole model
+# statistics and their gradient, which take fast_exp), with the forked samples prefilling their leader's partial
+# prompt block (rollout.fork_copy_partial_block=false: the copy, the default since, computes the last prompt token
+# in a decode step, which moves the behavior log-probs by up to ~1e-6), and every row through the whole model
 # (train.skip_unscored_rows=false: the weight gradients' sums without the prompt rows' zeros round otherwise,
 # ~1e-7, and so do the later steps' metrics).
 REFERENCE = os.path.join(HERE, "default_step_metrics_reference.json")
@@ -61,7 +63,8 @@ def test_one_mini_batch_one_epoch_reproduces_the_one_update_loop(tmp_path):
                                    "logprob_shard_stats": "torch", "logprob_entropy_grad": "torch"})
     try:
         trainer = _trainer(tmp_path, "train.mini_batches_per_step=1", "train.epochs_per_step=1",
-                           "rollout.cpu_decode_kernel=false", "train.skip_unscored_rows=false")
+                           "rollout.cpu_decode_kernel=false", "rollout.fork_copy_partial_block=false",
+                           "train.skip_unscored_rows=false")
         try:
             rows = _rows(trainer)
         finally:
