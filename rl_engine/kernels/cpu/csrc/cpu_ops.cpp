@@ -433,6 +433,68 @@ struct Chunk {
   int64_t tokens = 0;  // keys in all
 };
 #if defined(RL_AVX512) || defined(RL_AVX2)
+// Prefetches (into L2) of the cache blocks a thread's tasks read next: blocks lie anywhere in a cache far larger than
+// L3, and each is one contiguous bs * tok run of K and one of V that would otherwise be fetched line by line as the
+// loops reach them. A cursor walks the thread's tasks' tables (across tasks) up to `target` blocks, counted from the
+// thread's first task; pump(n) issues the next n lines of K and n of V. At head dims of 32 and more (kPumped) the
+// score loop (a K tile) and the value loop (a V row) pump row_lines each, up to two chunks past the one being read,
+// so that the prefetches go out spread over the work (the value loop alone visits each token once per kv head of the
+// task, so row_lines = a token's K lines / those heads, and one more, keeps the cursor ahead); at head dim 16 (the RL
+// rollout's tiny model: a few instructions a row) one burst at each chunk's start fetches the next chunk.
+// Against one burst a chunk of the next chunk's blocks (or the next task's first block), inside the engine's generate
+// (64 prompts of 16-128 tokens, 128 new greedy, 1 thread, every call timed, the two builds alternated in one process,
+// through the lock at load 5.7-7.5): benchmarks/generate.py's ~3.5M model (head dim 32, 8 runs each) the decode
+// attention's time a run 360 -> 242 ms median (0.67x), the whole run 0.92-0.93x; --large's ~50M (head dim 64, 3 runs
+// each) 1522 -> 1017 ms median (0.67x), best 1408 -> 1001, the whole run 0.94-0.98x. The tiny rollout (head dim 16,
+// 1 and 2 threads, 12 runs, load ~5): 0.98x median, 1.03-1.05x best, within the noise. Tried: the same pumping at
+// head dim 16 cost the rollout 1.12-1.15x (a pump check a V row of two FMAs a head); a fixed two lines a row left
+// --large's cursor behind (1.14x: 8 K lines a token); one burst two or three chunks ahead as one ahead (0.85x on the
+// ~3.5M model); into L1 (T0), 1.11x.
+template <int DC>
+constexpr bool kPumped = DC >= 32;
+struct Prefetcher {
+  const char* kc;
+  const char* vc;
+  const int32_t* tables;
+  int64_t table_stride;
+  const int32_t* lens;
+  int64_t split, bs, block_bytes, num_blocks, end;
+  int row_lines;  // lines a pump of a loop: a token's K lines over the task's kv heads, and one more
+  int64_t task, block = 0, off = 0, issued = 0, target = 0;
+  const char* kn = nullptr;
+  const char* vn = nullptr;
+  inline void pump(int n) {
+    for (; n > 0 && issued < target; --n) {
+      if (kn == nullptr && !next_block()) return;
+      _mm_prefetch(kn + off, _MM_HINT_T1);
+      _mm_prefetch(vn + off, _MM_HINT_T1);
+      off += 64;
+      if (off >= block_bytes) kn = vn = nullptr, off = 0, ++block, ++issued;
+    }
+  }
+  void skip_to(int64_t blocks) {  // a cursor behind the blocks being read moves on without prefetching them
+    for (; issued < blocks; kn = vn = nullptr, off = 0, ++block, ++issued)
+      if (kn == nullptr && !next_block()) return;
+  }
+  bool next_block() {  // kn, vn: the cursor's block (skipping those outside the cache); false past the last task
+    while (task < end) {
+      const int64_t L = lens[task / split];
+      if (block >= (L > 0 ? (L + bs - 1) / bs : 0)) {
+        ++task, block = 0;
+        continue;
+      }
+      const int64_t b = tables[task / split * table_stride + block];
+      if (b < 0 || b >= num_blocks) {
+        ++block, ++issued;
+        continue;
+      }
+      kn = kc + b * block_bytes, vn = vc + b * block_bytes;
+      return true;
+    }
+    issued = target;
+    return false;
+  }
+};
 // part[tt * GC + g] = W partial sums of the dot product of query head g (of GC) with K row tt of a tile of
 // TT = W / GC rows from kr (tok apart), nt of them present (Full: all; the others' sums stay 0). The query heads
 // are Dot's operand: the scaled fp32 heads (qf [GC][DC], q_stride DC) or those stored (q_stride q_s1). The loop
@@ -480,7 +542,7 @@ inline void tile_dots(const typename Dot::Q* qh, int64_t q_stride, const T* kr, 
 // W scores (token-major), permuted head-major and stored per head (up to a tile past n: see group_chunk).
 template <typename T, int DC, int GC>
 inline void group_scores(const float* qf, const T* qb, int64_t q_s1, float scale, const T* kb, int64_t tok, int64_t n,
-                         float* s, int64_t s_stride) {
+                         float* s, int64_t s_stride, Prefetcher& pf) {
   using Dot = DotOf<T, DC>;
   constexpr int W = Isa::W, TT = W / GC;
   int32_t ix[W];  // lane g * TT + tt of the stored vector <- lane tt * GC + g of sum_lanes'
@@ -491,6 +553,7 @@ inline void group_scores(const float* qf, const T* qb, int64_t q_s1, float scale
   if constexpr (Dot::kStoredQuery) qh = qb, q_stride = q_s1;
   else qh = qf, q_stride = DC;
   for (int64_t t0 = 0; t0 < n; t0 += TT) {
+    if constexpr (kPumped<DC>) pf.pump(pf.row_lines);
     typename Isa::V part[W];
     if (n - t0 >= TT) {
       tile_dots<Dot, T, DC, GC, true>(qh, q_stride, kb + t0 * tok, tok, TT, part);
@@ -508,7 +571,7 @@ inline void group_scores(const float* qf, const T* qb, int64_t q_s1, float scale
 // loaded once for all of them, the accumulators in registers (kAccRegs: the head dim in chunks of CC vectors).
 template <typename T, int DC, int GC>
 inline void group_values(const float* s, int64_t s_stride, const Chunk<T>& ch, int64_t tok, const float* corr,
-                         float* acc) {
+                         float* acc, Prefetcher& pf) {
   constexpr int W = Isa::W, V = DC / W;
   constexpr int CC = V < Isa::kAccRegs / GC ? V : Isa::kAccRegs / GC;
   static_assert(V % CC == 0, "the head dim in whole chunks of CC vectors");
@@ -521,6 +584,7 @@ inline void group_values(const float* s, int64_t s_stride, const Chunk<T>& ch, i
     for (int64_t t = 0, i = 0; i < ch.count; ++i)
     for (int64_t u = 0; u < ch.n[i]; ++u, ++t) {
       const T* vr = ch.v[i] + u * tok + W * c0;
+      if constexpr (kPumped<DC>) pf.pump(pf.row_lines);
       typename Isa::V p[GC];
       for (int g = 0; g < GC; ++g) p[g] = Isa::set1(s[g * s_stride + t]);
       for (int c = 0; c < CC; ++c) {
@@ -651,7 +715,7 @@ constexpr bool kVecDtype = std::is_same_v<T, float> || std::is_same_v<T, at::BFl
 // them, and s_stride leaves room after the chunk).
 template <typename T, int DC, int GC>
 inline void group_chunk(const float* qf, const T* qb, int64_t q_s1, float scale, const Chunk<T>& ch, int64_t tok,
-                        int64_t j0, float* s, int64_t s_stride, float* m, float* l, float* acc) {
+                        int64_t j0, float* s, int64_t s_stride, float* m, float* l, float* acc, Prefetcher& pf) {
 #if defined(RL_AVX512)
   if constexpr (kPairScores<T, DC, GC>) {
     const PairQuery p = pair_query(qf + j0 * DC, qf + (j0 + 1) * DC);
@@ -660,7 +724,7 @@ inline void group_chunk(const float* qf, const T* qb, int64_t q_s1, float scale,
 #endif
   {
     for (int64_t i = 0, t = 0; i < ch.count; t += ch.n[i], ++i)
-      group_scores<T, DC, GC>(qf + j0 * DC, qb + j0 * q_s1, q_s1, scale, ch.k[i], tok, ch.n[i], s + t, s_stride);
+      group_scores<T, DC, GC>(qf + j0 * DC, qb + j0 * q_s1, q_s1, scale, ch.k[i], tok, ch.n[i], s + t, s_stride, pf);
   }
   const int64_t n = ch.tokens;
   float corr[GC];
@@ -668,7 +732,7 @@ inline void group_chunk(const float* qf, const T* qb, int64_t q_s1, float scale,
     float* sj = s + g * s_stride;
     corr[g] = softmax_chunk(sj, n, block_max(sj, n), m[j0 + g], l[j0 + g]);
   }
-  group_values<T, DC, GC>(s, s_stride, ch, tok, corr, acc + j0 * DC);
+  group_values<T, DC, GC>(s, s_stride, ch, tok, corr, acc + j0 * DC, pf);
 }
 
 // Over a KV pool far larger than L3 (the engine's: 8 layers of 64 rows of 80-200 keys in blocks scattered
@@ -697,6 +761,10 @@ void paged_decode_vec(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const
     const int64_t HG = heads_per_task * G;
     std::vector<float> qf(HG * DC), acc(HG * DC), s(4 * s_stride), m(HG), l(HG);
     Chunk<T> ch;
+    int64_t done = 0;  // blocks read (counted from the thread's first task's), the chunk being read included
+    Prefetcher pf{reinterpret_cast<const char*>(kc), reinterpret_cast<const char*>(vc), tables, table_stride, lens,
+                  split, bs, bs * tok * int64_t(sizeof(T)), num_blocks, end,
+                  int((tok * int64_t(sizeof(T)) / 64 + heads_per_task - 1) / heads_per_task + 1), begin};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / split, h0 = (task % split) * heads_per_task;
       T* o = out + (b * Hq + h0 * G) * DC;
@@ -716,29 +784,10 @@ void paged_decode_vec(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const
           bad_block = true;
           break;
         }
-        {  // the blocks of the next chunk this task reads (or the next task's first block): blocks lie anywhere in a
-           // cache far larger than L3, and each is one contiguous bs * tok run of K and one of V that would otherwise
-           // be fetched line by line as the loops reach it
-          int64_t next_first = last, next_last = std::min(num_table_blocks, last + per_chunk);
-          const int32_t* next_table = table;
-          if (next_first >= num_table_blocks) {
-            next_first = next_last = 0;
-            if (task + 1 < end) {
-              const int64_t nb = (task + 1) / split;
-              if (lens[nb] > 0) next_table = tables + nb * table_stride, next_last = 1;
-            }
-          }
-          for (int64_t i = next_first; i < next_last; ++i) {
-            const int64_t next = next_table[i];
-            if (next < 0 || next >= num_blocks) continue;
-            const char* kn = reinterpret_cast<const char*>(kc + next * bs * tok);
-            const char* vn = reinterpret_cast<const char*>(vc + next * bs * tok);
-            for (int64_t off = 0; off < bs * tok * int64_t(sizeof(T)); off += 64) {
-              _mm_prefetch(kn + off, _MM_HINT_T1);
-              _mm_prefetch(vn + off, _MM_HINT_T1);
-            }
-          }
-        }
+        pf.skip_to(done);
+        done += last - first;  // prefetch up to two chunks past this one (pumped), else the next chunk at once
+        pf.target = done + (kPumped<DC> ? 2 : 1) * per_chunk;
+        pf.pump(kPumped<DC> ? 4 * pf.row_lines : std::numeric_limits<int>::max());
         for (int64_t hh = 0; hh < heads_per_task; ++hh) {
           ch.count = last - first;
           ch.tokens = 0;
@@ -753,15 +802,15 @@ void paged_decode_vec(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const
           const int64_t j_end = j + G;
           for (; j + 4 <= j_end; j += 4)
             group_chunk<T, DC, 4>(qf.data(), qb, q_s1, scale, ch, tok, j, s.data(), s_stride, m.data(), l.data(),
-                                  acc.data());
+                                  acc.data(), pf);
           if (j + 2 <= j_end) {
             group_chunk<T, DC, 2>(qf.data(), qb, q_s1, scale, ch, tok, j, s.data(), s_stride, m.data(), l.data(),
-                                  acc.data());
+                                  acc.data(), pf);
             j += 2;
           }
           if (j < j_end)
             group_chunk<T, DC, 1>(qf.data(), qb, q_s1, scale, ch, tok, j, s.data(), s_stride, m.data(), l.data(),
-                                  acc.data());
+                                  acc.data(), pf);
         }
       }
       end_task(acc, l, o, HG, int64_t(DC));
