@@ -88,14 +88,16 @@ def test_paged_decode_matches_reference(dtype, context_lens, block_size, num_kv_
 
 
 @needs_cpu_kernels
-def test_paged_decode_rejects_a_block_outside_the_cache():
+@pytest.mark.parametrize("head_dim", [8, 16, 32, 64])  # the generic kernel; the vector one's pair and GQA passes
+def test_paged_decode_rejects_a_block_outside_the_cache(head_dim):
     from rl_engine.kernels.cpu.ops import paged_decode_attention
 
-    cache = torch.zeros(3, 4, 1, 8)
-    tables = torch.tensor([[0, 7]], dtype=torch.int32)
+    # the bad block in the second of three rows (the vector kernel's prefetch cursor walks past it), one row empty
+    cache = torch.zeros(3, 4, 1, head_dim)
+    tables = torch.tensor([[0, 1], [0, 7], [2, 0]], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="outside the cache's 3 blocks"):
-        paged_decode_attention(torch.zeros(1, 2, 8), cache, cache, tables, torch.tensor([6], dtype=torch.int32),
-                               1.0)
+        paged_decode_attention(torch.zeros(3, 2, head_dim), cache, cache, tables,
+                               torch.tensor([6, 6, 0], dtype=torch.int32), 1.0)
 
 
 PREFILL_CASES = [  # (context_lens, query_lens, block_size, num_kv_heads, group, head_dim)
