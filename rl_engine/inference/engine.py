@@ -46,9 +46,10 @@ logger = logging.getLogger(__name__)
 class _Batch:
     """What sampling reads of a step's sampled sequences that does not change while they stay the same (in
     the same order, as from one decode step to the next): their params, whether those share one setting,
-    whether any asks for log-probs or top log-probs, and the seeded uniforms' per-row part."""
+    whether any asks for log-probs or top log-probs, the seeded uniforms' per-row part, and whether any request
+    streams."""
 
-    __slots__ = ("seqs", "params", "uniform", "logprobs", "top_rows", "seed_base")
+    __slots__ = ("seqs", "params", "uniform", "logprobs", "top_rows", "seed_base", "streams")
 
     def __init__(self, seqs: list[Sequence]) -> None:
         self.seqs = seqs
@@ -58,6 +59,7 @@ class _Batch:
         self.top_rows = any(p.logprobs for p in params)
         seeds = [s.rng_seed for s in seqs]
         self.seed_base = None if None in seeds else token_uniform_base(seeds, [s.index for s in seqs])
+        self.streams = any(s.request.stream for s in seqs)
 
 
 class LLMEngine:
@@ -298,7 +300,7 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         stopped: set[str] = set()  # requests with a sample that finished this step
         if decode:
-            self._emit_decode(sample_seqs, tokens, logprobs, tops, version, touched, stopped)
+            self._emit_decode(batch, tokens, logprobs, tops, version, touched, stopped)
         elif sample_seqs and self.speculator is None:
             self._emit_plain(sample_seqs, tokens, logprobs, tops, version, touched, stopped)
         for seq, (tokens, logprobs, in_place) in zip(sample_seqs, emissions):
@@ -358,15 +360,17 @@ class LLMEngine:
             touched[request.request_id] = request
         self.num_generated_tokens += len(seqs)
 
-    def _emit_decode(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float] | None,
+    def _emit_decode(self, batch: _Batch, tokens: list[int], logprobs: list[float] | None,
                      tops: dict[int, list], version: int, touched: dict[str, Request], stopped: set[str]) -> None:
-        """`_emit_plain` of a step in which every scheduled sequence computed one token and sampled it, with the
-        step's KV bookkeeping in the same pass over the sequences: the computed token, the oldest weights version
-        of the KV, the prefix cache's newly full block (registered before a stop frees the sequence's blocks), then
-        `_stops`."""
+        """`_emit_plain` of a step in which every scheduled sequence (`batch.seqs`) computed one token and sampled
+        it, with the step's KV bookkeeping in the same pass over the sequences: the computed token, the oldest
+        weights version of the KV, the prefix cache's newly full block (registered before a stop frees the
+        sequence's blocks), then `_stops`. `touched` is filled only when `step` reads it (a sample stopped, or a
+        request streams), in the same order as the pass would."""
+        seqs = batch.seqs
         bm = self.block_manager
         bs = bm.block_size if bm.enable_prefix_caching else 0
-        stops = self._stops
+        stop_rule, finishes = self._stop_rule, self._finishes
         for i, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs or itertools.repeat(None))):
             computed = seq.num_computed_tokens = seq.num_computed_tokens + 1
             kv_version = seq.kv_version
@@ -385,9 +389,13 @@ class LLMEngine:
                 seq.top_logprobs.append(tops[i])
             if request.pending_forks and seq.index == 0:
                 self._fork(request, seq)
-            if stops(seq, token):
+            # `_stops`, inlined (a call per row costs more than the check that usually ends it)
+            stop_tokens, checks_text, max_len = request.stop_rule or stop_rule(request)
+            if (token in stop_tokens or checks_text or len(token_ids) >= max_len) and finishes(seq, token):
                 stopped.add(request.request_id)
-            touched[request.request_id] = request
+        if stopped or batch.streams:
+            for seq in seqs:
+                touched[seq.request.request_id] = seq.request
         self.num_generated_tokens += len(seqs)
 
     def _stops(self, seq: Sequence, token: int) -> bool:
@@ -396,8 +404,11 @@ class LLMEngine:
         nothing (no stop token, no stop string, below the length cap) skips `_check_stop` / `_length_reached`."""
         request = seq.request
         stop_tokens, checks_text, max_len = request.stop_rule or self._stop_rule(request)
-        if (token in stop_tokens or checks_text or len(seq.token_ids) >= max_len) and (
-                self._check_stop(seq, token) or self._length_reached(seq)):
+        return (token in stop_tokens or checks_text or len(seq.token_ids) >= max_len) and self._finishes(seq, token)
+
+    def _finishes(self, seq: Sequence, token: int) -> bool:
+        """`_stops` past its shortcut: finish `seq` if `_check_stop` or `_length_reached` holds."""
+        if self._check_stop(seq, token) or self._length_reached(seq):
             self.scheduler.remove(seq)
             seq.status = SeqStatus.FINISHED
             return True
@@ -427,8 +438,11 @@ class LLMEngine:
                 return self.sampler.uniforms([None if s.rng_seed is None else
                                               token_seed(s.rng_seed, s.index, s.num_tokens) for s in seqs])
         else:
+            lengths = self.runner.sampled_lengths  # (a decode step's, as an array already)
+
             def draw():
-                return token_uniforms_at(batch.seed_base, [len(s.token_ids) for s in seqs])
+                return token_uniforms_at(batch.seed_base, [len(s.token_ids) for s in seqs] if lengths is None
+                                         else lengths)
         return self.sampler.sample(logits, batch.params, draw, logprobs=batch.logprobs, uniform=batch.uniform)
 
     def _top_logprobs(self, logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, list[tuple[int, float]]]:

@@ -137,6 +137,7 @@ class ModelRunner:
         self._table_ids = np.zeros(max(buckets), dtype=np.int64)
         self._table_widths = np.zeros(max(buckets), dtype=np.int64)
         self._table_lists: list[list[int]] = []
+        self._rows = np.arange(max(buckets))  # (a decode step's row indices: a slice of it)
         graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
         runner_class = DecodeRunner
@@ -179,6 +180,9 @@ class ModelRunner:
         # `_run_flat` asks the model for the sampled rows' final hidden states only (not under sequence
         # parallelism, where a rank holds a slice of the rows)
         self._select_rows = not model.groups.sequence_parallel
+        # After a decode step in which every row samples: each sampled sequence's length, the position of the token it
+        # samples, in the order of the returned sequences (a view of the step's context lengths); else None
+        self.sampled_lengths: np.ndarray | None = None
         if use_graphs:
             with torch.inference_mode():
                 self.graphs.build_all()  # capture every bucket up front
@@ -201,6 +205,7 @@ class ModelRunner:
 
             routing = RoutingRecord(mode="record")
         runner = self.graphs.lookup(nd) if nd == len(seqs) else None
+        self.sampled_lengths = None
         logits = None  # a compiled decode step computes every row's logits in its graph
         if runner is not None:
             hidden, logits, sample_rows, sample_seqs, layout = self._run_decode(runner, seqs, routing)
@@ -261,8 +266,10 @@ class ModelRunner:
         runner.np_context_lens[:n] = positions + 1
         self._write_block_tables(runner.np_block_tables, tables)
         # each row's slot: its position's block (from the table just written) * block_size + the offset in it
-        blocks = runner.np_block_tables[np.arange(n), positions // bs].astype(np.int64)
-        runner.np_slot_mapping[:n] = blocks * bs + positions % bs
+        block_index, offsets = np.divmod(positions, bs)
+        slots = runner.np_slot_mapping[:n]
+        np.multiply(runner.np_block_tables[self._rows[:n], block_index], bs, out=slots, dtype=np.int64)
+        slots += offsets
         first_block = None
         if n == 1:  # a fresh pool hands out consecutive blocks: attention then reads a view
             table = seqs[0].block_table
@@ -271,6 +278,7 @@ class ModelRunner:
         hidden, logits = runner.run(max_context_len=max(computed) + 1, routing=routing, first_block=first_block)
         if all_sample:
             sample_rows, sample_seqs = list(range(n)), seqs
+            self.sampled_lengths = runner.np_context_lens[:n]  # computed + 1 = len(token_ids)
         else:
             sample_rows = [i for i, (t, p) in enumerate(zip(token_lists, computed)) if p + 1 == len(t)]
             sample_seqs = [seqs[i] for i in sample_rows]

@@ -41,6 +41,7 @@ def token_seed(seed: int, index: int, position: int) -> int:
 
 
 _U64 = [np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xD1B54A32D192ED03, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)]
+_SHIFTS = [np.uint64(c) for c in (30, 27, 31, 1)]
 
 
 def token_uniforms(seeds: Sequence[int], indices: Sequence[int], positions: Sequence[int]) -> np.ndarray:
@@ -62,13 +63,17 @@ def token_uniforms_at(base: np.ndarray, positions: Sequence[int]) -> np.ndarray:
     """`token_uniforms` of the rows whose `token_uniform_base` is `base`, at `positions` (the sum mod 2**64 is
     the same whichever term is added first, so the uniforms are bit for bit token_seed's)."""
     _, _, c3, c4 = _U64
-    x = base + np.array(positions, dtype=np.uint64) * c3
-    x ^= x >> np.uint64(30)
+    s30, s27, s31, s1 = _SHIFTS
+    x = np.array(positions, dtype=np.uint64)
     x *= c3
-    x ^= x >> np.uint64(27)
+    x += base
+    x ^= x >> s30
+    x *= c3
+    x ^= x >> s27
     x *= c4
-    x ^= x >> np.uint64(31)
-    return (x >> np.uint64(1)).astype(np.float64) / 2.0 ** 63
+    x ^= x >> s31
+    x >>= s1
+    return x * 2.0 ** -63  # (exact: a power of two, as the division by 2**63 was)
 
 
 def same_setting(params: Sequence[SamplingParams]) -> bool:

@@ -26,9 +26,15 @@ every sequence holds exactly the drafts it computes this step.
 from __future__ import annotations
 
 from collections import deque
+from itertools import repeat
+from operator import attrgetter, floordiv, ge, sub
 
 from rl_engine.inference.block_manager import BlockManager
 from rl_engine.inference.sequence import SchedulerOutput, Sequence, SeqStatus
+
+_token_ids = attrgetter("token_ids")
+_num_computed = attrgetter("num_computed_tokens")
+_block_table = attrgetter("block_table")
 
 
 class Scheduler:
@@ -72,7 +78,10 @@ class Scheduler:
 
         bs = bm.block_size
         free = bm.num_free_blocks  # kept up to date below (allocate takes, a preemption gives back)
-        i = 0
+        i = self._schedule_decodes(singles, free) if 0 < len(running) <= budget else 0
+        if i:
+            budget -= i
+            free = bm.num_free_blocks
         while i < len(running) and budget > 0:
             seq = running[i]
             computed = seq.num_computed_tokens
@@ -183,6 +192,28 @@ class Scheduler:
             seq.kv_version = leader.kv_version if seq.kv_version is None else min(seq.kv_version, leader.kv_version)
         if leader.routing is not None:
             seq.routing = {s: t[:limit - s] for s, t in leader.routing.items() if s < limit}
+
+    def _schedule_decodes(self, singles: list[Sequence], free: int) -> int:
+        """The steady state of `schedule`'s loop over the running sequences, per batch instead of per sequence: when
+        each has exactly one token to compute (no drafts) and the free blocks cover those whose blocks are full, each
+        of those takes its block, in running order as the loop would, and all go to `singles`. Returns how many were
+        scheduled: all of them, or 0 (nothing done) where the loop decides (preemption, prefill chunks, drafts)."""
+        running = self.running
+        bs = self.block_manager.block_size
+        computed = list(map(_num_computed, running))
+        if list(map(sub, map(len, map(_token_ids, running)), computed)).count(1) != len(running):
+            return 0
+        # a sequence needs a block when computed + 1 > blocks * bs, i.e. computed // bs >= blocks (then exactly one:
+        # its computed tokens lie in its blocks)
+        full = list(map(ge, map(floordiv, computed, repeat(bs)), map(len, map(_block_table, running))))
+        if True in full:
+            growing = [seq for seq, f in zip(running, full) if f]
+            if len(growing) > free:
+                return 0
+            for seq in growing:
+                self.block_manager.allocate(seq, 1)
+        singles.extend(running)
+        return len(running)
 
     def _preempt(self, seq: Sequence) -> None:
         seq.truncate_drafts(0)

@@ -140,3 +140,30 @@ def test_waiting_samples_release_their_blocks_when_nothing_runs_and_the_first_ca
     assert out.seqs == [first] and out.num_new_tokens == [7]
     assert list(s.waiting) == [child] and child.block_table == [] and child.num_computed_tokens == 0
     bm.check_invariants()
+
+
+def test_decode_steps_scheduled_per_batch_match_the_loop_over_sequences():
+    """`Scheduler._schedule_decodes` (every running sequence decodes: one pass over the batch) against `schedule`'s
+    loop over the sequences (the fast path switched off) from the same start, step by step: the same sequences, the
+    same blocks taken in the same order, and the same preemptions once the pool runs short (where it leaves the step
+    to the loop)."""
+    def run(per_batch: bool) -> list:
+        bm = BlockManager(num_blocks=14, block_size=4, enable_prefix_caching=False)
+        s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+        if not per_batch:
+            s._schedule_decodes = lambda singles, free: 0
+        seqs = [make_seq(list(range(10 * i, 10 * i + n))) for i, n in enumerate((3, 5, 4, 7, 1))]
+        for q in seqs:  # prompts ending at different offsets in their blocks
+            s.add(q)
+        history = []
+        for _ in range(12):
+            out = s.schedule()
+            history.append(([seqs.index(q) for q in out.seqs], out.num_new_tokens, out.num_single,
+                            [seqs.index(q) for q in out.preempted], [list(q.block_table) for q in s.running],
+                            bm.num_free_blocks))
+            finish_step(out)
+        return history
+
+    fast, loop = run(True), run(False)
+    assert fast == loop
+    assert any(step[3] for step in loop)  # the pool ran short: preemption happened
