@@ -31,17 +31,22 @@ def hf_greedy(hf_model, prompts: list[list[int]], max_new_tokens: int) -> list[l
     return out[:, width:].tolist()
 
 
-def tiny_gqa_model() -> CausalLM:
-    """A 2-layer GQA qwen2 (hidden 32, 8 query heads over 2 KV heads, vocab 64), seeded, with weights large enough
-    that attention is far from uniform (tests/kernels/test_paged_decode_engine_state's engine state)."""
-    hf = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-          "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
-          "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-          "tie_word_embeddings": True, "torch_dtype": "float32", "eos_token_id": 2}
+def seeded_model(hf: dict, *, std: float = 0.3) -> CausalLM:
+    """A model from an HF config dict, seeded (0), its matrices drawn from N(0, std): weights large enough that
+    attention is far from uniform."""
     torch.manual_seed(0)
     model = CausalLM(ModelConfig.from_hf_dict(hf))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
-                p.normal_(0, 0.3)
+                p.normal_(0, std)
     return model
+
+
+def tiny_gqa_model() -> CausalLM:
+    """A 2-layer GQA qwen2 (hidden 32, 8 query heads over 2 KV heads, vocab 64), seeded
+    (tests/kernels/test_paged_decode_engine_state's engine state)."""
+    return seeded_model({"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                         "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+                         "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                         "tie_word_embeddings": True, "torch_dtype": "float32", "eos_token_id": 2})

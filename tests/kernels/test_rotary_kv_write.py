@@ -218,16 +218,6 @@ QWEN3 = {"model_type": "qwen3", "vocab_size": 64, "hidden_size": 32, "intermedia
          "eos_token_id": 2}
 
 
-def _qwen3_model():
-    from rl_engine.policy import CausalLM, ModelConfig
-
-    torch.manual_seed(0)
-    model = CausalLM(ModelConfig.from_hf_dict(QWEN3))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return model
 
 
 @needs_cpu_kernels
@@ -239,9 +229,10 @@ def test_engine_with_the_fused_write_generates_what_the_torch_path_does(model_ki
     preemption (24 blocks for ~50 needed) and decode; eager steps bit for bit (g++), compiled steps (both
     engines compile_decode) within the compiled kernels' reordering."""
     from rl_engine import LLM, SamplingParams
-    from tests.kernels.test_paged_decode_engine_state import NUM_KV_BLOCKS, tiny_gqa_model
+    from inference_helpers import seeded_model, tiny_gqa_model
+    from tests.kernels.test_paged_decode_engine_state import NUM_KV_BLOCKS
 
-    make_model = tiny_gqa_model if model_kind == "qwen2_gqa" else _qwen3_model
+    make_model = tiny_gqa_model if model_kind == "qwen2_gqa" else lambda: seeded_model(QWEN3)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 64, (n,), generator=gen).tolist() for n in (3, 9, 17, 5)]
     prompts.append(prompts[1][:8] + [7])  # shares a block with prompt 1 (prefix caching)
