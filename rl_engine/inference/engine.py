@@ -472,8 +472,7 @@ class LLMEngine:
             if copy:
                 child.fork_leader = leader
             if leader.routing is not None:
-                limit = shared * self.config.block_size
-                child.routing = {s: t[:limit - s] for s, t in leader.routing.items() if s < limit}
+                child.routing = leader.routing_prefix(shared * self.config.block_size)
         for child in reversed(request.pending_forks):
             self.scheduler.add(child, front=True)
         request.pending_forks = []

@@ -191,7 +191,7 @@ class Scheduler:
         if leader.kv_version is not None:
             seq.kv_version = leader.kv_version if seq.kv_version is None else min(seq.kv_version, leader.kv_version)
         if leader.routing is not None:
-            seq.routing = {s: t[:limit - s] for s, t in leader.routing.items() if s < limit}
+            seq.routing = leader.routing_prefix(limit)
 
     def _schedule_decodes(self, singles: list[Sequence], free: int) -> int:
         """The steady state of `schedule`'s loop over the running sequences, per batch instead of per sequence: when

@@ -111,6 +111,11 @@ class Sequence:
         # (EngineConfig.fork_copy_partial_block, `Scheduler._fork_copy_source`); None otherwise
         self.fork_leader: Sequence | None = None
 
+    def routing_prefix(self, limit: int) -> dict[int, object]:
+        """This sequence's recorded MoE routing for its first `limit` tokens (a forked sample's share of its
+        leader's: the tokens whose KV it takes from the leader)."""
+        return {s: t[:limit - s] for s, t in self.routing.items() if s < limit}
+
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
