@@ -12,10 +12,11 @@ recomputes the KV of prompt + output and carries on. Nothing is lost or sampled 
 
 Forked samples (`n` > 1) wait with the full prompt blocks they share with their leader, and may copy its
 partial prompt block when admitted (EngineConfig.fork_copy_partial_block: the copy's block is taken at
-admission, like the prefill's). Blocks held by waiting sequences are released, newest first, before the
-newest running sequence would preempt itself for lack of blocks, and when nothing runs and the first waiting
-sequence's blocks cannot be had: a sequence left alone always has the whole pool (the engine's max_seq_len),
-so they never leave the engine with nothing to schedule, nor one sequence preempting itself forever.
+admission, like the prefill's). Blocks that only waiting sequences hold are released (a sequence's own blocks
+first, newest first) before the newest running sequence would preempt itself for lack of blocks, and when nothing
+runs and the first waiting sequence's blocks cannot be had: a sequence left alone always has the whole pool (the
+engine's max_seq_len), so they never leave the engine with nothing to schedule, nor one sequence preempting itself
+forever. Blocks a running sequence shares stay (a sample keeps its leader's prompt blocks and its copy).
 
 Speculative decoding: a running sequence may end in draft tokens (a verify chunk of 1 + d tokens).
 Drafts are optional work: they shrink to the token budget and to the free blocks before anyone is
@@ -25,8 +26,8 @@ every sequence holds exactly the drafts it computes this step.
 
 from __future__ import annotations
 
-from collections import deque
-from itertools import repeat
+from collections import Counter, deque
+from itertools import chain, repeat
 from operator import attrgetter, floordiv, ge, sub
 
 from rl_engine.inference.block_manager import BlockManager
@@ -158,12 +159,28 @@ class Scheduler:
 
     def _release_waiting_blocks(self) -> bool:
         """The newest running sequence lacks blocks, or nothing runs and the first waiting sequence's blocks cannot
-        be had: the newest waiting sequence holding blocks (a forked sample holding the full prompt blocks it
-        shares with its leader) releases them, to recompute that KV (or find it in the prefix cache) when
-        admitted. False: no waiting sequence holds any."""
-        for seq in reversed(self.waiting):
-            if seq.block_table:
-                self.block_manager.free(seq)
+        be had: waiting sequences release blocks that only waiting sequences hold, to recompute that KV (or find it
+        in the prefix cache) when admitted. First the newest one holding a block of its own (a forked sample whose
+        leader and siblings are gone); else, where forked samples alone share a block (their leader is gone), all
+        holders of the newest one's such block. A block that a running sequence also holds (a forked sample's
+        prompt blocks while its leader runs) is never released: that frees nothing and the sample would lose the
+        copy of its leader's partial block. False: no release would free a block."""
+        holding = [seq for seq in self.waiting if seq.block_table]
+        if not holding:
+            return False
+        bm = self.block_manager
+        refs = bm.ref_counts
+        for seq in reversed(holding):
+            if 1 in map(refs.__getitem__, seq.block_table):
+                bm.free(seq)
+                return True
+        waiting_refs = Counter(chain.from_iterable(map(_block_table, holding)))
+        for seq in reversed(holding):
+            block = next((b for b in seq.block_table if refs[b] == waiting_refs[b]), None)
+            if block is not None:
+                for other in holding:
+                    if block in other.block_table:
+                        bm.free(other)
                 return True
         return False
 

@@ -142,6 +142,73 @@ def test_waiting_samples_release_their_blocks_when_nothing_runs_and_the_first_ca
     bm.check_invariants()
 
 
+def test_a_release_for_a_running_sequence_frees_a_waiting_sequences_own_blocks_and_keeps_shared_ones():
+    """The newest running sequence x needs a block and none is free. Two forked samples wait: c shares its
+    prompt block with its running leader l (releasing it frees nothing, and c would lose the copy of l's partial
+    block), d holds the block of its finished leader m alone. c is the newer, but d releases: x gets d's block, c
+    keeps its block and copies l's partial block when admitted."""
+    bm = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=False)  # 5 usable blocks
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    l, m, x = make_seq(list(range(1, 9))), make_seq(list(range(11, 17))), make_seq([21, 22, 23, 24])
+    for q in (l, m, x):
+        s.add(q)
+    finish_step(s.schedule())  # l: 2 blocks, m: 2, x: 1; each decodes next (l and x into a new block)
+    c = forked_child(s, l, 1)
+    d = forked_child(s, m, 1)
+    s.remove(m)  # it stopped: d alone holds its first block
+    m.status = SeqStatus.FINISHED
+    assert list(s.waiting) == [d, c] and bm.num_free_blocks == 1 and bm.ref_counts[c.block_table[0]] == 2
+    shared = list(c.block_table)
+    out = s.schedule()
+    assert out.seqs == [l, x] and out.preempted == [] and len(x.block_table) == 2
+    assert d.block_table == [] and d.num_computed_tokens == 0
+    assert c.block_table == shared and c.num_computed_tokens == 4
+    bm.check_invariants()
+    finish_step(out)
+    s.remove(d)
+    s.remove(x)  # (frees x's 2 blocks: c's admission needs one)
+    out = s.schedule()
+    assert out.seqs == [l, c] and out.num_new_tokens == [1, 1]  # c computes its last prompt token only
+    assert out.block_copies == [(l.block_table[1], c.block_table[1])] and c.block_table[0] == shared[0]
+    bm.check_invariants()
+
+
+def test_a_running_sequence_preempts_itself_rather_than_release_blocks_its_leader_shares():
+    """The only waiting sample's block is its running leader's too: releasing it would free nothing, so the newest
+    running sequence preempts itself and the sample keeps its block."""
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False)  # 3 usable blocks
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100)
+    l, x = make_seq(list(range(1, 7))), make_seq([21, 22, 23, 24])
+    s.add(l)
+    s.add(x)
+    finish_step(s.schedule())  # l: 2 blocks, x: 1 (full: its decode needs another)
+    c = forked_child(s, l, 1)
+    assert bm.num_free_blocks == 0
+    out = s.schedule()
+    assert out.seqs == [l] and out.preempted == [x] and list(s.waiting) == [x, c]
+    assert c.block_table == l.block_table[:1] and c.num_computed_tokens == 4
+    bm.check_invariants()
+
+
+def test_samples_sharing_a_block_only_among_themselves_all_release_it_when_nothing_runs():
+    """Two samples share their finished leader's prompt block (neither holds a block of its own): when nothing
+    runs and the first waiting sequence cannot be admitted, both release it, which frees it."""
+    bm = BlockManager(num_blocks=5, block_size=2, enable_prefix_caching=False)  # 4 usable blocks
+    s = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=100)
+    leader = make_seq([1, 2, 3, 4, 5])
+    s.add(leader)
+    finish_step(s.schedule())
+    c1, c2 = forked_child(s, leader, 2), forked_child(s, leader, 2)
+    s.remove(leader)
+    leader.status = SeqStatus.FINISHED
+    first = make_seq(list(range(10, 17)))  # 7 tokens: 4 blocks
+    s.add(first, front=True)
+    assert bm.num_free_blocks == 2 and bm.ref_counts[c1.block_table[0]] == 2
+    out = s.schedule()
+    assert out.seqs == [first] and c1.block_table == [] and c2.block_table == []
+    bm.check_invariants()
+
+
 def test_decode_steps_scheduled_per_batch_match_the_loop_over_sequences():
     """`Scheduler._schedule_decodes` (every running sequence decodes: one pass over the batch) against `schedule`'s
     loop over the sequences (the fast path switched off) from the same start, step by step: the same sequences, the
