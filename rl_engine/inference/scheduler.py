@@ -119,9 +119,10 @@ class Scheduler:
         for seq in running[i:]:  # not scheduled this step: their drafts are stale next step
             seq.truncate_drafts(0)
 
-        # Admit waiting sequences (not in a step that had to preempt while others still run: the pool is full).
+        # Admit waiting sequences (not in a step that had to preempt: the pool is full. A preemption never empties
+        # the running set: the sequence scheduled alone has the whole pool once waiting sequences released theirs.)
         copies: list[tuple[int, int]] = []
-        while (not preempted or not running) and self.waiting and budget > 0 and len(running) < self.max_num_seqs:
+        while not preempted and self.waiting and budget > 0 and len(running) < self.max_num_seqs:
             seq = self.waiting[0]
             source = None if seq.fork_leader is None else self._fork_copy_source(seq)
             if source is not None:  # the partial block's KV is copied: only the last prompt token is computed
