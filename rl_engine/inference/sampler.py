@@ -175,9 +175,28 @@ class Sampler:
             sampling, all_sampling = any(temps), all(temps)
         u = draw() if sampling else None
         # a row sampling from its whole distribution takes the kernel whatever else is in the batch (the
-        # same seed gives the same token: the kernel's and the torch draw can part within a few ulp)
+        # same seed gives the same token: the kernel's and the torch draw can part within a few ulp); the
+        # torch path below draws only the other rows
         plain = [] if uniform or not sampling or self.batch_invariant else [
             i for i, p in enumerate(params) if p.temperature > 0 and not _truncates(p, vocab=z.shape[1])]
+        if plain:
+            if len(plain) == len(params):  # per-request temperatures, no truncation (a serving batch)
+                tokens, lps = self._inverse_cdf(z, torch.as_tensor(u, dtype=torch.float64), logprobs=logprobs)
+                return tokens.tolist(), None if lps is None else lps.tolist()
+            plain_idx = torch.tensor(plain, device=z.device)
+            plain_tokens, plain_lps = self._inverse_cdf(
+                z[plain_idx], torch.tensor([u[i] for i in plain], dtype=torch.float64), logprobs=logprobs)
+            is_plain = set(plain)
+            rest = [i for i in range(len(params)) if i not in is_plain]
+            all_tokens = torch.empty(len(params), dtype=torch.long, device=z.device)
+            all_tokens[plain_idx] = plain_tokens
+            all_lps = None
+            if logprobs:
+                all_lps = torch.empty(len(params), dtype=z.dtype, device=z.device)
+                all_lps[plain_idx] = plain_lps
+            z = z[torch.tensor(rest, device=z.device)]
+            params, temps, u = [params[i] for i in rest], [temps[i] for i in rest], [u[i] for i in rest]
+            sampling, all_sampling = any(temps), all(temps)
         if sampling:
             z_max = z.amax(dim=-1, keepdim=True)
             e = (z - z_max).exp_()  # unnormalised probabilities, in (0, 1]
@@ -194,18 +213,21 @@ class Sampler:
             if not all_sampling:  # greedy rows (T = 1 there) take argmax
                 greedy = torch.tensor([t == 0 for t in temps], device=z.device)[:, None]
                 tokens = torch.where(greedy, z.max(dim=-1, keepdim=True)[1], tokens)
-        else:  # all greedy under batch_invariant
-            tokens = z.max(dim=-1, keepdim=True)[1]
+        else:  # all greedy: under batch_invariant, or the rows beside untruncated ones
+            z_max, tokens = z.max(dim=-1, keepdim=True)
+            if logprobs and not self.batch_invariant:
+                lse = z_max + (z - z_max).exp_().sum(dim=-1, keepdim=True).log_()
         if self.batch_invariant:
             return tokens.view(-1).tolist(), shared_logprobs(z, tokens.view(-1)).tolist() if logprobs else None
         lps = (z.gather(1, tokens) - lse).view(-1) if logprobs else None
         tokens = tokens.view(-1)
         if plain:
-            idx = torch.tensor(plain, device=z.device)
-            tokens[idx], plain_lps = self._inverse_cdf(
-                z[idx], torch.tensor([u[i] for i in plain], dtype=torch.float64), logprobs=logprobs)
-            if lps is not None:
-                lps[idx] = plain_lps
+            rest_idx = torch.tensor(rest, device=z.device)
+            all_tokens[rest_idx] = tokens
+            tokens = all_tokens
+            if logprobs:
+                all_lps[rest_idx] = lps
+                lps = all_lps
         return tokens.tolist(), None if lps is None else lps.tolist()
 
     def uniforms(self, seeds: list[int | None]) -> list[float]:

@@ -264,3 +264,43 @@ def test_an_untruncated_row_draws_through_the_same_op_whatever_its_neighbours():
     alone = sample(logits[:1], plain, seeds=[seed])
     mixed = sample(logits, [plain, SamplingParams(temperature=0.0), plain.clone(top_k=4)], seeds=[seed, None, 5])
     assert (mixed[0][0], mixed[1][0]) == (alone[0][0], alone[1][0])
+
+
+def test_a_mixed_batch_draws_each_row_once_by_the_path_that_owns_it(monkeypatch):
+    """Per-row settings in one batch: the untruncated sampled rows go to the registry's inverse_cdf_sample only, the
+    torch path (truncation, the cumulative sum, greedy argmax) sees only the other rows, and a batch of per-request
+    temperatures without truncation runs no torch path at all. The tokens are those of a19ca58 (which drew the
+    untruncated rows twice, the kernel's draw kept), and each sampled row's token and log-prob are bit for bit its own
+    alone (a batch of its one setting)."""
+    from rl_engine.inference import sampler as sampler_module
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, 64, generator=g) * 3
+    mixed = [SamplingParams(temperature=0.7), SamplingParams(temperature=0.0), SamplingParams(temperature=1.3, top_k=5),
+             SamplingParams(temperature=1.0), SamplingParams(temperature=0.9, top_p=0.8),
+             SamplingParams(temperature=1.6), SamplingParams(temperature=0.8, min_p=0.1),
+             SamplingParams(temperature=0.7, top_k=100)]  # (top-k past the vocabulary: untruncated)
+    plain = [SamplingParams(temperature=t) for t in (0.7, 1.0, 1.3, 0.5, 1.0, 2.0, 0.9, 1.1)]
+    seeds = [token_seed(11, i, 7) for i in range(8)]
+    truncated_rows, kernel_rows = [], []
+    truncate = sampler_module._truncate
+    monkeypatch.setattr(sampler_module, "_truncate",
+                        lambda e, z, params: truncated_rows.append(e.shape[0]) or truncate(e, z, params))
+    for params, expected, torch_rows in ((mixed, [30, 61, 31, 28, 1, 57, 39, 50], [4]),
+                                         (plain, [30, 20, 31, 28, 1, 60, 49, 50], [])):
+        kernel_rows.clear()
+        truncated_rows.clear()
+        sampler = Sampler(device=torch.device("cpu"), seed=0)
+        op = sampler._inverse_cdf
+        sampler._inverse_cdf = lambda z, u, *, logprobs: kernel_rows.append(z.shape[0]) or op(z, u, logprobs=logprobs)
+        tokens, logprobs = sampler(logits, [SampleRow(p, s) for p, s in zip(params, seeds)])
+        assert tokens == expected
+        untruncated = sum(p.temperature > 0 and p.top_k in (0, 100) and p.top_p == 1.0 and not p.min_p for p in params)
+        assert kernel_rows == [untruncated] and truncated_rows == torch_rows, (kernel_rows, truncated_rows)
+        for r in range(8):
+            alone, alone_lp = sample(logits[r:r + 1], [params[r]], seeds=[seeds[r]])
+            assert tokens[r] == alone[0], r
+            if params[r].temperature > 0:
+                assert logprobs[r] == alone_lp[0], r
+            else:  # a greedy batch's log-prob is -log(sum(exp(z - max z))): another rounding of the same value
+                assert abs(logprobs[r] - alone_lp[0]) <= 1e-6, r
