@@ -163,9 +163,10 @@ class Scheduler:
         be had: waiting sequences release blocks that only waiting sequences hold, to recompute that KV (or find it
         in the prefix cache) when admitted. First the newest one holding a block of its own (a forked sample whose
         leader and siblings are gone); else, where forked samples alone share a block (their leader is gone), all
-        holders of the newest one's such block. A block that a running sequence also holds (a forked sample's
-        prompt blocks while its leader runs) is never released: that frees nothing and the sample would lose the
-        copy of its leader's partial block. False: no release would free a block."""
+        holders of the newest one's such block. A sample whose leader runs keeps its blocks (releasing them would
+        free nothing and lose the copy of its leader's partial block); a sequence released for a block of its own
+        drops its whole table, a first block shared through the prefix cache included. False: no release would
+        free a block."""
         holding = [seq for seq in self.waiting if seq.block_table]
         if not holding:
             return False
