@@ -469,9 +469,10 @@ class GRPOTrainer:
             loss = StepLoss(self.loss_fn, normalizer)
             run_micro_batches(self.model, micro_batches, loss, after_backward=self.optimizer.accumulate_grads,
                               skip_unscored=skip)
+            update_metrics = loss.metrics()  # (each a float of its micro-batches' tensors: reduced once)
             if k > 0:
-                last_kl = float(loss.metrics()["approx_kl"])
-            if beyond_target_kl(k, loss.metrics(), cfg.train.target_kl):  # PPO's KL early stop
+                last_kl = float(update_metrics["approx_kl"])
+            if beyond_target_kl(k, update_metrics, cfg.train.target_kl):  # PPO's KL early stop
                 self.optimizer.zero_grad(set_to_none=True)
                 discard_expert_loads(self.model)
                 break
@@ -479,7 +480,7 @@ class GRPOTrainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             update_expert_bias(self.model)
-            per_update.append({**loss.metrics(), "grad_norm": float(grad_norm), "micro_batches": len(micro_batches)})
+            per_update.append({**update_metrics, "grad_norm": float(grad_norm), "micro_batches": len(micro_batches)})
         if cfg.train.target_kl is not None:
             metrics["train/skipped_updates"] = float(len(updates) - len(per_update))
         if self.lr.varies:  # (logged only then: a run without a schedule keeps its metrics as they were)
