@@ -12,11 +12,13 @@ recomputes the KV of prompt + output and carries on. Nothing is lost or sampled 
 
 Forked samples (`n` > 1) wait with the full prompt blocks they share with their leader, and may copy its
 partial prompt block when admitted (EngineConfig.fork_copy_partial_block: the copy's block is taken at
-admission, like the prefill's). Blocks that only waiting sequences hold are released (a sequence's own blocks
-first, newest first) before the newest running sequence would preempt itself for lack of blocks, and when nothing
-runs and the first waiting sequence's blocks cannot be had: a sequence left alone always has the whole pool (the
-engine's max_seq_len), so they never leave the engine with nothing to schedule, nor one sequence preempting itself
-forever. Blocks a running sequence shares stay (a sample keeps its leader's prompt blocks and its copy).
+admission, like the prefill's). Blocks that only waiting sequences hold are released (first the newest waiting
+sequence holding a block of its own, else every sample sharing a block of their finished leader) before the newest
+running sequence would preempt itself for lack of blocks, and when nothing runs and the first waiting sequence's
+blocks cannot be had: a sequence left alone always has the whole pool (the engine's max_seq_len), so they never
+leave the engine with nothing to schedule, nor one sequence preempting itself forever. A sample whose leader runs
+keeps its blocks (its leader's prompt blocks and its copy); a sequence released for a block of its own drops its
+whole table (`_release_waiting_blocks`).
 
 Speculative decoding: a running sequence may end in draft tokens (a verify chunk of 1 + d tokens).
 Drafts are optional work: they shrink to the token budget and to the free blocks before anyone is
