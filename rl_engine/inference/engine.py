@@ -371,6 +371,7 @@ class LLMEngine:
         bm = self.block_manager
         bs = bm.block_size if bm.enable_prefix_caching else 0
         stop_rule, finishes = self._stop_rule, self._finishes
+        stopped_rows: list[int] = []
         for i, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs or itertools.repeat(None))):
             computed = seq.num_computed_tokens = seq.num_computed_tokens + 1
             kv_version = seq.kv_version
@@ -393,6 +394,8 @@ class LLMEngine:
             stop_tokens, checks_text, max_len = request.stop_rule or stop_rule(request)
             if (token in stop_tokens or checks_text or len(token_ids) >= max_len) and finishes(seq, token):
                 stopped.add(request.request_id)
+                stopped_rows.append(i)
+        self.runner.decoded(tokens, stopped_rows)  # (the next decode step's inputs: `ModelRunner._continue_decode`)
         if stopped or batch.streams:
             for seq in seqs:
                 touched[seq.request.request_id] = seq.request

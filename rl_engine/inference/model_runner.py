@@ -7,6 +7,9 @@ goes through the graph cache (padded to a bucket; on CPU with `compile_decode`, 
 compiled once: `compiled_decode.py`); any step with a longer prefill chunk runs eagerly on the exact
 flat batch. Only rows that produce a token (a sequence's last uncomputed position) reach the
 LM head, and in an eager step the last layer's attention output projection, MLP and the final norm.
+A decode step that continues the last one (the same sequences minus those that stopped, as the engine
+reports after sampling) takes its inputs from the last step's rows instead of reading the sequences
+(`_continue_decode`).
 """
 
 from __future__ import annotations
@@ -138,6 +141,11 @@ class ModelRunner:
         self._table_widths = np.zeros(max(buckets), dtype=np.int64)
         self._table_lists: list[list[int]] = []
         self._rows = np.arange(max(buckets))  # (a decode step's row indices: a slice of it)
+        # The persistent decode batch (`_continue_decode`): what the last decode step ran (its scheduled sequences,
+        # them in row order, their positions and block tables), and what the engine reported after it (`decoded`:
+        # the sampled tokens and the rows that stopped). Both are taken, and cleared, by every step.
+        self._last_decode: tuple[list[Sequence], list[Sequence], np.ndarray, np.ndarray] | None = None
+        self._decoded: tuple[list[int], list[int]] | None = None
         graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
         runner_class = DecodeRunner
@@ -206,9 +214,16 @@ class ModelRunner:
             routing = RoutingRecord(mode="record")
         runner = self.graphs.lookup(nd) if nd == len(seqs) else None
         self.sampled_lengths = None
+        last, decoded = self._last_decode, self._decoded
+        self._last_decode = self._decoded = None
         logits = None  # a compiled decode step computes every row's logits in its graph
         if runner is not None:
-            hidden, logits, sample_rows, sample_seqs, layout = self._run_decode(runner, seqs, routing)
+            fast = None
+            if last is not None and decoded is not None and routing is None:
+                fast = self._continue_decode(runner, seqs, last, decoded)
+            if fast is None:
+                fast = self._run_decode(runner, seqs, routing)
+            hidden, logits, sample_rows, sample_seqs, layout = fast
         else:
             hidden, sample_rows, sample_seqs, layout = self._run_flat(sched, routing)
         if self.hidden_sink is not None:
@@ -222,6 +237,13 @@ class ModelRunner:
         if sample_rows is None:  # (_run_flat computed the sampled rows' hidden states only)
             return self.model.compute_logits(hidden), sample_seqs
         return self.model.compute_logits(_rows(hidden, sample_rows)), sample_seqs
+
+    def decoded(self, tokens: list[int], stopped: list[int]) -> None:
+        """After a decode step in which every row sampled (the engine's `_emit_decode`): each row's sampled token, in
+        the order of the sequences `execute` returned, and the rows whose sequence stopped (ascending). Read by the
+        next step only (`_continue_decode`)."""
+        if self._last_decode is not None and len(tokens) == len(self._last_decode[1]):
+            self._decoded = (tokens, stopped)
 
     def weights_updated(self) -> None:
         """The model's weights changed (possibly bypassing their version counters): repack at next use."""
@@ -248,6 +270,7 @@ class ModelRunner:
     def _run_decode(self, runner: DecodeRunner, seqs: list[Sequence], routing):
         """Fill the runner's first rows with one token per sequence, pad the rest, run it."""
         n, bs = len(seqs), self.block_size
+        sched_seqs = seqs
         if n > 2 and routing is None:
             # Shortest context first: attention pads each chunk of rows to its longest context, so
             # rows of similar length should share chunks. (Recorded routing is stored in step order.)
@@ -283,7 +306,70 @@ class ModelRunner:
             sample_rows = [i for i, (t, p) in enumerate(zip(token_lists, computed)) if p + 1 == len(t)]
             sample_seqs = [seqs[i] for i in sample_rows]
         layout = None if self.hidden_sink is None else [(s, p, 1) for s, p in zip(seqs, computed)]
+        if all_sample and n > 2 and routing is None and self.hidden_sink is None:
+            width = int(positions[-1]) // bs + 1  # (sorted: the last row's context is the longest)
+            self._last_decode = (sched_seqs, seqs, positions.copy(), runner.np_block_tables[:n, :width].copy())
         return hidden, logits, sample_rows, sample_seqs, layout
+
+    def _continue_decode(self, runner: DecodeRunner, sched_seqs: list[Sequence], last, decoded):
+        """`_run_decode` of a decode step that continues the last one (the persistent decode batch): when this step's
+        sequences are exactly the last decode step's minus the rows that stopped (`decoded`), in the same order,
+        each computes the token it sampled, at its last position + 1, and its block table is last step's (block
+        tables change in place only by appending; a sequence whose blocks are freed or replaced leaves the running
+        set), plus, for a row whose position starts a block, that block (appended by the scheduler). So the rows
+        are last step's, compacted by the stopped rows, in the same order (`_run_decode`'s sort by computed tokens is
+        stable and every row advanced by one), without reading the sequences' tokens, lengths or tables. Anything
+        else that changed the batch (an admission, a preemption, an abort, a prefill chunk, a step that was not a
+        decode step: `_execute` forgets the state at every step) fails the check: None, and `_run_decode` runs."""
+        prev_sched, prev_seqs, prev_positions, prev_tables = last
+        tokens, stopped = decoded
+        n = len(sched_seqs)
+        if n <= 2 or self.hidden_sink is not None or n != len(prev_seqs) - len(stopped):
+            return None
+        ids = np.fromiter(tokens, dtype=np.int64, count=len(prev_seqs))
+        if stopped:
+            expected = prev_sched.copy()
+            for i in stopped:
+                expected.remove(prev_seqs[i])
+            seqs = prev_seqs.copy()
+            for i in reversed(stopped):
+                del seqs[i]
+            keep = np.ones(len(prev_seqs), dtype=bool)
+            keep[stopped] = False
+            keep = np.flatnonzero(keep)
+            positions, tables = prev_positions.take(keep), prev_tables.take(keep, axis=0)
+            ids = ids.take(keep)
+        else:
+            expected, seqs = prev_sched, prev_seqs
+            positions, tables = prev_positions.copy(), prev_tables
+        if sched_seqs != expected:
+            return None
+        bs = self.block_size
+        positions += 1
+        block_index, offsets = np.divmod(positions, bs)
+        starts = np.flatnonzero(offsets == 0)  # rows whose position starts a block: its new block
+        if len(starts):
+            width = int(block_index[-1]) + 1
+            if width > tables.shape[1]:
+                tables = np.concatenate([tables, np.zeros((n, width - tables.shape[1]), dtype=tables.dtype)], axis=1)
+            elif not stopped:
+                tables = tables.copy()  # (last step's arrays are not written)
+            for r in starts.tolist():
+                b = int(block_index[r])
+                tables[r, b] = seqs[r].block_table[b]
+        runner.pad(n)
+        runner.np_input_ids[:n] = ids
+        runner.np_positions[:n] = positions
+        runner.np_context_lens[:n] = positions + 1
+        runner.np_block_tables[:n, :tables.shape[1]] = tables
+        self._table_ids[:] = 0  # (`_write_block_tables` writes every row next time)
+        slots = runner.np_slot_mapping[:n]
+        np.multiply(tables[self._rows[:n], block_index], bs, out=slots, dtype=np.int64)
+        slots += offsets
+        hidden, logits = runner.run(max_context_len=int(positions[-1]) + 1)
+        self.sampled_lengths = runner.np_context_lens[:n]
+        self._last_decode = (sched_seqs, seqs, positions, tables)
+        return hidden, logits, list(range(n)), seqs, None
 
     def _captured(self, runner: CudaGraphRunner, *, pool) -> CudaGraphRunner:
         """Capture a bucket's graph. Its `pad(0)` makes the bucket's rows of the shared static block tables padding,
