@@ -24,6 +24,7 @@ import itertools
 import logging
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 
 from rl_engine.inference.block_manager import BlockManager
@@ -47,9 +48,10 @@ class _Batch:
     """What sampling reads of a step's sampled sequences that does not change while they stay the same (in
     the same order, as from one decode step to the next): their params, whether those share one setting,
     whether any asks for log-probs or top log-probs, the seeded uniforms' per-row part, and whether any request
-    streams."""
+    streams. All of it is a function of the sequences. `stopped`: the rows whose sequence stopped in the last
+    decode step that sampled this batch (`_emit_decode`), for `without_stopped`."""
 
-    __slots__ = ("seqs", "params", "uniform", "logprobs", "top_rows", "seed_base", "streams")
+    __slots__ = ("seqs", "params", "uniform", "logprobs", "top_rows", "seed_base", "streams", "stopped")
 
     def __init__(self, seqs: list[Sequence]) -> None:
         self.seqs = seqs
@@ -57,9 +59,44 @@ class _Batch:
         self.uniform = same_setting(params)
         self.logprobs = any(p.logprobs is not None for p in params)
         self.top_rows = any(p.logprobs for p in params)
-        seeds = [s.rng_seed for s in seqs]
-        self.seed_base = None if None in seeds else token_uniform_base(seeds, [s.index for s in seqs])
+        self.seed_base = _seed_base(seqs)
         self.streams = any(s.request.stream for s in seqs)
+        self.stopped: list[int] = []
+
+    def without_stopped(self, seqs: list[Sequence]) -> _Batch | None:
+        """The batch of `seqs` when they are this batch's sequences less its `stopped` rows, in the same order (a
+        decode step after one in which samples stopped): the per-row parts compacted, and each "any" or "same"
+        recomputed only where dropping rows can change it. Else None."""
+        rows = self.stopped
+        if not rows or len(seqs) != len(self.seqs) - len(rows):
+            return None
+        kept = self.seqs.copy()
+        for i in reversed(rows):
+            del kept[i]
+        if kept != seqs:
+            return None
+        batch = _Batch.__new__(_Batch)
+        batch.seqs, batch.stopped = seqs, []
+        batch.params = params = self.params.copy()
+        for i in reversed(rows):
+            del params[i]
+        batch.uniform = self.uniform or same_setting(params)
+        batch.logprobs = self.logprobs and any(p.logprobs is not None for p in params)
+        batch.top_rows = self.top_rows and any(p.logprobs for p in params)
+        if self.seed_base is None:
+            batch.seed_base = _seed_base(seqs)
+        else:
+            keep = np.ones(len(self.seqs), dtype=bool)
+            keep[rows] = False
+            batch.seed_base = self.seed_base[keep]
+        batch.streams = self.streams and any(s.request.stream for s in seqs)
+        return batch
+
+
+def _seed_base(seqs: list[Sequence]) -> np.ndarray | None:
+    """The seeded uniforms' per-row part (`token_uniform_base`), None where a sequence has no seed."""
+    seeds = [s.rng_seed for s in seqs]
+    return None if None in seeds else token_uniform_base(seeds, [s.index for s in seqs])
 
 
 class LLMEngine:
@@ -281,9 +318,10 @@ class LLMEngine:
                         seq.kv_version = version
             tops: dict[int, list] = {}
             if sample_seqs:
-                batch = self._batch if self._batch is not None and self._batch.seqs == sample_seqs else None
-                if batch is None:
-                    batch = self._batch = _Batch(sample_seqs)
+                batch = self._batch
+                if batch is None or batch.seqs != sample_seqs:
+                    batch = None if batch is None else batch.without_stopped(sample_seqs)
+                    batch = self._batch = batch or _Batch(sample_seqs)
                 if self.speculator is not None:  # also rolls back rejected drafts
                     emissions = self.speculator.verify(logits, sample_seqs, sampler=self.sampler,
                                                        block_manager=bm)
@@ -395,7 +433,9 @@ class LLMEngine:
             if (token in stop_tokens or checks_text or len(token_ids) >= max_len) and finishes(seq, token):
                 stopped.add(request.request_id)
                 stopped_rows.append(i)
-        self.runner.decoded(tokens, stopped_rows)  # (the next decode step's inputs: `ModelRunner._continue_decode`)
+        # (the next decode step's inputs: `ModelRunner._continue_decode`; its batch: `_Batch.without_stopped`)
+        self.runner.decoded(tokens, stopped_rows)
+        batch.stopped = stopped_rows
         if stopped or batch.streams:
             for seq in seqs:
                 touched[seq.request.request_id] = seq.request

@@ -1,7 +1,8 @@
-"""The persistent decode batch (`ModelRunner._continue_decode`): a decode step that continues the last one builds its
-inputs from last step's rows, compacted by the rows that stopped; every other step reads the sequences
-(`_run_decode`). Checked against an engine that always reads the sequences, step by step, on a run with finishes,
-admissions, preemptions, prefix-cache hits, forked samples' partial-block copies, an abort and weight updates."""
+"""The persistent decode batch (`ModelRunner._continue_decode`, `_Batch.without_stopped`): a decode step that continues
+the last one builds its inputs and its sampling batch from last step's rows, compacted by the rows that stopped; every
+other step reads the sequences (`_run_decode`, `_Batch`). Checked against an engine that always reads the sequences,
+step by step, on a run with finishes, admissions, preemptions, prefix-cache hits, forked samples' partial-block copies,
+an abort and weight updates."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ import numpy as np
 
 from inference_helpers import mixed_prompts, tiny_gqa_model
 from rl_engine import LLM, SamplingParams
+from rl_engine.inference.engine import _Batch
 from rl_engine.inference.graph_cache import DecodeRunner
+from rl_engine.inference.sequence import Request, Sequence
 
 BLOCK = 4
 _RUN = DecodeRunner.run
 
 
 def _record(monkeypatch, llm, *, persistent: bool) -> tuple[list, list]:
-    """Record every decode step's inputs of `llm`'s engine; with `persistent` False its runner never continues a step.
+    """Record every decode step's inputs of `llm`'s engine; with `persistent` False no step continues the last one.
     Returns (the steps' inputs, the continued steps' indices)."""
     runner = llm.engine.runner
     steps, fast = [], []
@@ -39,8 +42,9 @@ def _record(monkeypatch, llm, *, persistent: bool) -> tuple[list, list]:
             return out
 
         runner._continue_decode = counting
-    else:
+    else:  # every step reads the sequences, and builds its sampling batch from them
         runner.decoded = lambda tokens, stopped: None
+        monkeypatch.setattr(_Batch, "without_stopped", lambda self, seqs: None)
     return steps, fast
 
 
@@ -92,6 +96,7 @@ def _run(monkeypatch, *, persistent: bool):
 
 def test_continued_decode_steps_have_the_inputs_of_a_full_read(monkeypatch):
     ref_steps, ref_out, ref_stats, _ = _run(monkeypatch, persistent=False)
+    monkeypatch.undo()
     steps, out, stats, fast = _run(monkeypatch, persistent=True)
     assert out == ref_out
     assert len(steps) == len(ref_steps)
@@ -166,3 +171,30 @@ def test_a_batch_of_the_same_size_with_another_sequence_is_not_continued(monkeyp
     # decode step 2 (after the swap) has 4 rows, the admitted one at position 8; it is not continued, the others are
     assert steps[2][1][:4] == [8, 11, 12, 12] and steps[1][1][:4] == [10, 11, 11, 12]
     assert fast[:3] == [1, 3, 4]
+
+
+def test_a_batch_without_its_stopped_rows_is_the_batch_of_the_rest():
+    """`_Batch.without_stopped` (the engine's sampling batch of a decode step after one in which samples stopped)
+    equals the batch built from the remaining sequences, over rows that differ in every field it reads."""
+    settings = [dict(temperature=0.7, logprobs=0, seed=3), dict(temperature=0.7, logprobs=None, seed=None),
+                dict(temperature=1.0, logprobs=2, seed=5), dict(temperature=0.7, logprobs=0, seed=3)]
+    seqs = []
+    for i, kw in enumerate(settings):
+        params = SamplingParams(n=2, **kw)
+        request = Request(str(i), prompt=None, prompt_token_ids=[1, 2], params=params, stream=i == 2)
+        seqs += [Sequence(request, j, [1, 2], num_prompt_tokens=2, rng_seed=params.seed) for j in range(2)]
+    seeded = [s for s in seqs if s.rng_seed is not None]  # (a batch with seeded uniforms: rows 0, 1, 4, 5, 6, 7)
+    fields = ("params", "uniform", "logprobs", "top_rows", "streams")
+    cases = [(seqs, rows) for rows in ([0], [2, 3], [4, 5], [1, 2, 3, 4, 5], [0, 7], [0, 1, 4, 5, 6, 7])]
+    cases += [(seeded, rows) for rows in ([0], [2, 3], [0, 5], [1, 2, 3])]
+    for rows_of, stopped in cases:
+        batch = _Batch(rows_of)
+        batch.stopped = stopped
+        rest = [s for i, s in enumerate(rows_of) if i not in stopped]
+        got, want = batch.without_stopped(rest), _Batch(rest)
+        assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields], stopped
+        assert (got.seed_base is None) == (want.seed_base is None), stopped
+        if want.seed_base is not None:
+            np.testing.assert_array_equal(got.seed_base, want.seed_base)
+        assert got.seqs is rest and got.stopped == []
+        assert batch.without_stopped(rest[::-1]) is None and batch.without_stopped(rows_of[:len(rest)]) is None
