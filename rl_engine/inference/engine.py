@@ -34,7 +34,7 @@ from rl_engine.inference.sampler import Sampler, same_setting, token_seed, token
 from rl_engine.inference.sampling_params import SamplingParams
 from rl_engine.inference.scheduler import Scheduler
 from rl_engine.inference.sequence import (CompletionOutput, Request, RequestOutput, SchedulerOutput, SeqStatus,
-                                          Sequence)
+                                          Sequence, without_rows)
 from rl_engine.kernels.cpu.threads import single_thread_below
 
 if TYPE_CHECKING:
@@ -70,16 +70,11 @@ class _Batch:
         rows = self.stopped
         if not rows or len(seqs) != len(self.seqs) - len(rows):
             return None
-        kept = self.seqs.copy()
-        for i in reversed(rows):
-            del kept[i]
-        if kept != seqs:
+        if without_rows(self.seqs, rows) != seqs:
             return None
         batch = _Batch.__new__(_Batch)
         batch.seqs, batch.stopped = seqs, []
-        batch.params = params = self.params.copy()
-        for i in reversed(rows):
-            del params[i]
+        batch.params = params = without_rows(self.params, rows)
         batch.uniform = self.uniform or same_setting(params)
         batch.logprobs = self.logprobs and any(p.logprobs is not None for p in params)
         batch.top_rows = self.top_rows and any(p.logprobs for p in params)

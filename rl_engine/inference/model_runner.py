@@ -28,7 +28,7 @@ from rl_engine.inference.attention import PagedAttention, PrefillChunk
 from rl_engine.inference.config import EngineConfig
 from rl_engine.inference.graph_cache import CudaGraphRunner, DecodeRunner, GraphCache, StaticInputs, default_buckets
 from rl_engine.inference.latent_attention import PagedLatentAttention
-from rl_engine.inference.sequence import SchedulerOutput, Sequence
+from rl_engine.inference.sequence import SchedulerOutput, Sequence, without_rows
 
 if TYPE_CHECKING:
     from rl_engine.policy import CausalLM
@@ -331,9 +331,7 @@ class ModelRunner:
             expected = prev_sched.copy()
             for i in stopped:
                 expected.remove(prev_seqs[i])
-            seqs = prev_seqs.copy()
-            for i in reversed(stopped):
-                del seqs[i]
+            seqs = without_rows(prev_seqs, stopped)
             keep = np.ones(len(prev_seqs), dtype=bool)
             keep[stopped] = False
             keep = np.flatnonzero(keep)

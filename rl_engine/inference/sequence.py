@@ -164,6 +164,15 @@ class Request:
         return all(s.is_finished for s in self.seqs)
 
 
+def without_rows(items: list, rows: list[int]) -> list:
+    """A copy of `items` less those at `rows` (ascending indices): a decode batch's sequences (or their params)
+    after the rows that stopped in the last step (`ModelRunner._continue_decode`, `engine._Batch.without_stopped`)."""
+    kept = items.copy()
+    for i in reversed(rows):
+        del kept[i]
+    return kept
+
+
 @dataclass
 class SchedulerOutput:
     """One step: the sequences to run and how many new tokens each computes. Sequences computing
