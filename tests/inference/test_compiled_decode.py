@@ -283,6 +283,51 @@ def test_the_compiled_step_calls_inductors_entry_point(engines):
 
 
 @needs_cxx
+def test_the_compiled_step_calls_the_cpp_attention_kernels_directly_with_the_wrappers_bits(engines, monkeypatch):
+    """A compiled decode step on the C++ rotary + KV write and decode kernels calls them directly
+    (`PagedAttention.direct_decode`), not through their checked Python wrappers: the same tokens and log-prob bits as
+    the wrappers' path (taken here by a decode observer, which the direct calls would skip), the wrappers called in
+    no compiled step; a call the decode kernel refuses (a block outside the cache) still fails with its message."""
+    from rl_engine.kernels.cpu import ops as cpu_ops
+
+    _, _, compiled = engines
+    attn = compiled.engine.runner.attn
+    if not (attn.cpu_decode and attn.rotary_kv_write is cpu_ops.rotary_kv_write):
+        pytest.skip("the engine is not on the C++ decode and rotary kernels")
+    wrapped = {"steps": 0}
+    decode_step = cpu_ops.paged_decode_step
+
+    def counted(*args):
+        wrapped["steps"] += 1
+        return decode_step(*args)
+
+    monkeypatch.setattr(cpu_ops, "paged_decode_step", counted)
+    prompts = mixed_prompts(3, seed=9, max_len=20)
+    params = SamplingParams(temperature=1.0, max_tokens=10, seed=4, ignore_eos=True)
+    direct = compiled.generate(prompts, params)
+    assert attn.direct_decode and wrapped["steps"] == 0
+    attn.decode_observer = lambda *args: None
+    try:
+        through = compiled.generate(prompts, params)
+    finally:
+        attn.decode_observer = None
+    assert wrapped["steps"] == 9 * len(attn.k_caches)  # every layer of the 9 decode steps
+    for a, b in zip(direct, through):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids and a.outputs[0].logprobs == b.outputs[0].logprobs
+    # a table entry past the pool: the direct call's error falls back to the wrappers, which name it
+    kc = attn.k_caches[0]
+    B, Hkv, D = 2, kc.shape[2], kc.shape[3]
+    tables = torch.tensor([[1], [kc.shape[0]]], dtype=torch.int32)
+    attn.prepare(slot_mapping=torch.tensor([8, 9]), num_single=B, block_tables=tables,
+                 context_lens=torch.tensor([2, 2], dtype=torch.int32), max_context_len=2, prefills=[])
+    assert attn.direct_decode
+    q, k, v = torch.randn(B, 2 * Hkv, D), torch.randn(B, Hkv, D), torch.randn(B, Hkv, D)
+    cos, sin = torch.ones(B, D // 2), torch.zeros(B, D // 2)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        attn.attend_rotary(attn.first_layer, q, k, v, cos, sin, scale=0.25)
+
+
+@needs_cxx
 def test_a_parameter_replaced_by_other_strides_is_named_with_the_fix(engines):
     """The graph reads parameters as laid out at compile time (its guards are skipped): a tensor of other
     strides put in a parameter's place failed inside inductor with "an incorrect fake kernel for a custom
