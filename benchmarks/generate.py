@@ -9,8 +9,8 @@ reports the achieved fraction of this machine's fp32 matmul peak (a large matmul
 run): 2 * matmul params * tokens processed / time, and of its memory bandwidth (a large copy timed in
 the same run): the weights read once per step plus the KV cache read by decode attention, per second;
 and the matmul-only ceiling: the engine's own linears (`kernels.cpu.packed_linear.linear` where it
-packs: oneDNN-prepacked weights, one-row products through the C++ `cpu_gemv`) timed alone on inputs of
-each step's shape, against transformers' time. The engine asks for no log-probs
+packs: fp32 the small-M GEMM's panels, bf16 oneDNN-prepacked weights, one-row products through the C++
+`cpu_gemv`) timed alone on inputs of each step's shape, against transformers' time. The engine asks for no log-probs
 (`SamplingParams(logprobs=None)`), as transformers' `generate` and vLLM compute none; the same engine
 returning behaviour log-probs, as RL rollouts do, is timed beside it (`engine_with_logprobs_*`; `--skip
 with_logprobs` leaves it out).
@@ -182,8 +182,9 @@ def matmul_floor_step(model, prompts: list[list[int]], *, new_tokens: int, max_b
     shape. As in the engine's prefill steps, the last layer's weights after its qkv projection (its attention
     output projection and a dense MLP) take only the rows a chunk samples: one per prompt that ends in it.
     `packed`: through the linear the engine's steps call (`kernels.cpu.packed_linear.linear` inside
-    `reading()`), so the weights an engine registered are read as it reads them (its oneDNN-prepacked
-    copies; a one-row product through the C++ `cpu_gemv` where the extension is built); else `F.linear`
+    `reading()`), so the weights an engine registered are read as it reads them (its packed copies: fp32
+    the small-M GEMM's panels, bf16 oneDNN's; a one-row product through the C++ `cpu_gemv` where the extension
+    is built); else `F.linear`
     on the parameters. Timed beside the engine it gives what a run would take if attention,
     norms, sampling and Python were free (inputs and weights hot in cache): a bound on any achievable
     speedup with these matmuls."""
@@ -333,8 +334,8 @@ def bench_model(name: str, path: str, *, batches: list[int], new_tokens: int, re
     return {"model": name, "params": n_params, "matmul_params_per_token": mm_params, "vocab_size": vocab,
             "hidden_size": model.config.hidden_size, "num_layers": model.config.num_layers,
             "engine_start_s": round(start_s, 2), "cpp_kernels": cpp,
-            "matmul_floor_linears": ("the engine's packed_linear.linear (oneDNN prepacked; one row: C++ cpu_gemv "
-                                     "where built)") if packed else "F.linear",
+            "matmul_floor_linears": ("the engine's packed_linear.linear (fp32: small-M GEMM panels, bf16: oneDNN "
+                                     "prepacked; one row: C++ cpu_gemv where built)") if packed else "F.linear",
             # bucket -> seconds of its first step (compilation included), in this process
             "decode_compile_s": compiled_engine.engine.stats()["decode_compile_s"] if compiled_engine else None,
             "results": rows,

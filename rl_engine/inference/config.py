@@ -35,11 +35,12 @@ class EngineConfig:
     # small step runs on one thread, the count restored after it (threads.single_thread_below: a rule of
     # sizes, not of the machine's load, so a run stays repeatable).
     cpu_threads: str = "auto"
-    # CPU: the engine's steps read a oneDNN-prepacked copy of each matmul weight (made at its first use,
-    # redone when the weight changes; kernels/cpu/packed_linear.py), ~2x faster matmuls here, one more copy
-    # of the matmul weights in memory. Not with model.batch_invariant. False: F.linear on the parameters.
-    # Engines serving an RL run (trainer, rollout workers) set False: oneDNN's fp32 rounding order took the
-    # ~40M model's behavior log-probs 1.2e-5..2.1e-5 from the trainer's recompute (contract: 1e-5).
+    # CPU: the engine's steps read a prepacked copy of each matmul weight (fp32: the small-M GEMM's panels,
+    # bf16: oneDNN's layout; made at its first use, redone when the weight changes; kernels/cpu/packed_linear.py),
+    # ~2x faster matmuls here, one more copy of the matmul weights in memory. Not with model.batch_invariant.
+    # False: F.linear on the parameters. Engines serving an RL run (trainer, rollout workers) set False: the packed
+    # products' fp32 rounding order took the ~40M model's behavior log-probs 1.2e-5..2.1e-5 from the trainer's
+    # recompute (oneDNN; contract: 1e-5).
     cpu_prepack_weights: bool = True
     # CPU: decode attention by the C++ kernel that reads K/V in place in their blocks, and rotary fused with the
     # KV cache write by another (kernels/cpu, the registry's CPU defaults where they build; else the torch paths,

@@ -194,7 +194,7 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
           flashinfer=f"{_FLASHINFER}:top_k_top_p_sampling",
           cuda_preference=("flashinfer", "torch"), invariant=None),  # multinomial draws per batch
     _spec("dense", "(x [..., K], weight [N, K], bias=None, *, residual=None) -> x weight^T + bias (+ residual): "
-          "F.linear, reading a oneDNN-prepacked copy of weights an inference engine registered on CPU "
+          "F.linear, reading a prepacked copy of weights an inference engine registered on CPU "
           "(kernels/cpu/packed_linear.py); bound by the policy's layers at build (`linear` is a module factory)",
           torch_impl="rl_engine.kernels.cpu.packed_linear:linear", invariant=f"{_INVARIANT}:linear"),
     _spec("linear", "module factory (in_features, out_features, *, bias, params_dtype, device, ...)",

@@ -3,7 +3,7 @@
 Each layer owns its shard of the weight and knows its `ParallelGroups`; at tp=1 the collectives are
 identities and these are plain linear / embedding ops. Every product goes through the kernel
 registry's `dense` op, resolved at build (`bind_kernels`): `F.linear` (in an engine's CPU steps, on a
-oneDNN-prepacked copy of the weight: `kernels/cpu/packed_linear.py`), or under `model.batch_invariant`
+prepacked copy of the weight: `kernels/cpu/packed_linear.py`), or under `model.batch_invariant`
 the batch-invariant tiled matmul (`kernels/invariant.py`). Fused projections (qkv, gate/up)
 keep each rank's slice of every part side by side (`[q_r | k_r | v_r]`), so a rank's output splits
 into its own heads without communication. Every parameter has a `load_full(name_part, tensor)` path

@@ -1,5 +1,6 @@
-"""kernels/cpu/packed_linear: the registry's `dense` op reads a oneDNN-prepacked copy of a registered
-weight only inside `reading()` under inference mode (an engine's step), equals F.linear up to fp32
+"""kernels/cpu/packed_linear: the registry's `dense` op reads a packed copy of a registered weight (fp32: the
+small-M GEMM's panels, bf16: oneDNN's layout) only inside `reading()` under inference mode (an engine's step),
+equals F.linear up to fp32
 accumulation order, never serves a stale copy (in-place writes, repointed storage and `invalidate` all
 repack), and drops the copy when the last engine that registered it releases it."""
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from rl_engine import kernels
-from rl_engine.kernels.cpu import packed_linear
+from rl_engine.kernels.cpu import packed_linear, small_gemm
 
 pytestmark = pytest.mark.skipif(not packed_linear.available()[0], reason=packed_linear.available()[1])
 
@@ -25,8 +26,9 @@ def _inputs(dtype, rows=5, k=96, n=40, seed=0):
 
 
 def _bound(x, w, extra, dtype):
-    """fp32 accumulation in any order (k eps32 sum |x||w|), then one rounding of the result and of each
-    added term to the dtype."""
+    """fp32 accumulation in any order (a sum of k products, each FMA or add one rounding of u32 = eps32 / 2:
+    within k u32 sum |x||w| to first order; k eps32 keeps a factor 2), then one rounding of the result and of
+    each added term to the dtype. oneDNN's blocked sums and the small-M GEMM's sequential ones both hold it."""
     magnitude = x.double().abs() @ w.double().abs().t()
     eps = torch.finfo(dtype).eps
     return x.shape[1] * torch.finfo(torch.float32).eps * magnitude + eps * (magnitude + extra.abs()) * 2
@@ -43,7 +45,7 @@ def test_dense_is_the_packed_linear_and_rowparallel_fuses_its_residual():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("rows", [1, 2, 7, 64, 300])
 def test_packed_product_equals_f_linear_up_to_rounding(dtype, rows):
     x, w, b, r = _inputs(dtype, rows=rows)
     assert packed_linear.register([w], batch_size=16) == [w]
@@ -56,6 +58,37 @@ def test_packed_product_equals_f_linear_up_to_rounding(dtype, rows):
     x3 = x.view(1, rows, -1)  # [..., K] inputs keep their leading dims
     with torch.inference_mode(), packed_linear.reading():
         assert torch.equal(packed_linear.linear(x3, w, b), y.view(1, rows, -1))
+
+
+@pytest.mark.parametrize("rows", [2, 7, 64, 300])
+def test_fp32_products_read_the_small_gemm_panels_and_bf16_onednn(rows, monkeypatch):
+    """fp32 products of 2+ rows read the small-M GEMM (small_gemm.py) on its panels, the weight's one packed
+    copy, eager and through the traced op: small_gemm.linear's bits; bf16 reads oneDNN's copy. Without the
+    extension fp32 reads oneDNN's copy too (the copy is remade in the layout its reader needs)."""
+    x, w, b, r = _inputs(torch.float32, rows=rows)
+    packed_linear.register([w], batch_size=16)
+    if packed_linear._small is None:
+        pytest.skip(f"no small-M GEMM: {small_gemm.available()[1]}")
+    panels = small_gemm.pack(w, panel=small_gemm.PANEL)
+    with torch.inference_mode(), packed_linear.reading():
+        outs = [packed_linear.linear(x, w, b), packed_linear.linear(x, w, residual=r),
+                packed_linear.packed_linear(x, w, b, None), packed_linear.packed_linear(x, w, None, r)]
+    want = [small_gemm.linear(x, panels, b), small_gemm.linear(x, panels, residual=r)]
+    for got, expected in zip(outs, want + want):
+        assert torch.equal(got, expected)
+    assert w._rl_packed.panels and torch.equal(w._rl_packed.packed, panels.data)
+    monkeypatch.setattr(packed_linear, "_small", None)  # as where the extension does not build
+    with torch.inference_mode(), packed_linear.reading():
+        y = packed_linear.linear(x, w, b)
+    assert not w._rl_packed.panels
+    assert torch.equal(y, torch.ops.mkldnn._linear_pointwise(x, w._rl_packed.packed, b, "none", [], ""))
+    packed_linear.release([w])
+    x16, w16, b16, _ = _inputs(torch.bfloat16, rows=rows)
+    if packed_linear.register([w16], batch_size=16):
+        with torch.inference_mode(), packed_linear.reading():
+            packed_linear.linear(x16, w16, b16)
+        assert _packed(w16) and not w16._rl_packed.panels
+        packed_linear.release([w16])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,4 +1,4 @@
-"""Linears on oneDNN-prepacked weights for CPU inference: the registry's `dense` op.
+"""Linears on prepacked weights for CPU inference: the registry's `dense` op.
 
 `F.linear` on CPU hands MKL (fp32) or oneDNN (bf16) a plain [N, K] weight, which they re-block on
 every call. vLLM's CPU backend packs each linear's weight once into oneDNN's blocked layout
@@ -7,6 +7,18 @@ every call. vLLM's CPU backend packs each linear's weight once into oneDNN's blo
 2-core AVX-512 machine at 2 threads (through the measuring lock), the ~40M model's matmuls of one
 decode step (8 layers' qkv, o, gate/up, down, and the 32k-vocab head) at 64 rows: fp32 79 ms with
 F.linear, 38.5 ms packed; at 1 row 8.0 and 3.5 ms; bf16 18.5 / 13.7 ms at 64 rows, 4.3 / 1.3 ms at 1.
+
+fp32 products of 2+ rows read the small-M GEMM (`small_gemm.py`, `csrc/small_gemm.cpp`: the weight in
+panels of `small_gemm.PANEL` columns, AVX-512 register tiles, sequential-K fp32 sums) where its extension
+builds, instead of oneDNN: the weight's one packed copy is then its panels. One engine timed with either,
+alternated in one process, through the measuring lock at 1 thread (load 1.4-2.9), generate.py's runs
+(128 new tokens, prefill included): the ~3.5M model batch 64 greedy 1.08x (per-pair median; best 1.11x),
+sampled 1.11x, compile_decode greedy 1.13x; batches 2-32 1.17-1.71x (oneDNN's ~15 us floor a call); the ~50M
+model (`--large`) batch 64 greedy 1.05x and 1.13x (two runs of 3 pairs). Hot, one decode step's linears
+alone: 1.35x oneDNN at 64 rows on the ~3.5M shapes, 1.13x on the ~50M; 1.6-2.3x at 2-16 rows; prefill-sized
+products about level (0.97-1.06x at 256-2048 rows), so they take the panels too rather than a second copy.
+bf16 stays on oneDNN (the small GEMM's bf16 is ~1.0x), as does fp32 without the extension (no compiler,
+`RL_ENGINE_CPU_KERNELS=0`, a failed build: logged once).
 
 A packed copy is read only inside the steps of an engine that packs (`reading()`, the engine's model
 runner around each step: a thread-local switch, so training, its no-grad passes and an engine over the
@@ -20,18 +32,19 @@ steps, `copy_` under no_grad, weight loading). Writes that bypass the counter (t
 staging region the parameter was repointed at) must be followed by `invalidate` (the engine's
 `update_weights` does). bf16 weights are packed only where oneDNN's bf16 linear runs
 (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`: AVX-512 BW/VL/DQ or AVX-NE-CONVERT). Memory: one more
-copy of every registered weight. Rounding: oneDNN's fp32 products reduce in another order than MKL's
-(the ~40M model's behavior log-probs measured 1.2e-5..2.1e-5 from the trainer's F.linear recompute,
-2.9e-6..7.6e-6 unpacked), so engines that serve an RL run keep it off (the log-prob contract's 1e-5).
+copy of every registered weight. Rounding: oneDNN's and the small GEMM's fp32 products reduce in other
+orders than MKL's (the ~40M model's behavior log-probs measured 1.2e-5..2.1e-5 from the trainer's F.linear
+recompute with oneDNN, up to 1.62e-5 with the small GEMM, 2.9e-6..7.6e-6 unpacked), so engines that serve an
+RL run keep it off (the log-prob contract's 1e-5).
 
-One-row products (a batch-1 decode step) skip oneDNN: its prepacked linear costs a ~15-20 us floor per
+One-row products (a batch-1 decode step) skip both: oneDNN's prepacked linear costs a ~15-20 us floor per
 call at 2 threads whatever the weight's size, and a Python custom op ~10 us more, where the C++ kernel
 `rl_engine::cpu_gemv` (`csrc/cpu_ops.cpp`, loaded at the first `register`) reads the plain weight once:
 through the measuring lock at 2 threads, the ~3.4M model's five weights 175 -> 59 us fp32, 152 -> 41 us
 bf16; the ~40M model's 2,632 -> 2,324 and 558 -> 483 us (the 32k-vocab head, memory-bound, about level).
 It runs under the same `reading()` switch (a C++ thread-local the switch sets) and has the same
 fp32-accumulation contract; without the C++ extension (no compiler, `RL_ENGINE_CPU_KERNELS=0`, a failed
-build) one-row products stay on oneDNN.
+build) one-row products stay on the packed copy.
 """
 
 from __future__ import annotations
@@ -43,13 +56,18 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from rl_engine.kernels import cpu
+from rl_engine.kernels.cpu import small_gemm
+
 logger = logging.getLogger(__name__)
 
 _ATTR = "_rl_packed"
 DTYPES = (torch.float32, torch.bfloat16)
 _state = threading.local()  # .reading: inside a step of an engine that packs
-_gemv = None  # the C++ extension once its one-row linear is loaded (`_load_gemv`); None: oneDNN for one row
+_gemv = None  # the C++ extension once its one-row linear is loaded (`_load_gemv`); None: the packed copy for one row
 _gemv_reason: str | None = None  # why it is not, once tried
+_small = None  # the small-M GEMM's extension once loaded (`_load_small`); None: oneDNN for fp32 products too
+_small_kernel = cpu.source_kernel(small_gemm.SOURCE, "fp32 linears of 2+ rows (small-M GEMM; else oneDNN's)")
 
 
 @contextlib.contextmanager
@@ -72,8 +90,6 @@ def _load_gemv() -> None:
     global _gemv, _gemv_reason
     if _gemv is not None or _gemv_reason is not None:
         return
-    from rl_engine.kernels import cpu
-
     module, reason = cpu.load_source(cpu.SOURCE)
     if module is None:
         _gemv_reason = reason
@@ -82,6 +98,13 @@ def _load_gemv() -> None:
     torch.library.register_fake("rl_engine::cpu_gemv")(_gemv_fake)
     _gemv = module
     logger.info("one-row linears: the C++ kernel rl_engine::cpu_gemv (csrc/cpu_ops.cpp)")
+
+
+def _load_small() -> None:
+    """Load the small-M GEMM (`csrc/small_gemm.cpp`) once; where it does not build, the reason is logged."""
+    global _small
+    if _small is None:
+        _small = _small_kernel()
 
 
 def _gemv_fake(x, weight, bias, residual):
@@ -111,9 +134,10 @@ def available() -> tuple[bool, str]:
 
 
 class _Packed:
-    """A weight's packed copy and the (storage, version) it was made from; `stale` forces a repack."""
+    """A weight's packed copy, its layout (`panels`) and the (storage, version) it was made from; `stale` forces
+    a repack, as does a read that needs the other layout."""
 
-    __slots__ = ("batch_size", "data_ptr", "version", "packed", "stale", "owners")
+    __slots__ = ("batch_size", "data_ptr", "version", "packed", "panels", "stale", "owners")
 
     def __init__(self, batch_size: int) -> None:
         self.owners = 0  # engines that registered the weight
@@ -121,14 +145,17 @@ class _Packed:
         self.data_ptr = -1
         self.version = -1
         self.packed: torch.Tensor | None = None
+        self.panels = False  # the copy is the small-M GEMM's panels (else oneDNN's layout)
         self.stale = True
 
-    def current(self, weight: torch.Tensor) -> torch.Tensor:
+    def current(self, weight: torch.Tensor, panels: bool) -> torch.Tensor:
         ptr, version = weight.data_ptr(), weight._version
-        if self.stale or ptr != self.data_ptr or version != self.version:
+        if self.stale or ptr != self.data_ptr or version != self.version or panels != self.panels:
             self.packed = None  # the old copy goes before the new one is made
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.batch_size)
-            self.data_ptr, self.version, self.stale = ptr, version, False
+            w = weight.detach()
+            self.packed = (_small.pack(w, small_gemm.PANEL) if panels
+                           else torch.ops.mkldnn._reorder_linear_weight(w, self.batch_size))
+            self.data_ptr, self.version, self.stale, self.panels = ptr, version, False, panels
         return self.packed
 
 
@@ -145,6 +172,7 @@ def register(weights, *, batch_size: int) -> list[torch.Tensor]:
         logger.info("bf16 linears read their weights unpacked: oneDNN's bf16 linear needs AVX-512 BW/VL/DQ or "
                     "AVX-NE-CONVERT (torch.ops.mkldnn._is_mkldnn_bf16_supported() is False)")
     _load_gemv()
+    _load_small()
     registered = []
     for w in weights:
         if w.dim() == 2 and w.device.type == "cpu" and w.dtype in dtypes:
@@ -183,6 +211,16 @@ def _onednn(packed: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
     return torch.ops.mkldnn._linear_pointwise.default(x, packed, bias, "none", [], "")  # (.default: no overload search)
 
 
+def _read(entry: _Packed, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+          residual: torch.Tensor | None) -> torch.Tensor:
+    """A registered weight's product through its packed copy: fp32 the small-M GEMM's panels where it loaded,
+    else (bf16, or no extension) oneDNN's prepacked layout."""
+    if _small is not None and x.dtype == torch.float32:
+        return _small.linear(x, entry.current(weight, True), weight.shape[0], small_gemm.PANEL, small_gemm.ROW_BLOCK,
+                             bias, residual, small_gemm.MIN_MACS_PER_THREAD)
+    return _onednn(entry.current(weight, False), x, bias, residual)
+
+
 def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            residual: torch.Tensor | None) -> torch.Tensor:
     if residual is None:
@@ -205,7 +243,7 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     entry = getattr(weight, _ATTR, None)
     if entry is None or not _reading() or not _packable(x, weight, bias, residual):
         return _plain(x, weight, bias, residual)
-    return _onednn(entry.current(weight), x, bias, residual)
+    return _read(entry, x, weight, bias, residual)
 
 
 def _packed_linear_fake(x, weight, bias, residual):
@@ -238,7 +276,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         elif _reading() and torch.is_inference_mode_enabled():
             if _one_row(x):
                 return _gemv.gemv(x, weight, bias, residual)
-            return _onednn(entry.current(weight), x, bias, residual)
+            return _read(entry, x, weight, bias, residual)
     return _plain(x, weight, bias, residual)
 
 

@@ -12,9 +12,11 @@ after the other, then one rounding to bf16 (without avx512_bf16: the widened pro
 
 `python benchmarks/small_gemm.py --threads T [--dtype bfloat16]` through the team's lock (2-core AMD EPYC,
 Zen 4 AVX-512, 64 rows, one decode step's linears, load 3.6-4.3), best panel x row block against
-oneDNN-prepacked (the engine's): fp32 1 thread 1.12x on the ~3.5M, ~40M and ~50M models (~105-109 GFLOP/s a
+oneDNN-prepacked: fp32 1 thread 1.12x on the ~3.5M, ~40M and ~50M models (~105-109 GFLOP/s a
 core, near the FMA peak; oneDNN ~95-98), 2 threads 1.13-1.20x; bf16 1 thread 1.01-1.06x, 2 threads
-0.99-1.07x. Not wired into the engine: under the 1.2x that switching was to need.
+0.99-1.07x. Panels of 48 (`PANEL`) x 8 rows measured best or level at 2-2048 rows (1 thread, load ~2-3.5).
+The engine's fp32 linears of 2+ rows read it (`packed_linear.py`, where the figures in the engine are):
+the panels are then the weight's one packed copy. bf16 stays on oneDNN.
 
 Log-prob contract (the reason RL engines keep prepacked linears off): on the ~40M model (3 x 64 tokens,
 sampled targets, every linear swapped, niced), log-probs moved from F.linear's by up to 1.62e-5 with this
@@ -32,7 +34,7 @@ import torch
 from rl_engine.kernels import cpu
 
 SOURCE = Path(__file__).parent / "csrc" / "small_gemm.cpp"
-PANEL = 32  # output columns a panel (16, 32, 48 or 64)
+PANEL = 48  # output columns a panel (16, 32, 48 or 64)
 ROW_BLOCK = 8  # rows of a register tile (row_block * panel / 16 accumulators, at most 28)
 MIN_MACS_PER_THREAD = 1 << 17  # smaller products stay on fewer threads (a parallel region costs ~us)
 
