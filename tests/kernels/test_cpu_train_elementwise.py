@@ -30,7 +30,10 @@ def _strided(rows: int, width: int, *, pad: int) -> torch.Tensor:
     return torch.randn(rows, width + pad)[:, pad:] if pad else torch.randn(rows, width)
 
 
-@pytest.mark.parametrize("rows,width,pad", [(37, 64, 0), (5, 37, 3), (1, 1, 0), (0, 16, 0), (300, 130, 7)])
+# widths 64 and 128 run the kernels' compile-time-width instances (1000 rows: more than one thread's share), the
+# others the run-time width
+@pytest.mark.parametrize("rows,width,pad", [(37, 64, 0), (1000, 64, 0), (300, 128, 5), (5, 37, 3), (1, 1, 0),
+                                            (0, 16, 0), (300, 130, 7)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_the_float64_reference(rows, width, pad, with_residual):
     torch.manual_seed(rows + width)
