@@ -36,13 +36,24 @@ using rl_engine_cpu::grain_rows;
 // A width a row kernel is compiled for (`NC`), or 0: the width at run time. At a small model's widths (64 floats a
 // row: four 16-float vectors) each runtime-width loop's setup and remainder handling cost more than its arithmetic
 // (the RMSNorm backward's three loops a row ran ~5x its forward's time at [4075, 64]); a compile-time width unrolls
-// them. `dispatch_width` picks the instance.
+// them. `dispatch_width` (and the rotary's `dispatch_head_dim`) picks the instance.
 template <int64_t NC>
 inline int64_t width_of(int64_t N) { return NC > 0 ? NC : N; }
 
 template <typename F>
 inline void dispatch_width(int64_t N, F&& f) {
   switch (N) {
+    case 64: f(std::integral_constant<int64_t, 64>()); break;
+    case 128: f(std::integral_constant<int64_t, 128>()); break;
+    default: f(std::integral_constant<int64_t, 0>()); break;
+  }
+}
+
+template <typename F>
+inline void dispatch_head_dim(int64_t D, F&& f) {
+  switch (D) {
+    case 16: f(std::integral_constant<int64_t, 16>()); break;
+    case 32: f(std::integral_constant<int64_t, 32>()); break;
     case 64: f(std::integral_constant<int64_t, 64>()); break;
     case 128: f(std::integral_constant<int64_t, 128>()); break;
     default: f(std::integral_constant<int64_t, 0>()); break;
@@ -231,9 +242,13 @@ torch::Tensor silu_and_mul_backward(const torch::Tensor& grad, const torch::Tens
 // Each product and the sum rounded apart, as torch's mul, mul, add: no fused multiply-add under this file's
 // -ffp-contract=fast (GCC's optimize attribute; under clang, which ignores it, the clang pragma below, honoured under
 // the -ffp-contract=on that kernels/cpu/__init__.py gives clang), so the results equal torch's bit for bit.
+// DC: the head_dim compiled for (`dispatch_head_dim`; at 16, a small model's, each half is one 8-float loop, whose
+// run-time setup cost more than its arithmetic), or 0: D at run time.
+template <int64_t DC>
 __attribute__((optimize("fp-contract=off"))) void rotary_row(const float* x, int64_t head_stride, int64_t heads,
-                                                              int64_t D, const float* c, const float* s, float* out,
+                                                              int64_t D_, const float* c, const float* s, float* out,
                                                               bool transpose) {
+  const int64_t D = width_of<DC>(D_);
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
@@ -286,9 +301,11 @@ void rotary_into(const torch::Tensor& x, const torch::Tensor& cos, const torch::
   const float* sp = sin.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t sxr = x.stride(0), sxh = x.stride(1), sc = cos.stride(0), ss = sin.stride(0), so = out.stride(0);
-  at::parallel_for(0, R, grain_rows(H * D), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      rotary_row(xp + r * sxr, sxh, H, D, cp + r * sc, sp + r * ss, op + r * so, transpose);
+  dispatch_head_dim(D, [&](auto dc) {
+    at::parallel_for(0, R, grain_rows(H * D), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        rotary_row<decltype(dc)::value>(xp + r * sxr, sxh, H, D, cp + r * sc, sp + r * ss, op + r * so, transpose);
+    });
   });
 }
 
