@@ -11,15 +11,18 @@
 // The segments are short (a prompt, a completion: tens to hundreds of tokens), so one segment's keys for one
 // KV head are a tile that fits in L1/L2, and the work is a few small matrix products per (segment, head):
 // too small for a BLAS call each (its overhead) and, batched by torch as one padded masked SDPA, spent on
-// padding, masks and glue. Here every product is C += A B on small local buffers with the query rows of a
-// block (BQ = 32, or 16 for a block of at most 16 rows: a short segment's, a segment's last) as the vector
-// dimension: scores are kept transposed, st[key][row], so the softmax's reductions over keys are elementwise
-// vector max / add, and every product is `mm_acc` (4 rows of A by 32 columns of B in 8 vector accumulators).
+// padding, masks and glue. Here every product is C += A B in vector accumulators with the BQ = 16 query rows of a
+// block (one vector: at most 15 causally hidden keys a row computed and masked) as the vector dimension of the
+// scores, which are kept transposed, st[key][row], so the softmax's reductions over keys are elementwise vector
+// max / add: the scores and dP^T (keys by rows) and dV, dK (keys by the head dim) are `mm_acc`; O += P V and
+// dQ += dS K are `mm_acc_t`, which reads P^T / dS^T as they lie and K, V rows in place, so the rows of O and dQ
+// come out as rows (no transposed copy of V or K per item, no transposed O / dQ per block).
 // The forward is flash-attention style (online softmax over key chunks of BK = 64, so any length works) and
 // saves the log-sum-exp of each (row, head); the backward recomputes p = exp(s - lse) and takes
 // dS = p * (dP - rowsum(dO * O)) (O as stored: bf16 inputs give a bf16 O, as in FlashAttention's backward).
 // bf16 rows are widened to fp32 as they are read: an item's K and V rows into fp32 copies once (read in place
-// when fp32), the query, output and gradient rows with the other per-row copies.
+// when fp32 with a head dim that is a multiple of 16, else copied zero-padded to one), the query, output and
+// gradient rows with the other per-row copies.
 //
 // Threads (ATen's intra-op pool): the forward splits (segment, KV head) items, the backward (prefix group,
 // KV head) items, where a prefix group is a segment and the segments naming it as their prefix: the prefix
@@ -40,7 +43,7 @@
 
 namespace {
 
-constexpr int64_t BQ = 32;  // query rows of a block: the vector dimension of the transposed scores
+constexpr int64_t BQ = 16;  // query rows of a block: the vector dimension of the transposed scores
 constexpr int64_t BK = 64;  // keys of a chunk
 constexpr int64_t VL = 16;  // floats of one v16
 
@@ -51,20 +54,31 @@ using rl_engine_cpu::v16;
 
 inline int64_t round16(int64_t n) { return (n + VL - 1) / VL * VL; }
 
-// The vector lanes of a block of `rows` query rows: BQ, or one vector (VL) for a block of at most VL rows (a short
-// segment, a segment's last rows), whose products then cost half. Each entry's sums run in the same order either
-// way: the results do not depend on it.
-inline int64_t lanes(int64_t rows) { return rows <= VL ? VL : BQ; }
-
 // fast_exp.h's exp (~2 ulp, vectorises); callers mask their -inf entries themselves (it clamps to [-87.3, 88]).
 using rl_engine_cpu::fast_exp;
 
 // C[M][N] += A[M][K] B[K][N]; N a multiple of 16, B and C rows contiguous (ldb, ldc), A rows at lda (a
-// local buffer or a strided tensor row). 4 rows of A by 32 columns of B a step, the K products of each
-// entry in increasing k.
+// local buffer or a strided tensor row). 8 rows of A by 16 columns of B a step when N is one vector, else 4 rows by
+// 32 columns, the K products of each entry in increasing k.
 void mm_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t K,
             int64_t N) {
   int64_t m = 0;
+  if (N == VL) {  // one vector of columns: 8 rows a step
+    for (; m + 8 <= M; m += 8) {
+      const float* a = A + m * lda;
+      float* c = C + m * ldc;
+      v16 x0 = load16(c), x1 = load16(c + ldc), x2 = load16(c + 2 * ldc), x3 = load16(c + 3 * ldc);
+      v16 x4 = load16(c + 4 * ldc), x5 = load16(c + 5 * ldc), x6 = load16(c + 6 * ldc), x7 = load16(c + 7 * ldc);
+      for (int64_t k = 0; k < K; ++k) {
+        const v16 b = load16(B + k * ldb);
+        x0 += splat(a[k]) * b; x1 += splat(a[lda + k]) * b; x2 += splat(a[2 * lda + k]) * b;
+        x3 += splat(a[3 * lda + k]) * b; x4 += splat(a[4 * lda + k]) * b; x5 += splat(a[5 * lda + k]) * b;
+        x6 += splat(a[6 * lda + k]) * b; x7 += splat(a[7 * lda + k]) * b;
+      }
+      store16(c, x0); store16(c + ldc, x1); store16(c + 2 * ldc, x2); store16(c + 3 * ldc, x3);
+      store16(c + 4 * ldc, x4); store16(c + 5 * ldc, x5); store16(c + 6 * ldc, x6); store16(c + 7 * ldc, x7);
+    }
+  }
   for (; m + 4 <= M; m += 4) {
     const float* a0 = A + m * lda;
     const float* a1 = a0 + lda;
@@ -106,6 +120,45 @@ void mm_acc(const float* A, int64_t lda, const float* B, int64_t ldb, float* C, 
       v16 x = load16(c + n);
       for (int64_t k = 0; k < K; ++k) x += splat(a[k]) * load16(B + k * ldb + n);
       store16(c + n, x);
+    }
+  }
+}
+
+// C[M][N] += A[M][K] B[K][N] with A given transposed (At[k][m] at At + k * lda + m: the transposed scores); N a
+// multiple of 16, B and C rows contiguous (ldb, ldc). 8 rows of C by 16 columns a step, each entry's K products in
+// increasing k, as mm_acc's: the same sums as mm_acc of A, and no transposed copy of B or C.
+void mm_acc_t(const float* At, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t K,
+              int64_t N) {
+  for (int64_t n = 0; n < N; n += VL) {
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) {
+      float* c = C + m * ldc + n;
+      v16 x0 = load16(c), x1 = load16(c + ldc), x2 = load16(c + 2 * ldc), x3 = load16(c + 3 * ldc);
+      v16 x4 = load16(c + 4 * ldc), x5 = load16(c + 5 * ldc), x6 = load16(c + 6 * ldc), x7 = load16(c + 7 * ldc);
+      for (int64_t k = 0; k < K; ++k) {
+        const v16 b = load16(B + k * ldb + n);
+        const float* a = At + k * lda + m;
+        x0 += splat(a[0]) * b; x1 += splat(a[1]) * b; x2 += splat(a[2]) * b; x3 += splat(a[3]) * b;
+        x4 += splat(a[4]) * b; x5 += splat(a[5]) * b; x6 += splat(a[6]) * b; x7 += splat(a[7]) * b;
+      }
+      store16(c, x0); store16(c + ldc, x1); store16(c + 2 * ldc, x2); store16(c + 3 * ldc, x3);
+      store16(c + 4 * ldc, x4); store16(c + 5 * ldc, x5); store16(c + 6 * ldc, x6); store16(c + 7 * ldc, x7);
+    }
+    for (; m + 4 <= M; m += 4) {
+      float* c = C + m * ldc + n;
+      v16 x0 = load16(c), x1 = load16(c + ldc), x2 = load16(c + 2 * ldc), x3 = load16(c + 3 * ldc);
+      for (int64_t k = 0; k < K; ++k) {
+        const v16 b = load16(B + k * ldb + n);
+        const float* a = At + k * lda + m;
+        x0 += splat(a[0]) * b; x1 += splat(a[1]) * b; x2 += splat(a[2]) * b; x3 += splat(a[3]) * b;
+      }
+      store16(c, x0); store16(c + ldc, x1); store16(c + 2 * ldc, x2); store16(c + 3 * ldc, x3);
+    }
+    for (; m < M; ++m) {
+      float* c = C + m * ldc + n;
+      v16 x = load16(c);
+      for (int64_t k = 0; k < K; ++k) x += splat(At[k * lda + m]) * load16(B + k * ldb + n);
+      store16(c, x);
     }
   }
 }
@@ -196,18 +249,21 @@ struct Rows {
   int64_t stride(int64_t j) const { return j < P ? pre_stride : own_stride; }
 };
 
-// fp32 rows are read in place; bf16 rows are widened into `copy` ([N][width]) once per item.
-Rows rows_of(const Keys& keys, const Tensor3<float>& x, int64_t h, int64_t, std::vector<float>&) {
-  return {x.at(keys.pre_start, h), x.at(keys.own_start, h), x.row, x.row, keys.P};
-}
-
-Rows rows_of(const Keys& keys, const Tensor3<at::BFloat16>& x, int64_t h, int64_t width, std::vector<float>& copy) {
-  copy.resize(keys.n() * width);
-  for (int64_t j = 0; j < keys.n(); ++j) {
-    const at::BFloat16* src = x.at(keys.row(j), h);
-    for (int64_t d = 0; d < width; ++d) copy[j * width + d] = static_cast<float>(src[d]);
+// The rows as mm_acc's A (`width` entries a row) and as mm_acc_t's B (round16(width) entries a row: the entries past
+// `width` zero). fp32 rows of a multiple of 16 entries are read in place; others (bf16: widened) are copied into
+// `copy` ([N][round16(width)]) once per item.
+template <typename T>
+Rows rows_of(const Keys& keys, const Tensor3<T>& x, int64_t h, int64_t width, std::vector<float>& copy) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (width % VL == 0) return {x.at(keys.pre_start, h), x.at(keys.own_start, h), x.row, x.row, keys.P};
   }
-  return {copy.data(), copy.data() + keys.P * width, width, width, keys.P};
+  const int64_t wp = round16(width);
+  copy.assign(keys.n() * wp, 0.f);
+  for (int64_t j = 0; j < keys.n(); ++j) {
+    const T* src = x.at(keys.row(j), h);
+    for (int64_t d = 0; d < width; ++d) copy[j * wp + d] = to_f(src[d]);
+  }
+  return {copy.data(), copy.data() + keys.P * wp, wp, wp, keys.P};
 }
 
 // C[j - j0][:] += rows[j] B for the chunk's rows j0 .. j0 + bk - 1: mm_acc over each run of rows at one stride
@@ -220,8 +276,19 @@ void rows_mm_acc(const Rows& rows, int64_t j0, int64_t bk, const float* B, int64
   }
 }
 
-// Scores of a block, transposed: st[j][r] = (q_r * scale) . k_j for the chunk's keys against qt [D][bq] (bq lanes,
-// `lanes`); entries that a row does not see (or padding rows r >= rows) become -inf.
+// C[r][:] += sum_j At[j - j0][r] rows[j][:] (r < M) for the chunk's rows j0 .. j0 + bk - 1: mm_acc_t over each run of
+// rows at one stride, B = the rows as they lie.
+void rows_mm_acc_t(const float* At, int64_t lda, const Rows& rows, int64_t j0, int64_t bk, float* C, int64_t ldc,
+                   int64_t M, int64_t N) {
+  for (int64_t j = j0; j < j0 + bk;) {
+    const int64_t run_end = j < rows.P ? std::min(j0 + bk, rows.P) : j0 + bk;
+    mm_acc_t(At + (j - j0) * lda, lda, rows.at(j), rows.stride(j), C, ldc, M, run_end - j, N);
+    j = run_end;
+  }
+}
+
+// Scores of a block, transposed: st[j][r] = (q_r * scale) . k_j for the chunk's keys against qt [D][bq] (bq = BQ
+// lanes); entries that a row does not see (or padding rows r >= rows) become -inf.
 void block_scores(const Keys& keys, const Rows& k, int64_t D, const float* qt, int64_t i0, int64_t rows, int64_t j0,
                   int64_t bk, float* st, int64_t bq) {
   std::fill(st, st + bk * bq, 0.f);
@@ -245,74 +312,64 @@ void forward_item(const Layout& lay, int64_t s, int64_t h, const Tensor3<T>& q, 
                   float scale) {
   const Keys keys = keys_of(lay, s);
   if (keys.C == 0) return;
-  const int64_t N = keys.n(), Np = round16(N);
-  std::vector<float> k_copy;
-  const Rows kr = rows_of(keys, k, h, D, k_copy);
-  std::vector<float> vt(Dv * Np, 0.f);  // V^T [Dv][Np]
-  for (int64_t j = 0; j < N; ++j) {
-    const T* src = v.at(keys.row(j), h);
-    for (int64_t d = 0; d < Dv; ++d) vt[d * Np + j] = to_f(src[d]);
-  }
-  std::vector<float> qt(D * BQ), st(BK * BQ), ot(Dv * BQ);
+  const int64_t Dvp = round16(Dv);
+  std::vector<float> k_copy, v_copy;
+  const Rows kr = rows_of(keys, k, h, D, k_copy), vr = rows_of(keys, v, h, Dv, v_copy);
+  std::vector<float> qt(D * BQ), st(BK * BQ), ob(BQ * Dvp);  // ob: the block's output rows [BQ][Dvp]
   float m[BQ], l[BQ], corr[BQ];
   const float ninf = -std::numeric_limits<float>::infinity();
   for (int64_t g = 0; g < G; ++g) {
     const int64_t hq = h * G + g;
     for (int64_t i0 = 0; i0 < keys.C; i0 += BQ) {
       const int64_t rows = std::min(BQ, keys.C - i0);
-      auto block = [&](auto width) {  // bq lanes, a compile-time constant (`lanes`)
-        constexpr int64_t bq = decltype(width)::value;
-        std::fill(qt.begin(), qt.end(), 0.f);
-        for (int64_t r = 0; r < rows; ++r) {
-          const T* src = q.at(keys.own_start + i0 + r, hq);
-          for (int64_t d = 0; d < D; ++d) qt[d * bq + r] = to_f(src[d]) * scale;
-        }
-        std::fill(ot.begin(), ot.end(), 0.f);
-        std::fill(m, m + bq, ninf);
-        std::fill(l, l + bq, 0.f);
-        const int64_t end = keys_seen(keys, i0, rows);
-        for (int64_t j0 = 0; j0 < end; j0 += BK) {
-          const int64_t bk = std::min(BK, end - j0);
-          block_scores(keys, kr, D, qt.data(), i0, rows, j0, bk, st.data(), bq);
-          float mnew[BQ];
-          std::copy(m, m + bq, mnew);
-          for (int64_t jj = 0; jj < bk; ++jj)
+      std::fill(qt.begin(), qt.end(), 0.f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* src = q.at(keys.own_start + i0 + r, hq);
+        for (int64_t d = 0; d < D; ++d) qt[d * BQ + r] = to_f(src[d]) * scale;
+      }
+      std::fill(ob.begin(), ob.end(), 0.f);
+      std::fill(m, m + BQ, ninf);
+      std::fill(l, l + BQ, 0.f);
+      const int64_t end = keys_seen(keys, i0, rows);
+      for (int64_t j0 = 0; j0 < end; j0 += BK) {
+        const int64_t bk = std::min(BK, end - j0);
+        block_scores(keys, kr, D, qt.data(), i0, rows, j0, bk, st.data(), BQ);
+        float mnew[BQ];
+        std::copy(m, m + BQ, mnew);
+        for (int64_t jj = 0; jj < bk; ++jj)
 #pragma omp simd
-            for (int64_t r = 0; r < bq; ++r) mnew[r] = std::max(mnew[r], st[jj * bq + r]);
-          float base[BQ];
-          for (int64_t r = 0; r < bq; ++r) {  // rows that saw nothing yet keep m = -inf: exp(-inf - 0) = 0
-            base[r] = mnew[r] == ninf ? 0.f : mnew[r];
-            corr[r] = m[r] == ninf ? 0.f : fast_exp(m[r] - base[r]);
-          }
-          float sum[BQ] = {};
-          for (int64_t jj = 0; jj < bk; ++jj) {
-            float* row = st.data() + jj * bq;
-#pragma omp simd
-            for (int64_t r = 0; r < bq; ++r) {
-              const float p = row[r] == ninf ? 0.f : fast_exp(row[r] - base[r]);
-              row[r] = p;
-              sum[r] += p;
-            }
-          }
-          for (int64_t r = 0; r < bq; ++r) {
-            l[r] = l[r] * corr[r] + sum[r];
-            m[r] = mnew[r];
-          }
-          for (int64_t d = 0; d < Dv; ++d)
-#pragma omp simd
-            for (int64_t r = 0; r < bq; ++r) ot[d * bq + r] *= corr[r];
-          mm_acc(vt.data() + j0, Np, st.data(), bq, ot.data(), bq, Dv, bk, bq);  // O^T += V^T P^T
+          for (int64_t r = 0; r < BQ; ++r) mnew[r] = std::max(mnew[r], st[jj * BQ + r]);
+        float base[BQ];
+        for (int64_t r = 0; r < BQ; ++r) {  // rows that saw nothing yet keep m = -inf: exp(-inf - 0) = 0
+          base[r] = mnew[r] == ninf ? 0.f : mnew[r];
+          corr[r] = m[r] == ninf ? 0.f : fast_exp(m[r] - base[r]);
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t t = keys.own_start + i0 + r;
-          T* dst = o.at(t, hq);
-          const float inv = 1.f / l[r];
-          for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<T>(ot[d * bq + r] * inv);
-          lse[t * Hq + hq] = m[r] + std::log(l[r]);
+        float sum[BQ] = {};
+        for (int64_t jj = 0; jj < bk; ++jj) {
+          float* row = st.data() + jj * BQ;
+#pragma omp simd
+          for (int64_t r = 0; r < BQ; ++r) {
+            const float p = row[r] == ninf ? 0.f : fast_exp(row[r] - base[r]);
+            row[r] = p;
+            sum[r] += p;
+          }
         }
-      };
-      if (lanes(rows) == VL) block(std::integral_constant<int64_t, VL>{});
-      else block(std::integral_constant<int64_t, BQ>{});
+        for (int64_t r = 0; r < BQ; ++r) {
+          l[r] = l[r] * corr[r] + sum[r];
+          m[r] = mnew[r];
+        }
+        for (int64_t r = 0; r < rows; ++r)
+#pragma omp simd
+          for (int64_t d = 0; d < Dvp; ++d) ob[r * Dvp + d] *= corr[r];
+        rows_mm_acc_t(st.data(), BQ, vr, j0, bk, ob.data(), Dvp, rows, Dvp);  // O += P V
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = keys.own_start + i0 + r;
+        T* dst = o.at(t, hq);
+        const float inv = 1.f / l[r];
+        for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<T>(ob[r * Dvp + d] * inv);
+        lse[t * Hq + hq] = m[r] + std::log(l[r]);
+      }
     }
   }
 }
@@ -327,79 +384,69 @@ void backward_segment(const Layout& lay, int64_t s, int64_t h, const Tensor3<T>&
                       int64_t D, int64_t Dv, float scale) {
   const Keys keys = keys_of(lay, s);
   if (keys.C == 0) return;
-  const int64_t N = keys.n(), Np = round16(N), Dp = round16(D), Dvp = round16(Dv);
+  const int64_t N = keys.n(), Dp = round16(D), Dvp = round16(Dv);
   std::vector<float> k_copy, v_copy;
   const Rows kr = rows_of(keys, k, h, D, k_copy), vr = rows_of(keys, v, h, Dv, v_copy);
-  std::vector<float> kt(D * Np, 0.f);  // K^T [D][Np]
-  for (int64_t j = 0; j < N; ++j) {
-    const float* src = kr.at(j);
-    for (int64_t d = 0; d < D; ++d) kt[d * Np + j] = src[d];
-  }
-  std::vector<float> dkl(Np * Dp, 0.f), dvl(Np * Dvp, 0.f);  // this segment's key gradients [N][D], [N][Dv]
+  std::vector<float> dkl(N * Dp, 0.f), dvl(N * Dvp, 0.f);  // this segment's key gradients [N][D], [N][Dv]
   std::vector<float> qt(D * BQ), qs(BQ * Dp), dot_(Dv * BQ), dor(BQ * Dvp), st(BK * BQ), dpt(BK * BQ),
-      dqt(D * BQ);
+      dqr(BQ * Dp);  // dqr: the block's dQ rows [BQ][Dp]
   float lse_r[BQ], delta[BQ];
   for (int64_t g = 0; g < G; ++g) {
     const int64_t hq = h * G + g;
     for (int64_t i0 = 0; i0 < keys.C; i0 += BQ) {
       const int64_t rows = std::min(BQ, keys.C - i0);
-      auto block = [&](auto width) {  // bq lanes, a compile-time constant (`lanes`)
-        constexpr int64_t bq = decltype(width)::value;
-        std::fill(qt.begin(), qt.end(), 0.f);
-        std::fill(qs.begin(), qs.end(), 0.f);
-        std::fill(dot_.begin(), dot_.end(), 0.f);
-        std::fill(dor.begin(), dor.end(), 0.f);
-        std::fill(dqt.begin(), dqt.end(), 0.f);
-        std::fill(lse_r, lse_r + bq, 0.f);
-        std::fill(delta, delta + bq, 0.f);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t t = keys.own_start + i0 + r;
-          const T* qsrc = q.at(t, hq);
-          const T* gsrc = dout.at(t, hq);
-          const T* osrc = o.at(t, hq);
-          float dsum = 0.f;
-          for (int64_t d = 0; d < D; ++d) {
-            const float x = to_f(qsrc[d]) * scale;
-            qt[d * bq + r] = x;
-            qs[r * Dp + d] = x;
-          }
-          for (int64_t d = 0; d < Dv; ++d) {
-            const float g = to_f(gsrc[d]);
-            dot_[d * bq + r] = g;
-            dor[r * Dvp + d] = g;
-            dsum += g * to_f(osrc[d]);
-          }
-          delta[r] = dsum;
-          lse_r[r] = lse[t * Hq + hq];
+      std::fill(qt.begin(), qt.end(), 0.f);
+      std::fill(qs.begin(), qs.end(), 0.f);
+      std::fill(dot_.begin(), dot_.end(), 0.f);
+      std::fill(dor.begin(), dor.end(), 0.f);
+      std::fill(dqr.begin(), dqr.end(), 0.f);
+      std::fill(lse_r, lse_r + BQ, 0.f);
+      std::fill(delta, delta + BQ, 0.f);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = keys.own_start + i0 + r;
+        const T* qsrc = q.at(t, hq);
+        const T* gsrc = dout.at(t, hq);
+        const T* osrc = o.at(t, hq);
+        float dsum = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          const float x = to_f(qsrc[d]) * scale;
+          qt[d * BQ + r] = x;
+          qs[r * Dp + d] = x;
         }
-        const int64_t end = keys_seen(keys, i0, rows);
-        for (int64_t j0 = 0; j0 < end; j0 += BK) {
-          const int64_t bk = std::min(BK, end - j0);
-          block_scores(keys, kr, D, qt.data(), i0, rows, j0, bk, st.data(), bq);
-          std::fill(dpt.begin(), dpt.begin() + bk * bq, 0.f);
-          rows_mm_acc(vr, j0, bk, dot_.data(), Dv, dpt.data(), bq);  // dP^T = V dO^T
-          const float ninf = -std::numeric_limits<float>::infinity();
-          for (int64_t jj = 0; jj < bk; ++jj) {
-            float* prow = st.data() + jj * bq;
-            float* drow = dpt.data() + jj * bq;
+        for (int64_t d = 0; d < Dv; ++d) {
+          const float g = to_f(gsrc[d]);
+          dot_[d * BQ + r] = g;
+          dor[r * Dvp + d] = g;
+          dsum += g * to_f(osrc[d]);
+        }
+        delta[r] = dsum;
+        lse_r[r] = lse[t * Hq + hq];
+      }
+      const int64_t end = keys_seen(keys, i0, rows);
+      for (int64_t j0 = 0; j0 < end; j0 += BK) {
+        const int64_t bk = std::min(BK, end - j0);
+        block_scores(keys, kr, D, qt.data(), i0, rows, j0, bk, st.data(), BQ);
+        std::fill(dpt.begin(), dpt.begin() + bk * BQ, 0.f);
+        rows_mm_acc(vr, j0, bk, dot_.data(), Dv, dpt.data(), BQ);  // dP^T = V dO^T
+        const float ninf = -std::numeric_limits<float>::infinity();
+        for (int64_t jj = 0; jj < bk; ++jj) {
+          float* prow = st.data() + jj * BQ;
+          float* drow = dpt.data() + jj * BQ;
 #pragma omp simd
-            for (int64_t r = 0; r < bq; ++r) {
-              const float p = prow[r] == ninf ? 0.f : fast_exp(prow[r] - lse_r[r]);
-              prow[r] = p;                       // P^T
-              drow[r] = p * (drow[r] - delta[r]);  // dS^T (unscaled)
-            }
+          for (int64_t r = 0; r < BQ; ++r) {
+            const float p = prow[r] == ninf ? 0.f : fast_exp(prow[r] - lse_r[r]);
+            prow[r] = p;                       // P^T
+            drow[r] = p * (drow[r] - delta[r]);  // dS^T (unscaled)
           }
-          mm_acc(st.data(), bq, dor.data(), Dvp, dvl.data() + j0 * Dvp, Dvp, bk, rows, Dvp);  // dV += P^T dO
-          mm_acc(dpt.data(), bq, qs.data(), Dp, dkl.data() + j0 * Dp, Dp, bk, rows, Dp);     // dK += dS^T (q scale)
-          mm_acc(kt.data() + j0, Np, dpt.data(), bq, dqt.data(), bq, D, bk, bq);             // dQ^T += K^T dS^T
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          T* dst = dq.at(keys.own_start + i0 + r, hq);
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(dqt[d * bq + r] * scale);
-        }
-      };
-      if (lanes(rows) == VL) block(std::integral_constant<int64_t, VL>{});
-      else block(std::integral_constant<int64_t, BQ>{});
+        mm_acc(st.data(), BQ, dor.data(), Dvp, dvl.data() + j0 * Dvp, Dvp, bk, rows, Dvp);  // dV += P^T dO
+        mm_acc(dpt.data(), BQ, qs.data(), Dp, dkl.data() + j0 * Dp, Dp, bk, rows, Dp);     // dK += dS^T (q scale)
+        rows_mm_acc_t(dpt.data(), BQ, kr, j0, bk, dqr.data(), Dp, rows, Dp);                // dQ += dS K
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* dst = dq.at(keys.own_start + i0 + r, hq);
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(dqr[r * Dp + d] * scale);
+      }
     }
   }
   for (int64_t j = 0; j < N; ++j) {
