@@ -374,9 +374,9 @@ void forward_item(const Layout& lay, int64_t s, int64_t h, const Tensor3<T>& q, 
   }
 }
 
-// The backward of one segment s for one KV head: writes its queries' dQ (once: each query row and head belongs to
-// one segment) and adds its keys' dK, dV (the prefix's rows are shared by the group, which this item owns) into the
-// fp32 key gradients.
+// The backward of one segment s for one KV head: writes its queries' dQ and its own keys' dK, dV (once: each row and
+// head belongs to one segment) and adds its prefix keys' dK, dV into the fp32 key gradients (the prefix's rows are
+// shared by the group, which this item owns; the prefix segment itself, run first, wrote them).
 template <typename T>
 void backward_segment(const Layout& lay, int64_t s, int64_t h, const Tensor3<T>& q, const Tensor3<T>& k,
                       const Tensor3<T>& v, const Tensor3<T>& o, const Tensor3<T>& dout, const float* lse,
@@ -452,8 +452,13 @@ void backward_segment(const Layout& lay, int64_t s, int64_t h, const Tensor3<T>&
   for (int64_t j = 0; j < N; ++j) {
     float* kd = dk.at(keys.row(j), h);
     float* vd = dv.at(keys.row(j), h);
-    for (int64_t d = 0; d < D; ++d) kd[d] += dkl[j * Dp + d];
-    for (int64_t d = 0; d < Dv; ++d) vd[d] += dvl[j * Dvp + d];
+    if (j < keys.P) {
+      for (int64_t d = 0; d < D; ++d) kd[d] += dkl[j * Dp + d];
+      for (int64_t d = 0; d < Dv; ++d) vd[d] += dvl[j * Dvp + d];
+    } else {
+      for (int64_t d = 0; d < D; ++d) kd[d] = dkl[j * Dp + d];
+      for (int64_t d = 0; d < Dv; ++d) vd[d] = dvl[j * Dvp + d];
+    }
   }
 }
 
@@ -514,13 +519,17 @@ std::vector<torch::Tensor> backward(const torch::Tensor& dout, const torch::Tens
   const Layout lay = read_layout(cu_seqlens, prefix_of, T);
   const int64_t S = static_cast<int64_t>(lay.prefix.size());
   torch::Tensor dq = torch::empty({T, Hq, D}, q.options());
-  // the key gradients sum a prefix's rows over its group in fp32, rounded to the inputs' dtype at the end
-  torch::Tensor dk = torch::zeros({T, Hkv, D}, q.options().dtype(torch::kFloat32));
-  torch::Tensor dv = torch::zeros({T, Hkv, Dv}, q.options().dtype(torch::kFloat32));
+  // the key gradients sum a prefix's rows over its group in fp32, rounded to the inputs' dtype at the end; every row
+  // is written by its segment's backward_segment (cu_seqlens covers [0, T))
+  torch::Tensor dk = torch::empty({T, Hkv, D}, q.options().dtype(torch::kFloat32));
+  torch::Tensor dv = torch::empty({T, Hkv, Dv}, q.options().dtype(torch::kFloat32));
   const Tensor3<float> tdk = view3<float>(dk), tdv = view3<float>(dv);
-  // prefix groups: each root segment (no prefix) with the segments that name it
+  // prefix groups: each root segment (no prefix) first, then the segments that name it
   std::vector<std::vector<int64_t>> members(S);
-  for (int64_t s = 0; s < S; ++s) members[lay.prefix[s] < 0 ? s : lay.prefix[s]].push_back(s);
+  for (int64_t s = 0; s < S; ++s)
+    if (lay.prefix[s] < 0) members[s].push_back(s);
+  for (int64_t s = 0; s < S; ++s)
+    if (lay.prefix[s] >= 0) members[lay.prefix[s]].push_back(s);
   std::vector<int64_t> roots;
   std::vector<double> cost;
   for (int64_t r = 0; r < S; ++r) {
