@@ -60,6 +60,20 @@ def test_packed_product_equals_f_linear_up_to_rounding(dtype, rows):
         assert torch.equal(packed_linear.linear(x3, w, b), y.view(1, rows, -1))
 
 
+def test_a_small_gemm_built_without_avx512_leaves_fp32_products_on_onednn(monkeypatch):
+    """small_gemm.cpp's portable loop (a build without the AVX-512 micro-kernel) is slower than oneDNN's packed
+    linear: fp32 products then stay on oneDNN, the reason kept for the log."""
+    class Portable:
+        def has_avx512(self):
+            return False
+
+    monkeypatch.setattr(packed_linear, "_small", None)
+    monkeypatch.setattr(packed_linear, "_small_reason", None)
+    monkeypatch.setattr(packed_linear.cpu, "load_source", lambda source: (Portable(), ""))
+    packed_linear._load_small()
+    assert packed_linear._small is None and "AVX-512" in packed_linear._small_reason
+
+
 @pytest.mark.parametrize("rows", [2, 7, 64, 300])
 def test_fp32_products_read_the_small_gemm_panels_and_bf16_onednn(rows, monkeypatch):
     """fp32 products of 2+ rows read the small-M GEMM (small_gemm.py) on its panels, the weight's one packed
@@ -68,7 +82,7 @@ def test_fp32_products_read_the_small_gemm_panels_and_bf16_onednn(rows, monkeypa
     x, w, b, r = _inputs(torch.float32, rows=rows)
     packed_linear.register([w], batch_size=16)
     if packed_linear._small is None:
-        pytest.skip(f"no small-M GEMM: {small_gemm.available()[1]}")
+        pytest.skip(f"no small-M GEMM: {packed_linear._small_reason}")
     panels = small_gemm.pack(w, panel=small_gemm.PANEL)
     with torch.inference_mode(), packed_linear.reading():
         outs = [packed_linear.linear(x, w, b), packed_linear.linear(x, w, residual=r),
