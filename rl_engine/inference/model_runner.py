@@ -165,8 +165,9 @@ class ModelRunner:
             return self._captured(runner, pool=graph_pool)  # every bucket's graph shares one memory pool
 
         self.graphs = GraphCache(buckets, make_runner)
-        # CPU: linears read oneDNN-prepacked weights in this runner's steps (packed at first use, repacked
-        # when they change, dropped when the last runner that registered them is collected)
+        # CPU: linears read prepacked weights in this runner's steps (fp32: the small-M GEMM's panels, bf16:
+        # oneDNN's layout; kernels/cpu/packed_linear.py; packed at first use, repacked when they change, dropped
+        # when the last runner that registered them is collected)
         self.packed_weights: list[torch.Tensor] = []
         self._reading_packed = contextlib.nullcontext
         if self.device.type == "cpu" and config.cpu_prepack_weights and not model.batch_invariant:

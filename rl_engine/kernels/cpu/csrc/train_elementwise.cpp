@@ -67,7 +67,7 @@ void rms_norm_forward_rows(int64_t begin, int64_t end, int64_t N_, const float* 
   const int64_t N = width_of<NC>(N_);
   const float inv_n = 1.0f / static_cast<float>(N);
   for (int64_t r = begin; r < end; ++r) {
-    const float* __restrict h = xp + r * sx;
+    const float* h = xp + r * sx;  // not __restrict: re-pointed below at the summed row written through s
     if (rp != nullptr) {
       const float* __restrict a = rp + r * sr;
       float* __restrict s = sp + r * N;
