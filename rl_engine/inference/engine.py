@@ -30,7 +30,7 @@ import torch
 from rl_engine.inference.block_manager import BlockManager
 from rl_engine.inference.config import EngineConfig
 from rl_engine.inference.model_runner import ModelRunner
-from rl_engine.inference.sampler import Sampler, same_setting, token_seed, token_uniform_base, token_uniforms_at
+from rl_engine.inference.sampler import Sampler, same_setting, token_seed, token_uniform_base
 from rl_engine.inference.sampling_params import SamplingParams
 from rl_engine.inference.scheduler import Scheduler
 from rl_engine.inference.sequence import (CompletionOutput, Request, RequestOutput, SchedulerOutput, SeqStatus,
@@ -136,6 +136,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ready: list[RequestOutput] = []  # finished outside a step (e.g. a fully finished resubmission)
         self._batch: _Batch | None = None  # the last step's sampled sequences and what sampling reads of them
+        # the seeded uniforms' function (the registry's `token_uniforms_at` for the engine's device: on CPU one C++
+        # loop, elsewhere numpy), resolved at the first seeded draw (an engine that never samples seeded rows loads
+        # no C++ extension for it)
+        self._uniforms_at: Callable | None = None
         self.num_steps = 0
         self.num_generated_tokens = 0
         # A second user of this engine on another thread (an RL run's HTTP server, serve.host.EngineHost):
@@ -479,7 +483,11 @@ class LLMEngine:
             lengths = self.runner.sampled_lengths  # (a decode step's, as an array already)
 
             def draw():
-                return token_uniforms_at(batch.seed_base, [len(s.token_ids) for s in seqs] if lengths is None
+                if self._uniforms_at is None:
+                    from rl_engine.kernels import registry
+
+                    self._uniforms_at = registry.resolve("token_uniforms_at", self.runner.device)
+                return self._uniforms_at(batch.seed_base, [len(s.token_ids) for s in seqs] if lengths is None
                                          else lengths)
         return self.sampler.sample(logits, batch.params, draw, logprobs=batch.logprobs, uniform=batch.uniform)
 

@@ -61,7 +61,8 @@ def token_uniform_base(seeds: Sequence[int], indices: Sequence[int]) -> np.ndarr
 
 def token_uniforms_at(base: np.ndarray, positions: Sequence[int]) -> np.ndarray:
     """`token_uniforms` of the rows whose `token_uniform_base` is `base`, at `positions` (the sum mod 2**64 is
-    the same whichever term is added first, so the uniforms are bit for bit token_seed's)."""
+    the same whichever term is added first, so the uniforms are bit for bit token_seed's). The registry's
+    `token_uniforms_at` (the engine's draw) runs this in one C++ loop on CPU, bit for bit (kernels/cpu/ops.py)."""
     _, _, c3, c4 = _U64
     s30, s27, s31, s1 = _SHIFTS
     x = np.array(positions, dtype=np.uint64)

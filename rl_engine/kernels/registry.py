@@ -20,8 +20,9 @@ build time and `forward` only calls plain functions. The rules, in order:
    rotary_full, the training forward's RMSNorm, SwiGLU and rotary in one C++ pass each way where torch takes
    several elementwise ops; logprob_shard_stats and logprob_entropy_grad, the policy's log-prob statistics and
    their logits gradient in one pass each; rotary_kv_write, one pass where the engine's torch path takes seven
-   ops; greedy_argmax, ~12x torch's max over [64, 32k] logits; and inverse_cdf_sample, a sampled decode step's
-   pick in one pass where the torch reference takes a dozen small ops), or of every op that has one under
+   ops; greedy_argmax, ~12x torch's max over [64, 32k] logits; inverse_cdf_sample, a sampled decode step's
+   pick in one pass where the torch reference takes a dozen small ops; and token_uniforms_at, its seeded
+   uniforms in one loop where numpy takes a dozen calls), or of every op that has one under
    `RL_ENGINE_CPU_KERNELS=1`, when it is not disabled
    (`disabled_backends`, `RL_ENGINE_CPU_KERNELS=0`) and it built; else the torch reference with the
    reason the C++ kernel was not taken (no compiler, a failed build; the C++ kernels are built only
@@ -184,6 +185,14 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
           "draws of untruncated rows",
           cpu=f"{_CPU}:inverse_cdf_sample",
           # a sampled decode step's pick: a dozen small torch ops (~80-130 us at [128, 101]) against one C++ pass
+          cpu_default=True),
+    _spec("token_uniforms_at",
+          "(base [n] uint64 ndarray, positions [n]) -> [n] float64 ndarray: the seeded uniforms of a batch of rows "
+          "(inference/sampler.py), bit for bit", torch_impl="rl_engine.inference.sampler:token_uniforms_at",
+          cpu=f"{_CPU}:token_uniforms_at",
+          # host-side numbers (numpy arrays on every device; the engine resolves it for its device, so a CUDA engine
+          # builds no CPU extension for it): a dozen numpy calls a seeded decode step against one C++ loop (in the
+          # grpo rollout, 128 rows: the engine's _sample ~9 us a step shorter)
           cpu_default=True),
     _spec("moe_permute", "(hidden [T, H], topk_ids [T, k], num_experts) -> MoePermutation",
           triton=f"{_TRITON}.moe_permute:moe_permute"),

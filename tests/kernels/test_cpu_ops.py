@@ -306,6 +306,46 @@ def test_inverse_cdf_sample_other_inputs_give_the_reference_result():
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("rows", [0, 1, 7, 128, 1000])
+def test_token_uniforms_at_are_numpys_bit_for_bit(rows):
+    """The C++ seeded uniforms equal the numpy form's bits (and `token_seed(...) / 2**63`, the per-token
+    definition) over seeds across the whole uint64 range (the largest included), sample indices and positions up
+    to 2**40, from a decode step's int64 lengths or a list of ints."""
+    import numpy as np
+
+    from rl_engine.inference.sampler import token_seed, token_uniform_base, token_uniforms_at
+    from rl_engine.kernels.cpu.ops import token_uniforms_at as kernel
+
+    rng = np.random.default_rng(rows)
+    seeds = [int(s) for s in rng.integers(0, 2**63, rows, dtype=np.int64) * 2 + rng.integers(0, 2, rows)]
+    seeds[:1] = [2**64 - 1][:rows]
+    indices = [int(i) for i in rng.integers(0, 64, rows)]
+    positions = rng.integers(0, 2**40, rows, dtype=np.int64)
+    base = token_uniform_base(seeds, indices)
+    want = token_uniforms_at(base, positions)
+    got = kernel(base, positions)
+    assert got.dtype == np.float64 and np.array_equal(got.view(np.uint64), want.view(np.uint64))
+    assert np.array_equal(kernel(base, positions.tolist()).view(np.uint64), want.view(np.uint64))
+    for r in range(min(rows, 16)):
+        assert got[r] == token_seed(seeds[r], indices[r], int(positions[r])) / 2.0**63
+    assert ((got >= 0) & (got < 1)).all()
+
+
+def test_token_uniforms_at_other_inputs_give_the_numpy_result():
+    """A base that is not a 1-D uint64 array (or positions of another length) takes the numpy form, which names
+    the problem or computes what it computes."""
+    import numpy as np
+
+    from rl_engine.inference.sampler import token_uniform_base, token_uniforms_at
+    from rl_engine.kernels.cpu.ops import token_uniforms_at as kernel
+
+    base = token_uniform_base([3, 5], [0, 1])
+    assert np.array_equal(kernel(base.reshape(2, 1), [[7], [9]]), token_uniforms_at(base.reshape(2, 1), [[7], [9]]))
+    with pytest.raises(ValueError):
+        kernel(base, [1, 2, 3])
+
+
+@needs_cpu_kernels
 def test_registry_picks_the_cpu_kernels_when_asked_and_logs_why(caplog, monkeypatch):
     from rl_engine.kernels.cpu import ops
 

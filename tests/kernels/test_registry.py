@@ -31,14 +31,16 @@ def fake_cuda(monkeypatch):
 
 CPU_DEFAULT_OPS = ("rms_norm", "rms_norm_train", "silu_and_mul", "silu_and_mul_train", "rotary_full",
                    "varlen_causal_attention", "shared_prefix_attention", "paged_decode_attention", "paged_prefill_attention", "rotary_kv_write",
-                   "logprob_shard_stats", "logprob_entropy_grad", "greedy_argmax", "inverse_cdf_sample")
+                   "logprob_shard_stats", "logprob_entropy_grad", "greedy_argmax", "inverse_cdf_sample",
+                   "token_uniforms_at")
 
 
 def test_every_op_but_the_cpu_defaults_resolves_to_the_torch_reference_on_cpu(monkeypatch):
     """The C++ kernels are opt-in except the engine's and the training forward's RMSNorm and SwiGLU, the training
     forward's rotary and log-prob statistics,
     the packed training attention's (plain and shared-prefix), paged decode and prefill attention's, the fused
-    rotary + KV write's, the greedy pick's and the inverse-CDF draw's, the CPU defaults where they build."""
+    rotary + KV write's, the greedy pick's, the inverse-CDF draw's and its seeded uniforms', the CPU defaults where
+    they build."""
     monkeypatch.delenv("RL_ENGINE_CPU_KERNELS", raising=False)
     assert tuple(op for op, spec in registry.OPS.items() if spec.cpu_default) == CPU_DEFAULT_OPS
     for resolution in registry.describe("cpu"):

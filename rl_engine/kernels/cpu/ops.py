@@ -16,6 +16,7 @@ op's dispatch (a few microseconds a call, paid per layer) and call the extension
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from rl_engine.kernels import op_inputs, reference
@@ -129,6 +130,19 @@ def inverse_cdf_sample(z: torch.Tensor, uniforms: torch.Tensor, *,
     tokens, lps = extension().sample_rows(z if z.stride(1) == 1 else z.contiguous(),
                                           uniforms.to(torch.float64).contiguous(), logprobs)
     return tokens, lps if logprobs else None
+
+
+def token_uniforms_at(base: np.ndarray, positions) -> np.ndarray:
+    """`inference.sampler.token_uniforms_at`'s contract (bit for bit: the same uint64 operations and rounding) in
+    one C++ loop, where numpy takes a dozen calls over the rows (128 rows: ~4 us against ~7 us, called alone).
+    `positions`: an int64 array (a decode step's context lengths) or a list of ints."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if base.dtype != np.uint64 or base.ndim != 1 or base.shape != positions.shape:
+        from rl_engine.inference.sampler import token_uniforms_at as numpy_form
+
+        return numpy_form(base, positions)
+    return extension().token_uniforms(torch.from_numpy(np.ascontiguousarray(base).view(np.int64)),
+                                      torch.from_numpy(np.ascontiguousarray(positions))).numpy()
 
 
 def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

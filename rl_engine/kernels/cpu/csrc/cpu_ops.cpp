@@ -1025,6 +1025,37 @@ std::vector<torch::Tensor> sample_rows(const torch::Tensor& z, const torch::Tens
   return {tokens, logprobs};
 }
 
+// ---- the seeded uniforms of a batch of rows ----------------------------------------------------------------
+// inference/sampler.py's `token_uniforms_at` (its numpy form is the reference): per row, x = position * C3 + base
+// (mod 2^64; base = seed * C1 + index * C2, `token_uniform_base`), splitmix64's finaliser, x >> 1 (63 bits) and
+// x * 2^-63 as a double: the same uint64 operations in the same order, the same rounding of the 63-bit integer to
+// a double (round to nearest), so the uniforms are numpy's bit for bit. `base` holds the uint64 bases' bits
+// (int64), `positions` the token positions (int64, >= 0).
+torch::Tensor token_uniforms(const torch::Tensor& base, const torch::Tensor& positions) {
+  TORCH_CHECK(base.dim() == 1 && base.scalar_type() == at::kLong && base.is_contiguous(),
+              "base must be a contiguous int64 [rows] (the uint64 bases' bits)");
+  TORCH_CHECK(positions.dim() == 1 && positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+                  positions.size(0) == base.size(0),
+              "positions must be a contiguous int64 [rows], one per base");
+  const int64_t n = base.size(0);
+  auto out = torch::empty({n}, base.options().dtype(at::kDouble));
+  const uint64_t* b = reinterpret_cast<const uint64_t*>(base.data_ptr<int64_t>());
+  const int64_t* p = positions.data_ptr<int64_t>();
+  double* u = out.data_ptr<double>();
+  constexpr uint64_t c3 = 0xBF58476D1CE4E5B9ull, c4 = 0x94D049BB133111EBull;
+  for (int64_t r = 0; r < n; ++r) {
+    uint64_t x = static_cast<uint64_t>(p[r]) * c3 + b[r];
+    x ^= x >> 30;
+    x *= c3;
+    x ^= x >> 27;
+    x *= c4;
+    x ^= x >> 31;
+    x >>= 1;
+    u[r] = static_cast<double>(x) * 0x1p-63;
+  }
+  return out;
+}
+
 // ---- rotary embedding fused with the paged KV cache write -----------------------------------
 // The new tokens of a step (decodes, prefill chunks): q and k rotated neox-style (rotate-half over the first
 // 2 * R2 dims of each head by per-token cos / sin [T, R2]; dims past 2 * R2 pass through: partial rotary), q's
@@ -1302,5 +1333,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa, "the instruction set of the vector paths: avx512, avx2 or portable");
   m.def("argmax_rows", &argmax_rows);
   m.def("sample_rows", &sample_rows);
+  m.def("token_uniforms", &token_uniforms);
   m.def("rotary_kv_write", &rotary_kv_write);
 }
