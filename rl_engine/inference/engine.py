@@ -432,8 +432,10 @@ class LLMEngine:
             if (token in stop_tokens or checks_text or len(token_ids) >= max_len) and finishes(seq, token):
                 stopped.add(request.request_id)
                 stopped_rows.append(i)
-        # (the next decode step's inputs: `ModelRunner._continue_decode`; its batch: `_Batch.without_stopped`)
+        # (the next decode step's inputs: `ModelRunner._continue_decode`; its batch: `_Batch.without_stopped`; its
+        # schedule: `Scheduler._schedule_decodes`)
         self.runner.decoded(tokens, stopped_rows)
+        self.scheduler.decoded()
         batch.stopped = stopped_rows
         if stopped or batch.streams:
             for seq in seqs:

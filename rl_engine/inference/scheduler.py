@@ -4,6 +4,9 @@ Every step the scheduler fills one flat batch of at most `max_num_batched_tokens
 running sequences in admission order (a decode costs one token, a prompt still being prefilled takes
 what is left of the budget), then waiting sequences in arrival order. A sequence only ever asks for
 its tokens that have no KV yet, so prefills, chunk continuations, decodes and recomputes are one case.
+When every running sequence decodes, the batch is scheduled in one pass (`_schedule_decodes`); after a step
+in which each scheduled sequence computed its token and sampled the next (the engine's report, `decoded`), a
+running list that is exactly that step's less the sequences removed since needs no reading of their tokens.
 
 When the pool has no block for a running sequence, the newest running sequence is preempted: its
 blocks are released (shared and cached blocks survive through their refcounts) and it goes back to
@@ -48,6 +51,13 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # The persistent decode batch's scheduler side (`_schedule_decodes`): the sequences the last schedule scheduled
+        # for one token each (`_singles`), handed on once the engine reports that every scheduled sequence computed
+        # its token and sampled the next (`decoded`), and the running sequences removed since the last schedule.
+        # Every schedule takes and clears them.
+        self._singles: list[Sequence] | None = None
+        self._decoded: list[Sequence] | None = None
+        self._removed: list[Sequence] = []
 
     def add(self, seq: Sequence, *, front: bool = False) -> None:
         seq.status = SeqStatus.WAITING
@@ -63,6 +73,7 @@ class Scheduler:
         """Take `seq` out of the queues and release its blocks (finish or abort)."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+            self._removed.append(seq)
         elif seq.status is SeqStatus.WAITING:
             try:
                 self.waiting.remove(seq)
@@ -70,8 +81,17 @@ class Scheduler:
                 pass  # a pending fork, not queued yet
         self.block_manager.free(seq)
 
+    def decoded(self) -> None:
+        """After a step in which every scheduled sequence computed one token and sampled the next (the engine's
+        `_emit_decode`, plain decoding): each of them again has exactly one token to compute, which the next
+        `schedule` takes without reading them if they are all it runs (`_schedule_decodes`)."""
+        self._decoded, self._singles = self._singles, None
+
     def schedule(self) -> SchedulerOutput:
         bm = self.block_manager
+        decoded, removed = self._decoded, self._removed
+        self._singles = self._decoded = None
+        self._removed = []
         budget = self.max_num_batched_tokens
         singles: list[Sequence] = []
         chunks: list[Sequence] = []
@@ -81,7 +101,7 @@ class Scheduler:
 
         bs = bm.block_size
         free = bm.num_free_blocks  # kept up to date below (allocate takes, a preemption gives back)
-        i = self._schedule_decodes(singles, free) if 0 < len(running) <= budget else 0
+        i = self._schedule_decodes(singles, free, decoded, removed) if 0 < len(running) <= budget else 0
         if i:
             budget -= i
             free = bm.num_free_blocks
@@ -157,6 +177,7 @@ class Scheduler:
             budget -= n
 
         self.num_preemptions += len(preempted)
+        self._singles = singles
         return SchedulerOutput(seqs=singles + chunks, num_new_tokens=[1] * len(singles) + chunk_sizes,
                                num_single=len(singles), preempted=preempted, block_copies=copies)
 
@@ -214,15 +235,20 @@ class Scheduler:
         if leader.routing is not None:
             seq.routing = leader.routing_prefix(limit)
 
-    def _schedule_decodes(self, singles: list[Sequence], free: int) -> int:
+    def _schedule_decodes(self, singles: list[Sequence], free: int, decoded: list[Sequence] | None,
+                          removed: list[Sequence]) -> int:
         """The steady state of `schedule`'s loop over the running sequences, per batch instead of per sequence: when
         each has exactly one token to compute (no drafts) and the free blocks cover those whose blocks are full, each
         of those takes its block, in running order as the loop would, and all go to `singles`. Returns how many were
-        scheduled: all of them, or 0 (nothing done) where the loop decides (preemption, prefill chunks, drafts)."""
+        scheduled: all of them, or 0 (nothing done) where the loop decides (preemption, prefill chunks, drafts).
+        Each has one token to compute, without reading their tokens, when the running list is exactly `decoded` (the
+        last schedule's single-token sequences, each of which computed its token and sampled the next, as the engine
+        reported: `decoded()`) less the sequences `removed` since (finished, aborted), in the same order."""
         running = self.running
         bs = self.block_manager.block_size
         computed = list(map(_num_computed, running))
-        if list(map(sub, map(len, map(_token_ids, running)), computed)).count(1) != len(running):
+        if not _continues(running, decoded, removed) and (
+                list(map(sub, map(len, map(_token_ids, running)), computed)).count(1) != len(running)):
             return 0
         # a sequence needs a block when computed + 1 > blocks * bs, i.e. computed // bs >= blocks (then exactly one:
         # its computed tokens lie in its blocks)
@@ -241,3 +267,16 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_preemptions += 1
         self.add(seq, front=True)
+
+
+def _continues(running: list[Sequence], decoded: list[Sequence] | None, removed: list[Sequence]) -> bool:
+    """Whether `running` is exactly `decoded` less the sequences `removed`, in the same order."""
+    if decoded is None or len(running) != len(decoded) - len(removed):
+        return False
+    if removed:
+        decoded = decoded.copy()
+        for seq in removed:
+            if seq not in decoded:
+                return False
+            decoded.remove(seq)
+    return decoded == running

@@ -1,6 +1,7 @@
-"""The persistent decode batch (`ModelRunner._continue_decode`, `_Batch.without_stopped`): a decode step that continues
-the last one builds its inputs and its sampling batch from last step's rows, compacted by the rows that stopped; every
-other step reads the sequences (`_run_decode`, `_Batch`). Checked against an engine that always reads the sequences,
+"""The persistent decode batch (`ModelRunner._continue_decode`, `_Batch.without_stopped`, `Scheduler.decoded`): a decode
+step that continues the last one builds its inputs and its sampling batch from last step's rows, compacted by the rows
+that stopped, and is scheduled without reading the sequences' tokens; every other step reads the sequences
+(`_run_decode`, `_Batch`, `schedule`'s checks). Checked against an engine that always reads the sequences,
 step by step, on a run with finishes, admissions, preemptions, prefix-cache hits, forked samples' partial-block copies,
 an abort and weight updates."""
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from inference_helpers import mixed_prompts, tiny_gqa_model
 from rl_engine import LLM, SamplingParams
+from rl_engine.inference import scheduler as scheduler_module
 from rl_engine.inference.engine import _Batch
 from rl_engine.inference.graph_cache import DecodeRunner
 from rl_engine.inference.sequence import Request, Sequence
@@ -44,13 +46,23 @@ def _record(monkeypatch, llm, *, persistent: bool) -> tuple[list, list]:
         runner._continue_decode = counting
     else:  # every step reads the sequences, and builds its sampling batch from them
         runner.decoded = lambda tokens, stopped: None
+        llm.engine.scheduler.decoded = lambda: None
         monkeypatch.setattr(_Batch, "without_stopped", lambda self, seqs: None)
     return steps, fast
 
 
 def _run(monkeypatch, *, persistent: bool):
     """Drive one engine through the scenario (a pool of 20 blocks of 4 tokens: preemptions); returns (each decode step's
-    inputs, outputs, stats with the partial-block copies, how many decode steps continued the last one)."""
+    inputs, outputs, stats with the partial-block copies and the schedules that took the engine's report
+    (`Scheduler.decoded`), how many decode steps continued the last one)."""
+    continued = []
+    check = scheduler_module._continues
+
+    def counted(*a):
+        continued.append(check(*a))
+        return continued[-1]
+
+    monkeypatch.setattr(scheduler_module, "_continues", counted)
     llm = LLM(tiny_gqa_model(), block_size=BLOCK, num_kv_blocks=20, max_num_batched_tokens=48, seed=0,
               cpu_threads="fixed", graph_batch_sizes=[4, 8, 16, 32])
     engine, runner = llm.engine, llm.engine.runner
@@ -91,7 +103,8 @@ def _run(monkeypatch, *, persistent: bool):
         for out in engine.step():
             outputs[out.request_id] = out
     result = {rid: [(c.token_ids, c.logprobs, c.finish_reason) for c in o.outputs] for rid, o in outputs.items()}
-    return steps, result, {**engine.stats(), "block_copies": copies[0]}, len(fast)
+    stats = {**engine.stats(), "block_copies": copies[0], "continued_schedules": sum(continued)}
+    return steps, result, stats, len(fast)
 
 
 def test_continued_decode_steps_have_the_inputs_of_a_full_read(monkeypatch):
@@ -107,6 +120,7 @@ def test_continued_decode_steps_have_the_inputs_of_a_full_read(monkeypatch):
     assert stats["preemptions"] == ref_stats["preemptions"] and stats["steps"] == ref_stats["steps"]
     assert sum(1 for o in out.values() for _, _, r in o if r == "stop") > 3
     assert len(steps) // 2 < fast < len(steps)
+    assert ref_stats["continued_schedules"] == 0 and len(steps) // 2 < stats["continued_schedules"] < len(steps)
 
 
 def test_a_continued_step_writes_a_new_block_and_drops_stopped_rows(monkeypatch):

@@ -218,7 +218,7 @@ def test_decode_steps_scheduled_per_batch_match_the_loop_over_sequences():
         bm = BlockManager(num_blocks=14, block_size=4, enable_prefix_caching=False)
         s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
         if not per_batch:
-            s._schedule_decodes = lambda singles, free: 0
+            s._schedule_decodes = lambda singles, free, decoded, removed: 0
         seqs = [make_seq(list(range(10 * i, 10 * i + n))) for i, n in enumerate((3, 5, 4, 7, 1))]
         for q in seqs:  # prompts ending at different offsets in their blocks
             s.add(q)
@@ -234,3 +234,69 @@ def test_decode_steps_scheduled_per_batch_match_the_loop_over_sequences():
     fast, loop = run(True), run(False)
     assert fast == loop
     assert any(step[3] for step in loop)  # the pool ran short: preemption happened
+
+
+def test_decode_schedules_continued_after_decoded_match_the_loop_over_sequences():
+    """`Scheduler.decoded` (the engine's report after a step in which every scheduled sequence computed one token and
+    sampled the next) lets the next schedule take each running sequence's one token to compute without reading it
+    when the running list is the last schedule's less the sequences removed since. Step by step against the loop
+    over sequences (and the per-batch path without the report), over steps where the running sequences outnumber
+    the token budget (the last ones, a prompt still being prefilled among them, not scheduled), a removal, an
+    admission, and a prompt put into the running list behind the scheduler's back; the report is taken (fewer reads)
+    in most decode steps."""
+    def run(mode: str) -> tuple[list, dict[int, bool]]:
+        bm = BlockManager(num_blocks=60, block_size=4, enable_prefix_caching=False)
+        s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=4)
+        continued: dict[int, bool] = {}  # step -> whether it took the report
+        if mode == "loop":
+            s._schedule_decodes = lambda singles, free, decoded, removed: 0
+        else:
+            from rl_engine.inference import scheduler as module
+
+            check = module._continues
+
+            def counted(running, decoded, removed):
+                continued[step] = ok = check(running, decoded, removed)
+                return ok
+
+            module._continues = counted
+        seqs = [make_seq(list(range(10 * i, 10 * i + n))) for i, n in enumerate((1, 2, 1, 2, 9))]
+        for q in seqs:
+            s.add(q)
+        history, step = [], 0
+        try:
+            for step in range(40):
+                if step == 12:  # a sample finishes
+                    s.remove(seqs[1])
+                    seqs[1].status = SeqStatus.FINISHED
+                if step == 20:  # an admission among decodes
+                    seqs.append(make_seq(list(range(200, 203))))
+                    s.add(seqs[-1])
+                if step == 24:  # two finish, and a prompt is put into the running list without an admission
+                    for q in (seqs[0], seqs[2]):
+                        s.remove(q)
+                        q.status = SeqStatus.FINISHED
+                    seqs.append(make_seq(list(range(300, 306))))
+                    seqs[-1].status = SeqStatus.RUNNING
+                    s.running.append(seqs[-1])
+                out = s.schedule()
+                history.append(([seqs.index(q) for q in out.seqs], out.num_new_tokens, out.num_single,
+                                [list(q.block_table) for q in s.running], bm.num_free_blocks))
+                sampled = 0
+                for seq, n in zip(out.seqs, out.num_new_tokens):
+                    seq.num_computed_tokens += n
+                    if seq.num_computed_tokens == seq.num_tokens:
+                        seq.token_ids.append(0)
+                        sampled += 1
+                if mode == "decoded" and sampled == len(out.seqs) == out.num_single:
+                    s.decoded()  # (as the engine's _emit_decode)
+        finally:
+            if mode != "loop":
+                module._continues = check
+        return history, continued
+
+    (loop, _), (per_batch, _), (decoded, continued) = run("loop"), run("per_batch"), run("decoded")
+    assert decoded == loop and per_batch == loop
+    assert any(len(q) == n < 5 for q, _, n, _, _ in loop[:12])  # decode steps that left a prefill out
+    assert loop[24][1] == [1, 1, 2]  # (the prompt put into the running list by hand computes 2 tokens)
+    assert continued[12] and not continued[24] and sum(continued.values()) > 20  # (12: after a removal)
