@@ -146,6 +146,7 @@ class ModelRunner:
         # the sampled tokens and the rows that stopped). Both are taken, and cleared, by every step.
         self._last_decode: tuple[list[Sequence], list[Sequence], np.ndarray, np.ndarray] | None = None
         self._decoded: tuple[list[int], list[int]] | None = None
+        self._continue_inputs = None  # (`continue_decode_inputs` for this device, resolved at first use)
         graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
         runner_class = DecodeRunner
@@ -327,44 +328,24 @@ class ModelRunner:
         n = len(sched_seqs)
         if n <= 2 or self.hidden_sink is not None or n != len(prev_seqs) - len(stopped):
             return None
-        ids = np.fromiter(tokens, dtype=np.int64, count=len(prev_seqs))
         if stopped:
             expected = prev_sched.copy()
             for i in stopped:
                 expected.remove(prev_seqs[i])
             seqs = without_rows(prev_seqs, stopped)
-            keep = np.ones(len(prev_seqs), dtype=bool)
-            keep[stopped] = False
-            keep = np.flatnonzero(keep)
-            positions, tables = prev_positions.take(keep), prev_tables.take(keep, axis=0)
-            ids = ids.take(keep)
         else:
             expected, seqs = prev_sched, prev_seqs
-            positions, tables = prev_positions.copy(), prev_tables
         if sched_seqs != expected:
             return None
-        bs = self.block_size
-        positions += 1
-        block_index, offsets = np.divmod(positions, bs)
-        starts = np.flatnonzero(offsets == 0)  # rows whose position starts a block: its new block
-        if len(starts):
-            width = int(block_index[-1]) + 1
-            if width > tables.shape[1]:
-                tables = np.concatenate([tables, np.zeros((n, width - tables.shape[1]), dtype=tables.dtype)], axis=1)
-            elif not stopped:
-                tables = tables.copy()  # (last step's arrays are not written)
-            for r in starts.tolist():
-                b = int(block_index[r])
-                tables[r, b] = seqs[r].block_table[b]
+        if self._continue_inputs is None:  # (the registry's for the runner's device: on CPU one C++ pass)
+            from rl_engine.kernels import registry
+
+            self._continue_inputs = registry.resolve("continue_decode_inputs", self.device)
         runner.pad(n)
-        runner.np_input_ids[:n] = ids
-        runner.np_positions[:n] = positions
-        runner.np_context_lens[:n] = positions + 1
-        runner.np_block_tables[:n, :tables.shape[1]] = tables
+        positions, tables = self._continue_inputs(tokens, stopped, prev_positions, prev_tables, seqs, self.block_size,
+                                                  runner.np_input_ids, runner.np_positions, runner.np_context_lens,
+                                                  runner.np_slot_mapping, runner.np_block_tables)
         self._table_ids[:] = 0  # (`_write_block_tables` writes every row next time)
-        slots = runner.np_slot_mapping[:n]
-        np.multiply(tables[self._rows[:n], block_index], bs, out=slots, dtype=np.int64)
-        slots += offsets
         hidden, logits = runner.run(max_context_len=int(positions[-1]) + 1)
         self.sampled_lengths = runner.np_context_lens[:n]
         self._last_decode = (sched_seqs, seqs, positions, tables)
@@ -469,3 +450,46 @@ class ModelRunner:
                 seq.routing = {}
             seq.routing[start] = chosen[row:row + n].clone()
             row += n
+
+
+def continue_decode_inputs(tokens: list[int], stopped: list[int], prev_positions: np.ndarray, prev_tables: np.ndarray,
+                           seqs: list[Sequence], block_size: int, input_ids: np.ndarray, positions: np.ndarray,
+                           context_lens: np.ndarray, slot_mapping: np.ndarray,
+                           block_tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A continued decode step's inputs (`ModelRunner._continue_decode`): the last decode step's rows (their
+    positions `prev_positions` [m] and block tables `prev_tables` [m, w]) less the rows that `stopped` (ascending),
+    in order; each computes the token it sampled (`tokens`, one per last row) at its last position + 1, and a row
+    whose position starts a block gets that block from its sequence's block table (`seqs`: this step's rows).
+    Writes rows 0..n-1 of the runner's `input_ids`, `positions`, `context_lens`, `slot_mapping` and `block_tables`;
+    returns this step's (positions [n], block tables [n, width]), arrays of their own (the next step's `prev_*`).
+    The registry's `continue_decode_inputs` reference (on CPU its C++ pass, `kernels/cpu/ops.py`)."""
+    n = len(seqs)
+    ids = np.fromiter(tokens, dtype=np.int64, count=len(prev_positions))
+    if stopped:
+        keep = np.ones(len(prev_positions), dtype=bool)
+        keep[stopped] = False
+        keep = np.flatnonzero(keep)
+        new_positions, tables = prev_positions.take(keep), prev_tables.take(keep, axis=0)
+        ids = ids.take(keep)
+    else:
+        new_positions, tables = prev_positions.copy(), prev_tables
+    new_positions += 1
+    block_index, offsets = np.divmod(new_positions, block_size)
+    starts = np.flatnonzero(offsets == 0)  # rows whose position starts a block: its new block
+    if len(starts):
+        width = int(block_index[-1]) + 1  # (rows sorted by position: the last row's context is the longest)
+        if width > tables.shape[1]:
+            tables = np.concatenate([tables, np.zeros((n, width - tables.shape[1]), dtype=tables.dtype)], axis=1)
+        elif not stopped:
+            tables = tables.copy()  # (last step's arrays are not written)
+        for r in starts.tolist():
+            b = int(block_index[r])
+            tables[r, b] = seqs[r].block_table[b]
+    input_ids[:n] = ids
+    positions[:n] = new_positions
+    context_lens[:n] = new_positions + 1
+    block_tables[:n, :tables.shape[1]] = tables
+    slots = slot_mapping[:n]
+    np.multiply(tables[np.arange(n), block_index], block_size, out=slots, dtype=np.int64)
+    slots += offsets
+    return new_positions, tables

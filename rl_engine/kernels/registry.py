@@ -21,8 +21,9 @@ build time and `forward` only calls plain functions. The rules, in order:
    several elementwise ops; logprob_shard_stats and logprob_entropy_grad, the policy's log-prob statistics and
    their logits gradient in one pass each; rotary_kv_write, one pass where the engine's torch path takes seven
    ops; greedy_argmax, ~12x torch's max over [64, 32k] logits; inverse_cdf_sample, a sampled decode step's
-   pick in one pass where the torch reference takes a dozen small ops; and token_uniforms_at, its seeded
-   uniforms in one loop where numpy takes a dozen calls), or of every op that has one under
+   pick in one pass where the torch reference takes a dozen small ops; token_uniforms_at, its seeded
+   uniforms in one loop where numpy takes a dozen calls; and continue_decode_inputs, a persistent decode step's
+   inputs in one pass where numpy takes ~25 calls), or of every op that has one under
    `RL_ENGINE_CPU_KERNELS=1`, when it is not disabled
    (`disabled_backends`, `RL_ENGINE_CPU_KERNELS=0`) and it built; else the torch reference with the
    reason the C++ kernel was not taken (no compiler, a failed build; the C++ kernels are built only
@@ -193,6 +194,15 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
           # host-side numbers (numpy arrays on every device; the engine resolves it for its device, so a CUDA engine
           # builds no CPU extension for it): a dozen numpy calls a seeded decode step against one C++ loop (in the
           # grpo rollout, 128 rows: the engine's _sample ~9 us a step shorter)
+          cpu_default=True),
+    _spec("continue_decode_inputs",
+          "(tokens, stopped, prev_positions, prev_tables, seqs, block_size, input_ids, positions, context_lens, "
+          "slot_mapping, block_tables) -> (positions [n], block tables [n, w]): a persistent decode step's inputs "
+          "from the last step's rows (inference/model_runner.py), the same arrays",
+          torch_impl="rl_engine.inference.model_runner:continue_decode_inputs",
+          cpu=f"{_CPU}:continue_decode_inputs",
+          # host-side numpy arrays on every device (resolved for the runner's device: a CUDA engine builds no CPU
+          # extension for it): ~25 numpy calls a continued decode step against one C++ pass
           cpu_default=True),
     _spec("moe_permute", "(hidden [T, H], topk_ids [T, k], num_experts) -> MoePermutation",
           triton=f"{_TRITON}.moe_permute:moe_permute"),

@@ -8,6 +8,7 @@ an abort and weight updates."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from inference_helpers import mixed_prompts, tiny_gqa_model
 from rl_engine import LLM, SamplingParams
@@ -18,6 +19,21 @@ from rl_engine.inference.sequence import Request, Sequence
 
 BLOCK = 4
 _RUN = DecodeRunner.run
+
+
+@pytest.fixture(params=["cpu", "torch"])
+def inputs_backend(request):
+    """A continued step's inputs by the registry's `continue_decode_inputs`: its C++ pass (`kernels/cpu/ops.py`), and
+    its numpy reference (`model_runner.continue_decode_inputs`, where the extension is absent)."""
+    from rl_engine.kernels import registry
+    from rl_engine.kernels.cpu import extension_status
+
+    if request.param == "cpu" and not extension_status()[0]:
+        pytest.skip(f"no C++ CPU kernels: {extension_status()[1]}")
+    previous = registry.default_registry().config
+    registry.set_backend_overrides({**previous.overrides, "continue_decode_inputs": request.param})
+    yield {"cpu": "rl_engine.kernels.cpu.ops", "torch": "rl_engine.inference.model_runner"}[request.param]
+    registry.configure(previous)
 
 
 def _record(monkeypatch, llm, *, persistent: bool) -> tuple[list, list]:
@@ -103,11 +119,12 @@ def _run(monkeypatch, *, persistent: bool):
         for out in engine.step():
             outputs[out.request_id] = out
     result = {rid: [(c.token_ids, c.logprobs, c.finish_reason) for c in o.outputs] for rid, o in outputs.items()}
-    stats = {**engine.stats(), "block_copies": copies[0], "continued_schedules": sum(continued)}
+    stats = {**engine.stats(), "block_copies": copies[0], "continued_schedules": sum(continued),
+             "inputs": getattr(runner._continue_inputs, "__module__", None)}
     return steps, result, stats, len(fast)
 
 
-def test_continued_decode_steps_have_the_inputs_of_a_full_read(monkeypatch):
+def test_continued_decode_steps_have_the_inputs_of_a_full_read(monkeypatch, inputs_backend):
     ref_steps, ref_out, ref_stats, _ = _run(monkeypatch, persistent=False)
     monkeypatch.undo()
     steps, out, stats, fast = _run(monkeypatch, persistent=True)
@@ -121,9 +138,10 @@ def test_continued_decode_steps_have_the_inputs_of_a_full_read(monkeypatch):
     assert sum(1 for o in out.values() for _, _, r in o if r == "stop") > 3
     assert len(steps) // 2 < fast < len(steps)
     assert ref_stats["continued_schedules"] == 0 and len(steps) // 2 < stats["continued_schedules"] < len(steps)
+    assert stats["inputs"] == inputs_backend
 
 
-def test_a_continued_step_writes_a_new_block_and_drops_stopped_rows(monkeypatch):
+def test_a_continued_step_writes_a_new_block_and_drops_stopped_rows(monkeypatch, inputs_backend):
     """Every step of a batch with rows crossing block boundaries and rows stopping at different steps continues the
     last one; the rows' inputs match a full read's."""
     llm = LLM(tiny_gqa_model(), block_size=BLOCK, seed=0, cpu_threads="fixed", graph_batch_sizes=[8])
@@ -155,6 +173,7 @@ def test_a_continued_step_writes_a_new_block_and_drops_stopped_rows(monkeypatch)
     params = [SamplingParams(temperature=0.0, max_tokens=3 + 2 * i, ignore_eos=True) for i in range(6)]
     llm.generate(prompts, params)
     assert len(seen) > 5 and seen[0] == 6 and seen[-1] == 3  # rows dropped as they stopped
+    assert runner._continue_inputs.__module__ == inputs_backend
 
 
 def test_a_batch_of_the_same_size_with_another_sequence_is_not_continued(monkeypatch):

@@ -346,6 +346,44 @@ def test_token_uniforms_at_other_inputs_give_the_numpy_result():
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_continue_decode_inputs_are_numpys(block_size):
+    """A continued decode step's inputs by the C++ pass equal the numpy form's (the runner's arrays, every element, and
+    the returned positions and block tables: values, dtypes, shapes) over batches with and without stopped rows (the
+    first, the last, several), rows whose new position starts a block (widening the tables or not) and rows that
+    do not; rows past the batch are left as they were."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from rl_engine.inference.model_runner import continue_decode_inputs as numpy_form
+    from rl_engine.kernels.cpu.ops import continue_decode_inputs as kernel
+
+    rng = np.random.default_rng(block_size)
+    for case in range(60):
+        m, w = int(rng.integers(3, 40)), int(rng.integers(1, 5))
+        positions = np.sort(rng.integers(0, w * block_size, m))  # (rows sorted by position, as the runner's)
+        if case % 2:
+            positions[-1] = w * block_size - 1  # the last row's next position starts a block past the tables
+        tables = rng.integers(1, 1000, (m, w)).astype(np.int32)
+        stopped = [[], [0], [m - 1], sorted(rng.choice(m, m // 3, replace=False).tolist())][case % 4]
+        kept = [i for i in range(m) if i not in stopped]
+        seqs = [SimpleNamespace(block_table=tables[i].tolist() + rng.integers(1, 1000, 2).tolist()) for i in kept]
+        tokens = rng.integers(0, 100, m).tolist()
+        results = []
+        for form in (numpy_form, kernel):
+            arrays = [np.full(48, -7, np.int64), np.full(48, -7, np.int64), np.full(48, -7, np.int32),
+                      np.full(48, -7, np.int64), np.full((48, 8), -7, np.int32)]
+            new_positions, new_tables = form(tokens, stopped, positions.copy(), tables.copy(), seqs, block_size,
+                                             *arrays)
+            results.append((new_positions, new_tables, arrays))
+        (want_p, want_t, want_a), (got_p, got_t, got_a) = results
+        for got, want in ((got_p, want_p), (got_t, want_t), *zip(got_a, want_a)):
+            assert got.dtype == want.dtype and np.array_equal(got, want), case
+        assert (want_a[1][:len(kept)] == positions[kept] + 1).all()
+
+
+@needs_cpu_kernels
 def test_registry_picks_the_cpu_kernels_when_asked_and_logs_why(caplog, monkeypatch):
     from rl_engine.kernels.cpu import ops
 

@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <pybind11/numpy.h>
 
 #include "fast_exp.h"
 
@@ -1056,6 +1057,92 @@ torch::Tensor token_uniforms(const torch::Tensor& base, const torch::Tensor& pos
   return out;
 }
 
+// ---- the persistent decode batch's next inputs ------------------------------------------------------------------
+// inference/model_runner.py's `continue_decode_inputs` (its numpy form is the reference): the m rows of the last
+// decode step less the `stopped` ones (ascending), in order, become the n rows of this one: each row's token is
+// the one it sampled (`tokens`, one per last row), its position last step's + 1, its context length that + 1, its
+// block table last step's (`prev_tables` [m, w] int32) widened to the longest row's blocks where a row's position
+// starts a block, that block read from its sequence's `block_table` list (`seqs`: the n rows' sequences), and its
+// slot that position's block * block_size + the offset in it. Writes rows 0..n-1 of the runner's arrays (the
+// `input_ids`, `positions`, `context_lens`, `slot_mapping`, `block_tables` numpy views, written in place) and
+// returns this step's (positions [n] int64, block tables [n, width] int32), new arrays: the next step's `prev_*`.
+namespace py = pybind11;
+using I64Array = py::array_t<int64_t, py::array::c_style>;
+using I32Array = py::array_t<int32_t, py::array::c_style>;
+
+py::tuple continue_decode_inputs(const py::list& tokens, const py::list& stopped, const I64Array& prev_positions,
+                                 const I32Array& prev_tables, const py::list& seqs, int64_t block_size,
+                                 I64Array input_ids, I64Array positions, I32Array context_lens,
+                                 I64Array slot_mapping, I32Array block_tables) {
+  TORCH_CHECK(prev_positions.ndim() == 1 && prev_tables.ndim() == 2 && block_tables.ndim() == 2 &&
+                  prev_tables.shape(0) == prev_positions.shape(0),
+              "continue_decode_inputs: prev_positions [m], prev_tables [m, w], block_tables [rows, blocks]");
+  const int64_t m = prev_positions.shape(0), w = prev_tables.shape(1);
+  const int64_t num_stopped = static_cast<int64_t>(stopped.size()), n = m - num_stopped;
+  TORCH_CHECK(static_cast<int64_t>(tokens.size()) == m && static_cast<int64_t>(seqs.size()) == n && block_size > 0,
+              "continue_decode_inputs: one token per last row, one sequence per kept row");
+  TORCH_CHECK(input_ids.shape(0) >= n && positions.shape(0) >= n && context_lens.shape(0) >= n &&
+                  slot_mapping.shape(0) >= n && block_tables.shape(0) >= n,
+              "continue_decode_inputs: the runner's arrays hold fewer rows than the batch");
+  auto as_int = [](PyObject* item, const char* what) {
+    const int64_t value = PyLong_AsLongLong(item);
+    if (value == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      TORCH_CHECK(false, "continue_decode_inputs: ", what, " must hold ints");
+    }
+    return value;
+  };
+  std::vector<int64_t> kept;  // last step's row of each of this step's rows
+  kept.reserve(n);
+  for (int64_t i = 0, k = 0; i < m; ++i) {
+    if (k < num_stopped && as_int(PyList_GET_ITEM(stopped.ptr(), k), "stopped") == i) ++k;
+    else kept.push_back(i);
+  }
+  TORCH_CHECK(static_cast<int64_t>(kept.size()) == n,
+              "continue_decode_inputs: stopped must hold distinct last-step rows in ascending order");
+  const int64_t* prev_pos = prev_positions.data();
+  const int32_t* prev_tab = prev_tables.data();
+  I64Array out_positions(n);
+  int64_t* pos = out_positions.mutable_data();
+  int64_t* ids = input_ids.mutable_data();
+  int64_t width = w;
+  bool any_start = false;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = kept[j], p = prev_pos[i] + 1;
+    ids[j] = as_int(PyList_GET_ITEM(tokens.ptr(), i), "tokens");
+    pos[j] = p;
+    if (p % block_size == 0) {
+      any_start = true;
+      width = std::max(width, p / block_size + 1);
+    }
+  }
+  TORCH_CHECK(width <= block_tables.shape(1), "continue_decode_inputs: a row's blocks exceed the block tables");
+  I32Array out_tables({n, width});
+  int32_t* tab = out_tables.mutable_data();
+  int64_t* in_pos = positions.mutable_data();
+  int32_t* ctx = context_lens.mutable_data();
+  int64_t* slots = slot_mapping.mutable_data();
+  int32_t* bt = block_tables.mutable_data();
+  const int64_t bt_stride = block_tables.shape(1);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = kept[j], p = pos[j], block = p / block_size, offset = p % block_size;
+    int32_t* row = tab + j * width;
+    std::copy(prev_tab + i * w, prev_tab + (i + 1) * w, row);
+    std::fill(row + w, row + width, 0);
+    if (any_start && offset == 0) {  // the block appended to this row's sequence for its new position
+      py::object table = seqs[j].attr("block_table");
+      TORCH_CHECK(PyList_Check(table.ptr()) && PyList_GET_SIZE(table.ptr()) > block,
+                  "continue_decode_inputs: row ", j, "'s block_table holds no block ", block);
+      row[block] = static_cast<int32_t>(as_int(PyList_GET_ITEM(table.ptr(), block), "a block_table"));
+    }
+    std::copy(row, row + width, bt + j * bt_stride);
+    in_pos[j] = p;
+    ctx[j] = static_cast<int32_t>(p + 1);
+    slots[j] = static_cast<int64_t>(row[block]) * block_size + offset;
+  }
+  return py::make_tuple(out_positions, out_tables);
+}
+
 // ---- rotary embedding fused with the paged KV cache write -----------------------------------
 // The new tokens of a step (decodes, prefill chunks): q and k rotated neox-style (rotate-half over the first
 // 2 * R2 dims of each head by per-token cos / sin [T, R2]; dims past 2 * R2 pass through: partial rotary), q's
@@ -1334,5 +1421,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows);
   m.def("sample_rows", &sample_rows);
   m.def("token_uniforms", &token_uniforms);
+  m.def("continue_decode_inputs", &continue_decode_inputs, py::arg("tokens"), py::arg("stopped"),
+        py::arg("prev_positions"), py::arg("prev_tables"), py::arg("seqs"), py::arg("block_size"),
+        py::arg("input_ids").noconvert(), py::arg("positions").noconvert(), py::arg("context_lens").noconvert(),
+        py::arg("slot_mapping").noconvert(), py::arg("block_tables").noconvert());
   m.def("rotary_kv_write", &rotary_kv_write);
 }
