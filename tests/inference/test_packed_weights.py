@@ -1,4 +1,5 @@
-"""cpu_prepack_weights: the engine's CPU steps read oneDNN-prepacked weights (within the log-prob contract
+"""cpu_prepack_weights: the engine's CPU steps read prepacked weights (fp32 products of 2+ rows the small-M
+GEMM's panels where its AVX-512 micro-kernel is compiled in, else oneDNN's copies; within the log-prob contract
 on this tiny model; the ~40M model measured 1.2e-5..2.1e-5, which is why RL engines keep it off), a
 weight update that bypasses the parameters' version counters (a write through `.data`, as staging
 regions do) is seen after `update_weights`, an engine with the switch off never reads another engine's

@@ -1,4 +1,4 @@
-"""The draft-model proposer's runner takes the target engine's CPU settings (an RL engine keeps oneDNN-prepacked
+"""The draft-model proposer's runner takes the target engine's CPU settings (an RL engine keeps prepacked
 linears off for the log-prob contract and its thread count fixed beside a trainer; its draft must not turn them
 back on), and a self-draft (a draft holding the target's tensors) computes with the target's current weights
 after any weight update, a write through `.data` included."""

@@ -1,5 +1,5 @@
-"""Small-M GEMM on panel-packed weights (`csrc/small_gemm.cpp`): y = x W^T (+ bias) (+ residual) for the
-2..64-row products of batched decode steps.
+"""Small-M GEMM on panel-packed weights (`csrc/small_gemm.cpp`): y = x W^T (+ bias) (+ residual), made for the
+2..64-row products of batched decode steps (the engine's fp32 products of 2+ rows read it, prefill's included).
 
 The weight is packed once into panels of `panel` output columns, each [K][panel] contiguous, and an
 AVX-512 micro-kernel keeps a `row_block` x `panel` tile of fp32 accumulators in registers (broadcast x,
@@ -15,8 +15,10 @@ Zen 4 AVX-512, 64 rows, one decode step's linears, load 3.6-4.3), best panel x r
 oneDNN-prepacked: fp32 1 thread 1.12x on the ~3.5M, ~40M and ~50M models (~105-109 GFLOP/s a
 core, near the FMA peak; oneDNN ~95-98), 2 threads 1.13-1.20x; bf16 1 thread 1.01-1.06x, 2 threads
 0.99-1.07x. Panels of 48 (`PANEL`) x 8 rows measured best or level at 2-2048 rows (1 thread, load ~2-3.5).
-The engine's fp32 linears of 2+ rows read it (`packed_linear.py`, where the figures in the engine are):
-the panels are then the weight's one packed copy. bf16 stays on oneDNN.
+The engine's fp32 linears of 2+ rows read it where its AVX-512 micro-kernel is compiled in (the extension's
+`has_avx512()`; `packed_linear.py`, where the figures in the engine are): the panels are then the weight's one
+packed copy. bf16, and builds without AVX-512 (the portable loop, one row at a time, is slower than oneDNN), stay
+on oneDNN.
 
 Log-prob contract (the reason RL engines keep prepacked linears off): on the ~40M model (3 x 64 tokens,
 sampled targets, every linear swapped, niced), log-probs moved from F.linear's by up to 1.62e-5 with this
