@@ -193,7 +193,7 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
           cpu=f"{_CPU}:token_uniforms_at",
           # host-side numbers (numpy arrays on every device; the engine resolves it for its device, so a CUDA engine
           # builds no CPU extension for it): a dozen numpy calls a seeded decode step against one C++ loop (in the
-          # grpo rollout, 128 rows: the engine's _sample ~9 us a step shorter)
+          # grpo rollout, 128 rows: the engine's _sample ~6 us a step shorter)
           cpu_default=True),
     _spec("continue_decode_inputs",
           "(tokens, stopped, prev_positions, prev_tables, seqs, block_size, input_ids, positions, context_lens, "

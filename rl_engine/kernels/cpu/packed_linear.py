@@ -8,18 +8,18 @@ every call. vLLM's CPU backend packs each linear's weight once into oneDNN's blo
 decode step (8 layers' qkv, o, gate/up, down, and the 32k-vocab head) at 64 rows: fp32 79 ms with
 F.linear, 38.5 ms packed; at 1 row 8.0 and 3.5 ms; bf16 18.5 / 13.7 ms at 64 rows, 4.3 / 1.3 ms at 1.
 
-fp32 products of 2+ rows read the small-M GEMM (`small_gemm.py`, `csrc/small_gemm.cpp`: the weight in
-panels of `small_gemm.PANEL` columns, AVX-512 register tiles, sequential-K fp32 sums) where its extension
-builds with its AVX-512 micro-kernel (AVX-512 F/BW/VL), instead of oneDNN: the weight's one packed copy is then
-its panels. One engine timed with either, alternated in one process, through the measuring lock at 1 thread (load 1.4-2.9), generate.py's runs
-(128 new tokens, prefill included): the ~3.5M model batch 64 greedy 1.08x (per-pair median; best 1.11x),
-sampled 1.11x, compile_decode greedy 1.13x; batches 2-32 1.17-1.71x (oneDNN's ~15 us floor a call); the ~50M
-model (`--large`) batch 64 greedy 1.05x and 1.13x (two runs of 3 pairs). Hot, one decode step's linears
-alone: 1.35x oneDNN at 64 rows on the ~3.5M shapes, 1.13x on the ~50M; 1.6-2.3x at 2-16 rows; prefill-sized
-products about level (0.97-1.06x at 256-2048 rows), so they take the panels too rather than a second copy.
-bf16 stays on oneDNN (the small GEMM's bf16 is ~1.0x), as does fp32 without the extension (no compiler,
-`RL_ENGINE_CPU_KERNELS=0`, a failed build) or with a build that lacks the AVX-512 micro-kernel (its portable loop
-measured 2.2-2.8x oneDNN's time at 64 rows): the reason logged once.
+fp32 products of 2+ rows read the small-M GEMM (`small_gemm.py`, `csrc/small_gemm.cpp`: the weight in panels of
+`small_gemm.PANEL` columns, AVX-512 register tiles, sequential-K fp32 sums) where its extension builds with its
+AVX-512 micro-kernel (AVX-512 F/BW/VL), instead of oneDNN: the weight's one packed copy is then its panels. One
+engine timed with either, alternated in one process, through the measuring lock at 1 thread (load 1.4-2.9),
+generate.py's runs (128 new tokens, prefill included): the ~3.5M model batch 64 greedy 1.08x (per-pair median; best
+1.11x), sampled 1.11x, compile_decode greedy 1.13x; batches 2-32 1.17-1.71x (oneDNN's ~15 us floor a call); the ~50M
+model (`--large`) batch 64 greedy 1.05x and 1.13x (two runs of 3 pairs). Hot, one decode step's linears alone: 1.35x
+oneDNN at 64 rows on the ~3.5M shapes, 1.13x on the ~50M; 1.6-2.3x at 2-16 rows; prefill-sized products about level
+(0.97-1.06x at 256-2048 rows), so they take the panels too rather than a second copy. bf16 stays on oneDNN (the
+small GEMM's bf16 is ~1.0x), as does fp32 without the extension (no compiler, `RL_ENGINE_CPU_KERNELS=0`, a failed
+build) or with a build that lacks the AVX-512 micro-kernel (its portable loop measured 2.2-2.8x oneDNN's time at 64
+rows): the reason logged once.
 
 A packed copy is read only inside the steps of an engine that packs (`reading()`, the engine's model
 runner around each step: a thread-local switch, so training, its no-grad passes and an engine over the
