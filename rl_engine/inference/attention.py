@@ -198,7 +198,8 @@ class PagedAttention:
             self._prepare_invariant(num_single, block_tables, context_lens, max_context_len)
         elif num_single and self.cpu_decode:
             self.decode_tables = cpu_ops.decode_tables(block_tables[:num_single], context_lens[:num_single])
-            self.direct_decode = not prefills and self.rotary_kv_write is cpu_ops.rotary_kv_write
+            self.direct_decode = (not prefills and self.rotary_kv_write is cpu_ops.rotary_kv_write
+                                  and self.k_caches[0].dtype in cpu_ops.DTYPES)  # (others: the wrappers' reference)
         elif num_single and self.decode_op is None:
             self._prepare_decode(num_single, block_tables, context_lens, max_context_len, first_block)
 

@@ -331,6 +331,22 @@ def test_the_compiled_step_calls_the_cpp_attention_kernels_directly_with_the_wra
 
 
 @needs_cxx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_only_the_cpp_kernels_dtypes_take_the_direct_decode_calls(dtype):
+    """`direct_decode` (the C++ kernels called without their wrappers) only for caches of a dtype the wrappers give
+    the kernels: a float64 cache goes through the wrappers, which run the torch reference for it."""
+    from rl_engine.inference.attention import PagedAttention
+    from rl_engine.kernels.cpu import ops as cpu_ops
+
+    caches = [torch.zeros(4, 8, 2, 16, dtype=dtype)]
+    attn = PagedAttention(caches, [c.clone() for c in caches], first_layer=0, cpu_decode=True,
+                          decode_op=cpu_ops.paged_decode_attention, rotary_kv_write=cpu_ops.rotary_kv_write)
+    attn.prepare(slot_mapping=torch.tensor([8, 9]), num_single=2, block_tables=torch.tensor([[1], [2]]),
+                 context_lens=torch.tensor([1, 1], dtype=torch.int32), max_context_len=1, prefills=[])
+    assert attn.direct_decode == (dtype is torch.float32)
+
+
+@needs_cxx
 def test_a_parameter_replaced_by_other_strides_is_named_with_the_fix(engines):
     """The graph reads parameters as laid out at compile time (its guards are skipped): a tensor of other
     strides put in a parameter's place failed inside inductor with "an incorrect fake kernel for a custom

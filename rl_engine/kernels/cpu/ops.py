@@ -23,7 +23,7 @@ from rl_engine.kernels import op_inputs, reference
 from rl_engine.kernels.cpu import extension
 from rl_engine.kernels.grad_mode import records_autograd
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the C++ kernels here; others take the reference
 
 
 @torch.library.custom_op("rl_engine::cpu_paged_decode_attention", mutates_args=())
@@ -59,7 +59,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     knows it) saves reading it back from the tensor (under torch.compile it must be given: a traced
     graph cannot read a tensor's value)."""
     op_inputs.check_paged_decode(q, k_cache, v_cache, block_tables, context_lens)
-    if (records_autograd(q) or q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype
+    if (records_autograd(q) or q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype
             or q.device.type != "cpu"):
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     if max_context_len is None:
@@ -93,7 +93,7 @@ def paged_decode_step(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     the kernel does not check are compared here; anything else it refuses (dtype, layout, a block outside the
     cache) goes through the checked wrapper, which adapts it (a strided q, mixed dtypes: the reference) or names it in
     its error. Inference only (no autograd)."""
-    if (q.dim() != 3 or q.dtype not in _DTYPES or context_lens.shape[0] != q.shape[0]
+    if (q.dim() != 3 or q.dtype not in DTYPES or context_lens.shape[0] != q.shape[0]
             or block_tables.shape[0] != q.shape[0] or k_cache.dim() != 4 or k_cache.shape[3] != q.shape[2]
             or q.shape[1] % k_cache.shape[2] or v_cache.shape != k_cache.shape):
         return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len)
@@ -170,7 +170,7 @@ def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     head dim: the fused qkv projection's parts); the same bits as the reference in every dtype (no fused
     multiply-adds; tests/kernels/test_rotary_kv_write.py). The kernel checks its arguments itself: the Python
     checks (~7 us, as much as the kernel at decode sizes) run only when it refuses one, to name the problem."""
-    if records_autograd(q, k, v) or q.dtype not in _DTYPES or q.device.type != "cpu":
+    if records_autograd(q, k, v) or q.dtype not in DTYPES or q.device.type != "cpu":
         return reference.rotary_kv_write(q, k, v, cos, sin, slot_mapping, k_cache, v_cache, return_k=return_k)
     if torch.compiler.is_compiling():
         op_inputs.check_rotary_kv_write(q, k, v, cos, sin, slot_mapping, k_cache, v_cache)  # at trace time
@@ -199,7 +199,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     name the problem."""
     from rl_engine.kernels.cpu import prefill_attention
 
-    if (records_autograd(q) or q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype
+    if (records_autograd(q) or q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype
             or q.device.type != "cpu" or torch.compiler.is_compiling() or prefill_attention.kernel() is None):
         return reference.paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
                                                  scale)
