@@ -15,15 +15,21 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from rl_engine.inference.sequence import Sequence
 
 DUMMY_BLOCK = 0
 
 
+_PACKS: dict[int, Callable[..., bytes]] = {}  # token count -> its little-endian int64 packer (a block's: one)
+
+
 def block_hash(parent: bytes, tokens: list[int]) -> bytes:
     """Chained content hash of one full block; stable across processes and Python versions."""
-    return hashlib.sha256(parent + struct.pack(f"<{len(tokens)}q", *tokens)).digest()
+    n = len(tokens)
+    pack = _PACKS.get(n) or _PACKS.setdefault(n, struct.Struct(f"<{n}q").pack)
+    return hashlib.sha256(parent + pack(*tokens)).digest()
 
 
 class BlockManager:
@@ -115,20 +121,28 @@ class BlockManager:
             return
         bs = self.block_size
         num_full = seq.num_computed_tokens // bs
+        start = seq.num_hashed_blocks
+        if num_full <= start:
+            return
         tokens = seq.token_ids
         hashes = seq.block_hashes
+        table = seq.block_table
+        hash_to_block, block_hashes = self.hash_to_block, self.block_hash
         version = seq.kv_version or 0
-        for i in range(seq.num_hashed_blocks, num_full):
+        for i in range(start, num_full):  # (a decode step's: one)
+            block_tokens = tokens[i * bs:(i + 1) * bs]
             if i == len(hashes):
-                hashes.append(block_hash(hashes[-1] if hashes else b"", tokens[i * bs:(i + 1) * bs]))
-            h = hashes[i]
-            block = seq.block_table[i]
-            if h not in self.hash_to_block and self.block_hash[block] is None:
-                self.hash_to_block[h] = block
-                self.block_hash[block] = h
-                self.block_tokens[block] = tuple(tokens[i * bs:(i + 1) * bs])
+                h = block_hash(hashes[-1] if hashes else b"", block_tokens)
+                hashes.append(h)
+            else:
+                h = hashes[i]
+            block = table[i]
+            if h not in hash_to_block and block_hashes[block] is None:
+                hash_to_block[h] = block
+                block_hashes[block] = h
+                self.block_tokens[block] = tuple(block_tokens)
                 self.block_version[block] = version
-        seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
+        seq.num_hashed_blocks = num_full
 
     # ---- allocation -----------------------------------------------------------------------------
     def allocate(self, seq: Sequence, num_new: int) -> None:

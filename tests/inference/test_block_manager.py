@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 
@@ -40,6 +41,15 @@ def test_hash_is_stable_across_processes():
     assert block_hash(b"x", [1, 2]) != block_hash(b"", [1, 2])
 
 
+def test_hash_is_the_documented_sha256_at_every_length():
+    """sha256(parent + the tokens as little-endian int64), for blocks of different lengths in turn (the packer
+    is kept per length) and tokens over the int64 range."""
+    parent = hashlib.sha256(b"p").digest()
+    for tokens in ([5] * 16, [1, 2], list(range(16)), [-(2**63), 2**63 - 1, 0], [3] * 16):
+        ref = hashlib.sha256(parent + b"".join(t.to_bytes(8, "little", signed=True) for t in tokens)).digest()
+        assert block_hash(parent, tokens) == ref
+
+
 def test_refcounts_and_free_return_every_block():
     bm = BlockManager(num_blocks=10, block_size=4, enable_prefix_caching=False)
     assert bm.num_free_blocks == 9  # block 0 is the padding block
@@ -71,6 +81,28 @@ def test_prefix_hit_reuses_blocks_and_keeps_last_token_to_compute():
     assert bm.match_prefix(c) == a.block_table[:2]
     d = make_seq([1] + list(range(1, 12)))  # differs in the first block: no hit at all
     assert bm.match_prefix(d) == []
+
+
+def test_a_block_filled_by_decoding_registers_in_the_step_that_fills_it():
+    """A prefill publishes all its full blocks at once; decoding computes one token a step, and the step that
+    fills a block hashes and publishes exactly that block (chained on the prompt's), which a later prompt with
+    that prefix hits."""
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    seq = make_seq(list(range(1, 10)))
+    run_prefill(bm, seq)
+    assert seq.num_hashed_blocks == 2 and all(bm.block_hash[b] is not None for b in seq.block_table[:2])
+    for token, hashed in ((10, 2), (11, 2), (12, 3), (13, 3)):
+        seq.token_ids.append(token)
+        bm.allocate(seq, bm.blocks_needed(seq, seq.num_tokens))
+        seq.num_computed_tokens += 1
+        bm.register_full_blocks(seq)
+        assert seq.num_hashed_blocks == hashed
+    block = seq.block_table[2]
+    ref = block_hash(block_hash(block_hash(b"", [1, 2, 3, 4]), [5, 6, 7, 8]), [9, 10, 11, 12])
+    assert bm.block_hash[block] == seq.block_hashes[2] == ref
+    assert bm.block_tokens[block] == (9, 10, 11, 12)
+    assert bm.match_prefix(make_seq(list(range(1, 13)) + [0])) == seq.block_table[:3]
+    bm.check_invariants()
 
 
 def test_hit_is_verified_against_stored_tokens():
