@@ -28,7 +28,7 @@ from rl_engine.inference.attention import PagedAttention, PrefillChunk
 from rl_engine.inference.config import EngineConfig
 from rl_engine.inference.graph_cache import CudaGraphRunner, DecodeRunner, GraphCache, StaticInputs, default_buckets
 from rl_engine.inference.latent_attention import PagedLatentAttention
-from rl_engine.inference.sequence import SchedulerOutput, Sequence, without_rows
+from rl_engine.inference.sequence import SchedulerOutput, Sequence, is_remainder, without_rows
 
 if TYPE_CHECKING:
     from rl_engine.policy import CausalLM
@@ -326,17 +326,10 @@ class ModelRunner:
         prev_sched, prev_seqs, prev_positions, prev_tables = last
         tokens, stopped = decoded
         n = len(sched_seqs)
-        if n <= 2 or self.hidden_sink is not None or n != len(prev_seqs) - len(stopped):
+        if (n <= 2 or self.hidden_sink is not None
+                or not is_remainder(sched_seqs, prev_sched, [prev_seqs[i] for i in stopped])):
             return None
-        if stopped:
-            expected = prev_sched.copy()
-            for i in stopped:
-                expected.remove(prev_seqs[i])
-            seqs = without_rows(prev_seqs, stopped)
-        else:
-            expected, seqs = prev_sched, prev_seqs
-        if sched_seqs != expected:
-            return None
+        seqs = without_rows(prev_seqs, stopped) if stopped else prev_seqs
         if self._continue_inputs is None:  # (the registry's for the runner's device: on CPU one C++ pass)
             from rl_engine.kernels import registry
 

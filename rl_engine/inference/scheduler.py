@@ -36,7 +36,7 @@ from itertools import chain, repeat
 from operator import attrgetter, floordiv, ge, sub
 
 from rl_engine.inference.block_manager import BlockManager
-from rl_engine.inference.sequence import SchedulerOutput, Sequence, SeqStatus
+from rl_engine.inference.sequence import SchedulerOutput, Sequence, SeqStatus, is_remainder
 
 _token_ids = attrgetter("token_ids")
 _num_computed = attrgetter("num_computed_tokens")
@@ -247,7 +247,7 @@ class Scheduler:
         running = self.running
         bs = self.block_manager.block_size
         computed = list(map(_num_computed, running))
-        if not _continues(running, decoded, removed) and (
+        if not is_remainder(running, decoded, removed) and (
                 list(map(sub, map(len, map(_token_ids, running)), computed)).count(1) != len(running)):
             return 0
         # a sequence needs a block when computed + 1 > blocks * bs, i.e. computed // bs >= blocks (then exactly one:
@@ -267,16 +267,3 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.num_preemptions += 1
         self.add(seq, front=True)
-
-
-def _continues(running: list[Sequence], decoded: list[Sequence] | None, removed: list[Sequence]) -> bool:
-    """Whether `running` is exactly `decoded` less the sequences `removed`, in the same order."""
-    if decoded is None or len(running) != len(decoded) - len(removed):
-        return False
-    if removed:
-        decoded = decoded.copy()
-        for seq in removed:
-            if seq not in decoded:
-                return False
-            decoded.remove(seq)
-    return decoded == running

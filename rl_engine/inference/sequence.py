@@ -164,6 +164,21 @@ class Request:
         return all(s.is_finished for s in self.seqs)
 
 
+def is_remainder(items: list, last: list | None, removed: list) -> bool:
+    """Whether `items` is exactly `last` less the items `removed` (each in `last`), in the same order: the running list
+    after a decode step less the sequences removed since (`Scheduler._schedule_decodes`), a step's scheduled sequences
+    after the last step's less those that stopped (`ModelRunner._continue_decode`)."""
+    if last is None or len(items) != len(last) - len(removed):
+        return False
+    if removed:
+        last = last.copy()
+        for item in removed:
+            if item not in last:
+                return False
+            last.remove(item)
+    return last == items
+
+
 def without_rows(items: list, rows: list[int]) -> list:
     """A copy of `items` less those at `rows` (ascending indices): a decode batch's sequences (or their params)
     after the rows that stopped in the last step (`ModelRunner._continue_decode`, `engine._Batch.without_stopped`)."""

@@ -72,13 +72,13 @@ def _run(monkeypatch, *, persistent: bool):
     inputs, outputs, stats with the partial-block copies and the schedules that took the engine's report
     (`Scheduler.decoded`), how many decode steps continued the last one)."""
     continued = []
-    check = scheduler_module._continues
+    check = scheduler_module.is_remainder
 
     def counted(*a):
         continued.append(check(*a))
         return continued[-1]
 
-    monkeypatch.setattr(scheduler_module, "_continues", counted)
+    monkeypatch.setattr(scheduler_module, "is_remainder", counted)
     llm = LLM(tiny_gqa_model(), block_size=BLOCK, num_kv_blocks=20, max_num_batched_tokens=48, seed=0,
               cpu_threads="fixed", graph_batch_sizes=[4, 8, 16, 32])
     engine, runner = llm.engine, llm.engine.runner

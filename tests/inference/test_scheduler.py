@@ -253,13 +253,13 @@ def test_decode_schedules_continued_after_decoded_match_the_loop_over_sequences(
         else:
             from rl_engine.inference import scheduler as module
 
-            check = module._continues
+            check = module.is_remainder
 
             def counted(running, decoded, removed):
                 continued[step] = ok = check(running, decoded, removed)
                 return ok
 
-            module._continues = counted
+            module.is_remainder = counted
         seqs = [make_seq(list(range(10 * i, 10 * i + n))) for i, n in enumerate((1, 2, 1, 2, 9))]
         for q in seqs:
             s.add(q)
@@ -295,7 +295,7 @@ def test_decode_schedules_continued_after_decoded_match_the_loop_over_sequences(
                     s.decoded()  # (as the engine's _emit_decode)
         finally:
             if mode != "loop":
-                module._continues = check
+                module.is_remainder = check
         return history, continued
 
     (loop, _), (per_batch, _), (decoded, continued) = run("loop"), run("per_batch"), run("decoded")
