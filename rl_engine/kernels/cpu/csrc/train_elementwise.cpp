@@ -36,27 +36,15 @@ using rl_engine_cpu::grain_rows;
 // A width a row kernel is compiled for (`NC`), or 0: the width at run time. At a small model's widths (64 floats a
 // row: four 16-float vectors) each runtime-width loop's setup and remainder handling cost more than its arithmetic
 // (the RMSNorm backward's three loops a row ran ~5x its forward's time at [4075, 64]); a compile-time width unrolls
-// them. `dispatch_width` (and the rotary's `dispatch_head_dim`) picks the instance.
+// them. `dispatch_width` picks the instance: the RMSNorm's widths 64 and 128, the rotary's head dims 16-128.
 template <int64_t NC>
 inline int64_t width_of(int64_t N) { return NC > 0 ? NC : N; }
 
-template <typename F>
+// f(std::integral_constant<int64_t, W>()) for the first compiled width W equal to N, else with 0 (N at run time).
+template <int64_t... Widths, typename F>
 inline void dispatch_width(int64_t N, F&& f) {
-  switch (N) {
-    case 64: f(std::integral_constant<int64_t, 64>()); break;
-    case 128: f(std::integral_constant<int64_t, 128>()); break;
-    default: f(std::integral_constant<int64_t, 0>()); break;
-  }
-}
-
-template <typename F>
-inline void dispatch_head_dim(int64_t D, F&& f) {
-  switch (D) {
-    case 16: f(std::integral_constant<int64_t, 16>()); break;
-    case 32: f(std::integral_constant<int64_t, 32>()); break;
-    case 64: f(std::integral_constant<int64_t, 64>()); break;
-    case 128: f(std::integral_constant<int64_t, 128>()); break;
-    default: f(std::integral_constant<int64_t, 0>()); break;
+  if (!((N == Widths && (f(std::integral_constant<int64_t, Widths>()), true)) || ...)) {
+    f(std::integral_constant<int64_t, 0>());
   }
 }
 
@@ -110,7 +98,7 @@ std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const torch:
   float* rs = rstd.data_ptr<float>();
   const int64_t sx = x.stride(0), sr = has_res ? residual->stride(0) : 0;
   const float feps = static_cast<float>(eps);
-  dispatch_width(N, [&](auto nc) {
+  dispatch_width<64, 128>(N, [&](auto nc) {
     at::parallel_for(0, R, grain_rows(N), [&](int64_t begin, int64_t end) {
       rms_norm_forward_rows<decltype(nc)::value>(begin, end, N, xp, sx, rp, sr, wp, op, sp, rs, feps);
     });
@@ -174,7 +162,7 @@ std::vector<torch::Tensor> rms_norm_backward(const torch::Tensor& grad, const to
   float* dp = dh.data_ptr<float>();
   float* pp = partial.data_ptr<float>();
   const int64_t sg = grad.stride(0), shh = h.stride(0), sgs = has_gs ? grad_sum->stride(0) : 0;
-  dispatch_width(N, [&](auto nc) {
+  dispatch_width<64, 128>(N, [&](auto nc) {
     at::parallel_for(0, R, grain_rows(N), [&](int64_t begin, int64_t end) {
       float* dw = pp + std::min<int64_t>(at::get_thread_num(), threads - 1) * N;
       rms_norm_backward_rows<decltype(nc)::value>(begin, end, N, gp, sg, hp, shh, wp, rs, gsp, sgs, dp, dw);
@@ -242,7 +230,7 @@ torch::Tensor silu_and_mul_backward(const torch::Tensor& grad, const torch::Tens
 // Each product and the sum rounded apart, as torch's mul, mul, add: no fused multiply-add under this file's
 // -ffp-contract=fast (GCC's optimize attribute; under clang, which ignores it, the clang pragma below, honoured under
 // the -ffp-contract=on that kernels/cpu/__init__.py gives clang), so the results equal torch's bit for bit.
-// DC: the head_dim compiled for (`dispatch_head_dim`; at 16, a small model's, each half is one 8-float loop, whose
+// DC: the head_dim compiled for (`dispatch_width`; at 16, a small model's, each half is one 8-float loop, whose
 // run-time setup cost more than its arithmetic), or 0: D at run time.
 template <int64_t DC>
 __attribute__((optimize("fp-contract=off"))) void rotary_row(const float* x, int64_t head_stride, int64_t heads,
@@ -301,7 +289,7 @@ void rotary_into(const torch::Tensor& x, const torch::Tensor& cos, const torch::
   const float* sp = sin.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t sxr = x.stride(0), sxh = x.stride(1), sc = cos.stride(0), ss = sin.stride(0), so = out.stride(0);
-  dispatch_head_dim(D, [&](auto dc) {
+  dispatch_width<16, 32, 64, 128>(D, [&](auto dc) {
     at::parallel_for(0, R, grain_rows(H * D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
         rotary_row<decltype(dc)::value>(xp + r * sxr, sxh, H, D, cp + r * sc, sp + r * ss, op + r * so, transpose);
