@@ -51,7 +51,10 @@ class StaticInputs:
 
 
 class DecodeRunner:
-    """Eager runner of one bucket: its rows of the static buffers, padding, one forward."""
+    """Eager runner of one bucket: its rows of the static buffers, padding, one forward. `direct`, set by the model
+    runner where it serves the model (`direct_decode.DirectDecode`), runs that forward as direct C++ kernel calls."""
+
+    direct = None
 
     def __init__(self, batch_size: int, *, inputs: StaticInputs, model, attn: PagedAttention) -> None:
         self.batch_size = batch_size
@@ -85,6 +88,11 @@ class DecodeRunner:
         self.attn.prepare(slot_mapping=self.slot_mapping, num_single=self.batch_size, block_tables=self.block_tables,
                           context_lens=self.context_lens, max_context_len=max_context_len, prefills=[],
                           first_block=first_block)
+        direct = self.direct
+        if direct is not None and direct.usable(routing):
+            hidden = direct.hidden_states(self.input_ids, self.positions)
+            if hidden is not None:
+                return hidden, None
         return self.model.hidden_states(self.input_ids, positions=self.positions, attn_context=self.attn,
                                          routing=routing), None
 

@@ -161,7 +161,10 @@ class ModelRunner:
 
         def make_runner(batch_size: int) -> DecodeRunner:
             if not use_graphs:
-                return runner_class(batch_size, inputs=inputs, model=model, attn=self.attn)
+                runner = runner_class(batch_size, inputs=inputs, model=model, attn=self.attn)
+                if runner_class is DecodeRunner and batch_size >= 2:  # (eager: the direct forward where it serves
+                    runner.direct = self._direct_decode  # the model; one row's linears take the C++ gemv, not it)
+                return runner
             runner = CudaGraphRunner(batch_size, inputs=inputs, model=model, attn=self.attn)
             return self._captured(runner, pool=graph_pool)  # every bucket's graph shares one memory pool
 
@@ -179,6 +182,15 @@ class ModelRunner:
             if self.packed_weights:
                 self._reading_packed = packed_linear.reading
                 weakref.finalize(self, packed_linear.release, self.packed_weights)
+        # CPU eager decode steps: the model's forward as direct calls of its C++ kernels, where they serve it
+        # (`direct_decode.py`; handed to each eager bucket's runner as it is made)
+        self._direct_decode = None
+        if self.device.type == "cpu" and not config.compile_decode and self.packed_weights:
+            from rl_engine.inference.direct_decode import DirectDecode
+
+            self._direct_decode, reason = DirectDecode.build(model, self.attn, packed=self.packed_weights)
+            if self._direct_decode is None:
+                logger.info("eager decode steps run the model's forward: %s", reason)
         self.threads = None  # CPU: torch's thread count follows the free cores (EngineConfig.cpu_threads)
         if self.device.type == "cpu" and config.cpu_threads == "auto":
             from rl_engine.kernels.cpu.threads import FreeCoreThreads

@@ -1,0 +1,119 @@
+"""The eager CPU decode step's forward as direct calls of its C++ kernels (`DirectDecode`).
+
+An eager decode step (`DecodeRunner.run` without `compile_decode`) runs the model's `hidden_states`: per layer
+~15 Python calls of modules, registry wrappers and their checks around 9 C++ kernels (RMSNorm, the small-M GEMM
+linears on their packed panels, the fused rotary + KV write, the paged decode attention, SwiGLU), each wrapper
+deciding again what the step's shapes and dtypes already decided. `DirectDecode` calls the same kernels with the
+same arguments in the same order (so the same bits: tests/inference/test_direct_decode.py compares tokens and
+log-probs bit for bit), one Python loop over the layers. On the ~3.5M model of `benchmarks/generate.py` at batch 64 (1
+thread) that is ~0.5 ms of a ~7.5 ms decode step (the whole run ~5% shorter).
+
+It is built only for the model and engine that the kernels serve exactly: fp32 on CPU, every linear packed as the
+small-M GEMM's panels, the registry's default CPU RMSNorm / SwiGLU / dense ops, the fused rotary + KV write and the
+C++ decode kernel, one rank (no tensor, sequence or pipeline parallelism), dense MLPs, no MLA, no qk-norm, no
+batch_invariant (`DirectDecode.build` says why not, logged once). Buckets of two rows or more run it (one row's
+linears take the C++ gemv, `packed_linear`), and a step only where the attention calls its kernels directly too
+(`PagedAttention.direct_decode`, no decode observer) and nothing is recorded (no routing).
+Weights are read from the modules at every step, through their packed copies (`packed_linear`: repacked when
+updated in place); a weight without a packed copy, or a call a kernel refuses (its TORCH_CHECK), makes the step run
+the model's own forward instead (which writes the same K/V again, and names the problem).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rl_engine.inference.attention import PagedAttention
+from rl_engine.kernels.cpu import engine_elementwise, ops as cpu_ops, packed_linear, small_gemm, train_elementwise
+from rl_engine.kernels.grad_mode import training_kernels
+
+
+class _NotPacked(Exception):
+    """A linear's weight has no packed copy (replaced by a new tensor since the engine registered it)."""
+
+
+class DirectDecode:
+    """`model.hidden_states` of an eager decode step, through the C++ kernels directly (see the module doc)."""
+
+    def __init__(self, model, attn: PagedAttention) -> None:
+        self.model = model
+        self.attn = attn
+        self._kernel = train_elementwise.kernel()  # RMSNorm and SwiGLU forwards (engine_elementwise's fp32 kernels)
+        self._small = packed_linear._small  # the small-M GEMM
+
+    @classmethod
+    def build(cls, model, attn, *, packed: list[torch.Tensor]) -> tuple[DirectDecode | None, str]:
+        """(the direct forward, "") for a model and attention it serves exactly, else (None, why not)."""
+        cfg = model.config
+        if not isinstance(attn, PagedAttention) or attn.rotary_kv_write is not cpu_ops.rotary_kv_write \
+                or not attn.cpu_decode:
+            return None, "the attention does not run the C++ rotary + KV write and decode kernels"
+        if model.batch_invariant or cfg.is_moe or cfg.is_mla or cfg.qk_norm:
+            return None, "batch_invariant, MoE, MLA and qk-norm models run the model's forward"
+        g = model.groups
+        if g.tp_size != 1 or g.sequence_parallel or not (model.is_first_stage and model.is_last_stage):
+            return None, "a parallel model runs the model's forward"
+        if model.dtype != torch.float32 or packed_linear._small is None or train_elementwise.kernel() is None:
+            return None, "fp32 with the small-M GEMM and the C++ RMSNorm / SwiGLU only"
+        registered = {id(w) for w in packed}
+        for layer in model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            linears = (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if any(id(m.weight) not in registered or m._dense is not packed_linear.linear for m in linears):
+                return None, "a linear that is not packed or not the registry's packed dense"
+            if a.o_proj.bias is not None or mlp.down_proj.bias is not None:
+                return None, "a bias on a residual linear"
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if any(n._rms_norm is not engine_elementwise.rms_norm for n in norms) \
+                    or mlp._silu_and_mul is not engine_elementwise.silu_and_mul:
+                return None, "RMSNorm or SwiGLU resolved to another backend"
+        if model.norm._rms_norm is not engine_elementwise.rms_norm:
+            return None, "RMSNorm resolved to another backend"
+        return cls(model, attn), ""
+
+    def usable(self, routing) -> bool:
+        """This step may run it: the attention calls its kernels directly (a decode step, no observer), no routing
+        is recorded, inside the runner's packed reading under inference mode, outside the trainer's forwards."""
+        attn = self.attn
+        return (routing is None and attn.direct_decode and attn.decode_observer is None
+                and torch.is_inference_mode_enabled() and packed_linear._reading()
+                and not training_kernels())
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """The final hidden states [T, H], or None when a weight has no packed copy or a kernel refused a call
+        (the caller runs the model's forward)."""
+        model, attn, kern, small = self.model, self.attn, self._kernel, self._small
+        panel, row_block, min_macs = small_gemm.PANEL, small_gemm.ROW_BLOCK, small_gemm.MIN_MACS_PER_THREAD
+        rms_norm, silu_and_mul = kern.rms_norm_forward, kern.silu_and_mul_forward
+        ext = cpu_ops.extension()
+        slots, tables, max_context = attn.slot_mapping, attn.decode_tables, attn.max_context_len
+        T = input_ids.shape[0]
+
+        def linear(x: torch.Tensor, module, residual: torch.Tensor | None = None) -> torch.Tensor:
+            w = module.weight
+            entry = getattr(w, packed_linear._ATTR, None)
+            if entry is None:
+                raise _NotPacked
+            return small.linear(x, entry.current(w, True), w.shape[0], panel, row_block,
+                                getattr(module, "bias", None), residual, min_macs)
+
+        try:
+            x = F.embedding(input_ids, model.embed_tokens.weight)
+            cos, sin = model._rope(positions, attn)
+            for i, layer in enumerate(model.layers):
+                a, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
+                qkv = linear(rms_norm(x, norm.weight, norm.eps, None)[0], a.qkv_proj)
+                kv_width = a.qk_width - a.q_width
+                q, k, v = qkv.split([a.q_width, kv_width, kv_width], dim=1)
+                kc, vc = attn.k_caches[i], attn.v_caches[i]
+                q, _ = ext.rotary_kv_write(q.view(T, a.num_heads, a.head_dim), k.view(T, a.num_kv_heads, a.head_dim),
+                                           v.view(T, a.num_kv_heads, a.head_dim), cos, sin, slots, kc, vc, False)
+                o = ext.paged_decode_attention(q, kc, vc, *tables, a.scale, max_context)
+                x = linear(o.view(T, -1), a.o_proj, x)
+                norm = layer.post_attention_layernorm
+                x = linear(silu_and_mul(linear(rms_norm(x, norm.weight, norm.eps, None)[0], mlp.gate_up_proj)),
+                           mlp.down_proj, x)
+            return rms_norm(x, model.norm.weight, model.norm.eps, None)[0]
+        except (_NotPacked, RuntimeError):
+            return None

@@ -1,0 +1,140 @@
+"""The eager CPU decode step's forward as direct C++ kernel calls (`inference/direct_decode.py`): the same tokens and
+log-prob bits as the model's own forward (the reference: the same kernels through the modules and wrappers), the
+model's forward taken where a weight lost its packed copy, and no direct forward where its kernels do not serve the
+model exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inference_helpers import mixed_prompts
+from rl_engine import LLM, SamplingParams
+from rl_engine.inference.direct_decode import DirectDecode
+from rl_engine.policy import from_pretrained
+
+KW = dict(graph_batch_sizes=[2, 4, 8], block_size=8, cpu_threads="fixed")
+
+
+def _calls(monkeypatch) -> dict[str, int]:
+    """Counts the direct forward's steps ("direct") and those it handed back to the model's forward ("none")."""
+    calls = {"direct": 0, "none": 0}
+    hidden_states = DirectDecode.hidden_states
+
+    def counted(self, *args):
+        out = hidden_states(self, *args)
+        calls["none" if out is None else "direct"] += 1
+        return out
+
+    monkeypatch.setattr(DirectDecode, "hidden_states", counted)
+    return calls
+
+
+def _generate(llm, prompts, params, *, direct: bool):
+    """`generate` with the made runners' direct forwards as they are (direct) or taken away for the call."""
+    runners = list(llm.engine.runner.graphs.runners.values())
+    kept = [r.direct for r in runners]
+    if not direct:
+        for r in runners:
+            r.direct = None
+    llm.reset_prefix_cache()
+    try:
+        return llm.generate(prompts, params)
+    finally:
+        for r, d in zip(runners, kept):
+            r.direct = d
+
+
+@pytest.fixture(scope="module")
+def engine(qwen2):
+    """An eager engine over a tiny Qwen2 (random qkv biases and norm weights), with its direct forward."""
+    llm = LLM(from_pretrained(qwen2[1], dtype=torch.float32), **KW)
+    if llm.engine.runner._direct_decode is None:
+        pytest.skip("the C++ kernels (small-M GEMM, RMSNorm / SwiGLU, rotary + KV write, decode) are unavailable")
+    return llm
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_direct_forward_gives_the_model_forwards_bits(engine, monkeypatch, temperature):
+    calls = _calls(monkeypatch)
+    prompts = mixed_prompts(7, seed=3, max_len=30)  # 7 rows padded to the bucket of 8, then fewer as they stop
+    params = [SamplingParams(temperature=temperature, max_tokens=6 + i, seed=i, logprobs=0, ignore_eos=True)
+              for i in range(len(prompts))]
+    _generate(engine, prompts, params, direct=True)  # every bucket's runner made (each is handed the direct forward)
+    calls.update(direct=0, none=0)
+    through_model = _generate(engine, prompts, params, direct=False)
+    assert calls == {"direct": 0, "none": 0}
+    direct = _generate(engine, prompts, params, direct=True)
+    assert calls["direct"] >= 11 and calls["none"] == 0  # (12 decode steps, at most one continues a prefill)
+    for a, b in zip(through_model, direct):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs  # bit for bit
+
+
+def test_a_weight_without_a_packed_copy_takes_the_models_forward(engine, monkeypatch):
+    """A parameter replaced by a new tensor (no packed copy: the engine registered the old one) is read by the model's
+    forward (packed_linear's plain product), not skipped or read stale."""
+    calls = _calls(monkeypatch)
+    mlp = engine.engine.model.layers[-1].mlp
+    old = mlp.down_proj.weight
+    prompts = mixed_prompts(3, seed=8, max_len=20)
+    params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=0, ignore_eos=True)
+    _generate(engine, prompts, params, direct=True)  # (bucket 4's runner made)
+    calls.update(direct=0, none=0)
+    try:
+        mlp.down_proj.weight = torch.nn.Parameter(old.detach() * 2, requires_grad=False)
+        replaced = _generate(engine, prompts, params, direct=True)
+        assert calls["direct"] == 0 and calls["none"] >= 4
+        reference = _generate(engine, prompts, params, direct=False)
+    finally:
+        mlp.down_proj.weight = old
+    for a, b in zip(replaced, reference):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids and a.outputs[0].logprobs == b.outputs[0].logprobs
+    back = _generate(engine, prompts, params, direct=True)
+    assert calls["direct"] >= 4
+    assert [o.outputs[0].token_ids for o in back] != [o.outputs[0].token_ids for o in replaced]
+
+
+def test_no_direct_forward_where_its_kernels_do_not_serve_the_model(qwen2, checkpoints):
+    """qk-norm (Qwen3), compiled decode steps and unpacked weights keep the model's forward."""
+    policy = from_pretrained(qwen2[1], dtype=torch.float32)
+    assert LLM(policy, compile_decode=True, **KW).engine.runner._direct_decode is None
+    assert LLM(policy, cpu_prepack_weights=False, **KW).engine.runner._direct_decode is None
+    qwen3 = from_pretrained(checkpoints.get("qwen3")[1], dtype=torch.float32)
+    assert LLM(qwen3, **KW).engine.runner._direct_decode is None
+    direct, reason = DirectDecode.build(qwen3, LLM(qwen3, **KW).engine.runner.attn, packed=[])
+    assert direct is None and "qk-norm" in reason
+
+
+def test_a_decode_observer_sees_every_eager_decode_step(engine, monkeypatch):
+    """The observer (tests' window on the decode kernel's inputs) is called by the attention's wrappers, so a step with
+    one runs the model's forward: every layer of every decode step is observed."""
+    calls = _calls(monkeypatch)
+    attn = engine.engine.runner.attn
+    seen = []
+    prompts = mixed_prompts(3, seed=2, max_len=20)
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    _generate(engine, prompts, params, direct=True)
+    calls.update(direct=0, none=0)
+    attn.decode_observer = lambda layer, q, *args: seen.append((layer, q.shape[0]))
+    try:
+        _generate(engine, prompts, params, direct=True)
+    finally:
+        attn.decode_observer = None
+    layers = len(engine.engine.model.layers)
+    assert calls["direct"] == 0 and len([s for s in seen if s[1] == 4]) >= 4 * layers  # (4 decode steps in bucket 4)
+
+
+def test_a_one_row_bucket_keeps_the_models_forward(qwen2):
+    """One row's linears take the C++ gemv (packed_linear), which the direct forward does not call: bucket 1 runs the
+    model's forward, bucket 2 the direct one, each with the bits of the model's forward."""
+    llm = LLM(from_pretrained(qwen2[1], dtype=torch.float32), **{**KW, "graph_batch_sizes": [1, 2]})
+    if llm.engine.runner._direct_decode is None:
+        pytest.skip("the C++ kernels are unavailable")
+    params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=0, ignore_eos=True)
+    for prompts in (mixed_prompts(1, seed=4, max_len=20), mixed_prompts(2, seed=4, max_len=20)):
+        direct = _generate(llm, prompts, params, direct=True)
+        through_model = _generate(llm, prompts, params, direct=False)
+        assert [o.outputs[0].logprobs for o in direct] == [o.outputs[0].logprobs for o in through_model]
+    runners = llm.engine.runner.graphs.runners
+    assert runners[1].direct is None and runners[2].direct is llm.engine.runner._direct_decode
