@@ -4,7 +4,8 @@ tested through a second build of the same source with AVX-512 switched off (`cpu
 compiler time once, then cached), which must report that it compiled the AVX2 paths. Decode cases and reference are
 test_cpu_ops.py's (GQA groups of 1-7, head dims 12-128, contexts across block boundaries and ending in partial
 blocks, padding requests, shared blocks); the one-row linear's bound is test_packed_linear.py's; the greedy pick
-must give torch.max's index exactly.
+must give torch.max's index exactly; the engine's AVX-512 sampling (16 rows abreast) must give the AVX2 build's
+row-by-row tokens and log-probs bit for bit.
 
 Tolerances: as in test_cpu_ops.py (fp16 there too: both vector paths widen fp16 rows by vcvtph2ps).
 """
@@ -90,3 +91,30 @@ def test_avx2_greedy_pick_equals_torch_max_index(avx2_build, dtype, vocab):
     x = argmax_cases(vocab, dtype)
     got = avx2_build.argmax_rows(x)
     assert got.dtype == torch.int64 and torch.equal(got, reference.greedy_argmax(x))
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(64, 2048), (61, 2047), (128, 101), (4, 32000), (17, 16), (5, 17),
+                                             (3, 2048), (2, 33), (1, 7), (20, 1)])
+def test_avx512_sampling_equals_the_row_by_row_chain(avx2_build, rows, vocab):
+    """The engine's AVX-512 build samples 4+ rows in groups of 16 (each row's double sums in a lane, its token found
+    from the block-end sums and one block summed again) and 1-3 rows one at a time; the AVX2 build sums every row
+    in one chain. The same adds in the same order and the same fast_exp bits: identical tokens and log-probs, over
+    -inf logits (zero mass), vocabularies that end inside a 16-column block, strided rows, draws of 0 and just
+    below 1, and logits spread wide (a peaked row) and narrow (a flat one)."""
+    engine_build = cpu.extension()
+    if engine_build.isa() != "avx512":
+        pytest.skip(f"the engine's build runs the {engine_build.isa()} path: the AVX2 build's row-by-row chain")
+    for seed, scale in enumerate((0.01, 3.0, 30.0)):
+        torch.manual_seed(rows * vocab + seed)
+        z = torch.randn(rows, 2 * vocab)[:, :vocab] * scale  # rows read in place, stride 2 * vocab
+        if vocab > 3:
+            z[:, 0] = float("-inf")
+            z[::3, 2:4] = float("-inf")
+        u = torch.rand(rows, dtype=torch.float64)
+        u[0] = 0.0
+        u[-1] = 1.0 - 2.0**-53
+        want_tokens, want_lp = avx2_build.sample_rows(z, u, True)
+        tokens, lp = engine_build.sample_rows(z, u, True)
+        assert torch.equal(tokens, want_tokens), (seed, torch.nonzero(tokens != want_tokens).view(-1).tolist())
+        assert torch.equal(lp.view(torch.int32), want_lp.view(torch.int32)), seed
+        assert torch.equal(engine_build.sample_rows(z, u, False)[0], want_tokens)

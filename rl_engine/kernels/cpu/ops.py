@@ -121,9 +121,10 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
 def inverse_cdf_sample(z: torch.Tensor, uniforms: torch.Tensor, *,
                        logprobs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reference's contract, one pass per row in C++ (its exp a few ulp from torch's: a token differs from the
-    reference's only where the draw falls within that rounding of a boundary; log-probs within ~1e-7). At the
-    RL rollout's size ([128, 101] a decode step, 1 thread) ~15 us against the reference's ~80-130 us of a
-    dozen small ops. fp32 rows on CPU; anything else by the reference."""
+    reference's only where the draw falls within that rounding of a boundary; log-probs within ~1e-7). AVX-512
+    builds sum 16 rows abreast (the same bits as row by row): 1 thread, [64, 2048] 172 -> 66 us, [64, 32000] 2.8
+    -> 1.1 ms, the RL rollout's [128, 101] 21 -> 11 us (the reference's dozen small ops: ~80-130 us there).
+    fp32 rows on CPU; anything else by the reference."""
     if (z.dim() != 2 or z.dtype != torch.float32 or z.device.type != "cpu" or z.shape[1] == 0
             or torch.compiler.is_compiling()):
         return reference.inverse_cdf_sample(z, uniforms, logprobs=logprobs)
