@@ -13,7 +13,8 @@ small-M GEMM's panels, the registry's default CPU RMSNorm / SwiGLU / dense ops, 
 C++ decode kernel, one rank (no tensor, sequence or pipeline parallelism), dense MLPs, no MLA, no qk-norm, no
 batch_invariant (`DirectDecode.build` says why not, logged once). Buckets of two rows or more run it (one row's
 linears take the C++ gemv, `packed_linear`), and a step only where the attention calls its kernels directly too
-(`PagedAttention.direct_decode`, no decode observer) and nothing is recorded (no routing).
+(`PagedAttention.direct_decode`, no decode observer), nothing is recorded (no routing) and no module forward hook
+is registered (a hooked model's steps run its forward, so the hooks see them).
 Weights are read from the modules at every step, through their packed copies (`packed_linear`: repacked when
 updated in place); a weight without a packed copy, or a call a kernel refuses (its TORCH_CHECK), makes the step run
 the model's own forward instead (which writes the same K/V again, and names the problem).
@@ -21,12 +22,17 @@ the model's own forward instead (which writes the same K/V again, and names the 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as _module
 
 from rl_engine.inference.attention import PagedAttention
 from rl_engine.kernels.cpu import engine_elementwise, ops as cpu_ops, packed_linear, small_gemm, train_elementwise
 from rl_engine.kernels.grad_mode import training_kernels
+
+logger = logging.getLogger(__name__)
 
 
 class _NotPacked(Exception):
@@ -41,6 +47,8 @@ class DirectDecode:
         self.attn = attn
         self._kernel = train_elementwise.kernel()  # RMSNorm and SwiGLU forwards (engine_elementwise's fp32 kernels)
         self._small = packed_linear._small  # the small-M GEMM
+        self._modules = tuple(model.modules())  # whose forward hooks a step would skip (`usable`)
+        self._fallback_logged = False
 
     @classmethod
     def build(cls, model, attn, *, packed: list[torch.Tensor]) -> tuple[DirectDecode | None, str]:
@@ -74,11 +82,18 @@ class DirectDecode:
 
     def usable(self, routing) -> bool:
         """This step may run it: the attention calls its kernels directly (a decode step, no observer), no routing
-        is recorded, inside the runner's packed reading under inference mode, outside the trainer's forwards."""
+        is recorded, inside the runner's packed reading under inference mode, outside the trainer's forwards, and no
+        forward hook or pre-hook is registered on the model's modules or globally (the direct calls run no module's
+        `forward`, so such a step runs the model's forward and its hooks see it)."""
         attn = self.attn
         return (routing is None and attn.direct_decode and attn.decode_observer is None
                 and torch.is_inference_mode_enabled() and packed_linear._reading()
-                and not training_kernels())
+                and not training_kernels() and not self._hooked())
+
+    def _hooked(self) -> bool:
+        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._modules)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """The final hidden states [T, H], or None when a weight has no packed copy or a kernel refused a call
@@ -89,6 +104,8 @@ class DirectDecode:
         ext = cpu_ops.extension()
         slots, tables, max_context = attn.slot_mapping, attn.decode_tables, attn.max_context_len
         T = input_ids.shape[0]
+        if T != attn.num_single:  # the decode kernel reads `T` rows of the tables `prepare` made (it checks not)
+            return None
 
         def linear(x: torch.Tensor, module, residual: torch.Tensor | None = None) -> torch.Tensor:
             w = module.weight
@@ -115,5 +132,9 @@ class DirectDecode:
                 x = linear(silu_and_mul(linear(rms_norm(x, norm.weight, norm.eps, None)[0], mlp.gate_up_proj)),
                            mlp.down_proj, x)
             return rms_norm(x, model.norm.weight, model.norm.eps, None)[0]
-        except (_NotPacked, RuntimeError):
+        except (_NotPacked, RuntimeError) as e:
+            if not self._fallback_logged:  # (a step that falls back costs up to two forwards: say it once)
+                self._fallback_logged = True
+                why = "a weight without a packed copy" if isinstance(e, _NotPacked) else str(e).splitlines()[0]
+                logger.info("an eager decode step ran the model's forward after its direct calls stopped: %s", why)
             return None

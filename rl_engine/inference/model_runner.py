@@ -159,6 +159,8 @@ class ModelRunner:
             logger.warning("compile_decode=True is ignored on %s (CUDA captures a graph per bucket instead)",
                            self.device)
 
+        self._direct_decode = None  # (built below, once the packed weights are registered; runners are made lazily)
+
         def make_runner(batch_size: int) -> DecodeRunner:
             if not use_graphs:
                 runner = runner_class(batch_size, inputs=inputs, model=model, attn=self.attn)
@@ -184,7 +186,6 @@ class ModelRunner:
                 weakref.finalize(self, packed_linear.release, self.packed_weights)
         # CPU eager decode steps: the model's forward as direct calls of its C++ kernels, where they serve it
         # (`direct_decode.py`; handed to each eager bucket's runner as it is made)
-        self._direct_decode = None
         if self.device.type == "cpu" and not config.compile_decode and self.packed_weights:
             from rl_engine.inference.direct_decode import DirectDecode
 

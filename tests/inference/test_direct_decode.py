@@ -138,3 +138,67 @@ def test_a_one_row_bucket_keeps_the_models_forward(qwen2):
         assert [o.outputs[0].logprobs for o in direct] == [o.outputs[0].logprobs for o in through_model]
     runners = llm.engine.runner.graphs.runners
     assert runners[1].direct is None and runners[2].direct is llm.engine.runner._direct_decode
+
+
+def test_a_weight_updated_in_place_is_read_repacked(engine, monkeypatch):
+    """An in-place write to a weight between two decode steps (an optimizer step, a colocated trainer; no
+    `update_weights`) bumps its version: the next direct step reads it repacked, with the model's forward's bits, not
+    its stale packed copy (the prefill, which would repack it, ran before the write)."""
+    calls = _calls(monkeypatch)
+    llm = engine.engine
+    w = llm.model.layers[0].mlp.down_proj.weight
+    prompts = mixed_prompts(3, seed=9, max_len=20)
+    params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=0, ignore_eos=True)
+    _generate(engine, prompts, params, direct=True)  # (bucket 4's runner made)
+    kept = w.detach().clone()
+
+    def run(direct: bool, scale: float | None):
+        runners = list(llm.runner.graphs.runners.values())
+        saved = [r.direct for r in runners]
+        if not direct:
+            for r in runners:
+                r.direct = None
+        engine.reset_prefix_cache()
+        try:
+            for i, p in enumerate(prompts):
+                llm.add_request(f"r{i}", p, params)
+            outs = {}
+            for step in range(64):
+                if step == 2 and scale is not None:  # after the prefill and one decode step
+                    with torch.no_grad():
+                        w.mul_(scale)
+                outs.update({o.request_id: o for o in llm.step() if o.finished})
+                if not llm.has_unfinished_requests():
+                    break
+            return [outs[f"r{i}"].outputs[0].logprobs for i in range(len(prompts))]
+        finally:
+            for r, d in zip(runners, saved):
+                r.direct = d
+            with torch.no_grad():
+                w.copy_(kept)
+
+    unchanged = run(True, None)
+    calls.update(direct=0, none=0)
+    updated = run(True, -3.0)
+    assert calls["direct"] >= 4 and calls["none"] == 0
+    assert updated == run(False, -3.0)  # bit for bit the model's forward under the same write
+    assert updated != unchanged
+
+
+def test_a_forward_hook_sees_every_eager_decode_step(engine, monkeypatch):
+    """The direct calls run no module's `forward`: with a forward hook registered the steps run the model's forward,
+    so the hook is called on every decode step as on main's path."""
+    calls = _calls(monkeypatch)
+    prompts = mixed_prompts(3, seed=5, max_len=20)
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    _generate(engine, prompts, params, direct=True)
+    calls.update(direct=0, none=0)
+    rows = []
+    handle = engine.engine.model.layers[0].mlp.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    try:
+        _generate(engine, prompts, params, direct=True)
+    finally:
+        handle.remove()
+    assert calls["direct"] == 0 and rows.count(4) >= 4  # (4 decode steps in bucket 4)
+    _generate(engine, prompts, params, direct=True)
+    assert calls["direct"] >= 4  # the hook removed, the direct forward again
