@@ -118,3 +118,22 @@ def test_avx512_sampling_equals_the_row_by_row_chain(avx2_build, rows, vocab):
         assert torch.equal(tokens, want_tokens), (seed, torch.nonzero(tokens != want_tokens).view(-1).tolist())
         assert torch.equal(lp.view(torch.int32), want_lp.view(torch.int32)), seed
         assert torch.equal(engine_build.sample_rows(z, u, False)[0], want_tokens)
+
+
+@pytest.mark.parametrize("vocab", [2, 3])
+def test_avx512_sampling_masses_are_fast_exps_bits(avx2_build, vocab):
+    """Rows of two or three logits within 0.7 of each other: the total mass lies in [1, 3], where one ulp of a mass
+    can move the float total and so the log-prob, so a fast_exp16 that differs from fast_exp in its last bits (one
+    polynomial constant 4 ulps off gave 16-17 rows of 4,096 other log-prob bits) fails here, where the wide
+    vocabularies above absorb it."""
+    engine_build = cpu.extension()
+    if engine_build.isa() != "avx512":
+        pytest.skip(f"the engine's build runs the {engine_build.isa()} path: the AVX2 build's row-by-row chain")
+    torch.manual_seed(vocab)
+    z = torch.zeros(4096, vocab)
+    z[:, 1:] = torch.rand(4096, vocab - 1) * -0.7
+    u = torch.rand(4096, dtype=torch.float64)
+    want_tokens, want_lp = avx2_build.sample_rows(z, u, True)
+    tokens, lp = engine_build.sample_rows(z, u, True)
+    assert torch.equal(tokens, want_tokens)
+    assert torch.equal(lp.view(torch.int32), want_lp.view(torch.int32)), torch.nonzero(lp != want_lp).view(-1)[:8]
