@@ -6,7 +6,7 @@ linears on their packed panels, the fused rotary + KV write, the paged decode at
 deciding again what the step's shapes and dtypes already decided. `DirectDecode` calls the same kernels with the
 same arguments in the same order (so the same bits: tests/inference/test_direct_decode.py compares tokens and
 log-probs bit for bit), one Python loop over the layers. On the ~3.5M model of `benchmarks/generate.py` at batch 64 (1
-thread) that is ~0.5 ms of a ~7.5 ms decode step (the whole run ~5% shorter).
+thread) that is ~0.5 ms of a ~7.5 ms decode step (the whole run 2-5% shorter in four in-process A/Bs).
 
 It is built only for the model and engine that the kernels serve exactly: fp32 on CPU, every linear packed as the
 small-M GEMM's panels, the registry's default CPU RMSNorm / SwiGLU / dense ops, the fused rotary + KV write and the
@@ -47,7 +47,7 @@ class DirectDecode:
         self.attn = attn
         self._kernel = train_elementwise.kernel()  # RMSNorm and SwiGLU forwards (engine_elementwise's fp32 kernels)
         self._small = packed_linear._small  # the small-M GEMM
-        self._modules = tuple(model.modules())  # whose forward hooks a step would skip (`usable`)
+        self._hooked_modules = tuple(model.modules())  # whose forward hooks a step would skip (`usable`)
         self._fallback_logged = False
 
     @classmethod
@@ -93,7 +93,7 @@ class DirectDecode:
     def _hooked(self) -> bool:
         if _module._global_forward_hooks or _module._global_forward_pre_hooks:
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self._modules)
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._hooked_modules)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """The final hidden states [T, H], or None when a weight has no packed copy or a kernel refused a call
@@ -135,6 +135,7 @@ class DirectDecode:
         except (_NotPacked, RuntimeError) as e:
             if not self._fallback_logged:  # (a step that falls back costs up to two forwards: say it once)
                 self._fallback_logged = True
-                why = "a weight without a packed copy" if isinstance(e, _NotPacked) else str(e).splitlines()[0]
+                why = ("a weight without a packed copy" if isinstance(e, _NotPacked)
+                       else str(e).partition("\n")[0] or type(e).__name__)
                 logger.info("an eager decode step ran the model's forward after its direct calls stopped: %s", why)
             return None

@@ -45,6 +45,9 @@ template <typename T>
 inline T from_f(float x) { return static_cast<T>(x); }
 
 using rl_engine_cpu::fast_exp;  // fast_exp.h: Cephes' expf, vectorisable (clamps to [-87.3, 88])
+#if defined(RL_AVX512)
+using rl_engine_cpu::fast_exp16;  // fast_exp.h: the same expression on 16 lanes
+#endif
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float s = 0.f;
@@ -1014,26 +1017,6 @@ void sample_row(const float* row, int64_t V, double u, float* c, int64_t* tok, f
 
 #if defined(RL_AVX512)
 constexpr int kSampleRows = 16;
-
-// fast_exp of 16 lanes: fast_exp.h's operations in its order, with the products fused where -ffp-contract=fast
-// fuses them in the compiled fast_exp (x * log2e + 0.5, x - n * c1 + n * c2, each p * r + c, p * r * r + r), so every
-// lane has fast_exp's bits (the tests compare the tokens and log-probs with the AVX2 build's `sample_row`)
-inline __m512 fast_exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.3f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
-                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-}
 
 // e = exp(z - m) of 16 logits, 0 where z is -inf
 inline __m512 mass16(__m512 z, __m512 m) {
