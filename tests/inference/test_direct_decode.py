@@ -5,6 +5,8 @@ model exactly."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -30,8 +32,9 @@ def _calls(monkeypatch) -> dict[str, int]:
     return calls
 
 
-def _generate(llm, prompts, params, *, direct: bool):
-    """`generate` with the made runners' direct forwards as they are (direct) or taken away for the call."""
+@contextlib.contextmanager
+def _direct_forwards(llm, direct: bool):
+    """The made runners' direct forwards as they are (direct) or taken away inside the block; a fresh prefix cache."""
     runners = list(llm.engine.runner.graphs.runners.values())
     kept = [r.direct for r in runners]
     if not direct:
@@ -39,10 +42,16 @@ def _generate(llm, prompts, params, *, direct: bool):
             r.direct = None
     llm.reset_prefix_cache()
     try:
-        return llm.generate(prompts, params)
+        yield
     finally:
         for r, d in zip(runners, kept):
             r.direct = d
+
+
+def _generate(llm, prompts, params, *, direct: bool):
+    """`generate` with the made runners' direct forwards as they are (direct) or taken away for the call."""
+    with _direct_forwards(llm, direct):
+        return llm.generate(prompts, params)
 
 
 @pytest.fixture(scope="module")
@@ -153,29 +162,22 @@ def test_a_weight_updated_in_place_is_read_repacked(engine, monkeypatch):
     kept = w.detach().clone()
 
     def run(direct: bool, scale: float | None):
-        runners = list(llm.runner.graphs.runners.values())
-        saved = [r.direct for r in runners]
-        if not direct:
-            for r in runners:
-                r.direct = None
-        engine.reset_prefix_cache()
-        try:
-            for i, p in enumerate(prompts):
-                llm.add_request(f"r{i}", p, params)
-            outs = {}
-            for step in range(64):
-                if step == 2 and scale is not None:  # after the prefill and one decode step
-                    with torch.no_grad():
-                        w.mul_(scale)
-                outs.update({o.request_id: o for o in llm.step() if o.finished})
-                if not llm.has_unfinished_requests():
-                    break
-            return [outs[f"r{i}"].outputs[0].logprobs for i in range(len(prompts))]
-        finally:
-            for r, d in zip(runners, saved):
-                r.direct = d
-            with torch.no_grad():
-                w.copy_(kept)
+        with _direct_forwards(engine, direct):
+            try:
+                for i, p in enumerate(prompts):
+                    llm.add_request(f"r{i}", p, params)
+                outs = {}
+                for step in range(64):
+                    if step == 2 and scale is not None:  # after the prefill and one decode step
+                        with torch.no_grad():
+                            w.mul_(scale)
+                    outs.update({o.request_id: o for o in llm.step() if o.finished})
+                    if not llm.has_unfinished_requests():
+                        break
+                return [outs[f"r{i}"].outputs[0].logprobs for i in range(len(prompts))]
+            finally:
+                with torch.no_grad():
+                    w.copy_(kept)
 
     unchanged = run(True, None)
     calls.update(direct=0, none=0)
