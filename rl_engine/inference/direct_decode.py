@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _module
 
 from rl_engine.inference.attention import PagedAttention
-from rl_engine.kernels.cpu import engine_elementwise, ops as cpu_ops, packed_linear, small_gemm, train_elementwise
+from rl_engine.kernels.cpu import engine_elementwise, ops as cpu_ops, packed_linear, train_elementwise
 from rl_engine.kernels.grad_mode import training_kernels
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ class DirectDecode:
         self.model = model
         self.attn = attn
         self._kernel = train_elementwise.kernel()  # RMSNorm and SwiGLU forwards (engine_elementwise's fp32 kernels)
-        self._small = packed_linear._small  # the small-M GEMM
         self._hooked_modules = tuple(model.modules())  # whose forward hooks a step would skip (`usable`)
         self._fallback_logged = False
 
@@ -98,8 +97,7 @@ class DirectDecode:
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """The final hidden states [T, H], or None when a weight has no packed copy or a kernel refused a call
         (the caller runs the model's forward)."""
-        model, attn, kern, small = self.model, self.attn, self._kernel, self._small
-        panel, row_block, min_macs = small_gemm.PANEL, small_gemm.ROW_BLOCK, small_gemm.MIN_MACS_PER_THREAD
+        model, attn, kern = self.model, self.attn, self._kernel
         rms_norm, silu_and_mul = kern.rms_norm_forward, kern.silu_and_mul_forward
         ext = cpu_ops.extension()
         slots, tables, max_context = attn.slot_mapping, attn.decode_tables, attn.max_context_len
@@ -112,8 +110,7 @@ class DirectDecode:
             entry = getattr(w, packed_linear._ATTR, None)
             if entry is None:
                 raise _NotPacked
-            return small.linear(x, entry.current(w, True), w.shape[0], panel, row_block,
-                                getattr(module, "bias", None), residual, min_macs)
+            return packed_linear._read(entry, x, w, getattr(module, "bias", None), residual)  # (the small-M GEMM)
 
         try:
             x = F.embedding(input_ids, model.embed_tokens.weight)

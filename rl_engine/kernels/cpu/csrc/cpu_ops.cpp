@@ -159,7 +159,7 @@ struct Avx512 {
     return eq ? _mm512_mask_reduce_min_epi32(eq, ix) : std::numeric_limits<int32_t>::max();
   }
 
- private:
+  // the first n (< 16: a row's tail) of 16 lanes
   static __mmask16 part_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 };
 using Isa = Avx512;
@@ -1063,7 +1063,7 @@ void sample_group(const float* x, int64_t row_stride, int64_t V, int64_t rows, c
   __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t j0 = b * kSampleRows, cols = std::min<int64_t>(kSampleRows, V - j0);
-    const __mmask16 part = cols >= kSampleRows ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+    const __mmask16 part = Avx512::part_mask(cols);
     __m512 e[kSampleRows];
     for (int l = 0; l < kSampleRows; ++l)  // columns past V read as -inf: zero mass, and x + 0.0 == x
       e[l] = l < rows ? mass16(_mm512_mask_loadu_ps(ninf, part, x + l * row_stride + j0), _mm512_set1_ps(m[l]))
@@ -1089,7 +1089,7 @@ void sample_group(const float* x, int64_t row_stride, int64_t V, int64_t rows, c
     int64_t t = V;
     if (first < blocks) {
       const int64_t j0 = first * kSampleRows, cols = std::min<int64_t>(kSampleRows, V - j0);
-      const __mmask16 part = cols >= kSampleRows ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+      const __mmask16 part = Avx512::part_mask(cols);
       alignas(64) float e[kSampleRows];
       _mm512_store_ps(e, mass16(_mm512_mask_loadu_ps(ninf, part, row + j0), _mm512_set1_ps(m[l])));
       double sum = first > 0 ? ends[(first - 1) * kSampleRows + l] : 0.0;
