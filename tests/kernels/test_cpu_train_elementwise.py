@@ -94,6 +94,24 @@ def test_silu_and_mul_matches_the_float64_reference(rows, d, pad):
     _within((x.grad.double() - x64.grad)[:, d:].abs(), db_bound, "d up")
 
 
+@pytest.mark.parametrize("d,pad", [(768, 0), (1, 0), (15, 3), (16, 0), (17, 1), (33, 0), (100, 2)])
+def test_silu_and_mul_forward_has_the_scalar_loops_bits(d, pad):
+    """The forward's AVX-512 form (16 lanes, masked tail) gives the bits of the scalar loop, which the backward
+    still runs: its d up, with a gradient of ones, is silu(gate) = gate * sigmoid(gate) as that loop rounds it, and
+    the forward is that times up, one fp32 product. Gates at scales 0.5 to 1000 (fast_exp's clamp at -87.3 / 88 on
+    both sides), the clamp's ends, +-0, +-inf and denormals; d with and without a 16-lane tail."""
+    torch.manual_seed(d)
+    special = torch.tensor([0.0, -0.0, 87.3, -87.3, 88.0, -88.0, 87.29999, -88.00001, 1e30, -1e30,
+                            float("inf"), float("-inf"), 1e-40, -1e-40, 3.4e38, -3.4e38])
+    for scale in (0.5, 4.0, 30.0, 100.0, 1000.0):
+        x = _strided(70, 2 * d, pad=pad) * scale
+        x[0, :d] = special.repeat(d // 16 + 1)[:d]
+        out = te.kernel().silu_and_mul_forward(x)
+        silu = te.kernel().silu_and_mul_backward(torch.ones(70, d), x)[:, d:]
+        want = silu * x[:, d:]
+        assert out.view(torch.int32).equal(want.view(torch.int32)), f"scale {scale}: not the scalar loop's bits"
+
+
 def _tables(tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-width tables as RotaryEmbedding.tables makes them: views [T, 1, D] of one [T, 2, D] table."""
     angles = torch.rand(tokens, head_dim // 2) * 6
