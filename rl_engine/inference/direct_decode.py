@@ -15,9 +15,11 @@ batch_invariant (`DirectDecode.build` says why not, logged once). Buckets of two
 linears take the C++ gemv, `packed_linear`), and a step only where the attention calls its kernels directly too
 (`PagedAttention.direct_decode`, no decode observer), nothing is recorded (no routing) and no module forward hook
 is registered (a hooked model's steps run its forward, so the hooks see them).
-Weights are read from the modules at every step, through their packed copies (`packed_linear`: repacked when
-updated in place); a weight without a packed copy, or a call a kernel refuses (its TORCH_CHECK), makes the step run
-the model's own forward instead (which writes the same K/V again, and names the problem).
+Weights are read from the modules at every step (from their `_parameters` dicts, which a parameter assigned anew
+updates in place; the modules themselves are those the model held when it was built), through their packed copies
+(`packed_linear`: repacked when updated in place); a weight without a packed copy, or a call a kernel refuses (its
+TORCH_CHECK), makes the step run the model's own forward instead (which writes the same K/V again, and names the
+problem).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch.nn.modules import module as _module
 
 from rl_engine.inference.attention import PagedAttention
@@ -46,7 +47,19 @@ class DirectDecode:
         self.model = model
         self.attn = attn
         self._kernel = train_elementwise.kernel()  # RMSNorm and SwiGLU forwards (engine_elementwise's fp32 kernels)
-        self._hooked_modules = tuple(model.modules())  # whose forward hooks a step would skip (`usable`)
+        # the forward hook and pre-hook dicts of the model's modules, whose hooks a step would skip (`usable`):
+        # `register_forward_hook` / `_pre_hook` and the handles' `remove` change them in place
+        self._hook_dicts = tuple(d for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks))
+        # per layer: its modules' parameter dicts (a parameter assigned anew replaces its entry in place, so each
+        # step reads the module's current weights) and the shapes that split qkv into heads
+        self._layers = tuple(
+            (layer.input_layernorm, layer.input_layernorm._parameters, layer.self_attn.qkv_proj._parameters,
+             layer.self_attn.o_proj._parameters, layer.post_attention_layernorm,
+             layer.post_attention_layernorm._parameters, layer.mlp.gate_up_proj._parameters,
+             layer.mlp.down_proj._parameters, layer.self_attn.head_dim,
+             [layer.self_attn.num_heads, layer.self_attn.num_kv_heads, layer.self_attn.num_kv_heads],
+             layer.self_attn.scale)
+            for layer in model.layers)
         self._fallback_logged = False
 
     @classmethod
@@ -69,9 +82,12 @@ class DirectDecode:
             linears = (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)
             if any(id(m.weight) not in registered or m._dense is not packed_linear.linear for m in linears):
                 return None, "a linear that is not packed or not the registry's packed dense"
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if any(m._parameters.get("weight") is not m.weight
+                   or m._parameters.get("bias") is not getattr(m, "bias", None) for m in linears + norms):
+                return None, "a weight or bias that is not its module's parameter"
             if a.o_proj.bias is not None or mlp.down_proj.bias is not None:
                 return None, "a bias on a residual linear"
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
             if any(n._rms_norm is not engine_elementwise.rms_norm for n in norms) \
                     or mlp._silu_and_mul is not engine_elementwise.silu_and_mul:
                 return None, "RMSNorm or SwiGLU resolved to another backend"
@@ -90,9 +106,7 @@ class DirectDecode:
                 and not training_kernels() and not self._hooked())
 
     def _hooked(self) -> bool:
-        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self._hooked_modules)
+        return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks or any(self._hook_dicts))
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """The final hidden states [T, H], or None when a weight has no packed copy or a kernel refused a call
@@ -105,29 +119,27 @@ class DirectDecode:
         if T != attn.num_single:  # the decode kernel reads `T` rows of the tables `prepare` made (it checks not)
             return None
 
-        def linear(x: torch.Tensor, module, residual: torch.Tensor | None = None) -> torch.Tensor:
-            w = module.weight
+        def linear(x: torch.Tensor, params: dict, residual: torch.Tensor | None = None) -> torch.Tensor:
+            w = params.get("weight")
             entry = getattr(w, packed_linear._ATTR, None)
             if entry is None:
                 raise _NotPacked
-            return packed_linear._read(entry, x, w, getattr(module, "bias", None), residual)  # (the small-M GEMM)
+            return packed_linear._read(entry, x, w, params.get("bias"), residual)  # (the small-M GEMM)
 
         try:
-            x = F.embedding(input_ids, model.embed_tokens.weight)
+            x = torch.embedding(model.embed_tokens.weight, input_ids)  # (F.embedding's call, unchecked)
             cos, sin = model._rope(positions, attn)
-            for i, layer in enumerate(model.layers):
-                a, mlp, norm = layer.self_attn, layer.mlp, layer.input_layernorm
-                qkv = linear(rms_norm(x, norm.weight, norm.eps, None)[0], a.qkv_proj)
-                kv_width = a.qk_width - a.q_width
-                q, k, v = qkv.split([a.q_width, kv_width, kv_width], dim=1)
-                kc, vc = attn.k_caches[i], attn.v_caches[i]
-                q, _ = ext.rotary_kv_write(q.view(T, a.num_heads, a.head_dim), k.view(T, a.num_kv_heads, a.head_dim),
-                                           v.view(T, a.num_kv_heads, a.head_dim), cos, sin, slots, kc, vc, False)
-                o = ext.paged_decode_attention(q, kc, vc, *tables, a.scale, max_context)
-                x = linear(o.view(T, -1), a.o_proj, x)
-                norm = layer.post_attention_layernorm
-                x = linear(silu_and_mul(linear(rms_norm(x, norm.weight, norm.eps, None)[0], mlp.gate_up_proj)),
-                           mlp.down_proj, x)
+            k_caches, v_caches = attn.k_caches, attn.v_caches
+            for i, (norm, norm_p, qkv_p, o_p, post, post_p, gate_up_p, down_p, head_dim, heads, scale) \
+                    in enumerate(self._layers):
+                qkv = linear(rms_norm(x, norm_p["weight"], norm.eps, None)[0], qkv_p)
+                q, k, v = qkv.view(T, -1, head_dim).split_with_sizes(heads, 1)  # [T, heads, head_dim] views
+                kc, vc = k_caches[i], v_caches[i]
+                q, _ = ext.rotary_kv_write(q, k, v, cos, sin, slots, kc, vc, False)
+                o = ext.paged_decode_attention(q, kc, vc, *tables, scale, max_context)
+                x = linear(o.view(T, -1), o_p, x)
+                x = linear(silu_and_mul(linear(rms_norm(x, post_p["weight"], post.eps, None)[0], gate_up_p)),
+                           down_p, x)
             return rms_norm(x, model.norm.weight, model.norm.eps, None)[0]
         except (_NotPacked, RuntimeError) as e:
             if not self._fallback_logged:  # (a step that falls back costs up to two forwards: say it once)

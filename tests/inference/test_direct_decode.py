@@ -187,16 +187,24 @@ def test_a_weight_updated_in_place_is_read_repacked(engine, monkeypatch):
     assert updated != unchanged
 
 
-def test_a_forward_hook_sees_every_eager_decode_step(engine, monkeypatch):
-    """The direct calls run no module's `forward`: with a forward hook registered the steps run the model's forward,
-    so the hook is called on every decode step as on main's path."""
+@pytest.mark.parametrize("kind", ["forward", "pre", "global"])
+def test_a_forward_hook_sees_every_eager_decode_step(engine, monkeypatch, kind):
+    """The direct calls run no module's `forward`: with a forward hook or pre-hook registered (on a module, or on
+    every module) the steps run the model's forward, so the hook is called on every decode step as on main's path."""
     calls = _calls(monkeypatch)
     prompts = mixed_prompts(3, seed=5, max_len=20)
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     _generate(engine, prompts, params, direct=True)
     calls.update(direct=0, none=0)
     rows = []
-    handle = engine.engine.model.layers[0].mlp.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    mlp = engine.engine.model.layers[0].mlp
+    if kind == "forward":
+        handle = mlp.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    elif kind == "pre":
+        handle = mlp.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, args, out: rows.append(out.shape[0]) if m is mlp else None)
     try:
         _generate(engine, prompts, params, direct=True)
     finally:
