@@ -40,6 +40,15 @@ class _NotPacked(Exception):
     """A linear's weight has no packed copy (replaced by a new tensor since the engine registered it)."""
 
 
+def _linear(x: torch.Tensor, params: dict, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x weight^T (+ bias) (+ residual) of a linear's parameters (its `_parameters`) through their packed copy."""
+    w = params.get("weight")
+    entry = getattr(w, packed_linear._ATTR, None)
+    if entry is None:
+        raise _NotPacked
+    return packed_linear._read(entry, x, w, params.get("bias"), residual)  # (the small-M GEMM)
+
+
 class DirectDecode:
     """`model.hidden_states` of an eager decode step, through the C++ kernels directly (see the module doc)."""
 
@@ -119,27 +128,20 @@ class DirectDecode:
         if T != attn.num_single:  # the decode kernel reads `T` rows of the tables `prepare` made (it checks not)
             return None
 
-        def linear(x: torch.Tensor, params: dict, residual: torch.Tensor | None = None) -> torch.Tensor:
-            w = params.get("weight")
-            entry = getattr(w, packed_linear._ATTR, None)
-            if entry is None:
-                raise _NotPacked
-            return packed_linear._read(entry, x, w, params.get("bias"), residual)  # (the small-M GEMM)
-
         try:
             x = torch.embedding(model.embed_tokens.weight, input_ids)  # (F.embedding's call, unchecked)
             cos, sin = model._rope(positions, attn)
             k_caches, v_caches = attn.k_caches, attn.v_caches
             for i, (norm, norm_p, qkv_p, o_p, post, post_p, gate_up_p, down_p, head_dim, heads, scale) \
                     in enumerate(self._layers):
-                qkv = linear(rms_norm(x, norm_p["weight"], norm.eps, None)[0], qkv_p)
+                qkv = _linear(rms_norm(x, norm_p["weight"], norm.eps, None)[0], qkv_p)
                 q, k, v = qkv.view(T, -1, head_dim).split_with_sizes(heads, 1)  # [T, heads, head_dim] views
                 kc, vc = k_caches[i], v_caches[i]
                 q, _ = ext.rotary_kv_write(q, k, v, cos, sin, slots, kc, vc, False)
                 o = ext.paged_decode_attention(q, kc, vc, *tables, scale, max_context)
-                x = linear(o.view(T, -1), o_p, x)
-                x = linear(silu_and_mul(linear(rms_norm(x, post_p["weight"], post.eps, None)[0], gate_up_p)),
-                           down_p, x)
+                x = _linear(o.view(T, -1), o_p, x)
+                x = _linear(silu_and_mul(_linear(rms_norm(x, post_p["weight"], post.eps, None)[0], gate_up_p)),
+                            down_p, x)
             return rms_norm(x, model.norm.weight, model.norm.eps, None)[0]
         except (_NotPacked, RuntimeError) as e:
             if not self._fallback_logged:  # (a step that falls back costs up to two forwards: say it once)
