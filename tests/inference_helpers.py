@@ -50,3 +50,18 @@ def tiny_gqa_model() -> CausalLM:
                          "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
                          "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
                          "tie_word_embeddings": True, "torch_dtype": "float32", "eos_token_id": 2})
+
+
+def vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps; Linux): `hg` marks memory
+    advised madvise(MADV_HUGEPAGE)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(a, 16) for a in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise LookupError(f"no mapping of this process holds address {address:#x}")

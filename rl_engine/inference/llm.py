@@ -53,6 +53,7 @@ class LLM:
         speculative_config: "dict | SpeculativeConfig | None" = None,
         cpu_threads: str = "auto",
         cpu_prepack_weights: bool = True,
+        cpu_huge_pages: bool = True,
         cpu_decode_kernel: bool = True,
         fork_copy_partial_block: bool = True,
     ) -> None:
@@ -83,7 +84,7 @@ class LLM:
                               compile_decode=compile_decode, seed=seed,
                               record_routing=record_routing, speculative_config=speculative_config,
                               cpu_threads=cpu_threads, cpu_prepack_weights=cpu_prepack_weights,
-                              cpu_decode_kernel=cpu_decode_kernel,
+                              cpu_huge_pages=cpu_huge_pages, cpu_decode_kernel=cpu_decode_kernel,
                               fork_copy_partial_block=fork_copy_partial_block)
         self.engine = LLMEngine(model, config=config, tokenizer=tokenizer)
         self._ids = itertools.count()

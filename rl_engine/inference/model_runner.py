@@ -180,7 +180,8 @@ class ModelRunner:
             from rl_engine.kernels.cpu import packed_linear
 
             self.packed_weights = packed_linear.register([p for p in model.parameters() if p.dim() == 2],
-                                                         batch_size=config.max_num_seqs)
+                                                         batch_size=config.max_num_seqs,
+                                                         huge_pages=config.cpu_huge_pages)
             if self.packed_weights:
                 self._reading_packed = packed_linear.reading
                 weakref.finalize(self, packed_linear.release, self.packed_weights)

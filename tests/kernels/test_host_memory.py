@@ -1,12 +1,15 @@
 """kernels/cpu/host_memory.py: with keep_freed_memory, a loop that allocates and frees a training pass's worth of
-blocks stops page-faulting them back in (glibc); elsewhere nothing changes."""
+blocks stops page-faulting them back in (glibc); elsewhere nothing changes. huge_page_buffer: zeroed memory on a
+2 MiB boundary in a mapping advised for huge pages (Linux), None where they cannot be had."""
 
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from inference_helpers import vm_flags
 from rl_engine.kernels.cpu import host_memory
 
 # Each round allocates four 6 MiB tensors, touches them and frees them (a micro-batch's activations). Under
@@ -72,3 +75,29 @@ def test_not_glibc_changes_nothing(monkeypatch, caplog):
         assert "not a glibc process" in caplog.text
     finally:
         host_memory._glibc.cache_clear()
+
+
+_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_HUGEPAGE) is Linux's")
+
+
+@_linux
+def test_huge_page_buffer_is_zeroed_aligned_and_advised():
+    if host_memory._no_huge_pages() is not None:  # THP `never` on this host: nothing to advise
+        assert host_memory.huge_page_buffer(5 << 20) is None
+        return
+    buf = host_memory.huge_page_buffer((5 << 20) + 3)
+    assert buf.dtype == torch.uint8 and buf.shape == ((5 << 20) + 3,)
+    assert buf.data_ptr() % host_memory.HUGE_PAGE == 0
+    assert not buf.any()
+    buf.fill_(7)  # writable; each end of it in the advised mapping
+    assert "hg" in vm_flags(buf.data_ptr()) and "hg" in vm_flags(buf.data_ptr() + buf.numel() - 1)
+    tail = buf[-5:]
+    del buf  # a view keeps the mapping
+    assert tail.tolist() == [7] * 5 and "hg" in vm_flags(tail.data_ptr())
+
+
+def test_huge_page_buffer_is_none_without_huge_pages(monkeypatch):
+    monkeypatch.setattr(host_memory, "_no_huge_pages", lambda: "transparent huge pages are off")
+    assert host_memory.huge_page_buffer(1 << 20) is None
+    with pytest.raises(ValueError, match="positive byte count, got 0"):
+        host_memory.huge_page_buffer(0)

@@ -2,16 +2,20 @@
 small-M GEMM's panels, bf16: oneDNN's layout) only inside `reading()` under inference mode (an engine's step),
 equals F.linear up to fp32
 accumulation order, never serves a stale copy (in-place writes, repointed storage and `invalidate` all
-repack), and drops the copy when the last engine that registered it releases it."""
+repack), and drops the copy when the last engine that registered it releases it; with huge_pages the fp32 panels
+sit in one arena advised for huge pages, repacks of an unchanged shape written into their slots."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from inference_helpers import vm_flags
 from rl_engine import kernels
-from rl_engine.kernels.cpu import packed_linear, small_gemm
+from rl_engine.kernels.cpu import host_memory, packed_linear, small_gemm
 
 pytestmark = pytest.mark.skipif(not packed_linear.available()[0], reason=packed_linear.available()[1])
 
@@ -183,6 +187,43 @@ def test_changed_weights_are_repacked():
     packed_linear.invalidate([w])
     check()
     packed_linear.release([w])
+    assert getattr(w, "_rl_packed", None) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_HUGEPAGE) is Linux's")
+def test_arena_holds_the_panels_and_repacks_write_into_their_slots():
+    x, w, _, _ = _inputs(torch.float32, rows=6)
+    _, w2, _, _ = _inputs(torch.float32, rows=6, n=70, seed=1)
+    _, w16, _, _ = _inputs(torch.bfloat16)
+    registered = packed_linear.register([w, w2, w16], batch_size=8, huge_pages=True)
+    if packed_linear._small is None or host_memory._no_huge_pages() is not None:
+        assert all(getattr(v, "_rl_packed").slot is None for v in registered)
+        packed_linear.release(registered)
+        pytest.skip("no small-M GEMM or no huge pages here: no arena")
+    slot, slot2 = w._rl_packed.slot, w2._rl_packed.slot
+    assert w16._rl_packed.slot is None  # bf16 reads oneDNN's layout
+    assert slot.untyped_storage().data_ptr() == slot2.untyped_storage().data_ptr()  # one arena
+    assert slot.data_ptr() % host_memory.HUGE_PAGE == 0 and "hg" in vm_flags(slot2.data_ptr())
+
+    def check(weight, in_slot):
+        with torch.inference_mode(), packed_linear.reading():
+            y = packed_linear.linear(x, weight)
+        assert (weight._rl_packed.packed.data_ptr() == weight._rl_packed.slot.data_ptr()) == in_slot
+        assert torch.equal(weight._rl_packed.packed, small_gemm.pack(weight.detach()).data)
+        exact = x.double() @ weight.detach().double().t()
+        assert ((y.double() - exact).abs() <= _bound(x, weight.detach(), exact, torch.float32)).all()
+
+    check(w, True)
+    check(w2, True)
+    with torch.no_grad():  # in place (an optimizer step): repacked into the slot
+        w2.mul_(-2.0)
+    check(w2, True)
+    w2.data.copy_(torch.randn_like(w2))  # bypasses the counter: invalidated, repacked into the slot
+    packed_linear.invalidate([w2])
+    check(w2, True)
+    w.data = torch.randn(w.shape[0] + 16, w.shape[1])  # repointed at a larger shape: a copy of its own
+    check(w, False)
+    packed_linear.release(registered)
     assert getattr(w, "_rl_packed", None) is None
 
 

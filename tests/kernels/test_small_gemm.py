@@ -118,3 +118,20 @@ def test_bad_inputs_name_the_value():
         small_gemm.pack(w[0])
     with pytest.raises(RuntimeError, match="dtype"):
         small_gemm.linear(x.double(), packed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_into_a_given_tensor_writes_every_element(dtype):
+    """`pack(w, panel, out)` (the engine's arena slots, `packed_linear`): the bits `pack` returns, written over
+    whatever `out` held (its padding too), `packed_size` elements; a wrong `out` is refused, naming the size."""
+    ext = cpu.extension(small_gemm.SOURCE)
+    _, w, _, _ = _inputs(dtype, 1, 40, 23)  # N and K off the panel and the bf16 pair
+    n = ext.packed_size(w, 32)
+    assert n == ext.pack(w, 32).numel()
+    out = torch.full((n,), float("nan"), dtype=dtype)
+    assert ext.pack(w, 32, out).data_ptr() == out.data_ptr()
+    assert torch.equal(out, ext.pack(w, 32))
+    with pytest.raises(RuntimeError, match=f"{n} elements"):
+        ext.pack(w, 32, torch.empty(n + 1, dtype=dtype))
+    with pytest.raises(RuntimeError, match="contiguous 1-D"):
+        ext.pack(w, 32, torch.empty(2 * n, dtype=dtype)[::2])

@@ -81,6 +81,7 @@ class DraftModelProposer:
                               # must not get them back through its draft's runner
                               cpu_threads=target_config.cpu_threads,
                               cpu_prepack_weights=target_config.cpu_prepack_weights,
+                              cpu_huge_pages=target_config.cpu_huge_pages,
                               cpu_decode_kernel=target_config.cpu_decode_kernel)
         self.runner = ModelRunner(model, config=config, max_model_len=self.max_len)
         self.block_manager = BlockManager(num_blocks=num_blocks, block_size=bs, enable_prefix_caching=False)

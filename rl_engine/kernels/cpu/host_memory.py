@@ -15,6 +15,13 @@ above 32 MiB are still mmapped and unmapped each time.
 mallopt's parameters are process-wide (every arena, every thread) and cannot be put back to glibc's dynamic
 threshold once set, so the setting stays for the process's life; `release_freed_memory` gives the free pages
 back (malloc_trim). Other C libraries (musl, macOS, Windows): nothing changes, and the reason is logged once.
+
+`huge_page_buffer` serves the inference engine's packed weights (one arena an engine: packed_linear.py,
+`EngineConfig.cpu_huge_pages`) from a fresh anonymous mapping advised madvise(MADV_HUGEPAGE) before it is first
+touched, starting on a 2 MiB boundary: where transparent huge pages are `madvise` or `always`
+(/sys/kernel/mm/transparent_hugepage/enabled) its pages then fault in as 2 MiB pages (when the kernel has them
+free; else 4 KiB ones, which khugepaged may collapse later). Off Linux, where THP is `never`, or where madvise
+fails: None, and the reason is logged once.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import mmap
 import os
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -67,3 +77,55 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+HUGE_PAGE = 2 << 20  # bytes of a transparent huge page on x86-64 and (4 KiB base pages) arm64
+_THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+@functools.cache
+def _no_huge_pages() -> str | None:
+    """Why madvise(MADV_HUGEPAGE) cannot give this process huge pages (logged once), or None where it can."""
+    reason = None
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        reason = "this OS has no madvise(MADV_HUGEPAGE) (not Linux)"
+    else:
+        try:
+            with open(_THP_MODE) as f:
+                mode = f.read()
+        except OSError as e:
+            reason = f"transparent huge pages are unavailable ({_THP_MODE}: {e.strerror or type(e).__name__})"
+        else:
+            if "[never]" in mode:
+                reason = f"transparent huge pages are off ({_THP_MODE}: {mode.strip()})"
+    if reason is not None:
+        logger.info("host buffers stay on the allocator's pages: %s", reason)
+    return reason
+
+
+_madvise_failed = False  # its reason logged once
+
+
+def huge_page_buffer(nbytes: int) -> torch.Tensor | None:
+    """`nbytes` of fresh zeroed host memory as a 1-D uint8 tensor, in an anonymous mapping of its own (unmapped
+    when the last view of the tensor goes) starting on a `HUGE_PAGE` boundary and advised MADV_HUGEPAGE before any
+    page of it is touched; None where huge pages cannot be had (the reason logged once: `_no_huge_pages`, or
+    madvise failed)."""
+    global _madvise_failed
+    if nbytes < 1:
+        raise ValueError(f"huge_page_buffer needs a positive byte count, got {nbytes}")
+    if _no_huge_pages() is not None or _madvise_failed:
+        return None
+    length = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    # private (a shared anonymous mapping is shmem, whose huge pages follow another setting); room to start on a
+    # 2 MiB boundary
+    region = mmap.mmap(-1, length + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(region)) % HUGE_PAGE
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE, start, length)
+    except OSError as e:
+        _madvise_failed = True
+        logger.info("host buffers stay on the allocator's pages: madvise(MADV_HUGEPAGE) failed (%s)", e)
+        region.close()
+        return None
+    return torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=start)

@@ -33,10 +33,11 @@ steps, `copy_` under no_grad, weight loading). Writes that bypass the counter (t
 staging region the parameter was repointed at) must be followed by `invalidate` (the engine's
 `update_weights` does). bf16 weights are packed only where oneDNN's bf16 linear runs
 (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`: AVX-512 BW/VL/DQ or AVX-NE-CONVERT). Memory: one more
-copy of every registered weight. Rounding: oneDNN's and the small GEMM's fp32 products reduce in other
-orders than MKL's (the ~40M model's behavior log-probs measured 1.2e-5..2.1e-5 from the trainer's F.linear
-recompute with oneDNN, up to 1.62e-5 with the small GEMM, 2.9e-6..7.6e-6 unpacked), so engines that serve an
-RL run keep it off (the log-prob contract's 1e-5).
+copy of every registered weight (an engine with `cpu_huge_pages`: the fp32 panels of the weights it registers
+first in one arena on 2 MiB pages, `_arena`; a repack of an unchanged shape writes into its slot). Rounding:
+oneDNN's and the small GEMM's fp32 products reduce in other orders than MKL's (the ~40M model's behavior
+log-probs measured 1.2e-5..2.1e-5 from the trainer's F.linear recompute with oneDNN, up to 1.62e-5 with the
+small GEMM, 2.9e-6..7.6e-6 unpacked), so engines that serve an RL run keep it off (the log-prob contract's 1e-5).
 
 One-row products (a batch-1 decode step) skip both: oneDNN's prepacked linear costs a ~15-20 us floor per
 call at 2 threads whatever the weight's size, and a Python custom op ~10 us more, where the C++ kernel
@@ -147,9 +148,10 @@ def available() -> tuple[bool, str]:
 
 class _Packed:
     """A weight's packed copy, its layout (`panels`) and the (storage, version) it was made from; `stale` forces
-    a repack, as does a read that needs the other layout."""
+    a repack, as does a read that needs the other layout. `slot`: where its panels are written, a view of its
+    engine's arena (`register(huge_pages=True)`), or None (each packing a tensor of its own)."""
 
-    __slots__ = ("batch_size", "data_ptr", "version", "packed", "panels", "stale", "owners")
+    __slots__ = ("batch_size", "data_ptr", "version", "packed", "panels", "stale", "owners", "slot")
 
     def __init__(self, batch_size: int) -> None:
         self.owners = 0  # engines that registered the weight
@@ -159,21 +161,28 @@ class _Packed:
         self.packed: torch.Tensor | None = None
         self.panels = False  # the copy is the small-M GEMM's panels (else oneDNN's layout)
         self.stale = True
+        self.slot: torch.Tensor | None = None
 
     def current(self, weight: torch.Tensor, panels: bool) -> torch.Tensor:
         ptr, version = weight.data_ptr(), weight._version
         if self.stale or ptr != self.data_ptr or version != self.version or panels != self.panels:
             self.packed = None  # the old copy goes before the new one is made
             w = weight.detach()
-            self.packed = (_small.pack(w, small_gemm.PANEL) if panels
-                           else torch.ops.mkldnn._reorder_linear_weight(w, self.batch_size))
+            if not panels:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.batch_size)
+            else:  # into the slot while the weight still fits it (a weight repointed at another shape: its own)
+                slot = self.slot
+                fits = slot is not None and slot.dtype == w.dtype and slot.numel() == _small.packed_size(
+                    w, small_gemm.PANEL)
+                self.packed = _small.pack(w, small_gemm.PANEL, slot if fits else None)
             self.data_ptr, self.version, self.stale, self.panels = ptr, version, False, panels
         return self.packed
 
 
-def register(weights, *, batch_size: int) -> list[torch.Tensor]:
+def register(weights, *, batch_size: int, huge_pages: bool = False) -> list[torch.Tensor]:
     """Mark 2-D CPU fp32/bf16 weights for packing (packed lazily, at their first read in `reading()`).
-    `batch_size`: the rows oneDNN's layout is tuned for (any row count works). Returns the weights
+    `batch_size`: the rows oneDNN's layout is tuned for (any row count works). `huge_pages`: the small-M GEMM's
+    panels of the weights not registered yet go into one arena on 2 MiB pages (`_arena`). Returns the weights
     registered; hand them to `release` when the engine goes."""
     ok, reason = available()
     if not ok:
@@ -185,16 +194,47 @@ def register(weights, *, batch_size: int) -> list[torch.Tensor]:
                     "AVX-NE-CONVERT (torch.ops.mkldnn._is_mkldnn_bf16_supported() is False)")
     _load_gemv()
     _load_small()
-    registered = []
+    registered, new = [], []
     for w in weights:
         if w.dim() == 2 and w.device.type == "cpu" and w.dtype in dtypes:
             entry = getattr(w, _ATTR, None)
             if entry is None:
                 entry = _Packed(batch_size)
                 setattr(w, _ATTR, entry)
+                new.append(w)
             entry.owners += 1
             registered.append(w)
+    if huge_pages:
+        _arena(new)
     return registered
+
+
+_SLOT_ALIGN = 64  # bytes: each slot starts on a cache line
+
+
+def _arena(weights: list[torch.Tensor]) -> None:
+    """Give the fp32 weights among `weights` (those the small-M GEMM reads) slots in one buffer on 2 MiB pages
+    (`host_memory.huge_page_buffer`), advised before their panels are first written: a batch-64 decode step of
+    the ~3.5M model reads ~14 MiB of panels, ~3.5k 4 KiB pages against a few hundred entries of the L2 TLB, and 7
+    huge ones. Nothing where the small-M GEMM did not load or huge pages cannot be had (logged once there). The
+    buffer lives as long as a slot does (each a view of it)."""
+    if _small is None:
+        return
+    weights = [w for w in weights if w.dtype == torch.float32]
+    sizes = [_small.packed_size(w, small_gemm.PANEL) * w.element_size() for w in weights]
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-size // _SLOT_ALIGN) * _SLOT_ALIGN
+    if total == 0:
+        return
+    from rl_engine.kernels.cpu import host_memory
+
+    arena = host_memory.huge_page_buffer(total)
+    if arena is None:
+        return
+    for w, offset, size in zip(weights, offsets, sizes):
+        getattr(w, _ATTR).slot = arena[offset:offset + size].view(w.dtype)
 
 
 def release(weights) -> None:

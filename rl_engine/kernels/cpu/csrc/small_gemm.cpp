@@ -300,19 +300,43 @@ void check_blocking(int64_t panel, int64_t row_block) {
               kMaxAccumulators, " (accumulators that fit in the 32 vector registers)");
 }
 
-}  // namespace
-
-// weight [N, K] (fp32 or bf16, contiguous) -> its panels, a 1-D tensor of the same dtype.
-torch::Tensor pack(const torch::Tensor& weight, int64_t panel) {
+void check_weight(const torch::Tensor& weight, int64_t panel) {
   check_blocking(panel, 1);
   TORCH_CHECK(weight.dim() == 2 && weight.device().is_cpu(), "weight must be a 2-D CPU tensor, got ",
               weight.sizes(), " on ", weight.device());
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
               "weight must be float32 or bfloat16, got ", weight.scalar_type());
+}
+
+int64_t stored_k_of(at::ScalarType dtype, int64_t K) {
+  return dtype == at::kFloat ? stored_k<float>(K) : stored_k<at::BFloat16>(K);
+}
+
+}  // namespace
+
+// Elements of weight [N, K]'s panels (what `pack` returns or fills).
+int64_t packed_size(const torch::Tensor& weight, int64_t panel) {
+  check_weight(weight, panel);
+  return packed_numel(weight.size(0), stored_k_of(weight.scalar_type(), weight.size(1)), panel);
+}
+
+// weight [N, K] (fp32 or bf16) -> its panels, a 1-D tensor of the same dtype: `out` where given (1-D, contiguous,
+// the weight's dtype, `packed_size` elements; every element written), else a new tensor.
+torch::Tensor pack(const torch::Tensor& weight, int64_t panel, const c10::optional<torch::Tensor>& out_opt) {
+  check_weight(weight, panel);
   const auto w = weight.contiguous();
   const int64_t N = w.size(0), K = w.size(1);
-  const int64_t Ks = w.scalar_type() == at::kFloat ? stored_k<float>(K) : stored_k<at::BFloat16>(K);
-  auto out = torch::empty({packed_numel(N, Ks, panel)}, w.options());
+  const int64_t numel = packed_numel(N, stored_k_of(w.scalar_type(), K), panel);
+  torch::Tensor out;
+  if (out_opt.has_value()) {
+    out = *out_opt;
+    TORCH_CHECK(out.dim() == 1 && out.is_contiguous() && out.device().is_cpu() && out.scalar_type() ==
+                w.scalar_type() && out.numel() == numel, "out must be a contiguous 1-D CPU ", w.scalar_type(),
+                " tensor of ", numel, " elements (packed_size of this weight and panel), got ", out.sizes(), " ",
+                out.scalar_type(), " on ", out.device());
+  } else {
+    out = torch::empty({numel}, w.options());
+  }
   if (w.scalar_type() == at::kFloat) {
     pack_kernel<float>(w.data_ptr<float>(), out.data_ptr<float>(), N, K, panel);
   } else {
@@ -331,7 +355,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
               "x must be a CPU tensor of the packed weight's dtype (", packed.scalar_type(), "), got ",
               x.scalar_type(), " on ", x.device());
   const int64_t K = x.size(-1);
-  const int64_t Ks = x.scalar_type() == at::kFloat ? stored_k<float>(K) : stored_k<at::BFloat16>(K);
+  const int64_t Ks = stored_k_of(x.scalar_type(), K);
   TORCH_CHECK(packed.dim() == 1 && packed.is_contiguous() && packed.numel() == packed_numel(N, Ks, panel),
               "packed weight has ", packed.numel(), " elements; a [", N, ", ", K, "] weight packed in panels of ",
               panel, " has ", packed_numel(N, Ks, panel), " (pack it with this x's width K and this panel)");
@@ -387,7 +411,9 @@ bool has_avx512() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &pack, "weight [N, K] -> its panels (1-D)", py::arg("weight"), py::arg("panel"));
+  m.def("pack", &pack, "weight [N, K] -> its panels (1-D; into `out` where given)", py::arg("weight"),
+        py::arg("panel"), py::arg("out") = py::none());
+  m.def("packed_size", &packed_size, "elements of weight [N, K]'s panels", py::arg("weight"), py::arg("panel"));
   m.def("linear", &linear, "x [..., K] times a packed [N, K] weight", py::arg("x"), py::arg("packed"), py::arg("n"),
         py::arg("panel"), py::arg("row_block"), py::arg("bias"), py::arg("residual"),
         py::arg("min_macs_per_thread"));
