@@ -88,6 +88,36 @@ def test_paged_decode_matches_reference(dtype, context_lens, block_size, num_kv_
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
+@pytest.mark.parametrize("block_size", [16, 8, 32, 5, 1])
+@pytest.mark.parametrize(("num_kv_heads", "group", "head_dim"), [(2, 4, 32), (2, 4, 64), (2, 2, 32), (4, 4, 32)])
+def test_paged_decode_gives_a_row_the_same_bits_in_a_batch_as_alone(dtype, block_size, num_kv_heads, group,
+                                                                   head_dim):
+    """A batch at one thread runs a task per request over all its kv heads (AVX-512 at GQA 4 / 2 kv heads of 32:
+    both heads through one chunk together, fused_chunk); a lone row at two threads, a task per kv head
+    (group_chunk's passes). Same sums in the same order: the same bits, over contexts of several 64-key chunks
+    (each chunk's softmax sum rounded as in every other caller: not fused into an FMA where the loop inlines it)."""
+    from rl_engine.kernels.cpu.ops import paged_decode_attention
+
+    context_lens = [257, 1, 15, 64, 65, 130, 0, 200, 129, 48]
+    args, _ = decode_case(context_lens, block_size=block_size, num_kv_heads=num_kv_heads, group=group,
+                          head_dim=head_dim, dtype=dtype)
+    q, k_cache, v_cache, tables, lens, scale = args
+    q = q * 4  # peaked scores: running maxima that move between chunks
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        batch = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, max(context_lens))
+        torch.set_num_threads(2)
+        for r in range(len(context_lens)):
+            alone = paged_decode_attention(q[r:r + 1], k_cache, v_cache, tables[r:r + 1], lens[r:r + 1], scale,
+                                           context_lens[r])
+            assert torch.equal(alone, batch[r:r + 1]), (r, (alone.float() - batch[r:r + 1].float()).abs().max())
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("head_dim", [8, 16, 32, 64])  # the generic kernel; the vector one's pair and GQA passes
 def test_paged_decode_rejects_a_block_outside_the_cache(head_dim):
     from rl_engine.kernels.cpu.ops import paged_decode_attention

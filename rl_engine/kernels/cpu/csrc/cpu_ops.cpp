@@ -416,6 +416,7 @@ void paged_decode_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
 // (bf16 and fp16 widened to fp32) once per pass and accumulated into all GC heads' outputs. Scores: W / GC tokens x
 // GC heads of partial dot products, summed by one transpose-and-add (sum_lanes) into a vector of W scores
 // (token-major), permuted head-major and stored per head. Written once over the ISA's traits (Isa: Avx512 or Avx2).
+// AVX-512 at head dim 32, GQA 4, a task of two kv heads: both heads' passes through a chunk at once (fused_chunk).
 // AVX-512, measured against one head at a time (the kernel before, K/V rows re-read from L1 per head; 2 threads,
 // through the lock at load ~10, 40M shapes: 64 rows, 8 query / 2 kv heads of dim 64, 80-192 keys in 16-token
 // blocks, 8 layers' 128 MB pools, tables filled like the block manager's): fp32 679 -> 640 us a call
@@ -441,10 +442,11 @@ struct Chunk {
 // L3, and each is one contiguous bs * tok run of K and one of V that would otherwise be fetched line by line as the
 // loops reach them. A cursor walks the thread's tasks' tables (across tasks) up to `target` blocks, counted from the
 // thread's first task; pump(n) issues the next n lines of K and n of V. At head dims of 32 and more (kPumped) the
-// score loop (a K tile) and the value loop (a V row) pump row_lines each, up to two chunks past the one being read,
-// so that the prefetches go out spread over the work (the value loop alone visits each token once per kv head of the
-// task, so row_lines = a token's K lines / those heads, and one more, keeps the cursor ahead); at head dim 16 (the RL
-// rollout's tiny model: a few instructions a row) one burst at each chunk's start fetches the next chunk.
+// score loop (a K tile) and the value loop (a V row) pump row_lines each, up to two chunks past the one being read
+// (one in fused_chunk), so that the prefetches go out spread over the work (the value loop alone visits each token
+// once per kv head of the task, so row_lines = a token's K lines / those heads, and one more, keeps the cursor ahead);
+// at head dim 16 (the RL rollout's tiny model: a few instructions a row) one burst at each chunk's start fetches the
+// next chunk.
 // Against one burst a chunk of the next chunk's blocks (or the next task's first block), inside the engine's generate
 // (64 prompts of 16-128 tokens, 128 new greedy, 1 thread, every call timed, the two builds alternated in one process,
 // through the lock at load 5.7-7.5): benchmarks/generate.py's ~3.5M model (head dim 32, 8 runs each) the decode
@@ -691,7 +693,12 @@ inline float softmax_chunk(float* sj, int64_t n, float block_max, float& m, floa
       sums[u] += t0 + u < n ? e : 0.f;
     }
   }
-  l = l * corr + Isa::reduce_add(Isa::load(sums));
+  // l * corr rounded, then the sum added: the empty asm keeps -ffp-contract=fast from fusing the two into one FMA,
+  // which it does or not depending on where this inlines (fused_chunk's bits must equal group_chunk's, and both the
+  // builds' before it)
+  float lc = l * corr;
+  asm("" : "+x"(lc));
+  l = lc + Isa::reduce_add(Isa::load(sums));
   m = m_new;
   return corr;
 }
@@ -739,6 +746,55 @@ inline void group_chunk(const float* qf, const T* qb, int64_t q_s1, float scale,
   group_values<T, DC, GC>(s, s_stride, ch, tok, corr, acc + j0 * DC, pf);
 }
 
+// Both kv heads of a task (heads_per_task 2, GQA 4: generate.py's ~3.5M model, one request a task) through one chunk
+// together: each head's scores as group_chunk's (block by block, head by head), both heads' online-softmax updates,
+// then one value loop over the chunk's tokens accumulating all 8 query heads (16 accumulators at head dim 32), each
+// token's V row (both heads' halves, 4 lines at fp32) visited once where group_chunk's two passes read each half in
+// its own walk over the chunk. Every output's sums are group_chunk's, in the same order (bit for bit). Its prefetch
+// cursor runs one chunk ahead, not two. Against the two passes (1 thread, through the lock, builds alternated in one
+// process): at the engine's layout (64 rows, prompt blocks contiguous, decode blocks round-robin, 4 layers' pools)
+// 0.86-0.89 of a call hot, 0.91-0.95 with 16 MB written between calls (two chunks ahead: 0.92-0.96); inside the
+// engine's generate (~3.5M model, batch 64, 128 new tokens, 7 runs each, load 1.0) the decode attention's time a run
+// 258 -> 218 ms greedy (0.85), 253 -> 217 sampled (0.86), the whole run 0.97 / 0.95 (medians).
+template <int DC>
+constexpr bool kFusedHeads = DC >= 32 && DC / Isa::W * 8 <= Isa::kAccRegs;  // AVX-512 at head dim 32
+template <typename T, int DC>
+inline void fused_chunk(const float* qf, const T* qb, int64_t q_s1, float scale, const Chunk<T>& ch, int64_t tok,
+                        float* s, int64_t s_stride, float* m, float* l, float* acc, Prefetcher& pf) {
+  constexpr int GC = 4, W = Isa::W, V = DC / W;
+  for (int64_t i = 0, t = 0; i < ch.count; t += ch.n[i], ++i)
+    for (int hh = 0; hh < 2; ++hh)
+      group_scores<T, DC, GC>(qf + hh * GC * DC, qb + hh * GC * q_s1, q_s1, scale, ch.k[i] + hh * DC, tok, ch.n[i],
+                              s + hh * GC * s_stride + t, s_stride, pf);
+  const int64_t n = ch.tokens;
+  float corr[2 * GC];
+  for (int g = 0; g < 2 * GC; ++g) {
+    float* sj = s + g * s_stride;
+    corr[g] = softmax_chunk(sj, n, block_max(sj, n), m[g], l[g]);
+  }
+  typename Isa::V av[2 * GC][V];
+  for (int g = 0; g < 2 * GC; ++g) {
+    const typename Isa::V cv = Isa::set1(corr[g]);
+    for (int c = 0; c < V; ++c) av[g][c] = Isa::mul(Isa::load(acc + g * DC + W * c), cv);
+  }
+  for (int64_t t = 0, i = 0; i < ch.count; ++i)
+    for (int64_t u = 0; u < ch.n[i]; ++u, ++t) {
+      const T* vr = ch.v[i] + u * tok;
+      pf.pump(2 * pf.row_lines);  // group_values' pumps of both heads' passes
+#pragma GCC unroll 2
+      for (int hh = 0; hh < 2; ++hh) {
+        typename Isa::V p[GC];
+        for (int g = 0; g < GC; ++g) p[g] = Isa::set1(s[(hh * GC + g) * s_stride + t]);
+        for (int c = 0; c < V; ++c) {
+          const typename Isa::V vv = Isa::load(vr + hh * DC + W * c);
+          for (int g = 0; g < GC; ++g) av[hh * GC + g][c] = Isa::fma(p[g], vv, av[hh * GC + g][c]);
+        }
+      }
+    }
+  for (int g = 0; g < 2 * GC; ++g)
+    for (int c = 0; c < V; ++c) Isa::store(acc + g * DC + W * c, av[g][c]);
+}
+
 // Over a KV pool far larger than L3 (the engine's: 8 layers of 64 rows of 80-200 keys in blocks scattered
 // in ~256 MB), prefetching each next block took a call (2 threads, through the lock, two alternating
 // rounds) from 628-671 to 428-593 us at head dim 32 fp32, 484-540 to 404-452 bf16, and at head dim 64 from
@@ -761,9 +817,12 @@ void paged_decode_vec(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / work);
   const int64_t per_chunk = std::max<int64_t>(1, kChunkTokens / bs);  // blocks a chunk
   const int64_t s_stride = (per_chunk * bs + 31) / 16 * 16;  // scores per query head: the chunk and a vector more
+  const bool fused = kFusedHeads<DC> && heads_per_task == 2 && G == 4;  // both kv heads a chunk (fused_chunk)
+  // chunks prefetched past the one being read: pumped, two (one where fused: measured below), else the next at once
+  const int64_t ahead = kPumped<DC> && !fused ? 2 : 1;
   at::parallel_for(0, B * split, grain, [&](int64_t begin, int64_t end) {
     const int64_t HG = heads_per_task * G;
-    std::vector<float> qf(HG * DC), acc(HG * DC), s(4 * s_stride), m(HG), l(HG);
+    std::vector<float> qf(HG * DC), acc(HG * DC), s((fused ? 8 : 4) * s_stride), m(HG), l(HG);
     Chunk<T> ch;
     int64_t done = 0;  // blocks read (counted from the thread's first task's), the chunk being read included
     Prefetcher pf{reinterpret_cast<const char*>(kc), reinterpret_cast<const char*>(vc), tables, table_stride, lens,
@@ -789,18 +848,28 @@ void paged_decode_vec(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, const
           break;
         }
         pf.skip_to(done);
-        done += last - first;  // prefetch up to two chunks past this one (pumped), else the next chunk at once
-        pf.target = done + (kPumped<DC> ? 2 : 1) * per_chunk;
+        done += last - first;
+        pf.target = done + ahead * per_chunk;
         pf.pump(kPumped<DC> ? 4 * pf.row_lines : std::numeric_limits<int>::max());
+        ch.count = last - first;
+        ch.tokens = 0;
+        for (int64_t i = 0; i < ch.count; ++i) {  // the chunk's blocks at the task's first kv head
+          const int64_t block = table[first + i];
+          ch.k[i] = kc + block * bs * tok + h0 * DC;
+          ch.v[i] = vc + block * bs * tok + h0 * DC;
+          ch.n[i] = std::min(bs, L - (first + i) * bs);
+          ch.tokens += ch.n[i];
+        }
+        if constexpr (kFusedHeads<DC>) {
+          if (fused) {
+            fused_chunk<T, DC>(qf.data(), qb, q_s1, scale, ch, tok, s.data(), s_stride, m.data(), l.data(), acc.data(),
+                               pf);
+            continue;
+          }
+        }
         for (int64_t hh = 0; hh < heads_per_task; ++hh) {
-          ch.count = last - first;
-          ch.tokens = 0;
-          for (int64_t i = 0; i < ch.count; ++i) {
-            const int64_t block = table[first + i];
-            ch.k[i] = kc + block * bs * tok + (h0 + hh) * DC;
-            ch.v[i] = vc + block * bs * tok + (h0 + hh) * DC;
-            ch.n[i] = std::min(bs, L - (first + i) * bs);
-            ch.tokens += ch.n[i];
+          if (hh > 0) {
+            for (int64_t i = 0; i < ch.count; ++i) ch.k[i] += DC, ch.v[i] += DC;  // the next kv head's rows
           }
           int64_t j = hh * G;
           const int64_t j_end = j + G;
