@@ -6,12 +6,15 @@ model exactly."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import types
 
 import pytest
 import torch
 
 from inference_helpers import mixed_prompts
 from rl_engine import LLM, SamplingParams
+from rl_engine.inference import direct_decode
 from rl_engine.inference.direct_decode import DirectDecode
 from rl_engine.policy import from_pretrained
 
@@ -109,10 +112,47 @@ def test_no_direct_forward_where_its_kernels_do_not_serve_the_model(qwen2, check
     policy = from_pretrained(qwen2[1], dtype=torch.float32)
     assert LLM(policy, compile_decode=True, **KW).engine.runner._direct_decode is None
     assert LLM(policy, cpu_prepack_weights=False, **KW).engine.runner._direct_decode is None
+    bf16 = LLM(from_pretrained(qwen2[1], dtype=torch.bfloat16), **KW).engine.runner
+    assert bf16._direct_decode is None
+    direct, reason = DirectDecode.build(bf16.model, bf16.attn, packed=[])
+    assert direct is None and "fp32" in reason
     qwen3 = from_pretrained(checkpoints.get("qwen3")[1], dtype=torch.float32)
     assert LLM(qwen3, **KW).engine.runner._direct_decode is None
     direct, reason = DirectDecode.build(qwen3, LLM(qwen3, **KW).engine.runner.attn, packed=[])
     assert direct is None and "qk-norm" in reason
+
+
+def test_a_refused_kernel_call_takes_the_models_forward(engine, monkeypatch, caplog):
+    """A kernel that refuses a direct call (its TORCH_CHECK, a RuntimeError) mid-step: the step runs the model's
+    forward, which writes the same K/V again, so tokens and log-prob bits are the model's; the fallback is logged once."""
+    calls = _calls(monkeypatch)
+    prompts = mixed_prompts(3, seed=5, max_len=20)
+    params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=0, ignore_eos=True)
+    reference = _generate(engine, prompts, params, direct=False)
+    _generate(engine, prompts, params, direct=True)  # (bucket 4's runner made)
+    calls.update(direct=0, none=0)
+    ext = direct_decode.cpu_ops.extension()
+    refused = []
+
+    class Refusing:  # the extension, with the decode kernel refusing the second layer's call of every step
+        def __getattr__(self, name):
+            return getattr(ext, name)
+
+        def paged_decode_attention(self, *args):
+            refused.append(len(refused))
+            if len(refused) % 2 == 0:
+                raise RuntimeError("paged_decode_attention: refused by the test")
+            return ext.paged_decode_attention(*args)
+
+    monkeypatch.setattr(direct_decode, "cpu_ops", types.SimpleNamespace(extension=Refusing))
+    monkeypatch.setattr(engine.engine.runner._direct_decode, "_fallback_logged", False)
+    with caplog.at_level(logging.INFO, logger=direct_decode.__name__):
+        refusing = _generate(engine, prompts, params, direct=True)
+    assert calls["direct"] == 0 and calls["none"] >= 4 and len(refused) == 2 * calls["none"]
+    for a, b in zip(refusing, reference):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids and a.outputs[0].logprobs == b.outputs[0].logprobs
+    logged = [r.getMessage() for r in caplog.records if r.name == direct_decode.__name__]
+    assert len(logged) == 1 and "refused by the test" in logged[0]
 
 
 def test_a_decode_observer_sees_every_eager_decode_step(engine, monkeypatch):
