@@ -16,10 +16,10 @@ linears take the C++ gemv, `packed_linear`), and a step only where the attention
 (`PagedAttention.direct_decode`, no decode observer), nothing is recorded (no routing) and no module forward hook
 is registered (a hooked model's steps run its forward, so the hooks see them).
 Weights are read from the modules at every step (from their `_parameters` dicts, which a parameter assigned anew
-updates in place; the modules themselves are those the model held when it was built), through their packed copies
-(`packed_linear`: repacked when updated in place); a weight without a packed copy, or a call a kernel refuses (its
-TORCH_CHECK), makes the step run the model's own forward instead (which writes the same K/V again, and names the
-problem).
+updates in place; a module replaced since the build makes the steps run the model's forward), through their packed
+copies (`packed_linear`: repacked when updated in place); a weight without a packed copy, or a call a kernel refuses
+(its TORCH_CHECK), makes the step run the model's own forward instead (which writes the same K/V again, and names
+the problem).
 """
 
 from __future__ import annotations
@@ -59,6 +59,10 @@ class DirectDecode:
         # the forward hook and pre-hook dicts of the model's modules, whose hooks a step would skip (`usable`):
         # `register_forward_hook` / `_pre_hook` and the handles' `remove` change them in place
         self._hook_dicts = tuple(d for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks))
+        # every module's place in the tree it was built for (parent's `_modules`, name): a module replaced since
+        # (a wrapped or swapped linear) makes the steps run the model's forward (`usable`), which reads the new one
+        self._tree = tuple((m._modules, name) for m in model.modules() for name in m._modules)
+        self._children = [m._modules[name] for m in model.modules() for name in m._modules]
         # per layer: its modules' parameter dicts (a parameter assigned anew replaces its entry in place, so each
         # step reads the module's current weights) and the shapes that split qkv into heads
         self._layers = tuple(
@@ -108,11 +112,13 @@ class DirectDecode:
         """This step may run it: the attention calls its kernels directly (a decode step, no observer), no routing
         is recorded, inside the runner's packed reading under inference mode, outside the trainer's forwards, and no
         forward hook or pre-hook is registered on the model's modules or globally (the direct calls run no module's
-        `forward`, so such a step runs the model's forward and its hooks see it)."""
+        `forward`, so such a step runs the model's forward and its hooks see it), and every module is the one it was
+        built for (a replaced module's weights and hooks are the model forward's to read)."""
         attn = self.attn
         return (routing is None and attn.direct_decode and attn.decode_observer is None
                 and torch.is_inference_mode_enabled() and packed_linear._reading()
-                and not training_kernels() and not self._hooked())
+                and not training_kernels() and not self._hooked()
+                and [d.get(name) for d, name in self._tree] == self._children)  # (modules compare by identity)
 
     def _hooked(self) -> bool:
         return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks or any(self._hook_dicts))

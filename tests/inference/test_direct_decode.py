@@ -6,6 +6,7 @@ model exactly."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import types
 
@@ -107,6 +108,33 @@ def test_a_weight_without_a_packed_copy_takes_the_models_forward(engine, monkeyp
     assert [o.outputs[0].token_ids for o in back] != [o.outputs[0].token_ids for o in replaced]
 
 
+def test_a_replaced_module_takes_the_models_forward(engine, monkeypatch):
+    """A linear module swapped for another (a wrapped or replaced layer) after the engine was built: the steps run
+    the model's forward, which reads the new module (tokens and log-prob bits of a run without direct forwards)."""
+    calls = _calls(monkeypatch)
+    mlp = engine.engine.model.layers[-1].mlp
+    old = mlp.down_proj
+    prompts = mixed_prompts(3, seed=9, max_len=20)
+    params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=0, ignore_eos=True)
+    before = _generate(engine, prompts, params, direct=True)  # (bucket 4's runner made)
+    calls.update(direct=0, none=0)
+    new = copy.deepcopy(old)
+    with torch.no_grad():
+        new.weight.mul_(2)
+    try:
+        mlp.down_proj = new
+        replaced = _generate(engine, prompts, params, direct=True)
+        assert calls["direct"] == 0
+        reference = _generate(engine, prompts, params, direct=False)
+    finally:
+        mlp.down_proj = old
+    for a, b in zip(replaced, reference):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids and a.outputs[0].logprobs == b.outputs[0].logprobs
+    assert [o.outputs[0].logprobs for o in replaced] != [o.outputs[0].logprobs for o in before]
+    _generate(engine, prompts, params, direct=True)
+    assert calls["direct"] >= 4  # the module back in place: direct again
+
+
 def test_no_direct_forward_where_its_kernels_do_not_serve_the_model(qwen2, checkpoints):
     """qk-norm (Qwen3), compiled decode steps and unpacked weights keep the model's forward."""
     policy = from_pretrained(qwen2[1], dtype=torch.float32)
@@ -124,7 +152,7 @@ def test_no_direct_forward_where_its_kernels_do_not_serve_the_model(qwen2, check
 
 def test_a_refused_kernel_call_takes_the_models_forward(engine, monkeypatch, caplog):
     """A kernel that refuses a direct call (its TORCH_CHECK, a RuntimeError) mid-step: the step runs the model's
-    forward, which writes the same K/V again, so tokens and log-prob bits are the model's; the fallback is logged once."""
+    forward, which writes the same K/V again, so tokens and log-prob bits are the model's; the fallback logged once."""
     calls = _calls(monkeypatch)
     prompts = mixed_prompts(3, seed=5, max_len=20)
     params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=0, ignore_eos=True)

@@ -95,8 +95,9 @@ def test_paged_decode_gives_a_row_the_same_bits_in_a_batch_as_alone(dtype, block
                                                                    head_dim):
     """A batch at one thread runs a task per request over all its kv heads (AVX-512 at GQA 4 / 2 kv heads of 32:
     both heads through one chunk together, fused_chunk); a lone row at two threads, a task per kv head
-    (group_chunk's passes). Same sums in the same order: the same bits, over contexts of several 64-key chunks
-    (each chunk's softmax sum rounded as in every other caller: not fused into an FMA where the loop inlines it)."""
+    (group_chunk's passes). Same sums in the same order: the same bits, over contexts of several 64-key chunks.
+    (Both paths also equal the builds before fused_chunk, whose softmax sum softmax_chunk's asm barrier keeps out of
+    an FMA: checked against ebaa9d5's build over 270 cases in session 20, not here: one build cannot hold both.)"""
     from rl_engine.kernels.cpu.ops import paged_decode_attention
 
     context_lens = [257, 1, 15, 64, 65, 130, 0, 200, 129, 48]

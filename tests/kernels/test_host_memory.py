@@ -97,6 +97,13 @@ def test_huge_page_buffer_is_zeroed_aligned_and_advised():
 
 
 def test_huge_page_buffer_is_none_without_huge_pages(monkeypatch):
+    def refused(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    with monkeypatch.context() as m:  # overcommit off or `ulimit -v`: the whole mapping charged at mmap, refused
+        m.setattr(host_memory, "_no_huge_pages", lambda: None)
+        m.setattr(host_memory.mmap, "mmap", refused)
+        assert host_memory.huge_page_buffer(1 << 20) is None
     monkeypatch.setattr(host_memory, "_no_huge_pages", lambda: "transparent huge pages are off")
     assert host_memory.huge_page_buffer(1 << 20) is None
     with pytest.raises(ValueError, match="positive byte count, got 0"):

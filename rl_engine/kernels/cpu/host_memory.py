@@ -119,7 +119,11 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor | None:
     length = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
     # private (a shared anonymous mapping is shmem, whose huge pages follow another setting); room to start on a
     # 2 MiB boundary
-    region = mmap.mmap(-1, length + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:  # (a private mapping is charged in full here where overcommit is off or `ulimit -v` binds)
+        region = mmap.mmap(-1, length + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:
+        logger.info("host buffers stay on the allocator's pages: mmap of %d bytes failed (%s)", length + HUGE_PAGE, e)
+        return None
     start = -ctypes.addressof(ctypes.c_char.from_buffer(region)) % HUGE_PAGE
     try:
         region.madvise(mmap.MADV_HUGEPAGE, start, length)

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from rl_engine.kernels import cpu
-from rl_engine.kernels.cpu import small_gemm
+from rl_engine.kernels.cpu import host_memory, small_gemm
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +215,9 @@ _SLOT_ALIGN = 64  # bytes: each slot starts on a cache line
 def _arena(weights: list[torch.Tensor]) -> None:
     """Give the fp32 weights among `weights` (those the small-M GEMM reads) slots in one buffer on 2 MiB pages
     (`host_memory.huge_page_buffer`), advised before their panels are first written: a batch-64 decode step of
-    the ~3.5M model reads ~14 MiB of panels, ~3.5k 4 KiB pages against a few hundred entries of the L2 TLB, and 7
-    huge ones. Nothing where the small-M GEMM did not load or huge pages cannot be had (logged once there). The
-    buffer lives as long as a slot does (each a view of it)."""
+    the ~3.5M model reads ~14 MiB of panels, ~3.5k 4 KiB pages (a Zen 4 core's L2 TLB holds 3,072, shared with
+    the step's KV pages), and 7 huge ones. Nothing where the small-M GEMM did not load or huge pages cannot be had
+    (logged once there). The buffer lives as long as a slot does (each a view of it)."""
     if _small is None:
         return
     weights = [w for w in weights if w.dtype == torch.float32]
@@ -228,8 +228,6 @@ def _arena(weights: list[torch.Tensor]) -> None:
         total += -(-size // _SLOT_ALIGN) * _SLOT_ALIGN
     if total == 0:
         return
-    from rl_engine.kernels.cpu import host_memory
-
     arena = host_memory.huge_page_buffer(total)
     if arena is None:
         return

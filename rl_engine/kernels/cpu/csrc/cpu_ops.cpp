@@ -694,8 +694,8 @@ inline float softmax_chunk(float* sj, int64_t n, float block_max, float& m, floa
     }
   }
   // l * corr rounded, then the sum added: the empty asm keeps -ffp-contract=fast from fusing the two into one FMA,
-  // which it does or not depending on where this inlines (fused_chunk's bits must equal group_chunk's, and both the
-  // builds' before it)
+  // which it does or not depending on where this inlines (fused_chunk's bits must equal group_chunk's, and both those
+  // of the GCC builds before it; clang's -ffp-contract=on fused the one expression there, so its bits moved)
   float lc = l * corr;
   asm("" : "+x"(lc));
   l = lc + Isa::reduce_add(Isa::load(sums));
