@@ -46,7 +46,7 @@ class EngineConfig:
     # advised madvise(MADV_HUGEPAGE) before first written, so where transparent huge pages are `madvise` or `always`
     # they are on 2 MiB pages (a batch-64 decode step of the ~3.5M model reads ~3.5k 4 KiB pages of them, far beyond
     # the TLB; kernels/cpu/host_memory.py, packed_linear.py): generate.py batch 64, one engine each way alternated in
-    # one process, 1 thread, 1.03-1.04x. Off Linux, where THP is `never` or madvise fails: the allocator's pages, the
+    # one process, 1 thread: ~3.5M greedy 1.04x, sampled 1.03-1.09x, ~50M 1.03x. Off Linux, where THP is `never` or madvise fails: the allocator's pages, the
     # reason logged once. The same values either way. False: each packed weight a tensor of its own. (The KV pool
     # stays on the allocator's pages: on huge pages the ~50M model's batch-64 runs measured 2.5-5% longer.)
     cpu_huge_pages: bool = True

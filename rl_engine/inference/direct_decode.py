@@ -62,7 +62,7 @@ class DirectDecode:
         # every module's place in the tree it was built for (parent's `_modules`, name): a module replaced since
         # (a wrapped or swapped linear) makes the steps run the model's forward (`usable`), which reads the new one
         self._tree = tuple((m._modules, name) for m in model.modules() for name in m._modules)
-        self._children = [m._modules[name] for m in model.modules() for name in m._modules]
+        self._children = [d[name] for d, name in self._tree]
         # per layer: its modules' parameter dicts (a parameter assigned anew replaces its entry in place, so each
         # step reads the module's current weights) and the shapes that split qkv into heads
         self._layers = tuple(
