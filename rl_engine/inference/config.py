@@ -46,9 +46,10 @@ class EngineConfig:
     # advised madvise(MADV_HUGEPAGE) before first written, so where transparent huge pages are `madvise` or `always`
     # they are on 2 MiB pages (a batch-64 decode step of the ~3.5M model reads ~3.5k 4 KiB pages of them, far beyond
     # the TLB; kernels/cpu/host_memory.py, packed_linear.py): generate.py batch 64, one engine each way alternated in
-    # one process, 1 thread: ~3.5M greedy 1.04x, sampled 1.03-1.09x, ~50M 1.03x. Off Linux, where THP is `never` or madvise fails: the allocator's pages, the
-    # reason logged once. The same values either way. False: each packed weight a tensor of its own. (The KV pool
-    # stays on the allocator's pages: on huge pages the ~50M model's batch-64 runs measured 2.5-5% longer.)
+    # one process, 1 thread: ~3.5M greedy 1.04x, sampled 1.03-1.09x, ~50M 1.03x. Off Linux, where THP is `never` or
+    # madvise fails: the allocator's pages, the reason logged once. The same values either way. False: each packed
+    # weight a tensor of its own. (The KV pool stays on the allocator's pages: on huge pages the ~50M model's batch-64
+    # runs measured 2.5-5% longer.)
     cpu_huge_pages: bool = True
     # CPU: decode attention by the C++ kernel that reads K/V in place in their blocks, and rotary fused with the
     # KV cache write by another (kernels/cpu, the registry's CPU defaults where they build; else the torch paths,
@@ -85,18 +86,15 @@ class EngineConfig:
             if self.record_routing:
                 raise ValueError("record_routing=True cannot be combined with speculative_config (the routing "
                                  "of rejected draft positions would be recorded); turn one of them off")
-        if not isinstance(self.compile_decode, bool):
-            raise ValueError(f"compile_decode must be true or false, got {self.compile_decode!r}")
-        if not isinstance(self.cpu_prepack_weights, bool):
-            raise ValueError(f"cpu_prepack_weights must be true or false, got {self.cpu_prepack_weights!r}")
-        if not isinstance(self.cpu_huge_pages, bool):
-            raise ValueError(f"cpu_huge_pages must be true or false, got {self.cpu_huge_pages!r}")
-        if not isinstance(self.cpu_decode_kernel, bool):
-            raise ValueError(f"cpu_decode_kernel must be true or false, got {self.cpu_decode_kernel!r}")
-        if not isinstance(self.fork_copy_partial_block, bool):
-            raise ValueError(f"fork_copy_partial_block must be true or false, got {self.fork_copy_partial_block!r}")
+        for name in ("enable_prefix_caching", "enforce_eager", "compile_decode", "record_routing",
+                     "cpu_prepack_weights", "cpu_huge_pages", "cpu_decode_kernel", "fork_copy_partial_block"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.cpu_threads not in ("auto", "fixed"):
             raise ValueError(f"cpu_threads must be 'auto' or 'fixed', got {self.cpu_threads!r}")
         if self.graph_batch_sizes is not None:
+            if not isinstance(self.graph_batch_sizes, (list, tuple)) or not self.graph_batch_sizes:
+                raise ValueError(f"graph_batch_sizes must be a non-empty list of positive integers (or None for "
+                                 f"1, 2, 4, ... max_num_seqs), got {self.graph_batch_sizes!r}")
             for b in self.graph_batch_sizes:
                 positive("graph_batch_sizes entry", b)
