@@ -167,6 +167,10 @@ class PagedAttention:
         # the C++ decode kernel's (block tables [num_single, >= nb], context lens [num_single]), int32, made once
         # per step in `prepare` and shared by every layer's call (`ops.paged_decode_step`)
         self.decode_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (block tables, context lens, num_single, `decode_tables` of them) where those are views of the two tensors
+        # (a decode runner's static buffers, written in place every step): `prepare` reuses them for the same
+        # tensors (kept alive here, so `is` compares them) and row count, without the checks and slicing again
+        self._decode_views: tuple = (None,) * 4
         # a step of decodes only, with the C++ rotary + KV write and decode kernels: `attend_rotary` calls both
         # kernels themselves, not through their Python wrappers (set in `prepare`)
         self.direct_decode = False
@@ -197,7 +201,15 @@ class PagedAttention:
         if self.batch_invariant:
             self._prepare_invariant(num_single, block_tables, context_lens, max_context_len)
         elif num_single and self.cpu_decode:
-            self.decode_tables = cpu_ops.decode_tables(block_tables[:num_single], context_lens[:num_single])
+            cached = self._decode_views
+            if cached[0] is block_tables and cached[1] is context_lens and cached[2] == num_single:
+                self.decode_tables = cached[3]  # (a decode runner's static buffers again: the same views)
+            else:
+                self.decode_tables = tables = cpu_ops.decode_tables(block_tables[:num_single],
+                                                                    context_lens[:num_single])
+                views = (tables[0].data_ptr() == block_tables.data_ptr()
+                         and tables[1].data_ptr() == context_lens.data_ptr())
+                self._decode_views = (block_tables, context_lens, num_single, tables) if views else (None,) * 4
             self.direct_decode = (not prefills and self.rotary_kv_write is cpu_ops.rotary_kv_write
                                   and self.k_caches[0].dtype in cpu_ops.DTYPES)  # (others: the wrappers' reference)
         elif num_single and self.decode_op is None:

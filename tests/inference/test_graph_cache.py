@@ -119,3 +119,33 @@ def test_capturing_a_bucket_after_decode_steps_rewrites_the_block_tables_it_padd
     ModelRunner._write_block_tables(state, runner.np_block_tables, tables)
     for row, t in enumerate(tables):
         assert runner.np_block_tables[row, :len(t)].tolist() == t, (row, t)
+
+
+def test_decode_tables_are_reused_only_as_views_of_the_same_static_buffers():
+    """`PagedAttention.prepare` reuses the C++ decode kernel's tables of the last step for the same block-table and
+    context-length tensors and row count (a runner's static buffers, written in place): they are views, so they read
+    this step's values. Tensors the tables are copies of (int64: converted), other tensors or another row count make
+    them anew, so they never read a stale copy."""
+    from rl_engine.inference.attention import PagedAttention
+
+    caches = [torch.zeros(8, 4, 2, 16)]
+    attn = PagedAttention(caches, [c.clone() for c in caches], first_layer=0, cpu_decode=True)
+
+    def prepare(tables, lens, n):
+        attn.prepare(slot_mapping=torch.zeros(n, dtype=torch.int64), num_single=n, block_tables=tables,
+                     context_lens=lens, max_context_len=int(lens[:n].max()), prefills=[])
+        return attn.decode_tables
+
+    tables = torch.tensor([[1, 2], [3, 0], [4, 5]], dtype=torch.int32)
+    lens = torch.tensor([5, 2, 7], dtype=torch.int32)
+    first = prepare(tables, lens, 3)
+    tables[1, 1], lens[1] = 6, 5  # the next step's rows, written in place
+    again = prepare(tables, lens, 3)
+    assert again is first and torch.equal(again[0], tables) and torch.equal(again[1], lens)
+    two = prepare(tables, lens, 2)  # fewer rows: its own views
+    assert two[0].shape[0] == two[1].shape[0] == 2 and torch.equal(two[0], tables[:2])
+    wide = tables.long()  # converted to int32: a copy, made anew at every step
+    copied = prepare(wide, lens, 3)
+    wide[0, 0] = 7
+    fresh = prepare(wide, lens, 3)
+    assert fresh is not copied and fresh[0][0, 0] == 7 and copied[0][0, 0] == 1
