@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from rl_engine import kernels
+from rl_engine.kernels.cpu import packed_linear
 from rl_engine.kernels.grad_mode import training_kernels
 from rl_engine.policy import comm, expert_parallel
 from rl_engine.policy.config import ModelConfig
@@ -39,6 +40,12 @@ class RoutingRecord:
             raise ValueError(f"RoutingRecord mode must be 'record' or 'replay', got {self.mode!r}")
 
 
+# rows of a slice of SwiGLUMLP's inference forward over many rows (a prefill): its [rows, 2 I] intermediate is
+# 1.5 MiB at I = 768 (the ~3.5M model), near a 1 MiB L2 rather than the whole step's 12 MiB in L3. In the engine's
+# batch-64 prefill 256 and 128 rows measured alike (257 / 260 ms against 288 ms unsliced)
+MLP_ROW_CHUNK = 256
+
+
 class SwiGLUMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, *, groups: ParallelGroups, dtype, device=None) -> None:
         super().__init__()
@@ -54,7 +61,23 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The MLP's output, or residual + it when `residual` is given (fused into the last matmul)."""
         silu_and_mul = self._silu_and_mul_train if training_kernels() else self._silu_and_mul
+        if residual is not None and x.dim() == 2 and x.shape[0] > MLP_ROW_CHUNK and self._row_chunks(x):
+            # a prefill's MLP by slices of rows: each slice's intermediate is read back from L2, not L3 (the
+            # ~3.5M batch-64 prefill 288 -> 257 ms); the same bits, each row's products its own sums on the
+            # small GEMM's panels (`reads_panels`)
+            out = torch.empty_like(residual)
+            for s in range(0, x.shape[0], MLP_ROW_CHUNK):
+                e = s + MLP_ROW_CHUNK
+                out[s:e] = self.down_proj(silu_and_mul(self.gate_up_proj(x[s:e])), residual[s:e])
+            return out
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)), residual)
+
+    def _row_chunks(self, x: torch.Tensor) -> bool:
+        """Whether the forward may take x's rows in slices with unchanged bits: one rank, no bias, both products
+        on the small GEMM's panels (row-independent sums), no autograd."""
+        return (self.gate_up_proj.groups.tp_size == 1 and self.gate_up_proj.bias is None
+                and not torch.is_grad_enabled() and packed_linear.reads_panels(x, self.gate_up_proj.weight)
+                and packed_linear.reads_panels(x, self.down_proj.weight))
 
 
 class _AttachAuxLoss(torch.autograd.Function):

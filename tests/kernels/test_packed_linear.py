@@ -273,3 +273,37 @@ def test_traced_one_row_step_calls_the_cpp_gemv():
     want = 2 * exact + b.double() + r.double()
     assert ((y_half.double() - want).abs() <= 2 * _bound(x, w.detach(), want, torch.float32)).all()
     assert not torch.allclose(y, y_half)
+
+
+def test_swiglu_mlp_takes_many_rows_in_slices_with_the_same_bits(monkeypatch):
+    """SwiGLUMLP's inference forward with a residual (a prefill's MLP) takes more than MLP_ROW_CHUNK rows in slices
+    where both products read the small GEMM's panels (each row's sums its own): the whole forward's bits. Outside
+    `reading()` (oneDNN / F.linear, whose sums may depend on the row count) and under autograd it takes no slices."""
+    from rl_engine.policy import moe
+    from rl_engine.policy.parallel import SINGLE
+
+    torch.manual_seed(0)
+    mlp = moe.SwiGLUMLP(64, 96, groups=SINGLE, dtype=torch.float32)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, 0.1)
+    packed_linear.register([mlp.gate_up_proj.weight, mlp.down_proj.weight], batch_size=16)
+    if packed_linear._small is None:
+        pytest.skip(f"no small-M GEMM: {packed_linear._small_reason}")
+    x, res = torch.randn(300, 64), torch.randn(300, 64)
+    rows: list[int] = []
+    mlp.gate_up_proj.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    monkeypatch.setattr(moe, "MLP_ROW_CHUNK", 64)
+    with torch.inference_mode(), packed_linear.reading():
+        sliced = mlp(x, res)
+        assert rows == [64, 64, 64, 64, 44]
+        monkeypatch.setattr(moe, "MLP_ROW_CHUNK", 1 << 30)
+        whole = mlp(x, res)
+    assert rows[-1] == 300 and torch.equal(sliced, whole)
+    monkeypatch.setattr(moe, "MLP_ROW_CHUNK", 64)
+    rows.clear()
+    with torch.inference_mode():  # not reading the panels
+        mlp(x, res)
+    with torch.enable_grad():
+        mlp(x.requires_grad_(), res)
+    assert rows == [300, 300]
