@@ -300,6 +300,11 @@ def test_swiglu_mlp_takes_many_rows_in_slices_with_the_same_bits(monkeypatch):
         monkeypatch.setattr(moe, "MLP_ROW_CHUNK", 1 << 30)
         whole = mlp(x, res)
     assert rows[-1] == 300 and torch.equal(sliced, whole)
+    rows.clear()  # a one-row remainder joins the slice before it (one row would take the C++ gemv, not the panels)
+    monkeypatch.setattr(moe, "MLP_ROW_CHUNK", 64)
+    with torch.inference_mode(), packed_linear.reading():
+        sliced = mlp(x[:257], res[:257])
+    assert rows == [64, 64, 64, 65] and torch.equal(sliced, whole[:257])
     monkeypatch.setattr(moe, "MLP_ROW_CHUNK", 64)
     rows.clear()
     with torch.inference_mode():  # not reading the panels
