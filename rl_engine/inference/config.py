@@ -46,10 +46,11 @@ class EngineConfig:
     # advised madvise(MADV_HUGEPAGE) before first written, so where transparent huge pages are `madvise` or `always`
     # they are on 2 MiB pages (a batch-64 decode step of the ~3.5M model reads ~3.5k 4 KiB pages of them, far beyond
     # the TLB; kernels/cpu/host_memory.py, packed_linear.py): generate.py batch 64, one engine each way alternated in
-    # one process, 1 thread: ~3.5M greedy 1.04x, sampled 1.03-1.09x, ~50M 1.03x. Off Linux, where THP is `never` or
-    # madvise fails: the allocator's pages, the reason logged once. The same values either way. False: each packed
-    # weight a tensor of its own. (The KV pool stays on the allocator's pages: on huge pages the ~50M model's batch-64
-    # runs measured 2.5-5% longer.)
+    # one process, 1 thread: ~3.5M greedy 1.04x, sampled 1.03-1.09x, ~50M 1.03x. The KV pool likewise: its layers' K
+    # and V as views of one buffer on 2 MiB pages, staggered so that a block's K and V do not share cache sets
+    # (model_runner._huge_page_kv_pool; the figures there, with the block manager's lowest-ids-first reset beside it).
+    # Off Linux, where THP is `never` or madvise fails: the allocator's pages, the reason logged once. The same values
+    # either way. False: each packed weight a tensor of its own, and a torch.zeros tensor each for the KV pool.
     cpu_huge_pages: bool = True
     # CPU: decode attention by the C++ kernel that reads K/V in place in their blocks, and rotary fused with the
     # KV cache write by another (kernels/cpu, the registry's CPU defaults where they build; else the torch paths,

@@ -152,6 +152,24 @@ def test_reset_prefix_cache_forgets_hashes_and_stops_stale_registration():
     bm.check_invariants()
 
 
+def test_after_a_reset_the_lowest_free_blocks_are_taken_first():
+    """A run's sequences, freed and the cache reset, leave the next run the same (lowest) blocks, not the next
+    stretch of the pool (the free list is first in, first out between resets)."""
+    bm = BlockManager(num_blocks=40, block_size=2, enable_prefix_caching=True)
+    first = [make_seq(list(range(10 * i, 10 * i + 7))) for i in range(3)]  # 4 blocks each, 3 of them full
+    for seq in first:
+        run_prefill(bm, seq)
+    used = sorted(b for seq in first for b in seq.block_table)
+    assert used == list(range(1, 13))
+    for seq in reversed(first):
+        bm.free(seq)
+    bm.reset_prefix_cache()
+    second = make_seq(list(range(200, 219)))  # 10 blocks
+    run_prefill(bm, second)
+    assert second.block_table == list(range(1, 11))
+    bm.check_invariants()
+
+
 @pytest.mark.parametrize("num_blocks", [0, 1])
 def test_pool_needs_two_blocks(num_blocks):
     with pytest.raises(ValueError, match="at least 2 blocks"):

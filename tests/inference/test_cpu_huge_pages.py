@@ -1,6 +1,6 @@
 """EngineConfig.cpu_huge_pages: the CPU engine's packed weights sit in one arena advised madvise(MADV_HUGEPAGE) (the
-`hg` VmFlag; Linux), the tokens and log-probs are the bits of an engine with the switch off, and a weight written in
-place after the arena was filled decodes as the new weight."""
+`hg` VmFlag; Linux), and its KV pool in another, the tokens and log-probs are the bits of an engine with the switch
+off, and a weight written in place after the arena was filled decodes as the new weight."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from inference_helpers import mixed_prompts, vm_flags
 from rl_engine import LLM, SamplingParams
+from rl_engine.inference.model_runner import KV_POOL_STAGGER
 from rl_engine.kernels.cpu import host_memory, packed_linear
 from rl_engine.policy import from_pretrained
 
@@ -36,11 +37,21 @@ def _in_slot(weight) -> bool:
 def test_arena_is_advised_and_the_bits_are_the_same(qwen2):
     on = LLM(from_pretrained(qwen2[1], dtype=torch.float32), **KW)
     off = LLM(from_pretrained(qwen2[1], dtype=torch.float32), cpu_huge_pages=False, **KW)
+    # both pools zero before any step (the huge-page one a fresh mapping, faulted in as its blocks are first reached)
+    assert all(t.count_nonzero() == 0 for r in (on, off) for t in r.engine.runner.k_caches + r.engine.runner.v_caches)
     prompts = mixed_prompts(7, seed=5, max_len=30)  # 7 rows in the bucket of 8, then fewer as they stop
     for temperature in (0.0, 1.0):
         params = _params(temperature, len(prompts))
         assert _outputs(on, prompts, params) == _outputs(off, prompts, params)  # bit for bit
     runner, plain = on.engine.runner, off.engine.runner
+    kv, plain_kv = runner.k_caches + runner.v_caches, plain.k_caches + plain.v_caches
+    assert not any("hg" in vm_flags(t.data_ptr()) for t in plain_kv)
+    if host_memory._no_huge_pages() is None:  # the KV pool: views of one advised buffer, each staggered
+        assert len({t.untyped_storage().data_ptr() for t in kv}) == 1
+        assert all("hg" in vm_flags(t.data_ptr()) and "hg" in vm_flags(t.data_ptr() + t.nbytes - 1) for t in kv)
+        starts = [t.data_ptr() for t in kv]
+        assert [b - a for a, b in zip(starts, starts[1:])] == [kv[0].nbytes + KV_POOL_STAGGER] * (len(kv) - 1)
+    assert [(t.shape, t.dtype) for t in kv] == [(t.shape, t.dtype) for t in plain_kv]
     assert plain.packed_weights and all(getattr(w, "_rl_packed").slot is None for w in plain.packed_weights)
     assert not any("hg" in vm_flags(w._rl_packed.packed.data_ptr()) for w in plain.packed_weights
                    if w._rl_packed.packed is not None)
