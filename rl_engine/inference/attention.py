@@ -169,7 +169,8 @@ class PagedAttention:
         self.decode_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         # (block tables, context lens, num_single, `decode_tables` of them) where those are views of the two tensors
         # (a decode runner's static buffers, written in place every step): `prepare` reuses them for the same
-        # tensors (kept alive here, so `is` compares them) and row count, without the checks and slicing again
+        # tensors (kept alive here, so `is` compares them; one step's tables at most) and row count, without the
+        # checks and slicing again
         self._decode_views: tuple = (None,) * 4
         # a step of decodes only, with the C++ rotary + KV write and decode kernels: `attend_rotary` calls both
         # kernels themselves, not through their Python wrappers (set in `prepare`)

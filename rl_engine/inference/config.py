@@ -50,7 +50,9 @@ class EngineConfig:
     # and V as views of one buffer on 2 MiB pages, staggered so that a block's K and V do not share cache sets
     # (model_runner._huge_page_kv_pool; the figures there, with the block manager's lowest-ids-first reset beside it).
     # Off Linux, where THP is `never` or madvise fails: the allocator's pages, the reason logged once. The same values
-    # either way. False: each packed weight a tensor of its own, and a torch.zeros tensor each for the KV pool.
+    # either way. False: each packed weight a tensor of its own, and a torch.zeros tensor each for the KV pool. (The
+    # huge-page pool is claimed as its blocks are first reached, not at build: a pool larger than the memory left
+    # fails then, mid-run, where torch.zeros fails in LLM(...); size kv_cache_memory / num_kv_blocks to the machine.)
     cpu_huge_pages: bool = True
     # CPU: decode attention by the C++ kernel that reads K/V in place in their blocks, and rotary fused with the
     # KV cache write by another (kernels/cpu, the registry's CPU defaults where they build; else the torch paths,
@@ -70,9 +72,13 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         def positive(name: str, value) -> None:
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
+        for name in ("enable_prefix_caching", "enforce_eager", "compile_decode", "record_routing",
+                     "cpu_prepack_weights", "cpu_huge_pages", "cpu_decode_kernel", "fork_copy_partial_block"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         positive("block_size", self.block_size)
         positive("kv_cache_memory", self.kv_cache_memory)
         positive("max_num_seqs", self.max_num_seqs)
@@ -87,10 +93,6 @@ class EngineConfig:
             if self.record_routing:
                 raise ValueError("record_routing=True cannot be combined with speculative_config (the routing "
                                  "of rejected draft positions would be recorded); turn one of them off")
-        for name in ("enable_prefix_caching", "enforce_eager", "compile_decode", "record_routing",
-                     "cpu_prepack_weights", "cpu_huge_pages", "cpu_decode_kernel", "fork_copy_partial_block"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.cpu_threads not in ("auto", "fixed"):
             raise ValueError(f"cpu_threads must be 'auto' or 'fixed', got {self.cpu_threads!r}")
         if self.graph_batch_sizes is not None:

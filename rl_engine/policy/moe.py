@@ -61,7 +61,7 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The MLP's output, or residual + it when `residual` is given (fused into the last matmul)."""
         silu_and_mul = self._silu_and_mul_train if training_kernels() else self._silu_and_mul
-        if residual is not None and x.dim() == 2 and x.shape[0] > MLP_ROW_CHUNK and self._row_chunks(x):
+        if residual is not None and x.dim() == 2 and x.shape[0] > MLP_ROW_CHUNK and self._row_chunks(x, residual):
             # a prefill's MLP by slices of rows: each slice's intermediate is read back from L2, not L3 (the
             # ~3.5M batch-64 prefill 288 -> 257 ms); the same bits, each row's products its own sums on the
             # small GEMM's panels (`reads_panels`)
@@ -74,10 +74,11 @@ class SwiGLUMLP(nn.Module):
             return out
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)), residual)
 
-    def _row_chunks(self, x: torch.Tensor) -> bool:
-        """Whether the forward may take x's rows in slices with unchanged bits: one rank, no bias, both products
-        on the small GEMM's panels (row-independent sums), no autograd."""
-        return (self.gate_up_proj.groups.tp_size == 1 and self.gate_up_proj.bias is None
+    def _row_chunks(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Whether the forward may take x's rows in slices with unchanged bits: one rank, no bias, the residual in x's
+        dtype (else the last product falls back to torch.addmm), both products on the small GEMM's panels
+        (row-independent sums), no autograd."""
+        return (self.gate_up_proj.groups.tp_size == 1 and self.gate_up_proj.bias is None and residual.dtype == x.dtype
                 and not torch.is_grad_enabled() and packed_linear.reads_panels(x, self.gate_up_proj.weight)
                 and packed_linear.reads_panels(x, self.down_proj.weight))
 

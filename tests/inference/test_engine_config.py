@@ -33,7 +33,7 @@ def test_flag_either_setting(name):
 
 @pytest.mark.parametrize("name", ["block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
                                   "max_model_len"])
-@pytest.mark.parametrize("value", [0, -3, 2.0, "16"])
+@pytest.mark.parametrize("value", [0, -3, 2.0, "16", True])
 def test_positive_integers(name, value):
     with pytest.raises(ValueError, match=rf"^{name} must be a positive integer, got {value!r}$"):
         EngineConfig(**{name: value})
