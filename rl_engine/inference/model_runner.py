@@ -69,14 +69,14 @@ def _huge_page_kv_pool(shape: tuple[int, ...], dtype: torch.dtype, count: int) -
     (`host_memory.huge_page_buffer`: a fresh anonymous mapping, zero when first read), each `KV_POOL_STAGGER` bytes
     past the end of the one before; None where huge pages cannot be had (the reason logged once there).
 
-    Its pages are faulted in as the engine's steps first reach their blocks (~5 ms a 2 MiB page on this VM: faulting
-    a 1 GiB pool in at build took ~2.4 s against torch.zeros' ~0.6 s, so it is not done; a pool larger than the
-    memory left fails when reached, not here). With the block manager
-    handing out the lowest free ids after each reset, a run's KV stays on the pages the last run faulted in; with
-    its old first-in-first-out reset, runs cycled through the whole pool and kept faulting (~3.5M batch 64 2-4%
-    slower than the allocator's pages). Without the stagger the ~50M model's tensors (exactly 64 MiB each) all start
-    on a 2 MiB boundary, and its batch-64 runs measured 1.5-3% slower than the allocator's pages; with it 1.01x
-    (generate.py batch 64, 1 thread, one engine each way alternated in one process, 5 pairs)."""
+    Its pages are faulted in as the engine's steps first reach their blocks (~5 ms a 2 MiB page on this VM: faulting a
+    1 GiB pool in at build took ~2.4 s against torch.zeros' ~0.6 s, so it is not done; a pool larger than the memory
+    left fails when reached, not here). With the block manager handing out the lowest free ids after each reset, a run's
+    KV stays on the pages the last run faulted in; with its old first-in-first-out reset, runs cycled through the whole
+    pool and kept faulting (~3.5M batch 64 2-4% slower than the allocator's pages). Without the stagger the ~50M model's
+    tensors (exactly 64 MiB each) all start on a 2 MiB boundary, and its batch-64 runs measured 1.5-3% slower than the
+    allocator's pages; with it 1.01x (generate.py batch 64, 1 thread, one engine each way alternated in one process,
+    5 pairs)."""
     from rl_engine.kernels.cpu import host_memory
 
     elem = torch.empty((), dtype=dtype).element_size()

@@ -75,12 +75,11 @@ class SwiGLUMLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)), residual)
 
     def _row_chunks(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
-        """Whether the forward may take x's rows in slices with unchanged bits: one rank, no bias, the residual in x's
-        dtype (else the last product falls back to torch.addmm), both products on the small GEMM's panels
-        (row-independent sums), no autograd."""
-        return (self.gate_up_proj.groups.tp_size == 1 and self.gate_up_proj.bias is None and residual.dtype == x.dtype
+        """Whether the forward may take x's rows in slices with unchanged bits: one rank, no bias, both products
+        (the last with its residual) on the small GEMM's panels (row-independent sums), no autograd."""
+        return (self.gate_up_proj.groups.tp_size == 1 and self.gate_up_proj.bias is None
                 and not torch.is_grad_enabled() and packed_linear.reads_panels(x, self.gate_up_proj.weight)
-                and packed_linear.reads_panels(x, self.down_proj.weight))
+                and packed_linear.reads_panels(x, self.down_proj.weight, residual))
 
 
 class _AttachAuxLoss(torch.autograd.Function):

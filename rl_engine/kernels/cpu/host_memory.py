@@ -17,11 +17,11 @@ threshold once set, so the setting stays for the process's life; `release_freed_
 back (malloc_trim). Other C libraries (musl, macOS, Windows): nothing changes, and the reason is logged once.
 
 `huge_page_buffer` serves the inference engine's packed weights (one arena an engine: packed_linear.py,
-`EngineConfig.cpu_huge_pages`) and its KV pool (model_runner._huge_page_kv_pool) from a fresh anonymous mapping advised madvise(MADV_HUGEPAGE) before it is first
-touched, starting on a 2 MiB boundary: where transparent huge pages are `madvise` or `always`
-(/sys/kernel/mm/transparent_hugepage/enabled) its pages then fault in as 2 MiB pages (when the kernel has them
-free; else 4 KiB ones, which khugepaged may collapse later). Off Linux, where THP is `never`, or where madvise
-fails: None, and the reason is logged once.
+`EngineConfig.cpu_huge_pages`) and its KV pool (model_runner._huge_page_kv_pool) from a fresh anonymous mapping
+advised madvise(MADV_HUGEPAGE) before it is first touched, starting on a 2 MiB boundary: where transparent huge
+pages are `madvise` or `always` (/sys/kernel/mm/transparent_hugepage/enabled) its pages then fault in as 2 MiB pages
+(when the kernel has them free; else 4 KiB ones, which khugepaged may collapse later). Off Linux, where THP is
+`never`, or where madvise fails: None, and the reason is logged once.
 """
 
 from __future__ import annotations

@@ -271,12 +271,12 @@ def _read(entry: _Packed, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return _onednn(entry.current(weight, False), x, bias, residual)
 
 
-def reads_panels(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear(x, weight)` (no bias) reads the small-M GEMM's panels: eager, fp32, 2+ rows, inside
-    `reading()` under inference mode. Each row's product is then a sequential-K sum of that row alone, so the
-    rows can be taken in slices with the same bits (`SwiGLUMLP`'s row chunks)."""
+def reads_panels(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+    """Whether `linear(x, weight, residual=residual)` (no bias) reads the small-M GEMM's panels: eager, fp32, 2+
+    rows, inside `reading()` under inference mode. Each row's product is then a sequential-K sum of that row alone,
+    so the rows can be taken in slices with the same bits (`SwiGLUMLP`'s row chunks)."""
     return (_small is not None and x.dtype == torch.float32 and getattr(weight, _ATTR, None) is not None
-            and _packable(x, weight, None, None) and not torch.compiler.is_compiling() and _reading()
+            and _packable(x, weight, None, residual) and not torch.compiler.is_compiling() and _reading()
             and torch.is_inference_mode_enabled() and not _one_row(x))
 
 
