@@ -136,7 +136,7 @@ PREFILL_CASES = [  # (context_lens, query_lens, block_size, num_kv_heads, group,
     ([70, 31, 64, 16, 128], [70, 31, 64, 16, 128], 16, 2, 4, 32),  # fresh prompts, the ~3.5M model's heads
     ([100, 40, 3, 57], [36, 40, 3, 9], 16, 2, 4, 64),  # the ~40M model's heads, chunks over shared blocks
     ([3, 0, 21], [3, 0, 5], 4, 1, 3, 12),  # a request without queries, a head dim that is no multiple of 16
-    # contexts over several 128-key blocks (online softmax across them), query tiles of 16 across block edges
+    # contexts over several 128-key blocks (online softmax across them), query tiles of 32 across block edges
     ([300, 200, 129, 17], [300, 61, 1, 17], 16, 2, 4, 64),
     ([260, 33], [259, 33], 8, 3, 1, 80),  # no GQA group, a head dim of 5 vectors
 ]

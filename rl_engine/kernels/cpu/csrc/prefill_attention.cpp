@@ -32,7 +32,7 @@ using rl_engine_cpu::fast_exp;
 
 constexpr int64_t KT = 16;  // keys per tile: one 16-lane fp32 vector of scores per row
 constexpr int64_t KB = 128;  // keys per block (softmax in one pass over a block)
-constexpr int64_t QT = 16;  // query positions per task
+constexpr int64_t QT = 32;  // query positions per task (each key block widened once for all their rows)
 
 inline float widen1(float x) { return x; }
 inline float widen1(c10::BFloat16 x) {
@@ -74,8 +74,9 @@ inline v16 vexp(v16 x) {
 }
 
 // One task: rows j * G + g (query j of the tile, head g of kv head h's group). Keys go by blocks of KB = 128
-// (8 tiles of 16): a block's scores for 4 rows at a time, then per row its max, weights and P.V over the block
-// in one pass, the running max / sum / accumulator rescaled once per block (online softmax across blocks).
+// (8 tiles of 16): a block's scores for 4 rows at a time, then per row its max and weights, then the 4 rows' P.V
+// over the block together, the running max / sum / accumulator rescaled once per block (online softmax across
+// blocks).
 // Dp / Vp: D / Dv rounded up to 16 (the buffers' tails stay zero).
 template <typename T>
 void attend_tile(const T* q, int64_t qs0, int64_t qs1, const T* kc, const T* vc, const int32_t* table,
@@ -154,9 +155,12 @@ void attend_tile(const T* q, int64_t qs0, int64_t qs1, const T* kc, const T* vc,
         store16(sb + 2 * KB + tile * KT, s2);
         store16(sb + 3 * KB + tile * KT, s3);
       }
+      float alpha[4] = {1.f, 1.f, 1.f, 1.f};
+      int64_t vis[4];
       for (int64_t i = 0; i < nr; ++i) {
         const int64_t row = r + i;
         const int64_t visible = std::min(nk, first_pos + row / G - k0 + 1);  // keys k0 .. k0 + visible - 1
+        vis[i] = std::max<int64_t>(visible, 0);
         if (visible <= 0) continue;
         float* sr = sb + i * KB;
         const int64_t nv = (visible + KT - 1) / KT;
@@ -168,37 +172,76 @@ void attend_tile(const T* q, int64_t qs0, int64_t qs1, const T* kc, const T* vc,
           vmax = vmax > x ? vmax : x;
         }
         const float mx = std::max(m[row], hmax(vmax));
-        const float alpha = fast_exp(m[row] - mx);  // the first block: exp(-inf) -> ~1e-38, times zeros
+        alpha[i] = fast_exp(m[row] - mx);  // the first block: exp(-inf) -> ~1e-38, times zeros
         m[row] = mx;
         v16 vsum{};
         for (int64_t u = 0; u < nv; ++u) {
           float* su = sr + u * KT;
+#if defined(__AVX512F__)  // (fast_exp16: fast_exp's bits, the weights summed from the register, not reloaded)
+          v16 e = reinterpret_cast<v16>(rl_engine_cpu::fast_exp16(reinterpret_cast<__m512>(load16(su) - splat(mx))));
+#else
 #pragma omp simd
           for (int t = 0; t < KT; ++t) su[t] = fast_exp(su[t] - mx);
-          if (u == nv - 1) store16(su, lane < tail ? load16(su) : v16{});
-          vsum += load16(su);
+          v16 e = load16(su);
+#endif
+          if (u == nv - 1) e = lane < tail ? e : v16{};
+          store16(su, e);
+          vsum += e;
         }
-        l[row] = l[row] * alpha + hsum(vsum);
-        float* ar = acc + row * Vp;
-        for (int64_t c = 0; c < Vp; c += 64) {  // 4 vectors of the row's accumulator at a time, in registers
-          const int64_t nc = std::min<int64_t>(4, (Vp - c) / 16);
-          v16 a0{}, a1{}, a2{}, a3{};
-          if (nc == 4) {
-            a0 = load16(ar + c) * alpha, a1 = load16(ar + c + 16) * alpha, a2 = load16(ar + c + 32) * alpha,
-            a3 = load16(ar + c + 48) * alpha;
-            for (int64_t t = 0; t < visible; ++t) {
-              const float* vr = vt + t * Vp + c;
-              const float pt = sr[t];
-              a0 += pt * load16(vr), a1 += pt * load16(vr + 16), a2 += pt * load16(vr + 32), a3 += pt * load16(vr + 48);
+        l[row] = l[row] * alpha[i] + hsum(vsum);
+      }
+      // P.V: each row's accumulator a = a * alpha + sum over its visible keys t, in key order, of p_t * v_t (16
+      // lanes at a time). Four rows by two vectors of 16 columns at once: eight independent sums, so the fma
+      // chain's latency is hidden (one row's single sum waited on each fma), each row's sums in the same order.
+      if (nr == 4) {
+        const int64_t common = std::min(std::min(vis[0], vis[1]), std::min(vis[2], vis[3]));
+        float* a0r = acc + r * Vp;
+        for (int64_t c = 0; c < Vp; c += 32) {
+          if (c + 32 <= Vp) {
+            v16 x0 = load16(a0r + c) * alpha[0], y0 = load16(a0r + c + 16) * alpha[0];
+            v16 x1 = load16(a0r + Vp + c) * alpha[1], y1 = load16(a0r + Vp + c + 16) * alpha[1];
+            v16 x2 = load16(a0r + 2 * Vp + c) * alpha[2], y2 = load16(a0r + 2 * Vp + c + 16) * alpha[2];
+            v16 x3 = load16(a0r + 3 * Vp + c) * alpha[3], y3 = load16(a0r + 3 * Vp + c + 16) * alpha[3];
+            for (int64_t t = 0; t < common; ++t) {
+              const v16 va = load16(vt + t * Vp + c), vb = load16(vt + t * Vp + c + 16);
+              const float p0 = sb[t], p1 = sb[KB + t], p2 = sb[2 * KB + t], p3 = sb[3 * KB + t];
+              x0 += p0 * va, y0 += p0 * vb, x1 += p1 * va, y1 += p1 * vb;
+              x2 += p2 * va, y2 += p2 * vb, x3 += p3 * va, y3 += p3 * vb;
             }
-            store16(ar + c, a0), store16(ar + c + 16, a1), store16(ar + c + 32, a2), store16(ar + c + 48, a3);
-            continue;
+            v16* xs[4] = {&x0, &x1, &x2, &x3};
+            v16* ys[4] = {&y0, &y1, &y2, &y3};
+            for (int64_t i = 0; i < 4; ++i) {  // the rows that see more keys than the least of the four
+              v16 x = *xs[i], y = *ys[i];
+              for (int64_t t = common; t < vis[i]; ++t) {
+                const float pt = sb[i * KB + t];
+                x += pt * load16(vt + t * Vp + c), y += pt * load16(vt + t * Vp + c + 16);
+              }
+              if (vis[i] > 0) store16(a0r + i * Vp + c, x), store16(a0r + i * Vp + c + 16, y);
+            }
+          } else {  // a last 16 columns
+            v16 x[4];
+            for (int64_t i = 0; i < 4; ++i) x[i] = load16(a0r + i * Vp + c) * alpha[i];
+            for (int64_t t = 0; t < common; ++t) {
+              const v16 va = load16(vt + t * Vp + c);
+              x[0] += sb[t] * va, x[1] += sb[KB + t] * va, x[2] += sb[2 * KB + t] * va, x[3] += sb[3 * KB + t] * va;
+            }
+            for (int64_t i = 0; i < 4; ++i) {
+              for (int64_t t = common; t < vis[i]; ++t) x[i] += sb[i * KB + t] * load16(vt + t * Vp + c);
+              if (vis[i] > 0) store16(a0r + i * Vp + c, x[i]);
+            }
           }
-          for (int64_t u = 0; u < nc; ++u) {
-            v16 a = load16(ar + c + 16 * u) * alpha;
-            for (int64_t t = 0; t < visible; ++t) a += sr[t] * load16(vt + t * Vp + c + 16 * u);
-            store16(ar + c + 16 * u, a);
-          }
+        }
+        continue;
+      }
+      for (int64_t i = 0; i < nr; ++i) {  // fewer than four rows: one row at a time
+        if (vis[i] <= 0) continue;
+        const int64_t row = r + i, visible = vis[i];
+        const float* sr = sb + i * KB;
+        float* ar = acc + row * Vp;
+        for (int64_t c = 0; c < Vp; c += 16) {
+          v16 a = load16(ar + c) * alpha[i];
+          for (int64_t t = 0; t < visible; ++t) a += sr[t] * load16(vt + t * Vp + c);
+          store16(ar + c, a);
         }
       }
     }
