@@ -511,10 +511,23 @@ struct Prefetcher {
 // the same order either way. On AVX-512 (decode_isa.py's cells, 1 thread, A/B in one run through the lock at load
 // ~9): fp32 40m rows 64 1328 us a layer call chunked, 1203-1227 by whole rows; bf16 3m rows 64 242 chunked,
 // 256-263 by whole rows.
+// By whole rows where the GC heads' query vectors, the tile's W sums and a K row fit the 32 registers together
+// (kHeldQuery: head dim 32 at GQA 4, the ~3.5M model's), the query vectors come loaded once a block (qv [GC][CN],
+// from group_scores) and the K row is pinned in registers (an empty asm): GCC otherwise folded each query chunk
+// into its FMA as a load from L1 (16 zmm loads a token) and copied the K row into the sums, spilling it to the
+// stack and reloading it per head. The same FMAs in the same order (bit for bit). decode_isa.py's 3m fp32 cell
+// (64 rows, 1 thread, builds alternated in one process through the lock at load ~3.5): 286 -> 244 us a layer call
+// (pair ratio 0.86); with the value loop's V rows pinned too (fused_chunk) and softmax_heads, 258 -> 216 us (0.84,
+// load ~1.3). Inside the engine's generate (~3.5M model, batch 64, 128 new greedy tokens, 1 thread, the two builds
+// alternated in one engine, 10 runs each, load ~1.5) the decode attention's time a run 130.3 -> 114.5 ms median
+// (pair ratio 0.89), the whole run 0.984 (9 of 10 pairs faster; an earlier round: 0.87 and 0.983, 10 of 10).
+template <class Dot, int DC, int GC>
+constexpr bool kHeldQuery = Dot::kWholeRows && GC * (DC / Dot::kStep) + Isa::W + DC / Dot::kStep <= 2 * Isa::kAccRegs;
 template <class Dot, typename T, int DC, int GC, bool Full>
-inline void tile_dots(const typename Dot::Q* qh, int64_t q_stride, const T* kr, int64_t tok, int64_t nt,
-                      typename Isa::V* part) {
+inline void tile_dots(const typename Dot::Q* qh, int64_t q_stride, const typename Dot::QV* qv, const T* kr,
+                      int64_t tok, int64_t nt, typename Isa::V* part) {
   constexpr int TT = Isa::W / GC, CN = DC / Dot::kStep;
+  constexpr bool held = kHeldQuery<Dot, DC, GC>;
   for (int i = 0; i < Isa::W; ++i) part[i] = Isa::zero();
   if constexpr (Dot::kWholeRows) {
 #pragma GCC unroll 16
@@ -522,9 +535,12 @@ inline void tile_dots(const typename Dot::Q* qh, int64_t q_stride, const T* kr, 
       if (Full || tt < nt) {
         typename Dot::KV kv[CN];
         for (int c = 0; c < CN; ++c) kv[c] = Dot::load_k(kr + tt * tok + Dot::kStep * c);
+        if constexpr (held)
+          for (int c = 0; c < CN; ++c) asm("" : "+v"(kv[c]));
         for (int g = 0; g < GC; ++g) {
           typename Isa::V a = part[tt * GC + g];
-          for (int c = 0; c < CN; ++c) a = Dot::madd(a, Dot::load_q(qh + g * q_stride + Dot::kStep * c), kv[c]);
+          for (int c = 0; c < CN; ++c)
+            a = Dot::madd(a, held ? qv[g * CN + c] : Dot::load_q(qh + g * q_stride + Dot::kStep * c), kv[c]);
           part[tt * GC + g] = a;
         }
       }
@@ -558,13 +574,18 @@ inline void group_scores(const float* qf, const T* qb, int64_t q_s1, float scale
   int64_t q_stride;
   if constexpr (Dot::kStoredQuery) qh = qb, q_stride = q_s1;
   else qh = qf, q_stride = DC;
+  constexpr int CN = DC / Dot::kStep;
+  typename Dot::QV qv[GC * CN];  // the query vectors, where tile_dots holds them (kHeldQuery)
+  if constexpr (kHeldQuery<Dot, DC, GC>)
+    for (int g = 0; g < GC; ++g)
+      for (int c = 0; c < CN; ++c) qv[g * CN + c] = Dot::load_q(qh + g * q_stride + Dot::kStep * c);
   for (int64_t t0 = 0; t0 < n; t0 += TT) {
     if constexpr (kPumped<DC>) pf.pump(pf.row_lines);
     typename Isa::V part[W];
     if (n - t0 >= TT) {
-      tile_dots<Dot, T, DC, GC, true>(qh, q_stride, kb + t0 * tok, tok, TT, part);
+      tile_dots<Dot, T, DC, GC, true>(qh, q_stride, qv, kb + t0 * tok, tok, TT, part);
     } else {
-      tile_dots<Dot, T, DC, GC, false>(qh, q_stride, kb + t0 * tok, tok, n - t0, part);
+      tile_dots<Dot, T, DC, GC, false>(qh, q_stride, qv, kb + t0 * tok, tok, n - t0, part);
     }
     typename Isa::V r = Isa::sum_lanes(part);
     if constexpr (GC > 1) r = Isa::permute(r, perm);
@@ -676,33 +697,6 @@ template <typename T, int DC, int GC>
 constexpr bool kPairScores = DC == 16 && GC == 2 && !DotOf<T, DC>::kStoredQuery;
 #endif
 
-// softmax_block of the vector kernel: the same exp of each score, in whole vectors of W scores (the last one's lanes
-// past n computed on what the buffer holds there, written back and left out of the sum: sj has room for them).
-// Where the scalar form ran n % W scores one at a time (the compiler's loop tail, ~25 instructions each): at the
-// RL rollout's ~45 keys a chunk that was most of a decode call's softmax.
-inline float softmax_chunk(float* sj, int64_t n, float block_max, float& m, float& l) {
-  constexpr int W = Isa::W;
-  const float m_new = std::max(m, block_max);
-  const float corr = fast_exp(m - m_new);
-  float sums[W] = {};
-  for (int64_t t0 = 0; t0 < n; t0 += W) {
-#pragma omp simd
-    for (int u = 0; u < W; ++u) {
-      const float e = fast_exp(sj[t0 + u] - m_new);
-      sj[t0 + u] = e;
-      sums[u] += t0 + u < n ? e : 0.f;
-    }
-  }
-  // l * corr rounded, then the sum added: the empty asm keeps -ffp-contract=fast from fusing the two into one FMA,
-  // which it does or not depending on where this inlines (fused_chunk's bits must equal group_chunk's, and both those
-  // of the GCC builds before it; clang's -ffp-contract=on fused the one expression there, so its bits moved)
-  float lc = l * corr;
-  asm("" : "+x"(lc));
-  l = lc + Isa::reduce_add(Isa::load(sums));
-  m = m_new;
-  return corr;
-}
-
 // The largest of one head's n scores sj[0 .. n).
 inline float block_max(const float* sj, int64_t n) {
   typename Isa::V mv = Isa::set1(-std::numeric_limits<float>::infinity());
@@ -715,6 +709,46 @@ inline float block_max(const float* sj, int64_t n) {
   float mx = Isa::reduce_max(mv);
   for (; t < n; ++t) mx = std::max(mx, sj[t]);
   return mx;
+}
+
+// softmax_block of the vector kernel, for NH heads of a pass at once (scores s + g * s_stride, n of each; m, l, corr
+// per head): each head's maximum and correction, then the same exp of each score in whole vectors of W scores (the
+// last one's lanes past n computed on what the buffer holds there, written back and left out of the sum: s has room
+// for them), the heads' vectors interleaved a vector at a time (NH independent chains where one head at a time waited
+// on its own; decode_isa.py's 3m fp32 cell: 0.98 of a call), then each head's sum. Where the scalar form ran n % W
+// scores one at a time (the compiler's loop tail, ~25 instructions each): at the RL rollout's ~45 keys a chunk that
+// was most of a decode call's softmax.
+template <int NH>
+inline void softmax_heads(float* s, int64_t s_stride, int64_t n, float* m, float* l, float* corr) {
+  constexpr int W = Isa::W;
+  float m_new[NH];
+  for (int g = 0; g < NH; ++g) {
+    m_new[g] = std::max(m[g], block_max(s + g * s_stride, n));
+    corr[g] = fast_exp(m[g] - m_new[g]);
+  }
+  float sums[NH][W] = {};
+  for (int64_t t0 = 0; t0 < n; t0 += W) {
+#pragma GCC unroll 8
+    for (int g = 0; g < NH; ++g) {
+      float* sj = s + g * s_stride;
+      const float mg = m_new[g];
+#pragma omp simd
+      for (int u = 0; u < W; ++u) {
+        const float e = fast_exp(sj[t0 + u] - mg);
+        sj[t0 + u] = e;
+        sums[g][u] += t0 + u < n ? e : 0.f;
+      }
+    }
+  }
+  for (int g = 0; g < NH; ++g) {
+    // l * corr rounded, then the sum added: the empty asm keeps -ffp-contract=fast from fusing the two into one FMA,
+    // which it does or not depending on where this inlines (fused_chunk's bits must equal group_chunk's, and both
+    // those of the GCC builds before it; clang's -ffp-contract=on fused the one expression there, so its bits moved)
+    float lc = l[g] * corr[g];
+    asm("" : "+x"(lc));
+    l[g] = lc + Isa::reduce_add(Isa::load(sums[g]));
+    m[g] = m_new[g];
+  }
 }
 
 // The dtypes of the vector kernel (others take paged_decode_kernel): fp16 rows widened by vcvtph2ps (F16C, or
@@ -737,12 +771,8 @@ inline void group_chunk(const float* qf, const T* qb, int64_t q_s1, float scale,
     for (int64_t i = 0, t = 0; i < ch.count; t += ch.n[i], ++i)
       group_scores<T, DC, GC>(qf + j0 * DC, qb + j0 * q_s1, q_s1, scale, ch.k[i], tok, ch.n[i], s + t, s_stride, pf);
   }
-  const int64_t n = ch.tokens;
   float corr[GC];
-  for (int g = 0; g < GC; ++g) {  // online softmax over this chunk's n scores of each head
-    float* sj = s + g * s_stride;
-    corr[g] = softmax_chunk(sj, n, block_max(sj, n), m[j0 + g], l[j0 + g]);
-  }
+  softmax_heads<GC>(s, s_stride, ch.tokens, m + j0, l + j0, corr);  // online softmax over this chunk's scores
   group_values<T, DC, GC>(s, s_stride, ch, tok, corr, acc + j0 * DC, pf);
 }
 
@@ -766,12 +796,8 @@ inline void fused_chunk(const float* qf, const T* qb, int64_t q_s1, float scale,
     for (int hh = 0; hh < 2; ++hh)
       group_scores<T, DC, GC>(qf + hh * GC * DC, qb + hh * GC * q_s1, q_s1, scale, ch.k[i] + hh * DC, tok, ch.n[i],
                               s + hh * GC * s_stride + t, s_stride, pf);
-  const int64_t n = ch.tokens;
   float corr[2 * GC];
-  for (int g = 0; g < 2 * GC; ++g) {
-    float* sj = s + g * s_stride;
-    corr[g] = softmax_chunk(sj, n, block_max(sj, n), m[g], l[g]);
-  }
+  softmax_heads<2 * GC>(s, s_stride, ch.tokens, m, l, corr);
   typename Isa::V av[2 * GC][V];
   for (int g = 0; g < 2 * GC; ++g) {
     const typename Isa::V cv = Isa::set1(corr[g]);
@@ -786,7 +812,8 @@ inline void fused_chunk(const float* qf, const T* qb, int64_t q_s1, float scale,
         typename Isa::V p[GC];
         for (int g = 0; g < GC; ++g) p[g] = Isa::set1(s[(hh * GC + g) * s_stride + t]);
         for (int c = 0; c < V; ++c) {
-          const typename Isa::V vv = Isa::load(vr + hh * DC + W * c);
+          typename Isa::V vv = Isa::load(vr + hh * DC + W * c);
+          asm("" : "+v"(vv));  // one load a V chunk (GCC folded it into each of the GC FMAs: 16 zmm loads a token)
           for (int g = 0; g < GC; ++g) av[hh * GC + g][c] = Isa::fma(p[g], vv, av[hh * GC + g][c]);
         }
       }
