@@ -813,7 +813,8 @@ inline void fused_chunk(const float* qf, const T* qb, int64_t q_s1, float scale,
         for (int g = 0; g < GC; ++g) p[g] = Isa::set1(s[(hh * GC + g) * s_stride + t]);
         for (int c = 0; c < V; ++c) {
           typename Isa::V vv = Isa::load(vr + hh * DC + W * c);
-          asm("" : "+v"(vv));  // one load a V chunk (GCC folded it into each of the GC FMAs: 16 zmm loads a token)
+          // fp32: one load a V chunk (GCC folded it into each of the GC FMAs: 16 zmm loads a token)
+          if constexpr (std::is_same_v<T, float>) asm("" : "+v"(vv));
           for (int g = 0; g < GC; ++g) av[hh * GC + g][c] = Isa::fma(p[g], vv, av[hh * GC + g][c]);
         }
       }
