@@ -30,7 +30,7 @@ import torch
 from rl_engine.inference.block_manager import BlockManager
 from rl_engine.inference.config import EngineConfig
 from rl_engine.inference.model_runner import ModelRunner
-from rl_engine.inference.sampler import Sampler, same_setting, token_seed, token_uniform_base
+from rl_engine.inference.sampler import Sampler, full_logits, same_setting, token_seed, token_uniform_base
 from rl_engine.inference.sampling_params import SamplingParams
 from rl_engine.inference.scheduler import Scheduler
 from rl_engine.inference.sequence import (CompletionOutput, Request, RequestOutput, SchedulerOutput, SeqStatus,
@@ -151,6 +151,9 @@ class LLMEngine:
             from rl_engine.inference.speculative import Speculator
 
             self.speculator = Speculator(config.speculative_config, engine=self)
+        # CPU decode steps hand the sampler their logits deferred (`DeferredLogits`): greedy steps without
+        # log-probs pick from a screened product; the speculator reads every logit
+        self.runner.defer_logits = self.speculator is None and self.runner.device.type == "cpu"
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | RequestOutput,
@@ -327,7 +330,7 @@ class LLMEngine:
                 else:
                     tokens, logprobs = self._sample(logits, batch)
                 if batch.top_rows:
-                    tops = self._top_logprobs(logits, sample_seqs)
+                    tops = self._top_logprobs(full_logits(logits), sample_seqs)
             if bm.enable_prefix_caching and not decode:
                 bs = bm.block_size
                 for seq in sched.seqs:

@@ -29,6 +29,7 @@ from rl_engine.inference.attention import PagedAttention, PrefillChunk
 from rl_engine.inference.config import EngineConfig
 from rl_engine.inference.graph_cache import CudaGraphRunner, DecodeRunner, GraphCache, StaticInputs, default_buckets
 from rl_engine.inference.latent_attention import PagedLatentAttention
+from rl_engine.inference.sampler import DeferredLogits
 from rl_engine.inference.sequence import SchedulerOutput, Sequence, is_remainder, without_rows
 
 if TYPE_CHECKING:
@@ -213,6 +214,9 @@ class ModelRunner:
         # when the last runner that registered them is collected)
         self.packed_weights: list[torch.Tensor] = []
         self._reading_packed = contextlib.nullcontext
+        # eager CPU decode steps return their logits as a `DeferredLogits` (set by the engine, which reads them
+        # through its sampler: an all-greedy step without log-probs then skips most of the head's product)
+        self.defer_logits = False
         if self.device.type == "cpu" and config.cpu_prepack_weights and not model.batch_invariant:
             from rl_engine.kernels.cpu import packed_linear
 
@@ -287,9 +291,11 @@ class ModelRunner:
             return None, []
         if logits is not None:
             return _rows(logits, sample_rows), sample_seqs
-        if sample_rows is None:  # (_run_flat computed the sampled rows' hidden states only)
-            return self.model.compute_logits(hidden), sample_seqs
-        return self.model.compute_logits(_rows(hidden, sample_rows)), sample_seqs
+        # (_run_flat computed the sampled rows' hidden states only: sample_rows None)
+        rows = hidden if sample_rows is None else _rows(hidden, sample_rows)
+        if self.defer_logits and runner is not None:  # an eager decode step: the sampler computes what it needs
+            return DeferredLogits(self.model, rows, self._reading_packed), sample_seqs
+        return self.model.compute_logits(rows), sample_seqs
 
     def decoded(self, tokens: list[int], stopped: list[int]) -> None:
         """After a decode step in which every row sampled (the engine's `_emit_decode`): each row's sampled token, in

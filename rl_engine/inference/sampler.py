@@ -93,6 +93,45 @@ class SampleRow:
     seed: int | None  # token_seed(...) of this token, or None to draw from the engine's generator
 
 
+class DeferredLogits:
+    """A CPU decode step's logits, not computed yet (`ModelRunner.defer_logits`): the model, the sampled rows'
+    hidden states and the runner's packed-weights context. `tensor()` computes them (once, as the step would
+    have); `greedy()` gives each row's first maximum without them where `packed_linear.greedy_pick` decides (the
+    same ids as `greedy_argmax` of `tensor()`: an all-greedy batch without log-probs skips ~40% of the head's
+    product), else from them."""
+
+    __slots__ = ("model", "hidden", "reading", "_logits")
+
+    def __init__(self, model, hidden: torch.Tensor, reading: Callable) -> None:
+        self.model, self.hidden, self.reading = model, hidden, reading
+        self._logits: torch.Tensor | None = None
+
+    def tensor(self) -> torch.Tensor:
+        if self._logits is None:
+            with self.reading():
+                self._logits = self.model.compute_logits(self.hidden)
+        return self._logits
+
+    def greedy(self) -> torch.Tensor | None:
+        """[n] token ids, or None (compute `tensor()` and take its argmax)."""
+        head, hidden = self.model.lm_head, self.hidden
+        if (self._logits is not None or self.model.batch_invariant or head is None or head.groups.tp_size != 1
+                or hidden.dtype != torch.float32 or hidden.device.type != "cpu"):
+            return None
+        from rl_engine.kernels.cpu import packed_linear
+
+        weight = head.weight
+        if head.dense is not packed_linear.linear or weight.shape[0] != head.vocab_size:
+            return None
+        with self.reading():
+            return packed_linear.greedy_pick(hidden, weight)
+
+
+def full_logits(logits: torch.Tensor | DeferredLogits) -> torch.Tensor:
+    """The logits as a tensor (a `DeferredLogits`' computed)."""
+    return logits.tensor() if type(logits) is DeferredLogits else logits
+
+
 class Sampler:
     def __init__(self, *, device: torch.device, seed: int, batch_invariant: bool = False,
                  compile_greedy: bool = False) -> None:
@@ -114,10 +153,16 @@ class Sampler:
         self._argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._sample: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
-    def _greedy_argmax(self, logits: torch.Tensor) -> torch.Tensor:
+    def _greedy_argmax(self, logits: torch.Tensor | DeferredLogits) -> torch.Tensor:
         """The registry's `greedy_argmax` for this device (on CPU the C++ pass: torch's max over [64, 32k] took
         ~0.85 ms a step), resolved at the first greedy batch without log-probs, so that engines that never
-        have one (RL rollouts ask for log-probs) do not load the C++ extension for it."""
+        have one (RL rollouts ask for log-probs) do not load the C++ extension for it. Deferred logits: their
+        screened pick where it decides (`DeferredLogits.greedy`, the same ids)."""
+        if type(logits) is DeferredLogits:
+            tokens = logits.greedy()
+            if tokens is not None:
+                return tokens
+            logits = logits.tensor()
         if self._argmax is None:
             from rl_engine.kernels import registry
 
@@ -138,10 +183,12 @@ class Sampler:
         """logits [n, V] (any float dtype) -> (token ids, log-probs), one per row."""
         return self.sample(logits, [r.params for r in rows], lambda: self.uniforms([r.seed for r in rows]))
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams], draw: Callable[[], Sequence[float]], *,
-               logprobs: bool = True, uniform: bool | None = None) -> tuple[list[int], list[float] | None]:
-        """logits [n, V] -> (token ids, log-probs), one per row of `params`. `draw()` gives the rows'
-        uniforms in [0, 1); it is called once, and only when some row samples (not all greedy).
+    def sample(self, logits: torch.Tensor | DeferredLogits, params: list[SamplingParams],
+               draw: Callable[[], Sequence[float]], *, logprobs: bool = True,
+               uniform: bool | None = None) -> tuple[list[int], list[float] | None]:
+        """logits [n, V] (or a decode step's `DeferredLogits`) -> (token ids, log-probs), one per row of
+        `params`. `draw()` gives the rows' uniforms in [0, 1); it is called once, and only when some row
+        samples (not all greedy).
         `logprobs=False` (no row asks for any): the log-prob pass is skipped and None comes back in their
         place; the tokens are the same (greedy: one argmax; sampled: the draw never needed the log-sum-exp).
         `uniform`: `same_setting(params)` when the caller knows it (None: computed here)."""
@@ -155,8 +202,9 @@ class Sampler:
             # all greedy (the logits as they come: bf16 converts inside)
             if not logprobs:  # the first maximum, as greedy_logprobs' max (bf16 -> fp32 is exact)
                 return self._greedy_argmax(logits).tolist(), None
-            tokens, logprobs = (self._compiled_greedy or greedy_logprobs)(logits)
+            tokens, logprobs = (self._compiled_greedy or greedy_logprobs)(full_logits(logits))
             return tokens.tolist(), logprobs.tolist()
+        logits = full_logits(logits)
         logits = logits if logits.dtype == torch.float32 else logits.float()
         if uniform:
             t0 = p0.temperature

@@ -22,18 +22,23 @@ from rl_engine.policy import from_pretrained
 KW = dict(graph_batch_sizes=[2, 4, 8], block_size=8, cpu_threads="fixed")
 
 
-def _calls(monkeypatch) -> dict[str, int]:
-    """Counts the direct forward's steps ("direct") and those it handed back to the model's forward ("none")."""
-    calls = {"direct": 0, "none": 0}
-    hidden_states = DirectDecode.hidden_states
+def _count(monkeypatch, owner, name: str, kinds: tuple[str, str]) -> dict[str, int]:
+    """Counts the calls of `owner.name` that returned something (kinds[0]) and None (kinds[1])."""
+    calls = dict.fromkeys(kinds, 0)
+    fn = getattr(owner, name)
 
-    def counted(self, *args):
-        out = hidden_states(self, *args)
-        calls["none" if out is None else "direct"] += 1
+    def counted(*args):
+        out = fn(*args)
+        calls[kinds[1] if out is None else kinds[0]] += 1
         return out
 
-    monkeypatch.setattr(DirectDecode, "hidden_states", counted)
+    monkeypatch.setattr(owner, name, counted)
     return calls
+
+
+def _calls(monkeypatch) -> dict[str, int]:
+    """Counts the direct forward's steps ("direct") and those it handed back to the model's forward ("none")."""
+    return _count(monkeypatch, DirectDecode, "hidden_states", ("direct", "none"))
 
 
 @contextlib.contextmanager
@@ -50,6 +55,29 @@ def _direct_forwards(llm, direct: bool):
     finally:
         for r, d in zip(runners, kept):
             r.direct = d
+
+
+def _steps_writing(llm, prompts, params, w, scale: float | None, context, *, at_step: int) -> list:
+    """Step `prompts` to the end inside `context`, multiplying the weight `w` in place by `scale` before step
+    `at_step` (None: no write; restored afterwards) -> each prompt's finished output."""
+    engine = llm.engine
+    kept = w.detach().clone()
+    with context:
+        try:
+            for i, p in enumerate(prompts):
+                engine.add_request(f"r{i}", p, params)
+            outs = {}
+            for step in range(64):
+                if step == at_step and scale is not None:
+                    with torch.no_grad():
+                        w.mul_(scale)
+                outs.update({o.request_id: o for o in engine.step() if o.finished})
+                if not engine.has_unfinished_requests():
+                    break
+            return [outs[f"r{i}"].outputs[0] for i in range(len(prompts))]
+        finally:
+            with torch.no_grad():
+                w.copy_(kept)
 
 
 def _generate(llm, prompts, params, *, direct: bool):
@@ -222,30 +250,14 @@ def test_a_weight_updated_in_place_is_read_repacked(engine, monkeypatch):
     `update_weights`) bumps its version: the next direct step reads it repacked, with the model's forward's bits, not
     its stale packed copy (the prefill, which would repack it, ran before the write)."""
     calls = _calls(monkeypatch)
-    llm = engine.engine
-    w = llm.model.layers[0].mlp.down_proj.weight
+    w = engine.engine.model.layers[0].mlp.down_proj.weight
     prompts = mixed_prompts(3, seed=9, max_len=20)
     params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=0, ignore_eos=True)
     _generate(engine, prompts, params, direct=True)  # (bucket 4's runner made)
-    kept = w.detach().clone()
 
-    def run(direct: bool, scale: float | None):
-        with _direct_forwards(engine, direct):
-            try:
-                for i, p in enumerate(prompts):
-                    llm.add_request(f"r{i}", p, params)
-                outs = {}
-                for step in range(64):
-                    if step == 2 and scale is not None:  # after the prefill and one decode step
-                        with torch.no_grad():
-                            w.mul_(scale)
-                    outs.update({o.request_id: o for o in llm.step() if o.finished})
-                    if not llm.has_unfinished_requests():
-                        break
-                return [outs[f"r{i}"].outputs[0].logprobs for i in range(len(prompts))]
-            finally:
-                with torch.no_grad():
-                    w.copy_(kept)
+    def run(direct: bool, scale: float | None):  # (the write after the prefill and one decode step)
+        outs = _steps_writing(engine, prompts, params, w, scale, _direct_forwards(engine, direct), at_step=2)
+        return [o.logprobs for o in outs]
 
     unchanged = run(True, None)
     calls.update(direct=0, none=0)
@@ -280,3 +292,74 @@ def test_a_forward_hook_sees_every_eager_decode_step(engine, monkeypatch, kind):
     assert calls["direct"] == 0 and rows.count(4) >= 4  # (4 decode steps in bucket 4)
     _generate(engine, prompts, params, direct=True)
     assert calls["direct"] >= 4  # the hook removed, the direct forward again
+
+
+def _picks(monkeypatch) -> dict[str, int]:
+    """Counts the screened greedy picks that decided ("picked") and those that left it to the logits ("none")."""
+    from rl_engine.kernels.cpu import packed_linear
+
+    return _count(monkeypatch, packed_linear, "greedy_pick", ("picked", "none"))
+
+
+@contextlib.contextmanager
+def _deferred(llm, defer: bool):
+    runner = llm.engine.runner
+    kept = runner.defer_logits
+    runner.defer_logits = defer
+    llm.reset_prefix_cache()
+    try:
+        yield
+    finally:
+        runner.defer_logits = kept
+
+
+def test_greedy_steps_without_logprobs_take_the_screened_pick(engine, monkeypatch):
+    """All-greedy decode steps without log-probs pick from the head's bf16-screened product (`DeferredLogits`,
+    packed_linear.greedy_pick): the same tokens as the argmax of every computed logit; steps that ask for
+    log-probs, or sample, compute the logits (the same log-prob bits)."""
+    from rl_engine.kernels.cpu import packed_linear
+
+    assert engine.engine.runner.defer_logits
+    prompts = mixed_prompts(7, seed=5, max_len=30)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, logprobs=None, ignore_eos=True)
+    with _deferred(engine, False):
+        ref = engine.generate(prompts, greedy)
+    calls = _picks(monkeypatch)
+    with _deferred(engine, True):
+        got = engine.generate(prompts, greedy)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    screen = packed_linear._small is not None and packed_linear._small.has_screen()
+    assert calls["picked"] >= (10 if screen else 0) and calls["none"] == (0 if screen else calls["none"])
+    calls.update(picked=0, none=0)
+    for params in (SamplingParams(temperature=0.0, max_tokens=6, logprobs=0, ignore_eos=True),
+                   SamplingParams(temperature=1.0, max_tokens=6, seed=3, logprobs=None, ignore_eos=True)):
+        with _deferred(engine, False):
+            ref = engine.generate(prompts, params)
+        with _deferred(engine, True):
+            got = engine.generate(prompts, params)
+        assert [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in got] == [
+            (o.outputs[0].token_ids, o.outputs[0].logprobs) for o in ref]
+    assert calls == {"picked": 0, "none": 0}
+
+
+def test_a_head_weight_updated_in_place_is_screened_afresh(engine, monkeypatch):
+    """An in-place write to the head's weight between greedy decode steps without log-probs: the screened pick
+    reads a fresh bf16 copy (made per packing), giving the tokens of the computed logits under the same write."""
+    w = engine.engine.model.lm_head.weight
+    prompts = mixed_prompts(3, seed=11, max_len=20)
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=None, ignore_eos=True)
+    engine.generate(prompts, params)
+    calls = _picks(monkeypatch)
+
+    def run(defer: bool, scale: float | None):  # (the write after the prefill and two decode steps)
+        outs = _steps_writing(engine, prompts, params, w, scale, _deferred(engine, defer), at_step=3)
+        return [o.token_ids for o in outs]
+
+    unchanged = run(True, None)
+    updated = run(True, -1.0)
+    assert updated == run(False, -1.0)
+    assert updated != unchanged
+    from rl_engine.kernels.cpu import packed_linear
+
+    if packed_linear._small is not None and packed_linear._small.has_screen():
+        assert calls["picked"] >= 8

@@ -151,7 +151,7 @@ class _Packed:
     a repack, as does a read that needs the other layout. `slot`: where its panels are written, a view of its
     engine's arena (`register(huge_pages=True)`), or None (each packing a tensor of its own)."""
 
-    __slots__ = ("batch_size", "data_ptr", "version", "packed", "panels", "stale", "owners", "slot")
+    __slots__ = ("batch_size", "data_ptr", "version", "packed", "panels", "stale", "owners", "slot", "screen")
 
     def __init__(self, batch_size: int) -> None:
         self.owners = 0  # engines that registered the weight
@@ -162,11 +162,12 @@ class _Packed:
         self.panels = False  # the copy is the small-M GEMM's panels (else oneDNN's layout)
         self.stale = True
         self.slot: torch.Tensor | None = None
+        self.screen: _Screen | None = None  # greedy_pick's bf16 copy and bounds of this packing (made at first use)
 
     def current(self, weight: torch.Tensor, panels: bool) -> torch.Tensor:
         ptr, version = weight.data_ptr(), weight._version
         if self.stale or ptr != self.data_ptr or version != self.version or panels != self.panels:
-            self.packed = None  # the old copy goes before the new one is made
+            self.packed = self.screen = None  # the old copies go before the new one is made
             w = weight.detach()
             if not panels:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.batch_size)
@@ -278,6 +279,75 @@ def reads_panels(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor |
     return (_small is not None and x.dtype == torch.float32 and getattr(weight, _ATTR, None) is not None
             and _packable(x, weight, None, residual) and not torch.compiler.is_compiling() and _reading()
             and torch.is_inference_mode_enabled() and not _one_row(x))
+
+
+# greedy_pick: at most this many candidates a row (more: the caller computes the logits), and the row norms
+# ||x_m||_2 it decides for (outside: the same); the weight's row norms must be <= SCREEN_NORM_MAX too
+SCREEN_MAX_CANDIDATES = 64
+SCREEN_NORM_MIN, SCREEN_NORM_MAX = 2.0**-40, 2.0**40
+
+
+class _Screen:
+    """greedy_pick's view of one packing of a [N, K] fp32 weight W: W rounded to bf16 in the small-M GEMM's
+    panels, `bound` [N] = c * ||w_v||_2 and `slack` [N] = K 2^-124 (1 + ||w_v||_2), each rounded up to fp32
+    (`packed` None: some row norm is non-finite or above SCREEN_NORM_MAX, and greedy_pick never decides).
+
+    The bound. For a row x and vocab row w (K elements), let l = the fp32 logit the small-M GEMM computes (one
+    fma chain over k in order: |l - x.w| <= g S, g = K u / (1 - K u), u = 2^-24, S = sum_k |x_k w_k| <= ||x||
+    ||w|| by Cauchy-Schwarz) and a = the screen's estimate: x and w rounded to bf16 (relative error <= 2^-8
+    each, so |x'_k w'_k - x_k w_k| <= (2^-7 + 2^-16) |x_k w_k|), their exact products summed in fp32 by
+    VDPBF16PS (<= 2 g (1 + 2^-7 + 2^-16) S, counting a rounding per add twice over). Denormal inputs read
+    as zero and denormal sums flush: each term loses <= 2^-126 (|w_k| + |x_k|), each add <= 2^-126, in all <=
+    K 2^-124 (1 + ||x||)(1 + ||w||) (the slack). The kernel forms a +- e in fp32 (<= 2^-23 ||x|| ||w|| more)
+    and e from ||x|| summed and rooted in fp32 (relative <= (K/2 + 2) u) and two more roundings: c =
+    (2^-7 + 2^-16 + 2 g (1 + 2^-7 + 2^-16) + g + 2^-22) (1 + (K + 16) 2^-23) covers all of it, so e_v =
+    ||x|| bound_v + (1 + ||x||) slack_v >= |a_v - l_v| for every v, as computed.
+
+    The pick. Let v* be a first maximum of the l_v. For every u: a_v* + e_v* >= l_v* >= l_u >= a_u - e_u, so
+    every maximum of l, v* included, is a candidate {v : a_v + e_v >= max_u (a_u - e_u)}; the candidates'
+    logits, computed as the GEMM's lane computes them (the same bits), compared in index order give v*."""
+
+    __slots__ = ("packed", "bound", "slack")
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        n, k = weight.shape
+        norms = torch.linalg.vector_norm(weight.detach().double(), dim=1)
+        self.packed = self.bound = self.slack = None
+        if not bool(torch.isfinite(norms).all()) or (n and float(norms.max()) > SCREEN_NORM_MAX):
+            return
+        u = 2.0**-24
+        g = k * u / (1 - k * u)
+        bf = 2.0**-7 + 2.0**-16
+        c = (bf + 2 * g * (1 + bf) + g + 2.0**-22) * (1 + (k + 16) * 2.0**-23)
+        inf = torch.tensor(float("inf"))
+        self.bound = torch.nextafter((c * norms).float(), inf)  # rounded down by at most an ulp: one up
+        self.slack = torch.nextafter((k * 2.0**-124 * (1 + norms)).float(), inf)
+        self.packed = _small.pack(weight.detach().to(torch.bfloat16), small_gemm.PANEL)
+
+
+def greedy_pick(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """Each row's first maximum of `linear(x, weight)` ([M] int64: `argmax_rows` of those logits, the same ids)
+    without computing every logit, where `linear` reads the small-M GEMM's fp32 panels (`reads_panels`, x 2-D)
+    and this CPU has avx512_bf16: a bf16 product screens the vocabulary with a proven error bound, and only
+    the candidates' fp32 logits are computed, as the GEMM computes them (`_Screen`, csrc/small_gemm.cpp's
+    greedy_screen). None where it does not decide (not that path; a non-finite estimate or logit, a row norm
+    outside [SCREEN_NORM_MIN, SCREEN_NORM_MAX], more than SCREEN_MAX_CANDIDATES candidates): compute the
+    logits then. The bf16 copy is made per packing of the weight (`_Packed.current`: a new version, storage
+    or `invalidate` drops it)."""
+    if (x.dim() != 2 or not reads_panels(x, weight) or not weight.is_contiguous() or x.shape[1] != weight.shape[1]
+            or not _small.has_screen()):
+        return None
+    entry = getattr(weight, _ATTR)
+    entry.current(weight, True)
+    screen = entry.screen
+    if screen is None:
+        screen = entry.screen = _Screen(weight)
+    if screen.packed is None:
+        return None
+    tokens = _small.greedy_screen(x.contiguous(), screen.packed, weight.detach(), screen.bound, screen.slack,
+                                  small_gemm.PANEL, small_gemm.ROW_BLOCK, SCREEN_MAX_CANDIDATES, SCREEN_NORM_MIN,
+                                  SCREEN_NORM_MAX)
+    return tokens if tokens.numel() else None
 
 
 def _plain(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -28,7 +28,9 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -173,10 +175,11 @@ void micro_kernel(const float* __restrict x, int64_t K, const float* __restrict 
 #if defined(__AVX512BF16__)
 // bf16: x as k pairs ([MR][Kh] 32-bit words, row stride Kh), the panel as [Kh][width][2]; per k pair NV panel
 // loads (32 bf16 each: 16 columns x 2 k), MR pair broadcasts, MR*NV dot products.
-template <int MR, int NV>
+// O: the output's dtype (bf16 for linear; fp32 for greedy_screen's estimates, no bias or residual).
+template <int MR, int NV, typename O = at::BFloat16>
 void dot_kernel(const uint32_t* __restrict x, int64_t Kh, const at::BFloat16* __restrict b,
-                at::BFloat16* __restrict out, int64_t ldo, int64_t ncols, const at::BFloat16* __restrict bias,
-                const at::BFloat16* __restrict res, const char* next) {
+                O* __restrict out, int64_t ldo, int64_t ncols, const O* __restrict bias,
+                const O* __restrict res, const char* next) {
   constexpr int64_t pair_row = 2 * NV * kLanes;  // bf16 elements a k pair
   __m512 acc[MR][NV];
   zero_tile<MR, NV>(acc);
@@ -195,7 +198,7 @@ void dot_kernel(const uint32_t* __restrict x, int64_t Kh, const at::BFloat16* __
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], xv, bv[v]);
     }
   }
-  store_tile<MR, NV, at::BFloat16>(acc, out, ldo, ncols, bias, res);
+  store_tile<MR, NV, O>(acc, out, ldo, ncols, bias, res);
 }
 #define RL_BF16_DOT 1
 #endif
@@ -229,6 +232,30 @@ constexpr std::array<std::array<Kernel<T>, kMaxVectors>, kMaxRows> table_of(std:
 // kernels<T>[MR - 1][NV - 1]; nullptr where MR * NV accumulators would not fit in registers
 template <typename T>
 constexpr auto kernels = table_of<T>(std::make_integer_sequence<int, kMaxRows>{});
+
+#if defined(RL_BF16_DOT)
+// greedy_screen's bf16 product with fp32 outputs: screen_kernels[MR - 1][NV - 1] (nullptr where it would not fit)
+using ScreenKernel = void (*)(const uint32_t*, int64_t, const at::BFloat16*, float*, int64_t, int64_t, const char*);
+
+template <int MR, int NV>
+void screen_tile(const uint32_t* x, int64_t Kh, const at::BFloat16* b, float* out, int64_t ldo, int64_t ncols,
+                 const char* next) {
+  dot_kernel<MR, NV, float>(x, Kh, b, out, ldo, ncols, nullptr, nullptr, next);
+}
+
+template <int MR, int... NVs>
+constexpr std::array<ScreenKernel, kMaxVectors> screen_row(std::integer_sequence<int, NVs...>) {
+  return {(MR * (NVs + 1) <= kMaxAccumulators ? &screen_tile<MR, NVs + 1> : nullptr)...};
+}
+
+template <int... MRs>
+constexpr std::array<std::array<ScreenKernel, kMaxVectors>, kMaxRows> screen_table(
+    std::integer_sequence<int, MRs...>) {
+  return {screen_row<MRs + 1>(std::make_integer_sequence<int, kMaxVectors>{})...};
+}
+
+constexpr auto screen_kernels = screen_table(std::make_integer_sequence<int, kMaxRows>{});
+#endif
 #endif
 
 // The portable path: the same panels and the same per-output order of sums.
@@ -402,6 +429,151 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
   return out;
 }
 
+// The exact greedy pick of x [M, K] times weight [N, K] (fp32) without every fp32 logit: each row's first
+// maximum of the logits `linear` computes from the weight's fp32 panels (each one fma chain over k = 0..K-1
+// from +0, the micro-kernel's lane), or an empty tensor when the screen cannot decide (the caller computes
+// the logits then). `packed`: the weight rounded to bf16 (round to nearest even) in panels of `panel`;
+// `bound` [N]: c * ||w_v||_2, `slack` [N]: an absolute term per unit of (1 + ||x_m||_2) (greedy_screen.py
+// computes both and proves the bound). Per row m: a_v = the bf16 product (x rounded to bf16, fp32 sums),
+// e_v = ||x_m|| * bound_v + (1 + ||x_m||) * slack_v >= |a_v - l_v| for the fp32 logit l_v; the rows' first
+// maximum is among {v : a_v + e_v >= max_u (a_u - e_u)}, whose logits are computed as `linear` does and
+// compared in index order. Empty result: a non-finite estimate, bound or logit, ||x_m|| outside
+// [norm_min, norm_max], or more than max_candidates candidates in a row.
+torch::Tensor greedy_screen(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& weight,
+                            const torch::Tensor& bound, const torch::Tensor& slack, int64_t panel,
+                            int64_t row_block, int64_t max_candidates, double norm_min, double norm_max) {
+  check_blocking(panel, row_block);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous 2-D CPU float32 tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K && weight.scalar_type() == at::kFloat &&
+              weight.is_contiguous(), "weight must be a contiguous float32 [N, ", K, "] tensor, got ",
+              weight.sizes(), " ", weight.scalar_type());
+  const int64_t Ks = stored_k<at::BFloat16>(K);
+  TORCH_CHECK(packed.dim() == 1 && packed.is_contiguous() && packed.scalar_type() == at::kBFloat16 &&
+              packed.numel() == packed_numel(N, Ks, panel), "packed must be the weight's bf16 panels (",
+              packed_numel(N, Ks, panel), " elements), got ", packed.numel(), " ", packed.scalar_type());
+  TORCH_CHECK(bound.numel() == N && slack.numel() == N && bound.scalar_type() == at::kFloat &&
+              slack.scalar_type() == at::kFloat && bound.is_contiguous() && slack.is_contiguous(),
+              "bound and slack must be contiguous float32 tensors of ", N, " elements");
+  TORCH_CHECK(max_candidates >= 1, "max_candidates must be >= 1, got ", max_candidates);
+  auto none = torch::empty({0}, x.options().dtype(at::kLong));
+#if defined(RL_BF16_DOT)
+  if (M == 0 || N == 0 || K == 0) return none;
+  auto x_pairs = torch::zeros({M, Ks}, x.options().dtype(at::kBFloat16));
+  x_pairs.narrow(1, 0, K).copy_(x);  // round to nearest even
+  const auto* xp = reinterpret_cast<const uint32_t*>(x_pairs.data_ptr<at::BFloat16>());
+  auto est = torch::empty({M, N}, x.options());
+  float* a = est.data_ptr<float>();
+  const auto* b = packed.data_ptr<at::BFloat16>();
+  const int64_t panels = (N + panel - 1) / panel, iters = Ks / 2;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t n0 = p * panel, width = panel_width(N, panel, p), ncols = std::min(width, N - n0);
+    const at::BFloat16* bp = b + n0 * Ks;
+    const char* next = reinterpret_cast<const char*>(bp + width * Ks);
+    const int64_t next_bytes = p + 1 < panels ? panel_width(N, panel, p + 1) * Ks * 2 : 0;
+    for (int64_t m0 = 0, block = 0; m0 < M; m0 += row_block, ++block) {
+      const int64_t rows = std::min(row_block, M - m0);
+      const char* share = (block + 1) * iters * 64 <= next_bytes ? next + block * iters * 64
+                                                                 : reinterpret_cast<const char*>(bp);
+      screen_kernels[rows - 1][width / kLanes - 1](xp + m0 * iters, iters, bp, a + m0 * N + n0, N, ncols, share);
+    }
+  }
+  auto out = torch::empty({M}, x.options().dtype(at::kLong));
+  int64_t* tok = out.data_ptr<int64_t>();
+  const float* xs = x.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float* bd = bound.data_ptr<float>();
+  const float* sl = slack.data_ptr<float>();
+  // per row: its candidates (vocab ids, ascending) at cand[start[m] .. start[m + 1])
+  std::vector<int64_t> cand, start(M + 1, 0);
+  cand.reserve(M * 8);
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = xs + m * K;
+    __m512 sq = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += kLanes) {
+      const __m512 xv = _mm512_maskz_loadu_ps(K - k >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1),
+                                              xm + k);
+      sq = _mm512_fmadd_ps(xv, xv, sq);
+    }
+    const float norm = std::sqrt(_mm512_reduce_add_ps(sq));
+    if (!(norm >= norm_min && norm <= norm_max)) return none;  // (NaN fails too)
+    const float* am = a + m * N;
+    const __m512 nv = _mm512_set1_ps(norm), ev = _mm512_set1_ps(1.f + norm);
+    // pass 1: the largest lower bound a_u - e_u, and whether every estimate is finite (|a| < inf: NaN fails)
+    __m512 lo = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    __mmask16 finite = 0xFFFF;
+    int64_t v = 0;
+    for (; v + kLanes <= N; v += kLanes) {
+      const __m512 av = _mm512_loadu_ps(am + v);
+      const __m512 e = _mm512_fmadd_ps(ev, _mm512_loadu_ps(sl + v), _mm512_mul_ps(nv, _mm512_loadu_ps(bd + v)));
+      finite &= _mm512_cmp_ps_mask(_mm512_abs_ps(av), inf, _CMP_LT_OQ);
+      lo = _mm512_max_ps(lo, _mm512_sub_ps(av, e));
+    }
+    float thr = _mm512_reduce_max_ps(lo);
+    bool ok = finite == 0xFFFF;
+    for (; v < N; ++v) {
+      const float e = std::fma(1.f + norm, sl[v], norm * bd[v]);
+      ok = ok && std::fabs(am[v]) < std::numeric_limits<float>::infinity();
+      thr = std::max(thr, am[v] - e);
+    }
+    if (!ok || !(std::fabs(thr) < std::numeric_limits<float>::infinity())) return none;
+    // pass 2: the candidates a_v + e_v >= thr, in index order
+    const int64_t first = static_cast<int64_t>(cand.size());
+    const __m512 tv = _mm512_set1_ps(thr);
+    for (v = 0; v + kLanes <= N; v += kLanes) {
+      const __m512 e = _mm512_fmadd_ps(ev, _mm512_loadu_ps(sl + v), _mm512_mul_ps(nv, _mm512_loadu_ps(bd + v)));
+      __mmask16 hit = _mm512_cmp_ps_mask(_mm512_add_ps(_mm512_loadu_ps(am + v), e), tv, _CMP_GE_OQ);
+      while (hit) {
+        cand.push_back(v + __builtin_ctz(hit));
+        hit &= hit - 1;
+      }
+    }
+    for (; v < N; ++v)
+      if (am[v] + std::fma(1.f + norm, sl[v], norm * bd[v]) >= thr) cand.push_back(v);
+    if (static_cast<int64_t>(cand.size()) - first > max_candidates) return none;
+    start[m + 1] = static_cast<int64_t>(cand.size());
+  }
+  // the candidates' logits as linear's lane computes them (one fma chain each from +0, k in order), eight
+  // independent chains at a time
+  const int64_t total = static_cast<int64_t>(cand.size());
+  std::vector<const float*> xrow(total);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = start[m]; i < start[m + 1]; ++i) xrow[i] = xs + m * K;
+  std::vector<float> logit(total);
+  constexpr int kChains = 8;
+  for (int64_t i0 = 0; i0 < total; i0 += kChains) {
+    const int n = static_cast<int>(std::min<int64_t>(kChains, total - i0));
+    const float* xr[kChains];
+    const float* wr[kChains];
+    float l[kChains];
+    for (int j = 0; j < kChains; ++j) {  // (unused chains repeat the last one)
+      const int64_t i = i0 + std::min(j, n - 1);
+      xr[j] = xrow[i], wr[j] = w + cand[i] * K, l[j] = 0.f;
+    }
+    for (int64_t k = 0; k < K; ++k)
+#pragma GCC unroll 8
+      for (int j = 0; j < kChains; ++j) l[j] = std::fma(xr[j][k], wr[j][k], l[j]);
+    for (int j = 0; j < n; ++j) logit[i0 + j] = l[j];
+  }
+  // each row's first maximum among its candidates
+  for (int64_t m = 0; m < M; ++m) {
+    int64_t best = -1;
+    float best_l = 0.f;
+    for (int64_t i = start[m]; i < start[m + 1]; ++i) {
+      if (!(std::fabs(logit[i]) < std::numeric_limits<float>::infinity())) return none;
+      if (best < 0 || logit[i] > best_l) best = cand[i], best_l = logit[i];
+    }
+    if (best < 0) return none;  // (cannot happen: the first maximum is a candidate)
+    tok[m] = best;
+  }
+  return out;
+#else
+  return none;
+#endif
+}
+
 bool has_avx512() {
 #if defined(RL_AVX512)
   return true;
@@ -417,5 +589,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x [..., K] times a packed [N, K] weight", py::arg("x"), py::arg("packed"), py::arg("n"),
         py::arg("panel"), py::arg("row_block"), py::arg("bias"), py::arg("residual"),
         py::arg("min_macs_per_thread"));
+  m.def("greedy_screen", &greedy_screen, "each row's first maximum of x weight^T, screened in bf16 (empty: undecided)",
+        py::arg("x"), py::arg("packed"), py::arg("weight"), py::arg("bound"), py::arg("slack"), py::arg("panel"),
+        py::arg("row_block"), py::arg("max_candidates"), py::arg("norm_min"), py::arg("norm_max"));
+  m.def("has_screen", []() {
+#if defined(RL_BF16_DOT)
+    return true;
+#else
+    return false;
+#endif
+  }, "whether greedy_screen's avx512_bf16 product was compiled in");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 micro-kernel was compiled in");
 }
