@@ -505,22 +505,27 @@ struct Prefetcher {
 // TT = W / GC rows from kr (tok apart), nt of them present (Full: all; the others' sums stay 0). The query heads
 // are Dot's operand: the scaled fp32 heads (qf [GC][DC], q_stride DC) or those stored (q_stride q_s1). The loop
 // order is Dot's (kWholeRows): AVX-512's FMA dots hold a whole K row in registers (32 of them) while it is scored
-// against the GC heads (query chunks from L1), rows read in order; AVX2 and the bf16 dot go chunk by chunk over the
-// head dim, each query chunk loaded once for the tile's rows and each K chunk once for the GC heads, GC + TT loads
-// per W FMAs (AVX2 at GC = 4 and head dim 64: the query alone would fill 32 registers, it has 16). The same sums in
-// the same order either way. On AVX-512 (decode_isa.py's cells, 1 thread, A/B in one run through the lock at load
-// ~9): fp32 40m rows 64 1328 us a layer call chunked, 1203-1227 by whole rows; bf16 3m rows 64 242 chunked,
-// 256-263 by whole rows.
+// against the GC heads (query chunks from L1, or held in registers: kHeldQuery below), rows read in order; AVX2
+// and the bf16 dot go chunk by chunk over the head dim, each query chunk loaded once for the tile's rows and each K
+// chunk once for the GC heads, GC + TT loads per W FMAs (AVX2 at GC = 4 and head dim 64: the query alone would fill
+// 32 registers, it has 16). The same sums in the same order either way. On AVX-512 (decode_isa.py's cells, 1
+// thread, A/B in one run through the lock at load ~9): fp32 40m rows 64 1328 us a layer call chunked, 1203-1227 by
+// whole rows; bf16 3m rows 64 242 chunked, 256-263 by whole rows.
 // By whole rows where the GC heads' query vectors, the tile's W sums and a K row fit the 32 registers together
-// (kHeldQuery: head dim 32 at GQA 4, the ~3.5M model's), the query vectors come loaded once a block (qv [GC][CN],
-// from group_scores) and the K row is pinned in registers (an empty asm): GCC otherwise folded each query chunk
-// into its FMA as a load from L1 (16 zmm loads a token) and copied the K row into the sums, spilling it to the
-// stack and reloading it per head. The same FMAs in the same order (bit for bit). decode_isa.py's 3m fp32 cell
-// (64 rows, 1 thread, builds alternated in one process through the lock at load ~3.5): 286 -> 244 us a layer call
-// (pair ratio 0.86); with the value loop's V rows pinned too (fused_chunk) and softmax_heads, 258 -> 216 us (0.84,
-// load ~1.3). Inside the engine's generate (~3.5M model, batch 64, 128 new greedy tokens, 1 thread, the two builds
-// alternated in one engine, 10 runs each, load ~1.5) the decode attention's time a run 130.3 -> 114.5 ms median
-// (pair ratio 0.89), the whole run 0.984 (9 of 10 pairs faster; an earlier round: 0.87 and 0.983, 10 of 10).
+// (kHeldQuery, AVX-512 FmaDot: head dim 32 at passes of 1, 2 or 4 heads, 16 at 1 or 4 (2: pair_scores), 64 at 1
+// or 2, 128 at 1; the ~3.5M model's head dim 32 at GQA 4 among them), the query vectors come loaded once a block
+// (qv [GC][CN], from group_scores) and the K row is pinned in registers (an empty asm): GCC otherwise folded each
+// query chunk into its FMA as a load from L1 (16 zmm loads a token) and copied the K row into the sums, spilling it
+// to the stack and reloading it per head. The same FMAs in the same order (bit for bit). decode_isa.py's 3m fp32
+// cell (64 rows, 1 thread, builds alternated in one process through the lock at load ~3.5): 286 -> 244 us a layer
+// call (pair ratio 0.86); with the value loop's V rows pinned too (fused_chunk) and softmax_heads, 258 -> 216 us
+// (0.84, load ~1.3). Inside the engine's generate (~3.5M model, batch 64, 128 new greedy tokens, 1 thread, the two
+// builds alternated in one engine, 10 runs each, load ~1.5) the decode attention's time a run 130.3 -> 114.5 ms
+// median (pair ratio 0.89), the whole run 0.984 (9 of 10 pairs faster; an earlier round: 0.87 and 0.983, 10 of
+// 10). The other shapes it takes (this build against the one before it, softmax_heads included; 64 rows, contexts
+// 80-192, fp32 unless said, 1 thread, alternated in one process through the lock at load 0.8-2.4, pair ratios):
+// 8 / 4 heads of 64 0.94-0.95, 8 / 8 of 128 0.95-0.96, 8 / 2 of 16 0.94, fp16 8 / 2 of 32 0.94-0.95; but head dim
+// 32 in passes of 2 or 1 heads (the `small` preset's 4 / 2, and 4 / 4, 8 / 8) 1.00-1.05, mostly ~1.02.
 template <class Dot, int DC, int GC>
 constexpr bool kHeldQuery = Dot::kWholeRows && GC * (DC / Dot::kStep) + Isa::W + DC / Dot::kStep <= 2 * Isa::kAccRegs;
 template <class Dot, typename T, int DC, int GC, bool Full>
