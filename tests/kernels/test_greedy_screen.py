@@ -1,16 +1,17 @@
-"""kernels/cpu/packed_linear.greedy_pick (csrc/small_gemm.cpp's greedy_screen): each row's first maximum of the
-logits `linear` computes from the small-M GEMM's fp32 panels, screened by a bf16 product with a proven error
-bound: the same token ids as `greedy_argmax(linear(x, W))` on random weights and on adversarial ones (exact
-ties from duplicated rows, near-ties an ulp apart, huge and tiny norms, zero rows), None (the caller computes
-the logits) where it cannot decide (NaN / inf, norms outside its range, too many candidates), and a fresh bf16
-copy after the weight changes in place or is invalidated."""
+"""kernels/cpu/packed_linear.greedy_pick (csrc/small_gemm.cpp's greedy_screen): each row's first maximum of the logits
+`linear` computes from the small-M GEMM's fp32 panels, screened by a bf16 product with a proven error bound: the
+same token ids as `greedy_argmax(linear(x, W))` on random weights and on adversarial ones (exact ties from
+duplicated rows, near-ties an ulp apart, huge and tiny norms, zero rows, an estimate error at ~0.9 of the bound,
+products the bf16 dot flushes that only the slack covers), None (the caller computes the logits) where it cannot
+decide (NaN / inf, norms outside its range, too many candidates), and a fresh bf16 copy after the weight changes in
+place or is invalidated."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rl_engine.kernels.cpu import ops, packed_linear
+from rl_engine.kernels.cpu import ops, packed_linear, small_gemm
 
 pytestmark = pytest.mark.skipif(not packed_linear.available()[0], reason=packed_linear.available()[1])
 
@@ -73,6 +74,62 @@ def test_near_ties_an_ulp_apart(screen):
     w = screen(w)
     x = base.repeat(16, 1) + 1e-6 * torch.randn(16, k, generator=gen)
     got, ref = _pick(x, w)
+    assert got is not None and torch.equal(got, ref)
+
+
+def _bf16_product(x, w):
+    """The screen's estimates as its VDPBF16PS product forms them (linear's bf16 path: the same dot kernel, x and w
+    rounded to bf16, fp32 sums from 0), rounded to bf16 on the way out."""
+    s = packed_linear._small
+    return s.linear(x.bfloat16(), s.pack(w.bfloat16(), small_gemm.PANEL), w.shape[0], small_gemm.PANEL,
+                    small_gemm.ROW_BLOCK, None, None, small_gemm.MIN_MACS_PER_THREAD).float()
+
+
+def test_the_bound_is_what_keeps_the_winner(screen):
+    """An estimate error near the proven bound: rows u = 0 and v = 1 = -u, x's and u's elements just above a bf16
+    rounding midpoint where x_k u_k > 0 and just below the next one where x_k u_k < 0, so both round to 1 + 2^-7
+    and the bf16 products cancel (a_u = t, a_v = -t from one exact coordinate t) while the fp32 logits are
+    l_u = t - 0.472... < 0 < l_v: the estimates rank u over v by ~0.9 of e_u + e_v (a bound of 0.9 c, or no
+    bound, leaves v out and picks u)."""
+    k = 64
+    up, down = 1 + 2.0**-8 + 2.0**-12, 1 + 2.0**-7 + 2.0**-8 - 2.0**-12  # both -> 1 + 2^-7 in bf16
+    mag = torch.tensor([up, down] * (k // 2))
+    x = torch.cat([torch.tensor([1.0, -1.0] * (k // 2)) * mag, torch.ones(1)])
+    u = torch.cat([mag, torch.zeros(1)])
+    cancel = float((x[:k].double() * u[:k].double()).sum())  # -0.4724...
+    t = torch.tensor(-cancel).bfloat16()
+    u[k] = float(t if float(t) < -cancel else torch.nextafter(t, torch.tensor(0.0, dtype=torch.bfloat16)))
+    gen = torch.Generator().manual_seed(6)
+    others = 0.001 * torch.randn(30, k + 1, generator=gen) - 0.01 * x  # logits ~ -0.65: never candidates
+    w = screen(torch.cat([torch.stack([u, -u]), others]))
+    xs = x.repeat(4, 1)
+    got, ref = _pick(xs, w)
+    assert torch.equal(ref, torch.ones(4, dtype=torch.long))  # v: l_v = -l_u > 0
+    with torch.inference_mode():
+        a = _bf16_product(xs[:1], w)[0]
+    entry = getattr(w, packed_linear._ATTR).screen
+    e_sum = float(x.norm()) * float(entry.bound[0] + entry.bound[1])
+    assert float(a[0] - a[1]) > 0.9 * e_sum  # the estimates rank u first, by ~all of the bound
+    assert got is not None and torch.equal(got, ref)
+
+
+def test_the_slack_covers_flushed_products(screen):
+    """Products below fp32's normal range: the bf16 dot flushes each partial sum to 0 (a_v = 0) where the fp32
+    GEMM adds the 64 subnormal products exactly (l_v = 2^-123); row 0's one normal product (1.5 2^-124) keeps its
+    estimate. Only the slack K 2^-124 (1 + ||x||)(1 + ||w||) keeps row 1 a candidate."""
+    k = 64
+    x = torch.full((3, k), 2.0**-43)  # ||x|| = 2^-40: SCREEN_NORM_MIN
+    v = torch.full((k,), 2.0**-86)  # each product 2^-129
+    u = torch.zeros(k)
+    u[0] = 1.5 * 2.0**-81
+    w = screen(torch.stack([u, v, torch.full((k,), -(2.0**-82))]))
+    got, ref = _pick(x, w)
+    assert torch.equal(ref, torch.ones(3, dtype=torch.long))
+    with torch.inference_mode():
+        a = _bf16_product(x[:1], w)[0]
+    if float(a[1]) != 0.0:
+        pytest.skip("this CPU's VDPBF16PS keeps subnormal sums (the slack is not what decides here)")
+    assert float(a[0]) > 0.0
     assert got is not None and torch.equal(got, ref)
 
 

@@ -297,9 +297,11 @@ class _Screen:
     ||w|| by Cauchy-Schwarz) and a = the screen's estimate: x and w rounded to bf16 (relative error <= 2^-8
     each, so |x'_k w'_k - x_k w_k| <= (2^-7 + 2^-16) |x_k w_k|), their exact products summed in fp32 by
     VDPBF16PS (<= 2 g (1 + 2^-7 + 2^-16) S, counting a rounding per add twice over). Denormal inputs read
-    as zero and denormal sums flush: each term loses <= 2^-126 (|w_k| + |x_k|), each add <= 2^-126, in all <=
-    K 2^-124 (1 + ||x||)(1 + ||w||) (the slack). The kernel forms a +- e in fp32 (<= 2^-23 ||x|| ||w|| more)
-    and e from ||x|| summed and rooted in fp32 (relative <= (K/2 + 2) u) and two more roundings: c =
+    as zero and denormal sums flush: each term loses <= 2^-126 (|w_k| + |x_k|) (1 + 2^-8), each add <= 2^-126;
+    the fp32 chain's own underflow adds <= 2^-150 a step (under torch.set_flush_denormal as much as the bf16
+    side's, 2^-126 (1 + |x_k| + |w_k|)); with sum_k |x_k| <= sqrt(K) ||x||, in all <= 3 K 2^-126 (1 + ||x||)
+    (1 + ||w||) <= K 2^-124 (1 + ||x||)(1 + ||w||) (the slack). The kernel forms a +- e in fp32 (<= 2^-23 ||x||
+    ||w|| more) and e from ||x|| summed and rooted in fp32 (relative <= (K/2 + 2) u) and two more roundings: c =
     (2^-7 + 2^-16 + 2 g (1 + 2^-7 + 2^-16) + g + 2^-22) (1 + (K + 16) 2^-23) covers all of it, so e_v =
     ||x|| bound_v + (1 + ||x||) slack_v >= |a_v - l_v| for every v, as computed.
 
