@@ -348,7 +348,7 @@ def greedy_pick(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         return None
     tokens = _small.greedy_screen(x.contiguous(), screen.packed, weight.detach(), screen.bound, screen.slack,
                                   small_gemm.PANEL, small_gemm.ROW_BLOCK, SCREEN_MAX_CANDIDATES, SCREEN_NORM_MIN,
-                                  SCREEN_NORM_MAX)
+                                  SCREEN_NORM_MAX, small_gemm.MIN_MACS_PER_THREAD)
     return tokens if tokens.numel() else None
 
 

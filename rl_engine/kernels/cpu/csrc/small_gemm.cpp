@@ -439,9 +439,11 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
 // maximum is among {v : a_v + e_v >= max_u (a_u - e_u)}, whose logits are computed as `linear` does and
 // compared in index order. Empty result: a non-finite estimate, bound or logit, ||x_m|| outside
 // [norm_min, norm_max], or more than max_candidates candidates in a row.
+// min_macs_per_thread: as linear's (the bf16 product's panels split over torch's threads).
 torch::Tensor greedy_screen(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& weight,
                             const torch::Tensor& bound, const torch::Tensor& slack, int64_t panel,
-                            int64_t row_block, int64_t max_candidates, double norm_min, double norm_max) {
+                            int64_t row_block, int64_t max_candidates, double norm_min, double norm_max,
+                            int64_t min_macs_per_thread) {
   check_blocking(panel, row_block);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous 2-D CPU float32 tensor, got ", x.sizes(), " ", x.scalar_type());
@@ -467,18 +469,22 @@ torch::Tensor greedy_screen(const torch::Tensor& x, const torch::Tensor& packed,
   float* a = est.data_ptr<float>();
   const auto* b = packed.data_ptr<at::BFloat16>();
   const int64_t panels = (N + panel - 1) / panel, iters = Ks / 2;
-  for (int64_t p = 0; p < panels; ++p) {
-    const int64_t n0 = p * panel, width = panel_width(N, panel, p), ncols = std::min(width, N - n0);
-    const at::BFloat16* bp = b + n0 * Ks;
-    const char* next = reinterpret_cast<const char*>(bp + width * Ks);
-    const int64_t next_bytes = p + 1 < panels ? panel_width(N, panel, p + 1) * Ks * 2 : 0;
-    for (int64_t m0 = 0, block = 0; m0 < M; m0 += row_block, ++block) {
-      const int64_t rows = std::min(row_block, M - m0);
-      const char* share = (block + 1) * iters * 64 <= next_bytes ? next + block * iters * 64
-                                                                 : reinterpret_cast<const char*>(bp);
-      screen_kernels[rows - 1][width / kLanes - 1](xp + m0 * iters, iters, bp, a + m0 * N + n0, N, ncols, share);
+  // the estimates' panels split over torch's threads as `linear`'s are (each estimate the same whatever the split)
+  const int64_t grain = std::max<int64_t>(1, min_macs_per_thread / std::max<int64_t>(1, M * K * panel));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * panel, width = panel_width(N, panel, p), ncols = std::min(width, N - n0);
+      const at::BFloat16* bp = b + n0 * Ks;
+      const char* next = reinterpret_cast<const char*>(bp + width * Ks);
+      const int64_t next_bytes = p + 1 < end ? panel_width(N, panel, p + 1) * Ks * 2 : 0;
+      for (int64_t m0 = 0, block = 0; m0 < M; m0 += row_block, ++block) {
+        const int64_t rows = std::min(row_block, M - m0);
+        const char* share = (block + 1) * iters * 64 <= next_bytes ? next + block * iters * 64
+                                                                   : reinterpret_cast<const char*>(bp);
+        screen_kernels[rows - 1][width / kLanes - 1](xp + m0 * iters, iters, bp, a + m0 * N + n0, N, ncols, share);
+      }
     }
-  }
+  });
   auto out = torch::empty({M}, x.options().dtype(at::kLong));
   int64_t* tok = out.data_ptr<int64_t>();
   const float* xs = x.data_ptr<float>();
@@ -591,7 +597,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("min_macs_per_thread"));
   m.def("greedy_screen", &greedy_screen, "each row's first maximum of x weight^T, screened in bf16 (empty: undecided)",
         py::arg("x"), py::arg("packed"), py::arg("weight"), py::arg("bound"), py::arg("slack"), py::arg("panel"),
-        py::arg("row_block"), py::arg("max_candidates"), py::arg("norm_min"), py::arg("norm_max"));
+        py::arg("row_block"), py::arg("max_candidates"), py::arg("norm_min"), py::arg("norm_max"),
+        py::arg("min_macs_per_thread"));
   m.def("has_screen", []() {
 #if defined(RL_BF16_DOT)
     return true;
