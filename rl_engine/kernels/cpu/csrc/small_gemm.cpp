@@ -203,59 +203,38 @@ void dot_kernel(const uint32_t* __restrict x, int64_t Kh, const at::BFloat16* __
 #define RL_BF16_DOT 1
 #endif
 
-// x: fp32 rows (stride K) for fp32, k-pair rows (stride Ks / 2) for bf16; Ks: K as stored
-template <typename T>
-using Kernel = void (*)(const void*, int64_t, const T*, T*, int64_t, int64_t, const T*, const T*, const char*);
+// x: fp32 rows (stride K) for fp32, k-pair rows (stride Ks / 2) for bf16; Ks: K as stored. O: the output's dtype,
+// the weight's (T) for linear; fp32 from bf16 for greedy_screen's estimates.
+template <typename T, typename O = T>
+using Kernel = void (*)(const void*, int64_t, const T*, O*, int64_t, int64_t, const O*, const O*, const char*);
 
-template <int MR, int NV, typename T>
-void tile_kernel(const void* x, int64_t Ks, const T* b, T* out, int64_t ldo, int64_t ncols, const T* bias,
-                 const T* res, const char* next) {
+template <int MR, int NV, typename T, typename O>
+void tile_kernel(const void* x, int64_t Ks, const T* b, O* out, int64_t ldo, int64_t ncols, const O* bias,
+                 const O* res, const char* next) {
   if constexpr (std::is_same_v<T, float>) {
     micro_kernel<MR, NV>(static_cast<const float*>(x), Ks, b, out, ldo, ncols, bias, res, next);
   } else {
 #if defined(RL_BF16_DOT)
-    dot_kernel<MR, NV>(static_cast<const uint32_t*>(x), Ks / 2, b, out, ldo, ncols, bias, res, next);
+    dot_kernel<MR, NV, O>(static_cast<const uint32_t*>(x), Ks / 2, b, out, ldo, ncols, bias, res, next);
 #endif
   }
 }
 
-template <typename T, int MR, int... NVs>
-constexpr std::array<Kernel<T>, kMaxVectors> row_of(std::integer_sequence<int, NVs...>) {
-  return {(MR * (NVs + 1) <= kMaxAccumulators ? &tile_kernel<MR, NVs + 1, T> : nullptr)...};
+template <typename T, typename O, int MR, int... NVs>
+constexpr std::array<Kernel<T, O>, kMaxVectors> row_of(std::integer_sequence<int, NVs...>) {
+  return {(MR * (NVs + 1) <= kMaxAccumulators ? &tile_kernel<MR, NVs + 1, T, O> : nullptr)...};
 }
 
-template <typename T, int... MRs>
-constexpr std::array<std::array<Kernel<T>, kMaxVectors>, kMaxRows> table_of(std::integer_sequence<int, MRs...>) {
-  return {row_of<T, MRs + 1>(std::make_integer_sequence<int, kMaxVectors>{})...};
-}
-
-// kernels<T>[MR - 1][NV - 1]; nullptr where MR * NV accumulators would not fit in registers
-template <typename T>
-constexpr auto kernels = table_of<T>(std::make_integer_sequence<int, kMaxRows>{});
-
-#if defined(RL_BF16_DOT)
-// greedy_screen's bf16 product with fp32 outputs: screen_kernels[MR - 1][NV - 1] (nullptr where it would not fit)
-using ScreenKernel = void (*)(const uint32_t*, int64_t, const at::BFloat16*, float*, int64_t, int64_t, const char*);
-
-template <int MR, int NV>
-void screen_tile(const uint32_t* x, int64_t Kh, const at::BFloat16* b, float* out, int64_t ldo, int64_t ncols,
-                 const char* next) {
-  dot_kernel<MR, NV, float>(x, Kh, b, out, ldo, ncols, nullptr, nullptr, next);
-}
-
-template <int MR, int... NVs>
-constexpr std::array<ScreenKernel, kMaxVectors> screen_row(std::integer_sequence<int, NVs...>) {
-  return {(MR * (NVs + 1) <= kMaxAccumulators ? &screen_tile<MR, NVs + 1> : nullptr)...};
-}
-
-template <int... MRs>
-constexpr std::array<std::array<ScreenKernel, kMaxVectors>, kMaxRows> screen_table(
+template <typename T, typename O, int... MRs>
+constexpr std::array<std::array<Kernel<T, O>, kMaxVectors>, kMaxRows> table_of(
     std::integer_sequence<int, MRs...>) {
-  return {screen_row<MRs + 1>(std::make_integer_sequence<int, kMaxVectors>{})...};
+  return {row_of<T, O, MRs + 1>(std::make_integer_sequence<int, kMaxVectors>{})...};
 }
 
-constexpr auto screen_kernels = screen_table(std::make_integer_sequence<int, kMaxRows>{});
-#endif
+// kernels<T, O>[MR - 1][NV - 1]; nullptr where MR * NV accumulators would not fit in registers
+template <typename T, typename O = T>
+constexpr auto kernels = table_of<T, O>(std::make_integer_sequence<int, kMaxRows>{});
+
 #endif
 
 // The portable path: the same panels and the same per-output order of sums.
@@ -275,9 +254,14 @@ void portable_tile(const float* x, int64_t K, const T* b, int64_t width, T* out,
   }
 }
 
-template <typename T>
-void gemm_kernel(const float* x, const uint32_t* x_pairs, const T* packed, const T* bias, const T* res, T* out,
+// O: the output's dtype (T, or fp32 from bf16 for greedy_screen: only where the bf16 dot is compiled in, so that the
+// vector kernels take every tile)
+template <typename T, typename O = T>
+void gemm_kernel(const float* x, const uint32_t* x_pairs, const T* packed, const O* bias, const O* res, O* out,
                  int64_t M, int64_t N, int64_t K, int64_t panel, int64_t row_block, int64_t min_macs_per_thread) {
+#if !defined(RL_BF16_DOT)
+  static_assert(std::is_same_v<T, O>, "an output dtype other than the weight's needs the bf16 dot kernels");
+#endif
   const int64_t Ks = stored_k<T>(K);
 #if defined(RL_AVX512)
   // the vector kernels: fp32 always, bf16 with avx512_bf16 (else the portable loop)
@@ -295,13 +279,13 @@ void gemm_kernel(const float* x, const uint32_t* x_pairs, const T* packed, const
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n0 = p * panel, width = panel_width(N, panel, p), ncols = std::min(width, N - n0);
       const T* b = packed + n0 * Ks;
-      const T* bias_p = bias == nullptr ? nullptr : bias + n0;
+      const O* bias_p = bias == nullptr ? nullptr : bias + n0;
       // the next panel of this thread, as K-line shares for the row blocks (64-byte lines)
       const char* next = reinterpret_cast<const char*>(b + width * Ks);
       const int64_t next_bytes = p + 1 < end ? panel_width(N, panel, p + 1) * Ks * int64_t(sizeof(T)) : 0;
       for (int64_t m0 = 0, block = 0; m0 < M; m0 += row_block, ++block) {
         const int64_t rows = std::min(row_block, M - m0);
-        const T* res_p = res == nullptr ? nullptr : res + m0 * N + n0;
+        const O* res_p = res == nullptr ? nullptr : res + m0 * N + n0;
 #if defined(RL_AVX512)
         if constexpr (vector) {
           const char* share = (block + 1) * iters * 64 <= next_bytes ? next + block * iters * 64
@@ -309,11 +293,13 @@ void gemm_kernel(const float* x, const uint32_t* x_pairs, const T* packed, const
           const void* x_block = std::is_same_v<T, float>
                                     ? static_cast<const void*>(static_cast<const float*>(xv) + m0 * x_stride)
                                     : static_cast<const void*>(static_cast<const uint32_t*>(xv) + m0 * x_stride);
-          kernels<T>[rows - 1][width / kLanes - 1](x_block, Ks, b, out + m0 * N + n0, N, ncols, bias_p, res_p, share);
+          kernels<T, O>[rows - 1][width / kLanes - 1](x_block, Ks, b, out + m0 * N + n0, N, ncols, bias_p, res_p,
+                                                      share);
           continue;
         }
 #endif
-        portable_tile<T>(x + m0 * K, K, b, width, out + m0 * N + n0, N, ncols, bias_p, res_p, rows);
+        if constexpr (std::is_same_v<T, O>)
+          portable_tile<T>(x + m0 * K, K, b, width, out + m0 * N + n0, N, ncols, bias_p, res_p, rows);
       }
     }
   });
@@ -433,8 +419,8 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
 // maximum of the logits `linear` computes from the weight's fp32 panels (each one fma chain over k = 0..K-1
 // from +0, the micro-kernel's lane), or an empty tensor when the screen cannot decide (the caller computes
 // the logits then). `packed`: the weight rounded to bf16 (round to nearest even) in panels of `panel`;
-// `bound` [N]: c * ||w_v||_2, `slack` [N]: an absolute term per unit of (1 + ||x_m||_2) (greedy_screen.py
-// computes both and proves the bound). Per row m: a_v = the bf16 product (x rounded to bf16, fp32 sums),
+// `bound` [N]: c * ||w_v||_2, `slack` [N]: an absolute term per unit of (1 + ||x_m||_2) (packed_linear.py's
+// `_Screen` computes both and proves the bound). Per row m: a_v = the bf16 product (x rounded to bf16, fp32 sums),
 // e_v = ||x_m|| * bound_v + (1 + ||x_m||) * slack_v >= |a_v - l_v| for the fp32 logit l_v; the rows' first
 // maximum is among {v : a_v + e_v >= max_u (a_u - e_u)}, whose logits are computed as `linear` does and
 // compared in index order. Empty result: a non-finite estimate, bound or logit, ||x_m|| outside
@@ -467,24 +453,10 @@ torch::Tensor greedy_screen(const torch::Tensor& x, const torch::Tensor& packed,
   const auto* xp = reinterpret_cast<const uint32_t*>(x_pairs.data_ptr<at::BFloat16>());
   auto est = torch::empty({M, N}, x.options());
   float* a = est.data_ptr<float>();
-  const auto* b = packed.data_ptr<at::BFloat16>();
-  const int64_t panels = (N + panel - 1) / panel, iters = Ks / 2;
-  // the estimates' panels split over torch's threads as `linear`'s are (each estimate the same whatever the split)
-  const int64_t grain = std::max<int64_t>(1, min_macs_per_thread / std::max<int64_t>(1, M * K * panel));
-  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n0 = p * panel, width = panel_width(N, panel, p), ncols = std::min(width, N - n0);
-      const at::BFloat16* bp = b + n0 * Ks;
-      const char* next = reinterpret_cast<const char*>(bp + width * Ks);
-      const int64_t next_bytes = p + 1 < end ? panel_width(N, panel, p + 1) * Ks * 2 : 0;
-      for (int64_t m0 = 0, block = 0; m0 < M; m0 += row_block, ++block) {
-        const int64_t rows = std::min(row_block, M - m0);
-        const char* share = (block + 1) * iters * 64 <= next_bytes ? next + block * iters * 64
-                                                                   : reinterpret_cast<const char*>(bp);
-        screen_kernels[rows - 1][width / kLanes - 1](xp + m0 * iters, iters, bp, a + m0 * N + n0, N, ncols, share);
-      }
-    }
-  });
+  // the estimates: linear's bf16 product (its panels split over torch's threads; each estimate the same whatever
+  // the split) with fp32 outputs
+  gemm_kernel<at::BFloat16, float>(nullptr, xp, packed.data_ptr<at::BFloat16>(), nullptr, nullptr, a, M, N, K, panel,
+                                   row_block, min_macs_per_thread);
   auto out = torch::empty({M}, x.options().dtype(at::kLong));
   int64_t* tok = out.data_ptr<int64_t>();
   const float* xs = x.data_ptr<float>();
