@@ -84,8 +84,10 @@ def rotary_full(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return rotated if x.dtype == torch.float32 else rotated.to(x.dtype)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """SwiGLU: x is [..., 2 * d] laid out as [gate | up]; returns silu(gate) * up, [..., d]."""
+def silu_and_mul(x: torch.Tensor, *, overwrite_input: bool = False) -> torch.Tensor:
+    """SwiGLU: x is [..., 2 * d] laid out as [gate | up]; returns silu(gate) * up, [..., d]. `overwrite_input`
+    (the caller's x has no other reader, so a backward may write over it) is taken by the CPU training kernel
+    (`kernels/cpu/train_elementwise.py`); here autograd's backward allocates."""
     gate, up = x.chunk(2, dim=-1)  # chunk, not slicing: backward concatenates, no zero-filled grads
     if torch.is_grad_enabled():
         return F.silu(gate) * up

@@ -123,7 +123,8 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
           # fp32: the training kernel's forward in one pass (bf16 keeps torch's, faster there)
           cpu_default=True, cpu_source="train_elementwise.cpp"),
     _spec("silu_and_mul_train", "silu_and_mul's contract, differentiable: the policy's SwiGLU when autograd records "
-          "the forward", triton=f"{_TRITON}.swiglu:silu_and_mul", torch_impl=f"{_REF}:silu_and_mul",
+          "the forward (overwrite_input=True: its backward may write x's gradient over x)",
+          triton=f"{_TRITON}.swiglu:silu_and_mul", torch_impl=f"{_REF}:silu_and_mul",
           cpu=f"{_CPU_TRAIN}:silu_and_mul", cpu_default=True, cpu_source="train_elementwise.cpp"),
     _spec("rotary_full", "(x [T, heads, head_dim], cos [T, 1, head_dim], sin [T, 1, head_dim] as [-sin | sin]) -> "
           "x * cos + roll(x, head_dim // 2) * sin: the policy's rotary on the torch path, differentiable",

@@ -60,7 +60,8 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The MLP's output, or residual + it when `residual` is given (fused into the last matmul)."""
-        silu_and_mul = self._silu_and_mul_train if training_kernels() else self._silu_and_mul
+        train = training_kernels()
+        silu_and_mul = self._silu_and_mul_train if train else self._silu_and_mul
         if residual is not None and x.dim() == 2 and x.shape[0] > MLP_ROW_CHUNK and self._row_chunks(x, residual):
             # a prefill's MLP by slices of rows: each slice's intermediate is read back from L2, not L3 (the
             # ~3.5M batch-64 prefill 288 -> 257 ms); the same bits, each row's products its own sums on the
@@ -72,7 +73,10 @@ class SwiGLUMLP(nn.Module):
             for s, e in zip(starts, starts[1:] + [x.shape[0]]):
                 out[s:e] = self.down_proj(silu_and_mul(self.gate_up_proj(x[s:e])), residual[s:e])
             return out
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)), residual)
+        gate_up = self.gate_up_proj(x)
+        if train:  # gate_up is read by SwiGLU alone: its backward may write d gate_up over it
+            return self.down_proj(silu_and_mul(gate_up, overwrite_input=True), residual)
+        return self.down_proj(silu_and_mul(gate_up), residual)
 
     def _row_chunks(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
         """Whether the forward may take x's rows in slices with unchanged bits: one rank, no bias, both products

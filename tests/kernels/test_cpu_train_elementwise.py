@@ -2,11 +2,13 @@
 against the torch reference in float64, with error bounds from the fp32 arithmetic of each formula; strided and
 odd shapes; the reference where the kernels do not apply; bad inputs refused by name."""
 
+import functools
+
 import pytest
 import torch
 
 from rl_engine import kernels
-from rl_engine.kernels import reference, registry
+from rl_engine.kernels import cpu, reference, registry
 from rl_engine.kernels.cpu import train_elementwise as te
 
 EPS = torch.finfo(torch.float32).eps
@@ -94,22 +96,100 @@ def test_silu_and_mul_matches_the_float64_reference(rows, d, pad):
     _within((x.grad.double() - x64.grad)[:, d:].abs(), db_bound, "d up")
 
 
-@pytest.mark.parametrize("d,pad", [(768, 0), (1, 0), (15, 3), (16, 0), (17, 1), (33, 0), (100, 2)])
-def test_silu_and_mul_forward_has_the_scalar_loops_bits(d, pad):
-    """The forward's AVX-512 form (16 lanes, masked tail) gives the bits of the scalar loop, which the backward
-    still runs: its d up, with a gradient of ones, is silu(gate) = gate * sigmoid(gate) as that loop rounds it, and
-    the forward is that times up, one fp32 product. Gates at scales 0.5 to 1000 (fast_exp's clamp at -87.3 / 88 on
-    both sides), the clamp's ends, +-0, +-inf and denormals; d with and without a 16-lane tail."""
+@functools.cache
+def _scalar_build():
+    """train_elementwise.cpp built with AVX-512 off (its SwiGLU's scalar loops, as on an AVX2-only CPU), or None
+    where this CPU has no AVX-512 (the native build is then that one)."""
+    if "avx512f" not in cpu._cpu_flags().split():
+        return None
+    module, reason = cpu.load_source(te.SOURCE, extra_cflags=("-mno-avx512f",))
+    assert module is not None, reason
+    return module
+
+
+@pytest.mark.parametrize("d,pad", [(768, 0), (1, 0), (15, 3), (16, 0), (17, 1), (33, 0), (100, 2), (192, 0)])
+def test_silu_and_mul_has_the_scalar_loops_bits(d, pad):
+    """SwiGLU's AVX-512 forward and backward (16 lanes, masked tail; the backward written over its input or into a
+    fresh buffer) give the bits of the scalar loops, which a build without AVX-512 runs. Gates at scales 0.5 to
+    1000 (fast_exp's clamp at -87.3 / 88 on both sides), the clamp's ends, +-0, +-inf and denormals; d with and
+    without a 16-lane tail; rows strided."""
+    scalar = _scalar_build()
+    if scalar is None:
+        pytest.skip("no AVX-512 here: the native build runs the scalar loops")
     torch.manual_seed(d)
     special = torch.tensor([0.0, -0.0, 87.3, -87.3, 88.0, -88.0, 87.29999, -88.00001, 1e30, -1e30,
                             float("inf"), float("-inf"), 1e-40, -1e-40, 3.4e38, -3.4e38])
     for scale in (0.5, 4.0, 30.0, 100.0, 1000.0):
         x = _strided(70, 2 * d, pad=pad) * scale
         x[0, :d] = special.repeat(d // 16 + 1)[:d]
-        out = te.kernel().silu_and_mul_forward(x)
-        silu = te.kernel().silu_and_mul_backward(torch.ones(70, d), x)[:, d:]
-        want = silu * x[:, d:]
-        assert out.view(torch.int32).equal(want.view(torch.int32)), f"scale {scale}: not the scalar loop's bits"
+        g = torch.randn(70, d) * scale
+        g[1, :d] = special.repeat(d // 16 + 1)[:d]
+        out, want_out = te.kernel().silu_and_mul_forward(x), scalar.silu_and_mul_forward(x)
+        assert out.view(torch.int32).equal(want_out.view(torch.int32)), f"scale {scale}: forward"
+        want = scalar.silu_and_mul_backward(g, x, False)
+        dx = te.kernel().silu_and_mul_backward(g, x, False)
+        assert dx.view(torch.int32).equal(want.view(torch.int32)), f"scale {scale}: backward"
+        over = x.clone()  # contiguous, its own buffer
+        written = te.kernel().silu_and_mul_backward(g, over, True)
+        assert written.data_ptr() == over.data_ptr() and over.view(torch.int32).equal(want.view(torch.int32))
+        over_scalar = x.clone()
+        scalar.silu_and_mul_backward(g, over_scalar, True)
+        assert over_scalar.view(torch.int32).equal(want.view(torch.int32)), f"scale {scale}: scalar in place"
+
+
+@pytest.mark.parametrize("rows,d,pad", [(300, 192, 0), (33, 17, 3), (1, 1, 0), (0, 8, 0)])
+def test_silu_and_mul_overwriting_its_input_gives_the_same_gradient(rows, d, pad):
+    """`overwrite_input=True`: x's gradient is written over x (x then holds it, bit-equal to the gradient a fresh
+    buffer gets, at x's stride), and the output is the same; a second backward (retain_graph) is refused by name."""
+    torch.manual_seed(rows + d)
+    leaf = (4 * _strided(rows, 2 * d, pad=pad)).requires_grad_()
+    g = torch.randn(rows, d)
+    out = te.silu_and_mul(leaf)
+    (out * g).sum().backward()
+
+    wide = torch.randn(rows, 2 * d + pad)
+    wide[:, pad:] = leaf.detach()
+    wide.requires_grad_()
+    buf = wide * 1.0  # a non-leaf of its own, as gate_up's output
+    x = buf[:, pad:]  # its columns after the pad: rows at stride 2d + pad
+    out_over = te.silu_and_mul(x, overwrite_input=True)
+    assert torch.equal(out_over, out)
+    (out_over * g).sum().backward(retain_graph=True)
+    assert wide.grad[:, pad:].view(torch.int32).equal(leaf.grad.view(torch.int32)) and not wide.grad[:, :pad].any()
+    assert x.detach().view(torch.int32).equal(leaf.grad.view(torch.int32))  # x now holds its gradient
+    assert torch.equal(buf.detach()[:, :pad], wide.detach()[:, :pad])  # and nothing outside x was written
+    if rows:
+        with pytest.raises(RuntimeError, match="second backward through it"):
+            (out_over * g).sum().backward()
+
+
+def test_the_mlp_backward_writes_over_its_gate_up_output_with_unchanged_gradients(monkeypatch):
+    """SwiGLUMLP's training forward asks its SwiGLU to overwrite the gate_up output (read by nothing else): the
+    MLP's output and its input's and weights' gradients are bit-equal to the run that does not."""
+    from rl_engine.policy.moe import SwiGLUMLP
+    from rl_engine.policy.parallel import SINGLE
+
+    torch.manual_seed(0)
+    mlp = SwiGLUMLP(64, 192, groups=SINGLE, dtype=torch.float32)
+    x, residual, g = torch.randn(500, 64), torch.randn(500, 64), torch.randn(500, 64)
+    asked = []
+    real = mlp._silu_and_mul_train
+
+    def spy(h, **kw):
+        asked.append(kw.get("overwrite_input", False))
+        return real(h, **kw)
+
+    results = []
+    for overwrite in (True, False):
+        mlp.zero_grad(set_to_none=True)
+        mlp._silu_and_mul_train = spy if overwrite else (lambda h, **kw: real(h))
+        xi, ri = x.clone().requires_grad_(), residual.clone().requires_grad_()
+        out = mlp(xi, ri)
+        (out * g).sum().backward()
+        results.append([out.detach(), xi.grad, ri.grad, *(p.grad for p in mlp.parameters())])
+    assert asked == [True]
+    for a, b in zip(*results):
+        assert a.view(torch.int32).equal(b.view(torch.int32))
 
 
 def _tables(tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +344,7 @@ def test_bad_inputs_are_refused_by_name():
     with pytest.raises(RuntimeError, match="x must be a CPU fp32 tensor"):  # the C++ checks name theirs too
         te.kernel().silu_and_mul_forward(torch.randn(4, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="grad shape"):
-        te.kernel().silu_and_mul_backward(torch.randn(3, 4), torch.randn(4, 8))
+        te.kernel().silu_and_mul_backward(torch.randn(3, 4), torch.randn(4, 8), False)
 
 
 def test_the_policy_trains_through_the_kernels_as_through_torch():

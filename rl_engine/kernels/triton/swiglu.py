@@ -74,8 +74,9 @@ class _SiluAndMul(torch.autograd.Function):
         return dx.view(ctx.shape)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """Triton twin of `reference.silu_and_mul`: x [..., 2d] as [gate | up] -> [..., d]."""
+def silu_and_mul(x: torch.Tensor, *, overwrite_input: bool = False) -> torch.Tensor:
+    """Triton twin of `reference.silu_and_mul`: x [..., 2d] as [gate | up] -> [..., d] (`overwrite_input` taken
+    and not used: the backward allocates its gradient)."""
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul: last dim ({x.shape[-1]}) must be even ([gate | up])")
     return _SiluAndMul.apply(x)
