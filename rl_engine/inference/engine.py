@@ -49,9 +49,10 @@ class _Batch:
     the same order, as from one decode step to the next): their params, whether those share one setting,
     whether any asks for log-probs or top log-probs, the seeded uniforms' per-row part, and whether any request
     streams. All of it is a function of the sequences. `stopped`: the rows whose sequence stopped in the last
-    decode step that sampled this batch (`_emit_decode`), for `without_stopped`."""
+    decode step that sampled this batch (`_emit_decode`), for `without_stopped`. `stop_rows`: what `_emit_decode`
+    reads instead of each row's request (`LLMEngine._stop_rows`), None until it first does."""
 
-    __slots__ = ("seqs", "params", "uniform", "logprobs", "top_rows", "seed_base", "streams", "stopped")
+    __slots__ = ("seqs", "params", "uniform", "logprobs", "top_rows", "seed_base", "streams", "stopped", "stop_rows")
 
     def __init__(self, seqs: list[Sequence]) -> None:
         self.seqs = seqs
@@ -62,11 +63,12 @@ class _Batch:
         self.seed_base = _seed_base(seqs)
         self.streams = any(s.request.stream for s in seqs)
         self.stopped: list[int] = []
+        self.stop_rows: tuple[list[int], frozenset[int]] | None = None
 
     def without_stopped(self, seqs: list[Sequence]) -> _Batch | None:
         """The batch of `seqs` when they are this batch's sequences less its `stopped` rows, in the same order (a
         decode step after one in which samples stopped): the per-row parts compacted, and each "any" or "same"
-        recomputed only where dropping rows can change it. Else None."""
+        recomputed only where dropping rows can change it (`stop_rows`' token set is kept: a superset). Else None."""
         rows = self.stopped
         if not rows or len(seqs) != len(self.seqs) - len(rows):
             return None
@@ -85,6 +87,8 @@ class _Batch:
             keep[rows] = False
             batch.seed_base = self.seed_base[keep]
         batch.streams = self.streams and any(s.request.stream for s in seqs)
+        batch.stop_rows = None if self.stop_rows is None else (without_rows(self.stop_rows[0], rows),
+                                                               self.stop_rows[1])
         return batch
 
 
@@ -405,21 +409,25 @@ class LLMEngine:
         """`_emit_plain` of a step in which every scheduled sequence (`batch.seqs`) computed one token and sampled
         it, with the step's KV bookkeeping in the same pass over the sequences: the computed token, the oldest
         weights version of the KV, the prefix cache's newly full block (registered before a stop frees the
-        sequence's blocks), then `_stops`. `touched` is filled only when `step` reads it (a sample stopped, or a
-        request streams), in the same order as the pass would."""
+        sequence's blocks), then the fork and `_stops`, for the rows that `batch.stop_rows` does not rule out
+        (a row's request is not read otherwise). `touched` is filled only when `step` reads it (a sample stopped,
+        or a request streams), in the same order as the pass would."""
         seqs = batch.seqs
         bm = self.block_manager
         bs = bm.block_size if bm.enable_prefix_caching else 0
         stop_rule, finishes = self._stop_rule, self._finishes
+        if batch.stop_rows is None:
+            batch.stop_rows = self._stop_rows(seqs)
+        limits, stop_tokens_any = batch.stop_rows
         stopped_rows: list[int] = []
-        for i, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs or itertools.repeat(None))):
+        for i, (seq, token, logprob, limit) in enumerate(zip(seqs, tokens, logprobs or itertools.repeat(None),
+                                                             limits)):
             computed = seq.num_computed_tokens = seq.num_computed_tokens + 1
             kv_version = seq.kv_version
             if kv_version is None or version < kv_version:
                 seq.kv_version = kv_version = version
             if bs and computed // bs > seq.num_hashed_blocks:  # a block filled up
                 bm.register_full_blocks(seq)
-            request = seq.request
             token_ids = seq.token_ids
             token_ids.append(token)
             if logprobs is not None:  # (None: no row's request asked for any)
@@ -428,13 +436,15 @@ class LLMEngine:
             seq.kv_versions.append(kv_version)
             if tops and i in tops:  # (only the rows whose request asked)
                 seq.top_logprobs.append(tops[i])
-            if request.pending_forks and seq.index == 0:
-                self._fork(request, seq)
-            # `_stops`, inlined (a call per row costs more than the check that usually ends it)
-            stop_tokens, checks_text, max_len = request.stop_rule or stop_rule(request)
-            if (token in stop_tokens or checks_text or len(token_ids) >= max_len) and finishes(seq, token):
-                stopped.add(request.request_id)
-                stopped_rows.append(i)
+            if len(token_ids) >= limit or token in stop_tokens_any:  # (else neither a fork nor a stop)
+                request = seq.request
+                if request.pending_forks and seq.index == 0:
+                    self._fork(request, seq)
+                # `_stops`, inlined (a call per row costs more than the check that usually ends it)
+                stop_tokens, checks_text, max_len = request.stop_rule or stop_rule(request)
+                if (token in stop_tokens or checks_text or len(token_ids) >= max_len) and finishes(seq, token):
+                    stopped.add(request.request_id)
+                    stopped_rows.append(i)
         # (the next decode step's inputs: `ModelRunner._continue_decode`; its batch: `_Batch.without_stopped`; its
         # schedule: `Scheduler._schedule_decodes`)
         self.runner.decoded(tokens, stopped_rows)
@@ -444,6 +454,22 @@ class LLMEngine:
             for seq in seqs:
                 touched[seq.request.request_id] = seq.request
         self.num_generated_tokens += len(seqs)
+
+    def _stop_rows(self, seqs: list[Sequence]) -> tuple[list[int], frozenset[int]]:
+        """What `_emit_decode` reads instead of each row's request, for as long as the batch of `seqs` lasts: per row
+        the token count below which its request's stop rule (`_stop_rule`) cannot hold but through a stop token, 0
+        where it checks stop strings or a fork is pending (a leader's request: it forks when it emits); and the
+        union of the rows' stop tokens. A row whose length is below its count and whose token is not in the union
+        neither forks nor stops. The counts do not change (the rule is a function of the request's params) and a
+        running sequence's request gains no pending fork (only `add_request` sets them, before its first step)."""
+        limits: list[int] = []
+        stop_tokens_any: set[int] = set()
+        for seq in seqs:
+            request = seq.request
+            stop_tokens, checks_text, max_len = request.stop_rule or self._stop_rule(request)
+            stop_tokens_any |= stop_tokens
+            limits.append(0 if checks_text or (request.pending_forks and seq.index == 0) else max_len)
+        return limits, frozenset(stop_tokens_any)
 
     def _stops(self, seq: Sequence, token: int) -> bool:
         """After `token` was appended to `seq`: finish it if it stops there (stop token or string, length). The one

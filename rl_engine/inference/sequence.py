@@ -73,11 +73,14 @@ class Sequence:
 
     _ids = itertools.count()
 
-    __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
-                 "block_table", "block_hashes", "num_hashed_blocks", "kv_epoch", "kv_version", "status",
-                 "logprobs", "policy_versions", "kv_versions", "finish_reason", "stop_reason", "rng_seed",
-                 "num_preemptions", "routing", "text_offset", "num_draft_tokens", "draft_probs", "top_logprobs",
-                 "spec_draft_tokens", "spec_accepted_tokens", "spec_verifies", "fork_leader")
+    # (in this order, the six slots a decode step writes for every row, `LLMEngine._emit_decode`, share the object's
+    # first cache line with its reference count: CPython places these objects on 64-byte boundaries; the next eight
+    # are the rest a decode step may read)
+    __slots__ = ("token_ids", "num_computed_tokens", "kv_version", "num_hashed_blocks", "policy_versions",
+                 "kv_versions", "logprobs", "block_table", "request", "index", "top_logprobs", "num_prompt_tokens",
+                 "status", "num_draft_tokens", "seq_id", "block_hashes", "kv_epoch", "finish_reason", "stop_reason",
+                 "rng_seed", "num_preemptions", "routing", "text_offset", "draft_probs", "spec_draft_tokens",
+                 "spec_accepted_tokens", "spec_verifies", "fork_leader")
 
     def __init__(self, request: "Request", index: int, token_ids: list[int], *, num_prompt_tokens: int,
                  rng_seed: int) -> None:

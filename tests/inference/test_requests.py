@@ -91,3 +91,63 @@ def test_stop_strings_need_a_tokenizer(qwen2):
     llm = LLM(qwen2[1])
     out = llm.generate([[1, 2, 3]], SamplingParams(stop=["x"]))[0]
     assert "stop strings need a tokenizer" in out.error
+
+
+def test_decode_steps_read_a_request_only_where_its_stop_rule_or_fork_may_apply(char_model, monkeypatch):
+    """`_emit_decode` skips a row's fork and stop checks when `_Batch.stop_rows` rules them out (its length below its
+    request's limit, its token outside the batch's stop tokens): the same outputs as an engine that checks every row,
+    on a batch mixing stop tokens, stop strings, EOS with min_tokens, length limits and a leader forking in a decode
+    step (a one-token prompt: its prefill is a single-token row), with finishes that compact the batch."""
+    from rl_engine.inference.engine import LLMEngine
+
+    def run(check_every_row: bool):
+        llm = LLM(char_model, seed=0)
+        engine = llm.engine
+        if check_every_row:
+            monkeypatch.setattr(LLMEngine, "_stop_rows", lambda self, seqs: ([0] * len(seqs), frozenset()))
+        forks_in_decode = []
+        emit, fork = LLMEngine._emit_decode, LLMEngine._fork
+        inside = [False]
+
+        def emitting(self, *a):
+            inside[0] = True
+            try:
+                return emit(self, *a)
+            finally:
+                inside[0] = False
+
+        def forking(self, request, leader):
+            forks_in_decode.append((inside[0], leader.num_output_tokens))  # (it forks at its first token)
+            return fork(self, request, leader)
+
+        monkeypatch.setattr(LLMEngine, "_emit_decode", emitting)
+        monkeypatch.setattr(LLMEngine, "_fork", forking)
+        greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+        full = llm.generate(["Hello there", "Once upon", "abc"], greedy)
+        texts = [o.outputs[0].text for o in full]
+        tokens = [o.outputs[0].token_ids for o in full]
+        params = [greedy.clone(stop_token_ids=[tokens[0][6]]), greedy.clone(stop=[texts[1][8:10]]),
+                  greedy.clone(max_tokens=9), greedy.clone(ignore_eos=False, min_tokens=3),
+                  SamplingParams(temperature=1.0, seed=4, max_tokens=15, stop_token_ids=[tokens[2][3]]),
+                  greedy.clone(max_tokens=20)]
+        prompts = ["Hello there", "Once upon", "abc", "Hello", "Once upon", "abc"]
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), prompt, p)
+        outputs, step = {}, 0
+        while engine.has_unfinished_requests():
+            step += 1
+            if step == 4:  # a leader whose whole prompt is one token forks in a decode step
+                engine.add_request("fork", [tokens[0][0]], greedy.clone(n=3, max_tokens=7))
+            for out in engine.step():
+                outputs[out.request_id] = [(c.token_ids, c.finish_reason, c.stop_reason, c.text) for c in out.outputs]
+        monkeypatch.undo()
+        return outputs, forks_in_decode
+
+    want, want_forks = run(check_every_row=True)
+    got, got_forks = run(check_every_row=False)
+    assert got == want
+    assert got_forks == want_forks and (True, 1) in got_forks
+    reasons = [r for outs in got.values() for _, r, s, _ in outs]
+    assert reasons.count("length") >= 3 and sum(1 for outs in got.values() for _, r, s, _ in outs
+                                                 if r == "stop" and s is not None) >= 2
+    assert len(got["fork"]) == 3
