@@ -41,12 +41,13 @@ def test_hash_is_stable_across_processes():
     assert block_hash(b"x", [1, 2]) != block_hash(b"", [1, 2])
 
 
-def test_hash_is_the_documented_sha256_at_every_length():
-    """sha256(parent + the tokens as little-endian int64), for blocks of different lengths in turn (the packer
+def test_hash_is_the_documented_blake2b_at_every_length():
+    """BLAKE2b-256(parent + the tokens as little-endian int64), for blocks of different lengths in turn (the packer
     is kept per length) and tokens over the int64 range."""
-    parent = hashlib.sha256(b"p").digest()
+    parent = hashlib.blake2b(b"p", digest_size=32).digest()
     for tokens in ([5] * 16, [1, 2], list(range(16)), [-(2**63), 2**63 - 1, 0], [3] * 16):
-        ref = hashlib.sha256(parent + b"".join(t.to_bytes(8, "little", signed=True) for t in tokens)).digest()
+        ref = hashlib.blake2b(parent + b"".join(t.to_bytes(8, "little", signed=True) for t in tokens),
+                              digest_size=32).digest()
         assert block_hash(parent, tokens) == ref
 
 
