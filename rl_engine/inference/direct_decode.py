@@ -31,6 +31,8 @@ from torch.nn.modules import module as _module
 
 from rl_engine.inference.attention import PagedAttention
 from rl_engine.kernels.cpu import engine_elementwise, ops as cpu_ops, packed_linear, train_elementwise
+from rl_engine.kernels.cpu.packed_linear import _ATTR
+from rl_engine.kernels.cpu.small_gemm import MIN_MACS_PER_THREAD, PANEL, ROW_BLOCK
 from rl_engine.kernels.grad_mode import training_kernels
 
 logger = logging.getLogger(__name__)
@@ -41,12 +43,14 @@ class _NotPacked(Exception):
 
 
 def _linear(x: torch.Tensor, params: dict, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x weight^T (+ bias) (+ residual) of a linear's parameters (its `_parameters`) through their packed copy."""
+    """x weight^T (+ bias) (+ residual) of a linear's parameters (its `_parameters`) through its packed panels
+    (`packed_linear._read`'s small-M GEMM call: `build` admits only fp32 with the small GEMM loaded)."""
     w = params.get("weight")
-    entry = getattr(w, packed_linear._ATTR, None)
-    if entry is None:
+    entry, small = getattr(w, _ATTR, None), packed_linear._small
+    if entry is None or small is None:
         raise _NotPacked
-    return packed_linear._read(entry, x, w, params.get("bias"), residual)  # (the small-M GEMM)
+    return small.linear(x, entry.current(w, True), w.shape[0], PANEL, ROW_BLOCK, params.get("bias"), residual,
+                        MIN_MACS_PER_THREAD)
 
 
 class DirectDecode:
@@ -69,10 +73,10 @@ class DirectDecode:
             (layer.input_layernorm, layer.input_layernorm._parameters, layer.self_attn.qkv_proj._parameters,
              layer.self_attn.o_proj._parameters, layer.post_attention_layernorm,
              layer.post_attention_layernorm._parameters, layer.mlp.gate_up_proj._parameters,
-             layer.mlp.down_proj._parameters, layer.self_attn.head_dim,
-             [layer.self_attn.num_heads, layer.self_attn.num_kv_heads, layer.self_attn.num_kv_heads],
+             layer.mlp.down_proj._parameters, layer.self_attn.num_heads, layer.self_attn.num_kv_heads,
              layer.self_attn.scale)
             for layer in model.layers)
+        self._embed, self._norm = model.embed_tokens._parameters, model.norm._parameters  # (as the layers' dicts)
         self._fallback_logged = False
 
     @classmethod
@@ -127,28 +131,26 @@ class DirectDecode:
         """The final hidden states [T, H], or None when a weight has no packed copy or a kernel refused a call
         (the caller runs the model's forward)."""
         model, attn, kern = self.model, self.attn, self._kernel
-        rms_norm, silu_and_mul = kern.rms_norm_forward, kern.silu_and_mul_forward
+        rms_norm, silu_and_mul = kern.rms_norm_out, kern.silu_and_mul_forward
         ext = cpu_ops.extension()
+        rotary_kv_write, decode_attention = ext.rotary_kv_write_qkv, ext.paged_decode_attention
         slots, tables, max_context = attn.slot_mapping, attn.decode_tables, attn.max_context_len
         T = input_ids.shape[0]
         if T != attn.num_single:  # the decode kernel reads `T` rows of the tables `prepare` made (it checks not)
             return None
 
         try:
-            x = torch.embedding(model.embed_tokens.weight, input_ids)  # (F.embedding's call, unchecked)
+            x = torch.embedding(self._embed["weight"], input_ids)  # (F.embedding's call, unchecked)
             cos, sin = model._rope(positions, attn)
             k_caches, v_caches = attn.k_caches, attn.v_caches
-            for i, (norm, norm_p, qkv_p, o_p, post, post_p, gate_up_p, down_p, head_dim, heads, scale) \
+            for i, (norm, norm_p, qkv_p, o_p, post, post_p, gate_up_p, down_p, q_heads, kv_heads, scale) \
                     in enumerate(self._layers):
-                qkv = _linear(rms_norm(x, norm_p["weight"], norm.eps, None)[0], qkv_p)
-                q, k, v = qkv.view(T, -1, head_dim).split_with_sizes(heads, 1)  # [T, heads, head_dim] views
-                kc, vc = k_caches[i], v_caches[i]
-                q, _ = ext.rotary_kv_write(q, k, v, cos, sin, slots, kc, vc, False)
-                o = ext.paged_decode_attention(q, kc, vc, *tables, scale, max_context)
+                qkv = _linear(rms_norm(x, norm_p["weight"], norm.eps), qkv_p)
+                q = rotary_kv_write(qkv, q_heads, kv_heads, cos, sin, slots, k_caches[i], v_caches[i])  # rotated q
+                o = decode_attention(q, k_caches[i], v_caches[i], *tables, scale, max_context)
                 x = _linear(o.view(T, -1), o_p, x)
-                x = _linear(silu_and_mul(_linear(rms_norm(x, post_p["weight"], post.eps, None)[0], gate_up_p)),
-                            down_p, x)
-            return rms_norm(x, model.norm.weight, model.norm.eps, None)[0]
+                x = _linear(silu_and_mul(_linear(rms_norm(x, post_p["weight"], post.eps), gate_up_p)), down_p, x)
+            return rms_norm(x, self._norm["weight"], model.norm.eps)
         except (_NotPacked, RuntimeError) as e:
             if not self._fallback_logged:  # (a step that falls back costs up to two forwards: say it once)
                 self._fallback_logged = True

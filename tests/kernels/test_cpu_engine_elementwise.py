@@ -57,6 +57,20 @@ def test_fp32_rms_norm_gives_the_training_kernels_bits_within_the_reference_boun
 
 
 @needs_fp32
+@pytest.mark.parametrize("shape,pad", [((64, 256), 0), ((300, 37), 5), ((1, 512), 0), ((7, 130), 3)])
+def test_fp32_rms_norm_out_is_rms_norm_forwards_output(shape, pad):
+    """`rms_norm_out` (the direct decode forward's RMSNorm without a residual): rms_norm_forward's first result,
+    bit for bit, at any row stride."""
+    torch.manual_seed(shape[-1] + pad)
+    x, w = _strided(shape, pad=pad), 1 + 0.3 * torch.randn(shape[-1])
+    out = te.kernel().rms_norm_out(x, w, 1e-6)
+    assert out.shape == x.shape and out.is_contiguous()
+    assert torch.equal(out, te.kernel().rms_norm_forward(x, w, 1e-6, None)[0])
+    with pytest.raises(RuntimeError, match="weight has 3 entries"):
+        te.kernel().rms_norm_out(x, w[:3], 1e-6)
+
+
+@needs_fp32
 @pytest.mark.parametrize("shape,pad", [((64, 2 * 768), 0), ((2, 30, 2 * 100), 0), ((5, 2 * 7), 3), ((1, 2 * 1792), 0)])
 def test_fp32_silu_and_mul_gives_the_training_kernels_bits_within_the_reference_bound(shape, pad):
     torch.manual_seed(shape[-1])

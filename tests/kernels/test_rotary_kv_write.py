@@ -146,6 +146,30 @@ def test_rotary_kv_write_is_the_engines_rotary_and_cache_write(dtype, num_kv_hea
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "num_heads", "num_kv_heads", "head_dim", "rotary_dim", "block_size", "slots"),
+                         CASES)
+def test_rotary_kv_write_qkv_is_rotary_kv_write_of_the_fused_projections_views(dtype, tokens, num_heads, num_kv_heads,
+                                                                              head_dim, rotary_dim, block_size, slots):
+    """The extension's `rotary_kv_write_qkv` (the direct decode forward's call) takes the fused projection's output
+    and its head counts: the same rotated q and cache writes as `rotary_kv_write` of its q, k and v views."""
+    from rl_engine.kernels.cpu.ops import extension
+
+    q, k, v, cos, sin = _inputs(tokens, num_heads, num_kv_heads, head_dim, rotary_dim, dtype)
+    qkv = q.as_strided((tokens, (num_heads + 2 * num_kv_heads) * head_dim), (q.stride(0), 1))  # _inputs' base
+    num_blocks = 80
+    slot_mapping = _slots(slots, tokens, block_size, num_blocks)
+    caches = [torch.full((num_blocks, block_size, num_kv_heads, head_dim), 7.0, dtype=dtype) for _ in range(4)]
+    q_rot = extension().rotary_kv_write_qkv(qkv, num_heads, num_kv_heads, cos, sin, slot_mapping, caches[0], caches[1])
+    q_ref, _ = extension().rotary_kv_write(q, k, v, cos, sin, slot_mapping, caches[2], caches[3], False)
+    assert q_rot.shape == q.shape and torch.equal(q_rot, q_ref)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    with pytest.raises(RuntimeError, match=r"qkv must be \[tokens, \(q_heads \+ 2 kv_heads\) head_dim\]"):
+        extension().rotary_kv_write_qkv(qkv[:, 1:], num_heads, num_kv_heads, cos, sin, slot_mapping, caches[0],
+                                        caches[1])
+
+
+@needs_cpu_kernels
 def test_rotary_kv_write_refuses_bad_input_with_a_clear_error():
     from rl_engine.kernels.cpu.ops import rotary_kv_write
 

@@ -1486,6 +1486,22 @@ std::tuple<torch::Tensor, torch::Tensor> rotary_kv_write(const torch::Tensor& q,
   return {q_out, k_out};
 }
 
+// rotary_kv_write of the fused projection's output qkv [tokens, (q_heads + 2 kv_heads) head_dim] (rows at any
+// stride, a contiguous last dim): its q, k and v views made here (the engine's direct decode forward, once per
+// layer, where Python's view + split_with_sizes cost ~3 us a call); returns the rotated q. The same bits.
+torch::Tensor rotary_kv_write_qkv(const torch::Tensor& qkv, int64_t q_heads, int64_t kv_heads,
+                                  const torch::Tensor& cos, const torch::Tensor& sin,
+                                  const torch::Tensor& slot_mapping, const torch::Tensor& k_cache,
+                                  const torch::Tensor& v_cache) {
+  TORCH_CHECK(qkv.dim() == 2 && q_heads > 0 && kv_heads > 0 && qkv.size(1) % (q_heads + 2 * kv_heads) == 0,
+              "rotary_kv_write_qkv: qkv must be [tokens, (q_heads + 2 kv_heads) head_dim], got shape ", qkv.sizes(),
+              " for ", q_heads, " q heads and ", kv_heads, " kv heads");
+  const auto heads = qkv.view({qkv.size(0), q_heads + 2 * kv_heads, qkv.size(1) / (q_heads + 2 * kv_heads)});
+  return std::get<0>(rotary_kv_write(heads.narrow(1, 0, q_heads), heads.narrow(1, q_heads, kv_heads),
+                                     heads.narrow(1, q_heads + kv_heads, kv_heads), cos, sin, slot_mapping, k_cache,
+                                     v_cache, false));
+}
+
 // ---- one-row linear (a batch-1 decode step's matmuls) --------------------------------------------
 // y = x W^T (+ bias) (+ residual) for x [1, K], W [N, K] read in place (no packed copy): each of the
 // step's small weights is read once, where oneDNN's prepacked linear costs a ~15 us floor per call at
@@ -1652,4 +1668,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("input_ids").noconvert(), py::arg("positions").noconvert(), py::arg("context_lens").noconvert(),
         py::arg("slot_mapping").noconvert(), py::arg("block_tables").noconvert());
   m.def("rotary_kv_write", &rotary_kv_write);
+  m.def("rotary_kv_write_qkv", &rotary_kv_write_qkv);
 }
