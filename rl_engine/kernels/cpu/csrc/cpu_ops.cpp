@@ -122,8 +122,6 @@ struct Avx512 {
     return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
   }
-  static I indices(const int32_t* ix) { return _mm512_loadu_si512(ix); }
-  static V permute(V v, I ix) { return _mm512_permutexvar_ps(ix, v); }  // r[i] = v[ix[i]]
   // v's lanes as GC runs of W / GC, run g stored at s + g * s_stride
   template <int GC>
   static void store_runs(float* s, int64_t s_stride, V v) {
@@ -212,8 +210,6 @@ struct Avx2 {
                            _mm256_shuffle_ps(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
     return _mm256_add_ps(_mm256_permute2f128_ps(w[0], w[1], 0x20), _mm256_permute2f128_ps(w[0], w[1], 0x31));
   }
-  static I indices(const int32_t* ix) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ix)); }
-  static V permute(V v, I ix) { return _mm256_permutevar8x32_ps(v, ix); }
   template <int GC>
   static void store_runs(float* s, int64_t s_stride, V v) {
     if constexpr (GC == 1) {
@@ -413,9 +409,9 @@ void paged_decode_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* kc, co
 // paged_decode_kernel (updated per chunk of blocks, below, not per block), with the head dim DC a multiple of the
 // vector width W (16 floats, AVX2's 8) held in registers, and the query heads of a GQA group taken GC = 4, 2 or 1 at
 // a time ("a pass"): each K row of a block is loaded once per pass and scored against all GC heads, and each V row
-// (bf16 and fp16 widened to fp32) once per pass and accumulated into all GC heads' outputs. Scores: W / GC tokens x
-// GC heads of partial dot products, summed by one transpose-and-add (sum_lanes) into a vector of W scores
-// (token-major), permuted head-major and stored per head. Written once over the ISA's traits (Isa: Avx512 or Avx2).
+// (bf16 and fp16 widened to fp32) once per pass and accumulated into all GC heads' outputs. Scores: GC heads x
+// W / GC tokens of partial dot products, summed by one transpose-and-add (sum_lanes) into a vector of W scores
+// (head-major, the partial sums' order), stored per head. Written once over the ISA's traits (Isa: Avx512 or Avx2).
 // AVX-512 at head dim 32, GQA 4, a task of two kv heads: both heads' passes through a chunk at once (fused_chunk).
 // AVX-512, measured against one head at a time (the kernel before, K/V rows re-read from L1 per head; 2 threads,
 // through the lock at load ~10, 40M shapes: 64 rows, 8 query / 2 kv heads of dim 64, 80-192 keys in 16-token
@@ -501,8 +497,9 @@ struct Prefetcher {
     return false;
   }
 };
-// part[tt * GC + g] = W partial sums of the dot product of query head g (of GC) with K row tt of a tile of
-// TT = W / GC rows from kr (tok apart), nt of them present (Full: all; the others' sums stay 0). The query heads
+// part[g * TT + tt] = W partial sums of the dot product of query head g (of GC) with K row tt of a tile of
+// TT = W / GC rows from kr (tok apart), nt of them present (Full: all; the others' sums stay 0); head-major, so that
+// sum_lanes' scores come out in the order they are stored. The query heads
 // are Dot's operand: the scaled fp32 heads (qf [GC][DC], q_stride DC) or those stored (q_stride q_s1). The loop
 // order is Dot's (kWholeRows): AVX-512's FMA dots hold a whole K row in registers (32 of them) while it is scored
 // against the GC heads (query chunks from L1, or held in registers: kHeldQuery below), rows read in order; AVX2
@@ -543,10 +540,10 @@ inline void tile_dots(const typename Dot::Q* qh, int64_t q_stride, const typenam
         if constexpr (held)
           for (int c = 0; c < CN; ++c) asm("" : "+v"(kv[c]));
         for (int g = 0; g < GC; ++g) {
-          typename Isa::V a = part[tt * GC + g];
+          typename Isa::V a = part[g * TT + tt];
           for (int c = 0; c < CN; ++c)
             a = Dot::madd(a, held ? qv[g * CN + c] : Dot::load_q(qh + g * q_stride + Dot::kStep * c), kv[c]);
-          part[tt * GC + g] = a;
+          part[g * TT + tt] = a;
         }
       }
     }
@@ -557,7 +554,7 @@ inline void tile_dots(const typename Dot::Q* qh, int64_t q_stride, const typenam
       for (int tt = 0; tt < TT; ++tt) {
         if (Full || tt < nt) {
           const typename Dot::KV kv = Dot::load_k(kr + tt * tok + Dot::kStep * c);
-          for (int g = 0; g < GC; ++g) part[tt * GC + g] = Dot::madd(part[tt * GC + g], qv[g], kv);
+          for (int g = 0; g < GC; ++g) part[g * TT + tt] = Dot::madd(part[g * TT + tt], qv[g], kv);
         }
       }
     }
@@ -565,16 +562,18 @@ inline void tile_dots(const typename Dot::Q* qh, int64_t q_stride, const typenam
 }
 
 // s[g * s_stride + t] = the scores of the pass's GC heads against the block's n K rows (kb, tok apart), a tile of
-// W / GC rows at a time: W / GC tokens x GC heads of partial sums, summed by one transpose-and-add (sum_lanes) into
-// W scores (token-major), permuted head-major and stored per head (up to a tile past n: see group_chunk).
+// W / GC rows at a time: GC heads x W / GC tokens of partial sums, summed by one transpose-and-add (sum_lanes) into
+// W scores, head-major, stored per head (up to a tile past n: see group_chunk). Against the sums kept token-major
+// and permuted head-major after sum_lanes (a vpermps a tile; decode_isa.py's cells, 64 rows, contexts 80-192,
+// fp32, 1 thread, alternated with the build before in one process through the lock, thread time, pair ratios,
+// group_values' V pin below included): 3m 0.98-1.00 of a layer call, 40m (head dim 64, group_chunk) 0.91-0.95;
+// inside the engine's generate (~3.5M model, batch 64, 128 new greedy tokens, 12 runs each, load ~1.8) the decode
+// attention's time a run 107.8 -> 106.2 ms (pair ratio 0.98); the ~50M model's (head dim 64, its KV from DRAM) 1.00.
 template <typename T, int DC, int GC>
 inline void group_scores(const float* qf, const T* qb, int64_t q_s1, float scale, const T* kb, int64_t tok, int64_t n,
                          float* s, int64_t s_stride, Prefetcher& pf) {
   using Dot = DotOf<T, DC>;
   constexpr int W = Isa::W, TT = W / GC;
-  int32_t ix[W];  // lane g * TT + tt of the stored vector <- lane tt * GC + g of sum_lanes'
-  for (int i = 0; i < W; ++i) ix[i] = (i % TT) * GC + i / TT;
-  const typename Isa::I perm = Isa::indices(ix);
   const typename Dot::Q* qh;
   int64_t q_stride;
   if constexpr (Dot::kStoredQuery) qh = qb, q_stride = q_s1;
@@ -593,7 +592,6 @@ inline void group_scores(const float* qf, const T* qb, int64_t q_s1, float scale
       tile_dots<Dot, T, DC, GC, false>(qh, q_stride, qv, kb + t0 * tok, tok, n - t0, part);
     }
     typename Isa::V r = Isa::sum_lanes(part);
-    if constexpr (GC > 1) r = Isa::permute(r, perm);
     if constexpr (Dot::kStoredQuery) r = Isa::mul(r, Isa::set1(scale));  // the reference's order: scale the sum
     Isa::template store_runs<GC>(s + t0, s_stride, r);
   }
@@ -620,7 +618,10 @@ inline void group_values(const float* s, int64_t s_stride, const Chunk<T>& ch, i
       typename Isa::V p[GC];
       for (int g = 0; g < GC; ++g) p[g] = Isa::set1(s[g * s_stride + t]);
       for (int c = 0; c < CC; ++c) {
-        const typename Isa::V vv = Isa::load(vr + W * c);
+        typename Isa::V vv = Isa::load(vr + W * c);
+        // AVX-512 fp32: one load a V chunk, as in fused_chunk (GCC folds it into each of the GC FMAs otherwise;
+        // decode_isa.py's 40m cell, fp32, 1 thread: 0.98 of a layer call against the build without it)
+        if constexpr (std::is_same_v<T, float> && GC > 1 && Isa::W == 16) asm("" : "+v"(vv));
         for (int g = 0; g < GC; ++g) av[g][c] = Isa::fma(p[g], vv, av[g][c]);
       }
     }
