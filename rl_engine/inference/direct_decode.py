@@ -3,9 +3,11 @@
 An eager decode step (`DecodeRunner.run` without `compile_decode`) runs the model's `hidden_states`: per layer
 ~15 Python calls of modules, registry wrappers and their checks around 9 C++ kernels (RMSNorm, the small-M GEMM
 linears on their packed panels, the fused rotary + KV write, the paged decode attention, SwiGLU), each wrapper
-deciding again what the step's shapes and dtypes already decided. `DirectDecode` calls the same kernels with the
-same arguments in the same order (so the same bits: tests/inference/test_direct_decode.py compares tokens and
-log-probs bit for bit), one Python loop over the layers. On the ~3.5M model of `benchmarks/generate.py` at batch 64 (1
+deciding again what the step's shapes and dtypes already decided. `DirectDecode` runs the same kernels on the
+same arguments in the same order, two through entry points of their own (`rms_norm_out`: `rms_norm_forward`'s row
+loop, its output alone; `rotary_kv_write_qkv`: the fused projection's q / k / v views made in C++, then
+`rotary_kv_write`), so the same bits (tests/inference/test_direct_decode.py compares tokens and log-probs bit for
+bit), one Python loop over the layers. On the ~3.5M model of `benchmarks/generate.py` at batch 64 (1
 thread) that is ~0.5 ms of a ~7.5 ms decode step (the whole run 2-5% shorter in four in-process A/Bs).
 
 It is built only for the model and engine that the kernels serve exactly: fp32 on CPU, every linear packed as the
