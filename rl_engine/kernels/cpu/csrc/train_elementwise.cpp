@@ -77,14 +77,33 @@ void rms_norm_forward_rows(int64_t begin, int64_t end, int64_t N_, const float* 
   }
 }
 
+// RMSNorm's rows of x [R, N] (+ residual rows rp, sr apart) into out (op), and x + residual (sp) and rstd (rs) where
+// not null: rms_norm_forward's and rms_norm_out's one loop over the rows, so both give the same bits.
+void rms_norm_run(const torch::Tensor& x, const torch::Tensor& weight, double eps, const float* rp, int64_t sr,
+                  float* op, float* sp, float* rs) {
+  const int64_t R = x.size(0), N = x.size(1), sx = x.stride(0);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  dispatch_width<64, 128>(N, [&](auto nc) {
+    at::parallel_for(0, R, grain_rows(N), [&](int64_t begin, int64_t end) {
+      rms_norm_forward_rows<decltype(nc)::value>(begin, end, N, xp, sx, rp, sr, wp, op, sp, rs, feps);
+    });
+  });
+}
+
+void check_rms_norm(const torch::Tensor& x, const torch::Tensor& weight) {
+  check_rows(x, "x", 2);
+  check_rows(weight, "weight", 1);
+  TORCH_CHECK(weight.size(0) == x.size(1), "weight has ", weight.size(0), " entries, x rows have ", x.size(1));
+}
+
 // (out [R, N], h [R, N] (x + residual; empty without a residual), rstd [R]) of out = w * (h * rstd),
 // rstd = 1 / sqrt(mean(h^2) + eps), h = x (+ residual).
 std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const torch::Tensor& weight, double eps,
                                             const c10::optional<torch::Tensor>& residual) {
-  check_rows(x, "x", 2);
-  check_rows(weight, "weight", 1);
+  check_rms_norm(x, weight);
   const int64_t R = x.size(0), N = x.size(1);
-  TORCH_CHECK(weight.size(0) == N, "weight has ", weight.size(0), " entries, x rows have ", N);
   const bool has_res = residual.has_value() && residual->defined();
   if (has_res) {
     check_rows(*residual, "residual", 2);
@@ -93,19 +112,8 @@ std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const torch:
   auto out = torch::empty({R, N}, x.options());
   auto sum = has_res ? torch::empty({R, N}, x.options()) : torch::empty({0}, x.options());
   auto rstd = torch::empty({R}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* rp = has_res ? residual->data_ptr<float>() : nullptr;
-  const float* wp = weight.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  float* sp = has_res ? sum.data_ptr<float>() : nullptr;
-  float* rs = rstd.data_ptr<float>();
-  const int64_t sx = x.stride(0), sr = has_res ? residual->stride(0) : 0;
-  const float feps = static_cast<float>(eps);
-  dispatch_width<64, 128>(N, [&](auto nc) {
-    at::parallel_for(0, R, grain_rows(N), [&](int64_t begin, int64_t end) {
-      rms_norm_forward_rows<decltype(nc)::value>(begin, end, N, xp, sx, rp, sr, wp, op, sp, rs, feps);
-    });
-  });
+  rms_norm_run(x, weight, eps, has_res ? residual->data_ptr<float>() : nullptr, has_res ? residual->stride(0) : 0,
+               out.data_ptr<float>(), has_res ? sum.data_ptr<float>() : nullptr, rstd.data_ptr<float>());
   return {out, sum, rstd};
 }
 
@@ -113,21 +121,9 @@ std::vector<torch::Tensor> rms_norm_forward(const torch::Tensor& x, const torch:
 // where rms_norm_forward makes three and returns a list of them, ~2 us of its ~4.5 us a call at a decode step's
 // [64, 256] (the engine's direct decode forward, 9 calls a step on the ~3.5M model).
 torch::Tensor rms_norm_out(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  check_rows(x, "x", 2);
-  check_rows(weight, "weight", 1);
-  const int64_t R = x.size(0), N = x.size(1);
-  TORCH_CHECK(weight.size(0) == N, "weight has ", weight.size(0), " entries, x rows have ", N);
-  auto out = torch::empty({R, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t sx = x.stride(0);
-  const float feps = static_cast<float>(eps);
-  dispatch_width<64, 128>(N, [&](auto nc) {
-    at::parallel_for(0, R, grain_rows(N), [&](int64_t begin, int64_t end) {
-      rms_norm_forward_rows<decltype(nc)::value>(begin, end, N, xp, sx, nullptr, 0, wp, op, nullptr, nullptr, feps);
-    });
-  });
+  check_rms_norm(x, weight);
+  auto out = torch::empty({x.size(0), x.size(1)}, x.options());
+  rms_norm_run(x, weight, eps, nullptr, 0, out.data_ptr<float>(), nullptr, nullptr);
   return out;
 }
 
