@@ -102,9 +102,7 @@ def _scalar_build():
     where this CPU has no AVX-512 (the native build is then that one)."""
     if "avx512f" not in cpu._cpu_flags().split():
         return None
-    module, reason = cpu.load_source(te.SOURCE, extra_cflags=("-mno-avx512f",))
-    assert module is not None, reason
-    return module
+    return cpu.isa_variant("avx2", te.SOURCE)  # a build failure here is a failure: the native build worked
 
 
 @pytest.mark.parametrize("d,pad", [(768, 0), (1, 0), (15, 3), (16, 0), (17, 1), (33, 0), (100, 2), (192, 0)])

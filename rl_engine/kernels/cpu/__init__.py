@@ -210,10 +210,10 @@ def extension(source: Path = SOURCE) -> ModuleType:
     return module
 
 
-# Builds of cpu_ops.cpp beside the engine's, for the tests and benchmarks/decode_isa.py: its AVX2 paths on a CPU
-# that has AVX-512 (GCC and clang's -mno-avx512f also switch off every AVX-512 extension, bf16 included), and
-# its portable C++ loops (what a CPU with neither runs). Neither registers the rl_engine torch ops, which the
-# engine's build (`extension()`) defines: torch refuses a second definition in one process.
+# Builds of cpu_ops.cpp (or another kernel source) beside the engine's, for the tests and benchmarks/decode_isa.py:
+# its AVX2 paths on a CPU that has AVX-512 (GCC and clang's -mno-avx512f also switch off every AVX-512 extension,
+# bf16 included), and its portable C++ loops (what a CPU with neither runs). Neither registers the rl_engine torch
+# ops, which the engine's build (`extension()`) defines: torch refuses a second definition in one process.
 ISA_VARIANTS = {
     "avx2": ("-mno-avx512f", "-DRL_ENGINE_NO_TORCH_LIBRARY"),
     "portable": ("-DRL_ENGINE_PORTABLE", "-DRL_ENGINE_NO_TORCH_LIBRARY"),
@@ -225,12 +225,12 @@ def cpu_has_avx2() -> bool:
     return {"avx2", "fma", "f16c"} <= set(_cpu_flags().split())
 
 
-def isa_variant(isa: str) -> ModuleType:
-    """The `ISA_VARIANTS[isa]` build of cpu_ops.cpp (its `isa()` says which vector path it compiled);
-    RuntimeError with the reason when it cannot be built."""
+def isa_variant(isa: str, source: Path = SOURCE) -> ModuleType:
+    """The `ISA_VARIANTS[isa]` build of `source`, cpu_ops.cpp by default (whose `isa()` says which vector path it
+    compiled); RuntimeError with the reason when it cannot be built."""
     if isa not in ISA_VARIANTS:
         raise ValueError(f"unknown ISA variant {isa!r}; choose one of {sorted(ISA_VARIANTS)}")
-    module, reason = load_source(SOURCE, extra_cflags=ISA_VARIANTS[isa])
+    module, reason = load_source(source, extra_cflags=ISA_VARIANTS[isa])
     if module is None:
-        raise RuntimeError(f"rl_engine C++ CPU kernels ({SOURCE.name}, {isa} build) are unavailable: {reason}")
+        raise RuntimeError(f"rl_engine C++ CPU kernels ({source.name}, {isa} build) are unavailable: {reason}")
     return module
