@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rl_engine.inference import scheduler as scheduler_module
 from rl_engine.inference.block_manager import BlockManager
 from rl_engine.inference.scheduler import Scheduler
 from rl_engine.inference.sequence import SeqStatus
@@ -236,7 +237,7 @@ def test_decode_steps_scheduled_per_batch_match_the_loop_over_sequences():
     assert any(step[3] for step in loop)  # the pool ran short: preemption happened
 
 
-def test_decode_schedules_continued_after_decoded_match_the_loop_over_sequences():
+def test_decode_schedules_continued_after_decoded_match_the_loop_over_sequences(monkeypatch):
     """`Scheduler.decoded` (the engine's report after a step in which every scheduled sequence computed one token and
     sampled the next) lets the next schedule take each running sequence's one token to compute without reading it
     when the running list is the last schedule's less the sequences removed since. Step by step against the loop
@@ -251,51 +252,46 @@ def test_decode_schedules_continued_after_decoded_match_the_loop_over_sequences(
         if mode == "loop":
             s._schedule_decodes = lambda singles, free, decoded, removed: 0
         else:
-            from rl_engine.inference import scheduler as module
-
-            check = module.is_remainder
+            check = scheduler_module.is_remainder
 
             def counted(running, decoded, removed):
                 continued[step] = ok = check(running, decoded, removed)
                 return ok
 
-            module.is_remainder = counted
+            monkeypatch.setattr(scheduler_module, "is_remainder", counted)
         seqs = [make_seq(list(range(10 * i, 10 * i + n))) for i, n in enumerate((1, 2, 1, 2, 9))]
         for q in seqs:
             s.add(q)
         history, step = [], 0
-        try:
-            for step in range(40):
-                if step == 12:  # a sample finishes
-                    s.remove(seqs[1])
-                    seqs[1].status = SeqStatus.FINISHED
-                if step == 20:  # an admission among decodes
-                    seqs.append(make_seq(list(range(200, 203))))
-                    s.add(seqs[-1])
-                if step == 24:  # two finish; a prompt takes a running sequence's place behind the scheduler's back
-                    for q in (seqs[0], seqs[2]):
-                        s.remove(q)
-                        q.status = SeqStatus.FINISHED
-                    s.running.remove(seqs[3])  # (not through remove: the list keeps the length the report expects)
-                    bm.free(seqs[3])
-                    seqs[3].status = SeqStatus.FINISHED
-                    seqs.append(make_seq(list(range(300, 306))))
-                    seqs[-1].status = SeqStatus.RUNNING
-                    s.running.append(seqs[-1])
-                out = s.schedule()
-                history.append(([seqs.index(q) for q in out.seqs], out.num_new_tokens, out.num_single,
-                                [list(q.block_table) for q in s.running], bm.num_free_blocks))
-                sampled = 0
-                for seq, n in zip(out.seqs, out.num_new_tokens):
-                    seq.num_computed_tokens += n
-                    if seq.num_computed_tokens == seq.num_tokens:
-                        seq.token_ids.append(0)
-                        sampled += 1
-                if mode == "decoded" and sampled == len(out.seqs) == out.num_single:
-                    s.decoded()  # (as the engine's _emit_decode)
-        finally:
-            if mode != "loop":
-                module.is_remainder = check
+        for step in range(40):
+            if step == 12:  # a sample finishes
+                s.remove(seqs[1])
+                seqs[1].status = SeqStatus.FINISHED
+            if step == 20:  # an admission among decodes
+                seqs.append(make_seq(list(range(200, 203))))
+                s.add(seqs[-1])
+            if step == 24:  # two finish; a prompt takes a running sequence's place behind the scheduler's back
+                for q in (seqs[0], seqs[2]):
+                    s.remove(q)
+                    q.status = SeqStatus.FINISHED
+                s.running.remove(seqs[3])  # (not through remove: the list keeps the length the report expects)
+                bm.free(seqs[3])
+                seqs[3].status = SeqStatus.FINISHED
+                seqs.append(make_seq(list(range(300, 306))))
+                seqs[-1].status = SeqStatus.RUNNING
+                s.running.append(seqs[-1])
+            out = s.schedule()
+            history.append(([seqs.index(q) for q in out.seqs], out.num_new_tokens, out.num_single,
+                            [list(q.block_table) for q in s.running], bm.num_free_blocks))
+            sampled = 0
+            for seq, n in zip(out.seqs, out.num_new_tokens):
+                seq.num_computed_tokens += n
+                if seq.num_computed_tokens == seq.num_tokens:
+                    seq.token_ids.append(0)
+                    sampled += 1
+            if mode == "decoded" and sampled == len(out.seqs) == out.num_single:
+                s.decoded()  # (as the engine's _emit_decode)
+        monkeypatch.undo()
         return history, continued
 
     (loop, _), (per_batch, _), (decoded, continued) = run("loop"), run("per_batch"), run("decoded")
