@@ -6,8 +6,9 @@ linears on their packed panels, the fused rotary + KV write, the paged decode at
 deciding again what the step's shapes and dtypes already decided. `DirectDecode` runs the same kernels on the
 same arguments in the same order, two through entry points of their own (`rms_norm_out`: `rms_norm_forward`'s row
 loop, its output alone; `rotary_kv_write_qkv`: the fused projection's q / k / v views made in C++, then
-`rotary_kv_write`), so the same bits (tests/inference/test_direct_decode.py compares tokens and log-probs bit for
-bit), one Python loop over the layers. On the ~3.5M model of `benchmarks/generate.py` at batch 64 (1
+`rotary_kv_write`, each token's cos / sin row read there from the whole rotary table by its position: the rows
+`model._rope` gathers), so the same bits (tests/inference/test_direct_decode.py compares tokens and log-probs bit
+for bit), one Python loop over the layers. On the ~3.5M model of `benchmarks/generate.py` at batch 64 (1
 thread) that is ~0.5 ms of a ~7.5 ms decode step (the whole run 2-5% shorter in four in-process A/Bs).
 
 It is built only for the model and engine that the kernels serve exactly: fp32 on CPU, every linear packed as the
@@ -143,12 +144,12 @@ class DirectDecode:
 
         try:
             x = torch.embedding(self._embed["weight"], input_ids)  # (F.embedding's call, unchecked)
-            cos, sin = model._rope(positions, attn)
+            cos, sin = model.rotary.half_width_table(positions.device, model.inv_freq)  # (rows read in C++)
             k_caches, v_caches = attn.k_caches, attn.v_caches
             for i, (norm, norm_p, qkv_p, o_p, post, post_p, gate_up_p, down_p, q_heads, kv_heads, scale) \
                     in enumerate(self._layers):
                 qkv = _linear(rms_norm(x, norm_p["weight"], norm.eps), qkv_p)
-                q = rotary_kv_write(qkv, q_heads, kv_heads, cos, sin, slots, k_caches[i], v_caches[i])  # rotated q
+                q = rotary_kv_write(qkv, q_heads, kv_heads, cos, sin, slots, k_caches[i], v_caches[i], positions)
                 o = decode_attention(q, k_caches[i], v_caches[i], *tables, scale, max_context)
                 x = _linear(o.view(T, -1), o_p, x)
                 x = _linear(silu_and_mul(_linear(rms_norm(x, post_p["weight"], post.eps), gate_up_p)), down_p, x)

@@ -87,6 +87,7 @@ class RotaryEmbedding:
         self.max_positions = max_positions
         self.attention_factor = attention_factor  # YaRN scales cos and sin (transformers' attention_scaling)
         self._table: torch.Tensor | None = None
+        self._half_width: tuple[torch.Tensor, torch.Tensor] | None = None  # (`half_width_table`'s views of it)
         self.bind_kernels(device)
 
     def bind_kernels(self, device: torch.device) -> None:
@@ -108,9 +109,7 @@ class RotaryEmbedding:
         """Per-token rotation tables for `rotate`: [T, 1, head_dim] cos and signed sin (torch), or
         [T, head_dim // 2] cos and sin (other backends, and `half_width`: what an attention context that
         rotates q and k itself takes, views of the same rows)."""
-        table = self._table
-        if table is None or table.device != positions.device:
-            table = self._table = self._rows(torch.arange(self.max_positions, device=positions.device), inv_freq)
+        table = self._table_on(positions.device, inv_freq)
         try:
             rows = table.index_select(0, positions)
         except (IndexError, RuntimeError):  # a position past the table (CPU raises): compute its rows
@@ -118,6 +117,21 @@ class RotaryEmbedding:
         if self._fused and not half_width:
             return rows[:, :1], rows[:, 1:]
         return rows[:, 0, :self.half], rows[:, 1, self.half:]
+
+    def half_width_table(self, device: torch.device, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[max_positions, head_dim // 2] cos and sin, views of the whole table whose row p is position p's: what
+        `tables(positions, half_width=True)` gathers, for a kernel that reads each token's row itself."""
+        views = self._half_width
+        if views is None or views[0].device != device:
+            table = self._table_on(device, inv_freq)
+            views = self._half_width = (table[:, 0, :self.half], table[:, 1, self.half:])
+        return views
+
+    def _table_on(self, device: torch.device, inv_freq: torch.Tensor) -> torch.Tensor:
+        table = self._table
+        if table is None or table.device != device:
+            table = self._table = self._rows(torch.arange(self.max_positions, device=device), inv_freq)
+        return table
 
     def rotate(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [T, heads, head_dim] (a view into the fused projection is fine) -> rotated, new tensor."""

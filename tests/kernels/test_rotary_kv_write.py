@@ -170,6 +170,49 @@ def test_rotary_kv_write_qkv_is_rotary_kv_write_of_the_fused_projections_views(d
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "num_heads", "num_kv_heads", "head_dim", "rotary_dim", "block_size", "slots"),
+                         CASES)
+def test_rotary_kv_write_qkv_at_positions_reads_the_rows_that_tables_gathers(dtype, tokens, num_heads, num_kv_heads,
+                                                                             head_dim, rotary_dim, block_size, slots):
+    """With `positions` (the direct decode forward's call), `rotary_kv_write_qkv` takes the whole half-width rotary
+    tables (`RotaryEmbedding.half_width_table`) and reads each token's row itself: the same rotated q and cache
+    writes as the call on the rows `RotaryEmbedding.tables` gathers (repeated and unsorted positions, the first
+    and last rows); a position outside the tables is refused by name before anything is written."""
+    from rl_engine.kernels.cpu.ops import extension
+
+    q, k, v, _, _ = _inputs(tokens, num_heads, num_kv_heads, head_dim, rotary_dim, dtype)
+    qkv = q.as_strided((tokens, (num_heads + 2 * num_kv_heads) * head_dim), (q.stride(0), 1))  # _inputs' base
+    rotary = RotaryEmbedding(head_dim=rotary_dim, max_positions=200, device=torch.device("cpu"),
+                             attention_factor=1.3)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    positions = torch.randint(0, 200, (tokens,), generator=torch.Generator().manual_seed(tokens))
+    positions[0], positions[-1] = 199, 0
+    num_blocks = 80
+    slot_mapping = _slots(slots, tokens, block_size, num_blocks)
+    caches = [torch.full((num_blocks, block_size, num_kv_heads, head_dim), 7.0, dtype=dtype) for _ in range(4)]
+    cos, sin = rotary.tables(positions, inv_freq, half_width=True)
+    cos_table, sin_table = rotary.half_width_table(positions.device, inv_freq)
+    assert cos_table.shape == sin_table.shape == (200, rotary_dim // 2)
+    q_at = extension().rotary_kv_write_qkv(qkv, num_heads, num_kv_heads, cos_table, sin_table, slot_mapping,
+                                           caches[0], caches[1], positions)
+    q_ref = extension().rotary_kv_write_qkv(qkv, num_heads, num_kv_heads, cos, sin, slot_mapping, caches[2],
+                                            caches[3])
+    assert torch.equal(q_at, q_ref)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    before = [c.clone() for c in caches[:2]]
+    for bad in (200, -1):
+        positions[tokens // 2] = bad
+        with pytest.raises(RuntimeError, match=rf"position {bad} is outside the rotary tables' 200 rows"):
+            extension().rotary_kv_write_qkv(qkv, num_heads, num_kv_heads, cos_table, sin_table, slot_mapping,
+                                            caches[0], caches[1], positions)
+        assert torch.equal(caches[0], before[0]) and torch.equal(caches[1], before[1])
+    with pytest.raises(RuntimeError, match=r"positions must be a contiguous int64 \[tokens\] CPU tensor"):
+        extension().rotary_kv_write_qkv(qkv, num_heads, num_kv_heads, cos_table, sin_table, slot_mapping,
+                                        caches[0], caches[1], positions.to(torch.int32))
+
+
+@needs_cpu_kernels
 def test_rotary_kv_write_refuses_bad_input_with_a_clear_error():
     from rl_engine.kernels.cpu.ops import rotary_kv_write
 

@@ -1405,16 +1405,17 @@ inline void rotate_row(const T* __restrict x, T* __restrict out, const float* __
 template <typename T>
 void rotary_kv_write_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* k, int64_t k_s0, int64_t k_s1,
                             const T* v, int64_t v_s0, int64_t v_s1, const float* cos, int64_t cos_s0,
-                            const float* sin, int64_t sin_s0, const int64_t* slots, T* kc, T* vc, T* q_out,
-                            T* k_out, int64_t n_tokens, int64_t Hq, int64_t Hkv, int64_t D, int64_t r2,
-                            int64_t num_slots, std::atomic<bool>& bad_slot) {
+                            const float* sin, int64_t sin_s0, const int64_t* rows, const int64_t* slots, T* kc,
+                            T* vc, T* q_out, T* k_out, int64_t n_tokens, int64_t Hq, int64_t Hkv, int64_t D,
+                            int64_t r2, int64_t num_slots, std::atomic<bool>& bad_slot) {
   const int64_t tok = Hkv * D;  // elements per cached token
   // one thread below ~64K elements (a decode step's few hundred rows): a parallel region costs more there
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, (Hq + 2 * Hkv) * D));
   at::parallel_for(0, n_tokens, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const float* c = cos + t * cos_s0;
-      const float* s = sin + t * sin_s0;
+      const int64_t row = rows != nullptr ? rows[t] : t;  // token t's cos / sin row
+      const float* c = cos + row * cos_s0;
+      const float* s = sin + row * sin_s0;
       for (int64_t h = 0; h < Hq; ++h) rotate_row(q + t * q_s0 + h * q_s1, q_out + (t * Hq + h) * D, c, s, r2, D);
       const int64_t slot = slots[t];
       if (slot >= num_slots) {  // reported after the loop; never written outside the cache
@@ -1441,14 +1442,26 @@ void rotary_kv_write_kernel(const T* q, int64_t q_s0, int64_t q_s1, const T* k, 
 
 // (rotated q, rotated k or None without return_k). Every argument is checked here (the Python wrapper calls it
 // unchecked and names the problem when it refuses one); q, k, v, cos and sin may be strided views of rows
-// with a contiguous last dim, slot_mapping int64 or int32.
-std::tuple<torch::Tensor, torch::Tensor> rotary_kv_write(const torch::Tensor& q, const torch::Tensor& k,
-                                                         const torch::Tensor& v, const torch::Tensor& cos,
-                                                         const torch::Tensor& sin, const torch::Tensor& slot_mapping,
-                                                         const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                                                         bool return_k) {
+// with a contiguous last dim, slot_mapping int64 or int32. With `positions` (int64 [tokens]), cos and sin are
+// tables of any number of rows and token t takes row positions[t] (every position checked to lie in the tables
+// before anything is written); without it, row t.
+std::tuple<torch::Tensor, torch::Tensor> rotary_kv_write_rows(const torch::Tensor& q, const torch::Tensor& k,
+                                                              const torch::Tensor& v, const torch::Tensor& cos,
+                                                              const torch::Tensor& sin,
+                                                              const c10::optional<torch::Tensor>& positions,
+                                                              const torch::Tensor& slot_mapping,
+                                                              const torch::Tensor& k_cache,
+                                                              const torch::Tensor& v_cache, bool return_k) {
   for (const torch::Tensor* t : {&q, &k, &v, &cos, &sin, &slot_mapping, &k_cache, &v_cache})
     TORCH_CHECK(t->device().is_cpu(), "rotary_kv_write: every tensor must be on the CPU");
+  const int64_t* rows = nullptr;
+  if (positions.has_value()) {
+    const torch::Tensor& pos = *positions;
+    TORCH_CHECK(pos.device().is_cpu() && pos.scalar_type() == at::kLong && pos.dim() == 1 &&
+                    pos.size(0) == q.size(0) && pos.is_contiguous(),
+                "rotary_kv_write: positions must be a contiguous int64 [tokens] CPU tensor");
+    rows = pos.data_ptr<int64_t>();
+  }
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
                   q.size(2) == k.size(2), "rotary_kv_write: q must be [tokens, heads, head_dim], k and v [tokens, ",
               "kv_heads, head_dim]");
@@ -1461,9 +1474,13 @@ std::tuple<torch::Tensor, torch::Tensor> rotary_kv_write(const torch::Tensor& q,
                   k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
               "rotary_kv_write: q, k, v and the caches must share a dtype");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.dim() == 2 &&
-                  sin.sizes() == cos.sizes() && cos.size(0) == q.size(0) && cos.stride(1) == 1 && sin.stride(1) == 1 &&
-                  cos.size(1) > 0 && 2 * cos.size(1) <= q.size(2),
-              "rotary_kv_write: cos / sin must be fp32 [tokens, rotary_dim / 2] rows, 0 < rotary_dim <= head_dim");
+                  sin.sizes() == cos.sizes() && (rows != nullptr || cos.size(0) == q.size(0)) &&
+                  cos.stride(1) == 1 && sin.stride(1) == 1 && cos.size(1) > 0 && 2 * cos.size(1) <= q.size(2),
+              "rotary_kv_write: cos / sin must be fp32 [tokens, rotary_dim / 2] rows (with positions: [rows, ",
+              "rotary_dim / 2] tables), 0 < rotary_dim <= head_dim");
+  for (int64_t t = 0; rows != nullptr && t < q.size(0); ++t)
+    TORCH_CHECK(rows[t] >= 0 && rows[t] < cos.size(0), "rotary_kv_write: position ", rows[t],
+                " is outside the rotary tables' ", cos.size(0), " rows");
   TORCH_CHECK((slot_mapping.scalar_type() == at::kLong || slot_mapping.scalar_type() == at::kInt) &&
                   slot_mapping.dim() == 1 && slot_mapping.size(0) == q.size(0),
               "rotary_kv_write: slot_mapping must be int64 or int32 [tokens]");
@@ -1478,7 +1495,7 @@ std::tuple<torch::Tensor, torch::Tensor> rotary_kv_write(const torch::Tensor& q,
     rotary_kv_write_kernel<scalar_t>(
         q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), k.data_ptr<scalar_t>(), k.stride(0), k.stride(1),
         v.data_ptr<scalar_t>(), v.stride(0), v.stride(1), cos.data_ptr<float>(), cos.stride(0), sin.data_ptr<float>(),
-        sin.stride(0), slots.data_ptr<int64_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+        sin.stride(0), rows, slots.data_ptr<int64_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
         q_out.data_ptr<scalar_t>(), return_k ? k_out.data_ptr<scalar_t>() : nullptr, T, Hq, Hkv, D, cos.size(1),
         k_cache.size(0) * k_cache.size(1), bad_slot);
   });
@@ -1487,20 +1504,31 @@ std::tuple<torch::Tensor, torch::Tensor> rotary_kv_write(const torch::Tensor& q,
   return {q_out, k_out};
 }
 
+std::tuple<torch::Tensor, torch::Tensor> rotary_kv_write(const torch::Tensor& q, const torch::Tensor& k,
+                                                         const torch::Tensor& v, const torch::Tensor& cos,
+                                                         const torch::Tensor& sin, const torch::Tensor& slot_mapping,
+                                                         const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                                                         bool return_k) {
+  return rotary_kv_write_rows(q, k, v, cos, sin, c10::nullopt, slot_mapping, k_cache, v_cache, return_k);
+}
+
 // rotary_kv_write of the fused projection's output qkv [tokens, (q_heads + 2 kv_heads) head_dim] (rows at any
 // stride, a contiguous last dim): its q, k and v views made here (the engine's direct decode forward, once per
-// layer, where Python's view + split_with_sizes cost ~3 us a call); returns the rotated q. The same bits.
+// layer, where Python's view + split_with_sizes cost ~3 us a call); returns the rotated q. The same bits. With
+// `positions`, cos and sin are the whole rotary tables (`RotaryEmbedding.half_width_table`) and each token reads
+// its position's row here, where gathering the rows first (`RotaryEmbedding.tables`) costs the direct decode
+// step ~30 us: the same values, so the same bits.
 torch::Tensor rotary_kv_write_qkv(const torch::Tensor& qkv, int64_t q_heads, int64_t kv_heads,
                                   const torch::Tensor& cos, const torch::Tensor& sin,
                                   const torch::Tensor& slot_mapping, const torch::Tensor& k_cache,
-                                  const torch::Tensor& v_cache) {
+                                  const torch::Tensor& v_cache, const c10::optional<torch::Tensor>& positions) {
   TORCH_CHECK(qkv.dim() == 2 && q_heads > 0 && kv_heads > 0 && qkv.size(1) % (q_heads + 2 * kv_heads) == 0,
               "rotary_kv_write_qkv: qkv must be [tokens, (q_heads + 2 kv_heads) head_dim], got shape ", qkv.sizes(),
               " for ", q_heads, " q heads and ", kv_heads, " kv heads");
   const auto heads = qkv.view({qkv.size(0), q_heads + 2 * kv_heads, qkv.size(1) / (q_heads + 2 * kv_heads)});
-  return std::get<0>(rotary_kv_write(heads.narrow(1, 0, q_heads), heads.narrow(1, q_heads, kv_heads),
-                                     heads.narrow(1, q_heads + kv_heads, kv_heads), cos, sin, slot_mapping, k_cache,
-                                     v_cache, false));
+  return std::get<0>(rotary_kv_write_rows(heads.narrow(1, 0, q_heads), heads.narrow(1, q_heads, kv_heads),
+                                          heads.narrow(1, q_heads + kv_heads, kv_heads), cos, sin, positions,
+                                          slot_mapping, k_cache, v_cache, false));
 }
 
 // ---- one-row linear (a batch-1 decode step's matmuls) --------------------------------------------
@@ -1669,5 +1697,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("input_ids").noconvert(), py::arg("positions").noconvert(), py::arg("context_lens").noconvert(),
         py::arg("slot_mapping").noconvert(), py::arg("block_tables").noconvert());
   m.def("rotary_kv_write", &rotary_kv_write);
-  m.def("rotary_kv_write_qkv", &rotary_kv_write_qkv);
+  m.def("rotary_kv_write_qkv", &rotary_kv_write_qkv, py::arg("qkv"), py::arg("q_heads"), py::arg("kv_heads"),
+        py::arg("cos"), py::arg("sin"), py::arg("slot_mapping"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("positions") = py::none());
 }
