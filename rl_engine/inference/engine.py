@@ -35,6 +35,7 @@ from rl_engine.inference.sampling_params import SamplingParams
 from rl_engine.inference.scheduler import Scheduler
 from rl_engine.inference.sequence import (CompletionOutput, Request, RequestOutput, SchedulerOutput, SeqStatus,
                                           Sequence, without_rows)
+from rl_engine.kernels.cpu.host_memory import step_arena
 from rl_engine.kernels.cpu.threads import single_thread_below
 
 if TYPE_CHECKING:
@@ -307,7 +308,10 @@ class LLMEngine:
                 raise RuntimeError("internal error: requests are unfinished but none could be scheduled")
             return ready if self.guest is None else self.guest.route(ready)
         emissions: list[tuple[list[int], list[float], int]] = []
-        with self._step_threads(sched), torch.inference_mode():
+        # On CPU the step's tensors come from the step arena: the next steps reuse its blocks without faulting fresh
+        # pages in (`host_memory.step_arena`)
+        arena = step_arena() if self.runner.device.type == "cpu" else contextlib.nullcontext()
+        with self._step_threads(sched), torch.inference_mode(), arena:
             if sched.block_copies:  # forked samples admitted with a copy of their leader's partial block
                 self.runner.copy_kv_blocks(sched.block_copies)
             logits, sample_seqs = self.runner.execute(sched, record_routing=self.config.record_routing)

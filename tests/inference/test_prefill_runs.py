@@ -1,12 +1,20 @@
 """Prefill chunks that start their sequences, consecutive and of one length, attend in one batched
 SDPA call (`attention.PrefillRun`): the same bits as one call per chunk, and the plan merges exactly
-those runs."""
+those runs. A CPU engine's steps take their tensors from the step arena, with the same bits."""
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 
+from inference_helpers import mixed_prompts
+from rl_engine import LLM, SamplingParams
+from rl_engine.inference import engine as engine_module
 from rl_engine.inference.attention import PagedAttention, PrefillChunk, PrefillRun, _plan_prefills
+from rl_engine.kernels.cpu import host_memory
+from rl_engine.policy import from_pretrained
 
 
 def _chunks(lengths: list[int], *, cached: set[int] = frozenset(), prefix: int = 4) -> list[PrefillChunk]:
@@ -53,3 +61,25 @@ def test_batched_prefill_runs_equal_one_call_per_chunk():
         q[13:26].transpose(0, 1), k[13:26].repeat_interleave(2, dim=1).transpose(0, 1),
         v[13:26].repeat_interleave(2, dim=1).transpose(0, 1), is_causal=True, scale=0.25).transpose(0, 1)
     torch.testing.assert_close(batched[13:26], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_engine_steps_take_their_tensors_from_the_step_arena(qwen2, monkeypatch):
+    """A CPU engine's steps (prefill and decode) run inside `host_memory.step_arena`: the arena serves their
+    tensors, and the tokens and log-probs are the bits of the same steps on torch's allocator."""
+    arena = host_memory._step_arena()
+    if arena is None:
+        pytest.skip("the step arena's C++ extension is unavailable")
+    llm = LLM(from_pretrained(qwen2[1], dtype=torch.float32), block_size=8, cpu_threads="fixed")
+    prompts = mixed_prompts(6, seed=5, max_len=40)
+    params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=0, ignore_eos=True)
+    served = arena.stats()[2]
+    with_arena = llm.generate(prompts, params)
+    assert arena.stats()[2] > served
+    monkeypatch.setattr(engine_module, "step_arena", contextlib.nullcontext)
+    llm.reset_prefix_cache()
+    served = arena.stats()[2]
+    without = llm.generate(prompts, params)
+    assert arena.stats()[2] == served
+    for a, b in zip(with_arena, without):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs  # bit for bit

@@ -108,3 +108,58 @@ def test_huge_page_buffer_is_none_without_huge_pages(monkeypatch):
     assert host_memory.huge_page_buffer(1 << 20) is None
     with pytest.raises(ValueError, match="positive byte count, got 0"):
         host_memory.huge_page_buffer(0)
+
+
+def _arena():
+    arena = host_memory._step_arena()
+    if arena is None:
+        pytest.skip("the step arena's C++ extension is unavailable")
+    return arena
+
+
+def test_step_arena_serves_this_thread_and_reuses_freed_blocks():
+    """Inside `step_arena` this thread's tensors are the arena's blocks, and a freed block is the next request of
+    its size class; outside, and on another thread inside the same window, torch's allocator serves."""
+    import threading
+
+    arena = _arena()
+    assert not arena.owns(torch.empty(1000))
+    with host_memory.step_arena():
+        x = torch.empty(300_000)  # 1.2 MB: above glibc's initial mmap threshold
+        assert arena.owns(x)
+        address = x.data_ptr()
+        del x
+        y = torch.empty(290_000)  # a smaller request of the same size class: the same block
+        assert arena.owns(y) and y.data_ptr() == address
+        other = []
+        thread = threading.Thread(target=lambda: other.append(torch.empty(300_000)))
+        thread.start()
+        thread.join()
+        assert not arena.owns(other[0])
+        z = torch.ones(300_000)  # a second block: y is still alive
+        assert arena.owns(z) and z.data_ptr() != address and torch.all(z == 1.0)
+    after = torch.empty(300_000)
+    assert not arena.owns(after)
+    idle = arena.stats()[1]
+    del y  # made inside, freed outside: back to the arena's free list
+    assert arena.stats()[1] == idle + 1
+    assert arena.stats()[4] == 0  # no thread inside
+
+
+def test_step_arena_passes_requests_beyond_its_budget_on():
+    arena = _arena()
+    with host_memory.step_arena(budget=0):
+        held, _, _, passed, _ = arena.stats()
+        x = torch.empty(10_000_000)  # 40 MB: no idle block of its class, and none may be made
+        assert not arena.owns(x) and arena.stats()[0] == held and arena.stats()[3] == passed + 1
+    arena.release()
+    with pytest.raises(RuntimeError, match="budget must be >= 0 bytes, got -1"):
+        arena.enter(-1)
+    with pytest.raises(RuntimeError, match=r"leave\(\) without enter\(\) on this thread"):
+        arena.leave()
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 4096, 4097, 5121, 8192, 8193, 1 << 20, (12 << 20) + 1])
+def test_step_arena_size_classes_cover_a_request_within_a_quarter(n):
+    size = _arena().size_class(n)
+    assert n <= size <= max(4096, n * 1.25 + 64) and size % 64 == 0
