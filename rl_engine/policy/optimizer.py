@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rl_engine.kernels.cpu import train_elementwise
 from rl_engine.policy import comm
 from rl_engine.policy.parallel import ParallelGroups
 
@@ -258,7 +259,8 @@ class MasterWeightsAdamW:
     moves the parameters' gradients into the masters' fp32 gradients (so micro-batches add up in fp32;
     whatever is left is moved by `clip_grad_norm_` / `step()`), `step()` runs
     `torch.optim.AdamW` (its fp32 state) on the masters and copies them back, rounded, into the
-    parameters: the weights are exactly fp32 AdamW's rounded to bf16. fp32 parameters are their own
+    parameters: the weights are exactly fp32 AdamW's rounded to bf16 (on CPU the step after the first runs as one
+    C++ call with torch's bits, `train_elementwise.adamw_step`). fp32 parameters are their own
     masters, so an fp32 model runs plain `torch.optim.AdamW` (same state dict as before). Anything that
     writes the parameters from outside (a warm start with another optimizer) must call
     `reload_model_params()`; the masters are in `state_dict()` so a resumed run continues exactly."""
@@ -293,7 +295,10 @@ class MasterWeightsAdamW:
     @torch.no_grad()
     def step(self) -> None:
         self.accumulate_grads()
-        self.inner.step()
+        # torch.optim.AdamW's own step, or the same step's bits in one C++ call where the kernel takes it (CPU fp32
+        # masters on the single-tensor path after the first step, which makes the state): kernels/cpu/train_elementwise
+        if not train_elementwise.adamw_step(self.inner):
+            self.inner.step()
         for p, m in self._pairs:
             p.copy_(m)
 

@@ -1,6 +1,7 @@
 """The training forward's C++ RMSNorm, SwiGLU and rotary (kernels/cpu/train_elementwise.py): outputs and gradients
 against the torch reference in float64, with error bounds from the fp32 arithmetic of each formula; strided and
-odd shapes; the reference where the kernels do not apply; bad inputs refused by name."""
+odd shapes; the reference where the kernels do not apply; bad inputs refused by name. The AdamW step bit for bit
+against torch.optim.AdamW's own."""
 
 import functools
 
@@ -428,3 +429,85 @@ def test_the_policy_log_probs_take_the_cpp_statistics():
         te.logprob_shard_stats(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), temperature=0.0)
     with pytest.raises(ValueError, match="targets"):
         te.logprob_shard_stats(torch.randn(3, 5), torch.zeros(4, dtype=torch.long), temperature=1.0)
+
+
+# ---- AdamW ---------------------------------------------------------------------------------------------------------
+
+# odd sizes (vector tails), one over the kernel's grain of 32768 (split over threads), the tiny preset's shapes
+ADAM_SHAPES = [(101, 64), (64,), (128, 64), (384, 64), (64, 192), (1,), (7,), (33,), (3, 5), (40000,), (70003,)]
+
+
+def _adam_pair(shapes, seed=0, **hyper):
+    """Two copies of the same parameters, each under its own torch.optim.AdamW."""
+    g = torch.Generator().manual_seed(seed)
+    ref = [torch.randn(s, generator=g) for s in shapes]
+    mine = [p.clone() for p in ref]
+    return ref, mine, torch.optim.AdamW(ref, **hyper), torch.optim.AdamW(mine, **hyper), g
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("hyper", [dict(lr=1e-3, weight_decay=0.01), dict(lr=1e-6, weight_decay=0.0),
+                                   dict(lr=3e-4, betas=(0.3, 0.95), eps=1e-6, weight_decay=0.1),
+                                   dict(lr=1e-2, betas=(0.5, 0.999), weight_decay=0.01),  # lerp's other branch
+                                   dict(lr=1e-3, betas=(0.95, 0.9), weight_decay=1.0)])
+def test_adamw_step_is_bit_equal_to_torch_adamw_over_many_steps(threads, hyper):
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref, mine, opt_ref, opt_mine, g = _adam_pair(ADAM_SHAPES, **hyper)
+        for step in range(150):  # gradients over seven decades, as a run's move from large to small
+            grads = [torch.randn(s, generator=g) * 10.0 ** (step % 7 - 4) for s in ADAM_SHAPES]
+            for a, b, grad in zip(ref, mine, grads):
+                a.grad, b.grad = grad.clone(), grad.clone()
+            opt_ref.step()
+            # torch's first step makes the state; every later one is the kernel's
+            assert te.adamw_step(opt_mine) is (step > 0)
+            if step == 0:
+                opt_mine.step()
+        for a, b in zip(ref, mine):
+            assert torch.equal(a, b), f"parameter {tuple(a.shape)}: {(a != b).sum().item()} elements differ"
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(opt_ref.state[a][key], opt_mine.state[b][key]), (tuple(a.shape), key)
+        assert opt_ref.state_dict()["param_groups"] == opt_mine.state_dict()["param_groups"]
+    finally:
+        torch.set_num_threads(was)
+
+
+def test_the_master_weights_optimizer_steps_through_the_kernel_with_torchs_bits(monkeypatch):
+    from rl_engine.policy.optimizer import MasterWeightsAdamW
+
+    calls = []
+    monkeypatch.setattr(te, "adamw_step", lambda opt, f=te.adamw_step: calls.append(f(opt)) or calls[-1])
+    ref, mine, opt_ref, _, g = _adam_pair([(64, 48), (48,)], lr=1e-3, weight_decay=0.01)
+    opt = MasterWeightsAdamW(mine, lr=1e-3, weight_decay=0.01)
+    for _ in range(5):
+        for a, b in zip(ref, mine):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        opt_ref.step()
+        opt.step()
+    assert calls == [False, True, True, True, True]
+    assert all(torch.equal(a, b) for a, b in zip(ref, mine))
+
+
+@pytest.mark.parametrize("change", ["amsgrad", "maximize", "foreach", "tensor_lr", "no_state", "bf16", "strided_grad",
+                                    "hook", "torch_rounds_otherwise"])
+def test_adamw_step_leaves_what_it_does_not_take_to_torch(change, monkeypatch):
+    shape = (8, 6)
+    p = torch.randn(shape, dtype=torch.bfloat16 if change == "bf16" else torch.float32)
+    hyper = {"lr": torch.tensor(1e-3) if change == "tensor_lr" else 1e-3}
+    if change in ("amsgrad", "maximize", "foreach"):
+        hyper[change] = True
+    opt = torch.optim.AdamW([p], **hyper)
+    p.grad = torch.randn(shape, dtype=p.dtype)
+    if change != "no_state":
+        opt.step()
+    if change == "strided_grad":
+        p.grad = torch.randn(shape[::-1]).t()
+    if change == "hook":
+        opt.register_step_pre_hook(lambda *a: None)
+    if change == "torch_rounds_otherwise":  # a torch build whose AdamW bits the kernel's check found to differ
+        monkeypatch.setattr(te, "_adamw_matches_torch", lambda: False)
+    before = (p.clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    assert te.adamw_step(opt) is False
+    assert torch.equal(p, before[0]) and all(torch.equal(opt.state[p][k], v) for k, v in before[1].items())

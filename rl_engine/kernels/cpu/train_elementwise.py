@@ -3,7 +3,8 @@
 The registry's "cpu" implementations of `rms_norm_train`, `silu_and_mul_train` (the policy's norms and MLP when
 autograd records the forward), `rotary_full` (the policy's rotate-half rotary on full-width tables) and
 `logprob_shard_stats` / `logprob_entropy_grad` (the per-chunk softmax statistics and logits gradient of the
-policy's log-probs and entropy, `kernels/logprob.py`'s contract; exp is fast_exp's, within ~2 ulp). In torch
+policy's log-probs and entropy, `kernels/logprob.py`'s contract; exp is fast_exp's, within ~2 ulp), and
+`adamw_step`: torch.optim.AdamW's step in one call, with its bits (the trainer's `MasterWeightsAdamW`). In torch
 each is a handful of elementwise ops forward and as many backward, each a pass over the activations with its own
 dispatch and allocation; at a small model's widths those passes are the cost. Here each direction is one C++ pass
 over rows, wrapped in an autograd Function (`once_differentiable`: a double backward is refused, not silently
@@ -20,6 +21,8 @@ backward.
 
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
 
 import torch
@@ -28,6 +31,8 @@ from torch.autograd.function import once_differentiable
 from rl_engine.kernels import cpu, logprob, reference
 from rl_engine.kernels.grad_mode import records_autograd
 
+
+logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "train_elementwise.cpp"
 
@@ -227,3 +232,80 @@ def logprob_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, grad_logpr
                                                                    vocab_size)
     per_token = (t.detach().float().contiguous() for t in (grad_logprobs, grad_entropy, logsumexp, entropy))
     return kernel().logprob_grad(rows, targets, *per_token, temperature, vocab_start, n_valid)
+
+
+def adamw_step(optimizer: torch.optim.AdamW) -> bool:
+    """`optimizer.step()` (a `torch.optim.AdamW` on its single-tensor path: `foreach` and `fused` unset or False, no
+    amsgrad / maximize / capturable / differentiable, float hyper-parameters, no step hooks) in one C++ call over its
+    parameters, with the same bits in its parameters and state as its own step gives (the kernel's comment, and
+    tests/kernels/test_cpu_train_elementwise.py): its six ATen calls a parameter, each a pass with its dispatch, are
+    most of an optimizer step at a small model's sizes (the `tiny` preset's 16 parameters: ~0.6 ms). Returns False,
+    having done nothing, where it does not apply (another configuration, a parameter or gradient not a dense
+    contiguous fp32 CPU tensor, a state not made yet: torch's first step makes it, no kernel, or a torch build whose
+    kernels round otherwise: `_adamw_matches_torch`); the caller then runs `optimizer.step()`."""
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+    if (type(optimizer) is not torch.optim.AdamW or optimizer._optimizer_step_pre_hooks
+            or optimizer._optimizer_step_post_hooks or _global_optimizer_pre_hooks or _global_optimizer_post_hooks
+            or torch.compiler.is_compiling()):
+        return False
+    calls = []
+    for group in optimizer.param_groups:
+        if (any(group.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable", "foreach", "fused"))
+                or not group.get("decoupled_weight_decay", True)):  # (.get: a group loaded from an older torch)
+            return False
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if not all(type(x) is float for x in (lr, beta1, beta2, eps)) or type(wd) not in (float, int):
+            return False
+        lists = ([], [], [], [], [])
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            state = optimizer.state.get(p)
+            if not state or not _dense_fp32(p, g, state["exp_avg"], state["exp_avg_sq"]) or g.shape != p.shape:
+                return False
+            step = state["step"]
+            if step.dtype != torch.float32 or step.device.type != "cpu" or step.numel() != 1:
+                return False
+            for out, t in zip(lists, (p, g, state["exp_avg"], state["exp_avg_sq"], step)):
+                out.append(t)
+        calls.append((lists, lr, beta1, beta2, eps, float(wd)))
+    if kernel() is None or not _adamw_matches_torch():  # (asked last: parameters on another device never build it)
+        return False
+    for (params, grads, exp_avgs, exp_avg_sqs, steps), lr, beta1, beta2, eps, wd in calls:
+        if params:
+            kernel().adamw_step(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, wd)
+    return True
+
+
+@functools.cache
+def _adamw_matches_torch() -> bool:
+    """Whether the kernel gives this process's torch.optim.AdamW bits (checked once, on a few steps of odd-sized
+    parameters): its two fused multiply-adds are those ATen's vectorised lerp and addcmul make in the x86 builds it was
+    written against; a torch build or CPU dispatch that rounds them apart would differ in the last bits, so the step is
+    then left to torch (logged)."""
+    g = torch.Generator().manual_seed(0)
+    ref = [torch.randn(n, generator=g) for n in (1, 19, 100)]
+    mine = [p.clone() for p in ref]
+    opts = [torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1) for ps in (ref, mine)]
+    for step in range(4):
+        for a, b in zip(ref, mine):
+            a.grad = torch.randn(a.shape, generator=g) * 10.0 ** -step
+            b.grad = a.grad.clone()
+        opts[0].step()
+        if step == 0:
+            opts[1].step()
+        else:
+            st = [opts[1].state[p] for p in mine]
+            kernel().adamw_step(mine, [p.grad for p in mine], [s["exp_avg"] for s in st],
+                                [s["exp_avg_sq"] for s in st], [s["step"] for s in st], 1e-2, 0.9, 0.999, 1e-8, 0.1)
+    same = all(torch.equal(a, b) for a, b in zip(ref, mine))
+    if not same:
+        logger.warning("AdamW: the C++ step's bits differ from this torch build's; torch.optim.AdamW steps")
+    return same
+
+
+def _dense_fp32(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.layout == torch.strided
+               and t.is_contiguous() for t in tensors)

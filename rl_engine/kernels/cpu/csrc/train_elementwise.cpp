@@ -494,6 +494,89 @@ torch::Tensor logprob_grad(const torch::Tensor& logits, const torch::Tensor& tar
   return grad;
 }
 
+// torch.optim.AdamW's single-tensor step (torch/optim/adam.py, `_single_tensor_adam` with decoupled weight decay,
+// no amsgrad / maximize / capturable) over each parameter in two passes and ATen's sqrt between them, where torch
+// makes six ATen calls: the same fp32 operations on each element in the same order with the same roundings
+// (measured bit for bit against it: tests/kernels/test_cpu_train_elementwise.py). First exp_avg = fma(w, grad -
+// exp_avg, exp_avg) for w = (float)(1 - beta1) < 0.5 (ATen's vectorised lerp; w - 1 and grad as the base above it)
+// and exp_avg_sq = fma((float)(1 - beta2) * grad, grad, exp_avg_sq * (float)beta2) (addcmul, contracted as ATen's
+// build does); then s = at::sqrt(exp_avg_sq): ATen's, since its fp32 sqrt (MKL's vector math on x86) is not
+// IEEE's correctly rounded one (~16% of random inputs differ by an ulp); then param = param * (float)(1 - lr wd) +
+// ((float)(-step_size) * exp_avg) / (s / (float)bc2_sqrt + (float)eps) (mul_, then addcdiv). The scalars are
+// torch's, in double: each step tensor (fp32, as torch keeps it) += 1, then bc1 = 1 - beta1^step, bc2_sqrt = (1 -
+// beta2^step)^0.5 (pow, as Python's ** calls), step_size = lr / bc1. Only the two fused multiply-adds above are
+// fused: the function and its passes (lambdas, compiled apart from it: an attribute on the function would not reach
+// them, and a pass split over threads gave other bits) are built with fp-contract off, where the file's flag is fast
+// (under clang, which ignores GCC's pragma, its own in each pass).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+void adamw_step(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads,
+                const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
+                const std::vector<torch::Tensor>& steps, double lr, double beta1, double beta2, double eps,
+                double weight_decay) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
+              "adamw_step: ", n, " params with ", grads.size(), " grads, ", exp_avgs.size(), " exp_avgs, ",
+              exp_avg_sqs.size(), " exp_avg_sqs, ", steps.size(), " steps");
+  int64_t largest = 0;
+  for (size_t t = 0; t < n; ++t) {
+    const int64_t numel = params[t].numel();
+    for (const auto* x : {&params[t], &grads[t], &exp_avgs[t], &exp_avg_sqs[t]}) {
+      TORCH_CHECK(x->device().is_cpu() && x->scalar_type() == torch::kFloat32 && x->is_contiguous() &&
+                      x->numel() == numel, "adamw_step: tensor ", t, " must be fp32, CPU, contiguous, of ", numel,
+                  " elements; got ", x->scalar_type(), " ", x->sizes());
+    }
+    TORCH_CHECK(steps[t].device().is_cpu() && steps[t].scalar_type() == torch::kFloat32 && steps[t].numel() == 1,
+                "adamw_step: step ", t, " must be a one-element fp32 CPU tensor");
+    largest = std::max(largest, numel);
+  }
+  const float decay = static_cast<float>(1.0 - lr * weight_decay);
+  const float w = static_cast<float>(1.0 - beta1);
+  const bool small = std::abs(w) < 0.5f;
+  const float coeff = small ? w : w - 1.0f;
+  const float b2 = static_cast<float>(beta2), c2 = static_cast<float>(1.0 - beta2), epsf = static_cast<float>(eps);
+  auto roots = torch::empty({largest}, torch::kFloat32);
+  for (size_t t = 0; t < n; ++t) {
+    const int64_t numel = params[t].numel();
+    float* step_p = steps[t].data_ptr<float>();
+    step_p[0] = step_p[0] + 1.0f;
+    const double step = step_p[0];
+    const double bc1 = 1.0 - std::pow(beta1, step);
+    const double bc2_sqrt = std::pow(1.0 - std::pow(beta2, step), 0.5);
+    const float bc2f = static_cast<float>(bc2_sqrt), neg_step = static_cast<float>(-(lr / bc1));
+    float* pp = params[t].data_ptr<float>();
+    const float* gp = grads[t].data_ptr<float>();
+    float* mp = exp_avgs[t].data_ptr<float>();
+    float* vp = exp_avg_sqs[t].data_ptr<float>();
+    at::parallel_for(0, numel, 32768, [&](int64_t begin, int64_t end) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+      const float* __restrict g = gp;
+      float* __restrict m = mp;
+      float* __restrict v = vp;
+      for (int64_t i = begin; i < end; ++i) {
+        const float gi = g[i], mi = m[i];
+        m[i] = std::fma(coeff, gi - mi, small ? mi : gi);
+        v[i] = std::fma(c2 * gi, gi, v[i] * b2);
+      }
+    });
+    auto root = roots.narrow(0, 0, numel);
+    at::sqrt_out(root, exp_avg_sqs[t].view({numel}));
+    const float* sp = root.data_ptr<float>();
+    at::parallel_for(0, numel, 32768, [&](int64_t begin, int64_t end) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+      float* __restrict p = pp;
+      const float* __restrict m = mp;
+      const float* __restrict s = sp;
+      for (int64_t i = begin; i < end; ++i) p[i] = p[i] * decay + (neg_step * m[i]) / (s[i] / bc2f + epsf);
+    });
+  }
+}
+#pragma GCC pop_options
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -506,4 +589,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_into", &rotary_into, "rotary written into out (rows at any stride, heads contiguous)");
   m.def("logprob_stats", &logprob_stats, "[4, R]: max, sum exp, sum exp * shifted z, target z of a vocab shard");
   m.def("logprob_grad", &logprob_grad, "d (log-prob, entropy) loss / d logits of a vocab shard");
+  m.def("adamw_step", &adamw_step, "torch.optim.AdamW's single-tensor step over each parameter in one pass");
 }
