@@ -31,6 +31,19 @@ def engines(qwen2):
     return policy, LLM(policy, **kw), LLM(policy, compile_decode=True, **kw)
 
 
+def _count_calls(monkeypatch, owner, name: str) -> dict[str, int]:
+    """Counts the calls of `owner.name` (["n"]) for the test's duration."""
+    calls = {"n": 0}
+    fn = getattr(owner, name)
+
+    def counted(*args):
+        calls["n"] += 1
+        return fn(*args)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 def _compare(policy, eager, compiled, prompts, params) -> None:
     ref, out = eager.generate(prompts, params), compiled.generate(prompts, params)
     worst_eager = worst_trainer = 0.0
@@ -294,24 +307,17 @@ def test_the_compiled_step_calls_the_cpp_attention_kernels_directly_with_the_wra
     attn = compiled.engine.runner.attn
     if not (attn.cpu_decode and attn.rotary_kv_write is cpu_ops.rotary_kv_write):
         pytest.skip("the engine is not on the C++ decode and rotary kernels")
-    wrapped = {"steps": 0}
-    decode_step = cpu_ops.paged_decode_step
-
-    def counted(*args):
-        wrapped["steps"] += 1
-        return decode_step(*args)
-
-    monkeypatch.setattr(cpu_ops, "paged_decode_step", counted)
+    wrapped = _count_calls(monkeypatch, cpu_ops, "paged_decode_step")
     prompts = mixed_prompts(3, seed=9, max_len=20)
     params = SamplingParams(temperature=1.0, max_tokens=10, seed=4, ignore_eos=True)
     direct = compiled.generate(prompts, params)
-    assert attn.direct_decode and wrapped["steps"] == 0
+    assert attn.direct_decode and wrapped["n"] == 0
     attn.decode_observer = lambda *args: None
     try:
         through = compiled.generate(prompts, params)
     finally:
         attn.decode_observer = None
-    assert wrapped["steps"] == 9 * len(attn.k_caches)  # every layer of the 9 decode steps
+    assert wrapped["n"] == 9 * len(attn.k_caches)  # every layer of the 9 decode steps
     for a, b in zip(direct, through):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids and a.outputs[0].logprobs == b.outputs[0].logprobs
     # a table entry past the pool: the direct call's error falls back to the wrappers, which name it
@@ -344,6 +350,48 @@ def test_only_the_cpp_kernels_dtypes_take_the_direct_decode_calls(dtype):
     attn.prepare(slot_mapping=torch.tensor([8, 9]), num_single=2, block_tables=torch.tensor([[1], [2]]),
                  context_lens=torch.tensor([1, 1], dtype=torch.int32), max_context_len=1, prefills=[])
     assert attn.direct_decode == (dtype is torch.float32)
+
+
+@needs_cxx
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_a_direct_call_with_other_rows_than_the_tables_takes_the_wrappers(rows, monkeypatch):
+    """`attend_rotary`'s direct branch hands the decode kernel, which does not check them, only queries with one row
+    per table row (`num_single`): q of other rows (a caller's mistake: the engine's steps, padded buckets included,
+    prepare every row they attend) goes through the wrappers, the kernel not called directly, with the outcome of
+    the wrappers' path (taken by a decode observer): the same error naming the mismatch and the same K/V written;
+    q of the tables' rows is the direct call's, with the wrappers' output bits."""
+    from rl_engine.inference.attention import PagedAttention
+    from rl_engine.kernels.cpu import ops as cpu_ops
+
+    direct_calls = _count_calls(monkeypatch, cpu_ops.extension(), "paged_decode_attention")
+    gen = torch.Generator().manual_seed(3)
+    Hkv, D = 2, 16
+    caches = [torch.randn(6, 8, Hkv, D, generator=gen)]
+    q, k, v = (torch.randn(rows, h, D, generator=gen) for h in (2 * Hkv, Hkv, Hkv))
+    cos, sin = torch.randn(rows, D // 2, generator=gen), torch.randn(rows, D // 2, generator=gen)
+    outcome = []
+    for observed in (False, True):
+        attn = PagedAttention([c.clone() for c in caches], [c.clone() for c in caches], first_layer=0,
+                              cpu_decode=True, decode_op=cpu_ops.paged_decode_attention,
+                              rotary_kv_write=cpu_ops.rotary_kv_write)
+        if observed:
+            attn.decode_observer = lambda *args: None
+        attn.prepare(slot_mapping=torch.arange(8, 8 + rows), num_single=2,
+                     block_tables=torch.tensor([[1], [2]], dtype=torch.int32),
+                     context_lens=torch.tensor([3, 5], dtype=torch.int32), max_context_len=5, prefills=[])
+        assert attn.direct_decode
+        if rows == 2:
+            out = attn.attend_rotary(0, q, k, v, cos, sin, scale=0.25)
+        else:
+            with pytest.raises(ValueError, match=f"q has {rows} rows but block_tables has 2 requests") as err:
+                attn.attend_rotary(0, q, k, v, cos, sin, scale=0.25)
+            out = str(err.value)
+        outcome.append((out, attn.k_caches[0], attn.v_caches[0]))
+        if not observed:  # (the wrappers call the kernel too, once they have checked its inputs)
+            assert direct_calls["n"] == (rows == 2)
+    (o1, k1, v1), (o2, k2, v2) = outcome
+    assert (torch.equal(o1, o2) if rows == 2 else o1 == o2)
+    assert torch.equal(k1, k2) and torch.equal(v1, v2) and not torch.equal(k1, caches[0])
 
 
 @needs_cxx
