@@ -141,6 +141,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ready: list[RequestOutput] = []  # finished outside a step (e.g. a fully finished resubmission)
         self._batch: _Batch | None = None  # the last step's sampled sequences and what sampling reads of them
+        # (None once no request is left: `_forget_decoded`)
         # the seeded uniforms' function (the registry's `token_uniforms_at` for the engine's device: on CPU one C++
         # loop, elsewhere numpy), resolved at the first seeded draw (an engine that never samples seeded rows loads
         # no C++ extension for it)
@@ -254,6 +255,8 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.remove(seq)
                 seq.status, seq.finish_reason = SeqStatus.FINISHED, "abort"
+        if not self.requests:
+            self._forget_decoded()
         return self._output(request)
 
     def interrupt(self) -> list[RequestOutput]:
@@ -261,6 +264,15 @@ class LLMEngine:
         update: their tokens, log-probs and versions are kept, their KV recomputed)."""
         outputs = [self.abort(rid) for rid in list(self.requests)]
         return outputs if self.guest is None else self.guest.route(outputs)
+
+    def _forget_decoded(self) -> None:
+        """No request is left: drop the persistent decode batch's references to the last step's sequences (the
+        scheduler's, the model runner's and the sampling batch), which the next step would otherwise drop, so a
+        finished or aborted request's sequences are not kept while the engine waits. The next step builds them
+        afresh (as the first step does)."""
+        self._batch = None
+        self.scheduler.forget_decoded()
+        self.runner.forget_decoded()
 
     # ---- weights --------------------------------------------------------------------------------
     def update_weights(self, apply: Callable[[torch.nn.Module], None] | None = None, *, version: int | None = None,
@@ -375,6 +387,8 @@ class LLMEngine:
             if rid in stopped and request.finished:
                 del self.requests[rid]
                 outputs.append(self._output(request))
+                if not self.requests:
+                    self._forget_decoded()
             elif request.stream:
                 outputs.append(self._output(request))
         return outputs if self.guest is None else self.guest.route(outputs)

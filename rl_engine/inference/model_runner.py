@@ -181,7 +181,8 @@ class ModelRunner:
         self._rows = np.arange(max(buckets))  # (a decode step's row indices: a slice of it)
         # The persistent decode batch (`_continue_decode`): what the last decode step ran (its scheduled sequences,
         # them in row order, their positions and block tables), and what the engine reported after it (`decoded`:
-        # the sampled tokens and the rows that stopped). Both are taken, and cleared, by every step.
+        # the sampled tokens and the rows that stopped). Both are taken, and cleared, by every step (and by
+        # `forget_decoded`, once the engine has no request left).
         self._last_decode: tuple[list[Sequence], list[Sequence], np.ndarray, np.ndarray] | None = None
         self._decoded: tuple[list[int], list[int]] | None = None
         self._continue_inputs = None  # (`continue_decode_inputs` for this device, resolved at first use)
@@ -303,6 +304,12 @@ class ModelRunner:
         next step only (`_continue_decode`)."""
         if self._last_decode is not None and len(tokens) == len(self._last_decode[1]):
             self._decoded = (tokens, stopped)
+
+    def forget_decoded(self) -> None:
+        """Drop the last decode step's sequences and tables and the engine's report on them: the next step builds
+        its inputs afresh (the engine's call once no request is left, so finished and aborted sequences are not
+        kept until a next step)."""
+        self._last_decode = self._decoded = None
 
     def weights_updated(self) -> None:
         """The model's weights changed (possibly bypassing their version counters): repack at next use."""

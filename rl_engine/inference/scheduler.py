@@ -54,7 +54,7 @@ class Scheduler:
         # The persistent decode batch's scheduler side (`_schedule_decodes`): the sequences the last schedule scheduled
         # for one token each (`_singles`), handed on once the engine reports that every scheduled sequence computed
         # its token and sampled the next (`decoded`), and the running sequences removed since the last schedule.
-        # Every schedule takes and clears them.
+        # Every schedule takes and clears them, as does `forget_decoded` (the engine, once no request is left).
         self._singles: list[Sequence] | None = None
         self._decoded: list[Sequence] | None = None
         self._removed: list[Sequence] = []
@@ -86,6 +86,13 @@ class Scheduler:
         `_emit_decode`, plain decoding): each of them again has exactly one token to compute, which the next
         `schedule` takes without reading them if they are all it runs (`_schedule_decodes`)."""
         self._decoded, self._singles = self._singles, None
+
+    def forget_decoded(self) -> None:
+        """Drop the last schedule's sequences and those removed since (what the next schedule would compare the
+        running list with): the next one reads the running sequences' tokens instead. The engine's call once no
+        request is left, so that finished and aborted sequences are not kept until a next schedule."""
+        self._singles = self._decoded = None
+        self._removed = []
 
     def schedule(self) -> SchedulerOutput:
         bm = self.block_manager

@@ -151,3 +151,45 @@ def test_decode_steps_read_a_request_only_where_its_stop_rule_or_fork_may_apply(
     assert reasons.count("length") >= 3 and sum(1 for outs in got.values() for _, r, s, _ in outs
                                                  if r == "stop" and s is not None) >= 2
     assert len(got["fork"]) == 3
+
+
+def test_no_finished_or_aborted_sequence_stays_referenced_once_no_request_is_left(char_model, monkeypatch):
+    """The persistent decode batch (the scheduler's last schedule and removals, the model runner's last decode step,
+    the engine's sampling batch) is dropped once no request is left, when the last finishes or when `interrupt`
+    aborts them all: then a sequence is referenced only by its own request, not kept by the engine until a next
+    step. The engine keeps serving the same tokens after it."""
+    import gc
+    import types
+
+    from rl_engine.inference.scheduler import Scheduler
+
+    seqs = []
+    add = Scheduler.add
+
+    def adding(self, seq, **kw):
+        seqs.append(seq)
+        return add(self, seq, **kw)
+
+    monkeypatch.setattr(Scheduler, "add", adding)
+
+    def held() -> list:
+        gc.collect()
+        return [type(r).__name__ for seq in seqs for r in gc.get_referrers(seq)
+                if r is not seqs and r is not seq.request.seqs and not isinstance(r, types.FrameType)]
+
+    llm = LLM(char_model, seed=0)
+    engine = llm.engine
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = ["Hello there", "Once upon", "abc"]
+    first = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]  # every request finishes
+    assert len(seqs) == 3 and held() == []
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, greedy.clone(n=2))
+    for _ in range(4):  # decode steps: the batch persists between them
+        engine.step()
+    assert engine._batch is not None and held()
+    interrupted = engine.interrupt()
+    assert [o.outputs[0].finish_reason for o in interrupted] == ["abort"] * 3
+    assert len(seqs) == 9 and held() == []
+    seqs.clear()
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] == first
