@@ -35,7 +35,7 @@ from rl_engine.inference.sampling_params import SamplingParams
 from rl_engine.inference.scheduler import Scheduler
 from rl_engine.inference.sequence import (CompletionOutput, Request, RequestOutput, SchedulerOutput, SeqStatus,
                                           Sequence, without_rows)
-from rl_engine.kernels.cpu.host_memory import step_arena
+from rl_engine.kernels.cpu import host_memory
 from rl_engine.kernels.cpu.threads import single_thread_below
 
 if TYPE_CHECKING:
@@ -118,6 +118,10 @@ class LLMEngine:
             logger.warning("record_routing=True: prefix caching disabled (cached tokens would have no routing)")
             prefix_caching = False
         self.runner = ModelRunner(model, config=config, max_model_len=self.max_model_len)
+        # CPU: each step's tensors from the step arena (EngineConfig.cpu_step_arena), its extension built here rather
+        # than inside the first step
+        self._step_arena = (host_memory.step_arena if self.runner.device.type == "cpu" and config.cpu_step_arena
+                            and host_memory.step_arena_available() else contextlib.nullcontext)
         self.block_manager = BlockManager(num_blocks=self.runner.num_blocks, block_size=config.block_size,
                                           enable_prefix_caching=prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
@@ -320,10 +324,7 @@ class LLMEngine:
                 raise RuntimeError("internal error: requests are unfinished but none could be scheduled")
             return ready if self.guest is None else self.guest.route(ready)
         emissions: list[tuple[list[int], list[float], int]] = []
-        # On CPU the step's tensors come from the step arena: the next steps reuse its blocks without faulting fresh
-        # pages in (`host_memory.step_arena`)
-        arena = step_arena() if self.runner.device.type == "cpu" else contextlib.nullcontext()
-        with self._step_threads(sched), torch.inference_mode(), arena:
+        with self._step_threads(sched), torch.inference_mode(), self._step_arena():
             if sched.block_copies:  # forked samples admitted with a copy of their leader's partial block
                 self.runner.copy_kv_blocks(sched.block_copies)
             logits, sample_seqs = self.runner.execute(sched, record_routing=self.config.record_routing)

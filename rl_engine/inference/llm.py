@@ -56,6 +56,7 @@ class LLM:
         cpu_huge_pages: bool = True,
         cpu_decode_kernel: bool = True,
         fork_copy_partial_block: bool = True,
+        cpu_step_arena: bool = True,
     ) -> None:
         dtype = _dtype(dtype)
         if isinstance(model, (str, os.PathLike)):
@@ -85,7 +86,7 @@ class LLM:
                               record_routing=record_routing, speculative_config=speculative_config,
                               cpu_threads=cpu_threads, cpu_prepack_weights=cpu_prepack_weights,
                               cpu_huge_pages=cpu_huge_pages, cpu_decode_kernel=cpu_decode_kernel,
-                              fork_copy_partial_block=fork_copy_partial_block)
+                              fork_copy_partial_block=fork_copy_partial_block, cpu_step_arena=cpu_step_arena)
         self.engine = LLMEngine(model, config=config, tokenizer=tokenizer)
         self._ids = itertools.count()
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from rl_engine import kernels
 from rl_engine.kernels.cpu import train_elementwise
+from rl_engine.kernels.cpu.host_memory import outside_step_arena
 from rl_engine.kernels.grad_mode import training_kernels
 from rl_engine.policy import comm
 from rl_engine.policy.parallel import ParallelGroups
@@ -130,7 +131,9 @@ class RotaryEmbedding:
     def _table_on(self, device: torch.device, inv_freq: torch.Tensor) -> torch.Tensor:
         table = self._table
         if table is None or table.device != device:
-            table = self._table = self._rows(torch.arange(self.max_positions, device=device), inv_freq)
+            with outside_step_arena():  # (built in a first forward, a prefill step: it outlives the step)
+                table = self._table = self._rows(torch.arange(self.max_positions, device=device), inv_freq)
+            self._half_width = None  # (views of the table it replaces)
         return table
 
     def rotate(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

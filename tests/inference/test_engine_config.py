@@ -15,7 +15,8 @@ FLAGS = [f.name for f in dataclasses.fields(EngineConfig) if f.type == "bool"]
 def test_every_flag_is_checked():
     # the engine's bool fields as the dataclass declares them: a new flag joins the check (and this list) or fails here
     assert FLAGS == ["enable_prefix_caching", "enforce_eager", "compile_decode", "record_routing",
-                     "cpu_prepack_weights", "cpu_huge_pages", "cpu_decode_kernel", "fork_copy_partial_block"]
+                     "cpu_prepack_weights", "cpu_huge_pages", "cpu_decode_kernel", "fork_copy_partial_block",
+                     "cpu_step_arena"]
 
 
 @pytest.mark.parametrize("name", FLAGS)

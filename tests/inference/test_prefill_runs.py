@@ -4,14 +4,12 @@ those runs. A CPU engine's steps take their tensors from the step arena, with th
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 from inference_helpers import mixed_prompts
 from rl_engine import LLM, SamplingParams
-from rl_engine.inference import engine as engine_module
 from rl_engine.inference.attention import PagedAttention, PrefillChunk, PrefillRun, _plan_prefills
 from rl_engine.kernels.cpu import host_memory
 from rl_engine.policy import from_pretrained
@@ -63,23 +61,22 @@ def test_batched_prefill_runs_equal_one_call_per_chunk():
     torch.testing.assert_close(batched[13:26], ref, rtol=1e-6, atol=1e-6)
 
 
-def test_cpu_engine_steps_take_their_tensors_from_the_step_arena(qwen2, monkeypatch):
+def test_cpu_engine_steps_take_their_tensors_from_the_step_arena(qwen2):
     """A CPU engine's steps (prefill and decode) run inside `host_memory.step_arena`: the arena serves their
-    tensors, and the tokens and log-probs are the bits of the same steps on torch's allocator."""
-    arena = host_memory._step_arena()
-    if arena is None:
+    tensors, and the tokens and log-probs are the bits of the same steps on torch's allocator (an engine with
+    `cpu_step_arena=False`, which the arena does not serve)."""
+    if not host_memory.step_arena_available():
         pytest.skip("the step arena's C++ extension is unavailable")
-    llm = LLM(from_pretrained(qwen2[1], dtype=torch.float32), block_size=8, cpu_threads="fixed")
+    arena = host_memory._step_arena()
     prompts = mixed_prompts(6, seed=5, max_len=40)
     params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=0, ignore_eos=True)
-    served = arena.stats()[2]
-    with_arena = llm.generate(prompts, params)
-    assert arena.stats()[2] > served
-    monkeypatch.setattr(engine_module, "step_arena", contextlib.nullcontext)
-    llm.reset_prefix_cache()
-    served = arena.stats()[2]
-    without = llm.generate(prompts, params)
-    assert arena.stats()[2] == served
-    for a, b in zip(with_arena, without):
+    outputs = {}
+    for on in (True, False):
+        llm = LLM(from_pretrained(qwen2[1], dtype=torch.float32), block_size=8, cpu_threads="fixed",
+                  cpu_step_arena=on)
+        served = arena.stats()[2]
+        outputs[on] = llm.generate(prompts, params)
+        assert (arena.stats()[2] > served) == on
+    for a, b in zip(outputs[True], outputs[False]):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].logprobs == b.outputs[0].logprobs  # bit for bit

@@ -163,3 +163,34 @@ def test_step_arena_passes_requests_beyond_its_budget_on():
 def test_step_arena_size_classes_cover_a_request_within_a_quarter(n):
     size = _arena().size_class(n)
     assert n <= size <= max(4096, n * 1.25 + 64) and size % 64 == 0
+
+
+def test_what_a_step_makes_outside_step_arena_is_not_the_arenas():
+    """Inside `outside_step_arena` (a packed weight or rotary table first made in a prefill step) this thread's
+    tensors come from torch's allocator, and the arena serves it again after."""
+    arena = _arena()
+    with host_memory.step_arena():
+        with host_memory.outside_step_arena():
+            kept = torch.empty(300_000)
+        after = torch.empty(300_000)
+        assert not arena.owns(kept) and arena.owns(after)
+    with pytest.raises(RuntimeError, match=r"resume\(1\) without suspend\(\) on this thread"):
+        with host_memory.step_arena():
+            arena.resume(1)
+
+
+def test_release_step_arena_frees_the_idle_blocks_only():
+    """`release_step_arena` gives the idle blocks back to malloc (their bytes leave the arena's count) and keeps
+    the blocks a live tensor still uses, which return to the arena when that tensor is freed."""
+    arena = _arena()
+    host_memory.release_step_arena()
+    with host_memory.step_arena():
+        idle, live = torch.empty(500_000), torch.empty(700_000)
+    held = arena.stats()[0]
+    del idle
+    assert arena.stats()[1] >= 1  # (the freed block is idle)
+    freed = host_memory.release_step_arena()
+    assert freed >= 500_000 * 4 and arena.stats()[0] == held - freed and arena.stats()[1] == 0
+    assert arena.owns(live)
+    del live
+    assert arena.stats()[1] == 1 and host_memory.release_step_arena() >= 700_000 * 4

@@ -159,6 +159,19 @@ def _step_arena():
     return module
 
 
+def step_arena_available() -> bool:
+    """Whether `step_arena` serves from its arena (its C++ extension built and loaded here: the first call builds it)
+    rather than passing through to torch's allocator."""
+    return _step_arena() is not None
+
+
+def release_step_arena() -> int:
+    """The step arena's idle blocks back to malloc (the blocks tensors still use stay the arena's until freed);
+    returns the bytes freed. Nothing to do where the arena was never loaded."""
+    arena = _step_arena() if _step_arena.cache_info().currsize else None
+    return 0 if arena is None else arena.release()
+
+
 @contextlib.contextmanager
 def step_arena(budget: int = STEP_ARENA_BUDGET):
     """The CPU tensors this thread makes inside come from a caching arena (csrc/step_arena.cpp): a freed block goes
@@ -166,8 +179,9 @@ def step_arena(budget: int = STEP_ARENA_BUDGET):
     malloc, which unmaps blocks above its mmap threshold and trims its heap's top, so that the next step faults
     fresh zeroed pages back in (4-9k page faults a ~3.5M batch-64 generate, mostly its prefill steps; 0-5 inside
     the arena). Other threads' tensors, and requests once `budget` bytes are held, go to the allocator it was
-    installed over; the arena keeps its blocks (up to `budget`) for the process's life (`release()` of the
-    extension frees the idle ones). Without the C++ extension: torch's allocator, unchanged."""
+    installed over; the arena keeps its blocks (up to `budget`) for the process's life (`release_step_arena()`
+    frees the idle ones). Tensors a step makes that outlive it are made in `outside_step_arena`. Without the C++
+    extension: torch's allocator, unchanged."""
     arena = _step_arena()
     if arena is None:
         yield
@@ -177,3 +191,20 @@ def step_arena(budget: int = STEP_ARENA_BUDGET):
         yield
     finally:
         arena.leave()
+
+
+@contextlib.contextmanager
+def outside_step_arena():
+    """What this thread makes inside comes from the allocator underneath even within `step_arena`: tensors a step
+    makes that outlive it (packed weights, made at their first read after a weight update; the rotary table), which
+    would otherwise hold arena blocks (rounded up to their size class) against its budget for their lives. Builds
+    nothing: where the arena was never loaded there is nothing to step out of."""
+    arena = _step_arena() if _step_arena.cache_info().currsize else None
+    if arena is None:
+        yield
+        return
+    depth = arena.suspend()
+    try:
+        yield
+    finally:
+        arena.resume(depth)

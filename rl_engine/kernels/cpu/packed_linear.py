@@ -169,13 +169,12 @@ class _Packed:
         if self.stale or ptr != self.data_ptr or version != self.version or panels != self.panels:
             self.packed = self.screen = None  # the old copies go before the new one is made
             w = weight.detach()
-            if not panels:
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(w, self.batch_size)
-            else:  # into the slot while the weight still fits it (a weight repointed at another shape: its own)
-                slot = self.slot
-                fits = slot is not None and slot.dtype == w.dtype and slot.numel() == _small.packed_size(
-                    w, small_gemm.PANEL)
-                self.packed = _small.pack(w, small_gemm.PANEL, slot if fits else None)
+            slot = self.slot  # (panels into the slot while the weight fits it; another shape: their own)
+            fits = panels and slot is not None and slot.dtype == w.dtype and slot.numel() == _small.packed_size(
+                w, small_gemm.PANEL)
+            with host_memory.outside_step_arena():  # (packed at a prefill step's first read: it outlives the step)
+                self.packed = (torch.ops.mkldnn._reorder_linear_weight(w, self.batch_size) if not panels
+                               else _small.pack(w, small_gemm.PANEL, slot if fits else None))
             self.data_ptr, self.version, self.stale, self.panels = ptr, version, False, panels
         return self.packed
 

@@ -113,6 +113,19 @@ void leave() {
   if (--a.inside == 0 && c10::GetCPUAllocator() == &a) c10::SetCPUAllocator(a.next);
 }
 
+// suspend(): the calling thread's requests go to the allocator underneath until resume(the depth it returned): what
+// a step makes that outlives it (a weight's packed copy, the rotary table) stays out of the arena.
+int64_t suspend() {
+  const int64_t depth = t_depth;
+  t_depth = 0;
+  return depth;
+}
+
+void resume(int64_t depth) {
+  TORCH_CHECK(depth >= 0 && t_depth == 0, "step_arena: resume(", depth, ") without suspend() on this thread");
+  t_depth = depth;
+}
+
 // the idle blocks' memory back to malloc; returns the bytes freed
 int64_t release() {
   Arena& a = arena();
@@ -151,6 +164,8 @@ int64_t size_class_of(int64_t n) { return static_cast<int64_t>(size_class(static
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("enter", &enter);
   m.def("leave", &leave);
+  m.def("suspend", &suspend);
+  m.def("resume", &resume);
   m.def("release", &release);
   m.def("stats", &stats);
   m.def("owns", &owns);
