@@ -165,10 +165,15 @@ def step_arena_available() -> bool:
     return _step_arena() is not None
 
 
+def _loaded_step_arena():
+    """The step arena's extension where this process has loaded it already (never builds it), else None."""
+    return _step_arena() if _step_arena.cache_info().currsize else None
+
+
 def release_step_arena() -> int:
     """The step arena's idle blocks back to malloc (the blocks tensors still use stay the arena's until freed);
     returns the bytes freed. Nothing to do where the arena was never loaded."""
-    arena = _step_arena() if _step_arena.cache_info().currsize else None
+    arena = _loaded_step_arena()
     return 0 if arena is None else arena.release()
 
 
@@ -199,7 +204,7 @@ def outside_step_arena():
     makes that outlive it (packed weights, made at their first read after a weight update; the rotary table), which
     would otherwise hold arena blocks (rounded up to their size class) against its budget for their lives. Builds
     nothing: where the arena was never loaded there is nothing to step out of."""
-    arena = _step_arena() if _step_arena.cache_info().currsize else None
+    arena = _loaded_step_arena()
     if arena is None:
         yield
         return

@@ -1459,7 +1459,9 @@ std::tuple<torch::Tensor, torch::Tensor> rotary_kv_write_rows(const torch::Tenso
     const torch::Tensor& pos = *positions;
     TORCH_CHECK(pos.device().is_cpu() && pos.scalar_type() == at::kLong && pos.dim() == 1 &&
                     pos.size(0) == q.size(0) && pos.is_contiguous(),
-                "rotary_kv_write: positions must be a contiguous int64 [tokens] CPU tensor");
+                "rotary_kv_write: positions must be a contiguous int64 [tokens] CPU tensor for ", q.size(0),
+                " tokens; got ", pos.scalar_type(), " ", pos.sizes(), pos.is_contiguous() ? "" : " (strided)", " on ",
+                pos.device());
     rows = pos.data_ptr<int64_t>();
   }
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
