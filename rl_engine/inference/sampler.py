@@ -98,7 +98,7 @@ class DeferredLogits:
     hidden states and the runner's packed-weights context. `tensor()` computes them (once, as the step would
     have); `greedy()` gives each row's first maximum without them where `packed_linear.greedy_pick` decides (the
     same ids as `greedy_argmax` of `tensor()`: an all-greedy batch without log-probs skips ~40% of the head's
-    product), else from them."""
+    product where the screen is faster on this CPU, `packed_linear.screen_pays`), else from them."""
 
     __slots__ = ("model", "hidden", "reading", "_logits")
 
@@ -123,8 +123,8 @@ class DeferredLogits:
         weight = head.weight
         if head.dense is not packed_linear.linear or weight.shape[0] != head.vocab_size:
             return None
-        with self.reading():
-            return packed_linear.greedy_pick(hidden, weight)
+        with self.reading():  # (where the screen is not faster on this CPU: the logits, the same ids)
+            return packed_linear.greedy_pick(hidden, weight) if packed_linear.screen_pays(hidden, weight) else None
 
 
 def full_logits(logits: torch.Tensor | DeferredLogits) -> torch.Tensor:

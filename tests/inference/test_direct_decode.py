@@ -294,10 +294,12 @@ def test_a_forward_hook_sees_every_eager_decode_step(engine, monkeypatch, kind):
     assert calls["direct"] >= 4  # the hook removed, the direct forward again
 
 
-def _picks(monkeypatch) -> dict[str, int]:
-    """Counts the screened greedy picks that decided ("picked") and those that left it to the logits ("none")."""
+def _picks(monkeypatch, pays: bool = True) -> dict[str, int]:
+    """Counts the screened greedy picks that decided ("picked") and those that left it to the logits ("none"), with
+    the screen taken (`pays`) or skipped at every row count whatever `screen_pays` would measure on this CPU."""
     from rl_engine.kernels.cpu import packed_linear
 
+    monkeypatch.setattr(packed_linear, "screen_pays", lambda x, weight: pays)
     return _count(monkeypatch, packed_linear, "greedy_pick", ("picked", "none"))
 
 
@@ -323,7 +325,7 @@ def test_greedy_steps_without_logprobs_take_the_screened_pick(engine, monkeypatc
     prompts = mixed_prompts(7, seed=5, max_len=30)
     greedy = SamplingParams(temperature=0.0, max_tokens=12, logprobs=None, ignore_eos=True)
     with _deferred(engine, False):
-        ref = engine.generate(prompts, greedy)
+        ref = ref_greedy = engine.generate(prompts, greedy)
     calls = _picks(monkeypatch)
     with _deferred(engine, True):
         got = engine.generate(prompts, greedy)
@@ -339,6 +341,12 @@ def test_greedy_steps_without_logprobs_take_the_screened_pick(engine, monkeypatc
             got = engine.generate(prompts, params)
         assert [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in got] == [
             (o.outputs[0].token_ids, o.outputs[0].logprobs) for o in ref]
+    assert calls == {"picked": 0, "none": 0}
+    # where the screen does not pay on this CPU (`screen_pays`): the logits, the same tokens, no pick tried
+    calls = _picks(monkeypatch, pays=False)
+    with _deferred(engine, True):
+        skipped = engine.generate(prompts, greedy)
+    assert [o.outputs[0].token_ids for o in skipped] == [o.outputs[0].token_ids for o in ref_greedy]
     assert calls == {"picked": 0, "none": 0}
 
 

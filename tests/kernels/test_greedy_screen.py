@@ -199,3 +199,31 @@ def test_outside_the_gemm_path_is_not_decided(screen):
     with torch.inference_mode(), packed_linear.reading():
         assert packed_linear.greedy_pick(x[:1], w) is None  # one row: the gemv, not the panels
         assert packed_linear.greedy_pick(x.double(), w) is None
+
+
+def test_screen_pays_is_measured_once_per_shape_threads_and_row_bucket(screen, monkeypatch):
+    """`screen_pays` times the screen against the logits + argmax at the first call of each (vocab, hidden, threads,
+    rows rounded up to a power of two) and keeps the choice; a call the screen cannot decide (a NaN row) measures
+    nothing and keeps nothing (False: the logits)."""
+    monkeypatch.setattr(packed_linear, "_screen_pays", {})
+    timed = []
+    fn = packed_linear._time_screen
+
+    def counted(x, w, key):
+        timed.append(key)
+        return fn(x, w, key)
+
+    monkeypatch.setattr(packed_linear, "_time_screen", counted)
+    gen = torch.Generator().manual_seed(9)
+    w = screen(torch.randn(700, 64, generator=gen) * 0.05)
+    threads = torch.get_num_threads()
+    with torch.inference_mode(), packed_linear.reading():
+        nan = torch.randn(40, 64, generator=gen)
+        nan[3, 5] = float("nan")
+        assert packed_linear.screen_pays(nan, w) is False and packed_linear._screen_pays == {}
+        choices = [packed_linear.screen_pays(torch.randn(rows, 64, generator=gen), w) for rows in (40, 64, 33, 2, 5, 8)]
+    assert timed == [(700, 64, threads, 64), (700, 64, threads, 64), (700, 64, threads, 2), (700, 64, threads, 8)]
+    assert packed_linear._screen_pays == {(700, 64, threads, 64): choices[0], (700, 64, threads, 2): choices[3],
+                                          (700, 64, threads, 8): choices[4]}
+    assert choices[:3] == [choices[0]] * 3 and choices[4] == choices[5]
+    assert all(type(c) is bool for c in choices)
