@@ -16,15 +16,19 @@ from rl_engine.kernels.cpu import ops, packed_linear, small_gemm
 pytestmark = pytest.mark.skipif(not packed_linear.available()[0], reason=packed_linear.available()[1])
 
 
-@pytest.fixture
-def screen():
-    """Register weights for the test's duration; skip where the screen is not compiled in (no avx512_bf16)."""
+@pytest.fixture(params=["panels", "amx"])
+def screen(request, monkeypatch):
+    """Register weights for the test's duration, the screen's estimates by its VDPBF16PS panels or by AMX tiles
+    (`SCREEN_AMX`); skip where the screen is not compiled in (no avx512_bf16) or AMX is not (has_amx())."""
     registered = []
+    monkeypatch.setattr(packed_linear, "SCREEN_AMX", request.param == "amx")
 
     def register(w):
         registered.extend(packed_linear.register([w], batch_size=64))
         if packed_linear._small is None or not packed_linear._small.has_screen():
             pytest.skip("greedy_screen needs the small-M GEMM with avx512_bf16")
+        if request.param == "amx" and not packed_linear._small.has_amx():
+            pytest.skip("the screen's AMX estimates need AMX-BF16 (compiled in and permitted: has_amx())")
         return w
 
     yield register
@@ -78,11 +82,28 @@ def test_near_ties_an_ulp_apart(screen):
 
 
 def _bf16_product(x, w):
-    """The screen's estimates as its VDPBF16PS product forms them (linear's bf16 path: the same dot kernel, x and w
-    rounded to bf16, fp32 sums from 0), rounded to bf16 on the way out."""
-    s = packed_linear._small
-    return s.linear(x.bfloat16(), s.pack(w.bfloat16(), small_gemm.PANEL), w.shape[0], small_gemm.PANEL,
-                    small_gemm.ROW_BLOCK, None, None, small_gemm.MIN_MACS_PER_THREAD).float()
+    """The screen's estimates as greedy_screen forms them (x and w rounded to bf16, their exact products summed in
+    fp32 by its VDPBF16PS panels or its AMX tiles, as `SCREEN_AMX` made the screen): after a pick made the screen."""
+    entry = getattr(w, packed_linear._ATTR).screen
+    return packed_linear._small.screen_estimates(x.contiguous(), entry.packed, entry.amx, w.shape[0], small_gemm.PANEL,
+                                                 small_gemm.ROW_BLOCK, small_gemm.MIN_MACS_PER_THREAD)
+
+
+@pytest.mark.parametrize("rows,k,n", [(64, 256, 2048), (5, 100, 37), (33, 17, 1000), (40, 512, 96)])
+def test_estimates_are_within_the_sum_bound(screen, rows, k, n):
+    """Each estimate is the exact product of the bf16-rounded x and w summed in fp32: within 2 g S of it (g = K u /
+    (1 - K u), S = sum_k |x'_k w'_k|), the part of the screen's bound the summation takes, for either path."""
+    gen = torch.Generator().manual_seed(rows + k)
+    w = screen(torch.randn(n, k, generator=gen) * 0.05)
+    x = torch.randn(rows, k, generator=gen)
+    _pick(x, w)
+    with torch.inference_mode():
+        a = _bf16_product(x, w).double()
+    xb, wb = x.bfloat16().double(), w.bfloat16().double()
+    g = k * 2.0**-24 / (1 - k * 2.0**-24)
+    err = (a - xb @ wb.T).abs()
+    assert a.shape == (rows, n) and bool((err <= 2 * g * (xb.abs() @ wb.abs().T)).all())
+    assert float(err.max()) > 0  # (fp32 sums that round: the check is not vacuous)
 
 
 def test_the_bound_is_what_keeps_the_winner(screen):

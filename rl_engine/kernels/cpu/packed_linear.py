@@ -285,6 +285,9 @@ def reads_panels(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor |
 # ||x_m||_2 it decides for (outside: the same); the weight's row norms must be <= SCREEN_NORM_MAX too
 SCREEN_MAX_CANDIDATES = 64
 SCREEN_NORM_MIN, SCREEN_NORM_MAX = 2.0**-40, 2.0**40
+# the screen's estimates by AMX tiles (TDPBF16PS) where the small-M GEMM's build has them and the kernel permits
+# them (`has_amx()`), else by its VDPBF16PS panels; False: the panels always (tests compare the two)
+SCREEN_AMX = True
 
 
 class _Screen:
@@ -296,7 +299,8 @@ class _Screen:
     fma chain over k in order: |l - x.w| <= g S, g = K u / (1 - K u), u = 2^-24, S = sum_k |x_k w_k| <= ||x||
     ||w|| by Cauchy-Schwarz) and a = the screen's estimate: x and w rounded to bf16 (relative error <= 2^-8
     each, so |x'_k w'_k - x_k w_k| <= (2^-7 + 2^-16) |x_k w_k|), their exact products summed in fp32 by
-    VDPBF16PS (<= 2 g (1 + 2^-7 + 2^-16) S, counting a rounding per add twice over). Denormal inputs read
+    VDPBF16PS (<= 2 g (1 + 2^-7 + 2^-16) S, counting a rounding per add twice over), or by AMX's TDPBF16PS
+    (`SCREEN_AMX`: the same terms and roundings in another order, a term through fewer than 2 K adds). Denormal inputs read
     as zero and denormal sums flush: each term loses <= 2^-126 (|w_k| + |x_k|) (1 + 2^-8), each add <= 2^-126;
     the fp32 chain's own underflow adds <= 2^-150 a step (under torch.set_flush_denormal as much as the bf16
     side's, 2^-126 (1 + |x_k| + |w_k|)); with sum_k |x_k| <= sqrt(K) ||x||, in all <= 3 K 2^-126 (1 + ||x||)
@@ -309,12 +313,12 @@ class _Screen:
     every maximum of l, v* included, is a candidate {v : a_v + e_v >= max_u (a_u - e_u)}; the candidates'
     logits, computed as the GEMM's lane computes them (the same bits), compared in index order give v*."""
 
-    __slots__ = ("packed", "bound", "slack")
+    __slots__ = ("packed", "amx", "bound", "slack")
 
     def __init__(self, weight: torch.Tensor) -> None:
         n, k = weight.shape
         norms = torch.linalg.vector_norm(weight.detach().double(), dim=1)
-        self.packed = self.bound = self.slack = None
+        self.packed = self.amx = self.bound = self.slack = None
         if not bool(torch.isfinite(norms).all()) or (n and float(norms.max()) > SCREEN_NORM_MAX):
             return
         u = 2.0**-24
@@ -324,7 +328,10 @@ class _Screen:
         inf = torch.tensor(float("inf"))
         self.bound = torch.nextafter((c * norms).float(), inf)  # rounded down by at most an ulp: one up
         self.slack = torch.nextafter((k * 2.0**-124 * (1 + norms)).float(), inf)
-        self.packed = _small.pack(weight.detach().to(torch.bfloat16), small_gemm.PANEL)
+        rounded = weight.detach().to(torch.bfloat16)
+        self.packed = _small.pack(rounded, small_gemm.PANEL)
+        if SCREEN_AMX and _small.has_amx():  # (the estimates by AMX tiles: the same terms and bound)
+            self.amx = _small.amx_pack(rounded)
 
 
 def greedy_pick(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
@@ -348,7 +355,7 @@ def greedy_pick(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
         return None
     tokens = _small.greedy_screen(x.contiguous(), screen.packed, weight.detach(), screen.bound, screen.slack,
                                   small_gemm.PANEL, small_gemm.ROW_BLOCK, SCREEN_MAX_CANDIDATES, SCREEN_NORM_MIN,
-                                  SCREEN_NORM_MAX, small_gemm.MIN_MACS_PER_THREAD)
+                                  SCREEN_NORM_MAX, small_gemm.MIN_MACS_PER_THREAD, screen.amx)
     return tokens if tokens.numel() else None
 
 

@@ -24,6 +24,10 @@
 #define RL_AVX512 1
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>  // (arch_prctl: the tile state's permission)
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -415,6 +419,149 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
   return out;
 }
 
+// AMX (Intel's tile unit; AMX-TILE + AMX-BF16 compiled in by -march=native, and the kernel's permission for the
+// tile state, asked once): greedy_screen's estimates by TDPBF16PS, which forms the same terms as VDPBF16PS (the exact
+// products of the bf16 x and weight, denormal inputs read as zero, fp32 adds rounded to nearest even, denormal sums
+// flushed) in another order: per instruction each output's even and odd k of 16 pairs summed from 0 apart, then both
+// added to its accumulator, so a term goes through at most K + 2 K / 32 adds, within the 2 K the screen's bound
+// counts (packed_linear._Screen). The weight as B tiles: [N/16][K/32][16 k pairs][16 columns][2], N padded to 32
+// columns, K to 32, with zeros; x as bf16 rows padded to 32 rows and K to 32 (A tiles, 16 rows x 32 k each).
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(RL_BF16_DOT)
+#define RL_AMX 1
+namespace {
+
+constexpr int64_t kTileRows = 16, kTileK = 32;  // a tile: 16 rows x 64 bytes (32 bf16 or 16 fp32)
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Whether this process may use the tile registers (Linux >= 5.16 asks for it: arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); asked once.
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// est [Mp, Np] (row stride Np) = x_tiles [Mp, Kp] (bf16 rows) times the B tiles of `b` (`amx_pack`), fp32; Mp, Np
+// multiples of 32, Kp of 32. Threads split the 32-column blocks.
+void amx_estimates(const at::BFloat16* x, const at::BFloat16* b, float* est, int64_t Mp, int64_t Np, int64_t Kp,
+                   int64_t min_macs_per_thread) {
+  const int64_t Kt = Kp / kTileK, blocks = Np / 32;
+  const int64_t grain = std::max<int64_t>(1, min_macs_per_thread / std::max<int64_t>(1, Mp * Kp * 32));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) cfg.rows[t] = kTileRows, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const at::BFloat16* b0 = b + (2 * nb) * Kt * 512;
+      const at::BFloat16* b1 = b0 + Kt * 512;
+      for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+        const at::BFloat16* a0 = x + m0 * Kp;
+        const at::BFloat16* a1 = a0 + kTileRows * Kp;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t t = 0; t < Kt; ++t) {
+          _tile_loadd(4, a0 + t * kTileK, Kp * 2);
+          _tile_loadd(6, b0 + t * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_loadd(5, a1 + t * kTileK, Kp * 2);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_loadd(7, b1 + t * 512, 64);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        float* c = est + m0 * Np + nb * 32;
+        _tile_stored(0, c, Np * 4);
+        _tile_stored(1, c + 16, Np * 4);
+        _tile_stored(2, c + kTileRows * Np, Np * 4);
+        _tile_stored(3, c + kTileRows * Np + 16, Np * 4);
+      }
+    }
+    _tile_release();
+  });
+}
+
+}  // namespace
+#endif
+
+bool has_amx() {
+#if defined(RL_AMX)
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+// weight [N, K] bf16 -> greedy_screen's AMX B tiles (1-D bf16, [ceil(N/32)*2][ceil(K/32)][16][16][2], zero padded).
+torch::Tensor amx_pack(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.device().is_cpu(),
+              "weight must be a 2-D CPU bfloat16 tensor, got ", weight.sizes(), " ", weight.scalar_type(), " on ",
+              weight.device());
+  TORCH_CHECK(has_amx(), "amx_pack needs AMX-BF16 compiled in and permitted (has_amx() is False)");
+  const auto w = weight.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  const int64_t Nt = (N + 31) / 32 * 2, Kt = (K + 31) / 32;
+  auto out = torch::zeros({Nt * Kt * 512}, w.options());
+  const at::BFloat16* src = w.data_ptr<at::BFloat16>();
+  at::BFloat16* dst = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, Nt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j)
+      for (int64_t t = 0; t < Kt; ++t)
+        for (int64_t r = 0; r < 16; ++r)
+          for (int64_t c = 0; c < 16; ++c)
+            for (int64_t e = 0; e < 2; ++e) {
+              const int64_t n = j * 16 + c, k = t * 32 + 2 * r + e;
+              if (n < N && k < K) dst[((j * Kt + t) * 16 + r) * 32 + c * 2 + e] = src[n * K + k];
+            }
+  });
+  return out;
+}
+
+#if defined(RL_BF16_DOT)
+// greedy_screen's estimates of x [M, K] (fp32, contiguous) times the bf16 weight [N, K]: by AMX tiles where
+// `amx_opt` (amx_pack's) is given ([M rounded up to 32, N rounded up to 32]: read the first M x N), else by the
+// VDPBF16PS panels `packed` ([M, N]).
+torch::Tensor estimates(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& amx_opt,
+                        int64_t N, int64_t panel, int64_t row_block, int64_t min_macs_per_thread) {
+  const int64_t M = x.size(0), K = x.size(1), Ks = stored_k<at::BFloat16>(K);
+  torch::Tensor est;
+  if (amx_opt.has_value()) {  // the estimates by AMX tiles (amx_pack's B tiles of the same bf16 weight)
+#if defined(RL_AMX)
+    const int64_t Mp = round_up(M, 32), Np = round_up(N, 32), Kp = round_up(K, kTileK);
+    TORCH_CHECK(has_amx() && amx_opt->scalar_type() == at::kBFloat16 && amx_opt->is_contiguous() &&
+                amx_opt->numel() == Np / 16 * (Kp / kTileK) * 512, "amx_packed must be amx_pack of this weight (",
+                Np / 16 * (Kp / kTileK) * 512, " bf16 elements) where has_amx(), got ", amx_opt->numel(), " ",
+                amx_opt->scalar_type());
+    auto x_tiles = torch::zeros({Mp, Kp}, x.options().dtype(at::kBFloat16));
+    x_tiles.narrow(0, 0, M).narrow(1, 0, K).copy_(x);  // round to nearest even
+    est = torch::empty({Mp, Np}, x.options());
+    amx_estimates(x_tiles.data_ptr<at::BFloat16>(), amx_opt->data_ptr<at::BFloat16>(), est.data_ptr<float>(), Mp, Np,
+                  Kp, min_macs_per_thread);
+#else
+    TORCH_CHECK(false, "amx_packed was given but this build has no AMX (has_amx() is False)");
+#endif
+  } else {
+    auto x_pairs = torch::zeros({M, Ks}, x.options().dtype(at::kBFloat16));
+    x_pairs.narrow(1, 0, K).copy_(x);  // round to nearest even
+    const auto* xp = reinterpret_cast<const uint32_t*>(x_pairs.data_ptr<at::BFloat16>());
+    est = torch::empty({M, N}, x.options());
+    // the estimates: linear's bf16 product (its panels split over torch's threads; each estimate the same whatever
+    // the split) with fp32 outputs
+    gemm_kernel<at::BFloat16, float>(nullptr, xp, packed.data_ptr<at::BFloat16>(), nullptr, nullptr,
+                                     est.data_ptr<float>(), M, N, K, panel, row_block, min_macs_per_thread);
+  }
+  return est;
+}
+#endif
+
 // The exact greedy pick of x [M, K] times weight [N, K] (fp32) without every fp32 logit: each row's first
 // maximum of the logits `linear` computes from the weight's fp32 panels (each one fma chain over k = 0..K-1
 // from +0, the micro-kernel's lane), or an empty tensor when the screen cannot decide (the caller computes
@@ -429,7 +576,7 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
 torch::Tensor greedy_screen(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& weight,
                             const torch::Tensor& bound, const torch::Tensor& slack, int64_t panel,
                             int64_t row_block, int64_t max_candidates, double norm_min, double norm_max,
-                            int64_t min_macs_per_thread) {
+                            int64_t min_macs_per_thread, const c10::optional<torch::Tensor>& amx_opt) {
   check_blocking(panel, row_block);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous 2-D CPU float32 tensor, got ", x.sizes(), " ", x.scalar_type());
@@ -448,15 +595,9 @@ torch::Tensor greedy_screen(const torch::Tensor& x, const torch::Tensor& packed,
   auto none = torch::empty({0}, x.options().dtype(at::kLong));
 #if defined(RL_BF16_DOT)
   if (M == 0 || N == 0 || K == 0) return none;
-  auto x_pairs = torch::zeros({M, Ks}, x.options().dtype(at::kBFloat16));
-  x_pairs.narrow(1, 0, K).copy_(x);  // round to nearest even
-  const auto* xp = reinterpret_cast<const uint32_t*>(x_pairs.data_ptr<at::BFloat16>());
-  auto est = torch::empty({M, N}, x.options());
+  const auto est = estimates(x, packed, amx_opt, N, panel, row_block, min_macs_per_thread);
+  const int64_t ld = est.size(1);  // (AMX: N padded)
   float* a = est.data_ptr<float>();
-  // the estimates: linear's bf16 product (its panels split over torch's threads; each estimate the same whatever
-  // the split) with fp32 outputs
-  gemm_kernel<at::BFloat16, float>(nullptr, xp, packed.data_ptr<at::BFloat16>(), nullptr, nullptr, a, M, N, K, panel,
-                                   row_block, min_macs_per_thread);
   auto out = torch::empty({M}, x.options().dtype(at::kLong));
   int64_t* tok = out.data_ptr<int64_t>();
   const float* xs = x.data_ptr<float>();
@@ -477,7 +618,7 @@ torch::Tensor greedy_screen(const torch::Tensor& x, const torch::Tensor& packed,
     }
     const float norm = std::sqrt(_mm512_reduce_add_ps(sq));
     if (!(norm >= norm_min && norm <= norm_max)) return none;  // (NaN fails too)
-    const float* am = a + m * N;
+    const float* am = a + m * ld;
     const __m512 nv = _mm512_set1_ps(norm), ev = _mm512_set1_ps(1.f + norm);
     // pass 1: the largest lower bound a_u - e_u, and whether every estimate is finite (|a| < inf: NaN fails)
     __m512 lo = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -552,6 +693,23 @@ torch::Tensor greedy_screen(const torch::Tensor& x, const torch::Tensor& packed,
 #endif
 }
 
+// The screen's estimates as greedy_screen forms them (x [M, K] fp32; `packed` the bf16 panels, `amx_packed` the
+// AMX tiles or None): [M, N] fp32, for the tests.
+torch::Tensor screen_estimates(const torch::Tensor& x, const torch::Tensor& packed,
+                               const c10::optional<torch::Tensor>& amx_opt, int64_t n, int64_t panel,
+                               int64_t row_block, int64_t min_macs_per_thread) {
+  check_blocking(panel, row_block);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu() &&
+              packed.scalar_type() == at::kBFloat16 && packed.numel() == packed_numel(n, stored_k<at::BFloat16>(
+              x.size(1)), panel), "x must be contiguous 2-D float32 and packed the bf16 panels of an [n, K] weight");
+#if defined(RL_BF16_DOT)
+  return estimates(x, packed, amx_opt, n, panel, row_block, min_macs_per_thread).narrow(0, 0, x.size(0))
+      .narrow(1, 0, n).contiguous();
+#else
+  TORCH_CHECK(false, "screen_estimates needs the avx512_bf16 dot (has_screen() is False)");
+#endif
+}
+
 bool has_avx512() {
 #if defined(RL_AVX512)
   return true;
@@ -570,7 +728,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("greedy_screen", &greedy_screen, "each row's first maximum of x weight^T, screened in bf16 (empty: undecided)",
         py::arg("x"), py::arg("packed"), py::arg("weight"), py::arg("bound"), py::arg("slack"), py::arg("panel"),
         py::arg("row_block"), py::arg("max_candidates"), py::arg("norm_min"), py::arg("norm_max"),
+        py::arg("min_macs_per_thread"), py::arg("amx_packed") = py::none());
+  m.def("screen_estimates", &screen_estimates, "greedy_screen's bf16 estimates [M, N] (for the tests)", py::arg("x"),
+        py::arg("packed"), py::arg("amx_packed"), py::arg("n"), py::arg("panel"), py::arg("row_block"),
         py::arg("min_macs_per_thread"));
+  m.def("amx_pack", &amx_pack, "a bf16 weight [N, K] -> greedy_screen's AMX B tiles", py::arg("weight"));
+  m.def("has_amx", &has_amx, "whether greedy_screen's AMX estimates are compiled in and permitted");
   m.def("has_screen", []() {
 #if defined(RL_BF16_DOT)
     return true;
