@@ -14,8 +14,9 @@ thread) that is ~0.5 ms of a ~7.5 ms decode step (the whole run 2-5% shorter in 
 It is built only for the model and engine that the kernels serve exactly: fp32 on CPU, every linear packed as the
 small-M GEMM's panels, the registry's default CPU RMSNorm / SwiGLU / dense ops, the fused rotary + KV write and the
 C++ decode kernel, one rank (no tensor, sequence or pipeline parallelism), dense MLPs, no MLA, no qk-norm, no
-batch_invariant (`DirectDecode.build` says why not, logged once). Buckets of two rows or more run it (one row's
-linears take the C++ gemv, `packed_linear`), and a step only where the attention calls its kernels directly too
+batch_invariant (`DirectDecode.build` says why not, logged once). Every bucket runs it (one row's linears by the
+C++ gemv, as `packed_linear.linear` takes them; since session 25, where batch 1's module forward was ~0.5 ms of
+Python a ~1.6 ms step on the ~3.5M model), and a step only where the attention calls its kernels directly too
 (`PagedAttention.direct_decode`, no decode observer), nothing is recorded (no routing) and no module forward hook
 is registered (a hooked model's steps run its forward, so the hooks see them).
 Weights are read from the modules at every step (from their `_parameters` dicts, which a parameter assigned anew
@@ -46,12 +47,15 @@ class _NotPacked(Exception):
 
 
 def _linear(x: torch.Tensor, params: dict, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x weight^T (+ bias) (+ residual) of a linear's parameters (its `_parameters`) through its packed panels
-    (`packed_linear._read`'s small-M GEMM call: `build` admits only fp32 with the small GEMM loaded)."""
+    """x weight^T (+ bias) (+ residual) of a linear's parameters (its `_parameters`) as `packed_linear.linear` computes
+    it for a registered weight: one row by the C++ gemv on the weight itself where it is loaded, else through its
+    packed panels (`packed_linear._read`'s small-M GEMM call: `build` admits only fp32 with the small GEMM loaded)."""
     w = params.get("weight")
-    entry, small = getattr(w, _ATTR, None), packed_linear._small
+    entry, small, gemv = getattr(w, _ATTR, None), packed_linear._small, packed_linear._gemv
     if entry is None or small is None:
         raise _NotPacked
+    if gemv is not None and x.shape[0] == 1:  # (packed_linear._one_row: x is [T, K] here)
+        return gemv.gemv(x, w, params.get("bias"), residual)
     return small.linear(x, entry.current(w, True), w.shape[0], PANEL, ROW_BLOCK, params.get("bias"), residual,
                         MIN_MACS_PER_THREAD)
 

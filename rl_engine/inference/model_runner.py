@@ -203,8 +203,8 @@ class ModelRunner:
         def make_runner(batch_size: int) -> DecodeRunner:
             if not use_graphs:
                 runner = runner_class(batch_size, inputs=inputs, model=model, attn=self.attn)
-                if runner_class is DecodeRunner and batch_size >= 2:  # (eager: the direct forward where it serves
-                    runner.direct = self._direct_decode  # the model; one row's linears take the C++ gemv, not it)
+                if runner_class is DecodeRunner:  # (eager: the direct forward where it serves the model)
+                    runner.direct = self._direct_decode
                 return runner
             runner = CudaGraphRunner(batch_size, inputs=inputs, model=model, attn=self.attn)
             return self._captured(runner, pool=graph_pool)  # every bucket's graph shares one memory pool

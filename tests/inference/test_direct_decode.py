@@ -230,19 +230,32 @@ def test_a_decode_observer_sees_every_eager_decode_step(engine, monkeypatch):
     assert calls["direct"] == 0 and len([s for s in seen if s[1] == 4]) >= 4 * layers  # (4 decode steps in bucket 4)
 
 
-def test_a_one_row_bucket_keeps_the_models_forward(qwen2):
-    """One row's linears take the C++ gemv (packed_linear), which the direct forward does not call: bucket 1 runs the
-    model's forward, bucket 2 the direct one, each with the bits of the model's forward."""
+def test_a_one_row_bucket_runs_the_direct_forward_through_the_gemv(qwen2, monkeypatch):
+    """One row's linears take the C++ gemv (`packed_linear.linear`'s choice), in the direct forward as in the model's:
+    buckets 1 and 2 both run the direct forward (bucket 1's linears through the gemv), each with the bits of the
+    model's forward, greedy and sampled."""
+    from rl_engine.kernels.cpu import packed_linear
+
     llm = LLM(from_pretrained(qwen2[1], dtype=torch.float32), **{**KW, "graph_batch_sizes": [1, 2]})
-    if llm.engine.runner._direct_decode is None:
+    if llm.engine.runner._direct_decode is None or packed_linear._gemv is None:
         pytest.skip("the C++ kernels are unavailable")
-    params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=0, ignore_eos=True)
     for prompts in (mixed_prompts(1, seed=4, max_len=20), mixed_prompts(2, seed=4, max_len=20)):
-        direct = _generate(llm, prompts, params, direct=True)
-        through_model = _generate(llm, prompts, params, direct=False)
-        assert [o.outputs[0].logprobs for o in direct] == [o.outputs[0].logprobs for o in through_model]
+        for temperature in (0.0, 1.0):
+            params = SamplingParams(temperature=temperature, max_tokens=5, seed=3, logprobs=0, ignore_eos=True)
+            _generate(llm, prompts, params, direct=True)  # (the bucket's runner made)
+            through_model = _generate(llm, prompts, params, direct=False)
+            calls = _calls(monkeypatch)
+            gemv = _count(monkeypatch, packed_linear._gemv, "gemv", ("rows", "none"))
+            direct = _generate(llm, prompts, params, direct=True)
+            assert calls["direct"] >= 4 and calls["none"] == 0
+            layers = len(llm.engine.model.layers)  # bucket 1: four linears a layer by the gemv (and the head's);
+            assert gemv["rows"] >= (4 * layers * calls["direct"] if len(prompts) == 1 else 0)  # bucket 2: none
+            assert len(prompts) == 1 or gemv["rows"] == 0
+            monkeypatch.undo()
+            assert [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in direct] == [
+                (o.outputs[0].token_ids, o.outputs[0].logprobs) for o in through_model]
     runners = llm.engine.runner.graphs.runners
-    assert runners[1].direct is None and runners[2].direct is llm.engine.runner._direct_decode
+    assert runners[1].direct is runners[2].direct is llm.engine.runner._direct_decode
 
 
 def test_a_weight_updated_in_place_is_read_repacked(engine, monkeypatch):

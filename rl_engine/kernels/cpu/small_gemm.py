@@ -24,8 +24,12 @@ on oneDNN.
 every logit, for the engine's all-greedy decode steps without log-probs (the LM head): the bf16 product of x and
 the weight rounded to bf16 (fp32 outputs) with a proven error bound per logit screens the vocabulary, and the few
 candidates' logits are computed as this kernel's lane computes them (one fma chain over k in order), so the ids
-are argmax_rows' of `linear`'s logits. 1 thread, [64 x 256] x [256 x 2048] (the ~3.5M model's head): 354 us
-against 598 for the fp32 product + argmax_rows (load ~1.6).
+are argmax_rows' of `linear`'s logits. The bf16 product by AMX tiles (TDPBF16PS; `amx_pack`, `has_amx`: AMX-BF16
+compiled in by -march=native and the tile state permitted by the kernel) where the CPU has them, else by the
+VDPBF16PS panels; `screen_estimates` gives the estimates either way (for the tests). 1 thread, [64 x 256] x
+[256 x 2048] (the ~3.5M model's head): on an AVX-512 CPU without AMX (session 22) 354 us against 598 for the fp32
+product + argmax_rows (load ~1.6); on an Intel Xeon with AMX (session 25) 754 us by the panels, 132 by AMX, against
+446 (`packed_linear.screen_pays` measures which pays per process).
 
 Log-prob contract (the reason RL engines keep prepacked linears off): on the ~40M model (3 x 64 tokens,
 sampled targets, every linear swapped, niced), log-probs moved from F.linear's by up to 1.62e-5 with this
