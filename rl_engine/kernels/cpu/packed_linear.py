@@ -300,8 +300,8 @@ class _Screen:
     ||w|| by Cauchy-Schwarz) and a = the screen's estimate: x and w rounded to bf16 (relative error <= 2^-8
     each, so |x'_k w'_k - x_k w_k| <= (2^-7 + 2^-16) |x_k w_k|), their exact products summed in fp32 by
     VDPBF16PS (<= 2 g (1 + 2^-7 + 2^-16) S, counting a rounding per add twice over), or by AMX's TDPBF16PS
-    (`SCREEN_AMX`: the same terms and roundings in another order, a term through fewer than 2 K adds). Denormal inputs read
-    as zero and denormal sums flush: each term loses <= 2^-126 (|w_k| + |x_k|) (1 + 2^-8), each add <= 2^-126;
+    (`SCREEN_AMX`: the same terms and roundings in another order, a term through fewer than 2 K adds). Denormal
+    inputs read as zero and denormal sums flush: each term loses <= 2^-126 (|w_k| + |x_k|) (1 + 2^-8), each add <= 2^-126;
     the fp32 chain's own underflow adds <= 2^-150 a step (under torch.set_flush_denormal as much as the bf16
     side's, 2^-126 (1 + |x_k| + |w_k|)); with sum_k |x_k| <= sqrt(K) ||x||, in all <= 3 K 2^-126 (1 + ||x||)
     (1 + ||w||) <= K 2^-124 (1 + ||x||)(1 + ||w||) (the slack). The kernel forms a +- e in fp32 (<= 2^-23 ||x||

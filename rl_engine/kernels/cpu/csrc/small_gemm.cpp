@@ -529,8 +529,9 @@ torch::Tensor amx_pack(const torch::Tensor& weight) {
 // greedy_screen's estimates of x [M, K] (fp32, contiguous) times the bf16 weight [N, K]: by AMX tiles where
 // `amx_opt` (amx_pack's) is given ([M rounded up to 32, N rounded up to 32]: read the first M x N), else by the
 // VDPBF16PS panels `packed` ([M, N]).
-torch::Tensor estimates(const torch::Tensor& x, const torch::Tensor& packed, const c10::optional<torch::Tensor>& amx_opt,
-                        int64_t N, int64_t panel, int64_t row_block, int64_t min_macs_per_thread) {
+torch::Tensor estimates(const torch::Tensor& x, const torch::Tensor& packed,
+                        const c10::optional<torch::Tensor>& amx_opt, int64_t N, int64_t panel, int64_t row_block,
+                        int64_t min_macs_per_thread) {
   const int64_t M = x.size(0), K = x.size(1), Ks = stored_k<at::BFloat16>(K);
   torch::Tensor est;
   if (amx_opt.has_value()) {  // the estimates by AMX tiles (amx_pack's B tiles of the same bf16 weight)
