@@ -21,10 +21,20 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import sys
 import time
 from typing import Any
 
 import torch
+
+# This checkout's rl_engine, not the one a venv's editable install points at: a script run from another checkout (a
+# git worktree measured beside main with main's venv) imported main's code, since `python benchmarks/NAME.py` puts
+# only benchmarks/ on sys.path (session 25). Imported before rl_engine by every script that measures it (not by
+# context_parallel.py and parallel_step.py, which import rl_engine first; run those with PYTHONPATH=<checkout>).
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _CHECKOUT not in sys.path:
+    sys.path.insert(1, _CHECKOUT)  # (after benchmarks/ itself, before site-packages)
 
 SMOKE_HELP = "the smallest settings that run every part of this script (CI's check that it works; figures meaningless)"
 

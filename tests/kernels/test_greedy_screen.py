@@ -97,6 +97,10 @@ def test_estimates_are_within_the_sum_bound(screen, rows, k, n):
     w = screen(torch.randn(n, k, generator=gen) * 0.05)
     x = torch.randn(rows, k, generator=gen)
     _pick(x, w)
+    entry = getattr(w, packed_linear._ATTR).screen
+    assert (entry.amx is not None) == packed_linear.SCREEN_AMX  # (one bf16 copy: AMX tiles or panels)
+    assert entry.packed.numel() == (0 if packed_linear.SCREEN_AMX else packed_linear._small.packed_size(
+        w.bfloat16(), small_gemm.PANEL))
     with torch.inference_mode():
         a = _bf16_product(x, w).double()
     xb, wb = x.bfloat16().double(), w.bfloat16().double()

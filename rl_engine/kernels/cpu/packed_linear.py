@@ -292,8 +292,9 @@ SCREEN_AMX = True
 
 class _Screen:
     """greedy_pick's view of one packing of a [N, K] fp32 weight W: W rounded to bf16 in the small-M GEMM's
-    panels, `bound` [N] = c * ||w_v||_2 and `slack` [N] = K 2^-124 (1 + ||w_v||_2), each rounded up to fp32
-    (`packed` None: some row norm is non-finite or above SCREEN_NORM_MAX, and greedy_pick never decides).
+    panels (`packed`), or as AMX tiles (`amx`, `packed` then empty: one bf16 copy either way), `bound` [N] =
+    c * ||w_v||_2 and `slack` [N] = K 2^-124 (1 + ||w_v||_2), each rounded up to fp32 (`packed` None: some row
+    norm is non-finite or above SCREEN_NORM_MAX, and greedy_pick never decides).
 
     The bound. For a row x and vocab row w (K elements), let l = the fp32 logit the small-M GEMM computes (one
     fma chain over k in order: |l - x.w| <= g S, g = K u / (1 - K u), u = 2^-24, S = sum_k |x_k w_k| <= ||x||
@@ -329,9 +330,11 @@ class _Screen:
         self.bound = torch.nextafter((c * norms).float(), inf)  # rounded down by at most an ulp: one up
         self.slack = torch.nextafter((k * 2.0**-124 * (1 + norms)).float(), inf)
         rounded = weight.detach().to(torch.bfloat16)
-        self.packed = _small.pack(rounded, small_gemm.PANEL)
-        if SCREEN_AMX and _small.has_amx():  # (the estimates by AMX tiles: the same terms and bound)
+        if SCREEN_AMX and _small.has_amx():  # the estimates by AMX tiles (the same terms and bound), no panels
             self.amx = _small.amx_pack(rounded)
+            self.packed = rounded.new_empty(0)
+        else:
+            self.packed = _small.pack(rounded, small_gemm.PANEL)
 
 
 def greedy_pick(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
