@@ -51,11 +51,11 @@ def _linear(x: torch.Tensor, params: dict, residual: torch.Tensor | None = None)
     it for a registered weight: one row by the C++ gemv on the weight itself where it is loaded, else through its
     packed panels (`packed_linear._read`'s small-M GEMM call: `build` admits only fp32 with the small GEMM loaded)."""
     w = params.get("weight")
-    entry, small, gemv = getattr(w, _ATTR, None), packed_linear._small, packed_linear._gemv
+    entry, small = getattr(w, _ATTR, None), packed_linear._small
     if entry is None or small is None:
         raise _NotPacked
-    if gemv is not None and x.shape[0] == 1:  # (packed_linear._one_row: x is [T, K] here)
-        return gemv.gemv(x, w, params.get("bias"), residual)
+    if packed_linear._one_row(x):  # (`linear`'s own test for the gemv)
+        return packed_linear._gemv.gemv(x, w, params.get("bias"), residual)
     return small.linear(x, entry.current(w, True), w.shape[0], PANEL, ROW_BLOCK, params.get("bias"), residual,
                         MIN_MACS_PER_THREAD)
 

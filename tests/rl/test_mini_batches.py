@@ -10,6 +10,7 @@ import torch
 
 from rl_engine import kernels
 from rl_engine.config import ConfigError, load_config
+from rl_engine.kernels import cpu
 from rl_engine.train_config import RLConfig
 from rl_engine.trainer import GRPOTrainer
 
@@ -48,14 +49,6 @@ def _rows(trainer: GRPOTrainer) -> list[dict]:
     return rows
 
 
-def _has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_tile" in f.read()
-    except OSError:
-        return False
-
-
 def test_one_mini_batch_one_epoch_reproduces_the_one_update_loop(tmp_path):
     with open(REFERENCE) as f:
         references = json.load(f)["rows_by_cpu_capability"]
@@ -63,7 +56,8 @@ def test_one_mini_batch_one_epoch_reproduces_the_one_update_loop(tmp_path):
     if capability not in references:
         pytest.skip(f"no reference written with {capability} kernels (other reduction orders), only with "
                     f"{sorted(references)}: write one with commit 2eb7ff9's loop")
-    if _has_amx():  # the rows were written on sessions <= 24's CPU (AVX-512 with avx512_bf16, no AMX)
+    # the rows were written on sessions <= 24's CPU (AVX-512 with avx512_bf16, no AMX)
+    if "amx_tile" in cpu._cpu_flags().split():
         pytest.skip("no reference for a CPU with AMX: on session 25's Intel Xeon with AMX, commit 2eb7ff9's loop run "
                     "there and this code's defaults differ in step 1's pg_loss by ~5e-9 and in mismatch_k1 (the "
                     "behaviour log-probs') by ~1e-16, an unexplained difference (issue 20's note); write the rows "

@@ -525,6 +525,17 @@ torch::Tensor amx_pack(const torch::Tensor& weight) {
   return out;
 }
 
+// greedy_screen's and screen_estimates' check of `packed`: the bf16 panels of an [N, K] weight, where no AMX tiles
+// are given (with them the panels are not read, and may be empty)
+void check_screen_panels(const torch::Tensor& packed, const c10::optional<torch::Tensor>& amx_opt, int64_t N,
+                         int64_t K, int64_t panel) {
+  const int64_t numel = packed_numel(N, stored_k<at::BFloat16>(K), panel);
+  TORCH_CHECK(amx_opt.has_value() || (packed.dim() == 1 && packed.is_contiguous() &&
+              packed.scalar_type() == at::kBFloat16 && packed.numel() == numel),
+              "packed must be the weight's bf16 panels (", numel, " elements) where amx_packed is not given, got ",
+              packed.numel(), " ", packed.scalar_type());
+}
+
 #if defined(RL_BF16_DOT)
 // greedy_screen's estimates of x [M, K] (fp32, contiguous) times the bf16 weight [N, K]: by AMX tiles where
 // `amx_opt` (amx_pack's) is given ([M rounded up to 32, N rounded up to 32]: read the first M x N; `packed` is not
@@ -585,11 +596,7 @@ torch::Tensor greedy_screen(const torch::Tensor& x, const torch::Tensor& packed,
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K && weight.scalar_type() == at::kFloat &&
               weight.is_contiguous(), "weight must be a contiguous float32 [N, ", K, "] tensor, got ",
               weight.sizes(), " ", weight.scalar_type());
-  const int64_t Ks = stored_k<at::BFloat16>(K);
-  TORCH_CHECK(amx_opt.has_value() || (packed.dim() == 1 && packed.is_contiguous() &&
-              packed.scalar_type() == at::kBFloat16 && packed.numel() == packed_numel(N, Ks, panel)),
-              "packed must be the weight's bf16 panels (", packed_numel(N, Ks, panel), " elements) where amx_packed is "
-              "not given, got ", packed.numel(), " ", packed.scalar_type());
+  check_screen_panels(packed, amx_opt, N, K, panel);
   TORCH_CHECK(bound.numel() == N && slack.numel() == N && bound.scalar_type() == at::kFloat &&
               slack.scalar_type() == at::kFloat && bound.is_contiguous() && slack.is_contiguous(),
               "bound and slack must be contiguous float32 tensors of ", N, " elements");
@@ -701,10 +708,9 @@ torch::Tensor screen_estimates(const torch::Tensor& x, const torch::Tensor& pack
                                const c10::optional<torch::Tensor>& amx_opt, int64_t n, int64_t panel,
                                int64_t row_block, int64_t min_macs_per_thread) {
   check_blocking(panel, row_block);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu() &&
-              (amx_opt.has_value() || (packed.scalar_type() == at::kBFloat16 && packed.numel() == packed_numel(
-              n, stored_k<at::BFloat16>(x.size(1)), panel))), "x must be contiguous 2-D float32, and packed the bf16 "
-              "panels of an [n, K] weight where amx_packed is not given");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous 2-D CPU float32 tensor, got ", x.sizes(), " ", x.scalar_type());
+  check_screen_panels(packed, amx_opt, n, x.size(1), panel);
 #if defined(RL_BF16_DOT)
   return estimates(x, packed, amx_opt, n, panel, row_block, min_macs_per_thread).narrow(0, 0, x.size(0))
       .narrow(1, 0, n).contiguous();
