@@ -14,8 +14,9 @@ with them TRL is about 2x slower on CPU), CPU. The two run interleaved: one step
 TRL step. `speedup_tokens_per_s` also accounts for the two sides sampling different EOS-varied
 lengths (different random streams). Figures are medians over the counted steps (`s_per_step_mean`
 beside them). Both sides run at `--threads` torch threads (ours through
-`train.threads`, which the engine in the same process shares, running a small model's small steps on one of
-them: `kernels/cpu/threads.single_thread_below`; each row reports the threads seen after the steps),
+`train.threads`, which the engine in the same process shares, running a small model's decode steps on one of
+them or all, whichever measured faster for steps of their size: `kernels/cpu/threads.StepThreads`, reported as
+`decode_step_threads`, rows bucket -> threads; each row reports the threads seen after the steps),
 and each side's step is split into its rollout (generation, rewards) and the rest (training pass,
 optimizer step, weight publication).
 
@@ -188,12 +189,15 @@ def interleaved(model_dir: str, data_dir: str, out_dir: str, args, *, fixed: boo
 
 def _compile_seconds(trainer, phases: list[dict], args) -> dict:
     """The compiles of the uncounted first step: each compiled decode step's seconds (bucket -> s) as
-    `decode_compile_s`, and with train.compile the first step's training part less the counted steps'
+    `decode_compile_s`, the decode steps' thread counts (`decode_step_threads`), and with train.compile the first step's training part less the counted steps'
     median as `train_compile_s`."""
     out = {}
     compiled = trainer.llm.engine.runner.compile_seconds()
     if compiled:
         out["decode_compile_s"] = {b: round(s, 1) for b, s in compiled.items()}
+    chosen = trainer.llm.engine.stats().get("decode_step_threads")
+    if chosen:  # (StepThreads: chosen in the first step)
+        out["decode_step_threads"] = chosen
     if args.compile_train:
         out["train_compile_s"] = round(phases[0]["train_s"] - statistics.median(p["train_s"] for p in phases[1:]), 1)
     return out

@@ -29,8 +29,8 @@ function, outside dynamo's frame evaluation (`compiled_call.direct_or_compiled`;
 skipped, `set_stance(skip_guard_eval_unsafe)`, cost ~75 us more a call: the `tiny` preset's 128-row step), and its
 graph's C++ entry point is called without AOTAutograd's and inductor's Python wrappers where they do nothing for it
 (`compiled_call`: ~25 us less).
-One global they check does change while the engine lives: torch's thread count (a small step runs on one
-thread, `threads.single_thread_below`; `cpu_threads="auto"` follows the free cores), which inductor builds its
+One global they check does change while the engine lives: torch's thread count (a small model's step may run on
+one thread, `threads.StepThreads`; `cpu_threads="auto"` follows the free cores), which inductor builds its
 kernels' parallel loops for. So each step is kept per thread count, compiled on its first call at that
 count (at most once per count the engine uses). The rest of what the guards check cannot change: a bucket's inputs
 are its own static buffers (of the size the dynamic step takes as a symbol), parameters are re-read at every call

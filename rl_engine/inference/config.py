@@ -32,8 +32,9 @@ class EngineConfig:
     # CPU: "auto" lowers torch's thread count to the cores other processes leave free (re-measured every
     # 0.5 s, never above the count when the engine was built; kernels/cpu/threads.py); "fixed" keeps it.
     # A busy core makes every OpenMP barrier wait for a descheduled thread. Either way a small model's
-    # small step runs on one thread, the count restored after it (threads.single_thread_below: a rule of
-    # sizes, not of the machine's load, so a run stays repeatable).
+    # decode steps run on one thread or all of them, whichever its first steps of their size measured
+    # faster (threads.StepThreads; the count changes no bit of a step, so a run stays repeatable), and its
+    # other small steps on one thread, the count restored after each.
     cpu_threads: str = "auto"
     # CPU: the engine's steps read a prepacked copy of each matmul weight (fp32: the small-M GEMM's panels,
     # bf16: oneDNN's layout; made at its first use, redone when the weight changes; kernels/cpu/packed_linear.py),

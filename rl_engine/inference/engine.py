@@ -36,7 +36,7 @@ from rl_engine.inference.scheduler import Scheduler
 from rl_engine.inference.sequence import (CompletionOutput, Request, RequestOutput, SchedulerOutput, SeqStatus,
                                           Sequence, without_rows)
 from rl_engine.kernels.cpu import host_memory
-from rl_engine.kernels.cpu.threads import single_thread_below
+from rl_engine.kernels.cpu.threads import StepThreads
 
 if TYPE_CHECKING:
     from rl_engine.policy import CausalLM
@@ -130,8 +130,10 @@ class LLMEngine:
         # and log-prob in one compiled pass over the logits
         self.sampler = Sampler(device=self.runner.device, seed=config.seed, batch_invariant=model.batch_invariant,
                                compile_greedy=config.compile_decode and self.runner.device.type == "cpu")
-        # CPU: a small model's small steps run on one thread (kernels/cpu/threads.py: single_thread_below).
-        # Not under batch_invariant, whose engine and trainer must round alike.
+        # CPU: a small model's small steps run on one thread or all of them, whichever a decode step of their size
+        # measured faster (kernels/cpu/threads.py: StepThreads). Not under batch_invariant, whose engine and trainer
+        # must round alike.
+        self.step_threads = StepThreads()
         self._flops_per_token = self._model_bytes = None
         if self.runner.device.type == "cpu" and not model.batch_invariant:
             params = list(model.parameters())
@@ -395,12 +397,15 @@ class LLMEngine:
         return outputs if self.guest is None else self.guest.route(outputs)
 
     def _step_threads(self, sched: SchedulerOutput) -> contextlib.AbstractContextManager:
-        """The step's thread count: one thread for a small model's small step, else as set."""
+        """The step's thread count: for a small model's small step one thread or all, whichever measured faster
+        for a decode step of its size (`StepThreads`), else as set."""
         if self._flops_per_token is None:
             return contextlib.nullcontext()
         if self.runner.threads is not None:  # (cpu_threads="auto") settle its count first: that is restored
             self.runner.threads.poll()
-        return single_thread_below(self._flops_per_token * sum(sched.num_new_tokens), model_bytes=self._model_bytes)
+        n = len(sched.seqs)
+        return self.step_threads.run(self._flops_per_token * sum(sched.num_new_tokens), model_bytes=self._model_bytes,
+                                     rows=n if sched.num_single == n and self.speculator is None else None)
 
     def _emit_plain(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float] | None,
                     tops: dict[int, list], version: int, touched: dict[str, Request], stopped: set[str]) -> None:
@@ -644,6 +649,8 @@ class LLMEngine:
                  "weights_version": self.weights_version}
         if self.speculator is not None:  # acceptance rate, mean accepted length, drafts per step, ...
             stats["speculative"] = self.speculator.stats.as_dict(self.num_steps)
+        if self.step_threads.choice:  # rows bucket -> the thread count its decode steps run at (StepThreads)
+            stats["decode_step_threads"] = {rows: t for (rows, _), t in sorted(self.step_threads.choice.items())}
         if self.config.compile_decode:  # bucket -> seconds of its compiling steps, summed
             stats["decode_compile_s"] = self.runner.compile_seconds()
         return stats

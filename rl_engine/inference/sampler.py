@@ -289,7 +289,7 @@ class _CompiledGreedy:
     contiguous 2-D CPU logits: the dtype, one row or more (dynamo specialises a size of 1), the vocabulary size (the
     graph's guards bound it: inductor sums up to 4096 terms plainly and more through a cascade, whose rounding the
     log-prob contract needs at a 152k vocabulary) and torch's thread count (its parallel loops are built for it; the
-    engine runs small steps on one thread). The vocabulary is fixed per engine, so that is one compile per dtype, row
+    engine may run small steps on one thread). The vocabulary is fixed per engine, so that is one compile per dtype, row
     kind and thread count. Each is called as its compiled code (`compiled_call.direct_code`: ~25-30 us a call less
     than through dynamo's guards, which these keys stand for; [64, 32000] 2.61 -> 2.44 ms, [8, 2048] 57 -> 25 us).
     Other logits take one torch.compile of it as is, guards evaluated."""

@@ -119,14 +119,14 @@ def test_a_shrinking_batch_compiles_one_step_for_every_bucket(engines, monkeypat
 
 @needs_cxx
 def test_a_step_at_another_thread_count_compiles_its_own_graph(engines, monkeypatch, caplog):
-    """torch's thread count changes while an engine lives (a small step runs on one thread; cpu_threads="auto"
+    """torch's thread count changes while an engine lives (a small step may run on one thread; cpu_threads="auto"
     follows the free cores) and dynamo refuses a graph compiled at another count: with its guards skipped
     that was a RuntimeError ("Recompilation triggered") mid-generate. Each count gets its own compiled step,
     and the engine's compile seconds add up every compile (a bucket kept only its last one)."""
     policy, eager, compiled = engines
     caplog.set_level(logging.INFO, logger=compiled_decode.__name__)
     seconds_before = compiled.engine.runner.compile_seconds()  # compiles earlier in the module
-    # this model's steps would all run on one thread (single_thread_below); here they run at the count set
+    # this model's steps may run on one thread (StepThreads); here they run at the count set
     monkeypatch.setattr(compiled.engine, "_step_threads", lambda sched: contextlib.nullcontext())
     prompts = mixed_prompts(3, seed=13, max_len=20)
     params = SamplingParams(temperature=1.0, max_tokens=6, seed=3, ignore_eos=True)

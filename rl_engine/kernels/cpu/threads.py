@@ -21,7 +21,9 @@ not count against a process at normal priority, since the scheduler gives them ~
 beside it) and sets `torch.set_num_threads` to the free cores, between 1 and the count at start.
 
 `single_thread_below` runs an engine step of a small model with little work on one thread, where
-splitting ops that small costs more than it gains (figures at `SMALL_STEP_FLOPS`).
+splitting ops that small costs more than it gains (figures at `SMALL_STEP_FLOPS`). `StepThreads` does it
+for the steps an engine repeats (decode steps, keyed by their rows): it times such a step at one thread and
+at all of them, the first steps of that size, and keeps the faster.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -135,13 +138,17 @@ SMALL_STEP_FLOPS = 256e6
 SMALL_MODEL_BYTES = 8 << 20
 
 
+def _small(threads: int, flops: float, model_bytes: int) -> bool:
+    return threads > 1 and flops < SMALL_STEP_FLOPS and model_bytes < SMALL_MODEL_BYTES
+
+
 @contextlib.contextmanager
 def single_thread_below(flops: float, *, model_bytes: int) -> Iterator[bool]:
     """torch on one thread inside the block when `flops` (the step's matmul work, ~2 x parameters x
     tokens) < SMALL_STEP_FLOPS and the weights (`model_bytes`) < SMALL_MODEL_BYTES; the thread count is
     restored after it. Yields whether it switched."""
     threads = torch.get_num_threads()
-    if threads == 1 or flops >= SMALL_STEP_FLOPS or model_bytes >= SMALL_MODEL_BYTES:
+    if not _small(threads, flops, model_bytes):
         yield False
         return
     torch.set_num_threads(1)
@@ -149,3 +156,66 @@ def single_thread_below(flops: float, *, model_bytes: int) -> Iterator[bool]:
         yield True
     finally:
         torch.set_num_threads(threads)
+
+
+class StepThreads:
+    """One thread or all of them for a small model's small step (`single_thread_below`'s bounds), chosen by timing
+    where the engine repeats a step: a decode step of `rows` rows (a power-of-two bucket of them) at torch's thread
+    count T. Its first 2 * (SAMPLES + 1) steps alternate between one thread and T, the first at each count not
+    counted (a compiled step compiles then), and the count whose median of SAMPLES wall times is lower is kept for
+    that (rows bucket, T) from then on. Other steps (prefill chunks, mixed batches: shapes that seldom repeat)
+    follow `single_thread_below`.
+
+    Why measured: the fixed rule (one thread below SMALL_STEP_FLOPS) was measured (c9fa91c) on a 2-core AMD EPYC (Zen 4)
+    with eager decode steps, and on sessions 25-26's Intel Xeon (AMX, AVX-512) with compiled steps it is wrong:
+    the `tiny` preset's 16 x 8 x 64-token EOS-varied rollout (rows 128 down to ~80) took 100 ms at one thread and
+    67 at two (compiled; eager 93 and 66), per step 723 against 628 us at 97-128 rows, 340 against 308 at 17-32
+    rows, and 170 against 179 at 9-16 rows (one thread still ahead there). The thread count does not change a
+    step's bits for these models (each row's and head's sums keep their order: the parallel loops split rows,
+    heads and output columns; `tests/inference/test_step_threads.py`), so the choice changes speed only."""
+
+    SAMPLES = 5
+
+    def __init__(self) -> None:
+        self._times: dict[tuple[int, int], tuple[list[float], list[float]]] = {}  # key -> (one thread, T): seconds
+        self.choice: dict[tuple[int, int], int] = {}  # (rows bucket, T) -> the thread count kept
+
+    @contextlib.contextmanager
+    def run(self, flops: float, *, model_bytes: int, rows: int | None) -> Iterator[int]:
+        """The block runs at the chosen count (restored after it); yields that count. `rows`: a decode step's rows,
+        else None."""
+        threads = torch.get_num_threads()
+        if not _small(threads, flops, model_bytes):
+            yield threads
+            return
+        if rows is None:
+            with single_thread_below(flops, model_bytes=model_bytes):
+                yield 1
+            return
+        key = (1 << max(0, rows - 1).bit_length(), threads)
+        use = self.choice.get(key)
+        times = None
+        if use is None:
+            times = self._times.setdefault(key, ([], []))
+            use = 1 if len(times[0]) <= len(times[1]) else threads
+        if use != threads:
+            torch.set_num_threads(use)
+        start = time.perf_counter()
+        try:
+            yield use
+        finally:
+            seconds = time.perf_counter() - start
+            if use != threads:
+                torch.set_num_threads(threads)
+            if times is not None:
+                self._record(key, times[use != 1], seconds)
+
+    def _record(self, key: tuple[int, int], samples: list[float], seconds: float) -> None:
+        samples.append(seconds)
+        one, many = self._times[key]
+        if min(len(one), len(many)) > self.SAMPLES:  # (each count's first sample is not counted)
+            t1, tn = statistics.median(one[1:]), statistics.median(many[1:])
+            self.choice[key] = 1 if t1 <= tn else key[1]
+            del self._times[key]
+            logger.info("decode steps of up to %d rows run on %d thread(s): median %.0f us at 1 thread, %.0f at %d",
+                        key[0], self.choice[key], t1 * 1e6, tn * 1e6, key[1])
