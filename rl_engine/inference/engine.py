@@ -528,14 +528,18 @@ class LLMEngine:
     def _sample(self, logits: torch.Tensor, batch: _Batch) -> tuple[list[int], list[float] | None]:
         """Plain decoding: one token and its log-prob per sequence (log-probs None when no sequence's request
         asks for any: `SamplingParams(logprobs=None)`). A seeded sequence's uniform comes from
-        `token_uniforms(seed, sample index, position)`, computed for the whole batch at once."""
+        `token_uniforms(seed, sample index, position)`, computed for the whole batch at once (in a decode step, in
+        the sampler's call that picks the tokens where it takes one: `seeded`)."""
         seqs = batch.seqs
+        seeded = None  # (a decode step's seeded rows: the sampler draws and picks in one call)
         if batch.seed_base is None:
             def draw() -> list[float]:
                 return self.sampler.uniforms([None if s.rng_seed is None else
                                               token_seed(s.rng_seed, s.index, s.num_tokens) for s in seqs])
         else:
             lengths = self.runner.sampled_lengths  # (a decode step's, as an array already)
+            if lengths is not None:
+                seeded = (batch.seed_base, lengths)
 
             def draw():
                 if self._uniforms_at is None:
@@ -544,7 +548,8 @@ class LLMEngine:
                     self._uniforms_at = registry.resolve("token_uniforms_at", self.runner.device)
                 return self._uniforms_at(batch.seed_base, [len(s.token_ids) for s in seqs] if lengths is None
                                          else lengths)
-        return self.sampler.sample(logits, batch.params, draw, logprobs=batch.logprobs, uniform=batch.uniform)
+        return self.sampler.sample(logits, batch.params, draw, logprobs=batch.logprobs, uniform=batch.uniform,
+                                   seeded=seeded)
 
     def _top_logprobs(self, logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, list[tuple[int, float]]]:
         """Row -> the params.logprobs most likely (token id, log-prob) pairs, for the rows that ask,

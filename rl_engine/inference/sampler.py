@@ -59,6 +59,16 @@ def token_uniform_base(seeds: Sequence[int], indices: Sequence[int]) -> np.ndarr
     return x
 
 
+def seeded_inverse_cdf_sample(z: torch.Tensor, base: np.ndarray, positions: Sequence[int], *,
+                              logprobs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The registry's `seeded_inverse_cdf_sample` reference: `inverse_cdf_sample` (kernels/reference.py) with the
+    uniforms `token_uniforms_at(base, positions)`."""
+    from rl_engine.kernels import reference
+
+    uniforms = torch.as_tensor(token_uniforms_at(base, positions), dtype=torch.float64)
+    return reference.inverse_cdf_sample(z, uniforms, logprobs=logprobs)
+
+
 def token_uniforms_at(base: np.ndarray, positions: Sequence[int]) -> np.ndarray:
     """`token_uniforms` of the rows whose `token_uniform_base` is `base`, at `positions` (the sum mod 2**64 is
     the same whichever term is added first, so the uniforms are bit for bit token_seed's). The registry's
@@ -152,6 +162,7 @@ class Sampler:
         self._compiled_greedy = _CompiledGreedy() if compile_greedy else None
         self._argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._sample: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._seeded_sample: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     def _greedy_argmax(self, logits: torch.Tensor | DeferredLogits) -> torch.Tensor:
         """The registry's `greedy_argmax` for this device (on CPU the C++ pass: torch's max over [64, 32k] took
@@ -184,14 +195,17 @@ class Sampler:
         return self.sample(logits, [r.params for r in rows], lambda: self.uniforms([r.seed for r in rows]))
 
     def sample(self, logits: torch.Tensor | DeferredLogits, params: list[SamplingParams],
-               draw: Callable[[], Sequence[float]], *, logprobs: bool = True,
-               uniform: bool | None = None) -> tuple[list[int], list[float] | None]:
+               draw: Callable[[], Sequence[float]], *, logprobs: bool = True, uniform: bool | None = None,
+               seeded: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[list[int], list[float] | None]:
         """logits [n, V] (or a decode step's `DeferredLogits`) -> (token ids, log-probs), one per row of
         `params`. `draw()` gives the rows' uniforms in [0, 1); it is called once, and only when some row
         samples (not all greedy).
         `logprobs=False` (no row asks for any): the log-prob pass is skipped and None comes back in their
         place; the tokens are the same (greedy: one argmax; sampled: the draw never needed the log-sum-exp).
-        `uniform`: `same_setting(params)` when the caller knows it (None: computed here)."""
+        `uniform`: `same_setting(params)` when the caller knows it (None: computed here).
+        `seeded`: (base, positions) when draw() gives `token_uniforms_at(base, positions)`: the one-setting path that
+        samples every row from its whole distribution then draws and picks in one call (the registry's
+        `seeded_inverse_cdf_sample`) instead of calling draw()."""
         p0 = params[0]
         # One setting for the whole batch (the RL case: a step's requests differ only in their seeds):
         # scalar temperature and truncation, no per-row lists.
@@ -211,7 +225,14 @@ class Sampler:
             z = logits / t0 if t0 > 0 and t0 != 1.0 else logits
             if t0 > 0 and not self.batch_invariant and not _truncates(p0, vocab=z.shape[1]):
                 # every row samples from its whole distribution (the RL rollout's case): the registry's
-                # inverse_cdf_sample, on CPU one C++ pass per row
+                # inverse_cdf_sample, on CPU one C++ pass per row (seeded rows: their uniforms in the same call)
+                if seeded is not None:
+                    if self._seeded_sample is None:
+                        from rl_engine.kernels import registry
+
+                        self._seeded_sample = registry.resolve("seeded_inverse_cdf_sample", self.device)
+                    tokens, lps = self._seeded_sample(z, *seeded, logprobs=logprobs)
+                    return tokens.tolist(), None if lps is None else lps.tolist()
                 tokens, lps = self._inverse_cdf(z, torch.as_tensor(draw(), dtype=torch.float64), logprobs=logprobs)
                 return tokens.tolist(), None if lps is None else lps.tolist()
             sampling, all_sampling = t0 > 0, t0 > 0

@@ -22,7 +22,7 @@ build time and `forward` only calls plain functions. The rules, in order:
    their logits gradient in one pass each; rotary_kv_write, one pass where the engine's torch path takes seven
    ops; greedy_argmax, ~12x torch's max over [64, 32k] logits; inverse_cdf_sample, a sampled decode step's
    pick in one pass where the torch reference takes a dozen small ops; token_uniforms_at, its seeded
-   uniforms in one loop where numpy takes a dozen calls; and continue_decode_inputs, a persistent decode step's
+   uniforms in one loop where numpy takes a dozen calls; seeded_inverse_cdf_sample, the two in one call; and continue_decode_inputs, a persistent decode step's
    inputs in one pass where numpy takes ~25 calls), or of every op that has one under
    `RL_ENGINE_CPU_KERNELS=1`, when it is not disabled
    (`disabled_backends`, `RL_ENGINE_CPU_KERNELS=0`) and it built; else the torch reference with the
@@ -195,6 +195,12 @@ OPS: dict[str, OpSpec] = {s.name: s for s in (
           # host-side numbers (numpy arrays on every device; the engine resolves it for its device, so a CUDA engine
           # builds no CPU extension for it): a dozen numpy calls a seeded decode step against one C++ loop (in the
           # grpo rollout, 128 rows: the engine's _sample ~6 us a step shorter)
+          cpu_default=True),
+    _spec("seeded_inverse_cdf_sample",
+          "(z [n, V] fp32, base [n] uint64 ndarray, positions [n], *, logprobs=True) -> (tokens [n] int64, log-probs "
+          "[n] | None): inverse_cdf_sample with token_uniforms_at(base, positions)'s uniforms",
+          torch_impl="rl_engine.inference.sampler:seeded_inverse_cdf_sample", cpu=f"{_CPU}:seeded_inverse_cdf_sample",
+          # a seeded sampled decode step's draw and pick in one C++ call, not two (the grpo rollout: ~30 us a step)
           cpu_default=True),
     _spec("continue_decode_inputs",
           "(tokens, stopped, prev_positions, prev_tables, seqs, block_size, input_ids, positions, context_lens, "

@@ -377,6 +377,34 @@ def test_token_uniforms_at_other_inputs_give_the_numpy_result():
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("rows,vocab", [(128, 101), (7, 2048), (1, 3)])
+def test_seeded_inverse_cdf_sample_is_the_two_calls_in_one(rows, vocab):
+    """The seeded draw and pick in one C++ call give token_uniforms_at's uniforms through inverse_cdf_sample: the
+    same tokens and log-probs, bit for bit, from a decode step's int32 lengths or a list; logits the kernel does not
+    take (bf16) give the reference's result."""
+    import numpy as np
+
+    from rl_engine.inference.sampler import seeded_inverse_cdf_sample as reference_form
+    from rl_engine.inference.sampler import token_uniform_base
+    from rl_engine.kernels.cpu.ops import inverse_cdf_sample, seeded_inverse_cdf_sample, token_uniforms_at
+
+    rng = np.random.default_rng(rows)
+    base = token_uniform_base([int(s) for s in rng.integers(0, 2**62, rows)], list(range(rows)))
+    positions = rng.integers(0, 5000, rows).astype(np.int32)
+    torch.manual_seed(vocab)
+    z = torch.randn(rows, vocab) * 3
+    want = inverse_cdf_sample(z, torch.as_tensor(token_uniforms_at(base, positions)))
+    for pos in (positions, positions.tolist()):
+        got = seeded_inverse_cdf_sample(z, base, pos)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    tokens, no_lp = seeded_inverse_cdf_sample(z, base, positions, logprobs=False)
+    assert torch.equal(tokens, want[0]) and no_lp is None
+    for a, b in zip(seeded_inverse_cdf_sample(z.bfloat16(), base, positions),
+                    reference_form(z.bfloat16(), base, positions)):
+        assert torch.equal(a, b)
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_continue_decode_inputs_are_numpys(block_size):
     """A continued decode step's inputs by the C++ pass equal the numpy form's (the runner's arrays, every element, and

@@ -32,7 +32,7 @@ def fake_cuda(monkeypatch):
 CPU_DEFAULT_OPS = ("rms_norm", "rms_norm_train", "silu_and_mul", "silu_and_mul_train", "rotary_full",
                    "varlen_causal_attention", "shared_prefix_attention", "paged_decode_attention", "paged_prefill_attention", "rotary_kv_write",
                    "logprob_shard_stats", "logprob_entropy_grad", "greedy_argmax", "inverse_cdf_sample",
-                   "token_uniforms_at", "continue_decode_inputs")
+                   "token_uniforms_at", "seeded_inverse_cdf_sample", "continue_decode_inputs")
 
 
 def test_every_op_but_the_cpu_defaults_resolves_to_the_torch_reference_on_cpu(monkeypatch):

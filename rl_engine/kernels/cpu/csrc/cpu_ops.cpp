@@ -1259,17 +1259,15 @@ std::vector<torch::Tensor> sample_rows(const torch::Tensor& z, const torch::Tens
 // x * 2^-63 as a double: the same uint64 operations in the same order, the same rounding of the 63-bit integer to
 // a double (round to nearest), so the uniforms are numpy's bit for bit. `base` holds the uint64 bases' bits
 // (int64), `positions` the token positions (int64, >= 0).
-torch::Tensor token_uniforms(const torch::Tensor& base, const torch::Tensor& positions) {
+void fill_token_uniforms(const torch::Tensor& base, const torch::Tensor& positions, double* u) {
   TORCH_CHECK(base.dim() == 1 && base.scalar_type() == at::kLong && base.is_contiguous(),
               "base must be a contiguous int64 [rows] (the uint64 bases' bits)");
   TORCH_CHECK(positions.dim() == 1 && positions.scalar_type() == at::kLong && positions.is_contiguous() &&
                   positions.size(0) == base.size(0),
               "positions must be a contiguous int64 [rows], one per base");
   const int64_t n = base.size(0);
-  auto out = torch::empty({n}, base.options().dtype(at::kDouble));
   const uint64_t* b = reinterpret_cast<const uint64_t*>(base.data_ptr<int64_t>());
   const int64_t* p = positions.data_ptr<int64_t>();
-  double* u = out.data_ptr<double>();
   constexpr uint64_t c3 = 0xBF58476D1CE4E5B9ull, c4 = 0x94D049BB133111EBull;
   for (int64_t r = 0; r < n; ++r) {
     uint64_t x = static_cast<uint64_t>(p[r]) * c3 + b[r];
@@ -1281,7 +1279,20 @@ torch::Tensor token_uniforms(const torch::Tensor& base, const torch::Tensor& pos
     x >>= 1;
     u[r] = static_cast<double>(x) * 0x1p-63;
   }
+}
+
+torch::Tensor token_uniforms(const torch::Tensor& base, const torch::Tensor& positions) {
+  auto out = torch::empty({base.size(0)}, base.options().dtype(at::kDouble));
+  fill_token_uniforms(base, positions, out.data_ptr<double>());
   return out;
+}
+
+// sample_rows with the uniforms of token_uniforms(base, positions), in one call (the seeded decode step's draw and
+// pick: the same uniforms and tokens as the two calls, without the uniforms' round trip through Python)
+std::vector<torch::Tensor> sample_rows_seeded(const torch::Tensor& z, const torch::Tensor& base,
+                                              const torch::Tensor& positions, bool with_logprobs) {
+  TORCH_CHECK(z.dim() == 2 && base.dim() == 1 && base.size(0) == z.size(0), "base must hold one entry per row of z");
+  return sample_rows(z, token_uniforms(base, positions), with_logprobs);
 }
 
 // ---- the persistent decode batch's next inputs ------------------------------------------------------------------
@@ -1694,6 +1705,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows);
   m.def("sample_rows", &sample_rows);
   m.def("token_uniforms", &token_uniforms);
+  m.def("sample_rows_seeded", &sample_rows_seeded);
   m.def("continue_decode_inputs", &continue_decode_inputs, py::arg("tokens"), py::arg("stopped"),
         py::arg("prev_positions"), py::arg("prev_tables"), py::arg("seqs"), py::arg("block_size"),
         py::arg("input_ids").noconvert(), py::arg("positions").noconvert(), py::arg("context_lens").noconvert(),
