@@ -39,7 +39,8 @@ step in `prepare`); with the torch implementation `kernels.invariant.attention` 
 the cache at positions 0, 1, ... (padded to whole key blocks): decodes as one call per group of rows,
 prefill chunks as calls over their sequence's keys.
 `decode_observer`, when set, sees every eager decode call's inputs and output (a replayed CUDA graph
-runs no Python); tests compare the kernels against the engine on a real engine state with it.
+runs no Python; a compiled CPU step's C++ attention op calls back into Python while one is set); tests compare the
+kernels against the engine on a real engine state with it.
 """
 
 from __future__ import annotations
@@ -158,8 +159,10 @@ class PagedAttention:
         # batch-invariant: which branches of `attend` this step takes (decodes, prefill chunks that start
         # their sequence, chunks over a cached prefix); the model checks each combination once
         self.path: tuple[bool, bool, bool] | None = None
-        # decode_observer(layer_idx, q, k_cache, v_cache, block_tables, context_lens, scale, out)
-        self.decode_observer: Callable[..., None] | None = None
+        # decode_observer(layer_idx, q, k_cache, v_cache, block_tables, context_lens, scale, out); each of
+        # `observer_hooks` is told whether one is set (a compiled step's C++ attention op then calls back into Python)
+        self.observer_hooks: list[Callable[[bool], None]] = []
+        self._decode_observer: Callable[..., None] | None = None
         self.slot_mapping: torch.Tensor | None = None
         self.num_single = 0
         self.block_tables: torch.Tensor | None = None  # [B, >= max blocks] int32 (registry op, observer)
@@ -181,6 +184,16 @@ class PagedAttention:
         self.decode_chunks: list[tuple[slice, torch.Tensor | None, tuple, torch.Tensor | None]] = []
         self.prefills: list[PrefillChunk] = []
         self.prefill_plan: list[PrefillChunk | PrefillRun] = []  # the prefills, equal fresh runs merged
+
+    @property
+    def decode_observer(self) -> Callable[..., None] | None:
+        return self._decode_observer
+
+    @decode_observer.setter
+    def decode_observer(self, observer: Callable[..., None] | None) -> None:
+        self._decode_observer = observer
+        for hook in self.observer_hooks:
+            hook(observer is not None)
 
     def prepare(self, *, slot_mapping: torch.Tensor, num_single: int, block_tables: torch.Tensor | None,
                 context_lens: torch.Tensor | None, max_context_len: int, prefills: list[PrefillChunk],

@@ -14,10 +14,12 @@ from step to step stays out of the graph: each layer's paged attention (the KV w
 block tables, how rows are chunked) is one opaque custom op, `rl_engine::paged_attend`, which runs the
 engine's eager `PagedAttention.attend` on the attention object the runner prepared for the step (vLLM
 keeps attention out of its compiled graphs the same way, as a custom op reading a forward context); an engine
-with the fused rotary + KV write runs `rl_engine::paged_attend_rotary` instead, the rotary inside the op too.
+with the fused rotary + KV write runs `rl_engine::paged_attend_rotary` instead, the rotary inside the op too, and
+one whose attention takes the C++ kernels' direct path runs `rl_engine::decode_attend_rotary`, that path as an op in
+C++ reading the engine's static buffers (`_cpp_attend`), so the graph enters no Python.
 So the graph's inputs are the bucket's `input_ids` and `positions` and the model's parameters, which
 are read in place on every call: weights updated in place (a trainer step, weight sync) are seen.
-The sampler stays eager (it draws one Python float per row).
+The sampler stays eager.
 
 Each step (the dynamic one, the batch-1 one) is a function with its own code object, because dynamo keeps
 compiled code per code object: one cache entry per step and no recompile limit shared between them. Its guards (the input
@@ -110,17 +112,63 @@ paged_attend = torch.ops.rl_engine.paged_attend.default
 paged_attend_rotary = torch.ops.rl_engine.paged_attend_rotary.default
 
 
+# The engines whose attention object registered its decode context with the C++ op (below), by handle.
+_CPP_CONTEXTS: weakref.WeakValueDictionary[int, PagedAttention] = weakref.WeakValueDictionary()
+
+
+def _cpp_attend(attn: PagedAttention, inputs: StaticInputs) -> bool:
+    """Whether the compiled step's layers call `rl_engine::decode_attend_rotary` (kernels/cpu/csrc/cpu_ops.cpp), the
+    attention's direct decode path (`PagedAttention.attend_rotary`: the fused rotary write, then the C++ decode
+    kernel) as an op in C++, so that the graph runs no Python: an engine on CPU whose attention takes that path in
+    every decode step (C++ decode kernel, fused rotary write of the C++ kernels, a dtype they take), its decode
+    context registered here (the static buffers every bucket's rows are views of, the caches; dropped with the
+    attention object). Else the Python op, `paged_attend_rotary`. While the attention has a `decode_observer`, the
+    C++ op calls the Python op's kernel, which calls it."""
+    from rl_engine.kernels.cpu import ops as cpu_ops
+
+    caches = attn.k_caches
+    if not (attn.cpu_decode and attn.fuses_rotary and attn.rotary_kv_write is cpu_ops.rotary_kv_write
+            and not attn.batch_invariant and caches and caches[0].device.type == "cpu"
+            and caches[0].dtype in cpu_ops.DTYPES):
+        return False
+    handle = id(attn)
+    if _CPP_CONTEXTS.get(handle) is attn:
+        return True
+    try:
+        ext = cpu_ops.extension()  # (it defines the op)
+    except RuntimeError:
+        return False
+    host = inputs.host
+    ext.decode_context_set(handle, host["slot_mapping"], host["block_tables"], host["context_lens"], list(caches),
+                           list(attn.v_caches), attn.first_layer, _paged_attend_rotary)
+    ext.decode_context_observed(handle, attn.decode_observer is not None)
+    attn.observer_hooks.append(lambda observed: ext.decode_context_observed(handle, observed))
+    weakref.finalize(attn, ext.decode_context_clear, handle)
+    _CPP_CONTEXTS[handle] = attn
+    if not _CPP_FAKE:
+        torch.library.register_fake("rl_engine::decode_attend_rotary", _attend_fake, lib=_LIB)
+        _CPP_FAKE.append(True)
+    return True
+
+
+_CPP_FAKE: list[bool] = []
+
+
 class _AttendOp:
     """The `attn_context` a compiled step hands the model: `attend` (or `attend_rotary`, for an engine whose
-    attention rotates q and k itself) becomes the custom op."""
+    attention rotates q and k itself) becomes the custom op: `rl_engine::decode_attend_rotary`, in C++, where the
+    attention takes its direct path (`_cpp_attend`), else the Python op."""
 
-    def __init__(self, attn: PagedAttention) -> None:
+    def __init__(self, attn: PagedAttention, inputs: StaticInputs) -> None:
         self.handle = id(attn)
         self.fuses_rotary = attn.fuses_rotary
         _ATTENTION[self.handle] = attn
+        self.cpp = _cpp_attend(attn, inputs)
 
     def attend_rotary(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, *, scale: float) -> torch.Tensor:
+        if self.cpp:
+            return torch.ops.rl_engine.decode_attend_rotary.default(q, k, v, cos, sin, self.handle, layer_idx, scale)
         return paged_attend_rotary(q, k, v, cos, sin, self.handle, layer_idx, scale)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -188,7 +236,7 @@ class CompiledDecodeRunner(DecodeRunner):
 
     def __init__(self, batch_size: int, *, inputs: StaticInputs, model, attn: PagedAttention) -> None:
         super().__init__(batch_size, inputs=inputs, model=model, attn=attn)
-        self._attend = _AttendOp(attn)
+        self._attend = _AttendOp(attn, inputs)
         # Buckets of two rows or more share one step compiled with a dynamic batch dimension (see the module
         # doc); a bucket of one has its own static step. Either is kept per torch thread count.
         self._steps: dict[int, _CompiledStep] = _shared_steps(attn) if batch_size >= 2 else {}

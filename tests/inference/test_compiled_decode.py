@@ -77,35 +77,23 @@ def test_a_shrinking_batch_compiles_one_step_for_every_bucket(engines, monkeypat
     policy, eager, compiled = engines
     prompts = mixed_prompts(3, seed=9, max_len=20)
     params = [SamplingParams(temperature=1.0, max_tokens=m, seed=11 + m, ignore_eos=True) for m in (12, 7, 3)]
-    rows = []  # the batch of each layer-0 attention call made from the compiled graph
-    registry = compiled_decode._ATTENTION
+    rows = []  # the bucket of each compiled step run
+    run = compiled_decode.CompiledDecodeRunner.run
 
-    class Recording:
-        def __setitem__(self, handle, attn):  # a bucket's runner built during the run registers its attention
-            registry[handle] = attn
-
-        def __getitem__(self, handle):
-            attn = registry[handle]
-
-            class Attend:
-                def attend(self, layer_idx, q, k, v, *, scale):
-                    if layer_idx == 0:
-                        rows.append(q.shape[0])
-                    return attn.attend(layer_idx, q, k, v, scale=scale)
-
-                def attend_rotary(self, layer_idx, q, k, v, cos, sin, *, scale):  # the fused rotary + KV write
-                    if layer_idx == 0:
-                        rows.append(q.shape[0])
-                    return attn.attend_rotary(layer_idx, q, k, v, cos, sin, scale=scale)
-            return Attend()
+    def recording(runner, **kw):
+        rows.append(runner.batch_size)
+        return run(runner, **kw)
 
     ref = eager.generate(prompts, params)
-    monkeypatch.setattr(compiled_decode, "_ATTENTION", Recording())
+    monkeypatch.setattr(compiled_decode.CompiledDecodeRunner, "run", recording)
     out = compiled.generate(prompts, params)
     monkeypatch.undo()
-    # the one compiled graph ran at both bucket sizes: its batch is a symbol, not baked in (a static graph
-    # for 4 rows would also give these tokens, the rows being independent, and is what this rules out)
+    # both buckets ran the one step compiled with a dynamic batch: they share its entry per thread count (a static
+    # graph for 4 rows would also give these tokens, the rows being independent, and is what this rules out)
     assert {2, 4} <= set(rows), rows
+    runners = compiled.engine.runner.graphs.runners
+    shared = runners[2]._steps
+    assert runners[4]._steps is shared and shared[torch.get_num_threads()].compiled is not None
     for prompt, p, a, b in zip(prompts, params, ref, out):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         got = torch.tensor(b.outputs[0].logprobs)
@@ -297,10 +285,11 @@ def test_the_compiled_step_calls_inductors_entry_point(engines):
 
 @needs_cxx
 def test_the_compiled_step_calls_the_cpp_attention_kernels_directly_with_the_wrappers_bits(engines, monkeypatch):
-    """A compiled decode step on the C++ rotary + KV write and decode kernels calls them directly
-    (`PagedAttention.direct_decode`), not through their checked Python wrappers: the same tokens and log-prob bits as
-    the wrappers' path (taken here by a decode observer, which the direct calls would skip), the wrappers called in
-    no compiled step; a call the decode kernel refuses (a block outside the cache) still fails with its message."""
+    """A compiled decode step on the C++ rotary + KV write and decode kernels calls them directly, from the graph's
+    C++ op `rl_engine::decode_attend_rotary` (no Python: the Python op's kernel is never entered), not through their
+    checked Python wrappers: the same tokens and log-prob bits as the wrappers' path (taken here by a decode observer,
+    which the C++ op hands back to Python), the wrappers called in no compiled step; a call the decode kernel refuses
+    (a block outside the cache) still fails with its message."""
     from rl_engine.kernels.cpu import ops as cpu_ops
 
     _, _, compiled = engines
@@ -308,16 +297,28 @@ def test_the_compiled_step_calls_the_cpp_attention_kernels_directly_with_the_wra
     if not (attn.cpu_decode and attn.rotary_kv_write is cpu_ops.rotary_kv_write):
         pytest.skip("the engine is not on the C++ decode and rotary kernels")
     wrapped = _count_calls(monkeypatch, cpu_ops, "paged_decode_step")
+    python_op = {"n": 0}  # the Python op's kernel looks its attention object up here
+    registry = compiled_decode._ATTENTION
+
+    class Counting:
+        def __setitem__(self, handle, attn):  # a bucket's runner built during the run registers its attention
+            registry[handle] = attn
+
+        def __getitem__(self, handle):
+            python_op["n"] += 1
+            return registry[handle]
+
+    monkeypatch.setattr(compiled_decode, "_ATTENTION", Counting())
     prompts = mixed_prompts(3, seed=9, max_len=20)
     params = SamplingParams(temperature=1.0, max_tokens=10, seed=4, ignore_eos=True)
     direct = compiled.generate(prompts, params)
-    assert attn.direct_decode and wrapped["n"] == 0
+    assert attn.direct_decode and wrapped["n"] == 0 and python_op["n"] == 0
     attn.decode_observer = lambda *args: None
     try:
         through = compiled.generate(prompts, params)
     finally:
         attn.decode_observer = None
-    assert wrapped["n"] == 9 * len(attn.k_caches)  # every layer of the 9 decode steps
+    assert wrapped["n"] == python_op["n"] == 9 * len(attn.k_caches)  # every layer of the 9 decode steps
     for a, b in zip(direct, through):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids and a.outputs[0].logprobs == b.outputs[0].logprobs
     # a table entry past the pool: the direct call's error falls back to the wrappers, which name it

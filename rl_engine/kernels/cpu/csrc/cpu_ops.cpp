@@ -33,6 +33,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -1685,6 +1686,82 @@ bool set_reading(bool on) {
   return previous;
 }
 
+// ---- the compiled decode step's attention, an op in C++ ------------------------------------------------------------
+// `rl_engine::decode_attend_rotary` (inference/compiled_decode.py): what PagedAttention.attend_rotary's direct path
+// does, rotary_kv_write then paged_decode_attention on the layer's cache, called by the compiled step's graph
+// through the dispatcher without entering Python (the Python op's kernel: boxed arguments to Python objects, the
+// method's glue, two pybind calls: ~20-40 us a layer inside a decode step, whose kernels leave the caches cold).
+// What changes from step to step is read in the engine's static buffers, registered once per attention object
+// (`decode_context_set`): the bucket's first rows (q's) of the slot mapping, block tables and context lengths; the
+// longest context is the largest of those lengths (padding rows hold 1). A call whose arguments either kernel refuses,
+// and every call while the attention has a decode observer, goes to the Python op's kernel (`fallback`), which
+// adapts them or names the problem (or calls the observer).
+struct DecodeContext {
+  torch::Tensor slot_mapping, block_tables, context_lens;  // every bucket's rows
+  std::vector<torch::Tensor> k_caches, v_caches;
+  int64_t first_layer = 0;
+  py::object fallback;  // (q, k, v, cos, sin, handle, layer_idx, scale) -> Tensor
+  bool observed = false;  // a decode observer is set: every call goes to `fallback`, which calls it
+};
+
+std::unordered_map<int64_t, DecodeContext>& decode_contexts() {
+  static auto* contexts = new std::unordered_map<int64_t, DecodeContext>();  // (never destroyed: no exit-order race)
+  return *contexts;
+}
+
+void decode_context_set(int64_t handle, const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
+                        const torch::Tensor& context_lens, const std::vector<torch::Tensor>& k_caches,
+                        const std::vector<torch::Tensor>& v_caches, int64_t first_layer, py::object fallback) {
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "slot_mapping: contiguous int64 [rows]");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.scalar_type() == at::kInt && block_tables.stride(1) == 1,
+              "block_tables: int32 [rows, blocks] with contiguous rows");
+  TORCH_CHECK(context_lens.dim() == 1 && context_lens.scalar_type() == at::kInt && context_lens.is_contiguous(),
+              "context_lens: contiguous int32 [rows]");
+  TORCH_CHECK(k_caches.size() == v_caches.size(), "one v cache per k cache");
+  decode_contexts()[handle] = DecodeContext{slot_mapping, block_tables, context_lens, k_caches, v_caches, first_layer,
+                                            std::move(fallback)};
+}
+
+void decode_context_observed(int64_t handle, bool observed) {
+  auto it = decode_contexts().find(handle);
+  if (it != decode_contexts().end()) it->second.observed = observed;
+}
+
+void decode_context_clear(int64_t handle) {
+  auto it = decode_contexts().find(handle);
+  if (it == decode_contexts().end()) return;
+  py::object fallback = std::move(it->second.fallback);  // (released with the GIL held: the caller's)
+  decode_contexts().erase(it);
+}
+
+[[maybe_unused]] torch::Tensor decode_attend_rotary(const torch::Tensor& q, const torch::Tensor& k,
+                                                    const torch::Tensor& v, const torch::Tensor& cos,
+                                                    const torch::Tensor& sin, int64_t handle, int64_t layer_idx,
+                                                    double scale) {
+  auto it = decode_contexts().find(handle);
+  TORCH_CHECK(it != decode_contexts().end(), "decode_attend_rotary: no decode context ", handle,
+              " (the engine that compiled this step is gone)");
+  const DecodeContext& c = it->second;
+  const int64_t i = layer_idx - c.first_layer, rows = q.size(0);
+  if (!c.observed && i >= 0 && i < static_cast<int64_t>(c.k_caches.size()) && rows <= c.context_lens.size(0)) {
+    try {
+      const torch::Tensor lens = c.context_lens.narrow(0, 0, rows);
+      const int32_t* l = lens.data_ptr<int32_t>();
+      int64_t max_len = 0;
+      for (int64_t r = 0; r < rows; ++r) max_len = std::max<int64_t>(max_len, l[r]);
+      const torch::Tensor& kc = c.k_caches[i];
+      const torch::Tensor& vc = c.v_caches[i];
+      const auto rotated = rotary_kv_write(q, k, v, cos, sin, c.slot_mapping.narrow(0, 0, rows), kc, vc, false);
+      return paged_decode_attention(std::get<0>(rotated), kc, vc, c.block_tables.narrow(0, 0, rows), lens, scale,
+                                    max_len);
+    } catch (const c10::Error&) {
+    }
+  }
+  py::gil_scoped_acquire gil;
+  return c.fallback(q, k, v, cos, sin, handle, layer_idx, scale).cast<torch::Tensor>();
+}
+
 }  // namespace
 
 // -DRL_ENGINE_NO_TORCH_LIBRARY: a second build of this file loaded beside the engine's (another ISA's, for the tests
@@ -1692,9 +1769,14 @@ bool set_reading(bool on) {
 #if !defined(RL_ENGINE_NO_TORCH_LIBRARY)
 TORCH_LIBRARY_FRAGMENT(rl_engine, m) {
   m.def("cpu_gemv(Tensor x, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor");
+  m.def("decode_attend_rotary(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, int handle, int layer_idx, "
+        "float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(rl_engine, CPU, m) { m.impl("cpu_gemv", &gemv); }
+TORCH_LIBRARY_IMPL(rl_engine, CPU, m) {
+  m.impl("cpu_gemv", &gemv);
+  m.impl("decode_attend_rotary", &decode_attend_rotary);
+}
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1706,6 +1788,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_rows", &sample_rows);
   m.def("token_uniforms", &token_uniforms);
   m.def("sample_rows_seeded", &sample_rows_seeded);
+  m.def("decode_context_set", &decode_context_set);
+  m.def("decode_context_clear", &decode_context_clear);
+  m.def("decode_context_observed", &decode_context_observed);
   m.def("continue_decode_inputs", &continue_decode_inputs, py::arg("tokens"), py::arg("stopped"),
         py::arg("prev_positions"), py::arg("prev_tables"), py::arg("seqs"), py::arg("block_size"),
         py::arg("input_ids").noconvert(), py::arg("positions").noconvert(), py::arg("context_lens").noconvert(),
