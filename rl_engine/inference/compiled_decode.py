@@ -112,8 +112,10 @@ paged_attend = torch.ops.rl_engine.paged_attend.default
 paged_attend_rotary = torch.ops.rl_engine.paged_attend_rotary.default
 
 
-# The engines whose attention object registered its decode context with the C++ op (below), by handle.
+# The engines whose attention object registered its decode context with the C++ op (below), by handle; whether the
+# op's fake (shape) kernel is registered (once the extension that defines the op is loaded).
 _CPP_CONTEXTS: weakref.WeakValueDictionary[int, PagedAttention] = weakref.WeakValueDictionary()
+_CPP_FAKE: list[bool] = []
 
 
 def _cpp_attend(attn: PagedAttention, inputs: StaticInputs) -> bool:
@@ -149,9 +151,6 @@ def _cpp_attend(attn: PagedAttention, inputs: StaticInputs) -> bool:
         torch.library.register_fake("rl_engine::decode_attend_rotary", _attend_fake, lib=_LIB)
         _CPP_FAKE.append(True)
     return True
-
-
-_CPP_FAKE: list[bool] = []
 
 
 class _AttendOp:

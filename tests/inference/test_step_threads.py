@@ -53,13 +53,18 @@ def test_steps_the_timing_does_not_cover_keep_the_rules(monkeypatch, two_threads
     step_threads = StepThreads()
     with step_threads.run(SMALL["flops"], model_bytes=SMALL["model_bytes"], rows=None) as used:  # a prefill step
         assert used == 1 == torch.get_num_threads()  # single_thread_below's rule
-    for flops, model_bytes in ((threads.SMALL_STEP_FLOPS, SMALL["model_bytes"]), (SMALL["flops"], threads.SMALL_MODEL_BYTES)):
+    for flops, model_bytes in ((threads.SMALL_STEP_FLOPS, SMALL["model_bytes"]),
+                               (SMALL["flops"], threads.SMALL_MODEL_BYTES)):
         with step_threads.run(flops, model_bytes=model_bytes, rows=64) as used:  # past the bounds: every thread
             assert used == 2 == torch.get_num_threads()
+    with pytest.raises(RuntimeError):  # a step that fails: its thread count restored, its time not counted
+        with step_threads.run(SMALL["flops"], model_bytes=SMALL["model_bytes"], rows=64):
+            raise RuntimeError("step failed")
+    assert torch.get_num_threads() == 2 and step_threads._times == {(64, 2): ([], [])}
     torch.set_num_threads(1)
     with step_threads.run(SMALL["flops"], model_bytes=SMALL["model_bytes"], rows=64) as used:
         assert used == 1
-    assert step_threads.choice == {} and step_threads._times == {}
+    assert step_threads.choice == {} and step_threads._times == {(64, 2): ([], [])}
 
 
 @pytest.mark.parametrize("compile_decode", [False, pytest.param(True, marks=pytest.mark.skipif(

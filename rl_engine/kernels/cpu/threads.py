@@ -207,8 +207,8 @@ class StepThreads:
             seconds = time.perf_counter() - start
             if use != threads:
                 torch.set_num_threads(threads)
-            if times is not None:
-                self._record(key, times[use != 1], seconds)
+        if times is not None:  # (a step that raised is not timed)
+            self._record(key, times[use != 1], seconds)
 
     def _record(self, key: tuple[int, int], samples: list[float], seconds: float) -> None:
         samples.append(seconds)
