@@ -400,14 +400,14 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
 def inverse_cdf_sample(z: torch.Tensor, uniforms: torch.Tensor, *,
                        logprobs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One token per row of z [n, V] fp32 (logits already divided by the temperature, no truncation) by inverse
-    CDF with `uniforms` [n] (float64, in [0, 1)): the first index whose cumulative mass exceeds u * total, u
-    rounded to fp32 (`inference/sampler.py`'s draw). Returns (tokens [n] int64, their log-probs
-    log_softmax(z)[token] [n] fp32, or None without `logprobs`)."""
+    CDF with `uniforms` [n] (float64, in [0, 1), on any device: the sampler's come from the host): the first index
+    whose cumulative mass exceeds u * total, u rounded to fp32 (`inference/sampler.py`'s draw). Returns (tokens [n]
+    int64, their log-probs log_softmax(z)[token] [n] fp32, or None without `logprobs`)."""
     z_max = z.amax(dim=-1, keepdim=True)
     e = (z - z_max).exp_()  # unnormalised probabilities, in (0, 1]
     lse = z_max + e.sum(dim=-1, keepdim=True).log_() if logprobs else None
     cdf = e.cumsum_(dim=-1)  # e is not needed afterwards
-    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    target = uniforms.to(device=cdf.device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
     # First index whose cumulative mass exceeds the target: never a zero-mass entry.
     tokens = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)
     return tokens.view(-1), None if lse is None else (z.gather(1, tokens) - lse).view(-1)

@@ -327,6 +327,15 @@ def test_inverse_cdf_sample_matches_the_reference(rows, vocab, scale):
     assert torch.equal(inverse_cdf_sample(wide, u)[0], got)
 
 
+def test_the_reference_draw_takes_host_uniforms_for_logits_on_another_device():
+    """The sampler's uniforms come from the host (numpy); a CUDA engine's logits do not (no CPU kernel there, so the
+    reference runs): it moves them to the logits' device, where it multiplied a host tensor by a device one. The meta
+    device stands in for CUDA here (it refuses the mix as CUDA does)."""
+    z, u = torch.randn(3, 10, device="meta"), torch.rand(3, dtype=torch.float64)
+    tokens, logprobs = reference.inverse_cdf_sample(z, u)
+    assert tokens.device.type == logprobs.device.type == "meta" and tokens.shape == logprobs.shape == (3,)
+
+
 def test_inverse_cdf_sample_other_inputs_give_the_reference_result():
     from rl_engine.kernels.cpu.ops import inverse_cdf_sample
 
