@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
@@ -1701,12 +1702,19 @@ struct DecodeContext {
   std::vector<torch::Tensor> k_caches, v_caches;
   int64_t first_layer = 0;
   py::object fallback;  // (q, k, v, cos, sin, handle, layer_idx, scale) -> Tensor
-  bool observed = false;  // a decode observer is set: every call goes to `fallback`, which calls it
+  std::atomic<bool> observed{false};  // a decode observer is set: every call goes to `fallback`, which calls it
 };
 
+// Contexts by handle. Engines in other threads may register or drop theirs while a graph runs (the op runs without
+// the GIL where the graph releases it): the table is read and written under the lock; an entry's address stays valid
+// while its engine lives (node-based map), and its engine cannot be collected while one of its steps runs.
 std::unordered_map<int64_t, DecodeContext>& decode_contexts() {
   static auto* contexts = new std::unordered_map<int64_t, DecodeContext>();  // (never destroyed: no exit-order race)
   return *contexts;
+}
+std::mutex& decode_contexts_lock() {
+  static auto* lock = new std::mutex();
+  return *lock;
 }
 
 void decode_context_set(int64_t handle, const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
@@ -1719,30 +1727,42 @@ void decode_context_set(int64_t handle, const torch::Tensor& slot_mapping, const
   TORCH_CHECK(context_lens.dim() == 1 && context_lens.scalar_type() == at::kInt && context_lens.is_contiguous(),
               "context_lens: contiguous int32 [rows]");
   TORCH_CHECK(k_caches.size() == v_caches.size(), "one v cache per k cache");
-  decode_contexts()[handle] = DecodeContext{slot_mapping, block_tables, context_lens, k_caches, v_caches, first_layer,
-                                            std::move(fallback)};
+  std::lock_guard<std::mutex> guard(decode_contexts_lock());
+  DecodeContext& c = decode_contexts()[handle];
+  c.slot_mapping = slot_mapping;
+  c.block_tables = block_tables;
+  c.context_lens = context_lens;
+  c.k_caches = k_caches;
+  c.v_caches = v_caches;
+  c.first_layer = first_layer;
+  c.fallback = std::move(fallback);
+  c.observed = false;
 }
 
 void decode_context_observed(int64_t handle, bool observed) {
+  std::lock_guard<std::mutex> guard(decode_contexts_lock());
   auto it = decode_contexts().find(handle);
   if (it != decode_contexts().end()) it->second.observed = observed;
 }
 
-void decode_context_clear(int64_t handle) {
-  auto it = decode_contexts().find(handle);
-  if (it == decode_contexts().end()) return;
-  py::object fallback = std::move(it->second.fallback);  // (released with the GIL held: the caller's)
-  decode_contexts().erase(it);
+void decode_context_clear(int64_t handle) {  // (called with the GIL held: the fallback is released under it)
+  std::lock_guard<std::mutex> guard(decode_contexts_lock());
+  decode_contexts().erase(handle);
 }
 
 [[maybe_unused]] torch::Tensor decode_attend_rotary(const torch::Tensor& q, const torch::Tensor& k,
                                                     const torch::Tensor& v, const torch::Tensor& cos,
                                                     const torch::Tensor& sin, int64_t handle, int64_t layer_idx,
                                                     double scale) {
-  auto it = decode_contexts().find(handle);
-  TORCH_CHECK(it != decode_contexts().end(), "decode_attend_rotary: no decode context ", handle,
+  const DecodeContext* found = nullptr;
+  {
+    std::lock_guard<std::mutex> guard(decode_contexts_lock());
+    auto it = decode_contexts().find(handle);
+    if (it != decode_contexts().end()) found = &it->second;
+  }
+  TORCH_CHECK(found != nullptr, "decode_attend_rotary: no decode context ", handle,
               " (the engine that compiled this step is gone)");
-  const DecodeContext& c = it->second;
+  const DecodeContext& c = *found;
   const int64_t i = layer_idx - c.first_layer, rows = q.size(0);
   if (!c.observed && i >= 0 && i < static_cast<int64_t>(c.k_caches.size()) && rows <= c.context_lens.size(0)) {
     try {
