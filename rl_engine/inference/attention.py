@@ -176,8 +176,11 @@ class PagedAttention:
         # checks and slicing again
         self._decode_views: tuple = (None,) * 4
         # a step of decodes only, with the C++ rotary + KV write and decode kernels: `attend_rotary` calls both
-        # kernels themselves, not through their Python wrappers (set in `prepare`)
+        # kernels themselves, not through their Python wrappers (set in `prepare`, where `decodes_direct`: the
+        # engine's kernels and dtype allow it, fixed at build; the compiled step's C++ op asks the same)
         self.direct_decode = False
+        self.decodes_direct = (cpu_decode and not batch_invariant and rotary_kv_write is cpu_ops.rotary_kv_write
+                               and k_caches[0].dtype in cpu_ops.DTYPES)  # (others: the wrappers)
         # SDPA decode, per chunk of rows: (rows, gathered block ids [rows * nb] or None for a view of
         # consecutive blocks, as_strided (size, stride, storage offset) of K/V as [rows, Hkv, L, D],
         # additive mask [rows, 1, 1, L] or None for a lone row at its exact length).
@@ -224,8 +227,7 @@ class PagedAttention:
                 views = (tables[0].data_ptr() == block_tables.data_ptr()
                          and tables[1].data_ptr() == context_lens.data_ptr())
                 self._decode_views = (block_tables, context_lens, num_single, tables) if views else (None,) * 4
-            self.direct_decode = (not prefills and self.rotary_kv_write is cpu_ops.rotary_kv_write
-                                  and self.k_caches[0].dtype in cpu_ops.DTYPES)  # (others: the wrappers' reference)
+            self.direct_decode = not prefills and self.decodes_direct
         elif num_single and self.decode_op is None:
             self._prepare_decode(num_single, block_tables, context_lens, max_context_len, first_block)
 

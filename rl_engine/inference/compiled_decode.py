@@ -122,16 +122,14 @@ def _cpp_attend(attn: PagedAttention, inputs: StaticInputs) -> bool:
     """Whether the compiled step's layers call `rl_engine::decode_attend_rotary` (kernels/cpu/csrc/cpu_ops.cpp), the
     attention's direct decode path (`PagedAttention.attend_rotary`: the fused rotary write, then the C++ decode
     kernel) as an op in C++, so that the graph runs no Python: an engine on CPU whose attention takes that path in
-    every decode step (C++ decode kernel, fused rotary write of the C++ kernels, a dtype they take), its decode
+    every decode step (`PagedAttention.decodes_direct`), its decode
     context registered here (the static buffers every bucket's rows are views of, the caches; dropped with the
     attention object). Else the Python op, `paged_attend_rotary`. While the attention has a `decode_observer`, the
     C++ op calls the Python op's kernel, which calls it."""
     from rl_engine.kernels.cpu import ops as cpu_ops
 
     caches = attn.k_caches
-    if not (attn.cpu_decode and attn.fuses_rotary and attn.rotary_kv_write is cpu_ops.rotary_kv_write
-            and not attn.batch_invariant and caches and caches[0].device.type == "cpu"
-            and caches[0].dtype in cpu_ops.DTYPES):
+    if not (attn.decodes_direct and caches[0].device.type == "cpu"):
         return False
     handle = id(attn)
     if _CPP_CONTEXTS.get(handle) is attn:

@@ -1261,15 +1261,17 @@ std::vector<torch::Tensor> sample_rows(const torch::Tensor& z, const torch::Tens
 // x * 2^-63 as a double: the same uint64 operations in the same order, the same rounding of the 63-bit integer to
 // a double (round to nearest), so the uniforms are numpy's bit for bit. `base` holds the uint64 bases' bits
 // (int64), `positions` the token positions (int64, >= 0).
-void fill_token_uniforms(const torch::Tensor& base, const torch::Tensor& positions, double* u) {
+torch::Tensor token_uniforms(const torch::Tensor& base, const torch::Tensor& positions) {
   TORCH_CHECK(base.dim() == 1 && base.scalar_type() == at::kLong && base.is_contiguous(),
               "base must be a contiguous int64 [rows] (the uint64 bases' bits)");
   TORCH_CHECK(positions.dim() == 1 && positions.scalar_type() == at::kLong && positions.is_contiguous() &&
                   positions.size(0) == base.size(0),
               "positions must be a contiguous int64 [rows], one per base");
   const int64_t n = base.size(0);
+  auto out = torch::empty({n}, base.options().dtype(at::kDouble));
   const uint64_t* b = reinterpret_cast<const uint64_t*>(base.data_ptr<int64_t>());
   const int64_t* p = positions.data_ptr<int64_t>();
+  double* u = out.data_ptr<double>();
   constexpr uint64_t c3 = 0xBF58476D1CE4E5B9ull, c4 = 0x94D049BB133111EBull;
   for (int64_t r = 0; r < n; ++r) {
     uint64_t x = static_cast<uint64_t>(p[r]) * c3 + b[r];
@@ -1281,11 +1283,6 @@ void fill_token_uniforms(const torch::Tensor& base, const torch::Tensor& positio
     x >>= 1;
     u[r] = static_cast<double>(x) * 0x1p-63;
   }
-}
-
-torch::Tensor token_uniforms(const torch::Tensor& base, const torch::Tensor& positions) {
-  auto out = torch::empty({base.size(0)}, base.options().dtype(at::kDouble));
-  fill_token_uniforms(base, positions, out.data_ptr<double>());
   return out;
 }
 
