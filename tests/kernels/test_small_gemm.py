@@ -71,6 +71,29 @@ def test_a_row_has_the_same_bits_whatever_the_batch_row_block_and_threads(dtype)
         assert torch.equal(small_gemm.linear(x, small_gemm.pack(w, panel=panel), b, residual=r, row_block=4), full)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_product_of_many_rows_run_in_chunks_has_each_rows_bits(dtype):
+    """A product of more rows than one chunk of x (gemm_kernel's kChunkBytes: 64 KiB of x, at least 64 rows) runs
+    every panel chunk by chunk: each row's bits are those of the row alone and of a call of a few rows, at any row
+    block and thread count, and within the accumulation bound of the exact product."""
+    x, w, b, r = _inputs(dtype, 700, 100, 160, seed=2)  # (chunks of 100-200 rows at K = 160)
+    packed = small_gemm.pack(w, panel=48)
+    full = small_gemm.linear(x, packed, b, residual=r)
+    exact = x.double() @ w.double().t() + b.double() + r.double()
+    assert ((full.double() - exact).abs() <= _bound(x, w, exact, dtype)).all()
+    threads = torch.get_num_threads()
+    try:
+        for row_block, num_threads in [(5, 1), (8, 2)]:
+            torch.set_num_threads(num_threads)
+            assert torch.equal(small_gemm.linear(x, packed, b, residual=r, row_block=row_block,
+                                                 min_macs_per_thread=1), full)
+    finally:
+        torch.set_num_threads(threads)
+    for i in (0, 99, 100, 250, 699):
+        assert torch.equal(small_gemm.linear(x[i:i + 1], packed, b, residual=r[i:i + 1]), full[i:i + 1])
+    assert torch.equal(small_gemm.linear(x[190:210], packed, b, residual=r[190:210]), full[190:210])
+
+
 def test_leading_dims_are_kept():
     x, w, b, _ = _inputs(torch.float32, 6, 40, 24)
     packed = small_gemm.pack(w)
