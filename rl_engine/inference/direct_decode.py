@@ -8,8 +8,14 @@ same arguments in the same order, two through entry points of their own (`rms_no
 loop, its output alone; `rotary_kv_write_qkv`: the fused projection's q / k / v views made in C++, then
 `rotary_kv_write`, each token's cos / sin row read there from the whole rotary table by its position: the rows
 `model._rope` gathers), so the same bits (tests/inference/test_direct_decode.py compares tokens and log-probs bit
-for bit), one Python loop over the layers. On the ~3.5M model of `benchmarks/generate.py` at batch 64 (1
-thread) that is ~0.5 ms of a ~7.5 ms decode step (the whole run 2-5% shorter in four in-process A/Bs).
+for bit). On the ~3.5M model of `benchmarks/generate.py` at batch 64 (1 thread) that was ~0.5 ms of a ~7.5 ms decode
+step (the whole run 2-5% shorter in four in-process A/Bs). Since session 27 the layers' loop is one C++ call,
+`decode_layers` (csrc/cpu_ops.cpp: the same calls in the same order, the small-M GEMM's linear and the RMSNorm /
+SwiGLU entry points of their own extensions called by address): Python between the ~37 calls had cost ~0.2 ms of the
+~3.7 ms batch-64 step there, its glue running on caches the kernels had just left cold (an in-process A/B, the two
+alternated 6 times each, load ~1, the Intel Xeon with AMX: the run's decode steps 491.6 -> 459.7 ms median, the
+whole run 729.6 -> 696.7 ms; the same tokens). Python keeps the per-step checks: each linear's packed copy current
+(`_weight`), the hooks and modules (`usable`).
 
 It is built only for the model and engine that the kernels serve exactly: fp32 on CPU, every linear packed as the
 small-M GEMM's panels, the registry's default CPU RMSNorm / SwiGLU / dense ops, the fused rotary + KV write and the
@@ -46,18 +52,14 @@ class _NotPacked(Exception):
     """A linear's weight has no packed copy (replaced by a new tensor since the engine registered it)."""
 
 
-def _linear(x: torch.Tensor, params: dict, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x weight^T (+ bias) (+ residual) of a linear's parameters (its `_parameters`) as `packed_linear.linear` computes
-    it for a registered weight: one row by the C++ gemv on the weight itself where it is loaded, else through its
-    packed panels (`packed_linear._read`'s small-M GEMM call: `build` admits only fp32 with the small GEMM loaded)."""
+def _weight(params: dict, one_row: bool) -> torch.Tensor:
+    """What `_linear` reads of a linear's parameters: the weight itself for one row (the C++ gemv), else its small-M
+    GEMM panels (`_Packed.current`: repacked when stale)."""
     w = params.get("weight")
-    entry, small = getattr(w, _ATTR, None), packed_linear._small
-    if entry is None or small is None:
+    entry = getattr(w, _ATTR, None)
+    if entry is None or packed_linear._small is None:
         raise _NotPacked
-    if packed_linear._one_row(x):  # (`linear`'s own test for the gemv)
-        return packed_linear._gemv.gemv(x, w, params.get("bias"), residual)
-    return small.linear(x, entry.current(w, True), w.shape[0], PANEL, ROW_BLOCK, params.get("bias"), residual,
-                        MIN_MACS_PER_THREAD)
+    return w if one_row else entry.current(w, True)
 
 
 class DirectDecode:
@@ -85,6 +87,17 @@ class DirectDecode:
             for layer in model.layers)
         self._embed, self._norm = model.embed_tokens._parameters, model.norm._parameters  # (as the layers' dicts)
         self._fallback_logged = False
+        # the C++ entry points of the other extensions that cpu_ops' decode_layers calls (see `hidden_states`)
+        self._entry_points = [packed_linear._small.linear_address(), *self._kernel.decode_addresses()]
+        self._empty = torch.empty(0)  # (an absent bias)
+        # decode_layers' per-layer shapes (q heads, kv heads, the four linears' output features) and constants (the
+        # norms' eps, the attention's scale)
+        self._dims = [n for layer in model.layers for n in (
+            layer.self_attn.num_heads, layer.self_attn.num_kv_heads, layer.self_attn.qkv_proj.weight.shape[0],
+            layer.self_attn.o_proj.weight.shape[0], layer.mlp.gate_up_proj.weight.shape[0],
+            layer.mlp.down_proj.weight.shape[0])]
+        self._consts = [c for layer in model.layers for c in (
+            layer.input_layernorm.eps, layer.post_attention_layernorm.eps, layer.self_attn.scale)]
 
     @classmethod
     def build(cls, model, attn, *, packed: list[torch.Tensor]) -> tuple[DirectDecode | None, str]:
@@ -137,27 +150,27 @@ class DirectDecode:
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """The final hidden states [T, H], or None when a weight has no packed copy or a kernel refused a call
         (the caller runs the model's forward)."""
-        model, attn, kern = self.model, self.attn, self._kernel
-        rms_norm, silu_and_mul = kern.rms_norm_out, kern.silu_and_mul_forward
-        ext = cpu_ops.extension()
-        rotary_kv_write, decode_attention = ext.rotary_kv_write_qkv, ext.paged_decode_attention
+        model, attn = self.model, self.attn
         slots, tables, max_context = attn.slot_mapping, attn.decode_tables, attn.max_context_len
         T = input_ids.shape[0]
         if T != attn.num_single:  # the decode kernel reads `T` rows of the tables `prepare` made (it checks not)
             return None
 
         try:
-            x = torch.embedding(self._embed["weight"], input_ids)  # (F.embedding's call, unchecked)
+            one_row = T == 1 and packed_linear._gemv is not None  # (`_linear`'s gemv, on the weights themselves)
+            tensors = []
+            empty = self._empty
+            for i, (_, norm_p, qkv_p, o_p, _, post_p, gate_up_p, down_p, *_) in enumerate(self._layers):
+                qkv_b, gate_up_b = qkv_p.get("bias"), gate_up_p.get("bias")
+                tensors += (norm_p["weight"], _weight(qkv_p, one_row), empty if qkv_b is None else qkv_b,
+                            _weight(o_p, one_row), post_p["weight"], _weight(gate_up_p, one_row),
+                            empty if gate_up_b is None else gate_up_b, _weight(down_p, one_row),
+                            attn.k_caches[i], attn.v_caches[i])
             cos, sin = model.rotary.half_width_table(positions.device, model.inv_freq)  # (rows read in C++)
-            k_caches, v_caches = attn.k_caches, attn.v_caches
-            for i, (norm, norm_p, qkv_p, o_p, post, post_p, gate_up_p, down_p, q_heads, kv_heads, scale) \
-                    in enumerate(self._layers):
-                qkv = _linear(rms_norm(x, norm_p["weight"], norm.eps), qkv_p)
-                q = rotary_kv_write(qkv, q_heads, kv_heads, cos, sin, slots, k_caches[i], v_caches[i], positions)
-                o = decode_attention(q, k_caches[i], v_caches[i], *tables, scale, max_context)
-                x = _linear(o.view(T, -1), o_p, x)
-                x = _linear(silu_and_mul(_linear(rms_norm(x, post_p["weight"], post.eps), gate_up_p)), down_p, x)
-            return rms_norm(x, self._norm["weight"], model.norm.eps)
+            return cpu_ops.extension().decode_layers(
+                self._entry_points, input_ids, self._embed["weight"], tensors, self._dims, self._consts, cos, sin,
+                slots, positions, *tables, max_context, self._norm["weight"], model.norm.eps, one_row, PANEL,
+                ROW_BLOCK, MIN_MACS_PER_THREAD)
         except (_NotPacked, RuntimeError) as e:
             if not self._fallback_logged:  # (a step that falls back costs up to two forwards: say it once)
                 self._fallback_logged = True

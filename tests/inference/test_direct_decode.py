@@ -180,35 +180,34 @@ def test_no_direct_forward_where_its_kernels_do_not_serve_the_model(qwen2, check
 
 def test_a_refused_kernel_call_takes_the_models_forward(engine, monkeypatch, caplog):
     """A kernel that refuses a direct call (its TORCH_CHECK, a RuntimeError) mid-step: the step runs the model's
-    forward, which writes the same K/V again, so tokens and log-prob bits are the model's; the fallback logged once."""
+    forward, which writes the same K/V again, so tokens and log-prob bits are the model's; the fallback logged once.
+    The refusal: the second layer's down linear handed a packed copy one element short, which the small-M GEMM checks
+    after the first layer and the second's attention wrote their K/V."""
     calls = _calls(monkeypatch)
     prompts = mixed_prompts(3, seed=5, max_len=20)
     params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=0, ignore_eos=True)
     reference = _generate(engine, prompts, params, direct=False)
     _generate(engine, prompts, params, direct=True)  # (bucket 4's runner made)
     calls.update(direct=0, none=0)
-    ext = direct_decode.cpu_ops.extension()
-    refused = []
+    down = engine.engine.model.layers[1].mlp.down_proj._parameters
+    weight, refused = direct_decode._weight, []
 
-    class Refusing:  # the extension, with the decode kernel refusing the second layer's call of every step
-        def __getattr__(self, name):
-            return getattr(ext, name)
+    def refusing(params, one_row):
+        w = weight(params, one_row)
+        if params is down:
+            refused.append(w)
+            return w[:-1]
+        return w
 
-        def paged_decode_attention(self, *args):
-            refused.append(len(refused))
-            if len(refused) % 2 == 0:
-                raise RuntimeError("paged_decode_attention: refused by the test")
-            return ext.paged_decode_attention(*args)
-
-    monkeypatch.setattr(direct_decode, "cpu_ops", types.SimpleNamespace(extension=Refusing))
+    monkeypatch.setattr(direct_decode, "_weight", refusing)
     monkeypatch.setattr(engine.engine.runner._direct_decode, "_fallback_logged", False)
     with caplog.at_level(logging.INFO, logger=direct_decode.__name__):
         refusing = _generate(engine, prompts, params, direct=True)
-    assert calls["direct"] == 0 and calls["none"] >= 4 and len(refused) == 2 * calls["none"]
+    assert calls["direct"] == 0 and calls["none"] >= 4 and len(refused) == calls["none"]
     for a, b in zip(refusing, reference):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids and a.outputs[0].logprobs == b.outputs[0].logprobs
     logged = [r.getMessage() for r in caplog.records if r.name == direct_decode.__name__]
-    assert len(logged) == 1 and "refused by the test" in logged[0]
+    assert len(logged) == 1 and "packed weight has" in logged[0]
 
 
 def test_a_decode_observer_sees_every_eager_decode_step(engine, monkeypatch):
@@ -232,8 +231,8 @@ def test_a_decode_observer_sees_every_eager_decode_step(engine, monkeypatch):
 
 def test_a_one_row_bucket_runs_the_direct_forward_through_the_gemv(qwen2, monkeypatch):
     """One row's linears take the C++ gemv (`packed_linear.linear`'s choice), in the direct forward as in the model's:
-    buckets 1 and 2 both run the direct forward (bucket 1's linears through the gemv), each with the bits of the
-    model's forward, greedy and sampled."""
+    buckets 1 and 2 both run the direct forward (bucket 1's linears through the gemv, on the weights themselves), each
+    with the bits of the model's forward, greedy and sampled."""
     from rl_engine.kernels.cpu import packed_linear
 
     llm = LLM(from_pretrained(qwen2[1], dtype=torch.float32), **{**KW, "graph_batch_sizes": [1, 2]})
@@ -245,12 +244,22 @@ def test_a_one_row_bucket_runs_the_direct_forward_through_the_gemv(qwen2, monkey
             _generate(llm, prompts, params, direct=True)  # (the bucket's runner made)
             through_model = _generate(llm, prompts, params, direct=False)
             calls = _calls(monkeypatch)
-            gemv = _count(monkeypatch, packed_linear._gemv, "gemv", ("rows", "none"))
+            ext, seen = direct_decode.cpu_ops.extension(), []
+
+            class Seeing:  # the extension, noting what each step's decode_layers call reads for the qkv linear
+                def __getattr__(self, name):
+                    return getattr(ext, name)
+
+                def decode_layers(self, *args):
+                    seen.append((args[-4], args[3][1].shape))  # (one_row, the first layer's qkv weight as passed)
+                    return ext.decode_layers(*args)
+
+            monkeypatch.setattr(direct_decode, "cpu_ops", types.SimpleNamespace(extension=Seeing))
             direct = _generate(llm, prompts, params, direct=True)
-            assert calls["direct"] >= 4 and calls["none"] == 0
-            layers = len(llm.engine.model.layers)  # bucket 1: four linears a layer by the gemv (and the head's);
-            assert gemv["rows"] >= (4 * layers * calls["direct"] if len(prompts) == 1 else 0)  # bucket 2: none
-            assert len(prompts) == 1 or gemv["rows"] == 0
+            assert calls["direct"] >= 4 and calls["none"] == 0 and len(seen) == calls["direct"]
+            # bucket 1: the linears by the gemv, on the weights themselves; bucket 2: the small GEMM's panels (1-D)
+            qkv = llm.engine.model.layers[0].self_attn.qkv_proj.weight
+            assert set(seen) == ({(True, qkv.shape)} if len(prompts) == 1 else {(False, torch.Size([qkv.numel()]))})
             monkeypatch.undo()
             assert [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in direct] == [
                 (o.outputs[0].token_ids, o.outputs[0].logprobs) for o in through_model]

@@ -1779,6 +1779,66 @@ void decode_context_clear(int64_t handle) {  // (called with the GIL held: the f
   return c.fallback(q, k, v, cos, sin, handle, layer_idx, scale).cast<torch::Tensor>();
 }
 
+// ---- the eager decode step's forward in one call (direct_decode.DirectDecode) ---------------------------------
+// The same kernels on the same arguments in the same order as DirectDecode's Python loop did (so the same bits):
+// per layer RMSNorm, the qkv linear, the fused rotary + KV write, the paged decode attention, the o linear with the
+// residual, RMSNorm, the gate/up linear, SwiGLU, the down linear with the residual; then the final RMSNorm. Three of
+// them live in other extensions, called by address (`fns`: small_gemm's `linear_address()`, train_elementwise's
+// `decode_addresses()`; the engine builds all three from this repository with one compiler against one torch, so the
+// signatures below are theirs). A step through Python between the ~37 calls cost ~0.2 ms of the ~3.7 ms batch-64
+// step of benchmarks/generate.py's ~3.5M model (the calls' glue runs on caches the kernels just left cold).
+// layers: kDecodeLayerTensors a layer (input norm weight, qkv weight, qkv bias or an empty tensor, o weight, post
+// norm weight, gate/up weight, gate/up bias or empty, down weight, k cache, v cache), the linears' weights as their
+// small-M GEMM panels or, one_row, as the weights themselves (the one-row gemv's); dims: kDecodeLayerDims a layer
+// (q heads, kv heads, and the four linears' output features); consts: the two norms' eps and the attention's scale.
+using SmallLinearFn = torch::Tensor (*)(const torch::Tensor&, const torch::Tensor&, int64_t, int64_t, int64_t,
+                                        const c10::optional<torch::Tensor>&, const c10::optional<torch::Tensor>&,
+                                        int64_t);
+using RmsNormOutFn = torch::Tensor (*)(const torch::Tensor&, const torch::Tensor&, double);
+using SiluAndMulFn = torch::Tensor (*)(const torch::Tensor&);
+constexpr size_t kDecodeLayerTensors = 10, kDecodeLayerDims = 6, kDecodeLayerConsts = 3;
+
+torch::Tensor decode_layers(const std::vector<int64_t>& fns, const torch::Tensor& input_ids,
+                            const torch::Tensor& embed, const std::vector<torch::Tensor>& layers,
+                            const std::vector<int64_t>& dims, const std::vector<double>& consts,
+                            const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& slots,
+                            const torch::Tensor& positions, const torch::Tensor& block_tables,
+                            const torch::Tensor& context_lens, int64_t max_len, const torch::Tensor& norm_weight,
+                            double norm_eps, bool one_row, int64_t panel, int64_t row_block,
+                            int64_t min_macs_per_thread) {
+  const size_t L = layers.size() / kDecodeLayerTensors;
+  TORCH_CHECK(fns.size() == 3 && layers.size() == L * kDecodeLayerTensors && dims.size() == L * kDecodeLayerDims &&
+                  consts.size() == L * kDecodeLayerConsts,
+              "decode_layers: 3 entry points and ", kDecodeLayerTensors, " tensors, ", kDecodeLayerDims, " dims and ",
+              kDecodeLayerConsts, " constants a layer, got ", fns.size(), ", ", layers.size(), ", ", dims.size(),
+              " and ", consts.size());
+  const auto small_linear = reinterpret_cast<SmallLinearFn>(fns[0]);
+  const auto rms_norm = reinterpret_cast<RmsNormOutFn>(fns[1]);
+  const auto silu_and_mul = reinterpret_cast<SiluAndMulFn>(fns[2]);
+  const auto linear = [&](const torch::Tensor& x, const torch::Tensor& w, int64_t n, const torch::Tensor& bias,
+                          const c10::optional<torch::Tensor>& residual) {
+    const c10::optional<torch::Tensor> b = bias.defined() && bias.numel() > 0 ? c10::optional<torch::Tensor>(bias) : c10::nullopt;
+    return one_row ? gemv(x, w, b, residual)
+                   : small_linear(x, w, n, panel, row_block, b, residual, min_macs_per_thread);
+  };
+  const torch::Tensor none;
+  torch::Tensor x = at::embedding(embed, input_ids);
+  const int64_t T = x.size(0);
+  for (size_t i = 0; i < L; ++i) {
+    const torch::Tensor* t = layers.data() + i * kDecodeLayerTensors;
+    const int64_t* d = dims.data() + i * kDecodeLayerDims;
+    const double* c = consts.data() + i * kDecodeLayerConsts;
+    const torch::Tensor &k_cache = t[8], &v_cache = t[9];
+    const torch::Tensor qkv = linear(rms_norm(x, t[0], c[0]), t[1], d[2], t[2], c10::nullopt);
+    const torch::Tensor q = rotary_kv_write_qkv(qkv, d[0], d[1], cos, sin, slots, k_cache, v_cache, positions);
+    const torch::Tensor o = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, c[2], max_len);
+    x = linear(o.view({T, -1}), t[3], d[3], none, x);
+    const torch::Tensor gate_up = linear(rms_norm(x, t[4], c[1]), t[5], d[4], t[6], c10::nullopt);
+    x = linear(silu_and_mul(gate_up), t[7], d[5], none, x);
+  }
+  return rms_norm(x, norm_weight, norm_eps);
+}
+
 }  // namespace
 
 // -DRL_ENGINE_NO_TORCH_LIBRARY: a second build of this file loaded beside the engine's (another ISA's, for the tests
@@ -1812,6 +1872,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("prev_positions"), py::arg("prev_tables"), py::arg("seqs"), py::arg("block_size"),
         py::arg("input_ids").noconvert(), py::arg("positions").noconvert(), py::arg("context_lens").noconvert(),
         py::arg("slot_mapping").noconvert(), py::arg("block_tables").noconvert());
+  m.def("decode_layers", &decode_layers);
   m.def("rotary_kv_write", &rotary_kv_write);
   m.def("rotary_kv_write_qkv", &rotary_kv_write_qkv, py::arg("qkv"), py::arg("q_heads"), py::arg("kv_heads"),
         py::arg("cos"), py::arg("sin"), py::arg("slot_mapping"), py::arg("k_cache"), py::arg("v_cache"),

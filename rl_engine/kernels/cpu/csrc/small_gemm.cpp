@@ -746,6 +746,10 @@ bool has_avx512() {
 #endif
 }
 
+// linear's address, for cpu_ops.cpp's decode_layers (built by the same compiler against the same torch headers, so
+// the signature it casts the address to is this one)
+int64_t linear_address() { return reinterpret_cast<int64_t>(&linear); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "weight [N, K] -> its panels (1-D; into `out` where given)", py::arg("weight"),
         py::arg("panel"), py::arg("out") = py::none());
@@ -770,4 +774,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   }, "whether greedy_screen's avx512_bf16 product was compiled in");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 micro-kernel was compiled in");
+  m.def("linear_address", &linear_address, "linear's address (cpu_ops' decode_layers calls it)");
 }
