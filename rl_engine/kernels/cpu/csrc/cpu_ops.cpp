@@ -1817,7 +1817,8 @@ torch::Tensor decode_layers(const std::vector<int64_t>& fns, const torch::Tensor
   const auto silu_and_mul = reinterpret_cast<SiluAndMulFn>(fns[2]);
   const auto linear = [&](const torch::Tensor& x, const torch::Tensor& w, int64_t n, const torch::Tensor& bias,
                           const c10::optional<torch::Tensor>& residual) {
-    const c10::optional<torch::Tensor> b = bias.defined() && bias.numel() > 0 ? c10::optional<torch::Tensor>(bias) : c10::nullopt;
+    const c10::optional<torch::Tensor> b =
+        bias.defined() && bias.numel() > 0 ? c10::optional<torch::Tensor>(bias) : c10::nullopt;
     return one_row ? gemv(x, w, b, residual)
                    : small_linear(x, w, n, panel, row_block, b, residual, min_macs_per_thread);
   };

@@ -583,7 +583,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_forward", &rms_norm_forward, "(out, x + residual | empty, rstd) of RMSNorm");
   m.def("rms_norm_out", &rms_norm_out, "out of RMSNorm without a residual (rms_norm_forward's first result)");
   m.def("decode_addresses", []() {
-    return std::vector<int64_t>{reinterpret_cast<int64_t>(&rms_norm_out), reinterpret_cast<int64_t>(&silu_and_mul_forward)};
+    return std::vector<int64_t>{reinterpret_cast<int64_t>(&rms_norm_out),
+                                reinterpret_cast<int64_t>(&silu_and_mul_forward)};
   }, "the addresses of rms_norm_out and silu_and_mul_forward (cpu_ops' decode_layers calls them)");
   m.def("rms_norm_backward", &rms_norm_backward, "(d input, d weight) of RMSNorm");
   m.def("silu_and_mul_forward", &silu_and_mul_forward, "silu(gate) * up of x = [gate | up]");
