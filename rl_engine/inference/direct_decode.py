@@ -53,8 +53,8 @@ class _NotPacked(Exception):
 
 
 def _weight(params: dict, one_row: bool) -> torch.Tensor:
-    """What `_linear` reads of a linear's parameters: the weight itself for one row (the C++ gemv), else its small-M
-    GEMM panels (`_Packed.current`: repacked when stale)."""
+    """What a direct step's linear reads of its parameters, as `packed_linear.linear` would: the weight itself for one
+    row (the C++ gemv), else its small-M GEMM panels (`_Packed.current`: repacked when stale)."""
     w = params.get("weight")
     entry = getattr(w, _ATTR, None)
     if entry is None or packed_linear._small is None:
@@ -77,13 +77,11 @@ class DirectDecode:
         self._tree = tuple((m._modules, name) for m in model.modules() for name in m._modules)
         self._children = [d[name] for d, name in self._tree]
         # per layer: its modules' parameter dicts (a parameter assigned anew replaces its entry in place, so each
-        # step reads the module's current weights) and the shapes that split qkv into heads
+        # step reads the module's current weights): the norms', qkv, o, the norm's after attention, gate/up, down
         self._layers = tuple(
-            (layer.input_layernorm, layer.input_layernorm._parameters, layer.self_attn.qkv_proj._parameters,
-             layer.self_attn.o_proj._parameters, layer.post_attention_layernorm,
-             layer.post_attention_layernorm._parameters, layer.mlp.gate_up_proj._parameters,
-             layer.mlp.down_proj._parameters, layer.self_attn.num_heads, layer.self_attn.num_kv_heads,
-             layer.self_attn.scale)
+            (layer.input_layernorm._parameters, layer.self_attn.qkv_proj._parameters,
+             layer.self_attn.o_proj._parameters, layer.post_attention_layernorm._parameters,
+             layer.mlp.gate_up_proj._parameters, layer.mlp.down_proj._parameters)
             for layer in model.layers)
         self._embed, self._norm = model.embed_tokens._parameters, model.norm._parameters  # (as the layers' dicts)
         self._fallback_logged = False
@@ -157,10 +155,10 @@ class DirectDecode:
             return None
 
         try:
-            one_row = T == 1 and packed_linear._gemv is not None  # (`_linear`'s gemv, on the weights themselves)
+            one_row = T == 1 and packed_linear._gemv is not None  # (`packed_linear._one_row`'s test for the gemv)
             tensors = []
             empty = self._empty
-            for i, (_, norm_p, qkv_p, o_p, _, post_p, gate_up_p, down_p, *_) in enumerate(self._layers):
+            for i, (norm_p, qkv_p, o_p, post_p, gate_up_p, down_p) in enumerate(self._layers):
                 qkv_b, gate_up_b = qkv_p.get("bias"), gate_up_p.get("bias")
                 tensors += (norm_p["weight"], _weight(qkv_p, one_row), empty if qkv_b is None else qkv_b,
                             _weight(o_p, one_row), post_p["weight"], _weight(gate_up_p, one_row),
