@@ -8,6 +8,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import sys
+import threading
+import time
 import types
 
 import pytest
@@ -208,6 +211,50 @@ def test_a_refused_kernel_call_takes_the_models_forward(engine, monkeypatch, cap
         assert a.outputs[0].token_ids == b.outputs[0].token_ids and a.outputs[0].logprobs == b.outputs[0].logprobs
     logged = [r.getMessage() for r in caplog.records if r.name == direct_decode.__name__]
     assert len(logged) == 1 and "packed weight has" in logged[0]
+
+
+def test_a_direct_step_lets_other_threads_run(engine, monkeypatch):
+    """decode_layers runs without the GIL: with thread switches left to the threads themselves (a switch interval of
+    an hour), a thread that only wakes and reads a flag sees it set, which the stepping thread sets just before its
+    decode_layers call and clears just after: it can run then only if the call released the GIL (holding it, the call
+    would end before the sleeper could take it, and the flag is clear again by then)."""
+    ext = direct_decode.cpu_ops.extension()
+    inside, seen, done = [False], [], threading.Event()
+
+    class Flagging:  # the extension, with decode_layers' span marked
+        def __getattr__(self, name):
+            return getattr(ext, name)
+
+        def decode_layers(self, *args):
+            inside[0] = True
+            try:
+                return ext.decode_layers(*args)
+            finally:
+                inside[0] = False
+
+    def watch():
+        while not done.is_set():
+            seen.append(inside[0])
+            time.sleep(1e-4)  # (releases the GIL: the stepping thread takes it back)
+
+    monkeypatch.setattr(direct_decode, "cpu_ops", types.SimpleNamespace(extension=Flagging))
+    calls = _calls(monkeypatch)
+    prompts = mixed_prompts(8, seed=6, max_len=20)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    _generate(engine, prompts, params, direct=True)  # (bucket 8's runner made)
+    calls.update(direct=0, none=0)
+    interval = sys.getswitchinterval()
+    watcher = threading.Thread(target=watch)
+    sys.setswitchinterval(3600.0)
+    try:
+        watcher.start()
+        _generate(engine, prompts, params, direct=True)
+    finally:
+        done.set()
+        watcher.join()
+        sys.setswitchinterval(interval)
+    assert calls["direct"] >= 20 and calls["none"] == 0
+    assert any(seen), f"the watcher never ran inside decode_layers ({len(seen)} looks)"
 
 
 def test_a_decode_observer_sees_every_eager_decode_step(engine, monkeypatch):

@@ -1873,7 +1873,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("prev_positions"), py::arg("prev_tables"), py::arg("seqs"), py::arg("block_size"),
         py::arg("input_ids").noconvert(), py::arg("positions").noconvert(), py::arg("context_lens").noconvert(),
         py::arg("slot_mapping").noconvert(), py::arg("block_tables").noconvert());
-  m.def("decode_layers", &decode_layers);
+  // without the GIL (its kernels touch no Python object; the step arena serves threads apart): a server's Python
+  // threads in the engine's process run during a decode step, as they could between the Python loop's calls
+  m.def("decode_layers", &decode_layers, py::call_guard<py::gil_scoped_release>());
   m.def("rotary_kv_write", &rotary_kv_write);
   m.def("rotary_kv_write_qkv", &rotary_kv_write_qkv, py::arg("qkv"), py::arg("q_heads"), py::arg("kv_heads"),
         py::arg("cos"), py::arg("sin"), py::arg("slot_mapping"), py::arg("k_cache"), py::arg("v_cache"),
