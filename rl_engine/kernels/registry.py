@@ -23,8 +23,8 @@ build time and `forward` only calls plain functions. The rules, in order:
    ops; greedy_argmax, ~12x torch's max over [64, 32k] logits; inverse_cdf_sample, a sampled decode step's
    pick in one pass where the torch reference takes a dozen small ops; token_uniforms_at, its seeded
    uniforms in one loop where numpy takes a dozen calls; seeded_inverse_cdf_sample, the two in one call; and
-   continue_decode_inputs, a persistent decode step's inputs in one pass where numpy takes ~25 calls), or of every op that has one under
-   `RL_ENGINE_CPU_KERNELS=1`, when it is not disabled
+   continue_decode_inputs, a persistent decode step's inputs in one pass where numpy takes ~25 calls), or of
+   every op that has one under `RL_ENGINE_CPU_KERNELS=1`, when it is not disabled
    (`disabled_backends`, `RL_ENGINE_CPU_KERNELS=0`) and it built; else the torch reference with the
    reason the C++ kernel was not taken (no compiler, a failed build; the C++ kernels are built only
    when they could be chosen); on any other non-CUDA device the torch reference;
