@@ -22,6 +22,7 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -109,6 +110,54 @@ def matmul_peak_step(n: int = 1536, dtype: torch.dtype = torch.float32, device: 
 def matmul_peak_flops(n: int = 1536, dtype: torch.dtype = torch.float32) -> float:
     fn, flops = matmul_peak_step(n, dtype)
     return flops / best_of(fn, repeats=5)
+
+
+def last_json_object(stdout: str) -> dict:
+    """The JSON object that ends a script's output: from the last line starting with '{' to the end."""
+    lines = stdout.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("{")]
+    if not starts:
+        raise ValueError(f"no JSON object in the output: {stdout[-2000:]!r}")
+    return json.loads("\n".join(lines[starts[-1]:]))
+
+
+def fresh_processes(script: str, argv: list[str], processes: int) -> list[dict]:
+    """Run `python script *argv` `processes` times, one after another, each a fresh process, and return each
+    one's final JSON object. A benchmark's ratio moves between processes more than between the rounds of one
+    (allocations, page placement, the thread pool and the library state differ per process, on both sides of
+    the comparison), so a figure worth a target is the median of several processes, not one process's.
+    Their stderr passes through, and so do their one-line JSON rows (to this one's stderr, as they finish); a run
+    that fails stops this one, naming it."""
+    reports = []
+    for i in range(processes):
+        with subprocess.Popen([sys.executable, script, *argv], stdout=subprocess.PIPE, text=True) as proc:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith('{"'):
+                    print(f"[process {i + 1}/{processes}] {line}", end="", file=sys.stderr, flush=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"process {i + 1} of {processes} ({os.path.basename(script)} {' '.join(argv)}) "
+                             f"exited with status {proc.returncode}; its stderr is above")
+        reports.append(last_json_object("".join(lines)))
+    return reports
+
+
+def median_row(rows: list[dict], key: str, *, also: tuple[str, ...] = ()) -> dict:
+    """Of the same row measured in several processes, the one whose `key` is the median (the lower middle
+    one for an even count), with `{key}_per_process` (every process's value, in order), the same list for
+    each of `also` present in the rows, and `median_process` (its index): its other figures are that
+    process's own, so they stay consistent with one another."""
+    if not rows:
+        raise ValueError("median_row needs at least one row")
+    order = sorted(range(len(rows)), key=lambda i: rows[i][key])
+    pick = order[(len(rows) - 1) // 2]
+    out = dict(rows[pick])
+    for name in (key, *also):
+        if all(name in r for r in rows):
+            out[f"{name}_per_process"] = [r[name] for r in rows]
+    out["median_process"] = pick
+    return out
 
 
 def emit(result: dict) -> None:

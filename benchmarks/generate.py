@@ -33,6 +33,12 @@ On CPU the engine also runs with `compile_decode` (each decode bucket's step com
 its compile time per bucket is reported, the compiling runs untimed) beside the eager one. `--vs-vllm
 PYTHON` compares greedy decode with vLLM's CPU backend on the ~3.4M and ~40M models in fp32 and bf16, at
 2 threads, each run a fresh process (benchmarks/vs_vllm.py).
+
+`--processes N` measures the models in N fresh processes, one after another (each as above: the engines
+interleaved, best of `--repeats`), and reports each row from its median process by speedup, every process's
+ratios listed beside it (`speedup_per_process`, ...). A ratio moves more between processes than between the
+rounds of one (session 27, batch 64 greedy: transformers 2,898-3,754 tok/s and the engine 10,280-12,310
+across processes), so the targets are read from the median of several processes (the README's table: `--processes 5`).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_helpers import interleaved_best, parse_args  # noqa: E402
+from bench_helpers import fresh_processes, interleaved_best, median_row, parse_args  # noqa: E402
 
 
 # Model shapes by --size: (hidden, layers, heads, kv_heads, intermediate, vocab, tied). "0.5b" is
@@ -465,18 +471,48 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default=None,
                     help="benchmark this model instead of the synthetic ones: a model directory, a .gguf file or "
                          "builtin:smollm2-135m-instruct (the `real` extra; e.g. --batches 1,32)")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="measure the models in this many fresh processes, one after another, and report each row "
+                         "from its median process (by speedup) with every process's ratios beside it; --under-load "
+                         "and --vs-vllm run once, after them")
+    ap.add_argument("--models-only", action="store_true", help=argparse.SUPPRESS)  # (a --processes child)
     return ap
+
+
+# the ratios each merged row lists per process beside its `speedup`
+RATIOS = ("compiled_speedup", "with_logprobs_speedup", "cpp_kernels_speedup", "speedup_ceiling_matmul_only")
+
+
+def merge_processes(reports: list[dict]) -> dict:
+    """One report from the `--processes` runs' reports (the same models, batches and modes each): every row of
+    every model is its median process's (by `speedup`; a batch-invariant row by its time over the default), with
+    each process's ratios listed beside it; the rest is the first process's, plus each one's engine start-up."""
+    merged = {**reports[0], "processes": len(reports)}
+    merged["models"] = []
+    for i, first in enumerate(reports[0]["models"]):
+        per = [r["models"][i] for r in reports]
+        model = {**first, "engine_start_s_per_process": [p["engine_start_s"] for p in per]}
+        model["results"] = [median_row([p["results"][j] for p in per], "speedup", also=RATIOS)
+                            for j in range(len(first["results"]))]
+        if first.get("batch_invariant"):
+            model["batch_invariant"] = [median_row([p["batch_invariant"][j] for p in per],
+                                                   "batch_invariant_time_over_default")
+                                        for j in range(len(first["batch_invariant"]))]
+        merged["models"].append(model)
+    return merged
 
 
 def main() -> None:
     args = parse_args(build_parser(), smoke={"new_tokens": 4, "repeats": 1, "batches": "1,2", "load_batch": 2,
-                                             "load_new_tokens": 2, "under_load": True,
+                                             "load_new_tokens": 2, "under_load": True, "processes": 2,
                                              "vs_vllm": "vllm-venv-absent/bin/python"})
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     skip = frozenset(p for p in args.skip.split(",") if p)
     if skip - {"cpp_kernels", "compiled", "batch_invariant", "with_logprobs"}:
         raise SystemExit(f"--skip {args.skip}: the parts are cpp_kernels, compiled, batch_invariant, with_logprobs")
+    if args.processes < 1:
+        raise SystemExit(f"--processes {args.processes}: must be 1 or more")
     if args.vs_vllm_only:
         if args.vs_vllm is None:
             raise SystemExit("--vs-vllm-only needs --vs-vllm PYTHON")
@@ -485,6 +521,41 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.processes > 1:  # (argparse keeps an option's last value: the children run one process each)
+            report = merge_processes(fresh_processes(os.path.abspath(__file__),
+                                                     [*sys.argv[1:], "--processes", "1", "--models-only"],
+                                                     args.processes))
+        else:
+            report = measure_models(args, batches, skip, device, dtype, tmp)
+        if not args.models_only and args.model is None:
+            if args.under_load:
+                if device.type != "cpu" or args.load_threads < 2:
+                    report["under_load"] = {"skipped": "--under-load measures CPU decode at --load-threads 2 or more"}
+                else:
+                    report["under_load"] = bench_under_load(first_checkpoint(args, tmp, dtype),
+                                                            threads=args.load_threads, batch=args.load_batch,
+                                                            new_tokens=args.load_new_tokens,
+                                                            timeout=args.load_timeout)
+            if args.vs_vllm is not None:
+                report["vs_vllm"] = vs_vllm_report(args, batches)
+    print(json.dumps(report, indent=2))
+
+
+def first_checkpoint(args: argparse.Namespace, tmp: str, dtype: torch.dtype) -> str:
+    """The `--size` model's checkpoint under `tmp` (written once)."""
+    path = os.path.join(tmp, args.size)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        hidden, layers, heads, kv_heads, inter, vocab, tie = SIZES[args.size]
+        write_checkpoint(path, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=inter,
+                         vocab=vocab, tie=tie, dtype=dtype)
+    return path
+
+
+def measure_models(args: argparse.Namespace, batches: list[int], skip: frozenset, device: torch.device,
+                   dtype: torch.dtype, tmp: str) -> dict:
+    """This process's report of the models: `--model`'s, or the `--size` model's and with `--large` the ~50M's,
+    beside this machine's matmul peak and memory bandwidth, measured in the same run."""
     peak = matmul_peak_gflops(device=device, dtype=dtype)
     bandwidth = memory_bandwidth_gbs(device=device)
     report = {"torch_threads": args.threads, "device": str(device), "dtype": args.dtype,
@@ -492,33 +563,19 @@ def main() -> None:
               "memory_bandwidth_gbs": round(bandwidth, 1), "models": []}
     common = dict(batches=batches, new_tokens=args.new_tokens, repeats=args.repeats, peak=peak, max_prompt=128,
                   device=device, dtype=dtype, bandwidth=bandwidth, skip=skip)
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.model is not None:
-            from rl_engine.builtin_models import resolve_model_path
+    if args.model is not None:
+        from rl_engine.builtin_models import resolve_model_path
 
-            path = resolve_model_path(args.model, output_dir=tmp, seed=0)  # a GGUF is converted once, cached
-            report["models"].append(bench_model(args.model, path, **common))
-            report["peak_measured_again_gflops"] = round(matmul_peak_gflops(device=device, dtype=dtype), 1)
-            print(json.dumps(report, indent=2))
-            return
-        hidden, layers, heads, kv_heads, inter, vocab, tie = SIZES[args.size]
-        first = write_checkpoint(os.path.join(tmp, args.size), hidden=hidden, layers=layers, heads=heads,
-                                 kv_heads=kv_heads, intermediate=inter, vocab=vocab, tie=tie, dtype=dtype)
-        report["models"].append(bench_model(f"qwen2-{args.size}", first, **common))
-        if args.under_load:
-            if device.type != "cpu" or args.load_threads < 2:
-                report["under_load"] = {"skipped": "--under-load measures CPU decode at --load-threads 2 or more"}
-            else:
-                report["under_load"] = bench_under_load(first, threads=args.load_threads, batch=args.load_batch,
-                                                        new_tokens=args.load_new_tokens, timeout=args.load_timeout)
+        path = resolve_model_path(args.model, output_dir=tmp, seed=0)  # a GGUF is converted once, cached
+        report["models"].append(bench_model(args.model, path, **common))
+    else:
+        report["models"].append(bench_model(f"qwen2-{args.size}", first_checkpoint(args, tmp, dtype), **common))
         if args.large:
             large = write_checkpoint(os.path.join(tmp, "50m"), hidden=512, layers=10, heads=8, kv_heads=2,
                                      intermediate=1792, vocab=32000, tie=True, dtype=dtype)
             report["models"].append(bench_model("qwen2-50m-32k", large, **common))
     report["peak_measured_again_gflops"] = round(matmul_peak_gflops(device=device, dtype=dtype), 1)
-    if args.vs_vllm is not None:
-        report["vs_vllm"] = vs_vllm_report(args, batches)
-    print(json.dumps(report, indent=2))
+    return report
 
 
 def vs_vllm_report(args: argparse.Namespace, batches: list[int]) -> dict:

@@ -22,11 +22,16 @@ SCRIPTS = [p for p in MODULES if 'if __name__ == "__main__":' in p.read_text()]
 
 
 def last_json_object(stdout: str) -> dict:
-    """The JSON object that ends the output: from the last line starting with '{' to the end."""
-    lines = stdout.rstrip().splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith("{")]
-    assert starts, f"no JSON object in the output:\n{stdout[-2000:]}"
-    return json.loads("\n".join(lines[starts[-1]:]))
+    """The JSON object that ends the output (bench_helpers' reading of a script's result), asserted present."""
+    assert any(line.startswith("{") for line in stdout.splitlines()), f"no JSON object in the output:\n{stdout[-2000:]}"
+    return _helpers().last_json_object(stdout)
+
+
+def _helpers():
+    spec = importlib.util.spec_from_file_location("bench_helpers", BENCHMARKS / "bench_helpers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _skips(value) -> list[str]:
@@ -130,8 +135,28 @@ def test_benchmark_runs_with_its_smallest_settings(script, smoke_runs):
             row = result[f"cp2_{comm}"]
             assert row["attention_bytes_measured"] == row["attention_bytes_analytic"] > 0
             assert row["memory_vs_cp1"] < 1
+    if script.stem == "generate":  # --smoke measures in two fresh processes: each row is its median one's
+        assert result["processes"] == 2
+        for row in (r for model in result["models"] for r in model["results"]):
+            per = row["speedup_per_process"]
+            assert len(per) == 2 and row["speedup"] == min(per) == per[row["median_process"]]
+        assert [row["busy_processes"] for row in result["under_load"]] == [0] * 4 + [1] * 4  # run once, after
     if script.stem == "grpo_step":  # train.shared_prefix true vs false on the same long prompts
         (shared,) = [row for row in result["rows"] if row["mode"] == "shared_prefix"]
         on, off = shared["rl_engine"]["shared"], shared["rl_engine"]["unshared"]
         assert on["mean_prompt_len"] == off["mean_prompt_len"] >= shared["prompt_tokens"]
         assert on["train_s"] > 0 and off["train_s"] > 0 and shared["speedup_train_s"] > 0
+
+
+def test_median_row_keeps_the_median_process_row_whole():
+    """`--processes`' merge: the row whose key is the median (the lower middle for an even count), its other
+    figures its own process's, every process's values of the key and of `also` listed in order."""
+    median_row = _helpers().median_row
+    rows = [{"speedup": 3.4, "tok": 1, "compiled_speedup": 3.0}, {"speedup": 2.9, "tok": 2, "compiled_speedup": 3.1},
+            {"speedup": 3.2, "tok": 3, "compiled_speedup": 2.8}]
+    out = median_row(rows, "speedup", also=("compiled_speedup", "absent"))
+    assert out == {"speedup": 3.2, "tok": 3, "compiled_speedup": 2.8, "speedup_per_process": [3.4, 2.9, 3.2],
+                   "compiled_speedup_per_process": [3.0, 3.1, 2.8], "median_process": 2}
+    assert median_row(rows[:2], "speedup")["tok"] == 2  # even: the lower middle
+    with pytest.raises(ValueError):
+        median_row([], "speedup")

@@ -52,6 +52,34 @@ def test_random_weights_same_ids(screen, rows, k, n, seed):
     assert got is not None and torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("order", ["rising", "falling", "shuffled"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_logits_rising_across_the_vocabulary(screen, order, threads):
+    """Steps of 32 near-equal logits (within the screen's bound of one another), each step 5% above the last, in
+    rising, falling or shuffled order across a 4096-id vocabulary: every row has a full step of candidates (32), so
+    the pick among them is the exact logits'; one thread or two (the estimates' blocks split between them). The ids
+    equal the reference's, and rising ones win in the last step."""
+    gen = torch.Generator().manual_seed(6)
+    n, k = 4096, 64
+    base = torch.rand(k, generator=gen) + 0.5
+    step = 1.05 ** (torch.arange(n) // 32).float()  # (5% a step: the bound is ~1% of a logit here)
+    if order == "falling":
+        step = step.flip(0)
+    elif order == "shuffled":
+        step = step[torch.randperm(n, generator=gen)]
+    w = screen(base * step[:, None] * (1 + 1e-6 * torch.randn(n, k, generator=gen)))
+    x = torch.rand(64, k, generator=gen) / 8
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, ref = _pick(x, w)
+    finally:
+        torch.set_num_threads(previous)
+    assert got is not None and torch.equal(got, ref)
+    if order == "rising":
+        assert (ref >= n - 32).all()
+
+
 def test_exact_ties_take_the_first_row(screen):
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(512, 64, generator=gen)
