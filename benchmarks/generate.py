@@ -38,7 +38,8 @@ PYTHON` compares greedy decode with vLLM's CPU backend on the ~3.4M and ~40M mod
 interleaved, best of `--repeats`), and reports each row from its median process by speedup, every process's
 ratios listed beside it (`speedup_per_process`, ...). A ratio moves more between processes than between the
 rounds of one (session 27, batch 64 greedy: transformers 2,898-3,754 tok/s and the engine 10,280-12,310
-across processes), so the targets are read from the median of several processes (the README's table: `--processes 5`).
+across processes), so the targets are read from the median of several processes (the README's table: `--processes 5`;
+`--large` 3).
 """
 
 from __future__ import annotations
